@@ -1,0 +1,1 @@
+"""End-to-end benchmark of splitdet against the monolithic detector and the paper's model."""

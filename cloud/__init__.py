@@ -1,0 +1,1 @@
+"""The cloud detection server: RPN + ROI heads behind gRPC."""

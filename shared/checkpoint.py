@@ -1,0 +1,72 @@
+"""Checkpoints: one dict, readable by plain torchvision (torch).
+
+    {"model": state_dict, "optimizer": ..., "lr_scheduler": ..., "config": ModelConfig.to_dict(),
+     "epoch": int, "class_names": [...], "gate_threshold": float, "format": 1}
+
+`model` holds torchvision FasterRCNN keys plus `defect_head.*`; `detector_state_dict` strips the
+latter so `fasterrcnn_resnet50_fpn(num_classes=K).load_state_dict(...)` accepts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitdet.shared.config import ModelConfig
+from splitdet.shared.model import MultiTaskRCNN
+
+CHECKPOINT_FORMAT = 1
+DEFAULT_GATE_THRESHOLD = 0.5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def save_checkpoint(path: Path, model: MultiTaskRCNN, **extra: Any) -> None:
+    """Write `model` and `extra` (optimizer, lr_scheduler, epoch, gate_threshold...) atomically."""
+    path = Path(path)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "config": model.config.to_dict(),
+        "class_names": list(model.config.class_names),
+        "gate_threshold": DEFAULT_GATE_THRESHOLD,
+        **extra,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint dict, validated; tensors on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"{path}: not a splitdet checkpoint (no 'model'/'config' entries)")
+    return checkpoint
+
+
+def load_model(path: Path) -> tuple[MultiTaskRCNN, dict[str, Any]]:
+    """Rebuild the model from a checkpoint file; returns (model in eval mode, checkpoint dict)."""
+    checkpoint = read_checkpoint(path)
+    try:
+        config = ModelConfig.from_dict(checkpoint["config"])
+        model = MultiTaskRCNN(config)
+        model.load_state_dict(checkpoint["model"])
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit its configuration ({exc})") from exc
+    return model.eval(), checkpoint
+
+
+def detector_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain-torchvision part of a model state dict (drops `defect_head.*`)."""
+    return {k: v for k, v in model_state.items() if not k.startswith("defect_head.")}

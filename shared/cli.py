@@ -1,0 +1,86 @@
+"""The one `splitdet` command.
+
+Each subcommand lives beside the code it drives, in a module whose top level imports nothing
+heavy (no torch, no onnxruntime) and exposes `register(subparsers)`. That module adds its parser
+and sets `handler` to a function `(args) -> int` that imports what it needs when it runs. So
+`splitdet --help` works on an edge-only install, and an edge command never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from splitdet.shared import __version__
+
+#: Modules that register subcommands, in the order `--help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "splitdet.training.cli_synth",
+    "splitdet.training.cli_train",
+    "splitdet.training.cli_eval",
+    "splitdet.training.cli_export",
+    "splitdet.edge.cli_predict",
+    "splitdet.cloud.cli_cloud",
+    "splitdet.edge.cli_edge",
+    "splitdet.bench.cli_bench",
+    "splitdet.bench.cli_demo",
+)
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every subcommand this install provides."""
+    parser = argparse.ArgumentParser(
+        prog="splitdet",
+        description=(
+            "Split edge/cloud surface-defect detection: a gate on the edge lets defect-free "
+            "images skip detection; flagged images' FPN features go to a cloud detection server."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"splitdet {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default: INFO)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the module exists but something it imports is missing
+                raise
+            continue  # this command is not part of this install
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `splitdet` console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except CommandError as exc:
+        print(f"splitdet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"splitdet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

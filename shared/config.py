@@ -1,0 +1,88 @@
+"""The model configuration: a frozen dataclass, torch-free, stored in checkpoints and manifests.
+
+Defaults reproduce torchvision's `fasterrcnn_resnet50_fpn(num_classes=2)` plus the paper's
+classification head (global average pooling + linear) on the deepest FPN map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from splitdet.shared.spec import DEFAULT_FPN_CHANNELS, LEVEL_NAMES, SplitSpec
+
+#: ImageNet statistics, torchvision's defaults for GeneralizedRCNNTransform.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NORMS = ("batch", "frozen", "group")
+GATE_POOLINGS = ("avg", "max", "dense")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the multi-task detector (weights aside).
+
+    Attributes mirror torchvision's keyword names where one exists.
+    """
+
+    depth: int = 50  # ResNet depth: 18, 34 or 50 (the paper's)
+    class_names: tuple[str, ...] = ("scratch",)  # foreground classes; background is implicit
+    fpn_channels: int = DEFAULT_FPN_CHANNELS  # C of every FPN level
+    min_size: int = 800  # shorter side after resize, px (torchvision's default)
+    max_size: int = 1333  # cap on the longer side after resize, px
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, on [0, 1] pixels
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    norm: str = "batch"  # backbone norm: batch | frozen (torchvision with weights) | group
+    zero_init_residual: bool = False  # ResNet's zero-init of each block's last norm
+    gate_level: str = "3"  # FPN level the defect head reads ("3" = P5, the paper's deepest)
+    gate_pooling: str = "avg"  # avg (paper) | max | dense (per-cell logits, image = max)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level "0".."pool", px
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    box_head_dim: int = 1024  # TwoMLPHead representation size
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+    def __post_init__(self) -> None:
+        if self.depth not in (18, 34, 50):
+            raise ValueError(f"depth must be 18, 34 or 50, got {self.depth}")
+        if not self.class_names:
+            raise ValueError("class_names must name at least one foreground class")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.gate_pooling not in GATE_POOLINGS:
+            raise ValueError(
+                f"gate_pooling must be one of {GATE_POOLINGS}, got {self.gate_pooling!r}"
+            )
+        if self.gate_level not in LEVEL_NAMES:
+            raise ValueError(f"gate_level must be one of {LEVEL_NAMES}, got {self.gate_level!r}")
+        if len(self.anchor_sizes) != len(LEVEL_NAMES):
+            raise ValueError(f"anchor_sizes needs one size per level {LEVEL_NAMES}")
+        if self.norm == "group" and self.fpn_channels % 32:
+            raise ValueError("group norm needs fpn_channels divisible by 32")
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background, as torchvision counts them."""
+        return len(self.class_names) + 1
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        """The split this configuration implies."""
+        return SplitSpec(fpn_channels=self.fpn_channels, gate_level=self.gate_level)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are refused so a typo never passes silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

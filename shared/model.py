@@ -1,0 +1,321 @@
+"""The multi-task detector and its two halves (torch).
+
+`MultiTaskRCNN` is torchvision's `FasterRCNN` on a ResNet-FPN backbone plus a defect classifier
+(`DefectHead`) on one FPN level. Its state dict is torchvision's plus `defect_head.*` keys, so the
+detector weights load into `torchvision.models.detection.fasterrcnn_resnet50_fpn` unchanged.
+
+The split, defined from the one model so the halves cannot drift:
+
+    edge.gate(images)      backbone body C2..C5, FPN top-down only down to the gate level,
+                           the classifier -> p(defect) and what completion needs
+    edge.complete(state)   the rest of the FPN (the lazy levels) from the kept C_i and the
+                           top-down state
+    cloud.detect(...)      RPN + ROI heads + postprocess to original image coordinates
+
+`MultiTaskRCNN.forward` in eval mode is the monolithic baseline: plain FasterRCNN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from splitdet.shared.config import ModelConfig
+from splitdet.shared.spec import LEVEL_NAMES, POOL_LEVEL, PYRAMID_LEVELS, STRIDES
+
+
+def _norm_layer(norm: str):
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "frozen":
+        return misc_nn_ops.FrozenBatchNorm2d
+    return lambda channels: nn.GroupNorm(32, channels)
+
+
+def build_backbone(config: ModelConfig) -> BackboneWithFPN:
+    """ResNet body (C2..C5) + FPN with LastLevelMaxPool, keyed as torchvision keys it."""
+    body = getattr(resnet, f"resnet{config.depth}")(
+        weights=None,
+        norm_layer=_norm_layer(config.norm),
+        zero_init_residual=config.zero_init_residual,
+    )
+    stage_channels = [body.inplanes // 8, body.inplanes // 4, body.inplanes // 2, body.inplanes]
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": name for i, name in enumerate(PYRAMID_LEVELS)},
+        in_channels_list=stage_channels,
+        out_channels=config.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+class DefectHead(nn.Module):
+    """Binary defect classifier on one FPN level.
+
+    Poolings:
+        avg    global average pooling + linear (the paper's head)
+        max    global max pooling + linear
+        dense  3x3 conv + ReLU + 1x1 conv -> one logit per cell; the image logit is the max cell
+               (trained with per-box dense supervision, see `defect_loss`)
+    """
+
+    def __init__(self, channels: int, pooling: str) -> None:
+        super().__init__()
+        self.pooling = pooling
+        if pooling == "dense":
+            self.cells = nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(channels, 1, 1),
+            )
+        else:
+            self.fc = nn.Linear(channels, 1)
+
+    def forward(self, feature: Tensor) -> tuple[Tensor, Tensor | None]:
+        """feature (Tensor[N, C, h, w]) -> (image logits Tensor[N], cell logits Tensor[N, h, w]
+        for the dense head, else None)."""
+        if self.pooling == "dense":
+            cell_logits = self.cells(feature)[:, 0]
+            return cell_logits.flatten(1).amax(dim=1), cell_logits
+        pooled = feature.mean(dim=(2, 3)) if self.pooling == "avg" else feature.amax(dim=(2, 3))
+        return self.fc(pooled)[:, 0], None
+
+
+class MultiTaskRCNN(FasterRCNN):
+    """FasterRCNN + DefectHead. In eval mode `forward` is the plain (monolithic) detector.
+
+    In training mode `forward(images, targets)` returns torchvision's four detection losses plus
+    `loss_defect`; an image is defective when its target has at least one box.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        anchor_generator = AnchorGenerator(
+            sizes=tuple((size,) for size in config.anchor_sizes),
+            aspect_ratios=(tuple(config.anchor_ratios),) * len(config.anchor_sizes),
+        )
+        box_head = box_predictor = None
+        if config.box_head_dim != 1024:
+            box_head = TwoMLPHead(config.fpn_channels * 7 * 7, config.box_head_dim)
+            box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes)
+        super().__init__(
+            build_backbone(config),
+            num_classes=None if box_predictor is not None else config.num_classes,
+            min_size=config.min_size,
+            max_size=config.max_size,
+            image_mean=list(config.image_mean),
+            image_std=list(config.image_std),
+            rpn_anchor_generator=anchor_generator,
+            rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+            box_head=box_head,
+            box_predictor=box_predictor,
+            box_score_thresh=config.box_score_thresh,
+            box_nms_thresh=config.box_nms_thresh,
+            box_detections_per_img=config.box_detections_per_img,
+        )
+        self.config = config
+        self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """Eval: list of {"boxes" [K,4] x1y1x2y2 original px, "labels" [K], "scores" [K]}.
+        Train: dict of losses (torchvision's + "loss_defect")."""
+        if not self.training:
+            return super().forward(images, targets)
+        return self.training_losses(images, targets)
+
+    def training_losses(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> dict[str, Tensor]:
+        """Joint multi-task losses for a batch of images ([3, H, W] floats in [0, 1])."""
+        if targets is None:
+            raise ValueError("training needs targets")
+        images_t, targets_t = self.transform(images, targets)
+        features = self.backbone(images_t.tensors)
+        proposals, proposal_losses = self.rpn(images_t, features, targets_t)
+        _, detector_losses = self.roi_heads(features, proposals, images_t.image_sizes, targets_t)
+        image_logits, cell_logits = self.defect_head(features[self.config.gate_level])
+        losses = {**detector_losses, **proposal_losses}
+        losses["loss_defect"] = defect_loss(
+            image_logits, cell_logits, targets_t, STRIDES[self.config.gate_level]
+        )
+        return losses
+
+    @torch.inference_mode()
+    def defect_probability(self, images: list[Tensor]) -> Tensor:
+        """p(defect) per image (Tensor[N]) through the full backbone (used in evaluation)."""
+        images_t, _ = self.transform(images)
+        feature = self.backbone(images_t.tensors)[self.config.gate_level]
+        return torch.sigmoid(self.defect_head(feature)[0])
+
+
+def defect_loss(
+    image_logits: Tensor,
+    cell_logits: Tensor | None,
+    targets: Sequence[dict[str, Tensor]],
+    stride: int,
+) -> Tensor:
+    """Binary cross-entropy of the defect head.
+
+    Args:
+        image_logits: Tensor[N], one logit per image.
+        cell_logits: Tensor[N, h, w] for the dense head (cell (i, j) covers input pixels
+            [j*stride, (j+1)*stride) x [i*stride, (i+1)*stride)), else None.
+        targets: per image "boxes" Tensor[K, 4] in resized input px; K = 0 means defect-free.
+        stride: input px per cell of the gate level.
+
+    The image term always applies. For the dense head two terms are added: the highest cell logit
+    inside each ground-truth box is pushed to 1, and every cell outside all boxes to 0.
+    """
+    labels = torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=image_logits.device)
+    loss = F.binary_cross_entropy_with_logits(image_logits, labels)
+    if cell_logits is None:
+        return loss
+    positive_logits, negative_masks = [], []
+    height, width = cell_logits.shape[-2:]
+    for logits, target in zip(cell_logits, targets, strict=True):
+        outside = torch.ones((height, width), dtype=torch.bool, device=logits.device)
+        for x1, y1, x2, y2 in (target["boxes"] / stride).tolist():
+            # cells the box touches; at least one, clipped to the map
+            i0, j0 = min(int(y1), height - 1), min(int(x1), width - 1)
+            i1 = max(i0 + 1, min(math.ceil(y2), height))
+            j1 = max(j0 + 1, min(math.ceil(x2), width))
+            outside[i0:i1, j0:j1] = False
+            positive_logits.append(logits[i0:i1, j0:j1].amax())
+        negative_masks.append(outside)
+    negatives = cell_logits[torch.stack(negative_masks)]
+    if negatives.numel():
+        loss = loss + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
+    if positive_logits:
+        positives = torch.stack(positive_logits)
+        loss = loss + F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
+    return loss
+
+
+def build_model(config: ModelConfig | None = None) -> MultiTaskRCNN:
+    """A freshly initialised multi-task detector (random weights)."""
+    return MultiTaskRCNN(config or ModelConfig())
+
+
+@dataclass
+class GateOutput:
+    """What the edge holds after the gate.
+
+    Attributes:
+        p_defect: Tensor[N], probability that each image is defective.
+        levels: FPN levels computed so far (the gate level and every coarser one, "pool"
+            included), name -> Tensor[N, C, h, w].
+        laterals: backbone outputs C_i of the lazy levels, finest first, Tensor[N, C_i, h, w].
+        top_down: the FPN's top-down state at the gate level (Tensor[N, C, h, w]); with
+            `laterals` it is all completion needs.
+    """
+
+    p_defect: Tensor
+    levels: dict[str, Tensor]
+    laterals: list[Tensor]
+    top_down: Tensor
+
+
+class EdgeHalf(nn.Module):
+    """The edge's half of a `MultiTaskRCNN`: backbone, lazy FPN, defect head.
+
+    Inputs are normalised, padded image batches Tensor[N, 3, H, W] (H, W multiples of 32), as
+    `model.transform` makes them.
+    """
+
+    def __init__(self, model: MultiTaskRCNN) -> None:
+        super().__init__()
+        self.body = model.backbone.body
+        self.fpn = model.backbone.fpn
+        self.defect_head = model.defect_head
+        self.spec = model.config.split_spec
+        gate = self.spec.gate_level
+        # index of the finest pyramid level computed before the gate
+        self.gate_index = PYRAMID_LEVELS.index("3" if gate == POOL_LEVEL else gate)
+
+    def _top_down_step(self, top_down: Tensor, lateral_input: Tensor, index: int) -> Tensor:
+        lateral = self.fpn.get_result_from_inner_blocks(lateral_input, index)
+        upsampled = F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+        return lateral + upsampled
+
+    def gate(self, images: Tensor) -> GateOutput:
+        """Backbone + FPN down to the gate level + classifier."""
+        stages = list(self.body(images).values())  # C2..C5
+        top = len(PYRAMID_LEVELS) - 1
+        top_down = self.fpn.get_result_from_inner_blocks(stages[top], top)
+        levels = {PYRAMID_LEVELS[top]: self.fpn.get_result_from_layer_blocks(top_down, top)}
+        for index in range(top - 1, self.gate_index - 1, -1):
+            top_down = self._top_down_step(top_down, stages[index], index)
+            levels[PYRAMID_LEVELS[index]] = self.fpn.get_result_from_layer_blocks(top_down, index)
+        pyramid, names = self.fpn.extra_blocks([levels["3"]], [stages[top]], ["3"])
+        levels[POOL_LEVEL] = pyramid[names.index(POOL_LEVEL)]
+        image_logits, _ = self.defect_head(levels[self.spec.gate_level])
+        return GateOutput(
+            p_defect=torch.sigmoid(image_logits),
+            levels={name: levels[name] for name in self.spec.gate_levels},
+            laterals=stages[: self.gate_index],
+            top_down=top_down,
+        )
+
+    def complete(self, laterals: Sequence[Tensor], top_down: Tensor) -> dict[str, Tensor]:
+        """The lazy FPN levels (finer than the gate's), name -> Tensor[N, C, h, w]."""
+        levels: dict[str, Tensor] = {}
+        for index in range(self.gate_index - 1, -1, -1):
+            top_down = self._top_down_step(top_down, laterals[index], index)
+            levels[PYRAMID_LEVELS[index]] = self.fpn.get_result_from_layer_blocks(top_down, index)
+        return {name: levels[name] for name in self.spec.lazy_levels}
+
+    def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Gate and complete at once: (p_defect Tensor[N], all five levels)."""
+        out = self.gate(images)
+        return out.p_defect, {**self.complete(out.laterals, out.top_down), **out.levels}
+
+
+class CloudHalf(nn.Module):
+    """The cloud's half of a `MultiTaskRCNN`: RPN + ROI heads + postprocess."""
+
+    def __init__(self, model: MultiTaskRCNN) -> None:
+        super().__init__()
+        self.rpn = model.rpn
+        self.roi_heads = model.roi_heads
+        self.transform = model.transform
+
+    def detect(
+        self,
+        features: dict[str, Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Detections from the five FPN levels.
+
+        Args:
+            features: name -> Tensor[N, C, h, w] for every level in LEVEL_NAMES; the padded input
+                size is 4x the size of level "0".
+            image_sizes: per image (h, w) after resize, before padding, px.
+            original_sizes: per image (h, w) of the image as read, px.
+
+        Returns:
+            per image {"boxes" Tensor[K, 4] x1y1x2y2 in original px, "labels" Int64[K],
+            "scores" Tensor[K]}.
+        """
+        ordered = OrderedDict((name, features[name]) for name in LEVEL_NAMES)
+        batch, _, height, width = ordered["0"].shape
+        stride = STRIDES["0"]
+        # The anchor generator reads only the padded input's shape; no pixels are needed.
+        placeholder = ordered["0"].new_empty((batch, 0, height * stride, width * stride))
+        images = ImageList(placeholder, [tuple(s) for s in image_sizes])
+        proposals, _ = self.rpn(images, ordered)
+        detections, _ = self.roi_heads(ordered, proposals, images.image_sizes)
+        return self.transform.postprocess(detections, images.image_sizes, list(original_sizes))

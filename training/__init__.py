@@ -1,0 +1,1 @@
+"""Datasets (synthetic gaskets, PASCAL VOC), training, evaluation and export."""

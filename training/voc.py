@@ -1,0 +1,387 @@
+"""PASCAL VOC detection datasets: read a split, write annotations and split files.
+
+Layout (the standard VOC tree)::
+
+    ROOT/Annotations/{id}.xml
+    ROOT/JPEGImages/{id}.jpg          (or .jpeg/.png/.bmp/.tif/.tiff, any case)
+    ROOT/ImageSets/Main/{split}.txt   (one image id per line)
+
+Coordinates. VOC stores integer pixel indices, 1-based and inclusive: a box covering only the
+top-left pixel is ``xmin=1, xmax=1``. Everything in splitdet uses 0-based *continuous*
+coordinates, where pixel ``i`` covers ``[i, i + 1)``, so that box is ``[0, 0, 1, 1]``::
+
+    x1 = xmin - 1    y1 = ymin - 1    x2 = xmax    y2 = ymax        (reading)
+    xmin = floor(x1) + 1   ymin = floor(y1) + 1   xmax = ceil(x2)   ymax = ceil(y2)   (writing)
+
+Writing rounds outwards, so the written box always contains the continuous one; integer boxes
+round-trip exactly. When reading, ``xmin=0``/``ymin=0`` (written by some 0-based tools) is
+accepted and clamped to 0; anything past the image size or degenerate (``x2 <= x1``) is an error.
+
+An annotation with no ``<object>`` is a defect-free image. Every problem with the input raises
+`VocError` (a `ValueError`) whose message starts with the offending file's path.
+
+Only the standard library, and Pillow to read image headers: no numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_ANNOTATION_BYTES",
+    "VocError",
+    "VocObject",
+    "VocSample",
+    "annotation_xml",
+    "class_names_of",
+    "read_annotation",
+    "read_split",
+    "write_annotation",
+    "write_split",
+]
+
+#: Image file extensions looked for in ``JPEGImages/``, in this order (each also upper-case).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+#: Annotation files larger than this are refused (a VOC annotation is a few KB).
+MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
+
+
+class VocError(ValueError):
+    """A malformed or inconsistent VOC dataset; the message names the offending file."""
+
+
+@dataclass(frozen=True)
+class VocObject:
+    """One annotated object.
+
+    ``box`` is ``(x1, y1, x2, y2)`` in 0-based continuous pixel coordinates (see the module
+    docstring for the conversion from VOC's 1-based inclusive ``xmin..xmax``).
+    """
+
+    name: str
+    box: tuple[float, float, float, float]
+    difficult: bool = False
+
+
+@dataclass(frozen=True)
+class VocSample:
+    """One image of a split and its objects (none: a defect-free image)."""
+
+    image_id: str
+    image_path: Path
+    width: int
+    height: int
+    objects: tuple[VocObject, ...] = ()
+
+    @property
+    def is_defective(self) -> bool:
+        """True when the image has at least one annotated object."""
+        return len(self.objects) > 0
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _split_file(root: Path, split: str) -> Path:
+    return Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+
+
+def read_split_ids(root: Path, split: str) -> list[str]:
+    """The image ids listed in ``ImageSets/Main/{split}.txt`` (first token of each line)."""
+    path = _split_file(root, split)
+    if not path.is_file():
+        raise VocError(f"{path}: split file not found (no split {split!r} under {root})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VocError(f"{path}: cannot read split file: {exc}") from exc
+    ids: list[str] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        image_id = fields[0]
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            raise VocError(f"{path}:{lineno}: invalid image id {image_id!r}")
+        if image_id in seen:
+            raise VocError(f"{path}:{lineno}: image id {image_id!r} listed twice")
+        seen.add(image_id)
+        ids.append(image_id)
+    return ids
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise VocError(f"{path}: annotation file not found") from None
+    except OSError as exc:
+        raise VocError(f"{path}: cannot read annotation: {exc}") from exc
+    if size > MAX_ANNOTATION_BYTES:
+        raise VocError(
+            f"{path}: annotation is {size} bytes, larger than the {MAX_ANNOTATION_BYTES} "
+            "allowed for a VOC annotation"
+        )
+    data = path.read_bytes()
+    # ElementTree never fetches external entities, and expat bounds entity amplification; VOC
+    # annotations have no DTD at all, so refuse entity declarations outright.
+    if b"<!ENTITY" in data or b"<!entity" in data:
+        raise VocError(f"{path}: entity declarations are not allowed in a VOC annotation")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise VocError(f"{path}: malformed XML: {exc}") from exc
+    if root.tag != "annotation":
+        raise VocError(f"{path}: root element is <{root.tag}>, expected <annotation>")
+    return root
+
+
+def _text(path: Path, elem: ET.Element, tag: str, where: str) -> str:
+    child = elem.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise VocError(f"{path}: missing <{tag}> in {where}")
+    return child.text.strip()
+
+
+def _number(path: Path, elem: ET.Element, tag: str, where: str) -> float:
+    raw = _text(path, elem, tag, where)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise VocError(f"{path}: <{tag}> in {where} is not a number: {raw!r}") from None
+    if not math.isfinite(value):
+        raise VocError(f"{path}: <{tag}> in {where} is not finite: {raw!r}")
+    return value
+
+
+def _flag(path: Path, elem: ET.Element, tag: str, where: str) -> bool:
+    child = elem.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        return False
+    raw = child.text.strip().lower()
+    if raw in ("0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise VocError(f"{path}: <{tag}> in {where} must be 0 or 1, got {raw!r}")
+
+
+def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
+    folder = Path(root) / "JPEGImages"
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
+            if candidate.is_file():
+                return candidate
+    if filename and Path(filename).name == filename:  # a bare name, never a path elsewhere
+        candidate = folder / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _image_size(image_path: Path, ann_path: Path) -> tuple[int, int]:
+    from PIL import Image  # header only; Pillow does not decode pixels on open
+
+    try:
+        with Image.open(image_path) as img:
+            return img.size
+    except Exception as exc:  # Pillow raises many types for unreadable files
+        raise VocError(f"{image_path}: cannot read image (for {ann_path.name}): {exc}") from exc
+
+
+def read_annotation(
+    root: Path,
+    image_id: str,
+    class_names: Sequence[str] | None = None,
+    *,
+    check_image: bool = True,
+) -> VocSample:
+    """Read ``Annotations/{image_id}.xml`` and locate its image; see `read_split`."""
+    root = Path(root)
+    path = root / "Annotations" / f"{image_id}.xml"
+    ann = _parse_xml(path)
+
+    filename_elem = ann.find("filename")
+    filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else None
+    image_path = _find_image(root, image_id, filename)
+    if image_path is None:
+        raise VocError(
+            f"{path}: image file not found: no {root / 'JPEGImages' / image_id}"
+            f"{{{','.join(IMAGE_EXTENSIONS)}}}"
+        )
+
+    size = ann.find("size")
+    if size is None:
+        raise VocError(f"{path}: missing <size>")
+    width_f = _number(path, size, "width", "<size>")
+    height_f = _number(path, size, "height", "<size>")
+    if width_f != int(width_f) or height_f != int(height_f) or width_f < 0 or height_f < 0:
+        raise VocError(f"{path}: <size> must hold non-negative integers, got {width_f}x{height_f}")
+    width, height = int(width_f), int(height_f)
+    if width == 0 or height == 0:  # some tools write 0: take the size from the image header
+        width, height = _image_size(image_path, path)
+    elif check_image:
+        actual = _image_size(image_path, path)
+        if actual != (width, height):
+            raise VocError(
+                f"{path}: <size> says {width}x{height} but {image_path.name} is "
+                f"{actual[0]}x{actual[1]}"
+            )
+
+    known = None if class_names is None else set(class_names)
+    objects: list[VocObject] = []
+    for k, obj in enumerate(ann.findall("object")):
+        where = f"<object> #{k + 1}"
+        name = _text(path, obj, "name", where)
+        if known is not None and name not in known:
+            raise VocError(
+                f"{path}: {where} has unknown class {name!r} (expected one of "
+                f"{', '.join(sorted(known))})"
+            )
+        difficult = _flag(path, obj, "difficult", where)
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise VocError(f"{path}: missing <bndbox> in {where}")
+        xmin = _number(path, bnd, "xmin", where)
+        ymin = _number(path, bnd, "ymin", where)
+        xmax = _number(path, bnd, "xmax", where)
+        ymax = _number(path, bnd, "ymax", where)
+        x1, y1, x2, y2 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0), xmax, ymax
+        if xmin < 0 or ymin < 0 or x2 > width or y2 > height:
+            raise VocError(
+                f"{path}: {where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} "
+                f"lies outside the {width}x{height} image"
+            )
+        if x2 <= x1 or y2 <= y1:
+            raise VocError(
+                f"{path}: {where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} "
+                "is empty (max < min)"
+            )
+        objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
+    return VocSample(
+        image_id=image_id,
+        image_path=image_path,
+        width=width,
+        height=height,
+        objects=tuple(objects),
+    )
+
+
+def read_split(
+    root: Path,
+    split: str,
+    class_names: Sequence[str] | None = None,
+    *,
+    check_images: bool = True,
+) -> list[VocSample]:
+    """Read every sample of ``split`` (e.g. ``"train"``) from the VOC tree at ``root``.
+
+    ``class_names``: when given, an object whose class is not in it is an error (VOC datasets
+    with extra classes should be listed in full). ``check_images``: compare each annotation's
+    ``<size>`` with the image file's header (cheap: no pixels are decoded).
+    Raises `VocError` naming the file for any malformed or inconsistent input.
+    """
+    root = Path(root)
+    return [
+        read_annotation(root, image_id, class_names, check_image=check_images)
+        for image_id in read_split_ids(root, split)
+    ]
+
+
+def class_names_of(root: Path) -> list[str]:
+    """Sorted unique object class names over every annotation under ``root/Annotations``."""
+    folder = Path(root) / "Annotations"
+    if not folder.is_dir():
+        raise VocError(f"{folder}: annotations folder not found")
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.xml")):
+        ann = _parse_xml(path)
+        for k, obj in enumerate(ann.findall("object")):
+            names.add(_text(path, obj, "name", f"<object> #{k + 1}"))
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def _voc_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    xmin = min(max(math.floor(x1) + 1, 1), max(width, 1))
+    ymin = min(max(math.floor(y1) + 1, 1), max(height, 1))
+    xmax = min(max(math.ceil(x2), xmin), width)
+    ymax = min(max(math.ceil(y2), ymin), height)
+    return xmin, ymin, xmax, ymax
+
+
+def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3) -> bytes:
+    """The standard VOC annotation document for ``sample``, as UTF-8 bytes."""
+
+    def sub(parent: ET.Element, tag: str, text: object | None = None) -> ET.Element:
+        elem = ET.SubElement(parent, tag)
+        if text is not None:
+            elem.text = str(text)
+        return elem
+
+    ann = ET.Element("annotation")
+    sub(ann, "folder", folder)
+    sub(ann, "filename", sample.image_path.name)
+    source = sub(ann, "source")
+    sub(source, "database", "splitdet")
+    size = sub(ann, "size")
+    sub(size, "width", int(sample.width))
+    sub(size, "height", int(sample.height))
+    sub(size, "depth", int(depth))
+    sub(ann, "segmented", 0)
+    for obj in sample.objects:
+        o = sub(ann, "object")
+        sub(o, "name", obj.name)
+        sub(o, "pose", "Unspecified")
+        sub(o, "truncated", 0)
+        sub(o, "difficult", int(bool(obj.difficult)))
+        xmin, ymin, xmax, ymax = _voc_box(obj.box, sample.width, sample.height)
+        bnd = sub(o, "bndbox")
+        sub(bnd, "xmin", xmin)
+        sub(bnd, "ymin", ymin)
+        sub(bnd, "xmax", xmax)
+        sub(bnd, "ymax", ymax)
+    ET.indent(ann, space="  ")
+    return ET.tostring(ann, encoding="utf-8") + b"\n"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_annotation(
+    path: Path, sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3
+) -> None:
+    """Write ``sample`` as a VOC annotation at ``path`` (atomically; parents are created)."""
+    _atomic_write(Path(path), annotation_xml(sample, folder=folder, depth=depth))
+
+
+def write_split(root: Path, split: str, ids: Iterable[str]) -> Path:
+    """Write ``ROOT/ImageSets/Main/{split}.txt`` with one id per line; returns its path."""
+    ids = list(ids)
+    for image_id in ids:
+        if not image_id or any(c.isspace() for c in image_id) or "/" in image_id:
+            raise ValueError(f"invalid image id {image_id!r} for split {split!r}")
+    path = _split_file(Path(root), split)
+    _atomic_write(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
+    return path
