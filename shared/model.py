@@ -18,6 +18,7 @@ The split, defined from the one model so the halves cannot drift:
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,6 +298,7 @@ class CloudHalf(nn.Module):
         features: dict[str, Tensor],
         image_sizes: Sequence[tuple[int, int]],
         original_sizes: Sequence[tuple[int, int]],
+        timings: dict[str, float] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Detections from the five FPN levels.
 
@@ -305,6 +307,8 @@ class CloudHalf(nn.Module):
                 size is 4x the size of level "0".
             image_sizes: per image (h, w) after resize, before padding, px.
             original_sizes: per image (h, w) of the image as read, px.
+            timings: if given, receives "rpn_s" and "roi_s" (seconds, wall clock; "roi_s"
+                includes the postprocess).
 
         Returns:
             per image {"boxes" Tensor[K, 4] x1y1x2y2 in original px, "labels" Int64[K],
@@ -316,6 +320,14 @@ class CloudHalf(nn.Module):
         # The anchor generator reads only the padded input's shape; no pixels are needed.
         placeholder = ordered["0"].new_empty((batch, 0, height * stride, width * stride))
         images = ImageList(placeholder, [tuple(s) for s in image_sizes])
+        start = time.perf_counter()
         proposals, _ = self.rpn(images, ordered)
+        after_rpn = time.perf_counter()
         detections, _ = self.roi_heads(ordered, proposals, images.image_sizes)
-        return self.transform.postprocess(detections, images.image_sizes, list(original_sizes))
+        detections = self.transform.postprocess(
+            detections, images.image_sizes, list(original_sizes)
+        )
+        if timings is not None:
+            timings["rpn_s"] = after_rpn - start
+            timings["roi_s"] = time.perf_counter() - after_rpn
+        return detections

@@ -1,0 +1,194 @@
+"""The exported model directory's manifest (torch-free; the edge and the cloud both read it).
+
+A model directory, as `splitdet export` writes it:
+
+    manifest.json        this file's contents
+    edge_gate.onnx       image [1, 3, H, W] -> p(defect), gate levels, what completion needs
+    edge_complete.onnx   laterals + top-down state -> the lazy FPN levels
+    cloud_heads.pt       RPN + ROI head weights (torch state dict: `rpn.*`, `roi_heads.*`)
+
+The fingerprint is a SHA-256 over every artifact's hash, the split spec version and the model
+settings; the edge stamps it on every request and the cloud refuses one it does not serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitdet.shared.config import ModelConfig
+from splitdet.shared.spec import SPEC_VERSION
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+GATE_ONNX = "edge_gate.onnx"
+COMPLETE_ONNX = "edge_complete.onnx"
+CLOUD_WEIGHTS = "cloud_heads.pt"
+ARTIFACTS = (GATE_ONNX, COMPLETE_ONNX, CLOUD_WEIGHTS)
+#: Largest manifest accepted (it is small JSON; anything bigger is not ours).
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+class ManifestError(ValueError):
+    """A model directory that cannot be served; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a model directory holds and how to feed it.
+
+    Attributes:
+        model_config: the detector's configuration (input sizes, normalisation, split).
+        gate_threshold: p(defect) at or above which an image goes to detection.
+        default_codec: the feature codec the edge uses unless told otherwise.
+        artifacts: file name -> SHA-256 hex digest.
+        fingerprint: SHA-256 hex over artifacts, spec version and settings.
+        spec_version: the split spec version the model was exported under.
+        extra: free-form facts from export (validation errors, source checkpoint, ...).
+    """
+
+    model_config: ModelConfig
+    gate_threshold: float
+    default_codec: str
+    artifacts: dict[str, str]
+    fingerprint: str
+    spec_version: str = SPEC_VERSION
+    format: int = MANIFEST_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Foreground class names; label k (1-based) is class_names[k - 1]."""
+        return self.model_config.class_names
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as written to manifest.json."""
+        return {
+            "format": self.format,
+            "fingerprint": self.fingerprint,
+            "spec_version": self.spec_version,
+            "class_names": list(self.class_names),
+            "gate_threshold": self.gate_threshold,
+            "default_codec": self.default_codec,
+            "input": {
+                "min_size": self.model_config.min_size,
+                "max_size": self.model_config.max_size,
+                "image_mean": list(self.model_config.image_mean),
+                "image_std": list(self.model_config.image_std),
+                "size_divisible": 32,
+            },
+            "model_config": self.model_config.to_dict(),
+            "artifacts": dict(sorted(self.artifacts.items())),
+            "extra": self.extra,
+        }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_fingerprint(
+    artifacts: dict[str, str],
+    model_config: ModelConfig,
+    gate_threshold: float,
+    spec_version: str = SPEC_VERSION,
+) -> str:
+    """SHA-256 hex over artifact digests, spec version and the settings that change answers."""
+    canonical = json.dumps(
+        {
+            "artifacts": dict(sorted(artifacts.items())),
+            "spec_version": spec_version,
+            "model_config": model_config.to_dict(),
+            "gate_threshold": gate_threshold,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_manifest(
+    model_dir: Path,
+    model_config: ModelConfig,
+    gate_threshold: float,
+    default_codec: str,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """Hash the artifacts already in `model_dir` and write manifest.json; returns the manifest."""
+    model_dir = Path(model_dir)
+    artifacts = {name: file_sha256(model_dir / name) for name in ARTIFACTS}
+    manifest = Manifest(
+        model_config=model_config,
+        gate_threshold=float(gate_threshold),
+        default_codec=default_codec,
+        artifacts=artifacts,
+        fingerprint=compute_fingerprint(artifacts, model_config, float(gate_threshold)),
+        extra=extra or {},
+    )
+    tmp = model_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tmp.replace(model_dir / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
+    """Read and check a model directory's manifest.
+
+    With `verify`, every artifact's SHA-256 is recomputed and compared, and the fingerprint is
+    recomputed: a model directory edited after export is refused, never half-served.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; is {model_dir} a directory made by splitdet export?")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(
+                f"{path}: manifest format {data.get('format')!r}, this splitdet reads "
+                f"{MANIFEST_FORMAT}; re-export the model with this version"
+            )
+        if data.get("spec_version") != SPEC_VERSION:
+            raise ManifestError(
+                f"{path}: exported under split spec {data.get('spec_version')!r}, this splitdet "
+                f"speaks {SPEC_VERSION!r}; re-export the model with this version"
+            )
+        manifest = Manifest(
+            model_config=ModelConfig.from_dict(data["model_config"]),
+            gate_threshold=float(data["gate_threshold"]),
+            default_codec=str(data["default_codec"]),
+            artifacts={str(k): str(v) for k, v in data["artifacts"].items()},
+            fingerprint=str(data["fingerprint"]),
+            spec_version=data["spec_version"],
+            extra=dict(data.get("extra") or {}),
+        )
+    except ManifestError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ManifestError(f"{path}: malformed manifest ({exc!r})") from exc
+    if set(manifest.artifacts) != set(ARTIFACTS):
+        raise ManifestError(
+            f"{path}: lists artifacts {sorted(manifest.artifacts)}, expected {ARTIFACTS}"
+        )
+    if verify:
+        for name, expected in manifest.artifacts.items():
+            artifact = model_dir / name
+            if not artifact.is_file():
+                raise ManifestError(f"{artifact}: missing from the model directory")
+            if file_sha256(artifact) != expected:
+                raise ManifestError(f"{artifact}: contents differ from the manifest's hash")
+        recomputed = compute_fingerprint(
+            manifest.artifacts, manifest.model_config, manifest.gate_threshold
+        )
+        if recomputed != manifest.fingerprint:
+            raise ManifestError(f"{path}: fingerprint does not match the manifest's contents")
+    return manifest
