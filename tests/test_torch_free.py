@@ -13,6 +13,11 @@ EDGE_MODULES = [
     "splitdet.shared.spec",
     "splitdet.shared.config",
     "splitdet.shared.cli",
+    "splitdet.shared.codec",
+    "splitdet.shared.manifest",
+    "splitdet.edge.preprocess",
+    "splitdet.edge.runtime",
+    "splitdet.edge.pipeline",
 ]
 
 _BLOCK_TORCH = textwrap.dedent(

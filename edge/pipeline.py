@@ -1,0 +1,114 @@
+"""The edge pipeline for one image: read, preprocess, gate, and for flagged images complete the FPN
+and encode it for the cloud (no torch).
+
+    pipeline = EdgePipeline(EdgeRuntime(model_dir), codec="int8")
+    result = pipeline.process_file(path)
+    if result.flagged:
+        send(result.encoded, result.metadata)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitdet.edge.preprocess import load_image, prepare
+from splitdet.edge.runtime import EdgeRuntime
+from splitdet.shared.codec import CODECS, EncodedTensor, encode, encoded_size
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the cloud needs besides the features: sizes in px, (h, w)."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+
+@dataclass
+class EdgeResult:
+    """The edge's verdict on one image.
+
+    Attributes:
+        p_defect: the gate's probability that the image is defective.
+        flagged: p_defect >= threshold (or the gate is off): the image needs detection.
+        encoded: the encoded FPN levels for the cloud when flagged, else None.
+        bytes_sent: bytes of encoded feature data that would cross the wire (0 if not flagged).
+        timings: seconds per stage: read, preprocess, gate, complete, encode.
+    """
+
+    p_defect: float
+    flagged: bool
+    meta: ImageMeta
+    encoded: list[EncodedTensor] | None = None
+    bytes_sent: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EdgePipeline:
+    """Gate, lazy completion and encoding of single images with one `EdgeRuntime`."""
+
+    def __init__(
+        self,
+        runtime: EdgeRuntime,
+        codec: str | None = None,
+        zstd_level: int = 3,
+        gate: bool = True,
+        threshold: float | None = None,
+    ) -> None:
+        """
+        Args:
+            runtime: the ONNX sessions of an exported model.
+            codec: feature codec (default: the manifest's).
+            zstd_level: zstd compression level of the encoded features.
+            gate: False sends every image to detection (for comparisons).
+            threshold: p(defect) threshold (default: the manifest's calibrated one).
+        """
+        self.runtime = runtime
+        self.manifest = runtime.manifest
+        self.codec = codec or self.manifest.default_codec
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {CODECS}")
+        self.zstd_level = zstd_level
+        self.gate_enabled = gate
+        self.threshold = self.manifest.gate_threshold if threshold is None else threshold
+
+    def process_file(self, path: Path) -> EdgeResult:
+        """Read and process one image file; raises ImageError for an unusable file."""
+        start = time.perf_counter()
+        image = load_image(path)
+        result = self.process_array(image)
+        result.timings = {
+            "read": time.perf_counter() - start - sum(result.timings.values()),
+            **result.timings,
+        }
+        return result
+
+    def process_array(self, image: np.ndarray) -> EdgeResult:
+        """Process Float32[3, H, W] in [0, 1]."""
+        config = self.manifest.model_config
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        prepared = prepare(
+            image, config.min_size, config.max_size, config.image_mean, config.image_std
+        )
+        timings["preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        gate = self.runtime.gate(prepared.batch)
+        timings["gate"] = time.perf_counter() - start
+        meta = ImageMeta(original_hw=prepared.original_hw, resized_hw=prepared.resized_hw)
+        flagged = (not self.gate_enabled) or gate.p_defect >= self.threshold
+        result = EdgeResult(p_defect=gate.p_defect, flagged=flagged, meta=meta, timings=timings)
+        if not flagged:
+            return result
+        start = time.perf_counter()
+        levels = self.runtime.complete(gate)
+        timings["complete"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result.encoded = encode(levels, codec=self.codec, level=self.zstd_level)
+        timings["encode"] = time.perf_counter() - start
+        result.bytes_sent = encoded_size(result.encoded)
+        return result

@@ -1,0 +1,37 @@
+"""Fixtures shared across the suite: a tiny random model and its exported model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+#: Small enough to export and run in a second or two on 2 cores; same code paths as ResNet50.
+TINY_CONFIG = dict(depth=18, fpn_channels=64, min_size=224, max_size=320, box_detections_per_img=50)
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    """A random-weight MultiTaskRCNN (eval mode) with TINY_CONFIG (+ overrides)."""
+    import torch
+
+    from splitdet.shared.config import ModelConfig
+    from splitdet.shared.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(**{**TINY_CONFIG, **overrides})).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The random tiny model the session's exported model directory was made from."""
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    """`splitdet export` of `tiny_model` (gate threshold 0.5, default codec int8)."""
+    from splitdet.training.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    export_model(tiny_model, out, gate_threshold=0.5, default_codec="int8")
+    return out

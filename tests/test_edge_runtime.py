@@ -1,0 +1,155 @@
+"""The exported edge half (ONNX Runtime, numpy preprocessing) against the PyTorch model."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from splitdet.edge.pipeline import EdgePipeline
+from splitdet.edge.preprocess import ImageError, load_image, prepare
+from splitdet.edge.runtime import EdgeRuntime
+from splitdet.shared.codec import decode
+from splitdet.shared.manifest import GATE_ONNX, ManifestError, read_manifest
+from splitdet.shared.model import CloudHalf, EdgeHalf
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-6))
+
+
+def _image(seed: int, height: int = 300, width: int = 410) -> np.ndarray:
+    return np.random.default_rng(seed).random((3, height, width), dtype=np.float32)
+
+
+@pytest.mark.parametrize("hw", [(300, 410), (480, 333), (224, 224)])
+def test_preprocess_matches_torchvision_transform(tiny_model, hw):
+    image = _image(1, *hw)
+    config = tiny_model.config
+    ours = prepare(image, config.min_size, config.max_size, config.image_mean, config.image_std)
+    with torch.inference_mode():
+        reference, _ = tiny_model.transform([torch.from_numpy(image)])
+    assert ours.batch.shape == tuple(reference.tensors.shape)
+    assert ours.resized_hw == tuple(reference.image_sizes[0])
+    np.testing.assert_allclose(ours.batch, reference.tensors.numpy(), rtol=0, atol=2e-6)
+
+
+def test_onnx_gate_and_levels_match_pytorch(tiny_model, tiny_model_dir):
+    runtime = EdgeRuntime(tiny_model_dir, threads=2)
+    image = _image(2)
+    config = tiny_model.config
+    prepared = prepare(image, config.min_size, config.max_size, config.image_mean, config.image_std)
+    gate = runtime.gate(prepared.batch)
+    levels = runtime.complete(gate)
+    with torch.inference_mode():
+        p_ref, levels_ref = EdgeHalf(tiny_model)(torch.from_numpy(prepared.batch))
+    assert abs(gate.p_defect - float(p_ref[0])) <= 1e-4 * max(abs(float(p_ref[0])), 1e-6)
+    assert set(levels) == set(levels_ref)
+    for name, level in levels.items():
+        assert _relative_error(level, levels_ref[name][0].numpy()) <= 1e-4, name
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+def test_edge_then_cloud_equals_monolithic(tiny_model, tiny_model_dir, codec):
+    """Lossless (fp32) split detections equal the monolithic detector's to 1e-3 px."""
+    pipeline = EdgePipeline(EdgeRuntime(tiny_model_dir, threads=2), codec=codec, gate=False)
+    cloud = CloudHalf(tiny_model)
+    compared = 0
+    for seed in range(3):
+        image = _image(10 + seed)
+        result = pipeline.process_array(image)
+        assert result.flagged and result.bytes_sent > 0
+        features = {k: torch.from_numpy(v)[None] for k, v in decode(result.encoded).items()}
+        with torch.inference_mode():
+            ours = cloud.detect(features, [result.meta.resized_hw], [result.meta.original_hw])[0]
+            reference = tiny_model([torch.from_numpy(image)])[0]
+        if codec == "fp16":  # lossy: same number of boxes is not guaranteed; it must still work
+            assert ours["boxes"].shape[1] == 4
+            continue
+        assert len(reference["boxes"]) > 0
+        assert ours["boxes"].shape == reference["boxes"].shape
+        np.testing.assert_allclose(ours["boxes"], reference["boxes"], rtol=0, atol=1e-3)
+        np.testing.assert_allclose(ours["scores"], reference["scores"], rtol=0, atol=1e-4)
+        assert torch.equal(ours["labels"], reference["labels"])
+        compared += 1
+    assert compared == (3 if codec == "fp32" else 0)
+
+
+def test_gate_decides_what_is_sent(tiny_model_dir):
+    runtime = EdgeRuntime(tiny_model_dir, threads=2)
+    image = _image(3)
+    p = EdgePipeline(runtime).process_array(image).p_defect
+    below = EdgePipeline(runtime, threshold=min(p + 0.01, 1.0)).process_array(image)
+    above = EdgePipeline(runtime, threshold=max(p - 0.01, 0.0)).process_array(image)
+    assert not below.flagged and below.encoded is None and below.bytes_sent == 0
+    assert "complete" not in below.timings  # the lazy levels were never computed
+    assert above.flagged and {t.name for t in above.encoded} == {"0", "1", "2", "3", "pool"}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG whose header claims 40000 x 40000 pixels (1.6 G)."""
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def test_image_formats_accepted(tmp_path):
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    loaded_rgb = load_image(tmp_path / "rgb.png")
+    np.testing.assert_allclose(loaded_rgb, rgb.transpose(2, 0, 1) / 255.0, atol=1e-7)
+    gray = load_image(tmp_path / "gray.png")
+    gray16 = load_image(tmp_path / "gray16.png")
+    assert gray.shape == gray16.shape == (3, 40, 50)
+    np.testing.assert_allclose(gray, gray16, atol=1e-6)  # 16-bit scaled by 65535, 8-bit by 255
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("notes.jpg", b"this is a text file, not a JPEG\n" * 10, "not an image"),
+        ("corrupt.jpg", b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x13" * 300, "corrupt"),
+        ("bomb.png", None, "decompression bomb"),
+        ("cmyk.jpg", "cmyk", "unsupported image mode"),
+        ("missing.png", "missing", "cannot read"),
+    ],
+)
+def test_bad_images_refused_with_named_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(_bomb_png())
+    elif content == "cmyk":
+        Image.new("CMYK", (10, 10)).save(path)
+    elif content != "missing":
+        path.write_bytes(content)
+    with pytest.raises(ImageError, match=message) as error:
+        load_image(path)
+    assert name in str(error.value)
+
+
+def test_edited_model_dir_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    read_manifest(copy)  # intact copy passes
+    with open(copy / GATE_ONNX, "ab") as handle:
+        handle.write(b"\x00")
+    with pytest.raises(ManifestError, match="differ from the manifest"):
+        read_manifest(copy)

@@ -1,0 +1,236 @@
+"""Export a trained model to a model directory: the edge half as ONNX, the cloud half's weights.
+
+    gate      edge_gate.onnx      image [1, 3, H, W] (normalised, padded to /32)
+                                  -> p_defect [1], the gate levels, laterals C_i, top_down
+    complete  edge_complete.onnx  laterals + top_down -> the lazy FPN levels
+    cloud     cloud_heads.pt      `rpn.*` and `roi_heads.*` weights
+
+Export checks itself: it runs ONNX Runtime on a sample image and compares every output with
+PyTorch (relative error bound) before it writes the manifest; a failed check leaves no manifest,
+so a half-exported directory can never be served.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from splitdet.shared.codec import CODECS
+from splitdet.shared.manifest import (
+    CLOUD_WEIGHTS,
+    COMPLETE_ONNX,
+    GATE_ONNX,
+    MANIFEST_NAME,
+    Manifest,
+    write_manifest,
+)
+from splitdet.shared.model import EdgeHalf, MultiTaskRCNN
+from splitdet.shared.spec import STRIDES
+
+log = logging.getLogger(__name__)
+
+#: ONNX opset; 17 is served by every ONNX Runtime since 1.13.
+OPSET = 17
+#: Largest relative error (max |ort - torch| / max |torch|) accepted per output.
+EXPORT_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export failed; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class EdgeIO:
+    """Tensor names of the two edge graphs, as the edge runtime looks them up."""
+
+    gate_inputs: tuple[str, ...]
+    gate_outputs: tuple[str, ...]
+    complete_inputs: tuple[str, ...]
+    complete_outputs: tuple[str, ...]
+
+
+def edge_io(model: MultiTaskRCNN) -> EdgeIO:
+    """The ONNX input/output names for `model`'s split (they depend on its gate level)."""
+    spec = model.config.split_spec
+    laterals = tuple(f"lateral_{name}" for name in spec.lazy_levels)
+    return EdgeIO(
+        gate_inputs=("image",),
+        gate_outputs=("p_defect", *(f"level_{n}" for n in spec.gate_levels), *laterals, "top_down"),
+        complete_inputs=(*laterals, "top_down"),
+        complete_outputs=tuple(f"level_{name}" for name in spec.lazy_levels),
+    )
+
+
+class _GateGraph(nn.Module):
+    def __init__(self, edge: EdgeHalf) -> None:
+        super().__init__()
+        self.edge = edge
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        out = self.edge.gate(image)
+        return (out.p_defect, *out.levels.values(), *out.laterals, out.top_down)
+
+
+class _CompleteGraph(nn.Module):
+    def __init__(self, edge: EdgeHalf) -> None:
+        super().__init__()
+        self.edge = edge
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        *laterals, top_down = inputs
+        return tuple(self.edge.complete(laterals, top_down).values())
+
+
+def _export_graph(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    # The TorchScript-based exporter handles torchvision's FPN (nearest upsampling to a
+    # dynamic size) in seconds; it is deprecated in favour of dynamo but still shipped.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    return float(np.abs(actual - expected).max()) / scale
+
+
+def _check_against_torch(
+    session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
+) -> dict[str, float]:
+    outputs = session.run(list(names), feeds)
+    errors = {}
+    for name, actual, reference in zip(names, outputs, expected, strict=True):
+        reference = reference.detach().numpy()
+        if actual.shape != reference.shape:
+            raise ExportError(
+                f"{name}: ONNX Runtime shape {actual.shape} != torch {reference.shape}"
+            )
+        errors[name] = _relative_error(actual, reference)
+        if not errors[name] <= EXPORT_TOLERANCE:
+            raise ExportError(
+                f"{name}: ONNX Runtime differs from PyTorch by {errors[name]:.2e} relative "
+                f"(bound {EXPORT_TOLERANCE:.0e})"
+            )
+    return errors
+
+
+def export_model(
+    model: MultiTaskRCNN,
+    out_dir: Path,
+    gate_threshold: float = 0.5,
+    default_codec: str = "int8",
+    sample_hw: tuple[int, int] | None = None,
+    extra: dict | None = None,
+) -> Manifest:
+    """Write `model`'s edge graphs, cloud weights and manifest into `out_dir`.
+
+    Args:
+        model: the multi-task detector (any mode; exported in eval mode).
+        out_dir: created if missing; an existing manifest is replaced only on success.
+        gate_threshold: p(defect) at or above which the edge sends an image to detection.
+        default_codec: one of CODECS.
+        sample_hw: padded (H, W) of the self-check sample, multiples of 32; default: the size a
+            4:3 image takes after the model's resize.
+        extra: facts recorded in the manifest (e.g. the source checkpoint).
+    """
+    import onnxruntime as ort
+
+    if default_codec not in CODECS:
+        raise ExportError(f"unknown codec {default_codec!r}; choose one of {CODECS}")
+    if not 0.0 <= gate_threshold <= 1.0:
+        raise ExportError(f"gate threshold must be in [0, 1], got {gate_threshold}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    model = model.eval()
+    edge = EdgeHalf(model).eval()
+    io = edge_io(model)
+    if sample_hw is None:
+        short = model.config.min_size
+        sample_hw = (-(-short // 32) * 32, -(-(short * 4 // 3) // 32) * 32)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, *sample_hw, generator=generator)
+
+    with torch.inference_mode():
+        gate_expected = _GateGraph(edge).eval()(image)
+    lazy_inputs = gate_expected[len(io.gate_outputs) - len(io.complete_inputs) :]
+
+    axes = {"image": {2: "height", 3: "width"}}
+    for name in io.gate_outputs[1:] + io.complete_outputs:
+        axes[name] = {2: f"{name}_h", 3: f"{name}_w"}
+    # Wrappers must be in eval mode too: the exporter restores each wrapper's own mode after
+    # tracing, and a wrapper left in training mode would put the whole model in training mode.
+    _export_graph(
+        _GateGraph(edge).eval(),
+        (image,),
+        out_dir / GATE_ONNX,
+        io.gate_inputs,
+        io.gate_outputs,
+        axes,
+    )
+    _export_graph(
+        _CompleteGraph(edge).eval(),
+        tuple(lazy_inputs),
+        out_dir / COMPLETE_ONNX,
+        io.complete_inputs,
+        io.complete_outputs,
+        axes,
+    )
+    if model.training:
+        raise ExportError("the model left export in training mode")
+
+    with torch.inference_mode():
+        complete_expected = _CompleteGraph(edge).eval()(*lazy_inputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    gate_session = ort.InferenceSession(
+        str(out_dir / GATE_ONNX), options, providers=["CPUExecutionProvider"]
+    )
+    complete_session = ort.InferenceSession(
+        str(out_dir / COMPLETE_ONNX), options, providers=["CPUExecutionProvider"]
+    )
+    errors = _check_against_torch(
+        gate_session, io.gate_outputs, {"image": image.numpy()}, gate_expected
+    )
+    feeds = {n: t.numpy() for n, t in zip(io.complete_inputs, lazy_inputs, strict=True)}
+    errors |= _check_against_torch(complete_session, io.complete_outputs, feeds, complete_expected)
+
+    cloud_state = {
+        k: v for k, v in model.state_dict().items() if k.startswith(("rpn.", "roi_heads."))
+    }
+    torch.save(cloud_state, out_dir / CLOUD_WEIGHTS)
+    log.info("export self-check passed; worst relative error %.2e", max(errors.values()))
+    return write_manifest(
+        out_dir,
+        model.config,
+        gate_threshold,
+        default_codec,
+        extra={
+            **(extra or {}),
+            "export_check": {"sample_hw": list(sample_hw), "max_relative_error": errors},
+            "onnx_opset": OPSET,
+            "strides": STRIDES,
+        },
+    )
