@@ -210,8 +210,7 @@ def read_annotation(
     path = root / "Annotations" / f"{image_id}.xml"
     ann = _parse_xml(path)
 
-    filename_elem = ann.find("filename")
-    filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else None
+    filename = (ann.findtext("filename") or "").strip() or None
     image_path = _find_image(root, image_id, filename)
     if image_path is None:
         raise VocError(

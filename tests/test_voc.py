@@ -1,0 +1,221 @@
+"""PASCAL VOC reading and writing."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from splitdet.training import voc
+from splitdet.training.voc import VocError, VocObject, VocSample
+
+W, H = 64, 48
+
+
+def _image(root: Path, image_id: str, ext: str = ".jpg", size=(W, H)) -> Path:
+    path = root / "JPEGImages" / f"{image_id}{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(path)
+    return path
+
+
+def _samples(root: Path) -> list[VocSample]:
+    return [
+        VocSample(
+            "a",
+            _image(root, "a"),
+            W,
+            H,
+            (
+                VocObject("scratch", (0.0, 0.0, 1.0, 1.0), False),  # the top-left pixel
+                VocObject("dent", (10.0, 5.0, 64.0, 48.0), True),  # reaches the far edges
+            ),
+        ),
+        VocSample("b", _image(root, "b", ".png"), W, H, ()),  # defect-free
+        VocSample("c", _image(root, "c"), W, H, (VocObject("scratch", (3, 4, 20, 9), False),)),
+    ]
+
+
+def _write(root: Path, samples: list[VocSample], split: str = "train") -> None:
+    for s in samples:
+        voc.write_annotation(root / "Annotations" / f"{s.image_id}.xml", s)
+    voc.write_split(root, split, [s.image_id for s in samples])
+
+
+def test_round_trip(tmp_path):
+    samples = _samples(tmp_path)
+    _write(tmp_path, samples)
+    got = voc.read_split(tmp_path, "train")
+    assert got == samples
+    assert [s.is_defective for s in got] == [True, False, True]
+    assert voc.read_split(tmp_path, "train", class_names=["scratch", "dent"]) == samples
+    assert voc.class_names_of(tmp_path) == ["dent", "scratch"]
+
+
+def test_written_xml_is_standard_voc(tmp_path):
+    s = _samples(tmp_path)[0]
+    path = tmp_path / "Annotations" / "a.xml"
+    voc.write_annotation(path, s)
+    root = ET.parse(path).getroot()
+    assert root.tag == "annotation"
+    assert root.findtext("filename") == "a.jpg"
+    assert root.findtext("folder")
+    assert [root.findtext(f"size/{k}") for k in ("width", "height", "depth")] == ["64", "48", "3"]
+    objs = root.findall("object")
+    assert [o.findtext("name") for o in objs] == ["scratch", "dent"]
+    assert [o.findtext("difficult") for o in objs] == ["0", "1"]
+    assert all(o.findtext("pose") and o.findtext("truncated") == "0" for o in objs)
+    first = [objs[0].findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+    assert first == ["1", "1", "1", "1"]  # 1-based inclusive: pixel (0, 0)
+    second = [objs[1].findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+    assert second == ["11", "6", "64", "48"]
+
+
+def test_fractional_boxes_are_written_outwards(tmp_path):
+    s = VocSample("f", _image(tmp_path, "f"), W, H, (VocObject("x", (2.4, 3.6, 9.2, 9.9)),))
+    voc.write_annotation(tmp_path / "Annotations" / "f.xml", s)
+    (obj,) = voc.read_annotation(tmp_path, "f").objects
+    assert obj.box == (2.0, 3.0, 10.0, 10.0)
+
+
+def test_zero_based_xmin_is_tolerated(tmp_path):
+    _image(tmp_path, "z")
+    _ann(tmp_path, "z", _obj("scratch", 0, 0, 5, 5))
+    (obj,) = voc.read_annotation(tmp_path, "z").objects
+    assert obj.box == (0.0, 0.0, 5.0, 5.0)
+
+
+def test_split_file_comments_blank_lines_and_extra_columns(tmp_path):
+    samples = _samples(tmp_path)
+    _write(tmp_path, samples)
+    (tmp_path / "ImageSets" / "Main" / "odd.txt").write_text("# header\n\na  1\nc -1\n")
+    assert [s.image_id for s in voc.read_split(tmp_path, "odd")] == ["a", "c"]
+
+
+def test_size_zero_falls_back_to_the_image_header(tmp_path):
+    _image(tmp_path, "s", size=(40, 30))
+    _ann(tmp_path, "s", "", width=0, height=0)
+    s = voc.read_annotation(tmp_path, "s")
+    assert (s.width, s.height) == (40, 30)
+
+
+# ------------------------------------------------------------------------------ malformed inputs
+
+
+def _obj(name="scratch", xmin="2", ymin="2", xmax="10", ymax="10", difficult="0") -> str:
+    return (
+        f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>"
+        f"<xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
+        "</bndbox></object>"
+    )
+
+
+def _ann(root: Path, image_id: str, body: str, width=W, height=H) -> Path:
+    path = root / "Annotations" / f"{image_id}.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"<annotation><filename>{image_id}.jpg</filename><size><width>{width}</width>"
+        f"<height>{height}</height><depth>3</depth></size>{body}</annotation>"
+    )
+    return path
+
+
+def _one(tmp_path: Path, image_id: str, text: str | None = None, image: bool = True, **obj):
+    if image:
+        _image(tmp_path, image_id)
+    if text is None:
+        _ann(tmp_path, image_id, _obj(**obj))
+    else:
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{image_id}.xml").write_text(text)
+    voc.write_split(tmp_path, "s", [image_id])
+
+
+@pytest.mark.parametrize(
+    ("image_id", "setup", "message"),
+    [
+        ("badxml", dict(text="<annotation><size>"), "malformed XML"),
+        ("wrongroot", dict(text="<root/>"), "expected <annotation>"),
+        ("outside", dict(xmax="65"), "outside"),
+        ("outside_y", dict(ymax="49"), "outside"),
+        ("negative", dict(xmin="-3"), "outside"),
+        ("degenerate", dict(xmin="10", xmax="5"), "empty"),
+        ("noimage", dict(image=False), "image file not found"),
+        ("nonnumeric", dict(ymin="abc"), "not a number"),
+        ("nan", dict(ymin="nan"), "not finite"),
+        ("noname", dict(name=""), "missing <name>"),
+        ("baddifficult", dict(difficult="maybe"), "difficult"),
+        (
+            "nosize",
+            dict(text=f"<annotation>{_obj()}</annotation>"),
+            "missing <size>",
+        ),
+        (
+            "noxmax",
+            dict(
+                text="<annotation><size><width>64</width><height>48</height></size><object>"
+                "<name>s</name><bndbox><xmin>1</xmin><ymin>1</ymin><ymax>3</ymax></bndbox>"
+                "</object></annotation>"
+            ),
+            "missing <xmax>",
+        ),
+        (
+            "nobndbox",
+            dict(
+                text="<annotation><size><width>64</width><height>48</height></size>"
+                "<object><name>s</name></object></annotation>"
+            ),
+            "missing <bndbox>",
+        ),
+        (
+            "entity",
+            dict(
+                text='<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xx">]>'
+                "<annotation><size><width>64</width><height>48</height></size></annotation>"
+            ),
+            "entity",
+        ),
+    ],
+)
+def test_malformed_inputs_name_the_file(tmp_path, image_id, setup, message):
+    _one(tmp_path, image_id, **setup)
+    with pytest.raises(VocError, match=message) as info:
+        voc.read_split(tmp_path, "s")
+    assert f"{image_id}.xml" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_size_mismatch_names_the_file(tmp_path):
+    _image(tmp_path, "mm", size=(30, 30))
+    _ann(tmp_path, "mm", _obj())
+    voc.write_split(tmp_path, "s", ["mm"])
+    with pytest.raises(VocError, match=r"mm\.xml.*30x30"):
+        voc.read_split(tmp_path, "s")
+    assert len(voc.read_split(tmp_path, "s", check_images=False)) == 1
+
+
+def test_unknown_class_names_the_file(tmp_path):
+    _one(tmp_path, "cls", name="dent")
+    with pytest.raises(VocError, match=r"cls\.xml.*unknown class 'dent'"):
+        voc.read_split(tmp_path, "s", class_names=["scratch"])
+
+
+def test_missing_annotation_and_split_file(tmp_path):
+    with pytest.raises(VocError, match=r"val\.txt"):
+        voc.read_split(tmp_path, "val")
+    voc.write_split(tmp_path, "s", ["ghost"])
+    with pytest.raises(VocError, match=r"ghost\.xml"):
+        voc.read_split(tmp_path, "s")
+
+
+def test_duplicate_ids_and_oversized_files(tmp_path, monkeypatch):
+    _one(tmp_path, "dup")
+    (tmp_path / "ImageSets" / "Main" / "s.txt").write_text("dup\ndup\n")
+    with pytest.raises(VocError, match=r"s\.txt:2.*twice"):
+        voc.read_split(tmp_path, "s")
+    voc.write_split(tmp_path, "s", ["dup"])
+    monkeypatch.setattr(voc, "MAX_ANNOTATION_BYTES", 10)
+    with pytest.raises(VocError, match=r"dup\.xml.*larger"):
+        voc.read_split(tmp_path, "s")
