@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +13,8 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.codec import decode
 from splitdet.shared.manifest import GATE_ONNX, ManifestError, read_manifest
 from splitdet.shared.model import CloudHalf, EdgeHalf
+
+from support import bomb_png
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -90,22 +89,6 @@ def test_gate_decides_what_is_sent(tiny_model_dir):
     assert above.flagged and {t.name for t in above.encoded} == {"0", "1", "2", "3", "pool"}
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _bomb_png() -> bytes:
-    """A tiny PNG whose header claims 40000 x 40000 pixels (1.6 G)."""
-    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
-
-
 def test_image_formats_accepted(tmp_path):
     rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
@@ -133,7 +116,7 @@ def test_image_formats_accepted(tmp_path):
 def test_bad_images_refused_with_named_error(tmp_path, name, content, message):
     path = tmp_path / name
     if content is None:
-        path.write_bytes(_bomb_png())
+        path.write_bytes(bomb_png())
     elif content == "cmyk":
         Image.new("CMYK", (10, 10)).save(path)
     elif content != "missing":

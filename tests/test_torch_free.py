@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
+
+from support import run_without_torch
 
 #: Modules the edge daemon, `splitdet predict` and the CLI load. Add each new edge module here.
 EDGE_MODULES = [
@@ -18,29 +16,10 @@ EDGE_MODULES = [
     "splitdet.edge.preprocess",
     "splitdet.edge.runtime",
     "splitdet.edge.pipeline",
+    "splitdet.edge.predict",
+    "splitdet.edge.annotate",
+    "splitdet.edge.cli_predict",
 ]
-
-_BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith(("torch.", "torchvision")):
-                raise ImportError(f"torch is blocked in this test: {name}")
-            return None
-    sys.meta_path.insert(0, _NoTorch())
-    """
-)
-
-
-def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter where importing torch raises ImportError."""
-    return subprocess.run(
-        [sys.executable, "-c", _BLOCK_TORCH + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_blocker_really_blocks_torch():

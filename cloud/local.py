@@ -1,0 +1,35 @@
+"""The cloud half in the caller's process: `splitdet predict` without a server (torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from splitdet.cloud.core import DetectCall, Detection, DetectionCore, ImageMeta, load_cloud
+from splitdet.edge.pipeline import EdgeResult
+
+
+class LocalDetector:
+    """Runs the same `DetectionCore` the server runs, on the same encoded features."""
+
+    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        cloud, manifest = load_cloud(Path(model_dir))
+        self.core = DetectionCore(cloud, manifest)
+
+    def detect(
+        self, request_id: str, result: EdgeResult, source: str
+    ) -> tuple[Sequence[Detection], dict[str, float]]:
+        """(detections, server stage timings) for one flagged image."""
+        call = DetectCall(
+            request_id=request_id,
+            fingerprint=self.core.fingerprint,
+            image=ImageMeta(result.meta.original_hw, result.meta.resized_hw, source),
+            tensors=result.encoded,
+        )
+        answer = self.core.detect(call)
+        return answer.detections, asdict(answer.timings)

@@ -1,0 +1,152 @@
+"""`splitdet predict`: images or folders in, verdicts and detections out.
+
+Only argparse and the standard library at import time. The edge half never imports torch; the
+cloud half runs in this process (torch) unless `--cloud ADDRESS` sends to a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  splitdet predict data/gaskets/JPEGImages --model models/gasket --save annotated/
+      edge and cloud halves in this process; annotated defect images in annotated/
+  splitdet predict img1.jpg img2.png --model models/gasket --json results.json --codec fp16
+  splitdet predict frames/ --model models/gasket --cloud 10.0.0.5:50051 --gate off
+
+--json FILE writes, per image: path, p_defect, verdict (ok | defect | error), boxes
+[x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage timings (s) and
+bytes_sent. Unreadable files get verdict "error" with the reason; the others are processed.
+Exit status: 0 all images processed, 1 some files were errors, 2 usage or model errors.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `predict` subcommand."""
+    p = subparsers.add_parser(
+        "predict",
+        help="run the edge (and cloud) halves on image files",
+        description="Classify images on the edge; detect scratches on the flagged ones.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="from splitdet export")
+    p.add_argument("--json", metavar="FILE", help="write per-image results as JSON ('-': stdout)")
+    p.add_argument("--save", metavar="DIR", help="write annotated images of flagged images here")
+    p.add_argument(
+        "--gate",
+        choices=["on", "off"],
+        default="on",
+        help="off sends every image to detection (default: on)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="gate threshold on p(defect) (default: the manifest's calibrated one)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="feature codec (default: the manifest's)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="report and draw boxes scoring at least S (default: 0.5)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="ONNX Runtime device (default: auto: CUDA when available)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _local_detector(model_dir: str, threads: int | None):
+    def make():
+        try:
+            from splitdet.cloud.local import LocalDetector
+        except ImportError as exc:
+            from splitdet.shared.cli import CommandError
+
+            raise CommandError(
+                f"in-process detection needs the full install with torch ({exc}); "
+                "install splitdet[full] or pass --cloud ADDRESS"
+            ) from None
+        return LocalDetector(Path(model_dir), threads)
+
+    return make
+
+
+def _cached(factory):
+    made = []
+
+    def get():
+        if not made:
+            made.append(factory())
+        return made[0]
+
+    return get
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict and report; see EPILOG for the exit status."""
+    from tqdm import tqdm
+
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.predict import predict_paths
+    from splitdet.edge.preprocess import list_images
+    from splitdet.edge.runtime import EdgeRuntime
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+
+    paths = list_images([Path(p) for p in args.images])
+    if not paths:
+        raise CommandError(f"no image files in {' '.join(args.images)}")
+    try:
+        runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
+        pipeline = EdgePipeline(
+            runtime, codec=args.codec, gate=args.gate == "on", threshold=args.threshold
+        )
+    except (ManifestError, ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from None
+    detector = _cached(_local_detector(args.model, args.threads))
+    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
+    predictions = predict_paths(
+        paths,
+        pipeline,
+        detector,
+        args.score_threshold,
+        Path(args.save) if args.save else None,
+        on_result=lambda _: bar.update(),
+    )
+    bar.close()
+
+    records = [p.to_dict() for p in predictions]
+    if args.json == "-":
+        json.dump(records, sys.stdout, indent=2)
+        print()
+    elif args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
+    boxes = sum(len(p.boxes) for p in predictions)
+    sent = sum(p.bytes_sent for p in predictions)
+    print(
+        f"{len(predictions)} images: {counts['ok']} ok, {counts['defect']} defect "
+        f"({boxes} boxes), {counts['error']} errors; {sent / 1e6:.2f} MB of features sent",
+        file=sys.stderr if args.json == "-" else sys.stdout,
+    )
+    return 1 if counts["error"] else 0

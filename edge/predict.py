@@ -1,0 +1,147 @@
+"""`splitdet predict`'s engine: images in, verdicts and detections out (no torch here).
+
+Each image goes through the edge pipeline; flagged ones go to a `Detector` — the cloud heads in
+this process, or a remote server through the gRPC client. A file that cannot be read gets an
+error entry and the next image is processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from splitdet.edge.annotate import save_annotated
+from splitdet.edge.pipeline import EdgePipeline, EdgeResult
+from splitdet.edge.preprocess import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+
+class DetectionLike(Protocol):
+    """One detected box as either detector returns it."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    label: int
+    class_name: str
+
+
+class Detector(Protocol):
+    """Runs the cloud half on one flagged image's encoded features."""
+
+    def detect(
+        self, request_id: str, result: EdgeResult, source: str
+    ) -> tuple[Sequence[DetectionLike], dict[str, float]]:
+        """(detections by decreasing score, server stage timings in seconds)."""
+        ...
+
+
+@dataclass
+class Prediction:
+    """One image's outcome, as `--json` writes it.
+
+    Attributes:
+        path: the image file.
+        verdict: "ok" (the gate passed it), "defect" (flagged and sent to detection) or
+            "error" (unreadable; see `error`).
+        boxes: (x1, y1, x2, y2) in original image px, scores and labels alike ordered.
+        timings: seconds per stage, edge ("read", "preprocess", "gate", "complete", "encode")
+            and cloud ("cloud_decode", "cloud_rpn", "cloud_roi", "cloud_total", "round_trip").
+        bytes_sent: encoded feature bytes sent (or that would be sent) for this image.
+    """
+
+    path: str
+    verdict: str
+    p_defect: float | None = None
+    boxes: list[list[float]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able dict."""
+        return asdict(self)
+
+
+def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:
+    """Idempotency key: the same image bytes, model and codec always give the same id."""
+    digest = hashlib.sha256()
+    for part in (fingerprint.encode(), codec.encode(), data):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def predict_one(
+    path: Path,
+    pipeline: EdgePipeline,
+    detector: Callable[[], Detector],
+    score_threshold: float = 0.0,
+    save_dir: Path | None = None,
+) -> Prediction:
+    """Process one image file; never raises for a bad image (the Prediction says why)."""
+    start = time.perf_counter()
+    try:
+        data = Path(path).read_bytes()
+        image = load_image(path)
+    except (ImageError, OSError) as exc:
+        message = str(exc) if isinstance(exc, ImageError) else f"{path}: cannot read ({exc})"
+        return Prediction(path=str(path), verdict="error", error=message)
+    read_s = time.perf_counter() - start
+    result = pipeline.process_array(image)
+    prediction = Prediction(
+        path=str(path),
+        verdict="defect" if result.flagged else "ok",
+        p_defect=result.p_defect,
+        timings={"read": read_s, **result.timings},
+        bytes_sent=result.bytes_sent,
+    )
+    if result.flagged:
+        request_id = request_id_for(data, pipeline.manifest.fingerprint, pipeline.codec)
+        sent = time.perf_counter()
+        detections, server = detector().detect(request_id, result, str(path))
+        prediction.timings["round_trip"] = time.perf_counter() - sent
+        prediction.timings.update({f"cloud_{k.removesuffix('_s')}": v for k, v in server.items()})
+        kept = [d for d in detections if d.score >= score_threshold]
+        prediction.boxes = [list(map(float, d.box)) for d in kept]
+        prediction.scores = [float(d.score) for d in kept]
+        prediction.labels = [int(d.label) for d in kept]
+        prediction.class_names = [d.class_name for d in kept]
+        if save_dir is not None:
+            save_annotated(
+                image,
+                prediction.boxes,
+                prediction.scores,
+                prediction.class_names,
+                Path(save_dir) / f"{Path(path).stem}.jpg",
+                result.p_defect,
+            )
+    return prediction
+
+
+def predict_paths(
+    paths: Iterable[Path],
+    pipeline: EdgePipeline,
+    detector: Callable[[], Detector],
+    score_threshold: float = 0.0,
+    save_dir: Path | None = None,
+    on_result: Callable[[Prediction], None] | None = None,
+) -> list[Prediction]:
+    """`predict_one` over many files; `detector` is called lazily (only if an image is flagged)."""
+    predictions = []
+    for path in paths:
+        prediction = predict_one(path, pipeline, detector, score_threshold, save_dir)
+        if prediction.error:
+            log.warning("%s", prediction.error)
+        predictions.append(prediction)
+        if on_result is not None:
+            on_result(prediction)
+    return predictions

@@ -1,0 +1,121 @@
+"""`splitdet predict`: detections equal the monolithic detector's; bad files do not stop it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from splitdet.edge.preprocess import load_image
+from splitdet.shared.cli import main
+
+from support import bomb_png, run_without_torch
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index, (h, w) in enumerate([(300, 400), (333, 517), (256, 256)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            folder / f"good{index}.png"
+        )
+    return folder
+
+
+def test_predict_lossless_equals_monolithic(tiny_model, tiny_model_dir, image_dir, tmp_path):
+    out = tmp_path / "results.json"
+    code = main(
+        [
+            "predict",
+            str(image_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--codec",
+            "fp32",
+            "--gate",
+            "off",
+            "--score-threshold",
+            "0",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 3
+    for record in records:
+        assert record["verdict"] == "defect" and record["bytes_sent"] > 0
+        image = torch.from_numpy(load_image(record["path"]))
+        with torch.inference_mode():
+            reference = tiny_model([image])[0]
+        assert len(reference["boxes"]) > 0
+        assert len(record["boxes"]) == len(reference["boxes"])
+        np.testing.assert_allclose(record["boxes"], reference["boxes"].numpy(), rtol=0, atol=1e-3)
+        np.testing.assert_allclose(record["scores"], reference["scores"].numpy(), rtol=0, atol=1e-4)
+        assert record["labels"] == reference["labels"].tolist()
+        assert {"read", "preprocess", "gate", "complete", "encode", "cloud_rpn"} <= set(
+            record["timings"]
+        )
+
+
+def test_predict_reports_bad_files_and_goes_on(tiny_model_dir, image_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in image_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image\n" * 20)
+    (folder / "corrupt.png").write_bytes((image_dir / "good0.png").read_bytes()[:300])
+    (folder / "bomb.png").write_bytes(bomb_png())
+    out = tmp_path / "results.json"
+    saved = tmp_path / "annotated"
+    code = main(
+        [
+            "predict",
+            str(folder),
+            "--model",
+            str(tiny_model_dir),
+            "--threshold",
+            "0",
+            "--json",
+            str(out),
+            "--save",
+            str(saved),
+            "--no-progress",
+        ]
+    )
+    assert code == 1  # some files were errors
+    records = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(out.read_text())}
+    assert len(records) == 7
+    for name in ("empty.jpg", "text.jpg", "corrupt.png", "bomb.png"):
+        assert records[name]["verdict"] == "error"
+        assert name in records[name]["error"]
+    for name in ("good0.png", "good1.png", "good2.png"):
+        assert records[name]["verdict"] == "defect" and records[name]["error"] is None
+        assert (saved / name.replace(".png", ".jpg")).is_file()
+
+
+def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
+    code = f"""
+    import sys
+    from splitdet.shared.cli import main
+    status = main(["predict", {str(image_dir)!r}, "--model", {str(tiny_model_dir)!r},
+                   "--threshold", "1.0", "--json", "-", "--no-progress"])
+    assert status == 0, status
+    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch loaded"
+    """
+    result = run_without_torch(code)
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [r["verdict"] for r in records] == ["ok"] * 3
+
+    # a flagged image needs the cloud half: a clear message, no traceback
+    flagged = run_without_torch(code.replace('"1.0"', '"0"').replace("status == 0", "status == 2"))
+    assert flagged.returncode == 0, flagged.stderr
+    assert "needs the full install with torch" in flagged.stderr
+    assert "Traceback" not in flagged.stderr
