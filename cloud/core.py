@@ -1,0 +1,340 @@
+"""The cloud's detection core: a decoded request in, boxes out. Knows nothing of gRPC.
+
+    core = DetectionCore(*load_cloud(model_dir), store=IdempotencyStore(path))
+    result = core.detect(DetectCall(request_id, fingerprint, ImageMeta(...), encoded_levels))
+
+`detect` checks the request up front (fingerprint, id, sizes), answers a repeated request id from
+the idempotency store, decodes the five FPN levels against the shapes the split spec implies for
+the image's padded size (with an explicit bound on decoded bytes), runs the RPN and ROI heads, and
+stores the answer. Every refusal is a `RequestError` subclass whose message names the problem; the
+servicer maps those to status codes in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
+from splitdet.shared.codec import (
+    DEFAULT_MAX_TOTAL_BYTES,
+    CodecError,
+    EncodedTensor,
+    decode,
+    expected_level_shapes,
+)
+from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, ManifestError, read_manifest
+from splitdet.shared.model import CloudHalf, MultiTaskRCNN
+from splitdet.shared.spec import LEVEL_NAMES, padded_size
+
+#: Longest request id accepted (a UUID is 36 characters).
+MAX_REQUEST_ID_CHARS = 128
+#: Largest image side accepted, before (original) and after (resized) the model's resize, px.
+#: Sanity bounds only: the decoded-bytes bound is what limits memory.
+MAX_ORIGINAL_SIDE = 1 << 16
+MAX_RESIZED_SIDE = 1 << 13
+#: State-dict prefixes the cloud's weights file holds, and those it may lack (the edge's part).
+CLOUD_PREFIXES = ("rpn.", "roi_heads.")
+EDGE_PREFIXES = ("backbone.", "defect_head.")
+
+
+class RequestError(ValueError):
+    """A request the core refuses; the message names the problem."""
+
+
+class InvalidRequest(RequestError):
+    """Malformed request: tensors, shapes, codecs, sizes, ids or payload."""
+
+
+class FingerprintMismatch(RequestError):
+    """The request was made for a model this server does not serve."""
+
+
+class Cancelled(RequestError):
+    """The caller went away (cancelled or past its deadline); the work was abandoned."""
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Sizes of the image the features came from.
+
+    Attributes:
+        original_hw: (h, w) of the image as read, px.
+        resized_hw: (h, w) after the model's resize, before padding, px.
+        source: where the image came from, for logs only.
+    """
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DetectCall:
+    """One detect request, decoded from the wire but not yet validated.
+
+    Attributes:
+        request_id: idempotency key.
+        fingerprint: fingerprint of the model the edge ran.
+        image: the image's sizes.
+        tensors: the encoded FPN levels.
+    """
+
+    request_id: str
+    fingerprint: str
+    image: ImageMeta
+    tensors: Sequence[EncodedTensor]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box: (x1, y1, x2, y2) in original-image px, its score, 1-based label and class name."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    label: int
+    class_name: str
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side wall-clock seconds of one call (all zero but `total_s` for a stored answer)."""
+
+    decode_s: float = 0.0
+    rpn_s: float = 0.0
+    roi_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    """The answer to one DetectCall.
+
+    Attributes:
+        request_id: the call's request id.
+        fingerprint: the served model's fingerprint.
+        detections: boxes by decreasing score.
+        timings: this call's stage timings.
+        cached: True when answered from the idempotency store (the heads did not run).
+    """
+
+    request_id: str
+    fingerprint: str
+    detections: tuple[Detection, ...]
+    timings: StageTimings = field(default_factory=StageTimings)
+    cached: bool = False
+
+
+def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
+    """Load the cloud's half of an exported model directory.
+
+    The manifest is verified (artifact hashes, fingerprint); the weights file must hold exactly
+    the RPN and ROI heads' parameters: anything missing from them, or any key outside them, is
+    refused rather than half-loaded.
+
+    Raises:
+        ManifestError: the directory, its manifest or its weights cannot be served.
+    """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir, verify=True)
+    weights_path = model_dir / CLOUD_WEIGHTS
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, foreign formats
+        raise ManifestError(f"{weights_path}: cannot be loaded ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ManifestError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
+    foreign = sorted(k for k in state if not str(k).startswith(CLOUD_PREFIXES))
+    if foreign:
+        raise ManifestError(f"{weights_path}: unexpected keys outside {CLOUD_PREFIXES}: {foreign}")
+    model = MultiTaskRCNN(manifest.model_config)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ManifestError(f"{weights_path}: does not fit the manifest's model ({exc})") from exc
+    missing = sorted(k for k in result.missing_keys if not k.startswith(EDGE_PREFIXES))
+    if missing or result.unexpected_keys:
+        raise ManifestError(
+            f"{weights_path}: missing keys {missing}, unexpected keys {result.unexpected_keys}"
+        )
+    model.eval()
+    return CloudHalf(model).eval(), manifest
+
+
+def request_digest(call: DetectCall) -> str:
+    """SHA-256 hex over everything in the call that determines its answer."""
+    digest = hashlib.sha256()
+    meta = {
+        "fingerprint": call.fingerprint,
+        "original_hw": list(call.image.original_hw),
+        "resized_hw": list(call.image.resized_hw),
+        "tensors": [
+            [t.name, list(t.shape), t.codec, t.dtype, list(t.scale), list(t.zero_point)]
+            for t in call.tensors
+        ],
+    }
+    digest.update(json.dumps(meta, sort_keys=True, allow_nan=True).encode())
+    for tensor in call.tensors:
+        digest.update(len(tensor.data).to_bytes(8, "little"))
+        digest.update(tensor.data)
+    return digest.hexdigest()
+
+
+class DetectionCore:
+    """RPN + ROI heads behind request validation and an idempotency store.
+
+    Args:
+        cloud: the model's cloud half (eval mode).
+        manifest: the served model directory's manifest.
+        store: where answers are kept for repeated request ids; None disables idempotency.
+        max_decoded_bytes: bound on the float32 bytes one request may decode to.
+
+    Thread-safe: concurrent `detect` calls share the (read-only) model.
+    """
+
+    def __init__(
+        self,
+        cloud: CloudHalf,
+        manifest: Manifest,
+        store: IdempotencyStore | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    ) -> None:
+        self.cloud = cloud
+        self.manifest = manifest
+        self.store = store
+        self.max_decoded_bytes = int(max_decoded_bytes)
+        self.spec = manifest.model_config.split_spec
+        self.class_names = manifest.class_names
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the served model."""
+        return self.manifest.fingerprint
+
+    def manifest_json(self) -> str:
+        """The served manifest as JSON text (what manifest.json holds)."""
+        return json.dumps(self.manifest.to_dict(), indent=2)
+
+    def detect(
+        self, call: DetectCall, is_cancelled: Callable[[], bool] | None = None
+    ) -> DetectResult:
+        """Answer one request.
+
+        Args:
+            call: the request.
+            is_cancelled: polled between stages; when it returns True the work is abandoned
+                with `Cancelled`.
+
+        Raises:
+            FingerprintMismatch: the call is for another model.
+            InvalidRequest: anything malformed (the codec's CodecError included).
+            Cancelled: `is_cancelled` said so.
+        """
+        start = time.perf_counter()
+        self._check_call(call)
+        digest = request_digest(call) if self.store is not None else ""
+        stored = self._stored(call, digest)
+        if stored is not None:
+            timings = StageTimings(total_s=time.perf_counter() - start)
+            return DetectResult(call.request_id, self.fingerprint, stored, timings, cached=True)
+
+        features = self._decode(call.image, call.tensors)
+        decoded = time.perf_counter()
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled(f"request {call.request_id!r}: caller went away after decoding")
+        head_timings: dict[str, float] = {}
+        with torch.inference_mode():
+            tensors = {name: torch.from_numpy(features[name])[None] for name in LEVEL_NAMES}
+            output = self.cloud.detect(
+                tensors, [call.image.resized_hw], [call.image.original_hw], head_timings
+            )[0]
+        detections = self._detections(output)
+        timings = StageTimings(
+            decode_s=decoded - start,
+            rpn_s=head_timings.get("rpn_s", 0.0),
+            roi_s=head_timings.get("roi_s", 0.0),
+            total_s=time.perf_counter() - start,
+        )
+        if self.store is not None:
+            payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
+            self.store.put(call.request_id, StoredAnswer(self.fingerprint, digest, payload))
+        return DetectResult(call.request_id, self.fingerprint, detections, timings)
+
+    # ------------------------------------------------------------------------------ the stages
+
+    def _check_call(self, call: DetectCall) -> None:
+        """Cheap checks before anything is hashed, looked up or decoded."""
+        if call.fingerprint != self.fingerprint:
+            raise FingerprintMismatch(
+                f"model fingerprint {_short(call.fingerprint)} is not served here; this server "
+                f"serves {_short(self.fingerprint)}: deploy the same model directory on both sides"
+            )
+        rid = call.request_id
+        if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters")
+        if not rid.isprintable():
+            raise InvalidRequest("request_id must be printable text")
+        for what, (h, w), bound in (
+            ("original", call.image.original_hw, MAX_ORIGINAL_SIDE),
+            ("resized", call.image.resized_hw, MAX_RESIZED_SIDE),
+        ):
+            if not (0 < h <= bound and 0 < w <= bound):
+                raise InvalidRequest(f"{what} image size {h}x{w} is outside 1..{bound} px")
+
+    def _stored(self, call: DetectCall, digest: str) -> tuple[Detection, ...] | None:
+        """The stored answer for a repeated request id, if one is valid for this call."""
+        if self.store is None:
+            return None
+        stored = self.store.get(call.request_id)
+        if stored is None or stored.fingerprint != self.fingerprint:
+            return None  # unknown id, or computed by another model: compute afresh
+        if stored.digest != digest:
+            raise InvalidRequest(
+                f"request_id {call.request_id!r} was already used for a different request"
+            )
+        return tuple(
+            Detection((x1, y1, x2, y2), score, int(label), self._class_name(int(label)))
+            for x1, y1, x2, y2, score, label in json.loads(stored.payload)
+        )
+
+    def _decode(
+        self, image: ImageMeta, tensors: Sequence[EncodedTensor]
+    ) -> dict[str, np.ndarray]:
+        """The five levels as float32 [C, h, w], each checked against the split spec."""
+        padded = padded_size(*image.resized_hw)
+        expected = expected_level_shapes(self.spec, padded)
+        needed = sum(math.prod(shape) for shape in expected.values()) * 4
+        if needed > self.max_decoded_bytes:
+            raise InvalidRequest(
+                f"resized size {image.resized_hw[0]}x{image.resized_hw[1]} implies {needed} "
+                f"bytes of features, beyond this server's {self.max_decoded_bytes}-byte bound"
+            )
+        try:
+            return decode(tensors, expected, max_total_bytes=self.max_decoded_bytes)
+        except CodecError as exc:
+            raise InvalidRequest(str(exc)) from exc
+
+    def _detections(self, output: dict[str, torch.Tensor]) -> tuple[Detection, ...]:
+        boxes = output["boxes"].tolist()
+        scores = output["scores"].tolist()
+        labels = output["labels"].tolist()
+        return tuple(
+            Detection(tuple(box), score, int(label), self._class_name(int(label)))
+            for box, score, label in zip(boxes, scores, labels, strict=True)
+        )
+
+    def _class_name(self, label: int) -> str:
+        return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else ""
+
+
+def _short(fingerprint: str) -> str:
+    text = str(fingerprint)
+    return repr(text[:16] + "…") if len(text) > 16 else repr(text)

@@ -1,0 +1,106 @@
+"""The cloud's idempotency store: request id -> the answer already given, durable and bounded.
+
+The edge re-sends a request whose acknowledgement it lost (timeout, crash, network cut). The cloud
+must then return the same boxes without running the heads again, also after its own restart. So
+answers live in SQLite (WAL, synchronous=FULL: a returned answer survives a crash of the server),
+keyed by request id, with the model fingerprint and a digest of the request they answer. Only the
+newest `capacity` answers are kept; older ones are evicted on insert.
+
+Thread-safe: one connection behind a lock (writes are tiny; SQLite serialises them anyway).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order, for eviction
+    request_id  TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL,                      -- model that computed the answer
+    digest      TEXT NOT NULL,                      -- hash of the request it answers
+    payload     BLOB NOT NULL,                      -- the serialized answer
+    created     REAL NOT NULL                       -- unix time, for operators
+)
+"""
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """One stored answer.
+
+    Attributes:
+        fingerprint: the model fingerprint the answer was computed with.
+        digest: hex digest of the request it answers (a reused id with another payload differs).
+        payload: the serialized answer, opaque to the store.
+    """
+
+    fingerprint: str
+    digest: str
+    payload: bytes
+
+
+class IdempotencyStore:
+    """Durable, bounded map request id -> StoredAnswer in one SQLite file.
+
+    Args:
+        path: the database file (created with its parent directory if missing), or ":memory:"
+            for a store that does not survive the process (tests only).
+        capacity: answers kept; inserting beyond it evicts the oldest.
+    """
+
+    def __init__(self, path: Path | str, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.path = str(path)
+        self.capacity = int(capacity)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")  # several replicas may share one file
+        self._db.execute(_SCHEMA)
+
+    def get(self, request_id: str) -> StoredAnswer | None:
+        """The stored answer for `request_id`, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+        return None if row is None else StoredAnswer(row[0], row[1], bytes(row[2]))
+
+    def put(self, request_id: str, answer: StoredAnswer) -> None:
+        """Store (or replace) the answer for `request_id`, then evict beyond the capacity."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self._db.execute(
+                    "INSERT OR REPLACE INTO answers"
+                    " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
+                    (request_id, answer.fingerprint, answer.digest, answer.payload, time.time()),
+                )
+                # seq grows by one per insert, so this keeps at most the newest `capacity` rows
+                # (fewer when some were replaced) without counting the table.
+                self._db.execute(
+                    "DELETE FROM answers WHERE seq <= ?", (cursor.lastrowid - self.capacity,)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the database (further calls fail)."""
+        with self._lock:
+            self._db.close()
