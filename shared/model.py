@@ -155,6 +155,25 @@ class MultiTaskRCNN(FasterRCNN):
         return losses
 
     @torch.inference_mode()
+    def paper_forward(
+        self, image: Tensor, threshold: float
+    ) -> tuple[float, dict[str, Tensor] | None]:
+        """The paper's multi-task inference for one image ([3, H, W] in [0, 1]): the full FPN,
+        the gate on its level, and the RPN + ROI heads only when p(defect) >= threshold.
+
+        Returns (p_defect, detections in original px or None when the gate passed the image).
+        """
+        images, _ = self.transform([image])
+        features = self.backbone(images.tensors)
+        p_defect = float(torch.sigmoid(self.defect_head(features[self.config.gate_level])[0])[0])
+        if p_defect < threshold:
+            return p_defect, None
+        proposals, _ = self.rpn(images, features)
+        detections, _ = self.roi_heads(features, proposals, images.image_sizes)
+        original = [(int(image.shape[-2]), int(image.shape[-1]))]
+        return p_defect, self.transform.postprocess(detections, images.image_sizes, original)[0]
+
+    @torch.inference_mode()
     def defect_probability(self, images: list[Tensor]) -> Tensor:
         """p(defect) per image (Tensor[N]) through the full backbone (used in evaluation)."""
         images_t, _ = self.transform(images)

@@ -121,3 +121,14 @@ def test_split_spec_levels(gate_level, before, lazy):
     assert spec.level_shape("0", (800, 960)) == (256, 200, 240)
     with pytest.raises(ValueError, match="multiple of 32"):
         spec.level_shape("0", (801, 960))
+
+
+@torch.inference_mode()
+def test_paper_forward_gates_the_heads():
+    model = _random_model(depth=18, fpn_channels=128, min_size=256, max_size=320)
+    image = torch.rand(3, 300, 400)
+    p_defect, detections = model.paper_forward(image, threshold=0.0)
+    _assert_same_detections(detections, model([image])[0])
+    assert p_defect == pytest.approx(float(model.defect_probability([image])[0]), abs=1e-6)
+    skipped_p, skipped = model.paper_forward(image, threshold=1.01)
+    assert skipped is None and skipped_p == pytest.approx(p_defect, abs=1e-6)
