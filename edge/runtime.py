@@ -76,6 +76,9 @@ class EdgeRuntime:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # ONNX Runtime's workers spin after each run by default; on a small edge box that burns
+        # the cores the next image's decode (or any other process) needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(device)
         self._gate = ort.InferenceSession(
             str(self.model_dir / GATE_ONNX), options, providers=providers

@@ -35,3 +35,23 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     export_model(tiny_model, out, gate_threshold=0.5, default_codec="int8")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small synthetic VOC dataset (320x256): train 4+2, val 1+1... and test 3+3 images."""
+    from splitdet.training.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("tiny_dataset")
+    generate_dataset(
+        out,
+        seed=3,
+        size=(320, 256),
+        n_defective=5,
+        n_free=3,
+        n_test_defective=3,
+        n_test_free=3,
+        workers=1,
+        progress=False,
+    )
+    return out

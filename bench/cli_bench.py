@@ -1,0 +1,102 @@
+"""`splitdet bench`: end-to-end latency per defect rate, side by side with the baselines.
+
+Only argparse and the standard library at import time; torch loads when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EPILOG = """\
+example:
+  splitdet bench --model models/gasket --checkpoint runs/cpu/best.pt --data data/gaskets \\
+      --defect-rates 0.05,0.12,0.5 --images 100 --out bench-report
+      writes bench-report/report.json, report.md, time_vs_defect_rate.png,
+      reduction_vs_defect_rate.png and bytes_vs_map_kept.png
+
+Systems, interleaved image by image on the same images and weights: monolithic (torchvision
+Faster R-CNN, eager), paper (full FPN, gate, heads for flagged images), splitdet-CODEC (ONNX
+Runtime edge with the lazy FPN + the cloud server in another process over gRPC on loopback) and
+jpegQ-to-cloud (the image as JPEG, the whole detector in the cloud).
+"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {text!r}"
+        ) from None
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"defect rates must be in [0, 1]: {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` subcommand."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark splitdet against the monolithic detector and the paper's model",
+        description="End-to-end time per image, bytes on the wire and mAP kept, per defect rate.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="from splitdet export")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="the checkpoint MODEL_DIR was exported from (runs the torch baselines)",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="VOC dataset")
+    p.add_argument("--split", default="test", help="split the streams are drawn from")
+    p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
+    p.add_argument("--images", type=int, default=100, metavar="N", help="images per stream")
+    p.add_argument("--codecs", default="int8,fp16,fp32", help="splitdet codecs to compare")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument(
+        "--rd-images",
+        type=int,
+        default=20,
+        metavar="N",
+        help="defective images for the bytes-vs-mAP pass (0: skip it)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="threads per process (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print report.md."""
+    from splitdet.bench.processes import ServiceError
+    from splitdet.bench.run import BenchConfig, run_benchmark
+    from splitdet.shared.checkpoint import CheckpointError
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+    from splitdet.training.voc import VocError
+
+    config = BenchConfig(
+        model_dir=Path(args.model),
+        checkpoint=Path(args.checkpoint),
+        data_dir=Path(args.data),
+        out_dir=Path(args.out),
+        defect_rates=args.defect_rates,
+        n_images=args.images,
+        codecs=tuple(c for c in args.codecs.split(",") if c),
+        jpeg_quality=args.jpeg_quality,
+        rd_images=args.rd_images,
+        split=args.split,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    try:
+        run_benchmark(config)
+    except (ManifestError, CheckpointError, VocError, ServiceError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    print((config.out_dir / "report.md").read_text())
+    return 0

@@ -1,0 +1,121 @@
+"""Child processes the benchmark and the demo start: wait until ready, always stop them.
+
+with ServiceProcess([...cmd...], ready_file=path, name="cloud") as cloud:
+    port = cloud.ready["port"]
+# stopped here: SIGTERM, then SIGKILL after a grace period; Ctrl-C included
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A child process did not become ready; the message carries the end of its log."""
+
+
+def splitdet_command(*args: str) -> list[str]:
+    """Command line running `splitdet ARGS` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "splitdet.shared.cli", *args]
+
+
+class ServiceProcess:
+    """A child process with its output in a log file, ready when it writes `ready_file`
+    (JSON) or, without one, when it prints a line starting with `ready_prefix`."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        log_path: Path,
+        name: str,
+        ready_file: Path | None = None,
+        ready_prefix: str | None = None,
+        timeout_s: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.command = list(command)
+        self.log_path = Path(log_path)
+        self.name = name
+        self.ready_file = Path(ready_file) if ready_file else None
+        self.ready_prefix = ready_prefix
+        self.timeout_s = timeout_s
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.ready: dict = {}
+
+    def start(self) -> ServiceProcess:
+        """Start and wait until ready; raises ServiceError (and stops it) otherwise."""
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed when the process is stopped
+        self._log = log
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
+        )
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise ServiceError(
+                    f"{self.name} exited with status {self.process.returncode}:\n{self.tail()}"
+                )
+            if self._is_ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceError(f"{self.name} not ready after {self.timeout_s:.0f} s:\n{self.tail()}")
+
+    def _is_ready(self) -> bool:
+        if self.ready_file is not None:
+            try:
+                self.ready = json.loads(self.ready_file.read_text())
+                return True
+            except (OSError, ValueError):
+                return False
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if self.ready_prefix and line.startswith(self.ready_prefix):
+                self.ready = {"line": line}
+                return True
+        return False
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of the process's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL the whole process group; exit status."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            except ProcessLookupError:
+                pass
+        self._log.close()
+        return process.returncode
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

@@ -1,0 +1,244 @@
+"""Benchmark figures and tables: per system and defect rate, from the recorded outcomes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from splitdet.bench.systems import Outcome
+from splitdet.training.evaluate import coco_metrics
+from splitdet.training.voc import VocSample
+
+#: The paper's reported inference-time reductions at defect rates 5%, 12%, 50% (Table / Fig. 5).
+PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
+#: Link speeds for the computed transfer times, bits per second.
+LINKS = {"100mbit": 100e6, "1gbit": 1e9}
+MONOLITHIC = "monolithic"
+
+
+def summarise(
+    outcomes: Sequence[Outcome],
+    stream: Sequence[VocSample],
+    class_names: Sequence[str],
+    monolithic: dict | None,
+) -> dict:
+    """One system's figures on one stream (see report.md for each key's meaning)."""
+    totals = np.array([o.total_s for o in outcomes])
+    sent = [o for o in outcomes if o.bytes_sent]
+    defective = [o for o, s in zip(outcomes, stream, strict=True) if s.is_defective]
+    metrics = coco_metrics(
+        stream,
+        [o.boxes for o in outcomes],
+        [o.scores for o in outcomes],
+        [o.labels for o in outcomes],
+        class_names,
+    )
+    bytes_per_image = float(np.mean([o.bytes_sent for o in outcomes]))
+    summary = {
+        "n_images": len(outcomes),
+        "n_defective": len(defective),
+        "n_unique_images": len({s.image_id for s in stream}),
+        "mean_s": float(totals.mean()),
+        "p50_s": float(np.percentile(totals, 50)),
+        "p95_s": float(np.percentile(totals, 95)),
+        "images_per_s": float(1.0 / totals.mean()),
+        "edge_s": float(np.mean([o.edge_s for o in outcomes])),
+        "cloud_s": float(np.mean([o.cloud_s for o in outcomes])),
+        "bytes_per_image": bytes_per_image,
+        "bytes_per_defect_image": float(np.mean([o.bytes_sent for o in sent])) if sent else 0.0,
+        "sent_fraction": len(sent) / len(outcomes),
+        "flagged_fraction": float(np.mean([o.flagged for o in outcomes])),
+        "map": metrics["map"],
+        "map50": metrics["map50"],
+        "gate_recall": (float(np.mean([o.flagged for o in defective])) if defective else None),
+    }
+    for link, bits_per_s in LINKS.items():
+        summary[f"transfer_{link}_s_computed"] = bytes_per_image * 8 / bits_per_s
+    if monolithic is not None:
+        summary["reduction"] = 1.0 - summary["mean_s"] / monolithic["mean_s"]
+        for key in ("map", "map50"):
+            base, ours = monolithic[key], summary[key]
+            summary[f"{key}_kept"] = ours / base if base and ours is not None else None
+    else:
+        summary.update(reduction=0.0, map_kept=1.0, map50_kept=1.0)
+    return summary
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    """report.md: the command, the machine, one table per defect rate, the R-D table."""
+    lines = [
+        "# splitdet benchmark",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']['cpu_count']} cores, {report['machine']['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in report["machine"]["versions"].items()),
+        "",
+        "Model: {depth_label}, input {input}, gate threshold {gate_threshold:.4f}, "
+        "fingerprint {short}".format(**report["model"], short=report["model"]["fingerprint"][:16]),
+        "",
+        "Times are wall-clock seconds per image, systems interleaved image by image. "
+        "`edge` = camera-side compute, `cloud` = server compute as the server measured it. "
+        "Transfer times are computed from the bytes (not measured): 100 Mbit/s and 1 Gbit/s. "
+        "mAP is COCO mAP@[.5:.95] on the stream's ground truth (pycocotools); "
+        "kept = vs monolithic.",
+        "",
+    ]
+    for rate_key, systems in report["rates"].items():
+        first = next(iter(systems.values()))
+        lines += [
+            f"## Defect rate {float(rate_key):.0%} ({first['n_images']} images, "
+            f"{first['n_defective']} defective, {first['n_unique_images']} unique)",
+            "",
+            "| system | mean s | p50 s | p95 s | img/s | reduction | edge s | cloud s | "
+            "bytes/img | bytes/sent img | 100 Mbit/s s | mAP | mAP@.5 | mAP kept | gate recall |",
+            "|---" * 15 + "|",
+        ]
+        for name, s in systems.items():
+            lines.append(
+                f"| {name} | {s['mean_s']:.3f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | "
+                f"{s['images_per_s']:.2f} | {s['reduction']:+.1%} | {s['edge_s']:.3f} | "
+                f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
+                f"{s['bytes_per_defect_image']:,.0f} | {s['transfer_100mbit_s_computed']:.3f} | "
+                f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
+                f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} |"
+            )
+        lines.append("")
+    if report.get("rate_distortion"):
+        lines += [
+            "## Bytes per defective image vs mAP kept",
+            "",
+            f"On {report['rate_distortion']['n_images']} defective test images; mAP kept is "
+            "relative to the monolithic detector on the original images.",
+            "",
+            "| encoding | bytes/image | mAP | mAP kept |",
+            "|---|---|---|---|",
+        ]
+        for point in report["rate_distortion"]["points"]:
+            lines.append(
+                f"| {point['name']} | {point['bytes']:,.0f} | {_fmt(point['map'], '.3f')} | "
+                f"{_fmt(point['map_kept'], '.1%')} |"
+            )
+        lines.append("")
+    lines += ["Figures: " + ", ".join(f"`{f}`" for f in report["figures"]), ""]
+    return "\n".join(lines)
+
+
+def figures(report: dict, out_dir: Path) -> list[str]:
+    """The paper's Fig. 4 and 5 for our systems, and the rate-distortion figure; file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted(report["rates"], key=float)
+    systems = list(report["rates"][rates[0]])
+    x = [float(r) * 100 for r in rates]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in systems:
+        ax.plot(x, [report["rates"][r][name]["mean_s"] for r in rates], marker="o", label=name)
+    ax.set(
+        xlabel="defect rate (%)",
+        ylabel="mean time per image (s)",
+        title="Time per image vs defect rate (cf. paper Fig. 4)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "time_vs_defect_rate.png", dpi=120)
+    plt.close(fig)
+    written.append("time_vs_defect_rate.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in systems:
+        if name == MONOLITHIC:
+            continue
+        ax.plot(
+            x, [100 * report["rates"][r][name]["reduction"] for r in rates], marker="o", label=name
+        )
+    ax.plot(
+        [100 * r for r in PAPER_REDUCTIONS],
+        [100 * v for v in PAPER_REDUCTIONS.values()],
+        "k*--",
+        markersize=10,
+        label="paper (reported)",
+    )
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(
+        xlabel="defect rate (%)",
+        ylabel="reduction of mean time vs monolithic (%)",
+        title="Inference time reduction (cf. paper Fig. 5)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reduction_vs_defect_rate.png", dpi=120)
+    plt.close(fig)
+    written.append("reduction_vs_defect_rate.png")
+
+    rd = report.get("rate_distortion")
+    if rd and rd["points"]:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        jpeg = [
+            p for p in rd["points"] if p["name"].startswith("jpeg") and p["map_kept"] is not None
+        ]
+        codecs = [
+            p
+            for p in rd["points"]
+            if not p["name"].startswith("jpeg") and p["map_kept"] is not None
+        ]
+        if jpeg:
+            ax.plot(
+                [p["bytes"] / 1e3 for p in jpeg],
+                [100 * p["map_kept"] for p in jpeg],
+                "s--",
+                color="grey",
+                label="JPEG of the image (qualities)",
+            )
+            for p in jpeg:
+                ax.annotate(
+                    p["name"].removeprefix("jpeg"),
+                    (p["bytes"] / 1e3, 100 * p["map_kept"]),
+                    fontsize=7,
+                )
+        for p in codecs:
+            ax.plot(p["bytes"] / 1e3, 100 * p["map_kept"], "o", markersize=8, label=p["name"])
+        ax.set_xscale("log")
+        ax.set(
+            xlabel="bytes per defective image (kB, log)",
+            ylabel="mAP kept (%)",
+            title="Bytes on the wire vs mAP kept",
+        )
+        ax.grid(alpha=0.3, which="both")
+        if jpeg or codecs:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "the monolithic mAP is 0 here: nothing to keep",
+                transform=ax.transAxes,
+                ha="center",
+            )
+        fig.tight_layout()
+        fig.savefig(out_dir / "bytes_vs_map_kept.png", dpi=120)
+        plt.close(fig)
+        written.append("bytes_vs_map_kept.png")
+    return written
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """report.json, report.md and the figures into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["figures"] = figures(report, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(report))

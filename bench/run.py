@@ -1,0 +1,272 @@
+"""The benchmark run: start the servers, stream the images through every system, report.
+
+report = run_benchmark(BenchConfig(model_dir=..., checkpoint=..., data_dir=..., out_dir=...))
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from splitdet.bench.jpeg_server import JpegClient
+from splitdet.bench.processes import ServiceProcess, splitdet_command
+from splitdet.bench.report import MONOLITHIC, summarise, write_report
+from splitdet.bench.streams import make_stream
+from splitdet.bench.systems import (
+    JpegToCloud,
+    Monolithic,
+    Outcome,
+    PaperGated,
+    Splitdet,
+    jpeg_bytes,
+)
+from splitdet.edge.client import ClientConfig, CloudClient
+from splitdet.edge.pipeline import EdgePipeline
+from splitdet.edge.preprocess import load_image
+from splitdet.edge.runtime import EdgeRuntime
+from splitdet.shared.checkpoint import load_model
+from splitdet.shared.manifest import CLOUD_WEIGHTS, read_manifest
+from splitdet.training.evaluate import coco_metrics
+from splitdet.training.voc import read_split
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one benchmark run needs.
+
+    Attributes:
+        model_dir: `splitdet export` output (edge ONNX + cloud weights).
+        checkpoint: the checkpoint it was exported from (the PyTorch baselines run it).
+        data_dir: a VOC dataset; streams are drawn from `split`.
+        out_dir: where report.json, report.md and the figures go.
+        defect_rates: fractions of defective images per stream.
+        n_images: images per stream.
+        codecs: feature codecs of the splitdet systems.
+        jpeg_quality: quality of the JPEG-to-cloud baseline.
+        rd_qualities: JPEG qualities of the rate-distortion reference curve.
+        rd_images: defective images of the rate-distortion pass (0 skips it).
+        threads: compute threads of every process (default: all cores).
+    """
+
+    model_dir: Path
+    checkpoint: Path
+    data_dir: Path
+    out_dir: Path
+    defect_rates: tuple[float, ...] = (0.05, 0.12, 0.5)
+    n_images: int = 100
+    codecs: tuple[str, ...] = ("int8", "fp16", "fp32")
+    jpeg_quality: int = 95
+    rd_qualities: tuple[int, ...] = (95, 85, 70, 50, 30)
+    rd_images: int = 20
+    split: str = "test"
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    command: str = field(default_factory=lambda: shlex.join(["splitdet", *sys.argv[1:]]))
+
+
+def _check_same_weights(model, model_dir: Path) -> None:
+    """The checkpoint must be the one the model directory was exported from."""
+    heads = torch.load(model_dir / CLOUD_WEIGHTS, map_location="cpu", weights_only=True)
+    state = model.state_dict()
+    for key, value in heads.items():
+        if key not in state or not torch.equal(state[key], value):
+            raise ValueError(
+                f"{model_dir} was not exported from this checkpoint (weights differ at {key})"
+            )
+
+
+def _machine() -> dict:
+    names = ("splitdet", "torch", "torchvision", "onnxruntime", "grpcio", "numpy", "zstandard")
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {name: version(name) for name in names},
+    }
+
+
+def _run_streams(config, systems, samples, class_names, bar) -> dict:
+    results: dict[str, dict] = {}
+    for rate in config.defect_rates:
+        stream = make_stream(samples, rate, config.n_images, config.seed)
+        outcomes: dict[str, list[Outcome]] = {s.name: [] for s in systems}
+        for index, sample in enumerate(stream):
+            image = load_image(sample.image_path)
+            shift = index % len(systems)  # rotate the order: drift favours no system
+            for system in systems[shift:] + systems[:shift]:
+                outcomes[system.name].append(system.run(image))
+            bar.update()
+        monolithic = summarise(outcomes[MONOLITHIC], stream, class_names, None)
+        results[f"{rate:g}"] = {MONOLITHIC: monolithic} | {
+            name: summarise(found, stream, class_names, monolithic)
+            for name, found in outcomes.items()
+            if name != MONOLITHIC
+        }
+    return results
+
+
+def _rate_distortion(config, model, pipelines, client, samples, class_names, bar) -> dict:
+    """mAP kept vs bytes for each codec and JPEG quality on defective test images."""
+    defective = [s for s in samples if s.is_defective][: config.rd_images]
+    runs: dict[str, list[Outcome]] = {}
+    monolithic = Monolithic(model)
+    splits = [Splitdet(p, client) for p in pipelines]
+    for sample in defective:
+        image = load_image(sample.image_path)
+        runs.setdefault("original", []).append(monolithic.run(image))
+        for system in splits:
+            runs.setdefault(system.name, []).append(system.run(image))
+        for quality in config.rd_qualities:
+            data = jpeg_bytes(image, quality)
+            outcome = monolithic.run(load_image_bytes(data))
+            outcome.bytes_sent = len(data)
+            runs.setdefault(f"jpeg{quality}", []).append(outcome)
+        bar.update()
+
+    def score(outcomes):
+        return coco_metrics(
+            defective,
+            [o.boxes for o in outcomes],
+            [o.scores for o in outcomes],
+            [o.labels for o in outcomes],
+            class_names,
+        )["map"]
+
+    base = score(runs.pop("original"))
+    points = []
+    for name, outcomes in runs.items():
+        value = score(outcomes)
+        points.append(
+            {
+                "name": name,
+                "bytes": float(np.mean([o.bytes_sent for o in outcomes])),
+                "map": value,
+                "map_kept": value / base if base and value is not None else None,
+            }
+        )
+    return {"n_images": len(defective), "map_monolithic": base, "points": points}
+
+
+def load_image_bytes(data: bytes) -> np.ndarray:
+    """Decode JPEG bytes as the edge would (Float32[3, H, W] in [0, 1])."""
+    from splitdet.edge.preprocess import decode_image
+
+    return decode_image(data, "<jpeg>")
+
+
+def run_benchmark(config: BenchConfig) -> dict:
+    """Run every system on every stream; write and return the report."""
+    threads = config.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    manifest = read_manifest(config.model_dir)
+    model, _ = load_model(config.checkpoint)
+    _check_same_weights(model, config.model_dir)
+    class_names = list(manifest.class_names)
+    samples = read_split(config.data_dir, config.split)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
+    pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
+
+    with tempfile.TemporaryDirectory(prefix="splitdet-bench-") as scratch:
+        scratch = Path(scratch)
+        cloud = ServiceProcess(
+            splitdet_command(
+                "cloud",
+                "--model",
+                str(config.model_dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                str(threads),
+                "--answers-db",
+                str(scratch / "answers.sqlite"),
+                "--ready-file",
+                str(scratch / "cloud.json"),
+            ),
+            log_path=config.out_dir / "cloud.log",
+            name="cloud server",
+            ready_file=scratch / "cloud.json",
+        )
+        jpeg = ServiceProcess(
+            [
+                sys.executable,
+                "-m",
+                "splitdet.bench.jpeg_server",
+                "--checkpoint",
+                str(config.checkpoint),
+                "--threads",
+                str(threads),
+            ],
+            log_path=config.out_dir / "jpeg_server.log",
+            name="JPEG baseline server",
+            ready_prefix="PORT ",
+        )
+        with cloud, jpeg:
+            client = CloudClient(ClientConfig(f"127.0.0.1:{cloud.ready['port']}", timeout_s=600))
+            jpeg_client = JpegClient(f"127.0.0.1:{jpeg.ready['line'].split()[1]}")
+            gate = manifest.gate_threshold
+            systems = [
+                Monolithic(model),
+                PaperGated(model, gate),
+                *(Splitdet(p, client) for p in pipelines),
+                JpegToCloud(jpeg_client, config.jpeg_quality),
+            ]
+            warmup = load_image(samples[0].image_path)
+            for system in systems:  # first calls pay one-off allocations; not measured
+                system.run(warmup)
+            n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
+            total = len(config.defect_rates) * config.n_images + n_rd
+            with tqdm(
+                total=total,
+                unit="img",
+                desc="benchmark",
+                disable=not config.progress,
+                file=sys.stderr,
+            ) as bar:
+                rates = _run_streams(config, systems, samples, class_names, bar)
+                rd = (
+                    _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
+                    if n_rd
+                    else None
+                )
+            client.close()
+            jpeg_client.close()
+
+    report = {
+        "command": config.command,
+        "machine": _machine(),
+        "model": {
+            "depth_label": f"ResNet{manifest.model_config.depth}-FPN "
+            f"({manifest.model_config.fpn_channels} channels)",
+            "input": f"min_size {manifest.model_config.min_size}, "
+            f"max_size {manifest.model_config.max_size}",
+            "gate_threshold": gate,
+            "gate_level": manifest.model_config.gate_level,
+            "fingerprint": manifest.fingerprint,
+        },
+        "settings": {
+            "defect_rates": list(config.defect_rates),
+            "n_images": config.n_images,
+            "codecs": list(config.codecs),
+            "jpeg_quality": config.jpeg_quality,
+            "split": config.split,
+            "seed": config.seed,
+            "threads": threads,
+        },
+        "rates": rates,
+        "rate_distortion": rd,
+    }
+    write_report(report, config.out_dir)
+    return report

@@ -1,0 +1,169 @@
+"""The systems the benchmark compares, each timing one image end to end.
+
+    monolithic      torchvision Faster R-CNN, PyTorch eager, every stage for every image
+    paper           the paper's multi-task model: full FPN for every image, the gate on its level,
+                    RPN + ROI heads only for flagged images (same engine as monolithic)
+    splitdet-CODEC  our edge (ONNX Runtime, lazy FPN) here, the cloud server in another process
+                    over real gRPC on loopback, the features encoded with CODEC
+    jpegQ-to-cloud  the edge sends every image as a JPEG (quality Q) and the cloud runs the
+                    monolithic detector (the split-computing literature's baseline)
+
+Every system starts from the same decoded image (Float32[3, H, W] in [0, 1]) and ends with boxes
+in original pixels. `edge_s` is compute on the camera side, `cloud_s` compute on the server as the
+server measured it; the rest of `total_s` is serialisation and loopback transport.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from splitdet.bench.jpeg_server import JpegClient
+from splitdet.edge.client import CloudClient
+from splitdet.edge.client import ImageMeta as WireImageMeta
+from splitdet.edge.pipeline import EdgePipeline
+from splitdet.shared.model import MultiTaskRCNN
+
+
+@dataclass
+class Outcome:
+    """One image through one system.
+
+    Attributes:
+        total_s: wall-clock seconds from decoded image to boxes.
+        edge_s: camera-side compute seconds (the whole thing for the single-process systems).
+        cloud_s: server-side compute seconds, as the server reported them.
+        bytes_sent: bytes that crossed the edge/cloud boundary for this image.
+        flagged: the image went to detection.
+        p_defect: the gate's probability (None for systems without a gate).
+        boxes, scores, labels: detections, [K, 4] x1y1x2y2 original px, [K], [K].
+    """
+
+    total_s: float
+    edge_s: float
+    cloud_s: float
+    bytes_sent: int
+    flagged: bool
+    p_defect: float | None
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+
+def _from_torch(output: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {
+        "boxes": output["boxes"].numpy(),
+        "scores": output["scores"].numpy(),
+        "labels": output["labels"].numpy(),
+    }
+
+
+class Monolithic:
+    """torchvision Faster R-CNN, eager, every image through every stage."""
+
+    name = "monolithic"
+
+    def __init__(self, model: MultiTaskRCNN) -> None:
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def run(self, image: np.ndarray) -> Outcome:
+        """Detect on one image."""
+        start = time.perf_counter()
+        output = self.model([torch.from_numpy(image)])[0]
+        total = time.perf_counter() - start
+        return Outcome(total, total, 0.0, 0, True, None, **_from_torch(output))
+
+
+class PaperGated:
+    """The paper's multi-task inference: full FPN always, heads only when the gate fires."""
+
+    name = "paper"
+
+    def __init__(self, model: MultiTaskRCNN, threshold: float) -> None:
+        self.model = model.eval()
+        self.threshold = threshold
+
+    def run(self, image: np.ndarray) -> Outcome:
+        """Gate (and maybe detect) one image."""
+        start = time.perf_counter()
+        p_defect, output = self.model.paper_forward(torch.from_numpy(image), self.threshold)
+        total = time.perf_counter() - start
+        detections = _from_torch(output) if output is not None else {}
+        return Outcome(total, total, 0.0, 0, output is not None, p_defect, **detections)
+
+
+class Splitdet:
+    """Our edge in this process, the cloud detection server in another, gRPC in between."""
+
+    def __init__(self, pipeline: EdgePipeline, client: CloudClient) -> None:
+        self.pipeline = pipeline
+        self.client = client
+        self.name = f"splitdet-{pipeline.codec}"
+
+    def run(self, image: np.ndarray) -> Outcome:
+        """Gate one image; send the flagged one's features and wait for the boxes."""
+        start = time.perf_counter()
+        result = self.pipeline.process_array(image)
+        edge_s = time.perf_counter() - start
+        if not result.flagged:
+            return Outcome(edge_s, edge_s, 0.0, 0, False, result.p_defect)
+        meta = WireImageMeta(result.meta.original_hw, result.meta.resized_hw, "bench")
+        # a fresh id per call: the server's idempotency store must not answer from memory
+        answer = self.client.detect(
+            result.encoded, meta, uuid.uuid4().hex, self.pipeline.manifest.fingerprint
+        )
+        total = time.perf_counter() - start
+        return Outcome(
+            total,
+            edge_s,
+            answer.timings["total_s"],
+            result.bytes_sent,
+            True,
+            result.p_defect,
+            answer.boxes,
+            answer.scores,
+            answer.labels,
+        )
+
+
+def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
+    """Float32[3, H, W] in [0, 1] as JPEG bytes (4:2:0, Pillow's default encoder)."""
+    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class JpegToCloud:
+    """The edge compresses every image to JPEG; the cloud runs the monolithic detector."""
+
+    def __init__(self, client: JpegClient, quality: int = 95) -> None:
+        self.client = client
+        self.quality = quality
+        self.name = f"jpeg{quality}-to-cloud"
+
+    def run(self, image: np.ndarray) -> Outcome:
+        """Compress, send, wait for the boxes."""
+        start = time.perf_counter()
+        data = jpeg_bytes(image, self.quality)
+        edge_s = time.perf_counter() - start
+        answer = self.client.detect(data)
+        total = time.perf_counter() - start
+        return Outcome(
+            total,
+            edge_s,
+            answer["timings"]["total_s"],
+            len(data),
+            True,
+            None,
+            np.asarray(answer["boxes"], np.float32).reshape(-1, 4),
+            np.asarray(answer["scores"], np.float32),
+            np.asarray(answer["labels"], np.int64),
+        )

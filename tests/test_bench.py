@@ -1,0 +1,121 @@
+"""`splitdet bench` on a tiny model: the report's structure, and that its numbers are measured."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from splitdet.edge.preprocess import load_image
+from splitdet.shared.checkpoint import save_checkpoint
+from splitdet.shared.cli import main
+from splitdet.training.export import export_model
+from splitdet.training.voc import read_split
+
+from conftest import make_tiny_model
+
+SYSTEMS = {"monolithic", "paper", "splitdet-int8", "splitdet-fp32", "jpeg95-to-cloud"}
+
+
+@pytest.fixture(scope="module")
+def bench_report(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = make_tiny_model(seed=5)
+    test = read_split(tiny_dataset, "test")
+    with torch.inference_mode():
+        p = [
+            float(model.defect_probability([torch.from_numpy(load_image(s.image_path))])[0])
+            for s in test
+        ]
+    threshold = float(np.median(p))  # about half the images flagged, whatever their label
+    save_checkpoint(root / "model.pt", model, gate_threshold=threshold)
+    export_model(model, root / "model", gate_threshold=threshold)
+    out = root / "report"
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(root / "model"),
+            "--checkpoint",
+            str(root / "model.pt"),
+            "--data",
+            str(tiny_dataset),
+            "--defect-rates",
+            "0,0.5",
+            "--images",
+            "6",
+            "--codecs",
+            "int8,fp32",
+            "--rd-images",
+            "2",
+            "--threads",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text()), threshold
+
+
+def test_report_structure(bench_report):
+    out, report, threshold = bench_report
+    assert set(report["rates"]) == {"0", "0.5"}
+    for systems in report["rates"].values():
+        assert set(systems) == SYSTEMS
+        for summary in systems.values():
+            for key in (
+                "mean_s",
+                "p50_s",
+                "p95_s",
+                "reduction",
+                "bytes_per_image",
+                "bytes_per_defect_image",
+                "map",
+                "map_kept",
+                "edge_s",
+                "cloud_s",
+                "transfer_100mbit_s_computed",
+                "transfer_1gbit_s_computed",
+            ):
+                assert key in summary, key
+            assert summary["mean_s"] > 0 and summary["p95_s"] >= summary["p50_s"] > 0
+    assert report["model"]["gate_threshold"] == pytest.approx(threshold)
+    for name in (
+        "report.md",
+        "time_vs_defect_rate.png",
+        "reduction_vs_defect_rate.png",
+        "bytes_vs_map_kept.png",
+    ):
+        assert (out / name).stat().st_size > 0
+    assert "monolithic" in (out / "report.md").read_text()
+
+
+def test_report_numbers_are_measured(bench_report):
+    _, report, _ = bench_report
+    free_only, half = report["rates"]["0"], report["rates"]["0.5"]
+    assert free_only["monolithic"]["n_defective"] == 0 and half["monolithic"]["n_defective"] == 3
+    # the gate-only edge path is cheaper than running every stage
+    assert free_only["monolithic"]["mean_s"] > free_only["splitdet-int8"]["edge_s"]
+    # monolithic is its own reference; the others are measured against it
+    assert free_only["monolithic"]["reduction"] == 0.0
+    assert half["paper"]["reduction"] != 0.0 and half["splitdet-int8"]["reduction"] != 0.0
+    # bytes: features only for flagged images, fp32 costs more than int8, JPEG for every image
+    for rate in (free_only, half):
+        int8, fp32, jpeg = rate["splitdet-int8"], rate["splitdet-fp32"], rate["jpeg95-to-cloud"]
+        if int8["sent_fraction"] > 0:
+            assert fp32["bytes_per_defect_image"] > int8["bytes_per_defect_image"] > 0
+        assert jpeg["sent_fraction"] == 1.0 and jpeg["bytes_per_image"] > 0
+        assert int8["sent_fraction"] == fp32["sent_fraction"] == int8["flagged_fraction"]
+        assert int8["flagged_fraction"] == rate["paper"]["flagged_fraction"]  # the same gate
+    sent = [r["splitdet-int8"]["sent_fraction"] for r in (free_only, half)]
+    assert any(0 < s < 1 for s in sent) or sent[0] != sent[1]
+    # lossless split and the monolithic detector agree on the detections
+    assert half["splitdet-fp32"]["map50"] == pytest.approx(half["paper"]["map50"], abs=1e-6)
+    rd = report["rate_distortion"]
+    assert {p["name"] for p in rd["points"]} >= {"splitdet-int8", "jpeg95", "jpeg30"}
+    jpeg_bytes = {p["name"]: p["bytes"] for p in rd["points"]}
+    assert jpeg_bytes["jpeg95"] > jpeg_bytes["jpeg30"]
