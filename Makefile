@@ -24,5 +24,9 @@ fmt: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Regenerate shared/wire/ (protobuf + gRPC code) from proto/; tests fail while it is stale.
+proto: $(STAMP)
+	$(PY) proto/generate.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -305,9 +305,7 @@ class DetectionCore:
             for x1, y1, x2, y2, score, label in json.loads(stored.payload)
         )
 
-    def _decode(
-        self, image: ImageMeta, tensors: Sequence[EncodedTensor]
-    ) -> dict[str, np.ndarray]:
+    def _decode(self, image: ImageMeta, tensors: Sequence[EncodedTensor]) -> dict[str, np.ndarray]:
         """The five levels as float32 [C, h, w], each checked against the split spec."""
         padded = padded_size(*image.resized_hw)
         expected = expected_level_shapes(self.spec, padded)

@@ -19,6 +19,9 @@ EDGE_MODULES = [
     "splitdet.edge.predict",
     "splitdet.edge.annotate",
     "splitdet.edge.cli_predict",
+    "splitdet.edge.client",
+    "splitdet.cloud.cli_cloud",
+    "splitdet.shared.wire.detection_pb2_grpc",
 ]
 
 

@@ -1,0 +1,264 @@
+"""The cloud detection server's bootstrap: one config object, the gRPC server around the servicer.
+
+    config = ServerConfig(model_dir=Path("model"), listen="0.0.0.0:50051", metrics_port=9464)
+    sys.exit(serve(config))   # until SIGTERM/SIGINT: health NOT_SERVING, drain, exit 0
+
+What runs: splitdet.v1.Detection (the servicer), grpc.health.v1 health (SERVING while up),
+optionally server reflection, a Prometheus /metrics HTTP endpoint, TLS or mutual TLS from
+certificate files, and an optional bearer token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from splitdet.cloud.core import DetectionCore, load_cloud
+from splitdet.cloud.idempotency import IdempotencyStore
+from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
+from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+#: Default bound on one gRPC message: int8 FPN payloads at 800x960 are ~16 MB, fp32 ~65 MB.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
+#: gRPC handler threads beyond --max-concurrent: health checks, manifests and refusals must get
+#: a thread even while every Detect slot is busy.
+SPARE_RPC_THREADS = 8
+
+
+def all_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of the cloud detection server.
+
+    Attributes:
+        model_dir: an exported model directory (manifest.json, cloud_heads.pt, ...).
+        listen: gRPC address, "host:port"; port 0 picks a free port.
+        threads: torch threads for the heads (default: every core this process may use).
+        max_concurrent: Detect calls running at once; more are refused with RESOURCE_EXHAUSTED.
+        max_message_bytes: bound on one gRPC message, both directions.
+        max_decoded_bytes: bound on the float32 bytes one request's features decode to.
+        grace_s: on shutdown, seconds in-flight calls get to finish before they are cancelled.
+        tls_cert, tls_key: PEM server certificate chain and key; both or neither (plaintext).
+        client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
+        token: bearer token clients must send ("authorization: Bearer <token>"); None = none.
+        reflection: serve gRPC server reflection (off in production: it lists the API).
+        metrics_port: Prometheus /metrics HTTP port (0 = any free port); None = no endpoint.
+        metrics_host: address the metrics endpoint binds.
+        answers_db: SQLite file of the idempotency store (answers by request id).
+        answers_capacity: answers kept; 0 disables idempotency.
+        debug_delay_s: TEST ONLY: every Detect call sleeps this long first (slow calls on purpose).
+    """
+
+    model_dir: Path
+    listen: str = "127.0.0.1:50051"
+    threads: int = field(default_factory=all_cores)
+    max_concurrent: int = 2
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_decoded_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    reflection: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    answers_db: Path = Path("splitdet-cloud-answers.sqlite")
+    answers_capacity: int = 100_000
+    debug_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.max_concurrent < 1:
+            raise ValueError("threads and max_concurrent must be at least 1")
+        if self.max_message_bytes < MIB or self.max_message_bytes >= 1 << 31:
+            raise ValueError("max_message_bytes must be in [1 MiB, 2 GiB)")
+        if self.max_decoded_bytes < MIB:
+            raise ValueError("max_decoded_bytes must be at least 1 MiB")
+        if self.grace_s < 0 or self.debug_delay_s < 0 or self.answers_capacity < 0:
+            raise ValueError("grace_s, debug_delay_s and answers_capacity must be non-negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (client_ca) needs a server certificate and key")
+        if self.token is not None and not self.token:
+            raise ValueError("the bearer token must not be empty")
+
+    @property
+    def security(self) -> str:
+        """'mTLS', 'TLS' or 'plaintext', plus '+token' when a token is required."""
+        mode = "mTLS" if self.client_ca else "TLS" if self.tls_cert else "plaintext"
+        return mode + ("+token" if self.token else "")
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Accept the edge client's keepalive pings (every 30 s by default) without GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    key = Path(config.tls_key).read_bytes()
+    chain = Path(config.tls_cert).read_bytes()
+    client_ca = Path(config.client_ca).read_bytes() if config.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class CloudServer:
+    """The running server: gRPC + health + metrics around a DetectionCore.
+
+    Args:
+        config: the settings.
+        core: a ready core (tests share one model between servers); by default the model is
+            loaded from config.model_dir with an idempotency store at config.answers_db.
+    """
+
+    def __init__(self, config: ServerConfig, core: DetectionCore | None = None) -> None:
+        self.config = config
+        torch.set_num_threads(config.threads)
+        self._own_store = core is None
+        if core is None:
+            cloud, manifest = load_cloud(config.model_dir)
+            store = (
+                IdempotencyStore(config.answers_db, config.answers_capacity)
+                if config.answers_capacity
+                else None
+            )
+            core = DetectionCore(cloud, manifest, store, config.max_decoded_bytes)
+        self.core = core
+        self.metrics = ServerMetrics()
+        self.health = health.HealthServicer()
+        self.servicer = DetectionServicer(
+            core, self.metrics, config.max_concurrent, config.debug_delay_s
+        )
+        interceptors = [TokenInterceptor(config.token, self.metrics)] if config.token else []
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_concurrent + SPARE_RPC_THREADS,
+                thread_name_prefix="splitdet-rpc",
+            ),
+            interceptors=interceptors,
+            options=grpc_options(config),
+        )
+        self.servicer.add_to_server(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._metrics_httpd = None
+        self._stopped = threading.Event()
+
+    def start(self) -> CloudServer:
+        """Bind, start serving and report SERVING; returns self."""
+        config = self.config
+        try:
+            if config.tls_cert:
+                port = self._server.add_secure_port(config.listen, _server_credentials(config))
+            else:
+                port = self._server.add_insecure_port(config.listen)
+        except RuntimeError as exc:  # grpc raises RuntimeError on a failed bind
+            raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+        if not port:
+            raise OSError(f"cannot listen on {config.listen}")
+        self.port = port
+        if config.metrics_port is not None:
+            self._metrics_httpd, _ = start_http_server(
+                config.metrics_port, config.metrics_host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_httpd.server_port
+        self._server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving model %s on port %d (%s, %d torch threads, max %d concurrent, "
+            "messages up to %d MiB, metrics %s)",
+            self.core.fingerprint[:16],
+            self.port,
+            config.security,
+            config.threads,
+            config.max_concurrent,
+            config.max_message_bytes // MIB,
+            f"port {self.metrics_port}" if self.metrics_port is not None else "off",
+        )
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`
+        seconds (default config.grace_s), then release everything. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_s if grace is None else grace
+        self.servicer.drain()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait(grace + 5)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        if self._own_store and self.core.store is not None:
+            self.core.store.close()
+        log.info("stopped")
+
+    def __enter__(self) -> CloudServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop(0)
+
+
+def serve(config: ServerConfig, on_ready=None) -> int:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; returns 0.
+
+    Args:
+        config: the settings.
+        on_ready: called with the started CloudServer (e.g. to write a ready file).
+    """
+    server = CloudServer(config).start()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        while not stop.wait(0.1):
+            pass
+        log.info("%s: draining for up to %.1f s", signal.Signals(received[0]).name, config.grace_s)
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop(0)
+    return 0

@@ -1,0 +1,356 @@
+"""The gRPC face of the detection core: protobuf -> domain -> core -> protobuf, nothing more.
+
+Exceptions become status codes in one place (`_rpc`, table `STATUS_FOR_ERROR`):
+
+    InvalidRequest: bad tensors, shapes, codecs, sizes, ids; bad protobuf   INVALID_ARGUMENT
+    FingerprintMismatch: a model this server does not serve                 FAILED_PRECONDITION
+    Overloaded: beyond --max-concurrent Detect calls                        RESOURCE_EXHAUSTED
+    Cancelled: the caller went away                                         CANCELLED
+    ShuttingDown: a new call after SIGTERM                                  UNAVAILABLE
+    anything else: a bug (logged with its traceback)                        INTERNAL
+
+A missing or wrong bearer token is refused before the servicer by `TokenInterceptor`
+(UNAUTHENTICATED). Requests arrive as raw bytes and are parsed here, so a malformed protobuf is an
+INVALID_ARGUMENT naming the problem rather than gRPC's generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from splitdet.cloud.core import (
+    Cancelled,
+    DetectCall,
+    DetectionCore,
+    DetectResult,
+    FingerprintMismatch,
+    ImageMeta,
+    InvalidRequest,
+)
+from splitdet.shared.codec import EncodedTensor
+from splitdet.shared.wire import detection_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detection"].full_name  # "splitdet.v1.Detection"
+#: Methods reachable without a bearer token (load balancers and orchestrators probe health).
+TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+#: Latency histogram buckets, seconds.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Overloaded(Exception):
+    """The server already runs its maximum of concurrent Detect calls."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining before it stops; another replica (or a later try) must answer."""
+
+
+#: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.
+STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call reports for `exc`."""
+    for error_type, code in STATUS_FOR_ERROR:
+        if isinstance(exc, error_type):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics, in their own registry (one per server)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "splitdet_cloud_requests",
+            "RPCs finished, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "splitdet_cloud_failures",
+            "RPCs that did not finish OK, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "splitdet_cloud_stage_seconds",
+            "Server-side wall-clock seconds per Detect stage (decode, rpn, roi, total).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "splitdet_cloud_in_flight", "Detect calls running now.", registry=self.registry
+        )
+        self.cache_hits = Counter(
+            "splitdet_cloud_cache_hits",
+            "Detect calls answered from the idempotency store.",
+            registry=self.registry,
+        )
+        self.heads_runs = Counter(
+            "splitdet_cloud_heads_runs",
+            "Detect calls that ran the RPN and ROI heads.",
+            registry=self.registry,
+        )
+
+    def finished(self, method: str, code: grpc.StatusCode) -> None:
+        self.requests.labels(method, code.name).inc()
+        if code is not grpc.StatusCode.OK:
+            self.failures.labels(method, code.name).inc()
+
+    def observe(self, result: DetectResult) -> None:
+        if result.cached:
+            self.cache_hits.inc()
+            return
+        self.heads_runs.inc()
+        timings = result.timings
+        for stage, seconds in (
+            ("decode", timings.decode_s),
+            ("rpn", timings.rpn_s),
+            ("roi", timings.roi_s),
+            ("total", timings.total_s),
+        ):
+            self.stage_seconds.labels(stage).observe(seconds)
+
+
+def _rpc(method: Callable) -> Callable:
+    """Run one RPC: count it, and turn any exception into a status (the one place)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: DetectionServicer, request, context: grpc.ServicerContext):
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            else:
+                log.info("%s refused (%s): %s", name, code.name, message)
+            context.abort(code, message)  # raises
+        finally:
+            self.metrics.finished(name, code)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------- translation
+
+
+def call_from_proto(request: pb.DetectRequest) -> DetectCall:
+    """A DetectRequest as the core's DetectCall (no validation: the core does that)."""
+    image = request.image
+    return DetectCall(
+        request_id=request.request_id,
+        fingerprint=request.model_fingerprint,
+        image=ImageMeta(
+            original_hw=(image.original_height, image.original_width),
+            resized_hw=(image.resized_height, image.resized_width),
+            source=image.source,
+        ),
+        tensors=[
+            EncodedTensor(
+                name=t.name,
+                shape=tuple(t.shape),
+                codec=t.codec,
+                dtype=t.dtype,
+                scale=tuple(t.scale),
+                zero_point=tuple(t.zero_point),
+                data=t.data,
+            )
+            for t in request.tensors
+        ],
+    )
+
+
+def result_to_proto(result: DetectResult) -> pb.DetectResponse:
+    """The core's DetectResult as a DetectResponse."""
+    t = result.timings
+    return pb.DetectResponse(
+        request_id=result.request_id,
+        model_fingerprint=result.fingerprint,
+        boxes=[
+            pb.Box(
+                x1=d.box[0],
+                y1=d.box[1],
+                x2=d.box[2],
+                y2=d.box[3],
+                score=d.score,
+                label=d.label,
+                class_name=d.class_name,
+            )
+            for d in result.detections
+        ],
+        timings=pb.ServerTimings(
+            decode_s=t.decode_s, rpn_s=t.rpn_s, roi_s=t.roi_s, total_s=t.total_s
+        ),
+        cached=result.cached,
+    )
+
+
+def _parse(message_type: type, raw: bytes):
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidRequest(
+            f"request is not a valid {message_type.DESCRIPTOR.full_name} protobuf ({exc})"
+        ) from None
+
+
+# --------------------------------------------------------------------------------- servicer
+
+
+class DetectionServicer:
+    """splitdet.v1.Detection over a DetectionCore.
+
+    Args:
+        core: the detection core.
+        metrics: where calls are counted and timed.
+        max_concurrent: Detect calls allowed at once; more are refused with RESOURCE_EXHAUSTED.
+        debug_delay_s: TEST ONLY: sleep this long inside each Detect call (holding its slot)
+            before running the core, to make a call slow on purpose.
+    """
+
+    def __init__(
+        self,
+        core: DetectionCore,
+        metrics: ServerMetrics,
+        max_concurrent: int,
+        debug_delay_s: float = 0.0,
+    ) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.max_concurrent = max_concurrent
+        self.debug_delay_s = debug_delay_s
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._draining = threading.Event()
+        self._manifest = pb.ManifestResponse(
+            model_fingerprint=core.fingerprint, manifest_json=core.manifest_json()
+        ).SerializeToString()
+
+    def drain(self) -> None:
+        """Refuse every later Detect call with UNAVAILABLE (calls already running finish)."""
+        self._draining.set()
+
+    @_rpc
+    def Detect(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        if self._draining.is_set():
+            raise ShuttingDown("server is shutting down; send to another replica or retry later")
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(
+                f"server busy: {self.max_concurrent} Detect calls already running "
+                f"(--max-concurrent {self.max_concurrent}); retry later"
+            )
+        self.metrics.in_flight.inc()
+        try:
+            call = call_from_proto(_parse(pb.DetectRequest, raw))
+
+            def is_cancelled() -> bool:
+                remaining = context.time_remaining()
+                return not context.is_active() or (remaining is not None and remaining <= 0)
+
+            self._debug_delay(is_cancelled)
+            result = self.core.detect(call, is_cancelled)
+        finally:
+            self.metrics.in_flight.dec()
+            self._slots.release()
+        self.metrics.observe(result)
+        return result_to_proto(result).SerializeToString()
+
+    @_rpc
+    def GetManifest(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        _parse(pb.GetManifestRequest, raw)
+        return self._manifest
+
+    def _debug_delay(self, is_cancelled: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.debug_delay_s
+        while (left := deadline - time.monotonic()) > 0:
+            if is_cancelled():
+                raise Cancelled("caller went away during the debug delay")
+            time.sleep(min(left, 0.05))
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Register the service; requests are parsed by the servicer, not by gRPC."""
+
+        def handler(behaviour: Callable) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=None, response_serializer=None
+            )
+
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE_NAME,
+                    {"Detect": handler(self.Detect), "GetManifest": handler(self.GetManifest)},
+                ),
+            )
+        )
+
+
+# ------------------------------------------------------------------------------ bearer token
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuse calls without `authorization: Bearer <token>` (constant-time comparison).
+
+    Health checks are exempt (TOKEN_EXEMPT_PREFIXES): probes rarely carry credentials.
+    """
+
+    def __init__(self, token: str, metrics: ServerMetrics) -> None:
+        if not token:
+            raise ValueError("the bearer token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(TOKEN_EXEMPT_PREFIXES):
+            return continuation(handler_call_details)
+        supplied = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                supplied = value if isinstance(value, str) else ""
+        if hmac.compare_digest(supplied.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: UNIMPLEMENTED, as without a token
+        self._metrics.finished(method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED)
+        problem = "missing" if not supplied else "wrong"
+
+        def deny(request, context: grpc.ServicerContext):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{problem} bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+
+        kind = (handler.request_streaming, handler.response_streaming)
+        return _HANDLER_FACTORIES[kind](deny)

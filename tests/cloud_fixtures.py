@@ -1,0 +1,241 @@
+"""Helpers for the wire and cloud server tests: a tiny model directory, requests, server processes.
+
+Not a conftest: tests import what they use. Models are tiny (ResNet18, 64-channel FPN, 224 px
+inputs, 100 proposals) so a detect call takes tens of milliseconds on two cores.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitdet.edge.client import ImageMeta
+from splitdet.shared.codec import EncodedTensor, decode, encode, expected_level_shapes
+from splitdet.shared.config import ModelConfig
+from splitdet.shared.manifest import (
+    CLOUD_WEIGHTS,
+    COMPLETE_ONNX,
+    GATE_ONNX,
+    Manifest,
+    write_manifest,
+)
+from splitdet.shared.model import CloudHalf, EdgeHalf, MultiTaskRCNN, build_model
+from splitdet.shared.spec import padded_size
+
+TINY_CONFIG = ModelConfig(
+    depth=18,
+    fpn_channels=64,
+    min_size=224,
+    max_size=288,
+    rpn_pre_nms_top_n_test=200,
+    rpn_post_nms_top_n_test=100,
+    box_head_dim=256,
+)
+#: Image size of the test requests (h, w); resized to 224x280, padded to 224x288.
+IMAGE_HW = (240, 300)
+
+
+def tiny_model(seed: int = 0, config: ModelConfig = TINY_CONFIG) -> MultiTaskRCNN:
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+def write_model_dir(model: MultiTaskRCNN, out_dir: Path) -> Manifest:
+    """An exported model directory for `model`.
+
+    Uses `splitdet.training.export.export_model` when it exists; until then writes the cloud
+    weights for real and placeholder ONNX files (the cloud never reads them).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from splitdet.training.export import export_model
+    except ImportError:
+        export_model = None
+    if export_model is not None:
+        return export_model(model, out_dir)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("rpn.", "roi_heads."))}
+    torch.save(state, out_dir / CLOUD_WEIGHTS)
+    for name in (GATE_ONNX, COMPLETE_ONNX):
+        (out_dir / name).write_bytes(b"placeholder: the cloud tests do not run the edge\n")
+    return write_manifest(out_dir, model.config, gate_threshold=0.5, default_codec="int8")
+
+
+_TMP_ROOT: list[Path] = []
+
+
+def _tmp_root() -> Path:
+    if not _TMP_ROOT:
+        root = Path(tempfile.mkdtemp(prefix="splitdet-cloud-tests-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _TMP_ROOT.append(root)
+    return _TMP_ROOT[0]
+
+
+@functools.cache
+def shared_model_dir(seed: int = 0) -> tuple[MultiTaskRCNN, Path, Manifest]:
+    """One model directory per seed per test process (made once, removed at exit)."""
+    model = tiny_model(seed)
+    out_dir = _tmp_root() / f"model-{seed}"
+    return model, out_dir, write_model_dir(model, out_dir)
+
+
+@dataclass
+class Sample:
+    """One image's request material and the in-process reference answer."""
+
+    encoded: list[EncodedTensor]
+    image: ImageMeta
+    reference: dict[str, torch.Tensor]  # CloudHalf.detect on the codec-decoded levels
+
+
+@torch.inference_mode()
+def make_sample(
+    model: MultiTaskRCNN, seed: int = 1, codec: str = "int8", image_hw=IMAGE_HW
+) -> Sample:
+    """Run the edge half on a random image, encode its levels, and compute the reference boxes
+    with the cloud half in-process on exactly what the server will decode."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, *image_hw, generator=generator)
+    images, _ = model.transform([image])
+    _, levels = EdgeHalf(model).forward(images.tensors)
+    arrays = {name: level[0].numpy() for name, level in levels.items()}
+    encoded = encode(arrays, codec=codec)
+    resized = tuple(images.image_sizes[0])
+    meta = ImageMeta(original_hw=tuple(image_hw), resized_hw=resized, source=f"random-{seed}")
+    shapes = expected_level_shapes(model.config.split_spec, padded_size(*resized))
+    decoded = decode(encoded, shapes)
+    features = {name: torch.from_numpy(array)[None] for name, array in decoded.items()}
+    reference = CloudHalf(model).detect(features, [resized], [tuple(image_hw)])[0]
+    return Sample(encoded, meta, reference)
+
+
+# ------------------------------------------------------------------------ server processes
+
+
+@dataclass
+class CloudProcess:
+    """A `splitdet cloud` subprocess and what its ready file said."""
+
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_peak_bytes(self) -> int:
+        """Peak resident memory (VmHWM) of the server process."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def metrics(self) -> dict[str, float]:
+        return scrape_metrics(self.metrics_port)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (teardown; SIGTERM tests signal it themselves)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def start_cloud_process(
+    model_dir: Path, work_dir: Path, name: str, *extra: str, timeout: float = 90.0
+) -> CloudProcess:
+    """Start `splitdet cloud` on a free loopback port and wait until it serves."""
+    return start_cloud_processes(model_dir, work_dir, [name], *extra, timeout=timeout)[0]
+
+
+def start_cloud_processes(
+    model_dir: Path, work_dir: Path, names: list[str], *extra: str, timeout: float = 90.0
+) -> list[CloudProcess]:
+    """Start one `splitdet cloud` per name (in parallel), each on a free loopback port, with its
+    own answers database and log in `work_dir`; wait until all serve. On failure, none is left
+    running."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    launched = []
+    for name in names:
+        ready = work_dir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log_path = work_dir / f"{name}.log"
+        command = [
+            sys.executable, "-m", "splitdet.shared.cli", "cloud",
+            "--model", str(model_dir),
+            "--listen", "127.0.0.1:0",
+            "--metrics-port", "0",
+            "--metrics-host", "127.0.0.1",
+            "--threads", "1",
+            "--answers-db", str(work_dir / f"{name}.answers.sqlite"),
+            "--ready-file", str(ready),
+            *extra,
+        ]  # fmt: skip
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        launched.append((process, ready, log_path))
+    deadline = time.monotonic() + timeout
+    try:
+        for process, ready, log_path in launched:
+            while not ready.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"splitdet cloud exited {process.returncode}:\n{log_path.read_text()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"splitdet cloud not ready:\n{log_path.read_text()}")
+                time.sleep(0.05)
+    except BaseException:
+        for process, _, _ in launched:
+            process.kill()
+            process.wait()
+        raise
+    servers = []
+    for process, ready, log_path in launched:
+        info = json.loads(ready.read_text())
+        servers.append(CloudProcess(process, info["port"], info["metrics_port"], log_path))
+    return servers
+
+
+def terminate(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def as_numpy(reference: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in reference.items()}

@@ -1,0 +1,244 @@
+"""The cloud detection server in-process over loopback, with the real edge client.
+
+Covers acceptance 1 (server detections equal the in-process split detector's) and the server's
+behaviour under load, deadlines, repeated ids, tokens and reflection. Process-level behaviour
+(bad-request table with memory, SIGTERM, failover, restart) is in test_cloud_process.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir, write_model_dir
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from splitdet.cloud.core import DetectionCore, load_cloud
+from splitdet.cloud.idempotency import IdempotencyStore
+from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, NeverRetry, RetryLater
+from splitdet.shared.manifest import CLOUD_WEIGHTS, ManifestError, write_manifest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, model_dir, manifest = shared_model_dir(0)
+    cloud, loaded = load_cloud(model_dir)
+    assert loaded.fingerprint == manifest.fingerprint
+    return model, model_dir, manifest, cloud
+
+
+@pytest.fixture(scope="module")
+def sample(served):
+    return make_sample(served[0], seed=1, codec="int8")
+
+
+@contextlib.contextmanager
+def running(served, tmp_path, **settings):
+    """An in-process server on a free port sharing the module's model, and a client to it."""
+    _, model_dir, manifest, cloud = served
+    config = ServerConfig(
+        model_dir=model_dir,
+        listen="127.0.0.1:0",
+        threads=2,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        **settings,
+    )
+    store = IdempotencyStore(tmp_path / f"answers-{uuid.uuid4().hex}.sqlite", 1000)
+    server = CloudServer(config, DetectionCore(cloud, manifest, store, config.max_decoded_bytes))
+    server.start()
+    client = CloudClient(ClientConfig(f"127.0.0.1:{server.port}", token=settings.get("token")))
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop(0)
+        store.close()
+
+
+def _metric(server: CloudServer, key: str) -> float:
+    return scrape_metrics(server.metrics_port).get(key, 0.0)
+
+
+@pytest.mark.parametrize(("codec", "seed"), [("fp32", 2), ("fp16", 3), ("int8", 4)])
+def test_server_detections_equal_in_process_ones(served, tmp_path, codec, seed):
+    model, _, manifest, _ = served
+    sample = make_sample(model, seed=seed, codec=codec)
+    with running(served, tmp_path) as (_server, client):
+        result = client.detect(sample.encoded, sample.image, f"req-{codec}", manifest.fingerprint)
+        served_manifest = client.manifest()
+    reference = sample.reference
+    assert len(reference["boxes"]) > 0, "a comparison over zero detections proves nothing"
+    np.testing.assert_allclose(result.boxes, reference["boxes"].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.scores, reference["scores"].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, reference["labels"].numpy())
+    assert set(result.class_names) == {"scratch"}
+    assert not result.cached and result.fingerprint == manifest.fingerprint
+    assert result.timings["total_s"] >= result.timings["rpn_s"] + result.timings["roi_s"] > 0
+    assert served_manifest.fingerprint == manifest.fingerprint
+    assert served_manifest.data["model_config"] == manifest.model_config.to_dict()
+
+
+def test_repeated_request_id_is_answered_from_the_store(served, tmp_path, sample):
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path) as (server, client):
+        first = client.detect(sample.encoded, sample.image, "same-id", fingerprint)
+        heads_runs = _metric(server, "splitdet_cloud_heads_runs_total")
+        again = client.detect(sample.encoded, sample.image, "same-id", fingerprint)
+        assert again.cached and not first.cached
+        np.testing.assert_array_equal(again.boxes, first.boxes)
+        np.testing.assert_array_equal(again.scores, first.scores)
+        np.testing.assert_array_equal(again.labels, first.labels)
+        assert _metric(server, "splitdet_cloud_heads_runs_total") == heads_runs == 1
+        assert _metric(server, "splitdet_cloud_cache_hits_total") == 1
+        # the same id for another image is a client bug, not a cache hit
+        other = make_sample(served[0], seed=9)
+        with pytest.raises(NeverRetry) as refused:
+            client.detect(other.encoded, other.image, "same-id", fingerprint)
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "already used" in refused.value.message
+
+
+def test_beyond_max_concurrent_is_resource_exhausted(served, tmp_path, sample):
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, debug_delay_s=1.5) as (server, client):
+        results = []
+        slow = threading.Thread(
+            target=lambda: results.append(
+                client.detect(sample.encoded, sample.image, "slow", fingerprint)
+            )
+        )
+        slow.start()
+        deadline = time.monotonic() + 10
+        while _metric(server, "splitdet_cloud_in_flight") < 1:
+            assert time.monotonic() < deadline, "the slow call never started"
+            time.sleep(0.02)
+        with pytest.raises(RetryLater) as busy:
+            client.detect(sample.encoded, sample.image, "second", fingerprint)
+        assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-concurrent 1" in busy.value.message
+        assert client.health() == "SERVING"  # health and manifest still get a thread
+        assert client.manifest().fingerprint == fingerprint
+        slow.join(10)
+        assert len(results) == 1 and len(results[0].boxes) > 0
+        key = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
+        assert _metric(server, key) == 1
+
+
+def test_every_call_has_a_deadline(served, tmp_path, sample):
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, debug_delay_s=2.0) as (server, client):
+        started = time.monotonic()
+        with pytest.raises(RetryLater) as late:
+            client.detect(sample.encoded, sample.image, "late", fingerprint, timeout=0.3)
+        assert late.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.5
+        # the server notices the caller left and abandons the work instead of running the heads
+        deadline = time.monotonic() + 5
+        while _metric(server, "splitdet_cloud_in_flight") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _metric(server, "splitdet_cloud_heads_runs_total") == 0
+
+
+def test_token_on_plaintext(served, tmp_path, sample):
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, token="s3cret") as (server, client):
+        assert len(client.detect(sample.encoded, sample.image, "t1", fingerprint).boxes) > 0
+        for token in (None, "wrong", "s3cret-but-longer"):
+            config = replace(client.config, token=token)
+            with CloudClient(config) as other:
+                with pytest.raises(NeverRetry) as refused:
+                    other.manifest()
+                assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+                assert other.health() == "SERVING"  # health probes need no token
+        key = 'splitdet_cloud_failures_total{code="UNAUTHENTICATED",method="GetManifest"}'
+        assert _metric(server, key) == 3
+
+
+def _reflected_services(port: int) -> list[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_reflection_is_off_by_default_and_on_by_flag(served, tmp_path):
+    with running(served, tmp_path) as (server, _), pytest.raises(grpc.RpcError) as off:
+        _reflected_services(server.port)
+    assert off.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    with running(served, tmp_path, reflection=True) as (server, _):
+        assert "splitdet.v1.Detection" in _reflected_services(server.port)
+
+
+def test_load_cloud_refuses_weights_that_do_not_fit(tmp_path):
+    model, model_dir, _ = shared_model_dir(0)
+    target = tmp_path / "model"
+    write_model_dir(model, target)
+    heads = torch.load(model_dir / CLOUD_WEIGHTS, weights_only=True)
+    variants = {
+        "foreign key": {**heads, "backbone.body.conv1.weight": torch.zeros(1)},
+        "missing key": {k: v for k, v in heads.items() if not k.startswith("rpn.head.cls")},
+        "wrong shape": {**heads, "rpn.head.cls_logits.bias": torch.zeros(7)},
+        "not a dict": [1, 2, 3],
+    }
+    for problem, state in variants.items():
+        torch.save(state, target / CLOUD_WEIGHTS)
+        write_manifest(target, model.config, 0.5, "int8")  # a consistent, hashed directory
+        with pytest.raises(ManifestError):
+            load_cloud(target)
+            pytest.fail(f"{problem}: loaded")
+    (target / CLOUD_WEIGHTS).write_bytes(b"edited after export")
+    with pytest.raises(ManifestError, match="differ from the manifest"):
+        load_cloud(target)
+
+
+def test_a_bug_is_internal_and_the_server_keeps_serving(served, tmp_path, sample):
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path) as (server, client):
+        real_detect = server.core.detect
+
+        def broken(call, is_cancelled=None):
+            raise RuntimeError("heads exploded")
+
+        server.core.detect = broken
+        with pytest.raises(NeverRetry) as failed:
+            client.detect(sample.encoded, sample.image, "bug", fingerprint)
+        assert failed.value.code is grpc.StatusCode.INTERNAL
+        assert "heads exploded" in failed.value.message
+        server.core.detect = real_detect
+        assert client.health() == "SERVING"
+        assert len(client.detect(sample.encoded, sample.image, "ok", fingerprint).boxes) > 0
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp16"])
+def test_server_equals_predict_in_process_on_the_onnx_edge(served, tmp_path, codec):
+    """Acceptance 1 end to end: `splitdet predict`'s engine (ONNX edge + in-process cloud half)
+    and the server give the same detections for the same image and codec."""
+    pytest.importorskip("onnxruntime")
+    from splitdet.cloud.local import LocalDetector
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.runtime import EdgeRuntime
+
+    model_dir, manifest = served[1], served[2]
+    pipeline = EdgePipeline(EdgeRuntime(model_dir, threads=1), codec=codec, gate=False)
+    image = np.random.default_rng(7).random((3, 300, 380), dtype=np.float32)
+    edge = pipeline.process_array(image)
+    local, _ = LocalDetector(model_dir).detect("local", edge, "random")
+    meta = ImageMeta(edge.meta.original_hw, edge.meta.resized_hw, "random")
+    with running(served, tmp_path) as (_, client):
+        remote = client.detect(edge.encoded, meta, f"onnx-{codec}", manifest.fingerprint)
+    assert len(local) == len(remote.boxes) > 0
+    np.testing.assert_array_equal(remote.boxes, np.array([d.box for d in local], np.float32))
+    np.testing.assert_array_equal(remote.scores, np.array([d.score for d in local], np.float32))
+    np.testing.assert_array_equal(remote.labels, [d.label for d in local])
