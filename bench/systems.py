@@ -26,7 +26,6 @@ from PIL import Image
 
 from splitdet.bench.jpeg_server import JpegClient
 from splitdet.edge.client import CloudClient
-from splitdet.edge.client import ImageMeta as WireImageMeta
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.shared.model import MultiTaskRCNN
 
@@ -114,10 +113,9 @@ class Splitdet:
         edge_s = time.perf_counter() - start
         if not result.flagged:
             return Outcome(edge_s, edge_s, 0.0, 0, False, result.p_defect)
-        meta = WireImageMeta(result.meta.original_hw, result.meta.resized_hw, "bench")
         # a fresh id per call: the server's idempotency store must not answer from memory
         answer = self.client.detect(
-            result.encoded, meta, uuid.uuid4().hex, self.pipeline.manifest.fingerprint
+            result.encoded, result.meta, uuid.uuid4().hex, self.pipeline.manifest.fingerprint
         )
         total = time.perf_counter() - start
         return Outcome(

@@ -31,6 +31,7 @@ from splitdet.shared.codec import (
     decode,
     expected_level_shapes,
 )
+from splitdet.shared.detection import Detection, ImageMeta
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, ManifestError, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.shared.spec import LEVEL_NAMES, padded_size
@@ -63,21 +64,6 @@ class Cancelled(RequestError):
 
 
 @dataclass(frozen=True)
-class ImageMeta:
-    """Sizes of the image the features came from.
-
-    Attributes:
-        original_hw: (h, w) of the image as read, px.
-        resized_hw: (h, w) after the model's resize, before padding, px.
-        source: where the image came from, for logs only.
-    """
-
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    source: str = ""
-
-
-@dataclass(frozen=True)
 class DetectCall:
     """One detect request, decoded from the wire but not yet validated.
 
@@ -92,16 +78,6 @@ class DetectCall:
     fingerprint: str
     image: ImageMeta
     tensors: Sequence[EncodedTensor]
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One box: (x1, y1, x2, y2) in original-image px, its score, 1-based label and class name."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    label: int
-    class_name: str
 
 
 @dataclass(frozen=True)

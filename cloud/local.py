@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from splitdet.cloud.core import DetectCall, Detection, DetectionCore, ImageMeta, load_cloud
+from splitdet.cloud.core import DetectCall, DetectionCore, load_cloud
 from splitdet.edge.pipeline import EdgeResult
+from splitdet.shared.detection import Detection
 
 
 class LocalDetector:
@@ -28,7 +29,7 @@ class LocalDetector:
         call = DetectCall(
             request_id=request_id,
             fingerprint=self.core.fingerprint,
-            image=ImageMeta(result.meta.original_hw, result.meta.resized_hw, source),
+            image=replace(result.meta, source=source),
             tensors=result.encoded,
         )
         answer = self.core.detect(call)

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from splitdet.edge.cloud_args import add_cloud_arguments, client_config
+
 EPILOG = """\
 examples:
   splitdet predict data/gaskets/JPEGImages --model models/gasket --save annotated/
@@ -72,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ONNX Runtime device (default: auto: CUDA when available)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cloud_arguments(p, required=False)
     p.set_defaults(handler=run)
 
 
@@ -87,6 +90,22 @@ def _local_detector(model_dir: str, threads: int | None):
                 "install splitdet[full] or pass --cloud ADDRESS"
             ) from None
         return LocalDetector(Path(model_dir), threads)
+
+    return make
+
+
+def _remote_detector(config, fingerprint: str):
+    def make():
+        from splitdet.edge.client import CloudClient, CloudError
+        from splitdet.edge.predict import RemoteDetector
+        from splitdet.shared.cli import CommandError
+
+        detector = RemoteDetector(CloudClient(config), fingerprint)
+        try:
+            detector.check_model()
+        except (CloudError, ValueError) as exc:
+            raise CommandError(f"cloud {config.addresses}: {exc}") from None
+        return detector
 
     return make
 
@@ -123,7 +142,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
-    detector = _cached(_local_detector(args.model, args.threads))
+    remote = client_config(args)
+    if remote is None:
+        detector = _cached(_local_detector(args.model, args.threads))
+    else:
+        detector = _cached(_remote_detector(remote, pipeline.manifest.fingerprint))
     bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
     predictions = predict_paths(
         paths,

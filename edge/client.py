@@ -30,6 +30,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.shared.codec import EncodedTensor
+from splitdet.shared.detection import ImageMeta
 from splitdet.shared.wire import detection_pb2 as pb
 from splitdet.shared.wire import detection_pb2_grpc as pb_grpc
 
@@ -189,21 +190,6 @@ def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
         private_key=read(config.client_key),
         certificate_chain=read(config.client_cert),
     )
-
-
-@dataclass(frozen=True)
-class ImageMeta:
-    """Sizes of the image the features came from.
-
-    Attributes:
-        original_hw: (h, w) of the image as read, px.
-        resized_hw: (h, w) after the model's resize, before padding, px.
-        source: where the image came from, for the server's logs.
-    """
-
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    source: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,7 @@ import numpy as np
 from splitdet.edge.preprocess import load_image, prepare
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.codec import CODECS, EncodedTensor, encode, encoded_size
-
-
-@dataclass(frozen=True)
-class ImageMeta:
-    """What the cloud needs besides the features: sizes in px, (h, w)."""
-
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
+from splitdet.shared.detection import ImageMeta
 
 
 @dataclass

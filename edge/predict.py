@@ -11,24 +11,16 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from splitdet.edge.annotate import save_annotated
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError, load_image
+from splitdet.shared.detection import Detection
 
 log = logging.getLogger(__name__)
-
-
-class DetectionLike(Protocol):
-    """One detected box as either detector returns it."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    label: int
-    class_name: str
 
 
 class Detector(Protocol):
@@ -36,7 +28,7 @@ class Detector(Protocol):
 
     def detect(
         self, request_id: str, result: EdgeResult, source: str
-    ) -> tuple[Sequence[DetectionLike], dict[str, float]]:
+    ) -> tuple[Sequence[Detection], dict[str, float]]:
         """(detections by decreasing score, server stage timings in seconds)."""
         ...
 
@@ -69,6 +61,38 @@ class Prediction:
     def to_dict(self) -> dict:
         """JSON-able dict."""
         return asdict(self)
+
+
+class RemoteDetector:
+    """Sends flagged images' features to a cloud server through the gRPC client."""
+
+    def __init__(self, client, fingerprint: str) -> None:
+        """`client`: a `splitdet.edge.client.CloudClient`; `fingerprint`: the edge's model's."""
+        self.client = client
+        self.fingerprint = fingerprint
+
+    def check_model(self) -> None:
+        """Refuse early when the server serves another model (ValueError naming both)."""
+        served = self.client.manifest().fingerprint
+        if served != self.fingerprint:
+            raise ValueError(
+                f"the cloud serves model {served[:16]}, this edge runs {self.fingerprint[:16]}; "
+                "deploy the same export on both sides"
+            )
+
+    def detect(
+        self, request_id: str, result: EdgeResult, source: str
+    ) -> tuple[Sequence[Detection], dict[str, float]]:
+        """(detections, server stage timings) for one flagged image."""
+        meta = replace(result.meta, source=Path(source).name)
+        answer = self.client.detect(result.encoded, meta, request_id, self.fingerprint)
+        detections = [
+            Detection(tuple(map(float, box)), float(score), int(label), name)
+            for box, score, label, name in zip(
+                answer.boxes, answer.scores, answer.labels, answer.class_names, strict=True
+            )
+        ]
+        return detections, answer.timings
 
 
 def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:
@@ -106,8 +130,13 @@ def predict_one(
     )
     if result.flagged:
         request_id = request_id_for(data, pipeline.manifest.fingerprint, pipeline.codec)
+        cloud = detector()  # a misconfigured cloud stops the run: CommandError propagates
         sent = time.perf_counter()
-        detections, server = detector().detect(request_id, result, str(path))
+        try:
+            detections, server = cloud.detect(request_id, result, str(path))
+        except Exception as exc:  # one image's failed call must not lose the others' results
+            prediction.error = f"{path}: detection failed: {exc}"
+            return prediction
         prediction.timings["round_trip"] = time.perf_counter() - sent
         prediction.timings.update({f"cloud_{k.removesuffix('_s')}": v for k, v in server.items()})
         kept = [d for d in detections if d.score >= score_threshold]

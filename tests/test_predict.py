@@ -11,7 +11,9 @@ from PIL import Image
 
 from splitdet.edge.preprocess import load_image
 from splitdet.shared.cli import main
+from splitdet.training.export import export_model
 
+from conftest import make_tiny_model
 from support import bomb_png, run_without_torch
 
 
@@ -119,3 +121,94 @@ def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
     assert flagged.returncode == 0, flagged.stderr
     assert "needs the full install with torch" in flagged.stderr
     assert "Traceback" not in flagged.stderr
+
+
+def test_predict_through_the_server_equals_in_process(tiny_model_dir, image_dir, tmp_path):
+    """`--cloud ADDRESS` with torch blocked gives the in-process detections, box for box."""
+    from cloud_fixtures import start_cloud_process
+
+    local = tmp_path / "local.json"
+    args = [
+        str(image_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--threshold",
+        "0",
+        "--score-threshold",
+        "0",
+        "--no-progress",
+    ]
+    assert main(["predict", *args, "--json", str(local)]) == 0
+    server = start_cloud_process(tiny_model_dir, tmp_path / "cloud", "predict")
+    try:
+        remote = run_without_torch(
+            f"""
+            import sys
+            from splitdet.shared.cli import main
+            status = main(["predict", *{args!r}, "--json", "-", "--cloud", {server.address!r}])
+            assert status == 0, status
+            assert "torch" not in sys.modules
+            """
+        )
+    finally:
+        server.stop()
+    assert remote.returncode == 0, remote.stderr
+    ours, theirs = json.loads(local.read_text()), json.loads(remote.stdout)
+    assert [r["path"] for r in ours] == [r["path"] for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["verdict"] == b["verdict"] == "defect" and len(a["boxes"]) > 0
+        assert a["boxes"] == b["boxes"] and a["scores"] == b["scores"]
+        assert a["labels"] == b["labels"] and a["bytes_sent"] == b["bytes_sent"]
+        assert "cloud_rpn" in b["timings"] and "round_trip" in b["timings"]
+
+
+def test_predict_refuses_a_server_with_another_model(tiny_model_dir, image_dir, tmp_path, capsys):
+    from cloud_fixtures import start_cloud_process
+
+    other = tmp_path / "other"
+    export_model(make_tiny_model(seed=7), other)
+    server = start_cloud_process(other, tmp_path / "cloud", "other")
+    try:
+        code = main(
+            [
+                "predict",
+                str(image_dir),
+                "--model",
+                str(tiny_model_dir),
+                "--threshold",
+                "0",
+                "--cloud",
+                server.address,
+                "--no-progress",
+            ]
+        )
+    finally:
+        server.stop()
+    assert code == 2
+    assert "deploy the same export on both sides" in capsys.readouterr().err
+
+
+def test_predict_with_a_dead_cloud_fails_clearly(tiny_model_dir, image_dir, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = main(
+        [
+            "predict",
+            str(image_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--threshold",
+            "0",
+            "--cloud",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "3",
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "Traceback" not in err

@@ -20,6 +20,8 @@ EDGE_MODULES = [
     "splitdet.edge.annotate",
     "splitdet.edge.cli_predict",
     "splitdet.edge.client",
+    "splitdet.edge.cloud_args",
+    "splitdet.shared.detection",
     "splitdet.cloud.cli_cloud",
     "splitdet.shared.wire.detection_pb2_grpc",
 ]

@@ -1,0 +1,90 @@
+"""Command-line options for reaching the cloud, shared by `splitdet predict` and `splitdet edge`.
+
+Only argparse, os and pathlib at import time (the CLI loads this before anything heavy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+#: Environment variable read for the bearer token when --token-file is not given.
+TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+
+
+def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--cloud and the connection options (deadline, TLS, mutual TLS, token)."""
+    parser.add_argument(
+        "--cloud",
+        required=required,
+        default=None,
+        metavar="ADDRESS[,ADDRESS...]",
+        help="cloud detection server(s): host:port, several ip:port balanced round-robin, "
+        "or a dns:/// name resolving to every replica",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="deadline of one Detect call (default: %(default)s)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
+    parser.add_argument(
+        "--root-certs",
+        type=Path,
+        metavar="PEM",
+        help="CA bundle to verify the cloud with (implies TLS)",
+    )
+    parser.add_argument(
+        "--client-cert", type=Path, metavar="PEM", help="client certificate chain for mutual TLS"
+    )
+    parser.add_argument("--client-key", type=Path, metavar="PEM", help="client private key")
+    parser.add_argument(
+        "--server-name", metavar="NAME", help="TLS name to expect instead of the address's host"
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"bearer token (the file's first line); default: the {TOKEN_ENV} environment "
+        "variable if set",
+    )
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The bearer token from `token_file` (first line) or the environment; CommandError if bad."""
+    from splitdet.shared.cli import CommandError
+
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        lines = Path(token_file).read_text().splitlines()
+    except OSError as exc:
+        raise CommandError(f"cannot read --token-file: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise CommandError(f"--token-file {token_file} is empty")
+    return lines[0].strip()
+
+
+def client_config(args: argparse.Namespace):
+    """The ClientConfig the options describe (None when --cloud was not given)."""
+    from splitdet.edge.client import ClientConfig
+    from splitdet.shared.cli import CommandError
+
+    if not args.cloud:
+        return None
+    try:
+        return ClientConfig(
+            args.cloud,
+            timeout_s=args.timeout,
+            tls=args.tls,
+            root_certs=args.root_certs,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+            token=read_token(args.token_file),
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
