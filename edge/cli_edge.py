@@ -1,0 +1,485 @@
+"""`splitdet edge`: the camera-side daemon (`edge run`) and its results (`edge results`).
+
+    splitdet edge run --model models/gasket --watch /data/camera --cloud 10.0.0.5:50051 \\
+        --db /data/edge.sqlite --after archive --metrics-port 9465
+    splitdet edge results --db /data/edge.sqlite --since 1h --json
+
+Top-level imports are stdlib only (see splitdet.shared.cli); the daemon loads in the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+#: Environment variable read for the bearer token when --token-file is not given.
+TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+
+EDGE_EPILOG = """\
+actions:
+  splitdet edge run      watch a hot folder, classify, deliver defects to the cloud (the daemon)
+  splitdet edge results  print the results database for other tools (--json, --csv)
+"""
+
+RUN_EPILOG = """\
+examples:
+  splitdet edge run --model models/gasket --watch /data/camera --cloud 10.0.0.5:50051 \\
+      --db /data/edge.sqlite --after archive --metrics-port 9465
+  splitdet edge run --model models/gasket --watch batch/ --cloud 127.0.0.1:50051 \\
+      --db batch.sqlite --once                      # process what is there, deliver, exit
+
+How it works: a file is read once its size and mtime have been unchanged for --settle seconds
+(hidden files and *.tmp/*.part names are ignored), in arrival order. Defect-free images get a
+final "ok" row. Flagged images get a "pending" row and their encoded features in the outbox, in
+one SQLite commit; a background sender delivers them with capped exponential backoff and
+jitter while classification goes on, and the cloud's answer ("defect" + boxes) replaces the
+outbox row in one commit. Requests are idempotent (the id is a hash of the image bytes), so
+re-sending after a lost answer never makes a second result. Unreadable files (empty, corrupt,
+truncated, not an image) go to the quarantine folder with NAME.reason.txt beside them and an
+"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) become
+"error" rows (dead letter, with the reason) and are never retried.
+
+Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
+  --when-full wait    (default) stop taking images from the hot folder until the outbox has
+                      room; images wait there, nothing is dropped; counted in
+                      splitdet_edge_outbox_full_waits_total.
+  --when-full reject  the flagged image gets verdict "error" (outbox_full) and its features are
+                      dropped; counted in splitdet_edge_outbox_full_rejected_total and in the
+                      database's counters table.
+
+SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbox, and files
+recorded but not yet moved (kill -9) are moved, not processed again. Logs are JSON lines on
+stderr. Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
+(the next run sends them); 2 usage or model errors.
+"""
+
+RESULTS_EPILOG = """\
+examples:
+  splitdet edge results --db /data/edge.sqlite                 # a table
+  splitdet edge results --db /data/edge.sqlite --since 1h --json
+  splitdet edge results --db /data/edge.sqlite --since 2024-05-01T08:00 --csv > day.csv
+
+Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s),
+verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxes
+[[x1, y1, x2, y2], ...] in original px, scores, labels, class_names, timings (s per stage),
+bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason.
+--since keeps rows created or changed since then (a consumer polling with --since sees pending
+rows again once they are final). Safe to run while the daemon writes.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `edge` with its actions `run` and `results`."""
+    edge = subparsers.add_parser(
+        "edge",
+        help="the camera-side daemon: hot folder in, durable results out",
+        description="The camera-side edge: a daemon and its results database.",
+        epilog=EDGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = edge.add_subparsers(dest="edge_action", metavar="ACTION")
+    _register_run(actions)
+    _register_results(actions)
+    edge.set_defaults(handler=lambda _args: _no_action(edge))
+
+
+def _no_action(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _register_run(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "run",
+        help="watch a hot folder, classify, deliver defects to the cloud",
+        description="Run the edge daemon on a hot folder.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="MODEL_DIR",
+        help="exported model directory (from splitdet export)",
+    )
+    p.add_argument(
+        "--watch",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the hot folder the camera writes into",
+    )
+    p.add_argument(
+        "--cloud",
+        required=True,
+        metavar="ADDRESS[,ADDRESS...]",
+        help="cloud server(s): host:port, ip:port,ip:port (round-robin), or a gRPC "
+        "target such as dns:///name:port",
+    )
+    p.add_argument(
+        "--db",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="SQLite results + outbox database (created if missing)",
+    )
+    p.add_argument(
+        "--after",
+        choices=["keep", "archive", "delete"],
+        default="keep",
+        help="what happens to an image file once its result is stored (default: %(default)s)",
+    )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="archive folder for --after archive (default: WATCH/archive); files "
+        "are renamed ID_NAME",
+    )
+    p.add_argument(
+        "--quarantine",
+        type=Path,
+        metavar="DIR",
+        help="folder for unreadable files, each with NAME.reason.txt (default: WATCH/quarantine)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="batch mode: process what is in the folder, deliver, exit",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --once, how long to keep delivering the outbox (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="gate threshold on p(defect) (default: the manifest's)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="feature codec (default: the manifest's)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime threads (default: all cores)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="ONNX Runtime device (default: %(default)s)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a file must be unchanged this long before it is read (default: %(default)s)",
+    )
+    p.add_argument(
+        "--unreadable-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="an unchanged file that does not decode waits this much longer before "
+        "quarantine (default: %(default)s)",
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="seconds between scans of an idle folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outbox-max-items",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="outbox cap in requests (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outbox-max-mb",
+        type=float,
+        default=2048.0,
+        metavar="MB",
+        help="outbox cap in payload megabytes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--when-full",
+        choices=["wait", "reject"],
+        default="wait",
+        help="policy when the outbox is full, see below (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retry-initial",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="first backoff after a failed send (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retry-max",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="backoff cap (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="deadline of one Detect call (default: %(default)s)",
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
+    p.add_argument(
+        "--root-certs",
+        type=Path,
+        metavar="PEM",
+        help="CA bundle to verify the cloud with (implies TLS)",
+    )
+    p.add_argument(
+        "--client-cert", type=Path, metavar="PEM", help="client certificate chain for mutual TLS"
+    )
+    p.add_argument("--client-key", type=Path, metavar="PEM", help="client private key")
+    p.add_argument(
+        "--server-name", metavar="NAME", help="TLS name to expect instead of the address's host"
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"bearer token (the file's first line); default: the {TOKEN_ENV} "
+        "environment variable if set",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free "
+        "port; default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address of the metrics endpoint (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save-annotated",
+        type=Path,
+        metavar="DIR",
+        help="write defect images with their boxes drawn here (needs --after keep or archive)",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="FILE",
+        help="once running, write {pid, metrics_port, fingerprint} JSON here",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default="json",
+        help="log lines on stderr (default: %(default)s)",
+    )
+    p.set_defaults(handler=run)  # fmt: skip
+
+
+def _register_results(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "results",
+        help="print the results database (--json, --csv)",
+        description="Read the edge daemon's results database.",
+        epilog=RESULTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="rows created or changed since: 30s, 15m, 2h, 7d ago, an ISO time "
+        "(2024-05-01T08:00, local unless it has an offset) or unix seconds",
+    )
+    p.add_argument(
+        "--verdict",
+        choices=["ok", "defect", "pending", "error"],
+        help="only rows with this verdict",
+    )
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="a JSON array of row objects")
+    fmt.add_argument(
+        "--csv", action="store_true", help="CSV with a header; list columns as JSON text"
+    )
+    p.set_defaults(handler=results)  # fmt: skip
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    from splitdet.shared.cli import CommandError
+
+    if args.token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        lines = args.token_file.read_text().splitlines()
+    except OSError as exc:
+        raise CommandError(f"cannot read --token-file: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise CommandError(f"--token-file {args.token_file} is empty")
+    return lines[0].strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    """The daemon; see RUN_EPILOG."""
+    from splitdet.edge.client import ClientConfig
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon, use_json_logs
+    from splitdet.edge.store import OutboxCap, StoreError
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+
+    if args.log_format == "json":
+        use_json_logs()
+    if not args.watch.is_dir():
+        raise CommandError(f"--watch {args.watch}: no such folder")
+    try:
+        client = ClientConfig(
+            args.cloud,
+            timeout_s=args.timeout,
+            tls=args.tls,
+            root_certs=args.root_certs,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+            token=_token(args),
+        )
+        config = DaemonConfig(
+            model_dir=args.model,
+            watch=args.watch,
+            cloud=args.cloud,
+            db=args.db,
+            after=args.after,
+            archive_dir=args.archive,
+            quarantine_dir=args.quarantine,
+            once=args.once,
+            drain_timeout_s=args.drain_timeout,
+            threshold=args.threshold,
+            codec=args.codec,
+            threads=args.threads,
+            device=args.device,
+            settle_s=args.settle,
+            unreadable_grace_s=args.unreadable_grace,
+            poll_s=args.poll,
+            outbox=OutboxCap(
+                max_items=args.outbox_max_items,
+                max_bytes=int(args.outbox_max_mb * 1e6),
+                policy=args.when_full,
+            ),
+            retry_initial_s=args.retry_initial,
+            retry_max_s=args.retry_max,
+            client=client,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            save_annotated=args.save_annotated,
+            ready_file=args.ready_file,
+        )
+        daemon = EdgeDaemon(config)
+    except (ValueError, ManifestError, StoreError, RuntimeError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    return daemon.run()
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'30s', '15m', '2h', '7d' (ago), an ISO time, or unix seconds -> unix seconds."""
+    from splitdet.shared.cli import CommandError
+
+    now = time.time() if now is None else now
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) > 1 and text[-1] in units:
+        try:
+            return now - float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise CommandError(
+            f"--since {text!r}: expected 30s/15m/2h/7d, an ISO time or unix seconds"
+        ) from None
+
+
+def results(args: argparse.Namespace) -> int:
+    """Print result rows; see RESULTS_EPILOG."""
+    from splitdet.edge.store import RESULT_COLUMNS, StoreError, iter_results, open_readonly
+    from splitdet.shared.cli import CommandError
+
+    since = parse_since(args.since) if args.since else None
+    try:
+        db = open_readonly(args.db)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        rows = iter_results(db, since=since, verdict=args.verdict)
+        out = sys.stdout
+        if args.json:
+            out.write("[")
+            for i, row in enumerate(rows):
+                out.write(("," if i else "") + "\n" + json.dumps(row))
+            out.write("\n]\n")
+        elif args.csv:
+            writer = csv.writer(out)
+            writer.writerow(RESULT_COLUMNS)
+            for row in rows:
+                writer.writerow(
+                    json.dumps(v) if isinstance(v, list | dict) else "" if v is None else v
+                    for v in row.values()
+                )
+        else:
+            _table(rows, out)
+        out.flush()
+    except BrokenPipeError:  # e.g. `| head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        db.close()
+    return 0
+
+
+def _table(rows, out) -> None:
+    out.write(f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  path\n")
+    for row in rows:
+        finished = (
+            datetime.fromtimestamp(row["finished"]).strftime("%Y-%m-%d %H:%M:%S")
+            if row["finished"]
+            else "-"
+        )
+        p = f"{row['p_defect']:.3f}" if row["p_defect"] is not None else "-"
+        boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
+        note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
+        out.write(
+            f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
+            f"{row['path']}{note}\n"
+        )

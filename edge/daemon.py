@@ -1,0 +1,565 @@
+"""The camera-side edge daemon: hot folder in, durable results out, nothing lost (no torch).
+
+    config = DaemonConfig(model_dir=Path("model"), watch=Path("incoming"),
+                          cloud="10.0.0.5:50051", db=Path("edge.sqlite"))
+    sys.exit(EdgeDaemon(config).run())     # until SIGTERM; `once=True` for batch mode
+
+The loop, per file, in arrival order:
+
+    candidate = folder.next_candidate()             # size + mtime stable for settle_s
+    ready = folder.read(candidate)                  # bytes + decoded image, or a final error
+    result = pipeline.process_array(ready.image)    # gate; for flagged images FPN + encode
+    store.record_ok(...) | store.record_pending(..., payload)   # one commit each
+    finish(...)                                     # keep | archive | delete | quarantine
+
+and beside it the Sender thread delivers the outbox. Nothing is acknowledged before it is durable:
+the file is moved or deleted only after its row is committed, and a file whose row exists when it
+is found again (a crash between commit and move, or --after keep) is only moved, never processed
+twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests stay in the outbox
+for the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, build_request
+from splitdet.edge.pipeline import EdgePipeline
+from splitdet.edge.predict import request_id_for
+from splitdet.edge.runtime import EdgeRuntime
+from splitdet.edge.sender import Backoff, Sender, annotate_hook
+from splitdet.edge.store import (
+    VERDICTS,
+    Arrival,
+    KnownFile,
+    OutboxCap,
+    OutboxFull,
+    ResultStore,
+)
+from splitdet.edge.watcher import Candidate, HotFolder, Ready
+
+log = logging.getLogger("splitdet.edge")
+
+AFTER_POLICIES = ("keep", "archive", "delete")
+#: Latency histogram buckets, seconds.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Every setting of the edge daemon.
+
+    Attributes:
+        model_dir: exported model directory (`splitdet export`).
+        watch: the hot folder.
+        cloud: cloud address(es), as ClientConfig.addresses.
+        db: the SQLite results + outbox file.
+        after: what happens to a processed image file: keep, archive or delete.
+        archive_dir: where --after archive moves files (default WATCH/archive).
+        quarantine_dir: where unreadable files go, with a NAME.reason.txt beside each
+            (default WATCH/quarantine).
+        once: process what is in the folder, try to deliver the outbox, exit.
+        drain_timeout_s: with `once`, how long to keep delivering before giving up.
+        threshold: gate threshold (default: the manifest's).
+        codec: feature codec (default: the manifest's).
+        threads, device: ONNX Runtime settings.
+        settle_s: a file must be unchanged this long before it is read.
+        unreadable_grace_s: an unchanged file that does not decode waits this much longer
+            before it is quarantined.
+        poll_s: seconds between scans of an idle hot folder.
+        outbox: the outbox caps and full policy.
+        retry_initial_s, retry_max_s: sender backoff.
+        client: how to reach the cloud (timeout, TLS, token), addresses included.
+        metrics_port: Prometheus endpoint port (0: any free port; None: off).
+        metrics_host: its address.
+        save_annotated: write annotated defect images here.
+        ready_file: once running, write {"pid", "metrics_port", "fingerprint"} JSON here.
+    """
+
+    model_dir: Path
+    watch: Path
+    cloud: str
+    db: Path
+    after: str = "keep"
+    archive_dir: Path | None = None
+    quarantine_dir: Path | None = None
+    once: bool = False
+    drain_timeout_s: float = 60.0
+    threshold: float | None = None
+    codec: str | None = None
+    threads: int | None = None
+    device: str = "auto"
+    settle_s: float = 1.0
+    unreadable_grace_s: float = 10.0
+    poll_s: float = 0.25
+    outbox: OutboxCap = field(default_factory=OutboxCap)
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    client: ClientConfig | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    save_annotated: Path | None = None
+    ready_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.after not in AFTER_POLICIES:
+            raise ValueError(f"--after must be one of {AFTER_POLICIES}, got {self.after!r}")
+        if self.save_annotated is not None and self.after == "delete":
+            raise ValueError(
+                "--save-annotated needs the image after the cloud answers: use --after keep "
+                "or archive"
+            )
+        if min(self.settle_s, self.unreadable_grace_s, self.drain_timeout_s) < 0:
+            raise ValueError("settle, grace and drain times must be non-negative")
+        if self.poll_s <= 0:
+            raise ValueError("--poll must be positive")
+        Backoff(self.retry_initial_s, self.retry_max_s)  # validates
+
+    @property
+    def archive(self) -> Path:
+        return self.archive_dir or self.watch / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.quarantine_dir or self.watch / "quarantine"
+
+    @property
+    def client_config(self) -> ClientConfig:
+        return self.client or ClientConfig(self.cloud)
+
+
+# ---------------------------------------------------------------------------------- logging
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and the record's `fields` extra."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def use_json_logs() -> None:
+    """Switch every root handler (or a new stderr one) to JSON lines."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(JsonLogFormatter())
+
+
+def _event(level: int, msg: str, **fields) -> None:
+    log.log(level, msg, extra={"fields": {"event": msg, **fields}})
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+class _StoreCollector:
+    """Gauges read from the store at scrape time (durable truth, not process counters)."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+
+    def collect(self):
+        stats = self.store.outbox_stats()
+        depth = GaugeMetricFamily("splitdet_edge_outbox_depth", "Requests waiting in the outbox.")
+        depth.add_metric([], stats.depth)
+        size = GaugeMetricFamily("splitdet_edge_outbox_bytes", "Payload bytes in the outbox.")
+        size.add_metric([], stats.bytes)
+        age = GaugeMetricFamily(
+            "splitdet_edge_oldest_pending_age_seconds",
+            "Age of the oldest request in the outbox (0 when empty).",
+        )
+        age.add_metric(
+            [], 0.0 if stats.oldest_created is None else time.time() - stats.oldest_created
+        )
+        results = GaugeMetricFamily(
+            "splitdet_edge_results", "Result rows in the store, by verdict.", labels=["verdict"]
+        )
+        for verdict, n in self.store.verdict_counts().items():
+            results.add_metric([verdict], n)
+        return [depth, size, age, results]
+
+
+class EdgeMetrics:
+    """The daemon's Prometheus metrics, in their own registry."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.images = Counter(
+            "splitdet_edge_images",
+            "Images handled by this process, by verdict: ok, pending (flagged, queued for the "
+            "cloud), defect (the cloud answered), error (quarantined, dead letter, outbox full).",
+            ["verdict"],
+            registry=r,
+        )
+        for verdict in VERDICTS:
+            self.images.labels(verdict)
+        self.errors = Counter(
+            "splitdet_edge_errors", "Error results by kind.", ["kind"], registry=r
+        )
+        self.bytes_sent = Counter(
+            "splitdet_edge_bytes_sent", "Request bytes sent to the cloud (all attempts).",
+            registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "splitdet_edge_stage_seconds",
+            "Seconds per stage: read, preprocess, gate, complete, encode, store, send, image.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "splitdet_edge_delivery_seconds",
+            "Seconds from outbox insert to the committed answer.",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.send_failures = Counter(
+            "splitdet_edge_send_failures", "Failed Detect calls by status code.", ["code"],
+            registry=r,
+        )  # fmt: skip
+        self.dead_letters = Counter(
+            "splitdet_edge_dead_letters", "Requests refused permanently, by code.", ["code"],
+            registry=r,
+        )  # fmt: skip
+        self.outbox_full_waits = Counter(
+            "splitdet_edge_outbox_full_waits",
+            "Flagged images that had to wait for room in the outbox (policy wait).",
+            registry=r,
+        )
+        self.outbox_full_rejected = Counter(
+            "splitdet_edge_outbox_full_rejected",
+            "Flagged images recorded as error because the outbox was full (policy reject).",
+            registry=r,
+        )
+        r.register(_StoreCollector(store))
+
+    def answered(self, round_trip_s: float, delivery_s: float) -> None:
+        self.images.labels("defect").inc()
+        self.stage_seconds.labels("send").observe(round_trip_s)
+        self.delivery_seconds.observe(delivery_s)
+
+    def send_failed(self, code: str) -> None:
+        self.send_failures.labels(code).inc()
+
+    def dead_letter(self, code: str) -> None:
+        self.dead_letters.labels(code).inc()
+        self.images.labels("error").inc()
+        self.errors.labels("dead_letter").inc()
+
+
+# ---------------------------------------------------------------------------------- the daemon
+
+
+class EdgeDaemon:
+    """The hot-folder loop with its sender thread; see the module docstring."""
+
+    def __init__(self, config: DaemonConfig, pipeline: EdgePipeline | None = None) -> None:
+        config = replace(  # absolute paths in the database and the logs
+            config,
+            watch=config.watch.resolve(),
+            archive_dir=config.archive.resolve(),
+            quarantine_dir=config.quarantine.resolve(),
+        )
+        self.config = config
+        self.pipeline = pipeline or EdgePipeline(
+            EdgeRuntime(config.model_dir, threads=config.threads, device=config.device),
+            codec=config.codec,
+            threshold=config.threshold,
+        )
+        self.fingerprint = self.pipeline.manifest.fingerprint
+        self.store = ResultStore(config.db, config.outbox)
+        self.folder = HotFolder(config.watch, config.settle_s, config.unreadable_grace_s)
+        self.metrics = EdgeMetrics(self.store)
+        client_config = config.client_config
+        self.sender = Sender(
+            self.store,
+            lambda: CloudClient(client_config),
+            Backoff(config.retry_initial_s, config.retry_max_s),
+            timeout_s=client_config.timeout_s,
+            metrics=self.metrics,
+            on_answer=annotate_hook(config.save_annotated) if config.save_annotated else None,
+        )
+        self._stop = threading.Event()
+        self._metrics_httpd = None
+        self.metrics_port: int | None = None
+        self.processed = 0
+
+    # -------------------------------------------------------------------------- lifecycle
+
+    def request_stop(self, signum: int | None = None, _frame=None) -> None:
+        """Finish the current image, then leave the loop (signal-handler safe)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until stopped (or, with `once`, until the folder is done); returns the exit
+        status: 0, or with `once` 1 when requests are still pending (sent on the next run)."""
+        config = self.config
+        for folder in (config.watch, config.quarantine):
+            folder.mkdir(parents=True, exist_ok=True)
+        if config.after == "archive":
+            config.archive.mkdir(parents=True, exist_ok=True)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self.request_stop)
+        try:
+            self._start_services()
+            self._loop()
+            if config.once:
+                self._drain(config.drain_timeout_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            pending = self._shutdown()
+        _event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
+        return 1 if config.once and pending else 0
+
+    def _start_services(self) -> None:
+        config = self.config
+        if config.metrics_port is not None:
+            self._metrics_httpd, _ = start_http_server(
+                config.metrics_port, config.metrics_host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_httpd.server_port
+        self.sender.start()
+        stats = self.store.outbox_stats()
+        _event(
+            logging.INFO,
+            "started",
+            watch=str(config.watch),
+            db=str(config.db),
+            cloud=config.cloud,
+            fingerprint=self.fingerprint,
+            threshold=self.pipeline.threshold,
+            codec=self.pipeline.codec,
+            after=config.after,
+            outbox_depth=stats.depth,
+            metrics_port=self.metrics_port,
+            once=config.once,
+        )
+        if config.ready_file is not None:
+            info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
+                    "fingerprint": self.fingerprint}  # fmt: skip
+            tmp = config.ready_file.with_name(config.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(info) + "\n")
+            tmp.replace(config.ready_file)
+
+    def _shutdown(self) -> int:
+        """Stop the sender and the metrics endpoint; returns the outbox depth left."""
+        self.sender.stop()
+        if self.sender.is_alive():
+            self.sender.join(timeout=5.0)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        pending = self.store.outbox_stats().depth
+        if not self.sender.is_alive():
+            self.store.close()
+        # else a call is still in flight: its item stays in the outbox; the process exit ends it
+        return pending
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.folder.scan()
+            if not self._process_ready():
+                if self.config.once and self.folder.pending() == 0:
+                    return
+                self._stop.wait(self.config.poll_s)
+
+    def _process_ready(self) -> bool:
+        """Handle every file that is ready now, earliest arrival first; False if none was."""
+        skip: set[str] = set()
+        handled = False
+        while not self._stop.is_set():
+            candidate = self.folder.next_candidate(skip)
+            if candidate is None:
+                return handled
+            if self.handle(candidate):
+                handled = True
+            else:
+                skip.add(candidate.path.name)
+        return handled
+
+    def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        self.sender.wake()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.store.outbox_stats().depth == 0:
+                return
+            self._stop.wait(0.1)
+
+    # -------------------------------------------------------------------------- one file
+
+    def handle(self, candidate: Candidate) -> bool:
+        """Process one stable file; False when it is not ready after all (try it later)."""
+        known = self.store.known(candidate.file_key)
+        if known is not None:
+            self._finish(candidate, known)
+            kept = known.stored_path == str(candidate.path)  # --after keep: expected, quiet
+            _event(logging.DEBUG if kept else logging.INFO, "already recorded",
+                   path=str(candidate.path), image_id=known.id, verdict=known.verdict)  # fmt: skip
+            return True
+        ready = self.folder.read(candidate)
+        if ready is None:
+            return False
+        start = time.perf_counter()
+        arrival = Arrival(
+            path=str(candidate.path),
+            file_key=candidate.file_key,
+            content_hash=ready.content_hash,
+            size_bytes=len(ready.data),
+            arrived=time.time(),
+        )
+        if ready.error is not None:
+            self._quarantine(candidate, arrival, ready.error)
+        else:
+            self._classify(candidate, arrival, ready)
+        self.metrics.stage_seconds.labels("image").observe(
+            ready.read_s + time.perf_counter() - start
+        )
+        self.processed += 1
+        return True
+
+    def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> None:
+        result = self.pipeline.process_array(ready.image)
+        timings = {"read": ready.read_s, **result.timings}
+        stored = self._stored_path(candidate)
+        start = time.perf_counter()
+        if not result.flagged:
+            image_id, stored_path = self.store.record_ok(
+                arrival, result.p_defect, self.fingerprint, timings, stored
+            )
+            verdict = "ok"
+        else:
+            request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
+            meta = ImageMeta(result.meta.original_hw, result.meta.resized_hw, candidate.path.name)
+            payload = build_request(
+                result.encoded, meta, request_id, self.fingerprint
+            ).SerializeToString()
+            record = self._record_pending(
+                arrival, result.p_defect, request_id, payload, timings, stored
+            )
+            if record is None:
+                return  # stopping while the outbox is full: the file stays for the next run
+            image_id, stored_path, verdict = record
+        self.metrics.stage_seconds.labels("store").observe(time.perf_counter() - start)
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.images.labels(verdict).inc()
+        _event(logging.INFO, "classified", path=arrival.path, image_id=image_id, verdict=verdict,
+               p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
+               timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
+        self._move(candidate, stored_path)
+
+    def _record_pending(self, arrival, p_defect, request_id, payload, timings, stored):
+        """record_pending, waiting for room under the "wait" policy; None if stopped first."""
+        waited = False
+        while True:
+            try:
+                record = self.store.record_pending(
+                    arrival, p_defect, request_id, payload, self.fingerprint, timings, stored
+                )
+                break
+            except OutboxFull as exc:
+                if not waited:
+                    waited = True
+                    self.metrics.outbox_full_waits.inc()
+                    _event(logging.WARNING, "outbox full, waiting", path=arrival.path,
+                           detail=str(exc))  # fmt: skip
+                if self._stop.wait(max(self.config.poll_s, 0.5)):
+                    return None
+        if record[2] == "error":
+            self.metrics.outbox_full_rejected.inc()
+            self.metrics.errors.labels("outbox_full").inc()
+            _event(logging.WARNING, "outbox full, features dropped", path=arrival.path,
+                   image_id=record[0])  # fmt: skip
+        else:
+            self.sender.wake()
+        return record
+
+    def _stored_path(self, candidate: Candidate):
+        """Where the processed file will be: a path, None (deleted) or a function of the id."""
+        path = candidate.path
+        if self.config.after == "keep":
+            return str(path)
+        if self.config.after == "delete":
+            return None
+        archive = self.config.archive
+        return lambda image_id: str(archive / f"{image_id:08d}_{path.name}")
+
+    def _quarantine(self, candidate: Candidate, arrival: Arrival, reason: str) -> None:
+        quarantine = self.config.quarantine
+        image_id, stored_path = self.store.record_error(
+            arrival,
+            "quarantine",
+            reason,
+            self.fingerprint,
+            lambda image_id: str(quarantine / f"{image_id:08d}_{candidate.path.name}"),
+        )
+        self.metrics.images.labels("error").inc()
+        self.metrics.errors.labels("quarantine").inc()
+        _event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
+               reason=reason, to=stored_path)  # fmt: skip
+        self._write_reason(stored_path, reason)
+        self._move(candidate, stored_path)
+
+    # -------------------------------------------------------------------------- after-actions
+
+    def _finish(self, candidate: Candidate, known: KnownFile) -> None:
+        """Complete what a recorded file's row says should happen to the file."""
+        if known.error_kind == "quarantine" and known.stored_path:
+            self._write_reason(known.stored_path, known.reason or "")
+        self._move(candidate, known.stored_path)
+
+    def _move(self, candidate: Candidate, stored_path: str | None) -> None:
+        source = candidate.path
+        try:
+            if stored_path is None:
+                source.unlink(missing_ok=True)
+            elif Path(stored_path) == source:
+                self.folder.ignore(candidate)
+                return
+            else:
+                Path(stored_path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(source, stored_path)
+        except OSError as exc:
+            _event(logging.ERROR, "cannot move file", path=str(source), to=stored_path,
+                   error=str(exc))  # fmt: skip
+            self.folder.ignore(candidate)  # retried when the file changes or after a restart
+            return
+        self.folder.forget(candidate)
+
+    @staticmethod
+    def _write_reason(stored_path: str, reason: str) -> None:
+        target = Path(stored_path + ".reason.txt")
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(reason + "\n")
+        tmp.replace(target)

@@ -1,0 +1,279 @@
+"""The outbox's delivery thread: sends stored requests to the cloud while the daemon keeps
+classifying (no torch).
+
+    sender = Sender(store, lambda: CloudClient(ClientConfig(address)), Backoff(0.5, 30))
+    sender.start()
+    ...
+    sender.wake()          # a new item is in the outbox
+    sender.stop(); sender.join(timeout=5)
+
+One request at a time, oldest due first. The answer and the outbox deletion commit together
+(`ResultStore.complete`). A transient failure (RetryLater: the cloud is down, slow or busy)
+reschedules the item and pauses the whole sender with capped exponential backoff and jitter: when
+one request cannot get through, the next would not either. After a few refused connections in a
+row the channel is rebuilt, so a cloud that comes back is found within one backoff step rather
+than after gRPC's own reconnect backoff. A permanent refusal (NeverRetry: INVALID_ARGUMENT,
+FAILED_PRECONDITION, INTERNAL, a message too large) moves the item to the dead-letter state with
+the reason. UNAUTHENTICATED and PERMISSION_DENIED are the exception: a wrong token is the
+operator's to fix, so the items stay in the outbox (retried at the backoff cap) and the log says
+why.
+
+The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
+id from its store, so re-sending after a lost answer never makes a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from splitdet.edge.client import CloudClient, CloudDetections, ImageMeta, NeverRetry, RetryLater
+from splitdet.edge.store import Answer, OutboxItem, ResultStore
+from splitdet.shared.codec import EncodedTensor
+from splitdet.shared.wire import detection_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: Codes the client calls NeverRetry that the edge keeps retrying: a credentials problem is
+#: fixed by the operator, and the requests themselves are fine.
+OPERATOR_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: Consecutive connection failures after which the channel is rebuilt.
+REBUILD_AFTER_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with jitter: attempt n (1-based) waits
+    uniform(0.5, 1.0) * min(max_s, initial_s * 2 ** (n - 1)) seconds."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError("backoff needs 0 < initial <= max")
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.max_s, self.initial_s * 2 ** min(max(failures, 1) - 1, 60))
+        return ceiling * (rng or random).uniform(0.5, 1.0)
+
+
+def request_parts(
+    payload: bytes,
+) -> tuple[pb.DetectRequest, list[EncodedTensor], ImageMeta]:
+    """A stored DetectRequest as the client's arguments.
+
+    The client builds its request from EncodedTensor + ImageMeta and has no call for an already
+    serialized request, so the stored one is unpacked (one copy of the payload per attempt)."""
+    request = pb.DetectRequest.FromString(payload)
+    encoded = [
+        EncodedTensor(
+            name=t.name,
+            shape=tuple(t.shape),
+            codec=t.codec,
+            dtype=t.dtype,
+            scale=tuple(t.scale),
+            zero_point=tuple(t.zero_point),
+            data=t.data,
+        )
+        for t in request.tensors
+    ]
+    meta = request.image
+    image = ImageMeta(
+        original_hw=(meta.original_height, meta.original_width),
+        resized_hw=(meta.resized_height, meta.resized_width),
+        source=meta.source,
+    )
+    return request, encoded, image
+
+
+class Sender(threading.Thread):
+    """Delivers outbox items until stopped; see the module docstring.
+
+    Args:
+        store: the results store holding the outbox.
+        make_client: builds a CloudClient (called again to rebuild the channel).
+        backoff: pause after transient failures.
+        timeout_s: deadline of one Detect call.
+        metrics: an EdgeMetrics (or None).
+        on_answer: called as on_answer(item, detections) after an answer is committed (e.g. to
+            draw annotated images); exceptions are logged, never fatal.
+        seed: for the jitter (tests).
+    """
+
+    def __init__(
+        self,
+        store: ResultStore,
+        make_client: Callable[[], CloudClient],
+        backoff: Backoff | None = None,
+        timeout_s: float = 60.0,
+        metrics=None,
+        on_answer: Callable[[OutboxItem, CloudDetections], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(name="splitdet-sender", daemon=True)
+        self.store = store
+        self._make_client = make_client
+        self._client: CloudClient | None = None
+        self.backoff = backoff or Backoff()
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.on_answer = on_answer
+        self._rng = random.Random(seed)
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self.failures = 0  # consecutive transient failures
+        self.delivered = 0
+
+    def wake(self) -> None:
+        """A new item is in the outbox: send it without waiting for the next check."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the call in flight (its answer is still committed), then end."""
+        self._halt.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._halt.is_set()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                item = self.store.next_due()
+                if item is None:
+                    due = self.store.next_try_at()
+                    wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+                    self._wake.wait(wait)
+                    self._wake.clear()
+                    continue
+                pause = self.send(item)
+                if pause > 0:
+                    self._halt.wait(pause)  # a new item does not end the pause: the cloud is down
+        except Exception:
+            log.exception("the sender thread failed; pending requests are sent after a restart")
+        finally:
+            if self._client is not None:
+                self._client.close()
+
+    def send(self, item: OutboxItem) -> float:
+        """Try one item; returns seconds to pause before the next attempt (0: go on)."""
+        if self._client is None:
+            self._client = self._make_client()
+        request, encoded, image = request_parts(item.payload)
+        fingerprint = request.model_fingerprint
+        start = time.perf_counter()
+        try:
+            answer = self._client.detect(
+                encoded, image, item.request_id, fingerprint, timeout=self.timeout_s
+            )
+        except RetryLater as exc:
+            return self._transient(item, exc, len(item.payload))
+        except NeverRetry as exc:
+            if exc.code in OPERATOR_CODES:
+                log.error(
+                    "the cloud refuses our credentials (%s); requests stay in the outbox until "
+                    "the token or certificates are fixed",
+                    exc,
+                    extra={"fields": {"event": "auth_refused", "code": exc.code.name}},
+                )
+                return self._transient(item, exc, len(item.payload), at_cap=True)
+            self._count_bytes(len(item.payload))
+            reason = f"dead letter: the cloud refused the request permanently: {exc}"
+            if self.store.dead_letter(item.image_id, reason):
+                log.error(
+                    "dead letter",
+                    extra={"fields": {"event": "dead_letter", "image_id": item.image_id,
+                                      "path": item.path, "code": exc.code.name,
+                                      "reason": exc.message}},
+                )  # fmt: skip
+                if self.metrics is not None:
+                    self.metrics.dead_letter(exc.code.name)
+            self.failures = 0
+            return 0.0
+        round_trip = time.perf_counter() - start
+        self._count_bytes(len(item.payload))
+        self.failures = 0
+        timings = {f"cloud_{k.removesuffix('_s')}": v for k, v in answer.timings.items()}
+        timings["round_trip"] = round_trip
+        committed = self.store.complete(
+            item.image_id,
+            Answer(
+                boxes=answer.boxes.tolist(),
+                scores=answer.scores.tolist(),
+                labels=answer.labels.tolist(),
+                class_names=answer.class_names,
+                timings=timings,
+            ),
+        )
+        if committed:
+            self.delivered += 1
+            log.info(
+                "defect",
+                extra={"fields": {"event": "defect", "image_id": item.image_id,
+                                  "path": item.path, "boxes": len(answer.scores),
+                                  "cached": answer.cached, "round_trip_s": round(round_trip, 4),
+                                  "attempts": item.attempts + 1}},
+            )  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.answered(round_trip, time.time() - item.created)
+            if self.on_answer is not None:
+                try:
+                    self.on_answer(item, answer)
+                except Exception:
+                    log.exception("after-answer hook failed for %s", item.path)
+        return 0.0
+
+    def _transient(self, item: OutboxItem, exc, sent_bytes: int, at_cap: bool = False) -> float:
+        self.failures += 1
+        if exc.code is not grpc.StatusCode.UNAVAILABLE:
+            self._count_bytes(sent_bytes)  # it probably reached the server
+        delay = self.backoff.max_s if at_cap else self.backoff.delay(self.failures, self._rng)
+        self.store.retry_later(item.image_id, time.time() + delay, str(exc))
+        if self.metrics is not None:
+            self.metrics.send_failed(exc.code.name)
+        log.warning(
+            "send failed, retrying",
+            extra={"fields": {"event": "send_retry", "image_id": item.image_id,
+                              "code": exc.code.name, "message": exc.message[:200],
+                              "failures": self.failures, "retry_in_s": round(delay, 3)}},
+        )  # fmt: skip
+        if self.failures >= REBUILD_AFTER_FAILURES and self._client is not None:
+            self._client.close()  # a fresh channel connects at once on its first call
+            self._client = None
+        return delay
+
+    def _count_bytes(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes_sent.inc(n)
+
+
+def annotate_hook(save_dir: Path) -> Callable[[OutboxItem, CloudDetections], None]:
+    """on_answer that writes the defect image with its boxes drawn into `save_dir`."""
+    from splitdet.edge.annotate import save_annotated
+    from splitdet.edge.preprocess import load_image
+
+    def hook(item: OutboxItem, answer: CloudDetections) -> None:
+        source = next(
+            (Path(p) for p in (item.stored_path, item.path) if p and Path(p).is_file()), None
+        )
+        if source is None:
+            log.warning("no file left to annotate for image %d (%s)", item.image_id, item.path)
+            return
+        save_annotated(
+            load_image(source),
+            answer.boxes.tolist(),
+            answer.scores.tolist(),
+            list(answer.class_names),
+            Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg",
+        )
+
+    return hook

@@ -1,0 +1,589 @@
+"""The edge's durable state: one SQLite file holding every image's result and the outbox of
+encoded requests still to deliver to the cloud (no torch).
+
+    store = ResultStore("edge.sqlite", OutboxCap(max_items=10_000, max_bytes=2 << 30))
+    image_id = store.record_pending(arrival, p_defect, request_id, payload, fingerprint, ...)
+    ...                                      # the sender delivers the payload
+    store.complete(image_id, answer)         # result "defect" + outbox deletion: one transaction
+
+Durability model (DESIGN.md, "The edge's durability model"): WAL journal, synchronous=FULL, so a
+returned commit survives kill -9 and power loss. A defect-free image's "ok" row is one commit. A
+flagged image's "pending" row and its outbox row are one commit; the cloud's answer and the outbox
+deletion are one commit. A permanent refusal turns the row into verdict "error" (error_kind
+"dead_letter", with the reason) and drops its outbox row in one commit.
+
+Identity of an arrival is the file as it was found (`file_key`: name, size, mtime in ns, inode)
+plus its content hash: the same name may arrive many times, and after a crash the daemon
+recognises a file it already recorded (UNIQUE file_key) and only finishes moving it.
+
+Thread-safe: one connection behind a lock, shared by the daemon loop, the sender thread and the
+metrics endpoint (every transaction is short; network calls happen outside the lock).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Bump on every schema change; a store written by a newer version is refused, an older one
+#: is migrated (none yet: version 1 is the first).
+SCHEMA_VERSION = 1
+VERDICTS = ("ok", "defect", "pending", "error")
+FINAL_VERDICTS = ("ok", "defect", "error")
+#: Why a row has verdict "error".
+ERROR_KINDS = ("quarantine", "dead_letter", "outbox_full")
+#: What happens to a flagged image when the outbox is at its cap.
+FULL_POLICIES = ("wait", "reject")
+
+_SCHEMA = f"""
+CREATE TABLE images (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    file_key     TEXT NOT NULL UNIQUE,  -- name|size|mtime_ns|inode as found: one arrival
+    path         TEXT NOT NULL,         -- where the file arrived
+    stored_path  TEXT,                  -- where it is after processing (NULL: deleted)
+    content_hash TEXT NOT NULL,         -- SHA-256 of the file's bytes
+    size_bytes   INTEGER NOT NULL,
+    arrived      REAL NOT NULL,         -- unix s: the file was complete
+    finished     REAL,                  -- unix s: the final verdict was written
+    updated      REAL NOT NULL,         -- unix s: last change of this row
+    verdict      TEXT NOT NULL CHECK (verdict IN {VERDICTS}),
+    p_defect     REAL,
+    request_id   TEXT,                  -- idempotency key of the cloud request (flagged only)
+    fingerprint  TEXT NOT NULL,         -- model fingerprint the edge ran
+    boxes        TEXT,                  -- JSON [[x1, y1, x2, y2], ...] in original-image px
+    scores       TEXT,                  -- JSON [score, ...]
+    labels       TEXT,                  -- JSON [label, ...] (1-based)
+    class_names  TEXT,                  -- JSON [name, ...]
+    timings      TEXT NOT NULL DEFAULT '{{}}',  -- JSON stage -> seconds (edge and cloud)
+    bytes_sent   INTEGER NOT NULL DEFAULT 0,  -- size of the encoded request (flagged only)
+    attempts     INTEGER NOT NULL DEFAULT 0,  -- delivery attempts so far
+    error_kind   TEXT CHECK (error_kind IS NULL OR error_kind IN {ERROR_KINDS}),
+    reason       TEXT                   -- why: quarantine, dead letter or outbox-full reason
+);
+CREATE INDEX images_updated ON images (updated);
+CREATE INDEX images_verdict ON images (verdict);
+CREATE TABLE outbox (
+    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
+    request_id TEXT NOT NULL,
+    payload    BLOB NOT NULL,           -- serialized splitdet.v1.DetectRequest
+    size_bytes INTEGER NOT NULL,
+    created    REAL NOT NULL,
+    next_try   REAL NOT NULL,           -- unix s: not sent again before this
+    last_error TEXT
+);
+CREATE INDEX outbox_next_try ON outbox (next_try, image_id);
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
+    value INTEGER NOT NULL
+);
+"""
+
+#: Columns `results` reports, in order (JSON columns decoded).
+RESULT_COLUMNS = (
+    "id",
+    "path",
+    "stored_path",
+    "content_hash",
+    "size_bytes",
+    "arrived",
+    "finished",
+    "updated",
+    "verdict",
+    "p_defect",
+    "request_id",
+    "fingerprint",
+    "boxes",
+    "scores",
+    "labels",
+    "class_names",
+    "timings",
+    "bytes_sent",
+    "attempts",
+    "error_kind",
+    "reason",
+)
+_JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
+
+
+#: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
+StoredPath = str | None | Callable[[int], str | None]
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema, not a splitdet store, ...)."""
+
+
+class OutboxFull(Exception):
+    """The outbox is at its cap and the policy is "wait": try again later."""
+
+
+@dataclass(frozen=True)
+class OutboxCap:
+    """Bounds of the outbox and what happens at them.
+
+    Attributes:
+        max_items: requests waiting at most.
+        max_bytes: total payload bytes waiting at most.
+        policy: "wait" (the daemon stops taking images from the hot folder until the outbox has
+            room; the images wait there, counted as outbox_full_waits) or "reject" (the flagged
+            image gets verdict "error", error_kind "outbox_full", its features are dropped;
+            counted as outbox_full_rejected).
+    """
+
+    max_items: int = 10_000
+    max_bytes: int = 2 << 30
+    policy: str = "wait"
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_bytes < 1:
+            raise ValueError("outbox caps must be at least 1")
+        if self.policy not in FULL_POLICIES:
+            raise ValueError(f"outbox policy must be one of {FULL_POLICIES}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One file as the hot folder delivered it.
+
+    Attributes:
+        path: where it arrived.
+        file_key: "name|size|mtime_ns|inode": the identity of this arrival of the file.
+        content_hash: SHA-256 hex of its bytes.
+        size_bytes: its size.
+        arrived: unix s when it was found complete.
+    """
+
+    path: str
+    file_key: str
+    content_hash: str
+    size_bytes: int
+    arrived: float
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    """A file the store already has a row for (found again after a crash or in keep mode)."""
+
+    id: int
+    path: str
+    stored_path: str | None
+    verdict: str
+    error_kind: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One request waiting for delivery."""
+
+    image_id: int
+    request_id: str
+    payload: bytes
+    created: float
+    attempts: int
+    stored_path: str | None
+    path: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The cloud's detections for one request.
+
+    Attributes:
+        boxes: [[x1, y1, x2, y2], ...] in original-image px, by decreasing score.
+        timings: cloud-side and round-trip seconds, merged into the row's timings.
+    """
+
+    boxes: Sequence[Sequence[float]]
+    scores: Sequence[float]
+    labels: Sequence[int]
+    class_names: Sequence[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    oldest_created: float | None
+
+
+class ResultStore:
+    """Results and outbox in one SQLite file; see the module docstring.
+
+    Args:
+        path: the database file (created with its parent directory if missing).
+        cap: the outbox bounds and the policy when they are reached.
+    """
+
+    def __init__(self, path: Path | str, cap: OutboxCap | None = None) -> None:
+        self.path = Path(path)
+        self.cap = cap or OutboxCap()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA busy_timeout=10000")  # `results` may read meanwhile
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version == 0 and not tables:
+                # executescript would COMMIT our transaction first: run statements one by one.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 0:
+                raise StoreError(f"{self.path}: a SQLite file that is not a splitdet edge store")
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this splitdet's "
+                    f"{SCHEMA_VERSION}; upgrade splitdet"
+                )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT under the lock; ROLLBACK on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    def pragma(self, name: str) -> Any:
+        return self._query(f"PRAGMA {name}")[0][0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------------------ arrivals
+
+    def known(self, file_key: str) -> KnownFile | None:
+        """The row of an arrival already recorded, or None."""
+        rows = self._query(
+            "SELECT id, path, stored_path, verdict, error_kind, reason FROM images"
+            " WHERE file_key = ?",
+            (file_key,),
+        )
+        return KnownFile(*rows[0]) if rows else None
+
+    def _insert(self, db: sqlite3.Connection, arrival: Arrival, **values: Any) -> int:
+        now = time.time()
+        row = {
+            "file_key": arrival.file_key,
+            "path": arrival.path,
+            "content_hash": arrival.content_hash,
+            "size_bytes": arrival.size_bytes,
+            "arrived": arrival.arrived,
+            "updated": now,
+            **values,
+        }
+        if row["verdict"] in FINAL_VERDICTS:
+            row["finished"] = now
+        for name in _JSON_COLUMNS:
+            if name in row and row[name] is not None:
+                row[name] = json.dumps(row[name])
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cursor = db.execute(f"INSERT INTO images ({columns}) VALUES ({marks})", tuple(row.values()))
+        return int(cursor.lastrowid)
+
+    @staticmethod
+    def _set_stored_path(
+        db: sqlite3.Connection, image_id: int, stored_path: StoredPath
+    ) -> str | None:
+        path = stored_path(image_id) if callable(stored_path) else stored_path
+        db.execute("UPDATE images SET stored_path = ? WHERE id = ?", (path, image_id))
+        return path
+
+    def record_ok(
+        self,
+        arrival: Arrival,
+        p_defect: float,
+        fingerprint: str,
+        timings: dict[str, float],
+        stored_path: StoredPath = None,
+    ) -> tuple[int, str | None]:
+        """A defect-free image's final result, one commit. Returns (row id, stored path)."""
+        with self._transaction() as db:
+            image_id = self._insert(
+                db, arrival, verdict="ok", p_defect=p_defect, fingerprint=fingerprint,
+                timings=timings,
+            )  # fmt: skip
+            return image_id, self._set_stored_path(db, image_id, stored_path)
+
+    def record_error(
+        self,
+        arrival: Arrival,
+        kind: str,
+        reason: str,
+        fingerprint: str,
+        stored_path: StoredPath = None,
+        p_defect: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[int, str | None]:
+        """A final "error" result (quarantine or outbox full), one commit."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind must be one of {ERROR_KINDS}, got {kind!r}")
+        with self._transaction() as db:
+            image_id = self._insert(
+                db, arrival, verdict="error", error_kind=kind, reason=reason,
+                fingerprint=fingerprint, p_defect=p_defect, timings=timings or {},
+            )  # fmt: skip
+            if kind == "outbox_full":
+                self._count(db, "outbox_full_rejected")
+            return image_id, self._set_stored_path(db, image_id, stored_path)
+
+    def record_pending(
+        self,
+        arrival: Arrival,
+        p_defect: float,
+        request_id: str,
+        payload: bytes,
+        fingerprint: str,
+        timings: dict[str, float],
+        stored_path: StoredPath = None,
+    ) -> tuple[int, str | None, str]:
+        """A flagged image: its "pending" result and its outbox row in one commit.
+
+        Returns (row id, stored path, verdict): "pending", or "error" when the outbox is full
+        and the policy is "reject" (error_kind "outbox_full", the payload is not kept).
+
+        Raises:
+            OutboxFull: the outbox is full and the policy is "wait" (nothing written).
+        """
+        with self._transaction() as db:
+            depth, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
+            ).fetchone()
+            if depth + 1 > self.cap.max_items or size + len(payload) > self.cap.max_bytes:
+                if self.cap.policy == "wait":
+                    raise OutboxFull(f"outbox holds {depth} requests, {size} bytes")
+                reason = (
+                    f"outbox full ({depth} requests, {size} bytes; caps {self.cap.max_items} "
+                    f"requests, {self.cap.max_bytes} bytes): features dropped"
+                )
+                image_id = self._insert(
+                    db, arrival, verdict="error", error_kind="outbox_full", reason=reason,
+                    p_defect=p_defect, fingerprint=fingerprint, timings=timings,
+                    request_id=request_id,
+                )  # fmt: skip
+                self._count(db, "outbox_full_rejected")
+                return image_id, self._set_stored_path(db, image_id, stored_path), "error"
+            now = time.time()
+            image_id = self._insert(
+                db, arrival, verdict="pending", p_defect=p_defect, request_id=request_id,
+                fingerprint=fingerprint, timings=timings, bytes_sent=len(payload),
+            )  # fmt: skip
+            db.execute(
+                "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (image_id, request_id, payload, len(payload), now, now),
+            )
+            return image_id, self._set_stored_path(db, image_id, stored_path), "pending"
+
+    def outbox_has_room(self, payload_bytes: int = 0) -> bool:
+        stats = self.outbox_stats()
+        return (
+            stats.depth + 1 <= self.cap.max_items
+            and stats.bytes + payload_bytes <= self.cap.max_bytes
+        )
+
+    def count_event(self, name: str) -> None:
+        """Add one to a durable counter."""
+        with self._transaction() as db:
+            self._count(db, name)
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, name: str) -> None:
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, 1)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            (name,),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(value) for name, value in self._query("SELECT name, value FROM counters")}
+
+    # ------------------------------------------------------------------------------ the outbox
+
+    def next_due(self, now: float | None = None) -> OutboxItem | None:
+        """The outbox item to send next: due (next_try <= now), earliest due first."""
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT o.image_id, o.request_id, o.payload, o.created, i.attempts, i.stored_path,"
+            " i.path FROM outbox o JOIN images i ON i.id = o.image_id"
+            " WHERE o.next_try <= ? ORDER BY o.next_try, o.image_id LIMIT 1",
+            (now,),
+        )
+        if not rows:
+            return None
+        image_id, request_id, payload, created, attempts, stored_path, path = rows[0]
+        return OutboxItem(
+            image_id, request_id, bytes(payload), created, attempts, stored_path, path
+        )
+
+    def next_try_at(self) -> float | None:
+        """When the earliest outbox item is due (unix s), or None if the outbox is empty."""
+        return self._query("SELECT MIN(next_try) FROM outbox")[0][0]
+
+    def complete(self, image_id: int, answer: Answer) -> bool:
+        """The cloud's answer: verdict "defect" with the boxes, and the outbox row deleted, in one
+        commit. Returns False (and changes nothing) when the item is no longer pending."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT timings FROM images WHERE id = ? AND verdict = 'pending'", (image_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            timings = {**json.loads(row[0]), **answer.timings}
+            now = time.time()
+            db.execute(
+                "UPDATE images SET verdict = 'defect', boxes = ?, scores = ?, labels = ?,"
+                " class_names = ?, timings = ?, finished = ?, updated = ?,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (
+                    json.dumps([[float(v) for v in box] for box in answer.boxes]),
+                    json.dumps([float(s) for s in answer.scores]),
+                    json.dumps([int(v) for v in answer.labels]),
+                    json.dumps(list(answer.class_names)),
+                    json.dumps(timings),
+                    now,
+                    now,
+                    image_id,
+                ),
+            )
+            db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
+            return True
+
+    def retry_later(self, image_id: int, next_try: float, error: str) -> None:
+        """A transient failure: count the attempt and set when to try again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET next_try = ?, last_error = ? WHERE image_id = ?",
+                (next_try, error, image_id),
+            )
+            db.execute(
+                "UPDATE images SET attempts = attempts + 1, updated = ? WHERE id = ?",
+                (time.time(), image_id),
+            )
+
+    def dead_letter(self, image_id: int, reason: str) -> bool:
+        """A permanent refusal: verdict "error" (dead_letter) with the reason, outbox row
+        deleted, one commit; never retried. False when the item is no longer pending."""
+        with self._transaction() as db:
+            now = time.time()
+            cursor = db.execute(
+                "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
+                " finished = ?, updated = ?, attempts = attempts + 1"
+                " WHERE id = ? AND verdict = 'pending'",
+                (reason, now, now, image_id),
+            )
+            db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
+            if cursor.rowcount:
+                self._count(db, "dead_letters")
+            return bool(cursor.rowcount)
+
+    def outbox_stats(self) -> OutboxStats:
+        depth, size, oldest = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created) FROM outbox"
+        )[0]
+        return OutboxStats(int(depth), int(size), oldest)
+
+    # ------------------------------------------------------------------------------ reading
+
+    def verdict_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(VERDICTS, 0)
+        for verdict, n in self._query("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"):
+            counts[verdict] = int(n)
+        return counts
+
+    def results(self, since: float | None = None, verdict: str | None = None) -> list[dict]:
+        """Result rows (see RESULT_COLUMNS; JSON columns decoded), in arrival order.
+
+        Args:
+            since: only rows created or changed at or after this unix time.
+            verdict: only rows with this verdict.
+        """
+        return list(iter_results(self._db, self._lock, since, verdict))
+
+
+def iter_results(
+    db: sqlite3.Connection,
+    lock: threading.RLock | None = None,
+    since: float | None = None,
+    verdict: str | None = None,
+) -> Iterator[dict]:
+    """Result rows of an open store connection (see ResultStore.results)."""
+    clauses, params = [], []
+    if since is not None:
+        clauses.append("updated >= ?")
+        params.append(since)
+    if verdict is not None:
+        clauses.append("verdict = ?")
+        params.append(verdict)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images{where} ORDER BY id"
+    if lock is not None:
+        with lock:
+            rows = db.execute(sql, params).fetchall()
+    else:
+        rows = db.execute(sql, params).fetchall()
+    for row in rows:
+        record = dict(zip(RESULT_COLUMNS, row, strict=True))
+        for name in _JSON_COLUMNS:
+            if record[name] is not None:
+                record[name] = json.loads(record[name])
+        yield record
+
+
+def open_readonly(path: Path | str) -> sqlite3.Connection:
+    """A read-only connection to a store (works while the daemon writes: WAL)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such results database")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.execute("PRAGMA busy_timeout=10000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+    if version == 0 or version > SCHEMA_VERSION:
+        db.close()
+        raise StoreError(
+            f"{path}: not a splitdet edge store of schema version 1..{SCHEMA_VERSION} "
+            f"(found {version})"
+        )
+    return db

@@ -1,0 +1,212 @@
+"""The hot folder: files the camera software drops, handed over only once they are complete
+(no torch).
+
+    folder = HotFolder(Path("incoming"), settle_s=1.0, unreadable_grace_s=10.0)
+    folder.scan()
+    candidate = folder.next_candidate()          # stable for settle_s, earliest arrival first
+    ready = folder.read(candidate)               # bytes + decoded image, or a final error
+    ...
+    folder.forget(candidate)                     # processed (moved, deleted) or ignored for good
+
+A camera may write a file in several steps, so a file is a candidate only once its size and mtime
+have not changed for `settle_s` (polling `os.scandir`: it works on network shares, unlike
+inotify). It is then read and decoded; if the bytes changed meanwhile it waits again. A file that
+stays unchanged but does not decode is given `unreadable_grace_s` more (a slow writer pausing
+longer than settle_s), then handed over as a final error for quarantine.
+
+Names may repeat: an arrival is identified by `file_key` (name, size, mtime in ns, inode) plus
+its content hash, so the same name written again is a new arrival. Arrival order is the order
+in which files were first seen (mtime, then name, for files found in the same scan); a file still
+being written does not hold back complete ones behind it.
+
+Ignored names: hidden files (".name") and the usual in-progress suffixes (IN_PROGRESS_SUFFIXES),
+so writers that write to a temporary name and rename are picked up only after the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, decode_image
+
+#: Names of files still being written by common tools; never picked up.
+IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
+
+
+@dataclass
+class Candidate:
+    """A file in the hot folder that has been unchanged for the settle period.
+
+    Attributes:
+        path: the file.
+        file_key: "name|size|mtime_ns|inode": this arrival's identity.
+        first_seen: unix s when the watcher first saw this version of the file.
+        stable_since: monotonic s since when size and mtime have not changed.
+    """
+
+    path: Path
+    file_key: str
+    size: int
+    mtime_ns: int
+    first_seen: float
+    stable_since: float
+    order: int = 0
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A complete file: its bytes and either the decoded image or why it is unusable.
+
+    Attributes:
+        data: the file's bytes.
+        content_hash: SHA-256 hex of `data`.
+        image: Float32[3, H, W] in [0, 1], or None when `error` is set.
+        error: why the file cannot be used (names the file), None for a good image.
+        read_s: seconds spent reading and decoding.
+    """
+
+    candidate: Candidate
+    data: bytes
+    content_hash: str
+    image: np.ndarray | None
+    error: str | None
+    read_s: float
+
+
+def file_key(path: Path, stat: os.stat_result) -> str:
+    """The identity of one arrival of a file."""
+    return f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+
+
+def is_ignored_name(name: str) -> bool:
+    return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
+
+
+class HotFolder:
+    """Tracks files in one folder until they are complete; see the module docstring.
+
+    Args:
+        folder: the hot folder (not recursive).
+        settle_s: seconds a file's size and mtime must stay unchanged before it is read.
+        unreadable_grace_s: seconds an unchanged file that does not decode is given before it
+            is handed over as an error (quarantine).
+    """
+
+    def __init__(self, folder: Path, settle_s: float = 1.0, unreadable_grace_s: float = 10.0):
+        if settle_s < 0 or unreadable_grace_s < 0:
+            raise ValueError("settle and grace times must be non-negative")
+        self.folder = Path(folder)
+        self.settle_s = settle_s
+        self.unreadable_grace_s = unreadable_grace_s
+        self._tracked: dict[str, Candidate] = {}  # by name
+        self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
+        self._next_order = 0
+
+    def scan(self) -> None:
+        """Look at the folder once: note new files, changes and removals."""
+        now_wall, now = time.time(), time.monotonic()
+        seen: set[str] = set()
+        found: list[tuple[int, str, Path, os.stat_result]] = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if is_ignored_name(entry.name):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                seen.add(entry.name)
+                found.append((stat.st_mtime_ns, entry.name, Path(entry.path), stat))
+        for name in list(self._tracked):
+            if name not in seen:
+                del self._tracked[name]
+        for name in list(self._ignored):
+            if name not in seen:
+                del self._ignored[name]
+        for mtime_ns, name, path, stat in sorted(found):
+            key = file_key(path, stat)
+            if self._ignored.get(name) == key:
+                continue
+            tracked = self._tracked.get(name)
+            if tracked is not None and (tracked.size, tracked.mtime_ns) == (stat.st_size, mtime_ns):
+                continue
+            if tracked is not None:  # still being written: it settles again from now
+                tracked.size, tracked.mtime_ns, tracked.file_key = stat.st_size, mtime_ns, key
+                tracked.stable_since = now
+                continue
+            self._tracked[name] = Candidate(
+                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order
+            )
+            self._next_order += 1
+
+    def pending(self) -> int:
+        """Files seen and not yet handed over for good."""
+        return len(self._tracked)
+
+    def next_candidate(self, skip: set[str] | None = None) -> Candidate | None:
+        """The earliest-arrived file that has been stable for the settle period, or None."""
+        now = time.monotonic()
+        best = None
+        for name, candidate in self._tracked.items():
+            if skip and name in skip:
+                continue
+            if now - candidate.stable_since < self.settle_s:
+                continue
+            if best is None or candidate.order < best.order:
+                best = candidate
+        return best
+
+    def read(self, candidate: Candidate) -> Ready | None:
+        """Read and decode a candidate. None means "not yet" (it changed, vanished, or does
+        not decode and its grace period is not over); the caller moves on to other files."""
+        start = time.perf_counter()
+        try:
+            if candidate.size > MAX_FILE_BYTES:
+                data = b""
+                error = f"{candidate.path}: {candidate.size} bytes is larger than {MAX_FILE_BYTES}"
+            else:
+                data = candidate.path.read_bytes()
+                error = None
+            stat = candidate.path.stat()
+        except FileNotFoundError:
+            self._tracked.pop(candidate.path.name, None)
+            return None
+        except OSError as exc:
+            data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
+        if stat is not None and file_key(candidate.path, stat) != candidate.file_key:
+            self.scan()  # written to meanwhile: settle again
+            return None
+        image = None
+        if error is None:
+            try:
+                image = decode_image(data, str(candidate.path))
+            except ImageError as exc:
+                error = str(exc)
+        unchanged_s = time.monotonic() - candidate.stable_since
+        if error is not None and unchanged_s < self.settle_s + self.unreadable_grace_s:
+            return None  # maybe a writer pausing longer than settle_s: give it the grace
+        return Ready(
+            candidate=candidate,
+            data=data,
+            content_hash=hashlib.sha256(data).hexdigest(),
+            image=image,
+            error=error,
+            read_s=time.perf_counter() - start,
+        )
+
+    def forget(self, candidate: Candidate) -> None:
+        """The file was handled (moved or deleted): stop tracking it."""
+        self._tracked.pop(candidate.path.name, None)
+
+    def ignore(self, candidate: Candidate) -> None:
+        """The file stays in the folder but is done: skip it until it changes."""
+        self._tracked.pop(candidate.path.name, None)
+        self._ignored[candidate.path.name] = candidate.file_key
