@@ -18,8 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-#: Environment variable read for the bearer token when --token-file is not given.
-TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+from splitdet.edge.cloud_args import add_cloud_arguments, client_config
 
 EDGE_EPILOG = """\
 actions:
@@ -115,13 +114,6 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="DIR",
         help="the hot folder the camera writes into",
-    )
-    p.add_argument(
-        "--cloud",
-        required=True,
-        metavar="ADDRESS[,ADDRESS...]",
-        help="cloud server(s): host:port, ip:port,ip:port (round-robin), or a gRPC "
-        "target such as dns:///name:port",
     )
     p.add_argument(
         "--db",
@@ -243,34 +235,7 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="backoff cap (default: %(default)s)",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="deadline of one Detect call (default: %(default)s)",
-    )
-    p.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
-    p.add_argument(
-        "--root-certs",
-        type=Path,
-        metavar="PEM",
-        help="CA bundle to verify the cloud with (implies TLS)",
-    )
-    p.add_argument(
-        "--client-cert", type=Path, metavar="PEM", help="client certificate chain for mutual TLS"
-    )
-    p.add_argument("--client-key", type=Path, metavar="PEM", help="client private key")
-    p.add_argument(
-        "--server-name", metavar="NAME", help="TLS name to expect instead of the address's host"
-    )
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        metavar="FILE",
-        help=f"bearer token (the file's first line); default: the {TOKEN_ENV} "
-        "environment variable if set",
-    )
+    add_cloud_arguments(p, required=True)
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -334,23 +299,8 @@ def _register_results(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=results)  # fmt: skip
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    from splitdet.shared.cli import CommandError
-
-    if args.token_file is None:
-        return os.environ.get(TOKEN_ENV) or None
-    try:
-        lines = args.token_file.read_text().splitlines()
-    except OSError as exc:
-        raise CommandError(f"cannot read --token-file: {exc}") from None
-    if not lines or not lines[0].strip():
-        raise CommandError(f"--token-file {args.token_file} is empty")
-    return lines[0].strip()
-
-
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG."""
-    from splitdet.edge.client import ClientConfig
     from splitdet.edge.daemon import DaemonConfig, EdgeDaemon, use_json_logs
     from splitdet.edge.store import OutboxCap, StoreError
     from splitdet.shared.cli import CommandError
@@ -361,16 +311,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.watch.is_dir():
         raise CommandError(f"--watch {args.watch}: no such folder")
     try:
-        client = ClientConfig(
-            args.cloud,
-            timeout_s=args.timeout,
-            tls=args.tls,
-            root_certs=args.root_certs,
-            client_cert=args.client_cert,
-            client_key=args.client_key,
-            server_name=args.server_name,
-            token=_token(args),
-        )
+        client = client_config(args)
         config = DaemonConfig(
             model_dir=args.model,
             watch=args.watch,
