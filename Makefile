@@ -16,6 +16,11 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# The whole system on built-in defaults; data, the trained model and the export are cached in
+# .cache/demo, so a second run takes minutes.
+demo: $(STAMP)
+	$(PY) -m splitdet.shared.cli demo --workdir .cache/demo
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

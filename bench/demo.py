@@ -1,0 +1,509 @@
+"""`splitdet demo`: the whole system on this machine, end to end, on built-in defaults.
+
+    data      synthetic gaskets (cached)              splitdet synth
+    model     the CPU preset, trained once (cached)   splitdet train / eval (gate calibrated)
+    export    edge ONNX + cloud weights (cached)      splitdet export
+    live      a cloud server and an edge daemon as separate processes; a "camera" drops a
+              stream of images at a 5% defect rate into the daemon's hot folder; a progress
+              bar follows the daemon's results database
+    summary   images per second, defects found with their boxes, bytes sent, mAP on the
+              stream — all read back from the daemon's database, not from memory
+    bench     a short benchmark report with its figures
+
+Every process it starts is stopped on the way out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from splitdet.bench.processes import ServiceProcess, splitdet_command
+from splitdet.bench.streams import make_stream
+from splitdet.shared.cli import main as splitdet
+
+log = logging.getLogger(__name__)
+
+#: Boxes at or above this score are listed as found defects (mAP uses every box).
+SHOW_SCORE = 0.5
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings; the defaults are what `make demo` runs.
+
+    Attributes:
+        workdir: cache and outputs (data/, run/, model/, live/, bench/, summary.json).
+        preset: training preset (cpu: the 30-minute CPU preset; tiny: for tests).
+        train_minutes: training budget; None keeps the preset's.
+        image_size: synthetic images, (width, height) px.
+        dataset: counts for `splitdet synth` (defective, free, test defective, test free).
+        stream_images, defect_rate: the camera's stream.
+        camera_interval_s: pause between two images the camera drops.
+        bench_images: images per stream of the short benchmark (0: skip it).
+        threads: compute threads per process (default: all cores).
+    """
+
+    workdir: Path
+    preset: str = "cpu"
+    train_minutes: float | None = None
+    image_size: tuple[int, int] = (612, 512)
+    dataset: tuple[int, int, int, int] = (400, 150, 60, 140)
+    seed: int = 0
+    stream_images: int = 100
+    defect_rate: float = 0.05
+    camera_interval_s: float = 0.05
+    bench_images: int = 20
+    bench_rates: tuple[float, ...] = (0.05, 0.5)
+    threads: int | None = None
+    progress: bool = True
+    live_timeout_s: float = 900.0
+
+    def paths(self) -> dict[str, Path]:
+        """Where each stage keeps its output."""
+        root = self.workdir
+        names = ("data", "run", "model", "live", "bench", "annotated")
+        return {name: root / name for name in names} | {"summary": root / "summary.json"}
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock seconds per stage of this run (a cached stage costs its check only)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+
+def _stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run(args: list[str]) -> None:
+    code = splitdet(args)
+    if code != 0:
+        raise RuntimeError(f"splitdet {' '.join(args)} failed with status {code}")
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def make_data(config: DemoConfig) -> bool:
+    """Synthetic dataset; True when it was already there."""
+    out = config.paths()["data"]
+    wanted = {"size": list(config.image_size), "counts": list(config.dataset), "seed": config.seed}
+    stamp = out / "demo-data.json"
+    if _stamp(stamp) == wanted:
+        return True
+    defective, free, test_defective, test_free = config.dataset
+    width, height = config.image_size
+    args = [
+        "synth",
+        "--out",
+        str(out),
+        "--size",
+        f"{width}x{height}",
+        "--seed",
+        str(config.seed),
+        "--defective",
+        str(defective),
+        "--free",
+        str(free),
+        "--test-defective",
+        str(test_defective),
+        "--test-free",
+        str(test_free),
+    ]
+    if out.exists():
+        args.append("--overwrite")
+    if not config.progress:
+        args.append("--no-progress")
+    _run(args)
+    _write_stamp(stamp, wanted)
+    return False
+
+
+def train_model(config: DemoConfig) -> bool:
+    """Train the preset and calibrate its gate on the validation split; True when cached."""
+    paths = config.paths()
+    run_dir, data = paths["run"], paths["data"]
+    wanted = {
+        "preset": config.preset,
+        "minutes": config.train_minutes,
+        "seed": config.seed,
+        "data": _stamp(data / "demo-data.json"),
+    }
+    stamp = run_dir / "demo-train.json"
+    checkpoint = run_dir / "best.pt"
+    found = _stamp(stamp)
+    if (
+        found
+        and found.get("settings") == wanted
+        and checkpoint.is_file()
+        and found.get("checkpoint_sha256") == _file_digest(checkpoint)
+    ):
+        return True
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--preset",
+        config.preset,
+        "--seed",
+        str(config.seed),
+    ]
+    if config.train_minutes is not None:
+        args += ["--minutes", str(config.train_minutes)]
+    if (run_dir / "last.pt").is_file() and found and found.get("settings") == wanted:
+        args.append("--resume")  # an interrupted demo continues where it stopped
+    if not config.progress:
+        args.append("--no-progress")
+    _write_stamp(stamp, {"settings": wanted, "complete": False})
+    _run(args)
+    _run(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            "test",
+            "--calibrate-split",
+            "val",
+            "--json",
+            str(run_dir / "eval.json"),
+            "--no-progress",
+        ]
+    )
+    _write_stamp(
+        stamp, {"settings": wanted, "complete": True, "checkpoint_sha256": _file_digest(checkpoint)}
+    )
+    return False
+
+
+def export_model(config: DemoConfig) -> bool:
+    """Export the calibrated checkpoint; True when the export is already of this checkpoint."""
+    paths = config.paths()
+    checkpoint = paths["run"] / "best.pt"
+    stamp = paths["model"] / "demo-export.json"
+    digest = _file_digest(checkpoint)
+    if (_stamp(stamp) or {}).get("checkpoint_sha256") == digest:
+        return True
+    _run(["export", "--checkpoint", str(checkpoint), "--out", str(paths["model"])])
+    _write_stamp(stamp, {"checkpoint_sha256": digest})
+    return False
+
+
+def _final_rows(db_path: Path) -> list[dict]:
+    from splitdet.edge.store import FINAL_VERDICTS, StoreError, iter_results, open_readonly
+
+    try:
+        db = open_readonly(db_path)
+    except StoreError:
+        return []
+    try:
+        return [r for r in iter_results(db) if r["verdict"] in FINAL_VERDICTS]
+    finally:
+        db.close()
+
+
+def run_live(config: DemoConfig) -> dict:
+    """Cloud server + edge daemon + camera; returns the summary read back from the database."""
+    from splitdet.training.voc import read_split
+
+    paths = config.paths()
+    live = paths["live"]
+    if live.exists():
+        shutil.rmtree(live)
+    if paths["annotated"].exists():
+        shutil.rmtree(paths["annotated"])
+    hot = live / "camera"
+    hot.mkdir(parents=True)
+    db_path = live / "edge.sqlite"
+    threads = str(config.threads or 2)
+    samples = read_split(paths["data"], "test")
+    stream = make_stream(samples, config.defect_rate, config.stream_images, config.seed)
+
+    cloud = ServiceProcess(
+        splitdet_command(
+            "cloud",
+            "--model",
+            str(paths["model"]),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            threads,
+            "--answers-db",
+            str(live / "cloud.sqlite"),
+            "--metrics-port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--ready-file",
+            str(live / "cloud.ready.json"),
+        ),
+        log_path=live / "cloud.log",
+        name="cloud server",
+        ready_file=live / "cloud.ready.json",
+    )
+    with cloud:
+        edge = ServiceProcess(
+            splitdet_command(
+                "edge",
+                "run",
+                "--model",
+                str(paths["model"]),
+                "--watch",
+                str(hot),
+                "--cloud",
+                f"127.0.0.1:{cloud.ready['port']}",
+                "--db",
+                str(db_path),
+                "--after",
+                "archive",
+                "--archive",
+                str(live / "archive"),
+                "--quarantine",
+                str(live / "quarantine"),
+                "--threads",
+                threads,
+                "--settle",
+                "0.2",
+                "--poll",
+                "0.1",
+                "--retry-max",
+                "5",
+                "--save-annotated",
+                str(paths["annotated"]),
+                "--metrics-port",
+                "0",
+                "--metrics-host",
+                "127.0.0.1",
+                "--ready-file",
+                str(live / "edge.ready.json"),
+            ),
+            log_path=live / "edge.log",
+            name="edge daemon",
+            ready_file=live / "edge.ready.json",
+        )
+        with edge:
+            names = _feed_camera(config, stream, hot, db_path)
+            edge_status = edge.stop()
+        cloud_status = cloud.stop()
+    rows = _final_rows(db_path)
+    summary = summarise_live(rows, names, stream, config)
+    summary["exit_status"] = {"edge": edge_status, "cloud": cloud_status}
+    return summary
+
+
+def _feed_camera(config: DemoConfig, stream, hot: Path, db_path: Path) -> list[str]:
+    """Drop the stream's images into the hot folder as a camera would; wait for their results."""
+    names = []
+    bar = tqdm(
+        total=len(stream),
+        unit="img",
+        desc="edge results",
+        disable=not config.progress,
+        file=sys.stderr,
+    )
+    deadline = time.monotonic() + config.live_timeout_s
+    done = 0
+    for index, sample in enumerate(stream):
+        name = f"frame_{index:05d}{sample.image_path.suffix}"
+        # written under a temporary name and renamed: what camera software does to publish a
+        # complete file (the daemon also copes with slow writers; see its tests)
+        tmp = hot / f".{name}.part"
+        shutil.copyfile(sample.image_path, tmp)
+        tmp.rename(hot / name)
+        names.append(name)
+        time.sleep(config.camera_interval_s)
+        done = _update(bar, db_path, done)
+    while done < len(stream):
+        if time.monotonic() > deadline:
+            bar.close()
+            raise TimeoutError(
+                f"only {done} of {len(stream)} images had a final result after "
+                f"{config.live_timeout_s:.0f} s; see the logs in {hot.parent}"
+            )
+        time.sleep(0.25)
+        done = _update(bar, db_path, done)
+    bar.close()
+    return names
+
+
+def _update(bar, db_path: Path, done: int) -> int:
+    now = len(_final_rows(db_path))
+    bar.update(now - done)
+    return now
+
+
+def summarise_live(rows: list[dict], names: list[str], stream, config: DemoConfig) -> dict:
+    """The demo's summary, computed from the daemon's result rows.
+
+    `names[i]` is the file name the camera gave `stream[i]`; rows are matched to it by name.
+    """
+    from splitdet.training.evaluate import coco_metrics
+
+    by_name = {Path(r["path"]).name: r for r in rows}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no final result, e.g. {missing[:3]}")
+    matched = [by_name[n] for n in names]
+    started = min(r["arrived"] for r in matched)
+    finished = max(r["finished"] for r in matched)
+    boxes = [r["boxes"] or [] for r in matched]
+    scores = [r["scores"] or [] for r in matched]
+    labels = [r["labels"] or [] for r in matched]
+    class_names = sorted({o.name for s in stream for o in s.objects}) or ["scratch"]
+    metrics = coco_metrics(stream, boxes, scores, labels, class_names)
+    defects = []
+    for name, row, sample in zip(names, matched, stream, strict=True):
+        if row["verdict"] != "defect":
+            continue
+        shown = [
+            {"box": [round(v, 1) for v in box], "score": round(score, 3), "class": cls}
+            for box, score, cls in zip(
+                row["boxes"] or [], row["scores"] or [], row["class_names"] or [], strict=True
+            )
+            if score >= SHOW_SCORE
+        ]
+        defects.append(
+            {
+                "image": name,
+                "p_defect": row["p_defect"],
+                "truly_defective": sample.is_defective,
+                "boxes": shown,
+            }
+        )
+    truly = sum(s.is_defective for s in stream)
+    caught = sum(d["truly_defective"] for d in defects)
+    return {
+        "images": len(matched),
+        "defect_rate": config.defect_rate,
+        "verdicts": {v: sum(r["verdict"] == v for r in matched) for v in ("ok", "defect", "error")},
+        "images_per_s": len(matched) / max(finished - started, 1e-9),
+        "wall_s": finished - started,
+        "defective_in_stream": truly,
+        "defective_caught": caught,
+        "bytes_sent": int(sum(r["bytes_sent"] or 0 for r in matched)),
+        "map": metrics["map"],
+        "map50": metrics["map50"],
+        "defects": defects,
+    }
+
+
+def format_summary(summary: dict, paths: dict[str, Path]) -> str:
+    """The summary as the terminal shows it."""
+    lines = [
+        "",
+        "splitdet demo — what happened",
+        f"  images           {summary['images']} at a {summary['defect_rate']:.0%} defect rate "
+        f"({summary['defective_in_stream']} defective)",
+        f"  throughput       {summary['images_per_s']:.2f} images/s "
+        f"({summary['wall_s']:.1f} s from first arrival to last result)",
+        f"  verdicts         {summary['verdicts']['ok']} ok, {summary['verdicts']['defect']} "
+        f"defect, {summary['verdicts']['error']} error; {summary['defective_caught']} of "
+        f"{summary['defective_in_stream']} defective images flagged",
+        f"  bytes sent       {summary['bytes_sent'] / 1e6:.2f} MB of features "
+        f"({summary['bytes_sent'] / max(summary['images'], 1) / 1e3:.1f} kB per image)",
+        f"  mAP on stream    {_num(summary['map'])} (mAP@.5 {_num(summary['map50'])})",
+        "  defects found (boxes scoring >= 0.5, original pixels):",
+    ]
+    for defect in summary["defects"]:
+        truth = "" if defect["truly_defective"] else "  (false alarm)"
+        boxes = "; ".join(f"{b['class']} {b['score']:.2f} at {b['box']}" for b in defect["boxes"])
+        lines.append(f"    {defect['image']}  p={defect['p_defect']:.3f}  {boxes or '-'}{truth}")
+    lines += [
+        f"  annotated images {paths['annotated']}",
+        f"  results database {paths['live'] / 'edge.sqlite'} (splitdet edge results --db ...)",
+        f"  benchmark        {paths['bench'] / 'report.md'}",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_bench(config: DemoConfig) -> None:
+    """A short benchmark of the trained model on the test split."""
+    from splitdet.bench.run import BenchConfig, run_benchmark
+
+    paths = config.paths()
+    run_benchmark(
+        BenchConfig(
+            model_dir=paths["model"],
+            checkpoint=paths["run"] / "best.pt",
+            data_dir=paths["data"],
+            out_dir=paths["bench"],
+            defect_rates=config.bench_rates,
+            n_images=config.bench_images,
+            codecs=("int8",),
+            rd_qualities=(95, 50),
+            rd_images=min(5, config.bench_images),
+            seed=config.seed,
+            threads=config.threads,
+            progress=config.progress,
+            command="splitdet demo",
+        )
+    )
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """All stages; returns the summary (also written to workdir/summary.json)."""
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    times = StageTimes()
+    for name, stage in (("data", make_data), ("train", train_model), ("export", export_model)):
+        start = time.perf_counter()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        times.cached[name] = stage(config)
+        times.seconds[name] = time.perf_counter() - start
+        if times.cached[name]:
+            print(f"   cached ({config.paths()[_OUTPUT[name]]})", file=sys.stderr)
+    start = time.perf_counter()
+    print("== live: cloud server + edge daemon + camera", file=sys.stderr, flush=True)
+    summary = run_live(config)
+    times.seconds["live"] = time.perf_counter() - start
+    if config.bench_images:
+        start = time.perf_counter()
+        print("== bench", file=sys.stderr, flush=True)
+        run_bench(config)
+        times.seconds["bench"] = time.perf_counter() - start
+    summary["stages"] = asdict(times)
+    summary["config"] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config)).items()
+    }
+    _write_stamp(config.paths()["summary"], summary)
+    print(format_summary(summary, config.paths()))
+    return summary
+
+
+_OUTPUT = {"data": "data", "train": "run", "export": "model"}

@@ -1,0 +1,140 @@
+"""The demo's orchestration on a tiny model: a summary computed from what happened, and Ctrl-C
+stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from splitdet.bench.demo import DemoConfig, run_demo
+from splitdet.edge.store import iter_results, open_readonly
+from splitdet.training.evaluate import coco_metrics
+from splitdet.training.voc import read_split
+
+TINY_DEMO = dict(preset="tiny", image_size=(320, 256), dataset=(6, 3, 3, 5), stream_images=8,
+                 defect_rate=0.25, bench_images=0, camera_interval_s=0.0, progress=False,
+                 threads=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    config = DemoConfig(workdir=tmp_path_factory.mktemp("demo"), **TINY_DEMO)
+    first = run_demo(config)
+    again = run_demo(config)
+    return config, first, again
+
+
+def test_summary_is_computed_from_the_results_database(demo):
+    config, summary, _ = demo
+    paths = config.paths()
+    db = open_readonly(paths["live"] / "edge.sqlite")
+    rows = list(iter_results(db))
+    db.close()
+    assert len(rows) == summary["images"] == config.stream_images
+    for verdict, count in summary["verdicts"].items():
+        assert count == sum(r["verdict"] == verdict for r in rows)
+    assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rows)
+    assert summary["bytes_sent"] > 0 or summary["verdicts"]["defect"] == 0
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    # mAP recomputed independently from the rows and the camera's stream order
+    test = {s.image_path.name: s for s in read_split(paths["data"], "test")}
+    names = sorted(rows, key=lambda r: Path(r["path"]).name)
+    archived = [Path(r["stored_path"]) for r in names]
+    stream = [test[_source_of(path, test)] for path in archived]
+    expected = coco_metrics(
+        stream,
+        [r["boxes"] or [] for r in names],
+        [r["scores"] or [] for r in names],
+        [r["labels"] or [] for r in names],
+        ["scratch"],
+    )
+    assert summary["map"] == pytest.approx(expected["map"])
+    assert summary["defective_in_stream"] == sum(s.is_defective for s in stream) == 2
+    # every process stopped cleanly, and the summary file says the same
+    assert summary["exit_status"] == {"edge": 0, "cloud": 0}
+    assert json.loads(paths["summary"].read_text())["images"] == summary["images"]
+    annotated = list(paths["annotated"].iterdir())
+    assert len(annotated) == summary["verdicts"]["defect"]
+
+
+def _source_of(archived: Path, test: dict) -> str:
+    """The test image an archived camera frame is a copy of (by content)."""
+    data = archived.read_bytes()
+    matches = [name for name, sample in test.items() if sample.image_path.read_bytes() == data]
+    assert matches, archived
+    return matches[0]
+
+
+def test_second_run_reuses_data_model_and_export(demo):
+    _, first, again = demo
+    assert first["stages"]["cached"] == {"data": False, "train": False, "export": False}
+    assert again["stages"]["cached"] == {"data": True, "train": True, "export": True}
+    assert again["images"] == first["images"]
+
+
+def test_ctrl_c_stops_every_process(demo):
+    config, _, _ = demo
+    live = config.paths()["live"]
+    settings = {**TINY_DEMO, "stream_images": 60, "camera_interval_s": 0.2}
+    code = f"""
+    from pathlib import Path
+    from splitdet.bench.demo import DemoConfig, run_demo
+    if __name__ == "__main__":
+        run_demo(DemoConfig(workdir=Path({str(config.workdir)!r}), **{settings!r}))
+    """
+    shutil.rmtree(live)  # so that the ready files seen below are this run's
+    script = config.workdir / "ctrl_c.py"
+    script.write_text(textwrap.dedent(code))
+    demo_process = subprocess.Popen(
+        [sys.executable, str(script)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready = [live / "cloud.ready.json", live / "edge.ready.json"]
+        deadline = time.monotonic() + 120
+        while not all(_ready(path) for path in ready):
+            assert demo_process.poll() is None, demo_process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the demo's processes never became ready"
+            time.sleep(0.2)
+        pids = [json.loads(path.read_text())["pid"] for path in ready]
+        assert all(_alive(pid) for pid in pids)
+        os.killpg(demo_process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        demo_process.wait(timeout=60)
+    finally:
+        if demo_process.poll() is None:
+            os.killpg(demo_process.pid, signal.SIGKILL)
+            demo_process.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "a process the demo started survived Ctrl-C"
+    assert demo_process.returncode != 0
+
+
+def _ready(path: Path) -> bool:
+    try:
+        return "pid" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
