@@ -328,7 +328,7 @@ HOSTILE = {
 
 _RUNNER = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     import test_codec
     from splitdet.shared.codec import CodecError, decode
@@ -339,7 +339,11 @@ _RUNNER = textwrap.dedent(
         message = None
     except CodecError as exc:
         message = str(exc)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forked parent (pytest, with
+    # torch loaded when the whole suite runs), VmHWM belongs to this process's own memory map.
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    rss_mb = hwm_kb / 1024
     print(json.dumps({"message": message, "rss_mb": rss_mb}))
     """
 )
