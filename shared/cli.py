@@ -30,6 +30,10 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: Modules only the full install has (training, export, the cloud server, the benchmark).
+FULL_INSTALL_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "pycocotools", "matplotlib")
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
@@ -77,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"splitdet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
+            print(
+                f"splitdet {args.command}: error: this command needs {exc.name}, which the "
+                "edge-only install leaves out; install splitdet[full]",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"splitdet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,8 @@ _BLOCK_TORCH = textwrap.dedent(
     class _NoTorch:
         def find_spec(self, name, path=None, target=None):
             if name == "torch" or name.startswith(("torch.", "torchvision")):
-                raise ImportError(f"torch is blocked in this test: {name}")
+                # as if torch were not installed (an edge-only install)
+                raise ModuleNotFoundError(f"torch is blocked in this test: {name}", name=name)
             return None
     sys.meta_path.insert(0, _NoTorch())
     """

@@ -58,3 +58,16 @@ def test_cli_help_without_torch():
     )
     assert result.returncode == 0, result.stderr
     assert "splitdet" in result.stdout
+
+
+def test_full_install_commands_explain_themselves_without_torch(tmp_path):
+    result = run_without_torch(
+        f"""
+        from splitdet.shared.cli import main
+        status = main(["train", "--data", {str(tmp_path)!r}, "--out", {str(tmp_path / "run")!r}])
+        assert status == 2, status
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "needs torch" in result.stderr and "splitdet[full]" in result.stderr
+    assert "Traceback" not in result.stderr
