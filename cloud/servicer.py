@@ -33,10 +33,9 @@ from splitdet.cloud.core import (
     DetectionCore,
     DetectResult,
     FingerprintMismatch,
-    ImageMeta,
     InvalidRequest,
 )
-from splitdet.shared.codec import EncodedTensor
+from splitdet.shared.messages import image_from_proto, tensors_from_proto
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -159,27 +158,11 @@ def _rpc(method: Callable) -> Callable:
 
 def call_from_proto(request: pb.DetectRequest) -> DetectCall:
     """A DetectRequest as the core's DetectCall (no validation: the core does that)."""
-    image = request.image
     return DetectCall(
         request_id=request.request_id,
         fingerprint=request.model_fingerprint,
-        image=ImageMeta(
-            original_hw=(image.original_height, image.original_width),
-            resized_hw=(image.resized_height, image.resized_width),
-            source=image.source,
-        ),
-        tensors=[
-            EncodedTensor(
-                name=t.name,
-                shape=tuple(t.shape),
-                codec=t.codec,
-                dtype=t.dtype,
-                scale=tuple(t.scale),
-                zero_point=tuple(t.zero_point),
-                data=t.data,
-            )
-            for t in request.tensors
-        ],
+        image=image_from_proto(request.image),
+        tensors=tensors_from_proto(request),
     )
 
 

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.shared.codec import EncodedTensor
 from splitdet.shared.detection import ImageMeta
+from splitdet.shared.messages import build_request
 from splitdet.shared.wire import detection_pb2 as pb
 from splitdet.shared.wire import detection_pb2_grpc as pb_grpc
 
@@ -234,35 +235,6 @@ class ServedManifest:
         return tuple(self.data.get("class_names", ()))
 
 
-def build_request(
-    encoded: Sequence[EncodedTensor], image: ImageMeta, request_id: str, fingerprint: str
-) -> pb.DetectRequest:
-    """The DetectRequest protobuf for one image's encoded FPN levels."""
-    return pb.DetectRequest(
-        request_id=request_id,
-        model_fingerprint=fingerprint,
-        image=pb.ImageMeta(
-            original_height=image.original_hw[0],
-            original_width=image.original_hw[1],
-            resized_height=image.resized_hw[0],
-            resized_width=image.resized_hw[1],
-            source=image.source,
-        ),
-        tensors=[
-            pb.EncodedTensor(
-                name=t.name,
-                shape=list(t.shape),
-                codec=t.codec,
-                dtype=t.dtype,
-                scale=list(t.scale),
-                zero_point=list(t.zero_point),
-                data=bytes(t.data),
-            )
-            for t in encoded
-        ],
-    )
-
-
 def detections_from_proto(response: pb.DetectResponse) -> CloudDetections:
     """A DetectResponse as numpy arrays."""
     boxes = response.boxes
@@ -319,7 +291,16 @@ class CloudClient:
         Raises:
             RetryLater, NeverRetry: the call failed (see `classify`).
         """
-        request = build_request(encoded, image, request_id, fingerprint)
+        return self.send_request(build_request(encoded, image, request_id, fingerprint), timeout)
+
+    def send_request(
+        self, request: pb.DetectRequest, timeout: float | None = None
+    ) -> CloudDetections:
+        """`detect` for an already built request (e.g. one stored in the edge's outbox).
+
+        Raises:
+            RetryLater, NeverRetry: the call failed (see `classify`).
+        """
         size = request.ByteSize()
         if size > self.config.max_message_bytes:
             raise NeverRetry(

@@ -34,9 +34,8 @@ from pathlib import Path
 
 import grpc
 
-from splitdet.edge.client import CloudClient, CloudDetections, ImageMeta, NeverRetry, RetryLater
+from splitdet.edge.client import CloudClient, CloudDetections, NeverRetry, RetryLater
 from splitdet.edge.store import Answer, OutboxItem, ResultStore
-from splitdet.shared.codec import EncodedTensor
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -63,35 +62,6 @@ class Backoff:
     def delay(self, failures: int, rng: random.Random | None = None) -> float:
         ceiling = min(self.max_s, self.initial_s * 2 ** min(max(failures, 1) - 1, 60))
         return ceiling * (rng or random).uniform(0.5, 1.0)
-
-
-def request_parts(
-    payload: bytes,
-) -> tuple[pb.DetectRequest, list[EncodedTensor], ImageMeta]:
-    """A stored DetectRequest as the client's arguments.
-
-    The client builds its request from EncodedTensor + ImageMeta and has no call for an already
-    serialized request, so the stored one is unpacked (one copy of the payload per attempt)."""
-    request = pb.DetectRequest.FromString(payload)
-    encoded = [
-        EncodedTensor(
-            name=t.name,
-            shape=tuple(t.shape),
-            codec=t.codec,
-            dtype=t.dtype,
-            scale=tuple(t.scale),
-            zero_point=tuple(t.zero_point),
-            data=t.data,
-        )
-        for t in request.tensors
-    ]
-    meta = request.image
-    image = ImageMeta(
-        original_hw=(meta.original_height, meta.original_width),
-        resized_hw=(meta.resized_height, meta.resized_width),
-        source=meta.source,
-    )
-    return request, encoded, image
 
 
 class Sender(threading.Thread):
@@ -168,13 +138,10 @@ class Sender(threading.Thread):
         """Try one item; returns seconds to pause before the next attempt (0: go on)."""
         if self._client is None:
             self._client = self._make_client()
-        request, encoded, image = request_parts(item.payload)
-        fingerprint = request.model_fingerprint
+        request = pb.DetectRequest.FromString(item.payload)
         start = time.perf_counter()
         try:
-            answer = self._client.detect(
-                encoded, image, item.request_id, fingerprint, timeout=self.timeout_s
-            )
+            answer = self._client.send_request(request, timeout=self.timeout_s)
         except RetryLater as exc:
             return self._transient(item, exc, len(item.payload))
         except NeverRetry as exc:

@@ -22,6 +22,7 @@ EDGE_MODULES = [
     "splitdet.edge.client",
     "splitdet.edge.cloud_args",
     "splitdet.shared.detection",
+    "splitdet.shared.messages",
     "splitdet.cloud.cli_cloud",
     "splitdet.shared.wire.detection_pb2_grpc",
 ]
