@@ -1,0 +1,160 @@
+"""Evaluation: our mAP is pycocotools' on a hand-made set with a known answer (issue 3, 3)."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitdet.shared.config import ModelConfig
+from splitdet.training.evaluate import (
+    Prediction,
+    calibrate_threshold,
+    classifier_metrics,
+    coco_metrics,
+    evaluate,
+    roc_auc,
+)
+from splitdet.training.voc import VocObject, VocSample
+
+# Four images: two with one scratch each, one defect-free, one with only a "difficult" scratch.
+SAMPLES = [
+    VocSample("a", Path("a.jpg"), 200, 160, (VocObject("scratch", (10, 10, 50, 50)),)),
+    VocSample("b", Path("b.jpg"), 200, 160, (VocObject("scratch", (100, 100, 140, 120)),)),
+    VocSample("c", Path("c.jpg"), 200, 160, ()),
+    VocSample("d", Path("d.jpg"), 200, 160, (VocObject("scratch", (0, 0, 20, 20), True),)),
+]
+# Exact hits on a (0.9) and b (0.7), a false positive on the defect-free image (0.8), and a hit
+# on the difficult object (0.95), which VOC and COCO's crowd regions ignore.
+DETECTIONS = {
+    "a": ([[10, 10, 50, 50]], [0.9]),
+    "b": ([[100, 100, 140, 120]], [0.7]),
+    "c": ([[60, 60, 90, 70]], [0.8]),
+    "d": ([[0, 0, 20, 20]], [0.95]),
+}
+# Ranked: TP (P 1, R .5), FP (P .5, R .5), TP (P 2/3, R 1). COCO's 101-point interpolation:
+# precision 1 at the 51 recall points <= .5 and 2/3 at the 50 above, at every IoU threshold.
+KNOWN_AP = (51 * 1.0 + 50 * 2 / 3) / 101
+
+
+def _arrays():
+    boxes = [np.array(DETECTIONS[s.image_id][0], np.float32) for s in SAMPLES]
+    scores = [np.array(DETECTIONS[s.image_id][1], np.float32) for s in SAMPLES]
+    labels = [np.ones(len(b), np.int64) for b in boxes]
+    return boxes, scores, labels
+
+
+def test_map_has_the_known_answer():
+    metrics = coco_metrics(SAMPLES, *_arrays(), ["scratch"])
+    assert metrics["map"] == pytest.approx(KNOWN_AP, abs=1e-6)
+    assert metrics["map50"] == pytest.approx(KNOWN_AP, abs=1e-6)
+    assert metrics["ar100"] == pytest.approx(1.0)
+
+
+def test_map_equals_pycocotools_from_files(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for image_id, sample in enumerate(SAMPLES, start=1):
+        images.append({"id": image_id, "width": sample.width, "height": sample.height})
+        for obj in sample.objects:
+            x1, y1, x2, y2 = obj.box
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": int(obj.difficult),
+            })  # fmt: skip
+        for (x1, y1, x2, y2), score in zip(*DETECTIONS[sample.image_id], strict=True):
+            results.append({"image_id": image_id, "category_id": 1,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})  # fmt: skip
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                   "categories": [{"id": 1, "name": "scratch"}]}))  # fmt: skip
+    gt = COCO(str(gt_file))
+    reference = COCOeval(gt, gt.loadRes(results), "bbox")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    ours = coco_metrics(SAMPLES, *_arrays(), ["scratch"])
+    assert ours["map"] == pytest.approx(reference.stats[0], abs=1e-12)
+    assert ours["map50"] == pytest.approx(reference.stats[1], abs=1e-12)
+    assert ours["ar100"] == pytest.approx(reference.stats[8], abs=1e-12)
+
+
+def test_map_without_any_detection_is_zero_and_empty_gt_is_none():
+    empty = [np.zeros((0, 4), np.float32)] * len(SAMPLES)
+    none = [np.zeros(0)] * len(SAMPLES)
+    assert coco_metrics(SAMPLES, empty, none, none, ["scratch"])["map"] == 0.0
+    free = [SAMPLES[2]]
+    assert coco_metrics(free, *[x[2:3] for x in _arrays()], ["scratch"])["map"] is None
+
+
+def test_gate_calibration_and_classifier_metrics():
+    probs = [0.9, 0.8, 0.3, 0.6, 0.2, 0.1]
+    labels = [True, True, True, True, False, False]
+    assert calibrate_threshold(probs, labels, 1.0) == 0.3
+    assert calibrate_threshold(probs, labels, 0.75) == 0.6  # one miss allowed out of four
+    m = classifier_metrics(probs, labels, 0.3)
+    assert (m["recall"], m["accuracy"], m["precision"]) == (1.0, 1.0, 1.0)
+    assert m["auc"] == 1.0
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5
+    with pytest.raises(ValueError, match="no defective image"):
+        calibrate_threshold([0.1], [False], 0.99)
+
+
+def test_map_kept_drops_detections_of_gated_images():
+    boxes, scores, labels = _arrays()
+    p_defect = {"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}  # b (a real scratch) is under 0.4
+    predictions = [
+        Prediction(
+            torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(c), p_defect[x.image_id]
+        )
+        for b, s, c, x in zip(boxes, scores, labels, SAMPLES, strict=True)
+    ]
+    model = types.SimpleNamespace(config=ModelConfig(depth=18))
+    metrics = evaluate(model, SAMPLES, gate_threshold=0.4, predictions=predictions)
+    assert metrics["map"] == pytest.approx(KNOWN_AP, abs=1e-6)
+    # gated: only a's TP survives -> P 1 at R .5, nothing above: 51 / 101
+    assert metrics["map_gated"] == pytest.approx(51 / 101, abs=1e-6)
+    assert metrics["map_kept"] == pytest.approx((51 / 101) / KNOWN_AP, abs=1e-6)
+    assert metrics["gate_recall"] == pytest.approx(2 / 3)  # a, d flagged; b missed
+    assert metrics["gate_accuracy"] == pytest.approx(3 / 4)
+    required = {"map", "map50", "ar100", "gate_threshold", "gate_recall", "gate_accuracy",
+                "map_gated", "map_kept"}  # fmt: skip
+    assert required <= set(metrics)
+    json.dumps(metrics)
+
+
+def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
+    from dataclasses import replace
+
+    from test_train import make_tiny_voc
+
+    from splitdet.shared.checkpoint import read_checkpoint
+    from splitdet.shared.cli import main
+    from splitdet.training.presets import TINY
+    from splitdet.training.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = make_tiny_voc(tmp_path / "voc", n_defective=3, n_free=2)
+        train(replace(TINY, epochs=1, eval_every=0), data, tmp_path / "run", progress=False)
+        out = tmp_path / "eval.json"
+        args = ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "last.pt")]
+        assert main([*args, "--json", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads(out.read_text())
+    assert {"map", "map50", "ar100", "gate_threshold", "gate_recall", "gate_accuracy",
+            "map_gated", "map_kept"} <= set(metrics)  # fmt: skip
+    assert metrics["images"] == 5 and metrics["gate_recall"] == 1.0  # calibrated on val = test
+    stored = read_checkpoint(tmp_path / "run" / "last.pt")["gate_threshold"]
+    assert stored == pytest.approx(metrics["gate_threshold"])
+    assert main(["eval", "--data", str(tmp_path), "--checkpoint", str(out)]) == 2  # not a ckpt

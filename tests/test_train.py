@@ -1,0 +1,170 @@
+"""Training: a tiny run lowers the loss; a checkpoint resumes to the same state (issue 3, 2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from splitdet.shared.checkpoint import load_model, read_checkpoint
+from splitdet.training import voc
+from splitdet.training.dataset import CropSettings, VocDetection
+from splitdet.training.presets import PRESETS, TINY, TrainConfig
+from splitdet.training.train import InitError, load_initial_weights, train
+
+
+def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 128), seed=0):
+    """A VOC tree of dark images with bright 3-px strokes (`scratch`), split train = val = all."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ids = []
+    for k in range(n_defective + n_free):
+        image = rng.normal(40, 6, (height, width, 3)).clip(0, 255).astype(np.uint8)
+        objects = []
+        if k < n_defective:
+            for _ in range(1 + k % 2):
+                horizontal = rng.random() < 0.5
+                length = int(rng.integers(30, 60))
+                x0 = int(rng.integers(4, width - (length if horizontal else 4) - 4))
+                y0 = int(rng.integers(4, height - (4 if horizontal else length) - 4))
+                x1, y1 = (x0 + length, y0 + 3) if horizontal else (x0 + 3, y0 + length)
+                image[y0:y1, x0:x1] = 230
+                objects.append(
+                    voc.VocObject("scratch", (float(x0), float(y0), float(x1), float(y1)))
+                )
+        image_id = f"img_{k:03d}"
+        path = root / "JPEGImages" / f"{image_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        sample = voc.VocSample(image_id, path, width, height, tuple(objects))
+        voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
+        ids.append(image_id)
+    for split in ("train", "val", "test"):
+        voc.write_split(root, split, ids)
+    return root
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return replace(TINY, eval_every=0, **changes)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the machine's cores are shared, and oversubscribed OpenMP threads
+    spin instead of working (a tiny run took 25x longer beside another training job)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory):
+    return make_tiny_voc(tmp_path_factory.mktemp("voc"))
+
+
+def test_presets_are_consistent():
+    paper = PRESETS["paper"]
+    assert paper.model.depth == 50 and paper.lr == 0.01 and paper.momentum == 0.9
+    assert (paper.scheduler, paper.step_size, paper.gamma) == ("step", 3, 0.33)
+    assert (paper.batch_size, paper.epochs) == (4, 200)
+    assert (paper.model.min_size, paper.model.max_size) == (2048, 2448)
+    cpu = PRESETS["cpu"]
+    assert cpu.minutes is not None and cpu.minutes <= 30 and cpu.model.norm == "group"
+    assert TrainConfig.from_dict(json.loads(json.dumps(cpu.to_dict()))) == cpu
+
+
+def test_dataset_crops_keep_boxes_inside_and_drop_difficult(tiny_voc):
+    samples = voc.read_split(tiny_voc, "train")
+    hard = replace(
+        samples[0], objects=(*samples[0].objects, voc.VocObject("scratch", (1, 1, 9, 9), True))
+    )
+    data = VocDetection([hard, *samples[1:]], ["scratch"], train=True, crop=CropSettings(64, 1.0))
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            image, target = data[i]
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+            assert image.min() >= 0.0 and image.max() <= 1.0
+            boxes = target["boxes"]
+            assert boxes.dtype == torch.float32 and target["labels"].dtype == torch.int64
+            assert not target["difficult"].any()
+            if len(boxes):
+                assert (
+                    (boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= 64
+                )
+    # evaluation items: whole image, difficult objects kept and flagged
+    image, target = VocDetection([hard], ["scratch"])[0]
+    assert image.shape == (3, 128, 160) and target["difficult"].tolist()[-1] is True
+    # the same item twice is the same crop (deterministic per seed, epoch, index)
+    data.set_epoch(5)
+    assert torch.equal(data[1][0], data[1][0])
+
+
+def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path):
+    config = tiny_config(epochs=8, lr=0.02, warmup_iters=1)
+    train(config, tiny_voc, tmp_path, progress=False)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(history) == 8
+    first, last = history[0]["loss"], min(row["loss"] for row in history[-3:])
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+    _, checkpoint = load_model(tmp_path / "last.pt")
+    assert checkpoint["epoch"] == 7 and checkpoint["class_names"] == ["scratch"]
+    assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "config", "epoch"}
+
+
+def test_resume_reaches_the_same_state(tiny_voc, tmp_path):
+    config = tiny_config(epochs=3)
+    train(config, tiny_voc, tmp_path / "straight", progress=False)
+    train(config, tiny_voc, tmp_path / "split", progress=False, stop_after=1)
+    middle = read_checkpoint(tmp_path / "split" / "last.pt")
+    assert middle["epoch"] == 0 and middle["lr_scheduler"]["step_count"] > 0
+    train(config, tiny_voc, tmp_path / "split", progress=False, resume=True)
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")
+    b = read_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    # the same schedule position (its clock holds wall seconds, which differ)
+    assert {**a["lr_scheduler"], "seconds": 0} == {**b["lr_scheduler"], "seconds": 0}
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key]["momentum_buffer"], state_b[key]["momentum_buffer"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert len(b["history"]) == 3
+
+
+def test_init_errors_are_clear(tmp_path):
+    from splitdet.shared.model import MultiTaskRCNN
+
+    model = MultiTaskRCNN(TINY.model)
+    with pytest.raises(InitError, match="norm batch or frozen"):
+        load_initial_weights(model, "imagenet", progress=False)
+    with pytest.raises(InitError, match="not imagenet, coco, none"):
+        load_initial_weights(model, str(tmp_path / "missing.pt"), progress=False)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    report = load_initial_weights(MultiTaskRCNN(TINY.model), str(tmp_path / "plain.pt"))
+    assert report["loaded"] == len(model.state_dict()) and not report["skipped"]
+
+
+def test_hub_failure_names_the_cache(monkeypatch):
+    from torchvision.models import ResNet18_Weights
+
+    from splitdet.shared.config import ModelConfig
+    from splitdet.shared.model import MultiTaskRCNN
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    model = MultiTaskRCNN(ModelConfig(depth=18, norm="frozen", fpn_channels=64))
+    with pytest.raises(InitError, match="torch hub cache"):
+        load_initial_weights(model, "imagenet", progress=False)

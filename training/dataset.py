@@ -1,0 +1,179 @@
+"""A torch Dataset over PASCAL VOC samples, with the training crops that make CPU training work.
+
+    samples = voc.read_split(root, "train", class_names)
+    data = VocDetection(samples, class_names, crop=256, object_fraction=0.6, flips=True)
+    image, target = data[0]   # Tensor[3, H, W] in [0, 1]; {"boxes", "labels", "iscrowd", ...}
+
+Training crops are taken at the model's input scale: a scratch 1 px wide stays 1 px wide, which a
+resized full image would blur away. `input_size` (the model's `min_size`, `max_size`) resizes
+each whole image first by the factor the model's transform would apply to it (see `input_scale`),
+so a crop shows exactly what the model sees of a full image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from splitdet.training.voc import VocSample
+
+#: A box clipped by a crop is kept when its longer side keeps at least this many px.
+MIN_KEPT_SIDE = 4.0
+
+
+def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor torchvision's GeneralizedRCNNTransform resizes an (height, width) image by."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]):
+    """(images, targets) as tuples, the shape torchvision's detectors take."""
+    return tuple(zip(*batch, strict=True))
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """Training crops.
+
+    Attributes:
+        size: side of the square crop, px at the model's input scale.
+        object_fraction: probability that a crop of a defective image is centred on one of its
+            objects (jittered by up to a quarter crop); otherwise the crop is uniform.
+    """
+
+    size: int = 256
+    object_fraction: float = 0.6
+
+
+class VocDetection(Dataset):
+    """VOC samples as detection training/evaluation pairs.
+
+    Item i is (image Tensor[3, H, W] float32 in [0, 1], target) with target:
+        boxes     FloatTensor[K, 4] x1, y1, x2, y2, 0-based continuous px of the returned image
+        labels    Int64Tensor[K], 1-based index into class_names (0 is background)
+        iscrowd   Int64Tensor[K], 1 for VOC "difficult" objects
+        difficult BoolTensor[K]
+        image_id  Int64Tensor[1], the index i
+    With `train=True`, difficult objects are dropped (they are neither positives nor negatives in
+    VOC; keeping them out of the loss is torchvision's reference practice). Defect-free images
+    have K = 0 and act as negatives.
+
+    Args:
+        samples: from `voc.read_split`.
+        class_names: foreground classes, in label order.
+        train: apply augmentation (crops, flips) and drop difficult objects.
+        crop: crop settings (train only); None trains on whole images.
+        input_size: (min_size, max_size) of the model: each image is resized as the model's
+            transform would resize it before cropping (train only); None: the file's scale.
+        flips: random horizontal and vertical flips (train only).
+        seed: augmentation seed; item i of epoch e is the same whatever the worker count.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[VocSample],
+        class_names: Sequence[str],
+        *,
+        train: bool = False,
+        crop: CropSettings | None = None,
+        input_size: tuple[int, int] | None = None,
+        flips: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.class_names = tuple(class_names)
+        self.label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
+        for sample in self.samples:
+            for obj in sample.objects:
+                if obj.name not in self.label_of:
+                    raise ValueError(
+                        f"{sample.image_path}: class {obj.name!r} is not one of {self.class_names}"
+                    )
+        self.train = train
+        self.crop = crop if train else None
+        self.input_size = input_size if train else None
+        self.flips = flips and train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the augmentation per epoch (call before each epoch, as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        sample = self.samples[index]
+        objects = [o for o in sample.objects if not (self.train and o.difficult)]
+        boxes = np.array([o.box for o in objects], dtype=np.float32).reshape(-1, 4)
+        labels = np.array([self.label_of[o.name] for o in objects], dtype=np.int64)
+        difficult = np.array([o.difficult for o in objects], dtype=bool)
+        with Image.open(sample.image_path) as img:
+            img = img.convert("RGB")
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                img, boxes, keep = self._augment(img, boxes, rng)
+                labels, difficult = labels[keep], difficult[keep]
+            image = pil_to_tensor(img).float().div_(255.0)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "iscrowd": torch.from_numpy(difficult.astype(np.int64)),
+            "difficult": torch.from_numpy(difficult),
+            "image_id": torch.tensor([index]),
+        }
+        return image, target
+
+    def _augment(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+        keep = np.ones(len(boxes), dtype=bool)
+        width, height = img.size
+        scale = input_scale(height, width, *self.input_size) if self.input_size else 1.0
+        if abs(scale - 1.0) > 1e-6:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            img = img.resize(size, Image.BILINEAR)
+            boxes = boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
+        if self.crop is not None:
+            img, boxes, keep = self._random_crop(img, boxes, rng)
+        width, height = img.size
+        if self.flips and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
+                [width, 0, width, 0], np.float32
+            )
+        if self.flips and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_TOP_BOTTOM)
+            boxes = boxes[:, [0, 3, 2, 1]] * np.array([1, -1, 1, -1], np.float32) + np.array(
+                [0, height, 0, height], np.float32
+            )
+        return img, boxes, keep
+
+    def _random_crop(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+        size = self.crop.size
+        width, height = img.size
+        if len(boxes) and rng.random() < self.crop.object_fraction:
+            x1, y1, x2, y2 = boxes[rng.integers(len(boxes))]
+            jitter = rng.uniform(-size / 4, size / 4, 2)
+            cx, cy = (x1 + x2) / 2 + jitter[0], (y1 + y2) / 2 + jitter[1]
+            left, top = round(cx - size / 2), round(cy - size / 2)
+        else:
+            left = int(rng.integers(0, max(width - size, 0) + 1))
+            top = int(rng.integers(0, max(height - size, 0) + 1))
+        left = min(max(left, 0), max(width - size, 0))
+        top = min(max(top, 0), max(height - size, 0))
+        # PIL pads with black where the crop passes the image edge (images smaller than a crop).
+        img = img.crop((left, top, left + size, top + size))
+        shifted = boxes - np.array([left, top, left, top], np.float32)
+        clipped = shifted.copy()
+        clipped[:, [0, 2]] = np.clip(shifted[:, [0, 2]], 0, min(size, width - left))
+        clipped[:, [1, 3]] = np.clip(shifted[:, [1, 3]], 0, min(size, height - top))
+        w, h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+        keep = (w > 0) & (h > 0) & (np.maximum(w, h) >= MIN_KEPT_SIDE)
+        return img, clipped[keep], keep

@@ -1,0 +1,320 @@
+"""Evaluation: COCO mAP through pycocotools, the defect classifier, and the calibrated gate.
+
+    metrics = evaluate(model, test_samples, calibration_samples=val_samples, target_recall=0.995)
+    metrics["map50"], metrics["gate_threshold"], metrics["map_kept"]
+
+Detection metrics are pycocotools' own COCOeval on COCO objects built in memory: every image of
+the split is an image of the evaluation (defect-free ones included: a detection there is a false
+positive), and VOC "difficult" objects become `iscrowd` regions (pycocotools ignores detections
+matched to them, as the VOC protocol ignores difficult objects).
+
+The gate: p(defect) per image from the defect head. Its threshold is calibrated on a separate
+split (validation) as the highest threshold that keeps at least `target_recall` of that split's
+defective images. The gated system is the detector whose detections are dropped for images under
+the threshold; "mAP kept" is its mAP over the detector's alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from splitdet.training.voc import VocSample
+
+DEFAULT_TARGET_RECALL = 0.995
+
+
+@dataclass
+class Prediction:
+    """One image's output: boxes FloatTensor[K, 4] x1y1x2y2 in original px, scores [K],
+    labels Int64[K] (1-based), p_defect the gate's probability."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    p_defect: float
+
+
+@torch.inference_mode()
+def predict(
+    model,
+    samples: Sequence[VocSample],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    progress: bool = False,
+) -> list[Prediction]:
+    """Detections and p(defect) for every sample, with one backbone pass per image."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    model.eval()
+    gate_level = model.config.gate_level
+    out: list[Prediction] = []
+    batches = range(0, len(samples), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch", leave=False)
+    for start in batches:
+        images = []
+        for sample in samples[start : start + batch_size]:
+            with Image.open(sample.image_path) as img:
+                images.append(pil_to_tensor(img.convert("RGB")).float().div_(255.0).to(device))
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        # FasterRCNN.forward, with the defect head reading the same features
+        images_t, _ = model.transform(images)
+        features = model.backbone(images_t.tensors)
+        p_defect = torch.sigmoid(model.defect_head(features[gate_level])[0])
+        proposals, _ = model.rpn(images_t, features)
+        detections, _ = model.roi_heads(features, proposals, images_t.image_sizes)
+        detections = model.transform.postprocess(detections, images_t.image_sizes, original_sizes)
+        for det, p in zip(detections, p_defect.tolist(), strict=True):
+            out.append(Prediction(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), p))
+    return out
+
+
+# ----------------------------------------------------------------------------------- detection
+
+
+def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]):
+    from pycocotools.coco import COCO
+
+    label_of = {name: k + 1 for k, name in enumerate(class_names)}
+    images, annotations = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        images.append({"id": image_id, "width": sample.width, "height": sample.height})
+        for obj in sample.objects:
+            x1, y1, x2, y2 = obj.box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label_of[obj.name],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(obj.difficult),
+                }
+            )
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image):
+    """Detections as a COCO object, as `COCO.loadRes` would build it (works for none at all)."""
+    from pycocotools.coco import COCO
+
+    annotations = []
+    for image_id, (boxes, scores, labels) in enumerate(
+        zip(boxes_per_image, scores_per_image, labels_per_image, strict=True), start=1
+    ):
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
+            w, h = float(x2 - x1), float(y2 - y1)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(x1), float(y1), w, h],
+                    "area": w * h,
+                    "score": float(score),
+                    "iscrowd": 0,
+                }
+            )
+    dt = COCO()
+    dt.dataset = {
+        "images": list(gt.dataset["images"]),
+        "annotations": annotations,
+        "categories": list(gt.dataset["categories"]),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+def coco_metrics(
+    samples: Sequence[VocSample],
+    boxes_per_image: Sequence,
+    scores_per_image: Sequence,
+    labels_per_image: Sequence,
+    class_names: Sequence[str],
+) -> dict[str, float | None]:
+    """pycocotools' bbox COCOeval over all `samples` (images without objects included).
+
+    Args:
+        samples: ground truth; object boxes 0-based continuous x1y1x2y2 px.
+        boxes_per_image: per sample, [K, 4] x1y1x2y2 (array-like); scores and labels (1-based)
+            likewise [K].
+
+    Returns {"map": mAP@[.5:.95], "map50": mAP@.5, "map75", "ar100": AR@100}; None where
+    pycocotools has nothing to average (no ground truth at all).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
+        raise ValueError("one detection list per sample is needed")
+    gt = _coco_gt(samples, class_names)
+    dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
+    coco_eval = COCOeval(gt, dt, iouType="bbox")
+    coco_eval.params.imgIds = sorted(gt.getImgIds())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = [None if s < 0 else float(s) for s in coco_eval.stats]
+    return {"map": stats[0], "map50": stats[1], "map75": stats[2], "ar100": stats[8]}
+
+
+# ---------------------------------------------------------------------------------- the gate
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); None with one class only."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibrate_threshold(
+    probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
+) -> float:
+    """The highest threshold t with recall (fraction of positives with p >= t) >= target_recall."""
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    positives = np.sort(np.asarray(probabilities, dtype=np.float64)[np.asarray(labels, bool)])
+    if len(positives) == 0:
+        raise ValueError("cannot calibrate the gate: the calibration split has no defective image")
+    misses = math.floor((1.0 - target_recall) * len(positives) + 1e-9)
+    return float(positives[misses])
+
+
+def classifier_metrics(
+    probabilities: Sequence[float], labels: Sequence[bool], threshold: float
+) -> dict[str, float | None]:
+    """Accuracy, precision, recall, F1 of `p >= threshold` as "defective", and ROC AUC."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pred = p >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {
+        "accuracy": (tp + tn) / len(y) if len(y) else None,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "auc": roc_auc(p, y),
+        "pass_rate": float(pred.mean()) if len(y) else None,  # share of images sent to the cloud
+    }
+
+
+# ---------------------------------------------------------------------------------- together
+
+
+def evaluate(
+    model,
+    samples: Sequence[VocSample],
+    *,
+    calibration_samples: Sequence[VocSample] | None = None,
+    gate_threshold: float | None = None,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    progress: bool = False,
+    predictions: Sequence[Prediction] | None = None,
+) -> dict:
+    """Detection, classifier and gated-system metrics of `model` on `samples`.
+
+    The gate threshold is, in order: calibrated on `calibration_samples` for `target_recall`;
+    `gate_threshold`; else calibrated on `samples` themselves (then reported as such in
+    "gate_calibrated_on").
+
+    Returns a JSON-able dict: map, map50, map75, ar100 (detector alone); gate_threshold,
+    gate_calibrated_on, gate_recall, gate_accuracy, gate_precision, gate_f1, gate_auc,
+    gate_pass_rate (on `samples`); map_gated, map50_gated, map_kept (map_gated / map),
+    map50_kept; images, defective_images.
+    """
+    class_names = model.config.class_names
+    if predictions is None:
+        predictions = predict(
+            model, samples, device=device, batch_size=batch_size, progress=progress
+        )
+    labels = [s.is_defective for s in samples]
+    probs = [p.p_defect for p in predictions]
+    if calibration_samples is not None:
+        calib = predict(model, calibration_samples, device=device, batch_size=batch_size)
+        threshold = calibrate_threshold(
+            [p.p_defect for p in calib],
+            [s.is_defective for s in calibration_samples],
+            target_recall,
+        )
+        calibrated_on = "calibration split"
+    elif gate_threshold is not None:
+        threshold, calibrated_on = float(gate_threshold), "given"
+    else:
+        threshold = calibrate_threshold(probs, labels, target_recall)
+        calibrated_on = "evaluated split"
+
+    boxes = [p.boxes.numpy() for p in predictions]
+    scores = [p.scores.numpy() for p in predictions]
+    det_labels = [p.labels.numpy() for p in predictions]
+    detector = coco_metrics(samples, boxes, scores, det_labels, class_names)
+    passed = [p >= threshold for p in probs]
+    empty = np.zeros((0, 4), np.float32)
+    gated = coco_metrics(
+        samples,
+        [b if keep else empty for b, keep in zip(boxes, passed, strict=True)],
+        [s if keep else s[:0] for s, keep in zip(scores, passed, strict=True)],
+        [c if keep else c[:0] for c, keep in zip(det_labels, passed, strict=True)],
+        class_names,
+    )
+    gate = classifier_metrics(probs, labels, threshold)
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return {
+        **detector,
+        "images": len(samples),
+        "defective_images": sum(labels),
+        "gate_threshold": threshold,
+        "gate_calibrated_on": calibrated_on,
+        "gate_target_recall": target_recall,
+        "gate_recall": gate["recall"],
+        "gate_accuracy": gate["accuracy"],
+        "gate_precision": gate["precision"],
+        "gate_f1": gate["f1"],
+        "gate_auc": gate["auc"],
+        "gate_pass_rate": gate["pass_rate"],
+        "map_gated": gated["map"],
+        "map50_gated": gated["map50"],
+        "map_kept": ratio(gated["map"], detector["map"]),
+        "map50_kept": ratio(gated["map50"], detector["map50"]),
+    }

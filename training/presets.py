@@ -1,0 +1,169 @@
+"""Training presets: frozen dataclass instances, one per named recipe.
+
+    from splitdet.training.presets import PRESETS
+    config = PRESETS["cpu"]                      # or "paper", "tiny"
+    config = dataclasses.replace(config, epochs=5)
+
+`paper` is the paper's recipe (Table 2). `cpu` is the recipe that learns from scratch on a
+2-core CPU within 30 minutes (see `cpu`'s comments for what was measured). `tiny` is for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from splitdet.shared.config import ModelConfig
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("step", "cosine", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run (data and output folders aside)."""
+
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # optimiser
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4  # not applied to norm weights and biases
+    clip_grad_norm: float | None = None  # max total gradient norm; None: no clipping
+    # schedule
+    scheduler: str = "step"  # step: StepLR per epoch | cosine: per iteration | none
+    step_size: int = 3  # StepLR: epochs per step
+    gamma: float = 0.33  # StepLR: factor per step
+    warmup_iters: int = 0  # linear warm-up from lr/10 (cosine only)
+    # data
+    batch_size: int = 4  # images per step and process
+    epochs: int = 200
+    minutes: float | None = (
+        None  # training-time budget (evaluation excluded); cosine anneals over it
+    )
+    crop: int | None = None  # square training crops, px at the model's input scale; None: whole
+    crop_object_fraction: float = 0.6  # crops of defective images centred on an object
+    flips: bool = True  # random horizontal and vertical flips
+    workers: int = 0  # DataLoader worker processes
+    seed: int = 0
+    # losses and sampling (training-time only: not part of the model)
+    defect_loss_weight: float = 1.0  # weight of loss_defect in the summed loss
+    rpn_pre_nms_top_n_train: int = 2000  # proposals per level before NMS, torchvision default
+    rpn_post_nms_top_n_train: int = 2000  # torchvision default
+    box_batch_size_per_image: int = 512  # ROI samples per image, torchvision default
+    # evaluation during training
+    eval_every: int = 1  # epochs between validation passes (0: never)
+    eval_images: int | None = None  # validation images per pass (None: all, evenly spaced subset)
+    best_metric: str = "map50"  # metric that selects best.pt
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be >= 1")
+        if self.crop is not None and self.crop % 32:
+            raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("model"), dict):
+            data["model"] = ModelConfig.from_dict(data["model"])
+        return cls(**data)
+
+
+#: The paper (Table 2): ResNet50-FPN, SGD lr 0.01 momentum 0.9, StepLR(3, 0.33), batch 4,
+#: 200 epochs, input 2448x2048. min_size=2048 / max_size=2448 keep the camera's native
+#: resolution: torchvision's default (800/1333) would shrink a 2448x2048 image 2.6x and a
+#: 1-6 px scratch to sub-pixel width; the paper states its input size as 2448x2048.
+PAPER = TrainConfig(
+    name="paper",
+    model=ModelConfig(depth=50, min_size=2048, max_size=2448),
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    scheduler="step",
+    step_size=3,
+    gamma=0.33,
+    batch_size=4,
+    epochs=200,
+    workers=2,
+)
+
+#: From scratch on 2 CPU cores in 30 minutes, on 612x512 images (a quarter of 2448x2048).
+#: ResNet18-FPN with GroupNorm (batch statistics of 8 crops are noise), zero-init residuals,
+#: a 512-wide box head, small thin anchors (scratches are ~1 px wide and 7-350 px long at this
+#: scale), native-scale 256 px crops centred on scratches 60% of the time, SGD with warm-up and
+#: a cosine annealed over the time budget. The gate is the dense head on P3 ("1"): trained on
+#: image labels alone the pooled heads stayed at the class prior.
+#: Per-step cost, profiled (1 thread): convolutions ~60%, ROI-align backward 12%, RPN NMS 7%.
+#: Hence 64 FPN channels (the FPN + RPN head convs cost more than the ResNet18 body at 128),
+#: 500 proposals per level before/after NMS and 64 ROI samples per image: 1.75x faster steps
+#: than 128 channels / 1000 / 128 measured side by side. Still far from the 0.7 mAP@.5 target
+#: in 30 minutes: see the training notes (it is iteration-bound).
+CPU = TrainConfig(
+    name="cpu",
+    model=ModelConfig(
+        depth=18,
+        fpn_channels=64,
+        norm="group",
+        zero_init_residual=True,
+        gate_level="1",
+        gate_pooling="dense",
+        anchor_sizes=(16, 32, 64, 128, 256),
+        anchor_ratios=(0.2, 0.5, 1.0, 2.0, 5.0),
+        box_head_dim=512,
+        min_size=512,
+        max_size=640,
+    ),
+    optimizer="sgd",
+    lr=0.02,
+    momentum=0.9,
+    weight_decay=1e-4,
+    clip_grad_norm=10.0,
+    scheduler="cosine",
+    warmup_iters=100,
+    batch_size=8,
+    epochs=1000,
+    minutes=30.0,
+    crop=256,
+    crop_object_fraction=0.6,
+    rpn_pre_nms_top_n_train=500,
+    rpn_post_nms_top_n_train=500,
+    box_batch_size_per_image=64,
+    eval_every=3,
+    eval_images=60,
+)
+
+#: Seconds-long runs for tests: tiny ResNet18-FPN on small images.
+TINY = replace(
+    CPU,
+    name="tiny",
+    model=replace(CPU.model, box_head_dim=128, min_size=128, max_size=160),
+    lr=0.01,
+    warmup_iters=2,
+    batch_size=2,
+    epochs=2,
+    minutes=None,
+    crop=96,
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=200,
+    box_batch_size_per_image=64,
+    eval_every=1,
+    eval_images=None,
+)
+
+PRESETS: dict[str, TrainConfig] = {"paper": PAPER, "cpu": CPU, "tiny": TINY}

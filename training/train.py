@@ -1,0 +1,584 @@
+"""Joint multi-task training: detection losses (RPN + ROI) on every image plus the defect loss.
+
+    from splitdet.training.presets import PRESETS
+    from splitdet.training.train import train
+    train(PRESETS["cpu"], "data/gaskets", "runs/cpu")  # = splitdet train --data ... --out ...
+
+Multi-process (the paper trained on two GPUs): `torchrun --nproc_per_node 2 -m
+splitdet.training.cli_train --data D --out R` (gloo on CPU, nccl on GPU). Each process takes
+`batch_size` images per step; only rank 0 evaluates and writes checkpoints and metrics.
+
+Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best validation
+`best_metric`), `metrics.csv` / `metrics.json` (one row per epoch), `learning_curve.png`,
+`train_config.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from splitdet.shared.checkpoint import read_checkpoint, save_checkpoint
+from splitdet.shared.model import MultiTaskRCNN
+from splitdet.training.dataset import CropSettings, VocDetection, collate
+from splitdet.training.presets import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+
+class InitError(RuntimeError):
+    """Starting weights that cannot be had; the message says what to do instead."""
+
+
+# ------------------------------------------------------------------------------ starting weights
+
+
+def _hub_hint(weights) -> str:
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"could not fetch {weights} from {weights.url}. Offline? Download that file elsewhere and "
+        f"place it, named {Path(weights.url).name}, in {hub}/ (the torch hub cache, $TORCH_HOME), "
+        "or pass --init PATH with a torchvision state dict or a splitdet checkpoint."
+    )
+
+
+def _fetch(weights, progress: bool) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=progress)
+    except Exception as exc:  # URLError, HTTPError, socket errors, hash mismatch...
+        raise InitError(f"{_hub_hint(weights)} ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> dict:
+    """Copy every tensor of `state` whose key (after `prefix`) and shape fit; report the rest."""
+    own = model.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        name = prefix + key
+        if name in own and own[name].shape == value.shape:
+            loaded[name] = value
+        else:
+            skipped.append(key)
+    model.load_state_dict(loaded, strict=False)
+    return {"loaded": len(loaded), "skipped": skipped, "missing": len(own) - len(loaded)}
+
+
+def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True) -> dict:
+    """Start `model` from `init`: "none", "imagenet" (torchvision's ImageNet ResNet of the
+    model's depth, backbone body only), "coco" (torchvision's COCO Faster R-CNN ResNet50-FPN; the
+    class-specific box predictor is skipped) or a path (splitdet checkpoint or torchvision state
+    dict). Tensors whose shape does not fit are skipped and counted. Raises InitError."""
+    from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    config = model.config
+    if init == "none":
+        return {"loaded": 0, "skipped": [], "missing": len(model.state_dict())}
+    if init == "imagenet":
+        if config.norm == "group":
+            raise InitError("ImageNet weights carry BatchNorm statistics: use norm batch or frozen")
+        weights = {18: ResNet18_Weights, 34: ResNet34_Weights, 50: ResNet50_Weights}[config.depth]
+        state = _fetch(weights.IMAGENET1K_V1, progress)
+        return _load_matching(model, state, prefix="backbone.body.")
+    if init == "coco":
+        if config.depth != 50 or config.norm == "group":
+            raise InitError("COCO weights need depth 50 with norm batch or frozen")
+        state = _fetch(FasterRCNN_ResNet50_FPN_Weights.COCO_V1, progress)
+        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
+        return _load_matching(model, state)
+    path = Path(init)
+    if not path.is_file():
+        raise InitError(f"--init {init!r}: not imagenet, coco, none, nor an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InitError(f"{path}: not a readable checkpoint or state dict ({exc})") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise InitError(f"{path}: expected a state dict")
+    report = _load_matching(model, state)
+    if report["loaded"] == 0:
+        raise InitError(f"{path}: no tensor fits this model's configuration")
+    return report
+
+
+# --------------------------------------------------------------------------- optimiser, schedule
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on norm weights and biases (torchvision's reference)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+        del name
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+class WarmupCosine:
+    """Per-iteration learning rate: linear warm-up from lr/10, then a cosine to 0.
+
+    Progress is the larger of iterations done / `total_iters` and training seconds /
+    `budget_seconds`, so a time-budgeted run anneals fully by its deadline whatever the speed
+    of the machine. Has `state_dict`/`load_state_dict` like torch's schedulers.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_iters: int,
+        warmup_iters: int = 0,
+        budget_seconds: float | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.total_iters = max(1, total_iters)
+        self.warmup_iters = warmup_iters
+        self.budget_seconds = budget_seconds
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.step_count = 0
+        self.seconds = 0.0
+        self._apply()
+
+    def progress(self) -> float:
+        p = self.step_count / self.total_iters
+        if self.budget_seconds:
+            p = max(p, self.seconds / self.budget_seconds)
+        return min(p, 1.0)
+
+    def factor(self) -> float:
+        cosine = 0.5 * (1.0 + math.cos(math.pi * self.progress()))
+        if self.step_count < self.warmup_iters:
+            cosine *= 0.1 + 0.9 * self.step_count / self.warmup_iters
+        return cosine
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * self.factor()
+
+    def step(self, seconds: float | None = None) -> None:
+        self.step_count += 1
+        if seconds is not None:
+            self.seconds = seconds
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "total_iters": self.total_iters,
+            "warmup_iters": self.warmup_iters,
+            "budget_seconds": self.budget_seconds,
+            "base_lrs": list(self.base_lrs),
+            "step_count": self.step_count,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({k: state[k] for k in self.state_dict()})
+        self._apply()
+
+
+def build_scheduler(optimizer, config: TrainConfig, iters_per_epoch: int):
+    """(scheduler, per_iteration): StepLR per epoch, WarmupCosine per iteration, or none."""
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma), False
+    if config.scheduler == "cosine":
+        budget = config.minutes * 60.0 if config.minutes else None
+        total = config.epochs * iters_per_epoch
+        return WarmupCosine(optimizer, total, config.warmup_iters, budget), True
+    return None, False
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainClock:
+    """Training seconds (evaluation excluded) against an optional budget."""
+
+    seconds: float = 0.0
+    budget_seconds: float | None = None
+
+    def exhausted(self) -> bool:
+        return self.budget_seconds is not None and self.seconds >= self.budget_seconds
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (ranks must stop on the same iteration)."""
+    _, world = _world()
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    epoch: int = 0,
+    *,
+    lr_scheduler: WarmupCosine | None = None,
+    clock: TrainClock | None = None,
+    defect_loss_weight: float = 1.0,
+    clip_grad_norm: float | None = None,
+    max_iters: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over `loader` (or until the clock's budget or `max_iters`).
+
+    `model` in training mode returns a dict of losses; the step minimises the detection losses
+    plus `defect_loss_weight` x loss_defect. `lr_scheduler`, if given, steps every iteration.
+    Returns the mean of every loss over the iterations run, "loss" (the total) and "iters".
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    clock = clock or TrainClock()
+    model.train()
+    rank, _ = _world()
+    sums: dict[str, float] = {}
+    iters = 0
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        unit="it",
+        disable=not progress or rank != 0,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for images, targets in bar:
+        if _agree(clock.exhausted() or (max_iters is not None and iters >= max_iters), device):
+            break
+        start = time.perf_counter()
+        images = [img.to(device) for img in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
+        total = sum(v for k, v in losses.items() if k != "loss_defect")
+        total = total + defect_loss_weight * losses["loss_defect"]
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"epoch {epoch}, iteration {iters}: loss is {total.item()} "
+                f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower the lr?"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        clock.seconds += time.perf_counter() - start
+        if lr_scheduler is not None:
+            lr_scheduler.step(clock.seconds)
+        iters += 1
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.item()
+        sums["loss"] = sums.get("loss", 0.0) + total.item()
+        bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+        if not progress and rank == 0 and iters % 25 == 0:
+            log.info("epoch %d iteration %d: loss %.3f, %.2f s/it, %.1f training min",
+                     epoch, iters, total.item(), clock.seconds / max(1, iters) if epoch == 0
+                     else time.perf_counter() - start, clock.seconds / 60)  # fmt: skip
+    bar.close()
+    out = {key: value / max(iters, 1) for key, value in sums.items()}
+    out["iters"] = iters
+    return out
+
+
+def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> None:
+    """Training-only sampling sizes of torchvision's RPN and ROI heads (not in the weights)."""
+    model.rpn._pre_nms_top_n["training"] = config.rpn_pre_nms_top_n_train
+    model.rpn._post_nms_top_n["training"] = config.rpn_post_nms_top_n_train
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = config.box_batch_size_per_image
+
+
+def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
+    model.transform.min_size = (min_size,)
+    model.transform.max_size = max_size
+
+
+def _evenly(samples: list, n: int | None) -> list:
+    if n is None or n >= len(samples):
+        return samples
+    step = len(samples) / n
+    return [samples[int(i * step)] for i in range(n)]
+
+
+# ------------------------------------------------------------------------------- records
+
+
+def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.json (a list of rows) and metrics.csv (the union of columns)."""
+    (out_dir / "metrics.json").write_text(json.dumps(history, indent=2) + "\n")
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    with open(out_dir / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and mAP against epoch, like the paper's Fig. 3.
+
+    The paper compares plain Faster R-CNN with the multi-task model; one run trains only the
+    multi-task model, so the plot shows its detection loss (what a plain Faster R-CNN would
+    minimise) beside its total multi-task loss, and its mAP / mAP@.5 / gate AUC.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [row["loss"] for row in history], label="multi-task loss (total)")
+    ax_loss.plot(epochs, [row["loss_detection"] for row in history], label="detection losses")
+    ax_loss.plot(epochs, [row["loss_defect"] for row in history], label="defect loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    evaluated = [row for row in history if row.get("val_map50") is not None]
+    for key, label in (
+        ("val_map", "mAP@[.5:.95]"),
+        ("val_map50", "mAP@.5"),
+        ("val_gate_auc", "gate AUC"),
+    ):
+        points = [(row["epoch"], row[key]) for row in evaluated if row.get(key) is not None]
+        if points:
+            ax_map.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("validation")
+    ax_map.set_ylim(0, 1)
+    if evaluated:
+        ax_map.legend()
+    else:
+        ax_map.text(0.5, 0.5, "no validation passes", ha="center", transform=ax_map.transAxes)
+    if history:
+        minutes = history[-1].get("train_minutes") or 0.0
+        fig.suptitle(f"multi-task model, {len(history)} epochs, {minutes:.1f} training minutes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- train()
+
+
+def _setup_distributed() -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def train(
+    config: TrainConfig,
+    data_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    init: str = "none",
+    progress: bool = True,
+    stop_after: int | None = None,
+    max_iters: int | None = None,
+) -> dict[str, Any]:
+    """Train `config` on the VOC tree at `data_dir` (splits train, val), writing to `out_dir`.
+
+    Args:
+        resume: continue from `out_dir/last.pt` (model, optimiser, schedule, epoch, RNG, clock).
+        init: starting weights when not resuming: none | imagenet | coco | PATH.
+        stop_after: end this invocation after so many epochs (a later resume continues).
+        max_iters: iterations per epoch at most (tests).
+
+    Returns the last metrics row (plus "out_dir"). Raises InitError, VocError, CheckpointError.
+    """
+    from splitdet.training import voc
+    from splitdet.training.evaluate import evaluate
+
+    device = _setup_distributed()
+    rank, world = _world()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    torch.manual_seed(config.seed)
+
+    mc = config.model
+    train_samples = voc.read_split(data_dir, "train", mc.class_names)
+    val_samples = []
+    if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
+        val_samples = _evenly(voc.read_split(data_dir, "val", mc.class_names), config.eval_images)
+    if not train_samples:
+        raise ValueError(f"{data_dir}: the train split is empty")
+
+    crop = CropSettings(config.crop, config.crop_object_fraction) if config.crop else None
+    dataset = VocDetection(
+        train_samples, mc.class_names, train=True, crop=crop,
+        input_size=(mc.min_size, mc.max_size) if crop else None,
+        flips=config.flips, seed=config.seed,
+    )  # fmt: skip
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=collate,
+        persistent_workers=config.workers > 0,
+    )
+
+    model = MultiTaskRCNN(mc).to(device)
+    configure_training_sampling(model, config)
+    if config.crop:  # crops arrive at the model's input scale: no resizing in training
+        _set_input_size(model, config.crop, config.crop)
+    optimizer = build_optimizer(model, config)
+    lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loader))
+    clock = TrainClock(budget_seconds=config.minutes * 60.0 if config.minutes else None)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.is_file():
+        checkpoint = read_checkpoint(last_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if lr_scheduler is not None and checkpoint.get("lr_scheduler"):
+            fresh = lr_scheduler.state_dict()
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if isinstance(lr_scheduler, WarmupCosine):  # a new --minutes/--epochs extends it
+                lr_scheduler.budget_seconds = fresh["budget_seconds"]
+                lr_scheduler.total_iters = fresh["total_iters"]
+                lr_scheduler._apply()
+        start_epoch = int(checkpoint["epoch"]) + 1
+        clock.seconds = float(checkpoint.get("train_seconds", 0.0))
+        history = list(checkpoint.get("history", []))
+        best_value = float(checkpoint.get("best_value", -math.inf))
+        gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+    else:
+        if resume:
+            log.warning("no %s to resume from: starting afresh", last_path)
+        report = load_initial_weights(model, init, progress=progress and rank == 0)
+        if init != "none":
+            log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],
+                     report["missing"])  # fmt: skip
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    wall_start = time.perf_counter()
+    row: dict[str, Any] = {}
+    for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
+        stop = clock.exhausted() or (stop_after is not None and epochs_run >= stop_after)
+        if _agree(stop, device):
+            break
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        stats = train_one_epoch(
+            ddp_model,
+            optimizer,
+            loader,
+            device,
+            epoch,
+            lr_scheduler=lr_scheduler if per_iteration else None,
+            clock=clock,
+            defect_loss_weight=config.defect_loss_weight,
+            clip_grad_norm=config.clip_grad_norm,
+            max_iters=max_iters,
+            progress=progress,
+        )
+        if lr_scheduler is not None and not per_iteration:
+            lr_scheduler.step()
+        final = epoch + 1 >= config.epochs or clock.exhausted()
+        row = {
+            "epoch": epoch,
+            "iters": stats["iters"],
+            "train_minutes": round(clock.seconds / 60.0, 3),
+            "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": stats.get("loss"),
+            "loss_detection": sum(stats.get(k, 0.0) for k in DETECTION_LOSSES),
+            **{k: stats.get(k) for k in (*DETECTION_LOSSES, "loss_defect")},
+        }
+        if rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
+            _set_input_size(model, mc.min_size, mc.max_size)
+            metrics = evaluate(model, val_samples, device=device, progress=progress)
+            if config.crop:
+                _set_input_size(model, config.crop, config.crop)
+            gate_threshold = metrics["gate_threshold"]
+            row.update({f"val_{k}": metrics[k] for k in (
+                "map", "map50", "ar100", "gate_auc", "gate_threshold", "gate_accuracy",
+            )})  # fmt: skip
+            log.info(
+                "epoch %d: loss %.3f, val mAP %.3f, mAP@.5 %.3f, gate AUC %s (%.1f train min)",
+                epoch, row["loss"], metrics["map"] or 0.0, metrics["map50"] or 0.0,
+                metrics["gate_auc"], clock.seconds / 60,
+            )  # fmt: skip
+        history.append(row)
+        if rank == 0:
+            extra = {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                "epoch": epoch,
+                "gate_threshold": gate_threshold,
+                "train_config": config.to_dict(),
+                "train_seconds": clock.seconds,
+                "history": history,
+                "rng_state": torch.get_rng_state(),
+            }
+            value = row.get(f"val_{config.best_metric}")
+            improved = value is not None and value > best_value
+            if improved:
+                best_value = value
+            extra["best_value"] = best_value
+            save_checkpoint(last_path, model, **extra)
+            if improved:
+                save_checkpoint(best_path, model, **extra)
+            write_metrics(out_dir, history)
+            plot_learning_curve(history, out_dir / "learning_curve.png")
+    if world > 1:
+        dist.barrier()
+    return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
