@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="defective images for the bytes-vs-mAP pass (0: skip it)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--oracle-gate",
+        action="store_true",
+        help="the gate's verdict is the ground truth (the gate still runs and is "
+        "timed): for timing untrained weights; labelled in the report",
+    )
     p.add_argument("--threads", type=int, default=None, help="threads per process (default: all)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         seed=args.seed,
         threads=args.threads,
+        oracle_gate=args.oracle_gate,
         progress=not args.no_progress,
     )
     try:

@@ -84,6 +84,8 @@ def markdown(report: dict) -> str:
         "Model: {depth_label}, input {input}, gate threshold {gate_threshold:.4f}, "
         "fingerprint {short}".format(**report["model"], short=report["model"]["fingerprint"][:16]),
         "",
+        f"Gate: {report['model'].get('gate', 'the model')}.",
+        "",
         "Times are wall-clock seconds per image, systems interleaved image by image. "
         "`edge` = camera-side compute, `cloud` = server compute as the server measured it. "
         "Transfer times are computed from the bytes (not measured): 100 Mbit/s and 1 Gbit/s. "

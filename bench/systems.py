@@ -8,6 +8,10 @@
     jpegQ-to-cloud  the edge sends every image as a JPEG (quality Q) and the cloud runs the
                     monolithic detector (the split-computing literature's baseline)
 
+`run(image, decision)`: `decision` (the benchmark's oracle-gate mode) replaces the gate's verdict
+with the ground truth; the gate still runs, so its cost is measured. Systems without a gate
+ignore it.
+
 Every system starts from the same decoded image (Float32[3, H, W] in [0, 1]) and ends with boxes
 in original pixels. `edge_s` is compute on the camera side, `cloud_s` compute on the server as the
 server measured it; the rest of `total_s` is serialisation and loopback transport.
@@ -72,7 +76,7 @@ class Monolithic:
         self.model = model.eval()
 
     @torch.inference_mode()
-    def run(self, image: np.ndarray) -> Outcome:
+    def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
         """Detect on one image."""
         start = time.perf_counter()
         output = self.model([torch.from_numpy(image)])[0]
@@ -89,10 +93,11 @@ class PaperGated:
         self.model = model.eval()
         self.threshold = threshold
 
-    def run(self, image: np.ndarray) -> Outcome:
+    def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
         """Gate (and maybe detect) one image."""
         start = time.perf_counter()
-        p_defect, output = self.model.paper_forward(torch.from_numpy(image), self.threshold)
+        threshold = self.threshold if decision is None else (0.0 if decision else 2.0)
+        p_defect, output = self.model.paper_forward(torch.from_numpy(image), threshold)
         total = time.perf_counter() - start
         detections = _from_torch(output) if output is not None else {}
         return Outcome(total, total, 0.0, 0, output is not None, p_defect, **detections)
@@ -106,10 +111,10 @@ class Splitdet:
         self.client = client
         self.name = f"splitdet-{pipeline.codec}"
 
-    def run(self, image: np.ndarray) -> Outcome:
+    def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
         """Gate one image; send the flagged one's features and wait for the boxes."""
         start = time.perf_counter()
-        result = self.pipeline.process_array(image)
+        result = self.pipeline.process_array(image, decision)
         edge_s = time.perf_counter() - start
         if not result.flagged:
             return Outcome(edge_s, edge_s, 0.0, 0, False, result.p_defect)
@@ -147,7 +152,7 @@ class JpegToCloud:
         self.quality = quality
         self.name = f"jpeg{quality}-to-cloud"
 
-    def run(self, image: np.ndarray) -> Outcome:
+    def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
         """Compress, send, wait for the boxes."""
         start = time.perf_counter()
         data = jpeg_bytes(image, self.quality)

@@ -80,8 +80,12 @@ class EdgePipeline:
         }
         return result
 
-    def process_array(self, image: np.ndarray) -> EdgeResult:
-        """Process Float32[3, H, W] in [0, 1]."""
+    def process_array(self, image: np.ndarray, decision: bool | None = None) -> EdgeResult:
+        """Process Float32[3, H, W] in [0, 1].
+
+        `decision` overrides the gate's verdict (the gate still runs and costs what it costs):
+        the benchmark's oracle-gate mode, which times a perfect gate on untrained weights.
+        """
         config = self.manifest.model_config
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -94,6 +98,8 @@ class EdgePipeline:
         timings["gate"] = time.perf_counter() - start
         meta = ImageMeta(original_hw=prepared.original_hw, resized_hw=prepared.resized_hw)
         flagged = (not self.gate_enabled) or gate.p_defect >= self.threshold
+        if decision is not None:
+            flagged = decision
         result = EdgeResult(p_defect=gate.p_defect, flagged=flagged, meta=meta, timings=timings)
         if not flagged:
             return result

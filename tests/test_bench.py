@@ -119,3 +119,13 @@ def test_report_numbers_are_measured(bench_report):
     assert {p["name"] for p in rd["points"]} >= {"splitdet-int8", "jpeg95", "jpeg30"}
     jpeg_bytes = {p["name"]: p["bytes"] for p in rd["points"]}
     assert jpeg_bytes["jpeg95"] > jpeg_bytes["jpeg30"]
+
+
+def test_oracle_decision_drives_the_papers_gate():
+    from splitdet.bench.systems import PaperGated
+
+    paper = PaperGated(make_tiny_model(seed=5), threshold=0.5)
+    image = np.random.default_rng(0).random((3, 200, 260), dtype=np.float32)
+    assert paper.run(image, decision=True).flagged
+    skipped = paper.run(image, decision=False)
+    assert not skipped.flagged and len(skipped.boxes) == 0 and skipped.p_defect is not None

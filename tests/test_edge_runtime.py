@@ -136,3 +136,14 @@ def test_edited_model_dir_is_refused(tiny_model_dir, tmp_path):
         handle.write(b"\x00")
     with pytest.raises(ManifestError, match="differ from the manifest"):
         read_manifest(copy)
+
+
+def test_a_decision_overrides_the_gate_but_the_gate_still_runs(tiny_model_dir):
+    """The benchmark's oracle-gate mode: the verdict is given, the gate's cost is still paid."""
+    pipeline = EdgePipeline(EdgeRuntime(tiny_model_dir, threads=2), threshold=0.0)
+    image = _image(4)
+    passed = pipeline.process_array(image, decision=False)
+    assert not passed.flagged and passed.encoded is None and "gate" in passed.timings
+    assert 0.0 < passed.p_defect < 1.0
+    forced = EdgePipeline(EdgeRuntime(tiny_model_dir, threads=2), threshold=1.01)
+    assert forced.process_array(image, decision=True).flagged
