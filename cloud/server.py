@@ -115,6 +115,9 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Accept the edge client's keepalive pings (every 30 s by default) without GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # ...and never answer pings with GOAWAY "too_many_pings": measured in `splitdet bench`,
+        # where a connection idles between large requests, the default 2 strikes were reached.
+        ("grpc.http2.max_ping_strikes", 0),
         # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.
         ("grpc.so_reuseport", 0),
     ]
