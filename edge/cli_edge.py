@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from splitdet.edge.cloud_args import add_cloud_arguments, client_config
+from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
 
 EDGE_EPILOG = """\
 actions:
@@ -153,32 +153,7 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="with --once, how long to keep delivering the outbox (default: %(default)s)",
     )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        metavar="P",
-        help="gate threshold on p(defect) (default: the manifest's)",
-    )
-    p.add_argument(
-        "--codec",
-        choices=["fp32", "fp16", "int8"],
-        default=None,
-        help="feature codec (default: the manifest's)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="ONNX Runtime threads (default: all cores)",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="ONNX Runtime device (default: %(default)s)",
-    )
+    add_edge_model_arguments(p)
     p.add_argument(
         "--settle",
         type=float,

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from splitdet.edge.cloud_args import add_cloud_arguments, client_config
+from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
 
 EPILOG = """\
 examples:
@@ -47,32 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="off sends every image to detection (default: on)",
     )
     p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        metavar="P",
-        help="gate threshold on p(defect) (default: the manifest's calibrated one)",
-    )
-    p.add_argument(
-        "--codec",
-        choices=["fp32", "fp16", "int8"],
-        default=None,
-        help="feature codec (default: the manifest's)",
-    )
-    p.add_argument(
         "--score-threshold",
         type=float,
         default=0.5,
         metavar="S",
         help="report and draw boxes scoring at least S (default: 0.5)",
     )
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="ONNX Runtime device (default: auto: CUDA when available)",
-    )
+    add_edge_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cloud_arguments(p, required=False)
     p.set_defaults(handler=run)

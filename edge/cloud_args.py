@@ -1,4 +1,5 @@
-"""Command-line options for reaching the cloud, shared by `splitdet predict` and `splitdet edge`.
+"""Command-line options shared by `splitdet predict` and `splitdet edge run`: how the edge model
+runs (threshold, codec, threads, device) and how the cloud is reached.
 
 Only argparse, os and pathlib at import time (the CLI loads this before anything heavy).
 """
@@ -11,6 +12,36 @@ from pathlib import Path
 
 #: Environment variable read for the bearer token when --token-file is not given.
 TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+
+
+def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--threshold, --codec, --threads, --device: how the exported edge half runs."""
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="gate threshold on p(defect) (default: the manifest's calibrated one)",
+    )
+    parser.add_argument(
+        "--codec",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="feature codec (default: the manifest's)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime threads (default: all cores)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="ONNX Runtime device (default: auto: CUDA when available)",
+    )
 
 
 def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
