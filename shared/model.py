@@ -69,8 +69,10 @@ class DefectHead(nn.Module):
     Poolings:
         avg    global average pooling + linear (the paper's head)
         max    global max pooling + linear
-        dense  3x3 conv + ReLU + 1x1 conv -> one logit per cell; the image logit is the max cell
-               (trained with per-box dense supervision, see `defect_loss`)
+        dense  3x3 conv + GroupNorm + ReLU + 1x1 conv -> one logit per cell; the image logit is
+               the max cell (trained with per-box dense supervision, see `defect_loss`). The
+               GroupNorm keeps the hidden units alive: without it they died within minutes of
+               training, every image's max cell became a dead one and p(defect) a constant.
     """
 
     def __init__(self, channels: int, pooling: str) -> None:
@@ -79,6 +81,7 @@ class DefectHead(nn.Module):
         if pooling == "dense":
             self.cells = nn.Sequential(
                 nn.Conv2d(channels, channels, 3, padding=1),
+                nn.GroupNorm(min(32, channels // 4), channels),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(channels, 1, 1),
             )
@@ -129,6 +132,9 @@ class MultiTaskRCNN(FasterRCNN):
         )
         self.config = config
         self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
+        #: Training only: the defect loss does not reach the backbone and FPN (the head learns
+        #: on the detector's features), set from TrainConfig.detach_gate.
+        self.detach_gate = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Eval: list of {"boxes" [K,4] x1y1x2y2 original px, "labels" [K], "scores" [K]}.
@@ -147,7 +153,10 @@ class MultiTaskRCNN(FasterRCNN):
         features = self.backbone(images_t.tensors)
         proposals, proposal_losses = self.rpn(images_t, features, targets_t)
         _, detector_losses = self.roi_heads(features, proposals, images_t.image_sizes, targets_t)
-        image_logits, cell_logits = self.defect_head(features[self.config.gate_level])
+        gate_feature = features[self.config.gate_level]
+        if self.detach_gate:
+            gate_feature = gate_feature.detach()
+        image_logits, cell_logits = self.defect_head(gate_feature)
         losses = {**detector_losses, **proposal_losses}
         losses["loss_defect"] = defect_loss(
             image_logits, cell_logits, targets_t, STRIDES[self.config.gate_level]

@@ -25,54 +25,30 @@ import torch
 
 from splitdet.edge.client import ImageMeta
 from splitdet.shared.codec import EncodedTensor, decode, encode, expected_level_shapes
-from splitdet.shared.config import ModelConfig
-from splitdet.shared.manifest import (
-    CLOUD_WEIGHTS,
-    COMPLETE_ONNX,
-    GATE_ONNX,
-    Manifest,
-    write_manifest,
-)
-from splitdet.shared.model import CloudHalf, EdgeHalf, MultiTaskRCNN, build_model
+from splitdet.shared.manifest import Manifest
+from splitdet.shared.model import CloudHalf, EdgeHalf, MultiTaskRCNN
 from splitdet.shared.spec import padded_size
+from splitdet.training.export import export_model
 
-TINY_CONFIG = ModelConfig(
-    depth=18,
-    fpn_channels=64,
-    min_size=224,
-    max_size=288,
-    rpn_pre_nms_top_n_test=200,
-    rpn_post_nms_top_n_test=100,
-    box_head_dim=256,
+from conftest import make_tiny_model
+
+#: The cloud tests' model: conftest's tiny model with fewer proposals and a narrower box head,
+#: so that a detect call takes tens of milliseconds.
+TINY_OVERRIDES = dict(
+    max_size=288, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_head_dim=256
 )
 #: Image size of the test requests (h, w); resized to 224x280, padded to 224x288.
 IMAGE_HW = (240, 300)
 
 
-def tiny_model(seed: int = 0, config: ModelConfig = TINY_CONFIG) -> MultiTaskRCNN:
-    torch.manual_seed(seed)
-    return build_model(config).eval()
+def tiny_model(seed: int = 0) -> MultiTaskRCNN:
+    """A random-weight tiny model in eval mode (conftest's, with TINY_OVERRIDES)."""
+    return make_tiny_model(seed, **TINY_OVERRIDES)
 
 
 def write_model_dir(model: MultiTaskRCNN, out_dir: Path) -> Manifest:
-    """An exported model directory for `model`.
-
-    Uses `splitdet.training.export.export_model` when it exists; until then writes the cloud
-    weights for real and placeholder ONNX files (the cloud never reads them).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from splitdet.training.export import export_model
-    except ImportError:
-        export_model = None
-    if export_model is not None:
-        return export_model(model, out_dir)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("rpn.", "roi_heads."))}
-    torch.save(state, out_dir / CLOUD_WEIGHTS)
-    for name in (GATE_ONNX, COMPLETE_ONNX):
-        (out_dir / name).write_bytes(b"placeholder: the cloud tests do not run the edge\n")
-    return write_manifest(out_dir, model.config, gate_threshold=0.5, default_codec="int8")
+    """`splitdet export` of `model` into `out_dir` (gate threshold 0.5, default codec int8)."""
+    return export_model(model, out_dir, gate_threshold=0.5, default_codec="int8")
 
 
 _TMP_ROOT: list[Path] = []

@@ -1,4 +1,4 @@
-"""Helpers for tests: a torch-blocking subprocess runner and hostile files."""
+"""Helpers for tests: a torch-blocking subprocess runner, hostile files, a tiny VOC tree."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from pathlib import Path
 
 _BLOCK_TORCH = textwrap.dedent(
     """
@@ -46,3 +47,39 @@ def bomb_png() -> bytes:
         + png_chunk(b"IDAT", idat)
         + png_chunk(b"IEND", b"")
     )
+
+
+def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 128), seed=0):
+    """A VOC tree of dark images with bright 3-px strokes (`scratch`), split train = val = all."""
+    import numpy as np
+    from PIL import Image
+
+    from splitdet.training import voc
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ids = []
+    for k in range(n_defective + n_free):
+        image = rng.normal(40, 6, (height, width, 3)).clip(0, 255).astype(np.uint8)
+        objects = []
+        if k < n_defective:
+            for _ in range(1 + k % 2):
+                horizontal = rng.random() < 0.5
+                length = int(rng.integers(30, 60))
+                x0 = int(rng.integers(4, width - (length if horizontal else 4) - 4))
+                y0 = int(rng.integers(4, height - (4 if horizontal else length) - 4))
+                x1, y1 = (x0 + length, y0 + 3) if horizontal else (x0 + 3, y0 + length)
+                image[y0:y1, x0:x1] = 230
+                objects.append(
+                    voc.VocObject("scratch", (float(x0), float(y0), float(x1), float(y1)))
+                )
+        image_id = f"img_{k:03d}"
+        path = root / "JPEGImages" / f"{image_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        sample = voc.VocSample(image_id, path, width, height, tuple(objects))
+        voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
+        ids.append(image_id)
+    for split in ("train", "val", "test"):
+        voc.write_split(root, split, ids)
+    return root

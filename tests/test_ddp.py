@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 
 
 def test_two_process_gloo_run_trains_and_saves_one_checkpoint(tmp_path):
-    from test_train import make_tiny_voc
+    from support import make_tiny_voc
 
     data = make_tiny_voc(tmp_path / "voc", n_defective=4, n_free=0)
     out = tmp_path / "run"

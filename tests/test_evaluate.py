@@ -134,12 +134,12 @@ def test_map_kept_drops_detections_of_gated_images():
 def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
     from dataclasses import replace
 
-    from test_train import make_tiny_voc
-
     from splitdet.shared.checkpoint import read_checkpoint
     from splitdet.shared.cli import main
     from splitdet.training.presets import TINY
     from splitdet.training.train import train
+
+    from support import make_tiny_voc
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from splitdet.shared.checkpoint import load_model, read_checkpoint
 from splitdet.training import voc
@@ -17,36 +14,7 @@ from splitdet.training.dataset import CropSettings, VocDetection
 from splitdet.training.presets import PRESETS, TINY, TrainConfig
 from splitdet.training.train import InitError, load_initial_weights, train
 
-
-def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 128), seed=0):
-    """A VOC tree of dark images with bright 3-px strokes (`scratch`), split train = val = all."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    ids = []
-    for k in range(n_defective + n_free):
-        image = rng.normal(40, 6, (height, width, 3)).clip(0, 255).astype(np.uint8)
-        objects = []
-        if k < n_defective:
-            for _ in range(1 + k % 2):
-                horizontal = rng.random() < 0.5
-                length = int(rng.integers(30, 60))
-                x0 = int(rng.integers(4, width - (length if horizontal else 4) - 4))
-                y0 = int(rng.integers(4, height - (4 if horizontal else length) - 4))
-                x1, y1 = (x0 + length, y0 + 3) if horizontal else (x0 + 3, y0 + length)
-                image[y0:y1, x0:x1] = 230
-                objects.append(
-                    voc.VocObject("scratch", (float(x0), float(y0), float(x1), float(y1)))
-                )
-        image_id = f"img_{k:03d}"
-        path = root / "JPEGImages" / f"{image_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        sample = voc.VocSample(image_id, path, width, height, tuple(objects))
-        voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
-        ids.append(image_id)
-    for split in ("train", "val", "test"):
-        voc.write_split(root, split, ids)
-    return root
+from support import make_tiny_voc
 
 
 def tiny_config(**changes) -> TrainConfig:

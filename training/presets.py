@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     # losses and sampling (training-time only: not part of the model)
     defect_loss_weight: float = 1.0  # weight of loss_defect in the summed loss
+    detach_gate: bool = False  # the defect loss trains the head only, not backbone and FPN
     rpn_pre_nms_top_n_train: int = 2000  # proposals per level before NMS, torchvision default
     rpn_post_nms_top_n_train: int = 2000  # torchvision default
     box_batch_size_per_image: int = 512  # ROI samples per image, torchvision default

@@ -275,6 +275,7 @@ def train_one_epoch(
         disable=not progress or rank != 0,
         leave=False,
         dynamic_ncols=True,
+        position=1,
     )
     for images, targets in bar:
         if _agree(clock.exhausted() or (max_iters is not None and iters >= max_iters), device):
@@ -318,6 +319,7 @@ def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> No
     model.rpn._pre_nms_top_n["training"] = config.rpn_pre_nms_top_n_train
     model.rpn._post_nms_top_n["training"] = config.rpn_post_nms_top_n_train
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.box_batch_size_per_image
+    model.detach_gate = config.detach_gate
 
 
 def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
@@ -511,6 +513,7 @@ def train(
 
     wall_start = time.perf_counter()
     row: dict[str, Any] = {}
+    overall = _overall_bar(config, clock, start_epoch, enabled=progress and rank == 0)
     for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
         stop = clock.exhausted() or (stop_after is not None and epochs_run >= stop_after)
         if _agree(stop, device):
@@ -558,6 +561,7 @@ def train(
                 metrics["gate_auc"], clock.seconds / 60,
             )  # fmt: skip
         history.append(row)
+        overall.update(round(clock.seconds / 60.0 - overall.n, 2) if clock.budget_seconds else 1)
         if rank == 0:
             extra = {
                 "optimizer": optimizer.state_dict(),
@@ -579,6 +583,23 @@ def train(
                 save_checkpoint(best_path, model, **extra)
             write_metrics(out_dir, history)
             plot_learning_curve(history, out_dir / "learning_curve.png")
+    overall.close()
     if world > 1:
         dist.barrier()
     return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
+
+
+def _overall_bar(config: TrainConfig, clock: TrainClock, start_epoch: int, enabled: bool):
+    """The whole run's progress bar, with the time left: in training minutes when the run has a
+    time budget, else in epochs. Each epoch's own bar runs below it."""
+    from tqdm import tqdm
+
+    if clock.budget_seconds:
+        total, done, unit = clock.budget_seconds / 60.0, clock.seconds / 60.0, "min"
+    else:
+        total, done, unit = config.epochs, start_epoch, "epoch"
+    fmt = "{l_bar}{bar}| {n:.1f}/{total:.1f} {unit} [{elapsed}<{remaining}]"
+    return tqdm(
+        total=total, initial=done, unit=unit, desc="training", disable=not enabled,
+        bar_format=fmt, dynamic_ncols=True, position=0,
+    )  # fmt: skip

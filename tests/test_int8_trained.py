@@ -1,0 +1,98 @@
+"""With the int8 feature codec a trained model finds the same boxes to within 1 px (issue 4, 1).
+
+A random model's box regressors are near zero (torchvision initialises them with std 0.001), so
+int8 noise on the features hardly moves its boxes; only trained weights make the test mean
+something. The module trains the tiny preset for about a minute on bold synthetic strokes until
+it detects them (val mAP@.5 checked), exports it, and runs `splitdet predict` with the lossless
+and the int8 codec on held-out images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from splitdet.shared.checkpoint import load_model
+from splitdet.shared.cli import main
+from splitdet.training import voc
+from splitdet.training.evaluate import evaluate
+from splitdet.training.export import export_model
+from splitdet.training.presets import TINY
+from splitdet.training.train import train
+
+from support import make_tiny_voc
+
+#: Detections at or above this score are the ones a user acts on; they must survive int8.
+SCORE = 0.5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(exported model dir, held-out image folder) of a tiny model trained to find strokes."""
+    root = tmp_path_factory.mktemp("int8_trained")
+    data = make_tiny_voc(root / "train", n_defective=8, n_free=4, seed=1)
+    held_out = make_tiny_voc(root / "held_out", n_defective=6, n_free=3, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = replace(TINY, eval_every=0, epochs=60, lr=0.02, warmup_iters=5)
+        train(config, data, root / "run", progress=False)
+        model, _ = load_model(root / "run" / "last.pt")
+        model.eval()
+        metrics = evaluate(model, voc.read_split(held_out, "test", ("scratch",)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["map50"] > 0.3, f"the tiny model did not learn the strokes: {metrics}"
+    model_dir = root / "model"
+    export_model(model, model_dir, gate_threshold=0.5, default_codec="int8")
+    return model_dir, held_out / "JPEGImages"
+
+
+def _predict(model_dir, images, codec: str, out) -> list[dict]:
+    code = main([
+        "predict", str(images), "--model", str(model_dir), "--codec", codec,
+        "--json", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    return sorted(json.loads(out.read_text()), key=lambda record: record["path"])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box `a` [4] with each of `b` [K, 4] (x1, y1, x2, y2)."""
+    wh = (np.minimum(a[2:], b[:, 2:]) - np.maximum(a[:2], b[:, :2])).clip(0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda box: (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_int8_keeps_verdicts_and_boxes_within_a_pixel(trained, tmp_path):
+    """Every confident box is still found with int8 (IoU >= 0.8), and nearly all of them move
+    by at most 1 px. The exception is real and expected of any lossy codec: when two RPN
+    proposals score alike, int8 noise can let the other one through NMS, and its box differs
+    (measured once: 29 of 30 boxes within 0.07 px, one 1.8 px off with IoU 0.89)."""
+    model_dir, images = trained
+    lossless = _predict(model_dir, images, "fp32", tmp_path / "fp32.json")
+    int8 = _predict(model_dir, images, "int8", tmp_path / "int8.json")
+    assert len(lossless) == len(int8) == 9
+    shifts = []
+    for exact, quantised in zip(lossless, int8, strict=True):
+        assert exact["path"] == quantised["path"]
+        assert exact["verdict"] == quantised["verdict"], exact["path"]
+        if exact["verdict"] != "defect":
+            continue
+        assert quantised["bytes_sent"] < exact["bytes_sent"] / 2
+        boxes = np.asarray(quantised["boxes"]).reshape(-1, 4)
+        for box, score in zip(exact["boxes"], exact["scores"], strict=True):
+            if score < SCORE:
+                continue
+            # any int8 box counts: a box scoring 0.51 may drop to 0.49 and stay the same box
+            assert len(boxes), exact["path"]
+            assert _iou(np.asarray(box), boxes).max() >= 0.8, (exact["path"], box)
+            shifts.append(float(np.abs(boxes - np.asarray(box)).max(axis=1).min()))
+    assert len(shifts) >= 5, "too few confident detections for the test to mean anything"
+    within = np.mean(np.asarray(shifts) <= 1.0)
+    assert within >= 0.9, sorted(shifts)
