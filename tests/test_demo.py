@@ -85,10 +85,14 @@ def test_ctrl_c_stops_every_process(demo):
     config, _, _ = demo
     live = config.paths()["live"]
     settings = {**TINY_DEMO, "stream_images": 60, "camera_interval_s": 0.2}
+    # A terminal delivers Ctrl-C to a process that handles SIGINT; a test run launched in the
+    # background (`make test &`) inherits SIGINT ignored, so the script restores the handler.
     code = f"""
+    import signal
     from pathlib import Path
     from splitdet.bench.demo import DemoConfig, run_demo
     if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         run_demo(DemoConfig(workdir=Path({str(config.workdir)!r}), **{settings!r}))
     """
     shutil.rmtree(live)  # so that the ready files seen below are this run's
