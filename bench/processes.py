@@ -7,6 +7,7 @@ with ServiceProcess([...cmd...], ready_file=path, name="cloud") as cloud:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,17 +65,23 @@ class ServiceProcess:
             env=self.env,
             start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
         )
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C while it starts: `with` never entered, so stop it here
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.stop()
                 raise ServiceError(
                     f"{self.name} exited with status {self.process.returncode}:\n{self.tail()}"
                 )
             if self._is_ready():
-                return self
+                return
             time.sleep(0.1)
-        self.stop()
         raise ServiceError(f"{self.name} not ready after {self.timeout_s:.0f} s:\n{self.tail()}")
 
     def _is_ready(self) -> bool:
@@ -106,11 +113,14 @@ class ServiceProcess:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
             except ProcessLookupError:
                 pass
+            except BaseException:  # grace over, or a second Ctrl-C while waiting: kill it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+                    raise
         self._log.close()
         return process.returncode
 
