@@ -113,14 +113,13 @@ class ServiceProcess:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(grace_s)
-            except ProcessLookupError:
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-            except BaseException:  # grace over, or a second Ctrl-C while waiting: kill it
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
-                    raise
+            finally:  # grace over, or a second Ctrl-C while waiting: kill what is left
+                if process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
         self._log.close()
         return process.returncode
 
