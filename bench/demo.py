@@ -29,6 +29,7 @@ from tqdm import tqdm
 from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.streams import make_stream
 from splitdet.shared.cli import main as splitdet
+from splitdet.training.synth import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,12 @@ def _run(args: list[str]) -> None:
 def make_data(config: DemoConfig) -> bool:
     """Synthetic dataset; True when it was already there."""
     out = config.paths()["data"]
-    wanted = {"size": list(config.image_size), "counts": list(config.dataset), "seed": config.seed}
+    wanted = {
+        "size": list(config.image_size),
+        "counts": list(config.dataset),
+        "seed": config.seed,
+        "generator_version": GENERATOR_VERSION,  # a new generator makes the cached data stale
+    }
     stamp = out / "demo-data.json"
     if _stamp(stamp) == wanted:
         return True

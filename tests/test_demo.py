@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from splitdet.bench.demo import DemoConfig, run_demo
+from splitdet.bench import demo as demo_module
+from splitdet.bench.demo import DemoConfig, make_data, run_demo
 from splitdet.edge.store import iter_results, open_readonly
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import read_split
@@ -79,6 +80,14 @@ def test_second_run_reuses_data_model_and_export(demo):
     assert first["stages"]["cached"] == {"data": False, "train": False, "export": False}
     assert again["stages"]["cached"] == {"data": True, "train": True, "export": True}
     assert again["images"] == first["images"]
+
+
+def test_a_new_generator_version_remakes_the_cached_data(tmp_path, monkeypatch):
+    config = DemoConfig(workdir=tmp_path, **TINY_DEMO)
+    assert make_data(config) is False
+    assert make_data(config) is True
+    monkeypatch.setattr(demo_module, "GENERATOR_VERSION", demo_module.GENERATOR_VERSION + 1)
+    assert make_data(config) is False
 
 
 def test_ctrl_c_stops_every_process(demo):

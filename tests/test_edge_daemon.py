@@ -589,14 +589,16 @@ def test_a_large_file_written_slowly_is_not_read_early(tiny_model_dir, pool, tmp
     rng = np.random.default_rng(0)
     big = png_bytes((rng.random((1200, 1600, 3)) * 255).astype(np.uint8))  # ~5.8 MB
     small = pool.take(1)[0]
+    # settle 12x the pause between writes: a loaded machine may stall the writer for a while
     edge = EdgeProcess(
-        tmp_path, watch, "127.0.0.1:9", db, "--threshold", "2", "--settle", "0.5",
+        tmp_path, watch, "127.0.0.1:9", db, "--threshold", "2", "--settle", "1.5",
         "--unreadable-grace", "0.5",
     )  # fmt: skip
     processes.append(edge.start(tiny_model_dir))
     edge.wait_ready()
 
-    chunks = [big[i : i + len(big) // 25 + 1] for i in range(0, len(big), len(big) // 25 + 1)]
+    n = len(big) // 50 + 1  # 50 writes over ~6 s: the small image settles long before the last
+    chunks = [big[i : i + n] for i in range(0, len(big), n)]
     with open(watch / "big.png", "wb") as f:
         for i, chunk in enumerate(chunks):
             f.write(chunk)
