@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from splitdet.shared.manifest import (
 )
 from splitdet.shared.model import EdgeHalf, MultiTaskRCNN
 from splitdet.shared.spec import STRIDES
+from splitdet.training.quantize_edge import quantize_gate
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +118,10 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max()) / scale
 
 
-def _check_against_torch(
+def _errors_against_torch(
     session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
 ) -> dict[str, float]:
+    """Output name -> relative error of ONNX Runtime against PyTorch (shapes must match)."""
     outputs = session.run(list(names), feeds)
     errors = {}
     for name, actual, reference in zip(names, outputs, expected, strict=True):
@@ -128,6 +131,14 @@ def _check_against_torch(
                 f"{name}: ONNX Runtime shape {actual.shape} != torch {reference.shape}"
             )
         errors[name] = _relative_error(actual, reference)
+    return errors
+
+
+def _check_against_torch(
+    session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
+) -> dict[str, float]:
+    errors = _errors_against_torch(session, names, feeds, expected)
+    for name in names:
         if not errors[name] <= EXPORT_TOLERANCE:
             raise ExportError(
                 f"{name}: ONNX Runtime differs from PyTorch by {errors[name]:.2e} relative "
@@ -143,6 +154,7 @@ def export_model(
     default_codec: str = "int8",
     sample_hw: tuple[int, int] | None = None,
     extra: dict | None = None,
+    calibration: Sequence[np.ndarray] | None = None,
 ) -> Manifest:
     """Write `model`'s edge graphs, cloud weights and manifest into `out_dir`.
 
@@ -154,6 +166,9 @@ def export_model(
         sample_hw: padded (H, W) of the self-check sample, multiples of 32; default: the size a
             4:3 image takes after the model's resize.
         extra: facts recorded in the manifest (e.g. the source checkpoint).
+        calibration: when given, preprocessed images (each Float32[1, 3, H, W]) that calibrate
+            an int8 gate graph (`quantize_edge`); its error against PyTorch on the self-check
+            sample is recorded in the manifest, not bounded (int8 is lossy by design).
     """
     import onnxruntime as ort
 
@@ -217,6 +232,22 @@ def export_model(
     feeds = {n: t.numpy() for n, t in zip(io.complete_inputs, lazy_inputs, strict=True)}
     errors |= _check_against_torch(complete_session, io.complete_outputs, feeds, complete_expected)
 
+    quantization = None
+    if calibration is not None:
+        quantize_gate(out_dir / GATE_ONNX, calibration)
+        gate_session = ort.InferenceSession(
+            str(out_dir / GATE_ONNX), options, providers=["CPUExecutionProvider"]
+        )
+        int8_errors = _errors_against_torch(
+            gate_session, io.gate_outputs, {"image": image.numpy()}, gate_expected
+        )
+        quantization = {
+            "gate": "int8 static (QDQ), per-channel weights",
+            "calibration_images": len(calibration),
+            "max_relative_error": int8_errors,
+        }
+        log.info("int8 gate: worst relative error %.2e", max(int8_errors.values()))
+
     cloud_state = {
         k: v for k, v in model.state_dict().items() if k.startswith(("rpn.", "roi_heads."))
     }
@@ -230,6 +261,7 @@ def export_model(
         extra={
             **(extra or {}),
             "export_check": {"sample_hw": list(sample_hw), "max_relative_error": errors},
+            "edge_quantization": quantization,
             "onnx_opset": OPSET,
             "strides": STRIDES,
         },

@@ -1,0 +1,70 @@
+"""`splitdet export --quantize-edge`: an int8 gate graph calibrated on images, recorded in the
+manifest, that the torch-free edge runs like the float one (issue 4's optional item)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from splitdet.shared.checkpoint import save_checkpoint
+from splitdet.shared.cli import main
+from splitdet.shared.manifest import GATE_ONNX, read_manifest
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("quantize") / "model.pt"
+    save_checkpoint(path, tiny_model, gate_threshold=0.5)
+    return path
+
+
+def _export(checkpoint, out, *extra) -> int:
+    return main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *extra])
+
+
+def _predict(model_dir, images, out) -> list[dict]:
+    code = main([
+        "predict", str(images), "--model", str(model_dir), "--gate", "off",
+        "--json", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    return sorted(json.loads(out.read_text()), key=lambda record: record["path"])
+
+
+def test_int8_gate_is_recorded_and_runs_like_the_float_gate(checkpoint, tiny_dataset, tmp_path):
+    float_dir, int8_dir = tmp_path / "float", tmp_path / "int8"
+    assert _export(checkpoint, float_dir) == 0
+    assert _export(checkpoint, int8_dir, "--quantize-edge", str(tiny_dataset),
+                   "--calibration-images", "3") == 0  # fmt: skip
+
+    ops = {node.op_type for node in onnx.load(str(int8_dir / GATE_ONNX)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    float_ops = {node.op_type for node in onnx.load(str(float_dir / GATE_ONNX)).graph.node}
+    assert "QuantizeLinear" not in float_ops
+
+    manifest = read_manifest(int8_dir)
+    quantization = manifest.extra["edge_quantization"]
+    assert quantization["calibration_images"] == 3
+    assert 0 < max(quantization["max_relative_error"].values()) < 0.5
+    assert read_manifest(float_dir).extra["edge_quantization"] is None
+    assert manifest.fingerprint != read_manifest(float_dir).fingerprint
+
+    images = tiny_dataset / "JPEGImages"
+    exact = _predict(float_dir, images, tmp_path / "float.json")
+    quantised = _predict(int8_dir, images, tmp_path / "int8.json")
+    assert [r["path"] for r in exact] == [r["path"] for r in quantised]
+    for a, b in zip(exact, quantised, strict=True):
+        assert b["error"] is None, b
+        assert abs(a["p_defect"] - b["p_defect"]) < 0.1, (a["path"], a["p_defect"], b["p_defect"])
+
+
+def test_calibration_without_images_is_a_clear_error(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "ImageSets" / "Main").mkdir(parents=True)
+    (empty / "ImageSets" / "Main" / "train.txt").write_text("")
+    assert _export(checkpoint, tmp_path / "out", "--quantize-edge", str(empty)) != 0
+    err = capsys.readouterr().err
+    assert "train" in err and str(empty) in err
+    assert "Traceback" not in err
