@@ -70,14 +70,12 @@ def calibration_batches(data: Path, config, count: int) -> list:
     samples = voc.read_split(Path(data), "train", config.class_names)
     if count < 1 or not samples:
         raise ValueError(f"{data}: no train images to calibrate on (asked for {count})")
-    step = max(len(samples) / count, 1.0)
-    picked = [samples[int(i * step)] for i in range(min(count, len(samples)))]
     return [
         prepare(
             load_image(s.image_path), config.min_size, config.max_size,
             config.image_mean, config.image_std,
         ).batch
-        for s in picked
+        for s in voc.evenly_spaced(samples, count)
     ]  # fmt: skip
 
 

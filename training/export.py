@@ -220,12 +220,13 @@ def export_model(
         complete_expected = _CompleteGraph(edge).eval()(*lazy_inputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    gate_session = ort.InferenceSession(
-        str(out_dir / GATE_ONNX), options, providers=["CPUExecutionProvider"]
-    )
-    complete_session = ort.InferenceSession(
-        str(out_dir / COMPLETE_ONNX), options, providers=["CPUExecutionProvider"]
-    )
+
+    def session(name: str) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            str(out_dir / name), options, providers=["CPUExecutionProvider"]
+        )
+
+    gate_session, complete_session = session(GATE_ONNX), session(COMPLETE_ONNX)
     errors = _check_against_torch(
         gate_session, io.gate_outputs, {"image": image.numpy()}, gate_expected
     )
@@ -235,9 +236,7 @@ def export_model(
     quantization = None
     if calibration is not None:
         quantize_gate(out_dir / GATE_ONNX, calibration)
-        gate_session = ort.InferenceSession(
-            str(out_dir / GATE_ONNX), options, providers=["CPUExecutionProvider"]
-        )
+        gate_session = session(GATE_ONNX)
         # Measured on a real (calibration) image: on the noise sample the activations fall
         # outside the calibrated ranges and the error says nothing about use.
         real = torch.from_numpy(np.ascontiguousarray(calibration[0]))

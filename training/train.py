@@ -327,13 +327,6 @@ def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
     model.transform.max_size = max_size
 
 
-def _evenly(samples: list, n: int | None) -> list:
-    if n is None or n >= len(samples):
-        return samples
-    step = len(samples) / n
-    return [samples[int(i * step)] for i in range(n)]
-
-
 # ------------------------------------------------------------------------------- records
 
 
@@ -445,7 +438,9 @@ def train(
     train_samples = voc.read_split(data_dir, "train", mc.class_names)
     val_samples = []
     if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
-        val_samples = _evenly(voc.read_split(data_dir, "val", mc.class_names), config.eval_images)
+        val_samples = voc.evenly_spaced(
+            voc.read_split(data_dir, "val", mc.class_names), config.eval_images
+        )
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
 

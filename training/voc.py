@@ -296,6 +296,14 @@ def read_split(
     ]
 
 
+def evenly_spaced(samples: list, n: int | None) -> list:
+    """``n`` items spread evenly over ``samples`` (all of them when ``n`` is None or too big)."""
+    if n is None or n >= len(samples):
+        return samples
+    step = len(samples) / n
+    return [samples[int(i * step)] for i in range(n)]
+
+
 def class_names_of(root: Path) -> list[str]:
     """Sorted unique object class names over every annotation under ``root/Annotations``."""
     folder = Path(root) / "Annotations"
