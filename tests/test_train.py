@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from splitdet.shared.checkpoint import load_model, read_checkpoint
+from splitdet.training import dataset as dataset_module
 from splitdet.training import voc
 from splitdet.training.dataset import CropSettings, VocDetection
 from splitdet.training.presets import PRESETS, TINY, TrainConfig
@@ -72,6 +73,35 @@ def test_dataset_crops_keep_boxes_inside_and_drop_difficult(tiny_voc):
     # the same item twice is the same crop (deterministic per seed, epoch, index)
     data.set_epoch(5)
     assert torch.equal(data[1][0], data[1][0])
+
+
+def test_crops_avoid_cutting_objects(tmp_path, monkeypatch):
+    """Two 30 px objects in a 160x128 image, 64 px crops. Centred on an object, a crop never cuts
+    one (a clipped box of a diagonal stroke would be a wrong target); placed at random, it cuts
+    far fewer than a single random placement does."""
+    samples = voc.read_split(make_tiny_voc(tmp_path, n_defective=1, n_free=0, seed=3), "train")
+    objects = (
+        voc.VocObject("scratch", (20, 20, 50, 50)),
+        voc.VocObject("scratch", (70, 50, 100, 80)),
+    )
+    sample = replace(samples[0], objects=objects)
+
+    def cut_boxes(fraction: float) -> tuple[int, int]:
+        data = VocDetection([sample], ["scratch"], train=True, crop=CropSettings(64, fraction))
+        cut = kept = 0
+        for epoch in range(60):
+            data.set_epoch(epoch)
+            for box in data[0][1]["boxes"]:
+                kept += 1
+                cut += (float(box[2] - box[0]), float(box[3] - box[1])) != (30.0, 30.0)
+        return cut, kept
+
+    cut, kept = cut_boxes(1.0)
+    assert cut == 0 and kept >= 60
+    searched, _ = cut_boxes(0.0)
+    monkeypatch.setattr(dataset_module, "CROP_TRIES", 1)
+    single, _ = cut_boxes(0.0)
+    assert searched < single / 2, (searched, single)
 
 
 def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path):

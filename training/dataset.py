@@ -26,6 +26,18 @@ from splitdet.training.voc import VocSample
 
 #: A box clipped by a crop is kept when its longer side keeps at least this many px.
 MIN_KEPT_SIDE = 4.0
+#: Crop placements tried per training crop in search of one that cuts no object.
+CROP_TRIES = 8
+
+
+def _objects_cut(boxes: np.ndarray, left: int, top: int, size: int) -> int:
+    """How many ``boxes`` (N, 4) the square crop at (left, top) overlaps without containing."""
+    right, bottom = left + size, top + size
+    overlaps = (boxes[:, 0] < right) & (boxes[:, 2] > left) & (boxes[:, 1] < bottom)
+    overlaps &= boxes[:, 3] > top
+    inside = (boxes[:, 0] >= left) & (boxes[:, 2] <= right) & (boxes[:, 1] >= top)
+    inside &= boxes[:, 3] <= bottom
+    return int((overlaps & ~inside).sum())
 
 
 def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -155,19 +167,37 @@ class VocDetection(Dataset):
             )
         return img, boxes, keep
 
-    def _random_crop(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
-        size = self.crop.size
-        width, height = img.size
-        if len(boxes) and rng.random() < self.crop.object_fraction:
-            x1, y1, x2, y2 = boxes[rng.integers(len(boxes))]
+    @staticmethod
+    def _crop_origin(target, size: int, width: int, height: int, rng: np.random.Generator):
+        """Top-left corner of a crop: centred on ``target`` (a box) jittered by up to a quarter
+        crop, or uniform over the image when ``target`` is None; inside the image if it fits."""
+        if target is not None:
+            x1, y1, x2, y2 = target
             jitter = rng.uniform(-size / 4, size / 4, 2)
             cx, cy = (x1 + x2) / 2 + jitter[0], (y1 + y2) / 2 + jitter[1]
             left, top = round(cx - size / 2), round(cy - size / 2)
         else:
             left = int(rng.integers(0, max(width - size, 0) + 1))
             top = int(rng.integers(0, max(height - size, 0) + 1))
-        left = min(max(left, 0), max(width - size, 0))
-        top = min(max(top, 0), max(height - size, 0))
+        return min(max(left, 0), max(width - size, 0)), min(max(top, 0), max(height - size, 0))
+
+    def _random_crop(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+        size = self.crop.size
+        width, height = img.size
+        centred = len(boxes) > 0 and rng.random() < self.crop.object_fraction
+        target = boxes[rng.integers(len(boxes))] if centred else None
+        # A crop that cuts an object through teaches a wrong box (the clipped box of a diagonal
+        # stroke is not the box of the part inside), so of a few random placements take the
+        # first that cuts none, else the one that cuts fewest.
+        best, best_cuts = (0, 0), len(boxes) + 1
+        for _ in range(CROP_TRIES):
+            left, top = self._crop_origin(target, size, width, height, rng)
+            cuts = _objects_cut(boxes, left, top, size)
+            if cuts < best_cuts:
+                best, best_cuts = (left, top), cuts
+            if cuts == 0:
+                break
+        left, top = best
         # PIL pads with black where the crop passes the image edge (images smaller than a crop).
         img = img.crop((left, top, left + size, top + size))
         shifted = boxes - np.array([left, top, left, top], np.float32)

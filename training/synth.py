@@ -11,11 +11,16 @@ What an image holds
   edges lit from one side, the "bow-tie" specular lobe of a turned surface, slow illumination
   drift, and signal-dependent sensor noise.
 - Scratches (class ``scratch``), on defective images only: thin straight or curved (quadratic
-  Bezier) strokes, 1-6 px wide at 2448x2048 (scaled with the image, never below 1 px), 30 px to
-  ~1400 px long, bright or dark, strong to faint, with intermittent strength and tapered ends.
-  They are rasterised here (distance to a polyline, anti-aliased), clipped to the metal, so every
-  scratch pixel is known: its box is the bounding box of the pixels it changes by at least half a
-  grey level. Scratches whose visible part is too short are re-drawn.
+  Bezier) strokes, 1-6 px wide, 30 px to ~1400 px long at 2448x2048, bright or dark, strong to
+  faint (5-16 times the local clutter: texture detail and sensor noise), with intermittent
+  strength and tapered ends. They are rasterised here (distance to a polyline, anti-aliased),
+  clipped to the metal, so every scratch pixel is known: its box is the bounding box of the
+  pixels it changes by at least one unit of that clutter, so a box never claims an invisible
+  tail. Scratches whose visible part is too short are re-drawn.
+- Sizes. The part, its texture and every length scale with the image; stroke and speck *widths*
+  stay in output pixels (1-6 px at any size). A smaller image is a faster stand-in for the
+  camera's, in which a scratch looks to a detector as it would at full resolution; scaled, most
+  scratches would be sub-pixel at 612x512 (version 1 did that, with a 1 px floor).
 - Look-alikes that are *not* scratches, on every image: dust specks, soft stains, and short low-
   contrast tool marks that follow the lathe direction (concentric arcs). A gate has to learn the
   difference, not just "anything on the metal".
@@ -65,12 +70,18 @@ CLASS_NAME = "scratch"
 #: The paper's camera resolution, (width, height).
 FULL_SIZE: tuple[int, int] = (2448, 2048)
 #: Bumped whenever the rendering changes, so a dataset records which images it holds.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Streams of per-image seeds: train/val and the held-out test split never share an image.
 STREAM_TRAINVAL = 0
 STREAM_TEST = 1
-#: A scratch pixel is one the scratch changes by at least this many grey levels (before noise).
-_VISIBLE_LEVELS = 0.5
+#: Scratch contrast in units of the local clutter (texture detail and sensor noise, in grey
+#: levels, see `_clutter_levels`): log-uniform from faint to strong.
+_CONTRAST_RANGE = (5.0, 16.0)
+#: A scratch pixel is one the scratch changes by at least this many clutter units: fainter
+#: parts (tapered ends, dips) are drawn but not labelled, so no box claims an invisible stroke.
+_VISIBLE_CLUTTER = 1.0
+#: Sensor noise assumed when judging visibility, grey levels (the drawn noise is 1.4-2.2).
+_NOISE_LEVELS = 2.0
 _F32 = np.float32
 
 
@@ -435,6 +446,18 @@ def _rasterise_stroke(
     return bx0, by0, alpha
 
 
+def _clutter_levels(refl: np.ndarray, alpha: np.ndarray, gain_level: float) -> float:
+    """The clutter a scratch must stand out from, in grey levels: the RMS of the reflectance's
+    pixel-to-pixel detail (lathe marks, grain, look-alikes) where the stroke lies, times the
+    illumination gain, combined with sensor noise. ``refl`` and ``alpha``: the stroke's window."""
+    on = alpha[:, :-1] > 0
+    detail = np.diff(refl, axis=1)[on]
+    on = alpha[:-1, :] > 0
+    detail = np.concatenate([detail, np.diff(refl, axis=0)[on]])
+    texture = float(np.sqrt(np.mean(detail.astype(np.float64) ** 2) / 2)) if detail.size else 0.0
+    return math.hypot(texture * gain_level, _NOISE_LEVELS)
+
+
 def _add_scratches(
     rng: np.random.Generator,
     part: _Part,
@@ -452,9 +475,9 @@ def _add_scratches(
     # A defective image always gets at least one scratch (tiny images may need more tries).
     while (len(masks) < n_target and attempts < 20 * n_target) or (not masks and attempts < 400):
         attempts += 1
-        width_px = max(rng.uniform(1.0, 6.0) ** 1.0 * s, 1.0)
+        width_px = rng.uniform(1.0, 6.0)  # output px at any size (module docstring)
         if rng.random() < 0.6:  # thin scratches are the common ones
-            width_px = max(rng.uniform(1.0, 2.5) * s, 1.0)
+            width_px = rng.uniform(1.0, 2.5)
         pts = _scratch_path(rng, part, s, width_px)
         if pts is None:
             continue
@@ -465,10 +488,12 @@ def _add_scratches(
         bx, by, alpha = ras
         h, w = alpha.shape
         alpha *= cov[by : by + h, bx : bx + w]
-        # Contrast in reflectance units; x gain ~ 190 grey levels: ~10 (faint) to ~57 (strong).
-        amp = math.exp(rng.uniform(math.log(0.05), math.log(0.3)))
+        # Contrast against what surrounds the stroke, so "faint" means faint on this texture.
+        clutter = _clutter_levels(refl[by : by + h, bx : bx + w], alpha, gain_level)
+        contrast = math.exp(rng.uniform(*np.log(_CONTRAST_RANGE))) * clutter  # grey levels
+        amp = contrast / gain_level  # reflectance units
         sign = 1.0 if rng.random() < 0.55 else -1.0
-        alpha[alpha * amp * gain_level < _VISIBLE_LEVELS] = 0
+        alpha[alpha * contrast < _VISIBLE_CLUTTER * clutter] = 0
         nz_rows = np.flatnonzero(alpha.any(axis=1))
         nz_cols = np.flatnonzero(alpha.any(axis=0))
         if len(nz_rows) == 0:
@@ -525,7 +550,7 @@ def _add_lookalikes(rng, part: _Part, s: float, refl, window):
         p = point_on_metal(3)
         if p is None:
             continue
-        radius = max(rng.uniform(0.6, 3.5) * s, 0.6)
+        radius = rng.uniform(0.6, 3.5)
         amp = rng.uniform(0.06, 0.3) * (1 if rng.random() < 0.6 else -1)
         box = _blob(refl, window, p[0], p[1], radius, amp, sharp=True)
         if box:
@@ -561,7 +586,7 @@ def _add_lookalikes(rng, part: _Part, s: float, refl, window):
         _, _, rad, ang = p
         arc_len = rng.uniform(25, 220) * s
         half_ang = arc_len / 2 / rad
-        hw = max(rng.uniform(0.5, 1.3) * s, 0.5)
+        hw = rng.uniform(0.5, 1.3)
         amp = rng.uniform(0.02, 0.06) * (1 if rng.random() < 0.5 else -1)
         angs = np.linspace(ang - half_ang, ang + half_ang, 16)
         xs_, ys_ = part.cx + rad * np.cos(angs), part.cy + rad * np.sin(angs)
