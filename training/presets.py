@@ -113,8 +113,10 @@ PAPER = TrainConfig(
 #: Per-step cost, profiled (1 thread): convolutions ~60%, ROI-align backward 12%, RPN NMS 7%.
 #: Hence 64 FPN channels (the FPN + RPN head convs cost more than the ResNet18 body at 128),
 #: 500 proposals per level before/after NMS and 64 ROI samples per image: 1.75x faster steps
-#: than 128 channels / 1000 / 128 measured side by side. Still far from the 0.7 mAP@.5 target
-#: in 30 minutes: see the training notes (it is iteration-bound).
+#: than 128 channels / 1000 / 128 measured side by side. The gate's loss trains its head only
+#: (`detach_gate`): with it flowing into the backbone, detection and gate were still at chance
+#: after 810 steps on generator-v2 data; detached, both left chance within 670 steps. Still far from
+#: the 0.7 mAP@.5 target in 30 minutes: see the README's training notes (it is iteration-bound).
 CPU = TrainConfig(
     name="cpu",
     model=ModelConfig(
@@ -142,6 +144,7 @@ CPU = TrainConfig(
     minutes=30.0,
     crop=256,
     crop_object_fraction=0.6,
+    detach_gate=True,
     rpn_pre_nms_top_n_train=500,
     rpn_post_nms_top_n_train=500,
     box_batch_size_per_image=64,
