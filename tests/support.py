@@ -1,4 +1,5 @@
-"""Helpers for tests: a torch-blocking subprocess runner, hostile files, a tiny VOC tree."""
+"""Helpers for tests: a torch-blocking subprocess runner, hostile files, a tiny VOC tree,
+`splitdet predict` records."""
 
 from __future__ import annotations
 
@@ -83,3 +84,18 @@ def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 
     for split in ("train", "val", "test"):
         voc.write_split(root, split, ids)
     return root
+
+
+def predict_records(model_dir: Path, images: Path, out: Path, *options: str) -> list[dict]:
+    """Run `splitdet predict IMAGES --model MODEL_DIR --json OUT OPTIONS...` in-process; its
+    per-image records, sorted by path."""
+    import json
+
+    from splitdet.shared.cli import main
+
+    code = main([
+        "predict", str(images), "--model", str(model_dir), *options,
+        "--json", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    return sorted(json.loads(out.read_text()), key=lambda record: record["path"])

@@ -9,7 +9,6 @@ lossless and the int8 codec on held-out images.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -18,14 +17,13 @@ import torch
 from torchvision.ops import box_iou
 
 from splitdet.shared.checkpoint import load_model
-from splitdet.shared.cli import main
 from splitdet.training import voc
 from splitdet.training.evaluate import evaluate
 from splitdet.training.export import export_model
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import make_tiny_voc
+from support import make_tiny_voc, predict_records
 
 #: Detections at or above this score are the ones a user acts on; they must survive int8.
 SCORE = 0.5
@@ -53,23 +51,14 @@ def trained(tmp_path_factory):
     return model_dir, held_out / "JPEGImages"
 
 
-def _predict(model_dir, images, codec: str, out) -> list[dict]:
-    code = main([
-        "predict", str(images), "--model", str(model_dir), "--codec", codec,
-        "--json", str(out), "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
-    return sorted(json.loads(out.read_text()), key=lambda record: record["path"])
-
-
 def test_int8_keeps_verdicts_and_boxes_within_a_pixel(trained, tmp_path):
     """Every confident box is still found with int8 (IoU >= 0.8), and nearly all of them move
     by at most 1 px. The exception is real and expected of any lossy codec: when two RPN
     proposals score alike, int8 noise can let the other one through NMS, and its box differs
     (measured once: 29 of 30 boxes within 0.07 px, one 1.8 px off with IoU 0.89)."""
     model_dir, images = trained
-    lossless = _predict(model_dir, images, "fp32", tmp_path / "fp32.json")
-    int8 = _predict(model_dir, images, "int8", tmp_path / "int8.json")
+    lossless = predict_records(model_dir, images, tmp_path / "fp32.json", "--codec", "fp32")
+    int8 = predict_records(model_dir, images, tmp_path / "int8.json", "--codec", "int8")
     assert len(lossless) == len(int8) == 9
     shifts = []
     for exact, quantised in zip(lossless, int8, strict=True):

@@ -3,14 +3,14 @@ manifest, that the torch-free edge runs like the float one (issue 4's optional i
 
 from __future__ import annotations
 
-import json
-
 import onnx
 import pytest
 
 from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import GATE_ONNX, read_manifest
+
+from support import predict_records
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,6 @@ def checkpoint(tiny_model, tmp_path_factory):
 
 def _export(checkpoint, out, *extra) -> int:
     return main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *extra])
-
-
-def _predict(model_dir, images, out) -> list[dict]:
-    code = main([
-        "predict", str(images), "--model", str(model_dir), "--gate", "off",
-        "--json", str(out), "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
-    return sorted(json.loads(out.read_text()), key=lambda record: record["path"])
 
 
 def test_int8_gate_is_recorded_and_runs_like_the_float_gate(checkpoint, tiny_dataset, tmp_path):
@@ -52,8 +43,8 @@ def test_int8_gate_is_recorded_and_runs_like_the_float_gate(checkpoint, tiny_dat
     assert manifest.fingerprint != read_manifest(float_dir).fingerprint
 
     images = tiny_dataset / "JPEGImages"
-    exact = _predict(float_dir, images, tmp_path / "float.json")
-    quantised = _predict(int8_dir, images, tmp_path / "int8.json")
+    exact = predict_records(float_dir, images, tmp_path / "float.json", "--gate", "off")
+    quantised = predict_records(int8_dir, images, tmp_path / "int8.json", "--gate", "off")
     assert [r["path"] for r in exact] == [r["path"] for r in quantised]
     for a, b in zip(exact, quantised, strict=True):
         assert b["error"] is None, b
