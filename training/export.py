@@ -188,17 +188,18 @@ def export_model(
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, *sample_hw, generator=generator)
 
+    # Wrappers must be in eval mode too: the exporter restores each wrapper's own mode after
+    # tracing, and a wrapper left in training mode would put the whole model in training mode.
+    gate_graph, complete_graph = _GateGraph(edge).eval(), _CompleteGraph(edge).eval()
     with torch.inference_mode():
-        gate_expected = _GateGraph(edge).eval()(image)
+        gate_expected = gate_graph(image)
     lazy_inputs = gate_expected[len(io.gate_outputs) - len(io.complete_inputs) :]
 
     axes = {"image": {2: "height", 3: "width"}}
     for name in io.gate_outputs[1:] + io.complete_outputs:
         axes[name] = {2: f"{name}_h", 3: f"{name}_w"}
-    # Wrappers must be in eval mode too: the exporter restores each wrapper's own mode after
-    # tracing, and a wrapper left in training mode would put the whole model in training mode.
     _export_graph(
-        _GateGraph(edge).eval(),
+        gate_graph,
         (image,),
         out_dir / GATE_ONNX,
         io.gate_inputs,
@@ -206,7 +207,7 @@ def export_model(
         axes,
     )
     _export_graph(
-        _CompleteGraph(edge).eval(),
+        complete_graph,
         tuple(lazy_inputs),
         out_dir / COMPLETE_ONNX,
         io.complete_inputs,
@@ -217,7 +218,7 @@ def export_model(
         raise ExportError("the model left export in training mode")
 
     with torch.inference_mode():
-        complete_expected = _CompleteGraph(edge).eval()(*lazy_inputs)
+        complete_expected = complete_graph(*lazy_inputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
 
@@ -241,7 +242,7 @@ def export_model(
         # outside the calibrated ranges and the error says nothing about use.
         real = torch.from_numpy(np.ascontiguousarray(calibration[0]))
         with torch.inference_mode():
-            real_expected = _GateGraph(edge).eval()(real)
+            real_expected = gate_graph(real)
         int8_errors = _errors_against_torch(
             gate_session, io.gate_outputs, {"image": real.numpy()}, real_expected
         )
