@@ -29,6 +29,7 @@ from tqdm import tqdm
 from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.streams import make_stream
 from splitdet.shared.cli import main as splitdet
+from splitdet.training.presets import PRESETS
 from splitdet.training.synth import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def train_model(config: DemoConfig) -> bool:
     run_dir, data = paths["run"], paths["data"]
     wanted = {
         "preset": config.preset,
+        "recipe": PRESETS[config.preset].to_dict(),  # a changed preset retrains
         "minutes": config.train_minutes,
         "seed": config.seed,
         "data": _stamp(data / "demo-data.json"),

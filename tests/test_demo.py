@@ -11,14 +11,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from splitdet.bench import demo as demo_module
-from splitdet.bench.demo import DemoConfig, make_data, run_demo
+from splitdet.bench.demo import DemoConfig, make_data, run_demo, train_model
 from splitdet.edge.store import iter_results, open_readonly
 from splitdet.training.evaluate import coco_metrics
+from splitdet.training.presets import PRESETS
 from splitdet.training.voc import read_split
 
 TINY_DEMO = dict(preset="tiny", image_size=(320, 256), dataset=(6, 3, 3, 5), stream_images=8,
@@ -88,6 +90,17 @@ def test_a_new_generator_version_remakes_the_cached_data(tmp_path, monkeypatch):
     assert make_data(config) is True
     monkeypatch.setattr(demo_module, "GENERATOR_VERSION", demo_module.GENERATOR_VERSION + 1)
     assert make_data(config) is False
+
+
+def test_a_changed_preset_retrains_the_cached_model(tmp_path, monkeypatch):
+    """The cached model is keyed on the preset's whole recipe, not its name: a demo run after an
+    upgrade that changed the preset must not reuse a model trained with the old one."""
+    config = DemoConfig(workdir=tmp_path, **{**TINY_DEMO, "dataset": (4, 2, 2, 2)})
+    make_data(config)
+    assert train_model(config) is False
+    assert train_model(config) is True
+    monkeypatch.setitem(PRESETS, "tiny", replace(PRESETS["tiny"], lr=PRESETS["tiny"].lr / 2))
+    assert train_model(config) is False
 
 
 def test_ctrl_c_stops_every_process(demo):

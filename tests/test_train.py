@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from splitdet.shared.checkpoint import load_model, read_checkpoint
+from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training import dataset as dataset_module
 from splitdet.training import voc
-from splitdet.training.dataset import CropSettings, VocDetection
+from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import PRESETS, TINY, TrainConfig
-from splitdet.training.train import InitError, load_initial_weights, train
+from splitdet.training.train import (
+    InitError,
+    autocast_dtype,
+    load_initial_weights,
+    train,
+    train_one_epoch,
+)
 
 from support import make_tiny_voc
 
@@ -104,8 +112,9 @@ def test_crops_avoid_cutting_objects(tmp_path, monkeypatch):
     assert searched < single / 2, (searched, single)
 
 
-def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path):
-    config = tiny_config(epochs=8, lr=0.02, warmup_iters=1)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path, precision):
+    config = tiny_config(epochs=8, lr=0.02, warmup_iters=1, precision=precision)
     train(config, tiny_voc, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert len(history) == 8
@@ -116,6 +125,29 @@ def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path):
     _, checkpoint = load_model(tmp_path / "last.pt")
     assert checkpoint["epoch"] == 7 and checkpoint["class_names"] == ["scratch"]
     assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "config", "epoch"}
+
+
+def test_bf16_training_computes_in_bf16_and_keeps_fp32_weights(tiny_voc):
+    """Under precision bf16 the convolutions really run in bfloat16 (a forward hook sees their
+    outputs), while the weights, their gradients and the losses stay float32."""
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        tiny_config(precision="fp16")
+    model = MultiTaskRCNN(TINY.model)
+    seen = []
+    model.backbone.body.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    data = VocDetection(voc.read_split(tiny_voc, "train"), ["scratch"], train=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate)
+    before = model.backbone.body.conv1.weight.detach().clone()
+    stats = train_one_epoch(
+        model, torch.optim.SGD(model.parameters(), lr=0.01), loader, max_iters=1,
+        progress=False, autocast=torch.bfloat16,
+    )  # fmt: skip
+    assert seen == [torch.bfloat16] and stats["iters"] == 1 and math.isfinite(stats["loss"])
+    weight = model.backbone.body.conv1.weight
+    assert weight.dtype == weight.grad.dtype == torch.float32
+    assert not torch.equal(weight.detach(), before)
 
 
 def test_resume_reaches_the_same_state(tiny_voc, tmp_path):

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="base learning rate")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        help="training arithmetic: bf16 autocast or fp32; auto = bf16 where the processor has "
+        "it natively (default: the preset's; cpu: auto, paper: fp32)",
+    )
+    parser.add_argument(
         "--eval-every", type=int, help="epochs between validation passes (0: never)"
     )
     parser.add_argument(
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         for arg, field in (
             ("minutes", "minutes"), ("epochs", "epochs"), ("batch_size", "batch_size"),
             ("lr", "lr"), ("workers", "workers"), ("eval_every", "eval_every"), ("seed", "seed"),
+            ("precision", "precision"),
         )
         if getattr(args, arg) is not None
     }  # fmt: skip

@@ -240,6 +240,24 @@ def _agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype `train_one_epoch` autocasts to for a `TrainConfig.precision`; None: fp32.
+
+    "auto" picks bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or
+    AMX, CUDA GPUs from Ampere on): on this project's 2-core AVX512-BF16 machine a cpu-preset
+    step takes 0.64 s in bf16 against 1.05 s in fp32. Elsewhere bf16 is emulated and slower.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -253,11 +271,14 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     max_iters: int | None = None,
     progress: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or until the clock's budget or `max_iters`).
 
     `model` in training mode returns a dict of losses; the step minimises the detection losses
     plus `defect_loss_weight` x loss_defect. `lr_scheduler`, if given, steps every iteration.
+    `autocast` (e.g. torch.bfloat16) runs the forward pass under `torch.autocast`; the
+    gradients, the optimiser step and the weights stay fp32.
     Returns the mean of every loss over the iterations run, "loss" (the total) and "iters".
     """
     from tqdm import tqdm
@@ -283,7 +304,9 @@ def train_one_epoch(
         start = time.perf_counter()
         images = [img.to(device) for img in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            losses = model(images, targets)
+        losses = {key: value.float() for key, value in losses.items()}
         total = sum(v for k, v in losses.items() if k != "loss_defect")
         total = total + defect_loss_weight * losses["loss_defect"]
         if not torch.isfinite(total):
@@ -469,6 +492,8 @@ def train(
     optimizer = build_optimizer(model, config)
     lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loader))
     clock = TrainClock(budget_seconds=config.minutes * 60.0 if config.minutes else None)
+    autocast = autocast_dtype(config.precision, device)
+    log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
@@ -527,6 +552,7 @@ def train(
             clip_grad_norm=config.clip_grad_norm,
             max_iters=max_iters,
             progress=progress,
+            autocast=autocast,
         )
         if lr_scheduler is not None and not per_iteration:
             lr_scheduler.step()
