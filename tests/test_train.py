@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import replace
@@ -11,12 +12,13 @@ import torch
 
 from splitdet.shared.checkpoint import load_model, read_checkpoint
 from splitdet.shared.model import MultiTaskRCNN
+from splitdet.training import cli_train, voc
 from splitdet.training import dataset as dataset_module
-from splitdet.training import voc
 from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import PRESETS, TINY, TrainConfig
 from splitdet.training.train import (
     InitError,
+    TrainClock,
     autocast_dtype,
     load_initial_weights,
     train,
@@ -53,7 +55,19 @@ def test_presets_are_consistent():
     assert (paper.model.min_size, paper.model.max_size) == (2048, 2448)
     cpu = PRESETS["cpu"]
     assert cpu.minutes is not None and cpu.minutes <= 30 and cpu.model.norm == "group"
-    assert TrainConfig.from_dict(json.loads(json.dumps(cpu.to_dict()))) == cpu
+    r50 = PRESETS["cpu-r50"]  # the benchmark's model: the paper's architecture, cpu's recipe
+    assert (r50.model.depth, r50.model.fpn_channels) == (50, paper.model.fpn_channels)
+    assert r50.model.box_head_dim == paper.model.box_head_dim
+    assert (r50.optimizer, r50.crop, r50.model.gate_pooling) == ("adamw", cpu.crop, "dense")
+    for config in PRESETS.values():
+        assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_the_train_command_offers_every_preset():
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    (preset,) = [a for a in parser._actions if a.dest == "preset"]
+    assert sorted(preset.choices) == sorted(PRESETS)
 
 
 def test_dataset_crops_keep_boxes_inside_and_drop_difficult(tiny_voc):
@@ -125,6 +139,18 @@ def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path, precision):
     _, checkpoint = load_model(tmp_path / "last.pt")
     assert checkpoint["epoch"] == 7 and checkpoint["class_names"] == ["scratch"]
     assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "config", "epoch"}
+
+
+def test_a_time_budget_ends_the_run_on_the_epoch_nearest_it(tiny_voc, tmp_path):
+    clock = TrainClock(seconds=90.0, budget_seconds=100.0)
+    assert not clock.exhausted() and not clock.exhausted(epoch_seconds=19.0)
+    assert clock.exhausted(epoch_seconds=21.0)  # the next epoch would end 11 s past the budget
+    assert not TrainClock(seconds=1e9).exhausted(epoch_seconds=1e9)  # no budget, no end
+    # a real run whose budget any epoch exceeds: one epoch, validated as the final one
+    config = replace(TINY, epochs=5, minutes=1e-6, eval_every=3)
+    train(config, tiny_voc, tmp_path, progress=False)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0] and history[0]["val_map50"] is not None
 
 
 def test_bf16_training_computes_in_bf16_and_keeps_fp32_weights(tiny_voc):

@@ -220,8 +220,14 @@ class TrainClock:
     seconds: float = 0.0
     budget_seconds: float | None = None
 
-    def exhausted(self) -> bool:
-        return self.budget_seconds is not None and self.seconds >= self.budget_seconds
+    def exhausted(self, epoch_seconds: float = 0.0) -> bool:
+        """True when the budget is spent, or when less than half of an epoch lasting
+        `epoch_seconds` is left of it: a run ends on the epoch nearest its budget instead of
+        starting one it could run only a few iterations of (which would be validated and
+        logged as an epoch of its own)."""
+        if self.budget_seconds is None:
+            return False
+        return self.seconds + epoch_seconds / 2.0 >= self.budget_seconds
 
 
 def _world() -> tuple[int, int]:
@@ -534,12 +540,16 @@ def train(
     wall_start = time.perf_counter()
     row: dict[str, Any] = {}
     overall = _overall_bar(config, clock, start_epoch, enabled=progress and rank == 0)
+    epoch_seconds = 0.0  # training seconds of the last epoch
     for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
-        stop = clock.exhausted() or (stop_after is not None and epochs_run >= stop_after)
+        stop = clock.exhausted(epoch_seconds) or (
+            stop_after is not None and epochs_run >= stop_after
+        )
         if _agree(stop, device):
             break
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
+        epoch_start = clock.seconds
         stats = train_one_epoch(
             ddp_model,
             optimizer,
@@ -556,7 +566,8 @@ def train(
         )
         if lr_scheduler is not None and not per_iteration:
             lr_scheduler.step()
-        final = epoch + 1 >= config.epochs or clock.exhausted()
+        epoch_seconds = clock.seconds - epoch_start
+        final = epoch + 1 >= config.epochs or clock.exhausted(epoch_seconds)
         row = {
             "epoch": epoch,
             "iters": stats["iters"],
