@@ -20,6 +20,7 @@ from splitdet.training.train import (
     InitError,
     TrainClock,
     autocast_dtype,
+    keep_box_arithmetic_fp32,
     load_initial_weights,
     train,
     train_one_epoch,
@@ -174,6 +175,25 @@ def test_bf16_training_computes_in_bf16_and_keeps_fp32_weights(tiny_voc):
     weight = model.backbone.body.conv1.weight
     assert weight.dtype == weight.grad.dtype == torch.float32
     assert not torch.equal(weight.detach(), before)
+
+
+def test_bf16_training_keeps_sub_pixel_boxes_finite():
+    """A scratch box 0.3 px wide near x = 140: bfloat16 has a 1 px grid there, so if boxes were
+    decoded and matched in bf16 the box would collapse to zero width and the regression target
+    would be log(0). The box arithmetic stays fp32 under autocast; the losses stay finite."""
+    torch.manual_seed(0)
+    model = MultiTaskRCNN(TINY.model)
+    keep_box_arithmetic_fp32(model)
+    model.train()
+    images = [torch.rand(3, 128, 160) for _ in range(2)]
+    thin = torch.tensor([[140.1, 10.0, 140.4, 120.0], [20.0, 30.0, 60.0, 31.0]])
+    targets = [{"boxes": thin, "labels": torch.ones(2, dtype=torch.int64)}] * 2
+    seen = []
+    model.rpn.register_forward_hook(lambda m, i, out: seen.append(out[0][0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert seen == [torch.float32]  # the proposals
+    assert all(torch.isfinite(v).all() for v in losses.values()), losses
 
 
 def test_resume_reaches_the_same_state(tiny_voc, tmp_path):

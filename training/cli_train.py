@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         choices=["cpu", "cpu-r50", "paper", "tiny"],
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
-        "benchmark's ResNet50-FPN, one hour on 2448x2048 images)",
+        "benchmark's ResNet50-FPN, 45 minutes on 2448x2048 images)",
     )
     parser.add_argument(
         "--init",
