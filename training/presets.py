@@ -188,9 +188,9 @@ TINY = replace(
 #: channels and the 1024-wide box head, so the lazy FPN and the skipped heads weigh what they
 #: weigh in the paper's model; GroupNorm, zero-init residuals, thin anchors and the dense gate
 #: on P3 are the `cpu` recipe's (what learns from scratch on a CPU). Input at torchvision's
-#: default scale (2448x2048 -> 956x800): the scratches keep 0.4-2.3 px and a 2-core CPU runs
-#: the benchmark's 300 images per system in under an hour (at the full 2448x2048 the
-#: monolithic detector takes ~8 s per image here). 45 minutes: a step is ~3x the ResNet18's.
+#: default scale (2448x2048 -> 956x800), where a 2-core CPU runs the benchmark's 300 images per
+#: system in under an hour (at the full 2448x2048 the monolithic detector takes ~8 s per image
+#: here). 45 minutes as a start; a step costs ~4.5x the ResNet18's.
 #: Measured: 2.9 s per step in bf16; after 20 training minutes (440 steps) validation mAP@.5
 #: was still 0.001 and the gate AUC 0.43, the loss flat since the second epoch: at this scale
 #: the scratches are 0.4-2.3 px, thinner than the `cpu` preset's, and the steps fewer. It needs
