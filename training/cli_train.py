@@ -4,7 +4,7 @@
     splitdet train --data data/gaskets --out runs/cpu --resume          # continue last.pt
     torchrun --nproc_per_node 2 -m splitdet.training.cli_train --data D --out R --preset paper
 
-Top-level imports are stdlib only: torch loads when the command runs.
+Top-level imports are stdlib and the torch-free presets: torch loads when the command runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from splitdet.training.presets import PRECISIONS, PRESETS
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="cpu",
-        choices=["cpu", "cpu-r50", "paper", "tiny"],
+        choices=sorted(PRESETS),
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
         "benchmark's ResNet50-FPN, 45 minutes on 2448x2048 images)",
     )
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "auto"],
+        choices=PRECISIONS,
         help="training arithmetic: bf16 autocast or fp32; auto = bf16 where the processor has "
         "it natively (default: the preset's; cpu: auto, paper: fp32)",
     )
@@ -90,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
     from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError
-    from splitdet.training.presets import PRESETS
     from splitdet.training.train import InitError, train
     from splitdet.training.voc import VocError
 
