@@ -98,6 +98,15 @@ class DefectHead(nn.Module):
         return self.fc(pooled)[:, 0], None
 
 
+def _outputs_to_fp32(module: nn.Module, args: object, output: object) -> object:
+    """Forward hook: every floating tensor in a module's output (nested tuples, lists) as fp32."""
+    if isinstance(output, Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_outputs_to_fp32(module, args, item) for item in output)
+    return output
+
+
 class MultiTaskRCNN(FasterRCNN):
     """FasterRCNN + DefectHead. In eval mode `forward` is the plain (monolithic) detector.
 
@@ -135,6 +144,14 @@ class MultiTaskRCNN(FasterRCNN):
         #: Training only: the defect loss does not reach the backbone and FPN (the head learns
         #: on the detector's features), set from TrainConfig.detach_gate.
         self.detach_gate = False
+        # Under bf16 autocast (training) the box arithmetic stays fp32: left in bfloat16,
+        # torchvision decodes the proposals in bfloat16 and casts the ground-truth boxes to their
+        # dtype; bfloat16 keeps 8 significant bits, so between 128 and 256 px coordinates fall on
+        # a 1 px grid and a box thinner than that collapses to zero width: log(0) in the
+        # regression targets, a NaN loss (seen on ResNet50 at half of 2448x2048, scratches 0.5 px
+        # thin). The convolutions and linear layers still run in bf16; in fp32 this is a no-op.
+        self.rpn.head.register_forward_hook(_outputs_to_fp32)
+        self.roi_heads.box_predictor.register_forward_hook(_outputs_to_fp32)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Eval: list of {"boxes" [K,4] x1y1x2y2 original px, "labels" [K], "scores" [K]}.

@@ -20,7 +20,6 @@ from splitdet.training.train import (
     InitError,
     TrainClock,
     autocast_dtype,
-    keep_box_arithmetic_fp32,
     load_initial_weights,
     train,
     train_one_epoch,
@@ -183,7 +182,6 @@ def test_bf16_training_keeps_sub_pixel_boxes_finite():
     would be log(0). The box arithmetic stays fp32 under autocast; the losses stay finite."""
     torch.manual_seed(0)
     model = MultiTaskRCNN(TINY.model)
-    keep_box_arithmetic_fp32(model)
     model.train()
     images = [torch.rand(3, 128, 160) for _ in range(2)]
     thin = torch.tensor([[140.1, 10.0, 140.4, 120.0], [20.0, 30.0, 60.0, 31.0]])

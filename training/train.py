@@ -230,28 +230,6 @@ class TrainClock:
         return self.seconds + epoch_seconds / 2.0 >= self.budget_seconds
 
 
-def _outputs_to_fp32(module: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook: every floating tensor in a module's output (nested tuples, lists) as fp32."""
-    if isinstance(output, torch.Tensor):
-        return output.float() if output.is_floating_point() else output
-    if isinstance(output, (tuple, list)):
-        return type(output)(_outputs_to_fp32(module, args, item) for item in output)
-    return output
-
-
-def keep_box_arithmetic_fp32(model: MultiTaskRCNN) -> None:
-    """Under bf16 autocast, hand the RPN head's and the box predictor's outputs on in fp32.
-
-    Left in bfloat16, torchvision decodes the proposals in bfloat16 and casts the ground-truth
-    boxes to the proposals' dtype; bfloat16 keeps 8 significant bits, so between 128 and 256 px
-    coordinates fall on a 1 px grid and a scratch box thinner than that collapses to zero
-    height: log(0) in the regression targets, a NaN loss (seen on ResNet50 at half of 2448x2048,
-    where scratches are 0.5 px thin). The convolutions and linear layers still run in bf16.
-    """
-    model.rpn.head.register_forward_hook(_outputs_to_fp32)
-    model.roi_heads.box_predictor.register_forward_hook(_outputs_to_fp32)
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -522,8 +500,6 @@ def train(
     clock = TrainClock(budget_seconds=config.minutes * 60.0 if config.minutes else None)
     autocast = autocast_dtype(config.precision, device)
     log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
-    if autocast is not None:
-        keep_box_arithmetic_fp32(model)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
