@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         choices=sorted(PRESETS),
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
-        "benchmark's ResNet50-FPN, 45 minutes on 2448x2048 images)",
+        "benchmark's ResNet50-FPN, 2 hours on 2448x2048 images at half scale)",
     )
     parser.add_argument(
         "--init",
