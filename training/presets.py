@@ -193,10 +193,10 @@ TINY = replace(
 #: after 20 training minutes (validation mAP@.5 0.001, gate AUC 0.43 after 440 steps); at the full
 #: 2448x2048 the monolithic detector takes ~8 s per image here, too slow to benchmark.
 #: A step costs ~2.9 s in bf16 (4.5x the ResNet18's); validation every 10 epochs on 30
-#: images (a pass costs ~2 minutes at this scale). Measured at this scale, 2 cores: after 80
-#: training minutes (1650 steps) validation mAP@.5 0.007 and gate AUC 0.61, the gate's loss
-#: falling (1.7 -> 0.95), detection's flat: still no useful detector. It needs many hours
-#: here, or a GPU.
+#: images (a pass costs ~2 minutes at this scale). Measured at this scale, 2 cores: validation
+#: mAP@.5 / gate AUC 0.001 / 0.50, 0.007 / 0.56, 0.007 / 0.61 and 0.041 / 0.61 after 26, 53,
+#: 80 and 114 training minutes (2340 steps); the gate's loss falls (1.7 -> 0.8), detection's
+#: barely moves: not yet a useful detector. It needs many hours here, or a GPU.
 CPU_R50 = replace(
     CPU,
     name="cpu-r50",
