@@ -216,6 +216,23 @@ def test_resume_reaches_the_same_state(tiny_voc, tmp_path):
     assert len(b["history"]) == 3
 
 
+def test_the_train_command_resumes_a_run_with_its_own_recipe(tiny_voc, tmp_path, capsys):
+    """`splitdet train --out RUN --resume` without --preset continues RUN's recipe (here not
+    the default preset's model); an explicit --preset of another model is refused by name."""
+    from splitdet.shared.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(epochs=2), tiny_voc, run, progress=False, stop_after=1)
+    assert read_checkpoint(run / "last.pt")["epoch"] == 0
+    argv = ["train", "--data", str(tiny_voc), "--out", str(run), "--resume", "--no-progress"]
+    assert main(argv) == 0
+    assert read_checkpoint(run / "last.pt")["epoch"] == 1
+    assert main([*argv, "--preset", "cpu", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "'tiny'" in err and "--preset" in err
+    assert "Traceback" not in err and read_checkpoint(run / "last.pt")["epoch"] == 1
+
+
 def test_init_errors_are_clear(tmp_path):
     from splitdet.shared.model import MultiTaskRCNN
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from splitdet.training.presets import PRECISIONS, PRESETS
+from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--preset",
-        default="cpu",
         choices=sorted(PRESETS),
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
-        "benchmark's ResNet50-FPN, 2 hours on 2448x2048 images at half scale)",
+        "benchmark's ResNet50-FPN, 2 hours on 2448x2048 images at half scale; with --resume: "
+        "the run's own recipe, from OUT/train_config.json)",
     )
     parser.add_argument(
         "--init",
@@ -86,6 +86,22 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _base_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe the command line's changes apply to: --preset, else the resumed run's own."""
+    import json
+    from pathlib import Path
+
+    from splitdet.shared.cli import CommandError
+
+    saved = Path(args.out) / "train_config.json"
+    if args.preset is not None or not args.resume or not saved.is_file():
+        return PRESETS[args.preset or "cpu"]
+    try:
+        return TrainConfig.from_dict(json.loads(saved.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CommandError(f"{saved}: not a readable training config ({exc})") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.training.train import InitError, train
     from splitdet.training.voc import VocError
 
-    config = PRESETS[args.preset]
+    config = _base_config(args)
     changes = {
         field: getattr(args, arg)
         for arg, field in (

@@ -506,6 +506,13 @@ def train(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.is_file():
         checkpoint = read_checkpoint(last_path)
+        if checkpoint["config"] != config.model.to_dict():
+            saved = checkpoint.get("train_config", {}).get("name", "another recipe")
+            raise ValueError(
+                f"{last_path} holds a model of another configuration (preset {saved!r}) than "
+                f"this run's ({config.name!r}); resume it with the same --preset, or give a "
+                "new --out"
+            )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if lr_scheduler is not None and checkpoint.get("lr_scheduler"):
