@@ -231,6 +231,10 @@ def test_the_train_command_resumes_a_run_with_its_own_recipe(tiny_voc, tmp_path,
     err = capsys.readouterr().err
     assert "another configuration" in err and "'tiny'" in err and "--preset" in err
     assert "Traceback" not in err and read_checkpoint(run / "last.pt")["epoch"] == 1
+    # the refused resume left the run's recipe in place: resuming it still works
+    assert json.loads((run / "train_config.json").read_text())["name"] == "tiny"
+    assert main([*argv, "--epochs", "3"]) == 0
+    assert read_checkpoint(run / "last.pt")["epoch"] == 2
 
 
 def test_init_errors_are_clear(tmp_path):

@@ -460,7 +460,6 @@ def train(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     torch.manual_seed(config.seed)
 
     mc = config.model
@@ -537,6 +536,9 @@ def train(
         if init != "none":
             log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],
                      report["missing"])  # fmt: skip
+
+    if rank == 0:  # after the resume check: a refused resume leaves the run as it was
+        (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     ddp_model: nn.Module = model
     if world > 1:
