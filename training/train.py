@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from splitdet.shared.checkpoint import read_checkpoint, save_checkpoint
+from splitdet.shared.config import ModelConfig
 from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import TrainConfig
@@ -505,7 +506,7 @@ def train(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.is_file():
         checkpoint = read_checkpoint(last_path)
-        if checkpoint["config"] != config.model.to_dict():
+        if ModelConfig.from_dict(checkpoint["config"]) != config.model:  # as load_model reads it
             saved = checkpoint.get("train_config", {}).get("name", "another recipe")
             raise ValueError(
                 f"{last_path} holds a model of another configuration (preset {saved!r}) than "
