@@ -6,6 +6,7 @@ Only argparse and the standard library at import time; torch loads when it runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EPILOG = """\
@@ -105,5 +106,10 @@ def run(args: argparse.Namespace) -> int:
         run_benchmark(config)
     except (ManifestError, CheckpointError, VocError, ServiceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        if (config.out_dir / "report.json").is_file():
+            done = config.out_dir / "report.md"
+            print(f"splitdet bench: the defect rates finished so far: {done}", file=sys.stderr)
+        raise
     print((config.out_dir / "report.md").read_text())
     return 0

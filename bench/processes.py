@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,25 @@ class ServiceError(RuntimeError):
 def splitdet_command(*args: str) -> list[str]:
     """Command line running `splitdet ARGS` with this interpreter (no PATH lookup)."""
     return [sys.executable, "-m", "splitdet.shared.cli", *args]
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_unwinds() -> bool:
+    """Make SIGTERM raise KeyboardInterrupt in this process, if nothing else handles it.
+
+    The services run in their own sessions (so a terminal's Ctrl-C reaches only us, and we stop
+    them); a plain SIGTERM (`kill`, a job scheduler) would end us at once and leave them
+    serving. Unwinding instead runs every `with ServiceProcess` exit. True if installed here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _interrupt)
+    return True
 
 
 class ServiceProcess:
@@ -50,6 +70,7 @@ class ServiceProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.ready: dict = {}
+        self._own_sigterm = False
 
     def start(self) -> ServiceProcess:
         """Start and wait until ready; raises ServiceError (and stops it) otherwise."""
@@ -65,6 +86,7 @@ class ServiceProcess:
             env=self.env,
             start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
         )
+        self._own_sigterm = _sigterm_unwinds()
         try:
             self._wait_ready()
         except BaseException:  # Ctrl-C while it starts: `with` never entered, so stop it here
@@ -121,6 +143,8 @@ class ServiceProcess:
                         os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         self._log.close()
+        if self._own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return process.returncode
 
     def __enter__(self) -> ServiceProcess:

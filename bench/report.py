@@ -78,6 +78,16 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+    ]
+    if not report.get("complete", True):
+        done = ", ".join(f"{float(r):.0%}" for r in report["rates"]) or "none"
+        lines += [
+            "**Incomplete**: the run stopped, or is still running. Done: defect rates "
+            f"{done} (of {', '.join(f'{r:.0%}' for r in report['settings']['defect_rates'])}); "
+            "the bytes-vs-mAP pass is not.",
+            "",
+        ]
+    lines += [
         f"Machine: {report['machine']['cpu_count']} cores, {report['machine']['platform']}; "
         + ", ".join(f"{k} {v}" for k, v in report["machine"]["versions"].items()),
         "",
@@ -242,5 +252,10 @@ def write_report(report: dict, out_dir: Path) -> None:
     """report.json, report.md and the figures into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report["figures"] = figures(report, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(report))
+    for name, text in (
+        ("report.json", json.dumps(report, indent=2) + "\n"),
+        ("report.md", markdown(report)),
+    ):  # whole files only: a run stopped mid-write keeps the previous report
+        partial = out_dir / f".{name}.tmp"
+        partial.write_text(text)
+        partial.replace(out_dir / name)

@@ -100,7 +100,8 @@ def _machine() -> dict:
     }
 
 
-def _run_streams(config, systems, samples, class_names, bar) -> dict:
+def _run_streams(config, systems, samples, class_names, bar, on_rate) -> dict:
+    """Every defect rate's stream through every system; `on_rate(results)` after each rate."""
     results: dict[str, dict] = {}
     for rate in config.defect_rates:
         stream = make_stream(samples, rate, config.n_images, config.seed)
@@ -118,6 +119,7 @@ def _run_streams(config, systems, samples, class_names, bar) -> dict:
             for name, found in outcomes.items()
             if name != MONOLITHIC
         }
+        on_rate(results)
     return results
 
 
@@ -170,6 +172,41 @@ def load_image_bytes(data: bytes) -> np.ndarray:
     return decode_image(data, "<jpeg>")
 
 
+def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
+    """The report's command, machine, model and settings: all but the measurements.
+
+    `complete` stays False until every rate and the rate-distortion pass are done, so a report
+    written after each rate says what a stopped run holds.
+    """
+    gate = manifest.gate_threshold
+    return {
+        "command": config.command,
+        "machine": _machine(),
+        "model": {
+            "depth_label": f"ResNet{manifest.model_config.depth}-FPN "
+            f"({manifest.model_config.fpn_channels} channels)",
+            "input": f"min_size {manifest.model_config.min_size}, "
+            f"max_size {manifest.model_config.max_size}",
+            "gate_threshold": gate,
+            "gate": "oracle (ground truth verdicts)" if config.oracle_gate else "the model's",
+            "gate_level": manifest.model_config.gate_level,
+            "fingerprint": manifest.fingerprint,
+        },
+        "settings": {
+            "defect_rates": list(config.defect_rates),
+            "n_images": config.n_images,
+            "codecs": list(config.codecs),
+            "jpeg_quality": config.jpeg_quality,
+            "split": config.split,
+            "seed": config.seed,
+            "threads": threads,
+            "oracle_gate": config.oracle_gate,
+        },
+        "rate_distortion": None,
+        "complete": False,
+    }
+
+
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every system on every stream; write and return the report."""
     threads = config.threads or os.cpu_count() or 1
@@ -180,8 +217,12 @@ def run_benchmark(config: BenchConfig) -> dict:
     class_names = list(manifest.class_names)
     samples = read_split(config.data_dir, config.split)
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    for old in ("report.json", "report.md"):  # a stopped run must not show an older run's report
+        (config.out_dir / old).unlink(missing_ok=True)
     runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
     pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
+    gate = manifest.gate_threshold
+    head = _report_head(config, manifest, threads)  # written after each rate: partial reports
 
     with tempfile.TemporaryDirectory(prefix="splitdet-bench-") as scratch:
         scratch = Path(scratch)
@@ -220,7 +261,6 @@ def run_benchmark(config: BenchConfig) -> dict:
         with cloud, jpeg:
             client = CloudClient(ClientConfig(f"127.0.0.1:{cloud.ready['port']}", timeout_s=600))
             jpeg_client = JpegClient(f"127.0.0.1:{jpeg.ready['line'].split()[1]}")
-            gate = manifest.gate_threshold
             systems = [
                 Monolithic(model),
                 PaperGated(model, gate),
@@ -239,7 +279,14 @@ def run_benchmark(config: BenchConfig) -> dict:
                 disable=not config.progress,
                 file=sys.stderr,
             ) as bar:
-                rates = _run_streams(config, systems, samples, class_names, bar)
+                rates = _run_streams(
+                    config,
+                    systems,
+                    samples,
+                    class_names,
+                    bar,
+                    on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
+                )
                 rd = (
                     _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
                     if n_rd
@@ -248,31 +295,6 @@ def run_benchmark(config: BenchConfig) -> dict:
             client.close()
             jpeg_client.close()
 
-    report = {
-        "command": config.command,
-        "machine": _machine(),
-        "model": {
-            "depth_label": f"ResNet{manifest.model_config.depth}-FPN "
-            f"({manifest.model_config.fpn_channels} channels)",
-            "input": f"min_size {manifest.model_config.min_size}, "
-            f"max_size {manifest.model_config.max_size}",
-            "gate_threshold": gate,
-            "gate": "oracle (ground truth verdicts)" if config.oracle_gate else "the model's",
-            "gate_level": manifest.model_config.gate_level,
-            "fingerprint": manifest.fingerprint,
-        },
-        "settings": {
-            "defect_rates": list(config.defect_rates),
-            "n_images": config.n_images,
-            "codecs": list(config.codecs),
-            "jpeg_quality": config.jpeg_quality,
-            "split": config.split,
-            "seed": config.seed,
-            "threads": threads,
-            "oracle_gate": config.oracle_gate,
-        },
-        "rates": rates,
-        "rate_distortion": rd,
-    }
+    report = head | {"rates": rates, "rate_distortion": rd, "complete": True}
     write_report(report, config.out_dir)
     return report

@@ -92,6 +92,7 @@ def test_report_structure(bench_report):
     ):
         assert (out / name).stat().st_size > 0
     assert "monolithic" in (out / "report.md").read_text()
+    assert report["complete"] is True and "Incomplete" not in (out / "report.md").read_text()
 
 
 def test_report_numbers_are_measured(bench_report):
@@ -119,6 +120,31 @@ def test_report_numbers_are_measured(bench_report):
     assert {p["name"] for p in rd["points"]} >= {"splitdet-int8", "jpeg95", "jpeg30"}
     jpeg_bytes = {p["name"]: p["bytes"] for p in rd["points"]}
     assert jpeg_bytes["jpeg95"] > jpeg_bytes["jpeg30"]
+
+
+def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, monkeypatch, capsys):
+    """Ctrl-C in the last pass (after every rate's stream): report.json/.md hold the rates done."""
+    import splitdet.bench.run as bench_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "_rate_distortion", interrupted)
+    root = bench_report[0].parent
+    out = root / "stopped"
+    out.mkdir()
+    (out / "report.json").write_text('{"an": "older run"}')  # must not pass for this run's
+    argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "0,0.5", "--images", "3"]
+    argv += ["--codecs", "int8", "--rd-images", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is False and set(report["rates"]) == {"0", "0.5"}
+    assert report["rates"]["0.5"]["monolithic"]["mean_s"] > 0
+    assert report["rate_distortion"] is None
+    text = (out / "report.md").read_text()
+    assert "Incomplete" in text and "Defect rate 50%" in text
+    assert str(out / "report.md") in capsys.readouterr().err
 
 
 def test_oracle_decision_drives_the_papers_gate():
