@@ -23,7 +23,9 @@ def register(subparsers) -> None:
         help="evaluate a checkpoint: mAP, gate accuracy/recall, mAP kept",
         description="COCO mAP@[.5:.95], mAP@.5 and AR@100 (pycocotools), the defect classifier's "
         "accuracy/precision/recall/F1/AUC, the gate threshold calibrated on a validation split "
-        "for a target defect recall (written into the checkpoint), and the gated system's mAP.",
+        "for a target defect recall (written into the checkpoint), the gated system's mAP, and "
+        "where the errors are: the confident detections by kind of mistake and the recall by "
+        "defect length (the JSON's 'errors').",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

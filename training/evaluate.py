@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from splitdet.training.errors import error_breakdown
 from splitdet.training.voc import VocSample
 
 DEFAULT_TARGET_RECALL = 0.995
@@ -259,7 +260,8 @@ def evaluate(
     Returns a JSON-able dict: map, map50, map75, ar100 (detector alone); gate_threshold,
     gate_calibrated_on, gate_recall, gate_accuracy, gate_precision, gate_f1, gate_auc,
     gate_pass_rate (on `samples`); map_gated, map50_gated, map_kept (map_gated / map),
-    map50_kept; images, defective_images.
+    map50_kept; images, defective_images; errors (the detector's confident detections by kind
+    of error and its recall by object length, see `training.errors`).
     """
     class_names = model.config.class_names
     if predictions is None:
@@ -317,4 +319,5 @@ def evaluate(
         "map50_gated": gated["map50"],
         "map_kept": ratio(gated["map"], detector["map"]),
         "map50_kept": ratio(gated["map50"], detector["map50"]),
+        "errors": error_breakdown(samples, boxes, scores, det_labels, class_names),
     }
