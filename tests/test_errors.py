@@ -84,3 +84,15 @@ def test_mismatched_inputs_are_refused():
         error_breakdown(SAMPLES, boxes[:1], scores, labels, CLASSES)
     with pytest.raises(ValueError, match="length_edges"):
         error_breakdown(SAMPLES, boxes, scores, labels, CLASSES, length_edges=(40, 20))
+
+
+def test_a_difficult_object_of_another_class_does_not_excuse_a_detection():
+    sample = VocSample(
+        "c", Path("c.jpg"), 100, 100, (VocObject("dent", (10, 10, 20, 20), difficult=True),)
+    )
+    box = np.array([[10, 10, 20, 20]], np.float32)
+    as_scratch = error_breakdown([sample], [box], [np.array([0.9])], [np.array([1])], CLASSES)
+    as_dent = error_breakdown([sample], [box], [np.array([0.9])], [np.array([2])], CLASSES)
+    assert (as_scratch["wrong_class"], as_scratch["ignored"]) == (1, 0)
+    assert (as_dent["wrong_class"], as_dent["ignored"]) == (0, 1)
+    assert as_dent["objects"] == 0  # difficult objects are not counted for recall

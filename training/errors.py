@@ -10,7 +10,8 @@ mAP says how good a detector is; this says what to fix. Every detection scoring 
                     by a higher-scoring detection (COCO's greedy matching, by score)
     duplicate       IoU >= iou_threshold with an object of its class already taken: a second box
                     on the same defect that NMS left
-    ignored         IoU >= iou_threshold with a "difficult" object (neither right nor wrong)
+    ignored         IoU >= iou_threshold with a "difficult" object of its class (neither
+                    right nor wrong, as VOC and pycocotools treat it)
     wrong class     IoU >= iou_threshold with an object of another class
     localisation    0.1 <= IoU < iou_threshold with some object: a loose box or a fragment
     background      IoU < 0.1 with every object: clutter taken for a defect; counted apart on
@@ -113,7 +114,7 @@ def error_breakdown(
                 counts["true_positives"] += 1
             elif (same & ~difficult & taken & (overlaps >= iou_threshold)).any():
                 counts["duplicates"] += 1
-            elif (difficult & (overlaps >= iou_threshold)).any():
+            elif (same & difficult & (overlaps >= iou_threshold)).any():
                 counts["ignored"] += 1
             elif (~same & (overlaps >= iou_threshold)).any():
                 counts["wrong_class"] += 1
