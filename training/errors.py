@@ -108,15 +108,16 @@ def error_breakdown(
         for row, det in enumerate(keep):
             same = gt_labels == labels[det]
             overlaps = iou[row]
-            free = same & ~difficult & ~taken & (overlaps >= iou_threshold)
+            hit = overlaps >= iou_threshold
+            free = same & ~difficult & ~taken & hit
             if free.any():
                 taken[np.flatnonzero(free)[np.argmax(overlaps[free])]] = True
                 counts["true_positives"] += 1
-            elif (same & ~difficult & taken & (overlaps >= iou_threshold)).any():
+            elif (same & ~difficult & taken & hit).any():
                 counts["duplicates"] += 1
-            elif (same & difficult & (overlaps >= iou_threshold)).any():
+            elif (same & difficult & hit).any():
                 counts["ignored"] += 1
-            elif (~same & (overlaps >= iou_threshold)).any():
+            elif (~same & hit).any():
                 counts["wrong_class"] += 1
             elif (overlaps >= BACKGROUND_IOU).any():
                 counts["localisation"] += 1
