@@ -111,6 +111,21 @@ def test_scratch_widths_and_lengths_are_plausible(defective_images):
             assert max(x2 - x1, y2 - y1) <= max(SIZE)
 
 
+def test_scratches_stay_strokes_at_reduced_sizes():
+    # Widths stay 1-6 px at any size while lengths scale: a short wide scratch would be a dot
+    # like a dust speck (generator version 2 made some). Longer side over mean width (area at
+    # half coverage / longer side; curvature only makes the width look larger) stays >= 7: in
+    # 100 images version 3's lowest is ~8.3 on three seeds, version 2 had ~3 under 7.
+    ratios = []
+    for i in range(100):
+        for mask in synth.generate_image(11, i, SIZE, defective=True).masks:
+            longer = max(mask.alpha.shape)
+            mean_width = (mask.alpha >= 0.5).sum() / longer
+            ratios.append(longer / mean_width)
+    assert len(ratios) >= 200
+    assert min(ratios) >= 7.0, sorted(ratios)[:5]
+
+
 def test_defect_free_images_have_no_boxes_but_have_lookalikes():
     kinds = set()
     for index in range(6):

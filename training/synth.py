@@ -20,7 +20,10 @@ What an image holds
 - Sizes. The part, its texture and every length scale with the image; stroke and speck *widths*
   stay in output pixels (1-6 px at any size). A smaller image is a faster stand-in for the
   camera's, in which a scratch looks to a detector as it would at full resolution; scaled, most
-  scratches would be sub-pixel at 612x512 (version 1 did that, with a 1 px floor).
+  scratches would be sub-pixel at 612x512 (version 1 did that, with a 1 px floor). A scratch
+  stays a stroke at every size: at 2448x2048 the shortest (30 px) is five times the widest
+  (6 px), and smaller images keep that ratio as a floor on the length (version 2 scaled the
+  length alone, so at 612x512 a 6 px wide scratch could be 8 px long: a dot like a dust speck).
 - Look-alikes that are *not* scratches, on every image: dust specks, soft stains, and short low-
   contrast tool marks that follow the lathe direction (concentric arcs). A gate has to learn the
   difference, not just "anything on the metal".
@@ -70,7 +73,7 @@ CLASS_NAME = "scratch"
 #: The paper's camera resolution, (width, height).
 FULL_SIZE: tuple[int, int] = (2448, 2048)
 #: Bumped whenever the rendering changes, so a dataset records which images it holds.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: Streams of per-image seeds: train/val and the held-out test split never share an image.
 STREAM_TRAINVAL = 0
 STREAM_TEST = 1
@@ -352,9 +355,18 @@ def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n: int) -> np.ndarra
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
 
 
+#: A scratch's centre line is at least this many times its width long (module docstring).
+_MIN_LENGTH_PER_WIDTH = 5.0
+
+
+def _min_scratch_length(s: float, width_px: float) -> float:
+    """Shortest centre line, px, of a ``width_px`` wide scratch at scale ``s`` (1: 2448x2048)."""
+    return max(30.0 * s, 10.0, _MIN_LENGTH_PER_WIDTH * width_px)
+
+
 def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: float):
     """A scratch centre-line as dense points (~1 px apart), trimmed to its run on the metal."""
-    min_len = max(30.0 * s, 10.0)
+    min_len = _min_scratch_length(s, width_px)
     max_len = 1400.0 * s
     length = math.exp(rng.uniform(math.log(min_len), math.log(max_len)))
     # Centre: uniform over the annulus area, away from holes.
@@ -500,7 +512,8 @@ def _add_scratches(
             continue
         ry0, ry1 = int(nz_rows[0]), int(nz_rows[-1]) + 1
         rx0, rx1 = int(nz_cols[0]), int(nz_cols[-1]) + 1
-        if max(ry1 - ry0, rx1 - rx0) < max(20.0 * s, 8.0) or (alpha >= 0.5).sum() < 8:
+        min_visible = max(20.0 * s, 8.0, _min_scratch_length(s, width_px) * 2 / 3)
+        if max(ry1 - ry0, rx1 - rx0) < min_visible or (alpha >= 0.5).sum() < 8:
             continue  # the visible part is too small to be a meaningful scratch
         alpha = np.ascontiguousarray(alpha[ry0:ry1, rx0:rx1])
         refl[by + ry0 : by + ry1, bx + rx0 : bx + rx1] += _F32(sign * amp) * alpha
