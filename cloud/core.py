@@ -63,6 +63,10 @@ class Cancelled(RequestError):
     """The caller went away (cancelled or past its deadline); the work was abandoned."""
 
 
+class DeadlinePassed(Cancelled):
+    """The caller's deadline passed while the work ran; the caller may still be listening."""
+
+
 @dataclass(frozen=True)
 class DetectCall:
     """One detect request, decoded from the wire but not yet validated.

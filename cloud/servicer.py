@@ -5,6 +5,7 @@ Exceptions become status codes in one place (`_rpc`, table `STATUS_FOR_ERROR`):
     InvalidRequest: bad tensors, shapes, codecs, sizes, ids; bad protobuf   INVALID_ARGUMENT
     FingerprintMismatch: a model this server does not serve                 FAILED_PRECONDITION
     Overloaded: beyond --max-concurrent Detect calls                        RESOURCE_EXHAUSTED
+    DeadlinePassed: the caller's deadline passed during the work            DEADLINE_EXCEEDED
     Cancelled: the caller went away                                         CANCELLED
     ShuttingDown: a new call after SIGTERM                                  UNAVAILABLE
     anything else: a bug (logged with its traceback)                        INTERNAL
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from splitdet.cloud.core import (
     Cancelled,
+    DeadlinePassed,
     DetectCall,
     DetectionCore,
     DetectResult,
@@ -58,6 +60,7 @@ class ShuttingDown(Exception):
 #: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.
 STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (DeadlinePassed, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -252,8 +255,15 @@ class DetectionServicer:
                 remaining = context.time_remaining()
                 return not context.is_active() or (remaining is not None and remaining <= 0)
 
-            self._debug_delay(is_cancelled)
-            result = self.core.detect(call, is_cancelled)
+            try:
+                self._debug_delay(is_cancelled)
+                result = self.core.detect(call, is_cancelled)
+            except Cancelled as exc:
+                # Still connected: its deadline passed here before its own timer fired, and it
+                # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
+                if context.is_active():
+                    raise DeadlinePassed(str(exc)) from None
+                raise
         finally:
             self.metrics.in_flight.dec()
             self._slots.release()
