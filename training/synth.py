@@ -512,7 +512,7 @@ def _add_scratches(
             continue
         ry0, ry1 = int(nz_rows[0]), int(nz_rows[-1]) + 1
         rx0, rx1 = int(nz_cols[0]), int(nz_cols[-1]) + 1
-        min_visible = max(20.0 * s, 8.0, _min_scratch_length(s, width_px) * 2 / 3)
+        min_visible = max(8.0, _min_scratch_length(s, width_px) * 2 / 3)  # >= 20 px at 2448
         if max(ry1 - ry0, rx1 - rx0) < min_visible or (alpha >= 0.5).sum() < 8:
             continue  # the visible part is too small to be a meaningful scratch
         alpha = np.ascontiguousarray(alpha[ry0:ry1, rx0:rx1])
