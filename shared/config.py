@@ -40,6 +40,12 @@ class ModelConfig:
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level "0".."pool", px
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
     box_head_dim: int = 1024  # TwoMLPHead representation size
+    # Side of the window the box head pools, over the box's side: 1 pools the box itself
+    # (torchvision); 1.5 also shows the head what lies around it (whether a stroke continues).
+    box_roi_context: float = 1.0
+    # Box voting: after NMS each kept box becomes the score-weighted mean of the candidate boxes
+    # of its class that overlap it at IoU >= this. None: torchvision's plain NMS.
+    box_vote_iou: float | None = None
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
@@ -61,6 +67,10 @@ class ModelConfig:
             raise ValueError(f"gate_level must be one of {LEVEL_NAMES}, got {self.gate_level!r}")
         if len(self.anchor_sizes) != len(LEVEL_NAMES):
             raise ValueError(f"anchor_sizes needs one size per level {LEVEL_NAMES}")
+        if not 1.0 <= self.box_roi_context <= 4.0:
+            raise ValueError(f"box_roi_context must be in [1, 4], got {self.box_roi_context}")
+        if self.box_vote_iou is not None and not 0.0 < self.box_vote_iou <= 1.0:
+            raise ValueError(f"box_vote_iou must be in (0, 1] or None, got {self.box_vote_iou}")
         if self.norm == "group" and self.fpn_channels % 32:
             raise ValueError("group norm needs fpn_channels divisible by 32")
 

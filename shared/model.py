@@ -31,6 +31,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -98,6 +100,80 @@ class DefectHead(nn.Module):
         return self.fc(pooled)[:, 0], None
 
 
+class ContextRoIAlign(MultiScaleRoIAlign):
+    """torchvision's box ROI pooling over each box widened about its centre by `context`.
+
+    A box on part of a thin stroke and a box on all of it hold the same picture inside; only
+    the surroundings tell whether the stroke goes on. The pooled grid (7x7) and the level a box
+    is pooled from follow the widened box; the boxes the head regresses are unchanged.
+    """
+
+    def __init__(self, context: float) -> None:
+        super().__init__(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        self.context = context
+
+    def forward(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """boxes: per image Tensor[K, 4] x1y1x2y2 in input px -> Tensor[sum K, C, 7, 7]."""
+        if self.context != 1.0:
+            boxes = [_widen(b, self.context) for b in boxes]
+        return super().forward(x, boxes, image_shapes)
+
+
+def _widen(boxes: Tensor, factor: float) -> Tensor:
+    """Tensor[K, 4] x1y1x2y2 -> the same boxes with width and height times `factor`."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+class VotingRoIHeads(RoIHeads):
+    """torchvision's ROI heads; with `vote_iou` set, each box kept by NMS is replaced by the
+    score-weighted mean of the candidates (same class, score above `score_thresh`) that overlap
+    it at IoU >= `vote_iou` (box voting). Scores, labels and which boxes survive are
+    torchvision's; only the coordinates move. Near-tied candidates that trade places in NMS under
+    a small change of the features (int8) then give nearly the same box, and the averaged box
+    sits tighter on a thin stroke than any one candidate.
+    """
+
+    vote_iou: float | None = None
+
+    def postprocess_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """class_logits Tensor[R, K+1], box_regression Tensor[R, 4(K+1)], proposals per image
+        Tensor[R_i, 4] in input px -> per image kept boxes Tensor[D, 4], scores [D], labels [D]."""
+        kept = super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        if self.vote_iou is None:
+            return kept
+        kept_boxes, kept_scores, kept_labels = kept
+        counts = [len(p) for p in proposals]
+        candidates = self.box_coder.decode(box_regression, proposals).split(counts)
+        probabilities = F.softmax(class_logits, -1).split(counts)
+        voted = []
+        for boxes, labels, cand, prob, shape in zip(
+            kept_boxes, kept_labels, candidates, probabilities, image_shapes, strict=True
+        ):
+            cand = clip_boxes_to_image(cand, shape)[:, 1:].reshape(-1, 4)
+            prob = prob[:, 1:]
+            cand_labels = torch.arange(1, prob.shape[1] + 1, device=prob.device).expand_as(prob)
+            prob, cand_labels = prob.reshape(-1), cand_labels.reshape(-1)
+            live = prob > self.score_thresh
+            cand, prob, cand_labels = cand[live], prob[live], cand_labels[live]
+            if not len(boxes) or not len(cand):
+                voted.append(boxes)
+                continue
+            weights = (box_iou(boxes, cand) >= self.vote_iou) & (labels[:, None] == cand_labels)
+            weights = weights * prob  # every kept box is its own candidate: a row never sums to 0
+            voted.append((weights @ cand) / weights.sum(dim=1, keepdim=True))
+        return voted, kept_scores, kept_labels
+
+
 def _outputs_to_fp32(module: nn.Module, args: object, output: object) -> object:
     """Forward hook: every floating tensor in a module's output (nested tuples, lists) as fp32."""
     if isinstance(output, Tensor):
@@ -133,6 +209,7 @@ class MultiTaskRCNN(FasterRCNN):
             rpn_anchor_generator=anchor_generator,
             rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+            box_roi_pool=ContextRoIAlign(config.box_roi_context),
             box_head=box_head,
             box_predictor=box_predictor,
             box_score_thresh=config.box_score_thresh,
@@ -140,6 +217,9 @@ class MultiTaskRCNN(FasterRCNN):
             box_detections_per_img=config.box_detections_per_img,
         )
         self.config = config
+        # torchvision builds its RoIHeads inside FasterRCNN; only postprocessing differs
+        self.roi_heads.__class__ = VotingRoIHeads
+        self.roi_heads.vote_iou = config.box_vote_iou
         self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
         #: Training only: the defect loss does not reach the backbone and FPN (the head learns
         #: on the detector's features), set from TrainConfig.detach_gate.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.ops import MultiScaleRoIAlign
 
 from splitdet.shared.checkpoint import detector_state_dict, load_model, save_checkpoint
 from splitdet.shared.config import ModelConfig
-from splitdet.shared.model import CloudHalf, EdgeHalf, build_model
+from splitdet.shared.model import CloudHalf, ContextRoIAlign, EdgeHalf, build_model
 
 
 def _random_model(**overrides) -> torch.nn.Module:
@@ -40,6 +41,8 @@ def _assert_same_detections(ours: dict, reference: dict) -> None:
         (50, (2048, 2448), {}),
         (18, (613, 997), {"min_size": 480, "max_size": 800}),  # resized size not a multiple of 32
         (50, (613, 997), {"min_size": 480, "max_size": 800}),
+        (18, (613, 997), {"min_size": 480, "max_size": 800, "box_roi_context": 1.5}),
+        (18, (613, 997), {"min_size": 480, "max_size": 800, "box_vote_iou": 0.6}),
     ],
 )
 @torch.inference_mode()
@@ -101,6 +104,66 @@ def test_config_round_trips_and_refuses_unknown_keys():
         ModelConfig.from_dict({**config.to_dict(), "detph": 50})
     with pytest.raises(ValueError, match="depth"):
         ModelConfig(depth=101)
+
+
+def test_config_of_an_older_model_pools_the_box_itself():
+    saved = ModelConfig(depth=18).to_dict()
+    del saved["box_roi_context"]  # written before the field existed
+    assert ModelConfig.from_dict(saved).box_roi_context == 1.0
+    with pytest.raises(ValueError, match="box_roi_context"):
+        ModelConfig(box_roi_context=0.5)
+    assert ModelConfig.from_dict(saved).box_vote_iou is None
+    with pytest.raises(ValueError, match="box_vote_iou"):
+        ModelConfig(box_vote_iou=0.0)
+
+
+def _postprocess(vote_iou: float | None, scores: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept boxes and scores of a model's ROI postprocessing for three proposals with zero box
+    regression (each class's box is the proposal) and the given foreground scores."""
+    heads = _random_model(depth=18, box_vote_iou=vote_iou).roi_heads
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [40.0, 40, 60, 50]])
+    logits = torch.logit(torch.tensor(scores))[:, None] * torch.tensor([[0.0, 1.0]])
+    boxes, kept_scores, _ = heads.postprocess_detections(
+        logits, torch.zeros(3, 8), [proposals], [(100, 100)]
+    )
+    return boxes[0], kept_scores[0]
+
+
+def test_box_voting_averages_the_boxes_nms_suppressed():
+    plain_boxes, plain_scores = _postprocess(None, [0.6, 0.4, 0.9])
+    voted_boxes, voted_scores = _postprocess(0.5, [0.6, 0.4, 0.9])
+    torch.testing.assert_close(voted_scores, plain_scores)  # NMS decides what survives
+    torch.testing.assert_close(plain_boxes, torch.tensor([[40.0, 40, 60, 50], [0, 0, 10, 10]]))
+    # the two proposals overlap at IoU 9/11: the kept one moves 0.4 px towards the other
+    torch.testing.assert_close(voted_boxes, torch.tensor([[40.0, 40, 60, 50], [0.4, 0, 10.4, 10]]))
+    # below the voting IoU nothing is averaged
+    torch.testing.assert_close(_postprocess(0.9, [0.6, 0.4, 0.9])[0], plain_boxes)
+
+
+def test_box_voting_keeps_a_near_tie_in_place():
+    """Two proposals scoring alike trade places in NMS under a small change of the features:
+    a 1 px jump without voting, a 0.01 px step with it."""
+    before, after = [0.505, 0.495, 0.9], [0.495, 0.505, 0.9]
+    assert float((_postprocess(None, before)[0] - _postprocess(None, after)[0]).abs().max()) == 1
+    jump = (_postprocess(0.5, before)[0] - _postprocess(0.5, after)[0]).abs().max()
+    assert float(jump) == pytest.approx(0.01, abs=1e-4)
+
+
+@torch.inference_mode()
+def test_roi_context_pools_the_widened_box():
+    torch.manual_seed(3)
+    features = {name: torch.randn(1, 8, 64 // 2**k, 64 // 2**k) for k, name in enumerate("0123")}
+    shapes = [(256, 256)]
+    boxes = torch.tensor([[100.0, 120.0, 140.0, 130.0], [10.0, 10.0, 200.0, 60.0]])
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    torch.testing.assert_close(
+        ContextRoIAlign(1.0)(features, [boxes], shapes), plain(features, [boxes], shapes)
+    )
+    # context 1.5: the window grows about the centre (the second box reaches past the image)
+    widened = torch.tensor([[90.0, 117.5, 150.0, 132.5], [-37.5, -2.5, 247.5, 72.5]])
+    pooled = ContextRoIAlign(1.5)(features, [boxes], shapes)
+    torch.testing.assert_close(pooled, plain(features, [widened], shapes))
+    assert not torch.allclose(pooled, plain(features, [boxes], shapes))
 
 
 @pytest.mark.parametrize(
