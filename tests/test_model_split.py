@@ -106,9 +106,9 @@ def test_config_round_trips_and_refuses_unknown_keys():
         ModelConfig(depth=101)
 
 
-def test_config_of_an_older_model_pools_the_box_itself():
+def test_config_of_an_older_model_keeps_torchvision_box_head():
     saved = ModelConfig(depth=18).to_dict()
-    del saved["box_roi_context"]  # written before the field existed
+    del saved["box_roi_context"], saved["box_vote_iou"]  # written before the fields existed
     assert ModelConfig.from_dict(saved).box_roi_context == 1.0
     with pytest.raises(ValueError, match="box_roi_context"):
         ModelConfig(box_roi_context=0.5)
