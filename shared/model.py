@@ -108,8 +108,10 @@ class ContextRoIAlign(MultiScaleRoIAlign):
     is pooled from follow the widened box; the boxes the head regresses are unchanged.
     """
 
-    def __init__(self, context: float) -> None:
-        super().__init__(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    def __init__(self, context: float, sampling_ratio: int = 2) -> None:
+        super().__init__(
+            featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=sampling_ratio
+        )
         self.context = context
 
     def forward(
@@ -209,7 +211,7 @@ class MultiTaskRCNN(FasterRCNN):
             rpn_anchor_generator=anchor_generator,
             rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
-            box_roi_pool=ContextRoIAlign(config.box_roi_context),
+            box_roi_pool=ContextRoIAlign(config.box_roi_context, config.box_roi_sampling_ratio),
             box_head=box_head,
             box_predictor=box_predictor,
             box_score_thresh=config.box_score_thresh,

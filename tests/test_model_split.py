@@ -43,6 +43,7 @@ def _assert_same_detections(ours: dict, reference: dict) -> None:
         (50, (613, 997), {"min_size": 480, "max_size": 800}),
         (18, (613, 997), {"min_size": 480, "max_size": 800, "box_roi_context": 1.5}),
         (18, (613, 997), {"min_size": 480, "max_size": 800, "box_vote_iou": 0.6}),
+        (18, (613, 997), {"min_size": 480, "max_size": 800, "box_roi_sampling_ratio": 1}),
     ],
 )
 @torch.inference_mode()
@@ -108,8 +109,12 @@ def test_config_round_trips_and_refuses_unknown_keys():
 
 def test_config_of_an_older_model_keeps_torchvision_box_head():
     saved = ModelConfig(depth=18).to_dict()
-    del saved["box_roi_context"], saved["box_vote_iou"]  # written before the fields existed
+    for key in ("box_roi_context", "box_vote_iou", "box_roi_sampling_ratio"):
+        del saved[key]  # written before the fields existed
     assert ModelConfig.from_dict(saved).box_roi_context == 1.0
+    assert ModelConfig.from_dict(saved).box_roi_sampling_ratio == 2  # torchvision's
+    with pytest.raises(ValueError, match="box_roi_sampling_ratio"):
+        ModelConfig(box_roi_sampling_ratio=0)
     with pytest.raises(ValueError, match="box_roi_context"):
         ModelConfig(box_roi_context=0.5)
     assert ModelConfig.from_dict(saved).box_vote_iou is None
@@ -163,6 +168,11 @@ def test_roi_context_pools_the_widened_box():
     widened = torch.tensor([[90.0, 117.5, 150.0, 132.5], [-37.5, -2.5, 247.5, 72.5]])
     pooled = ContextRoIAlign(1.5)(features, [boxes], shapes)
     torch.testing.assert_close(pooled, plain(features, [widened], shapes))
+    assert not torch.allclose(pooled, plain(features, [boxes], shapes))
+    # one sample per bin: torchvision's pooler with sampling_ratio=1, not its default
+    centre = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=1)
+    pooled = ContextRoIAlign(1.0, sampling_ratio=1)(features, [boxes], shapes)
+    torch.testing.assert_close(pooled, centre(features, [boxes], shapes))
     assert not torch.allclose(pooled, plain(features, [boxes], shapes))
 
 
