@@ -153,6 +153,18 @@ def test_a_time_budget_ends_the_run_on_the_epoch_nearest_it(tiny_voc, tmp_path):
     assert [row["epoch"] for row in history] == [0] and history[0]["val_map50"] is not None
 
 
+def test_minutes_zero_fixes_the_run_by_its_epochs(tiny_voc, tmp_path):
+    """`--minutes 0`: no time budget, every epoch runs and the cosine anneals over the epochs'
+    steps, so a run takes the same steps on a fast and a slow machine."""
+    config = replace(TINY, epochs=2, minutes=0.0, eval_every=0, scheduler="cosine")
+    train(config, tiny_voc, tmp_path, progress=False)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
+    steps = sum(row["iters"] for row in history)
+    # warm-up over, cosine at its end: the lr after the last step is the schedule's 0
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and steps > config.warmup_iters
+
+
 def test_bf16_training_computes_in_bf16_and_keeps_fp32_weights(tiny_voc):
     """Under precision bf16 the convolutions really run in bfloat16 (a forward hook sees their
     outputs), while the weights, their gradients and the losses stay float32."""

@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument(
-        "--minutes", type=float, help="training-time budget in minutes (evaluation excluded)"
+        "--minutes",
+        type=float,
+        help="training-time budget in minutes (evaluation excluded); 0: none, the run is fixed "
+        "by --epochs: the same steps on any machine",
     )
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--batch-size", type=int, help="images per step and process")
