@@ -75,6 +75,12 @@ class TrainConfig:
         if self.crop is not None and self.crop % 32:
             raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
 
+    @property
+    def budget_seconds(self) -> float | None:
+        """The training-time budget in seconds; None when `minutes` is None or 0 (no budget:
+        the run is fixed by `epochs`)."""
+        return self.minutes * 60.0 if self.minutes else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["model"] = self.model.to_dict()

@@ -205,9 +205,8 @@ def build_scheduler(optimizer, config: TrainConfig, iters_per_epoch: int):
     if config.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma), False
     if config.scheduler == "cosine":
-        budget = config.minutes * 60.0 if config.minutes else None
         total = config.epochs * iters_per_epoch
-        return WarmupCosine(optimizer, total, config.warmup_iters, budget), True
+        return WarmupCosine(optimizer, total, config.warmup_iters, config.budget_seconds), True
     return None, False
 
 
@@ -497,7 +496,7 @@ def train(
         _set_input_size(model, config.crop, config.crop)
     optimizer = build_optimizer(model, config)
     lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loader))
-    clock = TrainClock(budget_seconds=config.minutes * 60.0 if config.minutes else None)
+    clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
     log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
 
