@@ -249,6 +249,24 @@ def test_the_train_command_resumes_a_run_with_its_own_recipe(tiny_voc, tmp_path,
     assert read_checkpoint(run / "last.pt")["epoch"] == 2
 
 
+def test_the_train_command_sets_the_crop(tiny_voc, tmp_path, capsys):
+    """`--crop N` trains on N px crops, `--crop 0` on whole images (recorded in the run's
+    recipe); a crop that is not a positive multiple of 32 is refused by name, before training."""
+    from splitdet.shared.cli import main
+
+    argv = ["train", "--data", str(tiny_voc), "--preset", "tiny", "--epochs", "1", "--no-progress"]
+    for crop, recorded in (("64", 64), ("0", None)):
+        run = tmp_path / f"crop{crop}"
+        assert main([*argv, "--out", str(run), "--crop", crop]) == 0
+        assert json.loads((run / "train_config.json").read_text())["crop"] == recorded
+        assert read_checkpoint(run / "last.pt")["epoch"] == 0
+    for bad in ("50", "-32"):
+        assert main([*argv, "--out", str(tmp_path / "bad"), "--crop", bad]) == 2
+        err = capsys.readouterr().err
+        assert "crop must be a positive multiple of 32" in err and bad in err
+        assert "Traceback" not in err and not (tmp_path / "bad" / "last.pt").exists()
+
+
 def test_init_errors_are_clear(tmp_path):
     from splitdet.shared.model import MultiTaskRCNN
 

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--batch-size", type=int, help="images per step and process")
     parser.add_argument("--lr", type=float, help="base learning rate")
+    parser.add_argument(
+        "--crop",
+        type=int,
+        help="square training crops, px at the model's input scale, a multiple of 32; 0: whole "
+        "images (default: the preset's; cpu: 256)",
+    )
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
         "--precision",
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if getattr(args, arg) is not None
     }  # fmt: skip
+    if args.crop is not None:
+        changes["crop"] = args.crop or None
     if args.classes:
         names = tuple(n.strip() for n in args.classes.split(",") if n.strip())
         changes["model"] = dataclasses.replace(config.model, class_names=names)

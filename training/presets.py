@@ -72,8 +72,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
-        if self.crop is not None and self.crop % 32:
-            raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
+        if self.crop is not None and (self.crop <= 0 or self.crop % 32):
+            raise ValueError(f"crop must be a positive multiple of 32, got {self.crop}")
 
     @property
     def budget_seconds(self) -> float | None:
