@@ -50,6 +50,12 @@ class ModelConfig:
     # Box voting: after NMS each kept box becomes the score-weighted mean of the candidate boxes
     # of its class that overlap it at IoU >= this. None: torchvision's plain NMS.
     box_vote_iou: float | None = None
+    # Half-width of box voting's IoU ramp. 0: the cut above (a candidate weighs its score at IoU
+    # >= box_vote_iou, nothing below). > 0: its weight rises linearly from 0 at box_vote_iou -
+    # ramp to its score above box_score_thresh at box_vote_iou + ramp, so the voted box moves
+    # continuously with the candidates (a small change of the features, int8, cannot drop one
+    # in or out of the vote whole).
+    box_vote_ramp: float = 0.0
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
@@ -79,6 +85,14 @@ class ModelConfig:
             )
         if self.box_vote_iou is not None and not 0.0 < self.box_vote_iou <= 1.0:
             raise ValueError(f"box_vote_iou must be in (0, 1] or None, got {self.box_vote_iou}")
+        if self.box_vote_ramp and (
+            self.box_vote_iou is None
+            or not 0.0 < self.box_vote_ramp <= min(self.box_vote_iou, 1.0 - self.box_vote_iou)
+        ):
+            raise ValueError(
+                "box_vote_ramp must be 0, or with box_vote_iou set keep box_vote_iou +- ramp "
+                f"within [0, 1]; got ramp {self.box_vote_ramp}, box_vote_iou {self.box_vote_iou}"
+            )
         if self.norm == "group" and self.fpn_channels % 32:
             raise ValueError("group norm needs fpn_channels divisible by 32")
 

@@ -132,14 +132,18 @@ def _widen(boxes: Tensor, factor: float) -> Tensor:
 
 class VotingRoIHeads(RoIHeads):
     """torchvision's ROI heads; with `vote_iou` set, each box kept by NMS is replaced by the
-    score-weighted mean of the candidates (same class, score above `score_thresh`) that overlap
-    it at IoU >= `vote_iou` (box voting). Scores, labels and which boxes survive are
-    torchvision's; only the coordinates move. Near-tied candidates that trade places in NMS under
-    a small change of the features (int8) then give nearly the same box. On the `cpu` preset's
-    model it raised COCO mAP on validation and test (see the README's training notes).
+    weighted mean of the candidates (same class, score above `score_thresh`) around it (box
+    voting). With `vote_ramp` 0 a candidate weighs its score where it overlaps the kept box at
+    IoU >= `vote_iou`; with a ramp its weight rises linearly with the IoU from 0 at `vote_iou -
+    vote_ramp` to its score above `score_thresh` at `vote_iou + vote_ramp`. Scores, labels and
+    which boxes survive are torchvision's; only the coordinates move. Near-tied candidates that
+    trade places in NMS under a small change of the features (int8) then give nearly the same box,
+    and with a ramp no candidate enters or leaves the vote whole. On the `cpu` preset's model
+    voting raised COCO mAP on validation and test (see the README's training notes).
     """
 
     vote_iou: float | None = None
+    vote_ramp: float = 0.0
 
     def postprocess_detections(
         self,
@@ -170,8 +174,14 @@ class VotingRoIHeads(RoIHeads):
             if not len(boxes) or not len(cand):
                 voted.append(boxes)
                 continue
-            weights = (box_iou(boxes, cand) >= self.vote_iou) & (labels[:, None] == cand_labels)
-            weights = weights * prob  # every kept box is its own candidate: a row never sums to 0
+            iou, same = box_iou(boxes, cand), labels[:, None] == cand_labels
+            # every kept box is its own candidate (IoU 1, score above score_thresh): a row of
+            # weights never sums to 0
+            if self.vote_ramp:
+                rise = (iou - (self.vote_iou - self.vote_ramp)) / (2 * self.vote_ramp)
+                weights = rise.clamp(0.0, 1.0) * same * (prob - self.score_thresh)
+            else:
+                weights = ((iou >= self.vote_iou) & same) * prob
             voted.append((weights @ cand) / weights.sum(dim=1, keepdim=True))
         return voted, kept_scores, kept_labels
 
@@ -222,6 +232,7 @@ class MultiTaskRCNN(FasterRCNN):
         # torchvision builds its RoIHeads inside FasterRCNN; only postprocessing differs
         self.roi_heads.__class__ = VotingRoIHeads
         self.roi_heads.vote_iou = config.box_vote_iou
+        self.roi_heads.vote_ramp = config.box_vote_ramp
         self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
         #: Training only: the defect loss does not reach the backbone and FPN (the head learns
         #: on the detector's features), set from TrainConfig.detach_gate.

@@ -122,14 +122,20 @@ def test_config_of_an_older_model_keeps_torchvision_box_head():
         ModelConfig(box_vote_iou=0.0)
 
 
-def _postprocess(vote_iou: float | None, scores: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept boxes and scores of a model's ROI postprocessing for three proposals with zero box
-    regression (each class's box is the proposal) and the given foreground scores."""
-    heads = _random_model(depth=18, box_vote_iou=vote_iou).roi_heads
-    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [40.0, 40, 60, 50]])
+def _postprocess(
+    vote_iou: float | None,
+    scores: list[float],
+    proposals: torch.Tensor | None = None,
+    vote_ramp: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept boxes and scores of a model's ROI postprocessing for proposals (default: three) with
+    zero box regression (each class's box is the proposal) and the given foreground scores."""
+    heads = _random_model(depth=18, box_vote_iou=vote_iou, box_vote_ramp=vote_ramp).roi_heads
+    if proposals is None:
+        proposals = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [40.0, 40, 60, 50]])
     logits = torch.logit(torch.tensor(scores))[:, None] * torch.tensor([[0.0, 1.0]])
     boxes, kept_scores, _ = heads.postprocess_detections(
-        logits, torch.zeros(3, 8), [proposals], [(100, 100)]
+        logits, torch.zeros(len(proposals), 8), [proposals], [(100, 100)]
     )
     return boxes[0], kept_scores[0]
 
@@ -152,6 +158,44 @@ def test_box_voting_keeps_a_near_tie_in_place():
     assert float((_postprocess(None, before)[0] - _postprocess(None, after)[0]).abs().max()) == 1
     jump = (_postprocess(0.5, before)[0] - _postprocess(0.5, after)[0]).abs().max()
     assert float(jump) == pytest.approx(0.01, abs=1e-4)
+
+
+def test_box_voting_with_a_ramp_weighs_scores_above_the_threshold():
+    """Above the ramp a candidate weighs its score minus box_score_thresh (0.05)."""
+    boxes, scores = _postprocess(0.6, [0.6, 0.4, 0.9], vote_ramp=0.2)  # IoU 9/11 > 0.8
+    torch.testing.assert_close(scores, _postprocess(None, [0.6, 0.4, 0.9])[1])
+    shift = 0.35 / (0.55 + 0.35)
+    torch.testing.assert_close(
+        boxes, torch.tensor([[40.0, 40, 60, 50], [shift, 0, 10 + shift, 10]])
+    )
+
+
+@pytest.mark.parametrize("ramp", [0.0, 0.2])
+def test_box_voting_with_a_ramp_moves_continuously(ramp):
+    """A candidate whose IoU with the kept box crosses box_vote_iou (0.6) under a small change
+    of the features: the cut lets it into the vote whole (the box jumps by 1 px), the ramp
+    by a sliver (the box moves by less than the candidate itself moved)."""
+
+    def voted(offset: float) -> torch.Tensor:
+        proposals = torch.tensor([[0.0, 0, 10, 10], [offset, 0, 10 + offset, 10]])
+        return _postprocess(0.6, [0.9, 0.6], proposals, vote_ramp=ramp)[0][0]
+
+    # IoU (10 - x) / (10 + x): 0.6064 at x = 2.45, 0.5970 at x = 2.55
+    step = float((voted(2.45) - voted(2.55)).abs().max())
+    if ramp:
+        assert step < 0.05
+    else:
+        assert step > 0.7
+
+
+def test_box_vote_ramp_needs_voting_and_room():
+    saved = ModelConfig(depth=18, box_vote_iou=0.6).to_dict()
+    del saved["box_vote_ramp"]  # written before the field existed: votes with the cut
+    assert ModelConfig.from_dict(saved).box_vote_ramp == 0.0
+    ModelConfig(box_vote_iou=0.6, box_vote_ramp=0.2)
+    for iou, ramp in [(None, 0.2), (0.6, 0.5), (0.6, -0.1), (0.3, 0.31)]:
+        with pytest.raises(ValueError, match="box_vote_ramp"):
+            ModelConfig(box_vote_iou=iou, box_vote_ramp=ramp)
 
 
 @torch.inference_mode()
