@@ -109,7 +109,7 @@ def test_config_round_trips_and_refuses_unknown_keys():
 
 def test_config_of_an_older_model_keeps_torchvision_box_head():
     saved = ModelConfig(depth=18).to_dict()
-    for key in ("box_roi_context", "box_vote_iou", "box_roi_sampling_ratio"):
+    for key in ("box_roi_context", "box_vote_iou", "box_vote_ramp", "box_roi_sampling_ratio"):
         del saved[key]  # written before the fields existed
     assert ModelConfig.from_dict(saved).box_roi_context == 1.0
     assert ModelConfig.from_dict(saved).box_roi_sampling_ratio == 2  # torchvision's
@@ -118,6 +118,7 @@ def test_config_of_an_older_model_keeps_torchvision_box_head():
     with pytest.raises(ValueError, match="box_roi_context"):
         ModelConfig(box_roi_context=0.5)
     assert ModelConfig.from_dict(saved).box_vote_iou is None
+    assert ModelConfig.from_dict(saved).box_vote_ramp == 0.0  # votes with the cut, if at all
     with pytest.raises(ValueError, match="box_vote_iou"):
         ModelConfig(box_vote_iou=0.0)
 
@@ -189,9 +190,6 @@ def test_box_voting_with_a_ramp_moves_continuously(ramp):
 
 
 def test_box_vote_ramp_needs_voting_and_room():
-    saved = ModelConfig(depth=18, box_vote_iou=0.6).to_dict()
-    del saved["box_vote_ramp"]  # written before the field existed: votes with the cut
-    assert ModelConfig.from_dict(saved).box_vote_ramp == 0.0
     ModelConfig(box_vote_iou=0.6, box_vote_ramp=0.2)
     for iou, ramp in [(None, 0.2), (0.6, 0.5), (0.6, -0.1), (0.3, 0.31)]:
         with pytest.raises(ValueError, match="box_vote_ramp"):
