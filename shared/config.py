@@ -56,6 +56,11 @@ class ModelConfig:
     # continuously with the candidates (a small change of the features, int8, cannot drop one
     # in or out of the vote whole).
     box_vote_ramp: float = 0.0
+    # Inference only: extra passes of the box head over its own boxes (iterative box refinement).
+    # 0: torchvision's single pass. n: each candidate's box, as its most probable foreground class
+    # regresses it, is pooled and regressed again n times; its class probabilities are the mean
+    # over the passes. Training is unchanged, so a trained model can take it or leave it.
+    box_refine_steps: int = 0
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
@@ -93,6 +98,8 @@ class ModelConfig:
                 "box_vote_ramp must be 0, or with box_vote_iou set keep box_vote_iou +- ramp "
                 f"within [0, 1]; got ramp {self.box_vote_ramp}, box_vote_iou {self.box_vote_iou}"
             )
+        if not 0 <= self.box_refine_steps <= 4:
+            raise ValueError(f"box_refine_steps must be 0-4, got {self.box_refine_steps}")
         if self.norm == "group" and self.fpn_channels % 32:
             raise ValueError("group norm needs fpn_channels divisible by 32")
 

@@ -144,6 +144,63 @@ class VotingRoIHeads(RoIHeads):
 
     vote_iou: float | None = None
     vote_ramp: float = 0.0
+    refine_steps: int = 0
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """torchvision's forward; in eval mode with `refine_steps` n > 0, the box head runs n + 1
+        times, each pass on the boxes the previous one regressed (iterative box refinement).
+
+        Args:
+            features: name -> Tensor[N, C, h, w], the FPN levels.
+            proposals: per image Tensor[R_i, 4] x1y1x2y2 in input px.
+            image_shapes: per image (h, w) after resize, before padding, px.
+
+        Returns:
+            per image {"boxes" Tensor[D, 4] in input px, "labels" Int64[D], "scores" [D]}, and
+            no losses. Each candidate's scores are its class probabilities averaged over the
+            passes; its box is the last pass's regression of the box the pass before gave it.
+        """
+        counts = [len(p) for p in proposals]
+        if self.training or not self.refine_steps or not sum(counts):
+            return super().forward(features, proposals, image_shapes, targets)
+        class_logits, box_regression = self._box_pass(features, proposals, image_shapes)
+        probabilities = [F.softmax(class_logits, -1)]
+        for _ in range(self.refine_steps):
+            regressed = self.box_coder.decode(box_regression, proposals)  # [R, K+1, 4]
+            best = probabilities[-1][:, 1:].argmax(dim=1) + 1  # most probable foreground class
+            chosen = regressed[torch.arange(len(regressed)), best].split(counts)
+            proposals = [
+                clip_boxes_to_image(b, shape) for b, shape in zip(chosen, image_shapes, strict=True)
+            ]
+            class_logits, box_regression = self._box_pass(features, proposals, image_shapes)
+            probabilities.append(F.softmax(class_logits, -1))
+        # postprocess_detections takes logits; the log of a distribution softmaxes back to it
+        mean_logits = torch.stack(probabilities).mean(dim=0).log()
+        boxes, scores, labels = self.postprocess_detections(
+            mean_logits, box_regression, proposals, image_shapes
+        )
+        detections = [
+            {"boxes": b, "labels": lab, "scores": sc}
+            for b, sc, lab in zip(boxes, scores, labels, strict=True)
+        ]
+        return detections, {}
+
+    def _box_pass(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor]:
+        """One pass of the box head: class logits Tensor[R, K+1], box deltas Tensor[R, 4(K+1)]
+        for the R = sum R_i boxes in `proposals`."""
+        pooled = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        return self.box_predictor(pooled)
 
     def postprocess_detections(
         self,
@@ -233,6 +290,7 @@ class MultiTaskRCNN(FasterRCNN):
         self.roi_heads.__class__ = VotingRoIHeads
         self.roi_heads.vote_iou = config.box_vote_iou
         self.roi_heads.vote_ramp = config.box_vote_ramp
+        self.roi_heads.refine_steps = config.box_refine_steps
         self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
         #: Training only: the defect loss does not reach the backbone and FPN (the head learns
         #: on the detector's features), set from TrainConfig.detach_gate.

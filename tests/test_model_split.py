@@ -44,6 +44,7 @@ def _assert_same_detections(ours: dict, reference: dict) -> None:
         (18, (613, 997), {"min_size": 480, "max_size": 800, "box_roi_context": 1.5}),
         (18, (613, 997), {"min_size": 480, "max_size": 800, "box_vote_iou": 0.6}),
         (18, (613, 997), {"min_size": 480, "max_size": 800, "box_roi_sampling_ratio": 1}),
+        (18, (613, 997), {"min_size": 480, "max_size": 800, "box_refine_steps": 2}),
     ],
 )
 @torch.inference_mode()
@@ -109,8 +110,17 @@ def test_config_round_trips_and_refuses_unknown_keys():
 
 def test_config_of_an_older_model_keeps_torchvision_box_head():
     saved = ModelConfig(depth=18).to_dict()
-    for key in ("box_roi_context", "box_vote_iou", "box_vote_ramp", "box_roi_sampling_ratio"):
+    for key in (
+        "box_roi_context",
+        "box_vote_iou",
+        "box_vote_ramp",
+        "box_roi_sampling_ratio",
+        "box_refine_steps",
+    ):
         del saved[key]  # written before the fields existed
+    assert ModelConfig.from_dict(saved).box_refine_steps == 0  # one pass of the box head
+    with pytest.raises(ValueError, match="box_refine_steps"):
+        ModelConfig(box_refine_steps=-1)
     assert ModelConfig.from_dict(saved).box_roi_context == 1.0
     assert ModelConfig.from_dict(saved).box_roi_sampling_ratio == 2  # torchvision's
     with pytest.raises(ValueError, match="box_roi_sampling_ratio"):
@@ -197,6 +207,31 @@ def test_box_vote_ramp_needs_voting_and_room():
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("steps", [0, 1, 3])
+@torch.inference_mode()
+def test_box_refinement_regresses_each_box_again(steps):
+    """A box head that always shifts a box right by a tenth of its width (dx 0.1, nothing else)
+    and scores it 0.88: with n refine steps the box moves n + 1 times, the score stays."""
+    heads = _random_model(depth=18, box_refine_steps=steps).roi_heads
+    predictor = heads.box_predictor
+    for layer in (predictor.cls_score, predictor.bbox_pred):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    predictor.cls_score.bias[1] = 2.0  # foreground probability sigmoid(2)
+    predictor.bbox_pred.bias[4] = 1.0  # class 1's dx; the box coder's weight 10: 0.1 widths
+    sizes = {"0": 32, "1": 16, "2": 8, "3": 4, "pool": 2}  # a 128 px input
+    features = {name: torch.rand(1, 256, n, n) for name, n in sizes.items()}
+    proposal = torch.tensor([[10.0, 40, 30, 50]])  # 20 px wide: each pass moves it 2 px
+    detections, losses = heads(features, [proposal], [(128, 128)])
+    shift = 2.0 * (steps + 1)
+    expected = torch.tensor([[10.0 + shift, 40, 30 + shift, 50]])
+    torch.testing.assert_close(detections[0]["boxes"], expected)
+    torch.testing.assert_close(detections[0]["scores"], torch.sigmoid(torch.tensor([2.0])))
+    assert losses == {}
+    nothing, _ = heads(features, [torch.zeros(0, 4)], [(128, 128)])  # no proposals: no boxes
+    assert nothing[0]["boxes"].shape == (0, 4)
+
+
 def test_roi_context_pools_the_widened_box():
     torch.manual_seed(3)
     features = {name: torch.randn(1, 8, 64 // 2**k, 64 // 2**k) for k, name in enumerate("0123")}
