@@ -156,10 +156,11 @@ PAPER = TrainConfig(
 #: On a 740-image held-out split (seed 4): mAP@.5 0.680 / 0.619 / 0.667 for seeds 0 / 1 / 2 (seed
 #: 2 trained with the ramp, 40 epochs), gate recall 99% at accuracy 79-83%.
 #: At inference the box head regresses its own boxes twice more (`box_refine_steps` 2, scores
-#: averaged over the three passes; chosen on validation from 1 / 2: mAP@.5 0.723 / 0.724 and
-#: 0.676 / 0.684 for seeds 0 / 1, against 0.697 and 0.657 in one pass). The same models on the
-#: 740 images: mAP@.5 0.680 / 0.619 / 0.667 -> 0.705 / 0.660 / 0.696, mAP +0.02-0.03. It costs
-#: the cloud 0.08 s per defective image (ROI heads 0.05 -> 0.13 s, 612x512, 2 cores).
+#: averaged over the three passes; chosen on validation from 1 / 2 / 3: mAP@.5 0.723 / 0.724 /
+#: 0.715 and 0.676 / 0.684 / 0.682 for seeds 0 / 1, against 0.697 and 0.657 in one pass). The
+#: same models on the 740 images: mAP@.5 0.680 / 0.619 / 0.667 -> 0.705 / 0.660 / 0.696, mAP
+#: +0.02-0.03. It costs the cloud 0.08 s per defective image (ROI heads 0.05 -> 0.13 s, 612x512,
+#: 2 cores).
 CPU = TrainConfig(
     name="cpu",
     model=ModelConfig(
