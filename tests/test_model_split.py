@@ -206,7 +206,6 @@ def test_box_vote_ramp_needs_voting_and_room():
             ModelConfig(box_vote_iou=iou, box_vote_ramp=ramp)
 
 
-@torch.inference_mode()
 @pytest.mark.parametrize("steps", [0, 1, 3])
 @torch.inference_mode()
 def test_box_refinement_regresses_each_box_again(steps):
@@ -232,6 +231,7 @@ def test_box_refinement_regresses_each_box_again(steps):
     assert nothing[0]["boxes"].shape == (0, 4)
 
 
+@torch.inference_mode()
 def test_roi_context_pools_the_widened_box():
     torch.manual_seed(3)
     features = {name: torch.randn(1, 8, 64 // 2**k, 64 // 2**k) for k, name in enumerate("0123")}
