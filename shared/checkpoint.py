@@ -9,12 +9,13 @@ latter so `fasterrcnn_resnet50_fpn(num_classes=K).load_state_dict(...)` accepts 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from splitdet.shared.config import ModelConfig
+from splitdet.shared.config import MAX_REFINE_STEPS, ModelConfig
 from splitdet.shared.model import MultiTaskRCNN
 
 CHECKPOINT_FORMAT = 1
@@ -55,11 +56,23 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: Path) -> tuple[MultiTaskRCNN, dict[str, Any]]:
-    """Rebuild the model from a checkpoint file; returns (model in eval mode, checkpoint dict)."""
+def load_model(
+    path: Path, *, box_refine_steps: int | None = None
+) -> tuple[MultiTaskRCNN, dict[str, Any]]:
+    """Rebuild the model from a checkpoint file; returns (model in eval mode, checkpoint dict).
+
+    `box_refine_steps`, when given, replaces the checkpoint's (inference only: the weights are
+    the same for any value, see `ModelConfig.box_refine_steps`); the file is not changed.
+    """
     checkpoint = read_checkpoint(path)
+    if box_refine_steps is not None and not 0 <= box_refine_steps <= MAX_REFINE_STEPS:
+        raise CheckpointError(
+            f"box refinement steps must be 0-{MAX_REFINE_STEPS}, got {box_refine_steps}"
+        )
     try:
         config = ModelConfig.from_dict(checkpoint["config"])
+        if box_refine_steps is not None:
+            config = replace(config, box_refine_steps=box_refine_steps)
         model = MultiTaskRCNN(config)
         model.load_state_dict(checkpoint["model"])
     except (ValueError, RuntimeError, TypeError) as exc:

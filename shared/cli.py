@@ -97,3 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
+    """`--box-refine-steps N`: the checkpoint's box refinement replaced at inference."""
+    parser.add_argument(
+        "--box-refine-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="extra passes of the box head over its own boxes at inference, 0-4 (default: the "
+        "checkpoint's; the 'cpu' preset's is 2). Gives a checkpoint trained before box "
+        "refinement existed the refinement, or takes it away; the checkpoint file is unchanged",
+    )

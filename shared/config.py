@@ -17,6 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NORMS = ("batch", "frozen", "group")
 GATE_POOLINGS = ("avg", "max", "dense")
+#: Most extra passes of the box head at inference (`ModelConfig.box_refine_steps`).
+MAX_REFINE_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,10 @@ class ModelConfig:
                 "box_vote_ramp must be 0, or with box_vote_iou set keep box_vote_iou +- ramp "
                 f"within [0, 1]; got ramp {self.box_vote_ramp}, box_vote_iou {self.box_vote_iou}"
             )
-        if not 0 <= self.box_refine_steps <= 4:
-            raise ValueError(f"box_refine_steps must be 0-4, got {self.box_refine_steps}")
+        if not 0 <= self.box_refine_steps <= MAX_REFINE_STEPS:
+            raise ValueError(
+                f"box_refine_steps must be 0-{MAX_REFINE_STEPS}, got {self.box_refine_steps}"
+            )
         if self.norm == "group" and self.fpn_channels % 32:
             raise ValueError("group norm needs fpn_channels divisible by 32")
 

@@ -157,4 +157,13 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
     assert metrics["images"] == 5 and metrics["gate_recall"] == 1.0  # calibrated on val = test
     stored = read_checkpoint(tmp_path / "run" / "last.pt")["gate_threshold"]
     assert stored == pytest.approx(metrics["gate_threshold"])
+    assert metrics["box_refine_steps"] == TINY.model.box_refine_steps == 2
     assert main(["eval", "--data", str(tmp_path), "--checkpoint", str(out)]) == 2  # not a ckpt
+
+    # box refinement given at evaluation: reported, the checkpoint's own config unchanged
+    refined = tmp_path / "refined.json"
+    assert main([*args, "--json", str(refined), "--no-progress", "--no-store",
+                 "--box-refine-steps", "0"]) == 0  # fmt: skip
+    assert json.loads(refined.read_text())["box_refine_steps"] == 0
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["config"]["box_refine_steps"] == 2
+    assert main([*args, "--box-refine-steps", "9"]) == 2

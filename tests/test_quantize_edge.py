@@ -59,3 +59,16 @@ def test_calibration_without_images_is_a_clear_error(checkpoint, tmp_path, capsy
     err = capsys.readouterr().err
     assert "train" in err and str(empty) in err
     assert "Traceback" not in err
+
+
+def test_export_can_set_box_refinement_without_touching_the_checkpoint(checkpoint, tmp_path):
+    """`--box-refine-steps` reaches the cloud half through the manifest; the file stays as saved."""
+    from splitdet.cloud.core import load_cloud
+    from splitdet.shared.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(checkpoint)["config"]["box_refine_steps"]
+    assert _export(checkpoint, tmp_path / "refined", "--box-refine-steps", "3") == 0
+    cloud, manifest = load_cloud(tmp_path / "refined")
+    assert manifest.model_config.box_refine_steps == 3
+    assert cloud.roi_heads.refine_steps == 3
+    assert read_checkpoint(checkpoint)["config"]["box_refine_steps"] == saved != 3

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from splitdet.shared.cli import add_box_refine_option
+
 EXAMPLE = """example:
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json runs/cpu/test.json
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json out.json \\
@@ -57,6 +59,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_box_refine_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -72,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.training.evaluate import evaluate
 
     try:
-        model, checkpoint = load_model(Path(args.checkpoint))
+        model, checkpoint = load_model(
+            Path(args.checkpoint), box_refine_steps=args.box_refine_steps
+        )
         names = model.config.class_names
         samples = voc.read_split(Path(args.data), args.split, names)
         calibration = None
@@ -92,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     metrics.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
                     "split": args.split, "calibrate_split": args.calibrate_split,
-                    "calibrate_data": str(args.calibrate_data or args.data)})  # fmt: skip
+                    "calibrate_data": str(args.calibrate_data or args.data),
+                    "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
     if calibration is not None and not args.no_store:
         checkpoint["gate_threshold"] = metrics["gate_threshold"]
         checkpoint["gate_target_recall"] = args.target_recall

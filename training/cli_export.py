@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from splitdet.shared.cli import add_box_refine_option
+
 EPILOG = """\
 example:
   splitdet export --checkpoint runs/cpu/best.pt --out models/gasket
@@ -59,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="images calibrating --quantize-edge, evenly spaced over the split (default: 16)",
     )
+    add_box_refine_option(p)
     p.set_defaults(handler=run)
 
 
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.training.export import ExportError, export_model
 
     try:
-        model, checkpoint = load_model(args.checkpoint)
+        model, checkpoint = load_model(args.checkpoint, box_refine_steps=args.box_refine_steps)
         threshold = args.gate_threshold
         if threshold is None:
             threshold = float(checkpoint.get("gate_threshold", 0.5))
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                 "gate_threshold": manifest.gate_threshold,
                 "default_codec": manifest.default_codec,
                 "class_names": list(manifest.class_names),
+                "box_refine_steps": model.config.box_refine_steps,
                 "onnx_vs_torch_max_relative_error": worst,
                 "edge_quantization": manifest.extra.get("edge_quantization"),
             },
