@@ -130,6 +130,21 @@ def _widen(boxes: Tensor, factor: float) -> Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
+def box_iou_min_side(boxes1: Tensor, boxes2: Tensor, min_side: float) -> Tensor:
+    """IoU of every pair, each box first widened about its centre to at least `min_side` px in
+    width and height: Tensor[N, 4], Tensor[M, 4] x1y1x2y2 -> Tensor[N, M]. For matching only: a
+    box 8 px thick around a 2 px thick scratch overlaps it at IoU 0.25, so plain IoU makes it
+    background, and no proposal teaches the heads to shrink to thin boxes."""
+    return box_iou(_at_least(boxes1, min_side), _at_least(boxes2, min_side))
+
+
+def _at_least(boxes: Tensor, side: float) -> Tensor:
+    """Tensor[N, 4] x1y1x2y2 widened about their centres to at least `side` px each way."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=side / 2)
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
 class VotingRoIHeads(RoIHeads):
     """torchvision's ROI heads; with `vote_iou` set, each box kept by NMS is replaced by the
     weighted mean of the candidates (same class, score above `score_thresh`) around it (box
@@ -145,6 +160,9 @@ class VotingRoIHeads(RoIHeads):
     vote_iou: float | None = None
     vote_ramp: float = 0.0
     refine_steps: int = 0
+    #: Training only: proposals are matched to ground truth by `box_iou_min_side` with this
+    #: floor (px; 0: torchvision's IoU). Set by the trainer, not saved with the model.
+    match_min_side: float = 0.0
 
     def forward(
         self,
@@ -190,6 +208,18 @@ class VotingRoIHeads(RoIHeads):
             for b, sc, lab in zip(boxes, scores, labels, strict=True)
         ]
         return detections, {}
+
+    def assign_targets_to_proposals(
+        self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's matching (per image matched ground-truth index Int64[R_i], label
+        Int64[R_i]), on boxes widened to `match_min_side` when it is set. The regression
+        targets are still the true boxes: only which proposal is foreground changes."""
+        if self.match_min_side:
+            side = self.match_min_side
+            proposals = [_at_least(p, side) for p in proposals]
+            gt_boxes = [_at_least(g, side) for g in gt_boxes]
+        return super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
 
     def _box_pass(
         self,

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.ops import box_iou
 
 from splitdet.shared.checkpoint import read_checkpoint, save_checkpoint
 from splitdet.shared.config import ModelConfig
-from splitdet.shared.model import MultiTaskRCNN
+from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
 from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import TrainConfig
 
@@ -348,6 +350,12 @@ def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> No
     model.rpn._pre_nms_top_n["training"] = config.rpn_pre_nms_top_n_train
     model.rpn._post_nms_top_n["training"] = config.rpn_post_nms_top_n_train
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.box_batch_size_per_image
+    model.roi_heads.match_min_side = config.match_min_side
+    model.rpn.box_similarity = (
+        partial(box_iou_min_side, min_side=config.match_min_side)
+        if config.match_min_side
+        else box_iou
+    )
     model.detach_gate = config.detach_gate
 
 
