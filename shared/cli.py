@@ -95,10 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
     """`--box-refine-steps N`: the checkpoint's box refinement replaced at inference."""
     parser.add_argument(
@@ -110,3 +106,7 @@ def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
         "checkpoint's; the 'cpu' preset's is 2). Gives a checkpoint trained before box "
         "refinement existed the refinement, or takes it away; the checkpoint file is unchanged",
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,10 +123,13 @@ class ContextRoIAlign(MultiScaleRoIAlign):
         return super().forward(x, boxes, image_shapes)
 
 
-def _widen(boxes: Tensor, factor: float) -> Tensor:
-    """Tensor[K, 4] x1y1x2y2 -> the same boxes with width and height times `factor`."""
+def _widen(boxes: Tensor, factor: float = 1.0, min_side: float = 0.0) -> Tensor:
+    """Tensor[K, 4] x1y1x2y2 -> the same boxes about their centres, width and height times
+    `factor`, then (with `min_side`) at least `min_side` px each way."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    if min_side:
+        half = half.clamp(min=min_side / 2)
     return torch.cat([centre - half, centre + half], dim=1)
 
 
@@ -135,14 +138,7 @@ def box_iou_min_side(boxes1: Tensor, boxes2: Tensor, min_side: float) -> Tensor:
     width and height: Tensor[N, 4], Tensor[M, 4] x1y1x2y2 -> Tensor[N, M]. For matching only: a
     box 8 px thick around a 2 px thick scratch overlaps it at IoU 0.25, so plain IoU makes it
     background, and no proposal teaches the heads to shrink to thin boxes."""
-    return box_iou(_at_least(boxes1, min_side), _at_least(boxes2, min_side))
-
-
-def _at_least(boxes: Tensor, side: float) -> Tensor:
-    """Tensor[N, 4] x1y1x2y2 widened about their centres to at least `side` px each way."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=side / 2)
-    return torch.cat([centre - half, centre + half], dim=1)
+    return box_iou(_widen(boxes1, min_side=min_side), _widen(boxes2, min_side=min_side))
 
 
 class VotingRoIHeads(RoIHeads):
@@ -217,8 +213,8 @@ class VotingRoIHeads(RoIHeads):
         targets are still the true boxes: only which proposal is foreground changes."""
         if self.match_min_side:
             side = self.match_min_side
-            proposals = [_at_least(p, side) for p in proposals]
-            gt_boxes = [_at_least(g, side) for g in gt_boxes]
+            proposals = [_widen(p, min_side=side) for p in proposals]
+            gt_boxes = [_widen(g, min_side=side) for g in gt_boxes]
         return super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
 
     def _box_pass(
