@@ -167,3 +167,28 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
     assert json.loads(refined.read_text())["box_refine_steps"] == 0
     assert read_checkpoint(tmp_path / "run" / "last.pt")["config"]["box_refine_steps"] == 2
     assert main([*args, "--box-refine-steps", "9"]) == 2
+
+
+def test_calibration_reads_the_gate_alone_and_agrees_with_full_prediction(tmp_path):
+    """Calibrating the threshold needs only p(defect): the gate-only pass gives the same
+    probabilities as a full prediction (to float precision), and `evaluate` calibrated on a
+    split sets the threshold those probabilities imply."""
+    from splitdet.shared.model import build_model
+    from splitdet.training import voc
+    from splitdet.training.evaluate import gate_probabilities, predict
+    from splitdet.training.presets import TINY
+
+    from support import make_tiny_voc
+
+    torch.manual_seed(0)
+    model = build_model(TINY.model).eval()
+    samples = voc.read_split(make_tiny_voc(tmp_path, n_defective=4, n_free=3), "val", ("scratch",))
+    gate_only = gate_probabilities(model, samples, batch_size=2)
+    full = [p.p_defect for p in predict(model, samples)]
+    assert len(gate_only) == len(samples) == 7
+    assert gate_only == pytest.approx(full, abs=1e-6)
+    assert len(set(np.round(gate_only, 6))) > 1  # the images differ, so must their scores
+    metrics = evaluate(model, samples, calibration_samples=samples, target_recall=0.75)
+    labels = [s.is_defective for s in samples]
+    assert metrics["gate_threshold"] == pytest.approx(calibrate_threshold(full, labels, 0.75))
+    assert metrics["gate_calibrated_on"] == "calibration split"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,48 @@ class Prediction:
     p_defect: float
 
 
+def _image_batches(
+    samples: Sequence[VocSample],
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool,
+    desc: str,
+) -> Iterator[list[Tensor]]:
+    """The samples' images in batches: lists of Tensor[3, H, W] float32 in [0, 1]."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    batches = range(0, len(samples), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for start in batches:
+        images = []
+        for sample in samples[start : start + batch_size]:
+            with Image.open(sample.image_path) as img:
+                images.append(pil_to_tensor(img.convert("RGB")).float().div_(255.0).to(device))
+        yield images
+
+
+@torch.inference_mode()
+def gate_probabilities(
+    model,
+    samples: Sequence[VocSample],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    progress: bool = False,
+) -> list[float]:
+    """p(defect) for every sample from the gate alone (backbone + defect head, no RPN or ROI
+    heads): what calibrating the threshold needs. Equals `predict`'s p_defect."""
+    model.eval()
+    out: list[float] = []
+    for images in _image_batches(samples, batch_size, device, progress, "calibrate"):
+        out.extend(model.defect_probability(images).tolist())
+    return out
+
+
 @torch.inference_mode()
 def predict(
     model,
@@ -53,22 +95,10 @@ def predict(
     progress: bool = False,
 ) -> list[Prediction]:
     """Detections and p(defect) for every sample, with one backbone pass per image."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
     model.eval()
     gate_level = model.config.gate_level
     out: list[Prediction] = []
-    batches = range(0, len(samples), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="eval", unit="batch", leave=False)
-    for start in batches:
-        images = []
-        for sample in samples[start : start + batch_size]:
-            with Image.open(sample.image_path) as img:
-                images.append(pil_to_tensor(img.convert("RGB")).float().div_(255.0).to(device))
+    for images in _image_batches(samples, batch_size, device, progress, "eval"):
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         # FasterRCNN.forward, with the defect head reading the same features
         images_t, _ = model.transform(images)
@@ -271,11 +301,11 @@ def evaluate(
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
     if calibration_samples is not None:
-        calib = predict(model, calibration_samples, device=device, batch_size=batch_size)
+        calib = gate_probabilities(
+            model, calibration_samples, device=device, batch_size=batch_size, progress=progress
+        )
         threshold = calibrate_threshold(
-            [p.p_defect for p in calib],
-            [s.is_defective for s in calibration_samples],
-            target_recall,
+            calib, [s.is_defective for s in calibration_samples], target_recall
         )
         calibrated_on = "calibration split"
     elif gate_threshold is not None:
