@@ -126,6 +126,20 @@ def test_scratches_stay_strokes_at_reduced_sizes():
     assert min(ratios) >= 7.0, sorted(ratios)[:5]
 
 
+def test_short_scratches_keep_their_camera_length_at_reduced_sizes():
+    # The shortest scratch is 30 px long at 2448x2048 and stays so at any size (version 3 scaled
+    # it to 10 px at 612x512, beside dust specks of up to 7 px); the visible part of each is at
+    # least 2/3 of that. A quarter-size image still holds short scratches: the floor is reached.
+    extents = [
+        max(mask.alpha.shape)
+        for i in range(60)
+        for mask in synth.generate_image(12, i, (612, 512), defective=True).masks
+    ]
+    assert len(extents) >= 100
+    assert min(extents) >= 20, sorted(extents)[:5]
+    assert sum(extent < 40 for extent in extents) >= 5
+
+
 def test_defect_free_images_have_no_boxes_but_have_lookalikes():
     kinds = set()
     for index in range(6):

@@ -24,6 +24,10 @@ What an image holds
   stays a stroke at every size: at 2448x2048 the shortest (30 px) is five times the widest
   (6 px), and smaller images keep that ratio as a floor on the length (version 2 scaled the
   length alone, so at 612x512 a 6 px wide scratch could be 8 px long: a dot like a dust speck).
+  The shortest scratch (30 px) and the shortest tool mark (25 px) keep their camera lengths at
+  every size, as widths and dust specks do; the longest scale with the part. (Version 3 scaled
+  the floor too: at 612x512 a scratch could be 10 px long beside dust specks of up to 7 px, a
+  ratio the camera's images never show; 9% of its test scratches were under 20 px.)
 - Look-alikes that are *not* scratches, on every image: dust specks, soft stains, and short low-
   contrast tool marks that follow the lathe direction (concentric arcs). A gate has to learn the
   difference, not just "anything on the metal".
@@ -73,7 +77,7 @@ CLASS_NAME = "scratch"
 #: The paper's camera resolution, (width, height).
 FULL_SIZE: tuple[int, int] = (2448, 2048)
 #: Bumped whenever the rendering changes, so a dataset records which images it holds.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: Streams of per-image seeds: train/val and the held-out test split never share an image.
 STREAM_TRAINVAL = 0
 STREAM_TEST = 1
@@ -359,15 +363,21 @@ def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n: int) -> np.ndarra
 _MIN_LENGTH_PER_WIDTH = 5.0
 
 
-def _min_scratch_length(s: float, width_px: float) -> float:
-    """Shortest centre line, px, of a ``width_px`` wide scratch at scale ``s`` (1: 2448x2048)."""
-    return max(30.0 * s, 10.0, _MIN_LENGTH_PER_WIDTH * width_px)
+#: The shortest scratch's centre line, output px at any size (the camera's shortest, 2448x2048).
+_MIN_SCRATCH_LENGTH = 30.0
+#: The shortest tool mark's arc, output px at any size (the camera's shortest, 2448x2048).
+_MIN_TOOLMARK_LENGTH = 25.0
+
+
+def _min_scratch_length(width_px: float) -> float:
+    """Shortest centre line, px, of a ``width_px`` wide scratch, at any image size."""
+    return max(_MIN_SCRATCH_LENGTH, _MIN_LENGTH_PER_WIDTH * width_px)
 
 
 def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: float):
     """A scratch centre-line as dense points (~1 px apart), trimmed to its run on the metal."""
-    min_len = _min_scratch_length(s, width_px)
-    max_len = 1400.0 * s
+    min_len = _min_scratch_length(width_px)
+    max_len = max(1400.0 * s, 2 * min_len)
     length = math.exp(rng.uniform(math.log(min_len), math.log(max_len)))
     # Centre: uniform over the annulus area, away from holes.
     for _ in range(50):
@@ -512,7 +522,7 @@ def _add_scratches(
             continue
         ry0, ry1 = int(nz_rows[0]), int(nz_rows[-1]) + 1
         rx0, rx1 = int(nz_cols[0]), int(nz_cols[-1]) + 1
-        min_visible = max(8.0, _min_scratch_length(s, width_px) * 2 / 3)  # >= 20 px at 2448
+        min_visible = _min_scratch_length(width_px) * 2 / 3  # >= 20 px
         if max(ry1 - ry0, rx1 - rx0) < min_visible or (alpha >= 0.5).sum() < 8:
             continue  # the visible part is too small to be a meaningful scratch
         alpha = np.ascontiguousarray(alpha[ry0:ry1, rx0:rx1])
@@ -597,7 +607,7 @@ def _add_lookalikes(rng, part: _Part, s: float, refl, window):
         if p is None:
             continue
         _, _, rad, ang = p
-        arc_len = rng.uniform(25, 220) * s
+        arc_len = rng.uniform(_MIN_TOOLMARK_LENGTH, max(220 * s, _MIN_TOOLMARK_LENGTH))
         half_ang = arc_len / 2 / rad
         hw = rng.uniform(0.5, 1.3)
         amp = rng.uniform(0.02, 0.06) * (1 if rng.random() < 0.5 else -1)
