@@ -610,7 +610,7 @@ def train(
                 metrics["gate_auc"], clock.seconds / 60,
             )  # fmt: skip
         history.append(row)
-        overall.update(round(clock.seconds / 60.0 - overall.n, 2) if clock.budget_seconds else 1)
+        _advance(overall, clock)
         if rank == 0:
             extra = {
                 "optimizer": optimizer.state_dict(),
@@ -636,6 +636,18 @@ def train(
     if world > 1:
         dist.barrier()
     return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
+
+
+def _advance(overall, clock: TrainClock) -> None:
+    """Move the run's bar to the end of an epoch: by one epoch, or to the training minutes done.
+    The last step may end past the budget; the bar's total then grows to it, so the bar ends
+    full instead of overshooting (which tqdm warns of, showing a negative time left)."""
+    if not clock.budget_seconds:
+        overall.update(1)
+        return
+    done = clock.seconds / 60.0
+    overall.total = max(overall.total, done)
+    overall.update(done - overall.n)
 
 
 def _overall_bar(config: TrainConfig, clock: TrainClock, start_epoch: int, enabled: bool):
