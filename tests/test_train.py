@@ -255,8 +255,9 @@ def test_the_train_command_resumes_a_run_with_its_own_recipe(tiny_voc, tmp_path,
 
 
 def test_the_train_command_sets_the_crop(tiny_voc, tmp_path, capsys):
-    """`--crop N` trains on N px crops, `--crop 0` on whole images (recorded in the run's
-    recipe); a crop that is not a positive multiple of 32 is refused by name, before training."""
+    """`--crop N` trains on N px crops, `--crop 0` on whole images, `--crop-object-fraction F`
+    centres that share of the crops on objects (recorded in the run's recipe); a crop that is not
+    a positive multiple of 32, or a fraction outside [0, 1], is refused by name, before training."""
     from splitdet.shared.cli import main
 
     argv = ["train", "--data", str(tiny_voc), "--preset", "tiny", "--epochs", "1", "--no-progress"]
@@ -265,6 +266,12 @@ def test_the_train_command_sets_the_crop(tiny_voc, tmp_path, capsys):
         assert main([*argv, "--out", str(run), "--crop", crop]) == 0
         assert json.loads((run / "train_config.json").read_text())["crop"] == recorded
         assert read_checkpoint(run / "last.pt")["epoch"] == 0
+    run = tmp_path / "fraction"
+    assert main([*argv, "--out", str(run), "--crop-object-fraction", "0.85"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["crop_object_fraction"] == 0.85
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--crop-object-fraction", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "crop_object_fraction must be in [0, 1], got 1.5" in err and "Traceback" not in err
     for bad in ("50", "-32"):
         assert main([*argv, "--out", str(tmp_path / "bad"), "--crop", bad]) == 2
         err = capsys.readouterr().err

@@ -77,6 +77,10 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.crop is not None and (self.crop <= 0 or self.crop % 32):
             raise ValueError(f"crop must be a positive multiple of 32, got {self.crop}")
+        if not 0.0 <= self.crop_object_fraction <= 1.0:
+            raise ValueError(
+                f"crop_object_fraction must be in [0, 1], got {self.crop_object_fraction}"
+            )
 
     @property
     def budget_seconds(self) -> float | None:
