@@ -359,26 +359,17 @@ def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n: int) -> np.ndarra
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
 
 
-#: A scratch's centre line is at least this many times its width long (module docstring).
-_MIN_LENGTH_PER_WIDTH = 5.0
-
-
-#: The shortest scratch's centre line, output px at any size (the camera's shortest, 2448x2048).
+#: The shortest scratch's centre line, output px at any size (the camera's shortest, 2448x2048):
+#: five times the widest scratch (6 px), so every scratch is a stroke, never a dot.
 _MIN_SCRATCH_LENGTH = 30.0
 #: The shortest tool mark's arc, output px at any size (the camera's shortest, 2448x2048).
 _MIN_TOOLMARK_LENGTH = 25.0
 
 
-def _min_scratch_length(width_px: float) -> float:
-    """Shortest centre line, px, of a ``width_px`` wide scratch, at any image size."""
-    return max(_MIN_SCRATCH_LENGTH, _MIN_LENGTH_PER_WIDTH * width_px)
-
-
 def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: float):
     """A scratch centre-line as dense points (~1 px apart), trimmed to its run on the metal."""
-    min_len = _min_scratch_length(width_px)
-    max_len = max(1400.0 * s, 2 * min_len)
-    length = math.exp(rng.uniform(math.log(min_len), math.log(max_len)))
+    max_len = max(1400.0 * s, 2 * _MIN_SCRATCH_LENGTH)
+    length = math.exp(rng.uniform(math.log(_MIN_SCRATCH_LENGTH), math.log(max_len)))
     # Centre: uniform over the annulus area, away from holes.
     for _ in range(50):
         rad = math.sqrt(rng.uniform(part.r_in**2, part.r_out**2))
@@ -408,7 +399,7 @@ def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: flo
         hi += 1
     pts = pts[lo : hi + 1]
     seg = np.hypot(*np.diff(pts, axis=0).T)
-    if seg.sum() < min_len:
+    if seg.sum() < _MIN_SCRATCH_LENGTH:
         return None
     return pts
 
@@ -522,9 +513,8 @@ def _add_scratches(
             continue
         ry0, ry1 = int(nz_rows[0]), int(nz_rows[-1]) + 1
         rx0, rx1 = int(nz_cols[0]), int(nz_cols[-1]) + 1
-        min_visible = _min_scratch_length(width_px) * 2 / 3  # >= 20 px
-        if max(ry1 - ry0, rx1 - rx0) < min_visible or (alpha >= 0.5).sum() < 8:
-            continue  # the visible part is too small to be a meaningful scratch
+        if max(ry1 - ry0, rx1 - rx0) < _MIN_SCRATCH_LENGTH * 2 / 3 or (alpha >= 0.5).sum() < 8:
+            continue  # the visible part (< 20 px) is too small to be a meaningful scratch
         alpha = np.ascontiguousarray(alpha[ry0:ry1, rx0:rx1])
         refl[by + ry0 : by + ry1, bx + rx0 : bx + rx1] += _F32(sign * amp) * alpha
         masks.append(StrokeMask(x0=x0w + bx + rx0, y0=y0w + by + ry0, alpha=alpha))
