@@ -150,7 +150,7 @@ class VotingRoIHeads(RoIHeads):
     which boxes survive are torchvision's; only the coordinates move. Near-tied candidates that
     trade places in NMS under a small change of the features (int8) then give nearly the same box,
     and with a ramp no candidate enters or leaves the vote whole. On the `cpu` preset's model
-    voting raised COCO mAP on validation and test (see the README's training notes).
+    voting raised COCO mAP on validation and test (see training/RESULTS.md).
     """
 
     vote_iou: float | None = None

@@ -139,7 +139,7 @@ PAPER = TrainConfig(
 #: AdamW (lr 1e-3, weight decay 0.05) in place of SGD (lr 0.02): validation mAP@.5 after 30
 #: minutes 0.356 against 0.095, same data and seed. bf16 autocast ("auto": where the CPU has
 #: native bf16) makes a step 1.6x faster (0.64 against 1.05 s) for the same curve per step.
-#: The measured curves are in the README's training notes. On a machine with 0.40 s steps
+#: The measured curves are in training/RESULTS.md. On a machine with 0.40 s steps
 #: (earlier ones: 0.64 s) the same preset reached validation mAP@.5 0.667 (gate AUC 0.97) in 30
 #: minutes; held-out test mAP@.5 0.601, gate recall 98.1% at accuracy 78.4%, mAP kept 100%.
 #: On generator-v3 data (no dot-like scratches): val mAP@.5 0.738 in 30 minutes, held-out test
