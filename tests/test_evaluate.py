@@ -13,6 +13,7 @@ import torch
 from splitdet.shared.config import ModelConfig
 from splitdet.training.evaluate import (
     Prediction,
+    best_accuracy_at_recall,
     calibrate_threshold,
     classifier_metrics,
     coco_metrics,
@@ -108,6 +109,24 @@ def test_gate_calibration_and_classifier_metrics():
         calibrate_threshold([0.1], [False], 0.99)
 
 
+def test_best_accuracy_at_recall_searches_every_threshold_that_keeps_the_recall():
+    # all four positives kept: 0.3 is the highest such threshold and the best (one FP, 0.5)
+    probs = [0.9, 0.8, 0.3, 0.6, 0.5, 0.2, 0.1]
+    labels = [True, True, True, True, False, False, False]
+    assert best_accuracy_at_recall(probs, labels, 1.0) == (pytest.approx(6 / 7), 0.3)
+    # one miss allowed: the highest threshold keeping 3 of 4 is 0.34 (4/6 right), but 0.33 takes
+    # the fourth positive at no cost (5/6); 0.1 would flag the second negative as well (4/6)
+    probs = [0.9, 0.35, 0.34, 0.33, 0.36, 0.1]
+    labels = [True, True, True, True, False, False]
+    assert calibrate_threshold(probs, labels, 0.75) == 0.34
+    assert best_accuracy_at_recall(probs, labels, 0.75) == (pytest.approx(5 / 6), 0.33)
+    # ties: the highest threshold among the best; only positives: recall alone decides
+    assert best_accuracy_at_recall([0.9, 0.7, 0.2], [True, True, False], 1.0) == (1.0, 0.7)
+    assert best_accuracy_at_recall([0.4, 0.6], [True, True], 1.0) == (1.0, 0.4)
+    with pytest.raises(ValueError, match="no defective image"):
+        best_accuracy_at_recall([0.1], [False], 0.99)
+
+
 def test_map_kept_drops_detections_of_gated_images():
     boxes, scores, labels = _arrays()
     p_defect = {"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}  # b (a real scratch) is under 0.4
@@ -125,6 +144,12 @@ def test_map_kept_drops_detections_of_gated_images():
     assert metrics["map_kept"] == pytest.approx((51 / 101) / KNOWN_AP, abs=1e-6)
     assert metrics["gate_recall"] == pytest.approx(2 / 3)  # a, d flagged; b missed
     assert metrics["gate_accuracy"] == pytest.approx(3 / 4)
+    # at the target recall (99.5%: all three defective kept) the best threshold is 0.2 (b),
+    # flagging c (0.1) not: 4/4
+    assert (metrics["gate_best_accuracy"], metrics["gate_best_threshold"]) == (1.0, 0.2)
+    # the detector's top box per image: a 0.9, b 0.7, d 0.95 defective, c 0.8 not
+    assert metrics["top_box_auc"] == pytest.approx(2 / 3)
+    assert metrics["top_box_best_accuracy"] == pytest.approx(3 / 4)  # c above b: flagged
     required = {"map", "map50", "ar100", "gate_threshold", "gate_recall", "gate_accuracy",
                 "map_gated", "map_kept"}  # fmt: skip
     assert required <= set(metrics)

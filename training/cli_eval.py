@@ -25,7 +25,10 @@ def register(subparsers) -> None:
         help="evaluate a checkpoint: mAP, gate accuracy/recall, mAP kept",
         description="COCO mAP@[.5:.95], mAP@.5 and AR@100 (pycocotools), the defect classifier's "
         "accuracy/precision/recall/F1/AUC, the gate threshold calibrated on a validation split "
-        "for a target defect recall (written into the checkpoint), the gated system's mAP, and "
+        "for a target defect recall (written into the checkpoint), the gated system's mAP, the "
+        "best accuracy any threshold reaches at that recall on the evaluated split (for the gate, "
+        "and for the detector's top box score as an image score: is calibration or the model "
+        "the limit, and would the detector gate better), and "
         "where the errors are: the confident detections by kind of mistake and the recall by "
         "defect length (the JSON's 'errors').",
         epilog=EXAMPLE,

@@ -244,6 +244,27 @@ def calibrate_threshold(
     return float(positives[misses])
 
 
+def best_accuracy_at_recall(
+    probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
+) -> tuple[float, float]:
+    """(accuracy, threshold): the best accuracy of `p >= t` over every threshold t that keeps
+    at least `target_recall` of the positives, and the highest t that reaches it.
+
+    Read on the evaluated split itself, it is what the scores allow whatever the calibration: an
+    upper bound on the calibrated gate's accuracy. The best t can lie below the highest one that
+    keeps the recall (`calibrate_threshold`) when positives crowd just under it."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    highest = calibrate_threshold(p, y, target_recall)
+    candidates = np.unique(p[p <= highest])  # ascending; includes `highest`
+    positives, negatives = np.sort(p[y]), np.sort(p[~y])
+    true_pos = len(positives) - np.searchsorted(positives, candidates, side="left")
+    true_neg = np.searchsorted(negatives, candidates, side="left")
+    accuracy = (true_pos + true_neg) / len(p)
+    best = len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))  # the highest t among ties
+    return float(accuracy[best]), float(candidates[best])
+
+
 def classifier_metrics(
     probabilities: Sequence[float], labels: Sequence[bool], threshold: float
 ) -> dict[str, float | None]:
@@ -289,9 +310,13 @@ def evaluate(
 
     Returns a JSON-able dict: map, map50, map75, ar100 (detector alone); gate_threshold,
     gate_calibrated_on, gate_recall, gate_accuracy, gate_precision, gate_f1, gate_auc,
-    gate_pass_rate (on `samples`); map_gated, map50_gated, map_kept (map_gated / map),
-    map50_kept; images, defective_images; errors (the detector's confident detections by kind
-    of error and its recall by object length, see `training.errors`).
+    gate_pass_rate (on `samples`); gate_best_accuracy and gate_best_threshold (the best accuracy
+    any threshold reaches on `samples` at `target_recall`: how far calibration, not the scores,
+    holds the gate back); top_box_auc and top_box_best_accuracy (the same for the detector's
+    highest box score per image: would the detector make a better gate); map_gated, map50_gated,
+    map_kept (map_gated / map), map50_kept; images, defective_images; errors (the detector's
+    confident detections by kind of error and its recall by object length, see
+    `training.errors`).
     """
     class_names = model.config.class_names
     if predictions is None:
@@ -328,6 +353,12 @@ def evaluate(
         class_names,
     )
     gate = classifier_metrics(probs, labels, threshold)
+    # the detector's highest box score as the image's score, beside the gate's p(defect)
+    top_box = [float(p.scores.max()) if len(p.scores) else 0.0 for p in predictions]
+    gate_best, top_box_best = (None, None), (None, None)  # no defective image: no recall
+    if any(labels):
+        gate_best = best_accuracy_at_recall(probs, labels, target_recall)
+        top_box_best = best_accuracy_at_recall(top_box, labels, target_recall)
 
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -345,6 +376,10 @@ def evaluate(
         "gate_f1": gate["f1"],
         "gate_auc": gate["auc"],
         "gate_pass_rate": gate["pass_rate"],
+        "gate_best_accuracy": gate_best[0],
+        "gate_best_threshold": gate_best[1],
+        "top_box_auc": roc_auc(top_box, labels),
+        "top_box_best_accuracy": top_box_best[0],
         "map_gated": gated["map"],
         "map50_gated": gated["map50"],
         "map_kept": ratio(gated["map"], detector["map"]),
