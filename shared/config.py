@@ -19,6 +19,8 @@ NORMS = ("batch", "frozen", "group")
 GATE_POOLINGS = ("avg", "max", "dense")
 #: Most extra passes of the box head at inference (`ModelConfig.box_refine_steps`).
 MAX_REFINE_STEPS = 4
+#: Most passes of box voting (`ModelConfig.box_vote_passes`).
+MAX_VOTE_PASSES = 10
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class ModelConfig:
     # continuously with the candidates (a small change of the features, int8, cannot drop one
     # in or out of the vote whole).
     box_vote_ramp: float = 0.0
+    # Passes of box voting. 1: the candidates are weighed by their IoU with the box NMS kept.
+    # n > 1: each further pass weighs them by their IoU with the box the pass before voted (a
+    # mean shift), so the vote settles where its candidates' weights balance whichever of two
+    # near-tied candidates NMS kept (int8 features can swap such a pair).
+    box_vote_passes: int = 1
     # Inference only: extra passes of the box head over its own boxes (iterative box refinement).
     # 0: torchvision's single pass. n: each candidate's box, as its most probable foreground class
     # regresses it, is pooled and regressed again n times; its class probabilities are the mean
@@ -99,6 +106,10 @@ class ModelConfig:
             raise ValueError(
                 "box_vote_ramp must be 0, or with box_vote_iou set keep box_vote_iou +- ramp "
                 f"within [0, 1]; got ramp {self.box_vote_ramp}, box_vote_iou {self.box_vote_iou}"
+            )
+        if not 1 <= self.box_vote_passes <= MAX_VOTE_PASSES:
+            raise ValueError(
+                f"box_vote_passes must be 1-{MAX_VOTE_PASSES}, got {self.box_vote_passes}"
             )
         if not 0 <= self.box_refine_steps <= MAX_REFINE_STEPS:
             raise ValueError(

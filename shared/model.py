@@ -149,12 +149,14 @@ class VotingRoIHeads(RoIHeads):
     vote_ramp` to its score above `score_thresh` at `vote_iou + vote_ramp`. Scores, labels and
     which boxes survive are torchvision's; only the coordinates move. Near-tied candidates that
     trade places in NMS under a small change of the features (int8) then give nearly the same box,
-    and with a ramp no candidate enters or leaves the vote whole. On the `cpu` preset's model
+    and with a ramp no candidate enters or leaves the vote whole; with `vote_passes` > 1 the vote
+    is repeated around the box the last pass voted (a mean shift). On the `cpu` preset's model
     voting raised COCO mAP on validation and test (see training/RESULTS.md).
     """
 
     vote_iou: float | None = None
     vote_ramp: float = 0.0
+    vote_passes: int = 1
     refine_steps: int = 0
     #: Training only: proposals are matched to ground truth by `box_iou_min_side` with this
     #: floor (px; 0: torchvision's IoU). Set by the trainer, not saved with the model.
@@ -257,16 +259,24 @@ class VotingRoIHeads(RoIHeads):
             if not len(boxes) or not len(cand):
                 voted.append(boxes)
                 continue
-            iou, same = box_iou(boxes, cand), labels[:, None] == cand_labels
-            # every kept box is its own candidate (IoU 1, score above score_thresh): a row of
-            # weights never sums to 0
-            if self.vote_ramp:
-                rise = (iou - (self.vote_iou - self.vote_ramp)) / (2 * self.vote_ramp)
-                weights = rise.clamp(0.0, 1.0) * same * (prob - self.score_thresh)
-            else:
-                weights = ((iou >= self.vote_iou) & same) * prob
-            voted.append((weights @ cand) / weights.sum(dim=1, keepdim=True))
+            same = labels[:, None] == cand_labels
+            centres = boxes
+            for _ in range(self.vote_passes):
+                weights = self._vote_weights(box_iou(centres, cand), same, prob)
+                total = weights.sum(dim=1, keepdim=True)
+                # in the first pass every kept box is its own candidate (IoU 1, score above
+                # score_thresh), so no row sums to 0; a later pass keeps a row that does
+                centres = torch.where(total > 0, (weights @ cand) / total.clamp_min(1e-12), centres)
+            voted.append(centres)
         return voted, kept_scores, kept_labels
+
+    def _vote_weights(self, iou: Tensor, same: Tensor, prob: Tensor) -> Tensor:
+        """Weights Tensor[D, M] of M candidates (scores prob Tensor[M]) in the vote of D boxes,
+        from their IoU Tensor[D, M] and whether their class is the box's (same Bool[D, M])."""
+        if self.vote_ramp:
+            rise = (iou - (self.vote_iou - self.vote_ramp)) / (2 * self.vote_ramp)
+            return rise.clamp(0.0, 1.0) * same * (prob - self.score_thresh)
+        return ((iou >= self.vote_iou) & same) * prob
 
 
 def _outputs_to_fp32(module: nn.Module, args: object, output: object) -> object:
@@ -316,6 +326,7 @@ class MultiTaskRCNN(FasterRCNN):
         self.roi_heads.__class__ = VotingRoIHeads
         self.roi_heads.vote_iou = config.box_vote_iou
         self.roi_heads.vote_ramp = config.box_vote_ramp
+        self.roi_heads.vote_passes = config.box_vote_passes
         self.roi_heads.refine_steps = config.box_refine_steps
         self.defect_head = DefectHead(config.fpn_channels, config.gate_pooling)
         #: Training only: the defect loss does not reach the backbone and FPN (the head learns

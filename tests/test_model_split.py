@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -116,6 +118,7 @@ def test_config_of_an_older_model_keeps_torchvision_box_head():
         "box_vote_ramp",
         "box_roi_sampling_ratio",
         "box_refine_steps",
+        "box_vote_passes",
     ):
         del saved[key]  # written before the fields existed
     assert ModelConfig.from_dict(saved).box_refine_steps == 0  # one pass of the box head
@@ -131,6 +134,9 @@ def test_config_of_an_older_model_keeps_torchvision_box_head():
     assert ModelConfig.from_dict(saved).box_vote_ramp == 0.0  # votes with the cut, if at all
     with pytest.raises(ValueError, match="box_vote_iou"):
         ModelConfig(box_vote_iou=0.0)
+    assert ModelConfig.from_dict(saved).box_vote_passes == 1  # one pass, as voting was
+    with pytest.raises(ValueError, match="box_vote_passes"):
+        ModelConfig(box_vote_passes=0)
 
 
 def _postprocess(
@@ -138,10 +144,13 @@ def _postprocess(
     scores: list[float],
     proposals: torch.Tensor | None = None,
     vote_ramp: float = 0.0,
+    vote_passes: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept boxes and scores of a model's ROI postprocessing for proposals (default: three) with
     zero box regression (each class's box is the proposal) and the given foreground scores."""
-    heads = _random_model(depth=18, box_vote_iou=vote_iou, box_vote_ramp=vote_ramp).roi_heads
+    heads = _random_model(
+        depth=18, box_vote_iou=vote_iou, box_vote_ramp=vote_ramp, box_vote_passes=vote_passes
+    ).roi_heads
     if proposals is None:
         proposals = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [40.0, 40, 60, 50]])
     logits = torch.logit(torch.tensor(scores))[:, None] * torch.tensor([[0.0, 1.0]])
@@ -197,6 +206,28 @@ def test_box_voting_with_a_ramp_moves_continuously(ramp):
         assert step < 0.05
     else:
         assert step > 0.7
+
+
+def test_box_voting_passes_settle_a_near_tie_on_one_box():
+    """Three candidates 1.5 px apart, the first two near-tied: which of them NMS keeps decides
+    where one voting pass centres the vote (0.37 px apart); each further pass re-centres on the
+    box the last one voted, and both settle where the weights balance (0.02 px apart: the two
+    scores differ by 0.01)."""
+    proposals = torch.tensor([[0.0, 0, 10, 10], [1.5, 0, 11.5, 10], [3.0, 0, 13, 10]])
+
+    def voted(scores: list[float], passes: int) -> torch.Tensor:
+        boxes, kept = _postprocess(0.6, scores, proposals, vote_ramp=0.2, vote_passes=passes)
+        torch.testing.assert_close(kept, torch.tensor([max(scores)]))  # NMS keeps one box
+        assert 0.0 < float(boxes[0, 0]) < 3.0 and float(boxes[0, 1]) == 0.0  # in the cluster
+        return boxes[0]
+
+    jumps = [
+        float((voted([0.50, 0.49, 0.30], n) - voted([0.49, 0.50, 0.30], n)).abs().max())
+        for n in (1, 2, 3, 5)
+    ]
+    assert jumps[0] > 0.3
+    assert all(a > b for a, b in itertools.pairwise(jumps))
+    assert jumps[-1] < 0.1 * jumps[0]
 
 
 def test_box_vote_ramp_needs_voting_and_room():
