@@ -127,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.training.voc import VocError
 
     config = _base_config(args)
+    # flags named as the TrainConfig fields they override
     changes = {
-        field: getattr(args, arg)
-        for arg, field in (
-            ("minutes", "minutes"), ("epochs", "epochs"), ("batch_size", "batch_size"),
-            ("lr", "lr"), ("workers", "workers"), ("eval_every", "eval_every"), ("seed", "seed"),
-            ("precision", "precision"), ("crop_object_fraction", "crop_object_fraction"),
+        field: getattr(args, field)
+        for field in (
+            "minutes", "epochs", "batch_size", "lr", "workers", "eval_every", "seed",
+            "precision", "crop_object_fraction",
         )
-        if getattr(args, arg) is not None
+        if getattr(args, field) is not None
     }  # fmt: skip
     if args.crop is not None:
         changes["crop"] = args.crop or None
