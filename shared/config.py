@@ -64,6 +64,8 @@ class ModelConfig:
     # n > 1: each further pass weighs them by their IoU with the box the pass before voted (a
     # mean shift), so the vote settles where its candidates' weights balance whichever of two
     # near-tied candidates NMS kept (int8 features can swap such a pair).
+    # Measured on a `cpu` preset model: 3 passes cost validation mAP 0.011 and left int8's
+    # boxes no closer to fp32's (training/RESULTS.md), so presets keep 1.
     box_vote_passes: int = 1
     # Inference only: extra passes of the box head over its own boxes (iterative box refinement).
     # 0: torchvision's single pass. n: each candidate's box, as its most probable foreground class
