@@ -83,11 +83,16 @@ class EdgeRuntime:
         self._gate = ort.InferenceSession(
             str(self.model_dir / GATE_ONNX), options, providers=providers
         )
-        self._complete = ort.InferenceSession(
-            str(self.model_dir / COMPLETE_ONNX), options, providers=providers
-        )
+        # No completion graph when the gate reads P2: every level comes out of the gate.
+        self._complete = None
+        if COMPLETE_ONNX in self.manifest.artifacts:
+            self._complete = ort.InferenceSession(
+                str(self.model_dir / COMPLETE_ONNX), options, providers=providers
+            )
         self._gate_outputs = [o.name for o in self._gate.get_outputs()]
-        self._complete_inputs = [i.name for i in self._complete.get_inputs()]
+        self._complete_inputs = (
+            [i.name for i in self._complete.get_inputs()] if self._complete is not None else []
+        )
         self.providers = self._gate.get_providers()
 
     def gate(self, batch: np.ndarray) -> EdgeGate:
@@ -107,6 +112,8 @@ class EdgeRuntime:
 
     def complete(self, gate: EdgeGate) -> dict[str, np.ndarray]:
         """All five FPN levels, name -> Float32[C, h, w] (the gate's plus the lazy ones)."""
+        if self._complete is None:
+            return dict(gate.levels)
         names = [o.name for o in self._complete.get_outputs()]
         lazy = self._complete.run(names, gate.pending)
         completed = {

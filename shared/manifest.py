@@ -4,7 +4,8 @@ A model directory, as `splitdet export` writes it:
 
     manifest.json        this file's contents
     edge_gate.onnx       image [1, 3, H, W] -> p(defect), gate levels, what completion needs
-    edge_complete.onnx   laterals + top-down state -> the lazy FPN levels
+    edge_complete.onnx   laterals + top-down state -> the lazy FPN levels (absent when the gate
+                         reads P2: then no level is lazy)
     cloud_heads.pt       RPN + ROI head weights (torch state dict: `rpn.*`, `roi_heads.*`)
 
 The fingerprint is a SHA-256 over every artifact's hash, the split spec version and the model
@@ -27,7 +28,18 @@ MANIFEST_FORMAT = 1
 GATE_ONNX = "edge_gate.onnx"
 COMPLETE_ONNX = "edge_complete.onnx"
 CLOUD_WEIGHTS = "cloud_heads.pt"
-ARTIFACTS = (GATE_ONNX, COMPLETE_ONNX, CLOUD_WEIGHTS)
+
+
+def artifacts_for(model_config: ModelConfig) -> tuple[str, ...]:
+    """The files a model directory of `model_config` holds besides the manifest.
+
+    The completion graph exists only when some FPN level is lazy (the gate reads P3 or coarser).
+    """
+    if model_config.split_spec.lazy_levels:
+        return (GATE_ONNX, COMPLETE_ONNX, CLOUD_WEIGHTS)
+    return (GATE_ONNX, CLOUD_WEIGHTS)
+
+
 #: Largest manifest accepted (it is small JSON; anything bigger is not ours).
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -123,7 +135,7 @@ def write_manifest(
 ) -> Manifest:
     """Hash the artifacts already in `model_dir` and write manifest.json; returns the manifest."""
     model_dir = Path(model_dir)
-    artifacts = {name: file_sha256(model_dir / name) for name in ARTIFACTS}
+    artifacts = {name: file_sha256(model_dir / name) for name in artifacts_for(model_config)}
     manifest = Manifest(
         model_config=model_config,
         gate_threshold=float(gate_threshold),
@@ -175,9 +187,11 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{path}: malformed manifest ({exc!r})") from exc
-    if set(manifest.artifacts) != set(ARTIFACTS):
+    expected_artifacts = artifacts_for(manifest.model_config)
+    if set(manifest.artifacts) != set(expected_artifacts):
         raise ManifestError(
-            f"{path}: lists artifacts {sorted(manifest.artifacts)}, expected {ARTIFACTS}"
+            f"{path}: lists artifacts {sorted(manifest.artifacts)}, expected "
+            f"{sorted(expected_artifacts)}"
         )
     if verify:
         for name, expected in manifest.artifacts.items():

@@ -78,6 +78,35 @@ def test_edge_then_cloud_equals_monolithic(tiny_model, tiny_model_dir, codec):
     assert compared == (3 if codec == "fp32" else 0)
 
 
+@pytest.mark.parametrize("gate_level", ["0", "1", "pool"])
+def test_every_gate_level_exports_and_splits_losslessly(gate_level, tmp_path):
+    """A gate on any level exports (on P2 with no completion graph: nothing is lazy) and its
+    fp32 split gives the monolithic detector's boxes."""
+    from splitdet.shared.manifest import COMPLETE_ONNX
+    from splitdet.training.export import export_model
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(seed=4, gate_level=gate_level, gate_pooling="dense")
+    (tmp_path / COMPLETE_ONNX).write_bytes(b"stale")  # a leftover of an earlier export
+    manifest = export_model(model, tmp_path, gate_threshold=0.5, default_codec="fp32")
+    lazy = model.config.split_spec.lazy_levels
+    assert (COMPLETE_ONNX in manifest.artifacts) == bool(lazy)
+    assert (tmp_path / COMPLETE_ONNX).exists() == bool(lazy)
+    runtime = EdgeRuntime(tmp_path, threads=2)
+    image = _image(20)
+    result = EdgePipeline(runtime, gate=False).process_array(image)
+    assert {t.name for t in result.encoded} == {"0", "1", "2", "3", "pool"}
+    features = {k: torch.from_numpy(v)[None] for k, v in decode(result.encoded).items()}
+    with torch.inference_mode():
+        meta = result.meta
+        ours = CloudHalf(model).detect(features, [meta.resized_hw], [meta.original_hw])
+        reference = model([torch.from_numpy(image)])[0]
+    assert len(reference["boxes"]) > 0
+    assert ours[0]["boxes"].shape == reference["boxes"].shape
+    np.testing.assert_allclose(ours[0]["boxes"], reference["boxes"], rtol=0, atol=1e-3)
+
+
 def test_gate_decides_what_is_sent(tiny_model_dir):
     runtime = EdgeRuntime(tiny_model_dir, threads=2)
     image = _image(3)
@@ -135,6 +164,22 @@ def test_edited_model_dir_is_refused(tiny_model_dir, tmp_path):
     with open(copy / GATE_ONNX, "ab") as handle:
         handle.write(b"\x00")
     with pytest.raises(ManifestError, match="differ from the manifest"):
+        read_manifest(copy)
+
+
+def test_a_manifest_missing_the_completion_graph_is_refused(tiny_model_dir, tmp_path):
+    """A gate on P5 needs the completion graph: a manifest that drops it names the problem."""
+    import json
+    import shutil
+
+    from splitdet.shared.manifest import COMPLETE_ONNX, MANIFEST_NAME
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    del data["artifacts"][COMPLETE_ONNX]
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"lists artifacts .* expected .*edge_complete\.onnx"):
         read_manifest(copy)
 
 

@@ -2,7 +2,8 @@
 
     gate      edge_gate.onnx      image [1, 3, H, W] (normalised, padded to /32)
                                   -> p_defect [1], the gate levels, laterals C_i, top_down
-    complete  edge_complete.onnx  laterals + top_down -> the lazy FPN levels
+    complete  edge_complete.onnx  laterals + top_down -> the lazy FPN levels (only when some level
+                                  is lazy: a gate on P2 computes every level itself)
     cloud     cloud_heads.pt      `rpn.*` and `roi_heads.*` weights
 
 Export checks itself: it runs ONNX Runtime on a sample image and compares every output with
@@ -60,23 +61,28 @@ class EdgeIO:
 def edge_io(model: MultiTaskRCNN) -> EdgeIO:
     """The ONNX input/output names for `model`'s split (they depend on its gate level)."""
     spec = model.config.split_spec
+    levels = tuple(f"level_{n}" for n in spec.gate_levels)
+    if not spec.lazy_levels:  # gate on P2: nothing is left to complete
+        return EdgeIO(("image",), ("p_defect", *levels), (), ())
     laterals = tuple(f"lateral_{name}" for name in spec.lazy_levels)
     return EdgeIO(
         gate_inputs=("image",),
-        gate_outputs=("p_defect", *(f"level_{n}" for n in spec.gate_levels), *laterals, "top_down"),
+        gate_outputs=("p_defect", *levels, *laterals, "top_down"),
         complete_inputs=(*laterals, "top_down"),
         complete_outputs=tuple(f"level_{name}" for name in spec.lazy_levels),
     )
 
 
 class _GateGraph(nn.Module):
-    def __init__(self, edge: EdgeHalf) -> None:
+    def __init__(self, edge: EdgeHalf, with_state: bool) -> None:
         super().__init__()
         self.edge = edge
+        self.with_state = with_state  # also output what completion needs
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         out = self.edge.gate(image)
-        return (out.p_defect, *out.levels.values(), *out.laterals, out.top_down)
+        state = (*out.laterals, out.top_down) if self.with_state else ()
+        return (out.p_defect, *out.levels.values(), *state)
 
 
 class _CompleteGraph(nn.Module):
@@ -190,7 +196,8 @@ def export_model(
 
     # Wrappers must be in eval mode too: the exporter restores each wrapper's own mode after
     # tracing, and a wrapper left in training mode would put the whole model in training mode.
-    gate_graph, complete_graph = _GateGraph(edge).eval(), _CompleteGraph(edge).eval()
+    lazy = bool(io.complete_outputs)
+    gate_graph, complete_graph = _GateGraph(edge, lazy).eval(), _CompleteGraph(edge).eval()
     with torch.inference_mode():
         gate_expected = gate_graph(image)
     lazy_inputs = gate_expected[len(io.gate_outputs) - len(io.complete_inputs) :]
@@ -206,19 +213,19 @@ def export_model(
         io.gate_outputs,
         axes,
     )
-    _export_graph(
-        complete_graph,
-        tuple(lazy_inputs),
-        out_dir / COMPLETE_ONNX,
-        io.complete_inputs,
-        io.complete_outputs,
-        axes,
-    )
+    (out_dir / COMPLETE_ONNX).unlink(missing_ok=True)  # a stale one from an earlier export
+    if lazy:
+        _export_graph(
+            complete_graph,
+            tuple(lazy_inputs),
+            out_dir / COMPLETE_ONNX,
+            io.complete_inputs,
+            io.complete_outputs,
+            axes,
+        )
     if model.training:
         raise ExportError("the model left export in training mode")
 
-    with torch.inference_mode():
-        complete_expected = complete_graph(*lazy_inputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
 
@@ -227,12 +234,17 @@ def export_model(
             str(out_dir / name), options, providers=["CPUExecutionProvider"]
         )
 
-    gate_session, complete_session = session(GATE_ONNX), session(COMPLETE_ONNX)
+    gate_session = session(GATE_ONNX)
     errors = _check_against_torch(
         gate_session, io.gate_outputs, {"image": image.numpy()}, gate_expected
     )
-    feeds = {n: t.numpy() for n, t in zip(io.complete_inputs, lazy_inputs, strict=True)}
-    errors |= _check_against_torch(complete_session, io.complete_outputs, feeds, complete_expected)
+    if lazy:
+        with torch.inference_mode():
+            complete_expected = complete_graph(*lazy_inputs)
+        feeds = {n: t.numpy() for n, t in zip(io.complete_inputs, lazy_inputs, strict=True)}
+        errors |= _check_against_torch(
+            session(COMPLETE_ONNX), io.complete_outputs, feeds, complete_expected
+        )
 
     quantization = None
     if calibration is not None:
