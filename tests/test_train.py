@@ -281,6 +281,24 @@ def test_the_train_command_sets_the_crop(tiny_voc, tmp_path, capsys):
         assert "Traceback" not in err and not (tmp_path / "bad" / "last.pt").exists()
 
 
+def test_the_train_command_sets_where_the_gate_reads(tiny_voc, tmp_path, capsys):
+    """`--gate-on P2` trains a gate on the stride-4 map (recorded in the recipe and the
+    checkpoint's model config); resuming that run with the gate elsewhere is refused by name."""
+    from splitdet.shared.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_voc), "--out", str(run), "--preset", "tiny"]
+    argv.append("--no-progress")
+    assert main([*argv, "--epochs", "1", "--gate-on", "P2"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["model"]["gate_level"] == "0"
+    model, _ = load_model(run / "last.pt")
+    assert model.config.gate_level == "0" and model.config.split_spec.lazy_levels == ()
+    assert main([*argv, "--epochs", "2", "--resume", "--gate-on", "P5"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "Traceback" not in err
+    assert read_checkpoint(run / "last.pt")["epoch"] == 0
+
+
 def test_init_errors_are_clear(tmp_path):
     from splitdet.shared.model import MultiTaskRCNN
 
