@@ -13,10 +13,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from splitdet.shared.spec import POOL_LEVEL, PYRAMID_LEVELS
 from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
 
-#: `--gate-on` names -> `ModelConfig.gate_level` (torchvision's FPN keys: "0" is P2, stride 4).
-GATE_LEVELS = {"P2": "0", "P3": "1", "P4": "2", "P5": "3", "pool": "pool"}
+#: `--gate-on` names -> `ModelConfig.gate_level`: torchvision's FPN keys "0".."3" are P2..P5.
+GATE_LEVELS = {f"P{n + 2}": name for n, name in enumerate(PYRAMID_LEVELS)}
+GATE_LEVELS[POOL_LEVEL] = POOL_LEVEL
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
