@@ -172,6 +172,33 @@ def test_minutes_zero_fixes_the_run_by_its_epochs(tiny_voc, tmp_path):
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and steps > config.warmup_iters
 
 
+def test_the_last_share_of_a_run_trains_on_whole_images(tiny_voc, tmp_path, monkeypatch):
+    """`whole_image_fraction`: crops first, then whole images at their own batch size, so that
+    GroupNorm has seen the statistics of the images inference gets before the run ends."""
+    seen: list[tuple[int, int]] = []
+    original = dataset_module.VocDetection.__getitem__
+
+    def recording(self, index):
+        image, target = original(self, index)
+        seen.append(tuple(image.shape[-2:]))
+        return image, target
+
+    monkeypatch.setattr(dataset_module.VocDetection, "__getitem__", recording)
+    config = tiny_config(epochs=4, whole_image_fraction=0.5, whole_image_batch_size=4)
+    train(config, tiny_voc, tmp_path, progress=False)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    n_train = len(voc.read_split(tiny_voc, "train", ("scratch",)))
+    crop_steps, whole_steps = math.ceil(n_train / 2), math.ceil(n_train / 4)
+    assert [row["iters"] for row in history] == [crop_steps] * 2 + [whole_steps] * 2
+    assert [row["inputs"] for row in history] == ["crops"] * 2 + ["whole images"] * 2
+    assert set(seen[: 2 * n_train]) == {(96, 96)}
+    assert set(seen[2 * n_train :]) == {(128, 160)}  # the files' own size, as inference reads
+    with pytest.raises(ValueError, match="needs crops"):
+        tiny_config(crop=None, whole_image_fraction=0.1)
+    with pytest.raises(ValueError, match="whole_image_fraction"):
+        tiny_config(whole_image_fraction=1.0)
+
+
 def test_bf16_training_computes_in_bf16_and_keeps_fp32_weights(tiny_voc):
     """Under precision bf16 the convolutions really run in bfloat16 (a forward hook sees their
     outputs), while the weights, their gradients and the losses stay float32."""

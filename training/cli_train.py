@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fall anywhere (default: the preset's, 0.6; 0.3 learned far slower on synthetic data)",
     )
     parser.add_argument(
+        "--whole-image-fraction",
+        type=float,
+        help="last share of the run (of --minutes, else of --epochs) trained on whole images "
+        "instead of crops, 0-1, so that GroupNorm meets the statistics inference sees "
+        "(default: the preset's; 0: crops to the end)",
+    )
+    parser.add_argument(
         "--gate-on",
         choices=tuple(GATE_LEVELS),
         help="FPN map the defect gate reads (default: the preset's; cpu: P3, paper: P5, the "
@@ -144,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         field: getattr(args, field)
         for field in (
             "minutes", "epochs", "batch_size", "lr", "workers", "eval_every", "seed",
-            "precision", "crop_object_fraction",
+            "precision", "crop_object_fraction", "whole_image_fraction",
         )
         if getattr(args, field) is not None
     }  # fmt: skip

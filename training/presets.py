@@ -45,6 +45,12 @@ class TrainConfig:
     )
     crop: int | None = None  # square training crops, px at the model's input scale; None: whole
     crop_object_fraction: float = 0.6  # crops of defective images centred on an object
+    # The last share of the run (of the time budget if there is one, else of the epochs) trains
+    # on whole images instead of crops, `whole_image_batch_size` per step: GroupNorm normalises
+    # each image over what it shows, and a crop shows other statistics than the whole image
+    # inference sees. 0: crops to the end. Needs `crop`.
+    whole_image_fraction: float = 0.0
+    whole_image_batch_size: int = 2
     flips: bool = True  # random horizontal and vertical flips
     workers: int = 0  # DataLoader worker processes
     # fp32 | bf16 (autocast: convolutions and matrix products in bfloat16, weights, optimiser
@@ -77,6 +83,14 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.crop is not None and (self.crop <= 0 or self.crop % 32):
             raise ValueError(f"crop must be a positive multiple of 32, got {self.crop}")
+        if not 0.0 <= self.whole_image_fraction < 1.0:
+            raise ValueError(
+                f"whole_image_fraction must be in [0, 1), got {self.whole_image_fraction}"
+            )
+        if self.whole_image_fraction and self.crop is None:
+            raise ValueError("whole_image_fraction needs crops: without them every step is whole")
+        if self.whole_image_batch_size < 1:
+            raise ValueError("whole_image_batch_size must be >= 1")
         if not 0.0 <= self.crop_object_fraction <= 1.0:
             raise ValueError(
                 f"crop_object_fraction must be in [0, 1], got {self.crop_object_fraction}"

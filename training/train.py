@@ -359,6 +359,37 @@ def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> No
     model.detach_gate = config.detach_gate
 
 
+class _TrainPhase:
+    """The training images of one phase (crops or whole images) and their distributed loader."""
+
+    def __init__(
+        self, dataset: VocDetection, batch_size: int, config: TrainConfig, world: int, rank: int
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=config.workers,
+            collate_fn=collate,
+            persistent_workers=config.workers > 0,
+        )
+
+
+def _whole_image_phase(config: TrainConfig, clock: TrainClock, epoch: int) -> bool:
+    """Whether the epoch about to start trains on whole images: it starts within the last
+    `whole_image_fraction` of the time budget (or, without one, of the epochs)."""
+    if not config.whole_image_fraction:
+        return False
+    rest = 1.0 - config.whole_image_fraction
+    if config.budget_seconds:
+        return clock.seconds >= rest * config.budget_seconds
+    return epoch >= rest * config.epochs
+
+
 def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
     model.transform.min_size = (min_size,)
     model.transform.max_size = max_size
@@ -481,29 +512,28 @@ def train(
         raise ValueError(f"{data_dir}: the train split is empty")
 
     crop = CropSettings(config.crop, config.crop_object_fraction) if config.crop else None
-    dataset = VocDetection(
-        train_samples, mc.class_names, train=True, crop=crop,
-        input_size=(mc.min_size, mc.max_size) if crop else None,
-        flips=config.flips, seed=config.seed,
-    )  # fmt: skip
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.workers,
-        collate_fn=collate,
-        persistent_workers=config.workers > 0,
-    )
+    phases = {  # the run's own images (crops if it has them) and, for its last share, whole ones
+        "main": _TrainPhase(
+            VocDetection(
+                train_samples, mc.class_names, train=True, crop=crop,
+                input_size=(mc.min_size, mc.max_size) if crop else None,
+                flips=config.flips, seed=config.seed,
+            ),
+            config.batch_size, config, world, rank,
+        ),
+    }  # fmt: skip
+    if config.whole_image_fraction:
+        phases["whole"] = _TrainPhase(
+            VocDetection(
+                train_samples, mc.class_names, train=True, flips=config.flips, seed=config.seed
+            ),
+            config.whole_image_batch_size, config, world, rank,
+        )  # fmt: skip
 
     model = MultiTaskRCNN(mc).to(device)
     configure_training_sampling(model, config)
-    if config.crop:  # crops arrive at the model's input scale: no resizing in training
-        _set_input_size(model, config.crop, config.crop)
     optimizer = build_optimizer(model, config)
-    lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loader))
+    lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(phases["main"].loader))
     clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
     log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
@@ -564,13 +594,17 @@ def train(
         )
         if _agree(stop, device):
             break
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        cropped = bool(config.crop) and not _whole_image_phase(config, clock, epoch)
+        phase = phases["main" if cropped or not config.crop else "whole"]
+        phase.sampler.set_epoch(epoch)
+        phase.dataset.set_epoch(epoch)
+        if config.crop:  # crops arrive at the model's input scale; whole images are resized
+            _set_input_size(model, *((config.crop,) * 2 if cropped else (mc.min_size, mc.max_size)))
         epoch_start = clock.seconds
         stats = train_one_epoch(
             ddp_model,
             optimizer,
-            loader,
+            phase.loader,
             device,
             epoch,
             lr_scheduler=lr_scheduler if per_iteration else None,
@@ -591,6 +625,7 @@ def train(
             "train_minutes": round(clock.seconds / 60.0, 3),
             "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
             "lr": optimizer.param_groups[0]["lr"],
+            "inputs": "crops" if cropped else "whole images",
             "loss": stats.get("loss"),
             "loss_detection": sum(stats.get(k, 0.0) for k in DETECTION_LOSSES),
             **{k: stats.get(k) for k in (*DETECTION_LOSSES, "loss_defect")},
@@ -598,8 +633,6 @@ def train(
         if rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
             _set_input_size(model, mc.min_size, mc.max_size)
             metrics = evaluate(model, val_samples, device=device, progress=progress)
-            if config.crop:
-                _set_input_size(model, config.crop, config.crop)
             gate_threshold = metrics["gate_threshold"]
             row.update({f"val_{k}": metrics[k] for k in (
                 "map", "map50", "ar100", "gate_auc", "gate_threshold", "gate_accuracy",
