@@ -359,24 +359,21 @@ def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> No
     model.detach_gate = config.detach_gate
 
 
-class _TrainPhase:
-    """The training images of one phase (crops or whole images) and their distributed loader."""
-
-    def __init__(
-        self, dataset: VocDetection, batch_size: int, config: TrainConfig, world: int, rank: int
-    ) -> None:
-        self.dataset = dataset
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
-        )
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=config.workers,
-            collate_fn=collate,
-            persistent_workers=config.workers > 0,
-        )
+def _train_loader(
+    dataset: VocDetection, batch_size: int, config: TrainConfig, world: int, rank: int
+) -> DataLoader:
+    """This process's shuffled share of `dataset` (a DistributedSampler: one share at world 1)."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=collate,
+        persistent_workers=config.workers > 0,
+    )
 
 
 def _whole_image_phase(config: TrainConfig, clock: TrainClock, epoch: int) -> bool:
@@ -512,8 +509,8 @@ def train(
         raise ValueError(f"{data_dir}: the train split is empty")
 
     crop = CropSettings(config.crop, config.crop_object_fraction) if config.crop else None
-    phases = {  # the run's own images (crops if it has them) and, for its last share, whole ones
-        "main": _TrainPhase(
+    loaders = {  # the run's own images (crops if it has them) and, for its last share, whole ones
+        "main": _train_loader(
             VocDetection(
                 train_samples, mc.class_names, train=True, crop=crop,
                 input_size=(mc.min_size, mc.max_size) if crop else None,
@@ -523,7 +520,7 @@ def train(
         ),
     }  # fmt: skip
     if config.whole_image_fraction:
-        phases["whole"] = _TrainPhase(
+        loaders["whole"] = _train_loader(
             VocDetection(
                 train_samples, mc.class_names, train=True, flips=config.flips, seed=config.seed
             ),
@@ -533,7 +530,7 @@ def train(
     model = MultiTaskRCNN(mc).to(device)
     configure_training_sampling(model, config)
     optimizer = build_optimizer(model, config)
-    lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(phases["main"].loader))
+    lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loaders["main"]))
     clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
     log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
@@ -594,17 +591,18 @@ def train(
         )
         if _agree(stop, device):
             break
-        cropped = bool(config.crop) and not _whole_image_phase(config, clock, epoch)
-        phase = phases["main" if cropped or not config.crop else "whole"]
-        phase.sampler.set_epoch(epoch)
-        phase.dataset.set_epoch(epoch)
+        whole = _whole_image_phase(config, clock, epoch)  # only runs with crops have one
+        cropped = bool(config.crop) and not whole
+        loader = loaders["whole" if whole else "main"]
+        loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
         if config.crop:  # crops arrive at the model's input scale; whole images are resized
             _set_input_size(model, *((config.crop,) * 2 if cropped else (mc.min_size, mc.max_size)))
         epoch_start = clock.seconds
         stats = train_one_epoch(
             ddp_model,
             optimizer,
-            phase.loader,
+            loader,
             device,
             epoch,
             lr_scheduler=lr_scheduler if per_iteration else None,
