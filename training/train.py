@@ -591,7 +591,9 @@ def train(
         )
         if _agree(stop, device):
             break
-        whole = _whole_image_phase(config, clock, epoch)  # only runs with crops have one
+        # rank 0 decides for all, as for stopping: ranks' clocks differ, and ranks on different
+        # loaders would run different step counts and input sizes (a DDP hang)
+        whole = _agree(_whole_image_phase(config, clock, epoch), device)
         cropped = bool(config.crop) and not whole
         loader = loaders["whole" if whole else "main"]
         loader.sampler.set_epoch(epoch)
