@@ -37,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily
 from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, build_request
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
+from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import (
@@ -446,7 +447,13 @@ class EdgeDaemon:
         return True
 
     def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> None:
-        result = self.pipeline.process_array(ready.image)
+        try:
+            result = self.pipeline.process_array(ready.image)
+        except Exception as exc:
+            # Quarantined rather than retried: the same file would fail again on every restart.
+            detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+            self._quarantine(candidate, arrival, f"{candidate.path}: cannot process ({detail})")
+            return
         timings = {"read": ready.read_s, **result.timings}
         stored = self._stored_path(candidate)
         start = time.perf_counter()

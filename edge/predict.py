@@ -120,7 +120,10 @@ def predict_one(
         message = str(exc) if isinstance(exc, ImageError) else f"{path}: cannot read ({exc})"
         return Prediction(path=str(path), verdict="error", error=message)
     read_s = time.perf_counter() - start
-    result = pipeline.process_array(image)
+    try:
+        result = pipeline.process_array(image)
+    except ImageError as exc:
+        return Prediction(path=str(path), verdict="error", error=f"{path}: {exc}")
     prediction = Prediction(
         path=str(path),
         verdict="defect" if result.flagged else "ok",

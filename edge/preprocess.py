@@ -100,9 +100,19 @@ def load_image(path: Path) -> np.ndarray:
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(h, w) after torchvision's eval-mode resize of an (height, width) image."""
+    """(h, w) after torchvision's eval-mode resize of an (height, width) image.
+
+    Raises ImageError when a side would shrink below 1 px (an image far more elongated than
+    `max_size` / `min_size` allows, e.g. 1x2000 for a 512/640 model): nothing could read it.
+    """
     scale = min(min_size / min(height, width), max_size / max(height, width))
-    return int(height * scale), int(width * scale)
+    out = int(height * scale), int(width * scale)
+    if min(out) < 1:
+        raise ImageError(
+            f"{width}x{height} px is too elongated for the model's input size "
+            f"(min {min_size}, max {max_size} px): it would resize to {out[1]}x{out[0]}"
+        )
+    return out
 
 
 def _bilinear_axis(

@@ -38,6 +38,18 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def sliver_png(width: int = 2000) -> bytes:
+    """A valid grey PNG 1 px high: no detector input size can hold it (it resizes to 0 rows)."""
+    raw = b"\x00" + bytes([128]) * width  # one row: filter byte, then the grey values
+    header = struct.pack(">IIBBBBB", width, 1, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
 def bomb_png() -> bytes:
     """A tiny PNG whose header claims 40000 x 40000 pixels (1.6 G)."""
     header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)

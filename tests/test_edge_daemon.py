@@ -45,6 +45,8 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
 
+from support import sliver_png
+
 pytestmark = pytest.mark.timeout(180)
 
 #: Short waits so the suite stays fast; production defaults are seconds.
@@ -537,6 +539,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
         "corrupt.png": whole[:16] + bytes(random.Random(5).randrange(256) for _ in range(4000)),
         "truncated.png": whole[: len(whole) // 2],
         "notes.txt": b"camera log: not an image\n",
+        "sliver.png": sliver_png(),  # decodes, but resizes to 0 rows: fails in the pipeline
     }
     write_files(watch, good[:2], ["a1.png", "a2.png"])
     for name, data in bad.items():
@@ -556,6 +559,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
     assert "empty file" in errors["empty.png"]["reason"]
     assert "not an image" in errors["notes.txt"]["reason"]
     assert "truncated" in errors["truncated.png"]["reason"]
+    assert "too elongated" in errors["sliver.png"]["reason"]
     assert (
         "corrupt" in errors["corrupt.png"]["reason"]
         or "not an image" in (errors["corrupt.png"]["reason"])

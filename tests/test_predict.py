@@ -14,7 +14,7 @@ from splitdet.shared.cli import main
 from splitdet.training.export import export_model
 
 from conftest import make_tiny_model
-from support import bomb_png, run_without_torch
+from support import bomb_png, run_without_torch, sliver_png
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_predict_reports_bad_files_and_goes_on(tiny_model_dir, image_dir, tmp_pa
     (folder / "text.jpg").write_text("not an image\n" * 20)
     (folder / "corrupt.png").write_bytes((image_dir / "good0.png").read_bytes()[:300])
     (folder / "bomb.png").write_bytes(bomb_png())
+    (folder / "sliver.png").write_bytes(sliver_png())  # a valid image no input size can hold
     out = tmp_path / "results.json"
     saved = tmp_path / "annotated"
     code = main(
@@ -93,10 +94,11 @@ def test_predict_reports_bad_files_and_goes_on(tiny_model_dir, image_dir, tmp_pa
     )
     assert code == 1  # some files were errors
     records = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(out.read_text())}
-    assert len(records) == 7
-    for name in ("empty.jpg", "text.jpg", "corrupt.png", "bomb.png"):
+    assert len(records) == 8
+    for name in ("empty.jpg", "text.jpg", "corrupt.png", "bomb.png", "sliver.png"):
         assert records[name]["verdict"] == "error"
         assert name in records[name]["error"]
+    assert "too elongated" in records["sliver.png"]["error"]
     for name in ("good0.png", "good1.png", "good2.png"):
         assert records[name]["verdict"] == "defect" and records[name]["error"] is None
         assert (saved / name.replace(".png", ".jpg")).is_file()
