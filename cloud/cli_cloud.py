@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from splitdet.shared.cli import TOKEN_ENV, read_token
+
 EXAMPLE = """\
 example:
   splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464 \\
@@ -20,9 +22,6 @@ example:
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls get
 --grace seconds to finish, then the process exits 0.
 """
-
-#: Environment variable read for the bearer token when --token-file is not given.
-TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -155,21 +154,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    from splitdet.shared.cli import CommandError
-
-    if args.token_file is not None:
-        try:
-            lines = args.token_file.read_text().splitlines()
-        except OSError as exc:
-            raise CommandError(f"cannot read --token-file: {exc}") from None
-        token = lines[0].strip() if lines else ""
-        if not token:
-            raise CommandError(f"--token-file {args.token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
-
-
 def run(args: argparse.Namespace) -> int:
     from splitdet.cloud.server import MIB, ServerConfig, all_cores, serve
     from splitdet.shared.cli import CommandError
@@ -187,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,
-            token=_token(args),
+            token=read_token(args.token_file),
             reflection=args.reflection,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,

@@ -7,11 +7,9 @@ Only argparse, os and pathlib at import time (the CLI loads this before anything
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-#: Environment variable read for the bearer token when --token-file is not given.
-TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+from splitdet.shared.cli import TOKEN_ENV, read_token
 
 
 def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,21 +80,6 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
         help=f"bearer token (the file's first line); default: the {TOKEN_ENV} environment "
         "variable if set",
     )
-
-
-def read_token(token_file: Path | None) -> str | None:
-    """The bearer token from `token_file` (first line) or the environment; CommandError if bad."""
-    from splitdet.shared.cli import CommandError
-
-    if token_file is None:
-        return os.environ.get(TOKEN_ENV) or None
-    try:
-        lines = Path(token_file).read_text().splitlines()
-    except OSError as exc:
-        raise CommandError(f"cannot read --token-file: {exc}") from None
-    if not lines or not lines[0].strip():
-        raise CommandError(f"--token-file {token_file} is empty")
-    return lines[0].strip()
 
 
 def client_config(args: argparse.Namespace):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from splitdet.shared import __version__
 
@@ -93,6 +95,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"splitdet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+#: Environment variable read for the bearer token when --token-file is not given (edge and cloud).
+TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The bearer token: `token_file`'s first line (a UTF-8 byte-order mark and surrounding
+    whitespace dropped), else the SPLITDET_CLOUD_TOKEN environment variable, else None.
+
+    CommandError if the file cannot be read, is empty, or the token holds anything but
+    printable ASCII: gRPC refuses such metadata on every call, so the edge would otherwise
+    find out only when its first flagged image fails.
+    """
+    if token_file is None:
+        token, source = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
+        if token is None:
+            return None
+    else:
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read --token-file {token_file}: {exc}") from None
+        token, source = (lines[0].strip() if lines else ""), f"--token-file {token_file}"
+        if not token:
+            raise CommandError(f"{source} is empty")
+    bad = sorted({c for c in token if not " " <= c <= "~"})
+    if bad:
+        shown = ", ".join(f"U+{ord(c):04X}" for c in bad)
+        raise CommandError(f"{source}: a token must be printable ASCII; it holds {shown}")
+    return token
 
 
 def add_box_refine_option(parser: argparse.ArgumentParser) -> None:

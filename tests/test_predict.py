@@ -214,3 +214,28 @@ def test_predict_with_a_dead_cloud_fails_clearly(tiny_model_dir, image_dir, caps
     assert code == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_token_files_drop_a_bom_and_refuse_non_ascii(tiny_model_dir, image_dir, tmp_path, capsys):
+    """A token saved with a byte-order mark still works; one gRPC cannot carry (non-ASCII) is
+    refused by name before any image is read, not found out when the first image fails."""
+    from splitdet.shared.cli import CommandError, read_token
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffs3cret-token\r\n".encode())
+    assert read_token(bom) == "s3cret-token"
+    for name, text in (("accent.txt", "pässword\n"), ("nbsp.txt", "abc\u00a0def\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(CommandError, match=f"{name}.*printable ASCII"):
+            read_token(tmp_path / name)
+    (tmp_path / "blank.txt").write_text("\n")
+    with pytest.raises(CommandError, match=r"blank\.txt is empty"):
+        read_token(tmp_path / "blank.txt")
+    code = main(
+        ["predict", str(image_dir), "--model", str(tiny_model_dir), "--threshold", "0",
+         "--cloud", "127.0.0.1:9", "--token-file", str(tmp_path / "accent.txt"),
+         "--json", str(tmp_path / "out.json"), "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "accent.txt" in err and "printable ASCII" in err and "Traceback" not in err
