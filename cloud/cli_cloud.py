@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 from splitdet.shared.cli import TOKEN_ENV, read_token
@@ -201,3 +202,5 @@ def run(args: argparse.Namespace) -> int:
         return serve(config, on_ready=on_ready)
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
+    except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite
+        raise CommandError(f"--answers-db {args.answers_db}: {exc}") from None

@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import sqlite3
 import sys
 import time
 from datetime import datetime
@@ -320,7 +321,10 @@ def run(args: argparse.Namespace) -> int:
         daemon = EdgeDaemon(config)
     except (ValueError, ManifestError, StoreError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
-    return daemon.run()
+    try:
+        return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
+    except (StoreError, OSError, sqlite3.Error) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def parse_since(text: str, now: float | None = None) -> float:

@@ -89,6 +89,16 @@ def client_config(args: argparse.Namespace):
 
     if not args.cloud:
         return None
+    for option, path in (("--root-certs", args.root_certs), ("--client-cert", args.client_cert),
+                         ("--client-key", args.client_key)):  # fmt: skip
+        # read now, not when the first flagged image is sent (the channel is built lazily)
+        if path is not None:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise CommandError(
+                    f"{option} {path}: cannot read ({exc.strerror or exc})"
+                ) from None
     try:
         return ClientConfig(
             args.cloud,

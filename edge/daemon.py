@@ -343,9 +343,13 @@ class EdgeDaemon:
     def _start_services(self) -> None:
         config = self.config
         if config.metrics_port is not None:
-            self._metrics_httpd, _ = start_http_server(
-                config.metrics_port, config.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                self._metrics_httpd, _ = start_http_server(
+                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                where = f"{config.metrics_host}:{config.metrics_port}"
+                raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self.sender.start()
         stats = self.store.outbox_stats()

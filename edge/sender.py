@@ -16,7 +16,9 @@ than after gRPC's own reconnect backoff. A permanent refusal (NeverRetry: INVALI
 FAILED_PRECONDITION, INTERNAL, a message too large) moves the item to the dead-letter state with
 the reason. UNAUTHENTICATED and PERMISSION_DENIED are the exception: a wrong token is the
 operator's to fix, so the items stay in the outbox (retried at the backoff cap) and the log says
-why.
+why. A request in the outbox that no longer parses is dead-lettered too. Any other failure (a
+database locked past its timeout, a channel that cannot be built) is logged and retried after a
+backoff step: the thread never ends before `stop`.
 
 The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
 id from its store, so re-sending after a lost answer never makes a second result.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitdet.edge.client import CloudClient, CloudDetections, NeverRetry, RetryLater
 from splitdet.edge.store import Answer, OutboxItem, ResultStore
@@ -118,27 +121,51 @@ class Sender(threading.Thread):
     def run(self) -> None:
         try:
             while not self._halt.is_set():
-                item = self.store.next_due()
-                if item is None:
-                    due = self.store.next_try_at()
-                    wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
-                    self._wake.wait(wait)
-                    self._wake.clear()
-                    continue
-                pause = self.send(item)
+                try:
+                    pause = self._pass()
+                except Exception:
+                    # e.g. a database locked past its timeout, a channel that cannot be built:
+                    # nothing was marked, so the item is tried again after the pause
+                    self.failures += 1
+                    pause = self.backoff.delay(self.failures, self._rng)
+                    log.exception(
+                        "the sender failed unexpectedly; retrying in %.1f s", pause,
+                        extra={"fields": {"event": "sender_error", "retry_in_s": round(pause, 3)}},
+                    )  # fmt: skip
+                    self._drop_client()
                 if pause > 0:
                     self._halt.wait(pause)  # a new item does not end the pause: the cloud is down
-        except Exception:
-            log.exception("the sender thread failed; pending requests are sent after a restart")
         finally:
-            if self._client is not None:
-                self._client.close()
+            self._drop_client()
+
+    def _pass(self) -> float:
+        """Send the next due item, or wait a little for one; returns seconds to pause."""
+        item = self.store.next_due()
+        if item is None:
+            due = self.store.next_try_at()
+            self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
+            self._wake.clear()
+            return 0.0
+        return self.send(item)
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                client.close()
+            except Exception:
+                log.debug("closing the channel failed", exc_info=True)
 
     def send(self, item: OutboxItem) -> float:
         """Try one item; returns seconds to pause before the next attempt (0: go on)."""
+        try:
+            request = pb.DetectRequest.FromString(item.payload)
+        except DecodeError as exc:  # the outbox row itself is damaged: no retry can help
+            self._dead_letter(item, f"dead letter: the outbox holds a corrupt request ({exc})",
+                              "CORRUPT_OUTBOX")  # fmt: skip
+            return 0.0
         if self._client is None:
             self._client = self._make_client()
-        request = pb.DetectRequest.FromString(item.payload)
         start = time.perf_counter()
         try:
             answer = self._client.send_request(request, timeout=self.timeout_s)
@@ -155,15 +182,7 @@ class Sender(threading.Thread):
                 return self._transient(item, exc, len(item.payload), at_cap=True)
             self._count_bytes(len(item.payload))
             reason = f"dead letter: the cloud refused the request permanently: {exc}"
-            if self.store.dead_letter(item.image_id, reason):
-                log.error(
-                    "dead letter",
-                    extra={"fields": {"event": "dead_letter", "image_id": item.image_id,
-                                      "path": item.path, "code": exc.code.name,
-                                      "reason": exc.message}},
-                )  # fmt: skip
-                if self.metrics is not None:
-                    self.metrics.dead_letter(exc.code.name)
+            self._dead_letter(item, reason, exc.code.name)
             self.failures = 0
             return 0.0
         round_trip = time.perf_counter() - start
@@ -199,6 +218,16 @@ class Sender(threading.Thread):
                     log.exception("after-answer hook failed for %s", item.path)
         return 0.0
 
+    def _dead_letter(self, item: OutboxItem, reason: str, code: str) -> None:
+        if self.store.dead_letter(item.image_id, reason):
+            log.error(
+                "dead letter",
+                extra={"fields": {"event": "dead_letter", "image_id": item.image_id,
+                                  "path": item.path, "code": code, "reason": reason}},
+            )  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.dead_letter(code)
+
     def _transient(self, item: OutboxItem, exc, sent_bytes: int, at_cap: bool = False) -> float:
         self.failures += 1
         if exc.code is not grpc.StatusCode.UNAVAILABLE:
@@ -213,9 +242,8 @@ class Sender(threading.Thread):
                               "code": exc.code.name, "message": exc.message[:200],
                               "failures": self.failures, "retry_in_s": round(delay, 3)}},
         )  # fmt: skip
-        if self.failures >= REBUILD_AFTER_FAILURES and self._client is not None:
-            self._client.close()  # a fresh channel connects at once on its first call
-            self._client = None
+        if self.failures >= REBUILD_AFTER_FAILURES:
+            self._drop_client()  # a fresh channel connects at once on its first call
         return delay
 
     def _count_bytes(self, n: int) -> None:

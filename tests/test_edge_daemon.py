@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -748,3 +748,45 @@ def test_a_crash_between_commit_and_move_only_finishes_the_move(tmp_path, monkey
     assert EdgeDaemon(config, pipeline=BrightIsDefective()).run() == 0
     assert rows(config.db) == [row]
     assert not (watch / "a.png").exists() and Path(row["stored_path"]).is_file()
+
+
+def test_the_sender_outlives_an_unexpected_failure(tiny_model_dir, pool, shared_cloud, tmp_path):
+    """An exception no handler expects (here the channel cannot be built once) is logged and
+    retried after a backoff step; before, it ended the sender thread and nothing more was
+    delivered until a restart. A request that no longer parses is dead-lettered by name."""
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    write_files(watch, pool.take(2), ["a.png", "b.png"])
+    config = DaemonConfig(
+        model_dir=tiny_model_dir, watch=watch, cloud=shared_cloud.address, db=db, settle_s=0.05,
+        poll_s=0.05, once=True, drain_timeout_s=60, threshold=0.0, retry_initial_s=0.05,
+        retry_max_s=0.1,
+    )  # fmt: skip
+    daemon = EdgeDaemon(config)
+    build, calls = daemon.sender._make_client, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError("root certificates vanished")
+        return build()
+
+    daemon.sender._make_client = flaky
+    assert daemon.run() == 0
+    assert verdicts(db) == {"defect": 2} and len(calls) == 2
+    assert daemon.sender.delivered == 2
+
+    # A damaged outbox row: dead-lettered with the reason, the rest of the outbox still sent.
+    write_files(watch, pool.take(2), ["c.png", "d.png"])
+    daemon = EdgeDaemon(replace(config, cloud="127.0.0.1:9", drain_timeout_s=0.0))
+    assert daemon.run() == 1  # nothing reachable: both wait in the outbox
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        first = con.execute("SELECT min(image_id) FROM outbox").fetchone()[0]
+        con.execute("UPDATE outbox SET payload = ? WHERE image_id = ?", (b"\xff" * 40, first))
+    assert EdgeDaemon(config).run() == 0
+    table = {Path(r["path"]).name: r for r in rows(db)}
+    damaged = next(r for r in table.values() if r["id"] == first)
+    assert damaged["error_kind"] == "dead_letter" and "corrupt request" in damaged["reason"]
+    assert sorted(n for n, r in table.items() if r["verdict"] == "defect") == sorted(
+        {"a.png", "b.png", "c.png", "d.png"} - {Path(damaged["path"]).name}
+    )

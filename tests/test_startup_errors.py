@@ -1,0 +1,60 @@
+"""Start-up problems of the long-running commands end in one line that names the problem (exit
+status 2), not a traceback, and are found at start-up, not when the first flagged image fails."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splitdet.shared.cli import main
+
+pytestmark = pytest.mark.timeout(120)  # a check that regressed would serve forever
+
+
+def _one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_predict_reads_tls_files_at_start_up(tiny_model_dir, tmp_path, capsys):
+    Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(tmp_path / "a.png")
+    missing = tmp_path / "ca.pem"
+    code = main(
+        ["predict", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--threshold", "0",
+         "--cloud", "127.0.0.1:9", "--tls", "--root-certs", str(missing), "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    _one_line_error(capsys, "--root-certs", "ca.pem", "cannot read")
+
+
+def test_edge_daemon_names_a_metrics_port_in_use(tiny_model_dir, tmp_path, capsys):
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(
+            ["edge", "run", "--watch", str(watch), "--model", str(tiny_model_dir),
+             "--cloud", "127.0.0.1:9", "--db", str(tmp_path / "edge.sqlite"), "--once",
+             "--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+        )  # fmt: skip
+    assert code == 2
+    _one_line_error(capsys, f"metrics endpoint 127.0.0.1:{port}")
+
+
+def test_cloud_names_an_answers_db_that_is_not_sqlite(tiny_model_dir, tmp_path, capsys):
+    bogus = tmp_path / "answers.sqlite"
+    bogus.write_text("camera log, not a database\n" * 100)
+    code = main(
+        ["cloud", "--model", str(tiny_model_dir), "--listen", "127.0.0.1:0",
+         "--answers-db", str(bogus)]
+    )  # fmt: skip
+    assert code == 2
+    _one_line_error(capsys, "--answers-db", "answers.sqlite", "not a database")
+    assert bogus.read_text().startswith("camera log")  # the file is left as it was
