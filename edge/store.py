@@ -575,7 +575,8 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     if not path.is_file():
         raise StoreError(f"{path}: no such results database")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
         db.execute("PRAGMA busy_timeout=10000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:

@@ -249,6 +249,17 @@ def test_results_command_json_csv_since_and_verdict(tmp_path, capsys):
     assert main(["edge", "results", "--db", str(path), "--since", "yesterday-ish"]) == 2
 
 
+@pytest.mark.parametrize("name", ["run#1.sqlite", "50%?.sqlite"])
+def test_results_reads_a_store_whose_name_looks_like_uri_syntax(tmp_path, capsys, name):
+    store = ResultStore(tmp_path / name)
+    store.record_ok(arrival(1), 0.1, FINGERPRINT, {"gate": 0.02})
+    store.close()
+    assert main(["edge", "results", "--db", str(tmp_path / name), "--json"]) == 0
+    assert [r["verdict"] for r in json.loads(capsys.readouterr().out)] == ["ok"]
+    # no stray database made from part of the name (only the store's own -wal/-shm beside it)
+    assert all(p.name.startswith(name) for p in tmp_path.iterdir())
+
+
 def test_backoff_is_capped_exponential_with_jitter():
     backoff = Backoff(initial_s=0.5, max_s=8.0)
     rng = random.Random(0)
