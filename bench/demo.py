@@ -191,6 +191,9 @@ def train_model(config: DemoConfig) -> bool:
         args += ["--minutes", str(config.train_minutes)]
     if (run_dir / "last.pt").is_file() and found and found.get("settings") == wanted:
         args.append("--resume")  # an interrupted demo continues where it stopped
+    else:  # the demo's own run of other settings: train refuses to overwrite a run, so clear it
+        for name in ("last.pt", "best.pt"):
+            (run_dir / name).unlink(missing_ok=True)
     if not config.progress:
         args.append("--no-progress")
     _write_stamp(stamp, {"settings": wanted, "complete": False})

@@ -53,6 +53,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"{path}: not a splitdet checkpoint (no 'model'/'config' entries)")
+    found = checkpoint.get("format", CHECKPOINT_FORMAT)
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {found!r}; this splitdet reads format {CHECKPOINT_FORMAT}"
+        )
     return checkpoint
 
 

@@ -156,7 +156,7 @@ def test_map_kept_drops_detections_of_gated_images():
     json.dumps(metrics)
 
 
-def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
+def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys):
     from dataclasses import replace
 
     from splitdet.shared.checkpoint import read_checkpoint
@@ -192,6 +192,14 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path):
     assert json.loads(refined.read_text())["box_refine_steps"] == 0
     assert read_checkpoint(tmp_path / "run" / "last.pt")["config"]["box_refine_steps"] == 2
     assert main([*args, "--box-refine-steps", "9"]) == 2
+
+    # an unwritable --json: the metrics are still printed, the error names the file
+    capsys.readouterr()
+    missing = tmp_path / "no" / "such" / "dir" / "eval.json"
+    assert main([*args, "--json", str(missing), "--no-progress", "--no-store"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images"] == 5
+    assert str(missing) in captured.err and "Traceback" not in captured.err
 
 
 def test_calibration_reads_the_gate_alone_and_agrees_with_full_prediction(tmp_path):

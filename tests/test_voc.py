@@ -177,6 +177,11 @@ def _one(tmp_path: Path, image_id: str, text: str | None = None, image: bool = T
             ),
             "entity",
         ),
+        (
+            "badencoding",
+            dict(text='<?xml version="1.0" encoding="bogus"?><annotation/>'),
+            "malformed XML",
+        ),
     ],
 )
 def test_malformed_inputs_name_the_file(tmp_path, image_id, setup, message):
@@ -185,6 +190,14 @@ def test_malformed_inputs_name_the_file(tmp_path, image_id, setup, message):
         voc.read_split(tmp_path, "s")
     assert f"{image_id}.xml" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_an_annotation_that_is_a_folder_names_the_file(tmp_path):
+    _image(tmp_path, "folder")
+    (tmp_path / "Annotations" / "folder.xml").mkdir(parents=True)
+    voc.write_split(tmp_path, "s", ["folder"])
+    with pytest.raises(VocError, match=r"folder\.xml: cannot read annotation"):
+        voc.read_split(tmp_path, "s")
 
 
 def test_size_mismatch_names_the_file(tmp_path):

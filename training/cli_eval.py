@@ -102,14 +102,19 @@ def run(args: argparse.Namespace) -> int:
                     "split": args.split, "calibrate_split": args.calibrate_split,
                     "calibrate_data": str(args.calibrate_data or args.data),
                     "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
-    if calibration is not None and not args.no_store:
-        checkpoint["gate_threshold"] = metrics["gate_threshold"]
-        checkpoint["gate_target_recall"] = args.target_recall
-        tmp = Path(str(args.checkpoint) + ".tmp")
-        torch.save(checkpoint, tmp)
-        tmp.replace(args.checkpoint)
     text = json.dumps(metrics, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    print(text)  # first: an unwritable checkpoint or --json must not lose the evaluation
+    try:
+        if calibration is not None and not args.no_store:
+            checkpoint["gate_threshold"] = metrics["gate_threshold"]
+            checkpoint["gate_target_recall"] = args.target_recall
+            tmp = Path(str(args.checkpoint) + ".tmp")
+            torch.save(checkpoint, tmp)
+            tmp.replace(args.checkpoint)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as either
+        where = getattr(exc, "filename", None) or args.json or args.checkpoint
+        detail = getattr(exc, "strerror", None) or exc
+        raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0

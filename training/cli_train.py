@@ -164,22 +164,32 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.gate_on:
         model_changes["gate_level"] = GATE_LEVELS[args.gate_on]
-    if model_changes:
-        changes["model"] = dataclasses.replace(config.model, **model_changes)
     try:
+        if model_changes:
+            changes["model"] = dataclasses.replace(config.model, **model_changes)
         config = dataclasses.replace(config, **changes)
         row = train(
             config, args.data, args.out, resume=args.resume, init=args.init,
             progress=not args.no_progress,
         )  # fmt: skip
     except (InitError, VocError, CheckpointError, ValueError) as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(_one_line(exc)) from exc
     if args.json:
         print(json.dumps(row, indent=2))
     else:
         print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "
               f"checkpoints in {args.out}")  # fmt: skip
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """The error's own message; an error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line is the original "module.Error: message"."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from splitdet.training.voc import VocSample
+from splitdet.training.voc import VocSample, load_rgb
 
 #: A box clipped by a crop is kept when its longer side keeps at least this many px.
 MIN_KEPT_SIDE = 4.0
@@ -128,13 +128,12 @@ class VocDetection(Dataset):
         boxes = np.array([o.box for o in objects], dtype=np.float32).reshape(-1, 4)
         labels = np.array([self.label_of[o.name] for o in objects], dtype=np.int64)
         difficult = np.array([o.difficult for o in objects], dtype=bool)
-        with Image.open(sample.image_path) as img:
-            img = img.convert("RGB")
-            if self.train:
-                rng = np.random.default_rng([self.seed, self.epoch, index])
-                img, boxes, keep = self._augment(img, boxes, rng)
-                labels, difficult = labels[keep], difficult[keep]
-            image = pil_to_tensor(img).float().div_(255.0)
+        img = load_rgb(sample.image_path)
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            img, boxes, keep = self._augment(img, boxes, rng)
+            labels, difficult = labels[keep], difficult[keep]
+        image = pil_to_tensor(img).float().div_(255.0)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from splitdet.training.errors import error_breakdown
-from splitdet.training.voc import VocSample
+from splitdet.training.voc import VocSample, load_rgb
 
 DEFAULT_TARGET_RECALL = 0.995
 
@@ -51,7 +51,6 @@ def _image_batches(
     desc: str,
 ) -> Iterator[list[Tensor]]:
     """The samples' images in batches: lists of Tensor[3, H, W] float32 in [0, 1]."""
-    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     batches = range(0, len(samples), batch_size)
@@ -62,8 +61,8 @@ def _image_batches(
     for start in batches:
         images = []
         for sample in samples[start : start + batch_size]:
-            with Image.open(sample.image_path) as img:
-                images.append(pil_to_tensor(img.convert("RGB")).float().div_(255.0).to(device))
+            img = load_rgb(sample.image_path)
+            images.append(pil_to_tensor(img).float().div_(255.0).to(device))
         yield images
 
 

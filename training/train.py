@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
-from splitdet.shared.checkpoint import read_checkpoint, save_checkpoint
+from splitdet.shared.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from splitdet.shared.config import ModelConfig
 from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
 from splitdet.training.dataset import CropSettings, VocDetection, collate
@@ -494,6 +494,15 @@ def train(
     device = _setup_distributed()
     rank, world = _world()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if not (resume and last_path.is_file()):
+        held = [p.name for p in (last_path, best_path) if p.is_file()]
+        if held:  # a fresh start would replace them after its first epoch
+            advice = "continue it with --resume, or" if last_path.is_file() else "move it or"
+            raise ValueError(
+                f"{out_dir} already holds a training run ({', '.join(held)}); {advice} give "
+                "another --out"
+            )
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -507,6 +516,13 @@ def train(
         )
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
+    if val_samples and not any(s.is_defective for s in val_samples):
+        # found now, not after the first epoch, whose validation calibrates the gate on them
+        raise ValueError(
+            f"{data_dir / 'ImageSets' / 'Main' / 'val.txt'}: the validation images hold no "
+            "object, so the gate cannot be calibrated; add defective images to val, or "
+            "--eval-every 0"
+        )
 
     crop = CropSettings(config.crop, config.crop_object_fraction) if config.crop else None
     loaders = {  # the run's own images (crops if it has them) and, for its last share, whole ones
@@ -537,18 +553,29 @@ def train(
 
     history: list[dict[str, Any]] = []
     start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    epoch_seconds = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
     if resume and last_path.is_file():
         checkpoint = read_checkpoint(last_path)
-        if ModelConfig.from_dict(checkpoint["config"]) != config.model:  # as load_model reads it
+        try:
+            saved_model = ModelConfig.from_dict(checkpoint["config"])  # as load_model reads it
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"{last_path}: its model configuration is unusable ({exc})"
+            ) from None
+        if saved_model != config.model:
             saved = checkpoint.get("train_config", {}).get("name", "another recipe")
             raise ValueError(
                 f"{last_path} holds a model of another configuration (preset {saved!r}) than "
                 f"this run's ({config.name!r}); resume it with the same --preset, or give a "
                 "new --out"
             )
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            start_epoch = int(checkpoint["epoch"]) + 1
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            problem = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+            raise CheckpointError(f"{last_path}: cannot resume from it ({problem})") from None
         if lr_scheduler is not None and checkpoint.get("lr_scheduler"):
             fresh = lr_scheduler.state_dict()
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -556,8 +583,9 @@ def train(
                 lr_scheduler.budget_seconds = fresh["budget_seconds"]
                 lr_scheduler.total_iters = fresh["total_iters"]
                 lr_scheduler._apply()
-        start_epoch = int(checkpoint["epoch"]) + 1
         clock.seconds = float(checkpoint.get("train_seconds", 0.0))
+        # a run its budget ended stays ended when resumed with the same budget
+        epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
         history = list(checkpoint.get("history", []))
         best_value = float(checkpoint.get("best_value", -math.inf))
         gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
@@ -582,9 +610,8 @@ def train(
         )
 
     wall_start = time.perf_counter()
-    row: dict[str, Any] = {}
+    row: dict[str, Any] = dict(history[-1]) if history else {}
     overall = _overall_bar(config, clock, start_epoch, enabled=progress and rank == 0)
-    epoch_seconds = 0.0  # training seconds of the last epoch
     for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
         stop = clock.exhausted(epoch_seconds) or (
             stop_after is not None and epochs_run >= stop_after
@@ -652,6 +679,7 @@ def train(
                 "gate_threshold": gate_threshold,
                 "train_config": config.to_dict(),
                 "train_seconds": clock.seconds,
+                "epoch_seconds": epoch_seconds,
                 "history": history,
                 "rng_state": torch.get_rng_state(),
             }

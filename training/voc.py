@@ -131,14 +131,17 @@ def _parse_xml(path: Path) -> ET.Element:
             f"{path}: annotation is {size} bytes, larger than the {MAX_ANNOTATION_BYTES} "
             "allowed for a VOC annotation"
         )
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # a directory of that name, no permission
+        raise VocError(f"{path}: cannot read annotation: {exc.strerror or exc}") from None
     # ElementTree never fetches external entities, and expat bounds entity amplification; VOC
     # annotations have no DTD at all, so refuse entity declarations outright.
     if b"<!ENTITY" in data or b"<!entity" in data:
         raise VocError(f"{path}: entity declarations are not allowed in a VOC annotation")
     try:
         root = ET.fromstring(data)
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise VocError(f"{path}: malformed XML: {exc}") from exc
     if root.tag != "annotation":
         raise VocError(f"{path}: root element is <{root.tag}>, expected <annotation>")
@@ -196,6 +199,18 @@ def _image_size(image_path: Path, ann_path: Path) -> tuple[int, int]:
             return img.size
     except Exception as exc:  # Pillow raises many types for unreadable files
         raise VocError(f"{image_path}: cannot read image (for {ann_path.name}): {exc}") from exc
+
+
+def load_rgb(image_path: Path):
+    """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
+    body is corrupt or truncated (its header, read when the split was, looked fine)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
+        raise VocError(f"{image_path}: cannot decode image: {exc}") from None
 
 
 def read_annotation(

@@ -1,0 +1,129 @@
+"""`splitdet train` refuses what would lose a run or fail late, by name and without a traceback:
+an --out that already holds a run, checkpoints it cannot resume from, an image whose body is
+corrupt, a validation split the gate cannot be calibrated on, classes that are no names."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from splitdet.shared.checkpoint import CheckpointError, read_checkpoint
+from splitdet.shared.cli import main
+from splitdet.training import voc
+from splitdet.training.presets import TINY
+from splitdet.training.train import train
+
+from support import make_tiny_voc
+
+CONFIG = replace(TINY, epochs=1, eval_every=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory):
+    return make_tiny_voc(tmp_path_factory.mktemp("voc"), n_defective=3, n_free=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_voc, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train(CONFIG, tiny_voc, run, progress=False, max_iters=1)
+    return run
+
+
+def _argv(data, run, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
+            "--eval-every", "0", "--no-progress", *extra]  # fmt: skip
+
+
+def _error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_a_fresh_start_never_overwrites_a_run(tiny_voc, finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.copy(run / "last.pt", run / "best.pt")  # as a run with validation has
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(_argv(tiny_voc, run)) == 2
+    _error(capsys, str(run), "already holds a training run", "last.pt", "--resume")
+    (run / "last.pt").unlink()  # --resume with only best.pt left would start afresh: refused
+    assert main(_argv(tiny_voc, run, "--resume")) == 2
+    _error(capsys, "best.pt", "another --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == {
+        k: v for k, v in before.items() if k != "last.pt"
+    }
+
+
+def test_checkpoints_it_cannot_resume_from_are_named(tiny_voc, finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    checkpoint = read_checkpoint(run / "last.pt")
+    torch.save({**checkpoint, "format": 2}, run / "last.pt")  # from a newer splitdet
+    with pytest.raises(CheckpointError, match=r"last\.pt: checkpoint format 2"):
+        read_checkpoint(run / "last.pt")
+    assert main(_argv(tiny_voc, run, "--resume")) == 2
+    _error(capsys, "last.pt", "format 2")
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer"}, run / "last.pt")
+    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
+    _error(capsys, "last.pt: cannot resume from it", "optimizer")
+    weights = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["model"].items()}
+    torch.save({**checkpoint, "model": weights}, run / "last.pt")  # shapes of another model
+    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
+    _error(capsys, "last.pt: cannot resume from it")
+
+
+def test_resuming_a_run_its_budget_ended_trains_nothing_more(tiny_voc, tmp_path):
+    """A run ended by its time budget (the next epoch would end past it) stays ended when
+    resumed with the same budget: before, the clock's last-epoch length was not restored and
+    one more epoch ran, replacing last.pt."""
+    config = replace(TINY, epochs=5, minutes=1e-6, eval_every=0)
+    train(config, tiny_voc, tmp_path, progress=False, max_iters=1)
+    first = (tmp_path / "last.pt").read_bytes()
+    row = train(config, tiny_voc, tmp_path, progress=False, resume=True, max_iters=1)
+    assert row["epoch"] == 0 and (tmp_path / "last.pt").read_bytes() == first
+
+
+def test_a_corrupt_image_body_is_named(tiny_voc, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_voc, data)
+    victim = sorted((data / "JPEGImages").iterdir())[0]
+    body = victim.read_bytes()
+    victim.write_bytes(body[: len(body) // 2])  # the header (read with the split) still parses
+    assert voc.read_split(data, "train")  # the split reads: the damage shows only on decoding
+    with pytest.raises(voc.VocError, match=re.escape(f"{victim.name}: cannot decode image")):
+        voc.load_rgb(victim)
+    assert main(_argv(data, tmp_path / "run")) == 2
+    _error(capsys, victim.name, "cannot decode image")
+
+
+def test_a_validation_split_without_defects_is_refused_before_training(tiny_voc, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_voc, data)
+    free = [s.image_id for s in voc.read_split(data, "val") if not s.is_defective]
+    voc.write_split(data, "val", free)
+    run = tmp_path / "run"
+    assert main([*_argv(data, run)[:-3], "--eval-every", "1", "--no-progress"]) == 2
+    _error(capsys, "val.txt", "cannot be calibrated")
+    assert not (run / "last.pt").exists()
+
+
+@pytest.mark.parametrize("classes", [" ", ","])
+def test_classes_that_are_no_names_are_refused(tiny_voc, tmp_path, capsys, classes):
+    assert main(_argv(tiny_voc, tmp_path / "run", "--classes", classes)) == 2
+    _error(capsys, "class")
