@@ -21,6 +21,18 @@ def make_tiny_model(seed: int = 0, **overrides):
     return build_model(ModelConfig(**{**TINY_CONFIG, **overrides})).eval()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: the machine's cores are shared, and oversubscribed OpenMP threads
+    spin instead of working (a tiny run took 25x longer beside another training job)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The random tiny model the session's exported model directory was made from."""

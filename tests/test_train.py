@@ -34,14 +34,7 @@ def tiny_config(**changes) -> TrainConfig:
     return replace(TINY, eval_every=0, **changes)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the machine's cores are shared, and oversubscribed OpenMP threads
-    spin instead of working (a tiny run took 25x longer beside another training job)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
