@@ -16,6 +16,7 @@ Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best v
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -397,14 +398,17 @@ def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
 
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.json (a list of rows) and metrics.csv (the union of columns)."""
-    (out_dir / "metrics.json").write_text(json.dumps(history, indent=2) + "\n")
+    from splitdet.training.voc import atomic_write
+
+    atomic_write(out_dir / "metrics.json", (json.dumps(history, indent=2) + "\n").encode())
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    with open(out_dir / "metrics.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(out_dir / "metrics.csv", table.getvalue().encode())
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
@@ -601,7 +605,8 @@ def train(
                      report["missing"])  # fmt: skip
 
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
-        (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        recipe = json.dumps(config.to_dict(), indent=2) + "\n"
+        voc.atomic_write(out_dir / "train_config.json", recipe.encode())  # --resume reads it
 
     ddp_model: nn.Module = model
     if world > 1:

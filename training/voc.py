@@ -379,7 +379,8 @@ def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int 
     return ET.tostring(ann, encoding="utf-8") + b"\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -395,7 +396,7 @@ def write_annotation(
     path: Path, sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3
 ) -> None:
     """Write ``sample`` as a VOC annotation at ``path`` (atomically; parents are created)."""
-    _atomic_write(Path(path), annotation_xml(sample, folder=folder, depth=depth))
+    atomic_write(Path(path), annotation_xml(sample, folder=folder, depth=depth))
 
 
 def write_split(root: Path, split: str, ids: Iterable[str]) -> Path:
@@ -405,5 +406,5 @@ def write_split(root: Path, split: str, ids: Iterable[str]) -> Path:
         if not image_id or any(c.isspace() for c in image_id) or "/" in image_id:
             raise ValueError(f"invalid image id {image_id!r} for split {split!r}")
     path = _split_file(Path(root), split)
-    _atomic_write(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
+    atomic_write(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
     return path
