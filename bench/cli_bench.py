@@ -35,6 +35,20 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _int_in(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"{low}-{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected {span}, got {value}")
+        return value
+
+    return parse
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `bench` subcommand."""
     p = subparsers.add_parser(
@@ -54,12 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="VOC dataset")
     p.add_argument("--split", default="test", help="split the streams are drawn from")
     p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
-    p.add_argument("--images", type=int, default=100, metavar="N", help="images per stream")
+    p.add_argument("--images", type=_int_in(1), default=100, metavar="N", help="images per stream")
     p.add_argument("--codecs", default="int8,fp16,fp32", help="splitdet codecs to compare")
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95)
     p.add_argument(
         "--rd-images",
-        type=int,
+        type=_int_in(0),
         default=20,
         metavar="N",
         help="defective images for the bytes-vs-mAP pass (0: skip it)",

@@ -28,8 +28,10 @@ METHOD = "/splitdet.bench.JpegDetection/Detect"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def serve(checkpoint: str, port: int, threads: int) -> None:
-    """Serve until SIGTERM/SIGINT; prints "PORT <n>" on stdout once listening."""
+def serve(checkpoint: str, port: int, threads: int, box_refine_steps: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; prints "PORT <n>" on stdout once listening.
+
+    `box_refine_steps` replaces the checkpoint's (as the export under test may have)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -37,7 +39,7 @@ def serve(checkpoint: str, port: int, threads: int) -> None:
     from splitdet.shared.checkpoint import load_model
 
     torch.set_num_threads(threads)
-    model, _ = load_model(checkpoint)
+    model, _ = load_model(checkpoint, box_refine_steps=box_refine_steps)
 
     def detect(data: bytes, context) -> bytes:
         start = time.perf_counter()
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--box-refine-steps", type=int, default=None)
     args = parser.parse_args(argv)
-    serve(args.checkpoint, args.port, args.threads)
+    serve(args.checkpoint, args.port, args.threads, args.box_refine_steps)
     return 0
 
 

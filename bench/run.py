@@ -132,8 +132,8 @@ def _rate_distortion(config, model, pipelines, client, samples, class_names, bar
     for sample in defective:
         image = load_image(sample.image_path)
         runs.setdefault("original", []).append(monolithic.run(image))
-        for system in splits:
-            runs.setdefault(system.name, []).append(system.run(image))
+        for system in splits:  # every image sent: the codec's loss, not the gate's misses
+            runs.setdefault(system.name, []).append(system.run(image, True))
         for quality in config.rd_qualities:
             data = jpeg_bytes(image, quality)
             outcome = monolithic.run(load_image_bytes(data))
@@ -212,10 +212,15 @@ def run_benchmark(config: BenchConfig) -> dict:
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     manifest = read_manifest(config.model_dir)
-    model, _ = load_model(config.checkpoint)
+    # the torch baselines post-process as the export does (its box refinement may differ
+    # from the checkpoint's own: `splitdet export --box-refine-steps`)
+    refine = manifest.model_config.box_refine_steps
+    model, _ = load_model(config.checkpoint, box_refine_steps=refine)
     _check_same_weights(model, config.model_dir)
     class_names = list(manifest.class_names)
-    samples = read_split(config.data_dir, config.split)
+    samples = read_split(config.data_dir, config.split, class_names)  # a foreign class: named
+    if not samples:
+        raise ValueError(f"{config.data_dir}: the {config.split!r} split is empty")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     for old in ("report.json", "report.md"):  # a stopped run must not show an older run's report
         (config.out_dir / old).unlink(missing_ok=True)
@@ -253,6 +258,8 @@ def run_benchmark(config: BenchConfig) -> dict:
                 str(config.checkpoint),
                 "--threads",
                 str(threads),
+                "--box-refine-steps",
+                str(refine),
             ],
             log_path=config.out_dir / "jpeg_server.log",
             name="JPEG baseline server",
@@ -269,7 +276,7 @@ def run_benchmark(config: BenchConfig) -> dict:
             ]
             warmup = load_image(samples[0].image_path)
             for system in systems:  # first calls pay one-off allocations; not measured
-                system.run(warmup)
+                system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
             n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
             total = len(config.defect_rates) * config.n_images + n_rd
             with tqdm(

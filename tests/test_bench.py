@@ -155,3 +155,49 @@ def test_oracle_decision_drives_the_papers_gate():
     assert paper.run(image, decision=True).flagged
     skipped = paper.run(image, decision=False)
     assert not skipped.flagged and len(skipped.boxes) == 0 and skipped.p_defect is not None
+
+
+def test_the_bytes_vs_map_pass_sends_every_image_whatever_the_gate(
+    bench_report, tiny_dataset, tmp_path
+):
+    """The codec points measure the codec: every defective image is sent even when the gate
+    would pass it (here a threshold no image reaches). Before, a gate miss counted 0 bytes and
+    no boxes, mixing the gate's misses into the codec's mAP kept."""
+    root = bench_report[0].parent
+    model = make_tiny_model(seed=5)
+    export_model(model, tmp_path / "model", gate_threshold=1.0)
+    out = tmp_path / "report"
+    argv = ["bench", "--model", str(tmp_path / "model"), "--checkpoint", str(root / "model.pt")]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "0", "--images", "1", "--codecs"]
+    argv += ["fp32", "--rd-images", "2", "--threads", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rates"]["0"]["splitdet-fp32"]["sent_fraction"] == 0.0  # the gate passed all
+    rd = {p["name"]: p for p in report["rate_distortion"]["points"]}
+    assert rd["splitdet-fp32"]["bytes"] > 0
+    assert (
+        rd["splitdet-fp32"]["map"] == rd["jpeg95"]["map"]
+        or rd["jpeg95"]["map"] is None
+        or (rd["splitdet-fp32"]["map_kept"] == pytest.approx(1.0))
+    )
+
+
+def test_a_class_the_model_does_not_know_is_named_before_anything_runs(
+    bench_report, tiny_dataset, tmp_path, capsys
+):
+    import shutil
+
+    root = bench_report[0].parent
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    victim = next(
+        p for p in sorted((data / "Annotations").iterdir()) if "<name>scratch" in p.read_text()
+    )
+    victim.write_text(victim.read_text().replace("<name>scratch", "<name>dent", 1))
+    split = [p.stem for p in (data / "Annotations").iterdir()]
+    (data / "ImageSets" / "Main" / "test.txt").write_text("\n".join(split) + "\n")
+    argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
+    argv += ["--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "dent" in err and "Traceback" not in err
