@@ -119,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_benchmark(config)
     except (ManifestError, CheckpointError, VocError, ServiceError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
+        message = str(exc)
+        if (config.out_dir / "report.json").is_file():
+            message += f"\nthe defect rates finished before it: {config.out_dir / 'report.md'}"
+        raise CommandError(message) from None
     except KeyboardInterrupt:
         if (config.out_dir / "report.json").is_file():
             done = config.out_dir / "report.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,13 +11,21 @@ import numpy as np
 
 from splitdet.bench.systems import Outcome
 from splitdet.training.evaluate import coco_metrics
-from splitdet.training.voc import VocSample
+from splitdet.training.voc import VocSample, atomic_write
 
 #: The paper's reported inference-time reductions at defect rates 5%, 12%, 50% (Table / Fig. 5).
 PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
 #: Link speeds for the computed transfer times, bits per second.
 LINKS = {"100mbit": 100e6, "1gbit": 1e9}
 MONOLITHIC = "monolithic"
+#: Every file `write_report` writes.
+OUTPUTS = (
+    "report.json",
+    "report.md",
+    "time_vs_defect_rate.png",
+    "reduction_vs_defect_rate.png",
+    "bytes_vs_map_kept.png",
+)
 
 
 def summarise(
@@ -166,9 +175,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "time_vs_defect_rate.png", dpi=120)
-    plt.close(fig)
-    written.append("time_vs_defect_rate.png")
+    written.append(_save(fig, out_dir / "time_vs_defect_rate.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in systems:
@@ -193,9 +200,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "reduction_vs_defect_rate.png", dpi=120)
-    plt.close(fig)
-    written.append("reduction_vs_defect_rate.png")
+    written.append(_save(fig, out_dir / "reduction_vs_defect_rate.png"))
 
     rd = report.get("rate_distortion")
     if rd and rd["points"]:
@@ -242,20 +247,30 @@ def figures(report: dict, out_dir: Path) -> list[str]:
                 ha="center",
             )
         fig.tight_layout()
-        fig.savefig(out_dir / "bytes_vs_map_kept.png", dpi=120)
-        plt.close(fig)
-        written.append("bytes_vs_map_kept.png")
+        written.append(_save(fig, out_dir / "bytes_vs_map_kept.png"))
     return written
 
 
+def _save(fig, path: Path) -> str:
+    """Write a figure as a whole PNG (through a rename), close it; the file name."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+    return path.name
+
+
+def remove_outputs(out_dir: Path) -> None:
+    """Delete an earlier run's report and figures: a stopped run must not show them as its own."""
+    for name in OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def write_report(report: dict, out_dir: Path) -> None:
-    """report.json, report.md and the figures into `out_dir`."""
+    """report.json, report.md and the figures into `out_dir`, each file whole or not at all."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report["figures"] = figures(report, out_dir)
-    for name, text in (
-        ("report.json", json.dumps(report, indent=2) + "\n"),
-        ("report.md", markdown(report)),
-    ):  # whole files only: a run stopped mid-write keeps the previous report
-        partial = out_dir / f".{name}.tmp"
-        partial.write_text(text)
-        partial.replace(out_dir / name)
+    atomic_write(out_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out_dir / "report.md", markdown(report).encode())

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from splitdet.bench.jpeg_server import JpegClient
-from splitdet.bench.processes import ServiceProcess, splitdet_command
-from splitdet.bench.report import MONOLITHIC, summarise, write_report
+from splitdet.bench.processes import ServiceError, ServiceProcess, splitdet_command
+from splitdet.bench.report import MONOLITHIC, remove_outputs, summarise, write_report
 from splitdet.bench.streams import make_stream
 from splitdet.bench.systems import (
     JpegToCloud,
@@ -30,7 +31,7 @@ from splitdet.bench.systems import (
     Splitdet,
     jpeg_bytes,
 )
-from splitdet.edge.client import ClientConfig, CloudClient
+from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
@@ -207,6 +208,67 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
     }
 
 
+def _failed_mid_run(service: ServiceProcess, error: str) -> ServiceError:
+    """The error for a call `service` failed after it was ready, with the end of its log."""
+    status = service.process.poll() if service.process else None
+    state = "is still running" if status is None else f"exited with status {status}"
+    return ServiceError(
+        f"the {service.name} failed a call mid-run ({error}); it {state}. "
+        f"The end of {service.log_path}:\n{service.tail(10)}"
+    )
+
+
+def _measure(
+    config: BenchConfig,
+    model,
+    pipelines: list[EdgePipeline],
+    samples: list,
+    class_names: list[str],
+    gate: float,
+    head: dict,
+    cloud_address: str,
+    jpeg_address: str,
+) -> tuple[dict, dict | None]:
+    """Warm up, then every stream through every system and the bytes-vs-mAP pass.
+
+    Returns the per-rate summaries and the rate-distortion result (None when skipped); writes
+    a partial report after each rate."""
+    client = CloudClient(ClientConfig(cloud_address, timeout_s=600))
+    jpeg_client = JpegClient(jpeg_address)
+    try:
+        systems = [
+            Monolithic(model),
+            PaperGated(model, gate),
+            *(Splitdet(p, client) for p in pipelines),
+            JpegToCloud(jpeg_client, config.jpeg_quality),
+        ]
+        warmup = load_image(samples[0].image_path)
+        for system in systems:  # first calls pay one-off allocations; not measured
+            system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
+        n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
+        total = len(config.defect_rates) * config.n_images + n_rd
+        with tqdm(
+            total=total, unit="img", desc="benchmark", disable=not config.progress, file=sys.stderr
+        ) as bar:
+            rates = _run_streams(
+                config,
+                systems,
+                samples,
+                class_names,
+                bar,
+                on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
+            )
+            rd = (
+                _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
+                if n_rd
+                else None
+            )
+    finally:
+        client.close()
+        jpeg_client.close()
+    return rates, rd
+
+
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every system on every stream; write and return the report."""
     threads = config.threads or os.cpu_count() or 1
@@ -222,8 +284,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     if not samples:
         raise ValueError(f"{config.data_dir}: the {config.split!r} split is empty")
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    for old in ("report.json", "report.md"):  # a stopped run must not show an older run's report
-        (config.out_dir / old).unlink(missing_ok=True)
+    remove_outputs(config.out_dir)
     runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
     pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
     gate = manifest.gate_threshold
@@ -266,41 +327,24 @@ def run_benchmark(config: BenchConfig) -> dict:
             ready_prefix="PORT ",
         )
         with cloud, jpeg:
-            client = CloudClient(ClientConfig(f"127.0.0.1:{cloud.ready['port']}", timeout_s=600))
-            jpeg_client = JpegClient(f"127.0.0.1:{jpeg.ready['line'].split()[1]}")
-            systems = [
-                Monolithic(model),
-                PaperGated(model, gate),
-                *(Splitdet(p, client) for p in pipelines),
-                JpegToCloud(jpeg_client, config.jpeg_quality),
-            ]
-            warmup = load_image(samples[0].image_path)
-            for system in systems:  # first calls pay one-off allocations; not measured
-                system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
-            n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
-            total = len(config.defect_rates) * config.n_images + n_rd
-            with tqdm(
-                total=total,
-                unit="img",
-                desc="benchmark",
-                disable=not config.progress,
-                file=sys.stderr,
-            ) as bar:
-                rates = _run_streams(
+            cloud_address = f"127.0.0.1:{cloud.ready['port']}"
+            jpeg_address = f"127.0.0.1:{jpeg.ready['line'].split()[1]}"
+            try:
+                rates, rd = _measure(
                     config,
-                    systems,
+                    model,
+                    pipelines,
                     samples,
                     class_names,
-                    bar,
-                    on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
+                    gate,
+                    head,
+                    cloud_address,
+                    jpeg_address,
                 )
-                rd = (
-                    _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
-                    if n_rd
-                    else None
-                )
-            client.close()
-            jpeg_client.close()
+            except CloudError as exc:  # e.g. the server died: name it, show the end of its log
+                raise _failed_mid_run(cloud, str(exc)) from None
+            except grpc.RpcError as exc:
+                raise _failed_mid_run(jpeg, f"{exc.code().name}: {exc.details()}") from None
 
     report = head | {"rates": rates, "rate_distortion": rd, "complete": True}
     write_report(report, config.out_dir)

@@ -201,3 +201,45 @@ def test_a_class_the_model_does_not_know_is_named_before_anything_runs(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert victim.name in err and "dent" in err and "Traceback" not in err
+
+
+def test_a_server_that_dies_mid_run_is_named_with_its_log(
+    bench_report, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """The cloud server killed after warm-up: one error naming it, its state and its log's end,
+    no traceback, and no report passed off as this run's."""
+    import os
+    import signal
+
+    import splitdet.bench.run as bench_run
+
+    started = []
+
+    class Recorded(bench_run.ServiceProcess):
+        def start(self):
+            started.append(super().start())
+            return self
+
+    real_streams = bench_run._run_streams
+
+    def kill_the_cloud_first(*args, **kwargs):
+        cloud = next(s for s in started if s.name == "cloud server")
+        os.killpg(cloud.process.pid, signal.SIGKILL)
+        cloud.process.wait()
+        return real_streams(*args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "ServiceProcess", Recorded)
+    monkeypatch.setattr(bench_run, "_run_streams", kill_the_cloud_first)
+    root = bench_report[0].parent
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "time_vs_defect_rate.png").write_bytes(b"an older run's figure")
+    argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "1", "--images", "2"]
+    argv += ["--codecs", "fp32", "--rd-images", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cloud server failed a call mid-run" in err and "UNAVAILABLE" in err
+    assert "exited with status -9" in err and str(out / "cloud.log") in err
+    assert "Traceback" not in err
+    assert not (out / "report.json").exists() and not (out / "time_vs_defect_rate.png").exists()
