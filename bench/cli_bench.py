@@ -49,6 +49,20 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+def _codecs(text: str) -> tuple[str, ...]:
+    from splitdet.shared.codec import CODECS
+
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one codec of {', '.join(CODECS)}")
+    unknown = [c for c in names if c not in CODECS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown codec {unknown[0]!r}; choose from {', '.join(CODECS)}"
+        )
+    return names
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `bench` subcommand."""
     p = subparsers.add_parser(
@@ -69,7 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split the streams are drawn from")
     p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
     p.add_argument("--images", type=_int_in(1), default=100, metavar="N", help="images per stream")
-    p.add_argument("--codecs", default="int8,fp16,fp32", help="splitdet codecs to compare")
+    p.add_argument(
+        "--codecs",
+        type=_codecs,
+        default=("int8", "fp16", "fp32"),
+        metavar="C,C,...",
+        help="splitdet codecs to compare (default: int8,fp16,fp32)",
+    )
     p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95)
     p.add_argument(
         "--rd-images",
@@ -107,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         defect_rates=args.defect_rates,
         n_images=args.images,
-        codecs=tuple(c for c in args.codecs.split(",") if c),
+        codecs=args.codecs,
         jpeg_quality=args.jpeg_quality,
         rd_images=args.rd_images,
         split=args.split,

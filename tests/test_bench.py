@@ -243,3 +243,12 @@ def test_a_server_that_dies_mid_run_is_named_with_its_log(
     assert "exited with status -9" in err and str(out / "cloud.log") in err
     assert "Traceback" not in err
     assert not (out / "report.json").exists() and not (out / "time_vs_defect_rate.png").exists()
+
+
+@pytest.mark.parametrize("codecs, named", [("", "at least one codec"), ("fp32,int9", "'int9'")])
+def test_codecs_are_checked_before_anything_loads(codecs, named, tmp_path, capsys):
+    argv = ["bench", "--model", str(tmp_path / "none"), "--checkpoint", str(tmp_path / "none")]
+    argv += ["--data", str(tmp_path), "--codecs", codecs, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
