@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from splitdet.shared.cli import int_in
+
 EPILOG = """\
 example:
   splitdet bench --model models/gasket --checkpoint runs/cpu/best.pt --data data/gaskets \\
@@ -33,20 +35,6 @@ def _floats(text: str) -> tuple[float, ...]:
     if not all(0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"defect rates must be in [0, 1]: {text!r}")
     return values
-
-
-def _int_in(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            span = f"{low}-{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected {span}, got {value}")
-        return value
-
-    return parse
 
 
 def _codecs(text: str) -> tuple[str, ...]:
@@ -82,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="VOC dataset")
     p.add_argument("--split", default="test", help="split the streams are drawn from")
     p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
-    p.add_argument("--images", type=_int_in(1), default=100, metavar="N", help="images per stream")
+    p.add_argument("--images", type=int_in(1), default=100, metavar="N", help="images per stream")
     p.add_argument(
         "--codecs",
         type=_codecs,
@@ -90,10 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="C,C,...",
         help="splitdet codecs to compare (default: int8,fp16,fp32)",
     )
-    p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95)
+    p.add_argument("--jpeg-quality", type=int_in(1, 100), default=95)
     p.add_argument(
         "--rd-images",
-        type=_int_in(0),
+        type=int_in(0),
         default=20,
         metavar="N",
         help="defective images for the bytes-vs-mAP pass (0: skip it)",

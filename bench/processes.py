@@ -119,6 +119,15 @@ class ServiceProcess:
                 return True
         return False
 
+    def failed_mid_run(self, error: str) -> ServiceError:
+        """The error for a call it failed after it was ready: its state and the end of its log."""
+        status = self.process.poll() if self.process else None
+        state = "is still running" if status is None else f"exited with status {status}"
+        return ServiceError(
+            f"the {self.name} failed a call mid-run ({error}); it {state}. "
+            f"The end of {self.log_path}:\n{self.tail(10)}"
+        )
+
     def tail(self, lines: int = 20) -> str:
         """The last lines of the process's log."""
         try:

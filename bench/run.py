@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from splitdet.bench.jpeg_server import JpegClient
-from splitdet.bench.processes import ServiceError, ServiceProcess, splitdet_command
+from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.report import MONOLITHIC, remove_outputs, summarise, write_report
 from splitdet.bench.streams import make_stream
 from splitdet.bench.systems import (
@@ -208,16 +208,6 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
     }
 
 
-def _failed_mid_run(service: ServiceProcess, error: str) -> ServiceError:
-    """The error for a call `service` failed after it was ready, with the end of its log."""
-    status = service.process.poll() if service.process else None
-    state = "is still running" if status is None else f"exited with status {status}"
-    return ServiceError(
-        f"the {service.name} failed a call mid-run ({error}); it {state}. "
-        f"The end of {service.log_path}:\n{service.tail(10)}"
-    )
-
-
 def _measure(
     config: BenchConfig,
     model,
@@ -342,9 +332,9 @@ def run_benchmark(config: BenchConfig) -> dict:
                     jpeg_address,
                 )
             except CloudError as exc:  # e.g. the server died: name it, show the end of its log
-                raise _failed_mid_run(cloud, str(exc)) from None
+                raise cloud.failed_mid_run(str(exc)) from None
             except grpc.RpcError as exc:
-                raise _failed_mid_run(jpeg, f"{exc.code().name}: {exc.details()}") from None
+                raise jpeg.failed_mid_run(f"{exc.code().name}: {exc.details()}") from None
 
     report = head | {"rates": rates, "rate_distortion": rd, "complete": True}
     write_report(report, config.out_dir)

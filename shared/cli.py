@@ -36,6 +36,22 @@ COMMAND_MODULES: tuple[str, ...] = (
 FULL_INSTALL_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "pycocotools", "matplotlib")
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse `type` for whole numbers in [low, high] (no upper bound when `high` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"{low}-{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 

@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 
+from splitdet.shared.cli import int_in
+
 EPILOG = """\
 examples:
   splitdet synth --out data/gaskets
@@ -32,16 +34,6 @@ def _size(text: str) -> tuple[int, int]:
     if not (256 <= w <= 16384 and 256 <= h <= 16384):
         raise argparse.ArgumentTypeError(f"each side must be 256..16384 px, got {text!r}")
     return w, h
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,14 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--defective",
-        type=_count,
+        type=int_in(0),
         default=540,
         metavar="N",
         help="train+val images with scratches (default: 540)",
     )
     p.add_argument(
         "--free",
-        type=_count,
+        type=int_in(0),
         default=200,
         metavar="N",
         help="train+val defect-free images (default: 200)",
@@ -89,14 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--test-defective",
-        type=_count,
+        type=int_in(0),
         default=108,
         metavar="N",
         help="held-out test images with scratches (default: 108)",
     )
     p.add_argument(
         "--test-free",
-        type=_count,
+        type=int_in(0),
         default=40,
         metavar="N",
         help="held-out defect-free test images (default: 40)",
