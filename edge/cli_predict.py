@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,9 +22,13 @@ examples:
   splitdet predict frames/ --model models/gasket --cloud 10.0.0.5:50051 --gate off
 
 --json FILE writes, per image: path, p_defect, verdict (ok | defect | error), boxes
-[x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage timings (s) and
-bytes_sent. Unreadable files get verdict "error" with the reason; the others are processed.
-Exit status: 0 all images processed, 1 some files were errors, 2 usage or model errors.
+[x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage timings (s),
+bytes_sent and annotated (the file --save wrote). Unreadable files get verdict "error" with the
+reason; the others are processed. --save names each annotated image after its source
+(a.png -> a.jpg; a second a.* becomes a_2.jpg). An unwritable --json or --save is refused
+before any image is read.
+Exit status: 0 all images processed, 1 some images had errors (unreadable, or their detection
+call or annotated copy failed), 2 usage or model errors.
 """
 
 
@@ -91,6 +96,43 @@ def _remote_detector(config, fingerprint: str):
     return make
 
 
+def _check_outputs(json_file: str | None, save_dir: str | None) -> None:
+    """Refuse, before any image is processed, a --json FILE or --save DIR that cannot be
+    written (CommandError naming it): found only at the end, it would lose the whole run."""
+    from splitdet.shared.cli import CommandError
+
+    if json_file and json_file != "-":
+        target = Path(json_file)
+        folder = target.parent
+        if target.is_dir():
+            raise CommandError(f"--json {json_file} is a directory; give a file name")
+        if not folder.is_dir():
+            raise CommandError(f"--json {json_file}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CommandError(f"--json {json_file}: folder {folder} is not writable")
+    if save_dir:
+        try:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"--save {save_dir}: cannot make the folder ({exc})") from None
+        if not os.access(save_dir, os.W_OK | os.X_OK):
+            raise CommandError(f"--save {save_dir} is not writable")
+
+
+def _write_json(json_file: str, records: list[dict]) -> None:
+    """Write `records` to `json_file` whole (a temporary file renamed over it)."""
+    from splitdet.shared.cli import CommandError
+
+    target = Path(json_file)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
+
+
 def _cached(factory):
     made = []
 
@@ -116,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     paths = list_images([Path(p) for p in args.images])
     if not paths:
         raise CommandError(f"no image files in {' '.join(args.images)}")
+    _check_outputs(args.json, args.save)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
         pipeline = EdgePipeline(
@@ -143,14 +186,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json == "-":
         json.dump(records, sys.stdout, indent=2)
         print()
-    elif args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
-    counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
+    counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect")}
+    # an image can be flagged and still fail (detection call, annotated copy): count images
+    failed = sum(p.error is not None for p in predictions)
     boxes = sum(len(p.boxes) for p in predictions)
     sent = sum(p.bytes_sent for p in predictions)
     print(
         f"{len(predictions)} images: {counts['ok']} ok, {counts['defect']} defect "
-        f"({boxes} boxes), {counts['error']} errors; {sent / 1e6:.2f} MB of features sent",
+        f"({boxes} boxes), {failed} with errors; {sent / 1e6:.2f} MB of features sent",
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
-    return 1 if counts["error"] else 0
+    if args.json and args.json != "-":
+        _write_json(args.json, records)
+    return 1 if failed else 0

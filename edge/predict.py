@@ -45,6 +45,7 @@ class Prediction:
         timings: seconds per stage, edge ("read", "preprocess", "gate", "complete", "encode")
             and cloud ("cloud_decode", "cloud_rpn", "cloud_roi", "cloud_total", "round_trip").
         bytes_sent: encoded feature bytes sent (or that would be sent) for this image.
+        annotated: the annotated image written for it under `--save`, if any.
     """
 
     path: str
@@ -57,6 +58,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     error: str | None = None
+    annotated: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-able dict."""
@@ -109,9 +111,13 @@ def predict_one(
     pipeline: EdgePipeline,
     detector: Callable[[], Detector],
     score_threshold: float = 0.0,
-    save_dir: Path | None = None,
+    save_as: Path | None = None,
 ) -> Prediction:
-    """Process one image file; never raises for a bad image (the Prediction says why)."""
+    """Process one image file; never raises for a bad image (the Prediction says why).
+
+    `save_as`: where to write the annotated image if the image is flagged (None: nowhere). A
+    failure to write it is the prediction's error; its detections are kept.
+    """
     start = time.perf_counter()
     try:
         data = Path(path).read_bytes()
@@ -147,16 +153,38 @@ def predict_one(
         prediction.scores = [float(d.score) for d in kept]
         prediction.labels = [int(d.label) for d in kept]
         prediction.class_names = [d.class_name for d in kept]
-        if save_dir is not None:
-            save_annotated(
-                image,
-                prediction.boxes,
-                prediction.scores,
-                prediction.class_names,
-                Path(save_dir) / f"{Path(path).stem}.jpg",
-                result.p_defect,
-            )
+        if save_as is not None:
+            try:
+                save_annotated(
+                    image,
+                    prediction.boxes,
+                    prediction.scores,
+                    prediction.class_names,
+                    save_as,
+                    result.p_defect,
+                )
+            except OSError as exc:
+                prediction.error = f"{path}: cannot write the annotated image {save_as}: {exc}"
+            else:
+                prediction.annotated = str(save_as)
     return prediction
+
+
+def annotated_names(paths: Sequence[Path], save_dir: Path) -> list[Path]:
+    """Where each image's annotated copy goes: `save_dir/<stem>.jpg`, and `<stem>_2.jpg`,
+    `<stem>_3.jpg`, ... for later images of the same stem (a.png and a.jpg, or two folders
+    holding a.jpg), so that no annotated image overwrites another."""
+    taken: set[str] = set()
+    names = []
+    for path in paths:
+        stem, n = Path(path).stem, 1
+        name = f"{stem}.jpg"
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}_{n}.jpg"
+        taken.add(name.lower())
+        names.append(Path(save_dir) / name)
+    return names
 
 
 def predict_paths(
@@ -167,10 +195,13 @@ def predict_paths(
     save_dir: Path | None = None,
     on_result: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
-    """`predict_one` over many files; `detector` is called lazily (only if an image is flagged)."""
+    """`predict_one` over many files; `detector` is called lazily (only if an image is flagged).
+    Annotated images go to `save_dir` under the names `annotated_names` gives."""
+    paths = list(paths)
+    targets = annotated_names(paths, save_dir) if save_dir is not None else [None] * len(paths)
     predictions = []
-    for path in paths:
-        prediction = predict_one(path, pipeline, detector, score_threshold, save_dir)
+    for path, save_as in zip(paths, targets, strict=True):
+        prediction = predict_one(path, pipeline, detector, score_threshold, save_as)
         if prediction.error:
             log.warning("%s", prediction.error)
         predictions.append(prediction)

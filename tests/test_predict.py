@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,71 @@ def test_token_files_drop_a_bom_and_refuse_non_ascii(tiny_model_dir, image_dir, 
     assert code == 2
     err = capsys.readouterr().err
     assert "accent.txt" in err and "printable ASCII" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a directory"])
+def test_predict_refuses_an_unwritable_json_before_reading_images(
+    tiny_model_dir, image_dir, tmp_path, capsys, where
+):
+    """Found only at the end, an unwritable --json would lose the whole run's results."""
+    target = tmp_path / "nowhere" / "out.json" if where == "missing folder" else tmp_path
+    code = main(["predict", str(image_dir), "--model", str(tiny_model_dir), "--json", str(target)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--json {target}" in err and "Traceback" not in err
+    assert "images:" not in err  # refused before any image was processed
+
+
+def test_predict_refuses_a_save_folder_it_cannot_make(tiny_model_dir, image_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should go\n")
+    code = main(
+        ["predict", str(image_dir), "--model", str(tiny_model_dir), "--save", str(blocker / "x")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--save {blocker / 'x'}: cannot make the folder" in err and "Traceback" not in err
+
+
+def test_annotated_images_of_the_same_name_do_not_overwrite_each_other(
+    tiny_model_dir, image_dir, tmp_path
+):
+    """a/good0.png and b/good0.png (and b/good0.jpg) each get their own annotated copy."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "good0.png").write_bytes((image_dir / "good0.png").read_bytes())
+    Image.open(image_dir / "good1.png").save(second / "good0.jpg")
+    out, saved = tmp_path / "out.json", tmp_path / "annotated"
+    args = ["predict", str(first), str(second), "--model", str(tiny_model_dir), "--threshold", "0"]
+    assert main([*args, "--save", str(saved), "--json", str(out), "--no-progress"]) == 0
+    records = json.loads(out.read_text())
+    written = [r["annotated"] for r in records]
+    assert len(set(written)) == 3 and all(Path(w).is_file() for w in written)
+    assert sorted(p.name for p in saved.iterdir()) == ["good0.jpg", "good0_2.jpg", "good0_3.jpg"]
+    # each annotated copy shows its own image: the .jpg source had another size
+    sizes = [Image.open(r["annotated"]).size for r in records]
+    assert sorted(sizes) == sorted(Image.open(r["path"]).size for r in records)
+    assert len(set(sizes)) == 2
+
+
+def test_a_failed_detection_call_makes_the_exit_status_1(tiny_model_dir, image_dir, tmp_path):
+    """The server refuses every call (features beyond its 1 MiB decode bound): each flagged
+    image is an error in the JSON and the run's status says so (it said 0 before)."""
+    from cloud_fixtures import start_cloud_process
+
+    server = start_cloud_process(
+        tiny_model_dir, tmp_path / "cloud", "small", "--max-decoded-mib", "1"
+    )
+    out = tmp_path / "out.json"
+    try:
+        code = main(
+            ["predict", str(image_dir), "--model", str(tiny_model_dir), "--threshold", "0",
+             "--codec", "fp32", "--cloud", server.address, "--json", str(out), "--no-progress"]
+        )  # fmt: skip
+    finally:
+        server.stop()
+    records = json.loads(out.read_text())
+    assert code == 1
+    assert all(r["verdict"] == "defect" for r in records)
+    assert all("detection failed" in r["error"] for r in records), records
