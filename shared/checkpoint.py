@@ -50,7 +50,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+        why = _why_unreadable(path, exc)
+        raise CheckpointError(f"{path}: not a readable checkpoint ({why})") from exc
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"{path}: not a splitdet checkpoint (no 'model'/'config' entries)")
     found = checkpoint.get("format", CHECKPOINT_FORMAT)
@@ -59,6 +60,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: checkpoint format {found!r}; this splitdet reads format {CHECKPOINT_FORMAT}"
         )
     return checkpoint
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """One line on why torch.load refused `path` (its own messages run to a dozen lines and
+    suggest weights_only=False, which would run whatever code the file holds)."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return "not a file written by torch.save"
+    if "Weights only load failed" in str(exc):
+        return "it holds Python objects, not only tensors and plain data; not loaded, for safety"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0] if lines else type(exc).__name__
+    return f"damaged or truncated: {first}"
 
 
 def load_model(

@@ -122,3 +122,32 @@ def test_a_validation_split_without_defects_is_refused_before_training(tiny_voc,
 def test_classes_that_are_no_names_are_refused(tiny_voc, tmp_path, capsys, classes):
     assert main(_argv(tiny_voc, tmp_path / "run", "--classes", classes)) == 2
     _error(capsys, "class")
+
+
+def test_an_out_folder_that_cannot_be_made_is_named(tiny_voc, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should go\n")
+    assert main(_argv(tiny_voc, blocker / "run")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'run'}: cannot make the folder" in err and "Traceback" not in err
+
+
+def test_unreadable_checkpoints_are_named_in_one_line(finished_run, tmp_path):
+    """torch.load's own message runs to a dozen lines and advises weights_only=False (which
+    would run the file's code); the error says in one line what is wrong with the file."""
+    good = (finished_run / "last.pt").read_bytes()
+    cases = {
+        "empty.pt": (b"", "the file is empty"),
+        "text.pt": (b"model: 1\n" * 20, "not a file written by torch.save"),
+        "half.pt": (good[: len(good) // 2], "damaged or truncated"),
+    }
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": {}, "config": {}, "odd": re.compile("x")}, tmp_path / "objects.pt")
+    cases["objects.pt"] = (None, "holds Python objects")
+    for name, (_, reason) in cases.items():
+        with pytest.raises(CheckpointError) as caught:
+            read_checkpoint(tmp_path / name)
+        message = str(caught.value)
+        assert message.startswith(f"{tmp_path / name}: not a readable checkpoint"), message
+        assert reason in message and "\n" not in message and "weights_only" not in message

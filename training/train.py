@@ -508,7 +508,10 @@ def train(
                 "another --out"
             )
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {out_dir}: cannot make the folder ({exc})") from None
     torch.manual_seed(config.seed)
 
     mc = config.model
