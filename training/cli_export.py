@@ -106,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
             extra={"checkpoint_epoch": checkpoint.get("epoch")},
             calibration=calibration,
         )
-    except (CheckpointError, ExportError, ValueError, OSError) as exc:
+    except (CheckpointError, ExportError, ValueError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:  # the checkpoint and data are read through the errors above
+        raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
     worst = max(manifest.extra["export_check"]["max_relative_error"].values())
     print(
         json.dumps(

@@ -140,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except FileExistsError as exc:
         raise CommandError(f"{exc} (choose another --out, or --overwrite)") from None
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:  # the only files synth touches are under --out
+        raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
 
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
