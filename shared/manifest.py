@@ -30,6 +30,10 @@ COMPLETE_ONNX = "edge_complete.onnx"
 CLOUD_WEIGHTS = "cloud_heads.pt"
 
 
+#: Every file any model directory may hold besides the manifest.
+ALL_ARTIFACTS = (GATE_ONNX, COMPLETE_ONNX, CLOUD_WEIGHTS)
+
+
 def artifacts_for(model_config: ModelConfig) -> tuple[str, ...]:
     """The files a model directory of `model_config` holds besides the manifest.
 

@@ -14,6 +14,9 @@ so a half-exported directory can never be served.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,11 +28,13 @@ from torch import Tensor, nn
 
 from splitdet.shared.codec import CODECS
 from splitdet.shared.manifest import (
+    ALL_ARTIFACTS,
     CLOUD_WEIGHTS,
     COMPLETE_ONNX,
     GATE_ONNX,
     MANIFEST_NAME,
     Manifest,
+    artifacts_for,
     write_manifest,
 )
 from splitdet.shared.model import EdgeHalf, MultiTaskRCNN
@@ -37,6 +42,9 @@ from splitdet.shared.spec import STRIDES
 from splitdet.training.quantize_edge import quantize_gate
 
 log = logging.getLogger(__name__)
+
+#: Name prefix of the folder an export is built and checked in, inside its --out.
+STAGING_PREFIX = ".export-staging-"
 
 #: ONNX opset; 17 is served by every ONNX Runtime since 1.13.
 OPSET = 17
@@ -166,7 +174,9 @@ def export_model(
 
     Args:
         model: the multi-task detector (any mode; exported in eval mode).
-        out_dir: created if missing; an existing manifest is replaced only on success.
+        out_dir: created if missing. Everything is written and checked in a staging folder
+            inside it first, then moved in, the manifest last: an export that fails or is
+            killed leaves an earlier export in `out_dir` whole and servable.
         gate_threshold: p(defect) at or above which the edge sends an image to detection.
         default_codec: one of CODECS.
         sample_hw: padded (H, W) of the self-check sample, multiples of 32; default: the size a
@@ -176,15 +186,49 @@ def export_model(
             an int8 gate graph (`quantize_edge`); its error against PyTorch on the first of them
             is recorded in the manifest, not bounded (int8 is lossy by design).
     """
-    import onnxruntime as ort
-
     if default_codec not in CODECS:
         raise ExportError(f"unknown codec {default_codec!r}; choose one of {CODECS}")
     if not 0.0 <= gate_threshold <= 1.0:
         raise ExportError(f"gate threshold must be in [0, 1], got {gate_threshold}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        manifest = _export_into(
+            model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
+        )
+        _publish(staging, out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _publish(staging: Path, out_dir: Path, manifest: Manifest) -> None:
+    """Move a checked export from `staging` into `out_dir` (same file system: each move is a
+    rename), the manifest last; artifacts of an earlier export the new one does not have (a
+    completion graph) go. Between the first move and the last, a reader finds the old manifest
+    with new files, which the manifest's hashes refuse by name; never a mixed model."""
+    for name in artifacts_for(manifest.model_config):
+        os.replace(staging / name, out_dir / name)
+    for name in set(ALL_ARTIFACTS) - set(manifest.artifacts):
+        (out_dir / name).unlink(missing_ok=True)
+    os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+
+
+def _export_into(
+    model: MultiTaskRCNN,
+    out_dir: Path,
+    gate_threshold: float,
+    default_codec: str,
+    sample_hw: tuple[int, int] | None,
+    extra: dict | None,
+    calibration: Sequence[np.ndarray] | None,
+) -> Manifest:
+    """`export_model`'s work, in the (empty) folder `out_dir`."""
+    import onnxruntime as ort
+
     model = model.eval()
     edge = EdgeHalf(model).eval()
     io = edge_io(model)
@@ -213,7 +257,6 @@ def export_model(
         io.gate_outputs,
         axes,
     )
-    (out_dir / COMPLETE_ONNX).unlink(missing_ok=True)  # a stale one from an earlier export
     if lazy:
         _export_graph(
             complete_graph,
