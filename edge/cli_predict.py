@@ -19,6 +19,7 @@ examples:
   splitdet predict data/gaskets/JPEGImages --model models/gasket --save annotated/
       edge and cloud halves in this process; annotated defect images in annotated/
   splitdet predict img1.jpg img2.png --model models/gasket --json results.json --codec fp16
+  splitdet predict archive/ --recursive --model models/gasket --json results.json
   splitdet predict frames/ --model models/gasket --cloud 10.0.0.5:50051 --gate off
 
 --json FILE writes, per image: path, p_defect, verdict (ok | defect | error), boxes
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="take the images of subfolders too"
+    )
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="from splitdet export")
     p.add_argument("--json", metavar="FILE", help="write per-image results as JSON ('-': stdout)")
     p.add_argument("--save", metavar="DIR", help="write annotated images of flagged images here")
@@ -155,9 +159,10 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
-    paths = list_images([Path(p) for p in args.images])
+    paths = list_images([Path(p) for p in args.images], recursive=args.recursive)
     if not paths:
-        raise CommandError(f"no image files in {' '.join(args.images)}")
+        hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
+        raise CommandError(f"no image files in {' '.join(args.images)}{hint}")
     _check_outputs(args.json, args.save)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)

@@ -177,12 +177,22 @@ def prepare(
     return Prepared(batch=batch, resized_hw=resized_hw, original_hw=original_hw)
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    """Expand folders (non-recursively, sorted) into image files; files are kept as given."""
+def list_images(paths: list[Path], recursive: bool = False) -> list[Path]:
+    """Expand folders into their image files (by suffix, sorted; with `recursive`, those of
+    every subfolder too, hidden ones skipped); files are kept as given."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
+        if not path.is_dir():
             found.append(path)
+            continue
+        pattern = "**/*" if recursive else "*"
+        found.extend(
+            sorted(
+                p
+                for p in path.glob(pattern)
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        )
     return found

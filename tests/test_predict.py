@@ -308,3 +308,23 @@ def test_a_failed_detection_call_makes_the_exit_status_1(tiny_model_dir, image_d
     assert code == 1
     assert all(r["verdict"] == "defect" for r in records)
     assert all("detection failed" in r["error"] for r in records), records
+
+
+def test_recursive_takes_the_images_of_subfolders(tiny_model_dir, image_dir, tmp_path, capsys):
+    """A camera archive of dated subfolders: --recursive takes them (hidden ones skipped); without
+    it a folder holding only subfolders is refused with the hint."""
+    archive = tmp_path / "archive"
+    for sub in ("2026-12-01", "2026-12-02/line-b", ".trash"):
+        (archive / sub).mkdir(parents=True)
+    good = (image_dir / "good0.png").read_bytes()
+    for name in ("2026-12-01/a.png", "2026-12-02/line-b/b.png", ".trash/c.png"):
+        (archive / name).write_bytes(good)
+    base = ["predict", str(archive), "--model", str(tiny_model_dir), "--no-progress"]
+    assert main(base) == 2
+    assert "--recursive takes those of subfolders too" in capsys.readouterr().err
+    out = tmp_path / "out.json"
+    assert main([*base, "--recursive", "--json", str(out)]) == 0
+    found = sorted(
+        Path(r["path"]).relative_to(archive).as_posix() for r in json.loads(out.read_text())
+    )
+    assert found == ["2026-12-01/a.png", "2026-12-02/line-b/b.png"]
