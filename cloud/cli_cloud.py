@@ -9,12 +9,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import signal
 import sqlite3
+import threading
 from pathlib import Path
 
-from splitdet.shared.cli import TOKEN_ENV, read_token
+from splitdet.shared.cli import (
+    TOKEN_ENV,
+    CommandError,
+    host_problem,
+    read_pem,
+    read_token,
+    split_host_port,
+    write_ready_file,
+)
 
+log = logging.getLogger(__name__)
+
+#: Bounds of the numeric options: beyond them torch crashes (--threads 100000 segfaults) or
+#: waiting on shutdown overflows (--grace 1e12). Inclusive; None: no upper bound.
+OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "threads": (1, 1024),
+    "max_concurrent": (1, None),
+    "max_message_mib": (1, 2047),  # gRPC's bound is a signed 32-bit byte count
+    "max_decoded_mib": (1, None),
+    "grace": (0, 3600),
+    "metrics_port": (0, 65535),
+    "answers_cap": (0, None),
+}
 EXAMPLE = """\
 example:
   splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464 \\
@@ -55,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="torch threads for the heads (default: all cores)",
+        help="torch threads for the heads, 1-1024 (default: all cores)",
     )
     parser.add_argument(
         "--max-concurrent",
@@ -70,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         metavar="MIB",
-        help="largest gRPC message accepted, MiB (default: %(default)s; int8 "
+        help="largest gRPC message accepted, 1-2047 MiB (default: %(default)s; int8 "
         "features of an 800x960 input are ~16 MB, fp32 ~65 MB); larger "
         "messages are refused with RESOURCE_EXHAUSTED",
     )
@@ -86,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="on shutdown, time in-flight calls get to finish (default: %(default)s)",
+        help="on shutdown, time in-flight calls get to finish, 0-3600 (default: %(default)s)",
     )
     parser.add_argument(
         "--tls-cert",
@@ -155,16 +180,97 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """CommandError naming the first option whose value cannot be served, found before anything
+    heavy is imported or loaded (gRPC would serve a port past 65535 on another port, and say
+    only "cannot listen" about a bad certificate)."""
+    split_host_port(args.listen, "--listen")
+    for name, (low, high) in OPTION_BOUNDS.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and low <= value <= (high or math.inf)):
+            span = f"{low}-{high}" if high is not None else f">= {low}"
+            raise CommandError(f"--{name.replace('_', '-')} must be {span}, got {value}")
+    problem = host_problem(args.metrics_host)
+    if problem:
+        raise CommandError(f"--metrics-host: {problem}")
+    check_tls_files(args.tls_cert, args.tls_key, args.client_ca)
+    ready = args.ready_file
+    if ready is not None and ready.is_dir():
+        raise CommandError(f"--ready-file {ready}: is a directory")
+    if ready is not None and not ready.parent.is_dir():
+        raise CommandError(f"--ready-file {ready}: no folder {ready.parent}")
+    answers = args.answers_db
+    if args.answers_cap and answers.is_dir():
+        raise CommandError(f"--answers-db {answers}: is a directory, give a file")
+    if args.answers_cap:
+        try:
+            answers.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(
+                f"--answers-db {answers}: cannot create its folder {answers.parent} "
+                f"({exc.strerror or exc})"
+            ) from None
+
+
+def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """CommandError naming the TLS option whose file is missing, not PEM, encrypted, or not the
+    key of the certificate: gRPC refuses such files with "cannot listen on ADDRESS" only."""
+    if (cert is None) != (key is None):
+        raise CommandError("--tls-cert and --tls-key go together: give both or neither")
+    if client_ca is not None and cert is None:
+        raise CommandError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for option, path, kind in (("--tls-cert", cert, "certificate"),
+                               ("--tls-key", key, "private key"),
+                               ("--client-ca", client_ca, "certificate")):  # fmt: skip
+        if path is not None:
+            read_pem(option, path, kind)
+    if cert is None:
+        return
+    import ssl
+
+    def no_password() -> bytes:
+        raise CommandError(f"--tls-key {key}: encrypted; gRPC needs an unencrypted key")
+
+    def context() -> ssl.SSLContext:
+        made = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        made.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the files, not this OpenSSL's key policy
+        return made
+
+    for option, path in (("--tls-cert", cert), ("--client-ca", client_ca)):
+        try:
+            if path is not None:
+                context().load_verify_locations(path)
+        except ssl.SSLError:
+            raise CommandError(f"{option} {path}: a damaged PEM certificate") from None
+    try:
+        context().load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CommandError(f"--tls-key {key}: not the key of --tls-cert {cert}") from None
+        raise CommandError(f"--tls-key {key}: a damaged or unsupported private key") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_options(args)
+    # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    log.info("loading model %s", args.model)
+    try:
+        return _run(args, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from splitdet.cloud.server import MIB, ServerConfig, all_cores, serve
-    from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
     try:
         config = ServerConfig(
             model_dir=args.model,
-            listen=args.listen,
-            threads=args.threads or all_cores(),
+            listen=args.listen.strip(),
+            threads=all_cores() if args.threads is None else args.threads,
             max_concurrent=args.max_concurrent,
             max_message_bytes=args.max_message_mib * MIB,
             max_decoded_bytes=args.max_decoded_mib * MIB,
@@ -192,14 +298,15 @@ def run(args: argparse.Namespace) -> int:
             "security": config.security,
         }
         if args.ready_file is not None:
-            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(info) + "\n")
-            tmp.replace(args.ready_file)
+            try:
+                write_ready_file(args.ready_file, info)
+            except OSError as exc:
+                raise CommandError(str(exc)) from None
         if args.json:
             print(json.dumps(info), flush=True)
 
     try:
-        return serve(config, on_ready=on_ready)
+        return serve(config, on_ready=on_ready, stop=stop)
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite

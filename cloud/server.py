@@ -10,9 +10,12 @@ certificate files, and an optional bearer token.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from splitdet.cloud.cli_cloud import OPTION_BOUNDS
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
@@ -87,6 +91,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.max_concurrent < 1:
             raise ValueError("threads and max_concurrent must be at least 1")
+        if self.threads > OPTION_BOUNDS["threads"][1]:
+            raise ValueError(f"threads must be at most {OPTION_BOUNDS['threads'][1]}")
+        if not (math.isfinite(self.grace_s) and self.grace_s <= OPTION_BOUNDS["grace"][1]):
+            raise ValueError(f"grace_s must be finite and at most {OPTION_BOUNDS['grace'][1]}")
         if self.max_message_bytes < MIB or self.max_message_bytes >= 1 << 31:
             raise ValueError("max_message_bytes must be in [1 MiB, 2 GiB)")
         if self.max_decoded_bytes < MIB:
@@ -182,6 +190,7 @@ class CloudServer:
     def start(self) -> CloudServer:
         """Bind, start serving and report SERVING; returns self."""
         config = self.config
+        check_listen_address(config.listen)
         try:
             if config.tls_cert:
                 port = self._server.add_secure_port(config.listen, _server_credentials(config))
@@ -193,9 +202,14 @@ class CloudServer:
             raise OSError(f"cannot listen on {config.listen}")
         self.port = port
         if config.metrics_port is not None:
-            self._metrics_httpd, _ = start_http_server(
-                config.metrics_port, config.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                self._metrics_httpd, _ = start_http_server(
+                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
+                )
+            except (OSError, OverflowError) as exc:  # in use, unresolvable, port out of range
+                self._server.stop(0)
+                where = f"{config.metrics_host}:{config.metrics_port}"
+                raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._server.start()
         for service in ("", SERVICE_NAME):
@@ -237,28 +251,58 @@ class CloudServer:
         self.stop(0)
 
 
-def serve(config: ServerConfig, on_ready=None) -> int:
+def check_listen_address(listen: str) -> None:
+    """OSError naming the cause when `listen` ("host:port") is held by another server or needs
+    privileges; gRPC says only "Failed to bind". Port 0 and other failures are left to gRPC."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+
+
+def serve(config: ServerConfig, on_ready=None, stop: threading.Event | None = None) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; returns 0.
 
     Args:
         config: the settings.
         on_ready: called with the started CloudServer (e.g. to write a ready file).
+        stop: the event that ends serving; if a caller's signal handler set it while the model
+            loaded, the server never starts.
     """
-    server = CloudServer(config).start()
-    stop = threading.Event()
+    stop = threading.Event() if stop is None else stop
+    server = CloudServer(config)
     received: list[int] = []
 
     def on_signal(signum, _frame) -> None:
         received.append(signum)
         stop.set()
 
+    # before start(): once it serves, a signal drains it rather than killing it
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if stop.is_set():
+            log.info("stopped before serving")
+            return 0
+        server.start()
         if on_ready is not None:
             on_ready(server)
         while not stop.wait(0.1):
             pass
-        log.info("%s: draining for up to %.1f s", signal.Signals(received[0]).name, config.grace_s)
+        name = signal.Signals(received[0]).name if received else "stop"
+        log.info("%s: draining for up to %.1f s", name, config.grace_s)
         server.stop()
     finally:
         for sig, handler in previous.items():

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +56,70 @@ def int_in(low: int, high: int | None = None):
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
+
+
+def address_problem(text: str, port_required: bool = True, port_zero: bool = True) -> str | None:
+    """What gRPC would misread without a word in `text` ("host:port" or "[IPv6]:port"), or
+    None: a port past 65535 (99999 becomes 34463), a negative or missing port (443), an
+    unbracketed IPv6 address, an empty host. Port 0 ("any free port") only with `port_zero`;
+    no port at all only without `port_required` (gRPC then takes 443)."""
+    value = text.strip()
+    if value.startswith("["):
+        host, closed, rest = value[1:].partition("]")
+        problem = _ipv6_problem(host) if closed else "an unclosed '[' (expected [IPv6]:port)"
+        if not problem and rest and not rest.startswith(":"):
+            problem = "expected [IPv6]:port, e.g. [::1]:50051"
+        port = rest[1:] if rest else None
+    elif value.count(":") > 1:
+        return "more than one ':' (an IPv6 address goes in brackets, e.g. [::1]:50051)"
+    else:
+        host, colon, port = value.partition(":")
+        problem = host_problem(host) if value else "no address"
+        port = port if colon else None
+    if problem:
+        return problem
+    if not port:  # None: no ':' at all; "": nothing after it
+        if port_required or port == "":
+            return "no port (expected host:port, e.g. 0.0.0.0:50051)"
+        return None
+    low = 0 if port_zero else 1
+    if not (port.isascii() and port.isdigit() and low <= int(port) <= 65535):
+        return f"the port must be a number {low}-65535, got {port!r}"
+    return None
+
+
+def split_host_port(text: str, option: str, port_zero: bool = True) -> tuple[str, int]:
+    """`text` ("host:port" or "[IPv6]:port") as (host, port), brackets dropped; CommandError
+    naming `option` and the value on any `address_problem`."""
+    problem = address_problem(text, port_required=True, port_zero=port_zero)
+    if problem:
+        raise CommandError(f"{option} {text!r}: {problem}")
+    host, _, port = text.strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def host_problem(host: str) -> str | None:
+    """What is wrong with a host name or IP address (IPv6 without brackets), or None."""
+    if not host:
+        return "no host (0.0.0.0 for every interface, 127.0.0.1 for this machine only)"
+    if ":" in host:
+        return _ipv6_problem(host)
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv4 address"
+    elif not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
+def _ipv6_problem(host: str) -> str | None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return f"{host!r} is not an IPv6 address"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +210,38 @@ def read_token(token_file: Path | None) -> str | None:
     return token
 
 
+#: What each kind of PEM file must hold: a line ending with this marker.
+PEM_MARKERS = {"certificate": "-----BEGIN CERTIFICATE-----", "private key": "PRIVATE KEY-----"}
+
+
+def read_pem(option: str, path: Path, kind: str) -> bytes:
+    """The bytes of a PEM `kind` ("certificate" or "private key") file given as `option`;
+    CommandError naming both when it cannot be read or is not PEM (gRPC reads TLS files only
+    when it binds or connects, and then says only that it could not)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{option} {path}: cannot read ({exc.strerror or exc})") from None
+    marker = PEM_MARKERS[kind]
+    if marker.encode() not in data:
+        raise CommandError(f"{option} {path}: not a PEM {kind} (no {marker!r} line)")
+    return data
+
+
+def write_ready_file(path: Path, info: dict) -> None:
+    """Write `info` as one JSON line to `path` whole (a temporary file renamed over it), for
+    supervisors and tests; OSError naming --ready-file when it cannot be written."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(info) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
+
+
 def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
     """`--box-refine-steps N`: the checkpoint's box refinement replaced at inference."""
     parser.add_argument(
@@ -158,4 +256,8 @@ def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m splitdet.shared.cli`: run the imported module's main, whose CommandError is the
+    # one commands raise (this __main__ copy's is another class: a traceback, exit status 1).
+    from splitdet.shared.cli import main as imported_main
+
+    sys.exit(imported_main())
