@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -19,7 +20,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
+from splitdet.edge.cloud_args import (
+    add_cloud_arguments,
+    add_edge_model_arguments,
+    check_cloud_addresses,
+    client_config,
+)
 
 EDGE_EPILOG = """\
 actions:
@@ -286,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         use_json_logs()
     if not args.watch.is_dir():
         raise CommandError(f"--watch {args.watch}: no such folder")
+    check_run_options(args)
+    check_cloud_addresses(args.cloud)
     try:
         client = client_config(args)
         config = DaemonConfig(
@@ -319,12 +327,48 @@ def run(args: argparse.Namespace) -> int:
             ready_file=args.ready_file,
         )
         daemon = EdgeDaemon(config)
-    except (ValueError, ManifestError, StoreError, RuntimeError, OSError) as exc:
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
+    except (ValueError, ManifestError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except (StoreError, OSError, sqlite3.Error) as exc:
         raise CommandError(str(exc)) from None
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """CommandError naming the first `edge run` option whose value cannot work (NaN and
+    infinity included: a NaN threshold flags nothing unnoticed, an infinite wait overflows)."""
+    from splitdet.shared.cli import CommandError
+
+    def refuse(flag: str, value, why: str) -> None:
+        shown = f"{value:g}" if isinstance(value, float) else value
+        raise CommandError(f"{flag} {shown}: {why}")
+
+    for flag, value in (("--settle", args.settle), ("--unreadable-grace", args.unreadable_grace),
+                        ("--drain-timeout", args.drain_timeout)):  # fmt: skip
+        if not (math.isfinite(value) and value >= 0):
+            refuse(flag, value, "must be a number of seconds >= 0")
+    for flag, value in (("--poll", args.poll), ("--retry-initial", args.retry_initial),
+                        ("--retry-max", args.retry_max), ("--timeout", args.timeout),
+                        ("--outbox-max-mb", args.outbox_max_mb)):  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            refuse(flag, value, "must be a number > 0")
+    if args.retry_initial > args.retry_max:
+        refuse("--retry-initial", args.retry_initial, f"is above --retry-max {args.retry_max:g}")
+    if args.outbox_max_mb * 1e6 < 1:
+        refuse("--outbox-max-mb", args.outbox_max_mb, "is less than one byte")
+    if args.outbox_max_items < 1:
+        refuse("--outbox-max-items", args.outbox_max_items, "must be at least 1")
+    if args.threshold is not None and math.isnan(args.threshold):  # above 1: flag nothing
+        refuse("--threshold", args.threshold, "must be a number (p(defect) from 0 to 1)")
+    if args.threads is not None and args.threads < 1:
+        refuse("--threads", args.threads, "must be at least 1 (omit it for all cores)")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        refuse("--metrics-port", args.metrics_port, "must be 0-65535 (0: any free port)")
+    if args.archive is not None and args.after != "archive":
+        refuse("--archive", args.archive, f"is used only with --after archive, not {args.after}")
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -334,21 +378,24 @@ def parse_since(text: str, now: float | None = None) -> float:
     now = time.time() if now is None else now
     text = text.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if len(text) > 1 and text[-1] in units:
-        try:
-            return now - float(text[:-1]) * units[text[-1]]
-        except ValueError:
-            pass
+    number = None
     try:
-        return float(text)
+        if len(text) > 1 and text[-1] in units:
+            number = float(text[:-1])
+            if math.isfinite(number) and number >= 0:
+                return now - number * units[text[-1]]
+        else:
+            number = float(text)
+            if math.isfinite(number):
+                return number
     except ValueError:
         pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise CommandError(
-            f"--since {text!r}: expected 30s/15m/2h/7d, an ISO time or unix seconds"
-        ) from None
+    if number is None:  # not a number: an ISO time?
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass
+    raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
 
 
 def results(args: argparse.Namespace) -> int:
@@ -356,11 +403,11 @@ def results(args: argparse.Namespace) -> int:
     from splitdet.edge.store import RESULT_COLUMNS, StoreError, iter_results, open_readonly
     from splitdet.shared.cli import CommandError
 
-    since = parse_since(args.since) if args.since else None
+    since = parse_since(args.since) if args.since is not None else None
     try:
         db = open_readonly(args.db)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from None
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
     try:
         rows = iter_results(db, since=since, verdict=args.verdict)
         out = sys.stdout

@@ -7,9 +7,10 @@ Only argparse, os and pathlib at import time (the CLI loads this before anything
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from splitdet.shared.cli import TOKEN_ENV, read_token
+from splitdet.shared.cli import TOKEN_ENV, address_problem, read_pem, read_token
 
 
 def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,56 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     )
 
 
+#: gRPC target schemes whose rest is a path or a name (not host:port).
+_PATH_SCHEMES = ("unix:", "unix-abstract:", "xds:")
+
+
+def check_cloud_addresses(text: str) -> str:
+    """`--cloud` stripped, or CommandError naming what gRPC would misread: a missing or bad port
+    (99999 wraps to another port), an IPv6 address without brackets, an empty dns: name, an
+    unknown scheme. gRPC finds these only when the first flagged image is sent."""
+    from splitdet.shared.cli import CommandError
+
+    value = text.strip()
+    problem = None
+    if not value:
+        problem = "no address given"
+    elif value.startswith("dns:"):
+        name = value[4:]
+        if name.startswith("//"):  # dns://[authority]/host[:port]
+            authority, _, name = name[2:].partition("/")
+            if authority:
+                problem = "a DNS server in dns://SERVER/ is not supported; use dns:///name:port"
+        problem = problem or _endpoint_problem(name, port_required=False)
+    elif value.startswith(("ipv4:", "ipv6:")):
+        problem = _list_problem(value[5:].split(","), port_required=False)  # default 443
+    elif value.startswith(_PATH_SCHEMES):
+        if not value.partition(":")[2].strip("/"):
+            problem = "no path or name after the scheme"
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        problem = "unknown scheme: use host:port, ip:port,ip:port or dns:///name:port"
+    else:
+        problem = _list_problem(value.split(","))
+    if problem:
+        raise CommandError(f"--cloud {text!r}: {problem}")
+    return value
+
+
+def _list_problem(endpoints: list[str], port_required: bool = True) -> str | None:
+    for endpoint in endpoints:
+        problem = _endpoint_problem(endpoint, port_required)
+        if problem:  # name the bad one of several
+            return f"{endpoint.strip()!r}: {problem}" if len(endpoints) > 1 else problem
+    return None
+
+
+def _endpoint_problem(endpoint: str, port_required: bool = True) -> str | None:
+    """What is wrong with one "host:port" or "[v6]:port" to connect to, or None."""
+    if not endpoint.strip():
+        return "an empty address (expected host:port)"
+    return address_problem(endpoint, port_required=port_required, port_zero=False)
+
+
 def client_config(args: argparse.Namespace):
     """The ClientConfig the options describe (None when --cloud was not given)."""
     from splitdet.edge.client import ClientConfig
@@ -89,19 +140,16 @@ def client_config(args: argparse.Namespace):
 
     if not args.cloud:
         return None
-    for option, path in (("--root-certs", args.root_certs), ("--client-cert", args.client_cert),
-                         ("--client-key", args.client_key)):  # fmt: skip
+    addresses = check_cloud_addresses(args.cloud)
+    for option, path, kind in (("--root-certs", args.root_certs, "certificate"),
+                               ("--client-cert", args.client_cert, "certificate"),
+                               ("--client-key", args.client_key, "private key")):  # fmt: skip
         # read now, not when the first flagged image is sent (the channel is built lazily)
         if path is not None:
-            try:
-                Path(path).read_bytes()
-            except OSError as exc:
-                raise CommandError(
-                    f"{option} {path}: cannot read ({exc.strerror or exc})"
-                ) from None
+            read_pem(option, path, kind)
     try:
         return ClientConfig(
-            args.cloud,
+            addresses,
             timeout_s=args.timeout,
             tls=args.tls,
             root_certs=args.root_certs,

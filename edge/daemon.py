@@ -47,8 +47,10 @@ from splitdet.edge.store import (
     OutboxCap,
     OutboxFull,
     ResultStore,
+    StoreError,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.shared.cli import write_ready_file
 
 log = logging.getLogger("splitdet.edge")
 
@@ -136,9 +138,38 @@ class DaemonConfig:
     def quarantine(self) -> Path:
         return self.quarantine_dir or self.watch / "quarantine"
 
+    def output_folders(self) -> list[tuple[str, Path]]:
+        """(option, folder) of every folder the daemon moves or writes images into."""
+        folders = [("--quarantine", self.quarantine)]
+        if self.after == "archive":
+            folders.append(("--archive", self.archive))
+        if self.save_annotated is not None:
+            folders.append(("--save-annotated", self.save_annotated))
+        return folders
+
     @property
     def client_config(self) -> ClientConfig:
         return self.client or ClientConfig(self.cloud)
+
+
+def check_paths(config: DaemonConfig) -> None:
+    """ValueError when the daemon would write into its own hot folder: files archived,
+    quarantined or annotated there come back as new images (again and again), and a database
+    or ready file there would be quarantined as an unreadable image."""
+    watch = config.watch.resolve()
+    for flag, folder in config.output_folders():
+        if folder.resolve() == watch:
+            raise ValueError(
+                f"{flag} {folder} is the --watch folder: its files would be processed again; "
+                "give it another folder"
+            )
+    files = [("--db", config.db), ("--ready-file", config.ready_file)]
+    for flag, path in files:
+        if path is not None and path.resolve().parent == watch:
+            raise ValueError(
+                f"{flag} {path} is in the --watch folder, which would take it for an image; "
+                "put it elsewhere"
+            )
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -286,6 +317,7 @@ class EdgeDaemon:
             archive_dir=config.archive.resolve(),
             quarantine_dir=config.quarantine.resolve(),
         )
+        check_paths(config)
         self.config = config
         self.pipeline = pipeline or EdgePipeline(
             EdgeRuntime(config.model_dir, threads=config.threads, device=config.device),
@@ -294,6 +326,7 @@ class EdgeDaemon:
         )
         self.fingerprint = self.pipeline.manifest.fingerprint
         self.store = ResultStore(config.db, config.outbox)
+        self._check_outbox_fingerprints()
         self.folder = HotFolder(config.watch, config.settle_s, config.unreadable_grace_s)
         self.metrics = EdgeMetrics(self.store)
         client_config = config.client_config
@@ -310,6 +343,21 @@ class EdgeDaemon:
         self.metrics_port: int | None = None
         self.processed = 0
 
+    def _check_outbox_fingerprints(self) -> None:
+        """StoreError when the outbox holds requests of another model export: the cloud would
+        refuse them for good (dead letters), so they are delivered by that export first."""
+        other = {fp: n for fp, n in self.store.outbox_fingerprints().items()
+                 if fp != self.fingerprint}  # fmt: skip
+        if other:
+            self.store.close()
+            held = ", ".join(f"{n} by {fingerprint[:12]}" for fingerprint, n in other.items())
+            raise StoreError(
+                f"{self.config.db}: its outbox holds requests of another model export "
+                f"({held}); this edge runs {self.fingerprint[:12]}, and the cloud refuses another "
+                "export's requests for good. Deliver them first with that export's --model "
+                "(and --once), or use a new --db"
+            )
+
     # -------------------------------------------------------------------------- lifecycle
 
     def request_stop(self, signum: int | None = None, _frame=None) -> None:
@@ -320,10 +368,7 @@ class EdgeDaemon:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
         status: 0, or with `once` 1 when requests are still pending (sent on the next run)."""
         config = self.config
-        for folder in (config.watch, config.quarantine):
-            folder.mkdir(parents=True, exist_ok=True)
-        if config.after == "archive":
-            config.archive.mkdir(parents=True, exist_ok=True)
+        self._prepare_folders()
         previous = {}
         if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -339,6 +384,25 @@ class EdgeDaemon:
             pending = self._shutdown()
         _event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
         return 1 if config.once and pending else 0
+
+    def _prepare_folders(self) -> None:
+        """Create the folders the daemon writes into; OSError naming the option when one cannot
+        be created or written, so it fails at start-up rather than file by file."""
+        config = self.config
+        try:
+            os.scandir(config.watch).close()
+        except OSError as exc:
+            raise OSError(f"--watch {config.watch}: cannot list ({exc.strerror or exc})") from None
+        if config.after != "keep" and not os.access(config.watch, os.W_OK | os.X_OK):
+            raise OSError(f"--watch {config.watch}: --after {config.after} removes files from "
+                          "it, but it is not writable")  # fmt: skip
+        for flag, folder in config.output_folders():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OSError(f"{flag} {folder}: cannot create ({exc.strerror or exc})") from None
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OSError(f"{flag} {folder}: not writable")
 
     def _start_services(self) -> None:
         config = self.config
@@ -370,9 +434,7 @@ class EdgeDaemon:
         if config.ready_file is not None:
             info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
                     "fingerprint": self.fingerprint}  # fmt: skip
-            tmp = config.ready_file.with_name(config.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(info) + "\n")
-            tmp.replace(config.ready_file)
+            write_ready_file(config.ready_file, info)
 
     def _shutdown(self) -> int:
         """Stop the sender and the metrics endpoint; returns the outbox depth left."""

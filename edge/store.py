@@ -226,7 +226,12 @@ class ResultStore:
     def __init__(self, path: Path | str, cap: OutboxCap | None = None) -> None:
         self.path = Path(path)
         self.cap = cap or OutboxCap()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot create its folder ({exc.strerror or exc})"
+            ) from None
         self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(
@@ -261,6 +266,8 @@ class ResultStore:
                     f"{self.path}: schema version {version} is newer than this splitdet's "
                     f"{SCHEMA_VERSION}; upgrade splitdet"
                 )
+            else:  # a write now: a read-only file fails here, not at the first image
+                db.execute(f"PRAGMA user_version = {version}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -515,6 +522,14 @@ class ResultStore:
             if cursor.rowcount:
                 self._count(db, "dead_letters")
             return bool(cursor.rowcount)
+
+    def outbox_fingerprints(self) -> dict[str, int]:
+        """Requests in the outbox by the model fingerprint they were made with."""
+        rows = self._query(
+            "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
+            " GROUP BY i.fingerprint"
+        )
+        return {fingerprint: int(n) for fingerprint, n in rows}
 
     def outbox_stats(self) -> OutboxStats:
         depth, size, oldest = self._query(
