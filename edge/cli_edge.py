@@ -123,6 +123,13 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         help="the hot folder the camera writes into",
     )
     p.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="take the images of --watch's subfolders too (camera software that writes a "
+        "folder per day or line); hidden folders, the quarantine and the archive are skipped",
+    )
+    p.add_argument(
         "--db",
         required=True,
         type=Path,
@@ -299,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
         config = DaemonConfig(
             model_dir=args.model,
             watch=args.watch,
+            recursive=args.recursive,
             cloud=args.cloud,
             db=args.db,
             after=args.after,

@@ -67,6 +67,7 @@ class DaemonConfig:
     Attributes:
         model_dir: exported model directory (`splitdet export`).
         watch: the hot folder.
+        recursive: take the images of its subfolders too (not the quarantine or archive).
         cloud: cloud address(es), as ClientConfig.addresses.
         db: the SQLite results + outbox file.
         after: what happens to a processed image file: keep, archive or delete.
@@ -115,6 +116,7 @@ class DaemonConfig:
     metrics_host: str = "0.0.0.0"
     save_annotated: Path | None = None
     ready_file: Path | None = None
+    recursive: bool = False
 
     def __post_init__(self) -> None:
         if self.after not in AFTER_POLICIES:
@@ -163,9 +165,17 @@ def check_paths(config: DaemonConfig) -> None:
                 f"{flag} {folder} is the --watch folder: its files would be processed again; "
                 "give it another folder"
             )
+    outputs = [folder.resolve() for _, folder in config.output_folders()]
+
+    def scanned(path: Path) -> bool:  # would the hot folder list this file?
+        if not config.recursive:
+            return path.parent == watch
+        inside = path.is_relative_to(watch)
+        return inside and not any(path.is_relative_to(folder) for folder in outputs)
+
     files = [("--db", config.db), ("--ready-file", config.ready_file)]
     for flag, path in files:
-        if path is not None and path.resolve().parent == watch:
+        if path is not None and scanned(path.resolve()):
             raise ValueError(
                 f"{flag} {path} is in the --watch folder, which would take it for an image; "
                 "put it elsewhere"
@@ -327,7 +337,13 @@ class EdgeDaemon:
         self.fingerprint = self.pipeline.manifest.fingerprint
         self.store = ResultStore(config.db, config.outbox)
         self._check_outbox_fingerprints()
-        self.folder = HotFolder(config.watch, config.settle_s, config.unreadable_grace_s)
+        self.folder = HotFolder(
+            config.watch,
+            config.settle_s,
+            config.unreadable_grace_s,
+            recursive=config.recursive,
+            exclude=tuple(folder for _, folder in config.output_folders()),
+        )
         self.metrics = EdgeMetrics(self.store)
         client_config = config.client_config
         self.sender = Sender(
@@ -469,7 +485,7 @@ class EdgeDaemon:
             if self.handle(candidate):
                 handled = True
             else:
-                skip.add(candidate.path.name)
+                skip.add(candidate.name)
         return handled
 
     def _drain(self, timeout_s: float) -> None:

@@ -21,6 +21,11 @@ being written does not hold back complete ones behind it.
 
 Ignored names: hidden files (".name") and the usual in-progress suffixes (IN_PROGRESS_SUFFIXES),
 so writers that write to a temporary name and rename are picked up only after the rename.
+
+With `recursive`, files in subfolders count too (camera software that writes a folder per day or
+per line), tracked by their path below the hot folder; hidden folders, symbolic links to folders
+and the `exclude`d folders (the daemon's own quarantine and archive, when they lie inside) are
+not entered.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Candidate:
         file_key: "name|size|mtime_ns|inode": this arrival's identity.
         first_seen: unix s when the watcher first saw this version of the file.
         stable_since: monotonic s since when size and mtime have not changed.
+        name: the file's path below the hot folder, "/"-separated; what the folder tracks it by.
     """
 
     path: Path
@@ -57,6 +63,7 @@ class Candidate:
     first_seen: float
     stable_since: float
     order: int = 0
+    name: str = ""  # the path below the hot folder ("a.png", "2026-12-04/a.png"): its key
 
 
 @dataclass(frozen=True)
@@ -92,39 +99,65 @@ class HotFolder:
     """Tracks files in one folder until they are complete; see the module docstring.
 
     Args:
-        folder: the hot folder (not recursive).
+        folder: the hot folder.
         settle_s: seconds a file's size and mtime must stay unchanged before it is read.
         unreadable_grace_s: seconds an unchanged file that does not decode is given before it
             is handed over as an error (quarantine).
+        recursive: take the files of subfolders too (see the module docstring).
+        exclude: folders never entered with `recursive` (where the daemon moves files to).
     """
 
-    def __init__(self, folder: Path, settle_s: float = 1.0, unreadable_grace_s: float = 10.0):
+    def __init__(
+        self,
+        folder: Path,
+        settle_s: float = 1.0,
+        unreadable_grace_s: float = 10.0,
+        recursive: bool = False,
+        exclude: tuple[Path, ...] = (),
+    ):
         if settle_s < 0 or unreadable_grace_s < 0:
             raise ValueError("settle and grace times must be non-negative")
         self.folder = Path(folder)
         self.settle_s = settle_s
         self.unreadable_grace_s = unreadable_grace_s
-        self._tracked: dict[str, Candidate] = {}  # by name
+        self.recursive = recursive
+        self._exclude = {Path(p).resolve() for p in exclude}
+        self._tracked: dict[str, Candidate] = {}  # by name (path below the folder)
         self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
         self._next_order = 0
+
+    def _files(self, folder: Path, prefix: str = ""):
+        """(name below the hot folder, path, stat) of every file to consider in `folder`."""
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except (FileNotFoundError, NotADirectoryError):
+            if prefix:  # a subfolder removed while scanning
+                return
+            raise
+        for entry in entries:
+            if is_ignored_name(entry.name):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    yield prefix + entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
+                elif (
+                    self.recursive
+                    and entry.is_dir(follow_symlinks=False)
+                    and Path(entry.path).resolve() not in self._exclude
+                ):
+                    yield from self._files(Path(entry.path), f"{prefix}{entry.name}/")
+            except FileNotFoundError:
+                continue
 
     def scan(self) -> None:
         """Look at the folder once: note new files, changes and removals."""
         now_wall, now = time.time(), time.monotonic()
         seen: set[str] = set()
         found: list[tuple[int, str, Path, os.stat_result]] = []
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                if is_ignored_name(entry.name):
-                    continue
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    stat = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                seen.add(entry.name)
-                found.append((stat.st_mtime_ns, entry.name, Path(entry.path), stat))
+        for name, path, stat in self._files(self.folder):
+            seen.add(name)
+            found.append((stat.st_mtime_ns, name, path, stat))
         for name in list(self._tracked):
             if name not in seen:
                 del self._tracked[name]
@@ -143,7 +176,7 @@ class HotFolder:
                 tracked.stable_since = now
                 continue
             self._tracked[name] = Candidate(
-                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order
+                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order, name
             )
             self._next_order += 1
 
@@ -177,7 +210,7 @@ class HotFolder:
                 error = None
             stat = candidate.path.stat()
         except FileNotFoundError:
-            self._tracked.pop(candidate.path.name, None)
+            self._tracked.pop(candidate.name, None)
             return None
         except OSError as exc:
             data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
@@ -204,9 +237,9 @@ class HotFolder:
 
     def forget(self, candidate: Candidate) -> None:
         """The file was handled (moved or deleted): stop tracking it."""
-        self._tracked.pop(candidate.path.name, None)
+        self._tracked.pop(candidate.name, None)
 
     def ignore(self, candidate: Candidate) -> None:
         """The file stays in the folder but is done: skip it until it changes."""
-        self._tracked.pop(candidate.path.name, None)
-        self._ignored[candidate.path.name] = candidate.file_key
+        self._tracked.pop(candidate.name, None)
+        self._ignored[candidate.name] = candidate.file_key

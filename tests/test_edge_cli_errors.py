@@ -129,6 +129,18 @@ def test_the_daemon_never_writes_into_its_own_hot_folder(tiny_model_dir, hot, tm
     assert sorted(p.name for p in hot.iterdir()) == before
 
 
+def test_recursive_refuses_a_database_in_a_subfolder_but_not_in_the_quarantine(
+    tiny_model_dir, hot, tmp_path, capsys
+):
+    """With --recursive a subfolder is part of the hot folder; the quarantine is not."""
+    (hot / "day").mkdir()
+    assert _edge_run(tiny_model_dir, hot, hot / "day" / "edge.sqlite", "--recursive") == 2
+    _error_line(capsys, "--db", "--watch folder")
+    assert not (hot / "day" / "edge.sqlite").exists()
+    quarantined_db = hot / "quarantine" / "edge.sqlite"
+    assert _edge_run(tiny_model_dir, hot, quarantined_db, "--recursive", "--threshold", "2") == 0
+
+
 @pytest.mark.parametrize(
     ("flag", "target"),
     [

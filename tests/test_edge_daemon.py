@@ -231,11 +231,11 @@ def processes():
 
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir) -> ImagePool:
-    """~100 distinct 72x96 PNGs of random texture and brightness, with p(defect)."""
+    """~110 distinct 72x96 PNGs of random texture and brightness, with p(defect)."""
     pipeline = EdgePipeline(EdgeRuntime(tiny_model_dir, threads=1))
     rng = np.random.default_rng(6)
     images = []
-    for _ in range(100):
+    for _ in range(110):
         brightness = rng.uniform(0.05, 1.0)
         array = (rng.random((72, 96, 3)) * 255 * brightness).astype(np.uint8)
         data = png_bytes(array)
@@ -581,6 +581,54 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
     # A second batch run finds nothing new: kept files are recognised, not processed again.
     edge.start(tiny_model_dir)
     assert edge.process.wait(timeout=60) == 0
+    assert len(rows(db)) == len(table)
+
+
+def test_recursive_takes_subfolders_but_not_its_own_outputs(
+    tiny_model_dir, pool, tmp_path, processes
+):
+    """A camera writing a folder per day: --recursive processes every subfolder's images (the
+    same name in two folders is two images), quarantines a bad one from a subfolder, and never
+    enters hidden folders or its own archive and quarantine inside --watch; without it,
+    subfolders are left alone."""
+    images = pool.take(4)
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    for sub in ("2026-12-03", "2026-12-04/line-b", ".trash", "archive", "quarantine"):
+        (watch / sub).mkdir(parents=True)
+    write_files(watch, images[:1], ["top.png"])
+    write_files(watch / "2026-12-03", images[1:2], ["a.png"])
+    write_files(watch / "2026-12-04/line-b", images[2:3], ["a.png"])  # the same name again
+    (watch / "2026-12-04" / "broken.png").write_bytes(images[3].data[:40])
+    for skipped in (".trash", "archive", "quarantine"):  # hidden, or the daemon's own outputs
+        write_files(watch / skipped, images[3:], ["old.png"])
+
+    flat = EdgeProcess(tmp_path / "flat", watch, "127.0.0.1:9", tmp_path / "flat.sqlite",
+                       "--once", "--threshold", "2")  # fmt: skip
+    (tmp_path / "flat").mkdir()
+    processes.append(flat.start(tiny_model_dir))
+    assert flat.process.wait(timeout=60) == 0, flat.log()
+    assert [Path(r["path"]).name for r in rows(tmp_path / "flat.sqlite")] == ["top.png"]
+
+    edge = EdgeProcess(tmp_path, watch, "127.0.0.1:9", db, "--once", "--threshold", "2",
+                       "--recursive", "--after", "archive")  # fmt: skip
+    processes.append(edge.start(tiny_model_dir))
+    assert edge.process.wait(timeout=60) == 0, edge.log()
+    table = rows(db)
+    by_path = {Path(r["path"]).relative_to(watch).as_posix(): r for r in table}
+    assert sorted(by_path) == [
+        "2026-12-03/a.png", "2026-12-04/broken.png", "2026-12-04/line-b/a.png", "top.png",
+    ]  # fmt: skip
+    assert by_path["2026-12-04/broken.png"]["verdict"] == "error"
+    assert {by_path[k]["verdict"] for k in by_path if k.endswith("a.png") or k == "top.png"} == {
+        "ok"
+    }
+    archived = sorted(p.name for p in (watch / "archive").iterdir())
+    assert len(archived) == 4 and "old.png" in archived  # three images moved in beside old.png
+    for skipped in (".trash", "quarantine"):
+        assert (watch / skipped / "old.png").exists()
+    # a second run finds nothing new: the archive and quarantine are not read back
+    edge.start(tiny_model_dir)
+    assert edge.process.wait(timeout=60) == 0, edge.log()
     assert len(rows(db)) == len(table)
 
 
