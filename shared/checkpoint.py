@@ -50,7 +50,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        why = _why_unreadable(path, exc)
+        why = why_unreadable(path, exc)
         raise CheckpointError(f"{path}: not a readable checkpoint ({why})") from exc
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"{path}: not a splitdet checkpoint (no 'model'/'config' entries)")
@@ -62,7 +62,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _why_unreadable(path: Path, exc: Exception) -> str:
+def why_unreadable(path: Path, exc: Exception) -> str:
     """One line on why torch.load refused `path` (its own messages run to a dozen lines and
     suggest weights_only=False, which would run whatever code the file holds)."""
     with open(path, "rb") as file:

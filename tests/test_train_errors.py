@@ -151,3 +151,37 @@ def test_unreadable_checkpoints_are_named_in_one_line(finished_run, tmp_path):
         message = str(caught.value)
         assert message.startswith(f"{tmp_path / name}: not a readable checkpoint"), message
         assert reason in message and "\n" not in message and "weights_only" not in message
+
+
+def test_a_diverging_run_ends_in_one_line(tiny_voc, tmp_path, capsys):
+    """A loss gone to nan raised FloatingPointError through the command: a traceback."""
+    run = tmp_path / "run"
+    assert main(_argv(tiny_voc, run, "--lr", "1e30")) == 2
+    _error(capsys, "training diverged", "loss is nan", "lower the lr")
+    assert not (run / "last.pt").exists()
+
+
+def test_resuming_with_other_classes_names_them(tiny_voc, finished_run, tmp_path, capsys):
+    """The refusal blamed the preset ('tiny' there, 'tiny' here): it names the difference."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(_argv(tiny_voc, run, "--resume", "--classes", "scratch,dent")) == 2
+    _error(capsys, "another configuration", "class_names ['scratch'] there", "'dent'] here")
+
+
+def test_resuming_on_other_data_is_reported(tiny_voc, finished_run, tmp_path, caplog):
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(finished_run, run)
+    shutil.copytree(tiny_voc, data)
+    with caplog.at_level("WARNING", logger="splitdet.training.train"):
+        train(replace(CONFIG, epochs=2), tiny_voc, run, resume=True, progress=False, max_iters=1)
+        assert "trained on" not in caplog.text  # the run's own data
+        train(replace(CONFIG, epochs=3), data, run, resume=True, progress=False, max_iters=1)
+    assert f"trained on {tiny_voc.resolve()}, now resumed on {data.resolve()}" in caplog.text
+
+
+def test_an_init_file_that_is_no_checkpoint_is_named(tiny_voc, tmp_path, capsys):
+    """torch.load's message for a text file was its first byte's value: '(101)'."""
+    (tmp_path / "notes.pt").write_text("epochs: 30\n")
+    assert main(_argv(tiny_voc, tmp_path / "run", "--init", str(tmp_path / "notes.pt"))) == 2
+    _error(capsys, "--init", "notes.pt: not a readable checkpoint", "not a file written by torch")

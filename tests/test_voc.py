@@ -232,3 +232,47 @@ def test_duplicate_ids_and_oversized_files(tmp_path, monkeypatch):
     monkeypatch.setattr(voc, "MAX_ANNOTATION_BYTES", 10)
     with pytest.raises(VocError, match=r"dup\.xml.*larger"):
         voc.read_split(tmp_path, "s")
+
+
+def test_a_split_file_with_a_byte_order_mark_and_windows_line_ends(tmp_path):
+    """Notepad's UTF-8 starts with a BOM: it was read into the first id ('\\ufeffa.xml: not
+    found', the culprit invisible in the message)."""
+    _write(tmp_path, _samples(tmp_path))
+    (tmp_path / "ImageSets" / "Main" / "bom.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\r\nc\r\n")
+    assert [s.image_id for s in voc.read_split(tmp_path, "bom")] == ["a", "b", "c"]
+
+
+def test_sixteen_bit_images_keep_their_scale(tmp_path):
+    """A 16-bit grayscale image decodes as the edge decodes it (value / 65535), to 8 bits:
+    convert("RGB") clipped every value above 255 to white, so training saw a blank image."""
+    import numpy as np
+
+    from splitdet.edge.preprocess import load_image
+
+    values = np.array([[0, 255, 256, 1000, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    decoded = np.asarray(voc.load_rgb(path))
+    assert decoded.shape == (3, 6, 3) and (decoded == decoded[..., :1]).all()  # grey as RGB
+    edge = load_image(path)[0] * 255.0
+    assert np.abs(decoded[..., 0] - edge).max() <= 0.5
+    assert decoded[0].tolist() == [[0] * 3, [1] * 3, [1] * 3, [4] * 3, [128] * 3, [255] * 3]
+
+
+def test_a_size_swapped_by_exif_rotation_is_explained(tmp_path):
+    """A JPEG tagged to be shown turned by 90 degrees, annotated on the turned view: the
+    mismatch says why and what to do (splitdet, like the edge, reads the stored pixels)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    path = tmp_path / "JPEGImages" / "turned.jpg"
+    path.parent.mkdir(parents=True)
+    Image.new("RGB", (W, H), (90, 90, 90)).save(path, exif=exif)
+    voc.write_annotation(tmp_path / "Annotations" / "turned.xml", VocSample("turned", path, H, W))
+    voc.write_split(tmp_path, "s", ["turned"])
+    with pytest.raises(VocError, match=r"turned\.xml: <size> says 48x64 .*EXIF orientation"):
+        voc.read_split(tmp_path, "s")
+    Image.new("RGB", (W, H), (90, 90, 90)).save(path)  # no tag: a plain mismatch
+    with pytest.raises(VocError) as info:
+        voc.read_split(tmp_path, "s")
+    assert "EXIF" not in str(info.value)

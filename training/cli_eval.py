@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitdet.shared.cli import add_box_refine_option
+from splitdet.shared.cli import add_box_refine_option, int_in
 
 EXAMPLE = """example:
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json runs/cpu/test.json
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="do not write the calibrated threshold into the checkpoint",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int_in(1), default=1, help="images per forward pass")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_box_refine_option(parser)
     parser.set_defaults(handler=run)
@@ -77,16 +77,27 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.training import voc
     from splitdet.training.evaluate import evaluate
 
+    # here, not after predicting every image (where calibration found it)
+    if not 0.0 < args.target_recall <= 1.0:
+        raise CommandError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     try:
         model, checkpoint = load_model(
             Path(args.checkpoint), box_refine_steps=args.box_refine_steps
         )
         names = model.config.class_names
         samples = voc.read_split(Path(args.data), args.split, names)
+        if not samples:
+            raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
         calibration = None
         if args.calibrate_split.lower() != "none":
             calibration_root = Path(args.calibrate_data or args.data)
             calibration = voc.read_split(calibration_root, args.calibrate_split, names)
+            if not any(s.is_defective for s in calibration):
+                raise CommandError(
+                    f"{_split_path(calibration_root, args.calibrate_split)}: no defective "
+                    "image to calibrate the gate on; give another --calibrate-split, or "
+                    "--calibrate-split none to keep the checkpoint's threshold"
+                )
         metrics = evaluate(
             model,
             samples,
@@ -118,3 +129,10 @@ def run(args: argparse.Namespace) -> int:
         detail = getattr(exc, "strerror", None) or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0
+
+
+def _split_path(root, split: str):
+    """The file listing `split` in the VOC tree at `root`."""
+    from pathlib import Path
+
+    return Path(root) / "ImageSets" / "Main" / f"{split}.txt"

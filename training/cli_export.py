@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from splitdet.shared.cli import add_box_refine_option
+from splitdet.shared.cli import add_box_refine_option, int_in
 
 EPILOG = """\
 example:
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--calibration-images",
-        type=int,
+        type=int_in(1),
         default=16,
         metavar="N",
         help="images calibrating --quantize-edge, evenly spaced over the split (default: 16)",

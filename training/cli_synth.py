@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="dataset seed (default: 0)")
     p.add_argument(
         "--size",
         type=_size,

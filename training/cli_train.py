@@ -139,6 +139,7 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    from pathlib import Path
 
     from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError
@@ -159,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
         changes["crop"] = args.crop or None
     model_changes = {}
     if args.classes:
-        model_changes["class_names"] = tuple(
-            n.strip() for n in args.classes.split(",") if n.strip()
-        )
+        names = tuple(n.strip() for n in args.classes.split(",") if n.strip())
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # the second would take the label of the first, which then never trains
+            raise CommandError(f"--classes {args.classes!r}: {twice[0]!r} is listed twice")
+        model_changes["class_names"] = names
     if args.gate_on:
         model_changes["gate_level"] = GATE_LEVELS[args.gate_on]
     try:
@@ -174,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (InitError, VocError, CheckpointError, ValueError) as exc:
         raise CommandError(_one_line(exc)) from exc
+    except FloatingPointError as exc:  # diverged: the epochs finished before it are in last.pt
+        last = Path(args.out) / "last.pt"
+        kept = f" ({last} holds the last finished epoch)" if last.is_file() else ""
+        raise CommandError(f"training diverged: {exc}{kept}") from exc
     if args.json:
         print(json.dumps(row, indent=2))
     else:

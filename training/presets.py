@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -18,6 +19,8 @@ from splitdet.shared.config import ModelConfig
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("step", "cosine", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
+#: Largest --seed: torch seeds are 64-bit, and DistributedSampler adds the epoch to it.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,34 @@ class TrainConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("batch_size and epochs must be >= 1")
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be 0-{MAX_SEED}, got {self.seed}")
+        # nan and inf pass a plain `> 0`: nan trains on nan weights, inf on none
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        # a negative budget ended the run before its first step, nan never ended it, and inf
+        # failed after the first epoch
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes >= 0):
+            raise ValueError(f"minutes must be a number >= 0, got {self.minutes}")
         if self.crop is not None and (self.crop <= 0 or self.crop % 32):
             raise ValueError(f"crop must be a positive multiple of 32, got {self.crop}")
+        if self.crop is not None and self.crop > self.model.max_size:
+            # the crop is at the model's input scale: past its longest side it is black padding
+            raise ValueError(
+                f"crop {self.crop} is larger than the model's input (max_size "
+                f"{self.model.max_size} px); give a smaller crop, or 0 for whole images"
+            )
+        if len(set(self.model.class_names)) < len(self.model.class_names):
+            twice = sorted(
+                {n for n in self.model.class_names if self.model.class_names.count(n) > 1}
+            )
+            raise ValueError(f"class names must differ: {', '.join(map(repr, twice))} twice")
         if not 0.0 <= self.whole_image_fraction < 1.0:
             raise ValueError(
                 f"whole_image_fraction must be in [0, 1), got {self.whole_image_fraction}"

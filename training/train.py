@@ -34,7 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
-from splitdet.shared.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from splitdet.shared.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    save_checkpoint,
+    why_unreadable,
+)
 from splitdet.shared.config import ModelConfig
 from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
 from splitdet.training.dataset import CropSettings, VocDetection, collate
@@ -110,8 +115,9 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
         raise InitError(f"--init {init!r}: not imagenet, coco, none, nor an existing file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InitError(f"{path}: not a readable checkpoint or state dict ({exc})") from exc
+    except Exception as exc:  # torch's own message runs to lines, or is just a byte's value
+        why = why_unreadable(path, exc)
+        raise InitError(f"--init {path}: not a readable checkpoint or state dict ({why})") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -572,9 +578,10 @@ def train(
         if saved_model != config.model:
             saved = checkpoint.get("train_config", {}).get("name", "another recipe")
             raise ValueError(
-                f"{last_path} holds a model of another configuration (preset {saved!r}) than "
-                f"this run's ({config.name!r}); resume it with the same --preset, or give a "
-                "new --out"
+                f"{last_path} holds a model of another configuration than this run's "
+                f"({_model_difference(saved_model, config.model)}; preset {saved!r} there, "
+                f"{config.name!r} here); resume it with the same --preset, --classes and "
+                "--gate-on, or give a new --out"
             )
         try:
             model.load_state_dict(checkpoint["model"])
@@ -590,6 +597,14 @@ def train(
                 lr_scheduler.budget_seconds = fresh["budget_seconds"]
                 lr_scheduler.total_iters = fresh["total_iters"]
                 lr_scheduler._apply()
+        trained_on = checkpoint.get("data")
+        if trained_on is not None and trained_on != str(data_dir.resolve()):
+            # allowed (a moved dataset), but best.pt compares validation passes of both
+            log.warning(
+                "%s was trained on %s, now resumed on %s: best.pt keeps the best validation "
+                "of either",
+                last_path, trained_on, data_dir.resolve(),
+            )  # fmt: skip
         clock.seconds = float(checkpoint.get("train_seconds", 0.0))
         # a run its budget ended stays ended when resumed with the same budget
         epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
@@ -686,6 +701,7 @@ def train(
                 "epoch": epoch,
                 "gate_threshold": gate_threshold,
                 "train_config": config.to_dict(),
+                "data": str(data_dir.resolve()),
                 "train_seconds": clock.seconds,
                 "epoch_seconds": epoch_seconds,
                 "history": history,
@@ -705,6 +721,13 @@ def train(
     if world > 1:
         dist.barrier()
     return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
+
+
+def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
+    """The settings in which two model configurations differ: "name A there, B here", ..."""
+    there, here = saved.to_dict(), wanted.to_dict()
+    keys = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+    return ", ".join(f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in keys)
 
 
 def _advance(overall, clock: TrainClock) -> None:

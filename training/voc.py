@@ -53,6 +53,13 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 #: Annotation files larger than this are refused (a VOC annotation is a few KB).
 MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
 
+#: The EXIF orientation tag, and its values that show the image turned by 90 degrees.
+EXIF_ORIENTATION = 0x0112
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+
+#: Pillow modes of 16-bit grayscale images (and 32-bit integer ones holding 16-bit values).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
 
 class VocError(ValueError):
     """A malformed or inconsistent VOC dataset; the message names the offending file."""
@@ -100,7 +107,7 @@ def read_split_ids(root: Path, split: str) -> list[str]:
     if not path.is_file():
         raise VocError(f"{path}: split file not found (no split {split!r} under {root})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors may start with a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise VocError(f"{path}: cannot read split file: {exc}") from exc
     ids: list[str] = []
@@ -201,6 +208,17 @@ def _image_size(image_path: Path, ann_path: Path) -> tuple[int, int]:
         raise VocError(f"{image_path}: cannot read image (for {ann_path.name}): {exc}") from exc
 
 
+def _exif_orientation(image_path: Path) -> int:
+    """The image's EXIF orientation tag (1, upright, when it has none or cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as img:
+            return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a hint only: the caller reports the problem it found
+        return 1
+
+
 def load_rgb(image_path: Path):
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
     body is corrupt or truncated (its header, read when the split was, looked fine)."""
@@ -208,7 +226,16 @@ def load_rgb(image_path: Path):
 
     try:
         with Image.open(image_path) as img:
+            if img.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip them at 255
+                wide = img.convert("I")
+                low, high = wide.getextrema()
+                if low < 0 or high > 65535:
+                    raise VocError(f"{image_path}: pixels outside 0..65535 are not supported")
+                # scaled as the edge scales them (to [0, 1] over 0..65535), rounded to 8 bits
+                return wide.point(lambda v: v / 257 + 0.5).convert("L").convert("RGB")
             return img.convert("RGB")
+    except VocError:
+        raise
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
         raise VocError(f"{image_path}: cannot decode image: {exc}") from None
 
@@ -246,9 +273,17 @@ def read_annotation(
     elif check_image:
         actual = _image_size(image_path, path)
         if actual != (width, height):
+            hint = ""
+            turned = _exif_orientation(image_path) in ROTATING_ORIENTATIONS
+            if turned and actual == (height, width):
+                hint = (
+                    ": its EXIF orientation tag shows it turned by 90 degrees, as the annotation "
+                    "tool did, but splitdet reads the pixels as stored, like the edge; save the "
+                    "image with the turn applied (PIL.ImageOps.exif_transpose) and the boxes fit"
+                )
             raise VocError(
                 f"{path}: <size> says {width}x{height} but {image_path.name} is "
-                f"{actual[0]}x{actual[1]}"
+                f"{actual[0]}x{actual[1]}{hint}"
             )
 
     known = None if class_names is None else set(class_names)
