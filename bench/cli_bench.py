@@ -25,6 +25,10 @@ jpegQ-to-cloud (the image as JPEG, the whole detector in the cloud).
 """
 
 
+#: --images at most: beyond it a run would take months (and its streams gigabytes to hold).
+MAX_IMAGES = 1_000_000
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -34,6 +38,10 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from None
     if not all(0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"defect rates must be in [0, 1]: {text!r}")
+    keys = [f"{v:g}" for v in values]  # the report's keys: a repeated rate would overwrite one
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"defect rate {twice} listed twice: {text!r}")
     return values
 
 
@@ -48,6 +56,9 @@ def _codecs(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(
             f"unknown codec {unknown[0]!r}; choose from {', '.join(CODECS)}"
         )
+    twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if twice is not None:  # two systems of one name would mix their outcomes
+        raise argparse.ArgumentTypeError(f"codec {twice!r} listed twice: {text!r}")
     return names
 
 
@@ -70,7 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="VOC dataset")
     p.add_argument("--split", default="test", help="split the streams are drawn from")
     p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
-    p.add_argument("--images", type=int_in(1), default=100, metavar="N", help="images per stream")
+    p.add_argument(
+        "--images",
+        type=int_in(1, MAX_IMAGES),
+        default=100,
+        metavar="N",
+        help="images per stream (a small split's images are repeated; report.md counts the "
+        "unique ones)",
+    )
     p.add_argument(
         "--codecs",
         type=_codecs,
@@ -93,7 +111,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the gate's verdict is the ground truth (the gate still runs and is "
         "timed): for timing untrained weights; labelled in the report",
     )
-    p.add_argument("--threads", type=int, default=None, help="threads per process (default: all)")
+    p.add_argument(
+        "--threads",
+        type=int_in(1, 1024),
+        default=None,
+        help="threads per process, 1-1024 (default: all cores)",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
@@ -101,10 +124,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print report.md."""
-    from splitdet.bench.processes import ServiceError
-    from splitdet.bench.run import BenchConfig, run_benchmark
-    from splitdet.shared.checkpoint import CheckpointError
+    from splitdet.bench.streams import images_needed
     from splitdet.shared.cli import CommandError
+
+    for rate in args.defect_rates:  # before anything loads: a stream that is not of its rate
+        if args.images < images_needed(rate):
+            raise CommandError(
+                f"--defect-rates {rate:g} with --images {args.images}: "
+                f"{round(rate * args.images)} of {args.images} images defective is not that "
+                f"rate; use --images {images_needed(rate)} or more"
+            )
+
+    from splitdet.bench.processes import ServiceError
+    from splitdet.bench.run import BenchConfig, run_benchmark, written_by
+    from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.manifest import ManifestError
     from splitdet.training.voc import VocError
 
@@ -126,14 +159,14 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         run_benchmark(config)
-    except (ManifestError, CheckpointError, VocError, ServiceError, ValueError) as exc:
-        message = str(exc)
-        if (config.out_dir / "report.json").is_file():
-            message += f"\nthe defect rates finished before it: {config.out_dir / 'report.md'}"
+    except (ManifestError, CheckpointError, VocError, ServiceError, ValueError, OSError) as exc:
+        message, done = str(exc), written_by(config)  # not an earlier run's report in --out
+        if done:
+            message += f"\nthe defect rates finished before it: {done}"
         raise CommandError(message) from None
     except KeyboardInterrupt:
-        if (config.out_dir / "report.json").is_file():
-            done = config.out_dir / "report.md"
+        done = written_by(config)
+        if done:
             print(f"splitdet bench: the defect rates finished so far: {done}", file=sys.stderr)
         raise
     print((config.out_dir / "report.md").read_text())

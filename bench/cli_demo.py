@@ -6,8 +6,11 @@ Only argparse and the standard library at import time.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
+
+from splitdet.shared.cli import int_in
 
 EPILOG = """\
 example:
@@ -30,6 +33,22 @@ def default_workdir() -> Path:
     return Path(cache) / "splitdet" / "demo"
 
 
+def _float_in(low: float, high: float = math.inf):
+    """An argparse `type` for finite numbers in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            span = f"{low:g}-{high:g}" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text!r}")
+        return value
+
+    return parse
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand."""
     p = subparsers.add_parser(
@@ -46,8 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"cache and outputs (default: {default_workdir()})",
     )
-    p.add_argument("--images", type=int, default=100, help="images the camera sends (100)")
-    p.add_argument("--defect-rate", type=float, default=0.05, help="of the stream (0.05)")
+    p.add_argument(
+        "--images", type=int_in(1, 1_000_000), default=100, help="images the camera sends (100)"
+    )
+    p.add_argument(
+        "--defect-rate", type=_float_in(0.0, 1.0), default=0.05, help="of the stream (0.05)"
+    )
     p.add_argument(
         "--preset",
         default="cpu",
@@ -56,17 +79,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--train-minutes",
-        type=float,
+        type=_float_in(0.0),
         default=None,
         help="training budget (default: the preset's, 30 for cpu)",
     )
     p.add_argument(
         "--bench-images",
-        type=int,
+        type=int_in(0, 1_000_000),
         default=20,
         help="images per stream of the short benchmark (0: skip it)",
     )
-    p.add_argument("--threads", type=int, default=None, help="threads per process (all)")
+    p.add_argument(
+        "--threads", type=int_in(1, 1024), default=None, help="threads per process, 1-1024 (all)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -89,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         run_demo(config)
-    except (ServiceError, RuntimeError, TimeoutError) as exc:
+    except (ServiceError, RuntimeError, TimeoutError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     return 0

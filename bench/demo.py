@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from splitdet.bench.processes import ServiceProcess, splitdet_command
-from splitdet.bench.streams import make_stream
+from splitdet.bench.streams import images_needed, make_stream
 from splitdet.shared.cli import main as splitdet
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth import GENERATOR_VERSION
@@ -488,9 +489,33 @@ def run_bench(config: DemoConfig) -> None:
     )
 
 
+def check_config(config: DemoConfig) -> None:
+    """ValueError naming the option, before the stages: not after half an hour of training."""
+    streams = [("--defect-rate", config.defect_rate, "--images", config.stream_images)]
+    if config.bench_images:
+        streams += [("the benchmark's rate", r, "--bench-images", config.bench_images)
+                    for r in config.bench_rates]  # fmt: skip
+    for rate_option, rate, images_option, images in streams:
+        if images < images_needed(rate):
+            raise ValueError(
+                f"{rate_option} {rate:g} with {images_option} {images}: "
+                f"{round(rate * images)} of {images} images defective is not that rate; use "
+                f"{images_option} {images_needed(rate)} or more"
+                + (" (or 0 to skip the benchmark)" if images_option == "--bench-images" else "")
+            )
+    try:
+        config.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"--workdir {config.workdir}: cannot create it ({exc.strerror or exc})"
+        ) from None
+    if not os.access(config.workdir, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {config.workdir}: not writable")
+
+
 def run_demo(config: DemoConfig) -> dict:
     """All stages; returns the summary (also written to workdir/summary.json)."""
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
     times = StageTimes()
     for name, stage in (("data", make_data), ("train", train_model), ("export", export_model)):
         start = time.perf_counter()

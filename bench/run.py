@@ -5,11 +5,16 @@ report = run_benchmark(BenchConfig(model_dir=..., checkpoint=..., data_dir=..., 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import platform
 import shlex
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -59,6 +64,7 @@ class BenchConfig:
         threads: compute threads of every process (default: all cores).
         oracle_gate: the gated systems take the ground truth as the gate's verdict (the gate
             still runs): times a perfect gate when the weights are untrained.
+        run_id: in the report: tells this run's report from an earlier run's.
     """
 
     model_dir: Path
@@ -77,6 +83,7 @@ class BenchConfig:
     oracle_gate: bool = False
     progress: bool = True
     command: str = field(default_factory=lambda: shlex.join(["splitdet", *sys.argv[1:]]))
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def _check_same_weights(model, model_dir: Path) -> None:
@@ -101,11 +108,62 @@ def _machine() -> dict:
     }
 
 
-def _run_streams(config, systems, samples, class_names, bar, on_rate) -> dict:
+def _make_streams(config: BenchConfig, samples: list) -> dict[float, list]:
+    """Every defect rate's stream, made before anything runs: a split that lacks the images a
+    rate needs is named at the start, not after the rates before it have run."""
+    try:
+        streams = {
+            rate: make_stream(samples, rate, config.n_images, config.seed)
+            for rate in config.defect_rates
+        }
+    except ValueError as exc:
+        raise ValueError(f"{config.data_dir} ({config.split!r} split): {exc}") from None
+    return streams
+
+
+def _note_repeats(config: BenchConfig, samples: list, streams: dict[float, list]) -> None:
+    """Say on stderr when a stream holds an image more than once (a split smaller than it)."""
+    if all(len({s.image_id for s in stream}) == len(stream) for stream in streams.values()):
+        return
+    unique = {s.image_id for stream in streams.values() for s in stream}
+    n_defective = sum(s.is_defective for s in samples)
+    print(
+        f"splitdet bench: note: the {config.split!r} split holds {n_defective} defective and "
+        f"{len(samples) - n_defective} defect-free images, so streams of {config.n_images} "
+        f"repeat images ({len(unique)} unique in all; report.md counts them per rate)",
+        file=sys.stderr,
+    )
+
+
+@contextlib.contextmanager
+def exclusive_out(out_dir: Path) -> Iterator[None]:
+    """Create `out_dir` and hold its lock file: a second benchmark writing there at the same
+    time would mix its report and figures with this one's. ValueError naming --out otherwise."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".splitdet-bench.lock", "a+")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ValueError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(
+                f"--out {out_dir}: another splitdet bench ({holder}) is writing its report "
+                "there; wait for it to end or give another --out"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield  # the lock ends with the file's closing, or with the process
+
+
+def _run_streams(config, systems, streams, class_names, bar, on_rate) -> dict:
     """Every defect rate's stream through every system; `on_rate(results)` after each rate."""
     results: dict[str, dict] = {}
-    for rate in config.defect_rates:
-        stream = make_stream(samples, rate, config.n_images, config.seed)
+    for rate, stream in streams.items():
         outcomes: dict[str, list[Outcome]] = {s.name: [] for s in systems}
         for index, sample in enumerate(stream):
             image = load_image(sample.image_path)
@@ -182,6 +240,7 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
     gate = manifest.gate_threshold
     return {
         "command": config.command,
+        "run_id": config.run_id,
         "machine": _machine(),
         "model": {
             "depth_label": f"ResNet{manifest.model_config.depth}-FPN "
@@ -213,6 +272,7 @@ def _measure(
     model,
     pipelines: list[EdgePipeline],
     samples: list,
+    streams: dict[float, list],
     class_names: list[str],
     gate: float,
     head: dict,
@@ -243,7 +303,7 @@ def _measure(
             rates = _run_streams(
                 config,
                 systems,
-                samples,
+                streams,
                 class_names,
                 bar,
                 on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
@@ -257,6 +317,17 @@ def _measure(
         client.close()
         jpeg_client.close()
     return rates, rd
+
+
+def written_by(config: BenchConfig) -> Path | None:
+    """report.md of `config`'s own run (partial or whole), or None: not an earlier run's."""
+    try:
+        report = json.loads((config.out_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("run_id") != config.run_id:
+        return None
+    return config.out_dir / "report.md"
 
 
 def run_benchmark(config: BenchConfig) -> dict:
@@ -273,8 +344,16 @@ def run_benchmark(config: BenchConfig) -> dict:
     samples = read_split(config.data_dir, config.split, class_names)  # a foreign class: named
     if not samples:
         raise ValueError(f"{config.data_dir}: the {config.split!r} split is empty")
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    streams = _make_streams(config, samples)
+    with exclusive_out(config.out_dir):
+        return _run_locked(config, manifest, model, samples, streams, class_names, threads)
+
+
+def _run_locked(config, manifest, model, samples, streams, class_names, threads) -> dict:
+    """The run, once --out is this run's alone: servers up, every system measured, reported."""
+    refine = manifest.model_config.box_refine_steps
     remove_outputs(config.out_dir)
+    _note_repeats(config, samples, streams)
     runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
     pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
     gate = manifest.gate_threshold
@@ -325,6 +404,7 @@ def run_benchmark(config: BenchConfig) -> dict:
                     model,
                     pipelines,
                     samples,
+                    streams,
                     class_names,
                     gate,
                     head,

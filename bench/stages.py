@@ -103,16 +103,31 @@ def measure(depth: int, size: tuple[int, int], repeats: int, checkpoint: str | N
     return figures
 
 
+def _size(text: str) -> tuple[int, int]:
+    from splitdet.training.synth import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the figures as JSON."""
+    """Print the figures as JSON; a bad option or checkpoint: one line, exit status 2."""
+    from splitdet.shared.checkpoint import CheckpointError
+    from splitdet.shared.cli import int_in
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=50, choices=[18, 34, 50])
-    parser.add_argument("--size", default="2448x2048", help="WIDTHxHEIGHT of the image")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=_size, default="2448x2048", help="WIDTHxHEIGHT of the image")
+    parser.add_argument("--repeats", type=int_in(1, 1000), default=5)
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    print(json.dumps(measure(args.depth, (width, height), args.repeats, args.checkpoint), indent=2))
+    try:  # the checkpoint loads first: named before any measuring
+        figures = measure(args.depth, args.size, args.repeats, args.checkpoint)
+    except CheckpointError as exc:
+        parser.error(f"--checkpoint: {exc}")
+    print(json.dumps(figures, indent=2))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -25,16 +26,39 @@ def make_stream(
     defective = [s for s in samples if s.is_defective]
     free = [s for s in samples if not s.is_defective]
     n_defective = round(defect_rate * n_images)
-    picks = _draw(defective, n_defective, rng, "defective") + _draw(
-        free, n_images - n_defective, rng, "defect-free"
-    )
+    for pool, count, kind in (
+        (defective, n_defective, "defective"),
+        (free, n_images - n_defective, "defect-free"),
+    ):
+        if count and not pool:
+            raise ValueError(
+                f"the split has no {kind} images, but {n_images} images at defect rate "
+                f"{defect_rate:g} need {count}"
+            )
+    picks = _draw(defective, n_defective, rng) + _draw(free, n_images - n_defective, rng)
     rng.shuffle(picks)
     return picks
 
 
-def _draw(pool: list[VocSample], count: int, rng: random.Random, kind: str) -> list[VocSample]:
-    if count and not pool:
-        raise ValueError(f"the split has no {kind} images, but the stream needs {count}")
+def images_needed(defect_rate: float) -> int:
+    """The fewest images a stream at `defect_rate` needs to be of that rate at all: one
+    defective image when the rate is above 0, one defect-free when it is below 1 (the count of
+    defective images is rounded: 5% of 10 images is none)."""
+    needed = 1
+    if defect_rate > 0:
+        n = max(1, math.floor(0.5 / defect_rate))
+        while round(defect_rate * n) == 0:
+            n += 1
+        needed = max(needed, n)
+    if defect_rate < 1:
+        n = max(1, math.floor(0.5 / (1.0 - defect_rate)))
+        while n - round(defect_rate * n) == 0:
+            n += 1
+        needed = max(needed, n)
+    return needed
+
+
+def _draw(pool: list[VocSample], count: int, rng: random.Random) -> list[VocSample]:
     drawn: list[VocSample] = []
     while len(drawn) < count:
         order = pool[:]

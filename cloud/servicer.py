@@ -12,7 +12,10 @@ Exceptions become status codes in one place (`_rpc`, table `STATUS_FOR_ERROR`):
 
 A missing or wrong bearer token is refused before the servicer by `TokenInterceptor`
 (UNAUTHENTICATED). Requests arrive as raw bytes and are parsed here, so a malformed protobuf is an
-INVALID_ARGUMENT naming the problem rather than gRPC's generic INTERNAL.
+INVALID_ARGUMENT naming the problem rather than gRPC's generic INTERNAL. Before a DetectRequest is
+parsed, `check_request_wire` bounds its repeated fields: the parser and the conversion to Python
+turn a few wire bytes into many (an empty tensor: 2 bytes on the wire, hundreds in memory).
+Status messages are cut to MAX_STATUS_CHARS: they travel in a trailer that clients bound (8 KiB).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -47,6 +50,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detection"].full_name  # "splitde
 TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Longest status message sent (percent-encoded, 500 characters stay below clients' 8 KiB bound).
+MAX_STATUS_CHARS = 500
+#: Bounds on a DetectRequest's wire form, checked before it is parsed. Generous: a valid request
+#: has 5 tensors of rank 3 with one scale and zero point per channel (256) and ~40 fields; beyond
+#: these bounds only a hostile or broken sender goes, and the codec names smaller excesses.
+MAX_WIRE_FIELDS = 1 << 14  # fields of the request and its tensors together, packed or not
+MAX_TENSORS = 16
+MAX_SHAPE_VALUES = 16  # per tensor
+MAX_PARAM_VALUES = 1 << 14  # per tensor, each of scale and zero_point
 
 
 class Overloaded(Exception):
@@ -72,8 +84,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed call reports for `exc`."""
     for error_type, code in STATUS_FOR_ERROR:
         if isinstance(exc, error_type):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            return code, _clip(str(exc))
+    return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_STATUS_CHARS:
+        return message
+    return f"{message[: MAX_STATUS_CHARS - 30]}… ({len(message)} characters, cut)"
 
 
 class ServerMetrics:
@@ -169,6 +187,16 @@ def call_from_proto(request: pb.DetectRequest) -> DetectCall:
     )
 
 
+def call_from_bytes(raw: bytes) -> DetectCall:
+    """A serialized DetectRequest as the core's DetectCall: wire bounds checked, then parsed.
+
+    Raises:
+        InvalidRequest: beyond the wire bounds (`check_request_wire`) or not a DetectRequest.
+    """
+    check_request_wire(raw)
+    return call_from_proto(_parse(pb.DetectRequest, raw))
+
+
 def result_to_proto(result: DetectResult) -> pb.DetectResponse:
     """The core's DetectResult as a DetectResponse."""
     t = result.timings
@@ -201,6 +229,112 @@ def _parse(message_type: type, raw: bytes):
         raise InvalidRequest(
             f"request is not a valid {message_type.DESCRIPTOR.full_name} protobuf ({exc})"
         ) from None
+
+
+# ------------------------------------------------------------------------- wire-level bounds
+# Field numbers in proto/splitdet/v1/detection.proto.
+_REQUEST_TENSORS = 4
+_TENSOR_SHAPE, _TENSOR_SCALE, _TENSOR_ZERO_POINT = 2, 5, 6
+
+
+def check_request_wire(raw: bytes) -> None:
+    """Refuse a serialized DetectRequest whose repeated fields are beyond the MAX_* bounds.
+
+    Walks the request's fields and those of its tensors without parsing or copying anything
+    (other fields, `data` included, are skipped by their length), so that the parser never sees
+    a million empty tensors or a shape of millions of dimensions.
+
+    Raises:
+        InvalidRequest: a bound is exceeded, or the bytes are not protobuf wire format.
+    """
+    budget = [MAX_WIRE_FIELDS]
+    tensors = 0
+    for number, wire, start, end in _wire_fields(raw, 0, len(raw), budget):
+        if number != _REQUEST_TENSORS or wire != 2:
+            continue
+        tensors += 1
+        if tensors > MAX_TENSORS:
+            raise InvalidRequest(f"request has more than {MAX_TENSORS} tensors")
+        counts = {_TENSOR_SHAPE: 0, _TENSOR_SCALE: 0, _TENSOR_ZERO_POINT: 0}
+        for field, kind, first, last in _wire_fields(raw, start, end, budget):
+            if field == _TENSOR_SHAPE and kind == 2:  # packed varints of 1..10 bytes each
+                size = last - first
+                if size > 10 * MAX_SHAPE_VALUES:
+                    counts[field] += size  # too long for the bound whatever the values
+                else:
+                    counts[field] += sum(byte < 0x80 for byte in raw[first:last])  # value ends
+            elif field in (_TENSOR_SCALE, _TENSOR_ZERO_POINT) and kind == 2:  # packed doubles
+                counts[field] += (last - first) // 8
+            elif field in counts:
+                counts[field] += 1
+        bounds = {
+            _TENSOR_SHAPE: ("shape", MAX_SHAPE_VALUES),
+            _TENSOR_SCALE: ("scale", MAX_PARAM_VALUES),
+            _TENSOR_ZERO_POINT: ("zero_point", MAX_PARAM_VALUES),
+        }
+        for field, (what, bound) in bounds.items():
+            if counts[field] > bound:
+                raise InvalidRequest(f"tensor {tensors - 1}: {what} has more than {bound} values")
+    if budget[0] < 0:
+        raise InvalidRequest(f"request has more than {MAX_WIRE_FIELDS} protobuf fields")
+
+
+def _wire_fields(
+    raw: bytes, pos: int, end: int, budget: list[int]
+) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value start, value end) of each field in raw[pos:end].
+
+    Fields inside (deprecated) groups are skipped. Every field spends one unit of `budget[0]`;
+    the walk stops when it is spent (the caller refuses the request).
+    """
+    depth = 0
+    while pos < end:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        key, pos = _varint(raw, pos, end)
+        number, wire = key >> 3, key & 7
+        start = pos
+        if wire == 0:
+            _, pos = _varint(raw, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, start = _varint(raw, pos, end)
+            pos = start + length
+        elif wire == 5:
+            pos += 4
+        elif wire == 3:
+            depth += 1
+            continue
+        elif wire == 4 and depth > 0:
+            depth -= 1
+            continue
+        else:
+            raise _malformed(f"wire type {wire} at byte {start}")
+        if number == 0 or pos > end:
+            raise _malformed(f"field {number} at byte {start} is invalid or truncated")
+        if depth == 0:
+            yield number, wire, start, pos
+
+
+def _varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= end:
+            break
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise _malformed(f"truncated or overlong varint before byte {pos}")
+
+
+def _malformed(problem: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"request is not a valid {pb.DetectRequest.DESCRIPTOR.full_name} ({problem})"
+    )
 
 
 # --------------------------------------------------------------------------------- servicer
@@ -249,7 +383,7 @@ class DetectionServicer:
             )
         self.metrics.in_flight.inc()
         try:
-            call = call_from_proto(_parse(pb.DetectRequest, raw))
+            call = call_from_bytes(raw)
 
             def is_cancelled() -> bool:
                 remaining = context.time_remaining()

@@ -61,6 +61,16 @@ class CodecError(ValueError):
 
 
 _Fail = Callable[[str], CodecError]  # builds a CodecError naming the tensor being checked
+_SHOW_CHARS = 60  # longest repr of a hostile value in a message (it travels in a gRPC trailer)
+
+
+def _show(value: object) -> str:
+    """repr(value), cut to _SHOW_CHARS: refusal messages stay short whatever was sent."""
+    text = repr(value)
+    if len(text) <= _SHOW_CHARS:
+        return text
+    size = f", length {len(value)}" if isinstance(value, str | tuple | list) else ""
+    return f"{text[:_SHOW_CHARS]}… (cut{size})"
 
 
 @dataclass(frozen=True)
@@ -251,7 +261,7 @@ def decode(
             )
         name = tensor.name
         if not isinstance(name, str) or not name or len(name) > 64:
-            raise CodecError(f"item {index}: invalid tensor name {name!r}")
+            raise CodecError(f"item {index}: invalid tensor name {_show(name)}")
         if name in seen:
             raise CodecError(f"tensor {name!r}: duplicate name")
         seen.add(name)
@@ -279,10 +289,10 @@ def _check(tensor: EncodedTensor, expected: tuple[int, ...] | None) -> _Checked:
         return CodecError(f"tensor {name!r}: {problem}")
 
     if tensor.codec not in CODECS:
-        raise fail(f"unknown codec {tensor.codec!r}; expected one of {CODECS}")
+        raise fail(f"unknown codec {_show(tensor.codec)}; expected one of {CODECS}")
     if tensor.dtype != STORED_DTYPE[tensor.codec]:
         raise fail(
-            f"dtype {tensor.dtype!r} does not match codec {tensor.codec!r} "
+            f"dtype {_show(tensor.dtype)} does not match codec {tensor.codec!r} "
             f"(expected {STORED_DTYPE[tensor.codec]!r})"
         )
     shape = tensor.shape
@@ -291,7 +301,7 @@ def _check(tensor: EncodedTensor, expected: tuple[int, ...] | None) -> _Checked:
         or not 1 <= len(shape) <= MAX_RANK
         or not all(type(d) is int and 0 < d <= MAX_DIM for d in shape)
     ):
-        raise fail(f"invalid shape {shape!r} (rank 1..{MAX_RANK}, dims 1..{MAX_DIM})")
+        raise fail(f"invalid shape {_show(shape)} (rank 1..{MAX_RANK}, dims 1..{MAX_DIM})")
     shape = tuple(shape)
     if expected is not None and shape != tuple(expected):
         raise fail(f"shape {shape} does not match the expected shape {tuple(expected)}")

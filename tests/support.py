@@ -111,3 +111,18 @@ def predict_records(model_dir: Path, images: Path, out: Path, *options: str) -> 
     ])  # fmt: skip
     assert code == 0
     return sorted(json.loads(out.read_text()), key=lambda record: record["path"])
+
+
+def pb_varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pb_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2) built by hand, for hostile requests."""
+    return pb_varint(number << 3 | 2) + pb_varint(len(payload)) + payload

@@ -17,7 +17,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir, write_model_dir
+from cloud_fixtures import (
+    make_sample,
+    scrape_metrics,
+    shared_model_dir,
+    start_cloud_process,
+    write_model_dir,
+)
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -25,8 +31,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.servicer import MAX_STATUS_CHARS
 from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, NeverRetry, RetryLater
 from splitdet.shared.manifest import CLOUD_WEIGHTS, ManifestError, write_manifest
+from splitdet.shared.messages import build_request
+
+from support import pb_field, pb_varint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,3 +252,86 @@ def test_server_equals_predict_in_process_on_the_onnx_edge(served, tmp_path, cod
     np.testing.assert_array_equal(remote.boxes, np.array([d.box for d in local], np.float32))
     np.testing.assert_array_equal(remote.scores, np.array([d.score for d in local], np.float32))
     np.testing.assert_array_equal(remote.labels, [d.label for d in local])
+
+
+# ------------------------------------------------------------- fuzz findings, end to end
+
+
+def _nasty_requests(sample, fingerprint: str) -> dict[str, bytes]:
+    """The nastiest inputs the wire fuzz (test_wire_fuzz.py) found or aimed at, serialized."""
+    good = {t.name: t for t in sample.encoded}
+
+    def request(levels=None, image=sample.image, rid="nasty", fp=fingerprint) -> bytes:
+        levels = list(good.values()) if levels is None else levels
+        return build_request(levels, image, rid, fp).SerializeToString()
+
+    def replace_level(level: str, **changes) -> list:
+        return [replace(t, **changes) if t.name == level else t for t in good.values()]
+
+    c = good["0"].shape[0]
+    header = b"\x28\xb5\x2f\xfd\xc0\x50" + ((1 << 64) - 1).to_bytes(8, "little")
+    many_empty_tensors = pb_field(4, b"") * (1 << 20)  # 2 MiB of wire, a million messages
+    long_shape = pb_field(4, pb_field(1, b"0") + pb_field(2, b"\x01" * (3 << 20)))
+    return {
+        "a million empty tensors": request() + many_empty_tensors,
+        "a shape of 3 million dimensions": request(levels=[]) + long_shape,
+        "codec name of 100 kB": request(levels=replace_level("0", codec="x" * 100_000)),
+        "tensor name of 100 kB": request(levels=replace_level("0", name="é" * 50_000)),
+        "frame declaring 2**64-1 bytes": request(levels=replace_level("0", data=header)),
+        "shape of 2**62": request(levels=replace_level("0", shape=(1 << 62, 1, 1))),
+        "shape of int64 min": request(levels=replace_level("0", shape=(-(1 << 63), 1, 1))),
+        "inf zero_point": request(levels=replace_level("1", zero_point=(float("inf"),) * c)),
+        "scale of the wrong length": request(levels=replace_level("1", scale=(1.0,) * (c + 1))),
+        "resized 0x0": request(image=replace(sample.image, resized_hw=(0, 0))),
+        "original 2**32-1": request(image=replace(sample.image, original_hw=((1 << 32) - 1, 1))),
+        "resized larger than the features": request(
+            image=replace(sample.image, resized_hw=(448, 560))
+        ),
+        "request id of 100 kB": request(rid="r" * 100_000),
+        "request id with a NUL": request(rid="a\x00b"),
+        "groups nested 10000 deep": request()
+        + pb_varint(15 << 3 | 3) * 10_000
+        + pb_varint(15 << 3 | 4) * 10_000,
+        "wrong fingerprint": request(fp="0" * 64),
+    }
+
+
+def test_nasty_requests_get_clean_refusals_from_a_real_server(served, tmp_path, sample):
+    """`splitdet cloud` as a process: each fuzz finding is INVALID_ARGUMENT (FAILED_PRECONDITION
+    for the fingerprint) with a short message naming it, memory stays bounded, and the server
+    keeps serving."""
+    _, model_dir, manifest, _ = served
+    server = start_cloud_process(model_dir, tmp_path, "nasty")
+    try:
+        with CloudClient(ClientConfig(server.address, timeout_s=60)) as client:
+            assert len(
+                client.detect(sample.encoded, sample.image, "warm", manifest.fingerprint).boxes
+            )
+            peak_before = server.rss_peak_bytes()
+            outcomes = {}
+            with grpc.insecure_channel(server.address) as channel:
+                send = channel.unary_unary("/splitdet.v1.Detection/Detect")  # raw bytes
+                for name, raw in _nasty_requests(sample, manifest.fingerprint).items():
+                    try:
+                        send(raw, timeout=60)
+                        outcomes[name] = (grpc.StatusCode.OK, "")
+                    except grpc.RpcError as error:
+                        outcomes[name] = (error.code(), error.details() or "")
+            growth_mib = (server.rss_peak_bytes() - peak_before) / (1 << 20)
+            expected = {name: grpc.StatusCode.INVALID_ARGUMENT for name in outcomes}
+            expected["wrong fingerprint"] = grpc.StatusCode.FAILED_PRECONDITION
+            wrong = {n: o for n, o in outcomes.items() if o[0] is not expected[n]}
+            assert not wrong, wrong
+            for name, (_, message) in outcomes.items():
+                assert 0 < len(message) <= MAX_STATUS_CHARS, f"{name}: {len(message)} chars"
+            assert "more than 16 tensors" in outcomes["a million empty tensors"][1]
+            assert "shape has more than" in outcomes["a shape of 3 million dimensions"][1]
+            assert "unknown codec 'xxx" in outcomes["codec name of 100 kB"][1]
+            assert "invalid tensor name 'ééé" in outcomes["tensor name of 100 kB"][1]
+            assert growth_mib < 64, f"peak memory grew by {growth_mib:.0f} MiB"  # 547 unbounded
+            assert client.health() == "SERVING"
+            result = client.detect(sample.encoded, sample.image, "after", manifest.fingerprint)
+            assert len(result.boxes) > 0 and not result.cached
+        assert server.process.poll() is None
+    finally:
+        server.stop()
