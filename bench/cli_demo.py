@@ -6,11 +6,10 @@ Only argparse and the standard library at import time.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 
-from splitdet.shared.cli import int_in
+from splitdet.shared.cli import float_in, int_in
 
 EPILOG = """\
 example:
@@ -33,22 +32,6 @@ def default_workdir() -> Path:
     return Path(cache) / "splitdet" / "demo"
 
 
-def _float_in(low: float, high: float = math.inf):
-    """An argparse `type` for finite numbers in [low, high]."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            span = f"{low:g}-{high:g}" if math.isfinite(high) else f">= {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {span}, got {text!r}")
-        return value
-
-    return parse
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand."""
     p = subparsers.add_parser(
@@ -69,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", type=int_in(1, 1_000_000), default=100, help="images the camera sends (100)"
     )
     p.add_argument(
-        "--defect-rate", type=_float_in(0.0, 1.0), default=0.05, help="of the stream (0.05)"
+        "--defect-rate", type=float_in(0.0, 1.0), default=0.05, help="of the stream (0.05)"
     )
     p.add_argument(
         "--preset",
@@ -79,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--train-minutes",
-        type=_float_in(0.0),
+        type=float_in(0.0),
         default=None,
         help="training budget (default: the preset's, 30 for cpu)",
     )

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import ipaddress
 import logging
+import math
 import os
 import re
 import sys
@@ -49,6 +50,22 @@ def int_in(low: int, high: int | None = None):
         if value < low or (high is not None and value > high):
             span = f"{low}-{high}" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf):
+    """An argparse `type` for finite numbers in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            span = f"{low:g}-{high:g}" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text!r}")
         return value
 
     return parse
