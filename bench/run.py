@@ -40,7 +40,7 @@ from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.shared.checkpoint import load_model
+from splitdet.shared.checkpoint import load_model, weights_digest
 from splitdet.shared.manifest import CLOUD_WEIGHTS, read_manifest
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import read_split
@@ -86,8 +86,17 @@ class BenchConfig:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def _check_same_weights(model, model_dir: Path) -> None:
-    """The checkpoint must be the one the model directory was exported from."""
+def _check_same_weights(model, model_dir: Path, manifest) -> None:
+    """The checkpoint must be the one the model directory was exported from: every weight, when
+    the manifest records their digest (exports since it did), else the cloud heads' weights."""
+    recorded = manifest.extra.get("weights_sha256")
+    if recorded is not None:
+        if weights_digest(model) != recorded:
+            raise ValueError(
+                f"{model_dir} was not exported from this checkpoint (its weights_sha256 differs "
+                "from the checkpoint's weights)"
+            )
+        return
     heads = torch.load(model_dir / CLOUD_WEIGHTS, map_location="cpu", weights_only=True)
     state = model.state_dict()
     for key, value in heads.items():
@@ -339,7 +348,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     # from the checkpoint's own: `splitdet export --box-refine-steps`)
     refine = manifest.model_config.box_refine_steps
     model, _ = load_model(config.checkpoint, box_refine_steps=refine)
-    _check_same_weights(model, config.model_dir)
+    _check_same_weights(model, config.model_dir, manifest)
     class_names = list(manifest.class_names)
     samples = read_split(config.data_dir, config.split, class_names)  # a foreign class: named
     if not samples:

@@ -9,6 +9,7 @@ latter so `fasterrcnn_resnet50_fpn(num_classes=K).load_state_dict(...)` accepts 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,18 @@ def load_model(
 def detector_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The plain-torchvision part of a model state dict (drops `defect_head.*`)."""
     return {k: v for k, v in model_state.items() if not k.startswith("defect_head.")}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 hex over every tensor of `model.state_dict()`: names, dtypes, shapes and values.
+
+    Tells whether two models hold the same weights, edge and cloud halves alike; `splitdet
+    export` records it in the manifest (`weights_sha256`) so that the benchmark can tell a
+    checkpoint from the one a model directory was exported from.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -104,6 +104,28 @@ def test_a_split_without_the_images_a_rate_needs_is_named_before_anything_runs(
     assert not out.exists()  # no server started, no report
 
 
+def test_a_checkpoint_whose_edge_half_differs_from_the_export_is_named(
+    exported, tiny_dataset, tmp_path, capsys
+):
+    """Only the backbone changed, the cloud heads as exported: before, the check compared the
+    heads alone, and the benchmark ran torch and ONNX Runtime on different models unawares."""
+    import torch
+
+    from splitdet.shared.checkpoint import load_model, save_checkpoint
+
+    model, _ = load_model(exported / "model.pt")
+    with torch.no_grad():
+        next(model.backbone.body.parameters()).view(-1)[0] += 0.5
+    save_checkpoint(tmp_path / "edited.pt", model, gate_threshold=0.5)
+    out = tmp_path / "out"
+    argv = _bench(exported, tiny_dataset, out, "--defect-rates", "1", "--images", "1")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "edited.pt")
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "was not exported from this checkpoint" in line and "weights_sha256" in line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("out", ["a_file", "a_file/report"])
 def test_an_out_that_cannot_be_a_folder_is_one_line(out, exported, tiny_dataset, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")

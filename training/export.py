@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from splitdet.shared.checkpoint import weights_digest
 from splitdet.shared.codec import CODECS
 from splitdet.shared.manifest import (
     ALL_ARTIFACTS,
@@ -322,6 +323,7 @@ def _export_into(
             **(extra or {}),
             "export_check": {"sample_hw": list(sample_hw), "max_relative_error": errors},
             "edge_quantization": quantization,
+            "weights_sha256": weights_digest(model),
             "onnx_opset": OPSET,
             "strides": STRIDES,
         },
