@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cloud",
         help="serve the detection heads over gRPC (the cloud side)",
         description=(
-            "Serve an exported model directory's RPN + ROI heads as the gRPC service "
-            "splitdet.v1.Detection, with grpc.health.v1 health checking and Prometheus metrics."
+            "Serve the RPN + ROI heads of one or more exported model directories as the gRPC "
+            "service splitdet.v1.Detection, with grpc.health.v1 health checking and Prometheus "
+            "metrics."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,8 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         required=True,
         type=Path,
+        action="append",
         metavar="MODEL_DIR",
-        help="exported model directory (made by `splitdet export`)",
+        help="exported model directory (made by `splitdet export`); repeat it to serve several "
+        "exports at once, each request answered by the model it names (a rolling upgrade: "
+        "edges on the old and the new export are both answered); the first is the default",
     )
     parser.add_argument(
         "--listen",
@@ -255,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
-    log.info("loading model %s", args.model)
+    log.info("loading model%s %s", "s" * (len(args.model) > 1), ", ".join(map(str, args.model)))
     try:
         return _run(args, stop)
     finally:
@@ -268,7 +272,8 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
 
     try:
         config = ServerConfig(
-            model_dir=args.model,
+            model_dir=args.model[0],
+            more_model_dirs=tuple(args.model[1:]),
             listen=args.listen.strip(),
             threads=all_cores() if args.threads is None else args.threads,
             max_concurrent=args.max_concurrent,
@@ -295,6 +300,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
             "port": server.port,
             "metrics_port": server.metrics_port,
             "fingerprint": server.core.fingerprint,
+            "fingerprints": list(server.core.fingerprints),
             "security": config.security,
         }
         if args.ready_file is not None:

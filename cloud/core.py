@@ -3,6 +3,9 @@
     core = DetectionCore(*load_cloud(model_dir), store=IdempotencyStore(path))
     result = core.detect(DetectCall(request_id, fingerprint, ImageMeta(...), encoded_levels))
 
+Several exports can be served at once (`also=`), each request going to the model its fingerprint
+names.
+
 `detect` checks the request up front (fingerprint, id, sizes), answers a repeated request id from
 the idempotency store, decodes the five FPN levels against the shapes the split spec implies for
 the image's padded size (with an explicit bound on decoded bytes), runs the RPN and ROI heads, and
@@ -168,16 +171,39 @@ def request_digest(call: DetectCall) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One model directory's cloud half, as the core serves it.
+
+    Attributes:
+        cloud: the model's cloud half (eval mode).
+        manifest: its manifest.
+    """
+
+    cloud: CloudHalf
+    manifest: Manifest
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+
 class DetectionCore:
-    """RPN + ROI heads behind request validation and an idempotency store.
+    """RPN + ROI heads of one or more exports behind request validation and an idempotency store.
 
     Args:
-        cloud: the model's cloud half (eval mode).
-        manifest: the served model directory's manifest.
+        cloud: the default model's cloud half (eval mode).
+        manifest: the default model directory's manifest.
         store: where answers are kept for repeated request ids; None disables idempotency.
         max_decoded_bytes: bound on the float32 bytes one request may decode to.
+        also: more (cloud half, manifest) pairs served beside the default, each request going
+            to the model its fingerprint names: edges on an older and a newer export are both
+            answered while they are upgraded one by one.
 
-    Thread-safe: concurrent `detect` calls share the (read-only) model.
+    Raises:
+        ValueError: two of the models have the same fingerprint.
+
+    Thread-safe: concurrent `detect` calls share the (read-only) models.
     """
 
     def __init__(
@@ -186,22 +212,37 @@ class DetectionCore:
         manifest: Manifest,
         store: IdempotencyStore | None = None,
         max_decoded_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+        also: Sequence[tuple[CloudHalf, Manifest]] = (),
     ) -> None:
+        self.models: dict[str, ServedModel] = {}
+        for half, its_manifest in ((cloud, manifest), *also):
+            served = ServedModel(half, its_manifest)
+            if served.fingerprint in self.models:
+                raise ValueError(f"model {_short(served.fingerprint)} is given twice")
+            self.models[served.fingerprint] = served
         self.cloud = cloud
         self.manifest = manifest
         self.store = store
         self.max_decoded_bytes = int(max_decoded_bytes)
-        self.spec = manifest.model_config.split_spec
-        self.class_names = manifest.class_names
 
     @property
     def fingerprint(self) -> str:
-        """Fingerprint of the served model."""
+        """Fingerprint of the default model (the first given)."""
         return self.manifest.fingerprint
 
-    def manifest_json(self) -> str:
-        """The served manifest as JSON text (what manifest.json holds)."""
-        return json.dumps(self.manifest.to_dict(), indent=2)
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """Fingerprints of every served model, the default first."""
+        return tuple(self.models)
+
+    def manifest_json(self, fingerprint: str = "") -> str:
+        """A served model's manifest as JSON text (what manifest.json holds); "" = the default.
+
+        Raises:
+            FingerprintMismatch: no served model has that fingerprint.
+        """
+        manifest = self._model(fingerprint or self.fingerprint).manifest
+        return json.dumps(manifest.to_dict(), indent=2)
 
     def detect(
         self, call: DetectCall, is_cancelled: Callable[[], bool] | None = None
@@ -219,24 +260,24 @@ class DetectionCore:
             Cancelled: `is_cancelled` said so.
         """
         start = time.perf_counter()
-        self._check_call(call)
+        model = self._check_call(call)
         digest = request_digest(call) if self.store is not None else ""
-        stored = self._stored(call, digest)
+        stored = self._stored(model, call, digest)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
-            return DetectResult(call.request_id, self.fingerprint, stored, timings, cached=True)
+            return DetectResult(call.request_id, model.fingerprint, stored, timings, cached=True)
 
-        features = self._decode(call.image, call.tensors)
+        features = self._decode(model, call.image, call.tensors)
         decoded = time.perf_counter()
         if is_cancelled is not None and is_cancelled():
             raise Cancelled(f"request {call.request_id!r}: caller went away after decoding")
         head_timings: dict[str, float] = {}
         with torch.inference_mode():
             tensors = {name: torch.from_numpy(features[name])[None] for name in LEVEL_NAMES}
-            output = self.cloud.detect(
+            output = model.cloud.detect(
                 tensors, [call.image.resized_hw], [call.image.original_hw], head_timings
             )[0]
-        detections = self._detections(output)
+        detections = self._detections(model, output)
         timings = StageTimings(
             decode_s=decoded - start,
             rpn_s=head_timings.get("rpn_s", 0.0),
@@ -245,18 +286,25 @@ class DetectionCore:
         )
         if self.store is not None:
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
-            self.store.put(call.request_id, StoredAnswer(self.fingerprint, digest, payload))
-        return DetectResult(call.request_id, self.fingerprint, detections, timings)
+            self.store.put(call.request_id, StoredAnswer(model.fingerprint, digest, payload))
+        return DetectResult(call.request_id, model.fingerprint, detections, timings)
 
     # ------------------------------------------------------------------------------ the stages
 
-    def _check_call(self, call: DetectCall) -> None:
-        """Cheap checks before anything is hashed, looked up or decoded."""
-        if call.fingerprint != self.fingerprint:
+    def _model(self, fingerprint: str) -> ServedModel:
+        model = self.models.get(fingerprint) if isinstance(fingerprint, str) else None
+        if model is None:
+            served = ", ".join(_short(fp) for fp in self.models)
             raise FingerprintMismatch(
-                f"model fingerprint {_short(call.fingerprint)} is not served here; this server "
-                f"serves {_short(self.fingerprint)}: deploy the same model directory on both sides"
+                f"model fingerprint {_short(fingerprint)} is not served here; this server "
+                f"serves {served}: deploy the same export on both sides (a server can serve "
+                "several: `splitdet cloud --model OLD --model NEW`)"
             )
+        return model
+
+    def _check_call(self, call: DetectCall) -> ServedModel:
+        """Cheap checks before anything is hashed, looked up or decoded; the model to use."""
+        model = self._model(call.fingerprint)
         rid = call.request_id
         if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters")
@@ -268,27 +316,32 @@ class DetectionCore:
         ):
             if not (0 < h <= bound and 0 < w <= bound):
                 raise InvalidRequest(f"{what} image size {h}x{w} is outside 1..{bound} px")
+        return model
 
-    def _stored(self, call: DetectCall, digest: str) -> tuple[Detection, ...] | None:
+    def _stored(
+        self, model: ServedModel, call: DetectCall, digest: str
+    ) -> tuple[Detection, ...] | None:
         """The stored answer for a repeated request id, if one is valid for this call."""
         if self.store is None:
             return None
         stored = self.store.get(call.request_id)
-        if stored is None or stored.fingerprint != self.fingerprint:
+        if stored is None or stored.fingerprint != model.fingerprint:
             return None  # unknown id, or computed by another model: compute afresh
         if stored.digest != digest:
             raise InvalidRequest(
                 f"request_id {call.request_id!r} was already used for a different request"
             )
         return tuple(
-            Detection((x1, y1, x2, y2), score, int(label), self._class_name(int(label)))
+            Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
             for x1, y1, x2, y2, score, label in json.loads(stored.payload)
         )
 
-    def _decode(self, image: ImageMeta, tensors: Sequence[EncodedTensor]) -> dict[str, np.ndarray]:
-        """The five levels as float32 [C, h, w], each checked against the split spec."""
+    def _decode(
+        self, model: ServedModel, image: ImageMeta, tensors: Sequence[EncodedTensor]
+    ) -> dict[str, np.ndarray]:
+        """The five levels as float32 [C, h, w], each checked against the model's split spec."""
         padded = padded_size(*image.resized_hw)
-        expected = expected_level_shapes(self.spec, padded)
+        expected = expected_level_shapes(model.manifest.model_config.split_spec, padded)
         needed = sum(math.prod(shape) for shape in expected.values()) * 4
         if needed > self.max_decoded_bytes:
             raise InvalidRequest(
@@ -300,17 +353,21 @@ class DetectionCore:
         except CodecError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    def _detections(self, output: dict[str, torch.Tensor]) -> tuple[Detection, ...]:
+    def _detections(
+        self, model: ServedModel, output: dict[str, torch.Tensor]
+    ) -> tuple[Detection, ...]:
         boxes = output["boxes"].tolist()
         scores = output["scores"].tolist()
         labels = output["labels"].tolist()
         return tuple(
-            Detection(tuple(box), score, int(label), self._class_name(int(label)))
+            Detection(tuple(box), score, int(label), _class_name(model, int(label)))
             for box, score, label in zip(boxes, scores, labels, strict=True)
         )
 
-    def _class_name(self, label: int) -> str:
-        return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else ""
+
+def _class_name(model: ServedModel, label: int) -> str:
+    names = model.manifest.class_names
+    return names[label - 1] if 1 <= label <= len(names) else ""
 
 
 def _short(fingerprint: str) -> str:

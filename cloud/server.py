@@ -32,6 +32,8 @@ from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
+from splitdet.shared.manifest import Manifest, ManifestError
+from splitdet.shared.model import CloudHalf
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ class ServerConfig:
     """Every setting of the cloud detection server.
 
     Attributes:
-        model_dir: an exported model directory (manifest.json, cloud_heads.pt, ...).
+        model_dir: an exported model directory (manifest.json, cloud_heads.pt, ...): the
+            default model.
+        more_model_dirs: more exports served beside it (requests go to the model they name).
         listen: gRPC address, "host:port"; port 0 picks a free port.
         threads: torch threads for the heads (default: every core this process may use).
         max_concurrent: Detect calls running at once; more are refused with RESOURCE_EXHAUSTED.
@@ -71,6 +75,7 @@ class ServerConfig:
     """
 
     model_dir: Path
+    more_model_dirs: tuple[Path, ...] = ()
     listen: str = "127.0.0.1:50051"
     threads: int = field(default_factory=all_cores)
     max_concurrent: int = 2
@@ -140,6 +145,24 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
+def _load_more(
+    first_dir: Path, first: Manifest, more_dirs: tuple[Path, ...]
+) -> list[tuple[CloudHalf, Manifest]]:
+    """The cloud halves of `more_dirs`; ManifestError when two directories hold one export."""
+    seen = {first.fingerprint: first_dir}
+    loaded = []
+    for model_dir in more_dirs:
+        cloud, manifest = load_cloud(model_dir)
+        if manifest.fingerprint in seen:
+            raise ManifestError(
+                f"--model {model_dir} is the same export as --model {seen[manifest.fingerprint]} "
+                f"(fingerprint {manifest.fingerprint[:16]}): give each export once"
+            )
+        seen[manifest.fingerprint] = model_dir
+        loaded.append((cloud, manifest))
+    return loaded
+
+
 class CloudServer:
     """The running server: gRPC + health + metrics around a DetectionCore.
 
@@ -155,14 +178,15 @@ class CloudServer:
         self._own_store = core is None
         if core is None:
             cloud, manifest = load_cloud(config.model_dir)
+            also = _load_more(config.model_dir, manifest, config.more_model_dirs)
             store = (
                 IdempotencyStore(config.answers_db, config.answers_capacity)
                 if config.answers_capacity
                 else None
             )
-            core = DetectionCore(cloud, manifest, store, config.max_decoded_bytes)
+            core = DetectionCore(cloud, manifest, store, config.max_decoded_bytes, also)
         self.core = core
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(core.fingerprints)
         self.health = health.HealthServicer()
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s
@@ -215,9 +239,11 @@ class CloudServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving model %s on port %d (%s, %d torch threads, max %d concurrent, "
+            "serving %s on port %d (%s, %d torch threads, max %d concurrent, "
             "messages up to %d MiB, metrics %s)",
-            self.core.fingerprint[:16],
+            "models " + ", ".join(fp[:16] for fp in self.core.fingerprints)
+            if len(self.core.fingerprints) > 1
+            else f"model {self.core.fingerprint[:16]}",
             self.port,
             config.security,
             config.threads,

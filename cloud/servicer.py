@@ -25,7 +25,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -97,7 +97,8 @@ def _clip(message: str) -> str:
 class ServerMetrics:
     """The server's Prometheus metrics, in their own registry (one per server)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fingerprints: Sequence[str] = ()) -> None:
+        """`fingerprints`: the served models, default first (the `splitdet_cloud_model` info)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "splitdet_cloud_requests",
@@ -131,6 +132,22 @@ class ServerMetrics:
             "Detect calls that ran the RPN and ROI heads.",
             registry=self.registry,
         )
+        self.model = Gauge(
+            "splitdet_cloud_model",
+            "1 for each served model, by fingerprint (default: 1 for the default model).",
+            ["fingerprint", "default"],
+            registry=self.registry,
+        )
+        self.model_answers = Counter(
+            "splitdet_cloud_model_answers",
+            "Detect calls answered, by the model's fingerprint: when an old export's count "
+            "stops rising during a rolling upgrade, its edges have all moved on.",
+            ["fingerprint"],
+            registry=self.registry,
+        )
+        for index, fingerprint in enumerate(fingerprints):
+            self.model.labels(fingerprint, str(index == 0).lower()).set(1)
+            self.model_answers.labels(fingerprint)  # exported at 0 from the start
 
     def finished(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method, code.name).inc()
@@ -138,6 +155,7 @@ class ServerMetrics:
             self.failures.labels(method, code.name).inc()
 
     def observe(self, result: DetectResult) -> None:
+        self.model_answers.labels(result.fingerprint).inc()
         if result.cached:
             self.cache_hits.inc()
             return
@@ -364,9 +382,14 @@ class DetectionServicer:
         self.debug_delay_s = debug_delay_s
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._draining = threading.Event()
-        self._manifest = pb.ManifestResponse(
-            model_fingerprint=core.fingerprint, manifest_json=core.manifest_json()
-        ).SerializeToString()
+        self._manifests = {
+            fingerprint: pb.ManifestResponse(
+                model_fingerprint=fingerprint,
+                manifest_json=core.manifest_json(fingerprint),
+                served_fingerprints=core.fingerprints,
+            ).SerializeToString()
+            for fingerprint in core.fingerprints
+        }
 
     def drain(self) -> None:
         """Refuse every later Detect call with UNAVAILABLE (calls already running finish)."""
@@ -406,8 +429,11 @@ class DetectionServicer:
 
     @_rpc
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        _parse(pb.GetManifestRequest, raw)
-        return self._manifest
+        request = _parse(pb.GetManifestRequest, raw)
+        wanted = request.model_fingerprint or self.core.fingerprint
+        if wanted not in self._manifests:
+            self.core.manifest_json(wanted)  # raises FingerprintMismatch naming what is served
+        return self._manifests[wanted]
 
     def _debug_delay(self, is_cancelled: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.debug_delay_s

@@ -220,15 +220,18 @@ class CloudDetections:
 
 @dataclass(frozen=True)
 class ServedManifest:
-    """The manifest of the model the cloud serves.
+    """The manifest of a model the cloud serves.
 
     Attributes:
-        fingerprint: the served model's fingerprint.
-        data: manifest.json's contents.
+        fingerprint: that model's fingerprint.
+        data: its manifest.json's contents.
+        served: every model the server serves, its default first (a server older than this
+            field reports only `fingerprint`).
     """
 
     fingerprint: str
     data: dict[str, Any]
+    served: tuple[str, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -311,11 +314,17 @@ class CloudClient:
         response = self._call(self._stub.Detect, request, timeout or self.config.timeout_s)
         return detections_from_proto(response)
 
-    def manifest(self, timeout: float | None = None) -> ServedManifest:
-        """The manifest of the model the cloud serves."""
+    def manifest(self, fingerprint: str = "", timeout: float | None = None) -> ServedManifest:
+        """The manifest of the served model `fingerprint` ("" = the server's default).
+
+        Raises:
+            NeverRetry: FAILED_PRECONDITION when the server does not serve that model (its
+                message lists what it serves), or a bad manifest.
+            RetryLater: the server is unreachable or busy.
+        """
         response = self._call(
             self._stub.GetManifest,
-            pb.GetManifestRequest(),
+            pb.GetManifestRequest(model_fingerprint=fingerprint),
             timeout or self.config.manifest_timeout_s,
         )
         try:
@@ -324,7 +333,8 @@ class CloudClient:
             raise NeverRetry(
                 grpc.StatusCode.INTERNAL, f"server sent a bad manifest: {exc}"
             ) from exc
-        return ServedManifest(response.model_fingerprint, data)
+        served = tuple(response.served_fingerprints) or (response.model_fingerprint,)
+        return ServedManifest(response.model_fingerprint, data, served)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING"."""

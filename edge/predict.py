@@ -74,9 +74,10 @@ class RemoteDetector:
         self.fingerprint = fingerprint
 
     def check_model(self) -> None:
-        """Refuse early when the server serves another model (ValueError naming both)."""
-        served = self.client.manifest().fingerprint
-        if served != self.fingerprint:
+        """Refuse early when the server does not serve this edge's model (ValueError naming
+        both; NeverRetry with the server's words from a server that serves several)."""
+        served = self.client.manifest(self.fingerprint).fingerprint
+        if served != self.fingerprint:  # a server that predates choosing: its only model
             raise ValueError(
                 f"the cloud serves model {served[:16]}, this edge runs {self.fingerprint[:16]}; "
                 "deploy the same export on both sides"

@@ -97,13 +97,17 @@ class DetectResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_fingerprint",)
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    def __init__(self, model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ManifestResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "manifest_json")
+    __slots__ = ("model_fingerprint", "manifest_json", "served_fingerprints")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     manifest_json: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    served_fingerprints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., served_fingerprints: _Optional[_Iterable[str]] = ...) -> None: ...

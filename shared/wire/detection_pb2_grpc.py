@@ -67,7 +67,9 @@ class DetectionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetManifest(self, request, context):
-        """The manifest of the model this server serves (what the edge must run to talk to it).
+        """The manifest of a model this server serves (what the edge must run to talk to it), and the
+        fingerprints of every model it serves. FAILED_PRECONDITION for a fingerprint it does not
+        serve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
