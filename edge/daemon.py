@@ -360,8 +360,9 @@ class EdgeDaemon:
         self.processed = 0
 
     def _check_outbox_fingerprints(self) -> None:
-        """StoreError when the outbox holds requests of another model export: the cloud would
-        refuse them for good (dead letters), so they are delivered by that export first."""
+        """StoreError when the outbox holds requests of another model export: one outbox sends
+        for one export (a cloud that no longer serves the other would hold up every request
+        behind them), so they are delivered by that export first."""
         other = {fp: n for fp, n in self.store.outbox_fingerprints().items()
                  if fp != self.fingerprint}  # fmt: skip
         if other:
@@ -369,9 +370,9 @@ class EdgeDaemon:
             held = ", ".join(f"{n} by {fingerprint[:12]}" for fingerprint, n in other.items())
             raise StoreError(
                 f"{self.config.db}: its outbox holds requests of another model export "
-                f"({held}); this edge runs {self.fingerprint[:12]}, and the cloud refuses another "
-                "export's requests for good. Deliver them first with that export's --model "
-                "(and --once), or use a new --db"
+                f"({held}); this edge runs {self.fingerprint[:12]}. Deliver them first with that "
+                "export's --model and --once (to a cloud that serves it: `splitdet cloud --model "
+                "OLD --model NEW` serves both), or use a new --db"
             )
 
     # -------------------------------------------------------------------------- lifecycle

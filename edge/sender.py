@@ -13,12 +13,13 @@ reschedules the item and pauses the whole sender with capped exponential backoff
 one request cannot get through, the next would not either. After a few refused connections in a
 row the channel is rebuilt, so a cloud that comes back is found within one backoff step rather
 than after gRPC's own reconnect backoff. A permanent refusal (NeverRetry: INVALID_ARGUMENT,
-FAILED_PRECONDITION, INTERNAL, a message too large) moves the item to the dead-letter state with
-the reason. UNAUTHENTICATED and PERMISSION_DENIED are the exception: a wrong token is the
-operator's to fix, so the items stay in the outbox (retried at the backoff cap) and the log says
-why. A request in the outbox that no longer parses is dead-lettered too. Any other failure (a
-database locked past its timeout, a channel that cannot be built) is logged and retried after a
-backoff step: the thread never ends before `stop`.
+INTERNAL, a message too large) moves the item to the dead-letter state with the reason.
+UNAUTHENTICATED, PERMISSION_DENIED and FAILED_PRECONDITION are the exception: a wrong token, or a
+cloud that does not serve this edge's model (yet, or any more: during a model upgrade), is the
+operator's to fix, and the requests themselves are fine; so the items stay in the outbox (retried
+at the backoff cap) and the log says why. A request in the outbox that no longer parses is
+dead-lettered too. Any other failure (a database locked past its timeout, a channel that cannot
+be built) is logged and retried after a backoff step: the thread never ends before `stop`.
 
 The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
 id from its store, so re-sending after a lost answer never makes a second result.
@@ -43,9 +44,23 @@ from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: Codes the client calls NeverRetry that the edge keeps retrying: a credentials problem is
-#: fixed by the operator, and the requests themselves are fine.
-OPERATOR_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_AUTH_REFUSED = (
+    "auth_refused",
+    "the cloud refuses our credentials (%s); requests stay in the outbox until the token or "
+    "certificates are fixed",
+)
+#: Codes the client calls NeverRetry that the edge keeps retrying, with the log event and line:
+#: a credentials problem, or a cloud that does not serve this edge's model, is fixed by the
+#: operator, and the requests themselves are fine.
+OPERATOR_PROBLEMS = {
+    grpc.StatusCode.UNAUTHENTICATED: _AUTH_REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: _AUTH_REFUSED,
+    grpc.StatusCode.FAILED_PRECONDITION: (
+        "model_refused",
+        "the cloud does not serve this edge's model (%s); requests stay in the outbox until it "
+        "does (a cloud serves several exports with --model repeated)",
+    ),
+}
 #: Consecutive connection failures after which the channel is rebuilt.
 REBUILD_AFTER_FAILURES = 3
 
@@ -172,13 +187,9 @@ class Sender(threading.Thread):
         except RetryLater as exc:
             return self._transient(item, exc, len(item.payload))
         except NeverRetry as exc:
-            if exc.code in OPERATOR_CODES:
-                log.error(
-                    "the cloud refuses our credentials (%s); requests stay in the outbox until "
-                    "the token or certificates are fixed",
-                    exc,
-                    extra={"fields": {"event": "auth_refused", "code": exc.code.name}},
-                )
+            if exc.code in OPERATOR_PROBLEMS:
+                event, line = OPERATOR_PROBLEMS[exc.code]
+                log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
                 return self._transient(item, exc, len(item.payload), at_cap=True)
             self._count_bytes(len(item.payload))
             reason = f"dead letter: the cloud refused the request permanently: {exc}"

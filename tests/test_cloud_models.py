@@ -3,7 +3,9 @@ request answered by the model its fingerprint names, on a real gRPC server on lo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from dataclasses import replace
 
 import grpc
@@ -158,3 +160,63 @@ def test_the_same_export_given_twice_is_one_line(exports, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
     assert "the same export" in lines[0] and old.fingerprint[:16] in lines[0]
+
+
+def _verdicts(db) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        found = conn.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict").fetchall()
+    return dict(found)
+
+
+def test_an_edge_behind_the_cloud_keeps_its_requests_until_its_model_is_served(exports, tmp_path):
+    """The rolling upgrade done cloud first: the cloud serves only the new export, and an edge
+    still on the old one is refused (FAILED_PRECONDITION). Before, each such request became a
+    dead letter, its features dropped; now it waits in the outbox, and is delivered once the
+    cloud serves the old export beside the new one."""
+    from PIL import Image
+
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+
+    (_, old_dir, _), (_, new_dir, _) = exports
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((72, 96, 3)) * 255).astype(np.uint8)).save(watch / name)
+
+    def cloud(*more):
+        config = ServerConfig(
+            model_dir=new_dir, more_model_dirs=more, listen="127.0.0.1:0", threads=2,
+            answers_db=tmp_path / f"answers-{len(more)}.sqlite",
+        )  # fmt: skip
+        return CloudServer(config).start()
+
+    def edge(server, drain_s: float) -> EdgeDaemon:
+        return EdgeDaemon(
+            DaemonConfig(
+                model_dir=old_dir,
+                watch=watch,
+                cloud=f"127.0.0.1:{server.port}",
+                db=db,
+                settle_s=0.05,
+                poll_s=0.05,
+                once=True,
+                drain_timeout_s=drain_s,
+                threshold=0.0,
+                retry_initial_s=0.05,
+                retry_max_s=0.1,
+            )
+        )
+
+    new_only = cloud()
+    try:
+        assert edge(new_only, drain_s=1.0).run() == 1  # undelivered: both still pending
+    finally:
+        new_only.stop(0)
+    assert _verdicts(db) == {"pending": 2}
+    both = cloud(old_dir)
+    try:
+        assert edge(both, drain_s=60.0).run() == 0
+    finally:
+        both.stop(0)
+    assert _verdicts(db) == {"defect": 2}

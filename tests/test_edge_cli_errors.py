@@ -178,7 +178,8 @@ def test_tls_files_that_are_not_pem_are_refused(tiny_model_dir, hot, tmp_path, c
 
 
 def test_an_outbox_of_another_export_is_kept_not_sent(tiny_model_dir, hot, tmp_path, capsys):
-    """The cloud refuses another export's requests for good: sent, they became dead letters."""
+    """One outbox sends for one export: sent to a cloud that no longer serves the other export,
+    they became dead letters (now they would hold up every request behind them)."""
     db = tmp_path / "edge.sqlite"
     store = ResultStore(db)
     arrival = Arrival(str(hot / "old.png"), "old.png|1|1|1", "0" * 64, 1, time.time())

@@ -690,7 +690,8 @@ def train(
             log.info(
                 "epoch %d: loss %.3f, val mAP %.3f, mAP@.5 %.3f, gate AUC %s (%.1f train min)",
                 epoch, row["loss"], metrics["map"] or 0.0, metrics["map50"] or 0.0,
-                metrics["gate_auc"], clock.seconds / 60,
+                "n/a" if metrics["gate_auc"] is None else f"{metrics['gate_auc']:.3f}",
+                clock.seconds / 60,
             )  # fmt: skip
         history.append(row)
         _advance(overall, clock)
