@@ -181,10 +181,11 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context)
         except Exception as exc:
             code, message = status_for(exc)
+            peer = context.peer()  # which edge: an operator of many cameras must find it
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
+                log.exception("%s from %s failed", name, peer)
             else:
-                log.info("%s refused (%s): %s", name, code.name, message)
+                log.info("%s from %s refused (%s): %s", name, peer, code.name, message)
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)

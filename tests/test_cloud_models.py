@@ -83,14 +83,19 @@ def test_each_request_is_answered_by_the_model_it_names(exports, server):
     assert not np.array_equal(crossed.boxes, sample.reference["boxes"].numpy())
 
 
-def test_a_model_not_served_is_refused_naming_every_served_one(exports, server):
+def test_a_model_not_served_is_refused_naming_every_served_one(exports, server, caplog):
     _, client = server
     sample = make_sample(exports[0][0], seed=3, codec="int8")
-    with pytest.raises(NeverRetry) as refused:
+    with (
+        caplog.at_level("INFO", logger="splitdet.cloud.servicer"),
+        pytest.raises(NeverRetry) as refused,
+    ):
         client.detect(sample.encoded, sample.image, "unknown", "f" * 64)
     assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
     for _, _, manifest in exports:
         assert manifest.fingerprint[:16] in refused.value.message
+    # the server's log names the edge that sent it (one of many cameras)
+    assert any("Detect from ipv4:127.0.0.1:" in r.getMessage() for r in caplog.records)
 
 
 def test_manifests_by_fingerprint_and_the_served_list(exports, server):
