@@ -124,16 +124,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print report.md."""
-    from splitdet.bench.streams import images_needed
+    from splitdet.bench.streams import stream_problem
     from splitdet.shared.cli import CommandError
 
     for rate in args.defect_rates:  # before anything loads: a stream that is not of its rate
-        if args.images < images_needed(rate):
-            raise CommandError(
-                f"--defect-rates {rate:g} with --images {args.images}: "
-                f"{round(rate * args.images)} of {args.images} images defective is not that "
-                f"rate; use --images {images_needed(rate)} or more"
-            )
+        problem = stream_problem("--defect-rates", rate, "--images", args.images)
+        if problem:
+            raise CommandError(problem)
 
     from splitdet.bench.processes import ServiceError
     from splitdet.bench.run import BenchConfig, run_benchmark, written_by

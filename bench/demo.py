@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from splitdet.bench.processes import ServiceProcess, splitdet_command
-from splitdet.bench.streams import images_needed, make_stream
+from splitdet.bench.streams import make_stream, stream_problem
 from splitdet.shared.cli import main as splitdet
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth import GENERATOR_VERSION
@@ -496,13 +496,10 @@ def check_config(config: DemoConfig) -> None:
         streams += [("the benchmark's rate", r, "--bench-images", config.bench_images)
                     for r in config.bench_rates]  # fmt: skip
     for rate_option, rate, images_option, images in streams:
-        if images < images_needed(rate):
-            raise ValueError(
-                f"{rate_option} {rate:g} with {images_option} {images}: "
-                f"{round(rate * images)} of {images} images defective is not that rate; use "
-                f"{images_option} {images_needed(rate)} or more"
-                + (" (or 0 to skip the benchmark)" if images_option == "--bench-images" else "")
-            )
+        problem = stream_problem(rate_option, rate, images_option, images)
+        if problem:
+            skip = " (or 0 to skip the benchmark)" if images_option == "--bench-images" else ""
+            raise ValueError(problem + skip)
     try:
         config.workdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

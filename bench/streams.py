@@ -58,6 +58,18 @@ def images_needed(defect_rate: float) -> int:
     return needed
 
 
+def stream_problem(rate_option: str, rate: float, images_option: str, images: int) -> str | None:
+    """Why a stream of `images` images cannot be of defect rate `rate`, naming the two options
+    that set them, or None when it can."""
+    if images >= images_needed(rate):
+        return None
+    return (
+        f"{rate_option} {rate:g} with {images_option} {images}: {round(rate * images)} of "
+        f"{images} images defective is not that rate; use {images_option} "
+        f"{images_needed(rate)} or more"
+    )
+
+
 def _draw(pool: list[VocSample], count: int, rng: random.Random) -> list[VocSample]:
     drawn: list[VocSample] = []
     while len(drawn) < count:
