@@ -19,7 +19,8 @@ example:
 
 Copy the whole directory to the edge (it needs the .onnx files and manifest.json) and to the
 cloud server (it needs cloud_heads.pt and manifest.json); the fingerprint in the manifest ties
-the two together, and the cloud refuses requests from any other export.
+the two together, and the cloud refuses requests of an export it does not serve (it can serve
+several: `splitdet cloud --model OLD --model NEW` while edges move to the new one).
 """
 
 
