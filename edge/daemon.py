@@ -34,12 +34,19 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, build_request
+from splitdet.edge.client import (
+    ClientConfig,
+    CloudClient,
+    CloudError,
+    ImageMeta,
+    RetryLater,
+    build_request,
+)
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.edge.sender import Backoff, Sender, annotate_hook
+from splitdet.edge.sender import OPERATOR_PROBLEMS, Backoff, Sender, annotate_hook
 from splitdet.edge.store import (
     VERDICTS,
     Arrival,
@@ -452,6 +459,37 @@ class EdgeDaemon:
             info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
                     "fingerprint": self.fingerprint}  # fmt: skip
             write_ready_file(config.ready_file, info)
+        threading.Thread(target=self._probe_cloud, name="cloud-probe", daemon=True).start()
+
+    def _probe_cloud(self) -> None:
+        """Ask the cloud once, at start-up and beside the work, whether it serves this edge's
+        model. A cloud on another export, or refusing the credentials, is logged now, not at the
+        first defect, which on a good line may come hours later. Nothing waits for the answer:
+        the outbox holds requests until the cloud takes them, whatever the probe found."""
+        try:
+            client = CloudClient(self.config.client_config)
+        except Exception as exc:  # e.g. certificate files gone since start-up
+            _event(logging.WARNING, "cloud_check_failed", error=str(exc))
+            return
+        try:
+            served = client.manifest(self.fingerprint)
+        except RetryLater as exc:
+            _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
+                   note="requests wait in the outbox until it answers")  # fmt: skip
+        except CloudError as exc:
+            event = OPERATOR_PROBLEMS.get(exc.code, ("cloud_check_failed", ""))[0]
+            _event(logging.ERROR, event, code=exc.code.name, error=exc.message,
+                   note="requests wait in the outbox until this is fixed")  # fmt: skip
+        except Exception as exc:  # a probe never ends the daemon
+            _event(logging.WARNING, "cloud_check_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            if served.fingerprint != self.fingerprint:  # a server too old to choose by model
+                note = "requests wait in the outbox until the cloud serves this model"
+                _event(logging.ERROR, "model_refused", served=list(served.served), note=note)
+            else:
+                _event(logging.INFO, "cloud_checked", served=list(served.served))
+        finally:
+            client.close()
 
     def _shutdown(self) -> int:
         """Stop the sender and the metrics endpoint; returns the outbox depth left."""

@@ -58,7 +58,7 @@ OPERATOR_PROBLEMS = {
     grpc.StatusCode.FAILED_PRECONDITION: (
         "model_refused",
         "the cloud does not serve this edge's model (%s); requests stay in the outbox until it "
-        "does (a cloud serves several exports with --model repeated)",
+        "does",
     ),
 }
 #: Consecutive connection failures after which the channel is rebuilt.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from dataclasses import replace
 
 import grpc
@@ -173,7 +174,19 @@ def _verdicts(db) -> dict[str, int]:
     return dict(found)
 
 
-def test_an_edge_behind_the_cloud_keeps_its_requests_until_its_model_is_served(exports, tmp_path):
+def _probe_said(caplog, event: str) -> bool:
+    """Whether the edge daemon's start-up probe of the cloud logged `event` (within 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(r.name == "splitdet.edge" and r.msg == event for r in caplog.records):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_edge_behind_the_cloud_keeps_its_requests_until_its_model_is_served(
+    exports, tmp_path, caplog
+):
     """The rolling upgrade done cloud first: the cloud serves only the new export, and an edge
     still on the old one is refused (FAILED_PRECONDITION). Before, each such request became a
     dead letter, its features dropped; now it waits in the outbox, and is delivered once the
@@ -213,15 +226,19 @@ def test_an_edge_behind_the_cloud_keeps_its_requests_until_its_model_is_served(e
             )
         )
 
+    caplog.set_level("INFO", logger="splitdet.edge")
     new_only = cloud()
     try:
         assert edge(new_only, drain_s=1.0).run() == 1  # undelivered: both still pending
+        # said at start-up too, not only when the first defect is sent
+        assert _probe_said(caplog, "model_refused"), caplog.text
     finally:
         new_only.stop(0)
     assert _verdicts(db) == {"pending": 2}
     both = cloud(old_dir)
     try:
         assert edge(both, drain_s=60.0).run() == 0
+        assert _probe_said(caplog, "cloud_checked"), caplog.text
     finally:
         both.stop(0)
     assert _verdicts(db) == {"defect": 2}

@@ -260,6 +260,11 @@ def start_cloud_on(port: int, model_dir: Path, work: Path, name: str) -> CloudPr
     return start_cloud_process(model_dir, work, name, "--listen", f"127.0.0.1:{port}")
 
 
+def _events(log: str) -> set[str]:
+    """The events of a daemon's JSON log lines."""
+    return {json.loads(line).get("event") for line in log.splitlines() if line.startswith("{")}
+
+
 def write_files(watch: Path, images: list[PoolImage], names: list[str]) -> None:
     for image, name in zip(images, names, strict=True):
         (watch / name).write_bytes(image.data)
@@ -314,10 +319,10 @@ def test_cloud_down_then_up_backlog_drains(tiny_model_dir, pool, tmp_path, proce
 
     edge.process.send_signal(signal.SIGTERM)
     assert edge.process.wait(timeout=20) == 0
-    events = [json.loads(line) for line in edge.log().splitlines() if line.startswith("{")]
-    assert {"started", "classified", "send_retry", "defect", "stopped"} <= {
-        e.get("event") for e in events
-    }
+    # the cloud was down at start-up: the probe said so at once
+    assert {"started", "cloud_unreachable", "classified", "send_retry", "defect", "stopped"} <= (
+        _events(edge.log())
+    )
 
 
 # ------------------------------------------------------------------------------- 2. kill -9
@@ -509,6 +514,12 @@ def test_lost_answers_make_no_duplicates(tiny_model_dir, pool, shared_cloud, tmp
     )
     processes.append(edge.start(tiny_model_dir))
     edge.wait_ready()
+    # the daemon's start-up probe (GetManifest) goes through the proxy too: its answer is not
+    # one of the Detect answers to lose
+    probe_events = {"cloud_checked", "cloud_unreachable", "model_refused", "auth_refused"}
+    wait_for(lambda: probe_events & _events(edge.log()), 30, "the start-up probe")
+    with proxy._lock:
+        proxy.replies = proxy.dropped = 0
     hits_before = shared_cloud.metrics().get("splitdet_cloud_cache_hits_total", 0.0)
 
     write_files(watch, images, [f"f{i}.png" for i in range(len(images))])
