@@ -134,7 +134,7 @@ class ServerMetrics:
         )
         self.model = Gauge(
             "splitdet_cloud_model",
-            "1 for each served model, by fingerprint (default: 1 for the default model).",
+            'Served models: 1 per fingerprint; default="true" on the first --model.',
             ["fingerprint", "default"],
             registry=self.registry,
         )
