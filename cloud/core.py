@@ -220,15 +220,13 @@ class DetectionCore:
             if served.fingerprint in self.models:
                 raise ValueError(f"model {_short(served.fingerprint)} is given twice")
             self.models[served.fingerprint] = served
-        self.cloud = cloud
-        self.manifest = manifest
         self.store = store
         self.max_decoded_bytes = int(max_decoded_bytes)
 
     @property
     def fingerprint(self) -> str:
         """Fingerprint of the default model (the first given)."""
-        return self.manifest.fingerprint
+        return next(iter(self.models))
 
     @property
     def fingerprints(self) -> tuple[str, ...]:
@@ -241,7 +239,7 @@ class DetectionCore:
         Raises:
             FingerprintMismatch: no served model has that fingerprint.
         """
-        manifest = self._model(fingerprint or self.fingerprint).manifest
+        manifest = self.model(fingerprint or self.fingerprint).manifest
         return json.dumps(manifest.to_dict(), indent=2)
 
     def detect(
@@ -291,7 +289,12 @@ class DetectionCore:
 
     # ------------------------------------------------------------------------------ the stages
 
-    def _model(self, fingerprint: str) -> ServedModel:
+    def model(self, fingerprint: str) -> ServedModel:
+        """The served model of that fingerprint.
+
+        Raises:
+            FingerprintMismatch: no served model has it (the message lists those served).
+        """
         model = self.models.get(fingerprint) if isinstance(fingerprint, str) else None
         if model is None:
             served = ", ".join(_short(fp) for fp in self.models)
@@ -304,7 +307,7 @@ class DetectionCore:
 
     def _check_call(self, call: DetectCall) -> ServedModel:
         """Cheap checks before anything is hashed, looked up or decoded; the model to use."""
-        model = self._model(call.fingerprint)
+        model = self.model(call.fingerprint)
         rid = call.request_id
         if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters")

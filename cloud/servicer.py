@@ -254,6 +254,12 @@ def _parse(message_type: type, raw: bytes):
 # Field numbers in proto/splitdet/v1/detection.proto.
 _REQUEST_TENSORS = 4
 _TENSOR_SHAPE, _TENSOR_SCALE, _TENSOR_ZERO_POINT = 2, 5, 6
+#: Tensor field -> (its name, most values it may hold).
+_TENSOR_BOUNDS = {
+    _TENSOR_SHAPE: ("shape", MAX_SHAPE_VALUES),
+    _TENSOR_SCALE: ("scale", MAX_PARAM_VALUES),
+    _TENSOR_ZERO_POINT: ("zero_point", MAX_PARAM_VALUES),
+}
 
 
 def check_request_wire(raw: bytes) -> None:
@@ -274,7 +280,7 @@ def check_request_wire(raw: bytes) -> None:
         tensors += 1
         if tensors > MAX_TENSORS:
             raise InvalidRequest(f"request has more than {MAX_TENSORS} tensors")
-        counts = {_TENSOR_SHAPE: 0, _TENSOR_SCALE: 0, _TENSOR_ZERO_POINT: 0}
+        counts = dict.fromkeys(_TENSOR_BOUNDS, 0)
         for field, kind, first, last in _wire_fields(raw, start, end, budget):
             if field == _TENSOR_SHAPE and kind == 2:  # packed varints of 1..10 bytes each
                 size = last - first
@@ -286,12 +292,7 @@ def check_request_wire(raw: bytes) -> None:
                 counts[field] += (last - first) // 8
             elif field in counts:
                 counts[field] += 1
-        bounds = {
-            _TENSOR_SHAPE: ("shape", MAX_SHAPE_VALUES),
-            _TENSOR_SCALE: ("scale", MAX_PARAM_VALUES),
-            _TENSOR_ZERO_POINT: ("zero_point", MAX_PARAM_VALUES),
-        }
-        for field, (what, bound) in bounds.items():
+        for field, (what, bound) in _TENSOR_BOUNDS.items():
             if counts[field] > bound:
                 raise InvalidRequest(f"tensor {tensors - 1}: {what} has more than {bound} values")
     if budget[0] < 0:
@@ -431,10 +432,8 @@ class DetectionServicer:
     @_rpc
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = _parse(pb.GetManifestRequest, raw)
-        wanted = request.model_fingerprint or self.core.fingerprint
-        if wanted not in self._manifests:
-            self.core.manifest_json(wanted)  # raises FingerprintMismatch naming what is served
-        return self._manifests[wanted]
+        wanted = self.core.model(request.model_fingerprint or self.core.fingerprint)
+        return self._manifests[wanted.fingerprint]
 
     def _debug_delay(self, is_cancelled: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.debug_delay_s
