@@ -48,8 +48,15 @@ jitter while classification goes on, and the cloud's answer ("defect" + boxes) r
 outbox row in one commit. Requests are idempotent (the id is a hash of the image bytes), so
 re-sending after a lost answer never makes a second result. Unreadable files (empty, corrupt,
 truncated, not an image) go to the quarantine folder with NAME.reason.txt beside them and an
-"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) become
-"error" rows (dead letter, with the reason) and are never retried.
+"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, ...) become "error"
+rows (dead letter, with the reason) and are never retried. A refusal the operator fixes is not
+permanent: wrong credentials (UNAUTHENTICATED) and a model the cloud does not serve
+(FAILED_PRECONDITION) keep the requests in the outbox, retried every --retry-max seconds.
+
+Upgrading the model: restart the daemon with the new --model on the same --db. Requests still in
+the outbox from the previous export go out under their own fingerprint; the cloud answers them
+while it serves both exports (splitdet cloud --model OLD --model NEW). While it serves only one,
+the other's requests wait in the outbox without holding up the rest.
 
 Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
   --when-full wait    (default) stop taking images from the hot folder until the outbox has

@@ -46,7 +46,7 @@ from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.edge.sender import OPERATOR_PROBLEMS, Backoff, Sender, annotate_hook
+from splitdet.edge.sender import OPERATOR_PROBLEMS, PER_EXPORT, Backoff, Sender, annotate_hook
 from splitdet.edge.store import (
     VERDICTS,
     Arrival,
@@ -54,7 +54,6 @@ from splitdet.edge.store import (
     OutboxCap,
     OutboxFull,
     ResultStore,
-    StoreError,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
 from splitdet.shared.cli import write_ready_file
@@ -244,12 +243,20 @@ class _StoreCollector:
         age.add_metric(
             [], 0.0 if stats.oldest_created is None else time.time() - stats.oldest_created
         )
+        by_model = GaugeMetricFamily(
+            "splitdet_edge_outbox_model_requests",
+            "Requests waiting in the outbox, by the model export that made them (an earlier "
+            "export's drain after an upgrade when the cloud serves it too).",
+            labels=["fingerprint"],
+        )
+        for fingerprint, n in self.store.outbox_fingerprints().items():
+            by_model.add_metric([fingerprint], n)
         results = GaugeMetricFamily(
             "splitdet_edge_results", "Result rows in the store, by verdict.", labels=["verdict"]
         )
         for verdict, n in self.store.verdict_counts().items():
             results.add_metric([verdict], n)
-        return [depth, size, age, results]
+        return [depth, size, age, by_model, results]
 
 
 class EdgeMetrics:
@@ -343,7 +350,6 @@ class EdgeDaemon:
         )
         self.fingerprint = self.pipeline.manifest.fingerprint
         self.store = ResultStore(config.db, config.outbox)
-        self._check_outbox_fingerprints()
         self.folder = HotFolder(
             config.watch,
             config.settle_s,
@@ -365,22 +371,6 @@ class EdgeDaemon:
         self._metrics_httpd = None
         self.metrics_port: int | None = None
         self.processed = 0
-
-    def _check_outbox_fingerprints(self) -> None:
-        """StoreError when the outbox holds requests of another model export: one outbox sends
-        for one export (a cloud that no longer serves the other would hold up every request
-        behind them), so they are delivered by that export first."""
-        other = {fp: n for fp, n in self.store.outbox_fingerprints().items()
-                 if fp != self.fingerprint}  # fmt: skip
-        if other:
-            self.store.close()
-            held = ", ".join(f"{n} by {fingerprint[:12]}" for fingerprint, n in other.items())
-            raise StoreError(
-                f"{self.config.db}: its outbox holds requests of another model export "
-                f"({held}); this edge runs {self.fingerprint[:12]}. Deliver them first with that "
-                "export's --model and --once (to a cloud that serves it: `splitdet cloud --model "
-                "OLD --model NEW` serves both), or use a new --db"
-            )
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -455,41 +445,65 @@ class EdgeDaemon:
             metrics_port=self.metrics_port,
             once=config.once,
         )
+        earlier = {fingerprint: n for fingerprint, n in self.store.outbox_fingerprints().items()
+                   if fingerprint != self.fingerprint}  # fmt: skip
+        for fingerprint, n in earlier.items():  # e.g. made before this edge's model upgrade
+            _event(logging.INFO, "outbox_other_export", fingerprint=fingerprint, pending=n,
+                   note="sent with their own model: the cloud must serve it too")  # fmt: skip
         if config.ready_file is not None:
             info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
                     "fingerprint": self.fingerprint}  # fmt: skip
             write_ready_file(config.ready_file, info)
-        threading.Thread(target=self._probe_cloud, name="cloud-probe", daemon=True).start()
+        threading.Thread(
+            target=self._probe_cloud, args=((self.fingerprint, *earlier),), name="cloud-probe",
+            daemon=True,
+        ).start()  # fmt: skip
 
-    def _probe_cloud(self) -> None:
-        """Ask the cloud once, at start-up and beside the work, whether it serves this edge's
-        model. A cloud on another export, or refusing the credentials, is logged now, not at the
-        first defect, which on a good line may come hours later. Nothing waits for the answer:
-        the outbox holds requests until the cloud takes them, whatever the probe found."""
+    def _probe_cloud(self, fingerprints: tuple[str, ...]) -> None:
+        """Ask the cloud once, at start-up and beside the work, whether it serves each model
+        export the edge sends for: its own, and any earlier one whose requests wait in the
+        outbox. A cloud on another export, or refusing the credentials, is logged now, not at
+        the first defect, which on a good line may come hours later. Nothing waits for the
+        answer: the outbox holds requests until the cloud takes them, whatever the probe found."""
         try:
             client = CloudClient(self.config.client_config)
         except Exception as exc:  # e.g. certificate files gone since start-up
             _event(logging.WARNING, "cloud_check_failed", error=str(exc))
             return
         try:
-            served = client.manifest(self.fingerprint)
+            for fingerprint in fingerprints:
+                if not self._probe_one(client, fingerprint):
+                    break
+        finally:
+            client.close()
+
+    def _probe_one(self, client: CloudClient, fingerprint: str) -> bool:
+        """Log whether the cloud serves `fingerprint`; False when asking again is pointless
+        (the cloud is unreachable or refuses us)."""
+        role = "current" if fingerprint == self.fingerprint else "earlier"  # (outbox requests)
+        try:
+            served = client.manifest(fingerprint)
         except RetryLater as exc:
             _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
                    note="requests wait in the outbox until it answers")  # fmt: skip
+            return False
         except CloudError as exc:
             event = OPERATOR_PROBLEMS.get(exc.code, ("cloud_check_failed", ""))[0]
             _event(logging.ERROR, event, code=exc.code.name, error=exc.message,
+                   fingerprint=fingerprint, role=role,
                    note="requests wait in the outbox until this is fixed")  # fmt: skip
+            return exc.code in PER_EXPORT
         except Exception as exc:  # a probe never ends the daemon
             _event(logging.WARNING, "cloud_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return False
+        if served.fingerprint != fingerprint:  # a server too old to choose by model
+            note = "requests wait in the outbox until the cloud serves this model"
+            _event(logging.ERROR, "model_refused", served=list(served.served),
+                   fingerprint=fingerprint, role=role, note=note)  # fmt: skip
         else:
-            if served.fingerprint != self.fingerprint:  # a server too old to choose by model
-                note = "requests wait in the outbox until the cloud serves this model"
-                _event(logging.ERROR, "model_refused", served=list(served.served), note=note)
-            else:
-                _event(logging.INFO, "cloud_checked", served=list(served.served))
-        finally:
-            client.close()
+            _event(logging.INFO, "cloud_checked", served=list(served.served),
+                   fingerprint=fingerprint, role=role)  # fmt: skip
+        return True
 
     def _shutdown(self) -> int:
         """Stop the sender and the metrics endpoint; returns the outbox depth left."""

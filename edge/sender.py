@@ -15,11 +15,15 @@ row the channel is rebuilt, so a cloud that comes back is found within one backo
 than after gRPC's own reconnect backoff. A permanent refusal (NeverRetry: INVALID_ARGUMENT,
 INTERNAL, a message too large) moves the item to the dead-letter state with the reason.
 UNAUTHENTICATED, PERMISSION_DENIED and FAILED_PRECONDITION are the exception: a wrong token, or a
-cloud that does not serve this edge's model (yet, or any more: during a model upgrade), is the
+cloud that does not serve a request's model (yet, or any more: during a model upgrade), is the
 operator's to fix, and the requests themselves are fine; so the items stay in the outbox (retried
-at the backoff cap) and the log says why. A request in the outbox that no longer parses is
-dead-lettered too. Any other failure (a database locked past its timeout, a channel that cannot
-be built) is logged and retried after a backoff step: the thread never ends before `stop`.
+at the backoff cap) and the log says why. A refused model holds only the requests made with that
+export: an outbox may hold requests of the edge's previous export beside its current one, and
+while the cloud serves only one of the two, the other's requests wait without holding up the
+first's (one refused call per export per backoff cap). A request in the outbox that no longer
+parses is dead-lettered too. Any other failure (a database locked past its timeout, a channel
+that cannot be built) is logged and retried after a backoff step: the thread never ends before
+`stop`.
 
 The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
 id from its store, so re-sending after a lost answer never makes a second result.
@@ -50,17 +54,19 @@ _AUTH_REFUSED = (
     "certificates are fixed",
 )
 #: Codes the client calls NeverRetry that the edge keeps retrying, with the log event and line:
-#: a credentials problem, or a cloud that does not serve this edge's model, is fixed by the
+#: a credentials problem, or a cloud that does not serve a request's model, is fixed by the
 #: operator, and the requests themselves are fine.
 OPERATOR_PROBLEMS = {
     grpc.StatusCode.UNAUTHENTICATED: _AUTH_REFUSED,
     grpc.StatusCode.PERMISSION_DENIED: _AUTH_REFUSED,
     grpc.StatusCode.FAILED_PRECONDITION: (
         "model_refused",
-        "the cloud does not serve this edge's model (%s); requests stay in the outbox until it "
-        "does",
+        "the cloud does not serve the model of these requests (%s); they stay in the outbox "
+        "until it does",
     ),
 }
+#: The operator problems that concern one model export, not the edge's every request.
+PER_EXPORT = frozenset({grpc.StatusCode.FAILED_PRECONDITION})
 #: Consecutive connection failures after which the channel is rebuilt.
 REBUILD_AFTER_FAILURES = 3
 
@@ -119,6 +125,7 @@ class Sender(threading.Thread):
         self._halt = threading.Event()
         self.failures = 0  # consecutive transient failures
         self.delivered = 0
+        self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
 
     def wake(self) -> None:
         """A new item is in the outbox: send it without waiting for the next check."""
@@ -161,6 +168,10 @@ class Sender(threading.Thread):
             self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
             self._wake.clear()
             return 0.0
+        until = self._held.get(item.fingerprint, 0.0)
+        if until > time.time():  # made after its export was refused: wait beside the others
+            self.store.hold_export(item.fingerprint, until, "held: the cloud refused its model")
+            return 0.0
         return self.send(item)
 
     def _drop_client(self) -> None:
@@ -187,6 +198,8 @@ class Sender(threading.Thread):
         except RetryLater as exc:
             return self._transient(item, exc, len(item.payload))
         except NeverRetry as exc:
+            if exc.code in PER_EXPORT:
+                return self._hold_export(item, exc)
             if exc.code in OPERATOR_PROBLEMS:
                 event, line = OPERATOR_PROBLEMS[exc.code]
                 log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
@@ -238,6 +251,25 @@ class Sender(threading.Thread):
             )  # fmt: skip
             if self.metrics is not None:
                 self.metrics.dead_letter(code)
+
+    def _hold_export(self, item: OutboxItem, exc: NeverRetry) -> float:
+        """The cloud refused the model of `item`: hold every request of that export for the
+        backoff cap, and go on with the others (no pause)."""
+        self._count_bytes(len(item.payload))  # it reached the server
+        until = time.time() + self.backoff.max_s
+        self._held[item.fingerprint] = until
+        self.store.retry_later(item.image_id, until, str(exc))
+        held = self.store.hold_export(item.fingerprint, until, str(exc))
+        if self.metrics is not None:
+            self.metrics.send_failed(exc.code.name)
+        event, line = OPERATOR_PROBLEMS[exc.code]
+        log.error(
+            line, exc,
+            extra={"fields": {"event": event, "code": exc.code.name,
+                              "fingerprint": item.fingerprint, "held": held,
+                              "retry_in_s": round(self.backoff.max_s, 3)}},
+        )  # fmt: skip
+        return 0.0
 
     def _transient(self, item: OutboxItem, exc, sent_bytes: int, at_cap: bool = False) -> float:
         self.failures += 1

@@ -190,6 +190,7 @@ class OutboxItem:
     attempts: int
     stored_path: str | None
     path: str
+    fingerprint: str  # the model export that made the request
 
 
 @dataclass(frozen=True)
@@ -451,15 +452,15 @@ class ResultStore:
         now = time.time() if now is None else now
         rows = self._query(
             "SELECT o.image_id, o.request_id, o.payload, o.created, i.attempts, i.stored_path,"
-            " i.path FROM outbox o JOIN images i ON i.id = o.image_id"
+            " i.path, i.fingerprint FROM outbox o JOIN images i ON i.id = o.image_id"
             " WHERE o.next_try <= ? ORDER BY o.next_try, o.image_id LIMIT 1",
             (now,),
         )
         if not rows:
             return None
-        image_id, request_id, payload, created, attempts, stored_path, path = rows[0]
+        image_id, request_id, payload, created, attempts, stored_path, path, fingerprint = rows[0]
         return OutboxItem(
-            image_id, request_id, bytes(payload), created, attempts, stored_path, path
+            image_id, request_id, bytes(payload), created, attempts, stored_path, path, fingerprint
         )
 
     def next_try_at(self) -> float | None:
@@ -506,6 +507,19 @@ class ResultStore:
                 "UPDATE images SET attempts = attempts + 1, updated = ? WHERE id = ?",
                 (time.time(), image_id),
             )
+
+    def hold_export(self, fingerprint: str, until: float, error: str) -> int:
+        """Hold every outbox request made with one model export until `until` (unix s; a later
+        next_try is kept), e.g. while the cloud does not serve that export; attempts are not
+        counted. Returns how many requests are held."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET next_try = MAX(next_try, ?), last_error = ? WHERE image_id IN"
+                " (SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
+                " WHERE i.fingerprint = ?)",
+                (until, error, fingerprint),
+            )
+            return cursor.rowcount
 
     def dead_letter(self, image_id: int, reason: str) -> bool:
         """A permanent refusal: verdict "error" (dead_letter) with the reason, outbox row

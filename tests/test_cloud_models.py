@@ -23,7 +23,7 @@ from cloud_fixtures import (
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.server import CloudServer, ServerConfig
-from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
+from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry, build_request
 from splitdet.edge.predict import RemoteDetector
 from splitdet.shared.cli import main
 
@@ -174,71 +174,197 @@ def _verdicts(db) -> dict[str, int]:
     return dict(found)
 
 
-def _probe_said(caplog, event: str) -> bool:
-    """Whether the edge daemon's start-up probe of the cloud logged `event` (within 10 s)."""
+def _write_images(watch, names, seed: int) -> None:
+    from PIL import Image
+
+    watch.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray((rng.random((72, 96, 3)) * 255).astype(np.uint8)).save(watch / name)
+
+
+def _cloud(tmp_path, model_dir, *more):
+    """A started server for `model_dir` (the default) and `more`, with its own answers file."""
+    config = ServerConfig(
+        model_dir=model_dir, more_model_dirs=more, listen="127.0.0.1:0", threads=2,
+        metrics_port=0, metrics_host="127.0.0.1",
+        answers_db=tmp_path / f"answers-{model_dir.parent.name}-{len(more)}.sqlite",
+    )  # fmt: skip
+    return CloudServer(config).start()
+
+
+def _edge(model_dir, watch, db, server, drain_s: float, retry_max_s: float = 0.1):
+    """An edge daemon in batch mode (--once) that flags every image (threshold 0)."""
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+
+    return EdgeDaemon(
+        DaemonConfig(
+            model_dir=model_dir, watch=watch, cloud=f"127.0.0.1:{server.port}", db=db,
+            settle_s=0.05, poll_s=0.05, once=True, drain_timeout_s=drain_s, threshold=0.0,
+            retry_initial_s=0.05, retry_max_s=retry_max_s,
+        )
+    )  # fmt: skip
+
+
+def _said(caplog, event: str, **fields) -> bool:
+    """Whether the edge daemon logged `event` with these fields (within 10 s: the start-up
+    probe runs beside the work)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if any(r.name == "splitdet.edge" and r.msg == event for r in caplog.records):
-            return True
+        for record in caplog.get_records("setup") + caplog.records:  # (fixtures log in setup)
+            said = getattr(record, "fields", {})
+            if (
+                record.name == "splitdet.edge"
+                and record.msg == event
+                and all(said.get(k) == v for k, v in fields.items())
+            ):
+                return True
         time.sleep(0.05)
     return False
 
 
+@pytest.fixture
+def refused_backlog(exports, tmp_path, caplog):
+    """(watch, db, server): an edge on the old export ran once against a cloud serving only the
+    new one (the server, still running), which left its two requests pending."""
+    (_, old_dir, _), (_, new_dir, _) = exports
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    _write_images(watch, ("a.png", "b.png"), seed=3)
+    caplog.set_level("INFO", logger="splitdet.edge")
+    new_only = _cloud(tmp_path, new_dir)
+    try:
+        assert _edge(old_dir, watch, db, new_only, drain_s=0.5).run() == 1  # undelivered
+        assert _verdicts(db) == {"pending": 2}
+        yield watch, db, new_only
+    finally:
+        new_only.stop(0)
+
+
 def test_an_edge_behind_the_cloud_keeps_its_requests_until_its_model_is_served(
-    exports, tmp_path, caplog
+    exports, refused_backlog, tmp_path, caplog
 ):
     """The rolling upgrade done cloud first: the cloud serves only the new export, and an edge
     still on the old one is refused (FAILED_PRECONDITION). Before, each such request became a
     dead letter, its features dropped; now it waits in the outbox, and is delivered once the
     cloud serves the old export beside the new one."""
-    from PIL import Image
-
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
-
     (_, old_dir, _), (_, new_dir, _) = exports
-    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
-    watch.mkdir()
-    rng = np.random.default_rng(3)
-    for name in ("a.png", "b.png"):
-        Image.fromarray((rng.random((72, 96, 3)) * 255).astype(np.uint8)).save(watch / name)
-
-    def cloud(*more):
-        config = ServerConfig(
-            model_dir=new_dir, more_model_dirs=more, listen="127.0.0.1:0", threads=2,
-            answers_db=tmp_path / f"answers-{len(more)}.sqlite",
-        )  # fmt: skip
-        return CloudServer(config).start()
-
-    def edge(server, drain_s: float) -> EdgeDaemon:
-        return EdgeDaemon(
-            DaemonConfig(
-                model_dir=old_dir,
-                watch=watch,
-                cloud=f"127.0.0.1:{server.port}",
-                db=db,
-                settle_s=0.05,
-                poll_s=0.05,
-                once=True,
-                drain_timeout_s=drain_s,
-                threshold=0.0,
-                retry_initial_s=0.05,
-                retry_max_s=0.1,
-            )
-        )
-
-    caplog.set_level("INFO", logger="splitdet.edge")
-    new_only = cloud()
+    watch, db, _ = refused_backlog
+    # said at start-up too, not only when the first defect is sent
+    assert _said(caplog, "model_refused"), caplog.text
+    both = _cloud(tmp_path, new_dir, old_dir)
     try:
-        assert edge(new_only, drain_s=1.0).run() == 1  # undelivered: both still pending
-        # said at start-up too, not only when the first defect is sent
-        assert _probe_said(caplog, "model_refused"), caplog.text
-    finally:
-        new_only.stop(0)
-    assert _verdicts(db) == {"pending": 2}
-    both = cloud(old_dir)
-    try:
-        assert edge(both, drain_s=60.0).run() == 0
-        assert _probe_said(caplog, "cloud_checked"), caplog.text
+        assert _edge(old_dir, watch, db, both, drain_s=60.0).run() == 0
+        assert _said(caplog, "cloud_checked"), caplog.text
     finally:
         both.stop(0)
     assert _verdicts(db) == {"defect": 2}
+
+
+def test_an_upgraded_edge_sends_its_earlier_requests_with_their_own_model(
+    exports, refused_backlog, tmp_path, caplog
+):
+    """The rolling upgrade done edge first, without waiting for its outbox to empty: requests
+    made with the old export stay in the outbox beside the new export's and go out under their
+    own fingerprint. While the cloud does not serve the old export, they wait without holding up
+    the new requests (before, the daemon refused to start on such an outbox, and a refused
+    request paused the whole sender for the backoff cap: here 30 s, longer than the drain)."""
+    from prometheus_client import generate_latest
+
+    from splitdet.edge.daemon import EdgeMetrics
+    from splitdet.edge.store import ResultStore
+
+    (_, old_dir, old_manifest), (_, new_dir, new_manifest) = exports
+    watch, db, new_only = refused_backlog  # the old export's two requests, refused
+    _write_images(watch, ("c.png", "d.png"), seed=4)
+    upgraded = _edge(new_dir, watch, db, new_only, drain_s=8.0, retry_max_s=30.0)
+    started = time.monotonic()
+    assert upgraded.run() == 1  # the old export's two are still pending
+    assert time.monotonic() - started < 25  # (not held up by the old export's refusals)
+    assert _said(caplog, "outbox_other_export", fingerprint=old_manifest.fingerprint,
+                 pending=2), caplog.text  # fmt: skip
+    assert _said(caplog, "model_refused", fingerprint=old_manifest.fingerprint,
+                 role="earlier"), caplog.text  # fmt: skip
+    assert _said(caplog, "cloud_checked", fingerprint=new_manifest.fingerprint,
+                 role="current"), caplog.text  # fmt: skip
+    assert _verdicts(db) == {"pending": 2, "defect": 2}
+    store = ResultStore(db)
+    try:
+        assert store.outbox_fingerprints() == {old_manifest.fingerprint: 2}
+        scraped = generate_latest(EdgeMetrics(store).registry).decode()
+        assert (f'splitdet_edge_outbox_model_requests{{fingerprint="{old_manifest.fingerprint}"}}'
+                " 2.0") in scraped  # fmt: skip
+    finally:
+        store.close()
+
+    both = _cloud(tmp_path, new_dir, old_dir)
+    try:
+        # the old export's requests were held for the cap (30 s) by the run before; a new
+        # daemon holds nothing in memory, and their next try in the database is honoured
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE outbox SET next_try = 0")
+        assert _edge(new_dir, watch, db, both, drain_s=60.0).run() == 0
+        answers = scrape_metrics(both.metrics_port)
+    finally:
+        both.stop(0)
+    # answered by the model that made each request
+    key = 'splitdet_cloud_model_answers_total{fingerprint="%s"}'
+    assert answers[key % old_manifest.fingerprint] == 2
+    assert answers[key % new_manifest.fingerprint] == 0  # (c, d were answered by new_only)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT path, verdict, fingerprint FROM images").fetchall()
+    made_by = {"a.png": old_manifest, "b.png": old_manifest, "c.png": new_manifest,
+               "d.png": new_manifest}  # fmt: skip
+    assert len(rows) == 4
+    for path, verdict, fingerprint in rows:
+        assert verdict == "defect"
+        assert fingerprint == made_by[path.rsplit("/", 1)[-1]].fingerprint
+
+
+def test_a_refused_export_costs_one_call_per_backoff_cap_not_one_per_request(exports, tmp_path):
+    """Requests of an export the cloud refuses, made after the refusal, wait for the hold in
+    the database instead of each going over the wire to be refused (a flagged image a second
+    would otherwise cost a refused megabyte a second); another export's go on at once."""
+    from splitdet.edge.sender import Backoff, Sender
+    from splitdet.edge.store import Arrival, ResultStore
+
+    (old_model, _, old_manifest), (_, new_dir, new_manifest) = exports
+    server = _cloud(tmp_path, new_dir)
+    store = ResultStore(tmp_path / "edge.sqlite")
+    sender = Sender(
+        store,
+        lambda: CloudClient(ClientConfig(f"127.0.0.1:{server.port}")),
+        Backoff(0.05, 30.0),
+    )
+    sample = make_sample(old_model, seed=5, codec="int8")
+
+    def add(name: str, fingerprint: str) -> int:
+        request = build_request(sample.encoded, sample.image, f"req-{name}", fingerprint)
+        arrival = Arrival(str(tmp_path / name), f"{name}|1|1|1", name * 64, 1, time.time())
+        image_id, _, verdict = store.record_pending(
+            arrival, 0.9, f"req-{name}", request.SerializeToString(), fingerprint, {}
+        )
+        assert verdict == "pending"
+        return image_id
+
+    def refused() -> float:
+        metrics = scrape_metrics(server.metrics_port)
+        return metrics.get(
+            'splitdet_cloud_failures_total{code="FAILED_PRECONDITION",method="Detect"}', 0.0
+        )
+
+    try:
+        first = add("a", old_manifest.fingerprint)
+        assert sender.send(store.next_due()) == 0.0  # refused, and no pause for the others
+        assert refused() == 1
+        add("b", old_manifest.fingerprint)  # made after the refusal
+        add("c", new_manifest.fingerprint)
+        for _ in range(3):
+            sender._pass()
+        assert refused() == 1  # "b" was held in the database, never sent
+        assert store.outbox_fingerprints() == {old_manifest.fingerprint: 2}  # "c" delivered
+        due = {row[0]: row[1] for row in store._query("SELECT image_id, next_try FROM outbox")}
+        assert set(due) == {first, first + 1}
+        assert min(due.values()) > time.time() + 25  # both wait for the cap, together
+    finally:
+        store.close()
+        server.stop(0)

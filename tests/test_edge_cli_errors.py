@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store import ResultStore
 from splitdet.shared.cli import main
 
 pytestmark = pytest.mark.timeout(120)  # a check that regressed would run the daemon forever
@@ -175,22 +173,6 @@ def test_tls_files_that_are_not_pem_are_refused(tiny_model_dir, hot, tmp_path, c
         options += ("--client-cert", str(cert))
     assert _edge_run(tiny_model_dir, hot, tmp_path / "edge.sqlite", *options) == 2
     _error_line(capsys, f"{flag} {garbage}", "not a PEM")
-
-
-def test_an_outbox_of_another_export_is_kept_not_sent(tiny_model_dir, hot, tmp_path, capsys):
-    """One outbox sends for one export: sent to a cloud that no longer serves the other export,
-    they became dead letters (now they would hold up every request behind them)."""
-    db = tmp_path / "edge.sqlite"
-    store = ResultStore(db)
-    arrival = Arrival(str(hot / "old.png"), "old.png|1|1|1", "0" * 64, 1, time.time())
-    store.record_pending(arrival, 0.9, "req-old", b"features", "0" * 64, {})
-    store.close()
-    assert _edge_run(tiny_model_dir, hot, db) == 2
-    _error_line(capsys, f"--db {db}", "another model export", "000000000000")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT verdict FROM images").fetchall() == [("pending",)]
-        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (1,)
-    assert (hot / "a.png").exists()
 
 
 @pytest.mark.parametrize("since", ["", "-5m", "nan", "inf", "1e400", "infh"])
