@@ -26,11 +26,13 @@ from splitdet.edge.cloud_args import (
     check_cloud_addresses,
     client_config,
 )
+from splitdet.shared.cli import float_in, int_in
 
 EDGE_EPILOG = """\
 actions:
   splitdet edge run      watch a hot folder, classify, deliver defects to the cloud (the daemon)
   splitdet edge results  print the results database for other tools (--json, --csv)
+  splitdet edge requeue  send requests the cloud refused (dead letters) again, once fixed
 """
 
 RUN_EPILOG = """\
@@ -48,8 +50,10 @@ jitter while classification goes on, and the cloud's answer ("defect" + boxes) r
 outbox row in one commit. Requests are idempotent (the id is a hash of the image bytes), so
 re-sending after a lost answer never makes a second result. Unreadable files (empty, corrupt,
 truncated, not an image) go to the quarantine folder with NAME.reason.txt beside them and an
-"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, ...) become "error"
-rows (dead letter, with the reason) and are never retried. A refusal the operator fixes is not
+"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, a message over the
+server's bound, ...) become "error" rows (dead letter, with the reason) and are not retried; the
+refused requests are kept (up to --dead-letter-max-mb), and once the cause is fixed
+`splitdet edge requeue --db FILE` sends them again. A refusal the operator fixes is not
 permanent: wrong credentials (UNAUTHENTICATED) and a model the cloud does not serve
 (FAILED_PRECONDITION) keep the requests in the outbox, retried every --retry-max seconds.
 
@@ -99,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = edge.add_subparsers(dest="edge_action", metavar="ACTION")
     _register_run(actions)
     _register_results(actions)
+    _register_requeue(actions)
     edge.set_defaults(handler=lambda _args: _no_action(edge))
 
 
@@ -212,6 +217,15 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         help="outbox cap in payload megabytes (default: %(default)s)",
     )
     p.add_argument(
+        "--dead-letter-max-mb",
+        type=float,
+        default=256.0,
+        metavar="MB",
+        help="requests the cloud refused for good are kept for `splitdet edge requeue`, up to "
+        "this many megabytes; the oldest beyond it are dropped (default: %(default)s; 0 keeps "
+        "none)",
+    )
+    p.add_argument(
         "--when-full",
         choices=["wait", "reject"],
         default="wait",
@@ -267,6 +281,17 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)  # fmt: skip
 
 
+def _add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
+    """--db FILE and --since WHEN (parse_since), `since` starting the latter's help."""
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help=f"{since}: 30s, 15m, 2h, 7d ago, an ISO time (2024-05-01T08:00, local unless it "
+        "has an offset) or unix seconds",
+    )
+
+
 def _register_results(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "results",
@@ -275,13 +300,7 @@ def _register_results(actions: argparse._SubParsersAction) -> None:
         epilog=RESULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
-    p.add_argument(
-        "--since",
-        metavar="WHEN",
-        help="rows created or changed since: 30s, 15m, 2h, 7d ago, an ISO time "
-        "(2024-05-01T08:00, local unless it has an offset) or unix seconds",
-    )
+    _add_db_and_since(p, "rows created or changed since")
     p.add_argument(
         "--verdict",
         choices=["ok", "defect", "pending", "error"],
@@ -293,6 +312,80 @@ def _register_results(actions: argparse._SubParsersAction) -> None:
         "--csv", action="store_true", help="CSV with a header; list columns as JSON text"
     )
     p.set_defaults(handler=results)  # fmt: skip
+
+
+REQUEUE_EPILOG = """\
+examples:
+  splitdet edge requeue --db /data/edge.sqlite --dry-run     # what would be sent again
+  splitdet edge requeue --db /data/edge.sqlite --since 2h
+
+A request the cloud refused for good (a dead letter: INVALID_ARGUMENT, INTERNAL, a message over
+the server's --max-message-mib, ...) is kept in the database with its reason. Once the cause is
+fixed (the server's bound raised, a cloud bug fixed), requeue puts it back in the outbox, due at
+once, and its row turns "pending" again; a running daemon sends it within a second, otherwise
+the next `splitdet edge run` does. The cloud answers it once: requests are idempotent. Only as
+many as the outbox caps allow are requeued (give the daemon's --outbox-max-items/-mb); run it
+again when the outbox has drained. Safe while the daemon runs.
+"""
+
+
+def _register_requeue(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "requeue",
+        help="send requests the cloud refused again, once the cause is fixed",
+        description="Put dead letters (requests the cloud refused for good) back in the outbox.",
+        epilog=REQUEUE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_db_and_since(p, "only requests refused since")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be requeued")
+    p.add_argument(
+        "--outbox-max-items",
+        type=int_in(1),
+        default=10_000,
+        metavar="N",
+        help="the daemon's outbox cap in requests (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outbox-max-mb",
+        type=float_in(1e-6),
+        default=2048.0,
+        metavar="MB",
+        help="the daemon's outbox cap in payload megabytes (default: %(default)s)",
+    )
+    p.set_defaults(handler=requeue)  # fmt: skip
+
+
+def requeue(args: argparse.Namespace) -> int:
+    """Requeue dead letters; see REQUEUE_EPILOG."""
+    from splitdet.edge.store import OutboxCap, ResultStore, StoreError
+    from splitdet.shared.cli import CommandError
+
+    since = parse_since(args.since) if args.since is not None else None
+    if not args.db.is_file():
+        raise CommandError(f"--db {args.db}: no such results database")
+    cap = OutboxCap(max_items=args.outbox_max_items, max_bytes=int(args.outbox_max_mb * 1e6))
+    try:
+        store = ResultStore(args.db, cap)
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
+    try:
+        requeued, no_room, not_kept = store.requeue_dead_letters(since, dry_run=args.dry_run)
+    finally:
+        store.close()
+    verb = "would requeue" if args.dry_run else "requeued"
+    then = "" if args.dry_run or not requeued else (
+        "; a running `splitdet edge run` sends them within a second, or the next one")  # fmt: skip
+    print(f"{args.db}: {verb} {len(requeued)} dead letter(s){then}")
+    if no_room:
+        print(f"{len(no_room)} left for want of room in the outbox (its caps: "
+              f"{cap.max_items} requests, {args.outbox_max_mb:g} MB); requeue again once it "
+              "has drained")  # fmt: skip
+    if not_kept:
+        print(f"{len(not_kept)} without a kept request (dropped by --dead-letter-max-mb, or "
+              "refused before splitdet kept them): process their images again "
+              f"(`splitdet edge results --db {args.db} --verdict error` lists them)")  # fmt: skip
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
                 max_items=args.outbox_max_items,
                 max_bytes=int(args.outbox_max_mb * 1e6),
                 policy=args.when_full,
+                dead_letter_max_bytes=int(args.dead_letter_max_mb * 1e6),
             ),
             retry_initial_s=args.retry_initial,
             retry_max_s=args.retry_max,
@@ -372,6 +466,8 @@ def check_run_options(args: argparse.Namespace) -> None:
             refuse(flag, value, "must be a number > 0")
     if args.retry_initial > args.retry_max:
         refuse("--retry-initial", args.retry_initial, f"is above --retry-max {args.retry_max:g}")
+    if not (math.isfinite(args.dead_letter_max_mb) and args.dead_letter_max_mb >= 0):
+        refuse("--dead-letter-max-mb", args.dead_letter_max_mb, "must be a number >= 0")
     if args.outbox_max_mb * 1e6 < 1:
         refuse("--outbox-max-mb", args.outbox_max_mb, "is less than one byte")
     if args.outbox_max_items < 1:

@@ -251,12 +251,18 @@ class _StoreCollector:
         )
         for fingerprint, n in self.store.outbox_fingerprints().items():
             by_model.add_metric([fingerprint], n)
+        dead = self.store.dead_letter_stats()
+        kept = GaugeMetricFamily(
+            "splitdet_edge_dead_letter_requests",
+            "Requests the cloud refused for good, kept for `splitdet edge requeue`.",
+        )
+        kept.add_metric([], dead.depth)
         results = GaugeMetricFamily(
             "splitdet_edge_results", "Result rows in the store, by verdict.", labels=["verdict"]
         )
         for verdict, n in self.store.verdict_counts().items():
             results.add_metric([verdict], n)
-        return [depth, size, age, by_model, results]
+        return [depth, size, age, by_model, kept, results]
 
 
 class EdgeMetrics:

@@ -10,7 +10,10 @@ Durability model (DESIGN.md, "The edge's durability model"): WAL journal, synchr
 returned commit survives kill -9 and power loss. A defect-free image's "ok" row is one commit. A
 flagged image's "pending" row and its outbox row are one commit; the cloud's answer and the outbox
 deletion are one commit. A permanent refusal turns the row into verdict "error" (error_kind
-"dead_letter", with the reason) and drops its outbox row in one commit.
+"dead_letter", with the reason) and moves its request from the outbox to the dead letters in one
+commit; `requeue_dead_letters` moves them back (after the cause is fixed: a cloud bug, a message
+bound raised), so a refusal loses no features. The dead letters' requests are bounded by
+`OutboxCap.dead_letter_max_bytes`: beyond it the oldest are dropped (counted), their rows kept.
 
 Identity of an arrival is the file as it was found (`file_key`: name, size, mtime in ns, inode)
 plus its content hash: the same name may arrive many times, and after a crash the daemon
@@ -33,14 +36,27 @@ from pathlib import Path
 from typing import Any
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
-#: is migrated (none yet: version 1 is the first).
-SCHEMA_VERSION = 1
+#: is migrated (_MIGRATIONS).
+SCHEMA_VERSION = 2
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
 #: Why a row has verdict "error".
 ERROR_KINDS = ("quarantine", "dead_letter", "outbox_full")
 #: What happens to a flagged image when the outbox is at its cap.
 FULL_POLICIES = ("wait", "reject")
+
+_DEAD_LETTERS = """
+CREATE TABLE dead_letters (
+    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
+    request_id TEXT NOT NULL,
+    payload    BLOB NOT NULL,           -- the refused request, kept for requeue_dead_letters
+    size_bytes INTEGER NOT NULL,
+    created    REAL NOT NULL,           -- when it entered the outbox
+    dead_at    REAL NOT NULL            -- unix s of the refusal
+);
+"""
+#: Statements that bring a store of version N to N + 1.
+_MIGRATIONS = {1: _DEAD_LETTERS}
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -83,7 +99,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
     value INTEGER NOT NULL
 );
-"""
+{_DEAD_LETTERS}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -135,14 +151,17 @@ class OutboxCap:
             room; the images wait there, counted as outbox_full_waits) or "reject" (the flagged
             image gets verdict "error", error_kind "outbox_full", its features are dropped;
             counted as outbox_full_rejected).
+        dead_letter_max_bytes: refused requests kept for requeueing, total payload bytes at
+            most; the oldest beyond it are dropped (counted as dead_letter_payloads_dropped).
     """
 
     max_items: int = 10_000
     max_bytes: int = 2 << 30
     policy: str = "wait"
+    dead_letter_max_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
-        if self.max_items < 1 or self.max_bytes < 1:
+        if self.max_items < 1 or self.max_bytes < 1 or self.dead_letter_max_bytes < 0:
             raise ValueError("outbox caps must be at least 1")
         if self.policy not in FULL_POLICIES:
             raise ValueError(f"outbox policy must be one of {FULL_POLICIES}, got {self.policy!r}")
@@ -268,7 +287,11 @@ class ResultStore:
                     f"{SCHEMA_VERSION}; upgrade splitdet"
                 )
             else:  # a write now: a read-only file fails here, not at the first image
-                db.execute(f"PRAGMA user_version = {version}")
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -522,8 +545,9 @@ class ResultStore:
             return cursor.rowcount
 
     def dead_letter(self, image_id: int, reason: str) -> bool:
-        """A permanent refusal: verdict "error" (dead_letter) with the reason, outbox row
-        deleted, one commit; never retried. False when the item is no longer pending."""
+        """A permanent refusal: verdict "error" (dead_letter) with the reason, the request moved
+        from the outbox to the dead letters, one commit; not retried unless requeued. False
+        when the item is no longer pending."""
         with self._transaction() as db:
             now = time.time()
             cursor = db.execute(
@@ -532,10 +556,98 @@ class ResultStore:
                 " WHERE id = ? AND verdict = 'pending'",
                 (reason, now, now, image_id),
             )
-            db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
             if cursor.rowcount:
+                db.execute(
+                    "INSERT OR REPLACE INTO dead_letters (image_id, request_id, payload,"
+                    " size_bytes, created, dead_at) SELECT image_id, request_id, payload,"
+                    " size_bytes, created, ? FROM outbox WHERE image_id = ?",
+                    (now, image_id),
+                )
                 self._count(db, "dead_letters")
+                self._trim_dead_letters(db)
+            db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
             return bool(cursor.rowcount)
+
+    def _trim_dead_letters(self, db: sqlite3.Connection) -> None:
+        """Drop the oldest kept requests until the dead letters fit their byte cap."""
+        total = db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM dead_letters").fetchone()[0]
+        excess = total - self.cap.dead_letter_max_bytes
+        if excess <= 0:
+            return
+        for image_id, size in db.execute(
+            "SELECT image_id, size_bytes FROM dead_letters ORDER BY dead_at, image_id"
+        ).fetchall():
+            db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
+            self._count(db, "dead_letter_payloads_dropped")
+            excess -= size
+            if excess <= 0:
+                return
+
+    def dead_letter_stats(self) -> OutboxStats:
+        """Dead letters whose request is kept: count, payload bytes, oldest outbox entry."""
+        depth, size, oldest = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created) FROM dead_letters"
+        )[0]
+        return OutboxStats(int(depth), int(size), oldest)
+
+    def requeue_dead_letters(
+        self, since: float | None = None, dry_run: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Put refused requests back in the outbox, due now, their rows "pending" again (one
+        commit). Only as many as the outbox has room for, oldest first.
+
+        Args:
+            since: only dead letters refused at or after this unix time.
+            dry_run: change nothing; say what would happen.
+
+        Returns:
+            (requeued, no room, not kept): image ids of the dead letters requeued, left for
+            want of room in the outbox, and without a kept request (dropped by the byte cap, or
+            refused before requests were kept: reprocess their images instead).
+        """
+        since = float("-inf") if since is None else since
+        with self._transaction() as db:
+            kept = db.execute(
+                "SELECT d.image_id, d.size_bytes FROM dead_letters d"
+                " JOIN images i ON i.id = d.image_id WHERE i.verdict = 'error'"
+                " AND i.error_kind = 'dead_letter' AND d.dead_at >= ? ORDER BY d.image_id",
+                (since,),
+            ).fetchall()
+            not_kept = [row[0] for row in db.execute(
+                "SELECT id FROM images WHERE verdict = 'error' AND error_kind = 'dead_letter'"
+                " AND COALESCE(finished, updated) >= ?"
+                " AND id NOT IN (SELECT image_id FROM dead_letters) ORDER BY id",
+                (since,),
+            )]  # fmt: skip
+            depth, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
+            ).fetchone()
+            requeued, no_room = [], []
+            for image_id, payload_bytes in kept:
+                if depth + 1 > self.cap.max_items or size + payload_bytes > self.cap.max_bytes:
+                    no_room.append(image_id)
+                    continue
+                depth, size = depth + 1, size + payload_bytes
+                requeued.append(image_id)
+                if not dry_run:
+                    self._requeue(db, image_id)
+            return requeued, no_room, not_kept
+
+    def _requeue(self, db: sqlite3.Connection, image_id: int) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try,"
+            " last_error) SELECT image_id, request_id, payload, size_bytes, created, ?,"
+            " 'requeued after a dead letter' FROM dead_letters WHERE image_id = ?",
+            (now, image_id),
+        )
+        db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
+        db.execute(
+            "UPDATE images SET verdict = 'pending', error_kind = NULL, reason = NULL,"
+            " finished = NULL, updated = ? WHERE id = ?",
+            (now, image_id),
+        )
+        self._count(db, "requeued")
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
