@@ -33,6 +33,7 @@ actions:
   splitdet edge run      watch a hot folder, classify, deliver defects to the cloud (the daemon)
   splitdet edge results  print the results database for other tools (--json, --csv)
   splitdet edge requeue  send requests the cloud refused (dead letters) again, once fixed
+  splitdet edge status   what the database holds: verdicts, the outbox, dead letters
 """
 
 RUN_EPILOG = """\
@@ -104,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_run(actions)
     _register_results(actions)
     _register_requeue(actions)
+    _register_status(actions)
     edge.set_defaults(handler=lambda _args: _no_action(edge))
 
 
@@ -388,6 +390,83 @@ def requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_status(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "status",
+        help="what the database holds: verdicts, the outbox, dead letters",
+        description="A summary of the edge daemon's database: images by verdict, the outbox "
+        "(requests, bytes, oldest, next try, by model export, last error), the dead letters "
+        "(kept for `splitdet edge requeue` or not) and the durable counters. Safe while the "
+        "daemon writes.",
+        epilog="example:\n  splitdet edge status --db /data/edge.sqlite [--json]\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=status)  # fmt: skip
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print store_status; see _register_status."""
+    from splitdet.edge.store import StoreError, open_readonly, store_status
+    from splitdet.shared.cli import CommandError
+
+    try:
+        db = open_readonly(args.db)
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
+    try:
+        summary = store_status(db)
+    finally:
+        db.close()
+    text = json.dumps(summary, indent=2) if args.json else "\n".join(
+        _status_lines(args.db, summary))  # fmt: skip
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # e.g. `| head`: stop quietly
+        _silence_stdout()
+    return 0
+
+
+def _status_lines(path: Path, summary: dict) -> list[str]:
+    """store_status as lines for people."""
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+    def span(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"{seconds / size:.1f} {unit}"
+        return f"{seconds:.0f} s"
+
+    verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
+    errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
+    lines = [
+        f"{path} (schema {summary['schema_version']})",
+        f"images        {sum(verdicts.values())}: "
+        + ", ".join(f"{v} {n}" for v, n in verdicts.items())
+        + (f" ({errors})" if errors else ""),
+        f"last image    {when(summary['last_arrival'])}, last result "
+        f"{when(summary['last_finished'])}",
+        f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
+        f"{span(outbox['oldest_age_s'])} old, next try in {span(outbox['next_try_in_s'])}",
+    ]
+    for fingerprint, n in outbox["by_model"].items():
+        lines.append(f"              {n} made by model {fingerprint[:12]}")
+    if outbox["last_error"]:
+        lines.append(f"              last error: {outbox['last_error'][:200]}")
+    lines.append(
+        f"dead letters  {dead['kept']} kept for `splitdet edge requeue` "
+        f"({dead['kept_bytes'] / 1e6:.1f} MB), {dead['not_kept']} without their request"
+    )
+    counters = ", ".join(f"{name} {n}" for name, n in summary["counters"].items())
+    lines.append(f"counters      {counters or '-'}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG."""
     from splitdet.edge.daemon import DaemonConfig, EdgeDaemon, use_json_logs
@@ -539,11 +618,17 @@ def results(args: argparse.Namespace) -> int:
             _table(rows, out)
         out.flush()
     except BrokenPipeError:  # e.g. `| head`: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
     finally:
         db.close()
     return 0
+
+
+def _silence_stdout() -> None:
+    """After a reader closed our stdout (`| head`): point it at /dev/null, so that Python's
+    flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _table(rows, out) -> None:

@@ -710,6 +710,62 @@ def iter_results(
         yield record
 
 
+def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
+    """A summary of an open store connection (read-only is enough): what an engineer at the
+    camera asks first. Times are unix s; ages are seconds before `now`.
+
+    Returns:
+        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
+        "last_arrival", "last_finished", "outbox" {"requests", "bytes", "oldest_age_s",
+        "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
+        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
+    """
+    now = time.time() if now is None else now
+
+    def one(sql: str) -> tuple:
+        return db.execute(sql).fetchone()
+
+    version = one("PRAGMA user_version")[0]
+    verdicts = dict.fromkeys(VERDICTS, 0)
+    verdicts.update(db.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"))
+    errors = dict(db.execute(
+        "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
+    ))  # fmt: skip
+    last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
+    depth, size, oldest, next_try = one(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
+    )
+    last_error = one("SELECT last_error FROM outbox WHERE last_error IS NOT NULL"
+                     " ORDER BY next_try DESC LIMIT 1")  # fmt: skip
+    by_model = dict(db.execute(
+        "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
+        " GROUP BY i.fingerprint"
+    ))  # fmt: skip
+    kept, kept_bytes = (0, 0) if version < 2 else one(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
+    return {
+        "schema_version": version,
+        "verdicts": verdicts,
+        "errors": errors,
+        "last_arrival": last_arrival,
+        "last_finished": last_finished,
+        "outbox": {
+            "requests": depth,
+            "bytes": size,
+            "oldest_age_s": None if oldest is None else max(0.0, now - oldest),
+            "next_try_in_s": None if next_try is None else max(0.0, next_try - now),
+            "by_model": by_model,
+            "last_error": None if last_error is None else last_error[0],
+        },
+        "dead_letters": {
+            "kept": kept,
+            "kept_bytes": kept_bytes,
+            "not_kept": errors.get("dead_letter", 0) - kept,
+        },
+        "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
+    }
+
+
 def open_readonly(path: Path | str) -> sqlite3.Connection:
     """A read-only connection to a store (works while the daemon writes: WAL)."""
     path = Path(path)

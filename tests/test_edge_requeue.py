@@ -14,7 +14,14 @@ import pytest
 from cloud_fixtures import shared_model_dir
 
 from splitdet.cloud.server import MIB, CloudServer, ServerConfig
-from splitdet.edge.store import SCHEMA_VERSION, Arrival, OutboxCap, ResultStore
+from splitdet.edge.store import (
+    SCHEMA_VERSION,
+    Arrival,
+    OutboxCap,
+    ResultStore,
+    open_readonly,
+    store_status,
+)
 from splitdet.shared.cli import main
 
 pytestmark = pytest.mark.timeout(180)
@@ -112,6 +119,12 @@ def test_a_version_1_store_is_migrated_and_its_old_dead_letters_named(tmp_path):
         conn.execute("DROP TABLE dead_letters")
         conn.execute("PRAGMA user_version = 1")
         conn.commit()
+    readonly = open_readonly(db)  # `splitdet edge status` reads it as it is
+    try:
+        assert store_status(readonly)["dead_letters"] == {"kept": 0, "kept_bytes": 0,
+                                                          "not_kept": 1}  # fmt: skip
+    finally:
+        readonly.close()
     store = ResultStore(db)
     try:
         assert store.schema_version() == SCHEMA_VERSION == 2

@@ -285,3 +285,42 @@ def test_edge_daemon_modules_import_without_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_status_summarises_verdicts_outbox_and_dead_letters(tmp_path, capsys):
+    from splitdet.edge.store import open_readonly, store_status
+
+    db = tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    store.record_ok(arrival(1), 0.1, FINGERPRINT, {})
+    pending, _, _ = store.record_pending(arrival(2), 0.9, "r2", b"p" * 300, FINGERPRINT, {})
+    store.retry_later(pending, time.time() + 60, "UNAVAILABLE: connection refused")
+    older = "0" * 64
+    store.record_pending(arrival(3), 0.9, "r3", b"q" * 200, older, {})
+    refused, _, _ = store.record_pending(arrival(4), 0.9, "r4", b"d" * 50, FINGERPRINT, {})
+    store.dead_letter(refused, "dead letter: INTERNAL: bug")
+    store.close()
+
+    conn = open_readonly(db)
+    try:
+        summary = store_status(conn)
+    finally:
+        conn.close()
+    assert summary["verdicts"] == {"ok": 1, "defect": 0, "pending": 2, "error": 1}
+    assert summary["errors"] == {"dead_letter": 1}
+    outbox = summary["outbox"]
+    assert (outbox["requests"], outbox["bytes"]) == (2, 500)
+    assert outbox["by_model"] == {FINGERPRINT: 1, older: 1}
+    assert outbox["last_error"] == "UNAVAILABLE: connection refused"
+    assert 0 <= outbox["next_try_in_s"] < 1  # the request of `older` is due now
+    assert summary["dead_letters"] == {"kept": 1, "kept_bytes": 50, "not_kept": 0}
+    assert summary["counters"] == {"dead_letters": 1}
+
+    assert main(["edge", "status", "--db", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outbox"]["bytes"] == 500
+    assert main(["edge", "status", "--db", str(db)]) == 0
+    text = capsys.readouterr().out
+    assert "pending 2" in text and "1 made by model 000000000000" in text
+    assert "1 kept for `splitdet edge requeue`" in text
+    assert main(["edge", "status", "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert "no such results database" in capsys.readouterr().err
