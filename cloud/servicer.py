@@ -40,6 +40,7 @@ from splitdet.cloud.core import (
     FingerprintMismatch,
     InvalidRequest,
 )
+from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
 from splitdet.shared.wire import detection_pb2 as pb
 
@@ -52,6 +53,8 @@ TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: Longest status message sent (percent-encoded, 500 characters stay below clients' 8 KiB bound).
 MAX_STATUS_CHARS = 500
+#: Distinct edge names the per-edge metrics label; later ones are counted as "other".
+MAX_EDGE_LABELS = 256
 #: Bounds on a DetectRequest's wire form, checked before it is parsed. Generous: a valid request
 #: has 5 tensors of rank 3 with one scale and zero point per channel (256) and ~40 fields; beyond
 #: these bounds only a hostile or broken sender goes, and the codec names smaller excesses.
@@ -148,14 +151,52 @@ class ServerMetrics:
         for index, fingerprint in enumerate(fingerprints):
             self.model.labels(fingerprint, str(index == 0).lower()).set(1)
             self.model_answers.labels(fingerprint)  # exported at 0 from the start
+        self.edge_answers = Counter(
+            "splitdet_cloud_edge_answers",
+            "Detect calls answered, by the calling edge's name and the model's fingerprint: "
+            "which cameras still send for an old export.",
+            ["edge", "fingerprint"],
+            registry=self.registry,
+        )
+        self.edge_refusals = Counter(
+            "splitdet_cloud_edge_refusals",
+            "Calls refused or failed, by the calling edge's name and status code.",
+            ["edge", "code"],
+            registry=self.registry,
+        )
+        self.edge_last_seen = Gauge(
+            "splitdet_cloud_edge_last_seen_timestamp_seconds",
+            "Unix time of each edge's last call (Detect or GetManifest): a camera gone quiet.",
+            ["edge"],
+            registry=self.registry,
+        )
+        self._edges: set[str] = set()
+        self._edges_lock = threading.Lock()
+
+    def edge_of(self, context: grpc.ServicerContext) -> str:
+        """The calling edge's name as a metric label: its `splitdet-edge` metadata, "unnamed"
+        without one, "invalid" for a name that is not one (shared/edge_name.py), and "other"
+        once MAX_EDGE_LABELS names have been seen (the labels stay bounded whatever callers
+        send)."""
+        name = "unnamed"
+        for key, value in context.invocation_metadata() or ():
+            if key == EDGE_NAME_KEY:
+                name = value if isinstance(value, str) and is_edge_name(value) else "invalid"
+        with self._edges_lock:
+            if name not in self._edges:
+                if len(self._edges) >= MAX_EDGE_LABELS:
+                    return "other"
+                self._edges.add(name)
+        return name
 
     def finished(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method, code.name).inc()
         if code is not grpc.StatusCode.OK:
             self.failures.labels(method, code.name).inc()
 
-    def observe(self, result: DetectResult) -> None:
+    def observe(self, result: DetectResult, edge: str) -> None:
         self.model_answers.labels(result.fingerprint).inc()
+        self.edge_answers.labels(edge, result.fingerprint).inc()
         if result.cached:
             self.cache_hits.inc()
             return
@@ -177,15 +218,19 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: DetectionServicer, request, context: grpc.ServicerContext):
         code = grpc.StatusCode.OK
+        edge = self.metrics.edge_of(context)
+        self.metrics.edge_last_seen.labels(edge).set_to_current_time()
         try:
-            return method(self, request, context)
+            return method(self, request, context, edge)
         except Exception as exc:
             code, message = status_for(exc)
-            peer = context.peer()  # which edge: an operator of many cameras must find it
+            self.metrics.edge_refusals.labels(edge, code.name).inc()
+            # which edge: an operator of many cameras must find it
+            caller = f"{context.peer()} (edge {edge})"
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s from %s failed", name, peer)
+                log.exception("%s from %s failed", name, caller)
             else:
-                log.info("%s from %s refused (%s): %s", name, peer, code.name, message)
+                log.info("%s from %s refused (%s): %s", name, caller, code.name, message)
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)
@@ -398,7 +443,7 @@ class DetectionServicer:
         self._draining.set()
 
     @_rpc
-    def Detect(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         if not self._slots.acquire(blocking=False):
@@ -426,11 +471,11 @@ class DetectionServicer:
         finally:
             self.metrics.in_flight.dec()
             self._slots.release()
-        self.metrics.observe(result)
+        self.metrics.observe(result, edge)
         return result_to_proto(result).SerializeToString()
 
     @_rpc
-    def GetManifest(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         request = _parse(pb.GetManifestRequest, raw)
         wanted = self.core.model(request.model_fingerprint or self.core.fingerprint)
         return self._manifests[wanted.fingerprint]

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.shared.codec import EncodedTensor
 from splitdet.shared.detection import ImageMeta
+from splitdet.shared.edge_name import EDGE_NAME_KEY, check_edge_name
 from splitdet.shared.messages import build_request
 from splitdet.shared.wire import detection_pb2 as pb
 from splitdet.shared.wire import detection_pb2_grpc as pb_grpc
@@ -101,6 +102,8 @@ class ClientConfig:
         client_cert, client_key: PEM certificate chain and key for mutual TLS.
         server_name: TLS name to expect instead of the address's host (e.g. for IP targets).
         token: bearer token sent as "authorization: Bearer <token>" metadata.
+        edge_name: this edge's name, sent with every call (shared/edge_name.py) for the
+            cloud's per-edge metrics and logs; None sends none.
     """
 
     addresses: str
@@ -115,9 +118,12 @@ class ClientConfig:
     client_key: Path | None = None
     server_name: str | None = None
     token: str | None = field(default=None, repr=False)
+    edge_name: str | None = None
 
     def __post_init__(self) -> None:
         channel_target(self.addresses)  # raises on a malformed address list
+        if self.edge_name is not None:
+            check_edge_name(self.edge_name)
         if self.timeout_s <= 0 or self.manifest_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if (self.client_cert is None) != (self.client_key is None):
@@ -272,7 +278,14 @@ class CloudClient:
             self._channel = grpc.insecure_channel(target, options)
         self._stub = pb_grpc.DetectionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self._metadata = tuple(
+            (key, value)
+            for key, value in (
+                ("authorization", f"Bearer {config.token}" if config.token else None),
+                (EDGE_NAME_KEY, config.edge_name),
+            )
+            if value is not None
+        )
 
     def detect(
         self,

@@ -443,6 +443,7 @@ class EdgeDaemon:
             watch=str(config.watch),
             db=str(config.db),
             cloud=config.cloud,
+            edge_name=config.client_config.edge_name,
             fingerprint=self.fingerprint,
             threshold=self.pipeline.threshold,
             codec=self.pipeline.codec,

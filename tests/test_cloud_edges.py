@@ -1,0 +1,128 @@
+"""The cloud sees which edge calls: every edge sends its name (gRPC metadata), and the server's
+metrics and log lines carry it, bounded whatever callers send. Real servers on loopback."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir
+from PIL import Image
+
+from splitdet.cloud import servicer
+from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
+from splitdet.shared.cli import main
+from splitdet.shared.edge_name import EDGE_NAME_KEY, check_edge_name, default_edge_name
+from splitdet.shared.wire import detection_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+ANSWERS = 'splitdet_cloud_edge_answers_total{edge="%s",fingerprint="%s"}'
+REFUSALS = 'splitdet_cloud_edge_refusals_total{code="%s",edge="%s"}'
+LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(server, model, manifest): a started server with metrics on a free port."""
+    model, model_dir, manifest = shared_model_dir(0)
+    config = ServerConfig(
+        model_dir=model_dir, listen="127.0.0.1:0", threads=2, metrics_port=0,
+        metrics_host="127.0.0.1", answers_db=tmp_path / "answers.sqlite",
+    )  # fmt: skip
+    server = CloudServer(config).start()
+    yield server, model, manifest
+    server.stop(0)
+
+
+def _client(server, name: str | None) -> CloudClient:
+    return CloudClient(ClientConfig(f"127.0.0.1:{server.port}", edge_name=name))
+
+
+def test_answers_refusals_and_last_seen_per_edge(served, caplog):
+    server, model, manifest = served
+    sample = make_sample(model, seed=2, codec="int8")
+    a, b, anonymous = (
+        _client(server, "line1-cam@a"),
+        _client(server, "cam-b"),
+        _client(server, None),
+    )
+    caplog.set_level("INFO", logger="splitdet.cloud")
+    try:
+        a.detect(sample.encoded, sample.image, "one", manifest.fingerprint)
+        for request_id in ("two", "three"):
+            b.detect(sample.encoded, sample.image, request_id, manifest.fingerprint)
+        with pytest.raises(NeverRetry):
+            b.detect(sample.encoded, sample.image, "four", "0" * 64)  # a model not served
+        anonymous.manifest()
+    finally:
+        for client in (a, b, anonymous):
+            client.close()
+    metrics = scrape_metrics(server.metrics_port)
+    assert metrics[ANSWERS % ("line1-cam@a", manifest.fingerprint)] == 1
+    assert metrics[ANSWERS % ("cam-b", manifest.fingerprint)] == 2
+    assert metrics[REFUSALS % ("FAILED_PRECONDITION", "cam-b")] == 1
+    assert REFUSALS % ("FAILED_PRECONDITION", "line1-cam@a") not in metrics
+    assert metrics[LAST_SEEN % "unnamed"] >= metrics[LAST_SEEN % "line1-cam@a"] > 1.7e9
+    # the refusal's log line names the edge beside its address
+    assert any("(edge cam-b)" in r.getMessage() and "refused" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+
+
+def test_names_that_are_not_names_and_too_many_names_stay_bounded(served, monkeypatch):
+    """Callers choose their metadata: a forged name is "invalid", and past MAX_EDGE_LABELS
+    distinct names the rest count as "other", so no caller can grow the metrics without end."""
+    server, _, _ = served
+    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    call = channel.unary_unary(
+        "/splitdet.v1.Detection/GetManifest",
+        request_serializer=pb.GetManifestRequest.SerializeToString,
+        response_deserializer=pb.ManifestResponse.FromString,
+    )
+    try:
+        for name in ("x" * 65, "two words", "cam-1", "cam-2", "cam-3", "cam-4"):
+            call(pb.GetManifestRequest(), metadata=((EDGE_NAME_KEY, name),), timeout=10)
+    finally:
+        channel.close()
+    metrics = scrape_metrics(server.metrics_port)
+    seen = {key for key in metrics if key.startswith("splitdet_cloud_edge_last_seen")}
+    assert seen == {LAST_SEEN % name for name in ("invalid", "cam-1", "cam-2", "other")}
+
+
+def test_an_edge_daemon_names_itself(served, tmp_path):
+    """`splitdet edge run --name` reaches the cloud's metrics (here by the Detect of one image
+    and the start-up probe)."""
+    server, _, manifest = served
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    Image.fromarray(np.full((64, 80, 3), 99, np.uint8)).save(watch / "a.png")
+    code = main(
+        ["edge", "run", "--model", str(shared_model_dir(0)[1]), "--watch", str(watch),
+         "--db", str(tmp_path / "edge.sqlite"), "--cloud", f"127.0.0.1:{server.port}",
+         "--once", "--settle", "0", "--threshold", "0", "--log-format", "text",
+         "--name", "press-7"]
+    )  # fmt: skip
+    assert code == 0
+    assert scrape_metrics(server.metrics_port)[ANSWERS % ("press-7", manifest.fingerprint)] == 1
+
+
+@pytest.mark.parametrize("name", ["", "two words", "x" * 65, "ünïcode", "a\nb"])
+def test_a_bad_edge_name_is_refused_before_anything_runs(name, tmp_path, capsys):
+    with pytest.raises(ValueError, match="edge name"):
+        check_edge_name(name)
+    with pytest.raises(ValueError, match="edge name"):
+        ClientConfig("127.0.0.1:9", edge_name=name)
+    with pytest.raises(SystemExit) as exits:
+        main(["edge", "run", "--model", "m", "--watch", str(tmp_path), "--db", "d",
+              "--cloud", "127.0.0.1:9", "--name", name])  # fmt: skip
+    assert exits.value.code == 2
+    assert "--name" in capsys.readouterr().err
+
+
+def test_the_default_name_is_the_host_name_made_usable(monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "Prüf stand#3.local")
+    assert default_edge_name() == "Pr-f-stand-3.local"
+    monkeypatch.setattr("socket.gethostname", lambda: "")
+    assert default_edge_name() == "edge"
