@@ -36,6 +36,7 @@ actions:
   splitdet edge results  print the results database for other tools (--json, --csv)
   splitdet edge requeue  send requests the cloud refused (dead letters) again, once fixed
   splitdet edge status   what the database holds: verdicts, the outbox, dead letters
+  splitdet edge prune    delete old final results (edge run --keep-results does it hourly)
 """
 
 RUN_EPILOG = """\
@@ -108,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_results(actions)
     _register_requeue(actions)
     _register_status(actions)
+    _register_prune(actions)
     edge.set_defaults(handler=lambda _args: _no_action(edge))
 
 
@@ -228,6 +230,14 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         help="requests the cloud refused for good are kept for `splitdet edge requeue`, up to "
         "this many megabytes; the oldest beyond it are dropped (default: %(default)s; 0 keeps "
         "none)",
+    )
+    p.add_argument(
+        "--keep-results",
+        type=_duration,
+        default=None,
+        metavar="AGE",
+        help="delete final results older than AGE (30d, 12h, ...) from --db, checked hourly; "
+        "pending ones are never deleted (default: keep every result)",
     )
     p.add_argument(
         "--when-full",
@@ -370,17 +380,11 @@ def _register_requeue(actions: argparse._SubParsersAction) -> None:
 
 def requeue(args: argparse.Namespace) -> int:
     """Requeue dead letters; see REQUEUE_EPILOG."""
-    from splitdet.edge.store import OutboxCap, ResultStore, StoreError
-    from splitdet.shared.cli import CommandError
+    from splitdet.edge.store import OutboxCap
 
     since = parse_since(args.since) if args.since is not None else None
-    if not args.db.is_file():
-        raise CommandError(f"--db {args.db}: no such results database")
     cap = OutboxCap(max_items=args.outbox_max_items, max_bytes=int(args.outbox_max_mb * 1e6))
-    try:
-        store = ResultStore(args.db, cap)
-    except StoreError as exc:  # its message starts with the database's path
-        raise CommandError(f"--db {exc}") from None
+    store = _open_store(args.db, cap)
     try:
         requeued, no_room, not_kept = store.requeue_dead_letters(since, dry_run=args.dry_run)
     finally:
@@ -398,6 +402,52 @@ def requeue(args: argparse.Namespace) -> int:
               "refused before splitdet kept them): process their images again "
               f"(`splitdet edge results --db {args.db} --verdict error` lists them)")  # fmt: skip
     return 0
+
+
+def _register_prune(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "prune",
+        help="delete old final results (edge run --keep-results does it hourly)",
+        description="Delete the results (ok, defect, error) that became final more than AGE "
+        "ago, with any request kept for their dead letter. Pending results are never deleted, "
+        "nor a result whose file still lies where it arrived (--after keep: the row is what "
+        "tells the daemon that file is done). Safe while the daemon runs. The file does not "
+        "shrink: SQLite reuses the freed pages.",
+        epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
+        "--dry-run\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--older-than", required=True, type=_duration, metavar="AGE", help="30d, 12h, 15m, 30s"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.set_defaults(handler=prune)  # fmt: skip
+
+
+def prune(args: argparse.Namespace) -> int:
+    """Delete old final results; see _register_prune."""
+    store = _open_store(args.db)
+    try:
+        n = store.prune(time.time() - args.older_than, dry_run=args.dry_run)
+    finally:
+        store.close()
+    print(f"{args.db}: {'would delete' if args.dry_run else 'deleted'} {n} result(s)")
+    return 0
+
+
+def _open_store(path: Path, cap=None):
+    """The ResultStore at `path` for a maintenance command; CommandError when there is none
+    (a maintenance command never creates one) or it cannot be used."""
+    from splitdet.edge.store import ResultStore, StoreError
+    from splitdet.shared.cli import CommandError
+
+    if not path.is_file():
+        raise CommandError(f"--db {path}: no such results database")
+    try:
+        return ResultStore(path, cap)
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
 
 
 def _register_status(actions: argparse._SubParsersAction) -> None:
@@ -523,6 +573,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host,
             save_annotated=args.save_annotated,
             ready_file=args.ready_file,
+            keep_results_s=args.keep_results,
         )
         daemon = EdgeDaemon(config)
     except StoreError as exc:  # its message starts with the database's path
@@ -579,19 +630,42 @@ def check_run_options(args: argparse.Namespace) -> None:
         refuse("--archive", args.archive, f"is used only with --after archive, not {args.after}")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30s', '15m', '2h', '7d' -> seconds (finite, >= 0); None when `text` is not one."""
+    text = text.strip()
+    if len(text) > 1 and text[-1] in _UNITS:
+        try:
+            number = float(text[:-1])
+        except ValueError:
+            return None
+        if math.isfinite(number) and number >= 0:
+            return number * _UNITS[text[-1]]
+    return None
+
+
+def _duration(text: str) -> float:
+    """argparse type of a duration option (parse_duration)."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"expected 30s, 15m, 2h or 7d, got {text!r}")
+    return seconds
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """'30s', '15m', '2h', '7d' (ago), an ISO time, or unix seconds -> unix seconds."""
     from splitdet.shared.cli import CommandError
 
     now = time.time() if now is None else now
     text = text.strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number = None
     try:
-        if len(text) > 1 and text[-1] in units:
-            number = float(text[:-1])
-            if math.isfinite(number) and number >= 0:
-                return now - number * units[text[-1]]
+        if len(text) > 1 and text[-1] in _UNITS:
+            number = parse_duration(text)
+            if number is not None:
+                return now - number
         else:
             number = float(text)
             if math.isfinite(number):

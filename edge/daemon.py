@@ -61,6 +61,8 @@ from splitdet.shared.cli import write_ready_file
 log = logging.getLogger("splitdet.edge")
 
 AFTER_POLICIES = ("keep", "archive", "delete")
+#: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
+PRUNE_EVERY_S = 3600.0
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -96,6 +98,8 @@ class DaemonConfig:
         metrics_host: its address.
         save_annotated: write annotated defect images here.
         ready_file: once running, write {"pid", "metrics_port", "fingerprint"} JSON here.
+        keep_results_s: delete final results older than this (seconds) from the database,
+            checked at start and then hourly (ResultStore.prune); None keeps every result.
     """
 
     model_dir: Path
@@ -123,6 +127,7 @@ class DaemonConfig:
     save_annotated: Path | None = None
     ready_file: Path | None = None
     recursive: bool = False
+    keep_results_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.after not in AFTER_POLICIES:
@@ -136,6 +141,8 @@ class DaemonConfig:
             raise ValueError("settle, grace and drain times must be non-negative")
         if self.poll_s <= 0:
             raise ValueError("--poll must be positive")
+        if self.keep_results_s is not None and not 0 <= self.keep_results_s < float("inf"):
+            raise ValueError("--keep-results must be a finite age")
         Backoff(self.retry_initial_s, self.retry_max_s)  # validates
 
     @property
@@ -377,6 +384,7 @@ class EdgeDaemon:
         self._metrics_httpd = None
         self.metrics_port: int | None = None
         self.processed = 0
+        self._next_prune = 0.0  # monotonic s: at start
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -528,11 +536,27 @@ class EdgeDaemon:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._prune_when_due()
             self.folder.scan()
             if not self._process_ready():
                 if self.config.once and self.folder.pending() == 0:
                     return
                 self._stop.wait(self.config.poll_s)
+
+    def _prune_when_due(self) -> None:
+        """With keep_results_s: delete the results older than that, at most every PRUNE_EVERY_S
+        (a failure is logged, never fatal: it is tried again at the next turn)."""
+        keep = self.config.keep_results_s
+        if keep is None or time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        try:
+            pruned = self.store.prune(time.time() - keep)
+        except Exception as exc:  # e.g. the database locked past its timeout
+            _event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if pruned:
+            _event(logging.INFO, "pruned", results=pruned, older_than_s=keep)
 
     def _process_ready(self) -> bool:
         """Handle every file that is ready now, earliest arrival first; False if none was."""

@@ -649,6 +649,40 @@ class ResultStore:
         )
         self._count(db, "requeued")
 
+    def prune(self, before: float, dry_run: bool = False, batch: int = 2000) -> int:
+        """Delete final results (ok, defect, error) finished before `before` (unix s), with any
+        request kept for their dead letter; pending rows are never touched. A row whose file
+        still lies where it arrived (--after keep) is kept: it is what tells the daemon that
+        file is done. Deletes in batches, one short commit each, so a running daemon is never
+        held up for long. Returns how many rows were (or, dry run, would be) deleted."""
+        deleted, after_id = 0, 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, path, stored_path FROM images WHERE id > ? AND verdict IN"
+                    " ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
+                    (after_id, before, batch),
+                ).fetchall()
+            if not rows:
+                return deleted
+            after_id = rows[-1][0]
+            doomed = [(row_id,) for row_id, path, stored in rows
+                      if not (stored == path and Path(path).exists())]  # fmt: skip
+            deleted += len(doomed)
+            if dry_run or not doomed:
+                continue
+            with self._transaction() as db:
+                db.executemany("DELETE FROM dead_letters WHERE image_id = ?", doomed)
+                db.executemany(
+                    "DELETE FROM images WHERE id = ? AND verdict IN ('ok', 'defect', 'error')",
+                    doomed,
+                )
+                db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('pruned', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    (len(doomed),),
+                )
+
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
         rows = self._query(

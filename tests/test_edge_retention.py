@@ -1,0 +1,124 @@
+"""Retention of the edge's results: `ResultStore.prune`, `splitdet edge prune` and the daemon's
+--keep-results. Old final rows go; pending rows, and rows whose file still lies in the hot
+folder (--after keep), stay. Real SQLite files, a real daemon for the last test."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+
+import pytest
+
+from splitdet.edge.store import Arrival, ResultStore
+from splitdet.shared.cli import main
+
+FINGERPRINT = "f" * 64
+DAY = 86400.0
+
+
+def _arrival(n: int, path: str) -> Arrival:
+    return Arrival(path, f"img{n}|100|{n}|{n}", f"{n:064x}", 100, time.time())
+
+
+def _aged(db, ids, days: float) -> None:
+    """Make rows look finished `days` ago."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executemany(
+            "UPDATE images SET finished = ? WHERE id = ?",
+            [(time.time() - days * DAY, i) for i in ids],
+        )
+        conn.commit()
+
+
+def _ids(db) -> set[int]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM images")}
+
+
+@pytest.fixture
+def history(tmp_path):
+    """(db, {kind: image id}): a store holding one row of each kind, the old ones 40 days old."""
+    db, hot = tmp_path / "edge.sqlite", tmp_path / "hot"
+    hot.mkdir()
+    kept_file = hot / "kept.png"
+    kept_file.write_bytes(b"still here")
+    store = ResultStore(db)
+    rows = {}
+    rows["old_ok"], _ = store.record_ok(_arrival(1, "/hot/1.png"), 0.1, FINGERPRINT, {})
+    rows["old_kept_in_place"], _ = store.record_ok(
+        _arrival(2, str(kept_file)), 0.1, FINGERPRINT, {}, stored_path=str(kept_file)
+    )
+    rows["old_moved_away"], _ = store.record_ok(
+        _arrival(3, "/hot/3.png"), 0.1, FINGERPRINT, {}, stored_path=str(tmp_path / "gone.png")
+    )
+    rows["old_dead"], _, _ = store.record_pending(
+        _arrival(4, "/hot/4.png"), 0.9, "r4", b"x" * 10, FINGERPRINT, {}
+    )
+    store.dead_letter(rows["old_dead"], "dead letter: INTERNAL: bug")
+    rows["pending"], _, _ = store.record_pending(
+        _arrival(5, "/hot/5.png"), 0.9, "r5", b"y" * 10, FINGERPRINT, {}
+    )
+    rows["recent_ok"], _ = store.record_ok(_arrival(6, "/hot/6.png"), 0.1, FINGERPRINT, {})
+    store.close()
+    _aged(db, [v for k, v in rows.items() if k.startswith("old")], days=40)
+    return db, rows
+
+
+def test_prune_deletes_old_final_rows_only(history):
+    db, rows = history
+    store = ResultStore(db)
+    try:
+        assert store.prune(time.time() - 30 * DAY, dry_run=True) == 3
+        assert _ids(db) == set(rows.values())  # a dry run deletes nothing
+        assert store.prune(time.time() - 30 * DAY, batch=2) == 3  # batches of 2: two commits
+        assert _ids(db) == {rows["old_kept_in_place"], rows["pending"], rows["recent_ok"]}
+        assert store.dead_letter_stats().depth == 0  # its kept request went with it
+        assert store.outbox_stats().depth == 1  # the pending request is untouched
+        assert store.counters()["pruned"] == 3
+        assert store.prune(time.time() - 30 * DAY) == 0
+    finally:
+        store.close()
+
+
+def test_the_prune_command(history, capsys):
+    db, _ = history
+    assert main(["edge", "prune", "--db", str(db), "--older-than", "30d", "--dry-run"]) == 0
+    assert "would delete 3 result(s)" in capsys.readouterr().out
+    assert main(["edge", "prune", "--db", str(db), "--older-than", "50d"]) == 0
+    assert "deleted 0 result(s)" in capsys.readouterr().out
+    assert main(["edge", "prune", "--db", str(db), "--older-than", "30d"]) == 0
+    assert "deleted 3 result(s)" in capsys.readouterr().out
+    assert len(_ids(db)) == 3
+
+
+@pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd"])
+def test_an_age_that_is_not_one_is_refused(tmp_path, capsys, age):
+    db = tmp_path / "edge.sqlite"
+    ResultStore(db).close()
+    with pytest.raises(SystemExit) as exits:
+        main(["edge", "prune", "--db", str(db), "--older-than", age])
+    assert exits.value.code == 2
+    assert "--older-than" in capsys.readouterr().err
+
+
+def test_prune_never_creates_a_database(tmp_path, capsys):
+    missing = tmp_path / "typo.sqlite"
+    assert main(["edge", "prune", "--db", str(missing), "--older-than", "1d"]) == 2
+    assert "no such results database" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, caplog):
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+
+    db, rows = history
+    watch = tmp_path / "empty"
+    watch.mkdir()
+    caplog.set_level(logging.INFO, logger="splitdet.edge")
+    config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
+                          once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
+    EdgeDaemon(config).run()  # (the pending row's fake request becomes a fresh dead letter)
+    assert _ids(db) == {rows["old_kept_in_place"], rows["pending"], rows["recent_ok"]}
+    assert any(r.msg == "pruned" and r.fields["results"] == 3 for r in caplog.records)
