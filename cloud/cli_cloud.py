@@ -80,6 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "picks a free one (default: %(default)s)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines on stderr: text for people, json (one object per line: ts, level, "
+        "event, and e.g. method, peer, edge, code, message of a refused call) for a log "
+        "pipeline (default: %(default)s)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -256,6 +264,10 @@ def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None)
 
 def run(args: argparse.Namespace) -> int:
     check_options(args)
+    if args.log_format == "json":
+        from splitdet.shared.logs import use_json_logs
+
+        use_json_logs()
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())

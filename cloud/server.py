@@ -250,7 +250,13 @@ class CloudServer:
             config.max_concurrent,
             config.max_message_bytes // MIB,
             f"port {self.metrics_port}" if self.metrics_port is not None else "off",
-        )
+            extra={"fields": {"event": "serving", "port": self.port,
+                              "models": list(self.core.fingerprints),
+                              "security": config.security, "threads": config.threads,
+                              "max_concurrent": config.max_concurrent,
+                              "max_message_mib": config.max_message_bytes // MIB,
+                              "metrics_port": self.metrics_port}},
+        )  # fmt: skip
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -268,7 +274,7 @@ class CloudServer:
             self._metrics_httpd.server_close()
         if self._own_store and self.core.store is not None:
             self.core.store.close()
-        log.info("stopped")
+        log.info("stopped", extra={"fields": {"event": "stopped"}})
 
     def __enter__(self) -> CloudServer:
         return self.start()
@@ -328,7 +334,9 @@ def serve(config: ServerConfig, on_ready=None, stop: threading.Event | None = No
         while not stop.wait(0.1):
             pass
         name = signal.Signals(received[0]).name if received else "stop"
-        log.info("%s: draining for up to %.1f s", name, config.grace_s)
+        log.info("%s: draining for up to %.1f s", name, config.grace_s,
+                 extra={"fields": {"event": "draining", "signal": name,
+                                   "grace_s": config.grace_s}})  # fmt: skip
         server.stop()
     finally:
         for sig, handler in previous.items():

@@ -226,11 +226,16 @@ def _rpc(method: Callable) -> Callable:
             code, message = status_for(exc)
             self.metrics.edge_refusals.labels(edge, code.name).inc()
             # which edge: an operator of many cameras must find it
-            caller = f"{context.peer()} (edge {edge})"
+            peer = context.peer()
+            event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
+            fields = {"event": event, "method": name, "peer": peer, "edge": edge,
+                      "code": code.name, "message": message}  # fmt: skip
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s from %s failed", name, caller)
+                log.exception("%s from %s (edge %s) failed", name, peer, edge,
+                              extra={"fields": fields})  # fmt: skip
             else:
-                log.info("%s from %s refused (%s): %s", name, caller, code.name, message)
+                log.info("%s from %s (edge %s) refused (%s): %s", name, peer, edge, code.name,
+                         message, extra={"fields": fields})  # fmt: skip
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)

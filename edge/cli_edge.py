@@ -529,9 +529,10 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG."""
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon, use_json_logs
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
     from splitdet.edge.store import OutboxCap, StoreError
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.logs import use_json_logs
     from splitdet.shared.manifest import ManifestError
 
     if args.log_format == "json":

@@ -21,7 +21,6 @@ for the next start.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -196,32 +195,6 @@ def check_paths(config: DaemonConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------- logging
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, and the record's `fields` extra."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", None) or {})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def use_json_logs() -> None:
-    """Switch every root handler (or a new stderr one) to JSON lines."""
-    root = logging.getLogger()
-    if not root.handlers:
-        root.addHandler(logging.StreamHandler())
-    for handler in root.handlers:
-        handler.setFormatter(JsonLogFormatter())
 
 
 def _event(level: int, msg: str, **fields) -> None:

@@ -126,3 +126,40 @@ def test_the_default_name_is_the_host_name_made_usable(monkeypatch):
     assert default_edge_name() == "Pr-f-stand-3.local"
     monkeypatch.setattr("socket.gethostname", lambda: "")
     assert default_edge_name() == "edge"
+
+
+def test_json_logs_carry_the_refused_calls_fields(tmp_path):
+    """`splitdet cloud --log-format json`: a log pipeline gets one object per line, and a
+    refused call's line names the method, the edge, its address and the code."""
+    import json
+    import signal
+
+    from cloud_fixtures import start_cloud_process
+
+    _, model_dir, _ = shared_model_dir(0)
+    cloud = start_cloud_process(model_dir, tmp_path, "json", "--log-format", "json")
+    try:
+        client = CloudClient(ClientConfig(cloud.address, edge_name="cam-j"))
+        try:
+            with pytest.raises(NeverRetry):
+                client.manifest("0" * 64)
+        finally:
+            client.close()
+        cloud.process.send_signal(signal.SIGTERM)
+        assert cloud.process.wait(timeout=30) == 0
+    finally:
+        cloud.stop()
+    events = {}
+    for line in cloud.log().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            events.setdefault(entry.get("event"), entry)
+    assert events["serving"]["port"] == cloud.port
+    refused = events["refused"]
+    assert (refused["method"], refused["edge"], refused["code"]) == (
+        "GetManifest",
+        "cam-j",
+        "FAILED_PRECONDITION",
+    )
+    assert refused["peer"].startswith("ipv4:127.0.0.1:") and refused["level"] == "INFO"
+    assert {"draining", "stopped"} <= set(events)
