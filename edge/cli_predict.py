@@ -10,9 +10,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
+
+if TYPE_CHECKING:
+    from splitdet.edge.client import ClientConfig
+    from splitdet.edge.predict import Detector
 
 EPILOG = """\
 examples:
@@ -68,7 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _local_detector(model_dir: str, threads: int | None):
+def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector]:
+    """A factory of the in-process cloud half (`cloud.local.LocalDetector`, torch); calling it
+    raises CommandError on an install without torch."""
+
     def make():
         try:
             from splitdet.cloud.local import LocalDetector
@@ -84,7 +93,11 @@ def _local_detector(model_dir: str, threads: int | None):
     return make
 
 
-def _remote_detector(config, fingerprint: str):
+def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], Detector]:
+    """A factory of a `RemoteDetector` for the `ClientConfig` `config`; calling it asks the
+    server whether it serves `fingerprint` (CommandError naming the address if not, or if it
+    cannot be reached)."""
+
     def make():
         from splitdet.edge.client import CloudClient, CloudError
         from splitdet.edge.predict import RemoteDetector
@@ -173,9 +186,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     remote = client_config(args)
     if remote is None:
-        detector = _cached(_local_detector(args.model, args.threads))
+        detector = _cached(local_detector(args.model, args.threads))
     else:
-        detector = _cached(_remote_detector(remote, pipeline.manifest.fingerprint))
+        detector = _cached(remote_detector(remote, pipeline.manifest.fingerprint))
     bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
     predictions = predict_paths(
         paths,

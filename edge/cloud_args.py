@@ -22,12 +22,7 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="gate threshold on p(defect) (default: the manifest's calibrated one)",
     )
-    parser.add_argument(
-        "--codec",
-        choices=["fp32", "fp16", "int8"],
-        default=None,
-        help="feature codec (default: the manifest's)",
-    )
+    add_codec_argument(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -40,6 +35,16 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="ONNX Runtime device (default: auto: CUDA when available)",
+    )
+
+
+def add_codec_argument(parser: argparse.ArgumentParser) -> None:
+    """--codec: the feature codec the edge encodes with (default: the manifest's)."""
+    parser.add_argument(
+        "--codec",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="feature codec (default: the manifest's)",
     )
 
 

@@ -1,28 +1,62 @@
-"""`splitdet eval`: COCO mAP, the defect classifier and the calibrated gate of a checkpoint.
+"""`splitdet eval`: COCO mAP, the defect classifier and the gate of a checkpoint, or of an
+export as it is deployed.
 
     splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json eval.json
+    splitdet eval --data data/gaskets --model models/gasket --json eval-export.json
 
-Top-level imports are stdlib only: torch loads when the command runs.
+This module parses and dispatches; `training.evaluate` measures a checkpoint,
+`training.evaluate_export` an export. Top-level imports are stdlib (and argparse helpers) only:
+torch loads when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
+from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
 from splitdet.shared.cli import add_box_refine_option, int_in
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json runs/cpu/test.json
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json out.json \\
       --split test --calibrate-split val --target-recall 0.995
   splitdet eval --data data/test_seed1 --calibrate-data data/gaskets --checkpoint ckpt.pt
+  splitdet eval --data data/gaskets --model models/gasket-int8 --json export.json
+      the export as deployed: ONNX gate, lazy FPN, codec, cloud heads in this process
+  splitdet eval --data data/gaskets --model models/gasket --cloud 10.0.0.5:50051
+
+--model MODEL_DIR runs every image of the split through `splitdet predict`'s path once, with
+the gate forced open: 'map', 'map50', 'ar100' are the ungated detector's; 'map_gated',
+'map50_gated', 'map_kept' the deployed system's (detections of the images whose p(defect) is at
+or above the manifest's threshold, none for the others). The threshold is the export's: it is
+not calibrated here. To change it, calibrate the checkpoint (eval --checkpoint
+--calibrate-split val) and export again. Also reported: 'gate_threshold', 'edge_gate' (float32,
+or int8 from export --quantize-edge), 'codec', 'fingerprint', 'flagged_fraction',
+'bytes_per_flagged_image', mean 'stage_seconds'. An image that cannot be read, or whose
+detection call fails, is named in 'image_errors' and counted with no detections (and
+p(defect) 0 when unread); the others are evaluated and the exit status is 1.
 """
+
+#: Options that only mean something for a checkpoint, and their defaults there (None in the
+#: parser, so that giving one with --model can be told from not giving it).
+CHECKPOINT_DEFAULTS = {
+    "calibrate_split": "val",
+    "calibrate_data": None,
+    "target_recall": 0.995,
+    "no_store": False,
+    "batch_size": 1,
+    "box_refine_steps": None,
+}
+#: Options that only mean something for an export (--timeout aside: meaningless without --cloud).
+MODEL_ONLY = ("codec", "cloud", "tls", "root_certs", "client_cert", "client_key", "server_name",
+              "token_file")  # fmt: skip
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a checkpoint: mAP, gate accuracy/recall, mAP kept",
+        help="evaluate a checkpoint or an export: mAP, gate accuracy/recall, mAP kept",
         description="COCO mAP@[.5:.95], mAP@.5 and AR@100 (pycocotools), the defect classifier's "
         "accuracy/precision/recall/F1/AUC, the gate threshold calibrated on a validation split "
         "for a target defect recall (written into the checkpoint), the gated system's mAP, the "
@@ -30,43 +64,85 @@ def register(subparsers) -> None:
         "and for the detector's top box score as an image score: is calibration or the model "
         "the limit, and would the detector gate better), and "
         "where the errors are: the confident detections by kind of mistake and the recall by "
-        "defect length (the JSON's 'errors').",
+        "defect length (the JSON's 'errors'). With --model instead of --checkpoint: the same of an "
+        "export, run as `splitdet predict` runs it, at the export's own gate threshold.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="VOC tree (ImageSets/Main/<split>.txt)")
-    parser.add_argument("--checkpoint", required=True, help="splitdet checkpoint (.pt)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="splitdet checkpoint (.pt)")
+    what.add_argument(
+        "--model",
+        metavar="MODEL_DIR",
+        help="an export (splitdet export), evaluated as deployed at its manifest's gate "
+        "threshold (not calibrated here: to change it, calibrate the checkpoint and re-export)",
+    )
     parser.add_argument("--json", help="write the metrics to this JSON file")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument(
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    checkpoint = parser.add_argument_group("with --checkpoint only")
+    checkpoint.add_argument(
         "--calibrate-split",
-        default="val",
         help="split the gate threshold is calibrated on (default: val; 'none' keeps the "
         "checkpoint's threshold)",
     )
-    parser.add_argument(
+    checkpoint.add_argument(
         "--calibrate-data",
         help="VOC tree holding the calibration split (default: --data), e.g. when the test "
         "split comes from a dataset generated with another seed",
     )
-    parser.add_argument(
+    checkpoint.add_argument(
         "--target-recall",
         type=float,
-        default=0.995,
         help="defect recall the gate must keep on the calibration split (default: 0.995)",
     )
-    parser.add_argument(
+    checkpoint.add_argument(
         "--no-store",
         action="store_true",
         help="do not write the calibrated threshold into the checkpoint",
     )
-    parser.add_argument("--batch-size", type=int_in(1), default=1, help="images per forward pass")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_box_refine_option(parser)
+    checkpoint.add_argument(
+        "--batch-size", type=int_in(1), help="images per forward pass (default: 1)"
+    )
+    add_box_refine_option(checkpoint)
+    model = parser.add_argument_group("with --model only")
+    add_codec_argument(model)
+    add_cloud_arguments(model, required=False)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Dispatch on --checkpoint / --model; exit status 0, or 1 when --model met image errors."""
+    if args.model is not None:
+        _refuse(_given(args, CHECKPOINT_DEFAULTS), "--checkpoint")
+        return run_model(args)
+    _refuse(_given(args, MODEL_ONLY), "--model")
+    for name, default in CHECKPOINT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return run_checkpoint(args)
+
+
+def _given(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
+    """The options of `names` (argparse dests whose parser default is None or False) given."""
+    # identity, not ==: --target-recall 0 is given (0 == False)
+    return [name for name in names if getattr(args, name) is not None
+            and getattr(args, name) is not False]  # fmt: skip
+
+
+def _refuse(given: list[str], mode: str) -> None:
+    """CommandError naming the first option of `given` (argparse dests): it needs `mode`."""
+    from splitdet.shared.cli import CommandError
+
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        other = "--model" if mode == "--checkpoint" else "--checkpoint"
+        raise CommandError(f"{option} is for {mode} only, not {other}")
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint (and store the calibrated threshold in it)."""
     import json
     from pathlib import Path
 
@@ -129,6 +205,66 @@ def run(args: argparse.Namespace) -> int:
         detail = getattr(exc, "strerror", None) or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Evaluate an export as deployed; see EXAMPLE."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from splitdet.shared.cli import CommandError
+    from splitdet.training.evaluate_export import evaluate_export
+
+    pipeline, samples, detector = _open_model(args)
+    with tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
+        metrics = evaluate_export(samples, pipeline, detector, on_result=lambda _: bar.update())
+    metrics.update({"data": str(args.data), "split": args.split})
+    text = json.dumps(metrics, indent=2)
+    print(text)  # first: an unwritable --json must not lose the evaluation
+    if metrics["image_errors"]:
+        print(
+            f"{len(metrics['image_errors'])} of {len(samples)} images could not be evaluated "
+            "(the JSON's image_errors names them): counted with no detections",
+            file=sys.stderr,
+        )
+    if args.json:
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as exc:
+            detail = exc.strerror or exc
+            raise CommandError(f"{args.json}: cannot write the results ({detail})") from None
+    return 1 if metrics["image_errors"] else 0
+
+
+def _open_model(args: argparse.Namespace):
+    """(edge pipeline with the gate open, samples, detector) for --model; CommandError for a
+    bad --cloud, export or dataset, a dead or wrong server, or a missing torch."""
+    from pathlib import Path
+
+    from splitdet.edge.cli_predict import local_detector, remote_detector
+    from splitdet.edge.cloud_args import client_config
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+    from splitdet.training import voc
+    from splitdet.training.evaluate_export import open_pipeline, read_samples
+
+    remote = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
+    try:
+        pipeline = open_pipeline(Path(args.model), args.codec)
+        samples = read_samples(Path(args.data), args.split, pipeline.manifest.class_names)
+        if not samples:
+            raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
+        # made now, not at the first image: a dead or wrong server fails before any work
+        if remote is None:
+            detector = local_detector(args.model, None)()
+        else:
+            detector = remote_detector(remote, pipeline.manifest.fingerprint)()
+    except (ManifestError, voc.VocError, ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from None
+    return pipeline, samples, detector
 
 
 def _split_path(root, split: str):

@@ -337,7 +337,30 @@ def evaluate(
     else:
         threshold = calibrate_threshold(probs, labels, target_recall)
         calibrated_on = "evaluated split"
+    return metrics_at_threshold(
+        samples,
+        predictions,
+        class_names,
+        threshold,
+        calibrated_on=calibrated_on,
+        target_recall=target_recall,
+    )
 
+
+def metrics_at_threshold(
+    samples: Sequence[VocSample],
+    predictions: Sequence[Prediction],
+    class_names: Sequence[str],
+    threshold: float,
+    *,
+    calibrated_on: str,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+) -> dict:
+    """`evaluate`'s metrics of `predictions` (one per sample, same order) with the gate
+    threshold fixed at `threshold`; `calibrated_on` says where it came from. The gated system
+    keeps an image's detections when its p_defect >= threshold and has none otherwise."""
+    labels = [s.is_defective for s in samples]
+    probs = [p.p_defect for p in predictions]
     boxes = [p.boxes.numpy() for p in predictions]
     scores = [p.scores.numpy() for p in predictions]
     det_labels = [p.labels.numpy() for p in predictions]
