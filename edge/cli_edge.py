@@ -17,7 +17,6 @@ import os
 import sqlite3
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from splitdet.edge.cloud_args import (
     client_config,
 )
 from splitdet.shared.cli import float_in, int_in
-from splitdet.shared.edge_name import check_edge_name, default_edge_name
 
 EDGE_EPILOG = """\
 actions:
@@ -260,14 +258,6 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         help="backoff cap (default: %(default)s)",
     )
     add_cloud_arguments(p, required=True)
-    p.add_argument(
-        "--name",
-        type=_edge_name,
-        default=None,
-        metavar="NAME",
-        help="this edge's name, sent with every call: the cloud's per-edge metrics and log "
-        "lines show it (1-64 letters, digits, . _ - : @ /; default: the host name)",
-    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -542,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_options(args)
     check_cloud_addresses(args.cloud)
     try:
-        client = replace(client_config(args), edge_name=args.name or default_edge_name())
+        client = client_config(args)
         config = DaemonConfig(
             model_dir=args.model,
             watch=args.watch,
@@ -585,14 +575,6 @@ def run(args: argparse.Namespace) -> int:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except (StoreError, OSError, sqlite3.Error) as exc:
         raise CommandError(str(exc)) from None
-
-
-def _edge_name(text: str) -> str:
-    """argparse type of --name."""
-    try:
-        return check_edge_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_run_options(args: argparse.Namespace) -> None:

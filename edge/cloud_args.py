@@ -86,6 +86,24 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
         help=f"bearer token (the file's first line); default: the {TOKEN_ENV} environment "
         "variable if set",
     )
+    parser.add_argument(
+        "--name",
+        type=_edge_name,
+        default=None,
+        metavar="NAME",
+        help="this edge's name, sent with every call: the cloud's per-edge metrics and log "
+        "lines show it (1-64 letters, digits, . _ - : @ /; default: the host name)",
+    )
+
+
+def _edge_name(text: str) -> str:
+    """argparse type of --name."""
+    from splitdet.shared.edge_name import check_edge_name
+
+    try:
+        return check_edge_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 #: gRPC target schemes whose rest is a path or a name (not host:port).
@@ -142,6 +160,7 @@ def client_config(args: argparse.Namespace):
     """The ClientConfig the options describe (None when --cloud was not given)."""
     from splitdet.edge.client import ClientConfig
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.edge_name import default_edge_name
 
     if not args.cloud:
         return None
@@ -162,6 +181,7 @@ def client_config(args: argparse.Namespace):
             client_key=args.client_key,
             server_name=args.server_name,
             token=read_token(args.token_file),
+            edge_name=args.name or default_edge_name(),
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None

@@ -50,7 +50,7 @@ CHECKPOINT_DEFAULTS = {
 }
 #: Options that only mean something for an export (--timeout aside: meaningless without --cloud).
 MODEL_ONLY = ("codec", "cloud", "tls", "root_certs", "client_cert", "client_key", "server_name",
-              "token_file")  # fmt: skip
+              "token_file", "name")  # fmt: skip
 
 
 def register(subparsers) -> None:
