@@ -573,7 +573,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
-    except (StoreError, OSError, sqlite3.Error) as exc:
+    except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
+        hint = ("; the image being handled stays in --watch: free space, or bound the database "
+                "(--keep-results, --outbox-max-mb)") if "full" in str(exc) else ""  # fmt: skip
+        raise CommandError(f"--db {config.db}: {exc}{hint}") from None
+    except (StoreError, OSError) as exc:
         raise CommandError(str(exc)) from None
 
 

@@ -241,3 +241,23 @@ def test_unwritable_places_are_named_at_start_up(tiny_model_dir, case):
     expected = {"quarantine": "--quarantine", "archive": "--archive", "watch": "--watch",
                 "db": "readonly"}[case]  # fmt: skip
     assert expected in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_a_full_database_names_it_and_leaves_the_image(
+    tiny_model_dir, hot, tmp_path, capsys, monkeypatch
+):
+    """A full disk, as SQLite reports it (SQLITE_FULL: here by a page limit two pages above
+    the new database's size, so the flagged image's request cannot be stored): one line naming
+    the database and what to do; the image stays in the hot folder for the next start."""
+    opened = ResultStore.__init__
+
+    def nearly_full(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        self._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    monkeypatch.setattr(ResultStore, "__init__", nearly_full)
+    db = tmp_path / "edge.sqlite"
+    assert _edge_run(tiny_model_dir, hot, db, "--threshold", "0") == 2
+    _error_line(capsys, f"--db {db}", "full", "stays in --watch", "--keep-results")
+    assert (hot / "a.png").exists()
