@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from splitdet.shared.detection import Detection, ImageMeta
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, ManifestError, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.shared.spec import LEVEL_NAMES, padded_size
+
+log = logging.getLogger(__name__)
 
 #: Longest request id accepted (a UUID is 36 characters).
 MAX_REQUEST_ID_CHARS = 128
@@ -284,7 +288,13 @@ class DetectionCore:
         )
         if self.store is not None:
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
-            self.store.put(call.request_id, StoredAnswer(model.fingerprint, digest, payload))
+            try:
+                self.store.put(call.request_id, StoredAnswer(model.fingerprint, digest, payload))
+            except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
+                log.warning(
+                    "answers store: cannot keep the answer to %r (%s); answered without it (a "
+                    "repeat of this request is computed again)", call.request_id, exc,
+                )  # fmt: skip
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
 
     # ------------------------------------------------------------------------------ the stages

@@ -21,7 +21,7 @@ from cloud_fixtures import (
 )
 
 from splitdet.cloud.core import DetectionCore, load_cloud
-from splitdet.cloud.idempotency import IdempotencyStore
+from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry, build_request
 from splitdet.edge.predict import RemoteDetector
@@ -155,6 +155,36 @@ def test_a_stored_answer_is_not_given_for_another_model(exports, tmp_path):
         assert [d.box for d in other.detections] != [d.box for d in first.detections]
     finally:
         store.close()
+
+
+def test_a_full_answers_store_still_answers(exports, tmp_path, caplog):
+    """The answers store's disk is full (SQLITE_FULL, by a page limit at its current size): the
+    heads' answer is good, so it is returned and the store's failure logged. Before, the call
+    failed as INTERNAL, which the edge takes for a permanent refusal."""
+    from splitdet.cloud.core import DetectCall
+
+    (old_model, old_dir, old), _ = exports
+    cloud, manifest = load_cloud(old_dir)
+    store = IdempotencyStore(tmp_path / "answers.sqlite", 100)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):  # fill what room is left
+        for i in range(100):
+            store.put(f"filler-{i}", StoredAnswer(old.fingerprint, "0" * 64, b"x" * 2000))
+    core = DetectionCore(cloud, manifest, store)
+    sample = make_sample(old_model, seed=6, codec="int8")
+    caplog.set_level("WARNING", logger="splitdet.cloud.core")
+    try:
+        result = core.detect(DetectCall("full", old.fingerprint, sample.image, sample.encoded))
+        again = core.detect(DetectCall("full", old.fingerprint, sample.image, sample.encoded))
+    finally:
+        store.close()
+    assert not result.cached and not again.cached  # computed twice: nothing could be kept
+    assert [d.box for d in result.detections] == [d.box for d in again.detections]
+    np.testing.assert_allclose(
+        [d.box for d in result.detections], sample.reference["boxes"].numpy(), atol=1e-3
+    )
+    assert "full" in caplog.text and "answered without it" in caplog.text
 
 
 def test_the_same_export_given_twice_is_one_line(exports, tmp_path, capsys):
