@@ -64,13 +64,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--model",
-        required=True,
         type=Path,
         action="append",
+        default=[],
         metavar="MODEL_DIR",
         help="exported model directory (made by `splitdet export`); repeat it to serve several "
         "exports at once, each request answered by the model it names (a rolling upgrade: "
         "edges on the old and the new export are both answered); the first is the default",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve every export in this folder too (each subfolder holding a manifest.json; "
+        "without --model the newest is the default); on SIGHUP the server serves what the "
+        "folder holds then: copy a new export in, remove an old one, `kill -HUP` the server, "
+        "no call is dropped",
     )
     parser.add_argument(
         "--listen",
@@ -196,6 +205,10 @@ def check_options(args: argparse.Namespace) -> None:
     """CommandError naming the first option whose value cannot be served, found before anything
     heavy is imported or loaded (gRPC would serve a port past 65535 on another port, and say
     only "cannot listen" about a bad certificate)."""
+    if not args.model and args.models_dir is None:
+        raise CommandError("give the export(s) to serve: --model MODEL_DIR or --models-dir DIR")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise CommandError(f"--models-dir {args.models_dir}: no such folder")
     split_host_port(args.listen, "--listen")
     for name, (low, high) in OPTION_BOUNDS.items():
         value = getattr(args, name)
@@ -269,23 +282,30 @@ def run(args: argparse.Namespace) -> int:
 
         use_json_logs()
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
-    log.info("loading model%s %s", "s" * (len(args.model) > 1), ", ".join(map(str, args.model)))
+    # SIGHUP then: reloaded once serving (its default action would end the process).
+    stop, reload = threading.Event(), threading.Event()
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set()),
+    }
+    where = [*map(str, args.model), *([f"{args.models_dir}/*"] if args.models_dir else [])]
+    log.info("loading model%s %s", "s" * (len(where) > 1), ", ".join(where))
     try:
-        return _run(args, stop)
+        return _run(args, stop, reload)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
     from splitdet.cloud.server import MIB, ServerConfig, all_cores, serve
     from splitdet.shared.manifest import ManifestError
 
     try:
         config = ServerConfig(
-            model_dir=args.model[0],
+            model_dir=args.model[0] if args.model else None,
             more_model_dirs=tuple(args.model[1:]),
+            models_dir=args.models_dir,
             listen=args.listen.strip(),
             threads=all_cores() if args.threads is None else args.threads,
             max_concurrent=args.max_concurrent,
@@ -324,7 +344,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
             print(json.dumps(info), flush=True)
 
     try:
-        return serve(config, on_ready=on_ready, stop=stop)
+        return serve(config, on_ready=on_ready, stop=stop, reload=reload)
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite

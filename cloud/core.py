@@ -207,7 +207,8 @@ class DetectionCore:
     Raises:
         ValueError: two of the models have the same fingerprint.
 
-    Thread-safe: concurrent `detect` calls share the (read-only) models.
+    Thread-safe: concurrent `detect` calls share the (read-only) models; `serve` swaps the set
+    of models in one assignment, so a call finds either the old set or the new one.
     """
 
     def __init__(
@@ -219,13 +220,25 @@ class DetectionCore:
         also: Sequence[tuple[CloudHalf, Manifest]] = (),
     ) -> None:
         self.models: dict[str, ServedModel] = {}
-        for half, its_manifest in ((cloud, manifest), *also):
-            served = ServedModel(half, its_manifest)
-            if served.fingerprint in self.models:
-                raise ValueError(f"model {_short(served.fingerprint)} is given twice")
-            self.models[served.fingerprint] = served
+        self.serve([ServedModel(half, its) for half, its in ((cloud, manifest), *also)])
         self.store = store
         self.max_decoded_bytes = int(max_decoded_bytes)
+
+    def serve(self, models: Sequence[ServedModel]) -> None:
+        """Serve exactly `models` from now on, the first the default (a reload: calls running
+        keep the model they found).
+
+        Raises:
+            ValueError: none given, or two of them have the same fingerprint.
+        """
+        served: dict[str, ServedModel] = {}
+        for model in models:
+            if model.fingerprint in served:
+                raise ValueError(f"model {_short(model.fingerprint)} is given twice")
+            served[model.fingerprint] = model
+        if not served:
+            raise ValueError("a detection core needs at least one model")
+        self.models = served
 
     @property
     def fingerprint(self) -> str:

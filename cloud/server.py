@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,11 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from splitdet.cloud.cli_cloud import OPTION_BOUNDS
-from splitdet.cloud.core import DetectionCore, load_cloud
+from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
-from splitdet.shared.manifest import Manifest, ManifestError
+from splitdet.shared.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 from splitdet.shared.model import CloudHalf
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class ServerConfig:
         model_dir: an exported model directory (manifest.json, cloud_heads.pt, ...): the
             default model.
         more_model_dirs: more exports served beside it (requests go to the model they name).
+        models_dir: a folder whose every subfolder holding a manifest.json is served too (the
+            newest export the default when no model_dir is given); `CloudServer.reload`
+            (SIGHUP) serves what it holds then.
         listen: gRPC address, "host:port"; port 0 picks a free port.
         threads: torch threads for the heads (default: every core this process may use).
         max_concurrent: Detect calls running at once; more are refused with RESOURCE_EXHAUSTED.
@@ -74,8 +78,9 @@ class ServerConfig:
         debug_delay_s: TEST ONLY: every Detect call sleeps this long first (slow calls on purpose).
     """
 
-    model_dir: Path
+    model_dir: Path | None = None
     more_model_dirs: tuple[Path, ...] = ()
+    models_dir: Path | None = None
     listen: str = "127.0.0.1:50051"
     threads: int = field(default_factory=all_cores)
     max_concurrent: int = 2
@@ -94,6 +99,8 @@ class ServerConfig:
     debug_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.model_dir is None and (self.models_dir is None or self.more_model_dirs):
+            raise ValueError("give a model directory (--model) or a folder of them (--models-dir)")
         if self.threads < 1 or self.max_concurrent < 1:
             raise ValueError("threads and max_concurrent must be at least 1")
         if self.threads > OPTION_BOUNDS["threads"][1]:
@@ -145,8 +152,35 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
+def export_dirs(config: ServerConfig) -> list[Path]:
+    """The model directories `config` serves now, the default first: model_dir, the
+    more_model_dirs, then every subfolder of models_dir holding a manifest.json, newest
+    manifest first.
+
+    Raises:
+        ManifestError: models_dir cannot be listed, or no directory at all is left to serve.
+    """
+    dirs = [] if config.model_dir is None else [config.model_dir, *config.more_model_dirs]
+    if config.models_dir is not None:
+        try:
+            found = [d for d in Path(config.models_dir).iterdir()
+                     if not d.name.startswith(".") and (d / MANIFEST_NAME).is_file()]  # fmt: skip
+        except OSError as exc:
+            raise ManifestError(
+                f"--models-dir {config.models_dir}: cannot list ({exc.strerror or exc})"
+            ) from None
+        found.sort(key=lambda d: ((d / MANIFEST_NAME).stat().st_mtime, d.name), reverse=True)
+        dirs += [d for d in found if d not in dirs]
+    if not dirs:
+        raise ManifestError(
+            f"--models-dir {config.models_dir}: holds no export (a folder with manifest.json, "
+            "made by splitdet export)"
+        )
+    return dirs
+
+
 def _load_more(
-    first_dir: Path, first: Manifest, more_dirs: tuple[Path, ...]
+    first_dir: Path, first: Manifest, more_dirs: Sequence[Path]
 ) -> list[tuple[CloudHalf, Manifest]]:
     """The cloud halves of `more_dirs`; ManifestError when two directories hold one export."""
     seen = {first.fingerprint: first_dir}
@@ -163,6 +197,23 @@ def _load_more(
     return loaded
 
 
+def _load_found(
+    found: Sequence[Path], loaded: Sequence[Manifest]
+) -> list[tuple[CloudHalf, Manifest]]:
+    """The cloud halves of the exports found in --models-dir, each once: one already loaded
+    (named by --model too, or copied twice) is skipped with a warning."""
+    seen = {manifest.fingerprint for manifest in loaded}
+    halves = []
+    for model_dir in found:
+        if read_manifest(model_dir, verify=False).fingerprint in seen:
+            log.warning("%s: an export already served; skipped", model_dir)
+            continue
+        cloud, manifest = load_cloud(model_dir)
+        seen.add(manifest.fingerprint)
+        halves.append((cloud, manifest))
+    return halves
+
+
 class CloudServer:
     """The running server: gRPC + health + metrics around a DetectionCore.
 
@@ -177,8 +228,11 @@ class CloudServer:
         torch.set_num_threads(config.threads)
         self._own_store = core is None
         if core is None:
-            cloud, manifest = load_cloud(config.model_dir)
-            also = _load_more(config.model_dir, manifest, config.more_model_dirs)
+            dirs = export_dirs(config)
+            named = 0 if config.model_dir is None else 1 + len(config.more_model_dirs)
+            cloud, manifest = load_cloud(dirs[0])
+            also = _load_more(dirs[0], manifest, dirs[1:named])  # the same twice: refused
+            also += _load_found(dirs[max(named, 1) :], [manifest, *(m for _, m in also)])
             store = (
                 IdempotencyStore(config.answers_db, config.answers_capacity)
                 if config.answers_capacity
@@ -259,6 +313,57 @@ class CloudServer:
         )  # fmt: skip
         return self
 
+    def reload(self) -> dict[str, list[str]]:
+        """Serve what the configured directories hold now (SIGHUP): an export added to
+        --models-dir is served, one removed (or re-exported in place, under a new fingerprint)
+        is dropped; one unchanged keeps its loaded model. A directory that cannot be served is
+        logged and skipped, the rest served; with nothing left to serve, nothing changes.
+
+        Returns:
+            {"served", "added", "dropped", "problems"}: fingerprints, and one line per problem.
+        """
+        current = self.core.models
+        models, problems = [], []
+        try:
+            dirs = export_dirs(self.config)
+        except ManifestError as exc:
+            dirs, problems = [], [str(exc)]
+        for model_dir in dirs:
+            try:
+                fingerprint = read_manifest(model_dir, verify=False).fingerprint
+                if any(m.fingerprint == fingerprint for m in models):
+                    raise ManifestError(f"{model_dir}: the same export as another directory")
+                if fingerprint in current:
+                    models.append(current[fingerprint])
+                    continue
+                models.append(ServedModel(*load_cloud(model_dir)))  # verified in full
+            except ManifestError as exc:
+                problems.append(str(exc))
+        for problem in problems:
+            fields = {"event": "reload_problem", "problem": problem}
+            log.error("reload: %s; skipped", problem, extra={"fields": fields})
+        if not models:
+            log.error("reload: nothing left to serve; still serving %s",
+                      ", ".join(fp[:16] for fp in current),
+                      extra={"fields": {"event": "reload_refused"}})  # fmt: skip
+            return {"served": list(current), "added": [], "dropped": [], "problems": problems}
+        self.core.serve(models)
+        self.servicer.refresh()
+        self.metrics.served(self.core.fingerprints)
+        served = list(self.core.fingerprints)
+        change = {
+            "served": served,
+            "added": [fp for fp in served if fp not in current],
+            "dropped": [fp for fp in current if fp not in served],
+            "problems": problems,
+        }
+        log.info(
+            "reloaded: serving %s (added %d, dropped %d)", ", ".join(fp[:16] for fp in served),
+            len(change["added"]), len(change["dropped"]),
+            extra={"fields": {"event": "reloaded", **change}},
+        )  # fmt: skip
+        return change
+
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`
         seconds (default config.grace_s), then release everything. Idempotent."""
@@ -305,16 +410,25 @@ def check_listen_address(listen: str) -> None:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
 
 
-def serve(config: ServerConfig, on_ready=None, stop: threading.Event | None = None) -> int:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully; returns 0.
+def serve(
+    config: ServerConfig,
+    on_ready=None,
+    stop: threading.Event | None = None,
+    reload: threading.Event | None = None,
+) -> int:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
+    exports (`CloudServer.reload`). Returns 0.
 
     Args:
         config: the settings.
         on_ready: called with the started CloudServer (e.g. to write a ready file).
         stop: the event that ends serving; if a caller's signal handler set it while the model
             loaded, the server never starts.
+        reload: the event that asks for a reload (SIGHUP sets it); one set while the model
+            loaded is honoured once serving.
     """
     stop = threading.Event() if stop is None else stop
+    reload = threading.Event() if reload is None else reload
     server = CloudServer(config)
     received: list[int] = []
 
@@ -324,6 +438,7 @@ def serve(config: ServerConfig, on_ready=None, stop: threading.Event | None = No
 
     # before start(): once it serves, a signal drains it rather than killing it
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
     try:
         if stop.is_set():
             log.info("stopped before serving")
@@ -332,7 +447,12 @@ def serve(config: ServerConfig, on_ready=None, stop: threading.Event | None = No
         if on_ready is not None:
             on_ready(server)
         while not stop.wait(0.1):
-            pass
+            if reload.is_set():
+                reload.clear()
+                try:
+                    server.reload()
+                except Exception:  # never the end of serving: the exports stay as they were
+                    log.exception("reload failed; serving as before")
         name = signal.Signals(received[0]).name if received else "stop"
         log.info("%s: draining for up to %.1f s", name, config.grace_s,
                  extra={"fields": {"event": "draining", "signal": name,

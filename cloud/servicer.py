@@ -148,9 +148,7 @@ class ServerMetrics:
             ["fingerprint"],
             registry=self.registry,
         )
-        for index, fingerprint in enumerate(fingerprints):
-            self.model.labels(fingerprint, str(index == 0).lower()).set(1)
-            self.model_answers.labels(fingerprint)  # exported at 0 from the start
+        self.served(fingerprints)
         self.edge_answers = Counter(
             "splitdet_cloud_edge_answers",
             "Detect calls answered, by the calling edge's name and the model's fingerprint: "
@@ -172,6 +170,14 @@ class ServerMetrics:
         )
         self._edges: set[str] = set()
         self._edges_lock = threading.Lock()
+
+    def served(self, fingerprints: Sequence[str]) -> None:
+        """`splitdet_cloud_model` lists exactly these models, the first the default; each one's
+        answer count is exported (at 0 for a new one)."""
+        self.model.clear()
+        for index, fingerprint in enumerate(fingerprints):
+            self.model.labels(fingerprint, str(index == 0).lower()).set(1)
+            self.model_answers.labels(fingerprint)
 
     def edge_of(self, context: grpc.ServicerContext) -> str:
         """The calling edge's name as a metric label: its `splitdet-edge` metadata, "unnamed"
@@ -434,14 +440,20 @@ class DetectionServicer:
         self.debug_delay_s = debug_delay_s
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._draining = threading.Event()
-        self._manifests = {
-            fingerprint: pb.ManifestResponse(
-                model_fingerprint=fingerprint,
-                manifest_json=core.manifest_json(fingerprint),
-                served_fingerprints=core.fingerprints,
-            ).SerializeToString()
-            for fingerprint in core.fingerprints
-        }
+        self._manifests: dict[str, bytes] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Answer GetManifest for the models the core serves now (after a reload)."""
+        self._manifests = {fp: self._manifest_answer(fp) for fp in self.core.fingerprints}
+
+    def _manifest_answer(self, fingerprint: str) -> bytes:
+        """GetManifest's serialized answer for a served model."""
+        return pb.ManifestResponse(
+            model_fingerprint=fingerprint,
+            manifest_json=self.core.manifest_json(fingerprint),
+            served_fingerprints=self.core.fingerprints,
+        ).SerializeToString()
 
     def drain(self) -> None:
         """Refuse every later Detect call with UNAVAILABLE (calls already running finish)."""
@@ -483,7 +495,9 @@ class DetectionServicer:
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         request = _parse(pb.GetManifestRequest, raw)
         wanted = self.core.model(request.model_fingerprint or self.core.fingerprint)
-        return self._manifests[wanted.fingerprint]
+        answer = self._manifests.get(wanted.fingerprint)
+        # (a model served since a reload that has not refreshed the answers yet)
+        return answer if answer is not None else self._manifest_answer(wanted.fingerprint)
 
     def _debug_delay(self, is_cancelled: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.debug_delay_s

@@ -1,0 +1,144 @@
+"""A cloud serving a folder of exports (`--models-dir`) and reloading it on SIGHUP: an export
+copied in is served, one removed is dropped, a broken one is skipped by name, and no reload
+leaves the server with nothing to serve. Real servers on loopback, and one real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import grpc
+import pytest
+from cloud_fixtures import (
+    TINY_OVERRIDES,
+    make_sample,
+    scrape_metrics,
+    shared_model_dir,
+    start_cloud_process,
+    write_model_dir,
+)
+
+from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
+from splitdet.shared.cli import main
+
+from conftest import make_tiny_model
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """(model, model_dir, manifest) of another export than shared_model_dir(0)'s."""
+    model = make_tiny_model(11, **TINY_OVERRIDES)
+    model_dir = tmp_path_factory.mktemp("second") / "model"
+    return model, model_dir, write_model_dir(model, model_dir)
+
+
+def _copy(model_dir, to, exported_at: float) -> None:
+    """Copy an export, its manifest dated `exported_at` (unix s): the newest is the default."""
+    shutil.copytree(model_dir, to)
+    os.utime(to / "manifest.json", (exported_at, exported_at))
+
+
+def _served(client: CloudClient, fingerprint: str) -> bool:
+    try:
+        return client.manifest(fingerprint).fingerprint == fingerprint
+    except NeverRetry as exc:
+        assert exc.code is grpc.StatusCode.FAILED_PRECONDITION, exc
+        return False
+
+
+def test_reload_adds_drops_and_skips_by_name(second, tmp_path, caplog):
+    _, first_dir, first = shared_model_dir(0)
+    second_model, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    _copy(first_dir, folder / "v1", exported_at=1e9)
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2, metrics_port=0,
+                          metrics_host="127.0.0.1", answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    client = CloudClient(ClientConfig(f"127.0.0.1:{server.port}"))
+    try:
+        assert server.core.fingerprints == (first.fingerprint,)
+        assert not _served(client, second_manifest.fingerprint)
+
+        _copy(second_dir, folder / "v2", exported_at=2e9)
+        broken = folder / "v3"
+        _copy(second_dir, broken, exported_at=3e9)
+        (broken / "cloud_heads.pt").write_bytes(b"truncated")
+        caplog.set_level("INFO", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert change["added"] == [second_manifest.fingerprint] and change["dropped"] == []
+        assert len(change["problems"]) == 1 and "v3" in change["problems"][0]
+        assert "v3" in caplog.text and "skipped" in caplog.text
+        assert _served(client, first.fingerprint) and _served(client, second_manifest.fingerprint)
+        sample = make_sample(second_model, seed=3, codec="int8")
+        answer = client.detect(
+            sample.encoded, sample.image, "after-reload", second_manifest.fingerprint
+        )
+        assert answer.fingerprint == second_manifest.fingerprint
+        models = scrape_metrics(server.metrics_port)
+        assert (
+            models[f'splitdet_cloud_model{{default="false",fingerprint="{first.fingerprint}"}}']
+            == 1
+        )
+
+        shutil.rmtree(folder / "v1")
+        shutil.rmtree(broken)
+        change = server.reload()
+        assert change["dropped"] == [first.fingerprint] and change["problems"] == []
+        assert not _served(client, first.fingerprint)
+        assert client.manifest().fingerprint == second_manifest.fingerprint  # the new default
+        metrics = scrape_metrics(server.metrics_port)
+        listed = [k for k in metrics if k.startswith("splitdet_cloud_model{")]
+        assert listed == [
+            f'splitdet_cloud_model{{default="true",fingerprint="{second_manifest.fingerprint}"}}'
+        ]
+
+        shutil.rmtree(folder / "v2")  # nothing left: the server keeps what it serves
+        change = server.reload()
+        assert change["served"] == [second_manifest.fingerprint] and change["added"] == []
+        assert "holds no export" in change["problems"][0]
+        assert _served(client, second_manifest.fingerprint)
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_sighup_reloads_a_running_process(second, tmp_path):
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    shutil.copytree(first_dir, folder / "v1")
+    cloud = start_cloud_process(first_dir, tmp_path, "hup", "--models-dir", str(folder))
+    client = CloudClient(ClientConfig(cloud.address))
+    try:
+        assert _served(client, first.fingerprint)  # --model and the folder: one export twice
+        shutil.copytree(second_dir, folder / "v2")
+        cloud.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not _served(client, second_manifest.fingerprint):
+            assert time.monotonic() < deadline, cloud.log()
+            assert cloud.process.poll() is None, cloud.log()
+            time.sleep(0.2)
+        cloud.process.send_signal(signal.SIGTERM)
+        assert cloud.process.wait(timeout=30) == 0
+    finally:
+        client.close()
+        cloud.stop()
+    assert "reloaded" in cloud.log()
+
+
+def test_models_dir_refusals(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["cloud", "--listen", "127.0.0.1:0"]) == 2
+    assert "--model MODEL_DIR or --models-dir DIR" in capsys.readouterr().err
+    assert main(["cloud", "--models-dir", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["cloud", "--models-dir", str(empty), "--listen", "127.0.0.1:0",
+                 "--answers-db", str(tmp_path / "a.sqlite")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "holds no export" in err and "Traceback" not in err
