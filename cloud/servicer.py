@@ -179,13 +179,13 @@ class ServerMetrics:
             self.model.labels(fingerprint, str(index == 0).lower()).set(1)
             self.model_answers.labels(fingerprint)
 
-    def edge_of(self, context: grpc.ServicerContext) -> str:
-        """The calling edge's name as a metric label: its `splitdet-edge` metadata, "unnamed"
-        without one, "invalid" for a name that is not one (shared/edge_name.py), and "other"
-        once MAX_EDGE_LABELS names have been seen (the labels stay bounded whatever callers
-        send)."""
+    def edge_of(self, metadata) -> str:
+        """The calling edge's name as a metric label, from a call's metadata ((key, value)
+        pairs): its `splitdet-edge` entry, "unnamed" without one, "invalid" for a name that is
+        not one (shared/edge_name.py), and "other" once MAX_EDGE_LABELS names have been seen
+        (the labels stay bounded whatever callers send)."""
         name = "unnamed"
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata or ():
             if key == EDGE_NAME_KEY:
                 name = value if isinstance(value, str) and is_edge_name(value) else "invalid"
         with self._edges_lock:
@@ -224,7 +224,7 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: DetectionServicer, request, context: grpc.ServicerContext):
         code = grpc.StatusCode.OK
-        edge = self.metrics.edge_of(context)
+        edge = self.metrics.edge_of(context.invocation_metadata())
         self.metrics.edge_last_seen.labels(edge).set_to_current_time()
         try:
             return method(self, request, context, edge)
@@ -560,14 +560,22 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED, as without a token
-        self._metrics.finished(method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED)
+        name = method.rsplit("/", 1)[-1]
+        self._metrics.finished(name, grpc.StatusCode.UNAUTHENTICATED)
         problem = "missing" if not supplied else "wrong"
+        message = f"{problem} bearer token: send metadata 'authorization: Bearer <token>'"
+        # which edge: the one refused for its credentials is the one an operator must find
+        edge = self._metrics.edge_of(handler_call_details.invocation_metadata)
+        self._metrics.edge_last_seen.labels(edge).set_to_current_time()
+        self._metrics.edge_refusals.labels(edge, "UNAUTHENTICATED").inc()
 
         def deny(request, context: grpc.ServicerContext):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{problem} bearer token: send metadata 'authorization: Bearer <token>'",
-            )
+            peer = context.peer()
+            fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
+                      "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
+            log.info("%s from %s (edge %s) refused (UNAUTHENTICATED): %s", name, peer, edge,
+                     message, extra={"fields": fields})  # fmt: skip
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         kind = (handler.request_streaming, handler.response_streaming)
         return _HANDLER_FACTORIES[kind](deny)

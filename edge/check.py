@@ -113,7 +113,10 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
         except ImageError as exc:
             raise _Failed(f"{image}: {exc}") from None
         name = f"{image} ({array.shape[2]}x{array.shape[1]})"
-    result = pipeline.process_array(array)
+    try:
+        result = pipeline.process_array(array)
+    except ImageError as exc:  # e.g. too elongated for the model's input size
+        raise _Failed(f"{name}: {exc}") from None
     t = result.timings
     return result, (
         f"{name}: p(defect) {result.p_defect:.3f}; gate {t['gate']:.3f} s, completion "

@@ -403,9 +403,9 @@ def _register_prune(actions: argparse._SubParsersAction) -> None:
         help="delete old final results (edge run --keep-results does it hourly)",
         description="Delete the results (ok, defect, error) that became final more than AGE "
         "ago, with any request kept for their dead letter. Pending results are never deleted, "
-        "nor a result whose file still lies where it arrived (--after keep: the row is what "
-        "tells the daemon that file is done). Safe while the daemon runs. The file does not "
-        "shrink: SQLite reuses the freed pages.",
+        "nor a result whose file still lies where it arrived (--after keep, or a move that "
+        "failed: the row is what tells the daemon that file is done). Safe while the daemon "
+        "runs. The file does not shrink: SQLite reuses the freed pages.",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
         "--dry-run\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -422,7 +422,7 @@ def prune(args: argparse.Namespace) -> int:
     """Delete old final results; see _register_prune."""
     store = _open_store(args.db)
     try:
-        n = store.prune(time.time() - args.older_than, dry_run=args.dry_run)
+        n = store.prune(time.time() - args.older_than, dry_run=args.dry_run).deleted
     finally:
         store.close()
     print(f"{args.db}: {'would delete' if args.dry_run else 'deleted'} {n} result(s)")

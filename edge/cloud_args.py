@@ -7,6 +7,7 @@ Only argparse, os and pathlib at import time (the CLI loads this before anything
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _edge_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: Longest --timeout accepted, seconds (a day): gRPC turns larger deadlines into nonsense.
+MAX_TIMEOUT_S = 86400.0
 #: gRPC target schemes whose rest is a path or a name (not host:port).
 _PATH_SCHEMES = ("unix:", "unix-abstract:", "xds:")
 
@@ -165,6 +168,10 @@ def client_config(args: argparse.Namespace):
     if not args.cloud:
         return None
     addresses = check_cloud_addresses(args.cloud)
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        raise CommandError(
+            f"--timeout {args.timeout:g}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
+        )
     for option, path, kind in (("--root-certs", args.root_certs, "certificate"),
                                ("--client-cert", args.client_cert, "certificate"),
                                ("--client-key", args.client_key, "private key")):  # fmt: skip

@@ -358,6 +358,9 @@ class EdgeDaemon:
         self.metrics_port: int | None = None
         self.processed = 0
         self._next_prune = 0.0  # monotonic s: at start
+        self._pruner: threading.Thread | None = None
+        self._pruner_stop = threading.Event()
+        self._pruned_through = 0  # largest row id a prune has looked at
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -494,7 +497,11 @@ class EdgeDaemon:
         return True
 
     def _shutdown(self) -> int:
-        """Stop the sender and the metrics endpoint; returns the outbox depth left."""
+        """Stop the sender, a prune (after its batch) and the metrics endpoint; returns the
+        outbox depth left."""
+        if self._pruner is not None:
+            self._pruner_stop.set()
+            self._pruner.join(timeout=10.0)
         self.sender.stop()
         if self.sender.is_alive():
             self.sender.join(timeout=5.0)
@@ -517,19 +524,33 @@ class EdgeDaemon:
                 self._stop.wait(self.config.poll_s)
 
     def _prune_when_due(self) -> None:
-        """With keep_results_s: delete the results older than that, at most every PRUNE_EVERY_S
-        (a failure is logged, never fatal: it is tried again at the next turn)."""
+        """With keep_results_s: delete the results older than that, at most every PRUNE_EVERY_S,
+        in a thread beside the loop (a large database never stalls classification)."""
         keep = self.config.keep_results_s
-        if keep is None or time.monotonic() < self._next_prune:
+        busy = self._pruner is not None and self._pruner.is_alive()
+        if keep is None or busy or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        self._pruner = threading.Thread(
+            target=self._prune, args=(time.time() - keep,), name="splitdet-prune", daemon=True
+        )
+        self._pruner.start()
+
+    def _prune(self, before: float) -> None:
+        """One prune, resuming after the rows the last one looked at (those it kept, their file
+        still in place, are not re-checked until the next start). A failure is logged, never
+        fatal: the next turn tries again."""
         try:
-            pruned = self.store.prune(time.time() - keep)
+            pruned = self.store.prune(
+                before, start_after=self._pruned_through, should_stop=self._pruner_stop.is_set
+            )
         except Exception as exc:  # e.g. the database locked past its timeout
             _event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        if pruned:
-            _event(logging.INFO, "pruned", results=pruned, older_than_s=keep)
+        self._pruned_through = pruned.through_id
+        if pruned.deleted:
+            _event(logging.INFO, "pruned", results=pruned.deleted,
+                   older_than_s=self.config.keep_results_s)  # fmt: skip
 
     def _process_ready(self) -> bool:
         """Handle every file that is ready now, earliest arrival first; False if none was."""

@@ -170,7 +170,7 @@ class Sender(threading.Thread):
             return 0.0
         until = self._held.get(item.fingerprint, 0.0)
         if until > time.time():  # made after its export was refused: wait beside the others
-            self.store.hold_export(item.fingerprint, until, "held: the cloud refused its model")
+            self.store.hold_export(item.fingerprint, until)  # (keeps the cloud's refusal)
             return 0.0
         return self.send(item)
 

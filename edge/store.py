@@ -229,6 +229,14 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """What `ResultStore.prune` did: rows deleted, and the largest row id it looked at."""
+
+    deleted: int
+    through_id: int
+
+
+@dataclass(frozen=True)
 class OutboxStats:
     depth: int
     bytes: int
@@ -535,13 +543,15 @@ class ResultStore:
                 (time.time(), image_id),
             )
 
-    def hold_export(self, fingerprint: str, until: float, error: str) -> int:
+    def hold_export(self, fingerprint: str, until: float, error: str | None = None) -> int:
         """Hold every outbox request made with one model export until `until` (unix s; a later
         next_try is kept), e.g. while the cloud does not serve that export; attempts are not
-        counted. Returns how many requests are held."""
+        counted, and each request's last error becomes `error` (None keeps it). Returns how
+        many requests are held."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE outbox SET next_try = MAX(next_try, ?), last_error = ? WHERE image_id IN"
+                "UPDATE outbox SET next_try = MAX(next_try, ?),"
+                " last_error = COALESCE(?, last_error) WHERE image_id IN"
                 " (SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
                 " WHERE i.fingerprint = ?)",
                 (until, error, fingerprint),
@@ -653,39 +663,58 @@ class ResultStore:
         )
         self._count(db, "requeued")
 
-    def prune(self, before: float, dry_run: bool = False, batch: int = 2000) -> int:
+    def prune(
+        self,
+        before: float,
+        dry_run: bool = False,
+        batch: int = 2000,
+        start_after: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Pruned:
         """Delete final results (ok, defect, error) finished before `before` (unix s), with any
-        request kept for their dead letter; pending rows are never touched. A row whose file
-        still lies where it arrived (--after keep) is kept: it is what tells the daemon that
-        file is done. Deletes in batches, one short commit each, so a running daemon is never
-        held up for long. Returns how many rows were (or, dry run, would be) deleted."""
-        deleted, after_id = 0, 0
+        request kept for their dead letter; pending rows are never touched, nor a row whose file
+        still lies where it arrived (--after keep, or a move that failed or was cut short by a
+        crash): that row is what tells the daemon the file is done, and without it the file
+        would be processed again. Deletes in batches of `batch` rows, one short commit each.
+
+        Args:
+            before: unix s; rows finished earlier go.
+            dry_run: count, delete nothing.
+            batch: rows looked at per commit.
+            start_after: look only at rows with a larger id (a daemon resumes where its last
+                prune ended, not re-checking the rows it kept).
+            should_stop: checked between batches; True ends the prune early.
+
+        Returns:
+            how many rows were (or would be) deleted, and the largest id looked at.
+        """
+        deleted, after_id = 0, start_after
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, path, stored_path FROM images WHERE id > ? AND verdict IN"
+                    "SELECT id, path FROM images WHERE id > ? AND verdict IN"
                     " ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
                     (after_id, before, batch),
                 ).fetchall()
             if not rows:
-                return deleted
+                return Pruned(deleted, after_id)
             after_id = rows[-1][0]
-            doomed = [(row_id,) for row_id, path, stored in rows
-                      if not (stored == path and Path(path).exists())]  # fmt: skip
+            doomed = [(row_id,) for row_id, path in rows if not Path(path).exists()]
             deleted += len(doomed)
-            if dry_run or not doomed:
-                continue
-            with self._transaction() as db:
-                db.executemany("DELETE FROM dead_letters WHERE image_id = ?", doomed)
-                db.executemany(
-                    "DELETE FROM images WHERE id = ? AND verdict IN ('ok', 'defect', 'error')",
-                    doomed,
-                )
-                db.execute(
-                    "INSERT INTO counters (name, value) VALUES ('pruned', ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                    (len(doomed),),
-                )
+            if doomed and not dry_run:
+                with self._transaction() as db:
+                    db.executemany("DELETE FROM dead_letters WHERE image_id = ?", doomed)
+                    db.executemany(
+                        "DELETE FROM images WHERE id = ? AND verdict IN ('ok', 'defect', 'error')",
+                        doomed,
+                    )
+                    db.execute(
+                        "INSERT INTO counters (name, value) VALUES ('pruned', ?)"
+                        " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                        (len(doomed),),
+                    )
+            if should_stop is not None and should_stop():
+                return Pruned(deleted, after_id)
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
@@ -749,6 +778,16 @@ def iter_results(
 
 
 def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
+    """`_status` read in one transaction: one snapshot of the database (a daemon writing
+    meanwhile never makes its counts disagree)."""
+    db.execute("BEGIN")
+    try:
+        return _status(db, now)
+    finally:
+        db.execute("ROLLBACK")  # (read only)
+
+
+def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     """A summary of an open store connection (read-only is enough): what an engineer at the
     camera asks first. Times are unix s; ages are seconds before `now`.
 

@@ -163,3 +163,32 @@ def test_json_logs_carry_the_refused_calls_fields(tmp_path):
     )
     assert refused["peer"].startswith("ipv4:127.0.0.1:") and refused["level"] == "INFO"
     assert {"draining", "stopped"} <= set(events)
+
+
+def test_an_edge_refused_for_its_token_is_named(tmp_path, caplog):
+    """A wrong token is refused before the servicer runs; the refusal still counts against
+    the edge that sent it, and the log line names it: the edge an operator must find."""
+    _, model_dir, _ = shared_model_dir(0)
+    config = ServerConfig(
+        model_dir=model_dir, listen="127.0.0.1:0", threads=2, metrics_port=0,
+        metrics_host="127.0.0.1", answers_db=tmp_path / "answers.sqlite", token="s3cret",
+    )  # fmt: skip
+    server = CloudServer(config).start()
+    caplog.set_level("INFO", logger="splitdet.cloud")
+    address = f"127.0.0.1:{server.port}"
+    wrong = CloudClient(ClientConfig(address, edge_name="press-7", token="wrong"))
+    right = CloudClient(ClientConfig(address, edge_name="press-8", token="s3cret"))
+    try:
+        with pytest.raises(NeverRetry, match="wrong bearer token"):
+            wrong.manifest()
+        right.manifest()
+        metrics = scrape_metrics(server.metrics_port)
+    finally:
+        wrong.close()
+        right.close()
+        server.stop(0)
+    assert metrics[REFUSALS % ("UNAUTHENTICATED", "press-7")] == 1
+    assert REFUSALS % ("UNAUTHENTICATED", "press-8") not in metrics
+    assert metrics[LAST_SEEN % "press-7"] > 1.7e9 and metrics[LAST_SEEN % "press-8"] > 1.7e9
+    assert any("(edge press-7)" in r.getMessage() and "UNAUTHENTICATED" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip

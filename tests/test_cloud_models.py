@@ -395,6 +395,9 @@ def test_a_refused_export_costs_one_call_per_backoff_cap_not_one_per_request(exp
         due = {row[0]: row[1] for row in store._query("SELECT image_id, next_try FROM outbox")}
         assert set(due) == {first, first + 1}
         assert min(due.values()) > time.time() + 25  # both wait for the cap, together
+        errors = [row[0] for row in store._query("SELECT last_error FROM outbox")]
+        assert any("not served here" in (e or "") for e in errors)  # the cloud's own words
+        assert not any("held" in (e or "") for e in errors)
     finally:
         store.close()
         server.stop(0)

@@ -89,3 +89,22 @@ def test_a_broken_export_and_a_bad_image_are_named(server, tmp_path, capsys):
     assert code == 1
     assert not steps["image"]["ok"] and str(bad) in steps["image"]["detail"]
     assert steps["served"]["ok"] and "detect" not in steps  # the cloud is still checked
+
+
+def test_an_image_the_model_cannot_take_fails_its_step(tmp_path, capsys):
+    """Too elongated for the model's input size: the image step says so, no traceback."""
+    _, model_dir, _ = shared_model_dir(0)
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((4, 6000), np.uint8)).save(thin)
+    code, steps = _check(capsys, "--model", str(model_dir), "--image", str(thin))
+    assert code == 1
+    assert steps["model"]["ok"] and not steps["image"]["ok"]
+    assert "elongated" in steps["image"]["detail"]
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e300", "0"])
+def test_a_timeout_that_is_not_one_is_refused(timeout, capsys):
+    _, model_dir, _ = shared_model_dir(0)
+    options = ["--model", str(model_dir), "--cloud", "127.0.0.1:9", "--timeout", timeout]
+    assert main(["edge", "check", *options]) == 2
+    assert "--timeout" in capsys.readouterr().err

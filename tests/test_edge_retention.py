@@ -53,6 +53,11 @@ def history(tmp_path):
     rows["old_moved_away"], _ = store.record_ok(
         _arrival(3, "/hot/3.png"), 0.1, FINGERPRINT, {}, stored_path=str(tmp_path / "gone.png")
     )
+    unmoved = hot / "unmoved.png"  # --after archive, but its move failed (or a crash cut it)
+    unmoved.write_bytes(b"still where it arrived")
+    rows["old_move_failed"], _ = store.record_ok(
+        _arrival(7, str(unmoved)), 0.1, FINGERPRINT, {}, stored_path=str(tmp_path / "archive.png")
+    )
     rows["old_dead"], _, _ = store.record_pending(
         _arrival(4, "/hot/4.png"), 0.9, "r4", b"x" * 10, FINGERPRINT, {}
     )
@@ -70,14 +75,30 @@ def test_prune_deletes_old_final_rows_only(history):
     db, rows = history
     store = ResultStore(db)
     try:
-        assert store.prune(time.time() - 30 * DAY, dry_run=True) == 3
+        assert store.prune(time.time() - 30 * DAY, dry_run=True).deleted == 3
         assert _ids(db) == set(rows.values())  # a dry run deletes nothing
-        assert store.prune(time.time() - 30 * DAY, batch=2) == 3  # batches of 2: two commits
-        assert _ids(db) == {rows["old_kept_in_place"], rows["pending"], rows["recent_ok"]}
+        pruned = store.prune(time.time() - 30 * DAY, batch=2)  # batches of 2: several commits
+        assert pruned.deleted == 3 and pruned.through_id == rows["old_dead"]  # the last old row
+        assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["pending"],
+                            rows["recent_ok"]}  # fmt: skip
         assert store.dead_letter_stats().depth == 0  # its kept request went with it
         assert store.outbox_stats().depth == 1  # the pending request is untouched
         assert store.counters()["pruned"] == 3
-        assert store.prune(time.time() - 30 * DAY) == 0
+        assert store.prune(time.time() - 30 * DAY).deleted == 0
+    finally:
+        store.close()
+
+
+def test_prune_resumes_after_the_rows_it_looked_at_and_stops_between_batches(history):
+    db, rows = history
+    store = ResultStore(db)
+    try:
+        before = time.time() - 30 * DAY
+        first = store.prune(before, batch=1, should_stop=lambda: True)  # one batch, then stop
+        assert (first.deleted, first.through_id) == (1, rows["old_ok"])
+        rest = store.prune(before, start_after=first.through_id)
+        assert rest.deleted == 2 and rows["old_ok"] not in _ids(db)
+        assert store.prune(before, start_after=rest.through_id).deleted == 0
     finally:
         store.close()
 
@@ -90,7 +111,7 @@ def test_the_prune_command(history, capsys):
     assert "deleted 0 result(s)" in capsys.readouterr().out
     assert main(["edge", "prune", "--db", str(db), "--older-than", "30d"]) == 0
     assert "deleted 3 result(s)" in capsys.readouterr().out
-    assert len(_ids(db)) == 3
+    assert len(_ids(db)) == 4
 
 
 @pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd"])
@@ -120,5 +141,6 @@ def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, 
     config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
                           once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
     EdgeDaemon(config).run()  # (the pending row's fake request becomes a fresh dead letter)
-    assert _ids(db) == {rows["old_kept_in_place"], rows["pending"], rows["recent_ok"]}
+    assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["pending"],
+                        rows["recent_ok"]}  # fmt: skip
     assert any(r.msg == "pruned" and r.fields["results"] == 3 for r in caplog.records)

@@ -324,3 +324,46 @@ def test_status_summarises_verdicts_outbox_and_dead_letters(tmp_path, capsys):
     assert "1 kept for `splitdet edge requeue`" in text
     assert main(["edge", "status", "--db", str(tmp_path / "none.sqlite")]) == 2
     assert "no such results database" in capsys.readouterr().err
+
+
+def test_status_is_one_snapshot_while_the_daemon_writes(tmp_path):
+    """A dead letter committed by the daemon between two of status's queries: both queries
+    still see the database as it was when the first ran (one read transaction), so the counts
+    agree (before, 'not_kept' came out as -1)."""
+    from splitdet.edge.store import open_readonly, store_status
+
+    db = tmp_path / "edge.sqlite"
+    daemon = ResultStore(db)
+
+    def refused(n: int) -> None:
+        image_id, _, _ = daemon.record_pending(arrival(n), 0.9, f"r{n}", b"x" * 10, FINGERPRINT, {})
+        daemon.dead_letter(image_id, "dead letter: INTERNAL: bug")
+
+    refused(1)
+
+    class WriteMidway:
+        """The reader's connection; the daemon's next dead letter lands after the first query."""
+
+        def __init__(self, conn):
+            self.conn, self.queries = conn, 0
+
+        def execute(self, sql, *params):
+            cursor = self.conn.execute(sql, *params)
+            if sql.lstrip().upper().startswith("SELECT"):
+                self.queries += 1
+                if self.queries == 2:  # mid-status: after the verdict counts
+                    rows = cursor.fetchall()
+                    refused(2)
+                    return iter(rows)
+            return cursor
+
+    conn = open_readonly(db)
+    try:
+        summary = store_status(WriteMidway(conn))
+        later = store_status(conn)
+    finally:
+        conn.close()
+        daemon.close()
+    assert summary["errors"] == {"dead_letter": 1}
+    assert summary["dead_letters"] == {"kept": 1, "kept_bytes": 10, "not_kept": 0}
+    assert later["dead_letters"]["kept"] == 2  # the write did land
