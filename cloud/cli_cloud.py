@@ -326,8 +326,8 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
-    def on_ready(server) -> None:
-        info = {
+    def ready_info(server) -> dict:
+        return {
             "pid": os.getpid(),
             "port": server.port,
             "metrics_port": server.metrics_port,
@@ -335,6 +335,9 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             "fingerprints": list(server.core.fingerprints),
             "security": config.security,
         }
+
+    def on_ready(server) -> None:
+        info = ready_info(server)
         if args.ready_file is not None:
             try:
                 write_ready_file(args.ready_file, info)
@@ -343,8 +346,12 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         if args.json:
             print(json.dumps(info), flush=True)
 
+    def on_reload(server) -> None:  # the ready file says what is served now
+        if args.ready_file is not None:
+            write_ready_file(args.ready_file, ready_info(server))
+
     try:
-        return serve(config, on_ready=on_ready, stop=stop, reload=reload)
+        return serve(config, on_ready=on_ready, stop=stop, reload=reload, on_reload=on_reload)
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite

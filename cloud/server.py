@@ -33,8 +33,7 @@ from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
-from splitdet.shared.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
-from splitdet.shared.model import CloudHalf
+from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -152,66 +151,81 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
-def export_dirs(config: ServerConfig) -> list[Path]:
-    """The model directories `config` serves now, the default first: model_dir, the
-    more_model_dirs, then every subfolder of models_dir holding a manifest.json, newest
-    manifest first.
+def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:
+    """(named, found): the model directories `config` names (model_dir, then more_model_dirs),
+    and the exports found in models_dir now (subfolders holding a manifest.json, newest
+    manifest first; one named too is left out; one that cannot be read is logged and skipped).
 
     Raises:
-        ManifestError: models_dir cannot be listed, or no directory at all is left to serve.
+        ManifestError: models_dir cannot be listed.
     """
-    dirs = [] if config.model_dir is None else [config.model_dir, *config.more_model_dirs]
-    if config.models_dir is not None:
-        try:
-            found = [d for d in Path(config.models_dir).iterdir()
-                     if not d.name.startswith(".") and (d / MANIFEST_NAME).is_file()]  # fmt: skip
-        except OSError as exc:
-            raise ManifestError(
-                f"--models-dir {config.models_dir}: cannot list ({exc.strerror or exc})"
-            ) from None
-        found.sort(key=lambda d: ((d / MANIFEST_NAME).stat().st_mtime, d.name), reverse=True)
-        dirs += [d for d in found if d not in dirs]
-    if not dirs:
+    named = [] if config.model_dir is None else [config.model_dir, *config.more_model_dirs]
+    if config.models_dir is None:
+        return named, []
+    try:
+        entries = list(Path(config.models_dir).iterdir())
+    except OSError as exc:
         raise ManifestError(
-            f"--models-dir {config.models_dir}: holds no export (a folder with manifest.json, "
-            "made by splitdet export)"
-        )
-    return dirs
-
-
-def _load_more(
-    first_dir: Path, first: Manifest, more_dirs: Sequence[Path]
-) -> list[tuple[CloudHalf, Manifest]]:
-    """The cloud halves of `more_dirs`; ManifestError when two directories hold one export."""
-    seen = {first.fingerprint: first_dir}
-    loaded = []
-    for model_dir in more_dirs:
-        cloud, manifest = load_cloud(model_dir)
-        if manifest.fingerprint in seen:
-            raise ManifestError(
-                f"--model {model_dir} is the same export as --model {seen[manifest.fingerprint]} "
-                f"(fingerprint {manifest.fingerprint[:16]}): give each export once"
-            )
-        seen[manifest.fingerprint] = model_dir
-        loaded.append((cloud, manifest))
-    return loaded
-
-
-def _load_found(
-    found: Sequence[Path], loaded: Sequence[Manifest]
-) -> list[tuple[CloudHalf, Manifest]]:
-    """The cloud halves of the exports found in --models-dir, each once: one already loaded
-    (named by --model too, or copied twice) is skipped with a warning."""
-    seen = {manifest.fingerprint for manifest in loaded}
-    halves = []
-    for model_dir in found:
-        if read_manifest(model_dir, verify=False).fingerprint in seen:
-            log.warning("%s: an export already served; skipped", model_dir)
+            f"--models-dir {config.models_dir}: cannot list ({exc.strerror or exc})"
+        ) from None
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry in named:
+            continue  # (a folder being copied in under a dot name)
+        try:
+            exported = (entry / MANIFEST_NAME).stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not an export
+        except OSError as exc:  # e.g. a lost+found the server may not read
+            log.warning("%s: cannot read (%s); skipped", entry, exc.strerror or exc)
             continue
-        cloud, manifest = load_cloud(model_dir)
-        seen.add(manifest.fingerprint)
-        halves.append((cloud, manifest))
-    return halves
+        found.append((exported, entry.name, entry))
+    found.sort(reverse=True)
+    return named, [entry for _, _, entry in found]
+
+
+def gather_models(
+    named: Sequence[Path],
+    found: Sequence[Path],
+    loaded: dict[str, ServedModel] | None = None,
+    strict: bool = True,
+) -> tuple[list[ServedModel], list[str]]:
+    """The models to serve from the directories, in order (the default first), and one line
+    per directory skipped. An export already in `loaded` keeps its loaded model; a new one is
+    loaded and verified in full. A found export that cannot be served, or one served already
+    from another directory, is skipped (the latter with a warning only). With `strict`, a named
+    directory's problem raises instead, and so does an export named twice.
+
+    Raises:
+        ManifestError, OSError: with `strict`, a named directory that cannot be served.
+    """
+    loaded = loaded or {}
+    models: list[ServedModel] = []
+    where: dict[str, Path] = {}
+    problems = []
+    for index, model_dir in enumerate([*named, *found]):
+        is_named = index < len(named)
+        try:
+            fingerprint = read_manifest(model_dir, verify=False).fingerprint
+            if fingerprint in where:
+                if is_named and strict:
+                    raise ManifestError(
+                        f"--model {model_dir} is the same export as --model "
+                        f"{where[fingerprint]} (fingerprint {fingerprint[:16]}): give each "
+                        "export once"
+                    )
+                log.warning("%s: the export of %s, already served; skipped", model_dir,
+                            where[fingerprint])  # fmt: skip
+                continue
+            model = loaded.get(fingerprint) or ServedModel(*load_cloud(model_dir))
+        except (ManifestError, OSError) as exc:
+            if is_named and strict:
+                raise
+            problems.append(f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc))
+            continue
+        where[model.fingerprint] = model_dir
+        models.append(model)
+    return models, problems
 
 
 class CloudServer:
@@ -228,17 +242,23 @@ class CloudServer:
         torch.set_num_threads(config.threads)
         self._own_store = core is None
         if core is None:
-            dirs = export_dirs(config)
-            named = 0 if config.model_dir is None else 1 + len(config.more_model_dirs)
-            cloud, manifest = load_cloud(dirs[0])
-            also = _load_more(dirs[0], manifest, dirs[1:named])  # the same twice: refused
-            also += _load_found(dirs[max(named, 1) :], [manifest, *(m for _, m in also)])
+            models, problems = gather_models(*export_dirs(config))
+            for problem in problems:  # a found export: the others are served
+                log.error("%s; skipped", problem)
+            if not models:
+                raise ManifestError(
+                    f"--models-dir {config.models_dir}: holds no export that can be served "
+                    "(a folder with manifest.json, made by splitdet export)"
+                    + "".join(f"; {problem}" for problem in problems)
+                )
+            first, *more = models
+            also = [(model.cloud, model.manifest) for model in more]
             store = (
                 IdempotencyStore(config.answers_db, config.answers_capacity)
                 if config.answers_capacity
                 else None
             )
-            core = DetectionCore(cloud, manifest, store, config.max_decoded_bytes, also)
+            core = DetectionCore(first.cloud, first.manifest, store, config.max_decoded_bytes, also)
         self.core = core
         self.metrics = ServerMetrics(core.fingerprints)
         self.health = health.HealthServicer()
@@ -323,22 +343,12 @@ class CloudServer:
             {"served", "added", "dropped", "problems"}: fingerprints, and one line per problem.
         """
         current = self.core.models
-        models, problems = [], []
         try:
-            dirs = export_dirs(self.config)
-        except ManifestError as exc:
-            dirs, problems = [], [str(exc)]
-        for model_dir in dirs:
-            try:
-                fingerprint = read_manifest(model_dir, verify=False).fingerprint
-                if any(m.fingerprint == fingerprint for m in models):
-                    raise ManifestError(f"{model_dir}: the same export as another directory")
-                if fingerprint in current:
-                    models.append(current[fingerprint])
-                    continue
-                models.append(ServedModel(*load_cloud(model_dir)))  # verified in full
-            except ManifestError as exc:
-                problems.append(str(exc))
+            models, problems = gather_models(*export_dirs(self.config), current, strict=False)
+        except ManifestError as exc:  # the folder cannot be listed
+            models, problems = [], [str(exc)]
+        if not models and not problems:
+            problems = [f"--models-dir {self.config.models_dir}: holds no export"]
         for problem in problems:
             fields = {"event": "reload_problem", "problem": problem}
             log.error("reload: %s; skipped", problem, extra={"fields": fields})
@@ -415,6 +425,7 @@ def serve(
     on_ready=None,
     stop: threading.Event | None = None,
     reload: threading.Event | None = None,
+    on_reload=None,
 ) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
     exports (`CloudServer.reload`). Returns 0.
@@ -426,6 +437,7 @@ def serve(
             loaded, the server never starts.
         reload: the event that asks for a reload (SIGHUP sets it); one set while the model
             loaded is honoured once serving.
+        on_reload: called with the server after each reload (e.g. to rewrite the ready file).
     """
     stop = threading.Event() if stop is None else stop
     reload = threading.Event() if reload is None else reload
@@ -451,6 +463,8 @@ def serve(
                 reload.clear()
                 try:
                     server.reload()
+                    if on_reload is not None:
+                        on_reload(server)
                 except Exception:  # never the end of serving: the exports stay as they were
                     log.exception("reload failed; serving as before")
         name = signal.Signals(received[0]).name if received else "stop"

@@ -148,6 +148,7 @@ class ServerMetrics:
             ["fingerprint"],
             registry=self.registry,
         )
+        self._model_labels: set[tuple[str, str]] = set()
         self.served(fingerprints)
         self.edge_answers = Counter(
             "splitdet_cloud_edge_answers",
@@ -174,20 +175,20 @@ class ServerMetrics:
     def served(self, fingerprints: Sequence[str]) -> None:
         """`splitdet_cloud_model` lists exactly these models, the first the default; each one's
         answer count is exported (at 0 for a new one)."""
-        self.model.clear()
-        for index, fingerprint in enumerate(fingerprints):
-            self.model.labels(fingerprint, str(index == 0).lower()).set(1)
-            self.model_answers.labels(fingerprint)
+        wanted = {(fp, str(index == 0).lower()) for index, fp in enumerate(fingerprints)}
+        for labels in wanted:  # set before any removal: a scrape never finds no model
+            self.model.labels(*labels).set(1)
+            self.model_answers.labels(labels[0])
+        for labels in self._model_labels - wanted:
+            self.model.remove(*labels)
+        self._model_labels = wanted
 
     def edge_of(self, metadata) -> str:
         """The calling edge's name as a metric label, from a call's metadata ((key, value)
         pairs): its `splitdet-edge` entry, "unnamed" without one, "invalid" for a name that is
         not one (shared/edge_name.py), and "other" once MAX_EDGE_LABELS names have been seen
         (the labels stay bounded whatever callers send)."""
-        name = "unnamed"
-        for key, value in metadata or ():
-            if key == EDGE_NAME_KEY:
-                name = value if isinstance(value, str) and is_edge_name(value) else "invalid"
+        name = claimed_edge(metadata)
         with self._edges_lock:
             if name not in self._edges:
                 if len(self._edges) >= MAX_EDGE_LABELS:
@@ -494,7 +495,10 @@ class DetectionServicer:
     @_rpc
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         request = _parse(pb.GetManifestRequest, raw)
-        wanted = self.core.model(request.model_fingerprint or self.core.fingerprint)
+        served = self.core.models  # one snapshot: a reload may swap them meanwhile
+        wanted = served.get(request.model_fingerprint or next(iter(served)))
+        if wanted is None:
+            wanted = self.core.model(request.model_fingerprint)  # raises, naming those served
         answer = self._manifests.get(wanted.fingerprint)
         # (a model served since a reload that has not refreshed the answers yet)
         return answer if answer is not None else self._manifest_answer(wanted.fingerprint)
@@ -535,6 +539,19 @@ _HANDLER_FACTORIES = {
 }
 
 
+#: The per-edge metrics' label for calls refused for their credentials (see TokenInterceptor).
+UNAUTHENTICATED_EDGE = "unauthenticated"
+
+
+def claimed_edge(metadata) -> str:
+    """The edge name a call's metadata claims: the name, "unnamed", or "invalid"."""
+    name = "unnamed"
+    for key, value in metadata or ():
+        if key == EDGE_NAME_KEY:
+            name = value if isinstance(value, str) and is_edge_name(value) else "invalid"
+    return name
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuse calls without `authorization: Bearer <token>` (constant-time comparison).
 
@@ -564,17 +581,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._metrics.finished(name, grpc.StatusCode.UNAUTHENTICATED)
         problem = "missing" if not supplied else "wrong"
         message = f"{problem} bearer token: send metadata 'authorization: Bearer <token>'"
-        # which edge: the one refused for its credentials is the one an operator must find
-        edge = self._metrics.edge_of(handler_call_details.invocation_metadata)
-        self._metrics.edge_last_seen.labels(edge).set_to_current_time()
-        self._metrics.edge_refusals.labels(edge, "UNAUTHENTICATED").inc()
+        # Counted under one label, never as the edge it claims to be: without the token a
+        # caller could otherwise use up the edge labels, or keep a dead camera "seen". The log
+        # line names the claim, for the operator to find the edge with the wrong token.
+        self._metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED").inc()
+        edge = claimed_edge(handler_call_details.invocation_metadata)
 
         def deny(request, context: grpc.ServicerContext):
             peer = context.peer()
             fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
                       "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
-            log.info("%s from %s (edge %s) refused (UNAUTHENTICATED): %s", name, peer, edge,
-                     message, extra={"fields": fields})  # fmt: skip
+            log.info("%s from %s (claims edge %s) refused (UNAUTHENTICATED): %s", name, peer,
+                     edge, message, extra={"fields": fields})  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         kind = (handler.request_streaming, handler.response_streaming)

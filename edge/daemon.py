@@ -531,23 +531,29 @@ class EdgeDaemon:
         if keep is None or busy or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        if self.config.once:  # a batch run prunes to the end, then works (nothing to stall)
+            self._prune(time.time() - keep)
+            return
         self._pruner = threading.Thread(
             target=self._prune, args=(time.time() - keep,), name="splitdet-prune", daemon=True
         )
         self._pruner.start()
 
     def _prune(self, before: float) -> None:
-        """One prune, resuming after the rows the last one looked at (those it kept, their file
-        still in place, are not re-checked until the next start). A failure is logged, never
-        fatal: the next turn tries again."""
+        """One prune, resuming after the rows the last one looked at, up to the first row that
+        could not go yet (pending, or not old enough: looked at again next time); the rows
+        below it that were kept, their file still in place, are not re-checked until the next
+        start. A failure is logged, never fatal: the next turn tries again."""
         try:
             pruned = self.store.prune(
                 before, start_after=self._pruned_through, should_stop=self._pruner_stop.is_set
             )
+            waiting = self.store.first_not_final_before(before)
         except Exception as exc:  # e.g. the database locked past its timeout
             _event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        self._pruned_through = pruned.through_id
+        through = pruned.through_id if waiting is None else min(pruned.through_id, waiting - 1)
+        self._pruned_through = max(self._pruned_through, through)
         if pruned.deleted:
             _event(logging.INFO, "pruned", results=pruned.deleted,
                    older_than_s=self.config.keep_results_s)  # fmt: skip

@@ -4,6 +4,7 @@ leaves the server with nothing to serve. Real servers on loopback, and one real 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -107,6 +108,40 @@ def test_reload_adds_drops_and_skips_by_name(second, tmp_path, caplog):
         server.stop(0)
 
 
+def test_what_cannot_be_served_in_the_folder_is_skipped_at_start_and_at_reload(
+    second, tmp_path, caplog
+):
+    """A broken export, a folder that cannot be read and an export also named by --model: the
+    server starts with what it can serve, and a reload skips the same things; only problems are
+    logged as errors (one export found twice is a warning)."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    _copy(first_dir, folder / "also-named", exported_at=1e9)  # the export --model names
+    write_model_dir(make_tiny_model(12, **TINY_OVERRIDES), folder / "broken")  # a third export
+    (folder / "broken" / "cloud_heads.pt").write_bytes(b"truncated")
+    (folder / "loop").mkdir()
+    (folder / "loop" / "manifest.json").symlink_to("manifest.json")  # unreadable: ELOOP
+    caplog.set_level("WARNING", logger="splitdet.cloud.server")
+    config = ServerConfig(model_dir=first_dir, models_dir=folder, listen="127.0.0.1:0",
+                          threads=2, answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    try:
+        assert server.core.fingerprints == (first.fingerprint,)
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "broken" in errors[0], errors
+        assert "loop" in caplog.text  # a warning: not an export it can read
+        caplog.clear()
+        _copy(second_dir, folder / "good", exported_at=3e9)
+        change = server.reload()
+        assert change["added"] == [second_manifest.fingerprint]
+        assert len(change["problems"]) == 1 and "broken" in change["problems"][0]
+        assert "also-named" in caplog.text  # skipped with a warning, not a problem
+        assert server.core.fingerprint == first.fingerprint  # --model stays the default
+    finally:
+        server.stop(0)
+
+
 def test_sighup_reloads_a_running_process(second, tmp_path):
     _, first_dir, first = shared_model_dir(0)
     _, second_dir, second_manifest = second
@@ -123,6 +158,12 @@ def test_sighup_reloads_a_running_process(second, tmp_path):
             assert time.monotonic() < deadline, cloud.log()
             assert cloud.process.poll() is None, cloud.log()
             time.sleep(0.2)
+        ready = json.loads((tmp_path / "hup.ready.json").read_text())
+        deadline = time.monotonic() + 30
+        while second_manifest.fingerprint not in ready["fingerprints"]:  # rewritten after it
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.1)
+            ready = json.loads((tmp_path / "hup.ready.json").read_text())
         cloud.process.send_signal(signal.SIGTERM)
         assert cloud.process.wait(timeout=30) == 0
     finally:

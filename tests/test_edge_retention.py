@@ -144,3 +144,63 @@ def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, 
     assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["pending"],
                         rows["recent_ok"]}  # fmt: skip
     assert any(r.msg == "pruned" and r.fields["results"] == 3 for r in caplog.records)
+
+
+def _bulk_rows(db, n: int, first_kept: int, kept_file, days: float) -> None:
+    """n final rows finished `days` ago, in one transaction; the first `first_kept` of them
+    with their file still where it arrived (kept by a prune)."""
+    finished = time.time() - days * DAY
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executemany(
+            "INSERT INTO images (file_key, path, stored_path, content_hash, size_bytes, arrived,"
+            " finished, updated, verdict, p_defect, fingerprint) VALUES"
+            " (?, ?, ?, ?, 1, ?, ?, ?, 'ok', 0.1, ?)",
+            [(f"bulk{i}|1|1|1", str(kept_file) if i < first_kept else f"/gone/{i}.png",
+              None, f"{i:064x}", finished, finished, finished, FINGERPRINT)
+             for i in range(n)],
+        )  # fmt: skip
+        conn.commit()
+
+
+def test_a_batch_run_prunes_to_the_end(tiny_model_dir, tmp_path):
+    """`edge run --once --keep-results`: the whole prune, not one batch of it, even past a
+    batch of rows it must keep (before, each run stopped after the first 2000 rows)."""
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+
+    db, watch = tmp_path / "edge.sqlite", tmp_path / "empty"
+    watch.mkdir()
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"still here")
+    ResultStore(db).close()
+    _bulk_rows(db, 4500, first_kept=2100, kept_file=kept, days=40)
+    config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
+                          once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
+    assert EdgeDaemon(config).run() == 0
+    assert len(_ids(db)) == 2100
+
+
+def test_the_resume_mark_never_passes_a_row_that_could_not_go_yet(tiny_model_dir, tmp_path):
+    """A defect still pending (the cloud was down) below rows that were pruned: once it is
+    final and old, the daemon's next prune takes it (before, the mark had passed it for good)."""
+    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.store import Answer
+
+    db, watch = tmp_path / "edge.sqlite", tmp_path / "empty"
+    watch.mkdir()
+    store = ResultStore(db)
+    arrival = _arrival(1, "/hot/1.png")
+    waiting, _, _ = store.record_pending(arrival, 0.9, "r1", b"x", FINGERPRINT, {})
+    old, _ = store.record_ok(_arrival(2, "/hot/2.png"), 0.1, FINGERPRINT, {})
+    store.close()
+    _aged(db, [old], days=40)
+    daemon = EdgeDaemon(DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9",
+                                      db=db, keep_results_s=30 * DAY))  # fmt: skip
+    try:
+        daemon._prune(time.time() - 30 * DAY)
+        assert _ids(db) == {waiting}
+        daemon.store.complete(waiting, Answer([], [], [], [], {}))
+        _aged(db, [waiting], days=40)
+        daemon._prune(time.time() - 30 * DAY)  # the same daemon, its mark in place
+        assert _ids(db) == set()
+    finally:
+        daemon.store.close()
