@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from splitdet.cloud.cli_cloud import OPTION_BOUNDS
+from splitdet.cloud.cli_cloud import OPTION_BOUNDS, check_tls_files
 from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
@@ -142,12 +142,57 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class CertificateFiles:
+    """The server's TLS files, read again whenever one of them changes: a certificate renewed on
+    disk is served to the next connection without a restart. gRPC calls `fetch` before each new
+    connection's handshake; connections already open keep theirs. A renewal that is not a
+    usable set yet (the key written before its certificate, a damaged file) is logged and the
+    current certificate kept until the files form a pair again.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.cert, self.key, self.client_ca = config.tls_cert, config.tls_key, config.client_ca
+        self.paths = tuple(Path(p) for p in (self.cert, self.key, self.client_ca) if p)
+        self._stamp = self._stamps()
+        self._lock = threading.Lock()
+
+    def _stamps(self) -> tuple | None:
+        try:
+            return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in self.paths)
+        except OSError:  # a file replaced just now
+            return None
+
+    def configuration(self):
+        """The files as gRPC's server certificate configuration."""
+        chain, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+        client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_certificate_configuration([(key, chain)], client_ca)
+
+    def fetch(self):
+        """A new configuration when the files changed and form a usable set; else None (keep
+        the current one). Never raises: it runs inside gRPC's handshake."""
+        try:
+            with self._lock:
+                stamp = self._stamps()
+                if stamp is None or stamp == self._stamp:
+                    return None
+                self._stamp = stamp
+                check_tls_files(self.cert, self.key, self.client_ca)
+                configuration = self.configuration()
+            log.info("TLS files changed: new connections get the renewed certificate",
+                     extra={"fields": {"event": "tls_reloaded"}})  # fmt: skip
+            return configuration
+        except Exception as exc:  # e.g. half a renewal: keep serving the certificate we have
+            log.error("TLS files changed but cannot be used (%s); keeping the current "
+                      "certificate", exc, extra={"fields": {"event": "tls_reload_failed",
+                                                            "error": str(exc)}})  # fmt: skip
+            return None
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    key = Path(config.tls_key).read_bytes()
-    chain = Path(config.tls_cert).read_bytes()
-    client_ca = Path(config.client_ca).read_bytes() if config.client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    files = CertificateFiles(config)
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(), files.fetch, require_client_authentication=bool(config.client_ca)
     )
 
 

@@ -215,3 +215,36 @@ def test_partial_tls_settings_are_refused(tmp_path, pki):
         ServerConfig(model_dir=tmp_path, client_ca=pki["ca"])
     with pytest.raises(ValueError):
         ClientConfig("localhost:1", client_cert=cert)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog):
+    """The certificate files are renewed on disk (another CA here, to tell them apart): the
+    next connection gets the new certificate, with no restart. Half a renewal (a key that is
+    not the certificate's) is logged, and the certificate in use kept."""
+    import shutil
+
+    _, model_dir, _ = shared_model_dir(0)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(pki["server"][0], cert)
+    shutil.copy(pki["server"][1], key)
+    config = ServerConfig(model_dir=model_dir, listen="127.0.0.1:0", tls_cert=cert, tls_key=key,
+                          answers_db=tmp_path / "answers.sqlite")  # fmt: skip
+    renewed_ca = ThrowawayCA(tmp_path, "renewed")
+    caplog.set_level("INFO", logger="splitdet.cloud.server")
+    with CloudServer(config) as server:
+        with _client(server, pki, root_certs=pki["ca"]) as client:
+            assert client.manifest().fingerprint == server.core.fingerprint
+        new_cert, new_key = renewed_ca.issue("cloud", server=True)
+        key.write_bytes(new_key.read_bytes())
+        cert.write_bytes(new_cert.read_bytes())
+        with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
+            assert client.manifest().fingerprint == server.core.fingerprint
+        assert "renewed certificate" in caplog.text
+        refused = _refusal(_client(server, pki, root_certs=pki["ca"]))  # the old CA's trust
+        assert refused.code is grpc.StatusCode.UNAVAILABLE
+
+        _, stray_key = ThrowawayCA(tmp_path, "stray").issue("cloud", server=True)
+        key.write_bytes(stray_key.read_bytes())  # half a renewal: not the certificate's key
+        with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
+            assert client.manifest().fingerprint == server.core.fingerprint
+        assert "keeping the current certificate" in caplog.text
