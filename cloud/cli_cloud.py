@@ -151,8 +151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--token-file",
         type=Path,
         metavar="FILE",
-        help=f"require this bearer token (file's first line); default: the "
-        f"{TOKEN_ENV} environment variable if set, else no token",
+        help="require a bearer token: any non-empty line of this file (read again when it "
+        "changes: add the new token as a line, move the edges, remove the old one); default: "
+        f"the {TOKEN_ENV} environment variable if set, else no token",
     )
     parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC server reflection (off by default)"
@@ -315,7 +316,8 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,
-            token=read_token(args.token_file),
+            token=read_token(args.token_file),  # (checks the file now, before loading)
+            token_file=args.token_file,
             reflection=args.reflection,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,

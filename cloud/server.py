@@ -31,7 +31,13 @@ from prometheus_client import start_http_server
 from splitdet.cloud.cli_cloud import OPTION_BOUNDS, check_tls_files
 from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
-from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer, ServerMetrics, TokenInterceptor
+from splitdet.cloud.servicer import (
+    SERVICE_NAME,
+    AcceptedTokens,
+    DetectionServicer,
+    ServerMetrics,
+    TokenInterceptor,
+)
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
 from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
 
@@ -69,6 +75,8 @@ class ServerConfig:
         tls_cert, tls_key: PEM server certificate chain and key; both or neither (plaintext).
         client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
         token: bearer token clients must send ("authorization: Bearer <token>"); None = none.
+        token_file: a file of accepted tokens, one per line, read again when it changes (a
+            rotation without a restart); used instead of `token` when given.
         reflection: serve gRPC server reflection (off in production: it lists the API).
         metrics_port: Prometheus /metrics HTTP port (0 = any free port); None = no endpoint.
         metrics_host: address the metrics endpoint binds.
@@ -90,6 +98,7 @@ class ServerConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
     reflection: bool = False
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
@@ -123,7 +132,7 @@ class ServerConfig:
     def security(self) -> str:
         """'mTLS', 'TLS' or 'plaintext', plus '+token' when a token is required."""
         mode = "mTLS" if self.client_ca else "TLS" if self.tls_cert else "plaintext"
-        return mode + ("+token" if self.token else "")
+        return mode + ("+token" if self.token or self.token_file else "")
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -310,7 +319,11 @@ class CloudServer:
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s
         )
-        interceptors = [TokenInterceptor(config.token, self.metrics)] if config.token else []
+        interceptors = (
+            [TokenInterceptor(AcceptedTokens(config.token, config.token_file), self.metrics)]
+            if config.token or config.token_file
+            else []
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=config.max_concurrent + SPARE_RPC_THREADS,

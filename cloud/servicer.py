@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -552,16 +553,71 @@ def claimed_edge(metadata) -> str:
     return name
 
 
+class AcceptedTokens:
+    """The bearer tokens the server accepts: each non-empty line of the token file, read again
+    when the file changes (a rotation without a restart: add the new token as a line, move the
+    edges to it, remove the old line); without a file, the one token given. A file changed
+    into something unusable (empty, unreadable) is logged and the tokens before it kept."""
+
+    def __init__(self, token: str | None = None, token_file: Path | None = None) -> None:
+        from splitdet.shared.cli import read_tokens
+
+        self._read = read_tokens
+        self.token_file = None if token_file is None else Path(token_file)
+        tokens = [token] if token else []
+        if self.token_file is not None:
+            tokens = read_tokens(self.token_file)  # CommandError: refused at start-up
+            self._stamp = self._stat()
+        if not tokens:
+            raise ValueError("a bearer token is required")
+        self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            stat = self.token_file.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def expected(self) -> tuple[bytes, ...]:
+        """The accepted "Bearer <token>" values now."""
+        if self.token_file is None:
+            return self._expected
+        with self._lock:
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    tokens = self._read(self.token_file)
+                except Exception as exc:  # CommandError: empty, unreadable, not ASCII
+                    log.error("token file changed but cannot be used (%s); keeping the tokens "
+                              "before it", exc)  # fmt: skip
+                else:
+                    self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
+                    log.info("token file changed: %d token(s) accepted", len(tokens),
+                             extra={"fields": {"event": "tokens_reloaded"}})  # fmt: skip
+            return self._expected
+
+    def accepts(self, supplied: str) -> bool:
+        """Whether `supplied` (the authorization metadata) is one of the accepted values,
+        compared in constant time against each."""
+        given = supplied.encode()
+        matched = False
+        for expected in self.expected():
+            matched |= hmac.compare_digest(given, expected)
+        return matched
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuse calls without `authorization: Bearer <token>` (constant-time comparison).
+    """Refuse calls without `authorization: Bearer <token>` of an accepted token
+    (AcceptedTokens; constant-time comparison).
 
     Health checks are exempt (TOKEN_EXEMPT_PREFIXES): probes rarely carry credentials.
     """
 
-    def __init__(self, token: str, metrics: ServerMetrics) -> None:
-        if not token:
-            raise ValueError("the bearer token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: AcceptedTokens | str, metrics: ServerMetrics) -> None:
+        self._tokens = tokens if isinstance(tokens, AcceptedTokens) else AcceptedTokens(tokens)
         self._metrics = metrics
 
     def intercept_service(self, continuation, handler_call_details):
@@ -572,7 +628,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 supplied = value if isinstance(value, str) else ""
-        if hmac.compare_digest(supplied.encode(), self._expected):
+        if self._tokens.accepts(supplied):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:

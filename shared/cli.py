@@ -200,6 +200,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
 
 
+def read_tokens(token_file: Path) -> list[str]:
+    """Every token of a token file: its non-empty lines, stripped (a UTF-8 byte-order mark
+    dropped). The first is the one an edge sends; a cloud accepts each (a rotation: add the
+    new token as a second line, move the edges to it, then remove the old line).
+
+    CommandError if the file cannot be read, holds no token, or a token holds anything but
+    printable ASCII.
+    """
+    try:
+        lines = Path(token_file).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read --token-file {token_file}: {exc}") from None
+    tokens = [line.strip() for line in lines if line.strip()]
+    if not tokens:
+        raise CommandError(f"--token-file {token_file} is empty")
+    for token in tokens:
+        _check_token(token, f"--token-file {token_file}")
+    return tokens
+
+
+def _check_token(token: str, source: str) -> None:
+    bad = sorted({c for c in token if not " " <= c <= "~"})
+    if bad:
+        shown = ", ".join(f"U+{ord(c):04X}" for c in bad)
+        raise CommandError(f"{source}: a token must be printable ASCII; it holds {shown}")
+
+
 def read_token(token_file: Path | None) -> str | None:
     """The bearer token: `token_file`'s first line (a UTF-8 byte-order mark and surrounding
     whitespace dropped), else the SPLITDET_CLOUD_TOKEN environment variable, else None.
@@ -208,22 +235,11 @@ def read_token(token_file: Path | None) -> str | None:
     printable ASCII: gRPC refuses such metadata on every call, so the edge would otherwise
     find out only when its first flagged image fails.
     """
-    if token_file is None:
-        token, source = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
-        if token is None:
-            return None
-    else:
-        try:
-            lines = Path(token_file).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"cannot read --token-file {token_file}: {exc}") from None
-        token, source = (lines[0].strip() if lines else ""), f"--token-file {token_file}"
-        if not token:
-            raise CommandError(f"{source} is empty")
-    bad = sorted({c for c in token if not " " <= c <= "~"})
-    if bad:
-        shown = ", ".join(f"U+{ord(c):04X}" for c in bad)
-        raise CommandError(f"{source}: a token must be printable ASCII; it holds {shown}")
+    if token_file is not None:
+        return read_tokens(token_file)[0]
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        _check_token(token, f"${TOKEN_ENV}")
     return token
 
 

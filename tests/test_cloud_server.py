@@ -178,6 +178,35 @@ def test_token_on_plaintext(served, tmp_path, sample):
         assert _metric(server, key) == 3
 
 
+def test_tokens_rotate_without_a_restart(served, tmp_path, caplog):
+    """The token file is read again when it changes: a second line is accepted beside the
+    first (edges move to it one by one), then the old line is removed and refused. A file
+    emptied by mistake is logged and the tokens before it kept."""
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text("old-token\n")
+    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    with running(served, tmp_path, token_file=token_file) as (server, _):
+
+        def answers(token: str) -> bool:
+            config = ClientConfig(f"127.0.0.1:{server.port}", token=token)
+            with CloudClient(config) as client:
+                try:
+                    client.manifest()
+                except NeverRetry as refused:
+                    assert refused.code is grpc.StatusCode.UNAUTHENTICATED
+                    return False
+            return True
+
+        assert answers("old-token") and not answers("new-token")
+        token_file.write_text("old-token\nnew-token\n")
+        assert answers("new-token") and answers("old-token")
+        token_file.write_text("new-token\n")
+        assert answers("new-token") and not answers("old-token")
+        token_file.write_text("")
+        assert answers("new-token")  # kept
+        assert "cannot be used" in caplog.text and "keeping the tokens" in caplog.text
+
+
 def _reflected_services(port: int) -> list[str]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         return ProtoReflectionDescriptorDatabase(channel).get_services()
