@@ -319,11 +319,12 @@ class CloudServer:
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s
         )
-        interceptors = (
-            [TokenInterceptor(AcceptedTokens(config.token, config.token_file), self.metrics)]
+        self.tokens = (
+            AcceptedTokens(config.token, config.token_file)
             if config.token or config.token_file
-            else []
+            else None
         )
+        interceptors = [TokenInterceptor(self.tokens, self.metrics)] if self.tokens else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=config.max_concurrent + SPARE_RPC_THREADS,
@@ -438,6 +439,8 @@ class CloudServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.tokens is not None:
+            self.tokens.close()
         grace = self.config.grace_s if grace is None else grace
         self.servicer.drain()
         self.health.enter_graceful_shutdown()

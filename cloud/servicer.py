@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,8 @@ TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: Longest status message sent (percent-encoded, 500 characters stay below clients' 8 KiB bound).
 MAX_STATUS_CHARS = 500
+#: Seconds between two looks at --token-file for a change (AcceptedTokens).
+TOKEN_CHECK_S = 2.0
 #: Distinct edge names the per-edge metrics label; later ones are counted as "other".
 MAX_EDGE_LABELS = 256
 #: Bounds on a DetectRequest's wire form, checked before it is parsed. Generous: a valid request
@@ -554,57 +557,93 @@ def claimed_edge(metadata) -> str:
 
 
 class AcceptedTokens:
-    """The bearer tokens the server accepts: each non-empty line of the token file, read again
-    when the file changes (a rotation without a restart: add the new token as a line, move the
-    edges to it, remove the old line); without a file, the one token given. A file changed
-    into something unusable (empty, unreadable) is logged and the tokens before it kept."""
+    """The bearer tokens the server accepts. Without a token file, the one token given. With
+    a regular file, each token line of it (shared/cli.token_lines), read again by a watcher
+    thread within TOKEN_CHECK_S of a change (a rotation without a restart: add the new token as
+    a line, move the edges to it, remove the old line); calls only read the cached set, so a
+    file that blocks or hangs never stalls the server. A line that is not a usable token is
+    logged and skipped, the rest applied; a file left with no usable token, or gone, is logged
+    and the tokens before it kept. A file that is not regular (a pipe) is not read again: the
+    one token given is accepted.
+    """
 
     def __init__(self, token: str | None = None, token_file: Path | None = None) -> None:
-        from splitdet.shared.cli import read_tokens
-
-        self._read = read_tokens
         self.token_file = None if token_file is None else Path(token_file)
-        tokens = [token] if token else []
-        if self.token_file is not None:
-            tokens = read_tokens(self.token_file)  # CommandError: refused at start-up
-            self._stamp = self._stat()
-        if not tokens:
+        self._expected = tuple(f"Bearer {t}".encode() for t in ([token] if token else []))
+        self._stamp: tuple[int, int] | None = None
+        self._stop = threading.Event()
+        if self.token_file is not None and self._regular():
+            self._stamp = self._stat()  # before reading: a change meanwhile is read again
+            self._load(startup=True)
+            threading.Thread(target=self._watch, name="splitdet-tokens", daemon=True).start()
+        if not self._expected:
             raise ValueError("a bearer token is required")
-        self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
-        self._lock = threading.Lock()
+
+    def _regular(self) -> bool:
+        try:
+            return stat.S_ISREG(self.token_file.stat().st_mode)
+        except OSError:
+            return False
 
     def _stat(self) -> tuple[int, int] | None:
         try:
-            stat = self.token_file.stat()
+            found = self.token_file.stat()
         except OSError:
             return None
-        return stat.st_mtime_ns, stat.st_size
+        return found.st_mtime_ns, found.st_size
 
-    def expected(self) -> tuple[bytes, ...]:
-        """The accepted "Bearer <token>" values now."""
-        if self.token_file is None:
-            return self._expected
-        with self._lock:
+    def _load(self, startup: bool = False) -> None:
+        """Read the file's tokens into the accepted set (see the class docstring)."""
+        from splitdet.shared.cli import CommandError, token_lines, token_problem
+
+        try:
+            lines = token_lines(self.token_file)
+        except CommandError as exc:
+            log.error("%s; keeping the tokens before it", exc)
+            return
+        tokens = []
+        for number, line in enumerate(lines, 1):
+            problem = token_problem(line)
+            if problem:
+                log.error("--token-file %s, token line %d: %s; skipped", self.token_file,
+                          number, problem)  # fmt: skip
+            else:
+                tokens.append(line)
+        if not tokens:
+            log.error("--token-file %s holds no usable token; keeping the tokens before it",
+                      self.token_file)  # fmt: skip
+            return
+        self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
+        if not startup:
+            fields = {"event": "tokens_reloaded", "tokens": len(tokens)}
+            log.info("--token-file changed: %d token(s) accepted", len(tokens),
+                     extra={"fields": fields})  # fmt: skip
+
+    def _watch(self) -> None:
+        while not self._stop.wait(TOKEN_CHECK_S):
             stamp = self._stat()
-            if stamp is not None and stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    tokens = self._read(self.token_file)
-                except Exception as exc:  # CommandError: empty, unreadable, not ASCII
-                    log.error("token file changed but cannot be used (%s); keeping the tokens "
-                              "before it", exc)  # fmt: skip
-                else:
-                    self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
-                    log.info("token file changed: %d token(s) accepted", len(tokens),
-                             extra={"fields": {"event": "tokens_reloaded"}})  # fmt: skip
-            return self._expected
+            if stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            if stamp is None:
+                log.warning("--token-file %s is gone; keeping the tokens read before",
+                            self.token_file)  # fmt: skip
+            elif not self._regular():
+                log.warning("--token-file %s is no longer a regular file; not read",
+                            self.token_file)  # fmt: skip
+            else:
+                self._load()
+
+    def close(self) -> None:
+        """Stop watching the file."""
+        self._stop.set()
 
     def accepts(self, supplied: str) -> bool:
         """Whether `supplied` (the authorization metadata) is one of the accepted values,
         compared in constant time against each."""
         given = supplied.encode()
         matched = False
-        for expected in self.expected():
+        for expected in self._expected:
             matched |= hmac.compare_digest(given, expected)
         return matched
 

@@ -200,46 +200,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 TOKEN_ENV = "SPLITDET_CLOUD_TOKEN"
 
 
-def read_tokens(token_file: Path) -> list[str]:
-    """Every token of a token file: its non-empty lines, stripped (a UTF-8 byte-order mark
-    dropped). The first is the one an edge sends; a cloud accepts each (a rotation: add the
-    new token as a second line, move the edges to it, then remove the old line).
+def token_lines(token_file: Path) -> list[str]:
+    """The token lines of a token file: its non-empty lines that are not comments (#), each
+    stripped of whitespace and of any UTF-8 byte-order mark (a line appended from a file saved
+    with one keeps it). The first is the one an edge sends; a cloud accepts each.
 
-    CommandError if the file cannot be read, holds no token, or a token holds anything but
-    printable ASCII.
+    CommandError if the file cannot be read.
     """
     try:
-        lines = Path(token_file).read_text(encoding="utf-8-sig").splitlines()
+        text = Path(token_file).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(f"cannot read --token-file {token_file}: {exc}") from None
-    tokens = [line.strip() for line in lines if line.strip()]
-    if not tokens:
-        raise CommandError(f"--token-file {token_file} is empty")
-    for token in tokens:
-        _check_token(token, f"--token-file {token_file}")
-    return tokens
+    lines = (line.replace("\ufeff", "").strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
-def _check_token(token: str, source: str) -> None:
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be sent as gRPC metadata (not printable ASCII), or None."""
     bad = sorted({c for c in token if not " " <= c <= "~"})
-    if bad:
-        shown = ", ".join(f"U+{ord(c):04X}" for c in bad)
-        raise CommandError(f"{source}: a token must be printable ASCII; it holds {shown}")
+    if not bad:
+        return None
+    return "a token must be printable ASCII; it holds " + ", ".join(f"U+{ord(c):04X}" for c in bad)
 
 
 def read_token(token_file: Path | None) -> str | None:
-    """The bearer token: `token_file`'s first line (a UTF-8 byte-order mark and surrounding
-    whitespace dropped), else the SPLITDET_CLOUD_TOKEN environment variable, else None.
+    """The bearer token: `token_file`'s first token line (see token_lines), else the
+    SPLITDET_CLOUD_TOKEN environment variable, else None.
 
-    CommandError if the file cannot be read, is empty, or the token holds anything but
+    CommandError if the file cannot be read, holds no token, or the token holds anything but
     printable ASCII: gRPC refuses such metadata on every call, so the edge would otherwise
     find out only when its first flagged image fails.
     """
     if token_file is not None:
-        return read_tokens(token_file)[0]
-    token = os.environ.get(TOKEN_ENV) or None
-    if token is not None:
-        _check_token(token, f"${TOKEN_ENV}")
+        lines = token_lines(token_file)
+        if not lines:
+            raise CommandError(f"--token-file {token_file} is empty")
+        token, source = lines[0], f"--token-file {token_file}"
+    else:
+        token, source = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
+        if token is None:
+            return None
+    problem = token_problem(token)
+    if problem:
+        raise CommandError(f"{source}: {problem}")
     return token
 
 

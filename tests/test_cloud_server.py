@@ -178,10 +178,13 @@ def test_token_on_plaintext(served, tmp_path, sample):
         assert _metric(server, key) == 3
 
 
-def test_tokens_rotate_without_a_restart(served, tmp_path, caplog):
-    """The token file is read again when it changes: a second line is accepted beside the
-    first (edges move to it one by one), then the old line is removed and refused. A file
-    emptied by mistake is logged and the tokens before it kept."""
+def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):
+    """The token file is watched: a second line is accepted beside the first (edges move to it
+    one by one), then the old line is removed and refused. A file emptied by mistake, or
+    removed, is logged and the tokens before it kept."""
+    from splitdet.cloud import servicer
+
+    monkeypatch.setattr(servicer, "TOKEN_CHECK_S", 0.05)
     token_file = tmp_path / "tokens.txt"
     token_file.write_text("old-token\n")
     caplog.set_level("INFO", logger="splitdet.cloud.servicer")
@@ -197,14 +200,52 @@ def test_tokens_rotate_without_a_restart(served, tmp_path, caplog):
                     return False
             return True
 
+        def soon(condition) -> bool:
+            deadline = time.monotonic() + 10
+            while not condition():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            return True
+
         assert answers("old-token") and not answers("new-token")
         token_file.write_text("old-token\nnew-token\n")
-        assert answers("new-token") and answers("old-token")
+        assert soon(lambda: answers("new-token")) and answers("old-token")
         token_file.write_text("new-token\n")
-        assert answers("new-token") and not answers("old-token")
+        assert soon(lambda: not answers("old-token")) and answers("new-token")
         token_file.write_text("")
+        assert soon(lambda: "holds no usable token" in caplog.text)
         assert answers("new-token")  # kept
-        assert "cannot be used" in caplog.text and "keeping the tokens" in caplog.text
+        token_file.unlink()
+        assert soon(lambda: "is gone" in caplog.text)
+        assert answers("new-token")
+
+
+def test_token_lines_a_rotation_may_meet(tmp_path, monkeypatch):
+    """Comments, a byte-order mark on an appended line, a line that is not a token (skipped,
+    the rest applied), and a file that is not regular (read once, never again)."""
+    import os
+
+    from splitdet.cloud.servicer import AcceptedTokens
+    from splitdet.shared.cli import read_token
+
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text("# rotated by José on 12/04\nold\n\ufeffnew\nbad\u2011line\n")
+    assert read_token(token_file) == "old"  # what an edge sends: only that line is checked
+    tokens = AcceptedTokens(token_file=token_file)
+    try:
+        assert tokens.accepts("Bearer old") and tokens.accepts("Bearer new")
+        assert not tokens.accepts("Bearer # rotated by José on 12/04".encode().decode())
+        assert not tokens.accepts("Bearer bad")
+    finally:
+        tokens.close()
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    piped = AcceptedTokens("from-a-pipe", fifo)  # must not block on the pipe
+    try:
+        assert piped.accepts("Bearer from-a-pipe") and not piped.accepts("Bearer old")
+    finally:
+        piped.close()
 
 
 def _reflected_services(port: int) -> list[str]:
