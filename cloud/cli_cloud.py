@@ -151,9 +151,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--token-file",
         type=Path,
         metavar="FILE",
-        help="require a bearer token: any non-empty line of this file (read again when it "
-        "changes: add the new token as a line, move the edges, remove the old one); default: "
-        f"the {TOKEN_ENV} environment variable if set, else no token",
+        help="require a bearer token: any non-empty line of this file that is not a # "
+        "comment (read again when it changes: add the new token as a line, move the edges, "
+        f"remove the old one); default: the {TOKEN_ENV} environment variable if set, else no "
+        "token",
     )
     parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC server reflection (off by default)"

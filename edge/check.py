@@ -110,8 +110,8 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
     else:
         try:
             array = load_image(image)
-        except ImageError as exc:
-            raise _Failed(f"{image}: {exc}") from None
+        except ImageError as exc:  # (its message names the file)
+            raise _Failed(str(exc) if str(image) in str(exc) else f"{image}: {exc}") from None
         name = f"{image} ({array.shape[2]}x{array.shape[1]})"
     try:
         result = pipeline.process_array(array)

@@ -237,8 +237,9 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         type=_duration,
         default=None,
         metavar="AGE",
-        help="delete final results older than AGE (30d, 12h, ...) from --db, checked hourly; "
-        "pending ones are never deleted (default: keep every result)",
+        help="delete final results older than AGE (30d, 12h, ...) from --db, at start and "
+        "hourly; pending ones are never deleted, nor one whose image is still in --watch "
+        "(default: keep every result)",
     )
     p.add_argument(
         "--when-full",

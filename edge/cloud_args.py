@@ -84,8 +84,8 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
         "--token-file",
         type=Path,
         metavar="FILE",
-        help=f"bearer token (the file's first line); default: the {TOKEN_ENV} environment "
-        "variable if set",
+        help="bearer token (the file's first line that is not empty or a # comment); "
+        f"default: the {TOKEN_ENV} environment variable if set",
     )
     parser.add_argument(
         "--name",
