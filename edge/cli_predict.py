@@ -113,7 +113,7 @@ def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], Dete
     return make
 
 
-def _check_outputs(json_file: str | None, save_dir: str | None) -> None:
+def check_outputs(json_file: str | None, save_dir: str | None) -> None:
     """Refuse, before any image is processed, a --json FILE or --save DIR that cannot be
     written (CommandError naming it): found only at the end, it would lose the whole run."""
     from splitdet.shared.cli import CommandError
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
         raise CommandError(f"no image files in {' '.join(args.images)}{hint}")
-    _check_outputs(args.json, args.save)
+    check_outputs(args.json, args.save)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
         pipeline = EdgePipeline(

@@ -188,6 +188,17 @@ def test_exactly_one_of_checkpoint_and_model(setup, capsys):
         assert says in _err(capsys)
 
 
+@pytest.mark.parametrize("mode", ["--model", "--checkpoint"])
+def test_an_unwritable_json_is_refused_before_the_evaluation(setup, tmp_path, capsys, mode):
+    """Found only at the end, it would cost the whole evaluation."""
+    what = setup.model_dir if mode == "--model" else setup.checkpoint
+    target = tmp_path / "no-such-folder" / "eval.json"
+    started = time.monotonic()
+    code = main(["eval", "--data", str(setup.data), mode, str(what), "--json", str(target)])
+    assert code == 2 and time.monotonic() - started < 5
+    assert f"--json {target}: folder {target.parent} does not exist" in _err(capsys)
+
+
 def test_a_missing_model_dir_is_one_line(setup, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["eval", "--data", str(setup.data), "--model", str(missing)]) == 2

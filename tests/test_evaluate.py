@@ -193,12 +193,12 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys):
     assert read_checkpoint(tmp_path / "run" / "last.pt")["config"]["box_refine_steps"] == 2
     assert main([*args, "--box-refine-steps", "9"]) == 2
 
-    # an unwritable --json: the metrics are still printed, the error names the file
+    # an unwritable --json: refused before the evaluation (not after it), naming the file
     capsys.readouterr()
     missing = tmp_path / "no" / "such" / "dir" / "eval.json"
     assert main([*args, "--json", str(missing), "--no-progress", "--no-store"]) == 2
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["images"] == 5
+    assert captured.out == ""  # nothing was evaluated
     assert str(missing) in captured.err and "Traceback" not in captured.err
 
 

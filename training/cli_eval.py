@@ -114,6 +114,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch on --checkpoint / --model; exit status 0, or 1 when --model met image errors."""
+    from splitdet.edge.cli_predict import check_outputs
+
+    check_outputs(args.json, None)  # before the evaluation, not after it
     if args.model is not None:
         _refuse(_given(args, CHECKPOINT_DEFAULTS), "--checkpoint")
         return run_model(args)
