@@ -37,6 +37,7 @@ from splitdet.cloud.servicer import (
     DetectionServicer,
     ServerMetrics,
     TokenInterceptor,
+    file_stamp,
 )
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
 from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
@@ -166,10 +167,8 @@ class CertificateFiles:
         self._lock = threading.Lock()
 
     def _stamps(self) -> tuple | None:
-        try:
-            return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in self.paths)
-        except OSError:  # a file replaced just now
-            return None
+        stamps = tuple(file_stamp(path) for path in self.paths)
+        return None if None in stamps else stamps  # (a file replaced just now)
 
     def configuration(self):
         """The files as gRPC's server certificate configuration."""

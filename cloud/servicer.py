@@ -556,6 +556,16 @@ def claimed_edge(metadata) -> str:
     return name
 
 
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a file, to notice that it changed; None when it cannot be read
+    (gone, or replaced just now)."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_mtime_ns, found.st_size
+
+
 class AcceptedTokens:
     """The bearer tokens the server accepts. Without a token file, the one token given. With
     a regular file, each token line of it (shared/cli.token_lines), read again by a watcher
@@ -573,7 +583,8 @@ class AcceptedTokens:
         self._stamp: tuple[int, int] | None = None
         self._stop = threading.Event()
         if self.token_file is not None and self._regular():
-            self._stamp = self._stat()  # before reading: a change meanwhile is read again
+            # stamped before reading: a change meanwhile is read again
+            self._stamp = file_stamp(self.token_file)
             self._load(startup=True)
             threading.Thread(target=self._watch, name="splitdet-tokens", daemon=True).start()
         if not self._expected:
@@ -584,13 +595,6 @@ class AcceptedTokens:
             return stat.S_ISREG(self.token_file.stat().st_mode)
         except OSError:
             return False
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            found = self.token_file.stat()
-        except OSError:
-            return None
-        return found.st_mtime_ns, found.st_size
 
     def _load(self, startup: bool = False) -> None:
         """Read the file's tokens into the accepted set (see the class docstring)."""
@@ -621,7 +625,7 @@ class AcceptedTokens:
 
     def _watch(self) -> None:
         while not self._stop.wait(TOKEN_CHECK_S):
-            stamp = self._stat()
+            stamp = file_stamp(self.token_file)
             if stamp == self._stamp:
                 continue
             self._stamp = stamp

@@ -28,7 +28,7 @@ from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError, load_image
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.shared.manifest import ManifestError
+from splitdet.shared.manifest import ManifestError, edge_gate_kind
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,10 @@ def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
     except (ManifestError, ValueError, OSError) as exc:
         raise _Failed(f"{model_dir}: {exc}") from None
     manifest = pipeline.manifest
-    gate = "int8" if manifest.extra.get("edge_quantization") else "float32"
     return pipeline, (
         f"{model_dir}: fingerprint {manifest.fingerprint[:12]}, classes "
         f"{', '.join(manifest.class_names)}, threshold {manifest.gate_threshold:.3f}, codec "
-        f"{pipeline.codec}, gate {gate}"
+        f"{pipeline.codec}, gate {edge_gate_kind(manifest)}"
     )
 
 

@@ -639,7 +639,7 @@ def check_run_options(args: argparse.Namespace) -> None:
         if not (math.isfinite(value) and value >= 0):
             refuse(flag, value, "must be a number of seconds >= 0")
     for flag, value in (("--poll", args.poll), ("--retry-initial", args.retry_initial),
-                        ("--retry-max", args.retry_max), ("--timeout", args.timeout),
+                        ("--retry-max", args.retry_max),
                         ("--outbox-max-mb", args.outbox_max_mb)):  # fmt: skip
         if not (math.isfinite(value) and value > 0):
             refuse(flag, value, "must be a number > 0")

@@ -728,11 +728,8 @@ class ResultStore:
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
-        rows = self._query(
-            "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
-            " GROUP BY i.fingerprint"
-        )
-        return {fingerprint: int(n) for fingerprint, n in rows}
+        with self._lock:
+            return outbox_by_model(self._db)
 
     def outbox_stats(self) -> OutboxStats:
         depth, size, oldest = self._query(
@@ -787,6 +784,16 @@ def iter_results(
         yield record
 
 
+def outbox_by_model(db: sqlite3.Connection) -> dict[str, int]:
+    """Requests in the outbox of an open store connection, by the model fingerprint they were
+    made with."""
+    rows = db.execute(
+        "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
+        " GROUP BY i.fingerprint"
+    )
+    return {fingerprint: int(n) for fingerprint, n in rows}
+
+
 def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
     """`_status` read in one transaction: one snapshot of the database (a daemon writing
     meanwhile never makes its counts disagree)."""
@@ -824,10 +831,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     )
     last_error = one("SELECT last_error FROM outbox WHERE last_error IS NOT NULL"
                      " ORDER BY next_try DESC LIMIT 1")  # fmt: skip
-    by_model = dict(db.execute(
-        "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
-        " GROUP BY i.fingerprint"
-    ))  # fmt: skip
+    by_model = outbox_by_model(db)
     kept, kept_bytes = (0, 0) if version < 2 else one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
     return {

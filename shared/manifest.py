@@ -102,6 +102,11 @@ class Manifest:
         }
 
 
+def edge_gate_kind(manifest: Manifest) -> str:
+    """ "int8" for a gate quantised by `export --quantize-edge`, else "float32"."""
+    return "int8" if manifest.extra.get("edge_quantization") else "float32"
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

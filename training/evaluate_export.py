@@ -30,7 +30,7 @@ from splitdet.edge.predict import Detector, predict_paths
 from splitdet.edge.predict import Prediction as EdgePrediction
 from splitdet.edge.preprocess import ImageError, load_image
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.shared.manifest import Manifest
+from splitdet.shared.manifest import edge_gate_kind
 from splitdet.training import voc
 from splitdet.training.evaluate import DEFAULT_TARGET_RECALL, Prediction, metrics_at_threshold
 
@@ -65,11 +65,6 @@ def _decodes(path: Path) -> bool:
     except ImageError:
         return False
     return True
-
-
-def edge_gate_kind(manifest: Manifest) -> str:
-    """ "int8" for a gate quantised by `export --quantize-edge`, else "float32"."""
-    return "int8" if manifest.extra.get("edge_quantization") else "float32"
 
 
 def as_eval_prediction(record: EdgePrediction) -> Prediction:
