@@ -24,6 +24,7 @@ from splitdet.shared import __version__
 #: Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "splitdet.training.cli_synth",
+    "splitdet.training.cli_data",
     "splitdet.training.cli_train",
     "splitdet.training.cli_eval",
     "splitdet.training.cli_export",

@@ -186,7 +186,11 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-    except (CheckpointError, voc.VocError, ValueError) as exc:
+    except voc.VocError as exc:
+        calibrating = args.calibrate_data and str(exc).startswith(str(Path(args.calibrate_data)))
+        root = args.calibrate_data if calibrating else args.data
+        raise CommandError(voc.check_hint(exc, root)) from exc
+    except (CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     metrics.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
                     "split": args.split, "calibrate_split": args.calibrate_split,
@@ -265,7 +269,9 @@ def _open_model(args: argparse.Namespace):
             detector = local_detector(args.model, None)()
         else:
             detector = remote_detector(remote, pipeline.manifest.fingerprint)()
-    except (ManifestError, voc.VocError, ValueError, RuntimeError) as exc:
+    except voc.VocError as exc:
+        raise CommandError(voc.check_hint(exc, args.data)) from None
+    except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     return pipeline, samples, detector
 

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError
     from splitdet.training.train import InitError, train
-    from splitdet.training.voc import VocError
+    from splitdet.training.voc import VocError, check_hint
 
     config = _base_config(args)
     # flags named as the TrainConfig fields they override
@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
             config, args.data, args.out, resume=args.resume, init=args.init,
             progress=not args.no_progress,
         )  # fmt: skip
-    except (InitError, VocError, CheckpointError, ValueError) as exc:
+    except VocError as exc:
+        raise CommandError(check_hint(_one_line(exc), args.data)) from exc
+    except (InitError, CheckpointError, ValueError) as exc:
         raise CommandError(_one_line(exc)) from exc
     except FloatingPointError as exc:  # diverged: the epochs finished before it are in last.pt
         last = Path(args.out) / "last.pt"

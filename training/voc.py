@@ -40,7 +40,9 @@ __all__ = [
     "VocObject",
     "VocSample",
     "annotation_xml",
+    "check_hint",
     "class_names_of",
+    "image_size",
     "read_annotation",
     "read_split",
     "write_annotation",
@@ -59,6 +61,12 @@ ROTATING_ORIENTATIONS = (5, 6, 7, 8)
 
 #: Pillow modes of 16-bit grayscale images (and 32-bit integer ones holding 16-bit values).
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def check_hint(exc: Exception, root: Path | str) -> str:
+    """``exc``'s message and the command that lists every problem of the dataset at once
+    (train and eval stop at the first)."""
+    return f"{exc} (`splitdet data check {root}` lists every problem at once)"
 
 
 class VocError(ValueError):
@@ -198,14 +206,17 @@ def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
     return None
 
 
-def _image_size(image_path: Path, ann_path: Path) -> tuple[int, int]:
+def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int]:
+    """``(width, height)`` in px from the image file's header (no pixels decoded); `VocError`
+    names an unreadable file (and ``ann_path``, the annotation it was read for)."""
     from PIL import Image  # header only; Pillow does not decode pixels on open
 
     try:
         with Image.open(image_path) as img:
             return img.size
     except Exception as exc:  # Pillow raises many types for unreadable files
-        raise VocError(f"{image_path}: cannot read image (for {ann_path.name}): {exc}") from exc
+        what = f" (for {ann_path.name})" if ann_path is not None else ""
+        raise VocError(f"{image_path}: cannot read image{what}: {exc}") from exc
 
 
 def _exif_orientation(image_path: Path) -> int:
@@ -269,9 +280,9 @@ def read_annotation(
         raise VocError(f"{path}: <size> must hold non-negative integers, got {width_f}x{height_f}")
     width, height = int(width_f), int(height_f)
     if width == 0 or height == 0:  # some tools write 0: take the size from the image header
-        width, height = _image_size(image_path, path)
+        width, height = image_size(image_path, path)
     elif check_image:
-        actual = _image_size(image_path, path)
+        actual = image_size(image_path, path)
         if actual != (width, height):
             hint = ""
             turned = _exif_orientation(image_path) in ROTATING_ORIENTATIONS

@@ -1,0 +1,187 @@
+"""`splitdet data check` lists every problem of a VOC dataset at once; `splitdet data split`
+writes stratified, reproducible train/val/test files (and empty annotations for unboxed images)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from splitdet.shared.cli import main
+from splitdet.training import voc
+
+from support import make_tiny_voc
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A clean tiny VOC tree: 6 defective + 3 defect-free images, split into train/val/test."""
+    root = make_tiny_voc(tmp_path / "voc", n_defective=6, n_free=3)
+    ids = voc.read_split_ids(root, "train")
+    voc.write_split(root, "train", ids[:4] + ids[6:8])
+    voc.write_split(root, "val", ids[4:5] + ids[8:])
+    voc.write_split(root, "test", ids[5:6])
+    return root
+
+
+def _check(root: Path, capsys, *options: str) -> tuple[int, dict, str]:
+    out = root.parent / "report.json"
+    code = main(["data", "check", str(root), "--no-progress", "--json", str(out), *options])
+    text = capsys.readouterr().out
+    return code, json.loads(out.read_text()), text
+
+
+def test_a_clean_dataset_passes_and_is_summed_up(dataset, capsys):
+    code, report, text = _check(dataset, capsys, "--decode")
+    assert code == 0 and report["ok"] and report["problems"] == []
+    assert report["annotations"] == report["images"] == 9
+    assert report["splits"]["train"] == {
+        "images": 6,
+        "unreadable": 0,
+        "defective": 4,
+        "defect_free": 2,
+        "objects": {"scratch": sum(voc.read_annotation(dataset, i).objects.__len__()
+                                   for i in voc.read_split_ids(dataset, "train"))},
+        "difficult": 0,
+    }  # fmt: skip
+    assert report["splits"]["val"]["defective"] == 1 and report["splits"]["test"]["images"] == 1
+    assert report["image_sizes"] == {"160x128": 9}
+    assert "ok, 0 warning(s)" in text
+
+
+def test_every_problem_is_listed_at_once_naming_its_file(dataset, capsys):
+    """Train stops at the first of these; check names all six in one run."""
+    images, annotations = dataset / "JPEGImages", dataset / "Annotations"
+    (annotations / "img_001.xml").write_text("<annotation><size>")  # malformed
+    truncated = images / "img_002.png"
+    truncated.write_bytes(truncated.read_bytes()[:400])  # header fine, body cut
+    outside = annotations / "img_003.xml"
+    outside.write_text(outside.read_text().replace("<xmax>", "<xmax>9", 1))
+    Image.new("RGB", (160, 128)).save(images / "unboxed.png")  # no annotation at all
+    with open(dataset / "ImageSets" / "Main" / "val.txt", "a") as fh:
+        fh.write("img_000\nghost\n")  # leak from train, and an id with no annotation
+
+    code, report, text = _check(dataset, capsys)
+    header_only = report["problems"]
+    code_decoded, report, text = _check(dataset, capsys, "--decode")
+    problems = report["problems"]
+
+    assert code == code_decoded == 1 and not report["ok"]
+    expected = [
+        f"{images / 'unboxed.png'}: no annotation",
+        f"{annotations / 'img_001.xml'}: malformed XML",
+        f"{truncated}: cannot decode image",
+        f"{outside}: <object> #1 box",
+        "val.txt: lists 'img_000', also in train.txt",
+        "val.txt: lists 'ghost', which has no Annotations/ghost.xml",
+    ]
+    for needle in expected:
+        assert sum(needle in line for line in problems) == 1, (needle, problems)
+    assert len(problems) == len(expected)
+    assert not any(str(truncated) in line for line in header_only)  # only decoding finds it
+    assert "6 problem(s)" in text and "problem: " in text
+
+
+def test_classes_and_warnings(dataset, capsys):
+    code, report, _ = _check(dataset, capsys, "--classes", "dent")
+    assert code == 1 and all("unknown class 'scratch'" in p for p in report["problems"])
+    assert len(report["problems"]) == 6  # every defective image, not only the first
+    assert report["splits"]["train"]["unreadable"] == 4
+
+    clicked = voc.read_annotation(dataset, "img_000")
+    thin = voc.VocObject("scratch", (5.0, 5.0, 60.0, 6.0))  # 1 px thin but long: a scratch
+    dot = voc.VocObject("scratch", (5.0, 9.0, 6.0, 10.0))  # 1x1 px: a stray click
+    voc.write_annotation(
+        dataset / "Annotations" / "img_000.xml",
+        voc.VocSample("img_000", clicked.image_path, 160, 128, (thin, dot)),
+    )
+    (dataset / "ImageSets" / "Main" / "val.txt").unlink()
+    voc.write_split(dataset, "train", voc.read_split_ids(dataset, "train")[:4])
+    code, report, _ = _check(dataset, capsys)
+    assert code == 0  # warnings do not fail the check
+    warnings = "\n".join(report["warnings"])
+    assert "val.txt: split file not found" in warnings
+    assert "train.txt: no defect-free image" in warnings
+    assert "annotated image(s) in no split" in warnings and len(report["unlisted"]) == 4
+    assert "img_000.xml: a 'scratch' box of 1x1 px" in warnings
+    assert len(report["warnings"]) == 4  # the long 1-px one is not a stray click
+
+
+def test_not_a_dataset_is_one_clear_line(tmp_path, capsys):
+    code = main(["data", "check", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1 and f"{tmp_path / 'Annotations'}: folder not found" in out
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def _tool_export(tmp_path: Path) -> Path:
+    """What an annotation tool leaves: boxes for defective images only, no split files."""
+    root = make_tiny_voc(tmp_path / "tool", n_defective=12, n_free=8)
+    shutil.rmtree(root / "ImageSets")
+    for image_id in [f"img_{k:03d}" for k in range(12, 20)]:
+        (root / "Annotations" / f"{image_id}.xml").unlink()
+    return root
+
+
+def test_split_writes_empty_annotations_and_stratified_reproducible_splits(tmp_path, capsys):
+    root = _tool_export(tmp_path)
+    args = ["data", "split", str(root), "--val", "0.25", "--test", "0.25", "--json"]
+    assert main([*args, "--write-empty"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["empty_annotations_written"]) == 8
+    assert voc.read_annotation(root, "img_015").objects == ()  # a defect-free image now
+    assert voc.read_annotation(root, "img_015").width == 160
+
+    splits = {s: voc.read_split(root, s) for s in ("train", "val", "test")}
+    ids = [s.image_id for samples in splits.values() for s in samples]
+    assert sorted(ids) == [f"img_{k:03d}" for k in range(20)]  # each image exactly once
+    kinds = {s: Counter(x.is_defective for x in samples) for s, samples in splits.items()}
+    assert kinds["train"] == {True: 6, False: 4}
+    assert kinds["val"] == kinds["test"] == {True: 3, False: 2}
+
+    assert main([*args]) == 2  # the files exist now
+    assert "already holds train.txt, val.txt, test.txt (--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == first["splits"]  # same seed
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] != first["splits"]
+
+    code, report, _ = _check(root, capsys)
+    assert code == 0 and report["unlisted"] == []
+
+
+def test_split_writes_nothing_when_an_annotation_is_broken(tmp_path, capsys):
+    root = _tool_export(tmp_path)
+    (root / "Annotations" / "img_003.xml").write_text("not xml")
+    assert main(["data", "split", str(root), "--write-empty"]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'Annotations' / 'img_003.xml'}: malformed XML" in err
+    assert "Traceback" not in err
+    assert not (root / "ImageSets").exists()
+    assert not (root / "Annotations" / "img_015.xml").exists()  # no empty annotation either
+
+
+def test_split_keeps_a_rare_class_in_every_split(tmp_path, capsys):
+    root = make_tiny_voc(tmp_path / "voc", n_defective=12, n_free=4)
+    for k in (0, 1, 2):  # three images of a rare class, besides nine of scratches
+        path = root / "Annotations" / f"img_{k:03d}.xml"
+        path.write_text(path.read_text().replace("<name>scratch</name>", "<name>dent</name>"))
+    assert main(["data", "split", str(root), "--overwrite", "--val", "0.34", "--test", "0.34"]) == 0
+    for split in ("train", "val", "test"):
+        names = {o.name for s in voc.read_split(root, split) for o in s.objects}
+        assert "dent" in names, split
+
+
+def test_train_points_at_data_check(tmp_path, capsys):
+    root = make_tiny_voc(tmp_path / "voc", n_defective=2, n_free=1)
+    (root / "Annotations" / "img_001.xml").write_text("<annotation>")
+    code = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--preset",
+                 "tiny", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "malformed XML" in err
+    assert f"`splitdet data check {root}` lists every problem at once" in err
