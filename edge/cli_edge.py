@@ -37,6 +37,7 @@ actions:
   splitdet edge status   what the database holds: verdicts, the outbox, dead letters
   splitdet edge prune    delete old final results (edge run --keep-results does it hourly)
   splitdet edge check    is this edge ready: the export, one image, the cloud, one round trip
+  splitdet edge collect  copy chosen results' images into a VOC tree, the model's boxes as labels
 """
 
 RUN_EPILOG = """\
@@ -111,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_status(actions)
     _register_prune(actions)
     _register_check(actions)
+    _register_collect(actions)
     edge.set_defaults(handler=lambda _args: _no_action(edge))
 
 
@@ -484,6 +486,94 @@ def check(args: argparse.Namespace) -> int:
     return 0 if all(step.ok for step in steps) else 1
 
 
+COLLECT_EPILOG = """\
+examples:
+  splitdet edge collect --db /data/edge.sqlite --out review/ --since 7d --p-defect 0.2:0.8
+      the week's images the gate was least sure of
+  splitdet edge collect --db /data/edge.sqlite --out review/ --verdict defect --limit 200
+
+Then review the pre-labels (LabelImg, CVAT and Label Studio open a VOC tree), and
+  splitdet data split review/ && splitdet data check review/ && splitdet train --data review/ ...
+Running collect again into the same folder adds new results and leaves every image already
+there, and its reviewed annotation, as it is. Only final ok/defect results are collected, and
+only while their file is still where the daemon left it (--after archive or keep).
+"""
+
+
+def _p_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        message = f"expected LOW:HIGH such as 0.2:0.8, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LOW <= HIGH <= 1, got {text!r}")
+    return low, high
+
+
+def _register_collect(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "collect",
+        help="copy chosen results' images into a VOC tree, the model's boxes as labels",
+        description="Copy the images of chosen results into a PASCAL VOC tree (JPEGImages/, "
+        "Annotations/), each annotated with the model's boxes as pre-labels to review, and "
+        "list in collected.csv where each came from and what the model said.",
+        epilog=COLLECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_db_and_since(p, "results created or changed since")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the VOC tree")
+    p.add_argument("--verdict", choices=["ok", "defect"], help="only results with this verdict")
+    p.add_argument(
+        "--p-defect",
+        type=_p_range,
+        metavar="LOW:HIGH",
+        help="only results whose p(defect) lies in this range (e.g. 0.2:0.8, where the gate "
+        "is least sure)",
+    )
+    p.add_argument(
+        "--limit", type=int_in(1), metavar="N", help="at most N results, spread evenly over them"
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float_in(0.0, 1.0),
+        default=0.5,
+        metavar="S",
+        help="boxes scoring at least S become pre-labels (default: 0.5)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=collect)  # fmt: skip
+
+
+def collect(args: argparse.Namespace) -> int:
+    """Collect results into a VOC tree; see _register_collect."""
+    from splitdet.edge.collect import collect_results
+    from splitdet.shared.cli import CommandError
+
+    db, since = _read_db(args)
+    try:
+        summary = collect_results(
+            db, args.out, since=since, verdict=args.verdict, p_range=args.p_defect,
+            limit=args.limit, min_score=args.score_threshold,
+        )  # fmt: skip
+    except OSError as exc:
+        raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+        return 0
+    print(
+        f"{args.out}: {len(summary.collected)} image(s) collected, {summary.already} already "
+        f"there, {len(summary.missing)} not available (of {summary.matched} matching results)"
+    )
+    for line in summary.missing[:20]:
+        print(f"  not available: {line}")
+    if len(summary.missing) > 20:
+        print(f"  ... and {len(summary.missing) - 20} more (--json lists them all)")
+    return 0
+
+
 def _register_status(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "status",
@@ -711,16 +801,23 @@ def parse_since(text: str, now: float | None = None) -> float:
     raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
 
 
-def results(args: argparse.Namespace) -> int:
-    """Print result rows; see RESULTS_EPILOG."""
-    from splitdet.edge.store import RESULT_COLUMNS, StoreError, iter_results, open_readonly
+def _read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None]:
+    """--db opened read only, and --since in unix s; CommandError naming either's problem."""
+    from splitdet.edge.store import StoreError, open_readonly
     from splitdet.shared.cli import CommandError
 
     since = parse_since(args.since) if args.since is not None else None
     try:
-        db = open_readonly(args.db)
+        return open_readonly(args.db), since
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
+
+
+def results(args: argparse.Namespace) -> int:
+    """Print result rows; see RESULTS_EPILOG."""
+    from splitdet.edge.store import RESULT_COLUMNS, iter_results
+
+    db, since = _read_db(args)
     try:
         rows = iter_results(db, since=since, verdict=args.verdict)
         out = sys.stdout

@@ -185,3 +185,28 @@ def test_train_points_at_data_check(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "malformed XML" in err
     assert f"`splitdet data check {root}` lists every problem at once" in err
+
+
+def test_split_add_keeps_every_earlier_assignment(tmp_path, capsys):
+    root = _tool_export(tmp_path)
+    assert main(["data", "split", str(root), "--write-empty", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)["splits"]
+    for k in range(20, 30):  # new images from the line, defective and defect-free
+        src = root / "Annotations" / f"img_{k % 20:03d}.xml"
+        sample = voc.read_annotation(root, src.stem)
+        image = root / "JPEGImages" / f"new_{k}.png"
+        shutil.copyfile(sample.image_path, image)
+        voc.write_annotation(
+            root / "Annotations" / f"new_{k}.xml",
+            voc.VocSample(f"new_{k}", image, sample.width, sample.height, sample.objects),
+        )
+    assert main(["data", "split", str(root), "--add", "--json", "--seed", "5"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    for split, ids in before.items():
+        assert after["splits"][split][: len(ids)] == ids  # nothing moved
+    new = [i for split in after["splits"].values() for i in split if i.startswith("new_")]
+    assert sorted(new) == sorted(f"new_{k}" for k in range(20, 30))
+    assert sum(after["added"].values()) == 10 and after["added"]["val"] >= 1
+    with pytest.raises(SystemExit):  # one or the other
+        main(["data", "split", str(root), "--add", "--overwrite"])
+    assert "--overwrite: not allowed with argument --add" in capsys.readouterr().err

@@ -22,6 +22,8 @@ EDGE_MODULES = [
     "splitdet.edge.client",
     "splitdet.edge.cloud_args",
     "splitdet.edge.check",
+    "splitdet.edge.collect",
+    "splitdet.training.voc",
     "splitdet.edge.cli_edge",
     "splitdet.edge.daemon",
     "splitdet.edge.sender",

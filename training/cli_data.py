@@ -119,7 +119,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="first write an annotation with no object for every image that has none (tools "
         "such as LabelImg write nothing for an image without a box: a defect-free part)",
     )
-    s.add_argument("--overwrite", action="store_true", help="replace existing split files")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace existing split files")
+    mode.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the images existing split files list where they are and divide only the "
+        "annotated images in no split (after `splitdet edge collect` added some): a test "
+        "image never moves to train",
+    )
     s.add_argument("--json", action="store_true", help="print the split as JSON on stdout")
     s.set_defaults(handler=run_split)
 
@@ -204,10 +212,10 @@ def run_split(args: argparse.Namespace) -> int:
     try:
         result = split_dataset(
             root, val=args.val, test=args.test, seed=args.seed, class_names=args.classes,
-            overwrite=args.overwrite, write_empty=args.write_empty,
+            overwrite=args.overwrite, write_empty=args.write_empty, add=args.add,
         )  # fmt: skip
     except FileExistsError as exc:
-        raise CommandError(f"{exc} (--overwrite replaces them)") from None
+        raise CommandError(f"{exc} (--overwrite replaces them, --add adds to them)") from None
     except (voc.VocError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -217,11 +225,13 @@ def run_split(args: argparse.Namespace) -> int:
         summary = {
             "empty_annotations_written": [str(p) for p in written],
             "splits": {name: ids for name, ids in result.ids.items()},
+            "added": result.added,
         }
         print(json.dumps(summary, indent=2))
         return 0
     if written:
         print(f"wrote {len(written)} empty annotation(s) (defect-free images)")
     for name, ids in result.ids.items():
-        print(f"{result.paths[name]}: {len(ids)} images")
+        new = f" ({result.added[name]} new)" if args.add else ""
+        print(f"{result.paths[name]}: {len(ids)} images{new}")
     return 0

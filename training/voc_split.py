@@ -34,6 +34,7 @@ class SplitResult:
     ids: dict[str, list[str]]
     paths: dict[str, Path]
     empty_annotations: list[Path]
+    added: dict[str, int]  # ids new in each split (all of them without ``add``)
 
     def counts(self) -> dict[str, int]:
         """Images per split."""
@@ -80,6 +81,7 @@ def split_dataset(
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
     write_empty: bool = False,
+    add: bool = False,
 ) -> SplitResult:
     """Write ``ImageSets/Main/{train,val,test}.txt`` over every annotation under ``root``.
 
@@ -87,6 +89,9 @@ def split_dataset(
     their rarest class) that goes to each split; the rest trains. A split with share 0 is
     written empty only if it existed before (so stale ids never linger), else not at all.
     ``write_empty``: give every image without an annotation one with no object first.
+    ``add``: keep every id the existing split files list where it is, and divide only the
+    annotations in no split among them (new images collected from the line join the splits,
+    and no image moves, so an earlier test split stays held out).
     Nothing is written unless everything can be: raises `voc.VocError` naming the first
     annotation or image that cannot be read, `FileExistsError` when split files exist and not
     ``overwrite``, and `ValueError` for shares out of range.
@@ -96,7 +101,8 @@ def split_dataset(
     root = Path(root)
     split_dir = root / "ImageSets" / "Main"
     existing = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
-    if existing and not overwrite:
+    kept = {s: voc.read_split_ids(root, s) for s in existing} if add else {}
+    if existing and not overwrite and not add:
         raise FileExistsError(
             f"{split_dir}: already holds {', '.join(s + '.txt' for s in existing)}"
         )
@@ -120,9 +126,11 @@ def split_dataset(
         written.append(target)
 
     class_counts = Counter(obj.name for s in samples for obj in s.objects)
+    listed = {image_id for ids_ in kept.values() for image_id in ids_}
     strata: dict[str, list[str]] = defaultdict(list)
     for sample in samples:
-        strata[stratum_of(sample, class_counts)].append(sample.image_id)
+        if sample.image_id not in listed:
+            strata[stratum_of(sample, class_counts)].append(sample.image_id)
     rng = random.Random(seed)
     chosen: dict[str, list[str]] = {s: [] for s in SPLITS}
     for stratum in sorted(strata):
@@ -132,10 +140,14 @@ def split_dataset(
         chosen["train"] += members[:n_train]
         chosen["val"] += members[n_train : n_train + n_val]
         chosen["test"] += members[n_train + n_val :]
-    paths = {}
+    paths, ids_written = {}, {}
     for split in SPLITS:
         if chosen[split] or split == "train" or split in existing:
-            paths[split] = voc.write_split(root, split, sorted(chosen[split]))
+            ids_written[split] = kept.get(split, []) + sorted(chosen[split])
+            paths[split] = voc.write_split(root, split, ids_written[split])
     return SplitResult(
-        ids={s: sorted(chosen[s]) for s in paths}, paths=paths, empty_annotations=written
+        ids=ids_written,
+        paths=paths,
+        empty_annotations=written,
+        added={s: len(chosen[s]) for s in paths},
     )

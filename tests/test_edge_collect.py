@@ -1,0 +1,161 @@
+"""`splitdet edge collect`: a real results database and real image files in, a VOC tree with the
+model's boxes as pre-labels out, which `splitdet data check` accepts; a second run adds new
+results and never touches a reviewed annotation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from splitdet.edge.store import Answer, Arrival, ResultStore
+from splitdet.shared.cli import main
+from splitdet.training import voc
+
+FINGERPRINT = "c" * 64
+W, H = 96, 64
+
+
+def _image(path: Path, fmt: str | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (W, H), 77).save(path, format=fmt)
+    return str(path)
+
+
+def _arrival(n: int, path: str) -> Arrival:
+    return Arrival(path, f"{Path(path).name}|1|{n}|{n}", f"{n:064x}", 1, time.time())
+
+
+def _defect(store: ResultStore, n: int, path: str, p: float, answer: Answer) -> int:
+    row, _, _ = store.record_pending(
+        _arrival(n, path), p, f"r{n}", b"features", FINGERPRINT, {}, stored_path=path
+    )
+    assert store.complete(row, answer)
+    return row
+
+
+@pytest.fixture
+def line(tmp_path):
+    """(db, archive, ids): one result of each kind, their files in an archive folder."""
+    archive, db = tmp_path / "archive", tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    ids = {}
+    good = _image(archive / "cam 1" / "good part.png")
+    ids["ok"], _ = store.record_ok(_arrival(1, good), 0.05, FINGERPRINT, {}, stored_path=good)
+    scratched = _image(archive / "scratched.jpg")
+    answer = Answer(
+        boxes=[[10.0, 12.5, 40.0, 20.0], [80.0, 50.0, 120.0, 70.0], [1.0, 1.0, 5.0, 5.0]],
+        scores=[0.93, 0.71, 0.3],  # the third is below the default threshold
+        labels=[1, 2, 1],
+        class_names=["scratch", "dent"],
+    )
+    ids["defect"] = _defect(store, 2, scratched, 0.88, answer)
+    unsure = _image(archive / "unsure.pgm", "PPM")  # a name VOC readers do not look for
+    nothing = Answer(boxes=[], scores=[], labels=[], class_names=["scratch", "dent"])
+    ids["flagged_clean"] = _defect(store, 3, unsure, 0.41, nothing)
+    ids["gone"], _ = store.record_ok(
+        _arrival(4, "/hot/4.png"), 0.2, FINGERPRINT, {}, stored_path=str(archive / "gone.png")
+    )
+    ids["deleted"], _ = store.record_ok(_arrival(5, "/hot/5.png"), 0.1, FINGERPRINT, {})
+    ids["pending"], _, _ = store.record_pending(
+        _arrival(6, _image(archive / "6.png")), 0.9, "r6", b"x", FINGERPRINT, {}
+    )
+    dead, _, _ = store.record_pending(_arrival(7, _image(archive / "7.png")), 0.9, "r7", b"x",
+                                      FINGERPRINT, {})  # fmt: skip
+    store.dead_letter(dead, "dead letter: INTERNAL: bug")
+    store.close()
+    return db, archive, ids
+
+
+def _collect(db: Path, out: Path, capsys, *options: str) -> dict:
+    assert main(["edge", "collect", "--db", str(db), "--out", str(out), "--json", *options]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_collect_writes_a_voc_tree_with_the_model_boxes(line, tmp_path, capsys):
+    db, _, ids = line
+    out = tmp_path / "review"
+    summary = _collect(db, out, capsys)
+    assert summary["matched"] == 5  # ok and defect rows; pending and error rows are not final
+    assert summary["collected"] == 3 and summary["already_collected"] == 0
+    assert len(summary["missing"]) == 2
+    assert any("gone.png: no longer there" in m for m in summary["missing"])
+    assert any("/hot/5.png: deleted after processing" in m for m in summary["missing"])
+
+    good = voc.read_annotation(out, f"{ids['ok']:08d}-good_part")
+    assert good.objects == () and good.image_path.suffix == ".png"
+    defect = voc.read_annotation(out, f"{ids['defect']:08d}-scratched")
+    assert [(o.name, o.box) for o in defect.objects] == [
+        ("scratch", (10.0, 12.0, 40.0, 20.0)),  # VOC's integer px, rounded outwards
+        ("dent", (80.0, 50.0, float(W), float(H))),  # clipped to the image
+    ]
+    clean = voc.read_annotation(out, f"{ids['flagged_clean']:08d}-unsure")
+    assert clean.objects == () and clean.image_path.suffix == ".png"  # converted, readable
+    assert Image.open(clean.image_path).size == (W, H)
+
+    with open(out / "collected.csv", newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert [int(r["result_id"]) for r in listed] == [ids["ok"], ids["defect"], ids["flagged_clean"]]
+    assert json.loads(listed[1]["scores"]) == [0.93, 0.71, 0.3]  # what the model said, all of it
+
+    assert main(["data", "split", str(out), "--val", "0", "--test", "0"]) == 0  # all train
+    capsys.readouterr()
+    assert main(["data", "check", str(out), "--decode", "--no-progress"]) == 0
+    assert "ok, " in capsys.readouterr().out
+
+
+def test_a_second_run_adds_new_results_and_keeps_reviewed_ones(line, tmp_path, capsys):
+    db, archive, ids = line
+    out = tmp_path / "review"
+    _collect(db, out, capsys)
+    reviewed = out / "Annotations" / f"{ids['defect']:08d}-scratched.xml"
+    sample = voc.read_annotation(out, reviewed.stem)
+    voc.write_annotation(reviewed, voc.VocSample(sample.image_id, sample.image_path, W, H, ()))
+    before = reviewed.read_bytes()
+
+    store = ResultStore(db)
+    new = _image(archive / "later.png")
+    later, _ = store.record_ok(_arrival(8, new), 0.3, FINGERPRINT, {}, stored_path=new)
+    store.close()
+    summary = _collect(db, out, capsys)
+    assert summary["collected"] == 1 and summary["already_collected"] == 3
+    assert reviewed.read_bytes() == before  # the reviewer's correction stands
+    assert (out / "Annotations" / f"{later:08d}-later.xml").is_file()
+    with open(out / "collected.csv", newline="") as fh:
+        assert [int(r["result_id"]) for r in csv.DictReader(fh)][-1] == later
+
+
+def test_selection_by_verdict_p_defect_and_limit(line, tmp_path, capsys):
+    db, _, _ = line
+    assert _collect(db, tmp_path / "a", capsys, "--verdict", "defect")["matched"] == 2
+    unsure = _collect(db, tmp_path / "b", capsys, "--p-defect", "0.3:0.9")
+    assert unsure["matched"] == 2 and unsure["collected"] == 2
+    assert _collect(db, tmp_path / "c", capsys, "--limit", "1")["matched"] == 1
+    assert _collect(db, tmp_path / "d", capsys, "--since", "1h")["matched"] == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--p-defect", "0.9:0.1"], "expected 0 <= LOW <= HIGH <= 1, got '0.9:0.1'"),
+        (["--p-defect", "half"], "expected LOW:HIGH such as 0.2:0.8, got 'half'"),
+        (["--limit", "0"], "--limit"),
+    ],
+)
+def test_bad_options_are_one_line(line, tmp_path, capsys, options, needle):
+    db, _, _ = line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edge", "collect", "--db", str(db), "--out", str(tmp_path / "o"), *options])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_no_database_is_one_line(tmp_path, capsys):
+    code = main(["edge", "collect", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no such results database" in err and "Traceback" not in err
