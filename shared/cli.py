@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "splitdet.cloud.cli_cloud",
     "splitdet.edge.cli_edge",
     "splitdet.bench.cli_bench",
+    "splitdet.bench.cli_load",
     "splitdet.bench.cli_demo",
 )
 

@@ -23,6 +23,8 @@ EDGE_MODULES = [
     "splitdet.edge.cloud_args",
     "splitdet.edge.check",
     "splitdet.edge.collect",
+    "splitdet.bench.load",
+    "splitdet.bench.cli_load",
     "splitdet.training.voc",
     "splitdet.edge.cli_edge",
     "splitdet.edge.daemon",

@@ -1,0 +1,220 @@
+"""`splitdet loadtest`: answers per second and latency of a cloud, at 1, 2, 4... edges at once.
+
+    splitdet loadtest defects/ --model models/gasket --cloud 10.0.0.5:50051 --clients 1,2,4,8
+    splitdet loadtest defects/ --model models/gasket          # starts a cloud on loopback
+
+Top-level imports are stdlib only (see splitdet.shared.cli); the work loads in the handler.
+Torch-free unless it starts the cloud itself (in a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument, client_config
+from splitdet.shared.cli import float_in, int_in
+
+EPILOG = """\
+examples:
+  splitdet loadtest defects/ --model models/gasket --cloud 10.0.0.5:50051 --token-file t.txt
+      the cloud as deployed: 1, 2, 4 and 8 edges sending at once, 20 s each
+  splitdet loadtest defects/ --model models/gasket --max-concurrent 4 --clients 1,2,4,8
+      a cloud started here on loopback (same machine: the edges' encoding is not timed, but
+      the client threads share its cores)
+
+The images (files or folders) are run through the edge half once (every one, whatever the
+gate says) and their requests sent round-robin; each call carries a new request id, so the
+server computes every answer (its answers store keeps them, up to its --answers-cap). Sizing:
+a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
+flags a fraction R (`splitdet eval --model` reports flagged_fraction; `edge status` the line's).
+"""
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts such as 1,2,4, got {text!r}") from None
+    if not levels or any(not 1 <= n <= 256 for n in levels):
+        raise argparse.ArgumentTypeError(f"each count must be 1..256, got {text!r}")
+    return levels
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `loadtest` subcommand."""
+    p = subparsers.add_parser(
+        "loadtest",
+        help="answers per second and latency of a cloud, at 1, 2, 4... edges at once",
+        description="Send real detection requests to a cloud server from several edges at "
+        "once and report, per number of edges, the answers per second, the latency an edge "
+        "sees (p50/p90/p99) and the calls refused because the server was busy.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="from splitdet export")
+    add_cloud_arguments(p, required=False)
+    add_codec_argument(p)
+    p.add_argument(
+        "--clients",
+        type=_levels,
+        default=[1, 2, 4, 8],
+        metavar="N,N,...",
+        help="numbers of edges sending at once, one measurement each (default: 1,2,4,8)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float_in(0.5, 3600.0),
+        default=20.0,
+        metavar="S",
+        help="how long each measurement sends (default: 20)",
+    )
+    p.add_argument(
+        "--distinct",
+        type=int_in(1, 1000),
+        default=8,
+        metavar="N",
+        help="at most N images made into requests (default: 8)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int_in(1, 1024),
+        default=2,
+        metavar="N",
+        help="without --cloud: the started cloud's --max-concurrent (default: 2)",
+    )
+    p.add_argument(
+        "--cloud-threads",
+        type=int_in(1, 1024),
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="without --cloud: the started cloud's torch threads (default: all cores)",
+    )
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
+    p.set_defaults(handler=run)
+
+
+def _requests(args: argparse.Namespace) -> tuple[list, str, list[str]]:
+    """(DetectRequests, the model fingerprint, problems with images) from the edge half."""
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.preprocess import ImageError, list_images
+    from splitdet.edge.runtime import EdgeRuntime
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+    from splitdet.shared.messages import build_request
+
+    try:
+        pipeline = EdgePipeline(EdgeRuntime(Path(args.model)), codec=args.codec, gate=False)
+    except (ManifestError, ValueError, RuntimeError) as exc:
+        raise CommandError(f"--model {args.model}: {exc}") from None
+    fingerprint = pipeline.manifest.fingerprint
+    requests, problems = [], []
+    for path in list_images([Path(p) for p in args.images]):
+        if len(requests) == args.distinct:
+            break
+        try:
+            result = pipeline.process_file(path)
+        except ImageError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        requests.append(build_request(result.encoded, result.meta, "base", fingerprint))
+    if not requests:
+        detail = f" ({problems[0]})" if problems else ""
+        raise CommandError(f"no usable image among {' '.join(args.images)}{detail}")
+    return requests, fingerprint, problems
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure each level of ``args.clients``; see EPILOG."""
+    import contextlib
+    import dataclasses
+    import tempfile
+
+    from splitdet.bench.load import measure_level
+    from splitdet.edge.cli_predict import check_outputs
+    from splitdet.edge.client import CloudClient, CloudError
+    from splitdet.shared.cli import CommandError
+
+    check_outputs(args.json, None)
+    config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
+    requests, fingerprint, problems = _requests(args)
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+    size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
+    with contextlib.ExitStack() as stack:
+        if config is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            config = _start_cloud(args, scratch, stack)
+            where = f"a cloud started here (--max-concurrent {args.max_concurrent})"
+        else:
+            where = args.cloud
+        out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds the JSON
+        print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {where}", file=out)
+        print(f"{'edges':>5} {'answered':>8} {'answers/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
+              f"{'p99 ms':>8} {'busy':>6}  failed", file=out)  # fmt: skip
+        levels = []
+        base_name = (config.edge_name or "loadtest")[:54]
+        for clients in args.clients:
+
+            def make_client(k: int):
+                name = f"{base_name}-load{k}"  # the k-th edge keeps its name across levels
+                return CloudClient(dataclasses.replace(config, edge_name=name))
+
+            try:
+                level = measure_level(make_client, requests, clients, args.seconds)
+            except CloudError as exc:
+                raise CommandError(f"the cloud refused the first call: {exc}") from None
+            row = level.to_json()
+            levels.append(row)
+            lat = row["latency_ms"]
+            cells = [f"{lat[q]:8.1f}" if lat[q] is not None else f"{'-':>8}" for q in lat]
+            failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
+            print(f"{clients:>5} {row['answered']:>8} {row['answers_per_second']:>9.2f} "
+                  f"{' '.join(cells)} {row['busy']:>6}  {failed}", file=out)  # fmt: skip
+    if args.json:
+        _write(args.json, {"cloud": where, "model_fingerprint": fingerprint,
+                           "request_mb": round(size_mb, 3), "seconds": args.seconds,
+                           "levels": levels})  # fmt: skip
+    return 0
+
+
+def _start_cloud(args: argparse.Namespace, scratch: Path, stack):
+    """A cloud server on loopback for the run, stopped when ``stack`` closes."""
+    from splitdet.bench.processes import ServiceError, ServiceProcess, splitdet_command
+    from splitdet.edge.client import ClientConfig
+    from splitdet.shared.cli import CommandError
+
+    command = splitdet_command(
+        "cloud", "--model", str(args.model), "--listen", "127.0.0.1:0",
+        "--threads", str(args.cloud_threads), "--max-concurrent", str(args.max_concurrent),
+        "--answers-cap", "0", "--answers-db", str(scratch / "answers.sqlite"),
+        "--ready-file", str(scratch / "ready.json"),
+    )  # fmt: skip
+    cloud = ServiceProcess(
+        command,
+        log_path=scratch / "cloud.log",
+        name="cloud server",
+        ready_file=scratch / "ready.json",
+    )
+    try:
+        stack.enter_context(cloud)
+    except ServiceError as exc:
+        raise CommandError(str(exc)) from None
+    return ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name="loadtest")
+
+
+def _write(target: str, data: dict) -> None:
+    from splitdet.shared.cli import CommandError
+
+    text = json.dumps(data, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(target).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"--json {target}: cannot write ({exc})") from None

@@ -1,0 +1,141 @@
+"""How many defective images a cloud answers per second, at 1, 2, 4... edges sending at once.
+
+An operator sizing the cloud for many cameras needs the answers per second one server gives
+and the latency an edge then sees. `measure_level` runs ``clients`` threads, each with its own
+channel (one connection, as a separate edge has) and edge name, sending real DetectRequests
+back to back for ``seconds``; every call carries a new request id, so the server's answers
+store never answers from memory. RESOURCE_EXHAUSTED (more calls than ``--max-concurrent``)
+is counted as "busy", any other failure by its code.
+
+Torch-free: the requests come from the edge pipeline; the server is whatever ``--cloud`` is.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from splitdet.edge.client import CloudClient, CloudError
+from splitdet.shared.wire import detection_pb2 as pb
+
+__all__ = ["LevelResult", "fresh_request", "measure_level", "percentile"]
+
+#: Calls each client makes before the clock starts (connection set-up, first-call costs).
+WARMUP_CALLS = 1
+
+
+@dataclass
+class LevelResult:
+    """One concurrency level's outcome.
+
+    ``latencies_s``: round-trip seconds of each answered call. ``failures``: status code name
+    -> calls (``RESOURCE_EXHAUSTED``: the server was busy).
+    """
+
+    clients: int
+    seconds: float  # from the start to the last call's end
+    latencies_s: list[float] = field(default_factory=list)
+    failures: Counter = field(default_factory=Counter)
+
+    @property
+    def answered(self) -> int:
+        """Calls answered with detections."""
+        return len(self.latencies_s)
+
+    @property
+    def answers_per_second(self) -> float:
+        """Answered calls per second of wall time."""
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        """Plain JSON types; latencies in ms."""
+        lat = sorted(self.latencies_s)
+        return {
+            "clients": self.clients,
+            "seconds": round(self.seconds, 3),
+            "answered": self.answered,
+            "answers_per_second": round(self.answers_per_second, 3),
+            "latency_ms": {
+                f"p{q}": round(percentile(lat, q) * 1000, 1) if lat else None for q in (50, 90, 99)
+            },
+            "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
+            "failed": {k: v for k, v in self.failures.items() if k != "RESOURCE_EXHAUSTED"},
+        }
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ascending values, nearest rank."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def fresh_request(base: pb.DetectRequest) -> pb.DetectRequest:
+    """``base`` with a new request id (the server computes it again, never from its store)."""
+    request = pb.DetectRequest()
+    request.CopyFrom(base)
+    request.request_id = f"load-{uuid.uuid4().hex}"
+    return request
+
+
+def measure_level(
+    make_client: Callable[[int], CloudClient],
+    requests: Sequence[pb.DetectRequest],
+    clients: int,
+    seconds: float,
+) -> LevelResult:
+    """``clients`` edges sending ``requests`` in turn, back to back, for ``seconds``.
+
+    ``make_client(k)``: the k-th edge's client (its own channel). A call that starts before
+    the deadline is waited for and counted. Raises `CloudError` when a warm-up call fails
+    (the server cannot answer at all: wrong model, credentials, address).
+    """
+    if clients < 1 or seconds <= 0 or not requests:
+        raise ValueError("need at least one client, a positive duration and a request")
+    channels = [make_client(k) for k in range(clients)]
+    try:
+        for k, client in enumerate(channels):
+            for n in range(WARMUP_CALLS):
+                client.send_request(fresh_request(requests[(k + n) % len(requests)]))
+        result = LevelResult(clients=clients, seconds=0.0)
+        lock = threading.Lock()
+        start_line = threading.Barrier(clients + 1)
+        deadline = [math.inf]
+
+        def send(k: int) -> None:
+            client, n = channels[k], k
+            start_line.wait()
+            while time.perf_counter() < deadline[0]:
+                request = fresh_request(requests[n % len(requests)])
+                n += 1
+                began = time.perf_counter()
+                try:
+                    client.send_request(request)
+                except CloudError as exc:
+                    with lock:
+                        result.failures[exc.code.name] += 1
+                    if exc.code.name == "RESOURCE_EXHAUSTED":
+                        time.sleep(0.005)  # as a real edge backs off, if only a little
+                    continue
+                with lock:
+                    result.latencies_s.append(time.perf_counter() - began)
+
+        threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        began = time.perf_counter()
+        deadline[0] = began + seconds
+        start_line.wait()
+        for thread in threads:
+            thread.join()
+        result.seconds = time.perf_counter() - began
+        return result
+    finally:
+        for client in channels:
+            client.close()

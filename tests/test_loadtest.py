@@ -1,0 +1,88 @@
+"""`splitdet loadtest` against a real cloud process: every call it counts is one the server
+computed (no answer from its store), refusals it calls busy are the server's
+RESOURCE_EXHAUSTED, and each simulated edge is seen under its own name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cloud_fixtures import shared_model_dir, start_cloud_process
+from PIL import Image
+
+from splitdet.shared.cli import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("load_images")
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        pixels = rng.integers(0, 255, (240, 300, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    _, model_dir, manifest = shared_model_dir()
+    server = start_cloud_process(
+        model_dir, tmp_path_factory.mktemp("load_cloud"), "cloud", "--max-concurrent", "1"
+    )
+    yield server, model_dir, manifest
+    server.stop()
+
+
+def test_loadtest_counts_what_the_server_computed(cloud, images, tmp_path, capsys):
+    server, model_dir, manifest = cloud
+    out = tmp_path / "load.json"
+    code = main(
+        ["loadtest", str(images), "--model", str(model_dir), "--cloud", server.address,
+         "--name", "bench", "--clients", "1,3", "--seconds", "1", "--json", str(out)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "broken.png" in captured.err  # skipped, named; the others still used
+    report = json.loads(out.read_text())
+    assert report["model_fingerprint"] == manifest.fingerprint
+    levels = {row["clients"]: row for row in report["levels"]}
+    assert set(levels) == {1, 3}
+    assert all(row["answered"] > 0 and row["failed"] == {} for row in levels.values())
+    assert levels[1]["busy"] == 0  # one edge never meets a second call
+
+    metrics = server.metrics()
+    answers = 'splitdet_cloud_edge_answers_total{edge="bench-load%d",fingerprint="%s"}'
+    per_edge = [metrics.get(answers % (k, manifest.fingerprint), 0) for k in range(4)]
+    warmups = 1 + 3  # one call per edge per level before the clock starts
+    assert sum(per_edge) == levels[1]["answered"] + levels[3]["answered"] + warmups
+    assert per_edge[1] > 0 and per_edge[2] > 0 and per_edge[3] == 0  # three edges, by name
+    assert metrics.get("splitdet_cloud_cache_hits_total", 0) == 0  # all computed
+    busy = metrics.get(
+        'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}', 0
+    )
+    assert busy == levels[3]["busy"]
+    assert f"{levels[3]['answers_per_second']:.2f}" in captured.out
+
+
+def test_a_cloud_that_cannot_answer_is_one_line(images, tmp_path, capsys):
+    _, model_dir, _ = shared_model_dir()
+    other_dir = shared_model_dir(seed=1)[1]  # a cloud serving another export
+    server = start_cloud_process(other_dir, tmp_path / "other", "other")
+    try:
+        code = main(["loadtest", str(images), "--model", str(model_dir), "--cloud",
+                     server.address, "--seconds", "0.5", "--clients", "1"])  # fmt: skip
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and "the cloud refused the first call" in err
+    assert "FAILED_PRECONDITION" in err and "Traceback" not in err
+
+
+def test_no_usable_image_is_one_line(tmp_path, capsys):
+    _, model_dir, _ = shared_model_dir()
+    (tmp_path / "a.png").write_bytes(b"")
+    code = main(["loadtest", str(tmp_path), "--model", str(model_dir), "--cloud", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no usable image among {tmp_path}" in err and "a.png" in err
