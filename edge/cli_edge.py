@@ -13,7 +13,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sqlite3
 import sys
 import time
@@ -27,7 +26,7 @@ from splitdet.edge.cloud_args import (
     check_cloud_addresses,
     client_config,
 )
-from splitdet.shared.cli import float_in, int_in
+from splitdet.shared.cli import float_in, int_in, silence_stdout
 
 EDGE_EPILOG = """\
 actions:
@@ -608,7 +607,7 @@ def status(args: argparse.Namespace) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # e.g. `| head`: stop quietly
-        _silence_stdout()
+        silence_stdout()
     return 0
 
 
@@ -838,17 +837,10 @@ def results(args: argparse.Namespace) -> int:
             _table(rows, out)
         out.flush()
     except BrokenPipeError:  # e.g. `| head`: stop quietly
-        _silence_stdout()
+        silence_stdout()
     finally:
         db.close()
     return 0
-
-
-def _silence_stdout() -> None:
-    """After a reader closed our stdout (`| head`): point it at /dev/null, so that Python's
-    flush at exit does not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _table(rows, out) -> None:

@@ -196,6 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"splitdet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `| head` closed our stdout: stop quietly
+        silence_stdout()
+        return 0
+
+
+def silence_stdout() -> None:
+    """After a reader closed our stdout (`| head`): point it at /dev/null, so that Python's
+    flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 #: Environment variable read for the bearer token when --token-file is not given (edge and cloud).

@@ -4,6 +4,7 @@ writes stratified, reproducible train/val/test files (and empty annotations for 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -210,3 +211,115 @@ def test_split_add_keeps_every_earlier_assignment(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one or the other
         main(["data", "split", str(root), "--add", "--overwrite"])
     assert "--overwrite: not allowed with argument --add" in capsys.readouterr().err
+
+
+def _rename_class(root: Path, ids, name: str) -> None:
+    for image_id in ids:
+        path = root / "Annotations" / f"{image_id}.xml"
+        path.write_text(path.read_text().replace("<name>scratch</name>", f"<name>{name}</name>"))
+
+
+def test_classes_train_would_refuse_are_named_with_the_option(dataset, tmp_path, capsys):
+    _rename_class(dataset, ["img_000"], "dent")
+    code, report, _ = _check(dataset, capsys)
+    assert code == 0  # the data is fine; the training command needs the option
+    assert any("train with --classes dent,scratch" in w for w in report["warnings"])
+    assert "give every class the dataset holds with --classes" in voc.check_hint(
+        voc.VocError("x.xml: <object> #1 has unknown class 'dent'"), dataset
+    )
+    truncated = voc.check_hint(voc.VocError("a.png: cannot decode image: truncated"), dataset)
+    assert f"`splitdet data check {dataset} --decode`" in truncated
+
+
+def test_split_files_that_would_fail_later_are_problems(dataset, capsys):
+    main_dir = dataset / "ImageSets" / "Main"
+    (main_dir / "test.txt").unlink()
+    (main_dir / "train.txt").write_text("")
+    code, report, _ = _check(dataset, capsys)
+    assert code == 1
+    assert [p for p in report["problems"] if "train.txt" in p] == [
+        f"{main_dir / 'train.txt'}: lists no image to train on"
+    ]
+    assert any("test.txt: no held-out image" in w for w in report["warnings"])
+
+    (main_dir / "train.txt").write_text("img_000\n#hidden\nimg\\001\n")  # a Windows path
+    code, report, _ = _check(dataset, capsys)
+    assert [p for p in report["problems"] if "train.txt" in p] == [
+        f"{main_dir / 'train.txt'}:3: image id 'img\\\\001' holds a path separator"
+    ]  # and no follow-on "train.txt: split file not found" nor "in no split"
+    assert not any("no split" in w for w in report["warnings"])
+
+
+def test_images_named_by_filename_other_cases_and_fifos(dataset, capsys):
+    images, annotations = dataset / "JPEGImages", dataset / "Annotations"
+    (images / "img_000.png").rename(images / "photo0.png")  # annotation names it in <filename>
+    xml = annotations / "img_000.xml"
+    xml.write_text(xml.read_text().replace("img_000.png", "photo0.png"))
+    (images / "img_001.png").rename(images / "img_001.Png")
+    twin = annotations / "img_002.xml"
+    (annotations / "copy_of_2.xml").write_text(twin.read_text())  # the same image twice
+    (annotations / "img_003.xml").rename(annotations / "img_003.XML")
+    os.mkfifo(annotations / "pipe.xml")
+
+    assert _check(dataset, capsys)[0] == 1
+    problems = "\n".join(_check(dataset, capsys)[1]["problems"])
+    assert "photo0.png: no annotation" not in problems
+    assert "img_001" not in problems  # .Png is found
+    assert f"{images / 'img_002.png'}: the image of 2 annotations (copy_of_2, img_002)" in problems
+    assert f"{annotations / 'img_003.XML'}: name it img_003.xml" in problems
+    assert f"{annotations / 'pipe.xml'}: cannot read annotation: not a regular file" in problems
+    (annotations / "pipe.xml").unlink()
+    (annotations / "copy_of_2.xml").unlink()
+
+    shutil.rmtree(dataset / "ImageSets")
+    (annotations / "img_003.XML").rename(annotations / "img_003.xml")
+    assert main(["data", "split", str(dataset), "--write-empty", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["empty_annotations_written"] == []
+    assert not (annotations / "photo0.xml").exists()  # a defective image, not a defect-free one
+
+
+def test_split_refuses_ids_a_split_file_cannot_hold_and_writes_nothing(tmp_path, capsys):
+    root = _tool_export(tmp_path)
+    for bad in ("my part", "#4"):
+        shutil.copyfile(root / "JPEGImages" / "img_000.png", root / "JPEGImages" / f"{bad}.png")
+        sample = voc.read_annotation(root, "img_000")
+        voc.write_annotation(
+            root / "Annotations" / f"{bad}.xml",
+            voc.VocSample(bad, root / "JPEGImages" / f"{bad}.png", 160, 128, sample.objects),
+        )
+    assert main(["data", "split", str(root), "--write-empty"]) == 2
+    err = capsys.readouterr().err
+    assert "; rename it (and 1 more; `splitdet data check` lists all)" in err
+    assert not (root / "ImageSets").exists()
+    assert not (root / "Annotations" / "img_015.xml").exists()
+    problems = "\n".join(_check(root, capsys)[1]["problems"])
+    assert "'my part' holds white space" in problems
+    assert "'#4' starts with '#'" in problems
+
+
+def test_split_gives_val_a_defective_image_and_refuses_an_empty_train(tmp_path, capsys):
+    root = make_tiny_voc(tmp_path / "voc", n_defective=10, n_free=20)
+    shutil.rmtree(root / "ImageSets")
+    for k in range(5):  # five classes of two images each
+        _rename_class(root, [f"img_{2 * k:03d}", f"img_{2 * k + 1:03d}"], f"class{k}")
+    for seed in range(5):
+        assert main(["data", "split", str(root), "--overwrite", "--seed", str(seed)]) == 0
+        for split in ("val", "test"):
+            assert any(s.is_defective for s in voc.read_split(root, split)), (seed, split)
+        capsys.readouterr()
+    assert main(["data", "split", str(root), "--overwrite", "--val", "0.5", "--test", "0.49"]) == 2
+    assert "leave none of the 30 images to train on" in capsys.readouterr().err
+
+
+def test_validation_subset_keeps_a_rare_defective_image():
+    from splitdet.training.train import _validation_subset
+
+    def sample(k: int) -> voc.VocSample:
+        objects = (voc.VocObject("scratch", (0.0, 0.0, 2.0, 2.0)),) if k == 1 else ()
+        return voc.VocSample(f"i{k}", Path("i.png"), 4, 4, objects)
+
+    samples = [sample(k) for k in range(120)]
+    assert not any(s.is_defective for s in voc.evenly_spaced(samples, 60))  # the old choice
+    subset = _validation_subset(samples, 60)
+    assert len(subset) == 60 and sum(s.is_defective for s in subset) == 1
+    assert subset == sorted(subset, key=samples.index)  # in the split's order

@@ -34,6 +34,9 @@ def _classes(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
         raise argparse.ArgumentTypeError(f"expected class names separated by commas, got {text!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # train refuses it too
+        raise argparse.ArgumentTypeError(f"{text!r}: {twice[0]!r} is listed twice")
     return names
 
 
@@ -54,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read every annotation, image header and split file of a VOC dataset and report "
             "all problems together, each naming its file (train and eval stop at the first), "
-            "then what each split holds. Exit status 0 when train and eval would accept it, "
-            "1 when not."
+            "then what each split holds. Exit status 1 when it finds a problem: what would "
+            "stop train or eval, leave an image out unseen or let one split leak into another; "
+            "0 when only warnings remain."
         ),
     )
     c.add_argument("data", metavar="DIR", help="the VOC dataset (JPEGImages/, Annotations/)")

@@ -477,6 +477,25 @@ def _setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def _validation_subset(samples: list, n: int | None) -> list:
+    """``n`` of the validation split's `VocSample`s spread evenly over it; if that spread
+    misses its few defective images, spread over each kind in proportion instead (at least
+    one defective)."""
+    from splitdet.training import voc
+
+    subset = voc.evenly_spaced(samples, n)
+    defective = [s for s in samples if s.is_defective]
+    if any(s.is_defective for s in subset) or not defective:
+        return subset
+    free = [s for s in samples if not s.is_defective]
+    n_defective = max(1, round(len(subset) * len(defective) / len(samples)))
+    chosen = voc.evenly_spaced(defective, n_defective) + voc.evenly_spaced(
+        free, len(subset) - n_defective
+    )
+    order = {id(s): k for k, s in enumerate(samples)}
+    return sorted(chosen, key=lambda s: order[id(s)])
+
+
 def train(
     config: TrainConfig,
     data_dir: Path | str,
@@ -524,7 +543,7 @@ def train(
     train_samples = voc.read_split(data_dir, "train", mc.class_names)
     val_samples = []
     if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
-        val_samples = voc.evenly_spaced(
+        val_samples = _validation_subset(
             voc.read_split(data_dir, "val", mc.class_names), config.eval_images
         )
     if not train_samples:

@@ -25,8 +25,10 @@ Only the standard library, and Pillow to read image headers: no numpy, no torch.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import stat
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
@@ -42,6 +44,7 @@ __all__ = [
     "annotation_xml",
     "check_hint",
     "class_names_of",
+    "id_problem",
     "image_size",
     "read_annotation",
     "read_split",
@@ -66,7 +69,29 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 def check_hint(exc: Exception, root: Path | str) -> str:
     """``exc``'s message and the command that lists every problem of the dataset at once
     (train and eval stop at the first)."""
-    return f"{exc} (`splitdet data check {root}` lists every problem at once)"
+    message = str(exc)
+    if "unknown class" in message:
+        return f"{message} (give every class the dataset holds with --classes A,B)"
+    decode = " --decode" if "cannot decode image" in message else ""
+    return f"{message} (`splitdet data check {root}{decode}` lists every problem at once)"
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot stand in a split file (None when it can): a split file holds
+    one id per line, the first token, ``#`` starting a comment, no path separators."""
+    if not image_id or image_id in (".", ".."):
+        return f"invalid image id {image_id!r}"
+    if any(c.isspace() for c in image_id):
+        return f"image id {image_id!r} holds white space"
+    if "/" in image_id or "\\" in image_id:
+        return f"image id {image_id!r} holds a path separator"
+    if image_id.startswith("#"):
+        return f"image id {image_id!r} starts with '#', which a split file reads as a comment"
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"image id {image_id!r} is not valid UTF-8 (rename the file)"
+    return None
 
 
 class VocError(ValueError):
@@ -126,7 +151,7 @@ def read_split_ids(root: Path, split: str) -> list[str]:
             continue
         image_id = fields[0]
         if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
-            raise VocError(f"{path}:{lineno}: invalid image id {image_id!r}")
+            raise VocError(f"{path}:{lineno}: {id_problem(image_id)}")
         if image_id in seen:
             raise VocError(f"{path}:{lineno}: image id {image_id!r} listed twice")
         seen.add(image_id)
@@ -136,11 +161,14 @@ def read_split_ids(root: Path, split: str) -> list[str]:
 
 def _parse_xml(path: Path) -> ET.Element:
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise VocError(f"{path}: annotation file not found") from None
     except OSError as exc:
         raise VocError(f"{path}: cannot read annotation: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read for ever
+        raise VocError(f"{path}: cannot read annotation: not a regular file")
+    size = info.st_size
     if size > MAX_ANNOTATION_BYTES:
         raise VocError(
             f"{path}: annotation is {size} bytes, larger than the {MAX_ANNOTATION_BYTES} "
@@ -199,6 +227,10 @@ def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
         for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
             if candidate.is_file():
                 return candidate
+    # any other case of the extension (.Jpg), looked for only when the usual names are missing
+    for candidate in sorted(folder.glob(f"{glob.escape(image_id)}.*")):
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
+            return candidate
     if filename and Path(filename).name == filename:  # a bare name, never a path elsewhere
         candidate = folder / filename
         if candidate.is_file():
@@ -449,8 +481,9 @@ def write_split(root: Path, split: str, ids: Iterable[str]) -> Path:
     """Write ``ROOT/ImageSets/Main/{split}.txt`` with one id per line; returns its path."""
     ids = list(ids)
     for image_id in ids:
-        if not image_id or any(c.isspace() for c in image_id) or "/" in image_id:
-            raise ValueError(f"invalid image id {image_id!r} for split {split!r}")
+        problem = id_problem(image_id)
+        if problem is not None:
+            raise ValueError(f"{problem}, for split {split!r}")
     path = _split_file(Path(root), split)
     atomic_write(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
     return path

@@ -8,7 +8,7 @@ starting with the offending file, plus counts per split and warnings about what 
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
 another).
 
-Only the standard library and Pillow (through `voc`): no numpy, no torch.
+Only the standard library, Pillow (through `voc`) and the model config: no numpy, no torch.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitdet.shared.config import ModelConfig
 from splitdet.training import voc
 
 __all__ = ["SPLITS", "DatasetReport", "SplitStats", "annotated_ids", "check_dataset", "image_ids"]
 
 #: The split files splitdet reads, in the order they are reported.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: The one class the training presets name (``splitdet train`` without ``--classes``).
+(DEFAULT_CLASS,) = ModelConfig().class_names
 
 #: Boxes smaller than this (px) both ways are reported as a warning: often a stray click
 #: (a thin scratch is as thin, but long).
@@ -97,21 +101,23 @@ class DatasetReport:
         }
 
 
-def _stem_ids(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    """``{stem: path}`` of the files in ``folder`` whose suffix (any case) is in ``suffixes``."""
+def _stem_ids(folder: Path, suffixes: Sequence[str], any_case: bool = True) -> dict[str, Path]:
+    """``{stem: path}`` of the regular files in ``folder`` whose suffix is in ``suffixes`` (in
+    any case, unless not ``any_case``); hidden files skipped."""
     if not folder.is_dir():
         return {}
-    wanted = {s.lower() for s in suffixes}
+    wanted = {s.lower() for s in suffixes} if any_case else set(suffixes)
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in wanted and not path.name.startswith("."):
+        suffix = path.suffix.lower() if any_case else path.suffix
+        if suffix in wanted and not path.name.startswith(".") and path.is_file():
             found.setdefault(path.stem, path)
     return found
 
 
 def annotated_ids(root: Path) -> list[str]:
-    """Sorted ids of ``ROOT/Annotations/*.xml`` (hidden files skipped)."""
-    return sorted(_stem_ids(Path(root) / "Annotations", (".xml",)))
+    """Sorted ids of ``ROOT/Annotations/*.xml`` (the readers look for ``ID.xml`` exactly)."""
+    return sorted(_stem_ids(Path(root) / "Annotations", (".xml",), any_case=False))
 
 
 def image_ids(root: Path) -> dict[str, Path]:
@@ -164,11 +170,19 @@ def check_dataset(
     images = image_ids(root)
     report.annotations, report.images = len(ids), len(images)
     annotated = set(ids)
-    for image_id in sorted(set(images) - annotated):
-        report.problems.append(
-            f"{images[image_id]}: no annotation (Annotations/{image_id}.xml); a defect-free "
-            "image needs one with no <object> (`splitdet data split --write-empty` writes them)"
-        )
+    for path in sorted((root / "Annotations").iterdir()):
+        if path.suffix.lower() != ".xml" or path.name.startswith("."):
+            continue
+        if not path.is_file():  # a folder, a FIFO (reading it would block), a broken link
+            report.problems.append(f"{path}: cannot read annotation: not a regular file")
+        elif path.suffix != ".xml":
+            report.problems.append(f"{path}: name it {path.stem}.xml (the readers look for ID.xml)")
+    for image_id in ids:
+        problem = voc.id_problem(image_id)
+        if problem is not None:
+            report.problems.append(
+                f"{root / 'Annotations' / image_id}.xml: {problem}; rename it and its image"
+            )
 
     samples: dict[str, voc.VocSample] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -181,6 +195,7 @@ def check_dataset(
             if progress is not None:
                 progress(1)
 
+    _check_images(root, report, images, samples)
     widths: list[float] = []
     heights: list[float] = []
     for sample in samples.values():
@@ -199,7 +214,34 @@ def check_dataset(
         report.box_px = {"width": _percentiles(widths), "height": _percentiles(heights)}
 
     _check_splits(root, report, annotated, samples)
+    if class_names is None and report.classes and set(report.classes) != {DEFAULT_CLASS}:
+        names = ",".join(sorted(report.classes))
+        report.warnings.append(
+            f"{root / 'Annotations'}: classes {names}; the presets train {DEFAULT_CLASS!r} "
+            f"alone, so train with --classes {names} (check with --classes the same way)"
+        )
     return report
+
+
+def _check_images(
+    root: Path, report: DatasetReport, images: dict[str, Path], samples: dict[str, voc.VocSample]
+) -> None:
+    """Images no annotation points at, and images two annotations point at."""
+    users: dict[Path, list[str]] = {}
+    for image_id, sample in samples.items():
+        users.setdefault(sample.image_path.resolve(), []).append(image_id)
+    for image_id, path in sorted(images.items()):
+        if path.resolve() in users or (root / "Annotations" / f"{image_id}.xml").is_file():
+            continue  # annotated (also through another annotation's <filename>)
+        report.problems.append(
+            f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
+            "image needs one with no <object> (`splitdet data split --write-empty` writes them)"
+        )
+    for path, ids in sorted(users.items()):
+        if len(ids) > 1:
+            report.problems.append(
+                f"{path}: the image of {len(ids)} annotations ({', '.join(sorted(ids))}); keep one"
+            )
 
 
 def _check_splits(
@@ -207,6 +249,7 @@ def _check_splits(
 ) -> None:
     """Split files: ids without annotation, ids in two splits, what each split holds."""
     listed: dict[str, str] = {}  # id -> the first split listing it
+    unreadable: list[str] = []
     for split in SPLITS:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
@@ -215,6 +258,7 @@ def _check_splits(
             split_ids = voc.read_split_ids(root, split)
         except voc.VocError as exc:
             report.problems.append(str(exc))
+            unreadable.append(split)
             continue
         stats = report.splits.setdefault(split, SplitStats())
         for image_id in split_ids:
@@ -240,26 +284,34 @@ def _check_splits(
             stats.objects.update(obj.name for obj in sample.objects)
             stats.difficult += sum(obj.difficult for obj in sample.objects)
 
-    report.unlisted = sorted(set(samples) - set(listed))
+    report.unlisted = [] if unreadable else sorted(set(samples) - set(listed))
     split_dir = root / "ImageSets" / "Main"
-    if "train" not in report.splits:
+    train, val, test = (report.splits.get(s) for s in SPLITS)
+    if train is None and "train" not in unreadable:
         report.problems.append(
             f"{split_dir / 'train.txt'}: split file not found (`splitdet data split` writes "
             "train, val and test)"
         )
-    elif report.splits["train"].images and not report.splits["train"].defect_free:
+    elif train is not None and not (train.images or train.unreadable):
+        report.problems.append(f"{split_dir / 'train.txt'}: lists no image to train on")
+    elif train is not None and train.images and not train.defect_free:
         report.warnings.append(
             f"{split_dir / 'train.txt'}: no defect-free image; the gate learns what a good part "
             "looks like from them"
         )
-    if "val" not in report.splits:
+    if val is None and "val" not in unreadable:
         report.warnings.append(
             f"{split_dir / 'val.txt'}: split file not found; training then keeps no best.pt "
             "and `eval --calibrate-split val` cannot set the gate threshold"
         )
-    elif not report.splits["val"].unreadable and not report.splits["val"].defective:
+    elif val is not None and not val.unreadable and not val.defective:
         report.problems.append(
             f"{split_dir / 'val.txt'}: no defective image, so the gate cannot be calibrated on it"
+        )
+    if (test is None and "test" not in unreadable) or (test is not None and not test.images):
+        report.warnings.append(
+            f"{split_dir / 'test.txt'}: no held-out image; `splitdet eval` reads the test split "
+            "unless given --split"
         )
     if report.unlisted:
         report.warnings.append(

@@ -41,17 +41,36 @@ class SplitResult:
         return {name: len(ids) for name, ids in self.ids.items()}
 
 
-def unannotated_samples(root: Path) -> list[voc.VocSample]:
-    """A sample with no object for every image of ``ROOT/JPEGImages`` without an annotation,
-    sized from its header (`voc.VocError` names an image Pillow cannot read)."""
+def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[voc.VocSample]:
+    """A sample with no object for every image of ``ROOT/JPEGImages`` that neither has an
+    annotation of its name nor is the image of one of ``samples`` (through its <filename>),
+    sized from its header. Raises `voc.VocError` naming the first image Pillow cannot read
+    (and how many more), or whose name cannot be an image id."""
     root = Path(root)
     have = set(annotated_ids(root))
-    samples = []
+    used = {sample.image_path.resolve() for sample in samples}
+    found, problems = [], []
     for image_id, path in sorted(image_ids(root).items()):
-        if image_id not in have:
+        if image_id in have or path.resolve() in used:
+            continue
+        problem = voc.id_problem(image_id)
+        if problem is not None:
+            problems.append(f"{path}: {problem}; rename it")
+            continue
+        try:
             width, height = voc.image_size(path)
-            samples.append(voc.VocSample(image_id, path, width, height, ()))
-    return samples
+        except voc.VocError as exc:
+            problems.append(str(exc))
+            continue
+        found.append(voc.VocSample(image_id, path, width, height, ()))
+    _raise_first(problems)
+    return found
+
+
+def _raise_first(problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more; `splitdet data check` lists all)"
+        raise voc.VocError(problems[0] + (more if len(problems) > 1 else ""))
 
 
 def stratum_of(sample: voc.VocSample, class_counts: Counter) -> str:
@@ -61,15 +80,17 @@ def stratum_of(sample: voc.VocSample, class_counts: Counter) -> str:
     return min((obj.name for obj in sample.objects), key=lambda n: (class_counts[n], n))
 
 
-def _shares(n: int, fractions: Sequence[float]) -> list[int]:
-    """``n`` items divided by ``fractions`` (summing to 1), rounded so the sizes add to ``n``
-    (largest remainders first)."""
-    exact = [n * f for f in fractions]
-    sizes = [int(x) for x in exact]
-    order = sorted(range(len(exact)), key=lambda k: (sizes[k] - exact[k], k))
-    for k in order[: n - sum(sizes)]:
-        sizes[k] += 1
-    return sizes
+def _deal(sequence: Sequence[str], fractions: Sequence[float]) -> list[list[str]]:
+    """Deal ``sequence`` out to len(fractions) splits so that every prefix of it is divided
+    as near ``fractions`` as whole items allow (each item goes to the split furthest below
+    its share so far; ties to the earlier split). Strata laid out one after another thus each
+    get their share within one or two items, and a small stratum's remainder is carried to
+    the next rather than always rounded into train."""
+    dealt: list[list[str]] = [[] for _ in fractions]
+    for i, item in enumerate(sequence, start=1):
+        k = max(range(len(fractions)), key=lambda j: (i * fractions[j] - len(dealt[j]), -j))
+        dealt[k].append(item)
+    return dealt
 
 
 def split_dataset(
@@ -85,16 +106,19 @@ def split_dataset(
 ) -> SplitResult:
     """Write ``ImageSets/Main/{train,val,test}.txt`` over every annotation under ``root``.
 
-    ``val``/``test``: the share of each stratum (defect-free images, and defective images by
-    their rarest class) that goes to each split; the rest trains. A split with share 0 is
+    ``val``/``test``: the share of the images that goes to each split (the rest trains), of
+    each stratum too as near as whole images allow (defect-free images, and defective images
+    by their rarest class); val gets a defective image whenever train would keep two. A
+    split with share 0 is
     written empty only if it existed before (so stale ids never linger), else not at all.
     ``write_empty``: give every image without an annotation one with no object first.
     ``add``: keep every id the existing split files list where it is, and divide only the
     annotations in no split among them (new images collected from the line join the splits,
     and no image moves, so an earlier test split stays held out).
     Nothing is written unless everything can be: raises `voc.VocError` naming the first
-    annotation or image that cannot be read, `FileExistsError` when split files exist and not
-    ``overwrite``, and `ValueError` for shares out of range.
+    annotation or image that cannot be read or named in a split file, `FileExistsError` when
+    split files exist and not ``overwrite``, and `ValueError` for shares out of range or
+    leaving nothing to train on.
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val {val} and test {test} must each be in [0, 1) and sum below 1")
@@ -106,24 +130,21 @@ def split_dataset(
         raise FileExistsError(
             f"{split_dir}: already holds {', '.join(s + '.txt' for s in existing)}"
         )
-    empty = unannotated_samples(root) if write_empty else []
     ids = annotated_ids(root)
-    if not ids and not empty:
-        raise voc.VocError(f"{root / 'Annotations'}: no annotation (*.xml) to split")
-    samples, problems = list(empty), []
+    samples, problems = [], []
     for image_id in ids:
         try:
             samples.append(voc.read_annotation(root, image_id, class_names))
         except voc.VocError as exc:
             problems.append(str(exc))
-    if problems:
-        more = f" (and {len(problems) - 1} more; `splitdet data check` lists all)"
-        raise voc.VocError(problems[0] + (more if len(problems) > 1 else ""))
-    written = []
-    for sample in empty:
-        target = root / "Annotations" / f"{sample.image_id}.xml"
-        voc.write_annotation(target, sample)
-        written.append(target)
+        problem = voc.id_problem(image_id)
+        if problem is not None:
+            problems.append(f"{root / 'Annotations' / image_id}.xml: {problem}; rename it")
+    _raise_first(problems)
+    empty = unannotated_samples(root, samples) if write_empty else []
+    samples += empty
+    if not samples:
+        raise voc.VocError(f"{root / 'Annotations'}: no annotation (*.xml) to split")
 
     class_counts = Counter(obj.name for s in samples for obj in s.objects)
     listed = {image_id for ids_ in kept.values() for image_id in ids_}
@@ -132,19 +153,41 @@ def split_dataset(
         if sample.image_id not in listed:
             strata[stratum_of(sample, class_counts)].append(sample.image_id)
     rng = random.Random(seed)
-    chosen: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for stratum in sorted(strata):
+    sequence = []
+    # the rarest classes first, defect-free images last: the carried remainders fall on them
+    for stratum in sorted(strata, key=lambda k: (k == DEFECT_FREE, class_counts[k], k)):
         members = sorted(strata[stratum])
         rng.shuffle(members)
-        n_train, n_val, _ = _shares(len(members), (1 - val - test, val, test))
-        chosen["train"] += members[:n_train]
-        chosen["val"] += members[n_train : n_train + n_val]
-        chosen["test"] += members[n_train + n_val :]
+        sequence += members
+    fractions = (1 - val - test, val, test)
+    chosen = dict(zip(SPLITS, _deal(sequence, fractions), strict=True))
+    defective = {s.image_id for s in samples if s.is_defective}
+    if val > 0 and not kept and not defective & set(chosen["val"]):
+        movable = [i for i in chosen["train"] if i in defective]
+        if len(movable) > 1:  # the gate is calibrated on val's defective images
+            chosen["train"].remove(movable[-1])
+            chosen["val"].append(movable[-1])
+    if not kept.get("train") and not chosen["train"]:
+        raise ValueError(
+            f"--val {val} and --test {test} leave none of the {len(samples)} images to train on"
+        )
+
     paths, ids_written = {}, {}
     for split in SPLITS:
         if chosen[split] or split == "train" or split in existing:
             ids_written[split] = kept.get(split, []) + sorted(chosen[split])
-            paths[split] = voc.write_split(root, split, ids_written[split])
+    written = []
+    try:
+        for sample in empty:
+            target = root / "Annotations" / f"{sample.image_id}.xml"
+            voc.write_annotation(target, sample)
+            written.append(target)
+        for split, split_ids in ids_written.items():
+            paths[split] = voc.write_split(root, split, split_ids)
+    except BaseException:
+        for target in written:  # a failed split leaves no half-made defect-free annotations
+            target.unlink(missing_ok=True)
+        raise
     return SplitResult(
         ids=ids_written,
         paths=paths,
