@@ -5,7 +5,8 @@ and the latency an edge then sees. `measure_level` runs ``clients`` threads, eac
 channel (one connection, as a separate edge has) and edge name, sending real DetectRequests
 back to back for ``seconds``; every call carries a new request id, so the server's answers
 store never answers from memory. RESOURCE_EXHAUSTED (more calls than ``--max-concurrent``)
-is counted as "busy", any other failure by its code.
+is counted as "busy", any other failure by its code; after either, that edge backs off as the
+edge daemon does before it sends the request again.
 
 Torch-free: the requests come from the edge pipeline; the server is whatever ``--cloud`` is.
 """
@@ -13,6 +14,7 @@ Torch-free: the requests come from the edge pipeline; the server is whatever ``-
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from splitdet.edge.client import CloudClient, CloudError
+from splitdet.edge.sender import Backoff
 from splitdet.shared.wire import detection_pb2 as pb
 
 __all__ = ["LevelResult", "fresh_request", "measure_level", "percentile"]
@@ -33,7 +36,8 @@ WARMUP_CALLS = 1
 class LevelResult:
     """One concurrency level's outcome.
 
-    ``latencies_s``: round-trip seconds of each answered call. ``failures``: status code name
+    ``latencies_s``: seconds from each answered request's first try to its answer (with the
+    backoff of any busy refusals before it: the delay an edge sees). ``failures``: status code name
     -> calls (``RESOURCE_EXHAUSTED``: the server was busy).
     """
 
@@ -89,15 +93,20 @@ def measure_level(
     requests: Sequence[pb.DetectRequest],
     clients: int,
     seconds: float,
+    backoff: Backoff | None = None,
 ) -> LevelResult:
     """``clients`` edges sending ``requests`` in turn, back to back, for ``seconds``.
 
     ``make_client(k)``: the k-th edge's client (its own channel). A call that starts before
-    the deadline is waited for and counted. Raises `CloudError` when a warm-up call fails
-    (the server cannot answer at all: wrong model, credentials, address).
+    the deadline is waited for and counted. After a failed call an edge waits as the edge
+    daemon's sender does (``backoff``, default the daemon's: 0.5 s doubling, with jitter), so
+    a saturated server is measured as real edges would load it, not hammered. Raises
+    `CloudError` when a warm-up call fails (the server cannot answer at all: wrong model,
+    credentials, address).
     """
     if clients < 1 or seconds <= 0 or not requests:
         raise ValueError("need at least one client, a positive duration and a request")
+    backoff = backoff or Backoff()
     channels = [make_client(k) for k in range(clients)]
     try:
         for k, client in enumerate(channels):
@@ -109,32 +118,35 @@ def measure_level(
         deadline = [math.inf]
 
         def send(k: int) -> None:
-            client, n = channels[k], k
+            client, n, failures = channels[k], k, 0
+            rng = random.Random(k)
             start_line.wait()
+            began = None  # the first try of the request being sent
             while time.perf_counter() < deadline[0]:
                 request = fresh_request(requests[n % len(requests)])
-                n += 1
-                began = time.perf_counter()
+                began = began or time.perf_counter()
                 try:
                     client.send_request(request)
                 except CloudError as exc:
                     with lock:
                         result.failures[exc.code.name] += 1
-                    if exc.code.name == "RESOURCE_EXHAUSTED":
-                        time.sleep(0.005)  # as a real edge backs off, if only a little
+                    failures += 1  # then wait as an edge's sender does, the same request next
+                    pause = backoff.delay(failures, rng)
+                    time.sleep(max(0.0, min(pause, deadline[0] - time.perf_counter())))
                     continue
                 with lock:
                     result.latencies_s.append(time.perf_counter() - began)
+                n, failures, began = n + 1, 0, None
 
         threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(clients)]
         for thread in threads:
             thread.start()
-        began = time.perf_counter()
-        deadline[0] = began + seconds
+        started = time.perf_counter()
+        deadline[0] = started + seconds
         start_line.wait()
         for thread in threads:
             thread.join()
-        result.seconds = time.perf_counter() - began
+        result.seconds = time.perf_counter() - started
         return result
     finally:
         for client in channels:

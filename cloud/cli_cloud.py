@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "threads": (1, 1024),
     "max_concurrent": (1, None),
+    "max_queued": (0, 10000),
+    "queue_wait": (0, 3600),
     "max_message_mib": (1, 2047),  # gRPC's bound is a signed 32-bit byte count
     "max_decoded_mib": (1, None),
     "grace": (0, 3600),
@@ -108,8 +110,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         metavar="N",
-        help="Detect calls running at once; more are refused with "
+        help="Detect calls running at once; more wait (--max-queued) or are refused with "
         "RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=8,
+        metavar="N",
+        help="Detect calls that wait, first come first served, for a running one to finish; "
+        "more are refused with RESOURCE_EXHAUSTED, and the edge backs off. Waiting calls "
+        "hold their request in memory (up to --max-message-mib each). 0: refuse at once, "
+        "which lets the edge answered last take every freed slot under "
+        "load (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the longest a call waits for a slot, 0-3600 (its own deadline too; the edge's "
+        "is --timeout, 60 s) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-mib",
@@ -311,6 +332,8 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             listen=args.listen.strip(),
             threads=all_cores() if args.threads is None else args.threads,
             max_concurrent=args.max_concurrent,
+            max_queued=args.max_queued,
+            max_queue_wait_s=args.queue_wait,
             max_message_bytes=args.max_message_mib * MIB,
             max_decoded_bytes=args.max_decoded_mib * MIB,
             grace_s=args.grace,

@@ -69,7 +69,10 @@ class ServerConfig:
             (SIGHUP) serves what it holds then.
         listen: gRPC address, "host:port"; port 0 picks a free port.
         threads: torch threads for the heads (default: every core this process may use).
-        max_concurrent: Detect calls running at once; more are refused with RESOURCE_EXHAUSTED.
+        max_concurrent: Detect calls running at once.
+        max_queued: Detect calls beyond those that wait, first come first served, for a slot;
+            more, and those whose wait ends, are refused with RESOURCE_EXHAUSTED.
+        max_queue_wait_s: the longest a call waits for a slot (its deadline too), seconds.
         max_message_bytes: bound on one gRPC message, both directions.
         max_decoded_bytes: bound on the float32 bytes one request's features decode to.
         grace_s: on shutdown, seconds in-flight calls get to finish before they are cancelled.
@@ -92,6 +95,8 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     threads: int = field(default_factory=all_cores)
     max_concurrent: int = 2
+    max_queued: int = 8
+    max_queue_wait_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_decoded_bytes: int = DEFAULT_MAX_TOTAL_BYTES
     grace_s: float = 10.0
@@ -112,6 +117,8 @@ class ServerConfig:
             raise ValueError("give a model directory (--model) or a folder of them (--models-dir)")
         if self.threads < 1 or self.max_concurrent < 1:
             raise ValueError("threads and max_concurrent must be at least 1")
+        if self.max_queued < 0 or not 0 <= self.max_queue_wait_s <= 3600:
+            raise ValueError("max_queued must be >= 0 and max_queue_wait_s in [0, 3600]")
         if self.threads > OPTION_BOUNDS["threads"][1]:
             raise ValueError(f"threads must be at most {OPTION_BOUNDS['threads'][1]}")
         if not (math.isfinite(self.grace_s) and self.grace_s <= OPTION_BOUNDS["grace"][1]):
@@ -316,8 +323,9 @@ class CloudServer:
         self.metrics = ServerMetrics(core.fingerprints)
         self.health = health.HealthServicer()
         self.servicer = DetectionServicer(
-            core, self.metrics, config.max_concurrent, config.debug_delay_s
-        )
+            core, self.metrics, config.max_concurrent, config.debug_delay_s,
+            max_queued=config.max_queued, max_queue_wait_s=config.max_queue_wait_s,
+        )  # fmt: skip
         self.tokens = (
             AcceptedTokens(config.token, config.token_file)
             if config.token or config.token_file
@@ -326,7 +334,8 @@ class CloudServer:
         interceptors = [TokenInterceptor(self.tokens, self.metrics)] if self.tokens else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=config.max_concurrent + SPARE_RPC_THREADS,
+                # a waiting call holds its thread: the spare ones stay for health and refusals
+                max_workers=config.max_concurrent + config.max_queued + SPARE_RPC_THREADS,
                 thread_name_prefix="splitdet-rpc",
             ),
             interceptors=interceptors,

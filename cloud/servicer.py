@@ -42,6 +42,7 @@ from splitdet.cloud.core import (
     FingerprintMismatch,
     InvalidRequest,
 )
+from splitdet.cloud.slots import FairSlots
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
 from splitdet.shared.wire import detection_pb2 as pb
@@ -128,6 +129,11 @@ class ServerMetrics:
         )
         self.in_flight = Gauge(
             "splitdet_cloud_in_flight", "Detect calls running now.", registry=self.registry
+        )
+        self.queued = Gauge(
+            "splitdet_cloud_queued",
+            "Detect calls waiting for a slot now (--max-queued).",
+            registry=self.registry,
         )
         self.cache_hits = Counter(
             "splitdet_cloud_cache_hits",
@@ -427,7 +433,11 @@ class DetectionServicer:
     Args:
         core: the detection core.
         metrics: where calls are counted and timed.
-        max_concurrent: Detect calls allowed at once; more are refused with RESOURCE_EXHAUSTED.
+        max_concurrent: Detect calls allowed at once.
+        max_queued: calls beyond those that wait, in arrival order, for one to finish (at
+            most their deadline or ``max_queue_wait_s``); more are refused with
+            RESOURCE_EXHAUSTED, as are those whose wait ends.
+        max_queue_wait_s: the longest a call waits for a slot, seconds.
         debug_delay_s: TEST ONLY: sleep this long inside each Detect call (holding its slot)
             before running the core, to make a call slow on purpose.
     """
@@ -438,12 +448,17 @@ class DetectionServicer:
         metrics: ServerMetrics,
         max_concurrent: int,
         debug_delay_s: float = 0.0,
+        max_queued: int = 0,
+        max_queue_wait_s: float = 30.0,
     ) -> None:
         self.core = core
         self.metrics = metrics
         self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.max_queue_wait_s = max_queue_wait_s
         self.debug_delay_s = debug_delay_s
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._slots = FairSlots(max_concurrent, max_queued)
+        metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
         self._manifests: dict[str, bytes] = {}
         self.refresh()
@@ -468,10 +483,15 @@ class DetectionServicer:
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
-        if not self._slots.acquire(blocking=False):
+        remaining = context.time_remaining()
+        wait_s = (
+            self.max_queue_wait_s if remaining is None else min(remaining, self.max_queue_wait_s)
+        )
+        if not self._slots.acquire(wait_s, lambda: not context.is_active()):
             raise Overloaded(
-                f"server busy: {self.max_concurrent} Detect calls already running "
-                f"(--max-concurrent {self.max_concurrent}); retry later"
+                f"server busy: {self.max_concurrent} Detect calls running and up to "
+                f"{self.max_queued} waiting (--max-concurrent {self.max_concurrent}, "
+                f"--max-queued {self.max_queued}); retry later"
             )
         self.metrics.in_flight.inc()
         try:

@@ -121,9 +121,20 @@ def test_repeated_request_id_is_answered_from_the_store(served, tmp_path, sample
         assert "already used" in refused.value.message
 
 
+def _await_metric(server, name: str, value: float, timeout: float = 10.0) -> None:
+    """Wait until the server's metric `name` reaches `value` (a call started, queued...)."""
+    deadline = time.monotonic() + timeout
+    while _metric(server, name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
 def test_beyond_max_concurrent_is_resource_exhausted(served, tmp_path, sample):
     fingerprint = served[2].fingerprint
-    with running(served, tmp_path, max_concurrent=1, debug_delay_s=1.5) as (server, client):
+    with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
+        server,
+        client,
+    ):
         results = []
         slow = threading.Thread(
             target=lambda: results.append(
@@ -131,10 +142,7 @@ def test_beyond_max_concurrent_is_resource_exhausted(served, tmp_path, sample):
             )
         )
         slow.start()
-        deadline = time.monotonic() + 10
-        while _metric(server, "splitdet_cloud_in_flight") < 1:
-            assert time.monotonic() < deadline, "the slow call never started"
-            time.sleep(0.02)
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
         with pytest.raises(RetryLater) as busy:
             client.detect(sample.encoded, sample.image, "second", fingerprint)
         assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -145,6 +153,36 @@ def test_beyond_max_concurrent_is_resource_exhausted(served, tmp_path, sample):
         assert len(results) == 1 and len(results[0].boxes) > 0
         key = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
         assert _metric(server, key) == 1
+
+
+def test_a_call_beyond_max_concurrent_waits_its_turn(served, tmp_path, sample):
+    """--max-queued: the second call waits for the first instead of being refused (the edge
+    would back off 0.5 s or more); a third, with the queue full, is refused at once."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=1, debug_delay_s=1.0) as (
+        server,
+        client,
+    ):
+        results = {}
+
+        def send(name: str) -> None:
+            results[name] = client.detect(sample.encoded, sample.image, name, fingerprint)
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
+        second = threading.Thread(target=send, args=("second",))
+        second.start()
+        _await_metric(server, "splitdet_cloud_queued", 1)
+        with pytest.raises(RetryLater) as busy:
+            client.detect(sample.encoded, sample.image, "third", fingerprint)
+        assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-queued 1" in busy.value.message
+        first.join(10)
+        second.join(10)
+        assert set(results) == {"first", "second"}  # the waiting call was answered
+        assert len(results["second"].boxes) == len(results["first"].boxes) > 0
+        assert _metric(server, "splitdet_cloud_queued") == 0
 
 
 def test_every_call_has_a_deadline(served, tmp_path, sample):

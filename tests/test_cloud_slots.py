@@ -1,0 +1,75 @@
+"""`FairSlots`: Detect slots go to waiting calls in arrival order; a full queue, an expired
+wait or a caller that left gets no slot (real threads)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from splitdet.cloud.slots import FairSlots
+
+
+def _wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_slots_go_to_waiting_calls_in_arrival_order():
+    slots = FairSlots(1, 3)
+    assert slots.acquire(0)  # free: taken at once
+    order: list[str] = []
+
+    def call(name: str) -> None:
+        assert slots.acquire(10)
+        order.append(name)
+        time.sleep(0.02)
+        slots.release()
+
+    threads = []
+    for k, name in enumerate("abc"):
+        thread = threading.Thread(target=call, args=(name,))
+        thread.start()
+        threads.append(thread)
+        _wait_until(lambda k=k: slots.waiting == k + 1)  # queued in this order
+    assert not slots.acquire(10)  # a fourth: the queue is full, refused at once
+    slots.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["a", "b", "c"]
+    assert slots.waiting == 0 and slots.acquire(0)  # every slot came back
+
+
+def test_a_wait_that_ends_leaves_the_queue_to_the_next():
+    slots = FairSlots(1, 2)
+    assert slots.acquire(0)
+    started = time.monotonic()
+    assert not slots.acquire(0.2)  # no slot within its wait
+    assert 0.15 < time.monotonic() - started < 2
+    left = threading.Event()
+    assert not slots.acquire(10, gave_up=lambda: left.set() or True)  # the caller went away
+    assert left.is_set() and slots.waiting == 0
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire(10)))
+    waiter.start()
+    _wait_until(lambda: slots.waiting == 1)
+    slots.release()
+    waiter.join(10)
+    assert got == [True]
+
+
+def test_no_queue_refuses_at_once_and_bad_use_is_an_error():
+    slots = FairSlots(2, 0)
+    assert slots.acquire(5) and slots.acquire(5)
+    started = time.monotonic()
+    assert not slots.acquire(5)
+    assert time.monotonic() - started < 0.5
+    slots.release()
+    slots.release()
+    with pytest.raises(RuntimeError, match="released more slots"):
+        slots.release()
+    with pytest.raises(ValueError):
+        FairSlots(0, 1)
