@@ -28,7 +28,10 @@ examples:
 
 The images (files or folders) are run through the edge half once (every one, whatever the
 gate says) and their requests sent round-robin; each call carries a new request id, so the
-server computes every answer (its answers store keeps them, up to its --answers-cap). Sizing:
+server computes every answer (its answers store keeps them, up to its --answers-cap). An edge
+whose call fails backs off as the edge daemon does (0.5 s doubling) before it tries again;
+latency is from a request's first try to its answer, and "per edge" the fewest and most
+answers one edge got (far apart: the server is unfair to some edges). Sizing:
 a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
 flags a fraction R (`splitdet eval --model` reports flagged_fraction; `edge status` the line's).
 """
@@ -88,6 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="without --cloud: the started cloud's --max-concurrent (default: 2)",
     )
     p.add_argument(
+        "--max-queued",
+        type=int_in(0, 10000),
+        default=8,
+        metavar="N",
+        help="without --cloud: the started cloud's --max-queued (default: 8)",
+    )
+    p.add_argument(
         "--cloud-threads",
         type=int_in(1, 1024),
         default=os.cpu_count() or 1,
@@ -131,67 +141,99 @@ def _requests(args: argparse.Namespace) -> tuple[list, str, list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Measure each level of ``args.clients``; see EPILOG."""
     import contextlib
-    import dataclasses
     import tempfile
 
-    from splitdet.bench.load import measure_level
     from splitdet.edge.cli_predict import check_outputs
-    from splitdet.edge.client import CloudClient, CloudError
+    from splitdet.edge.client import ClientConfig
     from splitdet.shared.cli import CommandError
 
     check_outputs(args.json, None)
     config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
+    if config is None:
+        given = [f"--{n.replace('_', '-')}" for n in CLIENT_ONLY if getattr(args, n, None)]
+        if given:
+            raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
+                               "is plaintext on loopback)")  # fmt: skip
     requests, fingerprint, problems = _requests(args)
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
-    with contextlib.ExitStack() as stack:
-        if config is None:
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            config = _start_cloud(args, scratch, stack)
-            where = f"a cloud started here (--max-concurrent {args.max_concurrent})"
-        else:
-            where = args.cloud
-        out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds the JSON
-        print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {where}", file=out)
-        print(f"{'edges':>5} {'answered':>8} {'answers/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
-              f"{'p99 ms':>8} {'busy':>6}  failed", file=out)  # fmt: skip
-        levels = []
-        base_name = (config.edge_name or "loadtest")[:54]
-        for clients in args.clients:
-
-            def make_client(k: int):
-                name = f"{base_name}-load{k}"  # the k-th edge keeps its name across levels
-                return CloudClient(dataclasses.replace(config, edge_name=name))
-
-            try:
-                level = measure_level(make_client, requests, clients, args.seconds)
-            except CloudError as exc:
-                raise CommandError(f"the cloud refused the first call: {exc}") from None
-            row = level.to_json()
-            levels.append(row)
-            lat = row["latency_ms"]
-            cells = [f"{lat[q]:8.1f}" if lat[q] is not None else f"{'-':>8}" for q in lat]
-            failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
-            print(f"{clients:>5} {row['answered']:>8} {row['answers_per_second']:>9.2f} "
-                  f"{' '.join(cells)} {row['busy']:>6}  {failed}", file=out)  # fmt: skip
-    if args.json:
-        _write(args.json, {"cloud": where, "model_fingerprint": fingerprint,
-                           "request_mb": round(size_mb, 3), "seconds": args.seconds,
-                           "levels": levels})  # fmt: skip
+    levels: list[dict] = []
+    report = {
+        "cloud": args.cloud,
+        "model_fingerprint": fingerprint,
+        "request_mb": round(size_mb, 3),
+        "seconds": args.seconds,
+        "levels": levels,
+    }
+    cloud = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if config is None:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                cloud = _start_cloud(args, scratch, stack)
+                config = ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name=args.name)
+                report["cloud"] = f"a cloud started here (--max-concurrent {args.max_concurrent})"
+            _measure(args, config, requests, levels, report["cloud"], cloud)
+    finally:  # also after a failure mid-run: the levels measured so far are kept
+        if args.json and levels:
+            _write(args.json, report)
     return 0
 
 
+#: Client options that only mean something with --cloud.
+CLIENT_ONLY = ("tls", "root_certs", "client_cert", "client_key", "server_name", "token_file")
+
+
+def _measure(args, config, requests, levels: list[dict], where: str, cloud) -> None:
+    """Run every level of ``args.clients``, appending each row to ``levels`` and printing it."""
+    import dataclasses
+
+    from splitdet.bench.load import measure_level
+    from splitdet.edge.client import CloudClient, CloudError
+    from splitdet.shared.cli import CommandError
+
+    out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds the JSON
+    size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
+    print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {where}", file=out)
+    print(f"{'edges':>5} {'answered':>8} {'answers/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
+          f"{'p99 ms':>8} {'busy':>6} {'per edge':>9}  failed", file=out)  # fmt: skip
+    base_name = (config.edge_name or "loadtest")[:54]
+    for clients in args.clients:
+
+        def make_client(k: int):
+            name = f"{base_name}-load{k}"  # the k-th edge keeps its name across levels
+            return CloudClient(dataclasses.replace(config, edge_name=name))
+
+        try:
+            level = measure_level(make_client, requests, clients, args.seconds)
+        except CloudError as exc:
+            if cloud is not None and cloud.process.poll() is not None:
+                raise CommandError(str(cloud.failed_mid_run(str(exc)))) from None
+            raise CommandError(f"the first call of an edge failed: {exc}") from None
+        if cloud is not None and cloud.process.poll() is not None:
+            raise CommandError(str(cloud.failed_mid_run(f"{clients} edges")))
+        row = level.to_json()
+        levels.append(row)
+        lat, per_edge = row["latency_ms"], row["answered_per_edge"]
+        cells = [f"{lat[q]:8.1f}" if lat[q] is not None else f"{'-':>8}" for q in lat]
+        failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
+        spread = f"{per_edge['min']}-{per_edge['max']}"
+        print(f"{clients:>5} {row['answered']:>8} {row['answers_per_second']:>9.2f} "
+              f"{' '.join(cells)} {row['busy']:>6} {spread:>9}  {failed}", file=out)  # fmt: skip
+
+
 def _start_cloud(args: argparse.Namespace, scratch: Path, stack):
-    """A cloud server on loopback for the run, stopped when ``stack`` closes."""
+    """A cloud server on loopback for the run (a ServiceProcess), stopped when ``stack``
+    closes; it keeps answers in a store as a deployed one does."""
     from splitdet.bench.processes import ServiceError, ServiceProcess, splitdet_command
-    from splitdet.edge.client import ClientConfig
     from splitdet.shared.cli import CommandError
 
     command = splitdet_command(
         "cloud", "--model", str(args.model), "--listen", "127.0.0.1:0",
         "--threads", str(args.cloud_threads), "--max-concurrent", str(args.max_concurrent),
-        "--answers-cap", "0", "--answers-db", str(scratch / "answers.sqlite"),
+        "--max-queued", str(args.max_queued),
+        "--answers-db", str(scratch / "answers.sqlite"),
         "--ready-file", str(scratch / "ready.json"),
     )  # fmt: skip
     cloud = ServiceProcess(
@@ -204,7 +246,7 @@ def _start_cloud(args: argparse.Namespace, scratch: Path, stack):
         stack.enter_context(cloud)
     except ServiceError as exc:
         raise CommandError(str(exc)) from None
-    return ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name="loadtest")
+    return cloud
 
 
 def _write(target: str, data: dict) -> None:

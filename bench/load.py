@@ -22,14 +22,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from splitdet.edge.client import CloudClient, CloudError
+from splitdet.edge.client import CloudClient, CloudError, RetryLater
 from splitdet.edge.sender import Backoff
 from splitdet.shared.wire import detection_pb2 as pb
 
 __all__ = ["LevelResult", "fresh_request", "measure_level", "percentile"]
 
-#: Calls each client makes before the clock starts (connection set-up, first-call costs).
-WARMUP_CALLS = 1
+#: Tries of each client's first call (before the clock starts) against a busy server.
+WARMUP_TRIES = 4
 
 
 @dataclass
@@ -45,6 +45,7 @@ class LevelResult:
     seconds: float  # from the start to the last call's end
     latencies_s: list[float] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)
+    per_edge: list[int] = field(default_factory=list)  # answered calls of each edge
 
     @property
     def answered(self) -> int:
@@ -66,6 +67,10 @@ class LevelResult:
             "answers_per_second": round(self.answers_per_second, 3),
             "latency_ms": {
                 f"p{q}": round(percentile(lat, q) * 1000, 1) if lat else None for q in (50, 90, 99)
+            },
+            "answered_per_edge": {
+                "min": min(self.per_edge, default=0),
+                "max": max(self.per_edge, default=0),
             },
             "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
             "failed": {k: v for k, v in self.failures.items() if k != "RESOURCE_EXHAUSTED"},
@@ -108,37 +113,42 @@ def measure_level(
         raise ValueError("need at least one client, a positive duration and a request")
     backoff = backoff or Backoff()
     channels = [make_client(k) for k in range(clients)]
+    result = LevelResult(clients=clients, seconds=0.0, per_edge=[0] * clients)
+    lock = threading.Lock()
+    start_line = threading.Barrier(clients + 1)
+    deadline = [math.inf]
+
+    def send(k: int) -> None:
+        client, n, failures = channels[k], k, 0
+        rng = random.Random(k)
+        try:
+            start_line.wait()
+        except threading.BrokenBarrierError:  # stopped before the start
+            return
+        began = None  # the first try of the request being sent
+        while time.perf_counter() < deadline[0]:
+            request = fresh_request(requests[n % len(requests)])
+            began = began or time.perf_counter()
+            try:
+                client.send_request(request)
+            except CloudError as exc:
+                with lock:
+                    result.failures[exc.code.name] += 1
+                failures += 1  # then wait as an edge's sender does, the same request next
+                pause = backoff.delay(failures, rng)
+                time.sleep(max(0.0, min(pause, deadline[0] - time.perf_counter())))
+                continue
+            except ValueError:  # the channel was closed under us: the run is being stopped
+                return
+            with lock:
+                result.latencies_s.append(time.perf_counter() - began)
+                result.per_edge[k] += 1
+            n, failures, began = n + 1, 0, None
+
+    threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(clients)]
     try:
         for k, client in enumerate(channels):
-            for n in range(WARMUP_CALLS):
-                client.send_request(fresh_request(requests[(k + n) % len(requests)]))
-        result = LevelResult(clients=clients, seconds=0.0)
-        lock = threading.Lock()
-        start_line = threading.Barrier(clients + 1)
-        deadline = [math.inf]
-
-        def send(k: int) -> None:
-            client, n, failures = channels[k], k, 0
-            rng = random.Random(k)
-            start_line.wait()
-            began = None  # the first try of the request being sent
-            while time.perf_counter() < deadline[0]:
-                request = fresh_request(requests[n % len(requests)])
-                began = began or time.perf_counter()
-                try:
-                    client.send_request(request)
-                except CloudError as exc:
-                    with lock:
-                        result.failures[exc.code.name] += 1
-                    failures += 1  # then wait as an edge's sender does, the same request next
-                    pause = backoff.delay(failures, rng)
-                    time.sleep(max(0.0, min(pause, deadline[0] - time.perf_counter())))
-                    continue
-                with lock:
-                    result.latencies_s.append(time.perf_counter() - began)
-                n, failures, began = n + 1, 0, None
-
-        threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(clients)]
+            _warm_up(client, requests[k % len(requests)], backoff)
         for thread in threads:
             thread.start()
         started = time.perf_counter()
@@ -149,5 +159,23 @@ def measure_level(
         result.seconds = time.perf_counter() - started
         return result
     finally:
+        deadline[0] = -math.inf  # Ctrl-C or an error: the senders stop after their call
+        start_line.abort()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(5.0)
         for client in channels:
             client.close()
+
+
+def _warm_up(client: CloudClient, request: pb.DetectRequest, backoff: Backoff) -> None:
+    """The client's first call, before the clock starts (connection set-up); a busy or
+    unreachable server is tried again as an edge would, up to ``WARMUP_TRIES`` times."""
+    for attempt in range(1, WARMUP_TRIES + 1):
+        try:
+            client.send_request(fresh_request(request))
+            return
+        except RetryLater:
+            if attempt == WARMUP_TRIES:
+                raise
+            time.sleep(backoff.delay(attempt))

@@ -32,19 +32,27 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _sigterm_unwinds() -> bool:
-    """Make SIGTERM raise KeyboardInterrupt in this process, if nothing else handles it.
+#: Signals that would end us at once and leave the services serving (a job scheduler's
+#: SIGTERM; SIGHUP when the terminal or the SSH session goes away).
+UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _sigterm_unwinds() -> tuple[signal.Signals, ...]:
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt in this process, where nothing else
+    handles them; the signals so handled (to restore when done).
 
     The services run in their own sessions (so a terminal's Ctrl-C reaches only us, and we stop
-    them); a plain SIGTERM (`kill`, a job scheduler) would end us at once and leave them
-    serving. Unwinding instead runs every `with ServiceProcess` exit. True if installed here.
+    them); a plain SIGTERM (`kill`, a job scheduler) or a closed terminal's SIGHUP would end us
+    at once and leave them serving. Unwinding instead runs every `with ServiceProcess` exit.
     """
     if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return False
-    signal.signal(signal.SIGTERM, _interrupt)
-    return True
+        return ()
+    installed = []
+    for signum in UNWINDING_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
+            installed.append(signum)
+    return tuple(installed)
 
 
 class ServiceProcess:
@@ -70,7 +78,7 @@ class ServiceProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.ready: dict = {}
-        self._own_sigterm = False
+        self._own_signals: tuple[signal.Signals, ...] = ()
 
     def start(self) -> ServiceProcess:
         """Start and wait until ready; raises ServiceError (and stops it) otherwise."""
@@ -86,7 +94,7 @@ class ServiceProcess:
             env=self.env,
             start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
         )
-        self._own_sigterm = _sigterm_unwinds()
+        self._own_signals = _sigterm_unwinds()
         try:
             self._wait_ready()
         except BaseException:  # Ctrl-C while it starts: `with` never entered, so stop it here
@@ -152,8 +160,9 @@ class ServiceProcess:
                         os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         self._log.close()
-        if self._own_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in self._own_signals:
+            signal.signal(signum, signal.SIG_DFL)
+        self._own_signals = ()
         return process.returncode
 
     def __enter__(self) -> ServiceProcess:

@@ -492,7 +492,7 @@ examples:
   splitdet edge collect --db /data/edge.sqlite --out review/ --verdict defect --limit 200
 
 Then review the pre-labels (LabelImg, CVAT and Label Studio open a VOC tree), and
-  splitdet data split review/ && splitdet data check review/ && splitdet train --data review/ ...
+  splitdet data split review/ --add && splitdet data check review/ && splitdet train ...
 Running collect again into the same folder adds new results and leaves every image already
 there, and its reviewed annotation, as it is. Only final ok/defect results are collected, and
 only while their file is still where the daemon left it (--after archive or keep).
@@ -555,6 +555,8 @@ def collect(args: argparse.Namespace) -> int:
             db, args.out, since=since, verdict=args.verdict, p_range=args.p_defect,
             limit=args.limit, min_score=args.score_threshold,
         )  # fmt: skip
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
     finally:

@@ -16,6 +16,7 @@ Only the standard library and Pillow (through `splitdet.training.voc`): no torch
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from splitdet.edge.store import iter_results
+from splitdet.edge.store import results_by_id
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
@@ -71,24 +72,64 @@ def voc_image_id(result_id: int, path: str) -> str:
     return f"{result_id:08d}-{stem}" if stem else f"{result_id:08d}"
 
 
-def _selected(
+def _matching(
     db: sqlite3.Connection,
     since: float | None,
     verdict: str | None,
     p_range: tuple[float, float] | None,
-    limit: int | None,
-) -> list[dict]:
-    rows: Iterator[dict] = iter_results(db, since=since, verdict=verdict)
-    chosen = [
-        row
-        for row in rows
-        if row["verdict"] in COLLECTABLE
-        and (
-            p_range is None
-            or (row["p_defect"] is not None and p_range[0] <= row["p_defect"] <= p_range[1])
-        )
-    ]
-    return voc.evenly_spaced(chosen, limit)
+) -> Iterator[tuple[int, str]]:
+    """(id, arrival path) of every final ok/defect result the filters match, in id order,
+    streamed (an edge database can hold tens of millions of rows)."""
+    clauses, params = [f"verdict IN ({', '.join('?' * len(COLLECTABLE))})"], list(COLLECTABLE)
+    if since is not None:
+        clauses.append("updated >= ?")
+        params.append(since)
+    if verdict is not None:
+        clauses.append("verdict = ?")
+        params.append(verdict)
+    if p_range is not None:
+        clauses.append("p_defect BETWEEN ? AND ?")
+        params += list(p_range)
+    yield from db.execute(
+        f"SELECT id, path FROM images WHERE {' AND '.join(clauses)} ORDER BY id", params
+    )
+
+
+def _select(
+    db: sqlite3.Connection, done: set[str], limit: int | None, **filters
+) -> tuple[list[int], int, int]:
+    """(ids to collect, results matched, of them already collected): at most ``limit`` of the
+    matched results not yet collected (their VOC id in ``done``), spread evenly over them.
+    Two streamed passes; memory grows with ``limit``, not with the database."""
+    matched = already = 0
+    for result_id, path in _matching(db, **filters):
+        matched += 1
+        already += voc_image_id(result_id, path) in done
+    remaining = matched - already
+    wanted = remaining if limit is None else min(limit, remaining)
+    picks = {int(k * remaining / wanted) for k in range(wanted)} if wanted else set()
+    chosen, position = [], 0
+    for result_id, path in _matching(db, **filters):
+        if voc_image_id(result_id, path) in done:
+            continue
+        if position in picks:
+            chosen.append(result_id)
+        position += 1
+    return chosen, matched, already
+
+
+def _watched_folder_problem(out: Path, rows: list[dict]) -> str | None:
+    """Why ``out`` must not be used: it lies where these results' images arrived, so a
+    daemon watching that folder would take every collected image for a new one."""
+    target = out.resolve()
+    for folder in {Path(row["path"]).resolve().parent for row in rows}:
+        if target == folder or folder in target.parents:
+            return (
+                f"--out {out} lies in {folder}, where the results' images arrived: the edge "
+                "daemon watching it would take every collected image for a new one; choose "
+                "a folder outside it"
+            )
+    return None
 
 
 def _objects(row: dict, width: int, height: int, min_score: float) -> tuple[voc.VocObject, ...]:
@@ -123,15 +164,25 @@ def collect_results(
 
     ``db``: an open store connection (read only is enough). Results are final ``ok``/``defect``
     rows, optionally changed ``since`` (unix s), of one ``verdict``, with p(defect) within
-    ``p_range`` (inclusive); ``limit`` spreads that many evenly over them. Boxes scoring at
-    least ``min_score`` become objects (original-image px). An image whose file is gone
-    (``--after delete``, moved away) or unreadable is listed in ``missing``, not an error.
+    ``p_range`` (inclusive); ``limit`` spreads that many evenly over those not collected
+    yet. Boxes scoring at least ``min_score`` become objects (original-image px). An image
+    whose file is gone (``--after delete``, moved away), changed since (its hash differs)
+    or unreadable is listed in ``missing``, not an error. ValueError when ``out`` lies
+    where the results' images arrived (the daemon would take the copies for new images).
     """
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
     summary = CollectSummary()
-    rows = _selected(db, since, verdict, p_range, limit)
-    summary.matched = len(rows)
+    done = {p.stem for p in annotations.glob("*.xml")} if annotations.is_dir() else set()
+    ids, summary.matched, summary.already = _select(
+        db, done, limit, since=since, verdict=verdict, p_range=p_range
+    )
+    rows = results_by_id(db, ids)
+    problem = _watched_folder_problem(out, rows)
+    if problem is not None:
+        raise ValueError(problem)
+    if not rows:
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     listing = out / LISTING
     new_listing = not listing.is_file()
@@ -142,9 +193,6 @@ def collect_results(
         for row in rows:
             image_id = voc_image_id(row["id"], row["path"])
             target_xml = annotations / f"{image_id}.xml"
-            if target_xml.exists():
-                summary.already += 1
-                continue
             problem = _copy_one(row, image_id, images, target_xml, min_score)
             if problem is not None:
                 summary.missing.append(problem)
@@ -177,6 +225,12 @@ def _copy_one(
     if not source.is_file():
         return f"{source}: no longer there"
     try:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"{source}: cannot read ({exc.strerror or exc})"
+    if digest != row["content_hash"]:  # --after keep, and the camera reused the name
+        return f"{source}: a different image now than the one processed (its content changed)"
+    try:
         width, height = voc.image_size(source)
     except voc.VocError as exc:
         return str(exc)
@@ -189,7 +243,8 @@ def _copy_one(
         target_image = images / f"{image_id}.png"
         try:
             with Image.open(source) as img:
-                img.save(target_image, format="PNG")
+                # 32-bit integer pixels (a 16-bit PGM opens as mode I): PNG holds them as 16
+                (img.convert("I;16") if img.mode == "I" else img).save(target_image, "PNG")
         except (OSError, ValueError) as exc:
             target_image.unlink(missing_ok=True)
             return f"{source}: cannot convert to PNG ({exc})"

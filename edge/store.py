@@ -777,11 +777,27 @@ def iter_results(
     else:
         rows = db.execute(sql, params).fetchall()
     for row in rows:
-        record = dict(zip(RESULT_COLUMNS, row, strict=True))
-        for name in _JSON_COLUMNS:
-            if record[name] is not None:
-                record[name] = json.loads(record[name])
-        yield record
+        yield _record(row)
+
+
+def _record(row: Sequence) -> dict:
+    """A row of RESULT_COLUMNS as a dict, its JSON columns decoded."""
+    record = dict(zip(RESULT_COLUMNS, row, strict=True))
+    for name in _JSON_COLUMNS:
+        if record[name] is not None:
+            record[name] = json.loads(record[name])
+    return record
+
+
+def results_by_id(db: sqlite3.Connection, ids: Sequence[int]) -> list[dict]:
+    """The result rows with these ids (as `iter_results` gives them), in id order."""
+    found: list[dict] = []
+    for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
+        chunk = list(ids[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images WHERE id IN ({marks})"
+        found += [_record(row) for row in db.execute(sql, chunk)]
+    return sorted(found, key=lambda record: record["id"])
 
 
 def outbox_by_model(db: sqlite3.Connection) -> dict[str, int]:

@@ -5,6 +5,7 @@ results and never touches a reviewed annotation."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,11 @@ def _image(path: Path, fmt: str | None = None) -> str:
 
 
 def _arrival(n: int, path: str) -> Arrival:
-    return Arrival(path, f"{Path(path).name}|1|{n}|{n}", f"{n:064x}", 1, time.time())
+    """The arrival of the file at `path`, hashed as the watcher does (a made-up hash when the
+    file is not there)."""
+    file = Path(path)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else f"{n:064x}"
+    return Arrival(path, f"{file.name}|1|{n}|{n}", digest, 1, time.time())
 
 
 def _defect(store: ResultStore, n: int, path: str, p: float, answer: Answer) -> int:
@@ -134,8 +139,40 @@ def test_selection_by_verdict_p_defect_and_limit(line, tmp_path, capsys):
     assert _collect(db, tmp_path / "a", capsys, "--verdict", "defect")["matched"] == 2
     unsure = _collect(db, tmp_path / "b", capsys, "--p-defect", "0.3:0.9")
     assert unsure["matched"] == 2 and unsure["collected"] == 2
-    assert _collect(db, tmp_path / "c", capsys, "--limit", "1")["matched"] == 1
     assert _collect(db, tmp_path / "d", capsys, "--since", "1h")["matched"] == 5
+    first = _collect(db, tmp_path / "c", capsys, "--limit", "1", "--verdict", "defect")
+    assert (first["matched"], first["collected"], first["already_collected"]) == (2, 1, 0)
+    again = _collect(db, tmp_path / "c", capsys, "--limit", "1", "--verdict", "defect")
+    assert (again["matched"], again["collected"], again["already_collected"]) == (2, 1, 1)
+    assert len(list((tmp_path / "c" / "Annotations").glob("*.xml"))) == 2  # another one
+
+
+def test_what_cannot_be_collected_as_it_was_seen(tmp_path, capsys):
+    """A file the camera wrote again under the same name (--after keep), a 16-bit PGM, and a
+    review folder where the images arrive."""
+    hot, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    reused = _image(hot / "cam.png")
+    first, _ = store.record_ok(_arrival(1, reused), 0.1, FINGERPRINT, {}, stored_path=reused)
+    Image.new("L", (W, H), 200).save(reused)  # the next part, same name, not yet processed
+    deep = hot / "deep.pgm"
+    Image.new("I", (W, H), 40000).convert("I;16").save(deep, "PPM")
+    row, _ = store.record_ok(_arrival(2, str(deep)), 0.1, FINGERPRINT, {}, stored_path=str(deep))
+    store.close()
+    code = main(["edge", "collect", "--db", str(db), "--out", str(hot / "review")])
+    assert code == 2 and "where the results' images arrived" in capsys.readouterr().err
+    assert not (hot / "review").exists()
+
+    out = tmp_path / "review"
+    summary = _collect(db, out, capsys)
+    assert summary["collected"] == 1
+    assert summary["missing"] == [f"{reused}: a different image now than the one processed "
+                                  "(its content changed)"]  # fmt: skip
+    converted = Image.open(out / "JPEGImages" / f"{row:08d}-deep.png")
+    assert converted.mode == "I;16" and converted.getpixel((0, 0)) == 40000
+    xml = out / "Annotations" / f"{row:08d}-deep.xml"
+    assert xml.stat().st_mode & 0o044 == 0o044  # readable by a reviewer's tool as another user
+    assert first == 1
 
 
 @pytest.mark.parametrize(

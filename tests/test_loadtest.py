@@ -64,6 +64,39 @@ def test_loadtest_counts_what_the_server_computed(cloud, images, tmp_path, capsy
     )
     assert busy == levels[3]["busy"]
     assert f"{levels[3]['answers_per_second']:.2f}" in captured.out
+    spread = levels[3]["answered_per_edge"]
+    assert spread["min"] >= 1 and spread["max"] <= levels[3]["answered"]
+
+
+def test_without_queue_one_edge_takes_every_slot_and_with_it_each_gets_its_turn(images, tmp_path):
+    """The case --max-queued fixes: one slot, four saturating edges. Refused edges back off
+    and the edge answered last takes the freed slot; a queue serves them in turn."""
+    from splitdet.bench.load import measure_level
+    from splitdet.edge.client import ClientConfig, CloudClient
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.runtime import EdgeRuntime
+    from splitdet.shared.messages import build_request
+
+    _, model_dir, manifest = shared_model_dir()
+    pipeline = EdgePipeline(EdgeRuntime(model_dir, threads=1), gate=False)
+    result = pipeline.process_file(images / "0.png")
+    requests = [build_request(result.encoded, result.meta, "x", manifest.fingerprint)]
+    spreads = {}
+    for queued in (0, 8):
+        server = start_cloud_process(
+            model_dir, tmp_path / f"q{queued}", "cloud", "--max-concurrent", "1",
+            "--max-queued", str(queued), "--debug-delay", "0.05",
+        )  # fmt: skip
+        try:
+            level = measure_level(
+                lambda k, port=server.port: CloudClient(ClientConfig(f"127.0.0.1:{port}")),
+                requests, 4, 3.0,
+            )  # fmt: skip
+        finally:
+            server.stop()
+        spreads[queued] = sorted(level.per_edge)
+    assert spreads[0][0] <= spreads[0][-1] // 4  # some edge starved beside the busiest
+    assert spreads[8][0] >= spreads[8][-1] // 2  # every edge got about its share
 
 
 def test_a_cloud_that_cannot_answer_is_one_line(images, tmp_path, capsys):
@@ -76,7 +109,7 @@ def test_a_cloud_that_cannot_answer_is_one_line(images, tmp_path, capsys):
     finally:
         server.stop()
     err = capsys.readouterr().err
-    assert code == 2 and "the cloud refused the first call" in err
+    assert code == 2 and "the first call of an edge failed" in err
     assert "FAILED_PRECONDITION" in err and "Traceback" not in err
 
 

@@ -457,6 +457,13 @@ def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int 
     return ET.tostring(ann, encoding="utf-8") + b"\n"
 
 
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +471,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
