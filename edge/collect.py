@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from splitdet.edge.store import results_by_id
+from splitdet.edge.store import result_filter, results_by_id
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
@@ -80,13 +80,9 @@ def _matching(
 ) -> Iterator[tuple[int, str]]:
     """(id, arrival path) of every final ok/defect result the filters match, in id order,
     streamed (an edge database can hold tens of millions of rows)."""
-    clauses, params = [f"verdict IN ({', '.join('?' * len(COLLECTABLE))})"], list(COLLECTABLE)
-    if since is not None:
-        clauses.append("updated >= ?")
-        params.append(since)
-    if verdict is not None:
-        clauses.append("verdict = ?")
-        params.append(verdict)
+    clauses, params = result_filter(since, verdict)
+    clauses.append(f"verdict IN ({', '.join('?' * len(COLLECTABLE))})")
+    params += list(COLLECTABLE)
     if p_range is not None:
         clauses.append("p_defect BETWEEN ? AND ?")
         params += list(p_range)

@@ -755,13 +755,9 @@ class ResultStore:
         return list(iter_results(self._db, self._lock, since, verdict))
 
 
-def iter_results(
-    db: sqlite3.Connection,
-    lock: threading.RLock | None = None,
-    since: float | None = None,
-    verdict: str | None = None,
-) -> Iterator[dict]:
-    """Result rows of an open store connection (see ResultStore.results)."""
+def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
+    """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
+    ``since`` (unix s) and of ``verdict``, each when given."""
     clauses, params = [], []
     if since is not None:
         clauses.append("updated >= ?")
@@ -769,6 +765,17 @@ def iter_results(
     if verdict is not None:
         clauses.append("verdict = ?")
         params.append(verdict)
+    return clauses, params
+
+
+def iter_results(
+    db: sqlite3.Connection,
+    lock: threading.RLock | None = None,
+    since: float | None = None,
+    verdict: str | None = None,
+) -> Iterator[dict]:
+    """Result rows of an open store connection (see ResultStore.results)."""
+    clauses, params = result_filter(since, verdict)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images{where} ORDER BY id"
     if lock is not None:
