@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-queued",
-        type=int_in(0, 10000),
+        type=int_in(0, 256),
         default=8,
         metavar="N",
         help="without --cloud: the started cloud's --max-queued (default: 8)",
@@ -173,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 cloud = _start_cloud(args, scratch, stack)
                 config = ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name=args.name)
-                report["cloud"] = f"a cloud started here (--max-concurrent {args.max_concurrent})"
+                report["cloud"] = (
+                    f"a cloud started here (--max-concurrent {args.max_concurrent}, "
+                    f"--max-queued {args.max_queued})"
+                )
             _measure(args, config, requests, levels, report["cloud"], cloud)
     finally:  # also after a failure mid-run: the levels measured so far are kept
         if args.json and levels:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "threads": (1, 1024),
     "max_concurrent": (1, None),
-    "max_queued": (0, 10000),
+    "max_queued": (0, 256),  # each waiting call holds a thread, polling for its caller
     "queue_wait": (0, 3600),
     "max_message_mib": (1, 2047),  # gRPC's bound is a signed 32-bit byte count
     "max_decoded_mib": (1, None),
@@ -118,11 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=8,
         metavar="N",
-        help="Detect calls that wait, first come first served, for a running one to finish; "
-        "more are refused with RESOURCE_EXHAUSTED, and the edge backs off. Waiting calls "
-        "hold their request in memory (up to --max-message-mib each). 0: refuse at once, "
-        "which lets the edge answered last take every freed slot under "
-        "load (default: %(default)s)",
+        help="Detect calls that wait, first come first served, for a running one to finish, "
+        "0-256; more are refused with RESOURCE_EXHAUSTED, and the edge backs off. A waiting "
+        "call holds about twice its request's size in memory (int8 features of the cpu "
+        "model: ~1 MB; at most 2 x --max-message-mib). On SIGTERM waiting calls get "
+        "UNAVAILABLE at once. 0: refuse at once, which lets the edge answered last take every "
+        "freed slot under load (default: %(default)s)",
     )
     parser.add_argument(
         "--queue-wait",

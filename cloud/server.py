@@ -117,8 +117,8 @@ class ServerConfig:
             raise ValueError("give a model directory (--model) or a folder of them (--models-dir)")
         if self.threads < 1 or self.max_concurrent < 1:
             raise ValueError("threads and max_concurrent must be at least 1")
-        if self.max_queued < 0 or not 0 <= self.max_queue_wait_s <= 3600:
-            raise ValueError("max_queued must be >= 0 and max_queue_wait_s in [0, 3600]")
+        if not 0 <= self.max_queued <= 256 or not 0 <= self.max_queue_wait_s <= 3600:
+            raise ValueError("max_queued must be in [0, 256] and max_queue_wait_s in [0, 3600]")
         if self.threads > OPTION_BOUNDS["threads"][1]:
             raise ValueError(f"threads must be at most {OPTION_BOUNDS['threads'][1]}")
         if not (math.isfinite(self.grace_s) and self.grace_s <= OPTION_BOUNDS["grace"][1]):

@@ -4,10 +4,11 @@ Exceptions become status codes in one place (`_rpc`, table `STATUS_FOR_ERROR`):
 
     InvalidRequest: bad tensors, shapes, codecs, sizes, ids; bad protobuf   INVALID_ARGUMENT
     FingerprintMismatch: a model this server does not serve                 FAILED_PRECONDITION
-    Overloaded: beyond --max-concurrent Detect calls                        RESOURCE_EXHAUSTED
+    Overloaded: beyond --max-concurrent + --max-queued Detect calls, or a   RESOURCE_EXHAUSTED
+        call that waited --queue-wait for a slot
     DeadlinePassed: the caller's deadline passed during the work            DEADLINE_EXCEEDED
     Cancelled: the caller went away                                         CANCELLED
-    ShuttingDown: a new call after SIGTERM                                  UNAVAILABLE
+    ShuttingDown: a new or waiting call after SIGTERM                       UNAVAILABLE
     anything else: a bug (logged with its traceback)                        INTERNAL
 
 A missing or wrong bearer token is refused before the servicer by `TokenInterceptor`
@@ -42,7 +43,7 @@ from splitdet.cloud.core import (
     FingerprintMismatch,
     InvalidRequest,
 )
-from splitdet.cloud.slots import FairSlots
+from splitdet.cloud.slots import FairSlots, Outcome
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
 from splitdet.shared.wire import detection_pb2 as pb
@@ -483,16 +484,7 @@ class DetectionServicer:
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
-        remaining = context.time_remaining()
-        wait_s = (
-            self.max_queue_wait_s if remaining is None else min(remaining, self.max_queue_wait_s)
-        )
-        if not self._slots.acquire(wait_s, lambda: not context.is_active()):
-            raise Overloaded(
-                f"server busy: {self.max_concurrent} Detect calls running and up to "
-                f"{self.max_queued} waiting (--max-concurrent {self.max_concurrent}, "
-                f"--max-queued {self.max_queued}); retry later"
-            )
+        self._take_slot(context)
         self.metrics.in_flight.inc()
         try:
             call = call_from_bytes(raw)
@@ -515,6 +507,30 @@ class DetectionServicer:
             self._slots.release()
         self.metrics.observe(result, edge)
         return result_to_proto(result).SerializeToString()
+
+    def _take_slot(self, context: grpc.ServicerContext) -> None:
+        """Wait for a Detect slot (see `FairSlots`); raise the status that says why not."""
+        remaining = context.time_remaining()
+        wait_s = self.max_queue_wait_s
+        if remaining is not None and remaining < wait_s:
+            wait_s = remaining  # then it is the caller's deadline that ends the wait
+        outcome = self._slots.acquire(
+            wait_s, lambda: self._draining.is_set() or not context.is_active()
+        )
+        if outcome:
+            return
+        if self._draining.is_set():  # a queued call when SIGTERM came: go elsewhere now
+            raise ShuttingDown("server is shutting down; send to another replica or retry later")
+        if outcome is Outcome.GAVE_UP:
+            raise Cancelled("caller went away while waiting for a Detect slot")
+        if outcome is Outcome.TIMED_OUT and remaining is not None and remaining <= wait_s:
+            raise DeadlinePassed(f"deadline passed after {wait_s:.1f} s waiting for a slot")
+        waited = f"waited {wait_s:g} s" if outcome is Outcome.TIMED_OUT else "queue full"
+        raise Overloaded(
+            f"server busy ({waited}): {self.max_concurrent} Detect calls running and up to "
+            f"{self.max_queued} waiting (--max-concurrent {self.max_concurrent}, "
+            f"--max-queued {self.max_queued}); retry later"
+        )
 
     @_rpc
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:

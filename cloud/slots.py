@@ -10,15 +10,28 @@ beyond that, or whose wait ends (their deadline, or ``max_wait_s``), are refused
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["FairSlots"]
+__all__ = ["FairSlots", "Outcome"]
 
 #: How often a waiting call checks whether its caller went away, seconds.
 POLL_S = 0.05
+
+
+class Outcome(enum.Enum):
+    """What `FairSlots.acquire` did; true only when a slot was taken."""
+
+    GRANTED = "granted"
+    FULL = "full"  # the queue was full: refused at once
+    TIMED_OUT = "timed out"  # waited max_wait_s in the queue
+    GAVE_UP = "gave up"  # gave_up() turned true while waiting (caller left, shutdown)
+
+    def __bool__(self) -> bool:
+        return self is Outcome.GRANTED
 
 
 class FairSlots:
@@ -38,28 +51,30 @@ class FairSlots:
         with self._cond:
             return len(self._waiting)
 
-    def acquire(self, max_wait_s: float, gave_up: Callable[[], bool] = lambda: False) -> bool:
+    def acquire(self, max_wait_s: float, gave_up: Callable[[], bool] = lambda: False) -> Outcome:
         """Take a slot: at once when one is free and nobody waits, else after the calls that
-        came earlier. False (no slot taken) when the queue is full, after ``max_wait_s``, or
-        once ``gave_up()`` is true (the caller left, its deadline passed)."""
+        came earlier. No slot is taken (a false `Outcome` saying why) when the queue is full,
+        after ``max_wait_s``, or once ``gave_up()`` is true (the caller left, a shutdown)."""
         with self._cond:
             if self._free and not self._waiting:
                 self._free -= 1
-                return True
-            if len(self._waiting) >= self.queue:
-                return False
+                return Outcome.GRANTED
+            if len(self._waiting) >= self.queue or gave_up():
+                return Outcome.FULL if len(self._waiting) >= self.queue else Outcome.GAVE_UP
             ticket = object()
             self._waiting.append(ticket)
             deadline = time.monotonic() + max_wait_s
             try:
                 while True:
+                    if gave_up():
+                        return Outcome.GAVE_UP
                     if self._free and self._waiting[0] is ticket:
                         self._waiting.popleft()
                         self._free -= 1
-                        return True
+                        return Outcome.GRANTED
                     left = deadline - time.monotonic()
-                    if left <= 0 or gave_up():
-                        return False
+                    if left <= 0:
+                        return Outcome.TIMED_OUT
                     self._cond.wait(min(left, POLL_S))
             finally:
                 if ticket in self._waiting:  # gave up: let the next in line see the head move

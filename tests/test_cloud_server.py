@@ -185,6 +185,40 @@ def test_a_call_beyond_max_concurrent_waits_its_turn(served, tmp_path, sample):
         assert _metric(server, "splitdet_cloud_queued") == 0
 
 
+def test_a_waiting_call_is_sent_elsewhere_at_once_on_shutdown(served, tmp_path, sample):
+    """SIGTERM's drain: the running call finishes, the waiting one gets UNAVAILABLE now (to
+    try another replica), not a slot during the grace period nor a 'server busy'."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=2, debug_delay_s=1.5) as (
+        server,
+        client,
+    ):
+        results, errors = {}, {}
+
+        def send(name: str) -> None:
+            try:
+                results[name] = client.detect(sample.encoded, sample.image, name, fingerprint)
+            except RetryLater as exc:
+                errors[name] = (exc.code, exc.message, time.monotonic())
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
+        second = threading.Thread(target=send, args=("second",))
+        second.start()
+        _await_metric(server, "splitdet_cloud_queued", 1)
+        drained = time.monotonic()
+        server.servicer.drain()
+        second.join(10)
+        first.join(10)
+        code, message, when = errors["second"]
+        assert code is grpc.StatusCode.UNAVAILABLE and "shutting down" in message
+        assert when - drained < 1.0  # not after the running call's 1.5 s
+        assert set(results) == {"first"}  # the running call finished
+        busy = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
+        assert _metric(server, busy) == 0
+
+
 def test_every_call_has_a_deadline(served, tmp_path, sample):
     fingerprint = served[2].fingerprint
     with running(served, tmp_path, debug_delay_s=2.0) as (server, client):

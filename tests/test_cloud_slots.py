@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from splitdet.cloud.slots import FairSlots
+from splitdet.cloud.slots import FairSlots, Outcome
 
 
 def _wait_until(predicate, timeout: float = 5.0) -> None:
@@ -35,7 +35,7 @@ def test_slots_go_to_waiting_calls_in_arrival_order():
         thread.start()
         threads.append(thread)
         _wait_until(lambda k=k: slots.waiting == k + 1)  # queued in this order
-    assert not slots.acquire(10)  # a fourth: the queue is full, refused at once
+    assert slots.acquire(10) is Outcome.FULL  # a fourth: the queue is full, refused at once
     slots.release()
     for thread in threads:
         thread.join(10)
@@ -47,10 +47,11 @@ def test_a_wait_that_ends_leaves_the_queue_to_the_next():
     slots = FairSlots(1, 2)
     assert slots.acquire(0)
     started = time.monotonic()
-    assert not slots.acquire(0.2)  # no slot within its wait
+    assert slots.acquire(0.2) is Outcome.TIMED_OUT  # no slot within its wait
     assert 0.15 < time.monotonic() - started < 2
     left = threading.Event()
-    assert not slots.acquire(10, gave_up=lambda: left.set() or True)  # the caller went away
+    outcome = slots.acquire(10, gave_up=lambda: left.set() or True)  # the caller went away
+    assert outcome is Outcome.GAVE_UP and not outcome
     assert left.is_set() and slots.waiting == 0
     got = []
     waiter = threading.Thread(target=lambda: got.append(slots.acquire(10)))
@@ -58,7 +59,7 @@ def test_a_wait_that_ends_leaves_the_queue_to_the_next():
     _wait_until(lambda: slots.waiting == 1)
     slots.release()
     waiter.join(10)
-    assert got == [True]
+    assert got == [Outcome.GRANTED]
 
 
 def test_no_queue_refuses_at_once_and_bad_use_is_an_error():
