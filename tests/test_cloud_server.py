@@ -129,6 +129,18 @@ def _await_metric(server, name: str, value: float, timeout: float = 10.0) -> Non
         time.sleep(0.02)
 
 
+def _one_running_one_waiting(server, send) -> tuple[threading.Thread, threading.Thread]:
+    """Threads calling send("first"), running once this returns, and send("second"), waiting
+    for a slot (one slot, a debug delay)."""
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    _await_metric(server, "splitdet_cloud_in_flight", 1)
+    second = threading.Thread(target=send, args=("second",))
+    second.start()
+    _await_metric(server, "splitdet_cloud_queued", 1)
+    return first, second
+
+
 def test_beyond_max_concurrent_is_resource_exhausted(served, tmp_path, sample):
     fingerprint = served[2].fingerprint
     with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
@@ -168,12 +180,7 @@ def test_a_call_beyond_max_concurrent_waits_its_turn(served, tmp_path, sample):
         def send(name: str) -> None:
             results[name] = client.detect(sample.encoded, sample.image, name, fingerprint)
 
-        first = threading.Thread(target=send, args=("first",))
-        first.start()
-        _await_metric(server, "splitdet_cloud_in_flight", 1)
-        second = threading.Thread(target=send, args=("second",))
-        second.start()
-        _await_metric(server, "splitdet_cloud_queued", 1)
+        first, second = _one_running_one_waiting(server, send)
         with pytest.raises(RetryLater) as busy:
             client.detect(sample.encoded, sample.image, "third", fingerprint)
         assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -201,12 +208,7 @@ def test_a_waiting_call_is_sent_elsewhere_at_once_on_shutdown(served, tmp_path, 
             except RetryLater as exc:
                 errors[name] = (exc.code, exc.message, time.monotonic())
 
-        first = threading.Thread(target=send, args=("first",))
-        first.start()
-        _await_metric(server, "splitdet_cloud_in_flight", 1)
-        second = threading.Thread(target=send, args=("second",))
-        second.start()
-        _await_metric(server, "splitdet_cloud_queued", 1)
+        first, second = _one_running_one_waiting(server, send)
         drained = time.monotonic()
         server.servicer.drain()
         second.join(10)
