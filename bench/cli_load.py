@@ -33,7 +33,8 @@ whose call fails backs off as the edge daemon does (0.5 s doubling) before it tr
 latency is from a request's first try to its answer, and "per edge" the fewest and most
 answers one edge got (far apart: the server is unfair to some edges). Sizing:
 a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
-flags a fraction R (`splitdet eval --model` reports flagged_fraction; `edge status` the line's).
+flags a fraction R (`splitdet eval --model` reports flagged_fraction; on the line, `edge status`
+gives the verdict counts it follows from).
 """
 
 
@@ -206,7 +207,7 @@ def _measure(args, config, requests, levels: list[dict], where: str, cloud) -> N
 
         def make_client(k: int):
             name = f"{base_name}-load{k}"  # the k-th edge keeps its name across levels
-            return CloudClient(dataclasses.replace(config, edge_name=name))
+            return CloudClient(dataclasses.replace(config, edge_name=name, own_connection=True))
 
         try:
             level = measure_level(make_client, requests, clients, args.seconds)

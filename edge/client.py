@@ -104,6 +104,8 @@ class ClientConfig:
         token: bearer token sent as "authorization: Bearer <token>" metadata.
         edge_name: this edge's name, sent with every call (shared/edge_name.py) for the
             cloud's per-edge metrics and logs; None sends none.
+        own_connection: this client's channel opens its own connection even where another
+            channel of the process reaches the same target (loadtest's simulated edges).
     """
 
     addresses: str
@@ -119,6 +121,7 @@ class ClientConfig:
     server_name: str | None = None
     token: str | None = field(default=None, repr=False)
     edge_name: str | None = None
+    own_connection: bool = False
 
     def __post_init__(self) -> None:
         channel_target(self.addresses)  # raises on a malformed address list
@@ -183,6 +186,8 @@ def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:
     ]
     if config.server_name:
         options.append(("grpc.ssl_target_name_override", config.server_name))
+    if config.own_connection:  # else channels to one target in a process share a connection
+        options.append(("grpc.use_local_subchannel_pool", 1))
     return options
 
 

@@ -235,7 +235,8 @@ def _check_images(
             continue  # annotated (also through another annotation's <filename>)
         report.problems.append(
             f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
-            "image needs one with no <object> (`splitdet data split --write-empty` writes them)"
+            "image needs one with no <object> (`splitdet data split --write-empty` writes them; "
+            "add --add when split files exist)"
         )
     for path, ids in sorted(users.items()):
         if len(ids) > 1:
