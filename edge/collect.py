@@ -78,9 +78,11 @@ def _matching(
     verdict: str | None,
     p_range: tuple[float, float] | None,
 ) -> Iterator[tuple[int, str]]:
-    """(id, arrival path) of every final ok/defect result the filters match, in id order,
-    streamed (an edge database can hold tens of millions of rows)."""
+    """(id, arrival path) of every final ok/defect result the filters match whose image was
+    kept (not deleted under --after delete), in id order, streamed (an edge database can hold
+    tens of millions of rows; deleted ones would otherwise fill every --limit)."""
     clauses, params = result_filter(since, verdict)
+    clauses.append("stored_path IS NOT NULL")  # deleted after processing: nothing to copy
     clauses.append(f"verdict IN ({', '.join('?' * len(COLLECTABLE))})")
     params += list(COLLECTABLE)
     if p_range is not None:
