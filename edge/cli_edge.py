@@ -147,7 +147,8 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         "--recursive",
         action="store_true",
         help="take the images of --watch's subfolders too (camera software that writes a "
-        "folder per day or line); hidden folders, the quarantine and the archive are skipped",
+        "folder per day or line); hidden folders, the quarantine, the archive and any folder "
+        "holding a .splitdet-ignore file (edge collect's output) are skipped",
     )
     p.add_argument(
         "--db",

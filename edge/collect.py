@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from splitdet.edge.store import result_filter, results_by_id
+from splitdet.edge.watcher import IGNORE_MARKER
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
@@ -182,6 +183,9 @@ def collect_results(
     if not rows:
         return summary
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / IGNORE_MARKER  # a daemon watching a folder above with --recursive skips it
+    if not marker.exists():
+        marker.write_text("splitdet edge run --recursive never enters this folder\n")
     listing = out / LISTING
     new_listing = not listing.is_file()
     with open(listing, "a", newline="", encoding="utf-8") as fh:

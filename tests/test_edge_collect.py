@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from splitdet.edge.store import Answer, Arrival, ResultStore
+from splitdet.edge.watcher import IGNORE_MARKER
 from splitdet.shared.cli import main
 from splitdet.training import voc
 
@@ -90,6 +91,7 @@ def test_collect_writes_a_voc_tree_with_the_model_boxes(line, tmp_path, capsys):
     assert summary["matched"] == 4
     assert summary["collected"] == 3 and summary["already_collected"] == 0
     assert summary["missing"] == [f"{tmp_path / 'archive' / 'gone.png'}: no longer there"]
+    assert (out / IGNORE_MARKER).is_file()  # a daemon watching above it with --recursive skips it
 
     good = voc.read_annotation(out, f"{ids['ok']:08d}-good_part")
     assert good.objects == () and good.image_path.suffix == ".png"

@@ -43,7 +43,7 @@ from splitdet.edge.pipeline import EdgePipeline, EdgeResult, ImageMeta
 from splitdet.edge.preprocess import decode_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.store import OutboxCap
-from splitdet.edge.watcher import HotFolder
+from splitdet.edge.watcher import IGNORE_MARKER, HotFolder
 
 from support import sliver_png
 
@@ -600,17 +600,19 @@ def test_recursive_takes_subfolders_but_not_its_own_outputs(
 ):
     """A camera writing a folder per day: --recursive processes every subfolder's images (the
     same name in two folders is two images), quarantines a bad one from a subfolder, and never
-    enters hidden folders or its own archive and quarantine inside --watch; without it,
+    enters hidden folders, its own archive and quarantine inside --watch, or a folder marked
+    with IGNORE_MARKER; without it,
     subfolders are left alone."""
     images = pool.take(4)
     watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
-    for sub in ("2026-12-03", "2026-12-04/line-b", ".trash", "archive", "quarantine"):
+    for sub in ("2026-12-03", "2026-12-04/line-b", ".trash", "archive", "quarantine", "review"):
         (watch / sub).mkdir(parents=True)
+    (watch / "review" / IGNORE_MARKER).write_text("")  # e.g. `splitdet edge collect --out`
     write_files(watch, images[:1], ["top.png"])
     write_files(watch / "2026-12-03", images[1:2], ["a.png"])
     write_files(watch / "2026-12-04/line-b", images[2:3], ["a.png"])  # the same name again
     (watch / "2026-12-04" / "broken.png").write_bytes(images[3].data[:40])
-    for skipped in (".trash", "archive", "quarantine"):  # hidden, or the daemon's own outputs
+    for skipped in (".trash", "archive", "quarantine", "review"):  # hidden, own, or marked
         write_files(watch / skipped, images[3:], ["old.png"])
 
     flat = EdgeProcess(tmp_path / "flat", watch, "127.0.0.1:9", tmp_path / "flat.sqlite",
@@ -635,7 +637,7 @@ def test_recursive_takes_subfolders_but_not_its_own_outputs(
     }
     archived = sorted(p.name for p in (watch / "archive").iterdir())
     assert len(archived) == 4 and "old.png" in archived  # three images moved in beside old.png
-    for skipped in (".trash", "quarantine"):
+    for skipped in (".trash", "quarantine", "review"):
         assert (watch / skipped / "old.png").exists()
     # a second run finds nothing new: the archive and quarantine are not read back
     edge.start(tiny_model_dir)
