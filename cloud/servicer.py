@@ -522,6 +522,9 @@ class DetectionServicer:
         if self._draining.is_set():  # a queued call when SIGTERM came: go elsewhere now
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         if outcome is Outcome.GAVE_UP:
+            left = context.time_remaining()
+            if left is not None and left <= 0:  # gRPC ends a call when its deadline passes
+                raise DeadlinePassed(f"deadline passed after {wait_s:.1f} s waiting for a slot")
             raise Cancelled("caller went away while waiting for a Detect slot")
         if outcome is Outcome.TIMED_OUT and remaining is not None and remaining <= wait_s:
             raise DeadlinePassed(f"deadline passed after {wait_s:.1f} s waiting for a slot")

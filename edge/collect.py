@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store import result_filter, results_by_id
-from splitdet.edge.watcher import IGNORE_MARKER
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
@@ -78,10 +79,10 @@ def _matching(
     since: float | None,
     verdict: str | None,
     p_range: tuple[float, float] | None,
-) -> Iterator[tuple[int, str]]:
-    """(id, arrival path) of every final ok/defect result the filters match whose image was
-    kept (not deleted under --after delete), in id order, streamed (an edge database can hold
-    tens of millions of rows; deleted ones would otherwise fill every --limit)."""
+) -> Iterator[tuple[int, str, str]]:
+    """(id, arrival path, stored path) of every final ok/defect result the filters match
+    whose image was kept (not deleted under --after delete), in id order, streamed (an edge
+    database can hold tens of millions of rows)."""
     clauses, params = result_filter(since, verdict)
     clauses.append("stored_path IS NOT NULL")  # deleted after processing: nothing to copy
     clauses.append(f"verdict IN ({', '.join('?' * len(COLLECTABLE))})")
@@ -90,31 +91,42 @@ def _matching(
         clauses.append("p_defect BETWEEN ? AND ?")
         params += list(p_range)
     yield from db.execute(
-        f"SELECT id, path FROM images WHERE {' AND '.join(clauses)} ORDER BY id", params
+        f"SELECT id, path, stored_path FROM images WHERE {' AND '.join(clauses)} ORDER BY id",
+        params,
     )
 
 
 def _select(
     db: sqlite3.Connection, done: set[str], limit: int | None, **filters
-) -> tuple[list[int], int, int]:
-    """(ids to collect, results matched, of them already collected): at most ``limit`` of the
-    matched results not yet collected (their VOC id in ``done``), spread evenly over them.
-    Two streamed passes; memory grows with ``limit``, not with the database."""
+) -> tuple[list[int], int, int, list[str]]:
+    """(ids to collect, results matched, of them already collected, files found gone): at
+    most ``limit`` of the matched results not yet collected (their VOC id in ``done``),
+    spread evenly over them. A pick whose file is gone passes to the next result whose file
+    is there (else files removed since would take every place on every run). Two streamed
+    passes; memory grows with ``limit``, not with the database."""
     matched = already = 0
-    for result_id, path in _matching(db, **filters):
+    for result_id, path, _ in _matching(db, **filters):
         matched += 1
         already += voc_image_id(result_id, path) in done
     remaining = matched - already
     wanted = remaining if limit is None else min(limit, remaining)
     picks = {int(k * remaining / wanted) for k in range(wanted)} if wanted else set()
-    chosen, position = [], 0
-    for result_id, path in _matching(db, **filters):
+    chosen: list[int] = []
+    gone: list[str] = []
+    owed, position = 0, 0
+    for result_id, path, stored in _matching(db, **filters):
         if voc_image_id(result_id, path) in done:
             continue
-        if position in picks:
-            chosen.append(result_id)
+        owed += position in picks
         position += 1
-    return chosen, matched, already
+        if not owed:
+            continue
+        if os.path.isfile(stored):
+            chosen.append(result_id)
+            owed -= 1
+        else:
+            gone.append(f"{stored}: no longer there")
+    return chosen, matched, already, gone
 
 
 def _watched_folder_problem(out: Path, rows: list[dict]) -> str | None:
@@ -164,16 +176,18 @@ def collect_results(
     ``db``: an open store connection (read only is enough). Results are final ``ok``/``defect``
     rows, optionally changed ``since`` (unix s), of one ``verdict``, with p(defect) within
     ``p_range`` (inclusive); ``limit`` spreads that many evenly over those not collected
-    yet. Boxes scoring at least ``min_score`` become objects (original-image px). An image
-    whose file is gone (``--after delete``, moved away), changed since (its hash differs)
-    or unreadable is listed in ``missing``, not an error. ValueError when ``out`` lies
-    where the results' images arrived (the daemon would take the copies for new images).
+    yet. Boxes scoring at least ``min_score`` become objects (original-image px). Results
+    whose image was deleted after processing (``--after delete``) are not matched; an image
+    whose file is gone since (moved away), changed (its hash differs) or unreadable is
+    listed in ``missing``, not an error, and gives its place to the next. ValueError when
+    ``out`` lies where the results' images arrived (the daemon would take the copies for
+    new images).
     """
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
     summary = CollectSummary()
     done = {p.stem for p in annotations.glob("*.xml")} if annotations.is_dir() else set()
-    ids, summary.matched, summary.already = _select(
+    ids, summary.matched, summary.already, summary.missing = _select(
         db, done, limit, since=since, verdict=verdict, p_range=p_range
     )
     rows = results_by_id(db, ids)
@@ -181,11 +195,11 @@ def collect_results(
     if problem is not None:
         raise ValueError(problem)
     if not rows:
+        if out.is_dir():  # an output made before collect marked its folders
+            mark(out)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / IGNORE_MARKER  # a daemon watching a folder above with --recursive skips it
-    if not marker.exists():
-        marker.write_text("splitdet edge run --recursive never enters this folder\n")
+    mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
     new_listing = not listing.is_file()
     with open(listing, "a", newline="", encoding="utf-8") as fh:
@@ -221,8 +235,6 @@ def _copy_one(
     row: dict, image_id: str, images: Path, target_xml: Path, min_score: float
 ) -> str | None:
     """Copy one result's image and write its annotation; the reason when it cannot be."""
-    if not row["stored_path"]:
-        return f"{row['path']}: deleted after processing (--after delete)"
     source = Path(row["stored_path"])
     if not source.is_file():
         return f"{source}: no longer there"

@@ -26,7 +26,7 @@ With `recursive`, files in subfolders count too (camera software that writes a f
 per line), tracked by their path below the hot folder; hidden folders, symbolic links to folders
 and the `exclude`d folders (the daemon's own quarantine and archive, when they lie inside) are
 not entered, nor any folder holding a file named IGNORE_MARKER (`splitdet edge collect` puts
-one in its output: the collected copies are not new images).
+one in its output: the collected copies are not new images; see `edge.ignore_marker`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from splitdet.edge.ignore_marker import is_marked
 from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, decode_image
-
-#: A folder holding a file of this name is never entered with `recursive`.
-IGNORE_MARKER = ".splitdet-ignore"
 
 #: Names of files still being written by common tools; never picked up.
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
@@ -149,7 +147,7 @@ class HotFolder:
                     self.recursive
                     and entry.is_dir(follow_symlinks=False)
                     and Path(entry.path).resolve() not in self._exclude
-                    and not os.path.lexists(os.path.join(entry.path, IGNORE_MARKER))
+                    and not is_marked(entry.path)
                 ):
                     yield from self._files(Path(entry.path), f"{prefix}{entry.name}/")
             except FileNotFoundError:

@@ -221,6 +221,28 @@ def test_a_waiting_call_is_sent_elsewhere_at_once_on_shutdown(served, tmp_path, 
         assert _metric(server, busy) == 0
 
 
+def test_a_wait_ended_by_the_callers_deadline_is_deadline_exceeded(served, tmp_path, sample):
+    """Neither 'server busy' (the saturation alert) nor 'caller went away'."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=2, debug_delay_s=2.0) as (
+        server,
+        client,
+    ):
+        slow = threading.Thread(
+            target=lambda: client.detect(sample.encoded, sample.image, "slow", fingerprint)
+        )
+        slow.start()
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
+        with pytest.raises(RetryLater) as late:
+            client.detect(sample.encoded, sample.image, "late", fingerprint, timeout=0.5)
+        assert late.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        slow.join(10)
+        key = 'splitdet_cloud_failures_total{code="%s",method="Detect"}'
+        _await_metric(server, key % "DEADLINE_EXCEEDED", 1)
+        assert _metric(server, key % "CANCELLED") == 0
+        assert _metric(server, key % "RESOURCE_EXHAUSTED") == 0
+
+
 def test_every_call_has_a_deadline(served, tmp_path, sample):
     fingerprint = served[2].fingerprint
     with running(served, tmp_path, debug_delay_s=2.0) as (server, client):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from splitdet.edge.ignore_marker import IGNORE_MARKER
 from splitdet.edge.store import Answer, Arrival, ResultStore
-from splitdet.edge.watcher import IGNORE_MARKER
 from splitdet.shared.cli import main
 from splitdet.training import voc
 
@@ -147,6 +147,26 @@ def test_selection_by_verdict_p_defect_and_limit(line, tmp_path, capsys):
     again = _collect(db, tmp_path / "c", capsys, "--limit", "1", "--verdict", "defect")
     assert (again["matched"], again["collected"], again["already_collected"]) == (2, 1, 1)
     assert len(list((tmp_path / "c" / "Annotations").glob("*.xml"))) == 2  # another one
+
+
+def test_a_gone_file_gives_its_place_to_the_next(tmp_path, capsys):
+    """--limit picks evenly; a pick whose file was removed since (the camera's clean-up
+    under --after keep) passes to the next result, so every run collects its share."""
+    hot, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    paths = [_image(hot / f"{k}.png") for k in range(6)]
+    for k, path in enumerate(paths):
+        store.record_ok(_arrival(k, path), 0.1, FINGERPRINT, {}, stored_path=path)
+    store.close()
+    for k in (0, 3):  # exactly the evenly spaced picks of 2 among 6
+        Path(paths[k]).unlink()
+    summary = _collect(db, tmp_path / "review", capsys, "--limit", "2")
+    assert summary["collected"] == 2
+    assert sorted(summary["missing"]) == [f"{paths[0]}: no longer there",
+                                          f"{paths[3]}: no longer there"]  # fmt: skip
+    assert sorted(p.stem[-1] for p in (tmp_path / "review" / "JPEGImages").iterdir()) == [
+        "1", "4"
+    ]  # fmt: skip
 
 
 def test_what_cannot_be_collected_as_it_was_seen(tmp_path, capsys):

@@ -39,11 +39,12 @@ from cloud_fixtures import CloudProcess, scrape_metrics, start_cloud_process
 from PIL import Image
 
 from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+from splitdet.edge.ignore_marker import IGNORE_MARKER
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult, ImageMeta
 from splitdet.edge.preprocess import decode_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.store import OutboxCap
-from splitdet.edge.watcher import IGNORE_MARKER, HotFolder
+from splitdet.edge.watcher import HotFolder
 
 from support import sliver_png
 

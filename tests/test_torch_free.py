@@ -23,6 +23,7 @@ EDGE_MODULES = [
     "splitdet.edge.cloud_args",
     "splitdet.edge.check",
     "splitdet.edge.collect",
+    "splitdet.edge.ignore_marker",
     "splitdet.bench.load",
     "splitdet.bench.cli_load",
     "splitdet.training.voc",
