@@ -10,7 +10,6 @@ Torch-free unless it starts the cloud itself (in a child process).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from splitdet.edge.cli_predict import check_outputs
+    from splitdet.edge.cli_predict import check_outputs, write_json
     from splitdet.edge.client import ClientConfig
     from splitdet.shared.cli import CommandError
 
@@ -178,10 +177,10 @@ def run(args: argparse.Namespace) -> int:
                     f"a cloud started here (--max-concurrent {args.max_concurrent}, "
                     f"--max-queued {args.max_queued})"
                 )
-            _measure(args, config, requests, levels, report["cloud"], cloud)
+            _measure(args, config, requests, size_mb, levels, report["cloud"], cloud)
     finally:  # also after a failure mid-run: the levels measured so far are kept
         if args.json and levels:
-            _write(args.json, report)
+            write_json(args.json, report)
     return 0
 
 
@@ -189,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 CLIENT_ONLY = ("tls", "root_certs", "client_cert", "client_key", "server_name", "token_file")
 
 
-def _measure(args, config, requests, levels: list[dict], where: str, cloud) -> None:
+def _measure(args, config, requests, size_mb: float, levels: list[dict], where: str, cloud) -> None:
     """Run every level of ``args.clients``, appending each row to ``levels`` and printing it."""
     import dataclasses
 
@@ -198,7 +197,6 @@ def _measure(args, config, requests, levels: list[dict], where: str, cloud) -> N
     from splitdet.shared.cli import CommandError
 
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds the JSON
-    size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
     print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {where}", file=out)
     print(f"{'edges':>5} {'answered':>8} {'answers/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
           f"{'p99 ms':>8} {'busy':>6} {'per edge':>9}  failed", file=out)  # fmt: skip
@@ -251,16 +249,3 @@ def _start_cloud(args: argparse.Namespace, scratch: Path, stack):
     except ServiceError as exc:
         raise CommandError(str(exc)) from None
     return cloud
-
-
-def _write(target: str, data: dict) -> None:
-    from splitdet.shared.cli import CommandError
-
-    text = json.dumps(data, indent=2) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        Path(target).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"--json {target}: cannot write ({exc})") from None

@@ -136,14 +136,19 @@ def check_outputs(json_file: str | None, save_dir: str | None) -> None:
             raise CommandError(f"--save {save_dir} is not writable")
 
 
-def _write_json(json_file: str, records: list[dict]) -> None:
-    """Write `records` to `json_file` whole (a temporary file renamed over it)."""
+def write_json(json_file: str, data: object) -> None:
+    """Write `data` as indented JSON for a --json option: to stdout for "-", else to
+    `json_file` whole (a temporary file renamed over it); CommandError naming the file."""
     from splitdet.shared.cli import CommandError
 
+    text = json.dumps(data, indent=2) + "\n"
+    if json_file == "-":
+        sys.stdout.write(text)
+        return
     target = Path(json_file)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        tmp.write_text(text)
         tmp.replace(target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -202,8 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     records = [p.to_dict() for p in predictions]
     if args.json == "-":
-        json.dump(records, sys.stdout, indent=2)
-        print()
+        write_json("-", records)
     counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect")}
     # an image can be flagged and still fail (detection call, annotated copy): count images
     failed = sum(p.error is not None for p in predictions)
@@ -215,5 +219,5 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
     if args.json and args.json != "-":
-        _write_json(args.json, records)
+        write_json(args.json, records)
     return 1 if failed else 0

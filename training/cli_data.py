@@ -9,7 +9,6 @@ Top-level imports are stdlib only (see splitdet.shared.cli); the work loads in t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -172,7 +171,7 @@ def run_check(args: argparse.Namespace) -> int:
     """Check the dataset at ``args.data``; exit status 1 when it has problems."""
     from tqdm import tqdm
 
-    from splitdet.edge.cli_predict import check_outputs
+    from splitdet.edge.cli_predict import check_outputs, write_json
     from splitdet.shared.cli import CommandError
     from splitdet.training.voc_check import annotated_ids, check_dataset
 
@@ -189,14 +188,7 @@ def run_check(args: argparse.Namespace) -> int:
             root, args.classes, decode=args.decode, workers=args.workers, progress=bar.update
         )
     if args.json:
-        text = json.dumps(report.to_json(), indent=2) + "\n"
-        if to_stdout:
-            sys.stdout.write(text)
-        else:
-            try:
-                Path(args.json).write_text(text, encoding="utf-8")
-            except OSError as exc:
-                raise CommandError(f"--json {args.json}: cannot write ({exc})") from None
+        write_json(args.json, report.to_json())
     if not to_stdout:
         _print_report(report)
     return 0 if report.ok else 1
@@ -204,6 +196,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     """Write the split files of ``args.data``."""
+    from splitdet.edge.cli_predict import write_json
     from splitdet.shared.cli import CommandError
     from splitdet.training import voc
     from splitdet.training.voc_split import split_dataset
@@ -231,7 +224,7 @@ def run_split(args: argparse.Namespace) -> int:
             "splits": {name: ids for name, ids in result.ids.items()},
             "added": result.added,
         }
-        print(json.dumps(summary, indent=2))
+        write_json("-", summary)
         return 0
     if written:
         print(f"wrote {len(written)} empty annotation(s) (defect-free images)")
