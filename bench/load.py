@@ -22,11 +22,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from splitdet.edge.client import CloudClient, CloudError, RetryLater
 from splitdet.edge.sender import Backoff
 from splitdet.shared.wire import detection_pb2 as pb
 
-__all__ = ["LevelResult", "fresh_request", "measure_level", "percentile"]
+__all__ = ["LevelResult", "fresh_request", "measure_level"]
 
 #: Tries of each client's first call (before the clock starts) against a busy server.
 WARMUP_TRIES = 4
@@ -59,14 +61,18 @@ class LevelResult:
 
     def to_json(self) -> dict:
         """Plain JSON types; latencies in ms."""
-        lat = sorted(self.latencies_s)
+        lat = self.latencies_s
         return {
             "clients": self.clients,
             "seconds": round(self.seconds, 3),
             "answered": self.answered,
             "answers_per_second": round(self.answers_per_second, 3),
             "latency_ms": {
-                f"p{q}": round(percentile(lat, q) * 1000, 1) if lat else None for q in (50, 90, 99)
+                # nearest rank: a latency some call really had
+                f"p{q}": round(float(np.percentile(lat, q, method="inverted_cdf")) * 1000, 1)
+                if lat
+                else None
+                for q in (50, 90, 99)
             },
             "answered_per_edge": {
                 "min": min(self.per_edge, default=0),
@@ -75,14 +81,6 @@ class LevelResult:
             "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
             "failed": {k: v for k, v in self.failures.items() if k != "RESOURCE_EXHAUSTED"},
         }
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ascending values, nearest rank."""
-    if not sorted_values:
-        raise ValueError("no values")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def fresh_request(base: pb.DetectRequest) -> pb.DetectRequest:
