@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,15 @@ from pathlib import Path
 from splitdet.shared.config import ModelConfig
 from splitdet.training import voc
 
-__all__ = ["SPLITS", "DatasetReport", "SplitStats", "annotated_ids", "check_dataset", "image_ids"]
+__all__ = [
+    "SPLITS",
+    "DatasetReport",
+    "SplitStats",
+    "annotated_ids",
+    "check_dataset",
+    "image_ids",
+    "unannotated_images",
+]
 
 #: The split files splitdet reads, in the order they are reported.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -195,7 +203,7 @@ def check_dataset(
             if progress is not None:
                 progress(1)
 
-    _check_images(root, report, images, samples)
+    _check_images(report, images, annotated, samples)
     widths: list[float] = []
     heights: list[float] = []
     for sample in samples.values():
@@ -214,6 +222,11 @@ def check_dataset(
         report.box_px = {"width": _percentiles(widths), "height": _percentiles(heights)}
 
     _check_splits(root, report, annotated, samples)
+    if len(report.image_sizes) > 1:
+        report.warnings.append(
+            f"{root / 'JPEGImages'}: {len(report.image_sizes)} different image sizes; the edge "
+            "resizes each as the model was trained, but one camera usually gives one size"
+        )
     if class_names is None and report.classes and set(report.classes) != {DEFAULT_CLASS}:
         names = ",".join(sorted(report.classes))
         report.warnings.append(
@@ -223,21 +236,36 @@ def check_dataset(
     return report
 
 
+def unannotated_images(
+    images: dict[str, Path], annotated: set[str], samples: Iterable[voc.VocSample]
+) -> list[tuple[str, Path]]:
+    """(id, path) of the ``images`` (`image_ids`) that have no annotation of their name
+    (``annotated``: `annotated_ids`) and are not the image of one of ``samples`` through its
+    <filename>, by id."""
+    used = {sample.image_path.resolve() for sample in samples}
+    return [
+        (image_id, path)
+        for image_id, path in sorted(images.items())
+        if image_id not in annotated and path.resolve() not in used
+    ]
+
+
 def _check_images(
-    root: Path, report: DatasetReport, images: dict[str, Path], samples: dict[str, voc.VocSample]
+    report: DatasetReport,
+    images: dict[str, Path],
+    annotated: set[str],
+    samples: dict[str, voc.VocSample],
 ) -> None:
     """Images no annotation points at, and images two annotations point at."""
-    users: dict[Path, list[str]] = {}
-    for image_id, sample in samples.items():
-        users.setdefault(sample.image_path.resolve(), []).append(image_id)
-    for image_id, path in sorted(images.items()):
-        if path.resolve() in users or (root / "Annotations" / f"{image_id}.xml").is_file():
-            continue  # annotated (also through another annotation's <filename>)
+    for image_id, path in unannotated_images(images, annotated, samples.values()):
         report.problems.append(
             f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
             "image needs one with no <object> (`splitdet data split --write-empty` writes them; "
             "add --add when split files exist)"
         )
+    users: dict[Path, list[str]] = {}
+    for image_id, sample in samples.items():
+        users.setdefault(sample.image_path.resolve(), []).append(image_id)
     for path, ids in sorted(users.items()):
         if len(ids) > 1:
             report.problems.append(
@@ -318,9 +346,4 @@ def _check_splits(
         report.warnings.append(
             f"{split_dir}: {len(report.unlisted)} annotated image(s) in no split, e.g. "
             f"{report.unlisted[0]!r}"
-        )
-    if len(report.image_sizes) > 1:
-        report.warnings.append(
-            f"{root / 'JPEGImages'}: {len(report.image_sizes)} different image sizes; the edge "
-            "resizes each as the model was trained, but one camera usually gives one size"
         )

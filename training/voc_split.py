@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitdet.training import voc
-from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids
+from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -36,10 +36,6 @@ class SplitResult:
     empty_annotations: list[Path]
     added: dict[str, int]  # ids new in each split (all of them without ``add``)
 
-    def counts(self) -> dict[str, int]:
-        """Images per split."""
-        return {name: len(ids) for name, ids in self.ids.items()}
-
 
 def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[voc.VocSample]:
     """A sample with no object for every image of ``ROOT/JPEGImages`` that neither has an
@@ -47,12 +43,8 @@ def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[vo
     sized from its header. Raises `voc.VocError` naming the first image Pillow cannot read
     (and how many more), or whose name cannot be an image id."""
     root = Path(root)
-    have = set(annotated_ids(root))
-    used = {sample.image_path.resolve() for sample in samples}
     found, problems = [], []
-    for image_id, path in sorted(image_ids(root).items()):
-        if image_id in have or path.resolve() in used:
-            continue
+    for image_id, path in unannotated_images(image_ids(root), set(annotated_ids(root)), samples):
         problem = voc.id_problem(image_id)
         if problem is not None:
             problems.append(f"{path}: {problem}; rename it")
