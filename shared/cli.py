@@ -77,6 +77,17 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
+def class_names(text: str) -> tuple[str, ...]:
+    """The class names of a ``--classes A,B`` option: stripped, empty ones dropped.
+    ValueError naming the first one listed twice (the second would take the label of the
+    first, which then never trains)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice")
+    return names
+
+
 def address_problem(text: str, port_required: bool = True, port_zero: bool = True) -> str | None:
     """What gRPC would misread without a word in `text` ("host:port" or "[IPv6]:port"), or
     None: a port past 65535 (99999 becomes 34463), a negative or missing port (443), an

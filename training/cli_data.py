@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from splitdet.shared.cli import float_in, int_in
+from splitdet.shared.cli import class_names, float_in, int_in
 
 EPILOG = """\
 actions:
@@ -30,12 +30,12 @@ SHOWN_PROBLEMS = 50
 
 
 def _classes(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    try:
+        names = class_names(text)  # as train reads its --classes
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     if not names:
         raise argparse.ArgumentTypeError(f"expected class names separated by commas, got {text!r}")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # train refuses it too
-        raise argparse.ArgumentTypeError(f"{text!r}: {twice[0]!r} is listed twice")
     return names
 
 

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from splitdet.shared.checkpoint import CheckpointError
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, class_names
     from splitdet.training.train import InitError, train
     from splitdet.training.voc import VocError, check_hint
 
@@ -160,11 +160,10 @@ def run(args: argparse.Namespace) -> int:
         changes["crop"] = args.crop or None
     model_changes = {}
     if args.classes:
-        names = tuple(n.strip() for n in args.classes.split(",") if n.strip())
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:  # the second would take the label of the first, which then never trains
-            raise CommandError(f"--classes {args.classes!r}: {twice[0]!r} is listed twice")
-        model_changes["class_names"] = names
+        try:
+            model_changes["class_names"] = class_names(args.classes)
+        except ValueError as exc:
+            raise CommandError(f"--classes {args.classes!r}: {exc}") from None
     if args.gate_on:
         model_changes["gate_level"] = GATE_LEVELS[args.gate_on]
     try:
