@@ -59,8 +59,8 @@ class FairSlots:
             if self._free and not self._waiting:
                 self._free -= 1
                 return Outcome.GRANTED
-            if len(self._waiting) >= self.queue or gave_up():
-                return Outcome.FULL if len(self._waiting) >= self.queue else Outcome.GAVE_UP
+            if len(self._waiting) >= self.queue:
+                return Outcome.FULL
             ticket = object()
             self._waiting.append(ticket)
             deadline = time.monotonic() + max_wait_s
