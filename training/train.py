@@ -492,8 +492,8 @@ def _validation_subset(samples: list, n: int | None) -> list:
     chosen = voc.evenly_spaced(defective, n_defective) + voc.evenly_spaced(
         free, len(subset) - n_defective
     )
-    order = {id(s): k for k, s in enumerate(samples)}
-    return sorted(chosen, key=lambda s: order[id(s)])
+    kept = {id(s) for s in chosen}
+    return [s for s in samples if id(s) in kept]  # in the split's order
 
 
 def train(
