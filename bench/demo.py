@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.streams import make_stream, stream_problem
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth import GENERATOR_VERSION
@@ -93,10 +94,7 @@ def _stamp(path: Path) -> dict | None:
 
 
 def _write_stamp(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _file_digest(path: Path) -> str:

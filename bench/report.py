@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from splitdet.bench.systems import Outcome
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
-from splitdet.training.voc import VocSample, atomic_write
+from splitdet.training.voc import VocSample
 
 #: The paper's reported inference-time reductions at defect rates 5%, 12%, 50% (Table / Fig. 5).
 PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}

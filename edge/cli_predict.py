@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
+from splitdet.shared.atomic_file import atomic_write
 
 if TYPE_CHECKING:
     from splitdet.edge.client import ClientConfig
@@ -145,13 +146,9 @@ def write_json(json_file: str, data: object) -> None:
     if json_file == "-":
         sys.stdout.write(text)
         return
-    target = Path(json_file)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(target)
+        atomic_write(json_file, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
 
 

@@ -55,6 +55,7 @@ from splitdet.edge.store import (
     ResultStore,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
 
 log = logging.getLogger("splitdet.edge")
@@ -732,7 +733,4 @@ class EdgeDaemon:
         target = Path(stored_path + ".reason.txt")
         if target.exists():
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(reason + "\n")
-        tmp.replace(target)
+        atomic_write(target, reason + "\n")

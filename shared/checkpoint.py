@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from splitdet.shared.atomic_file import replacing
 from splitdet.shared.config import MAX_REFINE_STEPS, ModelConfig
 from splitdet.shared.model import MultiTaskRCNN
 
@@ -38,9 +39,8 @@ def save_checkpoint(path: Path, model: MultiTaskRCNN, **extra: Any) -> None:
         "gate_threshold": DEFAULT_GATE_THRESHOLD,
         **extra,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)
+    with replacing(path, fsync=True) as tmp:  # a full disk leaves the last checkpoint whole
+        torch.save(checkpoint, tmp)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitdet.shared import __version__
+from splitdet.shared.atomic_file import atomic_write
 
 #: Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -292,11 +293,8 @@ def write_ready_file(path: Path, info: dict) -> None:
     supervisors and tests; OSError naming --ready-file when it cannot be written."""
     import json
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(info) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(info) + "\n")
     except OSError as exc:
         raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.config import ModelConfig
 from splitdet.shared.spec import SPEC_VERSION
 
@@ -153,9 +154,7 @@ def write_manifest(
         fingerprint=compute_fingerprint(artifacts, model_config, float(gate_threshold)),
         extra=extra or {},
     )
-    tmp = model_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    tmp.replace(model_dir / MANIFEST_NAME)
+    atomic_write(model_dir / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2) + "\n")
     return manifest
 
 

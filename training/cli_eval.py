@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Iterable
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
+from splitdet.shared.atomic_file import atomic_write, replacing
 from splitdet.shared.cli import add_box_refine_option, int_in
 
 EXAMPLE = """examples:
@@ -202,11 +203,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         if calibration is not None and not args.no_store:
             checkpoint["gate_threshold"] = metrics["gate_threshold"]
             checkpoint["gate_target_recall"] = args.target_recall
-            tmp = Path(str(args.checkpoint) + ".tmp")
-            torch.save(checkpoint, tmp)
-            tmp.replace(args.checkpoint)
+            with replacing(args.checkpoint, fsync=True) as tmp:
+                torch.save(checkpoint, tmp)
         if args.json:
-            Path(args.json).write_text(text + "\n")
+            atomic_write(args.json, text + "\n")
     except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as either
         where = getattr(exc, "filename", None) or args.json or args.checkpoint
         detail = getattr(exc, "strerror", None) or exc
@@ -218,7 +218,6 @@ def run_model(args: argparse.Namespace) -> int:
     """Evaluate an export as deployed; see EXAMPLE."""
     import json
     import sys
-    from pathlib import Path
 
     from tqdm import tqdm
 
@@ -239,7 +238,7 @@ def run_model(args: argparse.Namespace) -> int:
         )
     if args.json:
         try:
-            Path(args.json).write_text(text + "\n")
+            atomic_write(args.json, text + "\n")
         except OSError as exc:
             detail = exc.strerror or exc
             raise CommandError(f"{args.json}: cannot write the results ({detail})") from None

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from splitdet.shared.atomic_file import replacing
 from splitdet.training import voc
 
 __all__ = [
@@ -672,10 +673,8 @@ def generate_image(
 
 def save_jpeg(image: np.ndarray, path: Path, quality: int = 92) -> None:
     """Save an (H, W, 3) uint8 image as a baseline JPEG (written atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="JPEG", quality=int(quality))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=int(quality))
 
 
 # --------------------------------------------------------------------------------- the dataset

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.checkpoint import (
     CheckpointError,
     read_checkpoint,
@@ -404,8 +405,6 @@ def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
 
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.json (a list of rows) and metrics.csv (the union of columns)."""
-    from splitdet.training.voc import atomic_write
-
     atomic_write(out_dir / "metrics.json", (json.dumps(history, indent=2) + "\n").encode())
     columns: list[str] = []
     for row in history:
@@ -643,7 +642,7 @@ def train(
 
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
         recipe = json.dumps(config.to_dict(), indent=2) + "\n"
-        voc.atomic_write(out_dir / "train_config.json", recipe.encode())  # --resume reads it
+        atomic_write(out_dir / "train_config.json", recipe, fsync=True)  # --resume reads it
 
     ddp_model: nn.Module = model
     if world > 1:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import glob
 import math
-import os
 import stat
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from splitdet.shared.atomic_file import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -455,27 +455,6 @@ def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int 
         sub(bnd, "ymax", ymax)
     ET.indent(ann, space="  ")
     return ET.tostring(ann, encoding="utf-8") + b"\n"
-
-
-def _umask() -> int:
-    """The process's file mode creation mask (read by setting it, then set back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_annotation(

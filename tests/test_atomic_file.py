@@ -1,0 +1,45 @@
+"""Whole-file writes (shared.atomic_file): a failed write keeps the earlier file and leaves no
+temporary file behind; a written file gets the umask's mode, not mkstemp's 0600."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from splitdet.shared.atomic_file import atomic_write, replacing
+from splitdet.shared.checkpoint import read_checkpoint, save_checkpoint
+
+from conftest import make_tiny_model
+
+
+def test_a_failed_write_keeps_the_earlier_file_and_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    atomic_write(target, "old\n")
+    with pytest.raises(RuntimeError, match="half way"), replacing(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("half way")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_a_written_file_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "sub" / "a.xml", b"<annotation/>\n", fsync=True)
+    finally:
+        os.umask(old)
+    written = tmp_path / "sub" / "a.xml"
+    assert written.read_bytes() == b"<annotation/>\n"
+    assert written.stat().st_mode & 0o777 == mode
+
+
+def test_a_checkpoint_that_cannot_be_saved_leaves_the_last_one_whole(tmp_path):
+    path = tmp_path / "last.pt"
+    model = make_tiny_model()
+    save_checkpoint(path, model, epoch=3)
+    with pytest.raises(Exception, match="lambda|pickle"):
+        save_checkpoint(path, model, epoch=4, hook=lambda: None)  # not picklable
+    assert read_checkpoint(path)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
