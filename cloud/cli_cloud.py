@@ -120,8 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="Detect calls that wait, first come first served, for a running one to finish, "
         "0-256; more are refused with RESOURCE_EXHAUSTED, and the edge backs off. A waiting "
-        "call holds about twice its request's size in memory (int8 features of the cpu "
-        "model: ~1 MB; at most 2 x --max-message-mib). On SIGTERM waiting calls get "
+        "call holds its request in memory (int8 features of the cpu model: ~1 MB; at most "
+        "--max-message-mib); a repeat of an answered request does not wait. On SIGTERM "
+        "waiting calls get "
         "UNAVAILABLE at once. 0: refuse at once, which lets the edge answered last take every "
         "freed slot under load (default: %(default)s)",
     )

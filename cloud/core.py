@@ -260,7 +260,10 @@ class DetectionCore:
         return json.dumps(manifest.to_dict(), indent=2)
 
     def detect(
-        self, call: DetectCall, is_cancelled: Callable[[], bool] | None = None
+        self,
+        call: DetectCall,
+        is_cancelled: Callable[[], bool] | None = None,
+        before_compute: Callable[[], None] | None = None,
     ) -> DetectResult:
         """Answer one request.
 
@@ -268,6 +271,10 @@ class DetectionCore:
             call: the request.
             is_cancelled: polled between stages; when it returns True the work is abandoned
                 with `Cancelled`.
+            before_compute: called once the cheap checks passed and no stored answer was
+                found, before the features are decoded and the heads run (the server waits
+                for a slot there: a malformed call or a repeat is answered without one).
+                Whatever it raises ends the call.
 
         Raises:
             FingerprintMismatch: the call is for another model.
@@ -276,11 +283,13 @@ class DetectionCore:
         """
         start = time.perf_counter()
         model = self._check_call(call)
-        digest = request_digest(call) if self.store is not None else ""
-        stored = self._stored(model, call, digest)
+        stored = self._stored(model, call)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
             return DetectResult(call.request_id, model.fingerprint, stored, timings, cached=True)
+        if before_compute is not None:
+            before_compute()
+            start = time.perf_counter()  # the wait is not the server's work
 
         features = self._decode(model, call.image, call.tensors)
         decoded = time.perf_counter()
@@ -301,8 +310,9 @@ class DetectionCore:
         )
         if self.store is not None:
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
+            answer = StoredAnswer(model.fingerprint, request_digest(call), payload)
             try:
-                self.store.put(call.request_id, StoredAnswer(model.fingerprint, digest, payload))
+                self.store.put(call.request_id, answer)
             except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
                 log.warning(
                     "answers store: cannot keep the answer to %r (%s); answered without it (a "
@@ -328,14 +338,39 @@ class DetectionCore:
             )
         return model
 
-    def _check_call(self, call: DetectCall) -> ServedModel:
-        """Cheap checks before anything is hashed, looked up or decoded; the model to use."""
-        model = self.model(call.fingerprint)
-        rid = call.request_id
+    def is_repeat(self, request_id: str, fingerprint: str) -> bool:
+        """Check a request's id and model before it is parsed whole: True when an answer to
+        that id by that model is stored (the request is then answered without the heads,
+        unless it turns out to differ from the one answered).
+
+        Raises:
+            FingerprintMismatch: no served model has `fingerprint`.
+            InvalidRequest: no fingerprint, or an id that is empty, too long or not printable.
+        """
+        model = self._checked_model(request_id, fingerprint)
+        if self.store is None:
+            return False
+        stored = self.store.get(request_id)
+        return stored is not None and stored.fingerprint == model.fingerprint
+
+    def _checked_model(self, request_id: str, fingerprint: str) -> ServedModel:
+        """The model to use, once the id and the fingerprint passed their checks."""
+        if not fingerprint:  # not "a model not served": no edge of ours sends none
+            raise InvalidRequest(
+                "request has no model_fingerprint (not a splitdet DetectRequest, or one with "
+                "no field this server knows)"
+            )
+        model = self.model(fingerprint)
+        rid = request_id
         if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters")
         if not rid.isprintable():
             raise InvalidRequest("request_id must be printable text")
+        return model
+
+    def _check_call(self, call: DetectCall) -> ServedModel:
+        """Cheap checks before anything is hashed, looked up or decoded; the model to use."""
+        model = self._checked_model(call.request_id, call.fingerprint)
         for what, (h, w), bound in (
             ("original", call.image.original_hw, MAX_ORIGINAL_SIDE),
             ("resized", call.image.resized_hw, MAX_RESIZED_SIDE),
@@ -344,16 +379,15 @@ class DetectionCore:
                 raise InvalidRequest(f"{what} image size {h}x{w} is outside 1..{bound} px")
         return model
 
-    def _stored(
-        self, model: ServedModel, call: DetectCall, digest: str
-    ) -> tuple[Detection, ...] | None:
-        """The stored answer for a repeated request id, if one is valid for this call."""
+    def _stored(self, model: ServedModel, call: DetectCall) -> tuple[Detection, ...] | None:
+        """The stored answer for a repeated request id, if one is valid for this call (the
+        request is hashed only then: a new one is hashed after the heads, once)."""
         if self.store is None:
             return None
         stored = self.store.get(call.request_id)
         if stored is None or stored.fingerprint != model.fingerprint:
             return None  # unknown id, or computed by another model: compute afresh
-        if stored.digest != digest:
+        if stored.digest != request_digest(call):
             raise InvalidRequest(
                 f"request_id {call.request_id!r} was already used for a different request"
             )

@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS answers (
 )
 """
 
+_COLUMNS = frozenset({"seq", "request_id", "fingerprint", "digest", "payload", "created"})
+
 
 @dataclass(frozen=True)
 class StoredAnswer:
@@ -67,6 +69,19 @@ class IdempotencyStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")  # several replicas may share one file
         self._db.execute(_SCHEMA)
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """Refuse a database whose `answers` table is not this store's (another program's, or
+        another version's): it would fail every Detect call instead of the start."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
+        missing = sorted(_COLUMNS - have)
+        if missing:
+            self._db.close()
+            raise sqlite3.DatabaseError(
+                f"its answers table lacks the column(s) {', '.join(missing)}: not a splitdet "
+                "cloud answers database (give another file; this one is left as it is)"
+            )
 
     def get(self, request_id: str) -> StoredAnswer | None:
         """The stored answer for `request_id`, or None."""

@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 #: Default bound on one gRPC message: int8 FPN payloads at 800x960 are ~16 MB, fp32 ~65 MB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
-#: gRPC handler threads beyond --max-concurrent: health checks, manifests and refusals must get
-#: a thread even while every Detect slot is busy.
+#: gRPC handler threads beyond --max-concurrent + --max-queued for Detect (calls to refuse as
+#: busy need one), and the threads of the other methods (health checks, manifests, refusals of
+#: a missing token), which have their own pool: a Detect call holds its thread from its first
+#: byte, so callers that never finish sending a request can use up the Detect threads (until
+#: their deadline), never the health checks'.
 SPARE_RPC_THREADS = 8
 
 
@@ -333,15 +336,16 @@ class CloudServer:
         )
         interceptors = [TokenInterceptor(self.tokens, self.metrics)] if self.tokens else []
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(
-                # a waiting call holds its thread: the spare ones stay for health and refusals
-                max_workers=config.max_concurrent + config.max_queued + SPARE_RPC_THREADS,
-                thread_name_prefix="splitdet-rpc",
-            ),
+            futures.ThreadPoolExecutor(SPARE_RPC_THREADS, thread_name_prefix="splitdet-rpc"),
             interceptors=interceptors,
             options=grpc_options(config),
         )
-        self.servicer.add_to_server(self._server)
+        detect_threads = futures.ThreadPoolExecutor(
+            # a waiting call holds its thread; the spare ones refuse calls beyond the queue
+            max_workers=config.max_concurrent + config.max_queued + SPARE_RPC_THREADS,
+            thread_name_prefix="splitdet-detect",
+        )
+        self.servicer.add_to_server(self._server, detect_threads)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.reflection:
             reflection.enable_server_reflection(

@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -320,7 +321,7 @@ def _parse(message_type: type, raw: bytes):
 
 # ------------------------------------------------------------------------- wire-level bounds
 # Field numbers in proto/splitdet/v1/detection.proto.
-_REQUEST_TENSORS = 4
+_REQUEST_ID, _REQUEST_FINGERPRINT, _REQUEST_TENSORS = 1, 2, 4
 _TENSOR_SHAPE, _TENSOR_SCALE, _TENSOR_ZERO_POINT = 2, 5, 6
 #: Tensor field -> (its name, most values it may hold).
 _TENSOR_BOUNDS = {
@@ -365,6 +366,24 @@ def check_request_wire(raw: bytes) -> None:
                 raise InvalidRequest(f"tensor {tensors - 1}: {what} has more than {bound} values")
     if budget[0] < 0:
         raise InvalidRequest(f"request has more than {MAX_WIRE_FIELDS} protobuf fields")
+
+
+def request_keys(raw: bytes) -> tuple[str, str]:
+    """(request_id, model_fingerprint) of a serialized DetectRequest, read without parsing or
+    copying the rest (call after `check_request_wire`; the last occurrence wins, as in
+    protobuf).
+
+    Raises:
+        InvalidRequest: a key that is not UTF-8, or bytes that are not protobuf wire format.
+    """
+    keys = {_REQUEST_ID: "", _REQUEST_FINGERPRINT: ""}
+    for number, wire, start, end in _wire_fields(raw, 0, len(raw), [MAX_WIRE_FIELDS]):
+        if number in keys and wire == 2:
+            try:
+                keys[number] = raw[start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _malformed(f"field {number} is not UTF-8 text") from None
+    return keys[_REQUEST_ID], keys[_REQUEST_FINGERPRINT]
 
 
 def _wire_fields(
@@ -484,27 +503,42 @@ class DetectionServicer:
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
-        self._take_slot(context)
-        self.metrics.in_flight.inc()
+        # Checked before any wait: a malformed call, one for a model not served and the repeat
+        # of an answered one (--answers-db) are answered without a slot. Parsed only once it
+        # has one: a waiting call holds its request once, not twice.
+        check_request_wire(raw)
+        repeat = self.core.is_repeat(*request_keys(raw))
+        holding = False
+
+        def is_cancelled() -> bool:
+            remaining = context.time_remaining()
+            return not context.is_active() or (remaining is not None and remaining <= 0)
+
+        def take_slot() -> None:
+            nonlocal holding
+            if holding:
+                return
+            self._take_slot(context)
+            holding = True
+            self.metrics.in_flight.inc()
+            self._debug_delay(is_cancelled)
+
         try:
-            call = call_from_bytes(raw)
-
-            def is_cancelled() -> bool:
-                remaining = context.time_remaining()
-                return not context.is_active() or (remaining is not None and remaining <= 0)
-
-            try:
-                self._debug_delay(is_cancelled)
-                result = self.core.detect(call, is_cancelled)
-            except Cancelled as exc:
-                # Still connected: its deadline passed here before its own timer fired, and it
-                # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
-                if context.is_active():
-                    raise DeadlinePassed(str(exc)) from None
-                raise
+            if not repeat:
+                take_slot()
+            call = call_from_proto(_parse(pb.DetectRequest, raw))
+            # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
+            result = self.core.detect(call, is_cancelled, before_compute=take_slot)
+        except Cancelled as exc:
+            # Still connected: its deadline passed here before its own timer fired, and it
+            # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
+            if context.is_active():
+                raise DeadlinePassed(str(exc)) from None
+            raise
         finally:
-            self.metrics.in_flight.dec()
-            self._slots.release()
+            if holding:
+                self.metrics.in_flight.dec()
+                self._slots.release()
         self.metrics.observe(result, edge)
         return result_to_proto(result).SerializeToString()
 
@@ -553,19 +587,31 @@ class DetectionServicer:
                 raise Cancelled("caller went away during the debug delay")
             time.sleep(min(left, 0.05))
 
-    def add_to_server(self, server: grpc.Server) -> None:
-        """Register the service; requests are parsed by the servicer, not by gRPC."""
+    def add_to_server(
+        self, server: grpc.Server, detect_threads: futures.ThreadPoolExecutor | None = None
+    ) -> None:
+        """Register the service; requests are parsed by the servicer, not by gRPC.
 
-        def handler(behaviour: Callable) -> grpc.RpcMethodHandler:
+        `detect_threads`: the pool Detect calls run in, apart from the server's own (health
+        checks, manifests), so that Detect calls, which hold a thread while their request
+        arrives and while they wait for a slot, cannot leave a health check without one.
+        """
+
+        def handler(behaviour: Callable, threads=None) -> grpc.RpcMethodHandler:
+            def run(request: bytes, context: grpc.ServicerContext) -> bytes:
+                return behaviour(request, context)
+
+            if threads is not None:  # gRPC runs a handler whose behaviour names a pool there
+                run.experimental_thread_pool = threads  # type: ignore[attr-defined]
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=None, response_serializer=None
+                run, request_deserializer=None, response_serializer=None
             )
 
+        detect = handler(self.Detect, detect_threads)
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
-                    SERVICE_NAME,
-                    {"Detect": handler(self.Detect), "GetManifest": handler(self.GetManifest)},
+                    SERVICE_NAME, {"Detect": detect, "GetManifest": handler(self.GetManifest)}
                 ),
             )
         )
@@ -733,5 +779,6 @@ class TokenInterceptor(grpc.ServerInterceptor):
                      edge, message, extra={"fields": fields})  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        kind = (handler.request_streaming, handler.response_streaming)
-        return _HANDLER_FACTORIES[kind](deny)
+        # Taken as a request stream whatever the method: refused without waiting for (and
+        # holding a thread through) a request body that a caller may never finish sending.
+        return _HANDLER_FACTORIES[(True, handler.response_streaming)](deny)

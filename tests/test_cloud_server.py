@@ -192,6 +192,38 @@ def test_a_call_beyond_max_concurrent_waits_its_turn(served, tmp_path, sample):
         assert _metric(server, "splitdet_cloud_queued") == 0
 
 
+def test_a_full_server_answers_a_repeat_and_names_a_bad_call_without_a_slot(
+    served, tmp_path, sample
+):
+    """Checks and the answers store come before the wait for a slot: with every slot taken
+    and no queue, the repeat of an answered request gets its stored answer, and calls for
+    another export or with a bad id get their own error, none "server busy"."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
+        server,
+        client,
+    ):
+        first = client.detect(sample.encoded, sample.image, "answered", fingerprint)
+        slow = threading.Thread(
+            target=lambda: client.detect(sample.encoded, sample.image, "slow", fingerprint)
+        )
+        slow.start()
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
+        again = client.detect(sample.encoded, sample.image, "answered", fingerprint)
+        assert again.cached and len(again.boxes) == len(first.boxes) > 0
+        with pytest.raises(NeverRetry) as other_export:
+            client.detect(sample.encoded, sample.image, "elsewhere", "f" * 64)
+        assert other_export.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(NeverRetry) as bad_id:
+            client.detect(sample.encoded, sample.image, "x" * 1000, fingerprint)
+        assert bad_id.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert _metric(server, "splitdet_cloud_in_flight") == 1  # the slow call still runs
+        slow.join(10)
+        busy = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
+        assert _metric(server, busy) == 0
+        assert _metric(server, "splitdet_cloud_heads_runs_total") == 2
+
+
 def test_a_waiting_call_is_sent_elsewhere_at_once_on_shutdown(served, tmp_path, sample):
     """SIGTERM's drain: the running call finishes, the waiting one gets UNAVAILABLE now (to
     try another replica), not a slot during the grace period nor a 'server busy'."""
@@ -272,6 +304,42 @@ def test_token_on_plaintext(served, tmp_path, sample):
                 assert other.health() == "SERVING"  # health probes need no token
         key = 'splitdet_cloud_failures_total{code="UNAUTHENTICATED",method="GetManifest"}'
         assert _metric(server, key) == 3
+
+
+def test_calls_that_never_send_their_request_leave_health_and_refusals_a_thread(served, tmp_path):
+    """Detect calls hold a thread while their request arrives. Callers that open calls and
+    never finish sending (more than every Detect thread) must not leave a health check, a
+    manifest or a token refusal without one; without a token such calls are refused at once."""
+    stop = threading.Event()
+
+    def never_sent():
+        stop.wait()
+        yield b""
+
+    settings = {"token": "s3cret", "max_concurrent": 1, "max_queued": 1}
+    with (
+        running(served, tmp_path, **settings) as (server, client),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        open_call = channel.stream_unary("/splitdet.v1.Detection/Detect")
+        with_token = (("authorization", "Bearer s3cret"),)
+        # more than the 1 + 1 + 8 Detect threads
+        held = [open_call.future(never_sent(), timeout=60, metadata=with_token) for _ in range(16)]
+        time.sleep(0.5)
+        assert client.health() == "SERVING"
+        assert client.manifest().fingerprint == served[2].fingerprint
+        started = time.monotonic()
+        without = [open_call.future(never_sent(), timeout=20) for _ in range(16)]
+        for call in without:
+            with pytest.raises(grpc.RpcError) as refused:
+                call.result(timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert time.monotonic() - started < 5  # at once, not at their deadline
+        assert client.health() == "SERVING"
+        stop.set()
+        for call in held:
+            with contextlib.suppress(grpc.RpcError):
+                call.result(timeout=10)
 
 
 def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):
@@ -381,10 +449,11 @@ def test_load_cloud_refuses_weights_that_do_not_fit(tmp_path):
 
 def test_a_bug_is_internal_and_the_server_keeps_serving(served, tmp_path, sample):
     fingerprint = served[2].fingerprint
-    with running(served, tmp_path) as (server, client):
+    with running(served, tmp_path, max_concurrent=1, max_queued=0) as (server, client):
         real_detect = server.core.detect
 
-        def broken(call, is_cancelled=None):
+        def broken(call, is_cancelled=None, before_compute=None):
+            before_compute()  # the one slot taken, then the heads fail: it must come back
             raise RuntimeError("heads exploded")
 
         server.core.detect = broken
@@ -459,6 +528,8 @@ def _nasty_requests(sample, fingerprint: str) -> dict[str, bytes]:
         + pb_varint(15 << 3 | 3) * 10_000
         + pb_varint(15 << 3 | 4) * 10_000,
         "wrong fingerprint": request(fp="0" * 64),
+        "no fingerprint": request(fp=""),
+        "no bytes at all": b"",
     }
 
 
@@ -494,6 +565,7 @@ def test_nasty_requests_get_clean_refusals_from_a_real_server(served, tmp_path, 
             assert "shape has more than" in outcomes["a shape of 3 million dimensions"][1]
             assert "unknown codec 'xxx" in outcomes["codec name of 100 kB"][1]
             assert "invalid tensor name 'ééé" in outcomes["tensor name of 100 kB"][1]
+            assert "no model_fingerprint" in outcomes["no bytes at all"][1]
             assert growth_mib < 64, f"peak memory grew by {growth_mib:.0f} MiB"  # 547 unbounded
             assert client.health() == "SERVING"
             result = client.detect(sample.encoded, sample.image, "after", manifest.fingerprint)

@@ -58,3 +58,24 @@ def test_cloud_names_an_answers_db_that_is_not_sqlite(tiny_model_dir, tmp_path, 
     assert code == 2
     _one_line_error(capsys, "--answers-db", "answers.sqlite", "not a database")
     assert bogus.read_text().startswith("camera log")  # the file is left as it was
+
+
+def test_cloud_names_an_answers_db_of_another_program(tiny_model_dir, tmp_path, capsys):
+    """A SQLite file whose `answers` table is not ours: refused at start, not INTERNAL on
+    every Detect call."""
+    import sqlite3
+
+    other = tmp_path / "answers.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE answers (id INTEGER PRIMARY KEY, x TEXT)")
+        db.execute("INSERT INTO answers (x) VALUES ('kept')")
+    db.close()
+    code = main(
+        ["cloud", "--model", str(tiny_model_dir), "--listen", "127.0.0.1:0",
+         "--answers-db", str(other)]
+    )  # fmt: skip
+    assert code == 2
+    _one_line_error(capsys, "--answers-db", "answers.sqlite", "digest", "not a splitdet")
+    with sqlite3.connect(other) as db:
+        assert db.execute("SELECT x FROM answers").fetchall() == [("kept",)]
+    db.close()
