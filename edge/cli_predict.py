@@ -147,7 +147,7 @@ def write_json(json_file: str, data: object) -> None:
         sys.stdout.write(text)
         return
     try:
-        atomic_write(json_file, text)
+        atomic_write(json_file, text, parents=False)
     except OSError as exc:
         raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
 

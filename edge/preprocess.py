@@ -5,9 +5,21 @@ normalise ((x - mean) / std on [0, 1] pixels), resize bilinearly (align_corners=
 `min(min_size / short side, max_size / long side)` with the output size truncated as torch
 truncates it, then zero-pad bottom/right to multiples of 32.
 
-Accepted inputs: 8-bit grayscale, 8-bit RGB (palette images are expanded to RGB), 16-bit
-grayscale PNG/TIFF. Anything else (CMYK, alpha, float TIFF, multi-frame...) is refused with an
-`ImageError` naming the file and the mode, never a traceback.
+Accepted inputs (Pillow modes), each to three equal or RGB channels in [0, 1]:
+- 8-bit RGB and grayscale ("RGB", "L");
+- converted by Pillow as training's `voc.load_rgb` converts them: palette ("P", "PA"), CMYK,
+  YCbCr and alpha images ("RGBA", "RGBa", "RGBX") to RGB; "LA", "La" and 1-bit ("1") to
+  grayscale; alpha is dropped, not composited;
+- 16-bit grayscale of either byte order ("I;16", "I;16B", "I;16L", "I;16N"), scaled by 65535,
+  and 32-bit integer ("I", e.g. a 16-bit PGM or signed TIFF) when every pixel is in 0..65535.
+Anything else (float "F" TIFFs, Lab, multi-frame, 32-bit values past 65535...) is refused with
+an `ImageError` naming the file and the mode; a file Pillow cannot decode (corrupt, truncated,
+whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
+never a traceback: the daemon quarantines it and goes on.
+
+Memory: decoding writes the Float32[3, H, W] image channel by channel from the 8/16-bit pixels,
+and `prepare` normalises and resizes one channel at a time, so the peak is about the float
+image plus two float channels (the numbers are the same as computing it all at once).
 """
 
 from __future__ import annotations
@@ -33,57 +45,110 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 
+#: Pillow modes taken as RGB after Pillow's own conversion (as training's `load_rgb` does).
+TO_RGB_MODES = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+#: Pillow modes taken as grayscale after Pillow's own conversion (alpha dropped, 1-bit to 0/255).
+TO_GRAY_MODES = ("LA", "La", "1")
+#: 16-bit grayscale in either byte order, and 32-bit integers (accepted within 0..65535).
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _channel(pixels: np.ndarray, full_scale: float, out: np.ndarray) -> None:
+    """out[...] = pixels / full_scale in float32, without a float copy of `pixels`: the same
+    float32 numbers as `pixels.astype(np.float32) / full_scale`."""
+    np.divide(pixels, np.float32(full_scale), out=out, dtype=np.float32)
+
+
 def _to_unit_float(image: Image.Image, source: str) -> np.ndarray:
+    """A decoded Pillow image as Float32[3, H, W] in [0, 1]; ImageError for a mode refused."""
     mode = image.mode
-    if mode == "P":
+    if mode in TO_RGB_MODES:
         image, mode = image.convert("RGB"), "RGB"
+    elif mode in TO_GRAY_MODES:
+        image, mode = image.convert("L"), "L"
+    width, height = image.size
+    array = np.empty((3, height, width), dtype=np.float32)
     if mode == "RGB":
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    elif mode == "L":
-        gray = np.asarray(image, dtype=np.float32) / 255.0
-        array = np.broadcast_to(gray, (3, *gray.shape))
-    elif mode in ("I;16", "I;16B", "I;16L", "I"):
-        gray = np.asarray(image).astype(np.float32)
-        if gray.min(initial=0) < 0 or gray.max(initial=0) > 65535:
+        for c in range(3):  # a band at a time: no 8-bit copy of all three beside the floats
+            _channel(np.asarray(image.getchannel(c)), 255.0, array[c])
+        return array
+    if mode == "L":
+        _channel(np.asarray(image), 255.0, array[0])
+    elif mode in WIDE_GRAY_MODES:
+        pixels = np.asarray(image)
+        if mode == "I" and (pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535):
             raise ImageError(f"{source}: 32-bit integer pixels outside 0..65535 are not supported")
-        gray /= 65535.0
-        array = np.broadcast_to(gray, (3, *gray.shape))
+        _channel(pixels, 65535.0, array[0])
     else:
         raise ImageError(
-            f"{source}: unsupported image mode {mode!r}; expected 8-bit grayscale, 8-bit RGB or "
-            "16-bit grayscale"
+            f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
+            "with alpha), RGB (with alpha), palette, CMYK or YCbCr"
         )
-    return np.ascontiguousarray(array, dtype=np.float32)
+    array[1] = array[0]
+    array[2] = array[0]
+    return array
+
+
+def _too_large(source: str, size: tuple[int, int] | None) -> ImageError:
+    """The error for an image whose decoding ran out of memory (`size`: (W, H) when known)."""
+    shown = f"{size[0]} x {size[1]} px" if size is not None else "size unknown"
+    return ImageError(f"{source}: too large to decode in the memory available: {shown}")
+
+
+def _open(data: bytes, source: str) -> Image.Image:
+    """The decoded Pillow image (pixels loaded), within the size limits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ImageError(
+                f"{source}: {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit "
+                "(decompression bomb?)"
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            raise ImageError(f"{source}: multi-frame images are not supported")
+        try:
+            image.load()
+        except MemoryError:  # Pillow's own allocation of the pixels
+            raise _too_large(source, image.size) from None
+    return image
 
 
 def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes to Float32[3, H, W] in [0, 1]."""
+    """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
+    for anything that cannot be, whatever Pillow raised."""
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{source}: {len(data)} bytes is larger than {MAX_FILE_BYTES}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{source}: {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit "
-                    "(decompression bomb?)"
-                )
-            if getattr(image, "n_frames", 1) > 1:
-                raise ImageError(f"{source}: multi-frame images are not supported")
-            image.load()
+        image = _open(data, source)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{source}: not an image file (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{source}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{source}: corrupt or truncated image ({exc})") from None
-    return _to_unit_float(image, source)
+    except MemoryError:
+        raise _too_large(source, None) from None
+    except Exception as exc:
+        # Pillow's plugins raise more than OSError for bad data (TypeError "Missing
+        # dimensions" from a corrupt TIFF directory, KeyError, IndexError, struct.error...):
+        # a bad file must be quarantined, not crash the daemon on every restart.
+        raise ImageError(
+            f"{source}: corrupt or truncated image, cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from None
+    try:
+        return _to_unit_float(image, source)
+    except ImageError:
+        raise
+    except MemoryError:  # numpy's _ArrayMemoryError too
+        raise _too_large(source, image.size) from None
+    except Exception as exc:  # Pillow's convert() failing on this file's data
+        raise ImageError(
+            f"{source}: cannot convert its {image.mode!r} pixels ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -162,18 +227,32 @@ def prepare(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
 ) -> Prepared:
-    """Normalise, resize and pad a Float32[3, H, W] image in [0, 1]."""
+    """Normalise, resize and pad a Float32[3, H, W] image in [0, 1].
+
+    One channel at a time: a large image then needs two float channels beside itself, not
+    two more whole images; every operation is per pixel and channel, so the numbers are those
+    of normalising all three at once. ImageError when it is too elongated, or when even that
+    does not fit in memory."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an image of shape [3, H, W], got {image.shape}")
     original_hw = (int(image.shape[1]), int(image.shape[2]))
-    mean_a = np.asarray(mean, dtype=np.float32)[:, None, None]
-    std_a = np.asarray(std, dtype=np.float32)[:, None, None]
-    normalised = (image - mean_a) / std_a
     resized_hw = resized_size(*original_hw, min_size, max_size)
-    resized = resize_bilinear(normalised, resized_hw)
+    mean_a = np.asarray(mean, dtype=np.float32)
+    std_a = np.asarray(std, dtype=np.float32)
     padded_hw = padded_size(*resized_hw)
     batch = np.zeros((1, 3, *padded_hw), dtype=np.float32)
-    batch[0, :, : resized_hw[0], : resized_hw[1]] = resized
+    try:
+        for c in range(3):
+            normalised = image[c] - mean_a[c]  # float32 (the dtype the whole-image code had)
+            np.divide(normalised, std_a[c], out=normalised)
+            resized = resize_bilinear(normalised[None], resized_hw)
+            batch[0, c, : resized_hw[0], : resized_hw[1]] = resized[0]
+            del normalised, resized  # before the next channel's
+    except MemoryError:
+        raise ImageError(
+            f"{original_hw[1]} x {original_hw[0]} px is too large to preprocess in the memory "
+            "available"
+        ) from None
     return Prepared(batch=batch, resized_hw=resized_hw, original_hw=original_hw)
 
 

@@ -27,13 +27,28 @@ per line), tracked by their path below the hot folder; hidden folders, symbolic 
 and the `exclude`d folders (the daemon's own quarantine and archive, when they lie inside) are
 not entered, nor any folder holding a file named IGNORE_MARKER (`splitdet edge collect` puts
 one in its output: the collected copies are not new images; see `edge.ignore_marker`).
+
+A folder that cannot be listed (a root-only `lost+found`, an I/O error on a network share) is
+skipped with a WARNING naming it and why, once until it can be listed again or the reason
+changes; everything else goes on, and the files already tracked below it are kept as they were
+(a passing error does not make them new arrivals). The same holds for the hot folder itself
+once running: the daemon checks it can list it at start-up, and a later failure only pauses
+the scans until it can be listed again.
+
+Cost: a scan lists and stats every file (O(n log n) for n files); handing files over is O(1)
+per file in arrival order (tracked files are kept in arrival order, see `next_candidate`), so
+the thousands of files of a folder kept with `--after keep` are handed over again quickly after
+a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +56,8 @@ import numpy as np
 
 from splitdet.edge.ignore_marker import is_marked
 from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, decode_image
+
+log = logging.getLogger(__name__)
 
 #: Names of files still being written by common tools; never picked up.
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
@@ -97,6 +114,19 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
 
 
+def _reason(exc: OSError) -> str:
+    """An OSError's reason without the path (the log line names it)."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _below_any(name: str, failed: dict[str, str]) -> bool:
+    """Whether `name` is, or lies below, something that could not be listed this scan: its
+    state is unknown, so it is kept as it was rather than taken as removed."""
+    return bool(failed) and any(
+        not where or name == where or name.startswith(where + "/") for where in failed
+    )
+
+
 class HotFolder:
     """Tracks files in one folder until they are complete; see the module docstring.
 
@@ -124,19 +154,33 @@ class HotFolder:
         self.unreadable_grace_s = unreadable_grace_s
         self.recursive = recursive
         self._exclude = {Path(p).resolve() for p in exclude}
-        self._tracked: dict[str, Candidate] = {}  # by name (path below the folder)
+        # By name (path below the folder). Only `scan` adds, always with the next `order`, so
+        # this is in arrival order: `next_candidate` stops at the first ready file instead of
+        # comparing them all (an OrderedDict: a plain dict gets slow to iterate once many of
+        # its first entries are deleted, as handing files over does).
+        self._tracked: OrderedDict[str, Candidate] = OrderedDict()
         self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
         self._next_order = 0
+        self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
 
-    def _files(self, folder: Path, prefix: str = ""):
-        """(name below the hot folder, path, stat) of every file to consider in `folder`."""
+    def _files(
+        self, folder: Path, failed: dict[str, str], prefix: str = ""
+    ) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """(name below the hot folder, path, stat) of every file to consider in `folder`.
+
+        What cannot be listed or looked at is left out and noted in `failed` (its name below
+        the hot folder, "" for the hot folder itself -> why), never raised: one bad folder must
+        not stop the others from being processed."""
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
-        except (FileNotFoundError, NotADirectoryError):
-            if prefix:  # a subfolder removed while scanning
-                return
-            raise
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if not prefix:  # the hot folder itself is gone (an unmounted share?)
+                failed[""] = _reason(exc)
+            return  # else a subfolder removed while scanning: its files are gone
+        except OSError as exc:  # e.g. EACCES on lost+found, EIO/ESTALE on a network share
+            failed[prefix.rstrip("/")] = _reason(exc)
+            return
         for entry in entries:
             if is_ignored_name(entry.name):
                 continue
@@ -149,23 +193,46 @@ class HotFolder:
                     and Path(entry.path).resolve() not in self._exclude
                     and not is_marked(entry.path)
                 ):
-                    yield from self._files(Path(entry.path), f"{prefix}{entry.name}/")
+                    yield from self._files(Path(entry.path), failed, f"{prefix}{entry.name}/")
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                failed[prefix + entry.name] = _reason(exc)
+
+    def _report(self, failed: dict[str, str]) -> None:
+        """Log each unlistable folder (or file) once per reason, and when it can be read again:
+        a scan runs every poll (0.25 s), a log line per scan would flood the log."""
+        for name, reason in failed.items():
+            if self._warned.get(name) != reason:
+                path = str(self.folder / name)
+                what = "" if name else "the hot folder "
+                log.warning(
+                    f"cannot read {what}{path} ({reason}): skipped, tried again on every scan; "
+                    "the other files go on",
+                    extra={"fields": {"event": "folder_unreadable", "path": path, "error": reason}},
+                )
+        for name in self._warned.keys() - failed.keys():
+            path = str(self.folder / name)
+            log.info(f"{path} can be listed again",
+                     extra={"fields": {"event": "folder_readable", "path": path}})  # fmt: skip
+        self._warned = dict(failed)
 
     def scan(self) -> None:
         """Look at the folder once: note new files, changes and removals."""
         now_wall, now = time.time(), time.monotonic()
         seen: set[str] = set()
         found: list[tuple[int, str, Path, os.stat_result]] = []
-        for name, path, stat in self._files(self.folder):
+        failed: dict[str, str] = {}
+        for name, path, stat in self._files(self.folder, failed):
             seen.add(name)
             found.append((stat.st_mtime_ns, name, path, stat))
+        if failed or self._warned:
+            self._report(failed)
         for name in list(self._tracked):
-            if name not in seen:
+            if name not in seen and not _below_any(name, failed):
                 del self._tracked[name]
         for name in list(self._ignored):
-            if name not in seen:
+            if name not in seen and not _below_any(name, failed):
                 del self._ignored[name]
         for mtime_ns, name, path, stat in sorted(found):
             key = file_key(path, stat)
@@ -188,17 +255,17 @@ class HotFolder:
         return len(self._tracked)
 
     def next_candidate(self, skip: set[str] | None = None) -> Candidate | None:
-        """The earliest-arrived file that has been stable for the settle period, or None."""
+        """The earliest-arrived file that has been stable for the settle period, or None.
+
+        `_tracked` is in arrival order, so the first one that qualifies is the answer: the
+        files passed over are only those still settling or in `skip`."""
         now = time.monotonic()
-        best = None
         for name, candidate in self._tracked.items():
             if skip and name in skip:
                 continue
-            if now - candidate.stable_since < self.settle_s:
-                continue
-            if best is None or candidate.order < best.order:
-                best = candidate
-        return best
+            if now - candidate.stable_since >= self.settle_s:
+                return candidate
+        return None
 
     def read(self, candidate: Candidate) -> Ready | None:
         """Read and decode a candidate. None means "not yet" (it changed, vanished, or does

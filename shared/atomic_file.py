@@ -29,16 +29,19 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def replacing(path: Path | str, *, fsync: bool = False) -> Iterator[Path]:
+def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an exception the
     temporary file is renamed over `path`, else it is removed and the exception propagates.
 
     The block writes the temporary path by any means (``torch.save``, ``Image.save``...).
     `fsync`: flush the file to the disk before the rename (a power cut then keeps the old
-    or the new file, not an empty one); for files a restart depends on. Parents are created.
+    or the new file, not an empty one); for files a restart depends on. `parents`: create
+    the missing folders above `path` (else a missing one is FileNotFoundError: a user's typo
+    in an output path is named, not made).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -54,9 +57,11 @@ def replacing(path: Path | str, *, fsync: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: Path | str, data: bytes | str, *, fsync: bool = False) -> None:
+def atomic_write(
+    path: Path | str, data: bytes | str, *, fsync: bool = False, parents: bool = True
+) -> None:
     """Write `data` (str: as UTF-8) to `path` whole; see `replacing`."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    with replacing(path, fsync=fsync) as tmp:
+    with replacing(path, fsync=fsync, parents=parents) as tmp:
         tmp.write_bytes(data)

@@ -294,7 +294,7 @@ def write_ready_file(path: Path, info: dict) -> None:
     import json
 
     try:
-        atomic_write(path, json.dumps(info) + "\n")
+        atomic_write(path, json.dumps(info) + "\n", parents=False)
     except OSError as exc:
         raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -126,3 +128,15 @@ def pb_varint(value: int) -> bytes:
 def pb_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (wire type 2) built by hand, for hostile requests."""
     return pb_varint(number << 3 | 2) + pb_varint(len(payload)) + payload
+
+
+def as_nobody() -> list[str] | None:
+    """The command prefix that runs as an unprivileged user, or None if there is none."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import splitdet"], capture_output=True)
+    return prefix if probe.returncode == 0 else None

@@ -4,7 +4,6 @@ flagged image is sent, and nothing in the hot folder or the database lost or tou
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from PIL import Image
 
 from splitdet.edge.store import ResultStore
 from splitdet.shared.cli import main
+
+from support import as_nobody
 
 pytestmark = pytest.mark.timeout(120)  # a check that regressed would run the daemon forever
 CLI = "import sys; from splitdet.shared.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -187,22 +188,10 @@ def test_results_since_garbage_is_refused(tmp_path, capsys, since):
 # ------------------------------------------------------------------- permissions (not root)
 
 
-def _as_nobody() -> list[str] | None:
-    """The command prefix that runs as an unprivileged user, or None if there is none."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import splitdet"], capture_output=True)
-    return prefix if probe.returncode == 0 else None
-
-
 @pytest.mark.parametrize("case", ["quarantine", "archive", "watch", "db"])
 def test_unwritable_places_are_named_at_start_up(tiny_model_dir, case):
     """Root ignores permissions, so this runs the daemon as an unprivileged user."""
-    prefix = _as_nobody()
+    prefix = as_nobody()
     if prefix is None:
         pytest.skip("no unprivileged user to run as")
     with tempfile.TemporaryDirectory() as name:  # /tmp/pytest-of-root is closed to others

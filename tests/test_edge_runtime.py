@@ -138,7 +138,7 @@ def test_image_formats_accepted(tmp_path):
         ("notes.jpg", b"this is a text file, not a JPEG\n" * 10, "not an image"),
         ("corrupt.jpg", b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x13" * 300, "corrupt"),
         ("bomb.png", None, "decompression bomb"),
-        ("cmyk.jpg", "cmyk", "unsupported image mode"),
+        ("float.tif", "float", "unsupported image mode"),
         ("missing.png", "missing", "cannot read"),
     ],
 )
@@ -146,8 +146,8 @@ def test_bad_images_refused_with_named_error(tmp_path, name, content, message):
     path = tmp_path / name
     if content is None:
         path.write_bytes(bomb_png())
-    elif content == "cmyk":
-        Image.new("CMYK", (10, 10)).save(path)
+    elif content == "float":
+        Image.new("F", (10, 10)).save(path)
     elif content != "missing":
         path.write_bytes(content)
     with pytest.raises(ImageError, match=message) as error:

@@ -206,7 +206,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             with replacing(args.checkpoint, fsync=True) as tmp:
                 torch.save(checkpoint, tmp)
         if args.json:
-            atomic_write(args.json, text + "\n")
+            atomic_write(args.json, text + "\n", parents=False)
     except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as either
         where = getattr(exc, "filename", None) or args.json or args.checkpoint
         detail = getattr(exc, "strerror", None) or exc
@@ -238,7 +238,7 @@ def run_model(args: argparse.Namespace) -> int:
         )
     if args.json:
         try:
-            atomic_write(args.json, text + "\n")
+            atomic_write(args.json, text + "\n", parents=False)
         except OSError as exc:
             detail = exc.strerror or exc
             raise CommandError(f"{args.json}: cannot write the results ({detail})") from None
