@@ -75,7 +75,9 @@ Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full
                       database's counters table.
 
 SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbox, and files
-recorded but not yet moved (kill -9) are moved, not processed again. Logs are JSON lines on
+recorded but not yet moved (kill -9) are moved, not processed again. One `edge run` per --db: it
+holds FILE.lock, and a second one exits at start (`edge status`, `results`, `prune` and
+`requeue` are safe beside it). Logs are JSON lines on
 stderr. Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them); 2 usage or model errors.
 """
@@ -168,7 +170,8 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="DIR",
         help="archive folder for --after archive (default: WATCH/archive); files "
-        "are renamed ID_NAME",
+        "are renamed ID_NAME (a long NAME shortened; ID_NAME~N when another file has the "
+        "name: nothing is overwritten)",
     )
     p.add_argument(
         "--quarantine",

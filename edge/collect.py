@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from splitdet.edge.ignore_marker import mark
-from splitdet.edge.store import result_filter, results_by_id
+from splitdet.edge.store import file_path, result_filter, results_by_id
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
@@ -96,6 +96,12 @@ def _matching(
     )
 
 
+def _on_disk(stored: str) -> str:
+    """The file a stored path names: as written, or (a name that is not UTF-8, stored
+    escaped) unescaped."""
+    return stored if os.path.isfile(stored) else file_path(stored)
+
+
 def _select(
     db: sqlite3.Connection, done: set[str], limit: int | None, **filters
 ) -> tuple[list[int], int, int, list[str]]:
@@ -121,7 +127,7 @@ def _select(
         position += 1
         if not owed:
             continue
-        if os.path.isfile(stored):
+        if os.path.isfile(_on_disk(stored)):
             chosen.append(result_id)
             owed -= 1
         else:
@@ -235,7 +241,7 @@ def _copy_one(
     row: dict, image_id: str, images: Path, target_xml: Path, min_score: float
 ) -> str | None:
     """Copy one result's image and write its annotation; the reason when it cannot be."""
-    source = Path(row["stored_path"])
+    source = Path(_on_disk(row["stored_path"]))
     if not source.is_file():
         return f"{source}: no longer there"
     try:

@@ -16,11 +16,19 @@ and beside it the Sender thread delivers the outbox. Nothing is acknowledged bef
 the file is moved or deleted only after its row is committed, and a file whose row exists when it
 is found again (a crash between commit and move, or --after keep) is only moved, never processed
 twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests stay in the outbox
-for the next start.
+for the next start. One daemon per database (`WriterLock`).
+
+Archived and quarantined files are named ID_NAME (`stored_name`): short enough that NAME.reason.txt
+and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the camera's name was,
+and never over another file: a name taken (another daemon sharing the folder, a database made
+anew whose ids start at 1 again) gets a ~N before its extension, and the row records the name
+used.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
 import shutil
@@ -53,6 +61,9 @@ from splitdet.edge.store import (
     OutboxCap,
     OutboxFull,
     ResultStore,
+    WriterLock,
+    file_path,
+    path_text,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
 from splitdet.shared.atomic_file import atomic_write
@@ -66,6 +77,22 @@ PRUNE_EVERY_S = 3600.0
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+#: A file name's length limit on the usual file systems (ext4, XFS, btrfs, NTFS/SMB), bytes.
+NAME_MAX = 255
+#: Beside each quarantined file: why it is there.
+REASON_SUFFIX = ".reason.txt"
+#: Bytes `atomic_write` adds to a name for its temporary file (".NAME.XXXXXXXX.tmp").
+_TEMP_NAME_EXTRA = 14
+#: Longest archived or quarantined name, bytes: NAME.reason.txt's temporary name fits NAME_MAX.
+STORED_NAME_MAX = NAME_MAX - len(REASON_SUFFIX) - _TEMP_NAME_EXTRA
+#: Longest extension kept whole when a stored name is shortened, bytes.
+_EXTENSION_MAX = 16
+#: link() errors meaning "no hard link here" (another file system, one without hard links,
+#: protected_hardlinks refusing another user's file): the move falls back to rename/copy.
+_NO_HARD_LINK = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+     errno.ENOSYS}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,48 @@ def check_paths(config: DaemonConfig) -> None:
             )
 
 
+def stored_name(image_id: int, name: str, attempt: int = 0) -> str:
+    """The name a processed file gets in the archive or quarantine: ID_NAME, or ID_NAME~N.EXT
+    for the N-th other choice when names are taken.
+
+    Valid UTF-8 (an invalid byte becomes U+FFFD; the row's path keeps the original), and at
+    most STORED_NAME_MAX bytes: a long camera name is cut short, keeping the id prefix (unique
+    per database) and the extension (what tools open it by)."""
+    text = os.fsencode(name).decode("utf-8", "replace")
+    stem, ext = os.path.splitext(text)
+    if len(ext.encode()) > _EXTENSION_MAX:  # not an extension: part of the name
+        stem, ext = text, ""
+    prefix, tag = f"{image_id:08d}_", f"~{attempt}" if attempt else ""
+    room = STORED_NAME_MAX - len(f"{prefix}{tag}{ext}".encode())
+    stem = stem.encode()[: max(room, 0)].decode("utf-8", "ignore")  # never half a character
+    return f"{prefix}{stem}{tag}{ext}"
+
+
+def reason_path(target: Path) -> Path:
+    """Where a quarantined file's reason is written."""
+    return target.with_name(target.name + REASON_SUFFIX)
+
+
+def move_no_clobber(source: Path, target: Path) -> None:
+    """Move a file to `target`, never replacing a file there (FileExistsError instead).
+
+    A hard link then the source's removal is atomic about that; where there can be no hard
+    link (another file system, e.g. an archive disk; a share without them) the name is checked,
+    then the file moved: only a writer taking the same name in that instant could be hit."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINK:
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        shutil.move(source, target)
+        return
+    source.unlink()
+
+
 # ---------------------------------------------------------------------------------- logging
 
 
@@ -221,8 +290,9 @@ class _StoreCollector:
             "splitdet_edge_oldest_pending_age_seconds",
             "Age of the oldest request in the outbox (0 when empty).",
         )
-        age.add_metric(
-            [], 0.0 if stats.oldest_created is None else time.time() - stats.oldest_created
+        age.add_metric(  # not below 0 after a backward clock step: the > 600 s alert compares it
+            [],
+            0.0 if stats.oldest_created is None else max(0.0, time.time() - stats.oldest_created),
         )
         by_model = GaugeMetricFamily(
             "splitdet_edge_outbox_model_requests",
@@ -330,6 +400,17 @@ class EdgeDaemon:
         )
         check_paths(config)
         self.config = config
+        # before anything touches the database: a second daemon on it would record the same
+        # files again (UNIQUE file_key) and race the first for every move
+        self._writer_lock = WriterLock(config.db)
+        try:
+            self._build(config, pipeline)
+        except BaseException:
+            self._writer_lock.release()
+            raise
+
+    def _build(self, config: DaemonConfig, pipeline: EdgePipeline | None) -> None:
+        """The rest of __init__: the pipeline, the store, the hot folder, metrics, sender."""
         self.pipeline = pipeline or EdgePipeline(
             EdgeRuntime(config.model_dir, threads=config.threads, device=config.device),
             codec=config.codec,
@@ -513,6 +594,7 @@ class EdgeDaemon:
         if not self.sender.is_alive():
             self.store.close()
         # else a call is still in flight: its item stays in the outbox; the process exit ends it
+        self._writer_lock.release()
         return pending
 
     def _loop(self) -> None:
@@ -588,17 +670,18 @@ class EdgeDaemon:
         known = self.store.known(candidate.file_key)
         if known is not None:
             self._finish(candidate, known)
-            kept = known.stored_path == str(candidate.path)  # --after keep: expected, quiet
+            kept = known.stored_path == path_text(candidate.path)  # --after keep: quiet
             _event(logging.DEBUG if kept else logging.INFO, "already recorded",
-                   path=str(candidate.path), image_id=known.id, verdict=known.verdict)  # fmt: skip
+                   path=path_text(candidate.path), image_id=known.id,
+                   verdict=known.verdict)  # fmt: skip
             return True
         ready = self.folder.read(candidate)
         if ready is None:
             return False
         start = time.perf_counter()
-        arrival = Arrival(
-            path=str(candidate.path),
-            file_key=candidate.file_key,
+        arrival = Arrival(  # as stored: a name that is not UTF-8 is escaped (path_text)
+            path=path_text(candidate.path),
+            file_key=path_text(candidate.file_key),
             content_hash=ready.content_hash,
             size_bytes=len(ready.data),
             arrived=time.time(),
@@ -619,7 +702,7 @@ class EdgeDaemon:
         except Exception as exc:
             # Quarantined rather than retried: the same file would fail again on every restart.
             detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
-            self._quarantine(candidate, arrival, f"{candidate.path}: cannot process ({detail})")
+            self._quarantine(candidate, arrival, f"{arrival.path}: cannot process ({detail})")
             return
         timings = {"read": ready.read_s, **result.timings}
         stored = self._stored_path(candidate)
@@ -631,7 +714,8 @@ class EdgeDaemon:
             verdict = "ok"
         else:
             request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
-            meta = ImageMeta(result.meta.original_hw, result.meta.resized_hw, candidate.path.name)
+            name = Path(arrival.path).name  # (a protobuf string must be valid UTF-8)
+            meta = ImageMeta(result.meta.original_hw, result.meta.resized_hw, name)
             payload = build_request(
                 result.encoded, meta, request_id, self.fingerprint
             ).SerializeToString()
@@ -648,7 +732,7 @@ class EdgeDaemon:
         _event(logging.INFO, "classified", path=arrival.path, image_id=image_id, verdict=verdict,
                p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
                timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
-        self._move(candidate, stored_path)
+        self._move(candidate, image_id, stored_path)
 
     def _record_pending(self, arrival, p_defect, request_id, payload, timings, stored):
         """record_pending, waiting for room under the "wait" policy; None if stopped first."""
@@ -680,57 +764,147 @@ class EdgeDaemon:
         """Where the processed file will be: a path, None (deleted) or a function of the id."""
         path = candidate.path
         if self.config.after == "keep":
-            return str(path)
+            return path_text(path)
         if self.config.after == "delete":
             return None
         archive = self.config.archive
-        return lambda image_id: str(archive / f"{image_id:08d}_{path.name}")
+        return lambda image_id: str(self._free_target(archive, image_id, path.name))
+
+    @staticmethod
+    def _free_target(
+        folder: Path, image_id: int, name: str, quarantine: bool = False, first: int = 0
+    ) -> Path:
+        """The first stored name (from attempt `first`) under which `folder` holds no file,
+        nor, for the quarantine, a reason file."""
+        for attempt in itertools.count(first):
+            target = folder / stored_name(image_id, name, attempt)
+            if os.path.lexists(target):
+                continue
+            if quarantine and os.path.lexists(reason_path(target)):
+                continue
+            return target
+        raise AssertionError("unreachable")
 
     def _quarantine(self, candidate: Candidate, arrival: Arrival, reason: str) -> None:
         quarantine = self.config.quarantine
+        name = candidate.path.name
+        reason = path_text(reason)  # it names the file
         image_id, stored_path = self.store.record_error(
             arrival,
             "quarantine",
             reason,
             self.fingerprint,
-            lambda image_id: str(quarantine / f"{image_id:08d}_{candidate.path.name}"),
+            lambda image_id: str(self._free_target(quarantine, image_id, name, quarantine=True)),
         )
         self.metrics.images.labels("error").inc()
         self.metrics.errors.labels("quarantine").inc()
         _event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
                reason=reason, to=stored_path)  # fmt: skip
-        self._write_reason(stored_path, reason)
-        self._move(candidate, stored_path)
+        self._move(candidate, image_id, stored_path, reason)
 
     # -------------------------------------------------------------------------- after-actions
 
     def _finish(self, candidate: Candidate, known: KnownFile) -> None:
         """Complete what a recorded file's row says should happen to the file."""
-        if known.error_kind == "quarantine" and known.stored_path:
-            self._write_reason(known.stored_path, known.reason or "")
-        self._move(candidate, known.stored_path)
+        quarantined = known.error_kind == "quarantine" and known.stored_path
+        reason = (known.reason or "") if quarantined else None
+        self._move(candidate, known.id, known.stored_path, reason)
 
-    def _move(self, candidate: Candidate, stored_path: str | None) -> None:
+    def _move(
+        self,
+        candidate: Candidate,
+        image_id: int,
+        stored_path: str | None,
+        reason: str | None = None,
+    ) -> None:
+        """Do what the row says happens to the file: delete it, keep it, or move it to
+        `stored_path` (with `reason`: into the quarantine, its reason file beside it). A
+        failure is logged, never fatal: the file stays and is tried again after a restart."""
         source = candidate.path
         try:
             if stored_path is None:
                 source.unlink(missing_ok=True)
-            elif Path(stored_path) == source:
+            elif stored_path == path_text(source):  # --after keep
                 self.folder.ignore(candidate)
                 return
             else:
-                Path(stored_path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(source, stored_path)
+                self._move_to(candidate, image_id, _stored_file(stored_path), reason)
         except OSError as exc:
-            _event(logging.ERROR, "cannot move file", path=str(source), to=stored_path,
-                   error=str(exc))  # fmt: skip
+            _event(logging.ERROR, "cannot move file", path=path_text(source), to=stored_path,
+                   error=path_text(str(exc)))  # fmt: skip
             self.folder.ignore(candidate)  # retried when the file changes or after a restart
             return
         self.folder.forget(candidate)
 
+    def _move_to(
+        self, candidate: Candidate, image_id: int, target: Path, reason: str | None
+    ) -> None:
+        """Move the file to `target`, never over another file: when the name is taken (since
+        it was chosen: another daemon sharing the folder, or one whose database was made anew)
+        the next free name is recorded first, then used. OSError when it cannot be moved."""
+        source = candidate.path
+        attempt = 0
+        if len(target.name.encode()) > STORED_NAME_MAX:  # recorded by an earlier splitdet
+            target = self._replan(image_id, target, source, reason is not None, attempt)
+        while True:
+            if os.path.lexists(target) and not _same_file(source, target):
+                attempt += 1
+                target = self._replan(image_id, target, source, reason is not None, attempt)
+                continue
+            if reason is not None:
+                self._write_reason(target, reason)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if _same_file(source, target):  # linked before a crash, not yet unlinked
+                    source.unlink()
+                else:
+                    move_no_clobber(source, target)
+                return
+            except FileExistsError:  # taken in the instant since the check: choose again
+                continue
+
+    def _replan(
+        self, image_id: int, planned: Path, source: Path, quarantine: bool, attempt: int
+    ) -> Path:
+        """A free name in `planned`'s folder instead of `planned` (taken, or too long), recorded
+        in the row before the file moves there: a crash in between leaves the row right."""
+        target = self._free_target(planned.parent, image_id, source.name, quarantine, attempt)
+        self.store.set_stored_path(image_id, str(target))
+        _event(logging.WARNING, "stored under another name", path=path_text(source),
+               planned=path_text(planned), to=path_text(target))  # fmt: skip
+        return target
+
     @staticmethod
-    def _write_reason(stored_path: str, reason: str) -> None:
-        target = Path(stored_path + ".reason.txt")
-        if target.exists():
-            return
-        atomic_write(target, reason + "\n")
+    def _write_reason(target: Path, reason: str) -> None:
+        """NAME.reason.txt beside a quarantined file. Best effort: the row holds the reason
+        too, and a full disk or a folder made read-only must not end the daemon (the row is
+        committed, so every restart would fail on the same file)."""
+        path = reason_path(target)
+        try:
+            if path.exists():  # written before a crash
+                return
+            atomic_write(path, path_text(reason) + "\n")
+        except OSError as exc:
+            _event(logging.WARNING, "cannot write reason file", path=path_text(path),
+                   error=path_text(str(exc)))  # fmt: skip
+
+
+def _stored_file(stored_path: str) -> Path:
+    """The file a row's stored path names. Stored names are valid UTF-8 (stored_name), so only
+    a folder not in UTF-8 was escaped (path_text): the text as it is, unless only its unescaped
+    folder exists."""
+    target = Path(stored_path)
+    if not target.parent.is_dir():
+        unescaped = Path(file_path(stored_path))
+        if unescaped.parent.is_dir():
+            return unescaped
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths are one file (a hard link made before a crash); False if either is
+    missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -43,7 +43,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from splitdet.edge.client import CloudClient, CloudDetections, NeverRetry, RetryLater
-from splitdet.edge.store import Answer, OutboxItem, ResultStore
+from splitdet.edge.store import Answer, OutboxItem, ResultStore, file_path
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -162,14 +162,16 @@ class Sender(threading.Thread):
 
     def _pass(self) -> float:
         """Send the next due item, or wait a little for one; returns seconds to pause."""
-        item = self.store.next_due()
+        # (a wait longer than the backoff cap means the wall clock stepped back: due now)
+        item = self.store.next_due(max_wait_s=self.backoff.max_s)
         if item is None:
             due = self.store.next_try_at()
             self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
             self._wake.clear()
             return 0.0
-        until = self._held.get(item.fingerprint, 0.0)
-        if until > time.time():  # made after its export was refused: wait beside the others
+        until, now = self._held.get(item.fingerprint, 0.0), time.time()
+        if now < until <= now + self.backoff.max_s:  # made after its export was refused: wait
+            # beside the others (a hold beyond the cap predates a backward clock step: over)
             self.store.hold_export(item.fingerprint, until)  # (keeps the cloud's refusal)
             return 0.0
         return self.send(item)
@@ -234,7 +236,8 @@ class Sender(threading.Thread):
                                   "attempts": item.attempts + 1}},
             )  # fmt: skip
             if self.metrics is not None:
-                self.metrics.answered(round_trip, time.time() - item.created)
+                # (not below 0: `created` may be ahead of a clock that stepped back)
+                self.metrics.answered(round_trip, max(0.0, time.time() - item.created))
             if self.on_answer is not None:
                 try:
                     self.on_answer(item, answer)
@@ -300,9 +303,9 @@ def annotate_hook(save_dir: Path) -> Callable[[OutboxItem, CloudDetections], Non
     from splitdet.edge.preprocess import load_image
 
     def hook(item: OutboxItem, answer: CloudDetections) -> None:
-        source = next(
-            (Path(p) for p in (item.stored_path, item.path) if p and Path(p).is_file()), None
-        )
+        # each stored path as written, then unescaped (a name that was not UTF-8: path_text)
+        paths = (q for p in (item.stored_path, item.path) if p for q in (p, file_path(p)))
+        source = next((Path(p) for p in paths if Path(p).is_file()), None)
         if source is None:
             log.warning("no file left to annotate for image %d (%s)", item.image_id, item.path)
             return

@@ -20,12 +20,21 @@ plus its content hash: the same name may arrive many times, and after a crash th
 recognises a file it already recorded (UNIQUE file_key) and only finishes moving it.
 
 Thread-safe: one connection behind a lock, shared by the daemon loop, the sender thread and the
-metrics endpoint (every transaction is short; network calls happen outside the lock).
+metrics endpoint (every transaction is short; network calls happen outside the lock). One
+`splitdet edge run` per database: `WriterLock` (an flock on DB.lock, held for the daemon's life)
+refuses a second; the maintenance and read-only commands do not take it.
+
+Paths are stored as text (`path_text`): SQLite text is UTF-8, and a file name that is not (a
+Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\xNN``;
+`file_path` gives the path back for file operations.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -134,6 +143,91 @@ StoredPath = str | None | Callable[[int], str | None]
 
 class StoreError(RuntimeError):
     """The database cannot be used (newer schema, not a splitdet store, ...)."""
+
+
+class StoreInUse(StoreError):
+    """Another `splitdet edge run` holds the database's writer lock."""
+
+
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def path_text(value: str | os.PathLike[str]) -> str:
+    """A path (or any text holding one: a file key, a reason) as text SQLite accepts.
+
+    A name that is not valid UTF-8 reaches Python with surrogate escapes (PEP 383), which
+    SQLite refuses ("surrogates not allowed"); such bytes become ``\\xNN`` (backslashreplace).
+    Valid UTF-8 text, every usual name, is returned unchanged."""
+    text = os.fspath(value)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate not from a file name: keep it visible
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def file_path(text: str) -> str:
+    """The file system path a stored path stands for: `path_text` reversed. A valid UTF-8 name
+    that itself holds a literal ``\\xNN`` would be misread, so callers that test for a file
+    try the text as it is first."""
+    if "\\x" not in text:
+        return text
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), text.encode("utf-8"))
+    return os.fsdecode(raw)
+
+
+def path_exists(text: str) -> bool:
+    """Whether the file a stored path names is there (as written, or unescaped)."""
+    return os.path.exists(text) or os.path.exists(file_path(text))
+
+
+class WriterLock:
+    """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
+    holder's pid, for as long as this object is open (the kernel drops it when the process
+    ends, kill -9 included, so a stale lock file never blocks a restart).
+
+    Raises:
+        StoreInUse: another process holds it.
+        StoreError: the lock file cannot be created or locked.
+    """
+
+    def __init__(self, db: Path | str) -> None:
+        self.path = Path(f"{db}.lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{db}: cannot create its folder ({exc.strerror or exc})") from None
+        try:
+            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        except OSError as exc:
+            raise StoreError(
+                f"{db}: cannot create its lock file {self.path} ({exc.strerror or exc})"
+            ) from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self._holder()
+            self._file.close()
+            raise StoreInUse(
+                f"{db} is in use by another `splitdet edge run` (pid {pid}); one daemon per "
+                "database"
+            ) from None
+        except OSError as exc:  # e.g. ENOLCK on a share without locks
+            self._file.close()
+            raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
+        self._file.truncate(0)
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def _holder(self) -> str:
+        """The pid the holder wrote ("unknown" in the instant before it writes it)."""
+        self._file.seek(0)
+        return self._file.read().strip() or "unknown"
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race a newcomer's lock)."""
+        if not self._file.closed:
+            self._file.close()
 
 
 class OutboxFull(Exception):
@@ -338,15 +432,15 @@ class ResultStore:
         rows = self._query(
             "SELECT id, path, stored_path, verdict, error_kind, reason FROM images"
             " WHERE file_key = ?",
-            (file_key,),
+            (path_text(file_key),),
         )
         return KnownFile(*rows[0]) if rows else None
 
     def _insert(self, db: sqlite3.Connection, arrival: Arrival, **values: Any) -> int:
         now = time.time()
         row = {
-            "file_key": arrival.file_key,
-            "path": arrival.path,
+            "file_key": path_text(arrival.file_key),
+            "path": path_text(arrival.path),
             "content_hash": arrival.content_hash,
             "size_bytes": arrival.size_bytes,
             "arrived": arrival.arrived,
@@ -355,6 +449,8 @@ class ResultStore:
         }
         if row["verdict"] in FINAL_VERDICTS:
             row["finished"] = now
+        if row.get("reason") is not None:  # it may quote the file's name
+            row["reason"] = path_text(row["reason"])
         for name in _JSON_COLUMNS:
             if name in row and row[name] is not None:
                 row[name] = json.dumps(row[name])
@@ -368,8 +464,15 @@ class ResultStore:
         db: sqlite3.Connection, image_id: int, stored_path: StoredPath
     ) -> str | None:
         path = stored_path(image_id) if callable(stored_path) else stored_path
+        path = None if path is None else path_text(path)
         db.execute("UPDATE images SET stored_path = ? WHERE id = ?", (path, image_id))
         return path
+
+    def set_stored_path(self, image_id: int, stored_path: str) -> str:
+        """Record where a processed file now goes (its planned name was taken meanwhile), one
+        commit; returns the path as stored."""
+        with self._transaction() as db:
+            return self._set_stored_path(db, image_id, stored_path)
 
     def record_ok(
         self,
@@ -482,9 +585,21 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------ the outbox
 
-    def next_due(self, now: float | None = None) -> OutboxItem | None:
-        """The outbox item to send next: due (next_try <= now), earliest due first."""
+    def next_due(
+        self, now: float | None = None, max_wait_s: float | None = None
+    ) -> OutboxItem | None:
+        """The outbox item to send next: due (next_try <= now), earliest due first.
+
+        Args:
+            now: unix s (default: the clock).
+            max_wait_s: the longest wait the sender ever sets (its backoff cap). A next_try
+                further ahead than that was set before the wall clock stepped back (an edge
+                box without RTC, an NTP step): it is made due now rather than waiting out the
+                step (hours, once a day...).
+        """
         now = time.time() if now is None else now
+        if max_wait_s is not None:
+            self._due_after_clock_step(now, max_wait_s)
         rows = self._query(
             "SELECT o.image_id, o.request_id, o.payload, o.created, i.attempts, i.stored_path,"
             " i.path, i.fingerprint FROM outbox o JOIN images i ON i.id = o.image_id"
@@ -497,6 +612,17 @@ class ResultStore:
         return OutboxItem(
             image_id, request_id, bytes(payload), created, attempts, stored_path, path, fingerprint
         )
+
+    def _due_after_clock_step(self, now: float, max_wait_s: float) -> int:
+        """Set next_try = now where it lies beyond now + max_wait_s (+ 1 s of slack for the
+        time between the sender's reading of the clock and ours); returns how many. Looked
+        for before writing: the common case takes no write lock."""
+        limit = now + max_wait_s + 1.0
+        if not self._query("SELECT 1 FROM outbox WHERE next_try > ? LIMIT 1", (limit,)):
+            return 0
+        with self._transaction() as db:
+            cursor = db.execute("UPDATE outbox SET next_try = ? WHERE next_try > ?", (now, limit))
+            return cursor.rowcount
 
     def next_try_at(self) -> float | None:
         """When the earliest outbox item is due (unix s), or None if the outbox is empty."""
@@ -536,7 +662,7 @@ class ResultStore:
         with self._transaction() as db:
             db.execute(
                 "UPDATE outbox SET next_try = ?, last_error = ? WHERE image_id = ?",
-                (next_try, error, image_id),
+                (next_try, path_text(error), image_id),
             )
             db.execute(
                 "UPDATE images SET attempts = attempts + 1, updated = ? WHERE id = ?",
@@ -554,7 +680,7 @@ class ResultStore:
                 " last_error = COALESCE(?, last_error) WHERE image_id IN"
                 " (SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
                 " WHERE i.fingerprint = ?)",
-                (until, error, fingerprint),
+                (until, None if error is None else path_text(error), fingerprint),
             )
             return cursor.rowcount
 
@@ -568,7 +694,7 @@ class ResultStore:
                 "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
                 " finished = ?, updated = ?, attempts = attempts + 1"
                 " WHERE id = ? AND verdict = 'pending'",
-                (reason, now, now, image_id),
+                (path_text(reason), now, now, image_id),
             )
             if cursor.rowcount:
                 db.execute(
@@ -699,7 +825,7 @@ class ResultStore:
             if not rows:
                 return Pruned(deleted, after_id)
             after_id = rows[-1][0]
-            doomed = [(row_id,) for row_id, path in rows if not Path(path).exists()]
+            doomed = [(row_id,) for row_id, path in rows if not path_exists(path)]
             deleted += len(doomed)
             if doomed and not dry_run:
                 with self._transaction() as db:
@@ -881,15 +1007,32 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
 
 
 def open_readonly(path: Path | str) -> sqlite3.Connection:
-    """A read-only connection to a store (works while the daemon writes: WAL)."""
+    """A read-only connection to a store (works while the daemon writes: WAL).
+
+    Another user (an operator, a dashboard) may read a store whose folder only the daemon's
+    user may write: with the daemon stopped there is no -shm file, and SQLite cannot create one
+    there; the store is then opened immutable (nothing can change it meanwhile: its writer has
+    stopped, and its WAL is checkpointed)."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"{path}: no such results database")
+    # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
+    uri = path.resolve().as_uri() + "?mode=ro"
     try:
-        # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-        db.execute("PRAGMA busy_timeout=10000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db, version = _connect_readonly(uri)
+    except sqlite3.OperationalError as exc:
+        if not _no_shm_allowed(path):
+            raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+        if _has_wal(path):  # commits only in the WAL: an immutable read would miss them
+            raise StoreError(
+                f"{path}: cannot be read by this user: its writer left commits in {path}-wal "
+                f"and SQLite cannot create {path}-shm (the folder is not writable); run as the "
+                "daemon's user, or start the daemon (it checkpoints them)"
+            ) from None
+        try:
+            db, version = _connect_readonly(uri + "&immutable=1")
+        except sqlite3.DatabaseError as retry:
+            raise StoreError(f"{path}: not a usable SQLite database ({retry})") from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
     if version == 0 or version > SCHEMA_VERSION:
@@ -899,3 +1042,30 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
             f"(found {version})"
         )
     return db
+
+
+def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, int]:
+    """A connection to `uri` and the store's schema version (the first read: where SQLite
+    finds out whether it can use the file)."""
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        db.execute("PRAGMA busy_timeout=10000")
+        return db, int(db.execute("PRAGMA user_version").fetchone()[0])
+    except BaseException:
+        db.close()
+        raise
+
+
+def _no_shm_allowed(path: Path) -> bool:
+    """True when a reader cannot create the store's -shm file: there is none, and the folder
+    is not writable by this user."""
+    shm = Path(f"{path}-shm")
+    return not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _has_wal(path: Path) -> bool:
+    """True when the store's -wal file holds frames (commits not yet in the main file)."""
+    try:
+        return Path(f"{path}-wal").stat().st_size > 0
+    except OSError:
+        return False
