@@ -292,7 +292,8 @@ class MultiTaskRCNN(FasterRCNN):
     """FasterRCNN + DefectHead. In eval mode `forward` is the plain (monolithic) detector.
 
     In training mode `forward(images, targets)` returns torchvision's four detection losses plus
-    `loss_defect`; an image is defective when its target has at least one box.
+    `loss_defect`; an image is defective when its target says so ("defective"), else when it has
+    at least one box.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -395,6 +396,15 @@ class MultiTaskRCNN(FasterRCNN):
         return torch.sigmoid(self.defect_head(feature)[0])
 
 
+def _is_defective(target: dict[str, Tensor]) -> bool:
+    """The image-level gate label: the target's "defective" (BoolTensor[]) when it has one (an
+    image whose only objects are VOC-difficult is defective, yet has no boxes), else whether it
+    has boxes."""
+    if "defective" in target:
+        return bool(target["defective"])
+    return len(target["boxes"]) > 0
+
+
 def defect_loss(
     image_logits: Tensor,
     cell_logits: Tensor | None,
@@ -407,20 +417,25 @@ def defect_loss(
         image_logits: Tensor[N], one logit per image.
         cell_logits: Tensor[N, h, w] for the dense head (cell (i, j) covers input pixels
             [j*stride, (j+1)*stride) x [i*stride, (i+1)*stride)), else None.
-        targets: per image "boxes" Tensor[K, 4] in resized input px; K = 0 means defect-free.
+        targets: per image "boxes" Tensor[K, 4] in resized input px, and optionally
+            "defective" BoolTensor[] (the image label; without it K = 0 means defect-free).
         stride: input px per cell of the gate level.
 
     The image term always applies. For the dense head two terms are added: the highest cell logit
-    inside each ground-truth box is pushed to 1, and every cell outside all boxes to 0.
+    inside each ground-truth box is pushed to 1, and every cell outside all boxes to 0 (none of
+    a defective image without boxes).
     """
-    labels = torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=image_logits.device)
+    labels = torch.tensor([float(_is_defective(t)) for t in targets], device=image_logits.device)
     loss = F.binary_cross_entropy_with_logits(image_logits, labels)
     if cell_logits is None:
         return loss
     positive_logits, negative_masks = [], []
     height, width = cell_logits.shape[-2:]
     for logits, target in zip(cell_logits, targets, strict=True):
-        outside = torch.ones((height, width), dtype=torch.bool, device=logits.device)
+        # defective without boxes (its objects are all difficult): where is unknown, so no cell
+        # of it is a negative (the image term, through the max cell, still says defective)
+        unknown = len(target["boxes"]) == 0 and _is_defective(target)
+        outside = torch.full((height, width), not unknown, dtype=torch.bool, device=logits.device)
         for x1, y1, x2, y2 in (target["boxes"] / stride).tolist():
             # cells the box touches; at least one, clipped to the map
             i0, j0 = min(int(y1), height - 1), min(int(x1), width - 1)

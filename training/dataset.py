@@ -73,9 +73,13 @@ class VocDetection(Dataset):
         iscrowd   Int64Tensor[K], 1 for VOC "difficult" objects
         difficult BoolTensor[K]
         image_id  Int64Tensor[1], the index i
-    With `train=True`, difficult objects are dropped (they are neither positives nor negatives in
-    VOC; keeping them out of the loss is torchvision's reference practice). Defect-free images
-    have K = 0 and act as negatives.
+        defective BoolTensor[] (0-dim), the image-level label of the defect gate: True when the
+                  returned image (the crop, in training) shows any object, difficult ones too
+    With `train=True`, difficult objects are dropped from boxes/labels (they are neither
+    positives nor negatives in VOC; keeping them out of the detection loss is torchvision's
+    reference practice), but they still make the image defective: an image whose only objects
+    are difficult is defective to `VocSample.is_defective`, and so to eval and calibration.
+    Defect-free images have K = 0 and defective False, and act as negatives.
 
     Args:
         samples: from `voc.read_split`.
@@ -124,15 +128,19 @@ class VocDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         sample = self.samples[index]
-        objects = [o for o in sample.objects if not (self.train and o.difficult)]
+        objects = sample.objects
         boxes = np.array([o.box for o in objects], dtype=np.float32).reshape(-1, 4)
         labels = np.array([self.label_of[o.name] for o in objects], dtype=np.int64)
         difficult = np.array([o.difficult for o in objects], dtype=bool)
         img = load_rgb(sample.image_path)
         if self.train:
+            # difficult boxes go through the crop too: one inside the crop makes it defective
             rng = np.random.default_rng([self.seed, self.epoch, index])
             img, boxes, keep = self._augment(img, boxes, rng)
             labels, difficult = labels[keep], difficult[keep]
+        defective = len(boxes) > 0
+        if self.train:  # not detection positives (see the class docstring)
+            boxes, labels, difficult = boxes[~difficult], labels[~difficult], difficult[~difficult]
         image = pil_to_tensor(img).float().div_(255.0)
         target = {
             "boxes": torch.from_numpy(boxes),
@@ -140,6 +148,7 @@ class VocDetection(Dataset):
             "iscrowd": torch.from_numpy(difficult.astype(np.int64)),
             "difficult": torch.from_numpy(difficult),
             "image_id": torch.tensor([index]),
+            "defective": torch.tensor(defective),
         }
         return image, target
 
@@ -181,6 +190,10 @@ class VocDetection(Dataset):
         return min(max(left, 0), max(width - size, 0)), min(max(top, 0), max(height - size, 0))
 
     def _random_crop(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+        """A square crop of ``self.crop.size`` px: (crop image, its boxes Float32[K', 4] in crop
+        px, keep Bool[K]: which of ``boxes`` (Float32[K, 4] in image px) it holds). A box the
+        crop cuts is kept when its longer visible side has `MIN_KEPT_SIDE` px; one wholly
+        inside, whatever its size."""
         size = self.crop.size
         width, height = img.size
         centred = len(boxes) > 0 and rng.random() < self.crop.object_fraction
@@ -204,5 +217,8 @@ class VocDetection(Dataset):
         clipped[:, [0, 2]] = np.clip(shifted[:, [0, 2]], 0, min(size, width - left))
         clipped[:, [1, 3]] = np.clip(shifted[:, [1, 3]], 0, min(size, height - top))
         w, h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
-        keep = (w > 0) & (h > 0) & (np.maximum(w, h) >= MIN_KEPT_SIDE)
+        # The size rule is for boxes the crop cuts (a sliver of a stroke is no target); a box
+        # wholly inside keeps whatever size it has, else small defects would never train.
+        cut = (clipped != shifted).any(axis=1)
+        keep = (w > 0) & (h > 0) & (~cut | (np.maximum(w, h) >= MIN_KEPT_SIDE))
         return img, clipped[keep], keep

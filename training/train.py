@@ -88,11 +88,68 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], prefix: str
     return {"loaded": len(loaded), "skipped": skipped, "missing": len(own) - len(loaded)}
 
 
+#: Box-predictor tensors with one row (cls_score) or four (bbox_pred) per class, background
+#: (index 0) first: a checkpoint's rows belong to its own class_names, in its own order.
+CLASS_ROWS = {
+    "roi_heads.box_predictor.cls_score.weight": 1,
+    "roi_heads.box_predictor.cls_score.bias": 1,
+    "roi_heads.box_predictor.bbox_pred.weight": 4,
+    "roi_heads.box_predictor.bbox_pred.bias": 4,
+}
+
+
+def _checkpoint_class_names(checkpoint: object) -> tuple[str, ...] | None:
+    """The class_names a splitdet checkpoint was trained with (None for a plain state dict)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    names = checkpoint.get("class_names")
+    if names is None and isinstance(checkpoint.get("config"), dict):
+        names = checkpoint["config"].get("class_names")
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
+
+
+def _remap_class_rows(
+    state: dict[str, torch.Tensor], saved_names: tuple[str, ...], model: MultiTaskRCNN
+) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+    """`state` with its class-specific box-predictor rows moved to `model`'s class order.
+
+    Rows are matched by class name: a class of the model the checkpoint also has gets that
+    class's rows (cls_score [C+1, D]: one row; bbox_pred [4(C+1), D]: four), background
+    keeps row 0, and a class new to the model keeps the model's fresh rows. Without this, a
+    checkpoint of the same class count in another order would load with its labels swapped.
+    Tensors whose shape is not the checkpoint's C+1 classes are left as they are (then skipped
+    as not fitting). Returns (state, {model class: checkpoint class or None (fresh)}).
+    """
+    own = model.state_dict()
+    names = tuple(model.config.class_names)
+    source = [0] + [saved_names.index(n) + 1 if n in saved_names else None for n in names]
+    state = dict(state)
+    for key, per_class in CLASS_ROWS.items():
+        old, fresh = state.get(key), own.get(key)
+        if old is None or fresh is None or old.shape[1:] != fresh.shape[1:]:
+            continue
+        if len(old) != per_class * (len(saved_names) + 1):
+            continue
+        # [(C+1) * per_class, ...] -> [C+1, per_class, ...]: one block of rows per class
+        old_rows = old.reshape(len(saved_names) + 1, per_class, *old.shape[1:])
+        new_rows = fresh.clone().reshape(len(names) + 1, per_class, *fresh.shape[1:])
+        for row, src in enumerate(source):
+            if src is not None:
+                new_rows[row] = old_rows[src]
+        state[key] = new_rows.reshape(fresh.shape)
+    return state, {n: n if n in saved_names else None for n in names}
+
+
 def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True) -> dict:
     """Start `model` from `init`: "none", "imagenet" (torchvision's ImageNet ResNet of the
     model's depth, backbone body only), "coco" (torchvision's COCO Faster R-CNN ResNet50-FPN; the
     class-specific box predictor is skipped) or a path (splitdet checkpoint or torchvision state
-    dict). Tensors whose shape does not fit are skipped and counted. Raises InitError."""
+    dict). Tensors whose shape does not fit are skipped and counted. A splitdet checkpoint of
+    other class_names (another order, other classes) has its box-predictor rows re-mapped by
+    class name (`_remap_class_rows`; the report's "class_rows" says which class came from
+    where). Raises InitError."""
     from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
     from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
@@ -119,11 +176,17 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
     except Exception as exc:  # torch's own message runs to lines, or is just a byte's value
         why = why_unreadable(path, exc)
         raise InitError(f"--init {path}: not a readable checkpoint or state dict ({why})") from exc
+    saved_names = _checkpoint_class_names(state)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise InitError(f"{path}: expected a state dict")
+    remapped = None
+    if saved_names is not None and saved_names != tuple(model.config.class_names):
+        state, remapped = _remap_class_rows(state, saved_names, model)
     report = _load_matching(model, state)
+    if remapped is not None:
+        report["class_rows"] = remapped
     if report["loaded"] == 0:
         raise InitError(f"{path}: no tensor fits this model's configuration")
     return report
@@ -639,6 +702,9 @@ def train(
         if init != "none":
             log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],
                      report["missing"])  # fmt: skip
+        if "class_rows" in report:  # the checkpoint names its classes in another order or set
+            rows = ", ".join(f"{n} <- {s or 'fresh'}" for n, s in report["class_rows"].items())
+            log.warning("init %s: box-predictor rows re-mapped by class name: %s", init, rows)
 
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
         recipe = json.dumps(config.to_dict(), indent=2) + "\n"

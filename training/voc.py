@@ -58,9 +58,19 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 #: Annotation files larger than this are refused (a VOC annotation is a few KB).
 MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
 
-#: The EXIF orientation tag, and its values that show the image turned by 90 degrees.
+#: The EXIF orientation tag.
 EXIF_ORIENTATION = 0x0112
-ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+#: How viewers and annotation tools show an image whose EXIF orientation tag holds each value
+#: but 1 (upright; other values are invalid and shown as stored, like a missing tag).
+ORIENTATION_SHOWN = {
+    2: "mirrored left to right",
+    3: "turned by 180 degrees",
+    4: "mirrored top to bottom",
+    5: "mirrored and turned by 90 degrees",
+    6: "turned by 90 degrees clockwise",
+    7: "mirrored and turned by 90 degrees",
+    8: "turned by 90 degrees counter-clockwise",
+}
 
 #: Pillow modes of 16-bit grayscale images (and 32-bit integer ones holding 16-bit values).
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -241,25 +251,46 @@ def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
 def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int]:
     """``(width, height)`` in px from the image file's header (no pixels decoded); `VocError`
     names an unreadable file (and ``ann_path``, the annotation it was read for)."""
+    return _image_header(image_path, ann_path)[0]
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation tag of an open PIL image (1, upright, when it has none or it cannot
+    be read), from the header alone."""
+    from PIL import Image
+
+    try:
+        # Image.getexif reads the header's EXIF (JPEG APP1, PNG eXIf before the pixels, TIFF
+        # tags); PNG's own override decodes every pixel first when the header holds none.
+        return int(Image.Image.getexif(img).get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: viewers show such an image as stored
+        return 1
+
+
+def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, int], int]:
+    """``((width, height) px, EXIF orientation)`` of the image file, from one header read (no
+    pixels decoded); `VocError` names an unreadable file (and ``ann_path``)."""
     from PIL import Image  # header only; Pillow does not decode pixels on open
 
     try:
         with Image.open(image_path) as img:
-            return img.size
+            return img.size, _orientation(img)
     except Exception as exc:  # Pillow raises many types for unreadable files
         what = f" (for {ann_path.name})" if ann_path is not None else ""
         raise VocError(f"{image_path}: cannot read image{what}: {exc}") from exc
 
 
-def _exif_orientation(image_path: Path) -> int:
-    """The image's EXIF orientation tag (1, upright, when it has none or cannot be read)."""
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as img:
-            return int(img.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # a hint only: the caller reports the problem it found
-        return 1
+def _orientation_problem(image_path: Path, orientation: int) -> str:
+    """Why an image with EXIF ``orientation`` (2..8) cannot be trained on, and what to do."""
+    return (
+        f"its EXIF orientation tag ({orientation}) has viewers and annotation tools (CVAT, "
+        f"Label Studio) show it {ORIENTATION_SHOWN[orientation]}, but splitdet reads the pixels "
+        "as stored, like the edge, so boxes drawn on the turned view lie on other pixels; bake "
+        "the turn into the pixels (PIL.ImageOps.exif_transpose, `exiftran -ai`) if the boxes "
+        "were drawn on the turned view, or clear the tag (`exiftool -Orientation=1 -n "
+        f"{image_path.name}`) to annotate the pixels as stored; then re-check the boxes and "
+        "<size>"
+    )
 
 
 def load_rgb(image_path: Path):
@@ -311,23 +342,19 @@ def read_annotation(
     if width_f != int(width_f) or height_f != int(height_f) or width_f < 0 or height_f < 0:
         raise VocError(f"{path}: <size> must hold non-negative integers, got {width_f}x{height_f}")
     width, height = int(width_f), int(height_f)
-    if width == 0 or height == 0:  # some tools write 0: take the size from the image header
-        width, height = image_size(image_path, path)
-    elif check_image:
-        actual = image_size(image_path, path)
-        if actual != (width, height):
-            hint = ""
-            turned = _exif_orientation(image_path) in ROTATING_ORIENTATIONS
-            if turned and actual == (height, width):
-                hint = (
-                    ": its EXIF orientation tag shows it turned by 90 degrees, as the annotation "
-                    "tool did, but splitdet reads the pixels as stored, like the edge; save the "
-                    "image with the turn applied (PIL.ImageOps.exif_transpose) and the boxes fit"
-                )
+    unsized = width == 0 or height == 0  # some tools write 0: the size is the image header's
+    if unsized or check_image:
+        actual, orientation = _image_header(image_path, path)
+        mismatch = not unsized and actual != (width, height)
+        said = f"<size> says {width}x{height} but " if mismatch else ""
+        if orientation in ORIENTATION_SHOWN:  # a tool showed other pixels than training reads
             raise VocError(
-                f"{path}: <size> says {width}x{height} but {image_path.name} is "
-                f"{actual[0]}x{actual[1]}{hint}"
+                f"{path}: {said}{image_path.name} is {actual[0]}x{actual[1]} px: "
+                f"{_orientation_problem(image_path, orientation)}"
             )
+        if mismatch:
+            raise VocError(f"{path}: {said}{image_path.name} is {actual[0]}x{actual[1]}")
+        width, height = actual
 
     known = None if class_names is None else set(class_names)
     objects: list[VocObject] = []
@@ -379,7 +406,8 @@ def read_split(
 
     ``class_names``: when given, an object whose class is not in it is an error (VOC datasets
     with extra classes should be listed in full). ``check_images``: compare each annotation's
-    ``<size>`` with the image file's header (cheap: no pixels are decoded).
+    ``<size>`` with the image file's header, and refuse an image whose EXIF orientation tag has
+    tools show it turned or mirrored (cheap: no pixels are decoded).
     Raises `VocError` naming the file for any malformed or inconsistent input.
     """
     root = Path(root)

@@ -301,8 +301,10 @@ def _check_splits(
                     f"{path}: lists {image_id!r}, also in {listed[image_id]}.txt (an image in two "
                     "splits makes the held-out figures optimistic)"
                 )
-                continue
-            listed[image_id] = split
+            else:
+                listed[image_id] = split
+            # counted in every split listing it: train and eval read it there, and a split
+            # repeating another is not empty (only the overlap is the problem)
             sample = samples.get(image_id)
             if sample is None:  # its annotation's problem is already reported
                 stats.unreadable += 1
@@ -327,6 +329,11 @@ def _check_splits(
         report.warnings.append(
             f"{split_dir / 'train.txt'}: no defect-free image; the gate learns what a good part "
             "looks like from them"
+        )
+    if train is not None and train.images and not train.unreadable and not train.defective:
+        report.problems.append(
+            f"{split_dir / 'train.txt'}: no defective image, so the detector and the gate would "
+            "train without a single defect; list annotated defective images in it"
         )
     if val is None and "val" not in unreadable:
         report.warnings.append(

@@ -85,6 +85,30 @@ def _deal(sequence: Sequence[str], fractions: Sequence[float]) -> list[list[str]
     return dealt
 
 
+def _give_val_a_defective_image(
+    chosen: dict[str, list[str]], defective: set[str], val: float, test: float
+) -> None:
+    """Move a defective image from train to val when val has none and train keeps two (the
+    gate is calibrated on val's defective images). Raises ValueError when train cannot spare
+    one: `data check` and `train` would refuse that val split, so none is written."""
+    if defective & set(chosen["val"]):
+        return
+    movable = [i for i in chosen["train"] if i in defective]
+    if len(movable) > 1:
+        chosen["train"].remove(movable[-1])
+        chosen["val"].append(movable[-1])
+        return
+    in_test = len(defective & set(chosen["test"]))
+    raise ValueError(
+        f"{len(defective)} defective image(s) leave the val split without one (train keeps "
+        f"{len(movable)}, test {in_test}); the gate cannot be calibrated on such a split "
+        "(`data check` and `train` refuse it): annotate more defective images"
+        + (f", give a smaller --test than {test}" if in_test else "")
+        + ", or give --val 0 (no val split: training keeps no best.pt, and the gate threshold "
+        f"is not calibrated on held-out images) instead of --val {val}"
+    )
+
+
 def split_dataset(
     root: Path,
     *,
@@ -110,7 +134,8 @@ def split_dataset(
     Nothing is written unless everything can be: raises `voc.VocError` naming the first
     annotation or image that cannot be read or named in a split file, `FileExistsError` when
     split files exist and not ``overwrite``, and `ValueError` for shares out of range or
-    leaving nothing to train on.
+    leaving nothing to train on or no defective image for a val split (fewer than two
+    defective images, without ``add``).
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val {val} and test {test} must each be in [0, 1) and sum below 1")
@@ -154,11 +179,8 @@ def split_dataset(
     fractions = (1 - val - test, val, test)
     chosen = dict(zip(SPLITS, _deal(sequence, fractions), strict=True))
     defective = {s.image_id for s in samples if s.is_defective}
-    if val > 0 and not kept and not defective & set(chosen["val"]):
-        movable = [i for i in chosen["train"] if i in defective]
-        if len(movable) > 1:  # the gate is calibrated on val's defective images
-            chosen["train"].remove(movable[-1])
-            chosen["val"].append(movable[-1])
+    if val > 0 and not kept:
+        _give_val_a_defective_image(chosen, defective, val, test)
     if not kept.get("train") and not chosen["train"]:
         raise ValueError(
             f"--val {val} and --test {test} leave none of the {len(samples)} images to train on"
