@@ -268,3 +268,30 @@ def test_a_split_repeating_another_is_counted_and_only_the_overlap_reported(tmp_
     assert len(report["problems"]) == 3  # the three overlapping ids, nothing else
     assert all("also in train.txt" in line for line in report["problems"]), report["problems"]
     assert report["unlisted"] == []
+
+
+def test_training_images_are_resized_as_the_model_resizes_them(tmp_path):
+    """A camera image larger than the model's input: training shrinks it as torchvision's
+    transform does at inference (no antialiasing), not with Pillow's blurring resize; 1 px
+    scratches then look the same in training as where the model meets them."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from splitdet.training.dataset import input_scale
+
+    pixels = np.full((320, 400, 3), 40, np.uint8)
+    pixels[:, 7::13] = 230  # 1 px bright lines
+    path = tmp_path / "lines.png"
+    Image.fromarray(pixels).save(path)
+    sample = voc.VocSample("lines", path, 400, 320)
+    min_size, max_size = 100, 125
+    dataset = VocDetection(
+        [sample], ["scratch"], train=True, input_size=(min_size, max_size), flips=False
+    )
+    trained, _ = dataset[0]
+    model_view = GeneralizedRCNNTransform(min_size, max_size, (0, 0, 0), (1, 1, 1)).eval()
+    seen, _ = model_view([torch.from_numpy(pixels).permute(2, 0, 1).float() / 255])
+    height, width = seen.image_sizes[0]
+    assert tuple(trained.shape[1:]) == (height, width)
+    assert abs(input_scale(320, 400, min_size, max_size) - width / 400) < 0.01
+    difference = (trained - seen.tensors[0, :, :height, :width]).abs().max()
+    assert float(difference) <= 0.5 / 255 + 1e-6  # only the 8-bit rounding

@@ -7,7 +7,8 @@
 Training crops are taken at the model's input scale: a scratch 1 px wide stays 1 px wide, which a
 resized full image would blur away. `input_size` (the model's `min_size`, `max_size`) resizes
 each whole image first by the factor the model's transform would apply to it (see `input_scale`),
-so a crop shows exactly what the model sees of a full image.
+and the way it applies it (`resize_as_the_model`: no antialiasing), so a crop shows what the
+model sees of a full image, up to 8-bit rounding.
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ def _objects_cut(boxes: np.ndarray, left: int, top: int, size: int) -> int:
 def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     """The factor torchvision's GeneralizedRCNNTransform resizes an (height, width) image by."""
     return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resize_as_the_model(img: Image.Image, scale: float) -> Image.Image:
+    """`img` resized by `scale` as torchvision's GeneralizedRCNNTransform resizes the model's
+    input at inference (and the edge's numpy copy of it): bilinear, align_corners=False, no
+    antialiasing, the size floor(side * scale). Pillow's own bilinear resize antialiases when
+    it shrinks: a 1 px scratch trained as a faint smear would be seen at inference as a sharp
+    line or not at all, so training crops must be resized the model's way.
+
+    Args:
+        img: an 8-bit RGB image, (W, H) px.
+        scale: the factor, as `input_scale` gives it.
+
+    Returns:
+        The 8-bit RGB image, (floor(W * scale), floor(H * scale)) px (rounded to 8 bits).
+    """
+    pixels = pil_to_tensor(img).float()[None]  # [1, 3, H, W], 0..255
+    resized = torch.nn.functional.interpolate(
+        pixels, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+        align_corners=False,
+    )[0]  # fmt: skip
+    array = resized.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]):
@@ -157,8 +181,8 @@ class VocDetection(Dataset):
         width, height = img.size
         scale = input_scale(height, width, *self.input_size) if self.input_size else 1.0
         if abs(scale - 1.0) > 1e-6:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            img = img.resize(size, Image.BILINEAR)
+            img = resize_as_the_model(img, scale)
+            size = img.size
             boxes = boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
         if self.crop is not None:
             img, boxes, keep = self._random_crop(img, boxes, rng)
