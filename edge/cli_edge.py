@@ -410,7 +410,8 @@ def _register_prune(actions: argparse._SubParsersAction) -> None:
         description="Delete the results (ok, defect, error) that became final more than AGE "
         "ago, with any request kept for their dead letter. Pending results are never deleted, "
         "nor a result whose file still lies where it arrived (--after keep, or a move that "
-        "failed: the row is what tells the daemon that file is done). Safe while the daemon "
+        "failed: the row is what tells the daemon that file is done; a newer file the camera "
+        "wrote under the same name does not keep the older results). Safe while the daemon "
         "runs. The file does not shrink: SQLite reuses the freed pages.",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
         "--dry-run\n",

@@ -176,9 +176,23 @@ def file_path(text: str) -> str:
     return os.fsdecode(raw)
 
 
-def path_exists(text: str) -> bool:
-    """Whether the file a stored path names is there (as written, or unescaped)."""
-    return os.path.exists(text) or os.path.exists(file_path(text))
+def file_key(path: Path, stat: os.stat_result) -> str:
+    """The identity of one arrival of a file: "name|size|mtime_ns|inode"."""
+    return f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+
+
+def still_there(path_stored: str, key_stored: str) -> bool:
+    """Whether the very file a row recorded still lies at its stored path: a file there under
+    its key (as written, or unescaped). A file the camera wrote since under the same name
+    (--after keep, `latest.png`) is another arrival, with a row of its own."""
+    for candidate in dict.fromkeys((path_stored, file_path(path_stored))):
+        try:
+            stat = os.stat(candidate)
+        except OSError:
+            continue
+        if path_text(file_key(Path(candidate), stat)) == key_stored:
+            return True
+    return False
 
 
 class WriterLock:
@@ -801,7 +815,9 @@ class ResultStore:
         request kept for their dead letter; pending rows are never touched, nor a row whose file
         still lies where it arrived (--after keep, or a move that failed or was cut short by a
         crash): that row is what tells the daemon the file is done, and without it the file
-        would be processed again. Deletes in batches of `batch` rows, one short commit each.
+        would be processed again. "Its file" is the one it recorded (`still_there`): a file the
+        camera wrote since under the same name does not keep it. Deletes in batches of `batch`
+        rows, one short commit each.
 
         Args:
             before: unix s; rows finished earlier go.
@@ -818,14 +834,14 @@ class ResultStore:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, path FROM images WHERE id > ? AND verdict IN"
+                    "SELECT id, path, file_key FROM images WHERE id > ? AND verdict IN"
                     " ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
                     (after_id, before, batch),
                 ).fetchall()
             if not rows:
                 return Pruned(deleted, after_id)
             after_id = rows[-1][0]
-            doomed = [(row_id,) for row_id, path in rows if not path_exists(path)]
+            doomed = [(row_id,) for row_id, path, key in rows if not still_there(path, key)]
             deleted += len(doomed)
             if doomed and not dry_run:
                 with self._transaction() as db:

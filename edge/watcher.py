@@ -56,6 +56,7 @@ import numpy as np
 
 from splitdet.edge.ignore_marker import is_marked
 from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, decode_image
+from splitdet.edge.store import file_key
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,6 @@ class Ready:
     image: np.ndarray | None
     error: str | None
     read_s: float
-
-
-def file_key(path: Path, stat: os.stat_result) -> str:
-    """The identity of one arrival of a file."""
-    return f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
 
 
 def is_ignored_name(name: str) -> bool:

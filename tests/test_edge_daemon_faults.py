@@ -140,6 +140,23 @@ def test_a_kept_file_whose_name_is_not_utf8_is_recognised_and_never_pruned(
     assert len(summary.collected) == 1 and not summary.missing
 
 
+def test_prune_under_keep_drops_the_rows_of_a_name_the_camera_reused(tiny_model_dir, tmp_path):
+    """--after keep, a camera writing latest.png over and over: the rows of its earlier shots
+    go (the file there is another arrival); the row of the file there now stays."""
+    config = make_config(tiny_model_dir, tmp_path, after="keep")
+    latest = config.watch / "latest.png"
+    for level in (40, 41, 42):
+        latest.write_bytes(png(level))
+        os.utime(latest, ns=(level * 10**9, level * 10**9))  # a new shot: a new mtime
+        assert EdgeDaemon(config).run() == 0
+    assert len(rows(config.db)) == 3
+    assert cli("edge", "prune", "--db", config.db, "--older-than", "0s") == 0
+    [kept] = rows(config.db)
+    assert kept["content_hash"] == sha(png(42))
+    assert EdgeDaemon(config).run() == 0  # and the file there is still known: not redone
+    assert len(rows(config.db)) == 1
+
+
 # ------------------------------------------------------------------------ 2. quarantine writes
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
-from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store import Arrival, ResultStore, file_key
 from splitdet.shared.cli import main
 
 FINGERPRINT = "f" * 64
@@ -19,7 +21,10 @@ DAY = 86400.0
 
 
 def _arrival(n: int, path: str) -> Arrival:
-    return Arrival(path, f"img{n}|100|{n}|{n}", f"{n:064x}", 100, time.time())
+    """Arrival n of `path`; its file_key that of the file there, when there is one (a row is
+    kept for the very file it recorded)."""
+    key = file_key(Path(path), os.stat(path)) if os.path.exists(path) else f"img{n}|100|{n}|{n}"
+    return Arrival(path, key, f"{n:064x}", 100, time.time())
 
 
 def _aged(db, ids, days: float) -> None:
@@ -146,16 +151,21 @@ def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, 
     assert any(r.msg == "pruned" and r.fields["results"] == 3 for r in caplog.records)
 
 
-def _bulk_rows(db, n: int, first_kept: int, kept_file, days: float) -> None:
+def _bulk_rows(db, n: int, first_kept: int, kept_dir: Path, days: float) -> None:
     """n final rows finished `days` ago, in one transaction; the first `first_kept` of them
-    with their file still where it arrived (kept by a prune)."""
+    with their file still where it arrived, in `kept_dir` (kept by a prune)."""
     finished = time.time() - days * DAY
+    keys = {}
+    for i in range(first_kept):
+        kept = kept_dir / f"{i}.png"
+        kept.write_bytes(b"still here")
+        keys[i] = (file_key(kept, kept.stat()), str(kept))
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.executemany(
             "INSERT INTO images (file_key, path, stored_path, content_hash, size_bytes, arrived,"
             " finished, updated, verdict, p_defect, fingerprint) VALUES"
             " (?, ?, ?, ?, 1, ?, ?, ?, 'ok', 0.1, ?)",
-            [(f"bulk{i}|1|1|1", str(kept_file) if i < first_kept else f"/gone/{i}.png",
+            [(*keys.get(i, (f"bulk{i}|1|1|1", f"/gone/{i}.png")),
               None, f"{i:064x}", finished, finished, finished, FINGERPRINT)
              for i in range(n)],
         )  # fmt: skip
@@ -169,10 +179,10 @@ def test_a_batch_run_prunes_to_the_end(tiny_model_dir, tmp_path):
 
     db, watch = tmp_path / "edge.sqlite", tmp_path / "empty"
     watch.mkdir()
-    kept = tmp_path / "kept.png"
-    kept.write_bytes(b"still here")
+    kept = tmp_path / "kept"
+    kept.mkdir()
     ResultStore(db).close()
-    _bulk_rows(db, 4500, first_kept=2100, kept_file=kept, days=40)
+    _bulk_rows(db, 4500, first_kept=2100, kept_dir=kept, days=40)
     config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
                           once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
     assert EdgeDaemon(config).run() == 0
