@@ -295,3 +295,22 @@ def test_training_images_are_resized_as_the_model_resizes_them(tmp_path):
     assert abs(input_scale(320, 400, min_size, max_size) - width / 400) < 0.01
     difference = (trained - seen.tensors[0, :, :height, :width]).abs().max()
     assert float(difference) <= 0.5 / 255 + 1e-6  # only the 8-bit rounding
+
+
+def test_the_annotations_filename_chooses_between_two_images_of_its_id(tmp_path):
+    """im00.jpg and im00.png side by side, the annotation naming im00.png: its boxes belong
+    to im00.png (before: to im00.jpg, first in extension order), and data check says the
+    other is never used."""
+    from splitdet.training.voc_check import check_dataset
+
+    box = voc.VocObject("scratch", (40.0, 50.0, 80.0, 53.0))
+    named = tmp_path / "JPEGImages" / "im00.png"
+    named.parent.mkdir(parents=True)
+    Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(named)
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(named.with_suffix(".jpg"))
+    voc.write_annotation(
+        tmp_path / "Annotations" / "im00.xml", voc.VocSample("im00", named, W, H, (box,))
+    )
+    assert voc.read_annotation(tmp_path, "im00", check_image=True).image_path == named
+    warnings = check_dataset(tmp_path).warnings
+    assert any("im00.jpg never used" in w and str(named) in w for w in warnings), warnings

@@ -232,7 +232,14 @@ def _flag(path: Path, elem: ET.Element, tag: str, where: str) -> bool:
 
 
 def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
+    """The image of annotation `image_id`: the one its <filename> names when that is a bare
+    name of this id (``ID.png`` beside an ``ID.jpg``: the annotation says which), else
+    ``JPEGImages/ID.EXT`` for the first extension found, else <filename> (a bare name)."""
     folder = Path(root) / "JPEGImages"
+    if filename and Path(filename).name == filename and Path(filename).stem == image_id:
+        named = folder / filename
+        if named.suffix.lower() in IMAGE_EXTENSIONS and named.is_file():
+            return named
     for ext in IMAGE_EXTENSIONS:
         for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
             if candidate.is_file():

@@ -256,7 +256,8 @@ def _check_images(
     annotated: set[str],
     samples: dict[str, voc.VocSample],
 ) -> None:
-    """Images no annotation points at, and images two annotations point at."""
+    """Images no annotation points at, images two annotations point at, and ids with two
+    images (only one of them is used)."""
     for image_id, path in unannotated_images(images, annotated, samples.values()):
         report.problems.append(
             f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
@@ -271,6 +272,26 @@ def _check_images(
             report.problems.append(
                 f"{path}: the image of {len(ids)} annotations ({', '.join(sorted(ids))}); keep one"
             )
+    for image_id, paths in sorted(_images_per_id(images).items()):
+        used = samples[image_id].image_path if image_id in samples else None
+        unused = [p.name for p in paths if used is None or p.resolve() != used.resolve()]
+        if used is not None and len(paths) > 1:
+            report.warnings.append(
+                f"{used}: one of {len(paths)} images of id {image_id}; {', '.join(unused)} "
+                "never used (an annotation's <filename> chooses among them): remove or rename it"
+            )
+
+
+def _images_per_id(images: dict[str, Path]) -> dict[str, list[Path]]:
+    """``{id: its image files}`` for the ids of ``images`` with more than one image file in
+    their folder (``a.jpg`` and ``a.png``); each folder listed once."""
+    by_stem: dict[str, list[Path]] = {}
+    for folder in {path.parent for path in images.values()}:
+        for path in sorted(folder.iterdir()):
+            suffix = path.suffix.lower()
+            if suffix in voc.IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file():
+                by_stem.setdefault(path.stem, []).append(path)
+    return {i: by_stem[i] for i in images if len(by_stem.get(i, ())) > 1}
 
 
 def _check_splits(
