@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from splitdet.shared.cli import (
@@ -298,6 +299,35 @@ def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None)
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise CommandError(f"--tls-key {key}: not the key of --tls-cert {cert}") from None
         raise CommandError(f"--tls-key {key}: a damaged or unsupported private key") from None
+    if not grpc_takes_tls_pair(Path(cert).read_bytes(), Path(key).read_bytes()):
+        raise CommandError(
+            f"--tls-key {key}: a key (or --tls-cert {cert}) that OpenSSL reads but gRPC's TLS "
+            "cannot serve with (e.g. an EC key on a curve other than P-256/P-384/P-521, "
+            "Ed448, DSA): issue the certificate for an RSA or ECDSA P-256 key"
+        )
+
+
+def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
+    """Whether gRPC's own TLS serves with this certificate chain and key (PEM): it refuses
+    some that OpenSSL reads, with only "Failed to bind" at start, and on a renewal keeps the
+    old certificate without a word. Tried on a throwaway loopback server; True when loopback
+    itself cannot be bound (then this check cannot tell)."""
+    import grpc
+
+    def binds(credentials: grpc.ServerCredentials | None) -> bool:
+        server = grpc.server(ThreadPoolExecutor(max_workers=1))
+        try:
+            if credentials is None:
+                server.add_insecure_port("127.0.0.1:0")
+            else:
+                server.add_secure_port("127.0.0.1:0", credentials)
+            return True
+        except RuntimeError:
+            return False
+        finally:
+            server.stop(None)
+
+    return binds(grpc.ssl_server_credentials([(key, chain)])) or not binds(None)
 
 
 def run(args: argparse.Namespace) -> int:

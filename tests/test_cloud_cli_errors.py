@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from test_cloud_tls import ThrowawayCA
 
 from splitdet.cloud.cli_cloud import check_tls_files
@@ -150,6 +151,7 @@ def pem(tmp_path_factory) -> dict[str, Path]:
     ca = ThrowawayCA(directory, "plant")
     cert, key = ca.issue("cloud", server=True)
     _, other_key = ca.issue("other", server=True)
+    k1_cert, k1_key = ca.issue("k1", server=True, curve=ec.SECP256K1())  # gRPC refuses it
     encrypted = directory / "encrypted.key"
     loaded = serialization.load_pem_private_key(key.read_bytes(), None)
     encrypted.write_bytes(
@@ -165,6 +167,7 @@ def pem(tmp_path_factory) -> dict[str, Path]:
     text.write_text("not a certificate\n")
     return {"ca": ca.cert_path, "cert": cert, "key": key, "other_key": other_key,
             "encrypted": encrypted, "damaged": damaged, "text": text,
+            "k1_cert": k1_cert, "k1_key": k1_key,
             "missing": directory / "missing.pem"}  # fmt: skip
 
 
@@ -178,6 +181,11 @@ def pem(tmp_path_factory) -> dict[str, Path]:
         (("cert", "text", None), "--tls-key {text}: not a PEM private key"),
         (("cert", "other_key", None), "--tls-key {other_key}: not the key of --tls-cert"),
         (("cert", "encrypted", None), "--tls-key {encrypted}: encrypted"),
+        (
+            ("k1_cert", "k1_key", None),
+            "--tls-key {k1_key}: a key (or --tls-cert {k1_cert}) that "
+            "OpenSSL reads but gRPC's TLS cannot serve with",
+        ),
         (("cert", "key", "key"), "--client-ca {key}: not a PEM certificate"),
         (("cert", "key", "missing"), "--client-ca {missing}: cannot read"),
         (("cert", None, None), "--tls-cert and --tls-key go together"),

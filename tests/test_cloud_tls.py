@@ -74,9 +74,12 @@ class ThrowawayCA:
         )
         self.cert_path, _ = _write(directory / f"{name}-ca", self.key, self.cert)
 
-    def issue(self, common_name: str, server: bool) -> tuple[Path, Path]:
-        """(certificate path, key path) for a server (localhost, 127.0.0.1) or a client."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(
+        self, common_name: str, server: bool, curve: ec.EllipticCurve | None = None
+    ) -> tuple[Path, Path]:
+        """(certificate path, key path) for a server (localhost, 127.0.0.1) or a client; its
+        key on `curve` (default P-256)."""
+        key = ec.generate_private_key(curve or ec.SECP256R1())
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         extensions = [
             (x509.BasicConstraints(ca=False, path_length=None), True),
@@ -248,3 +251,11 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog
         with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
             assert client.manifest().fingerprint == server.core.fingerprint
         assert "keeping the current certificate" in caplog.text
+
+        # a renewal OpenSSL reads but gRPC cannot serve with: said so, the current one kept
+        k1_cert, k1_key = renewed_ca.issue("cloud-k1", server=True, curve=ec.SECP256K1())
+        key.write_bytes(k1_key.read_bytes())
+        cert.write_bytes(k1_cert.read_bytes())
+        with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
+            assert client.manifest().fingerprint == server.core.fingerprint
+        assert "gRPC's TLS cannot serve with" in caplog.text
