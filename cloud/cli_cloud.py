@@ -321,11 +321,12 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
                 server.add_insecure_port("127.0.0.1:0")
             else:
                 server.add_secure_port("127.0.0.1:0", credentials)
-            return True
         except RuntimeError:
-            return False
-        finally:
             server.stop(None)
+            return False
+        server.start()  # a bound server never started keeps its socket open after stop()
+        server.stop(None).wait()
+        return True
 
     return binds(grpc.ssl_server_credentials([(key, chain)])) or not binds(None)
 

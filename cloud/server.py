@@ -48,10 +48,10 @@ MIB = 1 << 20
 #: Default bound on one gRPC message: int8 FPN payloads at 800x960 are ~16 MB, fp32 ~65 MB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
 #: gRPC handler threads beyond --max-concurrent + --max-queued for Detect (calls to refuse as
-#: busy need one), and the threads of the other methods (health checks, manifests, refusals of
-#: a missing token), which have their own pool: a Detect call holds its thread from its first
-#: byte, so callers that never finish sending a request can use up the Detect threads (until
-#: their deadline), never the health checks'.
+#: busy need one), and the threads of GetManifest and of the rest (health checks, refusals of a
+#: missing token), each method its own pool: a call holds its thread from its first byte, so
+#: callers that never finish sending a request can use up their method's threads (until their
+#: deadline), never the health checks'.
 SPARE_RPC_THREADS = 8
 
 
@@ -345,7 +345,10 @@ class CloudServer:
             max_workers=config.max_concurrent + config.max_queued + SPARE_RPC_THREADS,
             thread_name_prefix="splitdet-detect",
         )
-        self.servicer.add_to_server(self._server, detect_threads)
+        manifest_threads = futures.ThreadPoolExecutor(
+            SPARE_RPC_THREADS, thread_name_prefix="splitdet-manifest"
+        )
+        self.servicer.add_to_server(self._server, detect_threads, manifest_threads)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.reflection:
             reflection.enable_server_reflection(

@@ -588,13 +588,17 @@ class DetectionServicer:
             time.sleep(min(left, 0.05))
 
     def add_to_server(
-        self, server: grpc.Server, detect_threads: futures.ThreadPoolExecutor | None = None
+        self,
+        server: grpc.Server,
+        detect_threads: futures.ThreadPoolExecutor | None = None,
+        manifest_threads: futures.ThreadPoolExecutor | None = None,
     ) -> None:
         """Register the service; requests are parsed by the servicer, not by gRPC.
 
-        `detect_threads`: the pool Detect calls run in, apart from the server's own (health
-        checks, manifests), so that Detect calls, which hold a thread while their request
-        arrives and while they wait for a slot, cannot leave a health check without one.
+        `detect_threads`, `manifest_threads`: the pools Detect and GetManifest calls run in,
+        apart from the server's own (health checks), so that calls holding a thread while
+        their request arrives (or, for Detect, while they wait for a slot) cannot leave a
+        health check, or the other method, without one.
         """
 
         def handler(behaviour: Callable, threads=None) -> grpc.RpcMethodHandler:
@@ -607,13 +611,12 @@ class DetectionServicer:
                 run, request_deserializer=None, response_serializer=None
             )
 
-        detect = handler(self.Detect, detect_threads)
+        methods = {
+            "Detect": handler(self.Detect, detect_threads),
+            "GetManifest": handler(self.GetManifest, manifest_threads),
+        }
         server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE_NAME, {"Detect": detect, "GetManifest": handler(self.GetManifest)}
-                ),
-            )
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
         )
 
 

@@ -163,7 +163,10 @@ def path_text(value: str | os.PathLike[str]) -> str:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate not from a file name: keep it visible
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # its own backslashes escaped too: `file_path` reads it back
+        return raw.replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
 
 
 def file_path(text: str) -> str:

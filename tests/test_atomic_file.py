@@ -43,3 +43,25 @@ def test_a_checkpoint_that_cannot_be_saved_leaves_the_last_one_whole(tmp_path):
         save_checkpoint(path, model, epoch=4, hook=lambda: None)  # not picklable
     assert read_checkpoint(path)["epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_link_or_a_fifo_is_written_through_not_replaced(tmp_path):
+    """`--json out.json` where out.json links elsewhere, or a FIFO a reader waits on (`eval
+    --json /dev/stdout`, `>(jq .)`): a rename would put a regular file in their place."""
+    import threading
+
+    real = tmp_path / "real.json"
+    real.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    atomic_write(link, "new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    atomic_write(fifo, '{"map": 0.5}\n')
+    reader.join(10)
+    assert got == ['{"map": 0.5}\n'] and not fifo.is_file()

@@ -206,6 +206,21 @@ def test_tls_files_that_serve_pass_the_check(pem):
     check_tls_files(None, None, None)
 
 
+def test_the_tls_check_leaves_no_socket_open(pem):
+    """It binds a throwaway server (gRPC's own verdict on the pair): that socket must close,
+    or a cloud whose certificate is renewed every month gathers listening ports."""
+    import os
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    check_tls_files(pem["cert"], pem["key"], pem["ca"])
+    before = open_files()
+    for _ in range(10):
+        check_tls_files(pem["cert"], pem["key"], pem["ca"])
+    assert open_files() - before < 5
+
+
 # ------------------------------------------------------------------------ files it writes
 
 

@@ -328,6 +328,12 @@ def test_calls_that_never_send_their_request_leave_health_and_refusals_a_thread(
         time.sleep(0.5)
         assert client.health() == "SERVING"
         assert client.manifest().fingerprint == served[2].fingerprint
+        open_manifest = channel.stream_unary("/splitdet.v1.Detection/GetManifest")
+        held += [  # more than GetManifest's 8 threads
+            open_manifest.future(never_sent(), timeout=60, metadata=with_token) for _ in range(12)
+        ]
+        time.sleep(0.5)
+        assert client.health() == "SERVING"
         started = time.monotonic()
         without = [open_call.future(never_sent(), timeout=20) for _ in range(16)]
         for call in without:

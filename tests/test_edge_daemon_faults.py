@@ -32,7 +32,15 @@ from PIL import Image
 
 from splitdet.edge.collect import collect_results
 from splitdet.edge.daemon import REASON_SUFFIX, STORED_NAME_MAX, DaemonConfig, EdgeDaemon
-from splitdet.edge.store import Arrival, ResultStore, StoreInUse, open_readonly, store_status
+from splitdet.edge.store import (
+    Arrival,
+    ResultStore,
+    StoreInUse,
+    file_path,
+    open_readonly,
+    path_text,
+    store_status,
+)
 from splitdet.edge.watcher import file_key
 from splitdet.shared.cli import main
 
@@ -119,6 +127,20 @@ def test_a_name_that_is_not_utf8_is_processed_and_every_command_reads_it(
     with contextlib.closing(open_readonly(config.db)) as db:
         summary = collect_results(db, tmp_path / "review")
     assert len(summary.collected) == 1 and not summary.missing
+
+
+@pytest.mark.parametrize(
+    "name", [b"plain\xff.png", b"lit\\x41.png", b"both\\x41\xff.png", b"back\\\xfc.png"]
+)
+def test_a_stored_name_reads_back_as_the_file(tmp_path, name):
+    """Bad bytes become \\xNN; a name holding a literal backslash too must still read back
+    (its own backslashes are escaped when it has bad bytes)."""
+    path = os.fsdecode(bytes(tmp_path) + b"/" + name)
+    Path(path).write_bytes(b"x")
+    stored = path_text(path)
+    stored.encode("utf-8")  # what SQLite takes
+    found = stored if os.path.exists(stored) else file_path(stored)
+    assert os.fsencode(found) == os.fsencode(path)
 
 
 def test_a_kept_file_whose_name_is_not_utf8_is_recognised_and_never_pruned(
