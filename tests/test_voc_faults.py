@@ -314,3 +314,23 @@ def test_the_annotations_filename_chooses_between_two_images_of_its_id(tmp_path)
     assert voc.read_annotation(tmp_path, "im00", check_image=True).image_path == named
     warnings = check_dataset(tmp_path).warnings
     assert any("im00.jpg never used" in w and str(named) in w for w in warnings), warnings
+
+
+def test_data_check_decode_warns_of_12_bit_values_in_16_bit_images(tmp_path):
+    """A Mono12 camera's values saved unscaled in 16-bit PNGs: scaled by 65535 they are dark
+    and training keeps a few grey levels; data check --decode says so (full-range ones pass)."""
+    from splitdet.training.voc_check import check_dataset
+
+    rng = np.random.default_rng(0)
+    for image_id, level in (("mono12", 1500), ("full16", 40000)):
+        path = tmp_path / "JPEGImages" / f"{image_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.normal(level, 60, (H, W)).clip(0, 65535).astype(np.uint16)
+        Image.fromarray(pixels).save(path)
+        voc.write_annotation(
+            tmp_path / "Annotations" / f"{image_id}.xml", voc.VocSample(image_id, path, W, H)
+        )
+    warned = [w for w in check_dataset(tmp_path, decode=True).warnings if "of 65535" in w]
+    assert len(warned) == 1 and "mono12.png: one of 1 16-bit images" in warned[0], warned
+    assert "grey levels" in warned[0]
+    assert not [w for w in check_dataset(tmp_path).warnings if "of 65535" in w]  # header only

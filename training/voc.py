@@ -321,6 +321,20 @@ def load_rgb(image_path: Path):
         raise VocError(f"{image_path}: cannot decode image: {exc}") from None
 
 
+def sixteen_bit_peak(image_path: Path) -> int | None:
+    """The largest pixel value of a 16-bit grayscale image (None for other images, or one
+    that cannot be read: `load_rgb` names those). Decodes the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as img:
+            if img.mode not in SIXTEEN_BIT_MODES:
+                return None
+            return int(img.convert("I").getextrema()[1])
+    except Exception:  # Pillow raises many types for bad data
+        return None
+
+
 def read_annotation(
     root: Path,
     image_id: str,

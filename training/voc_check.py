@@ -42,6 +42,8 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Boxes smaller than this (px) both ways are reported as a warning: often a stray click
 #: (a thin scratch is as thin, but long).
 TINY_BOX_PX = 2.0
+#: A 16-bit image whose pixels all lie below this holds 12-bit (or narrower) values, unscaled.
+NARROW_SIXTEEN_BIT = 4096
 
 
 @dataclass
@@ -135,15 +137,34 @@ def image_ids(root: Path) -> dict[str, Path]:
 
 def _read_one(
     root: Path, image_id: str, class_names: Sequence[str] | None, decode: bool
-) -> voc.VocSample | str:
-    """The sample, or the problem line naming the file."""
+) -> tuple[voc.VocSample | str, int | None]:
+    """(The sample, or the problem line naming the file; with `decode`, the peak value of a
+    16-bit image, else None)."""
     try:
         sample = voc.read_annotation(root, image_id, class_names, check_image=True)
         if decode:
             voc.load_rgb(sample.image_path).close()
-        return sample
+            return sample, voc.sixteen_bit_peak(sample.image_path)
+        return sample, None
     except voc.VocError as exc:
-        return str(exc)
+        return str(exc), None
+
+
+def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int]) -> None:
+    """Warn of 16-bit images whose values stop at 12 bits or fewer (a Mono10/Mono12 camera
+    saving its values unscaled): scaled by 65535 as the edge scales them they are dark, and
+    training's 8 bits leave them a few grey levels."""
+    narrow = {path: peak for path, peak in peaks.items() if peak < NARROW_SIXTEEN_BIT}
+    if not narrow:
+        return
+    path, peak = max(narrow.items(), key=lambda item: item[1])
+    report.warnings.append(
+        f"{path}: one of {len(narrow)} 16-bit images whose pixels stop at {peak} of 65535 (10- "
+        "or 12-bit camera values saved unscaled?): splitdet scales 16-bit pixels by 65535, on "
+        f"the edge as in training, so the model sees dark images, and training's 8 bits keep "
+        f"{peak // 257 + 1} grey levels of them; have the camera (and so the edge) write them "
+        "scaled to the full 16 bits (12-bit values x 16), and the dataset the same"
+    )
 
 
 def _percentiles(values: list[float]) -> list[float]:
@@ -193,17 +214,21 @@ def check_dataset(
             )
 
     samples: dict[str, voc.VocSample] = {}
+    peaks: dict[Path, int] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda i: _read_one(root, i, class_names, decode), ids)
-        for image_id, result in zip(ids, results, strict=True):
+        for image_id, (result, peak) in zip(ids, results, strict=True):
             if isinstance(result, str):
                 report.problems.append(result)
             else:
                 samples[image_id] = result
+                if peak is not None:
+                    peaks[result.image_path] = peak
             if progress is not None:
                 progress(1)
 
     _check_images(report, images, annotated, samples)
+    _narrow_sixteen_bit(report, peaks)
     widths: list[float] = []
     heights: list[float] = []
     for sample in samples.values():
