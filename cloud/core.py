@@ -39,15 +39,14 @@ from splitdet.shared.codec import (
 from splitdet.shared.detection import Detection, ImageMeta
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, ManifestError, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
-from splitdet.shared.spec import LEVEL_NAMES, padded_size
+from splitdet.shared.spec import LEVEL_NAMES, MAX_ORIGINAL_SIDE, padded_size
 
 log = logging.getLogger(__name__)
 
 #: Longest request id accepted (a UUID is 36 characters).
 MAX_REQUEST_ID_CHARS = 128
-#: Largest image side accepted, before (original) and after (resized) the model's resize, px.
+#: Largest image side accepted after the model's resize, px (before it: MAX_ORIGINAL_SIDE).
 #: Sanity bounds only: the decoded-bytes bound is what limits memory.
-MAX_ORIGINAL_SIDE = 1 << 16
 MAX_RESIZED_SIDE = 1 << 13
 #: State-dict prefixes the cloud's weights file holds, and those it may lack (the edge's part).
 CLOUD_PREFIXES = ("rpn.", "roi_heads.")

@@ -24,6 +24,7 @@ from splitdet.edge.cloud_args import (
     add_codec_argument,
     add_edge_model_arguments,
     check_cloud_addresses,
+    check_edge_model_options,
     client_config,
 )
 from splitdet.shared.cli import float_in, int_in, silence_stdout
@@ -747,10 +748,7 @@ def check_run_options(args: argparse.Namespace) -> None:
         refuse("--outbox-max-mb", args.outbox_max_mb, "is less than one byte")
     if args.outbox_max_items < 1:
         refuse("--outbox-max-items", args.outbox_max_items, "must be at least 1")
-    if args.threshold is not None and math.isnan(args.threshold):  # above 1: flag nothing
-        refuse("--threshold", args.threshold, "must be a number (p(defect) from 0 to 1)")
-    if args.threads is not None and args.threads < 1:
-        refuse("--threads", args.threads, "must be at least 1 (omit it for all cores)")
+    check_edge_model_options(args)
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         refuse("--metrics-port", args.metrics_port, "must be 0-65535 (0: any free port)")
     if args.archive is not None and args.after != "archive":

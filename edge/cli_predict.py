@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitdet.edge.cloud_args import add_cloud_arguments, add_edge_model_arguments, client_config
+from splitdet.edge.cloud_args import (
+    add_cloud_arguments,
+    add_edge_model_arguments,
+    check_edge_model_options,
+    client_config,
+)
 from splitdet.shared.atomic_file import atomic_write
 
 if TYPE_CHECKING:
@@ -137,6 +143,25 @@ def check_outputs(json_file: str | None, save_dir: str | None) -> None:
             raise CommandError(f"--save {save_dir} is not writable")
 
 
+def check_save_outside_inputs(save_dir: str | None, inputs: list[str]) -> None:
+    """Refuse a --save DIR that is an input folder, or a folder of an input file, or lies
+    inside an input folder: the annotated copies (named as their images) would overwrite the
+    originals, or be taken as new images by a later --recursive run (CommandError)."""
+    from splitdet.shared.cli import CommandError
+
+    if not save_dir:
+        return
+    save = Path(save_dir).resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        folder = path if path.is_dir() else path.parent
+        if save == folder or folder in save.parents:
+            raise CommandError(
+                f"--save {save_dir} is in the input {given}: the annotated copies would "
+                "overwrite the images or join them; give a folder outside the inputs"
+            )
+
+
 def write_json(json_file: str, data: object) -> None:
     """Write `data` as indented JSON for a --json option: to stdout for "-", else to
     `json_file` whole (a temporary file renamed over it); CommandError naming the file."""
@@ -174,11 +199,17 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
+    check_edge_model_options(args)
+    if not (math.isfinite(args.score_threshold) and 0 <= args.score_threshold <= 1):
+        raise CommandError(
+            f"--score-threshold {args.score_threshold:g}: must be a score from 0 to 1"
+        )
     paths = list_images([Path(p) for p in args.images], recursive=args.recursive)
     if not paths:
         hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
         raise CommandError(f"no image files in {' '.join(args.images)}{hint}")
     check_outputs(args.json, args.save)
+    check_save_outside_inputs(args.save, args.images)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
         pipeline = EdgePipeline(

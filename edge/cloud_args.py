@@ -39,6 +39,18 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_edge_model_options(args: argparse.Namespace) -> None:
+    """CommandError naming an `add_edge_model_arguments` value that cannot work: a NaN
+    --threshold (it would pass every image as ok, unnoticed; above 1 flags nothing, on
+    purpose) or --threads below 1."""
+    from splitdet.shared.cli import CommandError
+
+    if args.threshold is not None and math.isnan(args.threshold):
+        raise CommandError("--threshold nan: must be a number (p(defect) from 0 to 1)")
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads {args.threads}: must be at least 1 (omit it for all cores)")
+
+
 def add_codec_argument(parser: argparse.ArgumentParser) -> None:
     """--codec: the feature codec the edge encodes with (default: the manifest's)."""
     parser.add_argument(

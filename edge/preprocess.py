@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from splitdet.shared.spec import padded_size
+from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
 
 #: Largest image accepted, in pixels (a decompression bomb is refused before decoding).
 MAX_PIXELS = 64_000_000
@@ -105,6 +105,11 @@ def _open(data: bytes, source: str) -> Image.Image:
             raise ImageError(
                 f"{source}: {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit "
                 "(decompression bomb?)"
+            )
+        if max(width, height) > MAX_ORIGINAL_SIDE:
+            raise ImageError(
+                f"{source}: {width}x{height} px has a side over {MAX_ORIGINAL_SIDE} px, more "
+                "than the cloud takes"
             )
         if getattr(image, "n_frames", 1) > 1:
             raise ImageError(f"{source}: multi-frame images are not supported")

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 #: Bumped whenever what crosses the wire changes meaning (level set, layout, dtype rules).
 SPEC_VERSION = "1"
+#: Largest image side (original, before the model's resize) a request may carry, px: the edge
+#: refuses larger images, which the cloud would refuse for good after the edge's work.
+MAX_ORIGINAL_SIDE = 1 << 16
 
 #: FPN level names in order from finest to coarsest, as torchvision names them.
 LEVEL_NAMES: tuple[str, ...] = ("0", "1", "2", "3", "pool")

@@ -325,3 +325,17 @@ def test_files_kept_in_the_folder_are_handed_over_in_arrival_order(tmp_path):
         names.append(candidate.name)
         folder.ignore(candidate)
     assert names == sorted(names) and len(names) == n
+
+
+def test_an_image_wider_than_the_cloud_takes_is_refused_at_the_edge():
+    """A line-scan image 65600 px wide passed the edge, cost its work, then the cloud refused
+    it for good (a dead letter instead of a quarantined file)."""
+    from splitdet.shared.spec import MAX_ORIGINAL_SIDE
+
+    buffer = io.BytesIO()
+    Image.new("L", (MAX_ORIGINAL_SIDE + 64, 2), 128).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match=f"side over {MAX_ORIGINAL_SIDE} px"):
+        decode_image(buffer.getvalue(), "line.png")
+    buffer = io.BytesIO()
+    Image.new("L", (MAX_ORIGINAL_SIDE, 2), 128).save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue(), "line.png").shape == (3, 2, MAX_ORIGINAL_SIDE)

@@ -266,6 +266,33 @@ def test_predict_refuses_a_save_folder_it_cannot_make(tiny_model_dir, image_dir,
     assert f"--save {blocker / 'x'}: cannot make the folder" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["the input folder", "inside it", "beside an input file"])
+def test_predict_refuses_to_save_among_its_inputs(tiny_model_dir, image_dir, tmp_path, capsys,
+                                                  where):  # fmt: skip
+    """--save into the images' own folder wrote each annotated copy over its original."""
+    images = tmp_path / "in"
+    images.mkdir()
+    original = (image_dir / "good0.png").read_bytes()
+    (images / "good0.png").write_bytes(original)
+    given = images / "good0.png" if where == "beside an input file" else images
+    save = images / "annotated" if where == "inside it" else images
+    argv = ["predict", str(given), "--model", str(tiny_model_dir), "--threshold", "0"]
+    assert main([*argv, "--save", str(save), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--save {save} is in the input {given}" in err and "Traceback" not in err
+    assert (images / "good0.png").read_bytes() == original
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--threshold", "nan"), ("--score-threshold", "nan"), ("--threads", "-1")]
+)
+def test_predict_names_a_value_that_cannot_work(tiny_model_dir, image_dir, capsys, flag, value):
+    """A NaN threshold passed every image as ok; --threads -1 was a traceback (exit 1)."""
+    assert main(["predict", str(image_dir), "--model", str(tiny_model_dir), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value}" in err and "Traceback" not in err
+
+
 def test_annotated_images_of_the_same_name_do_not_overwrite_each_other(
     tiny_model_dir, image_dir, tmp_path
 ):
