@@ -293,6 +293,20 @@ def test_predict_names_a_value_that_cannot_work(tiny_model_dir, image_dir, capsy
     assert f"{flag} {value}" in err and "Traceback" not in err
 
 
+def test_annotated_copies_of_long_names_fit_the_file_system(tiny_model_dir, image_dir, tmp_path):
+    """A 250-character name as .png and .jpg: the second copy's `_2` made its name too long
+    ("File name too long": an error on that image, exit 1)."""
+    images, saved = tmp_path / "in", tmp_path / "annotated"
+    images.mkdir()
+    stem = "n" * 250
+    (images / f"{stem}.png").write_bytes((image_dir / "good0.png").read_bytes())
+    Image.open(image_dir / "good1.png").save(images / f"{stem}.jpg")
+    argv = ["predict", str(images), "--model", str(tiny_model_dir), "--threshold", "0"]
+    assert main([*argv, "--save", str(saved), "--no-progress"]) == 0
+    names = sorted(p.name for p in saved.iterdir())
+    assert len(names) == 2 and all(len(n.encode()) <= 255 for n in names)
+
+
 def test_annotated_images_of_the_same_name_do_not_overwrite_each_other(
     tiny_model_dir, image_dir, tmp_path
 ):
