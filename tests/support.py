@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -140,3 +142,22 @@ def as_nobody() -> list[str] | None:
     prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
     probe = subprocess.run([*prefix, sys.executable, "-c", "import splitdet"], capture_output=True)
     return prefix if probe.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def nobody_scratch(model_dir: Path):
+    """(command prefix running as an unprivileged user, a scratch folder open to it, a copy
+    of `model_dir` it can read), or pytest.skip when there is no such user. Root ignores
+    permissions; /tmp/pytest-of-root is closed to others."""
+    import pytest
+
+    prefix = as_nobody()
+    if prefix is None:
+        pytest.skip("no unprivileged user to run as")
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        root.chmod(0o777)
+        model = shutil.copytree(model_dir, root / "model")
+        for path in [model, *model.iterdir()]:
+            path.chmod(0o755)
+        yield prefix, root, model

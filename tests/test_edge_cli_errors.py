@@ -4,10 +4,8 @@ flagged image is sent, and nothing in the hot folder or the database lost or tou
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image
 from splitdet.edge.store import ResultStore
 from splitdet.shared.cli import main
 
-from support import as_nobody
+from support import nobody_scratch
 
 pytestmark = pytest.mark.timeout(120)  # a check that regressed would run the daemon forever
 CLI = "import sys; from splitdet.shared.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -191,15 +189,7 @@ def test_results_since_garbage_is_refused(tmp_path, capsys, since):
 @pytest.mark.parametrize("case", ["quarantine", "archive", "watch", "db"])
 def test_unwritable_places_are_named_at_start_up(tiny_model_dir, case):
     """Root ignores permissions, so this runs the daemon as an unprivileged user."""
-    prefix = as_nobody()
-    if prefix is None:
-        pytest.skip("no unprivileged user to run as")
-    with tempfile.TemporaryDirectory() as name:  # /tmp/pytest-of-root is closed to others
-        root = Path(name)
-        root.chmod(0o777)
-        model = shutil.copytree(tiny_model_dir, root / "model")
-        for path in [model, *model.iterdir()]:
-            path.chmod(0o755)
+    with nobody_scratch(tiny_model_dir) as (prefix, root, model):
         read_only = root / "read-only"
         read_only.mkdir(mode=0o555)
         read_only.chmod(0o555)

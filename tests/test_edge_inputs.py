@@ -8,12 +8,10 @@ import io
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from splitdet.edge.preprocess import ImageError, decode_image, load_image, prepa
 from splitdet.edge.watcher import HotFolder
 from splitdet.training.voc import load_rgb
 
-from support import as_nobody, run_without_torch
+from support import nobody_scratch, run_without_torch
 
 CLI = "import sys; from splitdet.shared.cli import main; sys.exit(main(sys.argv[1:]))"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -153,15 +151,7 @@ def test_hot_folder_that_vanishes_mid_run_pauses_the_scans(tmp_path, caplog):
 
 def test_daemon_goes_on_past_a_folder_it_cannot_read(tiny_model_dir):
     """`edge run --recursive` beside a root-only lost+found: it warns and processes the rest."""
-    prefix = as_nobody()
-    if prefix is None:
-        pytest.skip("no unprivileged user to run as")
-    with tempfile.TemporaryDirectory() as name:  # /tmp/pytest-of-root is closed to others
-        root = Path(name)
-        root.chmod(0o777)
-        model = shutil.copytree(tiny_model_dir, root / "model")
-        for path in [model, *model.iterdir()]:
-            path.chmod(0o755)
+    with nobody_scratch(tiny_model_dir) as (prefix, root, model):
         watch = root / "hot"
         (watch / "day1").mkdir(parents=True)
         (watch / "day1" / "a.png").write_bytes(_png(Image.new("L", (64, 48), 40)))
