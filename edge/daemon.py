@@ -49,6 +49,7 @@ from splitdet.edge.client import (
     RetryLater,
     build_request,
 )
+from splitdet.edge.file_names import NAME_MAX, fit_name
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import ImageError
@@ -77,8 +78,6 @@ PRUNE_EVERY_S = 3600.0
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
-#: A file name's length limit on the usual file systems (ext4, XFS, btrfs, NTFS/SMB), bytes.
-NAME_MAX = 255
 #: Beside each quarantined file: why it is there.
 REASON_SUFFIX = ".reason.txt"
 #: Bytes `atomic_write` adds to a name for its temporary file (".NAME.XXXXXXXX.tmp").
@@ -234,9 +233,7 @@ def stored_name(image_id: int, name: str, attempt: int = 0) -> str:
     if len(ext.encode()) > _EXTENSION_MAX:  # not an extension: part of the name
         stem, ext = text, ""
     prefix, tag = f"{image_id:08d}_", f"~{attempt}" if attempt else ""
-    room = STORED_NAME_MAX - len(f"{prefix}{tag}{ext}".encode())
-    stem = stem.encode()[: max(room, 0)].decode("utf-8", "ignore")  # never half a character
-    return f"{prefix}{stem}{tag}{ext}"
+    return prefix + fit_name(stem, f"{tag}{ext}", STORED_NAME_MAX - len(prefix))
 
 
 def reason_path(target: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from splitdet.edge.annotate import save_annotated
+from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError, load_image
 from splitdet.shared.detection import Detection
@@ -180,28 +180,13 @@ def annotated_names(paths: Sequence[Path], save_dir: Path) -> list[Path]:
     names = []
     for path in paths:
         stem, n = Path(path).stem, 1
-        name = _fitted(stem, ".jpg")
+        name = fit_name(stem, ".jpg")
         while name.lower() in taken:
             n += 1
-            name = _fitted(stem, f"_{n}.jpg")
+            name = fit_name(stem, f"_{n}.jpg")
         taken.add(name.lower())
         names.append(Path(save_dir) / name)
     return names
-
-
-#: A file name's length limit on the usual file systems, bytes.
-NAME_MAX_BYTES = 255
-
-
-def _fitted(stem: str, ending: str) -> str:
-    """`stem + ending`, the stem cut short (never inside a character) so that the name fits
-    NAME_MAX_BYTES: a long camera name plus "_2.jpg" must not fail with "File name too
-    long" (bytes of a name that is not UTF-8 count as they will be written)."""
-    room = NAME_MAX_BYTES - len(ending.encode())
-    raw = os.fsencode(stem)
-    if len(raw) > room:
-        stem = os.fsdecode(raw[:room].decode("utf-8", "ignore").encode())
-    return stem + ending
 
 
 def predict_paths(
