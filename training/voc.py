@@ -303,6 +303,12 @@ def _orientation_problem(image_path: Path, orientation: int) -> str:
 def load_rgb(image_path: Path):
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
     body is corrupt or truncated (its header, read when the split was, looked fine)."""
+    return load_rgb_and_peak(image_path)[0]
+
+
+def load_rgb_and_peak(image_path: Path):
+    """(`load_rgb`'s image, the largest pixel value of a 16-bit grayscale image, else None):
+    one decoding for both."""
     from PIL import Image
 
     try:
@@ -313,26 +319,13 @@ def load_rgb(image_path: Path):
                 if low < 0 or high > 65535:
                     raise VocError(f"{image_path}: pixels outside 0..65535 are not supported")
                 # scaled as the edge scales them (to [0, 1] over 0..65535), rounded to 8 bits
-                return wide.point(lambda v: v / 257 + 0.5).convert("L").convert("RGB")
-            return img.convert("RGB")
+                rgb = wide.point(lambda v: v / 257 + 0.5).convert("L").convert("RGB")
+                return rgb, int(high)
+            return img.convert("RGB"), None
     except VocError:
         raise
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
         raise VocError(f"{image_path}: cannot decode image: {exc}") from None
-
-
-def sixteen_bit_peak(image_path: Path) -> int | None:
-    """The largest pixel value of a 16-bit grayscale image (None for other images, or one
-    that cannot be read: `load_rgb` names those). Decodes the pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as img:
-            if img.mode not in SIXTEEN_BIT_MODES:
-                return None
-            return int(img.convert("I").getextrema()[1])
-    except Exception:  # Pillow raises many types for bad data
-        return None
 
 
 def read_annotation(

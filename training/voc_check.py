@@ -111,28 +111,41 @@ class DatasetReport:
         }
 
 
-def _stem_ids(folder: Path, suffixes: Sequence[str], any_case: bool = True) -> dict[str, Path]:
-    """``{stem: path}`` of the regular files in ``folder`` whose suffix is in ``suffixes`` (in
-    any case, unless not ``any_case``); hidden files skipped."""
+def _stem_files(
+    folder: Path, suffixes: Sequence[str], any_case: bool = True
+) -> dict[str, list[Path]]:
+    """``{stem: paths}`` of the regular files in ``folder`` whose suffix is in ``suffixes`` (in
+    any case, unless not ``any_case``), in name order; hidden files skipped."""
     if not folder.is_dir():
         return {}
     wanted = {s.lower() for s in suffixes} if any_case else set(suffixes)
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         suffix = path.suffix.lower() if any_case else path.suffix
         if suffix in wanted and not path.name.startswith(".") and path.is_file():
-            found.setdefault(path.stem, path)
+            found.setdefault(path.stem, []).append(path)
     return found
+
+
+def _first_of_each(files: dict[str, list[Path]]) -> dict[str, Path]:
+    """``{stem: its first path}`` of a `_stem_files` listing."""
+    return {stem: paths[0] for stem, paths in files.items()}
 
 
 def annotated_ids(root: Path) -> list[str]:
     """Sorted ids of ``ROOT/Annotations/*.xml`` (the readers look for ``ID.xml`` exactly)."""
-    return sorted(_stem_ids(Path(root) / "Annotations", (".xml",), any_case=False))
+    return sorted(_stem_files(Path(root) / "Annotations", (".xml",), any_case=False))
 
 
 def image_ids(root: Path) -> dict[str, Path]:
-    """``{id: image path}`` for every image file in ``ROOT/JPEGImages``."""
-    return _stem_ids(Path(root) / "JPEGImages", voc.IMAGE_EXTENSIONS)
+    """``{id: image path}`` for every image file in ``ROOT/JPEGImages`` (the first in name
+    order of an id with several)."""
+    return _first_of_each(image_files(root))
+
+
+def image_files(root: Path) -> dict[str, list[Path]]:
+    """``{id: its image files}`` in ``ROOT/JPEGImages`` (``a.jpg`` and ``a.png``: two)."""
+    return _stem_files(Path(root) / "JPEGImages", voc.IMAGE_EXTENSIONS)
 
 
 def _read_one(
@@ -143,8 +156,9 @@ def _read_one(
     try:
         sample = voc.read_annotation(root, image_id, class_names, check_image=True)
         if decode:
-            voc.load_rgb(sample.image_path).close()
-            return sample, voc.sixteen_bit_peak(sample.image_path)
+            image, peak = voc.load_rgb_and_peak(sample.image_path)
+            image.close()
+            return sample, peak
         return sample, None
     except voc.VocError as exc:
         return str(exc), None
@@ -196,7 +210,8 @@ def check_dataset(
         return report
 
     ids = annotated_ids(root)
-    images = image_ids(root)
+    files = image_files(root)
+    images = _first_of_each(files)
     report.annotations, report.images = len(ids), len(images)
     annotated = set(ids)
     for path in sorted((root / "Annotations").iterdir()):
@@ -227,7 +242,7 @@ def check_dataset(
             if progress is not None:
                 progress(1)
 
-    _check_images(report, images, annotated, samples)
+    _check_images(report, files, annotated, samples)
     _narrow_sixteen_bit(report, peaks)
     widths: list[float] = []
     heights: list[float] = []
@@ -277,12 +292,13 @@ def unannotated_images(
 
 def _check_images(
     report: DatasetReport,
-    images: dict[str, Path],
+    files: dict[str, list[Path]],
     annotated: set[str],
     samples: dict[str, voc.VocSample],
 ) -> None:
     """Images no annotation points at, images two annotations point at, and ids with two
-    images (only one of them is used)."""
+    images (only one of them is used); ``files``: `image_files`."""
+    images = _first_of_each(files)
     for image_id, path in unannotated_images(images, annotated, samples.values()):
         report.problems.append(
             f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
@@ -297,26 +313,14 @@ def _check_images(
             report.problems.append(
                 f"{path}: the image of {len(ids)} annotations ({', '.join(sorted(ids))}); keep one"
             )
-    for image_id, paths in sorted(_images_per_id(images).items()):
+    for image_id, paths in sorted(files.items()):
         used = samples[image_id].image_path if image_id in samples else None
-        unused = [p.name for p in paths if used is None or p.resolve() != used.resolve()]
         if used is not None and len(paths) > 1:
+            unused = [p.name for p in paths if p.resolve() != used.resolve()]
             report.warnings.append(
                 f"{used}: one of {len(paths)} images of id {image_id}; {', '.join(unused)} "
                 "never used (an annotation's <filename> chooses among them): remove or rename it"
             )
-
-
-def _images_per_id(images: dict[str, Path]) -> dict[str, list[Path]]:
-    """``{id: its image files}`` for the ids of ``images`` with more than one image file in
-    their folder (``a.jpg`` and ``a.png``); each folder listed once."""
-    by_stem: dict[str, list[Path]] = {}
-    for folder in {path.parent for path in images.values()}:
-        for path in sorted(folder.iterdir()):
-            suffix = path.suffix.lower()
-            if suffix in voc.IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file():
-                by_stem.setdefault(path.stem, []).append(path)
-    return {i: by_stem[i] for i in images if len(by_stem.get(i, ())) > 1}
 
 
 def _check_splits(
