@@ -331,19 +331,25 @@ _TENSOR_BOUNDS = {
 }
 
 
-def check_request_wire(raw: bytes) -> None:
-    """Refuse a serialized DetectRequest whose repeated fields are beyond the MAX_* bounds.
+def check_request_wire(raw: bytes) -> tuple[str, str]:
+    """Refuse a serialized DetectRequest whose repeated fields are beyond the MAX_* bounds;
+    return its (request_id, model_fingerprint), read on the way (the last occurrence wins,
+    as in protobuf), so that a call can be checked before it is parsed.
 
     Walks the request's fields and those of its tensors without parsing or copying anything
     (other fields, `data` included, are skipped by their length), so that the parser never sees
     a million empty tensors or a shape of millions of dimensions.
 
     Raises:
-        InvalidRequest: a bound is exceeded, or the bytes are not protobuf wire format.
+        InvalidRequest: a bound is exceeded, the bytes are not protobuf wire format, or a key
+            is not UTF-8 text.
     """
     budget = [MAX_WIRE_FIELDS]
     tensors = 0
+    keys = {_REQUEST_ID: b"", _REQUEST_FINGERPRINT: b""}
     for number, wire, start, end in _wire_fields(raw, 0, len(raw), budget):
+        if number in keys and wire == 2:
+            keys[number] = raw[start:end]
         if number != _REQUEST_TENSORS or wire != 2:
             continue
         tensors += 1
@@ -366,24 +372,10 @@ def check_request_wire(raw: bytes) -> None:
                 raise InvalidRequest(f"tensor {tensors - 1}: {what} has more than {bound} values")
     if budget[0] < 0:
         raise InvalidRequest(f"request has more than {MAX_WIRE_FIELDS} protobuf fields")
-
-
-def request_keys(raw: bytes) -> tuple[str, str]:
-    """(request_id, model_fingerprint) of a serialized DetectRequest, read without parsing or
-    copying the rest (call after `check_request_wire`; the last occurrence wins, as in
-    protobuf).
-
-    Raises:
-        InvalidRequest: a key that is not UTF-8, or bytes that are not protobuf wire format.
-    """
-    keys = {_REQUEST_ID: "", _REQUEST_FINGERPRINT: ""}
-    for number, wire, start, end in _wire_fields(raw, 0, len(raw), [MAX_WIRE_FIELDS]):
-        if number in keys and wire == 2:
-            try:
-                keys[number] = raw[start:end].decode("utf-8")
-            except UnicodeDecodeError:
-                raise _malformed(f"field {number} is not UTF-8 text") from None
-    return keys[_REQUEST_ID], keys[_REQUEST_FINGERPRINT]
+    try:
+        return keys[_REQUEST_ID].decode("utf-8"), keys[_REQUEST_FINGERPRINT].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _malformed("request_id or model_fingerprint is not UTF-8 text") from None
 
 
 def _wire_fields(
@@ -506,8 +498,7 @@ class DetectionServicer:
         # Checked before any wait: a malformed call, one for a model not served and the repeat
         # of an answered one (--answers-db) are answered without a slot. Parsed only once it
         # has one: a waiting call holds its request once, not twice.
-        check_request_wire(raw)
-        repeat = self.core.is_repeat(*request_keys(raw))
+        repeat = self.core.is_repeat(*check_request_wire(raw))
         holding = False
 
         def is_cancelled() -> bool:
