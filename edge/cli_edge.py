@@ -48,16 +48,20 @@ examples:
       --db batch.sqlite --once                      # process what is there, deliver, exit
 
 How it works: a file is read once its size and mtime have been unchanged for --settle seconds
-(hidden files and *.tmp/*.part names are ignored), in arrival order. Defect-free images get a
-final "ok" row. Flagged images get a "pending" row and their encoded features in the outbox, in
-one SQLite commit; a background sender delivers them with capped exponential backoff and
-jitter while classification goes on, and the cloud's answer ("defect" + boxes) replaces the
-outbox row in one commit. Requests are idempotent (the id is a hash of the image bytes), so
-re-sending after a lost answer never makes a second result. Unreadable files (empty, corrupt,
-truncated, not an image) go to the quarantine folder with NAME.reason.txt beside them and an
-"error" row. Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, a message over the
-server's bound, ...) become "error" rows (dead letter, with the reason) and are not retried; the
-refused requests are kept (up to --dead-letter-max-mb), and once the cause is fixed
+(hidden files and *.tmp/*.part names are ignored), in arrival order. Only images are taken:
+files named *.jpg *.jpeg *.png *.bmp *.tif *.tiff in any case (--extensions for others).
+Companion files (Thumbs.db, desktop.ini, .json/.xml/.txt sidecars) are left where they are,
+never moved, deleted, quarantined or recorded; each is logged once (INFO, event file_skipped)
+and they are counted in the splitdet_edge_skipped_files gauge. Defect-free images get a final
+"ok" row. Flagged images get a "pending" row and their encoded features in the outbox, in one
+SQLite commit; a background sender delivers them with capped exponential backoff and jitter
+while classification goes on, and the cloud's answer ("defect" + boxes) replaces the outbox row
+in one commit. Requests are idempotent (the id is a hash of the image bytes), so re-sending
+after a lost answer never makes a second result. Unreadable files (empty, corrupt, truncated,
+not an image) go to the quarantine folder with NAME.reason.txt beside them and an "error" row.
+Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, a message over the server's
+bound, ...) become "error" rows (dead letter, with the reason) and are not retried; the refused
+requests are kept (up to --dead-letter-max-mb), and once the cause is fixed
 `splitdet edge requeue --db FILE` sends them again. A refusal the operator fixes is not
 permanent: wrong credentials (UNAUTHENTICATED) and a model the cloud does not serve
 (FAILED_PRECONDITION) keep the requests in the outbox, retried every --retry-max seconds.
@@ -152,6 +156,21 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         help="take the images of --watch's subfolders too (camera software that writes a "
         "folder per day or line); hidden folders, the quarantine, the archive and any folder "
         "holding a .splitdet-ignore file (edge collect's output) are skipped",
+    )
+    taken = p.add_mutually_exclusive_group()
+    taken.add_argument(
+        "--extensions",
+        metavar=".EXT,...",
+        help="take only files whose name ends in one of these, comma-separated, any case, "
+        "instead of the image ones .jpg,.jpeg,.png,.bmp,.tif,.tiff (e.g. .raw16,.png for a "
+        "camera writing its images under its own extension; list every one to take); the "
+        "other files are left alone",
+    )
+    taken.add_argument(
+        "--any-extension",
+        action="store_true",
+        help="take every file whatever its name (images written without an extension); "
+        "companion files (Thumbs.db, sidecars) are then quarantined as unreadable",
     )
     p.add_argument(
         "--db",
@@ -501,7 +520,10 @@ Then review the pre-labels (LabelImg, CVAT and Label Studio open a VOC tree), an
   splitdet data split review/ --add && splitdet data check review/ && splitdet train ...
 Running collect again into the same folder adds new results and leaves every image already
 there, and its reviewed annotation, as it is. Only final ok/defect results are collected, and
-only while their file is still where the daemon left it (--after archive or keep).
+only while their file is still where the daemon left it (--after archive or keep). Images are
+copied as the edge read them: one whose EXIF orientation tag (2..8) has viewers turn or mirror
+it becomes a PNG of its pixels as decoded, without the tag (the model's boxes are in those
+pixels, and `data check` refuses such a tag); the others are copied byte for byte.
 """
 
 
@@ -706,6 +728,7 @@ def run(args: argparse.Namespace) -> int:
             save_annotated=args.save_annotated,
             ready_file=args.ready_file,
             keep_results_s=args.keep_results,
+            extensions=taken_extensions(args),
         )
         daemon = EdgeDaemon(config)
     except StoreError as exc:  # its message starts with the database's path
@@ -753,6 +776,25 @@ def check_run_options(args: argparse.Namespace) -> None:
         refuse("--metrics-port", args.metrics_port, "must be 0-65535 (0: any free port)")
     if args.archive is not None and args.after != "archive":
         refuse("--archive", args.archive, f"is used only with --after archive, not {args.after}")
+    taken_extensions(args)
+
+
+def taken_extensions(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The extensions `edge run` takes from the hot folder: --extensions's, the image ones
+    by default, None (every file) with --any-extension; CommandError for a list that
+    cannot be one."""
+    from splitdet.edge.preprocess import IMAGE_SUFFIXES
+    from splitdet.edge.watcher import parse_extensions
+    from splitdet.shared.cli import CommandError
+
+    if args.any_extension:
+        return None
+    if args.extensions is None:
+        return IMAGE_SUFFIXES
+    try:
+        return parse_extensions(args.extensions)
+    except ValueError as exc:
+        raise CommandError(f"--extensions {args.extensions!r}: {exc}") from None
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -8,6 +8,14 @@ each came from and what the model said. Running it again into the same folder ad
 results and never touches an image already collected: a reviewed annotation is never
 overwritten.
 
+The copies are what the edge saw: the edge decodes an image's pixels as Pillow gives them, a
+JPEG's or PNG's as stored whatever its EXIF orientation tag says, and the cloud's boxes are in
+those pixel coordinates. An image whose tag has viewers and annotation tools turn or mirror it
+(2..8, which `splitdet data check` refuses for that reason) is therefore written losslessly as
+a PNG of the pixels as decoded (the raw layout; Pillow turns a TIFF itself, so its PNG is as
+turned, like what the edge processed), without the tag, and its annotation names that PNG;
+any other image is copied byte for byte.
+
 Then: review, ``splitdet data split``, ``splitdet data check``, ``splitdet train``.
 
 Only the standard library and Pillow (through `splitdet.training.voc`): no torch, no numpy.
@@ -17,10 +25,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +54,15 @@ LISTING_COLUMNS = (
 )  # fmt: skip
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+#: Pillow modes a PNG holds as they are.
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")
+#: Other modes of 16/32-bit grayscale, written as 16-bit PNG (the edge takes them within
+#: 0..65535, so nothing is cut).
+_WIDE_GRAY_MODES = ("I", "I;16L", "I;16N")
+#: Modes the edge (and training) turn into RGB or grayscale when reading: the PNG holds the
+#: pixels so turned.
+_TO_RGB, _TO_GRAY = ("PA", "RGBX", "RGBa", "CMYK", "YCbCr"), ("La",)
 
 
 @dataclass
@@ -237,37 +254,74 @@ def collect_results(
     return summary
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an open image (1, as stored, when it has none or it cannot
+    be read: viewers show such an image as stored). The format's own reader: JPEG and TIFF
+    from the header; a PNG's eXIf chunk also when it follows the pixels (read for it)."""
+    try:
+        return int(img.getexif().get(voc.EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block
+        return 1
+
+
+def _png_ready(img: Image.Image) -> Image.Image:
+    """The decoded image in a mode PNG holds, its pixel values as the edge reads them: as
+    they are when PNG can hold them, 16/32-bit grayscale as 16-bit, CMYK, YCbCr and the
+    like turned into RGB (grayscale with premultiplied alpha into grayscale) as the edge
+    turns them. ValueError for a mode the edge does not take (no ok/defect result has one)."""
+    if img.mode in _PNG_MODES:
+        return img
+    if img.mode in _WIDE_GRAY_MODES:  # (I;16L straight to I;16 would cut values at 255)
+        return img.convert("I").convert("I;16")
+    if img.mode in _TO_RGB:
+        return img.convert("RGB")
+    if img.mode in _TO_GRAY:
+        return img.convert("L")
+    raise ValueError(f"mode {img.mode} cannot be written as PNG")
+
+
+def _write_png(img: Image.Image, target: Path, source: Path) -> str | None:
+    """Write the decoded pixels of `img` (read from `source`) to `target` as a PNG without
+    metadata (no EXIF: no orientation tag); the reason when it cannot be."""
+    try:
+        _png_ready(img).save(target, "PNG")
+    except Exception as exc:  # OSError (a full disk too), ValueError, what Pillow raises
+        target.unlink(missing_ok=True)
+        return f"{source}: cannot convert to PNG ({exc})"
+    return None
+
+
 def _copy_one(
     row: dict, image_id: str, images: Path, target_xml: Path, min_score: float
 ) -> str | None:
-    """Copy one result's image and write its annotation; the reason when it cannot be."""
+    """Copy one result's image (as the edge saw it, see the module docstring) and write its
+    annotation; the reason when it cannot be."""
     source = Path(_on_disk(row["stored_path"]))
     if not source.is_file():
         return f"{source}: no longer there"
     try:
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        data = source.read_bytes()
     except OSError as exc:
         return f"{source}: cannot read ({exc.strerror or exc})"
-    if digest != row["content_hash"]:  # --after keep, and the camera reused the name
+    if hashlib.sha256(data).hexdigest() != row["content_hash"]:  # --after keep, name reused
         return f"{source}: a different image now than the one processed (its content changed)"
-    try:
-        width, height = voc.image_size(source)
-    except voc.VocError as exc:
-        return str(exc)
-    images.mkdir(parents=True, exist_ok=True)
-    suffix = source.suffix.lower()
-    if suffix in voc.IMAGE_EXTENSIONS:
-        target_image = images / f"{image_id}{suffix}"
-        shutil.copyfile(source, target_image)
-    else:  # a name VOC readers do not look for (.pgm, no suffix): the pixels as a PNG
-        target_image = images / f"{image_id}.png"
-        try:
-            with Image.open(source) as img:
-                # 32-bit integer pixels (a 16-bit PGM opens as mode I): PNG holds them as 16
-                (img.convert("I;16") if img.mode == "I" else img).save(target_image, "PNG")
-        except (OSError, ValueError) as exc:
-            target_image.unlink(missing_ok=True)
-            return f"{source}: cannot convert to PNG ({exc})"
+    try:  # the bytes hashed, not the file again: what is written is what the edge processed
+        img = Image.open(io.BytesIO(data))
+    except Exception as exc:  # Pillow raises many types for unreadable files
+        return f"{source}: cannot read image: {exc}"
+    with img:
+        width, height = img.size  # the raw layout, as the edge read it and the boxes are
+        turned = _orientation(img) in voc.ORIENTATION_SHOWN
+        images.mkdir(parents=True, exist_ok=True)
+        suffix = source.suffix.lower()
+        if suffix in voc.IMAGE_EXTENSIONS and not turned:
+            target_image = images / f"{image_id}{suffix}"
+            target_image.write_bytes(data)
+        else:  # turned by its tag, or a name VOC readers do not look for (.pgm, none)
+            target_image = images / f"{image_id}.png"
+            problem = _write_png(img, target_image, source)
+            if problem is not None:
+                return problem
     objects = _objects(row, width, height, min_score)
     sample = voc.VocSample(image_id, target_image, width, height, objects)
     voc.write_annotation(target_xml, sample)  # last: its presence marks the image collected

@@ -12,11 +12,15 @@ The loop, per file, in arrival order:
     store.record_ok(...) | store.record_pending(..., payload)   # one commit each
     finish(...)                                     # keep | archive | delete | quarantine
 
-and beside it the Sender thread delivers the outbox. Nothing is acknowledged before it is durable:
-the file is moved or deleted only after its row is committed, and a file whose row exists when it
-is found again (a crash between commit and move, or --after keep) is only moved, never processed
-twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests stay in the outbox
-for the next start. One daemon per database (`WriterLock`).
+Only files named as images are candidates (`DaemonConfig.extensions`); the companion files
+camera software and Windows write beside them (Thumbs.db, sidecars) are never touched or
+recorded, only logged once each and counted (see `splitdet.edge.watcher`).
+
+Beside the loop the Sender thread delivers the outbox. Nothing is acknowledged before it is
+durable: the file is moved or deleted only after its row is committed, and a file whose row
+exists when it is found again (a crash between commit and move, or --after keep) is only moved,
+never processed twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests
+stay in the outbox for the next start. One daemon per database (`WriterLock`).
 
 Archived and quarantined files are named ID_NAME (`stored_name`): short enough that NAME.reason.txt
 and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the camera's name was,
@@ -52,7 +56,7 @@ from splitdet.edge.client import (
 from splitdet.edge.file_names import NAME_MAX, fit_name
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
-from splitdet.edge.preprocess import ImageError
+from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import OPERATOR_PROBLEMS, PER_EXPORT, Backoff, Sender, annotate_hook
 from splitdet.edge.store import (
@@ -66,7 +70,7 @@ from splitdet.edge.store import (
     file_path,
     path_text,
 )
-from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.edge.watcher import Candidate, HotFolder, Ready, normalize_extensions
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
 
@@ -102,6 +106,10 @@ class DaemonConfig:
         model_dir: exported model directory (`splitdet export`).
         watch: the hot folder.
         recursive: take the images of its subfolders too (not the quarantine or archive).
+        extensions: take only the files whose name ends in one of these (any case); the
+            others (Thumbs.db, desktop.ini, sidecar .json/.xml/.txt files) are left where
+            they are, logged once each and counted in `splitdet_edge_skipped_files`. None
+            takes every file (what does not decode is quarantined).
         cloud: cloud address(es), as ClientConfig.addresses.
         db: the SQLite results + outbox file.
         after: what happens to a processed image file: keep, archive or delete.
@@ -154,6 +162,7 @@ class DaemonConfig:
     ready_file: Path | None = None
     recursive: bool = False
     keep_results_s: float | None = None
+    extensions: tuple[str, ...] | None = IMAGE_SUFFIXES
 
     def __post_init__(self) -> None:
         if self.after not in AFTER_POLICIES:
@@ -169,6 +178,11 @@ class DaemonConfig:
             raise ValueError("--poll must be positive")
         if self.keep_results_s is not None and not 0 <= self.keep_results_s < float("inf"):
             raise ValueError("--keep-results must be a finite age")
+        if self.extensions is not None:
+            try:
+                normalize_extensions(self.extensions)
+            except ValueError as exc:
+                raise ValueError(f"--extensions: {exc}") from None
         Backoff(self.retry_initial_s, self.retry_max_s)  # validates
 
     @property
@@ -313,10 +327,27 @@ class _StoreCollector:
         return [depth, size, age, by_model, kept, results]
 
 
-class EdgeMetrics:
-    """The daemon's Prometheus metrics, in their own registry."""
+class _FolderCollector:
+    """Gauges read from the hot folder's last scan at scrape time."""
 
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, folder: HotFolder) -> None:
+        self.folder = folder
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        skipped = GaugeMetricFamily(
+            "splitdet_edge_skipped_files",
+            "Files in the hot folder left alone at the last scan: not images by their name "
+            "(Thumbs.db, sidecars; --extensions says which are taken).",
+        )
+        skipped.add_metric([], self.folder.skipped_files())
+        return [skipped]
+
+
+class EdgeMetrics:
+    """The daemon's Prometheus metrics, in their own registry (with `folder`, the hot
+    folder's too)."""
+
+    def __init__(self, store: ResultStore, folder: HotFolder | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.images = Counter(
@@ -367,6 +398,8 @@ class EdgeMetrics:
             registry=r,
         )
         r.register(_StoreCollector(store))
+        if folder is not None:
+            r.register(_FolderCollector(folder))
 
     def answered(self, round_trip_s: float, delivery_s: float) -> None:
         self.images.labels("defect").inc()
@@ -421,8 +454,9 @@ class EdgeDaemon:
             config.unreadable_grace_s,
             recursive=config.recursive,
             exclude=tuple(folder for _, folder in config.output_folders()),
+            extensions=config.extensions,
         )
-        self.metrics = EdgeMetrics(self.store)
+        self.metrics = EdgeMetrics(self.store, self.folder)
         client_config = config.client_config
         self.sender = Sender(
             self.store,
@@ -511,6 +545,7 @@ class EdgeDaemon:
             threshold=self.pipeline.threshold,
             codec=self.pipeline.codec,
             after=config.after,
+            extensions=list(self.folder.extensions) if self.folder.extensions else "any",
             outbox_depth=stats.depth,
             metrics_port=self.metrics_port,
             once=config.once,

@@ -22,6 +22,18 @@ being written does not hold back complete ones behind it.
 Ignored names: hidden files (".name") and the usual in-progress suffixes (IN_PROGRESS_SUFFIXES),
 so writers that write to a temporary name and rename are picked up only after the rename.
 
+Only images are taken: files whose name ends in one of `extensions` (by default the image
+extensions IMAGE_SUFFIXES, .jpg .jpeg .png .bmp .tif .tiff, in any case; None takes every
+file). The companion files camera software and Windows write beside the images (Thumbs.db,
+desktop.ini, .json/.xml/.txt sidecars) are left alone: never read, moved, deleted or
+quarantined, and never recorded. Each is logged once at INFO (event "file_skipped", not a
+WARNING: they are expected and need no action, and a sidecar per image would bury the
+warnings that do) when first seen, and `skipped_files()` says how many the last scan found
+(the daemon serves it as the `splitdet_edge_skipped_files` gauge: a camera writing its images
+under another extension shows there, not as quarantined files). "Once" holds while the file
+stays and for the SKIPPED_GONE_MEMORY names last gone, so a status file the camera deletes and
+writes again is not logged each time; memory stays bounded by the folder's contents.
+
 With `recursive`, files in subfolders count too (camera software that writes a folder per day or
 per line), tracked by their path below the hot folder; hidden folders, symbolic links to folders
 and the `exclude`d folders (the daemon's own quarantine and archive, when they lie inside) are
@@ -44,24 +56,30 @@ a restart.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from splitdet.edge.ignore_marker import is_marked
-from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, decode_image
+from splitdet.edge.preprocess import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageError, decode_image
 from splitdet.edge.store import file_key
 
 log = logging.getLogger(__name__)
 
 #: Names of files still being written by common tools; never picked up.
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
+#: Skipped names no longer in the folder that are still remembered as told (see the docstring).
+SKIPPED_GONE_MEMORY = 4096
+#: One extension as `normalize_extensions` takes it: letters, digits, "_", "+", "-".
+_EXTENSION = re.compile(r"\.?[A-Za-z0-9_+-]+")
 
 
 @dataclass
@@ -107,7 +125,38 @@ class Ready:
 
 
 def is_ignored_name(name: str) -> bool:
+    """Whether a name is never looked at: hidden, or still being written (in-progress)."""
     return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
+
+
+def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    """The extensions a hot folder takes as lower-case ".ext" strings, in order, each once
+    ("PNG" and ".png" are ".png"). ValueError naming the first that cannot be one: empty, more
+    than one extension (".tar.gz"), a path or a pattern ("*.png"), or an in-progress suffix
+    (".tmp": such names are never taken, see IN_PROGRESS_SUFFIXES)."""
+    taken: list[str] = []
+    for raw in extensions:
+        text = raw.strip()
+        if text == "*":
+            raise ValueError("'*' is not an extension; --any-extension takes every file")
+        if not _EXTENSION.fullmatch(text):
+            raise ValueError(
+                f"{text!r} is not a file extension (letters, digits, _ + -, such as .raw16)"
+            )
+        extension = "." + text.lstrip(".").lower()
+        if extension in IN_PROGRESS_SUFFIXES:
+            raise ValueError(f"{extension} names files still being written, never taken")
+        if extension not in taken:
+            taken.append(extension)
+    if not taken:
+        raise ValueError("no extension given")
+    return tuple(taken)
+
+
+def parse_extensions(text: str) -> tuple[str, ...]:
+    """An --extensions value, comma-separated (".raw16,.png", "raw16, PNG"), as
+    `normalize_extensions` returns it; ValueError saying what is wrong."""
+    return normalize_extensions(part for part in text.split(",") if part.strip())
 
 
 def _reason(exc: OSError) -> str:
@@ -133,6 +182,8 @@ class HotFolder:
             is handed over as an error (quarantine).
         recursive: take the files of subfolders too (see the module docstring).
         exclude: folders never entered with `recursive` (where the daemon moves files to).
+        extensions: take only files whose name ends in one of these, case-insensitive
+            (`normalize_extensions`); None takes every file. The others are left alone.
     """
 
     def __init__(
@@ -142,9 +193,11 @@ class HotFolder:
         unreadable_grace_s: float = 10.0,
         recursive: bool = False,
         exclude: tuple[Path, ...] = (),
+        extensions: Iterable[str] | None = IMAGE_SUFFIXES,
     ):
         if settle_s < 0 or unreadable_grace_s < 0:
             raise ValueError("settle and grace times must be non-negative")
+        self.extensions = None if extensions is None else normalize_extensions(extensions)
         self.folder = Path(folder)
         self.settle_s = settle_s
         self.unreadable_grace_s = unreadable_grace_s
@@ -158,15 +211,25 @@ class HotFolder:
         self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
         self._next_order = 0
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
+        self._skipped: set[str] = set()  # names the last scan left alone (their extension)
+        # Skipped names already logged, oldest first: those in the folder, and up to
+        # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
+        self._told: OrderedDict[str, None] = OrderedDict()
+
+    def accepts(self, name: str) -> bool:
+        """Whether a file of this name (not hidden, not in progress) is taken: its name ends
+        in one of `extensions`, in any case."""
+        return self.extensions is None or name.lower().endswith(self.extensions)
 
     def _files(
-        self, folder: Path, failed: dict[str, str], prefix: str = ""
+        self, folder: Path, failed: dict[str, str], skipped: set[str], prefix: str = ""
     ) -> Iterator[tuple[str, Path, os.stat_result]]:
         """(name below the hot folder, path, stat) of every file to consider in `folder`.
 
         What cannot be listed or looked at is left out and noted in `failed` (its name below
         the hot folder, "" for the hot folder itself -> why), never raised: one bad folder must
-        not stop the others from being processed."""
+        not stop the others from being processed. Files the folder does not `accept` are left
+        out and their names added to `skipped`."""
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
@@ -182,6 +245,9 @@ class HotFolder:
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):
+                    if not self.accepts(entry.name):  # a companion file: Thumbs.db, a sidecar
+                        skipped.add(prefix + entry.name)
+                        continue
                     yield prefix + entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
                 elif (
                     self.recursive
@@ -189,7 +255,9 @@ class HotFolder:
                     and Path(entry.path).resolve() not in self._exclude
                     and not is_marked(entry.path)
                 ):
-                    yield from self._files(Path(entry.path), failed, f"{prefix}{entry.name}/")
+                    yield from self._files(
+                        Path(entry.path), failed, skipped, f"{prefix}{entry.name}/"
+                    )
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -213,17 +281,48 @@ class HotFolder:
                      extra={"fields": {"event": "folder_readable", "path": path}})  # fmt: skip
         self._warned = dict(failed)
 
+    def _note_skipped(self, skipped: set[str], failed: dict[str, str]) -> None:
+        """Log each file left alone once (INFO, see the module docstring), and keep what
+        `skipped_files` reports. Files below a folder that could not be listed this scan
+        are taken to be still there, as tracked files are."""
+        if failed:
+            skipped |= {name for name in self._skipped if _below_any(name, failed)}
+        for name in sorted(skipped - self._told.keys()):
+            path = str(self.folder / name)
+            extension = os.path.splitext(name)[1].lower() or "(none)"
+            log.info(
+                f"{path}: left alone, not an image by its name ({extension}; taken: "
+                f"{' '.join(self.extensions or ())}); if the camera writes its images under "
+                "this extension, give it to --extensions",
+                extra={"fields": {"event": "file_skipped", "path": path,
+                                  "extension": extension}},
+            )  # fmt: skip
+            self._told[name] = None
+        self._skipped = skipped
+        excess = len(self._told) - len(skipped) - SKIPPED_GONE_MEMORY
+        if excess > 0:  # forget the names gone longest ago (the oldest told first)
+            gone = (name for name in self._told if name not in skipped)
+            for name in list(itertools.islice(gone, excess)):
+                del self._told[name]
+
+    def skipped_files(self) -> int:
+        """Files the last scan found and left alone: their name has no extension taken."""
+        return len(self._skipped)
+
     def scan(self) -> None:
         """Look at the folder once: note new files, changes and removals."""
         now_wall, now = time.time(), time.monotonic()
         seen: set[str] = set()
         found: list[tuple[int, str, Path, os.stat_result]] = []
         failed: dict[str, str] = {}
-        for name, path, stat in self._files(self.folder, failed):
+        skipped: set[str] = set()
+        for name, path, stat in self._files(self.folder, failed, skipped):
             seen.add(name)
             found.append((stat.st_mtime_ns, name, path, stat))
         if failed or self._warned:
             self._report(failed)
+        if skipped or self._skipped:
+            self._note_skipped(skipped, failed)
         for name in list(self._tracked):
             if name not in seen and not _below_any(name, failed):
                 del self._tracked[name]

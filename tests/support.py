@@ -1,5 +1,5 @@
 """Helpers for tests: a torch-blocking subprocess runner, hostile files, a tiny VOC tree,
-`splitdet predict` records."""
+`splitdet predict` records, a batch edge daemon's configuration and its result rows."""
 
 from __future__ import annotations
 
@@ -161,3 +161,32 @@ def nobody_scratch(model_dir: Path):
         for path in [model, *model.iterdir()]:
             path.chmod(0o755)
         yield prefix, root, model
+
+
+#: A gate threshold no p(defect) reaches: the daemon flags nothing.
+NOTHING = 2.0
+
+
+def daemon_config(model_dir: Path, tmp_path: Path, **overrides):
+    """A batch `DaemonConfig` (`--once`) with short waits on tmp_path/hot, flagging nothing,
+    its cloud a closed port; `overrides` replace any field."""
+    from splitdet.edge.daemon import DaemonConfig
+
+    watch = tmp_path / "hot"
+    watch.mkdir(parents=True, exist_ok=True)
+    values = dict(
+        model_dir=model_dir, watch=watch, cloud="127.0.0.1:9", db=tmp_path / "edge.sqlite",
+        once=True, drain_timeout_s=0.0, threshold=NOTHING, threads=1, settle_s=0.05,
+        unreadable_grace_s=0.0, poll_s=0.05, retry_initial_s=0.1, retry_max_s=0.5,
+    )  # fmt: skip
+    return DaemonConfig(**{**values, **overrides})
+
+
+def image_rows(db: Path) -> list[dict]:
+    """Every row of an edge store's images table, in arrival order, through a fresh
+    connection."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.row_factory = sqlite3.Row
+        return [dict(r) for r in con.execute("SELECT * FROM images ORDER BY id")]

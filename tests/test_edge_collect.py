@@ -10,9 +10,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from splitdet.edge.collect import voc_image_id
 from splitdet.edge.ignore_marker import IGNORE_MARKER
 from splitdet.edge.store import Answer, Arrival, ResultStore
 from splitdet.shared.cli import main
@@ -218,3 +220,104 @@ def test_no_database_is_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "no such results database" in err and "Traceback" not in err
+
+
+#: Where the bright block lies in the pixels as stored (x1, y1, x2, y2).
+BLOCK = (10, 12, 40, 30)
+
+
+def _tagged(path: Path, mode: str, orientation: int | None, fmt: str) -> bytes:
+    """A W x H image in `mode`, dark with a bright BLOCK in the pixels as stored, saved with
+    an EXIF orientation tag (None: no EXIF); its bytes."""
+    if mode == "I;16":
+        wide = np.full((H, W), 3000, np.uint16)
+        wide[BLOCK[1] : BLOCK[3], BLOCK[0] : BLOCK[2]] = 60000
+        image = Image.fromarray(wide)
+    else:
+        dark, bright = {
+            "CMYK": ((0, 0, 0, 200), (0, 0, 0, 0)),
+            "L": (20, 240),
+        }.get(mode, ((20, 20, 20), (240, 230, 220)))
+        image = Image.new(mode, (W, H), dark)
+        image.paste(bright, BLOCK)
+    options = {}
+    if orientation is not None:
+        tags = Image.Exif()
+        tags[voc.EXIF_ORIENTATION] = orientation
+        options["exif"] = tags.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **options)
+    return path.read_bytes()
+
+
+def _bright_box(pixels: np.ndarray) -> tuple[float, float, float, float]:
+    """The bright block's box in Float32[3, H, W] pixels: what a perfect detector answers."""
+    ys, xs = np.nonzero(pixels.mean(axis=0) > 0.5)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def test_exif_turned_images_are_collected_as_the_edge_saw_them(tmp_path, capsys):
+    """The edge decodes an image's pixels as Pillow gives them: a JPEG's or PNG's as stored,
+    its EXIF orientation tag ignored; the cloud's boxes are in those coordinates. Before: an
+    image tagged 2..8 was copied as it was, and `splitdet data check` refused the tree (viewers
+    and annotation tools show it turned, the boxes elsewhere). Now it is a PNG of those pixels
+    without the tag; images without a turning tag are still copied byte for byte."""
+    from splitdet.edge.preprocess import decode_image
+
+    hot, db = tmp_path / "archive", tmp_path / "edge.sqlite"
+    cases = {  # name -> (mode, orientation, format, collected as)
+        "cam_rgb.jpg": ("RGB", 6, "JPEG", ".png"),
+        "cam_gray.JPG": ("L", 8, "JPEG", ".png"),
+        "cam_cmyk.jpeg": ("CMYK", 3, "JPEG", ".png"),  # a mode PNG cannot hold: RGB, as read
+        "mirrored.png": ("RGB", 2, "PNG", ".png"),
+        "deep.tif": ("I;16", 5, "TIFF", ".png"),  # (Pillow turns a TIFF itself when decoding)
+        "upright.jpg": ("RGB", 1, "JPEG", ".jpg"),
+        "plain.jpg": ("RGB", None, "JPEG", ".jpg"),
+    }
+    store = ResultStore(db)
+    sources, seen, ids = {}, {}, {}
+    for n, (name, (mode, orientation, fmt, _)) in enumerate(cases.items(), 1):
+        sources[name] = _tagged(hot / name, mode, orientation, fmt)
+        seen[name] = decode_image(sources[name], name)  # what the edge processed
+        box = _bright_box(seen[name])
+        if fmt != "TIFF":  # the raw layout: the block where it lies in the pixels as stored
+            assert box == tuple(map(float, BLOCK)), name
+        answer = Answer(boxes=[list(box)], scores=[0.9], labels=[1], class_names=["scratch"])
+        ids[name] = _defect(store, n, str(hot / name), 0.9, answer)
+    store.close()
+    out = tmp_path / "review"
+    summary = _collect(db, out, capsys)
+    assert summary["collected"] == len(cases) and not summary["missing"]
+
+    for name, (_, _, _, suffix) in cases.items():
+        image_id = voc_image_id(ids[name], name)
+        sample = voc.read_annotation(out, image_id)  # checks <size> and the EXIF tag too
+        written = sample.image_path
+        assert written.name == f"{image_id}{suffix}", name
+        assert list((out / "JPEGImages").glob(f"{image_id}.*")) == [written]  # no other copy
+        xml = (out / "Annotations" / f"{image_id}.xml").read_text()
+        assert f"<filename>{written.name}</filename>" in xml  # names the file written
+        if suffix == ".jpg":
+            assert written.read_bytes() == sources[name]  # untouched
+            continue
+        _, height, width = seen[name].shape
+        with Image.open(written) as img:
+            assert img.format == "PNG" and img.size == (width, height) == (
+                sample.width,
+                sample.height,
+            )
+            assert voc.EXIF_ORIENTATION not in img.getexif()
+        # exactly the pixels the edge decoded (lossless), so the boxes lie where the cloud
+        # put them: on the bright block
+        pixels = decode_image(written.read_bytes(), written.name)
+        assert np.array_equal(pixels, seen[name]), name
+        [obj] = sample.objects
+        assert obj.box == _bright_box(pixels), name
+        x1, y1, x2, y2 = (int(v) for v in obj.box)
+        assert pixels[:, y1:y2, x1:x2].mean() > 0.75, name
+
+    assert main(["data", "split", str(out), "--val", "0", "--test", "0"]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", str(out), "--decode", "--no-progress"]) == 0, (
+        capsys.readouterr().out
+    )

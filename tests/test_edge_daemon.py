@@ -550,7 +550,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
         "empty.png": b"",
         "corrupt.png": whole[:16] + bytes(random.Random(5).randrange(256) for _ in range(4000)),
         "truncated.png": whole[: len(whole) // 2],
-        "notes.txt": b"camera log: not an image\n",
+        "notes.png": b"camera log: not an image\n",  # named as an image, but is none
         "sliver.png": sliver_png(),  # decodes, but resizes to 0 rows: fails in the pipeline
     }
     write_files(watch, good[:2], ["a1.png", "a2.png"])
@@ -559,6 +559,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
     write_files(watch, good[2:], ["z1.png", "z2.png"])
     (watch / ".hidden.png").write_bytes(whole)  # ignored: hidden
     (watch / "incoming.png.part").write_bytes(whole)  # ignored: still being written
+    (watch / "notes.txt").write_bytes(b"camera log\n")  # not an image by its name: left alone
 
     # Batch mode, nothing flagged (threshold above 1), no cloud needed.
     edge = EdgeProcess(tmp_path, watch, "127.0.0.1:9", db, "--once", "--threshold", "2")
@@ -569,7 +570,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
     errors = {Path(r["path"]).name: r for r in table if r["verdict"] == "error"}
     assert sorted(errors) == sorted(bad)
     assert "empty file" in errors["empty.png"]["reason"]
-    assert "not an image" in errors["notes.txt"]["reason"]
+    assert "not an image" in errors["notes.png"]["reason"]
     assert "truncated" in errors["truncated.png"]["reason"]
     assert "too elongated" in errors["sliver.png"]["reason"]
     assert (
@@ -586,9 +587,9 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_daemon_goes_on(
         assert moved.parent == quarantine and moved.name.endswith(name)
         assert moved.read_bytes() == bad[name]
         assert Path(str(moved) + ".reason.txt").read_text().strip() == row["reason"]
-    # --after keep: good images stay; hidden and in-progress names are untouched.
+    # --after keep: good images stay; hidden, in-progress and non-image names are untouched.
     assert sorted(p.name for p in watch.iterdir() if p.is_file()) == sorted(
-        [".hidden.png", "incoming.png.part", "a1.png", "a2.png", "z1.png", "z2.png"]
+        [".hidden.png", "incoming.png.part", "notes.txt", "a1.png", "a2.png", "z1.png", "z2.png"]
     )
     # A second batch run finds nothing new: kept files are recognised, not processed again.
     edge.start(tiny_model_dir)

@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from splitdet.edge.collect import collect_results
-from splitdet.edge.daemon import REASON_SUFFIX, STORED_NAME_MAX, DaemonConfig, EdgeDaemon
+from splitdet.edge.daemon import REASON_SUFFIX, STORED_NAME_MAX, EdgeDaemon
 from splitdet.edge.store import (
     Arrival,
     ResultStore,
@@ -44,10 +44,12 @@ from splitdet.edge.store import (
 from splitdet.edge.watcher import file_key
 from splitdet.shared.cli import main
 
+from support import daemon_config, image_rows
+
 pytestmark = pytest.mark.timeout(60)
 
-#: Flags nothing (p(defect) <= 1) / everything.
-NOTHING, EVERYTHING = 2.0, 0.0
+#: Flags everything (p(defect) >= 0).
+EVERYTHING = 0.0
 CORRUPT = b"\x89PNG\r\n\x1a\n not really a png"
 
 
@@ -67,25 +69,6 @@ def latin1(name: str) -> str:
     return os.fsdecode(name.encode("latin-1"))
 
 
-def make_config(model_dir: Path, tmp_path: Path, **overrides) -> DaemonConfig:
-    """A batch daemon with short waits on tmp_path/hot, its cloud a closed port."""
-    watch = tmp_path / "hot"
-    watch.mkdir(parents=True, exist_ok=True)
-    values = dict(
-        model_dir=model_dir, watch=watch, cloud="127.0.0.1:9", db=tmp_path / "edge.sqlite",
-        once=True, drain_timeout_s=0.0, threshold=NOTHING, threads=1, settle_s=0.05,
-        unreadable_grace_s=0.0, poll_s=0.05, retry_initial_s=0.1, retry_max_s=0.5,
-    )  # fmt: skip
-    return DaemonConfig(**{**values, **overrides})
-
-
-def rows(db: Path) -> list[dict]:
-    """Every result row, through a fresh connection."""
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute("SELECT * FROM images ORDER BY id")]
-
-
 def cli(*args: str) -> int:
     return main([str(a) for a in args])
 
@@ -97,14 +80,14 @@ def test_a_name_that_is_not_utf8_is_processed_and_every_command_reads_it(
     tiny_model_dir, tmp_path, capsys
 ):
     """Before: `UnicodeEncodeError: surrogates not allowed` from the store, on every restart."""
-    config = make_config(tiny_model_dir, tmp_path, after="archive")
+    config = daemon_config(tiny_model_dir, tmp_path, after="archive")
     good, bad = latin1("Prüfung.png"), latin1("kaputt_ü.png")
     (config.watch / good).write_bytes(png(40))
     (config.watch / bad).write_bytes(CORRUPT)
     assert EdgeDaemon(config).run() == 0
     assert EdgeDaemon(config).run() == 0  # a restart finds nothing left to do
     assert sorted(os.listdir(config.watch)) == ["archive", "quarantine"]
-    ok, quarantined = rows(config.db)
+    ok, quarantined = image_rows(config.db)
     assert ok["verdict"] == "ok" and ok["path"].endswith("/Pr\\xfcfung.png")  # exact bytes
     assert quarantined["error_kind"] == "quarantine" and "kaputt_\\xfc" in quarantined["reason"]
     for row, data in ((ok, png(40)), (quarantined, CORRUPT)):
@@ -116,7 +99,7 @@ def test_a_name_that_is_not_utf8_is_processed_and_every_command_reads_it(
     # flagged: its request names the file (a protobuf string must be UTF-8 too)
     (config.watch / latin1("Bild_ä.png")).write_bytes(png(90))
     assert EdgeDaemon(replace(config, threshold=EVERYTHING)).run() == 1  # pending: no cloud
-    assert rows(config.db)[-1]["verdict"] == "pending"
+    assert image_rows(config.db)[-1]["verdict"] == "pending"
 
     capsys.readouterr()
     assert cli("edge", "status", "--db", config.db, "--json") == 0
@@ -148,15 +131,15 @@ def test_a_kept_file_whose_name_is_not_utf8_is_recognised_and_never_pruned(
 ):
     """--after keep: the row's path is the escaped name; the daemon and prune still match it
     with the file (prune would otherwise delete the row and the file be processed again)."""
-    config = make_config(tiny_model_dir, tmp_path, after="keep")
+    config = daemon_config(tiny_model_dir, tmp_path, after="keep")
     name = latin1("Übung.png")
     (config.watch / name).write_bytes(png(50))
     assert EdgeDaemon(config).run() == 0
     assert EdgeDaemon(config).run() == 0
-    [row] = rows(config.db)
+    [row] = image_rows(config.db)
     assert row["stored_path"] == row["path"] and (config.watch / name).is_file()
     assert cli("edge", "prune", "--db", config.db, "--older-than", "0s") == 0
-    assert len(rows(config.db)) == 1
+    assert len(image_rows(config.db)) == 1
     with contextlib.closing(open_readonly(config.db)) as db:  # the file under its real name
         summary = collect_results(db, tmp_path / "review")
     assert len(summary.collected) == 1 and not summary.missing
@@ -165,18 +148,18 @@ def test_a_kept_file_whose_name_is_not_utf8_is_recognised_and_never_pruned(
 def test_prune_under_keep_drops_the_rows_of_a_name_the_camera_reused(tiny_model_dir, tmp_path):
     """--after keep, a camera writing latest.png over and over: the rows of its earlier shots
     go (the file there is another arrival); the row of the file there now stays."""
-    config = make_config(tiny_model_dir, tmp_path, after="keep")
+    config = daemon_config(tiny_model_dir, tmp_path, after="keep")
     latest = config.watch / "latest.png"
     for level in (40, 41, 42):
         latest.write_bytes(png(level))
         os.utime(latest, ns=(level * 10**9, level * 10**9))  # a new shot: a new mtime
         assert EdgeDaemon(config).run() == 0
-    assert len(rows(config.db)) == 3
+    assert len(image_rows(config.db)) == 3
     assert cli("edge", "prune", "--db", config.db, "--older-than", "0s") == 0
-    [kept] = rows(config.db)
+    [kept] = image_rows(config.db)
     assert kept["content_hash"] == sha(png(42))
     assert EdgeDaemon(config).run() == 0  # and the file there is still known: not redone
-    assert len(rows(config.db)) == 1
+    assert len(image_rows(config.db)) == 1
 
 
 # ------------------------------------------------------------------------ 2. quarantine writes
@@ -185,13 +168,13 @@ def test_prune_under_keep_drops_the_rows_of_a_name_the_camera_reused(tiny_model_
 def test_long_names_are_quarantined_and_archived_under_shorter_ones(tiny_model_dir, tmp_path):
     """Before: [Errno 36] File name too long for ID_NAME.reason.txt (exit 2, again on every
     restart), and an archive move of a 247+ byte name failed, the file left in --watch."""
-    config = make_config(tiny_model_dir, tmp_path, after="archive")
+    config = daemon_config(tiny_model_dir, tmp_path, after="archive")
     corrupt, good = "c" * 240 + ".png", "g" * 246 + "ü.png"  # 244 and 252 bytes
     (config.watch / corrupt).write_bytes(CORRUPT)
     (config.watch / good).write_bytes(png(60))
     assert EdgeDaemon(config).run() == 0
     assert sorted(os.listdir(config.watch)) == ["archive", "quarantine"]
-    by_name = {Path(r["path"]).name: r for r in rows(config.db)}
+    by_name = {Path(r["path"]).name: r for r in image_rows(config.db)}
     for name, data in ((corrupt, CORRUPT), (good, png(60))):
         stored = Path(by_name[name]["stored_path"])
         assert stored.read_bytes() == data
@@ -206,7 +189,7 @@ def test_a_row_an_earlier_version_recorded_with_a_too_long_name_is_finished(
 ):
     """What an earlier splitdet left (its row committed with ID_NAME too long for the file
     system, then it died on the reason file): the restart finishes under a shorter name."""
-    config = make_config(tiny_model_dir, tmp_path)
+    config = daemon_config(tiny_model_dir, tmp_path)
     source = config.watch / ("c" * 240 + ".png")
     source.write_bytes(CORRUPT)
     too_long = config.quarantine / f"00000001_{source.name}"
@@ -216,7 +199,7 @@ def test_a_row_an_earlier_version_recorded_with_a_too_long_name_is_finished(
     with contextlib.closing(ResultStore(config.db)) as store:
         store.record_error(arrival, "quarantine", "corrupt", "f" * 64, str(too_long))
     assert EdgeDaemon(config).run() == 0
-    [row] = rows(config.db)
+    [row] = image_rows(config.db)
     stored = Path(row["stored_path"])
     assert stored.read_bytes() == CORRUPT and not source.exists()
     assert len(stored.name.encode()) <= STORED_NAME_MAX
@@ -228,7 +211,7 @@ def test_a_reason_file_that_cannot_be_written_is_logged_not_fatal(tiny_model_dir
     or a full disk fail the same way): a WARNING and the file stays, instead of the daemon
     dying and dying again on every restart (the row is committed before the reason file)."""
     quarantine = tmp_path / "quarantine"
-    config = make_config(tiny_model_dir, tmp_path, quarantine_dir=quarantine, settle_s=0.5)
+    config = daemon_config(tiny_model_dir, tmp_path, quarantine_dir=quarantine, settle_s=0.5)
     (config.watch / "broken.png").write_bytes(CORRUPT)
     daemon = EdgeDaemon(config)
     status: list[int] = []
@@ -245,12 +228,12 @@ def test_a_reason_file_that_cannot_be_written_is_logged_not_fatal(tiny_model_dir
     assert status == [0]
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
     assert "cannot write reason file" in events and "cannot move file" in events
-    [row] = rows(config.db)
+    [row] = image_rows(config.db)
     assert row["error_kind"] == "quarantine" and (config.watch / "broken.png").is_file()
 
     quarantine.unlink()  # fixed: the restart finishes the move, reason file included
     assert EdgeDaemon(config).run() == 0
-    assert rows(config.db) == [row] and not (config.watch / "broken.png").exists()
+    assert image_rows(config.db) == [row] and not (config.watch / "broken.png").exists()
     assert Path(row["stored_path"]).read_bytes() == CORRUPT
     assert Path(row["stored_path"] + REASON_SUFFIX).read_text().strip() == row["reason"]
 
@@ -264,7 +247,7 @@ def test_a_shared_archive_and_quarantine_never_lose_a_file(tiny_model_dir, tmp_p
     archive, quarantine = tmp_path / "archive", tmp_path / "quarantine"
     made = []
     for camera, level in (("a", 70), ("b", 80)):
-        config = make_config(
+        config = daemon_config(
             tiny_model_dir, tmp_path / camera, after="archive", archive_dir=archive,
             quarantine_dir=quarantine,
         )  # fmt: skip
@@ -272,7 +255,7 @@ def test_a_shared_archive_and_quarantine_never_lose_a_file(tiny_model_dir, tmp_p
         (config.watch / "0002.png").write_bytes(CORRUPT + camera.encode())
         assert EdgeDaemon(config).run() == 0
         made.append(config)
-    stored = [row for config in made for row in rows(config.db)]
+    stored = [row for config in made for row in image_rows(config.db)]
     assert len({row["stored_path"] for row in stored}) == 4
     for row in stored:  # every row names its own file, with its own bytes
         assert sha(Path(row["stored_path"]).read_bytes()) == row["content_hash"]
@@ -284,7 +267,7 @@ def test_a_name_taken_after_it_was_recorded_gets_the_next_free_one(tiny_model_di
     """The crash window: the row is committed with its archive name, the process dies before
     the move, and meanwhile another writer puts a file under that name. The restart moves the
     file to a free name, recorded in the row, and leaves the other file as it was."""
-    config = make_config(tiny_model_dir, tmp_path, after="archive")
+    config = daemon_config(tiny_model_dir, tmp_path, after="archive")
     source = config.watch / "a.png"
     source.write_bytes(png(100))
     planned = config.archive / "00000001_a.png"
@@ -296,7 +279,7 @@ def test_a_name_taken_after_it_was_recorded_gets_the_next_free_one(tiny_model_di
     planned.parent.mkdir()
     planned.write_bytes(b"another camera's image")
     assert EdgeDaemon(config).run() == 0
-    [row] = rows(config.db)
+    [row] = image_rows(config.db)
     assert planned.read_bytes() == b"another camera's image"
     assert row["stored_path"] != str(planned)
     assert Path(row["stored_path"]).read_bytes() == png(100) and not source.exists()
@@ -308,7 +291,7 @@ def test_a_name_taken_after_it_was_recorded_gets_the_next_free_one(tiny_model_di
 def test_a_second_daemon_on_one_database_exits_at_start(tiny_model_dir, tmp_path, capsys):
     """Before: nothing stopped it, and one of them later died on UNIQUE file_key. The read-only
     and maintenance commands are not blocked; a holder killed with -9 blocks nothing."""
-    config = make_config(tiny_model_dir, tmp_path)
+    config = daemon_config(tiny_model_dir, tmp_path)
     (config.watch / "a.png").write_bytes(png(30))
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from splitdet.edge.store import WriterLock; "
@@ -339,7 +322,7 @@ def test_a_second_daemon_on_one_database_exits_at_start(tiny_model_dir, tmp_path
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert cli(*run) == 0  # the kernel dropped the lock with its holder
-    assert [r["verdict"] for r in rows(config.db)] == ["ok"]
+    assert [r["verdict"] for r in image_rows(config.db)] == ["ok"]
 
 
 # ------------------------------------------------------------------------ 5. clock steps
@@ -351,19 +334,19 @@ def test_a_backward_clock_step_neither_holds_the_outbox_nor_ages_below_zero(
     """A request's next_try and created were set a day ahead of the clock as it is now (it
     stepped back: an edge box without RTC, an NTP step). Before, the request waited a day and
     the oldest-pending age was -86400 s, so an age > 600 alert could never fire."""
-    config = make_config(tiny_model_dir, tmp_path, threshold=EVERYTHING)
+    config = daemon_config(tiny_model_dir, tmp_path, threshold=EVERYTHING)
     (config.watch / "a.png").write_bytes(png(120))
     assert EdgeDaemon(config).run() == 1  # pending: the cloud is unreachable
     ahead = time.time() + 86400
     with contextlib.closing(sqlite3.connect(config.db)) as con, con:
         con.execute("UPDATE outbox SET next_try = ?, created = ?", (ahead, ahead))
-    attempts = rows(config.db)[0]["attempts"]
+    attempts = image_rows(config.db)[0]["attempts"]
 
     daemon = EdgeDaemon(replace(config, drain_timeout_s=1.5))
     age = daemon.metrics.registry.get_sample_value("splitdet_edge_oldest_pending_age_seconds")
     assert age == 0.0
     assert daemon.run() == 1
-    assert rows(config.db)[0]["attempts"] > attempts  # tried again, not a day later
+    assert image_rows(config.db)[0]["attempts"] > attempts  # tried again, not a day later
     with contextlib.closing(open_readonly(config.db)) as db:
         outbox = store_status(db)["outbox"]
     assert outbox["next_try_in_s"] <= config.retry_max_s + 1 and outbox["oldest_age_s"] == 0
@@ -403,7 +386,7 @@ def test_status_reads_a_stopped_store_in_a_folder_it_cannot_write(tiny_model_dir
         folder.chmod(0o755)
         work = folder / "w"
         work.mkdir()
-        config = make_config(tiny_model_dir, work)
+        config = daemon_config(tiny_model_dir, work)
         (config.watch / "a.png").write_bytes(png(10))
         assert EdgeDaemon(config).run() == 0
         db = folder / "edge.sqlite"
