@@ -169,13 +169,14 @@ def exclusive_out(out_dir: Path) -> Iterator[None]:
         yield  # the lock ends with the file's closing, or with the process
 
 
-def _run_streams(config, systems, streams, class_names, bar, on_rate) -> dict:
-    """Every defect rate's stream through every system; `on_rate(results)` after each rate."""
+def _run_streams(config, systems, streams, class_names, bar, on_rate, pixel_bits) -> dict:
+    """Every defect rate's stream through every system; `on_rate(results)` after each rate.
+    `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read)."""
     results: dict[str, dict] = {}
     for rate, stream in streams.items():
         outcomes: dict[str, list[Outcome]] = {s.name: [] for s in systems}
         for index, sample in enumerate(stream):
-            image = load_image(sample.image_path)
+            image = load_image(sample.image_path, pixel_bits)
             shift = index % len(systems)  # rotate the order: drift favours no system
             decision = sample.is_defective if config.oracle_gate else None
             for system in systems[shift:] + systems[:shift]:
@@ -198,7 +199,7 @@ def _rate_distortion(config, model, pipelines, client, samples, class_names, bar
     monolithic = Monolithic(model)
     splits = [Splitdet(p, client) for p in pipelines]
     for sample in defective:
-        image = load_image(sample.image_path)
+        image = load_image(sample.image_path, model.config.pixel_bits)
         runs.setdefault("original", []).append(monolithic.run(image))
         for system in splits:  # every image sent: the codec's loss, not the gate's misses
             runs.setdefault(system.name, []).append(system.run(image, True))
@@ -301,7 +302,7 @@ def _measure(
             *(Splitdet(p, client) for p in pipelines),
             JpegToCloud(jpeg_client, config.jpeg_quality),
         ]
-        warmup = load_image(samples[0].image_path)
+        warmup = load_image(samples[0].image_path, model.config.pixel_bits)
         for system in systems:  # first calls pay one-off allocations; not measured
             system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
         n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
@@ -316,6 +317,7 @@ def _measure(
                 class_names,
                 bar,
                 on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
+                pixel_bits=model.config.pixel_bits,
             )
             rd = (
                 _rate_distortion(config, model, pipelines, client, samples, class_names, bar)

@@ -26,7 +26,7 @@ import numpy as np
 
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import ImageError, load_image
+from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.manifest import ManifestError, edge_gate_kind
 
@@ -108,7 +108,7 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
         name = f"a mid-grey {width}x{height} test image"
     else:
         try:
-            array = load_image(image)
+            array = pipeline.load(image)
         except ImageError as exc:  # (its message names the file)
             raise _Failed(str(exc) if str(image) in str(exc) else f"{image}: {exc}") from None
         name = f"{image} ({array.shape[2]}x{array.shape[1]})"

@@ -455,6 +455,7 @@ class EdgeDaemon:
             recursive=config.recursive,
             exclude=tuple(folder for _, folder in config.output_folders()),
             extensions=config.extensions,
+            pixel_bits=self.pipeline.manifest.model_config.pixel_bits,
         )
         self.metrics = EdgeMetrics(self.store, self.folder)
         client_config = config.client_config
@@ -464,7 +465,11 @@ class EdgeDaemon:
             Backoff(config.retry_initial_s, config.retry_max_s),
             timeout_s=client_config.timeout_s,
             metrics=self.metrics,
-            on_answer=annotate_hook(config.save_annotated) if config.save_annotated else None,
+            on_answer=(
+                annotate_hook(config.save_annotated, self.pipeline.manifest.model_config.pixel_bits)
+                if config.save_annotated
+                else None
+            ),
         )
         self._stop = threading.Event()
         self._metrics_httpd = None

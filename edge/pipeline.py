@@ -72,13 +72,18 @@ class EdgePipeline:
     def process_file(self, path: Path) -> EdgeResult:
         """Read and process one image file; raises ImageError for an unusable file."""
         start = time.perf_counter()
-        image = load_image(path)
+        image = self.load(path)
         result = self.process_array(image)
         result.timings = {
             "read": time.perf_counter() - start - sum(result.timings.values()),
             **result.timings,
         }
         return result
+
+    def load(self, path: Path) -> np.ndarray:
+        """An image file as Float32[3, H, W] in [0, 1], its 16-bit values scaled as the model
+        was trained (the manifest's `pixel_bits`); ImageError names a file that cannot be."""
+        return load_image(path, self.manifest.model_config.pixel_bits)
 
     def process_array(self, image: np.ndarray, decision: bool | None = None) -> EdgeResult:
         """Process Float32[3, H, W] in [0, 1].

@@ -18,7 +18,7 @@ from typing import Protocol
 from splitdet.edge.annotate import save_annotated
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import ImageError, load_image
+from splitdet.edge.preprocess import ImageError
 from splitdet.shared.detection import Detection
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def predict_one(
     start = time.perf_counter()
     try:
         data = Path(path).read_bytes()
-        image = load_image(path)
+        image = pipeline.load(path)
     except (ImageError, OSError) as exc:
         message = str(exc) if isinstance(exc, ImageError) else f"{path}: cannot read ({exc})"
         return Prediction(path=str(path), verdict="error", error=message)

@@ -10,8 +10,11 @@ Accepted inputs (Pillow modes), each to three equal or RGB channels in [0, 1]:
 - converted by Pillow as training's `voc.load_rgb` converts them: palette ("P", "PA"), CMYK,
   YCbCr and alpha images ("RGBA", "RGBa", "RGBX") to RGB; "LA", "La" and 1-bit ("1") to
   grayscale; alpha is dropped, not composited;
-- 16-bit grayscale of either byte order ("I;16", "I;16B", "I;16L", "I;16N"), scaled by 65535,
-  and 32-bit integer ("I", e.g. a 16-bit PGM or signed TIFF) when every pixel is in 0..65535.
+- 16-bit grayscale of either byte order ("I;16", "I;16B", "I;16L", "I;16N"), and 32-bit
+  integer ("I", e.g. a 16-bit PGM or signed TIFF), scaled by 2**pixel_bits - 1: 65535 by
+  default; 4095 for a model trained with `--pixel-bits 12` on a camera that saves its 12-bit
+  values unscaled (the manifest's `pixel_bits`). A pixel past that value, or below 0, is refused:
+  the model was not made for those images.
 Anything else (float "F" TIFFs, Lab, multi-frame, 32-bit values past 65535...) is refused with
 an `ImageError` naming the file and the mode; a file Pillow cannot decode (corrupt, truncated,
 whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
@@ -49,7 +52,8 @@ class ImageError(ValueError):
 TO_RGB_MODES = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 #: Pillow modes taken as grayscale after Pillow's own conversion (alpha dropped, 1-bit to 0/255).
 TO_GRAY_MODES = ("LA", "La", "1")
-#: 16-bit grayscale in either byte order, and 32-bit integers (accepted within 0..65535).
+#: 16-bit grayscale in either byte order, and 32-bit integers (accepted within the model's
+#: 0..2**pixel_bits - 1).
 WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -59,8 +63,9 @@ def _channel(pixels: np.ndarray, full_scale: float, out: np.ndarray) -> None:
     np.divide(pixels, np.float32(full_scale), out=out, dtype=np.float32)
 
 
-def _to_unit_float(image: Image.Image, source: str) -> np.ndarray:
-    """A decoded Pillow image as Float32[3, H, W] in [0, 1]; ImageError for a mode refused."""
+def _to_unit_float(image: Image.Image, source: str, pixel_bits: int) -> np.ndarray:
+    """A decoded Pillow image as Float32[3, H, W] in [0, 1]; ImageError for a mode refused, or
+    for a 16/32-bit grayscale pixel outside 0..2**pixel_bits - 1."""
     mode = image.mode
     if mode in TO_RGB_MODES:
         image, mode = image.convert("RGB"), "RGB"
@@ -76,9 +81,8 @@ def _to_unit_float(image: Image.Image, source: str) -> np.ndarray:
         _channel(np.asarray(image), 255.0, array[0])
     elif mode in WIDE_GRAY_MODES:
         pixels = np.asarray(image)
-        if mode == "I" and (pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535):
-            raise ImageError(f"{source}: 32-bit integer pixels outside 0..65535 are not supported")
-        _channel(pixels, 65535.0, array[0])
+        _check_wide_range(pixels, source, pixel_bits)
+        _channel(pixels, float((1 << pixel_bits) - 1), array[0])
     else:
         raise ImageError(
             f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
@@ -87,6 +91,23 @@ def _to_unit_float(image: Image.Image, source: str) -> np.ndarray:
     array[1] = array[0]
     array[2] = array[0]
     return array
+
+
+def _check_wide_range(pixels: np.ndarray, source: str, pixel_bits: int) -> None:
+    """ImageError when a wide grayscale image has a pixel outside 0..2**pixel_bits - 1."""
+    full_scale = (1 << pixel_bits) - 1
+    low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
+    if low >= 0 and high <= full_scale:
+        return
+    if low < 0 or high > 65535:
+        raise ImageError(
+            f"{source}: 32-bit integer pixels outside 0..65535 are not supported ({low}..{high})"
+        )
+    raise ImageError(
+        f"{source}: a pixel is {high}, past the {pixel_bits}-bit range (0..{full_scale}) this "
+        f"model takes 16-bit images in (trained with --pixel-bits {pixel_bits}); is the camera "
+        "set to another bit depth than the training images had?"
+    )
 
 
 def _too_large(source: str, size: tuple[int, int] | None) -> ImageError:
@@ -120,9 +141,10 @@ def _open(data: bytes, source: str) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
     """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
-    for anything that cannot be, whatever Pillow raised."""
+    for anything that cannot be, whatever Pillow raised. `pixel_bits`: the bits 16-bit
+    grayscale values use (the model's `ModelConfig.pixel_bits`)."""
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
@@ -145,7 +167,7 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
             f"{source}: corrupt or truncated image, cannot be decoded ({type(exc).__name__}: {exc})"
         ) from None
     try:
-        return _to_unit_float(image, source)
+        return _to_unit_float(image, source, pixel_bits)
     except ImageError:
         raise
     except MemoryError:  # numpy's _ArrayMemoryError too
@@ -156,8 +178,9 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
         ) from None
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Read an image file to Float32[3, H, W] in [0, 1]; ImageError names the file."""
+def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:
+    """Read an image file to Float32[3, H, W] in [0, 1]; ImageError names the file.
+    `pixel_bits`: as `decode_image`'s."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -166,7 +189,7 @@ def load_image(path: Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), pixel_bits)
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -297,8 +297,11 @@ class Sender(threading.Thread):
             self.metrics.bytes_sent.inc(n)
 
 
-def annotate_hook(save_dir: Path) -> Callable[[OutboxItem, CloudDetections], None]:
-    """on_answer that writes the defect image with its boxes drawn into `save_dir`."""
+def annotate_hook(
+    save_dir: Path, pixel_bits: int = 16
+) -> Callable[[OutboxItem, CloudDetections], None]:
+    """on_answer that writes the defect image with its boxes drawn into `save_dir`
+    (`pixel_bits`: the model's, so that 16-bit images show as the model saw them)."""
     from splitdet.edge.annotate import save_annotated
     from splitdet.edge.preprocess import load_image
 
@@ -310,7 +313,7 @@ def annotate_hook(save_dir: Path) -> Callable[[OutboxItem, CloudDetections], Non
             log.warning("no file left to annotate for image %d (%s)", item.image_id, item.path)
             return
         save_annotated(
-            load_image(source),
+            load_image(source, pixel_bits),
             answer.boxes.tolist(),
             answer.scores.tolist(),
             list(answer.class_names),

@@ -184,6 +184,8 @@ class HotFolder:
         exclude: folders never entered with `recursive` (where the daemon moves files to).
         extensions: take only files whose name ends in one of these, case-insensitive
             (`normalize_extensions`); None takes every file. The others are left alone.
+        pixel_bits: the bits 16-bit grayscale values use (the model's `ModelConfig.
+            pixel_bits`): how images are decoded, and which are refused.
     """
 
     def __init__(
@@ -194,6 +196,7 @@ class HotFolder:
         recursive: bool = False,
         exclude: tuple[Path, ...] = (),
         extensions: Iterable[str] | None = IMAGE_SUFFIXES,
+        pixel_bits: int = 16,
     ):
         if settle_s < 0 or unreadable_grace_s < 0:
             raise ValueError("settle and grace times must be non-negative")
@@ -202,6 +205,7 @@ class HotFolder:
         self.settle_s = settle_s
         self.unreadable_grace_s = unreadable_grace_s
         self.recursive = recursive
+        self.pixel_bits = pixel_bits
         self._exclude = {Path(p).resolve() for p in exclude}
         # By name (path below the folder). Only `scan` adds, always with the next `order`, so
         # this is in arrival order: `next_candidate` stops at the first ready file instead of
@@ -385,7 +389,7 @@ class HotFolder:
         image = None
         if error is None:
             try:
-                image = decode_image(data, str(candidate.path))
+                image = decode_image(data, str(candidate.path), self.pixel_bits)
             except ImageError as exc:
                 error = str(exc)
         unchanged_s = time.monotonic() - candidate.stable_since

@@ -299,6 +299,24 @@ def write_ready_file(path: Path, info: dict) -> None:
         raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
 
 
+def add_pixel_bits_option(parser: argparse.ArgumentParser, default: int | None) -> None:
+    """`--pixel-bits N`: the bits a 16-bit grayscale image's values use (`ModelConfig.
+    pixel_bits`); `default` None: the preset's or resumed run's."""
+    from splitdet.shared.config import MIN_PIXEL_BITS
+
+    shown = "a resumed run's, else 16" if default is None else str(default)
+    parser.add_argument(
+        "--pixel-bits",
+        type=int_in(MIN_PIXEL_BITS, 16),
+        default=default,
+        metavar="N",
+        help=f"bits a 16-bit grayscale image's values use, {MIN_PIXEL_BITS}-16 (default: "
+        f"{shown}: values over all of 0..65535): 12 for a Mono12 camera that saves its "
+        "values unscaled (0..4095) in 16-bit files; such values are scaled by 2**N - 1, and a "
+        "pixel past it is refused. 8-bit images are unaffected",
+    )
+
+
 def add_box_refine_option(parser: argparse.ArgumentParser) -> None:
     """`--box-refine-steps N`: the checkpoint's box refinement replaced at inference."""
     parser.add_argument(

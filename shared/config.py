@@ -19,6 +19,8 @@ NORMS = ("batch", "frozen", "group")
 GATE_POOLINGS = ("avg", "max", "dense")
 #: Most extra passes of the box head at inference (`ModelConfig.box_refine_steps`).
 MAX_REFINE_STEPS = 4
+#: Fewest bits `ModelConfig.pixel_bits` takes (a 16-bit file holding 8-bit values).
+MIN_PIXEL_BITS = 8
 #: Most passes of box voting (`ModelConfig.box_vote_passes`).
 MAX_VOTE_PASSES = 10
 
@@ -37,6 +39,11 @@ class ModelConfig:
     max_size: int = 1333  # cap on the longer side after resize, px
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, on [0, 1] pixels
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # Bits a 16-bit grayscale image's values use: 16 takes them over 0..65535; 10, 12 or 14 is a
+    # camera that saves its values unscaled in a 16-bit file (0..4095 for 12), so that they are
+    # scaled by 2**pixel_bits - 1 instead, and a value past it is refused. 8-bit images are
+    # always scaled by 255.
+    pixel_bits: int = 16
     norm: str = "batch"  # backbone norm: batch | frozen (torchvision with weights) | group
     zero_init_residual: bool = False  # ResNet's zero-init of each block's last norm
     gate_level: str = "3"  # FPN level the defect head reads ("3" = P5, the paper's deepest)
@@ -83,6 +90,12 @@ class ModelConfig:
             raise ValueError(f"depth must be 18, 34 or 50, got {self.depth}")
         if not self.class_names:
             raise ValueError("class_names must name at least one foreground class")
+        if (
+            isinstance(self.pixel_bits, bool)
+            or not isinstance(self.pixel_bits, int)
+            or not MIN_PIXEL_BITS <= self.pixel_bits <= 16
+        ):
+            raise ValueError(f"pixel_bits must be {MIN_PIXEL_BITS}-16, got {self.pixel_bits}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.gate_pooling not in GATE_POOLINGS:
@@ -124,6 +137,11 @@ class ModelConfig:
     def num_classes(self) -> int:
         """Classes including background, as torchvision counts them."""
         return len(self.class_names) + 1
+
+    @property
+    def pixel_full_scale(self) -> int:
+        """The value a 16-bit grayscale pixel takes at full brightness: 2**pixel_bits - 1."""
+        return (1 << self.pixel_bits) - 1
 
     @property
     def split_spec(self) -> SplitSpec:

@@ -45,6 +45,9 @@ def artifacts_for(model_config: ModelConfig) -> tuple[str, ...]:
     return (GATE_ONNX, CLOUD_WEIGHTS)
 
 
+#: `ModelConfig` fields added after format 1's first exports -> the value those exports implied.
+LATER_SETTINGS: dict[str, Any] = {"pixel_bits": 16}
+
 #: Largest manifest accepted (it is small JSON; anything bigger is not ours).
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -95,6 +98,7 @@ class Manifest:
                 "max_size": self.model_config.max_size,
                 "image_mean": list(self.model_config.image_mean),
                 "image_std": list(self.model_config.image_std),
+                "pixel_bits": self.model_config.pixel_bits,
                 "size_divisible": 32,
             },
             "model_config": self.model_config.to_dict(),
@@ -123,12 +127,21 @@ def compute_fingerprint(
     gate_threshold: float,
     spec_version: str = SPEC_VERSION,
 ) -> str:
-    """SHA-256 hex over artifact digests, spec version and the settings that change answers."""
+    """SHA-256 hex over artifact digests, spec version and the settings that change answers.
+
+    A setting added to `ModelConfig` after exports of this format existed (LATER_SETTINGS) is
+    hashed only when it differs from the value those exports implied, so that they keep their
+    fingerprint."""
+    settings = {
+        key: value
+        for key, value in model_config.to_dict().items()
+        if key not in LATER_SETTINGS or value != LATER_SETTINGS[key]
+    }
     canonical = json.dumps(
         {
             "artifacts": dict(sorted(artifacts.items())),
             "spec_version": spec_version,
-            "model_config": model_config.to_dict(),
+            "model_config": settings,
             "gate_threshold": gate_threshold,
         },
         sort_keys=True,

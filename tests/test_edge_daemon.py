@@ -45,6 +45,7 @@ from splitdet.edge.preprocess import decode_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
+from splitdet.shared.config import ModelConfig
 
 from support import sliver_png
 
@@ -741,7 +742,7 @@ class BrightIsDefective:
 
     codec = "int8"
     threshold = 0.5
-    manifest = type("Manifest", (), {"fingerprint": "f" * 64})()
+    manifest = type("Manifest", (), {"fingerprint": "f" * 64, "model_config": ModelConfig()})()
 
     def process_array(self, image: np.ndarray) -> EdgeResult:
         p = float(image.mean())

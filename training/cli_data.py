@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from splitdet.shared.cli import class_names, float_in, int_in
+from splitdet.shared.cli import add_pixel_bits_option, class_names, float_in, int_in
 
 EPILOG = """\
 actions:
@@ -74,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="decode every image too, finding truncated or corrupt bodies a header read misses "
         "(about 50 ms per 2448x2048 JPEG per worker)",
     )
+    add_pixel_bits_option(c, default=16)
     c.add_argument(
         "--workers",
         type=int_in(1, 256),
@@ -185,8 +186,9 @@ def run_check(args: argparse.Namespace) -> int:
         total=total, unit="file", file=sys.stderr, disable=args.no_progress or total == 0
     ) as bar:
         report = check_dataset(
-            root, args.classes, decode=args.decode, workers=args.workers, progress=bar.update
-        )
+            root, args.classes, decode=args.decode, pixel_bits=args.pixel_bits,
+            workers=args.workers, progress=bar.update,
+        )  # fmt: skip
     if args.json:
         write_json(args.json, report.to_json())
     if not to_stdout:

@@ -76,7 +76,7 @@ def calibration_batches(data: Path, config, count: int) -> list:
         raise ValueError(f"{data}: no train images to calibrate on (asked for {count})")
     return [
         prepare(
-            load_image(s.image_path), config.min_size, config.max_size,
+            load_image(s.image_path, config.pixel_bits), config.min_size, config.max_size,
             config.image_mean, config.image_std,
         ).batch
         for s in voc.evenly_spaced(samples, count)

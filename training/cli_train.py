@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from splitdet.shared.cli import add_pixel_bits_option
 from splitdet.shared.spec import POOL_LEVEL, PYRAMID_LEVELS
 from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
 
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "deepest). A finer map tells short scratches from texture better but leaves less of the "
         "FPN to compute lazily: P2 leaves none",
     )
+    add_pixel_bits_option(parser, default=None)
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
         "--precision",
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--classes {args.classes!r}: {exc}") from None
     if args.gate_on:
         model_changes["gate_level"] = GATE_LEVELS[args.gate_on]
+    if args.pixel_bits is not None:
+        model_changes["pixel_bits"] = args.pixel_bits
     try:
         if model_changes:
             changes["model"] = dataclasses.replace(config.model, **model_changes)

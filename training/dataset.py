@@ -114,6 +114,7 @@ class VocDetection(Dataset):
             transform would resize it before cropping (train only); None: the file's scale.
         flips: random horizontal and vertical flips (train only).
         seed: augmentation seed; item i of epoch e is the same whatever the worker count.
+        pixel_bits: the bits 16-bit grayscale images' values use (`ModelConfig.pixel_bits`).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class VocDetection(Dataset):
         input_size: tuple[int, int] | None = None,
         flips: bool = True,
         seed: int = 0,
+        pixel_bits: int = 16,
     ) -> None:
         self.samples = list(samples)
         self.class_names = tuple(class_names)
@@ -141,6 +143,7 @@ class VocDetection(Dataset):
         self.input_size = input_size if train else None
         self.flips = flips and train
         self.seed = seed
+        self.pixel_bits = pixel_bits
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,7 +159,7 @@ class VocDetection(Dataset):
         boxes = np.array([o.box for o in objects], dtype=np.float32).reshape(-1, 4)
         labels = np.array([self.label_of[o.name] for o in objects], dtype=np.int64)
         difficult = np.array([o.difficult for o in objects], dtype=bool)
-        img = load_rgb(sample.image_path)
+        img = load_rgb(sample.image_path, self.pixel_bits)
         if self.train:
             # difficult boxes go through the crop too: one inside the crop makes it defective
             rng = np.random.default_rng([self.seed, self.epoch, index])

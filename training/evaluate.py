@@ -49,8 +49,10 @@ def _image_batches(
     device: torch.device | str,
     progress: bool,
     desc: str,
+    pixel_bits: int,
 ) -> Iterator[list[Tensor]]:
-    """The samples' images in batches: lists of Tensor[3, H, W] float32 in [0, 1]."""
+    """The samples' images in batches: lists of Tensor[3, H, W] float32 in [0, 1]
+    (`pixel_bits`: the model's `ModelConfig.pixel_bits`)."""
     from torchvision.transforms.functional import pil_to_tensor
 
     batches = range(0, len(samples), batch_size)
@@ -61,7 +63,7 @@ def _image_batches(
     for start in batches:
         images = []
         for sample in samples[start : start + batch_size]:
-            img = load_rgb(sample.image_path)
+            img = load_rgb(sample.image_path, pixel_bits)
             images.append(pil_to_tensor(img).float().div_(255.0).to(device))
         yield images
 
@@ -79,7 +81,10 @@ def gate_probabilities(
     heads): what calibrating the threshold needs. Equals `predict`'s p_defect."""
     model.eval()
     out: list[float] = []
-    for images in _image_batches(samples, batch_size, device, progress, "calibrate"):
+    batches = _image_batches(
+        samples, batch_size, device, progress, "calibrate", model.config.pixel_bits
+    )
+    for images in batches:
         out.extend(model.defect_probability(images).tolist())
     return out
 
@@ -97,7 +102,8 @@ def predict(
     model.eval()
     gate_level = model.config.gate_level
     out: list[Prediction] = []
-    for images in _image_batches(samples, batch_size, device, progress, "eval"):
+    batches = _image_batches(samples, batch_size, device, progress, "eval", model.config.pixel_bits)
+    for images in batches:
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         # FasterRCNN.forward, with the defect head reading the same features
         images_t, _ = model.transform(images)

@@ -624,7 +624,7 @@ def train(
             VocDetection(
                 train_samples, mc.class_names, train=True, crop=crop,
                 input_size=(mc.min_size, mc.max_size) if crop else None,
-                flips=config.flips, seed=config.seed,
+                flips=config.flips, seed=config.seed, pixel_bits=mc.pixel_bits,
             ),
             config.batch_size, config, world, rank,
         ),
@@ -632,7 +632,8 @@ def train(
     if config.whole_image_fraction:
         loaders["whole"] = _train_loader(
             VocDetection(
-                train_samples, mc.class_names, train=True, flips=config.flips, seed=config.seed
+                train_samples, mc.class_names, train=True, flips=config.flips, seed=config.seed,
+                pixel_bits=mc.pixel_bits,
             ),
             config.whole_image_batch_size, config, world, rank,
         )  # fmt: skip
@@ -661,8 +662,8 @@ def train(
             raise ValueError(
                 f"{last_path} holds a model of another configuration than this run's "
                 f"({_model_difference(saved_model, config.model)}; preset {saved!r} there, "
-                f"{config.name!r} here); resume it with the same --preset, --classes and "
-                "--gate-on, or give a new --out"
+                f"{config.name!r} here); resume it with the same --preset, --classes, "
+                "--gate-on and --pixel-bits, or give a new --out"
             )
         try:
             model.load_state_dict(checkpoint["model"])

@@ -300,13 +300,17 @@ def _orientation_problem(image_path: Path, orientation: int) -> str:
     )
 
 
-def load_rgb(image_path: Path):
+def load_rgb(image_path: Path, pixel_bits: int = 16):
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
-    body is corrupt or truncated (its header, read when the split was, looked fine)."""
-    return load_rgb_and_peak(image_path)[0]
+    body is corrupt or truncated (its header, read when the split was, looked fine).
+
+    A 16-bit grayscale image's values are taken over 0..2**pixel_bits - 1 (`ModelConfig.
+    pixel_bits`, as the edge takes them) and rounded to 8 bits; VocError for a pixel past that.
+    """
+    return load_rgb_and_peak(image_path, pixel_bits)[0]
 
 
-def load_rgb_and_peak(image_path: Path):
+def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
     """(`load_rgb`'s image, the largest pixel value of a 16-bit grayscale image, else None):
     one decoding for both."""
     from PIL import Image
@@ -316,10 +320,17 @@ def load_rgb_and_peak(image_path: Path):
             if img.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip them at 255
                 wide = img.convert("I")
                 low, high = wide.getextrema()
+                full_scale = (1 << pixel_bits) - 1
                 if low < 0 or high > 65535:
                     raise VocError(f"{image_path}: pixels outside 0..65535 are not supported")
-                # scaled as the edge scales them (to [0, 1] over 0..65535), rounded to 8 bits
-                rgb = wide.point(lambda v: v / 257 + 0.5).convert("L").convert("RGB")
+                if high > full_scale:
+                    raise VocError(
+                        f"{image_path}: a pixel is {high}, past the {pixel_bits}-bit range "
+                        f"(0..{full_scale}) of --pixel-bits {pixel_bits}; give the bits the "
+                        "camera's values use (16: all of 0..65535)"
+                    )
+                # scaled as the edge scales them (to [0, 1] over 0..full_scale), to 8 bits
+                rgb = wide.point(lambda v: v * 255 / full_scale + 0.5).convert("L").convert("RGB")
                 return rgb, int(high)
             return img.convert("RGB"), None
     except VocError:

@@ -42,8 +42,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Boxes smaller than this (px) both ways are reported as a warning: often a stray click
 #: (a thin scratch is as thin, but long).
 TINY_BOX_PX = 2.0
-#: A 16-bit image whose pixels all lie below this holds 12-bit (or narrower) values, unscaled.
-NARROW_SIXTEEN_BIT = 4096
+#: A 16-bit image whose pixels all lie below (full scale + 1) / this holds values of 4 bits
+#: fewer than `pixel_bits` says, or fewer still (12-bit values, unscaled, read as 16-bit ones).
+NARROW_FACTOR = 16
+#: Bit depths cameras give (GenICam Mono8, Mono10, Mono12, Mono14, Mono16).
+CAMERA_BITS = (8, 10, 12, 14, 16)
 
 
 @dataclass
@@ -149,14 +152,18 @@ def image_files(root: Path) -> dict[str, list[Path]]:
 
 
 def _read_one(
-    root: Path, image_id: str, class_names: Sequence[str] | None, decode: bool
+    root: Path,
+    image_id: str,
+    class_names: Sequence[str] | None,
+    decode: bool,
+    pixel_bits: int,
 ) -> tuple[voc.VocSample | str, int | None]:
     """(The sample, or the problem line naming the file; with `decode`, the peak value of a
     16-bit image, else None)."""
     try:
         sample = voc.read_annotation(root, image_id, class_names, check_image=True)
         if decode:
-            image, peak = voc.load_rgb_and_peak(sample.image_path)
+            image, peak = voc.load_rgb_and_peak(sample.image_path, pixel_bits)
             image.close()
             return sample, peak
         return sample, None
@@ -164,20 +171,24 @@ def _read_one(
         return str(exc), None
 
 
-def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int]) -> None:
-    """Warn of 16-bit images whose values stop at 12 bits or fewer (a Mono10/Mono12 camera
-    saving its values unscaled): scaled by 65535 as the edge scales them they are dark, and
-    training's 8 bits leave them a few grey levels."""
-    narrow = {path: peak for path, peak in peaks.items() if peak < NARROW_SIXTEEN_BIT}
+def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int], pixel_bits: int) -> None:
+    """Warn of 16-bit images whose values stop 4 bits or more below `pixel_bits` (a Mono10 or
+    Mono12 camera saving its values unscaled, read as 16-bit ones): scaled by 2**pixel_bits - 1
+    as the edge scales them they are dark, and training's 8 bits leave them a few grey levels."""
+    full_scale = (1 << pixel_bits) - 1
+    narrow = {p: peak for p, peak in peaks.items() if peak < (full_scale + 1) // NARROW_FACTOR}
     if not narrow:
         return
     path, peak = max(narrow.items(), key=lambda item: item[1])
+    bits = next(b for b in CAMERA_BITS if peak < 1 << b)
     report.warnings.append(
-        f"{path}: one of {len(narrow)} 16-bit images whose pixels stop at {peak} of 65535 (10- "
-        "or 12-bit camera values saved unscaled?): splitdet scales 16-bit pixels by 65535, on "
-        f"the edge as in training, so the model sees dark images, and training's 8 bits keep "
-        f"{peak // 257 + 1} grey levels of them; have the camera (and so the edge) write them "
-        "scaled to the full 16 bits (12-bit values x 16), and the dataset the same"
+        f"{path}: one of {len(narrow)} 16-bit images whose pixels stop at {peak} of "
+        f"{full_scale} (a {bits}-bit camera's values saved unscaled?): with --pixel-bits "
+        f"{pixel_bits} splitdet scales them by {full_scale}, on the edge as in training, so the "
+        f"model sees dark images, and training's 8 bits keep {peak * 255 // full_scale + 1} grey "
+        f"levels of them; give the bits the camera uses (data check and train --pixel-bits "
+        f"{bits}: the export carries it to the edge), or have the camera write its values "
+        "scaled to the full range"
     )
 
 
@@ -190,6 +201,7 @@ def check_dataset(
     class_names: Sequence[str] | None = None,
     *,
     decode: bool = False,
+    pixel_bits: int = 16,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> DatasetReport:
@@ -199,7 +211,8 @@ def check_dataset(
     ``train --classes``). ``decode``: decode every image's pixels too (finds truncated or
     corrupt image bodies that a header read misses; about 50 ms per 2448x2048 JPEG, spread
     over ``workers`` threads). ``progress``: called with the number of annotations read
-    since the last call.
+    since the last call. ``pixel_bits``: the bits 16-bit images' values use (`train
+    --pixel-bits`); with ``decode``, a pixel past them is a problem.
     """
     root = Path(root)
     report = DatasetReport(root=root)
@@ -231,7 +244,7 @@ def check_dataset(
     samples: dict[str, voc.VocSample] = {}
     peaks: dict[Path, int] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda i: _read_one(root, i, class_names, decode), ids)
+        results = pool.map(lambda i: _read_one(root, i, class_names, decode, pixel_bits), ids)
         for image_id, (result, peak) in zip(ids, results, strict=True):
             if isinstance(result, str):
                 report.problems.append(result)
@@ -243,7 +256,7 @@ def check_dataset(
                 progress(1)
 
     _check_images(report, files, annotated, samples)
-    _narrow_sixteen_bit(report, peaks)
+    _narrow_sixteen_bit(report, peaks, pixel_bits)
     widths: list[float] = []
     heights: list[float] = []
     for sample in samples.values():
