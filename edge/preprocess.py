@@ -42,6 +42,10 @@ MAX_PIXELS = 64_000_000
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: A JPEG ending in at least this many zero bytes, with no end-of-image marker before them, is
+#: not all written: its writer sized the file first (Windows copies to a share do), then
+#: stalled. Pillow decodes such a file without a word, the missing part as grey.
+UNWRITTEN_TAIL_BYTES = 1024
 
 
 class ImageError(ValueError):
@@ -141,14 +145,32 @@ def _open(data: bytes, source: str) -> Image.Image:
     return image
 
 
+def _unwritten_jpeg_tail(data: bytes) -> int:
+    """Bytes of zeros a JPEG ends in before its end-of-image marker was written (0: none, or
+    fewer than UNWRITTEN_TAIL_BYTES, or the zeros follow the marker: padding)."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    written = data.rstrip(b"\0")
+    tail = len(data) - len(written)
+    return tail if tail >= UNWRITTEN_TAIL_BYTES and not written.endswith(b"\xff\xd9") else 0
+
+
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
     """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
-    for anything that cannot be, whatever Pillow raised. `pixel_bits`: the bits 16-bit
-    grayscale values use (the model's `ModelConfig.pixel_bits`)."""
+    for anything that cannot be, whatever Pillow raised, and for a JPEG not all written yet
+    (`UNWRITTEN_TAIL_BYTES`). `pixel_bits`: the bits 16-bit grayscale values use (the model's
+    `ModelConfig.pixel_bits`)."""
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{source}: {len(data)} bytes is larger than {MAX_FILE_BYTES}")
+    unwritten = _unwritten_jpeg_tail(data)
+    if unwritten:
+        raise ImageError(
+            f"{source}: a JPEG whose last {unwritten} of {len(data)} bytes are zeros, with no "
+            "end-of-image marker before them: not all written yet (its writer sized the file "
+            "first) or cut short"
+        )
     try:
         image = _open(data, source)
     except ImageError:

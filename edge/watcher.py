@@ -12,7 +12,11 @@ A camera may write a file in several steps, so a file is a candidate only once i
 have not changed for `settle_s` (polling `os.scandir`: it works on network shares, unlike
 inotify). It is then read and decoded; if the bytes changed meanwhile it waits again. A file that
 stays unchanged but does not decode is given `unreadable_grace_s` more (a slow writer pausing
-longer than settle_s), then handed over as a final error for quarantine.
+longer than settle_s), then handed over as a final error for quarantine. That includes a JPEG
+whose writer sized the file first (a Windows copy to a share) and stalled: its zero-filled
+end does not decode (`preprocess.UNWRITTEN_TAIL_BYTES`). An uncompressed BMP or TIFF so
+written cannot be told from one with black rows, and a stall past settle_s hands it over
+half written.
 
 Names may repeat: an arrival is identified by `file_key` (name, size, mtime in ns, inode) plus
 its content hash, so the same name written again is a new arrival. Arrival order is the order

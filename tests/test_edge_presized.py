@@ -1,0 +1,67 @@
+"""A JPEG whose writer sized the file first (Windows copies to a share do) and stalled
+longer than the settle time: its zero-filled end is not decoded as grey pixels but waits,
+and the image is processed once it is all written."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splitdet.edge.preprocess import UNWRITTEN_TAIL_BYTES, ImageError, decode_image
+from splitdet.edge.watcher import HotFolder
+
+
+def jpeg(seed: int = 0) -> bytes:
+    """A noisy 160x128 JPEG (noise: its scan data has no long runs of zero bytes)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (128, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def presized(data: bytes, written: int) -> bytes:
+    """`data` as a writer that sized the file first leaves it after `written` bytes."""
+    return data[:written] + bytes(len(data) - written)
+
+
+def test_a_jpeg_not_all_written_is_refused_by_name_and_padding_is_not():
+    data = jpeg()
+    with pytest.raises(ImageError, match=r"half\.jpg: a JPEG whose last \d+ of \d+ bytes are"):
+        decode_image(presized(data, len(data) // 2), "half.jpg")
+    # zeros after the end-of-image marker are padding: the image is whole
+    padded = decode_image(data + bytes(4 * UNWRITTEN_TAIL_BYTES), "padded.jpg")
+    np.testing.assert_array_equal(padded, decode_image(data, "whole.jpg"))
+    # a short zero run (below the bound) is left to Pillow
+    assert decode_image(data + bytes(16), "short.jpg").shape == (3, 128, 160)
+
+
+def test_the_hot_folder_waits_for_a_stalled_presized_jpeg(tmp_path: Path):
+    data = jpeg(1)
+    path = tmp_path / "cam_0001.jpg"
+    path.write_bytes(presized(data, len(data) // 3))
+    folder = HotFolder(tmp_path, settle_s=0.05, unreadable_grace_s=30.0)
+    folder.scan()
+    time.sleep(0.1)  # the writer stalls past the settle time
+    folder.scan()
+    candidate = folder.next_candidate()
+    assert candidate is not None
+    assert folder.read(candidate) is None  # not handed over half written: it waits
+
+    with open(path, "r+b") as handle:  # the writer resumes in place, size unchanged
+        handle.write(data)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse clocks
+    folder.scan()
+    time.sleep(0.1)
+    folder.scan()
+    candidate = folder.next_candidate()
+    ready = folder.read(candidate)
+    assert ready is not None and ready.error is None
+    assert ready.data == data
+    np.testing.assert_array_equal(ready.image, decode_image(data))
