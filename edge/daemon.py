@@ -32,6 +32,7 @@ used.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -705,6 +706,8 @@ class EdgeDaemon:
     def handle(self, candidate: Candidate) -> bool:
         """Process one stable file; False when it is not ready after all (try it later)."""
         known = self.store.known(candidate.file_key)
+        if known is None and self.config.after == "keep":
+            known = self._renumbered(candidate)
         if known is not None:
             self._finish(candidate, known)
             kept = known.stored_path == path_text(candidate.path)  # --after keep: quiet
@@ -840,6 +843,28 @@ class EdgeDaemon:
         self._move(candidate, image_id, stored_path, reason)
 
     # -------------------------------------------------------------------------- after-actions
+
+    def _renumbered(self, candidate: Candidate) -> KnownFile | None:
+        """--after keep: the row of this very file recorded under another `file_key`, now
+        given this one; None when there is none. A kept file is the same one when a row left
+        a file of its size at its path and the contents hash alike: a remount that numbered
+        inodes anew (CIFS `noserverino`) or a restore from a backup changed its identity,
+        not the image, and it is not processed again."""
+        path = path_text(candidate.path)
+        rows = self.store.recorded_at(path, candidate.size)
+        if not rows:
+            return None
+        try:
+            digest = hashlib.sha256(candidate.path.read_bytes()).hexdigest()
+        except OSError:
+            return None  # processed as new, which reads it again and says why not
+        for image_id, old_key, content_hash in rows:
+            if content_hash == digest:
+                self.store.rekey(image_id, candidate.file_key)
+                _event(logging.INFO, "recorded_file_renumbered", path=path, image_id=image_id,
+                       was=old_key, now=path_text(candidate.file_key))  # fmt: skip
+                return self.store.known(candidate.file_key)
+        return None
 
     def _finish(self, candidate: Candidate, known: KnownFile) -> None:
         """Complete what a recorded file's row says should happen to the file."""

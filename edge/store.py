@@ -46,7 +46,7 @@ from typing import Any
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
 #: Why a row has verdict "error".
@@ -64,8 +64,12 @@ CREATE TABLE dead_letters (
     dead_at    REAL NOT NULL            -- unix s of the refusal
 );
 """
+#: Finds the rows of files kept where they are (--after keep) by path: `recorded_at`.
+_STORED_PATH_INDEX = """
+CREATE INDEX IF NOT EXISTS images_stored_path ON images (stored_path, size_bytes);
+"""
 #: Statements that bring a store of version N to N + 1.
-_MIGRATIONS = {1: _DEAD_LETTERS}
+_MIGRATIONS = {1: _DEAD_LETTERS, 2: _STORED_PATH_INDEX}
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -108,7 +112,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
     value INTEGER NOT NULL
 );
-{_DEAD_LETTERS}"""
+{_DEAD_LETTERS}{_STORED_PATH_INDEX}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -184,16 +188,24 @@ def file_key(path: Path, stat: os.stat_result) -> str:
     return f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
 
 
+def same_but_inode(key: str, other: str) -> bool:
+    """Whether two `file_key`s differ at most in their inode: the same file after a remount
+    that numbers inodes anew (CIFS `noserverino`, some NFS servers) or a restore that keeps
+    modification times."""
+    return key.rpartition("|")[0] == other.rpartition("|")[0]
+
+
 def still_there(path_stored: str, key_stored: str) -> bool:
     """Whether the very file a row recorded still lies at its stored path: a file there under
-    its key (as written, or unescaped). A file the camera wrote since under the same name
-    (--after keep, `latest.png`) is another arrival, with a row of its own."""
+    its key (as written, or unescaped), or under it but for the inode (`same_but_inode`). A
+    file the camera wrote since under the same name (--after keep, `latest.png`) is another
+    arrival, with a row of its own."""
     for candidate in dict.fromkeys((path_stored, file_path(path_stored))):
         try:
             stat = os.stat(candidate)
         except OSError:
             continue
-        if path_text(file_key(Path(candidate), stat)) == key_stored:
+        if same_but_inode(path_text(file_key(Path(candidate), stat)), key_stored):
             return True
     return False
 
@@ -452,6 +464,25 @@ class ResultStore:
             (path_text(file_key),),
         )
         return KnownFile(*rows[0]) if rows else None
+
+    def recorded_at(self, path: str, size_bytes: int) -> list[tuple[int, str, str]]:
+        """(id, file_key, content_hash) of the rows whose file was left at `path` (as
+        `path_text` writes it) with that size, newest first: under --after keep, the rows a
+        file found there under a new `file_key` may be (see `rekey`)."""
+        return self._query(
+            "SELECT id, file_key, content_hash FROM images WHERE stored_path = ? AND "
+            "size_bytes = ? ORDER BY id DESC",
+            (path_text(path), size_bytes),
+        )
+
+    def rekey(self, image_id: int, file_key: str) -> None:
+        """Give a row the `file_key` its very file (same path, same content) has now: after a
+        remount that numbers inodes anew, or a restore, it is known again by `known`."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE images SET file_key = ?, updated = ? WHERE id = ?",
+                (path_text(file_key), time.time(), image_id),
+            )
 
     def _insert(self, db: sqlite3.Connection, arrival: Arrival, **values: Any) -> int:
         now = time.time()
