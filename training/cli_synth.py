@@ -138,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress and not args.json,
             overwrite=args.overwrite,
         )
-    except FileExistsError as exc:
-        raise CommandError(f"{exc} (choose another --out, or --overwrite)") from None
+    except synth.SyntheticDatasetExists as exc:
+        raise CommandError(f"{exc}; --overwrite replaces it, or choose another --out") from None
+    except FileExistsError as exc:  # a file, or a folder of other data: --overwrite cannot help
+        raise CommandError(f"{exc}; choose another --out") from None
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:  # the only files synth touches are under --out

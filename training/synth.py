@@ -67,6 +67,7 @@ __all__ = [
     "DatasetSummary",
     "StrokeMask",
     "SynthImage",
+    "SyntheticDatasetExists",
     "generate_dataset",
     "generate_image",
     "parse_size",
@@ -729,7 +730,14 @@ def _render_task(task: _Task) -> tuple[str, int, float]:
 _MARKER = "splitdet.training.synth"
 
 
+class SyntheticDatasetExists(FileExistsError):
+    """``out`` holds an earlier synthetic dataset, which ``overwrite`` would replace (any other
+    `FileExistsError` of `generate_dataset` is a folder it never writes into)."""
+
+
 def _prepare_root(out: Path, overwrite: bool) -> None:
+    """Make ``out``'s VOC folders, emptying those of an earlier synthetic dataset when
+    ``overwrite``; `FileExistsError` for anything else there."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -741,9 +749,12 @@ def _prepare_root(out: Path, overwrite: bool) -> None:
             except (OSError, ValueError):
                 ours = False
         if not ours:
-            raise FileExistsError(f"{out} is not empty and is not a splitdet synthetic dataset")
+            raise FileExistsError(
+                f"{out} is not empty and is not a splitdet synthetic dataset, so it is never "
+                "overwritten"
+            )
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a synthetic dataset (overwrite to replace)")
+            raise SyntheticDatasetExists(f"{out} already holds a synthetic dataset")
         for sub in ("JPEGImages", "Annotations", "ImageSets"):
             shutil.rmtree(out / sub, ignore_errors=True)
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -774,8 +785,9 @@ def generate_dataset(
     ``workers``: processes (default: all cores; 1 renders in this process). The output does not
     depend on it. Workers are started with "spawn", so a script calling this with ``workers > 1``
     needs the usual ``if __name__ == "__main__":`` guard. ``overwrite``: replace a previous
-    synthetic dataset at ``out``; anything else in a non-empty ``out`` is refused
-    (FileExistsError), and nothing but our own sub-folders is ever deleted.
+    synthetic dataset at ``out`` (without it: `SyntheticDatasetExists`); anything else in a
+    non-empty ``out`` is refused (FileExistsError), and nothing but our own sub-folders is ever
+    deleted.
     """
     out = Path(out)
     width, height = int(size[0]), int(size[1])

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -659,11 +659,13 @@ def train(
             ) from None
         if saved_model != config.model:
             saved = checkpoint.get("train_config", {}).get("name", "another recipe")
+            presets = (
+                "" if saved == config.name else f"; preset {saved!r} there, {config.name!r} here"
+            )
             raise ValueError(
                 f"{last_path} holds a model of another configuration than this run's "
-                f"({_model_difference(saved_model, config.model)}; preset {saved!r} there, "
-                f"{config.name!r} here); resume it with the same --preset, --classes, "
-                "--gate-on and --pixel-bits, or give a new --out"
+                f"({_model_difference(saved_model, config.model)}{presets}); resume it with the "
+                "same --preset, --classes, --gate-on and --pixel-bits, or give a new --out"
             )
         try:
             model.load_state_dict(checkpoint["model"])
@@ -810,10 +812,31 @@ def train(
 
 
 def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
-    """The settings in which two model configurations differ: "name A there, B here", ..."""
+    """The settings in which two model configurations differ, "NAME A there, B here" each,
+    separated by "; ". A setting an option of `splitdet train` sets is named as that option,
+    with its value as typed ("--gate-on P3 there, P5 here", not the FPN keys "1" and "3"), and
+    comes first; the others (set by the preset alone) by their `ModelConfig` field."""
+    from splitdet.training.cli_train import GATE_LEVELS  # torch-free, no cycle: stdlib + presets
+
+    gate_names = {level: name for name, level in GATE_LEVELS.items()}
+    options: dict[str, tuple[str, Callable[[Any], str]]] = {  # field -> (option, as typed)
+        "class_names": ("--classes", lambda names: ",".join(names)),
+        "gate_level": ("--gate-on", lambda level: gate_names.get(level, level)),
+        "pixel_bits": ("--pixel-bits", str),
+    }
     there, here = saved.to_dict(), wanted.to_dict()
-    keys = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
-    return ", ".join(f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in keys)
+    keys = sorted(
+        (k for k in there.keys() | here.keys() if there.get(k) != here.get(k)),
+        key=lambda k: (k not in options, k),
+    )
+    parts = []
+    for key in keys:
+        if key in options:
+            option, typed = options[key]
+            parts.append(f"{option} {typed(there[key])} there, {typed(here[key])} here")
+        else:
+            parts.append(f"{key} {there.get(key)!r} there, {here.get(key)!r} here")
+    return "; ".join(parts)
 
 
 def _advance(overall, clock: TrainClock) -> None:

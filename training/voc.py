@@ -20,7 +20,13 @@ accepted and clamped to 0; anything past the image size or degenerate (``x2 <= x
 An annotation with no ``<object>`` is a defect-free image. Every problem with the input raises
 `VocError` (a `ValueError`) whose message starts with the offending file's path.
 
-Only the standard library, and Pillow to read image headers: no numpy, no torch.
+Images are read as the edge reads them (`splitdet.edge.preprocess`): the Pillow modes it takes,
+converted the way it converts them; every other mode (float "F" TIFFs, Lab, HSV...) and every
+multi-frame file is a `VocError`, from the header read already, so that nothing is trained or
+evaluated on pixels the deployed model would never be given.
+
+Only the standard library and Pillow at import time; the edge's torch-free `preprocess` (numpy)
+loads when the first image is read. No torch.
 """
 
 from __future__ import annotations
@@ -71,9 +77,6 @@ ORIENTATION_SHOWN = {
     7: "mirrored and turned by 90 degrees",
     8: "turned by 90 degrees counter-clockwise",
 }
-
-#: Pillow modes of 16-bit grayscale images (and 32-bit integer ones holding 16-bit values).
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def check_hint(exc: Exception, root: Path | str) -> str:
@@ -274,14 +277,40 @@ def _orientation(img) -> int:
         return 1
 
 
+def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
+    """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
+    the open PIL image: a mode it does not take (float "F", Lab, HSV...) or several frames.
+
+    From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
+    lists are the edge's own, so the two stay one rule."""
+    from splitdet.edge.preprocess import TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise VocError(
+            f"{image_path}: a multi-frame image ({frames} frames, mode {img.mode!r}), which the "
+            "edge refuses too; save the frame to train on as an image of its own"
+        )
+    if img.mode not in ("RGB", "L", *TO_RGB_MODES, *TO_GRAY_MODES, *WIDE_GRAY_MODES):
+        raise VocError(
+            f"{image_path}: unsupported image mode {img.mode!r}, which the edge refuses too; "
+            "expected grayscale (8/16-bit, 1-bit, with alpha), RGB (with alpha), palette, CMYK "
+            "or YCbCr: save it as 8- or 16-bit grayscale or RGB"
+        )
+
+
 def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, int], int]:
     """``((width, height) px, EXIF orientation)`` of the image file, from one header read (no
-    pixels decoded); `VocError` names an unreadable file (and ``ann_path``)."""
+    pixels decoded); `VocError` names an unreadable file (and ``ann_path``), or one the edge
+    refuses (its mode, several frames)."""
     from PIL import Image  # header only; Pillow does not decode pixels on open
 
     try:
         with Image.open(image_path) as img:
+            _refuse_what_the_edge_refuses(img, image_path)
             return img.size, _orientation(img)
+    except VocError:
+        raise
     except Exception as exc:  # Pillow raises many types for unreadable files
         what = f" (for {ann_path.name})" if ann_path is not None else ""
         raise VocError(f"{image_path}: cannot read image{what}: {exc}") from exc
@@ -302,10 +331,14 @@ def _orientation_problem(image_path: Path, orientation: int) -> str:
 
 def load_rgb(image_path: Path, pixel_bits: int = 16):
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
-    body is corrupt or truncated (its header, read when the split was, looked fine).
+    body is corrupt or truncated (its header, read when the split was, looked fine), and one the
+    edge refuses (float "F" and other modes it does not take, several frames).
 
-    A 16-bit grayscale image's values are taken over 0..2**pixel_bits - 1 (`ModelConfig.
-    pixel_bits`, as the edge takes them) and rounded to 8 bits; VocError for a pixel past that.
+    Each mode is converted as the edge converts it (`splitdet.edge.preprocess`): palette, CMYK,
+    YCbCr and alpha images to RGB by Pillow, alpha dropped; "LA", "1" to grayscale. A 16-bit
+    (or 32-bit integer) grayscale image's values are taken over 0..2**pixel_bits - 1
+    (`ModelConfig.pixel_bits`, as the edge takes them) and rounded to 8 bits; VocError for a
+    pixel past that.
     """
     return load_rgb_and_peak(image_path, pixel_bits)[0]
 
@@ -315,9 +348,13 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
     one decoding for both."""
     from PIL import Image
 
+    from splitdet.edge.preprocess import WIDE_GRAY_MODES
+
     try:
         with Image.open(image_path) as img:
-            if img.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip them at 255
+            # before convert("RGB"), which would make a float image black, not refuse it
+            _refuse_what_the_edge_refuses(img, image_path)
+            if img.mode in WIDE_GRAY_MODES:  # convert("RGB") would clip them at 255
                 wide = img.convert("I")
                 low, high = wide.getextrema()
                 full_scale = (1 << pixel_bits) - 1

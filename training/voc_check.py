@@ -8,7 +8,8 @@ starting with the offending file, plus counts per split and warnings about what 
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
 another).
 
-Only the standard library, Pillow (through `voc`) and the model config: no numpy, no torch.
+Only the standard library, the model config and, through `voc` (which reads images as the edge
+does), Pillow and the edge's torch-free `preprocess`: no torch.
 """
 
 from __future__ import annotations
