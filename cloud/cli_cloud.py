@@ -95,9 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--log-format",
         choices=["text", "json"],
         default="text",
-        help="log lines on stderr: text for people, json (one object per line: ts, level, "
-        "event, and e.g. method, peer, edge, code, message of a refused call) for a log "
-        "pipeline (default: %(default)s)",
+        help="log lines on stderr: text for people (the message, then the event name and "
+        "fields it does not show as key=value), json (one object per line: ts, level, event, "
+        "and e.g. method, peer, edge, code, message of a refused call) for a log pipeline "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--threads",

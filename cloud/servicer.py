@@ -90,6 +90,17 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+#: The methods of the Detection service (counted by method in ServerMetrics).
+METHODS = ("Detect", "GetManifest")
+#: Every status code a call of METHODS can end with but OK: STATUS_FOR_ERROR's, INTERNAL (a
+#: bug) and UNAUTHENTICATED (TokenInterceptor).
+FAILURE_CODES = (
+    *dict.fromkeys(code for _, code in STATUS_FOR_ERROR),
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed call reports for `exc`."""
     for error_type, code in STATUS_FOR_ERROR:
@@ -105,7 +116,13 @@ def _clip(message: str) -> str:
 
 
 class ServerMetrics:
-    """The server's Prometheus metrics, in their own registry (one per server)."""
+    """The server's Prometheus metrics, in their own registry (one per server).
+
+    The series of requests and failures by method and code exist at 0 from the start (every
+    method with every code it can end with): one that first appeared at its first call (at 1)
+    would be one Prometheus' rate() and increase() see no increase in, so an alert such as
+    `rate(splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED"}[5m]) > 0` would miss the
+    first refusals after each start. The per-edge series cannot be known in advance."""
 
     def __init__(self, fingerprints: Sequence[str] = ()) -> None:
         """`fingerprints`: the served models, default first (the `splitdet_cloud_model` info)."""
@@ -122,6 +139,11 @@ class ServerMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        for method in METHODS:
+            self.requests.labels(method, grpc.StatusCode.OK.name)
+            for code in FAILURE_CODES:
+                self.requests.labels(method, code.name)
+                self.failures.labels(method, code.name)
         self.stage_seconds = Histogram(
             "splitdet_cloud_stage_seconds",
             "Server-side wall-clock seconds per Detect stage (decode, rpn, roi, total).",
@@ -741,6 +763,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: AcceptedTokens | str, metrics: ServerMetrics) -> None:
         self._tokens = tokens if isinstance(tokens, AcceptedTokens) else AcceptedTokens(tokens)
         self._metrics = metrics
+        # the one per-edge series known in advance: at 0 from the start (see ServerMetrics)
+        metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method

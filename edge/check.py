@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from splitdet.edge.client import ClientConfig, CloudClient, CloudError
+from splitdet.edge.client import ClientConfig, CloudClient, CloudError, likely_cause
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
@@ -74,7 +74,7 @@ def check_edge(
         return steps
     client = CloudClient(client_config)
     try:
-        alive, step = _timed("cloud", lambda: _health(client, client_config.addresses))
+        alive, step = _timed("cloud", lambda: _health(client, client_config))
         steps.append(step)
         if not alive:
             return steps
@@ -124,11 +124,16 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
     )
 
 
-def _health(client: CloudClient, address: str) -> tuple[bool, str]:
+def _health(client: CloudClient, config: ClientConfig) -> tuple[bool, str]:
+    """The first call, so the one a TLS handshake fails: its likely cause is named (an edge
+    without the client certificate mutual TLS needs gets only UNAVAILABLE "Socket closed")."""
+    address = config.addresses
     try:
         status = client.health()
     except CloudError as exc:
-        raise _Failed(f"{address}: {exc.code.name}: {exc.message}") from None
+        cause = likely_cause(config, exc)
+        detail = f"{address}: {exc.code.name}: {exc.message}"
+        raise _Failed(detail + (f"; likely cause: {cause}" if cause else "")) from None
     if status != "SERVING":
         raise _Failed(f"{address}: health {status}")
     return True, f"{address}: SERVING"

@@ -83,7 +83,8 @@ SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbo
 recorded but not yet moved (kill -9) are moved, not processed again. One `edge run` per --db: it
 holds FILE.lock, and a second one exits at start (`edge status`, `results`, `prune` and
 `requeue` are safe beside it). Logs are JSON lines on
-stderr. Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
+stderr (--log-format text: one line each, the message, then its event and fields as
+key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them); 2 usage or model errors.
 """
 
@@ -317,7 +318,8 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         "--log-format",
         choices=["json", "text"],
         default="json",
-        help="log lines on stderr (default: %(default)s)",
+        help="log lines on stderr: json (one object per line) or text (the message, then the "
+        "event name and fields as key=value) (default: %(default)s)",
     )
     p.set_defaults(handler=run)  # fmt: skip
 

@@ -84,6 +84,47 @@ def classify(code: grpc.StatusCode, message: str) -> CloudError:
     return NeverRetry(code, message)
 
 
+def likely_cause(config: ClientConfig, error: CloudError) -> str | None:
+    """What most likely failed, naming the edge's options to look at, when a call fails at
+    the TLS handshake; None for any other failure. gRPC reports those only as UNAVAILABLE,
+    which reads like a cloud that is down: a cloud under mutual TLS closes the connection of
+    an edge without an accepted client certificate ("Socket closed"), as a TLS cloud does a
+    plaintext edge's."""
+    if error.code is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    message = error.message
+    if "Socket closed" in message:
+        if not config.uses_tls:
+            return (
+                "the cloud serves TLS and this edge connects without: give --root-certs (the "
+                "CA of the cloud's certificate) or --tls"
+            )
+        if config.client_cert is None:
+            return (
+                "the cloud requires a client certificate (mutual TLS: its --client-ca) and "
+                "this edge sends none: give --client-cert and --client-key"
+            )
+        return (
+            f"the cloud does not accept --client-cert {config.client_cert} (mutual TLS: it "
+            "must be signed by the CA of the cloud's --client-ca)"
+        )
+    if not config.uses_tls:
+        return None
+    if "WRONG_VERSION_NUMBER" in message:
+        return (
+            "the cloud serves no TLS at this address: drop --tls, --root-certs, --client-cert "
+            "and --client-key, or give the cloud --tls-cert and --tls-key"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in message:
+        return "this edge does not trust the cloud's certificate: give --root-certs with its CA"
+    if "Hostname Verification" in message:
+        return (
+            "the cloud's certificate does not name the host of --cloud: give --server-name "
+            "with a name it holds"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """How to reach the cloud.

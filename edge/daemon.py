@@ -53,14 +53,24 @@ from splitdet.edge.client import (
     ImageMeta,
     RetryLater,
     build_request,
+    likely_cause,
 )
 from splitdet.edge.file_names import NAME_MAX, fit_name
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError
 from splitdet.edge.runtime import EdgeRuntime
-from splitdet.edge.sender import OPERATOR_PROBLEMS, PER_EXPORT, Backoff, Sender, annotate_hook
+from splitdet.edge.sender import (
+    DEAD_LETTER_CODES,
+    OPERATOR_PROBLEMS,
+    PER_EXPORT,
+    SEND_FAILURE_CODES,
+    Backoff,
+    Sender,
+    annotate_hook,
+)
 from splitdet.edge.store import (
+    ERROR_KINDS,
     VERDICTS,
     Arrival,
     KnownFile,
@@ -346,7 +356,13 @@ class _FolderCollector:
 
 class EdgeMetrics:
     """The daemon's Prometheus metrics, in their own registry (with `folder`, the hot
-    folder's too)."""
+    folder's too).
+
+    Every series of a labelled counter whose labels are known in advance (each verdict, error
+    kind, and status code a failure or dead letter can carry) is exported at 0 from the start:
+    a series that first appears at 1 (its first event, and the first after each restart) is
+    one Prometheus' increase() and rate() see no increase in, so the alerts on dead letters
+    and quarantined images would miss it."""
 
     def __init__(self, store: ResultStore, folder: HotFolder | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -363,6 +379,8 @@ class EdgeMetrics:
         self.errors = Counter(
             "splitdet_edge_errors", "Error results by kind.", ["kind"], registry=r
         )
+        for kind in ERROR_KINDS:  # (each series at 0 from the start: see the docstring)
+            self.errors.labels(kind)
         self.bytes_sent = Counter(
             "splitdet_edge_bytes_sent", "Request bytes sent to the cloud (all attempts).",
             registry=r,
@@ -384,10 +402,14 @@ class EdgeMetrics:
             "splitdet_edge_send_failures", "Failed Detect calls by status code.", ["code"],
             registry=r,
         )  # fmt: skip
+        for code in SEND_FAILURE_CODES:
+            self.send_failures.labels(code)
         self.dead_letters = Counter(
             "splitdet_edge_dead_letters", "Requests refused permanently, by code.", ["code"],
             registry=r,
         )  # fmt: skip
+        for code in DEAD_LETTER_CODES:
+            self.dead_letters.labels(code)
         self.outbox_full_waits = Counter(
             "splitdet_edge_outbox_full_waits",
             "Flagged images that had to wait for room in the outbox (policy wait).",
@@ -595,8 +617,10 @@ class EdgeDaemon:
         try:
             served = client.manifest(fingerprint)
         except RetryLater as exc:
+            cause = likely_cause(client.config, exc)  # a TLS handshake refused, or None
             _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
-                   note="requests wait in the outbox until it answers")  # fmt: skip
+                   note="requests wait in the outbox until it answers",
+                   **({"likely_cause": cause} if cause else {}))  # fmt: skip
             return False
         except CloudError as exc:
             event = OPERATOR_PROBLEMS.get(exc.code, ("cloud_check_failed", ""))[0]

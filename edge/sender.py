@@ -42,7 +42,14 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from splitdet.edge.client import CloudClient, CloudDetections, NeverRetry, RetryLater
+from splitdet.edge.client import (
+    RETRY_LATER_CODES,
+    CloudClient,
+    CloudDetections,
+    NeverRetry,
+    RetryLater,
+    likely_cause,
+)
 from splitdet.edge.store import Answer, OutboxItem, ResultStore, file_path
 from splitdet.shared.wire import detection_pb2 as pb
 
@@ -67,6 +74,21 @@ OPERATOR_PROBLEMS = {
 }
 #: The operator problems that concern one model export, not the edge's every request.
 PER_EXPORT = frozenset({grpc.StatusCode.FAILED_PRECONDITION})
+#: The codes a failed Detect call is counted under (EdgeMetrics.send_failed): the transient
+#: ones and the operator problems, the failures the sender retries.
+SEND_FAILURE_CODES = tuple(
+    code.name for code in grpc.StatusCode if code in RETRY_LATER_CODES or code in OPERATOR_PROBLEMS
+)
+#: A dead letter's code when its outbox row no longer parses (no call was made).
+CORRUPT_OUTBOX = "CORRUPT_OUTBOX"
+#: The codes a dead letter is counted under (EdgeMetrics.dead_letter): every status code the
+#: client can call NeverRetry (`classify`: RESOURCE_EXHAUSTED for a message over the bound)
+#: but the operator problems, which stay in the outbox; and CORRUPT_OUTBOX.
+DEAD_LETTER_CODES = (
+    *(code.name for code in grpc.StatusCode
+      if code is not grpc.StatusCode.OK and code not in OPERATOR_PROBLEMS),
+    CORRUPT_OUTBOX,
+)  # fmt: skip
 #: Consecutive connection failures after which the channel is rebuilt.
 REBUILD_AFTER_FAILURES = 3
 
@@ -190,7 +212,7 @@ class Sender(threading.Thread):
             request = pb.DetectRequest.FromString(item.payload)
         except DecodeError as exc:  # the outbox row itself is damaged: no retry can help
             self._dead_letter(item, f"dead letter: the outbox holds a corrupt request ({exc})",
-                              "CORRUPT_OUTBOX")  # fmt: skip
+                              CORRUPT_OUTBOX)  # fmt: skip
             return 0.0
         if self._client is None:
             self._client = self._make_client()
@@ -282,12 +304,13 @@ class Sender(threading.Thread):
         self.store.retry_later(item.image_id, time.time() + delay, str(exc))
         if self.metrics is not None:
             self.metrics.send_failed(exc.code.name)
-        log.warning(
-            "send failed, retrying",
-            extra={"fields": {"event": "send_retry", "image_id": item.image_id,
-                              "code": exc.code.name, "message": exc.message[:200],
-                              "failures": self.failures, "retry_in_s": round(delay, 3)}},
-        )  # fmt: skip
+        fields = {"event": "send_retry", "image_id": item.image_id, "code": exc.code.name,
+                  "message": exc.message[:200], "failures": self.failures,
+                  "retry_in_s": round(delay, 3)}  # fmt: skip
+        cause = None if self._client is None else likely_cause(self._client.config, exc)
+        if cause:  # a TLS handshake refused: UNAVAILABLE reads like a cloud that is down
+            fields["likely_cause"] = cause
+        log.warning("send failed, retrying", extra={"fields": fields})
         if self.failures >= REBUILD_AFTER_FAILURES:
             self._drop_client()  # a fresh channel connects at once on its first call
         return delay

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.logs import TextLogFormatter
 
 #: Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -89,11 +90,21 @@ def class_names(text: str) -> tuple[str, ...]:
     return names
 
 
+#: Example addresses in messages: one a server listens on (every interface), one a client
+#: connects to (0.0.0.0 is no address to connect to).
+LISTEN_EXAMPLE = "0.0.0.0:50051"
+CONNECT_EXAMPLE = "cloud.example:50051"
+
+
 def address_problem(text: str, port_required: bool = True, port_zero: bool = True) -> str | None:
     """What gRPC would misread without a word in `text` ("host:port" or "[IPv6]:port"), or
     None: a port past 65535 (99999 becomes 34463), a negative or missing port (443), an
     unbracketed IPv6 address, an empty host. Port 0 ("any free port") only with `port_zero`;
-    no port at all only without `port_required` (gRPC then takes 443)."""
+    no port at all only without `port_required` (gRPC then takes 443).
+
+    `port_zero` also says what the address is for, and so which example a problem gives: one
+    to listen on (0.0.0.0:50051), else one to connect to (cloud.example:50051: a client
+    cannot reach 0.0.0.0)."""
     value = text.strip()
     if value.startswith("["):
         host, closed, rest = value[1:].partition("]")
@@ -105,13 +116,14 @@ def address_problem(text: str, port_required: bool = True, port_zero: bool = Tru
         return "more than one ':' (an IPv6 address goes in brackets, e.g. [::1]:50051)"
     else:
         host, colon, port = value.partition(":")
-        problem = host_problem(host) if value else "no address"
+        problem = host_problem(host, listen=port_zero) if value else "no address"
         port = port if colon else None
     if problem:
         return problem
     if not port:  # None: no ':' at all; "": nothing after it
         if port_required or port == "":
-            return "no port (expected host:port, e.g. 0.0.0.0:50051)"
+            example = LISTEN_EXAMPLE if port_zero else CONNECT_EXAMPLE
+            return f"no port (expected host:port, e.g. {example})"
         return None
     low = 0 if port_zero else 1
     if not (port.isascii() and port.isdigit() and low <= int(port) <= 65535):
@@ -129,9 +141,12 @@ def split_host_port(text: str, option: str, port_zero: bool = True) -> tuple[str
     return host.strip("[]"), int(port)
 
 
-def host_problem(host: str) -> str | None:
-    """What is wrong with a host name or IP address (IPv6 without brackets), or None."""
+def host_problem(host: str, listen: bool = True) -> str | None:
+    """What is wrong with a host name or IP address (IPv6 without brackets), or None;
+    `listen`: the host is one to listen on (else one to connect to), for the example given."""
     if not host:
+        if not listen:
+            return f"no host (expected host:port, e.g. {CONNECT_EXAMPLE})"
         return "no host (0.0.0.0 for every interface, 127.0.0.1 for this machine only)"
     if ":" in host:
         return _ipv6_problem(host)
@@ -188,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()  # (unused when the root logger has a handler already)
+    handler.setFormatter(TextLogFormatter())  # a record's fields too, as key=value
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         return int(args.handler(args) or 0)
     except CommandError as exc:

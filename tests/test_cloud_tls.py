@@ -94,9 +94,9 @@ class ThrowawayCA:
         return _write(self.directory / f"{self.name}-{common_name}", key, cert)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pki")
+def plant_pki(directory: Path) -> dict:
+    """The plant's CA (`ca`), the cloud's pair (`server`), an edge's (`client`), and an edge
+    pair from another CA (`other_client`), written in `directory`."""
     ca, other_ca = ThrowawayCA(directory, "plant"), ThrowawayCA(directory, "intruder")
     return {
         "ca": ca.cert_path,
@@ -104,6 +104,11 @@ def pki(tmp_path_factory):
         "client": ca.issue("edge-1", server=False),
         "other_client": other_ca.issue("edge-x", server=False),
     }
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return plant_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
