@@ -871,24 +871,26 @@ class EdgeDaemon:
     def _renumbered(self, candidate: Candidate) -> KnownFile | None:
         """--after keep: the row of this very file recorded under another `file_key`, now
         given this one; None when there is none. A kept file is the same one when a row left
-        a file of its size at its path and the contents hash alike: a remount that numbered
-        inodes anew (CIFS `noserverino`) or a restore from a backup changed its identity,
-        not the image, and it is not processed again."""
+        a file at its path with its name, size and modification time (to the ns) and only
+        another inode, and the contents hash alike: a remount that numbered inodes anew (CIFS
+        `noserverino`) or a restore that kept the times changed its identity, not the image,
+        and it is not processed again. The same bytes written again (an identical shot, a
+        test image dropped again) have a new modification time: a new arrival."""
         path = path_text(candidate.path)
-        rows = self.store.recorded_at(path, candidate.size)
-        if not rows:
+        row = self.store.renumbered(path, candidate.file_key)
+        if row is None:
             return None
+        image_id, old_key, content_hash = row
         try:
             digest = hashlib.sha256(candidate.path.read_bytes()).hexdigest()
         except OSError:
             return None  # processed as new, which reads it again and says why not
-        for image_id, old_key, content_hash in rows:
-            if content_hash == digest:
-                self.store.rekey(image_id, candidate.file_key)
-                _event(logging.INFO, "recorded_file_renumbered", path=path, image_id=image_id,
-                       was=old_key, now=path_text(candidate.file_key))  # fmt: skip
-                return self.store.known(candidate.file_key)
-        return None
+        if content_hash != digest:
+            return None
+        self.store.rekey(image_id, candidate.file_key)
+        _event(logging.INFO, "recorded_file_renumbered", path=path, image_id=image_id,
+               was=old_key, now=path_text(candidate.file_key))  # fmt: skip
+        return self.store.known(candidate.file_key)
 
     def _finish(self, candidate: Candidate, known: KnownFile) -> None:
         """Complete what a recorded file's row says should happen to the file."""

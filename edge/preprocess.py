@@ -42,9 +42,11 @@ MAX_PIXELS = 64_000_000
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-#: A JPEG ending in at least this many zero bytes, with no end-of-image marker before them, is
-#: not all written: its writer sized the file first (Windows copies to a share do), then
-#: stalled. Pillow decodes such a file without a word, the missing part as grey.
+#: A JPEG ending in at least this many zero bytes, with no end-of-image marker after its last
+#: start-of-scan before them, is not all written: its writer sized the file first (Windows
+#: copies to a share do), then stalled. Pillow decodes such a file without a word, the missing
+#: part as grey. (Compressed scan data holds no end-of-image marker: a 0xFF byte in it is
+#: followed by 0x00 or a restart marker.)
 UNWRITTEN_TAIL_BYTES = 1024
 
 
@@ -147,12 +149,17 @@ def _open(data: bytes, source: str) -> Image.Image:
 
 def _unwritten_jpeg_tail(data: bytes) -> int:
     """Bytes of zeros a JPEG ends in before its end-of-image marker was written (0: none, or
-    fewer than UNWRITTEN_TAIL_BYTES, or the zeros follow the marker: padding)."""
+    fewer than UNWRITTEN_TAIL_BYTES, or the marker follows the last scan: the zeros are
+    padding, after a trailer or not)."""
     if not data.startswith(b"\xff\xd8"):
         return 0
     written = data.rstrip(b"\0")
     tail = len(data) - len(written)
-    return tail if tail >= UNWRITTEN_TAIL_BYTES and not written.endswith(b"\xff\xd9") else 0
+    if tail < UNWRITTEN_TAIL_BYTES:
+        return 0
+    last_scan = written.rfind(b"\xff\xda")  # after an EXIF thumbnail's own scan and end
+    ended = last_scan >= 0 and written.find(b"\xff\xd9", last_scan) >= 0
+    return 0 if ended else tail
 
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
@@ -167,9 +174,9 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
     unwritten = _unwritten_jpeg_tail(data)
     if unwritten:
         raise ImageError(
-            f"{source}: a JPEG whose last {unwritten} of {len(data)} bytes are zeros, with no "
-            "end-of-image marker before them: not all written yet (its writer sized the file "
-            "first) or cut short"
+            f"{source}: a JPEG whose last {unwritten} of {len(data)} bytes are zeros, its image "
+            "data not ended before them: not all written yet (its writer sized the file first) "
+            "or cut short"
         )
     try:
         image = _open(data, source)

@@ -46,7 +46,7 @@ from typing import Any
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
 #: Why a row has verdict "error".
@@ -64,12 +64,8 @@ CREATE TABLE dead_letters (
     dead_at    REAL NOT NULL            -- unix s of the refusal
 );
 """
-#: Finds the rows of files kept where they are (--after keep) by path: `recorded_at`.
-_STORED_PATH_INDEX = """
-CREATE INDEX IF NOT EXISTS images_stored_path ON images (stored_path, size_bytes);
-"""
 #: Statements that bring a store of version N to N + 1.
-_MIGRATIONS = {1: _DEAD_LETTERS, 2: _STORED_PATH_INDEX}
+_MIGRATIONS = {1: _DEAD_LETTERS}
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -112,7 +108,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
     value INTEGER NOT NULL
 );
-{_DEAD_LETTERS}{_STORED_PATH_INDEX}"""
+{_DEAD_LETTERS}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -465,15 +461,18 @@ class ResultStore:
         )
         return KnownFile(*rows[0]) if rows else None
 
-    def recorded_at(self, path: str, size_bytes: int) -> list[tuple[int, str, str]]:
-        """(id, file_key, content_hash) of the rows whose file was left at `path` (as
-        `path_text` writes it) with that size, newest first: under --after keep, the rows a
-        file found there under a new `file_key` may be (see `rekey`)."""
-        return self._query(
-            "SELECT id, file_key, content_hash FROM images WHERE stored_path = ? AND "
-            "size_bytes = ? ORDER BY id DESC",
-            (path_text(path), size_bytes),
+    def renumbered(self, path: str, file_key: str) -> tuple[int, str, str] | None:
+        """(id, file_key, content_hash) of the newest row that left its file at `path` (as
+        `path_text` writes it) under `file_key` but for the inode (`same_but_inode`), or None:
+        under --after keep, the row of a file a remount numbered anew (see `rekey`). Looked
+        up through the file_key's own index, by its prefix "name|size|mtime_ns|"."""
+        prefix = path_text(file_key).rpartition("|")[0] + "|"
+        rows = self._query(
+            "SELECT id, file_key, content_hash FROM images WHERE file_key > ? AND file_key < ?"
+            " AND stored_path = ? ORDER BY id DESC LIMIT 1",
+            (prefix, prefix + "\U0010ffff", path_text(path)),
         )
+        return rows[0] if rows else None
 
     def rekey(self, image_id: int, file_key: str) -> None:
         """Give a row the `file_key` its very file (same path, same content) has now: after a

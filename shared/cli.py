@@ -327,8 +327,9 @@ def add_pixel_bits_option(parser: argparse.ArgumentParser, default: int | None) 
         metavar="N",
         help=f"bits a 16-bit grayscale image's values use, {MIN_PIXEL_BITS}-16 (default: "
         f"{shown}: values over all of 0..65535): 12 for a Mono12 camera that saves its "
-        "values unscaled (0..4095) in 16-bit files; such values are scaled by 2**N - 1, and a "
-        "pixel past it is refused. 8-bit images are unaffected",
+        "values unscaled (0..4095) in 16-bit PNG or TIFF files; such values are scaled by 2**N - "
+        "1, and a pixel past it is refused. 8-bit images are unaffected, and so is a PGM, "
+        "which states its own maximum and is read over it: keep 16 for those",
     )
 
 

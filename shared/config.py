@@ -21,6 +21,11 @@ GATE_POOLINGS = ("avg", "max", "dense")
 MAX_REFINE_STEPS = 4
 #: Fewest bits `ModelConfig.pixel_bits` takes (a 16-bit file holding 8-bit values).
 MIN_PIXEL_BITS = 8
+#: Fields added after checkpoints and exports were first written -> the value those implied.
+#: `to_dict` leaves such a field out at that value, so that what is written at the default
+#: reads (and hashes, in a manifest's fingerprint) as it did before the field existed, and
+#: older splitdet versions, which refuse keys they do not know, still read it.
+LATER_FIELDS: dict[str, Any] = {"pixel_bits": 16}
 #: Most passes of box voting (`ModelConfig.box_vote_passes`).
 MAX_VOTE_PASSES = 10
 
@@ -149,8 +154,13 @@ class ModelConfig:
         return SplitSpec(fpn_channels=self.fpn_channels, gate_level=self.gate_level)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain JSON-able dict (tuples become lists); a LATER_FIELDS field at its old implied
+        value is left out."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k not in LATER_FIELDS or v != LATER_FIELDS[k]
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -45,9 +45,6 @@ def artifacts_for(model_config: ModelConfig) -> tuple[str, ...]:
     return (GATE_ONNX, CLOUD_WEIGHTS)
 
 
-#: `ModelConfig` fields added after format 1's first exports -> the value those exports implied.
-LATER_SETTINGS: dict[str, Any] = {"pixel_bits": 16}
-
 #: Largest manifest accepted (it is small JSON; anything bigger is not ours).
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -127,16 +124,10 @@ def compute_fingerprint(
     gate_threshold: float,
     spec_version: str = SPEC_VERSION,
 ) -> str:
-    """SHA-256 hex over artifact digests, spec version and the settings that change answers.
-
-    A setting added to `ModelConfig` after exports of this format existed (LATER_SETTINGS) is
-    hashed only when it differs from the value those exports implied, so that they keep their
-    fingerprint."""
-    settings = {
-        key: value
-        for key, value in model_config.to_dict().items()
-        if key not in LATER_SETTINGS or value != LATER_SETTINGS[key]
-    }
+    """SHA-256 hex over artifact digests, spec version and the settings that change answers
+    (a setting added to `ModelConfig` later is hashed only away from its old implied value:
+    `config.LATER_FIELDS`, so that older exports keep their fingerprint)."""
+    settings = model_config.to_dict()
     canonical = json.dumps(
         {
             "artifacts": dict(sorted(artifacts.items())),

@@ -39,6 +39,27 @@ def test_a_jpeg_not_all_written_is_refused_by_name_and_padding_is_not():
     np.testing.assert_array_equal(padded, decode_image(data, "whole.jpg"))
     # a short zero run (below the bound) is left to Pillow
     assert decode_image(data + bytes(16), "short.jpg").shape == (3, 128, 160)
+    # a trailer after the marker (a vendor's, a reused buffer's), then padding: whole
+    trailer = data + b"\x12\x34ABCD" + bytes(4 * UNWRITTEN_TAIL_BYTES)
+    np.testing.assert_array_equal(decode_image(trailer, "trailer.jpg"), padded)
+
+
+def test_an_exif_thumbnail_s_own_end_marker_does_not_pass_an_unwritten_jpeg():
+    """The thumbnail in a camera JPEG's EXIF block is a JPEG of its own, its end-of-image
+    marker near the file's start: the main image's scan is still unended."""
+    pixels = np.random.default_rng(2).integers(0, 256, (128, 160, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    thumbnail = io.BytesIO()
+    image.resize((40, 32)).save(thumbnail, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 1  # orientation: as stored
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes() + thumbnail.getvalue())
+    data = buffer.getvalue()
+    assert data.count(b"\xff\xd9") >= 2  # the thumbnail's end, and the image's
+    with pytest.raises(ImageError, match="not all written yet"):
+        decode_image(presized(data, len(data) * 2 // 3), "camera.jpg")
+    assert decode_image(data, "camera.jpg").shape == (3, 128, 160)
 
 
 def test_the_hot_folder_waits_for_a_stalled_presized_jpeg(tmp_path: Path):

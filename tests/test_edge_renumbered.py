@@ -1,21 +1,20 @@
 """--after keep, when the files kept in the hot folder change identity but not content: a
-remount that numbers inodes anew (CIFS `noserverino`) or a restore from a backup. Before, every
-kept image was processed again, with a second row each; now each keeps its one row."""
+remount that numbers inodes anew (CIFS `noserverino`) or a restore from a backup that keeps the
+times. Before, every kept image was processed again, with a second row each; now each keeps
+its one row. The same bytes written again (an identical shot) are still a new arrival."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from splitdet.edge.daemon import EdgeDaemon
-from splitdet.edge.store import SCHEMA_VERSION, ResultStore
+from splitdet.edge.store import ResultStore
 
 from support import daemon_config, image_rows
 
@@ -36,18 +35,22 @@ def renumber(path: Path) -> None:
 def test_kept_files_found_under_new_identities_keep_their_rows(tiny_model_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="splitdet.edge")
     config = daemon_config(tiny_model_dir, tmp_path, after="keep", settle_s=0.0)
-    for name, level in (("a.png", 40), ("b.png", 80), ("latest.png", 120)):
+    for name, level in (("a.png", 40), ("b.png", 80), ("c.png", 90), ("latest.png", 120)):
         (config.watch / name).write_bytes(png(level))
+    backup = shutil.copy2(config.watch / "b.png", tmp_path / "b.png")
     assert EdgeDaemon(config).run() == 0
     first = {Path(r["path"]).name: r for r in image_rows(config.db)}
-    assert len(first) == 3
+    assert len(first) == 4
 
     renumber(config.watch / "a.png")  # a remount: new inode, same mtime
-    (config.watch / "b.png").write_bytes(png(80))  # a restore: same bytes, a new mtime
+    (config.watch / "b.png").unlink()
+    shutil.copy2(backup, config.watch / "b.png")  # a restore that keeps the times
+    (config.watch / "c.png").write_bytes(png(90))  # the same bytes written again: a new shot
     (config.watch / "latest.png").write_bytes(png(121))  # the camera's next shot: new content
     assert EdgeDaemon(config).run() == 0
     rows = image_rows(config.db)
-    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "latest.png", "latest.png"]
+    names = [Path(r["path"]).name for r in rows]
+    assert names == ["a.png", "b.png", "c.png", "latest.png", "c.png", "latest.png"]
     for name in ("a.png", "b.png"):
         now = next(r for r in rows if r["id"] == first[name]["id"])
         assert now["file_key"] != first[name]["file_key"]  # known by its new identity
@@ -56,15 +59,13 @@ def test_kept_files_found_under_new_identities_keep_their_rows(tiny_model_dir, t
     assert sorted(Path(r.fields["path"]).name for r in told) == ["a.png", "b.png"]
 
     # a third start, and a prune of every final result: nothing processed, the rows of the
-    # files still there kept (the earlier latest.png's goes: its file was replaced)
+    # files still there kept (the earlier c.png's and latest.png's go: their files were
+    # written anew)
     caplog.clear()
     assert EdgeDaemon(daemon_config(tiny_model_dir, tmp_path, after="keep",
                                     keep_results_s=0.0)).run() == 0  # fmt: skip
-    assert [r["id"] for r in image_rows(config.db)] == [
-        first["a.png"]["id"],
-        first["b.png"]["id"],
-        rows[-1]["id"],
-    ]
+    kept = [first["a.png"]["id"], first["b.png"]["id"], rows[-2]["id"], rows[-1]["id"]]
+    assert [r["id"] for r in image_rows(config.db)] == kept
     assert not [r for r in caplog.records if "renumbered" in r.getMessage()]
 
 
@@ -82,19 +83,3 @@ def test_a_remount_before_a_prune_keeps_the_rows(tiny_model_dir, tmp_path):
     finally:
         store.close()
     assert image_rows(config.db) == [row]
-
-
-def test_a_version_2_store_gains_the_index(tmp_path):
-    db = tmp_path / "edge.sqlite"
-    ResultStore(db).close()
-    with contextlib.closing(sqlite3.connect(db)) as conn:  # as version 2 left it
-        conn.execute("DROP INDEX images_stored_path")
-        conn.execute("PRAGMA user_version = 2")
-        conn.commit()
-    store = ResultStore(db)
-    try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
-        indexes = {r[0] for r in store._query("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "images_stored_path" in indexes
-    finally:
-        store.close()

@@ -127,7 +127,7 @@ def test_a_version_1_store_is_migrated_and_its_old_dead_letters_named(tmp_path):
         readonly.close()
     store = ResultStore(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 2
         new = _refused(store, 2)
         assert store.requeue_dead_letters() == ([new], [], [old])
     finally:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -824,7 +824,7 @@ def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
         "gate_level": ("--gate-on", lambda level: gate_names.get(level, level)),
         "pixel_bits": ("--pixel-bits", str),
     }
-    there, here = saved.to_dict(), wanted.to_dict()
+    there, here = asdict(saved), asdict(wanted)  # every field, LATER_FIELDS too
     keys = sorted(
         (k for k in there.keys() | here.keys() if there.get(k) != here.get(k)),
         key=lambda k: (k not in options, k),
