@@ -6,7 +6,6 @@ report = run_benchmark(BenchConfig(model_dir=..., checkpoint=..., data_dir=..., 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -14,7 +13,6 @@ import shlex
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -41,6 +39,7 @@ from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.checkpoint import load_model, weights_digest
+from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import CLOUD_WEIGHTS, read_manifest
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import read_split
@@ -144,29 +143,10 @@ def _note_repeats(config: BenchConfig, samples: list, streams: dict[float, list]
     )
 
 
-@contextlib.contextmanager
-def exclusive_out(out_dir: Path) -> Iterator[None]:
+def exclusive_out(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Create `out_dir` and hold its lock file: a second benchmark writing there at the same
     time would mix its report and figures with this one's. ValueError naming --out otherwise."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(out_dir / ".splitdet-bench.lock", "a+")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ValueError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ValueError(
-                f"--out {out_dir}: another splitdet bench ({holder}) is writing its report "
-                "there; wait for it to end or give another --out"
-            ) from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield  # the lock ends with the file's closing, or with the process
+    return folder_lock(out_dir, ".splitdet-bench.lock", "splitdet bench", "--out")
 
 
 def _run_streams(config, systems, streams, class_names, bar, on_rate, pixel_bits) -> dict:

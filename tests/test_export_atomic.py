@@ -54,3 +54,37 @@ def test_a_killed_export_leaves_the_earlier_one_whole(tmp_path):
     assert after.returncode == 0, after.stderr
     assert read_manifest(out, verify=True).fingerprint != before
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_second_export_into_the_same_folder_is_refused_and_harms_nothing(tmp_path, capsys):
+    """Two exports into one --out at once: the second used to take the first's staging
+    folder for one a killed export left, and delete it under it. It is now refused at once,
+    naming the first (its pid); the first's staging folder and export are untouched."""
+    from splitdet.shared.cli import main
+    from splitdet.shared.folder_lock import folder_lock
+    from splitdet.training.export import EXPORT_LOCK, ExportError
+
+    out = tmp_path / "model"
+    export_model(make_tiny_model(), out, gate_threshold=0.5, default_codec="int8")
+    before = read_manifest(out).fingerprint
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, make_tiny_model(seed=1))
+    with folder_lock(out, EXPORT_LOCK, "splitdet export", "--out"):  # the first export, busy
+        working = out / f"{STAGING_PREFIX}first"
+        working.mkdir()
+        (working / "edge_gate.onnx").write_bytes(b"half written")
+        try:
+            export_model(make_tiny_model(seed=1), out, gate_threshold=0.5, default_codec="int8")
+        except ExportError as exc:
+            assert f"--out {out}: another splitdet export (pid {os.getpid()})" in str(exc)
+        else:
+            raise AssertionError("the second export was not refused")
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "another splitdet export" in err and "Traceback" not in err
+        assert (working / "edge_gate.onnx").read_bytes() == b"half written"
+    assert read_manifest(out).fingerprint == before
+    # once the first is done, an export goes through (and clears what a killed one left)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_manifest(out).fingerprint != before
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))

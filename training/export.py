@@ -13,6 +13,7 @@ so a half-exported directory can never be served.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from splitdet.shared.checkpoint import weights_digest
 from splitdet.shared.codec import CODECS
+from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import (
     ALL_ARTIFACTS,
     CLOUD_WEIGHTS,
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Name prefix of the folder an export is built and checked in, inside its --out.
 STAGING_PREFIX = ".export-staging-"
+#: The lock file an export holds in its --out while it writes there (`folder_lock`).
+EXPORT_LOCK = ".splitdet-export.lock"
 
 #: ONNX opset; 17 is served by every ONNX Runtime since 1.13.
 OPSET = 17
@@ -192,17 +196,21 @@ def export_model(
     if not 0.0 <= gate_threshold <= 1.0:
         raise ExportError(f"gate threshold must be in [0, 1], got {gate_threshold}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-    try:
-        manifest = _export_into(
-            model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
-        )
-        _publish(staging, out_dir, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.ExitStack() as held:
+        try:  # one export at a time: another's staging folder is never taken for a stale one
+            held.enter_context(folder_lock(out_dir, EXPORT_LOCK, "splitdet export", "--out"))
+        except ValueError as exc:  # another export into it, or a folder that cannot be made
+            raise ExportError(str(exc)) from None
+        for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by an export that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        try:
+            manifest = _export_into(
+                model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
+            )
+            _publish(staging, out_dir, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
