@@ -89,31 +89,21 @@ def likely_cause(config: ClientConfig, error: CloudError) -> str | None:
     the TLS handshake; None for any other failure. gRPC reports those only as UNAVAILABLE,
     which reads like a cloud that is down: a cloud under mutual TLS closes the connection of
     an edge without an accepted client certificate ("Socket closed"), as a TLS cloud does a
-    plaintext edge's."""
-    if error.code is not grpc.StatusCode.UNAVAILABLE:
+    plaintext edge's. A connection closed at once is also what a load balancer with no cloud
+    behind it, or a cloud restarting, gives: the cause says so. One dropped mid-call ("Stream
+    removed") is no handshake: None."""
+    if error.code is not grpc.StatusCode.UNAVAILABLE or "Stream removed" in error.message:
         return None
     message = error.message
     if "Socket closed" in message:
-        if not config.uses_tls:
-            return (
-                "the cloud serves TLS and this edge connects without: give --root-certs (the "
-                "CA of the cloud's certificate) or --tls"
-            )
-        if config.client_cert is None:
-            return (
-                "the cloud requires a client certificate (mutual TLS: its --client-ca) and "
-                "this edge sends none: give --client-cert and --client-key"
-            )
-        return (
-            f"the cloud does not accept --client-cert {config.client_cert} (mutual TLS: it "
-            "must be signed by the CA of the cloud's --client-ca)"
-        )
+        return f"{_closed_cause(config)} {DROPPED_ALSO}"
     if not config.uses_tls:
         return None
     if "WRONG_VERSION_NUMBER" in message:
         return (
-            "the cloud serves no TLS at this address: drop --tls, --root-certs, --client-cert "
-            "and --client-key, or give the cloud --tls-cert and --tls-key"
+            "the cloud serves no TLS at this address (or another service answers there, e.g. "
+            "a metrics port): drop --tls, --root-certs, --client-cert and --client-key, or "
+            "give the cloud --tls-cert and --tls-key"
         )
     if "CERTIFICATE_VERIFY_FAILED" in message:
         return "this edge does not trust the cloud's certificate: give --root-certs with its CA"
@@ -123,6 +113,31 @@ def likely_cause(config: ClientConfig, error: CloudError) -> str | None:
             "with a name it holds"
         )
     return None
+
+
+#: Appended to the cause of a connection closed at once: what else closes one so.
+DROPPED_ALSO = (
+    "(or, with the cloud down or restarting, a load balancer or proxy in front of it closed "
+    "the connection: check the cloud first)"
+)
+
+
+def _closed_cause(config: ClientConfig) -> str:
+    """The TLS reason a cloud closes this edge's connection at once."""
+    if not config.uses_tls:
+        return (
+            "the cloud serves TLS and this edge connects without: give --root-certs (the CA "
+            "of the cloud's certificate) or --tls"
+        )
+    if config.client_cert is None:
+        return (
+            "the cloud requires a client certificate (mutual TLS: its --client-ca) and this "
+            "edge sends none: give --client-cert and --client-key"
+        )
+    return (
+        f"the cloud does not accept --client-cert {config.client_cert} (mutual TLS: it must "
+        "be signed by the CA of the cloud's --client-ca)"
+    )
 
 
 @dataclass(frozen=True)

@@ -411,3 +411,20 @@ def test_a_malformed_cloud_address_gets_an_address_to_connect_to(capsys, model_d
     # the cloud's --listen is an address to listen on: its example stays 0.0.0.0
     line = _error(capsys, ["cloud", "--model", str(tmp_path / "none"), "--listen", address])
     assert "0.0.0.0" in line and "cloud.example" not in line, line
+
+
+def test_a_connection_dropped_is_not_blamed_on_tls_alone():
+    """A load balancer with no cloud behind it closes the connection as a mutual-TLS cloud
+    refusing the edge does: the cause says so. A call dropped mid-way (a cloud killed while
+    answering, "Stream removed") is no handshake at all: no cause."""
+    import grpc
+
+    from splitdet.edge.client import ClientConfig, CloudError, likely_cause
+
+    plain = ClientConfig("127.0.0.1:50051")
+    closed = CloudError(
+        grpc.StatusCode.UNAVAILABLE, "failed to connect: ipv4:127.0.0.1:50051: Socket closed"
+    )
+    assert "load balancer or proxy" in likely_cause(plain, closed)
+    dropped = CloudError(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
+    assert likely_cause(plain, dropped) is None
