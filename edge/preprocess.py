@@ -42,8 +42,8 @@ MAX_PIXELS = 64_000_000
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-#: A JPEG ending in at least this many zero bytes, with no end-of-image marker after its last
-#: start-of-scan before them, is not all written: its writer sized the file first (Windows
+#: A JPEG ending in at least this many zero bytes, its segments not reaching its end-of-image
+#: marker before them, is not all written: its writer sized the file first (Windows
 #: copies to a share do), then stalled. Pillow decodes such a file without a word, the missing
 #: part as grey. (Compressed scan data holds no end-of-image marker: a 0xFF byte in it is
 #: followed by 0x00 or a restart marker.)
@@ -149,17 +149,50 @@ def _open(data: bytes, source: str) -> Image.Image:
 
 def _unwritten_jpeg_tail(data: bytes) -> int:
     """Bytes of zeros a JPEG ends in before its end-of-image marker was written (0: none, or
-    fewer than UNWRITTEN_TAIL_BYTES, or the marker follows the last scan: the zeros are
-    padding, after a trailer or not)."""
+    fewer than UNWRITTEN_TAIL_BYTES, or its segments reach the marker: the zeros are padding,
+    after a trailer or not)."""
     if not data.startswith(b"\xff\xd8"):
         return 0
-    written = data.rstrip(b"\0")
-    tail = len(data) - len(written)
-    if tail < UNWRITTEN_TAIL_BYTES:
-        return 0
-    last_scan = written.rfind(b"\xff\xda")  # after an EXIF thumbnail's own scan and end
-    ended = last_scan >= 0 and written.find(b"\xff\xd9", last_scan) >= 0
-    return 0 if ended else tail
+    tail = len(data) - len(data.rstrip(b"\0"))
+    return 0 if tail < UNWRITTEN_TAIL_BYTES or _jpeg_ends(data) else tail
+
+
+#: Markers without a length field: TEM, RST0-7, SOI.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether walking a JPEG's own segments from its start reaches its end-of-image marker
+    (an EXIF thumbnail's, inside its segment, and whatever follows the image do not count).
+    Scan data runs to the next marker: a 0xFF in it is followed by 0x00 or a restart
+    marker."""
+    end, pos = len(data), 2
+    while pos < end:
+        if data[pos] != 0xFF:
+            return False  # no marker where one must be: zeros, or not written yet
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return True
+        if marker in _STANDALONE_MARKERS:
+            continue
+        if pos + 2 > end:
+            return False
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+        if marker == 0xDA:  # start of scan: skip its entropy-coded data
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= end:
+                    return False
+                if data[pos + 1] == 0x00 or 0xD0 <= data[pos + 1] <= 0xD7:
+                    pos += 2
+                    continue
+                break
+    return False
 
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:

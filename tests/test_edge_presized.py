@@ -42,6 +42,22 @@ def test_a_jpeg_not_all_written_is_refused_by_name_and_padding_is_not():
     # a trailer after the marker (a vendor's, a reused buffer's), then padding: whole
     trailer = data + b"\x12\x34ABCD" + bytes(4 * UNWRITTEN_TAIL_BYTES)
     np.testing.assert_array_equal(decode_image(trailer, "trailer.jpg"), padded)
+    # ... a trailer holding what looks like markers (motion-photo video data)
+    video = data + b"ftypmp42\xff\xda\x00\x08\xff\xc0" + bytes(4 * UNWRITTEN_TAIL_BYTES)
+    np.testing.assert_array_equal(decode_image(video, "motion.jpg"), padded)
+
+
+def test_progressive_jpegs_are_walked_scan_by_scan():
+    """A progressive JPEG has many scans, each with its own start-of-scan marker."""
+    pixels = np.random.default_rng(3).integers(0, 256, (128, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    assert data.count(b"\xff\xda") > 1
+    assert decode_image(data + bytes(4 * UNWRITTEN_TAIL_BYTES)).shape == (3, 128, 160)
+    for written in (len(data) // 4, len(data) // 2, len(data) - UNWRITTEN_TAIL_BYTES):
+        with pytest.raises(ImageError, match="not all written yet"):
+            decode_image(presized(data, written), "progressive.jpg")
 
 
 def test_an_exif_thumbnail_s_own_end_marker_does_not_pass_an_unwritten_jpeg():
