@@ -6,16 +6,22 @@ works (torch-free).
 
 A second writer at the same time is refused at once with a ValueError naming the folder, the
 holder's pid and what to do; the kernel drops the lock when the holder's process ends (kill -9
-too), so a lock file left behind never blocks the next run.
+too), so a lock file left behind never blocks the next run, nor does one another user left (it is
+opened read-only then). A file system that cannot lock (NFS without lockd) gets a warning and
+no lock, as before there was one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -29,14 +35,17 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
         option: the option that chose the folder, as the refusal names it ("--out").
 
     Raises:
-        ValueError: the folder cannot be made or written, or another process holds the lock.
+        ValueError: the folder cannot be made or its lock file opened, or another process
+            holds the lock. On a file system without locks (old NFS) it warns and goes on.
     """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / lock_name, "a+")  # noqa: SIM115 - closed below
+        handle = _open_lock_file(folder / lock_name)
     except OSError as exc:
-        raise ValueError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
+        raise ValueError(
+            f"{option} {folder}: cannot write there or open its {lock_name} ({exc.strerror or exc})"
+        ) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,7 +56,27 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
                 f"{option} {folder}: another {writer} ({holder}) is writing there; wait for it "
                 f"to end or give another {option}"
             ) from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (old NFS)
+            log.warning(
+                "%s %s: its file system cannot lock %s (%s); going on without the lock, so "
+                "make sure no other %s writes there at the same time",
+                option, folder, lock_name, exc.strerror or exc, writer,
+            )  # fmt: skip
+            yield
+            return
+        if handle.writable():  # (a lock file another user made: held, not written)
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
         yield  # the lock ends with the file's closing, or with the process
+
+
+def _open_lock_file(path: Path) -> TextIO:
+    """The lock file, opened to be written (made if missing); read-only when it exists and
+    belongs to another user who left it unwritable to us: flock needs only an open file."""
+    try:
+        return open(path, "a+")
+    except PermissionError:
+        if not path.is_file():
+            raise
+        return open(path)

@@ -1,0 +1,75 @@
+"""`shared.folder_lock`: one writer per output folder (export, bench), without blocking a
+second user of a shared folder, nor a file system that cannot lock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from splitdet.shared.folder_lock import folder_lock
+
+from support import as_nobody
+
+LOCK = ".splitdet-test.lock"
+
+TAKE = """
+import sys
+from splitdet.shared.folder_lock import folder_lock
+try:
+    with folder_lock(sys.argv[1], ".splitdet-test.lock", "splitdet export", "--out"):
+        print("held")
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_a_lock_file_another_user_left_does_not_block_the_next(tmp_path):
+    """A group-writable model folder: user A's export leaves the lock file, mode 0644; user
+    B's export could still write every file of the folder, and must not be refused for the
+    lock file alone (before: "cannot write there (Permission denied)")."""
+    prefix = as_nobody()
+    if not prefix:
+        pytest.skip("needs root and an unprivileged user to run as")
+    with tempfile.TemporaryDirectory() as name:  # (pytest's own tmp_path is closed to others)
+        shared = Path(name) / "model"
+        shared.mkdir()
+        Path(name).chmod(0o777)
+        shared.chmod(0o777)
+        with folder_lock(shared, LOCK, "splitdet export", "--out"):
+            pass  # A's export: done, its lock file left behind
+        assert (shared / LOCK).stat().st_mode & 0o777 == 0o644
+
+        def take() -> str:
+            run = subprocess.run([*prefix, sys.executable, "-c", TAKE, str(shared)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            return run.stdout.strip()
+
+        assert take() == "held"
+        with folder_lock(shared, LOCK, "splitdet export", "--out"):  # A exports again...
+            refused = take()  # ...and B at the same time is refused, naming A
+        assert "another splitdet export (pid" in refused, refused
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """NFS without lockd: flock fails with ENOLCK. The export worked there before it took a
+    lock; it still does, with a warning (before: 'cannot write ... No locks available')."""
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="splitdet.shared.folder_lock")
+    ran = False
+    with folder_lock(tmp_path / "nfs", LOCK, "splitdet export", "--out"):
+        ran = True
+    assert ran
+    assert any("cannot lock" in r.getMessage() and "No locks available" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
