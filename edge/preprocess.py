@@ -8,7 +8,7 @@ truncates it, then zero-pad bottom/right to multiples of 32.
 Accepted inputs (Pillow modes), each to three equal or RGB channels in [0, 1]:
 - 8-bit RGB and grayscale ("RGB", "L");
 - converted by Pillow as training's `voc.load_rgb` converts them: palette ("P", "PA"), CMYK,
-  YCbCr and alpha images ("RGBA", "RGBa", "RGBX") to RGB; "LA", "La" and 1-bit ("1") to
+  YCbCr and alpha images ("RGBA", "RGBa", "RGBX") to RGB; "LA" and 1-bit ("1") to
   grayscale; alpha is dropped, not composited;
 - 16-bit grayscale of either byte order ("I;16", "I;16B", "I;16L", "I;16N"), and 32-bit
   integer ("I", e.g. a 16-bit PGM or signed TIFF), scaled by 2**pixel_bits - 1: 65535 by
@@ -57,7 +57,7 @@ class ImageError(ValueError):
 #: Pillow modes taken as RGB after Pillow's own conversion (as training's `load_rgb` does).
 TO_RGB_MODES = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 #: Pillow modes taken as grayscale after Pillow's own conversion (alpha dropped, 1-bit to 0/255).
-TO_GRAY_MODES = ("LA", "La", "1")
+TO_GRAY_MODES = ("LA", "1")  # (not "La": Pillow cannot convert it)
 #: 16-bit grayscale in either byte order, and 32-bit integers (accepted within the model's
 #: 0..2**pixel_bits - 1).
 WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

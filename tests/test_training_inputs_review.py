@@ -162,6 +162,16 @@ def test_a_multi_frame_tiff_is_a_problem_as_on_the_edge(tmp_path, capsys):
     assert f"problem: {victim}: a multi-frame image (2 frames, mode 'L')" in out, out
 
 
+def test_an_image_past_the_edge_s_size_limits_is_a_problem_as_on_the_edge(tmp_path, capsys):
+    """A 70000x2 px strip: the edge refuses a side over 65536 px; training took it."""
+    root, victim = _dataset_with(tmp_path, Image.new("L", (70_000, 2), 40))
+    with pytest.raises(ImageError, match="side over 65536"):
+        load_image(victim)
+    assert main(["data", "check", str(root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {victim}: 70000x2 px is more than the edge takes" in out, out
+
+
 # ------------------------------------------------------------ 2. resuming another configuration
 
 

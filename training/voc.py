@@ -279,12 +279,20 @@ def _orientation(img) -> int:
 
 def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
     """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
-    the open PIL image: a mode it does not take (float "F", Lab, HSV...) or several frames.
+    the open PIL image: a mode it does not take (float "F", Lab, HSV...), several frames, or
+    a size past its limits (MAX_PIXELS, MAX_ORIGINAL_SIDE).
 
     From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
-    lists are the edge's own, so the two stay one rule."""
-    from splitdet.edge.preprocess import TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+    lists and limits are the edge's own, so the two stay one rule."""
+    from splitdet.edge.preprocess import MAX_PIXELS, TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+    from splitdet.shared.spec import MAX_ORIGINAL_SIDE
 
+    width, height = img.size
+    if width * height > MAX_PIXELS or max(width, height) > MAX_ORIGINAL_SIDE:
+        raise VocError(
+            f"{image_path}: {width}x{height} px is more than the edge takes ({MAX_PIXELS} "
+            f"pixels, {MAX_ORIGINAL_SIDE} px on a side); cut it into tiles, or shrink it"
+        )
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         raise VocError(
