@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -44,6 +45,7 @@ from splitdet.cloud.core import (
     FingerprintMismatch,
     InvalidRequest,
 )
+from splitdet.cloud.inflight import InFlight
 from splitdet.cloud.slots import FairSlots, Outcome
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
@@ -492,6 +494,7 @@ class DetectionServicer:
         self.max_queue_wait_s = max_queue_wait_s
         self.debug_delay_s = debug_delay_s
         self._slots = FairSlots(max_concurrent, max_queued)
+        self._inflight = InFlight()  # identical calls answered once
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
         self._manifests: dict[str, bytes] = {}
@@ -520,12 +523,18 @@ class DetectionServicer:
         # Checked before any wait: a malformed call, one for a model not served and the repeat
         # of an answered one (--answers-db) are answered without a slot. Parsed only once it
         # has one: a waiting call holds its request once, not twice.
-        repeat = self.core.is_repeat(*check_request_wire(raw))
+        request_id, fingerprint = check_request_wire(raw)
+        repeat = self.core.is_repeat(request_id, fingerprint)
         holding = False
+        key = (fingerprint, request_id)
+        lead = answer = None
 
         def is_cancelled() -> bool:
             remaining = context.time_remaining()
             return not context.is_active() or (remaining is not None and remaining <= 0)
+
+        def abandoned() -> bool:  # a call others wait for goes on for them without its caller
+            return is_cancelled() and not (lead is not None and lead.followers)
 
         def take_slot() -> None:
             nonlocal holding
@@ -534,14 +543,22 @@ class DetectionServicer:
             self._take_slot(context)
             holding = True
             self.metrics.in_flight.inc()
-            self._debug_delay(is_cancelled)
+            self._debug_delay(abandoned)
 
         try:
             if not repeat:
-                take_slot()
+                lead, follow = self._inflight.lead_or_follow(key, raw)
+                if follow is not None:  # the same request is being answered: its answer
+                    answered = InFlight.wait(follow, is_cancelled)
+                    if answered is not None:  # (the heads did not run for this call)
+                        result = replace(answered, cached=True)
+                        self.metrics.observe(result, edge)
+                        return result_to_proto(result).SerializeToString()
+                take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(_parse(pb.DetectRequest, raw))
             # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
-            result = self.core.detect(call, is_cancelled, before_compute=take_slot)
+            result = self.core.detect(call, abandoned, before_compute=take_slot)
+            answer = result
         except Cancelled as exc:
             # Still connected: its deadline passed here before its own timer fired, and it
             # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
@@ -552,6 +569,7 @@ class DetectionServicer:
             if holding:
                 self.metrics.in_flight.dec()
                 self._slots.release()
+            self._inflight.finish(key, lead, answer)
         self.metrics.observe(result, edge)
         return result_to_proto(result).SerializeToString()
 

@@ -129,6 +129,71 @@ def _await_metric(server, name: str, value: float, timeout: float = 10.0) -> Non
         time.sleep(0.02)
 
 
+def test_an_identical_call_waits_for_the_running_one_instead_of_a_slot(served, tmp_path, sample):
+    """An edge sends again a request the cloud is still computing (its first call timed out):
+    the second waits for the first's answer without a slot, and the heads run once. Before, it
+    took a slot of its own (here: refused, the one slot taken and no queue), or ran them again.
+    The same id with other bytes is no such call: refused for the slot as any other."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
+        server,
+        client,
+    ):
+        first: list = []
+        slow = threading.Thread(
+            target=lambda: first.append(
+                client.detect(sample.encoded, sample.image, "resent", fingerprint)
+            )
+        )
+        slow.start()
+        _await_metric(server, "splitdet_cloud_in_flight", 1)
+        other = make_sample(served[0], seed=9)
+        with pytest.raises(RetryLater) as busy:  # same id, other request: no joining
+            client.detect(other.encoded, other.image, "resent", fingerprint)
+        assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        again = client.detect(sample.encoded, sample.image, "resent", fingerprint)
+        slow.join(10)
+        assert len(first) == 1 and not first[0].cached and again.cached
+        np.testing.assert_array_equal(again.boxes, first[0].boxes)
+        np.testing.assert_array_equal(again.scores, first[0].scores)
+        assert _metric(server, "splitdet_cloud_heads_runs_total") == 1
+        assert _metric(server, "splitdet_cloud_cache_hits_total") == 1
+
+
+def test_the_running_call_goes_on_for_the_one_waiting_when_its_caller_leaves(
+    served, tmp_path, sample
+):
+    """The usual case: the first call's caller gave up (its deadline) and sent again. The
+    first is computed to its end for the second, which gets the answer."""
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
+        server,
+        _,
+    ):
+        impatient = CloudClient(ClientConfig(f"127.0.0.1:{server.port}", timeout_s=1.0))
+        patient = CloudClient(ClientConfig(f"127.0.0.1:{server.port}", timeout_s=30.0))
+        try:
+            gave_up: list = []
+
+            def first() -> None:
+                try:
+                    impatient.detect(sample.encoded, sample.image, "retried", fingerprint)
+                except RetryLater as exc:
+                    gave_up.append(exc.code)
+
+            thread = threading.Thread(target=first)
+            thread.start()
+            _await_metric(server, "splitdet_cloud_in_flight", 1)
+            answer = patient.detect(sample.encoded, sample.image, "retried", fingerprint)
+            thread.join(10)
+            assert gave_up == [grpc.StatusCode.DEADLINE_EXCEEDED]
+            assert answer.cached and len(answer.boxes) > 0
+            assert _metric(server, "splitdet_cloud_heads_runs_total") == 1
+        finally:
+            impatient.close()
+            patient.close()
+
+
 def _one_running_one_waiting(server, send) -> tuple[threading.Thread, threading.Thread]:
     """Threads calling send("first"), running once this returns, and send("second"), waiting
     for a slot (one slot, a debug delay)."""

@@ -1,0 +1,88 @@
+"""Identical Detect calls answered once (no torch).
+
+An edge that gave up on a call (its deadline passed, its connection dropped) sends the same
+request again, while the cloud may still be computing the first: without this, both take a
+slot and run the heads, and the retry waits in the queue behind work done twice. A call whose
+request is byte for byte one already running (same model, same request id) now waits for that
+answer instead, without a slot; if the first fails, it goes on as any call would. The first
+call keeps computing for those waiting even when its own caller has gone away (the usual
+reason for the retry).
+
+    running = InFlight()
+    lead, follow = running.lead_or_follow(key, raw)
+    if follow is not None:
+        answer = InFlight.wait(follow, is_cancelled)   # the first call's result, or None
+    ...
+    running.finish(key, lead, answer)                  # in a finally, None when it failed
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitdet.cloud.core import Cancelled
+
+
+@dataclass
+class Running:
+    """One call being computed: its request's bytes, and its answer once there."""
+
+    request: bytes
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Any = None  # what `finish` was given: None when the call failed
+    followers: int = 0  # calls waiting for this one's answer (while it runs, only grows)
+
+
+class InFlight:
+    """The calls being computed now, by key (model fingerprint, request id). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, Running] = {}
+
+    def lead_or_follow(
+        self, key: Hashable, request: bytes
+    ) -> tuple[Running | None, Running | None]:
+        """(the entry this call now leads, or None; the identical running call's entry it
+        should wait for, or None). A call of the same key but other bytes gets neither: it is
+        computed on its own (the core refuses a request id used for two requests it knows)."""
+        with self._lock:
+            running = self._running.get(key)
+            if running is None:
+                running = self._running[key] = Running(request)
+                return running, None
+        if running.request != request:  # (bytes are immutable: compared outside the lock)
+            return None, None
+        with self._lock:
+            running.followers += 1
+        return None, running
+
+    def finish(self, key: Hashable, running: Running | None, answer: Any) -> None:
+        """End a call this one leads (`running` None: it led none): hand `answer` (None when
+        it failed) to the calls waiting for it."""
+        if running is None:
+            return
+        running.answer = answer
+        with self._lock:
+            if self._running.get(key) is running:
+                del self._running[key]
+        running.done.set()
+
+    @staticmethod
+    def wait(running: Running, is_cancelled: Callable[[], bool], poll_s: float = 0.05) -> Any:
+        """The answer of the call `running` describes, once it ends (None when it failed).
+
+        Raises:
+            Cancelled: `is_cancelled` said the waiting caller went away.
+        """
+        while not running.done.wait(poll_s):
+            if is_cancelled():
+                raise Cancelled("caller went away while an identical call was being answered")
+        return running.answer
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._running)
