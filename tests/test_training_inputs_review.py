@@ -172,6 +172,20 @@ def test_an_image_past_the_edge_s_size_limits_is_a_problem_as_on_the_edge(tmp_pa
     assert f"problem: {victim}: 70000x2 px is more than the edge takes" in out, out
 
 
+def test_a_file_past_the_edge_s_byte_limit_is_a_problem_as_on_the_edge(tmp_path, capsys):
+    """A TIFF with 300 MB of data after its pixels (a sparse file: no disk used)."""
+    from splitdet.edge.preprocess import MAX_FILE_BYTES
+
+    root, victim = _dataset_with(tmp_path, Image.new("L", (160, 128), 40))
+    with open(victim, "r+b") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(ImageError, match="is larger than"):
+        load_image(victim)
+    assert main(["data", "check", str(root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {victim}: {MAX_FILE_BYTES + 1} bytes is more than the edge takes" in out
+
+
 # ------------------------------------------------------------ 2. resuming another configuration
 
 

@@ -280,12 +280,22 @@ def _orientation(img) -> int:
 def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
     """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
     the open PIL image: a mode it does not take (float "F", Lab, HSV...), several frames, or
-    a size past its limits (MAX_PIXELS, MAX_ORIGINAL_SIDE).
+    a size past its limits (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE).
 
     From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
     lists and limits are the edge's own, so the two stay one rule."""
-    from splitdet.edge.preprocess import MAX_PIXELS, TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+    from splitdet.edge.preprocess import (
+        MAX_FILE_BYTES,
+        MAX_PIXELS,
+        TO_GRAY_MODES,
+        TO_RGB_MODES,
+        WIDE_GRAY_MODES,
+    )
     from splitdet.shared.spec import MAX_ORIGINAL_SIDE
+
+    size = Path(image_path).stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise VocError(f"{image_path}: {size} bytes is more than the edge takes ({MAX_FILE_BYTES})")
 
     width, height = img.size
     if width * height > MAX_PIXELS or max(width, height) > MAX_ORIGINAL_SIDE:
