@@ -93,10 +93,12 @@ def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
     except (ManifestError, ValueError, OSError) as exc:
         raise _Failed(f"{model_dir}: {exc}") from None
     manifest = pipeline.manifest
+    bits = manifest.model_config.pixel_bits
     return pipeline, (
         f"{model_dir}: fingerprint {manifest.fingerprint[:12]}, classes "
         f"{', '.join(manifest.class_names)}, threshold {manifest.gate_threshold:.3f}, codec "
-        f"{pipeline.codec}, gate {edge_gate_kind(manifest)}"
+        f"{pipeline.codec}, gate {edge_gate_kind(manifest)}, 16-bit images read as {bits}-bit "
+        f"values (0..{(1 << bits) - 1})"
     )
 
 

@@ -210,3 +210,17 @@ def _report(capsys, status: int) -> dict:
     report = json.loads(out)
     assert status == (1 if report["problems"] else 0)
     return report
+
+
+def test_edge_check_says_how_the_export_reads_16_bit_images(run_12_bit, tmp_path, capsys):
+    """Before going live, `edge check --image` on a camera's own file: the model line names
+    the bits, and a file of another depth fails naming the range."""
+    model_dir = run_12_bit[1]
+    _camera_images(tmp_path)
+    check = ["edge", "check", "--model", str(model_dir), "--image"]
+    assert main([*check, str(tmp_path / "mono12.png")]) == 0
+    out = capsys.readouterr().out
+    assert "16-bit images read as 12-bit values (0..4095)" in out, out
+    assert main([*check, str(tmp_path / "mono16.png")]) == 1
+    out = capsys.readouterr().out
+    assert "12-bit range (0..4095)" in out, out
