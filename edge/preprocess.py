@@ -42,11 +42,11 @@ MAX_PIXELS = 64_000_000
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-#: A JPEG ending in at least this many zero bytes, its segments not reaching its end-of-image
-#: marker before them, is not all written: its writer sized the file first (Windows
-#: copies to a share do), then stalled. Pillow decodes such a file without a word, the missing
-#: part as grey. (Compressed scan data holds no end-of-image marker: a 0xFF byte in it is
-#: followed by 0x00 or a restart marker.)
+#: A JPEG or PNG ending in at least this many zero bytes, its segments or chunks not reaching
+#: its end (end-of-image marker, IEND chunk) before them, is not all written: its writer sized
+#: the file first (Windows copies to a share do), then stalled. Pillow decodes such a file
+#: without a word, the missing part as grey or black. (A JPEG's compressed scan data holds no
+#: end-of-image marker: a 0xFF byte in it is followed by 0x00 or a restart marker.)
 UNWRITTEN_TAIL_BYTES = 1024
 
 
@@ -147,14 +147,36 @@ def _open(data: bytes, source: str) -> Image.Image:
     return image
 
 
-def _unwritten_jpeg_tail(data: bytes) -> int:
-    """Bytes of zeros a JPEG ends in before its end-of-image marker was written (0: none, or
-    fewer than UNWRITTEN_TAIL_BYTES, or its segments reach the marker: the zeros are padding,
-    after a trailer or not)."""
-    if not data.startswith(b"\xff\xd8"):
-        return 0
+#: PNG's signature, and its last chunk's type.
+_PNG_SIGNATURE, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND"
+
+
+def _unwritten_tail(data: bytes) -> tuple[str, int]:
+    """(format, bytes of zeros) for a JPEG or PNG that ends in zeros before its end was
+    written; ("", 0) for none, fewer than UNWRITTEN_TAIL_BYTES zeros, an end reached before
+    them (the zeros are padding, after a trailer or not), or another format."""
+    if data.startswith(b"\xff\xd8"):
+        kind, ends = "JPEG", _jpeg_ends
+    elif data.startswith(_PNG_SIGNATURE):
+        kind, ends = "PNG", _png_ends
+    else:
+        return "", 0
     tail = len(data) - len(data.rstrip(b"\0"))
-    return 0 if tail < UNWRITTEN_TAIL_BYTES or _jpeg_ends(data) else tail
+    return ("", 0) if tail < UNWRITTEN_TAIL_BYTES or ends(data) else (kind, tail)
+
+
+def _png_ends(data: bytes) -> bool:
+    """Whether walking a PNG's chunks from its signature reaches its IEND chunk within `data`
+    (zeros read as a chunk have the type 0000, which no chunk has)."""
+    end, pos = len(data), len(_PNG_SIGNATURE)
+    while pos + 8 <= end:
+        kind = data[pos + 4 : pos + 8]
+        if kind == _PNG_END:
+            return True
+        if not kind.isalpha():
+            return False  # zeros, or not written yet
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+    return False
 
 
 #: Markers without a length field: TEM, RST0-7, SOI.
@@ -197,17 +219,17 @@ def _jpeg_ends(data: bytes) -> bool:
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
     """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
-    for anything that cannot be, whatever Pillow raised, and for a JPEG not all written yet
-    (`UNWRITTEN_TAIL_BYTES`). `pixel_bits`: the bits 16-bit grayscale values use (the model's
+    for anything that cannot be, whatever Pillow raised, and for a JPEG or PNG not all written
+    yet (`UNWRITTEN_TAIL_BYTES`). `pixel_bits`: the bits 16-bit grayscale values use (the model's
     `ModelConfig.pixel_bits`)."""
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{source}: {len(data)} bytes is larger than {MAX_FILE_BYTES}")
-    unwritten = _unwritten_jpeg_tail(data)
+    kind, unwritten = _unwritten_tail(data)
     if unwritten:
         raise ImageError(
-            f"{source}: a JPEG whose last {unwritten} of {len(data)} bytes are zeros, its image "
+            f"{source}: a {kind} whose last {unwritten} of {len(data)} bytes are zeros, its image "
             "data not ended before them: not all written yet (its writer sized the file first) "
             "or cut short"
         )

@@ -13,8 +13,8 @@ have not changed for `settle_s` (polling `os.scandir`: it works on network share
 inotify). It is then read and decoded; if the bytes changed meanwhile it waits again. A file that
 stays unchanged but does not decode is given `unreadable_grace_s` more (a slow writer pausing
 longer than settle_s), then handed over as a final error for quarantine. That includes a JPEG
-whose writer sized the file first (a Windows copy to a share) and stalled: its zero-filled
-end does not decode (`preprocess.UNWRITTEN_TAIL_BYTES`). An uncompressed BMP or TIFF so
+or PNG whose writer sized the file first (a Windows copy to a share) and stalled: its
+zero-filled end does not decode (`preprocess.UNWRITTEN_TAIL_BYTES`). An uncompressed BMP or TIFF so
 written cannot be told from one with black rows, and a stall past settle_s hands it over
 half written.
 
