@@ -161,6 +161,11 @@ def test_training_refuses_a_pixel_past_the_bits(voc_12_bit, tmp_path, capsys):
     assert main(_train_argv(root, tmp_path / "run", "--pixel-bits", "12")) == 2
     err = capsys.readouterr().err
     assert f"{victim}: a pixel is 4096" in err and "Traceback" not in err, err
+    # the command it names finds it (a plain `data check` reads no pixels)
+    command = f"splitdet data check {root} --decode --pixel-bits 12"
+    assert f"`{command}` lists every problem at once" in err, err
+    assert main([*command.split()[1:], "--no-progress"]) == 1
+    assert f"{victim}: a pixel is 4096" in capsys.readouterr().out
 
 
 def test_exports_from_before_the_setting_keep_their_fingerprint(tiny_model_dir, tmp_path):
@@ -192,6 +197,7 @@ def test_data_check_suggests_the_bits_and_refuses_pixels_past_them(voc_12_bit, t
     check = ["data", "check", str(root), "--decode", "--no-progress", "--json", "-"]
     report = _report(capsys, main(check))
     assert any("--pixel-bits 12" in w and "of 65535" in w for w in report["warnings"]), report
+    assert any("--pixel-bits 16 (the default)" in w for w in report["warnings"]), report
     report = _report(capsys, main([*check, "--pixel-bits", "12"]))
     assert not any("--pixel-bits" in w for w in report["warnings"]), report
     assert not any("pixel" in p for p in report["problems"]), report
@@ -224,3 +230,14 @@ def test_edge_check_says_how_the_export_reads_16_bit_images(run_12_bit, tmp_path
     assert main([*check, str(tmp_path / "mono16.png")]) == 1
     out = capsys.readouterr().out
     assert "12-bit range (0..4095)" in out, out
+
+
+def test_data_check_says_when_the_bits_change_nothing(tmp_path, capsys):
+    """--pixel-bits 12 on a dataset of 8-bit images: nothing to apply it to, and data check
+    says so (the export would still record it)."""
+    root = make_tiny_voc(tmp_path / "voc8", n_defective=2, n_free=1)
+    check = ["data", "check", str(root), "--decode", "--no-progress", "--json", "-"]
+    report = _report(capsys, main([*check, "--pixel-bits", "12"]))
+    assert any("no image is 16-bit grayscale" in w for w in report["warnings"]), report
+    report = _report(capsys, main(check))
+    assert not any("16-bit" in w for w in report["warnings"]), report

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import glob
 import math
+import re
 import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
@@ -86,7 +87,14 @@ def check_hint(exc: Exception, root: Path | str) -> str:
     if "unknown class" in message:
         return f"{message} (give every class the dataset holds with --classes A,B)"
     decode = " --decode" if "cannot decode image" in message else ""
+    bits = _PAST_THE_BITS.search(message)
+    if bits:  # only a decoding with the same bits finds the others
+        decode = f" --decode --pixel-bits {bits[1]}"
     return f"{message} (`splitdet data check {root}{decode}` lists every problem at once)"
+
+
+#: How `load_rgb_and_peak` names a pixel past the bits it reads 16-bit images with.
+_PAST_THE_BITS = re.compile(r"past the (\d+)-bit range")
 
 
 def id_problem(image_id: str) -> str | None:
@@ -381,8 +389,9 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
                 if high > full_scale:
                     raise VocError(
                         f"{image_path}: a pixel is {high}, past the {pixel_bits}-bit range "
-                        f"(0..{full_scale}) of --pixel-bits {pixel_bits}; give the bits the "
-                        "camera's values use (16: all of 0..65535)"
+                        f"(0..{full_scale}) of --pixel-bits {pixel_bits} (the run's, or the "
+                        "checkpoint's); an image of another bit depth than the others, or "
+                        "the wrong --pixel-bits for the camera's values (16: all of 0..65535)"
                     )
                 # scaled as the edge scales them (to [0, 1] over 0..full_scale), to 8 bits
                 rgb = wide.point(lambda v: v * 255 / full_scale + 0.5).convert("L").convert("RGB")

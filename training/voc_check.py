@@ -185,7 +185,8 @@ def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int], pixel_bit
     report.warnings.append(
         f"{path}: one of {len(narrow)} 16-bit images whose pixels stop at {peak} of "
         f"{full_scale} (a {bits}-bit camera's values saved unscaled?): with --pixel-bits "
-        f"{pixel_bits} splitdet scales them by {full_scale}, on the edge as in training, so the "
+        f"{pixel_bits}{' (the default)' if pixel_bits == 16 else ''} splitdet scales them by "
+        f"{full_scale}, on the edge as in training, so the "
         f"model sees dark images, and training's 8 bits keep {peak * 255 // full_scale + 1} grey "
         f"levels of them; give the bits the camera uses (data check and train --pixel-bits "
         f"{bits}: the export carries it to the edge), or have the camera write its values "
@@ -258,6 +259,11 @@ def check_dataset(
 
     _check_images(report, files, annotated, samples)
     _narrow_sixteen_bit(report, peaks, pixel_bits)
+    if decode and pixel_bits != 16 and samples and not peaks:
+        report.warnings.append(
+            f"{root / 'JPEGImages'}: --pixel-bits {pixel_bits} given, but no image is 16-bit "
+            "grayscale: the setting changes nothing for 8-bit images (train without it)"
+        )
     widths: list[float] = []
     heights: list[float] = []
     for sample in samples.values():
