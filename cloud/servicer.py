@@ -238,11 +238,16 @@ class ServerMetrics:
             self.failures.labels(method, code.name).inc()
 
     def observe(self, result: DetectResult, edge: str) -> None:
+        """An answer given to `edge`: counted, and its heads' run if it had one."""
         self.model_answers.labels(result.fingerprint).inc()
         self.edge_answers.labels(edge, result.fingerprint).inc()
         if result.cached:
             self.cache_hits.inc()
             return
+        self.observe_heads(result)
+
+    def observe_heads(self, result: DetectResult) -> None:
+        """A run of the heads (its stage times), answered or not."""
         self.heads_runs.inc()
         timings = result.timings
         for stage, seconds in (
@@ -559,6 +564,12 @@ class DetectionServicer:
             # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
             result = self.core.detect(call, abandoned, before_compute=take_slot)
             answer = result
+            if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
+                self.metrics.observe_heads(result)
+                raise DeadlinePassed(
+                    f"request {request_id!r}: the caller was gone when its answer was ready "
+                    "(its deadline passed); a retry gets it from --answers-db, or waits for it"
+                )
         except Cancelled as exc:
             # Still connected: its deadline passed here before its own timer fired, and it
             # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".

@@ -189,6 +189,13 @@ def test_the_running_call_goes_on_for_the_one_waiting_when_its_caller_leaves(
             assert gave_up == [grpc.StatusCode.DEADLINE_EXCEEDED]
             assert answer.cached and len(answer.boxes) > 0
             assert _metric(server, "splitdet_cloud_heads_runs_total") == 1
+            # one answer given, one call whose caller had left: counted as such, not as two
+            # answers (an edge timing out on every call looked twice as busy and healthy)
+            answers = _metric(
+                server, f'splitdet_cloud_model_answers_total{{fingerprint="{fingerprint}"}}'
+            )
+            key = 'splitdet_cloud_failures_total{code="DEADLINE_EXCEEDED",method="Detect"}'
+            assert (answers, _metric(server, key)) == (1, 1)
         finally:
             impatient.close()
             patient.close()
