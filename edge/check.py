@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError, likely_cause
+from splitdet.edge.cloud_args import PREDICT_SCORE_THRESHOLD
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
@@ -161,7 +162,9 @@ def _detect(client: CloudClient, pipeline: EdgePipeline, result: EdgeResult) -> 
     except CloudError as exc:
         raise _Failed(f"{exc.code.name}: {exc.message}") from None
     round_trip = time.perf_counter() - start
+    confident = int((answer.scores >= PREDICT_SCORE_THRESHOLD).sum())
     return None, (
-        f"{len(answer.scores)} boxes; round trip {round_trip:.3f} s, of it the cloud "
+        f"{len(answer.scores)} boxes ({confident} scoring {PREDICT_SCORE_THRESHOLD:g} or more, "
+        f"what predict shows by default); round trip {round_trip:.3f} s, of it the cloud "
         f"{answer.timings['total_s']:.3f} s"
     )

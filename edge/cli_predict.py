@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import (
+    PREDICT_SCORE_THRESHOLD,
     add_cloud_arguments,
     add_edge_model_arguments,
     check_edge_model_options,
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--score-threshold",
         type=float,
-        default=0.5,
+        default=PREDICT_SCORE_THRESHOLD,
         metavar="S",
         help="report and draw boxes scoring at least S (default: 0.5)",
     )

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from splitdet.shared.cli import TOKEN_ENV, address_problem, read_pem, read_token
 
+#: The lowest box score `splitdet predict` reports and draws unless told (--score-threshold);
+#: `edge run` stores every box the model returns.
+PREDICT_SCORE_THRESHOLD = 0.5
+
 
 def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--threshold, --codec, --threads, --device: how the exported edge half runs."""
