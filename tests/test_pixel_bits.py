@@ -207,6 +207,12 @@ def test_data_check_suggests_the_bits_and_refuses_pixels_past_them(voc_12_bit, t
     save_12_bit(victim, values)
     report = _report(capsys, main([*check, "--pixel-bits", "12"]))
     assert any(p.startswith(f"{victim}: a pixel is 4096") for p in report["problems"]), report
+    # the text report counts it beside the images read, not among them (4 = 3 + 1 was 3 + 1 + 1)
+    text = ["data", "check", str(root), "--decode", "--no-progress", "--pixel-bits", "12"]
+    assert main(text) == 1
+    assert "train: 3 images (2 defective + 1 defect-free), and 1 more with a problem" in (
+        capsys.readouterr().out
+    )
 
 
 def _report(capsys, status: int) -> dict:

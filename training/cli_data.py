@@ -144,10 +144,10 @@ def _print_report(report) -> None:
     for name, stats in report.splits.items():
         objects = ", ".join(f"{k} {v}" for k, v in sorted(stats.objects.items())) or "no objects"
         difficult = f", {stats.difficult} difficult" if stats.difficult else ""
-        unreadable = f" + {stats.unreadable} with a problem" if stats.unreadable else ""
+        unreadable = f", and {stats.unreadable} more with a problem" if stats.unreadable else ""
         print(
             f"  {name}: {stats.images} images ({stats.defective} defective + "
-            f"{stats.defect_free} defect-free{unreadable}); {objects}{difficult}"
+            f"{stats.defect_free} defect-free){unreadable}; {objects}{difficult}"
         )
     if report.box_px:
         w, h = report.box_px["width"], report.box_px["height"]
