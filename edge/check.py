@@ -29,6 +29,7 @@ from splitdet.edge.cloud_args import PREDICT_SCORE_THRESHOLD
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
+from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.manifest import ManifestError, edge_gate_kind
 
 
@@ -99,7 +100,7 @@ def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
         f"{model_dir}: fingerprint {manifest.fingerprint[:12]}, classes "
         f"{', '.join(manifest.class_names)}, threshold {manifest.gate_threshold:.3f}, codec "
         f"{pipeline.codec}, gate {edge_gate_kind(manifest)}, 16-bit images read as {bits}-bit "
-        f"values (0..{(1 << bits) - 1})"
+        f"values (0..{pixel_full_scale(bits)})"
     )
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
 
 #: Largest image accepted, in pixels (a decompression bomb is refused before decoding).
@@ -88,7 +89,7 @@ def _to_unit_float(image: Image.Image, source: str, pixel_bits: int) -> np.ndarr
     elif mode in WIDE_GRAY_MODES:
         pixels = np.asarray(image)
         _check_wide_range(pixels, source, pixel_bits)
-        _channel(pixels, float((1 << pixel_bits) - 1), array[0])
+        _channel(pixels, float(pixel_full_scale(pixel_bits)), array[0])
     else:
         raise ImageError(
             f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
@@ -101,7 +102,7 @@ def _to_unit_float(image: Image.Image, source: str, pixel_bits: int) -> np.ndarr
 
 def _check_wide_range(pixels: np.ndarray, source: str, pixel_bits: int) -> None:
     """ImageError when a wide grayscale image has a pixel outside 0..2**pixel_bits - 1."""
-    full_scale = (1 << pixel_bits) - 1
+    full_scale = pixel_full_scale(pixel_bits)
     low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
     if low >= 0 and high <= full_scale:
         return

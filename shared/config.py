@@ -21,6 +21,14 @@ GATE_POOLINGS = ("avg", "max", "dense")
 MAX_REFINE_STEPS = 4
 #: Fewest bits `ModelConfig.pixel_bits` takes (a 16-bit file holding 8-bit values).
 MIN_PIXEL_BITS = 8
+
+
+def pixel_full_scale(pixel_bits: int) -> int:
+    """The value a 16-bit grayscale pixel holding `pixel_bits`-bit values takes at full
+    brightness: 2**pixel_bits - 1 (`ModelConfig.pixel_bits`)."""
+    return (1 << pixel_bits) - 1
+
+
 #: Fields added after checkpoints and exports were first written -> the value those implied.
 #: `to_dict` leaves such a field out at that value, so that what is written at the default
 #: reads (and hashes, in a manifest's fingerprint) as it did before the field existed, and
@@ -142,11 +150,6 @@ class ModelConfig:
     def num_classes(self) -> int:
         """Classes including background, as torchvision counts them."""
         return len(self.class_names) + 1
-
-    @property
-    def pixel_full_scale(self) -> int:
-        """The value a 16-bit grayscale pixel takes at full brightness: 2**pixel_bits - 1."""
-        return (1 << self.pixel_bits) - 1
 
     @property
     def split_spec(self) -> SplitSpec:

@@ -375,6 +375,7 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
     from PIL import Image
 
     from splitdet.edge.preprocess import WIDE_GRAY_MODES
+    from splitdet.shared.config import pixel_full_scale
 
     try:
         with Image.open(image_path) as img:
@@ -383,7 +384,7 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
             if img.mode in WIDE_GRAY_MODES:  # convert("RGB") would clip them at 255
                 wide = img.convert("I")
                 low, high = wide.getextrema()
-                full_scale = (1 << pixel_bits) - 1
+                full_scale = pixel_full_scale(pixel_bits)
                 if low < 0 or high > 65535:
                     raise VocError(f"{image_path}: pixels outside 0..65535 are not supported")
                 if high > full_scale:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitdet.shared.config import ModelConfig
+from splitdet.shared.config import ModelConfig, pixel_full_scale
 from splitdet.training import voc
 
 __all__ = [
@@ -176,7 +176,7 @@ def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int], pixel_bit
     """Warn of 16-bit images whose values stop 4 bits or more below `pixel_bits` (a Mono10 or
     Mono12 camera saving its values unscaled, read as 16-bit ones): scaled by 2**pixel_bits - 1
     as the edge scales them they are dark, and training's 8 bits leave them a few grey levels."""
-    full_scale = (1 << pixel_bits) - 1
+    full_scale = pixel_full_scale(pixel_bits)
     narrow = {p: peak for p, peak in peaks.items() if peak < (full_scale + 1) // NARROW_FACTOR}
     if not narrow:
         return
