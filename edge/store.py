@@ -31,7 +31,6 @@ Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\x
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -43,6 +42,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from splitdet.shared.folder_lock import lock_exclusively
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
@@ -229,25 +230,16 @@ class WriterLock:
                 f"{db}: cannot create its lock file {self.path} ({exc.strerror or exc})"
             ) from None
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = self._holder()
-            self._file.close()
-            raise StoreInUse(
-                f"{db} is in use by another `splitdet edge run` (pid {pid}); one daemon per "
-                "database"
-            ) from None
+            holder = lock_exclusively(self._file, str(os.getpid()))
         except OSError as exc:  # e.g. ENOLCK on a share without locks
             self._file.close()
             raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
-        self._file.truncate(0)
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
-
-    def _holder(self) -> str:
-        """The pid the holder wrote ("unknown" in the instant before it writes it)."""
-        self._file.seek(0)
-        return self._file.read().strip() or "unknown"
+        if holder is not None:
+            self._file.close()
+            raise StoreInUse(
+                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}); one "
+                "daemon per database"
+            )
 
     def release(self) -> None:
         """Drop the lock (the file stays: removing it would race a newcomer's lock)."""

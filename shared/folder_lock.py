@@ -48,14 +48,7 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
         ) from None
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ValueError(
-                f"{option} {folder}: another {writer} ({holder}) is writing there; wait for it "
-                f"to end or give another {option}"
-            ) from None
+            holder = lock_exclusively(handle, f"pid {os.getpid()}")
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (old NFS)
             log.warning(
                 "%s %s: its file system cannot lock %s (%s); going on without the lock, so "
@@ -64,11 +57,35 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
             )  # fmt: skip
             yield
             return
-        if handle.writable():  # (a lock file another user made: held, not written)
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()}\n")
-            handle.flush()
+        if holder is not None:
+            raise ValueError(
+                f"{option} {folder}: another {writer} ({holder or 'another process'}) is "
+                f"writing there; wait for it to end or give another {option}"
+            )
         yield  # the lock ends with the file's closing, or with the process
+
+
+def lock_exclusively(handle: TextIO, stamp: str) -> str | None:
+    """Take an exclusive flock on an open lock file without waiting.
+
+    Returns None when taken, `stamp` (who holds it: a pid) then written in the file when it is
+    writable (a lock file another user made is held, not written); else what the holder wrote
+    there ("" in the instant before it writes). The kernel drops the lock when the file is
+    closed or the process ends.
+
+    Raises:
+        OSError: the file system cannot lock (ENOLCK, EOPNOTSUPP).
+    """
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        return handle.read().strip()
+    if handle.writable():
+        handle.truncate(0)
+        handle.write(f"{stamp}\n")
+        handle.flush()
+    return None
 
 
 def _open_lock_file(path: Path) -> TextIO:
