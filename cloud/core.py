@@ -346,11 +346,15 @@ class DetectionCore:
             FingerprintMismatch: no served model has `fingerprint`.
             InvalidRequest: no fingerprint, or an id that is empty, too long or not printable.
         """
-        model = self._checked_model(request_id, fingerprint)
+        return self._answer_of(self._checked_model(request_id, fingerprint), request_id) is not None
+
+    def _answer_of(self, model: ServedModel, request_id: str) -> StoredAnswer | None:
+        """The stored answer to `request_id` by `model` (None: none stored, no store, or one
+        computed by another model: compute afresh)."""
         if self.store is None:
-            return False
+            return None
         stored = self.store.get(request_id)
-        return stored is not None and stored.fingerprint == model.fingerprint
+        return stored if stored is not None and stored.fingerprint == model.fingerprint else None
 
     def _checked_model(self, request_id: str, fingerprint: str) -> ServedModel:
         """The model to use, once the id and the fingerprint passed their checks."""
@@ -381,11 +385,9 @@ class DetectionCore:
     def _stored(self, model: ServedModel, call: DetectCall) -> tuple[Detection, ...] | None:
         """The stored answer for a repeated request id, if one is valid for this call (the
         request is hashed only then: a new one is hashed after the heads, once)."""
-        if self.store is None:
+        stored = self._answer_of(model, call.request_id)
+        if stored is None:
             return None
-        stored = self.store.get(call.request_id)
-        if stored is None or stored.fingerprint != model.fingerprint:
-            return None  # unknown id, or computed by another model: compute afresh
         if stored.digest != request_digest(call):
             raise InvalidRequest(
                 f"request_id {call.request_id!r} was already used for a different request"

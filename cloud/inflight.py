@@ -82,7 +82,3 @@ class InFlight:
             if is_cancelled():
                 raise Cancelled("caller went away while an identical call was being answered")
         return running.answer
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._running)
