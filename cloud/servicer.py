@@ -565,7 +565,8 @@ class DetectionServicer:
             result = self.core.detect(call, abandoned, before_compute=take_slot)
             answer = result
             if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
-                self.metrics.observe_heads(result)
+                if not result.cached:  # (a stored answer ran no heads)
+                    self.metrics.observe_heads(result)
                 raise DeadlinePassed(
                     f"request {request_id!r}: the caller was gone when its answer was ready "
                     "(its deadline passed); a retry gets it from --answers-db, or waits for it"
