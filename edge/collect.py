@@ -57,12 +57,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 #: Pillow modes a PNG holds as they are.
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")
-#: Other modes of 16/32-bit grayscale, written as 16-bit PNG (the edge takes them within
-#: 0..65535, so nothing is cut).
-_WIDE_GRAY_MODES = ("I", "I;16L", "I;16N")
-#: Modes the edge (and training) turn into RGB or grayscale when reading: the PNG holds the
-#: pixels so turned.
-_TO_RGB, _TO_GRAY = ("PA", "RGBX", "RGBa", "CMYK", "YCbCr"), ("La",)
 
 
 @dataclass
@@ -268,14 +262,17 @@ def _png_ready(img: Image.Image) -> Image.Image:
     """The decoded image in a mode PNG holds, its pixel values as the edge reads them: as
     they are when PNG can hold them, 16/32-bit grayscale as 16-bit, CMYK, YCbCr and the
     like turned into RGB (grayscale with premultiplied alpha into grayscale) as the edge
-    turns them. ValueError for a mode the edge does not take (no ok/defect result has one)."""
+    turns them (the edge's own mode lists). ValueError for a mode the edge does not take (no
+    ok/defect result has one)."""
+    from splitdet.edge.preprocess import TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES  # numpy
+
     if img.mode in _PNG_MODES:
         return img
-    if img.mode in _WIDE_GRAY_MODES:  # (I;16L straight to I;16 would cut values at 255)
+    if img.mode in WIDE_GRAY_MODES:  # 16/32-bit (I;16L straight to I;16 would cut at 255)
         return img.convert("I").convert("I;16")
-    if img.mode in _TO_RGB:
+    if img.mode in TO_RGB_MODES:
         return img.convert("RGB")
-    if img.mode in _TO_GRAY:
+    if img.mode in TO_GRAY_MODES:
         return img.convert("L")
     raise ValueError(f"mode {img.mode} cannot be written as PNG")
 
