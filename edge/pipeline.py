@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitdet.edge.preprocess import load_image, prepare
+from splitdet.edge.preprocess import decode_image, load_image, prepare
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.codec import CODECS, EncodedTensor, encode, encoded_size
 from splitdet.shared.detection import ImageMeta
@@ -84,6 +84,10 @@ class EdgePipeline:
         """An image file as Float32[3, H, W] in [0, 1], its 16-bit values scaled as the model
         was trained (the manifest's `pixel_bits`); ImageError names a file that cannot be."""
         return load_image(path, self.manifest.model_config.pixel_bits)
+
+    def decode(self, data: bytes, source: str) -> np.ndarray:
+        """`load` for a file's bytes already read (`source` names it in an ImageError)."""
+        return decode_image(data, source, self.manifest.model_config.pixel_bits)
 
     def process_array(self, image: np.ndarray, decision: bool | None = None) -> EdgeResult:
         """Process Float32[3, H, W] in [0, 1].

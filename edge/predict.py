@@ -123,7 +123,7 @@ def predict_one(
     start = time.perf_counter()
     try:
         data = Path(path).read_bytes()
-        image = pipeline.load(path)
+        image = pipeline.decode(data, str(path))  # the bytes its request id hashes
     except (ImageError, OSError) as exc:
         message = str(exc) if isinstance(exc, ImageError) else f"{path}: cannot read ({exc})"
         return Prediction(path=str(path), verdict="error", error=message)
