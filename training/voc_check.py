@@ -226,8 +226,7 @@ def check_dataset(
 
     ids = annotated_ids(root)
     files = image_files(root)
-    images = _first_of_each(files)
-    report.annotations, report.images = len(ids), len(images)
+    report.annotations, report.images = len(ids), len(files)  # (ids with an image file)
     annotated = set(ids)
     for path in sorted((root / "Annotations").iterdir()):
         if path.suffix.lower() != ".xml" or path.name.startswith("."):
