@@ -89,6 +89,13 @@ class ServerConfig:
         metrics_host: address the metrics endpoint binds.
         answers_db: SQLite file of the idempotency store (answers by request id).
         answers_capacity: answers kept; 0 disables idempotency.
+        keepalive_s: the server pings a connection after this many seconds without a frame
+            from it, ...
+        keepalive_timeout_s: ... and closes it, cancelling its calls, when a ping of its stays
+            unanswered this many seconds (gRPC's ping timeout; it bounds the bandwidth probes'
+            pings too, so it stays at gRPC's own 60 s by default). A caller cut off mid-request
+            (a dead NAT entry, a pulled cable) then gives back its Detect thread within about
+            their sum, even without a deadline, instead of after gRPC's server default of 2 hours.
         debug_delay_s: TEST ONLY: every Detect call sleeps this long first (slow calls on purpose).
     """
 
@@ -113,6 +120,8 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     answers_db: Path = Path("splitdet-cloud-answers.sqlite")
     answers_capacity: int = 100_000
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 60.0
     debug_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -138,6 +147,8 @@ class ServerConfig:
             raise ValueError("mutual TLS (client_ca) needs a server certificate and key")
         if self.token is not None and not self.token:
             raise ValueError("the bearer token must not be empty")
+        if not all(0.001 <= s <= 86_400 for s in (self.keepalive_s, self.keepalive_timeout_s)):
+            raise ValueError("keepalive_s and keepalive_timeout_s must be in [0.001, 86400]")
 
     @property
     def security(self) -> str:
@@ -157,6 +168,15 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # ...and never answer pings with GOAWAY "too_many_pings": measured in `splitdet bench`,
         # where a connection idles between large requests, the default 2 strikes were reached.
         ("grpc.http2.max_ping_strikes", 0),
+        # Ping a connection that has gone silent (gRPC's server default: after 2 hours); an
+        # unanswered ping closes it and frees the threads its calls hold. In gRPC 1.85 the
+        # ping timeout, not keepalive_timeout_ms, is what ends a keepalive ping's wait.
+        ("grpc.keepalive_time_ms", round(config.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        # gRPC holds a ping back for 5 minutes after one without data, and sends two at most.
+        ("grpc.http2.min_time_between_pings_ms", round(config.keepalive_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
         # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.
         ("grpc.so_reuseport", 0),
     ]
