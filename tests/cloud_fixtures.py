@@ -7,14 +7,17 @@ inputs, 100 proposals) so a detect call takes tens of milliseconds on two cores.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -215,3 +218,46 @@ def scrape_metrics(port: int) -> dict[str, float]:
 
 def as_numpy(reference: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in reference.items()}
+
+
+class FreezableProxy:
+    """A TCP proxy on loopback whose open connections can go silent both ways, as a network
+    cut off mid-call does (a dead NAT entry, a pulled cable): no FIN, no RST, just nothing.
+    Connections opened after `cut` pass bytes again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        self.cuts: list[threading.Event] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        """Silence every connection open now."""
+        for cut in self.cuts:
+            cut.set()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+                self.sockets += [near, far]
+                cut = threading.Event()
+                self.cuts.append(cut)
+                for source, sink in ((near, far), (far, near)):
+                    args = (source, sink, cut)
+                    threading.Thread(target=self._pass, args=args, daemon=True).start()
+
+    @staticmethod
+    def _pass(source: socket.socket, sink: socket.socket, cut: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if cut.is_set():
+                    return  # swallow it and read no more: the peer hears nothing
+                sink.sendall(data)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()

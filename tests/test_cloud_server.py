@@ -8,7 +8,6 @@ behaviour under load, deadlines, repeated ids, tokens and reflection. Process-le
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from cloud_fixtures import (
+    FreezableProxy,
     make_sample,
     scrape_metrics,
     shared_model_dir,
@@ -421,39 +421,6 @@ def test_calls_that_never_send_their_request_leave_health_and_refusals_a_thread(
                 call.result(timeout=10)
 
 
-class FreezableProxy:
-    """A TCP proxy on loopback that can stop passing bytes either way, as a network cut off
-    mid-call does (a dead NAT entry, a pulled cable): no FIN, no RST, just silence."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.frozen = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                near, _ = self.listener.accept()
-                far = socket.create_connection(("127.0.0.1", self.target_port))
-                self.sockets += [near, far]
-                for source, sink in ((near, far), (far, near)):
-                    threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
-
-    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if self.frozen.is_set():
-                    return  # swallow it and read no more: the peer hears nothing
-                sink.sendall(data)
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
-
-
 def test_a_caller_cut_off_mid_request_gives_its_thread_back(served, tmp_path, sample):
     """Calls without a deadline whose caller's network goes silent before the request is sent
     hold every Detect thread. The server's keepalive ping goes unanswered, the connection is
@@ -472,7 +439,7 @@ def test_a_caller_cut_off_mid_request_gives_its_thread_back(served, tmp_path, sa
                 open_call = channel.stream_unary("/splitdet.v1.Detection/Detect")
                 held = [open_call.future(never_sent()) for _ in range(12)]  # > 1 + 1 + 8 threads
                 time.sleep(0.5)
-                proxy.frozen.set()
+                proxy.cut()
                 fingerprint = served[2].fingerprint
                 started = time.monotonic()
                 answer = client.detect(sample.encoded, sample.image, "after", fingerprint, 30)
@@ -481,6 +448,24 @@ def test_a_caller_cut_off_mid_request_gives_its_thread_back(served, tmp_path, sa
                 stop.set()
                 for call in held:  # their side of the cut never hears the close
                     call.cancel()
+        finally:
+            proxy.close()
+
+
+def test_an_edge_whose_connection_went_silent_connects_anew(served, tmp_path):
+    """A connection cut off without a close (a NAT entry expired) is given up after the
+    client's keepalive time plus its timeout, and the next call opens a new one; before,
+    gRPC waited 60 s for the ping's answer whatever keepalive_timeout_s said."""
+    with running(served, tmp_path) as (server, _):
+        proxy = FreezableProxy(server.port)
+        try:
+            address = f"127.0.0.1:{proxy.port}"
+            config = ClientConfig(address, keepalive_time_s=1, keepalive_timeout_s=1)
+            with CloudClient(config) as client:
+                assert client.health() == "SERVING"
+                proxy.cut()
+                time.sleep(4)  # a ping after 1 s unanswered, given up 1 s later
+                assert client.health(timeout=5) == "SERVING"
         finally:
             proxy.close()
 
