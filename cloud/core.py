@@ -222,6 +222,8 @@ class DetectionCore:
         self.serve([ServedModel(half, its) for half, its in ((cloud, manifest), *also)])
         self.store = store
         self.max_decoded_bytes = int(max_decoded_bytes)
+        #: called once per answer the store could not keep (the server counts them)
+        self.on_store_error: Callable[[], None] | None = None
 
     def serve(self, models: Sequence[ServedModel]) -> None:
         """Serve exactly `models` from now on, the first the default (a reload: calls running
@@ -316,7 +318,11 @@ class DetectionCore:
                 log.warning(
                     "answers store: cannot keep the answer to %r (%s); answered without it (a "
                     "repeat of this request is computed again)", call.request_id, exc,
+                    extra={"fields": {"event": "answers_store_failed",
+                                      "request_id": call.request_id, "error": str(exc)}},
                 )  # fmt: skip
+                if self.on_store_error is not None:
+                    self.on_store_error()
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
 
     # ------------------------------------------------------------------------------ the stages

@@ -157,10 +157,19 @@ class ServerConfig:
         return mode + ("+token" if self.token or self.token_file else "")
 
 
+def receive_bound(max_message_bytes: int) -> int:
+    """gRPC's own bound on a received message, bytes: --max-message-mib plus a quarter, at
+    least 16 MiB more, below 2 GiB (a call over the bound by less is refused in the servicer)."""
+    return min(max_message_bytes + max(max_message_bytes // 4, 16 * MIB), (1 << 31) - 1)
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The gRPC server's channel arguments."""
     return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # gRPC refuses a message over its bound before splitdet sees it: nothing counted, nothing
+        # logged. So its bound is a margin above --max-message-mib, and the servicer refuses
+        # (and counts, and logs) what lies between; only beyond the margin does gRPC refuse.
+        ("grpc.max_receive_message_length", receive_bound(config.max_message_bytes)),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Accept the edge client's keepalive pings (every 30 s by default) without GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
@@ -272,12 +281,17 @@ def gather_models(
     found: Sequence[Path],
     loaded: dict[str, ServedModel] | None = None,
     strict: bool = True,
-) -> tuple[list[ServedModel], list[str]]:
-    """The models to serve from the directories, in order (the default first), and one line
-    per directory skipped. An export already in `loaded` keeps its loaded model; a new one is
-    loaded and verified in full. A found export that cannot be served, or one served already
-    from another directory, is skipped (the latter with a warning only). With `strict`, a named
-    directory's problem raises instead, and so does an export named twice.
+    held: dict[Path, str] | None = None,
+) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
+    """The models to serve from the directories, in order (the default first), one line per
+    directory that could not be read, saying what became of it, and the fingerprint each named
+    directory serves (the next reload's `held`). An export already in
+    `loaded` keeps its loaded model; a new one is loaded and verified in full. A found export
+    that cannot be served, or one served already from another directory, is skipped (the
+    latter with a warning only). With `strict`, a named directory's problem raises instead, and
+    so does an export named twice; without, a named directory that cannot be read (a copy in
+    progress, a file server's hiccup) keeps serving the export `held` says it held, if loaded:
+    an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask of it.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -304,11 +318,17 @@ def gather_models(
         except (ManifestError, OSError) as exc:
             if is_named and strict:
                 raise
-            problems.append(f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc))
-            continue
+            problem = f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+            before = (held or {}).get(model_dir) if is_named else None
+            if before is None or before not in loaded or before in where:
+                problems.append(f"{problem}; skipped")
+                continue
+            problems.append(f"{problem}; still serving the export it held ({before[:16]})")
+            model = loaded[before]
         where[model.fingerprint] = model_dir
         models.append(model)
-    return models, problems
+    named_dirs = set(named)
+    return models, problems, {d: fp for fp, d in where.items() if d in named_dirs}
 
 
 class CloudServer:
@@ -324,10 +344,11 @@ class CloudServer:
         self.config = config
         torch.set_num_threads(config.threads)
         self._own_store = core is None
+        self._held: dict[Path, str] = {}  # named directory -> the fingerprint it serves
         if core is None:
-            models, problems = gather_models(*export_dirs(config))
+            models, problems, self._held = gather_models(*export_dirs(config))
             for problem in problems:  # a found export: the others are served
-                log.error("%s; skipped", problem)
+                log.error("%s", problem)
             if not models:
                 raise ManifestError(
                     f"--models-dir {config.models_dir}: holds no export that can be served "
@@ -344,10 +365,12 @@ class CloudServer:
             core = DetectionCore(first.cloud, first.manifest, store, config.max_decoded_bytes, also)
         self.core = core
         self.metrics = ServerMetrics(core.fingerprints)
+        core.on_store_error = self.metrics.answers_store_errors.inc
         self.health = health.HealthServicer()
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s,
             max_queued=config.max_queued, max_queue_wait_s=config.max_queue_wait_s,
+            max_message_bytes=config.max_message_bytes,
         )  # fmt: skip
         self.tokens = (
             AcceptedTokens(config.token, config.token_file)
@@ -438,20 +461,22 @@ class CloudServer:
         """
         current = self.core.models
         try:
-            models, problems = gather_models(*export_dirs(self.config), current, strict=False)
+            named, found = export_dirs(self.config)
+            models, problems, held = gather_models(named, found, current, False, self._held)
         except ManifestError as exc:  # the folder cannot be listed
-            models, problems = [], [str(exc)]
+            models, problems, held = [], [str(exc)], self._held
         if not models and not problems:
             problems = [f"--models-dir {self.config.models_dir}: holds no export"]
         for problem in problems:
             fields = {"event": "reload_problem", "problem": problem}
-            log.error("reload: %s; skipped", problem, extra={"fields": fields})
+            log.error("reload: %s", problem, extra={"fields": fields})
         if not models:
             log.error("reload: nothing left to serve; still serving %s",
                       ", ".join(fp[:16] for fp in current),
                       extra={"fields": {"event": "reload_refused"}})  # fmt: skip
             return {"served": list(current), "added": [], "dropped": [], "problems": problems}
         self.core.serve(models)
+        self._held = held
         self.servicer.refresh()
         self.metrics.served(self.core.fingerprints)
         served = list(self.core.fingerprints)
@@ -485,7 +510,8 @@ class CloudServer:
             self._metrics_httpd.server_close()
         if self._own_store and self.core.store is not None:
             self.core.store.close()
-        log.info("stopped", extra={"fields": {"event": "stopped"}})
+        if self.port:  # (not after a start that could not listen: it never served)
+            log.info("stopped", extra={"fields": {"event": "stopped"}})
 
     def __enter__(self) -> CloudServer:
         return self.start()
@@ -495,8 +521,9 @@ class CloudServer:
 
 
 def check_listen_address(listen: str) -> None:
-    """OSError naming the cause when `listen` ("host:port") is held by another server or needs
-    privileges; gRPC says only "Failed to bind". Port 0 and other failures are left to gRPC."""
+    """OSError naming the cause when `listen` ("host:port") is held by another server, needs
+    privileges or names an address this host lacks; gRPC says only "Failed to bind". Port 0
+    and other failures are left to gRPC."""
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or int(port) == 0:
         return
@@ -514,6 +541,11 @@ def check_listen_address(listen: str) -> None:
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise OSError(
+                    f"cannot listen on {listen}: {host} is not an address of this machine "
+                    "(listen on one it has, or on 0.0.0.0 for all of them)"
+                ) from None
 
 
 def serve(

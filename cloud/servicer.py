@@ -6,6 +6,7 @@ Exceptions become status codes in one place (`_rpc`, table `STATUS_FOR_ERROR`):
     FingerprintMismatch: a model this server does not serve                 FAILED_PRECONDITION
     Overloaded: beyond --max-concurrent + --max-queued Detect calls, or a   RESOURCE_EXHAUSTED
         call that waited --queue-wait for a slot
+    TooLarge: a request over --max-message-mib                              RESOURCE_EXHAUSTED
     DeadlinePassed: the caller's deadline passed during the work            DEADLINE_EXCEEDED
     Cancelled: the caller went away                                         CANCELLED
     ShuttingDown: a new or waiting call after SIGTERM                       UNAVAILABLE
@@ -81,6 +82,12 @@ class ShuttingDown(Exception):
     """The server is draining before it stops; another replica (or a later try) must answer."""
 
 
+class TooLarge(Exception):
+    """A request over the server's message bound; it will not fit later either. Its message
+    says "larger than max", which edges read as final (`edge.client.classify`), as they do
+    gRPC's own refusal of a message over the bound gRPC enforces (`server.grpc_options`)."""
+
+
 #: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.
 STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
@@ -88,6 +95,7 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Cancelled, grpc.StatusCode.CANCELLED),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -169,6 +177,12 @@ class ServerMetrics:
         self.heads_runs = Counter(
             "splitdet_cloud_heads_runs",
             "Detect calls that ran the RPN and ROI heads.",
+            registry=self.registry,
+        )
+        self.answers_store_errors = Counter(
+            "splitdet_cloud_answers_store_errors",
+            "Answers the idempotency store (--answers-db) could not keep (its disk full, its "
+            "file read-only): answered without it, a repeat is computed again.",
             registry=self.registry,
         )
         self.model = Gauge(
@@ -268,13 +282,20 @@ def _rpc(method: Callable) -> Callable:
         code = grpc.StatusCode.OK
         edge = self.metrics.edge_of(context.invocation_metadata())
         self.metrics.edge_last_seen.labels(edge).set_to_current_time()
+        peer = context.peer()  # now: once the caller has gone it reads ""
         try:
+            if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
+                raise TooLarge(
+                    f"request of {len(request)} bytes is larger than max message size "
+                    f"{self.max_message_bytes} (the cloud's --max-message-mib "
+                    f"{self.max_message_bytes / (1 << 20):g}): raise it on the cloud, or send "
+                    "fewer bytes (--codec int8, a smaller input size)"
+                )
             return method(self, request, context, edge)
         except Exception as exc:
             code, message = status_for(exc)
             self.metrics.edge_refusals.labels(edge, code.name).inc()
             # which edge: an operator of many cameras must find it
-            peer = context.peer()
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
             fields = {"event": event, "method": name, "peer": peer, "edge": edge,
                       "code": code.name, "message": message}  # fmt: skip
@@ -479,6 +500,8 @@ class DetectionServicer:
             most their deadline or ``max_queue_wait_s``); more are refused with
             RESOURCE_EXHAUSTED, as are those whose wait ends.
         max_queue_wait_s: the longest a call waits for a slot, seconds.
+        max_message_bytes: requests over this many bytes are refused (RESOURCE_EXHAUSTED,
+            counted and logged); None = only gRPC's own bound.
         debug_delay_s: TEST ONLY: sleep this long inside each Detect call (holding its slot)
             before running the core, to make a call slow on purpose.
     """
@@ -491,8 +514,10 @@ class DetectionServicer:
         debug_delay_s: float = 0.0,
         max_queued: int = 0,
         max_queue_wait_s: float = 30.0,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.core = core
+        self.max_message_bytes = max_message_bytes
         self.metrics = metrics
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
@@ -567,11 +592,13 @@ class DetectionServicer:
             if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
                 if not result.cached:  # (a stored answer ran no heads)
                     self.metrics.observe_heads(result)
+                self._check_not_cut_by_shutdown(context)
                 raise DeadlinePassed(
                     f"request {request_id!r}: the caller was gone when its answer was ready "
                     "(its deadline passed); a retry gets it from --answers-db, or waits for it"
                 )
         except Cancelled as exc:
+            self._check_not_cut_by_shutdown(context)
             # Still connected: its deadline passed here before its own timer fired, and it
             # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
             if context.is_active():
@@ -584,6 +611,16 @@ class DetectionServicer:
             self._inflight.finish(key, lead, answer)
         self.metrics.observe(result, edge)
         return result_to_proto(result).SerializeToString()
+
+    def _check_not_cut_by_shutdown(self, context: grpc.ServicerContext) -> None:
+        """Raise ShuttingDown for a call the server's own stop ended (--grace over) before its
+        deadline: it is not the edge's timeout, and is counted and logged as not."""
+        remaining = context.time_remaining()
+        if self._draining.is_set() and (remaining is None or remaining > 0):
+            raise ShuttingDown(
+                "server shut down before the answer was ready (--grace ended); send to another "
+                "replica or retry later"
+            )
 
     def _take_slot(self, context: grpc.ServicerContext) -> None:
         """Wait for a Detect slot (see `FairSlots`); raise the status that says why not."""

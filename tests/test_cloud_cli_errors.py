@@ -257,6 +257,18 @@ def test_listen_port_held_by_another_server_is_named(capsys, tiny_model_dir, tmp
     )  # fmt: skip
 
 
+def test_listen_address_this_host_lacks_is_named(capsys, tiny_model_dir, tmp_path):
+    """gRPC said only "Failed to bind ... set GRPC_VERBOSITY=debug", after a "stopped" line for
+    a server that never served. 192.0.2.1 is TEST-NET-1: no machine has it."""
+    line = _refused(
+        capsys,
+        ["--model", str(tiny_model_dir), "--listen", "192.0.2.1:50059", "--threads", "1",
+         "--answers-db", str(tmp_path / "a.sqlite")],
+        "cannot listen on 192.0.2.1:50059: 192.0.2.1 is not an address of this machine",
+    )  # fmt: skip
+    assert "GRPC_VERBOSITY" not in line
+
+
 def test_metrics_port_in_use_is_named(capsys, tiny_model_dir, tmp_path, busy_port):
     _refused(
         capsys,

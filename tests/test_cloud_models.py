@@ -172,6 +172,7 @@ def test_a_full_answers_store_still_answers(exports, tmp_path, caplog):
         for i in range(100):
             store.put(f"filler-{i}", StoredAnswer(old.fingerprint, "0" * 64, b"x" * 2000))
     core = DetectionCore(cloud, manifest, store)
+    server = CloudServer(ServerConfig(model_dir=old_dir, listen="127.0.0.1:0", threads=2), core)
     sample = make_sample(old_model, seed=6, codec="int8")
     caplog.set_level("WARNING", logger="splitdet.cloud.core")
     try:
@@ -185,6 +186,11 @@ def test_a_full_answers_store_still_answers(exports, tmp_path, caplog):
         [d.box for d in result.detections], sample.reference["boxes"].numpy(), atol=1e-3
     )
     assert "full" in caplog.text and "answered without it" in caplog.text
+    # something to alert on: a counter, and an event in JSON logs (idempotency is off meanwhile)
+    counted = server.metrics.registry.get_sample_value("splitdet_cloud_answers_store_errors_total")
+    assert counted == 2
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert events.count("answers_store_failed") == 2
 
 
 def test_the_same_export_given_twice_is_one_line(exports, tmp_path, capsys):

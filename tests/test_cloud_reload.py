@@ -183,3 +183,41 @@ def test_models_dir_refusals(tmp_path, capsys):
                  "--answers-db", str(tmp_path / "a.sqlite")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "holds no export" in err and "Traceback" not in err
+
+
+def test_a_named_export_that_cannot_be_read_at_reload_keeps_serving(second, tmp_path, caplog):
+    """`--model A --model B`: a SIGHUP while B's folder is away for a moment (a copy in
+    progress, a file server's hiccup) dropped B, and every edge on B was refused until the next
+    SIGHUP. B now keeps the export it held; re-exported in place it is served anew."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    named = tmp_path / "b"
+    shutil.copytree(second_dir, named)
+    config = ServerConfig(model_dir=first_dir, more_model_dirs=(named,), listen="127.0.0.1:0",
+                          threads=2, answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    client = CloudClient(ClientConfig(f"127.0.0.1:{server.port}"))
+    try:
+        named.rename(tmp_path / "b.away")
+        caplog.set_level("INFO", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert change["dropped"] == [] and len(change["problems"]) == 1
+        assert (
+            f"still serving the export it held ({second_manifest.fingerprint[:16]})"
+            in (change["problems"][0])
+        )
+        assert "skipped" not in caplog.text
+        assert _served(client, second_manifest.fingerprint)
+        assert server.core.fingerprints == (first.fingerprint, second_manifest.fingerprint)
+
+        (tmp_path / "b.away").rename(named)  # back, then re-exported in place: the new one
+        third = make_tiny_model(12, **TINY_OVERRIDES)
+        shutil.rmtree(named)
+        third_manifest = write_model_dir(third, named)
+        change = server.reload()
+        assert change["added"] == [third_manifest.fingerprint]
+        assert change["dropped"] == [second_manifest.fingerprint] and change["problems"] == []
+        assert _served(client, third_manifest.fingerprint)
+    finally:
+        client.close()
+        server.stop(0)

@@ -33,7 +33,14 @@ from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.cloud.servicer import MAX_STATUS_CHARS
-from splitdet.edge.client import ClientConfig, CloudClient, ImageMeta, NeverRetry, RetryLater
+from splitdet.edge.client import (
+    ClientConfig,
+    CloudClient,
+    ImageMeta,
+    NeverRetry,
+    RetryLater,
+    classify,
+)
 from splitdet.shared.manifest import CLOUD_WEIGHTS, ManifestError, write_manifest
 from splitdet.shared.messages import build_request
 
@@ -468,6 +475,72 @@ def test_an_edge_whose_connection_went_silent_connects_anew(served, tmp_path):
                 assert client.health(timeout=5) == "SERVING"
         finally:
             proxy.close()
+
+
+def test_a_request_over_the_bound_is_counted_and_logged(served, tmp_path, caplog):
+    """gRPC refused a request over --max-message-mib before splitdet saw it: the edge got a
+    final RESOURCE_EXHAUSTED and the cloud counted and logged nothing. Now a request over the
+    bound by up to gRPC's margin is refused by the servicer: counted by edge and code, logged
+    with the caller's address, and still final for the edge ("larger than max")."""
+    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    with running(served, tmp_path, max_message_bytes=1 << 20) as (server, _):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            detect = channel.unary_unary("/splitdet.v1.Detection/Detect")
+            with pytest.raises(grpc.RpcError) as refused:
+                detect(b"\0" * (3 << 20), timeout=30, metadata=(("splitdet-edge", "cam7"),))
+        code, details = refused.value.code(), refused.value.details()
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"request of {3 << 20} bytes is larger than max message size" in details
+        assert "--max-message-mib 1" in details
+        assert isinstance(classify(code, details), NeverRetry)
+        key = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
+        assert _metric(server, key) == 1
+        key = 'splitdet_cloud_edge_refusals_total{code="RESOURCE_EXHAUSTED",edge="cam7"}'
+        assert _metric(server, key) == 1
+    (record,) = [r for r in caplog.records if "larger than max" in r.getMessage()]
+    assert record.fields["edge"] == "cam7" and record.fields["peer"].startswith("ipv4:127.0.0.1")
+
+
+def test_a_call_cut_by_shutdown_is_not_charged_to_the_edge(served, tmp_path, sample, caplog):
+    """A call still running when --grace ends was logged and counted as DEADLINE_EXCEEDED, the
+    code the README reads as "an edge whose --timeout is too short"; it is UNAVAILABLE."""
+    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    fingerprint = served[2].fingerprint
+    with running(served, tmp_path, debug_delay_s=5.0) as (server, client):
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.detect(sample.encoded, sample.image, "cut", fingerprint, 60)
+            except (RetryLater, NeverRetry) as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 10
+        while _metric(server, "splitdet_cloud_in_flight") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        registry = server.metrics.registry
+        server.stop(0.5)
+        caller.join(30)
+        assert outcome and isinstance(outcome[0], RetryLater)
+
+        def refusals() -> dict[str, float]:
+            return {
+                sample.labels["code"]: sample.value
+                for metric in registry.collect()
+                if metric.name == "splitdet_cloud_edge_refusals"
+                for sample in metric.samples
+                if sample.name.endswith("_total") and sample.value
+            }
+
+        deadline = time.monotonic() + 10  # the handler ends after the call is cut
+        while not refusals() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refusals() == {"UNAVAILABLE": 1}  # (was CANCELLED or DEADLINE_EXCEEDED)
+    (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("code")]
+    assert "shut down" in record.fields["message"] and record.fields["peer"]
 
 
 def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):
