@@ -598,6 +598,12 @@ def collect(args: argparse.Namespace) -> int:
         f"{args.out}: {len(summary.collected)} image(s) collected, {summary.already} already "
         f"there, {len(summary.missing)} not available (of {summary.matched} matching results)"
     )
+    if summary.renamed:
+        print(
+            f"  {len(summary.renamed)} collected under a tagged id (another image in --out had "
+            f"its id): {', '.join(summary.renamed[:5])}"
+            + (" ..." if len(summary.renamed) > 5 else "")
+        )
     for line in summary.missing[:20]:
         print(f"  not available: {line}")
     if len(summary.missing) > 20:

@@ -8,6 +8,14 @@ each came from and what the model said. Running it again into the same folder ad
 results and never touches an image already collected: a reviewed annotation is never
 overwritten.
 
+An image's VOC id is its row id and file name (`voc_image_id`), which two edges' stores
+collected into one folder can share for different pictures (each has a row 1, cameras name
+files alike). An id already in the folder therefore counts as collected only for the same
+image: the content hash the store keeps against the one ``collected.csv`` lists for it (a
+listing written before it held hashes: the copy's own bytes, else the row it came from).
+A different image gets the id with a tag of its own content hash (`tagged_image_id`), the
+same on every run, so collecting from each store again adds nothing.
+
 The copies are what the edge saw: the edge decodes an image's pixels as Pillow gives them, a
 JPEG's or PNG's as stored whatever its EXIF orientation tag says, and the cloud's boxes are in
 those pixel coordinates. An image whose tag has viewers and annotation tools turn or mirror it
@@ -24,6 +32,7 @@ Only the standard library and Pillow (through `splitdet.training.voc`): no torch
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -40,7 +49,7 @@ from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store import file_path, result_filter, results_by_id
 from splitdet.training import voc
 
-__all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "voc_image_id"]
+__all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "tagged_image_id", "voc_image_id"]
 
 #: Verdicts whose images can be collected (pending ones have no answer yet; an error row's
 #: file is unreadable or was never detected).
@@ -50,8 +59,10 @@ COLLECTABLE = ("ok", "defect")
 LISTING = "collected.csv"
 LISTING_COLUMNS = (
     "image_id", "result_id", "source", "verdict", "p_defect", "fingerprint", "boxes", "scores",
-    "labels",
+    "labels", "content_hash",
 )  # fmt: skip
+#: Lengths of the content-hash tag `tagged_image_id` tries, shortest first.
+_TAG_LENGTHS = (8, 16, 32, 64)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,6 +76,7 @@ class CollectSummary:
 
     collected: list[str] = field(default_factory=list)  # image ids written
     already: int = 0  # collected by an earlier run (left as they are)
+    renamed: list[str] = field(default_factory=list)  # of `collected`, ids given a hash tag
     missing: list[str] = field(default_factory=list)  # "path: why" of files not copied
     matched: int = 0  # results the selection matched
 
@@ -74,6 +86,7 @@ class CollectSummary:
             "matched": self.matched,
             "collected": len(self.collected),
             "already_collected": self.already,
+            "renamed": self.renamed,
             "missing": self.missing,
         }
 
@@ -85,15 +98,99 @@ def voc_image_id(result_id: int, path: str) -> str:
     return f"{result_id:08d}-{stem}" if stem else f"{result_id:08d}"
 
 
+def tagged_image_id(image_id: str, content_hash: str, length: int = _TAG_LENGTHS[0]) -> str:
+    """``image_id`` told apart by the first ``length`` hex digits of the image's content hash,
+    e.g. ``00000001-img0001-3fa2b9c1``: the id of an image whose plain id another image in
+    the folder already has (the same for that image on every run)."""
+    return f"{image_id}-{content_hash[:length]}"
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A result the selection matched: what choosing its VOC id needs."""
+
+    result_id: int
+    path: str
+    stored_path: str
+    content_hash: str
+    p_defect: float | None
+    fingerprint: str
+
+
+class _Existing:
+    """The images already collected in ``out``: which VOC ids are taken (an annotation marks
+    an image collected), and by which image (``collected.csv``; the copy itself)."""
+
+    def __init__(self, out: Path) -> None:
+        self.images = out / "JPEGImages"
+        annotations = out / "Annotations"
+        self.taken: set[str] = (
+            {p.stem for p in annotations.glob("*.xml")} if annotations.is_dir() else set()
+        )
+        self.listed: dict[str, dict[str, str]] = {}  # image id -> its latest listing row
+        listing = out / LISTING
+        if self.taken and listing.is_file():
+            with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
+                try:
+                    for row in csv.DictReader(fh):
+                        if row.get("image_id") in self.taken:
+                            self.listed[row["image_id"]] = row
+                except csv.Error:  # a damaged line (an edited listing): the rows before it
+                    pass
+        self._copy_hashes: dict[str, str | None] = {}
+
+    def image_id(self, match: _Match) -> tuple[str, bool]:
+        """(VOC id, already collected) of a matched result: its plain id when free or taken
+        by the same image, else the first tagged id free or taken by the same image."""
+        plain = voc_image_id(match.result_id, match.path)
+        candidates = [plain, *(tagged_image_id(plain, match.content_hash, n) for n in _TAG_LENGTHS)]
+        for image_id in candidates:
+            if image_id not in self.taken:
+                return image_id, False
+            if self._same(image_id, match):
+                return image_id, True
+        return candidates[-1], True  # its whole hash taken: that image, whatever is listed
+
+    def _same(self, image_id: str, match: _Match) -> bool:
+        """Whether the image collected as ``image_id`` is the matched result's image."""
+        listed = self.listed.get(image_id, {})
+        if listed.get("content_hash"):
+            return listed["content_hash"] == match.content_hash
+        if self._copy_hash(image_id) == match.content_hash:  # copied byte for byte
+            return True
+        # listed before the listing held hashes (converted to PNG): the row it came from
+        return bool(listed) and (
+            listed.get("result_id"), listed.get("source"), listed.get("fingerprint"),
+            listed.get("p_defect"),
+        ) == (
+            str(match.result_id), match.stored_path, match.fingerprint,
+            "" if match.p_defect is None else str(match.p_defect),
+        )  # fmt: skip
+
+    def _copy_hash(self, image_id: str) -> str | None:
+        """SHA-256 of the copy collected as ``image_id`` (None: none there, or unreadable)."""
+        if image_id not in self._copy_hashes:
+            digest = None
+            for candidate in self.images.glob(f"{glob.escape(image_id)}.*"):
+                if candidate.stem == image_id and candidate.suffix.lower() in voc.IMAGE_EXTENSIONS:
+                    try:
+                        digest = hashlib.sha256(candidate.read_bytes()).hexdigest()
+                    except OSError:
+                        continue
+                    break
+            self._copy_hashes[image_id] = digest
+        return self._copy_hashes[image_id]
+
+
 def _matching(
     db: sqlite3.Connection,
     since: float | None,
     verdict: str | None,
     p_range: tuple[float, float] | None,
-) -> Iterator[tuple[int, str, str]]:
-    """(id, arrival path, stored path) of every final ok/defect result the filters match
-    whose image was kept (not deleted under --after delete), in id order, streamed (an edge
-    database can hold tens of millions of rows)."""
+) -> Iterator[_Match]:
+    """Every final ok/defect result the filters match whose image was kept (not deleted under
+    --after delete), in id order, streamed (an edge database can hold tens of millions of
+    rows)."""
     clauses, params = result_filter(since, verdict)
     clauses.append("stored_path IS NOT NULL")  # deleted after processing: nothing to copy
     clauses.append(f"verdict IN ({', '.join('?' * len(COLLECTABLE))})")
@@ -101,10 +198,11 @@ def _matching(
     if p_range is not None:
         clauses.append("p_defect BETWEEN ? AND ?")
         params += list(p_range)
-    yield from db.execute(
-        f"SELECT id, path, stored_path FROM images WHERE {' AND '.join(clauses)} ORDER BY id",
-        params,
-    )
+    columns = "id, path, stored_path, content_hash, p_defect, fingerprint"
+    for row in db.execute(
+        f"SELECT {columns} FROM images WHERE {' AND '.join(clauses)} ORDER BY id", params
+    ):
+        yield _Match(*row)
 
 
 def _on_disk(stored: str) -> str:
@@ -114,35 +212,37 @@ def _on_disk(stored: str) -> str:
 
 
 def _select(
-    db: sqlite3.Connection, done: set[str], limit: int | None, **filters
-) -> tuple[list[int], int, int, list[str]]:
-    """(ids to collect, results matched, of them already collected, files found gone): at
-    most ``limit`` of the matched results not yet collected (their VOC id in ``done``),
-    spread evenly over them. A pick whose file is gone passes to the next result whose file
-    is there (else files removed since would take every place on every run). Two streamed
-    passes; memory grows with ``limit``, not with the database."""
+    db: sqlite3.Connection, existing: _Existing, limit: int | None, **filters
+) -> tuple[dict[int, str], int, int, list[str]]:
+    """(VOC id by result id to collect, results matched, of them already collected, files
+    found gone): at most ``limit`` of the matched results not yet collected (see
+    `_Existing.image_id`), spread evenly over them. A pick whose file is gone passes to the
+    next result whose file is there (else files removed since would take every place on
+    every run). Two streamed passes; memory grows with ``limit`` and the images already in
+    ``out``, not with the database."""
     matched = already = 0
-    for result_id, path, _ in _matching(db, **filters):
+    for match in _matching(db, **filters):
         matched += 1
-        already += voc_image_id(result_id, path) in done
+        already += existing.image_id(match)[1]
     remaining = matched - already
     wanted = remaining if limit is None else min(limit, remaining)
     picks = {int(k * remaining / wanted) for k in range(wanted)} if wanted else set()
-    chosen: list[int] = []
+    chosen: dict[int, str] = {}
     gone: list[str] = []
     owed, position = 0, 0
-    for result_id, path, stored in _matching(db, **filters):
-        if voc_image_id(result_id, path) in done:
+    for match in _matching(db, **filters):
+        image_id, collected = existing.image_id(match)
+        if collected:
             continue
         owed += position in picks
         position += 1
         if not owed:
             continue
-        if os.path.isfile(_on_disk(stored)):
-            chosen.append(result_id)
+        if os.path.isfile(_on_disk(match.stored_path)):
+            chosen[match.result_id] = image_id
             owed -= 1
         else:
-            gone.append(f"{stored}: no longer there")
+            gone.append(f"{match.stored_path}: no longer there")
     return chosen, matched, already, gone
 
 
@@ -199,15 +299,18 @@ def collect_results(
     listed in ``missing``, not an error, and gives its place to the next. ValueError when
     ``out`` lies where the results' images arrived (the daemon would take the copies for
     new images).
+
+    An image whose VOC id another image in ``out`` has (another store's result with the
+    same row id and file name) is collected as `tagged_image_id` and listed in
+    ``renamed``; one already there (the same content hash) is counted in ``already``.
     """
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
     summary = CollectSummary()
-    done = {p.stem for p in annotations.glob("*.xml")} if annotations.is_dir() else set()
-    ids, summary.matched, summary.already, summary.missing = _select(
-        db, done, limit, since=since, verdict=verdict, p_range=p_range
+    chosen, summary.matched, summary.already, summary.missing = _select(
+        db, _Existing(out), limit, since=since, verdict=verdict, p_range=p_range
     )
-    rows = results_by_id(db, ids)
+    rows = results_by_id(db, list(chosen))
     problem = _watched_folder_problem(out, rows)
     if problem is not None:
         raise ValueError(problem)
@@ -218,19 +321,21 @@ def collect_results(
     out.mkdir(parents=True, exist_ok=True)
     mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
-    new_listing = not listing.is_file()
+    columns = _listing_columns(listing)
     with open(listing, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, LISTING_COLUMNS)
-        if new_listing:
+        writer = csv.DictWriter(fh, columns or LISTING_COLUMNS, extrasaction="ignore")
+        if not columns:
             writer.writeheader()
         for row in rows:
-            image_id = voc_image_id(row["id"], row["path"])
+            image_id = chosen[row["id"]]
             target_xml = annotations / f"{image_id}.xml"
             problem = _copy_one(row, image_id, images, target_xml, min_score)
             if problem is not None:
                 summary.missing.append(problem)
                 continue
             summary.collected.append(image_id)
+            if image_id != voc_image_id(row["id"], row["path"]):
+                summary.renamed.append(image_id)
             writer.writerow(
                 {
                     "image_id": image_id,
@@ -242,10 +347,22 @@ def collect_results(
                     "boxes": json.dumps(row["boxes"] or []),
                     "scores": json.dumps(row["scores"] or []),
                     "labels": json.dumps(row["labels"] or []),
+                    "content_hash": row["content_hash"],
                 }
             )
             fh.flush()
     return summary
+
+
+def _listing_columns(listing: Path) -> list[str] | None:
+    """The columns of an existing ``collected.csv`` (one written before a column was added
+    keeps its own: new rows are written under them), None when there is none or it is
+    empty."""
+    if not listing.is_file():
+        return None
+    with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh), None)
+    return header or None
 
 
 def _orientation(img: Image.Image) -> int:

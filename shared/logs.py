@@ -12,6 +12,16 @@ first, each value the message already shows left out:
     2026-12-04 15:40:01,123 ERROR splitdet.edge.sender: dead letter event=dead_letter
     image_id=7 path=/data/camera/a.png code=INVALID_ARGUMENT reason="dead letter: ..."
     (one line)
+
+A record with an exception (`log.exception`) stays one line too: the exception and where it
+was raised are two more fields, its cause (``raise ... from``, or the exception being handled)
+a third when there is one; the full traceback follows only when the record's logger logs
+DEBUG (``--log-level DEBUG``). A JSON line carries the full traceback as ``exc``:
+
+    2026-12-04 15:40:01,123 ERROR splitdet.edge.sender: the sender failed unexpectedly;
+    retrying in 2.0 s event=sender_error retry_in_s=2.0
+    error="sqlite3.OperationalError: database or disk is full" at=edge/store.py:512
+    (one line)
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 
@@ -67,6 +79,36 @@ class TextLogFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line, its exception (if any) folded into it as `error`, `at` and
+        `cause` fields (`exception_fields`; all as ``exc_error``... when the record's
+        fields use one of those names); at DEBUG (the record's logger logs DEBUG) the
+        full traceback, and a `stack_info` stack, follow on lines of their own. Unlike
+        logging.Formatter it leaves ``record.exc_text`` alone: another handler's formatter
+        still writes the full traceback."""
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if not record.exc_info and not record.stack_info:
+            return line
+        extra = exception_fields(record.exc_info) if record.exc_info else {}
+        fields = getattr(record, "fields", None)
+        taken = fields if isinstance(fields, dict) else {}
+        prefix = "exc_" if taken.keys() & extra.keys() else ""  # all aside: they go together
+        shown = [
+            f"{prefix}{key}={_quoted(value, True)}"
+            for key, value in extra.items()
+            if key == "at" or not _shows(record.message, value)
+        ]
+        line = " ".join([line, *shown])
+        if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            if record.exc_info and record.exc_info[1] is not None:
+                line += "\n" + self.formatException(record.exc_info).rstrip("\n")
+            if record.stack_info:
+                line += "\n" + self.formatStack(record.stack_info)
+        return line
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         fields = getattr(record, "fields", None) or {}
@@ -81,6 +123,52 @@ class TextLogFormatter(logging.Formatter):
                 continue
             shown.append(f"{key}={_quoted(text, isinstance(value, str))}")
         return " ".join([line, *shown])
+
+
+_ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+
+
+def exception_fields(exc_info: _ExcInfo | tuple[None, None, None]) -> dict[str, str]:
+    """A logged exception as text fields: ``error`` (``Type: message``, the type named with
+    its module unless a builtin), ``at`` (``folder/file.py:line`` of the innermost frame of
+    its traceback, where it was raised) and, when it has one, ``cause`` (the innermost
+    exception of its chain: ``raise ... from``, or the one being handled when it was
+    raised). Empty for ``exc_info=True`` outside an exception."""
+    exc = exc_info[1]
+    if exc is None:
+        return {}
+    fields = {"error": _describe(exc)}
+    tb = exc.__traceback__ or exc_info[2]
+    if tb is not None:
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where = Path(tb.tb_frame.f_code.co_filename)
+        fields["at"] = f"{'/'.join(where.parts[-2:])}:{tb.tb_lineno}"
+    seen = {id(exc)}
+    cause = exc
+    while True:  # to the innermost, a cycle (an exception its own context) ending it
+        nxt = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        cause = nxt
+    if cause is not exc:
+        fields["cause"] = _describe(cause)
+    return fields
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception (``Type`` alone without a message), the type named
+    with its module unless a builtin, as `traceback` names it."""
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__
+        text = "<exception str() failed>"
+    return f"{name}: {text}" if text else name
 
 
 def _text(value: Any) -> str:

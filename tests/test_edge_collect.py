@@ -321,3 +321,94 @@ def test_exif_turned_images_are_collected_as_the_edge_saw_them(tmp_path, capsys)
     assert main(["data", "check", str(out), "--decode", "--no-progress"]) == 0, (
         capsys.readouterr().out
     )
+
+
+def _camera(folder: Path, gray: int) -> tuple[Path, str]:
+    """(db, content hash): a camera's own store whose row 1 is an ok result for its own
+    img0001.jpg (pixels of value `gray`), as that camera's daemon leaves it."""
+    image = folder / "archive" / "img0001.jpg"
+    image.parent.mkdir(parents=True)
+    Image.new("L", (W, H), gray).save(image)
+    db = folder / "edge.sqlite"
+    store = ResultStore(db)
+    row, _ = store.record_ok(_arrival(1, str(image)), 0.1, FINGERPRINT, {}, stored_path=str(image))
+    store.close()
+    assert row == 1
+    return db, hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_two_cameras_same_row_and_name_into_one_folder(tmp_path, capsys):
+    """Two cameras' stores each hold a row 1 for a file named img0001.jpg, different pictures.
+    Before: both had the VOC id 00000001-img0001 and the second camera's image was counted
+    "already there" and never collected. Now an id already taken counts as already there only
+    for the same image (its content hash); the other gets the id with a tag of its hash, and
+    the summary says so. Running collect again on either store adds nothing."""
+    cam_a, hash_a = _camera(tmp_path / "a", 40)
+    cam_b, hash_b = _camera(tmp_path / "b", 200)
+    assert hash_a != hash_b
+    out = tmp_path / "review"
+    first = _collect(cam_a, out, capsys)
+    assert (first["collected"], first["already_collected"]) == (1, 0)
+    second = _collect(cam_b, out, capsys)
+    tagged = f"00000001-img0001-{hash_b[:8]}"
+    assert (second["collected"], second["already_collected"]) == (1, 0)  # before: (0, 1)
+    assert first["renamed"] == [] and second["renamed"] == [tagged]
+    images = out / "JPEGImages"
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        ["00000001-img0001.jpg", f"{tagged}.jpg"]
+    )
+    assert hashlib.sha256((images / "00000001-img0001.jpg").read_bytes()).hexdigest() == hash_a
+    assert hashlib.sha256((images / f"{tagged}.jpg").read_bytes()).hexdigest() == hash_b
+    assert voc.read_annotation(out, tagged).image_path == images / f"{tagged}.jpg"
+
+    for db in (cam_a, cam_b, cam_a):  # idempotent: each image is there once
+        again = _collect(db, out, capsys)
+        assert (again["collected"], again["already_collected"], again["renamed"]) == (0, 1, [])
+    with open(out / "collected.csv", newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert [(r["image_id"], r["content_hash"]) for r in listed] == [
+        ("00000001-img0001", hash_a), (tagged, hash_b)
+    ]  # fmt: skip
+
+    assert main(["edge", "collect", "--db", str(cam_b), "--out", str(out)]) == 0
+    assert "0 image(s) collected, 1 already there" in capsys.readouterr().out
+    cam_c, hash_c = _camera(tmp_path / "c", 120)  # the text summary names a tagged id too
+    assert main(["edge", "collect", "--db", str(cam_c), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 image(s) collected" in text
+    tagged_c = f"00000001-img0001-{hash_c[:8]}"
+    assert f"1 collected under a tagged id (another image in --out had its id): {tagged_c}" in text
+
+
+def test_a_tree_collected_before_content_hashes_were_listed(tmp_path, capsys):
+    """A tree whose collected.csv has no content_hash column (written by an earlier version):
+    its images, byte copies and converted PNGs alike, are still known as already there, and
+    a new image is listed under the old columns."""
+    folder = tmp_path / "cam"
+    db, _ = _camera(folder, 40)
+    store = ResultStore(db)
+    turned = folder / "archive" / "turned.jpg"
+    _tagged(turned, "RGB", 6, "JPEG")  # collected as a PNG of its pixels: not a byte copy
+    store.record_ok(_arrival(2, str(turned)), 0.2, FINGERPRINT, {}, stored_path=str(turned))
+    store.close()
+    out = tmp_path / "review"
+    assert _collect(db, out, capsys)["collected"] == 2
+    listing = out / "collected.csv"
+    with open(listing, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    old_columns = [c for c in rows[0] if c != "content_hash"]
+    with open(listing, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    again = _collect(db, out, capsys)
+    assert (again["collected"], again["already_collected"]) == (0, 2)
+    store = ResultStore(db)
+    later = _image(folder / "archive" / "later.png")
+    store.record_ok(_arrival(3, later), 0.3, FINGERPRINT, {}, stored_path=later)
+    store.close()
+    assert _collect(db, out, capsys)["collected"] == 1
+    with open(listing, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == old_columns and len(list(reader)) == 3
