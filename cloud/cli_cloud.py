@@ -333,11 +333,11 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_options(args)
-    if args.log_format == "json":
+    if args.log_format == "json":  # before check_options imports grpc
         from splitdet.shared.logs import use_json_logs
 
         use_json_logs()
+    check_options(args)
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     # SIGHUP then: reloaded once serving (its default action would end the process).
     stop, reload = threading.Event(), threading.Event()

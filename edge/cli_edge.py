@@ -690,14 +690,16 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG."""
+    from splitdet.shared.logs import use_json_logs
+
+    if args.log_format == "json":
+        use_json_logs()  # before grpc is imported (below)
+
     from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
     from splitdet.edge.store import OutboxCap, StoreError
     from splitdet.shared.cli import CommandError
-    from splitdet.shared.logs import use_json_logs
     from splitdet.shared.manifest import ManifestError
 
-    if args.log_format == "json":
-        use_json_logs()
     if not args.watch.is_dir():
         raise CommandError(f"--watch {args.watch}: no such folder")
     check_run_options(args)
@@ -749,7 +751,9 @@ def run(args: argparse.Namespace) -> int:
         hint = ("; the image being handled stays in --watch: free space, or bound the database "
                 "(--keep-results, --outbox-max-mb)") if "full" in str(exc) else ""  # fmt: skip
         raise CommandError(f"--db {config.db}: {exc}{hint}") from None
-    except (StoreError, OSError) as exc:
+    except StoreError as exc:  # e.g. the database deleted while it ran; starts with its path
+        raise CommandError(f"--db {exc}") from None
+    except OSError as exc:
         raise CommandError(str(exc)) from None
 
 

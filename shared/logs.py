@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -53,7 +54,12 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def use_json_logs() -> None:
-    """Switch every root handler (or a new stderr one) to JSON lines."""
+    """Switch every root handler (or a new stderr one) to JSON lines, and silence gRPC's own
+    log lines (a failed TLS handshake's, a bind failure's), which it writes to stderr in its
+    own format, unless GRPC_VERBOSITY asks for them: a log pipeline reading JSON lines would
+    break on them. What they say reaches the caller as an exception anyway. gRPC reads the
+    variable once, when it is imported: call this before anything imports grpc."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
