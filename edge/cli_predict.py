@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,11 @@ from splitdet.shared.atomic_file import atomic_write
 if TYPE_CHECKING:
     from splitdet.edge.client import ClientConfig
     from splitdet.edge.predict import Detector
+
+log = logging.getLogger(__name__)
+
+#: How many names of left-out files a message shows.
+SHOWN_NAMES = 5
 
 EPILOG = """\
 examples:
@@ -178,6 +184,46 @@ def write_json(json_file: str, data: object) -> None:
         raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
 
 
+def left_out_files(inputs: list[Path], recursive: bool) -> list[Path]:
+    """The regular files a folder scan of `inputs` (`preprocess.list_images`) leaves out for
+    their extension, sorted: a.webp, c.jpe, notes.txt. Hidden files and folders, which the
+    scan skips too, are not listed; files named as inputs are always taken."""
+    from splitdet.edge.preprocess import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for folder in inputs:
+        if not folder.is_dir():
+            continue
+        found.extend(
+            sorted(
+                p
+                for p in folder.glob("**/*" if recursive else "*")
+                if p.suffix.lower() not in IMAGE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            )
+        )
+    return found
+
+
+def describe_left_out(files: list[Path]) -> str:
+    """`left_out_files` in one phrase: how many, of which extensions, a few names, and which
+    extensions a folder scan takes."""
+    from collections import Counter
+
+    from splitdet.edge.preprocess import IMAGE_SUFFIXES
+
+    kinds = Counter(p.suffix.lower() or "no extension" for p in files)
+    names = ", ".join(str(p) for p in files[:SHOWN_NAMES])
+    more = f" and {len(files) - SHOWN_NAMES} more" if len(files) > SHOWN_NAMES else ""
+    return (
+        f"{len(files)} file(s) of an extension a folder scan does not take "
+        f"({', '.join(f'{kind} {n}' for kind, n in kinds.most_common())}: {names}{more}); "
+        f"it takes {' '.join(IMAGE_SUFFIXES)} in any case; name a file itself to read it "
+        "anyway (e.g. a .webp or .jpe Pillow decodes)"
+    )
+
+
 def _cached(factory):
     made = []
 
@@ -205,10 +251,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--score-threshold {args.score_threshold:g}: must be a score from 0 to 1"
         )
-    paths = list_images([Path(p) for p in args.images], recursive=args.recursive)
+    inputs = [Path(p) for p in args.images]
+    paths = list_images(inputs, recursive=args.recursive)
+    left_out = left_out_files(inputs, args.recursive)
     if not paths:
         hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
-        raise CommandError(f"no image files in {' '.join(args.images)}{hint}")
+        there = f": left out {describe_left_out(left_out)}" if left_out else ""
+        raise CommandError(f"no image files in {' '.join(args.images)}{hint}{there}")
+    if left_out:  # once per run, for every folder together
+        from PIL import Image
+
+        # a warning when Pillow would read some of them (a.webp): images the user meant
+        readable = any(p.suffix.lower() in Image.registered_extensions() for p in left_out)
+        level = logging.WARNING if readable else logging.INFO
+        log.log(level, "folder scan left out %s", describe_left_out(left_out))
     check_outputs(args.json, args.save)
     check_save_outside_inputs(args.save, args.images)
     try:

@@ -148,11 +148,6 @@ def _one(tmp_path: Path, image_id: str, text: str | None = None, image: bool = T
         ("noname", dict(name=""), "missing <name>"),
         ("baddifficult", dict(difficult="maybe"), "difficult"),
         (
-            "nosize",
-            dict(text=f"<annotation>{_obj()}</annotation>"),
-            "missing <size>",
-        ),
-        (
             "noxmax",
             dict(
                 text="<annotation><size><width>64</width><height>48</height></size><object>"

@@ -12,7 +12,7 @@ torch loads when the command runs.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
 from splitdet.shared.atomic_file import atomic_write, replacing
@@ -160,6 +160,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     # here, not after predicting every image (where calibration found it)
     if not 0.0 < args.target_recall <= 1.0:
         raise CommandError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    names: tuple[str, ...] = ()  # the model's classes, once loaded
     try:
         model, checkpoint = load_model(
             Path(args.checkpoint), box_refine_steps=args.box_refine_steps
@@ -171,12 +172,19 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         calibration = None
         if args.calibrate_split.lower() != "none":
             calibration_root = Path(args.calibrate_data or args.data)
+            split_file = _split_path(calibration_root, args.calibrate_split)
+            if not split_file.is_file():
+                raise CommandError(
+                    f"{split_file}: split file not found, so the gate threshold cannot be "
+                    f"calibrated on split {args.calibrate_split!r}; "
+                    + _other_calibration(args.calibrate_split, checkpoint)
+                )
             calibration = voc.read_split(calibration_root, args.calibrate_split, names)
             if not any(s.is_defective for s in calibration):
+                what = "lists no images" if not calibration else "no defective image"
                 raise CommandError(
-                    f"{_split_path(calibration_root, args.calibrate_split)}: no defective "
-                    "image to calibrate the gate on; give another --calibrate-split, or "
-                    "--calibrate-split none to keep the checkpoint's threshold"
+                    f"{split_file}: {what} to calibrate the gate threshold on; "
+                    + _other_calibration(args.calibrate_split, checkpoint)
                 )
         metrics = evaluate(
             model,
@@ -190,7 +198,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     except voc.VocError as exc:
         calibrating = args.calibrate_data and str(exc).startswith(str(Path(args.calibrate_data)))
         root = args.calibrate_data if calibrating else args.data
-        raise CommandError(voc.check_hint(exc, root)) from exc
+        raise CommandError(eval_hint(exc, root, names)) from exc
     except (CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     metrics.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
@@ -203,6 +211,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         if calibration is not None and not args.no_store:
             checkpoint["gate_threshold"] = metrics["gate_threshold"]
             checkpoint["gate_target_recall"] = args.target_recall
+            checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
             with replacing(args.checkpoint, fsync=True) as tmp:
                 torch.save(checkpoint, tmp)
         if args.json:
@@ -258,6 +267,7 @@ def _open_model(args: argparse.Namespace):
     from splitdet.training.evaluate_export import open_pipeline, read_samples
 
     remote = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
+    pipeline = None
     try:
         pipeline = open_pipeline(Path(args.model), args.codec)
         samples = read_samples(Path(args.data), args.split, pipeline.manifest.class_names)
@@ -269,10 +279,46 @@ def _open_model(args: argparse.Namespace):
         else:
             detector = remote_detector(remote, pipeline.manifest.fingerprint)()
     except voc.VocError as exc:
-        raise CommandError(voc.check_hint(exc, args.data)) from None
+        names = pipeline.manifest.class_names if pipeline is not None else ()
+        raise CommandError(eval_hint(exc, args.data, names)) from None
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     return pipeline, samples, detector
+
+
+def eval_hint(exc: Exception, root, class_names: Sequence[str]) -> str:
+    """`exc`'s message (a VocError reading `root`) with what to do about it in eval.
+
+    An object of a class the model does not know (`class_names`, the checkpoint's or the
+    export's) cannot be scored: eval takes the model's classes, it has no --classes to give
+    (train's advice, `voc.check_hint`'s). Other problems get `voc.check_hint`'s advice."""
+    from splitdet.training import voc
+
+    message = str(exc)
+    if "unknown class" in message and class_names:
+        known = ",".join(class_names)
+        return (
+            f"{message}; eval scores the model's classes only ({known}): relabel or remove the "
+            f"objects of other classes in {root} (`splitdet data check {root} --classes "
+            f"{known}` lists them all), or evaluate a model trained with them (`splitdet train "
+            f"--classes {known},...`)"
+        )
+    return voc.check_hint(exc, root)
+
+
+def _other_calibration(split: str, checkpoint: dict) -> str:
+    """What to give instead of the calibration split `split`, which cannot calibrate; the
+    checkpoint's current threshold named for --calibrate-split none."""
+    from splitdet.training.cli_export import threshold_calibration
+
+    threshold = float(checkpoint.get("gate_threshold", 0.5))
+    state = "calibrated" if threshold_calibration(checkpoint) else "never calibrated"
+    other = "train" if split != "train" else "val"
+    return (
+        f"give --calibrate-split {other} (or another split holding defective images; train's "
+        "images give an optimistic threshold, as the model has seen them), or --calibrate-split "
+        f"none to keep the checkpoint's threshold ({threshold:g}, {state})"
+    )
 
 
 def _split_path(root, split: str):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from splitdet.shared.cli import add_box_refine_option, int_in
+
+log = logging.getLogger(__name__)
 
 EPILOG = """\
 example:
@@ -66,6 +69,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def threshold_calibration(checkpoint: dict) -> str | None:
+    """What calibrated the checkpoint's gate threshold: "eval", "validation" (training's), or
+    None when nothing did (it is then the 0.5 default, or a value set by hand).
+
+    `splitdet eval --checkpoint` stores "gate_target_recall" (and "gate_calibrated" True)
+    beside the threshold it calibrates; `splitdet train` records "gate_calibrated", True once a
+    validation pass calibrated the threshold. Checkpoints older than that key tell it by their
+    "history" rows: "val_gate_threshold" in one of them (none: no usable val split, or
+    --eval-every 0)."""
+    if checkpoint.get("gate_target_recall") is not None:
+        return "eval"
+    calibrated = checkpoint.get("gate_calibrated")
+    if calibrated is not None:
+        return "validation" if calibrated else None
+    history = checkpoint.get("history")
+    if isinstance(history, list) and any(
+        isinstance(row, dict) and row.get("val_gate_threshold") is not None for row in history
+    ):
+        return "validation"
+    return None
+
+
+def uncalibrated_warning(checkpoint_path: str, threshold: float) -> str:
+    """The one-line warning for an export at a gate threshold nothing calibrated."""
+    return (
+        f"{checkpoint_path}: its gate threshold {threshold:g} was never calibrated (training "
+        "had no usable val split, and no `splitdet eval --checkpoint` stored one since), so "
+        "the edge will gate at a p(defect) that keeps no known defect recall; calibrate it "
+        f"with `splitdet eval --data DATA --checkpoint {checkpoint_path} --calibrate-split "
+        "val` (or `--calibrate-split train` when there is no val split; optimistic) and export "
+        "again, or give --gate-threshold P"
+    )
+
+
 def calibration_batches(data: Path, config, count: int) -> list:
     """`count` train-split images of `data`, evenly spaced, preprocessed as the edge does."""
     from splitdet.edge.preprocess import load_image, prepare
@@ -94,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         threshold = args.gate_threshold
         if threshold is None:
             threshold = float(checkpoint.get("gate_threshold", 0.5))
+        # "given", what calibrated the checkpoint's threshold, or None: nothing did
+        source = "given" if args.gate_threshold is not None else threshold_calibration(checkpoint)
         calibration = None
         if args.quantize_edge is not None:
             calibration = calibration_batches(
@@ -111,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     except OSError as exc:  # the checkpoint and data are read through the errors above
         raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
+    if source is None:  # after the export, which it does not stop
+        log.warning(uncalibrated_warning(args.checkpoint, threshold))
     worst = max(manifest.extra["export_check"]["max_relative_error"].values())
     print(
         json.dumps(
@@ -118,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 "model_dir": str(args.out),
                 "fingerprint": manifest.fingerprint,
                 "gate_threshold": manifest.gate_threshold,
+                "gate_threshold_from": source or "uncalibrated checkpoint",
                 "default_codec": manifest.default_codec,
                 "class_names": list(manifest.class_names),
                 "box_refine_steps": model.config.box_refine_steps,

@@ -52,14 +52,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init",
         default="none",
         help="starting weights: none | imagenet | coco | PATH (a splitdet checkpoint or a "
-        "torchvision state dict); imagenet/coco download through torchvision's hub cache",
+        "torchvision state dict); imagenet/coco download through torchvision's hub cache and "
+        "need a BatchNorm model: --preset "
+        + " or ".join(name for name, preset in PRESETS.items() if preset.model.norm != "group")
+        + " (the other presets use GroupNorm and train from scratch)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument(
         "--minutes",
         type=float,
-        help="training-time budget in minutes (evaluation excluded); 0: none, the run is fixed "
-        "by --epochs: the same steps on any machine",
+        help="training-time budget in minutes (evaluation excluded); the run ends at "
+        "whichever comes first, --minutes or --epochs (the preset's: "
+        + ", ".join(f"{name} {preset.epochs}" for name, preset in PRESETS.items())
+        + "), so raise --epochs too for a longer run; 0: no budget, the run is fixed by "
+        "--epochs: the same steps on any machine",
     )
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--batch-size", type=int, help="images per step and process")

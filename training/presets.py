@@ -6,6 +6,13 @@
 
 `paper` is the paper's recipe (Table 2). `cpu` is the recipe that learns from scratch on a
 2-core CPU within 30 minutes (see `cpu`'s comments for what was measured). `tiny` is for tests.
+
+Only `paper` (BatchNorm, ResNet50) can start from `--init imagenet` or `--init coco`; the others
+use GroupNorm, which those weights carry no statistics for, and train from scratch. Each preset
+reads images at its model's input size (min_size / max_size): `cpu` at 512 / 640, so a 2448x2048
+image is read at 612x512 (x0.25) and a 2 px scratch is 0.5 px there; `train` logs the scale, and
+it and `data check` warn when many boxes are under 2 px at it. A run ends at whichever comes
+first, its `minutes` or its `epochs`.
 """
 
 from __future__ import annotations

@@ -142,6 +142,41 @@ def _remap_class_rows(
     return state, {n: n if n in saved_names else None for n in names}
 
 
+def _init_fits(init: str, config: ModelConfig) -> bool:
+    """Whether `--init imagenet|coco` can start a model of `config`: ImageNet's ResNets carry
+    BatchNorm statistics (norm batch or frozen, any depth); COCO's Faster R-CNN is a
+    ResNet50-FPN with BatchNorm."""
+    if config.norm == "group":
+        return False
+    return init == "imagenet" or config.depth == 50
+
+
+def _init_refusal(init: str, config: ModelConfig) -> str:
+    """Why `--init imagenet|coco` cannot start a model of `config`, and what on the command
+    line can: the presets whose models it fits, and what every other preset's model is."""
+    from splitdet.training.presets import PRESETS
+
+    need = {
+        "imagenet": "ImageNet weights carry BatchNorm statistics, so they need a model with norm "
+        "batch or frozen",
+        "coco": "COCO weights are a Faster R-CNN ResNet50-FPN with BatchNorm, so they need depth "
+        "50 with norm batch or frozen",
+    }[init]
+
+    def model(name: str) -> str:
+        return f"{name} (depth {PRESETS[name].model.depth}, norm {PRESETS[name].model.norm})"
+
+    fits = [name for name, preset in PRESETS.items() if _init_fits(init, preset.model)]
+    others = [name for name in PRESETS if name not in fits]
+    use = " or ".join(f"--preset {model(name)}" for name in fits) or "a preset that fits"
+    return (
+        f"--init {init}: {need}, and this model has depth {config.depth} with norm "
+        f"{config.norm}; train with {use}, as no option sets norm or depth; "
+        f"{', '.join(map(model, others))} train from scratch (--init none) or from a splitdet "
+        "checkpoint of the same preset (--init PATH)"
+    )
+
+
 def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True) -> dict:
     """Start `model` from `init`: "none", "imagenet" (torchvision's ImageNet ResNet of the
     model's depth, backbone body only), "coco" (torchvision's COCO Faster R-CNN ResNet50-FPN; the
@@ -158,13 +193,13 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
         return {"loaded": 0, "skipped": [], "missing": len(model.state_dict())}
     if init == "imagenet":
         if config.norm == "group":
-            raise InitError("ImageNet weights carry BatchNorm statistics: use norm batch or frozen")
+            raise InitError(_init_refusal("imagenet", config))
         weights = {18: ResNet18_Weights, 34: ResNet34_Weights, 50: ResNet50_Weights}[config.depth]
         state = _fetch(weights.IMAGENET1K_V1, progress)
         return _load_matching(model, state, prefix="backbone.body.")
     if init == "coco":
         if config.depth != 50 or config.norm == "group":
-            raise InitError("COCO weights need depth 50 with norm batch or frozen")
+            raise InitError(_init_refusal("coco", config))
         state = _fetch(FasterRCNN_ResNet50_FPN_Weights.COCO_V1, progress)
         state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
         return _load_matching(model, state)
@@ -610,6 +645,10 @@ def train(
         )
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
+    if rank == 0:
+        _log_inputs(config, data_dir, train_samples)
+        if not val_samples:
+            log.warning("%s", _no_validation(config, data_dir, out_dir))
     if val_samples and not any(s.is_defective for s in val_samples):
         # found now, not after the first epoch, whose validation calibrates the gate on them
         raise ValueError(
@@ -648,6 +687,7 @@ def train(
 
     history: list[dict[str, Any]] = []
     start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
+    gate_calibrated = False  # whether gate_threshold came from a validation pass
     epoch_seconds = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
     if resume and last_path.is_file():
         checkpoint = read_checkpoint(last_path)
@@ -695,6 +735,10 @@ def train(
         history = list(checkpoint.get("history", []))
         best_value = float(checkpoint.get("best_value", -math.inf))
         gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
+        # checkpoints from before the key: calibrated if a validation pass ever ran
+        gate_calibrated = bool(checkpoint.get(
+            "gate_calibrated", any(r.get("val_gate_threshold") is not None for r in history)
+        ))  # fmt: skip
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         log.info("resumed from %s at epoch %d", last_path, start_epoch)
@@ -722,11 +766,13 @@ def train(
     wall_start = time.perf_counter()
     row: dict[str, Any] = dict(history[-1]) if history else {}
     overall = _overall_bar(config, clock, start_epoch, enabled=progress and rank == 0)
+    ended_by_epochs = True  # False when the budget or stop_after ended the loop
     for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
         stop = clock.exhausted(epoch_seconds) or (
             stop_after is not None and epochs_run >= stop_after
         )
         if _agree(stop, device):
+            ended_by_epochs = False
             break
         # rank 0 decides for all, as for stopping: ranks' clocks differ, and ranks on different
         # loaders would run different step counts and input sizes (a DDP hang)
@@ -770,7 +816,7 @@ def train(
         if rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
             _set_input_size(model, mc.min_size, mc.max_size)
             metrics = evaluate(model, val_samples, device=device, progress=progress)
-            gate_threshold = metrics["gate_threshold"]
+            gate_threshold, gate_calibrated = metrics["gate_threshold"], True
             row.update({f"val_{k}": metrics[k] for k in (
                 "map", "map50", "ar100", "gate_auc", "gate_threshold", "gate_accuracy",
             )})  # fmt: skip
@@ -788,6 +834,8 @@ def train(
                 "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
                 "epoch": epoch,
                 "gate_threshold": gate_threshold,
+                # False: 0.5, no validation pass set it (readers: .get, older ones lack it)
+                "gate_calibrated": gate_calibrated,
                 "train_config": config.to_dict(),
                 "data": str(data_dir.resolve()),
                 "train_seconds": clock.seconds,
@@ -806,9 +854,65 @@ def train(
             write_metrics(out_dir, history)
             plot_learning_curve(history, out_dir / "learning_curve.png")
     overall.close()
+    if (
+        rank == 0
+        and ended_by_epochs
+        and config.budget_seconds
+        and not clock.exhausted(epoch_seconds)
+    ):
+        log.info(
+            "stopped at --epochs %d after %.1f of its --minutes %g training minutes: a run "
+            "ends at whichever comes first; give a larger --epochs to use the whole budget",
+            config.epochs, clock.seconds / 60.0, config.minutes,
+        )  # fmt: skip
     if world > 1:
         dist.barrier()
     return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
+
+
+def _log_inputs(config: TrainConfig, data_dir: Path, samples: list) -> None:
+    """Log the scale the train split's images (`VocSample`s) are read at by the preset's
+    model input, and warn when that scale leaves many boxes too thin to see."""
+    from splitdet.training.presets import PRESETS
+    from splitdet.training.voc_check import input_scale_text, thin_box_warning
+
+    mc = config.model
+    log.info(
+        "input size of preset %s (min_size %d, max_size %d): images %s",
+        config.name, mc.min_size, mc.max_size,
+        input_scale_text(((s.width, s.height) for s in samples), mc.min_size, mc.max_size),
+    )  # fmt: skip
+    preset = PRESETS.get(config.name)
+    if preset is None or (preset.model.min_size, preset.model.max_size) != (
+        mc.min_size,
+        mc.max_size,
+    ):
+        return  # a custom recipe: thin_box_warning measures at a preset's input
+    warning = thin_box_warning(samples, config.name, data_dir / "ImageSets" / "Main" / "train.txt")
+    if warning is not None:
+        log.warning("%s", warning)
+
+
+def _no_validation(config: TrainConfig, data_dir: Path, out_dir: Path) -> str:
+    """Why this run validates nothing, what it lacks for it, and how to get it."""
+    val = data_dir / "ImageSets" / "Main" / "val.txt"
+    split = (
+        f"give the dataset a val split with defective images (`splitdet data split {data_dir} "
+        "--val 0.2`, --overwrite to redo existing splits) and train again"
+    )
+    if not config.eval_every:
+        why, fix = "--eval-every 0", "train with --eval-every 1 or more"
+    elif not val.is_file():
+        why, fix = f"no {val}; `splitdet data split --val 0` writes none", split
+    else:
+        why, fix = f"{val} lists no image", split
+    return (
+        f"no validation split ({why}): this run keeps no best.pt (only last.pt) and its gate "
+        f"threshold stays the uncalibrated 0.5; {fix}, or calibrate the gate afterwards: "
+        f"`splitdet eval --data {data_dir} --checkpoint {out_dir / 'last.pt'} "
+        "--calibrate-split SPLIT` (a split with defective images that the run never saw; "
+        "--calibrate-data DIR for one in another dataset)"
+    )
 
 
 def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:

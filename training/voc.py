@@ -15,7 +15,14 @@ coordinates, where pixel ``i`` covers ``[i, i + 1)``, so that box is ``[0, 0, 1,
 
 Writing rounds outwards, so the written box always contains the continuous one; integer boxes
 round-trip exactly. When reading, ``xmin=0``/``ymin=0`` (written by some 0-based tools) is
-accepted and clamped to 0; anything past the image size or degenerate (``x2 <= x1``) is an error.
+accepted and clamped to 0, and so is a coordinate past the image by floating-point noise (up to
+`EDGE_TOLERANCE_PX`, e.g. ``xmax=320.00000000000006`` in a 320 px wide image, from a tool that
+scales its boxes), clamped to the image's edge; anything further past the image size or
+degenerate (``x2 <= x1``) is an error.
+
+A missing ``<size>`` is read like ``<size>`` 0x0, which some tools write: the size is then the
+image header's. `read_annotation` is the one reader of annotations: ``data check``, ``train``
+and ``eval`` all go through it.
 
 An annotation with no ``<object>`` is a defect-free image. Every problem with the input raises
 `VocError` (a `ValueError`) whose message starts with the offending file's path.
@@ -64,6 +71,15 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 
 #: Annotation files larger than this are refused (a VOC annotation is a few KB).
 MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
+
+#: How far (px) a box coordinate may lie past the image and still be read, clamped to its edge.
+#: Tools that scale boxes write floating-point noise (``320.00000000000006`` for 320; double
+#: rounding at 10000 px is ~2e-12 px), and clamping by 0.01 px moves a box by 1/100 of a pixel,
+#: which nothing downstream can see; a coordinate one pixel past the image (an off-by-one of a
+#: 0-based tool, a <size> that is not the image's) is a real mistake and stays refused. An
+#: absolute tolerance, not a relative one: the noise a scaling leaves is far below it at any
+#: image size the edge takes.
+EDGE_TOLERANCE_PX = 0.01
 
 #: The EXIF orientation tag.
 EXIF_ORIENTATION = 0x0112
@@ -425,10 +441,11 @@ def read_annotation(
         )
 
     size = ann.find("size")
-    if size is None:
-        raise VocError(f"{path}: missing <size>")
-    width_f = _number(path, size, "width", "<size>")
-    height_f = _number(path, size, "height", "<size>")
+    if size is None:  # read like <size> 0x0: the size is the image header's
+        width_f = height_f = 0.0
+    else:
+        width_f = _number(path, size, "width", "<size>")
+        height_f = _number(path, size, "height", "<size>")
     if width_f != int(width_f) or height_f != int(height_f) or width_f < 0 or height_f < 0:
         raise VocError(f"{path}: <size> must hold non-negative integers, got {width_f}x{height_f}")
     width, height = int(width_f), int(height_f)
@@ -464,17 +481,22 @@ def read_annotation(
         ymin = _number(path, bnd, "ymin", where)
         xmax = _number(path, bnd, "xmax", where)
         ymax = _number(path, bnd, "ymax", where)
-        x1, y1, x2, y2 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0), xmax, ymax
-        if xmin < 0 or ymin < 0 or x2 > width or y2 > height:
+        box = (
+            f"box xmin={_coordinate(xmin)} ymin={_coordinate(ymin)} xmax={_coordinate(xmax)} "
+            f"ymax={_coordinate(ymax)}"
+        )
+        past = _past_the_image(xmin, ymin, xmax, ymax, width, height)
+        if past:
             raise VocError(
-                f"{path}: {where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} "
-                f"lies outside the {width}x{height} image"
+                f"{path}: {where} {box} lies outside the {width}x{height} image ({past}, by "
+                f"more than the {EDGE_TOLERANCE_PX} px read as rounding noise); correct the box "
+                "in the annotation tool, or the <size> if it is not the image's"
             )
+        # within the tolerance: clamped to the image (and xmin=0 of 0-based tools to 0)
+        x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
+        x2, y2 = min(xmax, float(width)), min(ymax, float(height))
         if x2 <= x1 or y2 <= y1:
-            raise VocError(
-                f"{path}: {where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} "
-                "is empty (max < min)"
-            )
+            raise VocError(f"{path}: {where} {box} is empty (max < min)")
         objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
     return VocSample(
         image_id=image_id,
@@ -483,6 +505,31 @@ def read_annotation(
         height=height,
         objects=tuple(objects),
     )
+
+
+def _coordinate(value: float) -> str:
+    """A coordinate as an error message shows it: integers plainly (``320``), anything else
+    with every digit it holds (``320.00000000000006``, not ``:g``'s ``320``), so that the
+    message shows why it was refused."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _past_the_image(
+    xmin: float, ymin: float, xmax: float, ymax: float, width: int, height: int
+) -> str:
+    """Which of a VOC box's coordinates lie past a ``width`` x ``height`` image by more than
+    `EDGE_TOLERANCE_PX` (e.g. "xmax 321 > width 320"), joined by ", "; "" when none does."""
+    tol = EDGE_TOLERANCE_PX
+    past = []
+    if xmin < -tol:
+        past.append(f"xmin {_coordinate(xmin)} < 0")
+    if ymin < -tol:
+        past.append(f"ymin {_coordinate(ymin)} < 0")
+    if xmax > width + tol:
+        past.append(f"xmax {_coordinate(xmax)} > width {width}")
+    if ymax > height + tol:
+        past.append(f"ymax {_coordinate(ymax)} > height {height}")
+    return ", ".join(past)
 
 
 def read_split(

@@ -6,7 +6,7 @@ every annotation, every image header (and with ``decode`` every image's pixels) 
 ``train``/``val``/``test`` split files, and reports all problems together, each a line
 starting with the offending file, plus counts per split and warnings about what would train
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
-another).
+another, boxes too thin to see once images are scaled to a preset's input size).
 
 Only the standard library, the model config and, through `voc` (which reads images as the edge
 does), Pillow and the edge's torch-free `preprocess`: no torch.
@@ -31,6 +31,9 @@ __all__ = [
     "annotated_ids",
     "check_dataset",
     "image_ids",
+    "input_scale_text",
+    "model_input",
+    "thin_box_warning",
     "unannotated_images",
 ]
 
@@ -48,6 +51,15 @@ TINY_BOX_PX = 2.0
 NARROW_FACTOR = 16
 #: Bit depths cameras give (GenICam Mono8, Mono10, Mono12, Mono14, Mono16).
 CAMERA_BITS = (8, 10, 12, 14, 16)
+#: A box whose short side is under this many px once its image is scaled to the model's
+#: input is hard to see for the detector (a 2 px scratch in a 2448x2048 image is 0.5 px at the
+#: cpu preset's 612x512).
+THIN_AT_INPUT_PX = 2.0
+#: Share of the boxes thin at the input that `thin_box_warning` warns of: one defect in twenty
+#: the model can hardly see is a share a user would want to know of.
+THIN_SHARE = 0.05
+#: The preset `data check` measures input sizes with: `splitdet train`'s default.
+DEFAULT_PRESET = "cpu"
 
 
 @dataclass
@@ -194,6 +206,77 @@ def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int], pixel_bit
     )
 
 
+def model_input(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """``(width, height, scale)`` of a ``width`` x ``height`` image at a model's input: scaled
+    by ``min(min_size / short side, max_size / long side)``, sizes truncated, as torchvision's
+    transform and the edge's `preprocess.resized_size` scale it."""
+    scale = min(min_size / min(width, height), max_size / max(width, height))
+    return int(width * scale), int(height * scale), scale
+
+
+def input_scale_text(
+    sizes: Iterable[tuple[int, int]], min_size: int, max_size: int, most: int = 3
+) -> str:
+    """How images of ``sizes`` ((width, height), one per image) are read at a model's input,
+    the most common sizes first: "2448x2048 are read at 612x512 (x0.25)", "; "-separated,
+    then how many other sizes there are."""
+    counts = Counter(sizes)
+    parts = []
+    for (width, height), n in counts.most_common(most):
+        in_w, in_h, scale = model_input(width, height, min_size, max_size)
+        images = f" ({n} images)" if len(counts) > 1 else ""
+        parts.append(f"{width}x{height}{images} are read at {in_w}x{in_h} (x{scale:.3g})")
+    if len(counts) > most:
+        parts.append(f"and {len(counts) - most} other sizes")
+    return "; ".join(parts)
+
+
+def _thin_at_input(samples: Iterable[voc.VocSample], min_size: int, max_size: int) -> int:
+    """How many boxes of images the model's input shrinks have a short side under
+    `THIN_AT_INPUT_PX` px there."""
+    thin = 0
+    for sample in samples:
+        scale = model_input(sample.width, sample.height, min_size, max_size)[2]
+        if scale >= 1.0:  # not shrunk: the input size is not what makes them thin
+            continue
+        for obj in sample.objects:
+            x1, y1, x2, y2 = obj.box
+            thin += min(x2 - x1, y2 - y1) * scale < THIN_AT_INPUT_PX
+    return thin
+
+
+def thin_box_warning(samples: Sequence[voc.VocSample], preset: str, where: Path) -> str | None:
+    """A warning line (starting with ``where``) when `THIN_SHARE` or more of the boxes of
+    ``samples`` are under `THIN_AT_INPUT_PX` px on their short side once their images are
+    scaled to the input of the training preset named ``preset``; it names how many, the
+    preset's input size, and what the other presets leave of them. None when few are."""
+    from splitdet.training.presets import PRESETS
+
+    model = PRESETS[preset].model
+    boxes = sum(len(s.objects) for s in samples)
+    thin = _thin_at_input(samples, model.min_size, model.max_size)
+    if not boxes or thin < THIN_SHARE * boxes:
+        return None
+    scaled = input_scale_text(((s.width, s.height) for s in samples), model.min_size,
+                              model.max_size, most=1)  # fmt: skip
+    others = []
+    for name, other in sorted(PRESETS.items(), key=lambda item: item[1].model.min_size):
+        if name in (preset, "tiny") or other.model.min_size <= model.min_size:
+            continue
+        left = _thin_at_input(samples, other.model.min_size, other.model.max_size)
+        others.append(
+            f"--preset {name} (min_size {other.model.min_size}, max_size "
+            f"{other.model.max_size}): {left}"
+        )
+    instead = f"; presets with a larger input leave fewer, {', '.join(others)}" if others else ""
+    return (
+        f"{where}: {thin} of {boxes} boxes are under {THIN_AT_INPUT_PX:g} px on their short "
+        f"side at the {preset} preset's input size (min_size {model.min_size}, max_size "
+        f"{model.max_size}: {scaled}), too thin for the detector to see well{instead}; or cut "
+        "the images into tiles the input size does not shrink"
+    )
+
+
 def _percentiles(values: list[float]) -> list[float]:
     return [round(min(values), 1), round(statistics.median(values), 1), round(max(values), 1)]
 
@@ -206,6 +289,7 @@ def check_dataset(
     pixel_bits: int = 16,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    preset: str = DEFAULT_PRESET,
 ) -> DatasetReport:
     """Read all of the VOC dataset at ``root`` and report every problem at once.
 
@@ -214,7 +298,8 @@ def check_dataset(
     corrupt image bodies that a header read misses; about 50 ms per 2448x2048 JPEG, spread
     over ``workers`` threads). ``progress``: called with the number of annotations read
     since the last call. ``pixel_bits``: the bits 16-bit images' values use (`train
-    --pixel-bits`); with ``decode``, a pixel past them is a problem.
+    --pixel-bits`); with ``decode``, a pixel past them is a problem. ``preset``: the training
+    preset whose input size boxes are measured at (`thin_box_warning`; default: train's).
     """
     root = Path(root)
     report = DatasetReport(root=root)
@@ -279,6 +364,9 @@ def check_dataset(
                 )
     if widths:
         report.box_px = {"width": _percentiles(widths), "height": _percentiles(heights)}
+    thin = thin_box_warning(list(samples.values()), preset, root / "Annotations")
+    if thin is not None:
+        report.warnings.append(thin)
 
     _check_splits(root, report, annotated, samples)
     if len(report.image_sizes) > 1:
