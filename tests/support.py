@@ -69,7 +69,6 @@ def bomb_png() -> bytes:
 def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 128), seed=0):
     """A VOC tree of dark images with bright 3-px strokes (`scratch`), split train = val = all."""
     import numpy as np
-    from PIL import Image
 
     from splitdet.training import voc
 
@@ -90,16 +89,26 @@ def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 
                 objects.append(
                     voc.VocObject("scratch", (float(x0), float(y0), float(x1), float(y1)))
                 )
-        image_id = f"img_{k:03d}"
-        path = root / "JPEGImages" / f"{image_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        sample = voc.VocSample(image_id, path, width, height, tuple(objects))
-        voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
-        ids.append(image_id)
+        ids.append(write_voc_image(root, f"img_{k:03d}", image, objects))
     for split in ("train", "val", "test"):
         voc.write_split(root, split, ids)
     return root
+
+
+def write_voc_image(root: Path, image_id: str, image, objects) -> str:
+    """Write `image` (uint8 [H, W, 3]) as JPEGImages/ID.png and its annotation naming
+    `objects` (VocObjects) into the VOC tree `root`; returns `image_id`."""
+    from PIL import Image
+
+    from splitdet.training import voc
+
+    height, width = image.shape[:2]
+    path = root / "JPEGImages" / f"{image_id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    sample = voc.VocSample(image_id, path, width, height, tuple(objects))
+    voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
+    return image_id
 
 
 def predict_records(model_dir: Path, images: Path, out: Path, *options: str) -> list[dict]:

@@ -17,14 +17,12 @@ from splitdet.shared.manifest import GATE_ONNX, read_manifest
 from splitdet.training import voc
 
 from conftest import make_tiny_model
-from support import make_tiny_voc
+from support import make_tiny_voc, write_voc_image
 
 
 def _mixed_orientation_voc(root: Path, n: int = 8) -> Path:
     """A VOC tree (train = val = test = all) of `n` images, 160x128 and 128x160 in turn (the
     first 6 with strokes of class `scratch`): a batch of them mixes shapes."""
-    from PIL import Image
-
     rng = np.random.default_rng(5)
     ids = []
     for k in range(n):
@@ -35,13 +33,7 @@ def _mixed_orientation_voc(root: Path, n: int = 8) -> Path:
             x0, y0 = int(rng.integers(8, width - 60)), int(rng.integers(8, height - 12))
             image[y0 : y0 + 3, x0 : x0 + 50] = 230
             objects.append(voc.VocObject("scratch", (float(x0), float(y0), x0 + 50.0, y0 + 3.0)))
-        image_id = f"mix_{k:03d}"
-        path = root / "JPEGImages" / f"{image_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        sample = voc.VocSample(image_id, path, width, height, tuple(objects))
-        voc.write_annotation(root / "Annotations" / f"{image_id}.xml", sample)
-        ids.append(image_id)
+        ids.append(write_voc_image(root, f"mix_{k:03d}", image, objects))
     for split in ("train", "val", "test"):
         voc.write_split(root, split, ids)
     return root
