@@ -81,11 +81,14 @@ Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full
 
 SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbox, and files
 recorded but not yet moved (kill -9) are moved, not processed again. One `edge run` per --db: it
-holds FILE.lock, and a second one exits at start (`edge status`, `results`, `prune` and
-`requeue` are safe beside it). Logs are JSON lines on
+holds FILE.lock (of the file a symbolic link names), and a second one exits at start (`edge
+status`, `results`, `prune` and `requeue` are safe beside it); one per --watch too (a lock on
+the folder itself, nothing written there). A --db deleted or replaced while it runs stops it
+(exit 2) before it moves or deletes another image. Logs are JSON lines on
 stderr (--log-format text: one line each, the message, then its event and fields as
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
-(the next run sends them); 2 usage or model errors.
+(the next run sends them) or images were left because the outbox stayed full; 2 usage or model
+errors.
 """
 
 RESULTS_EPILOG = """\

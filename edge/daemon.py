@@ -20,7 +20,9 @@ Beside the loop the Sender thread delivers the outbox. Nothing is acknowledged b
 durable: the file is moved or deleted only after its row is committed, and a file whose row
 exists when it is found again (a crash between commit and move, or --after keep) is only moved,
 never processed twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests
-stay in the outbox for the next start. One daemon per database (`WriterLock`).
+stay in the outbox for the next start. One daemon per database (`WriterLock`) and per hot
+folder (`DirectoryLock`); a database deleted or replaced while the daemon runs stops it
+(`ResultStore.check_file`) before it moves or deletes another image.
 
 Archived and quarantined files are named ID_NAME (`stored_name`): short enough that NAME.reason.txt
 and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the camera's name was,
@@ -31,11 +33,13 @@ used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -84,12 +88,15 @@ from splitdet.edge.store import (
 from splitdet.edge.watcher import Candidate, HotFolder, Ready, normalize_extensions
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
+from splitdet.shared.folder_lock import DirectoryLock
 
 log = logging.getLogger("splitdet.edge")
 
 AFTER_POLICIES = ("keep", "archive", "delete")
 #: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
 PRUNE_EVERY_S = 3600.0
+#: Seconds between two checks that --db still names the file the store has open (one stat).
+STORE_CHECK_EVERY_S = 5.0
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -107,6 +114,20 @@ _NO_HARD_LINK = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
      errno.ENOSYS}
 )  # fmt: skip
+#: fsync() errors of a folder on a file system that does not sync folders (some shares).
+_NO_FOLDER_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+#: Ends the hidden temporary name of a file being copied into the archive or quarantine on
+#: another file system (`partial_path`).
+PARTIAL_SUFFIX = ".splitdet-partial"
+#: A file move (archive, quarantine, delete) that failed is tried again after this many
+#: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
+MOVE_RETRY_INITIAL_S = 5.0
+MOVE_RETRY_MAX_S = 300.0
+#: Partial copies changed less than this before a start are not swept (s): file times lag
+#: the clock by up to a timer tick, and this daemon's own copies must never look older.
+_SWEEP_MARGIN_S = 1.0
+#: The `kind` of splitdet_edge_errors_total counting failed attempts to move a file.
+MOVE_ERROR = "move"
 
 
 @dataclass(frozen=True)
@@ -266,12 +287,45 @@ def reason_path(target: Path) -> Path:
     return target.with_name(target.name + REASON_SUFFIX)
 
 
+def partial_path(target: Path) -> Path:
+    """A hidden name beside `target` for a file copied there from another file system until
+    it is whole: .NAME.XXXXXXXX.splitdet-partial (XXXXXXXX random). Hidden and not named as an
+    image: never taken for an archived file, nor by a hot folder; at most 253 bytes for a
+    stored name (STORED_NAME_MAX)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def is_partial_name(name: str) -> bool:
+    """Whether `name` is one `partial_path` gives (a copy not finished, or cut short)."""
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
 def move_no_clobber(source: Path, target: Path) -> None:
     """Move a file to `target`, never replacing a file there (FileExistsError instead).
 
     A hard link then the source's removal is atomic about that; where there can be no hard
-    link (another file system, e.g. an archive disk; a share without them) the name is checked,
-    then the file moved: only a writer taking the same name in that instant could be hit."""
+    link on one file system (a share without them, protected_hardlinks) the name is checked,
+    then the file renamed: only a writer taking the same name in that instant could be hit.
+    Onto another file system (an archive disk) the file is copied under a hidden temporary
+    name beside `target` (`partial_path`), synced, then linked (or renamed) into place: the
+    target name only ever holds a whole file. A copy that fails (a full disk) removes its
+    temporary file and leaves the source as it was; one cut short by a kill leaves only the
+    hidden temporary file, which `EdgeDaemon` removes at its next start."""
+    try:
+        linked = _name_no_clobber(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_across(source, target)
+        linked = True
+    if linked:
+        source.unlink()
+
+
+def _name_no_clobber(source: Path, target: Path) -> bool:
+    """Give `source`'s file the name `target` too, never over a file there (FileExistsError):
+    a hard link (True: `source` still names it), or, where the file system has none, a check
+    then a rename (False). OSError EXDEV: `target` is on another file system."""
     try:
         os.link(source, target)
     except FileExistsError:
@@ -281,9 +335,54 @@ def move_no_clobber(source: Path, target: Path) -> None:
             raise
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
-        shutil.move(source, target)
+        os.rename(source, target)
+        return False
+    return True
+
+
+def _copy_across(source: Path, target: Path) -> None:
+    """Copy `source` to `target` on another file system, never leaving part of a file under
+    `target` nor replacing a file there (FileExistsError); the source is left in place."""
+    temp = partial_path(target)
+    try:
+        shutil.copyfile(source, temp)
+        with contextlib.suppress(OSError):  # times and mode: best effort (some shares refuse)
+            shutil.copystat(source, temp)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name says the file is there
+        finally:
+            os.close(fd)
+        _place_no_clobber(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _sync_folder(target.parent)  # the name is on disk before the source goes
+
+
+def _place_no_clobber(temp: Path, target: Path) -> None:
+    """Give the complete file `temp` the name `target` (both in one folder), never over a
+    file there (`_name_no_clobber`), the temporary name then gone."""
+    if not _name_no_clobber(temp, target):
         return
-    source.unlink()
+    with contextlib.suppress(OSError):  # the file is in place; a name left is swept at start
+        temp.unlink()
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder (its new names durable); skipped where the file system cannot."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. a folder we may write but not read
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FOLDER_SYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -377,9 +476,13 @@ class EdgeMetrics:
         for verdict in VERDICTS:
             self.images.labels(verdict)
         self.errors = Counter(
-            "splitdet_edge_errors", "Error results by kind.", ["kind"], registry=r
+            "splitdet_edge_errors",
+            "Errors by kind: error results (quarantine, dead_letter, outbox_full), and failed "
+            "attempts to archive, quarantine or delete a processed file (move).",
+            ["kind"],
+            registry=r,
         )
-        for kind in ERROR_KINDS:  # (each series at 0 from the start: see the docstring)
+        for kind in (*ERROR_KINDS, MOVE_ERROR):  # (each at 0 from the start: see the docstring)
             self.errors.labels(kind)
         self.bytes_sent = Counter(
             "splitdet_edge_bytes_sent", "Request bytes sent to the cloud (all attempts).",
@@ -456,10 +559,16 @@ class EdgeDaemon:
         # before anything touches the database: a second daemon on it would record the same
         # files again (UNIQUE file_key) and race the first for every move
         self._writer_lock = WriterLock(config.db)
-        try:
+        self._watch_lock: DirectoryLock | None = None
+        try:  # two daemons on one hot folder would each classify and send every image
+            self._watch_lock = DirectoryLock(
+                config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder"
+            )
             self._build(config, pipeline)
         except BaseException:
             self._writer_lock.release()
+            if self._watch_lock is not None:
+                self._watch_lock.release()
             raise
 
     def _build(self, config: DaemonConfig, pipeline: EdgePipeline | None) -> None:
@@ -501,7 +610,9 @@ class EdgeDaemon:
         self._next_prune = 0.0  # monotonic s: at start
         self._pruner: threading.Thread | None = None
         self._pruner_stop = threading.Event()
-        self._pruned_through = 0  # largest row id a prune has looked at
+        self._sweeper: threading.Thread | None = None  # removes partial copies left by a kill
+        self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
+        self._outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -511,7 +622,8 @@ class EdgeDaemon:
 
     def run(self) -> int:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
-        status: 0, or with `once` 1 when requests are still pending (sent on the next run)."""
+        status: 0, or with `once` 1 when requests are still pending (sent on the next run) or
+        images were left in the folder because the outbox stayed full (processed next run)."""
         config = self.config
         self._prepare_folders()
         previous = {}
@@ -520,15 +632,18 @@ class EdgeDaemon:
                 previous[sig] = signal.signal(sig, self.request_stop)
         try:
             self._start_services()
+            self._start_sweep()
             self._loop()
-            if config.once:
+            if self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
+                self._report_left_behind()
+            elif config.once:
                 self._drain(config.drain_timeout_s)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             pending = self._shutdown()
         _event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
-        return 1 if config.once and pending else 0
+        return 1 if config.once and (pending or self._outbox_gave_up is not None) else 0
 
     def _prepare_folders(self) -> None:
         """Create the folders the daemon writes into; OSError naming the option when one cannot
@@ -592,6 +707,51 @@ class EdgeDaemon:
             daemon=True,
         ).start()  # fmt: skip
 
+    def _start_sweep(self) -> None:
+        """Remove the partial copies (`partial_path`) a kill left in the archive and quarantine,
+        in a thread beside the loop: one listing of each folder, which for a large archive on
+        a share can take a while, and must not hold up the first image."""
+        config = self.config
+        folders = [config.quarantine, *([config.archive] if config.after == "archive" else [])]
+        self._sweeper = threading.Thread(
+            target=self._sweep_partials, args=(folders, time.time() - _SWEEP_MARGIN_S),
+            name="splitdet-sweep",
+            daemon=True,
+        )  # fmt: skip
+        self._sweeper.start()
+
+    def _sweep_partials(self, folders: list[Path], started: float) -> None:
+        """Delete the partial copies in `folders` not changed since `started` (unix s, a little
+        before this start): those a copy under way writes to (this daemon's, or another's
+        sharing the folder) are newer. Failures are logged, never fatal."""
+        for folder in folders:
+            try:
+                with os.scandir(folder) as listing:
+                    for entry in listing:
+                        if self._pruner_stop.is_set():
+                            return
+                        if is_partial_name(entry.name):
+                            self._remove_partial(entry, started)
+            except OSError as exc:
+                _event(logging.WARNING, "cannot look for partial copies", folder=str(folder),
+                       error=path_text(str(exc)))  # fmt: skip
+
+    @staticmethod
+    def _remove_partial(entry: os.DirEntry, started: float) -> None:
+        """Delete one partial copy left by a kill, unless it changed since `started`."""
+        try:
+            if entry.stat(follow_symlinks=False).st_ctime >= started:
+                return
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            _event(logging.WARNING, "cannot remove partial copy", path=path_text(entry.path),
+                   error=path_text(str(exc)))  # fmt: skip
+            return
+        _event(logging.INFO, "partial copy removed", path=path_text(entry.path),
+               note="a copy into this folder, cut short by a kill")  # fmt: skip
+
     def _probe_cloud(self, fingerprints: tuple[str, ...]) -> None:
         """Ask the cloud once, at start-up and beside the work, whether it serves each model
         export the edge sends for: its own, and any earlier one whose requests wait in the
@@ -641,11 +801,12 @@ class EdgeDaemon:
         return True
 
     def _shutdown(self) -> int:
-        """Stop the sender, a prune (after its batch) and the metrics endpoint; returns the
-        outbox depth left."""
-        if self._pruner is not None:
-            self._pruner_stop.set()
-            self._pruner.join(timeout=10.0)
+        """Stop the sender, a prune (after its batch), the start-up sweep and the metrics
+        endpoint; returns the outbox depth left."""
+        self._pruner_stop.set()  # (ends the start-up sweep too)
+        for worker in (self._pruner, self._sweeper):
+            if worker is not None:
+                worker.join(timeout=10.0)
         self.sender.stop()
         if self.sender.is_alive():
             self.sender.join(timeout=5.0)
@@ -657,10 +818,13 @@ class EdgeDaemon:
             self.store.close()
         # else a call is still in flight: its item stays in the outbox; the process exit ends it
         self._writer_lock.release()
+        if self._watch_lock is not None:
+            self._watch_lock.release()
         return pending
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
             self._prune_when_due()
             self.folder.scan()
             if not self._process_ready():
@@ -685,20 +849,18 @@ class EdgeDaemon:
         self._pruner.start()
 
     def _prune(self, before: float) -> None:
-        """One prune, resuming after the rows the last one looked at, up to the first row that
-        could not go yet (pending, or not old enough: looked at again next time); the rows
-        below it that were kept, their file still in place, are not re-checked until the next
-        start. A failure is logged, never fatal: the next turn tries again."""
+        """One prune, from the first row to the last: a row kept because its file still lies
+        where it arrived (--after keep, or a move that failed) is looked at again by every
+        prune, so its result goes within PRUNE_EVERY_S of its file's removal. The cost of
+        that: per prune, one read of each such row and one stat() of its file; those files lie
+        in --watch, whose scan stats each of them every --poll anyway (the rows deleted are
+        not read again, the rows not old enough were read by any prune). A failure is
+        logged, never fatal: the next turn tries again."""
         try:
-            pruned = self.store.prune(
-                before, start_after=self._pruned_through, should_stop=self._pruner_stop.is_set
-            )
-            waiting = self.store.first_not_final_before(before)
+            pruned = self.store.prune(before, should_stop=self._pruner_stop.is_set)
         except Exception as exc:  # e.g. the database locked past its timeout
             _event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        through = pruned.through_id if waiting is None else min(pruned.through_id, waiting - 1)
-        self._pruned_through = max(self._pruned_through, through)
         if pruned.deleted:
             _event(logging.INFO, "pruned", results=pruned.deleted,
                    older_than_s=self.config.keep_results_s)  # fmt: skip
@@ -728,7 +890,12 @@ class EdgeDaemon:
     # -------------------------------------------------------------------------- one file
 
     def handle(self, candidate: Candidate) -> bool:
-        """Process one stable file; False when it is not ready after all (try it later)."""
+        """Process one stable file; False when it is not ready after all (try it later), or
+        its move failed and is not due to be tried again yet."""
+        self.store.check_file(STORE_CHECK_EVERY_S)  # (a backlog: each image, every few s)
+        retry = self._move_retries.get(candidate.file_key)
+        if retry is not None and time.monotonic() < retry.due:
+            return False
         known = self.store.known(candidate.file_key)
         if known is None and self.config.after == "keep":
             known = self._renumbered(candidate)
@@ -752,22 +919,24 @@ class EdgeDaemon:
         )
         if ready.error is not None:
             self._quarantine(candidate, arrival, ready.error)
-        else:
-            self._classify(candidate, arrival, ready)
+        elif not self._classify(candidate, arrival, ready):
+            return True  # not recorded (no room in the outbox): not counted, left in the folder
         self.metrics.stage_seconds.labels("image").observe(
             ready.read_s + time.perf_counter() - start
         )
         self.processed += 1
         return True
 
-    def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> None:
+    def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> bool:
+        """Gate one decoded image, record its result, then move the file; False when it was
+        not recorded (stopping, or given up, while waiting for room in the outbox)."""
         try:
             result = self.pipeline.process_array(ready.image)
         except Exception as exc:
             # Quarantined rather than retried: the same file would fail again on every restart.
             detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
             self._quarantine(candidate, arrival, f"{arrival.path}: cannot process ({detail})")
-            return
+            return True
         timings = {"read": ready.read_s, **result.timings}
         stored = self._stored_path(candidate)
         start = time.perf_counter()
@@ -787,7 +956,7 @@ class EdgeDaemon:
                 arrival, result.p_defect, request_id, payload, timings, stored
             )
             if record is None:
-                return  # stopping while the outbox is full: the file stays for the next run
+                return False  # stopping while the outbox is full: the file stays for the next run
             image_id, stored_path, verdict = record
         self.metrics.stage_seconds.labels("store").observe(time.perf_counter() - start)
         for stage, seconds in timings.items():
@@ -797,10 +966,13 @@ class EdgeDaemon:
                p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
                timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
         self._move(candidate, image_id, stored_path)
+        return True
 
     def _record_pending(self, arrival, p_defect, request_id, payload, timings, stored):
-        """record_pending, waiting for room under the "wait" policy; None if stopped first."""
+        """record_pending, waiting for room under the "wait" policy; None if stopped first, or,
+        with `once`, when there was no room for --drain-timeout (`_give_up_on_full_outbox`)."""
         waited = False
+        deadline = time.monotonic() + self.config.drain_timeout_s  # (with `once` only)
         while True:
             try:
                 record = self.store.record_pending(
@@ -813,7 +985,14 @@ class EdgeDaemon:
                     self.metrics.outbox_full_waits.inc()
                     _event(logging.WARNING, "outbox full, waiting", path=arrival.path,
                            detail=str(exc))  # fmt: skip
-                if self._stop.wait(max(self.config.poll_s, 0.5)):
+                pause = max(self.config.poll_s, 0.5)
+                if self.config.once:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._give_up_on_full_outbox(str(exc))
+                        return None
+                    pause = min(pause, left)
+                if self._stop.wait(pause):
                     return None
         if record[2] == "error":
             self.metrics.outbox_full_rejected.inc()
@@ -823,6 +1002,28 @@ class EdgeDaemon:
         else:
             self.sender.wake()
         return record
+
+    def _give_up_on_full_outbox(self, detail: str) -> None:
+        """--once, the outbox full for all of --drain-timeout (the cloud took none of it): stop
+        taking images; those left stay in the folder as they are, for the next run."""
+        self._outbox_gave_up = detail
+        self._stop.set()
+
+    def _report_left_behind(self) -> None:
+        """Log (ERROR) how many images the run left in the folder for want of outbox room."""
+        config = self.config
+        self.folder.scan()
+        left = self.folder.pending()
+        cap = config.outbox
+        log.error(
+            f"outbox full ({self._outbox_gave_up}; caps {cap.max_items} requests, "
+            f"{cap.max_bytes} bytes) and no room made within --drain-timeout "
+            f"{config.drain_timeout_s:g}s: stopped taking images; {left} image(s) left untouched "
+            f"in --watch {config.watch} for the next run. The cloud must take the outbox first "
+            "(check it: splitdet edge check), or raise --outbox-max-items / --outbox-max-mb",
+            extra={"fields": {"event": "outbox_full_stopped", "images_left": left,
+                              "watch": str(config.watch), "detail": self._outbox_gave_up}},
+        )  # fmt: skip
 
     def _stored_path(self, candidate: Candidate):
         """Where the processed file will be: a path, None (deleted) or a function of the id."""
@@ -907,8 +1108,11 @@ class EdgeDaemon:
     ) -> None:
         """Do what the row says happens to the file: delete it, keep it, or move it to
         `stored_path` (with `reason`: into the quarantine, its reason file beside it). A
-        failure is logged, never fatal: the file stays and is tried again after a restart."""
+        failure is logged and counted (errors kind "move"), never fatal: the file stays and
+        is tried again (`_retry_move_later`)."""
         source = candidate.path
+        if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
+            self.store.check_file()  # StoreGone when --db was deleted or replaced
         try:
             if stored_path is None:
                 source.unlink(missing_ok=True)
@@ -918,11 +1122,37 @@ class EdgeDaemon:
             else:
                 self._move_to(candidate, image_id, _stored_file(stored_path), reason)
         except OSError as exc:
+            self.metrics.errors.labels(MOVE_ERROR).inc()
+            delay = self._retry_move_later(candidate)
+            when = {"retry": "next run"} if delay is None else {"retry_in_s": round(delay, 1)}
             _event(logging.ERROR, "cannot move file", path=path_text(source), to=stored_path,
-                   error=path_text(str(exc)))  # fmt: skip
-            self.folder.ignore(candidate)  # retried when the file changes or after a restart
+                   error=path_text(str(exc)), **when)  # fmt: skip
             return
+        retried = self._move_retries.pop(candidate.file_key, None)
+        if retried is not None:
+            _event(logging.INFO, "file moved after retry", path=path_text(source),
+                   to=stored_path, failures=retried.failures)  # fmt: skip
         self.folder.forget(candidate)
+
+    def _retry_move_later(self, candidate: Candidate) -> float | None:
+        """After a failed move: the seconds until it is tried again, MOVE_RETRY_INITIAL_S
+        doubling to MOVE_RETRY_MAX_S (`handle` passes the file over until then). With `once`,
+        None: the file is left for the next run."""
+        if self.config.once:
+            self.folder.ignore(candidate)  # (tried again when it changes or by the next run)
+            return None
+        for key, retry in list(self._move_retries.items()):  # files gone since (a few at most)
+            if not os.path.lexists(retry.path):
+                del self._move_retries[key]
+        previous = self._move_retries.get(candidate.file_key)
+        if previous is None:
+            delay, failures = MOVE_RETRY_INITIAL_S, 1
+        else:
+            delay, failures = min(previous.delay_s * 2, MOVE_RETRY_MAX_S), previous.failures + 1
+        self._move_retries[candidate.file_key] = _MoveRetry(
+            candidate.path, time.monotonic() + delay, delay, failures
+        )
+        return delay
 
     def _move_to(
         self, candidate: Candidate, image_id: int, target: Path, reason: str | None
@@ -975,6 +1205,17 @@ class EdgeDaemon:
         except OSError as exc:
             _event(logging.WARNING, "cannot write reason file", path=path_text(path),
                    error=path_text(str(exc)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _MoveRetry:
+    """A file whose move failed: when to try again (monotonic s), the last delay, how many
+    times it failed."""
+
+    path: Path
+    due: float
+    delay_s: float
+    failures: int
 
 
 def _stored_file(stored_path: str) -> Path:

@@ -150,6 +150,11 @@ class StoreInUse(StoreError):
     """Another `splitdet edge run` holds the database's writer lock."""
 
 
+class StoreGone(StoreError):
+    """The database's path no longer names the file the store has open: deleted, moved away
+    or replaced while the store was open (`ResultStore.check_file`)."""
+
+
 _ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
 
 
@@ -210,7 +215,9 @@ def still_there(path_stored: str, key_stored: str) -> bool:
 class WriterLock:
     """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
     holder's pid, for as long as this object is open (the kernel drops it when the process
-    ends, kill -9 included, so a stale lock file never blocks a restart).
+    ends, kill -9 included, so a stale lock file never blocks a restart). DB is the resolved
+    path: a database reached through a symbolic link (of the file or of a folder above it) has
+    the lock of the file it names.
 
     Raises:
         StoreInUse: another process holds it.
@@ -218,7 +225,8 @@ class WriterLock:
     """
 
     def __init__(self, db: Path | str) -> None:
-        self.path = Path(f"{db}.lock")
+        resolved = Path(db).resolve()
+        self.path = Path(f"{resolved}.lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -236,9 +244,10 @@ class WriterLock:
             raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
         if holder is not None:
             self._file.close()
+            via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
             raise StoreInUse(
-                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}); one "
-                "daemon per database"
+                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}"
+                f"{via}); one daemon per database"
             )
 
     def release(self) -> None:
@@ -385,6 +394,10 @@ class ResultStore:
             raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
+        # the file just opened (and written by _migrate), as `check_file` compares it
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._checked = float("-inf")  # monotonic s of the last `check_file` stat
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -441,6 +454,39 @@ class ResultStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def check_file(self, every_s: float = 0.0) -> None:
+        """Raise StoreGone when the store's path no longer names the file it has open: the
+        file was deleted, moved away or replaced meanwhile, and every commit since went (and
+        would go) to a file no one else can read. One os.stat, at most once per `every_s`
+        seconds since the last (0: now, whenever the last was); a stat failing otherwise (a
+        passing I/O error) tells nothing and is tried again next time.
+
+        Raises:
+            StoreGone: naming the file and what happened to it.
+        """
+        now = time.monotonic()
+        if every_s > 0 and now - self._checked < every_s:
+            return
+        self._checked = now
+        try:
+            stat = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreGone(
+                f"{self.path}: the database file was deleted or moved away while this daemon "
+                "used it; stopped before moving or deleting another image (results since then "
+                "went to the deleted file). Put the file back to keep its results, or start "
+                "the daemon again on a new database"
+            ) from None
+        except OSError:
+            return
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            raise StoreGone(
+                f"{self.path}: the database file was replaced by another file while this "
+                "daemon used it; stopped before moving or deleting another image (results "
+                "since then went to the replaced file). Start the daemon again to use the "
+                "file now there"
+            )
 
     # ------------------------------------------------------------------------------ arrivals
 

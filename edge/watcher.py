@@ -51,10 +51,28 @@ changes; everything else goes on, and the files already tracked below it are kep
 once running: the daemon checks it can list it at start-up, and a later failure only pauses
 the scans until it can be listed again.
 
-Cost: a scan lists and stats every file (O(n log n) for n files); handing files over is O(1)
-per file in arrival order (tracked files are kept in arrival order, see `next_candidate`), so
-the thousands of files of a folder kept with `--after keep` are handed over again quickly after
-a restart.
+Cost: a scan runs every poll (0.25 s), and a folder kept with `--after keep` holds thousands
+of files already done, so a scan does only what the folder's state calls for:
+
+- nothing changed (the times of the hot folder and of each folder entered are as when they
+  were last listed; each is opened and fstat'ed, which on NFS fetches them afresh): nothing
+  is listed; stat'ed are only the files still pending (being written, settling, waiting) and
+  those kept in the last `recent_s` (RECENT_S, 60 s). A camera that writes one name again in
+  place (`latest.png`, same inode: its folder's times do not change) is so seen at once;
+- a folder's times changed (a file added, removed or renamed), or it was listed less than
+  3 s (RACY_NS) after its last change (a change in the same timestamp tick, FAT's 2 s or a
+  clock tick, leaves them as they were): the folders are listed, and stat'ed are the new
+  names and those whose inode (from the listing, no stat) is not the one recorded, besides
+  the pending and recent ones;
+- every `full_scan_s` (FULL_SCAN_S, 30 s), and on every scan while a folder cannot be listed:
+  a full scan, every file stat'ed. That is when a file done long ago and written again in
+  place is seen (at most FULL_SCAN_S late: with `recent_s` at least as long, a camera
+  rewriting one name at a steady pace has no version missed), and what bounds the delay on
+  a network share whose folder times come from a clock behind ours.
+
+Handing files over is O(1) per file in arrival order (tracked files are kept in arrival order,
+see `next_candidate`), so the thousands of files of a folder kept with `--after keep` are handed
+over again quickly after a restart.
 """
 
 from __future__ import annotations
@@ -64,6 +82,7 @@ import itertools
 import logging
 import os
 import re
+import stat as stat_mode
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -84,6 +103,15 @@ IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload",
 SKIPPED_GONE_MEMORY = 4096
 #: One extension as `normalize_extensions` takes it: letters, digits, "_", "+", "-".
 _EXTENSION = re.compile(r"\.?[A-Za-z0-9_+-]+")
+#: Seconds between full scans (every file stat'ed) of a folder whose times say unchanged.
+FULL_SCAN_S = 30.0
+#: Seconds a file kept in the folder (`HotFolder.ignore`) is still stat'ed on every scan.
+RECENT_S = 60.0
+#: A folder modified less than this many ns before it was listed is listed again next scan.
+RACY_NS = 3_000_000_000
+
+#: (mtime_ns, name below the hot folder, path, stat) of a file a scan looked at.
+_Found = tuple[int, str, Path, os.stat_result]
 
 
 @dataclass
@@ -168,6 +196,28 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _inode(key: str) -> int:
+    """The inode a `file_key` ("name|size|mtime_ns|inode") recorded."""
+    return int(key.rpartition("|")[2])
+
+
+def _folder_stat(folder: str | os.PathLike[str]) -> os.stat_result:
+    """A folder's stat through an open descriptor of it: opening it makes an NFS client fetch
+    its attributes afresh (close-to-open consistency), where a plain stat may answer from its
+    attribute cache for up to a minute. OSError when it cannot be opened."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _folder_times(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a folder changed: its device and inode (replaced, remounted) and its mtime
+    and ctime (an entry added, removed or renamed)."""
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def _below_any(name: str, failed: dict[str, str]) -> bool:
     """Whether `name` is, or lies below, something that could not be listed this scan: its
     state is unknown, so it is kept as it was rather than taken as removed."""
@@ -190,6 +240,10 @@ class HotFolder:
             (`normalize_extensions`); None takes every file. The others are left alone.
         pixel_bits: the bits 16-bit grayscale values use (the model's `ModelConfig.
             pixel_bits`): how images are decoded, and which are refused.
+        full_scan_s: seconds between full scans of a folder whose times say unchanged.
+        recent_s: seconds a file kept in the folder (`ignore`) is stat'ed on every scan; at
+            least `full_scan_s`, or a camera rewriting one name in place may have a version
+            missed (see the module docstring's "Cost").
     """
 
     def __init__(
@@ -201,15 +255,19 @@ class HotFolder:
         exclude: tuple[Path, ...] = (),
         extensions: Iterable[str] | None = IMAGE_SUFFIXES,
         pixel_bits: int = 16,
+        full_scan_s: float = FULL_SCAN_S,
+        recent_s: float = RECENT_S,
     ):
-        if settle_s < 0 or unreadable_grace_s < 0:
-            raise ValueError("settle and grace times must be non-negative")
+        if min(settle_s, unreadable_grace_s, full_scan_s, recent_s) < 0:
+            raise ValueError("settle, grace and scan times must be non-negative")
         self.extensions = None if extensions is None else normalize_extensions(extensions)
         self.folder = Path(folder)
         self.settle_s = settle_s
         self.unreadable_grace_s = unreadable_grace_s
         self.recursive = recursive
         self.pixel_bits = pixel_bits
+        self.full_scan_s = full_scan_s
+        self.recent_s = recent_s
         self._exclude = {Path(p).resolve() for p in exclude}
         # By name (path below the folder). Only `scan` adds, always with the next `order`, so
         # this is in arrival order: `next_candidate` stops at the first ready file instead of
@@ -223,6 +281,12 @@ class HotFolder:
         # Skipped names already logged, oldest first: those in the folder, and up to
         # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
         self._told: OrderedDict[str, None] = OrderedDict()
+        # Files kept in the folder lately, oldest first: name -> (path, monotonic s of `ignore`)
+        self._recent: OrderedDict[str, tuple[Path, float]] = OrderedDict()
+        # Each folder listed (or left for its ignore marker) -> `_folder_times` before listing
+        self._folders: dict[str, tuple[int, int, int, int]] = {}
+        self._racy = True  # a folder was listed within RACY_NS of its change: list again
+        self._last_full: float | None = None  # monotonic s of the last full scan
 
     def accepts(self, name: str) -> bool:
         """Whether a file of this name (not hidden, not in progress) is taken: its name ends
@@ -230,14 +294,23 @@ class HotFolder:
         return self.extensions is None or name.lower().endswith(self.extensions)
 
     def _files(
-        self, folder: Path, failed: dict[str, str], skipped: set[str], prefix: str = ""
-    ) -> Iterator[tuple[str, Path, os.stat_result]]:
-        """(name below the hot folder, path, stat) of every file to consider in `folder`.
+        self,
+        folder: Path,
+        failed: dict[str, str],
+        skipped: set[str],
+        prefix: str = "",
+        quick: bool = False,
+    ) -> Iterator[tuple[str, Path, os.stat_result | None]]:
+        """(name below the hot folder, path, stat) of every file to consider in `folder`; with
+        `quick`, the stat is None for a file kept in the folder whose inode is still the one
+        recorded (`_unchanged`): not stat'ed.
 
         What cannot be listed or looked at is left out and noted in `failed` (its name below
         the hot folder, "" for the hot folder itself -> why), never raised: one bad folder must
         not stop the others from being processed. Files the folder does not `accept` are left
-        out and their names added to `skipped`."""
+        out and their names added to `skipped`. Each folder's times are noted before it is
+        listed (`_note_folder`)."""
+        self._note_folder(folder)
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
@@ -256,20 +329,82 @@ class HotFolder:
                     if not self.accepts(entry.name):  # a companion file: Thumbs.db, a sidecar
                         skipped.add(prefix + entry.name)
                         continue
-                    yield prefix + entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
+                    name = prefix + entry.name
+                    if quick and self._unchanged(name, entry):
+                        yield name, Path(entry.path), None
+                    else:
+                        yield name, Path(entry.path), entry.stat(follow_symlinks=False)
                 elif (
                     self.recursive
                     and entry.is_dir(follow_symlinks=False)
                     and Path(entry.path).resolve() not in self._exclude
-                    and not is_marked(entry.path)
                 ):
+                    if is_marked(entry.path):  # its times change when the marker goes
+                        self._note_folder(Path(entry.path))
+                        continue
                     yield from self._files(
-                        Path(entry.path), failed, skipped, f"{prefix}{entry.name}/"
+                        Path(entry.path), failed, skipped, f"{prefix}{entry.name}/", quick
                     )
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 failed[prefix + entry.name] = _reason(exc)
+
+    def _unchanged(self, name: str, entry: os.DirEntry) -> bool:
+        """Whether a listed file needs no stat in a quick scan: kept in the folder (`ignore`)
+        before the last `recent_s`, not pending again, and its inode (from the listing) the
+        one recorded. Written again in place it is seen at the next full scan."""
+        key = self._ignored.get(name)
+        return (
+            key is not None
+            and name not in self._tracked
+            and name not in self._recent
+            and entry.inode() == _inode(key)
+        )
+
+    def _note_folder(self, folder: Path) -> None:
+        """Note a folder's times as it is about to be listed (see `_folders_changed`); one
+        changed less than RACY_NS ago is listed again at the next scan, since a change in the
+        same timestamp tick would leave its times as they are."""
+        try:
+            stat = _folder_stat(folder)
+        except OSError:  # its listing says why, or it was removed meanwhile
+            self._racy = True
+            return
+        self._folders[str(folder)] = _folder_times(stat)
+        if stat.st_mtime_ns >= time.time_ns() - RACY_NS:
+            self._racy = True
+
+    def _folders_changed(self) -> bool:
+        """Whether a folder listed at the last scan has other times now (or cannot be
+        stat'ed): an entry was added, removed or renamed."""
+        for folder, times in self._folders.items():
+            try:
+                if _folder_times(_folder_stat(folder)) != times:
+                    return True
+            except OSError:
+                return True
+        return False
+
+    def _restat(self) -> list[_Found] | None:
+        """The files still pending and those kept in the folder lately, stat'ed without
+        listing a folder; None when one is gone, not a regular file any more, or another file
+        (another inode: renamed over): the folders must be listed."""
+        found: list[_Found] = []
+        watched = itertools.chain(
+            ((name, c.path, c.file_key) for name, c in self._tracked.items()),
+            ((name, path, self._ignored[name]) for name, (path, _) in self._recent.items()
+             if name not in self._tracked),
+        )  # fmt: skip
+        for name, path, key in watched:
+            try:
+                stat = os.lstat(path)
+            except OSError:
+                return None
+            if not stat_mode.S_ISREG(stat.st_mode) or stat.st_ino != _inode(key):
+                return None
+            found.append((stat.st_mtime_ns, name, path, stat))
+        return found
 
     def _report(self, failed: dict[str, str]) -> None:
         """Log each unlistable folder (or file) once per reason, and when it can be read again:
@@ -318,15 +453,37 @@ class HotFolder:
         return len(self._skipped)
 
     def scan(self) -> None:
-        """Look at the folder once: note new files, changes and removals."""
+        """Look at the folder once: note new files, changes and removals. Only as much is
+        listed and stat'ed as the folder's state calls for (the module docstring's "Cost")."""
         now_wall, now = time.time(), time.monotonic()
+        while self._recent and next(iter(self._recent.values()))[1] < now - self.recent_s:
+            self._recent.popitem(last=False)
+        full = (
+            bool(self._warned)
+            or self._last_full is None
+            or now - self._last_full >= self.full_scan_s
+        )
+        if not full and not self._racy and not self._folders_changed():
+            found = self._restat()
+            if found is not None:
+                self._note_found(found, now_wall, now)
+                return
+        self._list(full, now_wall, now)
+
+    def _list(self, full: bool, now_wall: float, now: float) -> None:
+        """List the folders: note new files, changes and removals. `full` stats every file,
+        else only those that may have changed (see `_unchanged`)."""
+        if full:
+            self._last_full = now
+        self._folders, self._racy = {}, False
         seen: set[str] = set()
-        found: list[tuple[int, str, Path, os.stat_result]] = []
+        found: list[_Found] = []
         failed: dict[str, str] = {}
         skipped: set[str] = set()
-        for name, path, stat in self._files(self.folder, failed, skipped):
+        for name, path, stat in self._files(self.folder, failed, skipped, quick=not full):
             seen.add(name)
-            found.append((stat.st_mtime_ns, name, path, stat))
+            if stat is not None:
+                found.append((stat.st_mtime_ns, name, path, stat))
         if failed or self._warned:
             self._report(failed)
         if skipped or self._skipped:
@@ -337,6 +494,11 @@ class HotFolder:
         for name in list(self._ignored):
             if name not in seen and not _below_any(name, failed):
                 del self._ignored[name]
+                self._recent.pop(name, None)
+        self._note_found(found, now_wall, now)
+
+    def _note_found(self, found: list[_Found], now_wall: float, now: float) -> None:
+        """Track the files found new or changed, in arrival order (mtime, then name)."""
         for mtime_ns, name, path, stat in sorted(found):
             key = file_key(path, stat)
             if self._ignored.get(name) == key:
@@ -413,6 +575,9 @@ class HotFolder:
         self._tracked.pop(candidate.name, None)
 
     def ignore(self, candidate: Candidate) -> None:
-        """The file stays in the folder but is done: skip it until it changes."""
+        """The file stays in the folder but is done: skip it until it changes (for `recent_s`
+        it is stat'ed on every scan, later only by a full scan or when its inode changed)."""
         self._tracked.pop(candidate.name, None)
         self._ignored[candidate.name] = candidate.file_key
+        self._recent[candidate.name] = (candidate.path, time.monotonic())
+        self._recent.move_to_end(candidate.name)

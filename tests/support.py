@@ -199,3 +199,27 @@ def image_rows(db: Path) -> list[dict]:
     with contextlib.closing(sqlite3.connect(db)) as con:
         con.row_factory = sqlite3.Row
         return [dict(r) for r in con.execute("SELECT * FROM images ORDER BY id")]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (a cloud that is down, or one to start there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    """`condition()`'s first true value, polled every `interval` s; AssertionError naming
+    `what` after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -47,7 +47,7 @@ from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
 from splitdet.shared.config import ModelConfig
 
-from support import sliver_png
+from support import free_port, sliver_png, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -102,23 +102,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def rows(db_path: Path) -> list[dict]:

@@ -325,6 +325,103 @@ def test_a_second_daemon_on_one_database_exits_at_start(tiny_model_dir, tmp_path
     assert [r["verdict"] for r in image_rows(config.db)] == ["ok"]
 
 
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _edge_run(model: Path, watch: Path, db: Path, *extra: str) -> tuple[str, ...]:
+    """The `edge run` arguments of a daemon flagging nothing, its cloud a closed port."""
+    return ("edge", "run", "--model", str(model), "--watch", str(watch), "--db", str(db),
+            "--cloud", "127.0.0.1:9", "--settle", "0", "--poll", "0.05", "--threads", "1",
+            "--threshold", "2", "--log-format", "text", *extra)  # fmt: skip
+
+
+def test_a_second_daemon_on_one_hot_folder_or_one_database_through_a_link_exits_at_start(
+    tiny_model_dir, tmp_path, capsys
+):
+    """Before: two daemons on one --watch both classified and sent the same images (47 of 50
+    doubled), and one reaching the same database through a symbolic link was let in, then
+    died on UNIQUE file_key. Both are refused at start, naming the running daemon's pid."""
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    ready = tmp_path / "first.ready.json"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "splitdet.shared.cli",
+         *_edge_run(tiny_model_dir, watch, db, "--ready-file", str(ready),
+                    "--quarantine", str(tmp_path / "quarantine"))],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait(lambda: ready.exists() or first.poll() is not None, 60, "the first daemon")
+        assert first.poll() is None, first.stderr.read()
+        (tmp_path / "hot-link").symlink_to(watch)
+        (tmp_path / "db-link.sqlite").symlink_to(db)
+        other_watch = tmp_path / "other"
+        other_watch.mkdir()
+        (other_watch / "a.png").write_bytes(png(30))
+        capsys.readouterr()
+        for watch_given, db_given, expected in [
+            (tmp_path / "hot-link", tmp_path / "other.sqlite",
+             f"--watch {watch} is in use by another `splitdet edge run` (pid {first.pid}); "
+             "one daemon per hot folder"),
+            (other_watch, tmp_path / "db-link.sqlite",
+             f"--db {tmp_path / 'db-link.sqlite'} is in use by another `splitdet edge run` "
+             f"(pid {first.pid}, as {db}); one daemon per database"),
+        ]:  # fmt: skip
+            assert cli(*_edge_run(tiny_model_dir, watch_given, db_given, "--once")) == 2
+            err = capsys.readouterr().err
+            assert expected in err, err
+            assert "Traceback" not in err
+        assert (other_watch / "a.png").exists() and not (tmp_path / "other.sqlite").exists()
+        assert not list(watch.iterdir())  # the folder lock wrote nothing there
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel dropped both locks with their holder
+    assert cli(*_edge_run(tiny_model_dir, tmp_path / "hot-link", tmp_path / "db-link.sqlite",
+                          "--once", "--drain-timeout", "0")) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("what", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_while_running_stops_the_daemon(
+    tiny_model_dir, tmp_path, capsys, what
+):
+    """Before: the daemon went on writing into the deleted (or replaced) file, so every later
+    result was lost, and with --after delete the images too; `edge status` found no
+    database. Now it stops with an error naming the file before it deletes another image."""
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    codes: list[int] = []
+    daemon = threading.Thread(
+        target=lambda: codes.append(cli(*_edge_run(tiny_model_dir, watch, db, "--after",
+                                                   "delete"))),
+        daemon=True,
+    )  # fmt: skip
+    capsys.readouterr()
+    daemon.start()
+    (watch / "a.png").write_bytes(png(30))
+    _wait(lambda: not (watch / "a.png").exists(), 60, "the first image to be done")
+    assert [r["verdict"] for r in image_rows(db)] == ["ok"]
+    if what == "deleted":
+        for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            path.unlink(missing_ok=True)
+    else:  # e.g. a backup restored over it with mv
+        ResultStore(tmp_path / "restored.sqlite").close()
+        os.replace(tmp_path / "restored.sqlite", db)
+    (watch / "b.png").write_bytes(png(60))
+    daemon.join(timeout=30)
+    assert not daemon.is_alive(), "the daemon went on writing into the lost database"
+    err = capsys.readouterr().err
+    assert codes == [2], err
+    assert f"--db {db}: the database file was {what}" in err, err
+    assert "Traceback" not in err
+    assert (watch / "b.png").exists()  # not deleted: its result went nowhere
+
+
 # ------------------------------------------------------------------------ 5. clock steps
 
 

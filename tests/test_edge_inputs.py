@@ -4,6 +4,7 @@ modes other than 8-bit RGB/grayscale, and folders holding many thousands of file
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -12,7 +13,10 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +319,126 @@ def test_files_kept_in_the_folder_are_handed_over_in_arrival_order(tmp_path):
         names.append(candidate.name)
         folder.ignore(candidate)
     assert names == sorted(names) and len(names) == n
+
+
+class _CountedEntry:
+    """A DirEntry whose stat() calls are counted."""
+
+    def __init__(self, entry: os.DirEntry, counts: Counter) -> None:
+        self._entry, self._counts = entry, counts
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        self._counts["entry stat"] += 1
+        return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    def __getattr__(self, name: str):
+        return getattr(self._entry, name)
+
+
+@contextlib.contextmanager
+def _file_calls(monkeypatch) -> Iterator[Counter]:
+    """Counts of the file system calls made in the block: folder listings (scandir), stats
+    of listed files (DirEntry.stat), and os.stat / os.lstat / os.fstat."""
+    counts: Counter = Counter()
+    real_scandir, real_stat, real_lstat, real_fstat = os.scandir, os.stat, os.lstat, os.fstat
+
+    @contextlib.contextmanager
+    def scandir(path):
+        counts["scandir"] += 1
+        with real_scandir(path) as listing:
+            yield (_CountedEntry(entry, counts) for entry in listing)
+
+    def stat(path, *args, **kwargs):
+        counts["stat"] += 1
+        return real_stat(path, *args, **kwargs)
+
+    def lstat(path, *args, **kwargs):
+        counts["lstat"] += 1
+        return real_lstat(path, *args, **kwargs)
+
+    def fstat(fd):
+        counts["fstat"] += 1
+        return real_fstat(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        patch.setattr(os, "stat", stat)
+        patch.setattr(os, "lstat", lstat)
+        patch.setattr(os, "fstat", fstat)
+        yield counts
+
+
+def _age(path: Path, seconds: float = 3600) -> None:
+    """Set a file's or folder's modification time `seconds` back."""
+    past = os.stat(path).st_mtime_ns - int(seconds * 1e9)
+    os.utime(path, ns=(past, past))
+
+
+def test_an_idle_folder_of_kept_files_is_not_listed_on_every_poll(tmp_path, monkeypatch):
+    """Under --after keep every poll (0.25 s) listed and stat'ed every file kept: 5000 kept
+    files cost 12% of a core with nothing arriving. Now a poll stats each folder once and
+    lists them only when their times changed; new files are still found at the next poll."""
+    (tmp_path / "day1").mkdir()
+    names = [f"cam_{i:04d}.png" for i in range(300)] + [f"day1/cam_{i:04d}.png" for i in range(300)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    for folder in (tmp_path / "day1", tmp_path):
+        _age(folder)  # written long ago: no change can hide in the same timestamp tick
+    folder = HotFolder(tmp_path, settle_s=0, recursive=True, recent_s=0)
+    folder.scan()
+    taken = []
+    while (candidate := folder.next_candidate()) is not None:
+        taken.append(candidate.name)
+        folder.ignore(candidate)  # kept in place (--after keep)
+    assert sorted(taken) == sorted(names)
+
+    with _file_calls(monkeypatch) as idle:
+        for _ in range(5):
+            folder.scan()
+    assert idle["scandir"] == idle["entry stat"] == idle["lstat"] == 0, idle
+    assert idle["stat"] + idle["fstat"] == 5 * 2, idle  # the hot folder and day1, once a poll
+
+    (tmp_path / "day1" / "new.png").write_bytes(b"y")
+    with _file_calls(monkeypatch) as arrived:
+        folder.scan()
+    assert arrived["entry stat"] == 1, arrived  # the new file only, not the 600 kept
+    candidate = folder.next_candidate()
+    assert candidate is not None and candidate.name == "day1/new.png"
+    folder.ignore(candidate)
+    assert folder.next_candidate() is None
+
+
+def test_a_kept_file_written_again_in_place_is_seen(tmp_path):
+    """A camera rewriting one name in place (latest.png: same inode, its folder's times do not
+    change) has each version taken: at the next poll while the file was kept lately
+    (`recent_s`), else at the next full scan (`full_scan_s`)."""
+    latest = tmp_path / "latest.png"
+    latest.write_bytes(b"1")
+    _age(latest)
+    _age(tmp_path)
+    folder = HotFolder(tmp_path, settle_s=0, full_scan_s=0.2)
+    versions = []
+    for version in (b"22", b"333"):
+        folder.scan()
+        candidate = folder.next_candidate()
+        versions.append(latest.read_bytes())
+        folder.ignore(candidate)
+        with open(latest, "r+b") as handle:  # in place: same inode
+            handle.write(version)
+    folder.scan()  # kept lately: stat'ed at every poll
+    assert folder.next_candidate() is not None
+    folder.ignore(folder.next_candidate())
+    assert versions == [b"1", b"22"]
+
+    lazy = HotFolder(tmp_path, settle_s=0, full_scan_s=0.2, recent_s=0)
+    lazy.scan()
+    lazy.ignore(lazy.next_candidate())
+    with open(latest, "r+b") as handle:
+        handle.write(b"4444")
+    time.sleep(0.3)  # past full_scan_s: the next scan stats every file
+    lazy.scan()
+    candidate = lazy.next_candidate()
+    assert candidate is not None and candidate.size == 4
 
 
 def test_an_image_wider_than_the_cloud_takes_is_refused_at_the_edge():

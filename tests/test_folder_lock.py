@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from splitdet.shared.folder_lock import folder_lock
+from splitdet.shared.folder_lock import DirectoryLock, FolderInUse, folder_lock
 
 from support import as_nobody
 
@@ -73,3 +74,44 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     assert ran
     assert any("cannot lock" in r.getMessage() and "No locks available" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
+
+
+def test_a_folder_lock_on_a_file_system_without_locks_warns_and_goes_on(
+    tmp_path, monkeypatch, caplog
+):
+    """A hot folder on NFS without lockd (ENOLCK), or one emulating flock with byte-range
+    locks, which a read-only descriptor cannot take (EBADF): the daemon ran there before it
+    locked the folder; it still does, with a warning naming the folder."""
+    calls = iter([OSError(errno.ENOLCK, "No locks available"), OSError(errno.EBADF, "Bad fd")])
+
+    def no_locks(fd, operation):
+        raise next(calls)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="splitdet.shared.folder_lock")
+    for reason in ("No locks available", "Bad fd"):
+        caplog.clear()
+        lock = DirectoryLock(tmp_path, "--watch", "`splitdet edge run`", "one per hot folder")
+        assert not lock.held
+        [warning] = caplog.records
+        assert f"--watch {tmp_path}" in warning.getMessage()
+        assert "cannot lock" in warning.getMessage() and reason in warning.getMessage()
+
+
+def test_a_folder_lock_is_one_per_folder_and_writes_nothing_there(tmp_path):
+    """Through a symbolic link it is the same lock; the refusal names the holder's pid (read
+    from /proc/locks: nothing is written into the folder); released, it can be taken again."""
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    first = DirectoryLock(folder, "--watch", "`splitdet edge run`", "one per hot folder")
+    assert first.held
+    with pytest.raises(FolderInUse) as refused:
+        DirectoryLock(tmp_path / "link", "--watch", "`splitdet edge run`", "one per hot folder")
+    assert str(refused.value) == (
+        f"--watch {tmp_path / 'link'} is in use by another `splitdet edge run` "
+        f"(pid {os.getpid()}); one per hot folder"
+    )
+    assert not list(folder.iterdir())
+    first.release()
+    assert DirectoryLock(tmp_path / "link", "--watch", "`splitdet edge run`", "x").held
