@@ -289,10 +289,13 @@ def reason_path(target: Path) -> Path:
 
 def partial_path(target: Path) -> Path:
     """A hidden name beside `target` for a file copied there from another file system until
-    it is whole: .NAME.XXXXXXXX.splitdet-partial (XXXXXXXX random). Hidden and not named as an
-    image: never taken for an archived file, nor by a hot folder; at most 253 bytes for a
-    stored name (STORED_NAME_MAX)."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    it is whole: .NAME.XXXXXXXX.splitdet-partial (XXXXXXXX random), NAME cut so that the
+    whole fits NAME_MAX bytes (a stored name may be STORED_NAME_MAX, 230 bytes: 27 more would
+    not fit). Hidden and not named as an image: never taken for an archived file, nor by a
+    hot folder."""
+    room = NAME_MAX - len(f"..{'0' * 8}{PARTIAL_SUFFIX}".encode())
+    text = os.fsdecode(os.fsencode(target.name)[:room])  # (a cut character: its bytes kept)
+    return target.with_name(f".{text}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def is_partial_name(name: str) -> bool:
@@ -319,7 +322,14 @@ def move_no_clobber(source: Path, target: Path) -> None:
         _copy_across(source, target)
         linked = True
     if linked:
-        source.unlink()
+        try:
+            source.unlink()
+        except OSError:
+            # the source stays (a read-only or append-only share): take our copy back, or a
+            # retry would find the name taken, copy again under NAME~1, and so on
+            with contextlib.suppress(OSError):
+                target.unlink()
+            raise
 
 
 def _name_no_clobber(source: Path, target: Path) -> bool:

@@ -354,6 +354,44 @@ def test_a_move_across_file_systems_never_replaces_a_file(tmp_path, other_disk):
     assert not source.exists()
 
 
+def test_a_longest_stored_name_is_copied_across_file_systems(tmp_path, other_disk):
+    """A stored name may be STORED_NAME_MAX (230) bytes; its temporary name added 27 and
+    passed the 255-byte limit: every move of such an image failed (ENAMETOOLONG)."""
+    from splitdet.edge.daemon import STORED_NAME_MAX, move_no_clobber, partial_path
+
+    folder, _ = other_disk
+    name = "é" * ((STORED_NAME_MAX - 4) // 2) + ".png"  # two bytes a character: cut inside one
+    assert len(name.encode()) <= STORED_NAME_MAX
+    source, target = tmp_path / "a.png", folder / name
+    source.write_bytes(b"image")
+    assert len(os.fsencode(partial_path(target).name)) <= 255
+    move_no_clobber(source, target)
+    assert os.listdir(folder) == [name] and target.read_bytes() == b"image"
+
+
+def test_a_copy_whose_source_cannot_be_removed_is_taken_back(tmp_path, other_disk, monkeypatch):
+    """Onto another disk, from a folder that refuses removals (append-only, a share without
+    delete rights): the copy stayed under the target name, each retry found the name taken,
+    copied again under NAME~1, ~2... Now the copy is taken back and the error raised."""
+    from splitdet.edge.daemon import move_no_clobber
+
+    folder, _ = other_disk
+    source, target = tmp_path / "a.png", folder / "a.png"
+    source.write_bytes(b"image")
+    real_unlink = Path.unlink
+
+    def refuse_source(self, *args, **kwargs):
+        if self == source:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refuse_source)
+    for _ in range(2):  # as the retries would
+        with pytest.raises(PermissionError):
+            move_no_clobber(source, target)
+        assert os.listdir(folder) == [] and source.read_bytes() == b"image"
+
+
 # ------------------------------------------------------- 4. moves retried while running
 
 
