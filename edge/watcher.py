@@ -68,9 +68,8 @@ of files already done, so a scan does only what the folder's state calls for:
   again in place is seen: at most FULL_SCAN_S late, so a version of it that stays longer
   than that (and `--settle`) is never missed, and with `recent_s` at least as long a camera
   rewriting one name at a steady pace has none missed. It also bounds the delay on a network
-  share whose folder times come from a clock behind ours. 20 000 kept files cost about
-  155 ms per full scan on an SSD, so about 3% of a core idle, against 60% when every poll
-  stat'ed them all.
+  share whose folder times come from a clock behind ours. Measured with 20 000 kept files
+  polled every 0.25 s: 4% of a core idle, against 45% when every poll stat'ed them all.
 
 Handing files over is O(1) per file in arrival order (tracked files are kept in arrival order,
 see `next_candidate`), so the thousands of files of a folder kept with `--after keep` are handed
