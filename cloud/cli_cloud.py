@@ -143,7 +143,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MIB",
         help="largest gRPC message accepted, 1-2047 MiB (default: %(default)s; int8 "
         "features of an 800x960 input are ~16 MB, fp32 ~65 MB); larger "
-        "messages are refused with RESOURCE_EXHAUSTED",
+        "messages are refused with RESOURCE_EXHAUSTED, counted and logged; past a quarter "
+        "more (at least 16 MiB) gRPC refuses them itself, naming its own bound, uncounted",
     )
     parser.add_argument(
         "--max-decoded-mib",
@@ -333,7 +334,7 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.log_format == "json":  # before check_options imports grpc
+    if args.log_format == "json":  # before anything logs
         from splitdet.shared.logs import use_json_logs
 
         use_json_logs()

@@ -533,19 +533,24 @@ def check_listen_address(listen: str) -> None:
         )
     except socket.gaierror as exc:
         raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+    bound = lacking = False
     for family, kind, proto, _, address in addresses:
         try:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
+            bound = True
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise OSError(
-                    f"cannot listen on {listen}: {host} is not an address of this machine "
-                    "(listen on one it has, or on 0.0.0.0 for all of them)"
-                ) from None
+            lacking |= exc.errno == errno.EADDRNOTAVAIL
+    # gRPC binds every address the name gives and fails only when none binds ("localhost"
+    # is 127.0.0.1 and ::1; with IPv6 off, ::1 is not there, and 127.0.0.1 serves)
+    if lacking and not bound:
+        raise OSError(
+            f"cannot listen on {listen}: {host} is not an address of this machine "
+            "(listen on one it has, or on 0.0.0.0 for all of them)"
+        )
 
 
 def serve(

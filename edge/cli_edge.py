@@ -696,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.logs import use_json_logs
 
     if args.log_format == "json":
-        use_json_logs()  # before grpc is imported (below)
+        use_json_logs()  # before anything below logs
 
     from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
     from splitdet.edge.store import OutboxCap, StoreError

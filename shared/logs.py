@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -54,12 +53,10 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def use_json_logs() -> None:
-    """Switch every root handler (or a new stderr one) to JSON lines, and silence gRPC's own
-    log lines (a failed TLS handshake's, a bind failure's), which it writes to stderr in its
-    own format, unless GRPC_VERBOSITY asks for them: a log pipeline reading JSON lines would
-    break on them. What they say reaches the caller as an exception anyway. gRPC reads the
-    variable once, when it is imported: call this before anything imports grpc."""
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    """Switch every root handler (or a new stderr one) to JSON lines. gRPC's own lines (a
+    failed TLS handshake's, a bind failure's) still come on stderr in its own format: on a
+    server they are the only sign of a client failing its handshake. GRPC_VERBOSITY=NONE,
+    set before the process starts, drops them."""
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())

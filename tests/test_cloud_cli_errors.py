@@ -304,3 +304,24 @@ def test_sigterm_while_loading_exits_0(tiny_model_dir, tmp_path):
         process.wait()
     assert process.returncode == 0, err  # was -15: killed by the signal
     assert "Traceback" not in err, err
+
+
+def test_a_name_with_one_address_this_host_lacks_still_listens(monkeypatch):
+    """ "localhost" gives 127.0.0.1 and ::1; with IPv6 off, ::1 cannot be bound, yet gRPC
+    serves on 127.0.0.1. The check refused it as "not an address of this machine"."""
+    from splitdet.cloud import server
+
+    def both(host, port, *args, **kwargs):
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port)),  # not here
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setattr(server.socket, "getaddrinfo", both)
+    server.check_listen_address(f"localhost:{port}")  # no OSError
+    monkeypatch.setattr(server.socket, "getaddrinfo", lambda *a, **k: both(*a, **k)[:1])
+    with pytest.raises(OSError, match="localhost is not an address of this machine"):
+        server.check_listen_address(f"localhost:{port}")

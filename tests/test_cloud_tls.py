@@ -264,35 +264,3 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog
         with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
             assert client.manifest().fingerprint == server.core.fingerprint
         assert "gRPC's TLS cannot serve with" in caplog.text
-
-
-def test_json_logs_stay_json_when_a_handshake_fails(pki, tmp_path):
-    """`--log-format json` under mutual TLS: an edge without a client certificate made gRPC
-    write its own "Handshake failed ... PEER_DID_NOT_RETURN_A_CERTIFICATE" line to stderr
-    between the JSON lines, breaking a pipeline that reads JSON lines."""
-    import json
-    import signal
-
-    from cloud_fixtures import start_cloud_process
-
-    _, model_dir, _ = shared_model_dir(0)
-    cert, key = pki["server"]
-    cloud = start_cloud_process(
-        model_dir, tmp_path, "mtls-json", "--log-format", "json",
-        "--tls-cert", str(cert), "--tls-key", str(key), "--client-ca", str(pki["ca"]),
-    )  # fmt: skip
-    try:
-        config = ClientConfig(f"localhost:{cloud.port}", root_certs=pki["ca"],
-                              manifest_timeout_s=5.0)  # fmt: skip
-        for _ in range(2):
-            with CloudClient(config) as client, pytest.raises((RetryLater, NeverRetry)):
-                client.manifest()
-        cloud.process.send_signal(signal.SIGTERM)
-        cloud.process.wait(timeout=60)
-    finally:
-        cloud.stop()
-    lines = [line for line in cloud.log().splitlines() if line.strip()]
-    assert any(json.loads(line).get("event") == "stopped" for line in lines), lines
-    for line in lines:
-        assert line.startswith("{"), line
-        json.loads(line)
