@@ -183,8 +183,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", round(config.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
         ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
-        # gRPC holds a ping back for 5 minutes after one without data, and sends two at most.
-        ("grpc.http2.min_time_between_pings_ms", round(config.keepalive_s * 1000)),
+        # gRPC sends two pings at most on a connection with no data to send.
         ("grpc.http2.max_pings_without_data", 0),
         # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.
         ("grpc.so_reuseport", 0),
