@@ -894,8 +894,8 @@ class ResultStore:
             before: unix s; rows finished earlier go.
             dry_run: count, delete nothing.
             batch: rows looked at per commit.
-            start_after: look only at rows with a larger id (a daemon resumes where its last
-                prune ended, not re-checking the rows it kept).
+            start_after: look only at rows with a larger id (the daemon starts from 0 each
+                time: a row kept for its file is looked at again once the file goes).
             should_stop: checked between batches; True ends the prune early.
 
         Returns:
