@@ -893,6 +893,7 @@ class EdgeDaemon:
         deadline = time.monotonic() + timeout_s
         self.sender.wake()
         while not self._stop.is_set() and time.monotonic() < deadline:
+            self.store.check_file(STORE_CHECK_EVERY_S)  # (answers would go to a lost file)
             if self.store.outbox_stats().depth == 0:
                 return
             self._stop.wait(0.1)

@@ -422,6 +422,38 @@ def test_a_database_deleted_or_replaced_while_running_stops_the_daemon(
     assert (watch / "b.png").exists()  # not deleted: its result went nowhere
 
 
+def test_a_database_deleted_during_the_final_drain_stops_the_batch(
+    tiny_model_dir, tmp_path, capsys
+):
+    """`edge run --once` waits up to --drain-timeout for the cloud to take the outbox; a --db
+    deleted meanwhile went unnoticed (the answers would go to the lost file) until the drain
+    time was over. It now stops within a few seconds, exit 2, naming the file."""
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    (watch / "a.png").write_bytes(png(200))
+    codes: list[int] = []
+    args = _edge_run(tiny_model_dir, watch, db, "--threshold", "0", "--once",
+                     "--drain-timeout", "120")  # fmt: skip
+    daemon = threading.Thread(target=lambda: codes.append(cli(*args)), daemon=True)
+    capsys.readouterr()
+    daemon.start()
+
+    def waiting() -> bool:
+        try:
+            return [r["verdict"] for r in image_rows(db)] == ["pending"]
+        except sqlite3.Error:  # not created yet
+            return False
+
+    _wait(waiting, 60, "the flagged image waiting for the (dead) cloud")
+    time.sleep(0.5)  # in the drain now
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        path.unlink(missing_ok=True)
+    daemon.join(timeout=30)
+    assert not daemon.is_alive(), "the drain went on into the deleted database"
+    err = capsys.readouterr().err
+    assert codes == [2] and f"--db {db}: the database file was deleted" in err, err
+
+
 # ------------------------------------------------------------------------ 5. clock steps
 
 
