@@ -62,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--train-minutes",
-        type=float_in(0.0),
+        type=float_in(0.1),  # (0 would be train's "no budget": the preset's 1000 epochs)
         default=None,
-        help="training budget (default: the preset's, 30 for cpu)",
+        help="training budget, minutes, at least 0.1 (default: the preset's, 30 for cpu)",
     )
     p.add_argument(
         "--bench-images",

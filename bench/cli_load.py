@@ -108,8 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _requests(args: argparse.Namespace) -> tuple[list, str, list[str]]:
-    """(DetectRequests, the model fingerprint, problems with images) from the edge half."""
+def _requests(args: argparse.Namespace) -> tuple[list, str, list[str], str]:
+    """(DetectRequests, the model fingerprint, problems with images, the codec they were
+    encoded with: --codec or the manifest's) from the edge half."""
     from splitdet.edge.pipeline import EdgePipeline
     from splitdet.edge.preprocess import ImageError, list_images
     from splitdet.edge.runtime import EdgeRuntime
@@ -135,7 +136,7 @@ def _requests(args: argparse.Namespace) -> tuple[list, str, list[str]]:
     if not requests:
         detail = f" ({problems[0]})" if problems else ""
         raise CommandError(f"no usable image among {' '.join(args.images)}{detail}")
-    return requests, fingerprint, problems
+    return requests, fingerprint, problems, pipeline.codec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
                                "is plaintext on loopback)")  # fmt: skip
-    requests, fingerprint, problems = _requests(args)
+    requests, fingerprint, problems, codec = _requests(args)
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
@@ -164,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         "model_fingerprint": fingerprint,
         "request_mb": round(size_mb, 3),
         "seconds": args.seconds,
+        "settings": _settings(args, codec),
         "levels": levels,
+        "complete": False,  # True once every level of --clients is measured
     }
     cloud = None
     try:
@@ -178,10 +181,26 @@ def run(args: argparse.Namespace) -> int:
                     f"--max-queued {args.max_queued})"
                 )
             _measure(args, config, requests, size_mb, levels, report["cloud"], cloud)
+            report["complete"] = True
     finally:  # also after a failure mid-run: the levels measured so far are kept
         if args.json and levels:
             write_json(args.json, report)
     return 0
+
+
+def _settings(args: argparse.Namespace, codec: str) -> dict:
+    """The options the measurement ran with; the cloud's limits when it was started here (a
+    cloud given by --cloud keeps its own, unknown here: None)."""
+    started = args.cloud is None
+    return {
+        "codec": codec,
+        "clients": list(args.clients),
+        "distinct": args.distinct,
+        "seconds": args.seconds,
+        "max_concurrent": args.max_concurrent if started else None,
+        "max_queued": args.max_queued if started else None,
+        "cloud_threads": args.cloud_threads if started else None,
+    }
 
 
 #: Client options that only mean something with --cloud.
@@ -223,6 +242,9 @@ def _measure(args, config, requests, size_mb: float, levels: list[dict], where: 
         spread = f"{per_edge['min']}-{per_edge['max']}"
         print(f"{clients:>5} {row['answered']:>8} {row['answers_per_second']:>9.2f} "
               f"{' '.join(cells)} {row['busy']:>6} {spread:>9}  {failed}", file=out)  # fmt: skip
+        if row["edges_unanswered"]:
+            print(f"      warning: {row['edges_unanswered']} of {clients} edges got no answer: "
+                  "latency describes the answered calls only", file=out)  # fmt: skip
 
 
 def _start_cloud(args: argparse.Namespace, scratch: Path, stack):

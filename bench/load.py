@@ -59,6 +59,11 @@ class LevelResult:
         """Answered calls per second of wall time."""
         return self.answered / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def edges_unanswered(self) -> int:
+        """Edges that got no answer at all: the latency figures describe the others only."""
+        return sum(1 for n in self.per_edge if n == 0)
+
     def to_json(self) -> dict:
         """Plain JSON types; latencies in ms."""
         lat = self.latencies_s
@@ -78,6 +83,7 @@ class LevelResult:
                 "min": min(self.per_edge, default=0),
                 "max": max(self.per_edge, default=0),
             },
+            "edges_unanswered": self.edges_unanswered,
             "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
             "failed": {k: v for k, v in self.failures.items() if k != "RESOURCE_EXHAUSTED"},
         }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitdet.bench.streams import realised_rate
 from splitdet.bench.systems import Outcome
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
@@ -19,6 +20,10 @@ PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
 #: Link speeds for the computed transfer times, bits per second.
 LINKS = {"100mbit": 100e6, "1gbit": 1e9}
 MONOLITHIC = "monolithic"
+#: report.json's "generator": marks a report (and the outputs beside it) as splitdet bench's.
+GENERATOR = "splitdet bench"
+#: Keys every report.json of splitdet bench had before it carried "generator".
+OLD_REPORT_KEYS = frozenset({"command", "machine", "model", "rates"})
 #: Every file `write_report` writes.
 OUTPUTS = (
     "report.json",
@@ -35,7 +40,12 @@ def summarise(
     class_names: Sequence[str],
     monolithic: dict | None,
 ) -> dict:
-    """One system's figures on one stream (see report.md for each key's meaning)."""
+    """One system's figures on one stream (see report.md for each key's meaning).
+
+    `monolithic`: the baseline's summary, or None when these outcomes are the baseline's own
+    (its reduction and mAP kept are then None: nothing to compare it with). A system without a
+    gate (every `Outcome.p_defect` None) has no gate recall (None).
+    """
     totals = np.array([o.total_s for o in outcomes])
     sent = [o for o in outcomes if o.bytes_sent]
     defective = [o for o, s in zip(outcomes, stream, strict=True) if s.is_defective]
@@ -47,6 +57,7 @@ def summarise(
         class_names,
     )
     bytes_per_image = float(np.mean([o.bytes_sent for o in outcomes]))
+    has_gate = any(o.p_defect is not None for o in outcomes)
     summary = {
         "n_images": len(outcomes),
         "n_defective": len(defective),
@@ -63,7 +74,11 @@ def summarise(
         "flagged_fraction": float(np.mean([o.flagged for o in outcomes])),
         "map": metrics["map"],
         "map50": metrics["map50"],
-        "gate_recall": (float(np.mean([o.flagged for o in defective])) if defective else None),
+        "has_gate": has_gate,
+        "gate_recall": (
+            float(np.mean([o.flagged for o in defective])) if defective and has_gate else None
+        ),
+        "defect_rate_realised": realised_rate(stream),
     }
     for link, bits_per_s in LINKS.items():
         summary[f"transfer_{link}_s_computed"] = bytes_per_image * 8 / bits_per_s
@@ -73,12 +88,23 @@ def summarise(
             base, ours = monolithic[key], summary[key]
             summary[f"{key}_kept"] = ours / base if base and ours is not None else None
     else:
-        summary.update(reduction=0.0, map_kept=1.0, map50_kept=1.0)
+        summary.update(reduction=None, map_kept=None, map50_kept=None)
     return summary
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def rate_heading(rate_key: str, summary: dict) -> str:
+    """A defect rate's heading: the requested rate, then the share the run's stream really had
+    (rounding: 5% of 11 images is 1 defective, 9.1%), e.g. "Defect rate 5% (run: 1 of 11
+    images, 9.1%; 11 unique)"."""
+    n, k = summary["n_images"], summary["n_defective"]
+    return (
+        f"Defect rate {float(rate_key):.0%} (run: {k} of {n} images, {k / n:.1%}; "
+        f"{summary['n_unique_images']} unique)"
+    )
 
 
 def markdown(report: dict) -> str:
@@ -110,27 +136,31 @@ def markdown(report: dict) -> str:
         "`edge` = camera-side compute, `cloud` = server compute as the server measured it. "
         "Transfer times are computed from the bytes (not measured): 100 Mbit/s and 1 Gbit/s. "
         "mAP is COCO mAP@[.5:.95] on the stream's ground truth (pycocotools); "
-        "kept = vs monolithic.",
+        "kept = vs monolithic. Reduction and mAP kept are – for monolithic (the baseline), "
+        "gate recall and flagged (share of images the gate sent on) – for systems without a "
+        "gate. Each heading gives the requested defect rate and the share of defective images "
+        "the run's stream really had (the count is rounded); the figures plot the latter.",
         "",
     ]
     for rate_key, systems in report["rates"].items():
         first = next(iter(systems.values()))
         lines += [
-            f"## Defect rate {float(rate_key):.0%} ({first['n_images']} images, "
-            f"{first['n_defective']} defective, {first['n_unique_images']} unique)",
+            f"## {rate_heading(rate_key, first)}",
             "",
             "| system | mean s | p50 s | p95 s | img/s | reduction | edge s | cloud s | "
-            "bytes/img | bytes/sent img | 100 Mbit/s s | mAP | mAP@.5 | mAP kept | gate recall |",
-            "|---" * 15 + "|",
+            "bytes/img | bytes/sent img | 100 Mbit/s s | mAP | mAP@.5 | mAP kept | gate recall | "
+            "flagged |",
+            "|---" * 16 + "|",
         ]
         for name, s in systems.items():
             lines.append(
                 f"| {name} | {s['mean_s']:.3f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | "
-                f"{s['images_per_s']:.2f} | {s['reduction']:+.1%} | {s['edge_s']:.3f} | "
+                f"{s['images_per_s']:.2f} | {_fmt(s['reduction'], '+.1%')} | {s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
                 f"{s['bytes_per_defect_image']:,.0f} | {s['transfer_100mbit_s_computed']:.3f} | "
                 f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
-                f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} |"
+                f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} | "
+                f"{_fmt(s['flagged_fraction'] if s.get('has_gate', True) else None, '.1%')} |"
             )
         lines.append("")
     if report.get("rate_distortion"):
@@ -162,14 +192,14 @@ def figures(report: dict, out_dir: Path) -> list[str]:
 
     rates = sorted(report["rates"], key=float)
     systems = list(report["rates"][rates[0]])
-    x = [float(r) * 100 for r in rates]
+    x = [100 * _realised(report["rates"][r][systems[0]]) for r in rates]
     written = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in systems:
         ax.plot(x, [report["rates"][r][name]["mean_s"] for r in rates], marker="o", label=name)
     ax.set(
-        xlabel="defect rate (%)",
+        xlabel="defect rate of the run's stream (%)",
         ylabel="mean time per image (s)",
         title="Time per image vs defect rate (cf. paper Fig. 4)",
     )
@@ -194,7 +224,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     )
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(
-        xlabel="defect rate (%)",
+        xlabel="defect rate of the run's stream (%)",
         ylabel="reduction of mean time vs monolithic (%)",
         title="Inference time reduction (cf. paper Fig. 5)",
     )
@@ -252,6 +282,11 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     return written
 
 
+def _realised(summary: dict) -> float:
+    """The share of defective images a stream really had (its summary's counts)."""
+    return summary["n_defective"] / summary["n_images"]
+
+
 def _save(fig, path: Path) -> str:
     """Write a figure as a whole PNG (through a rename), close it; the file name."""
     import matplotlib.pyplot as plt
@@ -263,8 +298,40 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def is_bench_report(path: Path) -> bool:
+    """Whether `path` is a report.json splitdet bench wrote: its "generator" marker, or (before
+    the marker) every key of `OLD_REPORT_KEYS`."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+    return report.get("generator") == GENERATOR or report.keys() >= OLD_REPORT_KEYS
+
+
+def foreign_outputs(out_dir: Path) -> list[Path]:
+    """The files of `OUTPUTS` in `out_dir` that a run would replace but splitdet bench may not
+    have written: all that exist, unless the report.json there is splitdet bench's."""
+    present = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+    if not present or is_bench_report(out_dir / "report.json"):
+        return []
+    return present
+
+
 def remove_outputs(out_dir: Path) -> None:
-    """Delete an earlier run's report and figures: a stopped run must not show them as its own."""
+    """Delete an earlier run's report and figures: a stopped run must not show them as its own.
+
+    Only a splitdet bench run's: ValueError naming the files when `out_dir` holds any of
+    `OUTPUTS` beside a report.json that is not splitdet bench's (or none), deleting nothing.
+    """
+    foreign = foreign_outputs(out_dir)
+    if foreign:
+        names = ", ".join(str(p) for p in foreign)
+        raise ValueError(
+            f"--out {out_dir}: holds {names}, not from splitdet bench (its report.json is "
+            "missing or not one splitdet bench wrote); choose another --out or remove them"
+        )
     for name in OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
 
@@ -272,6 +339,7 @@ def remove_outputs(out_dir: Path) -> None:
 def write_report(report: dict, out_dir: Path) -> None:
     """report.json, report.md and the figures into `out_dir`, each file whole or not at all."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    report["generator"] = GENERATOR
     report["figures"] = figures(report, out_dir)
     atomic_write(out_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write(out_dir / "report.md", markdown(report).encode())

@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from splitdet.bench.jpeg_server import JpegClient
 from splitdet.bench.processes import ServiceProcess, splitdet_command
-from splitdet.bench.report import MONOLITHIC, remove_outputs, summarise, write_report
+from splitdet.bench.report import (
+    GENERATOR,
+    MONOLITHIC,
+    remove_outputs,
+    summarise,
+    write_report,
+)
 from splitdet.bench.streams import make_stream
 from splitdet.bench.systems import (
     JpegToCloud,
@@ -229,6 +235,7 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
     """
     gate = manifest.gate_threshold
     return {
+        "generator": GENERATOR,
         "command": config.command,
         "run_id": config.run_id,
         "machine": _machine(),

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
-    remote = client_config(args)
+    remote = client_config(args, alone="without it the cloud half runs in this process")
     if remote is None:
         detector = _cached(local_detector(args.model, args.threads))
     else:

@@ -25,7 +25,8 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="P",
-        help="gate threshold on p(defect) (default: the manifest's calibrated one)",
+        help="gate threshold on p(defect) (default: the manifest's calibrated one; above 1 "
+        "flags nothing)",
     )
     add_codec_argument(parser)
     parser.add_argument(
@@ -33,7 +34,7 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="ONNX Runtime threads (default: all cores)",
+        help="ONNX Runtime threads, 1-1024 (default: all cores)",
     )
     parser.add_argument(
         "--device",
@@ -43,6 +44,10 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Most ONNX Runtime threads --threads accepts (as the cloud's --threads).
+MAX_THREADS = 1024
+
+
 def check_edge_model_options(args: argparse.Namespace) -> None:
     """CommandError naming an `add_edge_model_arguments` value that cannot work: a NaN
     --threshold (it would pass every image as ok, unnoticed; above 1 flags nothing, on
@@ -50,9 +55,13 @@ def check_edge_model_options(args: argparse.Namespace) -> None:
     from splitdet.shared.cli import CommandError
 
     if args.threshold is not None and math.isnan(args.threshold):
-        raise CommandError("--threshold nan: must be a number (p(defect) from 0 to 1)")
-    if args.threads is not None and args.threads < 1:
-        raise CommandError(f"--threads {args.threads}: must be at least 1 (omit it for all cores)")
+        raise CommandError(
+            "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
+        )
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise CommandError(
+            f"--threads {args.threads}: must be 1-{MAX_THREADS} (omit it for all cores)"
+        )
 
 
 def add_codec_argument(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +87,9 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
-        help="deadline of one Detect call (default: %(default)s)",
+        help=f"deadline of one Detect call (default: {DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
     parser.add_argument(
@@ -123,6 +132,8 @@ def _edge_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: --timeout when not given, seconds.
+DEFAULT_TIMEOUT_S = 60.0
 #: Longest --timeout accepted, seconds (a day): gRPC turns larger deadlines into nonsense.
 MAX_TIMEOUT_S = 86400.0
 #: gRPC target schemes whose rest is a path or a name (not host:port).
@@ -175,18 +186,37 @@ def _endpoint_problem(endpoint: str, port_required: bool = True) -> str | None:
     return address_problem(endpoint, port_required=port_required, port_zero=False)
 
 
-def client_config(args: argparse.Namespace):
-    """The ClientConfig the options describe (None when --cloud was not given)."""
+#: Connection options that mean nothing without --cloud (argparse dests).
+CONNECTION_OPTIONS = (
+    "timeout",
+    "tls",
+    "root_certs",
+    "client_cert",
+    "client_key",
+    "server_name",
+    "token_file",
+    "name",
+)
+
+
+def client_config(args: argparse.Namespace, alone: str | None = None):
+    """The ClientConfig the options describe (None when --cloud was not given). `alone`:
+    what runs without --cloud (e.g. "the cloud half runs in this process"); when given, a
+    connection option given without --cloud is refused, saying so (it would be ignored)."""
     from splitdet.edge.client import ClientConfig
     from splitdet.shared.cli import CommandError
     from splitdet.shared.edge_name import default_edge_name
 
-    if not args.cloud:
+    if args.cloud is None:  # ("" is an address given empty: refused below)
+        given = [f"--{n.replace('_', '-')}" for n in CONNECTION_OPTIONS if getattr(args, n, None)]
+        if alone is not None and given:
+            raise CommandError(f"{', '.join(given)}: for --cloud only ({alone})")
         return None
     addresses = check_cloud_addresses(args.cloud)
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+    timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
         raise CommandError(
-            f"--timeout {args.timeout:g}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
+            f"--timeout {timeout:g}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
         )
     for option, path, kind in (("--root-certs", args.root_certs, "certificate"),
                                ("--client-cert", args.client_cert, "certificate"),
@@ -197,7 +227,7 @@ def client_config(args: argparse.Namespace):
     try:
         return ClientConfig(
             addresses,
-            timeout_s=args.timeout,
+            timeout_s=timeout,
             tls=args.tls,
             root_certs=args.root_certs,
             client_cert=args.client_cert,

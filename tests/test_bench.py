@@ -102,7 +102,7 @@ def test_report_numbers_are_measured(bench_report):
     # the gate-only edge path is cheaper than running every stage
     assert free_only["monolithic"]["mean_s"] > free_only["splitdet-int8"]["edge_s"]
     # monolithic is its own reference; the others are measured against it
-    assert free_only["monolithic"]["reduction"] == 0.0
+    assert free_only["monolithic"]["reduction"] is None
     assert half["paper"]["reduction"] != 0.0 and half["splitdet-int8"]["reduction"] != 0.0
     # bytes: features only for flagged images, fp32 costs more than int8, JPEG for every image
     for rate in (free_only, half):
@@ -133,7 +133,8 @@ def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, m
     root = bench_report[0].parent
     out = root / "stopped"
     out.mkdir()
-    (out / "report.json").write_text('{"an": "older run"}')  # must not pass for this run's
+    older = {"generator": "splitdet bench", "run_id": "older"}  # must not pass for this run's
+    (out / "report.json").write_text(json.dumps(older))
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(tiny_dataset), "--defect-rates", "0,0.5", "--images", "3"]
     argv += ["--codecs", "int8", "--rd-images", "2", "--out", str(out), "--no-progress"]
@@ -145,6 +146,79 @@ def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, m
     text = (out / "report.md").read_text()
     assert "Incomplete" in text and "Defect rate 50%" in text
     assert str(out / "report.md") in capsys.readouterr().err
+
+
+def _row(markdown_text: str, rate_heading: str, system: str) -> list[str]:
+    """The cells of `system`'s row in the table under the heading that starts `rate_heading`."""
+    section = markdown_text.split(rate_heading, 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if x.startswith(f"| {system} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_systems_without_a_gate_or_a_reference_show_a_dash(bench_report):
+    """monolithic and jpeg95-to-cloud showed "gate recall 100.0%" (no gate), and monolithic
+    "mAP kept 100.0%" (kept vs itself): now "–" in report.md, None in report.json."""
+    out, report, _ = bench_report
+    half = report["rates"]["0.5"]
+    mono, jpeg, paper = half["monolithic"], half["jpeg95-to-cloud"], half["paper"]
+    assert mono["gate_recall"] is None and jpeg["gate_recall"] is None
+    assert mono["map_kept"] is None and mono["map50_kept"] is None and mono["reduction"] is None
+    assert paper["gate_recall"] is not None and jpeg["reduction"] is not None
+    text = (out / "report.md").read_text()
+    header = next(x for x in text.splitlines() if x.startswith("| system |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    for system, summary in half.items():
+        cells = dict(zip(columns, _row(text, "Defect rate 50%", system), strict=True))
+        assert cells["gate recall"] == ("–" if system in ("monolithic", "jpeg95-to-cloud")
+                                        else f"{summary['gate_recall']:.1%}")  # fmt: skip
+        if system == "monolithic":
+            assert cells["mAP kept"] == cells["reduction"] == "–"
+
+
+def test_the_flagged_share_stands_beside_gate_recall(bench_report):
+    """The share of images the gate sent on (flagged_fraction) was in report.json only."""
+    out, report, _ = bench_report
+    text = (out / "report.md").read_text()
+    header = next(x for x in text.splitlines() if x.startswith("| system |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns[columns.index("gate recall") + 1] == "flagged"
+    for system, summary in report["rates"]["0.5"].items():
+        cells = dict(zip(columns, _row(text, "Defect rate 50%", system), strict=True))
+        gated = system not in ("monolithic", "jpeg95-to-cloud")
+        assert cells["flagged"] == (f"{summary['flagged_fraction']:.1%}" if gated else "–")
+
+
+def test_the_realised_defect_rate_is_shown_beside_the_requested_one(tiny_dataset, tmp_path):
+    """5% of 11 images is 1 defective image, 9.1%: the report said "Defect rate 5%" and plotted
+    the point at 5%. The heading and report.json now give the run's own share too."""
+    from splitdet.bench.report import markdown, summarise, write_report
+    from splitdet.bench.streams import make_stream
+    from splitdet.bench.systems import Outcome
+
+    stream = make_stream(read_split(tiny_dataset, "test"), 0.05, 11, seed=0)
+    boxes = [np.array([o.box for o in s.objects], np.float32).reshape(-1, 4) for s in stream]
+    labels = [np.ones(len(b), np.int64) for b in boxes]
+
+    def outcomes(gated: bool) -> list[Outcome]:
+        return [
+            Outcome(0.1, 0.05, 0.05, 10, True, 0.9 if gated else None, b, np.ones(len(b)), c)
+            for b, c in zip(boxes, labels, strict=True)
+        ]
+
+    names = sorted({o.name for s in stream for o in s.objects})
+    mono = summarise(outcomes(False), stream, names, None)
+    report = {
+        "command": "splitdet bench",
+        "machine": {"cpu_count": 2, "platform": "test", "versions": {}},
+        "model": {"depth_label": "R", "input": "i", "gate_threshold": 0.5, "fingerprint": "f"},
+        "rates": {"0.05": {"monolithic": mono,
+                           "paper": summarise(outcomes(True), stream, names, mono)}},
+    }  # fmt: skip
+    write_report(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rates"]["0.05"]["paper"]["defect_rate_realised"] == pytest.approx(1 / 11)
+    assert "## Defect rate 5% (run: 1 of 11 images, 9.1%; " in markdown(saved)
+    assert "time_vs_defect_rate.png" in saved["figures"]
 
 
 def test_oracle_decision_drives_the_papers_gate():
@@ -234,6 +308,7 @@ def test_a_server_that_dies_mid_run_is_named_with_its_log(
     out = tmp_path / "out"
     out.mkdir()
     (out / "time_vs_defect_rate.png").write_bytes(b"an older run's figure")
+    (out / "report.json").write_text(json.dumps({"generator": "splitdet bench"}))
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(tiny_dataset), "--defect-rates", "1", "--images", "2"]
     argv += ["--codecs", "fp32", "--rd-images", "0", "--out", str(out), "--no-progress"]

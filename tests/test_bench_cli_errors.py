@@ -184,6 +184,45 @@ def test_a_second_bench_into_the_same_out_is_refused_while_the_first_runs(
     assert main(_bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")) == 0
 
 
+def test_files_in_out_that_bench_did_not_write_are_refused_and_kept(
+    exported, tiny_dataset, tmp_path, capsys
+):
+    """A user's own report.md and report.json in --out were deleted at the start of a run.
+    Now the run stops before anything is measured, naming them; both stay as they were."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("# my notes")
+    (out / "report.json").write_text('{"mine": true}')
+    argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(out / "report.md") in line and str(out / "report.json") in line
+    assert "choose another --out or remove them" in line
+    assert (out / "report.md").read_text() == "# my notes"
+    assert (out / "report.json").read_text() == '{"mine": true}'
+    assert not (out / "cloud.log").exists()  # no server started
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marker", "old-keys"])
+def test_an_earlier_bench_runs_outputs_are_replaced(
+    marked, exported, tiny_dataset, tmp_path, capsys
+):
+    """A report.json splitdet bench wrote (its "generator" marker, or before it the keys every
+    bench report had) marks the outputs beside it as bench's: removed, the new ones written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"command": "splitdet bench", "machine": {}, "model": {}, "rates": {}}
+    if marked:
+        earlier = {"generator": "splitdet bench", "run_id": "earlier"}
+    (out / "report.json").write_text(json.dumps(earlier))
+    (out / "bytes_vs_map_kept.png").write_bytes(b"an earlier run's figure")
+    argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["generator"] == "splitdet bench" and report["complete"] is True
+    assert not (out / "bytes_vs_map_kept.png").exists()  # --rd-images 0: not written anew
+
+
 @pytest.fixture
 def no_demo_stage(monkeypatch):
     """A demo stage that runs fails the test: the bad option must be named before any stage."""
@@ -200,8 +239,9 @@ def no_demo_stage(monkeypatch):
         (["--images", "0"], "argument --images: must be 1-1000000"),
         (["--defect-rate", "nan"], "argument --defect-rate: must be 0-1"),
         (["--defect-rate", "1.5"], "argument --defect-rate: must be 0-1"),
-        (["--train-minutes", "-1"], "argument --train-minutes: must be >= 0"),
-        (["--train-minutes", "inf"], "argument --train-minutes: must be >= 0"),
+        (["--train-minutes", "-1"], "argument --train-minutes: must be >= 0.1"),
+        (["--train-minutes", "inf"], "argument --train-minutes: must be >= 0.1"),
+        (["--train-minutes", "0"], "argument --train-minutes: must be >= 0.1"),  # 1000 epochs
         (["--bench-images", "-1"], "argument --bench-images: must be 0-1000000"),
         (["--threads", "0"], "argument --threads: must be 1-1024"),
     ],

@@ -93,6 +93,7 @@ def test_well_formed_cloud_addresses_are_accepted(address):
         ("--outbox-max-mb", "nan"),
         ("--outbox-max-items", "0"),
         ("--threads", "-2"),
+        ("--threads", "100000"),  # predict stalled building a pool that large
         ("--metrics-port", "70000"),  # was a traceback (OverflowError from bind)
     ],
 )
@@ -240,3 +241,23 @@ def test_a_full_database_names_it_and_leaves_the_image(
     assert _edge_run(tiny_model_dir, hot, db, "--threshold", "0") == 2
     _error_line(capsys, f"--db {db}", "full", "stays in --watch", "--keep-results")
     assert (hot / "a.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--cloud", ""], "--cloud '': no address given"),  # was: the heads run here, rc 0
+        (
+            ["--root-certs", "/nonexistent.pem", "--timeout", "-5"],
+            "--timeout, --root-certs: for --cloud only",
+        ),
+    ],
+)
+def test_predict_refuses_connection_options_it_would_ignore(tiny_model_dir, hot, capsys,
+                                                            options, needle):  # fmt: skip
+    """Without --cloud, predict runs the cloud half in this process: a connection option given
+    then was ignored without a word, and `--cloud ""` meant no cloud."""
+    code = main(["predict", str(hot / "a.png"), "--model", str(tiny_model_dir), "--no-progress",
+                 *options])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err

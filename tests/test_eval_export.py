@@ -171,7 +171,9 @@ def test_checkpoint_options_are_refused_with_model(setup, option, capsys):
     assert f"{option[0]} is for --checkpoint only" in _err(capsys)
 
 
-@pytest.mark.parametrize("option", [["--codec", "fp32"], ["--cloud", "127.0.0.1:9"]])
+@pytest.mark.parametrize(
+    "option", [["--codec", "fp32"], ["--cloud", "127.0.0.1:9"], ["--timeout", "-5"]]
+)  # --timeout was taken, unused and unchecked
 def test_model_options_are_refused_with_checkpoint(setup, option, capsys):
     code = main(["eval", "--data", str(setup.data), "--checkpoint", str(setup.checkpoint),
                  *option])  # fmt: skip

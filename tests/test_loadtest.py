@@ -119,3 +119,56 @@ def test_no_usable_image_is_one_line(tmp_path, capsys):
     code = main(["loadtest", str(tmp_path), "--model", str(model_dir), "--cloud", "127.0.0.1:1"])
     err = capsys.readouterr().err
     assert code == 2 and f"no usable image among {tmp_path}" in err and "a.png" in err
+
+
+def test_the_json_records_its_settings_and_whether_every_level_ran(
+    cloud, images, tmp_path, monkeypatch, capsys
+):
+    """The JSON held neither the options it ran with nor whether it finished: after Ctrl-C the
+    levels done looked like a whole run. Now `settings` and `complete` say so."""
+    import splitdet.bench.load as load
+
+    server, model_dir, _ = cloud
+    real = load.measure_level
+
+    def stopped_at_the_second_level(make_client, requests, clients, seconds, *rest):
+        if clients == 2:
+            raise KeyboardInterrupt
+        return real(make_client, requests, clients, seconds, *rest)
+
+    monkeypatch.setattr(load, "measure_level", stopped_at_the_second_level)
+    argv = ["loadtest", str(images), "--model", str(model_dir), "--cloud", server.address,
+            "--codec", "fp16", "--distinct", "2", "--seconds", "0.5"]  # fmt: skip
+    stopped, whole = tmp_path / "stopped.json", tmp_path / "whole.json"
+    assert main([*argv, "--clients", "1,2", "--json", str(stopped)]) == 130
+    report = json.loads(stopped.read_text())
+    assert report["complete"] is False and [r["clients"] for r in report["levels"]] == [1]
+    assert report["settings"] == {
+        "codec": "fp16", "clients": [1, 2], "distinct": 2, "seconds": 0.5,
+        "max_concurrent": None, "max_queued": None, "cloud_threads": None,
+    }  # fmt: skip
+    assert main([*argv, "--clients", "1", "--json", str(whole)]) == 0, capsys.readouterr().err
+    assert json.loads(whole.read_text())["complete"] is True
+
+
+def test_edges_that_got_no_answer_are_counted_and_named_in_the_table(images, tmp_path, capsys):
+    """One slot, no queue, a call of 1 s, 0.5 s of sending, three edges: the first takes the
+    slot and the other two are refused until the end. The latency was the one edge's alone,
+    unsaid; now the level counts the edges without an answer and the table warns."""
+    _, model_dir, _ = shared_model_dir()
+    server = start_cloud_process(
+        model_dir, tmp_path / "slow", "cloud", "--max-concurrent", "1", "--max-queued", "0",
+        "--debug-delay", "1.0",
+    )  # fmt: skip
+    out = tmp_path / "load.json"
+    argv = ["loadtest", str(images / "0.png"), "--model", str(model_dir), "--cloud"]
+    argv += [server.address, "--clients", "3", "--seconds", "0.5", "--json", str(out)]
+    try:
+        code = main(argv)
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["answered"] >= 1 and level["edges_unanswered"] == 2
+    assert "2 of 3 edges got no answer: latency describes the answered calls only" in captured.out

@@ -247,3 +247,17 @@ def test_data_check_says_when_the_bits_change_nothing(tmp_path, capsys):
     assert any("no image is 16-bit grayscale" in w for w in report["warnings"]), report
     report = _report(capsys, main(check))
     assert not any("16-bit" in w for w in report["warnings"]), report
+
+
+def test_data_check_does_not_say_no_16_bit_image_beside_one_past_the_bits(tmp_path, capsys):
+    """A 16-bit image past --pixel-bits 11 is a problem; the warning "no image is 16-bit ...
+    train without it" beside it gave the wrong fix (the camera's bits are more, not none)."""
+    from PIL import Image
+
+    root = make_tiny_voc(tmp_path / "voc", n_defective=2, n_free=1)
+    first = sorted((root / "JPEGImages").iterdir())[0]
+    Image.fromarray(np.full((128, 160), 4095, np.uint16)).save(first)  # a 12-bit camera's
+    check = ["data", "check", str(root), "--decode", "--no-progress", "--json", "-"]
+    report = _report(capsys, main([*check, "--pixel-bits", "11"]))
+    assert any("past the 11-bit range" in p for p in report["problems"]), report
+    assert not any("no image is 16-bit" in w for w in report["warnings"]), report

@@ -48,12 +48,13 @@ def _error(capsys, *needles: str) -> None:
         ("--minutes", "-1", "minutes must be a number >= 0, got -1.0"),  # ended before a step
         ("--minutes", "nan", "minutes must be a number >= 0, got nan"),  # never ended
         ("--minutes", "inf", "minutes must be a number >= 0, got inf"),  # failed after epoch 1
-        ("--eval-every", "-1", "eval_every must be >= 0, got -1"),  # validated every epoch
+        ("--eval-every", "-1", "--eval-every must be >= 0, got -1"),  # validated every epoch
         ("--workers", "-1", "workers must be >= 0, got -1"),
         ("--seed", "-1", "seed must be 0-"),  # "expected non-negative integer"
         ("--seed", str(2**70), f"got {2**70}"),  # "Overflow when unpacking long long"
         ("--epochs", "0", "epochs must be >= 1, got 0"),
-        ("--batch-size", "0", "batch_size must be >= 1, got 0"),
+        ("--batch-size", "0", "--batch-size must be >= 1, got 0"),  # was: batch_size
+        ("--whole-image-fraction", "1", "--whole-image-fraction must be in [0, 1), got 1.0"),
         ("--crop", "32000", "crop 32000 is larger than the model's input"),  # a traceback
         ("--classes", "scratch, scratch", "'scratch' is listed twice"),  # class 1 never trained
     ],

@@ -50,8 +50,8 @@ CHECKPOINT_DEFAULTS = {
     "box_refine_steps": None,
 }
 #: Options that only mean something for an export (--timeout aside: meaningless without --cloud).
-MODEL_ONLY = ("codec", "cloud", "tls", "root_certs", "client_cert", "client_key", "server_name",
-              "token_file", "name")  # fmt: skip
+MODEL_ONLY = ("codec", "cloud", "timeout", "tls", "root_certs", "client_cert", "client_key",
+              "server_name", "token_file", "name")  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -266,7 +266,8 @@ def _open_model(args: argparse.Namespace):
     from splitdet.training import voc
     from splitdet.training.evaluate_export import open_pipeline, read_samples
 
-    remote = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
+    # a malformed --cloud or unreadable TLS file: refused first
+    remote = client_config(args, alone="without it the cloud half runs in this process")
     pipeline = None
     try:
         pipeline = open_pipeline(Path(args.model), args.codec)

@@ -10,6 +10,7 @@ Top-level imports are stdlib and the torch-free presets: torch loads when the co
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -86,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--whole-image-fraction",
         type=float,
         help="last share of the run (of --minutes, else of --epochs) trained on whole images "
-        "instead of crops, 0-1, so that GroupNorm meets the statistics inference sees "
+        "instead of crops, 0 to below 1, so that GroupNorm meets the statistics inference sees "
         "(default: the preset's; 0: crops to the end)",
     )
     parser.add_argument(
@@ -180,6 +181,12 @@ def run(args: argparse.Namespace) -> int:
         if model_changes:
             changes["model"] = dataclasses.replace(config.model, **model_changes)
         config = dataclasses.replace(config, **changes)
+    except ValueError as exc:  # the recipe's own check names its fields: name the options
+        message = _one_line(exc)
+        for field in changes:
+            message = re.sub(rf"\b{field}\b", f"--{field.replace('_', '-')}", message)
+        raise CommandError(message) from None
+    try:
         row = train(
             config, args.data, args.out, resume=args.resume, init=args.init,
             progress=not args.no_progress,

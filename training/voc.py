@@ -103,14 +103,14 @@ def check_hint(exc: Exception, root: Path | str) -> str:
     if "unknown class" in message:
         return f"{message} (give every class the dataset holds with --classes A,B)"
     decode = " --decode" if "cannot decode image" in message else ""
-    bits = _PAST_THE_BITS.search(message)
+    bits = PAST_THE_BITS.search(message)
     if bits:  # only a decoding with the same bits finds the others
         decode = f" --decode --pixel-bits {bits[1]}"
     return f"{message} (`splitdet data check {root}{decode}` lists every problem at once)"
 
 
 #: How `load_rgb_and_peak` names a pixel past the bits it reads 16-bit images with.
-_PAST_THE_BITS = re.compile(r"past the (\d+)-bit range")
+PAST_THE_BITS = re.compile(r"past the (\d+)-bit range")
 
 
 def id_problem(image_id: str) -> str | None:

@@ -343,7 +343,9 @@ def check_dataset(
 
     _check_images(report, files, annotated, samples)
     _narrow_sixteen_bit(report, peaks, pixel_bits)
-    if decode and pixel_bits != 16 and samples and not peaks:
+    # (an image refused for a pixel past the bits is 16-bit too: the fix is other bits)
+    refused_for_bits = any(voc.PAST_THE_BITS.search(line) for line in report.problems)
+    if decode and pixel_bits != 16 and samples and not peaks and not refused_for_bits:
         report.warnings.append(
             f"{root / 'JPEGImages'}: --pixel-bits {pixel_bits} given, but no image is 16-bit "
             "grayscale: the setting changes nothing for 8-bit images (train without it)"
