@@ -293,7 +293,7 @@ def test_the_train_command_sets_the_crop(tiny_voc, tmp_path, capsys):
     assert json.loads((run / "train_config.json").read_text())["crop_object_fraction"] == 0.85
     assert main([*argv, "--out", str(tmp_path / "bad"), "--crop-object-fraction", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "crop_object_fraction must be in [0, 1], got 1.5" in err and "Traceback" not in err
+    assert "--crop-object-fraction must be in [0, 1], got 1.5" in err and "Traceback" not in err
     for bad in ("50", "-32"):
         assert main([*argv, "--out", str(tmp_path / "bad"), "--crop", bad]) == 2
         err = capsys.readouterr().err
