@@ -81,6 +81,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import stat as stat_mode
@@ -287,7 +288,7 @@ class HotFolder:
         # Each folder listed (or left for its ignore marker) -> `_folder_times` before listing
         self._folders: dict[str, tuple[int, int, int, int]] = {}
         self._racy = True  # a folder was listed within RACY_NS of its change: list again
-        self._last_full: float | None = None  # monotonic s of the last full scan
+        self._last_full = -math.inf  # monotonic s of the last listing (every file stat'ed)
 
     def accepts(self, name: str) -> bool:
         """Whether a file of this name (not hidden, not in progress) is taken: its name ends
@@ -441,12 +442,8 @@ class HotFolder:
         now_wall, now = time.time(), time.monotonic()
         while self._recent and next(iter(self._recent.values()))[1] < now - self.recent_s:
             self._recent.popitem(last=False)
-        full = (
-            bool(self._warned)
-            or self._last_full is None
-            or now - self._last_full >= self.full_scan_s
-        )
-        if not full and not self._racy and not self._folders_changed():
+        due = bool(self._warned) or now - self._last_full >= self.full_scan_s
+        if not due and not self._racy and not self._folders_changed():
             found = self._restat()
             if found is not None:
                 self._note_found(found, now_wall, now)
@@ -556,7 +553,7 @@ class HotFolder:
 
     def ignore(self, candidate: Candidate) -> None:
         """The file stays in the folder but is done: skip it until it changes (for `recent_s`
-        it is stat'ed on every scan, later only by a full scan or when its inode changed)."""
+        it is stat'ed on every scan, later when its folder changed or at a full scan)."""
         self._tracked.pop(candidate.name, None)
         self._ignored[candidate.name] = candidate.file_key
         self._recent[candidate.name] = (candidate.path, time.monotonic())
