@@ -1156,12 +1156,10 @@ class EdgeDaemon:
             if not os.path.lexists(retry.path):
                 del self._move_retries[key]
         previous = self._move_retries.get(candidate.file_key)
-        if previous is None:
-            delay, failures = MOVE_RETRY_INITIAL_S, 1
-        else:
-            delay, failures = min(previous.delay_s * 2, MOVE_RETRY_MAX_S), previous.failures + 1
+        failures = 1 if previous is None else previous.failures + 1
+        delay = Backoff(MOVE_RETRY_INITIAL_S, MOVE_RETRY_MAX_S).ceiling(failures)  # no jitter
         self._move_retries[candidate.file_key] = _MoveRetry(
-            candidate.path, time.monotonic() + delay, delay, failures
+            candidate.path, time.monotonic() + delay, failures
         )
         return delay
 
@@ -1220,12 +1218,10 @@ class EdgeDaemon:
 
 @dataclass(frozen=True)
 class _MoveRetry:
-    """A file whose move failed: when to try again (monotonic s), the last delay, how many
-    times it failed."""
+    """A file whose move failed: when to try again (monotonic s), how many times it failed."""
 
     path: Path
     due: float
-    delay_s: float
     failures: int
 
 

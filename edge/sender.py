@@ -105,9 +105,12 @@ class Backoff:
         if not 0 < self.initial_s <= self.max_s:
             raise ValueError("backoff needs 0 < initial <= max")
 
+    def ceiling(self, failures: int) -> float:
+        """The longest wait after `failures` (1-based): min(max_s, initial_s * 2 ** (n - 1))."""
+        return min(self.max_s, self.initial_s * 2 ** min(max(failures, 1) - 1, 60))
+
     def delay(self, failures: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2 ** min(max(failures, 1) - 1, 60))
-        return ceiling * (rng or random).uniform(0.5, 1.0)
+        return self.ceiling(failures) * (rng or random).uniform(0.5, 1.0)
 
 
 class Sender(threading.Thread):
