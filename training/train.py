@@ -191,15 +191,13 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
     config = model.config
     if init == "none":
         return {"loaded": 0, "skipped": [], "missing": len(model.state_dict())}
+    if init in ("imagenet", "coco") and not _init_fits(init, config):
+        raise InitError(_init_refusal(init, config))
     if init == "imagenet":
-        if config.norm == "group":
-            raise InitError(_init_refusal("imagenet", config))
         weights = {18: ResNet18_Weights, 34: ResNet34_Weights, 50: ResNet50_Weights}[config.depth]
         state = _fetch(weights.IMAGENET1K_V1, progress)
         return _load_matching(model, state, prefix="backbone.body.")
     if init == "coco":
-        if config.depth != 50 or config.norm == "group":
-            raise InitError(_init_refusal("coco", config))
         state = _fetch(FasterRCNN_ResNet50_FPN_Weights.COCO_V1, progress)
         state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
         return _load_matching(model, state)
