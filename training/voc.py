@@ -301,32 +301,32 @@ def _orientation(img) -> int:
         return 1
 
 
-def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
-    """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
-    the open PIL image: a mode it does not take (float "F", Lab, HSV...), several frames, or
-    a size past its limits (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE).
-
-    From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
-    lists and limits are the edge's own, so the two stay one rule."""
-    from splitdet.edge.preprocess import (
-        MAX_FILE_BYTES,
-        MAX_PIXELS,
-        TO_GRAY_MODES,
-        TO_RGB_MODES,
-        WIDE_GRAY_MODES,
-    )
+def _refuse_past_the_edge_limits(img, image_path: Path) -> None:
+    """`VocError` naming ``image_path`` when the open PIL image is past the edge's size limits
+    (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE, the edge's own constants). Checked once,
+    when the split is read (`_image_header`), not at every decoding of an epoch."""
+    from splitdet.edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS
     from splitdet.shared.spec import MAX_ORIGINAL_SIDE
 
     size = Path(image_path).stat().st_size
     if size > MAX_FILE_BYTES:
         raise VocError(f"{image_path}: {size} bytes is more than the edge takes ({MAX_FILE_BYTES})")
-
     width, height = img.size
     if width * height > MAX_PIXELS or max(width, height) > MAX_ORIGINAL_SIDE:
         raise VocError(
             f"{image_path}: {width}x{height} px is more than the edge takes ({MAX_PIXELS} "
             f"pixels, {MAX_ORIGINAL_SIDE} px on a side); cut it into tiles, or shrink it"
         )
+
+
+def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
+    """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
+    the open PIL image: a mode it does not take (float "F", Lab, HSV...) or several frames.
+
+    From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
+    lists are the edge's own, so the two stay one rule."""
+    from splitdet.edge.preprocess import TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         raise VocError(
@@ -344,11 +344,12 @@ def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
 def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, int], int]:
     """``((width, height) px, EXIF orientation)`` of the image file, from one header read (no
     pixels decoded); `VocError` names an unreadable file (and ``ann_path``), or one the edge
-    refuses (its mode, several frames)."""
+    refuses (its size, its mode, several frames)."""
     from PIL import Image  # header only; Pillow does not decode pixels on open
 
     try:
         with Image.open(image_path) as img:
+            _refuse_past_the_edge_limits(img, image_path)
             _refuse_what_the_edge_refuses(img, image_path)
             return img.size, _orientation(img)
     except VocError:
