@@ -77,9 +77,3 @@ def _draw(pool: list[VocSample], count: int, rng: random.Random) -> list[VocSamp
         rng.shuffle(order)
         drawn.extend(order[: count - len(drawn)])
     return drawn
-
-
-def realised_rate(stream: Sequence[VocSample]) -> float:
-    """The share of defective images `stream` really holds: the requested rate rounded to whole
-    images (5% of 11 images is 1 defective image, 9.1%)."""
-    return sum(s.is_defective for s in stream) / len(stream) if stream else 0.0
