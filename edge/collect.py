@@ -47,6 +47,7 @@ from PIL import Image
 
 from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store import file_path, result_filter, results_by_id
+from splitdet.shared.manifest import file_sha256
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "tagged_image_id", "voc_image_id"]
@@ -143,6 +144,8 @@ class _Existing:
         """(VOC id, already collected) of a matched result: its plain id when free or taken
         by the same image, else the first tagged id free or taken by the same image."""
         plain = voc_image_id(match.result_id, match.path)
+        if plain not in self.taken:  # the usual case, for every matched row: nothing to build
+            return plain, False
         candidates = [plain, *(tagged_image_id(plain, match.content_hash, n) for n in _TAG_LENGTHS)]
         for image_id in candidates:
             if image_id not in self.taken:
@@ -174,7 +177,7 @@ class _Existing:
             for candidate in self.images.glob(f"{glob.escape(image_id)}.*"):
                 if candidate.stem == image_id and candidate.suffix.lower() in voc.IMAGE_EXTENSIONS:
                     try:
-                        digest = hashlib.sha256(candidate.read_bytes()).hexdigest()
+                        digest = file_sha256(candidate)
                     except OSError:
                         continue
                     break

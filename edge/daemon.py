@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -89,6 +88,7 @@ from splitdet.edge.watcher import Candidate, HotFolder, Ready, normalize_extensi
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock
+from splitdet.shared.manifest import file_sha256
 
 log = logging.getLogger("splitdet.edge")
 
@@ -1094,7 +1094,7 @@ class EdgeDaemon:
             return None
         image_id, old_key, content_hash = row
         try:
-            digest = hashlib.sha256(candidate.path.read_bytes()).hexdigest()
+            digest = file_sha256(candidate.path)
         except OSError:
             return None  # processed as new, which reads it again and says why not
         if content_hash != digest:

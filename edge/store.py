@@ -929,16 +929,6 @@ class ResultStore:
             if should_stop is not None and should_stop():
                 return Pruned(deleted, after_id)
 
-    def first_not_final_before(self, before: float) -> int | None:
-        """The smallest row id that a prune with `before` could not delete yet (pending, or
-        finished at or after `before`), or None when there is none."""
-        rows = self._query(
-            "SELECT id FROM images WHERE verdict = 'pending' OR finished IS NULL"
-            " OR finished >= ? ORDER BY id LIMIT 1",
-            (before,),
-        )
-        return rows[0][0] if rows else None
-
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
         with self._lock:
