@@ -184,31 +184,9 @@ def write_json(json_file: str, data: object) -> None:
         raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
 
 
-def left_out_files(inputs: list[Path], recursive: bool) -> list[Path]:
-    """The regular files a folder scan of `inputs` (`preprocess.list_images`) leaves out for
-    their extension, sorted: a.webp, c.jpe, notes.txt. Hidden files and folders, which the
-    scan skips too, are not listed; files named as inputs are always taken."""
-    from splitdet.edge.preprocess import IMAGE_SUFFIXES
-
-    found: list[Path] = []
-    for folder in inputs:
-        if not folder.is_dir():
-            continue
-        found.extend(
-            sorted(
-                p
-                for p in folder.glob("**/*" if recursive else "*")
-                if p.suffix.lower() not in IMAGE_SUFFIXES
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            )
-        )
-    return found
-
-
 def describe_left_out(files: list[Path]) -> str:
-    """`left_out_files` in one phrase: how many, of which extensions, a few names, and which
-    extensions a folder scan takes."""
+    """The files a folder scan left out (`list_images`'s `left_out`) in one phrase: how many,
+    of which extensions, a few names, and which extensions a folder scan takes."""
     from collections import Counter
 
     from splitdet.edge.preprocess import IMAGE_SUFFIXES
@@ -252,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
             f"--score-threshold {args.score_threshold:g}: must be a score from 0 to 1"
         )
     inputs = [Path(p) for p in args.images]
-    paths = list_images(inputs, recursive=args.recursive)
-    left_out = left_out_files(inputs, args.recursive)
+    left_out: list[Path] = []
+    paths = list_images(inputs, recursive=args.recursive, left_out=left_out)
     if not paths:
         hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
         there = f": left out {describe_left_out(left_out)}" if left_out else ""

@@ -369,22 +369,26 @@ def prepare(
     return Prepared(batch=batch, resized_hw=resized_hw, original_hw=original_hw)
 
 
-def list_images(paths: list[Path], recursive: bool = False) -> list[Path]:
+def list_images(
+    paths: list[Path], recursive: bool = False, left_out: list[Path] | None = None
+) -> list[Path]:
     """Expand folders into their image files (by suffix, sorted; with `recursive`, those of
-    every subfolder too, hidden ones skipped); files are kept as given."""
+    every subfolder too, hidden ones skipped); files are kept as given. With `left_out`, the
+    folders' other regular files (not hidden) are added to it, sorted: one walk for both."""
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
             found.append(path)
             continue
         pattern = "**/*" if recursive else "*"
-        found.extend(
-            sorted(
-                p
-                for p in path.glob(pattern)
-                if p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+        files = sorted(
+            p
+            for p in path.glob(pattern)
+            if (left_out is not None or p.suffix.lower() in IMAGE_SUFFIXES)
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
+        found.extend(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+        if left_out is not None:
+            left_out.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
     return found
