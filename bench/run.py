@@ -25,7 +25,6 @@ from tqdm import tqdm
 from splitdet.bench.jpeg_server import JpegClient
 from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.report import (
-    GENERATOR,
     MONOLITHIC,
     remove_outputs,
     summarise,
@@ -235,7 +234,6 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
     """
     gate = manifest.gate_threshold
     return {
-        "generator": GENERATOR,
         "command": config.command,
         "run_id": config.run_id,
         "machine": _machine(),

@@ -141,7 +141,14 @@ def _errors_against_torch(
     session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
 ) -> dict[str, float]:
     """Output name -> relative error of ONNX Runtime against PyTorch (shapes must match)."""
-    outputs = session.run(list(names), feeds)
+    return _compare(names, session.run(list(names), feeds), expected)
+
+
+def _compare(
+    names: tuple[str, ...], outputs: list[np.ndarray], expected: tuple[Tensor, ...]
+) -> dict[str, float]:
+    """Output name -> `_relative_error` of ONNX Runtime's `outputs` against PyTorch's
+    `expected`; ExportError when a shape differs."""
     errors = {}
     for name, actual, reference in zip(names, outputs, expected, strict=True):
         reference = reference.detach().numpy()
@@ -180,19 +187,15 @@ def _int8_gate_errors(
     graph's, "p_defect_abs_error": |int8 - float| (probability units), "max_relative_error":
     {output name: relative error} for every output but p_defect}."""
     outputs = session.run(list(names), {"image": image.numpy()})
-    reference = [tensor.detach().numpy() for tensor in expected]
-    for name, actual, wanted in zip(names, outputs, reference, strict=True):
-        if actual.shape != wanted.shape:
-            raise ExportError(f"{name}: int8 ONNX Runtime shape {actual.shape} != {wanted.shape}")
-    p_int8, p_float = float(outputs[0].reshape(-1)[0]), float(reference[0].reshape(-1)[0])
+    relative = _compare(names, outputs, expected)  # (checks every shape, p_defect's too)
+    del relative[names[0]]
+    p_int8 = float(outputs[0].reshape(-1)[0])
+    p_float = float(expected[0].detach().numpy().reshape(-1)[0])
     return {
         "p_defect_float": p_float,
         "p_defect_int8": p_int8,
         "p_defect_abs_error": abs(p_int8 - p_float),
-        "max_relative_error": {
-            name: _relative_error(actual, wanted)
-            for name, actual, wanted in zip(names[1:], outputs[1:], reference[1:], strict=True)
-        },
+        "max_relative_error": relative,
     }
 
 
