@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from splitdet.edge.client import ClientConfig, CloudClient, CloudError, likely_cause
+from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.cloud_args import PREDICT_SCORE_THRESHOLD
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
@@ -76,7 +76,7 @@ def check_edge(
         return steps
     client = CloudClient(client_config)
     try:
-        alive, step = _timed("cloud", lambda: _health(client, client_config))
+        alive, step = _timed("cloud", lambda: _health(client))
         steps.append(step)
         if not alive:
             return steps
@@ -128,15 +128,15 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
     )
 
 
-def _health(client: CloudClient, config: ClientConfig) -> tuple[bool, str]:
+def _health(client: CloudClient) -> tuple[bool, str]:
     """The first call, so the one a TLS handshake fails: its likely cause is named (an edge
     without the client certificate mutual TLS needs gets only UNAVAILABLE "Socket closed")."""
-    address = config.addresses
+    address = client.config.addresses
     try:
         status = client.health()
     except CloudError as exc:
-        cause = likely_cause(config, exc)
         detail = f"{address}: {exc.code.name}: {exc.message}"
+        cause = exc.likely_cause
         raise _Failed(detail + (f"; likely cause: {cause}" if cause else "")) from None
     if status != "SERVING":
         raise _Failed(f"{address}: health {status}")

@@ -52,7 +52,11 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
 
 
 class CloudError(Exception):
-    """A failed call to the cloud, with its gRPC status code and the server's message."""
+    """A failed call to the cloud, with its gRPC status code and the server's message.
+
+    `likely_cause` names the edge's options to look at when the call failed at the TLS
+    handshake (set by `CloudClient`, see `likely_cause`), else None.
+    """
 
     retry = False
 
@@ -60,6 +64,7 @@ class CloudError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.likely_cause: str | None = None
 
 
 class RetryLater(CloudError):
@@ -425,7 +430,9 @@ class CloudClient:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise classify(exc.code(), exc.details() or "") from None
+            error = classify(exc.code(), exc.details() or "")
+            error.likely_cause = likely_cause(self.config, error)
+            raise error from None
 
     def close(self) -> None:
         self._channel.close()

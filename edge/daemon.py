@@ -56,7 +56,6 @@ from splitdet.edge.client import (
     ImageMeta,
     RetryLater,
     build_request,
-    likely_cause,
 )
 from splitdet.edge.file_names import NAME_MAX, fit_name
 from splitdet.edge.pipeline import EdgePipeline
@@ -787,7 +786,7 @@ class EdgeDaemon:
         try:
             served = client.manifest(fingerprint)
         except RetryLater as exc:
-            cause = likely_cause(client.config, exc)  # a TLS handshake refused, or None
+            cause = exc.likely_cause  # a TLS handshake refused, or None
             _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
                    note="requests wait in the outbox until it answers",
                    **({"likely_cause": cause} if cause else {}))  # fmt: skip

@@ -48,7 +48,6 @@ from splitdet.edge.client import (
     CloudDetections,
     NeverRetry,
     RetryLater,
-    likely_cause,
 )
 from splitdet.edge.store import Answer, OutboxItem, ResultStore, file_path
 from splitdet.shared.wire import detection_pb2 as pb
@@ -310,9 +309,8 @@ class Sender(threading.Thread):
         fields = {"event": "send_retry", "image_id": item.image_id, "code": exc.code.name,
                   "message": exc.message[:200], "failures": self.failures,
                   "retry_in_s": round(delay, 3)}  # fmt: skip
-        cause = None if self._client is None else likely_cause(self._client.config, exc)
-        if cause:  # a TLS handshake refused: UNAVAILABLE reads like a cloud that is down
-            fields["likely_cause"] = cause
+        if exc.likely_cause:  # a TLS handshake refused: UNAVAILABLE reads like a cloud down
+            fields["likely_cause"] = exc.likely_cause
         log.warning("send failed, retrying", extra={"fields": fields})
         if self.failures >= REBUILD_AFTER_FAILURES:
             self._drop_client()  # a fresh channel connects at once on its first call
