@@ -277,13 +277,20 @@ def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:
     return decode_image(data, str(path), pixel_bits)
 
 
+def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor torchvision's eval-mode resize scales an (height, width) image by:
+    ``min(min_size / short side, max_size / long side)``."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(h, w) after torchvision's eval-mode resize of an (height, width) image.
+    """(h, w) after torchvision's eval-mode resize of an (height, width) image: scaled by
+    `input_scale`, sizes truncated.
 
     Raises ImageError when a side would shrink below 1 px (an image far more elongated than
     `max_size` / `min_size` allows, e.g. 1x2000 for a 512/640 model): nothing could read it.
     """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
+    scale = input_scale(height, width, min_size, max_size)
     out = int(height * scale), int(width * scale)
     if min(out) < 1:
         raise ImageError(

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitdet.edge.preprocess import input_scale
 from splitdet.shared.config import ModelConfig, pixel_full_scale
 from splitdet.training import voc
 
@@ -208,9 +209,9 @@ def _narrow_sixteen_bit(report: DatasetReport, peaks: dict[Path, int], pixel_bit
 
 def model_input(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int, float]:
     """``(width, height, scale)`` of a ``width`` x ``height`` image at a model's input: scaled
-    by ``min(min_size / short side, max_size / long side)``, sizes truncated, as torchvision's
-    transform and the edge's `preprocess.resized_size` scale it."""
-    scale = min(min_size / min(width, height), max_size / max(width, height))
+    by `preprocess.input_scale`, sizes truncated, as torchvision's transform and the edge's
+    `preprocess.resized_size` scale it (without its refusal of too elongated images)."""
+    scale = input_scale(height, width, min_size, max_size)
     return int(width * scale), int(height * scale), scale
 
 
