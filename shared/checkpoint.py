@@ -121,3 +121,25 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
         digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
+
+
+def threshold_calibration(checkpoint: dict) -> str | None:
+    """What calibrated the checkpoint's gate threshold: "eval", "validation" (training's), or
+    None when nothing did (it is then the 0.5 default, or a value set by hand).
+
+    `splitdet eval --checkpoint` stores "gate_target_recall" (and "gate_calibrated" True)
+    beside the threshold it calibrates; `splitdet train` records "gate_calibrated", True once a
+    validation pass calibrated the threshold. Checkpoints older than that key tell it by their
+    "history" rows: "val_gate_threshold" in one of them (none: no usable val split, or
+    --eval-every 0)."""
+    if checkpoint.get("gate_target_recall") is not None:
+        return "eval"
+    calibrated = checkpoint.get("gate_calibrated")
+    if calibrated is not None:
+        return "validation" if calibrated else None
+    history = checkpoint.get("history")
+    if isinstance(history, list) and any(
+        isinstance(row, dict) and row.get("val_gate_threshold") is not None for row in history
+    ):
+        return "validation"
+    return None

@@ -310,7 +310,7 @@ def eval_hint(exc: Exception, root, class_names: Sequence[str]) -> str:
 def _other_calibration(split: str, checkpoint: dict) -> str:
     """What to give instead of the calibration split `split`, which cannot calibrate; the
     checkpoint's current threshold named for --calibrate-split none."""
-    from splitdet.training.cli_export import threshold_calibration
+    from splitdet.shared.checkpoint import threshold_calibration
 
     threshold = float(checkpoint.get("gate_threshold", 0.5))
     state = "calibrated" if threshold_calibration(checkpoint) else "never calibrated"

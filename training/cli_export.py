@@ -69,28 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def threshold_calibration(checkpoint: dict) -> str | None:
-    """What calibrated the checkpoint's gate threshold: "eval", "validation" (training's), or
-    None when nothing did (it is then the 0.5 default, or a value set by hand).
-
-    `splitdet eval --checkpoint` stores "gate_target_recall" (and "gate_calibrated" True)
-    beside the threshold it calibrates; `splitdet train` records "gate_calibrated", True once a
-    validation pass calibrated the threshold. Checkpoints older than that key tell it by their
-    "history" rows: "val_gate_threshold" in one of them (none: no usable val split, or
-    --eval-every 0)."""
-    if checkpoint.get("gate_target_recall") is not None:
-        return "eval"
-    calibrated = checkpoint.get("gate_calibrated")
-    if calibrated is not None:
-        return "validation" if calibrated else None
-    history = checkpoint.get("history")
-    if isinstance(history, list) and any(
-        isinstance(row, dict) and row.get("val_gate_threshold") is not None for row in history
-    ):
-        return "validation"
-    return None
-
-
 def uncalibrated_warning(checkpoint_path: str, threshold: float) -> str:
     """The one-line warning for an export at a gate threshold nothing calibrated."""
     return (
@@ -122,7 +100,7 @@ def calibration_batches(data: Path, config, count: int) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print the manifest's summary."""
-    from splitdet.shared.checkpoint import CheckpointError, load_model
+    from splitdet.shared.checkpoint import CheckpointError, load_model, threshold_calibration
     from splitdet.shared.cli import CommandError
     from splitdet.training.export import ExportError, export_model
 

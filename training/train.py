@@ -39,6 +39,7 @@ from splitdet.shared.checkpoint import (
     CheckpointError,
     read_checkpoint,
     save_checkpoint,
+    threshold_calibration,
     why_unreadable,
 )
 from splitdet.shared.config import ModelConfig
@@ -733,10 +734,7 @@ def train(
         history = list(checkpoint.get("history", []))
         best_value = float(checkpoint.get("best_value", -math.inf))
         gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
-        # checkpoints from before the key: calibrated if a validation pass ever ran
-        gate_calibrated = bool(checkpoint.get(
-            "gate_calibrated", any(r.get("val_gate_threshold") is not None for r in history)
-        ))  # fmt: skip
+        gate_calibrated = threshold_calibration(checkpoint) is not None
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         log.info("resumed from %s at epoch %d", last_path, start_epoch)
