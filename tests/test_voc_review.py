@@ -221,10 +221,28 @@ def test_a_run_without_validation_warns_and_records_an_uncalibrated_gate(no_val)
 
 
 def test_a_run_with_validation_records_a_calibrated_gate(thin_voc, tmp_path):
-    _, records = _logged_run(thin_voc, tmp_path, replace(TINY, epochs=1, eval_every=1))
+    data = tmp_path / "voc"
+    shutil.copytree(thin_voc, data)
+    samples = voc.read_split(data, "train", ("scratch",))
+    defective = [s.image_id for s in samples if s.is_defective]
+    voc.write_split(data, "val", defective[:1])  # disjoint from train
+    voc.write_split(data, "train", [s.image_id for s in samples if s.image_id != defective[0]])
+    _, records = _logged_run(data, tmp_path / "run", replace(TINY, epochs=1, eval_every=1))
     assert not any("no validation split" in w for w in records.lines(logging.WARNING))
+    assert not any("train.txt too" in w for w in records.lines(logging.WARNING))
     for name in ("last.pt", "best.pt"):
-        assert read_checkpoint(tmp_path / name)["gate_calibrated"] is True
+        assert read_checkpoint(tmp_path / "run" / name)["gate_calibrated"] is True
+
+
+def test_a_run_whose_validation_images_are_in_train_says_so(thin_voc, tmp_path):
+    """Before: validation (best.pt, the gate's calibration) judged on training images, without
+    a word; only `data check` told. The tiny VOC lists every image in every split."""
+    _, records = _logged_run(thin_voc, tmp_path, replace(TINY, epochs=1, eval_every=1))
+    shared = [w for w in records.lines(logging.WARNING) if "train.txt too" in w]
+    assert len(shared) == 1, records.lines(logging.WARNING)
+    assert "3 of the 3 validation images" in shared[0], shared[0]
+    first = voc.read_split_ids(thin_voc, "val")[0]
+    assert repr(first) in shared[0] and "splitdet data check" in shared[0], shared[0]
 
 
 def test_a_run_its_epochs_end_before_its_minutes_says_so(no_val, capsys):

@@ -573,6 +573,22 @@ def _setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def _also_in_train(train: list, val: list, data_dir: Path) -> str | None:
+    """The warning for validation images (`VocSample`s) that the train split lists too, by id
+    or image file; None when there are none."""
+    seen = {s.image_id for s in train} | {s.image_path.resolve() for s in train}
+    shared = [s.image_id for s in val if s.image_id in seen or s.image_path.resolve() in seen]
+    if not shared:
+        return None
+    return (
+        f"{data_dir / 'ImageSets' / 'Main'}: {len(shared)} of the {len(val)} validation images "
+        f"are in train.txt too (e.g. {shared[0]!r}): validation, best.pt and the gate "
+        "threshold it calibrates then judge on images the model trains on, and read better "
+        "than the model is; `splitdet data check` lists them, `splitdet data split "
+        "--overwrite` writes disjoint splits"
+    )
+
+
 def _validation_subset(samples: list, n: int | None) -> list:
     """``n`` of the validation split's `VocSample`s spread evenly over it; if that spread
     misses its few defective images, spread over each kind in proportion instead (at least
@@ -639,9 +655,10 @@ def train(
     train_samples = voc.read_split(data_dir, "train", mc.class_names)
     val_samples = []
     if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
-        val_samples = _validation_subset(
-            voc.read_split(data_dir, "val", mc.class_names), config.eval_images
-        )
+        all_val = voc.read_split(data_dir, "val", mc.class_names)
+        if rank == 0 and (shared := _also_in_train(train_samples, all_val, data_dir)):
+            log.warning("%s", shared)
+        val_samples = _validation_subset(all_val, config.eval_images)
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
     if rank == 0:
