@@ -410,10 +410,10 @@ class CloudClient:
         )
         try:
             data = json.loads(response.manifest_json)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise NeverRetry(
                 grpc.StatusCode.INTERNAL, f"server sent a bad manifest: {exc}"
-            ) from exc
+            ) from None
         served = tuple(response.served_fingerprints) or (response.model_fingerprint,)
         return ServedManifest(response.model_fingerprint, data, served)
 

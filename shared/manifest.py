@@ -197,6 +197,8 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         )
     except ManifestError:
         raise
+    except RecursionError:  # JSON nested deeper than the parser follows: no manifest is
+        raise ManifestError(f"{path}: malformed manifest (JSON nested too deep)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{path}: malformed manifest ({exc!r})") from exc
     expected_artifacts = artifacts_for(manifest.model_config)

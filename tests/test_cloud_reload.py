@@ -122,6 +122,8 @@ def test_what_cannot_be_served_in_the_folder_is_skipped_at_start_and_at_reload(
     (folder / "broken" / "cloud_heads.pt").write_bytes(b"truncated")
     (folder / "loop").mkdir()
     (folder / "loop" / "manifest.json").symlink_to("manifest.json")  # unreadable: ELOOP
+    (folder / "nested").mkdir()  # JSON nested past the parser's depth (crashed the server)
+    (folder / "nested" / "manifest.json").write_text('{"x":' + "[" * 100_000 + "]" * 100_000 + "}")
     caplog.set_level("WARNING", logger="splitdet.cloud.server")
     config = ServerConfig(model_dir=first_dir, models_dir=folder, listen="127.0.0.1:0",
                           threads=2, answers_db=tmp_path / "a.sqlite")  # fmt: skip
@@ -129,13 +131,14 @@ def test_what_cannot_be_served_in_the_folder_is_skipped_at_start_and_at_reload(
     try:
         assert server.core.fingerprints == (first.fingerprint,)
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert len(errors) == 1 and "broken" in errors[0], errors
+        assert len(errors) == 2 and any("broken" in e for e in errors), errors
+        assert any("nested" in e and "nested too deep" in e for e in errors), errors
         assert "loop" in caplog.text  # a warning: not an export it can read
         caplog.clear()
         _copy(second_dir, folder / "good", exported_at=3e9)
         change = server.reload()
         assert change["added"] == [second_manifest.fingerprint]
-        assert len(change["problems"]) == 1 and "broken" in change["problems"][0]
+        assert len(change["problems"]) == 2 and any("broken" in p for p in change["problems"])
         assert "also-named" in caplog.text  # skipped with a warning, not a problem
         assert server.core.fingerprint == first.fingerprint  # --model stays the default
     finally:
