@@ -187,6 +187,29 @@ def test_malformed_inputs_name_the_file(tmp_path, image_id, setup, message):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-8"])
+def test_a_dtd_is_refused_in_any_encoding(tmp_path, encoding):
+    """Before: the refusal searched the bytes for "<!ENTITY", which UTF-16 text never holds;
+    entities expanding to 200 000 characters then passed. A DTD without entities is refused
+    too: VOC annotations have none."""
+    declared = encoding.upper().removesuffix("-LE")
+    for image_id, dtd in (("entities", '<!ENTITY a "AAAAAAAAAA"><!ENTITY b "&a;&a;&a;">'),
+                          ("doctype", "")):  # fmt: skip
+        _image(tmp_path, image_id)
+        text = (
+            f'<?xml version="1.0" encoding="{declared}"?><!DOCTYPE annotation [{dtd}]>'
+            f"<annotation><filename>{image_id}.png</filename><size><width>64</width>"
+            "<height>48</height></size></annotation>"
+        )
+        path = tmp_path / "Annotations" / f"{image_id}.xml"
+        path.parent.mkdir(exist_ok=True)
+        bom = "\ufeff" if encoding == "utf-16-le" else ""  # "utf-16" writes its own
+        path.write_bytes((bom + text).encode(encoding))
+        voc.write_split(tmp_path, "s", [image_id])
+        with pytest.raises(VocError, match=rf"{image_id}\.xml: a document type \(DTD\)"):
+            voc.read_split(tmp_path, "s")
+
+
 def test_an_annotation_that_is_a_folder_names_the_file(tmp_path):
     _image(tmp_path, "folder")
     (tmp_path / "Annotations" / "folder.xml").mkdir(parents=True)

@@ -46,6 +46,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from xml.parsers import expat
 
 from splitdet.shared.atomic_file import atomic_write
 
@@ -196,6 +197,30 @@ def read_split_ids(root: Path, split: str) -> list[str]:
     return ids
 
 
+class _Doctype(Exception):
+    """A document type declaration met while parsing an annotation."""
+
+
+def _refuse_doctype(data: bytes) -> None:
+    """Raise `_Doctype` when ``data`` declares a document type (where entities are declared),
+    in whatever encoding it is written; ET.ParseError when it is malformed XML.
+
+    ElementTree never fetches external entities, and expat bounds entity amplification; VOC
+    annotations have no DTD at all, so one is refused outright, before ElementTree reads it.
+    """
+
+    def refuse(*_args) -> None:
+        raise _Doctype
+
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise ET.ParseError(str(exc)) from None
+
+
 def _parse_xml(path: Path) -> ET.Element:
     try:
         info = path.stat()
@@ -215,12 +240,14 @@ def _parse_xml(path: Path) -> ET.Element:
         data = path.read_bytes()
     except OSError as exc:  # a directory of that name, no permission
         raise VocError(f"{path}: cannot read annotation: {exc.strerror or exc}") from None
-    # ElementTree never fetches external entities, and expat bounds entity amplification; VOC
-    # annotations have no DTD at all, so refuse entity declarations outright.
-    if b"<!ENTITY" in data or b"<!entity" in data:
-        raise VocError(f"{path}: entity declarations are not allowed in a VOC annotation")
     try:
+        _refuse_doctype(data)
         root = ET.fromstring(data)
+    except _Doctype:
+        raise VocError(
+            f"{path}: a document type (DTD) or entity declaration is not allowed in a VOC "
+            "annotation"
+        ) from None
     except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise VocError(f"{path}: malformed XML: {exc}") from exc
     if root.tag != "annotation":
