@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: Longest request id accepted (a UUID is 36 characters).
 MAX_REQUEST_ID_CHARS = 128
 #: Largest image side accepted after the model's resize, px (before it: MAX_ORIGINAL_SIDE).
-#: Sanity bounds only: the decoded-bytes bound is what limits memory.
+#: Sanity bounds only: the model's own input size and the decoded-bytes bound limit the work.
 MAX_RESIZED_SIDE = 1 << 13
 #: State-dict prefixes the cloud's weights file holds, and those it may lack (the edge's part).
 CLOUD_PREFIXES = ("rpn.", "roi_heads.")
@@ -386,6 +386,15 @@ class DetectionCore:
         ):
             if not (0 < h <= bound and 0 < w <= bound):
                 raise InvalidRequest(f"{what} image size {h}x{w} is outside 1..{bound} px")
+        config = model.manifest.model_config
+        h, w = call.image.resized_hw
+        if min(h, w) > config.min_size or max(h, w) > config.max_size:
+            # the heads' work grows with it, and a few kB of constant features can claim it
+            raise InvalidRequest(
+                f"resized image size {h}x{w} is larger than model {model.fingerprint}'s input "
+                f"(short side at most {config.min_size}, long side at most {config.max_size} "
+                "px): no edge of that export sends it"
+            )
         return model
 
     def _stored(self, model: ServedModel, call: DetectCall) -> tuple[Detection, ...] | None:

@@ -41,8 +41,10 @@ from splitdet.edge.client import (
     RetryLater,
     classify,
 )
+from splitdet.shared.codec import encode, expected_level_shapes
 from splitdet.shared.manifest import CLOUD_WEIGHTS, ManifestError, write_manifest
 from splitdet.shared.messages import build_request
+from splitdet.shared.spec import padded_size
 
 from support import pb_field, pb_varint
 
@@ -693,9 +695,13 @@ def test_server_equals_predict_in_process_on_the_onnx_edge(served, tmp_path, cod
 # ------------------------------------------------------------- fuzz findings, end to end
 
 
-def _nasty_requests(sample, fingerprint: str) -> dict[str, bytes]:
-    """The nastiest inputs the wire fuzz (test_wire_fuzz.py) found or aimed at, serialized."""
+def _nasty_requests(sample, fingerprint: str, spec) -> dict[str, bytes]:
+    """The nastiest inputs the wire fuzz (test_wire_fuzz.py) found or aimed at, serialized;
+    `spec`: the served model's split spec."""
     good = {t.name: t for t in sample.encoded}
+    big = (3400, 3400)  # far past the model's input; 7 kB of int8 zeros claim it (a review's)
+    shapes = expected_level_shapes(spec, padded_size(*big))
+    zeros = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
 
     def request(levels=None, image=sample.image, rid="nasty", fp=fingerprint) -> bytes:
         levels = list(good.values()) if levels is None else levels
@@ -723,6 +729,9 @@ def _nasty_requests(sample, fingerprint: str) -> dict[str, bytes]:
         "resized larger than the features": request(
             image=replace(sample.image, resized_hw=(448, 560))
         ),
+        "resized past the model's input, features to match": request(
+            levels=encode(zeros, "int8"), image=replace(sample.image, resized_hw=big)
+        ),
         "request id of 100 kB": request(rid="r" * 100_000),
         "request id with a NUL": request(rid="a\x00b"),
         "groups nested 10000 deep": request()
@@ -749,7 +758,8 @@ def test_nasty_requests_get_clean_refusals_from_a_real_server(served, tmp_path, 
             outcomes = {}
             with grpc.insecure_channel(server.address) as channel:
                 send = channel.unary_unary("/splitdet.v1.Detection/Detect")  # raw bytes
-                for name, raw in _nasty_requests(sample, manifest.fingerprint).items():
+                spec = manifest.model_config.split_spec
+                for name, raw in _nasty_requests(sample, manifest.fingerprint, spec).items():
                     try:
                         send(raw, timeout=60)
                         outcomes[name] = (grpc.StatusCode.OK, "")
@@ -767,6 +777,8 @@ def test_nasty_requests_get_clean_refusals_from_a_real_server(served, tmp_path, 
             assert "unknown codec 'xxx" in outcomes["codec name of 100 kB"][1]
             assert "invalid tensor name 'ééé" in outcomes["tensor name of 100 kB"][1]
             assert "no model_fingerprint" in outcomes["no bytes at all"][1]
+            past = outcomes["resized past the model's input, features to match"][1]
+            assert "3400x3400 is larger than model" in past and "long side at most" in past, past
             assert growth_mib < 64, f"peak memory grew by {growth_mib:.0f} MiB"  # 547 unbounded
             assert client.health() == "SERVING"
             result = client.detect(sample.encoded, sample.image, "after", manifest.fingerprint)

@@ -369,7 +369,9 @@ class _RecordingHeads:
 def _core() -> tuple[DetectionCore, _RecordingHeads]:
     heads = _RecordingHeads()
     manifest = SimpleNamespace(
-        model_config=SimpleNamespace(split_spec=SPEC, class_names=("scratch",)),
+        model_config=SimpleNamespace(
+            split_spec=SPEC, class_names=("scratch",), min_size=96, max_size=96
+        ),
         class_names=("scratch",),
         fingerprint=FINGERPRINT,
     )
