@@ -264,19 +264,19 @@ def _watched_folder_problem(out: Path, rows: list[dict]) -> str | None:
 
 
 def _objects(row: dict, width: int, height: int, min_score: float) -> tuple[voc.VocObject, ...]:
-    """The row's boxes scoring at least ``min_score``, clipped to the image, as VOC objects."""
+    """The row's boxes scoring at least ``min_score``, clipped to the image, as VOC objects,
+    each named by its own class name (the row holds one per box), else ``class<label>``."""
     names = row["class_names"] or []
+    boxes, scores, labels = row["boxes"] or [], row["scores"] or [], row["labels"] or []
     objects = []
-    for box, score, label in zip(
-        row["boxes"] or [], row["scores"] or [], row["labels"] or [], strict=False
-    ):
+    for i, (box, score, label) in enumerate(zip(boxes, scores, labels, strict=False)):
         if score < min_score:
             continue
         x1, y1 = max(0.0, float(box[0])), max(0.0, float(box[1]))
         x2, y2 = min(float(width), float(box[2])), min(float(height), float(box[3]))
         if x2 <= x1 or y2 <= y1:
             continue
-        name = names[label - 1] if 0 < label <= len(names) else f"class{label}"
+        name = names[i] if i < len(names) and names[i] else f"class{label}"
         objects.append(voc.VocObject(name, (x1, y1, x2, y2)))
     return tuple(objects)
 

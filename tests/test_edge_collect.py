@@ -58,12 +58,12 @@ def line(tmp_path):
     answer = Answer(
         boxes=[[10.0, 12.5, 40.0, 20.0], [80.0, 50.0, 120.0, 70.0], [1.0, 1.0, 5.0, 5.0]],
         scores=[0.93, 0.71, 0.3],  # the third is below the default threshold
-        labels=[1, 2, 1],
-        class_names=["scratch", "dent"],
+        labels=[2, 1, 2],  # the first box a dent: one name per box, as the sender stores them
+        class_names=["dent", "scratch", "dent"],
     )
     ids["defect"] = _defect(store, 2, scratched, 0.88, answer)
     unsure = _image(archive / "unsure.pgm", "PPM")  # a name VOC readers do not look for
-    nothing = Answer(boxes=[], scores=[], labels=[], class_names=["scratch", "dent"])
+    nothing = Answer(boxes=[], scores=[], labels=[], class_names=[])
     ids["flagged_clean"] = _defect(store, 3, unsure, 0.41, nothing)
     ids["gone"], _ = store.record_ok(
         _arrival(4, "/hot/4.png"), 0.2, FINGERPRINT, {}, stored_path=str(archive / "gone.png")
@@ -99,9 +99,9 @@ def test_collect_writes_a_voc_tree_with_the_model_boxes(line, tmp_path, capsys):
     assert good.objects == () and good.image_path.suffix == ".png"
     defect = voc.read_annotation(out, f"{ids['defect']:08d}-scratched")
     assert [(o.name, o.box) for o in defect.objects] == [
-        ("scratch", (10.0, 12.0, 40.0, 20.0)),  # VOC's integer px, rounded outwards
-        ("dent", (80.0, 50.0, float(W), float(H))),  # clipped to the image
-    ]
+        ("dent", (10.0, 12.0, 40.0, 20.0)),  # VOC's integer px, rounded outwards
+        ("scratch", (80.0, 50.0, float(W), float(H))),  # clipped to the image
+    ]  # each box's own class (a review: every dent became "scratch")
     clean = voc.read_annotation(out, f"{ids['flagged_clean']:08d}-unsure")
     assert clean.objects == () and clean.image_path.suffix == ".png"  # converted, readable
     assert Image.open(clean.image_path).size == (W, H)
