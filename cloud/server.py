@@ -283,14 +283,17 @@ def gather_models(
     held: dict[Path, str] | None = None,
 ) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
     """The models to serve from the directories, in order (the default first), one line per
-    directory that could not be read, saying what became of it, and the fingerprint each named
-    directory serves (the next reload's `held`). An export already in
-    `loaded` keeps its loaded model; a new one is loaded and verified in full. A found export
-    that cannot be served, or one served already from another directory, is skipped (the
-    latter with a warning only). With `strict`, a named directory's problem raises instead, and
-    so does an export named twice; without, a named directory that cannot be read (a copy in
-    progress, a file server's hiccup) keeps serving the export `held` says it held, if loaded:
-    an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask of it.
+    directory that could not be read, saying what became of it, and the fingerprint each
+    directory served from (the next reload's `held`). An export already in `loaded`, read
+    from the directory `held` says it came from, keeps its loaded model; any other directory's
+    files are verified against its manifest in full first (a new export is loaded, one already
+    loaded may be a broken copy that a restart could not serve). A found export that cannot be
+    served, or one served already from another directory, is skipped (the latter with a
+    warning only, once its files are verified). With `strict`, a named directory's problem
+    raises instead, and so does an export named twice; without, a named directory that cannot
+    be read (a copy in progress, a file server's hiccup) keeps serving the export `held` says
+    it held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not
+    ask of it.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -310,10 +313,15 @@ def gather_models(
                         f"{where[fingerprint]} (fingerprint {fingerprint[:16]}): give each "
                         "export once"
                     )
-                log.warning("%s: the export of %s, already served; skipped", model_dir,
+                read_manifest(model_dir)  # a broken copy is a problem, not a served export
+                log.warning("%s: the same export as %s, which serves it; skipped", model_dir,
                             where[fingerprint])  # fmt: skip
                 continue
-            model = loaded.get(fingerprint) or ServedModel(*load_cloud(model_dir))
+            model = loaded.get(fingerprint)
+            if model is None:
+                model = ServedModel(*load_cloud(model_dir))
+            elif (held or {}).get(model_dir) != fingerprint:
+                read_manifest(model_dir)  # loaded from another directory: verify this one
         except (ManifestError, OSError) as exc:
             if is_named and strict:
                 raise
@@ -326,8 +334,7 @@ def gather_models(
             model = loaded[before]
         where[model.fingerprint] = model_dir
         models.append(model)
-    named_dirs = set(named)
-    return models, problems, {d: fp for fp, d in where.items() if d in named_dirs}
+    return models, problems, {d: fp for fp, d in where.items()}
 
 
 class CloudServer:
@@ -343,7 +350,7 @@ class CloudServer:
         self.config = config
         torch.set_num_threads(config.threads)
         self._own_store = core is None
-        self._held: dict[Path, str] = {}  # named directory -> the fingerprint it serves
+        self._held: dict[Path, str] = {}  # directory -> the fingerprint served from it
         if core is None:
             models, problems, self._held = gather_models(*export_dirs(config))
             for problem in problems:  # a found export: the others are served

@@ -145,6 +145,42 @@ def test_what_cannot_be_served_in_the_folder_is_skipped_at_start_and_at_reload(
         server.stop(0)
 
 
+def test_a_copy_of_a_served_export_is_verified_before_it_counts(second, tmp_path, caplog):
+    """Before: a broken copy of a served export (its heads cut short) was taken, unverified, as
+    the export's folder, the intact one reported skipped; with the intact one removed the
+    server went on as if all were well, and a restart could serve nothing."""
+    _, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    _copy(second_dir, folder / "v2", exported_at=2e9)
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2,
+                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    try:
+        _copy(second_dir, folder / "v2-copy", exported_at=3e9)  # newer: listed first
+        heads = folder / "v2-copy" / "cloud_heads.pt"
+        heads.write_bytes(heads.read_bytes()[:1000])
+        caplog.set_level("WARNING", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert change["served"] == [second_manifest.fingerprint]
+        assert len(change["problems"]) == 1, change
+        assert "v2-copy" in change["problems"][0] and "differ" in change["problems"][0]
+        shutil.rmtree(folder / "v2")
+        change = server.reload()  # only the broken copy left: a problem, still served
+        assert "v2-copy" in change["problems"][0] and "differ" in change["problems"][0]
+
+        shutil.rmtree(folder / "v2-copy")
+        _copy(second_dir, folder / "v2-copy", exported_at=3e9)  # intact now
+        _copy(second_dir, folder / "v2", exported_at=1e9)  # and an older intact copy
+        caplog.clear()
+        change = server.reload()
+        assert change["problems"] == [] and change["served"] == [second_manifest.fingerprint]
+        skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert len(skipped) == 1, skipped
+        assert "v2: the same export as" in skipped[0] and "v2-copy, which serves it" in skipped[0]
+    finally:
+        server.stop(0)
+
+
 def test_sighup_reloads_a_running_process(second, tmp_path):
     _, first_dir, first = shared_model_dir(0)
     _, second_dir, second_manifest = second
