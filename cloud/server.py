@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -438,9 +439,8 @@ class CloudServer:
         log.info(
             "serving %s on port %d (%s, %d torch threads, max %d concurrent, "
             "messages up to %d MiB, metrics %s)",
-            "models " + ", ".join(fp[:16] for fp in self.core.fingerprints)
-            if len(self.core.fingerprints) > 1
-            else f"model {self.core.fingerprint[:16]}",
+            ("models " if len(self.core.fingerprints) > 1 else "model ")
+            + self._named(self.core.fingerprints),
             self.port,
             config.security,
             config.threads,
@@ -477,10 +477,11 @@ class CloudServer:
             fields = {"event": "reload_problem", "problem": problem}
             log.error("reload: %s", problem, extra={"fields": fields})
         if not models:
-            log.error("reload: nothing left to serve; still serving %s",
-                      ", ".join(fp[:16] for fp in current),
+            log.error("reload: nothing left to serve; still serving %s", self._named(current),
                       extra={"fields": {"event": "reload_refused"}})  # fmt: skip
+            self.metrics.reloads.labels("refused").inc()
             return {"served": list(current), "added": [], "dropped": [], "problems": problems}
+        dirs_before = self._held
         self.core.serve(models)
         self._held = held
         self.servicer.refresh()
@@ -493,11 +494,44 @@ class CloudServer:
             "problems": problems,
         }
         log.info(
-            "reloaded: serving %s (added %d, dropped %d)", ", ".join(fp[:16] for fp in served),
+            "reloaded: serving %s (added %d, dropped %d)", self._named(served),
             len(change["added"]), len(change["dropped"]),
-            extra={"fields": {"event": "reloaded", **change}},
+            extra={"fields": {"event": "reloaded", **change,
+                              "dirs": {fp: str(d) for d, fp in held.items()}}},
         )  # fmt: skip
+        for fingerprint in change["dropped"]:
+            self._warn_of_edges_using(fingerprint, dirs_before)
+        self.metrics.forget(change["dropped"])
+        self.metrics.reloads.labels("problems" if problems else "ok").inc()
         return change
+
+    def _named(self, fingerprints: Sequence[str]) -> str:
+        """Served `fingerprints` as "fp16 (folder), ...": which export is which."""
+        dirs = {fp: d for d, fp in self._held.items()}
+        return ", ".join(
+            f"{fp[:16]} ({dirs[fp]})" if fp in dirs else fp[:16] for fp in fingerprints
+        )
+
+    def _warn_of_edges_using(self, fingerprint: str, dirs: dict[Path, str]) -> None:
+        """A WARNING naming the edges that used the dropped export `fingerprint` (a check at
+        their start, or an answer) since this server started: their next requests for it are
+        refused until it is served again."""
+        edges = self.metrics.edges_using(fingerprint)
+        if not edges:
+            return
+        now = time.time()
+        where = next((f" ({d})" for d, fp in dirs.items() if fp == fingerprint), "")
+        used = ", ".join(
+            f"{edge} ({(now - at) / 60:.0f} min ago)"
+            for edge, at in sorted(edges.items(), key=lambda item: -item[1])
+        )
+        log.warning(
+            "reload: dropped %s%s, which edges used since this server started: %s; their "
+            "requests for it wait in their outboxes (model_refused) until it is served again",
+            fingerprint[:16], where, used,
+            extra={"fields": {"event": "dropped_export_in_use", "fingerprint": fingerprint,
+                              "edges": sorted(edges)}},
+        )  # fmt: skip
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`

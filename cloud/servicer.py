@@ -100,6 +100,8 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+#: The outcomes of a reload, as `splitdet_cloud_reloads_total` counts them.
+RELOAD_OUTCOMES = ("ok", "problems", "refused")
 #: The methods of the Detection service (counted by method in ServerMetrics).
 METHODS = ("Detect", "GetManifest")
 #: Every status code a call of METHODS can end with but OK: STATUS_FOR_ERROR's, INTERNAL (a
@@ -219,8 +221,19 @@ class ServerMetrics:
             ["edge"],
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "splitdet_cloud_reloads",
+            'Reloads (SIGHUP) by outcome: "ok"; "problems" (served what it could, an export '
+            'skipped: see the reload_problem log lines); "refused" (nothing left to serve, '
+            "nothing changed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self._edges: set[str] = set()
         self._edges_lock = threading.Lock()
+        self._edge_models: dict[str, dict[str, float]] = {}  # edge -> {fingerprint: unix s}
 
     def served(self, fingerprints: Sequence[str]) -> None:
         """`splitdet_cloud_model` lists exactly these models, the first the default; each one's
@@ -232,6 +245,28 @@ class ServerMetrics:
         for labels in self._model_labels - wanted:
             self.model.remove(*labels)
         self._model_labels = wanted
+
+    def used(self, edge: str, fingerprint: str) -> None:
+        """`edge` asked for, or was answered by, the model `fingerprint` now."""
+        with self._edges_lock:
+            self._edge_models.setdefault(edge, {})[fingerprint] = time.time()
+
+    def edges_using(self, fingerprint: str) -> dict[str, float]:
+        """The edges that asked for or were answered by `fingerprint` since this server
+        started: {edge name: unix time of the last such call}."""
+        with self._edges_lock:
+            return {
+                edge: models[fingerprint]
+                for edge, models in self._edge_models.items()
+                if fingerprint in models
+            }
+
+    def forget(self, fingerprints: Sequence[str]) -> None:
+        """Drop what `used` recorded of models no longer served (keeps it bounded)."""
+        with self._edges_lock:
+            for models in self._edge_models.values():
+                for fingerprint in fingerprints:
+                    models.pop(fingerprint, None)
 
     def edge_of(self, metadata) -> str:
         """The calling edge's name as a metric label, from a call's metadata ((key, value)
@@ -255,6 +290,7 @@ class ServerMetrics:
         """An answer given to `edge`: counted, and its heads' run if it had one."""
         self.model_answers.labels(result.fingerprint).inc()
         self.edge_answers.labels(edge, result.fingerprint).inc()
+        self.used(edge, result.fingerprint)
         if result.cached:
             self.cache_hits.inc()
             return
@@ -656,6 +692,8 @@ class DetectionServicer:
         wanted = served.get(request.model_fingerprint or next(iter(served)))
         if wanted is None:
             wanted = self.core.model(request.model_fingerprint)  # raises, naming those served
+        if request.model_fingerprint:  # an edge checking the export it runs is served
+            self.metrics.used(edge, wanted.fingerprint)
         answer = self._manifests.get(wanted.fingerprint)
         # (a model served since a reload that has not refreshed the answers yet)
         return answer if answer is not None else self._manifest_answer(wanted.fingerprint)

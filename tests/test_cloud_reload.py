@@ -181,6 +181,55 @@ def test_a_copy_of_a_served_export_is_verified_before_it_counts(second, tmp_path
         server.stop(0)
 
 
+def test_a_reload_names_folders_counts_outcomes_and_the_edges_of_a_dropped_export(
+    second, tmp_path, caplog
+):
+    """Before: fingerprints alone in the serving and reload lines (which one is "v1"?), no
+    metric of reloads, and an export dropped while an edge still ran it went unremarked
+    until that edge's next defect was refused."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    _copy(first_dir, folder / "v1", exported_at=1e9)
+    _copy(second_dir, folder / "v2", exported_at=2e9)
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2, metrics_port=0,
+                          metrics_host="127.0.0.1", answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    caplog.set_level("INFO", logger="splitdet.cloud.server")
+    server = CloudServer(config).start()
+    cam = CloudClient(ClientConfig(f"127.0.0.1:{server.port}", edge_name="cam7"))
+    try:
+        serving = [r.getMessage() for r in caplog.records if "serving models" in r.getMessage()]
+        assert f"{first.fingerprint[:16]} ({folder / 'v1'})" in serving[0], serving
+        assert f"{second_manifest.fingerprint[:16]} ({folder / 'v2'})" in serving[0], serving
+        assert _served(cam, first.fingerprint)  # cam7 checks the export it runs: v1
+        metrics = scrape_metrics(server.metrics_port)
+        assert metrics['splitdet_cloud_reloads_total{outcome="ok"}'] == 0
+
+        shutil.rmtree(folder / "v1")
+        caplog.clear()
+        server.reload()
+        warned = [r for r in caplog.records if "which edges used" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelname == "WARNING", caplog.text
+        message = warned[0].getMessage()
+        assert first.fingerprint[:16] in message and str(folder / "v1") in message, message
+        assert "cam7 (0 min ago)" in message, message
+        reloaded = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+        assert f"{second_manifest.fingerprint[:16]} ({folder / 'v2'})" in reloaded[0]
+
+        (folder / "broken").mkdir()
+        (folder / "broken" / "manifest.json").write_text("{")
+        server.reload()
+        shutil.rmtree(folder / "v2")
+        shutil.rmtree(folder / "broken")
+        server.reload()  # nothing left: refused
+        metrics = scrape_metrics(server.metrics_port)
+        for outcome, count in (("ok", 1), ("problems", 1), ("refused", 1)):
+            assert metrics[f'splitdet_cloud_reloads_total{{outcome="{outcome}"}}'] == count
+    finally:
+        cam.close()
+        server.stop(0)
+
+
 def test_sighup_reloads_a_running_process(second, tmp_path):
     _, first_dir, first = shared_model_dir(0)
     _, second_dir, second_manifest = second
