@@ -268,7 +268,12 @@ def run(args: argparse.Namespace) -> int:
     )
     bar.close()
 
-    records = [p.to_dict() for p in predictions]
+    model = {  # which export, at which threshold and codec, said so: each record carries it
+        "fingerprint": pipeline.manifest.fingerprint,
+        "gate_threshold": pipeline.threshold,
+        "codec": pipeline.codec,
+    }
+    records = [{**p.to_dict(), **model} for p in predictions]
     if args.json == "-":
         write_json("-", records)
     counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect")}

@@ -12,6 +12,7 @@ from PIL import Image
 
 from splitdet.edge.preprocess import load_image
 from splitdet.shared.cli import main
+from splitdet.shared.manifest import read_manifest
 from splitdet.training.export import export_model
 
 from conftest import make_tiny_model
@@ -51,8 +52,11 @@ def test_predict_lossless_equals_monolithic(tiny_model, tiny_model_dir, image_di
     assert code == 0
     records = json.loads(out.read_text())
     assert len(records) == 3
+    manifest = read_manifest(tiny_model_dir, verify=False)
     for record in records:
         assert record["verdict"] == "defect" and record["bytes_sent"] > 0
+        assert record["fingerprint"] == manifest.fingerprint  # which export said so
+        assert (record["gate_threshold"], record["codec"]) == (manifest.gate_threshold, "fp32")
         image = torch.from_numpy(load_image(record["path"]))
         with torch.inference_mode():
             reference = tiny_model([image])[0]
