@@ -69,7 +69,14 @@ permanent: wrong credentials (UNAUTHENTICATED) and a model the cloud does not se
 Upgrading the model: restart the daemon with the new --model on the same --db. Requests still in
 the outbox from the previous export go out under their own fingerprint; the cloud answers them
 while it serves both exports (splitdet cloud --model OLD --model NEW). While it serves only one,
-the other's requests wait in the outbox without holding up the rest.
+the other's requests wait in the outbox without holding up the rest. Which export an edge runs:
+its splitdet_edge_model_info{fingerprint,threshold,calibrated_threshold,codec} gauge (1), and
+the `started` log line; `splitdet edge status` counts its results by export.
+
+Gate threshold: the manifest's calibrated one, unless --threshold P overrides it for this edge
+(no new export): the daemon then logs a WARNING at start (event threshold_override) naming both,
+and splitdet_edge_model_info's threshold label shows P. Results record the export's fingerprint,
+not the threshold; `splitdet eval --model MODEL_DIR --threshold P` measures the export at P.
 
 Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
   --when-full wait    (default) stop taking images from the hot folder until the outbox has
@@ -618,7 +625,8 @@ def _register_status(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "status",
         help="what the database holds: verdicts, the outbox, dead letters",
-        description="A summary of the edge daemon's database: images by verdict, the outbox "
+        description="A summary of the edge daemon's database: images by verdict and by the "
+        "model export that judged them (the latest result's first), the outbox "
         "(requests, bytes, oldest, next try, by model export, last error), the dead letters "
         "(kept for `splitdet edge requeue` or not) and the durable counters. Safe while the "
         "daemon writes.",
@@ -641,6 +649,7 @@ def status(args: argparse.Namespace) -> int:
         raise CommandError(f"--db {exc}") from None
     try:
         summary = store_status(db)
+        summary["results_by_model"] = results_by_model(db)
     finally:
         db.close()
     text = json.dumps(summary, indent=2) if args.json else "\n".join(
@@ -650,6 +659,17 @@ def status(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # e.g. `| head`: stop quietly
         silence_stdout()
     return 0
+
+
+def results_by_model(db: sqlite3.Connection) -> dict[str, dict]:
+    """The store's result rows by the model export that made them (the images table's
+    `fingerprint`), the export of the latest result first: {fingerprint: {"results": n,
+    "last_arrival": unix s}}. Read only; one pass over the table, as `store_status`'s own."""
+    rows = db.execute(
+        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
+        " ORDER BY MAX(id) DESC"
+    ).fetchall()
+    return {fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in rows}
 
 
 def _status_lines(path: Path, summary: dict) -> list[str]:
@@ -668,11 +688,16 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
 
     verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
     errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
+    by_export = ", ".join(  # the model each result came from, that of the latest first
+        f"{fingerprint[:12]} {model['results']}" + ("" if i else " (the latest result's)")
+        for i, (fingerprint, model) in enumerate(summary["results_by_model"].items())
+    )
     lines = [
         f"{path} (schema {summary['schema_version']})",
         f"images        {sum(verdicts.values())}: "
         + ", ".join(f"{v} {n}" for v, n in verdicts.items())
         + (f" ({errors})" if errors else ""),
+        f"results by export: {by_export or '-'}",
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
         f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
@@ -680,8 +705,9 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     ]
     for fingerprint, n in outbox["by_model"].items():
         lines.append(f"              {n} made by model {fingerprint[:12]}")
-    if outbox["last_error"]:
-        lines.append(f"              last error: {outbox['last_error'][:200]}")
+    if outbox["last_error"]:  # whole: its remedy is at the end (continued lines indented)
+        error = outbox["last_error"].replace("\n", "\n" + " " * 26)
+        lines.append(f"              last error: {error}")
     lines.append(
         f"dead letters  {dead['kept']} kept for `splitdet edge requeue` "
         f"({dead['kept_bytes'] / 1e6:.1f} MB), {dead['not_kept']} without their request"

@@ -28,7 +28,8 @@ Archived and quarantined files are named ID_NAME (`stored_name`): short enough t
 and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the camera's name was,
 and never over another file: a name taken (another daemon sharing the folder, a database made
 anew whose ids start at 1 again) gets a ~N before its extension, and the row records the name
-used.
+used; but a recorded name already holding the image's very bytes (a copy onto another file
+system, whole before a kill stopped the image's removal) is that image's copy, and kept.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from splitdet.edge.client import (
@@ -127,6 +129,12 @@ MOVE_RETRY_MAX_S = 300.0
 _SWEEP_MARGIN_S = 1.0
 #: The `kind` of splitdet_edge_errors_total counting failed attempts to move a file.
 MOVE_ERROR = "move"
+#: The labels of splitdet_edge_model_info (`model_labels`).
+MODEL_INFO_LABELS = ("fingerprint", "threshold", "calibrated_threshold", "codec")
+#: What `EdgeDaemon._probe_one` found: the export served, refused, or no use asking further.
+_SERVED, _REFUSED, _STOP = "served", "refused", "stop"
+#: Bytes read at a time when a file in the archive is compared with the image (`_same_bytes`).
+_COMPARE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -401,6 +409,22 @@ def _event(level: int, msg: str, **fields) -> None:
     log.log(level, msg, extra={"fields": {"event": msg, **fields}})
 
 
+def threshold_text(value: float | None) -> str:
+    """A gate threshold as a label or log value: the shortest text that reads back as the same
+    float ("0.5", "0.24612345"); "" for none."""
+    return "" if value is None else repr(float(value))
+
+
+def model_labels(pipeline) -> dict[str, str]:
+    """splitdet_edge_model_info's labels for the export `pipeline` runs (MODEL_INFO_LABELS)."""
+    return {
+        "fingerprint": pipeline.manifest.fingerprint,
+        "threshold": threshold_text(pipeline.threshold),
+        "calibrated_threshold": threshold_text(getattr(pipeline.manifest, "gate_threshold", None)),
+        "codec": str(pipeline.codec),
+    }
+
+
 # ---------------------------------------------------------------------------------- metrics
 
 
@@ -472,9 +496,25 @@ class EdgeMetrics:
     one Prometheus' increase() and rate() see no increase in, so the alerts on dead letters
     and quarantined images would miss it."""
 
-    def __init__(self, store: ResultStore, folder: HotFolder | None = None) -> None:
+    def __init__(
+        self,
+        store: ResultStore,
+        folder: HotFolder | None = None,
+        model: dict[str, str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.model_info = Gauge(
+            "splitdet_edge_model_info",
+            "The model export this edge runs (1): its fingerprint, the gate threshold in use "
+            "(an `edge run --threshold` override, or the export's calibrated one), the "
+            "export's calibrated threshold and the feature codec. An idle edge shows its export "
+            "here only: retire an export when no edge's fingerprint names it.",
+            list(MODEL_INFO_LABELS),
+            registry=r,
+        )
+        if model is not None:
+            self.model_info.labels(**model).set(1)
         self.images = Counter(
             "splitdet_edge_images",
             "Images handled by this process, by verdict: ok, pending (flagged, queued for the "
@@ -598,7 +638,7 @@ class EdgeDaemon:
             extensions=config.extensions,
             pixel_bits=self.pipeline.manifest.model_config.pixel_bits,
         )
-        self.metrics = EdgeMetrics(self.store, self.folder)
+        self.metrics = EdgeMetrics(self.store, self.folder, model_labels(self.pipeline))
         client_config = config.client_config
         self.sender = Sender(
             self.store,
@@ -686,6 +726,7 @@ class EdgeDaemon:
             self.metrics_port = self._metrics_httpd.server_port
         self.sender.start()
         stats = self.store.outbox_stats()
+        calibrated = getattr(self.pipeline.manifest, "gate_threshold", None)
         _event(
             logging.INFO,
             "started",
@@ -695,6 +736,7 @@ class EdgeDaemon:
             edge_name=config.client_config.edge_name,
             fingerprint=self.fingerprint,
             threshold=self.pipeline.threshold,
+            calibrated_threshold=calibrated,
             codec=self.pipeline.codec,
             after=config.after,
             extensions=list(self.folder.extensions) if self.folder.extensions else "any",
@@ -702,6 +744,8 @@ class EdgeDaemon:
             metrics_port=self.metrics_port,
             once=config.once,
         )
+        if calibrated is not None and self.pipeline.threshold != calibrated:
+            self._warn_threshold_override(calibrated)
         earlier = {fingerprint: n for fingerprint, n in self.store.outbox_fingerprints().items()
                    if fingerprint != self.fingerprint}  # fmt: skip
         for fingerprint, n in earlier.items():  # e.g. made before this edge's model upgrade
@@ -715,6 +759,22 @@ class EdgeDaemon:
             target=self._probe_cloud, args=((self.fingerprint, *earlier),), name="cloud-probe",
             daemon=True,
         ).start()  # fmt: skip
+
+    def _warn_threshold_override(self, calibrated: float) -> None:
+        """WARNING: --threshold overrides the export's calibrated gate threshold. The results
+        record the export's fingerprint only, not the threshold that judged them; the override
+        shows in this line, the `started` line and splitdet_edge_model_info."""
+        model, used = self.config.model_dir, threshold_text(self.pipeline.threshold)
+        log.warning(
+            f"--threshold {used} overrides the gate threshold {threshold_text(calibrated)} "
+            f"calibrated into the export {model} (fingerprint {self.fingerprint[:12]}): this "
+            f"edge sends images with p(defect) >= {used} to the cloud; its results do not "
+            "record the override. `splitdet eval --model "
+            f"{model} --threshold {used}` measures the export at that threshold",
+            extra={"fields": {"event": "threshold_override", "threshold": self.pipeline.threshold,
+                              "calibrated_threshold": calibrated, "model": str(model),
+                              "fingerprint": self.fingerprint}},
+        )  # fmt: skip
 
     def _start_sweep(self) -> None:
         """Remove the partial copies (`partial_path`) a kill left in the archive and quarantine,
@@ -766,22 +826,52 @@ class EdgeDaemon:
         export the edge sends for: its own, and any earlier one whose requests wait in the
         outbox. A cloud on another export, or refusing the credentials, is logged now, not at
         the first defect, which on a good line may come hours later. Nothing waits for the
-        answer: the outbox holds requests until the cloud takes them, whatever the probe found."""
+        answer: the outbox holds requests until the cloud takes them, whatever the probe found.
+        An export the cloud refused is asked about again every --retry-max seconds until it is
+        served (`_probe_again`): an idle edge has no send to show the fix."""
         try:
             client = CloudClient(self.config.client_config)
         except Exception as exc:  # e.g. certificate files gone since start-up
             _event(logging.WARNING, "cloud_check_failed", error=str(exc))
             return
         try:
+            refused = []
             for fingerprint in fingerprints:
-                if not self._probe_one(client, fingerprint):
+                outcome = self._probe_one(client, fingerprint)
+                if outcome == _REFUSED:
+                    refused.append(fingerprint)
+                elif outcome == _STOP:
                     break
+            self._probe_again(client, refused)
         finally:
             client.close()
 
-    def _probe_one(self, client: CloudClient, fingerprint: str) -> bool:
-        """Log whether the cloud serves `fingerprint`; False when asking again is pointless
-        (the cloud is unreachable or refuses us)."""
+    def _probe_again(self, client: CloudClient, refused: list[str]) -> None:
+        """Ask the cloud every --retry-max seconds whether it serves the exports it refused at
+        start-up, until it serves each or the daemon stops; log `model_served_again` (INFO)
+        for each one it serves now. Failures meanwhile (the cloud down, still refusing) are
+        logged at DEBUG only: the refusal was logged once, and the sender logs its own."""
+        pending = list(refused)
+        while pending and not self._pruner_stop.wait(self.config.retry_max_s):
+            for fingerprint in list(pending):
+                try:
+                    served = client.manifest(fingerprint)
+                except Exception as exc:  # (CloudError, or anything: a probe never ends it)
+                    _event(logging.DEBUG, "model_probe", fingerprint=fingerprint,
+                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                    continue
+                if served.fingerprint != fingerprint:
+                    continue
+                pending.remove(fingerprint)
+                role = "current" if fingerprint == self.fingerprint else "earlier"
+                _event(logging.INFO, "model_served_again", fingerprint=fingerprint, role=role,
+                       served=list(served.served),
+                       note="the cloud serves this export now: its requests go out")  # fmt: skip
+
+    def _probe_one(self, client: CloudClient, fingerprint: str) -> str:
+        """Log whether the cloud serves `fingerprint`: _SERVED, _REFUSED (it does not serve
+        that export; ask about the next), or _STOP when asking again is pointless (the cloud
+        is unreachable or refuses us)."""
         role = "current" if fingerprint == self.fingerprint else "earlier"  # (outbox requests)
         try:
             served = client.manifest(fingerprint)
@@ -790,29 +880,29 @@ class EdgeDaemon:
             _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
                    note="requests wait in the outbox until it answers",
                    **({"likely_cause": cause} if cause else {}))  # fmt: skip
-            return False
+            return _STOP
         except CloudError as exc:
             event = OPERATOR_PROBLEMS.get(exc.code, ("cloud_check_failed", ""))[0]
             _event(logging.ERROR, event, code=exc.code.name, error=exc.message,
                    fingerprint=fingerprint, role=role,
                    note="requests wait in the outbox until this is fixed")  # fmt: skip
-            return exc.code in PER_EXPORT
+            return _REFUSED if exc.code in PER_EXPORT else _STOP
         except Exception as exc:  # a probe never ends the daemon
             _event(logging.WARNING, "cloud_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return False
+            return _STOP
         if served.fingerprint != fingerprint:  # a server too old to choose by model
             note = "requests wait in the outbox until the cloud serves this model"
             _event(logging.ERROR, "model_refused", served=list(served.served),
                    fingerprint=fingerprint, role=role, note=note)  # fmt: skip
-        else:
-            _event(logging.INFO, "cloud_checked", served=list(served.served),
-                   fingerprint=fingerprint, role=role)  # fmt: skip
-        return True
+            return _REFUSED
+        _event(logging.INFO, "cloud_checked", served=list(served.served),
+               fingerprint=fingerprint, role=role)  # fmt: skip
+        return _SERVED
 
     def _shutdown(self) -> int:
         """Stop the sender, a prune (after its batch), the start-up sweep and the metrics
         endpoint; returns the outbox depth left."""
-        self._pruner_stop.set()  # (ends the start-up sweep too)
+        self._pruner_stop.set()  # (ends the start-up sweep and the cloud probe too)
         for worker in (self._pruner, self._sweeper):
             if worker is not None:
                 worker.join(timeout=10.0)
@@ -1107,7 +1197,7 @@ class EdgeDaemon:
         """Complete what a recorded file's row says should happen to the file."""
         quarantined = known.error_kind == "quarantine" and known.stored_path
         reason = (known.reason or "") if quarantined else None
-        self._move(candidate, known.id, known.stored_path, reason)
+        self._move(candidate, known.id, known.stored_path, reason, adopt=True)
 
     def _move(
         self,
@@ -1115,11 +1205,13 @@ class EdgeDaemon:
         image_id: int,
         stored_path: str | None,
         reason: str | None = None,
+        adopt: bool = False,
     ) -> None:
         """Do what the row says happens to the file: delete it, keep it, or move it to
-        `stored_path` (with `reason`: into the quarantine, its reason file beside it). A
-        failure is logged and counted (errors kind "move"), never fatal: the file stays and
-        is tried again (`_retry_move_later`)."""
+        `stored_path` (with `reason`: into the quarantine, its reason file beside it; with
+        `adopt`, a row recorded before, a whole copy of it already there is taken as the
+        move, see `_move_to`). A failure is logged and counted (errors kind "move"), never
+        fatal: the file stays and is tried again (`_retry_move_later`)."""
         source = candidate.path
         if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
             self.store.check_file()  # StoreGone when --db was deleted or replaced
@@ -1130,7 +1222,7 @@ class EdgeDaemon:
                 self.folder.ignore(candidate)
                 return
             else:
-                self._move_to(candidate, image_id, _stored_file(stored_path), reason)
+                self._move_to(candidate, image_id, _stored_file(stored_path), reason, adopt)
         except OSError as exc:
             self.metrics.errors.labels(MOVE_ERROR).inc()
             delay = self._retry_move_later(candidate)
@@ -1163,17 +1255,31 @@ class EdgeDaemon:
         return delay
 
     def _move_to(
-        self, candidate: Candidate, image_id: int, target: Path, reason: str | None
+        self,
+        candidate: Candidate,
+        image_id: int,
+        target: Path,
+        reason: str | None,
+        adopt: bool = False,
     ) -> None:
         """Move the file to `target`, never over another file: when the name is taken (since
         it was chosen: another daemon sharing the folder, or one whose database was made anew)
-        the next free name is recorded first, then used. OSError when it cannot be moved."""
+        the next free name is recorded first, then used. OSError when it cannot be moved.
+
+        With `adopt` (a row recorded by an earlier run, or an earlier try), a regular file at
+        `target` holding the very bytes of the source is this image's own copy onto another
+        file system, placed before a kill stopped the move short of removing the source: the
+        row already names it, so only the source is removed (`_adopt`), rather than a second
+        copy made under the next free name and the first left orphaned."""
         source = candidate.path
         attempt = 0
         if len(target.name.encode()) > STORED_NAME_MAX:  # recorded by an earlier splitdet
             target = self._replan(image_id, target, source, reason is not None, attempt)
         while True:
             if os.path.lexists(target) and not _same_file(source, target):
+                if adopt and _same_bytes(source, target):
+                    self._adopt(source, target, reason)
+                    return
                 attempt += 1
                 target = self._replan(image_id, target, source, reason is not None, attempt)
                 continue
@@ -1188,6 +1294,16 @@ class EdgeDaemon:
                 return
             except FileExistsError:  # taken in the instant since the check: choose again
                 continue
+
+    def _adopt(self, source: Path, target: Path, reason: str | None) -> None:
+        """Finish a move whose copy is already in place at `target` (the name the row records):
+        the reason file beside a quarantined one if it is missing, then the source removed."""
+        if reason is not None:
+            self._write_reason(target, reason)
+        source.unlink()
+        _event(logging.INFO, "copy found in place", path=path_text(source),
+               to=path_text(target),
+               note="its copy was complete before a kill; the image left --watch")  # fmt: skip
 
     def _replan(
         self, image_id: int, planned: Path, source: Path, quarantine: bool, attempt: int
@@ -1234,6 +1350,25 @@ def _stored_file(stored_path: str) -> Path:
         if unescaped.parent.is_dir():
             return unescaped
     return target
+
+
+def _same_bytes(source: Path, copy: Path) -> bool:
+    """Whether `copy` is a regular file (not a link) holding exactly `source`'s bytes: equal
+    sizes, then compared chunk by chunk (as equal SHA-256s would say, without reading past
+    the first difference). False if either cannot be read."""
+    try:
+        copied, original = os.lstat(copy), os.stat(source)
+        if not stat.S_ISREG(copied.st_mode) or copied.st_size != original.st_size:
+            return False
+        with open(source, "rb") as a, open(copy, "rb") as b:
+            while True:
+                chunk = a.read(_COMPARE_CHUNK)
+                if chunk != b.read(_COMPARE_CHUNK):
+                    return False
+                if not chunk:
+                    return True
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
