@@ -15,13 +15,47 @@ Pure standard library: the edge imports it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "replacing"]
+__all__ = [
+    "WriteError",
+    "atomic_write",
+    "disk_full",
+    "replacing",
+    "stale_temporaries",
+    "write_problem",
+]
+
+#: The temporary names `replacing` gives: "." + the target's name + "." + mkstemp's 8 random
+#: characters + ".tmp" (".last.pt.k2x9_q0a.tmp").
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+#: Free bytes below which a file system counts as full when a write failed without saying why
+#: (torch.save's "unexpected pos"): a failed write stops short of the end by less than this.
+_FULL_BELOW = 1 << 20
+
+
+class WriteError(OSError):
+    """A file that could not be written; str() is one line naming it and why ("PATH: cannot
+    write it (no space left on device)", or `message`), for a command to print as it is.
+
+    Attributes: `filename` the file, `reason` why in words (`write_problem`), `errno` the failed
+    call's when known (None when torch.save said nothing more than "unexpected pos")."""
+
+    def __init__(
+        self, path: Path | str, reason: str, number: int | None = None, message: str | None = None
+    ) -> None:
+        super().__init__(number, message or f"{path}: cannot write it ({reason})", str(path))
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _umask() -> int:
@@ -81,6 +115,56 @@ def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def stale_temporaries(folder: Path | str, targets: Iterable[str]) -> list[Path]:
+    """The temporary files `replacing` left in `folder` for the files named `targets` (a
+    process killed while it wrote them); only that naming pattern, nothing else."""
+    names = set(targets)
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match and match["target"] in names and entry.is_file() and not entry.is_symlink():
+            found.append(entry)
+    return sorted(found)
+
+
+def disk_full(folder: Path | str) -> bool:
+    """Whether the file system holding `folder` has (next to) no space left for this process
+    (root may use the blocks reserved for it)."""
+    try:
+        vfs = os.statvfs(folder)
+    except OSError:
+        return False
+    free = vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail
+    return free * vfs.f_frsize < _FULL_BELOW
+
+
+def write_problem(path: Path | str, exc: BaseException) -> str:
+    """Why writing `path` failed, in words: "no space left on device" (ENOSPC, or a failure
+    that does not say why on a full file system), "disk quota exceeded", "file too large" (the
+    process's file size limit, `ulimit -f`, or the file system's largest file), else the
+    error's own first line."""
+    number = getattr(exc, "errno", None)
+    if number == errno.ENOSPC:
+        return "no space left on device"
+    if number == errno.EDQUOT:
+        return "disk quota exceeded"
+    if number == errno.EFBIG:
+        return (
+            "file too large: past the file size limit (`ulimit -f`) or the largest file its "
+            "file system holds"
+        )
+    if number is None and disk_full(Path(path).parent):
+        return "no space left on device"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def atomic_write(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from splitdet.shared.atomic_file import replacing
+from splitdet.shared.atomic_file import WriteError, replacing, write_problem
 from splitdet.shared.config import MAX_REFINE_STEPS, ModelConfig
 from splitdet.shared.model import MultiTaskRCNN
 
@@ -28,8 +28,56 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
+class _ErrorKeeping:
+    """A file object for torch.save that keeps the first OSError its writes raised: torch
+    reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
+    """`torch.save(obj)` to `path` whole (`atomic_file.replacing`: a failed write keeps the
+    earlier file as it was and leaves no temporary file).
+
+    Raises:
+        WriteError: the file could not be written; its message names `path` and why, "no
+            space left on device" on a full file system (torch's own error is a RuntimeError
+            "basic_ios::clear: iostream error" or "unexpected pos", whatever the cause).
+    """
+    path = Path(path)
+    try:
+        with replacing(path, fsync=fsync) as tmp, open(tmp, "wb") as handle:
+            writer = _ErrorKeeping(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as exc:
+                # told while the temporary file still fills the disk (`replacing` removes it)
+                cause = writer.error or exc
+                number = getattr(cause, "errno", None)
+                raise WriteError(path, write_problem(path, cause), number) from exc
+    except WriteError:
+        raise
+    except OSError as exc:  # the open, a flush, the fsync, the rename
+        raise WriteError(path, write_problem(path, exc), exc.errno) from exc
+
+
 def save_checkpoint(path: Path, model: MultiTaskRCNN, **extra: Any) -> None:
-    """Write `model` and `extra` (optimizer, lr_scheduler, epoch, gate_threshold...) atomically."""
+    """Write `model` and `extra` (optimizer, lr_scheduler, epoch, gate_threshold...) atomically.
+
+    Raises WriteError (an OSError) naming the file and why when it cannot be written: the
+    earlier checkpoint at `path` is then kept as it was."""
     path = Path(path)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -39,8 +87,7 @@ def save_checkpoint(path: Path, model: MultiTaskRCNN, **extra: Any) -> None:
         "gate_threshold": DEFAULT_GATE_THRESHOLD,
         **extra,
     }
-    with replacing(path, fsync=True) as tmp:  # a full disk leaves the last checkpoint whole
-        torch.save(checkpoint, tmp)
+    save_torch(checkpoint, path)  # a full disk leaves the last checkpoint whole
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -31,6 +31,11 @@ COMPLETE_ONNX = "edge_complete.onnx"
 CLOUD_WEIGHTS = "cloud_heads.pt"
 
 
+#: Written (with the pid of the export) before `splitdet export` renames its first file into a
+#: model directory, removed after its last: while it is there, the files may be part old, part
+#: new (an export killed between two renames), which `read_manifest` then says so.
+PUBLISHING_MARKER = ".splitdet-export-publishing"
+
 #: Every file any model directory may hold besides the manifest.
 ALL_ARTIFACTS = (GATE_ONNX, COMPLETE_ONNX, CLOUD_WEIGHTS)
 
@@ -210,10 +215,18 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     if verify:
         for name, expected in manifest.artifacts.items():
             artifact = model_dir / name
+            problem = None
             if not artifact.is_file():
-                raise ManifestError(f"{artifact}: missing from the model directory")
-            if file_sha256(artifact) != expected:
-                raise ManifestError(f"{artifact}: contents differ from the manifest's hash")
+                problem = f"{artifact}: missing from the model directory"
+            elif file_sha256(artifact) != expected:
+                problem = f"{artifact}: contents differ from the manifest's hash"
+            if problem is not None and (model_dir / PUBLISHING_MARKER).exists():
+                raise ManifestError(
+                    f"an export into {model_dir} was interrupted while it replaced its files "
+                    f"({problem}): run `splitdet export` again"
+                )
+            if problem is not None:
+                raise ManifestError(problem)
         recomputed = compute_fingerprint(
             manifest.artifacts, manifest.model_config, manifest.gate_threshold
         )

@@ -275,3 +275,59 @@ def test_edge_gate_says_what_the_manifest_records(setup):
     assert edge_gate_kind(manifest) == "float32"
     quantised = {**manifest.extra, "edge_quantization": {"gate": "int8 static (QDQ)"}}
     assert edge_gate_kind(replace(manifest, extra=quantised)) == "int8"
+
+
+def test_threshold_measures_the_override_an_edge_deploys(setup, capsys):
+    """`predict --threshold` and `edge run --threshold` override the export's threshold, and
+    eval --model had no way to measure it. 0 flags every image (the gated system is the
+    ungated one), above 1 none (nothing kept); the export's own is reported beside it."""
+    manifest_threshold = read_manifest(setup.model_dir).gate_threshold
+    base = ("--data", str(setup.data), "--model", str(setup.model_dir))
+    code, everything = _eval(*base, "--threshold", "0")
+    assert code == 0
+    assert everything["gate_threshold"] == 0 and everything["gate_calibrated_on"] == "--threshold"
+    assert everything["manifest_gate_threshold"] == manifest_threshold
+    assert everything["flagged_fraction"] == everything["gate_pass_rate"] == 1
+    assert everything["gate_recall"] == 1 and everything["map_kept"] == pytest.approx(1)
+    assert everything["map_gated"] == pytest.approx(everything["map"])
+    code, nothing = _eval(*base, "--threshold", "1.01")
+    assert code == 0
+    assert nothing["flagged_fraction"] == nothing["gate_pass_rate"] == 0
+    assert nothing["gate_recall"] == 0 and nothing["map_gated"] == 0
+    assert nothing["bytes_per_flagged_image"] is None
+    for key in DETECTOR_KEYS:  # the ungated detector does not depend on it
+        assert everything[key] == nothing[key] == setup.by_model[key], key
+    assert setup.by_model["gate_calibrated_on"] == "manifest"
+    assert setup.by_model["manifest_gate_threshold"] == setup.by_model["gate_threshold"]
+    # with --checkpoint the threshold is calibrated (--calibrate-split), not given
+    code = main(["eval", "--data", str(setup.data), "--checkpoint", str(setup.checkpoint),
+                 "--threshold", "0.5"])  # fmt: skip
+    assert code == 2 and "--threshold is for --model only" in _err(capsys)
+    assert main([*("eval", *base), "--threshold", "nan"]) == 2
+    assert "--threshold nan: must be a number" in _err(capsys)
+
+
+def test_storing_a_calibrated_threshold_is_logged(setup, tmp_path, caplog):
+    """eval --checkpoint rewrote the checkpoint with its calibrated threshold without a word:
+    one INFO line names the file and both thresholds; --no-store leaves the file as it was."""
+    import logging
+
+    from splitdet.shared.checkpoint import read_checkpoint
+
+    checkpoint = tmp_path / "ck.pt"
+    shutil.copy(setup.checkpoint, checkpoint)
+    was = read_checkpoint(checkpoint)["gate_threshold"]
+    caplog.set_level(logging.INFO, logger="splitdet.training.cli_eval")
+    unchanged = checkpoint.read_bytes()
+    code, _ = _eval("--data", str(setup.data), "--checkpoint", str(checkpoint), "--no-store")
+    assert code == 0 and checkpoint.read_bytes() == unchanged
+    assert not [r for r in caplog.records if "stored gate threshold" in r.getMessage()]
+    code, metrics = _eval("--data", str(setup.data), "--checkpoint", str(checkpoint))
+    assert code == 0
+    now = read_checkpoint(checkpoint)["gate_threshold"]
+    assert now == metrics["gate_threshold"] != was
+    stored = [r for r in caplog.records if "stored gate threshold" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in stored] == [
+        (logging.INFO, f"stored gate threshold {now:.4f} in {checkpoint} (was {was:.4f}); "
+         "--no-store leaves it as it was")
+    ]  # fmt: skip

@@ -12,11 +12,14 @@ torch loads when the command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterable, Sequence
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
-from splitdet.shared.atomic_file import atomic_write, replacing
+from splitdet.shared.atomic_file import WriteError, atomic_write
 from splitdet.shared.cli import add_box_refine_option, int_in
+
+log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json runs/cpu/test.json
@@ -32,11 +35,13 @@ the gate forced open: 'map', 'map50', 'ar100' are the ungated detector's; 'map_g
 'map50_gated', 'map_kept' the deployed system's (detections of the images whose p(defect) is at
 or above the manifest's threshold, none for the others). The threshold is the export's: it is
 not calibrated here. To change it, calibrate the checkpoint (eval --checkpoint
---calibrate-split val) and export again. Also reported: 'gate_threshold', 'edge_gate' (float32,
-or int8 from export --quantize-edge), 'codec', 'fingerprint', 'flagged_fraction',
-'bytes_per_flagged_image', mean 'stage_seconds'. An image that cannot be read, or whose
-detection call fails, is named in 'image_errors' and counted with no detections (and
-p(defect) 0 when unread); the others are evaluated and the exit status is 1.
+--calibrate-split val) and export again; --threshold P measures the override `predict
+--threshold P` and `edge run --threshold P` deploy instead. Also reported: 'gate_threshold',
+'manifest_gate_threshold', 'edge_gate' (float32, or int8 from export --quantize-edge),
+'codec', 'fingerprint', 'flagged_fraction', 'bytes_per_flagged_image', mean
+'stage_seconds'. An image that cannot be read, or whose detection call fails, is named in
+'image_errors' and counted with no detections (and p(defect) 0 when unread); the others are
+evaluated and the exit status is 1.
 """
 
 #: Options that only mean something for a checkpoint, and their defaults there (None in the
@@ -50,8 +55,8 @@ CHECKPOINT_DEFAULTS = {
     "box_refine_steps": None,
 }
 #: Options that only mean something for an export (--timeout aside: meaningless without --cloud).
-MODEL_ONLY = ("codec", "cloud", "timeout", "tls", "root_certs", "client_cert", "client_key",
-              "server_name", "token_file", "name")  # fmt: skip
+MODEL_ONLY = ("threshold", "codec", "cloud", "timeout", "tls", "root_certs", "client_cert",
+              "client_key", "server_name", "token_file", "name")  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -77,7 +82,8 @@ def register(subparsers) -> None:
         "--model",
         metavar="MODEL_DIR",
         help="an export (splitdet export), evaluated as deployed at its manifest's gate "
-        "threshold (not calibrated here: to change it, calibrate the checkpoint and re-export)",
+        "threshold (not calibrated here: to change it, calibrate the checkpoint and re-export; "
+        "--threshold measures an override)",
     )
     parser.add_argument("--json", help="write the metrics to this JSON file")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -108,6 +114,15 @@ def register(subparsers) -> None:
     )
     add_box_refine_option(checkpoint)
     model = parser.add_argument_group("with --model only")
+    model.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="gate threshold on p(defect) to measure instead of the manifest's, as `predict "
+        "--threshold` and `edge run --threshold` override it (above 1 flags nothing; with "
+        "--checkpoint, calibrate instead: --calibrate-split)",
+    )
     add_codec_argument(model)
     add_cloud_arguments(model, required=False)
     parser.set_defaults(handler=run)
@@ -150,9 +165,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
-    from splitdet.shared.checkpoint import CheckpointError, load_model
+    from splitdet.shared.checkpoint import CheckpointError, load_model, save_torch
     from splitdet.shared.cli import CommandError
     from splitdet.training import voc
     from splitdet.training.evaluate import evaluate
@@ -209,16 +222,22 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     print(text)  # first: an unwritable checkpoint or --json must not lose the evaluation
     try:
         if calibration is not None and not args.no_store:
+            was = float(checkpoint.get("gate_threshold", 0.5))
             checkpoint["gate_threshold"] = metrics["gate_threshold"]
             checkpoint["gate_target_recall"] = args.target_recall
             checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
-            with replacing(args.checkpoint, fsync=True) as tmp:
-                torch.save(checkpoint, tmp)
+            save_torch(checkpoint, args.checkpoint)  # whole, or the file as it was
+            log.info(
+                "stored gate threshold %.4f in %s (was %.4f); --no-store leaves it as it was",
+                metrics["gate_threshold"], args.checkpoint, was,
+            )  # fmt: skip
         if args.json:
             atomic_write(args.json, text + "\n", parents=False)
-    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as either
-        where = getattr(exc, "filename", None) or args.json or args.checkpoint
-        detail = getattr(exc, "strerror", None) or exc
+    except WriteError as exc:  # the checkpoint: named, with why ("no space left on device")
+        raise CommandError(f"{exc.filename}: cannot write the results ({exc.reason})") from None
+    except OSError as exc:
+        where = exc.filename or args.json
+        detail = exc.strerror or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0
 
@@ -226,6 +245,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 def run_model(args: argparse.Namespace) -> int:
     """Evaluate an export as deployed; see EXAMPLE."""
     import json
+    import math
     import sys
 
     from tqdm import tqdm
@@ -233,9 +253,16 @@ def run_model(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError
     from splitdet.training.evaluate_export import evaluate_export
 
+    if args.threshold is not None and math.isnan(args.threshold):  # as predict refuses it
+        raise CommandError(
+            "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
+        )
     pipeline, samples, detector = _open_model(args)
     with tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
-        metrics = evaluate_export(samples, pipeline, detector, on_result=lambda _: bar.update())
+        metrics = evaluate_export(
+            samples, pipeline, detector, threshold=args.threshold,
+            on_result=lambda _: bar.update(),
+        )  # fmt: skip
     metrics.update({"data": str(args.data), "split": args.split})
     text = json.dumps(metrics, indent=2)
     print(text)  # first: an unwritable --json must not lose the evaluation

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
         "benchmark's ResNet50-FPN, 2 hours on 2448x2048 images at half scale; with --resume: "
-        "the run's own recipe, from OUT/train_config.json)",
+        "the run's own recipe, from OUT/train_config.json, also when this names the preset it "
+        "started from; another preset replaces it, with a warning)",
     )
     parser.add_argument(
         "--init",
@@ -130,19 +131,43 @@ def register(subparsers) -> None:
 
 
 def _base_config(args: argparse.Namespace) -> TrainConfig:
-    """The recipe the command line's changes apply to: --preset, else the resumed run's own."""
+    """The recipe the command line's changes apply to: with --resume the run's own (from
+    OUT/train_config.json), also when --preset restates the preset it was made from (the run's
+    own changes, its --epochs say, stay: a preset named again is no new recipe); a --preset of
+    another name replaces it (a warning names what changes; a model of another configuration
+    is refused when the checkpoint is read). Without --resume: --preset, default cpu."""
     import json
+    import logging
     from pathlib import Path
 
     from splitdet.shared.cli import CommandError
 
     saved = Path(args.out) / "train_config.json"
-    if args.preset is not None or not args.resume or not saved.is_file():
+    if not args.resume or not saved.is_file():
         return PRESETS[args.preset or "cpu"]
     try:
-        return TrainConfig.from_dict(json.loads(saved.read_text()))
+        own = TrainConfig.from_dict(json.loads(saved.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise CommandError(f"{saved}: not a readable training config ({exc})") from exc
+    if args.preset is None or args.preset == own.name:
+        return own
+    preset = PRESETS[args.preset]
+    changed = _recipe_difference(own, preset)
+    logging.getLogger(__name__).warning(
+        "--resume --preset %s: the run's recipe (%s, %s) is replaced by preset %s's%s",
+        args.preset, own.name, saved, args.preset, f" ({changed})" if changed else "",
+    )  # fmt: skip
+    return preset
+
+
+def _recipe_difference(there: TrainConfig, here: TrainConfig) -> str:
+    """The training settings (not the model's) in which two recipes differ, "NAME A there, B
+    here" each; the name aside."""
+    a, b = there.to_dict(), here.to_dict()
+    keys = sorted(
+        k for k in a.keys() | b.keys() if k not in ("name", "model") and a.get(k) != b.get(k)
+    )
+    return "; ".join(f"{k} {a.get(k)!r} there, {b.get(k)!r} here" for k in keys)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from splitdet.shared.atomic_file import WriteError, write_problem
     from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError, class_names
     from splitdet.training.train import InitError, train
@@ -195,12 +221,21 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(check_hint(_one_line(exc), args.data)) from exc
     except (InitError, CheckpointError, ValueError) as exc:
         raise CommandError(_one_line(exc)) from exc
+    except WriteError as exc:  # a checkpoint: its message names the file and why
+        raise CommandError(str(exc)) from None
+    except OSError as exc:  # a record (metrics, recipe, curve) that cannot be written
+        where = exc.filename or f"--out {args.out}"
+        raise CommandError(f"{where}: cannot write ({write_problem(where, exc)})") from None
     except FloatingPointError as exc:  # diverged: the epochs finished before it are in last.pt
         last = Path(args.out) / "last.pt"
         kept = f" ({last} holds the last finished epoch)" if last.is_file() else ""
         raise CommandError(f"training diverged: {exc}{kept}") from exc
     if args.json:
         print(json.dumps(row, indent=2))
+    elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
+        print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
+              f"minutes reach its --minutes budget; last.pt holds epochs 0-{row['epoch']} in "
+              f"{args.out} (give a larger --minutes to train on)")  # fmt: skip
     else:
         print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "
               f"checkpoints in {args.out}")  # fmt: skip

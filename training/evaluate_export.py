@@ -97,19 +97,25 @@ def evaluate_export(
     pipeline: EdgePipeline,
     detector: Detector,
     *,
+    threshold: float | None = None,
     on_result: Callable[[EdgePrediction], None] | None = None,
 ) -> dict:
     """Ungated and gated metrics of the export behind `pipeline` (from `open_pipeline`) on
     `samples`, detections by `detector`.
 
-    Returns `training.evaluate.metrics_at_threshold`'s dict at the manifest's threshold
-    (gate_calibrated_on "manifest"; gate_best_* at the default target recall), plus
+    `threshold`: the gate threshold to measure instead of the manifest's (an operator's
+    `predict --threshold` / `edge run --threshold`); None: the manifest's.
+
+    Returns `training.evaluate.metrics_at_threshold`'s dict at that threshold
+    (gate_calibrated_on "manifest", or "--threshold" when given; gate_best_* at the default
+    target recall), plus manifest_gate_threshold (the export's own),
     flagged_fraction (share of images the gate flags), bytes_per_flagged_image (mean encoded
     feature bytes of those), codec, model, fingerprint, edge_gate ("float32" | "int8"),
     box_refine_steps, stage_seconds (see `stage_means`) and image_errors ([{"path", "error"}]).
     """
     manifest = pipeline.manifest
-    threshold = manifest.gate_threshold
+    given = threshold is not None
+    threshold = float(threshold) if given else manifest.gate_threshold
     records = predict_paths(
         [s.image_path for s in samples], pipeline, lambda: detector, on_result=on_result
     )
@@ -118,11 +124,12 @@ def evaluate_export(
         [as_eval_prediction(r) for r in records],
         manifest.class_names,
         threshold,
-        calibrated_on="manifest",
+        calibrated_on="--threshold" if given else "manifest",
         target_recall=DEFAULT_TARGET_RECALL,
     )
     flagged = [r for r in records if r.p_defect is not None and r.p_defect >= threshold]
     metrics.update(
+        manifest_gate_threshold=manifest.gate_threshold,
         flagged_fraction=len(flagged) / len(records) if records else None,
         bytes_per_flagged_image=_mean([r.bytes_sent for r in flagged]),
         codec=pipeline.codec,

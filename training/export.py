@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from splitdet.shared.checkpoint import weights_digest
+from splitdet.shared.atomic_file import WriteError, atomic_write, write_problem
+from splitdet.shared.checkpoint import save_torch, weights_digest
 from splitdet.shared.codec import CODECS
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import (
@@ -36,6 +37,7 @@ from splitdet.shared.manifest import (
     COMPLETE_ONNX,
     GATE_ONNX,
     MANIFEST_NAME,
+    PUBLISHING_MARKER,
     Manifest,
     artifacts_for,
     write_manifest,
@@ -213,8 +215,10 @@ def export_model(
     Args:
         model: the multi-task detector (any mode; exported in eval mode).
         out_dir: created if missing. Everything is written and checked in a staging folder
-            inside it first, then moved in, the manifest last: an export that fails or is
-            killed leaves an earlier export in `out_dir` whole and servable.
+            inside it first, then moved in, the manifest last: an export that fails, or is
+            killed before it moves its files in, leaves an earlier export in `out_dir` whole
+            and servable; one killed between those moves leaves a folder `read_manifest`
+            refuses as interrupted until an export into it completes (`_publish`).
         gate_threshold: p(defect) at or above which the edge sends an image to detection.
         default_codec: one of CODECS.
         sample_hw: padded (H, W) of the self-check sample, multiples of 32; default: the size a
@@ -238,27 +242,59 @@ def export_model(
             raise ExportError(str(exc)) from None
         for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by an export that was killed
             shutil.rmtree(stale, ignore_errors=True)
+        if (out_dir / PUBLISHING_MARKER).exists():
+            log.warning(
+                "--out %s: an earlier export was killed while it replaced its files (%s); "
+                "this export replaces them all",
+                out_dir, PUBLISHING_MARKER,
+            )  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
         try:
-            manifest = _export_into(
-                model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
-            )
+            try:
+                manifest = _export_into(
+                    model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
+                )
+            except OSError as exc:  # a full disk (torch.save's, ONNX's), the staging folder
+                raise ExportError(_unwritten(out_dir, staging, exc)) from exc
             _publish(staging, out_dir, manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
+def _unwritten(out_dir: Path, staging: Path, exc: OSError) -> str:
+    """The one-line error for an export whose files could not be written into `staging`:
+    which file (when known), why ("no space left on device"), and what `out_dir` still holds."""
+    name = Path(exc.filename).name if exc.filename else None
+    what = f"its {name}" if name else "its files"
+    why = exc.reason if isinstance(exc, WriteError) else write_problem(staging / "x", exc)
+    held = (
+        "keeps its earlier model as it was"
+        if (out_dir / MANIFEST_NAME).is_file()
+        else "holds no model"
+    )
+    return f"--out {out_dir}: cannot write {what} ({why}); {out_dir} {held}"
+
+
 def _publish(staging: Path, out_dir: Path, manifest: Manifest) -> None:
     """Move a checked export from `staging` into `out_dir` (same file system: each move is a
     rename), the manifest last; artifacts of an earlier export the new one does not have (a
-    completion graph) go. Between the first move and the last, a reader finds the old manifest
-    with new files, which the manifest's hashes refuse by name; never a mixed model."""
+    completion graph) go.
+
+    The files cannot be replaced all at once: between the first move and the last, a reader
+    finds the old manifest with some new files, which the manifest's hashes refuse; never a
+    mixed model. A marker file (`PUBLISHING_MARKER`) lies in `out_dir` from before the first
+    move to after the last, so that, should the export be killed in between, `read_manifest`
+    says that an export was interrupted and what to do (export again), instead of only that a
+    file differs from its hash. A folder whose files all match its manifest is read as it is,
+    marker or not (an export killed before its first move, or after its last)."""
+    atomic_write(out_dir / PUBLISHING_MARKER, f"pid {os.getpid()}\n", fsync=True)
     for name in artifacts_for(manifest.model_config):
         os.replace(staging / name, out_dir / name)
     for name in set(ALL_ARTIFACTS) - set(manifest.artifacts):
         (out_dir / name).unlink(missing_ok=True)
     os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    (out_dir / PUBLISHING_MARKER).unlink(missing_ok=True)
 
 
 def _export_into(
@@ -360,7 +396,7 @@ def _export_into(
     cloud_state = {
         k: v for k, v in model.state_dict().items() if k.startswith(("rpn.", "roi_heads."))
     }
-    torch.save(cloud_state, out_dir / CLOUD_WEIGHTS)
+    save_torch(cloud_state, out_dir / CLOUD_WEIGHTS, fsync=False)  # WriteError: ENOSPC...
     log.info("export self-check passed; worst relative error %.2e", max(errors.values()))
     return write_manifest(
         out_dir,

@@ -15,6 +15,7 @@ Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best v
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.atomic_file import WriteError, atomic_write, stale_temporaries
 from splitdet.shared.checkpoint import (
     CheckpointError,
     read_checkpoint,
@@ -43,6 +44,7 @@ from splitdet.shared.checkpoint import (
     why_unreadable,
 )
 from splitdet.shared.config import ModelConfig
+from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
 from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import TrainConfig
@@ -627,14 +629,77 @@ def train(
         stop_after: end this invocation after so many epochs (a later resume continues).
         max_iters: iterations per epoch at most (tests).
 
-    Returns the last metrics row (plus "out_dir"). Raises InitError, VocError, CheckpointError.
+    Returns the last metrics row (plus "out_dir", "train_seconds" and "epochs_run": the epochs
+    this call trained). Raises InitError, VocError, CheckpointError, ValueError (among others:
+    another run holds `out_dir`), WriteError (a checkpoint or record that cannot be written).
     """
-    from splitdet.training import voc
-    from splitdet.training.evaluate import evaluate
-
     device = _setup_distributed()
     rank, world = _world()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    with contextlib.ExitStack() as held:
+        if rank == 0:  # the only rank that writes there
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--out {out_dir}: cannot make the folder ({exc})") from None
+            # one run per folder for the whole run: two would mix their checkpoints and records
+            held.enter_context(folder_lock(out_dir, TRAIN_LOCK, "splitdet train", "--out"))
+            _remove_stale_temporaries(out_dir)
+        return _train(
+            config, data_dir, out_dir, device, rank, world, resume=resume, init=init,
+            progress=progress, stop_after=stop_after, max_iters=max_iters,
+        )  # fmt: skip
+
+
+#: The lock file a run holds in its --out while it trains (`folder_lock`).
+TRAIN_LOCK = ".splitdet-train.lock"
+#: The files a run writes through `atomic_file.replacing`, whose temporary files a killed run
+#: leaves behind (".last.pt.k2x9_q0a.tmp", as large as the checkpoint).
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "train_config.json")
+#: A temporary file younger than this may be another process's write in progress (`splitdet
+#: eval --checkpoint OUT/best.pt` storing its threshold): kept, for the next start to remove.
+STALE_AFTER_SECONDS = 300.0
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary files of `RUN_FILES` a killed run left in `out_dir` (only that
+    naming pattern; none younger than `STALE_AFTER_SECONDS`), logging each."""
+    now = time.time()
+    for path in stale_temporaries(out_dir, RUN_FILES):
+        try:
+            info = path.stat()
+            if now - info.st_mtime < STALE_AFTER_SECONDS:
+                log.info("kept %s: written %.0f s ago, perhaps by a process still writing it",
+                         path, now - info.st_mtime)  # fmt: skip
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove the stale temporary file %s (%s)", path, exc.strerror)
+            continue
+        log.info("removed %s (%d bytes), a temporary file left by a run that was stopped "
+                 "while it wrote", path, info.st_size)  # fmt: skip
+
+
+def _train(
+    config: TrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    device: torch.device,
+    rank: int,
+    world: int,
+    *,
+    resume: bool,
+    init: str,
+    progress: bool,
+    stop_after: int | None,
+    max_iters: int | None,
+) -> dict[str, Any]:
+    """`train`'s work, with --out made and locked (rank 0)."""
+    from splitdet.training import voc
+    from splitdet.training.evaluate import evaluate
+
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if not (resume and last_path.is_file()):
         held = [p.name for p in (last_path, best_path) if p.is_file()]
@@ -644,11 +709,6 @@ def train(
                 f"{out_dir} already holds a training run ({', '.join(held)}); {advice} give "
                 "another --out"
             )
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"--out {out_dir}: cannot make the folder ({exc})") from None
     torch.manual_seed(config.seed)
 
     mc = config.model
@@ -754,7 +814,16 @@ def train(
         gate_calibrated = threshold_calibration(checkpoint) is not None
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
-        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+        if start_epoch >= config.epochs:  # before the recipe is rewritten: refused, unchanged
+            raise ValueError(
+                f"{last_path} holds {start_epoch} trained epochs (epochs 0-{start_epoch - 1}) "
+                f"and this run's --epochs is {config.epochs}: nothing is left to train; give "
+                f"--epochs above {start_epoch} to train on"
+            )
+        log.info(
+            "resumed from %s: epochs 0-%d trained, training on from epoch %d (--epochs %d)",
+            last_path, start_epoch - 1, start_epoch, config.epochs,
+        )  # fmt: skip
     else:
         if resume:
             log.warning("no %s to resume from: starting afresh", last_path)
@@ -780,7 +849,8 @@ def train(
     row: dict[str, Any] = dict(history[-1]) if history else {}
     overall = _overall_bar(config, clock, start_epoch, enabled=progress and rank == 0)
     ended_by_epochs = True  # False when the budget or stop_after ended the loop
-    for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
+    epochs_run = 0  # epochs this call trained
+    for epoch in range(start_epoch, config.epochs):
         stop = clock.exhausted(epoch_seconds) or (
             stop_after is not None and epochs_run >= stop_after
         )
@@ -840,6 +910,7 @@ def train(
                 clock.seconds / 60,
             )  # fmt: skip
         history.append(row)
+        epochs_run += 1
         _advance(overall, clock)
         if rank == 0:
             extra = {
@@ -861,9 +932,18 @@ def train(
             if improved:
                 best_value = value
             extra["best_value"] = best_value
-            save_checkpoint(last_path, model, **extra)
-            if improved:
-                save_checkpoint(best_path, model, **extra)
+            for path in (last_path, best_path) if improved else (last_path,):
+                try:
+                    save_checkpoint(path, model, **extra)
+                except WriteError as exc:  # the earlier checkpoint is whole: say which it is
+                    kept = (
+                        f"the earlier {path.name} is kept as it was (--resume continues from "
+                        "last.pt once the cause is fixed)"
+                        if path.is_file()
+                        else f"no {path.name} was written"
+                    )
+                    message = f"epoch {epoch}: {exc}; {kept}"
+                    raise WriteError(path, exc.reason, exc.errno, message) from exc
             write_metrics(out_dir, history)
             plot_learning_curve(history, out_dir / "learning_curve.png")
     overall.close()
@@ -880,7 +960,9 @@ def train(
         )  # fmt: skip
     if world > 1:
         dist.barrier()
-    return {**row, "out_dir": str(out_dir), "train_seconds": clock.seconds}
+    return {
+        **row, "out_dir": str(out_dir), "train_seconds": clock.seconds, "epochs_run": epochs_run,
+    }  # fmt: skip
 
 
 def _log_inputs(config: TrainConfig, data_dir: Path, samples: list) -> None:

@@ -1,0 +1,174 @@
+"""`splitdet export` over an earlier export, when it is killed while it moves its files in, or
+the disk fills while it writes them: what the folder holds, and what readers and the next
+export make of it."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitdet.shared import checkpoint as checkpoint_module
+from splitdet.shared.checkpoint import save_checkpoint
+from splitdet.shared.cli import main
+from splitdet.shared.manifest import ManifestError, read_manifest
+from splitdet.training.export import export_model
+
+from conftest import make_tiny_model
+
+#: The names `_publish` renames into --out, in its order (the tiny model's gate is not on P2,
+#: so it has a completion graph), the manifest last.
+PUBLISHED = ("edge_gate.onnx", "edge_complete.onnx", "cloud_heads.pt", "manifest.json")
+
+#: Exports argv[2]'s model (make_tiny_model(seed=argv[3])) into argv[1], killed (os._exit, as
+#: kill -9: no cleanup) just before its rename number argv[4] of a published name into --out,
+#: or, past the last, just after the last one.
+KILLED_EXPORT = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import make_tiny_model
+from splitdet.training.export import export_model
+
+out, kill_at = Path(sys.argv[1]).resolve(), int(sys.argv[4])
+published = {PUBLISHED!r}
+real_replace, renames = os.replace, []
+
+def replace(src, dst, *args, **kwargs):
+    dst = Path(dst).resolve()
+    ours = dst.parent == out and dst.name in published
+    if ours and len(renames) + 1 == kill_at:
+        os._exit(9)
+    real_replace(src, dst, *args, **kwargs)
+    if ours:
+        renames.append(dst.name)
+        if len(renames) == len(published) and kill_at > len(published):
+            os._exit(9)
+
+os.replace = replace
+export_model(make_tiny_model(seed=int(sys.argv[3])), out)
+sys.exit(3)  # not killed: the test's count of renames is wrong
+""".replace("{PUBLISHED!r}", repr(PUBLISHED))
+
+
+@pytest.fixture(scope="module")
+def fingerprints(tmp_path_factory) -> dict[int, str]:
+    """The fingerprint of each seed's export (old: 0, new: 1)."""
+    found = {}
+    for seed in (0, 1):
+        out = tmp_path_factory.mktemp(f"seed{seed}")
+        found[seed] = export_model(make_tiny_model(seed=seed), out).fingerprint
+    assert found[0] != found[1]
+    return found
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
+def test_an_export_killed_while_it_publishes(tmp_path, fingerprints, kill_at):
+    """Killed before its first rename the old export is whole and served; after its last the
+    new one is. In between the folder holds part of each: before, readers said only "contents
+    differ from the manifest's hash" (the README promised the earlier model); now they say an
+    export was interrupted and to export again, and the next export makes the folder whole."""
+    out = tmp_path / "model"
+    export_model(make_tiny_model(seed=0), out)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, str(out), str(Path(__file__).parent), "1",
+         str(kill_at)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    if kill_at == 1:  # nothing moved yet
+        assert read_manifest(out).fingerprint == fingerprints[0]
+    elif kill_at > len(PUBLISHED):  # everything moved
+        assert read_manifest(out).fingerprint == fingerprints[1]
+    else:
+        with pytest.raises(ManifestError) as refused:
+            read_manifest(out)
+        message = str(refused.value)
+        assert message.startswith(
+            f"an export into {out} was interrupted while it replaced its files ("
+        ), message
+        assert message.endswith("): run `splitdet export` again"), message
+        # readers that do not verify (the cloud's reload) still read the old manifest whole
+        assert read_manifest(out, verify=False).fingerprint == fingerprints[0]
+    # the next export (another model here) replaces everything and leaves no marker behind
+    assert export_model(make_tiny_model(seed=0), out).fingerprint == fingerprints[0]
+    assert read_manifest(out).fingerprint == fingerprints[0]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".splitdet-export.lock"
+    ]
+
+
+class _FullDisk(io.FileIO):
+    """A file on a file system that fills after `room` bytes (write(2) fails with ENOSPC)."""
+
+    room = 4096
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def _full_disk_open(file, mode="r", *args, **kwargs):
+    if "w" in mode:  # torch.save's file
+        return _FullDisk(file, "w")
+    return builtins.open(file, mode, *args, **kwargs)
+
+
+def test_a_full_disk_while_exporting_ends_in_one_line(tmp_path, fingerprints, monkeypatch,
+                                                      capsys):  # fmt: skip
+    """torch.save of cloud_heads.pt on a full disk raised RuntimeError("... unexpected pos")
+    through the command, a traceback; now one line naming the file and the cause, and the
+    earlier export stays in --out as it was."""
+    out = tmp_path / "model"
+    export_model(make_tiny_model(seed=0), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    checkpoint = tmp_path / "new.pt"
+    save_checkpoint(checkpoint, make_tiny_model(seed=1))
+    monkeypatch.setattr(checkpoint_module, "open", _full_disk_open, raising=False)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip() == (
+        f"splitdet export: error: --out {out}: cannot write its cloud_heads.pt (no space left "
+        f"on device); {out} keeps its earlier model as it was"
+    ), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_manifest(out).fingerprint == fingerprints[0]
+
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from splitdet.shared.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_export_past_the_file_size_limit_ends_in_one_line(tmp_path, fingerprints):
+    """A real limit (`ulimit -f`): the ONNX graph cannot be written whole. One line, no
+    traceback, the earlier export whole."""
+    out = tmp_path / "model"
+    export_model(make_tiny_model(seed=0), out)
+    checkpoint = tmp_path / "new.pt"
+    save_checkpoint(checkpoint, make_tiny_model(seed=1))
+    limit = (out / "edge_gate.onnx").stat().st_size // 2
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED, str(limit), "export", "--checkpoint", str(checkpoint),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"splitdet export: error: --out {out}: cannot write its "), line
+    assert "file too large" in line and f"{out} keeps its earlier model as it was" in line, line
+    assert read_manifest(out).fingerprint == fingerprints[0]
