@@ -6,6 +6,11 @@ answers live in SQLite (WAL, synchronous=FULL: a returned answer survives a cras
 keyed by request id, with the model fingerprint and a digest of the request they answer. Only the
 newest `capacity` answers are kept; older ones are evicted on insert.
 
+The file is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
+was set (application_id 0, one `answers` table) is recognised by its table and marked. Any other
+SQLite file (another program's, an edge store: a typo in --answers-db) is refused before anything
+is written to it (`NotAnswersDatabase`); an empty one becomes the store.
+
 Thread-safe: one connection behind a lock (writes are tiny; SQLite serialises them anyway).
 """
 
@@ -17,6 +22,13 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from splitdet.edge.store import APPLICATION_ID as EDGE_APPLICATION_ID
+from splitdet.edge.store import Contents, describe_contents, read_contents
+
+#: `PRAGMA application_id` of an answers database: b"SPCA" (splitdet cloud answers). The edge
+#: store names it too (edge/store.py ANSWERS_APPLICATION_ID), to say what a wrong --db holds.
+APPLICATION_ID = 0x53504341
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -30,6 +42,14 @@ CREATE TABLE IF NOT EXISTS answers (
 """
 
 _COLUMNS = frozenset({"seq", "request_id", "fingerprint", "digest", "payload", "created"})
+_REFUSED = "give another --answers-db; this one is left as it is"
+_KNOWN = {EDGE_APPLICATION_ID: "a splitdet edge store (the --db of `splitdet edge run`)"}
+
+
+class NotAnswersDatabase(sqlite3.DatabaseError):
+    """The file is a SQLite database, but neither empty nor a splitdet cloud answers database
+    (nothing was written to it). A sqlite3.DatabaseError: `splitdet cloud` names --answers-db
+    with it."""
 
 
 @dataclass(frozen=True)
@@ -65,22 +85,59 @@ class IdempotencyStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        """Check what the file holds, then set the connection up and create the table and the
+        mark in one transaction (another replica opening the file meanwhile sees it empty or
+        whole)."""
+        self._db.execute("PRAGMA busy_timeout=5000")  # several replicas may share one file
+        # read only: a file not ours is refused before journal_mode=WAL (a write) touches it
+        self._check(read_contents(self._db))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # several replicas may share one file
-        self._db.execute(_SCHEMA)
-        self._check_columns()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._check(read_contents(self._db))  # again, under the write lock
+            self._db.execute(_SCHEMA)
+            self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
 
-    def _check_columns(self) -> None:
-        """Refuse a database whose `answers` table is not this store's (another program's, or
-        another version's): it would fail every Detect call instead of the start."""
+    def _check(self, contents: Contents) -> None:
+        """Refuse (NotAnswersDatabase) a file that is neither empty nor an answers database:
+        ours by its application_id, or written before it was set (application_id 0 and
+        user_version 0, one `answers` table); and an `answers` table that is not this store's
+        (another program's, or another version's): it would fail every Detect call instead of
+        the start."""
+        names = set(contents.names)
+        if contents.application_id == APPLICATION_ID:
+            ours = True
+        elif contents.application_id == 0 and contents.user_version == 0:
+            ours = names <= {"answers"}
+        else:
+            ours = False
+        if not ours:
+            raise NotAnswersDatabase(
+                f"not a splitdet cloud answers database ({describe_contents(contents, _KNOWN)}): "
+                f"{_REFUSED}"
+            )
+        if "answers" not in names:
+            return
         have = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
         missing = sorted(_COLUMNS - have)
         if missing:
-            self._db.close()
-            raise sqlite3.DatabaseError(
+            raise NotAnswersDatabase(
                 f"its answers table lacks the column(s) {', '.join(missing)}: not a splitdet "
-                "cloud answers database (give another file; this one is left as it is)"
+                f"cloud answers database ({_REFUSED})"
             )
 
     def get(self, request_id: str) -> StoredAnswer | None:

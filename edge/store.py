@@ -24,6 +24,11 @@ metrics endpoint (every transaction is short; network calls happen outside the l
 `splitdet edge run` per database: `WriterLock` (an flock on DB.lock, held for the daemon's life)
 refuses a second; the maintenance and read-only commands do not take it.
 
+A store is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
+was set (application_id 0) is known by its tables and user_version, and marked when next opened
+for writing. Any other SQLite file (another program's, a cloud answers database) is refused
+before anything is written to it; an empty one becomes a store.
+
 Paths are stored as text (`path_text`): SQLite text is UTF-8, and a file name that is not (a
 Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\xNN``;
 `file_path` gives the path back for file operations.
@@ -48,6 +53,18 @@ from splitdet.shared.folder_lock import lock_exclusively
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
 SCHEMA_VERSION = 2
+#: `PRAGMA application_id` of an edge store: b"SPDE" (splitdet edge), set when a store is
+#: created or opened for writing. One written before splitdet set it has 0.
+APPLICATION_ID = 0x53504445
+#: The cloud's answers database's (cloud/idempotency.py's APPLICATION_ID; not imported: the
+#: edge does not depend on the cloud), named when one is given as --db by mistake.
+ANSWERS_APPLICATION_ID = 0x53504341
+#: A store's tables at each schema version (SQLite's own, sqlite_*, aside): how a store written
+#: before APPLICATION_ID was set is recognised.
+_TABLES = {
+    1: frozenset({"images", "outbox", "counters"}),
+    2: frozenset({"images", "outbox", "counters", "dead_letters"}),
+}
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
 #: Why a row has verdict "error".
@@ -210,6 +227,100 @@ def still_there(path_stored: str, key_stored: str) -> bool:
         if same_but_inode(path_text(file_key(Path(candidate), stat)), key_stored):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a SQLite file holds, as far as telling an edge store from any other file goes.
+
+    Attributes:
+        application_id: its `PRAGMA application_id` (APPLICATION_ID, 0, or another program's).
+        user_version: its `PRAGMA user_version` (an edge store's schema version).
+        names: its tables and views, SQLite's own (sqlite_*) aside, sorted.
+    """
+
+    application_id: int
+    user_version: int
+    names: tuple[str, ...]
+
+
+def read_contents(db: sqlite3.Connection) -> Contents:
+    """`Contents` of an open connection, read in one transaction (one snapshot: a store another
+    process creates meanwhile is seen empty or whole); inside the caller's transaction when it
+    has one. Reads only."""
+    own = not db.in_transaction
+    if own:
+        db.execute("BEGIN")
+    try:
+        application_id = int(db.execute("PRAGMA application_id").fetchone()[0])
+        user_version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        names = tuple(sorted(row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+            " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        )))  # fmt: skip
+    finally:
+        if own and db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+    return Contents(application_id, user_version, names)
+
+
+def check_contents(path: Path | str, contents: Contents) -> bool:
+    """Whether the file is an empty database (to make a store of), or False when it is an edge
+    store this splitdet can use: ours by its application_id, or written before the id was set
+    (application_id 0) and ours by its tables at its user_version.
+
+    Raises:
+        StoreError: anything else, naming the file and what it holds: another program's
+            database (another application_id, other tables, or none but a user_version), a
+            store of a newer splitdet, or one of ours that lacks tables.
+    """
+    found = set(contents.names)
+    if contents.application_id == APPLICATION_ID:
+        if contents.user_version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {contents.user_version} is newer than this splitdet's "
+                f"{SCHEMA_VERSION}; upgrade splitdet"
+            )
+        if contents.user_version == 0 and not found:
+            return True
+        expected = _TABLES.get(contents.user_version)
+        lacking = sorted(expected - found) if expected is not None else []
+        if expected is None or lacking:
+            lacks = f", lacking {', '.join(lacking)}" if lacking else ""
+            raise StoreError(
+                f"{path}: a damaged splitdet edge store ({describe_contents(contents)}{lacks});"
+                " give another --db"
+            )
+        return False
+    if contents.application_id == 0:
+        if contents.user_version == 0 and not found:
+            return True
+        if found == _TABLES.get(contents.user_version):  # written before APPLICATION_ID
+            return False
+    held = describe_contents(
+        contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
+    )
+    raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
+
+
+def describe_contents(contents: Contents, known: dict[int, str] | None = None) -> str:
+    """What a SQLite file holds, for a message refusing it: "it holds tables a, b", with its
+    application_id (said as `known` names it) and user_version when they are set."""
+    if contents.names:
+        shown = ", ".join(contents.names[:8])
+        more = f" and {len(contents.names) - 8} more" if len(contents.names) > 8 else ""
+        parts = [f"it holds tables {shown}{more}"]
+    else:
+        parts = ["it holds no tables"]
+    application_id = contents.application_id & 0xFFFFFFFF  # (SQLite's is signed)
+    if application_id in (known or {}):
+        parts.insert(0, f"it is {(known or {})[application_id]}")
+    elif application_id:
+        parts.append(f"application_id {application_id:#010x}, another program's")
+    if contents.user_version:
+        parts.append(f"user_version {contents.user_version}")
+    return "; ".join(parts)
 
 
 class WriterLock:
@@ -385,7 +496,28 @@ class ResultStore:
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None
             )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
+        # the file just opened (and written by _migrate), as `check_file` compares it
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._checked = float("-inf")  # monotonic s of the last `check_file` stat
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _open(self) -> None:
+        """Check what the file holds, then set the connection up and create or migrate the
+        store. StoreError when it cannot be used."""
+        try:
             self._db.execute("PRAGMA busy_timeout=10000")  # `results` may read meanwhile
+            # read only: another program's file is refused before journal_mode=WAL (a write)
+            # touches it; _migrate checks again under the write lock
+            check_contents(self.path, read_contents(self._db))
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -394,36 +526,25 @@ class ResultStore:
             raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
-        # the file just opened (and written by _migrate), as `check_file` compares it
-        stat = os.stat(self.path)
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._checked = float("-inf")  # monotonic s of the last `check_file` stat
-
-    # ------------------------------------------------------------------------------ plumbing
 
     def _migrate(self) -> None:
+        """Create the store in an empty database, or bring one of ours to SCHEMA_VERSION, and
+        mark it (APPLICATION_ID): one transaction, so that another process opening the file
+        meanwhile sees it empty or whole, never half made."""
         with self._transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if version == 0 and not tables:
+            contents = read_contents(db)
+            if check_contents(self.path, contents):
                 # executescript would COMMIT our transaction first: run statements one by one.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version == 0:
-                raise StoreError(f"{self.path}: a SQLite file that is not a splitdet edge store")
-            elif version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this splitdet's "
-                    f"{SCHEMA_VERSION}; upgrade splitdet"
-                )
             else:  # a write now: a read-only file fails here, not at the first image
-                for step in range(version, SCHEMA_VERSION):
+                for step in range(contents.user_version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[step].split(";"):
                         if statement.strip():
                             db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -1096,7 +1217,7 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
     uri = path.resolve().as_uri() + "?mode=ro"
     try:
-        db, version = _connect_readonly(uri)
+        db, contents = _connect_readonly(uri)
     except sqlite3.OperationalError as exc:
         if not _no_shm_allowed(path):
             raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
@@ -1107,27 +1228,30 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
                 "daemon's user, or start the daemon (it checkpoints them)"
             ) from None
         try:
-            db, version = _connect_readonly(uri + "&immutable=1")
+            db, contents = _connect_readonly(uri + "&immutable=1")
         except sqlite3.DatabaseError as retry:
             raise StoreError(f"{path}: not a usable SQLite database ({retry})") from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
-    if version == 0 or version > SCHEMA_VERSION:
+    try:  # a store written before APPLICATION_ID was set is read as it is, not marked
+        if check_contents(path, contents):
+            raise StoreError(
+                f"{path}: not a splitdet edge store yet (an empty database; `splitdet edge "
+                "run` makes it one)"
+            )
+    except StoreError:
         db.close()
-        raise StoreError(
-            f"{path}: not a splitdet edge store of schema version 1..{SCHEMA_VERSION} "
-            f"(found {version})"
-        )
+        raise
     return db
 
 
-def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, int]:
-    """A connection to `uri` and the store's schema version (the first read: where SQLite
-    finds out whether it can use the file)."""
+def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, Contents]:
+    """A connection to `uri` and what the file holds (the first read: where SQLite finds out
+    whether it can use the file)."""
     db = sqlite3.connect(uri, uri=True)
     try:
         db.execute("PRAGMA busy_timeout=10000")
-        return db, int(db.execute("PRAGMA user_version").fetchone()[0])
+        return db, read_contents(db)
     except BaseException:
         db.close()
         raise
