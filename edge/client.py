@@ -7,7 +7,15 @@
     except RetryLater:   # UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED: keep it, try again
         ...
     except NeverRetry:   # INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED, INTERNAL, ...
-        ...
+        ...              # (BadAnswer: the call succeeded but its answer breaks the contract)
+
+Every answer is checked before anyone sees it (`checked_detections`): the request's id and
+model, finite corners and scores in [0, 1], boxes inside the image, labels and class names of
+the model's manifest, no more boxes than its `box_detections_per_img`. The manifest comes from
+the cloud (GetManifest, before the first Detect of a model; kept for the process) and is
+believed only when its contents hash to the fingerprint the edge computed from its own files.
+An answer is received only up to `MAX_ANSWER_BYTES` (a real one is kilobytes), whatever the
+bound on the edge's own requests.
 
 Every channel option lives in `channel_options` (message bounds, keepalive, round_robin over
 several addresses); every call has a deadline. gRPC's own retries are not relied upon: it buffers
@@ -17,11 +25,15 @@ and the cloud's idempotency on request_id makes re-sending safe.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import math
+import re
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +42,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.shared.codec import EncodedTensor
+from splitdet.shared.config import ModelConfig
 from splitdet.shared.detection import ImageMeta
 from splitdet.shared.edge_name import EDGE_NAME_KEY, check_edge_name
+from splitdet.shared.manifest import MAX_MANIFEST_BYTES, Manifest, compute_fingerprint
 from splitdet.shared.messages import build_request
 from splitdet.shared.wire import detection_pb2 as pb
 from splitdet.shared.wire import detection_pb2_grpc as pb_grpc
@@ -49,6 +63,38 @@ RETRY_LATER_CODES = frozenset(
 )
 #: Target schemes passed to gRPC unchanged.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
+
+#: How far (px) a box corner may lie outside its original image and still be taken (then
+#: clamped onto the image). The cloud clips every box to the resized image, then scales it by
+#: original / resized in float32 (torchvision's `resize_boxes`), and the wire carries float32:
+#: a corner on the image's edge may come out a few float32 steps past it, at most ~0.01 px at
+#: the largest side a request may have (65536 px). 1 px allows that a hundredfold; a box further
+#: out was not mapped onto this image, and clamping would turn it into a plausible box on the
+#: image's border (which `edge collect` would write as a label): it is refused.
+BOX_TOLERANCE_PX = 1.0
+#: Bytes of one Box on the wire beside its class name's text: five float fields (5 bytes each
+#: with their tags), the label (an int32 varint: 11 bytes with its tag when negative), the class
+#: name's tag and length (4), the Box's own tag and length (4).
+BOX_WIRE_BYTES = 5 * 5 + 11 + 4 + 4
+#: The receive bound's allowance: boxes per answer (torchvision's, and the presets',
+#: box_detections_per_img is 100), bytes per class name, models one cloud serves at once.
+ANSWER_BOXES_ALLOWED = 1000
+CLASS_NAME_BYTES_ALLOWED = 256
+SERVED_MODELS_ALLOWED = 1000
+#: The largest answer the edge receives (`grpc.max_receive_message_length`): twice the larger of
+#: a Detect answer with ANSWER_BOXES_ALLOWED boxes (plus 1 KiB for the id, fingerprint and
+#: timings) and a GetManifest answer (a manifest of MAX_MANIFEST_BYTES and SERVED_MODELS_ALLOWED
+#: 64-hex fingerprints), and at least 4 MiB. A real answer is kilobytes; without this bound the
+#: edge took whatever the cloud sent up to the bound on its own requests (256 MiB), holding it
+#: in memory several times over.
+MAX_ANSWER_BYTES = max(
+    4 * MIB,
+    2 * ANSWER_BOXES_ALLOWED * (BOX_WIRE_BYTES + CLASS_NAME_BYTES_ALLOWED) + 1024,
+    2 * (MAX_MANIFEST_BYTES + SERVED_MODELS_ALLOWED * (64 + 3) + 1024),
+)
+#: gRPC's refusal of a message over the receive bound: "... larger than max (N vs. M)"; since
+#: gRPC 1.5x its side says whose: "CLIENT: Received ..." is an answer this edge refused.
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
 
 
 class CloudError(Exception):
@@ -78,6 +124,16 @@ class NeverRetry(CloudError):
     Sending the same request again gives the same answer."""
 
 
+class BadAnswer(NeverRetry):
+    """The call succeeded but its answer is not one a splitdet cloud of this model gives (an
+    id or model not the request's, a NaN corner, an unknown label, too many boxes, an answer
+    larger than `MAX_ANSWER_BYTES`, a manifest that does not hash to its fingerprint). Nothing
+    of it may be kept. Permanent: the cloud answers a repeated request id from its store, so
+    sending it again gets the same answer; the edge dead-letters the request, which
+    `splitdet edge requeue` sends again once the cloud is fixed. `code` is INTERNAL (a server
+    bug, as the wire contract calls it), RESOURCE_EXHAUSTED for an answer over the bound."""
+
+
 def classify(code: grpc.StatusCode, message: str) -> CloudError:
     """RetryLater for UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED; NeverRetry otherwise.
 
@@ -87,6 +143,27 @@ def classify(code: grpc.StatusCode, message: str) -> CloudError:
     if code in RETRY_LATER_CODES and "larger than max" not in message:
         return RetryLater(code, message)
     return NeverRetry(code, message)
+
+
+def answer_too_large(code: grpc.StatusCode, message: str, bound: int) -> BadAnswer | None:
+    """The error for an answer gRPC refused as larger than this client's receive bound
+    `bound`, naming the cloud's answer (a request over the cloud's bound is the edge's own, with
+    other advice); None for any other failure. gRPC 1.5x and later say "CLIENT: Received";
+    older ones say only "Received", told apart by the bound they name being ours."""
+    if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    match = _TOO_LARGE.search(message)
+    if match is None or "SERVER:" in message:
+        return None
+    if "CLIENT: Received" not in message and int(match.group(2)) != bound:
+        return None
+    return BadAnswer(
+        code,
+        f"the cloud's answer of {match.group(1)} bytes is larger than this edge takes "
+        f"({bound} bytes; a splitdet cloud's answer is kilobytes): a cloud that is not "
+        "splitdet's, or a broken one, or a proxy in between; nothing of it was kept, and the "
+        "request itself is fine",
+    )
 
 
 def likely_cause(config: ClientConfig, error: CloudError) -> str | None:
@@ -154,8 +231,11 @@ class ClientConfig:
             routed around), or any gRPC target ("dns:///name:port" resolving to every replica).
         timeout_s: deadline of a Detect call, seconds.
         manifest_timeout_s: deadline of the small calls (manifest, health), seconds.
-        max_message_bytes: bound on one message, both directions (the server's bound should
-            match: int8 features of an 800x960 input are ~16 MB, fp32 ~65 MB).
+        max_message_bytes: bound on one request (the server's bound should match: int8
+            features of an 800x960 input are ~16 MB, fp32 ~65 MB); answers are bounded by it
+            too, and by `max_answer_bytes`.
+        max_answer_bytes: bound on one answer (default MAX_ANSWER_BYTES: a real one is
+            kilobytes).
         keepalive_time_s: ping an idle connection this often to notice a dead peer.
         keepalive_timeout_s: a ping unanswered this long closes the connection.
         tls: use TLS (implied by any of the certificate paths).
@@ -173,6 +253,7 @@ class ClientConfig:
     timeout_s: float = 60.0
     manifest_timeout_s: float = 10.0
     max_message_bytes: int = 256 * MIB
+    max_answer_bytes: int = MAX_ANSWER_BYTES
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     tls: bool = False
@@ -196,6 +277,11 @@ class ClientConfig:
     @property
     def uses_tls(self) -> bool:
         return bool(self.tls or self.root_certs or self.client_cert)
+
+    @property
+    def receive_bytes(self) -> int:
+        """The bound on one answer: the smaller of the two message bounds."""
+        return min(self.max_message_bytes, self.max_answer_bytes)
 
 
 def channel_target(addresses: str) -> str:
@@ -235,7 +321,7 @@ def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:
     service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.receive_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # gRPC 1.85 ends a keepalive ping's wait at the ping timeout (60 s), not the above
@@ -312,8 +398,157 @@ class ServedManifest:
         return tuple(self.data.get("class_names", ()))
 
 
+@dataclass(frozen=True)
+class AnswerRules:
+    """What an answer of one model export may hold, from that export's manifest.
+
+    Attributes:
+        fingerprint: the export's fingerprint.
+        class_names: its foreground classes; label k (1-based) is class_names[k - 1].
+        max_boxes: its `box_detections_per_img`, the most boxes one answer holds.
+    """
+
+    fingerprint: str
+    class_names: tuple[str, ...]
+    max_boxes: int
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> AnswerRules:
+        """The rules of a manifest read (and verified) from a model directory."""
+        config = manifest.model_config
+        return cls(manifest.fingerprint, config.class_names, config.box_detections_per_img)
+
+    @classmethod
+    def from_served(cls, fingerprint: str, data: Any) -> AnswerRules:
+        """The rules of a manifest the cloud sent as the one of `fingerprint`, believed only
+        when its contents hash to that fingerprint (artifact digests, model settings, gate
+        threshold and spec version, as `splitdet export` hashed them).
+
+        Raises:
+            ValueError: not a manifest, or one of another model.
+        """
+        try:
+            config = ModelConfig.from_dict(data["model_config"])
+            artifacts = {str(k): str(v) for k, v in data["artifacts"].items()}
+            recomputed = compute_fingerprint(
+                artifacts, config, float(data["gate_threshold"]), str(data["spec_version"])
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a manifest this edge reads ({exc!r})") from None
+        if recomputed != fingerprint:
+            raise ValueError(
+                f"its contents hash to {_short(recomputed)}, not to the model's fingerprint "
+                f"{_short(fingerprint)}"
+            )
+        return cls(fingerprint, config.class_names, config.box_detections_per_img)
+
+
+def checked_detections(
+    response: pb.DetectResponse, request: pb.DetectRequest, rules: AnswerRules | None
+) -> CloudDetections:
+    """The answer to `request` as numpy arrays, once it passed every check; corners within
+    BOX_TOLERANCE_PX of the image are clamped onto it.
+
+    Args:
+        response: the cloud's answer.
+        request: the request it answers (its id, model and original image size).
+        rules: the rules of the request's model; None only for an answer without boxes.
+
+    Raises:
+        BadAnswer: the answer is not one a splitdet cloud of this model gives; the message
+            names what is wrong.
+    """
+    check_identity(response, request)
+    n = len(response.boxes)
+    if n == 0:
+        result = detections_from_proto(response)
+        _check_timings(result.timings)
+        return result
+    if rules is None:
+        raise ValueError("an answer with boxes needs the rules of its model to be checked")
+    if n > rules.max_boxes:
+        _bad(f"holds {n} boxes, beyond the model's box_detections_per_img ({rules.max_boxes})")
+    result = detections_from_proto(response)
+    _check_timings(result.timings)
+    boxes, scores, labels = result.boxes, result.scores, result.labels
+    for i in range(n):
+        if not (np.isfinite(boxes[i]).all() and np.isfinite(scores[i])):
+            corners = ", ".join(f"{v:g}" for v in boxes[i])
+            _bad(f"holds a box with a non-finite corner or score (box {i + 1} of {n}: "
+                 f"({corners}), score {scores[i]:g})")  # fmt: skip
+        if not 0.0 <= scores[i] <= 1.0:
+            _bad(f"holds score {scores[i]:g} (box {i + 1} of {n}), outside [0, 1]")
+        label, known = int(labels[i]), len(rules.class_names)
+        if label < 1:
+            _bad(f"holds label {label} (box {i + 1} of {n}), not a class index (labels are "
+                 f"1-based; 0 is the background)")  # fmt: skip
+        if label > known:
+            _bad(f"holds label {label}, beyond the model's {known} class(es)")
+        if result.class_names[i] != rules.class_names[label - 1]:
+            _bad(f"names label {label} {_shown(result.class_names[i])} (box {i + 1} of {n}), "
+                 f"not the model's {_shown(rules.class_names[label - 1])}")  # fmt: skip
+    height, width = request.image.original_height, request.image.original_width
+    bound = np.array([width, height, width, height], dtype=np.float64)
+    tol = BOX_TOLERANCE_PX
+    outside = ((boxes < -tol) | (boxes > bound + tol)).any(axis=1)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        corners = ", ".join(f"{v:g}" for v in boxes[i])
+        _bad(f"holds box {i + 1} of {n} ({corners}) outside the {width}x{height} px image "
+             f"(by more than {tol:g} px)")  # fmt: skip
+    clamped = np.clip(boxes, 0.0, bound.astype(np.float32))
+    inverted = (clamped[:, 0] >= clamped[:, 2]) | (clamped[:, 1] >= clamped[:, 3])
+    if inverted.any():
+        i = int(np.flatnonzero(inverted)[0])
+        corners = ", ".join(f"{v:g}" for v in boxes[i])
+        _bad(f"holds box {i + 1} of {n} ({corners}) that is empty or inverted (x1 < x2 and "
+             "y1 < y2 is the contract)")  # fmt: skip
+    return replace(result, boxes=clamped.astype(np.float32))
+
+
+def check_identity(response: pb.DetectResponse, request: pb.DetectRequest) -> None:
+    """The answer is to this request, by this request's model.
+
+    A mismatch is permanent (BadAnswer), not RetryLater: an answer travels on the call's own
+    HTTP/2 stream, so one for another request or model is the cloud's bug or a proxy's (an
+    HTTP cache, a gateway mixing calls), and a splitdet cloud never answers with a model other
+    than the one asked for (it refuses FAILED_PRECONDITION). Sending again would most likely
+    get the same answer; as RetryLater it would pause the whole outbox at the backoff cap
+    behind a fault only the operator can fix. As a dead letter the request is kept, counted
+    (`splitdet_edge_dead_letters_total`), named in `edge status`, and `edge requeue` sends it
+    again once the cloud or proxy is fixed.
+    """
+    if response.request_id != request.request_id:
+        _bad(f"is for request_id {_shown(response.request_id)}, not this request's "
+             f"{_shown(request.request_id)}")  # fmt: skip
+    if response.model_fingerprint != request.model_fingerprint:
+        _bad(f"comes from model {_short(response.model_fingerprint)}, not this request's "
+             f"{_short(request.model_fingerprint)}")  # fmt: skip
+
+
+def _check_timings(timings: dict[str, float]) -> None:
+    for name, value in timings.items():
+        if not (math.isfinite(value) and value >= 0):
+            _bad(f"holds timing {name} = {value:g}, not a number of seconds >= 0")
+
+
+def _bad(what: str) -> None:
+    raise BadAnswer(grpc.StatusCode.INTERNAL, f"the cloud's answer {what}")
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted, cut to `limit` characters (its length then given)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def _short(fingerprint: str) -> str:
+    return repr(fingerprint[:16] + "…") if len(fingerprint) > 16 else repr(fingerprint)
+
+
 def detections_from_proto(response: pb.DetectResponse) -> CloudDetections:
-    """A DetectResponse as numpy arrays."""
+    """A DetectResponse as numpy arrays, unchecked (`checked_detections` checks it)."""
     boxes = response.boxes
     t = response.timings
     return CloudDetections(
@@ -328,10 +563,42 @@ def detections_from_proto(response: pb.DetectResponse) -> CloudDetections:
     )
 
 
+#: The rules of every model this process has a manifest of that hashes to its fingerprint,
+#: for every client: a fact about the fingerprint, whichever cloud sent it (the daemon's
+#: start-up probe then spares its sender a GetManifest call). A few exports at a time; bounded.
+_RULES: dict[str, AnswerRules] = {}
+_RULES_LOCK = threading.Lock()
+MAX_KEPT_RULES = 256
+
+
+def remember_rules(rules: AnswerRules) -> None:
+    """Keep `rules` for the answers of its model (the oldest dropped past MAX_KEPT_RULES)."""
+    with _RULES_LOCK:
+        _RULES.pop(rules.fingerprint, None)
+        _RULES[rules.fingerprint] = rules
+        while len(_RULES) > MAX_KEPT_RULES:
+            del _RULES[next(iter(_RULES))]
+
+
+def known_rules(fingerprint: str) -> AnswerRules | None:
+    """The kept rules of model `fingerprint`, or None."""
+    with _RULES_LOCK:
+        return _RULES.get(fingerprint)
+
+
+def forget_rules() -> None:
+    """Drop every kept rule (tests: each fake cloud fetched afresh)."""
+    with _RULES_LOCK:
+        _RULES.clear()
+
+
 class CloudClient:
     """A channel to the cloud detection server (one or several replicas).
 
-    Thread-safe; one per process is enough. Failures raise RetryLater or NeverRetry.
+    Thread-safe; one per process is enough. Failures raise RetryLater or NeverRetry (an
+    answer that fails its checks: BadAnswer). The rules answers are checked by are kept per
+    model for the process (`remember_rules`): from `expect`, or from a manifest the cloud sent
+    that hashes to its fingerprint (asked for before a model's first Detect).
     """
 
     def __init__(self, config: ClientConfig) -> None:
@@ -354,6 +621,60 @@ class CloudClient:
             )
             if value is not None
         )
+
+    @staticmethod
+    def expect(rules: AnswerRules) -> None:
+        """Check answers for `rules.fingerprint` by these rules (e.g. from the edge's own
+        manifest), in every client of this process, sparing the GetManifest call that would
+        fetch them."""
+        remember_rules(rules)
+
+    def answer_rules(self, fingerprint: str, timeout: float | None = None) -> AnswerRules:
+        """The rules of model `fingerprint`: known, or from the cloud's manifest of it.
+
+        Raises:
+            BadAnswer: the cloud's manifest does not hash to `fingerprint` (or is no manifest).
+            RetryLater, NeverRetry: GetManifest failed (see `manifest`).
+        """
+        known = known_rules(fingerprint)
+        if known is not None:
+            return known
+        served = self.manifest(fingerprint, timeout)
+        try:
+            rules = AnswerRules.from_served(fingerprint, served.data)
+        except ValueError as exc:
+            raise BadAnswer(
+                grpc.StatusCode.INTERNAL,
+                f"the cloud's manifest of model {_short(fingerprint)} is not that model's: "
+                f"{exc}; its answers cannot be checked",
+            ) from None
+        self.expect(rules)
+        return rules
+
+    def _rules_before_call(self, fingerprint: str) -> AnswerRules | None:
+        """The rules of model `fingerprint`, asked for before its first Detect: once the
+        answer is here the cloud may be gone (a replica that stopped after its last call).
+
+        The default model's manifest is asked for first: it lists the models served, and is
+        never refused for the model, so that a model not served is refused by the Detect call,
+        in the cloud's words, once (its refusals counted once, under Detect). None when the
+        cloud does not serve that model, or its manifest is not that model's (then asked for
+        again once an answer needs them).
+
+        Raises:
+            RetryLater, NeverRetry: GetManifest failed (the cloud is unreachable, refuses the
+                credentials, ...); nothing was sent.
+        """
+        known = known_rules(fingerprint)
+        if known is not None:
+            return known
+        served = self.manifest()  # (`manifest` keeps the rules of a manifest that hashes right)
+        if served.fingerprint != fingerprint and fingerprint in served.served:
+            try:
+                self.manifest(fingerprint)
+            except NeverRetry:
+                return None  # (no longer served: a reload in between)
+        return known_rules(fingerprint)
 
     def detect(
         self,
@@ -382,8 +703,12 @@ class CloudClient:
     ) -> CloudDetections:
         """`detect` for an already built request (e.g. one stored in the edge's outbox).
 
+        The answer is checked (`checked_detections`) by the rules of the request's model
+        (`answer_rules`: a GetManifest call before the first Detect of each model).
+
         Raises:
             RetryLater, NeverRetry: the call failed (see `classify`).
+            BadAnswer: the answer failed its checks, or was larger than the receive bound.
         """
         size = request.ByteSize()
         if size > self.config.max_message_bytes:
@@ -392,15 +717,31 @@ class CloudClient:
                 f"request of {size} bytes is larger than max message size "
                 f"{self.config.max_message_bytes}; use a smaller codec (e.g. int8)",
             )
+        fingerprint = request.model_fingerprint
+        rules = self._rules_before_call(fingerprint)
         response = self._call(self._stub.Detect, request, timeout or self.config.timeout_s)
-        return detections_from_proto(response)
+        check_identity(response, request)
+        if response.boxes and rules is None:  # (e.g. a replica that serves it answered)
+            try:
+                rules = self.answer_rules(fingerprint)
+            except BadAnswer:
+                raise
+            except CloudError as exc:
+                error = type(exc)(
+                    exc.code,
+                    f"cannot check the cloud's answer without the manifest of model "
+                    f"{_short(fingerprint)}: {exc.message}",
+                )
+                error.likely_cause = exc.likely_cause
+                raise error from None
+        return checked_detections(response, request, rules)
 
     def manifest(self, fingerprint: str = "", timeout: float | None = None) -> ServedManifest:
         """The manifest of the served model `fingerprint` ("" = the server's default).
 
         Raises:
             NeverRetry: FAILED_PRECONDITION when the server does not serve that model (its
-                message lists what it serves), or a bad manifest.
+                message lists what it serves); BadAnswer: a manifest that is not JSON.
             RetryLater: the server is unreachable or busy.
         """
         response = self._call(
@@ -411,10 +752,14 @@ class CloudClient:
         try:
             data = json.loads(response.manifest_json)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-            raise NeverRetry(
+            raise BadAnswer(
                 grpc.StatusCode.INTERNAL, f"server sent a bad manifest: {exc}"
             ) from None
         served = tuple(response.served_fingerprints) or (response.model_fingerprint,)
+        # a manifest that hashes to its fingerprint gives that model's rules (another is
+        # refused when an answer needs them)
+        with contextlib.suppress(ValueError):
+            self.expect(AnswerRules.from_served(response.model_fingerprint, data))
         return ServedManifest(response.model_fingerprint, data, served)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -430,7 +775,11 @@ class CloudClient:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            error = classify(exc.code(), exc.details() or "")
+            code, details = exc.code(), exc.details() or ""
+            too_large = answer_too_large(code, details, self.config.receive_bytes)
+            if too_large is not None:
+                raise too_large from None
+            error = classify(code, details)
             error.likely_cause = likely_cause(self.config, error)
             raise error from None
 

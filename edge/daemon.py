@@ -52,6 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 from splitdet.edge.client import (
+    AnswerRules,
     ClientConfig,
     CloudClient,
     CloudError,
@@ -628,6 +629,8 @@ class EdgeDaemon:
             threshold=config.threshold,
         )
         self.fingerprint = self.pipeline.manifest.fingerprint
+        # answers for this export are checked by its own manifest (no GetManifest to fetch it)
+        CloudClient.expect(AnswerRules.from_manifest(self.pipeline.manifest))
         self.store = ResultStore(config.db, config.outbox)
         self.folder = HotFolder(
             config.watch,

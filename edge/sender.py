@@ -13,7 +13,10 @@ reschedules the item and pauses the whole sender with capped exponential backoff
 one request cannot get through, the next would not either. After a few refused connections in a
 row the channel is rebuilt, so a cloud that comes back is found within one backoff step rather
 than after gRPC's own reconnect backoff. A permanent refusal (NeverRetry: INVALID_ARGUMENT,
-INTERNAL, a message too large) moves the item to the dead-letter state with the reason.
+INTERNAL, a message too large) moves the item to the dead-letter state with the reason; so does
+an answer that fails the client's checks (BadAnswer: another request's id or model, a NaN or
+out-of-image box, an unknown label or class name, too many boxes, an answer over the receive
+bound): nothing of it is stored, and the request is kept for `edge requeue`.
 UNAUTHENTICATED, PERMISSION_DENIED and FAILED_PRECONDITION are the exception: a wrong token, or a
 cloud that does not serve a request's model (yet, or any more: during a model upgrade), is the
 operator's to fix, and the requests themselves are fine; so the items stay in the outbox (retried
@@ -44,6 +47,7 @@ from google.protobuf.message import DecodeError
 
 from splitdet.edge.client import (
     RETRY_LATER_CODES,
+    BadAnswer,
     CloudClient,
     CloudDetections,
     NeverRetry,
@@ -231,7 +235,10 @@ class Sender(threading.Thread):
                 log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
                 return self._transient(item, exc, len(item.payload), at_cap=True)
             self._count_bytes(len(item.payload))
-            reason = f"dead letter: the cloud refused the request permanently: {exc}"
+            if isinstance(exc, BadAnswer):  # the cloud answered, but nothing of it is kept
+                reason = f"dead letter: refused the cloud's answer, stored nothing: {exc}"
+            else:
+                reason = f"dead letter: the cloud refused the request permanently: {exc}"
             self._dead_letter(item, reason, exc.code.name)
             self.failures = 0
             return 0.0
