@@ -41,7 +41,12 @@ from splitdet.cloud.servicer import (
     file_stamp,
 )
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
-from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from splitdet.shared.manifest import (
+    MANIFEST_NAME,
+    PUBLISHING_MARKER,
+    ManifestError,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +299,9 @@ def gather_models(
     raises instead, and so does an export named twice; without, a named directory that cannot
     be read (a copy in progress, a file server's hiccup) keeps serving the export `held` says
     it held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not
-    ask of it.
+    ask of it. So does any directory holding a re-export killed while it replaced its files
+    (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line
+    says so, as a restart would refuse that folder until it is exported again.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -321,13 +328,17 @@ def gather_models(
             model = loaded.get(fingerprint)
             if model is None:
                 model = ServedModel(*load_cloud(model_dir))
-            elif (held or {}).get(model_dir) != fingerprint:
-                read_manifest(model_dir)  # loaded from another directory: verify this one
+            elif (held or {}).get(model_dir) != fingerprint or (
+                model_dir / PUBLISHING_MARKER
+            ).exists():  # loaded from another directory, or a re-export killed midway in it
+                read_manifest(model_dir)  # verify this one
         except (ManifestError, OSError) as exc:
             if is_named and strict:
                 raise
             problem = f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
-            before = (held or {}).get(model_dir) if is_named else None
+            # a named folder, or one a re-export was killed in, keeps the export it served
+            interrupted = (model_dir / PUBLISHING_MARKER).exists()
+            before = (held or {}).get(model_dir) if is_named or interrupted else None
             if before is None or before not in loaded or before in where:
                 problems.append(f"{problem}; skipped")
                 continue

@@ -24,6 +24,7 @@ from cloud_fixtures import (
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.shared.cli import main
+from splitdet.shared.manifest import PUBLISHING_MARKER
 
 from conftest import make_tiny_model
 
@@ -227,6 +228,30 @@ def test_a_reload_names_folders_counts_outcomes_and_the_edges_of_a_dropped_expor
             assert metrics[f'splitdet_cloud_reloads_total{{outcome="{outcome}"}}'] == count
     finally:
         cam.close()
+        server.stop(0)
+
+
+def test_a_reexport_killed_in_a_served_folder_is_a_problem_its_export_still_served(
+    second, tmp_path
+):
+    """Before: the reload skipped verifying the folder it served from, so a re-export killed
+    midway (the publishing marker, one new file beside the old manifest) went unreported,
+    and the next start refused the folder."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, _ = second
+    folder = tmp_path / "models"
+    _copy(first_dir, folder / "v1", exported_at=1e9)
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2,
+                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    try:
+        (folder / "v1" / PUBLISHING_MARKER).write_text("pid 1\n")  # the state a kill leaves
+        shutil.copy(second_dir / "cloud_heads.pt", folder / "v1" / "cloud_heads.pt")
+        change = server.reload()
+        assert change["served"] == [first.fingerprint], change  # still served, from memory
+        assert len(change["problems"]) == 1 and "interrupted" in change["problems"][0], change
+        assert "still serving the export it held" in change["problems"][0], change
+    finally:
         server.stop(0)
 
 

@@ -18,6 +18,7 @@ from splitdet.shared import checkpoint as checkpoint_module
 from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import ManifestError, read_manifest
+from splitdet.training import export as export_module
 from splitdet.training.export import export_model
 
 from conftest import make_tiny_model
@@ -140,6 +141,27 @@ def test_a_full_disk_while_exporting_ends_in_one_line(tmp_path, fingerprints, mo
         f"on device); {out} keeps its earlier model as it was"
     ), err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_manifest(out).fingerprint == fingerprints[0]
+
+
+def test_a_full_disk_at_the_publishing_marker_ends_in_one_line(
+    tmp_path, fingerprints, monkeypatch, capsys
+):
+    """The marker is the last file written before the first move: a disk the staging files
+    just filled may refuse it. Before: a bare "cannot write ([Errno 28] ...)" that named no
+    file and did not say the earlier model was kept."""
+    out = tmp_path / "model"
+    export_model(make_tiny_model(seed=0), out)
+    checkpoint = tmp_path / "new.pt"
+    save_checkpoint(checkpoint, make_tiny_model(seed=1))
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_module, "atomic_write", full)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "keeps its earlier model as it was" in err, err
     assert read_manifest(out).fingerprint == fingerprints[0]
 
 

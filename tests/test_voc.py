@@ -210,6 +210,32 @@ def test_a_dtd_is_refused_in_any_encoding(tmp_path, encoding):
             voc.read_split(tmp_path, "s")
 
 
+def test_a_bare_doctype_is_read(tmp_path):
+    """`<!DOCTYPE annotation>` declares nothing (no subset, no external DTD): some converters
+    write it, and ElementTree reads it."""
+    _image(tmp_path, "bare", ".png")
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "bare.xml").write_text(
+        '<?xml version="1.0"?><!DOCTYPE annotation><annotation><filename>bare.png</filename>'
+        "<size><width>64</width><height>48</height></size></annotation>"
+    )
+    voc.write_split(tmp_path, "s", ["bare"])
+    assert voc.read_split(tmp_path, "s")[0].objects == ()
+
+
+def test_an_external_dtd_is_refused(tmp_path):
+    _image(tmp_path, "external", ".png")
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "external.xml").write_text(
+        '<?xml version="1.0"?><!DOCTYPE annotation SYSTEM "voc.dtd"><annotation>'
+        "<filename>external.png</filename><size><width>64</width><height>48</height></size>"
+        "</annotation>"
+    )
+    voc.write_split(tmp_path, "s", ["external"])
+    with pytest.raises(VocError, match=r"external\.xml: a document type \(DTD\)"):
+        voc.read_split(tmp_path, "s")
+
+
 def test_an_annotation_that_is_a_folder_names_the_file(tmp_path):
     _image(tmp_path, "folder")
     (tmp_path / "Annotations" / "folder.xml").mkdir(parents=True)

@@ -254,6 +254,8 @@ def export_model(
                 manifest = _export_into(
                     model, staging, gate_threshold, default_codec, sample_hw, extra, calibration
                 )
+                # before the first move, as `_publish` says; a full disk may refuse it too
+                atomic_write(out_dir / PUBLISHING_MARKER, f"pid {os.getpid()}\n", fsync=True)
             except OSError as exc:  # a full disk (torch.save's, ONNX's), the staging folder
                 raise ExportError(_unwritten(out_dir, staging, exc)) from exc
             _publish(staging, out_dir, manifest)
@@ -287,8 +289,8 @@ def _publish(staging: Path, out_dir: Path, manifest: Manifest) -> None:
     move to after the last, so that, should the export be killed in between, `read_manifest`
     says that an export was interrupted and what to do (export again), instead of only that a
     file differs from its hash. A folder whose files all match its manifest is read as it is,
-    marker or not (an export killed before its first move, or after its last)."""
-    atomic_write(out_dir / PUBLISHING_MARKER, f"pid {os.getpid()}\n", fsync=True)
+    marker or not (an export killed before its first move, or after its last). The caller
+    writes the marker first."""
     for name in artifacts_for(manifest.model_config):
         os.replace(staging / name, out_dir / name)
     for name in set(ALL_ARTIFACTS) - set(manifest.artifacts):

@@ -202,19 +202,24 @@ class _Doctype(Exception):
 
 
 def _refuse_doctype(data: bytes) -> None:
-    """Raise `_Doctype` when ``data`` declares a document type (where entities are declared),
-    in whatever encoding it is written; ET.ParseError when it is malformed XML.
+    """Raise `_Doctype` when ``data`` declares a document type with content (an internal
+    subset, where entities are declared, or an external DTD), in whatever encoding it is
+    written; ET.ParseError when it is malformed XML. A bare ``<!DOCTYPE annotation>`` passes.
 
     ElementTree never fetches external entities, and expat bounds entity amplification; VOC
     annotations have no DTD at all, so one is refused outright, before ElementTree reads it.
     """
 
-    def refuse(*_args) -> None:
+    def doctype(_name, system_id, _public_id, has_internal_subset) -> None:
+        if system_id or has_internal_subset:  # a bare <!DOCTYPE annotation> declares nothing
+            raise _Doctype
+
+    def entity(*_args) -> None:
         raise _Doctype
 
     parser = expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = entity
     try:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
