@@ -649,7 +649,6 @@ def status(args: argparse.Namespace) -> int:
         raise CommandError(f"--db {exc}") from None
     try:
         summary = store_status(db)
-        summary["results_by_model"] = results_by_model(db)
     finally:
         db.close()
     text = json.dumps(summary, indent=2) if args.json else "\n".join(
@@ -659,17 +658,6 @@ def status(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # e.g. `| head`: stop quietly
         silence_stdout()
     return 0
-
-
-def results_by_model(db: sqlite3.Connection) -> dict[str, dict]:
-    """The store's result rows by the model export that made them (the images table's
-    `fingerprint`), the export of the latest result first: {fingerprint: {"results": n,
-    "last_arrival": unix s}}. Read only; one pass over the table, as `store_status`'s own."""
-    rows = db.execute(
-        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
-        " ORDER BY MAX(id) DESC"
-    ).fetchall()
-    return {fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in rows}
 
 
 def _status_lines(path: Path, summary: dict) -> list[str]:

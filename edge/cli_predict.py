@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = {  # which export, at which threshold and codec, said so: each record carries it
         "fingerprint": pipeline.manifest.fingerprint,
-        "gate_threshold": pipeline.threshold,
+        "gate_threshold": pipeline.threshold if args.gate == "on" else None,  # none judged
         "codec": pipeline.codec,
     }
     records = [{**p.to_dict(), **model} for p in predictions]

@@ -133,7 +133,7 @@ MOVE_ERROR = "move"
 #: The labels of splitdet_edge_model_info (`model_labels`).
 MODEL_INFO_LABELS = ("fingerprint", "threshold", "calibrated_threshold", "codec")
 #: What `EdgeDaemon._probe_one` found: the export served, refused, or no use asking further.
-_SERVED, _REFUSED, _STOP = "served", "refused", "stop"
+_SERVED, _REFUSED, _UNREACHABLE, _STOP = "served", "refused", "unreachable", "stop"
 #: Bytes read at a time when a file in the archive is compared with the image (`_same_bytes`).
 _COMPARE_CHUNK = 1 << 20
 
@@ -663,6 +663,7 @@ class EdgeDaemon:
         self._pruner: threading.Thread | None = None
         self._pruner_stop = threading.Event()
         self._sweeper: threading.Thread | None = None  # removes partial copies left by a kill
+        self._prober: threading.Thread | None = None  # asks the cloud about our exports
         self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
         self._outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
 
@@ -758,10 +759,11 @@ class EdgeDaemon:
             info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
                     "fingerprint": self.fingerprint}  # fmt: skip
             write_ready_file(config.ready_file, info)
-        threading.Thread(
+        self._prober = threading.Thread(
             target=self._probe_cloud, args=((self.fingerprint, *earlier),), name="cloud-probe",
             daemon=True,
-        ).start()  # fmt: skip
+        )  # fmt: skip
+        self._prober.start()
 
     def _warn_threshold_override(self, calibrated: float) -> None:
         """WARNING: --threshold overrides the export's calibrated gate threshold. The results
@@ -825,26 +827,33 @@ class EdgeDaemon:
                note="a copy into this folder, cut short by a kill")  # fmt: skip
 
     def _probe_cloud(self, fingerprints: tuple[str, ...]) -> None:
-        """Ask the cloud once, at start-up and beside the work, whether it serves each model
+        """Ask the cloud, at start-up and beside the work, whether it serves each model
         export the edge sends for: its own, and any earlier one whose requests wait in the
         outbox. A cloud on another export, or refusing the credentials, is logged now, not at
         the first defect, which on a good line may come hours later. Nothing waits for the
         answer: the outbox holds requests until the cloud takes them, whatever the probe found.
-        An export the cloud refused is asked about again every --retry-max seconds until it is
-        served (`_probe_again`): an idle edge has no send to show the fix."""
+        An unreachable cloud is asked again every --retry-max seconds until it answers (logged
+        once), and an export it refused until it is served (`_probe_again`): an idle edge has
+        no send to show the fix."""
         try:
             client = CloudClient(self.config.client_config)
         except Exception as exc:  # e.g. certificate files gone since start-up
             _event(logging.WARNING, "cloud_check_failed", error=str(exc))
             return
         try:
-            refused = []
-            for fingerprint in fingerprints:
-                outcome = self._probe_one(client, fingerprint)
+            pending, refused, quiet = list(fingerprints), [], False
+            while pending:
+                outcome = self._probe_one(client, pending[0], quiet)
+                if outcome == _UNREACHABLE:  # (a cloud booting after its edges): ask again
+                    quiet = True  # logged once
+                    if self._pruner_stop.wait(self.config.retry_max_s):
+                        return
+                    continue
+                if outcome == _STOP:
+                    return
                 if outcome == _REFUSED:
-                    refused.append(fingerprint)
-                elif outcome == _STOP:
-                    break
+                    refused.append(pending[0])
+                pending.pop(0)
             self._probe_again(client, refused)
         finally:
             client.close()
@@ -866,24 +875,27 @@ class EdgeDaemon:
                 if served.fingerprint != fingerprint:
                     continue
                 pending.remove(fingerprint)
+                if self._pruner_stop.is_set():
+                    return  # (the daemon has stopped meanwhile: no line after "stopped")
                 role = "current" if fingerprint == self.fingerprint else "earlier"
                 _event(logging.INFO, "model_served_again", fingerprint=fingerprint, role=role,
                        served=list(served.served),
                        note="the cloud serves this export now: its requests go out")  # fmt: skip
 
-    def _probe_one(self, client: CloudClient, fingerprint: str) -> str:
+    def _probe_one(self, client: CloudClient, fingerprint: str, quiet: bool = False) -> str:
         """Log whether the cloud serves `fingerprint`: _SERVED, _REFUSED (it does not serve
-        that export; ask about the next), or _STOP when asking again is pointless (the cloud
-        is unreachable or refuses us)."""
+        that export; ask about the next), _UNREACHABLE (ask again later; logged at DEBUG when
+        `quiet`), or _STOP when asking again is pointless (the cloud refuses us)."""
         role = "current" if fingerprint == self.fingerprint else "earlier"  # (outbox requests)
         try:
             served = client.manifest(fingerprint)
         except RetryLater as exc:
             cause = exc.likely_cause  # a TLS handshake refused, or None
-            _event(logging.WARNING, "cloud_unreachable", code=exc.code.name, error=exc.message,
-                   note="requests wait in the outbox until it answers",
-                   **({"likely_cause": cause} if cause else {}))  # fmt: skip
-            return _STOP
+            _event(logging.DEBUG if quiet else logging.WARNING, "cloud_unreachable",
+                   code=exc.code.name, error=exc.message,
+                   note="requests wait in the outbox until it answers; asked again every "
+                   "--retry-max", **({"likely_cause": cause} if cause else {}))  # fmt: skip
+            return _UNREACHABLE
         except CloudError as exc:
             event = OPERATOR_PROBLEMS.get(exc.code, ("cloud_check_failed", ""))[0]
             _event(logging.ERROR, event, code=exc.code.name, error=exc.message,
@@ -909,6 +921,8 @@ class EdgeDaemon:
         for worker in (self._pruner, self._sweeper):
             if worker is not None:
                 worker.join(timeout=10.0)
+        if self._prober is not None:  # (a call under way: left to end alone, logging nothing)
+            self._prober.join(timeout=2.0)
         self.sender.stop()
         if self.sender.is_alive():
             self.sender.join(timeout=5.0)
@@ -1356,12 +1370,17 @@ def _stored_file(stored_path: str) -> Path:
 
 
 def _same_bytes(source: Path, copy: Path) -> bool:
-    """Whether `copy` is a regular file (not a link) holding exactly `source`'s bytes: equal
-    sizes, then compared chunk by chunk (as equal SHA-256s would say, without reading past
-    the first difference). False if either cannot be read."""
+    """Whether `copy` is a regular file (not a link) on another file system than `source`,
+    holding exactly its bytes: equal sizes, then compared chunk by chunk (as equal SHA-256s
+    would say, without reading past the first difference). False if either cannot be read.
+    On `source`'s own file system a move is a link then an unlink, so its leftover is the same
+    file (`_same_file`), and a file of the same bytes is another image's (another daemon
+    sharing the archive): never this image's copy."""
     try:
         copied, original = os.lstat(copy), os.stat(source)
         if not stat.S_ISREG(copied.st_mode) or copied.st_size != original.st_size:
+            return False
+        if copied.st_dev == original.st_dev:
             return False
         with open(source, "rb") as a, open(copy, "rb") as b:
             while True:

@@ -268,11 +268,12 @@ def read_contents(db: sqlite3.Connection) -> Contents:
 def check_contents(path: Path | str, contents: Contents) -> bool:
     """Whether the file is an empty database (to make a store of), or False when it is an edge
     store this splitdet can use: ours by its application_id, or written before the id was set
-    (application_id 0) and ours by its tables at its user_version.
+    (application_id 0) and ours by its tables at its user_version (all of them; more, such as
+    an operator's view, are left alone).
 
     Raises:
         StoreError: anything else, naming the file and what it holds: another program's
-            database (another application_id, other tables, or none but a user_version), a
+            database (another application_id, not our tables, or none but a user_version), a
             store of a newer splitdet, or one of ours that lacks tables.
     """
     found = set(contents.names)
@@ -296,8 +297,9 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
     if contents.application_id == 0:
         if contents.user_version == 0 and not found:
             return True
-        if found == _TABLES.get(contents.user_version):  # written before APPLICATION_ID
-            return False
+        expected = _TABLES.get(contents.user_version)
+        if expected is not None and expected <= found:  # written before APPLICATION_ID (an
+            return False  # operator's own view or table beside ours stays welcome)
     held = describe_contents(
         contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
     )
@@ -1157,7 +1159,8 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
 
     Returns:
         {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
-        "last_arrival", "last_finished", "outbox" {"requests", "bytes", "oldest_age_s",
+        "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
+        "last_arrival"}, the latest result's first}, "outbox" {"requests", "bytes", "oldest_age_s",
         "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
         {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
     """
@@ -1173,6 +1176,10 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
     ))  # fmt: skip
     last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
+    by_export = db.execute(  # the export of the latest result first
+        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
+        " ORDER BY MAX(id) DESC"
+    ).fetchall()
     depth, size, oldest, next_try = one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
     )
@@ -1187,6 +1194,9 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "errors": errors,
         "last_arrival": last_arrival,
         "last_finished": last_finished,
+        "results_by_model": {
+            fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in by_export
+        },
         "outbox": {
             "requests": depth,
             "bytes": size,

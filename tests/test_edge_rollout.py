@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -199,6 +200,8 @@ def test_a_kill_after_the_copy_onto_an_archive_disk_is_in_place_keeps_one_copy(
     row names. Before: a second copy as 00000001_a~1.png, the row moved to it, the first
     orphaned for good."""
     folder, simulated = archive_disk
+    if simulated:  # adoption asks the file system: a copy is on another device
+        pytest.skip("needs a second file system (/dev/shm as tmpfs)")
     archive = folder / "archive"
     watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
     watch.mkdir()
@@ -239,7 +242,9 @@ def test_a_restart_adopts_a_whole_copy_left_at_the_recorded_name(
     """The same crash state made in-process (the source's removal interrupted), for an
     archived and a quarantined image: one file under the recorded name, the row naming it,
     the image gone from --watch, a quarantined one's reason file beside it."""
-    folder, _ = archive_disk
+    folder, simulated = archive_disk
+    if simulated:  # adoption asks the file system: a copy is on another device
+        pytest.skip("needs a second file system (/dev/shm as tmpfs)")
     out = folder / where
     data = png(2) if where == "archive" else b"not an image at all"
     config = daemon_config(
@@ -296,6 +301,33 @@ def test_a_file_of_other_bytes_at_the_recorded_name_is_not_adopted(tiny_model_di
         config.archive / "00000001_a~1.png"
     )
     assert Path(row["stored_path"]).read_bytes() == data and not source.exists()
+
+
+def test_the_same_bytes_on_the_same_file_system_are_another_images_not_adopted(
+    tiny_model_dir, tmp_path
+):
+    """Two daemons sharing one archive on their own file system, the same frame (a black
+    image) arriving at both under one name, each with its own row 1: the second to move finds
+    the name taken by bytes equal to its own. On one file system a move is a link then an
+    unlink, so that file is never this image's leftover: it is archived beside it as ~1.
+    Before: taken as its own copy, the image deleted, two rows naming one file."""
+    data = png(4)
+    archive = tmp_path / "shared-archive"
+    a = daemon_config(tiny_model_dir, tmp_path / "A", after="archive", archive_dir=archive)
+    b = daemon_config(tiny_model_dir, tmp_path / "B", after="archive", archive_dir=archive)
+    source = a.watch / "a.png"
+    source.write_bytes(data)
+    planned = archive / "00000001_a.png"
+    store = ResultStore(a.db)  # A recorded its image under the free name, not moved yet
+    store.record_ok(Arrival(str(source), file_key(source, source.stat()), sha(data), len(data),
+                            time.time()), 0.1, "f" * 64, {}, str(planned))  # fmt: skip
+    store.close()
+    (b.watch / "a.png").write_bytes(data)
+    assert EdgeDaemon(b).run() == 0  # B takes the name first
+    assert image_rows(b.db)[0]["stored_path"] == str(planned)
+    assert EdgeDaemon(a).run() == 0
+    assert sorted(os.listdir(archive)) == ["00000001_a.png", "00000001_a~1.png"]
+    assert image_rows(a.db)[0]["stored_path"] == str(archive / "00000001_a~1.png")
 
 
 # ------------------------------------------------------- 4. status's last error; served again
@@ -356,3 +388,40 @@ def test_an_idle_edge_logs_when_the_cloud_serves_its_refused_export_again(
         assert len(seen("model_refused")) == 1  # the refusal was logged once
     finally:
         cloud.stop()
+
+
+def test_an_edge_started_before_its_cloud_checks_once_the_cloud_answers(
+    tiny_model_dir, tmp_path, caplog
+):
+    """After a power cut the edge boots before its cloud: the start-up probe met no cloud
+    and was never made again, so a cloud that came up serving another export went unreported
+    until the first defect (and `model_served_again` could never follow). Now an unreachable
+    cloud is asked again every --retry-max, the first miss logged once."""
+    from cloud_fixtures import shared_model_dir
+
+    from splitdet.cloud.server import CloudServer, ServerConfig
+
+    _, other_dir, other = shared_model_dir(0)
+    with contextlib.closing(socket.socket()) as probe:  # a port nothing listens on, yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = daemon_config(tiny_model_dir, tmp_path, once=False, cloud=f"127.0.0.1:{port}",
+                           retry_initial_s=0.1, retry_max_s=0.3)  # fmt: skip
+    daemon = EdgeDaemon(config)
+    with caplog.at_level(logging.DEBUG, logger="splitdet.edge"), running(daemon):
+
+        def seen(event: str, level: int = logging.DEBUG) -> list[dict]:
+            return [e for e in events(caplog) if e.get("event") == event and e["_level"] >= level]
+
+        wait_for(lambda: seen("cloud_unreachable"), 30, "cloud_unreachable")
+        time.sleep(1.0)  # several probes: the miss is logged once above DEBUG
+        assert len(seen("cloud_unreachable", logging.WARNING)) == 1
+        served = ServerConfig(model_dir=other_dir, listen=f"127.0.0.1:{port}", threads=1,
+                              answers_db=tmp_path / "a.sqlite")  # fmt: skip
+        server = CloudServer(served).start()
+        try:
+            [refused] = wait_for(lambda: seen("model_refused"), 30, "model_refused")
+        finally:
+            server.stop(0)
+    assert refused["fingerprint"] == daemon.fingerprint and refused["role"] == "current"
+    assert other.fingerprint != daemon.fingerprint
