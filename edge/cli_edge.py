@@ -126,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_run(actions)
     _register_results(actions)
     _register_requeue(actions)
+    _register_abandon(actions)
     _register_status(actions)
     _register_prune(actions)
     _register_check(actions)
@@ -432,6 +433,83 @@ def requeue(args: argparse.Namespace) -> int:
         print(f"{len(not_kept)} without a kept request (dropped by --dead-letter-max-mb, or "
               "refused before splitdet kept them): process their images again "
               f"(`splitdet edge results --db {args.db} --verdict error` lists them)")  # fmt: skip
+    return 0
+
+
+ABANDON_EPILOG = """\
+examples:
+  splitdet edge abandon --db /data/edge.sqlite --fingerprint 3c5823c70655 --dry-run
+  splitdet edge abandon --db /data/edge.sqlite --fingerprint 3c5823c70655
+
+Requests made with a model export wait in the outbox until the cloud serves that export (log
+event model_refused, the oldest-pending alert). When no cloud will serve it again (retired
+for good), abandon turns them into dead letters: their rows become "error" (error_kind
+dead_letter, the reason naming the export), the requests are kept within --dead-letter-max-mb,
+and `splitdet edge requeue` sends them again should the export be served after all; or process
+their images again with the current export. `splitdet edge status` lists the outbox by export.
+Safe while the daemon runs.
+"""
+
+
+def _register_abandon(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "abandon",
+        help="make the waiting requests of a retired model export dead letters",
+        description="Turn the outbox requests made with one model export, which no cloud "
+        "serves any more, into dead letters (kept for `splitdet edge requeue`).",
+        epilog=ABANDON_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--fingerprint",
+        required=True,
+        metavar="HEX",
+        help="the export's fingerprint, or its first 8 or more hex digits (as `edge status` "
+        "shows them)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
+    p.set_defaults(handler=abandon)
+
+
+def abandon(args: argparse.Namespace) -> int:
+    """Dead-letter one export's waiting requests; see ABANDON_EPILOG."""
+    from splitdet.shared.cli import CommandError
+
+    wanted = args.fingerprint.strip().lower()
+    if len(wanted) < 8 or any(c not in "0123456789abcdef" for c in wanted):
+        raise CommandError(
+            f"--fingerprint {args.fingerprint!r}: give the export's fingerprint or its first 8 "
+            "or more hex digits"
+        )
+    store = _open_store(args.db)
+    try:
+        waiting = store.outbox_fingerprints()
+        matches = sorted(fp for fp in waiting if fp.startswith(wanted))
+        if not matches:
+            held = ", ".join(f"{fp[:12]} ({n})" for fp, n in waiting.items()) or "none"
+            raise CommandError(
+                f"--db {args.db}: no request in the outbox was made with export {wanted}; "
+                f"the outbox holds requests of: {held}"
+            )
+        if len(matches) > 1:
+            raise CommandError(
+                f"--fingerprint {wanted} names {len(matches)} exports ("
+                + ", ".join(fp[:16] for fp in matches)
+                + "): give more digits"
+            )
+        [fingerprint] = matches
+        reason = (
+            f"abandoned by `splitdet edge abandon`: no cloud serves model export "
+            f"{fingerprint[:16]} any more (`splitdet edge requeue` sends it again)"
+        )
+        n = store.dead_letter_export(fingerprint, reason, dry_run=args.dry_run)
+        kept = store.dead_letter_stats().depth
+    finally:
+        store.close()
+    verb = "would make" if args.dry_run else "made"
+    print(f"{args.db}: {verb} {n} request(s) of export {fingerprint[:16]} dead letters"
+          + ("" if args.dry_run else f"; {kept} dead letter(s) kept for requeue"))  # fmt: skip
     return 0
 
 

@@ -897,24 +897,47 @@ class ResultStore:
         from the outbox to the dead letters, one commit; not retried unless requeued. False
         when the item is no longer pending."""
         with self._transaction() as db:
-            now = time.time()
-            cursor = db.execute(
-                "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
-                " finished = ?, updated = ?, attempts = attempts + 1"
-                " WHERE id = ? AND verdict = 'pending'",
-                (path_text(reason), now, now, image_id),
+            return self._dead_letter(db, image_id, reason, attempt=True)
+
+    def _dead_letter(
+        self, db: sqlite3.Connection, image_id: int, reason: str, attempt: bool
+    ) -> bool:
+        """`dead_letter` within `db`'s transaction; `attempt`: count it as a send attempt."""
+        now = time.time()
+        cursor = db.execute(
+            "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
+            " finished = ?, updated = ?, attempts = attempts + ?"
+            " WHERE id = ? AND verdict = 'pending'",
+            (path_text(reason), now, now, int(attempt), image_id),
+        )
+        if cursor.rowcount:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (image_id, request_id, payload,"
+                " size_bytes, created, dead_at) SELECT image_id, request_id, payload,"
+                " size_bytes, created, ? FROM outbox WHERE image_id = ?",
+                (now, image_id),
             )
-            if cursor.rowcount:
-                db.execute(
-                    "INSERT OR REPLACE INTO dead_letters (image_id, request_id, payload,"
-                    " size_bytes, created, dead_at) SELECT image_id, request_id, payload,"
-                    " size_bytes, created, ? FROM outbox WHERE image_id = ?",
-                    (now, image_id),
-                )
-                self._count(db, "dead_letters")
-                self._trim_dead_letters(db)
-            db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
-            return bool(cursor.rowcount)
+            self._count(db, "dead_letters")
+            self._trim_dead_letters(db)
+        db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
+        return bool(cursor.rowcount)
+
+    def dead_letter_export(self, fingerprint: str, reason: str, dry_run: bool = False) -> int:
+        """Every outbox request made with the model export `fingerprint` made a dead letter
+        (its row "error", kept for `requeue_dead_letters`, within the dead letters' byte cap),
+        in one commit: an export no cloud will serve again. Returns how many (would be) moved.
+        A request the sender is sending meanwhile ends as the dead letter: its answer, when it
+        comes, finds the row no longer pending and changes nothing (`complete`)."""
+        with self._transaction() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
+                " WHERE i.fingerprint = ? AND i.verdict = 'pending' ORDER BY o.image_id",
+                (fingerprint,),
+            )]  # fmt: skip
+            if not dry_run:
+                for image_id in ids:  # (not a send attempt)
+                    self._dead_letter(db, image_id, reason, attempt=False)
+            return len(ids)
 
     def _trim_dead_letters(self, db: sqlite3.Connection) -> None:
         """Drop the oldest kept requests until the dead letters fit their byte cap."""

@@ -1,0 +1,72 @@
+"""`splitdet edge abandon`: the waiting requests of a model export that no cloud will serve
+again become dead letters (kept for `edge requeue`), the other exports' requests untouched.
+Before, they waited in the outbox for good: retried every --retry-max with an ERROR line, the
+oldest-pending alert firing, `prune` never deleting pending rows and `requeue` only taking
+dead letters (a rollout review)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from splitdet.edge.store import Arrival, ResultStore, open_readonly, store_status
+from splitdet.shared.cli import main
+
+RETIRED = "aaaaaaaa1" + "0" * 55
+CURRENT = "aaaaaaaa2" + "0" * 55
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A store with 3 requests of the retired export and 1 of the current one waiting."""
+    path = tmp_path / "edge.sqlite"
+    store = ResultStore(path)
+    for n, fingerprint in enumerate([RETIRED, RETIRED, CURRENT, RETIRED]):
+        arrival = Arrival(f"/hot/{n}.png", f"{n}.png|1|{n}|{n}", f"{n:064x}", 1, time.time())
+        store.record_pending(arrival, 0.9, f"r{n}", b"payload", fingerprint, {})
+    store.close()
+    return path
+
+
+def _status(path):
+    db = open_readonly(path)
+    try:
+        return store_status(db)
+    finally:
+        db.close()
+
+
+def test_abandon_dead_letters_one_exports_requests_and_requeue_brings_them_back(db, capsys):
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", "AAAAAAAA1",
+                 "--dry-run"]) == 0  # fmt: skip
+    assert "would make 3 request(s) of export aaaaaaaa1" in capsys.readouterr().out
+    assert _status(db)["outbox"]["requests"] == 4  # a dry run changes nothing
+
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", RETIRED]) == 0
+    assert "made 3 request(s)" in capsys.readouterr().out
+    status = _status(db)
+    assert status["outbox"]["by_model"] == {CURRENT: 1}
+    assert status["dead_letters"]["kept"] == 3 and status["verdicts"]["error"] == 3
+    rows = {r["request_id"]: r for r in ResultStore(db).results()}
+    assert rows["r0"]["error_kind"] == "dead_letter" and "abandoned" in rows["r0"]["reason"]
+    assert rows["r0"]["attempts"] == 0  # not a send attempt
+    assert rows["r2"]["verdict"] == "pending"
+
+    assert main(["edge", "requeue", "--db", str(db)]) == 0  # the export served after all
+    assert _status(db)["outbox"]["by_model"] == {RETIRED: 3, CURRENT: 1}
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("aaaa", "first 8 or more hex digits"),
+        ("not-hex!", "first 8 or more hex digits"),
+        ("aaaaaaaa", "names 2 exports"),
+        ("bbbbbbbb", "no request in the outbox was made with export bbbbbbbb"),
+    ],
+)
+def test_abandon_refuses_what_names_no_single_export(db, capsys, given, said):
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", given]) == 2
+    assert said in capsys.readouterr().err
+    assert _status(db)["outbox"]["requests"] == 4
