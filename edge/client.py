@@ -11,9 +11,12 @@
 
 Every answer is checked before anyone sees it (`checked_detections`): the request's id and
 model, finite corners and scores in [0, 1], boxes inside the image, labels and class names of
-the model's manifest, no more boxes than its `box_detections_per_img`. The manifest comes from
-the cloud (GetManifest, before the first Detect of a model; kept for the process) and is
-believed only when its contents hash to the fingerprint the edge computed from its own files.
+the model's manifest, no more boxes than its `box_detections_per_img`. The manifest is the
+edge's own (`CloudClient.expect`), or one the cloud sent (a GetManifest call made for its own
+sake: a start-up check), believed only when its contents hash to the request's fingerprint;
+kept for the process. No call is made to fetch it: an answer of a model whose manifest this
+process never read keeps the bounds every answer keeps (labels from 1, class names of at most
+CLASS_NAME_BYTES_ALLOWED characters, at most ANSWER_BOXES_ALLOWED boxes).
 An answer is received only up to `MAX_ANSWER_BYTES` (a real one is kilobytes), whatever the
 bound on the edge's own requests.
 
@@ -452,7 +455,10 @@ def checked_detections(
     Args:
         response: the cloud's answer.
         request: the request it answers (its id, model and original image size).
-        rules: the rules of the request's model; None only for an answer without boxes.
+        rules: the rules of the request's model (its labels, class names and box cap); None
+            when unknown (a request of an earlier export whose manifest this process never
+            read): then any label from 1, a class name of at most CLASS_NAME_BYTES_ALLOWED
+            characters, at most ANSWER_BOXES_ALLOWED boxes.
 
     Raises:
         BadAnswer: the answer is not one a splitdet cloud of this model gives; the message
@@ -464,10 +470,10 @@ def checked_detections(
         result = detections_from_proto(response)
         _check_timings(result.timings)
         return result
-    if rules is None:
-        raise ValueError("an answer with boxes needs the rules of its model to be checked")
-    if n > rules.max_boxes:
+    if rules is not None and n > rules.max_boxes:
         _bad(f"holds {n} boxes, beyond the model's box_detections_per_img ({rules.max_boxes})")
+    if n > ANSWER_BOXES_ALLOWED:
+        _bad(f"holds {n} boxes, beyond the {ANSWER_BOXES_ALLOWED} any answer may hold")
     result = detections_from_proto(response)
     _check_timings(result.timings)
     boxes, scores, labels = result.boxes, result.scores, result.labels
@@ -478,14 +484,20 @@ def checked_detections(
                  f"({corners}), score {scores[i]:g})")  # fmt: skip
         if not 0.0 <= scores[i] <= 1.0:
             _bad(f"holds score {scores[i]:g} (box {i + 1} of {n}), outside [0, 1]")
-        label, known = int(labels[i]), len(rules.class_names)
+        label, name = int(labels[i]), result.class_names[i]
         if label < 1:
             _bad(f"holds label {label} (box {i + 1} of {n}), not a class index (labels are "
                  f"1-based; 0 is the background)")  # fmt: skip
+        if rules is None:
+            if not name or len(name) > CLASS_NAME_BYTES_ALLOWED:
+                _bad(f"names label {label} {_shown(name)} (box {i + 1} of {n}), not a class "
+                     f"name (1 to {CLASS_NAME_BYTES_ALLOWED} characters)")  # fmt: skip
+            continue
+        known = len(rules.class_names)
         if label > known:
             _bad(f"holds label {label}, beyond the model's {known} class(es)")
-        if result.class_names[i] != rules.class_names[label - 1]:
-            _bad(f"names label {label} {_shown(result.class_names[i])} (box {i + 1} of {n}), "
+        if name != rules.class_names[label - 1]:
+            _bad(f"names label {label} {_shown(name)} (box {i + 1} of {n}), "
                  f"not the model's {_shown(rules.class_names[label - 1])}")  # fmt: skip
     height, width = request.image.original_height, request.image.original_width
     bound = np.array([width, height, width, height], dtype=np.float64)
@@ -598,7 +610,7 @@ class CloudClient:
     Thread-safe; one per process is enough. Failures raise RetryLater or NeverRetry (an
     answer that fails its checks: BadAnswer). The rules answers are checked by are kept per
     model for the process (`remember_rules`): from `expect`, or from a manifest the cloud sent
-    that hashes to its fingerprint (asked for before a model's first Detect).
+    that hashes to its fingerprint.
     """
 
     def __init__(self, config: ClientConfig) -> None:
@@ -629,53 +641,6 @@ class CloudClient:
         fetch them."""
         remember_rules(rules)
 
-    def answer_rules(self, fingerprint: str, timeout: float | None = None) -> AnswerRules:
-        """The rules of model `fingerprint`: known, or from the cloud's manifest of it.
-
-        Raises:
-            BadAnswer: the cloud's manifest does not hash to `fingerprint` (or is no manifest).
-            RetryLater, NeverRetry: GetManifest failed (see `manifest`).
-        """
-        known = known_rules(fingerprint)
-        if known is not None:
-            return known
-        served = self.manifest(fingerprint, timeout)
-        try:
-            rules = AnswerRules.from_served(fingerprint, served.data)
-        except ValueError as exc:
-            raise BadAnswer(
-                grpc.StatusCode.INTERNAL,
-                f"the cloud's manifest of model {_short(fingerprint)} is not that model's: "
-                f"{exc}; its answers cannot be checked",
-            ) from None
-        self.expect(rules)
-        return rules
-
-    def _rules_before_call(self, fingerprint: str) -> AnswerRules | None:
-        """The rules of model `fingerprint`, asked for before its first Detect: once the
-        answer is here the cloud may be gone (a replica that stopped after its last call).
-
-        The default model's manifest is asked for first: it lists the models served, and is
-        never refused for the model, so that a model not served is refused by the Detect call,
-        in the cloud's words, once (its refusals counted once, under Detect). None when the
-        cloud does not serve that model, or its manifest is not that model's (then asked for
-        again once an answer needs them).
-
-        Raises:
-            RetryLater, NeverRetry: GetManifest failed (the cloud is unreachable, refuses the
-                credentials, ...); nothing was sent.
-        """
-        known = known_rules(fingerprint)
-        if known is not None:
-            return known
-        served = self.manifest()  # (`manifest` keeps the rules of a manifest that hashes right)
-        if served.fingerprint != fingerprint and fingerprint in served.served:
-            try:
-                self.manifest(fingerprint)
-            except NeverRetry:
-                return None  # (no longer served: a reload in between)
-        return known_rules(fingerprint)
-
     def detect(
         self,
         encoded: Sequence[EncodedTensor],
@@ -703,8 +668,8 @@ class CloudClient:
     ) -> CloudDetections:
         """`detect` for an already built request (e.g. one stored in the edge's outbox).
 
-        The answer is checked (`checked_detections`) by the rules of the request's model
-        (`answer_rules`: a GetManifest call before the first Detect of each model).
+        The answer is checked (`checked_detections`), by the rules of the request's model
+        when this process knows them (`known_rules`).
 
         Raises:
             RetryLater, NeverRetry: the call failed (see `classify`).
@@ -717,24 +682,11 @@ class CloudClient:
                 f"request of {size} bytes is larger than max message size "
                 f"{self.config.max_message_bytes}; use a smaller codec (e.g. int8)",
             )
-        fingerprint = request.model_fingerprint
-        rules = self._rules_before_call(fingerprint)
         response = self._call(self._stub.Detect, request, timeout or self.config.timeout_s)
-        check_identity(response, request)
-        if response.boxes and rules is None:  # (e.g. a replica that serves it answered)
-            try:
-                rules = self.answer_rules(fingerprint)
-            except BadAnswer:
-                raise
-            except CloudError as exc:
-                error = type(exc)(
-                    exc.code,
-                    f"cannot check the cloud's answer without the manifest of model "
-                    f"{_short(fingerprint)}: {exc.message}",
-                )
-                error.likely_cause = exc.likely_cause
-                raise error from None
-        return checked_detections(response, request, rules)
+        # the model's own rules when this process knows them (`expect`, or a manifest of it
+        # the cloud sent); else the bounds every answer keeps. No call is added for them: a
+        # lookup failing would hold, or lose, an answer the cloud gave.
+        return checked_detections(response, request, known_rules(request.model_fingerprint))
 
     def manifest(self, fingerprint: str = "", timeout: float | None = None) -> ServedManifest:
         """The manifest of the served model `fingerprint` ("" = the server's default).
