@@ -360,6 +360,12 @@ def _register_results(actions: argparse._SubParsersAction) -> None:
         choices=["ok", "defect", "pending", "error"],
         help="only rows with this verdict",
     )
+    p.add_argument(
+        "--fingerprint",
+        metavar="HEX",
+        help="only rows of the model export whose fingerprint starts with HEX (the table's "
+        "export column; `edge status` counts results by export)",
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="a JSON array of row objects")
     fmt.add_argument(
@@ -973,6 +979,9 @@ def results(args: argparse.Namespace) -> int:
     db, since = _read_db(args)
     try:
         rows = iter_results(db, since=since, verdict=args.verdict)
+        if args.fingerprint:  # (one export's results: which model judged what, in a rollout)
+            wanted = args.fingerprint.strip().lower()
+            rows = (row for row in rows if (row["fingerprint"] or "").startswith(wanted))
         out = sys.stdout
         if args.json:
             out.write("[")
@@ -998,7 +1007,10 @@ def results(args: argparse.Namespace) -> int:
 
 
 def _table(rows, out) -> None:
-    out.write(f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  path\n")
+    out.write(
+        f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  "
+        f"{'export':12}  path\n"
+    )
     for row in rows:
         finished = (
             datetime.fromtimestamp(row["finished"]).strftime("%Y-%m-%d %H:%M:%S")
@@ -1010,5 +1022,5 @@ def _table(rows, out) -> None:
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
-            f"{row['path']}{note}\n"
+            f"{(row['fingerprint'] or '-')[:12]:12}  {row['path']}{note}\n"
         )

@@ -2,10 +2,12 @@
 again become dead letters (kept for `edge requeue`), the other exports' requests untouched.
 Before, they waited in the outbox for good: retried every --retry-max with an ERROR line, the
 oldest-pending alert firing, `prune` never deleting pending rows and `requeue` only taking
-dead letters (a rollout review)."""
+dead letters (a rollout review). And `edge results --fingerprint`: one export's rows, the
+table naming each row's export."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -70,3 +72,13 @@ def test_abandon_refuses_what_names_no_single_export(db, capsys, given, said):
     assert main(["edge", "abandon", "--db", str(db), "--fingerprint", given]) == 2
     assert said in capsys.readouterr().err
     assert _status(db)["outbox"]["requests"] == 4
+
+
+def test_results_show_and_filter_by_export(db, capsys):
+    """Before: no export in the table, and no way to list one export's results but the JSON."""
+    assert main(["edge", "results", "--db", str(db)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "export" in lines[0] and sum(RETIRED[:12] in line for line in lines) == 3
+    assert main(["edge", "results", "--db", str(db), "--fingerprint", "AAAAAAAA2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["request_id"] for r in rows] == ["r2"] and rows[0]["fingerprint"] == CURRENT
