@@ -85,6 +85,7 @@ from splitdet.edge.store import (
     WriterLock,
     file_path,
     path_text,
+    refuse_foreign_file,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, Ready, normalize_extensions
 from splitdet.shared.atomic_file import atomic_write
@@ -606,6 +607,7 @@ class EdgeDaemon:
         )
         check_paths(config)
         self.config = config
+        refuse_foreign_file(config.db)  # another program's file: refused before its lock file
         # before anything touches the database: a second daemon on it would record the same
         # files again (UNIQUE file_key) and race the first for every move
         self._writer_lock = WriterLock(config.db)

@@ -306,6 +306,27 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
     raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
 
 
+def refuse_foreign_file(path: Path | str) -> None:
+    """Raise StoreError when the existing file at `path` is another program's SQLite database
+    (`check_contents`), reading it only: for a writer to call before it makes anything beside
+    the file (its lock file). Nothing for a file that is not there, or that SQLite cannot
+    read (the store's own open then says why)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        contents = read_contents(db)
+    except sqlite3.Error:
+        return
+    finally:
+        db.close()
+    check_contents(path, contents)
+
+
 def describe_contents(contents: Contents, known: dict[int, str] | None = None) -> str:
     """What a SQLite file holds, for a message refusing it: "it holds tables a, b", with its
     application_id (said as `known` names it) and user_version when they are set."""

@@ -134,8 +134,9 @@ def test_edge_refuses_a_foreign_database_and_leaves_it_as_it_was(
     assert _sha256(db) == before
     assert _header(db) == (application_id, user_version, ["customers"])
     assert not Path(f"{db}-wal").exists() and not Path(f"{db}-journal").exists()
-    if command == "run":  # nothing was taken from the hot folder
+    if command == "run":  # nothing was taken from the hot folder, nothing made beside it
         assert (tmp_path / "hot" / "a.png").is_file()
+        assert sorted(p.name for p in db.parent.glob(f"{db.name}*")) == [db.name]
     if command == "collect":
         assert not (tmp_path / "review").exists()
 
