@@ -19,12 +19,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from splitdet.edge.store import APPLICATION_ID as EDGE_APPLICATION_ID
-from splitdet.edge.store import Contents, describe_contents, read_contents
+from splitdet.edge.store import Contents, describe_contents, immediate, read_contents
 
 #: `PRAGMA application_id` of an answers database: b"SPCA" (splitdet cloud answers). The edge
 #: store names it too (edge/store.py ANSWERS_APPLICATION_ID), to say what a wrong --db holds.
@@ -100,17 +99,10 @@ class IdempotencyStore:
         self._check(read_contents(self._db))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._check(read_contents(self._db))  # again, under the write lock
-            self._db.execute(_SCHEMA)
-            self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-            raise
+        with immediate(self._db) as db:
+            self._check(read_contents(db))  # again, under the write lock
+            db.execute(_SCHEMA)
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     def _check(self, contents: Contents) -> None:
         """Refuse (NotAnswersDatabase) a file that is neither empty nor an answers database:
@@ -151,26 +143,15 @@ class IdempotencyStore:
 
     def put(self, request_id: str, answer: StoredAnswer) -> None:
         """Store (or replace) the answer for `request_id`, then evict beyond the capacity."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._db.execute(
-                    "INSERT OR REPLACE INTO answers"
-                    " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
-                    (request_id, answer.fingerprint, answer.digest, answer.payload, time.time()),
-                )
-                # seq grows by one per insert, so this keeps at most the newest `capacity` rows
-                # (fewer when some were replaced) without counting the table.
-                self._db.execute(
-                    "DELETE FROM answers WHERE seq <= ?", (cursor.lastrowid - self.capacity,)
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (SQLITE_FULL): never hide the cause
-                if self._db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as db:  # (a full disk's cause is raised on)
+            cursor = db.execute(
+                "INSERT OR REPLACE INTO answers"
+                " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
+                (request_id, answer.fingerprint, answer.digest, answer.payload, time.time()),
+            )
+            # seq grows by one per insert, so this keeps at most the newest `capacity` rows
+            # (fewer when some were replaced) without counting the table.
+            db.execute("DELETE FROM answers WHERE seq <= ?", (cursor.lastrowid - self.capacity,))
 
     def __len__(self) -> int:
         with self._lock:

@@ -306,6 +306,23 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
     raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
 
 
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on `db` (the write lock taken at once); ROLLBACK on any
+    exception, which is raised on."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")  # a failed COMMIT (disk full) stays open: rolled back below
+    except BaseException:
+        # SQLite has already rolled back after some errors (SQLITE_FULL); a failing ROLLBACK
+        # must not hide the cause either
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
 def refuse_foreign_file(path: Path | str) -> None:
     """Raise StoreError when the existing file at `path` is another program's SQLite database
     (`check_contents`), reading it only: for a writer to call before it makes anything beside
@@ -571,19 +588,9 @@ class ResultStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT under the lock; ROLLBACK on any exception."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")  # a failed COMMIT (disk full) stays open: rolled back
-            except BaseException:
-                # SQLite has already rolled back after some errors (SQLITE_FULL); a failing
-                # ROLLBACK must not hide the cause either
-                if self._db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+        """`immediate` under the lock."""
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
