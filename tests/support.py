@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
+import io
 import os
 import shutil
 import struct
@@ -223,3 +226,35 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+#: `splitdet ARGS` under a file size limit of argv[1] bytes (SIGXFSZ ignored: a write past it
+#: fails with EFBIG, as on a file system that cannot hold the file).
+FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from splitdet.shared.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+class _FullDisk(io.FileIO):
+    """A file on a file system that fills after `room` bytes: further writes fail with ENOSPC,
+    as write(2) does there."""
+
+    room = 4096
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def full_disk_open(file, mode="r", *args, **kwargs):
+    """`open` for a module under test (monkeypatched in): a file opened for writing (torch.save's)
+    is on a full disk; others open as usual."""
+    if "w" in mode:
+        return _FullDisk(file, "w")
+    return builtins.open(file, mode, *args, **kwargs)

@@ -231,6 +231,15 @@ def other_disk(tmp_path, monkeypatch):
     yield folder, True
 
 
+def archive_run_args(model_dir: Path, watch: Path, db: Path, archive: Path) -> list[str]:
+    """`splitdet edge run --once` arguments that archive every image of `watch` into `archive`
+    as ok (threshold 2), no cloud to reach."""
+    return ["edge", "run", "--model", str(model_dir), "--watch", str(watch), "--db", str(db),
+            "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--threshold", "2",
+            "--threads", "1", "--settle", "0.05", "--after", "archive", "--archive", str(archive),
+            "--log-format", "text"]  # fmt: skip
+
+
 def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
@@ -310,10 +319,7 @@ def test_a_kill_mid_copy_to_an_archive_disk_leaves_only_a_hidden_partial_swept_a
     watch.mkdir()
     data = noise_png(1)
     (watch / "a.png").write_bytes(data)
-    args = ["edge", "run", "--model", str(tiny_model_dir), "--watch", str(watch), "--db", str(db),
-            "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--threshold", "2",
-            "--threads", "1", "--settle", "0.05", "--after", "archive", "--archive", str(archive),
-            "--log-format", "text"]  # fmt: skip
+    args = archive_run_args(tiny_model_dir, watch, db, archive)
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_MID_COPY, str(TESTS), str(folder) if simulated else "",
          *args],

@@ -207,10 +207,7 @@ def test_a_kill_after_the_copy_onto_an_archive_disk_is_in_place_keeps_one_copy(
     watch.mkdir()
     data = png(1)
     (watch / "a.png").write_bytes(data)
-    args = ["edge", "run", "--model", str(tiny_model_dir), "--watch", str(watch), "--db", str(db),
-            "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--threshold", "2",
-            "--threads", "1", "--settle", "0.05", "--after", "archive", "--archive", str(archive),
-            "--log-format", "text"]  # fmt: skip
+    args = recovery.archive_run_args(tiny_model_dir, watch, db, archive)
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_BEFORE_UNLINK, str(TESTS), str(folder) if simulated else "",
          str(watch), *args],

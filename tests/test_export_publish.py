@@ -4,9 +4,7 @@ export make of it."""
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from splitdet.training import export as export_module
 from splitdet.training.export import export_model
 
 from conftest import make_tiny_model
+from support import FILE_SIZE_LIMITED, full_disk_open
 
 #: The names `_publish` renames into --out, in its order (the tiny model's gate is not on P2,
 #: so it has a completion graph), the manifest last.
@@ -105,23 +104,6 @@ def test_an_export_killed_while_it_publishes(tmp_path, fingerprints, kill_at):
     ]
 
 
-class _FullDisk(io.FileIO):
-    """A file on a file system that fills after `room` bytes (write(2) fails with ENOSPC)."""
-
-    room = 4096
-
-    def write(self, data) -> int:
-        if self.tell() + len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return super().write(data)
-
-
-def _full_disk_open(file, mode="r", *args, **kwargs):
-    if "w" in mode:  # torch.save's file
-        return _FullDisk(file, "w")
-    return builtins.open(file, mode, *args, **kwargs)
-
-
 def test_a_full_disk_while_exporting_ends_in_one_line(tmp_path, fingerprints, monkeypatch,
                                                       capsys):  # fmt: skip
     """torch.save of cloud_heads.pt on a full disk raised RuntimeError("... unexpected pos")
@@ -132,7 +114,7 @@ def test_a_full_disk_while_exporting_ends_in_one_line(tmp_path, fingerprints, mo
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     checkpoint = tmp_path / "new.pt"
     save_checkpoint(checkpoint, make_tiny_model(seed=1))
-    monkeypatch.setattr(checkpoint_module, "open", _full_disk_open, raising=False)
+    monkeypatch.setattr(checkpoint_module, "open", full_disk_open, raising=False)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
@@ -165,16 +147,6 @@ def test_a_full_disk_at_the_publishing_marker_ends_in_one_line(
     assert read_manifest(out).fingerprint == fingerprints[0]
 
 
-LIMITED = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from splitdet.shared.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_an_export_past_the_file_size_limit_ends_in_one_line(tmp_path, fingerprints):
     """A real limit (`ulimit -f`): the ONNX graph cannot be written whole. One line, no
     traceback, the earlier export whole."""
@@ -184,8 +156,8 @@ def test_an_export_past_the_file_size_limit_ends_in_one_line(tmp_path, fingerpri
     save_checkpoint(checkpoint, make_tiny_model(seed=1))
     limit = (out / "edge_gate.onnx").stat().st_size // 2
     done = subprocess.run(
-        [sys.executable, "-c", LIMITED, str(limit), "export", "--checkpoint", str(checkpoint),
-         "--out", str(out)],
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), "export", "--checkpoint",
+         str(checkpoint), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr

@@ -4,9 +4,6 @@ left, a resume whose --preset or --epochs would quietly replace the run's recipe
 
 from __future__ import annotations
 
-import builtins
-import errno
-import io
 import json
 import logging
 import os
@@ -25,7 +22,7 @@ from splitdet.shared.cli import main
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import make_tiny_voc
+from support import FILE_SIZE_LIMITED, full_disk_open, make_tiny_voc
 
 CONFIG = replace(TINY, epochs=1, eval_every=0)
 #: The lock file `splitdet train` holds in its --out (`training.train.TRAIN_LOCK`).
@@ -40,17 +37,6 @@ from splitdet.shared.folder_lock import folder_lock
 with folder_lock(sys.argv[1], {TRAIN_LOCK!r}, "splitdet train", "--out"):
     print("held", flush=True)
     sys.stdin.read()
-"""
-
-#: `splitdet ARGS` under a file size limit of argv[1] bytes (SIGXFSZ ignored: a write past it
-#: fails with EFBIG, as on a file system that cannot hold the file).
-LIMITED = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from splitdet.shared.cli import main
-sys.exit(main(sys.argv[2:]))
 """
 
 
@@ -116,8 +102,8 @@ def test_a_checkpoint_past_the_file_size_limit_ends_in_one_line(tiny_voc, finish
     before = (run / "last.pt").read_bytes()
     limit = len(before) // 2  # the checkpoint cannot fit; the records (a few kB) do
     done = subprocess.run(
-        [sys.executable, "-c", LIMITED, str(limit), *_argv(tiny_voc, run, "--resume", "--epochs",
-                                                           "2")],
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(limit),
+         *_argv(tiny_voc, run, "--resume", "--epochs", "2")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -129,24 +115,6 @@ def test_a_checkpoint_past_the_file_size_limit_ends_in_one_line(tiny_voc, finish
     assert _temporaries(run) == []
 
 
-class _FullDisk(io.FileIO):
-    """A file on a file system that fills after `room` bytes: further writes fail with ENOSPC,
-    as write(2) does there."""
-
-    room = 4096
-
-    def write(self, data) -> int:
-        if self.tell() + len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return super().write(data)
-
-
-def _full_disk_open(file, mode="r", *args, **kwargs):
-    if "w" in mode:  # torch.save's file: the thing that fails
-        return _FullDisk(file, "w")
-    return builtins.open(file, mode, *args, **kwargs)
-
-
 def test_a_full_disk_while_saving_a_checkpoint_says_so(tiny_voc, finished_run, tmp_path,
                                                        monkeypatch, capsys):  # fmt: skip
     """torch.save on a full disk raises RuntimeError("... unexpected pos ..."), its errno lost:
@@ -154,7 +122,7 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so(tiny_voc, finished_run, t
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = (run / "last.pt").read_bytes()
-    monkeypatch.setattr(checkpoint_module, "open", _full_disk_open, raising=False)
+    monkeypatch.setattr(checkpoint_module, "open", full_disk_open, raising=False)
     assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
     _one_line_error(
         capsys.readouterr().err,
