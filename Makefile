@@ -11,9 +11,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[full,test]"
 	touch $(STAMP)
 
+# Two workers, a test module each at a time (its fixtures are made once): the suite waits on
+# servers and subprocesses much of the time, so two of them keep 2 cores busy.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The whole system on built-in defaults; data, the trained model and the export are cached in
 # .cache/demo, so a second run takes minutes.

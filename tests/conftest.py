@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: Small enough to export and run in a second or two on 2 cores; same code paths as ResNet50.
 TINY_CONFIG = dict(depth=18, fpn_channels=64, min_size=224, max_size=320, box_detections_per_img=50)
