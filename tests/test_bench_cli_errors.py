@@ -181,7 +181,8 @@ def test_a_second_bench_into_the_same_out_is_refused_while_the_first_runs(
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True and set(report["rates"]) == {"1"}
     assert "repeat images" in second["first's err"] and "3 unique" in second["first's err"]
-    assert main(_bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")) == 0
+    with bench_run.exclusive_out(out):  # the first run let go of --out when it ended
+        pass
 
 
 def test_files_in_out_that_bench_did_not_write_are_refused_and_kept(
@@ -203,24 +204,48 @@ def test_files_in_out_that_bench_did_not_write_are_refused_and_kept(
     assert not (out / "cloud.log").exists()  # no server started
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["marker", "old-keys"])
-def test_an_earlier_bench_runs_outputs_are_replaced(
-    marked, exported, tiny_dataset, tmp_path, capsys
-):
-    """A report.json splitdet bench wrote (its "generator" marker, or before it the keys every
-    bench report had) marks the outputs beside it as bench's: removed, the new ones written."""
+def test_an_earlier_bench_runs_outputs_are_replaced(exported, tiny_dataset, tmp_path, capsys):
+    """A report.json splitdet bench wrote marks the outputs beside it as bench's: a new run
+    removes them and writes its own."""
     out = tmp_path / "out"
     out.mkdir()
-    earlier = {"command": "splitdet bench", "machine": {}, "model": {}, "rates": {}}
-    if marked:
-        earlier = {"generator": "splitdet bench", "run_id": "earlier"}
-    (out / "report.json").write_text(json.dumps(earlier))
+    (out / "report.json").write_text(json.dumps({"generator": "splitdet bench", "run_id": "x"}))
     (out / "bytes_vs_map_kept.png").write_bytes(b"an earlier run's figure")
     argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["generator"] == "splitdet bench" and report["complete"] is True
     assert not (out / "bytes_vs_map_kept.png").exists()  # --rd-images 0: not written anew
+
+
+@pytest.mark.parametrize(
+    "earlier, bench_wrote_it",
+    [
+        ({"generator": "splitdet bench", "run_id": "earlier"}, True),
+        # before the "generator" marker: the keys every bench report had
+        ({"command": "splitdet bench", "machine": {}, "model": {}, "rates": {}}, True),
+        ({"command": "splitdet bench", "machine": {}, "rates": {}}, False),  # one key short
+        ({"generator": "my own tool"}, False),
+        (["splitdet bench"], False),
+    ],
+)
+def test_outputs_beside_a_bench_report_are_removed_and_others_kept(
+    earlier, bench_wrote_it, tmp_path
+):
+    """`remove_outputs`, which every run calls first, on the report.json kinds it may find."""
+    from splitdet.bench.report import remove_outputs
+
+    (tmp_path / "report.json").write_text(json.dumps(earlier))
+    (tmp_path / "bytes_vs_map_kept.png").write_bytes(b"an earlier run's figure")
+    if bench_wrote_it:
+        remove_outputs(tmp_path)
+        assert not (tmp_path / "report.json").exists()
+        assert not (tmp_path / "bytes_vs_map_kept.png").exists()
+    else:
+        with pytest.raises(ValueError, match="not from splitdet bench"):
+            remove_outputs(tmp_path)
+        assert (tmp_path / "report.json").read_text() == json.dumps(earlier)
+        assert (tmp_path / "bytes_vs_map_kept.png").exists()
 
 
 @pytest.fixture
