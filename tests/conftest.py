@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from splitdet.training.presets import TINY
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+#: One epoch of the `tiny` training preset, no validation.
+ONE_EPOCH = replace(TINY, epochs=1, eval_every=0)
 
 #: Small enough to export and run in a second or two on 2 cores; same code paths as ResNet50.
 TINY_CONFIG = dict(depth=18, fpn_channels=64, min_size=224, max_size=320, box_detections_per_img=50)
@@ -71,3 +77,21 @@ def tiny_dataset(tmp_path_factory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory) -> Path:
+    """`make_tiny_voc` with 3 defective and 1 defect-free image (a module may define its own)."""
+    from support import make_tiny_voc
+
+    return make_tiny_voc(tmp_path_factory.mktemp("voc"), n_defective=3, n_free=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_voc, tmp_path_factory) -> Path:
+    """A `tiny` training run of one epoch on `tiny_voc`, one iteration (epoch 0 in last.pt)."""
+    from splitdet.training.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    train(ONE_EPOCH, tiny_voc, run, progress=False, max_iters=1)
+    return run

@@ -69,6 +69,12 @@ def bomb_png() -> bytes:
     )
 
 
+def train_argv(data: Path, run: Path, *extra: str) -> list[str]:
+    """`splitdet train` arguments for one `tiny` epoch of `data` into `run`, no validation."""
+    return ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
+            "--eval-every", "0", "--no-progress", *extra]  # fmt: skip
+
+
 def make_tiny_voc(root: Path, n_defective: int = 6, n_free: int = 2, size=(160, 128), seed=0):
     """A VOC tree of dark images with bright 3-px strokes (`scratch`), split train = val = all."""
     import numpy as np

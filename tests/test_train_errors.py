@@ -17,29 +17,10 @@ from splitdet.training import voc
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import make_tiny_voc
-
-CONFIG = replace(TINY, epochs=1, eval_every=0)
-
+from conftest import ONE_EPOCH
+from support import train_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory):
-    return make_tiny_voc(tmp_path_factory.mktemp("voc"), n_defective=3, n_free=1)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_voc, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    train(CONFIG, tiny_voc, run, progress=False, max_iters=1)
-    return run
-
-
-def _argv(data, run, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
-            "--eval-every", "0", "--no-progress", *extra]  # fmt: skip
 
 
 def _error(capsys, *needles: str) -> str:
@@ -55,10 +36,10 @@ def test_a_fresh_start_never_overwrites_a_run(tiny_voc, finished_run, tmp_path, 
     shutil.copytree(finished_run, run)
     shutil.copy(run / "last.pt", run / "best.pt")  # as a run with validation has
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    assert main(_argv(tiny_voc, run)) == 2
+    assert main(train_argv(tiny_voc, run)) == 2
     _error(capsys, str(run), "already holds a training run", "last.pt", "--resume")
     (run / "last.pt").unlink()  # --resume with only best.pt left would start afresh: refused
-    assert main(_argv(tiny_voc, run, "--resume")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume")) == 2
     _error(capsys, "best.pt", "another --out")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == {
         k: v for k, v in before.items() if k != "last.pt"
@@ -72,14 +53,14 @@ def test_checkpoints_it_cannot_resume_from_are_named(tiny_voc, finished_run, tmp
     torch.save({**checkpoint, "format": 2}, run / "last.pt")  # from a newer splitdet
     with pytest.raises(CheckpointError, match=r"last\.pt: checkpoint format 2"):
         read_checkpoint(run / "last.pt")
-    assert main(_argv(tiny_voc, run, "--resume")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume")) == 2
     _error(capsys, "last.pt", "format 2")
     torch.save({k: v for k, v in checkpoint.items() if k != "optimizer"}, run / "last.pt")
-    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
     _error(capsys, "last.pt: cannot resume from it", "optimizer")
     weights = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["model"].items()}
     torch.save({**checkpoint, "model": weights}, run / "last.pt")  # shapes of another model
-    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
     _error(capsys, "last.pt: cannot resume from it")
 
 
@@ -103,7 +84,7 @@ def test_a_corrupt_image_body_is_named(tiny_voc, tmp_path, capsys):
     assert voc.read_split(data, "train")  # the split reads: the damage shows only on decoding
     with pytest.raises(voc.VocError, match=re.escape(f"{victim.name}: cannot decode image")):
         voc.load_rgb(victim)
-    assert main(_argv(data, tmp_path / "run")) == 2
+    assert main(train_argv(data, tmp_path / "run")) == 2
     _error(capsys, victim.name, "cannot decode image")
 
 
@@ -113,21 +94,21 @@ def test_a_validation_split_without_defects_is_refused_before_training(tiny_voc,
     free = [s.image_id for s in voc.read_split(data, "val") if not s.is_defective]
     voc.write_split(data, "val", free)
     run = tmp_path / "run"
-    assert main([*_argv(data, run)[:-3], "--eval-every", "1", "--no-progress"]) == 2
+    assert main([*train_argv(data, run)[:-3], "--eval-every", "1", "--no-progress"]) == 2
     _error(capsys, "val.txt", "cannot be calibrated")
     assert not (run / "last.pt").exists()
 
 
 @pytest.mark.parametrize("classes", [" ", ","])
 def test_classes_that_are_no_names_are_refused(tiny_voc, tmp_path, capsys, classes):
-    assert main(_argv(tiny_voc, tmp_path / "run", "--classes", classes)) == 2
+    assert main(train_argv(tiny_voc, tmp_path / "run", "--classes", classes)) == 2
     _error(capsys, "class")
 
 
 def test_an_out_folder_that_cannot_be_made_is_named(tiny_voc, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the folder should go\n")
-    assert main(_argv(tiny_voc, blocker / "run")) == 2
+    assert main(train_argv(tiny_voc, blocker / "run")) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'run'}: cannot make the folder" in err and "Traceback" not in err
 
@@ -156,7 +137,7 @@ def test_unreadable_checkpoints_are_named_in_one_line(finished_run, tmp_path):
 def test_a_diverging_run_ends_in_one_line(tiny_voc, tmp_path, capsys):
     """A loss gone to nan raised FloatingPointError through the command: a traceback."""
     run = tmp_path / "run"
-    assert main(_argv(tiny_voc, run, "--lr", "1e30")) == 2
+    assert main(train_argv(tiny_voc, run, "--lr", "1e30")) == 2
     _error(capsys, "training diverged", "loss is nan", "lower the lr")
     assert not (run / "last.pt").exists()
 
@@ -165,7 +146,7 @@ def test_resuming_with_other_classes_names_them(tiny_voc, finished_run, tmp_path
     """The refusal blamed the preset ('tiny' there, 'tiny' here): it names the difference."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    assert main(_argv(tiny_voc, run, "--resume", "--classes", "scratch,dent")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume", "--classes", "scratch,dent")) == 2
     # as the option is typed, and no preset clause: both runs are 'tiny'
     _error(capsys, "another configuration", "(--classes scratch there, scratch,dent here);")
 
@@ -175,14 +156,14 @@ def test_resuming_on_other_data_is_reported(tiny_voc, finished_run, tmp_path, ca
     shutil.copytree(finished_run, run)
     shutil.copytree(tiny_voc, data)
     with caplog.at_level("WARNING", logger="splitdet.training.train"):
-        train(replace(CONFIG, epochs=2), tiny_voc, run, resume=True, progress=False, max_iters=1)
+        train(replace(ONE_EPOCH, epochs=2), tiny_voc, run, resume=True, progress=False, max_iters=1)
         assert "trained on" not in caplog.text  # the run's own data
-        train(replace(CONFIG, epochs=3), data, run, resume=True, progress=False, max_iters=1)
+        train(replace(ONE_EPOCH, epochs=3), data, run, resume=True, progress=False, max_iters=1)
     assert f"trained on {tiny_voc.resolve()}, now resumed on {data.resolve()}" in caplog.text
 
 
 def test_an_init_file_that_is_no_checkpoint_is_named(tiny_voc, tmp_path, capsys):
     """torch.load's message for a text file was its first byte's value: '(101)'."""
     (tmp_path / "notes.pt").write_text("epochs: 30\n")
-    assert main(_argv(tiny_voc, tmp_path / "run", "--init", str(tmp_path / "notes.pt"))) == 2
+    assert main(train_argv(tiny_voc, tmp_path / "run", "--init", str(tmp_path / "notes.pt"))) == 2
     _error(capsys, "--init", "notes.pt: not a readable checkpoint", "not a file written by torch")

@@ -22,9 +22,8 @@ from splitdet.shared.cli import main
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import FILE_SIZE_LIMITED, full_disk_open, make_tiny_voc
+from support import FILE_SIZE_LIMITED, full_disk_open, train_argv
 
-CONFIG = replace(TINY, epochs=1, eval_every=0)
 #: The lock file `splitdet train` holds in its --out (`training.train.TRAIN_LOCK`).
 TRAIN_LOCK = ".splitdet-train.lock"
 
@@ -38,24 +37,6 @@ with folder_lock(sys.argv[1], {TRAIN_LOCK!r}, "splitdet train", "--out"):
     print("held", flush=True)
     sys.stdin.read()
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory):
-    return make_tiny_voc(tmp_path_factory.mktemp("voc"), n_defective=3, n_free=1)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_voc, tmp_path_factory):
-    """A run of one epoch (epoch 0 in last.pt)."""
-    run = tmp_path_factory.mktemp("run")
-    train(CONFIG, tiny_voc, run, progress=False, max_iters=1)
-    return run
-
-
-def _argv(data, run, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
-            "--eval-every", "0", "--no-progress", *extra]  # fmt: skip
 
 
 def _one_line_error(err: str, *needles: str) -> str:
@@ -79,7 +60,7 @@ def test_a_second_train_into_the_same_out_is_refused(tiny_voc, tmp_path, capsys)
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert main(_argv(tiny_voc, run)) == 2
+        assert main(train_argv(tiny_voc, run)) == 2
         _one_line_error(
             capsys.readouterr().err,
             f"--out {run}: another splitdet train (pid {holder.pid}) is writing there",
@@ -89,7 +70,7 @@ def test_a_second_train_into_the_same_out_is_refused(tiny_voc, tmp_path, capsys)
     finally:
         holder.stdin.close()
         holder.wait(30)
-    assert main(_argv(tiny_voc, run)) == 0  # the lock ends with its holder
+    assert main(train_argv(tiny_voc, run)) == 0  # the lock ends with its holder
     assert read_checkpoint(run / "last.pt")["epoch"] == 0
 
 
@@ -103,7 +84,7 @@ def test_a_checkpoint_past_the_file_size_limit_ends_in_one_line(tiny_voc, finish
     limit = len(before) // 2  # the checkpoint cannot fit; the records (a few kB) do
     done = subprocess.run(
         [sys.executable, "-c", FILE_SIZE_LIMITED, str(limit),
-         *_argv(tiny_voc, run, "--resume", "--epochs", "2")],
+         *train_argv(tiny_voc, run, "--resume", "--epochs", "2")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -123,7 +104,7 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so(tiny_voc, finished_run, t
     shutil.copytree(finished_run, run)
     before = (run / "last.pt").read_bytes()
     monkeypatch.setattr(checkpoint_module, "open", full_disk_open, raising=False)
-    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
+    assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 2
     _one_line_error(
         capsys.readouterr().err,
         f"epoch 1: {run / 'last.pt'}: cannot write it (no space left on device); the earlier "
@@ -150,7 +131,7 @@ def test_a_start_removes_the_temporary_files_a_killed_run_left(tiny_voc, finishe
         if name != ".best.pt.recently.tmp":
             os.utime(run / name, (old, old))
     caplog.set_level(logging.INFO, logger="splitdet.training.train")
-    assert main(_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 0
+    assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 0
     assert _temporaries(run) == sorted(others)
     removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed ")]
     assert sorted(removed) == sorted(
