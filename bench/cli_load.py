@@ -13,9 +13,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument, client_config
 from splitdet.shared.cli import float_in, int_in
+
+if TYPE_CHECKING:  # the handler imports these when it runs
+    import contextlib
+
+    from splitdet.bench.processes import ServiceProcess
+    from splitdet.edge.client import ClientConfig, CloudClient
+    from splitdet.shared.wire import detection_pb2 as pb
 
 EPILOG = """\
 examples:
@@ -108,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _requests(args: argparse.Namespace) -> tuple[list, str, list[str], str]:
+def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, list[str], str]:
     """(DetectRequests, the model fingerprint, problems with images, the codec they were
     encoded with: --codec or the manifest's) from the edge half."""
     from splitdet.edge.pipeline import EdgePipeline
@@ -207,7 +215,15 @@ def _settings(args: argparse.Namespace, codec: str) -> dict:
 CLIENT_ONLY = ("tls", "root_certs", "client_cert", "client_key", "server_name", "token_file")
 
 
-def _measure(args, config, requests, size_mb: float, levels: list[dict], where: str, cloud) -> None:
+def _measure(
+    args: argparse.Namespace,
+    config: ClientConfig,
+    requests: list[pb.DetectRequest],
+    size_mb: float,
+    levels: list[dict],
+    where: str,
+    cloud: ServiceProcess | None,
+) -> None:
     """Run every level of ``args.clients``, appending each row to ``levels`` and printing it."""
     import dataclasses
 
@@ -222,7 +238,7 @@ def _measure(args, config, requests, size_mb: float, levels: list[dict], where: 
     base_name = (config.edge_name or "loadtest")[:54]
     for clients in args.clients:
 
-        def make_client(k: int):
+        def make_client(k: int) -> CloudClient:
             name = f"{base_name}-load{k}"  # the k-th edge keeps its name across levels
             return CloudClient(dataclasses.replace(config, edge_name=name, own_connection=True))
 
@@ -247,7 +263,9 @@ def _measure(args, config, requests, size_mb: float, levels: list[dict], where: 
                   "latency describes the answered calls only", file=out)  # fmt: skip
 
 
-def _start_cloud(args: argparse.Namespace, scratch: Path, stack):
+def _start_cloud(
+    args: argparse.Namespace, scratch: Path, stack: contextlib.ExitStack
+) -> ServiceProcess:
     """A cloud server on loopback for the run (a ServiceProcess), stopped when ``stack``
     closes; it keeps answers in a store as a deployed one does."""
     from splitdet.bench.processes import ServiceError, ServiceProcess, splitdet_command

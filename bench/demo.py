@@ -33,6 +33,7 @@ from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth import GENERATOR_VERSION
+from splitdet.training.voc import VocSample
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,9 @@ def export_model(config: DemoConfig) -> bool:
 
 
 def _final_rows(db_path: Path) -> list[dict]:
-    from splitdet.edge.store import FINAL_VERDICTS, StoreError, iter_results, open_readonly
+    from splitdet.edge.store_file import StoreError, open_readonly
+    from splitdet.edge.store_reads import iter_results
+    from splitdet.edge.store_schema import FINAL_VERDICTS
 
     try:
         db = open_readonly(db_path)
@@ -334,7 +337,9 @@ def run_live(config: DemoConfig) -> dict:
     return summary
 
 
-def _feed_camera(config: DemoConfig, stream, hot: Path, db_path: Path) -> list[str]:
+def _feed_camera(
+    config: DemoConfig, stream: list[VocSample], hot: Path, db_path: Path
+) -> list[str]:
     """Drop the stream's images into the hot folder as a camera would; wait for their results."""
     names = []
     bar = tqdm(
@@ -369,13 +374,15 @@ def _feed_camera(config: DemoConfig, stream, hot: Path, db_path: Path) -> list[s
     return names
 
 
-def _update(bar, db_path: Path, done: int) -> int:
+def _update(bar: tqdm, db_path: Path, done: int) -> int:
     now = len(_final_rows(db_path))
     bar.update(now - done)
     return now
 
 
-def summarise_live(rows: list[dict], names: list[str], stream, config: DemoConfig) -> dict:
+def summarise_live(
+    rows: list[dict], names: list[str], stream: list[VocSample], config: DemoConfig
+) -> dict:
     """The demo's summary, computed from the daemon's result rows.
 
     `names[i]` is the file name the camera gave `stream[i]`; rows are matched to it by name.
@@ -459,7 +466,7 @@ def format_summary(summary: dict, paths: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def _num(value) -> str:
+def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 

@@ -41,7 +41,7 @@ def serve(checkpoint: str, port: int, threads: int, box_refine_steps: int | None
     torch.set_num_threads(threads)
     model, _ = load_model(checkpoint, box_refine_steps=box_refine_steps)
 
-    def detect(data: bytes, context) -> bytes:
+    def detect(data: bytes, context: grpc.ServicerContext) -> bytes:
         start = time.perf_counter()
         try:
             pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 
 class ServiceError(RuntimeError):
@@ -28,7 +29,7 @@ def splitdet_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "splitdet.shared.cli", *args]
 
 
-def _interrupt(signum: int, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from splitdet.bench.systems import Outcome
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import VocSample
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: The paper's reported inference-time reductions at defect rates 5%, 12%, 50% (Table / Fig. 5).
 PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
@@ -92,7 +96,7 @@ def summarise(
     return summary
 
 
-def _fmt(value, spec: str) -> str:
+def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -283,7 +287,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     return written
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig: Figure, path: Path) -> str:
     """Write a figure as a whole PNG (through a rename), close it; the file name."""
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,7 @@ import shlex
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -45,9 +46,13 @@ from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.checkpoint import load_model, weights_digest
 from splitdet.shared.folder_lock import folder_lock
-from splitdet.shared.manifest import CLOUD_WEIGHTS, read_manifest
+from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, read_manifest
+from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training.evaluate import coco_metrics
-from splitdet.training.voc import read_split
+from splitdet.training.voc import VocSample, read_split
+
+# what `_run_streams` runs: every system has `name` and `run(image, decision) -> Outcome`
+_System = Monolithic | PaperGated | Splitdet | JpegToCloud
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class BenchConfig:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def _check_same_weights(model, model_dir: Path, manifest) -> None:
+def _check_same_weights(model: MultiTaskRCNN, model_dir: Path, manifest: Manifest) -> None:
     """The checkpoint must be the one the model directory was exported from: every weight, when
     the manifest records their digest (exports since it did), else the cloud heads' weights."""
     recorded = manifest.extra.get("weights_sha256")
@@ -154,7 +159,15 @@ def exclusive_out(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     return folder_lock(out_dir, ".splitdet-bench.lock", "splitdet bench", "--out")
 
 
-def _run_streams(config, systems, streams, class_names, bar, on_rate, pixel_bits) -> dict:
+def _run_streams(
+    config: BenchConfig,
+    systems: list[_System],
+    streams: dict[float, list[VocSample]],
+    class_names: list[str],
+    bar: tqdm,
+    on_rate: Callable[[dict[str, dict]], object],
+    pixel_bits: int,
+) -> dict:
     """Every defect rate's stream through every system; `on_rate(results)` after each rate.
     `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read)."""
     results: dict[str, dict] = {}
@@ -177,7 +190,15 @@ def _run_streams(config, systems, streams, class_names, bar, on_rate, pixel_bits
     return results
 
 
-def _rate_distortion(config, model, pipelines, client, samples, class_names, bar) -> dict:
+def _rate_distortion(
+    config: BenchConfig,
+    model: MultiTaskRCNN,
+    pipelines: list[EdgePipeline],
+    client: CloudClient,
+    samples: list[VocSample],
+    class_names: list[str],
+    bar: tqdm,
+) -> dict:
     """mAP kept vs bytes for each codec and JPEG quality on defective test images."""
     defective = [s for s in samples if s.is_defective][: config.rd_images]
     runs: dict[str, list[Outcome]] = {}
@@ -195,7 +216,7 @@ def _rate_distortion(config, model, pipelines, client, samples, class_names, bar
             runs.setdefault(f"jpeg{quality}", []).append(outcome)
         bar.update()
 
-    def score(outcomes):
+    def score(outcomes: list[Outcome]) -> float | None:
         return coco_metrics(
             defective,
             [o.boxes for o in outcomes],
@@ -226,7 +247,7 @@ def load_image_bytes(data: bytes) -> np.ndarray:
     return decode_image(data, "<jpeg>")
 
 
-def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
+def _report_head(config: BenchConfig, manifest: Manifest, threads: int) -> dict:
     """The report's command, machine, model and settings: all but the measurements.
 
     `complete` stays False until every rate and the rate-distortion pass are done, so a report
@@ -264,7 +285,7 @@ def _report_head(config: BenchConfig, manifest, threads: int) -> dict:
 
 def _measure(
     config: BenchConfig,
-    model,
+    model: MultiTaskRCNN,
     pipelines: list[EdgePipeline],
     samples: list,
     streams: dict[float, list],
@@ -345,7 +366,15 @@ def run_benchmark(config: BenchConfig) -> dict:
         return _run_locked(config, manifest, model, samples, streams, class_names, threads)
 
 
-def _run_locked(config, manifest, model, samples, streams, class_names, threads) -> dict:
+def _run_locked(
+    config: BenchConfig,
+    manifest: Manifest,
+    model: MultiTaskRCNN,
+    samples: list[VocSample],
+    streams: dict[float, list[VocSample]],
+    class_names: list[str],
+    threads: int,
+) -> dict:
     """The run, once --out is this run's alone: servers up, every system measured, reported."""
     refine = manifest.model_config.box_refine_steps
     remove_outputs(config.out_dir)

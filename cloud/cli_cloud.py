@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import (
     TOKEN_ENV,
@@ -27,6 +28,9 @@ from splitdet.shared.cli import (
     split_host_port,
     write_ready_file,
 )
+
+if TYPE_CHECKING:  # imports torch and grpc: `run` loads it when it runs
+    from splitdet.cloud.server import CloudServer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ Stops on SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-fli
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `cloud` subcommand to `subparsers`."""
     parser = subparsers.add_parser(
         "cloud",
         help="serve the detection heads over gRPC (the cloud side)",
@@ -334,6 +339,7 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve the exports `args` names until SIGTERM/SIGINT (SIGHUP reloads them); returns 0."""
     if args.log_format == "json":  # before anything logs
         from splitdet.shared.logs import use_json_logs
 
@@ -387,7 +393,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
-    def ready_info(server) -> dict:
+    def ready_info(server: CloudServer) -> dict:
         return {
             "pid": os.getpid(),
             "port": server.port,
@@ -397,7 +403,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             "security": config.security,
         }
 
-    def on_ready(server) -> None:
+    def on_ready(server: CloudServer) -> None:
         info = ready_info(server)
         if args.ready_file is not None:
             try:
@@ -407,7 +413,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         if args.json:
             print(json.dumps(info), flush=True)
 
-    def on_reload(server) -> None:  # the ready file says what is served now
+    def on_reload(server: CloudServer) -> None:  # the ready file says what is served now
         if args.ready_file is not None:
             write_ready_file(args.ready_file, ready_info(server))
 

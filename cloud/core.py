@@ -188,6 +188,7 @@ class ServedModel:
 
     @property
     def fingerprint(self) -> str:
+        """The model's fingerprint, as its manifest records it."""
         return self.manifest.fingerprint
 
 

@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitdet.edge.store import APPLICATION_ID as EDGE_APPLICATION_ID
-from splitdet.edge.store import Contents, describe_contents, immediate, read_contents
+from splitdet.edge.store_file import Contents, describe_contents, immediate, read_contents
+from splitdet.edge.store_schema import APPLICATION_ID as EDGE_APPLICATION_ID
 
 #: `PRAGMA application_id` of an answers database: b"SPCA" (splitdet cloud answers). The edge
-#: store names it too (edge/store.py ANSWERS_APPLICATION_ID), to say what a wrong --db holds.
+#: store names it too (edge/store_schema.py ANSWERS_APPLICATION_ID), to say what a wrong --db holds.
 APPLICATION_ID = 0x53504341
 
 _SCHEMA = """

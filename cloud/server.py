@@ -18,10 +18,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import grpc
 import torch
@@ -62,6 +63,7 @@ SPARE_RPC_THREADS = 8
 
 
 def all_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; else every core)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -214,13 +216,13 @@ class CertificateFiles:
         stamps = tuple(file_stamp(path) for path in self.paths)
         return None if None in stamps else stamps  # (a file replaced just now)
 
-    def configuration(self):
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
         """The files as gRPC's server certificate configuration."""
         chain, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
         client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         return grpc.ssl_server_certificate_configuration([(key, chain)], client_ca)
 
-    def fetch(self):
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """A new configuration when the files changed and form a usable set; else None (keep
         the current one). Never raises: it runs inside gRPC's handshake."""
         try:
@@ -606,10 +608,10 @@ def check_listen_address(listen: str) -> None:
 
 def serve(
     config: ServerConfig,
-    on_ready=None,
+    on_ready: Callable[[CloudServer], object] | None = None,
     stop: threading.Event | None = None,
     reload: threading.Event | None = None,
-    on_reload=None,
+    on_reload: Callable[[CloudServer], object] | None = None,
 ) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
     exports (`CloudServer.reload`). Returns 0.
@@ -628,7 +630,7 @@ def serve(
     server = CloudServer(config)
     received: list[int] = []
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
         stop.set()
 

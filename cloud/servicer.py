@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from splitdet.cloud.core import (
@@ -268,7 +269,7 @@ class ServerMetrics:
                 for fingerprint in fingerprints:
                     models.pop(fingerprint, None)
 
-    def edge_of(self, metadata) -> str:
+    def edge_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The calling edge's name as a metric label, from a call's metadata ((key, value)
         pairs): its `splitdet-edge` entry, "unnamed" without one, "invalid" for a name that is
         not one (shared/edge_name.py), and "other" once MAX_EDGE_LABELS names have been seen
@@ -282,6 +283,7 @@ class ServerMetrics:
         return name
 
     def finished(self, method: str, code: grpc.StatusCode) -> None:
+        """Count a finished call of `method` by its status code (and as a failure unless OK)."""
         self.requests.labels(method, code.name).inc()
         if code is not grpc.StatusCode.OK:
             self.failures.labels(method, code.name).inc()
@@ -314,7 +316,7 @@ def _rpc(method: Callable) -> Callable:
     name = method.__name__
 
     @functools.wraps(method)
-    def wrapper(self: DetectionServicer, request, context: grpc.ServicerContext):
+    def wrapper(self: DetectionServicer, request: bytes, context: grpc.ServicerContext) -> bytes:
         code = grpc.StatusCode.OK
         edge = self.metrics.edge_of(context.invocation_metadata())
         self.metrics.edge_last_seen.labels(edge).set_to_current_time()
@@ -396,7 +398,10 @@ def result_to_proto(result: DetectResult) -> pb.DetectResponse:
     )
 
 
-def _parse(message_type: type, raw: bytes):
+_M = TypeVar("_M", bound=Message)
+
+
+def _parse(message_type: type[_M], raw: bytes) -> _M:
     try:
         return message_type.FromString(raw)
     except DecodeError as exc:
@@ -584,6 +589,7 @@ class DetectionServicer:
 
     @_rpc
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
+        """A serialized DetectRequest from `edge` in, its serialized DetectResponse out."""
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         # Checked before any wait: a malformed call, one for a model not served and the repeat
@@ -687,6 +693,8 @@ class DetectionServicer:
 
     @_rpc
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
+        """A serialized GetManifestRequest in, the named (or default) model's serialized
+        ManifestResponse out."""
         request = _parse(pb.GetManifestRequest, raw)
         served = self.core.models  # one snapshot: a reload may swap them meanwhile
         wanted = served.get(request.model_fingerprint or next(iter(served)))
@@ -719,7 +727,9 @@ class DetectionServicer:
         health check, or the other method, without one.
         """
 
-        def handler(behaviour: Callable, threads=None) -> grpc.RpcMethodHandler:
+        def handler(
+            behaviour: Callable, threads: futures.ThreadPoolExecutor | None = None
+        ) -> grpc.RpcMethodHandler:
             def run(request: bytes, context: grpc.ServicerContext) -> bytes:
                 return behaviour(request, context)
 
@@ -753,7 +763,7 @@ _HANDLER_FACTORIES = {
 UNAUTHENTICATED_EDGE = "unauthenticated"
 
 
-def claimed_edge(metadata) -> str:
+def claimed_edge(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The edge name a call's metadata claims: the name, "unnamed", or "invalid"."""
     name = "unnamed"
     for key, value in metadata or ():
@@ -871,7 +881,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
         # the one per-edge series known in advance: at 0 from the start (see ServerMetrics)
         metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """The call's handler when its token is accepted (or it is exempt); else one that
+        refuses it with UNAUTHENTICATED (None, UNIMPLEMENTED, for an unknown method)."""
         method = handler_call_details.method
         if method.startswith(TOKEN_EXEMPT_PREFIXES):
             return continuation(handler_call_details)
@@ -894,7 +910,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED").inc()
         edge = claimed_edge(handler_call_details.invocation_metadata)
 
-        def deny(request, context: grpc.ServicerContext):
+        def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()
             fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
                       "code": "UNAUTHENTICATED", "message": message}  # fmt: skip

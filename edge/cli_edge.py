@@ -16,8 +16,10 @@ import math
 import sqlite3
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from splitdet.edge.cloud_args import (
     add_cloud_arguments,
@@ -28,6 +30,9 @@ from splitdet.edge.cloud_args import (
     client_config,
 )
 from splitdet.shared.cli import float_in, int_in, silence_stdout
+
+if TYPE_CHECKING:  # the handlers import it when they run
+    from splitdet.edge.store import OutboxCap, ResultStore
 
 EDGE_EPILOG = """\
 actions:
@@ -552,10 +557,11 @@ def prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(path: Path, cap=None):
+def _open_store(path: Path, cap: OutboxCap | None = None) -> ResultStore:
     """The ResultStore at `path` for a maintenance command; CommandError when there is none
     (a maintenance command never creates one) or it cannot be used."""
-    from splitdet.edge.store import ResultStore, StoreError
+    from splitdet.edge.store import ResultStore
+    from splitdet.edge.store_file import StoreError
     from splitdet.shared.cli import CommandError
 
     if not path.is_file():
@@ -724,7 +730,8 @@ def _register_status(actions: argparse._SubParsersAction) -> None:
 
 def status(args: argparse.Namespace) -> int:
     """Print store_status; see _register_status."""
-    from splitdet.edge.store import StoreError, open_readonly, store_status
+    from splitdet.edge.store_file import StoreError, open_readonly
+    from splitdet.edge.store_reads import store_status
     from splitdet.shared.cli import CommandError
 
     try:
@@ -796,8 +803,10 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format == "json":
         use_json_logs()  # before anything below logs
 
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
-    from splitdet.edge.store import OutboxCap, StoreError
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
+    from splitdet.edge.store import OutboxCap
+    from splitdet.edge.store_file import StoreError
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
@@ -863,7 +872,7 @@ def check_run_options(args: argparse.Namespace) -> None:
     infinity included: a NaN threshold flags nothing unnoticed, an infinite wait overflows)."""
     from splitdet.shared.cli import CommandError
 
-    def refuse(flag: str, value, why: str) -> None:
+    def refuse(flag: str, value: object, why: str) -> None:
         shown = f"{value:g}" if isinstance(value, float) else value
         raise CommandError(f"{flag} {shown}: {why}")
 
@@ -962,7 +971,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def _read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None]:
     """--db opened read only, and --since in unix s; CommandError naming either's problem."""
-    from splitdet.edge.store import StoreError, open_readonly
+    from splitdet.edge.store_file import StoreError, open_readonly
     from splitdet.shared.cli import CommandError
 
     since = parse_since(args.since) if args.since is not None else None
@@ -974,7 +983,8 @@ def _read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None
 
 def results(args: argparse.Namespace) -> int:
     """Print result rows; see RESULTS_EPILOG."""
-    from splitdet.edge.store import RESULT_COLUMNS, iter_results
+    from splitdet.edge.store_reads import iter_results
+    from splitdet.edge.store_schema import RESULT_COLUMNS
 
     db, since = _read_db(args)
     try:
@@ -1006,7 +1016,7 @@ def results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows, out) -> None:
+def _table(rows: Iterable[dict], out: TextIO) -> None:
     out.write(
         f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  "
         f"{'export':12}  path\n"

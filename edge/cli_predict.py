@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from splitdet.edge.cloud_args import (
     PREDICT_SCORE_THRESHOLD,
@@ -92,7 +92,7 @@ def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector
     """A factory of the in-process cloud half (`cloud.local.LocalDetector`, torch); calling it
     raises CommandError on an install without torch."""
 
-    def make():
+    def make() -> Detector:
         try:
             from splitdet.cloud.local import LocalDetector
         except ImportError as exc:
@@ -112,7 +112,7 @@ def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], Dete
     server whether it serves `fingerprint` (CommandError naming the address if not, or if it
     cannot be reached)."""
 
-    def make():
+    def make() -> Detector:
         from splitdet.edge.client import CloudClient, CloudError
         from splitdet.edge.predict import RemoteDetector
         from splitdet.shared.cli import CommandError
@@ -202,10 +202,13 @@ def describe_left_out(files: list[Path]) -> str:
     )
 
 
-def _cached(factory):
-    made = []
+_T = TypeVar("_T")
 
-    def get():
+
+def _cached(factory: Callable[[], _T]) -> Callable[[], _T]:
+    made: list[_T] = []
+
+    def get() -> _T:
         if not made:
             made.append(factory())
         return made[0]

@@ -35,13 +35,14 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.shared.codec import EncodedTensor
@@ -54,6 +55,8 @@ from splitdet.shared.wire import detection_pb2 as pb
 from splitdet.shared.wire import detection_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 MIB = 1 << 20
 #: Status codes worth retrying later (the server is down, slow or busy).
@@ -279,6 +282,7 @@ class ClientConfig:
 
     @property
     def uses_tls(self) -> bool:
+        """Whether the channel is TLS: asked for, or implied by root or client certificates."""
         return bool(self.tls or self.root_certs or self.client_cert)
 
     @property
@@ -398,6 +402,7 @@ class ServedManifest:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """The model's foreground class names (label k is class_names[k - 1])."""
         return tuple(self.data.get("class_names", ()))
 
 
@@ -723,7 +728,7 @@ class CloudClient:
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def _call(self, method, request, timeout: float):
+    def _call(self, method: Callable[..., _R], request: Message, timeout: float) -> _R:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -736,6 +741,7 @@ class CloudClient:
             raise error from None
 
     def close(self) -> None:
+        """Close the client's gRPC channel."""
         self._channel.close()
 
     def __enter__(self) -> CloudClient:

@@ -10,8 +10,12 @@ import argparse
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import TOKEN_ENV, address_problem, read_pem, read_token
+
+if TYPE_CHECKING:  # grpc: loaded when a client is configured
+    from splitdet.edge.client import ClientConfig
 
 #: The lowest box score `splitdet predict` reports and draws unless told (--score-threshold);
 #: `edge run` stores every box the model returns.
@@ -199,7 +203,7 @@ CONNECTION_OPTIONS = (
 )
 
 
-def client_config(args: argparse.Namespace, alone: str | None = None):
+def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientConfig | None:
     """The ClientConfig the options describe (None when --cloud was not given). `alone`:
     what runs without --cloud (e.g. "the cloud half runs in this process"); when given, a
     connection option given without --cloud is refused, saying so (it would be ignored)."""

@@ -45,8 +45,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from splitdet.edge.file_identity import file_path
 from splitdet.edge.ignore_marker import mark
-from splitdet.edge.store import file_path, result_filter, results_by_id
+from splitdet.edge.store_reads import result_filter, results_by_id
 from splitdet.shared.manifest import file_sha256
 from splitdet.training import voc
 

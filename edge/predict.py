@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from splitdet.edge.annotate import save_annotated
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
 from splitdet.shared.detection import Detection
+
+if TYPE_CHECKING:
+    from splitdet.edge.client import CloudClient
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class Prediction:
 class RemoteDetector:
     """Sends flagged images' features to a cloud server through the gRPC client."""
 
-    def __init__(self, client, fingerprint: str) -> None:
+    def __init__(self, client: CloudClient, fingerprint: str) -> None:
         """`client`: a `splitdet.edge.client.CloudClient`; `fingerprint`: the edge's model's."""
         self.client = client
         self.fingerprint = fingerprint

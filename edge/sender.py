@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -50,11 +51,16 @@ from splitdet.edge.client import (
     BadAnswer,
     CloudClient,
     CloudDetections,
+    CloudError,
     NeverRetry,
     RetryLater,
 )
-from splitdet.edge.store import Answer, OutboxItem, ResultStore, file_path
+from splitdet.edge.file_identity import file_path
+from splitdet.edge.store import Answer, OutboxItem, ResultStore
 from splitdet.shared.wire import detection_pb2 as pb
+
+if TYPE_CHECKING:  # the daemon's metrics import this module
+    from splitdet.edge.daemon_metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,8 @@ class Backoff:
         return min(self.max_s, self.initial_s * 2 ** min(max(failures, 1) - 1, 60))
 
     def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after `failures` (1-based): `ceiling(failures)` times a jitter in
+        [0.5, 1.0) drawn from `rng` (the `random` module without one)."""
         return self.ceiling(failures) * (rng or random).uniform(0.5, 1.0)
 
 
@@ -136,7 +144,7 @@ class Sender(threading.Thread):
         make_client: Callable[[], CloudClient],
         backoff: Backoff | None = None,
         timeout_s: float = 60.0,
-        metrics=None,
+        metrics: EdgeMetrics | None = None,
         on_answer: Callable[[OutboxItem, CloudDetections], None] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -166,9 +174,11 @@ class Sender(threading.Thread):
 
     @property
     def stopping(self) -> bool:
+        """Whether `stop` was called."""
         return self._halt.is_set()
 
     def run(self) -> None:
+        """Deliver outbox items, pausing as `send` says, until `stop`."""
         try:
             while not self._halt.is_set():
                 try:
@@ -305,7 +315,9 @@ class Sender(threading.Thread):
         )  # fmt: skip
         return 0.0
 
-    def _transient(self, item: OutboxItem, exc, sent_bytes: int, at_cap: bool = False) -> float:
+    def _transient(
+        self, item: OutboxItem, exc: CloudError, sent_bytes: int, at_cap: bool = False
+    ) -> float:
         self.failures += 1
         if exc.code is not grpc.StatusCode.UNAVAILABLE:
             self._count_bytes(sent_bytes)  # it probably reached the server

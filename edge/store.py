@@ -15,396 +15,50 @@ commit; `requeue_dead_letters` moves them back (after the cause is fixed: a clou
 bound raised), so a refusal loses no features. The dead letters' requests are bounded by
 `OutboxCap.dead_letter_max_bytes`: beyond it the oldest are dropped (counted), their rows kept.
 
-Identity of an arrival is the file as it was found (`file_key`: name, size, mtime in ns, inode)
-plus its content hash: the same name may arrive many times, and after a crash the daemon
-recognises a file it already recorded (UNIQUE file_key) and only finishes moving it.
+Elsewhere: an arrival's identity and its paths as text (edge/file_identity.py), the schema
+(edge/store_schema.py), telling a store from any other file, the read-only open and the writer
+lock (edge/store_file.py), the read-only queries of the commands (edge/store_reads.py).
 
 Thread-safe: one connection behind a lock, shared by the daemon loop, the sender thread and the
 metrics endpoint (every transaction is short; network calls happen outside the lock). One
-`splitdet edge run` per database: `WriterLock` (an flock on DB.lock, held for the daemon's life)
-refuses a second; the maintenance and read-only commands do not take it.
-
-A store is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
-was set (application_id 0) is known by its tables and user_version, and marked when next opened
-for writing. Any other SQLite file (another program's, a cloud answers database) is refused
-before anything is written to it; an empty one becomes a store.
-
-Paths are stored as text (`path_text`): SQLite text is UTF-8, and a file name that is not (a
-Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\xNN``;
-`file_path` gives the path back for file operations.
+`splitdet edge run` per database: `WriterLock` refuses a second.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitdet.shared.folder_lock import lock_exclusively
-
-#: Bump on every schema change; a store written by a newer version is refused, an older one
-#: is migrated (_MIGRATIONS).
-SCHEMA_VERSION = 2
-#: `PRAGMA application_id` of an edge store: b"SPDE" (splitdet edge), set when a store is
-#: created or opened for writing. One written before splitdet set it has 0.
-APPLICATION_ID = 0x53504445
-#: The cloud's answers database's (cloud/idempotency.py's APPLICATION_ID; not imported: the
-#: edge does not depend on the cloud), named when one is given as --db by mistake.
-ANSWERS_APPLICATION_ID = 0x53504341
-#: A store's tables at each schema version (SQLite's own, sqlite_*, aside): how a store written
-#: before APPLICATION_ID was set is recognised.
-_TABLES = {
-    1: frozenset({"images", "outbox", "counters"}),
-    2: frozenset({"images", "outbox", "counters", "dead_letters"}),
-}
-VERDICTS = ("ok", "defect", "pending", "error")
-FINAL_VERDICTS = ("ok", "defect", "error")
-#: Why a row has verdict "error".
-ERROR_KINDS = ("quarantine", "dead_letter", "outbox_full")
-#: What happens to a flagged image when the outbox is at its cap.
-FULL_POLICIES = ("wait", "reject")
-
-_DEAD_LETTERS = """
-CREATE TABLE dead_letters (
-    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
-    request_id TEXT NOT NULL,
-    payload    BLOB NOT NULL,           -- the refused request, kept for requeue_dead_letters
-    size_bytes INTEGER NOT NULL,
-    created    REAL NOT NULL,           -- when it entered the outbox
-    dead_at    REAL NOT NULL            -- unix s of the refusal
-);
-"""
-#: Statements that bring a store of version N to N + 1.
-_MIGRATIONS = {1: _DEAD_LETTERS}
-
-_SCHEMA = f"""
-CREATE TABLE images (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
-    file_key     TEXT NOT NULL UNIQUE,  -- name|size|mtime_ns|inode as found: one arrival
-    path         TEXT NOT NULL,         -- where the file arrived
-    stored_path  TEXT,                  -- where it is after processing (NULL: deleted)
-    content_hash TEXT NOT NULL,         -- SHA-256 of the file's bytes
-    size_bytes   INTEGER NOT NULL,
-    arrived      REAL NOT NULL,         -- unix s: the file was complete
-    finished     REAL,                  -- unix s: the final verdict was written
-    updated      REAL NOT NULL,         -- unix s: last change of this row
-    verdict      TEXT NOT NULL CHECK (verdict IN {VERDICTS}),
-    p_defect     REAL,
-    request_id   TEXT,                  -- idempotency key of the cloud request (flagged only)
-    fingerprint  TEXT NOT NULL,         -- model fingerprint the edge ran
-    boxes        TEXT,                  -- JSON [[x1, y1, x2, y2], ...] in original-image px
-    scores       TEXT,                  -- JSON [score, ...]
-    labels       TEXT,                  -- JSON [label, ...] (1-based)
-    class_names  TEXT,                  -- JSON [name, ...]
-    timings      TEXT NOT NULL DEFAULT '{{}}',  -- JSON stage -> seconds (edge and cloud)
-    bytes_sent   INTEGER NOT NULL DEFAULT 0,  -- size of the encoded request (flagged only)
-    attempts     INTEGER NOT NULL DEFAULT 0,  -- delivery attempts so far
-    error_kind   TEXT CHECK (error_kind IS NULL OR error_kind IN {ERROR_KINDS}),
-    reason       TEXT                   -- why: quarantine, dead letter or outbox-full reason
-);
-CREATE INDEX images_updated ON images (updated);
-CREATE INDEX images_verdict ON images (verdict);
-CREATE TABLE outbox (
-    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
-    request_id TEXT NOT NULL,
-    payload    BLOB NOT NULL,           -- serialized splitdet.v1.DetectRequest
-    size_bytes INTEGER NOT NULL,
-    created    REAL NOT NULL,
-    next_try   REAL NOT NULL,           -- unix s: not sent again before this
-    last_error TEXT
-);
-CREATE INDEX outbox_next_try ON outbox (next_try, image_id);
-CREATE TABLE counters (
-    name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
-    value INTEGER NOT NULL
-);
-{_DEAD_LETTERS}"""
-
-#: Columns `results` reports, in order (JSON columns decoded).
-RESULT_COLUMNS = (
-    "id",
-    "path",
-    "stored_path",
-    "content_hash",
-    "size_bytes",
-    "arrived",
-    "finished",
-    "updated",
-    "verdict",
-    "p_defect",
-    "request_id",
-    "fingerprint",
-    "boxes",
-    "scores",
-    "labels",
-    "class_names",
-    "timings",
-    "bytes_sent",
-    "attempts",
-    "error_kind",
-    "reason",
+from splitdet.edge.file_identity import path_text, still_there
+from splitdet.edge.store_file import StoreError, check_contents, immediate, read_contents
+from splitdet.edge.store_reads import iter_results, outbox_by_model
+from splitdet.edge.store_schema import (
+    _JSON_COLUMNS,
+    _MIGRATIONS,
+    _SCHEMA,
+    APPLICATION_ID,
+    ERROR_KINDS,
+    FINAL_VERDICTS,
+    FULL_POLICIES,
+    SCHEMA_VERSION,
+    VERDICTS,
 )
-_JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
-
 
 #: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
 StoredPath = str | None | Callable[[int], str | None]
 
 
-class StoreError(RuntimeError):
-    """The database cannot be used (newer schema, not a splitdet store, ...)."""
-
-
-class StoreInUse(StoreError):
-    """Another `splitdet edge run` holds the database's writer lock."""
-
-
 class StoreGone(StoreError):
     """The database's path no longer names the file the store has open: deleted, moved away
     or replaced while the store was open (`ResultStore.check_file`)."""
-
-
-_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
-
-
-def path_text(value: str | os.PathLike[str]) -> str:
-    """A path (or any text holding one: a file key, a reason) as text SQLite accepts.
-
-    A name that is not valid UTF-8 reaches Python with surrogate escapes (PEP 383), which
-    SQLite refuses ("surrogates not allowed"); such bytes become ``\\xNN`` (backslashreplace).
-    Valid UTF-8 text, every usual name, is returned unchanged."""
-    text = os.fspath(value)
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate not from a file name: keep it visible
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:  # its own backslashes escaped too: `file_path` reads it back
-        return raw.replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
-
-
-def file_path(text: str) -> str:
-    """The file system path a stored path stands for: `path_text` reversed. A valid UTF-8 name
-    that itself holds a literal ``\\xNN`` would be misread, so callers that test for a file
-    try the text as it is first."""
-    if "\\x" not in text:
-        return text
-    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), text.encode("utf-8"))
-    return os.fsdecode(raw)
-
-
-def file_key(path: Path, stat: os.stat_result) -> str:
-    """The identity of one arrival of a file: "name|size|mtime_ns|inode"."""
-    return f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-
-
-def same_but_inode(key: str, other: str) -> bool:
-    """Whether two `file_key`s differ at most in their inode: the same file after a remount
-    that numbers inodes anew (CIFS `noserverino`, some NFS servers) or a restore that keeps
-    modification times."""
-    return key.rpartition("|")[0] == other.rpartition("|")[0]
-
-
-def still_there(path_stored: str, key_stored: str) -> bool:
-    """Whether the very file a row recorded still lies at its stored path: a file there under
-    its key (as written, or unescaped), or under it but for the inode (`same_but_inode`). A
-    file the camera wrote since under the same name (--after keep, `latest.png`) is another
-    arrival, with a row of its own."""
-    for candidate in dict.fromkeys((path_stored, file_path(path_stored))):
-        try:
-            stat = os.stat(candidate)
-        except OSError:
-            continue
-        if same_but_inode(path_text(file_key(Path(candidate), stat)), key_stored):
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class Contents:
-    """What a SQLite file holds, as far as telling an edge store from any other file goes.
-
-    Attributes:
-        application_id: its `PRAGMA application_id` (APPLICATION_ID, 0, or another program's).
-        user_version: its `PRAGMA user_version` (an edge store's schema version).
-        names: its tables and views, SQLite's own (sqlite_*) aside, sorted.
-    """
-
-    application_id: int
-    user_version: int
-    names: tuple[str, ...]
-
-
-def read_contents(db: sqlite3.Connection) -> Contents:
-    """`Contents` of an open connection, read in one transaction (one snapshot: a store another
-    process creates meanwhile is seen empty or whole); inside the caller's transaction when it
-    has one. Reads only."""
-    own = not db.in_transaction
-    if own:
-        db.execute("BEGIN")
-    try:
-        application_id = int(db.execute("PRAGMA application_id").fetchone()[0])
-        user_version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        names = tuple(sorted(row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
-            " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
-        )))  # fmt: skip
-    finally:
-        if own and db.in_transaction:
-            with suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-    return Contents(application_id, user_version, names)
-
-
-def check_contents(path: Path | str, contents: Contents) -> bool:
-    """Whether the file is an empty database (to make a store of), or False when it is an edge
-    store this splitdet can use: ours by its application_id, or written before the id was set
-    (application_id 0) and ours by its tables at its user_version (all of them; more, such as
-    an operator's view, are left alone).
-
-    Raises:
-        StoreError: anything else, naming the file and what it holds: another program's
-            database (another application_id, not our tables, or none but a user_version), a
-            store of a newer splitdet, or one of ours that lacks tables.
-    """
-    found = set(contents.names)
-    if contents.application_id == APPLICATION_ID:
-        if contents.user_version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{path}: schema version {contents.user_version} is newer than this splitdet's "
-                f"{SCHEMA_VERSION}; upgrade splitdet"
-            )
-        if contents.user_version == 0 and not found:
-            return True
-        expected = _TABLES.get(contents.user_version)
-        lacking = sorted(expected - found) if expected is not None else []
-        if expected is None or lacking:
-            lacks = f", lacking {', '.join(lacking)}" if lacking else ""
-            raise StoreError(
-                f"{path}: a damaged splitdet edge store ({describe_contents(contents)}{lacks});"
-                " give another --db"
-            )
-        return False
-    if contents.application_id == 0:
-        if contents.user_version == 0 and not found:
-            return True
-        expected = _TABLES.get(contents.user_version)
-        if expected is not None and expected <= found:  # written before APPLICATION_ID (an
-            return False  # operator's own view or table beside ours stays welcome)
-    held = describe_contents(
-        contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
-    )
-    raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
-
-
-@contextmanager
-def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT on `db` (the write lock taken at once); ROLLBACK on any
-    exception, which is raised on."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        db.execute("COMMIT")  # a failed COMMIT (disk full) stays open: rolled back below
-    except BaseException:
-        # SQLite has already rolled back after some errors (SQLITE_FULL); a failing ROLLBACK
-        # must not hide the cause either
-        if db.in_transaction:
-            with suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-
-
-def refuse_foreign_file(path: Path | str) -> None:
-    """Raise StoreError when the existing file at `path` is another program's SQLite database
-    (`check_contents`), reading it only: for a writer to call before it makes anything beside
-    the file (its lock file). Nothing for a file that is not there, or that SQLite cannot
-    read (the store's own open then says why)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error:
-        return
-    try:
-        contents = read_contents(db)
-    except sqlite3.Error:
-        return
-    finally:
-        db.close()
-    check_contents(path, contents)
-
-
-def describe_contents(contents: Contents, known: dict[int, str] | None = None) -> str:
-    """What a SQLite file holds, for a message refusing it: "it holds tables a, b", with its
-    application_id (said as `known` names it) and user_version when they are set."""
-    if contents.names:
-        shown = ", ".join(contents.names[:8])
-        more = f" and {len(contents.names) - 8} more" if len(contents.names) > 8 else ""
-        parts = [f"it holds tables {shown}{more}"]
-    else:
-        parts = ["it holds no tables"]
-    application_id = contents.application_id & 0xFFFFFFFF  # (SQLite's is signed)
-    if application_id in (known or {}):
-        parts.insert(0, f"it is {(known or {})[application_id]}")
-    elif application_id:
-        parts.append(f"application_id {application_id:#010x}, another program's")
-    if contents.user_version:
-        parts.append(f"user_version {contents.user_version}")
-    return "; ".join(parts)
-
-
-class WriterLock:
-    """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
-    holder's pid, for as long as this object is open (the kernel drops it when the process
-    ends, kill -9 included, so a stale lock file never blocks a restart). DB is the resolved
-    path: a database reached through a symbolic link (of the file or of a folder above it) has
-    the lock of the file it names.
-
-    Raises:
-        StoreInUse: another process holds it.
-        StoreError: the lock file cannot be created or locked.
-    """
-
-    def __init__(self, db: Path | str) -> None:
-        resolved = Path(db).resolve()
-        self.path = Path(f"{resolved}.lock")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{db}: cannot create its folder ({exc.strerror or exc})") from None
-        try:
-            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
-        except OSError as exc:
-            raise StoreError(
-                f"{db}: cannot create its lock file {self.path} ({exc.strerror or exc})"
-            ) from None
-        try:
-            holder = lock_exclusively(self._file, str(os.getpid()))
-        except OSError as exc:  # e.g. ENOLCK on a share without locks
-            self._file.close()
-            raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
-        if holder is not None:
-            self._file.close()
-            via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
-            raise StoreInUse(
-                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}"
-                f"{via}); one daemon per database"
-            )
-
-    def release(self) -> None:
-        """Drop the lock (the file stays: removing it would race a newcomer's lock)."""
-        if not self._file.closed:
-            self._file.close()
 
 
 class OutboxFull(Exception):
@@ -509,6 +163,9 @@ class Pruned:
 
 @dataclass(frozen=True)
 class OutboxStats:
+    """What the outbox (or the dead letters) holds: rows, payload bytes, the oldest row's
+    creation time (unix s; None when empty)."""
+
     depth: int
     bytes: int
     oldest_created: float | None
@@ -597,12 +254,15 @@ class ResultStore:
             return self._db.execute(sql, params).fetchall()
 
     def schema_version(self) -> int:
+        """The store's schema version (SQLite user_version)."""
         return int(self._query("PRAGMA user_version")[0][0])
 
     def pragma(self, name: str) -> Any:
+        """The value of SQLite's `PRAGMA name` on this store's connection."""
         return self._query(f"PRAGMA {name}")[0][0]
 
     def close(self) -> None:
+        """Close the connection; the store cannot be used after."""
         with self._lock:
             self._db.close()
 
@@ -797,6 +457,7 @@ class ResultStore:
             return image_id, self._set_stored_path(db, image_id, stored_path), "pending"
 
     def outbox_has_room(self, payload_bytes: int = 0) -> bool:
+        """Whether one more request of `payload_bytes` bytes fits the outbox's cap."""
         stats = self.outbox_stats()
         return (
             stats.depth + 1 <= self.cap.max_items
@@ -817,6 +478,7 @@ class ResultStore:
         )
 
     def counters(self) -> dict[str, int]:
+        """The event counters (`count_event`) by name."""
         return {name: int(value) for name, value in self._query("SELECT name, value FROM counters")}
 
     # ------------------------------------------------------------------------------ the outbox
@@ -1109,6 +771,7 @@ class ResultStore:
             return outbox_by_model(self._db)
 
     def outbox_stats(self) -> OutboxStats:
+        """Requests waiting to be sent: count, payload bytes, oldest creation time."""
         depth, size, oldest = self._query(
             "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created) FROM outbox"
         )[0]
@@ -1117,6 +780,7 @@ class ResultStore:
     # ------------------------------------------------------------------------------ reading
 
     def verdict_counts(self) -> dict[str, int]:
+        """Result rows per verdict (every verdict present, 0 when none)."""
         counts = dict.fromkeys(VERDICTS, 0)
         for verdict, n in self._query("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"):
             counts[verdict] = int(n)
@@ -1130,204 +794,3 @@ class ResultStore:
             verdict: only rows with this verdict.
         """
         return list(iter_results(self._db, self._lock, since, verdict))
-
-
-def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
-    """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
-    ``since`` (unix s) and of ``verdict``, each when given."""
-    clauses, params = [], []
-    if since is not None:
-        clauses.append("updated >= ?")
-        params.append(since)
-    if verdict is not None:
-        clauses.append("verdict = ?")
-        params.append(verdict)
-    return clauses, params
-
-
-def iter_results(
-    db: sqlite3.Connection,
-    lock: threading.RLock | None = None,
-    since: float | None = None,
-    verdict: str | None = None,
-) -> Iterator[dict]:
-    """Result rows of an open store connection (see ResultStore.results)."""
-    clauses, params = result_filter(since, verdict)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images{where} ORDER BY id"
-    if lock is not None:
-        with lock:
-            rows = db.execute(sql, params).fetchall()
-    else:
-        rows = db.execute(sql, params).fetchall()
-    for row in rows:
-        yield _record(row)
-
-
-def _record(row: Sequence) -> dict:
-    """A row of RESULT_COLUMNS as a dict, its JSON columns decoded."""
-    record = dict(zip(RESULT_COLUMNS, row, strict=True))
-    for name in _JSON_COLUMNS:
-        if record[name] is not None:
-            record[name] = json.loads(record[name])
-    return record
-
-
-def results_by_id(db: sqlite3.Connection, ids: Sequence[int]) -> list[dict]:
-    """The result rows with these ids (as `iter_results` gives them), in id order."""
-    found: list[dict] = []
-    for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
-        chunk = list(ids[start : start + 500])
-        marks = ",".join("?" * len(chunk))
-        sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images WHERE id IN ({marks})"
-        found += [_record(row) for row in db.execute(sql, chunk)]
-    return sorted(found, key=lambda record: record["id"])
-
-
-def outbox_by_model(db: sqlite3.Connection) -> dict[str, int]:
-    """Requests in the outbox of an open store connection, by the model fingerprint they were
-    made with."""
-    rows = db.execute(
-        "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
-        " GROUP BY i.fingerprint"
-    )
-    return {fingerprint: int(n) for fingerprint, n in rows}
-
-
-def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
-    """`_status` read in one transaction: one snapshot of the database (a daemon writing
-    meanwhile never makes its counts disagree)."""
-    db.execute("BEGIN")
-    try:
-        return _status(db, now)
-    finally:
-        db.execute("ROLLBACK")  # (read only)
-
-
-def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
-    """A summary of an open store connection (read-only is enough): what an engineer at the
-    camera asks first. Times are unix s; ages are seconds before `now`.
-
-    Returns:
-        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
-        "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
-        "last_arrival"}, the latest result's first}, "outbox" {"requests", "bytes", "oldest_age_s",
-        "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
-        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
-    """
-    now = time.time() if now is None else now
-
-    def one(sql: str) -> tuple:
-        return db.execute(sql).fetchone()
-
-    version = one("PRAGMA user_version")[0]
-    verdicts = dict.fromkeys(VERDICTS, 0)
-    verdicts.update(db.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"))
-    errors = dict(db.execute(
-        "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
-    ))  # fmt: skip
-    last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
-    by_export = db.execute(  # the export of the latest result first
-        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
-        " ORDER BY MAX(id) DESC"
-    ).fetchall()
-    depth, size, oldest, next_try = one(
-        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
-    )
-    last_error = one("SELECT last_error FROM outbox WHERE last_error IS NOT NULL"
-                     " ORDER BY next_try DESC LIMIT 1")  # fmt: skip
-    by_model = outbox_by_model(db)
-    kept, kept_bytes = (0, 0) if version < 2 else one(
-        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
-    return {
-        "schema_version": version,
-        "verdicts": verdicts,
-        "errors": errors,
-        "last_arrival": last_arrival,
-        "last_finished": last_finished,
-        "results_by_model": {
-            fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in by_export
-        },
-        "outbox": {
-            "requests": depth,
-            "bytes": size,
-            "oldest_age_s": None if oldest is None else max(0.0, now - oldest),
-            "next_try_in_s": None if next_try is None else max(0.0, next_try - now),
-            "by_model": by_model,
-            "last_error": None if last_error is None else last_error[0],
-        },
-        "dead_letters": {
-            "kept": kept,
-            "kept_bytes": kept_bytes,
-            "not_kept": errors.get("dead_letter", 0) - kept,
-        },
-        "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
-    }
-
-
-def open_readonly(path: Path | str) -> sqlite3.Connection:
-    """A read-only connection to a store (works while the daemon writes: WAL).
-
-    Another user (an operator, a dashboard) may read a store whose folder only the daemon's
-    user may write: with the daemon stopped there is no -shm file, and SQLite cannot create one
-    there; the store is then opened immutable (nothing can change it meanwhile: its writer has
-    stopped, and its WAL is checkpointed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path}: no such results database")
-    # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
-    uri = path.resolve().as_uri() + "?mode=ro"
-    try:
-        db, contents = _connect_readonly(uri)
-    except sqlite3.OperationalError as exc:
-        if not _no_shm_allowed(path):
-            raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
-        if _has_wal(path):  # commits only in the WAL: an immutable read would miss them
-            raise StoreError(
-                f"{path}: cannot be read by this user: its writer left commits in {path}-wal "
-                f"and SQLite cannot create {path}-shm (the folder is not writable); run as the "
-                "daemon's user, or start the daemon (it checkpoints them)"
-            ) from None
-        try:
-            db, contents = _connect_readonly(uri + "&immutable=1")
-        except sqlite3.DatabaseError as retry:
-            raise StoreError(f"{path}: not a usable SQLite database ({retry})") from None
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
-    try:  # a store written before APPLICATION_ID was set is read as it is, not marked
-        if check_contents(path, contents):
-            raise StoreError(
-                f"{path}: not a splitdet edge store yet (an empty database; `splitdet edge "
-                "run` makes it one)"
-            )
-    except StoreError:
-        db.close()
-        raise
-    return db
-
-
-def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, Contents]:
-    """A connection to `uri` and what the file holds (the first read: where SQLite finds out
-    whether it can use the file)."""
-    db = sqlite3.connect(uri, uri=True)
-    try:
-        db.execute("PRAGMA busy_timeout=10000")
-        return db, read_contents(db)
-    except BaseException:
-        db.close()
-        raise
-
-
-def _no_shm_allowed(path: Path) -> bool:
-    """True when a reader cannot create the store's -shm file: there is none, and the folder
-    is not writable by this user."""
-    shm = Path(f"{path}-shm")
-    return not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK)
-
-
-def _has_wal(path: Path) -> bool:
-    """True when the store's -wal file holds frames (commits not yet in the main file)."""
-    try:
-        return Path(f"{path}-wal").stat().st_size > 0
-    except OSError:
-        return False

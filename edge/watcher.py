@@ -93,9 +93,9 @@ from pathlib import Path
 
 import numpy as np
 
+from splitdet.edge.file_identity import file_key
 from splitdet.edge.ignore_marker import is_marked
 from splitdet.edge.preprocess import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageError, decode_image
-from splitdet.edge.store import file_key
 
 log = logging.getLogger(__name__)
 

@@ -79,6 +79,8 @@ def _tools_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Rewrite the stale files of shared/wire/ (with --check: only name them); exit status, 1
+    when --check finds any."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--check", action="store_true", help="only report whether shared/wire/ is up to date"

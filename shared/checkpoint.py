@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -32,11 +32,11 @@ class _ErrorKeeping:
     """A file object for torch.save that keeps the first OSError its writes raised: torch
     reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost."""
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
         self.error: OSError | None = None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         try:
             return self._handle.write(data)
         except OSError as exc:

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from splitdet.shared import __version__
@@ -43,7 +43,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 FULL_INSTALL_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "pycocotools", "matplotlib")
 
 
-def int_in(low: int, high: int | None = None):
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse `type` for whole numbers in [low, high] (no upper bound when `high` is None)."""
 
     def parse(text: str) -> int:
@@ -59,7 +59,7 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
-def float_in(low: float, high: float = math.inf):
+def float_in(low: float, high: float = math.inf) -> Callable[[str], float]:
     """An argparse `type` for finite numbers in [low, high]."""
 
     def parse(text: str) -> float:

@@ -39,6 +39,7 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, and the record's `fields` extra."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -113,6 +114,7 @@ class TextLogFormatter(logging.Formatter):
         return line
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        """The formatted message, then the `fields` extra it does not already show."""
         line = super().formatMessage(record)
         fields = getattr(record, "fields", None) or {}
         if not isinstance(fields, dict):

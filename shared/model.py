@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,7 @@ from splitdet.shared.config import ModelConfig
 from splitdet.shared.spec import LEVEL_NAMES, POOL_LEVEL, PYRAMID_LEVELS, STRIDES
 
 
-def _norm_layer(norm: str):
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     if norm == "batch":
         return nn.BatchNorm2d
     if norm == "frozen":
@@ -342,7 +342,9 @@ class MultiTaskRCNN(FasterRCNN):
         self.rpn.head.register_forward_hook(_outputs_to_fp32)
         self.roi_heads.box_predictor.register_forward_hook(_outputs_to_fp32)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
         """Eval: list of {"boxes" [K,4] x1y1x2y2 original px, "labels" [K], "scores" [K]}.
         Train: dict of losses (torchvision's + "loss_defect")."""
         if not self.training:

@@ -188,7 +188,7 @@ NOTHING = 2.0
 def daemon_config(model_dir: Path, tmp_path: Path, **overrides):
     """A batch `DaemonConfig` (`--once`) with short waits on tmp_path/hot, flagging nothing,
     its cloud a closed port; `overrides` replace any field."""
-    from splitdet.edge.daemon import DaemonConfig
+    from splitdet.edge.daemon_config import DaemonConfig
 
     watch = tmp_path / "hot"
     watch.mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,8 @@ def _cloud(tmp_path, model_dir, *more):
 
 def _edge(model_dir, watch, db, server, drain_s: float, retry_max_s: float = 0.1):
     """An edge daemon in batch mode (--once) that flags every image (threshold 0)."""
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
 
     return EdgeDaemon(
         DaemonConfig(
@@ -306,7 +307,7 @@ def test_an_upgraded_edge_sends_its_earlier_requests_with_their_own_model(
     request paused the whole sender for the backoff cap: here 30 s, longer than the drain)."""
     from prometheus_client import generate_latest
 
-    from splitdet.edge.daemon import EdgeMetrics
+    from splitdet.edge.daemon_metrics import EdgeMetrics
     from splitdet.edge.store import ResultStore
 
     (_, old_dir, old_manifest), (_, new_dir, new_manifest) = exports

@@ -18,7 +18,8 @@ import pytest
 
 from splitdet.bench import demo as demo_module
 from splitdet.bench.demo import DemoConfig, make_data, run_demo, train_model
-from splitdet.edge.store import iter_results, open_readonly
+from splitdet.edge.store_file import open_readonly
+from splitdet.edge.store_reads import iter_results
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.presets import PRESETS
 from splitdet.training.voc import read_split

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from splitdet.edge.store import Arrival, ResultStore, open_readonly, store_status
+from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store_file import open_readonly
+from splitdet.edge.store_reads import store_status
 from splitdet.shared.cli import main
 
 RETIRED = "aaaaaaaa1" + "0" * 55

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitdet.edge.daemon import REASON_SUFFIX, DaemonConfig, EdgeDaemon
+from splitdet.edge.daemon import EdgeDaemon
+from splitdet.edge.daemon_config import DaemonConfig
+from splitdet.edge.file_moves import REASON_SUFFIX
 from splitdet.edge.watcher import SKIPPED_GONE_MEMORY, HotFolder, normalize_extensions
 from splitdet.shared.cli import main
 

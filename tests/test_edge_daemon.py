@@ -38,7 +38,8 @@ import pytest
 from cloud_fixtures import CloudProcess, scrape_metrics, start_cloud_process
 from PIL import Image
 
-from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+from splitdet.edge.daemon import EdgeDaemon
+from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.ignore_marker import IGNORE_MARKER
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult, ImageMeta
 from splitdet.edge.preprocess import decode_image

@@ -31,16 +31,12 @@ import pytest
 from PIL import Image
 
 from splitdet.edge.collect import collect_results
-from splitdet.edge.daemon import REASON_SUFFIX, STORED_NAME_MAX, EdgeDaemon
-from splitdet.edge.store import (
-    Arrival,
-    ResultStore,
-    StoreInUse,
-    file_path,
-    open_readonly,
-    path_text,
-    store_status,
-)
+from splitdet.edge.daemon import EdgeDaemon
+from splitdet.edge.file_identity import file_path, path_text
+from splitdet.edge.file_moves import REASON_SUFFIX, STORED_NAME_MAX
+from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store_file import StoreInUse, open_readonly
+from splitdet.edge.store_reads import store_status
 from splitdet.edge.watcher import file_key
 from splitdet.shared.cli import main
 
@@ -294,7 +290,7 @@ def test_a_second_daemon_on_one_database_exits_at_start(tiny_model_dir, tmp_path
     config = daemon_config(tiny_model_dir, tmp_path)
     (config.watch / "a.png").write_bytes(png(30))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from splitdet.edge.store import WriterLock; "
+        [sys.executable, "-c", "import sys, time; from splitdet.edge.store_file import WriterLock; "
          "lock = WriterLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
          str(config.db)],
         stdout=subprocess.PIPE, text=True,

@@ -31,6 +31,7 @@ from PIL import Image
 from test_edge_daemon import BrightIsDefective
 
 from splitdet.edge import daemon as daemon_module
+from splitdet.edge import file_moves
 from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.store import OutboxCap
 from splitdet.shared.cli import main
@@ -344,7 +345,7 @@ def test_a_kill_mid_copy_to_an_archive_disk_leaves_only_a_hidden_partial_swept_a
 def test_a_move_across_file_systems_never_replaces_a_file(tmp_path, other_disk):
     """move_no_clobber onto another file system: a name taken is FileExistsError, the file
     there and the source unchanged, no temporary file left."""
-    from splitdet.edge.daemon import move_no_clobber
+    from splitdet.edge.file_moves import move_no_clobber
 
     folder, _ = other_disk
     source, target = tmp_path / "a.png", folder / "a.png"
@@ -363,7 +364,7 @@ def test_a_move_across_file_systems_never_replaces_a_file(tmp_path, other_disk):
 def test_a_longest_stored_name_is_copied_across_file_systems(tmp_path, other_disk):
     """A stored name may be STORED_NAME_MAX (230) bytes; its temporary name added 27 and
     passed the 255-byte limit: every move of such an image failed (ENAMETOOLONG)."""
-    from splitdet.edge.daemon import STORED_NAME_MAX, move_no_clobber, partial_path
+    from splitdet.edge.file_moves import STORED_NAME_MAX, move_no_clobber, partial_path
 
     folder, _ = other_disk
     name = "é" * ((STORED_NAME_MAX - 4) // 2) + ".png"  # two bytes a character: cut inside one
@@ -379,7 +380,7 @@ def test_a_copy_whose_source_cannot_be_removed_is_taken_back(tmp_path, other_dis
     """Onto another disk, from a folder that refuses removals (append-only, a share without
     delete rights): the copy stayed under the target name, each retry found the name taken,
     copied again under NAME~1, ~2... Now the copy is taken back and the error raised."""
-    from splitdet.edge.daemon import move_no_clobber
+    from splitdet.edge.file_moves import move_no_clobber
 
     folder, _ = other_disk
     source, target = tmp_path / "a.png", folder / "a.png"
@@ -408,7 +409,7 @@ def test_a_quarantine_move_refused_for_a_while_is_retried_and_counted(tmp_path, 
     file was passed over until it changed or the daemon restarted, and nothing counted it."""
     monkeypatch.setattr(daemon_module, "MOVE_RETRY_INITIAL_S", 0.1)
     monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", 0.2)
-    real_move, refused = daemon_module.move_no_clobber, []
+    real_move, refused = file_moves.move_no_clobber, []
 
     def read_only_for_a_while(source, target):
         if len(refused) < 3:
@@ -416,7 +417,7 @@ def test_a_quarantine_move_refused_for_a_while_is_retried_and_counted(tmp_path, 
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
         real_move(source, target)
 
-    monkeypatch.setattr(daemon_module, "move_no_clobber", read_only_for_a_while)
+    monkeypatch.setattr(file_moves, "move_no_clobber", read_only_for_a_while)
     config = daemon_config(tmp_path, tmp_path, once=False, metrics_port=0,
                            metrics_host="127.0.0.1")  # fmt: skip
     daemon = EdgeDaemon(config, pipeline=BrightIsDefective())
@@ -437,19 +438,19 @@ def test_a_quarantine_move_refused_for_a_while_is_retried_and_counted(tmp_path, 
 def test_once_leaves_a_file_it_could_not_move_for_the_next_run(tmp_path, monkeypatch):
     """--once does not wait to retry a failed move: it counts it, exits, and the next run
     moves the file (its row is not written again)."""
-    real_move = daemon_module.move_no_clobber
+    real_move = file_moves.move_no_clobber
 
     def refused(source, target):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(target))
 
     config = daemon_config(tmp_path, tmp_path, after="archive")
     (config.watch / "a.png").write_bytes(png(20))
-    monkeypatch.setattr(daemon_module, "move_no_clobber", refused)
+    monkeypatch.setattr(file_moves, "move_no_clobber", refused)
     daemon = EdgeDaemon(config, pipeline=BrightIsDefective())
     assert daemon.run() == 0
     assert sample(daemon.metrics.errors, "splitdet_edge_errors_total", kind="move") == 1
     assert (config.watch / "a.png").exists()
-    monkeypatch.setattr(daemon_module, "move_no_clobber", real_move)
+    monkeypatch.setattr(file_moves, "move_no_clobber", real_move)
     assert EdgeDaemon(config, pipeline=BrightIsDefective()).run() == 0
     [row] = image_rows(config.db)
     assert Path(row["stored_path"]).is_file() and not (config.watch / "a.png").exists()

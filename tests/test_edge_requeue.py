@@ -14,14 +14,10 @@ import pytest
 from cloud_fixtures import shared_model_dir
 
 from splitdet.cloud.server import MIB, CloudServer, ServerConfig
-from splitdet.edge.store import (
-    SCHEMA_VERSION,
-    Arrival,
-    OutboxCap,
-    ResultStore,
-    open_readonly,
-    store_status,
-)
+from splitdet.edge.store import Arrival, OutboxCap, ResultStore
+from splitdet.edge.store_file import open_readonly
+from splitdet.edge.store_reads import store_status
+from splitdet.edge.store_schema import SCHEMA_VERSION
 from splitdet.shared.cli import main
 
 pytestmark = pytest.mark.timeout(180)
@@ -177,7 +173,8 @@ def test_a_request_refused_as_too_large_is_delivered_after_requeue(tmp_path, cap
     with boxes. Before, their features were dropped with the refusal."""
     from PIL import Image
 
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
 
     _, model_dir, _ = shared_model_dir(0)
     watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"

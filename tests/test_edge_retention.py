@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from splitdet.edge.store import Arrival, ResultStore, file_key
+from splitdet.edge.file_identity import file_key
+from splitdet.edge.store import Arrival, ResultStore
 from splitdet.shared.cli import main
 
 FINGERPRINT = "f" * 64
@@ -137,7 +138,8 @@ def test_prune_never_creates_a_database(tmp_path, capsys):
 
 
 def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, caplog):
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
 
     db, rows = history
     watch = tmp_path / "empty"
@@ -175,7 +177,8 @@ def _bulk_rows(db, n: int, first_kept: int, kept_dir: Path, days: float) -> None
 def test_a_batch_run_prunes_to_the_end(tiny_model_dir, tmp_path):
     """`edge run --once --keep-results`: the whole prune, not one batch of it, even past a
     batch of rows it must keep (before, each run stopped after the first 2000 rows)."""
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
 
     db, watch = tmp_path / "edge.sqlite", tmp_path / "empty"
     watch.mkdir()
@@ -192,7 +195,8 @@ def test_a_batch_run_prunes_to_the_end(tiny_model_dir, tmp_path):
 def test_the_resume_mark_never_passes_a_row_that_could_not_go_yet(tiny_model_dir, tmp_path):
     """A defect still pending (the cloud was down) below rows that were pruned: once it is
     final and old, the daemon's next prune takes it (before, the mark had passed it for good)."""
-    from splitdet.edge.daemon import DaemonConfig, EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon_config import DaemonConfig
     from splitdet.edge.store import Answer
 
     db, watch = tmp_path / "edge.sqlite", tmp_path / "empty"

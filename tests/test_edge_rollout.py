@@ -38,7 +38,8 @@ from PIL import Image
 from test_edge_daemon_recovery import scrape
 
 from splitdet.edge.daemon import EdgeDaemon
-from splitdet.edge.store import Arrival, ResultStore, file_key
+from splitdet.edge.file_identity import file_key
+from splitdet.edge.store import Arrival, ResultStore
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import read_manifest
 

@@ -16,15 +16,9 @@ import time
 import pytest
 
 from splitdet.edge.sender import Backoff
-from splitdet.edge.store import (
-    SCHEMA_VERSION,
-    Answer,
-    Arrival,
-    OutboxCap,
-    OutboxFull,
-    ResultStore,
-    StoreError,
-)
+from splitdet.edge.store import Answer, Arrival, OutboxCap, OutboxFull, ResultStore
+from splitdet.edge.store_file import StoreError
+from splitdet.edge.store_schema import SCHEMA_VERSION
 from splitdet.shared.cli import main
 
 from support import run_without_torch
@@ -288,7 +282,8 @@ def test_edge_daemon_modules_import_without_torch():
 
 
 def test_status_summarises_verdicts_outbox_and_dead_letters(tmp_path, capsys):
-    from splitdet.edge.store import open_readonly, store_status
+    from splitdet.edge.store_file import open_readonly
+    from splitdet.edge.store_reads import store_status
 
     db = tmp_path / "edge.sqlite"
     store = ResultStore(db)
@@ -330,7 +325,8 @@ def test_status_is_one_snapshot_while_the_daemon_writes(tmp_path):
     """A dead letter committed by the daemon between two of status's queries: both queries
     still see the database as it was when the first ran (one read transaction), so the counts
     agree (before, 'not_kept' came out as -1)."""
-    from splitdet.edge.store import open_readonly, store_status
+    from splitdet.edge.store_file import open_readonly
+    from splitdet.edge.store_reads import store_status
 
     db = tmp_path / "edge.sqlite"
     daemon = ResultStore(db)

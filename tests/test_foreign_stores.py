@@ -20,18 +20,16 @@ from PIL import Image
 
 from splitdet.cloud.idempotency import APPLICATION_ID as ANSWERS_ID
 from splitdet.cloud.idempotency import IdempotencyStore, NotAnswersDatabase, StoredAnswer
-from splitdet.edge.store import (
+from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store_file import StoreError, open_readonly
+from splitdet.edge.store_reads import store_status
+from splitdet.edge.store_schema import (
     _DEAD_LETTERS,
     _SCHEMA,
     _TABLES,
     ANSWERS_APPLICATION_ID,
     APPLICATION_ID,
     SCHEMA_VERSION,
-    Arrival,
-    ResultStore,
-    StoreError,
-    open_readonly,
-    store_status,
 )
 from splitdet.shared.cli import main
 

@@ -31,7 +31,7 @@ from test_cloud_tls import plant_pki
 
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
-from splitdet.edge.store import ERROR_KINDS, VERDICTS
+from splitdet.edge.store_schema import ERROR_KINDS, VERDICTS
 from splitdet.shared.cli import main
 
 pytestmark = pytest.mark.timeout(180)

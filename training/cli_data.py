@@ -12,8 +12,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import add_pixel_bits_option, class_names, float_in, int_in
+
+if TYPE_CHECKING:  # the handlers import it when they run
+    from splitdet.training.voc_check import DatasetReport
 
 EPILOG = """\
 actions:
@@ -136,7 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=run_split)
 
 
-def _print_report(report) -> None:
+def _print_report(report: DatasetReport) -> None:
     print(
         f"{report.root}: {report.annotations} annotations, {report.images} images, "
         f"classes: {', '.join(f'{k} {v}' for k, v in sorted(report.classes.items())) or 'none'}"

@@ -14,10 +14,18 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
 from splitdet.shared.atomic_file import WriteError, atomic_write
 from splitdet.shared.cli import add_box_refine_option, int_in
+
+if TYPE_CHECKING:  # the handlers import these when they run
+    from pathlib import Path
+
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.predict import Detector
+    from splitdet.training.voc import VocSample
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,8 @@ MODEL_ONLY = ("threshold", "codec", "cloud", "timeout", "tls", "root_certs", "cl
               "client_key", "server_name", "token_file", "name")  # fmt: skip
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `eval` subcommand to `subparsers`."""
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a checkpoint or an export: mAP, gate accuracy/recall, mAP kept",
@@ -281,7 +290,7 @@ def run_model(args: argparse.Namespace) -> int:
     return 1 if metrics["image_errors"] else 0
 
 
-def _open_model(args: argparse.Namespace):
+def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample], Detector]:
     """(edge pipeline with the gate open, samples, detector) for --model; CommandError for a
     bad --cloud, export or dataset, a dead or wrong server, or a missing torch."""
     from pathlib import Path
@@ -314,7 +323,7 @@ def _open_model(args: argparse.Namespace):
     return pipeline, samples, detector
 
 
-def eval_hint(exc: Exception, root, class_names: Sequence[str]) -> str:
+def eval_hint(exc: Exception, root: Path | str, class_names: Sequence[str]) -> str:
     """`exc`'s message (a VocError reading `root`) with what to do about it in eval.
 
     An object of a class the model does not know (`class_names`, the checkpoint's or the
@@ -349,7 +358,7 @@ def _other_calibration(split: str, checkpoint: dict) -> str:
     )
 
 
-def _split_path(root, split: str):
+def _split_path(root: Path | str, split: str) -> Path:
     """The file listing `split` in the VOC tree at `root`."""
     from pathlib import Path
 

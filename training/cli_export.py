@@ -9,8 +9,12 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import add_box_refine_option, int_in
+
+if TYPE_CHECKING:
+    from splitdet.shared.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def uncalibrated_warning(checkpoint_path: str, threshold: float) -> str:
     )
 
 
-def calibration_batches(data: Path, config, count: int) -> list:
+def calibration_batches(data: Path, config: ModelConfig, count: int) -> list:
     """`count` train-split images of `data`, evenly spaced, preprocessed as the edge does."""
     from splitdet.edge.preprocess import load_image, prepare
     from splitdet.training import voc

@@ -32,6 +32,7 @@ EXAMPLE = """example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `train`'s options to `parser` (the subcommand's, and `main`'s for torchrun)."""
     parser.add_argument(
         "--data",
         required=True,
@@ -117,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the final metrics row as JSON")
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` subcommand to `subparsers`."""
     parser = subparsers.add_parser(
         "train",
         help="train the multi-task detector on a VOC dataset",
@@ -171,6 +173,8 @@ def _recipe_difference(there: TrainConfig, here: TrainConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train the recipe the options describe into `args.out`; returns 0 (CommandError on a
+    problem with the data, the options or the run folder)."""
     import dataclasses
     import json
     from pathlib import Path

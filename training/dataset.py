@@ -69,7 +69,9 @@ def resize_as_the_model(img: Image.Image, scale: float) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]):
+def collate(
+    batch: Sequence[tuple[Tensor, dict[str, Tensor]]],
+) -> tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]:
     """(images, targets) as tuples, the shape torchvision's detectors take."""
     return tuple(zip(*batch, strict=True))
 
@@ -179,7 +181,9 @@ class VocDetection(Dataset):
         }
         return image, target
 
-    def _augment(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+    def _augment(
+        self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
         keep = np.ones(len(boxes), dtype=bool)
         width, height = img.size
         scale = input_scale(height, width, *self.input_size) if self.input_size else 1.0
@@ -203,7 +207,9 @@ class VocDetection(Dataset):
         return img, boxes, keep
 
     @staticmethod
-    def _crop_origin(target, size: int, width: int, height: int, rng: np.random.Generator):
+    def _crop_origin(
+        target: np.ndarray | None, size: int, width: int, height: int, rng: np.random.Generator
+    ) -> tuple[int, int]:
         """Top-left corner of a crop: centred on ``target`` (a box) jittered by up to a quarter
         crop, or uniform over the image when ``target`` is None; inside the image if it fits."""
         if target is not None:
@@ -216,7 +222,9 @@ class VocDetection(Dataset):
             top = int(rng.integers(0, max(height - size, 0) + 1))
         return min(max(left, 0), max(width - size, 0)), min(max(top, 0), max(height - size, 0))
 
-    def _random_crop(self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator):
+    def _random_crop(
+        self, img: Image.Image, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
         """A square crop of ``self.crop.size`` px: (crop image, its boxes Float32[K', 4] in crop
         px, keep Bool[K]: which of ``boxes`` (Float32[K, 4] in image px) it holds). A box the
         crop cuts is kept when its longer visible side has `MIN_KEPT_SIDE` px; one wholly

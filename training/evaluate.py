@@ -21,6 +21,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from torch import Tensor
 
 from splitdet.training.errors import error_breakdown
 from splitdet.training.voc import VocSample, load_rgb
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+
+    from splitdet.shared.model import MultiTaskRCNN
 
 DEFAULT_TARGET_RECALL = 0.995
 
@@ -97,7 +103,7 @@ def _image_batches(
 
 @torch.inference_mode()
 def gate_probabilities(
-    model,
+    model: MultiTaskRCNN,
     samples: Sequence[VocSample],
     *,
     device: torch.device | str = "cpu",
@@ -120,7 +126,7 @@ def gate_probabilities(
 
 @torch.inference_mode()
 def predict(
-    model,
+    model: MultiTaskRCNN,
     samples: Sequence[VocSample],
     *,
     device: torch.device | str = "cpu",
@@ -152,7 +158,7 @@ def predict(
 # ----------------------------------------------------------------------------------- detection
 
 
-def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]):
+def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
     from pycocotools.coco import COCO
 
     label_of = {name: k + 1 for k, name in enumerate(class_names)}
@@ -179,7 +185,12 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]):
     return gt
 
 
-def _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image):
+def _coco_dt(
+    gt: COCO,
+    boxes_per_image: Sequence,
+    scores_per_image: Sequence,
+    labels_per_image: Sequence,
+) -> COCO:
     """Detections as a COCO object, as `COCO.loadRes` would build it (works for none at all)."""
     from pycocotools.coco import COCO
 
@@ -328,7 +339,7 @@ def classifier_metrics(
 
 
 def evaluate(
-    model,
+    model: MultiTaskRCNN,
     samples: Sequence[VocSample],
     *,
     calibration_samples: Sequence[VocSample] | None = None,
@@ -420,7 +431,7 @@ def metrics_at_threshold(
         gate_best = best_accuracy_at_recall(probs, labels, target_recall)
         top_box_best = best_accuracy_at_recall(top_box, labels, target_recall)
 
-    def ratio(a, b):
+    def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
     return {

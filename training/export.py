@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from splitdet.shared.manifest import (
 from splitdet.shared.model import EdgeHalf, MultiTaskRCNN
 from splitdet.shared.spec import STRIDES
 from splitdet.training.quantize_edge import quantize_gate
+
+if TYPE_CHECKING:  # loaded when an export is checked
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +144,10 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _errors_against_torch(
-    session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
+    session: ort.InferenceSession,
+    names: tuple[str, ...],
+    feeds: dict[str, np.ndarray],
+    expected: tuple[Tensor, ...],
 ) -> dict[str, float]:
     """Output name -> relative error of ONNX Runtime against PyTorch (shapes must match)."""
     return _compare(names, session.run(list(names), feeds), expected)
@@ -163,7 +170,10 @@ def _compare(
 
 
 def _check_against_torch(
-    session, names: tuple[str, ...], feeds: dict[str, np.ndarray], expected: tuple[Tensor, ...]
+    session: ort.InferenceSession,
+    names: tuple[str, ...],
+    feeds: dict[str, np.ndarray],
+    expected: tuple[Tensor, ...],
 ) -> dict[str, float]:
     errors = _errors_against_torch(session, names, feeds, expected)
     for name in names:
@@ -176,7 +186,10 @@ def _check_against_torch(
 
 
 def _int8_gate_errors(
-    session, names: tuple[str, ...], image: Tensor, expected: tuple[Tensor, ...]
+    session: ort.InferenceSession,
+    names: tuple[str, ...],
+    image: Tensor,
+    expected: tuple[Tensor, ...],
 ) -> dict:
     """How far the int8 gate graph (`session`) is from PyTorch (`expected`, the float gate's
     outputs named `names`, p_defect first) on `image` (Float32[1, 3, H, W]).

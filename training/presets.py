@@ -137,12 +137,14 @@ class TrainConfig:
         return self.minutes * 60.0 if self.minutes else None
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as a JSON-able dict (the model's configuration as its own dict)."""
         data = asdict(self)
         data["model"] = self.model.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The recipe `to_dict` made; ValueError for keys it does not know."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

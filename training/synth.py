@@ -106,6 +106,7 @@ class StrokeMask:
 
     @property
     def box(self) -> tuple[float, float, float, float]:
+        """The scratch's box ``(x1, y1, x2, y2)``, image px: its window."""
         h, w = self.alpha.shape
         return (float(self.x0), float(self.y0), float(self.x0 + w), float(self.y0 + h))
 
@@ -136,6 +137,7 @@ class SynthImage:
 
     @property
     def labels(self) -> list[str]:
+        """The class name of each box (every box is a scratch)."""
         return [CLASS_NAME] * len(self.boxes)
 
 
@@ -170,7 +172,9 @@ def _rngs(seed: int, stream: int, index: int) -> list[np.random.Generator]:
     return [np.random.Generator(np.random.PCG64(c)) for c in children]
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], size: tuple[int, int]):
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
     """Low-frequency noise: a small random grid, bicubically upsampled to ``size`` (w, h)."""
     grid = rng.standard_normal(shape).astype(_F32)
     return np.asarray(Image.fromarray(grid, mode="F").resize(size, Image.BICUBIC), dtype=_F32)
@@ -221,7 +225,9 @@ class _Part:
 # ---------------------------------------------------------------------------- the part itself
 
 
-def _render_part(rng: np.random.Generator, size: tuple[int, int], s: float):
+def _render_part(
+    rng: np.random.Generator, size: tuple[int, int], s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int], _Part, np.ndarray]:
     """Render the defect-free scene. Returns (gain image, reflectance, coverage, window, part,
     background) where the final grey image is ``bg*(1-cov) + cov*gain*refl`` inside the window."""
     width, height = size
@@ -368,7 +374,9 @@ _MIN_SCRATCH_LENGTH = 30.0
 _MIN_TOOLMARK_LENGTH = 25.0
 
 
-def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: float):
+def _scratch_path(
+    rng: np.random.Generator, part: _Part, s: float, width_px: float
+) -> np.ndarray | None:
     """A scratch centre-line as dense points (~1 px apart), trimmed to its run on the metal."""
     max_len = max(1400.0 * s, 2 * _MIN_SCRATCH_LENGTH)
     length = math.exp(rng.uniform(math.log(_MIN_SCRATCH_LENGTH), math.log(max_len)))
@@ -408,7 +416,7 @@ def _scratch_path(rng: np.random.Generator, part: _Part, s: float, width_px: flo
 
 def _rasterise_stroke(
     pts: np.ndarray, half_width: float, rng: np.random.Generator, shape: tuple[int, int]
-):
+) -> tuple[int, int, np.ndarray] | None:
     """Anti-aliased coverage of a polyline stroke with intermittent strength and tapered ends.
 
     Returns ``(x0, y0, alpha)`` for the window holding the stroke, or None if off-image."""
@@ -526,7 +534,15 @@ def _add_scratches(
 # ------------------------------------------------------------------------------- look-alikes
 
 
-def _blob(refl, window, cx, cy, radius, amp, sharp: bool):
+def _blob(
+    refl: np.ndarray,
+    window: tuple[int, int, int, int],
+    cx: float,
+    cy: float,
+    radius: float,
+    amp: float,
+    sharp: bool,
+) -> tuple[float, float, float, float] | None:
     """Add a round spot; returns its box in image coordinates (or None if off the window)."""
     x0w, y0w, x1w, y1w = window
     ext = radius * (1.5 if sharp else 2.5) + 1
@@ -545,12 +561,18 @@ def _blob(refl, window, cx, cy, radius, amp, sharp: bool):
     return (float(bx0), float(by0), float(bx1), float(by1))
 
 
-def _add_lookalikes(rng, part: _Part, s: float, refl, window):
+def _add_lookalikes(
+    rng: np.random.Generator,
+    part: _Part,
+    s: float,
+    refl: np.ndarray,
+    window: tuple[int, int, int, int],
+) -> list[tuple[str, tuple[float, float, float, float]]]:
     """Dust, stains and tool marks; drawn the same way on defective and defect-free images,
     so their number says nothing about the label. Every image gets at least one."""
     out: list[tuple[str, tuple[float, float, float, float]]] = []
 
-    def point_on_metal(margin: float):
+    def point_on_metal(margin: float) -> tuple[float, float, float, float] | None:
         for _ in range(30):
             rad = math.sqrt(rng.uniform(part.r_in**2, part.r_out**2))
             ang = rng.uniform(0, 2 * math.pi)
@@ -691,6 +713,7 @@ class DatasetSummary:
     seconds_per_image: float  # summed over workers: the per-core cost
 
     def to_json(self) -> dict:
+        """The summary as a JSON-able dict (times in seconds, rounded)."""
         return {
             "root": str(self.root),
             "counts": self.counts,

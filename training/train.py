@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,10 @@ from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
 from splitdet.training.dataset import CropSettings, VocDetection, collate
 from splitdet.training.presets import TrainConfig
 
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+    from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -61,7 +65,7 @@ class InitError(RuntimeError):
 # ------------------------------------------------------------------------------ starting weights
 
 
-def _hub_hint(weights) -> str:
+def _hub_hint(weights: WeightsEnum) -> str:
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     return (
         f"could not fetch {weights} from {weights.url}. Offline? Download that file elsewhere and "
@@ -70,7 +74,7 @@ def _hub_hint(weights) -> str:
     )
 
 
-def _fetch(weights, progress: bool) -> dict[str, torch.Tensor]:
+def _fetch(weights: WeightsEnum, progress: bool) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=progress)
     except Exception as exc:  # URLError, HTTPError, socket errors, hash mismatch...
@@ -273,12 +277,16 @@ class WarmupCosine:
         self._apply()
 
     def progress(self) -> float:
+        """How far the schedule has run, in [0, 1]: the larger of the iterations' fraction and
+        the time budget's."""
         p = self.step_count / self.total_iters
         if self.budget_seconds:
             p = max(p, self.seconds / self.budget_seconds)
         return min(p, 1.0)
 
     def factor(self) -> float:
+        """The learning-rate multiplier now: cosine over `progress`, ramped up from 0.1 during
+        the warmup iterations."""
         cosine = 0.5 * (1.0 + math.cos(math.pi * self.progress()))
         if self.step_count < self.warmup_iters:
             cosine *= 0.1 + 0.9 * self.step_count / self.warmup_iters
@@ -289,12 +297,14 @@ class WarmupCosine:
             group["lr"] = base * self.factor()
 
     def step(self, seconds: float | None = None) -> None:
+        """One iteration done; `seconds`: the run's training seconds so far (for the budget)."""
         self.step_count += 1
         if seconds is not None:
             self.seconds = seconds
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's state, for a checkpoint."""
         return {
             "total_iters": self.total_iters,
             "warmup_iters": self.warmup_iters,
@@ -305,11 +315,14 @@ class WarmupCosine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take up the schedule where `state` (a `state_dict`) left it."""
         self.__dict__.update({k: state[k] for k in self.state_dict()})
         self._apply()
 
 
-def build_scheduler(optimizer, config: TrainConfig, iters_per_epoch: int):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, iters_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.StepLR | WarmupCosine | None, bool]:
     """(scheduler, per_iteration): StepLR per epoch, WarmupCosine per iteration, or none."""
     if config.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma), False
@@ -1038,7 +1051,7 @@ def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
     return "; ".join(parts)
 
 
-def _advance(overall, clock: TrainClock) -> None:
+def _advance(overall: tqdm, clock: TrainClock) -> None:
     """Move the run's bar to the end of an epoch: by one epoch, or to the training minutes done.
     The last step may end past the budget; the bar's total then grows to it, so the bar ends
     full instead of overshooting (which tqdm warns of, showing a negative time left)."""
@@ -1050,7 +1063,7 @@ def _advance(overall, clock: TrainClock) -> None:
     overall.update(done - overall.n)
 
 
-def _overall_bar(config: TrainConfig, clock: TrainClock, start_epoch: int, enabled: bool):
+def _overall_bar(config: TrainConfig, clock: TrainClock, start_epoch: int, enabled: bool) -> tqdm:
     """The whole run's progress bar, with the time left: in training minutes when the run has a
     time budget, else in epochs. Each epoch's own bar runs below it."""
     from tqdm import tqdm

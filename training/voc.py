@@ -46,9 +46,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.parsers import expat
 
 from splitdet.shared.atomic_file import atomic_write
+
+if TYPE_CHECKING:  # Pillow loads when an image is read
+    from PIL import Image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -210,11 +214,13 @@ def _refuse_doctype(data: bytes) -> None:
     annotations have no DTD at all, so one is refused outright, before ElementTree reads it.
     """
 
-    def doctype(_name, system_id, _public_id, has_internal_subset) -> None:
+    def doctype(
+        _name: str, system_id: str | None, _public_id: str | None, has_internal_subset: int
+    ) -> None:
         if system_id or has_internal_subset:  # a bare <!DOCTYPE annotation> declares nothing
             raise _Doctype
 
-    def entity(*_args) -> None:
+    def entity(*_args: object) -> None:
         raise _Doctype
 
     parser = expat.ParserCreate()
@@ -320,7 +326,7 @@ def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int
     return _image_header(image_path, ann_path)[0]
 
 
-def _orientation(img) -> int:
+def _orientation(img: Image.Image) -> int:
     """The EXIF orientation tag of an open PIL image (1, upright, when it has none or it cannot
     be read), from the header alone."""
     from PIL import Image
@@ -333,7 +339,7 @@ def _orientation(img) -> int:
         return 1
 
 
-def _refuse_past_the_edge_limits(img, image_path: Path) -> None:
+def _refuse_past_the_edge_limits(img: Image.Image, image_path: Path) -> None:
     """`VocError` naming ``image_path`` when the open PIL image is past the edge's size limits
     (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE, the edge's own constants). Checked once,
     when the split is read (`_image_header`), not at every decoding of an epoch."""
@@ -351,7 +357,7 @@ def _refuse_past_the_edge_limits(img, image_path: Path) -> None:
         )
 
 
-def _refuse_what_the_edge_refuses(img, image_path: Path) -> None:
+def _refuse_what_the_edge_refuses(img: Image.Image, image_path: Path) -> None:
     """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
     the open PIL image: a mode it does not take (float "F", Lab, HSV...) or several frames.
 
@@ -404,7 +410,7 @@ def _orientation_problem(image_path: Path, orientation: int) -> str:
     )
 
 
-def load_rgb(image_path: Path, pixel_bits: int = 16):
+def load_rgb(image_path: Path, pixel_bits: int = 16) -> Image.Image:
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
     body is corrupt or truncated (its header, read when the split was, looked fine), and one the
     edge refuses (float "F" and other modes it does not take, several frames).
@@ -418,7 +424,7 @@ def load_rgb(image_path: Path, pixel_bits: int = 16):
     return load_rgb_and_peak(image_path, pixel_bits)[0]
 
 
-def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16):
+def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Image, int | None]:
     """(`load_rgb`'s image, the largest pixel value of a 16-bit grayscale image, else None):
     one decoding for both."""
     from PIL import Image

@@ -1,0 +1,157 @@
+"""The edge daemon's settings (no torch): `DaemonConfig`, checked as it is made, and
+`check_paths`, which refuses a daemon writing into its own hot folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitdet.edge.client import ClientConfig
+from splitdet.edge.preprocess import IMAGE_SUFFIXES
+from splitdet.edge.sender import Backoff
+from splitdet.edge.store import OutboxCap
+from splitdet.edge.watcher import normalize_extensions
+
+AFTER_POLICIES = ("keep", "archive", "delete")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Every setting of the edge daemon.
+
+    Attributes:
+        model_dir: exported model directory (`splitdet export`).
+        watch: the hot folder.
+        recursive: take the images of its subfolders too (not the quarantine or archive).
+        extensions: take only the files whose name ends in one of these (any case); the
+            others (Thumbs.db, desktop.ini, sidecar .json/.xml/.txt files) are left where
+            they are, logged once each and counted in `splitdet_edge_skipped_files`. None
+            takes every file (what does not decode is quarantined).
+        cloud: cloud address(es), as ClientConfig.addresses.
+        db: the SQLite results + outbox file.
+        after: what happens to a processed image file: keep, archive or delete.
+        archive_dir: where --after archive moves files (default WATCH/archive).
+        quarantine_dir: where unreadable files go, with a NAME.reason.txt beside each
+            (default WATCH/quarantine).
+        once: process what is in the folder, try to deliver the outbox, exit.
+        drain_timeout_s: with `once`, how long to keep delivering before giving up.
+        threshold: gate threshold (default: the manifest's).
+        codec: feature codec (default: the manifest's).
+        threads, device: ONNX Runtime settings.
+        settle_s: a file must be unchanged this long before it is read.
+        unreadable_grace_s: an unchanged file that does not decode waits this much longer
+            before it is quarantined.
+        poll_s: seconds between scans of an idle hot folder.
+        outbox: the outbox caps and full policy.
+        retry_initial_s, retry_max_s: sender backoff.
+        client: how to reach the cloud (timeout, TLS, token), addresses included.
+        metrics_port: Prometheus endpoint port (0: any free port; None: off).
+        metrics_host: its address.
+        save_annotated: write annotated defect images here.
+        ready_file: once running, write {"pid", "metrics_port", "fingerprint"} JSON here.
+        keep_results_s: delete final results older than this (seconds) from the database,
+            checked at start and then hourly (ResultStore.prune); None keeps every result.
+    """
+
+    model_dir: Path
+    watch: Path
+    cloud: str
+    db: Path
+    after: str = "keep"
+    archive_dir: Path | None = None
+    quarantine_dir: Path | None = None
+    once: bool = False
+    drain_timeout_s: float = 60.0
+    threshold: float | None = None
+    codec: str | None = None
+    threads: int | None = None
+    device: str = "auto"
+    settle_s: float = 1.0
+    unreadable_grace_s: float = 10.0
+    poll_s: float = 0.25
+    outbox: OutboxCap = field(default_factory=OutboxCap)
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    client: ClientConfig | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    save_annotated: Path | None = None
+    ready_file: Path | None = None
+    recursive: bool = False
+    keep_results_s: float | None = None
+    extensions: tuple[str, ...] | None = IMAGE_SUFFIXES
+
+    def __post_init__(self) -> None:
+        """ValueError naming the option when a setting is one the daemon cannot run with."""
+        if self.after not in AFTER_POLICIES:
+            raise ValueError(f"--after must be one of {AFTER_POLICIES}, got {self.after!r}")
+        if self.save_annotated is not None and self.after == "delete":
+            raise ValueError(
+                "--save-annotated needs the image after the cloud answers: use --after keep "
+                "or archive"
+            )
+        if min(self.settle_s, self.unreadable_grace_s, self.drain_timeout_s) < 0:
+            raise ValueError("settle, grace and drain times must be non-negative")
+        if self.poll_s <= 0:
+            raise ValueError("--poll must be positive")
+        if self.keep_results_s is not None and not 0 <= self.keep_results_s < float("inf"):
+            raise ValueError("--keep-results must be a finite age")
+        if self.extensions is not None:
+            try:
+                normalize_extensions(self.extensions)
+            except ValueError as exc:
+                raise ValueError(f"--extensions: {exc}") from None
+        Backoff(self.retry_initial_s, self.retry_max_s)  # validates
+
+    @property
+    def archive(self) -> Path:
+        """Where --after archive moves files: `archive_dir`, or WATCH/archive."""
+        return self.archive_dir or self.watch / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        """Where unreadable files go: `quarantine_dir`, or WATCH/quarantine."""
+        return self.quarantine_dir or self.watch / "quarantine"
+
+    def output_folders(self) -> list[tuple[str, Path]]:
+        """(option, folder) of every folder the daemon moves or writes images into."""
+        folders = [("--quarantine", self.quarantine)]
+        if self.after == "archive":
+            folders.append(("--archive", self.archive))
+        if self.save_annotated is not None:
+            folders.append(("--save-annotated", self.save_annotated))
+        return folders
+
+    @property
+    def client_config(self) -> ClientConfig:
+        """How to reach the cloud: `client`, or the defaults for the `cloud` address(es)."""
+        return self.client or ClientConfig(self.cloud)
+
+
+def check_paths(config: DaemonConfig) -> None:
+    """ValueError when the daemon would write into its own hot folder: files archived,
+    quarantined or annotated there come back as new images (again and again), and a database
+    or ready file there would be quarantined as an unreadable image."""
+    watch = config.watch.resolve()
+    for flag, folder in config.output_folders():
+        if folder.resolve() == watch:
+            raise ValueError(
+                f"{flag} {folder} is the --watch folder: its files would be processed again; "
+                "give it another folder"
+            )
+    outputs = [folder.resolve() for _, folder in config.output_folders()]
+
+    def scanned(path: Path) -> bool:
+        """Whether the hot folder would list this file."""
+        if not config.recursive:
+            return path.parent == watch
+        inside = path.is_relative_to(watch)
+        return inside and not any(path.is_relative_to(folder) for folder in outputs)
+
+    files = [("--db", config.db), ("--ready-file", config.ready_file)]
+    for flag, path in files:
+        if path is not None and scanned(path.resolve()):
+            raise ValueError(
+                f"{flag} {path} is in the --watch folder, which would take it for an image; "
+                "put it elsewhere"
+            )

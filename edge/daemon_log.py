@@ -1,0 +1,13 @@
+"""The edge daemon's log (no torch): the "splitdet.edge" logger and `log_event`, a line that
+carries its event name and fields for the JSON log (splitdet.shared.logs)."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("splitdet.edge")
+
+
+def log_event(level: int, msg: str, **fields: object) -> None:
+    """Log `msg` at `level` on the daemon's logger, with `fields` and ``event=msg``."""
+    log.log(level, msg, extra={"fields": {"event": msg, **fields}})

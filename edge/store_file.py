@@ -1,0 +1,282 @@
+"""The edge store's SQLite file (no torch): telling a store from any other file, opening it
+read-only, locking it for its one writer, and the transaction helper its writers share.
+
+A store is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
+was set (application_id 0) is known by its tables and user_version, and marked when next opened
+for writing. Any other SQLite file (another program's, a cloud answers database) is refused
+before anything is written to it; an empty one becomes a store.
+
+One `splitdet edge run` per database: `WriterLock` (an flock on DB.lock, held for the daemon's
+life) refuses a second; the maintenance and read-only commands do not take it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitdet.edge.store_schema import (
+    _TABLES,
+    ANSWERS_APPLICATION_ID,
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+)
+from splitdet.shared.folder_lock import lock_exclusively
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema, not a splitdet store, ...)."""
+
+
+class StoreInUse(StoreError):
+    """Another `splitdet edge run` holds the database's writer lock."""
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a SQLite file holds, as far as telling an edge store from any other file goes.
+
+    Attributes:
+        application_id: its `PRAGMA application_id` (APPLICATION_ID, 0, or another program's).
+        user_version: its `PRAGMA user_version` (an edge store's schema version).
+        names: its tables and views, SQLite's own (sqlite_*) aside, sorted.
+    """
+
+    application_id: int
+    user_version: int
+    names: tuple[str, ...]
+
+
+def read_contents(db: sqlite3.Connection) -> Contents:
+    """`Contents` of an open connection, read in one transaction (one snapshot: a store another
+    process creates meanwhile is seen empty or whole); inside the caller's transaction when it
+    has one. Reads only."""
+    own = not db.in_transaction
+    if own:
+        db.execute("BEGIN")
+    try:
+        application_id = int(db.execute("PRAGMA application_id").fetchone()[0])
+        user_version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        names = tuple(sorted(row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+            " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        )))  # fmt: skip
+    finally:
+        if own and db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+    return Contents(application_id, user_version, names)
+
+
+def check_contents(path: Path | str, contents: Contents) -> bool:
+    """Whether the file is an empty database (to make a store of), or False when it is an edge
+    store this splitdet can use: ours by its application_id, or written before the id was set
+    (application_id 0) and ours by its tables at its user_version (all of them; more, such as
+    an operator's view, are left alone).
+
+    Raises:
+        StoreError: anything else, naming the file and what it holds: another program's
+            database (another application_id, not our tables, or none but a user_version), a
+            store of a newer splitdet, or one of ours that lacks tables.
+    """
+    found = set(contents.names)
+    if contents.application_id == APPLICATION_ID:
+        if contents.user_version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {contents.user_version} is newer than this splitdet's "
+                f"{SCHEMA_VERSION}; upgrade splitdet"
+            )
+        if contents.user_version == 0 and not found:
+            return True
+        expected = _TABLES.get(contents.user_version)
+        lacking = sorted(expected - found) if expected is not None else []
+        if expected is None or lacking:
+            lacks = f", lacking {', '.join(lacking)}" if lacking else ""
+            raise StoreError(
+                f"{path}: a damaged splitdet edge store ({describe_contents(contents)}{lacks});"
+                " give another --db"
+            )
+        return False
+    if contents.application_id == 0:
+        if contents.user_version == 0 and not found:
+            return True
+        expected = _TABLES.get(contents.user_version)
+        if expected is not None and expected <= found:  # written before APPLICATION_ID (an
+            return False  # operator's own view or table beside ours stays welcome)
+    held = describe_contents(
+        contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
+    )
+    raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on `db` (the write lock taken at once); ROLLBACK on any
+    exception, which is raised on."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")  # a failed COMMIT (disk full) stays open: rolled back below
+    except BaseException:
+        # SQLite has already rolled back after some errors (SQLITE_FULL); a failing ROLLBACK
+        # must not hide the cause either
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
+def refuse_foreign_file(path: Path | str) -> None:
+    """Raise StoreError when the existing file at `path` is another program's SQLite database
+    (`check_contents`), reading it only: for a writer to call before it makes anything beside
+    the file (its lock file). Nothing for a file that is not there, or that SQLite cannot
+    read (the store's own open then says why)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        contents = read_contents(db)
+    except sqlite3.Error:
+        return
+    finally:
+        db.close()
+    check_contents(path, contents)
+
+
+def describe_contents(contents: Contents, known: dict[int, str] | None = None) -> str:
+    """What a SQLite file holds, for a message refusing it: "it holds tables a, b", with its
+    application_id (said as `known` names it) and user_version when they are set."""
+    if contents.names:
+        shown = ", ".join(contents.names[:8])
+        more = f" and {len(contents.names) - 8} more" if len(contents.names) > 8 else ""
+        parts = [f"it holds tables {shown}{more}"]
+    else:
+        parts = ["it holds no tables"]
+    application_id = contents.application_id & 0xFFFFFFFF  # (SQLite's is signed)
+    if application_id in (known or {}):
+        parts.insert(0, f"it is {(known or {})[application_id]}")
+    elif application_id:
+        parts.append(f"application_id {application_id:#010x}, another program's")
+    if contents.user_version:
+        parts.append(f"user_version {contents.user_version}")
+    return "; ".join(parts)
+
+
+class WriterLock:
+    """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
+    holder's pid, for as long as this object is open (the kernel drops it when the process
+    ends, kill -9 included, so a stale lock file never blocks a restart). DB is the resolved
+    path: a database reached through a symbolic link (of the file or of a folder above it) has
+    the lock of the file it names.
+
+    Raises:
+        StoreInUse: another process holds it.
+        StoreError: the lock file cannot be created or locked.
+    """
+
+    def __init__(self, db: Path | str) -> None:
+        resolved = Path(db).resolve()
+        self.path = Path(f"{resolved}.lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{db}: cannot create its folder ({exc.strerror or exc})") from None
+        try:
+            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        except OSError as exc:
+            raise StoreError(
+                f"{db}: cannot create its lock file {self.path} ({exc.strerror or exc})"
+            ) from None
+        try:
+            holder = lock_exclusively(self._file, str(os.getpid()))
+        except OSError as exc:  # e.g. ENOLCK on a share without locks
+            self._file.close()
+            raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
+        if holder is not None:
+            self._file.close()
+            via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
+            raise StoreInUse(
+                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}"
+                f"{via}); one daemon per database"
+            )
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race a newcomer's lock)."""
+        if not self._file.closed:
+            self._file.close()
+
+
+def open_readonly(path: Path | str) -> sqlite3.Connection:
+    """A read-only connection to a store (works while the daemon writes: WAL).
+
+    Another user (an operator, a dashboard) may read a store whose folder only the daemon's
+    user may write: with the daemon stopped there is no -shm file, and SQLite cannot create one
+    there; the store is then opened immutable (nothing can change it meanwhile: its writer has
+    stopped, and its WAL is checkpointed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such results database")
+    # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        db, contents = _connect_readonly(uri)
+    except sqlite3.OperationalError as exc:
+        if not _no_shm_allowed(path):
+            raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+        if _has_wal(path):  # commits only in the WAL: an immutable read would miss them
+            raise StoreError(
+                f"{path}: cannot be read by this user: its writer left commits in {path}-wal "
+                f"and SQLite cannot create {path}-shm (the folder is not writable); run as the "
+                "daemon's user, or start the daemon (it checkpoints them)"
+            ) from None
+        try:
+            db, contents = _connect_readonly(uri + "&immutable=1")
+        except sqlite3.DatabaseError as retry:
+            raise StoreError(f"{path}: not a usable SQLite database ({retry})") from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+    try:  # a store written before APPLICATION_ID was set is read as it is, not marked
+        if check_contents(path, contents):
+            raise StoreError(
+                f"{path}: not a splitdet edge store yet (an empty database; `splitdet edge "
+                "run` makes it one)"
+            )
+    except StoreError:
+        db.close()
+        raise
+    return db
+
+
+def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, Contents]:
+    """A connection to `uri` and what the file holds (the first read: where SQLite finds out
+    whether it can use the file)."""
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        db.execute("PRAGMA busy_timeout=10000")
+        return db, read_contents(db)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _no_shm_allowed(path: Path) -> bool:
+    """True when a reader cannot create the store's -shm file: there is none, and the folder
+    is not writable by this user."""
+    shm = Path(f"{path}-shm")
+    return not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _has_wal(path: Path) -> bool:
+    """True when the store's -wal file holds frames (commits not yet in the main file)."""
+    try:
+        return Path(f"{path}-wal").stat().st_size > 0
+    except OSError:
+        return False

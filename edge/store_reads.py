@@ -1,0 +1,145 @@
+"""Read-only queries on an open edge store connection, for the commands that read a store
+while its daemon writes (status, results, collect) and for `ResultStore` itself (no torch)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from splitdet.edge.store_schema import _JSON_COLUMNS, RESULT_COLUMNS, VERDICTS
+
+
+def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
+    """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
+    ``since`` (unix s) and of ``verdict``, each when given."""
+    clauses, params = [], []
+    if since is not None:
+        clauses.append("updated >= ?")
+        params.append(since)
+    if verdict is not None:
+        clauses.append("verdict = ?")
+        params.append(verdict)
+    return clauses, params
+
+
+def iter_results(
+    db: sqlite3.Connection,
+    lock: threading.RLock | None = None,
+    since: float | None = None,
+    verdict: str | None = None,
+) -> Iterator[dict]:
+    """Result rows of an open store connection (see ResultStore.results)."""
+    clauses, params = result_filter(since, verdict)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images{where} ORDER BY id"
+    if lock is not None:
+        with lock:
+            rows = db.execute(sql, params).fetchall()
+    else:
+        rows = db.execute(sql, params).fetchall()
+    for row in rows:
+        yield _record(row)
+
+
+def _record(row: Sequence) -> dict:
+    """A row of RESULT_COLUMNS as a dict, its JSON columns decoded."""
+    record = dict(zip(RESULT_COLUMNS, row, strict=True))
+    for name in _JSON_COLUMNS:
+        if record[name] is not None:
+            record[name] = json.loads(record[name])
+    return record
+
+
+def results_by_id(db: sqlite3.Connection, ids: Sequence[int]) -> list[dict]:
+    """The result rows with these ids (as `iter_results` gives them), in id order."""
+    found: list[dict] = []
+    for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
+        chunk = list(ids[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images WHERE id IN ({marks})"
+        found += [_record(row) for row in db.execute(sql, chunk)]
+    return sorted(found, key=lambda record: record["id"])
+
+
+def outbox_by_model(db: sqlite3.Connection) -> dict[str, int]:
+    """Requests in the outbox of an open store connection, by the model fingerprint they were
+    made with."""
+    rows = db.execute(
+        "SELECT i.fingerprint, COUNT(*) FROM outbox o JOIN images i ON i.id = o.image_id"
+        " GROUP BY i.fingerprint"
+    )
+    return {fingerprint: int(n) for fingerprint, n in rows}
+
+
+def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
+    """`_status` read in one transaction: one snapshot of the database (a daemon writing
+    meanwhile never makes its counts disagree)."""
+    db.execute("BEGIN")
+    try:
+        return _status(db, now)
+    finally:
+        db.execute("ROLLBACK")  # (read only)
+
+
+def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
+    """A summary of an open store connection (read-only is enough): what an engineer at the
+    camera asks first. Times are unix s; ages are seconds before `now`.
+
+    Returns:
+        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
+        "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
+        "last_arrival"}, the latest result's first}, "outbox" {"requests", "bytes", "oldest_age_s",
+        "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
+        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
+    """
+    now = time.time() if now is None else now
+
+    def one(sql: str) -> tuple:
+        return db.execute(sql).fetchone()
+
+    version = one("PRAGMA user_version")[0]
+    verdicts = dict.fromkeys(VERDICTS, 0)
+    verdicts.update(db.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"))
+    errors = dict(db.execute(
+        "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
+    ))  # fmt: skip
+    last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
+    by_export = db.execute(  # the export of the latest result first
+        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
+        " ORDER BY MAX(id) DESC"
+    ).fetchall()
+    depth, size, oldest, next_try = one(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
+    )
+    last_error = one("SELECT last_error FROM outbox WHERE last_error IS NOT NULL"
+                     " ORDER BY next_try DESC LIMIT 1")  # fmt: skip
+    by_model = outbox_by_model(db)
+    kept, kept_bytes = (0, 0) if version < 2 else one(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
+    return {
+        "schema_version": version,
+        "verdicts": verdicts,
+        "errors": errors,
+        "last_arrival": last_arrival,
+        "last_finished": last_finished,
+        "results_by_model": {
+            fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in by_export
+        },
+        "outbox": {
+            "requests": depth,
+            "bytes": size,
+            "oldest_age_s": None if oldest is None else max(0.0, now - oldest),
+            "next_try_in_s": None if next_try is None else max(0.0, next_try - now),
+            "by_model": by_model,
+            "last_error": None if last_error is None else last_error[0],
+        },
+        "dead_letters": {
+            "kept": kept,
+            "kept_bytes": kept_bytes,
+            "not_kept": errors.get("dead_letter", 0) - kept,
+        },
+        "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
+    }

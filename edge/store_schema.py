@@ -1,0 +1,109 @@
+"""The edge store's schema: its SQL, version, application_id and the values its columns take
+(no torch). `ResultStore` (edge/store.py) creates and migrates it; edge/store_file.py recognises
+a store by it."""
+
+from __future__ import annotations
+
+#: Bump on every schema change; a store written by a newer version is refused, an older one
+#: is migrated (_MIGRATIONS).
+SCHEMA_VERSION = 2
+#: `PRAGMA application_id` of an edge store: b"SPDE" (splitdet edge), set when a store is
+#: created or opened for writing. One written before splitdet set it has 0.
+APPLICATION_ID = 0x53504445
+#: The cloud's answers database's (cloud/idempotency.py's APPLICATION_ID; not imported: the
+#: edge does not depend on the cloud), named when one is given as --db by mistake.
+ANSWERS_APPLICATION_ID = 0x53504341
+#: A store's tables at each schema version (SQLite's own, sqlite_*, aside): how a store written
+#: before APPLICATION_ID was set is recognised.
+_TABLES = {
+    1: frozenset({"images", "outbox", "counters"}),
+    2: frozenset({"images", "outbox", "counters", "dead_letters"}),
+}
+VERDICTS = ("ok", "defect", "pending", "error")
+FINAL_VERDICTS = ("ok", "defect", "error")
+#: Why a row has verdict "error".
+ERROR_KINDS = ("quarantine", "dead_letter", "outbox_full")
+#: What happens to a flagged image when the outbox is at its cap.
+FULL_POLICIES = ("wait", "reject")
+
+_DEAD_LETTERS = """
+CREATE TABLE dead_letters (
+    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
+    request_id TEXT NOT NULL,
+    payload    BLOB NOT NULL,           -- the refused request, kept for requeue_dead_letters
+    size_bytes INTEGER NOT NULL,
+    created    REAL NOT NULL,           -- when it entered the outbox
+    dead_at    REAL NOT NULL            -- unix s of the refusal
+);
+"""
+#: Statements that bring a store of version N to N + 1.
+_MIGRATIONS = {1: _DEAD_LETTERS}
+
+_SCHEMA = f"""
+CREATE TABLE images (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    file_key     TEXT NOT NULL UNIQUE,  -- name|size|mtime_ns|inode as found: one arrival
+    path         TEXT NOT NULL,         -- where the file arrived
+    stored_path  TEXT,                  -- where it is after processing (NULL: deleted)
+    content_hash TEXT NOT NULL,         -- SHA-256 of the file's bytes
+    size_bytes   INTEGER NOT NULL,
+    arrived      REAL NOT NULL,         -- unix s: the file was complete
+    finished     REAL,                  -- unix s: the final verdict was written
+    updated      REAL NOT NULL,         -- unix s: last change of this row
+    verdict      TEXT NOT NULL CHECK (verdict IN {VERDICTS}),
+    p_defect     REAL,
+    request_id   TEXT,                  -- idempotency key of the cloud request (flagged only)
+    fingerprint  TEXT NOT NULL,         -- model fingerprint the edge ran
+    boxes        TEXT,                  -- JSON [[x1, y1, x2, y2], ...] in original-image px
+    scores       TEXT,                  -- JSON [score, ...]
+    labels       TEXT,                  -- JSON [label, ...] (1-based)
+    class_names  TEXT,                  -- JSON [name, ...]
+    timings      TEXT NOT NULL DEFAULT '{{}}',  -- JSON stage -> seconds (edge and cloud)
+    bytes_sent   INTEGER NOT NULL DEFAULT 0,  -- size of the encoded request (flagged only)
+    attempts     INTEGER NOT NULL DEFAULT 0,  -- delivery attempts so far
+    error_kind   TEXT CHECK (error_kind IS NULL OR error_kind IN {ERROR_KINDS}),
+    reason       TEXT                   -- why: quarantine, dead letter or outbox-full reason
+);
+CREATE INDEX images_updated ON images (updated);
+CREATE INDEX images_verdict ON images (verdict);
+CREATE TABLE outbox (
+    image_id   INTEGER PRIMARY KEY REFERENCES images (id),
+    request_id TEXT NOT NULL,
+    payload    BLOB NOT NULL,           -- serialized splitdet.v1.DetectRequest
+    size_bytes INTEGER NOT NULL,
+    created    REAL NOT NULL,
+    next_try   REAL NOT NULL,           -- unix s: not sent again before this
+    last_error TEXT
+);
+CREATE INDEX outbox_next_try ON outbox (next_try, image_id);
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
+    value INTEGER NOT NULL
+);
+{_DEAD_LETTERS}"""
+
+#: Columns `results` reports, in order (JSON columns decoded).
+RESULT_COLUMNS = (
+    "id",
+    "path",
+    "stored_path",
+    "content_hash",
+    "size_bytes",
+    "arrived",
+    "finished",
+    "updated",
+    "verdict",
+    "p_defect",
+    "request_id",
+    "fingerprint",
+    "boxes",
+    "scores",
+    "labels",
+    "class_names",
+    "timings",
+    "bytes_sent",
+    "attempts",
+    "error_kind",
+    "reason",
+)
+_JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
