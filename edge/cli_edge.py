@@ -80,8 +80,9 @@ the `started` log line; `splitdet edge status` counts its results by export.
 
 Gate threshold: the manifest's calibrated one, unless --threshold P overrides it for this edge
 (no new export): the daemon then logs a WARNING at start (event threshold_override) naming both,
-and splitdet_edge_model_info's threshold label shows P. Results record the export's fingerprint,
-not the threshold; `splitdet eval --model MODEL_DIR --threshold P` measures the export at P.
+and splitdet_edge_model_info's threshold label shows P. Each result records the export's
+fingerprint and the threshold it was judged at (`edge results --json`, `edge status`);
+`splitdet eval --model MODEL_DIR --threshold P` measures the export at P.
 
 Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
   --when-full wait    (default) stop taking images from the hot folder until the outbox has
@@ -751,6 +752,17 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judged_at(thresholds: list[dict]) -> str:
+    """ " at threshold 0.5", or " at thresholds 0.3 (2), 0.5 (10)" when an override judged some
+    of an export's results; "" when none recorded (results before schema version 3)."""
+    from splitdet.edge.daemon_metrics import threshold_text
+
+    if len(thresholds) == 1:
+        return f" at threshold {threshold_text(thresholds[0]['threshold'])}"
+    counts = ", ".join(f"{threshold_text(t['threshold'])} ({t['results']})" for t in thresholds)
+    return f" at thresholds {counts}" if thresholds else ""
+
+
 def _status_lines(path: Path, summary: dict) -> list[str]:
     """store_status as lines for people."""
 
@@ -768,7 +780,9 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
     errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
     by_export = ", ".join(  # the model each result came from, that of the latest first
-        f"{fingerprint[:12]} {model['results']}" + ("" if i else " (the latest result's)")
+        f"{fingerprint[:12]} {model['results']}"
+        + ("" if i else " (the latest result's)")
+        + _judged_at(model["thresholds"])
         for i, (fingerprint, model) in enumerate(summary["results_by_model"].items())
     )
     lines = [

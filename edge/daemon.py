@@ -257,15 +257,15 @@ class EdgeDaemon:
         self._probe.start()
 
     def _warn_threshold_override(self, calibrated: float) -> None:
-        """WARNING: --threshold overrides the export's calibrated gate threshold. The results
-        record the export's fingerprint only, not the threshold that judged them; the override
-        shows in this line, the `started` line and splitdet_edge_model_info."""
+        """WARNING: --threshold overrides the export's calibrated gate threshold. The override
+        shows in this line, the `started` line, splitdet_edge_model_info and each result's
+        threshold."""
         model, used = self.config.model_dir, threshold_text(self.pipeline.threshold)
         log.warning(
             f"--threshold {used} overrides the gate threshold {threshold_text(calibrated)} "
             f"calibrated into the export {model} (fingerprint {self.fingerprint[:12]}): this "
-            f"edge sends images with p(defect) >= {used} to the cloud; its results do not "
-            "record the override. `splitdet eval --model "
+            f"edge sends images with p(defect) >= {used} to the cloud; its results record "
+            "the threshold they were judged at. `splitdet eval --model "
             f"{model} --threshold {used}` measures the export at that threshold",
             extra={"fields": {"event": "threshold_override", "threshold": self.pipeline.threshold,
                               "calibrated_threshold": calibrated, "model": str(model),
@@ -462,8 +462,9 @@ class EdgeDaemon:
         start = time.perf_counter()
         if not result.flagged:
             image_id, stored_path = self.store.record_ok(
-                arrival, result.p_defect, self.fingerprint, timings, stored
-            )
+                arrival, result.p_defect, self.fingerprint, timings, stored,
+                threshold=self.pipeline.threshold,
+            )  # fmt: skip
             verdict = "ok"
         else:
             request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
@@ -504,8 +505,9 @@ class EdgeDaemon:
         while True:
             try:
                 record = self.store.record_pending(
-                    arrival, p_defect, request_id, payload, self.fingerprint, timings, stored
-                )
+                    arrival, p_defect, request_id, payload, self.fingerprint, timings, stored,
+                    threshold=self.pipeline.threshold,
+                )  # fmt: skip
                 break
             except OutboxFull as exc:
                 if not waited:

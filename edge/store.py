@@ -377,12 +377,14 @@ class ResultStore:
         fingerprint: str,
         timings: dict[str, float],
         stored_path: StoredPath = None,
+        threshold: float | None = None,
     ) -> tuple[int, str | None]:
-        """A defect-free image's final result, one commit. Returns (row id, stored path)."""
+        """A defect-free image's final result, one commit; `threshold`: the gate threshold
+        `p_defect` was judged at. Returns (row id, stored path)."""
         with self._transaction() as db:
             image_id = self._insert(
                 db, arrival, verdict="ok", p_defect=p_defect, fingerprint=fingerprint,
-                timings=timings,
+                timings=timings, threshold=threshold,
             )  # fmt: skip
             return image_id, self._set_stored_path(db, image_id, stored_path)
 
@@ -395,14 +397,17 @@ class ResultStore:
         stored_path: StoredPath = None,
         p_defect: float | None = None,
         timings: dict[str, float] | None = None,
+        threshold: float | None = None,
     ) -> tuple[int, str | None]:
-        """A final "error" result (quarantine or outbox full), one commit."""
+        """A final "error" result (quarantine or outbox full), one commit; `threshold` as for
+        `record_ok` (None for a file never judged)."""
         if kind not in ERROR_KINDS:
             raise ValueError(f"error kind must be one of {ERROR_KINDS}, got {kind!r}")
         with self._transaction() as db:
             image_id = self._insert(
                 db, arrival, verdict="error", error_kind=kind, reason=reason,
                 fingerprint=fingerprint, p_defect=p_defect, timings=timings or {},
+                threshold=threshold,
             )  # fmt: skip
             if kind == "outbox_full":
                 self._count(db, "outbox_full_rejected")
@@ -417,8 +422,10 @@ class ResultStore:
         fingerprint: str,
         timings: dict[str, float],
         stored_path: StoredPath = None,
+        threshold: float | None = None,
     ) -> tuple[int, str | None, str]:
-        """A flagged image: its "pending" result and its outbox row in one commit.
+        """A flagged image: its "pending" result and its outbox row in one commit; `threshold`
+        as for `record_ok`.
 
         Returns (row id, stored path, verdict): "pending", or "error" when the outbox is full
         and the policy is "reject" (error_kind "outbox_full", the payload is not kept).
@@ -440,7 +447,7 @@ class ResultStore:
                 image_id = self._insert(
                     db, arrival, verdict="error", error_kind="outbox_full", reason=reason,
                     p_defect=p_defect, fingerprint=fingerprint, timings=timings,
-                    request_id=request_id,
+                    request_id=request_id, threshold=threshold,
                 )  # fmt: skip
                 self._count(db, "outbox_full_rejected")
                 return image_id, self._set_stored_path(db, image_id, stored_path), "error"
@@ -448,6 +455,7 @@ class ResultStore:
             image_id = self._insert(
                 db, arrival, verdict="pending", p_defect=p_defect, request_id=request_id,
                 fingerprint=fingerprint, timings=timings, bytes_sent=len(payload),
+                threshold=threshold,
             )  # fmt: skip
             db.execute(
                 "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try)"

@@ -3,13 +3,14 @@ while its daemon writes (status, results, collect) and for `ResultStore` itself 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from splitdet.edge.store_schema import _JSON_COLUMNS, RESULT_COLUMNS, VERDICTS
+from splitdet.edge.store_schema import _JSON_COLUMNS, RESULT_COLUMNS, THRESHOLD_SINCE, VERDICTS
 
 
 def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
@@ -34,14 +35,19 @@ def iter_results(
     """Result rows of an open store connection (see ResultStore.results)."""
     clauses, params = result_filter(since, verdict)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images{where} ORDER BY id"
-    if lock is not None:
-        with lock:
-            rows = db.execute(sql, params).fetchall()
-    else:
+    with lock if lock is not None else contextlib.nullcontext():
+        sql = f"SELECT {_result_columns(db)} FROM images{where} ORDER BY id"
         rows = db.execute(sql, params).fetchall()
     for row in rows:
         yield _record(row)
+
+
+def _result_columns(db: sqlite3.Connection) -> str:
+    """RESULT_COLUMNS as a SELECT list for this store: a store of an earlier schema version,
+    read as it is (`open_readonly` does not migrate), has NULL for the columns it lacks."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    lacking = {"threshold"} if version < THRESHOLD_SINCE else set()
+    return ", ".join(f"NULL AS {name}" if name in lacking else name for name in RESULT_COLUMNS)
 
 
 def _record(row: Sequence) -> dict:
@@ -59,7 +65,7 @@ def results_by_id(db: sqlite3.Connection, ids: Sequence[int]) -> list[dict]:
     for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
         chunk = list(ids[start : start + 500])
         marks = ",".join("?" * len(chunk))
-        sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM images WHERE id IN ({marks})"
+        sql = f"SELECT {_result_columns(db)} FROM images WHERE id IN ({marks})"
         found += [_record(row) for row in db.execute(sql, chunk)]
     return sorted(found, key=lambda record: record["id"])
 
@@ -91,7 +97,9 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     Returns:
         {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
         "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
-        "last_arrival"}, the latest result's first}, "outbox" {"requests", "bytes", "oldest_age_s",
+        "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
+        were judged at, rising; none recorded before schema version 3)}, the latest result's
+        first}, "outbox" {"requests", "bytes", "oldest_age_s",
         "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
         {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
     """
@@ -111,6 +119,13 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
         " ORDER BY MAX(id) DESC"
     ).fetchall()
+    judged: dict[str, list[dict]] = {fingerprint: [] for fingerprint, _, _ in by_export}
+    if version >= THRESHOLD_SINCE:
+        for fingerprint, threshold, n in db.execute(
+            "SELECT fingerprint, threshold, COUNT(*) FROM images WHERE threshold IS NOT NULL"
+            " GROUP BY fingerprint, threshold ORDER BY fingerprint, threshold"
+        ):
+            judged[fingerprint].append({"threshold": threshold, "results": n})
     depth, size, oldest, next_try = one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
     )
@@ -126,7 +141,8 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "last_arrival": last_arrival,
         "last_finished": last_finished,
         "results_by_model": {
-            fingerprint: {"results": n, "last_arrival": last} for fingerprint, n, last in by_export
+            fingerprint: {"results": n, "last_arrival": last, "thresholds": judged[fingerprint]}
+            for fingerprint, n, last in by_export
         },
         "outbox": {
             "requests": depth,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: `PRAGMA application_id` of an edge store: b"SPDE" (splitdet edge), set when a store is
 #: created or opened for writing. One written before splitdet set it has 0.
 APPLICATION_ID = 0x53504445
@@ -18,6 +18,7 @@ ANSWERS_APPLICATION_ID = 0x53504341
 _TABLES = {
     1: frozenset({"images", "outbox", "counters"}),
     2: frozenset({"images", "outbox", "counters", "dead_letters"}),
+    3: frozenset({"images", "outbox", "counters", "dead_letters"}),
 }
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
@@ -36,8 +37,14 @@ CREATE TABLE dead_letters (
     dead_at    REAL NOT NULL            -- unix s of the refusal
 );
 """
+#: images.threshold: the gate threshold the row's p_defect was judged at (the export's
+#: calibrated one, or the edge's --threshold override); NULL for a file never judged (e.g.
+#: unreadable) and for rows written before version 3. A new store adds it the same way.
+_THRESHOLD = "ALTER TABLE images ADD COLUMN threshold REAL"
 #: Statements that bring a store of version N to N + 1.
-_MIGRATIONS = {1: _DEAD_LETTERS}
+_MIGRATIONS = {1: _DEAD_LETTERS, 2: _THRESHOLD}
+#: The schema version that added the threshold column (earlier stores read it as NULL).
+THRESHOLD_SINCE = 3
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -80,7 +87,8 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,             -- e.g. outbox_full_rejected
     value INTEGER NOT NULL
 );
-{_DEAD_LETTERS}"""
+{_DEAD_LETTERS};
+{_THRESHOLD}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -94,6 +102,7 @@ RESULT_COLUMNS = (
     "updated",
     "verdict",
     "p_defect",
+    "threshold",
     "request_id",
     "fingerprint",
     "boxes",

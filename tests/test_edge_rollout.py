@@ -159,6 +159,32 @@ def test_a_threshold_override_is_warned_at_start_and_shown_in_the_metrics(tiny_m
     assert metrics[key] == 1.0
 
 
+def test_each_result_records_the_threshold_it_was_judged_at(tiny_model_dir, tmp_path, capsys):
+    """Two runs of one export at two overrides, and a file never judged: each row keeps the
+    threshold that judged it (None for the unreadable one); `edge status` shows each
+    threshold's count beside the export, `edge results --json` each row's."""
+    fingerprint = read_manifest(tiny_model_dir).fingerprint
+    watch = tmp_path / "hot"
+    for run, (threshold, names) in enumerate([(1.5, ["a", "b"]), (2.0, ["c"])]):
+        for name in names:
+            (watch / f"{name}.png").parent.mkdir(exist_ok=True)
+            (watch / f"{name}.png").write_bytes(png(ord(name)))
+        if run == 1:
+            (watch / "broken.png").write_bytes(b"not an image")
+        assert EdgeDaemon(daemon_config(tiny_model_dir, tmp_path, threshold=threshold)).run() == 0
+    rows = {Path(r["path"]).name: r for r in image_rows(tmp_path / "edge.sqlite")}
+    assert {name: row["threshold"] for name, row in rows.items()} == {
+        "a.png": 1.5, "b.png": 1.5, "c.png": 2.0, "broken.png": None,
+    }  # fmt: skip
+    assert rows["broken.png"]["error_kind"] == "quarantine"
+    assert main(["edge", "status", "--db", str(tmp_path / "edge.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert f"{fingerprint[:12]} 4 (the latest result's) at thresholds 1.5 (2), 2.0 (1)" in out
+    assert main(["edge", "results", "--db", str(tmp_path / "edge.sqlite"), "--json"]) == 0
+    listed = {Path(r["path"]).name: r["threshold"] for r in json.loads(capsys.readouterr().out)}
+    assert listed == {name: row["threshold"] for name, row in rows.items()}
+
+
 # ------------------------------------------------------- 3. killed before the unlink
 
 

@@ -27,6 +27,7 @@ from splitdet.edge.store_schema import (
     _DEAD_LETTERS,
     _SCHEMA,
     _TABLES,
+    _THRESHOLD,
     ANSWERS_APPLICATION_ID,
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -217,7 +218,8 @@ def test_status_of_an_empty_database_says_so(tmp_path, capsys):
 def _old_store(path: Path, version: int) -> Path:
     """A store as splitdet wrote it before application_id was set: its schema of `version`
     (1: without dead_letters), user_version, application_id 0, and one "ok" row."""
-    schema = _SCHEMA if version == 2 else _SCHEMA.replace(_DEAD_LETTERS, "")
+    schema = _SCHEMA.replace(_THRESHOLD, "")  # each version's schema, as it was written
+    schema = schema if version == 2 else schema.replace(_DEAD_LETTERS, "")
     with contextlib.closing(sqlite3.connect(path)) as con:
         con.executescript(schema)
         con.execute(f"PRAGMA user_version = {version}")
