@@ -53,6 +53,16 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` then writes every thread's Python stack to stderr (the log) and the
+    process goes on: what a daemon or server that seems stuck is doing, without stopping it."""
+    import faulthandler
+    import signal
+    import sys
+
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def use_json_logs() -> None:
     """Switch every root handler (or a new stderr one) to JSON lines. gRPC's own lines (a
     failed TLS handshake's, a bind failure's) still come on stderr in its own format: on a

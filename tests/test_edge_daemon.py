@@ -199,6 +199,19 @@ class EdgeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, and the exit status; a daemon still running after `timeout` s is asked for
+        its threads' stacks (SIGUSR1) and killed, and the test fails showing its log."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(2.0)
+            self.stop()
+            log = self.log()[-20000:]
+            raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{log}") from None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -303,8 +316,7 @@ def test_cloud_down_then_up_backlog_drains(tiny_model_dir, pool, tmp_path, proce
     assert metrics['splitdet_edge_images_total{verdict="defect"}'] == 4
     assert metrics["splitdet_edge_bytes_sent_total"] > 0
 
-    edge.process.send_signal(signal.SIGTERM)
-    assert edge.process.wait(timeout=20) == 0
+    assert edge.terminate() == 0
     # the cloud was down at start-up: the probe said so at once
     assert {"started", "cloud_unreachable", "classified", "send_retry", "defect", "stopped"} <= (
         _events(edge.log())
@@ -356,8 +368,7 @@ def test_kill_9_the_daemon_20_times_exactly_one_result_each(
         lambda: len(rows(db)) == len(images) and outbox_depth(db) == 0, 60, "all final results"
     )
     wait_for(lambda: not any(watch.glob("*.png")), 10, "every file to be archived")
-    edge.process.send_signal(signal.SIGTERM)
-    assert edge.process.wait(timeout=20) == 0
+    assert edge.terminate() == 0
     assert kills >= 20
     assert_exactly_one_final_result(db, images, flagged)
     archived = sorted((watch / "archive").iterdir())
@@ -486,6 +497,30 @@ class LostAnswerProxy:
 
     def stop(self) -> None:  # the `processes` fixture's teardown
         self.close()
+
+
+def test_sigusr1_writes_every_threads_stack_and_both_sides_go_on(
+    tiny_model_dir, pool, shared_cloud, tmp_path, processes
+):
+    """What an operator runs on a daemon or server that seems stuck: the stacks land in the
+    log, naming the daemon's and the server's own code, and both keep working after it."""
+    images = pool.take(2)
+    threshold, _ = threshold_for(images, 1)
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    edge = EdgeProcess(tmp_path, watch, shared_cloud.address, db, "--threshold", str(threshold))
+    processes.append(edge.start(tiny_model_dir))
+    edge.wait_ready()
+    cloud_log = len(shared_cloud.log())
+    for process in (edge.process, shared_cloud.process):
+        process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "most recent call first" in edge.log(), 10, "the edge's stacks")
+    wait_for(lambda: "most recent call first" in shared_cloud.log()[cloud_log:], 10, "cloud's")
+    assert "edge/daemon.py" in edge.log()
+    assert "cloud/server.py" in shared_cloud.log()[cloud_log:]
+    write_files(watch, images, ["a.png", "b.png"])
+    wait_for(lambda: verdicts(db) == {"ok": 1, "defect": 1}, 30, "both images' results")
+    assert edge.terminate() == 0
 
 
 def test_lost_answers_make_no_duplicates(tiny_model_dir, pool, shared_cloud, tmp_path, processes):
@@ -676,8 +711,7 @@ def test_a_large_file_written_slowly_is_not_read_early(tiny_model_dir, pool, tmp
     assert big_row["arrived"] >= last_write
     assert len(rows(db)) == 2
     assert not any((watch / "quarantine").iterdir())
-    edge.process.send_signal(signal.SIGTERM)
-    assert edge.process.wait(timeout=20) == 0
+    assert edge.terminate() == 0
 
 
 def test_hot_folder_waits_for_settle_and_orders_by_arrival(tmp_path):
