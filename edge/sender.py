@@ -160,6 +160,7 @@ class Sender(threading.Thread):
         self._wake = threading.Event()
         self._halt = threading.Event()
         self.failures = 0  # consecutive transient failures
+        self._failing_since: float | None = None  # unix s of the first of them
         self.delivered = 0
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
 
@@ -250,10 +251,12 @@ class Sender(threading.Thread):
             else:
                 reason = f"dead letter: the cloud refused the request permanently: {exc}"
             self._dead_letter(item, reason, exc.code.name)
-            self.failures = 0
+            self.failures, self._failing_since = 0, None
             return 0.0
         round_trip = time.perf_counter() - start
         self._count_bytes(len(item.payload))
+        if self.failures:
+            self._resumed()
         self.failures = 0
         timings = {f"cloud_{k.removesuffix('_s')}": v for k, v in answer.timings.items()}
         timings["round_trip"] = round_trip
@@ -285,6 +288,19 @@ class Sender(threading.Thread):
                 except Exception:
                     log.exception("after-answer hook failed for %s", item.path)
         return 0.0
+
+    def _resumed(self) -> None:
+        """INFO `send_resumed`: an answer after failed sends (the cloud back after an outage),
+        with how long they lasted and what still waits; the outage's `send_retry` lines then
+        have their end in the log."""
+        since, self._failing_since = self._failing_since, None
+        log.info(
+            "delivering again",
+            extra={"fields": {"event": "send_resumed", "failures": self.failures,
+                              "failing_for_s": None if since is None else round(
+                                  max(0.0, time.time() - since), 1),
+                              "outbox_depth": self.store.outbox_stats().depth}},
+        )  # fmt: skip
 
     def _dead_letter(self, item: OutboxItem, reason: str, code: str) -> None:
         if self.store.dead_letter(item.image_id, reason):
@@ -319,6 +335,8 @@ class Sender(threading.Thread):
         self, item: OutboxItem, exc: CloudError, sent_bytes: int, at_cap: bool = False
     ) -> float:
         self.failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.time()
         if exc.code is not grpc.StatusCode.UNAVAILABLE:
             self._count_bytes(sent_bytes)  # it probably reached the server
         delay = self.backoff.max_s if at_cap else self.backoff.delay(self.failures, self._rng)

@@ -321,6 +321,9 @@ def test_cloud_down_then_up_backlog_drains(tiny_model_dir, pool, tmp_path, proce
     assert {"started", "cloud_unreachable", "classified", "send_retry", "defect", "stopped"} <= (
         _events(edge.log())
     )
+    # the outage's end is in the log too, with how long the sends failed
+    resumed = [json.loads(line) for line in edge.log().splitlines() if '"send_resumed"' in line]
+    assert resumed and resumed[0]["failures"] >= 1 and resumed[0]["failing_for_s"] > 0
 
 
 # ------------------------------------------------------------------------------- 2. kill -9
