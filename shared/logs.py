@@ -60,7 +60,13 @@ def stacks_on_sigusr1() -> None:
     import signal
     import sys
 
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    for stream in (sys.stderr, sys.__stderr__):  # (sys.stderr may be a buffer: no file)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: OSError)
+            continue
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+        return
 
 
 def use_json_logs() -> None:
