@@ -46,6 +46,7 @@ OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "grace": (0, 3600),
     "metrics_port": (0, 65535),
     "answers_cap": (0, None),
+    "forget_edges_after": (0.01, 87_600),  # hours: 36 s to 10 years
 }
 EXAMPLE = """\
 example:
@@ -204,6 +205,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="0.0.0.0",
         metavar="HOST",
         help="address of the metrics endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--forget-edges-after",
+        type=float,
+        default=168.0,
+        metavar="HOURS",
+        help="an edge silent this long loses its per-edge series (last seen, answers, "
+        "refusals) and its place among the 256 edge names labelled (default: %(default)s, a "
+        "week: a camera gone quiet stays visible that long)",
     )
     parser.add_argument(
         "--answers-db",
@@ -390,6 +400,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             metrics_host=args.metrics_host,
             answers_db=args.answers_db,
             answers_capacity=args.answers_cap,
+            forget_edges_s=args.forget_edges_after * 3600,
             debug_delay_s=args.debug_delay,
         )
     except ValueError as exc:

@@ -34,6 +34,7 @@ from splitdet.cloud.cli_cloud import OPTION_BOUNDS, check_tls_files
 from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import (
+    FORGET_EDGES_S,
     SERVICE_NAME,
     AcceptedTokens,
     DetectionServicer,
@@ -97,6 +98,7 @@ class ServerConfig:
         metrics_host: address the metrics endpoint binds.
         answers_db: SQLite file of the idempotency store (answers by request id).
         answers_capacity: answers kept; 0 disables idempotency.
+        forget_edges_s: seconds after its last call an edge loses its per-edge series.
         keepalive_s: the server pings a connection after this many seconds without a frame
             from it, ...
         keepalive_timeout_s: ... and closes it, cancelling its calls, when a ping of its stays
@@ -128,6 +130,7 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     answers_db: Path = Path("splitdet-cloud-answers.sqlite")
     answers_capacity: int = 100_000
+    forget_edges_s: float = FORGET_EDGES_S
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 60.0
     debug_delay_s: float = 0.0
@@ -155,6 +158,8 @@ class ServerConfig:
             raise ValueError("mutual TLS (client_ca) needs a server certificate and key")
         if self.token is not None and not self.token:
             raise ValueError("the bearer token must not be empty")
+        if not (math.isfinite(self.forget_edges_s) and self.forget_edges_s > 0):
+            raise ValueError("forget_edges_s must be a positive number of seconds")
         if not all(0.001 <= s <= 86_400 for s in (self.keepalive_s, self.keepalive_timeout_s)):
             raise ValueError("keepalive_s and keepalive_timeout_s must be in [0.001, 86400]")
 
@@ -384,7 +389,7 @@ class CloudServer:
             )
             core = DetectionCore(first.cloud, first.manifest, store, config.max_decoded_bytes, also)
         self.core = core
-        self.metrics = ServerMetrics(core.fingerprints)
+        self.metrics = ServerMetrics(core.fingerprints, config.forget_edges_s)
         core.on_store_error = self.metrics.answers_store_errors.inc
         self.health = health.HealthServicer()
         self.servicer = DetectionServicer(

@@ -22,6 +22,7 @@ Status messages are cut to MAX_STATUS_CHARS: they travel in a trailer that clien
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
@@ -66,6 +67,11 @@ MAX_STATUS_CHARS = 500
 TOKEN_CHECK_S = 2.0
 #: Distinct edge names the per-edge metrics label; later ones are counted as "other".
 MAX_EDGE_LABELS = 256
+#: Seconds an edge name keeps its per-edge series and its place among MAX_EDGE_LABELS after its
+#: last call (--forget-edges-after): retired or renamed cameras leave, new ones get a label.
+FORGET_EDGES_S = 7 * 24 * 3600.0
+#: Seconds between two looks for edges to forget (also done at once when the labels are full).
+FORGET_SWEEP_S = 60.0
 #: Bounds on a DetectRequest's wire form, checked before it is parsed. Generous: a valid request
 #: has 5 tensors of rank 3 with one scale and zero point per channel (256) and ~40 fields; beyond
 #: these bounds only a hostile or broken sender goes, and the codec names smaller excesses.
@@ -137,8 +143,15 @@ class ServerMetrics:
     `rate(splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED"}[5m]) > 0` would miss the
     first refusals after each start. The per-edge series cannot be known in advance."""
 
-    def __init__(self, fingerprints: Sequence[str] = ()) -> None:
-        """`fingerprints`: the served models, default first (the `splitdet_cloud_model` info)."""
+    def __init__(
+        self,
+        fingerprints: Sequence[str] = (),
+        forget_edges_s: float = FORGET_EDGES_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`fingerprints`: the served models, default first (the `splitdet_cloud_model` info);
+        `forget_edges_s`: seconds after its last call an edge's series go (`edge_of`);
+        `clock`: unix s now (tests step it)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "splitdet_cloud_requests",
@@ -235,6 +248,11 @@ class ServerMetrics:
         self._edges: set[str] = set()
         self._edges_lock = threading.Lock()
         self._edge_models: dict[str, dict[str, float]] = {}  # edge -> {fingerprint: unix s}
+        self.forget_edges_s = forget_edges_s
+        self._clock = clock
+        self._edge_seen: dict[str, float] = {}  # edge -> unix s of its last call
+        self._edge_codes: dict[str, set[str]] = {}  # edge -> status codes it was refused with
+        self._next_sweep = clock() + FORGET_SWEEP_S
 
     def served(self, fingerprints: Sequence[str]) -> None:
         """`splitdet_cloud_model` lists exactly these models, the first the default; each one's
@@ -263,11 +281,17 @@ class ServerMetrics:
             }
 
     def forget(self, fingerprints: Sequence[str]) -> None:
-        """Drop what `used` recorded of models no longer served (keeps it bounded)."""
+        """Drop what `used` recorded of models no longer served, and their answer series
+        (overall and per edge): the metrics stay bounded however many exports come and go."""
         with self._edges_lock:
-            for models in self._edge_models.values():
+            for edge, models in self._edge_models.items():
                 for fingerprint in fingerprints:
-                    models.pop(fingerprint, None)
+                    if models.pop(fingerprint, None) is not None:
+                        with contextlib.suppress(KeyError):  # (asked, never answered)
+                            self.edge_answers.remove(edge, fingerprint)
+        for fingerprint in fingerprints:
+            with contextlib.suppress(KeyError):
+                self.model_answers.remove(fingerprint)
 
     def edge_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The calling edge's name as a metric label, from a call's metadata ((key, value)
@@ -276,11 +300,47 @@ class ServerMetrics:
         (the labels stay bounded whatever callers send)."""
         name = claimed_edge(metadata)
         with self._edges_lock:
+            now = self._clock()
+            full = name not in self._edges and len(self._edges) >= MAX_EDGE_LABELS
+            if full or now >= self._next_sweep:
+                self._forget_idle_edges(now)
             if name not in self._edges:
                 if len(self._edges) >= MAX_EDGE_LABELS:
-                    return "other"
+                    name = "other"
                 self._edges.add(name)
+            self._edge_seen[name] = now
         return name
+
+    def _forget_idle_edges(self, now: float) -> None:
+        """Remove every per-edge series of the edges not heard from for `forget_edges_s`, and
+        their places among MAX_EDGE_LABELS (under `_edges_lock`). Logged once per sweep."""
+        self._next_sweep = now + FORGET_SWEEP_S
+        idle = sorted(edge for edge, seen in self._edge_seen.items()
+                      if now - seen >= self.forget_edges_s)  # fmt: skip
+        for edge in idle:
+            with contextlib.suppress(KeyError):  # (a series never made)
+                self.edge_last_seen.remove(edge)
+            for fingerprint in self._edge_models.pop(edge, {}):
+                with contextlib.suppress(KeyError):
+                    self.edge_answers.remove(edge, fingerprint)
+            for code in self._edge_codes.pop(edge, set()):
+                with contextlib.suppress(KeyError):
+                    self.edge_refusals.remove(edge, code)
+            self._edges.discard(edge)
+            del self._edge_seen[edge]
+        if idle:
+            log.info(
+                "forgot %d edge(s) silent for %g h or more: their per-edge series are gone",
+                len(idle), self.forget_edges_s / 3600,
+                extra={"fields": {"event": "edges_forgotten", "edges": idle[:20],
+                                  "count": len(idle)}},
+            )  # fmt: skip
+
+    def refused(self, edge: str, code: grpc.StatusCode) -> None:
+        """A call of `edge` refused or failed with `code`: counted per edge."""
+        self.edge_refusals.labels(edge, code.name).inc()
+        with self._edges_lock:
+            self._edge_codes.setdefault(edge, set()).add(code.name)
 
     def finished(self, method: str, code: grpc.StatusCode) -> None:
         """Count a finished call of `method` by its status code (and as a failure unless OK)."""
@@ -332,7 +392,7 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context, edge)
         except Exception as exc:
             code, message = status_for(exc)
-            self.metrics.edge_refusals.labels(edge, code.name).inc()
+            self.metrics.refused(edge, code)
             # which edge: an operator of many cameras must find it
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
             fields = {"event": event, "method": name, "peer": peer, "edge": edge,

@@ -128,6 +128,8 @@ def test_python_dash_m_prints_one_line_too(tmp_path):
         ("--metrics-port", "70000", "--metrics-port must be 0-65535"),  # was: a traceback
         ("--metrics-port", "-1", "--metrics-port must be 0-65535"),
         ("--answers-cap", "-1", "--answers-cap must be >= 0"),
+        ("--forget-edges-after", "0", "--forget-edges-after must be 0.01-87600"),
+        ("--forget-edges-after", "inf", "--forget-edges-after must be 0.01-87600"),
         ("--metrics-host", "metrics host", "--metrics-host: 'metrics host' is not a host name"),
         ("--metrics-host", "", "--metrics-host: no host"),
     ],

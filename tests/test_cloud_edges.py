@@ -91,6 +91,81 @@ def test_names_that_are_not_names_and_too_many_names_stay_bounded(served, monkey
     assert seen == {LAST_SEEN % name for name in ("invalid", "cam-1", "cam-2", "other")}
 
 
+class _Clock:
+    """Unix s that a test steps."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _series(metrics: servicer.ServerMetrics) -> set[str]:
+    """The per-edge series a scrape of `metrics` would show, as 'metric{labels}' texts."""
+    found = set()
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if "edge" in sample.labels and not sample.name.endswith("_created"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                found.add(f"{sample.name}{{{labels}}}")
+    return found
+
+
+def test_edges_silent_past_the_forget_time_leave_the_metrics_and_free_their_labels(monkeypatch):
+    """The soak review's finding: 256 names seen once filled the labels for good (every later
+    camera was "other"), and a retired camera's series stayed. Now an edge silent for
+    `forget_edges_s` loses its last-seen, answers and refusals series and its label; one that
+    keeps calling keeps them."""
+    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 2)
+    clock = _Clock()
+    metrics = servicer.ServerMetrics(["fp"], forget_edges_s=3600.0, clock=clock)
+
+    def call(name: str) -> str:  # what a Detect of `name` answered, and refused once, leaves
+        edge = metrics.edge_of(((EDGE_NAME_KEY, name),))
+        metrics.edge_last_seen.labels(edge).set(clock.now)
+        metrics.edge_answers.labels(edge, "fp").inc()
+        metrics.used(edge, "fp")
+        metrics.refused(edge, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return edge
+
+    assert [call("cam-1"), call("cam-2"), call("cam-3")] == ["cam-1", "cam-2", "other"]
+    every = {
+        LAST_SEEN % "cam-1",
+        ANSWERS % ("cam-1", "fp"),
+        REFUSALS % ("DEADLINE_EXCEEDED", "cam-1"),
+    }
+    assert every <= _series(metrics)
+    clock.now += 3000.0
+    call("cam-2")  # cam-2 goes on calling; cam-1 and "other" fall silent
+    clock.now += 1000.0  # cam-1 silent for 4000 s, cam-2 for 1000 s
+    assert call("cam-4") == "cam-4"  # the labels were full: cam-1 forgotten to make room
+    series = _series(metrics)
+    assert not [s for s in series if 'edge="cam-1"' in s or 'edge="other"' in s], series
+    assert {LAST_SEEN % "cam-2", LAST_SEEN % "cam-4"} <= series
+    assert metrics.edges_using("fp").keys() == {"cam-2", "cam-4"}
+    clock.now += 4000.0  # every edge silent past the forget time: the next sweep drops them
+    assert call("cam-1") == "cam-1"
+    assert {s for s in _series(metrics) if "last_seen" in s} == {LAST_SEEN % "cam-1"}
+
+
+def test_a_dropped_export_leaves_no_answer_series():
+    """The soak review's finding: each export ever served left its answer series behind."""
+    metrics = servicer.ServerMetrics(["old", "new"])
+    for fingerprint in ("old", "new"):
+        metrics.model_answers.labels(fingerprint).inc()
+        metrics.edge_answers.labels("cam-1", fingerprint).inc()
+        metrics.used("cam-1", fingerprint)
+    metrics.served(["new"])
+    metrics.forget(["old"])
+    samples = {(s.name, tuple(sorted(s.labels.items()))) for family in metrics.registry.collect()
+               for s in family.samples if s.name.endswith("answers_total")}  # fmt: skip
+    assert samples == {
+        ("splitdet_cloud_model_answers_total", (("fingerprint", "new"),)),
+        ("splitdet_cloud_edge_answers_total", (("edge", "cam-1"), ("fingerprint", "new"))),
+    }
+
+
 def test_an_edge_daemon_names_itself(served, tmp_path):
     """`splitdet edge run --name` reaches the cloud's metrics (here by the Detect of one image
     and the start-up probe)."""
