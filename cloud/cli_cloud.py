@@ -54,8 +54,8 @@ example:
       --tls-cert server.pem --tls-key server.key --client-ca edge-ca.pem --token-file token.txt
 
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls get
---grace seconds to finish, then the process exits 0. SIGUSR1 writes every thread's stack to
-stderr (what a server that seems stuck waits on) and the server goes on.
+--grace seconds to finish, then the process exits 0. SIGUSR1 logs every thread's stack (what a
+server that seems stuck waits on) and the server goes on.
 """
 
 
@@ -351,11 +351,10 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the exports `args` names until SIGTERM/SIGINT (SIGHUP reloads them); returns 0."""
-    from splitdet.shared.logs import stacks_on_sigusr1, use_json_logs
-
     if args.log_format == "json":  # before anything logs
+        from splitdet.shared.logs import use_json_logs
+
         use_json_logs()
-    stacks_on_sigusr1()
     check_options(args)
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     # SIGHUP then: reloaded once serving (its default action would end the process).

@@ -93,12 +93,12 @@ Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full
                       database's counters table.
 
 SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbox, and files
-recorded but not yet moved (kill -9) are moved, not processed again. SIGUSR1 writes every thread's
-stack to stderr (what a daemon that seems stuck waits on) and the daemon goes on. One `edge run` per
---db: it holds FILE.lock (of the file a symbolic link names), and a second one exits at start (`edge
-status`, `results`, `prune` and `requeue` are safe beside it); one per --watch too (a lock on the
-folder itself, nothing written there). A --db deleted or replaced while it runs stops it (exit 2)
-before it moves or deletes another image. Logs are JSON lines on
+recorded but not yet moved (kill -9) are moved, not processed again. SIGUSR1 logs every thread's
+stack (what a daemon that seems stuck waits on) and the daemon goes on. One `edge run` per --db: it
+holds FILE.lock (of the file a symbolic link names), and a second one exits at start (`edge status`,
+`results`, `prune` and `requeue` are safe beside it); one per --watch too (a lock on the folder
+itself, nothing written there). A --db deleted or replaced while it runs stops it (exit 2) before it
+moves or deletes another image. Logs are JSON lines on
 stderr (--log-format text: one line each, the message, then its event and fields as
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full; 2 usage or model
@@ -813,11 +813,10 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG."""
-    from splitdet.shared.logs import stacks_on_sigusr1, use_json_logs
+    from splitdet.shared.logs import use_json_logs
 
     if args.log_format == "json":
         use_json_logs()  # before anything below logs
-    stacks_on_sigusr1()
 
     from splitdet.edge.daemon import EdgeDaemon
     from splitdet.edge.daemon_config import DaemonConfig

@@ -22,6 +22,7 @@ from pathlib import Path
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.logs import TextLogFormatter
+from splitdet.shared.stacks import stacks_on_sigusr1
 
 #: Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `splitdet` console script; returns the process exit status."""
+    stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

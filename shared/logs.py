@@ -53,22 +53,6 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def stacks_on_sigusr1() -> None:
-    """`kill -USR1 PID` then writes every thread's Python stack to stderr (the log) and the
-    process goes on: what a daemon or server that seems stuck is doing, without stopping it."""
-    import faulthandler
-    import signal
-    import sys
-
-    for stream in (sys.stderr, sys.__stderr__):  # (sys.stderr may be a buffer: no file)
-        try:
-            stream.fileno()
-        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: OSError)
-            continue
-        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
-        return
-
-
 def use_json_logs() -> None:
     """Switch every root handler (or a new stderr one) to JSON lines. gRPC's own lines (a
     failed TLS handshake's, a bind failure's) still come on stderr in its own format: on a

@@ -79,3 +79,27 @@ def test_cloud_names_an_answers_db_of_another_program(tiny_model_dir, tmp_path, 
     with sqlite3.connect(other) as db:
         assert db.execute("SELECT x FROM answers").fetchall() == [("kept",)]
     db.close()
+
+
+def test_edge_run_works_with_stderr_closed(tiny_model_dir, tmp_path):
+    """A supervisor may start the daemon with no stderr (`2>&-`): it ran before the SIGUSR1
+    stack dump was added, which first needed a stderr file and exited 1 without one."""
+    import os
+    import subprocess
+    import sys
+
+    from support import image_rows
+
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(watch / "a.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "splitdet.shared.cli", "edge", "run", "--model",
+         str(tiny_model_dir), "--watch", str(watch), "--db", str(tmp_path / "edge.sqlite"),
+         "--cloud", "127.0.0.1:9", "--once", "--threshold", "2", "--after", "keep",
+         "--threads", "1"],
+        stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2), timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert [row["verdict"] for row in image_rows(tmp_path / "edge.sqlite")] == ["ok"]
