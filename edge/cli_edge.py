@@ -753,15 +753,21 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judged_at(thresholds: list[dict]) -> str:
-    """ " at threshold 0.5", or " at thresholds 0.3 (2), 0.5 (10)" when an override judged some
-    of an export's results; "" when none recorded (results before schema version 3)."""
+def _judged_at(model: dict) -> str:
+    """Which gate thresholds judged an export's results (a `results_by_model` entry):
+    " at threshold 0.5" when one judged them all; else each one's count, and those without one
+    (never judged, e.g. unreadable, or written by an earlier splitdet) as "none":
+    " at thresholds 0.3 (2), 0.5 (10), none (1)"; "" when no result has one."""
     from splitdet.edge.daemon_metrics import threshold_text
 
-    if len(thresholds) == 1:
+    thresholds = model["thresholds"]
+    unrecorded = model["results"] - sum(t["results"] for t in thresholds)
+    if not thresholds:
+        return ""
+    if len(thresholds) == 1 and not unrecorded:
         return f" at threshold {threshold_text(thresholds[0]['threshold'])}"
-    counts = ", ".join(f"{threshold_text(t['threshold'])} ({t['results']})" for t in thresholds)
-    return f" at thresholds {counts}" if thresholds else ""
+    counts = [f"{threshold_text(t['threshold'])} ({t['results']})" for t in thresholds]
+    return " at thresholds " + ", ".join(counts + ([f"none ({unrecorded})"] if unrecorded else []))
 
 
 def _status_lines(path: Path, summary: dict) -> list[str]:
@@ -780,10 +786,10 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
 
     verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
     errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
-    by_export = ", ".join(  # the model each result came from, that of the latest first
+    by_export = "; ".join(  # the model each result came from, that of the latest first
         f"{fingerprint[:12]} {model['results']}"
         + ("" if i else " (the latest result's)")
-        + _judged_at(model["thresholds"])
+        + _judged_at(model)
         for i, (fingerprint, model) in enumerate(summary["results_by_model"].items())
     )
     lines = [

@@ -39,11 +39,12 @@ from typing import Any
 
 from splitdet.edge.file_identity import path_text, still_there
 from splitdet.edge.store_file import StoreError, check_contents, immediate, read_contents
-from splitdet.edge.store_reads import iter_results, outbox_by_model
+from splitdet.edge.store_reads import image_columns, iter_results, outbox_by_model
 from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     _MIGRATIONS,
     _SCHEMA,
+    ADDED_COLUMNS,
     APPLICATION_ID,
     ERROR_KINDS,
     FINAL_VERDICTS,
@@ -240,6 +241,10 @@ class ResultStore:
                     for statement in _MIGRATIONS[step].split(";"):
                         if statement.strip():
                             db.execute(statement)
+                present = image_columns(db)
+                for name, statement in ADDED_COLUMNS.items():
+                    if name not in present:  # (a store an earlier splitdet wrote)
+                        db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from splitdet.edge.store_schema import _JSON_COLUMNS, RESULT_COLUMNS, THRESHOLD_SINCE, VERDICTS
+from splitdet.edge.store_schema import _JSON_COLUMNS, ADDED_COLUMNS, RESULT_COLUMNS, VERDICTS
 
 
 def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
@@ -42,11 +42,15 @@ def iter_results(
         yield _record(row)
 
 
+def image_columns(db: sqlite3.Connection) -> set[str]:
+    """The columns the store's `images` table has (an earlier splitdet's lacks ADDED_COLUMNS)."""
+    return {row[1] for row in db.execute("PRAGMA table_info(images)")}
+
+
 def _result_columns(db: sqlite3.Connection) -> str:
-    """RESULT_COLUMNS as a SELECT list for this store: a store of an earlier schema version,
-    read as it is (`open_readonly` does not migrate), has NULL for the columns it lacks."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    lacking = {"threshold"} if version < THRESHOLD_SINCE else set()
+    """RESULT_COLUMNS as a SELECT list for this store: one an earlier splitdet wrote, read as
+    it is (`open_readonly` adds nothing), has NULL for the ADDED_COLUMNS it lacks."""
+    lacking = set(ADDED_COLUMNS) - image_columns(db)
     return ", ".join(f"NULL AS {name}" if name in lacking else name for name in RESULT_COLUMNS)
 
 
@@ -98,9 +102,10 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
         "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
         "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
-        were judged at, rising; none recorded before schema version 3)}, the latest result's
-        first}, "outbox" {"requests", "bytes", "oldest_age_s",
-        "next_try_in_s", "by_model" {fingerprint: n}, "last_error"}, "dead_letters"
+        were judged at, rising; rows without one, never judged or from an earlier splitdet, are
+        the rest of "results")}, the latest result's first}, "outbox" {"requests", "bytes",
+        "oldest_age_s", "next_try_in_s", "by_model" {fingerprint: n}, "last_error"},
+        "dead_letters"
         {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
     """
     now = time.time() if now is None else now
@@ -120,7 +125,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         " ORDER BY MAX(id) DESC"
     ).fetchall()
     judged: dict[str, list[dict]] = {fingerprint: [] for fingerprint, _, _ in by_export}
-    if version >= THRESHOLD_SINCE:
+    if "threshold" in image_columns(db):
         for fingerprint, threshold, n in db.execute(
             "SELECT fingerprint, threshold, COUNT(*) FROM images WHERE threshold IS NOT NULL"
             " GROUP BY fingerprint, threshold ORDER BY fingerprint, threshold"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 #: `PRAGMA application_id` of an edge store: b"SPDE" (splitdet edge), set when a store is
 #: created or opened for writing. One written before splitdet set it has 0.
 APPLICATION_ID = 0x53504445
@@ -18,7 +18,6 @@ ANSWERS_APPLICATION_ID = 0x53504341
 _TABLES = {
     1: frozenset({"images", "outbox", "counters"}),
     2: frozenset({"images", "outbox", "counters", "dead_letters"}),
-    3: frozenset({"images", "outbox", "counters", "dead_letters"}),
 }
 VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
@@ -37,14 +36,17 @@ CREATE TABLE dead_letters (
     dead_at    REAL NOT NULL            -- unix s of the refusal
 );
 """
+#: Statements that bring a store of version N to N + 1.
+_MIGRATIONS = {1: _DEAD_LETTERS}
 #: images.threshold: the gate threshold the row's p_defect was judged at (the export's
 #: calibrated one, or the edge's --threshold override); NULL for a file never judged (e.g.
-#: unreadable) and for rows written before version 3. A new store adds it the same way.
+#: unreadable) and in rows an earlier splitdet wrote. An added column, not a new version: a
+#: store that has it stays one the earlier splitdet reads and writes (its rows get NULL), so
+#: an edge can go back to it. A writer adds it where it is missing; readers of a store without
+#: it see NULL (`ADDED_COLUMNS`).
 _THRESHOLD = "ALTER TABLE images ADD COLUMN threshold REAL"
-#: Statements that bring a store of version N to N + 1.
-_MIGRATIONS = {1: _DEAD_LETTERS, 2: _THRESHOLD}
-#: The schema version that added the threshold column (earlier stores read it as NULL).
-THRESHOLD_SINCE = 3
+#: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
+ADDED_COLUMNS = {"threshold": _THRESHOLD}
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -102,7 +104,6 @@ RESULT_COLUMNS = (
     "updated",
     "verdict",
     "p_defect",
-    "threshold",
     "request_id",
     "fingerprint",
     "boxes",
@@ -114,5 +115,6 @@ RESULT_COLUMNS = (
     "attempts",
     "error_kind",
     "reason",
+    "threshold",  # (last: CSV readers by position keep the earlier columns' places)
 )
 _JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")

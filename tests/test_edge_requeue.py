@@ -113,7 +113,7 @@ def test_a_version_1_store_is_migrated_and_its_old_dead_letters_named(tmp_path):
     store.close()
     with contextlib.closing(sqlite3.connect(db)) as conn:  # as version 1 left it
         conn.execute("DROP TABLE dead_letters")
-        conn.execute("ALTER TABLE images DROP COLUMN threshold")  # (version 3's)
+        conn.execute("ALTER TABLE images DROP COLUMN threshold")  # (added since)
         conn.execute("PRAGMA user_version = 1")
         conn.commit()
     readonly = open_readonly(db)  # `splitdet edge status` reads it as it is
@@ -124,7 +124,7 @@ def test_a_version_1_store_is_migrated_and_its_old_dead_letters_named(tmp_path):
         readonly.close()
     store = ResultStore(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 2
         new = _refused(store, 2)
         assert store.requeue_dead_letters() == ([new], [], [old])
     finally:

@@ -119,7 +119,7 @@ def test_status_counts_the_results_by_the_export_that_judged_them(tmp_path, caps
     store.close()
     assert main(["edge", "status", "--db", str(db)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "results by export: bbbbbbbbbbbb 2 (the latest result's), aaaaaaaaaaaa 3" in lines
+    assert "results by export: bbbbbbbbbbbb 2 (the latest result's); aaaaaaaaaaaa 3" in lines
     assert main(["edge", "status", "--db", str(db), "--json"]) == 0
     by_model = json.loads(capsys.readouterr().out)["results_by_model"]
     assert list(by_model) == [new, old]
@@ -179,7 +179,9 @@ def test_each_result_records_the_threshold_it_was_judged_at(tiny_model_dir, tmp_
     assert rows["broken.png"]["error_kind"] == "quarantine"
     assert main(["edge", "status", "--db", str(tmp_path / "edge.sqlite")]) == 0
     out = capsys.readouterr().out
-    assert f"{fingerprint[:12]} 4 (the latest result's) at thresholds 1.5 (2), 2.0 (1)" in out
+    # the unreadable file was judged at none: not counted as judged at a threshold
+    judged = "at thresholds 1.5 (2), 2.0 (1), none (1)"
+    assert f"{fingerprint[:12]} 4 (the latest result's) {judged}" in out
     assert main(["edge", "results", "--db", str(tmp_path / "edge.sqlite"), "--json"]) == 0
     listed = {Path(r["path"]).name: r["threshold"] for r in json.loads(capsys.readouterr().out)}
     assert listed == {name: row["threshold"] for name, row in rows.items()}

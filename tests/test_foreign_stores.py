@@ -265,10 +265,21 @@ def test_a_store_of_an_earlier_version_is_opened_migrated_and_marked(
     try:
         assert store.verdict_counts()["ok"] == 1
         arrival = Arrival("/cam/new.png", "new.png|1|2|4", "def", 1, time.time())
-        store.record_ok(arrival, 0.2, "fp", {})
-        assert [r["path"] for r in store.results()] == ["/cam/old.png", "/cam/new.png"]
+        store.record_ok(arrival, 0.2, "fp", {}, threshold=0.5)
+        assert [(r["path"], r["threshold"]) for r in store.results()] == [
+            ("/cam/old.png", None), ("/cam/new.png", 0.5)
+        ]  # fmt: skip
     finally:
         store.close()
+    # the added column left the schema version as it was: the earlier splitdet, which checks
+    # the version and its tables and names its columns, still reads and writes the store
+    assert SCHEMA_VERSION == 2
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.execute(
+            "INSERT INTO images (file_key, path, content_hash, size_bytes, arrived, updated,"
+            " verdict, fingerprint) VALUES ('x.png|1|2|5', '/cam/x.png', 'a', 1, 0, 0, 'ok', 'fp')"
+        )
+        con.commit()
 
 
 def test_edge_run_on_a_store_of_an_earlier_version(tiny_model_dir, tmp_path, capsys):
