@@ -535,7 +535,8 @@ def _register_prune(actions: argparse._SubParsersAction) -> None:
         "nor a result whose file still lies where it arrived (--after keep, or a move that "
         "failed: the row is what tells the daemon that file is done; a newer file the camera "
         "wrote under the same name does not keep the older results). Safe while the daemon "
-        "runs. The file does not shrink: SQLite reuses the freed pages.",
+        "runs. The file shrinks by the pages freed (a database made before splitdet gave "
+        "pages back keeps its size: SQLite reuses them; see the README to convert one).",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
         "--dry-run\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -553,9 +554,11 @@ def prune(args: argparse.Namespace) -> int:
     store = _open_store(args.db)
     try:
         n = store.prune(time.time() - args.older_than, dry_run=args.dry_run).deleted
+        freed = 0 if args.dry_run else store.reclaim()
     finally:
         store.close()
-    print(f"{args.db}: {'would delete' if args.dry_run else 'deleted'} {n} result(s)")
+    gave = f"; {freed / 1e6:.1f} MB given back to the file system" if freed else ""
+    print(f"{args.db}: {'would delete' if args.dry_run else 'deleted'} {n} result(s){gave}")
     return 0
 
 

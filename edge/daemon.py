@@ -381,8 +381,13 @@ class EdgeDaemon:
             log_event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
         if pruned.deleted:
+            try:
+                freed = self.store.reclaim()
+            except Exception as exc:  # (as the prune's: the next turn tries again)
+                log_event(logging.WARNING, "reclaim_failed", error=f"{type(exc).__name__}: {exc}")
+                freed = 0
             log_event(logging.INFO, "pruned", results=pruned.deleted,
-                      older_than_s=self.config.keep_results_s)  # fmt: skip
+                      older_than_s=self.config.keep_results_s, reclaimed_bytes=freed)  # fmt: skip
 
     def _process_ready(self) -> bool:
         """Handle every file that is ready now, earliest arrival first; False if none was."""

@@ -100,6 +100,9 @@ DEAD_LETTER_CODES = (
 )  # fmt: skip
 #: Consecutive connection failures after which the channel is rebuilt.
 REBUILD_AFTER_FAILURES = 3
+#: Free database pages beyond which an idle sender gives them back to the file system: an
+#: outage's backlog, not a single request's (the file would shrink and grow at every defect).
+RECLAIM_ABOVE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Sender(threading.Thread):
         self._halt = threading.Event()
         self.failures = 0  # consecutive transient failures
         self._failing_since: float | None = None  # unix s of the first of them
+        self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
 
@@ -203,6 +207,8 @@ class Sender(threading.Thread):
         """Send the next due item, or wait a little for one; returns seconds to pause."""
         # (a wait longer than the backoff cap means the wall clock stepped back: due now)
         item = self.store.next_due(max_wait_s=self.backoff.max_s)
+        if item is None and self._reclaim_due:
+            self._reclaim()
         if item is None:
             due = self.store.next_try_at()
             self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
@@ -214,6 +220,17 @@ class Sender(threading.Thread):
             self.store.hold_export(item.fingerprint, until)  # (keeps the cloud's refusal)
             return 0.0
         return self.send(item)
+
+    def _reclaim(self) -> None:
+        """Nothing due: give the file the outbox's freed pages back when they are more than
+        RECLAIM_ABOVE_BYTES (after an outage's backlog), logged as `store_reclaimed`."""
+        self._reclaim_due = False
+        freed = self.store.reclaim(RECLAIM_ABOVE_BYTES)
+        if freed:
+            log.info(
+                "gave %.1f MB of the database's free pages back to the file system", freed / 1e6,
+                extra={"fields": {"event": "store_reclaimed", "bytes": freed}},
+            )  # fmt: skip
 
     def _drop_client(self) -> None:
         if self._client is not None:
@@ -270,6 +287,7 @@ class Sender(threading.Thread):
                 timings=timings,
             ),
         )
+        self._reclaim_due = True
         if committed:
             self.delivered += 1
             log.info(
@@ -303,6 +321,7 @@ class Sender(threading.Thread):
         )  # fmt: skip
 
     def _dead_letter(self, item: OutboxItem, reason: str, code: str) -> None:
+        self._reclaim_due = True
         if self.store.dead_letter(item.image_id, reason):
             log.error(
                 "dead letter",

@@ -53,6 +53,10 @@ from splitdet.edge.store_schema import (
     VERDICTS,
 )
 
+#: Free pages `ResultStore.reclaim` gives back per write (4 MB of 4 KiB pages): a writer waits
+#: at most one step.
+RECLAIM_PAGES = 1024
+
 #: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
 StoredPath = str | None | Callable[[int], str | None]
 
@@ -215,7 +219,9 @@ class ResultStore:
             self._db.execute("PRAGMA busy_timeout=10000")  # `results` may read meanwhile
             # read only: another program's file is refused before journal_mode=WAL (a write)
             # touches it; _migrate checks again under the write lock
-            check_contents(self.path, read_contents(self._db))
+            if check_contents(self.path, read_contents(self._db)):  # a new store: its free
+                # pages can go back to the file system (`reclaim`); set before WAL and tables
+                self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -777,6 +783,33 @@ class ResultStore:
                     )
             if should_stop is not None and should_stop():
                 return Pruned(deleted, after_id)
+
+    def reclaim(self, above_bytes: int = 0) -> int:
+        """Give the file's free pages back to the file system when they are more than
+        `above_bytes` (the outbox of a long cloud outage, results pruned): in steps of
+        RECLAIM_PAGES pages, one short write each, then a passive checkpoint (in WAL mode the
+        file shrinks at a checkpoint). Returns the bytes given back; 0 for a store made before
+        splitdet set incremental auto-vacuum (its file keeps its size; SQLite reuses the pages).
+        """
+        with self._lock:
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # (INCREMENTAL)
+                return 0
+            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        if free * page <= above_bytes:
+            return 0
+        freed = 0
+        while free:
+            with self._lock:  # (no transaction is open under the lock: executescript's
+                # COMMIT commits nothing of ours; incremental_vacuum runs to its end only so)
+                self._db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
+                left = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+            if left >= free:  # (nothing moved: never loop for good)
+                break
+            freed, free = freed + free - left, left
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return freed * page
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""

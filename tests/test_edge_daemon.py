@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -888,3 +889,33 @@ def test_the_sender_outlives_an_unexpected_failure(tiny_model_dir, pool, shared_
     assert sorted(n for n, r in table.items() if r["verdict"] == "defect") == sorted(
         {"a.png", "b.png", "c.png", "d.png"} - {Path(damaged["path"]).name}
     )
+
+
+def test_an_idle_sender_gives_a_delivered_backlogs_pages_back(
+    tiny_model_dir, pool, shared_cloud, tmp_path, monkeypatch, caplog
+):
+    """Once the outbox's backlog is delivered and nothing is due, the sender gives the freed
+    pages back (here from any size on: RECLAIM_ABOVE_BYTES lowered to 0) and logs it."""
+    from splitdet.edge import sender as sender_module
+
+    monkeypatch.setattr(sender_module, "RECLAIM_ABOVE_BYTES", 0)
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    write_files(watch, pool.take(3), ["a.png", "b.png", "c.png"])
+    config = DaemonConfig(
+        model_dir=tiny_model_dir, watch=watch, cloud=shared_cloud.address, db=db, settle_s=0.05,
+        poll_s=0.05, once=False, threshold=0.0, retry_initial_s=0.05, retry_max_s=0.1,
+    )  # fmt: skip
+    daemon = EdgeDaemon(config)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="splitdet"):
+        thread.start()
+        try:
+            wait_for(lambda: verdicts(db) == {"defect": 3}, 30, "the three answers")
+            wait_for(lambda: any(getattr(r, "fields", {}).get("event") == "store_reclaimed"
+                                 for r in caplog.records), 10, "store_reclaimed")  # fmt: skip
+        finally:
+            daemon.request_stop()
+            thread.join(30)
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
