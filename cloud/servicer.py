@@ -306,8 +306,9 @@ class ServerMetrics:
                 self._forget_idle_edges(now)
             if name not in self._edges:
                 if len(self._edges) >= MAX_EDGE_LABELS:
-                    name = "other"
-                self._edges.add(name)
+                    name = "other"  # (no place of its own: the names labelled stay 256)
+                else:
+                    self._edges.add(name)
             self._edge_seen[name] = now
         return name
 
@@ -349,10 +350,13 @@ class ServerMetrics:
             self.failures.labels(method, code.name).inc()
 
     def observe(self, result: DetectResult, edge: str) -> None:
-        """An answer given to `edge`: counted, and its heads' run if it had one."""
-        self.model_answers.labels(result.fingerprint).inc()
-        self.edge_answers.labels(edge, result.fingerprint).inc()
-        self.used(edge, result.fingerprint)
+        """An answer given to `edge`: counted, and its heads' run if it had one. By model only
+        while the model is served: an answer of an export a reload dropped meanwhile must not
+        bring back the series `forget` removed."""
+        if any(result.fingerprint == fingerprint for fingerprint, _ in self._model_labels):
+            self.model_answers.labels(result.fingerprint).inc()
+            self.edge_answers.labels(edge, result.fingerprint).inc()
+            self.used(edge, result.fingerprint)
         if result.cached:
             self.cache_hits.inc()
             return

@@ -162,8 +162,9 @@ class Sender(threading.Thread):
         self._rng = random.Random(seed)
         self._wake = threading.Event()
         self._halt = threading.Event()
-        self.failures = 0  # consecutive transient failures
-        self._failing_since: float | None = None  # unix s of the first of them
+        self.failures = 0  # consecutive transient failures (and unexpected sender errors)
+        self._failed_sends = 0  # calls of them that failed to reach the cloud or get an answer
+        self._failing_since: float | None = None  # unix s of the first of those
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
@@ -268,12 +269,11 @@ class Sender(threading.Thread):
             else:
                 reason = f"dead letter: the cloud refused the request permanently: {exc}"
             self._dead_letter(item, reason, exc.code.name)
-            self.failures, self._failing_since = 0, None
+            self.failures = 0
+            self._resumed()  # (the cloud answered, if only with a refusal)
             return 0.0
         round_trip = time.perf_counter() - start
         self._count_bytes(len(item.payload))
-        if self.failures:
-            self._resumed()
         self.failures = 0
         timings = {f"cloud_{k.removesuffix('_s')}": v for k, v in answer.timings.items()}
         timings["round_trip"] = round_trip
@@ -305,18 +305,22 @@ class Sender(threading.Thread):
                     self.on_answer(item, answer)
                 except Exception:
                     log.exception("after-answer hook failed for %s", item.path)
+        self._resumed()
         return 0.0
 
     def _resumed(self) -> None:
-        """INFO `send_resumed`: an answer after failed sends (the cloud back after an outage),
-        with how long they lasted and what still waits; the outage's `send_retry` lines then
-        have their end in the log."""
-        since, self._failing_since = self._failing_since, None
+        """After the cloud answered a call (its outcome committed): when calls had failed
+        before it (`send_retry`: the cloud down, busy, refusing us), INFO `send_resumed` with
+        how many, since when, and how many requests still wait; the outage's `send_retry`
+        lines then have their end in the log."""
+        if not self._failed_sends:
+            return
+        failed, since = self._failed_sends, self._failing_since
+        self._failed_sends, self._failing_since = 0, None
         log.info(
             "delivering again",
-            extra={"fields": {"event": "send_resumed", "failures": self.failures,
-                              "failing_for_s": None if since is None else round(
-                                  max(0.0, time.time() - since), 1),
+            extra={"fields": {"event": "send_resumed", "failures": failed,
+                              "failing_for_s": round(max(0.0, time.time() - since), 1),
                               "outbox_depth": self.store.outbox_stats().depth}},
         )  # fmt: skip
 
@@ -354,6 +358,7 @@ class Sender(threading.Thread):
         self, item: OutboxItem, exc: CloudError, sent_bytes: int, at_cap: bool = False
     ) -> float:
         self.failures += 1
+        self._failed_sends += 1
         if self._failing_since is None:
             self._failing_since = time.time()
         if exc.code is not grpc.StatusCode.UNAVAILABLE:

@@ -14,14 +14,18 @@ reads the frames inside the signal handler, without the GIL, and crashed a busy 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
+import time
 import traceback
 
 log = logging.getLogger("splitdet")
 
 _started = threading.Event()
+#: Seconds between two dumps at least: the signals of a burst in between are dropped.
+MIN_INTERVAL_S = 1.0
 
 
 def stacks_on_sigusr1() -> None:
@@ -36,9 +40,14 @@ def stacks_on_sigusr1() -> None:
 
 
 def _take_signals() -> None:
-    """Log the stacks at each SIGUSR1, for the life of the process."""
+    """Log the stacks at each SIGUSR1, for the life of the process; at most one dump per
+    MIN_INTERVAL_S (a burst of signals, e.g. a script in a loop, must not flood the log)."""
+    last = -math.inf
     while True:
         signal.sigwait({signal.SIGUSR1})
+        if time.monotonic() - last < MIN_INTERVAL_S:
+            continue
+        last = time.monotonic()
         try:
             log_stacks()
         except Exception:  # (a dump never ends the process)

@@ -509,7 +509,8 @@ def test_sigusr1_logs_every_threads_stack_and_both_sides_go_on(
     """What an operator runs on a daemon or server that seems stuck: the stacks land in the
     log as one record (one JSON line: a log shipper parses every line), naming the daemon's
     and the server's own code, and both keep working, also through a burst of signals while
-    images flow (faulthandler's dump, tried first, crashed a busy server)."""
+    images flow (faulthandler's dump, tried first, crashed a busy server), without a dump for
+    every signal of the burst."""
     images = pool.take(4)
     threshold, _ = threshold_for(images, 2)
     watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
@@ -538,6 +539,7 @@ def test_sigusr1_logs_every_threads_stack_and_both_sides_go_on(
     wait_for(lambda: verdicts(db) == {"ok": 2, "defect": 2}, 30, "every image's result")
     assert shared_cloud.process.poll() is None
     assert edge.terminate() == 0
+    assert len(edge_stacks()) <= 3  # at most one dump a second: the burst did not flood the log
 
 
 def test_lost_answers_make_no_duplicates(tiny_model_dir, pool, shared_cloud, tmp_path, processes):
@@ -919,3 +921,73 @@ def test_an_idle_sender_gives_a_delivered_backlogs_pages_back(
             thread.join(30)
     with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+def test_send_resumed_closes_an_outage_also_when_its_first_answer_is_a_refusal(
+    tiny_model_dir, pool, shared_cloud, tmp_path, caplog
+):
+    """Review findings: an outage whose first answer was a dead letter never logged its end;
+    the depth it reported counted the request just answered; and a local sender error (no
+    call failed) was reported as an outage ended, without a duration."""
+    import grpc
+
+    from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry, RetryLater
+    from splitdet.edge.sender import Backoff, Sender
+    from splitdet.edge.store import ResultStore
+
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    write_files(watch, pool.take(4), ["a.png", "b.png", "c.png", "d.png"])
+    config = DaemonConfig(
+        model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db, settle_s=0.05,
+        poll_s=0.05, once=True, drain_timeout_s=0.0, threshold=0.0,
+    )  # fmt: skip
+    assert EdgeDaemon(config).run() == 1  # the cloud down: four requests wait
+    store = ResultStore(db)
+    scripted = [RetryLater(grpc.StatusCode.UNAVAILABLE, "down"),
+                RetryLater(grpc.StatusCode.UNAVAILABLE, "down"),
+                NeverRetry(grpc.StatusCode.INVALID_ARGUMENT, "bad")]  # fmt: skip
+
+    class Scripted(CloudClient):
+        def send_request(self, request, timeout=None):
+            if scripted:
+                raise scripted.pop(0)
+            return super().send_request(request, timeout=timeout)
+
+    def resumed() -> list[dict]:
+        return [r.fields for r in caplog.records
+                if getattr(r, "fields", {}).get("event") == "send_resumed"]  # fmt: skip
+
+    cloud = ClientConfig(shared_cloud.address)
+    sender = Sender(store, lambda: Scripted(cloud), Backoff(0.01, 0.02))
+    try:
+        with caplog.at_level(logging.INFO, logger="splitdet"):
+            first = store.next_due(max_wait_s=1.0)
+            for _ in range(3):  # down, down, refused for good: a dead letter
+                sender.send(first)
+            assert [(r["failures"], r["outbox_depth"]) for r in resumed()] == [(2, 3)]
+            assert resumed()[0]["failing_for_s"] >= 0
+            while (item := store.next_due(max_wait_s=1.0)) is not None:
+                sender.send(item)
+            assert len(resumed()) == 1  # answers with nothing failed before them: no line
+
+            # a local failure (the channel cannot be built once) is not a cloud outage
+            write_files(watch, pool.take(1), ["e.png"])
+            assert EdgeDaemon(config).run() == 1
+            builds = []
+
+            def flaky() -> CloudClient:
+                builds.append(1)
+                if len(builds) == 1:
+                    raise FileNotFoundError("root certificates vanished")
+                return CloudClient(cloud)
+
+            local = Sender(store, flaky, Backoff(0.01, 0.02))
+            local.start()
+            wait_for(lambda: local.delivered == 1, 30, "the delivery after the local error")
+            local.stop()
+            local.join(10)
+            assert len(resumed()) == 1
+    finally:
+        sender._drop_client()
+        store.close()
