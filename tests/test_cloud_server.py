@@ -150,6 +150,8 @@ def test_an_identical_call_waits_for_the_running_one_instead_of_a_slot(served, t
         client,
     ):
         first: list = []
+        # made before the slow call: on a loaded machine, making it took longer than the call
+        other = make_sample(served[0], seed=9)
         slow = threading.Thread(
             target=lambda: first.append(
                 client.detect(sample.encoded, sample.image, "resent", fingerprint)
@@ -157,7 +159,6 @@ def test_an_identical_call_waits_for_the_running_one_instead_of_a_slot(served, t
         )
         slow.start()
         _await_metric(server, "splitdet_cloud_in_flight", 1)
-        other = make_sample(served[0], seed=9)
         with pytest.raises(RetryLater) as busy:  # same id, other request: no joining
             client.detect(other.encoded, other.image, "resent", fingerprint)
         assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
