@@ -382,7 +382,7 @@ class EdgeDaemon:
             return
         if pruned.deleted:
             try:
-                freed = self.store.reclaim()
+                freed = self.store.reclaim(should_stop=self._pruner_stop.is_set)
             except Exception as exc:  # (as the prune's: the next turn tries again)
                 log_event(logging.WARNING, "reclaim_failed", error=f"{type(exc).__name__}: {exc}")
                 freed = 0

@@ -226,7 +226,7 @@ class Sender(threading.Thread):
         """Nothing due: give the file the outbox's freed pages back when they are more than
         RECLAIM_ABOVE_BYTES (after an outage's backlog), logged as `store_reclaimed`."""
         self._reclaim_due = False
-        freed = self.store.reclaim(RECLAIM_ABOVE_BYTES)
+        freed = self.store.reclaim(RECLAIM_ABOVE_BYTES, should_stop=self._halt.is_set)
         if freed:
             log.info(
                 "gave %.1f MB of the database's free pages back to the file system", freed / 1e6,

@@ -53,9 +53,12 @@ from splitdet.edge.store_schema import (
     VERDICTS,
 )
 
-#: Free pages `ResultStore.reclaim` gives back per write (4 MB of 4 KiB pages): a writer waits
-#: at most one step.
-RECLAIM_PAGES = 1024
+#: Free pages `ResultStore.reclaim` gives back per write (1 MB of 4 KiB pages; a step that moves
+#: pages took up to ~0.3 s at 1024 on this machine), and the pause after each, in which a writer
+#: waiting for the store's lock (not a fair one) takes it: a reclaim of 1 GB delays an image's
+#: result by about one step, instead of by seconds.
+RECLAIM_PAGES = 256
+RECLAIM_PAUSE_S = 0.005
 
 #: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
 StoredPath = str | None | Callable[[int], str | None]
@@ -784,12 +787,15 @@ class ResultStore:
             if should_stop is not None and should_stop():
                 return Pruned(deleted, after_id)
 
-    def reclaim(self, above_bytes: int = 0) -> int:
+    def reclaim(self, above_bytes: int = 0, should_stop: Callable[[], bool] | None = None) -> int:
         """Give the file's free pages back to the file system when they are more than
         `above_bytes` (the outbox of a long cloud outage, results pruned): in steps of
-        RECLAIM_PAGES pages, one short write each, then a passive checkpoint (in WAL mode the
-        file shrinks at a checkpoint). Returns the bytes given back; 0 for a store made before
-        splitdet set incremental auto-vacuum (its file keeps its size; SQLite reuses the pages).
+        RECLAIM_PAGES pages, one short write each with a pause after it for the writers
+        waiting, then a passive checkpoint (in WAL mode the file shrinks at a checkpoint).
+        `should_stop` is checked between steps: True ends it early (the rest waits for the next
+        reclaim). Returns the bytes given back (less any pages writers took meanwhile); 0 for a
+        store made before splitdet set incremental auto-vacuum (its file keeps its size; SQLite
+        reuses the pages).
         """
         with self._lock:
             if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # (INCREMENTAL)
@@ -799,14 +805,15 @@ class ResultStore:
         if free * page <= above_bytes:
             return 0
         freed = 0
-        while free:
+        while free and not (should_stop is not None and should_stop()):
             with self._lock:  # (no transaction is open under the lock: executescript's
                 # COMMIT commits nothing of ours; incremental_vacuum runs to its end only so)
                 self._db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
                 left = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
-            if left >= free:  # (nothing moved: never loop for good)
+            if left >= free:  # (nothing moved, or writers took as many: never loop for good)
                 break
             freed, free = freed + free - left, left
+            time.sleep(RECLAIM_PAUSE_S)
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return freed * page
