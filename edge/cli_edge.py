@@ -429,7 +429,7 @@ def requeue(args: argparse.Namespace) -> int:
 
     since = parse_since(args.since) if args.since is not None else None
     cap = OutboxCap(max_items=args.outbox_max_items, max_bytes=int(args.outbox_max_mb * 1e6))
-    store = _open_store(args.db, cap)
+    store = _open_store(args.db, cap, dry_run=args.dry_run)
     try:
         requeued, no_room, not_kept = store.requeue_dead_letters(since, dry_run=args.dry_run)
     finally:
@@ -495,7 +495,7 @@ def abandon(args: argparse.Namespace) -> int:
             f"--fingerprint {args.fingerprint!r}: give the export's fingerprint or its first 8 "
             "or more hex digits"
         )
-    store = _open_store(args.db)
+    store = _open_store(args.db, dry_run=True)  # (a refused --fingerprint changes nothing)
     try:
         waiting = store.outbox_fingerprints()
         matches = sorted(fp for fp in waiting if fp.startswith(wanted))
@@ -516,6 +516,9 @@ def abandon(args: argparse.Namespace) -> int:
             f"abandoned by `splitdet edge abandon`: no cloud serves model export "
             f"{fingerprint[:16]} any more (`splitdet edge requeue` sends it again)"
         )
+        if not args.dry_run:
+            store.close()
+            store = _open_store(args.db)
         n = store.dead_letter_export(fingerprint, reason, dry_run=args.dry_run)
         kept = store.dead_letter_stats().depth
     finally:
@@ -551,7 +554,7 @@ def _register_prune(actions: argparse._SubParsersAction) -> None:
 
 def prune(args: argparse.Namespace) -> int:
     """Delete old final results; see _register_prune."""
-    store = _open_store(args.db)
+    store = _open_store(args.db, dry_run=args.dry_run)
     try:
         n = store.prune(time.time() - args.older_than, dry_run=args.dry_run).deleted
         freed = 0 if args.dry_run else store.reclaim()
@@ -562,9 +565,10 @@ def prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(path: Path, cap: OutboxCap | None = None) -> ResultStore:
+def _open_store(path: Path, cap: OutboxCap | None = None, dry_run: bool = False) -> ResultStore:
     """The ResultStore at `path` for a maintenance command; CommandError when there is none
-    (a maintenance command never creates one) or it cannot be used."""
+    (a maintenance command never creates one) or it cannot be used. A dry run opens it read
+    only: the store stays as it was, byte for byte (not marked, no column added)."""
     from splitdet.edge.store import ResultStore
     from splitdet.edge.store_file import StoreError
     from splitdet.shared.cli import CommandError
@@ -572,7 +576,7 @@ def _open_store(path: Path, cap: OutboxCap | None = None) -> ResultStore:
     if not path.is_file():
         raise CommandError(f"--db {path}: no such results database")
     try:
-        return ResultStore(path, cap)
+        return ResultStore(path, cap, readonly=dry_run)
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
 

@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from splitdet.edge.file_identity import path_text, still_there
-from splitdet.edge.store_file import StoreError, check_contents, immediate, read_contents
+from splitdet.edge.store_file import (
+    StoreError,
+    check_contents,
+    immediate,
+    open_readonly,
+    read_contents,
+)
 from splitdet.edge.store_reads import image_columns, iter_results, outbox_by_model
 from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
@@ -185,18 +191,28 @@ class ResultStore:
     Args:
         path: the database file (created with its parent directory if missing).
         cap: the outbox bounds and the policy when they are reached.
+        readonly: open an existing store as it is, for reading only (a maintenance command's
+            dry run): nothing is created, migrated or marked; a write fails.
     """
 
-    def __init__(self, path: Path | str, cap: OutboxCap | None = None) -> None:
+    def __init__(
+        self, path: Path | str, cap: OutboxCap | None = None, readonly: bool = False
+    ) -> None:
         self.path = Path(path)
         self.cap = cap or OutboxCap()
+        self._lock = threading.RLock()
+        if readonly:  # (StoreError, naming the file, when it is not a store to read)
+            self._db = open_readonly(self.path)
+            stat = os.stat(self.path)
+            self._identity = (stat.st_dev, stat.st_ino)
+            self._checked = float("-inf")
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(
                 f"{self.path}: cannot create its folder ({exc.strerror or exc})"
             ) from None
-        self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None
@@ -690,16 +706,23 @@ class ResultStore:
         """
         since = float("-inf") if since is None else since
         with self._transaction() as db:
-            kept = db.execute(
-                "SELECT d.image_id, d.size_bytes FROM dead_letters d"
-                " JOIN images i ON i.id = d.image_id WHERE i.verdict = 'error'"
-                " AND i.error_kind = 'dead_letter' AND d.dead_at >= ? ORDER BY d.image_id",
-                (since,),
-            ).fetchall()
+            # (a version 1 store read as it is, by a dry run, has no table of kept requests)
+            keeps = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letters'").fetchone()
+            kept = (
+                []
+                if not keeps
+                else db.execute(
+                    "SELECT d.image_id, d.size_bytes FROM dead_letters d"
+                    " JOIN images i ON i.id = d.image_id WHERE i.verdict = 'error'"
+                    " AND i.error_kind = 'dead_letter' AND d.dead_at >= ? ORDER BY d.image_id",
+                    (since,),
+                ).fetchall()
+            )
             not_kept = [row[0] for row in db.execute(
                 "SELECT id FROM images WHERE verdict = 'error' AND error_kind = 'dead_letter'"
                 " AND COALESCE(finished, updated) >= ?"
-                " AND id NOT IN (SELECT image_id FROM dead_letters) ORDER BY id",
+                + (" AND id NOT IN (SELECT image_id FROM dead_letters)" if keeps else "")
+                + " ORDER BY id",
                 (since,),
             )]  # fmt: skip
             depth, size = db.execute(
