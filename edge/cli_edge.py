@@ -821,6 +821,12 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     )
     counters = ", ".join(f"{name} {n}" for name, n in summary["counters"].items())
     lines.append(f"counters      {counters or '-'}")
+    file = summary["file"]
+    lines.append(
+        f"file          {file['bytes'] / 1e6:.1f} MB, {file['free_bytes'] / 1e6:.1f} MB of it free "
+        + ("(given back after a prune or a delivered backlog)" if file["gives_back"] else
+           "(kept and reused: an earlier store; the README says how to convert it)")
+    )  # fmt: skip
     return lines
 
 

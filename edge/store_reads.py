@@ -106,7 +106,9 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         the rest of "results")}, the latest result's first}, "outbox" {"requests", "bytes",
         "oldest_age_s", "next_try_in_s", "by_model" {fingerprint: n}, "last_error"},
         "dead_letters"
-        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}}
+        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}, "file" {"bytes" (its pages,
+        the WAL aside), "free_bytes" (free pages), "gives_back" (incremental auto-vacuum: free
+        pages go back to the file system, `ResultStore.reclaim`)}}
     """
     now = time.time() if now is None else now
 
@@ -163,4 +165,9 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
             "not_kept": errors.get("dead_letter", 0) - kept,
         },
         "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
+        "file": {  # what of the file's size is free pages, and whether it gives them back
+            "bytes": one("PRAGMA page_count")[0] * one("PRAGMA page_size")[0],
+            "free_bytes": one("PRAGMA freelist_count")[0] * one("PRAGMA page_size")[0],
+            "gives_back": one("PRAGMA auto_vacuum")[0] == 2,
+        },
     }

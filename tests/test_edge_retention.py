@@ -5,6 +5,7 @@ folder (--after keep), stay. Real SQLite files, a real daemon for the last test.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -232,7 +233,15 @@ def _pending(store: ResultStore, n: int, size: int) -> list[int]:
     return ids
 
 
-def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path):
+def _file_status(db: Path, capsys) -> dict:
+    """`edge status --json`'s "file" entry, and its text line."""
+    assert main(["edge", "status", "--db", str(db)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("file ")]
+    assert main(["edge", "status", "--db", str(db), "--json"]) == 0
+    return {**json.loads(capsys.readouterr().out)["file"], "line": line}
+
+
+def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path, capsys):
     """The soak review: a 34 s outage left an edge's database at 2.8x its size for good (an
     outage of hours: up to --outbox-max-mb). A new store reclaims the freed pages; one made
     before splitdet set incremental auto-vacuum keeps its size (SQLite reuses the pages)."""
@@ -250,6 +259,11 @@ def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path):
             for image_id in _pending(s, 40, 250_000):
                 s.complete(image_id, Answer([], [], [], [], {}))
         grown = store.path.stat().st_size + Path(f"{store.path}-wal").stat().st_size
+        before = _file_status(store.path, capsys)  # what an operator sees of the size
+        assert before["gives_back"] and before["free_bytes"] >= 9_000_000, before
+        assert "MB of it free (given back after" in before["line"]
+        old_file = _file_status(old, capsys)
+        assert not old_file["gives_back"] and "the README says how" in old_file["line"]
         assert store.reclaim(above_bytes=20 << 20) == 0  # ~10 MB free: under the bound
         steps = iter([False, True])  # a daemon stopping: one step given back, the rest kept
         first = store.reclaim(should_stop=lambda: next(steps))
@@ -257,6 +271,7 @@ def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path):
         freed = first + store.reclaim()
         assert freed >= 9_000_000
         assert store.pragma("freelist_count") == 0
+        assert _file_status(store.path, capsys)["free_bytes"] == 0
         assert store.path.stat().st_size < grown - 9_000_000
         assert [r["verdict"] for r in store.results()] == ["defect"] * 40  # rows kept
         assert old_store.reclaim() == 0 and old_store.pragma("freelist_count") > 0
