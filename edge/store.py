@@ -52,6 +52,7 @@ from splitdet.edge.store_schema import (
     _SCHEMA,
     ADDED_COLUMNS,
     APPLICATION_ID,
+    AUTO_VACUUM_INCREMENTAL,
     ERROR_KINDS,
     FINAL_VERDICTS,
     FULL_POLICIES,
@@ -203,10 +204,18 @@ class ResultStore:
         self._lock = threading.RLock()
         if readonly:  # (StoreError, naming the file, when it is not a store to read)
             self._db = open_readonly(self.path)
-            stat = os.stat(self.path)
-            self._identity = (stat.st_dev, stat.st_ino)
-            self._checked = float("-inf")
-            return
+        else:
+            self._open_for_writing()
+        # the file just opened (and written by _migrate), as `check_file` compares it
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._checked = float("-inf")  # monotonic s of the last `check_file` stat
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _open_for_writing(self) -> None:
+        """Connect to the file (made, with its folder, when missing) and `_open` it; the
+        connection is closed again when that fails."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -224,12 +233,6 @@ class ResultStore:
         except BaseException:
             self._db.close()
             raise
-        # the file just opened (and written by _migrate), as `check_file` compares it
-        stat = os.stat(self.path)
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._checked = float("-inf")  # monotonic s of the last `check_file` stat
-
-    # ------------------------------------------------------------------------------ plumbing
 
     def _open(self) -> None:
         """Check what the file holds, then set the connection up and create or migrate the
@@ -707,7 +710,7 @@ class ResultStore:
         since = float("-inf") if since is None else since
         with self._transaction() as db:
             # (a version 1 store read as it is, by a dry run, has no table of kept requests)
-            keeps = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letters'").fetchone()
+            keeps = "dead_letters" in read_contents(db).names
             kept = (
                 []
                 if not keeps
@@ -820,11 +823,9 @@ class ResultStore:
         store made before splitdet set incremental auto-vacuum (its file keeps its size; SQLite
         reuses the pages).
         """
-        with self._lock:
-            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # (INCREMENTAL)
-                return 0
-            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-            free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        if self.pragma("auto_vacuum") != AUTO_VACUUM_INCREMENTAL:
+            return 0
+        page, free = int(self.pragma("page_size")), int(self.pragma("freelist_count"))
         if free * page <= above_bytes:
             return 0
         freed = 0
@@ -832,7 +833,7 @@ class ResultStore:
             with self._lock:  # (no transaction is open under the lock: executescript's
                 # COMMIT commits nothing of ours; incremental_vacuum runs to its end only so)
                 self._db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
-                left = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+                left = int(self.pragma("freelist_count"))
             if left >= free:  # (nothing moved, or writers took as many: never loop for good)
                 break
             freed, free = freed + free - left, left

@@ -10,7 +10,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from splitdet.edge.store_schema import _JSON_COLUMNS, ADDED_COLUMNS, RESULT_COLUMNS, VERDICTS
+from splitdet.edge.store_schema import (
+    _JSON_COLUMNS,
+    ADDED_COLUMNS,
+    AUTO_VACUUM_INCREMENTAL,
+    RESULT_COLUMNS,
+    VERDICTS,
+)
 
 
 def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
@@ -115,7 +121,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     def one(sql: str) -> tuple:
         return db.execute(sql).fetchone()
 
-    version = one("PRAGMA user_version")[0]
+    version, page = one("PRAGMA user_version")[0], one("PRAGMA page_size")[0]
     verdicts = dict.fromkeys(VERDICTS, 0)
     verdicts.update(db.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"))
     errors = dict(db.execute(
@@ -166,8 +172,8 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         },
         "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
         "file": {  # what of the file's size is free pages, and whether it gives them back
-            "bytes": one("PRAGMA page_count")[0] * one("PRAGMA page_size")[0],
-            "free_bytes": one("PRAGMA freelist_count")[0] * one("PRAGMA page_size")[0],
-            "gives_back": one("PRAGMA auto_vacuum")[0] == 2,
+            "bytes": one("PRAGMA page_count")[0] * page,
+            "free_bytes": one("PRAGMA freelist_count")[0] * page,
+            "gives_back": one("PRAGMA auto_vacuum")[0] == AUTO_VACUUM_INCREMENTAL,
         },
     }

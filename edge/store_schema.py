@@ -45,6 +45,9 @@ _MIGRATIONS = {1: _DEAD_LETTERS}
 #: an edge can go back to it. A writer adds it where it is missing; readers of a store without
 #: it see NULL (`ADDED_COLUMNS`).
 _THRESHOLD = "ALTER TABLE images ADD COLUMN threshold REAL"
+#: `PRAGMA auto_vacuum` of a store that gives its free pages back to the file system
+#: (INCREMENTAL: every store made since `ResultStore.reclaim`; earlier ones have 0, NONE).
+AUTO_VACUUM_INCREMENTAL = 2
 #: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
 ADDED_COLUMNS = {"threshold": _THRESHOLD}
 
