@@ -470,23 +470,20 @@ def checked_detections(
             names what is wrong.
     """
     check_identity(response, request)
-    n = len(response.boxes)
-    if n == 0:
-        result = detections_from_proto(response)
-        _check_timings(result.timings)
-        return result
+    n = len(response.boxes)  # (counted before the boxes are read into arrays)
     if rules is not None and n > rules.max_boxes:
         _bad(f"holds {n} boxes, beyond the model's box_detections_per_img ({rules.max_boxes})")
     if n > ANSWER_BOXES_ALLOWED:
         _bad(f"holds {n} boxes, beyond the {ANSWER_BOXES_ALLOWED} any answer may hold")
     result = detections_from_proto(response)
     _check_timings(result.timings)
+    if n == 0:
+        return result
     boxes, scores, labels = result.boxes, result.scores, result.labels
     for i in range(n):
         if not (np.isfinite(boxes[i]).all() and np.isfinite(scores[i])):
-            corners = ", ".join(f"{v:g}" for v in boxes[i])
             _bad(f"holds a box with a non-finite corner or score (box {i + 1} of {n}: "
-                 f"({corners}), score {scores[i]:g})")  # fmt: skip
+                 f"({_corners(boxes[i])}), score {scores[i]:g})")  # fmt: skip
         if not 0.0 <= scores[i] <= 1.0:
             _bad(f"holds score {scores[i]:g} (box {i + 1} of {n}), outside [0, 1]")
         label, name = int(labels[i]), result.class_names[i]
@@ -510,16 +507,14 @@ def checked_detections(
     outside = ((boxes < -tol) | (boxes > bound + tol)).any(axis=1)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        corners = ", ".join(f"{v:g}" for v in boxes[i])
-        _bad(f"holds box {i + 1} of {n} ({corners}) outside the {width}x{height} px image "
-             f"(by more than {tol:g} px)")  # fmt: skip
+        _bad(f"holds box {i + 1} of {n} ({_corners(boxes[i])}) outside the {width}x{height} "
+             f"px image (by more than {tol:g} px)")  # fmt: skip
     clamped = np.clip(boxes, 0.0, bound.astype(np.float32))
     inverted = (clamped[:, 0] >= clamped[:, 2]) | (clamped[:, 1] >= clamped[:, 3])
     if inverted.any():
         i = int(np.flatnonzero(inverted)[0])
-        corners = ", ".join(f"{v:g}" for v in boxes[i])
-        _bad(f"holds box {i + 1} of {n} ({corners}) that is empty or inverted (x1 < x2 and "
-             "y1 < y2 is the contract)")  # fmt: skip
+        _bad(f"holds box {i + 1} of {n} ({_corners(boxes[i])}) that is empty or inverted "
+             "(x1 < x2 and y1 < y2 is the contract)")  # fmt: skip
     return replace(result, boxes=clamped.astype(np.float32))
 
 
@@ -547,6 +542,11 @@ def _check_timings(timings: dict[str, float]) -> None:
     for name, value in timings.items():
         if not (math.isfinite(value) and value >= 0):
             _bad(f"holds timing {name} = {value:g}, not a number of seconds >= 0")
+
+
+def _corners(box: np.ndarray) -> str:
+    """A box's corners, Float32[4] (x1, y1, x2, y2, px), as a message shows them."""
+    return ", ".join(f"{v:g}" for v in box)
 
 
 def _bad(what: str) -> None:
