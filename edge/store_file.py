@@ -139,15 +139,10 @@ def refuse_foreign_file(path: Path | str) -> None:
     if not path.is_file():
         return
     try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        db, contents = _connect_readonly(path.resolve().as_uri() + "?mode=ro")
     except sqlite3.Error:
         return
-    try:
-        contents = read_contents(db)
-    except sqlite3.Error:
-        return
-    finally:
-        db.close()
+    db.close()
     check_contents(path, contents)
 
 
