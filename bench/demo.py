@@ -437,8 +437,11 @@ def summarise_live(
     }
 
 
-def format_summary(summary: dict, paths: dict[str, Path]) -> str:
-    """The summary as the terminal shows it."""
+def format_summary(summary: dict, paths: dict[str, Path], benchmarked: bool = True) -> str:
+    """The summary as the terminal shows it (`benchmarked`: whether this run made the short
+    benchmark's report; a report an earlier run left is not named)."""
+    from splitdet.shared.probability_format import format_probability
+
     lines = [
         "",
         "splitdet demo — what happened",
@@ -457,11 +460,13 @@ def format_summary(summary: dict, paths: dict[str, Path]) -> str:
     for defect in summary["defects"]:
         truth = "" if defect["truly_defective"] else "  (false alarm)"
         boxes = "; ".join(f"{b['class']} {b['score']:.2f} at {b['box']}" for b in defect["boxes"])
-        lines.append(f"    {defect['image']}  p={defect['p_defect']:.3f}  {boxes or '-'}{truth}")
+        p = format_probability(defect["p_defect"])
+        lines.append(f"    {defect['image']}  p={p}  {boxes or '-'}{truth}")
     lines += [
         f"  annotated images {paths['annotated']}",
         f"  results database {paths['live'] / 'edge.sqlite'} (splitdet edge results --db ...)",
-        f"  benchmark        {paths['bench'] / 'report.md'}",
+        "  benchmark        "
+        + (str(paths["bench"] / "report.md") if benchmarked else "not run (--bench-images 0)"),
     ]
     return "\n".join(lines)
 
@@ -540,7 +545,7 @@ def run_demo(config: DemoConfig) -> dict:
         k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config)).items()
     }
     _write_stamp(config.paths()["summary"], summary)
-    print(format_summary(summary, config.paths()))
+    print(format_summary(summary, config.paths(), benchmarked=bool(config.bench_images)))
     return summary
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from splitdet.shared.probability_format import format_probability
+
 BOX_COLOUR = (255, 64, 32)
 
 
@@ -30,7 +32,7 @@ def save_annotated(
         draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=width)
         draw.text((x1 + width, max(0.0, y1 - 12 - width)), f"{name} {score:.2f}", fill=BOX_COLOUR)
     if p_defect is not None:
-        draw.text((8, 8), f"p(defect) {p_defect:.3f}", fill=BOX_COLOUR)
+        draw.text((8, 8), f"p(defect) {format_probability(p_defect)}", fill=BOX_COLOUR)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, quality=90) if path.suffix.lower() in (".jpg", ".jpeg") else canvas.save(path)

@@ -31,6 +31,7 @@ from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.manifest import ManifestError, edge_gate_kind
+from splitdet.shared.probability_format import format_probability
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
     bits = manifest.model_config.pixel_bits
     return pipeline, (
         f"{model_dir}: fingerprint {manifest.fingerprint[:12]}, classes "
-        f"{', '.join(manifest.class_names)}, threshold {manifest.gate_threshold:.3f}, codec "
-        f"{pipeline.codec}, gate {edge_gate_kind(manifest)}, 16-bit images read as {bits}-bit "
-        f"values (0..{pixel_full_scale(bits)})"
+        f"{', '.join(manifest.class_names)}, threshold "
+        f"{format_probability(manifest.gate_threshold)}, codec {pipeline.codec}, gate "
+        f"{edge_gate_kind(manifest)}, 16-bit images read as {bits}-bit values "
+        f"(0..{pixel_full_scale(bits)})"
     )
 
 
@@ -122,9 +124,9 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
         raise _Failed(f"{name}: {exc}") from None
     t = result.timings
     return result, (
-        f"{name}: p(defect) {result.p_defect:.3f}; gate {t['gate']:.3f} s, completion "
-        f"{t['complete']:.3f} s, encoding {t['encode']:.3f} s; {result.bytes_sent / 1e6:.2f} MB "
-        f"of {pipeline.codec} features"
+        f"{name}: p(defect) {format_probability(result.p_defect)}; gate {t['gate']:.3f} s, "
+        f"completion {t['complete']:.3f} s, encoding {t['encode']:.3f} s; "
+        f"{result.bytes_sent / 1e6:.2f} MB of {pipeline.codec} features"
     )
 
 

@@ -39,6 +39,7 @@ actions:
   splitdet edge run      watch a hot folder, classify, deliver defects to the cloud (the daemon)
   splitdet edge results  print the results database for other tools (--json, --csv)
   splitdet edge requeue  send requests the cloud refused (dead letters) again, once fixed
+  splitdet edge abandon  make the waiting requests of a retired model export dead letters
   splitdet edge status   what the database holds: verdicts, the outbox, dead letters
   splitdet edge prune    delete old final results (edge run --keep-results does it hourly)
   splitdet edge check    is this edge ready: the export, one image, the cloud, one round trip
@@ -110,11 +111,14 @@ examples:
   splitdet edge results --db /data/edge.sqlite                 # a table
   splitdet edge results --db /data/edge.sqlite --since 1h --json
   splitdet edge results --db /data/edge.sqlite --since 2024-05-01T08:00 --csv > day.csv
+  splitdet edge results --db /data/edge.sqlite --verdict defect --score-threshold 0.5
 
 Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s),
 verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxes
 [[x1, y1, x2, y2], ...] in original px, scores, labels, class_names, timings (s per stage),
-bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason.
+bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason, threshold
+(the gate threshold the image was judged at). The daemon stores every box the model returns
+(from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict` reports.
 --since keeps rows created or changed since then (a consumer polling with --since sees pending
 rows again once they are final). Safe to run while the daemon writes.
 """
@@ -373,12 +377,36 @@ def _register_results(actions: argparse._SubParsersAction) -> None:
         help="only rows of the model export whose fingerprint starts with HEX (the table's "
         "export column; `edge status` counts results by export)",
     )
+    p.add_argument(
+        "--score-threshold",
+        type=float_in(0.0, 1.0),
+        default=0.0,
+        metavar="S",
+        help="only boxes scoring at least S (their scores and labels with them), as `splitdet "
+        "predict --score-threshold` reports them (default: 0, every box stored: the model's own "
+        "floor is 0.05)",
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="a JSON array of row objects")
     fmt.add_argument(
         "--csv", action="store_true", help="CSV with a header; list columns as JSON text"
     )
     p.set_defaults(handler=results)  # fmt: skip
+
+
+def _boxes_scoring_at_least(row: dict, score: float) -> dict:
+    """`row` with only the boxes scoring at least `score`, and only their entries in the other
+    per-box columns (scores, labels, class_names)."""
+    scores = row["scores"]
+    if not score or scores is None:
+        return row
+    kept = [i for i, s in enumerate(scores) if s >= score]
+    per_box = ("boxes", "scores", "labels", "class_names")
+    return {
+        **row,
+        **{k: [row[k][i] for i in kept] for k in per_box if row[k] is not None
+           and len(row[k]) == len(scores)},
+    }  # fmt: skip
 
 
 REQUEUE_EPILOG = """\
@@ -482,12 +510,23 @@ def _register_abandon(actions: argparse._SubParsersAction) -> None:
         "shows them)",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
+    p.add_argument(
+        "--dead-letter-max-mb",
+        type=float_in(0.0),
+        default=256.0,
+        metavar="MB",
+        help="the daemon's --dead-letter-max-mb: the requests kept for requeue, oldest dropped "
+        "beyond it (default: %(default)s)",
+    )
     p.set_defaults(handler=abandon)
 
 
 def abandon(args: argparse.Namespace) -> int:
     """Dead-letter one export's waiting requests; see ABANDON_EPILOG."""
+    from splitdet.edge.store import OutboxCap
     from splitdet.shared.cli import CommandError
+
+    dropped_counter = "dead_letter_payloads_dropped"  # the store's count of requests dropped
 
     wanted = args.fingerprint.strip().lower()
     if len(wanted) < 8 or any(c not in "0123456789abcdef" for c in wanted):
@@ -518,14 +557,23 @@ def abandon(args: argparse.Namespace) -> int:
         )
         if not args.dry_run:
             store.close()
-            store = _open_store(args.db)
+            cap = OutboxCap(dead_letter_max_bytes=int(args.dead_letter_max_mb * 1e6))
+            store = _open_store(args.db, cap)
+        dropped_before = store.counters().get(dropped_counter, 0)
         n = store.dead_letter_export(fingerprint, reason, dry_run=args.dry_run)
         kept = store.dead_letter_stats().depth
+        dropped = store.counters().get(dropped_counter, 0) - dropped_before
     finally:
         store.close()
     verb = "would make" if args.dry_run else "made"
     print(f"{args.db}: {verb} {n} request(s) of export {fingerprint[:16]} dead letters"
           + ("" if args.dry_run else f"; {kept} dead letter(s) kept for requeue"))  # fmt: skip
+    if dropped:
+        print(
+            f"{dropped} kept request(s) dropped, the oldest, to keep the dead letters within "
+            f"--dead-letter-max-mb {args.dead_letter_max_mb:g}: their images must be processed "
+            f"again (`splitdet edge results --db {args.db} --verdict error` lists them)"
+        )
     return 0
 
 
@@ -1026,6 +1074,7 @@ def results(args: argparse.Namespace) -> int:
         if args.fingerprint:  # (one export's results: which model judged what, in a rollout)
             wanted = args.fingerprint.strip().lower()
             rows = (row for row in rows if (row["fingerprint"] or "").startswith(wanted))
+        rows = (_boxes_scoring_at_least(row, args.score_threshold) for row in rows)
         out = sys.stdout
         if args.json:
             out.write("[")
@@ -1051,6 +1100,8 @@ def results(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Iterable[dict], out: TextIO) -> None:
+    from splitdet.shared.probability_format import format_probability
+
     out.write(
         f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  "
         f"{'export':12}  path\n"
@@ -1061,7 +1112,7 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
             if row["finished"]
             else "-"
         )
-        p = f"{row['p_defect']:.3f}" if row["p_defect"] is not None else "-"
+        p = format_probability(row["p_defect"]) if row["p_defect"] is not None else "-"
         boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         out.write(

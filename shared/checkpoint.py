@@ -93,6 +93,15 @@ def save_checkpoint(path: Path, model: MultiTaskRCNN, **extra: Any) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict, validated; tensors on the CPU."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(f.name for f in path.glob("*.pt") if f.is_file())
+        if (path / "manifest.json").is_file():
+            hint = "it is a model export (manifest.json), which commands take as --model"
+        elif inside:
+            hint = f"give a checkpoint file in it: {', '.join(inside)}"
+        else:
+            hint = "give a checkpoint file (a training run's best.pt or last.pt)"
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; {hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

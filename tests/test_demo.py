@@ -165,3 +165,21 @@ def _alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return False
+
+
+def test_summary_names_the_benchmark_report_only_when_this_run_made_one(tmp_path):
+    """`demo --bench-images 0` named bench/report.md, which it never wrote."""
+    from splitdet.bench.demo import format_summary
+
+    summary = {
+        "images": 2, "defect_rate": 0.5, "defective_in_stream": 1, "images_per_s": 1.0,
+        "wall_s": 2.0, "verdicts": {"ok": 1, "defect": 1, "error": 0}, "defective_caught": 1,
+        "bytes_sent": 1000, "map": None, "map50": None,
+        "defects": [{"image": "a.png", "p_defect": 0.99997, "truly_defective": True,
+                     "boxes": []}],
+    }  # fmt: skip
+    paths = {"annotated": tmp_path / "a", "live": tmp_path / "live", "bench": tmp_path / "bench"}
+    skipped = format_summary(summary, paths, benchmarked=False)
+    assert "report.md" not in skipped and "not run (--bench-images 0)" in skipped
+    assert "p=0.99997" in skipped  # not p=1.000
+    assert str(tmp_path / "bench" / "report.md") in format_summary(summary, paths)

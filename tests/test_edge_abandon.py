@@ -61,6 +61,33 @@ def test_abandon_dead_letters_one_exports_requests_and_requeue_brings_them_back(
     assert _status(db)["outbox"]["by_model"] == {RETIRED: 3, CURRENT: 1}
 
 
+def test_abandon_keeps_requests_within_the_daemons_dead_letter_cap(tmp_path, capsys):
+    """abandon kept the dead letters within the built-in 256 MB whatever the daemon's
+    --dead-letter-max-mb, dropping requests the README says requeue sends again. It takes the
+    daemon's cap now, and says what it dropped."""
+    path = tmp_path / "edge.sqlite"
+    store = ResultStore(path)
+    for n in range(3):  # three 100 MB requests (the size column is what the cap counts)
+        arrival = Arrival(f"/hot/{n}.png", f"{n}.png|1|{n}|{n}", f"{n:064x}", 1, time.time())
+        store.record_pending(arrival, 0.9, f"r{n}", b"payload", RETIRED, {})
+    store._db.execute("UPDATE outbox SET size_bytes = 100000000")
+    store._db.commit()
+    store.close()
+    wide = tmp_path / "wide.sqlite"
+    wide.write_bytes(path.read_bytes())
+
+    assert main(["edge", "abandon", "--db", str(wide), "--fingerprint", RETIRED,
+                 "--dead-letter-max-mb", "1000"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3 dead letter(s) kept for requeue" in out and "dropped" not in out
+    assert _status(wide)["dead_letters"]["kept"] == 3
+
+    assert main(["edge", "abandon", "--db", str(path), "--fingerprint", RETIRED]) == 0
+    out = capsys.readouterr().out
+    assert "2 dead letter(s) kept for requeue" in out
+    assert "1 kept request(s) dropped" in out and "--dead-letter-max-mb 256" in out
+
+
 @pytest.mark.parametrize(
     ("given", "said"),
     [

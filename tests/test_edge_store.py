@@ -230,6 +230,20 @@ def test_results_command_json_csv_since_and_verdict(tmp_path, capsys):
 
     assert main(["edge", "results", "--db", str(path), "--json", "--since", "1h"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
+
+    # the boxes `predict --score-threshold` would report: the others and their entries dropped
+    store = ResultStore(path)
+    image_id, _, _ = store.record_pending(arrival(4), 0.9, "req-4", b"x", FINGERPRINT, {})
+    store.complete(image_id, answer(3))  # scores 0.9, 0.8, 0.7
+    store.close()
+    assert main(["edge", "results", "--db", str(path), "--json", "--score-threshold", "0.75"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[-1]["scores"] == [0.9, 0.8] and rows[-1]["class_names"] == ["scratch"] * 2
+    assert rows[-1]["boxes"] == [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 4.0, 5.0]]
+    assert rows[-1]["labels"] == [1, 1] and rows[0]["boxes"] is None  # the ok row as it was
+    with pytest.raises(SystemExit) as refused:
+        main(["edge", "results", "--db", str(path), "--score-threshold", "2"])
+    assert refused.value.code == 2 and "--score-threshold: must be 0-1" in capsys.readouterr().err
     future = str(time.time() + 3600)
     assert main(["edge", "results", "--db", str(path), "--json", "--since", future]) == 0
     assert json.loads(capsys.readouterr().out) == []

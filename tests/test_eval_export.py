@@ -313,6 +313,7 @@ def test_storing_a_calibrated_threshold_is_logged(setup, tmp_path, caplog):
     import logging
 
     from splitdet.shared.checkpoint import read_checkpoint
+    from splitdet.shared.probability_format import format_probability
 
     checkpoint = tmp_path / "ck.pt"
     shutil.copy(setup.checkpoint, checkpoint)
@@ -328,6 +329,6 @@ def test_storing_a_calibrated_threshold_is_logged(setup, tmp_path, caplog):
     assert now == metrics["gate_threshold"] != was
     stored = [r for r in caplog.records if "stored gate threshold" in r.getMessage()]
     assert [(r.levelno, r.getMessage()) for r in stored] == [
-        (logging.INFO, f"stored gate threshold {now:.4f} in {checkpoint} (was {was:.4f}); "
-         "--no-store leaves it as it was")
+        (logging.INFO, f"stored gate threshold {format_probability(now)} in {checkpoint} (was "
+         f"{format_probability(was)}); --no-store leaves it as it was")
     ]  # fmt: skip

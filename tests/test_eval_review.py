@@ -248,3 +248,34 @@ def test_eval_of_data_with_an_unknown_class_gives_eval_advice(
         assert f"`splitdet data check {data} --classes scratch`" in err
         assert "splitdet train --classes scratch,..." in err
         assert "with --classes A,B" not in err
+
+
+# ------------------------------------------------- 5. a calibration split too small to trust
+
+
+def test_eval_warns_when_too_few_defective_images_set_the_threshold(
+    unvalidated_run, tmp_path, caplog, capsys
+):
+    """Four defective images cannot tell 99.5% recall from 100%: eval says so, and how many set
+    the threshold, beside each class's AP (a class the split lacks named)."""
+    data, checkpoint = unvalidated_run
+    out = tmp_path / "m.json"
+    with caplog.at_level(logging.WARNING, logger="splitdet.training.cli_eval"):
+        assert main(["eval", "--data", str(data), "--checkpoint", str(checkpoint), "--split",
+                     "train", "--calibrate-split", "train", "--no-store", "--no-progress",
+                     "--json", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    metrics = json.loads(out.read_text())
+    assert metrics["gate_calibration_defective"] == 4
+    assert set(metrics["per_class"]) == {"scratch"}
+    assert metrics["per_class"]["scratch"]["objects"] > 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "calibrated on 4 defective image(s)" in warning and "200 or more" in warning
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="splitdet.training.cli_eval"):
+        assert main(["eval", "--data", str(data), "--checkpoint", str(checkpoint), "--split",
+                     "train", "--calibrate-split", "train", "--no-store", "--no-progress",
+                     "--target-recall", "0.75"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # 4 can show 75%

@@ -15,6 +15,8 @@ from splitdet.training.evaluate import (
     Prediction,
     best_accuracy_at_recall,
     calibrate_threshold,
+    calibrated_threshold,
+    calibration_shortfall,
     classifier_metrics,
     coco_metrics,
     evaluate,
@@ -87,6 +89,38 @@ def test_map_equals_pycocotools_from_files(tmp_path):
     assert ours["ar100"] == pytest.approx(reference.stats[8], abs=1e-12)
 
 
+def test_per_class_ap_is_pycocotools_own_for_each_class():
+    """Per-class AP@[.5:.95] and AP@.5 equal pycocotools' run on that class alone; a class
+    without ground truth has none, and its count of objects says why."""
+    from pycocotools.cocoeval import COCOeval
+
+    from splitdet.training.evaluate import _coco_dt, _coco_gt
+
+    dent = VocObject("dent", (20, 100, 60, 140))
+    samples = [*SAMPLES[:3], VocSample("e", Path("e.jpg"), 200, 160, (dent,)), SAMPLES[3]]
+    boxes, scores, labels = _arrays()
+    boxes.insert(3, np.array([[22, 100, 60, 150], [150, 10, 190, 40]], np.float32))
+    scores.insert(3, np.array([0.6, 0.9], np.float32))
+    labels.insert(3, np.array([2, 2], np.int64))
+    names = ["scratch", "dent", "rust"]
+    ours = coco_metrics(samples, boxes, scores, labels, names)["per_class"]
+    assert set(ours) == set(names)
+    gt = _coco_gt(samples, names)
+    dt = _coco_dt(gt, boxes, scores, labels)
+    for k, name in enumerate(names[:2], start=1):
+        alone = COCOeval(gt, dt, "bbox")
+        alone.params.catIds = [k]
+        alone.evaluate()
+        alone.accumulate()
+        alone.summarize()
+        assert ours[name]["ap"] == pytest.approx(alone.stats[0], abs=1e-12), name
+        assert ours[name]["ap50"] == pytest.approx(alone.stats[1], abs=1e-12), name
+    assert ours["scratch"]["ap"] == pytest.approx(KNOWN_AP)  # the dent changed nothing of it
+    assert 0 < ours["dent"]["ap"] < ours["dent"]["ap50"] == pytest.approx(0.5)
+    assert ours["rust"] == {"ap": None, "ap50": None, "objects": 0}
+    assert (ours["scratch"]["objects"], ours["dent"]["objects"]) == (2, 1)  # difficult not counted
+
+
 def test_map_without_any_detection_is_zero_and_empty_gt_is_none():
     empty = [np.zeros((0, 4), np.float32)] * len(SAMPLES)
     none = [np.zeros(0)] * len(SAMPLES)
@@ -107,6 +141,44 @@ def test_gate_calibration_and_classifier_metrics():
     assert roc_auc([0.5, 0.5], [True, False]) == 0.5
     with pytest.raises(ValueError, match="no defective image"):
         calibrate_threshold([0.1], [False], 0.99)
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_calibrated_threshold_lies_in_the_gap_under_the_lowest_score_it_keeps():
+    """A threshold on the lowest defective score of a small split misses new defective images
+    scoring a hair under it: the calibrated one sits halfway (in logits) down to the next score,
+    and no calibration image changes side."""
+    # perfectly separated, as a gate trained on easy data: defective 0.99988..0.99997
+    probs = [0.99997, 0.99999, 0.99988, 0.9999, 0.0158, 0.001]
+    labels = [True, True, True, True, False, False]
+    highest = calibrate_threshold(probs, labels, 0.995)
+    assert highest == 0.99988  # the lowest defective score: 4 images cannot miss 0.5% of them
+    t = calibrated_threshold(probs, labels, 0.995)
+    assert _logit(t) == pytest.approx((_logit(0.99988) + _logit(0.0158)) / 2)
+    assert 0.0158 < t < 0.99988
+    assert classifier_metrics(probs, labels, t) == classifier_metrics(probs, labels, highest)
+    assert t <= 0.9998  # a new defective image at 0.9998 is still flagged
+    # one miss allowed (0.75 of 4): the gap under 0.6 runs down to the missed positive 0.3
+    probs, labels = [0.9, 0.8, 0.3, 0.6, 0.2, 0.1], [True, True, True, True, False, False]
+    t = calibrated_threshold(probs, labels, 0.75)
+    assert _logit(t) == pytest.approx((_logit(0.6) + _logit(0.3)) / 2)
+    assert classifier_metrics(probs, labels, t)["recall"] == 0.75
+    # nothing under the score kept: it stays; ties with it stay flagged
+    assert calibrated_threshold([0.4, 0.7, 0.4], [True, True, False], 1.0) == 0.4
+    # the ends of the sigmoid: the midpoint never lands on either score
+    t = calibrated_threshold([1 - 1e-15, 1 - 2e-15], [True, False], 1.0)
+    assert 1 - 2e-15 < t <= 1 - 1e-15
+
+
+def test_calibration_shortfall_says_when_the_split_is_too_small_for_the_recall():
+    message = calibration_shortfall(6, 0.995)
+    assert message is not None and "6 defective" in message and "200 or more" in message
+    assert calibration_shortfall(200, 0.995) is None
+    assert calibration_shortfall(19, 0.95) is not None and calibration_shortfall(20, 0.95) is None
+    assert calibration_shortfall(1, 1.0) is None  # every one kept is what 100% asks
 
 
 def test_best_accuracy_at_recall_searches_every_threshold_that_keeps_the_recall():
@@ -223,5 +295,6 @@ def test_calibration_reads_the_gate_alone_and_agrees_with_full_prediction(tmp_pa
     assert len(set(np.round(gate_only, 6))) > 1  # the images differ, so must their scores
     metrics = evaluate(model, samples, calibration_samples=samples, target_recall=0.75)
     labels = [s.is_defective for s in samples]
-    assert metrics["gate_threshold"] == pytest.approx(calibrate_threshold(full, labels, 0.75))
+    assert metrics["gate_threshold"] == pytest.approx(calibrated_threshold(full, labels, 0.75))
     assert metrics["gate_calibrated_on"] == "calibration split"
+    assert metrics["gate_calibration_defective"] == 4

@@ -117,3 +117,18 @@ def test_counts_below_their_range_are_refused_by_name(
     err = capsys.readouterr().err
     assert f"argument {option}: must be >= " in err and value in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_such(tiny_voc, checkpoint, tmp_path, capsys):
+    """`--checkpoint runs/tiny` (the run, not its best.pt) said "no such checkpoint file" of a
+    folder that exists; and an export given as a checkpoint likewise."""
+    run = checkpoint.parent
+    assert main(["eval", "--data", str(tiny_voc), "--checkpoint", str(run), "--no-progress"]) == 2
+    _error(capsys, f"{run}: a folder, not a checkpoint file", "model.pt")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "manifest.json").write_text("{}")
+    (export / "cloud_heads.pt").write_bytes(b"")
+    assert main(["export", "--checkpoint", str(export), "--out", str(tmp_path / "x")]) == 2
+    _error(capsys, "a folder, not a checkpoint file", "model export", "--model")
+    assert not (tmp_path / "x").exists()

@@ -176,8 +176,9 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
     from splitdet.shared.checkpoint import CheckpointError, load_model, save_torch
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.probability_format import format_probability
     from splitdet.training import voc
-    from splitdet.training.evaluate import evaluate
+    from splitdet.training.evaluate import calibration_shortfall, evaluate
 
     # here, not after predicting every image (where calibration found it)
     if not 0.0 < args.target_recall <= 1.0:
@@ -229,6 +230,16 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
     text = json.dumps(metrics, indent=2)
     print(text)  # first: an unwritable checkpoint or --json must not lose the evaluation
+    if metrics["gate_calibration_defective"] is not None:
+        shortfall = calibration_shortfall(metrics["gate_calibration_defective"], args.target_recall)
+        if shortfall:
+            log.warning(shortfall)
+    for name, figures in metrics["per_class"].items():
+        if not figures["objects"]:
+            log.warning(
+                "class %r has no object in split %r of %s: its AP cannot be measured here",
+                name, args.split, args.data,
+            )  # fmt: skip
     try:
         if calibration is not None and not args.no_store:
             was = float(checkpoint.get("gate_threshold", 0.5))
@@ -237,8 +248,9 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
             save_torch(checkpoint, args.checkpoint)  # whole, or the file as it was
             log.info(
-                "stored gate threshold %.4f in %s (was %.4f); --no-store leaves it as it was",
-                metrics["gate_threshold"], args.checkpoint, was,
+                "stored gate threshold %s in %s (was %s); --no-store leaves it as it was",
+                format_probability(metrics["gate_threshold"]), args.checkpoint,
+                format_probability(was),
             )  # fmt: skip
         if args.json:
             atomic_write(args.json, text + "\n", parents=False)
@@ -329,6 +341,8 @@ def eval_hint(exc: Exception, root: Path | str, class_names: Sequence[str]) -> s
     An object of a class the model does not know (`class_names`, the checkpoint's or the
     export's) cannot be scored: eval takes the model's classes, it has no --classes to give
     (train's advice, `voc.check_hint`'s). Other problems get `voc.check_hint`'s advice."""
+    import shlex
+
     from splitdet.training import voc
 
     message = str(exc)
@@ -336,9 +350,9 @@ def eval_hint(exc: Exception, root: Path | str, class_names: Sequence[str]) -> s
         known = ",".join(class_names)
         return (
             f"{message}; eval scores the model's classes only ({known}): relabel or remove the "
-            f"objects of other classes in {root} (`splitdet data check {root} --classes "
-            f"{known}` lists them all), or evaluate a model trained with them (`splitdet train "
-            f"--classes {known},...`)"
+            f"objects of other classes in {root} (`splitdet data check {shlex.quote(str(root))} "
+            f"--classes {shlex.quote(known)}` lists them all), or evaluate a model trained with "
+            f"them (`splitdet train --classes {shlex.quote(known + ',...')}`)"
         )
     return voc.check_hint(exc, root)
 

@@ -24,8 +24,8 @@ example:
       writes models/gasket/{manifest.json, edge_gate.onnx, edge_complete.onnx, cloud_heads.pt}
       after checking ONNX Runtime against PyTorch on a sample image
 
-Copy the whole directory to the edge (it needs the .onnx files and manifest.json) and to the
-cloud server (it needs cloud_heads.pt and manifest.json); the fingerprint in the manifest ties
+Copy the whole directory, every file, to the edge and to the cloud server: each side checks
+every file against the manifest's hashes before it starts. The fingerprint in the manifest ties
 the two together, and the cloud refuses requests of an export it does not serve (it can serve
 several: `splitdet cloud --model OLD --model NEW` while edges move to the new one).
 """

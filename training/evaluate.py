@@ -9,9 +9,10 @@ positive), and VOC "difficult" objects become `iscrowd` regions (pycocotools ign
 matched to them, as the VOC protocol ignores difficult objects).
 
 The gate: p(defect) per image from the defect head. Its threshold is calibrated on a separate
-split (validation) as the highest threshold that keeps at least `target_recall` of that split's
-defective images. The gated system is the detector whose detections are dropped for images under
-the threshold; "mAP kept" is its mAP over the detector's alone.
+split (validation) to keep at least `target_recall` of that split's defective images, halfway (in
+logits) between the lowest score it must keep and the next score under it. The gated system is
+the detector whose detections are dropped for images under the threshold; "mAP kept" is its mAP
+over the detector's alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from splitdet.training.voc import VocSample, load_rgb
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
     from splitdet.shared.model import MultiTaskRCNN
 
@@ -228,7 +230,7 @@ def coco_metrics(
     scores_per_image: Sequence,
     labels_per_image: Sequence,
     class_names: Sequence[str],
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """pycocotools' bbox COCOeval over all `samples` (images without objects included).
 
     Args:
@@ -237,7 +239,10 @@ def coco_metrics(
             likewise [K].
 
     Returns {"map": mAP@[.5:.95], "map50": mAP@.5, "map75", "ar100": AR@100}; None where
-    pycocotools has nothing to average (no ground truth at all).
+    pycocotools has nothing to average (no ground truth at all); and "per_class": per class
+    name, {"ap", "ap50", "objects"}: its AP@[.5:.95] and AP@.5 (pycocotools' own precision
+    table, averaged as its summary averages it; None for a class without ground truth here)
+    and its number of objects, `difficult` ones not counted.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -252,7 +257,37 @@ def coco_metrics(
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = [None if s < 0 else float(s) for s in coco_eval.stats]
-    return {"map": stats[0], "map50": stats[1], "map75": stats[2], "ar100": stats[8]}
+    return {
+        "map": stats[0],
+        "map50": stats[1],
+        "map75": stats[2],
+        "ar100": stats[8],
+        "per_class": _per_class(coco_eval, samples, class_names),
+    }
+
+
+def _per_class(
+    coco_eval: COCOeval, samples: Sequence[VocSample], class_names: Sequence[str]
+) -> dict[str, dict[str, float | int | None]]:
+    """{class name: {"ap", "ap50", "objects"}} from an accumulated COCOeval: its precision
+    table [IoU thresholds, recall points, classes, areas, max detections], read at all areas and
+    100 detections, cells of -1 (nothing to measure) left out as pycocotools' summary does."""
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    iou_50 = int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.5)))
+    out: dict[str, dict[str, float | int | None]] = {}
+    for k, name in enumerate(class_names):
+
+        def mean(cells: np.ndarray) -> float | None:
+            cells = cells[cells > -1]
+            return float(cells.mean()) if cells.size else None
+
+        objects = sum(1 for s in samples for o in s.objects if o.name == name and not o.difficult)
+        out[name] = {
+            "ap": mean(precision[:, :, k]),
+            "ap50": mean(precision[iou_50, :, k]),
+            "objects": objects,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------- the gate
@@ -290,6 +325,53 @@ def calibrate_threshold(
         raise ValueError("cannot calibrate the gate: the calibration split has no defective image")
     misses = math.floor((1.0 - target_recall) * len(positives) + 1e-9)
     return float(positives[misses])
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    clipped = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+def calibrated_threshold(
+    probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
+) -> float:
+    """The gate threshold calibrated for `target_recall`: `calibrate_threshold`'s t lowered into
+    the gap below it, to the midpoint in logit space between t and the highest score under t.
+
+    No calibration image changes side (its recall, accuracy and pass rate are those of t), but a
+    defective image scoring a little under the lowest one kept is still flagged. t itself sits
+    on that lowest defective score: with few defective images to calibrate on, new ones fall
+    below it about as often as not (a split of 6 defective images at `target_recall` 0.995 takes
+    the lowest of them, and a quarter of the next ones can score under it). Without any score
+    under t, t stays.
+    """
+    highest = calibrate_threshold(probabilities, labels, target_recall)
+    p = np.asarray(probabilities, dtype=np.float64)
+    below = p[p < highest]
+    if len(below) == 0:
+        return highest
+    middle = (_logit(highest) + _logit(below.max())) / 2.0
+    threshold = float(1.0 / (1.0 + np.exp(-middle)))
+    # rounding at the ends of the sigmoid must not take it past either score
+    return min(max(threshold, float(np.nextafter(below.max(), 1.0))), highest)
+
+
+def calibration_shortfall(defective: int, target_recall: float) -> str | None:
+    """Why `defective` calibration images cannot set a threshold for `target_recall`, or None.
+
+    Each missed image moves recall by 1/`defective`: below 1/(1 - `target_recall`) defective
+    images (200 for 0.995) the calibration can only keep all of them, at the lowest one's score,
+    and says little of how the gate does on new images."""
+    needed = math.ceil(1.0 / (1.0 - target_recall) - 1e-9) if target_recall < 1.0 else None
+    if needed is None or defective >= needed:
+        return None
+    return (
+        f"the gate threshold is calibrated on {defective} defective image(s): too few to tell "
+        f"{target_recall:.1%} recall from 100% (that takes {needed} or more), so the threshold "
+        "keeps every one of them, placed halfway (in logits) between the lowest defective score "
+        "and the next score under it; expect new defective images under it now and then, and "
+        "calibrate on a larger split (eval --calibrate-data DIR) before trusting the gate"
+    )
 
 
 def best_accuracy_at_recall(
@@ -357,7 +439,8 @@ def evaluate(
     "gate_calibrated_on").
 
     Returns a JSON-able dict: map, map50, map75, ar100 (detector alone); gate_threshold,
-    gate_calibrated_on, gate_recall, gate_accuracy, gate_precision, gate_f1, gate_auc,
+    gate_calibrated_on, gate_calibration_defective (how many defective images set the
+    threshold; None when given), gate_recall, gate_accuracy, gate_precision, gate_f1, gate_auc,
     gate_pass_rate (on `samples`); gate_best_accuracy and gate_best_threshold (the best accuracy
     any threshold reaches on `samples` at `target_recall`: how far calibration, not the scores,
     holds the gate back); top_box_auc and top_box_best_accuracy (the same for the detector's
@@ -373,20 +456,20 @@ def evaluate(
         )
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
+    calibrated_with: int | None = None  # defective images the threshold was calibrated on
     if calibration_samples is not None:
         calib = gate_probabilities(
             model, calibration_samples, device=device, batch_size=batch_size, progress=progress
         )
-        threshold = calibrate_threshold(
-            calib, [s.is_defective for s in calibration_samples], target_recall
-        )
-        calibrated_on = "calibration split"
+        calib_labels = [s.is_defective for s in calibration_samples]
+        threshold = calibrated_threshold(calib, calib_labels, target_recall)
+        calibrated_on, calibrated_with = "calibration split", sum(calib_labels)
     elif gate_threshold is not None:
         threshold, calibrated_on = float(gate_threshold), "given"
     else:
-        threshold = calibrate_threshold(probs, labels, target_recall)
-        calibrated_on = "evaluated split"
-    return metrics_at_threshold(
+        threshold = calibrated_threshold(probs, labels, target_recall)
+        calibrated_on, calibrated_with = "evaluated split", sum(labels)
+    metrics = metrics_at_threshold(
         samples,
         predictions,
         class_names,
@@ -394,6 +477,8 @@ def evaluate(
         calibrated_on=calibrated_on,
         target_recall=target_recall,
     )
+    metrics["gate_calibration_defective"] = calibrated_with
+    return metrics
 
 
 def metrics_at_threshold(
