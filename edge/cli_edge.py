@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import shlex
 import sqlite3
 import sys
 import time
@@ -473,8 +474,14 @@ def requeue(args: argparse.Namespace) -> int:
     if not_kept:
         print(f"{len(not_kept)} without a kept request (dropped by --dead-letter-max-mb, or "
               "refused before splitdet kept them): process their images again "
-              f"(`splitdet edge results --db {args.db} --verdict error` lists them)")  # fmt: skip
+              f"({_error_rows_command(args.db)} lists them)")  # fmt: skip
     return 0
+
+
+def _error_rows_command(db: Path) -> str:
+    """The command listing the store's error rows, quoted to paste: `splitdet edge results
+    --db DB --verdict error`."""
+    return f"`splitdet edge results --db {shlex.quote(str(db))} --verdict error`"
 
 
 ABANDON_EPILOG = """\
@@ -572,7 +579,7 @@ def abandon(args: argparse.Namespace) -> int:
         print(
             f"{dropped} kept request(s) dropped, the oldest, to keep the dead letters within "
             f"--dead-letter-max-mb {args.dead_letter_max_mb:g}: their images must be processed "
-            f"again (`splitdet edge results --db {args.db} --verdict error` lists them)"
+            f"again ({_error_rows_command(args.db)} lists them)"
         )
     return 0
 

@@ -323,3 +323,81 @@ def test_validation_subset_keeps_a_rare_defective_image():
     subset = _validation_subset(samples, 60)
     assert len(subset) == 60 and sum(s.is_defective for s in subset) == 1
     assert subset == sorted(subset, key=samples.index)  # in the split's order
+
+
+def _reviewed_dataset(tmp_path: Path) -> Path:
+    """Nine images, at a path with a space: 'Pit mark' boxed in a val image only, 'dent' in a
+    train image, scratches in the others."""
+    root = make_tiny_voc(tmp_path / "my data", n_defective=6, n_free=3)
+    ids = voc.read_split_ids(root, "train")
+    voc.write_split(root, "train", ids[1:4] + ids[6:8])
+    voc.write_split(root, "val", ids[:1] + ids[4:5] + ids[8:])
+    voc.write_split(root, "test", ids[5:6])
+    _rename_class(root, ["img_000"], "Pit mark")
+    _rename_class(root, ["img_001"], "dent")
+    return root
+
+
+def test_a_class_with_no_box_to_train_on_is_a_warning_naming_it(tmp_path, capsys):
+    """It passed silently: the model would never learn to detect it."""
+    root = _reviewed_dataset(tmp_path)
+    train_txt = root / "ImageSets" / "Main" / "train.txt"
+    code, report, text = _check(root, capsys, "--classes", "scratch,dent,Pit mark,rust")
+    assert code == 0 and report["problems"] == []  # a warning: train and eval would run
+    assert report["warnings"] == [
+        f"{train_txt}: class 'rust' is in no annotation of the dataset at all: the model will "
+        "never learn to detect it; remove it from --classes, or label some; and no box of "
+        "class 'Pit mark' to train on (the dataset holds 1 'Pit mark' elsewhere: in val, "
+        "test, in no split, or marked difficult, which training skips): the model will not "
+        "learn to detect it; list images holding it in train.txt (`splitdet data split "
+        f"'{root}' --overwrite` gives each split its share of every class), or leave it out "
+        "of --classes"
+    ]
+    assert f"warning: {train_txt}: class 'rust'" in text and "ok, 1 warning(s)" in text
+
+    dented = root / "Annotations" / "img_001.xml"  # difficult boxes are not trained on
+    dented.write_text(dented.read_text().replace("<difficult>0<", "<difficult>1<"))
+    code, report, _ = _check(root, capsys, "--classes", "scratch,dent,Pit mark")
+    assert code == 0 and len(report["warnings"]) == 1
+    assert report["warnings"][0].startswith(
+        f"{train_txt}: no box of classes 'dent' and 'Pit mark' to train on (the dataset holds "
+        "2 'dent', 1 'Pit mark' elsewhere"
+    )
+
+    code, report, _ = _check(root, capsys)  # without --classes: the classes the dataset holds
+    assert code == 0
+    assert any(w.startswith(f"{train_txt}: no box of classes 'Pit mark' and 'dent'")
+               for w in report["warnings"])  # fmt: skip
+    # the command it suggests pastes as it is (it said --classes Pit mark,dent,scratch)
+    assert any("train with --classes 'Pit mark,dent,scratch' (check" in w
+               for w in report["warnings"])  # fmt: skip
+    hint = voc.check_hint(voc.VocError("x.xml: malformed XML"), root)
+    assert hint.endswith(f"(`splitdet data check '{root}'` lists every problem at once)")
+
+
+def test_every_image_size_is_listed_or_counted(tmp_path, capsys):
+    """It said "4 different image sizes" and listed the 3 most common."""
+    import numpy as np
+
+    from support import write_voc_image
+
+    root = make_tiny_voc(tmp_path / "voc", n_defective=4, n_free=0)  # 160x128
+    ids = voc.read_split_ids(root, "train")[:2]
+    voc.write_split(root, "val", ["img_002"])
+    voc.write_split(root, "test", ["img_003"])
+    for k, (width, height) in enumerate([(320, 240), (240, 320), (256, 256), (300, 200),
+                                         (200, 300), (64, 64)]):  # fmt: skip
+        image = np.zeros((height, width, 3), np.uint8)
+        ids.append(write_voc_image(root, f"size_{k}", image, ()))
+        voc.write_split(root, "train", ids)
+        code, _, text = _check(root, capsys)
+        assert code == 0
+        (line,) = [line for line in text.splitlines() if "image sizes:" in line]
+        if k < 4:  # up to 5 sizes: all of them
+            for size in ["160x128 (4)", "320x240 (1)", "240x320 (1)", "256x256 (1)"][: k + 2]:
+                assert size in line, line
+        elif k == 4:  # 6 sizes: all of them rather than "and 1 more"
+            assert line.count("x") == 6 and "more" not in line, line
+        else:
+            assert line.count("x") == 5, line
+            assert line.endswith(", and 2 more sizes (2 images; --json FILE lists all)"), line

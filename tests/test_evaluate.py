@@ -174,10 +174,16 @@ def test_calibrated_threshold_lies_in_the_gap_under_the_lowest_score_it_keeps():
 
 
 def test_calibration_shortfall_says_when_the_split_is_too_small_for_the_recall():
+    """A threshold keeping all n calibration images misses a new one 1 time in n + 1: warned
+    of when that is over twice what the target recall allows."""
     message = calibration_shortfall(6, 0.995)
-    assert message is not None and "6 defective" in message and "200 or more" in message
-    assert calibration_shortfall(200, 0.995) is None
-    assert calibration_shortfall(19, 0.95) is not None and calibration_shortfall(20, 0.95) is None
+    assert message is not None and "6 defective" in message
+    assert "expect about 86% recall, not 99.5%" in message and "1 time in 7" in message
+    assert "99 or more" in message
+    assert calibration_shortfall(98, 0.995) is not None
+    assert calibration_shortfall(99, 0.995) is None  # 1 in 100: twice the 0.5% allowed
+    assert calibration_shortfall(108, 0.995) is None  # the paper's validation split
+    assert calibration_shortfall(8, 0.95) is not None and calibration_shortfall(9, 0.95) is None
     assert calibration_shortfall(1, 1.0) is None  # every one kept is what 100% asks
 
 

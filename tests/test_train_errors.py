@@ -167,3 +167,50 @@ def test_an_init_file_that_is_no_checkpoint_is_named(tiny_voc, tmp_path, capsys)
     (tmp_path / "notes.pt").write_text("epochs: 30\n")
     assert main(train_argv(tiny_voc, tmp_path / "run", "--init", str(tmp_path / "notes.pt"))) == 2
     _error(capsys, "--init", "notes.pt: not a readable checkpoint", "not a file written by torch")
+
+
+def test_a_class_with_no_box_to_train_on_is_warned_of_once(tiny_voc, tmp_path, caplog):
+    """`train --classes scratch,"Pit mark",rust` trained without a word on a train split
+    holding no 'Pit mark' (only val does) and a dataset holding no 'rust'."""
+    import shlex
+
+    data, run = tmp_path / "my data", tmp_path / "run"  # a space: quoted in commands it gives
+    shutil.copytree(tiny_voc, data)
+    pitted = data / "Annotations" / "img_000.xml"
+    pitted.write_text(pitted.read_text().replace("<name>scratch<", "<name>Pit mark<"))
+    voc.write_split(data, "train", ["img_001", "img_002", "img_003"])
+    classes = ("scratch", "Pit mark", "rust")
+    config = replace(ONE_EPOCH, model=replace(ONE_EPOCH.model, class_names=classes))
+    with caplog.at_level("WARNING", logger="splitdet.training.train"):
+        train(config, data, run, progress=False, max_iters=1)
+    warned = [r.getMessage() for r in caplog.records if "learn to detect" in r.getMessage()]
+    assert warned == [
+        f"{data / 'ImageSets' / 'Main' / 'train.txt'}: class 'rust' is in no annotation of the "
+        "dataset at all: the model will never learn to detect it; remove it from --classes, or "
+        "label some; and no box of class 'Pit mark' to train on (the dataset holds 1 'Pit "
+        "mark' elsewhere: in val, test, in no split, or marked difficult, which training "
+        "skips): the model will not learn to detect it; list images holding it in train.txt "
+        f"(`splitdet data split '{data}' --overwrite` gives each split its share of every "
+        "class), or leave it out of --classes"
+    ]
+    # and the commands and options it gives paste as they are
+    from splitdet.training.train import _model_difference
+
+    assert _model_difference(ONE_EPOCH.model, config.model) == (
+        "--classes scratch there, 'scratch,Pit mark,rust' here"
+    )
+    assert f"`splitdet eval --data '{data}' --checkpoint {shlex.quote(str(run / 'last.pt'))} " in (
+        caplog.text
+    )
+
+
+def test_a_validation_split_too_small_for_the_gate_is_said_at_start(tiny_voc, tmp_path, caplog):
+    """Each validation pass stores the threshold it calibrates; on a handful of defective
+    images that threshold misses new ones far more often than --target-recall allows."""
+    config = replace(ONE_EPOCH, eval_every=1)
+    with caplog.at_level("INFO", logger="splitdet.training.train"):
+        train(config, tiny_voc, tmp_path / "run", progress=False, max_iters=1)
+    said = [r for r in caplog.records if "stores its gate threshold" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    assert "defective image(s): on new images expect about" in said[0].getMessage()
+    assert f"--checkpoint {tmp_path / 'run' / 'best.pt'}" in said[0].getMessage()

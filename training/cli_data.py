@@ -31,6 +31,8 @@ A dataset exported from an annotation tool usually needs both, in this order:
 
 #: Problem lines printed before "... and N more" (``--json`` lists all).
 SHOWN_PROBLEMS = 50
+#: Image sizes printed, the most common first, before "and N more sizes" (``--json`` lists all).
+SHOWN_SIZES = 5
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -140,6 +142,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=run_split)
 
 
+def _sizes_text(report: DatasetReport) -> str:
+    """The most common image sizes, "320x240 (12), 256x256 (11)", at most `SHOWN_SIZES` of
+    them, then how many others there are."""
+    counts = report.image_sizes.most_common()
+    shown = SHOWN_SIZES if len(counts) > SHOWN_SIZES + 1 else len(counts)  # never "1 more"
+    text = ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts[:shown])
+    if len(counts) > shown:
+        others = sum(n for _, n in counts[shown:])
+        text += f", and {len(counts) - shown} more sizes ({others} images; --json FILE lists all)"
+    return text
+
+
 def _print_report(report: DatasetReport) -> None:
     print(
         f"{report.root}: {report.annotations} annotations, {report.images} images, "
@@ -158,8 +172,7 @@ def _print_report(report: DatasetReport) -> None:
         print(f"  boxes (px, min / median / max): width {w[0]:g} / {w[1]:g} / {w[2]:g}, height "
               f"{h[0]:g} / {h[1]:g} / {h[2]:g}")  # fmt: skip
     if report.image_sizes:
-        sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report.image_sizes.most_common(3))
-        print(f"  image sizes: {sizes}")
+        print(f"  image sizes: {_sizes_text(report)}")
     for line in report.warnings[:SHOWN_PROBLEMS]:
         print(f"warning: {line}")
     for line in report.problems[:SHOWN_PROBLEMS]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,8 @@ def uncalibrated_warning(checkpoint_path: str, threshold: float) -> str:
         f"{checkpoint_path}: its gate threshold {threshold:g} was never calibrated (training "
         "had no usable val split, and no `splitdet eval --checkpoint` stored one since), so "
         "the edge will gate at a p(defect) that keeps no known defect recall; calibrate it "
-        f"with `splitdet eval --data DATA --checkpoint {checkpoint_path} --calibrate-split "
+        f"with `splitdet eval --data DATA --checkpoint {shlex.quote(str(checkpoint_path))} "
+        "--calibrate-split "
         "val` (or `--calibrate-split train` when there is no val split; optimistic) and export "
         "again, or give --gate-threshold P"
     )

@@ -14,11 +14,41 @@ The completion graph and the cloud half stay float32.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+#: What onnxruntime's quantiser logs, through the root logger, for each weight of rank 1 it is
+#: asked to quantise per channel on axis 1: the scale of every InstanceNormalization that a
+#: GroupNorm exports to (20 of them in a ResNet18). It quantises those per tensor instead, which
+#: is what they need (one value each); the warning says nothing a user can act on.
+AXIS_OUT_OF_RANGE = re.compile(r"Axis -?\d+ is out-of-range for weight ")
+
+
+class _DropAxisOutOfRange(logging.Filter):
+    """Drops the `AXIS_OUT_OF_RANGE` records; lets every other record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not AXIS_OUT_OF_RANGE.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_axis_warnings() -> Iterator[None]:
+    """While in it, the root logger drops the `AXIS_OUT_OF_RANGE` records. A logger's filter
+    sees only the records logged through that logger itself, so the records of splitdet's own
+    loggers, which reach the root logger's handlers by propagation, pass untouched."""
+    quiet = _DropAxisOutOfRange()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 class _Batches:
@@ -54,13 +84,14 @@ def quantize_gate(gate_path: Path, batches: Sequence[np.ndarray]) -> None:
         quantised = Path(tmp) / "quantised.onnx"
         # Folds constants and infers shapes so that every convolution gets quantised.
         quant_pre_process(str(gate_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(quantised),
-            _Batches(batches),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-        )
+        with _quiet_axis_warnings():
+            quantize_static(
+                str(prepared),
+                str(quantised),
+                _Batches(batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+            )
         quantised.replace(gate_path)

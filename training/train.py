@@ -22,8 +22,9 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -711,7 +712,11 @@ def _train(
 ) -> dict[str, Any]:
     """`train`'s work, with --out made and locked (rank 0)."""
     from splitdet.training import voc
-    from splitdet.training.evaluate import evaluate
+    from splitdet.training.evaluate import (
+        DEFAULT_TARGET_RECALL,
+        calibration_shortfall,
+        evaluate,
+    )
 
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if not (resume and last_path.is_file()):
@@ -736,8 +741,19 @@ def _train(
         raise ValueError(f"{data_dir}: the train split is empty")
     if rank == 0:
         _log_inputs(config, data_dir, train_samples)
+        if untrained := _untrained_classes(mc.class_names, data_dir, train_samples):
+            log.warning("%s", untrained)
         if not val_samples:
             log.warning("%s", _no_validation(config, data_dir, out_dir))
+        elif shortfall := calibration_shortfall(
+            sum(s.is_defective for s in val_samples), DEFAULT_TARGET_RECALL
+        ):
+            # the cpu preset validates on 60 images: informed, not warned, on every run
+            log.info(
+                "each validation pass stores its gate threshold in the checkpoint; %s (e.g. "
+                "`splitdet eval --data %s --checkpoint %s`, on the whole val split)",
+                shortfall, shlex.quote(str(data_dir)), shlex.quote(str(out_dir / "best.pt")),
+            )  # fmt: skip
     if val_samples and not any(s.is_defective for s in val_samples):
         # found now, not after the first epoch, whose validation calibrates the gate on them
         raise ValueError(
@@ -1001,11 +1017,28 @@ def _log_inputs(config: TrainConfig, data_dir: Path, samples: list) -> None:
         log.warning("%s", warning)
 
 
+def _untrained_classes(class_names: Sequence[str], data_dir: Path, samples: list) -> str | None:
+    """The warning naming the classes of ``class_names`` that the train split's `VocSample`s
+    hold no box to train on of (`voc_check.untrained_class_warning`); only then are all the
+    dataset's annotations read, to tell those it holds nowhere. None when every class has one."""
+    from splitdet.training.voc_check import class_boxes, trained_boxes, untrained_class_warning
+
+    trained = trained_boxes(samples)
+    if all(trained.get(name) for name in class_names):
+        return None
+    in_dataset, partly_read = class_boxes(data_dir)
+    train_file = data_dir / "ImageSets" / "Main" / "train.txt"
+    return untrained_class_warning(
+        class_names, trained, in_dataset, train_file, partly_read=partly_read
+    )
+
+
 def _no_validation(config: TrainConfig, data_dir: Path, out_dir: Path) -> str:
     """Why this run validates nothing, what it lacks for it, and how to get it."""
     val = data_dir / "ImageSets" / "Main" / "val.txt"
+    data, last = shlex.quote(str(data_dir)), shlex.quote(str(out_dir / "last.pt"))
     split = (
-        f"give the dataset a val split with defective images (`splitdet data split {data_dir} "
+        f"give the dataset a val split with defective images (`splitdet data split {data} "
         "--val 0.2`, --overwrite to redo existing splits) and train again"
     )
     if not config.eval_every:
@@ -1017,7 +1050,7 @@ def _no_validation(config: TrainConfig, data_dir: Path, out_dir: Path) -> str:
     return (
         f"no validation split ({why}): this run keeps no best.pt (only last.pt) and its gate "
         f"threshold stays the uncalibrated 0.5; {fix}, or calibrate the gate afterwards: "
-        f"`splitdet eval --data {data_dir} --checkpoint {out_dir / 'last.pt'} "
+        f"`splitdet eval --data {data} --checkpoint {last} "
         "--calibrate-split SPLIT` (a split with defective images that the run never saw; "
         "--calibrate-data DIR for one in another dataset)"
     )
@@ -1032,7 +1065,7 @@ def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
 
     gate_names = {level: name for name, level in GATE_LEVELS.items()}
     options: dict[str, tuple[str, Callable[[Any], str]]] = {  # field -> (option, as typed)
-        "class_names": ("--classes", lambda names: ",".join(names)),
+        "class_names": ("--classes", lambda names: shlex.quote(",".join(names))),
         "gate_level": ("--gate-on", lambda level: gate_names.get(level, level)),
         "pixel_bits": ("--pixel-bits", str),
     }

@@ -38,12 +38,16 @@ loads when the first image is read. No torch.
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
+import os
 import re
+import shlex
 import stat
+import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +69,8 @@ __all__ = [
     "class_names_of",
     "id_problem",
     "image_size",
+    "normalisation_note",
+    "normalisation_twin",
     "read_annotation",
     "read_split",
     "write_annotation",
@@ -111,7 +117,82 @@ def check_hint(exc: Exception, root: Path | str) -> str:
     bits = PAST_THE_BITS.search(message)
     if bits:  # only a decoding with the same bits finds the others
         decode = f" --decode --pixel-bits {bits[1]}"
-    return f"{message} (`splitdet data check {root}{decode}` lists every problem at once)"
+    command = f"splitdet data check {shlex.quote(str(root))}{decode}"
+    return f"{message} (`{command}` lists every problem at once)"
+
+
+@functools.lru_cache(maxsize=8)
+def _stems_by_nfc(folder: str, mtime_ns: int) -> dict[str, tuple[str, ...]]:
+    """``{NFC form of a stem: the names of that stem}`` of the files in ``folder`` whose stem
+    is not ASCII, as listed when its mtime was ``mtime_ns`` (a new mtime lists it again)."""
+    index: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        stem = Path(name).stem
+        if not stem.isascii():
+            index.setdefault(unicodedata.normalize("NFC", stem), []).append(name)
+    return {key: tuple(names) for key, names in index.items()}
+
+
+def normalisation_twin(
+    folder: Path, name: str, suffixes: Collection[str] | None = None
+) -> Path | None:
+    """The file in ``folder`` whose name equals ``name`` once both are NFC-normalised but is
+    not ``name`` itself: a dataset copied from a Mac, whose file system writes names NFD
+    (``e`` + a combining accent), while annotations and split files name them NFC (one ``é``).
+    With ``suffixes`` (lower-case), ``name`` is a stem and a file of that stem with one of the
+    suffixes in any case matches. None when there is none (always for an ASCII name). The
+    folder is listed once while it stays unchanged, not once per name looked for."""
+    if name.isascii():  # an ASCII name has no other normalisation form
+        return None
+    try:
+        index = _stems_by_nfc(str(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return None
+    stem = name if suffixes is not None else Path(name).stem
+    wanted = unicodedata.normalize("NFC", name)
+    for own in index.get(unicodedata.normalize("NFC", stem), ()):
+        path = Path(folder) / own
+        if suffixes is not None:
+            matches = path.stem != name and path.suffix.lower() in suffixes
+        else:
+            matches = own != name and unicodedata.normalize("NFC", own) == wanted
+        if matches and path.is_file():  # (listed within the mtime's resolution: may be gone)
+            return path
+    return None
+
+
+def _form(name: str) -> str:
+    """The Unicode normalisation form ``name`` is in: "NFC", "NFD" or "mixed"."""
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, name):
+            return form
+    return "mixed"
+
+
+def normalisation_note(
+    folder: Path,
+    name: str,
+    suffixes: Collection[str] | None = None,
+    looked_for_by: Path | None = None,
+) -> str:
+    """What a "not found" message about ``name`` in ``folder`` appends when a file whose
+    name differs from it only in its Unicode normalisation exists (`normalisation_twin`):
+    "; FILE exists, whose name differs only in ...: rename ... to its NFC form"; "" when none
+    does. ``looked_for_by``: the file whose name ``name`` comes from (the annotation looking
+    for its image, the image looking for its annotation), the one to rename when the file
+    found is in NFC and it is not."""
+    twin = normalisation_twin(folder, name, suffixes)
+    if twin is None:
+        return ""
+    differs = (
+        f"; {twin} exists, whose name differs only in its Unicode normalisation "
+        f"({_form(twin.name)} there, {_form(name)} here; macOS writes names NFD)"
+    )
+    if _form(twin.name) != "NFC":
+        return f"{differs}: rename it to its NFC form"
+    if looked_for_by is not None and _form(looked_for_by.name) != "NFC":
+        return f"{differs}: rename {looked_for_by} to its NFC form"
+    return f"{differs}: write the name here in NFC, as the file's is"
 
 
 #: How `load_rgb_and_peak` names a pixel past the bits it reads 16-bit images with.
@@ -236,7 +317,8 @@ def _parse_xml(path: Path) -> ET.Element:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise VocError(f"{path}: annotation file not found") from None
+        twin = normalisation_note(path.parent, path.name)
+        raise VocError(f"{path}: annotation file not found{twin}") from None
     except OSError as exc:
         raise VocError(f"{path}: cannot read annotation: {exc}") from exc
     if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read for ever
@@ -474,9 +556,13 @@ def read_annotation(
     filename = (ann.findtext("filename") or "").strip() or None
     image_path = _find_image(root, image_id, filename)
     if image_path is None:
+        folder = root / "JPEGImages"
+        twin = normalisation_note(folder, image_id, IMAGE_EXTENSIONS, looked_for_by=path)
+        if not twin and filename and Path(filename).name == filename:
+            twin = normalisation_note(folder, filename)  # the <filename> it would fall back to
         raise VocError(
-            f"{path}: image file not found: no {root / 'JPEGImages' / image_id}"
-            f"{{{','.join(IMAGE_EXTENSIONS)}}}"
+            f"{path}: image file not found: no {folder / image_id}"
+            f"{{{','.join(IMAGE_EXTENSIONS)}}}{twin}"
         )
 
     size = ann.find("size")

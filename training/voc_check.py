@@ -6,7 +6,8 @@ every annotation, every image header (and with ``decode`` every image's pixels) 
 ``train``/``val``/``test`` split files, and reports all problems together, each a line
 starting with the offending file, plus counts per split and warnings about what would train
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
-another, boxes too thin to see once images are scaled to a preset's input size).
+another, boxes too thin to see once images are scaled to a preset's input size, a class with
+no box in the train split to learn it from).
 
 Only the standard library, the model config and, through `voc` (which reads images as the edge
 does), Pillow and the edge's torch-free `preprocess`: no torch.
@@ -14,9 +15,10 @@ does), Pillow and the edge's torch-free `preprocess`: no torch.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +33,14 @@ __all__ = [
     "SplitStats",
     "annotated_ids",
     "check_dataset",
+    "class_boxes",
     "image_ids",
     "input_scale_text",
     "model_input",
     "thin_box_warning",
+    "trained_boxes",
     "unannotated_images",
+    "untrained_class_warning",
 ]
 
 #: The split files splitdet reads, in the order they are reported.
@@ -278,6 +283,83 @@ def thin_box_warning(samples: Sequence[voc.VocSample], preset: str, where: Path)
     )
 
 
+def trained_boxes(samples: Iterable[voc.VocSample]) -> Counter:
+    """Boxes per class that training learns from in ``samples``: all but the difficult ones
+    (`dataset.VocDetection` drops those when it trains)."""
+    return Counter(obj.name for s in samples for obj in s.objects if not obj.difficult)
+
+
+def class_boxes(root: Path) -> tuple[Counter, bool]:
+    """(Boxes per class in every annotation of the VOC dataset at ``root``, difficult ones
+    too; whether some annotation could not be read, and is not counted.) Reads no image."""
+    boxes: Counter = Counter()
+    partly_read = False
+    for image_id in annotated_ids(root):
+        try:
+            sample = voc.read_annotation(root, image_id, None, check_image=False)
+        except voc.VocError:
+            partly_read = True
+            continue
+        boxes.update(obj.name for obj in sample.objects)
+    return boxes, partly_read
+
+
+def _quoted(names: Sequence[str]) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def untrained_class_warning(
+    class_names: Sequence[str],
+    trained: Mapping[str, int],
+    in_dataset: Mapping[str, int] | None,
+    train_file: Path,
+    *,
+    partly_read: bool = False,
+) -> str | None:
+    """A warning line, starting with ``train_file`` (``ROOT/ImageSets/Main/train.txt``),
+    naming each of ``class_names`` that ``trained`` (`trained_boxes` of the train split) has
+    no box of: the model will not learn to detect it. ``in_dataset``: boxes per class in all
+    the dataset's annotations (difficult ones too), which tells a class the dataset holds
+    elsewhere (val, test, no split, only difficult boxes) from one it holds none of, said more
+    strongly; None when not known. ``partly_read``: some annotations could not be read, and
+    the counts are of the others. None when every class has a box to train on."""
+    missing = [name for name in class_names if not trained.get(name)]
+    if not missing:
+        return None
+    nowhere = [] if in_dataset is None else [n for n in missing if not in_dataset.get(n)]
+    elsewhere = [n for n in missing if n not in nowhere]
+    parts = []
+    if nowhere:
+        one = len(nowhere) == 1
+        it = "it" if one else "them"
+        parts.append(
+            f"{'class' if one else 'classes'} {_quoted(nowhere)} {'is' if one else 'are'} in no "
+            f"annotation of the dataset at all: the model will never learn to detect {it}; "
+            f"remove {it} from --classes, or label some"
+        )
+    if elsewhere:
+        one = len(elsewhere) == 1
+        it = "it" if one else "them"
+        held = ""
+        if in_dataset is not None:
+            counts = ", ".join(f"{in_dataset[n]} {n!r}" for n in elsewhere)
+            held = (
+                f" (the dataset holds {counts} elsewhere: in val, test, in no split, or marked "
+                "difficult, which training skips)"
+            )
+        root = shlex.quote(str(train_file.parents[2]))
+        parts.append(
+            f"no box of {'class' if one else 'classes'} {_quoted(elsewhere)} to train "
+            f"on{held}: the model will not learn to detect {it}; list images holding {it} in "
+            f"train.txt (`splitdet data split {root} --overwrite` gives each split its share of "
+            f"every class), or leave {it} out of --classes"
+        )
+    read = " (counting the annotations that could be read)" if partly_read else ""
+    return f"{train_file}: {'; and '.join(parts)}{read}"
+
+
 def _percentiles(values: list[float]) -> list[float]:
     return [round(min(values), 1), round(statistics.median(values), 1), round(max(values), 1)]
 
@@ -371,14 +453,14 @@ def check_dataset(
     if thin is not None:
         report.warnings.append(thin)
 
-    _check_splits(root, report, annotated, samples)
+    _check_splits(root, report, annotated, samples, class_names)
     if len(report.image_sizes) > 1:
         report.warnings.append(
             f"{root / 'JPEGImages'}: {len(report.image_sizes)} different image sizes; the edge "
             "resizes each as the model was trained, but one camera usually gives one size"
         )
     if class_names is None and report.classes and set(report.classes) != {DEFAULT_CLASS}:
-        names = ",".join(sorted(report.classes))
+        names = shlex.quote(",".join(sorted(report.classes)))
         report.warnings.append(
             f"{root / 'Annotations'}: classes {names}; the presets train {DEFAULT_CLASS!r} "
             f"alone, so train with --classes {names} (check with --classes the same way)"
@@ -410,11 +492,14 @@ def _check_images(
     images (only one of them is used); ``files``: `image_files`."""
     images = _first_of_each(files)
     for image_id, path in unannotated_images(images, annotated, samples.values()):
-        report.problems.append(
-            f"{path}: no annotation (Annotations/{image_id}.xml); a defect-free "
-            "image needs one with no <object> (`splitdet data split --write-empty` writes them; "
-            "add --add when split files exist)"
+        twin = voc.normalisation_note(
+            report.root / "Annotations", f"{image_id}.xml", looked_for_by=path
         )
+        advice = twin or (
+            "; a defect-free image needs one with no <object> (`splitdet data split "
+            "--write-empty` writes them; add --add when split files exist)"
+        )
+        report.problems.append(f"{path}: no annotation (Annotations/{image_id}.xml){advice}")
     users: dict[Path, list[str]] = {}
     for image_id, sample in samples.items():
         users.setdefault(sample.image_path.resolve(), []).append(image_id)
@@ -434,11 +519,17 @@ def _check_images(
 
 
 def _check_splits(
-    root: Path, report: DatasetReport, annotated: set[str], samples: dict[str, voc.VocSample]
+    root: Path,
+    report: DatasetReport,
+    annotated: set[str],
+    samples: dict[str, voc.VocSample],
+    class_names: Sequence[str] | None,
 ) -> None:
-    """Split files: ids without annotation, ids in two splits, what each split holds."""
+    """Split files: ids without annotation, ids in two splits, what each split holds, classes
+    (``class_names``, else the dataset's) with nothing to train on."""
     listed: dict[str, str] = {}  # id -> the first split listing it
     unreadable: list[str] = []
+    train_samples: list[voc.VocSample] = []
     for split in SPLITS:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
@@ -452,8 +543,9 @@ def _check_splits(
         stats = report.splits.setdefault(split, SplitStats())
         for image_id in split_ids:
             if image_id not in annotated:
+                twin = voc.normalisation_note(root / "Annotations", f"{image_id}.xml")
                 report.problems.append(
-                    f"{path}: lists {image_id!r}, which has no Annotations/{image_id}.xml"
+                    f"{path}: lists {image_id!r}, which has no Annotations/{image_id}.xml{twin}"
                 )
                 continue
             if image_id in listed:
@@ -469,6 +561,8 @@ def _check_splits(
             if sample is None:  # its annotation's problem is already reported
                 stats.unreadable += 1
                 continue
+            if split == "train":
+                train_samples.append(sample)
             stats.images += 1
             stats.defective += sample.is_defective
             stats.defect_free += not sample.is_defective
@@ -514,3 +608,13 @@ def _check_splits(
             f"{split_dir}: {len(report.unlisted)} annotated image(s) in no split, e.g. "
             f"{report.unlisted[0]!r}"
         )
+    if train is not None and train.defective:  # (none: a problem above says so already)
+        untrained = untrained_class_warning(
+            class_names if class_names is not None else sorted(report.classes),
+            trained_boxes(train_samples),
+            report.classes,
+            split_dir / "train.txt",
+            partly_read=train.unreadable > 0 or len(samples) < report.annotations,
+        )
+        if untrained is not None:
+            report.warnings.append(untrained)
