@@ -59,7 +59,10 @@ How it works: a file is read once its size and mtime have been unchanged for --s
 files named *.jpg *.jpeg *.png *.bmp *.tif *.tiff in any case (--extensions for others).
 Companion files (Thumbs.db, desktop.ini, .json/.xml/.txt sidecars) are left where they are,
 never moved, deleted, quarantined or recorded; each is logged once (INFO, event file_skipped)
-and they are counted in the splitdet_edge_skipped_files gauge. Defect-free images get a final
+and they are counted in the splitdet_edge_skipped_files gauge, as are symbolic links (never
+followed: take the file itself), subfolders without --recursive, FIFOs and devices (the line's
+`why` says which). An image the daemon may not read (permissions) waits, WARNING file_unreadable,
+and is taken once it can be read. Defect-free images get a final
 "ok" row. Flagged images get a "pending" row and their encoded features in the outbox, in one
 SQLite commit; a background sender delivers them with capped exponential backoff and jitter
 while classification goes on, and the cloud's answer ("defect" + boxes) replaces the outbox row
@@ -611,12 +614,19 @@ def prune(args: argparse.Namespace) -> int:
     """Delete old final results; see _register_prune."""
     store = _open_store(args.db, dry_run=args.dry_run)
     try:
-        n = store.prune(time.time() - args.older_than, dry_run=args.dry_run).deleted
+        pruned = store.prune(time.time() - args.older_than, dry_run=args.dry_run)
         freed = 0 if args.dry_run else store.reclaim()
     finally:
         store.close()
     gave = f"; {freed / 1e6:.1f} MB given back to the file system" if freed else ""
-    print(f"{args.db}: {'would delete' if args.dry_run else 'deleted'} {n} result(s){gave}")
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.db}: {verb} {pruned.deleted} result(s){gave}")
+    if pruned.kept_for_clock:
+        print(
+            f"kept {pruned.kept_for_clock} result(s) stamped older than --older-than that this "
+            "boot wrote more recently: the clock was behind when they were written and has "
+            "been set forward since"
+        )
     return 0
 
 

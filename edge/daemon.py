@@ -21,8 +21,10 @@ durable: the file is moved or deleted only after its row is committed, and a fil
 exists when it is found again (a crash between commit and move, or --after keep) is only moved,
 never processed twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests
 stay in the outbox for the next start. One daemon per database (`WriterLock`) and per hot
-folder (`DirectoryLock`); a database deleted or replaced while the daemon runs stops it
-(`ResultStore.check_file`) before it moves or deletes another image.
+folder (`DirectoryLock`: none either in a subfolder of a --recursive daemon's folder, nor
+--recursive above another's; a hot folder removed and made again is locked anew, or the daemon
+stops when another holds it, `_follow_watch_lock`); a database deleted or replaced while the
+daemon runs stops it (`ResultStore.check_file`) before it moves or deletes another image.
 
 Archived and quarantined files are named ID_NAME (`file_moves.stored_name`): short enough that
 NAME.reason.txt and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the
@@ -65,7 +67,7 @@ from splitdet.edge.store_file import WriterLock, refuse_foreign_file
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
-from splitdet.shared.folder_lock import DirectoryLock
+from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.manifest import file_sha256
 
 #: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
@@ -102,9 +104,10 @@ class EdgeDaemon:
         self._writer_lock = WriterLock(config.db)
         self._watch_lock: DirectoryLock | None = None
         try:  # two daemons on one hot folder would each classify and send every image
-            self._watch_lock = DirectoryLock(
-                config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder"
-            )
+            self._watch_lock = DirectoryLock(  # (and one in another's subfolder: see there)
+                config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder",
+                subfolders="--recursive" if config.recursive else None,
+            )  # fmt: skip
             self._build(config, pipeline)
         except BaseException:
             self._writer_lock.release()
@@ -157,6 +160,7 @@ class EdgeDaemon:
         self._probe: ModelProbe | None = None  # asks the cloud about our exports
         self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
         self._outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
+        self._drain_timed_out = False  # --once: requests left at --drain-timeout (`_drain`)
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -179,6 +183,8 @@ class EdgeDaemon:
             self._start_sweep()
             self._loop()
             if self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
+                self._drain_timed_out = True  # (the run ends now: its call in flight too)
+                self.sender.cancel()
                 self._report_left_behind()
             elif config.once:
                 self._drain(config.drain_timeout_s)
@@ -324,8 +330,9 @@ class EdgeDaemon:
         for worker in (self._pruner, self._sweeper):
             if worker is not None:
                 worker.join(timeout=10.0)
-        if self._probe is not None:  # (a call under way: left to end alone, logging nothing)
-            self._probe.join(timeout=2.0)
+        if self._probe is not None:  # (a call under way: left to end alone, logging nothing;
+            # not waited for once --drain-timeout is spent: the run ends at its deadline)
+            self._probe.join(timeout=0.0 if self._drain_timed_out else 2.0)
         self.sender.stop()
         if self.sender.is_alive():
             self.sender.join(timeout=5.0)
@@ -341,10 +348,30 @@ class EdgeDaemon:
             self._watch_lock.release()
         return pending
 
+    def _follow_watch_lock(self) -> None:
+        """Keep the hot-folder lock on the folder --watch names: one removed and made again
+        (or another moved into its place) while this daemon ran is locked anew, or a second
+        daemon could take it and both would process every image. OSError (the daemon stops,
+        exit 2) when another daemon holds the new folder already."""
+        if self._watch_lock is None:
+            return
+        try:
+            moved = self._watch_lock.follow()
+        except FolderInUse as exc:
+            raise OSError(
+                f"--watch {self.config.watch} was removed and made again while this daemon "
+                f"ran; stopped, as {exc}"
+            ) from None
+        if moved:
+            log_event(logging.INFO, "hot folder locked anew", watch=str(self.config.watch),
+                      note="--watch was removed and made again; this daemon holds the new "
+                           "folder")  # fmt: skip
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
             self._prune_when_due()
+            self._follow_watch_lock()  # before scanning: a folder made anew is ours first
             self.folder.scan()
             if not self._process_ready():
                 if self.config.once and self.folder.pending() == 0:
@@ -380,6 +407,16 @@ class EdgeDaemon:
         except Exception as exc:  # e.g. the database locked past its timeout
             log_event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
+        if pruned.kept_for_clock:
+            log.warning(
+                f"kept {pruned.kept_for_clock} result(s) stamped older than --keep-results that "
+                "this boot wrote more recently: the wall clock was behind when they were "
+                "written and has been set forward since; they go once they are as old by the "
+                "time since boot",
+                extra={"fields": {"event": "prune_kept_for_clock",
+                                  "results": pruned.kept_for_clock,
+                                  "older_than_s": self.config.keep_results_s}},
+            )  # fmt: skip
         if pruned.deleted:
             try:
                 freed = self.store.reclaim(should_stop=self._pruner_stop.is_set)
@@ -404,13 +441,38 @@ class EdgeDaemon:
         return handled
 
     def _drain(self, timeout_s: float) -> None:
+        """--once: let the sender deliver the outbox for up to `timeout_s` seconds. Still
+        undelivered then, the call in flight is cancelled (`Sender.cancel`: the run ends within
+        moments of its --drain-timeout, not at that call's own --timeout deadline) and a
+        WARNING `drain_timeout` says how many requests are left: their results stay pending,
+        and the next run (or a daemon) on this --db delivers them."""
         deadline = time.monotonic() + timeout_s
         self.sender.wake()
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set():
             self.store.check_file(STORE_CHECK_EVERY_S)  # (answers would go to a lost file)
             if self.store.outbox_stats().depth == 0:
                 return
-            self._stop.wait(0.1)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._stop.wait(min(0.1, left))
+        if self._stop.is_set():  # stopped (a signal): the call in flight may finish, as always
+            return
+        self._drain_timed_out = True
+        cancelled = self.sender.cancel()
+        self.sender.join(timeout=5.0)  # (a cancelled call ends at once; then nothing is sent)
+        stats = self.store.outbox_stats()
+        if stats.depth == 0:  # (the last answer came in at the deadline)
+            return
+        log.warning(
+            f"--drain-timeout {timeout_s:g}s reached: {stats.depth} request(s) left in the "
+            f"outbox{' (the call in flight was cancelled)' if cancelled else ''}; their results "
+            f"stay pending in --db {self.config.db} and the next run delivers them (nothing is "
+            "lost). Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`",
+            extra={"fields": {"event": "drain_timeout", "outbox_depth": stats.depth,
+                              "outbox_bytes": stats.bytes, "drain_timeout_s": timeout_s,
+                              "call_cancelled": cancelled}},
+        )  # fmt: skip
 
     # -------------------------------------------------------------------------- one file
 
@@ -598,9 +660,15 @@ class EdgeDaemon:
         )
         self.metrics.images.labels("error").inc()
         self.metrics.errors.labels("quarantine").inc()
-        log_event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
-                  reason=reason, to=stored_path)  # fmt: skip
-        self._move(candidate, image_id, stored_path, reason)
+        # logged once the move is done: a quarantine that cannot be written is told as such
+        if self._move(candidate, image_id, stored_path, reason):
+            log_event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
+                      reason=reason, to=stored_path)  # fmt: skip
+        else:
+            log_event(logging.WARNING, "to be quarantined", path=arrival.path,
+                      image_id=image_id, reason=reason, to=stored_path,
+                      note="recorded as an error; the move into the quarantine failed (the "
+                           "line before says why) and is tried again")  # fmt: skip
 
     # -------------------------------------------------------------------------- after-actions
 
@@ -641,12 +709,13 @@ class EdgeDaemon:
         stored_path: str | None,
         reason: str | None = None,
         adopt: bool = False,
-    ) -> None:
+    ) -> bool:
         """Do what the row says happens to the file: delete it, keep it, or move it to
         `stored_path` (with `reason`: into the quarantine, its reason file beside it; with
         `adopt`, a row recorded before, a whole copy of it already there is taken as the
         move, see `_move_to`). A failure is logged and counted (errors kind "move"), never
-        fatal: the file stays and is tried again (`_retry_move_later`)."""
+        fatal: the file stays and is tried again (`_retry_move_later`). False after such a
+        failure, else True."""
         source = candidate.path
         if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
             self.store.check_file()  # StoreGone when --db was deleted or replaced
@@ -655,7 +724,7 @@ class EdgeDaemon:
                 source.unlink(missing_ok=True)
             elif stored_path == path_text(source):  # --after keep
                 self.folder.ignore(candidate)
-                return
+                return True
             else:
                 target = file_moves.stored_file(stored_path)
                 self._move_to(candidate, image_id, target, reason, adopt)
@@ -665,12 +734,13 @@ class EdgeDaemon:
             when = {"retry": "next run"} if delay is None else {"retry_in_s": round(delay, 1)}
             log_event(logging.ERROR, "cannot move file", path=path_text(source), to=stored_path,
                       error=path_text(str(exc)), **when)  # fmt: skip
-            return
+            return False
         retried = self._move_retries.pop(candidate.file_key, None)
         if retried is not None:
             log_event(logging.INFO, "file moved after retry", path=path_text(source),
                       to=stored_path, failures=retried.failures)  # fmt: skip
         self.folder.forget(candidate)
+        return True
 
     def _retry_move_later(self, candidate: Candidate) -> float | None:
         """After a failed move: the seconds until it is tried again, MOVE_RETRY_INITIAL_S

@@ -99,8 +99,9 @@ class _FolderCollector:
         """splitdet_edge_skipped_files, as the hot folder's last scan counted them."""
         skipped = GaugeMetricFamily(
             "splitdet_edge_skipped_files",
-            "Files in the hot folder left alone at the last scan: not images by their name "
-            "(Thumbs.db, sidecars; --extensions says which are taken).",
+            "Entries in the hot folder left alone at the last scan: files not images by their "
+            "name (Thumbs.db, sidecars; --extensions says which are taken), symbolic links "
+            "(never followed), subfolders without --recursive, FIFOs and devices.",
         )
         skipped.add_metric([], self.folder.skipped_files())
         return [skipped]

@@ -57,6 +57,7 @@ from splitdet.edge.client import (
 )
 from splitdet.edge.file_identity import file_path
 from splitdet.edge.store import Answer, OutboxItem, ResultStore
+from splitdet.shared.atomic_file import write_problem
 from splitdet.shared.wire import detection_pb2 as pb
 
 if TYPE_CHECKING:  # the daemon's metrics import this module
@@ -103,6 +104,12 @@ REBUILD_AFTER_FAILURES = 3
 #: Free database pages beyond which an idle sender gives them back to the file system: an
 #: outage's backlog, not a single request's (the file would shrink and grow at every defect).
 RECLAIM_ABOVE_BYTES = 64 << 20
+#: At most one `annotate_failed` line per this many seconds (a full disk fails every image).
+ANNOTATE_LOG_EVERY_S = 60.0
+
+
+class _Cancelled(Exception):
+    """The call in flight ended because `Sender.cancel` closed its channel."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,9 @@ class Sender(threading.Thread):
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
+        self._cancelled = threading.Event()  # `cancel`: no call any more, the one in flight ended
+        self._client_lock = threading.Lock()  # `cancel` against a client being made
+        self._in_flight = False  # a Detect call is under way (for `cancel` to report)
 
     def wake(self) -> None:
         """A new item is in the outbox: send it without waiting for the next check."""
@@ -177,6 +187,24 @@ class Sender(threading.Thread):
         """Finish the call in flight (its answer is still committed), then end."""
         self._halt.set()
         self._wake.set()
+
+    def cancel(self) -> bool:
+        """`stop`, and end the call in flight now rather than at its deadline (the channel is
+        closed under it): for a run that must end at its own deadline (`edge run --once` at
+        --drain-timeout). The cancelled call's item stays in the outbox as it was, not counted
+        as an attempt, and the next run sends it again (the request id makes that safe, should
+        the cloud have answered meanwhile). Returns whether a call was in flight."""
+        with self._client_lock:
+            self._cancelled.set()
+            in_flight = self._in_flight
+            client = self._client
+        self.stop()
+        if client is not None:
+            try:
+                client.close()  # (the blocked call raises CANCELLED at once)
+            except Exception:
+                log.debug("closing the channel failed", exc_info=True)
+        return in_flight
 
     @property
     def stopping(self) -> bool:
@@ -234,8 +262,9 @@ class Sender(threading.Thread):
             )  # fmt: skip
 
     def _drop_client(self) -> None:
-        if self._client is not None:
+        with self._client_lock:
             client, self._client = self._client, None
+        if client is not None:
             try:
                 client.close()
             except Exception:
@@ -249,11 +278,13 @@ class Sender(threading.Thread):
             self._dead_letter(item, f"dead letter: the outbox holds a corrupt request ({exc})",
                               CORRUPT_OUTBOX)  # fmt: skip
             return 0.0
-        if self._client is None:
-            self._client = self._make_client()
         start = time.perf_counter()
         try:
-            answer = self._client.send_request(request, timeout=self.timeout_s)
+            answer = self._call(request)
+        except _Cancelled:  # (`cancel`: the item is left as it was, due now, for the next run)
+            log.debug("call cancelled", extra={"fields": {"event": "send_cancelled",
+                                                          "image_id": item.image_id}})  # fmt: skip
+            return 0.0
         except RetryLater as exc:
             return self._transient(item, exc, len(item.payload))
         except NeverRetry as exc:
@@ -301,12 +332,49 @@ class Sender(threading.Thread):
                 # (not below 0: `created` may be ahead of a clock that stepped back)
                 self.metrics.answered(round_trip, max(0.0, time.time() - item.created))
             if self.on_answer is not None:
-                try:
-                    self.on_answer(item, answer)
-                except Exception:
-                    log.exception("after-answer hook failed for %s", item.path)
+                self._after_answer(item, answer)
         self._resumed()
         return 0.0
+
+    def _call(self, request: pb.DetectRequest) -> CloudDetections:
+        """One Detect call on the client (made first when there is none).
+
+        Raises:
+            _Cancelled: `cancel` was called before or during the call.
+            RetryLater, NeverRetry: the call failed (`CloudClient.send_request`).
+        """
+        with self._client_lock:
+            if self._cancelled.is_set():
+                raise _Cancelled
+            if self._client is None:
+                self._client = self._make_client()
+            client = self._client
+            self._in_flight = True
+        try:
+            return client.send_request(request, timeout=self.timeout_s)
+        except Exception:
+            if self._cancelled.is_set():  # CANCELLED ("Channel closed!"), or a closed channel
+                raise _Cancelled from None
+            raise
+        finally:
+            self._in_flight = False
+
+    def _after_answer(self, item: OutboxItem, answer: CloudDetections) -> None:
+        """`on_answer` after a committed answer; a failure is logged (WARNING
+        `answer_hook_failed`, one line, the traceback at DEBUG), never fatal: the result is
+        stored whatever the hook does."""
+        if self.on_answer is None:
+            return
+        try:
+            self.on_answer(item, answer)
+        except Exception as exc:
+            log.warning(
+                "the after-answer step failed for image %d (%s): %s; its result is stored",
+                item.image_id, item.path, f"{type(exc).__name__}: {exc}",
+                extra={"fields": {"event": "answer_hook_failed", "image_id": item.image_id,
+                                  "path": item.path, "error": f"{type(exc).__name__}: {exc}"}},
+            )  # fmt: skip
+            log.debug("after-answer step traceback", exc_info=True)
 
     def _resumed(self) -> None:
         """After the cloud answered a call (its outcome committed): when calls had failed
@@ -383,26 +451,90 @@ class Sender(threading.Thread):
 
 
 def annotate_hook(
-    save_dir: Path, pixel_bits: int = 16
+    save_dir: Path, pixel_bits: int = 16, log_every_s: float = ANNOTATE_LOG_EVERY_S
 ) -> Callable[[OutboxItem, CloudDetections], None]:
     """on_answer that writes the defect image with its boxes drawn into `save_dir`
-    (`pixel_bits`: the model's, so that 16-bit images show as the model saw them)."""
+    (`pixel_bits`: the model's, so that 16-bit images show as the model saw them).
+
+    Each image is written whole or not at all (`save_annotated`). One that cannot be written
+    (the disk full, the folder gone or read-only) is logged as a WARNING `annotate_failed`
+    naming the folder and why, at most once per `log_every_s` seconds (the line counts the
+    failures it stands for; a full disk fails every image); once an image is written again,
+    INFO `annotate_resumed` says how many were not. The result itself is stored either way."""
     from splitdet.edge.annotate import save_annotated
     from splitdet.edge.preprocess import load_image
+
+    failures = _AnnotateFailures(Path(save_dir), log_every_s)
 
     def hook(item: OutboxItem, answer: CloudDetections) -> None:
         # each stored path as written, then unescaped (a name that was not UTF-8: path_text)
         paths = (q for p in (item.stored_path, item.path) if p for q in (p, file_path(p)))
         source = next((Path(p) for p in paths if Path(p).is_file()), None)
         if source is None:
-            log.warning("no file left to annotate for image %d (%s)", item.image_id, item.path)
+            log.warning(
+                "no file left to annotate for image %d (%s)", item.image_id, item.path,
+                extra={"fields": {"event": "annotate_skipped", "image_id": item.image_id,
+                                  "path": item.path}},
+            )  # fmt: skip
             return
-        save_annotated(
-            load_image(source, pixel_bits),
-            answer.boxes.tolist(),
-            answer.scores.tolist(),
-            list(answer.class_names),
-            Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg",
-        )
+        target = Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg"
+        image = load_image(source, pixel_bits)
+        try:
+            save_annotated(
+                image,
+                answer.boxes.tolist(),
+                answer.scores.tolist(),
+                list(answer.class_names),
+                target,
+            )
+        except OSError as exc:
+            failures.failed(item, target, exc)
+        else:
+            failures.succeeded()
 
     return hook
+
+
+class _AnnotateFailures:
+    """The `annotate_failed` lines of one `annotate_hook`: at most one per `every_s` seconds,
+    each counting the failures since the last line; `annotate_resumed` once one succeeds."""
+
+    def __init__(self, folder: Path, every_s: float) -> None:
+        self.folder = folder
+        self.every_s = every_s
+        self._next_line = float("-inf")  # monotonic s before which failures are only counted
+        self._unlogged = 0  # failures since the last line
+        self._failed = 0  # failures since the last success
+
+    def failed(self, item: OutboxItem, target: Path, exc: OSError) -> None:
+        """Count one image not written; log it unless a line was logged within `every_s`."""
+        self._failed += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._next_line:
+            return
+        self._next_line = now + self.every_s
+        reason = write_problem(target, exc)
+        also = f" ({self._unlogged - 1} more since the last line)" if self._unlogged > 1 else ""
+        log.warning(
+            f"cannot save annotated images in --save-annotated {self.folder} ({reason}): image "
+            f"{item.image_id} ({item.path}) has none{also}; its result is stored as usual. "
+            f"Logged at most once per {self.every_s:g} s while it lasts",
+            extra={"fields": {"event": "annotate_failed", "folder": str(self.folder),
+                              "reason": reason, "image_id": item.image_id,
+                              "path": item.path, "failures": self._unlogged}},
+        )  # fmt: skip
+        self._unlogged = 0
+
+    def succeeded(self) -> None:
+        """One image written: after failures, log (INFO) that they have ended."""
+        if not self._failed:
+            return
+        log.info(
+            f"annotated images are saved in --save-annotated {self.folder} again; "
+            f"{self._failed} were not",
+            extra={"fields": {"event": "annotate_resumed", "folder": str(self.folder),
+                              "failures": self._failed}},
+        )  # fmt: skip
+        self._failed = self._unlogged = 0
+        self._next_line = float("-inf")

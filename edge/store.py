@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitdet.edge.boot_clock import boot_clock
 from splitdet.edge.file_identity import path_text, still_there
 from splitdet.edge.store_file import (
     StoreError,
     check_contents,
     immediate,
+    open_failure,
     open_readonly,
     read_contents,
 )
@@ -170,10 +172,19 @@ class Answer:
 
 @dataclass(frozen=True)
 class Pruned:
-    """What `ResultStore.prune` did: rows deleted, and the largest row id it looked at."""
+    """What `ResultStore.prune` did: rows deleted, the largest row id it looked at, and the rows
+    kept although their wall-clock stamp is old enough, because this boot wrote them more
+    recently (the clock was stepped forward since: `boot_clock`)."""
 
     deleted: int
     through_id: int
+    kept_for_clock: int = 0
+
+
+def _boot_stamp() -> tuple[str | None, float | None]:
+    """(finished_boot, finished_boot_s) for a result made final now; (None, None) off Linux."""
+    boot = boot_clock()
+    return (None, None) if boot is None else (boot.boot_id, boot.seconds)
 
 
 @dataclass(frozen=True)
@@ -227,7 +238,7 @@ class ResultStore:
                 str(self.path), check_same_thread=False, isolation_level=None
             )
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
+            raise open_failure(self.path, exc) from None
         try:
             self._open()
         except BaseException:
@@ -249,7 +260,7 @@ class ResultStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: not a usable SQLite database ({exc})") from None
+            raise open_failure(self.path, exc) from None
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
 
@@ -378,6 +389,7 @@ class ResultStore:
         }
         if row["verdict"] in FINAL_VERDICTS:
             row["finished"] = now
+            row["finished_boot"], row["finished_boot_s"] = _boot_stamp()
         if row.get("reason") is not None:  # it may quote the file's name
             row["reason"] = path_text(row["reason"])
         for name in _JSON_COLUMNS:
@@ -581,7 +593,7 @@ class ResultStore:
             db.execute(
                 "UPDATE images SET verdict = 'defect', boxes = ?, scores = ?, labels = ?,"
                 " class_names = ?, timings = ?, finished = ?, updated = ?,"
-                " attempts = attempts + 1 WHERE id = ?",
+                " finished_boot = ?, finished_boot_s = ?, attempts = attempts + 1 WHERE id = ?",
                 (
                     json.dumps([[float(v) for v in box] for box in answer.boxes]),
                     json.dumps([float(s) for s in answer.scores]),
@@ -590,6 +602,7 @@ class ResultStore:
                     json.dumps(timings),
                     now,
                     now,
+                    *_boot_stamp(),
                     image_id,
                 ),
             )
@@ -637,9 +650,9 @@ class ResultStore:
         now = time.time()
         cursor = db.execute(
             "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
-            " finished = ?, updated = ?, attempts = attempts + ?"
-            " WHERE id = ? AND verdict = 'pending'",
-            (path_text(reason), now, now, int(attempt), image_id),
+            " finished = ?, updated = ?, finished_boot = ?, finished_boot_s = ?,"
+            " attempts = attempts + ? WHERE id = ? AND verdict = 'pending'",
+            (path_text(reason), now, now, *_boot_stamp(), int(attempt), image_id),
         )
         if cursor.rowcount:
             db.execute(
@@ -753,7 +766,8 @@ class ResultStore:
         db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
         db.execute(
             "UPDATE images SET verdict = 'pending', error_kind = NULL, reason = NULL,"
-            " finished = NULL, updated = ? WHERE id = ?",
+            " finished = NULL, finished_boot = NULL, finished_boot_s = NULL, updated = ?"
+            " WHERE id = ?",
             (now, image_id),
         )
         self._count(db, "requeued")
@@ -782,21 +796,46 @@ class ResultStore:
                 time: a row kept for its file is looked at again once the file goes).
             should_stop: checked between batches; True ends the prune early.
 
+        A row this boot made final is deleted only when the boot clock agrees that it is as
+        old as `before` says (the same span before now): its wall-clock stamp may be old only
+        because the clock was behind when it was written and has been stepped forward since
+        (an edge without a clock battery booting with a stale time). Those rows are counted in
+        `kept_for_clock` and wait until they are old by both clocks.
+
         Returns:
-            how many rows were (or would be) deleted, and the largest id looked at.
+            how many rows were (or would be) deleted, the largest id looked at, and how many
+            were kept for the clock.
         """
-        deleted, after_id = 0, start_after
+        deleted, kept_for_clock, after_id = 0, 0, start_after
+        boot = boot_clock()
+        # rows of this boot are young by the boot clock when finished after `young_from`
+        young_from = None if boot is None else boot.seconds - (time.time() - before)
+        with self._lock:
+            columns = image_columns(self._db) if boot is not None else set()
+        stamped = {"finished_boot", "finished_boot_s"} <= columns  # (a read-only older store)
+        boot_select = ", finished_boot, finished_boot_s" if stamped else ", NULL, NULL"
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, path, file_key FROM images WHERE id > ? AND verdict IN"
-                    " ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
+                    f"SELECT id, path, file_key{boot_select} FROM images WHERE id > ? AND"
+                    " verdict IN ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
                     (after_id, before, batch),
                 ).fetchall()
             if not rows:
-                return Pruned(deleted, after_id)
+                return Pruned(deleted, after_id, kept_for_clock)
             after_id = rows[-1][0]
-            doomed = [(row_id,) for row_id, path, key in rows if not still_there(path, key)]
+            doomed = []
+            for row_id, path, key, row_boot, row_boot_s in rows:
+                young = (
+                    boot is not None
+                    and row_boot == boot.boot_id
+                    and row_boot_s is not None
+                    and row_boot_s > young_from
+                )
+                if young:
+                    kept_for_clock += 1
+                elif not still_there(path, key):
+                    doomed.append((row_id,))
             deleted += len(doomed)
             if doomed and not dry_run:
                 with self._transaction() as db:
@@ -811,7 +850,7 @@ class ResultStore:
                         (len(doomed),),
                     )
             if should_stop is not None and should_stop():
-                return Pruned(deleted, after_id)
+                return Pruned(deleted, after_id, kept_for_clock)
 
     def reclaim(self, above_bytes: int = 0, should_stop: Callable[[], bool] | None = None) -> int:
         """Give the file's free pages back to the file system when they are more than

@@ -25,11 +25,94 @@ from splitdet.edge.store_schema import (
     APPLICATION_ID,
     SCHEMA_VERSION,
 )
+from splitdet.shared.atomic_file import free_bytes
 from splitdet.shared.folder_lock import lock_exclusively
 
 
 class StoreError(RuntimeError):
     """The database cannot be used (newer schema, not a splitdet store, ...)."""
+
+
+#: SQLite's primary result codes for a file it could not read, write or create: the disk or
+#: the permissions are at fault, not the file (as against SQLITE_NOTADB, SQLITE_CORRUPT).
+_IO_CODES = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+                       sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM})  # fmt: skip
+#: ... and for a file another connection holds locked (past the busy timeout).
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+#: Free bytes below which the file system holding a store that failed to open counts as
+#: full: opening one makes its -shm (32 kB) and -wal files, and a writer writes to them.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
+    """The StoreError for a store SQLite failed to open (connect, first read, set-up), naming
+    the file and what to do by what failed: a full file system (the store is probably fine
+    and must not be deleted: it may hold results still to deliver), another I/O error (the
+    disk, its space or the permissions to check), a lock another program holds, or, only when
+    the file itself is at fault (not a database, damaged), "not a usable SQLite database"."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if primary in _BUSY_CODES:
+        return StoreError(
+            f"{path}: cannot open it ({exc}): another program holds it locked; try again once "
+            "it lets go"
+        )
+    if primary not in _IO_CODES:
+        return StoreError(f"{path}: not a usable SQLite database ({exc})")
+    folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
+    disk = disk_problem(path, f"cannot open it ({exc})")
+    if disk is not None:
+        return disk
+    free = free_bytes(folder)
+    space = "" if free is None else f" ({_amount(free)} free)"
+    return StoreError(
+        f"{path}: cannot open it ({exc}); check the disk holding it: its free space{space}, "
+        f"the permissions of the file and of {folder}, and the kernel log (dmesg) for disk "
+        "errors. This says nothing against the database itself: do not delete or replace it "
+        "(it may hold results not yet delivered)"
+    )
+
+
+def disk_problem(path: Path | str, failed: str) -> StoreError | None:
+    """The StoreError for a store (or its lock file) that `failed` ("cannot open it (...)")
+    on a file system that is full (less than FULL_BELOW_BYTES free) or mounted read-only:
+    what to do, and that the database itself is probably fine and must not be deleted (it may
+    hold results not yet delivered); None when the file system is neither."""
+    folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
+    keep = (
+        "the database itself is probably fine: do not delete or replace it (it may hold "
+        "results not yet delivered)"
+    )
+    if _read_only(folder):
+        return StoreError(
+            f"{path}: {failed}: the file system holding it ({folder}) is mounted read-only; "
+            f"remount it read-write, or give a --db on a writable disk; {keep}"
+        )
+    free = free_bytes(folder)
+    if free is not None and free < FULL_BELOW_BYTES:
+        return StoreError(
+            f"{path}: {failed}: the file system holding it is full ({_amount(free)} free in "
+            f"{folder}); free space there and start again; {keep}"
+        )
+    return None
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether the file system holding `folder` is mounted read-only (False when unknown)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _amount(n_bytes: int) -> str:
+    """A byte count for a message: "0 bytes", "512 kB", "3.2 MB", "41.0 GB"."""
+    if n_bytes < 1000:
+        return f"{n_bytes} bytes"
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes // 1000} kB"
 
 
 class StoreInUse(StoreError):
@@ -187,14 +270,15 @@ class WriterLock:
         try:
             self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
         except OSError as exc:
-            raise StoreError(
-                f"{db}: cannot create its lock file {self.path} ({exc.strerror or exc})"
-            ) from None
+            failed = f"cannot create its lock file {self.path} ({exc.strerror or exc})"
+            raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
         try:
             holder = lock_exclusively(self._file, str(os.getpid()))
-        except OSError as exc:  # e.g. ENOLCK on a share without locks
-            self._file.close()
-            raise StoreError(f"{db}: cannot lock {self.path} ({exc.strerror or exc})") from None
+        except OSError as exc:  # e.g. ENOLCK on a share without locks; ENOSPC writing our pid
+            with suppress(OSError):  # (the pid still buffered: its flush fails again)
+                self._file.close()
+            failed = f"cannot lock {self.path} ({exc.strerror or exc})"
+            raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
         if holder is not None:
             self._file.close()
             via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
@@ -225,7 +309,7 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
         db, contents = _connect_readonly(uri)
     except sqlite3.OperationalError as exc:
         if not _no_shm_allowed(path):
-            raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+            raise open_failure(path, exc) from None
         if _has_wal(path):  # commits only in the WAL: an immutable read would miss them
             raise StoreError(
                 f"{path}: cannot be read by this user: its writer left commits in {path}-wal "
@@ -235,9 +319,9 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
         try:
             db, contents = _connect_readonly(uri + "&immutable=1")
         except sqlite3.DatabaseError as retry:
-            raise StoreError(f"{path}: not a usable SQLite database ({retry})") from None
+            raise open_failure(path, retry) from None
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
+        raise open_failure(path, exc) from None
     try:  # a store written before APPLICATION_ID was set is read as it is, not marked
         if check_contents(path, contents):
             raise StoreError(

@@ -48,8 +48,19 @@ _THRESHOLD = "ALTER TABLE images ADD COLUMN threshold REAL"
 #: `PRAGMA auto_vacuum` of a store that gives its free pages back to the file system
 #: (INCREMENTAL: every store made since `ResultStore.reclaim`; earlier ones have 0, NONE).
 AUTO_VACUUM_INCREMENTAL = 2
+#: images.finished_boot, finished_boot_s: the boot (`edge.boot_clock`) in which the final
+#: verdict was written and its seconds since boot then; NULL off Linux, for rows not final and
+#: in rows an earlier splitdet wrote. A prune deletes a row of the running boot only when the
+#: boot clock, which no clock step moves, agrees it is old (`ResultStore.prune`). Added
+#: columns, as `threshold`: an earlier splitdet ignores them.
+_FINISHED_BOOT = "ALTER TABLE images ADD COLUMN finished_boot TEXT"
+_FINISHED_BOOT_S = "ALTER TABLE images ADD COLUMN finished_boot_s REAL"
 #: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
-ADDED_COLUMNS = {"threshold": _THRESHOLD}
+ADDED_COLUMNS = {
+    "threshold": _THRESHOLD,
+    "finished_boot": _FINISHED_BOOT,
+    "finished_boot_s": _FINISHED_BOOT_S,
+}
 
 _SCHEMA = f"""
 CREATE TABLE images (
@@ -93,7 +104,9 @@ CREATE TABLE counters (
     value INTEGER NOT NULL
 );
 {_DEAD_LETTERS};
-{_THRESHOLD}"""
+{_THRESHOLD};
+{_FINISHED_BOOT};
+{_FINISHED_BOOT_S}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (

@@ -18,6 +18,14 @@ zero-filled end does not decode (`preprocess.UNWRITTEN_TAIL_BYTES`). An uncompre
 written cannot be told from one with black rows, and a stall past settle_s hands it over
 half written.
 
+A file that keeps changing is told of once at INFO (event "file_still_changing") when it has
+not settled for STILL_CHANGING_SETTLES times settle_s (at least STILL_CHANGING_MIN_S): a writer
+that never pauses that long is never taken. A file this process may not read (EACCES, EPERM:
+the camera's user wrote it with mode 0600) is no broken image: it is never quarantined but
+stays pending, read again every DENIED_RETRY_S, with a WARNING (event "file_unreadable") when
+first met and every DENIED_WARN_EVERY_S while it lasts, and an INFO once it can be read;
+`pending()` leaves it out (it waits for its permissions, not for the daemon: a batch run ends).
+
 Names may repeat: an arrival is identified by `file_key` (name, size, mtime in ns, inode) plus
 its content hash, so the same name written again is a new arrival. Arrival order is the order
 in which files were first seen (mtime, then name, for files found in the same scan); a file still
@@ -37,6 +45,15 @@ warnings that do) when first seen, and `skipped_files()` says how many the last 
 under another extension shows there, not as quarantined files). "Once" holds while the file
 stays and for the SKIPPED_GONE_MEMORY names last gone, so a status file the camera deletes and
 writes again is not logged each time; memory stays bounded by the folder's contents.
+
+So are the other entries never taken, each with its own reason (the line's "why"): a subfolder
+without `recursive` (told once as a folder, its files not listed), a symbolic link, to a file
+or to a folder, and a FIFO, socket or device. Links are not followed: a link is not the image
+(moving or deleting it after processing leaves the image where it was, to be taken again
+through another link), a write to its target does not change the link's own times (the
+settling would not see it), and the target may lie anywhere, outside the folder the daemon
+was given. Not told of: hidden and in-progress names, the daemon's own quarantine and
+archive, and folders holding IGNORE_MARKER.
 
 With `recursive`, files in subfolders count too (camera software that writes a folder per day or
 per line), tracked by their path below the hot folder; hidden folders, symbolic links to folders
@@ -105,12 +122,26 @@ IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload",
 SKIPPED_GONE_MEMORY = 4096
 #: One extension as `normalize_extensions` takes it: letters, digits, "_", "+", "-".
 _EXTENSION = re.compile(r"\.?[A-Za-z0-9_+-]+")
+#: Why an entry of the hot folder is left alone (`HotFolder.skipped_files`, the field "why" of
+#: its `file_skipped` line): its name has no extension taken, it is a symbolic link (to a
+#: file, or to a folder), a subfolder without `recursive`, or no file nor folder at all.
+EXTENSION, LINK, FOLDER_LINK, SUBFOLDER, SPECIAL = (
+    "extension", "link", "folder_link", "subfolder", "special"
+)  # fmt: skip
 #: Seconds between full scans (every file stat'ed) of a folder whose times say unchanged.
 FULL_SCAN_S = 5.0
 #: Seconds a file kept in the folder (`HotFolder.ignore`) is still stat'ed on every scan.
 RECENT_S = 60.0
 #: A folder modified less than this many ns before it was listed is listed again next scan.
 RACY_NS = 3_000_000_000
+
+#: A file still changing after this many settle times (and STILL_CHANGING_MIN_S) is told of.
+STILL_CHANGING_SETTLES = 10
+STILL_CHANGING_MIN_S = 5.0
+#: Seconds between reads of a file this process may not read (EACCES, EPERM), and between the
+#: WARNINGs saying so while it lasts.
+DENIED_RETRY_S = 2.0
+DENIED_WARN_EVERY_S = 300.0
 
 #: (mtime_ns, name below the hot folder, path, stat) of a file a scan looked at.
 _Found = tuple[int, str, Path, os.stat_result]
@@ -126,6 +157,8 @@ class Candidate:
         first_seen: unix s when the watcher first saw this version of the file.
         stable_since: monotonic s since when size and mtime have not changed.
         name: the file's path below the hot folder, "/"-separated; what the folder tracks it by.
+        seen: monotonic s when the watcher first saw it (it may have changed since).
+        told_changing: whether "still changing" was logged for it (`HotFolder._changing`).
     """
 
     path: Path
@@ -136,6 +169,8 @@ class Candidate:
     stable_since: float
     order: int = 0
     name: str = ""  # the path below the hot folder ("a.png", "2026-12-04/a.png"): its key
+    seen: float = 0.0  # monotonic s when this version was first seen
+    told_changing: bool = False  # "still changing" logged (`HotFolder._changing`)
 
 
 @dataclass(frozen=True)
@@ -156,6 +191,16 @@ class Ready:
     image: np.ndarray | None
     error: str | None
     read_s: float
+
+
+@dataclass(frozen=True)
+class _Denied:
+    """A tracked file this process may not read: since when, when to read it again and when
+    to warn again (monotonic s)."""
+
+    since: float
+    retry_at: float
+    warn_at: float
 
 
 def is_ignored_name(name: str) -> bool:
@@ -279,10 +324,11 @@ class HotFolder:
         self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
         self._next_order = 0
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
-        self._skipped: set[str] = set()  # names the last scan left alone (their extension)
+        self._denied: dict[str, _Denied] = {}  # tracked files we may not read (`_deny`)
+        self._skipped: dict[str, str] = {}  # names the last scan left alone -> why (EXTENSION...)
         # Skipped names already logged, oldest first: those in the folder, and up to
         # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
-        self._told: OrderedDict[str, None] = OrderedDict()
+        self._told: OrderedDict[str, str] = OrderedDict()  # name -> why it was left alone
         # Files kept in the folder lately, oldest first: name -> (path, monotonic s of `ignore`)
         self._recent: OrderedDict[str, tuple[Path, float]] = OrderedDict()
         # Each folder listed (or left for its ignore marker) -> `_folder_times` before listing
@@ -299,16 +345,18 @@ class HotFolder:
         self,
         folder: Path,
         failed: dict[str, str],
-        skipped: set[str],
+        skipped: dict[str, str],
         prefix: str = "",
     ) -> Iterator[tuple[str, Path, os.stat_result]]:
         """(name below the hot folder, path, stat) of every file to consider in `folder`.
 
         What cannot be listed or looked at is left out and noted in `failed` (its name below
         the hot folder, "" for the hot folder itself -> why), never raised: one bad folder must
-        not stop the others from being processed. Files the folder does not `accept` are left
-        out and their names added to `skipped`. Each folder's times are noted before it is
-        listed (`_note_folder`)."""
+        not stop the others from being processed. What is left alone is left out and its name
+        added to `skipped` with why: files the folder does not `accept` (EXTENSION),
+        symbolic links (LINK, FOLDER_LINK), subfolders without `recursive` (SUBFOLDER; not the
+        `exclude`d ones nor those holding IGNORE_MARKER), FIFOs, sockets and devices
+        (SPECIAL). Each folder's times are noted before it is listed (`_note_folder`)."""
         self._note_folder(folder)
         try:
             with os.scandir(folder) as listing:
@@ -323,28 +371,34 @@ class HotFolder:
         for entry in entries:
             if is_ignored_name(entry.name):
                 continue
+            name = prefix + entry.name
             try:
                 if entry.is_file(follow_symlinks=False):
                     if not self.accepts(entry.name):  # a companion file: Thumbs.db, a sidecar
-                        skipped.add(prefix + entry.name)
+                        skipped[name] = EXTENSION
                         continue
-                    name = prefix + entry.name
                     yield name, Path(entry.path), entry.stat(follow_symlinks=False)
-                elif (
-                    self.recursive
-                    and entry.is_dir(follow_symlinks=False)
-                    and Path(entry.path).resolve() not in self._exclude
-                ):
-                    if is_marked(entry.path):  # its times change when the marker goes
-                        self._note_folder(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    if Path(entry.path).resolve() in self._exclude:  # the daemon's own
                         continue
-                    yield from self._files(
-                        Path(entry.path), failed, skipped, f"{prefix}{entry.name}/"
-                    )
+                    if not self.recursive:  # (edge collect's output: not told of)
+                        if not is_marked(entry.path):
+                            skipped[name] = SUBFOLDER
+                    elif is_marked(entry.path):  # its times change when the marker goes
+                        self._note_folder(Path(entry.path))
+                    else:
+                        yield from self._files(Path(entry.path), failed, skipped, f"{name}/")
+                elif entry.is_symlink():  # never followed: see the module docstring
+                    if entry.is_dir():
+                        skipped[name] = FOLDER_LINK
+                    else:
+                        skipped[name] = LINK if self.accepts(entry.name) else EXTENSION
+                else:  # a FIFO, a socket, a device
+                    skipped[name] = SPECIAL
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                failed[prefix + entry.name] = _reason(exc)
+                failed[name] = _reason(exc)
 
     def _note_folder(self, folder: Path) -> None:
         """Note a folder's times as it is about to be listed (see `_folders_changed`); one
@@ -408,23 +462,26 @@ class HotFolder:
                      extra={"fields": {"event": "folder_readable", "path": path}})  # fmt: skip
         self._warned = dict(failed)
 
-    def _note_skipped(self, skipped: set[str], failed: dict[str, str]) -> None:
-        """Log each file left alone once (INFO, see the module docstring), and keep what
-        `skipped_files` reports. Files below a folder that could not be listed this scan
+    def _note_skipped(self, skipped: dict[str, str], failed: dict[str, str]) -> None:
+        """Log each entry left alone once (INFO, see the module docstring), and keep what
+        `skipped_files` reports. Entries below a folder that could not be listed this scan
         are taken to be still there, as tracked files are."""
         if failed:
-            skipped |= {name for name in self._skipped if _below_any(name, failed)}
-        for name in sorted(skipped - self._told.keys()):
+            skipped |= {name: why for name, why in self._skipped.items()
+                        if _below_any(name, failed)}  # fmt: skip
+        for name in sorted(skipped):
+            why = skipped[name]
+            if self._told.get(name) == why:
+                continue
             path = str(self.folder / name)
             extension = os.path.splitext(name)[1].lower() or "(none)"
             log.info(
-                f"{path}: left alone, not an image by its name ({extension}; taken: "
-                f"{' '.join(self.extensions or ())}); if the camera writes its images under "
-                "this extension, give it to --extensions",
-                extra={"fields": {"event": "file_skipped", "path": path,
+                f"{path}: left alone, {self._why_skipped(why, extension)}",
+                extra={"fields": {"event": "file_skipped", "path": path, "why": why,
                                   "extension": extension}},
             )  # fmt: skip
-            self._told[name] = None
+            self._told[name] = why
+            self._told.move_to_end(name)
         self._skipped = skipped
         excess = len(self._told) - len(skipped) - SKIPPED_GONE_MEMORY
         if excess > 0:  # forget the names gone longest ago (the oldest told first)
@@ -432,8 +489,29 @@ class HotFolder:
             for name in list(itertools.islice(gone, excess)):
                 del self._told[name]
 
+    def _why_skipped(self, why: str, extension: str) -> str:
+        """What the `file_skipped` line says after "left alone, " for an entry left alone
+        (`why`: EXTENSION, LINK, FOLDER_LINK, SUBFOLDER or SPECIAL)."""
+        if why == EXTENSION:
+            return (f"not an image by its name ({extension}; taken: "
+                    f"{' '.join(self.extensions or ())}); if the camera writes its images "
+                    "under this extension, give it to --extensions")  # fmt: skip
+        if why == LINK:
+            return ("a symbolic link: links are not followed (the daemon takes only files it "
+                    "can move or delete, and sees a file change by its own times); have the "
+                    "camera write or move the image itself into the folder")  # fmt: skip
+        if why == FOLDER_LINK:
+            return ("a symbolic link to a folder: links are not followed, nor entered with "
+                    "--recursive; move the folder in, or watch it with a daemon of its "
+                    "own")  # fmt: skip
+        if why == SUBFOLDER:
+            return ("a folder: the images in subfolders are taken only with --recursive "
+                    "(a folder holding a .splitdet-ignore file is never entered)")  # fmt: skip
+        return "not a regular file, nor a folder (a FIFO, socket or device)"
+
     def skipped_files(self) -> int:
-        """Files the last scan found and left alone: their name has no extension taken."""
+        """Entries the last scan found and left alone: files whose name has no extension
+        taken, symbolic links, subfolders without `recursive`, FIFOs, sockets, devices."""
         return len(self._skipped)
 
     def scan(self) -> None:
@@ -457,7 +535,7 @@ class HotFolder:
         seen: set[str] = set()
         found: list[_Found] = []
         failed: dict[str, str] = {}
-        skipped: set[str] = set()
+        skipped: dict[str, str] = {}
         for name, path, stat in self._files(self.folder, failed, skipped):
             seen.add(name)
             found.append((stat.st_mtime_ns, name, path, stat))
@@ -468,6 +546,7 @@ class HotFolder:
         for name in list(self._tracked):
             if name not in seen and not _below_any(name, failed):
                 del self._tracked[name]
+                self._denied.pop(name, None)
         for name in list(self._ignored):
             if name not in seen and not _below_any(name, failed):
                 del self._ignored[name]
@@ -486,15 +565,37 @@ class HotFolder:
             if tracked is not None:  # still being written: it settles again from now
                 tracked.size, tracked.mtime_ns, tracked.file_key = stat.st_size, mtime_ns, key
                 tracked.stable_since = now
+                self._changing(tracked, now)
                 continue
             self._tracked[name] = Candidate(
-                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order, name
+                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order, name, now
             )
             self._next_order += 1
 
+    def _changing(self, candidate: Candidate, now: float) -> None:
+        """A tracked file changed again before it settled: DEBUG, and INFO once when it has
+        kept changing for STILL_CHANGING_SETTLES times the settle time (at least
+        STILL_CHANGING_MIN_S) since it was first seen (event "file_still_changing"): a writer
+        that never pauses for --settle (a log, a preview rewritten in place) is never taken."""
+        path, changing_s = str(candidate.path), now - candidate.seen
+        log.debug(f"{path} changed, settles again",
+                  extra={"fields": {"event": "file_changing", "path": path,
+                                    "size": candidate.size}})  # fmt: skip
+        long = max(STILL_CHANGING_SETTLES * self.settle_s, STILL_CHANGING_MIN_S)
+        if candidate.told_changing or changing_s < long:
+            return
+        candidate.told_changing = True
+        log.info(
+            f"{path} is still changing after {changing_s:.0f} s: taken once its size and "
+            f"modification time stay the same for --settle {self.settle_s:g} s",
+            extra={"fields": {"event": "file_still_changing", "path": path,
+                              "changing_s": round(changing_s, 1)}},
+        )  # fmt: skip
+
     def pending(self) -> int:
-        """Files seen and not yet handed over for good."""
-        return len(self._tracked)
+        """Files seen and not yet handed over for good, but for those this process may not
+        read (`_deny`): they wait for a change of permissions, not for the daemon."""
+        return len(self._tracked) - len(self._denied)
 
     def next_candidate(self, skip: set[str] | None = None) -> Candidate | None:
         """The earliest-arrived file that has been stable for the settle period, or None.
@@ -504,6 +605,9 @@ class HotFolder:
         now = time.monotonic()
         for name, candidate in self._tracked.items():
             if skip and name in skip:
+                continue
+            denied = self._denied.get(name) if self._denied else None
+            if denied is not None and now < denied.retry_at:
                 continue
             if now - candidate.stable_since >= self.settle_s:
                 return candidate
@@ -523,9 +627,15 @@ class HotFolder:
             stat = candidate.path.stat()
         except FileNotFoundError:
             self._tracked.pop(candidate.name, None)
+            self._denied.pop(candidate.name, None)
+            return None
+        except PermissionError as exc:  # EACCES, EPERM: the folder's setup, not the image
+            self._deny(candidate, exc)
             return None
         except OSError as exc:
             data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
+        if candidate.name in self._denied:
+            self._allowed(candidate)
         if stat is not None and file_key(candidate.path, stat) != candidate.file_key:
             self.scan()  # written to meanwhile: settle again
             return None
@@ -547,14 +657,44 @@ class HotFolder:
             read_s=time.perf_counter() - start,
         )
 
+    def _deny(self, candidate: Candidate, exc: OSError) -> None:
+        """A file this process may not read (EACCES, EPERM: a camera writing as another user
+        with mode 0600, a security module): not the image's fault, so it is not quarantined
+        but kept pending and read again every DENIED_RETRY_S until it can be. A WARNING when
+        first met and every DENIED_WARN_EVERY_S while it lasts (event "file_unreadable")."""
+        now = time.monotonic()
+        denied = self._denied.get(candidate.name)
+        since, warn_at = (now, now) if denied is None else (denied.since, denied.warn_at)
+        if now >= warn_at:
+            path, reason = str(candidate.path), _reason(exc)
+            lasting = f" for {now - since:.0f} s" if denied is not None else ""
+            log.warning(
+                f"cannot read {path} ({reason}){lasting}: left where it is, not quarantined, "
+                f"and tried again every {DENIED_RETRY_S:g} s; let the daemon's user read it "
+                "(the camera writing it under another user, or with mode 0600?)",
+                extra={"fields": {"event": "file_unreadable", "path": path, "error": reason,
+                                  "denied_s": round(now - since, 1)}},
+            )  # fmt: skip
+            warn_at = now + DENIED_WARN_EVERY_S
+        self._denied[candidate.name] = _Denied(since, now + DENIED_RETRY_S, warn_at)
+
+    def _allowed(self, candidate: Candidate) -> None:
+        """A file `_deny` kept back could be read after all (INFO, event "file_readable")."""
+        denied = self._denied.pop(candidate.name)
+        path = str(candidate.path)
+        log.info(f"{path} can be read now, after {time.monotonic() - denied.since:.0f} s",
+                 extra={"fields": {"event": "file_readable", "path": path}})  # fmt: skip
+
     def forget(self, candidate: Candidate) -> None:
         """The file was handled (moved or deleted): stop tracking it."""
         self._tracked.pop(candidate.name, None)
+        self._denied.pop(candidate.name, None)
 
     def ignore(self, candidate: Candidate) -> None:
         """The file stays in the folder but is done: skip it until it changes (for `recent_s`
         it is stat'ed on every scan, later when its folder changed or at a full scan)."""
         self._tracked.pop(candidate.name, None)
+        self._denied.pop(candidate.name, None)
         self._ignored[candidate.name] = candidate.file_key
         self._recent[candidate.name] = (candidate.path, time.monotonic())
         self._recent.move_to_end(candidate.name)

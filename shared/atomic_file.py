@@ -27,14 +27,27 @@ __all__ = [
     "WriteError",
     "atomic_write",
     "disk_full",
+    "free_bytes",
     "replacing",
     "stale_temporaries",
     "write_problem",
 ]
 
 #: The temporary names `replacing` gives: "." + the target's name + "." + mkstemp's 8 random
-#: characters + ".tmp" (".last.pt.k2x9_q0a.tmp").
+#: characters + ".tmp" (".last.pt.k2x9_q0a.tmp"); a target's name cut to `_TEMP_TARGET_BYTES`
+#: so that the whole stays within the 255 bytes a file name may have.
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+_TEMP_TARGET_BYTES = 255 - len(".") - len(".k2x9_q0a.tmp")
+
+
+def _temp_target(name: str) -> str:
+    """`name` as a temporary name holds it: whole, or its longest start within
+    `_TEMP_TARGET_BYTES` bytes (never cutting a character in two)."""
+    raw = os.fsencode(name)
+    if len(raw) <= _TEMP_TARGET_BYTES:
+        return name
+    return os.fsdecode(raw[:_TEMP_TARGET_BYTES].decode("utf-8", "ignore").encode("utf-8"))
+
 
 #: Free bytes below which a file system counts as full when a write failed without saying why
 #: (torch.save's "unexpected pos"): a failed write stops short of the end by less than this.
@@ -102,7 +115,8 @@ def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) ->
         return
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{_temp_target(path.name)}."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -120,7 +134,7 @@ def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) ->
 def stale_temporaries(folder: Path | str, targets: Iterable[str]) -> list[Path]:
     """The temporary files `replacing` left in `folder` for the files named `targets` (a
     process killed while it wrote them); only that naming pattern, nothing else."""
-    names = set(targets)
+    names = {_temp_target(name) for name in targets}
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
@@ -133,15 +147,22 @@ def stale_temporaries(folder: Path | str, targets: Iterable[str]) -> list[Path]:
     return sorted(found)
 
 
-def disk_full(folder: Path | str) -> bool:
-    """Whether the file system holding `folder` has (next to) no space left for this process
-    (root may use the blocks reserved for it)."""
+def free_bytes(folder: Path | str) -> int | None:
+    """The bytes this process may still write on the file system holding `folder` (root may
+    use the blocks reserved for it); None when it cannot be told (os.statvfs failed)."""
     try:
         vfs = os.statvfs(folder)
     except OSError:
-        return False
+        return None
     free = vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail
-    return free * vfs.f_frsize < _FULL_BELOW
+    return free * vfs.f_frsize
+
+
+def disk_full(folder: Path | str) -> bool:
+    """Whether the file system holding `folder` has (next to) no space left for this process
+    (root may use the blocks reserved for it)."""
+    free = free_bytes(folder)
+    return free is not None and free < _FULL_BELOW
 
 
 def write_problem(path: Path | str, exc: BaseException) -> str:

@@ -17,6 +17,21 @@ no lock, as before there was one.
 `DirectoryLock` locks a folder that must not be written into (a camera's hot folder): the flock
 is on a read-only descriptor of the folder itself, and its holder's pid is read from
 /proc/locks (Linux), not from a file.
+
+Folders in folders: a holder that takes the files of the subfolders too (`subfolders`, the
+daemon's --recursive) must be alone in its whole tree. Each holder marks its folder with an
+open file description (OFD) read lock beside the flock, on the same descriptor: byte 0 says "a
+holder", byte 1 "one taking the subfolders too". A test for them (F_OFD_GETLK) takes nothing,
+so it cannot stand in another's way, and the kernel answers it whatever the user or the file
+system's device numbers; like the flock, the marks go with the holder's process (kill -9
+too), and closing another descriptor of the folder leaves them (unlike POSIX record locks). So
+a new holder looks, after taking its own lock, at its folder's ancestors (one of them marked
+"subfolders too" refuses it) and, taking subfolders itself, at every folder below (one marked
+at all refuses it). Each marks before it looks: of two starting at once, at least one sees the
+other. The holder's command line from /proc was the other way to tell: it fails for a daemon
+run in-process or through a wrapper, an abbreviated option (`--rec`), or another pid namespace
+(a container sharing the folder), where the locks still meet. Where OFD locks are missing
+(not Linux, a kernel before 3.15) only the folder itself is locked, as before.
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat as stat_mode
+import struct
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -109,7 +126,18 @@ def _open_lock_file(path: Path) -> TextIO:
 
 
 class FolderInUse(ValueError):
-    """Another process holds a `DirectoryLock` on the folder."""
+    """Another process holds a `DirectoryLock` on the folder, or on a folder the two may not
+    share (one above or below it: see the module docstring)."""
+
+
+#: The bytes of a locked folder its holder marks with OFD read locks (see the module docstring):
+#: "held by a DirectoryLock" and "by one that takes the subfolders' files too".
+_MARK_HOLDER = 0
+_MARK_SUBFOLDERS = 1
+#: struct flock as fcntl(2) takes it: l_type, l_whence, l_start, l_len, l_pid (native alignment).
+_FLOCK = "hhqqi4x"
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None)
 
 
 class DirectoryLock:
@@ -117,51 +145,125 @@ class DirectoryLock:
     into the folder), held until `release` or the process ends (the kernel drops it then, kill
     -9 included). The same folder reached through a symbolic link is the same lock.
 
+    With `subfolders`, the holder takes the files of the folders below too: no other holder
+    may lock any of them, nor may one lock a folder below a holder with `subfolders` (the
+    module docstring says how that is told).
+
     Args:
         folder: the folder to lock.
         option: the option that chose it, as messages name it ("--watch").
         writer: what holds such locks, as the refusal names it ("`splitdet edge run`").
         rule: what the refusal says holds ("one daemon per hot folder").
+        subfolders: the option that has this holder take the subfolders' files too, as
+            messages name it ("--recursive"); None: only the folder's own files.
 
     Raises:
-        FolderInUse: another process (or another lock in this one) holds it; the message
-            names its pid when /proc/locks tells it.
+        FolderInUse: another process (or another lock in this one) holds it, a folder it lies
+            in that holds with `subfolders`, or, with `subfolders`, a folder below it; the
+            message names that folder and its holder's pid when /proc/locks tells it.
         ValueError: the folder cannot be opened. A file system that cannot lock a folder (NFS
             without lockd, or emulating flock with byte-range locks) gets a warning, no lock.
     """
 
-    def __init__(self, folder: Path, option: str, writer: str, rule: str) -> None:
+    def __init__(
+        self, folder: Path, option: str, writer: str, rule: str, subfolders: str | None = None
+    ) -> None:
         self.folder = Path(folder)
+        self.option, self.writer, self.rule, self.subfolders = option, writer, rule, subfolders
         self._fd: int | None = None
         try:
-            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            self._fd = self._take()
         except OSError as exc:
             raise ValueError(
                 f"{option} {self.folder}: cannot open ({exc.strerror or exc})"
             ) from None
+
+    def _take(self) -> int | None:
+        """Lock the folder the path names now: its descriptor, or None on a file system that
+        cannot lock (warned). FolderInUse when it or a folder above or below it may not be
+        held; OSError when it cannot be opened."""
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = flock_holder(fd)
+            who = _who(flock_holder(fd))
             os.close(fd)
-            who = f"pid {holder}" if holder else "pid unknown; `lslocks` names it"
             raise FolderInUse(
-                f"{option} {self.folder} is in use by another {writer} ({who}); {rule}"
+                f"{self.option} {self.folder} is in use by another {self.writer} ({who}); "
+                f"{self.rule}"
             ) from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP, EBADF (NFS: a write lock needs a writer)
             os.close(fd)
             log.warning(
                 "%s %s: its file system cannot lock it (%s); going on without the lock, so "
                 "make sure no other %s uses it at the same time (%s)",
-                option, self.folder, exc.strerror or exc, writer, rule,
+                self.option, self.folder, exc.strerror or exc, self.writer, self.rule,
             )  # fmt: skip
+            return None
+        try:
+            _mark(fd, self.subfolders is not None)  # before looking: see the module docstring
+            self._refuse_nesting()
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _refuse_nesting(self) -> None:
+        """FolderInUse when a folder this one lies in is held by a holder taking subfolders
+        too, or, taking subfolders itself, when a folder below it is held at all."""
+        real = Path(os.path.realpath(self.folder))
+        for above in real.parents:
+            who = _marked_by_another(above, _MARK_SUBFOLDERS)
+            if who is not None:
+                raise FolderInUse(
+                    f"{self.option} {self.folder} lies in {above}, the {self.option} of another "
+                    f"{self.writer} ({who}) that takes its subfolders too: both would take "
+                    f"every file in it; {self.rule}"
+                )
+        if self.subfolders is None:
             return
-        self._fd = fd
+        found = next(_held_below(real), None)
+        if found is not None:
+            below, who = found
+            raise FolderInUse(
+                f"{self.option} {self.folder} {self.subfolders}: its subfolder {below} is the "
+                f"{self.option} of another {self.writer} ({who}), and both would take every "
+                f"file in it; {self.rule}"
+            )
 
     @property
     def held(self) -> bool:
         """Whether the lock is held (False after `release`, or on a file system without locks)."""
         return self._fd is not None
+
+    def follow(self) -> bool:
+        """Lock the folder the path names now when that is another folder than the one held:
+        the folder was removed and made again (or another moved into its place) since. True
+        when the lock moved to it (the old one dropped); False when the path names the folder
+        held, names no folder now (the old lock is kept until one is there), or no lock is
+        held. One stat and one fstat when nothing changed.
+
+        Raises:
+            FolderInUse: another holds the new folder (or one above or below it that it may
+                not share); the old lock is kept, and the caller must stop using the folder.
+        """
+        if self._fd is None:
+            return False
+        try:
+            now, held = os.stat(self.folder), os.fstat(self._fd)
+        except OSError:  # gone for now (an unmounted share): the watcher says so
+            return False
+        same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        if same or not stat_mode.S_ISDIR(now.st_mode):
+            return False
+        try:
+            fd = self._take()
+        except OSError:  # replaced again meanwhile, or not readable yet: tried again later
+            return False
+        old, self._fd = self._fd, fd
+        with suppress(OSError):
+            os.close(old)
+        return True
 
     def release(self) -> None:
         """Drop the lock."""
@@ -174,22 +276,122 @@ class DirectoryLock:
         self.release()
 
 
+def _who(pid: int | None) -> str:
+    """A lock's holder as a refusal names it."""
+    return f"pid {pid}" if pid else "pid unknown; `lslocks` names it"
+
+
+def _mark(fd: int, subfolders: bool) -> None:
+    """Mark the locked folder open as `fd` as held (and taking subfolders): OFD read locks on
+    bytes 0 (and 1), dropped with the descriptor. Best effort: without OFD locks (not Linux,
+    a kernel before 3.15) the folder is locked, not marked."""
+    if _OFD_SETLK is None:
+        return
+    length = 2 if subfolders else 1
+    with suppress(OSError):
+        fcntl.fcntl(fd, _OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, 0, length, 0))
+
+
+def _marked(fd: int, mark: int) -> bool | None:
+    """Whether another open file description marks the folder open as `fd` with `mark` (a
+    test: nothing is taken); None when it cannot be told."""
+    if _OFD_GETLK is None:
+        return None
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, mark, 1, 0)
+    try:
+        answer = fcntl.fcntl(fd, _OFD_GETLK, query)
+    except OSError:
+        return None
+    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def _marked_by_another(folder: Path, mark: int) -> str | None:
+    """Who holds `folder` with `mark` ("pid N"), or None when no one does or it cannot be
+    told. A folder this user may pass through but not read (mode 0711) cannot be opened to
+    ask: /proc/locks answers for it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        try:
+            stat = os.stat(folder)
+        except OSError:
+            return None
+        lines = _proc_locks(stat)
+        if not any(_marks(fields, mark) for fields in lines):
+            return None
+        return _who(_flock_pid(lines))
+    try:
+        if not _marked(fd, mark):
+            return None
+        return _who(flock_holder(fd))
+    finally:
+        os.close(fd)
+
+
+def _held_below(root: Path) -> Iterator[tuple[Path, str]]:
+    """(folder, who holds it) of each folder below `root` held by a DirectoryLock, at any
+    depth (symbolic links are not followed; folders that cannot be listed are passed over)."""
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as listing:
+                folders = sorted(Path(e.path) for e in listing if _is_folder(e))
+        except OSError:
+            continue
+        for folder in folders:
+            who = _marked_by_another(folder, _MARK_HOLDER)
+            if who is not None:
+                yield folder, who
+        stack.extend(reversed(folders))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether a listed entry is a folder itself (not a link to one); False if unknown."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def flock_holder(fd: int) -> int | None:
     """The pid holding a flock on the file open as `fd`, from /proc/locks (Linux); None when it
     cannot be told (no /proc, another pid namespace, a file system whose stat device is not
     the one /proc/locks shows: btrfs subvolumes, overlayfs)."""
     try:
         stat = os.fstat(fd)
+    except OSError:
+        return None
+    return _flock_pid(_proc_locks(stat))
+
+
+def _proc_locks(stat: os.stat_result) -> list[list[str]]:
+    """The fields of each /proc/locks line of the file `stat` describes (none without
+    /proc). "1: FLOCK  ADVISORY  WRITE 4321 fe:00:2155708 0 EOF": its kind, then the pid, then
+    major:minor (hex):inode, then the first and last byte; a lock waited for has a "->" more,
+    and is left out."""
+    try:
         with open("/proc/locks", encoding="ascii", errors="replace") as locks:
             lines = locks.read().splitlines()
     except OSError:
-        return None
-    # "1: FLOCK  ADVISORY  WRITE 4321 fe:00:2155708 0 EOF": pid, then major:minor (hex):inode
+        return []
     where = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+    rows = (line.split() for line in lines)
+    return [fields for fields in rows if len(fields) >= 8 and fields[5] == where]
+
+
+def _flock_pid(lines: list[list[str]]) -> int | None:
+    """The pid of the flock among `_proc_locks` lines, or None."""
+    for fields in lines:
+        if fields[1] == "FLOCK":
             pid = int(fields[4]) if fields[4].isdigit() else 0
             if pid > 0:
                 return pid
     return None
+
+
+def _marks(fields: list[str], mark: int) -> bool:
+    """Whether a `_proc_locks` line is an OFD read lock covering byte `mark`."""
+    if fields[1] != "OFDLCK" or fields[3] != "READ" or not fields[6].isdigit():
+        return False
+    last = fields[7]
+    return int(fields[6]) <= mark and (last == "EOF" or (last.isdigit() and mark <= int(last)))

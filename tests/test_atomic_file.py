@@ -65,3 +65,20 @@ def test_a_link_or_a_fifo_is_written_through_not_replaced(tmp_path):
     atomic_write(fifo, '{"map": 0.5}\n')
     reader.join(10)
     assert got == ['{"map": 0.5}\n'] and not fifo.is_file()
+
+
+def test_a_name_near_the_file_systems_limit_is_written_and_its_leftover_found(tmp_path):
+    """The temporary name adds 14 bytes to the target's: a 250-byte name made it 264, over
+    the 255 a file name may have ("File name too long")."""
+    from splitdet.shared.atomic_file import stale_temporaries
+
+    name = "é" * 120 + "n" * 5 + ".jpg"  # 249 bytes in UTF-8
+    atomic_write(tmp_path / name, b"whole")
+    assert (tmp_path / name).read_bytes() == b"whole"
+    with pytest.raises(RuntimeError), replacing(tmp_path / name) as tmp:
+        temporary = tmp.name
+        raise RuntimeError
+    assert len(os.fsencode(temporary)) <= 255 and not (tmp_path / temporary).exists()
+    (tmp_path / temporary).write_bytes(b"half")  # as a writer killed mid-write leaves it
+    assert stale_temporaries(tmp_path, [name]) == [tmp_path / temporary]
+    assert stale_temporaries(tmp_path, ["other.jpg"]) == []

@@ -30,11 +30,12 @@ def _arrival(n: int, path: str) -> Arrival:
 
 
 def _aged(db, ids, days: float) -> None:
-    """Make rows look finished `days` ago."""
+    """Make rows look finished `days` ago, by the wall clock and the boot clock alike (a prune
+    keeps a row of this boot that only the wall clock calls old: test_edge_prune_clock.py)."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.executemany(
-            "UPDATE images SET finished = ? WHERE id = ?",
-            [(time.time() - days * DAY, i) for i in ids],
+            "UPDATE images SET finished = ?, finished_boot_s = finished_boot_s - ? WHERE id = ?",
+            [(time.time() - days * DAY, days * DAY, i) for i in ids],
         )
         conn.commit()
 

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,3 +116,57 @@ def test_a_folder_lock_is_one_per_folder_and_writes_nothing_there(tmp_path):
     assert not list(folder.iterdir())
     first.release()
     assert DirectoryLock(tmp_path / "link", "--watch", "`splitdet edge run`", "x").held
+
+
+HOLD_WITH_SUBFOLDERS = """
+import sys, time
+from splitdet.shared.folder_lock import DirectoryLock
+lock = DirectoryLock(sys.argv[1], "--watch", "`splitdet edge run`", "one daemon per hot folder",
+                     subfolders="--recursive")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+TAKE_BELOW = """
+import os, sys
+from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
+try:
+    os.open(sys.argv[2], os.O_RDONLY | os.O_DIRECTORY)
+    print("the folder above can be read")
+except PermissionError:
+    pass
+try:
+    DirectoryLock(sys.argv[1], "--watch", "`splitdet edge run`", "one daemon per hot folder")
+    print("held")
+except FolderInUse as exc:
+    print(exc)
+"""
+
+
+def test_a_folder_below_one_held_with_subfolders_is_refused_when_that_one_is_unreadable(
+    tmp_path,
+):
+    """The folder above may be one this user can pass through but not read (mode 0711,
+    another owner): it cannot be opened to ask whether its holder takes subfolders, and
+    /proc/locks answers instead (before: no check at all, both daemons took every file)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root (to give the folder to another owner) and setpriv")
+    above, below = tmp_path / "W", tmp_path / "W" / "line1"
+    below.mkdir(parents=True)
+    os.chown(above, 65534, 65534)
+    above.chmod(0o711)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WITH_SUBFOLDERS, str(above)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]  # reads as users do
+        taken = subprocess.run([*no_dac, sys.executable, "-c", TAKE_BELOW, str(below), str(above)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert taken.stdout.strip() == (
+        f"--watch {below} lies in {above}, the --watch of another `splitdet edge run` "
+        f"(pid {holder.pid}) that takes its subfolders too: both would take every file in it; "
+        "one daemon per hot folder"
+    ), taken.stdout + taken.stderr

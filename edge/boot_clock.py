@@ -1,0 +1,40 @@
+"""Time since boot, which no setting of the wall clock moves (torch-free, Linux).
+
+    boot = boot_clock()           # BootClock("e99fb216-...", 2088.76) or None off Linux
+    boot.boot_id, boot.seconds    # this boot's id, seconds since it (suspend included)
+
+The results store stamps each final result with it beside its wall-clock time, so that a prune
+can tell a result that is old from one whose wall-clock stamp is old because the clock was
+behind when it was written: an edge without a real-time-clock battery boots with a stale time
+until NTP steps it forward, and a `--keep-results` prune then would delete minutes-old results
+as months old. Within one boot, `seconds` differences are true elapsed time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Linux's random id of the running boot: differs after every reboot.
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass(frozen=True)
+class BootClock:
+    """This boot's id and the seconds since it began (CLOCK_BOOTTIME)."""
+
+    boot_id: str
+    seconds: float
+
+
+def boot_clock() -> BootClock | None:
+    """Now on the boot clock, or None where the system has none (not Linux)."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is None:
+        return None
+    try:
+        boot_id = BOOT_ID_FILE.read_text(encoding="ascii").strip()
+        return BootClock(boot_id, time.clock_gettime(clock)) if boot_id else None
+    except (OSError, UnicodeDecodeError):
+        return None
