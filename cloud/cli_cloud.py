@@ -44,6 +44,7 @@ OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "max_message_mib": (1, 2047),  # gRPC's bound is a signed 32-bit byte count
     "max_decoded_mib": (1, None),
     "grace": (0, 3600),
+    "max_call": (1, 86_400),
     "metrics_port": (0, 65535),
     "answers_cap": (0, None),
     "forget_edges_after": (0.01, 87_600),  # hours: 36 s to 10 years
@@ -56,6 +57,15 @@ example:
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls get
 --grace seconds to finish, then the process exits 0. SIGUSR1 logs every thread's stack (what a
 server that seems stuck waits on) and the server goes on.
+
+Bounds on calls: each kind has its threads (Detect: --max-concurrent + --max-queued + 8;
+GetManifest: 8; health checks and token refusals: 32); a call holds one from its headers on,
+also while its request arrives, and a call finding them all held is refused at once with
+RESOURCE_EXHAUSTED (splitdet_cloud_rpc_threads_exhausted{pool}, a threads_exhausted log line;
+held threads: splitdet_cloud_rpc_threads_busy{pool}). A connection takes new calls for 5 min
+(+ up to 10%), then is closed gracefully (clients reconnect) and its calls get --max-call
+seconds to finish: a call that never sends its request holds its thread for at most about
+5.5 min + --max-call.
 """
 
 
@@ -168,6 +178,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="on shutdown, time in-flight calls get to finish, 0-3600 (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-call",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="the longest a call may last once its connection is being closed (each is closed "
+        "gracefully after 5 min; clients reconnect), 1-86400: also bounds how long a call that "
+        "never sends its request holds a thread (about 5.5 min + this). Keep it above the "
+        "edges' --timeout (default 60 s), or their longest calls may be cut "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--tls-cert",
         type=Path,
         metavar="PEM",
@@ -202,9 +223,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default=None,
         metavar="HOST",
-        help="address of the metrics endpoint (default: %(default)s)",
+        help="address of the metrics endpoint (default: the host of --listen, so a server "
+        "listening on 127.0.0.1 shows its metrics to this machine only; 0.0.0.0 exposes them "
+        "to every interface)",
     )
     parser.add_argument(
         "--forget-edges-after",
@@ -259,6 +282,8 @@ def check_options(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and low <= value <= (high or math.inf)):
             span = f"{low}-{high}" if high is not None else f">= {low}"
             raise CommandError(f"--{name.replace('_', '-')} must be {span}, got {value}")
+    if args.metrics_host is None:  # the host --listen serves gRPC on
+        args.metrics_host = split_host_port(args.listen, "--listen")[0]
     problem = host_problem(args.metrics_host)
     if problem:
         raise CommandError(f"--metrics-host: {problem}")
@@ -389,6 +414,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             max_message_bytes=args.max_message_mib * MIB,
             max_decoded_bytes=args.max_decoded_mib * MIB,
             grace_s=args.grace,
+            max_call_s=args.max_call,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,

@@ -36,8 +36,15 @@ from splitdet.shared.codec import (
     decode,
     expected_level_shapes,
 )
+from splitdet.shared.config import MAX_INPUT_SIDE
 from splitdet.shared.detection import Detection, ImageMeta
-from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, ManifestError, read_manifest
+from splitdet.shared.manifest import (
+    CLOUD_WEIGHTS,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    read_manifest,
+)
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.shared.spec import LEVEL_NAMES, MAX_ORIGINAL_SIDE, padded_size
 
@@ -47,7 +54,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_ID_CHARS = 128
 #: Largest image side accepted after the model's resize, px (before it: MAX_ORIGINAL_SIDE).
 #: Sanity bounds only: the model's own input size and the decoded-bytes bound limit the work.
-MAX_RESIZED_SIDE = 1 << 13
+#: A model's min_size and max_size are at most the same (`ModelConfig`).
+MAX_RESIZED_SIDE = MAX_INPUT_SIDE
 #: State-dict prefixes the cloud's weights file holds, and those it may lack (the edge's part).
 CLOUD_PREFIXES = ("rpn.", "roi_heads.")
 EDGE_PREFIXES = ("backbone.", "defect_head.")
@@ -126,6 +134,10 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
     the RPN and ROI heads' parameters: anything missing from them, or any key outside them, is
     refused rather than half-loaded.
 
+    Whatever goes wrong (the manifest, building the model its configuration describes, the
+    weights) is a ManifestError naming the file: the caller skips this directory, not the
+    others, and shows one line, not a traceback.
+
     Raises:
         ManifestError: the directory, its manifest or its weights cannot be served.
     """
@@ -141,18 +153,35 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
     foreign = sorted(k for k in state if not str(k).startswith(CLOUD_PREFIXES))
     if foreign:
         raise ManifestError(f"{weights_path}: unexpected keys outside {CLOUD_PREFIXES}: {foreign}")
-    model = MultiTaskRCNN(manifest.model_config)
+    try:
+        model = MultiTaskRCNN(manifest.model_config)
+    except Exception as exc:  # a configuration torch cannot build (what its checks let through)
+        raise ManifestError(
+            f"{model_dir / MANIFEST_NAME}: its model_config cannot be built ({_one_line(exc)})"
+        ) from None
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ManifestError(f"{weights_path}: does not fit the manifest's model ({exc})") from exc
+    except Exception as exc:  # shape mismatches, tensors of the wrong kind
+        raise ManifestError(
+            f"{weights_path}: does not fit the manifest's model ({_one_line(exc)})"
+        ) from None
     missing = sorted(k for k in result.missing_keys if not k.startswith(EDGE_PREFIXES))
     if missing or result.unexpected_keys:
         raise ManifestError(
             f"{weights_path}: missing keys {missing}, unexpected keys {result.unexpected_keys}"
         )
-    model.eval()
-    return CloudHalf(model).eval(), manifest
+    try:
+        return CloudHalf(model.eval()).eval(), manifest
+    except Exception as exc:  # (what the model's split could not take)
+        raise ManifestError(f"{model_dir}: cannot be served ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException, limit: int = 1000) -> str:
+    """`exc` as one line of at most `limit` characters: its type and its message's lines
+    joined (torch's messages run over several lines, and long)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def request_digest(call: DetectCall) -> str:

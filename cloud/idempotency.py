@@ -11,14 +11,27 @@ was set (application_id 0, one `answers` table) is recognised by its table and m
 SQLite file (another program's, an edge store: a typo in --answers-db) is refused before anything
 is written to it (`NotAnswersDatabase`); an empty one becomes the store.
 
+Answers are scoped by the caller (`answers_scope`): with bearer tokens, each token's callers
+have their own request ids, so one token holder cannot claim (and poison) an id another edge will
+send. A scoped answer is kept under the key "SCOPE\x1fREQUEST_ID" (`scoped_key`; SCOPE is
+`scope_of_token`'s digest of the token, never the token), an unscoped one (no token configured)
+under the bare request id: a file written before scopes existed keeps working as it is (its
+answers are the shared scope's), with no change of schema. A request id is printable text, so
+no bare id can equal a scoped key. An edge re-sending after its token changed is in a new scope:
+its request is computed again.
+
 Thread-safe: one connection behind a lock (writes are tiny; SQLite serialises them anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +45,7 @@ APPLICATION_ID = 0x53504341
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order, for eviction
-    request_id  TEXT NOT NULL UNIQUE,
+    request_id  TEXT NOT NULL UNIQUE,               -- the request id, scoped (scoped_key)
     fingerprint TEXT NOT NULL,                      -- model that computed the answer
     digest      TEXT NOT NULL,                      -- hash of the request it answers
     payload     BLOB NOT NULL,                      -- the serialized answer
@@ -43,6 +56,36 @@ CREATE TABLE IF NOT EXISTS answers (
 _COLUMNS = frozenset({"seq", "request_id", "fingerprint", "digest", "payload", "created"})
 _REFUSED = "give another --answers-db; this one is left as it is"
 _KNOWN = {EDGE_APPLICATION_ID: "a splitdet edge store (the --db of `splitdet edge run`)"}
+
+
+#: The scope of the answers the current call stores and reads ("": the shared scope). Set per
+#: call by `answers_scope`; a ContextVar, so each gRPC handler thread sees its own call's.
+_SCOPE: ContextVar[str] = ContextVar("splitdet_answers_scope", default="")
+#: Separates a scope from the request id in a scoped key (a request id is printable: never in it).
+SCOPE_SEPARATOR = "\x1f"
+
+
+def scope_of_token(token: str) -> str:
+    """The answers scope of the callers holding `token` (the bearer token, or the whole
+    authorization value): 32 hex digits of a domain-separated SHA-256, so the store never
+    holds the token itself."""
+    return hashlib.sha256(b"splitdet answers scope\0" + token.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def answers_scope(scope: str) -> Iterator[None]:
+    """Within the block, this thread's store reads and writes are in `scope` ("": shared)."""
+    reset = _SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(reset)
+
+
+def scoped_key(request_id: str, scope: str | None = None) -> str:
+    """The key `request_id` is stored under in `scope` (default: the current one)."""
+    scope = _SCOPE.get() if scope is None else scope
+    return f"{scope}{SCOPE_SEPARATOR}{request_id}" if scope else request_id
 
 
 class NotAnswersDatabase(sqlite3.DatabaseError):
@@ -133,21 +176,23 @@ class IdempotencyStore:
             )
 
     def get(self, request_id: str) -> StoredAnswer | None:
-        """The stored answer for `request_id`, or None."""
+        """The stored answer for `request_id` in the current scope (`answers_scope`), or None."""
+        key = scoped_key(request_id)
         with self._lock:
             row = self._db.execute(
-                "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?",
-                (request_id,),
+                "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?", (key,)
             ).fetchone()
         return None if row is None else StoredAnswer(row[0], row[1], bytes(row[2]))
 
     def put(self, request_id: str, answer: StoredAnswer) -> None:
-        """Store (or replace) the answer for `request_id`, then evict beyond the capacity."""
+        """Store (or replace) the answer for `request_id` in the current scope
+        (`answers_scope`), then evict beyond the capacity."""
+        key = scoped_key(request_id)
         with self._lock, immediate(self._db) as db:  # (a full disk's cause is raised on)
             cursor = db.execute(
                 "INSERT OR REPLACE INTO answers"
                 " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
-                (request_id, answer.fingerprint, answer.digest, answer.payload, time.time()),
+                (key, answer.fingerprint, answer.digest, answer.payload, time.time()),
             )
             # seq grows by one per insert, so this keeps at most the newest `capacity` rows
             # (fewer when some were replaced) without counting the table.

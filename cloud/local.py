@@ -15,6 +15,13 @@ class LocalDetector:
     """Runs the same `DetectionCore` the server runs, on the same encoded features."""
 
     def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+        """Load `model_dir`'s cloud half (`core.load_cloud`), on `threads` torch threads.
+
+        Raises:
+            ManifestError: the export cannot be served (its manifest, a model_config field out
+                of its type or range, a model torch cannot build, its weights); the message
+                names the file.
+        """
         import torch
 
         if threads:

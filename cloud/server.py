@@ -37,6 +37,7 @@ from splitdet.cloud.servicer import (
     FORGET_EDGES_S,
     SERVICE_NAME,
     AcceptedTokens,
+    CallGuard,
     DetectionServicer,
     ServerMetrics,
     TokenInterceptor,
@@ -61,6 +62,24 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
 #: callers that never finish sending a request can use up their method's threads (until their
 #: deadline), never the health checks'.
 SPARE_RPC_THREADS = 8
+#: Threads of the server's own pool: health checks, reflection, refusals of a missing token.
+#: Many, so that callers stalling health checks (exempt from the token) must open many calls
+#: before a probe is refused; each pool's calls beyond its threads are refused at once with
+#: RESOURCE_EXHAUSTED (servicer.CallGuard), never left waiting for a thread.
+SERVER_RPC_THREADS = 32
+#: Threads refusing calls beyond their pool's threads (each refusal ends at once).
+REFUSAL_THREADS = 2
+#: Calls gRPC itself takes at once (beyond them: RESOURCE_EXHAUSTED before any pool), above
+#: what the pools hold: a backstop bounding the refusals waiting for a refusal thread.
+REFUSALS_AT_ONCE = 64
+#: Seconds a connection serves new calls (gRPC adds up to 10% jitter); then it is closed
+#: gracefully (GOAWAY: clients reconnect without a failed call) and the calls on it get
+#: --max-call seconds to finish before they are cancelled: a call that never sends its request
+#: holds its thread for at most about MAX_CONNECTION_AGE_S * 1.1 + --max-call.
+MAX_CONNECTION_AGE_S = 300.0
+#: Default --max-call, seconds: above the edge's default --timeout (60 s) with room for its
+#: wait for a slot (--queue-wait, 30 s).
+MAX_CALL_S = 120.0
 
 
 def all_cores() -> int:
@@ -101,6 +120,10 @@ class ServerConfig:
         forget_edges_s: seconds after its last call an edge loses its per-edge series.
         keepalive_s: the server pings a connection after this many seconds without a frame
             from it, ...
+        max_connection_age_s: a connection takes new calls this long (MAX_CONNECTION_AGE_S)...
+        max_call_s: ... then its calls get this long to finish before they are cancelled: a
+            call holds a thread for at most about their sum (one that never sends its request
+            included), and a call running longer than max_call_s may be cut.
         keepalive_timeout_s: ... and closes it, cancelling its calls, when a ping of its stays
             unanswered this many seconds (gRPC's ping timeout; it bounds the bandwidth probes'
             pings too, so it stays at gRPC's own 60 s by default). A caller cut off mid-request
@@ -127,12 +150,14 @@ class ServerConfig:
     token_file: Path | None = None
     reflection: bool = False
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     answers_db: Path = Path("splitdet-cloud-answers.sqlite")
     answers_capacity: int = 100_000
     forget_edges_s: float = FORGET_EDGES_S
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 60.0
+    max_connection_age_s: float = MAX_CONNECTION_AGE_S
+    max_call_s: float = MAX_CALL_S
     debug_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -162,6 +187,8 @@ class ServerConfig:
             raise ValueError("forget_edges_s must be a positive number of seconds")
         if not all(0.001 <= s <= 86_400 for s in (self.keepalive_s, self.keepalive_timeout_s)):
             raise ValueError("keepalive_s and keepalive_timeout_s must be in [0.001, 86400]")
+        if not all(0.001 <= s <= 86_400 for s in (self.max_connection_age_s, self.max_call_s)):
+            raise ValueError("max_connection_age_s and max_call_s must be in [0.001, 86400]")
 
     @property
     def security(self) -> str:
@@ -198,6 +225,12 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
         # gRPC sends two pings at most on a connection with no data to send.
         ("grpc.http2.max_pings_without_data", 0),
+        # A connection takes new calls for max_connection_age_s, then is closed gracefully
+        # (GOAWAY: the client reconnects for its next call) and its calls get max_call_s to end
+        # before they are cancelled. Keepalive never ends a call that sends headers and then
+        # nothing (its connection answers pings): this bounds how long it holds a thread.
+        ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(config.max_call_s * 1000)),
         # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.
         ("grpc.so_reuseport", 0),
     ]
@@ -339,9 +372,12 @@ def gather_models(
                 model_dir / PUBLISHING_MARKER
             ).exists():  # loaded from another directory, or a re-export killed midway in it
                 read_manifest(model_dir)  # verify this one
-        except (ManifestError, OSError) as exc:
+        except Exception as exc:  # whatever one export's loading raises is that export's
+            if not isinstance(exc, (ManifestError, OSError)):
+                what = f"{type(exc).__name__}: {exc}"
+                exc = ManifestError(f"{model_dir}: cannot be served ({what})")
             if is_named and strict:
-                raise
+                raise exc from None
             problem = f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
             # a named folder, or one a re-export was killed in, keeps the export it served
             interrupted = (model_dir / PUBLISHING_MARKER).exists()
@@ -396,25 +432,38 @@ class CloudServer:
             core, self.metrics, config.max_concurrent, config.debug_delay_s,
             max_queued=config.max_queued, max_queue_wait_s=config.max_queue_wait_s,
             max_message_bytes=config.max_message_bytes,
+            scope_by_token=bool(config.token or config.token_file),
         )  # fmt: skip
         self.tokens = (
             AcceptedTokens(config.token, config.token_file)
             if config.token or config.token_file
             else None
         )
-        interceptors = [TokenInterceptor(self.tokens, self.metrics)] if self.tokens else []
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(SPARE_RPC_THREADS, thread_name_prefix="splitdet-rpc"),
-            interceptors=interceptors,
-            options=grpc_options(config),
-        )
+        # a waiting call holds its thread; the spare ones refuse calls beyond the queue
+        detect_workers = config.max_concurrent + config.max_queued + SPARE_RPC_THREADS
         detect_threads = futures.ThreadPoolExecutor(
-            # a waiting call holds its thread; the spare ones refuse calls beyond the queue
-            max_workers=config.max_concurrent + config.max_queued + SPARE_RPC_THREADS,
-            thread_name_prefix="splitdet-detect",
+            max_workers=detect_workers, thread_name_prefix="splitdet-detect"
         )
         manifest_threads = futures.ThreadPoolExecutor(
             SPARE_RPC_THREADS, thread_name_prefix="splitdet-manifest"
+        )
+        self._refusal_threads = futures.ThreadPoolExecutor(
+            REFUSAL_THREADS, thread_name_prefix="splitdet-refuse"
+        )
+        pools = {
+            "server": (None, SERVER_RPC_THREADS),
+            "detect": (detect_threads, detect_workers),
+            "manifest": (manifest_threads, SPARE_RPC_THREADS),
+        }
+        # the guard first: it counts every call, those the token refuses too
+        interceptors = [CallGuard(self.metrics, pools, self._refusal_threads)]
+        if self.tokens:
+            interceptors.append(TokenInterceptor(self.tokens, self.metrics))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(SERVER_RPC_THREADS, thread_name_prefix="splitdet-rpc"),
+            interceptors=interceptors,
+            options=grpc_options(config),
+            maximum_concurrent_rpcs=sum(limit for _, limit in pools.values()) + REFUSALS_AT_ONCE,
         )
         self.servicer.add_to_server(self._server, detect_threads, manifest_threads)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -652,12 +701,21 @@ def serve(
         while not stop.wait(0.1):
             if reload.is_set():
                 reload.clear()
+                reloaded = False
                 try:
                     server.reload()
+                    reloaded = True
                     if on_reload is not None:
                         on_reload(server)
-                except Exception:  # never the end of serving: the exports stay as they were
-                    log.exception("reload failed; serving as before")
+                except Exception as exc:  # never the end of serving: the exports stay
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.error("%s (%s)", "reloaded, but what follows it failed" if reloaded
+                              else "reload failed; serving as before", error,
+                              extra={"fields": {"event": "reload_failed",
+                                                "error": error}})  # fmt: skip
+                    log.debug("reload failed", exc_info=True)  # (the traceback, for a bug)
+                    if not reloaded:  # (counted by the reload itself otherwise)
+                        server.metrics.reloads.labels("refused").inc()
         name = signal.Signals(received[0]).name if received else "stop"
         log.info("%s: draining for up to %.1f s", name, config.grace_s,
                  extra={"fields": {"event": "draining", "signal": name,

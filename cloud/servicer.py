@@ -26,14 +26,16 @@ import contextlib
 import functools
 import hmac
 import logging
+import math
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -48,6 +50,7 @@ from splitdet.cloud.core import (
     FingerprintMismatch,
     InvalidRequest,
 )
+from splitdet.cloud.idempotency import answers_scope, scope_of_token
 from splitdet.cloud.inflight import InFlight
 from splitdet.cloud.slots import FairSlots, Outcome
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
@@ -67,6 +70,11 @@ MAX_STATUS_CHARS = 500
 TOKEN_CHECK_S = 2.0
 #: Distinct edge names the per-edge metrics label; later ones are counted as "other".
 MAX_EDGE_LABELS = 256
+#: Edge names remembered with the exports they used, for the warning of a reload that drops an
+#: export still in use (`ServerMetrics.edges_using`): a name with no label of its own (a camera
+#: that has only checked its export so far, or one past MAX_EDGE_LABELS) is named there too;
+#: the least recently heard beyond this many are forgotten.
+MAX_EDGE_NAMES_USING = 4 * MAX_EDGE_LABELS
 #: Seconds an edge name keeps its per-edge series and its place among MAX_EDGE_LABELS after its
 #: last call (--forget-edges-after): retired or renamed cameras leave, new ones get a label.
 FORGET_EDGES_S = 7 * 24 * 3600.0
@@ -245,9 +253,25 @@ class ServerMetrics:
         )
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        self.rpc_threads_busy = Gauge(
+            "splitdet_cloud_rpc_threads_busy",
+            "Calls holding a handler thread now, by thread pool (detect, manifest, server: "
+            "health checks and token refusals), those still receiving their request included.",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.rpc_threads_exhausted = Counter(
+            "splitdet_cloud_rpc_threads_exhausted",
+            "Calls refused at once with RESOURCE_EXHAUSTED because every thread of their pool "
+            "was held (see CallGuard): an overload, or callers that never send their request.",
+            ["pool"],
+            registry=self.registry,
+        )
         self._edges: set[str] = set()
         self._edges_lock = threading.Lock()
         self._edge_models: dict[str, dict[str, float]] = {}  # edge -> {fingerprint: unix s}
+        # edge name (not label) -> {fingerprint: unix s}, least recently used first
+        self._names_using: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.forget_edges_s = forget_edges_s
         self._clock = clock
         self._edge_seen: dict[str, float] = {}  # edge -> unix s of its last call
@@ -265,18 +289,26 @@ class ServerMetrics:
             self.model.remove(*labels)
         self._model_labels = wanted
 
-    def used(self, edge: str, fingerprint: str) -> None:
-        """`edge` asked for, or was answered by, the model `fingerprint` now."""
+    def used(self, edge: str, fingerprint: str, name: str | None = None) -> None:
+        """The edge labelled `edge`, named `name` (its label when None), asked for, or was
+        answered by, the model `fingerprint` now."""
+        now = time.time()
         with self._edges_lock:
-            self._edge_models.setdefault(edge, {})[fingerprint] = time.time()
+            self._edge_models.setdefault(edge, {})[fingerprint] = now
+            name = name or edge
+            self._names_using.setdefault(name, {})[fingerprint] = now
+            self._names_using.move_to_end(name)
+            while len(self._names_using) > MAX_EDGE_NAMES_USING:
+                self._names_using.popitem(last=False)
 
     def edges_using(self, fingerprint: str) -> dict[str, float]:
         """The edges that asked for or were answered by `fingerprint` since this server
-        started: {edge name: unix time of the last such call}."""
+        started (at most MAX_EDGE_NAMES_USING names, the most recent): {edge name: unix time
+        of the last such call}."""
         with self._edges_lock:
             return {
-                edge: models[fingerprint]
-                for edge, models in self._edge_models.items()
+                name: models[fingerprint]
+                for name, models in self._names_using.items()
                 if fingerprint in models
             }
 
@@ -289,23 +321,31 @@ class ServerMetrics:
                     if models.pop(fingerprint, None) is not None:
                         with contextlib.suppress(KeyError):  # (asked, never answered)
                             self.edge_answers.remove(edge, fingerprint)
+            for models in self._names_using.values():
+                for fingerprint in fingerprints:
+                    models.pop(fingerprint, None)
         for fingerprint in fingerprints:
             with contextlib.suppress(KeyError):
                 self.model_answers.remove(fingerprint)
 
-    def edge_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    def edge_of(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, claim: bool = False
+    ) -> str:
         """The calling edge's name as a metric label, from a call's metadata ((key, value)
         pairs): its `splitdet-edge` entry, "unnamed" without one, "invalid" for a name that is
-        not one (shared/edge_name.py), and "other" once MAX_EDGE_LABELS names have been seen
-        (the labels stay bounded whatever callers send)."""
+        not one (shared/edge_name.py), and "other" for a name without a label of its own.
+
+        Only `claim` (a successful Detect, authenticated when tokens are required) gives a
+        name a label, while fewer than MAX_EDGE_LABELS are held: cheap or refused calls under
+        made-up names cannot use up the labels and push real cameras into "other"."""
         name = claimed_edge(metadata)
         with self._edges_lock:
             now = self._clock()
-            full = name not in self._edges and len(self._edges) >= MAX_EDGE_LABELS
+            full = claim and name not in self._edges and len(self._edges) >= MAX_EDGE_LABELS
             if full or now >= self._next_sweep:
                 self._forget_idle_edges(now)
             if name not in self._edges:
-                if len(self._edges) >= MAX_EDGE_LABELS:
+                if not claim or len(self._edges) >= MAX_EDGE_LABELS:
                     name = "other"  # (no place of its own: the names labelled stay 256)
                 else:
                     self._edges.add(name)
@@ -324,6 +364,7 @@ class ServerMetrics:
             for fingerprint in self._edge_models.pop(edge, {}):
                 with contextlib.suppress(KeyError):
                     self.edge_answers.remove(edge, fingerprint)
+            self._names_using.pop(edge, None)
             for code in self._edge_codes.pop(edge, set()):
                 with contextlib.suppress(KeyError):
                     self.edge_refusals.remove(edge, code)
@@ -349,14 +390,14 @@ class ServerMetrics:
         if code is not grpc.StatusCode.OK:
             self.failures.labels(method, code.name).inc()
 
-    def observe(self, result: DetectResult, edge: str) -> None:
+    def observe(self, result: DetectResult, edge: str, name: str | None = None) -> None:
         """An answer given to `edge`: counted, and its heads' run if it had one. By model only
         while the model is served: an answer of an export a reload dropped meanwhile must not
         bring back the series `forget` removed."""
         if any(result.fingerprint == fingerprint for fingerprint, _ in self._model_labels):
             self.model_answers.labels(result.fingerprint).inc()
             self.edge_answers.labels(edge, result.fingerprint).inc()
-            self.used(edge, result.fingerprint)
+            self.used(edge, result.fingerprint, name)
         if result.cached:
             self.cache_hits.inc()
             return
@@ -384,6 +425,8 @@ def _rpc(method: Callable) -> Callable:
         code = grpc.StatusCode.OK
         edge = self.metrics.edge_of(context.invocation_metadata())
         self.metrics.edge_last_seen.labels(edge).set_to_current_time()
+        # the log names the name claimed, also when its metrics count as "other"
+        claimed = claimed_edge(context.invocation_metadata())
         peer = context.peer()  # now: once the caller has gone it reads ""
         try:
             if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
@@ -399,14 +442,14 @@ def _rpc(method: Callable) -> Callable:
             self.metrics.refused(edge, code)
             # which edge: an operator of many cameras must find it
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
-            fields = {"event": event, "method": name, "peer": peer, "edge": edge,
+            fields = {"event": event, "method": name, "peer": peer, "edge": claimed,
                       "code": code.name, "message": message}  # fmt: skip
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s from %s (edge %s) failed", name, peer, edge,
+                log.exception("%s from %s (edge %s) failed", name, peer, claimed,
                               extra={"fields": fields})  # fmt: skip
             else:
-                log.info("%s from %s (edge %s) refused (%s): %s", name, peer, edge, code.name,
-                         message, extra={"fields": fields})  # fmt: skip
+                log.info("%s from %s (edge %s) refused (%s): %s", name, peer, claimed,
+                         code.name, message, extra={"fields": fields})  # fmt: skip
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)
@@ -609,6 +652,8 @@ class DetectionServicer:
             counted and logged); None = only gRPC's own bound.
         debug_delay_s: TEST ONLY: sleep this long inside each Detect call (holding its slot)
             before running the core, to make a call slow on purpose.
+        scope_by_token: tokens are required (a TokenInterceptor checks them): each token's
+            callers get their own request ids (`caller_scope`); False: one shared scope.
     """
 
     def __init__(
@@ -620,8 +665,10 @@ class DetectionServicer:
         max_queued: int = 0,
         max_queue_wait_s: float = 30.0,
         max_message_bytes: int | None = None,
+        scope_by_token: bool = False,
     ) -> None:
         self.core = core
+        self.scope_by_token = scope_by_token
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
         self.max_concurrent = max_concurrent
@@ -651,9 +698,29 @@ class DetectionServicer:
         """Refuse every later Detect call with UNAVAILABLE (calls already running finish)."""
         self._draining.set()
 
+    def caller_scope(self, context: grpc.ServicerContext) -> str:
+        """The answers scope of a call (idempotency.answers_scope): with tokens required, a
+        digest of the token that authenticated it, so that request ids of edges holding
+        different tokens never meet (one cannot poison the id another will send); without,
+        the one shared scope ("")."""
+        if not self.scope_by_token:
+            return ""
+        supplied = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                supplied = value
+        return scope_of_token(supplied)
+
     @_rpc
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
-        """A serialized DetectRequest from `edge` in, its serialized DetectResponse out."""
+        """A serialized DetectRequest from `edge` in, its serialized DetectResponse out; request
+        ids (stored answers, identical calls joined) are the caller's own (`caller_scope`)."""
+        scope = self.caller_scope(context)
+        with answers_scope(scope):
+            return self._detect(raw, context, edge, scope)
+
+    def _detect(self, raw: bytes, context: grpc.ServicerContext, edge: str, scope: str) -> bytes:
+        """Detect within the caller's answers scope `scope`."""
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         # Checked before any wait: a malformed call, one for a model not served and the repeat
@@ -662,7 +729,7 @@ class DetectionServicer:
         request_id, fingerprint = check_request_wire(raw)
         repeat = self.core.is_repeat(request_id, fingerprint)
         holding = False
-        key = (fingerprint, request_id)
+        key = (scope, fingerprint, request_id)
         lead = answer = None
 
         def is_cancelled() -> bool:
@@ -688,7 +755,7 @@ class DetectionServicer:
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
                         result = replace(answered, cached=True)
-                        self.metrics.observe(result, edge)
+                        self._observe_answer(result, context, edge)
                         return result_to_proto(result).SerializeToString()
                 take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(_parse(pb.DetectRequest, raw))
@@ -715,8 +782,25 @@ class DetectionServicer:
                 self.metrics.in_flight.dec()
                 self._slots.release()
             self._inflight.finish(key, lead, answer)
-        self.metrics.observe(result, edge)
+        self._observe_answer(result, context, edge)
         return result_to_proto(result).SerializeToString()
+
+    def _observe_answer(
+        self, result: DetectResult, context: grpc.ServicerContext, edge: str
+    ) -> None:
+        """Count `result`, the answer of a Detect counted so far as `edge`, under the label
+        its edge claims now (`_answered`), remembering the name that edge gave."""
+        name = claimed_edge(context.invocation_metadata())
+        self.metrics.observe(result, self._answered(context, edge), name)
+
+    def _answered(self, context: grpc.ServicerContext, edge: str) -> str:
+        """The edge label of a call about to be answered: a successful Detect (authenticated,
+        when tokens are required) is the one kind of call that claims a label for its name
+        (`ServerMetrics.edge_of`); `edge`, what the call was counted as so far, otherwise."""
+        claimed = self.metrics.edge_of(context.invocation_metadata(), claim=True)
+        if claimed != edge:
+            self.metrics.edge_last_seen.labels(claimed).set_to_current_time()
+        return claimed
 
     def _check_not_cut_by_shutdown(self, context: grpc.ServicerContext) -> None:
         """Raise ShuttingDown for a call the server's own stop ended (--grace over) before its
@@ -765,7 +849,8 @@ class DetectionServicer:
         if wanted is None:
             wanted = self.core.model(request.model_fingerprint)  # raises, naming those served
         if request.model_fingerprint:  # an edge checking the export it runs is served
-            self.metrics.used(edge, wanted.fingerprint)
+            name = claimed_edge(context.invocation_metadata())
+            self.metrics.used(edge, wanted.fingerprint, name)
         answer = self._manifests.get(wanted.fingerprint)
         # (a model served since a reload that has not refreshed the answers yet)
         return answer if answer is not None else self._manifest_answer(wanted.fingerprint)
@@ -985,3 +1070,157 @@ class TokenInterceptor(grpc.ServerInterceptor):
         # Taken as a request stream whatever the method: refused without waiting for (and
         # holding a thread through) a request body that a caller may never finish sending.
         return _HANDLER_FACTORIES[(True, handler.response_streaming)](deny)
+
+
+# ------------------------------------------------------------------------------ thread budget
+
+#: Seconds between two log lines of one pool's calls refused for want of a thread.
+EXHAUSTED_LOG_S = 10.0
+
+
+class CallGuard(grpc.ServerInterceptor):
+    """At most as many calls per thread pool as it has threads; the rest refused at once.
+
+    gRPC's sync server gives a call a pool thread as soon as its headers arrive, and a unary
+    call holds it while its request arrives: a caller that never sends the request holds it
+    until the connection ends, and a call finding every thread held waits, unanswered and
+    unseen, in the pool's queue. Here each call is counted against the pool its handler runs
+    in (by the handler's ``experimental_thread_pool``; the server's own pool otherwise) from
+    its headers to its end, and a call beyond the pool's limit is refused at once with
+    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted{pool}`, logged at most
+    every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a request.
+    Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
+    themselves are ended by the server's connection age (`server.grpc_options`).
+
+    To count a call to its end whatever becomes of it, a unary-request handler is run as a
+    request-streaming one that reads the one request itself (gRPC would otherwise read it
+    before any code of ours runs, and a call cancelled meanwhile would never be seen to end).
+
+    Args:
+        metrics: where refusals and busy threads are counted.
+        pools: pool name -> (the pool, None for the server's own; calls it may hold at once).
+        refusals: the pool that refuses calls beyond a limit (its calls end at once).
+    """
+
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        pools: dict[str, tuple[futures.ThreadPoolExecutor | None, int]],
+        refusals: futures.ThreadPoolExecutor,
+    ) -> None:
+        self._metrics = metrics
+        self._names = {id(pool): name for name, (pool, _) in pools.items()}
+        self._limits = {name: limit for name, (_, limit) in pools.items()}
+        self._active = dict.fromkeys(pools, 0)
+        self._logged = dict.fromkeys(pools, -math.inf)
+        self._lock = threading.Lock()
+        self._refusals = refusals
+        for name in pools:
+            metrics.rpc_threads_busy.labels(name).set_function(functools.partial(self.busy, name))
+            metrics.rpc_threads_exhausted.labels(name)
+
+    def busy(self, pool: str) -> int:
+        """Calls holding a thread of `pool` now."""
+        with self._lock:
+            return self._active[pool]
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """The call's handler, counted against its pool; or, the pool full, one that refuses
+        it with RESOURCE_EXHAUSTED (None, UNIMPLEMENTED, for an unknown method)."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        behaviour = _behaviour(handler)
+        pool = self._names.get(id(getattr(behaviour, "experimental_thread_pool", None)))
+        if pool is None:  # (a pool not given: not guarded)
+            return handler
+        with self._lock:
+            full = self._active[pool] >= self._limits[pool]
+            if not full:
+                self._active[pool] += 1
+        if full:
+            return self._refusal(handler_call_details, pool)
+        return self._counted(handler, behaviour, handler_call_details.method, pool)
+
+    def _release(self, pool: str) -> None:
+        with self._lock:
+            self._active[pool] -= 1
+
+    def _counted(
+        self, handler: grpc.RpcMethodHandler, behaviour: Callable, method: str, pool: str
+    ) -> grpc.RpcMethodHandler:
+        """`handler` as a request-streaming handler that gives its place back when the call
+        ends (context.add_callback: however it ends)."""
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                self._release(pool)
+
+        unary = not handler.request_streaming
+
+        def run(requests: Iterator, context: grpc.ServicerContext, *callback: Callable) -> Any:
+            if not context.add_callback(release):  # (the call has ended already)
+                release()
+            if not unary:
+                return behaviour(requests, context, *callback)
+            try:
+                request = next(requests)
+            except StopIteration:
+                context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f'"{method}" requires exactly one request message.',
+                )
+            return behaviour(request, context, *callback)
+
+        for attribute in ("experimental_thread_pool", "experimental_non_blocking"):
+            if hasattr(behaviour, attribute):
+                setattr(run, attribute, getattr(behaviour, attribute))
+        return _HANDLER_FACTORIES[(True, handler.response_streaming)](
+            run,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refusal(self, details: grpc.HandlerCallDetails, pool: str) -> grpc.RpcMethodHandler:
+        """A handler refusing the call at once, without reading its request."""
+        name = details.method.rsplit("/", 1)[-1]
+        limit = self._limits[pool]
+        message = (
+            f"server busy: all {limit} threads for {name} calls are held (an overload, or "
+            "callers that do not send their request); retry later"
+        )
+        self._metrics.rpc_threads_exhausted.labels(pool).inc()
+        if name in METHODS:
+            self._metrics.finished(name, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        now = time.monotonic()
+        with self._lock:
+            quiet = now - self._logged[pool] < EXHAUSTED_LOG_S
+            if not quiet:
+                self._logged[pool] = now
+        if not quiet:
+            fields = {"event": "threads_exhausted", "pool": pool, "method": name,
+                      "threads": limit}  # fmt: skip
+            log.warning("%s refused (RESOURCE_EXHAUSTED): all %d threads of the %s pool are "
+                        "held by calls; further refusals of this pool are counted in "
+                        "splitdet_cloud_rpc_threads_exhausted", name, limit, pool,
+                        extra={"fields": fields})  # fmt: skip
+
+        def refuse(requests: Iterator, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    """The one behaviour a method handler has."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary
+        or handler.stream_stream
+    )  # fmt: skip

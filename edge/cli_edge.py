@@ -428,6 +428,10 @@ again when the outbox has drained. Safe while the daemon runs.
 """
 
 
+#: The largest megabyte cap an option takes (a petabyte): caps are kept as bytes.
+MAX_MB = 1e9
+
+
 def _register_requeue(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "requeue",
@@ -447,7 +451,7 @@ def _register_requeue(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--outbox-max-mb",
-        type=float_in(1e-6),
+        type=float_in(1e-6, MAX_MB),
         default=2048.0,
         metavar="MB",
         help="the daemon's outbox cap in payload megabytes (default: %(default)s)",
@@ -522,7 +526,7 @@ def _register_abandon(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
     p.add_argument(
         "--dead-letter-max-mb",
-        type=float_in(0.0),
+        type=float_in(0.0, MAX_MB),
         default=256.0,
         metavar="MB",
         help="the daemon's --dead-letter-max-mb: the requests kept for requeue, oldest dropped "
@@ -984,6 +988,10 @@ def check_run_options(args: argparse.Namespace) -> None:
                         ("--outbox-max-mb", args.outbox_max_mb)):  # fmt: skip
         if not (math.isfinite(value) and value > 0):
             refuse(flag, value, "must be a number > 0")
+    for flag, value in (("--outbox-max-mb", args.outbox_max_mb),
+                        ("--dead-letter-max-mb", args.dead_letter_max_mb)):  # fmt: skip
+        if value > MAX_MB:  # (in bytes, past what an int of the store can hold)
+            refuse(flag, value, f"must be at most {MAX_MB:g} MB")
     if args.retry_initial > args.retry_max:
         refuse("--retry-initial", args.retry_initial, f"is above --retry-max {args.retry_max:g}")
     if not (math.isfinite(args.dead_letter_max_mb) and args.dead_letter_max_mb >= 0):

@@ -64,7 +64,7 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
 from splitdet.edge.store_file import WriterLock, refuse_foreign_file
-from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.edge.watcher import Candidate, HotFolder, Ready, enters_subfolder
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
@@ -107,6 +107,9 @@ class EdgeDaemon:
             self._watch_lock = DirectoryLock(  # (and one in another's subfolder: see there)
                 config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder",
                 subfolders="--recursive" if config.recursive else None,
+                # what --recursive never enters is no one's to share (see HotFolder._files)
+                enters=enters_subfolder,
+                exclude=[folder for _, folder in config.output_folders()],
             )  # fmt: skip
             self._build(config, pipeline)
         except BaseException:

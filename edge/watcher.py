@@ -208,6 +208,14 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
 
 
+def enters_subfolder(folder: Path) -> bool:
+    """Whether a --recursive hot folder goes into the subfolder `folder` (its own archive and
+    quarantine aside): not when its name is ignored (`is_ignored_name`), nor when it holds the
+    ignore marker. `HotFolder._files` decides so; the hot-folder lock's nesting check asks
+    this (`DirectoryLock(enters=...)`)."""
+    return not is_ignored_name(folder.name) and not is_marked(folder)
+
+
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     """The extensions a hot folder takes as lower-case ".ext" strings, in order, each once
     ("PNG" and ".png" are ".png"). ValueError naming the first that cannot be one: empty, more

@@ -6,6 +6,7 @@ classification head (global average pooling + linear) on the deepest FPN map.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,6 +37,75 @@ def pixel_full_scale(pixel_bits: int) -> int:
 LATER_FIELDS: dict[str, Any] = {"pixel_bits": 16}
 #: Most passes of box voting (`ModelConfig.box_vote_passes`).
 MAX_VOTE_PASSES = 10
+
+
+DEPTHS = (18, 34, 50)
+#: Largest input side (`min_size`, `max_size`) and anchor size, px: the cloud refuses requests
+#: resized beyond it (`cloud.core.MAX_RESIZED_SIDE`); the paper's input is 2448x2048.
+MAX_INPUT_SIDE = 1 << 13
+#: Foreground classes, and characters of one class name (the edge takes names up to 256).
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_CHARS = 256
+#: Aspect ratios per anchor location, and the range of one (height / width).
+MAX_ANCHOR_RATIOS = 16
+ANCHOR_RATIO_BOUNDS = (0.01, 100.0)
+#: Smallest per-channel standard deviation (on [0, 1] pixels); 0 would divide by zero.
+MIN_IMAGE_STD = 1e-4
+#: Proposals per image the RPN keeps before and after its NMS (torchvision's default 1000): the
+#: ROI heads' memory grows with them (fpn_channels x 7 x 7 floats per proposal and pass).
+MAX_TOP_N = 10_000
+#: Boxes in one answer: the edge refuses an answer holding more (`ANSWER_BOXES_ALLOWED`).
+MAX_DETECTIONS_PER_IMG = 1000
+
+#: Integer fields -> inclusive (lowest, highest) value.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "fpn_channels": (1, 1024),  # torchvision's 256; ResNet50's deepest map has 2048
+    "min_size": (1, MAX_INPUT_SIDE),
+    "max_size": (1, MAX_INPUT_SIDE),
+    "pixel_bits": (MIN_PIXEL_BITS, 16),
+    "box_head_dim": (1, 4096),  # torchvision's 1024
+    "box_roi_sampling_ratio": (1, 4),
+    "box_vote_passes": (1, MAX_VOTE_PASSES),
+    "box_refine_steps": (0, MAX_REFINE_STEPS),
+    "rpn_pre_nms_top_n_test": (1, MAX_TOP_N),
+    "rpn_post_nms_top_n_test": (1, MAX_TOP_N),
+    "box_detections_per_img": (1, MAX_DETECTIONS_PER_IMG),
+}
+#: Number fields (int or float) -> inclusive (lowest, highest) value.
+NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
+    "box_roi_context": (1.0, 4.0),
+    "box_vote_ramp": (0.0, 0.5),
+    "box_score_thresh": (0.0, 1.0),
+    "box_nms_thresh": (0.0, 1.0),
+}
+
+
+def _shown(value: Any) -> str:
+    """`value`'s repr for a message, cut to 80 characters (an int too long to print: its
+    size in bits)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's limit on digits printed
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _check_int(name: str, value: Any, low: int, high: int, what: str | None = None) -> None:
+    """ValueError naming `name` unless `value` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what or name} must be an integer {low}-{high}, got {_shown(value)}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, what: str | None = None) -> None:
+    """ValueError naming `name` unless `value` is a finite int or float (not a bool) in
+    [low, high]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+        or not low <= value <= high
+    ):
+        raise ValueError(f"{what or name} must be a number in [{low}, {high}], got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -99,34 +169,66 @@ class ModelConfig:
     box_detections_per_img: int = 100
 
     def __post_init__(self) -> None:
-        if self.depth not in (18, 34, 50):
-            raise ValueError(f"depth must be 18, 34 or 50, got {self.depth}")
-        if not self.class_names:
-            raise ValueError("class_names must name at least one foreground class")
-        if (
-            isinstance(self.pixel_bits, bool)
-            or not isinstance(self.pixel_bits, int)
-            or not MIN_PIXEL_BITS <= self.pixel_bits <= 16
-        ):
-            raise ValueError(f"pixel_bits must be {MIN_PIXEL_BITS}-16, got {self.pixel_bits}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.gate_pooling not in GATE_POOLINGS:
+        """Check every field's type and range (a configuration read from a manifest or a
+        checkpoint is untrusted: a value torch cannot build, or one that makes every request
+        cost gigabytes, is refused here, naming the field). Lists become tuples.
+
+        Raises:
+            ValueError: a field of the wrong type or outside its range; the message names the
+                field, the value and what it may be.
+        """
+        for name in ("class_names", "image_mean", "image_std", "anchor_sizes", "anchor_ratios"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # (a JSON array; tuples keep the config hashable)
+                object.__setattr__(self, name, tuple(value))
+        for name, (low, high) in INT_BOUNDS.items():
+            _check_int(name, getattr(self, name), low, high)
+        for name, (low, high) in NUMBER_BOUNDS.items():
+            _check_number(name, getattr(self, name), low, high)
+        depth = self.depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth not in DEPTHS:
+            raise ValueError(f"depth must be 18, 34 or 50, got {_shown(depth)}")
+        self._check_class_names()
+        if not isinstance(self.zero_init_residual, bool):
             raise ValueError(
-                f"gate_pooling must be one of {GATE_POOLINGS}, got {self.gate_pooling!r}"
+                f"zero_init_residual must be true or false, got {_shown(self.zero_init_residual)}"
             )
-        if self.gate_level not in LEVEL_NAMES:
-            raise ValueError(f"gate_level must be one of {LEVEL_NAMES}, got {self.gate_level!r}")
-        if len(self.anchor_sizes) != len(LEVEL_NAMES):
-            raise ValueError(f"anchor_sizes needs one size per level {LEVEL_NAMES}")
-        if not 1.0 <= self.box_roi_context <= 4.0:
-            raise ValueError(f"box_roi_context must be in [1, 4], got {self.box_roi_context}")
-        if self.box_roi_sampling_ratio not in (1, 2, 3, 4):
+        for name in ("norm", "gate_pooling", "gate_level"):
+            allowed = {"norm": NORMS, "gate_pooling": GATE_POOLINGS, "gate_level": LEVEL_NAMES}
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed[name]:
+                raise ValueError(f"{name} must be one of {allowed[name]}, got {_shown(value)}")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) != 3:
+                raise ValueError(
+                    f"{name} must be 3 numbers (one per channel), got {_shown(values)}"
+                )
+            for value in values:
+                low = 0.0 if name == "image_mean" else MIN_IMAGE_STD
+                _check_number(name, value, low, 1.0, f"each of {name} {_shown(values)}")
+        sizes = self.anchor_sizes
+        if not isinstance(sizes, tuple) or len(sizes) != len(LEVEL_NAMES):
             raise ValueError(
-                f"box_roi_sampling_ratio must be 1-4, got {self.box_roi_sampling_ratio}"
+                f"anchor_sizes needs one size per level {LEVEL_NAMES}, got {_shown(sizes)}"
             )
-        if self.box_vote_iou is not None and not 0.0 < self.box_vote_iou <= 1.0:
-            raise ValueError(f"box_vote_iou must be in (0, 1] or None, got {self.box_vote_iou}")
+        for size in sizes:
+            what = f"each of anchor_sizes {_shown(sizes)}"
+            _check_int("anchor_sizes", size, 1, MAX_INPUT_SIDE, what)
+        ratios = self.anchor_ratios
+        if not isinstance(ratios, tuple) or not 1 <= len(ratios) <= MAX_ANCHOR_RATIOS:
+            raise ValueError(
+                f"anchor_ratios must be 1-{MAX_ANCHOR_RATIOS} numbers, got {_shown(ratios)}"
+            )
+        for ratio in ratios:
+            low, high = ANCHOR_RATIO_BOUNDS
+            _check_number(
+                "anchor_ratios", ratio, low, high, f"each of anchor_ratios {_shown(ratios)}"
+            )
+        if self.box_vote_iou is not None:
+            _check_number("box_vote_iou", self.box_vote_iou, 0.0, 1.0)
+            if self.box_vote_iou == 0:
+                raise ValueError("box_vote_iou must be in (0, 1] or None, got 0")
         if self.box_vote_ramp and (
             self.box_vote_iou is None
             or not 0.0 < self.box_vote_ramp <= min(self.box_vote_iou, 1.0 - self.box_vote_iou)
@@ -135,16 +237,33 @@ class ModelConfig:
                 "box_vote_ramp must be 0, or with box_vote_iou set keep box_vote_iou +- ramp "
                 f"within [0, 1]; got ramp {self.box_vote_ramp}, box_vote_iou {self.box_vote_iou}"
             )
-        if not 1 <= self.box_vote_passes <= MAX_VOTE_PASSES:
-            raise ValueError(
-                f"box_vote_passes must be 1-{MAX_VOTE_PASSES}, got {self.box_vote_passes}"
-            )
-        if not 0 <= self.box_refine_steps <= MAX_REFINE_STEPS:
-            raise ValueError(
-                f"box_refine_steps must be 0-{MAX_REFINE_STEPS}, got {self.box_refine_steps}"
-            )
         if self.norm == "group" and self.fpn_channels % 32:
-            raise ValueError("group norm needs fpn_channels divisible by 32")
+            raise ValueError(
+                f"group norm needs fpn_channels divisible by 32, got {self.fpn_channels}"
+            )
+
+    def _check_class_names(self) -> None:
+        """ValueError unless class_names is 1-MAX_CLASSES distinct printable names of
+        1-MAX_CLASS_NAME_CHARS characters."""
+        names = self.class_names
+        if not isinstance(names, tuple):
+            raise ValueError(f"class_names must be a list of names, got {_shown(names)}")
+        if not names:
+            raise ValueError("class_names must name at least one foreground class")
+        if len(names) > MAX_CLASSES:
+            raise ValueError(f"class_names must be 1-{MAX_CLASSES} names, got {len(names)}")
+        for name in names:
+            if (
+                not isinstance(name, str)
+                or not 1 <= len(name) <= MAX_CLASS_NAME_CHARS
+                or not name.isprintable()
+            ):
+                raise ValueError(
+                    f"class_names: each must be printable text of 1-{MAX_CLASS_NAME_CHARS} "
+                    f"characters, got {_shown(name)}"
+                )
+            if names.count(name) > 1:
+                raise ValueError(f"class_names: {name!r} is listed twice")
 
     @property
     def num_classes(self) -> int:
@@ -167,7 +286,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are refused so a typo never passes silently."""
+        """Inverse of `to_dict`; unknown keys are refused so a typo never passes silently.
+
+        Raises:
+            ValueError: not a dict, a key it does not know, or a value out of its field's type
+                or range (`__post_init__`); the message names the key or the field.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"model config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

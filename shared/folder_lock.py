@@ -32,6 +32,14 @@ other. The holder's command line from /proc was the other way to tell: it fails 
 run in-process or through a wrapper, an abbreviated option (`--rec`), or another pid namespace
 (a container sharing the folder), where the locks still meet. Where OFD locks are missing
 (not Linux, a kernel before 3.15) only the folder itself is locked, as before.
+
+A holder taking subfolders does not take those it never enters (`enters`: for the daemon, the
+hot folder's own rule: hidden and in-progress names, folders holding `.splitdet-ignore`; and
+its own `exclude`d output folders), nor anything below them: a holder in such a folder shares
+no file with it, in whichever order the two start. Looking below, such folders are neither
+counted nor entered; looking above, a holder taking subfolders is no reason to refuse when
+this folder, or one between the two, is one it never enters (the rule every holder follows,
+each asking with its own copy; another's `exclude` cannot be told, so it is not asked).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import logging
 import os
 import stat as stat_mode
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import TextIO
@@ -156,6 +164,12 @@ class DirectoryLock:
         rule: what the refusal says holds ("one daemon per hot folder").
         subfolders: the option that has this holder take the subfolders' files too, as
             messages name it ("--recursive"); None: only the folder's own files.
+        enters: whether a holder taking subfolders enters a folder found in one it takes (the
+            rule every such holder follows: the daemon's hot-folder rule); one it does not
+            enter, and all below it, it does not take. Asked of the folders below this one
+            and of those between a holder above and this one. None: it enters every folder.
+        exclude: folders this holder, taking subfolders, never enters besides (its own output
+            folders inside its folder); not asked of the folders above.
 
     Raises:
         FolderInUse: another process (or another lock in this one) holds it, a folder it lies
@@ -166,10 +180,19 @@ class DirectoryLock:
     """
 
     def __init__(
-        self, folder: Path, option: str, writer: str, rule: str, subfolders: str | None = None
+        self,
+        folder: Path,
+        option: str,
+        writer: str,
+        rule: str,
+        subfolders: str | None = None,
+        enters: Callable[[Path], bool] | None = None,
+        exclude: Iterable[Path] = (),
     ) -> None:
         self.folder = Path(folder)
         self.option, self.writer, self.rule, self.subfolders = option, writer, rule, subfolders
+        self._enters = enters or _enters_every
+        self._exclude = frozenset(Path(os.path.realpath(p)) for p in exclude)
         self._fd: int | None = None
         try:
             self._fd = self._take()
@@ -210,9 +233,15 @@ class DirectoryLock:
 
     def _refuse_nesting(self) -> None:
         """FolderInUse when a folder this one lies in is held by a holder taking subfolders
-        too, or, taking subfolders itself, when a folder below it is held at all."""
+        too, or, taking subfolders itself, when a folder below it is held at all; folders such
+        a holder never enters (`enters`, and its own `exclude` below it) are not its."""
         real = Path(os.path.realpath(self.folder))
-        for above in real.parents:
+        here = real
+        while self._enters(here):  # one not entered keeps every holder above out of this one
+            above = here.parent
+            if above == here:
+                break
+            here = above
             who = _marked_by_another(above, _MARK_SUBFOLDERS)
             if who is not None:
                 raise FolderInUse(
@@ -222,7 +251,7 @@ class DirectoryLock:
                 )
         if self.subfolders is None:
             return
-        found = next(_held_below(real), None)
+        found = next(_held_below(real, self._takes), None)
         if found is not None:
             below, who = found
             raise FolderInUse(
@@ -230,6 +259,10 @@ class DirectoryLock:
                 f"{self.option} of another {self.writer} ({who}), and both would take every "
                 f"file in it; {self.rule}"
             )
+
+    def _takes(self, folder: Path) -> bool:
+        """Whether this holder, taking subfolders, enters `folder` (found below its own)."""
+        return folder not in self._exclude and self._enters(folder)
 
     @property
     def held(self) -> bool:
@@ -274,6 +307,11 @@ class DirectoryLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _enters_every(folder: Path) -> bool:
+    """The `enters` of a DirectoryLock given none: every folder is entered."""
+    return True
 
 
 def _who(pid: int | None) -> str:
@@ -328,16 +366,19 @@ def _marked_by_another(folder: Path, mark: int) -> str | None:
         os.close(fd)
 
 
-def _held_below(root: Path) -> Iterator[tuple[Path, str]]:
+def _held_below(root: Path, enters: Callable[[Path], bool]) -> Iterator[tuple[Path, str]]:
     """(folder, who holds it) of each folder below `root` held by a DirectoryLock, at any
-    depth (symbolic links are not followed; folders that cannot be listed are passed over)."""
+    depth, among those `enters` says are entered: one it does not is neither counted nor
+    looked into (symbolic links are not followed; folders that cannot be listed are passed
+    over)."""
     stack = [root]
     while stack:
         try:
             with os.scandir(stack.pop()) as listing:
-                folders = sorted(Path(e.path) for e in listing if _is_folder(e))
+                found = [Path(e.path) for e in listing if _is_folder(e)]
         except OSError:
             continue
+        folders = sorted(folder for folder in found if enters(folder))
         for folder in folders:
             who = _marked_by_another(folder, _MARK_HOLDER)
             if who is not None:

@@ -171,7 +171,14 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     """Read and check a model directory's manifest.
 
     With `verify`, every artifact's SHA-256 is recomputed and compared, and the fingerprint is
-    recomputed: a model directory edited after export is refused, never half-served.
+    recomputed: a model directory edited after export is refused, never half-served. The model
+    configuration is checked field by field whether or not (`ModelConfig`): a manifest whose
+    fingerprint matches is not trusted for that (anyone who can write the folder can make one).
+
+    Raises:
+        ManifestError: the manifest is missing, malformed, of another format or spec, holds a
+            model_config field of the wrong type or out of range (the message names the field,
+            its value and the range), or (with `verify`) does not match the files.
     """
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
@@ -191,8 +198,12 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
                 f"{path}: exported under split spec {data.get('spec_version')!r}, this splitdet "
                 f"speaks {SPEC_VERSION!r}; re-export the model with this version"
             )
+        try:
+            model_config = ModelConfig.from_dict(data["model_config"])
+        except (ValueError, TypeError) as exc:  # a value of the wrong type or out of range
+            raise ManifestError(f"{path}: model_config: {exc}") from None
         manifest = Manifest(
-            model_config=ModelConfig.from_dict(data["model_config"]),
+            model_config=model_config,
             gate_threshold=float(data["gate_threshold"]),
             default_codec=str(data["default_codec"]),
             artifacts={str(k): str(v) for k, v in data["artifacts"].items()},

@@ -16,6 +16,7 @@ from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.shared.cli import main
 from splitdet.shared.edge_name import EDGE_NAME_KEY, check_edge_name, default_edge_name
+from splitdet.shared.messages import build_request
 from splitdet.shared.wire import detection_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,7 +67,9 @@ def test_answers_refusals_and_last_seen_per_edge(served, caplog):
     assert metrics[ANSWERS % ("cam-b", manifest.fingerprint)] == 2
     assert metrics[REFUSALS % ("FAILED_PRECONDITION", "cam-b")] == 1
     assert REFUSALS % ("FAILED_PRECONDITION", "line1-cam@a") not in metrics
-    assert metrics[LAST_SEEN % "unnamed"] >= metrics[LAST_SEEN % "line1-cam@a"] > 1.7e9
+    # an unnamed caller that was never answered a Detect has no label of its own
+    assert metrics[LAST_SEEN % "other"] >= metrics[LAST_SEEN % "line1-cam@a"] > 1.7e9
+    assert LAST_SEEN % "unnamed" not in metrics
     # the refusal's log line names the edge beside its address
     assert any("(edge cam-b)" in r.getMessage() and "refused" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
@@ -74,18 +77,21 @@ def test_answers_refusals_and_last_seen_per_edge(served, caplog):
 
 def test_names_that_are_not_names_and_too_many_names_stay_bounded(served, monkeypatch):
     """Callers choose their metadata: a forged name is "invalid", and past MAX_EDGE_LABELS
-    distinct names the rest count as "other", so no caller can grow the metrics without end."""
-    server, _, _ = served
+    distinct names the rest count as "other", so no caller can grow the metrics without end.
+    (Only answered Detects claim a label: GetManifest calls count as "other".)"""
+    server, model, manifest = served
     monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    sample = make_sample(model, seed=2, codec="int8")
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     call = channel.unary_unary(
-        "/splitdet.v1.Detection/GetManifest",
-        request_serializer=pb.GetManifestRequest.SerializeToString,
-        response_deserializer=pb.ManifestResponse.FromString,
+        "/splitdet.v1.Detection/Detect",
+        request_serializer=pb.DetectRequest.SerializeToString,
+        response_deserializer=pb.DetectResponse.FromString,
     )
+    request = build_request(sample.encoded, sample.image, "one", manifest.fingerprint)
     try:
         for name in ("x" * 65, "two words", "cam-1", "cam-2", "cam-3", "cam-4"):
-            call(pb.GetManifestRequest(), metadata=((EDGE_NAME_KEY, name),), timeout=10)
+            call(request, metadata=((EDGE_NAME_KEY, name),), timeout=30)
     finally:
         channel.close()
     metrics = scrape_metrics(server.metrics_port)
@@ -124,7 +130,7 @@ def test_edges_silent_past_the_forget_time_leave_the_metrics_and_free_their_labe
     metrics = servicer.ServerMetrics(["fp"], forget_edges_s=3600.0, clock=clock)
 
     def call(name: str) -> str:  # what a Detect of `name` answered, and refused once, leaves
-        edge = metrics.edge_of(((EDGE_NAME_KEY, name),))
+        edge = metrics.edge_of(((EDGE_NAME_KEY, name),), claim=True)
         metrics.edge_last_seen.labels(edge).set(clock.now)
         metrics.edge_answers.labels(edge, "fp").inc()
         metrics.used(edge, "fp")
@@ -248,7 +254,8 @@ def test_an_edge_refused_for_its_token_is_named(tmp_path, caplog):
     """A wrong token is refused before the servicer runs: the refusal is counted (under one
     label for every unauthenticated caller) and its log line names the edge it claims to be,
     for the operator to find the edge with the wrong token."""
-    _, model_dir, _ = shared_model_dir(0)
+    model, model_dir, manifest = shared_model_dir(0)
+    sample = make_sample(model, seed=2, codec="int8")
     config = ServerConfig(
         model_dir=model_dir, listen="127.0.0.1:0", threads=2, metrics_port=0,
         metrics_host="127.0.0.1", answers_db=tmp_path / "answers.sqlite", token="s3cret",
@@ -262,6 +269,7 @@ def test_an_edge_refused_for_its_token_is_named(tmp_path, caplog):
         with pytest.raises(NeverRetry, match="wrong bearer token"):
             wrong.manifest()
         right.manifest()
+        right.detect(sample.encoded, sample.image, "one", manifest.fingerprint)  # labelled
         metrics = scrape_metrics(server.metrics_port)
     finally:
         wrong.close()

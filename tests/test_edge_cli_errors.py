@@ -103,6 +103,21 @@ def test_numeric_options_name_the_option_and_its_value(tiny_model_dir, hot, tmp_
     _error_line(capsys, f"{flag} {value}")
 
 
+@pytest.mark.parametrize("flag", ["--outbox-max-mb", "--dead-letter-max-mb"])
+def test_a_cap_past_what_bytes_can_count_is_refused(tiny_model_dir, hot, tmp_path, capsys, flag):
+    """1e303 MB passed as finite, then overflowed to infinity in bytes: a traceback
+    ("cannot convert float infinity to integer") from `edge run` and `edge abandon`."""
+    assert _edge_run(tiny_model_dir, hot, tmp_path / "edge.sqlite", flag, "1e303") == 2
+    _error_line(capsys, f"{flag} 1e+303", "at most 1e+09 MB")
+    if flag == "--dead-letter-max-mb":
+        ResultStore(tmp_path / "edge.sqlite").close()
+        with pytest.raises(SystemExit) as refused:
+            main(["edge", "abandon", "--db", str(tmp_path / "edge.sqlite"), "--fingerprint",
+                  "abababab", flag, "1e303"])  # fmt: skip
+        assert refused.value.code == 2
+        assert "must be 0-1e+09" in capsys.readouterr().err
+
+
 def test_archive_without_after_archive_is_refused(tiny_model_dir, hot, tmp_path, capsys):
     code = _edge_run(tiny_model_dir, hot, tmp_path / "edge.sqlite", "--archive", str(tmp_path))
     assert code == 2

@@ -149,6 +149,42 @@ def test_a_daemon_is_refused_below_a_recursive_one_but_not_below_a_plain_one(
     assert [Path(r["path"]) for r in image_rows(tmp_path / "line.sqlite")] == [line / "a.png"]
 
 
+@pytest.mark.parametrize("sub", ["marked", ".hidden"])
+@pytest.mark.parametrize("recursive_first", [True, False], ids=["recursive-first", "plain-first"])
+def test_a_daemon_in_a_folder_the_recursive_one_never_enters_is_let_in(
+    tiny_model_dir, tmp_path, capsys, sub, recursive_first
+):
+    """A recursive daemon on W never enters W/marked (holding .splitdet-ignore, as the
+    README says to keep it out) nor W/.hidden: a daemon there shares no file with it, and
+    both ran before the overlap check (which refused the second of them, in either order).
+    Each takes its own image; the recursive one's image in W/day1 is not refused."""
+    top, line = tmp_path / "W", tmp_path / "W" / sub
+    line.mkdir(parents=True)
+    (top / "day1").mkdir()
+    if sub == "marked":
+        (line / ".splitdet-ignore").touch()
+    (line / "a.png").write_bytes(png(40))
+    (top / "day1" / "b.png").write_bytes(png(50))
+    plain = edge_run(tiny_model_dir, line, tmp_path / "line.sqlite",
+                     "--quarantine", tmp_path / "q-line")  # fmt: skip
+    recursive = edge_run(tiny_model_dir, top, tmp_path / "top.sqlite", "--recursive",
+                         "--quarantine", tmp_path / "q-top")  # fmt: skip
+    first, second = (recursive, plain) if recursive_first else (plain, recursive)
+    with running(first, tmp_path, "first") as holder:
+        capsys.readouterr()
+        code = cli(*second, "--once")
+        err = capsys.readouterr().err
+        assert code == 0, err
+        first_db = tmp_path / ("top.sqlite" if recursive_first else "line.sqlite")
+        wait_for(lambda: image_rows(first_db), 30, "the first daemon's image")
+        assert holder.poll() is None, logged(holder)
+    assert "in use" not in err and "lies in" not in err, err
+    assert [Path(r["path"]) for r in image_rows(tmp_path / "line.sqlite")] == [line / "a.png"]
+    assert [Path(r["path"]) for r in image_rows(tmp_path / "top.sqlite")] == [
+        top / "day1" / "b.png"
+    ]
+
+
 # --------------------------------------------------------------- 1b. a folder made again
 
 

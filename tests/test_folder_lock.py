@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from splitdet.edge.ignore_marker import is_marked, mark
+from splitdet.edge.watcher import is_ignored_name
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse, folder_lock
 
 from support import as_nobody
@@ -170,3 +172,78 @@ def test_a_folder_below_one_held_with_subfolders_is_refused_when_that_one_is_unr
         f"(pid {holder.pid}) that takes its subfolders too: both would take every file in it; "
         "one daemon per hot folder"
     ), taken.stdout + taken.stderr
+
+
+# ------------------------------------------ folders a holder taking subfolders never enters
+
+
+def enters(folder: Path) -> bool:
+    """The hot folder's rule, as `EdgeDaemon` gives it: not hidden, in progress, or marked."""
+    return not is_ignored_name(folder.name) and not is_marked(folder)
+
+
+def lock(folder: Path, recursive: bool = False, **more) -> DirectoryLock:
+    """A daemon's lock on `folder` (taking subfolders with `recursive`), with the rule."""
+    return DirectoryLock(folder, "--watch", "`splitdet edge run`", "one daemon per hot folder",
+                         subfolders="--recursive" if recursive else None, enters=enters,
+                         **more)  # fmt: skip
+
+
+@pytest.mark.parametrize("sub", ["marked", ".hidden", "marked/deeper", "copy.part/cam2"])
+@pytest.mark.parametrize("recursive_first", [True, False], ids=["recursive-first", "plain-first"])
+def test_a_holder_in_a_folder_the_one_taking_subfolders_never_enters_is_let_in(
+    tmp_path, sub, recursive_first
+):
+    """Before: a recursive daemon on W and one on W/marked (holding .splitdet-ignore), on
+    W/.hidden or on an in-progress name, none of which the recursive one enters, refused each
+    other in either order, though they share no file (the README tells users to mark folders
+    so); nor is anything below such a folder the recursive one's."""
+    top = tmp_path / "W"
+    (top / sub).mkdir(parents=True)
+    (top / "marked").mkdir(exist_ok=True)
+    mark(top / "marked")
+    first, second = (top, top / sub) if recursive_first else (top / sub, top)
+    held = [lock(first, recursive=first == top)]
+    held.append(lock(second, recursive=second == top))
+    assert all(one.held for one in held)
+
+
+@pytest.mark.parametrize("recursive_first", [True, False], ids=["recursive-first", "plain-first"])
+def test_a_holder_in_a_folder_the_one_taking_subfolders_enters_is_still_refused(
+    tmp_path, recursive_first
+):
+    """W/day1 is entered: beside holders in W/marked and W/.hidden (let in), one there is
+    refused in either order, and the refusal names W/day1, not the folders let in."""
+    top, day = tmp_path / "W", tmp_path / "W" / "day1"
+    day.mkdir(parents=True)
+    (top / "marked").mkdir()
+    mark(top / "marked")
+    (top / ".hidden").mkdir()
+    held = [lock(top / "marked"), lock(top / ".hidden")]
+    if recursive_first:
+        held.append(lock(top, recursive=True))
+        with pytest.raises(FolderInUse) as refused:
+            lock(day)
+        said = f"--watch {day} lies in {top}, the --watch of another"
+    else:
+        held.append(lock(day))
+        with pytest.raises(FolderInUse) as refused:
+            lock(top, recursive=True)
+        said = f"--watch {top} --recursive: its subfolder {day} is the --watch of another"
+    assert said in str(refused.value), refused.value
+    assert all(one.held for one in held)
+
+
+def test_a_holder_in_the_output_folder_of_the_one_taking_subfolders(tmp_path):
+    """Its own output folders (`exclude`) the one taking subfolders never enters either:
+    started after a holder there, it is let in. Another's `exclude` cannot be told from
+    below: a holder there started after it is refused."""
+    top, out = tmp_path / "W", tmp_path / "W" / "quarantine"
+    out.mkdir(parents=True)
+    below = lock(out)
+    assert lock(top, recursive=True, exclude=[out]).held  # (dropped at once: unreferenced)
+    below.release()
+    recursive = lock(top, recursive=True, exclude=[out])
+    with pytest.raises(FolderInUse):
+        lock(out)
+    assert recursive.held

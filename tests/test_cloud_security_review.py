@@ -1,0 +1,179 @@
+"""The cloud security review's findings, each against a real server on loopback.
+
+1. Request ids were global across tokens: one token holder could claim the id another edge's
+   image will be sent under (it is predictable), making that image a dead letter.
+2. Unauthenticated or cheap calls under made-up edge names used up the edge labels.
+3. Calls that send their headers and never their request held the server's threads for ever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitdet.cloud import server as server_module
+from splitdet.cloud import servicer
+from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.shared.edge_name import EDGE_NAME_KEY
+from splitdet.shared.messages import build_request
+from splitdet.shared.wire import detection_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+DETECT = "/splitdet.v1.Detection/Detect"
+TOKEN_A = "token-of-camera-a-0123456789abcdef"
+TOKEN_B = "token-of-camera-b-fedcba9876543210"
+LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
+
+
+def _start(tmp_path, **settings) -> CloudServer:
+    _, model_dir, _ = shared_model_dir(0)
+    config = ServerConfig(
+        model_dir=model_dir, listen="127.0.0.1:0", threads=1, metrics_port=0,
+        answers_db=tmp_path / "answers.sqlite", **settings,
+    )  # fmt: skip
+    return CloudServer(config).start()
+
+
+def _request(seed: int, request_id: str) -> bytes:
+    model, _, manifest = shared_model_dir(0)
+    sample = make_sample(model, seed=seed, codec="int8")
+    return build_request(
+        sample.encoded, sample.image, request_id, manifest.fingerprint
+    ).SerializeToString()
+
+
+def _detect(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
+        DETECT, request_serializer=None, response_deserializer=pb.DetectResponse.FromString
+    )
+
+
+def test_a_request_id_is_the_callers_own_per_token(tmp_path):
+    """cam-b (token B) sends id X first with its own features; cam-a (token A) sending its
+    genuine request under X is answered (not INVALID_ARGUMENT "already used"), and each one's
+    byte-identical repeat is still answered from the store."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+    server = _start(tmp_path, token_file=tokens)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    detect = _detect(channel)
+    a = [("authorization", f"Bearer {TOKEN_A}"), (EDGE_NAME_KEY, "cam-a")]
+    b = [("authorization", f"Bearer {TOKEN_B}"), (EDGE_NAME_KEY, "cam-b")]
+    poison, genuine = _request(11, "request-x"), _request(12, "request-x")
+    try:
+        assert not detect(poison, metadata=b, timeout=30).cached
+        assert not detect(genuine, metadata=a, timeout=30).cached
+        assert detect(genuine, metadata=a, timeout=30).cached
+        assert detect(poison, metadata=b, timeout=30).cached
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatch):
+    """GetManifest calls under many names (and a refused Detect) leave every label free: the
+    real camera's first answered Detect gets its own, the made-up names count as "other"."""
+    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    server = _start(tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    manifest = channel.unary_unary(
+        "/splitdet.v1.Detection/GetManifest",
+        request_serializer=pb.GetManifestRequest.SerializeToString,
+        response_deserializer=pb.ManifestResponse.FromString,
+    )
+    try:
+        for index in range(5):
+            name = ((EDGE_NAME_KEY, f"bogus-{index}"),)
+            manifest(pb.GetManifestRequest(), metadata=name, timeout=10)
+        with pytest.raises(grpc.RpcError):  # refused: not a DetectRequest
+            _detect(channel)(b"\xff", metadata=((EDGE_NAME_KEY, "bogus-9"),), timeout=10)
+        reply = _detect(channel)(
+            _request(13, "real"), metadata=((EDGE_NAME_KEY, "cam-real"),), timeout=30
+        )
+        assert reply.request_id == "real"
+        metrics = scrape_metrics(server.metrics_port)
+    finally:
+        channel.close()
+        server.stop(0)
+    seen = {key for key in metrics if key.startswith("splitdet_cloud_edge_last_seen")}
+    assert seen == {LAST_SEEN % "cam-real", LAST_SEEN % "other"}
+
+
+def _stall(channel: grpc.Channel, method: str, count: int, metadata=()) -> tuple:
+    """`count` calls of `method` that send their headers and never their request: (their
+    futures, the event that would let their request streams end)."""
+    stop = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        stop.wait()
+        return
+        yield  # (a generator)
+
+    call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+    return [call.future(never(), metadata=metadata) for _ in range(count)], stop
+
+
+def _health(channel: grpc.Channel) -> tuple[str, float]:
+    """(SERVING or the status code's name, seconds) of one health check."""
+    start = time.monotonic()
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError as exc:
+        outcome = exc.code().name
+    return outcome, time.monotonic() - start
+
+
+def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then_ended(
+    tmp_path, monkeypatch
+):
+    """The reviewer's slow loris: stalled health checks and Detects held every thread (health
+    DEADLINE_EXCEEDED, other edges' Detects hanging), unseen and for ever. Now calls beyond a
+    pool's threads are refused at once (counted), and the stalled calls end within the
+    connection age + --max-call, after which health answers again."""
+    monkeypatch.setattr(server_module, "SERVER_RPC_THREADS", 3)
+    monkeypatch.setattr(server_module, "SPARE_RPC_THREADS", 2)
+    server = _start(
+        tmp_path, max_concurrent=1, max_queued=0, max_connection_age_s=1.0, max_call_s=1.0
+    )
+    attacker = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    victim = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stalled_health, stop_health = _stall(attacker, "/grpc.health.v1.Health/Check", 5)
+    stalled_detect, stop_detect = _stall(attacker, DETECT, 5)
+    started = time.monotonic()
+    try:
+        time.sleep(0.3)  # (the stalled calls reach the server)
+        outcome, seconds = _health(victim)
+        assert outcome in ("SERVING", "RESOURCE_EXHAUSTED") and seconds < 1.0, (outcome, seconds)
+        try:
+            _detect(victim)(_request(14, "victim"), timeout=5)
+            outcome = "OK"
+        except grpc.RpcError as exc:
+            outcome = exc.code().name
+        assert outcome == "RESOURCE_EXHAUSTED" and time.monotonic() - started < 2.0, outcome
+        metrics = scrape_metrics(server.metrics_port)
+        exhausted = 'splitdet_cloud_rpc_threads_exhausted_total{pool="%s"}'
+        assert metrics[exhausted % "server"] >= 2 and metrics[exhausted % "detect"] >= 3
+        assert metrics['splitdet_cloud_rpc_threads_busy{pool="detect"}'] == 3
+        # age 1 s (+10%) and 1 s for the calls on it: every stalled call ends, its thread free
+        for future in stalled_health + stalled_detect:
+            assert future.exception(timeout=6) is not None
+        assert time.monotonic() - started < 6.0
+        outcome, seconds = _health(victim)
+        assert outcome == "SERVING" and seconds < 1.0, (outcome, seconds)
+        assert _detect(victim)(_request(14, "victim"), timeout=30).request_id == "victim"
+    finally:
+        stop_health.set()
+        stop_detect.set()
+        attacker.close()
+        victim.close()
+        server.stop(0)
