@@ -69,9 +69,6 @@ SPARE_RPC_THREADS = 8
 SERVER_RPC_THREADS = 32
 #: Threads refusing calls beyond their pool's threads (each refusal ends at once).
 REFUSAL_THREADS = 2
-#: Calls gRPC itself takes at once (beyond them: RESOURCE_EXHAUSTED before any pool), above
-#: what the pools hold: a backstop bounding the refusals waiting for a refusal thread.
-REFUSALS_AT_ONCE = 64
 #: Seconds a connection serves new calls (gRPC adds up to 10% jitter); then it is closed
 #: gracefully (GOAWAY: clients reconnect without a failed call) and the calls on it get
 #: --max-call seconds to finish before they are cancelled: a call that never sends its request
@@ -463,7 +460,8 @@ class CloudServer:
             futures.ThreadPoolExecutor(SERVER_RPC_THREADS, thread_name_prefix="splitdet-rpc"),
             interceptors=interceptors,
             options=grpc_options(config),
-            maximum_concurrent_rpcs=sum(limit for _, limit in pools.values()) + REFUSALS_AT_ONCE,
+            # no maximum_concurrent_rpcs: gRPC applies it after the interceptors, so a call it
+            # refused would keep the place CallGuard gave it; CallGuard is the bound
         )
         self.servicer.add_to_server(self._server, detect_threads, manifest_threads)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

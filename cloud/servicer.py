@@ -423,7 +423,12 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: DetectionServicer, request: bytes, context: grpc.ServicerContext) -> bytes:
         code = grpc.StatusCode.OK
-        edge = self.metrics.edge_of(context.invocation_metadata())
+        # a Detect, or any call that passed the token check, claims a label for its name: a
+        # camera whose every Detect is refused must show under its own name; only a cheap
+        # unauthenticated GetManifest (no tokens required) does not, so that made-up names
+        # cannot use up the labels
+        claim = name == "Detect" or self.scope_by_token
+        edge = self.metrics.edge_of(context.invocation_metadata(), claim=claim)
         self.metrics.edge_last_seen.labels(edge).set_to_current_time()
         # the log names the name claimed, also when its metrics count as "other"
         claimed = claimed_edge(context.invocation_metadata())
@@ -1136,7 +1141,9 @@ class CallGuard(grpc.ServerInterceptor):
             return None
         behaviour = _behaviour(handler)
         pool = self._names.get(id(getattr(behaviour, "experimental_thread_pool", None)))
-        if pool is None:  # (a pool not given: not guarded)
+        # not guarded: a pool not given, and a non-blocking handler (health Watch), which
+        # gives its thread back when it returns while its stream stays open for good
+        if pool is None or getattr(behaviour, "experimental_non_blocking", False):
             return handler
         with self._lock:
             full = self._active[pool] >= self._limits[pool]

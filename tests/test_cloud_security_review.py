@@ -78,8 +78,9 @@ def test_a_request_id_is_the_callers_own_per_token(tmp_path):
 
 
 def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatch):
-    """GetManifest calls under many names (and a refused Detect) leave every label free: the
-    real camera's first answered Detect gets its own, the made-up names count as "other"."""
+    """GetManifest calls under many names (no token required) leave every label free; a
+    camera whose Detect is refused keeps its own label (an operator must find it), as does
+    the real camera's first answered Detect; the made-up names count as "other"."""
     monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
     server = _start(tmp_path)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -93,7 +94,7 @@ def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatc
             name = ((EDGE_NAME_KEY, f"bogus-{index}"),)
             manifest(pb.GetManifestRequest(), metadata=name, timeout=10)
         with pytest.raises(grpc.RpcError):  # refused: not a DetectRequest
-            _detect(channel)(b"\xff", metadata=((EDGE_NAME_KEY, "bogus-9"),), timeout=10)
+            _detect(channel)(b"\xff", metadata=((EDGE_NAME_KEY, "cam-refused"),), timeout=10)
         reply = _detect(channel)(
             _request(13, "real"), metadata=((EDGE_NAME_KEY, "cam-real"),), timeout=30
         )
@@ -103,7 +104,27 @@ def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatc
         channel.close()
         server.stop(0)
     seen = {key for key in metrics if key.startswith("splitdet_cloud_edge_last_seen")}
-    assert seen == {LAST_SEEN % "cam-real", LAST_SEEN % "other"}
+    assert seen == {LAST_SEEN % "cam-real", LAST_SEEN % "cam-refused", LAST_SEEN % "other"}
+
+
+def test_open_health_watches_do_not_use_up_the_health_threads(tmp_path, monkeypatch):
+    """A health Watch returns its thread at once and keeps its stream open: counted as holding
+    a thread for its life, 32 of them refused every health check and token refusal."""
+    monkeypatch.setattr(server_module, "SERVER_RPC_THREADS", 4)
+    server = _start(tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
+    try:
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for watch in watches:
+            watch.cancel()
+        channel.close()
+        server.stop(0)
 
 
 def _stall(channel: grpc.Channel, method: str, count: int, metadata=()) -> tuple:

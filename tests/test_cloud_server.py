@@ -507,8 +507,8 @@ def test_a_request_over_the_bound_is_counted_and_logged(served, tmp_path, caplog
         assert isinstance(classify(code, details), NeverRetry)
         key = 'splitdet_cloud_failures_total{code="RESOURCE_EXHAUSTED",method="Detect"}'
         assert _metric(server, key) == 1
-        # (cam7 was never answered a Detect: no label of its own, counted as "other")
-        key = 'splitdet_cloud_edge_refusals_total{code="RESOURCE_EXHAUSTED",edge="other"}'
+        # (a refused Detect keeps its edge's name: the camera an operator must find)
+        key = 'splitdet_cloud_edge_refusals_total{code="RESOURCE_EXHAUSTED",edge="cam7"}'
         assert _metric(server, key) == 1
     (record,) = [r for r in caplog.records if "larger than max" in r.getMessage()]
     assert record.fields["edge"] == "cam7" and record.fields["peer"].startswith("ipv4:127.0.0.1")
