@@ -61,7 +61,7 @@ server that seems stuck waits on) and the server goes on.
 Bounds on calls: each kind has its threads (Detect: --max-concurrent + --max-queued + 8;
 GetManifest: 8; health checks and token refusals: 32); a call holds one from its headers on,
 also while its request arrives, and a call finding them all held is refused at once with
-RESOURCE_EXHAUSTED (splitdet_cloud_rpc_threads_exhausted{pool}, a threads_exhausted log line;
+RESOURCE_EXHAUSTED (splitdet_cloud_rpc_threads_exhausted_total{pool}, a threads_exhausted line;
 held threads: splitdet_cloud_rpc_threads_busy{pool}). A connection takes new calls for 5 min
 (+ up to 10%), then is closed gracefully (clients reconnect) and its calls get --max-call
 seconds to finish: a call that never sends its request holds its thread for at most about

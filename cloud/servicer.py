@@ -335,9 +335,10 @@ class ServerMetrics:
         pairs): its `splitdet-edge` entry, "unnamed" without one, "invalid" for a name that is
         not one (shared/edge_name.py), and "other" for a name without a label of its own.
 
-        Only `claim` (a successful Detect, authenticated when tokens are required) gives a
-        name a label, while fewer than MAX_EDGE_LABELS are held: cheap or refused calls under
-        made-up names cannot use up the labels and push real cameras into "other"."""
+        Only `claim` gives a name a label, while fewer than MAX_EDGE_LABELS are held: a Detect
+        (answered or refused), or any call when tokens are required (it passed their check);
+        cheap unauthenticated GetManifest calls under made-up names cannot use up the labels
+        and push real cameras into "other"."""
         name = claimed_edge(metadata)
         with self._edges_lock:
             now = self._clock()
@@ -799,9 +800,9 @@ class DetectionServicer:
         self.metrics.observe(result, self._answered(context, edge), name)
 
     def _answered(self, context: grpc.ServicerContext, edge: str) -> str:
-        """The edge label of a call about to be answered: a successful Detect (authenticated,
-        when tokens are required) is the one kind of call that claims a label for its name
-        (`ServerMetrics.edge_of`); `edge`, what the call was counted as so far, otherwise."""
+        """The edge label of a Detect about to be answered, which claims a label for its name
+        (`ServerMetrics.edge_of`): `edge`, what the call was counted as so far, unless a label
+        was freed meanwhile."""
         claimed = self.metrics.edge_of(context.invocation_metadata(), claim=True)
         if claimed != edge:
             self.metrics.edge_last_seen.labels(claimed).set_to_current_time()
@@ -1092,8 +1093,9 @@ class CallGuard(grpc.ServerInterceptor):
     unseen, in the pool's queue. Here each call is counted against the pool its handler runs
     in (by the handler's ``experimental_thread_pool``; the server's own pool otherwise) from
     its headers to its end, and a call beyond the pool's limit is refused at once with
-    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted{pool}`, logged at most
-    every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a request.
+    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted_total{pool}`, logged
+    at most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
+    request.
     Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
     themselves are ended by the server's connection age (`server.grpc_options`).
 
@@ -1215,7 +1217,7 @@ class CallGuard(grpc.ServerInterceptor):
                       "threads": limit}  # fmt: skip
             log.warning("%s refused (RESOURCE_EXHAUSTED): all %d threads of the %s pool are "
                         "held by calls; further refusals of this pool are counted in "
-                        "splitdet_cloud_rpc_threads_exhausted", name, limit, pool,
+                        "splitdet_cloud_rpc_threads_exhausted_total", name, limit, pool,
                         extra={"fields": fields})  # fmt: skip
 
         def refuse(requests: Iterator, context: grpc.ServicerContext) -> None:

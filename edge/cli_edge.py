@@ -102,8 +102,10 @@ recorded but not yet moved (kill -9) are moved, not processed again. SIGUSR1 log
 stack (what a daemon that seems stuck waits on) and the daemon goes on. One `edge run` per --db: it
 holds FILE.lock (of the file a symbolic link names), and a second one exits at start (`edge status`,
 `results`, `prune` and `requeue` are safe beside it); one per --watch too (a lock on the folder
-itself, nothing written there). A --db deleted or replaced while it runs stops it (exit 2) before it
-moves or deletes another image. Logs are JSON lines on
+itself, nothing written there), and hot folders may not nest under a --recursive daemon's, either
+way round (hidden folders, its archive and quarantine and folders holding .splitdet-ignore
+aside); a --watch removed and made again is locked anew. A --db deleted or replaced while it
+runs stops it (exit 2) before it moves or deletes another image. Logs are JSON lines on
 stderr (--log-format text: one line each, the message, then its event and fields as
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full; 2 usage or model
@@ -600,7 +602,9 @@ def _register_prune(actions: argparse._SubParsersAction) -> None:
         "nor a result whose file still lies where it arrived (--after keep, or a move that "
         "failed: the row is what tells the daemon that file is done; a newer file the camera "
         "wrote under the same name does not keep the older results). Safe while the daemon "
-        "runs. The file shrinks by the pages freed (a database made before splitdet gave "
+        "runs. A result this boot wrote goes only once the time since boot agrees it is that "
+        "old (a clock set forward by NTP after a stale boot); prune says how many it kept so. "
+        "The file shrinks by the pages freed (a database made before splitdet gave "
         "pages back keeps its size: SQLite reuses them; see the README to convert one).",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
         "--dry-run\n",

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "stop train or eval, leave an image out unseen or let one split leak into another; "
             "0 when only warnings remain."
         ),
+        epilog="examples:\n  splitdet data check data/mine\n"
+        "  splitdet data check data/mine --classes 'scratch,dent,Pit mark' --json report.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("data", metavar="DIR", help="the VOC dataset (JPEGImages/, Annotations/)")
     c.add_argument(
@@ -100,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "train, val and test, each getting its share of defect-free images and of every "
             "class (a defective image counts under its rarest class)."
         ),
+        epilog="examples:\n  splitdet data split data/mine --val 0.2 --test 0.1\n"
+        "  splitdet data split data/mine --val 0.2 --overwrite   # redo existing splits\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("data", metavar="DIR", help="the VOC dataset (JPEGImages/, Annotations/)")
     s.add_argument(
