@@ -280,3 +280,33 @@ def test_eval_warns_when_too_few_defective_images_set_the_threshold(
                      "--target-recall", "0.75"]) == 0  # fmt: skip
     capsys.readouterr()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # 4 can show 75%
+
+
+def test_eval_does_not_store_into_a_checkpoint_replaced_while_it_ran(
+    unvalidated_run, tmp_path, caplog, capsys, monkeypatch
+):
+    """eval wrote the checkpoint it had loaded back over the path to store its threshold: a
+    training run that wrote a newer best.pt meanwhile lost it to the older model."""
+    from splitdet.training import evaluate as evaluate_module
+
+    data, trained = unvalidated_run
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(trained.read_bytes())
+    newer = read_checkpoint(trained)
+    newer["epoch"] = 7  # what training writes meanwhile
+    real_evaluate = evaluate_module.evaluate
+
+    def training_writes_meanwhile(*args, **kwargs):
+        metrics = real_evaluate(*args, **kwargs)
+        replacement = tmp_path / "newer.pt"
+        torch.save(newer, replacement)
+        replacement.replace(checkpoint)  # as training's atomic write does
+        return metrics
+
+    monkeypatch.setattr(evaluate_module, "evaluate", training_writes_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="splitdet.training.cli_eval"):
+        assert main(["eval", "--data", str(data), "--checkpoint", str(checkpoint), "--split",
+                     "train", "--calibrate-split", "train", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert read_checkpoint(checkpoint)["epoch"] == 7  # the newer model stays
+    assert "changed while it was evaluated" in caplog.text

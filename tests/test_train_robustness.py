@@ -174,3 +174,38 @@ def test_resume_with_epochs_already_trained_is_refused(tiny_voc, tmp_path, capsy
                         "give --epochs above 2")  # fmt: skip
         assert "trained to epoch" not in captured.out
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != TRAIN_LOCK} == before
+
+
+def test_a_run_stopped_between_its_checkpoints_keeps_best_pt_the_best(
+    tiny_voc, tmp_path, monkeypatch, caplog
+):
+    """last.pt (with the new best_value) was written before best.pt: a run stopped between
+    them kept a best.pt older than the best last.pt recorded, which no later epoch at that
+    level replaced. Now best.pt and the records come first; stopped before last.pt, the run
+    resumes from best.pt's copy in its first epoch (and trains a later epoch again)."""
+    from splitdet.training import train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def stopped_at_last_pt(path, *args, **kwargs):
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt  # as Ctrl-C or a kill between the two writes
+        return real_save(path, *args, **kwargs)
+
+    config = replace(TINY, epochs=2, eval_every=1)
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "save_checkpoint", stopped_at_last_pt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_voc, run, progress=False, max_iters=1)
+    monkeypatch.undo()
+    assert not (run / "last.pt").exists()
+    assert read_checkpoint(run / "best.pt")["epoch"] == 0
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [0]
+
+    with caplog.at_level(logging.WARNING, logger="splitdet.training.train"):
+        train(config, tiny_voc, run, progress=False, max_iters=1, resume=True)
+    assert "resuming from a copy of it" in caplog.text
+    last = read_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1
+    assert read_checkpoint(run / "best.pt")["best_value"] == last["best_value"]
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [0, 1]

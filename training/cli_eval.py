@@ -184,6 +184,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     if not 0.0 < args.target_recall <= 1.0:
         raise CommandError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     names: tuple[str, ...] = ()  # the model's classes, once loaded
+    read_as = _file_identity(Path(args.checkpoint))  # to store only into the file evaluated
     try:
         model, checkpoint = load_model(
             Path(args.checkpoint), box_refine_steps=args.box_refine_steps
@@ -241,7 +242,17 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 name, args.split, args.data,
             )  # fmt: skip
     try:
-        if calibration is not None and not args.no_store:
+        if (
+            calibration is not None
+            and not args.no_store
+            and (_file_identity(Path(args.checkpoint)) != read_as)
+        ):
+            log.warning(
+                "%s changed while it was evaluated (a training run writing it?): the threshold "
+                "was not stored, so as not to put the older model back; evaluate it again once "
+                "the run has ended", args.checkpoint,
+            )  # fmt: skip
+        elif calibration is not None and not args.no_store:
             was = float(checkpoint.get("gate_threshold", 0.5))
             checkpoint["gate_threshold"] = metrics["gate_threshold"]
             checkpoint["gate_target_recall"] = args.target_recall
@@ -261,6 +272,16 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         detail = exc.strerror or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of `path`, None when it cannot be read: a checkpoint
+    replaced meanwhile (training writes a new file and renames it over) differs."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def run_model(args: argparse.Namespace) -> int:

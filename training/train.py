@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
-from splitdet.shared.atomic_file import WriteError, atomic_write, stale_temporaries
+from splitdet.shared.atomic_file import WriteError, atomic_write, replacing, stale_temporaries
 from splitdet.shared.checkpoint import (
     CheckpointError,
     read_checkpoint,
@@ -719,6 +720,15 @@ def _train(
     )
 
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and not last_path.is_file() and best_path.is_file():
+        # best.pt is written before last.pt: a run stopped between them in its first epoch
+        # left only best.pt, which holds that epoch whole (optimizer and all)
+        log.warning(
+            "no %s to resume from, but %s holds the run's first epoch (the run was stopped "
+            "while writing its checkpoints): resuming from a copy of it", last_path, best_path,
+        )  # fmt: skip
+        with replacing(last_path) as copy:
+            shutil.copyfile(best_path, copy)
     if not (resume and last_path.is_file()):
         held = [p.name for p in (last_path, best_path) if p.is_file()]
         if held:  # a fresh start would replace them after its first epoch
@@ -961,20 +971,15 @@ def _train(
             if improved:
                 best_value = value
             extra["best_value"] = best_value
-            for path in (last_path, best_path) if improved else (last_path,):
-                try:
-                    save_checkpoint(path, model, **extra)
-                except WriteError as exc:  # the earlier checkpoint is whole: say which it is
-                    kept = (
-                        f"the earlier {path.name} is kept as it was (--resume continues from "
-                        "last.pt once the cause is fixed)"
-                        if path.is_file()
-                        else f"no {path.name} was written"
-                    )
-                    message = f"epoch {epoch}: {exc}; {kept}"
-                    raise WriteError(path, exc.reason, exc.errno, message) from exc
+            # best.pt, the records, then last.pt: last.pt (what --resume reads) says an epoch is
+            # done only once all else holds it. Stopped in between, the epoch is trained again;
+            # in the other order a run stopped after last.pt kept a best.pt older than the
+            # best_value last.pt records, which no later epoch at that level then replaced.
+            if improved:
+                _save_epoch(best_path, model, extra, epoch)
             write_metrics(out_dir, history)
             plot_learning_curve(history, out_dir / "learning_curve.png")
+            _save_epoch(last_path, model, extra, epoch)
     overall.close()
     if (
         rank == 0
@@ -992,6 +997,22 @@ def _train(
     return {
         **row, "out_dir": str(out_dir), "train_seconds": clock.seconds, "epochs_run": epochs_run,
     }  # fmt: skip
+
+
+def _save_epoch(path: Path, model: nn.Module, extra: dict, epoch: int) -> None:
+    """Save the checkpoint of `epoch` at `path`; a WriteError that says which earlier file is
+    kept (a full disk: the earlier checkpoint stays whole)."""
+    try:
+        save_checkpoint(path, model, **extra)
+    except WriteError as exc:
+        kept = (
+            f"the earlier {path.name} is kept as it was (--resume continues from last.pt once "
+            "the cause is fixed)"
+            if path.is_file()
+            else f"no {path.name} was written"
+        )
+        message = f"epoch {epoch}: {exc}; {kept}"
+        raise WriteError(path, exc.reason, exc.errno, message) from exc
 
 
 def _log_inputs(config: TrainConfig, data_dir: Path, samples: list) -> None:
