@@ -12,6 +12,7 @@ as months old. Within one boot, `seconds` differences are true elapsed time.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,17 @@ class BootClock:
 def boot_clock() -> BootClock | None:
     """Now on the boot clock, or None where the system has none (not Linux)."""
     clock = getattr(time, "CLOCK_BOOTTIME", None)
-    if clock is None:
+    boot_id = _boot_id()
+    if clock is None or boot_id is None:
         return None
+    return BootClock(boot_id, time.clock_gettime(clock))
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot's id, read once: a process never outlives its boot (every final result asks
+    for it, on the daemon's path from image to result)."""
     try:
-        boot_id = BOOT_ID_FILE.read_text(encoding="ascii").strip()
-        return BootClock(boot_id, time.clock_gettime(clock)) if boot_id else None
+        return BOOT_ID_FILE.read_text(encoding="ascii").strip() or None
     except (OSError, UnicodeDecodeError):
         return None

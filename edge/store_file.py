@@ -25,7 +25,7 @@ from splitdet.edge.store_schema import (
     APPLICATION_ID,
     SCHEMA_VERSION,
 )
-from splitdet.shared.atomic_file import free_bytes
+from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
 from splitdet.shared.folder_lock import lock_exclusively
 
 
@@ -39,9 +39,6 @@ _IO_CODES = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE
                        sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM})  # fmt: skip
 #: ... and for a file another connection holds locked (past the busy timeout).
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-#: Free bytes below which the file system holding a store that failed to open counts as
-#: full: opening one makes its -shm (32 kB) and -wal files, and a writer writes to them.
-FULL_BELOW_BYTES = 1 << 20
 
 
 def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:

@@ -387,15 +387,18 @@ class HotFolder:
                         continue
                     yield name, Path(entry.path), entry.stat(follow_symlinks=False)
                 elif entry.is_dir(follow_symlinks=False):
-                    if Path(entry.path).resolve() in self._exclude:  # the daemon's own
+                    subfolder = Path(entry.path)
+                    if subfolder.resolve() in self._exclude:  # the daemon's own
                         continue
-                    if not self.recursive:  # (edge collect's output: not told of)
-                        if not is_marked(entry.path):
+                    # (its name is not ignored, see above: only the marker can keep it out)
+                    enters = enters_subfolder(subfolder)
+                    if not self.recursive:  # (a marked one, edge collect's output: not told of)
+                        if enters:
                             skipped[name] = SUBFOLDER
-                    elif is_marked(entry.path):  # its times change when the marker goes
-                        self._note_folder(Path(entry.path))
+                    elif not enters:  # its times change when the marker goes
+                        self._note_folder(subfolder)
                     else:
-                        yield from self._files(Path(entry.path), failed, skipped, f"{name}/")
+                        yield from self._files(subfolder, failed, skipped, f"{name}/")
                 elif entry.is_symlink():  # never followed: see the module docstring
                     if entry.is_dir():
                         skipped[name] = FOLDER_LINK

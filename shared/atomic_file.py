@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = [
+    "FULL_BELOW_BYTES",
     "WriteError",
     "atomic_write",
     "disk_full",
@@ -49,9 +50,10 @@ def _temp_target(name: str) -> str:
     return os.fsdecode(raw[:_TEMP_TARGET_BYTES].decode("utf-8", "ignore").encode("utf-8"))
 
 
-#: Free bytes below which a file system counts as full when a write failed without saying why
-#: (torch.save's "unexpected pos"): a failed write stops short of the end by less than this.
-_FULL_BELOW = 1 << 20
+#: Free bytes below which a file system counts as full (`disk_full`): when a write failed
+#: without saying why (torch.save's "unexpected pos"), it stopped short of the end by less
+#: than this; and a store that failed to open needed less (its -shm file is 32 kB).
+FULL_BELOW_BYTES = 1 << 20
 
 
 class WriteError(OSError):
@@ -162,7 +164,7 @@ def disk_full(folder: Path | str) -> bool:
     """Whether the file system holding `folder` has (next to) no space left for this process
     (root may use the blocks reserved for it)."""
     free = free_bytes(folder)
-    return free is not None and free < _FULL_BELOW
+    return free is not None and free < FULL_BELOW_BYTES
 
 
 def write_problem(path: Path | str, exc: BaseException) -> str:

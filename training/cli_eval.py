@@ -274,14 +274,16 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_identity(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime in ns) of `path`, None when it cannot be read: a checkpoint
-    replaced meanwhile (training writes a new file and renames it over) differs."""
+def _file_identity(path: Path) -> str | None:
+    """`path`'s identity as the edge knows a file (`file_identity.file_key`: name, size,
+    mtime, inode), None when it cannot be read: a checkpoint replaced meanwhile (training
+    writes a new file and renames it over) differs."""
+    from splitdet.edge.file_identity import file_key
+
     try:
-        stat = path.stat()
+        return file_key(path, path.stat())
     except OSError:
         return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def run_model(args: argparse.Namespace) -> int:

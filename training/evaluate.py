@@ -314,6 +314,11 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _misses_allowed(defective: int, target_recall: float) -> int:
+    """How many of `defective` images a threshold may leave under it at `target_recall`."""
+    return math.floor((1.0 - target_recall) * defective + 1e-9)
+
+
 def calibrate_threshold(
     probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
 ) -> float:
@@ -323,7 +328,7 @@ def calibrate_threshold(
     positives = np.sort(np.asarray(probabilities, dtype=np.float64)[np.asarray(labels, bool)])
     if len(positives) == 0:
         raise ValueError("cannot calibrate the gate: the calibration split has no defective image")
-    misses = math.floor((1.0 - target_recall) * len(positives) + 1e-9)
+    misses = _misses_allowed(len(positives), target_recall)
     return float(positives[misses])
 
 
@@ -360,7 +365,7 @@ def _expected_recall(defective: int, target_recall: float) -> float:
     """The recall on new defective images of a threshold calibrated on `defective` of them: it
     keeps all but the lowest m, so a new one scores under it with probability (m + 1) / (n + 1)
     (order statistics of exchangeable scores)."""
-    misses = math.floor((1.0 - target_recall) * defective + 1e-9)
+    misses = _misses_allowed(defective, target_recall)
     return 1.0 - (misses + 1) / (defective + 1)
 
 
