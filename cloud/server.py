@@ -32,6 +32,7 @@ from prometheus_client import start_http_server
 
 from splitdet.cloud.cli_cloud import OPTION_BOUNDS, check_tls_files
 from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
+from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.servicer import (
     FORGET_EDGES_S,
@@ -424,7 +425,7 @@ class CloudServer:
         self.core = core
         self.metrics = ServerMetrics(core.fingerprints, config.forget_edges_s)
         core.on_store_error = self.metrics.answers_store_errors.inc
-        self.health = health.HealthServicer()
+        self.health = HealthStatus()
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s,
             max_queued=config.max_queued, max_queue_wait_s=config.max_queue_wait_s,

@@ -127,6 +127,43 @@ def test_open_health_watches_do_not_use_up_the_health_threads(tmp_path, monkeypa
         server.stop(0)
 
 
+def test_a_server_watched_by_health_probes_stops_and_tells_them(tmp_path):
+    """grpc_health sent watchers their new status under its lock while gRPC's event thread
+    waited for that lock to forget a cancelled watcher: stop() with open and cancelled Watch
+    streams hung for good. Now it stops, and the watchers still open hear NOT_SERVING."""
+    server = _start(tmp_path)
+    channel, gone = (grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(2))
+    watches = [
+        health_pb2_grpc.HealthStub(on).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        for on in [channel] * 2 + [gone] * 8
+    ]
+    for watch in watches:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    for watch in watches[2:]:
+        watch.cancel()
+    stopper = threading.Thread(target=server.stop, args=(5,), daemon=True)
+    stopper.start()
+    stopper.join(30)
+    try:
+        assert not stopper.is_alive(), "stop() hung with health watchers open"
+        for watch in watches[:2]:
+            statuses = [answer.status for answer in _until_closed(watch)]
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        channel.close()
+        gone.close()
+
+
+def _until_closed(watch) -> list:
+    """The answers a Watch stream gives until the server closes it."""
+    answers = []
+    try:
+        answers.extend(watch)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
+    return answers
+
+
 def _stall(channel: grpc.Channel, method: str, count: int, metadata=()) -> tuple:
     """`count` calls of `method` that send their headers and never their request: (their
     futures, the event that would let their request streams end)."""
