@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +64,8 @@ from splitdet.edge.preprocess import ImageError
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
-from splitdet.edge.store_file import WriterLock, refuse_foreign_file
+from splitdet.edge.store_busy import BusyStore
+from splitdet.edge.store_file import WriterLock, is_busy, refuse_foreign_file
 from splitdet.edge.watcher import Candidate, HotFolder, Ready, enters_subfolder
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
@@ -129,6 +131,7 @@ class EdgeDaemon:
         # answers for this export are checked by its own manifest (no GetManifest to fetch it)
         CloudClient.expect(AnswerRules.from_manifest(self.pipeline.manifest))
         self.store = ResultStore(config.db, config.outbox)
+        self._busy = BusyStore(config.db)
         self.folder = HotFolder(
             config.watch,
             config.settle_s,
@@ -430,14 +433,27 @@ class EdgeDaemon:
                       older_than_s=self.config.keep_results_s, reclaimed_bytes=freed)  # fmt: skip
 
     def _process_ready(self) -> bool:
-        """Handle every file that is ready now, earliest arrival first; False if none was."""
+        """Handle every file that is ready now, earliest arrival first; False if none was.
+
+        A database another program holds locked past the busy timeout (an `sqlite3` shell, a
+        backup) stops the round: what that image's transaction wrote is rolled back and its
+        file stays in --watch, taken again next round (WARNING `store_busy`, at most one a
+        minute; INFO `store_resumed` once a file is handled again)."""
         skip: set[str] = set()
         handled = False
         while not self._stop.is_set():
             candidate = self.folder.next_candidate(skip)
             if candidate is None:
                 return handled
-            if self.handle(candidate):
+            try:
+                done = self.handle(candidate)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                self._busy.failed(exc, path_text(candidate.path))
+                return handled
+            self._busy.succeeded()
+            if done:
                 handled = True
             else:
                 skip.add(candidate.name)

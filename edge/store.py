@@ -68,6 +68,10 @@ from splitdet.edge.store_schema import (
 #: result by about one step, instead of by seconds.
 RECLAIM_PAGES = 256
 RECLAIM_PAUSE_S = 0.005
+#: How long a write waits for another connection's lock before SQLite gives up (ms): another
+#: program holding it longer (an `sqlite3` shell, a backup) makes the daemon's loop wait and
+#: try the image again (`splitdet.edge.store_busy`), its sender try the request again.
+BUSY_TIMEOUT_MS = 10_000
 
 #: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
 StoredPath = str | None | Callable[[int], str | None]
@@ -249,7 +253,7 @@ class ResultStore:
         """Check what the file holds, then set the connection up and create or migrate the
         store. StoreError when it cannot be used."""
         try:
-            self._db.execute("PRAGMA busy_timeout=10000")  # `results` may read meanwhile
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # `results` may read
             # read only: another program's file is refused before journal_mode=WAL (a write)
             # touches it; _migrate checks again under the write lock
             if check_contents(self.path, read_contents(self._db)):  # a new store: its free

@@ -41,6 +41,13 @@ _IO_CODES = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """True when `exc` says another connection held the database locked past the busy timeout
+    (an `sqlite3` shell, a backup, a long `edge requeue`): worth waiting for, unlike the rest."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _BUSY_CODES
+
+
 def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
     """The StoreError for a store SQLite failed to open (connect, first read, set-up), naming
     the file and what to do by what failed: a full file system (the store is probably fine
@@ -49,7 +56,7 @@ def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
     the file itself is at fault (not a database, damaged), "not a usable SQLite database"."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = None if code is None else code & 0xFF
-    if primary in _BUSY_CODES:
+    if is_busy(exc):
         return StoreError(
             f"{path}: cannot open it ({exc}): another program holds it locked; try again once "
             "it lets go"

@@ -90,6 +90,46 @@ def outbox_by_model(db: sqlite3.Connection) -> dict[str, int]:
     return {fingerprint: int(n) for fingerprint, n in rows}
 
 
+def _last_error(db: sqlite3.Connection, now: float) -> dict:
+    """The outbox's latest send error and what happened since, for `_status`.
+
+    The store keeps no time per error: the time is that of the last change of the request's
+    row (`updated`: set by the failed attempt that recorded it, `retry_later`, or a requeue).
+    The latest is that of the row changed last. A refused model export (`hold_export`) puts
+    its error on every request of that export, but only the one tried gets a new `updated`;
+    once that one is delivered, another request of its export, changed earlier, has the latest
+    error, so its age may overstate the error's; a delivery of its export after it then says
+    it is past either way.
+
+    Returns:
+        {"text" (None: no request has an error), "age_s" (seconds since the row that has it
+        changed), "delivered_since_age_s" (seconds since the last request of the error's
+        export was delivered, when one was after the error; None: none was, the error is
+        current), "sender_waits_until" (unix s: the failed attempt's next try, when nothing
+        was delivered since: the sender pauses every request until then after a failed send;
+        None otherwise, or when that time is past)}
+    """
+    row = db.execute(
+        "SELECT o.last_error, i.updated, o.next_try, i.fingerprint FROM outbox o"
+        " JOIN images i ON i.id = o.image_id WHERE o.last_error IS NOT NULL"
+        " ORDER BY i.updated DESC, o.next_try DESC, o.image_id DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return dict.fromkeys(("text", "age_s", "delivered_since_age_s", "sender_waits_until"))
+    text, at, retry_at, fingerprint = row
+    same, any_export = db.execute(  # answers stored since the error (`complete`)
+        "SELECT MAX(CASE WHEN fingerprint = ? THEN finished END), MAX(finished) FROM images"
+        " WHERE updated >= ? AND finished > ? AND verdict = 'defect'",
+        (fingerprint, at, at),
+    ).fetchone()
+    return {
+        "text": text,
+        "age_s": max(0.0, now - at),
+        "delivered_since_age_s": None if same is None else max(0.0, now - same),
+        "sender_waits_until": retry_at if any_export is None and retry_at > now else None,
+    }
+
+
 def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
     """`_status` read in one transaction: one snapshot of the database (a daemon writing
     meanwhile never makes its counts disagree)."""
@@ -110,11 +150,16 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
         were judged at, rising; rows without one, never judged or from an earlier splitdet, are
         the rest of "results")}, the latest result's first}, "outbox" {"requests", "bytes",
-        "oldest_age_s", "next_try_in_s", "by_model" {fingerprint: n}, "last_error"},
-        "dead_letters"
-        {"kept", "kept_bytes", "not_kept"}, "counters" {name: n}, "file" {"bytes" (its pages,
-        the WAL aside), "free_bytes" (free pages), "gives_back" (incremental auto-vacuum: free
-        pages go back to the file system, `ResultStore.reclaim`)}}
+        "oldest_age_s", "next_try_in_s" (when the earliest request is due), "sender_waits_s"
+        (None, or how long the sender still pauses after a failed send, with nothing
+        delivered since: no request is tried before), "by_model" {fingerprint: n},
+        "last_error" (the latest send error a request in the outbox has), "last_error_age_s"
+        (how long ago: `_last_error`), "delivered_since_error_age_s" (None: no request of the
+        error's export was delivered after it, the error is current; else how long ago the
+        last one was)}, "dead_letters" {"kept", "kept_bytes", "not_kept"}, "counters"
+        {name: n}, "file" {"bytes" (its pages, the WAL aside), "free_bytes" (free pages),
+        "gives_back" (incremental auto-vacuum: free pages go back to the file system,
+        `ResultStore.reclaim`)}}
     """
     now = time.time() if now is None else now
 
@@ -142,8 +187,8 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     depth, size, oldest, next_try = one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
     )
-    last_error = one("SELECT last_error FROM outbox WHERE last_error IS NOT NULL"
-                     " ORDER BY next_try DESC LIMIT 1")  # fmt: skip
+    error = _last_error(db, now)
+    waits_until = error["sender_waits_until"]  # (the requests due meanwhile wait with it)
     by_model = outbox_by_model(db)
     kept, kept_bytes = (0, 0) if version < 2 else one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
@@ -163,7 +208,10 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
             "oldest_age_s": None if oldest is None else max(0.0, now - oldest),
             "next_try_in_s": None if next_try is None else max(0.0, next_try - now),
             "by_model": by_model,
-            "last_error": None if last_error is None else last_error[0],
+            "sender_waits_s": None if waits_until is None else waits_until - now,
+            "last_error": error["text"],
+            "last_error_age_s": error["age_s"],
+            "delivered_since_error_age_s": error["delivered_since_age_s"],
         },
         "dead_letters": {
             "kept": kept,

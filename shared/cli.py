@@ -21,7 +21,7 @@ from pathlib import Path
 
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
-from splitdet.shared.logs import TextLogFormatter
+from splitdet.shared.logs import TextLogFormatter, json_line, json_logs_in_use
 from splitdet.shared.stacks import stacks_on_sigusr1
 
 #: Modules that register subcommands, in the order `--help` lists them.
@@ -211,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CommandError as exc:
-        print(f"splitdet {args.command}: error: {exc}", file=sys.stderr)
+        message = f"splitdet {args.command}: error: {exc}"
+        if json_logs_in_use():  # (--log-format json: the only sign of the exit, as JSON)
+            message = json_line(logging.ERROR, message, event="fatal", command=args.command)
+        print(message, file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:

@@ -1,0 +1,56 @@
+"""The daemon's account of a database another program holds locked: WARNING `store_busy` at
+most once a minute while its images wait, INFO `store_resumed` once one is handled again."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from splitdet.edge.daemon_log import log
+
+#: At most one `store_busy` line per this many seconds (each retry waits the busy timeout).
+BUSY_LINE_EVERY_S = 60.0
+
+
+class BusyStore:
+    """Counts the rounds the daemon's loop gave up on a locked --db, and says so."""
+
+    def __init__(self, db: Path, every_s: float = BUSY_LINE_EVERY_S) -> None:
+        self.db = db
+        self.every_s = every_s
+        self.failures = 0
+        self._since: float | None = None  # monotonic s of the first failure in a row
+        self._last_line: float | None = None
+
+    def failed(self, exc: sqlite3.Error, path: str) -> None:
+        """One image not recorded: `exc` is SQLite's busy or locked error, `path` the file
+        that stays in --watch."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        self.failures += 1
+        if self._last_line is not None and now - self._last_line < self.every_s:
+            return
+        self._last_line = now
+        log.warning(
+            f"--db {self.db} is held locked by another program ({exc}); {path} stays in "
+            "--watch and is taken again once it lets go (nothing is lost). Is an `sqlite3` "
+            "shell, a backup or `splitdet edge requeue` holding it?",
+            extra={"fields": {"event": "store_busy", "db": str(self.db), "path": path,
+                              "failures": self.failures,
+                              "waited_s": round(now - self._since, 1)}},
+        )  # fmt: skip
+
+    def succeeded(self) -> None:
+        """An image handled: after failures, INFO `store_resumed` with how long it waited."""
+        if self._since is None:
+            return
+        waited = time.monotonic() - self._since
+        log.info(
+            f"--db {self.db} can be written again after {waited:.0f} s",
+            extra={"fields": {"event": "store_resumed", "db": str(self.db),
+                              "failures": self.failures, "waited_s": round(waited, 1)}},
+        )  # fmt: skip
+        self.failures = 0
+        self._since = self._last_line = None
