@@ -214,7 +214,7 @@ def test_bad_requests_get_the_right_status_and_memory_stays_bounded(model, tmp_p
 
 def test_sigterm_during_a_slow_call(model, tmp_path, processes):
     _, model_dir, manifest, sample = model
-    grace = 8.0
+    grace = 30.0  # (ample: the server exits once its one call is done, long before)
     server = start_cloud_process(
         model_dir, tmp_path, "term", "--debug-delay", "2", "--grace", str(grace)
     )
@@ -251,7 +251,7 @@ def test_sigterm_during_a_slow_call(model, tmp_path, processes):
         terminate(server.process)
         signalled = time.monotonic()
         while "NOT_SERVING" not in statuses:
-            assert time.monotonic() - signalled < 5, statuses
+            assert time.monotonic() - signalled < 15, statuses
             time.sleep(0.02)
         watch.cancel()  # an open watch would hold the server for the whole grace period
         follower.join(5)

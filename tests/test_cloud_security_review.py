@@ -249,6 +249,7 @@ def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then
     server = _start(
         tmp_path, max_concurrent=1, max_queued=0, max_connection_age_s=3.0, max_call_s=3.0
     )
+    request = _request(14, "victim")  # (a forward pass: made before the calls stall)
     attacker = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     victim = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stalled_health, stop_health = _stall(attacker, "/grpc.health.v1.Health/Check", 5)
@@ -265,7 +266,7 @@ def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then
         outcome, _ = _health(victim)
         assert outcome in ("SERVING", "RESOURCE_EXHAUSTED"), outcome
         try:
-            _detect(victim)(_request(14, "victim"), timeout=5)
+            _detect(victim)(request, timeout=5)
             outcome = "OK"
         except grpc.RpcError as exc:
             outcome = exc.code().name
@@ -276,7 +277,7 @@ def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then
             assert future.exception(timeout=30) is not None
         outcome, _ = _health(victim)
         assert outcome == "SERVING", outcome
-        assert _detect(victim)(_request(14, "victim"), timeout=30).request_id == "victim"
+        assert _detect(victim)(request, timeout=30).request_id == "victim"
     finally:
         stop_health.set()
         stop_detect.set()

@@ -103,3 +103,27 @@ def test_edge_run_works_with_stderr_closed(tiny_model_dir, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0
     assert [row["verdict"] for row in image_rows(tmp_path / "edge.sqlite")] == ["ok"]
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_exit_line_of_edge_run_is_json_when_its_log_is(tiny_model_dir, tmp_path, log_format):
+    """With JSON logs (edge run's default) its last line, the only sign of why it exited, was
+    plain text: a log pipeline reading JSON lost it."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "splitdet.shared.cli", "edge", "run", "--model",
+         str(tiny_model_dir), "--watch", str(tmp_path / "absent"), "--db",
+         str(tmp_path / "edge.sqlite"), "--cloud", "127.0.0.1:9", "--log-format", log_format],
+        capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    if log_format == "text":
+        assert last.startswith("splitdet edge: error: --watch ") and "no such folder" in last
+        return
+    entry = json.loads(last)
+    assert (entry["level"], entry["event"], entry["command"]) == ("ERROR", "fatal", "edge")
+    assert entry["msg"].startswith("splitdet edge: error: --watch ") and "absent" in entry["msg"]
