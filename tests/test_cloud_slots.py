@@ -48,7 +48,7 @@ def test_a_wait_that_ends_leaves_the_queue_to_the_next():
     assert slots.acquire(0)
     started = time.monotonic()
     assert slots.acquire(0.2) is Outcome.TIMED_OUT  # no slot within its wait
-    assert 0.15 < time.monotonic() - started < 2
+    assert 0.15 < time.monotonic() - started < 4  # about its 0.2 s (a loaded machine aside)
     left = threading.Event()
     outcome = slots.acquire(10, gave_up=lambda: left.set() or True)  # the caller went away
     assert outcome is Outcome.GAVE_UP and not outcome
@@ -67,7 +67,7 @@ def test_no_queue_refuses_at_once_and_bad_use_is_an_error():
     assert slots.acquire(5) and slots.acquire(5)
     started = time.monotonic()
     assert not slots.acquire(5)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 4  # at once, not after its 5 s wait
     slots.release()
     slots.release()
     with pytest.raises(RuntimeError, match="released more slots"):

@@ -257,7 +257,8 @@ def test_once_ends_at_the_drain_timeout_and_says_what_is_left(tmp_path, silent_c
         start = time.monotonic()
         assert daemon.run() == 1
         took = time.monotonic() - start
-    assert took < drain + 1.5, f"the run took {took:.1f} s for --drain-timeout {drain:g}"
+    # (before: about 8 s; the margin is for a loaded machine, not for a call joined)
+    assert took < drain + 4.0, f"the run took {took:.1f} s for --drain-timeout {drain:g}"
     [line] = events(caplog, "drain_timeout")
     assert line.levelno == logging.WARNING
     assert line.fields["outbox_depth"] == 3 and line.fields["call_cancelled"] is True
