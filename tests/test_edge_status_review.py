@@ -235,10 +235,10 @@ def test_next_try_counts_the_senders_pause_after_a_failed_send(tmp_path, capsys)
 
         outbox = _status_json(db, capsys)["outbox"]
         assert outbox["next_try_in_s"] < 1  # (two requests are due: the sender waits anyway)
-        assert pause - 2 < outbox["sender_waits_s"] <= pause
+        assert pause - 8 < outbox["sender_waits_s"] <= pause  # (8: a loaded machine)
         text = _status(db, capsys)
         found = re.search(r"next try in (\d+) s \(the sender pauses after a failed send\)", text)
-        assert found and pause - 2 <= int(found[1]) <= pause + 1, text
+        assert found and pause - 8 <= int(found[1]) <= pause + 1, text
 
         cloud.refusal = None  # the cloud is back: the sender goes on after its pause
         assert sender.send(store.next_due()) == 0
