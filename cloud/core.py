@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
+from splitdet.cloud.log_limit import LineLimiter, repeats_note
 from splitdet.shared.codec import (
     DEFAULT_MAX_TOTAL_BYTES,
     CodecError,
@@ -254,6 +255,8 @@ class DetectionCore:
         self.max_decoded_bytes = int(max_decoded_bytes)
         #: called once per answer the store could not keep (the server counts them)
         self.on_store_error: Callable[[], None] | None = None
+        #: which of those are logged: at most one `answers_store_failed` line per minute
+        self.store_failure_lines = LineLimiter()
 
     def serve(self, models: Sequence[ServedModel]) -> None:
         """Serve exactly `models` from now on, the first the default (a reload: calls running
@@ -345,15 +348,27 @@ class DetectionCore:
             try:
                 self.store.put(call.request_id, answer)
             except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
-                log.warning(
-                    "answers store: cannot keep the answer to %r (%s); answered without it (a "
-                    "repeat of this request is computed again)", call.request_id, exc,
-                    extra={"fields": {"event": "answers_store_failed",
-                                      "request_id": call.request_id, "error": str(exc)}},
-                )  # fmt: skip
-                if self.on_store_error is not None:
-                    self.on_store_error()
+                self._store_failed(call.request_id, exc)
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
+
+    def _store_failed(self, request_id: str, exc: sqlite3.Error) -> None:
+        """An answer the store could not keep: counted (`on_store_error`) each time, logged
+        at most once per `store_failure_lines.every_s` per error (a full disk fails every
+        answer), the line saying how many were left out since the last."""
+        repeats = self.store_failure_lines.admit(("answers_store_failed", str(exc)))
+        if repeats is not None:
+            fields = {"event": "answers_store_failed", "request_id": request_id,
+                      "error": str(exc)}  # fmt: skip
+            if repeats:
+                fields["repeats"] = repeats
+            log.warning(
+                "answers store: cannot keep the answer to %r (%s); answered without it (a "
+                "repeat of this request is computed again)%s", request_id, exc,
+                repeats_note(repeats, self.store_failure_lines.every_s),
+                extra={"fields": fields},
+            )  # fmt: skip
+        if self.on_store_error is not None:
+            self.on_store_error()
 
     # ------------------------------------------------------------------------------ the stages
 

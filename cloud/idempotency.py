@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -37,6 +38,8 @@ from pathlib import Path
 
 from splitdet.edge.store_file import Contents, describe_contents, immediate, read_contents
 from splitdet.edge.store_schema import APPLICATION_ID as EDGE_APPLICATION_ID
+
+log = logging.getLogger(__name__)
 
 #: `PRAGMA application_id` of an answers database: b"SPCA" (splitdet cloud answers). The edge
 #: store names it too (edge/store_schema.py ANSWERS_APPLICATION_ID), to say what a wrong --db holds.
@@ -126,6 +129,7 @@ class IdempotencyStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._closed = False  # (by `close`: the server stopping)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             self._open()
@@ -176,9 +180,12 @@ class IdempotencyStore:
             )
 
     def get(self, request_id: str) -> StoredAnswer | None:
-        """The stored answer for `request_id` in the current scope (`answers_scope`), or None."""
+        """The stored answer for `request_id` in the current scope (`answers_scope`), or None
+        (None too once the store is closed: a call still running as the server stops)."""
         key = scoped_key(request_id)
         with self._lock:
+            if self._closed:
+                return None
             row = self._db.execute(
                 "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?", (key,)
             ).fetchone()
@@ -186,9 +193,24 @@ class IdempotencyStore:
 
     def put(self, request_id: str, answer: StoredAnswer) -> None:
         """Store (or replace) the answer for `request_id` in the current scope
-        (`answers_scope`), then evict beyond the capacity."""
+        (`answers_scope`), then evict beyond the capacity. Once the store is closed (the server
+        stopping while a computation still ran) the answer is not kept, and that is no error:
+        logged at DEBUG only, not raised."""
         key = scoped_key(request_id)
-        with self._lock, immediate(self._db) as db:  # (a full disk's cause is raised on)
+        with self._lock:
+            if self._closed:
+                log.debug(
+                    "answers store closed (the server is stopping): the answer to %r is not "
+                    "kept", request_id,
+                    extra={"fields": {"event": "answer_not_kept_closed",
+                                      "request_id": request_id}},
+                )  # fmt: skip
+                return
+            self._insert(key, answer)
+
+    def _insert(self, key: str, answer: StoredAnswer) -> None:
+        """`put`'s insert and eviction, under the lock."""
+        with immediate(self._db) as db:  # (a full disk's cause is raised on)
             cursor = db.execute(
                 "INSERT OR REPLACE INTO answers"
                 " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
@@ -203,6 +225,8 @@ class IdempotencyStore:
             return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
     def close(self) -> None:
-        """Close the database (further calls fail)."""
+        """Close the database: later `get`s find nothing and later `put`s keep nothing, quietly
+        (the calls a stopping server still runs); `len` fails."""
         with self._lock:
+            self._closed = True
             self._db.close()

@@ -52,6 +52,7 @@ from splitdet.cloud.core import (
 )
 from splitdet.cloud.idempotency import answers_scope, scope_of_token
 from splitdet.cloud.inflight import InFlight
+from splitdet.cloud.log_limit import LineLimiter, repeats_note
 from splitdet.cloud.slots import FairSlots, Outcome
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
@@ -80,6 +81,10 @@ MAX_EDGE_NAMES_USING = 4 * MAX_EDGE_LABELS
 FORGET_EDGES_S = 7 * 24 * 3600.0
 #: Seconds between two looks for edges to forget (also done at once when the labels are full).
 FORGET_SWEEP_S = 60.0
+#: Seconds of its deadline a call may have left, as the server sees it, when its caller gives
+#: up, and still count as ended by its deadline (DEADLINE_EXCEEDED, not CANCELLED): the
+#: caller's timer fires first, by the call's transit and dispatch (`deadline_over`).
+DEADLINE_SLACK_S = 0.5
 #: Bounds on a DetectRequest's wire form, checked before it is parsed. Generous: a valid request
 #: has 5 tensors of rank 3 with one scale and zero point per channel (256) and ~40 fields; beyond
 #: these bounds only a hostile or broken sender goes, and the codec names smaller excesses.
@@ -336,9 +341,10 @@ class ServerMetrics:
         not one (shared/edge_name.py), and "other" for a name without a label of its own.
 
         Only `claim` gives a name a label, while fewer than MAX_EDGE_LABELS are held: a Detect
-        (answered or refused), or any call when tokens are required (it passed their check);
-        cheap unauthenticated GetManifest calls under made-up names cannot use up the labels
-        and push real cameras into "other"."""
+        for a served model with a valid id (answered, or refused for load) or too large for
+        --max-message-mib, or any call when tokens are required (it passed their check); cheap
+        or malformed unauthenticated calls under made-up names cannot use up the labels and
+        push real cameras into "other"."""
         name = claimed_edge(metadata)
         with self._edges_lock:
             now = self._clock()
@@ -417,6 +423,17 @@ class ServerMetrics:
             self.stage_seconds.labels(stage).observe(seconds)
 
 
+class CallEdge:
+    """The edge label a call is counted under (`ServerMetrics.edge_of`), which a Detect
+    changes once it claims a label (`DetectionServicer._answered`)."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        """`label`: what the call counts as so far."""
+        self.label = label
+
+
 def _rpc(method: Callable) -> Callable:
     """Run one RPC: count it, and turn any exception into a status (the one place)."""
     name = method.__name__
@@ -424,18 +441,23 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: DetectionServicer, request: bytes, context: grpc.ServicerContext) -> bytes:
         code = grpc.StatusCode.OK
-        # a Detect, or any call that passed the token check, claims a label for its name: a
-        # camera whose every Detect is refused must show under its own name; only a cheap
-        # unauthenticated GetManifest (no tokens required) does not, so that made-up names
-        # cannot use up the labels
-        claim = name == "Detect" or self.scope_by_token
-        edge = self.metrics.edge_of(context.invocation_metadata(), claim=claim)
-        self.metrics.edge_last_seen.labels(edge).set_to_current_time()
+        # any call that passed the token check claims a label for its name; without tokens a
+        # call counts under its name's label if it has one, else as "other", and a Detect
+        # claims one only once it is checked (a served model, a valid id: a camera whose Detect
+        # is answered or refused for load shows under its own name) or refused as too large
+        # (no cheap call: over --max-message-mib), so that made-up names in cheap or malformed
+        # unauthenticated calls cannot use up the labels
+        edge = CallEdge(
+            self.metrics.edge_of(context.invocation_metadata(), claim=self.scope_by_token)
+        )
+        self.metrics.edge_last_seen.labels(edge.label).set_to_current_time()
         # the log names the name claimed, also when its metrics count as "other"
         claimed = claimed_edge(context.invocation_metadata())
         peer = context.peer()  # now: once the caller has gone it reads ""
         try:
             if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
+                if name == "Detect":  # (its edge must show; its many bytes make it no cheap call)
+                    edge.label = self._answered(context, edge.label)
                 raise TooLarge(
                     f"request of {len(request)} bytes is larger than max message size "
                     f"{self.max_message_bytes} (the cloud's --max-message-mib "
@@ -445,22 +467,44 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context, edge)
         except Exception as exc:
             code, message = status_for(exc)
-            self.metrics.refused(edge, code)
-            # which edge: an operator of many cameras must find it
+            self.metrics.refused(edge.label, code)
+            # which edge: an operator of many cameras must find it; one line per kind (event,
+            # edge label, code) per minute at most, counting those left out (`refusal_lines`)
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
-            fields = {"event": event, "method": name, "peer": peer, "edge": claimed,
-                      "code": code.name, "message": message}  # fmt: skip
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s from %s (edge %s) failed", name, peer, claimed,
-                              extra={"fields": fields})  # fmt: skip
-            else:
-                log.info("%s from %s (edge %s) refused (%s): %s", name, peer, claimed,
-                         code.name, message, extra={"fields": fields})  # fmt: skip
+            repeats = self.refusal_lines.admit((event, edge.label, code.name))
+            if repeats is not None:
+                _log_refusal(name, peer, claimed, code, message, event, repeats,
+                             self.refusal_lines.every_s)  # fmt: skip
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)
 
     return wrapper
+
+
+def _log_refusal(
+    method: str,
+    peer: str,
+    edge: str,
+    code: grpc.StatusCode,
+    message: str,
+    event: str,
+    repeats: int,
+    every_s: float,
+) -> None:
+    """The log line of a call refused (INFO) or failed (ERROR, with the traceback being
+    handled), `repeats` lines of its kind having been left out since the last one."""
+    fields = {"event": event, "method": method, "peer": peer, "edge": edge,
+              "code": code.name, "message": message}  # fmt: skip
+    if repeats:
+        fields["repeats"] = repeats
+    note = repeats_note(repeats, every_s)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
+                      extra={"fields": fields})  # fmt: skip
+    else:
+        log.info("%s from %s (edge %s) refused (%s): %s%s", method, peer, edge, code.name,
+                 message, note, extra={"fields": fields})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- translation
@@ -686,6 +730,9 @@ class DetectionServicer:
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
         self._manifests: dict[str, bytes] = {}
+        #: which refused calls are logged (at most one line per event, edge label and code
+        #: per minute; the counters count each)
+        self.refusal_lines = LineLimiter()
         self.refresh()
 
     def refresh(self) -> None:
@@ -718,14 +765,16 @@ class DetectionServicer:
         return scope_of_token(supplied)
 
     @_rpc
-    def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
+    def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge) -> bytes:
         """A serialized DetectRequest from `edge` in, its serialized DetectResponse out; request
         ids (stored answers, identical calls joined) are the caller's own (`caller_scope`)."""
         scope = self.caller_scope(context)
         with answers_scope(scope):
             return self._detect(raw, context, edge, scope)
 
-    def _detect(self, raw: bytes, context: grpc.ServicerContext, edge: str, scope: str) -> bytes:
+    def _detect(
+        self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge, scope: str
+    ) -> bytes:
         """Detect within the caller's answers scope `scope`."""
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
@@ -734,6 +783,10 @@ class DetectionServicer:
         # has one: a waiting call holds its request once, not twice.
         request_id, fingerprint = check_request_wire(raw)
         repeat = self.core.is_repeat(request_id, fingerprint)
+        # checked, for a served model: from here its edge name claims a label (a camera whose
+        # calls are refused for load must show under its own name; malformed ones stay under
+        # the label they had, or "other")
+        edge.label = self._answered(context, edge.label)
         holding = False
         key = (scope, fingerprint, request_id)
         lead = answer = None
@@ -761,7 +814,7 @@ class DetectionServicer:
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
                         result = replace(answered, cached=True)
-                        self._observe_answer(result, context, edge)
+                        self._observe_answer(result, context, edge.label)
                         return result_to_proto(result).SerializeToString()
                 take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(_parse(pb.DetectRequest, raw))
@@ -779,8 +832,9 @@ class DetectionServicer:
         except Cancelled as exc:
             self._check_not_cut_by_shutdown(context)
             # Still connected: its deadline passed here before its own timer fired, and it
-            # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later".
-            if context.is_active():
+            # would read CANCELLED as final; DEADLINE_EXCEEDED says "retry later". Gone with
+            # its deadline (nearly) over: its own timer fired first (`deadline_over`).
+            if context.is_active() or deadline_over(context):
                 raise DeadlinePassed(str(exc)) from None
             raise
         finally:
@@ -788,7 +842,7 @@ class DetectionServicer:
                 self.metrics.in_flight.dec()
                 self._slots.release()
             self._inflight.finish(key, lead, answer)
-        self._observe_answer(result, context, edge)
+        self._observe_answer(result, context, edge.label)
         return result_to_proto(result).SerializeToString()
 
     def _observe_answer(
@@ -800,9 +854,9 @@ class DetectionServicer:
         self.metrics.observe(result, self._answered(context, edge), name)
 
     def _answered(self, context: grpc.ServicerContext, edge: str) -> str:
-        """The edge label of a Detect about to be answered, which claims a label for its name
-        (`ServerMetrics.edge_of`): `edge`, what the call was counted as so far, unless a label
-        was freed meanwhile."""
+        """The edge label of a Detect checked (a served model, a valid id) or about to be
+        answered, which claims a label for its name (`ServerMetrics.edge_of`): `edge`, what
+        the call was counted as so far, unless it had none or a label was freed meanwhile."""
         claimed = self.metrics.edge_of(context.invocation_metadata(), claim=True)
         if claimed != edge:
             self.metrics.edge_last_seen.labels(claimed).set_to_current_time()
@@ -832,8 +886,7 @@ class DetectionServicer:
         if self._draining.is_set():  # a queued call when SIGTERM came: go elsewhere now
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         if outcome is Outcome.GAVE_UP:
-            left = context.time_remaining()
-            if left is not None and left <= 0:  # gRPC ends a call when its deadline passes
+            if deadline_over(context):  # gRPC, or the caller, ends a call at its deadline
                 raise DeadlinePassed(f"deadline passed after {wait_s:.1f} s waiting for a slot")
             raise Cancelled("caller went away while waiting for a Detect slot")
         if outcome is Outcome.TIMED_OUT and remaining is not None and remaining <= wait_s:
@@ -846,7 +899,7 @@ class DetectionServicer:
         )
 
     @_rpc
-    def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: str) -> bytes:
+    def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge) -> bytes:
         """A serialized GetManifestRequest in, the named (or default) model's serialized
         ManifestResponse out."""
         request = _parse(pb.GetManifestRequest, raw)
@@ -856,7 +909,7 @@ class DetectionServicer:
             wanted = self.core.model(request.model_fingerprint)  # raises, naming those served
         if request.model_fingerprint:  # an edge checking the export it runs is served
             name = claimed_edge(context.invocation_metadata())
-            self.metrics.used(edge, wanted.fingerprint, name)
+            self.metrics.used(edge.label, wanted.fingerprint, name)
         answer = self._manifests.get(wanted.fingerprint)
         # (a model served since a reload that has not refreshed the answers yet)
         return answer if answer is not None else self._manifest_answer(wanted.fingerprint)
@@ -901,6 +954,15 @@ class DetectionServicer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
         )
+
+
+def deadline_over(context: grpc.ServicerContext) -> bool:
+    """Whether a call's deadline has passed, or is within DEADLINE_SLACK_S of it: the caller's
+    own timer starts before the server's (by the transit and dispatch of the call), so a
+    caller whose deadline ends the call resets it while the server still sees a little time
+    left; that is its deadline passing, not a caller going away."""
+    left = context.time_remaining()
+    return left is not None and left <= DEADLINE_SLACK_S
 
 
 # ------------------------------------------------------------------------------ bearer token
@@ -1033,6 +1095,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: AcceptedTokens | str, metrics: ServerMetrics) -> None:
         self._tokens = tokens if isinstance(tokens, AcceptedTokens) else AcceptedTokens(tokens)
         self._metrics = metrics
+        #: which refusals are logged: at most one line per minute (the counter counts each)
+        self.refusal_lines = LineLimiter()
         # the one per-edge series known in advance: at 0 from the start (see ServerMetrics)
         metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
 
@@ -1067,10 +1131,16 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
         def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()
-            fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
-                      "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
-            log.info("%s from %s (claims edge %s) refused (UNAUTHENTICATED): %s", name, peer,
-                     edge, message, extra={"fields": fields})  # fmt: skip
+            kind = ("refused", UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
+            repeats = self.refusal_lines.admit(kind)
+            if repeats is not None:
+                fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
+                          "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
+                if repeats:
+                    fields["repeats"] = repeats
+                note = repeats_note(repeats, self.refusal_lines.every_s)
+                log.info("%s from %s (claims edge %s) refused (UNAUTHENTICATED): %s%s", name,
+                         peer, edge, message, note, extra={"fields": fields})  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # Taken as a request stream whatever the method: refused without waiting for (and

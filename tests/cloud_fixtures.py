@@ -261,3 +261,16 @@ class FreezableProxy:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
+
+
+def start_loopback_server(tmp_path: Path, threads: int = 1, **settings):
+    """A CloudServer started in-process on a free loopback port, serving `shared_model_dir(0)`
+    with its answers store and metrics in `tmp_path`; `settings` go to ServerConfig."""
+    from splitdet.cloud.server import CloudServer, ServerConfig
+
+    _, model_dir, _ = shared_model_dir(0)
+    config = ServerConfig(
+        model_dir=model_dir, listen="127.0.0.1:0", threads=threads, metrics_port=0,
+        answers_db=tmp_path / "answers.sqlite", **settings,
+    )  # fmt: skip
+    return CloudServer(config).start()

@@ -190,7 +190,7 @@ def test_a_full_answers_store_still_answers(exports, tmp_path, caplog):
     counted = server.metrics.registry.get_sample_value("splitdet_cloud_answers_store_errors_total")
     assert counted == 2
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
-    assert events.count("answers_store_failed") == 2
+    assert events.count("answers_store_failed") == 1  # (the next within a minute: counted)
 
 
 def test_the_same_export_given_twice_is_one_line(exports, tmp_path, capsys):

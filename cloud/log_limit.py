@@ -1,0 +1,69 @@
+"""At most one log line of a kind per interval, the next one saying how many were left out.
+
+The cloud logs a line per refused call and per answer its store could not keep; a client that
+cancels every call, a caller sending junk, or a full disk would write one per call. The
+Prometheus counters count each; the log keeps the first line of each kind at once, then at
+most one per `every_s`, carrying the number of lines left out since the last (`repeats`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+#: Seconds between two log lines of one kind (refusals: event, edge label, status code).
+LINE_EVERY_S = 60.0
+#: Kinds remembered; beyond, those whose interval has passed with nothing left out are dropped
+#: (edge labels come and go over months: --forget-edges-after).
+MAX_KINDS = 8192
+
+
+class LineLimiter:
+    """Which lines to write: the first of each kind, then at most one per `every_s` seconds.
+
+    Thread-safe. `clock` is monotonic seconds (tests step it).
+    """
+
+    def __init__(
+        self, every_s: float = LINE_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """`every_s`: seconds between two lines of one kind; `clock`: monotonic s now."""
+        self.every_s = every_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        # kind -> [monotonic s before which its lines are left out, lines left out since]
+        self._kinds: dict[Hashable, list[float]] = {}
+
+    def admit(self, kind: Hashable) -> int | None:
+        """None: leave this line of `kind` out (it is counted); else write it, and this is how
+        many lines of `kind` were left out since the last one written (0 for none)."""
+        now = self.clock()
+        with self._lock:
+            entry = self._kinds.get(kind)
+            if entry is not None and now < entry[0]:
+                entry[1] += 1
+                return None
+            left_out = 0 if entry is None else int(entry[1])
+            if entry is None and len(self._kinds) >= MAX_KINDS:
+                self._prune(now)
+            self._kinds[kind] = [now + self.every_s, 0]
+            return left_out
+
+    def _prune(self, now: float) -> None:
+        """Forget the kinds whose interval has passed with no line left out (under the lock);
+        the oldest others too if that is not enough."""
+        stale = [kind for kind, (until, left) in self._kinds.items() if now >= until and not left]
+        for kind in stale:
+            del self._kinds[kind]
+        excess = len(self._kinds) - MAX_KINDS + 1
+        if excess > 0:
+            for kind in sorted(self._kinds, key=lambda kind: self._kinds[kind][0])[:excess]:
+                del self._kinds[kind]
+
+
+def repeats_note(left_out: int, every_s: float) -> str:
+    """The text a written line ends with when `left_out` lines of its kind were not written."""
+    if not left_out:
+        return ""
+    return f" [{left_out} more like it since the last such line: at most one per {every_s:g} s]"
