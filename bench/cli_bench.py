@@ -31,7 +31,7 @@ MAX_IMAGES = 1_000_000
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) + 0.0 for v in text.split(","))  # + 0.0: -0.0 is 0.0
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected numbers separated by commas: {text!r}"

@@ -23,6 +23,11 @@ PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
 #: Link speeds for the computed transfer times, bits per second.
 LINKS = {"100mbit": 100e6, "1gbit": 1e9}
 MONOLITHIC = "monolithic"
+#: A gated system's label under --oracle-gate (the gate's verdicts are the ground truth).
+UPPER_BOUND = "perfect gate"
+#: Below either count a defect rate's figures are noisy (report.md says so under its heading).
+NOISY_DEFECTIVE = 10
+NOISY_IMAGES = 50
 #: report.json's "generator": marks a report (and the outputs beside it) as splitdet bench's.
 GENERATOR = "splitdet bench"
 #: Keys every report.json of splitdet bench had before it carried "generator".
@@ -42,12 +47,22 @@ def summarise(
     stream: Sequence[VocSample],
     class_names: Sequence[str],
     monolithic: dict | None,
+    oracle_gate: bool = False,
 ) -> dict:
     """One system's figures on one stream (see report.md for each key's meaning).
 
     `monolithic`: the baseline's summary, or None when these outcomes are the baseline's own
     (its reduction and mAP kept are then None: nothing to compare it with). A system without a
     gate (every `Outcome.p_defect` None) has no gate recall (None).
+
+    `oracle_gate`: the gate's verdicts were the ground truth (`--oracle-gate`). A gated system's
+    figures are then an upper bound (`upper_bound` "perfect gate"), and its gate recall and mAP
+    kept are None: they would measure the ground truth, not the gate (mAP kept could exceed
+    100%, the perfect gate dropping the detector's false positives on defect-free images).
+
+    `mean_with_{link}_s`: `mean_s` (loopback) plus the transfer of the mean bytes per image at
+    that link speed (`transfer_{link}_s_computed`, 0 for systems that send nothing), and
+    `reduction_with_{link}` the reduction vs monolithic computed from it.
     """
     totals = np.array([o.total_s for o in outcomes])
     sent = [o for o in outcomes if o.bytes_sent]
@@ -85,14 +100,23 @@ def summarise(
         "defect_rate_realised": len(defective) / len(outcomes),
     }
     for link, bits_per_s in LINKS.items():
-        summary[f"transfer_{link}_s_computed"] = bytes_per_image * 8 / bits_per_s
+        transfer = bytes_per_image * 8 / bits_per_s
+        summary[f"transfer_{link}_s_computed"] = transfer
+        summary[f"mean_with_{link}_s"] = summary["mean_s"] + transfer
     if monolithic is not None:
         summary["reduction"] = 1.0 - summary["mean_s"] / monolithic["mean_s"]
+        for link in LINKS:  # monolithic sends nothing: its loopback mean is its mean anywhere
+            with_link = summary[f"mean_with_{link}_s"]
+            summary[f"reduction_with_{link}"] = 1.0 - with_link / monolithic["mean_s"]
         for key in ("map", "map50"):
             base, ours = monolithic[key], summary[key]
             summary[f"{key}_kept"] = ours / base if base and ours is not None else None
     else:
         summary.update(reduction=None, map_kept=None, map50_kept=None)
+        summary.update({f"reduction_with_{link}": None for link in LINKS})
+    summary["upper_bound"] = UPPER_BOUND if oracle_gate and has_gate else None
+    if summary["upper_bound"]:
+        summary.update(gate_recall=None, map_kept=None, map50_kept=None)
     return summary
 
 
@@ -112,6 +136,61 @@ def rate_heading(rate_key: str, summary: dict) -> str:
     )
 
 
+def noise_warning(rate_key: str, summary: dict) -> str | None:
+    """The line under a defect rate's heading when its stream is too small for steady figures:
+    fewer than `NOISY_IMAGES` images, or (a rate above 0) fewer than `NOISY_DEFECTIVE`
+    defective ones; None otherwise."""
+    n, k = summary["n_images"], summary["n_defective"]
+    few = []
+    if float(rate_key) > 0 and k < NOISY_DEFECTIVE:
+        few.append(f"{k} defective images (fewer than {NOISY_DEFECTIVE})")
+    if n < NOISY_IMAGES:
+        few.append(f"{n} images (fewer than {NOISY_IMAGES})")
+    if not few:
+        return None
+    return f"**Noisy**: this stream has only {' and '.join(few)}; its figures are noisy."
+
+
+#: A 1-minute load average at a run's start from which its figures are flagged as unreliable.
+BUSY_LOAD = 0.5
+
+
+def _machine_lines(report: dict) -> list[str]:
+    """What the run measured on: CPU, threads, image sizes, the load before and after."""
+    machine, settings = report["machine"], report.get("settings", {})
+    cpu = machine.get("cpu_model") or machine.get("processor") or "CPU model unknown"
+    threads = settings.get("threads")
+    lines = [
+        f"Machine: {cpu}, {machine['cpu_count']} cores"
+        + (f", {threads} threads per process" if threads else "")
+        + f", {machine['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+        "",
+    ]
+    sizes = settings.get("image_sizes")
+    if sizes:
+        lines += [f"Original image size(s), width×height: {', '.join(sizes)}.", ""]
+    load = report.get("load_1min")
+    if load:
+        end = _fmt(load.get("end"), ".2f")
+        lines += [
+            f"1-minute load average: {load['start']:.2f} at the start, {end} at the end "
+            "(the run's own processes add to the end figure; a start figure well above 0 means "
+            "other work shared the cores).",
+            "",
+        ]
+        if load["start"] is not None and load["start"] >= BUSY_LOAD:
+            lines += [
+                f"**Busy machine**: other work held the cores at the start (load "
+                f"{load['start']:.2f}). Under contention torch slows down unequally in this "
+                "process (monolithic, paper) and in the servers' threads (up to 4× apart on 2 "
+                "cores), so the reductions below are not comparable: run again on an idle "
+                "machine.",
+                "",
+            ]
+    return lines
+
+
 def markdown(report: dict) -> str:
     """report.md: the command, the machine, one table per defect rate, the R-D table."""
     lines = [
@@ -128,18 +207,34 @@ def markdown(report: dict) -> str:
             "the bytes-vs-mAP pass is not.",
             "",
         ]
+    oracle = report.get("settings", {}).get("oracle_gate", False)
+    lines += _machine_lines(report)
     lines += [
-        f"Machine: {report['machine']['cpu_count']} cores, {report['machine']['platform']}; "
-        + ", ".join(f"{k} {v}" for k, v in report["machine"]["versions"].items()),
-        "",
         "Model: {depth_label}, input {input}, gate threshold {gate_threshold:.4f}, "
         "fingerprint {short}".format(**report["model"], short=report["model"]["fingerprint"][:16]),
         "",
         f"Gate: {report['model'].get('gate', 'the model')}.",
         "",
-        "Times are wall-clock seconds per image, systems interleaved image by image. "
-        "`edge` = camera-side compute, `cloud` = server compute as the server measured it. "
-        "Transfer times are computed from the bytes (not measured): 100 Mbit/s and 1 Gbit/s. "
+    ]
+    if oracle:
+        lines += [
+            "**Upper bound: perfect gate** (`--oracle-gate`): the gated systems took the ground "
+            "truth as the gate's verdict (the gate still ran and was timed). Their times are "
+            "what a perfect gate would give, and their gate recall and mAP kept are not "
+            "measured (–): a perfect gate drops the detector's false positives on defect-free "
+            "images, so mAP kept could exceed 100%.",
+            "",
+        ]
+    lines += [
+        "Times are wall-clock seconds per image, systems interleaved image by image, the "
+        "edge and the servers talking over **loopback**: `mean s` and `reduction` exclude any "
+        "network transfer. `edge` = camera-side compute, `cloud` = server compute as the server "
+        "measured it. Transfer times are computed from the bytes (not measured): 100 Mbit/s "
+        "and 1 Gbit/s; `+100M`/`+1G` columns add them to the loopback mean (and give the "
+        "reduction vs monolithic from that sum; monolithic and paper send nothing). "
+        "bytes/img = the serialized request on the wire (splitdet: the DetectRequest protobuf, "
+        "framing of gRPC/HTTP/2 aside; JPEG: the JPEG file), averaged over all images; "
+        "bytes/sent img over the images sent. "
         "mAP is COCO mAP@[.5:.95] on the stream's ground truth (pycocotools); "
         "kept = vs monolithic. Reduction and mAP kept are – for monolithic (the baseline), "
         "gate recall and flagged (share of images the gate sent on) – for systems without a "
@@ -149,18 +244,28 @@ def markdown(report: dict) -> str:
     ]
     for rate_key, systems in report["rates"].items():
         first = next(iter(systems.values()))
+        lines += [f"## {rate_heading(rate_key, first)}", ""]
+        warning = noise_warning(rate_key, first)
+        if warning:
+            lines += [warning, ""]
         lines += [
-            f"## {rate_heading(rate_key, first)}",
-            "",
-            "| system | mean s | p50 s | p95 s | img/s | reduction | edge s | cloud s | "
+            "| system | mean s | p50 s | p95 s | img/s | reduction | mean s +100M | "
+            "reduction +100M | mean s +1G | reduction +1G | edge s | cloud s | "
             "bytes/img | bytes/sent img | 100 Mbit/s s | mAP | mAP@.5 | mAP kept | gate recall | "
             "flagged |",
-            "|---" * 16 + "|",
+            "|---" * 20 + "|",
         ]
         for name, s in systems.items():
+            label = f"{name} (upper bound: {s['upper_bound']})" if s.get("upper_bound") else name
+            with_links = " | ".join(
+                f"{_fmt(s.get(f'mean_with_{link}_s'), '.3f')} | "
+                f"{_fmt(s.get(f'reduction_with_{link}'), '+.1%')}"
+                for link in LINKS
+            )
             lines.append(
-                f"| {name} | {s['mean_s']:.3f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | "
-                f"{s['images_per_s']:.2f} | {_fmt(s['reduction'], '+.1%')} | {s['edge_s']:.3f} | "
+                f"| {label} | {s['mean_s']:.3f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | "
+                f"{s['images_per_s']:.2f} | {_fmt(s['reduction'], '+.1%')} | {with_links} | "
+                f"{s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
                 f"{s['bytes_per_defect_image']:,.0f} | {s['transfer_100mbit_s_computed']:.3f} | "
                 f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
@@ -231,7 +336,8 @@ def figures(report: dict, out_dir: Path) -> list[str]:
     ax.set(
         xlabel="defect rate of the run's stream (%)",
         ylabel="reduction of mean time vs monolithic (%)",
-        title="Inference time reduction (cf. paper Fig. 5)",
+        title="Inference time reduction (cf. paper Fig. 5)"
+        + ("\nupper bound: perfect gate" if report.get("settings", {}).get("oracle_gate") else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -115,10 +115,30 @@ def _check_same_weights(model: MultiTaskRCNN, model_dir: Path, manifest: Manifes
             )
 
 
+def cpu_model() -> str:
+    """The CPU's name: /proc/cpuinfo's first "model name", else `platform.processor()` (else
+    the machine type)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def load_1min() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _machine() -> dict:
     names = ("splitdet", "torch", "torchvision", "onnxruntime", "grpcio", "numpy", "zstandard")
     return {
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
@@ -182,7 +202,7 @@ def _run_streams(
             bar.update()
         monolithic = summarise(outcomes[MONOLITHIC], stream, class_names, None)
         results[f"{rate:g}"] = {MONOLITHIC: monolithic} | {
-            name: summarise(found, stream, class_names, monolithic)
+            name: summarise(found, stream, class_names, monolithic, config.oracle_gate)
             for name, found in outcomes.items()
             if name != MONOLITHIC
         }
@@ -247,13 +267,20 @@ def load_image_bytes(data: bytes) -> np.ndarray:
     return decode_image(data, "<jpeg>")
 
 
-def _report_head(config: BenchConfig, manifest: Manifest, threads: int) -> dict:
+def _report_head(
+    config: BenchConfig,
+    manifest: Manifest,
+    threads: int,
+    streams: dict[float, list[VocSample]] | None = None,
+) -> dict:
     """The report's command, machine, model and settings: all but the measurements.
 
     `complete` stays False until every rate and the rate-distortion pass are done, so a report
-    written after each rate says what a stopped run holds.
+    written after each rate says what a stopped run holds. `load_1min` holds the 1-minute load
+    average now ("start"); its "end" is set at each write of the report.
     """
     gate = manifest.gate_threshold
+    sizes = {(s.width, s.height) for stream in (streams or {}).values() for s in stream}
     return {
         "command": config.command,
         "run_id": config.run_id,
@@ -277,10 +304,18 @@ def _report_head(config: BenchConfig, manifest: Manifest, threads: int) -> dict:
             "seed": config.seed,
             "threads": threads,
             "oracle_gate": config.oracle_gate,
+            # as the streams' VOC annotations give them (the model resizes: model.input)
+            "image_sizes": [f"{w}×{h}" for w, h in sorted(sizes)],
         },
+        "load_1min": {"start": load_1min(), "end": None},
         "rate_distortion": None,
         "complete": False,
     }
+
+
+def _ended(head: dict) -> dict:
+    """`head` with the 1-minute load average now as its `load_1min` "end"."""
+    return head | {"load_1min": head["load_1min"] | {"end": load_1min()}}
 
 
 def _measure(
@@ -322,7 +357,7 @@ def _measure(
                 streams,
                 class_names,
                 bar,
-                on_rate=lambda done: write_report(head | {"rates": done}, config.out_dir),
+                on_rate=lambda done: write_report(_ended(head) | {"rates": done}, config.out_dir),
                 pixel_bits=model.config.pixel_bits,
             )
             rd = (
@@ -382,7 +417,8 @@ def _run_locked(
     runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
     pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
     gate = manifest.gate_threshold
-    head = _report_head(config, manifest, threads)  # written after each rate: partial reports
+    # written after each rate: partial reports
+    head = _report_head(config, manifest, threads, streams)
 
     with tempfile.TemporaryDirectory(prefix="splitdet-bench-") as scratch:
         scratch = Path(scratch)
@@ -441,6 +477,6 @@ def _run_locked(
             except grpc.RpcError as exc:
                 raise jpeg.failed_mid_run(f"{exc.code().name}: {exc.details()}") from None
 
-    report = head | {"rates": rates, "rate_distortion": rd, "complete": True}
+    report = _ended(head) | {"rates": rates, "rate_distortion": rd, "complete": True}
     write_report(report, config.out_dir)
     return report

@@ -31,6 +31,7 @@ from PIL import Image
 from splitdet.bench.jpeg_server import JpegClient
 from splitdet.edge.client import CloudClient
 from splitdet.edge.pipeline import EdgePipeline
+from splitdet.shared.messages import build_request
 from splitdet.shared.model import MultiTaskRCNN
 
 
@@ -42,7 +43,9 @@ class Outcome:
         total_s: wall-clock seconds from decoded image to boxes.
         edge_s: camera-side compute seconds (the whole thing for the single-process systems).
         cloud_s: server-side compute seconds, as the server reported them.
-        bytes_sent: bytes that crossed the edge/cloud boundary for this image.
+        bytes_sent: bytes that crossed the edge/cloud boundary for this image: the serialized
+            request (splitdet: the DetectRequest protobuf; JPEG: the file), gRPC's and
+            HTTP/2's framing aside.
         flagged: the image went to detection.
         p_defect: the gate's probability (None for systems without a gate).
         boxes, scores, labels: detections, [K, 4] x1y1x2y2 original px, [K], [K].
@@ -118,16 +121,18 @@ class Splitdet:
         edge_s = time.perf_counter() - start
         if not result.flagged:
             return Outcome(edge_s, edge_s, 0.0, 0, False, result.p_defect)
-        # a fresh id per call: the server's idempotency store must not answer from memory
-        answer = self.client.detect(
+        # a fresh id per call: the server's idempotency store must not answer from memory;
+        # built here (as `CloudClient.detect` does) to count the request's bytes on the wire
+        request = build_request(
             result.encoded, result.meta, uuid.uuid4().hex, self.pipeline.manifest.fingerprint
         )
+        answer = self.client.send_request(request)
         total = time.perf_counter() - start
         return Outcome(
             total,
             edge_s,
             answer.timings["total_s"],
-            result.bytes_sent,
+            request.ByteSize(),  # not result.bytes_sent: the tensors' data only
             True,
             result.p_defect,
             answer.boxes,
