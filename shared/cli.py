@@ -21,7 +21,7 @@ from pathlib import Path
 
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
-from splitdet.shared.logs import TextLogFormatter, json_line, json_logs_in_use
+from splitdet.shared.logs import TextLogFormatter, json_line
 from splitdet.shared.stacks import stacks_on_sigusr1
 
 #: Modules that register subcommands, in the order `--help` lists them.
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except CommandError as exc:
         message = f"splitdet {args.command}: error: {exc}"
-        if json_logs_in_use():  # (--log-format json: the only sign of the exit, as JSON)
+        if getattr(args, "log_format", None) == "json":  # (the only sign of the exit, as JSON)
             message = json_line(logging.ERROR, message, event="fatal", command=args.command)
         print(message, file=sys.stderr)
         return 2

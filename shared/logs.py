@@ -65,13 +65,6 @@ def use_json_logs() -> None:
         handler.setFormatter(JsonLogFormatter())
 
 
-def json_logs_in_use() -> bool:
-    """True once `use_json_logs` has switched the root handlers (a command's last error then
-    goes out as a JSON line too, for a log pipeline that reads nothing else)."""
-    handlers = logging.getLogger().handlers
-    return bool(handlers) and all(isinstance(h.formatter, JsonLogFormatter) for h in handlers)
-
-
 def json_line(level: int, msg: str, **fields: object) -> str:
     """One JSON log line as the "splitdet" logger's handlers would write it, for a line that
     must reach stderr whatever handlers the root logger has (a command's last error)."""
