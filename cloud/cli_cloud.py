@@ -252,7 +252,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=100_000,
         metavar="N",
-        help="answers kept, oldest evicted first; 0 disables (default: %(default)s)",
+        help="answers kept, oldest evicted first; 0 disables (default: %(default)s). An "
+        "answer of 100 boxes takes about 12 KB: the default cap holds about 1.2 GB",
     )
     parser.add_argument(
         "--ready-file",
