@@ -1,39 +1,46 @@
-"""The server's grpc.health.v1 service (Check and Watch), which never sends while holding the
-lock that gRPC's event thread may need.
+"""The server's grpc.health.v1 service (Check and Watch). Watch streams are sent to by one
+thread of their own, never by gRPC's threads, `set` or `stop`.
 
 grpc_health's HealthServicer (1.85) sends a Watch stream its status while holding its lock, in
 Watch itself and in `set`. A send waits for gRPC's event thread to complete it, and that
 thread, meanwhile forgetting a Watch its client cancelled, waits for the same lock: both wait
 for good, and with the event thread every call of the server. Clients opening and cancelling
 Watch streams (no token needed: health is exempt) froze a server in seconds, and a server
-stopped while probes watched it never stopped. Here the lock guards only the table of statuses
-and watchers; each watcher has a lock of its own that keeps its statuses in order, and the
-event thread takes neither while a send waits.
+stopped while probes watched it never stopped.
+
+Here the lock guards only the table of statuses and watchers, and every send goes through one
+queue, filled under that lock (so each watcher hears its statuses in the order they were set)
+and emptied by one sender thread. A send can wait for long: a client may announce a flow
+control window of 0 and never let a byte through. That holds the sender thread only (the other
+watchers hear later), never a thread of gRPC's pool, and never `stop`: once the server stops,
+its calls are cancelled, which ends the waiting send.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 Response = health_pb2.HealthCheckResponse
 NOT_SERVING = Response.NOT_SERVING
+#: What the sender thread takes to end (`close`).
+_END = None
 
 
 class _Watcher:
-    """One Watch stream: its statuses sent one at a time, in the order they were set."""
+    """One Watch stream: gRPC's `send_response_callback` for it."""
+
+    __slots__ = ("send",)
 
     def __init__(self, send: Callable[[Response], object]) -> None:
         self.send = send
-        self.in_turn = threading.Lock()
-
-    def tell(self, status: int) -> None:
-        """Send `status` (a ServingStatus value); a stream already closed just drops it."""
-        with self.in_turn:
-            self.send(Response(status=status))
 
 
 class HealthStatus(health_pb2_grpc.HealthServicer):
@@ -44,6 +51,11 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         self._status: dict[str, int] = {"": Response.SERVING}
         self._watchers: dict[str, set[_Watcher]] = {}
         self._shutting_down = False
+        self._sends: queue.SimpleQueue[tuple[_Watcher, int] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=self._send_all, name="splitdet-health-send", daemon=True
+        )
+        self._sender.start()
 
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
@@ -62,46 +74,53 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         context: grpc.ServicerContext,
         send_response_callback: Callable[[Response], object] | None = None,
     ) -> None:
-        """Non-blocking: sends the current status (SERVICE_UNKNOWN for a name never set), then
-        each change, until the client goes; returns at once, holding no thread."""
+        """Non-blocking: the current status (SERVICE_UNKNOWN for a name never set), then each
+        change, are sent by the sender thread until the client goes; returns at once."""
         if send_response_callback is None:
             raise RuntimeError("HealthStatus.Watch needs gRPC's non-blocking streaming")
         service = request.service
         watcher = _Watcher(send_response_callback)
         with self._lock:
-            status = self._status.get(service, Response.SERVICE_UNKNOWN)
-            watcher.in_turn.acquire()  # before any `set` can reach it: this status goes first
             self._watchers.setdefault(service, set()).add(watcher)
-        try:
-            watcher.send(Response(status=status))
-        finally:
-            watcher.in_turn.release()
+            self._sends.put((watcher, self._status.get(service, Response.SERVICE_UNKNOWN)))
         if not context.add_callback(lambda: self._forget(service, watcher)):
             self._forget(service, watcher)  # the call had already ended
 
     def set(self, service: str, status: int) -> None:
-        """Set `service`'s status (a ServingStatus value) and tell its watchers; ignored once
-        `enter_graceful_shutdown` has run."""
+        """Set `service`'s status (a ServingStatus value); its watchers hear of it. Ignored
+        once `enter_graceful_shutdown` has run."""
         with self._lock:
             if self._shutting_down:
                 return
             self._status[service] = status
-            watchers = list(self._watchers.get(service, ()))
-        for watcher in watchers:
-            watcher.tell(status)
+            for watcher in self._watchers.get(service, ()):
+                self._sends.put((watcher, status))
 
     def enter_graceful_shutdown(self) -> None:
-        """Every service NOT_SERVING for good, its watchers told; later `set` calls ignored."""
+        """Every service NOT_SERVING for good, its watchers to hear of it; later `set` calls
+        ignored. Returns without waiting for any send."""
         with self._lock:
             if self._shutting_down:
                 return
             self._shutting_down = True
-            watchers = []
             for service in self._status:
                 self._status[service] = NOT_SERVING
-                watchers += self._watchers.get(service, ())
-        for watcher in watchers:
-            watcher.tell(NOT_SERVING)
+                for watcher in self._watchers.get(service, ()):
+                    self._sends.put((watcher, NOT_SERVING))
+
+    def close(self) -> None:
+        """End the sender thread once the sends queued before are done (or dropped: the
+        server's calls are cancelled by then)."""
+        self._sends.put(_END)
+
+    def _send_all(self) -> None:
+        """The sender thread: each queued status to its watcher, in order."""
+        while (item := self._sends.get()) is not _END:
+            watcher, status = item
+            try:
+                watcher.send(Response(status=status))  # (False, at once, if the call ended)
+            except Exception as exc:  # (never seen; one stream must not end the others')
+                log.debug("health watch send failed: %s", exc)
 
     def _forget(self, service: str, watcher: _Watcher) -> None:
         """Run by gRPC's event thread when a Watch ends: takes the table's lock only."""

@@ -611,6 +611,7 @@ class CloudServer:
         self.servicer.drain()
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait(grace + 5)
+        self.health.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

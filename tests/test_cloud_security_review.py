@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.cloud import server as server_module
 from splitdet.cloud import servicer
+from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.server import CloudServer
 from splitdet.shared.edge_name import EDGE_NAME_KEY
 from splitdet.shared.messages import build_request
@@ -279,3 +280,48 @@ def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then
         attacker.close()
         victim.close()
         server.stop(0)
+
+
+class _Context:
+    """What Watch uses of a gRPC call's context: a call still open."""
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+
+def test_a_watcher_that_lets_nothing_through_holds_no_call_and_no_stop():
+    """A client may announce a flow-control window of 0: a send to it then waits for good.
+    The first send was made on a thread of gRPC's pool (held, uncounted, for as long), and the
+    NOT_SERVING of a stop waited for it: stop() hung until the client left. Now one sender
+    thread waits, and Watch, Check and the stop go on; the watcher hears every status in
+    order once its window opens. (gRPC's send callback stood in for: it blocks.)"""
+    status = HealthStatus()
+    window = threading.Event()
+    heard: list[int] = []
+
+    def send(response) -> bool:
+        window.wait(30)  # (the client lets nothing through until then)
+        heard.append(response.status)
+        return True
+
+    done = threading.Event()
+    threading.Thread(
+        target=lambda: (
+            status.Watch(health_pb2.HealthCheckRequest(), _Context(), send),
+            status.set("", health_pb2.HealthCheckResponse.SERVING),
+            status.enter_graceful_shutdown(),
+            done.set(),
+        ),
+        daemon=True,
+    ).start()
+    assert done.wait(10), "Watch, set or the stop waited for a send"
+    answer = status.Check(health_pb2.HealthCheckRequest(), _Context())
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    window.set()
+    status.close()
+    status._sender.join(10)
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert heard == [serving, serving, not_serving]
