@@ -17,6 +17,8 @@ LINE_EVERY_S = 60.0
 #: Kinds remembered; beyond, those whose interval has passed with nothing left out are dropped
 #: (edge labels come and go over months: --forget-edges-after).
 MAX_KINDS = 8192
+#: Names a line left out is remembered by, per kind, to be listed in the next line written.
+MAX_NAMES = 20
 
 
 class LineLimiter:
@@ -32,28 +34,38 @@ class LineLimiter:
         self.every_s = every_s
         self.clock = clock
         self._lock = threading.Lock()
-        # kind -> [monotonic s before which its lines are left out, lines left out since]
-        self._kinds: dict[Hashable, list[float]] = {}
+        # kind -> [monotonic s before which its lines are left out, lines left out since,
+        #          the names they were about (the first MAX_NAMES)]
+        self._kinds: dict[Hashable, list] = {}
 
     def admit(self, kind: Hashable) -> int | None:
         """None: leave this line of `kind` out (it is counted); else write it, and this is how
         many lines of `kind` were left out since the last one written (0 for none)."""
+        admitted = self.admit_from(kind, None)
+        return None if admitted is None else admitted[0]
+
+    def admit_from(self, kind: Hashable, who: str | None) -> tuple[int, list[str]] | None:
+        """`admit` for a line about `who` (e.g. the edge a refused call claims to be): also
+        the distinct others (the first MAX_NAMES) whose lines of `kind` were left out since
+        the last one written, so that a line shared by many callers still names them."""
         now = self.clock()
         with self._lock:
             entry = self._kinds.get(kind)
             if entry is not None and now < entry[0]:
                 entry[1] += 1
+                if who is not None and len(entry[2]) < MAX_NAMES and who not in entry[2]:
+                    entry[2].append(who)
                 return None
-            left_out = 0 if entry is None else int(entry[1])
+            left_out, names = (0, []) if entry is None else (int(entry[1]), entry[2])
             if entry is None and len(self._kinds) >= MAX_KINDS:
                 self._prune(now)
-            self._kinds[kind] = [now + self.every_s, 0]
-            return left_out
+            self._kinds[kind] = [now + self.every_s, 0, []]
+            return left_out, names
 
     def _prune(self, now: float) -> None:
         """Forget the kinds whose interval has passed with no line left out (under the lock);
         the oldest others too if that is not enough."""
-        stale = [kind for kind, (until, left) in self._kinds.items() if now >= until and not left]
+        stale = [kind for kind, entry in self._kinds.items() if now >= entry[0] and not entry[1]]
         for kind in stale:
             del self._kinds[kind]
         excess = len(self._kinds) - MAX_KINDS + 1
@@ -62,8 +74,15 @@ class LineLimiter:
                 del self._kinds[kind]
 
 
-def repeats_note(left_out: int, every_s: float) -> str:
-    """The text a written line ends with when `left_out` lines of its kind were not written."""
+def repeats_note(left_out: int, every_s: float, names: list[str] | None = None) -> str:
+    """The text a written line ends with when `left_out` lines of its kind were not written
+    (`names`: the distinct ones they were about, as `LineLimiter.admit_from` gives them)."""
     if not left_out:
         return ""
-    return f" [{left_out} more like it since the last such line: at most one per {every_s:g} s]"
+    about = ""
+    if names:
+        more = ", …" if left_out > len(names) and len(names) >= MAX_NAMES else ""
+        about = f" (edges {', '.join(names)}{more})"
+    return (
+        f" [{left_out} more like it{about} since the last such line: at most one per {every_s:g} s]"
+    )

@@ -469,11 +469,12 @@ def _rpc(method: Callable) -> Callable:
             code, message = status_for(exc)
             self.metrics.refused(edge.label, code)
             # which edge: an operator of many cameras must find it; one line per kind (event,
-            # edge label, code) per minute at most, counting those left out (`refusal_lines`)
+            # edge label, code) per minute at most, counting those left out and naming the
+            # edges they were about (many share "other") (`refusal_lines`)
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
-            repeats = self.refusal_lines.admit((event, edge.label, code.name))
-            if repeats is not None:
-                _log_refusal(name, peer, claimed, code, message, event, repeats,
+            admitted = self.refusal_lines.admit_from((event, edge.label, code.name), claimed)
+            if admitted is not None:
+                _log_refusal(name, peer, claimed, code, message, event, admitted,
                              self.refusal_lines.every_s)  # fmt: skip
             context.abort(code, message)  # raises
         finally:
@@ -489,16 +490,19 @@ def _log_refusal(
     code: grpc.StatusCode,
     message: str,
     event: str,
-    repeats: int,
+    admitted: tuple[int, list[str]],
     every_s: float,
 ) -> None:
     """The log line of a call refused (INFO) or failed (ERROR, with the traceback being
-    handled), `repeats` lines of its kind having been left out since the last one."""
+    handled); `admitted`: how many lines of its kind were left out since the last one, and the
+    edges they named (`LineLimiter.admit_from`)."""
     fields = {"event": event, "method": method, "peer": peer, "edge": edge,
               "code": code.name, "message": message}  # fmt: skip
+    repeats, names = admitted
     if repeats:
         fields["repeats"] = repeats
-    note = repeats_note(repeats, every_s)
+        fields["repeats_from"] = names
+    note = repeats_note(repeats, every_s, names)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
                       extra={"fields": fields})  # fmt: skip
@@ -1132,13 +1136,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
         def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()
             kind = ("refused", UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
-            repeats = self.refusal_lines.admit(kind)
-            if repeats is not None:
+            admitted = self.refusal_lines.admit_from(kind, edge)
+            if admitted is not None:
                 fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
                           "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
-                if repeats:
+                repeats, names = admitted
+                if repeats:  # (the edges with a wrong token are named, if a minute late)
                     fields["repeats"] = repeats
-                note = repeats_note(repeats, self.refusal_lines.every_s)
+                    fields["repeats_from"] = names
+                note = repeats_note(repeats, self.refusal_lines.every_s, names)
                 log.info("%s from %s (claims edge %s) refused (UNAUTHENTICATED): %s%s", name,
                          peer, edge, message, note, extra={"fields": fields})  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -139,7 +139,10 @@ def test_refusals_are_logged_once_per_kind_per_minute_and_counted_each(tmp_path,
     *_, last = _lines(caplog, "refused")
     assert len(_lines(caplog, "refused")) == 3
     assert last.fields["repeats"] == 29 and last.fields["edge"] == "junk-last"
-    assert "29 more" in last.getMessage()
+    # the edges left out are named (many share "other"), the first 20 of them
+    assert last.fields["repeats_from"] == [f"junk-{index}" for index in range(1, 21)]
+    assert "29 more like it (edges junk-1, junk-2," in last.getMessage()
+    assert "junk-20, …) since" in last.getMessage()
     assert metrics[FAILURES % "INVALID_ARGUMENT"] == 31
     assert metrics[REFUSALS % ("INVALID_ARGUMENT", "other")] == 31
 
