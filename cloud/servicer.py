@@ -69,6 +69,8 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 MAX_STATUS_CHARS = 500
 #: Seconds between two looks at --token-file for a change (AcceptedTokens).
 TOKEN_CHECK_S = 2.0
+#: The label of the calls whose edge name has none of its own.
+OTHER_EDGE = "other"
 #: Distinct edge names the per-edge metrics label; later ones are counted as "other".
 MAX_EDGE_LABELS = 256
 #: Edge names remembered with the exports they used, for the warning of a reload that drops an
@@ -353,7 +355,7 @@ class ServerMetrics:
                 self._forget_idle_edges(now)
             if name not in self._edges:
                 if not claim or len(self._edges) >= MAX_EDGE_LABELS:
-                    name = "other"  # (no place of its own: the names labelled stay 256)
+                    name = OTHER_EDGE  # (no place of its own: the names labelled stay 256)
                 else:
                     self._edges.add(name)
             self._edge_seen[name] = now
@@ -450,7 +452,8 @@ def _rpc(method: Callable) -> Callable:
         edge = CallEdge(
             self.metrics.edge_of(context.invocation_metadata(), claim=self.scope_by_token)
         )
-        self.metrics.edge_last_seen.labels(edge.label).set_to_current_time()
+        if edge.label != OTHER_EDGE:  # ("other": once the call ends as it, not claiming)
+            self.metrics.edge_last_seen.labels(edge.label).set_to_current_time()
         # the log names the name claimed, also when its metrics count as "other"
         claimed = claimed_edge(context.invocation_metadata())
         peer = context.peer()  # now: once the caller has gone it reads ""
@@ -479,6 +482,8 @@ def _rpc(method: Callable) -> Callable:
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)
+            if edge.label == OTHER_EDGE:  # (a new camera's first Detect claims its own)
+                self.metrics.edge_last_seen.labels(OTHER_EDGE).set_to_current_time()
 
     return wrapper
 

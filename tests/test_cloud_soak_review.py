@@ -247,3 +247,22 @@ def test_a_caller_gone_at_its_deadline_is_deadline_exceeded(tmp_path, where):
                 server.servicer._slots.release()
     finally:
         server.stop(0)
+
+
+def test_a_new_cameras_first_answered_detect_does_not_mark_other_seen(tmp_path):
+    """A Detect counted as "other" until its checks passed set other's last-seen on its way:
+    an alert on "other" (the labels full, or a camera without one) fired for every new
+    camera."""
+    server = _start(tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        reply = _detect(channel)(
+            _request(25, "first"), metadata=((EDGE_NAME_KEY, "cam-1"),), timeout=30
+        )
+        assert reply  # (answered)
+        metrics = scrape_metrics(server.metrics_port)
+    finally:
+        channel.close()
+        server.stop(0)
+    seen = {key for key in metrics if key.startswith("splitdet_cloud_edge_last_seen")}
+    assert seen == {LAST_SEEN % "cam-1"}
