@@ -171,7 +171,7 @@ def _machine_lines(report: dict) -> list[str]:
     if sizes:
         lines += [f"Original image size(s), width×height: {', '.join(sizes)}.", ""]
     load = report.get("load_1min")
-    if load:
+    if load and load.get("start") is not None:  # (None: /proc/loadavg could not be read)
         end = _fmt(load.get("end"), ".2f")
         lines += [
             f"1-minute load average: {load['start']:.2f} at the start, {end} at the end "

@@ -925,7 +925,8 @@ def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
         last = "no image yet" if age is None else f"the last image arrived {_span(age)} ago"
         return [
             f"daemon        none is running on this --db ({last}): nothing is classified or "
-            "delivered until `splitdet edge run` starts"
+            "delivered until `splitdet edge run` starts (as /proc/locks shows it here: a "
+            "daemon in another container or on another host is not seen)"
         ]
     return [f"daemon        unknown: {daemon['detail']}; its lock file is {daemon['lock_file']}"]
 

@@ -58,6 +58,7 @@ from splitdet.edge.store_schema import (
     ERROR_KINDS,
     FINAL_VERDICTS,
     FULL_POLICIES,
+    REQUEUED_NOTE,
     SCHEMA_VERSION,
     VERDICTS,
 )
@@ -764,8 +765,8 @@ class ResultStore:
         db.execute(
             "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try,"
             " last_error) SELECT image_id, request_id, payload, size_bytes, created, ?,"
-            " 'requeued after a dead letter' FROM dead_letters WHERE image_id = ?",
-            (now, image_id),
+            " ? FROM dead_letters WHERE image_id = ?",
+            (now, REQUEUED_NOTE, image_id),
         )
         db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
         db.execute(

@@ -14,6 +14,7 @@ from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     ADDED_COLUMNS,
     AUTO_VACUUM_INCREMENTAL,
+    REQUEUED_NOTE,
     RESULT_COLUMNS,
     VERDICTS,
 )
@@ -112,7 +113,9 @@ def _last_error(db: sqlite3.Connection, now: float) -> dict:
     row = db.execute(
         "SELECT o.last_error, i.updated, o.next_try, i.fingerprint FROM outbox o"
         " JOIN images i ON i.id = o.image_id WHERE o.last_error IS NOT NULL"
-        " ORDER BY i.updated DESC, o.next_try DESC, o.image_id DESC LIMIT 1"
+        " AND o.last_error <> ?"  # (a requeue's note, newer than the errors: no send failed)
+        " ORDER BY i.updated DESC, o.next_try DESC, o.image_id DESC LIMIT 1",
+        (REQUEUED_NOTE,),
     ).fetchone()
     if row is None:
         return dict.fromkeys(("text", "age_s", "delivered_since_age_s", "sender_waits_until"))

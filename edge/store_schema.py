@@ -134,3 +134,5 @@ RESULT_COLUMNS = (
     "threshold",  # (last: CSV readers by position keep the earlier columns' places)
 )
 _JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
+#: The outbox's last_error of a request `edge requeue` put back (no send of it failed yet).
+REQUEUED_NOTE = "requeued after a dead letter"

@@ -108,6 +108,14 @@ def test_the_report_says_what_it_measured_on(oracle_run):
     assert f"1-minute load average: {load['start']:.2f} at the start, {load['end']:.2f}" in text
 
 
+def test_a_load_average_that_could_not_be_read_is_left_out(oracle_run):
+    """Where /proc/loadavg cannot be read the start figure is None: the report's first
+    write failed on it (a TypeError), losing the run."""
+    report, _, _ = oracle_run
+    text = markdown({**report, "load_1min": {"start": None, "end": None}})
+    assert "1-minute load average" not in text and "**Busy machine**" not in text
+
+
 @pytest.mark.parametrize("start, busy", [(0.1, False), (BUSY_LOAD + 1.0, True)])
 def test_a_run_started_on_a_busy_machine_is_flagged(oracle_run, start, busy):
     """Under contention torch ran up to 4x slower in the bench's own process than in the

@@ -246,3 +246,17 @@ def test_next_try_counts_the_senders_pause_after_a_failed_send(tmp_path, capsys)
     assert "next try in 0 s\n" in text, text  # the third request is due, nothing waits
     assert "last error: none since requests of its export were delivered again" in text, text
     assert _status_json(db, capsys)["outbox"]["sender_waits_s"] is None
+
+
+def test_a_requeued_request_does_not_hide_the_last_send_error(tmp_path, capsys):
+    """A requeue's note ('requeued after a dead letter') is written with a newer time than any
+    send error, and was shown as the last error instead of the cloud's real one."""
+    db = tmp_path / "edge.sqlite"
+    dead, failed = _store_with_images(db, n_ok=0, n_pending=2)
+    with contextlib.closing(ResultStore(db)) as store:
+        store.dead_letter(dead, "dead letter: refused")
+        store.retry_later(failed, time.time() + 60, "UNAVAILABLE: cloud down")
+        time.sleep(0.01)  # (the requeue's row change comes after the failure's)
+        store.requeue_dead_letters()
+    outbox = _status_json(db, capsys)["outbox"]
+    assert outbox["requests"] == 2 and outbox["last_error"] == "UNAVAILABLE: cloud down"
