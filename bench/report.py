@@ -179,7 +179,7 @@ def _machine_lines(report: dict) -> list[str]:
             "other work shared the cores).",
             "",
         ]
-        if load["start"] is not None and load["start"] >= BUSY_LOAD:
+        if load["start"] >= BUSY_LOAD:
             lines += [
                 f"**Busy machine**: other work held the cores at the start (load "
                 f"{load['start']:.2f}). Under contention torch slows down unequally in this "

@@ -34,13 +34,8 @@ NOT_SERVING = Response.NOT_SERVING
 _END = None
 
 
-class _Watcher:
-    """One Watch stream: gRPC's `send_response_callback` for it."""
-
-    __slots__ = ("send",)
-
-    def __init__(self, send: Callable[[Response], object]) -> None:
-        self.send = send
+#: One Watch stream: gRPC's `send_response_callback` for it (a function of its own per call).
+Send = Callable[[Response], object]
 
 
 class HealthStatus(health_pb2_grpc.HealthServicer):
@@ -49,9 +44,9 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._status: dict[str, int] = {"": Response.SERVING}
-        self._watchers: dict[str, set[_Watcher]] = {}
+        self._watchers: dict[str, set[Send]] = {}
         self._shutting_down = False
-        self._sends: queue.SimpleQueue[tuple[_Watcher, int] | None] = queue.SimpleQueue()
+        self._sends: queue.SimpleQueue[tuple[Send, int] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(
             target=self._send_all, name="splitdet-health-send", daemon=True
         )
@@ -72,14 +67,13 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         self,
         request: health_pb2.HealthCheckRequest,
         context: grpc.ServicerContext,
-        send_response_callback: Callable[[Response], object] | None = None,
+        send_response_callback: Send | None = None,
     ) -> None:
         """Non-blocking: the current status (SERVICE_UNKNOWN for a name never set), then each
         change, are sent by the sender thread until the client goes; returns at once."""
         if send_response_callback is None:
             raise RuntimeError("HealthStatus.Watch needs gRPC's non-blocking streaming")
-        service = request.service
-        watcher = _Watcher(send_response_callback)
+        service, watcher = request.service, send_response_callback
         with self._lock:
             self._watchers.setdefault(service, set()).add(watcher)
             self._sends.put((watcher, self._status.get(service, Response.SERVICE_UNKNOWN)))
@@ -116,13 +110,13 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
     def _send_all(self) -> None:
         """The sender thread: each queued status to its watcher, in order."""
         while (item := self._sends.get()) is not _END:
-            watcher, status = item
+            send, status = item
             try:
-                watcher.send(Response(status=status))  # (False, at once, if the call ended)
+                send(Response(status=status))  # (False, at once, if the call ended)
             except Exception as exc:  # (never seen; one stream must not end the others')
                 log.debug("health watch send failed: %s", exc)
 
-    def _forget(self, service: str, watcher: _Watcher) -> None:
+    def _forget(self, service: str, watcher: Send) -> None:
         """Run by gRPC's event thread when a Watch ends: takes the table's lock only."""
         with self._lock:
             watchers = self._watchers.get(service, set())

@@ -497,10 +497,12 @@ def _log_refusal(
     event: str,
     admitted: tuple[int, list[str]],
     every_s: float,
+    claims: bool = False,
 ) -> None:
     """The log line of a call refused (INFO) or failed (ERROR, with the traceback being
     handled); `admitted`: how many lines of its kind were left out since the last one, and the
-    edges they named (`LineLimiter.admit_from`)."""
+    edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only what the call
+    claims (refused before its token was checked)."""
     fields = {"event": event, "method": method, "peer": peer, "edge": edge,
               "code": code.name, "message": message}  # fmt: skip
     repeats, names = admitted
@@ -512,8 +514,9 @@ def _log_refusal(
         log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
                       extra={"fields": fields})  # fmt: skip
     else:
-        log.info("%s from %s (edge %s) refused (%s): %s%s", method, peer, edge, code.name,
-                 message, note, extra={"fields": fields})  # fmt: skip
+        log.info("%s from %s (%s %s) refused (%s): %s%s", method, peer,
+                 "claims edge" if claims else "edge", edge, code.name, message, note,
+                 extra={"fields": fields})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- translation
@@ -1142,16 +1145,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
             peer = context.peer()
             kind = ("refused", UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
             admitted = self.refusal_lines.admit_from(kind, edge)
-            if admitted is not None:
-                fields = {"event": "refused", "method": name, "peer": peer, "edge": edge,
-                          "code": "UNAUTHENTICATED", "message": message}  # fmt: skip
-                repeats, names = admitted
-                if repeats:  # (the edges with a wrong token are named, if a minute late)
-                    fields["repeats"] = repeats
-                    fields["repeats_from"] = names
-                note = repeats_note(repeats, self.refusal_lines.every_s, names)
-                log.info("%s from %s (claims edge %s) refused (UNAUTHENTICATED): %s%s", name,
-                         peer, edge, message, note, extra={"fields": fields})  # fmt: skip
+            if admitted is not None:  # (the edges with a wrong token named, if a minute late)
+                _log_refusal(name, peer, edge, grpc.StatusCode.UNAUTHENTICATED, message,
+                             "refused", admitted, self.refusal_lines.every_s,
+                             claims=True)  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # Taken as a request stream whatever the method: refused without waiting for (and

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitdet.edge.store_file import writer_lock_path
+
 #: The kernel's table of the file locks held (Linux).
 PROC_LOCKS = "/proc/locks"
 
@@ -48,17 +50,11 @@ class WriterState:
                 "detail": self.detail}  # fmt: skip
 
 
-def lock_file_of(db: Path | str) -> Path:
-    """The writer lock file of a store, as `WriterLock` names it: DB resolved (through any
-    symbolic link, of the file or of a folder above it) + ".lock"."""
-    return Path(f"{Path(db).resolve()}.lock")
-
-
 def writer_state(db: Path | str, locks_table: str | None = None) -> WriterState:
     """Whether a process holds the writer lock of the store `db`, read from `locks_table`
     (default PROC_LOCKS) by the lock file's device and inode; the lock itself is never tried."""
     locks_table = PROC_LOCKS if locks_table is None else locks_table
-    lock_file = lock_file_of(db)
+    lock_file = writer_lock_path(db)
     try:
         st = os.stat(lock_file)
     except FileNotFoundError:

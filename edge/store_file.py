@@ -252,6 +252,12 @@ def describe_contents(contents: Contents, known: dict[int, str] | None = None) -
     return "; ".join(parts)
 
 
+def writer_lock_path(db: Path | str) -> Path:
+    """The one-daemon lock file of the store `db` (`WriterLock`): DB resolved (through any
+    symbolic link, of the file or of a folder above it) + ".lock"."""
+    return Path(f"{Path(db).resolve()}.lock")
+
+
 class WriterLock:
     """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
     holder's pid, for as long as this object is open (the kernel drops it when the process
@@ -266,7 +272,7 @@ class WriterLock:
 
     def __init__(self, db: Path | str) -> None:
         resolved = Path(db).resolve()
-        self.path = Path(f"{resolved}.lock")
+        self.path = writer_lock_path(db)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -263,6 +263,12 @@ class FreezableProxy:
             sock.close()
 
 
+#: The Detect method's full gRPC name, for calls made with raw bytes.
+DETECT = "/splitdet.v1.Detection/Detect"
+#: The cloud's last-seen gauge of one edge label, as `scrape_metrics` keys it.
+LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
+
+
 def start_loopback_server(tmp_path: Path, threads: int = 1, **settings):
     """A CloudServer started in-process on a free loopback port, serving `shared_model_dir(0)`
     with its answers store and metrics in `tmp_path`; `settings` go to ServerConfig."""

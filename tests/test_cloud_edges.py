@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir
+from cloud_fixtures import LAST_SEEN, make_sample, scrape_metrics, shared_model_dir
 from PIL import Image
 
 from splitdet.cloud import servicer
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.timeout(120)
 
 ANSWERS = 'splitdet_cloud_edge_answers_total{edge="%s",fingerprint="%s"}'
 REFUSALS = 'splitdet_cloud_edge_refusals_total{code="%s",edge="%s"}'
-LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import zstandard
 from cloud_fixtures import (
+    DETECT,
     make_sample,
     shared_model_dir,
     start_cloud_process,
@@ -38,7 +39,6 @@ from splitdet.edge.client import (
 
 pytestmark = pytest.mark.timeout(180)
 MIB = 1 << 20
-DETECT = "/splitdet.v1.Detection/Detect"
 #: The message bound the bad-request server runs with (--max-message-mib).
 BOUND_MIB = 4
 

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir, start_loopback_server
+from cloud_fixtures import (
+    DETECT,
+    LAST_SEEN,
+    make_sample,
+    scrape_metrics,
+    shared_model_dir,
+    start_loopback_server,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.cloud import server as server_module
@@ -28,10 +35,8 @@ from splitdet.shared.wire import detection_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 
-DETECT = "/splitdet.v1.Detection/Detect"
 TOKEN_A = "token-of-camera-a-0123456789abcdef"
 TOKEN_B = "token-of-camera-b-fedcba9876543210"
-LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
 
 
 def _start(tmp_path, **settings) -> CloudServer:

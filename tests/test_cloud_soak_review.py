@@ -16,7 +16,14 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from cloud_fixtures import make_sample, scrape_metrics, shared_model_dir, start_loopback_server
+from cloud_fixtures import (
+    DETECT,
+    LAST_SEEN,
+    make_sample,
+    scrape_metrics,
+    shared_model_dir,
+    start_loopback_server,
+)
 
 from splitdet.cloud import servicer
 from splitdet.cloud.core import DetectCall
@@ -27,8 +34,6 @@ from splitdet.shared.wire import detection_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 
-DETECT = "/splitdet.v1.Detection/Detect"
-LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
 REFUSALS = 'splitdet_cloud_edge_refusals_total{code="%s",edge="%s"}'
 FAILURES = 'splitdet_cloud_failures_total{code="%s",method="Detect"}'
 STORE_ERRORS = "splitdet_cloud_answers_store_errors_total"
