@@ -108,7 +108,8 @@ aside); a --watch removed and made again is locked anew. A --db deleted or repla
 runs stops it (exit 2) before it moves or deletes another image. Logs are JSON lines on
 stderr (--log-format text: one line each, the message, then its event and fields as
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
-(the next run sends them) or images were left because the outbox stayed full; 2 usage or model
+(the next run sends them) or images were left because the outbox stayed full, or the --db stayed
+locked by another program (an `sqlite3` shell, a backup), for --drain-timeout; 2 usage or model
 errors.
 """
 
@@ -238,7 +239,8 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="with --once, how long to keep delivering the outbox (default: %(default)s)",
+        help="with --once, how long to keep delivering the outbox, to wait for room in it, or "
+        "to wait for a --db another program holds locked (default: %(default)s)",
     )
     add_edge_model_arguments(p)
     p.add_argument(

@@ -65,7 +65,7 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
 from splitdet.edge.store_busy import BusyStore
-from splitdet.edge.store_file import WriterLock, is_busy, refuse_foreign_file
+from splitdet.edge.store_file import StoreLocked, WriterLock, is_busy, refuse_foreign_file
 from splitdet.edge.watcher import Candidate, HotFolder, Ready, enters_subfolder
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import write_ready_file
@@ -74,6 +74,9 @@ from splitdet.shared.manifest import file_sha256
 
 #: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
 PRUNE_EVERY_S = 3600.0
+#: Seconds between tries to open a --db another program holds locked at start (each try
+#: waits SQLite's busy timeout first, `store.BUSY_TIMEOUT_MS`).
+OPEN_RETRY_S = 1.0
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
 #: A file move (archive, quarantine, delete) that failed is tried again after this many
@@ -130,8 +133,8 @@ class EdgeDaemon:
         self.fingerprint = self.pipeline.manifest.fingerprint
         # answers for this export are checked by its own manifest (no GetManifest to fetch it)
         CloudClient.expect(AnswerRules.from_manifest(self.pipeline.manifest))
-        self.store = ResultStore(config.db, config.outbox)
         self._busy = BusyStore(config.db)
+        self.store = self._open_store()
         self.folder = HotFolder(
             config.watch,
             config.settle_s,
@@ -166,7 +169,25 @@ class EdgeDaemon:
         self._probe: ModelProbe | None = None  # asks the cloud about our exports
         self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
         self._outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
+        self._store_gave_up: str | None = None  # --once: the --db, held locked past it
         self._drain_timed_out = False  # --once: requests left at --drain-timeout (`_drain`)
+
+    def _open_store(self) -> ResultStore:
+        """The --db's ResultStore. While another program holds it locked (a backup, an `sqlite3`
+        shell: StoreLocked after each busy timeout), a daemon waits to start, as it waits for it
+        while running (WARNING `store_busy` at most once a minute, INFO `store_resumed`); with
+        `once`, it waits up to drain_timeout_s, then StoreLocked (exit 2, nothing taken)."""
+        while True:
+            try:
+                store = ResultStore(self.config.db, self.config.outbox)
+            except StoreLocked as exc:
+                self._busy.failed(exc, None)
+                if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
+                    raise
+                time.sleep(OPEN_RETRY_S)  # (each try has already waited the busy timeout)
+                continue
+            self._busy.succeeded()
+            return store
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -177,7 +198,8 @@ class EdgeDaemon:
     def run(self) -> int:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
         status: 0, or with `once` 1 when requests are still pending (sent on the next run) or
-        images were left in the folder because the outbox stayed full (processed next run)."""
+        images were left in the folder because the outbox stayed full or the database stayed
+        locked by another program for drain_timeout_s (processed next run)."""
         config = self.config
         self._prepare_folders()
         previous = {}
@@ -188,7 +210,10 @@ class EdgeDaemon:
             self._start_services()
             self._start_sweep()
             self._loop()
-            if self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
+            if self._store_gave_up is not None:  # (the sender could not deliver either)
+                self.sender.cancel()
+                self._report_store_held()
+            elif self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
                 self._drain_timed_out = True  # (the run ends now: its call in flight too)
                 self.sender.cancel()
                 self._report_left_behind()
@@ -199,7 +224,8 @@ class EdgeDaemon:
                 signal.signal(sig, handler)
             pending = self._shutdown()
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
-        return 1 if config.once and (pending or self._outbox_gave_up is not None) else 0
+        gave_up = self._outbox_gave_up is not None or self._store_gave_up is not None
+        return 1 if config.once and (pending or gave_up) else 0
 
     def _prepare_folders(self) -> None:
         """Create the folders the daemon writes into; OSError naming the option when one cannot
@@ -451,6 +477,9 @@ class EdgeDaemon:
                 if not is_busy(exc):
                     raise
                 self._busy.failed(exc, path_text(candidate.path))
+                if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
+                    self._store_gave_up = str(exc)  # a batch run does not wait for good
+                    self._stop.set()
                 return handled
             self._busy.succeeded()
             if done:
@@ -639,6 +668,23 @@ class EdgeDaemon:
             "(check it: splitdet edge check), or raise --outbox-max-items / --outbox-max-mb",
             extra={"fields": {"event": "outbox_full_stopped", "images_left": left,
                               "watch": str(config.watch), "detail": self._outbox_gave_up}},
+        )  # fmt: skip
+
+    def _report_store_held(self) -> None:
+        """Log (ERROR) that --once stopped on a --db held locked past --drain-timeout, and how
+        many images it left in the folder."""
+        config = self.config
+        self.folder.scan()
+        left = self.folder.pending()
+        log.error(
+            f"--db {config.db} stayed locked by another program ({self._store_gave_up}) for "
+            f"--drain-timeout {config.drain_timeout_s:g}s after the busy timeout: stopped; "
+            f"{left} image(s) left untouched in --watch {config.watch} for the next run "
+            "(nothing is lost). Is an `sqlite3` shell, a backup or `splitdet edge requeue` "
+            "holding it?",
+            extra={"fields": {"event": "store_busy_stopped", "images_left": left,
+                              "db": str(config.db), "watch": str(config.watch),
+                              "waited_s": round(self._busy.waited_s(), 1)}},
         )  # fmt: skip
 
     def _stored_path(self, candidate: Candidate) -> str | Callable[[int], str] | None:

@@ -34,7 +34,8 @@ class DaemonConfig:
         quarantine_dir: where unreadable files go, with a NAME.reason.txt beside each
             (default WATCH/quarantine).
         once: process what is in the folder, try to deliver the outbox, exit.
-        drain_timeout_s: with `once`, how long to keep delivering before giving up.
+        drain_timeout_s: with `once`, how long to keep delivering before giving up (and
+            to wait for outbox room, or for a database another program holds locked).
         threshold: gate threshold (default: the manifest's).
         codec: feature codec (default: the manifest's).
         threads, device: ONNX Runtime settings.

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from splitdet.edge.daemon_log import log
+from splitdet.edge.store_file import StoreLocked
 
 #: At most one `store_busy` line per this many seconds (each retry waits the busy timeout).
 BUSY_LINE_EVERY_S = 60.0
@@ -23,9 +24,9 @@ class BusyStore:
         self._since: float | None = None  # monotonic s of the first failure in a row
         self._last_line: float | None = None
 
-    def failed(self, exc: sqlite3.Error, path: str) -> None:
+    def failed(self, exc: sqlite3.Error | StoreLocked, path: str | None) -> None:
         """One image not recorded: `exc` is SQLite's busy or locked error, `path` the file
-        that stays in --watch."""
+        that stays in --watch; None: the daemon could not open the database to start."""
         now = time.monotonic()
         if self._since is None:
             self._since = now
@@ -33,14 +34,22 @@ class BusyStore:
         if self._last_line is not None and now - self._last_line < self.every_s:
             return
         self._last_line = now
+        waits = (
+            "the daemon waits for it to start" if path is None
+            else f"{path} stays in --watch and is taken again once it lets go"
+        )  # fmt: skip
         log.warning(
-            f"--db {self.db} is held locked by another program ({exc}); {path} stays in "
-            "--watch and is taken again once it lets go (nothing is lost). Is an `sqlite3` "
-            "shell, a backup or `splitdet edge requeue` holding it?",
+            f"--db {self.db} is held locked by another program "
+            f"({exc.cause if isinstance(exc, StoreLocked) else exc}); {waits} (nothing is "
+            "lost). Is an `sqlite3` shell, a backup or `splitdet edge requeue` holding it?",
             extra={"fields": {"event": "store_busy", "db": str(self.db), "path": path,
                               "failures": self.failures,
                               "waited_s": round(now - self._since, 1)}},
         )  # fmt: skip
+
+    def waited_s(self) -> float:
+        """Seconds since the first of the failures in a row (0.0 while none is)."""
+        return 0.0 if self._since is None else time.monotonic() - self._since
 
     def succeeded(self) -> None:
         """An image handled: after failures, INFO `store_resumed` with how long it waited."""

@@ -33,6 +33,16 @@ class StoreError(RuntimeError):
     """The database cannot be used (newer schema, not a splitdet store, ...)."""
 
 
+class StoreLocked(StoreError):
+    """The database could not be opened because another program held it locked past the busy
+    timeout: worth waiting for, unlike the rest. `cause`: SQLite's words ("database is
+    locked")."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 #: SQLite's primary result codes for a file it could not read, write or create: the disk or
 #: the permissions are at fault, not the file (as against SQLITE_NOTADB, SQLITE_CORRUPT).
 _IO_CODES = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
@@ -57,9 +67,10 @@ def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
     code = getattr(exc, "sqlite_errorcode", None)
     primary = None if code is None else code & 0xFF
     if is_busy(exc):
-        return StoreError(
+        return StoreLocked(
             f"{path}: cannot open it ({exc}): another program holds it locked; try again once "
-            "it lets go"
+            "it lets go",
+            str(exc),
         )
     if primary not in _IO_CODES:
         return StoreError(f"{path}: not a usable SQLite database ({exc})")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from splitdet.edge import store as store_module
 from splitdet.edge.daemon import EdgeDaemon
+from splitdet.edge.store_file import StoreLocked
 
 from support import daemon_config, image_rows, wait_for
 
@@ -69,3 +70,75 @@ def test_a_database_held_locked_past_the_busy_timeout_delays_the_image_and_loses
     busy = _events(caplog, "store_busy")
     assert len(busy) == 1  # (one line a minute, however many rounds it waited)
     assert busy[0]["path"].endswith("b.png") and busy[0]["db"] == str(config.db)
+
+
+def test_a_batch_run_stops_on_a_database_held_locked_for_its_drain_timeout(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """`edge run --once` from cron waited for good on a database another program never let
+    go; it now gives up after --drain-timeout, its image left where it was, exit status 1."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=1.0)
+    daemon = EdgeDaemon(config)  # (the database opened before the lock below is taken)
+    holder = sqlite3.connect(config.db, isolation_level=None)
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
+    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
+        holder.execute("BEGIN IMMEDIATE")
+        (config.watch / "a.png").write_bytes(_png(30))
+        thread.start()
+        thread.join(60)
+        alive = thread.is_alive()
+        holder.execute("ROLLBACK")
+    thread.join(30)
+    assert not alive, "the batch run still waited for the locked database"
+    assert outcome == [1]
+    assert (config.watch / "a.png").exists()  # untouched, for the next run
+    stopped = _events(caplog, "store_busy_stopped")
+    assert len(stopped) == 1 and stopped[0]["images_left"] == 1
+    assert stopped[0]["waited_s"] >= 1.0
+    assert image_rows(config.db) == []  # what its transaction wrote was rolled back
+
+
+def test_a_daemon_started_on_a_database_held_locked_waits_for_it_to_start(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """A daemon (re)started while a backup holds its database exited 2; it now waits, says so
+    once a minute, and starts once the lock is let go; a batch run waits --drain-timeout."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=120.0)
+    EdgeDaemon(config)._shutdown()  # the database made, then let go
+    (config.watch / "a.png").write_bytes(_png(30))
+    holder = sqlite3.connect(config.db, isolation_level=None)
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(EdgeDaemon(config).run()))
+    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
+        holder.execute("BEGIN EXCLUSIVE")  # (a reader is shut out too)
+        thread.daemon = True
+        thread.start()
+        wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
+        wait_for(lambda: _events(caplog, "store_busy")[0]["failures"] >= 1, 5, "a failure")
+        assert thread.is_alive() and not outcome, "the daemon did not wait for the database"
+        holder.execute("ROLLBACK")
+        thread.join(60)  # (inside: its INFO lines are captured)
+    assert outcome == [0]
+    busy = _events(caplog, "store_busy")
+    assert len(busy) == 1 and busy[0]["path"] is None
+    assert "waits for it to start" in caplog.text
+    assert _events(caplog, "store_resumed")
+    assert [row["path"].rsplit("/", 1)[-1] for row in image_rows(config.db)] == ["a.png"]
+
+
+def test_a_batch_run_started_on_a_database_held_locked_stops_at_its_drain_timeout(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=0.5)
+    EdgeDaemon(config)._shutdown()
+    holder = sqlite3.connect(config.db, isolation_level=None)
+    with contextlib.closing(holder):
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreLocked, match="another program holds it locked"):
+            EdgeDaemon(config)
+        holder.execute("ROLLBACK")
+    EdgeDaemon(config)._shutdown()  # its locks were let go: another run can start
