@@ -151,8 +151,15 @@ def noise_warning(rate_key: str, summary: dict) -> str | None:
     return f"**Noisy**: this stream has only {' and '.join(few)}; its figures are noisy."
 
 
-#: A 1-minute load average at a run's start from which its figures are flagged as unreliable.
-BUSY_LOAD = 0.5
+#: A 1-minute load average per core at a run's start from which its figures are flagged as
+#: unreliable (0.5 on 2 cores: a quarter of them held by other work).
+BUSY_LOAD_PER_CORE = 0.25
+
+
+def busy_load(cpu_count: int | None) -> float:
+    """The 1-minute load average from which a run on `cpu_count` cores started busy (one core
+    when the count is unknown)."""
+    return BUSY_LOAD_PER_CORE * max(cpu_count or 1, 1)
 
 
 def _machine_lines(report: dict) -> list[str]:
@@ -179,13 +186,13 @@ def _machine_lines(report: dict) -> list[str]:
             "other work shared the cores).",
             "",
         ]
-        if load["start"] >= BUSY_LOAD:
+        if load["start"] >= busy_load(machine.get("cpu_count")):
             lines += [
                 f"**Busy machine**: other work held the cores at the start (load "
-                f"{load['start']:.2f}). Under contention torch slows down unequally in this "
-                "process (monolithic, paper) and in the servers' threads (up to 4× apart on 2 "
-                "cores), so the reductions below are not comparable: run again on an idle "
-                "machine.",
+                f"{load['start']:.2f} on {machine.get('cpu_count') or 'an unknown number of'} "
+                "cores). Under contention torch slows down unequally in this process "
+                "(monolithic, paper) and in the servers' threads (up to 4× apart on 2 cores), "
+                "so the reductions below are not comparable: run again on an idle machine.",
                 "",
             ]
     return lines

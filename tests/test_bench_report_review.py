@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from splitdet.bench.report import BUSY_LOAD, LINKS, markdown, noise_warning, summarise
+from splitdet.bench.report import LINKS, busy_load, markdown, noise_warning, summarise
 from splitdet.bench.streams import make_stream
 from splitdet.bench.systems import Outcome
 from splitdet.shared.cli import main
@@ -116,13 +116,18 @@ def test_a_load_average_that_could_not_be_read_is_left_out(oracle_run):
     assert "1-minute load average" not in text and "**Busy machine**" not in text
 
 
-@pytest.mark.parametrize("start, busy", [(0.1, False), (BUSY_LOAD + 1.0, True)])
-def test_a_run_started_on_a_busy_machine_is_flagged(oracle_run, start, busy):
+@pytest.mark.parametrize(
+    "cores, start, busy", [(2, 0.1, False), (2, 0.6, True), (64, 0.6, False), (64, 20.0, True)]
+)
+def test_a_run_started_on_a_busy_machine_is_flagged(oracle_run, cores, start, busy):
     """Under contention torch ran up to 4x slower in the bench's own process than in the
-    servers' threads: such a run's reductions are not comparable, and the report says so."""
+    servers' threads: such a run's reductions are not comparable, and the report says so. A
+    load is busy against the machine's cores: 0.6 holds a third of 2 cores, not of 64."""
     report, _, _ = oracle_run
-    text = markdown({**report, "load_1min": {"start": start, "end": start}})
+    machine = {**report["machine"], "cpu_count": cores}
+    text = markdown({**report, "machine": machine, "load_1min": {"start": start, "end": start}})
     assert ("**Busy machine**" in text) == busy
+    assert busy_load(None) == busy_load(1) > 0
 
 
 def test_a_small_stream_is_called_noisy_under_its_heading(oracle_run):
