@@ -481,8 +481,8 @@ class EdgeDaemon:
                     self._store_gave_up = str(exc)  # a batch run does not wait for good
                     self._stop.set()
                 return handled
-            self._busy.succeeded()
-            if done:
+            if done:  # (not before: a file passed over wrote nothing, and proves nothing)
+                self._busy.succeeded()
                 handled = True
             else:
                 skip.add(candidate.name)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from splitdet.edge import daemon as daemon_module
 from splitdet.edge import store as store_module
 from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.store_file import StoreLocked
@@ -142,3 +143,45 @@ def test_a_batch_run_started_on_a_database_held_locked_stops_at_its_drain_timeou
             EdgeDaemon(config)
         holder.execute("ROLLBACK")
     EdgeDaemon(config)._shutdown()  # its locks were let go: another run can start
+
+
+def test_a_file_passed_over_while_the_database_is_locked_does_not_end_the_wait(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """A file the round passes over (here: its archive move failed and is not due again yet)
+    wrote nothing, yet was taken for a round that did: `store_resumed` and a new `store_busy`
+    followed each other every round while the lock lasted."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(daemon_module, "MOVE_RETRY_INITIAL_S", 600.0)
+    monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", 600.0)
+    config = daemon_config(tiny_model_dir, tmp_path, once=False, after="archive")
+    daemon = EdgeDaemon(config)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="splitdet"):
+        thread.start()
+        try:
+            wait_for(lambda: config.archive.is_dir(), 30, "the archive folder")
+            config.archive.rmdir()
+            config.archive.write_bytes(b"")  # a file where the folder was: moves into it fail
+            (config.watch / "a.png").write_bytes(_png(30))
+            wait_for(lambda: len(image_rows(config.db)) == 1, 30, "the first image's result")
+            holder = sqlite3.connect(config.db, isolation_level=None)
+            with contextlib.closing(holder):
+                holder.execute("BEGIN IMMEDIATE")
+                (config.watch / "b.png").write_bytes(_png(60))
+                wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
+                wait_for(  # (the second: a store_busy line after a false store_resumed)
+                    lambda: daemon._busy.failures >= 4 or len(_events(caplog, "store_busy")) > 1,
+                    30,
+                    "rounds passing a.png over, then failing on b.png",
+                )
+                resumed = _events(caplog, "store_resumed")
+                busy = _events(caplog, "store_busy")
+                holder.execute("ROLLBACK")
+            wait_for(lambda: len(image_rows(config.db)) == 2, 30, "the second image's result")
+        finally:
+            daemon.request_stop()
+            thread.join(30)
+    assert resumed == [], "store_resumed while the database was still locked"
+    assert len(busy) == 1
+    assert _events(caplog, "store_resumed")  # once b.png was recorded
