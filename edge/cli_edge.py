@@ -45,6 +45,12 @@ actions:
   splitdet edge prune    delete old final results (edge run --keep-results does it hourly)
   splitdet edge check    is this edge ready: the export, one image, the cloud, one round trip
   splitdet edge collect  copy chosen results' images into a VOC tree, the model's boxes as labels
+
+examples:
+  splitdet edge check --model models/gasket --cloud 10.0.0.5:50051 --image sample.png
+  splitdet edge run --model models/gasket --watch /data/camera --cloud 10.0.0.5:50051 \\
+      --db /data/edge.sqlite --after archive
+  splitdet edge status --db /data/edge.sqlite
 """
 
 RUN_EPILOG = """\
@@ -68,7 +74,8 @@ SQLite commit; a background sender delivers them with capped exponential backoff
 while classification goes on, and the cloud's answer ("defect" + boxes) replaces the outbox row
 in one commit. Requests are idempotent (the id is a hash of the image bytes), so re-sending
 after a lost answer never makes a second result. Unreadable files (empty, corrupt, truncated,
-not an image) go to the quarantine folder with NAME.reason.txt beside them and an "error" row.
+not an image) go to the quarantine folder as ID_NAME (ID: the row's id), with ID_NAME.reason.txt
+beside each, and an "error" row.
 Permanent refusals by the cloud (INVALID_ARGUMENT, INTERNAL, a message over the server's
 bound, ...) become "error" rows (dead letter, with the reason) and are not retried; the refused
 requests are kept (up to --dead-letter-max-mb), and once the cause is fixed
@@ -227,7 +234,8 @@ def _register_run(actions: argparse._SubParsersAction) -> None:
         "--quarantine",
         type=Path,
         metavar="DIR",
-        help="folder for unreadable files, each with NAME.reason.txt (default: WATCH/quarantine)",
+        help="folder for unreadable files, each as ID_NAME with ID_NAME.reason.txt beside it "
+        "(default: WATCH/quarantine)",
     )
     p.add_argument(
         "--once",
@@ -806,7 +814,8 @@ def _register_status(actions: argparse._SubParsersAction) -> None:
         "or past once requests of its export were delivered again), the dead letters "
         "(kept for `splitdet edge requeue` or not) and the durable counters. Safe while the "
         "daemon writes.",
-        epilog="example:\n  splitdet edge status --db /data/edge.sqlite [--json]\n",
+        epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
+        "  splitdet edge status --db /data/edge.sqlite --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")

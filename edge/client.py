@@ -272,7 +272,14 @@ class ClientConfig:
     own_connection: bool = False
 
     def __post_init__(self) -> None:
-        channel_target(self.addresses)  # raises on a malformed address list
+        target = channel_target(self.addresses)  # raises on a malformed address list
+        if self.uses_tls and self.server_name is None and "," in target:
+            # the channel's one authority is then the list itself, which no certificate names
+            raise ValueError(
+                f"several cloud addresses over TLS ({self.addresses}) need --server-name NAME: "
+                "gRPC checks one name for the whole channel, so give a name that every "
+                "replica's certificate holds (e.g. a DNS name in each one's subjectAltName)"
+            )
         if self.edge_name is not None:
             check_edge_name(self.edge_name)
         if self.timeout_s <= 0 or self.manifest_timeout_s <= 0:

@@ -135,6 +135,13 @@ def _client(server: CloudServer, pki, **settings) -> CloudClient:
     return CloudClient(ClientConfig(**{**base, **settings}))
 
 
+def _trusted_client(server: CloudServer, pki, **settings) -> CloudClient:
+    """A client with the CA, the edge's certificate and the token: everything right."""
+    cert, key = pki["client"]
+    trusted = {"root_certs": pki["ca"], "client_cert": cert, "client_key": key, "token": TOKEN}
+    return _client(server, pki, **{**trusted, **settings})
+
+
 def _refusal(client: CloudClient) -> Exception:
     with client, pytest.raises((RetryLater, NeverRetry)) as refused:
         client.manifest()
@@ -186,16 +193,23 @@ def test_right_certificate_and_token_succeed(mtls_server, pki):
         result = client.detect(sample.encoded, sample.image, "tls-1", fingerprint)
         assert len(result.boxes) == len(sample.reference["boxes"]) > 0
     # an IP target with the certificate's name given explicitly works too
-    with _client(
-        server,
-        pki,
-        addresses=f"127.0.0.1:{server.port}",
-        server_name="localhost",
-        root_certs=pki["ca"],
-        client_cert=cert,
-        client_key=key,
-        token=TOKEN,
+    with _trusted_client(
+        server, pki, addresses=f"127.0.0.1:{server.port}", server_name="localhost"
     ) as client:
+        assert client.health() == "SERVING"
+
+
+def test_several_addresses_over_tls_need_the_name_every_certificate_holds(mtls_server, pki):
+    """With several addresses the channel's authority is the list, which no certificate names:
+    every call failed hostname verification, with a hint that the certificate lacked the
+    host. Refused at once now, naming --server-name; given it, the replicas answer."""
+    server, _ = mtls_server
+    cert, key = pki["client"]
+    replicas = f"127.0.0.1:{server.port},127.0.0.2:{server.port}"  # (the second one is dead)
+    with pytest.raises(ValueError, match="need --server-name NAME"):
+        ClientConfig(replicas, root_certs=pki["ca"], client_cert=cert, client_key=key)
+    ClientConfig(replicas)  # (plaintext has no name to check)
+    with _trusted_client(server, pki, addresses=replicas, server_name="localhost") as client:
         assert client.health() == "SERVING"
 
 

@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_size,
         default=(2448, 2048),
         metavar="WxH",
-        help="image size, width x height (default: 2448x2048, the paper's camera)",
+        help="image size, width x height, each side 256..16384 px (default: 2448x2048, the "
+        "paper's camera)",
     )
     p.add_argument(
         "--defective",
