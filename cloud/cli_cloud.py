@@ -54,8 +54,10 @@ example:
   splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464 \\
       --tls-cert server.pem --tls-key server.key --client-ca edge-ca.pem --token-file token.txt
 
-Stops on SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls get
---grace seconds to finish, then the process exits 0. SIGUSR1 logs every thread's stack (what a
+Stops on SIGTERM/SIGINT: health turns NOT_SERVING (health Watch streams hear it and are ended),
+new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0;
+a second SIGTERM/SIGINT ends the grace at once. Calls cut by its end are logged (WARNING
+calls_cut) and sent again by their edges. SIGUSR1 logs every thread's stack (what a
 server that seems stuck waits on) and the server goes on.
 
 Bounds on calls: each kind has its threads (Detect: --max-concurrent + --max-queued + 8;

@@ -298,6 +298,7 @@ class DetectionCore:
         call: DetectCall,
         is_cancelled: Callable[[], bool] | None = None,
         before_compute: Callable[[], None] | None = None,
+        model: ServedModel | None = None,
     ) -> DetectResult:
         """Answer one request.
 
@@ -309,6 +310,8 @@ class DetectionCore:
                 found, before the features are decoded and the heads run (the server waits
                 for a slot there: a malformed call or a repeat is answered without one).
                 Whatever it raises ends the call.
+            model: the served model `served_model` gave for this call (it must be the one
+                the call names), used even if a reload dropped it since; None: looked up now.
 
         Raises:
             FingerprintMismatch: the call is for another model.
@@ -316,7 +319,7 @@ class DetectionCore:
             Cancelled: `is_cancelled` said so.
         """
         start = time.perf_counter()
-        model = self._check_call(call)
+        model = self._check_call(call, model)
         stored = self._stored(model, call)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
@@ -388,16 +391,21 @@ class DetectionCore:
             )
         return model
 
-    def is_repeat(self, request_id: str, fingerprint: str) -> bool:
-        """Check a request's id and model before it is parsed whole: True when an answer to
-        that id by that model is stored (the request is then answered without the heads,
-        unless it turns out to differ from the one answered).
+    def served_model(self, request_id: str, fingerprint: str) -> ServedModel:
+        """Check a request's id and model before it is parsed whole: the served model it
+        names, which the call holds to its end (`detect`'s `model`), so that a reload that
+        drops the export while the call waits for a slot refuses no call already admitted.
 
         Raises:
             FingerprintMismatch: no served model has `fingerprint`.
             InvalidRequest: no fingerprint, or an id that is empty, too long or not printable.
         """
-        return self._answer_of(self._checked_model(request_id, fingerprint), request_id) is not None
+        return self._checked_model(request_id, fingerprint)
+
+    def is_repeat(self, model: ServedModel, request_id: str) -> bool:
+        """True when an answer to `request_id` by `model` is stored (the request is then
+        answered without the heads, unless it turns out to differ from the one answered)."""
+        return self._answer_of(model, request_id) is not None
 
     def _answer_of(self, model: ServedModel, request_id: str) -> StoredAnswer | None:
         """The stored answer to `request_id` by `model` (None: none stored, no store, or one
@@ -422,9 +430,11 @@ class DetectionCore:
             raise InvalidRequest("request_id must be printable text")
         return model
 
-    def _check_call(self, call: DetectCall) -> ServedModel:
-        """Cheap checks before anything is hashed, looked up or decoded; the model to use."""
-        model = self._checked_model(call.request_id, call.fingerprint)
+    def _check_call(self, call: DetectCall, model: ServedModel | None) -> ServedModel:
+        """Cheap checks before anything is hashed, looked up or decoded; the model to use
+        (`model`, held by the call since `served_model`, or the one it names now)."""
+        if model is None or model.fingerprint != call.fingerprint:
+            model = self._checked_model(call.request_id, call.fingerprint)
         for what, (h, w), bound in (
             ("original", call.image.original_hw, MAX_ORIGINAL_SIDE),
             ("resized", call.image.resized_hw, MAX_RESIZED_SIDE),

@@ -32,10 +32,12 @@ Response = health_pb2.HealthCheckResponse
 NOT_SERVING = Response.NOT_SERVING
 #: What the sender thread takes to end (`close`).
 _END = None
+#: The status that ends a Watch stream instead of telling it one (`enter_graceful_shutdown`).
+_CLOSE = -1
 
 
 #: One Watch stream: gRPC's `send_response_callback` for it (a function of its own per call).
-Send = Callable[[Response], object]
+Send = Callable[[Response | None], object]
 
 
 class HealthStatus(health_pb2_grpc.HealthServicer):
@@ -77,6 +79,8 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         with self._lock:
             self._watchers.setdefault(service, set()).add(watcher)
             self._sends.put((watcher, self._status.get(service, Response.SERVICE_UNKNOWN)))
+            if self._shutting_down:  # (told, and ended: it must not hold the stop's grace)
+                self._sends.put((watcher, _CLOSE))
         if not context.add_callback(lambda: self._forget(service, watcher)):
             self._forget(service, watcher)  # the call had already ended
 
@@ -91,8 +95,10 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
                 self._sends.put((watcher, status))
 
     def enter_graceful_shutdown(self) -> None:
-        """Every service NOT_SERVING for good, its watchers to hear of it; later `set` calls
-        ignored. Returns without waiting for any send."""
+        """Every service NOT_SERVING for good; every Watch stream hears it (or SERVICE_UNKNOWN
+        for a name never set), then ends with OK, so that no probe holds the server's stop
+        for its whole grace; later `set` calls ignored, a Watch opened later ended at once.
+        Returns without waiting for any send."""
         with self._lock:
             if self._shutting_down:
                 return
@@ -101,6 +107,9 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
                 self._status[service] = NOT_SERVING
                 for watcher in self._watchers.get(service, ()):
                     self._sends.put((watcher, NOT_SERVING))
+            for watchers in self._watchers.values():
+                for watcher in watchers:
+                    self._sends.put((watcher, _CLOSE))
 
     def close(self) -> None:
         """End the sender thread once the sends queued before are done (or dropped: the
@@ -111,8 +120,8 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         """The sender thread: each queued status to its watcher, in order."""
         while (item := self._sends.get()) is not _END:
             send, status = item
-            try:
-                send(Response(status=status))  # (False, at once, if the call ended)
+            try:  # (None ends the stream with OK; a send returns at once if the call ended)
+                send(None if status is _CLOSE else Response(status=status))
             except Exception as exc:  # (never seen; one stream must not end the others')
                 log.debug("health watch send failed: %s", exc)
 

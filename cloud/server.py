@@ -532,18 +532,24 @@ class CloudServer:
             {"served", "added", "dropped", "problems"}: fingerprints, and one line per problem.
         """
         current = self.core.models
+        unlisted = False
         try:
             named, found = export_dirs(self.config)
             models, problems, held = gather_models(named, found, current, False, self._held)
         except ManifestError as exc:  # the folder cannot be listed
-            models, problems, held = [], [str(exc)], self._held
+            models, problems, held, unlisted = [], [str(exc)], self._held, True
         if not models and not problems:
             problems = [f"--models-dir {self.config.models_dir}: holds no export"]
         for problem in problems:
             fields = {"event": "reload_problem", "problem": problem}
             log.error("reload: %s", problem, extra={"fields": fields})
         if not models:
-            log.error("reload: nothing left to serve; still serving %s", self._named(current),
+            why = (  # (not what --model names, which may be fine: nothing was read)
+                f"--models-dir {self.config.models_dir} cannot be listed, so nothing changes"
+                if unlisted
+                else "nothing left to serve"
+            )
+            log.error("reload: %s; still serving %s", why, self._named(current),
                       extra={"fields": {"event": "reload_refused"}})  # fmt: skip
             self.metrics.reloads.labels("refused").inc()
             return {"served": list(current), "added": [], "dropped": [], "problems": problems}
@@ -599,9 +605,10 @@ class CloudServer:
                               "edges": sorted(edges)}},
         )  # fmt: skip
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None, hurry: threading.Event | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`
-        seconds (default config.grace_s), then release everything. Idempotent."""
+        seconds (default config.grace_s), then release everything. `hurry`, once set (a
+        second SIGTERM), ends the grace at once. Idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -610,7 +617,7 @@ class CloudServer:
         grace = self.config.grace_s if grace is None else grace
         self.servicer.drain()
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait(grace + 5)
+        self._let_calls_finish(grace, hurry)
         self.health.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
@@ -620,11 +627,37 @@ class CloudServer:
         if self.port:  # (not after a start that could not listen: it never served)
             log.info("stopped", extra={"fields": {"event": "stopped"}})
 
+    def _let_calls_finish(self, grace: float, hurry: threading.Event | None) -> None:
+        """gRPC's stop, the grace kept here: the Detect calls still running when `grace` ends,
+        or when `hurry` is set, are counted, then cancelled (UNAVAILABLE to their callers),
+        and a WARNING says how many (`calls_cut`; their edges send them again)."""
+        done = self._server.stop(grace + _CUT_WAIT_S)  # (gRPC's own cut, never first)
+        deadline = time.monotonic() + grace
+        while not done.wait(0.05):
+            hurried = hurry is not None and hurry.is_set()
+            if hurried or time.monotonic() >= deadline:
+                cut = self.servicer.running()
+                self._server.stop(0)  # (a shorter grace overrides the one running)
+                if cut:
+                    why = "asked again to stop" if hurried else f"--grace {grace:g} s ended"
+                    log.warning(
+                        f"{why}: {cut} Detect call(s) still running were cancelled "
+                        "(UNAVAILABLE to their edges, which send them again: nothing is lost)",
+                        extra={"fields": {"event": "calls_cut", "calls": cut,
+                                          "hurried": hurried, "grace_s": grace}},
+                    )  # fmt: skip
+                done.wait(_CUT_WAIT_S)
+                return
+
     def __enter__(self) -> CloudServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop(0)
+
+
+#: Seconds a stop waits for gRPC to end the calls it cancelled at the end of the grace.
+_CUT_WAIT_S = 5.0
 
 
 def check_listen_address(listen: str) -> None:
@@ -684,8 +717,12 @@ def serve(
     server = CloudServer(config)
     received: list[int] = []
 
+    hurry = threading.Event()
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
+        if stop.is_set():  # a second SIGTERM or SIGINT: no more grace
+            hurry.set()
         stop.set()
 
     # before start(): once it serves, a signal drains it rather than killing it
@@ -720,7 +757,7 @@ def serve(
         log.info("%s: draining for up to %.1f s", name, config.grace_s,
                  extra={"fields": {"event": "draining", "signal": name,
                                    "grace_s": config.grace_s}})  # fmt: skip
-        server.stop()
+        server.stop(hurry=hurry)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -763,6 +763,10 @@ class DetectionServicer:
         """Refuse every later Detect call with UNAVAILABLE (calls already running finish)."""
         self._draining.set()
 
+    def running(self) -> int:
+        """Detect calls holding a slot now (running the heads, or about to)."""
+        return self._slots.held
+
     def caller_scope(self, context: grpc.ServicerContext) -> str:
         """The answers scope of a call (idempotency.answers_scope): with tokens required, a
         digest of the token that authenticated it, so that request ids of edges holding
@@ -794,7 +798,8 @@ class DetectionServicer:
         # of an answered one (--answers-db) are answered without a slot. Parsed only once it
         # has one: a waiting call holds its request once, not twice.
         request_id, fingerprint = check_request_wire(raw)
-        repeat = self.core.is_repeat(request_id, fingerprint)
+        model = self.core.served_model(request_id, fingerprint)  # held: a reload ends no call
+        repeat = self.core.is_repeat(model, request_id)
         # checked, for a served model: from here its edge name claims a label (a camera whose
         # calls are refused for load must show under its own name; malformed ones stay under
         # the label they had, or "other")
@@ -831,7 +836,7 @@ class DetectionServicer:
                 take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(_parse(pb.DetectRequest, raw))
             # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
-            result = self.core.detect(call, abandoned, before_compute=take_slot)
+            result = self.core.detect(call, abandoned, before_compute=take_slot, model=model)
             answer = result
             if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
                 if not result.cached:  # (a stored answer ran no heads)

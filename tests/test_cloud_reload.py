@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import grpc
@@ -27,6 +28,7 @@ from splitdet.shared.cli import main
 from splitdet.shared.manifest import PUBLISHING_MARKER
 
 from conftest import make_tiny_model
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,6 +45,14 @@ def _copy(model_dir, to, exported_at: float) -> None:
     """Copy an export, its manifest dated `exported_at` (unix s): the newest is the default."""
     shutil.copytree(model_dir, to)
     os.utime(to / "manifest.json", (exported_at, exported_at))
+
+
+def _two_exports(tmp_path, first_dir, second_dir, names: tuple[str, str]):
+    """tmp_path/models holding both exports under `names`, the second the newer (default)."""
+    folder = tmp_path / "models"
+    _copy(first_dir, folder / names[0], exported_at=1e9)
+    _copy(second_dir, folder / names[1], exported_at=2e9)
+    return folder
 
 
 def _served(client: CloudClient, fingerprint: str) -> bool:
@@ -190,9 +200,7 @@ def test_a_reload_names_folders_counts_outcomes_and_the_edges_of_a_dropped_expor
     until that edge's next defect was refused."""
     _, first_dir, first = shared_model_dir(0)
     _, second_dir, second_manifest = second
-    folder = tmp_path / "models"
-    _copy(first_dir, folder / "v1", exported_at=1e9)
-    _copy(second_dir, folder / "v2", exported_at=2e9)
+    folder = _two_exports(tmp_path, first_dir, second_dir, ("v1", "v2"))
     config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2, metrics_port=0,
                           metrics_host="127.0.0.1", answers_db=tmp_path / "a.sqlite")  # fmt: skip
     caplog.set_level("INFO", logger="splitdet.cloud.server")
@@ -333,4 +341,78 @@ def test_a_named_export_that_cannot_be_read_at_reload_keeps_serving(second, tmp_
         assert _served(client, third_manifest.fingerprint)
     finally:
         client.close()
+        server.stop(0)
+
+
+def test_a_call_waiting_for_a_slot_when_its_export_is_dropped_is_still_answered(second, tmp_path):
+    """ "Calls in flight finish on the model they started with": a Detect admitted (its export
+    served) but waiting for a slot looked its model up again once it had one, and a reload
+    that dropped the export meanwhile refused it with FAILED_PRECONDITION ("not served
+    here... deploy the same export on both sides"). It now holds its model from admission."""
+    first_model, first_dir, first = shared_model_dir(0)
+    second_model, second_dir, second_manifest = second
+    folder = _two_exports(tmp_path, first_dir, second_dir, ("a", "b"))
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=4, max_concurrent=1,
+                          max_queued=4, debug_delay_s=2.0, metrics_port=0,
+                          metrics_host="127.0.0.1", answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    holder, queued = (make_sample(m, seed=5, codec="int8") for m in (first_model, second_model))
+    answers: dict[str, object] = {}
+
+    def send(name: str, sample, fingerprint: str) -> None:
+        with CloudClient(ClientConfig(f"127.0.0.1:{server.port}", own_connection=True)) as c:
+            try:
+                answers[name] = c.detect(sample.encoded, sample.image, name, fingerprint)
+            except Exception as exc:
+                answers[name] = exc
+
+    def gauge(name: str) -> float:
+        return scrape_metrics(server.metrics_port).get(name, 0.0)
+
+    threads = [
+        threading.Thread(target=send, args=("holds", holder, first.fingerprint), daemon=True),
+        threading.Thread(target=send, args=("waits", queued, second_manifest.fingerprint),
+                         daemon=True),
+    ]  # fmt: skip
+    try:
+        threads[0].start()
+        wait_for(lambda: gauge("splitdet_cloud_in_flight") == 1, 30, "the first call's slot")
+        threads[1].start()
+        wait_for(lambda: gauge("splitdet_cloud_queued") == 1, 30, "the second call queued")
+        (folder / "b").rename(folder / ".b")  # (dot folders are not served)
+        assert server.reload()["dropped"] == [second_manifest.fingerprint]
+        for thread in threads:
+            thread.join(60)
+        waited = answers["waits"]
+        assert not isinstance(waited, Exception), waited
+        assert waited.fingerprint == second_manifest.fingerprint
+        assert len(waited.boxes) == len(queued.reference["boxes"])
+    finally:
+        server.stop(0)
+
+
+def test_a_models_dir_that_cannot_be_listed_at_reload_is_named_as_the_cause(
+    second, tmp_path, caplog
+):
+    """`--model A --models-dir D`, D gone at a SIGHUP: everything is kept, but the log said
+    "nothing left to serve", blaming A too. It now says that D cannot be listed."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = tmp_path / "models"
+    _copy(second_dir, folder / "b", exported_at=2e9)
+    config = ServerConfig(model_dir=first_dir, models_dir=folder, listen="127.0.0.1:0",
+                          threads=2, answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    try:
+        folder.rename(tmp_path / "models.away")
+        caplog.set_level("INFO", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert sorted(change["served"]) == sorted([first.fingerprint, second_manifest.fingerprint])
+        refused = [r for r in caplog.records if getattr(r, "fields", {}).get("event") ==
+                   "reload_refused"]  # fmt: skip
+        assert len(refused) == 1
+        message = refused[0].getMessage()
+        assert f"--models-dir {folder} cannot be listed" in message
+        assert "nothing left to serve" not in message
+    finally:
         server.stop(0)

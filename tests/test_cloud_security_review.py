@@ -156,6 +156,38 @@ def test_a_server_watched_by_health_probes_stops_and_tells_them(tmp_path):
         gone.close()
 
 
+def test_an_open_health_watch_does_not_hold_the_stop_for_its_grace(tmp_path):
+    """A probe watching health (gRPC's client-side health checking does) held every stop for
+    the whole grace, up to an hour, after it had heard NOT_SERVING: its stream stayed open.
+    Now each stream hears NOT_SERVING (a name never set, nothing more) and is ended with OK,
+    and an idle server stops at once."""
+    server = _start(tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        watches = [
+            stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
+            for name in ("", "", "never.set")
+        ]
+        firsts = [next(watch).status for watch in watches]
+        assert firsts[:2] == [health_pb2.HealthCheckResponse.SERVING] * 2
+        assert firsts[2] == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        started = time.monotonic()
+        stopper = threading.Thread(target=server.stop, args=(60,), daemon=True)
+        stopper.start()
+        rest = [list(watch) for watch in watches]  # (an RpcError here: not ended with OK)
+        stopper.join(60)
+        assert not stopper.is_alive()
+        assert time.monotonic() - started < 30, "stop() waited out the grace for the watchers"
+        not_serving = health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert rest == [[not_serving], [not_serving], []]
+        assert all(watch.code() is grpc.StatusCode.OK for watch in watches)
+    finally:
+        channel.close()
+
+
 def test_clients_opening_and_cancelling_health_watches_do_not_freeze_the_server(tmp_path):
     """grpc_health sent a new Watch its first status under its lock; gRPC's event thread,
     forgetting a cancelled Watch, waited for that lock while the send waited for it. Two

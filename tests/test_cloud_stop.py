@@ -1,0 +1,108 @@
+"""How the cloud stops with calls running: the calls its grace cuts are logged, a second SIGTERM
+ends the grace at once (both were silent: an operator had no record of the calls lost, and a
+second signal changed nothing). Real servers on loopback, and one real process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+import pytest
+from cloud_fixtures import (
+    make_sample,
+    scrape_metrics,
+    shared_model_dir,
+    start_cloud_process,
+    start_loopback_server,
+)
+
+from splitdet.edge.client import ClientConfig, CloudClient, RetryLater
+
+from support import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+IN_FLIGHT = "splitdet_cloud_in_flight"
+
+
+def _send_in_background(address: str, request_id: str) -> tuple[threading.Thread, list]:
+    """A Detect call in a thread: (the thread, [its answer or its exception])."""
+    model, _, manifest = shared_model_dir(0)
+    sample = make_sample(model, seed=7, codec="int8")
+    outcome: list = []
+
+    def send() -> None:
+        with CloudClient(ClientConfig(address, own_connection=True)) as client:
+            try:
+                outcome.append(
+                    client.detect(sample.encoded, sample.image, request_id, manifest.fingerprint)
+                )
+            except Exception as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _cut_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [
+        record.fields
+        for record in caplog.records
+        if getattr(record, "fields", {}).get("event") == "calls_cut"
+    ]
+
+
+@pytest.mark.parametrize("hurried", [False, True])
+def test_calls_cut_by_the_end_of_the_grace_or_a_second_signal_are_logged(tmp_path, caplog, hurried):
+    server = start_loopback_server(tmp_path, threads=2, debug_delay_s=120.0)
+    caplog.set_level(logging.INFO, logger="splitdet.cloud")
+    thread, outcome = _send_in_background(f"127.0.0.1:{server.port}", "long")
+    wait_for(lambda: scrape_metrics(server.metrics_port).get(IN_FLIGHT) == 1, 30, "the call")
+    hurry = threading.Event()
+    grace = 60.0 if hurried else 1.0
+    stopper = threading.Thread(target=server.stop, args=(grace, hurry), daemon=True)
+    started = time.monotonic()
+    stopper.start()
+    if hurried:
+        time.sleep(0.5)
+        assert stopper.is_alive()  # (waiting for the call within its 60 s)
+        hurry.set()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() did not end"
+    assert time.monotonic() - started < 30
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], RetryLater), outcome
+    assert outcome[0].code is grpc.StatusCode.UNAVAILABLE
+    cut = _cut_lines(caplog)
+    assert len(cut) == 1 and cut[0]["calls"] == 1 and cut[0]["hurried"] is hurried
+
+
+def test_a_stop_with_nothing_running_logs_no_cut_calls(tmp_path, caplog):
+    server = start_loopback_server(tmp_path, threads=2)
+    caplog.set_level(logging.INFO, logger="splitdet.cloud")
+    server.stop(0)
+    assert _cut_lines(caplog) == []
+
+
+def test_a_second_sigterm_ends_the_grace_of_a_cloud_process(tmp_path):
+    _, model_dir, _ = shared_model_dir(0)
+    server = start_cloud_process(
+        model_dir, tmp_path, "hurried", "--grace", "120", "--debug-delay", "120"
+    )
+    try:
+        thread, outcome = _send_in_background(server.address, "long")
+        wait_for(lambda: server.metrics().get(IN_FLIGHT, 0) >= 1, 60, "a call")
+        server.process.terminate()
+        wait_for(lambda: "draining for up to 120.0 s" in server.log(), 30, "the drain")
+        assert server.process.poll() is None  # (waiting for the call within its grace)
+        server.process.terminate()
+        code = server.process.wait(timeout=60)
+        thread.join(30)
+    finally:
+        server.stop()
+    assert code == 0, server.log()
+    assert "asked again to stop: 1 Detect call(s) still running were cancelled" in server.log()
+    assert len(outcome) == 1 and isinstance(outcome[0], RetryLater), outcome
