@@ -328,18 +328,19 @@ def gather_models(
 ) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
     """The models to serve from the directories, in order (the default first), one line per
     directory that could not be read, saying what became of it, and the fingerprint each
-    directory served from (the next reload's `held`). An export already in `loaded`, read
-    from the directory `held` says it came from, keeps its loaded model; any other directory's
-    files are verified against its manifest in full first (a new export is loaded, one already
-    loaded may be a broken copy that a restart could not serve). A found export that cannot be
-    served, or one served already from another directory, is skipped (the latter with a
-    warning only, once its files are verified). With `strict`, a named directory's problem
-    raises instead, and so does an export named twice; without, a named directory that cannot
-    be read (a copy in progress, a file server's hiccup) keeps serving the export `held` says
-    it held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not
-    ask of it. So does any directory holding a re-export killed while it replaced its files
-    (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line
-    says so, as a restart would refuse that folder until it is exported again.
+    directory served from (the next reload's `held`). An export already in `loaded`, read from
+    the directory `held` says it came from, keeps its loaded model (its files are still
+    verified: damage on disk is a problem line, as a restart would not serve them); any other
+    directory's files are verified against its manifest in full first (a new export is loaded,
+    one already loaded may be a broken copy that a restart could not serve). A found export that
+    cannot be served, or one served already from another directory, is skipped (the latter with
+    a warning only, once its files are verified). With `strict`, a named directory's problem
+    raises instead, and so does an export named twice; without, a named directory that cannot be
+    read (a copy in progress, a file server's hiccup) keeps serving the export `held` says it
+    held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask
+    of it. So does any directory holding a re-export killed while it replaced its files
+    (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line says
+    so, as a restart would refuse that folder until it is exported again.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -350,6 +351,7 @@ def gather_models(
     problems = []
     for index, model_dir in enumerate([*named, *found]):
         is_named = index < len(named)
+        kept = False  # an export served from this directory before, its model kept as loaded
         try:
             fingerprint = read_manifest(model_dir, verify=False).fingerprint
             if fingerprint in where:
@@ -370,6 +372,8 @@ def gather_models(
                 model_dir / PUBLISHING_MARKER
             ).exists():  # loaded from another directory, or a re-export killed midway in it
                 read_manifest(model_dir)  # verify this one
+            else:
+                kept = True
         except Exception as exc:  # whatever one export's loading raises is that export's
             if not isinstance(exc, (ManifestError, OSError)):
                 what = f"{type(exc).__name__}: {exc}"
@@ -385,9 +389,24 @@ def gather_models(
                 continue
             problems.append(f"{problem}; still serving the export it held ({before[:16]})")
             model = loaded[before]
+        if kept and (damage := _damage(model_dir)) is not None:
+            problems.append(
+                f"{damage}; still serving the export loaded from it ({model.fingerprint[:16]}), "
+                "which a restart would not serve: export into it again, or restore its files"
+            )
         where[model.fingerprint] = model_dir
         models.append(model)
     return models, problems, {d: fp for fp, d in where.items()}
+
+
+def _damage(model_dir: Path) -> str | None:
+    """What is wrong with the files of an export served from `model_dir` (a file changed,
+    truncated or gone since it was loaded: its hashes are checked in full), or None."""
+    try:
+        read_manifest(model_dir)
+    except (ManifestError, OSError) as exc:
+        return f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+    return None
 
 
 class CloudServer:
@@ -407,7 +426,8 @@ class CloudServer:
         if core is None:
             models, problems, self._held = gather_models(*export_dirs(config))
             for problem in problems:  # a found export: the others are served
-                log.error("%s", problem)
+                log.error("%s", problem, extra={"fields": {"event": "export_problem",
+                                                           "problem": problem}})  # fmt: skip
             if not models:
                 raise ManifestError(
                     f"--models-dir {config.models_dir}: holds no export that can be served "

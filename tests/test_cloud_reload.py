@@ -416,3 +416,32 @@ def test_a_models_dir_that_cannot_be_listed_at_reload_is_named_as_the_cause(
         assert "nothing left to serve" not in message
     finally:
         server.stop(0)
+
+
+def test_a_served_export_whose_files_were_damaged_is_reported_at_reload(second, tmp_path, caplog):
+    """An export kept as loaded at a SIGHUP was not looked at: its cloud_heads.pt truncated on
+    disk, the reload said all was well, and only the next restart refused the folder. Now the
+    reload reports it, and the server keeps serving the copy it loaded."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = _two_exports(tmp_path, first_dir, second_dir, ("a", "b"))
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2,
+                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    client = CloudClient(ClientConfig(f"127.0.0.1:{server.port}"))
+    try:
+        assert server.reload()["problems"] == []  # (unchanged files: nothing to say)
+        (folder / "b" / "cloud_heads.pt").write_bytes(b"truncated")
+        caplog.set_level("INFO", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert change["dropped"] == [] and len(change["problems"]) == 1
+        problem = change["problems"][0]
+        assert str(folder / "b") in problem and "cloud_heads.pt" in problem
+        assert f"still serving the export loaded from it ({second_manifest.fingerprint[:16]})" in (
+            problem
+        )
+        assert problem in caplog.text
+        assert _served(client, second_manifest.fingerprint) and _served(client, first.fingerprint)
+    finally:
+        client.close()
+        server.stop(0)
