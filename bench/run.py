@@ -134,13 +134,22 @@ def load_1min() -> float | None:
         return None
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on (its CPU affinity: a container pinned to 2 cores of a
+    64-core host has 2), or the machine's count where affinity is unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not Linux)
+        return os.cpu_count()
+
+
 def _machine() -> dict:
     names = ("splitdet", "torch", "torchvision", "onnxruntime", "grpcio", "numpy", "zstandard")
     return {
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": usable_cores(),
         "python": platform.python_version(),
         "versions": {name: version(name) for name in names},
     }
@@ -384,7 +393,7 @@ def written_by(config: BenchConfig) -> Path | None:
 
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every system on every stream; write and return the report."""
-    threads = config.threads or os.cpu_count() or 1
+    threads = config.threads or usable_cores() or 1
     torch.set_num_threads(threads)
     manifest = read_manifest(config.model_dir)
     # the torch baselines post-process as the export does (its box refinement may differ

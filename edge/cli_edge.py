@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import shlex
 import sqlite3
@@ -116,8 +117,8 @@ runs stops it (exit 2) before it moves or deletes another image. Logs are JSON l
 stderr (--log-format text: one line each, the message, then its event and fields as
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full, or the --db stayed
-locked by another program (an `sqlite3` shell, a backup), for --drain-timeout; 2 usage or model
-errors.
+locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
+a daemon without --once waits for such a lock to start); 2 usage or model errors.
 """
 
 RESULTS_EPILOG = """\
@@ -971,10 +972,11 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format == "json":
         use_json_logs()  # before anything below logs
 
-    from splitdet.edge.daemon import EdgeDaemon
+    from splitdet.edge.daemon import EdgeDaemon, StoppedBeforeStart
     from splitdet.edge.daemon_config import DaemonConfig
+    from splitdet.edge.daemon_log import log_event
     from splitdet.edge.store import OutboxCap
-    from splitdet.edge.store_file import StoreError
+    from splitdet.edge.store_file import StoreError, StoreLocked
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
@@ -1019,6 +1021,11 @@ def run(args: argparse.Namespace) -> int:
             extensions=taken_extensions(args),
         )
         daemon = EdgeDaemon(config)
+    except StoppedBeforeStart as exc:  # SIGTERM while it waited for a locked --db
+        log_event(logging.INFO, "stopped", processed=0, note=str(exc))
+        return 0
+    except StoreLocked:  # --once, the --db locked past --drain-timeout: logged, images left
+        return 1
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
     except (ValueError, ManifestError, RuntimeError, OSError) as exc:

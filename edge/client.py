@@ -273,7 +273,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         target = channel_target(self.addresses)  # raises on a malformed address list
-        if self.uses_tls and self.server_name is None and "," in target:
+        if self.uses_tls and not self.server_name and "," in target:
             # the channel's one authority is then the list itself, which no certificate names
             raise ValueError(
                 f"several cloud addresses over TLS ({self.addresses}) need --server-name NAME: "

@@ -16,15 +16,16 @@ Only files named as images are candidates (`DaemonConfig.extensions`); the compa
 camera software and Windows write beside them (Thumbs.db, sidecars) are never touched or
 recorded, only logged once each and counted (see `splitdet.edge.watcher`).
 
-Beside the loop the Sender thread delivers the outbox. Nothing is acknowledged before it is
-durable: the file is moved or deleted only after its row is committed, and a file whose row
-exists when it is found again (a crash between commit and move, or --after keep) is only moved,
-never processed twice. SIGTERM/SIGINT finish the current image, then exit 0; pending requests
-stay in the outbox for the next start. One daemon per database (`WriterLock`) and per hot
-folder (`DirectoryLock`: none either in a subfolder of a --recursive daemon's folder, nor
---recursive above another's; a hot folder removed and made again is locked anew, or the daemon
-stops when another holds it, `_follow_watch_lock`); a database deleted or replaced while the
-daemon runs stops it (`ResultStore.check_file`) before it moves or deletes another image.
+Beside the loop the Sender thread delivers the outbox. Nothing is acknowledged before it is durable:
+the file is moved or deleted only after its row is committed, and a file whose row exists when it is
+found again (a crash between commit and move, or --after keep) is only moved, never processed twice.
+SIGTERM/SIGINT finish the current image, then exit 0 (with --once, 1 while requests are pending),
+also while the daemon waits to start on a --db another program holds locked; pending requests stay
+in the outbox for the next start. One daemon per database (`WriterLock`) and per hot folder
+(`DirectoryLock`: none either in a subfolder of a --recursive daemon's folder, nor --recursive above
+another's; a hot folder removed and made again is locked anew, or the daemon stops when another
+holds it, `_follow_watch_lock`); a database deleted or replaced while the daemon runs stops it
+(`ResultStore.check_file`) before it moves or deletes another image.
 
 Archived and quarantined files are named ID_NAME (`file_moves.stored_name`): short enough that
 NAME.reason.txt and its temporary name fit a file system's 255 bytes, valid UTF-8 whatever the
@@ -37,6 +38,7 @@ kept.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -44,7 +46,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -74,8 +76,9 @@ from splitdet.shared.manifest import file_sha256
 
 #: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
 PRUNE_EVERY_S = 3600.0
-#: Seconds between tries to open a --db another program holds locked at start (each try
-#: waits SQLite's busy timeout first, `store.BUSY_TIMEOUT_MS`).
+#: Milliseconds each try to open a --db another program holds locked at start waits for it
+#: (short: a SIGTERM is only seen between tries), and seconds between two tries.
+OPEN_TRY_MS = 1000
 OPEN_RETRY_S = 1.0
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
@@ -91,6 +94,10 @@ _SWEEP_MARGIN_S = 1.0
 # ---------------------------------------------------------------------------------- the daemon
 
 
+class StoppedBeforeStart(Exception):
+    """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0."""
+
+
 class EdgeDaemon:
     """The hot-folder loop with its sender thread; see the module docstring."""
 
@@ -103,6 +110,7 @@ class EdgeDaemon:
         )
         check_paths(config)
         self.config = config
+        self._stop = threading.Event()  # (set by SIGTERM/SIGINT from the start-up wait on)
         refuse_foreign_file(config.db)  # another program's file: refused before its lock file
         # before anything touches the database: a second daemon on it would record the same
         # files again (UNIQUE file_key) and race the first for every move
@@ -133,7 +141,9 @@ class EdgeDaemon:
         self.fingerprint = self.pipeline.manifest.fingerprint
         # answers for this export are checked by its own manifest (no GetManifest to fetch it)
         CloudClient.expect(AnswerRules.from_manifest(self.pipeline.manifest))
-        self._busy = BusyStore(config.db)
+        self._busy = BusyStore(
+            config.db, once_wait_s=config.drain_timeout_s if config.once else None
+        )
         self.store = self._open_store()
         self.folder = HotFolder(
             config.watch,
@@ -158,7 +168,6 @@ class EdgeDaemon:
                 else None
             ),
         )
-        self._stop = threading.Event()
         self._metrics_httpd = None
         self.metrics_port: int | None = None
         self.processed = 0
@@ -174,20 +183,46 @@ class EdgeDaemon:
 
     def _open_store(self) -> ResultStore:
         """The --db's ResultStore. While another program holds it locked (a backup, an `sqlite3`
-        shell: StoreLocked after each busy timeout), a daemon waits to start, as it waits for it
-        while running (WARNING `store_busy` at most once a minute, INFO `store_resumed`); with
-        `once`, it waits up to drain_timeout_s, then StoreLocked (exit 2, nothing taken)."""
-        while True:
-            try:
-                store = ResultStore(self.config.db, self.config.outbox)
-            except StoreLocked as exc:
-                self._busy.failed(exc, None)
-                if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
-                    raise
-                time.sleep(OPEN_RETRY_S)  # (each try has already waited the busy timeout)
-                continue
-            self._busy.succeeded()
-            return store
+        shell), a daemon waits to start, as it waits for it while running (WARNING
+        `store_busy` at most once a minute, INFO `store_resumed`), each try waiting
+        OPEN_TRY_MS; SIGTERM or SIGINT meanwhile: StoppedBeforeStart. With `once` it waits up
+        to drain_timeout_s, then logs ERROR `store_busy_stopped` and raises StoreLocked
+        (exit 1: nothing taken, the images left for the next run)."""
+        with self._signals_stop():
+            while True:
+                began = time.monotonic()
+                try:
+                    store = ResultStore(
+                        self.config.db, self.config.outbox, open_wait_ms=OPEN_TRY_MS
+                    )
+                except StoreLocked as exc:
+                    self._busy.failed(exc, None, began)
+                    if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
+                        self._report_store_held(str(exc.cause), None)
+                        raise
+                    if self._stop.wait(OPEN_RETRY_S):
+                        raise StoppedBeforeStart(
+                            f"stopped while --db {self.config.db} was held locked by another "
+                            "program, before the daemon started (nothing was taken)"
+                        ) from None
+                    continue
+                self._busy.succeeded()
+                return store
+
+    @contextlib.contextmanager
+    def _signals_stop(self) -> Iterator[None]:
+        """Within the block, SIGTERM and SIGINT set `_stop` (in the main thread; tests run
+        the daemon in others), as they do once `run` has begun."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.request_stop)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -212,7 +247,8 @@ class EdgeDaemon:
             self._loop()
             if self._store_gave_up is not None:  # (the sender could not deliver either)
                 self.sender.cancel()
-                self._report_store_held()
+                self.folder.scan()
+                self._report_store_held(self._store_gave_up, self.folder.pending())
             elif self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
                 self._drain_timed_out = True  # (the run ends now: its call in flight too)
                 self.sender.cancel()
@@ -471,18 +507,20 @@ class EdgeDaemon:
             candidate = self.folder.next_candidate(skip)
             if candidate is None:
                 return handled
+            began, commits = time.monotonic(), self.store.commits
             try:
                 done = self.handle(candidate)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
-                self._busy.failed(exc, path_text(candidate.path))
+                self._busy.failed(exc, path_text(candidate.path), began)
                 if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
                     self._store_gave_up = str(exc)  # a batch run does not wait for good
                     self._stop.set()
                 return handled
-            if done:  # (not before: a file passed over wrote nothing, and proves nothing)
+            if self.store.commits != commits:  # (only a commit says the lock was let go)
                 self._busy.succeeded()
+            if done:
                 handled = True
             else:
                 skip.add(candidate.name)
@@ -670,18 +708,17 @@ class EdgeDaemon:
                               "watch": str(config.watch), "detail": self._outbox_gave_up}},
         )  # fmt: skip
 
-    def _report_store_held(self) -> None:
-        """Log (ERROR) that --once stopped on a --db held locked past --drain-timeout, and how
-        many images it left in the folder."""
+    def _report_store_held(self, error: str, left: int | None) -> None:
+        """Log (ERROR `store_busy_stopped`) that --once stopped on a --db held locked past
+        --drain-timeout (`error`: SQLite's words), and how many images it left in the folder
+        (None: the run stopped before it looked)."""
         config = self.config
-        self.folder.scan()
-        left = self.folder.pending()
+        images = "every image" if left is None else f"{left} image(s)"
         log.error(
-            f"--db {config.db} stayed locked by another program ({self._store_gave_up}) for "
-            f"--drain-timeout {config.drain_timeout_s:g}s after the busy timeout: stopped; "
-            f"{left} image(s) left untouched in --watch {config.watch} for the next run "
-            "(nothing is lost). Is an `sqlite3` shell, a backup or `splitdet edge requeue` "
-            "holding it?",
+            f"--db {config.db} stayed locked by another program ({error}) for --drain-timeout "
+            f"{config.drain_timeout_s:g}s: stopped; {images} left untouched in --watch "
+            f"{config.watch} for the next run (nothing is lost). Is an `sqlite3` shell, a "
+            "backup or `splitdet edge requeue` holding it?",
             extra={"fields": {"event": "store_busy_stopped", "images_left": left,
                               "db": str(config.db), "watch": str(config.watch),
                               "waited_s": round(self._busy.waited_s(), 1)}},

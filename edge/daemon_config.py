@@ -31,7 +31,7 @@ class DaemonConfig:
         db: the SQLite results + outbox file.
         after: what happens to a processed image file: keep, archive or delete.
         archive_dir: where --after archive moves files (default WATCH/archive).
-        quarantine_dir: where unreadable files go, with a NAME.reason.txt beside each
+        quarantine_dir: where unreadable files go, as ID_NAME, with ID_NAME.reason.txt beside each
             (default WATCH/quarantine).
         once: process what is in the folder, try to deliver the outbox, exit.
         drain_timeout_s: with `once`, how long to keep delivering before giving up (and

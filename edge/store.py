@@ -213,15 +213,24 @@ class ResultStore:
     """
 
     def __init__(
-        self, path: Path | str, cap: OutboxCap | None = None, readonly: bool = False
+        self,
+        path: Path | str,
+        cap: OutboxCap | None = None,
+        readonly: bool = False,
+        open_wait_ms: int | None = None,
     ) -> None:
+        """`open_wait_ms`: how long opening waits for a lock another program holds (default
+        BUSY_TIMEOUT_MS, the wait of every later statement too)."""
         self.path = Path(path)
         self.cap = cap or OutboxCap()
         self._lock = threading.RLock()
+        #: Transactions committed through this store (any thread): a change says the file
+        #: could be written (`edge.store_busy`).
+        self.commits = 0
         if readonly:  # (StoreError, naming the file, when it is not a store to read)
             self._db = open_readonly(self.path)
         else:
-            self._open_for_writing()
+            self._open_for_writing(BUSY_TIMEOUT_MS if open_wait_ms is None else open_wait_ms)
         # the file just opened (and written by _migrate), as `check_file` compares it
         stat = os.stat(self.path)
         self._identity = (stat.st_dev, stat.st_ino)
@@ -229,7 +238,7 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------ plumbing
 
-    def _open_for_writing(self) -> None:
+    def _open_for_writing(self, wait_ms: int) -> None:
         """Connect to the file (made, with its folder, when missing) and `_open` it; the
         connection is closed again when that fails."""
         try:
@@ -245,16 +254,17 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             raise open_failure(self.path, exc) from None
         try:
-            self._open()
+            self._open(wait_ms)
         except BaseException:
             self._db.close()
             raise
 
-    def _open(self) -> None:
+    def _open(self, wait_ms: int) -> None:
         """Check what the file holds, then set the connection up and create or migrate the
-        store. StoreError when it cannot be used."""
+        store, waiting up to `wait_ms` for a lock another program holds. StoreError when it
+        cannot be used."""
         try:
-            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # `results` may read
+            self._db.execute(f"PRAGMA busy_timeout={int(wait_ms)}")  # `results` may read
             # read only: another program's file is refused before journal_mode=WAL (a write)
             # touches it; _migrate checks again under the write lock
             if check_contents(self.path, read_contents(self._db)):  # a new store: its free
@@ -264,6 +274,7 @@ class ResultStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except sqlite3.DatabaseError as exc:
             raise open_failure(self.path, exc) from None
         if mode.lower() != "wal":
@@ -294,9 +305,11 @@ class ResultStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """`immediate` under the lock."""
-        with self._lock, immediate(self._db) as db:
-            yield db
+        """`immediate` under the lock, counted in `commits` once committed."""
+        with self._lock:
+            with immediate(self._db) as db:
+                yield db
+            self.commits += 1
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:

@@ -17,27 +17,37 @@ BUSY_LINE_EVERY_S = 60.0
 class BusyStore:
     """Counts the rounds the daemon's loop gave up on a locked --db, and says so."""
 
-    def __init__(self, db: Path, every_s: float = BUSY_LINE_EVERY_S) -> None:
+    def __init__(
+        self, db: Path, every_s: float = BUSY_LINE_EVERY_S, once_wait_s: float | None = None
+    ) -> None:
+        """`once_wait_s`: a batch run's (`--once`) --drain-timeout, which bounds its wait."""
         self.db = db
         self.every_s = every_s
+        self.once_wait_s = once_wait_s
         self.failures = 0
-        self._since: float | None = None  # monotonic s of the first failure in a row
+        self._since: float | None = None  # monotonic s the first failed try in a row began
         self._last_line: float | None = None
 
-    def failed(self, exc: sqlite3.Error | StoreLocked, path: str | None) -> None:
-        """One image not recorded: `exc` is SQLite's busy or locked error, `path` the file
-        that stays in --watch; None: the daemon could not open the database to start."""
+    def failed(self, exc: sqlite3.Error | StoreLocked, path: str | None, began: float) -> None:
+        """One try that found the database locked: `exc` is SQLite's busy or locked error,
+        `path` the file that stays in --watch (None: the database could not be opened to
+        start), `began` the try's monotonic start (its wait for the lock counts)."""
         now = time.monotonic()
         if self._since is None:
-            self._since = now
+            self._since = began
         self.failures += 1
         if self._last_line is not None and now - self._last_line < self.every_s:
             return
         self._last_line = now
-        waits = (
-            "the daemon waits for it to start" if path is None
-            else f"{path} stays in --watch and is taken again once it lets go"
-        )  # fmt: skip
+        if self.once_wait_s is not None:
+            waits = (
+                f"this --once run waits for it up to --drain-timeout {self.once_wait_s:g}s, "
+                "then leaves every image in --watch for the next run"
+            )
+        elif path is None:
+            waits = "the daemon waits for it to start"
+        else:
+            waits = f"{path} stays in --watch and is taken again once it lets go"
         log.warning(
             f"--db {self.db} is held locked by another program "
             f"({exc.cause if isinstance(exc, StoreLocked) else exc}); {waits} (nothing is "

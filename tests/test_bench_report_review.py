@@ -4,6 +4,7 @@ machine and load, noisy streams, the time with the network transfer, and rates l
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def test_a_perfect_gate_cannot_keep_more_than_the_monolithic_map(tiny_dataset):
 def test_the_report_says_what_it_measured_on(oracle_run):
     report, text, _ = oracle_run
     assert report["machine"]["cpu_model"] and report["settings"]["threads"] == 2
+    assert report["machine"]["cpu_count"] == len(os.sched_getaffinity(0))  # (not the host's)
     assert report["settings"]["image_sizes"] == ["320×256"]
     load = report["load_1min"]
     assert load["start"] is not None and load["end"] is not None

@@ -56,16 +56,22 @@ def _examples(epilog: str) -> list[str]:
     return lines
 
 
-def _words(command: str) -> list[str]:
-    """A shell command line's words up to its first redirection or pipe (`> day.csv`)."""
-    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+def _commands(line: str) -> list[list[str]]:
+    """The `splitdet` commands of a shell line, as words: split at `&&`, `;` and `|`, each cut
+    at its first redirection (`> day.csv`)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
-    words = []
-    for word in lexer:
-        if word in {">", ">>", "<", "|", "||", "&&", ";", "&"}:
-            break
-        words.append(word)
-    return words
+    commands, words, cut = [], [], False
+    for word in [*lexer, ";"]:
+        if word in {"&&", "||", ";", "|", "&"}:
+            if words and words[0] == "splitdet":
+                commands.append(words)
+            words, cut = [], False
+        elif word in {">", ">>", "<"}:
+            cut = True
+        elif not cut:
+            words.append(word)
+    return commands
 
 
 def test_every_example_in_every_help_parses():
@@ -79,11 +85,15 @@ def test_every_example_in_every_help_parses():
         examples = _examples(sub.epilog or "")
         assert examples, f"`{path} --help` shows no example"
         for example in examples:
-            if "..." in example or "<(" in example:  # (a placeholder, a shell substitution)
-                continue
-            try:
-                parser.parse_args(_words(example)[1:])
-            except SystemExit:
-                raise AssertionError(f"`{path} --help` example does not parse: {example}") from None
-            checked += 1
+            for words in _commands(example):
+                if "..." in words or "<(" in " ".join(words):  # (a placeholder, a substitution)
+                    continue
+                try:
+                    parser.parse_args(words[1:])
+                except SystemExit:
+                    shown = " ".join(words)
+                    raise AssertionError(
+                        f"`{path} --help` example does not parse: {shown}"
+                    ) from None
+                checked += 1
     assert checked >= 30

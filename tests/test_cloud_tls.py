@@ -206,8 +206,11 @@ def test_several_addresses_over_tls_need_the_name_every_certificate_holds(mtls_s
     server, _ = mtls_server
     cert, key = pki["client"]
     replicas = f"127.0.0.1:{server.port},127.0.0.2:{server.port}"  # (the second one is dead)
-    with pytest.raises(ValueError, match="need --server-name NAME"):
-        ClientConfig(replicas, root_certs=pki["ca"], client_cert=cert, client_key=key)
+    for empty in (None, ""):  # ("" sets no name: gRPC checks the list again)
+        with pytest.raises(ValueError, match="need --server-name NAME"):
+            ClientConfig(
+                replicas, root_certs=pki["ca"], client_cert=cert, client_key=key, server_name=empty
+            )
     ClientConfig(replicas)  # (plaintext has no name to check)
     with _trusted_client(server, pki, addresses=replicas, server_name="localhost") as client:
         assert client.health() == "SERVING"
