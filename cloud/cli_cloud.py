@@ -54,6 +54,10 @@ example:
   splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464 \\
       --tls-cert server.pem --tls-key server.key --client-ca edge-ca.pem --token-file token.txt
 
+Health (grpc.health.v1): "" and splitdet.v1.Detection for the server, and each served export's
+fingerprint (64 hex digits) for that export, SERVING while it is served and unknown once a reload
+drops it (e.g. grpc_health_probe -service FINGERPRINT, after a SIGHUP).
+
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING (health Watch streams hear it and are ended),
 new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0;
 a second SIGTERM/SIGINT ends the grace at once. Calls cut by its end are logged (WARNING

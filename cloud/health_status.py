@@ -94,6 +94,15 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
             for watcher in self._watchers.get(service, ()):
                 self._sends.put((watcher, status))
 
+    def clear(self, service: str) -> None:
+        """Forget `service` (Check: NOT_FOUND again); its watchers hear SERVICE_UNKNOWN.
+        Ignored once `enter_graceful_shutdown` has run."""
+        with self._lock:
+            if self._shutting_down or self._status.pop(service, None) is None:
+                return
+            for watcher in self._watchers.get(service, ()):
+                self._sends.put((watcher, Response.SERVICE_UNKNOWN))
+
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING for good; every Watch stream hears it (or SERVICE_UNKNOWN
         for a name never set), then ends with OK, so that no probe holds the server's stop

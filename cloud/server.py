@@ -520,7 +520,7 @@ class CloudServer:
                 raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, *self.core.fingerprints):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on port %d (%s, %d torch threads, max %d concurrent, "
@@ -591,7 +591,10 @@ class CloudServer:
             extra={"fields": {"event": "reloaded", **change,
                               "dirs": {fp: str(d) for d, fp in held.items()}}},
         )  # fmt: skip
+        for fingerprint in change["added"]:  # each export's health name: its fingerprint
+            self.health.set(fingerprint, health_pb2.HealthCheckResponse.SERVING)
         for fingerprint in change["dropped"]:
+            self.health.clear(fingerprint)
             self._warn_of_edges_using(fingerprint, dirs_before)
         self.metrics.forget(change["dropped"])
         self.metrics.reloads.labels("problems" if problems else "ok").inc()

@@ -21,6 +21,7 @@ from cloud_fixtures import (
     start_cloud_process,
     write_model_dir,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
@@ -53,6 +54,17 @@ def _two_exports(tmp_path, first_dir, second_dir, names: tuple[str, str]):
     _copy(first_dir, folder / names[0], exported_at=1e9)
     _copy(second_dir, folder / names[1], exported_at=2e9)
     return folder
+
+
+def _serving_two(second, tmp_path):
+    """A started server of `--models-dir` holding shared_model_dir(0)'s export as "a" and
+    `second`'s as "b": (server, the folder, the first manifest, the second manifest)."""
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    folder = _two_exports(tmp_path, first_dir, second_dir, ("a", "b"))
+    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2,
+                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    return CloudServer(config).start(), folder, first, second_manifest
 
 
 def _served(client: CloudClient, fingerprint: str) -> bool:
@@ -422,12 +434,7 @@ def test_a_served_export_whose_files_were_damaged_is_reported_at_reload(second, 
     """An export kept as loaded at a SIGHUP was not looked at: its cloud_heads.pt truncated on
     disk, the reload said all was well, and only the next restart refused the folder. Now the
     reload reports it, and the server keeps serving the copy it loaded."""
-    _, first_dir, first = shared_model_dir(0)
-    _, second_dir, second_manifest = second
-    folder = _two_exports(tmp_path, first_dir, second_dir, ("a", "b"))
-    config = ServerConfig(models_dir=folder, listen="127.0.0.1:0", threads=2,
-                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
-    server = CloudServer(config).start()
+    server, folder, first, second_manifest = _serving_two(second, tmp_path)
     client = CloudClient(ClientConfig(f"127.0.0.1:{server.port}"))
     try:
         assert server.reload()["problems"] == []  # (unchanged files: nothing to say)
@@ -444,4 +451,39 @@ def test_a_served_export_whose_files_were_damaged_is_reported_at_reload(second, 
         assert _served(client, second_manifest.fingerprint) and _served(client, first.fingerprint)
     finally:
         client.close()
+        server.stop(0)
+
+
+def test_each_served_export_has_a_health_name_that_follows_reloads(second, tmp_path):
+    """A probe could not tell which exports a server serves: health had only "" and the
+    service's name. Each export's fingerprint is now a health name, SERVING while served,
+    unknown once a reload drops it (its watchers hear SERVICE_UNKNOWN)."""
+    server, folder, first, second_manifest = _serving_two(second, tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health_pb2.HealthCheckResponse
+
+    def check(name: str) -> int | grpc.StatusCode:
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    try:
+        dropped = second_manifest.fingerprint
+        assert check(first.fingerprint) == check(dropped) == status.SERVING
+        assert check("0" * 64) is grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=dropped), timeout=60)
+        assert next(watch).status == status.SERVING
+        (folder / "b").rename(folder / ".b")
+        assert server.reload()["dropped"] == [dropped]
+        assert next(watch).status == status.SERVICE_UNKNOWN
+        assert check(dropped) is grpc.StatusCode.NOT_FOUND
+        assert check(first.fingerprint) == check("") == status.SERVING
+        (folder / ".b").rename(folder / "b")
+        assert server.reload()["added"] == [dropped]
+        assert next(watch).status == status.SERVING and check(dropped) == status.SERVING
+        watch.cancel()
+    finally:
+        channel.close()
         server.stop(0)
