@@ -104,10 +104,11 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
                 self._sends.put((watcher, Response.SERVICE_UNKNOWN))
 
     def enter_graceful_shutdown(self) -> None:
-        """Every service NOT_SERVING for good; every Watch stream hears it (or SERVICE_UNKNOWN
-        for a name never set), then ends with OK, so that no probe holds the server's stop
-        for its whole grace; later `set` calls ignored, a Watch opened later ended at once.
-        Returns without waiting for any send."""
+        """Every service NOT_SERVING for good; every Watch stream hears it (one on a name
+        never set hears nothing more), then ends with OK, so that no probe that reads holds
+        the server's stop for its whole grace (one that lets nothing through holds the sender
+        thread, and the stop waits out its grace, as before); later `set` calls ignored, a
+        Watch opened later ended at once. Returns without waiting for any send."""
         with self._lock:
             if self._shutting_down:
                 return

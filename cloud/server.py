@@ -325,6 +325,7 @@ def gather_models(
     loaded: dict[str, ServedModel] | None = None,
     strict: bool = True,
     held: dict[Path, str] | None = None,
+    checked: dict[Path, tuple] | None = None,
 ) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
     """The models to serve from the directories, in order (the default first), one line per
     directory that could not be read, saying what became of it, and the fingerprint each
@@ -340,7 +341,9 @@ def gather_models(
     held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask
     of it. So does any directory holding a re-export killed while it replaced its files
     (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line says
-    so, as a restart would refuse that folder until it is exported again.
+    so, as a restart would refuse that folder until it is exported again. `checked` (updated
+    here) holds the file sizes and times of each directory whose files last matched their
+    manifest: a kept export whose files still show them is not hashed again.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -389,14 +392,32 @@ def gather_models(
                 continue
             problems.append(f"{problem}; still serving the export it held ({before[:16]})")
             model = loaded[before]
-        if kept and (damage := _damage(model_dir)) is not None:
-            problems.append(
-                f"{damage}; still serving the export loaded from it ({model.fingerprint[:16]}), "
-                "which a restart would not serve: export into it again, or restore its files"
-            )
+        signature = _file_signature(model_dir)
+        if kept and (checked or {}).get(model_dir) != signature:
+            damage = _damage(model_dir)
+            if damage is not None:
+                signature = None  # (checked again at the next reload)
+                problems.append(
+                    f"{damage}; still serving the export loaded from it "
+                    f"({model.fingerprint[:16]}), which a restart would not serve: export into "
+                    "it again, or restore its files"
+                )
+        if checked is not None and signature is not None:
+            checked[model_dir] = signature
         where[model.fingerprint] = model_dir
         models.append(model)
     return models, problems, {d: fp for fp, d in where.items()}
+
+
+def _file_signature(model_dir: Path) -> tuple | None:
+    """(name, size, mtime ns) of each file in `model_dir`, sorted; None if it cannot be read."""
+    try:
+        with os.scandir(model_dir) as entries:
+            return tuple(sorted(
+                (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()
+            ))  # fmt: skip
+    except OSError:
+        return None
 
 
 def _damage(model_dir: Path) -> str | None:
@@ -423,8 +444,11 @@ class CloudServer:
         torch.set_num_threads(config.threads)
         self._own_store = core is None
         self._held: dict[Path, str] = {}  # directory -> the fingerprint served from it
+        self._checked: dict[Path, tuple] = {}  # directory -> its files when last verified
         if core is None:
-            models, problems, self._held = gather_models(*export_dirs(config))
+            models, problems, self._held = gather_models(
+                *export_dirs(config), checked=self._checked
+            )
             for problem in problems:  # a found export: the others are served
                 log.error("%s", problem, extra={"fields": {"event": "export_problem",
                                                            "problem": problem}})  # fmt: skip
@@ -494,6 +518,9 @@ class CloudServer:
         self.metrics_port: int | None = None
         self._metrics_httpd = None
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._hurry = threading.Event()  # a later stop(0) while the first waits out its grace
+        self._stop_done = threading.Event()
 
     def start(self) -> CloudServer:
         """Bind, start serving and report SERVING; returns self."""
@@ -555,7 +582,9 @@ class CloudServer:
         unlisted = False
         try:
             named, found = export_dirs(self.config)
-            models, problems, held = gather_models(named, found, current, False, self._held)
+            models, problems, held = gather_models(
+                named, found, current, False, self._held, self._checked
+            )
         except ManifestError as exc:  # the folder cannot be listed
             models, problems, held, unlisted = [], [str(exc)], self._held, True
         if not models and not problems:
@@ -631,10 +660,22 @@ class CloudServer:
     def stop(self, grace: float | None = None, hurry: threading.Event | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`
         seconds (default config.grace_s), then release everything. `hurry`, once set (a
-        second SIGTERM), ends the grace at once. Idempotent."""
-        if self._stopped.is_set():
+        second SIGTERM), ends the grace at once. Idempotent: a later call waits for the first
+        to end, and one with a grace of 0 ends that one's grace at once."""
+        with self._stop_lock:
+            first = not self._stopped.is_set()
+            self._stopped.set()
+        if not first:
+            if grace is not None and grace <= 0:
+                self._hurry.set()
+            self._stop_done.wait()
             return
-        self._stopped.set()
+        try:
+            self._stop(grace, hurry)
+        finally:
+            self._stop_done.set()
+
+    def _stop(self, grace: float | None, hurry: threading.Event | None) -> None:
         if self.tokens is not None:
             self.tokens.close()
         grace = self.config.grace_s if grace is None else grace
@@ -657,7 +698,7 @@ class CloudServer:
         done = self._server.stop(grace + _CUT_WAIT_S)  # (gRPC's own cut, never first)
         deadline = time.monotonic() + grace
         while not done.wait(0.05):
-            hurried = hurry is not None and hurry.is_set()
+            hurried = self._hurry.is_set() or (hurry is not None and hurry.is_set())
             if hurried or time.monotonic() >= deadline:
                 cut = self.servicer.running()
                 self._server.stop(0)  # (a shorter grace overrides the one running)
@@ -681,6 +722,8 @@ class CloudServer:
 
 #: Seconds a stop waits for gRPC to end the calls it cancelled at the end of the grace.
 _CUT_WAIT_S = 5.0
+#: A SIGTERM or SIGINT at least this many seconds into a drain ends its grace (`serve`).
+HURRY_AFTER_S = 1.0
 
 
 def check_listen_address(listen: str) -> None:
@@ -741,10 +784,13 @@ def serve(
     received: list[int] = []
 
     hurry = threading.Event()
+    draining_since: list[float] = []  # monotonic s the drain began
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
-        if stop.is_set():  # a second SIGTERM or SIGINT: no more grace
+        # another SIGTERM or SIGINT once draining: no more grace (not one sent with the first,
+        # as a terminal's and a wrapper's SIGINT often are)
+        if draining_since and time.monotonic() - draining_since[0] >= HURRY_AFTER_S:
             hurry.set()
         stop.set()
 
@@ -777,6 +823,7 @@ def serve(
                     if not reloaded:  # (counted by the reload itself otherwise)
                         server.metrics.reloads.labels("refused").inc()
         name = signal.Signals(received[0]).name if received else "stop"
+        draining_since.append(time.monotonic())
         log.info("%s: draining for up to %.1f s", name, config.grace_s,
                  extra={"fields": {"event": "draining", "signal": name,
                                    "grace_s": config.grace_s}})  # fmt: skip

@@ -741,6 +741,7 @@ class DetectionServicer:
         self._inflight = InFlight()  # identical calls answered once
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
+        self._active, self._active_lock = 0, threading.Lock()  # Detect calls being handled
         self._manifests: dict[str, bytes] = {}
         #: which refused calls are logged (at most one line per event, edge label and code
         #: per minute; the counters count each)
@@ -764,8 +765,10 @@ class DetectionServicer:
         self._draining.set()
 
     def running(self) -> int:
-        """Detect calls holding a slot now (running the heads, or about to)."""
-        return self._slots.held
+        """Detect calls being handled now: running the heads, waiting for an identical call's
+        answer or for a slot, or reading a stored answer."""
+        with self._active_lock:
+            return self._active
 
     def caller_scope(self, context: grpc.ServicerContext) -> str:
         """The answers scope of a call (idempotency.answers_scope): with tokens required, a
@@ -785,8 +788,14 @@ class DetectionServicer:
         """A serialized DetectRequest from `edge` in, its serialized DetectResponse out; request
         ids (stored answers, identical calls joined) are the caller's own (`caller_scope`)."""
         scope = self.caller_scope(context)
-        with answers_scope(scope):
-            return self._detect(raw, context, edge, scope)
+        with self._active_lock:
+            self._active += 1
+        try:
+            with answers_scope(scope):
+                return self._detect(raw, context, edge, scope)
+        finally:
+            with self._active_lock:
+                self._active -= 1
 
     def _detect(
         self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge, scope: str
@@ -885,8 +894,8 @@ class DetectionServicer:
         remaining = context.time_remaining()
         if self._draining.is_set() and (remaining is None or remaining > 0):
             raise ShuttingDown(
-                "server shut down before the answer was ready (--grace ended); send to another "
-                "replica or retry later"
+                "server stopped before the answer was ready (its --grace ended, or it was asked "
+                "again to stop); send to another replica or retry later"
             )
 
     def _take_slot(self, context: grpc.ServicerContext) -> None:

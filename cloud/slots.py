@@ -46,12 +46,6 @@ class FairSlots:
         self._cond = threading.Condition()
 
     @property
-    def held(self) -> int:
-        """Slots held now (calls running)."""
-        with self._cond:
-            return self.slots - self._free
-
-    @property
     def waiting(self) -> int:
         """Calls waiting for a slot now."""
         with self._cond:

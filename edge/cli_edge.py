@@ -118,7 +118,8 @@ stderr (--log-format text: one line each, the message, then its event and fields
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full, or the --db stayed
 locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
-a daemon without --once waits for such a lock to start); 2 usage or model errors.
+a daemon without --once waits for such a lock to start), or it was stopped before it started;
+2 usage or model errors.
 """
 
 RESULTS_EPILOG = """\
@@ -1023,7 +1024,7 @@ def run(args: argparse.Namespace) -> int:
         daemon = EdgeDaemon(config)
     except StoppedBeforeStart as exc:  # SIGTERM while it waited for a locked --db
         log_event(logging.INFO, "stopped", processed=0, note=str(exc))
-        return 0
+        return 1 if args.once else 0  # (a batch whose images are all still there)
     except StoreLocked:  # --once, the --db locked past --drain-timeout: logged, images left
         return 1
     except StoreError as exc:  # its message starts with the database's path

@@ -95,7 +95,8 @@ _SWEEP_MARGIN_S = 1.0
 
 
 class StoppedBeforeStart(Exception):
-    """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0."""
+    """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0, or 1
+    with --once (its images are all left)."""
 
 
 class EdgeDaemon:

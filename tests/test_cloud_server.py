@@ -553,7 +553,7 @@ def test_a_call_cut_by_shutdown_is_not_charged_to_the_edge(served, tmp_path, sam
             time.sleep(0.05)
         assert refusals() == {"UNAVAILABLE": 1}  # (was CANCELLED or DEADLINE_EXCEEDED)
     (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("code")]
-    assert "shut down" in record.fields["message"] and record.fields["peer"]
+    assert "server stopped before" in record.fields["message"] and record.fields["peer"]
 
 
 def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):

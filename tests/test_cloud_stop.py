@@ -5,6 +5,7 @@ second signal changed nothing). Real servers on loopback, and one real process."
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
@@ -12,12 +13,12 @@ import grpc
 import pytest
 from cloud_fixtures import (
     make_sample,
-    scrape_metrics,
     shared_model_dir,
     start_cloud_process,
     start_loopback_server,
 )
 
+from splitdet.cloud.server import HURRY_AFTER_S
 from splitdet.edge.client import ClientConfig, CloudClient, RetryLater
 
 from support import wait_for
@@ -60,7 +61,7 @@ def test_calls_cut_by_the_end_of_the_grace_or_a_second_signal_are_logged(tmp_pat
     server = start_loopback_server(tmp_path, threads=2, debug_delay_s=120.0)
     caplog.set_level(logging.INFO, logger="splitdet.cloud")
     thread, outcome = _send_in_background(f"127.0.0.1:{server.port}", "long")
-    wait_for(lambda: scrape_metrics(server.metrics_port).get(IN_FLIGHT) == 1, 30, "the call")
+    wait_for(lambda: server.servicer.running() == 1, 30, "the call running")
     hurry = threading.Event()
     grace = 60.0 if hurried else 1.0
     stopper = threading.Thread(target=server.stop, args=(grace, hurry), daemon=True)
@@ -97,6 +98,7 @@ def test_a_second_sigterm_ends_the_grace_of_a_cloud_process(tmp_path):
         wait_for(lambda: server.metrics().get(IN_FLIGHT, 0) >= 1, 60, "a call")
         server.process.terminate()
         wait_for(lambda: "draining for up to 120.0 s" in server.log(), 30, "the drain")
+        time.sleep(HURRY_AFTER_S + 0.2)  # (one sent with the first would not count)
         assert server.process.poll() is None  # (waiting for the call within its grace)
         server.process.terminate()
         code = server.process.wait(timeout=60)
@@ -106,3 +108,58 @@ def test_a_second_sigterm_ends_the_grace_of_a_cloud_process(tmp_path):
     assert code == 0, server.log()
     assert "asked again to stop: 1 Detect call(s) still running were cancelled" in server.log()
     assert len(outcome) == 1 and isinstance(outcome[0], RetryLater), outcome
+
+
+def test_signals_sent_together_keep_the_grace_and_late_ones_do_not_kill(tmp_path):
+    """A terminal's SIGINT and a wrapper's SIGTERM come together: the second cut every call
+    at once. And one more after the stop, while the process exits, killed it (exit 143)."""
+    _, model_dir, _ = shared_model_dir(0)
+    server = start_cloud_process(model_dir, tmp_path, "pair", "--grace", "60", "--debug-delay", "3")
+    try:
+        thread, outcome = _send_in_background(server.address, "short")
+        wait_for(lambda: server.metrics().get(IN_FLIGHT, 0) >= 1, 60, "a call")
+        server.process.send_signal(signal.SIGINT)
+        server.process.terminate()
+        wait_for(lambda: "INFO splitdet.cloud.server: stopped" in server.log(), 60, "the stop")
+        while server.process.poll() is None:  # (until it has exited)
+            server.process.terminate()
+            time.sleep(0.02)
+        thread.join(30)
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log()
+    assert "calls_cut" not in server.log()
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+
+
+def test_identical_calls_waiting_on_one_computation_are_counted_when_cut(tmp_path, caplog):
+    """Calls joined to an identical one running (an edge re-sending) hold no slot: a stop
+    that cut three calls said it cut one."""
+    server = start_loopback_server(tmp_path, threads=4, debug_delay_s=120.0)
+    caplog.set_level(logging.INFO, logger="splitdet.cloud")
+    calls = [_send_in_background(f"127.0.0.1:{server.port}", "same") for _ in range(3)]
+    wait_for(lambda: server.servicer.running() == 3, 30, "three calls in")
+    server.stop(1.0)
+    for thread, _ in calls:
+        thread.join(30)
+    assert all(isinstance(outcome[0], RetryLater) for _, outcome in calls)
+    cut = _cut_lines(caplog)
+    assert len(cut) == 1 and cut[0]["calls"] == 3
+
+
+def test_a_stop_with_no_grace_ends_the_grace_of_a_stop_running(tmp_path):
+    """`stop(0)` (a `with` block's end) while a stop waits out its grace returned at once and
+    shortened nothing; it now ends that grace and returns once the server has stopped."""
+    server = start_loopback_server(tmp_path, threads=2, debug_delay_s=120.0)
+    thread, outcome = _send_in_background(f"127.0.0.1:{server.port}", "long")
+    wait_for(lambda: server.servicer.running() == 1, 30, "the call running")
+    first = threading.Thread(target=server.stop, args=(120,), daemon=True)
+    first.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    server.stop(0)
+    assert time.monotonic() - started < 60
+    first.join(30)
+    thread.join(30)
+    assert not first.is_alive()
+    assert isinstance(outcome[0], RetryLater)

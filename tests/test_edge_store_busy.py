@@ -166,12 +166,14 @@ def _json_events(tmp_path) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+@pytest.mark.parametrize("once", [False, True])
 def test_sigterm_while_a_daemon_waits_for_a_locked_database_stops_it_cleanly(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, once
 ):
     """The wait came before the daemon's signal handlers: SIGTERM killed it (exit 143, no
     `stopped` line) and SIGINT was seen only after SQLite's 10 s wait. Now both stop the
-    wait within about a second: exit 0, `stopped`, its locks let go."""
+    wait within about a second: exit 0 (1 for a batch run: its images are left), `stopped`,
+    its locks let go."""
     config = daemon_config(tiny_model_dir, tmp_path)
     EdgeDaemon(config)._shutdown()  # the database made, then let go
 
@@ -180,8 +182,9 @@ def test_sigterm_while_a_daemon_waits_for_a_locked_database_stops_it_cleanly(
                  60, "a store_busy line")  # fmt: skip
         process.terminate()
 
-    code = _run_on_locked(config.db, tiny_model_dir, tmp_path, [], stop_once_waiting)
-    assert code == 0, (tmp_path / "log").read_text()
+    extra = ["--once", "--drain-timeout", "120"] if once else []
+    code = _run_on_locked(config.db, tiny_model_dir, tmp_path, extra, stop_once_waiting)
+    assert code == (1 if once else 0), (tmp_path / "log").read_text()
     stopped = [e for e in _json_events(tmp_path) if e.get("event") == "stopped"]
     assert len(stopped) == 1 and "before the daemon started" in stopped[0]["note"]
     assert EdgeDaemon(config).run() == 0  # its locks were let go: another run starts
