@@ -112,6 +112,7 @@ class EdgeDaemon:
         check_paths(config)
         self.config = config
         self._stop = threading.Event()  # (set by SIGTERM/SIGINT from the start-up wait on)
+        self.signalled = False  # a SIGTERM or SIGINT asked it to stop
         refuse_foreign_file(config.db)  # another program's file: refused before its lock file
         # before anything touches the database: a second daemon on it would record the same
         # files again (UNIQUE file_key) and race the first for every move
@@ -229,6 +230,8 @@ class EdgeDaemon:
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         """Finish the current image, then leave the loop (signal-handler safe)."""
+        if signum is not None:
+            self.signalled = True
         self._stop.set()
 
     def run(self) -> int:
@@ -257,9 +260,11 @@ class EdgeDaemon:
             elif config.once:
                 self._drain(config.drain_timeout_s)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            pending = self._shutdown()
+            try:  # (another signal meanwhile only sets _stop again: not the default action)
+                pending = self._shutdown()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
         gave_up = self._outbox_gave_up is not None or self._store_gave_up is not None
         return 1 if config.once and (pending or gave_up) else 0

@@ -996,3 +996,22 @@ def test_send_resumed_closes_an_outage_also_when_its_first_answer_is_a_refusal(
     finally:
         sender._drop_client()
         store.close()
+
+
+def test_signals_repeated_while_the_daemon_stops_do_not_kill_it(
+    tiny_model_dir, tmp_path, processes
+):
+    """The daemon put the default SIGTERM back before its shutdown (the sender's join, the
+    store's close), and again before the process ended: a second SIGTERM there, as a
+    supervisor repeating its signal sends, ended it with 143 instead of its own 0."""
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    edge = EdgeProcess(tmp_path, watch, "127.0.0.1:9", tmp_path / "edge.sqlite")
+    processes.append(edge.start(tiny_model_dir))
+    edge.wait_ready()
+    deadline = time.monotonic() + 60
+    while edge.process.poll() is None and time.monotonic() < deadline:
+        edge.process.send_signal(signal.SIGTERM)  # (until it has exited)
+        time.sleep(0.01)
+    assert edge.process.wait(timeout=30) == 0, edge.log()[-3000:]
+    assert '"event": "stopped"' in edge.log()
