@@ -895,6 +895,12 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     )
     waits = outbox.get("sender_waits_s")
     next_try = outbox["next_try_in_s"] if waits is None else max(waits, outbox["next_try_in_s"])
+    if (summary.get("daemon") or {}).get("state") == "none":  # no sender: nothing is tried
+        when_next = "next try once `splitdet edge run` runs on it"
+    else:
+        when_next = f"next try in {_span(next_try)}" + (
+            "" if waits is None else " (the sender pauses after a failed send)"
+        )
     lines = [
         f"{path} (schema {summary['schema_version']})",
         *_daemon_lines(summary.get("daemon"), summary["last_arrival"]),
@@ -905,8 +911,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
         f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
-        f"{_span(outbox['oldest_age_s'])} old, next try in {_span(next_try)}"
-        + ("" if waits is None else " (the sender pauses after a failed send)"),
+        f"{_span(outbox['oldest_age_s'])} old, {when_next}",
     ]
     for fingerprint, n in outbox["by_model"].items():
         lines.append(f"              {n} made by model {fingerprint[:12]}")

@@ -27,7 +27,7 @@ import numpy as np
 from splitdet.edge.client import CloudDetections, NeverRetry, RetryLater
 from splitdet.edge.sender import Backoff, Sender
 from splitdet.edge.store import Arrival, ResultStore
-from splitdet.edge.store_file import open_readonly
+from splitdet.edge.store_file import WriterLock, open_readonly
 from splitdet.edge.store_reads import store_status
 from splitdet.shared.cli import main
 from splitdet.shared.wire import detection_pb2 as pb
@@ -228,6 +228,7 @@ def test_next_try_counts_the_senders_pause_after_a_failed_send(tmp_path, capsys)
     _store_with_images(db, n_ok=0, n_pending=3)
     cloud = _Cloud()
     cloud.refusal = RetryLater(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    lock = WriterLock(db)  # (as a daemon holds it: its sender is the one that pauses)
     with contextlib.closing(ResultStore(db)) as store:
         sender = Sender(store, cloud, Backoff(20.0, 20.0))
         pause = sender.send(store.next_due())
@@ -246,6 +247,13 @@ def test_next_try_counts_the_senders_pause_after_a_failed_send(tmp_path, capsys)
     assert "next try in 0 s\n" in text, text  # the third request is due, nothing waits
     assert "last error: none since requests of its export were delivered again" in text, text
     assert _status_json(db, capsys)["outbox"]["sender_waits_s"] is None
+    lock.release()  # no daemon: no sender to try, and none pausing (it showed one)
+    cloud.refusal = RetryLater(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    with contextlib.closing(ResultStore(db)) as store:
+        Sender(store, cloud, Backoff(20.0, 20.0)).send(store.next_due())
+    text = _status(db, capsys)
+    assert "next try once `splitdet edge run` runs on it\n" in text, text
+    assert "pauses" not in text and "next try in" not in text, text
 
 
 def test_a_requeued_request_does_not_hide_the_last_send_error(tmp_path, capsys):
