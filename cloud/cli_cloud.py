@@ -60,9 +60,9 @@ drops it (e.g. grpc_health_probe -service FINGERPRINT, after a SIGHUP).
 
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING (health Watch streams hear it and are ended),
 new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0;
-another SIGTERM/SIGINT a second or more into the drain ends the grace at once. Calls cut by its
-end are logged (WARNING calls_cut) and sent again by their edges. SIGUSR1 logs every thread's
-stack (what a server that seems stuck waits on) and the server goes on.
+another SIGTERM/SIGINT a quarter of a second or more into the drain ends the grace at once.
+Calls cut by its end are logged (WARNING calls_cut) and sent again by their edges. SIGUSR1 logs
+every thread's stack (what a server that seems stuck waits on) and the server goes on.
 
 Bounds on calls: each kind has its threads (Detect: --max-concurrent + --max-queued + 8;
 GetManifest: 8; health checks and token refusals: 32); a call holds one from its headers on,
@@ -400,11 +400,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, stop, reload)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if stop.is_set():  # stopped by a signal, the process ends: another must not end it
-            for sig in (signal.SIGTERM, signal.SIGINT):  # by the default action (exit 143)
-                signal.signal(sig, signal.SIG_IGN)
+        for sig, handler in previous.items():  # stopped by a signal, the process ends: another
+            stopping = stop.is_set() and sig != signal.SIGHUP  # must not end it (exit 143)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
 
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:

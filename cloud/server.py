@@ -355,6 +355,7 @@ def gather_models(
     for index, model_dir in enumerate([*named, *found]):
         is_named = index < len(named)
         kept = False  # an export served from this directory before, its model kept as loaded
+        signature = _file_signature(model_dir)  # (before loading: a change meanwhile shows)
         try:
             fingerprint = read_manifest(model_dir, verify=False).fingerprint
             if fingerprint in where:
@@ -392,7 +393,6 @@ def gather_models(
                 continue
             problems.append(f"{problem}; still serving the export it held ({before[:16]})")
             model = loaded[before]
-        signature = _file_signature(model_dir)
         if kept and (checked or {}).get(model_dir) != signature:
             damage = _damage(model_dir)
             if damage is not None:
@@ -410,14 +410,17 @@ def gather_models(
 
 
 def _file_signature(model_dir: Path) -> tuple | None:
-    """(name, size, mtime ns) of each file in `model_dir`, sorted; None if it cannot be read."""
+    """(name, inode, size, mtime ns, ctime ns) of each file in `model_dir`, sorted; None if it
+    cannot be read. Any write or replacement changes the ctime, which no tool can set back
+    (`touch -r`, `cp -p` and restores keep the mtime only)."""
     try:
         with os.scandir(model_dir) as entries:
-            return tuple(sorted(
-                (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()
-            ))  # fmt: skip
+            stats = [(e.name, e.stat()) for e in entries if e.is_file()]
     except OSError:
         return None
+    return tuple(sorted(
+        (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats
+    ))  # fmt: skip
 
 
 def _damage(model_dir: Path) -> str | None:
@@ -722,8 +725,9 @@ class CloudServer:
 
 #: Seconds a stop waits for gRPC to end the calls it cancelled at the end of the grace.
 _CUT_WAIT_S = 5.0
-#: A SIGTERM or SIGINT at least this many seconds into a drain ends its grace (`serve`).
-HURRY_AFTER_S = 1.0
+#: A SIGTERM or SIGINT at least this many seconds into a drain ends its grace (`serve`): not
+#: one sent with the first (a terminal's and a wrapper's come within milliseconds).
+HURRY_AFTER_S = 0.25
 
 
 def check_listen_address(listen: str) -> None:
@@ -829,7 +833,8 @@ def serve(
                                    "grace_s": config.grace_s}})  # fmt: skip
         server.stop(hurry=hurry)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # after a stop signal, the process ends: TERM
+            stopping = received and sig != signal.SIGHUP  # and INT ignored (not exit 143/130)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
         server.stop(0)
     return 0

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import shlex
-import signal
 import sqlite3
 import sys
 import time
@@ -119,8 +118,8 @@ stderr (--log-format text: one line each, the message, then its event and fields
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full, or the --db stayed
 locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
-a daemon without --once waits for such a lock to start), or it was stopped before it started;
-2 usage or model errors.
+a daemon without --once waits for such a lock to start), or a signal stopped it with images
+left; 2 usage or model errors.
 """
 
 RESULTS_EPILOG = """\
@@ -1030,7 +1029,6 @@ def run(args: argparse.Namespace) -> int:
         daemon = EdgeDaemon(config)
     except StoppedBeforeStart as exc:  # SIGTERM while it waited for a locked --db
         log_event(logging.INFO, "stopped", processed=0, note=str(exc))
-        ignore_stop_signals()
         return 1 if args.once else 0  # (a batch whose images are all still there)
     except StoreLocked:  # --once, the --db locked past --drain-timeout: logged, images left
         return 1
@@ -1039,10 +1037,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ManifestError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
     try:
-        code = daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
-        if daemon.signalled:
-            ignore_stop_signals()
-        return code
+        return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
         hint = ("; the image being handled stays in --watch: free space, or bound the database "
                 "(--keep-results, --outbox-max-mb)") if "full" in str(exc) else ""  # fmt: skip
@@ -1051,13 +1046,6 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--db {exc}") from None
     except OSError as exc:
         raise CommandError(str(exc)) from None
-
-
-def ignore_stop_signals() -> None:
-    """For a process ending after a SIGTERM or SIGINT: another one must not end it by the
-    default action (exit 143 instead of its own status)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def check_run_options(args: argparse.Namespace) -> None:

@@ -94,6 +94,14 @@ _SWEEP_MARGIN_S = 1.0
 # ---------------------------------------------------------------------------------- the daemon
 
 
+def restore_stop_signals(previous: dict, signalled: bool) -> None:
+    """Put the handlers of SIGTERM and SIGINT in `previous` back; after a stop signal, ignore
+    both instead: the process is ending, and another must not end it by the default action
+    (exit 143) or a KeyboardInterrupt (exit 130) before it has said how it ended."""
+    for sig, handler in previous.items():
+        signal.signal(sig, signal.SIG_IGN if signalled else handler)
+
+
 class StoppedBeforeStart(Exception):
     """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0, or 1
     with --once (its images are all left)."""
@@ -223,8 +231,7 @@ class EdgeDaemon:
         try:
             yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            restore_stop_signals(previous, self.signalled)
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -237,8 +244,9 @@ class EdgeDaemon:
     def run(self) -> int:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
         status: 0, or with `once` 1 when requests are still pending (sent on the next run) or
-        images were left in the folder because the outbox stayed full or the database stayed
-        locked by another program for drain_timeout_s (processed next run)."""
+        images were left in the folder because the outbox stayed full, the database stayed
+        locked by another program for drain_timeout_s, or a signal stopped it (processed next
+        run)."""
         config = self.config
         self._prepare_folders()
         previous = {}
@@ -263,10 +271,12 @@ class EdgeDaemon:
             try:  # (another signal meanwhile only sets _stop again: not the default action)
                 pending = self._shutdown()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                restore_stop_signals(previous, self.signalled)
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
         gave_up = self._outbox_gave_up is not None or self._store_gave_up is not None
+        if config.once and self.signalled and not gave_up:  # stopped with images left?
+            self.folder.scan()
+            gave_up = self.folder.pending() > 0
         return 1 if config.once and (pending or gave_up) else 0
 
     def _prepare_folders(self) -> None:

@@ -504,5 +504,13 @@ def test_a_reload_hashes_only_the_kept_exports_whose_files_changed(second, tmp_p
         os.utime(heads, ns=(heads.stat().st_atime_ns, heads.stat().st_mtime_ns + 10**9))
         assert server.reload()["problems"] == [] and hashed == [folder / "b"]
         assert server.reload()["problems"] == [] and hashed == [folder / "b"]  # (recorded)
+        # bytes changed in place, the times put back (`touch -r`, a restore): the ctime shows
+        before = heads.stat()
+        with open(heads, "r+b") as file:
+            file.seek(before.st_size // 2)
+            file.write(b"\0" * 64)
+        os.utime(heads, ns=(before.st_atime_ns, before.st_mtime_ns))
+        change = server.reload()
+        assert hashed == [folder / "b"] * 2 and len(change["problems"]) == 1, change
     finally:
         server.stop(0)
