@@ -566,14 +566,20 @@ class EdgeDaemon:
         stats = self.store.outbox_stats()
         if stats.depth == 0:  # (the last answer came in at the deadline)
             return
+        local = self.sender.local_error  # (the answers came, and could not be stored)
+        ask = (
+            f"The last failure was on this side, not the cloud's: {local}"
+            if local is not None
+            else "Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`"
+        )
         log.warning(
             f"--drain-timeout {timeout_s:g}s reached: {stats.depth} request(s) left in the "
             f"outbox{' (the call in flight was cancelled)' if cancelled else ''}; their results "
             f"stay pending in --db {self.config.db} and the next run delivers them (nothing is "
-            "lost). Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`",
+            f"lost). {ask}",
             extra={"fields": {"event": "drain_timeout", "outbox_depth": stats.depth,
                               "outbox_bytes": stats.bytes, "drain_timeout_s": timeout_s,
-                              "call_cancelled": cancelled}},
+                              "call_cancelled": cancelled, "local_error": local}},
         )  # fmt: skip
 
     # -------------------------------------------------------------------------- one file

@@ -170,6 +170,8 @@ class Sender(threading.Thread):
         self._wake = threading.Event()
         self._halt = threading.Event()
         self.failures = 0  # consecutive transient failures (and unexpected sender errors)
+        self.errors = 0  # consecutive unexpected sender errors (a call answered in between too)
+        self.local_error: str | None = None  # the last of them, while the row lasts
         self._failed_sends = 0  # calls of them that failed to reach the cloud or get an answer
         self._failing_since: float | None = None  # unix s of the first of those
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
@@ -217,14 +219,20 @@ class Sender(threading.Thread):
             while not self._halt.is_set():
                 try:
                     pause = self._pass()
-                except Exception:
-                    # e.g. a database locked past its timeout, a channel that cannot be built:
-                    # nothing was marked, so the item is tried again after the pause
+                    self.errors, self.local_error = 0, None
+                except Exception as exc:
+                    # e.g. a database locked past its timeout or full (the answer came, and
+                    # could not be stored), a channel that cannot be built: nothing was marked,
+                    # so the item is tried again after the pause, which grows with each error
+                    # in a row (a call answered meanwhile does not end the row)
+                    self.errors += 1
                     self.failures += 1
-                    pause = self.backoff.delay(self.failures, self._rng)
+                    self.local_error = f"{type(exc).__name__}: {exc}"
+                    pause = self.backoff.delay(self.errors, self._rng)
                     log.exception(
                         "the sender failed unexpectedly; retrying in %.1f s", pause,
-                        extra={"fields": {"event": "sender_error", "retry_in_s": round(pause, 3)}},
+                        extra={"fields": {"event": "sender_error", "retry_in_s": round(pause, 3),
+                                          "errors": self.errors}},
                     )  # fmt: skip
                     self._drop_client()
                 if pause > 0:

@@ -94,20 +94,22 @@ def disk_problem(path: Path | str, failed: str) -> StoreError | None:
     what to do, and that the database itself is probably fine and must not be deleted (it may
     hold results not yet delivered); None when the file system is neither."""
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
-    keep = (
-        "the database itself is probably fine: do not delete or replace it (it may hold "
+    keep = (  # (nothing to keep where no database is yet)
+        "; the database itself is probably fine: do not delete or replace it (it may hold "
         "results not yet delivered)"
+        if os.path.exists(path)
+        else ""
     )
     if _read_only(folder):
         return StoreError(
             f"{path}: {failed}: the file system holding it ({folder}) is mounted read-only; "
-            f"remount it read-write, or give a --db on a writable disk; {keep}"
+            f"remount it read-write, or give a --db on a writable disk{keep}"
         )
     free = free_bytes(folder)
     if free is not None and free < FULL_BELOW_BYTES:
         return StoreError(
             f"{path}: {failed}: the file system holding it is full ({_amount(free)} free in "
-            f"{folder}); free space there and start again; {keep}"
+            f"{folder}); free space there and start again{keep}"
         )
     return None
 

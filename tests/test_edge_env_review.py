@@ -136,6 +136,10 @@ def test_other_open_failures_name_the_disk_not_the_file(small_disk, tmp_path):
     message = str(caught.value)
     assert "not a usable" not in message and "cannot open it" in message
     assert "mounted read-only" in message and "do not delete or replace it" in message
+    with pytest.raises(StoreError) as caught:  # a new one: no database to keep there
+        ResultStore(small_disk / "new.sqlite")
+    message = str(caught.value)
+    assert "mounted read-only" in message and "do not delete" not in message, message
 
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a database, whatever its name says" * 100)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from splitdet.edge import store as store_module
 from splitdet.edge.client import CloudDetections, NeverRetry, RetryLater
 from splitdet.edge.sender import Backoff, Sender
 from splitdet.edge.store import Arrival, ResultStore
@@ -268,3 +271,31 @@ def test_a_requeued_request_does_not_hide_the_last_send_error(tmp_path, capsys):
         store.requeue_dead_letters()
     outbox = _status_json(db, capsys)["outbox"]
     assert outbox["requests"] == 2 and outbox["last_error"] == "UNAVAILABLE: cloud down"
+
+
+def test_answers_that_cannot_be_stored_back_off_and_are_named_as_local(
+    tmp_path, monkeypatch, caplog
+):
+    """The cloud answered and the answer could not be stored (a full disk, a database held
+    locked): each answered call reset the sender's failures, so it sent the request again
+    every 0.25-0.5 s with an ERROR line each time, and --once's drain_timeout then asked
+    whether the cloud was up. The row of errors now grows the pause, and is named as local."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 50)
+    db = tmp_path / "edge.sqlite"
+    _store_with_images(db, n_ok=0, n_pending=1)
+    with contextlib.closing(ResultStore(db)) as store:
+        holder = sqlite3.connect(db, isolation_level=None)
+        with contextlib.closing(holder), caplog.at_level(logging.ERROR, logger="splitdet"):
+            holder.execute("BEGIN IMMEDIATE")  # (the answer cannot be written)
+            sender = Sender(store, _Cloud(), Backoff(0.1, 30.0))
+            sender.start()
+            time.sleep(3.0)
+            errors, local = sender.errors, sender.local_error
+            holder.execute("ROLLBACK")
+            wait_for(lambda: store.outbox_stats().depth == 0, 30, "the answer stored")
+            sender.stop()
+            sender.join(10)
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "sender_error"]
+    assert 2 <= len(lines) <= 8, len(lines)  # (0.1, 0.2, 0.4, 0.8, 1.6 s at most: not 25)
+    assert errors == len(lines) and "database is locked" in local
+    assert sender.errors == 0 and sender.local_error is None  # (the row ended)
