@@ -393,16 +393,16 @@ def run(args: argparse.Namespace) -> int:
     stop, reload = threading.Event(), threading.Event()
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set()),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set()),
         signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set()),
     }
     where = [*map(str, args.model), *([f"{args.models_dir}/*"] if args.models_dir else [])]
     log.info("loading model%s %s", "s" * (len(where) > 1), ", ".join(where))
     try:
         return _run(args, stop, reload)
-    finally:
-        for sig, handler in previous.items():  # stopped by a signal, the process ends: another
-            stopping = stop.is_set() and sig != signal.SIGHUP  # must not end it (exit 143)
-            signal.signal(sig, signal.SIG_IGN if stopping else handler)
+    finally:  # stopped by a signal, the process ends: another (SIGHUP too) must not end it
+        for sig, handler in previous.items():  # by the default action (exit 143, 130, 129)
+            signal.signal(sig, signal.SIG_IGN if stop.is_set() else handler)
 
 
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:

@@ -833,8 +833,7 @@ def serve(
                                    "grace_s": config.grace_s}})  # fmt: skip
         server.stop(hurry=hurry)
     finally:
-        for sig, handler in previous.items():  # after a stop signal, the process ends: TERM
-            stopping = received and sig != signal.SIGHUP  # and INT ignored (not exit 143/130)
-            signal.signal(sig, signal.SIG_IGN if stopping else handler)
+        for sig, handler in previous.items():  # (the CLI's keep the ending process from a late
+            signal.signal(sig, handler)  # signal's default action: `cli_cloud.run`)
         server.stop(0)
     return 0

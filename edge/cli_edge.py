@@ -15,12 +15,15 @@ import json
 import logging
 import math
 import shlex
+import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 from splitdet.edge.cloud_args import (
@@ -118,8 +121,8 @@ stderr (--log-format text: one line each, the message, then its event and fields
 key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full, or the --db stayed
 locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
-a daemon without --once waits for such a lock to start), or a signal stopped it with images
-left; 2 usage or model errors.
+a daemon without --once waits for such a lock to start), or a signal stopped it before it
+started or with images left; 2 usage or model errors.
 """
 
 RESULTS_EPILOG = """\
@@ -972,7 +975,30 @@ def _error_lines(outbox: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The daemon; see RUN_EPILOG."""
+    """The daemon; see RUN_EPILOG. SIGTERM and SIGINT are this command's own from the start
+    (in the main thread): the daemon's handlers, while it waits or runs, put these back; after
+    a stop signal both are ignored, so that another one while the process ends (its
+    interpreter's finalisation included) does not turn its exit status into 143 or 130."""
+    asked: list[int] = []  # (a signal before the daemon's own handlers: it stops at once)
+    stopped = [False]  # set when a signal ended the run
+    if threading.current_thread() is not threading.main_thread():  # (tests; no signals there)
+        return _run_daemon(args, asked, stopped)
+
+    def ask(signum: int, _frame: FrameType | None) -> None:
+        asked.append(signum)
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_daemon(args, asked, stopped)
+    finally:
+        ending = bool(asked) or stopped[0]
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if ending else handler)
+
+
+def _run_daemon(args: argparse.Namespace, asked: list[int], stopped: list[bool]) -> int:
+    """`run` within its signal handlers (`asked`: the stop signals they caught; `stopped[0]`
+    set when the daemon's own caught one)."""
     from splitdet.shared.logs import use_json_logs
 
     if args.log_format == "json":
@@ -1028,14 +1054,17 @@ def run(args: argparse.Namespace) -> int:
         )
         daemon = EdgeDaemon(config)
     except StoppedBeforeStart as exc:  # SIGTERM while it waited for a locked --db
+        stopped[0] = True
         log_event(logging.INFO, "stopped", processed=0, note=str(exc))
-        return 1 if args.once else 0  # (a batch whose images are all still there)
+        return 1 if args.once else 0  # (a batch that took nothing)
     except StoreLocked:  # --once, the --db locked past --drain-timeout: logged, images left
         return 1
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
     except (ValueError, ManifestError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
+    if asked:  # (while the model loaded)
+        daemon.request_stop(asked[0])
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
@@ -1046,6 +1075,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--db {exc}") from None
     except OSError as exc:
         raise CommandError(str(exc)) from None
+    finally:
+        stopped[0] = daemon.signalled
 
 
 def check_run_options(args: argparse.Namespace) -> None:

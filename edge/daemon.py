@@ -94,14 +94,6 @@ _SWEEP_MARGIN_S = 1.0
 # ---------------------------------------------------------------------------------- the daemon
 
 
-def restore_stop_signals(previous: dict, signalled: bool) -> None:
-    """Put the handlers of SIGTERM and SIGINT in `previous` back; after a stop signal, ignore
-    both instead: the process is ending, and another must not end it by the default action
-    (exit 143) or a KeyboardInterrupt (exit 130) before it has said how it ended."""
-    for sig, handler in previous.items():
-        signal.signal(sig, signal.SIG_IGN if signalled else handler)
-
-
 class StoppedBeforeStart(Exception):
     """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0, or 1
     with --once (its images are all left)."""
@@ -231,7 +223,8 @@ class EdgeDaemon:
         try:
             yield
         finally:
-            restore_stop_signals(previous, self.signalled)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # -------------------------------------------------------------------------- lifecycle
 
@@ -270,8 +263,9 @@ class EdgeDaemon:
         finally:
             try:  # (another signal meanwhile only sets _stop again: not the default action)
                 pending = self._shutdown()
-            finally:
-                restore_stop_signals(previous, self.signalled)
+            finally:  # (the CLI's, put back: they keep the ending process from the default)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
         gave_up = self._outbox_gave_up is not None or self._store_gave_up is not None
         if config.once and self.signalled and not gave_up:  # stopped with images left?

@@ -219,7 +219,8 @@ class Sender(threading.Thread):
             while not self._halt.is_set():
                 try:
                     pause = self._pass()
-                    self.errors, self.local_error = 0, None
+                    if not self._cancelled.is_set():  # (a cancelled call says nothing of it)
+                        self.errors, self.local_error = 0, None
                 except Exception as exc:
                     # e.g. a database locked past its timeout or full (the answer came, and
                     # could not be stored), a channel that cannot be built: nothing was marked,

@@ -91,8 +91,8 @@ def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
 def disk_problem(path: Path | str, failed: str) -> StoreError | None:
     """The StoreError for a store (or its lock file) that `failed` ("cannot open it (...)")
     on a file system that is full (less than FULL_BELOW_BYTES free) or mounted read-only:
-    what to do, and that the database itself is probably fine and must not be deleted (it may
-    hold results not yet delivered); None when the file system is neither."""
+    what to do, and, when the database exists, that it is probably fine and must not be
+    deleted (it may hold results not yet delivered); None when the file system is neither."""
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
     keep = (  # (nothing to keep where no database is yet)
         "; the database itself is probably fine: do not delete or replace it (it may hold "

@@ -20,6 +20,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,13 +175,18 @@ def test_status_says_unknown_when_the_lock_table_cannot_be_read(tmp_path, capsys
 class _Cloud:
     """A CloudClient stand-in: raises `refusal` while set, else answers with one box."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.refusal: Exception | None = None
+        self.delay_s = delay_s  # (each call takes this long, unless the channel is closed)
+        self.closed = threading.Event()
 
-    def __call__(self) -> _Cloud:  # (Sender's make_client)
+    def __call__(self) -> _Cloud:  # (Sender's make_client: a new channel)
+        self.closed.clear()
         return self
 
     def send_request(self, request: pb.DetectRequest, timeout: float | None = None):
+        if self.closed.wait(self.delay_s):  # (as a real call on a channel closed meanwhile)
+            raise RetryLater(grpc.StatusCode.CANCELLED, "Channel closed!")
         if self.refusal is not None:
             raise self.refusal
         return CloudDetections(
@@ -189,7 +195,7 @@ class _Cloud:
         )  # fmt: skip
 
     def close(self) -> None:
-        pass
+        self.closed.set()
 
 
 def test_a_refused_export_served_again_shows_its_error_as_past(tmp_path, capsys):
@@ -299,3 +305,24 @@ def test_answers_that_cannot_be_stored_back_off_and_are_named_as_local(
     assert 2 <= len(lines) <= 8, len(lines)  # (0.1, 0.2, 0.4, 0.8, 1.6 s at most: not 25)
     assert errors == len(lines) and "database is locked" in local
     assert sender.errors == 0 and sender.local_error is None  # (the row ended)
+
+
+def test_a_call_cancelled_at_the_drain_timeout_keeps_the_local_error(tmp_path, monkeypatch):
+    """--once's drain_timeout cancels the call in flight; that pass counted as one without
+    error and wiped the row, so the line asked about the cloud half of the time although the
+    answers could not be stored here."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 50)
+    db = tmp_path / "edge.sqlite"
+    _store_with_images(db, n_ok=0, n_pending=1)
+    with contextlib.closing(ResultStore(db)) as store:
+        holder = sqlite3.connect(db, isolation_level=None)
+        with contextlib.closing(holder):
+            holder.execute("BEGIN IMMEDIATE")  # (the answers cannot be written)
+            sender = Sender(store, _Cloud(delay_s=0.6), Backoff(0.05, 0.1))
+            sender.start()
+            wait_for(lambda: sender.errors >= 2, 30, "errors in a row")
+            wait_for(lambda: sender._in_flight, 30, "a call in flight")
+            sender.cancel()
+            sender.join(10)
+            holder.execute("ROLLBACK")
+    assert sender.local_error is not None and "database is locked" in sender.local_error

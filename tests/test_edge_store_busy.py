@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -251,3 +252,23 @@ def test_a_file_passed_over_while_the_database_is_locked_does_not_end_the_wait(
     assert resumed == [], "store_resumed while the database was still locked"
     assert len(busy) == 1
     assert _events(caplog, "store_resumed")  # once b.png was recorded
+
+
+def test_a_daemon_run_in_a_programs_main_thread_gives_its_signal_handlers_back(
+    tiny_model_dir, tmp_path
+):
+    """A program (a notebook, a batch script) that runs the daemon and goes on: after a stop
+    by SIGTERM its handlers were left as SIG_IGN, so Ctrl-C did nothing for the rest of it."""
+    if threading.current_thread() is not threading.main_thread():  # (SIGTERM would end it)
+        pytest.skip("the daemon takes signals in the main thread only")
+    config = daemon_config(tiny_model_dir, tmp_path, once=False)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    daemon = EdgeDaemon(config)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert daemon.run() == 0
+    finally:
+        timer.cancel()
+    assert daemon.signalled
+    assert {sig: signal.getsignal(sig) for sig in before} == before
