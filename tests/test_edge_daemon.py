@@ -530,7 +530,9 @@ def test_sigusr1_logs_every_threads_stack_and_both_sides_go_on(
         return [r for r in records if r.get("event") == "stacks"]
 
     [stacks] = wait_for(edge_stacks, 30, "the edge's stacks")
-    assert "edge/daemon.py" in stacks["msg"] and stacks["threads"] >= 3, stacks
+    # (the daemon's own code: its loop, or the folder scan it calls; the main thread's stack
+    # can end at a generator frame such as watcher.py's, without the loop's frame under it)
+    assert "/edge/" in stacks["msg"] and stacks["threads"] >= 3, stacks
     wait_for(lambda: "stacks of" in shared_cloud.log()[cloud_log:], 30, "the cloud's stacks")
     assert "cloud/server.py" in shared_cloud.log()[cloud_log:]
     write_files(watch, images, ["a.png", "b.png", "c.png", "d.png"])
