@@ -976,37 +976,48 @@ def _error_lines(outbox: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The daemon; see RUN_EPILOG. SIGTERM and SIGINT are this command's own from the start
-    (in the main thread): the daemon's handlers, while it waits or runs, put these back; after
-    a stop signal both are ignored, so that another one while the process ends (its
+    (in the main thread): before the daemon is built one ends the start-up at once (it raises
+    StoppedBeforeStart, which also ends a blocked call, as a FIFO for --token-file), then it
+    is passed on to the daemon, whose own handlers, while it waits or runs, put these back.
+    After a stop signal both are ignored, so that another one while the process ends (its
     interpreter's finalisation included) does not turn its exit status into 143 or 130."""
-    asked: list[int] = []  # (a signal before the daemon's own handlers: it stops at once)
-    stopped = [False]  # set when a signal ended the run
-    if threading.current_thread() is not threading.main_thread():  # (tests; no signals there)
-        return _run_daemon(args, asked, stopped)
-
-    def ask(signum: int, _frame: FrameType | None) -> None:
-        asked.append(signum)
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return _run_daemon(args, asked, stopped)
-    finally:
-        ending = bool(asked) or stopped[0]
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_IGN if ending else handler)
-
-
-def _run_daemon(args: argparse.Namespace, asked: list[int], stopped: list[bool]) -> int:
-    """`run` within its signal handlers (`asked`: the stop signals they caught; `stopped[0]`
-    set when the daemon's own caught one)."""
+    from splitdet.edge.daemon import StoppedBeforeStart
+    from splitdet.edge.daemon_log import log_event
     from splitdet.shared.logs import use_json_logs
 
     if args.log_format == "json":
         use_json_logs()  # before anything below logs
+    built: list = []  # the EdgeDaemon, once built
+    stopped = [False]  # set once a stop signal came
 
-    from splitdet.edge.daemon import EdgeDaemon, StoppedBeforeStart
+    def ask(signum: int, _frame: FrameType | None) -> None:
+        stopped[0] = True
+        if built:  # (before run() has its handlers, or after it put these back)
+            built[0].request_stop(signum)
+            return
+        name = signal.Signals(signum).name
+        raise StoppedBeforeStart(f"stopped by {name} before the daemon started (nothing taken)")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # (tests run it in threads)
+        previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_daemon(args, built, stopped)
+    except StoppedBeforeStart as exc:  # a signal before it started, or while it waited to
+        stopped[0] = True  # (for a locked --db)
+        log_event(logging.INFO, "stopped", processed=0, note=str(exc))
+        return 1 if args.once else 0  # (a batch that took nothing)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if stopped[0] else handler)
+
+
+def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> int:
+    """`run` within its signal handlers: the daemon goes into `built` once made; `stopped[0]`
+    is set when its own handlers caught a stop signal."""
+
+    from splitdet.edge.daemon import EdgeDaemon
     from splitdet.edge.daemon_config import DaemonConfig
-    from splitdet.edge.daemon_log import log_event
     from splitdet.edge.store import OutboxCap
     from splitdet.edge.store_file import StoreError, StoreLocked
     from splitdet.shared.cli import CommandError
@@ -1053,18 +1064,13 @@ def _run_daemon(args: argparse.Namespace, asked: list[int], stopped: list[bool])
             extensions=taken_extensions(args),
         )
         daemon = EdgeDaemon(config)
-    except StoppedBeforeStart as exc:  # SIGTERM while it waited for a locked --db
-        stopped[0] = True
-        log_event(logging.INFO, "stopped", processed=0, note=str(exc))
-        return 1 if args.once else 0  # (a batch that took nothing)
     except StoreLocked:  # --once, the --db locked past --drain-timeout: logged, images left
         return 1
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
     except (ValueError, ManifestError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
-    if asked:  # (while the model loaded)
-        daemon.request_stop(asked[0])
+    built.append(daemon)
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
@@ -1076,7 +1082,7 @@ def _run_daemon(args: argparse.Namespace, asked: list[int], stopped: list[bool])
     except OSError as exc:
         raise CommandError(str(exc)) from None
     finally:
-        stopped[0] = daemon.signalled
+        stopped[0] = stopped[0] or daemon.signalled
 
 
 def check_run_options(args: argparse.Namespace) -> None:

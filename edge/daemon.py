@@ -94,9 +94,11 @@ _SWEEP_MARGIN_S = 1.0
 # ---------------------------------------------------------------------------------- the daemon
 
 
-class StoppedBeforeStart(Exception):
-    """SIGTERM or SIGINT while the daemon waited to start (a --db held locked): exit 0, or 1
-    with --once (its images are all left)."""
+class StoppedBeforeStart(BaseException):
+    """SIGTERM or SIGINT before the daemon started (while it waited for a --db held locked,
+    or earlier: `cli_edge.run`): exit 0, or 1 with --once (its images are all left). A
+    BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into an
+    error of what it interrupted (loading the model, reading a token)."""
 
 
 class EdgeDaemon:

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,27 @@ def test_a_daemon_run_in_a_programs_main_thread_gives_its_signal_handlers_back(
         timer.cancel()
     assert daemon.signalled
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_stop_signal_before_the_daemon_is_built_ends_the_start_up(tiny_model_dir, tmp_path):
+    """Anything before the daemon's own handlers (loading the model, reading --token-file)
+    only noted a stop signal, passed on once the daemon was built: a start-up blocked there
+    (a FIFO as token file, a hung file system) ignored SIGTERM and SIGINT for good, and one
+    noted while a locked --db was waited for was lost. It now ends the start-up at once."""
+    (tmp_path / "hot").mkdir()
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)  # (nothing writes: opening it blocks)
+    process = _edge_run(tiny_model_dir, tmp_path, "--token-file", str(fifo))
+    try:
+        wchan = Path(f"/proc/{process.pid}/wchan")
+        wait_for(lambda: "partner" in wchan.read_text() or "fifo" in wchan.read_text(), 60,
+                 "the start-up blocked on the FIFO")  # fmt: skip
+        process.terminate()
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    assert code == 0, (tmp_path / "log").read_text()
+    stopped = [e for e in _json_events(tmp_path) if e.get("event") == "stopped"]
+    assert len(stopped) == 1 and "before the daemon started" in stopped[0]["note"]
