@@ -265,12 +265,16 @@ def test_a_daemon_run_in_a_programs_main_thread_gives_its_signal_handlers_back(
     config = daemon_config(tiny_model_dir, tmp_path, once=False)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     daemon = EdgeDaemon(config)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        assert daemon.run() == 0
-    finally:
-        timer.cancel()
+
+    def stop_once_it_listens() -> None:  # (SIGTERM before its handler would end this process)
+        if wait_for(lambda: signal.getsignal(signal.SIGTERM) == daemon.request_stop, 60,
+                    "the daemon's SIGTERM handler", interval=0.01):  # fmt: skip
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=stop_once_it_listens, daemon=True)
+    sender.start()
+    assert daemon.run() == 0
+    sender.join(10)
     assert daemon.signalled
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
