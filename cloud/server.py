@@ -384,7 +384,7 @@ def gather_models(
                 exc = ManifestError(f"{model_dir}: cannot be served ({what})")
             if is_named and strict:
                 raise exc from None
-            problem = f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+            problem = _naming(model_dir, exc)
             # a named folder, or one a re-export was killed in, keeps the export it served
             interrupted = (model_dir / PUBLISHING_MARKER).exists()
             before = (held or {}).get(model_dir) if is_named or interrupted else None
@@ -423,13 +423,18 @@ def _file_signature(model_dir: Path) -> tuple | None:
     ))  # fmt: skip
 
 
+def _naming(model_dir: Path, exc: BaseException) -> str:
+    """`exc`'s text, led by the export folder it concerns unless it names it already."""
+    return f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+
+
 def _damage(model_dir: Path) -> str | None:
     """What is wrong with the files of an export served from `model_dir` (a file changed,
     truncated or gone since it was loaded: its hashes are checked in full), or None."""
     try:
         read_manifest(model_dir)
     except (ManifestError, OSError) as exc:
-        return f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+        return _naming(model_dir, exc)
     return None
 
 
