@@ -1,5 +1,6 @@
 """Helpers for tests: a torch-blocking subprocess runner, hostile files, a tiny VOC tree,
-`splitdet predict` records, a batch edge daemon's configuration and its result rows."""
+`splitdet predict` records, a batch edge daemon's configuration, a daemon run in a thread and
+its result rows."""
 
 from __future__ import annotations
 
@@ -198,6 +199,22 @@ def daemon_config(model_dir: Path, tmp_path: Path, **overrides):
         unreadable_grace_s=0.0, poll_s=0.05, retry_initial_s=0.1, retry_max_s=0.5,
     )  # fmt: skip
     return DaemonConfig(**{**values, **overrides})
+
+
+@contextlib.contextmanager
+def running(daemon):
+    """An `EdgeDaemon`'s run() in a thread, stopped and joined on leaving (AssertionError if
+    it does not stop within 30 s)."""
+    import threading
+
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+        assert not thread.is_alive(), "the daemon did not stop"
 
 
 def image_rows(db: Path) -> list[dict]:

@@ -50,7 +50,7 @@ from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
 from splitdet.shared.config import ModelConfig
 
-from support import free_port, sliver_png, wait_for
+from support import free_port, running, sliver_png, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -917,16 +917,10 @@ def test_an_idle_sender_gives_a_delivered_backlogs_pages_back(
         poll_s=0.05, once=False, threshold=0.0, retry_initial_s=0.05, retry_max_s=0.1,
     )  # fmt: skip
     daemon = EdgeDaemon(config)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    with caplog.at_level(logging.INFO, logger="splitdet"):
-        thread.start()
-        try:
-            wait_for(lambda: verdicts(db) == {"defect": 3}, 30, "the three answers")
-            wait_for(lambda: any(getattr(r, "fields", {}).get("event") == "store_reclaimed"
-                                 for r in caplog.records), 10, "store_reclaimed")  # fmt: skip
-        finally:
-            daemon.request_stop()
-            thread.join(30)
+    with caplog.at_level(logging.INFO, logger="splitdet"), running(daemon):
+        wait_for(lambda: verdicts(db) == {"defect": 3}, 30, "the three answers")
+        wait_for(lambda: any(getattr(r, "fields", {}).get("event") == "store_reclaimed"
+                             for r in caplog.records), 10, "store_reclaimed")  # fmt: skip
     with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
 

@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from splitdet.edge.store import Arrival, ResultStore
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import read_manifest
 
-from support import daemon_config, image_rows, wait_for
+from support import daemon_config, image_rows, running, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -60,19 +59,6 @@ def png(seed: int, size: tuple[int, int] = (128, 128)) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def running(daemon: EdgeDaemon):
-    """The daemon's run() in a thread, stopped and joined on leaving."""
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        daemon.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "the daemon did not stop"
 
 
 def events(caplog) -> list[dict]:

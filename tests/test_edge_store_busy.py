@@ -25,7 +25,7 @@ from splitdet.edge import daemon as daemon_module
 from splitdet.edge import store as store_module
 from splitdet.edge.daemon import EdgeDaemon
 
-from support import daemon_config, image_rows, wait_for
+from support import daemon_config, image_rows, running, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,26 +50,19 @@ def test_a_database_held_locked_past_the_busy_timeout_delays_the_image_and_loses
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
     config = daemon_config(tiny_model_dir, tmp_path, once=False, after="archive")
     daemon = EdgeDaemon(config)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    with caplog.at_level(logging.INFO, logger="splitdet"):
-        thread.start()
-        try:
-            (config.watch / "a.png").write_bytes(_png(30))
-            wait_for(lambda: len(image_rows(config.db)) == 1, 30, "the first image's result")
-            holder = sqlite3.connect(config.db, isolation_level=None)
-            with contextlib.closing(holder):
-                holder.execute("BEGIN IMMEDIATE")  # (as `sqlite3 edge.sqlite` would)
-                (config.watch / "b.png").write_bytes(_png(60))
-                wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
-                assert thread.is_alive(), "the daemon stopped on a locked database"
-                assert (config.watch / "b.png").exists()
-                holder.execute("ROLLBACK")
-            wait_for(lambda: len(image_rows(config.db)) == 2, 30, "the second image's result")
-            wait_for(lambda: _events(caplog, "store_resumed"), 10, "a store_resumed line")
-        finally:
-            daemon.request_stop()
-            thread.join(30)
-    assert not thread.is_alive()
+    with caplog.at_level(logging.INFO, logger="splitdet"), running(daemon) as thread:
+        (config.watch / "a.png").write_bytes(_png(30))
+        wait_for(lambda: len(image_rows(config.db)) == 1, 30, "the first image's result")
+        holder = sqlite3.connect(config.db, isolation_level=None)
+        with contextlib.closing(holder):
+            holder.execute("BEGIN IMMEDIATE")  # (as `sqlite3 edge.sqlite` would)
+            (config.watch / "b.png").write_bytes(_png(60))
+            wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
+            assert thread.is_alive(), "the daemon stopped on a locked database"
+            assert (config.watch / "b.png").exists()
+            holder.execute("ROLLBACK")
+        wait_for(lambda: len(image_rows(config.db)) == 2, 30, "the second image's result")
+        wait_for(lambda: _events(caplog, "store_resumed"), 10, "a store_resumed line")
     rows = image_rows(config.db)
     assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == ["a.png", "b.png"]
     assert not (config.watch / "b.png").exists()  # archived once recorded
@@ -224,32 +217,26 @@ def test_a_file_passed_over_while_the_database_is_locked_does_not_end_the_wait(
     monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", retry_s)
     config = daemon_config(tiny_model_dir, tmp_path, once=False, after="archive")
     daemon = EdgeDaemon(config)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    with caplog.at_level(logging.INFO, logger="splitdet"):
-        thread.start()
-        try:
-            wait_for(lambda: config.archive.is_dir(), 30, "the archive folder")
-            config.archive.rmdir()
-            config.archive.write_bytes(b"")  # a file where the folder was: moves into it fail
-            (config.watch / "a.png").write_bytes(_png(30))
-            wait_for(lambda: len(image_rows(config.db)) == 1, 30, "the first image's result")
-            holder = sqlite3.connect(config.db, isolation_level=None)
-            with contextlib.closing(holder):
-                holder.execute("BEGIN IMMEDIATE")
-                (config.watch / "b.png").write_bytes(_png(60))
-                wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
-                wait_for(  # (the second: a store_busy line after a false store_resumed)
-                    lambda: daemon._busy.failures >= 6 or len(_events(caplog, "store_busy")) > 1,
-                    30,
-                    "rounds passing a.png over, then failing on b.png",
-                )
-                resumed = _events(caplog, "store_resumed")
-                busy = _events(caplog, "store_busy")
-                holder.execute("ROLLBACK")
-            wait_for(lambda: len(image_rows(config.db)) == 2, 30, "the second image's result")
-        finally:
-            daemon.request_stop()
-            thread.join(30)
+    with caplog.at_level(logging.INFO, logger="splitdet"), running(daemon):
+        wait_for(lambda: config.archive.is_dir(), 30, "the archive folder")
+        config.archive.rmdir()
+        config.archive.write_bytes(b"")  # a file where the folder was: moves into it fail
+        (config.watch / "a.png").write_bytes(_png(30))
+        wait_for(lambda: len(image_rows(config.db)) == 1, 30, "the first image's result")
+        holder = sqlite3.connect(config.db, isolation_level=None)
+        with contextlib.closing(holder):
+            holder.execute("BEGIN IMMEDIATE")
+            (config.watch / "b.png").write_bytes(_png(60))
+            wait_for(lambda: _events(caplog, "store_busy"), 30, "a store_busy line")
+            wait_for(  # (the second: a store_busy line after a false store_resumed)
+                lambda: daemon._busy.failures >= 6 or len(_events(caplog, "store_busy")) > 1,
+                30,
+                "rounds passing a.png over, then failing on b.png",
+            )
+            resumed = _events(caplog, "store_resumed")
+            busy = _events(caplog, "store_busy")
+            holder.execute("ROLLBACK")
+        wait_for(lambda: len(image_rows(config.db)) == 2, 30, "the second image's result")
     assert resumed == [], "store_resumed while the database was still locked"
     assert len(busy) == 1
     assert _events(caplog, "store_resumed")  # once b.png was recorded
