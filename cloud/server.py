@@ -30,20 +30,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from splitdet.cloud.call_guard import CallGuard
 from splitdet.cloud.cli_cloud import OPTION_BOUNDS, check_tls_files
 from splitdet.cloud.core import DetectionCore, ServedModel, load_cloud
 from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.idempotency import IdempotencyStore
-from splitdet.cloud.servicer import (
-    FORGET_EDGES_S,
-    SERVICE_NAME,
-    AcceptedTokens,
-    CallGuard,
-    DetectionServicer,
-    ServerMetrics,
-    TokenInterceptor,
-    file_stamp,
-)
+from splitdet.cloud.metrics import FORGET_EDGES_S, ServerMetrics
+from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer
+from splitdet.cloud.tokens import AcceptedTokens, TokenInterceptor, file_stamp
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
 from splitdet.shared.manifest import (
     MANIFEST_NAME,
@@ -66,7 +60,7 @@ SPARE_RPC_THREADS = 8
 #: Threads of the server's own pool: health checks, reflection, refusals of a missing token.
 #: Many, so that callers stalling health checks (exempt from the token) must open many calls
 #: before a probe is refused; each pool's calls beyond its threads are refused at once with
-#: RESOURCE_EXHAUSTED (servicer.CallGuard), never left waiting for a thread.
+#: RESOURCE_EXHAUSTED (call_guard.CallGuard), never left waiting for a thread.
 SERVER_RPC_THREADS = 32
 #: Threads refusing calls beyond their pool's threads (each refusal ends at once).
 REFUSAL_THREADS = 2

@@ -11,7 +11,7 @@ import pytest
 from cloud_fixtures import LAST_SEEN, make_sample, scrape_metrics, shared_model_dir
 from PIL import Image
 
-from splitdet.cloud import servicer
+from splitdet.cloud import metrics as metrics_module
 from splitdet.cloud.server import CloudServer, ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.shared.cli import main
@@ -79,7 +79,7 @@ def test_names_that_are_not_names_and_too_many_names_stay_bounded(served, monkey
     distinct names the rest count as "other", so no caller can grow the metrics without end.
     (Only answered Detects claim a label: GetManifest calls count as "other".)"""
     server, model, manifest = served
-    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    monkeypatch.setattr(metrics_module, "MAX_EDGE_LABELS", 3)
     sample = make_sample(model, seed=2, codec="int8")
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     call = channel.unary_unary(
@@ -108,7 +108,7 @@ class _Clock:
         return self.now
 
 
-def _series(metrics: servicer.ServerMetrics) -> set[str]:
+def _series(metrics: metrics_module.ServerMetrics) -> set[str]:
     """The per-edge series a scrape of `metrics` would show, as 'metric{labels}' texts."""
     found = set()
     for family in metrics.registry.collect():
@@ -124,9 +124,9 @@ def test_edges_silent_past_the_forget_time_leave_the_metrics_and_free_their_labe
     camera was "other"), and a retired camera's series stayed. Now an edge silent for
     `forget_edges_s` loses its last-seen, answers and refusals series and its label; one that
     keeps calling keeps them."""
-    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 2)
+    monkeypatch.setattr(metrics_module, "MAX_EDGE_LABELS", 2)
     clock = _Clock()
-    metrics = servicer.ServerMetrics(["fp"], forget_edges_s=3600.0, clock=clock)
+    metrics = metrics_module.ServerMetrics(["fp"], forget_edges_s=3600.0, clock=clock)
 
     def call(name: str) -> str:  # what a Detect of `name` answered, and refused once, leaves
         edge = metrics.edge_of(((EDGE_NAME_KEY, name),), claim=True)
@@ -158,7 +158,7 @@ def test_edges_silent_past_the_forget_time_leave_the_metrics_and_free_their_labe
 
 def test_a_dropped_export_leaves_no_answer_series():
     """The soak review's finding: each export ever served left its answer series behind."""
-    metrics = servicer.ServerMetrics(["old", "new"])
+    metrics = metrics_module.ServerMetrics(["old", "new"])
     for fingerprint in ("old", "new"):
         metrics.model_answers.labels(fingerprint).inc()
         metrics.edge_answers.labels("cam-1", fingerprint).inc()

@@ -88,7 +88,7 @@ def test_a_model_not_served_is_refused_naming_every_served_one(exports, server, 
     _, client = server
     sample = make_sample(exports[0][0], seed=3, codec="int8")
     with (
-        caplog.at_level("INFO", logger="splitdet.cloud.servicer"),
+        caplog.at_level("INFO", logger="splitdet.cloud"),
         pytest.raises(NeverRetry) as refused,
     ):
         client.detect(sample.encoded, sample.image, "unknown", "f" * 64)

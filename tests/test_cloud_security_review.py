@@ -25,8 +25,8 @@ from cloud_fixtures import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitdet.cloud import metrics as metrics_module
 from splitdet.cloud import server as server_module
-from splitdet.cloud import servicer
 from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.server import CloudServer
 from splitdet.shared.edge_name import EDGE_NAME_KEY
@@ -83,7 +83,7 @@ def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatc
     """GetManifest calls under many names (no token required) leave every label free, and so
     does a malformed Detect (it counts as "other"); the real camera's first answered Detect
     claims its own label."""
-    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    monkeypatch.setattr(metrics_module, "MAX_EDGE_LABELS", 3)
     server = _start(tmp_path)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     manifest = channel.unary_unary(

@@ -29,10 +29,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from splitdet.cloud.call_status import MAX_STATUS_CHARS
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.server import CloudServer, ServerConfig
-from splitdet.cloud.servicer import MAX_STATUS_CHARS
 from splitdet.edge.client import (
     ClientConfig,
     CloudClient,
@@ -494,7 +494,7 @@ def test_a_request_over_the_bound_is_counted_and_logged(served, tmp_path, caplog
     final RESOURCE_EXHAUSTED and the cloud counted and logged nothing. Now a request over the
     bound by up to gRPC's margin is refused by the servicer: counted by edge and code, logged
     with the caller's address, and still final for the edge ("larger than max")."""
-    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    caplog.set_level("INFO", logger="splitdet.cloud")
     with running(served, tmp_path, max_message_bytes=1 << 20) as (server, _):
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             detect = channel.unary_unary("/splitdet.v1.Detection/Detect")
@@ -517,7 +517,7 @@ def test_a_request_over_the_bound_is_counted_and_logged(served, tmp_path, caplog
 def test_a_call_cut_by_shutdown_is_not_charged_to_the_edge(served, tmp_path, sample, caplog):
     """A call still running when --grace ends was logged and counted as DEADLINE_EXCEEDED, the
     code the README reads as "an edge whose --timeout is too short"; it is UNAVAILABLE."""
-    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    caplog.set_level("INFO", logger="splitdet.cloud")
     fingerprint = served[2].fingerprint
     with running(served, tmp_path, debug_delay_s=5.0) as (server, client):
         outcome: list[BaseException] = []
@@ -560,12 +560,12 @@ def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):
     """The token file is watched: a second line is accepted beside the first (edges move to it
     one by one), then the old line is removed and refused. A file emptied by mistake, or
     removed, is logged and the tokens before it kept."""
-    from splitdet.cloud import servicer
+    from splitdet.cloud import tokens
 
-    monkeypatch.setattr(servicer, "TOKEN_CHECK_S", 0.05)
+    monkeypatch.setattr(tokens, "TOKEN_CHECK_S", 0.05)
     token_file = tmp_path / "tokens.txt"
     token_file.write_text("old-token\n")
-    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    caplog.set_level("INFO", logger="splitdet.cloud")
     with running(served, tmp_path, token_file=token_file) as (server, _):
 
         def answers(token: str) -> bool:
@@ -604,7 +604,7 @@ def test_token_lines_a_rotation_may_meet(tmp_path, monkeypatch):
     the rest applied), and a file that is not regular (read once, never again)."""
     import os
 
-    from splitdet.cloud.servicer import AcceptedTokens
+    from splitdet.cloud.tokens import AcceptedTokens
     from splitdet.shared.cli import read_token
 
     token_file = tmp_path / "tokens.txt"

@@ -25,7 +25,7 @@ from cloud_fixtures import (
     start_loopback_server,
 )
 
-from splitdet.cloud import servicer
+from splitdet.cloud import metrics as metrics_module
 from splitdet.cloud.core import DetectCall
 from splitdet.cloud.server import CloudServer
 from splitdet.shared.edge_name import EDGE_NAME_KEY
@@ -67,7 +67,7 @@ def test_malformed_detects_under_made_up_names_take_no_edge_label(tmp_path, monk
     """Empty and unknown-model Detects under 40 made-up names (no token required) leave the
     labels free: they count as "other" (or under a name's label if it has one). A real new
     camera then gets its own label, and so does one whose checked Detect is refused as busy."""
-    monkeypatch.setattr(servicer, "MAX_EDGE_LABELS", 3)
+    monkeypatch.setattr(metrics_module, "MAX_EDGE_LABELS", 3)
     server = _start(tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=30.0)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     detect = _detect(channel)
@@ -118,7 +118,7 @@ def test_refusals_are_logged_once_per_kind_per_minute_and_counted_each(tmp_path,
     """30 junk Detects: one `refused` line (the first, at once), not 30; another code gets its
     own line; a minute later the next line says how many were left out. The counters count
     every call."""
-    caplog.set_level("INFO", logger="splitdet.cloud.servicer")
+    caplog.set_level("INFO", logger="splitdet.cloud")
     server = _start(tmp_path)
     clock = _Clock()
     server.servicer.refusal_lines.clock = clock

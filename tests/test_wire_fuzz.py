@@ -31,6 +31,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitdet.cloud.call_status import MAX_STATUS_CHARS, status_for
 from splitdet.cloud.core import (
     MAX_ORIGINAL_SIDE,
     MAX_RESIZED_SIDE,
@@ -41,13 +42,7 @@ from splitdet.cloud.core import (
     InvalidRequest,
 )
 from splitdet.cloud.idempotency import IdempotencyStore
-from splitdet.cloud.servicer import (
-    MAX_STATUS_CHARS,
-    _parse,
-    call_from_bytes,
-    call_from_proto,
-    status_for,
-)
+from splitdet.cloud.request_wire import call_from_bytes, call_from_proto, parse_message
 from splitdet.shared import codec
 from splitdet.shared.codec import CodecError, EncodedTensor, decode, encode
 from splitdet.shared.detection import ImageMeta
@@ -532,7 +527,7 @@ def test_a_served_call_is_what_the_fuzz_targets():
     request = pb.DetectRequest(request_id="r", model_fingerprint=FINGERPRINT)
     assert isinstance(call_from_proto(request), DetectCall)
     with pytest.raises(InvalidRequest):
-        _parse(pb.DetectRequest, b"\xff\xff\xff")
+        parse_message(pb.DetectRequest, b"\xff\xff\xff")
 
 
 # ------------------------------------------------------------------ regressions of findings
@@ -586,7 +581,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from test_wire_fuzz import WIRE_BOMBS, _valid_request_bytes
 from splitdet.cloud.core import InvalidRequest
-from splitdet.cloud.servicer import call_from_bytes
+from splitdet.cloud.request_wire import call_from_bytes
 
 raw = _valid_request_bytes()[0].SerializeToString() + WIRE_BOMBS[sys.argv[2]][0]
 

@@ -64,7 +64,7 @@ def test_check_mode_reports_a_stale_file(tmp_path, monkeypatch):
 def test_request_round_trip_keeps_every_field():
     import numpy as np
 
-    from splitdet.cloud.servicer import call_from_proto
+    from splitdet.cloud.request_wire import call_from_proto
     from splitdet.shared.wire import detection_pb2 as pb
 
     rng = np.random.default_rng(0)

@@ -1,0 +1,182 @@
+"""The cloud server's thread budget: at most as many calls per thread pool as it has threads,
+the rest refused at once (`CallGuard`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from splitdet.cloud.call_status import METHODS
+from splitdet.cloud.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+#: A method handler's constructor by (request streaming, response streaming).
+HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+#: Seconds between two log lines of one pool's calls refused for want of a thread.
+EXHAUSTED_LOG_S = 10.0
+
+
+class CallGuard(grpc.ServerInterceptor):
+    """At most as many calls per thread pool as it has threads; the rest refused at once.
+
+    gRPC's sync server gives a call a pool thread as soon as its headers arrive, and a unary
+    call holds it while its request arrives: a caller that never sends the request holds it
+    until the connection ends, and a call finding every thread held waits, unanswered and
+    unseen, in the pool's queue. Here each call is counted against the pool its handler runs
+    in (by the handler's ``experimental_thread_pool``; the server's own pool otherwise) from
+    its headers to its end, and a call beyond the pool's limit is refused at once with
+    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted_total{pool}`, logged
+    at most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
+    request.
+    Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
+    themselves are ended by the server's connection age (`server.grpc_options`).
+
+    To count a call to its end whatever becomes of it, a unary-request handler is run as a
+    request-streaming one that reads the one request itself (gRPC would otherwise read it
+    before any code of ours runs, and a call cancelled meanwhile would never be seen to end).
+
+    Args:
+        metrics: where refusals and busy threads are counted.
+        pools: pool name -> (the pool, None for the server's own; calls it may hold at once).
+        refusals: the pool that refuses calls beyond a limit (its calls end at once).
+    """
+
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        pools: dict[str, tuple[futures.ThreadPoolExecutor | None, int]],
+        refusals: futures.ThreadPoolExecutor,
+    ) -> None:
+        self._metrics = metrics
+        self._names = {id(pool): name for name, (pool, _) in pools.items()}
+        self._limits = {name: limit for name, (_, limit) in pools.items()}
+        self._active = dict.fromkeys(pools, 0)
+        self._logged = dict.fromkeys(pools, -math.inf)
+        self._lock = threading.Lock()
+        self._refusals = refusals
+        for name in pools:
+            metrics.rpc_threads_busy.labels(name).set_function(functools.partial(self.busy, name))
+            metrics.rpc_threads_exhausted.labels(name)
+
+    def busy(self, pool: str) -> int:
+        """Calls holding a thread of `pool` now."""
+        with self._lock:
+            return self._active[pool]
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """The call's handler, counted against its pool; or, the pool full, one that refuses
+        it with RESOURCE_EXHAUSTED (None, UNIMPLEMENTED, for an unknown method)."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        behaviour = _behaviour(handler)
+        pool = self._names.get(id(getattr(behaviour, "experimental_thread_pool", None)))
+        # not guarded: a pool not given, and a non-blocking handler (health Watch), which
+        # gives its thread back when it returns while its stream stays open for good
+        if pool is None or getattr(behaviour, "experimental_non_blocking", False):
+            return handler
+        with self._lock:
+            full = self._active[pool] >= self._limits[pool]
+            if not full:
+                self._active[pool] += 1
+        if full:
+            return self._refusal(handler_call_details, pool)
+        return self._counted(handler, behaviour, handler_call_details.method, pool)
+
+    def _release(self, pool: str) -> None:
+        with self._lock:
+            self._active[pool] -= 1
+
+    def _counted(
+        self, handler: grpc.RpcMethodHandler, behaviour: Callable, method: str, pool: str
+    ) -> grpc.RpcMethodHandler:
+        """`handler` as a request-streaming handler that gives its place back when the call
+        ends (context.add_callback: however it ends)."""
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                self._release(pool)
+
+        unary = not handler.request_streaming
+
+        def run(requests: Iterator, context: grpc.ServicerContext, *callback: Callable) -> Any:
+            if not context.add_callback(release):  # (the call has ended already)
+                release()
+            if not unary:
+                return behaviour(requests, context, *callback)
+            try:
+                request = next(requests)
+            except StopIteration:
+                context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f'"{method}" requires exactly one request message.',
+                )
+            return behaviour(request, context, *callback)
+
+        for attribute in ("experimental_thread_pool", "experimental_non_blocking"):
+            if hasattr(behaviour, attribute):
+                setattr(run, attribute, getattr(behaviour, attribute))
+        return HANDLER_FACTORIES[(True, handler.response_streaming)](
+            run,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refusal(self, details: grpc.HandlerCallDetails, pool: str) -> grpc.RpcMethodHandler:
+        """A handler refusing the call at once, without reading its request."""
+        name = details.method.rsplit("/", 1)[-1]
+        limit = self._limits[pool]
+        message = (
+            f"server busy: all {limit} threads for {name} calls are held (an overload, or "
+            "callers that do not send their request); retry later"
+        )
+        self._metrics.rpc_threads_exhausted.labels(pool).inc()
+        if name in METHODS:
+            self._metrics.finished(name, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        now = time.monotonic()
+        with self._lock:
+            quiet = now - self._logged[pool] < EXHAUSTED_LOG_S
+            if not quiet:
+                self._logged[pool] = now
+        if not quiet:
+            fields = {"event": "threads_exhausted", "pool": pool, "method": name,
+                      "threads": limit}  # fmt: skip
+            log.warning("%s refused (RESOURCE_EXHAUSTED): all %d threads of the %s pool are "
+                        "held by calls; further refusals of this pool are counted in "
+                        "splitdet_cloud_rpc_threads_exhausted_total", name, limit, pool,
+                        extra={"fields": fields})  # fmt: skip
+
+        def refuse(requests: Iterator, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    """The one behaviour a method handler has."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary
+        or handler.stream_stream
+    )  # fmt: skip

@@ -1,0 +1,113 @@
+"""How a call of the Detection service ends: the exceptions the servicer raises, the status
+code and message each becomes, and the log line of a refusal.
+
+    InvalidRequest: bad tensors, shapes, codecs, sizes, ids; bad protobuf   INVALID_ARGUMENT
+    FingerprintMismatch: a model this server does not serve                 FAILED_PRECONDITION
+    Overloaded: beyond --max-concurrent + --max-queued Detect calls, or a   RESOURCE_EXHAUSTED
+        call that waited --queue-wait for a slot
+    TooLarge: a request over --max-message-mib                              RESOURCE_EXHAUSTED
+    DeadlinePassed: the caller's deadline passed during the work            DEADLINE_EXCEEDED
+    Cancelled: the caller went away                                         CANCELLED
+    ShuttingDown: a new or waiting call after SIGTERM                       UNAVAILABLE
+    anything else: a bug (logged with its traceback)                        INTERNAL
+
+A missing or wrong bearer token is refused before the servicer (cloud/tokens.py,
+UNAUTHENTICATED). Status messages are cut to MAX_STATUS_CHARS: they travel in a trailer that
+clients bound (8 KiB).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from splitdet.cloud.core import Cancelled, DeadlinePassed, FingerprintMismatch, InvalidRequest
+from splitdet.cloud.log_limit import repeats_note
+
+log = logging.getLogger(__name__)
+
+#: Longest status message sent (percent-encoded, 500 characters stay below clients' 8 KiB bound).
+MAX_STATUS_CHARS = 500
+
+
+class Overloaded(Exception):
+    """The server already runs its maximum of concurrent Detect calls."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining before it stops; another replica (or a later try) must answer."""
+
+
+class TooLarge(Exception):
+    """A request over the server's message bound; it will not fit later either. Its message
+    says "larger than max", which edges read as final (`edge.client.classify`), as they do
+    gRPC's own refusal of a message over the bound gRPC enforces (`server.grpc_options`)."""
+
+
+#: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.
+STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (DeadlinePassed, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+#: The methods of the Detection service (counted by method in ServerMetrics).
+METHODS = ("Detect", "GetManifest")
+#: Every status code a call of METHODS can end with but OK: STATUS_FOR_ERROR's, INTERNAL (a
+#: bug) and UNAUTHENTICATED (TokenInterceptor).
+FAILURE_CODES = (
+    *dict.fromkeys(code for _, code in STATUS_FOR_ERROR),
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call reports for `exc`."""
+    for error_type, code in STATUS_FOR_ERROR:
+        if isinstance(exc, error_type):
+            return code, _clip(str(exc))
+    return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_STATUS_CHARS:
+        return message
+    return f"{message[: MAX_STATUS_CHARS - 30]}… ({len(message)} characters, cut)"
+
+
+def log_refusal(
+    method: str,
+    peer: str,
+    edge: str,
+    code: grpc.StatusCode,
+    message: str,
+    event: str,
+    admitted: tuple[int, list[str]],
+    every_s: float,
+    claims: bool = False,
+) -> None:
+    """The log line of a call refused (INFO) or failed (ERROR, with the traceback being
+    handled); `admitted`: how many lines of its kind were left out since the last one, and the
+    edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only what the call
+    claims (refused before its token was checked)."""
+    fields = {"event": event, "method": method, "peer": peer, "edge": edge,
+              "code": code.name, "message": message}  # fmt: skip
+    repeats, names = admitted
+    if repeats:
+        fields["repeats"] = repeats
+        fields["repeats_from"] = names
+    note = repeats_note(repeats, every_s, names)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
+                      extra={"fields": fields})  # fmt: skip
+    else:
+        log.info("%s from %s (%s %s) refused (%s): %s%s", method, peer,
+                 "claims edge" if claims else "edge", edge, code.name, message, note,
+                 extra={"fields": fields})  # fmt: skip
