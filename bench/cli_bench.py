@@ -19,9 +19,12 @@ example:
       reduction_vs_defect_rate.png and bytes_vs_map_kept.png
 
 Systems, interleaved image by image on the same images and weights: monolithic (torchvision
-Faster R-CNN, eager), paper (full FPN, gate, heads for flagged images), splitdet-CODEC (ONNX
-Runtime edge with the lazy FPN + the cloud server in another process over gRPC on loopback) and
-jpegQ-to-cloud (the image as JPEG, the whole detector in the cloud).
+Faster R-CNN, eager), monolithic-split-engines (the same detector on splitdet's engines in one
+process: ONNX Runtime body and FPN, torch heads, for every image; the "vs same engines" column
+is what the gate and the split save, the engine aside), paper (full FPN, gate, heads for
+flagged images), splitdet-CODEC (ONNX Runtime edge with the lazy FPN + the cloud server in
+another process over gRPC on loopback) and jpegQ-to-cloud (the image as JPEG, the whole
+detector in the cloud).
 """
 
 
@@ -117,6 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="threads per process, 1-1024 (default: all cores)",
     )
+    p.add_argument(
+        "--no-engine-baseline",
+        action="store_true",
+        help="leave out monolithic-split-engines (one more full detection per image)",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         oracle_gate=args.oracle_gate,
+        engine_baseline=not args.no_engine_baseline,
         progress=not args.no_progress,
     )
     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from splitdet.bench.systems import Outcome
+from splitdet.bench.systems import SAME_ENGINES, Outcome
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import VocSample
@@ -120,6 +120,35 @@ def summarise(
     return summary
 
 
+def add_engine_reductions(summaries: dict[str, dict]) -> None:
+    """Give each of one rate's system summaries its `reduction_vs_same_engines`: the reduction
+    of its mean time (loopback) against SAME_ENGINES's, what the gate and the split save on
+    splitdet's engines; None for SAME_ENGINES itself, and for all when it was not measured."""
+    baseline = summaries.get(SAME_ENGINES)
+    for name, summary in summaries.items():
+        measured = baseline is not None and name != SAME_ENGINES
+        summary["reduction_vs_same_engines"] = (
+            1.0 - summary["mean_s"] / baseline["mean_s"] if measured else None
+        )
+
+
+def _engine_lines(report: dict) -> list[str]:
+    """What report.md says of the engine baseline (SAME_ENGINES), or why it is missing."""
+    if report.get("settings", {}).get("engine_baseline") is False:
+        return [f"Engine baseline `{SAME_ENGINES}`: not measured (--no-engine-baseline).", ""]
+    if SAME_ENGINES not in next(iter(report.get("rates", {}).values()), {}):
+        return []  # (no rate done yet, or a report from before the baseline)
+    return [
+        f"Engine baseline `{SAME_ENGINES}`: the monolithic detector on splitdet's own engines, "
+        "in one process: the edge's preprocessing and ONNX Runtime body and FPN for every "
+        "image, then the cloud's torch heads, with no gate, codec or wire. `monolithic` runs "
+        "torch eager throughout, so part of a `reduction` is the engine's; `vs same engines` "
+        "is what the gate and the split save (less what the codec and the wire cost) on the "
+        "same engines.",
+        "",
+    ]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -223,6 +252,7 @@ def markdown(report: dict) -> str:
         f"Gate: {report['model'].get('gate', 'the model')}.",
         "",
     ]
+    lines += _engine_lines(report)
     if oracle:
         lines += [
             "**Upper bound: perfect gate** (`--oracle-gate`): the gated systems took the ground "
@@ -255,12 +285,14 @@ def markdown(report: dict) -> str:
         warning = noise_warning(rate_key, first)
         if warning:
             lines += [warning, ""]
+        vs_engines = SAME_ENGINES in systems
         lines += [
-            "| system | mean s | p50 s | p95 s | img/s | reduction | mean s +100M | "
-            "reduction +100M | mean s +1G | reduction +1G | edge s | cloud s | "
+            "| system | mean s | p50 s | p95 s | img/s | reduction | "
+            + ("vs same engines | " if vs_engines else "")
+            + "mean s +100M | reduction +100M | mean s +1G | reduction +1G | edge s | cloud s | "
             "bytes/img | bytes/sent img | 100 Mbit/s s | mAP | mAP@.5 | mAP kept | gate recall | "
             "flagged |",
-            "|---" * 20 + "|",
+            "|---" * (21 if vs_engines else 20) + "|",
         ]
         for name, s in systems.items():
             label = f"{name} (upper bound: {s['upper_bound']})" if s.get("upper_bound") else name
@@ -271,7 +303,9 @@ def markdown(report: dict) -> str:
             )
             lines.append(
                 f"| {label} | {s['mean_s']:.3f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | "
-                f"{s['images_per_s']:.2f} | {_fmt(s['reduction'], '+.1%')} | {with_links} | "
+                f"{s['images_per_s']:.2f} | {_fmt(s['reduction'], '+.1%')} | "
+                + (f"{_fmt(s.get('reduction_vs_same_engines'), '+.1%')} | " if vs_engines else "")
+                + f"{with_links} | "
                 f"{s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
                 f"{s['bytes_per_defect_image']:,.0f} | {s['transfer_100mbit_s_computed']:.3f} | "

@@ -27,6 +27,7 @@ from splitdet.bench.jpeg_server import JpegClient
 from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.report import (
     MONOLITHIC,
+    add_engine_reductions,
     remove_outputs,
     summarise,
     write_report,
@@ -37,6 +38,7 @@ from splitdet.bench.systems import (
     Monolithic,
     Outcome,
     PaperGated,
+    SameEngines,
     Splitdet,
     jpeg_bytes,
 )
@@ -47,12 +49,12 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.checkpoint import load_model, weights_digest
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, read_manifest
-from splitdet.shared.model import MultiTaskRCNN
+from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import VocSample, read_split
 
 # what `_run_streams` runs: every system has `name` and `run(image, decision) -> Outcome`
-_System = Monolithic | PaperGated | Splitdet | JpegToCloud
+_System = Monolithic | SameEngines | PaperGated | Splitdet | JpegToCloud
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class BenchConfig:
         threads: compute threads of every process (default: all cores).
         oracle_gate: the gated systems take the ground truth as the gate's verdict (the gate
             still runs): times a perfect gate when the weights are untrained.
+        engine_baseline: also run the monolithic detector on splitdet's engines
+            (`systems.SameEngines`): what the gate and the split save, the engine aside.
         run_id: in the report: tells this run's report from an earlier run's.
     """
 
@@ -90,6 +94,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     oracle_gate: bool = False
+    engine_baseline: bool = True
     progress: bool = True
     command: str = field(default_factory=lambda: shlex.join(["splitdet", *sys.argv[1:]]))
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -215,6 +220,7 @@ def _run_streams(
             for name, found in outcomes.items()
             if name != MONOLITHIC
         }
+        add_engine_reductions(results[f"{rate:g}"])
         on_rate(results)
     return results
 
@@ -313,6 +319,7 @@ def _report_head(
             "seed": config.seed,
             "threads": threads,
             "oracle_gate": config.oracle_gate,
+            "engine_baseline": config.engine_baseline,
             # as the streams' VOC annotations give them (the model resizes: model.input)
             "image_sizes": [f"{w}×{h}" for w, h in sorted(sizes)],
         },
@@ -346,8 +353,10 @@ def _measure(
     client = CloudClient(ClientConfig(cloud_address, timeout_s=600))
     jpeg_client = JpegClient(jpeg_address)
     try:
+        engines = [SameEngines(pipelines[0], CloudHalf(model))] if config.engine_baseline else []
         systems = [
             Monolithic(model),
+            *engines,
             PaperGated(model, gate),
             *(Splitdet(p, client) for p in pipelines),
             JpegToCloud(jpeg_client, config.jpeg_quality),

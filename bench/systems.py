@@ -1,6 +1,11 @@
 """The systems the benchmark compares, each timing one image end to end.
 
     monolithic      torchvision Faster R-CNN, PyTorch eager, every stage for every image
+    monolithic-split-engines
+                    the same detector on splitdet's engines, in one process: the edge's
+                    preprocessing and ONNX Runtime body + FPN for every image, then the
+                    cloud's torch heads (no gate, codec or wire): splitdet against it is what
+                    the gate and the split save, the engine aside
     paper           the paper's multi-task model: full FPN for every image, the gate on its level,
                     RPN + ROI heads only for flagged images (same engine as monolithic)
     splitdet-CODEC  our edge (ONNX Runtime, lazy FPN) here, the cloud server in another process
@@ -32,7 +37,10 @@ from splitdet.bench.jpeg_server import JpegClient
 from splitdet.edge.client import CloudClient
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.shared.messages import build_request
-from splitdet.shared.model import MultiTaskRCNN
+from splitdet.shared.model import CloudHalf, MultiTaskRCNN
+
+#: The name of the engine baseline (`SameEngines`) in the report.
+SAME_ENGINES = "monolithic-split-engines"
 
 
 @dataclass
@@ -85,6 +93,32 @@ class Monolithic:
         output = self.model([torch.from_numpy(image)])[0]
         total = time.perf_counter() - start
         return Outcome(total, total, 0.0, 0, True, None, **_from_torch(output))
+
+
+class SameEngines:
+    """The monolithic detector on splitdet's engines (see the module docstring)."""
+
+    name = SAME_ENGINES
+
+    def __init__(self, pipeline: EdgePipeline, heads: CloudHalf) -> None:
+        """`pipeline`: the edge's (its gate unused); `heads`: the torch RPN + ROI heads of the
+        same weights."""
+        self.pipeline = pipeline
+        self.heads = heads
+
+    @torch.inference_mode()
+    def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
+        """Detect on one image (`decision` is ignored: there is no gate)."""
+        start = time.perf_counter()
+        levels, meta = self.pipeline.levels(image)
+        edge_s = time.perf_counter() - start
+        found = self.heads.detect(
+            {name: torch.from_numpy(level)[None] for name, level in levels.items()},
+            [meta.resized_hw],
+            [meta.original_hw],
+        )[0]
+        total = time.perf_counter() - start
+        return Outcome(total, edge_s, total - edge_s, 0, True, None, **_from_torch(found))
 
 
 class PaperGated:

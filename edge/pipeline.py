@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from splitdet.edge.preprocess import decode_image, load_image, prepare
-from splitdet.edge.runtime import EdgeRuntime
+from splitdet.edge.runtime import EdgeGate, EdgeRuntime
 from splitdet.shared.codec import CODECS, EncodedTensor, encode, encoded_size
 from splitdet.shared.detection import ImageMeta
 
@@ -95,17 +95,8 @@ class EdgePipeline:
         `decision` overrides the gate's verdict (the gate still runs and costs what it costs):
         the benchmark's oracle-gate mode, which times a perfect gate on untrained weights.
         """
-        config = self.manifest.model_config
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        prepared = prepare(
-            image, config.min_size, config.max_size, config.image_mean, config.image_std
-        )
-        timings["preprocess"] = time.perf_counter() - start
-        start = time.perf_counter()
-        gate = self.runtime.gate(prepared.batch)
-        timings["gate"] = time.perf_counter() - start
-        meta = ImageMeta(original_hw=prepared.original_hw, resized_hw=prepared.resized_hw)
+        gate, meta = self._gate(image, timings)
         flagged = (not self.gate_enabled) or gate.p_defect >= self.threshold
         if decision is not None:
             flagged = decision
@@ -120,3 +111,23 @@ class EdgePipeline:
         timings["encode"] = time.perf_counter() - start
         result.bytes_sent = encoded_size(result.encoded)
         return result
+
+    def levels(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], ImageMeta]:
+        """Every FPN level of one image Float32[3, H, W] in [0, 1] (name -> Float32[C, h, w],
+        not encoded), whatever the gate says, and the image's sizes: what the monolithic
+        detector computes before its heads."""
+        gate, meta = self._gate(image, {})
+        return self.runtime.complete(gate), meta
+
+    def _gate(self, image: np.ndarray, timings: dict[str, float]) -> tuple[EdgeGate, ImageMeta]:
+        """Preprocess and gate one image, its stages' seconds into `timings`."""
+        config = self.manifest.model_config
+        start = time.perf_counter()
+        prepared = prepare(
+            image, config.min_size, config.max_size, config.image_mean, config.image_std
+        )
+        timings["preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        gate = self.runtime.gate(prepared.batch)
+        timings["gate"] = time.perf_counter() - start
+        return gate, ImageMeta(original_hw=prepared.original_hw, resized_hw=prepared.resized_hw)

@@ -16,7 +16,12 @@ from splitdet.training.voc import read_split
 
 from conftest import make_tiny_model
 
-SYSTEMS = {"monolithic", "paper", "splitdet-int8", "splitdet-fp32", "jpeg95-to-cloud"}
+SYSTEMS = {
+    "monolithic", "monolithic-split-engines", "paper", "splitdet-int8", "splitdet-fp32",
+    "jpeg95-to-cloud",
+}  # fmt: skip
+#: The systems without a gate.
+GATELESS = ("monolithic", "monolithic-split-engines", "jpeg95-to-cloud")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +127,35 @@ def test_report_numbers_are_measured(bench_report):
     assert jpeg_bytes["jpeg95"] > jpeg_bytes["jpeg30"]
 
 
+def test_the_engine_baseline_runs_the_same_detector_on_splitdets_engines(bench_report):
+    """splitdet's edge runs ONNX Runtime and `monolithic` torch eager, so part of splitdet's
+    reduction was the engine's: `monolithic-split-engines` runs the same detector on splitdet's
+    engines (ONNX Runtime body and FPN, torch heads) for every image, and every system's
+    `reduction_vs_same_engines` (report.md: "vs same engines") is measured against it."""
+    out, report, _ = bench_report
+    text = (out / "report.md").read_text()
+    assert "Engine baseline `monolithic-split-engines`: the monolithic detector on" in text
+    header = next(x for x in text.splitlines() if x.startswith("| system |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    for rate_key, systems in report["rates"].items():
+        mono, engines = systems["monolithic"], systems["monolithic-split-engines"]
+        # the same detections as torch's on every image of the stream: the same mAP
+        assert engines["map50"] == pytest.approx(mono["map50"], abs=1e-9)
+        assert engines["map"] == pytest.approx(mono["map"], abs=1e-9)
+        assert engines["flagged_fraction"] == 1.0 and engines["bytes_per_image"] == 0
+        assert 0 < engines["edge_s"] < engines["mean_s"]  # (the rest: the heads)
+        assert engines["reduction_vs_same_engines"] is None
+        heading = "Defect rate 0%" if rate_key == "0" else "Defect rate 50%"
+        for name, summary in systems.items():
+            cells = dict(zip(columns, _row(text, heading, name), strict=True))
+            if name == "monolithic-split-engines":
+                assert cells["vs same engines"] == "–"
+                continue
+            expected = 1 - summary["mean_s"] / engines["mean_s"]
+            assert summary["reduction_vs_same_engines"] == pytest.approx(expected)
+            assert cells["vs same engines"] == f"{expected:+.1%}"
+
+
 def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, monkeypatch, capsys):
     """Ctrl-C in the last pass (after every rate's stream): report.json/.md hold the rates done."""
     import splitdet.bench.run as bench_run
@@ -138,10 +172,15 @@ def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, m
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(tiny_dataset), "--defect-rates", "0,0.5", "--images", "3"]
     argv += ["--codecs", "int8", "--rd-images", "2", "--out", str(out), "--no-progress"]
-    assert main(argv) == 130
+    assert main([*argv, "--no-engine-baseline"]) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False and set(report["rates"]) == {"0", "0.5"}
     assert report["rates"]["0.5"]["monolithic"]["mean_s"] > 0
+    # --no-engine-baseline: no engine baseline, and report.md says so
+    assert "monolithic-split-engines" not in report["rates"]["0.5"]
+    assert report["settings"]["engine_baseline"] is False
+    assert report["rates"]["0.5"]["paper"]["reduction_vs_same_engines"] is None
+    assert "not measured (--no-engine-baseline)" in (out / "report.md").read_text()
     assert report["rate_distortion"] is None
     text = (out / "report.md").read_text()
     assert "Incomplete" in text and "Defect rate 50%" in text
@@ -169,7 +208,7 @@ def test_systems_without_a_gate_or_a_reference_show_a_dash(bench_report):
     columns = [cell.strip() for cell in header.strip("|").split("|")]
     for system, summary in half.items():
         cells = dict(zip(columns, _row(text, "Defect rate 50%", system), strict=True))
-        assert cells["gate recall"] == ("–" if system in ("monolithic", "jpeg95-to-cloud")
+        assert cells["gate recall"] == ("–" if system in GATELESS
                                         else f"{summary['gate_recall']:.1%}")  # fmt: skip
         if system == "monolithic":
             assert cells["mAP kept"] == cells["reduction"] == "–"
@@ -184,7 +223,7 @@ def test_the_flagged_share_stands_beside_gate_recall(bench_report):
     assert columns[columns.index("gate recall") + 1] == "flagged"
     for system, summary in report["rates"]["0.5"].items():
         cells = dict(zip(columns, _row(text, "Defect rate 50%", system), strict=True))
-        gated = system not in ("monolithic", "jpeg95-to-cloud")
+        gated = system not in GATELESS
         assert cells["flagged"] == (f"{summary['flagged_fraction']:.1%}" if gated else "–")
 
 
