@@ -312,7 +312,10 @@ def test_a_size_swapped_by_exif_rotation_is_explained(tmp_path):
     path = tmp_path / "JPEGImages" / "turned.jpg"
     path.parent.mkdir(parents=True)
     Image.new("RGB", (W, H), (90, 90, 90)).save(path, exif=exif)
-    voc.write_annotation(tmp_path / "Annotations" / "turned.xml", VocSample("turned", path, H, W))
+    box = (voc.VocObject("scratch", (2.0, 2.0, 20.0, 6.0)),)  # (a box-less one is taken)
+    voc.write_annotation(
+        tmp_path / "Annotations" / "turned.xml", VocSample("turned", path, H, W, box)
+    )
     voc.write_split(tmp_path, "s", ["turned"])
     with pytest.raises(VocError, match=r"turned\.xml: <size> says 48x64 .*EXIF orientation"):
         voc.read_split(tmp_path, "s")

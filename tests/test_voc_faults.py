@@ -167,6 +167,34 @@ def test_data_check_lists_every_exif_turned_image(tmp_path, capsys):
         assert sum(f"{image_id}.xml" in line for line in problems) == 1
 
 
+def test_an_exif_turned_image_without_boxes_is_taken_as_it_is(tmp_path, capsys):
+    """`data split --write-empty` wrote empty annotations for EXIF-turned images, which `data
+    check` and `train` then refused ("boxes drawn on the turned view lie on other pixels"):
+    with no box there is nothing to lie on the wrong pixels. Its <size> may be the turned
+    view's (width and height swapped), as a tool shows it."""
+    from splitdet.shared.cli import main
+
+    box = [voc.VocObject("scratch", (10.0, 10.0, 60.0, 14.0))]
+    _sample(tmp_path, "d0", box)
+    _sample(tmp_path, "d1", box)
+    _sample(tmp_path, "free90", exif=6)
+    _sample(tmp_path, "free180", exif=3)
+    _sample(tmp_path, "free270", exif=8)
+    note = tmp_path / "Annotations" / "free270.xml"  # its size as a tool shows it: turned
+    note.write_text(note.read_text().replace(f"<width>{W}</width>", f"<width>{H}</width>", 1)
+                    .replace(f"<height>{H}</height>", f"<height>{W}</height>", 1))  # fmt: skip
+    for image_id in ("free90", "free180", "free270"):
+        sample = voc.read_annotation(tmp_path, image_id)
+        assert sample.objects == () and (sample.width, sample.height) == (W, H)
+    voc.write_split(tmp_path, "train", ["d0", "free90", "free180"])
+    voc.write_split(tmp_path, "val", ["d1", "free270"])
+    assert main(["data", "check", str(tmp_path), "--no-progress"]) == 0
+    assert "EXIF" not in capsys.readouterr().out
+    _sample(tmp_path, "turned", box, exif=6)  # a box on a turned image: still refused
+    with pytest.raises(voc.VocError, match=r"turned\.xml.*EXIF orientation"):
+        voc.read_annotation(tmp_path, "turned")
+
+
 # ------------------------------------------------- 4. splits without a single defective image
 
 

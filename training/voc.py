@@ -577,9 +577,15 @@ def read_annotation(
     unsized = width == 0 or height == 0  # some tools write 0: the size is the image header's
     if unsized or check_image:
         actual, orientation = _image_header(image_path, path)
+        # an annotation without boxes places nothing on the pixels: a turned view's size is
+        # no mistake there (what `data split --write-empty` writes for such an image)
+        boxless_turned = orientation in ORIENTATION_SHOWN and ann.find("object") is None
         mismatch = not unsized and actual != (width, height)
+        if boxless_turned and (width, height) == actual[::-1]:
+            mismatch = False
         said = f"<size> says {width}x{height} but " if mismatch else ""
-        if orientation in ORIENTATION_SHOWN:  # a tool showed other pixels than training reads
+        if orientation in ORIENTATION_SHOWN and not boxless_turned:  # a tool showed other
+            # pixels than training reads, under the boxes
             raise VocError(
                 f"{path}: {said}{image_path.name} is {actual[0]}x{actual[1]} px: "
                 f"{_orientation_problem(image_path, orientation)}"
