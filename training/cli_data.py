@@ -224,11 +224,15 @@ def run_split(args: argparse.Namespace) -> int:
     from splitdet.edge.cli_predict import write_json
     from splitdet.shared.cli import CommandError
     from splitdet.training import voc
+    from splitdet.training.voc_layout import missing_folder_hint
     from splitdet.training.voc_split import split_dataset
 
     root = Path(args.data)
     if not (root / "Annotations").is_dir() and not (root / "JPEGImages").is_dir():
-        raise CommandError(f"{root}: no Annotations/ or JPEGImages/ folder (not a VOC dataset)")
+        hints = missing_folder_hint(root, "JPEGImages") + missing_folder_hint(root, "Annotations")
+        raise CommandError(
+            f"{root}: no Annotations/ or JPEGImages/ folder (not a VOC dataset){hints}"
+        )
     if args.val + args.test >= 1:
         raise CommandError(f"--val {args.val} + --test {args.test} leave nothing to train on")
     try:

@@ -381,7 +381,8 @@ def _flag(path: Path, elem: ET.Element, tag: str, where: str) -> bool:
 def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
     """The image of annotation `image_id`: the one its <filename> names when that is a bare
     name of this id (``ID.png`` beside an ``ID.jpg``: the annotation says which), else
-    ``JPEGImages/ID.EXT`` for the first extension found, else <filename> (a bare name)."""
+    ``JPEGImages/ID.EXT`` for the first extension found, else <filename>'s bare name in
+    JPEGImages (`bare_filename`)."""
     folder = Path(root) / "JPEGImages"
     if filename and Path(filename).name == filename and Path(filename).stem == image_id:
         named = folder / filename
@@ -395,11 +396,20 @@ def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
     for candidate in sorted(folder.glob(f"{glob.escape(image_id)}.*")):
         if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
             return candidate
-    if filename and Path(filename).name == filename:  # a bare name, never a path elsewhere
-        candidate = folder / filename
+    base = bare_filename(filename)
+    if base:  # its bare name, in JPEGImages: never a path elsewhere (tools write "images/x.jpg")
+        candidate = folder / base
         if candidate.is_file():
             return candidate
     return None
+
+
+def bare_filename(filename: str | None) -> str | None:
+    """An annotation's <filename> without the folders some tools write before it (``images/``,
+    ``C:\\shots\\``); None for none."""
+    if not filename:
+        return None
+    return re.split(r"[\\/]", filename)[-1] or None
 
 
 def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from splitdet.edge.preprocess import input_scale
 from splitdet.shared.config import ModelConfig, pixel_full_scale
 from splitdet.training import voc
+from splitdet.training.voc_layout import missing_folder_hint, nested_note, unread_files_note
 
 __all__ = [
     "SPLITS",
@@ -388,13 +389,20 @@ def check_dataset(
     report = DatasetReport(root=root)
     for folder in ("Annotations", "JPEGImages"):
         if not (root / folder).is_dir():
-            report.problems.append(f"{root / folder}: folder not found (not a VOC dataset?)")
+            hint = missing_folder_hint(root, folder)
+            report.problems.append(f"{root / folder}: folder not found (not a VOC dataset?){hint}")
     if report.problems:
         return report
 
     ids = annotated_ids(root)
     files = image_files(root)
     report.annotations, report.images = len(ids), len(files)  # (ids with an image file)
+    nested = nested_note(root)
+    if nested is not None:  # (a problem when the top level holds nothing to read)
+        (report.problems if not ids or not files else report.warnings).append(nested)
+    unread = unread_files_note(root)
+    if unread is not None:
+        report.warnings.append(unread)
     annotated = set(ids)
     for path in sorted((root / "Annotations").iterdir()):
         if path.suffix.lower() != ".xml" or path.name.startswith("."):

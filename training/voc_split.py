@@ -20,6 +20,7 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
+from splitdet.training.voc_layout import nested_note
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -161,7 +162,11 @@ def split_dataset(
     empty = unannotated_samples(root, samples) if write_empty else []
     samples += empty
     if not samples:
-        raise voc.VocError(f"{root / 'Annotations'}: no annotation (*.xml) to split")
+        nested = nested_note(root)
+        raise voc.VocError(
+            f"{root / 'Annotations'}: no annotation (*.xml) to split"
+            + (f"; {nested}" if nested else "")
+        )
 
     class_counts = Counter(obj.name for s in samples for obj in s.objects)
     listed = {image_id for ids_ in kept.values() for image_id in ids_}
