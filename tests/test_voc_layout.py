@@ -101,3 +101,14 @@ def test_a_filename_with_a_folder_finds_its_image_by_the_bare_name(tmp_path, cap
     _annotation(tmp_path / "Annotations" / "frame_004.xml", "../elsewhere/IMG_9999.jpg")
     _, problems, _ = _check(tmp_path, capsys)  # never a path out of JPEGImages
     assert any("frame_004.xml: image file not found" in line for line in problems)
+
+
+def test_class_names_that_differ_only_in_case_are_pointed_out(tmp_path, capsys):
+    for k, name in enumerate(["scratch", "scratch", "Scratch", "dent"]):
+        _image(tmp_path / "JPEGImages" / f"d{k}.jpg")
+        objects = (voc.VocObject(name, (10.0, 10.0, 50.0, 14.0)),)
+        _annotation(tmp_path / "Annotations" / f"d{k}.xml", f"d{k}.jpg", objects)
+    _, _, warnings = _check(tmp_path, capsys)
+    twins = [w for w in warnings if "differ only in case" in w]
+    assert len(twins) == 1
+    assert "classes 'Scratch' and 'scratch' differ only in case (1 box(es), 2 box(es))" in twins[0]

@@ -361,6 +361,21 @@ def untrained_class_warning(
     return f"{train_file}: {'; and '.join(parts)}{read}"
 
 
+def case_twin_warnings(classes: Mapping[str, int], where: Path) -> list[str]:
+    """One warning per group of class names that differ only in case (``Scratch`` and
+    ``scratch``: usually a labelling slip, but two classes to train), with their box counts."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(classes):
+        groups.setdefault(name.casefold(), []).append(name)
+    return [
+        f"{where}: classes {' and '.join(repr(n) for n in names)} differ only in case "
+        f"({', '.join(f'{classes[n]} box(es)' for n in names)}): they train as "
+        f"{len(names)} classes; if they are one, give them one name in the annotations"
+        for names in groups.values()
+        if len(names) > 1
+    ]
+
+
 def _percentiles(values: list[float]) -> list[float]:
     return [round(min(values), 1), round(statistics.median(values), 1), round(max(values), 1)]
 
@@ -467,6 +482,7 @@ def check_dataset(
             f"{root / 'JPEGImages'}: {len(report.image_sizes)} different image sizes; the edge "
             "resizes each as the model was trained, but one camera usually gives one size"
         )
+    report.warnings += case_twin_warnings(report.classes, root / "Annotations")
     if class_names is None and report.classes and set(report.classes) != {DEFAULT_CLASS}:
         names = shlex.quote(",".join(sorted(report.classes)))
         report.warnings.append(
