@@ -87,7 +87,7 @@ def summarise(
         "edge_s": float(np.mean([o.edge_s for o in outcomes])),
         "cloud_s": float(np.mean([o.cloud_s for o in outcomes])),
         "bytes_per_image": bytes_per_image,
-        "bytes_per_defect_image": float(np.mean([o.bytes_sent for o in sent])) if sent else 0.0,
+        "bytes_per_sent_image": float(np.mean([o.bytes_sent for o in sent])) if sent else 0.0,
         "sent_fraction": len(sent) / len(outcomes),
         "flagged_fraction": float(np.mean([o.flagged for o in outcomes])),
         "map": metrics["map"],
@@ -99,6 +99,8 @@ def summarise(
         # the requested rate rounded to whole images (5% of 11 images is 1 defective, 9.1%)
         "defect_rate_realised": len(defective) / len(outcomes),
     }
+    # the same under its first name (it is over the images sent, defective or not)
+    summary["bytes_per_defect_image"] = summary["bytes_per_sent_image"]
     for link, bits_per_s in LINKS.items():
         transfer = bytes_per_image * 8 / bits_per_s
         summary[f"transfer_{link}_s_computed"] = transfer
@@ -153,13 +155,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def percent(rate: float) -> str:
+    """A requested defect rate as a percentage with the digits it was given: 5%, 12%, 13.5%,
+    0.4% (never rounded to a neighbour's label, or to 0% when it is not 0)."""
+    return f"{rate * 100:.4g}%"
+
+
 def rate_heading(rate_key: str, summary: dict) -> str:
     """A defect rate's heading: the requested rate, then the share the run's stream really had
     (rounding: 5% of 11 images is 1 defective, 9.1%), e.g. "Defect rate 5% (run: 1 of 11
     images, 9.1%; 11 unique)"."""
     n, k = summary["n_images"], summary["n_defective"]
     return (
-        f"Defect rate {float(rate_key):.0%} (run: {k} of {n} images, "
+        f"Defect rate {percent(float(rate_key))} (run: {k} of {n} images, "
         f"{summary['defect_rate_realised']:.1%}; "
         f"{summary['n_unique_images']} unique)"
     )
@@ -236,10 +244,10 @@ def markdown(report: dict) -> str:
         "",
     ]
     if not report.get("complete", True):
-        done = ", ".join(f"{float(r):.0%}" for r in report["rates"]) or "none"
+        done = ", ".join(percent(float(r)) for r in report["rates"]) or "none"
         lines += [
             "**Incomplete**: the run stopped, or is still running. Done: defect rates "
-            f"{done} (of {', '.join(f'{r:.0%}' for r in report['settings']['defect_rates'])}); "
+            f"{done} (of {', '.join(percent(r) for r in report['settings']['defect_rates'])}); "
             "the bytes-vs-mAP pass is not.",
             "",
         ]
@@ -308,7 +316,8 @@ def markdown(report: dict) -> str:
                 + f"{with_links} | "
                 f"{s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
-                f"{s['bytes_per_defect_image']:,.0f} | {s['transfer_100mbit_s_computed']:.3f} | "
+                f"{s.get('bytes_per_sent_image', s['bytes_per_defect_image']):,.0f} | "
+                f"{s['transfer_100mbit_s_computed']:.3f} | "
                 f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
                 f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} | "
                 f"{_fmt(s['flagged_fraction'] if s.get('has_gate', True) else None, '.1%')} |"
@@ -318,7 +327,8 @@ def markdown(report: dict) -> str:
         lines += [
             "## Bytes per defective image vs mAP kept",
             "",
-            f"On {report['rate_distortion']['n_images']} defective test images; mAP kept is "
+            f"On {report['rate_distortion']['n_images']} defective images of the "
+            f"{report.get('settings', {}).get('split', 'test')!r} split; mAP kept is "
             "relative to the monolithic detector on the original images.",
             "",
             "| encoding | bytes/image | mAP | mAP kept |",

@@ -79,6 +79,7 @@ def test_report_structure(bench_report):
                 "reduction",
                 "bytes_per_image",
                 "bytes_per_defect_image",
+                "bytes_per_sent_image",
                 "map",
                 "map_kept",
                 "edge_s",
@@ -97,6 +98,7 @@ def test_report_structure(bench_report):
     ):
         assert (out / name).stat().st_size > 0
     assert "monolithic" in (out / "report.md").read_text()
+    assert "On 2 defective images of the 'test' split" in (out / "report.md").read_text()
     assert report["complete"] is True and "Incomplete" not in (out / "report.md").read_text()
 
 

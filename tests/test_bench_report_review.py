@@ -205,3 +205,16 @@ def test_minus_zero_and_zero_are_one_rate(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--defect-rates=-0.0,0"])
     assert stop.value.code == 2 and "defect rate 0 listed twice" in capsys.readouterr().err
+
+
+def test_a_requested_rate_keeps_its_digits_in_headings():
+    """`--defect-rates 0.004` was headed "Defect rate 0%", and 0.125 and 0.135 were headed
+    "12%" and "14%": a rate that is not 0 shown as 0, and two rates shown alike."""
+    from splitdet.bench.report import percent, rate_heading
+
+    assert [percent(r) for r in (0.0, 0.004, 0.05, 0.12, 0.125, 0.135, 0.5, 1.0)] == [
+        "0%", "0.4%", "5%", "12%", "12.5%", "13.5%", "50%", "100%"
+    ]  # fmt: skip
+    summary = {"n_images": 250, "n_defective": 1, "defect_rate_realised": 0.004,
+               "n_unique_images": 250}  # fmt: skip
+    assert rate_heading("0.004", summary).startswith("Defect rate 0.4% (run: 1 of 250 images")
