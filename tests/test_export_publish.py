@@ -166,3 +166,36 @@ def test_an_export_past_the_file_size_limit_ends_in_one_line(tmp_path, fingerpri
     assert line.startswith(f"splitdet export: error: --out {out}: cannot write its "), line
     assert "file too large" in line and f"{out} keeps its earlier model as it was" in line, line
     assert read_manifest(out).fingerprint == fingerprints[0]
+
+
+def test_an_out_holding_another_programs_files_is_refused(tmp_path, capsys):
+    """`export --out` over another program's manifest.json replaced it, and over a folder of
+    images mixed the model's files in among them, with exit 0. Now refused, nothing written;
+    a new or empty folder, or one holding an earlier export (even with a note beside it),
+    still takes the export."""
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, make_tiny_model(seed=0))
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my webapp"}')
+    (webapp / "edge_gate.onnx").write_text("important")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (photos / name).write_bytes(b"\xff\xd8 a photo")
+    for out, said in [
+        (webapp, "its manifest.json is not a splitdet export's"),
+        (photos, "holds 4 file(s) of no splitdet export (a.jpg, b.jpg, c.jpg and 1 more)"),
+    ]:
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"splitdet export: error: --out {out}: {said}"), err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # (no lock file)
+    model = tmp_path / "model"
+    (model / "empty").mkdir(parents=True)
+    (model / "empty").rmdir()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
+    (model / "NOTES.txt").write_text("line 3's model")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
+    assert read_manifest(model).fingerprint

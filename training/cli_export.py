@@ -104,12 +104,58 @@ def calibration_batches(data: Path, config: ModelConfig, count: int) -> list:
     ]  # fmt: skip
 
 
+def foreign_out(out_dir: Path) -> str | None:
+    """Why `splitdet export` may not write into `out_dir`, or None: it may when it is missing or
+    empty, or holds a splitdet export (or what an interrupted one left). Otherwise its files
+    are another program's (its manifest.json, a folder of images) and the export's files would
+    replace or mix with them."""
+    from splitdet.shared.manifest import ALL_ARTIFACTS, MANIFEST_NAME, PUBLISHING_MARKER
+    from splitdet.training.export import EXPORT_LOCK, STAGING_PREFIX
+
+    if not out_dir.is_dir():
+        return None  # (missing: made; not a folder: export_model names it)
+    manifest = out_dir / MANIFEST_NAME
+    if manifest.exists() or manifest.is_symlink():
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = None
+        if isinstance(data, dict) and {"format", "fingerprint", "artifacts"} <= data.keys():
+            return None  # a splitdet export's (read_manifest judges the rest)
+        if data is None and any((out_dir / name).exists() for name in ALL_ARTIFACTS):
+            return None  # (a damaged manifest beside our artifacts: an export mends it)
+        return (
+            f"--out {out_dir}: its {MANIFEST_NAME} is not a splitdet export's, and the export "
+            "would replace it; choose another --out (a new or empty folder, or one holding an "
+            "earlier export)"
+        )
+    ours = {*ALL_ARTIFACTS, PUBLISHING_MARKER, EXPORT_LOCK}
+    try:
+        others = sorted(
+            p.name for p in out_dir.iterdir()
+            if p.name not in ours and not p.name.startswith(STAGING_PREFIX)
+        )  # fmt: skip
+    except OSError:
+        return None  # (export_model names a folder it cannot use)
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (
+        f"--out {out_dir}: holds {len(others)} file(s) of no splitdet export ({shown}), which "
+        "the model's files would mix with; export into a new or empty folder, or one holding "
+        "an earlier export"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Export and print the manifest's summary."""
     from splitdet.shared.checkpoint import CheckpointError, load_model, threshold_calibration
     from splitdet.shared.cli import CommandError
     from splitdet.training.export import ExportError, export_model
 
+    refused = foreign_out(Path(args.out))
+    if refused is not None:  # (before the checkpoint loads: nothing is written)
+        raise CommandError(refused)
     try:
         model, checkpoint = load_model(args.checkpoint, box_refine_steps=args.box_refine_steps)
         threshold = args.gate_threshold
