@@ -10,6 +10,7 @@ latter so `fasterrcnn_resnet50_fpn(num_classes=K).load_state_dict(...)` accepts 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -153,10 +154,59 @@ def load_model(
         if box_refine_steps is not None:
             config = replace(config, box_refine_steps=box_refine_steps)
         model = MultiTaskRCNN(config)
+        misfit = weights_misfit(model.state_dict(), checkpoint["model"])
+        if misfit is not None:
+            raise CheckpointError(f"{path}: weights do not fit its configuration ({misfit})")
         model.load_state_dict(checkpoint["model"])
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit its configuration ({exc})") from exc
+        if isinstance(exc, CheckpointError):
+            raise
+        said = " ".join(str(exc).split())  # (torch's message spans lines)
+        raise CheckpointError(f"{path}: weights do not fit its configuration ({said})") from exc
+    unusable = not_finite(checkpoint["model"])
+    if unusable:
+        raise CheckpointError(
+            f"{path}: {len(unusable)} weight tensor(s) hold NaN or infinity (e.g. "
+            f"{unusable[0]}): the training diverged before this checkpoint was saved; use "
+            "an earlier one, or train again with a lower learning rate"
+        )
     return model.eval(), checkpoint
+
+
+def weights_misfit(expected: Mapping[str, Any], given: Any) -> str | None:
+    """What keeps `given` (a checkpoint's "model") from loading into a model whose state dict
+    is `expected`, in one line: keys missing, keys unknown, shapes that differ (a count and
+    the first of each); None when it fits."""
+    if not isinstance(given, Mapping):
+        return f"its weights are a {type(given).__name__}, not a state dict"
+    missing = [k for k in expected if k not in given]
+    unknown = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} where the model has {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given
+        and hasattr(given[k], "shape")
+        and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(found)} {what}, e.g. {found[0]}"
+        for what, found in (
+            ("missing", missing),
+            ("unknown", unknown),
+            ("of another shape", shapes),
+        )
+        if found
+    ]
+    return "; ".join(parts) or None
+
+
+def not_finite(weights: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `weights` holding a NaN or an infinity."""
+    return [
+        name
+        for name, value in weights.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
 
 
 def detector_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

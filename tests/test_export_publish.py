@@ -199,3 +199,40 @@ def test_an_out_holding_another_programs_files_is_refused(tmp_path, capsys):
     (model / "NOTES.txt").write_text("line 3's model")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
     assert read_manifest(model).fingerprint
+
+
+def test_a_checkpoint_of_unusable_weights_is_named_in_one_line(tmp_path, capsys):
+    """Weights of NaN (a diverged run) were exported up to the self-check, which said
+    "p_defect: ONNX Runtime differs from PyTorch by nan relative"; weights of another model
+    gave torch's error over several lines. Now one line each, naming the checkpoint."""
+    import torch
+
+    model = make_tiny_model(seed=0)
+    diverged = tmp_path / "diverged.pt"
+    save_checkpoint(diverged, model)
+    saved = torch.load(diverged, weights_only=False)
+    saved["model"] = {k: v * float("nan") if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}  # fmt: skip
+    torch.save(saved, diverged)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model)
+    saved = torch.load(other, weights_only=False)
+    saved["model"] = dict(saved["model"])
+    saved["model"]["extra.weight"] = saved["model"].pop("roi_heads.box_predictor.cls_score.weight")
+    saved["model"]["rpn.head.conv.0.0.weight"] = torch.zeros(3, 3)
+    torch.save(saved, other)
+    for checkpoint, said in [
+        (diverged, "weight tensor(s) hold NaN or infinity (e.g. "),
+        (
+            other,
+            "weights do not fit its configuration (1 missing, e.g. roi_heads.box_predictor"
+            ".cls_score.weight; 1 unknown, e.g. extra.weight; 1 of another shape, e.g. rpn.head"
+            ".conv.0.0.weight (3, 3) where the model has (",
+        ),
+    ]:
+        out = tmp_path / f"out-{checkpoint.stem}"
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: {checkpoint}: " in err, err
+        assert said in err, err
+        assert not (out / "manifest.json").exists()
