@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument, client_config
 from splitdet.shared.cli import float_in, int_in
@@ -37,8 +37,14 @@ The images (files or folders) are run through the edge half once (every one, wha
 gate says) and their requests sent round-robin; each call carries a new request id, so the
 server computes every answer (its answers store keeps them, up to its --answers-cap). An edge
 whose call fails backs off as the edge daemon does (0.5 s doubling) before it tries again;
-latency is from a request's first try to its answer, and "per edge" the fewest and most
-answers one edge got (far apart: the server is unfair to some edges). Sizing:
+latency is from a request's first try to its answer, over every request sent: one still
+unanswered when the level ends counts at the time it waited ("no answer"; a percentile that
+falls on one shows as ">N ms", at least). "per edge" is the fewest and most answers one edge
+got (far apart: the server is unfair to some edges). A level with calls failed other than as
+busy (the server died, hung past --timeout, or the network failed) is not the server's
+capacity: the table warns under it, the JSON lists it in "failed_levels", and the exit status
+is 1. --json FILE is written at the start, after each level and at the end: "complete" false
+and "error" the message when the run failed or was stopped (null when it finished). Sizing:
 a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
 flags a fraction R (`splitdet eval --model` reports flagged_fraction; on the line, `edge status`
 gives the verdict counts it follows from).
@@ -147,15 +153,22 @@ def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, li
     return requests, fingerprint, problems, pipeline.codec
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure each level of ``args.clients``; see EPILOG."""
-    import contextlib
-    import tempfile
+#: The JSON's "error" while the run goes on: what a file left by a run killed outright says.
+NOT_FINISHED = "the run did not finish: it is still running, or was killed before it could say why"
 
-    from splitdet.edge.cli_predict import check_outputs, write_json
-    from splitdet.edge.client import ClientConfig
+
+def run(args: argparse.Namespace) -> int:
+    """Measure each level of ``args.clients``; see EPILOG. 0: every level measured without a
+    failed call; 1: every level measured, but some had calls failed other than as busy.
+
+    Past the option checks, --json FILE is always written: at the start (``"complete":
+    false`` with NOT_FINISHED, so no earlier run's file is left looking like this one's), after
+    each level, and at the end, with ``"error"`` the message of a run that failed or was
+    stopped (None when it ran to its end)."""
+    from splitdet.edge.cli_predict import check_outputs
     from splitdet.shared.cli import CommandError
 
+    _check_json_folder(args.json)
     check_outputs(args.json, None)
     config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
     if config is None:
@@ -163,37 +176,97 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
                                "is plaintext on loopback)")  # fmt: skip
+    report = {
+        "cloud": args.cloud,
+        "model_fingerprint": None,  # known once the model is loaded
+        "request_mb": None,
+        "seconds": args.seconds,
+        "settings": _settings(args, args.codec),
+        "levels": [],
+        "failed_levels": [],  # the levels (edges) with calls failed other than as busy
+        "complete": False,  # True once every level of --clients is measured
+        "error": NOT_FINISHED,
+    }
+    _save(args.json, report, final=False)
+    try:
+        _run(args, config, report)
+    except BaseException as exc:  # Ctrl-C and bugs too: the file says the run did not finish
+        report["error"] = _describe(exc)
+        try:
+            _save(args.json, report, final=True)
+        except CommandError as write_error:  # keep the run's own error; say this one too
+            print(f"splitdet loadtest: error: {write_error}", file=sys.stderr)
+        raise
+    report["complete"], report["error"] = True, None
+    _save(args.json, report, final=True)
+    if report["failed_levels"]:
+        counts = ", ".join(str(n) for n in report["failed_levels"])
+        print(f"splitdet loadtest: calls failed at {counts} edge(s), other than busy refusals: "
+              "those levels measured a failing server or network, not its capacity",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace, config: ClientConfig | None, report: dict) -> None:
+    """The run past the option checks: the requests, the cloud (started here without
+    --cloud), every level; fills ``report`` as it goes."""
+    import contextlib
+    import tempfile
+
+    from splitdet.edge.client import ClientConfig
+
     requests, fingerprint, problems, codec = _requests(args)
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
-    levels: list[dict] = []
-    report = {
-        "cloud": args.cloud,
-        "model_fingerprint": fingerprint,
-        "request_mb": round(size_mb, 3),
-        "seconds": args.seconds,
-        "settings": _settings(args, codec),
-        "levels": levels,
-        "complete": False,  # True once every level of --clients is measured
-    }
+    report["model_fingerprint"] = fingerprint
+    report["request_mb"] = round(size_mb, 3)
+    report["settings"]["codec"] = codec
     cloud = None
-    try:
-        with contextlib.ExitStack() as stack:
-            if config is None:
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                cloud = _start_cloud(args, scratch, stack)
-                config = ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name=args.name)
-                report["cloud"] = (
-                    f"a cloud started here (--max-concurrent {args.max_concurrent}, "
-                    f"--max-queued {args.max_queued})"
-                )
-            _measure(args, config, requests, size_mb, levels, report["cloud"], cloud)
-            report["complete"] = True
-    finally:  # also after a failure mid-run: the levels measured so far are kept
-        if args.json and levels:
-            write_json(args.json, report)
-    return 0
+    with contextlib.ExitStack() as stack:
+        if config is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            cloud = _start_cloud(args, scratch, stack)
+            config = ClientConfig(f"127.0.0.1:{cloud.ready['port']}", edge_name=args.name)
+            report["cloud"] = (
+                f"a cloud started here (--max-concurrent {args.max_concurrent}, "
+                f"--max-queued {args.max_queued})"
+            )
+        _measure(args, config, requests, size_mb, report, cloud)
+
+
+def _describe(exc: BaseException) -> str:
+    """The "error" of the JSON for a run ended by ``exc``: the line the console shows."""
+    from splitdet.shared.cli import CommandError
+
+    if isinstance(exc, CommandError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _save(json_file: str | None, report: dict, final: bool) -> None:
+    """Write ``report`` to --json: a file at any time, stdout ("-") only at the end."""
+    from splitdet.edge.cli_predict import write_json
+
+    if json_file and (final or json_file != "-"):
+        write_json(json_file, report)
+
+
+def _check_json_folder(json_file: str | None) -> None:
+    """Refuse a --json FILE under a path that is a file, not a folder (check_outputs would
+    say the folder "does not exist"): CommandError naming the file in the way."""
+    from splitdet.shared.cli import CommandError
+
+    if not json_file or json_file == "-":
+        return
+    for folder in Path(json_file).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise CommandError(f"--json {json_file}: {folder} is a file, not a folder")
+            return
 
 
 def _settings(args: argparse.Namespace, codec: str) -> dict:
@@ -220,11 +293,12 @@ def _measure(
     config: ClientConfig,
     requests: list[pb.DetectRequest],
     size_mb: float,
-    levels: list[dict],
-    where: str,
+    report: dict,
     cloud: ServiceProcess | None,
 ) -> None:
-    """Run every level of ``args.clients``, appending each row to ``levels`` and printing it."""
+    """Run every level of ``args.clients``: print each row, append it to ``report["levels"]``
+    (and its edge count to ``report["failed_levels"]`` when calls failed other than as busy)
+    and save the report to --json."""
     import dataclasses
 
     from splitdet.bench.load import measure_level
@@ -232,9 +306,10 @@ def _measure(
     from splitdet.shared.cli import CommandError
 
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds the JSON
-    print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {where}", file=out)
-    print(f"{'edges':>5} {'answered':>8} {'answers/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
-          f"{'p99 ms':>8} {'busy':>6} {'per edge':>9}  failed", file=out)  # fmt: skip
+    print(f"{len(requests)} request(s) of {size_mb:.2f} MB on average to {report['cloud']}",
+          file=out)  # fmt: skip
+    print(f"{'edges':>5} {'answered':>8} {'no answer':>9} {'answers/s':>9} {'p50 ms':>8} "
+          f"{'p90 ms':>8} {'p99 ms':>8} {'busy':>6} {'per edge':>9}  failed", file=out)  # fmt: skip
     base_name = (config.edge_name or "loadtest")[:54]
     for clients in args.clients:
 
@@ -246,21 +321,52 @@ def _measure(
             level = measure_level(make_client, requests, clients, args.seconds)
         except CloudError as exc:
             if cloud is not None and cloud.process.poll() is not None:
-                raise CommandError(str(cloud.failed_mid_run(str(exc)))) from None
+                raise CommandError(_cloud_died(cloud, str(exc))) from None
             raise CommandError(f"the first call of an edge failed: {exc}") from None
         if cloud is not None and cloud.process.poll() is not None:
-            raise CommandError(str(cloud.failed_mid_run(f"{clients} edges")))
+            raise CommandError(_cloud_died(cloud, f"measuring {clients} edge(s)"))
         row = level.to_json()
-        levels.append(row)
-        lat, per_edge = row["latency_ms"], row["answered_per_edge"]
-        cells = [f"{lat[q]:8.1f}" if lat[q] is not None else f"{'-':>8}" for q in lat]
-        failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
-        spread = f"{per_edge['min']}-{per_edge['max']}"
-        print(f"{clients:>5} {row['answered']:>8} {row['answers_per_second']:>9.2f} "
-              f"{' '.join(cells)} {row['busy']:>6} {spread:>9}  {failed}", file=out)  # fmt: skip
-        if row["edges_unanswered"]:
-            print(f"      warning: {row['edges_unanswered']} of {clients} edges got no answer: "
-                  "latency describes the answered calls only", file=out)  # fmt: skip
+        report["levels"].append(row)
+        if row["failed"]:
+            report["failed_levels"].append(clients)
+        _print_row(row, out)
+        _save(args.json, report, final=False)
+
+
+def _print_row(row: dict, out: TextIO) -> None:
+    """One level's line of the table, and its warnings below it.
+
+    A percentile that fell on a request never answered is shown as ">N": it waited at least
+    that long."""
+    clients, lat, per_edge = row["clients"], row["latency_ms"], row["answered_per_edge"]
+    cells = [
+        f"{'>' if q in row['latency_at_least'] else ''}{lat[q]:.1f}" if lat[q] is not None else "-"
+        for q in lat
+    ]
+    failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
+    spread = f"{per_edge['min']}-{per_edge['max']}"
+    print(f"{clients:>5} {row['answered']:>8} {row['unanswered']:>9} "
+          f"{row['answers_per_second']:>9.2f} {' '.join(f'{c:>8}' for c in cells)} "
+          f"{row['busy']:>6} {spread:>9}  {failed}", file=out)  # fmt: skip
+    if row["failed"]:
+        print(f"      warning: at {clients} edge(s) calls failed ({failed}), not refused as busy: "
+              "this level measured a failing server or network, not its capacity",
+              file=out)  # fmt: skip
+    if row["edges_unanswered"]:
+        print(f"      warning: {row['edges_unanswered']} of {clients} edges got no answer",
+              file=out)  # fmt: skip
+    if row["latency_at_least"]:
+        print(f"      note: {row['unanswered']} request(s) still unanswered at the end count in "
+              "the latency at the time they waited (>: at least)", file=out)  # fmt: skip
+
+
+def _cloud_died(cloud: ServiceProcess, during: str) -> str:
+    """The error for the cloud started here ending mid-run: its exit status and the end of its
+    log, quoted (the log itself goes with the run's scratch folder)."""
+    return (
+        f"the {cloud.name} started here exited with status {cloud.process.returncode} mid-run "
+        f"({during}). The end of its log:\n{cloud.tail(10)}"
+    )
 
 
 def _start_cloud(

@@ -6,7 +6,9 @@ channel (one connection, as a separate edge has) and edge name, sending real Det
 back to back for ``seconds``; every call carries a new request id, so the server's answers
 store never answers from memory. RESOURCE_EXHAUSTED (more calls than ``--max-concurrent``)
 is counted as "busy", any other failure by its code; after either, that edge backs off as the
-edge daemon does before it sends the request again.
+edge daemon does before it sends the request again. A request still unanswered when its edge
+stops (the level's end) counts in the latency at the time it waited: a server that dies or
+hangs mid-level shows in the percentiles, not only in the failure counts.
 
 Torch-free: the requests come from the edge pipeline; the server is whatever ``--cloud`` is.
 """
@@ -22,8 +24,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from splitdet.edge.client import CloudClient, CloudError, RetryLater
 from splitdet.edge.sender import Backoff
 from splitdet.shared.wire import detection_pb2 as pb
@@ -34,13 +34,19 @@ __all__ = ["LevelResult", "fresh_request", "measure_level"]
 WARMUP_TRIES = 4
 
 
+#: The latency percentiles reported.
+PERCENTILES = (50, 90, 99)
+
+
 @dataclass
 class LevelResult:
     """One concurrency level's outcome.
 
     ``latencies_s``: seconds from each answered request's first try to its answer (with the
-    backoff of any busy refusals before it: the delay an edge sees). ``failures``: status code name
-    -> calls (``RESOURCE_EXHAUSTED``: the server was busy).
+    backoff of any refusals before it: the delay an edge sees). ``unanswered_s``: for each
+    request its edge was still trying when the level ended (at most one per edge), seconds from
+    its first try to when the edge stopped: it waited at least that long, with no answer.
+    ``failures``: status code name -> calls (``RESOURCE_EXHAUSTED``: the server was busy).
     """
 
     clients: int
@@ -48,6 +54,7 @@ class LevelResult:
     latencies_s: list[float] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)
     per_edge: list[int] = field(default_factory=list)  # answered calls of each edge
+    unanswered_s: list[float] = field(default_factory=list)
 
     @property
     def answered(self) -> int:
@@ -61,32 +68,63 @@ class LevelResult:
 
     @property
     def edges_unanswered(self) -> int:
-        """Edges that got no answer at all: the latency figures describe the others only."""
+        """Edges that got no answer at all in the level."""
         return sum(1 for n in self.per_edge if n == 0)
 
+    @property
+    def failed(self) -> dict[str, int]:
+        """Failed calls by status code, the server's busy refusals (RESOURCE_EXHAUSTED) left
+        out: any of these means the level measured a failing server or network, not its
+        capacity."""
+        return {k: v for k, v in sorted(self.failures.items()) if k != "RESOURCE_EXHAUSTED"}
+
+    def percentiles(self) -> dict[str, tuple[float, bool] | None]:
+        """``"p50"`` ... -> (seconds, answered) over every request of the level, answered or
+        not, by nearest rank (a latency some request really had); ``answered`` False: the
+        percentile fell on a request never answered, so the true figure is at least that.
+        None when the level sent no request."""
+        samples = sorted(
+            [(s, True) for s in self.latencies_s] + [(s, False) for s in self.unanswered_s]
+        )
+        return {f"p{q}": _nearest_rank(samples, q) for q in PERCENTILES}
+
     def to_json(self) -> dict:
-        """Plain JSON types; latencies in ms."""
-        lat = self.latencies_s
+        """Plain JSON types; latencies in ms.
+
+        ``latency_ms``: percentiles over every request, an unanswered one at the time it waited
+        (``latency_at_least`` lists those that fell on one: lower bounds);
+        ``answered_latency_ms``: over the answered requests only."""
+        every = self.percentiles()
+        answered = sorted((s, True) for s in self.latencies_s)
         return {
             "clients": self.clients,
             "seconds": round(self.seconds, 3),
             "answered": self.answered,
+            "unanswered": len(self.unanswered_s),
             "answers_per_second": round(self.answers_per_second, 3),
-            "latency_ms": {
-                # nearest rank: a latency some call really had
-                f"p{q}": round(float(np.percentile(lat, q, method="inverted_cdf")) * 1000, 1)
-                if lat
-                else None
-                for q in (50, 90, 99)
-            },
+            "latency_ms": {k: _ms(v) for k, v in every.items()},
+            "latency_at_least": [k for k, v in every.items() if v is not None and not v[1]],
+            "answered_latency_ms": {f"p{q}": _ms(_nearest_rank(answered, q)) for q in PERCENTILES},
             "answered_per_edge": {
                 "min": min(self.per_edge, default=0),
                 "max": max(self.per_edge, default=0),
             },
             "edges_unanswered": self.edges_unanswered,
             "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
-            "failed": {k: v for k, v in self.failures.items() if k != "RESOURCE_EXHAUSTED"},
+            "failed": self.failed,
         }
+
+
+def _nearest_rank(samples: Sequence[tuple[float, bool]], q: int) -> tuple[float, bool] | None:
+    """The ``q``-th percentile of sorted ``samples`` by nearest rank (numpy's "inverted_cdf"):
+    the smallest sample with at least q % of them at or below it; None for no sample."""
+    if not samples:
+        return None
+    return samples[max(0, -(-len(samples) * q // 100) - 1)]
+
+
+def _ms(sample: tuple[float, bool] | None) -> float | None:
+    return None if sample is None else round(sample[0] * 1000, 1)
 
 
 def fresh_request(base: pb.DetectRequest) -> pb.DetectRequest:
@@ -148,6 +186,9 @@ def measure_level(
                 result.latencies_s.append(time.perf_counter() - began)
                 result.per_edge[k] += 1
             n, failures, began = n + 1, 0, None
+        if began is not None:  # the level ended with this edge's request still unanswered
+            with lock:
+                result.unanswered_s.append(time.perf_counter() - began)
 
     threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(clients)]
     try:

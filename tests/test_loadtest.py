@@ -4,7 +4,13 @@ RESOURCE_EXHAUSTED, and each simulated edge is seen under its own name."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,26 +105,55 @@ def test_without_queue_one_edge_takes_every_slot_and_with_it_each_gets_its_turn(
     assert spreads[8][0] >= spreads[8][-1] // 2  # every edge got about its share
 
 
+#: What an earlier, finished run left at a --json path.
+STALE = {"complete": True, "levels": [{"clients": 1, "answered": 99}]}
+
+
 def test_a_cloud_that_cannot_answer_is_one_line(images, tmp_path, capsys):
+    """...and the --json names the error: it wrote nothing before its first level, and an
+    earlier run's file at that path stayed, saying "complete": true."""
     _, model_dir, _ = shared_model_dir()
     other_dir = shared_model_dir(seed=1)[1]  # a cloud serving another export
     server = start_cloud_process(other_dir, tmp_path / "other", "other")
+    out = tmp_path / "load.json"
+    out.write_text(json.dumps(STALE))
     try:
         code = main(["loadtest", str(images), "--model", str(model_dir), "--cloud",
-                     server.address, "--seconds", "0.5", "--clients", "1"])  # fmt: skip
+                     server.address, "--seconds", "0.5", "--clients", "1",
+                     "--json", str(out)])  # fmt: skip
     finally:
         server.stop()
     err = capsys.readouterr().err
     assert code == 2 and "the first call of an edge failed" in err
     assert "FAILED_PRECONDITION" in err and "Traceback" not in err
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["levels"] == []
+    assert "the first call of an edge failed: FAILED_PRECONDITION" in report["error"]
 
 
 def test_no_usable_image_is_one_line(tmp_path, capsys):
     _, model_dir, _ = shared_model_dir()
     (tmp_path / "a.png").write_bytes(b"")
-    code = main(["loadtest", str(tmp_path), "--model", str(model_dir), "--cloud", "127.0.0.1:1"])
+    out = tmp_path / "load.json"
+    out.write_text(json.dumps(STALE))  # an earlier run's: replaced, not left as this one's
+    code = main(["loadtest", str(tmp_path), "--model", str(model_dir), "--cloud", "127.0.0.1:1",
+                 "--json", str(out)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and f"no usable image among {tmp_path}" in err and "a.png" in err
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["levels"] == []
+    assert report["error"].startswith(f"no usable image among {tmp_path}")
+
+
+def test_a_json_path_under_a_file_says_so(tmp_path, capsys):
+    """`--json afile/x.json`, afile a regular file, said "folder afile does not exist"."""
+    (tmp_path / "afile").write_text("")
+    for target in ("afile/x.json", "afile/sub/x.json"):
+        code = main(["loadtest", str(tmp_path), "--model", str(tmp_path), "--cloud",
+                     "127.0.0.1:1", "--json", str(tmp_path / target)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in err, err
+        assert "does not exist" not in err
 
 
 def test_the_json_records_its_settings_and_whether_every_level_ran(
@@ -148,7 +183,13 @@ def test_the_json_records_its_settings_and_whether_every_level_ran(
         "max_concurrent": None, "max_queued": None, "cloud_threads": None,
     }  # fmt: skip
     assert main([*argv, "--clients", "1", "--json", str(whole)]) == 0, capsys.readouterr().err
-    assert json.loads(whole.read_text())["complete"] is True
+    done = json.loads(whole.read_text())
+    assert done["complete"] is True
+    # stopped in its first level: the earlier run's file there is replaced, not left complete
+    assert main([*argv, "--clients", "2", "--json", str(whole)]) == 130
+    first = json.loads(whole.read_text())
+    assert first["complete"] is False and first["levels"] == []
+    assert report["error"] == first["error"] == "interrupted" and done["error"] is None
 
 
 def test_edges_that_got_no_answer_are_counted_and_named_in_the_table(images, tmp_path, capsys):
@@ -168,7 +209,114 @@ def test_edges_that_got_no_answer_are_counted_and_named_in_the_table(images, tmp
     finally:
         server.stop()
     captured = capsys.readouterr()
-    assert code == 0, captured.err
+    assert code == 0, captured.err  # refused as busy: the server's own limit, no failure
     (level,) = json.loads(out.read_text())["levels"]
     assert level["answered"] >= 1 and level["edges_unanswered"] == 2
-    assert "2 of 3 edges got no answer: latency describes the answered calls only" in captured.out
+    assert level["busy"] >= 2 and level["failed"] == {}
+    assert "2 of 3 edges got no answer" in captured.out
+    # the two refused requests count in the latency at the time they waited (at least)
+    assert level["unanswered"] == 2 and level["latency_at_least"]
+    assert "2 request(s) still unanswered at the end count in the latency" in captured.out
+
+
+#: The cloud's count of one edge's answers, as `scrape_metrics` keys it.
+ANSWERS = 'splitdet_cloud_edge_answers_total{edge="%s",fingerprint="%s"}'
+
+
+def _when(condition, timeout: float = 60.0) -> bool:
+    """Wait until ``condition()`` is true (True), or ``timeout`` seconds (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if condition():
+                return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGKILL, "UNAVAILABLE"), (signal.SIGSTOP, "DEADLINE_EXCEEDED")],
+    ids=["dies", "hangs"],
+)
+def test_a_server_that_dies_or_hangs_mid_level_is_flagged(images, tmp_path, capsys, signum, code):
+    """kill -9 or kill -STOP of a --cloud server mid-level was reported as a whole measurement:
+    exit 0, no warning, and latency over the answered calls only (p99 of some ms while calls
+    went unanswered for seconds). Now the level is flagged (table, JSON, exit status 1) and the
+    request left unanswered counts in the latency at the time it waited."""
+    _, model_dir, manifest = shared_model_dir()
+    server = start_cloud_process(model_dir, tmp_path / "victim", "cloud")
+    answers = ANSWERS % ("sig-load0", manifest.fingerprint)
+
+    def strike() -> None:  # after the warm-up call and two measured ones
+        if _when(lambda: server.metrics().get(answers, 0) >= 3):
+            os.kill(server.process.pid, signum)
+
+    striker = threading.Thread(target=strike, daemon=True)
+    striker.start()
+    out = tmp_path / "load.json"
+    try:
+        status = main(["loadtest", str(images / "0.png"), "--model", str(model_dir), "--cloud",
+                       server.address, "--name", "sig", "--clients", "1", "--seconds", "1.5",
+                       "--timeout", "0.5", "--json", str(out)])  # fmt: skip
+        striker.join(5)
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert status == 1, captured.err
+    assert "calls failed at 1 edge(s)" in captured.err and "Traceback" not in captured.err
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["failed_levels"] == [1]
+    (level,) = report["levels"]
+    assert level["failed"].get(code, 0) >= 1, level
+    assert f"warning: at 1 edge(s) calls failed ({code} " in captured.out
+    assert level["unanswered"] == 1 and "p99" in level["latency_at_least"]
+    assert level["latency_ms"]["p99"] >= 500  # waited at least --timeout, or until the end
+    assert level["answered_latency_ms"]["p99"] < level["latency_ms"]["p99"]
+
+
+def test_its_own_cloud_dying_in_the_first_level_is_recorded_and_quoted(images, tmp_path, capsys):
+    """The cloud started here killed in level 1: no --json was written (an earlier file stayed,
+    "complete": true), and the error pointed at the cloud's log in a folder deleted by then."""
+    _, model_dir, _ = shared_model_dir()
+    out = tmp_path / "load.json"
+    out.write_text(json.dumps(STALE))
+    me = os.getpid()
+
+    def children() -> dict[int, list[bytes]]:  # pid -> argv of this process's children
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError):
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == me:
+                    argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+                    found[int(stat.parent.name)] = argv
+        return found
+
+    before = set(children())  # e.g. another test's cloud
+
+    def our_cloud() -> int | None:  # the cloud the loadtest started, once it serves
+        for pid, argv in children().items():
+            if pid in before or b"cloud" not in argv or b"--ready-file" not in argv:
+                continue
+            if Path(argv[argv.index(b"--ready-file") + 1].decode()).exists():
+                return pid
+        return None
+
+    def kill_it() -> None:
+        found: list[int | None] = [None]
+        if _when(lambda: found.append(our_cloud()) or found[-1] is not None, 120):
+            time.sleep(0.5)  # past the warm-up call, into the level
+            os.kill(found[-1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_it, daemon=True)
+    killer.start()
+    status = main(["loadtest", str(images / "0.png"), "--model", str(model_dir), "--clients",
+                   "1", "--seconds", "2", "--cloud-threads", "1", "--json", str(out)])  # fmt: skip
+    killer.join(5)
+    err = capsys.readouterr().err
+    assert status == 2 and "exited with status -9" in err, err
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["levels"] == []
+    assert "cloud.log" not in err  # no file named that is deleted by now,
+    assert "The end of its log:\n" in err and "serving model" in err  # its end quoted
+    assert "the cloud server started here exited with status -9" in report["error"]
