@@ -73,7 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="images per stream of the short benchmark (0: skip it)",
     )
     p.add_argument(
-        "--threads", type=int_in(1, 1024), default=None, help="threads per process, 1-1024 (all)"
+        "--threads",
+        type=int_in(1, 1024),
+        default=None,
+        help="threads per process, 1-1024 (default: all cores to train and benchmark, 2 each for "
+        "the live cloud and edge, which share the machine)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)

@@ -107,7 +107,11 @@ def _file_digest(path: Path) -> str:
 
 
 def _run(args: list[str]) -> None:
+    """`splitdet ARGS` in this process; RuntimeError when it fails, KeyboardInterrupt when it
+    was interrupted (130: Ctrl-C, which it reported already)."""
     code = splitdet(args)
+    if code == 130:
+        raise KeyboardInterrupt
     if code != 0:
         raise RuntimeError(f"splitdet {' '.join(args)} failed with status {code}")
 

@@ -733,6 +733,13 @@ class _Task:
     defective: bool
 
 
+def _ignore_interrupts() -> None:
+    """A render worker's start: SIGINT ignored (see `generate_dataset`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _render_task(task: _Task) -> tuple[str, int, float]:
     t0 = time.perf_counter()
     img = generate_image(task.seed, task.index, task.size, task.defective, stream=task.stream)
@@ -905,7 +912,9 @@ def generate_dataset(
             ctx = mp.get_context("spawn")  # safe with threads in the parent (tqdm, torch)
             n_proc = min(workers, len(tasks))
             chunk = max(1, min(8, len(tasks) // (n_proc * 4)))
-            with ctx.Pool(n_proc) as pool:
+            # the workers leave Ctrl-C to this process (which ends them with the pool): each
+            # printed its own KeyboardInterrupt traceback when the terminal's group got it
+            with ctx.Pool(n_proc, initializer=_ignore_interrupts) as pool:
                 for image_id, nb, dt in pool.imap_unordered(_render_task, tasks, chunksize=chunk):
                     n_boxes[image_id] = nb
                     busy += dt
