@@ -32,8 +32,11 @@ NOISY_IMAGES = 50
 GENERATOR = "splitdet bench"
 #: Keys every report.json of splitdet bench had before it carried "generator".
 OLD_REPORT_KEYS = frozenset({"command", "machine", "model", "rates"})
-#: Every file `write_report` writes.
+#: Every image through every system, one row each (`write_outcomes`): what the figures are from.
+OUTCOMES_CSV = "outcomes.csv"
+#: Every file a run writes (`write_report`, `write_outcomes`).
 OUTPUTS = (
+    OUTCOMES_CSV,
     "report.json",
     "report.md",
     "time_vs_defect_rate.png",
@@ -340,7 +343,13 @@ def markdown(report: dict) -> str:
                 f"{_fmt(point['map_kept'], '.1%')} |"
             )
         lines.append("")
-    lines += ["Figures: " + ", ".join(f"`{f}`" for f in report["figures"]), ""]
+    lines += [
+        "Figures: " + ", ".join(f"`{f}`" for f in report["figures"]),
+        "",
+        f"Every image through every system, one row each (the figures above are from them): "
+        f"`{OUTCOMES_CSV}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -491,6 +500,53 @@ def remove_outputs(out_dir: Path) -> None:
         )
     for name in OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
+
+
+#: The columns of OUTCOMES_CSV.
+OUTCOME_COLUMNS = (
+    "defect_rate", "position", "image_id", "defective", "system", "total_s", "edge_s",
+    "cloud_s", "bytes_sent", "flagged", "p_defect", "detections",
+)  # fmt: skip
+
+
+def outcome_rows(
+    rate_key: str, stream: Sequence[VocSample], outcomes: dict[str, list[Outcome]]
+) -> list[dict]:
+    """One defect rate's rows of OUTCOMES_CSV: every image of `stream` (in stream order,
+    `position` from 0) through every system of `outcomes` (system name -> its outcomes in
+    stream order); seconds and bytes as measured, `p_defect` empty for a system without a
+    gate."""
+    return [
+        {
+            "defect_rate": rate_key,
+            "position": position,
+            "image_id": sample.image_id,
+            "defective": int(sample.is_defective),
+            "system": name,
+            "total_s": f"{o.total_s:.6f}",
+            "edge_s": f"{o.edge_s:.6f}",
+            "cloud_s": f"{o.cloud_s:.6f}",
+            "bytes_sent": o.bytes_sent,
+            "flagged": int(o.flagged),
+            "p_defect": "" if o.p_defect is None else f"{o.p_defect:.6f}",
+            "detections": len(o.scores),
+        }
+        for name, found in outcomes.items()
+        for position, (sample, o) in enumerate(zip(stream, found, strict=True))
+    ]
+
+
+def write_outcomes(rows: Sequence[dict], out_dir: Path) -> None:
+    """OUTCOMES_CSV in `out_dir`: `rows` (`outcome_rows` of every rate so far), whole or not at
+    all."""
+    import csv
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, OUTCOME_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / OUTCOMES_CSV, text.getvalue().encode())
 
 
 def write_report(report: dict, out_dir: Path) -> None:

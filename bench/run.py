@@ -28,8 +28,10 @@ from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.report import (
     MONOLITHIC,
     add_engine_reductions,
+    outcome_rows,
     remove_outputs,
     summarise,
+    write_outcomes,
     write_report,
 )
 from splitdet.bench.streams import make_stream
@@ -205,6 +207,7 @@ def _run_streams(
     """Every defect rate's stream through every system; `on_rate(results)` after each rate.
     `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read)."""
     results: dict[str, dict] = {}
+    rows: list[dict] = []
     for rate, stream in streams.items():
         outcomes: dict[str, list[Outcome]] = {s.name: [] for s in systems}
         for index, sample in enumerate(stream):
@@ -221,6 +224,8 @@ def _run_streams(
             if name != MONOLITHIC
         }
         add_engine_reductions(results[f"{rate:g}"])
+        rows += outcome_rows(f"{rate:g}", stream, outcomes)
+        write_outcomes(rows, config.out_dir)
         on_rate(results)
     return results
 

@@ -158,6 +158,32 @@ def test_the_engine_baseline_runs_the_same_detector_on_splitdets_engines(bench_r
             assert cells["vs same engines"] == f"{expected:+.1%}"
 
 
+def test_every_figure_follows_from_the_per_image_outcomes(bench_report, tiny_dataset):
+    """report.json held only aggregates: nothing to check its means and shares against. Now
+    outcomes.csv holds every image through every system, in stream order."""
+    import csv
+
+    out, report, _ = bench_report
+    with (out / "outcomes.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    test = {s.image_id: s.is_defective for s in read_split(tiny_dataset, "test")}
+    for rate_key, systems in report["rates"].items():
+        for name, summary in systems.items():
+            mine = [r for r in rows if r["defect_rate"] == rate_key and r["system"] == name]
+            assert [int(r["position"]) for r in mine] == list(range(summary["n_images"]))
+            assert sum(int(r["defective"]) for r in mine) == summary["n_defective"]
+            assert all(int(r["defective"]) == test[r["image_id"]] for r in mine)
+            totals = [float(r["total_s"]) for r in mine]
+            assert summary["mean_s"] == pytest.approx(np.mean(totals), abs=1e-5)
+            assert summary["p50_s"] == pytest.approx(np.percentile(totals, 50), abs=1e-5)
+            sent = [int(r["bytes_sent"]) for r in mine]
+            assert summary["bytes_per_image"] == pytest.approx(np.mean(sent))
+            flagged = [int(r["flagged"]) for r in mine]
+            assert summary["flagged_fraction"] == pytest.approx(np.mean(flagged))
+            assert all((r["p_defect"] == "") == (name in GATELESS) for r in mine)
+    assert "`outcomes.csv`" in (out / "report.md").read_text()
+
+
 def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, monkeypatch, capsys):
     """Ctrl-C in the last pass (after every rate's stream): report.json/.md hold the rates done."""
     import splitdet.bench.run as bench_run
