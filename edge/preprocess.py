@@ -28,6 +28,7 @@ image plus two float channels (the numbers are the same as computing it all at o
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,12 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
     except UnidentifiedImageError:
         raise ImageError(f"{source}: not an image file (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{source}: refused as a decompression bomb ({exc})") from None
+        # (Pillow's own limits, past ours, refuse it as it opens: said as ours is)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found[1])} pixels" if found else "its pixel count"
+        raise ImageError(
+            f"{source}: {size} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)"
+        ) from None
     except MemoryError:
         raise _too_large(source, None) from None
     except Exception as exc:
