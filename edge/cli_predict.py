@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,7 +27,8 @@ from splitdet.shared.atomic_file import atomic_write
 
 if TYPE_CHECKING:
     from splitdet.edge.client import ClientConfig
-    from splitdet.edge.predict import Detector
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.predict import Detector, InputScan, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,20 @@ examples:
   splitdet predict archive/ --recursive --model models/gasket --json results.json
   splitdet predict frames/ --model models/gasket --cloud 10.0.0.5:50051 --gate off
 
---json FILE writes, per image: path, p_defect, verdict (ok | defect | error), boxes
-[x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage timings (s),
-bytes_sent and annotated (the file --save wrote). Unreadable files get verdict "error" with the
-reason; the others are processed. --save names each annotated image after its source
-(a.png -> a.jpg; a second a.* becomes a_2.jpg). An unwritable --json or --save is refused
-before any image is read.
+--json FILE writes a list of records, one per image: path, p_defect, verdict (ok | defect |
+error), boxes [x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage
+timings (s), bytes_sent, error, annotated (the file --save wrote), and the run's fingerprint,
+gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C: the
+images finished by then are written, exit status 130). Unreadable files (missing, not a regular
+file, over 256 MiB, not an image) and flagged images whose detection call failed get verdict
+"error" with the reason (the latter keep p_defect); the others are processed. Each file is
+processed once, however often it is named. --save names each annotated image after its source
+(a.png -> a.jpg; a second a.* becomes a_2.jpg). An unwritable --json or --save, a --json that
+would overwrite an input or an image file, and a --save where the annotated copies could
+overwrite inputs (an input file's own folder, an input folder, or with --recursive any folder
+inside one) are refused before any image is read.
 Exit status: 0 all images processed, 1 some images had errors (unreadable, or their detection
-call or annotated copy failed), 2 usage or model errors.
+call or annotated copy failed), 2 usage or model errors, 130 interrupted.
 """
 
 
@@ -150,23 +157,147 @@ def check_outputs(json_file: str | None, save_dir: str | None) -> None:
             raise CommandError(f"--save {save_dir} is not writable")
 
 
-def check_save_outside_inputs(save_dir: str | None, inputs: list[str]) -> None:
-    """Refuse a --save DIR that is an input folder, or a folder of an input file, or lies
-    inside an input folder: the annotated copies (named as their images) would overwrite the
-    originals, or be taken as new images by a later --recursive run (CommandError)."""
+def check_save_outside_inputs(
+    save_dir: str | None, inputs: list[str], recursive: bool = False
+) -> None:
+    """Refuse a --save DIR where the annotated copies could overwrite inputs (CommandError).
+
+    The copies are written as DIR/<stem>.jpg: they could overwrite an input file only in
+    the file's own folder (as given, or where a symbolic link leads), and the images of an
+    input folder only in that folder itself, or, with `recursive`, in any folder inside it
+    (where they would also join the images of the next --recursive run). A missing input
+    cannot be overwritten: it is an error of its own when it is read."""
     from splitdet.shared.cli import CommandError
 
     if not save_dir:
         return
-    save = Path(save_dir).resolve()
+    save = Path(os.path.realpath(save_dir))
     for given in inputs:
-        path = Path(given).resolve()
-        folder = path if path.is_dir() else path.parent
-        if save == folder or folder in save.parents:
+        path = Path(given)
+        if path.is_dir():
+            folder = Path(os.path.realpath(path))
+            inside = recursive and folder in save.parents
+            if save != folder and not inside:
+                continue
+        elif path.exists():
+            folders = {Path(os.path.realpath(path.parent)), Path(os.path.realpath(path)).parent}
+            if save not in folders:
+                continue
+        else:
+            continue
+        raise CommandError(
+            f"--save {save_dir} is in the input {given}: the annotated copies would "
+            "overwrite the images or join them; give a folder outside the inputs"
+        )
+
+
+def check_json_target(
+    json_file: str | None, images: list[Path], annotated: list[Path] | None = None
+) -> None:
+    """Refuse a --json FILE that would overwrite one of the `images` to process (the same
+    path, or the same file through a link), any other existing image file (named as
+    `IMAGE_SUFFIXES` name them), or one of the `annotated` copies --save will write
+    (CommandError): the results would replace an image."""
+    from splitdet.edge.preprocess import IMAGE_SUFFIXES
+    from splitdet.shared.cli import CommandError
+
+    if not json_file or json_file == "-":
+        return
+    target = Path(json_file)
+    where = os.path.realpath(target)
+    try:
+        identity: tuple[int, int] | None = (target.stat().st_dev, target.stat().st_ino)
+    except OSError:
+        identity = None
+    for image in images:
+        same = os.path.realpath(image) == where
+        if not same and identity is not None:
+            try:
+                info = image.stat()
+            except OSError:
+                continue
+            same = (info.st_dev, info.st_ino) == identity  # a hard link to it
+        if same:
             raise CommandError(
-                f"--save {save_dir} is in the input {given}: the annotated copies would "
-                "overwrite the images or join them; give a folder outside the inputs"
+                f"--json {json_file} is the input image {image}: the results would overwrite "
+                "it; give another file"
             )
+    if target.is_file() and target.suffix.lower() in IMAGE_SUFFIXES:
+        raise CommandError(
+            f"--json {json_file} is an image file: the results would overwrite it; give "
+            "another file (e.g. results.json)"
+        )
+    if any(os.path.realpath(copy) == where for copy in annotated or []):
+        raise CommandError(
+            f"--json {json_file} is where --save writes an annotated image; give another file"
+        )
+
+
+def check_save_folder(save_dir: str) -> None:
+    """Refuse a --save DIR that cannot be made or written (CommandError naming it), without
+    making it: a run refused later leaves no folder behind."""
+    from splitdet.shared.cli import CommandError
+
+    path = Path(save_dir)
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CommandError(f"--save {save_dir} is not writable")
+        return
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise CommandError(f"--save {save_dir}: cannot make the folder ({problem})")
+
+
+def make_save_folder(save_dir: str) -> list[Path]:
+    """Make --save DIR (and its missing parents); the folders made, outermost first
+    (CommandError naming it if it cannot be made)."""
+    from splitdet.shared.cli import CommandError
+
+    path = Path(save_dir)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    try:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"--save {save_dir}: cannot make the folder ({exc})") from None
+    return missing[::-1]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders `make_save_folder` made, innermost first, as long as they are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_connection_options(args: argparse.Namespace) -> None:
+    """Refuse a connection option given without --cloud, whatever its value (`--timeout 0`
+    too, which `client_config` takes for one not given), naming every one (CommandError)."""
+    from splitdet.edge.cloud_args import CONNECTION_OPTIONS
+    from splitdet.shared.cli import CommandError
+
+    if args.cloud is not None:
+        return
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in CONNECTION_OPTIONS
+        if getattr(args, name, None) is not None and getattr(args, name) is not False
+    ]
+    if given:
+        raise CommandError(
+            f"{', '.join(given)}: for --cloud only (without it the cloud half runs in this process)"
+        )
 
 
 def write_json(json_file: str, data: object) -> None:
@@ -185,7 +316,7 @@ def write_json(json_file: str, data: object) -> None:
 
 
 def describe_left_out(files: list[Path]) -> str:
-    """The files a folder scan left out (`list_images`'s `left_out`) in one phrase: how many,
+    """The files a folder scan left out (`InputScan.left_out`) in one phrase: how many,
     of which extensions, a few names, and which extensions a folder scan takes."""
     from collections import Counter
 
@@ -200,6 +331,47 @@ def describe_left_out(files: list[Path]) -> str:
         f"it takes {' '.join(IMAGE_SUFFIXES)} in any case; name a file itself to read it "
         "anyway (e.g. a .webp or .jpe Pillow decodes)"
     )
+
+
+def describe_skipped(scan: InputScan) -> str:
+    """The folder entries a scan skipped (`InputScan.skipped`) in one phrase: by kind, how
+    many, a few names."""
+    parts = []
+    for kind, entries in scan.skipped.items():
+        parts.append(f"{kind}: {len(entries)} ({some_names(entries)})")
+    return "; ".join(parts)
+
+
+def some_names(paths: Sequence[Path]) -> str:
+    """The first SHOWN_NAMES of `paths` and how many more: "a.jpg, b.jpg and 3 more"."""
+    names = ", ".join(str(p) for p in paths[:SHOWN_NAMES])
+    return names + (f" and {len(paths) - SHOWN_NAMES} more" if len(paths) > SHOWN_NAMES else "")
+
+
+def log_scan(scan: InputScan, recursive: bool) -> None:
+    """Say once per run what the folder scan left alone, and which inputs were repeats (the
+    files of other extensions only when there are images: else the error names them)."""
+    if scan.left_out and scan.paths:  # once per run, for every folder together
+        from PIL import Image
+
+        # a warning when Pillow would read some of them (a.webp): images the user meant
+        readable = any(p.suffix.lower() in Image.registered_extensions() for p in scan.left_out)
+        level = logging.WARNING if readable else logging.INFO
+        log.log(level, "folder scan left out %s", describe_left_out(scan.left_out))
+    if scan.skipped:
+        log.info("folder scan skipped %s", describe_skipped(scan))
+    if scan.subfolders and not recursive:
+        log.info(
+            "folder scan skipped %d subfolder(s) (%s): --recursive takes their images too",
+            len(scan.subfolders),
+            some_names(scan.subfolders),
+        )
+    if scan.duplicates:
+        log.info(
+            "skipped %d duplicate input(s), the same file as one named before: %s",
+            len(scan.duplicates),
+            some_names(scan.duplicates),
+        )
 
 
 _T = TypeVar("_T")
@@ -218,11 +390,8 @@ def _cached(factory: Callable[[], _T]) -> Callable[[], _T]:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and report; see EPILOG for the exit status."""
-    from tqdm import tqdm
-
     from splitdet.edge.pipeline import EdgePipeline
-    from splitdet.edge.predict import predict_paths
-    from splitdet.edge.preprocess import list_images
+    from splitdet.edge.predict import annotated_names, scan_inputs
     from splitdet.edge.runtime import EdgeRuntime
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
@@ -232,22 +401,21 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--score-threshold {args.score_threshold:g}: must be a score from 0 to 1"
         )
-    inputs = [Path(p) for p in args.images]
-    left_out: list[Path] = []
-    paths = list_images(inputs, recursive=args.recursive, left_out=left_out)
+    check_connection_options(args)
+    scan = scan_inputs([Path(p) for p in args.images], recursive=args.recursive)
+    paths = scan.paths
+    log_scan(scan, args.recursive)
     if not paths:
         hint = "" if args.recursive else " (--recursive takes those of subfolders too)"
-        there = f": left out {describe_left_out(left_out)}" if left_out else ""
+        there = f": left out {describe_left_out(scan.left_out)}" if scan.left_out else ""
         raise CommandError(f"no image files in {' '.join(args.images)}{hint}{there}")
-    if left_out:  # once per run, for every folder together
-        from PIL import Image
-
-        # a warning when Pillow would read some of them (a.webp): images the user meant
-        readable = any(p.suffix.lower() in Image.registered_extensions() for p in left_out)
-        level = logging.WARNING if readable else logging.INFO
-        log.log(level, "folder scan left out %s", describe_left_out(left_out))
-    check_outputs(args.json, args.save)
-    check_save_outside_inputs(args.save, args.images)
+    save_dir = Path(args.save) if args.save else None
+    targets = annotated_names(paths, save_dir) if save_dir is not None else None
+    check_json_target(args.json, paths, targets)
+    check_save_outside_inputs(args.save, args.images, args.recursive)
+    check_outputs(args.json, None)
+    if args.save:
+        check_save_folder(args.save)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
         pipeline = EdgePipeline(
@@ -260,35 +428,83 @@ def run(args: argparse.Namespace) -> int:
         detector = _cached(local_detector(args.model, args.threads))
     else:
         detector = _cached(remote_detector(remote, pipeline.manifest.fingerprint))
-    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
-    predictions = predict_paths(
-        paths,
-        pipeline,
-        detector,
-        args.score_threshold,
-        Path(args.save) if args.save else None,
-        on_result=lambda _: bar.update(),
-    )
-    bar.close()
-
+    made = make_save_folder(args.save) if args.save else []
+    done: list[Prediction] = []
+    try:
+        complete = _predict(args, paths, pipeline, detector, save_dir, done)
+    except CommandError:  # refused (e.g. by the cloud): leave no folder behind
+        remove_if_empty(made)
+        raise
     model = {  # which export, at which threshold and codec, said so: each record carries it
         "fingerprint": pipeline.manifest.fingerprint,
         "gate_threshold": pipeline.threshold if args.gate == "on" else None,  # none judged
         "codec": pipeline.codec,
+        "run_complete": complete,  # false: stopped by Ctrl-C, later images missing
     }
-    records = [{**p.to_dict(), **model} for p in predictions]
+    records = [{**p.to_dict(), **model} for p in done]
     if args.json == "-":
         write_json("-", records)
-    counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect")}
-    # an image can be flagged and still fail (detection call, annotated copy): count images
-    failed = sum(p.error is not None for p in predictions)
-    boxes = sum(len(p.boxes) for p in predictions)
-    sent = sum(p.bytes_sent for p in predictions)
     print(
-        f"{len(predictions)} images: {counts['ok']} ok, {counts['defect']} defect "
-        f"({boxes} boxes), {failed} with errors; {sent / 1e6:.2f} MB of features sent",
+        summary(done, len(paths)),
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
     if args.json and args.json != "-":
         write_json(args.json, records)
-    return 1 if failed else 0
+    if not complete:
+        raise KeyboardInterrupt  # the CLI's "interrupted", exit status 130
+    return 1 if any(p.error is not None for p in done) else 0
+
+
+def _predict(
+    args: argparse.Namespace,
+    paths: list[Path],
+    pipeline: EdgePipeline,
+    detector: Callable[[], Detector],
+    save_dir: Path | None,
+    done: list[Prediction],
+) -> bool:
+    """Run `predict_paths` over `paths`, each finished image's Prediction appended to `done`;
+    whether it ran to the end (False: stopped by Ctrl-C, `done` holding the images finished)."""
+    from tqdm import tqdm
+
+    from splitdet.edge.predict import predict_paths
+
+    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
+
+    def finished(prediction: Prediction) -> None:
+        done.append(prediction)
+        bar.update()
+
+    try:
+        predict_paths(
+            paths,
+            pipeline,
+            detector,
+            args.score_threshold,
+            save_dir,
+            on_result=finished,
+        )
+    except KeyboardInterrupt:
+        return False
+    finally:
+        bar.close()
+    return True
+
+
+def summary(predictions: list[Prediction], total: int) -> str:
+    """The run's one-line summary: images by verdict (ok + defect + error = the images), the
+    boxes of the defect ones, the annotated copies that failed, and the feature bytes sent
+    (those of answered detection calls); `total`: the images there were to process."""
+    counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
+    boxes = sum(len(p.boxes) for p in predictions)
+    # a detected image whose annotated copy could not be written: a defect with an error
+    unsaved = sum(p.verdict == "defect" and p.error is not None for p in predictions)
+    sent = sum(p.bytes_sent for p in predictions if p.verdict != "error")
+    head = f"{len(predictions)} images"
+    if len(predictions) < total:
+        head = f"interrupted after {len(predictions)} of {total} images"
+    copies = f", {unsaved} annotated copies not written" if unsaved else ""
+    return (
+        f"{head}: {counts['ok']} ok, {counts['defect']} defect ({boxes} boxes){copies}, "
+        f"{counts['error']} errors; {sent / 1e6:.2f} MB of features sent"
+    )

@@ -1,7 +1,8 @@
 """`splitdet predict`'s engine: images in, verdicts and detections out (no torch here).
 
 Each image goes through the edge pipeline; flagged ones go to a `Detector` — the cloud heads in
-this process, or a remote server through the gRPC client. A file that cannot be read gets an
+this process, or a remote server through the gRPC client. A file that cannot be read (missing,
+not a regular file, over `MAX_FILE_BYTES`, not decodable), or whose detection call fails, gets an
 error entry and the next image is processed.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from splitdet.edge.annotate import save_annotated
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import ImageError
+from splitdet.edge.preprocess import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageError
 from splitdet.shared.detection import Detection
 
 if TYPE_CHECKING:
@@ -43,12 +46,15 @@ class Prediction:
 
     Attributes:
         path: the image file.
-        verdict: "ok" (the gate passed it), "defect" (flagged and sent to detection) or
-            "error" (unreadable; see `error`).
+        verdict: "ok" (the gate passed it), "defect" (flagged, and its detection call
+            answered) or "error" (unreadable, or flagged and its detection call failed: then
+            `p_defect` is kept; see `error`). A "defect" image whose annotated copy could not be
+            written keeps its verdict and boxes, with the reason in `error`.
         boxes: (x1, y1, x2, y2) in original image px, scores and labels alike ordered.
         timings: seconds per stage, edge ("read", "preprocess", "gate", "complete", "encode")
             and cloud ("cloud_decode", "cloud_rpn", "cloud_roi", "cloud_total", "round_trip").
-        bytes_sent: encoded feature bytes sent (or that would be sent) for this image.
+        bytes_sent: encoded feature bytes sent (or, detected in this process, that would be
+            sent) for this image; 0 when none were, or its detection call failed.
         annotated: the annotated image written for it under `--save`, if any.
     """
 
@@ -111,6 +117,66 @@ def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:
     return digest.hexdigest()
 
 
+#: What `os.stat`'s mode says a file that is not a regular file is, for an error message.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    """What a file of `os.stat` mode `mode` is ("a FIFO", ...; "a special file" if unknown)."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+
+
+def file_size_text(size: int) -> str:
+    """A byte count for a message: "3.0 GiB", "300.5 MiB", "12 bytes"."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size} bytes"
+
+
+def _too_big(path: Path, size: int) -> ImageError:
+    return ImageError(
+        f"{path} is {file_size_text(size)}, over the {MAX_FILE_BYTES // 2**20} MiB limit"
+    )
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file `path`, read only when it is a regular file of at most
+    `MAX_FILE_BYTES`; ImageError naming it otherwise (missing, unreadable, a FIFO or device,
+    too large).
+
+    It is looked at (`os.stat`) before it is opened: a FIFO is never opened (opening one for
+    reading waits for a writer), a device such as /dev/zero never read (it never ends), a
+    1 GiB file never loaded. The file is opened without blocking and looked at again (`fstat`)
+    in case it was replaced in between, and at most `MAX_FILE_BYTES` + 1 bytes are read (one
+    that grows meanwhile)."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_big(path, info.st_size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):  # replaced since the stat
+                raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        raise _too_big(path, len(data))
+    return data
+
+
 def predict_one(
     path: Path,
     pipeline: EdgePipeline,
@@ -125,11 +191,10 @@ def predict_one(
     """
     start = time.perf_counter()
     try:
-        data = Path(path).read_bytes()
+        data = read_image_file(path)
         image = pipeline.decode(data, str(path))  # the bytes its request id hashes
-    except (ImageError, OSError) as exc:
-        message = str(exc) if isinstance(exc, ImageError) else f"{path}: cannot read ({exc})"
-        return Prediction(path=str(path), verdict="error", error=message)
+    except ImageError as exc:
+        return Prediction(path=str(path), verdict="error", error=str(exc))
     read_s = time.perf_counter() - start
     try:
         result = pipeline.process_array(image)
@@ -149,6 +214,8 @@ def predict_one(
         try:
             detections, server = cloud.detect(request_id, result, str(path))
         except Exception as exc:  # one image's failed call must not lose the others' results
+            # no detections to report: an error, not a defect with no boxes; nothing delivered
+            prediction.verdict, prediction.bytes_sent = "error", 0
             prediction.error = f"{path}: detection failed: {exc}"
             return prediction
         prediction.timings["round_trip"] = time.perf_counter() - sent
@@ -173,6 +240,110 @@ def predict_one(
             else:
                 prediction.annotated = str(save_as)
     return prediction
+
+
+#: Kinds of folder entries `scan_inputs` skips (`InputScan.skipped`'s keys, in this order), as
+#: a log line names them.
+SKIP_HIDDEN = "hidden, named .*"
+SKIP_FOLDER_LINK = "symbolic links to folders, not followed"
+SKIP_DANGLING_LINK = "dangling symbolic links"
+SKIP_SPECIAL = "FIFOs, devices or sockets"
+SKIP_UNREADABLE = "folders that cannot be listed"
+SKIP_KINDS = (SKIP_HIDDEN, SKIP_FOLDER_LINK, SKIP_DANGLING_LINK, SKIP_SPECIAL, SKIP_UNREADABLE)
+
+
+@dataclass
+class InputScan:
+    """What `scan_inputs` made of the files and folders given.
+
+    Attributes:
+        paths: the images to process, each file once: the files given as given (missing
+            ones too: each is an error of its own), then each folder's image files by name
+            (`IMAGE_SUFFIXES`, any case), sorted, in the order the inputs were given.
+        left_out: the folders' regular files of other extensions, sorted.
+        skipped: entries of the folders left alone by kind (`SKIP_*`), each list sorted.
+        subfolders: subfolders not entered (without `recursive`), sorted.
+        duplicates: inputs dropped as the same file (by resolved path) as an earlier one.
+    """
+
+    paths: list[Path] = field(default_factory=list)
+    left_out: list[Path] = field(default_factory=list)
+    skipped: dict[str, list[Path]] = field(default_factory=dict)
+    subfolders: list[Path] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)
+
+
+def scan_inputs(inputs: Iterable[Path], recursive: bool = False) -> InputScan:
+    """Expand the folders among `inputs` into their image files (with `recursive`, those of
+    every subfolder too), keep files as given, and drop repeats of the same file.
+
+    Hidden entries (".x.jpg", ".trash/") are skipped, so are symbolic links to folders (never
+    followed: no loops, no leaving the tree), dangling links, FIFOs, devices and sockets; a
+    symbolic link to a regular file is taken. Every entry left out is in the result, for the
+    caller to report."""
+    scan = InputScan()
+    found: list[Path] = []
+    for given in map(Path, inputs):
+        if not given.is_dir():
+            found.append(given)
+            continue
+        files: list[Path] = []
+        _scan_folder(given, recursive, scan, files)
+        found.extend(sorted(files))
+    seen: set[str] = set()
+    for path in found:
+        key = os.path.realpath(path)
+        if key in seen:
+            scan.duplicates.append(path)
+        else:
+            seen.add(key)
+            scan.paths.append(path)
+    scan.left_out.sort()
+    scan.subfolders.sort()
+    scan.skipped = {kind: sorted(scan.skipped[kind]) for kind in SKIP_KINDS if kind in scan.skipped}
+    return scan
+
+
+def _scan_folder(folder: Path, recursive: bool, scan: InputScan, files: list[Path]) -> None:
+    """Add `folder`'s image files to `files` (and its subfolders' with `recursive`), and what it
+    leaves out to `scan`."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError:
+        scan.skipped.setdefault(SKIP_UNREADABLE, []).append(folder)
+        return
+    for entry in entries:
+        path = folder / entry.name
+        kind = None
+        try:
+            if entry.name.startswith("."):
+                kind = SKIP_HIDDEN
+            elif entry.is_dir(follow_symlinks=False):
+                if recursive:
+                    _scan_folder(path, recursive, scan, files)
+                else:
+                    scan.subfolders.append(path)
+                continue
+            elif entry.is_symlink():
+                try:
+                    mode = os.stat(path).st_mode
+                except OSError:  # no target (or a loop of links)
+                    kind = SKIP_DANGLING_LINK
+                else:
+                    kind = SKIP_FOLDER_LINK if stat.S_ISDIR(mode) else None
+            else:
+                mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:  # gone since the listing
+            continue
+        if kind is None and not stat.S_ISREG(mode):
+            kind = SKIP_SPECIAL
+        if kind is not None:
+            scan.skipped.setdefault(kind, []).append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(path)
+        else:
+            scan.left_out.append(path)
 
 
 def annotated_names(paths: Sequence[Path], save_dir: Path) -> list[Path]:

@@ -270,21 +270,40 @@ def test_predict_refuses_a_save_folder_it_cannot_make(tiny_model_dir, image_dir,
     assert f"--save {blocker / 'x'}: cannot make the folder" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("where", ["the input folder", "inside it", "beside an input file"])
+@pytest.mark.parametrize(
+    "where", ["the input folder", "inside it, recursive", "an input file's folder"]
+)
 def test_predict_refuses_to_save_among_its_inputs(tiny_model_dir, image_dir, tmp_path, capsys,
                                                   where):  # fmt: skip
-    """--save into the images' own folder wrote each annotated copy over its original."""
+    """--save into the images' own folder wrote each annotated copy over its original; the
+    refused run makes no folder."""
     images = tmp_path / "in"
     images.mkdir()
     original = (image_dir / "good0.png").read_bytes()
     (images / "good0.png").write_bytes(original)
-    given = images / "good0.png" if where == "beside an input file" else images
-    save = images / "annotated" if where == "inside it" else images
+    given = images / "good0.png" if where == "an input file's folder" else images
+    save = images / "annotated" if where.startswith("inside") else images
     argv = ["predict", str(given), "--model", str(tiny_model_dir), "--threshold", "0"]
+    if where.startswith("inside"):
+        argv.append("--recursive")
     assert main([*argv, "--save", str(save), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"--save {save} is in the input {given}" in err and "Traceback" not in err
     assert (images / "good0.png").read_bytes() == original
+    assert sorted(p.name for p in images.iterdir()) == ["good0.png"]
+
+
+def test_predict_may_save_in_a_subfolder_of_a_folder_it_does_not_recurse(
+    tiny_model_dir, image_dir, tmp_path
+):
+    """Without --recursive, in/annotated/good0.jpg can neither overwrite an image of in/ nor
+    join this run's images."""
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "good0.png").write_bytes((image_dir / "good0.png").read_bytes())
+    argv = ["predict", str(images), "--model", str(tiny_model_dir), "--threshold", "0"]
+    assert main([*argv, "--save", str(images / "annotated"), "--no-progress"]) == 0
+    assert (images / "annotated" / "good0.jpg").is_file()
 
 
 @pytest.mark.parametrize(
@@ -333,7 +352,9 @@ def test_annotated_images_of_the_same_name_do_not_overwrite_each_other(
     assert len(set(sizes)) == 2
 
 
-def test_a_failed_detection_call_makes_the_exit_status_1(tiny_model_dir, image_dir, tmp_path):
+def test_a_failed_detection_call_makes_the_exit_status_1(
+    tiny_model_dir, image_dir, tmp_path, capsys
+):
     """The server refuses every call (features beyond its 1 MiB decode bound): each flagged
     image is an error in the JSON and the run's status says so (it said 0 before)."""
     from cloud_fixtures import start_cloud_process
@@ -351,8 +372,13 @@ def test_a_failed_detection_call_makes_the_exit_status_1(tiny_model_dir, image_d
         server.stop()
     records = json.loads(out.read_text())
     assert code == 1
-    assert all(r["verdict"] == "defect" for r in records)
+    # no detections to report: an error (p_defect kept), not a defect with no boxes, and
+    # none of its bytes were delivered
+    assert all(r["verdict"] == "error" and r["boxes"] == [] for r in records), records
+    assert all(r["p_defect"] is not None and r["bytes_sent"] == 0 for r in records)
     assert all("detection failed" in r["error"] for r in records), records
+    summary = capsys.readouterr().out
+    assert "3 images: 0 ok, 0 defect (0 boxes), 3 errors; 0.00 MB of features sent" in summary
 
 
 def test_recursive_takes_the_images_of_subfolders(tiny_model_dir, image_dir, tmp_path, capsys):
