@@ -345,3 +345,104 @@ def test_hub_failure_names_the_cache(monkeypatch):
     model = MultiTaskRCNN(ModelConfig(depth=18, norm="frozen", fpn_channels=64))
     with pytest.raises(InitError, match="torch hub cache"):
         load_initial_weights(model, "imagenet", progress=False)
+
+
+@pytest.fixture(scope="module")
+def three_images(tmp_path_factory):
+    """2 defective images (one of two scratches, img_001) and a defect-free one: 2 steps of the
+    tiny preset an epoch, validation on the same 3."""
+    return make_tiny_voc(tmp_path_factory.mktemp("voc3"), n_defective=2, n_free=1)
+
+
+def test_best_pt_breaks_ties_on_map50_by_the_stricter_map(
+    three_images, tmp_path, monkeypatch, capsys
+):
+    """On a small validation split mAP@.5 saturates at 1.0 (epoch 0 here) while mAP@[.5:.95]
+    goes on rising: best.pt kept the first epoch at 1.0, the loosest, and nothing said which
+    epoch it held. Ties on mAP@.5 now go to the higher mAP@[.5:.95], and the final line names
+    the epoch and the metrics. The model is trained and validated for real; only the two mAPs
+    the validation reports are those of the reviewer's run (the tiny model reaches neither)."""
+    from splitdet.shared.cli import main
+    from splitdet.training import evaluate as evaluate_module
+
+    real_evaluate = evaluate_module.evaluate
+    reported = iter([(1.0, 0.194), (1.0, 0.658), (1.0, 0.5), (0.9, 0.9)])
+
+    def with_the_reviewers_maps(*args, **kwargs):
+        metrics = real_evaluate(*args, **kwargs)
+        metrics["map50"], metrics["map"] = next(reported)
+        return metrics
+
+    monkeypatch.setattr(evaluate_module, "evaluate", with_the_reviewers_maps)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(three_images), "--out", str(run), "--preset", "tiny"]
+    assert main([*argv, "--epochs", "4", "--eval-every", "1", "--no-progress"]) == 0
+    best = read_checkpoint(run / "best.pt")
+    assert best["epoch"] == 1 and best["best_epoch"] == 1
+    assert (best["best_value"], best["best_tie_value"]) == (1.0, 0.658)
+    assert read_checkpoint(run / "last.pt")["best_epoch"] == 1  # what a resume goes on from
+    out = capsys.readouterr().out
+    assert "trained to epoch 3 " in out
+    assert "best.pt holds epoch 1 (val mAP@.5 1.000, mAP@[.5:.95] 0.658: the highest mAP@.5, " \
+        "ties broken by mAP@[.5:.95])" in out  # fmt: skip
+
+
+def test_a_resumed_run_breaks_ties_against_the_epoch_its_best_pt_holds():
+    """A run's last.pt says which epoch best.pt holds and its tie-break value; one written
+    before ties were broken records only best_value, and best.pt then holds the first epoch
+    of its history at that value."""
+    from splitdet.training.train import BestEpoch
+
+    best = BestEpoch("map50")
+    rows = [(0.2, 0.1), (1.0, 0.194), (1.0, 0.658), (1.0, 0.658), (1.0, 0.3), (0.99, 0.99)]
+    chosen = []
+    for epoch, (map50, map_) in enumerate(rows):
+        if best.offer({"epoch": epoch, "val_map50": map50, "val_map": map_}):
+            chosen.append(epoch)
+    assert chosen == [0, 1, 2] and best.epoch == 2  # a full tie keeps the earlier
+    assert not best.offer({"epoch": 9})  # not validated
+    history = [{"epoch": e, "val_map50": a, "val_map": b} for e, (a, b) in enumerate(rows)]
+    old = BestEpoch.of_checkpoint({"best_value": 1.0}, history, "map50")
+    assert (old.epoch, old.tie_value) == (1, 0.194)
+    again = BestEpoch.of_checkpoint({**best.to_checkpoint()}, history, "map50")
+    assert again == best
+    assert BestEpoch("map").tie_metric == "map50"
+
+
+def test_images_with_more_objects_than_the_model_returns_are_warned_of_once(
+    three_images, tmp_path, caplog, capsys
+):
+    """An image with more objects than `box_detections_per_img` trained and validated with
+    its recall silently capped: train warns once, naming the image with the most and the cap;
+    `--detections-per-image N` sets the cap, kept in the checkpoint's model config (what eval
+    and export read); a resume may raise it (no weight depends on it)."""
+    from splitdet.shared.cli import main
+
+    capped = replace(TINY, epochs=1, eval_every=1, model=replace(TINY.model,
+                     box_detections_per_img=1))  # fmt: skip
+    with caplog.at_level("WARNING", logger="splitdet.training.train"):
+        train(capped, three_images, tmp_path / "capped", progress=False, max_iters=1)
+    warned = [r.getMessage() for r in caplog.records if "per image" in r.getMessage()]
+    # make_tiny_voc: img_001 holds two scratches; train = val there
+    assert len(warned) == 1 and "(box_detections_per_img 1)" in warned[0], warned
+    assert "the most, 2, in 'img_001' (train and val)" in warned[0]
+    assert "--detections-per-image 2" in warned[0]
+    caplog.clear()
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(three_images), "--out", str(run), "--preset", "tiny"]
+    argv += ["--eval-every", "0", "--no-progress"]
+    with caplog.at_level("WARNING", logger="splitdet.training.train"):
+        assert main([*argv, "--epochs", "1", "--detections-per-image", "5"]) == 0
+    assert not [r for r in caplog.records if "per image" in r.getMessage()]
+    assert json.loads((run / "train_config.json").read_text())["model"][
+        "box_detections_per_img"
+    ] == 5  # fmt: skip
+    model, _ = load_model(run / "last.pt")
+    assert model.config.box_detections_per_img == 5 and model.roi_heads.detections_per_img == 5
+    assert main([*argv, "--epochs", "2", "--resume", "--detections-per-image", "7"]) == 0
+    model, checkpoint = load_model(run / "last.pt")
+    assert checkpoint["epoch"] == 1 and model.config.box_detections_per_img == 7
+    assert main([*argv, "--epochs", "3", "--resume"]) == 0  # the run's own, 7, goes on
+    assert load_model(run / "last.pt")[0].config.box_detections_per_img == 7
+    assert "Traceback" not in capsys.readouterr().err

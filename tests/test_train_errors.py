@@ -99,10 +99,28 @@ def test_a_validation_split_without_defects_is_refused_before_training(tiny_voc,
     assert not (run / "last.pt").exists()
 
 
-@pytest.mark.parametrize("classes", [" ", ","])
+@pytest.mark.parametrize("classes", [" ", ",", ""])
 def test_classes_that_are_no_names_are_refused(tiny_voc, tmp_path, capsys, classes):
+    """`--classes ,` said "class_names must name at least one foreground class", naming no
+    option (and `--classes ''` trained the preset's classes without a word)."""
     assert main(train_argv(tiny_voc, tmp_path / "run", "--classes", classes)) == 2
-    _error(capsys, "class")
+    err = _error(capsys, f"--classes {classes!r}: names no class", "--classes scratch")
+    assert "class_names" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_train_split_without_a_defective_image_is_refused(tmp_path, capsys):
+    """`train --eval-every 0` trained on a train split of empty annotations to exit 0 (the
+    refusal came only from the val split, which --eval-every 0 does not read), though `data
+    check` reports it as a problem: refused by name, exit 2, before training."""
+    from support import make_tiny_voc
+
+    data = make_tiny_voc(tmp_path / "free", n_defective=0, n_free=3)
+    run = tmp_path / "run"
+    assert main(train_argv(data, run)) == 2  # --eval-every 0
+    err = _error(capsys, f"{data / 'ImageSets' / 'Main' / 'train.txt'}: no defective image",
+                 "`splitdet data check")  # fmt: skip
+    assert len(err.strip().splitlines()) == 1
+    assert not (run / "last.pt").exists()
 
 
 def test_an_out_folder_that_cannot_be_made_is_named(tiny_voc, tmp_path, capsys):

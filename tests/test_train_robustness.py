@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -209,3 +210,62 @@ def test_a_run_stopped_between_its_checkpoints_keeps_best_pt_the_best(
     assert last["epoch"] == 1
     assert read_checkpoint(run / "best.pt")["best_value"] == last["best_value"]
     assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [0, 1]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes(tiny_voc, tmp_path):
+    """Schedulers, containers and systemd stop a job with SIGTERM: the run died at once (exit
+    143) with no line. Now it unwinds as on Ctrl-C: one line saying it stopped on SIGTERM and
+    the command that resumes it, exit 143, last.pt the last finished epoch, --resume goes on."""
+    run = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "splitdet.shared.cli",
+        *train_argv(tiny_voc, run, "--epochs", "1000"),
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").is_file():  # epoch 0 done: the run is in epoch 1 or on
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no epoch finished in 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and out == "", err
+    (line,) = [line for line in err.splitlines() if "SIGTERM" in line]
+    assert line == (
+        f"splitdet train: stopped on SIGTERM; {run / 'last.pt'} holds the last finished epoch: "
+        f"continue with `splitdet train --data {tiny_voc} --out {run} --resume`"
+    )
+    assert err.rstrip().endswith(line)
+    assert _temporaries(run) == []
+    epoch = read_checkpoint(run / "last.pt")["epoch"]
+    assert epoch >= 0
+    resumed = train_argv(tiny_voc, run, "--resume", "--epochs", str(epoch + 2))
+    assert main(resumed) == 0
+    assert read_checkpoint(run / "last.pt")["epoch"] == epoch + 1
+
+
+def test_train_puts_back_the_sigterm_handler_it_found(tiny_voc, tmp_path):
+    """`splitdet demo` runs train in-process: the SIGTERM handler train sets for its run is
+    the caller's again afterwards, also when the run fails."""
+    calls = []
+
+    def callers(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        assert main(train_argv(tiny_voc, tmp_path / "run")) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert main(train_argv(tiny_voc, tmp_path / "run")) == 2  # holds a run already
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -57,6 +57,8 @@ def _error(capsys, *needles: str) -> None:
         ("--whole-image-fraction", "1", "--whole-image-fraction must be in [0, 1), got 1.0"),
         ("--crop", "32000", "crop 32000 is larger than the model's input"),  # a traceback
         ("--classes", "scratch, scratch", "'scratch' is listed twice"),  # class 1 never trained
+        ("--detections-per-image", "0", "--detections-per-image must be an integer 1-1000, got 0"),
+        ("--detections-per-image", "1001", "--detections-per-image must be an integer 1-1000"),
     ],
 )
 def test_train_refuses_option_values_before_training(

@@ -10,9 +10,10 @@ Top-level imports are stdlib and the torch-free presets: torch loads when the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from splitdet.shared.cli import add_pixel_bits_option
 from splitdet.shared.spec import POOL_LEVEL, PYRAMID_LEVELS
@@ -21,6 +22,17 @@ from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
 #: `--gate-on` names -> `ModelConfig.gate_level`: torchvision's FPN keys "0".."3" are P2..P5.
 GATE_LEVELS = {f"P{n + 2}": name for n, name in enumerate(PYRAMID_LEVELS)}
 GATE_LEVELS[POOL_LEVEL] = POOL_LEVEL
+
+#: `ModelConfig` fields -> the option that sets each (errors of the model's own checks name
+#: the field: they are told by the option).
+MODEL_OPTIONS = {
+    "class_names": "--classes",
+    "gate_level": "--gate-on",
+    "pixel_bits": "--pixel-bits",
+    "box_detections_per_img": "--detections-per-image",
+}
+#: Exit status of a run stopped by SIGTERM: 128 + 15, as the signal's default action gives.
+SIGTERM_STATUS = 143
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
@@ -100,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "FPN to compute lazily: P2 leaves none",
     )
     add_pixel_bits_option(parser, default=None)
+    parser.add_argument(
+        "--detections-per-image",
+        type=int,
+        metavar="N",
+        help="most boxes the model returns per image, 1-1000 (default: the preset's, 100); an "
+        "image with more objects has its recall capped at N (train warns of such images in "
+        "train and val); kept in the checkpoint, so eval and export use it",
+    )
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
         "--precision",
@@ -190,13 +210,9 @@ def run(args: argparse.Namespace) -> int:
     problem with the data, the options or the run folder)."""
     import dataclasses
     import json
-    from pathlib import Path
 
-    from splitdet.shared.atomic_file import WriteError, write_problem
-    from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError, class_names
-    from splitdet.training.train import InitError, train
-    from splitdet.training.voc import VocError, check_hint
+    from splitdet.training.train import describe_best
 
     config = _base_config(args)
     # flags named as the TrainConfig fields they override
@@ -211,26 +227,120 @@ def run(args: argparse.Namespace) -> int:
     if args.crop is not None:
         changes["crop"] = args.crop or None
     model_changes = {}
-    if args.classes:
+    if args.classes is not None:
         try:
             model_changes["class_names"] = class_names(args.classes)
         except ValueError as exc:
             raise CommandError(f"--classes {args.classes!r}: {exc}") from None
+        if not model_changes["class_names"]:
+            raise CommandError(
+                f"--classes {args.classes!r}: names no class; give at least one foreground "
+                "class name (e.g. --classes scratch)"
+            )
     if args.gate_on:
         model_changes["gate_level"] = GATE_LEVELS[args.gate_on]
     if args.pixel_bits is not None:
         model_changes["pixel_bits"] = args.pixel_bits
+    if args.detections_per_image is not None:
+        model_changes["box_detections_per_img"] = args.detections_per_image
     try:
         if model_changes:
             changes["model"] = dataclasses.replace(config.model, **model_changes)
         config = dataclasses.replace(config, **changes)
     except ValueError as exc:  # the recipe's own check names its fields: name the options
         message = _one_line(exc)
-        for field in changes:
-            message = re.sub(rf"\b{field}\b", f"--{field.replace('_', '-')}", message)
+        options = {field: f"--{field.replace('_', '-')}" for field in changes if field != "model"}
+        options.update({field: MODEL_OPTIONS[field] for field in model_changes})
+        for field, option in options.items():
+            message = re.sub(rf"\b{field}\b", option, message)
         raise CommandError(message) from None
     try:
-        row = train(
+        with _sigterm_as_interrupt() as terminated:
+            row = _train(config, args)
+    except SigtermInterrupt:
+        print(_stopped_on_sigterm(args), file=sys.stderr)
+        return SIGTERM_STATUS
+    except Exception:
+        if not terminated:
+            raise
+        # unwinding from SIGTERM, the run failed otherwise: a DataLoader worker the same
+        # SIGTERM ended (a container's stop signals every process), a DDP peer gone
+        print(_stopped_on_sigterm(args), file=sys.stderr)
+        return SIGTERM_STATUS
+    best = f"; {describe_best(row['best'])}" if row.get("best") else ""
+    if args.json:
+        print(json.dumps(row, indent=2))
+    elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
+        print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
+              f"minutes reach its --minutes budget; last.pt holds epochs 0-{row['epoch']} in "
+              f"{args.out} (give a larger --minutes to train on){best}")  # fmt: skip
+    else:
+        print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "
+              f"checkpoints in {args.out}{best}")  # fmt: skip
+    return 0
+
+
+class SigtermInterrupt(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the run unwinds as on Ctrl-C
+    (no checkpoint half written; last.pt holds the last finished epoch)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM (what schedulers, containers and systemd stop a job with) raises
+    `SigtermInterrupt` in the main thread; the list yielded gets the signal once received.
+    A second SIGTERM while the run unwinds is ignored. The handler before is restored after
+    (`splitdet demo` runs train in-process). Outside the main thread, where no handler can be
+    set, nothing changes."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if received:  # already unwinding: let it finish
+            return
+        received.append(signum)
+        raise SigtermInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:  # None: a handler not set from Python, which cannot be put back; the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _stopped_on_sigterm(args: argparse.Namespace) -> str:
+    """The line a run stopped by SIGTERM ends with: what it kept and how to continue it."""
+    import shlex
+    from pathlib import Path
+
+    last = Path(args.out) / "last.pt"
+    if not last.is_file():
+        return (
+            "splitdet train: stopped on SIGTERM before its first epoch ended: no checkpoint "
+            "was written; start it again"
+        )
+    command = shlex.join(["splitdet", "train", "--data", args.data, "--out", args.out, "--resume"])
+    return (
+        f"splitdet train: stopped on SIGTERM; {last} holds the last finished epoch: continue "
+        f"with `{command}`"
+    )
+
+
+def _train(config: TrainConfig, args: argparse.Namespace) -> dict:
+    """`train(config)` into `args.out`, its errors as CommandErrors; returns its result."""
+    from splitdet.shared.atomic_file import WriteError, write_problem
+    from splitdet.shared.checkpoint import CheckpointError
+    from splitdet.shared.cli import CommandError
+    from splitdet.training.train import InitError, train
+    from splitdet.training.voc import VocError, check_hint
+
+    try:
+        return train(
             config, args.data, args.out, resume=args.resume, init=args.init,
             # bars on a terminal only: in a log file they are carriage returns and cursor
             # moves (125 kB for a minute of `tiny`); without them a line every 25 steps
@@ -246,19 +356,11 @@ def run(args: argparse.Namespace) -> int:
         where = exc.filename or f"--out {args.out}"
         raise CommandError(f"{where}: cannot write ({write_problem(where, exc)})") from None
     except FloatingPointError as exc:  # diverged: the epochs finished before it are in last.pt
+        from pathlib import Path
+
         last = Path(args.out) / "last.pt"
         kept = f" ({last} holds the last finished epoch)" if last.is_file() else ""
         raise CommandError(f"training diverged: {exc}{kept}") from exc
-    if args.json:
-        print(json.dumps(row, indent=2))
-    elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
-        print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
-              f"minutes reach its --minutes budget; last.pt holds epochs 0-{row['epoch']} in "
-              f"{args.out} (give a larger --minutes to train on)")  # fmt: skip
-    else:
-        print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "
-              f"checkpoints in {args.out}")  # fmt: skip
-    return 0
 
 
 def _one_line(exc: Exception) -> str:

@@ -80,7 +80,7 @@ class TrainConfig:
     # evaluation during training
     eval_every: int = 1  # epochs between validation passes (0: never)
     eval_images: int | None = None  # validation images per pass (None: all, evenly spaced subset)
-    best_metric: str = "map50"  # metric that selects best.pt
+    best_metric: str = "map50"  # metric that selects best.pt; ties: mAP@[.5:.95] (BestEpoch)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

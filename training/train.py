@@ -9,8 +9,8 @@ splitdet.training.cli_train --data D --out R` (gloo on CPU, nccl on GPU). Each p
 `batch_size` images per step; only rank 0 evaluates and writes checkpoints and metrics.
 
 Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best validation
-`best_metric`), `metrics.csv` / `metrics.json` (one row per epoch), `learning_curve.png`,
-`train_config.json`.
+`best_metric`, ties broken by mAP@[.5:.95]: `BestEpoch`), `metrics.csv` / `metrics.json` (one
+row per epoch), `learning_curve.png`, `train_config.json`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -352,6 +352,99 @@ class TrainClock:
         if self.budget_seconds is None:
             return False
         return self.seconds + epoch_seconds / 2.0 >= self.budget_seconds
+
+
+#: Validation metrics (`evaluate`'s keys) as logs and messages name them.
+METRIC_NAMES = {
+    "map50": "mAP@.5", "map": "mAP@[.5:.95]", "ar100": "AR@100", "gate_auc": "gate AUC",
+    "gate_accuracy": "gate accuracy",
+}  # fmt: skip
+#: Values of the metric best.pt is chosen on this close count as equal (the same mean summed
+#: in another order): the tie-break decides between them.
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass
+class BestEpoch:
+    """The validated epoch best.pt holds: the highest `metric` (`TrainConfig.best_metric`);
+    among epochs equal on it, the highest `tie_metric`. A small validation split saturates
+    mAP@.5 at 1.0 while the boxes go on tightening (mAP@[.5:.95] 0.19 -> 0.66): on mAP@.5
+    alone best.pt kept the first, loosest epoch to reach 1.0. A later epoch replaces the
+    best only when strictly better on the two in turn, so a full tie keeps the earlier."""
+
+    metric: str
+    epoch: int | None = None
+    value: float = -math.inf
+    tie_value: float = -math.inf
+
+    @property
+    def tie_metric(self) -> str:
+        """The metric that breaks ties: mAP@[.5:.95], or mAP@.5 when `metric` is that."""
+        return "map50" if self.metric == "map" else "map"
+
+    def offer(self, row: dict[str, Any]) -> bool:
+        """Take the epoch of metrics `row` as the best if it is better; True when it is (a row
+        without the metric, not validated, is not)."""
+        value = row.get(f"val_{self.metric}")
+        if value is None or math.isnan(value):
+            return False
+        tie = row.get(f"val_{self.tie_metric}")
+        tie = -math.inf if tie is None or math.isnan(tie) else float(tie)
+        better = value > self.value + TIE_TOLERANCE or (
+            abs(value - self.value) <= TIE_TOLERANCE and tie > self.tie_value
+        )
+        if better:
+            self.epoch, self.value, self.tie_value = int(row["epoch"]), float(value), tie
+        return better
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The entries a checkpoint keeps of it ("best_value" as before; the epoch and the
+        tie-break's value since ties are broken)."""
+        return {
+            "best_value": self.value, "best_epoch": self.epoch, "best_tie_value": self.tie_value,
+        }  # fmt: skip
+
+    @classmethod
+    def of_checkpoint(
+        cls, checkpoint: dict[str, Any], history: list[dict[str, Any]], metric: str
+    ) -> BestEpoch:
+        """The best a resumed run's last.pt records. One written before ties were broken
+        records only "best_value": its best.pt holds the first epoch of `history` that
+        reached it (a strictly greater value replaced it, an equal one did not)."""
+        best = cls(metric, value=float(checkpoint.get("best_value", -math.inf)))
+        if "best_epoch" in checkpoint:
+            best.epoch = checkpoint["best_epoch"]
+            best.tie_value = float(checkpoint.get("best_tie_value", -math.inf))
+            return best
+        for row in history:
+            if row.get(f"val_{metric}") == best.value:
+                best.epoch = int(row["epoch"])
+                tie = row.get(f"val_{best.tie_metric}")
+                best.tie_value = -math.inf if tie is None else float(tie)
+                break
+        return best
+
+    def summary(self) -> dict[str, Any] | None:
+        """What best.pt holds, for the run's result (None: no validated epoch)."""
+        if self.epoch is None:
+            return None
+        tie = None if math.isinf(self.tie_value) else self.tie_value
+        return {
+            "epoch": self.epoch, "metric": self.metric, "value": self.value,
+            "tie_metric": self.tie_metric, "tie_value": tie,
+        }  # fmt: skip
+
+
+def describe_best(best: dict[str, Any]) -> str:
+    """What a `BestEpoch.summary` says, as a clause: "best.pt holds epoch 9 (val mAP@.5 1.000,
+    mAP@[.5:.95] 0.658: ...)"."""
+    name = METRIC_NAMES.get(best["metric"], best["metric"])
+    tie_name = METRIC_NAMES.get(best["tie_metric"], best["tie_metric"])
+    tie = "n/a" if best["tie_value"] is None else f"{best['tie_value']:.3f}"
+    return (
+        f"best.pt holds epoch {best['epoch']} (val {name} {best['value']:.3f}, {tie_name} {tie}: "
+        f"the highest {name}, ties broken by {tie_name})"
+    )
 
 
 def _world() -> tuple[int, int]:
@@ -741,7 +834,7 @@ def _train(
 
     mc = config.model
     train_samples = voc.read_split(data_dir, "train", mc.class_names)
-    val_samples = []
+    val_samples, all_val = [], []
     if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
         all_val = voc.read_split(data_dir, "val", mc.class_names)
         if rank == 0 and (shared := _also_in_train(train_samples, all_val, data_dir)):
@@ -749,10 +842,19 @@ def _train(
         val_samples = _validation_subset(all_val, config.eval_images)
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
+    if not any(s.is_defective for s in train_samples):
+        # as `splitdet data check` reports it; --eval-every 0 trained on such a split to exit 0
+        raise voc.VocError(
+            f"{data_dir / 'ImageSets' / 'Main' / 'train.txt'}: no defective image, so the "
+            "detector and the gate would train without a single defect; list annotated "
+            "defective images in it"
+        )
     if rank == 0:
         _log_inputs(config, data_dir, train_samples)
         if untrained := _untrained_classes(mc.class_names, data_dir, train_samples):
             log.warning("%s", untrained)
+        if crowded := _crowded_images(mc.box_detections_per_img, train_samples, all_val):
+            log.warning("%s", crowded)
         if not val_samples:
             log.warning("%s", _no_validation(config, data_dir, out_dir))
         elif shortfall := calibration_shortfall(
@@ -801,7 +903,8 @@ def _train(
     log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
 
     history: list[dict[str, Any]] = []
-    start_epoch, best_value, gate_threshold = 0, -math.inf, 0.5
+    start_epoch, gate_threshold = 0, 0.5
+    best = BestEpoch(config.best_metric)  # the epoch best.pt holds
     gate_calibrated = False  # whether gate_threshold came from a validation pass
     epoch_seconds = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
     if resume and last_path.is_file():
@@ -812,7 +915,10 @@ def _train(
             raise CheckpointError(
                 f"{last_path}: its model configuration is unusable ({exc})"
             ) from None
-        if saved_model != config.model:
+        # the most detections per image is inference's alone (no weight depends on it): a
+        # resume may change it, so that a run warned of crowded images can raise it
+        cap = mc.box_detections_per_img
+        if replace(saved_model, box_detections_per_img=cap) != config.model:
             saved = checkpoint.get("train_config", {}).get("name", "another recipe")
             presets = (
                 "" if saved == config.name else f"; preset {saved!r} there, {config.name!r} here"
@@ -836,6 +942,12 @@ def _train(
                 lr_scheduler.budget_seconds = fresh["budget_seconds"]
                 lr_scheduler.total_iters = fresh["total_iters"]
                 lr_scheduler._apply()
+        if saved_model.box_detections_per_img != cap:
+            log.info(
+                "--detections-per-image %d (the run's was %d): validation passes and the "
+                "checkpoints from epoch %d on keep up to %d boxes per image",
+                cap, saved_model.box_detections_per_img, int(checkpoint["epoch"]) + 1, cap,
+            )  # fmt: skip
         trained_on = checkpoint.get("data")
         if trained_on is not None and trained_on != str(data_dir.resolve()):
             # allowed (a moved dataset), but best.pt compares validation passes of both
@@ -848,7 +960,7 @@ def _train(
         # a run its budget ended stays ended when resumed with the same budget
         epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
         history = list(checkpoint.get("history", []))
-        best_value = float(checkpoint.get("best_value", -math.inf))
+        best = BestEpoch.of_checkpoint(checkpoint, history, config.best_metric)
         gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
         gate_calibrated = threshold_calibration(checkpoint) is not None
         if "rng_state" in checkpoint:
@@ -966,17 +1078,15 @@ def _train(
                 "history": history,
                 "rng_state": torch.get_rng_state(),
             }
-            value = row.get(f"val_{config.best_metric}")
-            improved = value is not None and value > best_value
-            if improved:
-                best_value = value
-            extra["best_value"] = best_value
+            improved = best.offer(row)
+            extra.update(best.to_checkpoint())
             # best.pt, the records, then last.pt: last.pt (what --resume reads) says an epoch is
             # done only once all else holds it. Stopped in between, the epoch is trained again;
             # in the other order a run stopped after last.pt kept a best.pt older than the
             # best_value last.pt records, which no later epoch at that level then replaced.
             if improved:
                 _save_epoch(best_path, model, extra, epoch)
+                log.info("%s", describe_best(best.summary()))
             write_metrics(out_dir, history)
             plot_learning_curve(history, out_dir / "learning_curve.png")
             _save_epoch(last_path, model, extra, epoch)
@@ -996,6 +1106,7 @@ def _train(
         dist.barrier()
     return {
         **row, "out_dir": str(out_dir), "train_seconds": clock.seconds, "epochs_run": epochs_run,
+        "best": best.summary(),
     }  # fmt: skip
 
 
@@ -1054,6 +1165,36 @@ def _untrained_classes(class_names: Sequence[str], data_dir: Path, samples: list
     )
 
 
+def _crowded_images(cap: int, train: list, val: list) -> str | None:
+    """The warning for train and val images (`VocSample`s) holding more objects than the model
+    returns per image (`ModelConfig.box_detections_per_img`): their recall is capped, in
+    validation as in deployment, without a word. Names the images with the most. None when
+    there are none."""
+    from splitdet.shared.config import MAX_DETECTIONS_PER_IMG
+
+    splits: dict[str, list[str]] = {}  # image id -> the splits listing it (train = val, often)
+    counts: dict[str, int] = {}
+    for split, samples in (("train", train), ("val", val)):
+        for sample in samples:
+            if len(sample.objects) > cap:
+                counts[sample.image_id] = len(sample.objects)
+                splits.setdefault(sample.image_id, []).append(split)
+    if not counts:
+        return None
+    most = max(counts.values())
+    top = [image_id for image_id, n in counts.items() if n == most]
+    named = ", ".join(f"{image_id!r} ({' and '.join(splits[image_id])})" for image_id in top[:3])
+    more = f" and {len(top) - 3} more" if len(top) > 3 else ""
+    wanted = min(most, MAX_DETECTIONS_PER_IMG)
+    return (
+        f"{len(counts)} image(s) hold more objects than the model returns per image "
+        f"(box_detections_per_img {cap}); the most, {most}, in {named}{more}: "
+        f"validation, eval and deployment find at most {cap} of them, so their recall is "
+        f"capped; train with --detections-per-image {wanted}"
+        + ("" if wanted == most else f" (the most allowed; {most} objects are still more)")
+    )
+
+
 def _no_validation(config: TrainConfig, data_dir: Path, out_dir: Path) -> str:
     """Why this run validates nothing, what it lacks for it, and how to get it."""
     val = data_dir / "ImageSets" / "Main" / "val.txt"
@@ -1089,6 +1230,7 @@ def _model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
         "class_names": ("--classes", lambda names: shlex.quote(",".join(names))),
         "gate_level": ("--gate-on", lambda level: gate_names.get(level, level)),
         "pixel_bits": ("--pixel-bits", str),
+        "box_detections_per_img": ("--detections-per-image", str),
     }
     there, here = asdict(saved), asdict(wanted)  # every field, LATER_FIELDS too
     keys = sorted(
