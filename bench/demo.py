@@ -108,10 +108,13 @@ def _file_digest(path: Path) -> str:
 
 def _run(args: list[str]) -> None:
     """`splitdet ARGS` in this process; RuntimeError when it fails, KeyboardInterrupt when it
-    was interrupted (130: Ctrl-C, which it reported already)."""
+    was interrupted (130: Ctrl-C, which it reported already), SystemExit(143) when it stopped
+    on SIGTERM (as `train` does, saying so)."""
     code = splitdet(args)
     if code == 130:
         raise KeyboardInterrupt
+    if code == 143:  # (train stopped on SIGTERM, and said so): the demo stops as it did
+        raise SystemExit(143)
     if code != 0:
         raise RuntimeError(f"splitdet {' '.join(args)} failed with status {code}")
 

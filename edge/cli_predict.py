@@ -191,6 +191,43 @@ def check_save_outside_inputs(
         )
 
 
+def _an_input_at(target: Path, images: list[Path]) -> Path | None:
+    """The one of `images` that writing `target` would overwrite: the same path once links
+    are followed, or the same file (device and inode: a hard link); None for none."""
+    where = os.path.realpath(target)
+    try:
+        found = target.stat()
+        identity: tuple[int, int] | None = (found.st_dev, found.st_ino)
+    except OSError:
+        identity = None
+    for image in images:
+        if os.path.realpath(image) == where:
+            return image
+        if identity is not None:
+            try:
+                info = image.stat()
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) == identity:
+                return image
+    return None
+
+
+def check_copies_spare_inputs(save_dir: str, images: list[Path], annotated: list[Path]) -> None:
+    """Refuse a --save whose annotated copies (`annotated`, one per image) would be written
+    over one of the `images` (CommandError): a link in --save to an input, or a link among the
+    inputs into --save (the folder rule of `check_save_outside_inputs` sees neither)."""
+    from splitdet.shared.cli import CommandError
+
+    for copy in annotated:
+        image = _an_input_at(copy, images)
+        if image is not None:
+            raise CommandError(
+                f"--save {save_dir}: its annotated copy {copy} would be written over the input "
+                f"image {image} (a link joins them); choose another --save"
+            )
+
+
 def check_json_target(
     json_file: str | None, images: list[Path], annotated: list[Path] | None = None
 ) -> None:
@@ -205,23 +242,12 @@ def check_json_target(
         return
     target = Path(json_file)
     where = os.path.realpath(target)
-    try:
-        identity: tuple[int, int] | None = (target.stat().st_dev, target.stat().st_ino)
-    except OSError:
-        identity = None
-    for image in images:
-        same = os.path.realpath(image) == where
-        if not same and identity is not None:
-            try:
-                info = image.stat()
-            except OSError:
-                continue
-            same = (info.st_dev, info.st_ino) == identity  # a hard link to it
-        if same:
-            raise CommandError(
-                f"--json {json_file} is the input image {image}: the results would overwrite "
-                "it; give another file"
-            )
+    image = _an_input_at(target, images)
+    if image is not None:
+        raise CommandError(
+            f"--json {json_file} is the input image {image}: the results would overwrite "
+            "it; give another file"
+        )
     if target.is_file() and target.suffix.lower() in IMAGE_SUFFIXES:
         raise CommandError(
             f"--json {json_file} is an image file: the results would overwrite it; give "
@@ -413,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
     targets = annotated_names(paths, save_dir) if save_dir is not None else None
     check_json_target(args.json, paths, targets)
     check_save_outside_inputs(args.save, args.images, args.recursive)
+    if targets is not None:
+        check_copies_spare_inputs(args.save, paths, targets)
     check_outputs(args.json, None)
     if args.save:
         check_save_folder(args.save)

@@ -193,8 +193,8 @@ def test_an_out_holding_another_programs_files_is_refused(tmp_path, capsys):
         assert err.startswith(f"splitdet export: error: --out {out}: {said}"), err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # (no lock file)
     model = tmp_path / "model"
-    (model / "empty").mkdir(parents=True)
-    (model / "empty").rmdir()
+    model.mkdir()
+    (model / ".gitkeep").write_text("")  # (hidden files: as good as empty)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
     (model / "NOTES.txt").write_text("line 3's model")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(model)]) == 0
@@ -254,6 +254,9 @@ def test_the_self_checks_tolerance_is_an_option_recorded_in_the_manifest(tmp_pat
                  "--tolerance", "1e-7"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "relative (bound 1e-07)" in err and not (strict / "manifest.json").exists(), err
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(strict),
+                 "--tolerance", "1.8e-7"]) == 2  # fmt: skip
+    assert "(bound 1.8e-07)" in capsys.readouterr().err  # (not rounded to 2e-07)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
                  "--tolerance", "0.5"]) == 0  # fmt: skip
     assert read_manifest(out).extra["export_check"]["tolerance"] == 0.5

@@ -289,3 +289,27 @@ def test_timeout_without_cloud_is_refused_whatever_its_value(tiny_model_dir, ima
     assert predict(tiny_model_dir, str(images), "--timeout", value) == 2
     err = capsys.readouterr().err
     assert "--timeout: for --cloud only" in err and "Traceback" not in err
+
+
+def test_save_never_writes_through_a_link_onto_an_input(tiny_model_dir, images, tmp_path, capsys):
+    """The folder rule missed links: an annotated copy's name in --save that is a link to an
+    input (review/a.jpg -> inp/a.jpg), or an input found by a folder scan that is a link into
+    --save (A/x.jpg -> B/x.jpg, --save B), had the copy written over the input image."""
+    inp = copy_images(images, tmp_path / "inp", "a.png")
+    (inp / "a.jpg").write_bytes((inp / "a.png").read_bytes())
+    review = tmp_path / "review"
+    review.mkdir()
+    (review / "a.jpg").symlink_to(inp / "a.jpg")
+    before = (inp / "a.jpg").read_bytes()
+    assert predict(tiny_model_dir, str(inp / "a.jpg"), "--save", str(review), "--gate", "off") == 2
+    err = capsys.readouterr().err
+    assert f"its annotated copy {review / 'a.jpg'} would be written over the input" in err, err
+    a_folder, b_folder = tmp_path / "A", copy_images(images, tmp_path / "B", "b.png")
+    (b_folder / "x.jpg").write_bytes((b_folder / "b.png").read_bytes())
+    a_folder.mkdir()
+    (a_folder / "x.jpg").symlink_to(b_folder / "x.jpg")
+    x_before = (b_folder / "x.jpg").read_bytes()
+    assert predict(tiny_model_dir, str(a_folder), "--save", str(b_folder), "--gate", "off") == 2
+    assert "would be written over the input image" in capsys.readouterr().err
+    assert (inp / "a.jpg").read_bytes() == before
+    assert (b_folder / "x.jpg").read_bytes() == x_before

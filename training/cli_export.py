@@ -139,10 +139,10 @@ def foreign_out(out_dir: Path) -> str | None:
             "earlier export)"
         )
     ours = {*ALL_ARTIFACTS, PUBLISHING_MARKER, EXPORT_LOCK}
-    try:
+    try:  # (hidden files, .gitkeep or .DS_Store, leave a folder as good as empty)
         others = sorted(
             p.name for p in out_dir.iterdir()
-            if p.name not in ours and not p.name.startswith(STAGING_PREFIX)
+            if p.name not in ours and not p.name.startswith((STAGING_PREFIX, "."))
         )  # fmt: skip
     except OSError:
         return None  # (export_model names a folder it cannot use)

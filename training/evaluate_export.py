@@ -131,13 +131,16 @@ def evaluate_export(
     metrics.update(
         manifest_gate_threshold=manifest.gate_threshold,
         flagged_fraction=len(flagged) / len(records) if records else None,
-        bytes_per_flagged_image=_mean([r.bytes_sent for r in flagged]),
+        # (a flagged image whose detection call failed sent nothing that arrived: left out)
+        bytes_per_flagged_image=_mean([r.bytes_sent for r in flagged if r.verdict != "error"]),
         codec=pipeline.codec,
         model=str(pipeline.runtime.model_dir),
         fingerprint=manifest.fingerprint,
         edge_gate=edge_gate_kind(manifest),
         box_refine_steps=manifest.model_config.box_refine_steps,
-        stage_seconds=stage_means([r for r in records if r.verdict != "error"]),
+        # (an image whose detection call failed still ran the edge's stages: its error is
+        # the call's, so its edge timings count; an unreadable image has none)
+        stage_seconds=stage_means([r for r in records if r.timings]),
         image_errors=[{"path": r.path, "error": r.error} for r in records if r.error],
     )
     return metrics

@@ -187,7 +187,7 @@ def _check_against_torch(
             )
             raise ExportError(
                 f"{name}: ONNX Runtime differs from PyTorch by {errors[name]:.2e} relative "
-                f"(bound {tolerance:.0e}){loosen}"
+                f"(bound {tolerance:g}){loosen}"
             )
     return errors
 
