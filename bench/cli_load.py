@@ -125,8 +125,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, list[str], str]:
     """(DetectRequests, the model fingerprint, problems with images, the codec they were
     encoded with: --codec or the manifest's) from the edge half."""
+    from splitdet.edge.cli_predict import log_scan
     from splitdet.edge.pipeline import EdgePipeline
-    from splitdet.edge.preprocess import ImageError, list_images
+    from splitdet.edge.predict import scan_inputs
+    from splitdet.edge.preprocess import ImageError
     from splitdet.edge.runtime import EdgeRuntime
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
@@ -138,7 +140,9 @@ def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, li
         raise CommandError(f"--model {args.model}: {exc}") from None
     fingerprint = pipeline.manifest.fingerprint
     requests, problems = [], []
-    for path in list_images([Path(p) for p in args.images]):
+    scan = scan_inputs([Path(p) for p in args.images])  # (as predict's: what it skips, said)
+    log_scan(scan, recursive=False)
+    for path in scan.paths:
         if len(requests) == args.distinct:
             break
         try:

@@ -309,17 +309,13 @@ def remove_if_empty(folders: list[Path]) -> None:
 
 def check_connection_options(args: argparse.Namespace) -> None:
     """Refuse a connection option given without --cloud, whatever its value (`--timeout 0`
-    too, which `client_config` takes for one not given), naming every one (CommandError)."""
-    from splitdet.edge.cloud_args import CONNECTION_OPTIONS
+    too), naming every one (CommandError): before the inputs are scanned."""
+    from splitdet.edge.cloud_args import connection_options_given
     from splitdet.shared.cli import CommandError
 
     if args.cloud is not None:
         return
-    given = [
-        f"--{name.replace('_', '-')}"
-        for name in CONNECTION_OPTIONS
-        if getattr(args, name, None) is not None and getattr(args, name) is not False
-    ]
+    given = connection_options_given(args)
     if given:
         raise CommandError(
             f"{', '.join(given)}: for --cloud only (without it the cloud half runs in this process)"

@@ -203,6 +203,16 @@ CONNECTION_OPTIONS = (
 )
 
 
+def connection_options_given(args: argparse.Namespace) -> list[str]:
+    """The connection options (CONNECTION_OPTIONS) given on the command line, as "--name",
+    whatever their value (`--timeout 0` too): their defaults are None, or False for flags."""
+    return [
+        f"--{name.replace('_', '-')}"
+        for name in CONNECTION_OPTIONS
+        if getattr(args, name, None) is not None and getattr(args, name) is not False
+    ]
+
+
 def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientConfig | None:
     """The ClientConfig the options describe (None when --cloud was not given). `alone`:
     what runs without --cloud (e.g. "the cloud half runs in this process"); when given, a
@@ -212,7 +222,7 @@ def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientC
     from splitdet.shared.edge_name import default_edge_name
 
     if args.cloud is None:  # ("" is an address given empty: refused below)
-        given = [f"--{n.replace('_', '-')}" for n in CONNECTION_OPTIONS if getattr(args, n, None)]
+        given = connection_options_given(args)
         if alone is not None and given:
             raise CommandError(f"{', '.join(given)}: for --cloud only ({alone})")
         return None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from splitdet.edge.annotate import save_annotated
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageError
+from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError, read_image_file
 from splitdet.shared.detection import Detection
 
 if TYPE_CHECKING:
@@ -75,6 +75,12 @@ class Prediction:
         return asdict(self)
 
 
+#: Seconds before a detection call the cloud may answer later is sent again, then doubled up to
+#: RETRY_MAX_S (`RemoteDetector.detect`), within --timeout.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
+
+
 class RemoteDetector:
     """Sends flagged images' features to a cloud server through the gRPC client."""
 
@@ -96,9 +102,35 @@ class RemoteDetector:
     def detect(
         self, request_id: str, result: EdgeResult, source: str
     ) -> tuple[Sequence[Detection], dict[str, float]]:
-        """(detections, server stage timings) for one flagged image."""
+        """(detections, server stage timings) for one flagged image.
+
+        A call the cloud may answer later (`RetryLater`: unreachable, restarting, busy) is sent
+        again with the same request id, after pauses of RETRY_FIRST_S doubling to RETRY_MAX_S,
+        until the client's timeout (--timeout) has passed since the first try: a cloud that
+        restarts mid-run costs the images waiting for it time, not their results. Each
+        image's first retry is logged (WARNING); the error of the last try is raised."""
+        from splitdet.edge.client import RetryLater
+
         meta = replace(result.meta, source=Path(source).name)
-        answer = self.client.detect(result.encoded, meta, request_id, self.fingerprint)
+        deadline = time.monotonic() + self.client.config.timeout_s
+        pause = RETRY_FIRST_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                answer = self.client.detect(
+                    result.encoded, meta, request_id, self.fingerprint, timeout=max(left, 0.001)
+                )
+                break
+            except RetryLater as exc:
+                if deadline - time.monotonic() <= pause:
+                    raise
+                if pause == RETRY_FIRST_S:
+                    log.warning(
+                        "%s: the cloud did not answer (%s); trying again for up to %.0f s "
+                        "(--timeout)", source, exc, deadline - time.monotonic(),
+                    )  # fmt: skip
+                time.sleep(pause)
+                pause = min(2 * pause, RETRY_MAX_S)
         detections = [
             Detection(tuple(map(float, box)), float(score), int(label), name)
             for box, score, label, name in zip(
@@ -115,66 +147,6 @@ def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
-
-
-#: What `os.stat`'s mode says a file that is not a regular file is, for an error message.
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _kind(mode: int) -> str:
-    """What a file of `os.stat` mode `mode` is ("a FIFO", ...; "a special file" if unknown)."""
-    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-
-
-def file_size_text(size: int) -> str:
-    """A byte count for a message: "3.0 GiB", "300.5 MiB", "12 bytes"."""
-    if size >= 2**30:
-        return f"{size / 2**30:.1f} GiB"
-    if size >= 2**20:
-        return f"{size / 2**20:.1f} MiB"
-    return f"{size} bytes"
-
-
-def _too_big(path: Path, size: int) -> ImageError:
-    return ImageError(
-        f"{path} is {file_size_text(size)}, over the {MAX_FILE_BYTES // 2**20} MiB limit"
-    )
-
-
-def read_image_file(path: Path) -> bytes:
-    """The bytes of the image file `path`, read only when it is a regular file of at most
-    `MAX_FILE_BYTES`; ImageError naming it otherwise (missing, unreadable, a FIFO or device,
-    too large).
-
-    It is looked at (`os.stat`) before it is opened: a FIFO is never opened (opening one for
-    reading waits for a writer), a device such as /dev/zero never read (it never ends), a
-    1 GiB file never loaded. The file is opened without blocking and looked at again (`fstat`)
-    in case it was replaced in between, and at most `MAX_FILE_BYTES` + 1 bytes are read (one
-    that grows meanwhile)."""
-    path = Path(path)
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
-        if info.st_size > MAX_FILE_BYTES:
-            raise _too_big(path, info.st_size)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with open(fd, "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):  # replaced since the stat
-                raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
-            data = file.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
-        raise _too_big(path, len(data))
-    return data
 
 
 def predict_one(

@@ -28,7 +28,9 @@ image plus two float channels (the numbers are the same as computing it all at o
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,18 +271,74 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
         ) from None
 
 
-def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:
-    """Read an image file to Float32[3, H, W] in [0, 1]; ImageError names the file.
-    `pixel_bits`: as `decode_image`'s."""
+#: What `os.stat`'s mode says a file that is not a regular file is, for an error message.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    """What a file of `os.stat` mode `mode` is ("a FIFO", ...; "a special file" if unknown)."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+
+
+def file_size_text(size: int) -> str:
+    """A byte count for a message: "3.0 GiB", "300.5 MiB", "12 bytes"."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size} bytes"
+
+
+def _too_big(path: Path, size: int) -> ImageError:
+    return ImageError(
+        f"{path} is {file_size_text(size)}, over the {MAX_FILE_BYTES // 2**20} MiB limit"
+    )
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file `path`, read only when it is a regular file of at most
+    `MAX_FILE_BYTES`; ImageError naming it otherwise (missing, unreadable, a FIFO or device,
+    too large).
+
+    It is looked at (`os.stat`) before it is opened: a FIFO is never opened (opening one for
+    reading waits for a writer), a device such as /dev/zero never read (it never ends), a
+    1 GiB file never loaded. The file is opened without blocking and looked at again (`fstat`)
+    in case it was replaced in between, and at most `MAX_FILE_BYTES` + 1 bytes are read (one
+    that grows meanwhile)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"{path}: {size} bytes is larger than {MAX_FILE_BYTES}")
-        data = path.read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_big(path, info.st_size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):  # replaced since the stat
+                raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+            # its size now, + 1 to see it grow: read(MAX_FILE_BYTES + 1) would allocate
+            # 256 MiB for every image
+            data = file.read(info.st_size + 1)
+            if len(data) > info.st_size:  # it grows: read on, to the limit + 1 at most
+                data += file.read(max(MAX_FILE_BYTES + 1 - len(data), 0))
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path), pixel_bits)
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        raise _too_big(path, len(data))
+    return data
+
+
+def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:
+    """Read an image file (`read_image_file`) to Float32[3, H, W] in [0, 1]; ImageError names
+    the file. `pixel_bits`: as `decode_image`'s."""
+    return decode_image(read_image_file(path), str(path), pixel_bits)
 
 
 def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -380,28 +438,3 @@ def prepare(
             "available"
         ) from None
     return Prepared(batch=batch, resized_hw=resized_hw, original_hw=original_hw)
-
-
-def list_images(
-    paths: list[Path], recursive: bool = False, left_out: list[Path] | None = None
-) -> list[Path]:
-    """Expand folders into their image files (by suffix, sorted; with `recursive`, those of
-    every subfolder too, hidden ones skipped); files are kept as given. With `left_out`, the
-    folders' other regular files (not hidden) are added to it, sorted: one walk for both."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            found.append(path)
-            continue
-        pattern = "**/*" if recursive else "*"
-        files = sorted(
-            p
-            for p in path.glob(pattern)
-            if (left_out is not None or p.suffix.lower() in IMAGE_SUFFIXES)
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        found.extend(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
-        if left_out is not None:
-            left_out.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
-    return found

@@ -5,6 +5,7 @@ Real files, a real exported model and real ONNX sessions; a real SIGINT to a rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -313,3 +314,93 @@ def test_save_never_writes_through_a_link_onto_an_input(tiny_model_dir, images, 
     assert "would be written over the input image" in capsys.readouterr().err
     assert (inp / "a.jpg").read_bytes() == before
     assert (b_folder / "x.jpg").read_bytes() == x_before
+
+
+class _SwitchableProxy:
+    """A TCP proxy on loopback to `target_port` that can be switched off (every open
+    connection closed, new ones closed as soon as accepted: the cloud is down or restarting)
+    and on again."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list = []
+        self.down = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def switch_off(self) -> None:
+        self.down.set()
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        with contextlib.suppress(OSError):
+            while True:
+                near, _ = self.listener.accept()
+                if self.down.is_set():
+                    near.close()
+                    continue
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+                self.open += [near, far]
+                for source, sink in ((near, far), (far, near)):
+                    threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pass(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.close()
+
+    def close(self) -> None:
+        self.switch_off()
+        self.listener.close()
+
+
+def test_a_cloud_that_restarts_mid_run_costs_time_not_results(tmp_path, images):
+    """A cloud killed and started again mid-run failed every image sent meanwhile at once
+    ("UNAVAILABLE"), --timeout never used to wait for it. Now a call the cloud may answer
+    later is sent again within --timeout: every image gets its boxes."""
+    from cloud_fixtures import start_loopback_server
+
+    server = start_loopback_server(tmp_path)
+    proxy = _SwitchableProxy(server.port)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(8):
+        (folder / f"i{k}.png").write_bytes((images / ("a.png" if k % 2 else "b.png")).read_bytes())
+    saved, out = tmp_path / "saved", tmp_path / "out.json"
+    argv = [sys.executable, "-m", "splitdet.shared.cli", "predict", str(folder), "--model",
+            str(server.config.model_dir), "--cloud", f"127.0.0.1:{proxy.port}", "--gate",
+            "off", "--save", str(saved), "--json", str(out), "--no-progress", "--timeout",
+            "30"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (saved.is_dir() and any(saved.iterdir())):  # (the first answer came)
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no annotated image in 120 s"
+            time.sleep(0.02)
+        proxy.switch_off()
+        time.sleep(2.0)  # (the cloud "restarting": calls meanwhile fail UNAVAILABLE)
+        proxy.down.clear()
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        proxy.close()
+        server.stop(0)
+    assert process.returncode == 0, stderr
+    records = json.loads(out.read_text())
+    assert [r["verdict"] for r in records] == ["defect"] * 8, [r.get("error") for r in records]
+    assert "the cloud did not answer" in stderr and "trying again for up to" in stderr, stderr
