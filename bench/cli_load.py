@@ -141,7 +141,7 @@ def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, li
     fingerprint = pipeline.manifest.fingerprint
     requests, problems = [], []
     scan = scan_inputs([Path(p) for p in args.images])  # (as predict's: what it skips, said)
-    log_scan(scan, recursive=False)
+    log_scan(scan, recursive=False, recursive_option=False)
     for path in scan.paths:
         if len(requests) == args.distinct:
             break
@@ -176,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args.json, None)
     config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
     if config is None:
-        given = [f"--{n.replace('_', '-')}" for n in CLIENT_ONLY if getattr(args, n, None)]
+        given = [  # (given whatever the value: an empty --server-name too)
+            f"--{n.replace('_', '-')}"
+            for n in CLIENT_ONLY
+            if getattr(args, n, None) is not None and getattr(args, n) is not False
+        ]
         if given:
             raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
                                "is plaintext on loopback)")  # fmt: skip

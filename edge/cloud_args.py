@@ -93,7 +93,8 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
         type=float,
         default=None,
         metavar="SECONDS",
-        help=f"deadline of one Detect call (default: {DEFAULT_TIMEOUT_S:g})",
+        help=f"deadline of one Detect call, seconds (default: {DEFAULT_TIMEOUT_S:g}); predict "
+        "and eval also send one again within it while the cloud is unreachable",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
     parser.add_argument(

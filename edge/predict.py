@@ -79,6 +79,9 @@ class Prediction:
 #: RETRY_MAX_S (`RemoteDetector.detect`), within --timeout.
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
+#: Seconds of --timeout a retry must leave its call at least (one with less would end in
+#: DEADLINE_EXCEEDED, hiding why the cloud did not answer).
+RETRY_MIN_CALL_S = 1.0
 
 
 class RemoteDetector:
@@ -88,6 +91,8 @@ class RemoteDetector:
         """`client`: a `splitdet.edge.client.CloudClient`; `fingerprint`: the edge's model's."""
         self.client = client
         self.fingerprint = fingerprint
+        #: an image spent its whole --timeout on tries: the next get one each, until answered
+        self.gone = False
 
     def check_model(self) -> None:
         """Refuse early when the server does not serve this edge's model (ValueError naming
@@ -106,9 +111,12 @@ class RemoteDetector:
 
         A call the cloud may answer later (`RetryLater`: unreachable, restarting, busy) is sent
         again with the same request id, after pauses of RETRY_FIRST_S doubling to RETRY_MAX_S,
-        until the client's timeout (--timeout) has passed since the first try: a cloud that
-        restarts mid-run costs the images waiting for it time, not their results. Each
-        image's first retry is logged (WARNING); the error of the last try is raised."""
+        while at least RETRY_MIN_CALL_S of the client's timeout (--timeout, counted from the
+        first try) is left for the next call: a cloud that restarts mid-run costs the images
+        waiting for it time, not their results. Each image's first retry is logged (WARNING).
+        Once an image has spent its whole timeout so, the cloud is taken for gone: the next
+        images get one try each, until one is answered (a cloud lost for good must not cost
+        every image its --timeout). The error of the last try is raised."""
         from splitdet.edge.client import RetryLater
 
         meta = replace(result.meta, source=Path(source).name)
@@ -120,9 +128,11 @@ class RemoteDetector:
                 answer = self.client.detect(
                     result.encoded, meta, request_id, self.fingerprint, timeout=max(left, 0.001)
                 )
+                self.gone = False
                 break
             except RetryLater as exc:
-                if deadline - time.monotonic() <= pause:
+                if self.gone or deadline - time.monotonic() < pause + RETRY_MIN_CALL_S:
+                    self.gone = True
                     raise
                 if pause == RETRY_FIRST_S:
                     log.warning(

@@ -43,6 +43,8 @@ from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
 
 #: Largest image accepted, in pixels (a decompression bomb is refused before decoding).
 MAX_PIXELS = 64_000_000
+#: Bytes read at a time from an image file that grows while it is read (`read_image_file`).
+READ_CHUNK_BYTES = 1 << 20
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -323,11 +325,19 @@ def read_image_file(path: Path) -> bytes:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):  # replaced since the stat
                 raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
-            # its size now, + 1 to see it grow: read(MAX_FILE_BYTES + 1) would allocate
-            # 256 MiB for every image
-            data = file.read(info.st_size + 1)
-            if len(data) > info.st_size:  # it grows: read on, to the limit + 1 at most
-                data += file.read(max(MAX_FILE_BYTES + 1 - len(data), 0))
+            if info.st_size > MAX_FILE_BYTES:  # (replaced by a larger one since)
+                raise _too_big(path, info.st_size)
+            # its size now, + 1 to see it grow (read(MAX_FILE_BYTES + 1) would allocate
+            # 256 MiB for every image); a growing file is read on in chunks to the limit + 1
+            chunks = [file.read(info.st_size + 1)]
+            total = len(chunks[0])
+            while total > info.st_size and total <= MAX_FILE_BYTES:
+                chunk = file.read(min(READ_CHUNK_BYTES, MAX_FILE_BYTES + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            data = b"".join(chunks)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if len(data) > MAX_FILE_BYTES:  # it grew after the stat

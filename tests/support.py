@@ -217,6 +217,29 @@ def running(daemon):
         assert not thread.is_alive(), "the daemon did not stop"
 
 
+def run_until(argv: list[str], ready, what: str, then, timeout: float = 120.0):
+    """Run `argv` (pipes, text), wait until `ready()` holds (AssertionError naming `what`
+    after `timeout` s, or when the process ends first), call `then(process)` (send a signal,
+    cut a link...), and wait for it to end: (exit status, stdout, stderr). The process is
+    killed if anything fails on the way."""
+    import time
+
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"no {what} in {timeout:g} s"
+            time.sleep(0.02)
+        then(process)
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
 def image_rows(db: Path) -> list[dict]:
     """Every row of an edge store's images table, in arrival order, through a fresh
     connection."""

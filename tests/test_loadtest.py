@@ -156,6 +156,14 @@ def test_a_json_path_under_a_file_says_so(tmp_path, capsys):
         assert "does not exist" not in err
 
 
+def test_a_client_option_given_empty_without_cloud_is_refused(tmp_path, capsys):
+    """`--server-name ''` without --cloud was ignored in silence (an empty value counted as
+    not given): now refused as a non-empty one is, before anything loads."""
+    code = main(["loadtest", str(tmp_path), "--model", str(tmp_path), "--server-name", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and "--server-name: for --cloud only" in err, err
+
+
 def test_the_json_records_its_settings_and_whether_every_level_ran(
     cloud, images, tmp_path, monkeypatch, capsys
 ):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from splitdet.shared.cli import main
 
-from support import run_without_torch
+from support import run_until, run_without_torch
 
 
 @pytest.fixture(scope="module")
@@ -185,25 +185,13 @@ def test_ctrl_c_writes_the_records_finished_so_far(tiny_model_dir, images, tmp_p
                        "--gate", "off", "--save", {str(saved)!r}, "--json", {str(out)!r},
                        "--no-progress"]))
         """
-    process = subprocess.Popen(
+    code, stdout, stderr = run_until(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        lambda: saved.is_dir() and len(list(saved.iterdir())) >= 3,
+        "annotated image",
+        lambda process: process.send_signal(signal.SIGINT),
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not (saved.is_dir() and len(list(saved.iterdir())) >= 3):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no annotated image in 120 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, stderr
+    assert code == 130, stderr
     assert "splitdet predict: interrupted" in stderr and "Traceback" not in stderr
     assert "interrupted after" in stdout
     records = json.loads(out.read_text())
@@ -314,6 +302,12 @@ def test_save_never_writes_through_a_link_onto_an_input(tiny_model_dir, images, 
     assert "would be written over the input image" in capsys.readouterr().err
     assert (inp / "a.jpg").read_bytes() == before
     assert (b_folder / "x.jpg").read_bytes() == x_before
+    # a hard link is no risk: the copy replaces the name, the input keeps its bytes
+    (review / "a.jpg").unlink()
+    os.link(inp / "a.jpg", review / "a.jpg")
+    assert predict(tiny_model_dir, str(inp / "a.jpg"), "--save", str(review), "--gate", "off") == 0
+    assert (inp / "a.jpg").read_bytes() == before
+    assert (review / "a.jpg").read_bytes() != before
 
 
 class _SwitchableProxy:
@@ -383,24 +377,51 @@ def test_a_cloud_that_restarts_mid_run_costs_time_not_results(tmp_path, images):
             str(server.config.model_dir), "--cloud", f"127.0.0.1:{proxy.port}", "--gate",
             "off", "--save", str(saved), "--json", str(out), "--no-progress", "--timeout",
             "30"]  # fmt: skip
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (saved.is_dir() and any(saved.iterdir())):  # (the first answer came)
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no annotated image in 120 s"
-            time.sleep(0.02)
+
+    def restart(process: subprocess.Popen) -> None:
         proxy.switch_off()
         time.sleep(2.0)  # (the cloud "restarting": calls meanwhile fail UNAVAILABLE)
         proxy.down.clear()
-        _, stderr = process.communicate(timeout=90)
+
+    try:
+        code, _, stderr = run_until(
+            argv, lambda: saved.is_dir() and any(saved.iterdir()), "first answer", restart
+        )
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
         proxy.close()
         server.stop(0)
-    assert process.returncode == 0, stderr
+    assert code == 0, stderr
     records = json.loads(out.read_text())
     assert [r["verdict"] for r in records] == ["defect"] * 8, [r.get("error") for r in records]
     assert "the cloud did not answer" in stderr and "trying again for up to" in stderr, stderr
+
+
+def test_a_cloud_gone_for_good_costs_one_image_its_timeout_not_every_image(tmp_path, images):
+    """With retries, a cloud lost for good mid-run made every later flagged image wait its
+    whole --timeout. Now the first image that spends its timeout marks the cloud gone: the
+    next get one try each (no retries) until one is answered."""
+    from cloud_fixtures import start_loopback_server
+
+    server = start_loopback_server(tmp_path)
+    proxy = _SwitchableProxy(server.port)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"i{k}.png").write_bytes((images / ("a.png" if k % 2 else "b.png")).read_bytes())
+    saved, out = tmp_path / "saved", tmp_path / "out.json"
+    argv = [sys.executable, "-m", "splitdet.shared.cli", "predict", str(folder), "--model",
+            str(server.config.model_dir), "--cloud", f"127.0.0.1:{proxy.port}", "--gate",
+            "off", "--save", str(saved), "--json", str(out), "--no-progress", "--timeout",
+            "3"]  # fmt: skip
+    try:
+        code, _, stderr = run_until(
+            argv, lambda: saved.is_dir() and any(saved.iterdir()), "first answer",
+            lambda process: proxy.switch_off(),
+        )  # fmt: skip
+    finally:
+        proxy.close()
+        server.stop(0)
+    assert code == 1, stderr
+    verdicts = [r["verdict"] for r in json.loads(out.read_text())]
+    assert verdicts[0] == "defect" and verdicts.count("error") >= 4, verdicts
+    assert stderr.count("trying again for up to") == 1, stderr  # (one image retried)

@@ -23,7 +23,7 @@ from splitdet.shared.cli import main
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import FILE_SIZE_LIMITED, full_disk_open, train_argv
+from support import FILE_SIZE_LIMITED, full_disk_open, run_until, train_argv
 
 #: The lock file `splitdet train` holds in its --out (`training.train.TRAIN_LOCK`).
 TRAIN_LOCK = ".splitdet-train.lock"
@@ -223,21 +223,14 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes(tiny_voc, tmp_path):
         "splitdet.shared.cli",
         *train_argv(tiny_voc, run, "--epochs", "1000"),
     ]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "last.pt").is_file():  # epoch 0 done: the run is in epoch 1 or on
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "no epoch finished in 120 s"
-            time.sleep(0.05)
-        time.sleep(0.3)
+
+    def stop(process: subprocess.Popen) -> None:
+        time.sleep(0.3)  # (into epoch 1)
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, err
+
+    # epoch 0 done (last.pt): the run is in epoch 1 or on
+    code, out, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", stop)
+    assert code == 143, err
     assert "Traceback" not in err and out == "", err
     (line,) = [line for line in err.splitlines() if "SIGTERM" in line]
     assert line == (

@@ -409,8 +409,7 @@ def bare_filename(filename: str | None) -> str | None:
     ``C:\\shots\\``); None for none."""
     if not filename:
         return None
-    # (and a drive without a folder, "C:x.jpg", which Windows reads as relative to C:)
-    return re.sub(r"^[A-Za-z]:", "", re.split(r"[\\/]", filename)[-1]) or None
+    return re.split(r"[\\/]", filename)[-1] or None
 
 
 def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int]:
