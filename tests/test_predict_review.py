@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -360,38 +359,48 @@ class _SwitchableProxy:
         self.listener.close()
 
 
-def test_a_cloud_that_restarts_mid_run_costs_time_not_results(tmp_path, images):
-    """A cloud killed and started again mid-run failed every image sent meanwhile at once
-    ("UNAVAILABLE"), --timeout never used to wait for it. Now a call the cloud may answer
-    later is sent again within --timeout: every image gets its boxes."""
+def _predict_while_the_link_fails(
+    tmp_path: Path, images: Path, count: int, timeout: float, fail
+) -> tuple[int, str, list[dict]]:
+    """`splitdet predict` (a process) of `count` images through a `_SwitchableProxy` to a
+    cloud on loopback, `--gate off --timeout TIMEOUT`; once the first annotated copy is
+    written, `fail(proxy)`. (exit status, stderr, the JSON records)."""
     from cloud_fixtures import start_loopback_server
 
     server = start_loopback_server(tmp_path)
     proxy = _SwitchableProxy(server.port)
     folder = tmp_path / "in"
     folder.mkdir()
-    for k in range(8):
+    for k in range(count):
         (folder / f"i{k}.png").write_bytes((images / ("a.png" if k % 2 else "b.png")).read_bytes())
     saved, out = tmp_path / "saved", tmp_path / "out.json"
     argv = [sys.executable, "-m", "splitdet.shared.cli", "predict", str(folder), "--model",
             str(server.config.model_dir), "--cloud", f"127.0.0.1:{proxy.port}", "--gate",
             "off", "--save", str(saved), "--json", str(out), "--no-progress", "--timeout",
-            "30"]  # fmt: skip
+            f"{timeout:g}"]  # fmt: skip
+    try:
+        code, _, stderr = run_until(
+            argv, lambda: saved.is_dir() and any(saved.iterdir()), "first answer",
+            lambda process: fail(proxy),
+        )  # fmt: skip
+    finally:
+        proxy.close()
+        server.stop(0)
+    return code, stderr, json.loads(out.read_text())
 
-    def restart(process: subprocess.Popen) -> None:
+
+def test_a_cloud_that_restarts_mid_run_costs_time_not_results(tmp_path, images):
+    """A cloud killed and started again mid-run failed every image sent meanwhile at once
+    ("UNAVAILABLE"), --timeout never used to wait for it. Now a call the cloud may answer
+    later is sent again within --timeout: every image gets its boxes."""
+
+    def restart(proxy: _SwitchableProxy) -> None:
         proxy.switch_off()
         time.sleep(2.0)  # (the cloud "restarting": calls meanwhile fail UNAVAILABLE)
         proxy.down.clear()
 
-    try:
-        code, _, stderr = run_until(
-            argv, lambda: saved.is_dir() and any(saved.iterdir()), "first answer", restart
-        )
-    finally:
-        proxy.close()
-        server.stop(0)
+    code, stderr, records = _predict_while_the_link_fails(tmp_path, images, 8, 30, restart)
     assert code == 0, stderr
-    records = json.loads(out.read_text())
     assert [r["verdict"] for r in records] == ["defect"] * 8, [r.get("error") for r in records]
     assert "the cloud did not answer" in stderr and "trying again for up to" in stderr, stderr
 
@@ -400,28 +409,10 @@ def test_a_cloud_gone_for_good_costs_one_image_its_timeout_not_every_image(tmp_p
     """With retries, a cloud lost for good mid-run made every later flagged image wait its
     whole --timeout. Now the first image that spends its timeout marks the cloud gone: the
     next get one try each (no retries) until one is answered."""
-    from cloud_fixtures import start_loopback_server
-
-    server = start_loopback_server(tmp_path)
-    proxy = _SwitchableProxy(server.port)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for k in range(6):
-        (folder / f"i{k}.png").write_bytes((images / ("a.png" if k % 2 else "b.png")).read_bytes())
-    saved, out = tmp_path / "saved", tmp_path / "out.json"
-    argv = [sys.executable, "-m", "splitdet.shared.cli", "predict", str(folder), "--model",
-            str(server.config.model_dir), "--cloud", f"127.0.0.1:{proxy.port}", "--gate",
-            "off", "--save", str(saved), "--json", str(out), "--no-progress", "--timeout",
-            "3"]  # fmt: skip
-    try:
-        code, _, stderr = run_until(
-            argv, lambda: saved.is_dir() and any(saved.iterdir()), "first answer",
-            lambda process: proxy.switch_off(),
-        )  # fmt: skip
-    finally:
-        proxy.close()
-        server.stop(0)
+    code, stderr, records = _predict_while_the_link_fails(
+        tmp_path, images, 6, 3, _SwitchableProxy.switch_off
+    )
     assert code == 1, stderr
-    verdicts = [r["verdict"] for r in json.loads(out.read_text())]
+    verdicts = [r["verdict"] for r in records]
     assert verdicts[0] == "defect" and verdicts.count("error") >= 4, verdicts
     assert stderr.count("trying again for up to") == 1, stderr  # (one image retried)
