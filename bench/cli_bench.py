@@ -15,8 +15,8 @@ EPILOG = """\
 example:
   splitdet bench --model models/gasket --checkpoint runs/cpu/best.pt --data data/gaskets \\
       --defect-rates 0.05,0.12,0.5 --images 100 --out bench-report
-      writes bench-report/report.json, report.md, time_vs_defect_rate.png,
-      reduction_vs_defect_rate.png and bytes_vs_map_kept.png
+      writes bench-report/report.json, report.md, outcomes.csv (every image through every
+      system), time_vs_defect_rate.png, reduction_vs_defect_rate.png and bytes_vs_map_kept.png
 
 Systems, interleaved image by image on the same images and weights: monolithic (torchvision
 Faster R-CNN, eager), monolithic-split-engines (the same detector on splitdet's engines in one

@@ -43,7 +43,9 @@ falls on one shows as ">N ms", at least). "per edge" is the fewest and most answ
 got (far apart: the server is unfair to some edges). A level with calls failed other than as
 busy (the server died, hung past --timeout, or the network failed) is not the server's
 capacity: the table warns under it, the JSON lists it in "failed_levels", and the exit status
-is 1. --json FILE is written at the start, after each level and at the end: "complete" false
+is 1 (0: every level measured without one; 2: a usage error, an edge's first call failing, or
+the cloud started here dying, the end of its log quoted; 130: interrupted). --json FILE is
+written at the start, after each level and at the end: "complete" false
 and "error" the message when the run failed or was stopped (null when it finished). Sizing:
 a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
 flags a fraction R (`splitdet eval --model` reports flagged_fraction; on the line, `edge status`

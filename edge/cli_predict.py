@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_edge_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_cloud_arguments(p, required=False)
+    add_cloud_arguments(p, required=False, retried=True)
     p.set_defaults(handler=run)
 
 

@@ -78,8 +78,11 @@ def add_codec_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    """--cloud and the connection options (deadline, TLS, mutual TLS, token)."""
+def add_cloud_arguments(
+    parser: argparse.ArgumentParser, required: bool, retried: bool = False
+) -> None:
+    """--cloud and the connection options (deadline, TLS, mutual TLS, token); `retried`: the
+    command sends a call again within --timeout (predict and eval), as its help says."""
     parser.add_argument(
         "--cloud",
         required=required,
@@ -93,8 +96,12 @@ def add_cloud_arguments(parser: argparse.ArgumentParser, required: bool) -> None
         type=float,
         default=None,
         metavar="SECONDS",
-        help=f"deadline of one Detect call, seconds (default: {DEFAULT_TIMEOUT_S:g}); predict "
-        "and eval also send one again within it while the cloud is unreachable",
+        help=(
+            f"deadline of each image's detection, seconds (default: {DEFAULT_TIMEOUT_S:g}): a "
+            "call the cloud may answer later (unreachable, busy) is sent again within it"
+            if retried
+            else f"deadline of one Detect call, seconds (default: {DEFAULT_TIMEOUT_S:g})"
+        ),
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
     parser.add_argument(

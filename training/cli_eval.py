@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint, calibrate instead: --calibrate-split)",
     )
     add_codec_argument(model)
-    add_cloud_arguments(model, required=False)
+    add_cloud_arguments(model, required=False, retried=True)
     parser.set_defaults(handler=run)
 
 

@@ -42,7 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a splitdet checkpoint")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL_DIR",
+        help="model directory to write: new, empty or holding an earlier export (another "
+        "program's manifest.json, or other files, are refused; hidden files do not count)",
+    )
     p.add_argument(
         "--gate-threshold",
         type=float,

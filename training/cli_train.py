@@ -40,6 +40,9 @@ EXAMPLE = """example:
   splitdet train --data data/gaskets --out runs/cpu --resume --minutes 60   # extend the budget
   torchrun --nproc_per_node 2 -m splitdet.training.cli_train --data data/gaskets --out runs/p \\
       --preset paper --init coco
+
+exit status: 0 trained; 2 a problem with the data, the options or the run folder; 130 Ctrl-C,
+143 SIGTERM (last.pt holds the last finished epoch: continue with --resume)
 """
 
 
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help="run folder: last.pt, best.pt, metrics.csv/json, learning_curve.png",
+        help="run folder: last.pt, best.pt (the highest val mAP@.5; ties: mAP@[.5:.95]), "
+        "metrics.csv/json, learning_curve.png",
     )
     parser.add_argument(
         "--preset",
@@ -116,9 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--detections-per-image",
         type=int,
         metavar="N",
-        help="most boxes the model returns per image, 1-1000 (default: the preset's, 100); an "
-        "image with more objects has its recall capped at N (train warns of such images in "
-        "train and val); kept in the checkpoint, so eval and export use it",
+        help="most boxes the model returns per image, 1-1000 (default: a resumed run's, else "
+        "the preset's, 100); an image with more objects has its recall capped at N (train "
+        "warns of such images in train and val); kept in the checkpoint, so eval and export "
+        "use it",
     )
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument(
