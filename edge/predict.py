@@ -52,7 +52,8 @@ class Prediction:
             written keeps its verdict and boxes, with the reason in `error`.
         boxes: (x1, y1, x2, y2) in original image px, scores and labels alike ordered.
         timings: seconds per stage, edge ("read", "preprocess", "gate", "complete", "encode")
-            and cloud ("cloud_decode", "cloud_rpn", "cloud_roi", "cloud_total", "round_trip").
+            and cloud ("cloud_decode", "cloud_rpn", "cloud_roi", "cloud_total", "round_trip";
+            "cloud_retry_wait": the part of the round trip spent retrying, when it was).
         bytes_sent: encoded feature bytes sent (or, detected in this process, that would be
             sent) for this image; 0 when none were, or its detection call failed.
         annotated: the annotated image written for it under `--save`, if any.
@@ -116,12 +117,16 @@ class RemoteDetector:
         waiting for it time, not their results. Each image's first retry is logged (WARNING).
         Once an image has spent its whole timeout so, the cloud is taken for gone: the next
         images get one try each, until one is answered (a cloud lost for good must not cost
-        every image its --timeout). The error of the last try is raised."""
+        every image its --timeout). The error of the last try is raised. An image answered after
+        retries has "retry_wait_s" among its timings: the seconds from its first try to its
+        last (a round trip's time that was the cloud's absence, not its work)."""
         from splitdet.edge.client import RetryLater
 
         meta = replace(result.meta, source=Path(source).name)
-        deadline = time.monotonic() + self.client.config.timeout_s
+        first = time.monotonic()
+        deadline = first + self.client.config.timeout_s
         pause = RETRY_FIRST_S
+        last = first  # (the last try's start)
         while True:
             left = deadline - time.monotonic()
             try:
@@ -141,13 +146,15 @@ class RemoteDetector:
                     )  # fmt: skip
                 time.sleep(pause)
                 pause = min(2 * pause, RETRY_MAX_S)
+                last = time.monotonic()
         detections = [
             Detection(tuple(map(float, box)), float(score), int(label), name)
             for box, score, label, name in zip(
                 answer.boxes, answer.scores, answer.labels, answer.class_names, strict=True
             )
         ]
-        return detections, answer.timings
+        retried = {"retry_wait_s": last - first} if last > first else {}
+        return detections, {**answer.timings, **retried}
 
 
 def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:

@@ -403,6 +403,10 @@ def test_a_cloud_that_restarts_mid_run_costs_time_not_results(tmp_path, images):
     assert code == 0, stderr
     assert [r["verdict"] for r in records] == ["defect"] * 8, [r.get("error") for r in records]
     assert "the cloud did not answer" in stderr and "trying again for up to" in stderr, stderr
+    # the images that waited say so: the part of their round trip spent retrying
+    waited = [r["timings"] for r in records if "cloud_retry_wait" in r["timings"]]
+    assert waited and all(0 < w["cloud_retry_wait"] <= w["round_trip"] for w in waited)
+    assert "cloud_retry_wait" not in records[0]["timings"]  # (answered at the first try)
 
 
 def test_a_cloud_gone_for_good_costs_one_image_its_timeout_not_every_image(tmp_path, images):
