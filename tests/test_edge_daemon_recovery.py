@@ -20,7 +20,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,7 +35,7 @@ from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.store import OutboxCap
 from splitdet.shared.cli import main
 
-from support import daemon_config, free_port, image_rows, wait_for
+from support import daemon_config, free_port, image_rows, running, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -78,21 +77,6 @@ def sample(metric, name: str, **labels: str) -> float | None:
             if found.name == name and found.labels == labels:
                 return found.value
     return None
-
-
-@contextlib.contextmanager
-def running(daemon: EdgeDaemon):
-    """The daemon's run() in a thread; stopped and joined on leaving. Yields its exit status
-    (a list, filled when it ends)."""
-    status: list[int] = []
-    thread = threading.Thread(target=lambda: status.append(daemon.run()), daemon=True)
-    thread.start()
-    try:
-        yield status
-    finally:
-        daemon.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "the daemon did not stop"
 
 
 # ------------------------------------------------------- 1. --once, outbox full, cloud down
