@@ -319,7 +319,7 @@ def markdown(report: dict) -> str:
                 + f"{with_links} | "
                 f"{s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
-                f"{s.get('bytes_per_sent_image', s['bytes_per_defect_image']):,.0f} | "
+                f"{s['bytes_per_sent_image']:,.0f} | "
                 f"{s['transfer_100mbit_s_computed']:.3f} | "
                 f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
                 f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} | "

@@ -217,14 +217,15 @@ def _run_streams(
             for system in systems[shift:] + systems[:shift]:
                 outcomes[system.name].append(system.run(image, decision))
             bar.update()
+        key = f"{rate:g}"  # (the report's name of the rate)
         monolithic = summarise(outcomes[MONOLITHIC], stream, class_names, None)
-        results[f"{rate:g}"] = {MONOLITHIC: monolithic} | {
+        results[key] = {MONOLITHIC: monolithic} | {
             name: summarise(found, stream, class_names, monolithic, config.oracle_gate)
             for name, found in outcomes.items()
             if name != MONOLITHIC
         }
-        add_engine_reductions(results[f"{rate:g}"])
-        rows += outcome_rows(f"{rate:g}", stream, outcomes)
+        add_engine_reductions(results[key])
+        rows += outcome_rows(key, stream, outcomes)
         write_outcomes(rows, config.out_dir)
         on_rate(results)
     return results
