@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument, client_config
+from splitdet.edge.cloud_args import (
+    add_cloud_arguments,
+    add_codec_argument,
+    client_config,
+    connection_options_given,
+)
 from splitdet.shared.cli import float_in, int_in
 
 if TYPE_CHECKING:  # the handler imports these when it runs
@@ -178,11 +183,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args.json, None)
     config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
     if config is None:
-        given = [  # (given whatever the value: an empty --server-name too)
-            f"--{n.replace('_', '-')}"
-            for n in CLIENT_ONLY
-            if getattr(args, n, None) is not None and getattr(args, n) is not False
-        ]
+        given = connection_options_given(args, CLIENT_ONLY)  # (an empty value counts too)
         if given:
             raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
                                "is plaintext on loopback)")  # fmt: skip

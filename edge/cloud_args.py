@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -211,12 +212,14 @@ CONNECTION_OPTIONS = (
 )
 
 
-def connection_options_given(args: argparse.Namespace) -> list[str]:
-    """The connection options (CONNECTION_OPTIONS) given on the command line, as "--name",
+def connection_options_given(
+    args: argparse.Namespace, names: Sequence[str] = CONNECTION_OPTIONS
+) -> list[str]:
+    """The connection options `names` (dests) given on the command line, as "--name",
     whatever their value (`--timeout 0` too): their defaults are None, or False for flags."""
     return [
         f"--{name.replace('_', '-')}"
-        for name in CONNECTION_OPTIONS
+        for name in names
         if getattr(args, name, None) is not None and getattr(args, name) is not False
     ]
 
