@@ -231,7 +231,7 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError(f"{source}: {len(data)} bytes is larger than {MAX_FILE_BYTES}")
+        raise ImageError(too_large_text(source, len(data)))
     kind, unwritten = _unwritten_tail(data)
     if unwritten:
         raise ImageError(
@@ -297,10 +297,19 @@ def file_size_text(size: int) -> str:
     return f"{size} bytes"
 
 
+def too_large_text(source: str | Path, size: int) -> str:
+    """The one message for an image file over `MAX_FILE_BYTES` (`size` in bytes), whoever
+    finds it: "PATH is 3.0 GiB, over the 256 MiB limit" (in bytes where the rounded size would
+    read as the limit itself)."""
+    limit = f"{MAX_FILE_BYTES // 2**20} MiB"
+    shown = file_size_text(size)
+    if shown.split()[0] in (limit.split()[0], f"{MAX_FILE_BYTES / 2**20:.1f}"):
+        shown, limit = f"{size} bytes", f"{limit} ({MAX_FILE_BYTES} bytes)"
+    return f"{source} is {shown}, over the {limit} limit"
+
+
 def _too_big(path: Path, size: int) -> ImageError:
-    return ImageError(
-        f"{path} is {file_size_text(size)}, over the {MAX_FILE_BYTES // 2**20} MiB limit"
-    )
+    return ImageError(too_large_text(path, size))
 
 
 def read_image_file(path: Path) -> bytes:

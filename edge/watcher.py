@@ -112,7 +112,13 @@ import numpy as np
 
 from splitdet.edge.file_identity import file_key
 from splitdet.edge.ignore_marker import is_marked
-from splitdet.edge.preprocess import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageError, decode_image
+from splitdet.edge.preprocess import (
+    IMAGE_SUFFIXES,
+    MAX_FILE_BYTES,
+    ImageError,
+    decode_image,
+    too_large_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +637,7 @@ class HotFolder:
         try:
             if candidate.size > MAX_FILE_BYTES:
                 data = b""
-                error = f"{candidate.path}: {candidate.size} bytes is larger than {MAX_FILE_BYTES}"
+                error = too_large_text(candidate.path, candidate.size)
             else:
                 data = candidate.path.read_bytes()
                 error = None

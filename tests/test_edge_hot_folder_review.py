@@ -412,3 +412,24 @@ def test_a_file_that_keeps_changing_is_told_of(tiny_model_dir, tmp_path, caplog,
     assert told[0].fields["path"] == str(path) and "--settle 0.5" in told[0].getMessage()
     [row] = image_rows(config.db)
     assert row["content_hash"] is not None and Path(row["path"]) == path
+
+
+def test_a_file_past_the_byte_limit_is_told_in_the_words_predict_and_data_check_use(
+    tiny_model_dir, tmp_path
+):
+    """The daemon said "P: 268435457 bytes is larger than 268435456" where predict said
+    "P is 256.0 MiB, over the 256 MiB limit" (one limit, three wordings). Now one wording,
+    and the file (sparse: no disk used) is refused whole, never read into memory."""
+    from splitdet.edge.preprocess import MAX_FILE_BYTES, ImageError, read_image_file
+
+    config = daemon_config(tiny_model_dir, tmp_path, quarantine_dir=tmp_path / "q")
+    big = config.watch / "huge.png"
+    with open(big, "wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)
+    assert EdgeDaemon(config).run() == 0
+    [row] = image_rows(config.db)
+    with pytest.raises(ImageError) as refused:  # the file kept whole, in the quarantine
+        read_image_file(Path(row["stored_path"]))
+    expected = f"is {MAX_FILE_BYTES + 1} bytes, over the 256 MiB ({MAX_FILE_BYTES} bytes) limit"
+    assert row["verdict"] == "error" and row["reason"] == f"{big} {expected}", row
+    assert str(refused.value).endswith(expected), refused.value

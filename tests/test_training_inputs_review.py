@@ -179,11 +179,12 @@ def test_a_file_past_the_edge_s_byte_limit_is_a_problem_as_on_the_edge(tmp_path,
     root, victim = _dataset_with(tmp_path, Image.new("L", (160, 128), 40))
     with open(victim, "r+b") as handle:
         handle.truncate(MAX_FILE_BYTES + 1)
-    with pytest.raises(ImageError, match="MiB limit"):  # (one stat: never loaded)
+    with pytest.raises(ImageError, match="over the 256 MiB"):  # (one stat: never loaded)
         load_image(victim)
     assert main(["data", "check", str(root), "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert f"problem: {victim}: {MAX_FILE_BYTES + 1} bytes is more than the edge takes" in out
+    expected = f"is {MAX_FILE_BYTES + 1} bytes, over the 256 MiB ({MAX_FILE_BYTES} bytes) limit"
+    assert f"problem: {victim} {expected}: the edge would refuse it" in out, out
 
 
 # ------------------------------------------------------------ 2. resuming another configuration

@@ -435,12 +435,12 @@ def _refuse_past_the_edge_limits(img: Image.Image, image_path: Path) -> None:
     """`VocError` naming ``image_path`` when the open PIL image is past the edge's size limits
     (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE, the edge's own constants). Checked once,
     when the split is read (`_image_header`), not at every decoding of an epoch."""
-    from splitdet.edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS
+    from splitdet.edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS, too_large_text
     from splitdet.shared.spec import MAX_ORIGINAL_SIDE
 
     size = Path(image_path).stat().st_size
     if size > MAX_FILE_BYTES:
-        raise VocError(f"{image_path}: {size} bytes is more than the edge takes ({MAX_FILE_BYTES})")
+        raise VocError(f"{too_large_text(image_path, size)}: the edge would refuse it")
     width, height = img.size
     if width * height > MAX_PIXELS or max(width, height) > MAX_ORIGINAL_SIDE:
         raise VocError(
