@@ -17,15 +17,9 @@ from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training import cli_train, voc
 from splitdet.training import dataset as dataset_module
 from splitdet.training.dataset import CropSettings, VocDetection, collate
+from splitdet.training.initial_weights import InitError, load_initial_weights
 from splitdet.training.presets import PRESETS, TINY, TrainConfig
-from splitdet.training.train import (
-    InitError,
-    TrainClock,
-    autocast_dtype,
-    load_initial_weights,
-    train,
-    train_one_epoch,
-)
+from splitdet.training.train import TrainClock, autocast_dtype, train, train_one_epoch
 
 from support import make_tiny_voc
 
@@ -391,7 +385,7 @@ def test_a_resumed_run_breaks_ties_against_the_epoch_its_best_pt_holds():
     """A run's last.pt says which epoch best.pt holds and its tie-break value; one written
     before ties were broken records only best_value, and best.pt then holds the first epoch
     of its history at that value."""
-    from splitdet.training.train import BestEpoch
+    from splitdet.training.epoch_records import BestEpoch
 
     best = BestEpoch("map50")
     rows = [(0.2, 0.1), (1.0, 0.194), (1.0, 0.658), (1.0, 0.658), (1.0, 0.3), (0.99, 0.99)]

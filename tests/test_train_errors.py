@@ -212,9 +212,9 @@ def test_a_class_with_no_box_to_train_on_is_warned_of_once(tiny_voc, tmp_path, c
         "class), or leave it out of --classes"
     ]
     # and the commands and options it gives paste as they are
-    from splitdet.training.train import _model_difference
+    from splitdet.training.run_checks import model_difference
 
-    assert _model_difference(ONE_EPOCH.model, config.model) == (
+    assert model_difference(ONE_EPOCH.model, config.model) == (
         "--classes scratch there, 'scratch,Pit mark,rust' here"
     )
     assert f"`splitdet eval --data '{data}' --checkpoint {shlex.quote(str(run / 'last.pt'))} " in (

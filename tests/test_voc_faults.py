@@ -247,7 +247,7 @@ def test_init_from_a_run_of_other_class_order_moves_the_class_rows(tmp_path):
     """`train --init runs/x/last.pt --classes dent,scratch` of a run of scratch,dent: every
     tensor fits, but each class keeps its own box-predictor rows."""
     from splitdet.shared.checkpoint import save_checkpoint
-    from splitdet.training.train import load_initial_weights
+    from splitdet.training.initial_weights import load_initial_weights
 
     torch.manual_seed(0)
     before = _tiny_model(("scratch", "dent"))

@@ -29,8 +29,9 @@ from splitdet.shared.cli import main
 from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training import voc
 from splitdet.training.evaluate_export import read_samples
+from splitdet.training.initial_weights import InitError, load_initial_weights
 from splitdet.training.presets import CPU, CPU_R50, TINY
-from splitdet.training.train import InitError, load_initial_weights, train
+from splitdet.training.train import train
 from splitdet.training.voc_check import check_dataset
 
 from support import make_tiny_voc

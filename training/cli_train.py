@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from splitdet.shared.cli import CommandError, class_names
-    from splitdet.training.train import describe_best
+    from splitdet.training.epoch_records import describe_best
 
     config = _base_config(args)
     # flags named as the TrainConfig fields they override
@@ -341,7 +341,8 @@ def _train(config: TrainConfig, args: argparse.Namespace) -> dict:
     from splitdet.shared.atomic_file import WriteError, write_problem
     from splitdet.shared.checkpoint import CheckpointError
     from splitdet.shared.cli import CommandError
-    from splitdet.training.train import InitError, train
+    from splitdet.training.initial_weights import InitError
+    from splitdet.training.train import train
     from splitdet.training.voc import VocError, check_hint
 
     try:

@@ -1,0 +1,166 @@
+"""Per-epoch records of a training run: `BestEpoch` (which validated epoch best.pt holds: the
+best `best_metric`, ties broken by mAP@[.5:.95]) and `describe_best`, `write_metrics`
+(metrics.json, metrics.csv: one row per epoch) and `plot_learning_curve` (learning_curve.png);
+`METRIC_NAMES` names the validation metrics as logs and messages do.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitdet.shared.atomic_file import atomic_write
+
+#: Validation metrics (`evaluate`'s keys) as logs and messages name them.
+METRIC_NAMES = {
+    "map50": "mAP@.5", "map": "mAP@[.5:.95]", "ar100": "AR@100", "gate_auc": "gate AUC",
+    "gate_accuracy": "gate accuracy",
+}  # fmt: skip
+#: Values of the metric best.pt is chosen on this close count as equal (the same mean summed
+#: in another order): the tie-break decides between them.
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass
+class BestEpoch:
+    """The validated epoch best.pt holds: the highest `metric` (`TrainConfig.best_metric`);
+    among epochs equal on it, the highest `tie_metric`. A small validation split saturates
+    mAP@.5 at 1.0 while the boxes go on tightening (mAP@[.5:.95] 0.19 -> 0.66): on mAP@.5
+    alone best.pt kept the first, loosest epoch to reach 1.0. A later epoch replaces the
+    best only when strictly better on the two in turn, so a full tie keeps the earlier."""
+
+    metric: str
+    epoch: int | None = None
+    value: float = -math.inf
+    tie_value: float = -math.inf
+
+    @property
+    def tie_metric(self) -> str:
+        """The metric that breaks ties: mAP@[.5:.95], or mAP@.5 when `metric` is that."""
+        return "map50" if self.metric == "map" else "map"
+
+    def offer(self, row: dict[str, Any]) -> bool:
+        """Take the epoch of metrics `row` as the best if it is better; True when it is (a row
+        without the metric, not validated, is not)."""
+        value = row.get(f"val_{self.metric}")
+        if value is None or math.isnan(value):
+            return False
+        tie = row.get(f"val_{self.tie_metric}")
+        tie = -math.inf if tie is None or math.isnan(tie) else float(tie)
+        better = value > self.value + TIE_TOLERANCE or (
+            abs(value - self.value) <= TIE_TOLERANCE and tie > self.tie_value
+        )
+        if better:
+            self.epoch, self.value, self.tie_value = int(row["epoch"]), float(value), tie
+        return better
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The entries a checkpoint keeps of it ("best_value" as before; the epoch and the
+        tie-break's value since ties are broken)."""
+        return {
+            "best_value": self.value, "best_epoch": self.epoch, "best_tie_value": self.tie_value,
+        }  # fmt: skip
+
+    @classmethod
+    def of_checkpoint(
+        cls, checkpoint: dict[str, Any], history: list[dict[str, Any]], metric: str
+    ) -> BestEpoch:
+        """The best a resumed run's last.pt records. One written before ties were broken
+        records only "best_value": its best.pt holds the first epoch of `history` that
+        reached it (a strictly greater value replaced it, an equal one did not)."""
+        best = cls(metric, value=float(checkpoint.get("best_value", -math.inf)))
+        if "best_epoch" in checkpoint:
+            best.epoch = checkpoint["best_epoch"]
+            best.tie_value = float(checkpoint.get("best_tie_value", -math.inf))
+            return best
+        for row in history:
+            if row.get(f"val_{metric}") == best.value:
+                best.epoch = int(row["epoch"])
+                tie = row.get(f"val_{best.tie_metric}")
+                best.tie_value = -math.inf if tie is None else float(tie)
+                break
+        return best
+
+    def summary(self) -> dict[str, Any] | None:
+        """What best.pt holds, for the run's result (None: no validated epoch)."""
+        if self.epoch is None:
+            return None
+        tie = None if math.isinf(self.tie_value) else self.tie_value
+        return {
+            "epoch": self.epoch, "metric": self.metric, "value": self.value,
+            "tie_metric": self.tie_metric, "tie_value": tie,
+        }  # fmt: skip
+
+
+def describe_best(best: dict[str, Any]) -> str:
+    """What a `BestEpoch.summary` says, as a clause: "best.pt holds epoch 9 (val mAP@.5 1.000,
+    mAP@[.5:.95] 0.658: ...)"."""
+    name = METRIC_NAMES.get(best["metric"], best["metric"])
+    tie_name = METRIC_NAMES.get(best["tie_metric"], best["tie_metric"])
+    tie = "n/a" if best["tie_value"] is None else f"{best['tie_value']:.3f}"
+    return (
+        f"best.pt holds epoch {best['epoch']} (val {name} {best['value']:.3f}, {tie_name} {tie}: "
+        f"the highest {name}, ties broken by {tie_name})"
+    )
+
+
+def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.json (a list of rows) and metrics.csv (the union of columns)."""
+    atomic_write(out_dir / "metrics.json", (json.dumps(history, indent=2) + "\n").encode())
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(out_dir / "metrics.csv", table.getvalue().encode())
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and mAP against epoch, like the paper's Fig. 3.
+
+    The paper compares plain Faster R-CNN with the multi-task model; one run trains only the
+    multi-task model, so the plot shows its detection loss (what a plain Faster R-CNN would
+    minimise) beside its total multi-task loss, and its mAP / mAP@.5 / gate AUC.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [row["loss"] for row in history], label="multi-task loss (total)")
+    ax_loss.plot(epochs, [row["loss_detection"] for row in history], label="detection losses")
+    ax_loss.plot(epochs, [row["loss_defect"] for row in history], label="defect loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    evaluated = [row for row in history if row.get("val_map50") is not None]
+    for key, label in (
+        ("val_map", "mAP@[.5:.95]"),
+        ("val_map50", "mAP@.5"),
+        ("val_gate_auc", "gate AUC"),
+    ):
+        points = [(row["epoch"], row[key]) for row in evaluated if row.get(key) is not None]
+        if points:
+            ax_map.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("validation")
+    ax_map.set_ylim(0, 1)
+    if evaluated:
+        ax_map.legend()
+    else:
+        ax_map.text(0.5, 0.5, "no validation passes", ha="center", transform=ax_map.transAxes)
+    if history:
+        minutes = history[-1].get("train_minutes") or 0.0
+        fig.suptitle(f"multi-task model, {len(history)} epochs, {minutes:.1f} training minutes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

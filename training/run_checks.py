@@ -1,0 +1,130 @@
+"""The checks `train` makes of its data and its run before it trains, each returning the text
+of a warning or a refusal (None: nothing to say): validation images the train split lists too,
+classes with no box to train on, images holding more objects than the model returns, why a run
+validates nothing, and how a resumed run's model configuration differs from this run's.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from splitdet.shared.config import ModelConfig
+from splitdet.training.presets import TrainConfig
+
+
+def also_in_train(train: list, val: list, data_dir: Path) -> str | None:
+    """The warning for validation images (`VocSample`s) that the train split lists too, by id
+    or image file; None when there are none."""
+    seen = {s.image_id for s in train} | {s.image_path.resolve() for s in train}
+    shared = [s.image_id for s in val if s.image_id in seen or s.image_path.resolve() in seen]
+    if not shared:
+        return None
+    return (
+        f"{data_dir / 'ImageSets' / 'Main'}: {len(shared)} of the {len(val)} validation images "
+        f"are in train.txt too (e.g. {shared[0]!r}): validation, best.pt and the gate "
+        "threshold it calibrates then judge on images the model trains on, and read better "
+        "than the model is; `splitdet data check` lists them, `splitdet data split "
+        "--overwrite` writes disjoint splits"
+    )
+
+
+def untrained_classes(class_names: Sequence[str], data_dir: Path, samples: list) -> str | None:
+    """The warning naming the classes of ``class_names`` that the train split's `VocSample`s
+    hold no box to train on of (`voc_check.untrained_class_warning`); only then are all the
+    dataset's annotations read, to tell those it holds nowhere. None when every class has one."""
+    from splitdet.training.voc_check import class_boxes, trained_boxes, untrained_class_warning
+
+    trained = trained_boxes(samples)
+    if all(trained.get(name) for name in class_names):
+        return None
+    in_dataset, partly_read = class_boxes(data_dir)
+    train_file = data_dir / "ImageSets" / "Main" / "train.txt"
+    return untrained_class_warning(
+        class_names, trained, in_dataset, train_file, partly_read=partly_read
+    )
+
+
+def crowded_images(cap: int, train: list, val: list) -> str | None:
+    """The warning for train and val images (`VocSample`s) holding more objects than the model
+    returns per image (`ModelConfig.box_detections_per_img`): their recall is capped, in
+    validation as in deployment, without a word. Names the images with the most. None when
+    there are none."""
+    from splitdet.shared.config import MAX_DETECTIONS_PER_IMG
+
+    splits: dict[str, list[str]] = {}  # image id -> the splits listing it (train = val, often)
+    counts: dict[str, int] = {}
+    for split, samples in (("train", train), ("val", val)):
+        for sample in samples:
+            if len(sample.objects) > cap:
+                counts[sample.image_id] = len(sample.objects)
+                splits.setdefault(sample.image_id, []).append(split)
+    if not counts:
+        return None
+    most = max(counts.values())
+    top = [image_id for image_id, n in counts.items() if n == most]
+    named = ", ".join(f"{image_id!r} ({' and '.join(splits[image_id])})" for image_id in top[:3])
+    more = f" and {len(top) - 3} more" if len(top) > 3 else ""
+    wanted = min(most, MAX_DETECTIONS_PER_IMG)
+    return (
+        f"{len(counts)} image(s) hold more objects than the model returns per image "
+        f"(box_detections_per_img {cap}); the most, {most}, in {named}{more}: "
+        f"validation, eval and deployment find at most {cap} of them, so their recall is "
+        f"capped; train with --detections-per-image {wanted}"
+        + ("" if wanted == most else f" (the most allowed; {most} objects are still more)")
+    )
+
+
+def no_validation(config: TrainConfig, data_dir: Path, out_dir: Path) -> str:
+    """Why this run validates nothing, what it lacks for it, and how to get it."""
+    val = data_dir / "ImageSets" / "Main" / "val.txt"
+    data, last = shlex.quote(str(data_dir)), shlex.quote(str(out_dir / "last.pt"))
+    split = (
+        f"give the dataset a val split with defective images (`splitdet data split {data} "
+        "--val 0.2`, --overwrite to redo existing splits) and train again"
+    )
+    if not config.eval_every:
+        why, fix = "--eval-every 0", "train with --eval-every 1 or more"
+    elif not val.is_file():
+        why, fix = f"no {val}; `splitdet data split --val 0` writes none", split
+    else:
+        why, fix = f"{val} lists no image", split
+    return (
+        f"no validation split ({why}): this run keeps no best.pt (only last.pt) and its gate "
+        f"threshold stays the uncalibrated 0.5; {fix}, or calibrate the gate afterwards: "
+        f"`splitdet eval --data {data} --checkpoint {last} "
+        "--calibrate-split SPLIT` (a split with defective images that the run never saw; "
+        "--calibrate-data DIR for one in another dataset)"
+    )
+
+
+def model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
+    """The settings in which two model configurations differ, "NAME A there, B here" each,
+    separated by "; ". A setting an option of `splitdet train` sets is named as that option,
+    with its value as typed ("--gate-on P3 there, P5 here", not the FPN keys "1" and "3"), and
+    comes first; the others (set by the preset alone) by their `ModelConfig` field."""
+    from splitdet.training.cli_train import GATE_LEVELS  # torch-free, no cycle: stdlib + presets
+
+    gate_names = {level: name for name, level in GATE_LEVELS.items()}
+    options: dict[str, tuple[str, Callable[[Any], str]]] = {  # field -> (option, as typed)
+        "class_names": ("--classes", lambda names: shlex.quote(",".join(names))),
+        "gate_level": ("--gate-on", lambda level: gate_names.get(level, level)),
+        "pixel_bits": ("--pixel-bits", str),
+        "box_detections_per_img": ("--detections-per-image", str),
+    }
+    there, here = asdict(saved), asdict(wanted)  # every field, LATER_FIELDS too
+    keys = sorted(
+        (k for k in there.keys() | here.keys() if there.get(k) != here.get(k)),
+        key=lambda k: (k not in options, k),
+    )
+    parts = []
+    for key in keys:
+        if key in options:
+            option, typed = options[key]
+            parts.append(f"{option} {typed(there[key])} there, {typed(here[key])} here")
+        else:
+            parts.append(f"{key} {there.get(key)!r} there, {here.get(key)!r} here")
+    return "; ".join(parts)
