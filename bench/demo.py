@@ -204,7 +204,15 @@ def train_model(config: DemoConfig) -> bool:
     if not config.progress:
         args.append("--no-progress")
     _write_stamp(stamp, {"settings": wanted, "complete": False})
-    _run(args)
+    try:
+        _run(args)
+    except SystemExit:  # SIGTERM: train named its own command; the demo's is simpler
+        kept = "continues from its last finished epoch"
+        if not (run_dir / "last.pt").is_file():
+            kept = "trains from the start (no epoch had finished)"
+        print(f"splitdet demo: stopped on SIGTERM while training; the same `splitdet demo` "
+              f"command {kept}", file=sys.stderr)  # fmt: skip
+        raise
     _run(
         [
             "eval",

@@ -4,6 +4,7 @@ stops every process it started."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -147,6 +148,46 @@ def test_ctrl_c_stops_every_process(demo):
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids), "a process the demo started survived Ctrl-C"
     assert demo_process.returncode != 0
+
+
+def test_sigterm_while_training_stops_the_demo_with_143_and_the_demo_resumes(tmp_path, caplog):
+    """SIGTERM (systemd, a container's stop) while the demo trains: train keeps its last
+    finished epoch and exits 143; the demo stops with 143 too, saying that the same demo
+    command continues, and it does (`--resume`), rather than starting over."""
+    settings = {**TINY_DEMO, "train_minutes": 0.15}
+    config = DemoConfig(workdir=tmp_path / "demo", **settings)
+    make_data(config)  # in this process: the subprocess below only trains
+    code = f"""
+    from pathlib import Path
+    from splitdet.bench.demo import DemoConfig, train_model
+    train_model(DemoConfig(workdir=Path({str(config.workdir)!r}), **{settings!r}))
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stderr=subprocess.PIPE, text=True
+    )
+    last = config.paths()["run"] / "last.pt"
+    try:
+        deadline = time.monotonic() + 60
+        while not last.is_file():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no epoch finished in 60 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err
+    assert "Traceback" not in err, err
+    assert err.rstrip().endswith(
+        "splitdet demo: stopped on SIGTERM while training; the same `splitdet demo` command "
+        "continues from its last finished epoch"
+    ), err
+    with caplog.at_level(logging.INFO, logger="splitdet.training"):
+        assert train_model(config) is False  # trained, not cached
+    assert "resumed from" in caplog.text and "epochs 0-" in caplog.text, caplog.text
+    assert train_model(config) is True  # complete now: cached
 
 
 def _ready(path: Path) -> bool:
