@@ -96,7 +96,7 @@ _SWEEP_MARGIN_S = 1.0
 
 class StoppedBeforeStart(BaseException):
     """SIGTERM or SIGINT before the daemon started (while it waited for a --db held locked,
-    or earlier: `cli_edge.run`): exit 0, or 1 with --once (its images are all left). A
+    or earlier: `cli_edge_run.run`): exit 0, or 1 with --once (its images are all left). A
     BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into an
     error of what it interrupted (loading the model, reading a token)."""
 

@@ -1,0 +1,257 @@
+"""The maintenance actions of `splitdet edge` on an existing results database: `requeue` (dead
+letters back into the outbox), `abandon` (a retired export's waiting requests made dead letters)
+and `prune` (old final results deleted), with the store opener they share, which never creates
+a database and opens a dry run's read only. Each is safe beside a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splitdet.edge.cli_edge_options import MAX_MB, add_db_and_since, duration_type, parse_since
+from splitdet.shared.cli import float_in, int_in
+
+if TYPE_CHECKING:  # the handlers import it when they run
+    from splitdet.edge.store import OutboxCap, ResultStore
+
+
+REQUEUE_EPILOG = """\
+examples:
+  splitdet edge requeue --db /data/edge.sqlite --dry-run     # what would be sent again
+  splitdet edge requeue --db /data/edge.sqlite --since 2h
+
+A request the cloud refused for good (a dead letter: INVALID_ARGUMENT, INTERNAL, a message over
+the server's --max-message-mib, ...) is kept in the database with its reason. Once the cause is
+fixed (the server's bound raised, a cloud bug fixed), requeue puts it back in the outbox, due at
+once, and its row turns "pending" again; a running daemon sends it within a second, otherwise
+the next `splitdet edge run` does. The cloud answers it once: requests are idempotent. Only as
+many as the outbox caps allow are requeued (give the daemon's --outbox-max-items/-mb); run it
+again when the outbox has drained. Safe while the daemon runs.
+"""
+
+
+def register_requeue(actions: argparse._SubParsersAction) -> None:
+    """Add `requeue` to the actions of `splitdet edge`."""
+    p = actions.add_parser(
+        "requeue",
+        help="send requests the cloud refused again, once the cause is fixed",
+        description="Put dead letters (requests the cloud refused for good) back in the outbox.",
+        epilog=REQUEUE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_db_and_since(p, "only requests refused since")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be requeued")
+    p.add_argument(
+        "--outbox-max-items",
+        type=int_in(1),
+        default=10_000,
+        metavar="N",
+        help="the daemon's outbox cap in requests (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outbox-max-mb",
+        type=float_in(1e-6, MAX_MB),
+        default=2048.0,
+        metavar="MB",
+        help="the daemon's outbox cap in payload megabytes (default: %(default)s)",
+    )
+    p.set_defaults(handler=requeue)  # fmt: skip
+
+
+def requeue(args: argparse.Namespace) -> int:
+    """Requeue dead letters; see REQUEUE_EPILOG."""
+    from splitdet.edge.store import OutboxCap
+
+    since = parse_since(args.since) if args.since is not None else None
+    cap = OutboxCap(max_items=args.outbox_max_items, max_bytes=int(args.outbox_max_mb * 1e6))
+    store = _open_store(args.db, cap, dry_run=args.dry_run)
+    try:
+        requeued, no_room, not_kept = store.requeue_dead_letters(since, dry_run=args.dry_run)
+    finally:
+        store.close()
+    verb = "would requeue" if args.dry_run else "requeued"
+    then = "" if args.dry_run or not requeued else (
+        "; a running `splitdet edge run` sends them within a second, or the next one")  # fmt: skip
+    print(f"{args.db}: {verb} {len(requeued)} dead letter(s){then}")
+    if no_room:
+        print(f"{len(no_room)} left for want of room in the outbox (its caps: "
+              f"{cap.max_items} requests, {args.outbox_max_mb:g} MB); requeue again once it "
+              "has drained")  # fmt: skip
+    if not_kept:
+        print(f"{len(not_kept)} without a kept request (dropped by --dead-letter-max-mb, or "
+              "refused before splitdet kept them): process their images again "
+              f"({_error_rows_command(args.db)} lists them)")  # fmt: skip
+    return 0
+
+
+def _error_rows_command(db: Path) -> str:
+    """The command listing the store's error rows, quoted to paste: `splitdet edge results
+    --db DB --verdict error`."""
+    return f"`splitdet edge results --db {shlex.quote(str(db))} --verdict error`"
+
+
+ABANDON_EPILOG = """\
+examples:
+  splitdet edge abandon --db /data/edge.sqlite --fingerprint 3c5823c70655 --dry-run
+  splitdet edge abandon --db /data/edge.sqlite --fingerprint 3c5823c70655
+
+Requests made with a model export wait in the outbox until the cloud serves that export (log
+event model_refused, the oldest-pending alert). When no cloud will serve it again (retired
+for good), abandon turns them into dead letters: their rows become "error" (error_kind
+dead_letter, the reason naming the export), the requests are kept within --dead-letter-max-mb,
+and `splitdet edge requeue` sends them again should the export be served after all; or process
+their images again with the current export. `splitdet edge status` lists the outbox by export.
+Safe while the daemon runs.
+"""
+
+
+def register_abandon(actions: argparse._SubParsersAction) -> None:
+    """Add `abandon` to the actions of `splitdet edge`."""
+    p = actions.add_parser(
+        "abandon",
+        help="make the waiting requests of a retired model export dead letters",
+        description="Turn the outbox requests made with one model export, which no cloud "
+        "serves any more, into dead letters (kept for `splitdet edge requeue`).",
+        epilog=ABANDON_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--fingerprint",
+        required=True,
+        metavar="HEX",
+        help="the export's fingerprint, or its first 8 or more hex digits (as `edge status` "
+        "shows them)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
+    p.add_argument(
+        "--dead-letter-max-mb",
+        type=float_in(0.0, MAX_MB),
+        default=256.0,
+        metavar="MB",
+        help="the daemon's --dead-letter-max-mb: the requests kept for requeue, oldest dropped "
+        "beyond it (default: %(default)s)",
+    )
+    p.set_defaults(handler=abandon)
+
+
+def abandon(args: argparse.Namespace) -> int:
+    """Dead-letter one export's waiting requests; see ABANDON_EPILOG."""
+    from splitdet.edge.store import OutboxCap
+    from splitdet.shared.cli import CommandError
+
+    dropped_counter = "dead_letter_payloads_dropped"  # the store's count of requests dropped
+
+    wanted = args.fingerprint.strip().lower()
+    if len(wanted) < 8 or any(c not in "0123456789abcdef" for c in wanted):
+        raise CommandError(
+            f"--fingerprint {args.fingerprint!r}: give the export's fingerprint or its first 8 "
+            "or more hex digits"
+        )
+    store = _open_store(args.db, dry_run=True)  # (a refused --fingerprint changes nothing)
+    try:
+        waiting = store.outbox_fingerprints()
+        matches = sorted(fp for fp in waiting if fp.startswith(wanted))
+        if not matches:
+            held = ", ".join(f"{fp[:12]} ({n})" for fp, n in waiting.items()) or "none"
+            raise CommandError(
+                f"--db {args.db}: no request in the outbox was made with export {wanted}; "
+                f"the outbox holds requests of: {held}"
+            )
+        if len(matches) > 1:
+            raise CommandError(
+                f"--fingerprint {wanted} names {len(matches)} exports ("
+                + ", ".join(fp[:16] for fp in matches)
+                + "): give more digits"
+            )
+        [fingerprint] = matches
+        reason = (
+            f"abandoned by `splitdet edge abandon`: no cloud serves model export "
+            f"{fingerprint[:16]} any more (`splitdet edge requeue` sends it again)"
+        )
+        if not args.dry_run:
+            store.close()
+            cap = OutboxCap(dead_letter_max_bytes=int(args.dead_letter_max_mb * 1e6))
+            store = _open_store(args.db, cap)
+        dropped_before = store.counters().get(dropped_counter, 0)
+        n = store.dead_letter_export(fingerprint, reason, dry_run=args.dry_run)
+        kept = store.dead_letter_stats().depth
+        dropped = store.counters().get(dropped_counter, 0) - dropped_before
+    finally:
+        store.close()
+    verb = "would make" if args.dry_run else "made"
+    print(f"{args.db}: {verb} {n} request(s) of export {fingerprint[:16]} dead letters"
+          + ("" if args.dry_run else f"; {kept} dead letter(s) kept for requeue"))  # fmt: skip
+    if dropped:
+        print(
+            f"{dropped} kept request(s) dropped, the oldest, to keep the dead letters within "
+            f"--dead-letter-max-mb {args.dead_letter_max_mb:g}: their images must be processed "
+            f"again ({_error_rows_command(args.db)} lists them)"
+        )
+    return 0
+
+
+def register_prune(actions: argparse._SubParsersAction) -> None:
+    """Add `prune` to the actions of `splitdet edge`."""
+    p = actions.add_parser(
+        "prune",
+        help="delete old final results (edge run --keep-results does it hourly)",
+        description="Delete the results (ok, defect, error) that became final more than AGE "
+        "ago, with any request kept for their dead letter. Pending results are never deleted, "
+        "nor a result whose file still lies where it arrived (--after keep, or a move that "
+        "failed: the row is what tells the daemon that file is done; a newer file the camera "
+        "wrote under the same name does not keep the older results). Safe while the daemon "
+        "runs. A result this boot wrote goes only once the time since boot agrees it is that "
+        "old (a clock set forward by NTP after a stale boot); prune says how many it kept so. "
+        "The file shrinks by the pages freed (a database made before splitdet gave "
+        "pages back keeps its size: SQLite reuses them; see the README to convert one).",
+        epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
+        "--dry-run\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--older-than", required=True, type=duration_type, metavar="AGE", help="30d, 12h, 15m, 30s"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.set_defaults(handler=prune)  # fmt: skip
+
+
+def prune(args: argparse.Namespace) -> int:
+    """Delete old final results; see register_prune."""
+    store = _open_store(args.db, dry_run=args.dry_run)
+    try:
+        pruned = store.prune(time.time() - args.older_than, dry_run=args.dry_run)
+        freed = 0 if args.dry_run else store.reclaim()
+    finally:
+        store.close()
+    gave = f"; {freed / 1e6:.1f} MB given back to the file system" if freed else ""
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.db}: {verb} {pruned.deleted} result(s){gave}")
+    if pruned.kept_for_clock:
+        print(
+            f"kept {pruned.kept_for_clock} result(s) stamped older than --older-than that this "
+            "boot wrote more recently: the clock was behind when they were written and has "
+            "been set forward since"
+        )
+    return 0
+
+
+def _open_store(path: Path, cap: OutboxCap | None = None, dry_run: bool = False) -> ResultStore:
+    """The ResultStore at `path` for a maintenance command; CommandError when there is none
+    (a maintenance command never creates one) or it cannot be used. A dry run opens it read
+    only: the store stays as it was, byte for byte (not marked, no column added)."""
+    from splitdet.edge.store import ResultStore
+    from splitdet.edge.store_file import StoreError
+    from splitdet.shared.cli import CommandError
+
+    if not path.is_file():
+        raise CommandError(f"--db {path}: no such results database")
+    try:
+        return ResultStore(path, cap, readonly=dry_run)
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None

@@ -1,0 +1,90 @@
+"""The option types and helpers the `splitdet edge` actions share: AGE durations (--older-than,
+--keep-results) and WHEN times (--since) parsed, --db with --since added to a parser and opened
+read only, and MAX_MB, the largest megabyte cap an option takes. Top-level imports are stdlib
+only; the store modules load when a handler calls in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sqlite3
+import time
+from datetime import datetime
+from pathlib import Path
+
+#: The largest megabyte cap an option takes (a petabyte): caps are kept as bytes.
+MAX_MB = 1e9
+
+
+def add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
+    """--db FILE and --since WHEN (parse_since), `since` starting the latter's help."""
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help=f"{since}: 30s, 15m, 2h, 7d ago, an ISO time (2024-05-01T08:00, local unless it "
+        "has an offset) or unix seconds",
+    )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30s', '15m', '2h', '7d' -> seconds (finite, >= 0); None when `text` is not one."""
+    text = text.strip()
+    if len(text) > 1 and text[-1] in _UNITS:
+        try:
+            number = float(text[:-1])
+        except ValueError:
+            return None
+        if math.isfinite(number) and number >= 0:
+            return number * _UNITS[text[-1]]
+    return None
+
+
+def duration_type(text: str) -> float:
+    """argparse type of a duration option (parse_duration)."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"expected 30s, 15m, 2h or 7d, got {text!r}")
+    return seconds
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'30s', '15m', '2h', '7d' (ago), an ISO time, or unix seconds -> unix seconds."""
+    from splitdet.shared.cli import CommandError
+
+    now = time.time() if now is None else now
+    text = text.strip()
+    number = None
+    try:
+        if len(text) > 1 and text[-1] in _UNITS:
+            number = parse_duration(text)
+            if number is not None:
+                return now - number
+        else:
+            number = float(text)
+            if math.isfinite(number):
+                return number
+    except ValueError:
+        pass
+    if number is None:  # not a number: an ISO time?
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass
+    raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
+
+
+def read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None]:
+    """--db opened read only, and --since in unix s; CommandError naming either's problem."""
+    from splitdet.edge.store_file import StoreError, open_readonly
+    from splitdet.shared.cli import CommandError
+
+    since = parse_since(args.since) if args.since is not None else None
+    try:
+        return open_readonly(args.db), since
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None

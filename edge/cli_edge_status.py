@@ -1,0 +1,181 @@
+"""`splitdet edge status`: what a results database holds (verdicts, results by model export,
+the outbox, dead letters, counters, the file) and whether a daemon runs on it, as JSON or as
+lines for people, which the formatting helpers here write. Safe beside a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from splitdet.shared.cli import silence_stdout
+
+
+def register_status(actions: argparse._SubParsersAction) -> None:
+    """Add `status` to the actions of `splitdet edge`."""
+    p = actions.add_parser(
+        "status",
+        help="what the database holds: verdicts, the outbox, dead letters",
+        description="A summary of the edge daemon's database: whether a `splitdet edge run` "
+        "runs on it (its pid; its lock is looked up in /proc/locks, never taken), images by "
+        "verdict and by the model export that judged them (the latest result's first), the outbox "
+        "(requests, bytes, oldest, next try, by model export, the last error: how long ago, "
+        "or past once requests of its export were delivered again), the dead letters "
+        "(kept for `splitdet edge requeue` or not) and the durable counters. Safe while the "
+        "daemon writes.",
+        epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
+        "  splitdet edge status --db /data/edge.sqlite --json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=status)  # fmt: skip
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print store_status and whether a daemon runs on --db; see register_status."""
+    from splitdet.edge.lock_holder import writer_state
+    from splitdet.edge.store_file import StoreError, open_readonly
+    from splitdet.edge.store_reads import store_status
+    from splitdet.shared.cli import CommandError
+
+    try:
+        db = open_readonly(args.db)
+    except StoreError as exc:  # its message starts with the database's path
+        raise CommandError(f"--db {exc}") from None
+    try:
+        summary = store_status(db)
+    finally:
+        db.close()
+    summary["daemon"] = writer_state(args.db).to_json()  # (its lock looked up, never taken)
+    text = json.dumps(summary, indent=2) if args.json else "\n".join(
+        _status_lines(args.db, summary))  # fmt: skip
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # e.g. `| head`: stop quietly
+        silence_stdout()
+    return 0
+
+
+def _judged_at(model: dict) -> str:
+    """Which gate thresholds judged an export's results (a `results_by_model` entry):
+    " at threshold 0.5" when one judged them all; else each one's count, and those without one
+    (never judged, e.g. unreadable, or written by an earlier splitdet) as "none":
+    " at thresholds 0.3 (2), 0.5 (10), none (1)"; "" when no result has one."""
+    from splitdet.edge.daemon_metrics import threshold_text
+
+    thresholds = model["thresholds"]
+    unrecorded = model["results"] - sum(t["results"] for t in thresholds)
+    if not thresholds:
+        return ""
+    if len(thresholds) == 1 and not unrecorded:
+        return f" at threshold {threshold_text(thresholds[0]['threshold'])}"
+    counts = [f"{threshold_text(t['threshold'])} ({t['results']})" for t in thresholds]
+    return " at thresholds " + ", ".join(counts + ([f"none ({unrecorded})"] if unrecorded else []))
+
+
+def _span(seconds: float | None) -> str:
+    """A duration for `edge status`: "-", "12 s", "4.5 min", "2.3 h", "1.5 d"."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _status_lines(path: Path, summary: dict) -> list[str]:
+    """store_status as lines for people (with "daemon", `lock_holder.writer_state` as JSON,
+    when the summary has it)."""
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+    verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
+    errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
+    by_export = "; ".join(  # the model each result came from, that of the latest first
+        f"{fingerprint[:12]} {model['results']}"
+        + ("" if i else " (the latest result's)")
+        + _judged_at(model)
+        for i, (fingerprint, model) in enumerate(summary["results_by_model"].items())
+    )
+    waits = outbox.get("sender_waits_s")
+    next_try = outbox["next_try_in_s"] if waits is None else max(waits, outbox["next_try_in_s"])
+    if (summary.get("daemon") or {}).get("state") == "none":  # no sender: nothing is tried
+        when_next = "next try once `splitdet edge run` runs on it"
+    else:
+        when_next = f"next try in {_span(next_try)}" + (
+            "" if waits is None else " (the sender pauses after a failed send)"
+        )
+    lines = [
+        f"{path} (schema {summary['schema_version']})",
+        *_daemon_lines(summary.get("daemon"), summary["last_arrival"]),
+        f"images        {sum(verdicts.values())}: "
+        + ", ".join(f"{v} {n}" for v, n in verdicts.items())
+        + (f" ({errors})" if errors else ""),
+        f"results by export: {by_export or '-'}",
+        f"last image    {when(summary['last_arrival'])}, last result "
+        f"{when(summary['last_finished'])}",
+        f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
+        f"{_span(outbox['oldest_age_s'])} old, {when_next}",
+    ]
+    for fingerprint, n in outbox["by_model"].items():
+        lines.append(f"              {n} made by model {fingerprint[:12]}")
+    lines += _error_lines(outbox)
+    lines.append(
+        f"dead letters  {dead['kept']} kept for `splitdet edge requeue` "
+        f"({dead['kept_bytes'] / 1e6:.1f} MB), {dead['not_kept']} without their request"
+    )
+    counters = ", ".join(f"{name} {n}" for name, n in summary["counters"].items())
+    lines.append(f"counters      {counters or '-'}")
+    file = summary["file"]
+    lines.append(
+        f"file          {file['bytes'] / 1e6:.1f} MB, {file['free_bytes'] / 1e6:.1f} MB of it free "
+        + ("(given back after a prune or a delivered backlog)" if file["gives_back"] else
+           "(kept and reused: an earlier store; the README says how to convert it)")
+    )  # fmt: skip
+    return lines
+
+
+def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
+    """The `daemon` line of `edge status`: whether a `splitdet edge run` holds --db's writer
+    lock (`lock_holder.writer_state` as JSON; None: not asked, no line)."""
+    if daemon is None:
+        return []
+    if daemon["state"] == "running":
+        pid = "pid not visible here" if daemon["pid"] is None else f"pid {daemon['pid']}"
+        return [f"daemon        running on this --db ({pid})"]
+    if daemon["state"] == "none":
+        age = None if last_arrival is None else max(0.0, time.time() - last_arrival)
+        last = "no image yet" if age is None else f"the last image arrived {_span(age)} ago"
+        return [
+            f"daemon        none is running on this --db ({last}): nothing is classified or "
+            "delivered until `splitdet edge run` starts (as /proc/locks shows it here: a "
+            "daemon in another container or on another host is not seen)"
+        ]
+    return [f"daemon        unknown: {daemon['detail']}; its lock file is {daemon['lock_file']}"]
+
+
+def _error_lines(outbox: dict) -> list[str]:
+    """The outbox's last error for `edge status`, whole (its remedy is at the end; continued
+    lines indented): when current, how long ago; once requests of its export were delivered
+    after it, said to be past."""
+    if not outbox["last_error"]:
+        return []
+    error = outbox["last_error"].replace("\n", "\n" + " " * 26)
+    delivered = outbox.get("delivered_since_error_age_s")
+    if delivered is not None:
+        return [
+            "              last error: none since requests of its export were delivered again "
+            f"(the last {_span(delivered)} ago); the one before: {error}"
+        ]
+    lines = [f"              last error: {error}"]
+    if outbox.get("last_error_age_s") is not None:
+        lines.append(
+            f"{' ' * 26}({_span(outbox['last_error_age_s'])} ago; no request of its export "
+            "delivered since)"
+        )
+    return lines
