@@ -32,7 +32,7 @@ from splitdet.bench.streams import make_stream, stream_problem
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.training.presets import PRESETS
-from splitdet.training.synth import GENERATOR_VERSION
+from splitdet.training.synth_image import GENERATOR_VERSION
 from splitdet.training.voc import VocSample
 
 log = logging.getLogger(__name__)

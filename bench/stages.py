@@ -46,7 +46,7 @@ def measure(depth: int, size: tuple[int, int], repeats: int, checkpoint: str | N
     from splitdet.shared.config import ModelConfig
     from splitdet.shared.model import CloudHalf, EdgeHalf, build_model
     from splitdet.training.export import export_model
-    from splitdet.training.synth import generate_image
+    from splitdet.training.synth_image import generate_image
 
     torch.manual_seed(0)
     model = load_model(checkpoint)[0] if checkpoint else build_model(ModelConfig(depth=depth))
@@ -104,7 +104,7 @@ def measure(depth: int, size: tuple[int, int], repeats: int, checkpoint: str | N
 
 
 def _size(text: str) -> tuple[int, int]:
-    from splitdet.training.synth import parse_size
+    from splitdet.training.synth_image import parse_size
 
     try:
         return parse_size(text)

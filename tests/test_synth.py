@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from splitdet.shared.cli import main
-from splitdet.training import synth, voc
+from splitdet.training import synth, synth_image, voc
 
 SIZE = (512, 448)  # (width, height)
 
 
 @pytest.fixture(scope="module")
-def defective_images() -> list[synth.SynthImage]:
-    return [synth.generate_image(7, i, SIZE, defective=True) for i in range(6)]
+def defective_images() -> list[synth_image.SynthImage]:
+    return [synth_image.generate_image(7, i, SIZE, defective=True) for i in range(6)]
 
 
 def test_image_shape_and_dtype(defective_images):
@@ -29,18 +29,20 @@ def test_image_shape_and_dtype(defective_images):
     assert img.image.dtype == np.uint8
     assert img.boxes.dtype == np.float32 and img.boxes.shape[1] == 4
     assert len(img.masks) == len(img.boxes) == len(img.labels) >= 1
-    assert set(img.labels) == {synth.CLASS_NAME}
+    assert set(img.labels) == {synth_image.CLASS_NAME}
     assert 90 <= img.jpeg_quality <= 95
 
 
 def test_deterministic_per_seed():
-    a = synth.generate_image(3, 5, SIZE, defective=True)
-    b = synth.generate_image(3, 5, SIZE, defective=True)
+    a = synth_image.generate_image(3, 5, SIZE, defective=True)
+    b = synth_image.generate_image(3, 5, SIZE, defective=True)
     assert a.image.tobytes() == b.image.tobytes()
     np.testing.assert_array_equal(a.boxes, b.boxes)
-    other_seed = synth.generate_image(4, 5, SIZE, defective=True)
-    other_index = synth.generate_image(3, 6, SIZE, defective=True)
-    other_stream = synth.generate_image(3, 5, SIZE, defective=True, stream=synth.STREAM_TEST)
+    other_seed = synth_image.generate_image(4, 5, SIZE, defective=True)
+    other_index = synth_image.generate_image(3, 6, SIZE, defective=True)
+    other_stream = synth_image.generate_image(
+        3, 5, SIZE, defective=True, stream=synth_image.STREAM_TEST
+    )
     for other in (other_seed, other_index, other_stream):
         assert other.image.tobytes() != a.image.tobytes()
 
@@ -65,8 +67,8 @@ def test_boxes_are_tight_around_their_masks(defective_images):
 def test_scratch_pixels_are_exactly_the_changed_pixels():
     """Rendered with and without scratches, the two images differ only inside the masks."""
     for index in range(4):
-        dirty = synth.generate_image(11, index, SIZE, defective=True)
-        clean = synth.generate_image(11, index, SIZE, defective=False)
+        dirty = synth_image.generate_image(11, index, SIZE, defective=True)
+        clean = synth_image.generate_image(11, index, SIZE, defective=False)
         assert len(clean.boxes) == 0 and clean.masks == []
         changed = (dirty.image != clean.image).any(axis=2)
         union = np.zeros(changed.shape, dtype=bool)
@@ -90,8 +92,8 @@ def test_every_labelled_scratch_stands_out_from_the_texture_around_it():
     strokes fainter than the lathe marks)."""
     ratios = []
     for index in range(8):
-        dirty = synth.generate_image(3, index, SIZE, defective=True)
-        clean = synth.generate_image(3, index, SIZE, defective=False)
+        dirty = synth_image.generate_image(3, index, SIZE, defective=True)
+        clean = synth_image.generate_image(3, index, SIZE, defective=False)
         change = np.abs(dirty.image[..., 1].astype(float) - clean.image[..., 1].astype(float))
         for mask in dirty.masks:
             x1, y1, x2, y2 = (int(v) for v in mask.box)
@@ -118,7 +120,7 @@ def test_scratches_stay_strokes_at_reduced_sizes():
     # 100 images version 3's lowest is ~8.3 on three seeds, version 2 had ~3 under 7.
     ratios = []
     for i in range(100):
-        for mask in synth.generate_image(11, i, SIZE, defective=True).masks:
+        for mask in synth_image.generate_image(11, i, SIZE, defective=True).masks:
             longer = max(mask.alpha.shape)
             mean_width = (mask.alpha >= 0.5).sum() / longer
             ratios.append(longer / mean_width)
@@ -133,7 +135,7 @@ def test_short_scratches_keep_their_camera_length_at_reduced_sizes():
     extents = [
         max(mask.alpha.shape)
         for i in range(60)
-        for mask in synth.generate_image(12, i, (612, 512), defective=True).masks
+        for mask in synth_image.generate_image(12, i, (612, 512), defective=True).masks
     ]
     assert len(extents) >= 100
     assert min(extents) >= 20, sorted(extents)[:5]
@@ -143,7 +145,7 @@ def test_short_scratches_keep_their_camera_length_at_reduced_sizes():
 def test_defect_free_images_have_no_boxes_but_have_lookalikes():
     kinds = set()
     for index in range(6):
-        img = synth.generate_image(5, index, SIZE, defective=False)
+        img = synth_image.generate_image(5, index, SIZE, defective=False)
         assert img.boxes.shape == (0, 4)
         assert img.masks == []
         assert len(img.lookalikes) >= 1
@@ -152,7 +154,7 @@ def test_defect_free_images_have_no_boxes_but_have_lookalikes():
 
 
 def test_image_looks_like_a_ring_on_a_dark_background():
-    img = synth.generate_image(1, 0, SIZE, defective=False).image[..., 1].astype(float)
+    img = synth_image.generate_image(1, 0, SIZE, defective=False).image[..., 1].astype(float)
     h, w = img.shape
     corner = img[:20, :20].mean()
     centre = img[h // 2 - 5 : h // 2 + 5, w // 2 - 5 : w // 2 + 5].mean()  # the bore
@@ -163,10 +165,10 @@ def test_image_looks_like_a_ring_on_a_dark_background():
 
 def test_bad_size_is_rejected():
     with pytest.raises(ValueError, match="size"):
-        synth.generate_image(0, 0, (32, 32))
-    assert synth.parse_size("640x512") == (640, 512)
+        synth_image.generate_image(0, 0, (32, 32))
+    assert synth_image.parse_size("640x512") == (640, 512)
     with pytest.raises(ValueError):
-        synth.parse_size("640")
+        synth_image.parse_size("640")
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -219,7 +221,9 @@ def test_generate_dataset_writes_a_voc_tree_and_is_worker_independent(tmp_path):
     sample = voc.read_annotation(root, test_ids[0])
     # locate which (stream, index) it came from by regenerating the test stream
     regenerated = [
-        synth.generate_image(2, i, (256, 256), defective=i < 2, stream=synth.STREAM_TEST)
+        synth_image.generate_image(
+            2, i, (256, 256), defective=i < 2, stream=synth_image.STREAM_TEST
+        )
         for i in range(3)
     ]
     got = sorted(tuple(o.box) for o in sample.objects)
