@@ -57,6 +57,18 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+#: Refusals that mean a misconfigured edge or bad input, logged at WARNING (an operator running
+#: --log-level WARNING must see a camera on the wrong model or sending what cannot be read); the
+#: others (busy, deadline passed, caller gone, shutting down) shed load and are logged at INFO.
+#: A missing or wrong token (UNAUTHENTICATED, cloud/tokens.py) is a WARNING too.
+MISCONFIGURED: tuple[type[BaseException], ...] = (FingerprintMismatch, InvalidRequest, TooLarge)
+
+
+def refusal_level(exc: BaseException) -> int:
+    """The level of a refused call's log line: WARNING for MISCONFIGURED, else INFO."""
+    return logging.WARNING if isinstance(exc, MISCONFIGURED) else logging.INFO
+
+
 #: The methods of the Detection service (counted by method in ServerMetrics).
 METHODS = ("Detect", "GetManifest")
 #: Every status code a call of METHODS can end with but OK: STATUS_FOR_ERROR's, INTERNAL (a
@@ -92,11 +104,12 @@ def log_refusal(
     admitted: tuple[int, list[str]],
     every_s: float,
     claims: bool = False,
+    level: int = logging.INFO,
 ) -> None:
-    """The log line of a call refused (INFO) or failed (ERROR, with the traceback being
-    handled); `admitted`: how many lines of its kind were left out since the last one, and the
-    edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only what the call
-    claims (refused before its token was checked)."""
+    """The log line of a call refused (at `level`: `refusal_level`) or failed (ERROR, with the
+    traceback being handled); `admitted`: how many lines of its kind were left out since the
+    last one, and the edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only
+    what the call claims (refused before its token was checked)."""
     fields = {"event": event, "method": method, "peer": peer, "edge": edge,
               "code": code.name, "message": message}  # fmt: skip
     repeats, names = admitted
@@ -108,6 +121,6 @@ def log_refusal(
         log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
                       extra={"fields": fields})  # fmt: skip
     else:
-        log.info("%s from %s (%s %s) refused (%s): %s%s", method, peer,
+        log.log(level, "%s from %s (%s %s) refused (%s): %s%s", method, peer,
                  "claims edge" if claims else "edge", edge, code.name, message, note,
                  extra={"fields": fields})  # fmt: skip

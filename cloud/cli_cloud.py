@@ -55,8 +55,9 @@ example:
       --tls-cert server.pem --tls-key server.key --client-ca edge-ca.pem --token-file token.txt
 
 Health (grpc.health.v1): "" and splitdet.v1.Detection for the server, and each served export's
-fingerprint (64 hex digits) for that export, SERVING while it is served and unknown once a reload
-drops it (e.g. grpc_health_probe -service FINGERPRINT, after a SIGHUP).
+fingerprint (all 64 hex digits, as the ready file's "fingerprints" and the manifest give it; the
+16 the log shows are not a health name) for that export, SERVING while it is served and unknown
+once a reload drops it (e.g. grpc_health_probe -service FINGERPRINT, after a SIGHUP).
 
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING (health Watch streams hear it and are ended),
 new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0;
@@ -96,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MODEL_DIR",
         help="exported model directory (made by `splitdet export`); repeat it to serve several "
         "exports at once, each request answered by the model it names (a rolling upgrade: "
-        "edges on the old and the new export are both answered); the first is the default",
+        "edges on the old and the new export are both answered); the first is the default; "
+        "on SIGHUP one re-exported in place is served anew (its new fingerprint)",
     )
     parser.add_argument(
         "--models-dir",
@@ -251,7 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="SQLite file keeping answers by request id, so a repeated request "
         "is answered without recomputing, also after a restart "
-        "(default: %(default)s)",
+        "(default: %(default)s, in the current directory: under systemd that is / unless "
+        "the unit sets WorkingDirectory=, so give an absolute path)",
     )
     parser.add_argument(
         "--answers-cap",
@@ -266,7 +269,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="once serving, write {pid, port, metrics_port, fingerprint} as "
-        "JSON here (for supervisors and tests)",
+        "JSON here (for supervisors and tests); removed at start, before the models load "
+        "(one an earlier run left), and when the server stops",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the ready line as JSON on stdout"
@@ -388,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
 
         use_json_logs()
     check_options(args)
+    if args.ready_file is not None:  # (an earlier run's, its pid dead: not ready while loading)
+        remove_ready_file(args.ready_file)
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     # SIGHUP then: reloaded once serving (its default action would end the process).
     stop, reload = threading.Event(), threading.Event()
@@ -403,6 +409,25 @@ def run(args: argparse.Namespace) -> int:
     finally:  # stopped by a signal, the process ends: another (SIGHUP too) must not end it
         for sig, handler in previous.items():  # by the default action (exit 143, 130, 129)
             signal.signal(sig, signal.SIG_IGN if stop.is_set() else handler)
+
+
+def remove_ready_file(path: Path, pid: int | None = None) -> None:
+    """Remove a --ready-file (with `pid`, only one that names that pid): one left by a server
+    stopped or killed would tell a supervisor that a dead, or still loading, server is ready.
+    CommandError naming it when it cannot be removed."""
+    try:
+        if pid is not None and json.loads(path.read_text()).get("pid") != pid:
+            return  # (rewritten by another process since)
+        path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError) as exc:
+        if pid is not None:  # (at a stop: what it holds is not this server's)
+            return
+        why = exc.strerror if isinstance(exc, OSError) else exc
+        raise CommandError(
+            f"--ready-file {path}: cannot remove the one an earlier run left ({why})"
+        ) from None
 
 
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
@@ -469,3 +494,6 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite
         raise CommandError(f"--answers-db {args.answers_db}: {exc}") from None
+    finally:  # stopped: no longer ready (a kill -9 leaves it: the next start removes it)
+        if args.ready_file is not None:
+            remove_ready_file(args.ready_file, os.getpid())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 #: Seconds between two log lines of one kind (refusals: event, edge label, status code).
@@ -19,6 +20,8 @@ LINE_EVERY_S = 60.0
 MAX_KINDS = 8192
 #: Names a line left out is remembered by, per kind, to be listed in the next line written.
 MAX_NAMES = 20
+#: Names that get log lines of their own at once (`OwnLines`); more share one.
+MAX_OWN_NAMES = 64
 
 
 class LineLimiter:
@@ -72,6 +75,38 @@ class LineLimiter:
         if excess > 0:
             for kind in sorted(self._kinds, key=lambda kind: self._kinds[kind][0])[:excess]:
                 del self._kinds[kind]
+
+
+class OwnLines:
+    """Which names get lines of their own: each of the first MAX_OWN_NAMES heard within an
+    interval (a name keeps its place while it is heard again within `every_s`); the others
+    share `shared`. So a caller's first line is written at once, not a minute late in another
+    caller's `repeats_from`, and callers choosing their names (unauthenticated ones) cannot
+    write more than MAX_OWN_NAMES + 1 lines per interval. Thread-safe."""
+
+    def __init__(
+        self,
+        shared: str,
+        every_s: float = LINE_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`shared`: the name of the line the others share; `every_s`: seconds a name keeps
+        its place after it was last heard; `clock`: monotonic s now."""
+        self.shared, self.every_s, self.clock = shared, every_s, clock
+        self._lock = threading.Lock()
+        self._until: OrderedDict[str, float] = OrderedDict()  # name -> monotonic s, oldest first
+
+    def name_of(self, name: str) -> str:
+        """`name` when it has, or gets, a line of its own; else `shared`."""
+        now = self.clock()
+        with self._lock:
+            while self._until and next(iter(self._until.values())) <= now:
+                self._until.popitem(last=False)
+            if name not in self._until and len(self._until) >= MAX_OWN_NAMES:
+                return self.shared
+            self._until[name] = now + self.every_s
+            self._until.move_to_end(name)
+            return name
 
 
 def repeats_note(left_out: int, every_s: float, names: list[str] | None = None) -> str:

@@ -12,10 +12,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from splitdet.cloud.call_status import FAILURE_CODES, METHODS
 from splitdet.cloud.core import DetectResult
+from splitdet.cloud.log_limit import LineLimiter, repeats_note
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ MAX_EDGE_NAMES_USING = 4 * MAX_EDGE_LABELS
 FORGET_EDGES_S = 7 * 24 * 3600.0
 #: Seconds between two looks for edges to forget (also done at once when the labels are full).
 FORGET_SWEEP_S = 60.0
-#: The per-edge metrics' label for calls refused for their credentials (see TokenInterceptor).
+#: The per-edge metrics' label for calls refused for their credentials whose claimed name has
+#: no label (see TokenInterceptor).
 UNAUTHENTICATED_EDGE = "unauthenticated"
+#: Seconds between two WARNINGs that a new edge name found every label held (`edge_of`).
+LABELS_FULL_EVERY_S = 600.0
 
 
 #: The outcomes of a reload, as `splitdet_cloud_reloads_total` counts them.
@@ -178,8 +182,40 @@ class ServerMetrics:
             ["pool"],
             registry=self.registry,
         )
+        self.slot_wait_seconds = Histogram(
+            "splitdet_cloud_slot_wait_seconds",
+            "Seconds a Detect call waited for a compute slot (--max-concurrent), those then "
+            "refused included; not part of the stage times.",
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.edge_answer_seconds = Summary(
+            "splitdet_cloud_edge_answer_seconds",
+            "Seconds from a Detect call's arrival to its answer, by the calling edge's name "
+            "(slot wait included): _sum / _count is an edge's mean answer time.",
+            ["edge"],
+            registry=self.registry,
+        )
         self._edges: set[str] = set()
         self._edges_lock = threading.Lock()
+        self.edge_labels = Gauge(
+            "splitdet_cloud_edge_labels",
+            f"Edge names holding a label of their own (at most {MAX_EDGE_LABELS}).",
+            registry=self.registry,
+        )
+        self.edge_labels.set_function(lambda: len(self._edges))
+        # names that claimed a label while all were held -> unix s of their last such call
+        self._unlabelled: OrderedDict[str, float] = OrderedDict()
+        self.edge_names_unlabelled = Gauge(
+            "splitdet_cloud_edge_names_unlabelled",
+            f"Edge names that asked for a label while all {MAX_EDGE_LABELS} were held, counted "
+            'as edge="other" (heard within --forget-edges-after; at most '
+            f"{MAX_EDGE_NAMES_USING}).",
+            registry=self.registry,
+        )
+        self.edge_names_unlabelled.set_function(lambda: len(self._unlabelled))
+        #: the WARNING that a name found every label held: at most one per LABELS_FULL_EVERY_S
+        self.labels_full_lines = LineLimiter(LABELS_FULL_EVERY_S)
         self._edge_models: dict[str, dict[str, float]] = {}  # edge -> {fingerprint: unix s}
         # edge name (not label) -> {fingerprint: unix s}, least recently used first
         self._names_using: OrderedDict[str, dict[str, float]] = OrderedDict()
@@ -250,20 +286,61 @@ class ServerMetrics:
         for a served model with a valid id (answered, or refused for load) or too large for
         --max-message-mib, or any call when tokens are required (it passed their check); cheap
         or malformed unauthenticated calls under made-up names cannot use up the labels and
-        push real cameras into "other"."""
+        push real cameras into "other". A claim that finds every label held is shown
+        (`splitdet_cloud_edge_names_unlabelled`) and logged (`_warn_labels_full`)."""
         name = claimed_edge(metadata)
+        folded = False
         with self._edges_lock:
             now = self._clock()
             full = claim and name not in self._edges and len(self._edges) >= MAX_EDGE_LABELS
             if full or now >= self._next_sweep:
                 self._forget_idle_edges(now)
             if name not in self._edges:
+                if claim and len(self._edges) >= MAX_EDGE_LABELS:
+                    folded = self._fold(name, now)
                 if not claim or len(self._edges) >= MAX_EDGE_LABELS:
                     name = OTHER_EDGE  # (no place of its own: the names labelled stay 256)
                 else:
                     self._edges.add(name)
+                    self._unlabelled.pop(name, None)
             self._edge_seen[name] = now
+        if folded:
+            self._warn_labels_full(claimed_edge(metadata))  # (the name, not "other")
         return name
+
+    def _fold(self, name: str, now: float) -> bool:
+        """Remember `name`, which claimed a label while all were held (under `_edges_lock`);
+        True when it was not remembered yet (a WARNING may name it)."""
+        new = name not in self._unlabelled
+        self._unlabelled[name] = now
+        self._unlabelled.move_to_end(name)
+        while len(self._unlabelled) > MAX_EDGE_NAMES_USING:
+            self._unlabelled.popitem(last=False)
+        return new
+
+    def _warn_labels_full(self, name: str) -> None:
+        """The WARNING that `name` got no label of its own (at most one per
+        LABELS_FULL_EVERY_S, naming the names left out since)."""
+        admitted = self.labels_full_lines.admit_from("labels_full", name)
+        if admitted is None:
+            return
+        repeats, names = admitted
+        fields = {"event": "edge_labels_full", "edge": name, "limit": MAX_EDGE_LABELS}
+        if repeats:
+            fields["repeats"], fields["repeats_from"] = repeats, names
+        log.warning(
+            'edge %s gets no label of its own: all %d edge labels are held, so its calls '
+            'count as edge="other"; a label is freed when its edge has been silent for '
+            "--forget-edges-after (%g h): lower it to free them sooner%s",
+            name, MAX_EDGE_LABELS, self.forget_edges_s / 3600,
+            repeats_note(repeats, self.labels_full_lines.every_s, names),
+            extra={"fields": fields},
+        )  # fmt: skip
+
+    def labelled(self, name: str) -> bool:
+        """Whether the edge name `name` holds a label now (claims none, refreshes nothing)."""
+        with self._edges_lock:
+            return name in self._edges
 
     def _forget_idle_edges(self, now: float) -> None:
         """Remove every per-edge series of the edges not heard from for `forget_edges_s`, and
@@ -278,11 +355,16 @@ class ServerMetrics:
                 with contextlib.suppress(KeyError):
                     self.edge_answers.remove(edge, fingerprint)
             self._names_using.pop(edge, None)
+            with contextlib.suppress(KeyError):
+                self.edge_answer_seconds.remove(edge)
             for code in self._edge_codes.pop(edge, set()):
                 with contextlib.suppress(KeyError):
                     self.edge_refusals.remove(edge, code)
             self._edges.discard(edge)
             del self._edge_seen[edge]
+        for name in [name for name, seen in self._unlabelled.items()
+                     if now - seen >= self.forget_edges_s]:  # fmt: skip
+            del self._unlabelled[name]
         if idle:
             log.info(
                 "forgot %d edge(s) silent for %g h or more: their per-edge series are gone",
@@ -303,10 +385,18 @@ class ServerMetrics:
         if code is not grpc.StatusCode.OK:
             self.failures.labels(method, code.name).inc()
 
-    def observe(self, result: DetectResult, edge: str, name: str | None = None) -> None:
-        """An answer given to `edge`: counted, and its heads' run if it had one. By model only
-        while the model is served: an answer of an export a reload dropped meanwhile must not
-        bring back the series `forget` removed."""
+    def observe(
+        self,
+        result: DetectResult,
+        edge: str,
+        name: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """An answer given to `edge` `seconds` after its call arrived: counted, and its heads'
+        run if it had one. By model only while the model is served: an answer of an export a
+        reload dropped meanwhile must not bring back the series `forget` removed."""
+        if seconds is not None:
+            self.edge_answer_seconds.labels(edge).observe(seconds)
         if any(result.fingerprint == fingerprint for fingerprint, _ in self._model_labels):
             self.model_answers.labels(result.fingerprint).inc()
             self.edge_answers.labels(edge, result.fingerprint).inc()

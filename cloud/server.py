@@ -303,14 +303,30 @@ def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:
             continue  # (a folder being copied in under a dot name)
         try:
             exported = (entry / MANIFEST_NAME).stat().st_mtime
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # not an export
+        except NotADirectoryError:
+            continue  # a file: not an export
+        except FileNotFoundError:
+            _note_not_an_export(entry)
+            continue
         except OSError as exc:  # e.g. a lost+found the server may not read
             log.warning("%s: cannot read (%s); skipped", entry, exc.strerror or exc)
             continue
         found.append((exported, entry.name, entry))
     found.sort(reverse=True)
     return named, [entry for _, _, entry in found]
+
+
+#: --models-dir subfolders logged as holding no export (each once per process).
+_NOT_EXPORTS: set[Path] = set()
+
+
+def _note_not_an_export(folder: Path) -> None:
+    """Log once that the --models-dir subfolder `folder` holds no manifest.json: not served."""
+    if folder in _NOT_EXPORTS:
+        return
+    _NOT_EXPORTS.add(folder)
+    log.info("%s: no %s in it, so no export; not served (logged once)", folder, MANIFEST_NAME,
+             extra={"fields": {"event": "not_an_export", "folder": str(folder)}})  # fmt: skip
 
 
 def gather_models(
@@ -537,7 +553,6 @@ class CloudServer:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         if not port:
             raise OSError(f"cannot listen on {config.listen}")
-        self.port = port
         if config.metrics_port is not None:
             try:
                 self._metrics_httpd, _ = start_http_server(
@@ -548,6 +563,7 @@ class CloudServer:
                 where = f"{config.metrics_host}:{config.metrics_port}"
                 raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
             self.metrics_port = self._metrics_httpd.server_port
+        self.port = port  # (only now: a start that failed never served, and logs no "stopped")
         self._server.start()
         for service in ("", SERVICE_NAME, *self.core.fingerprints):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -691,7 +707,15 @@ class CloudServer:
         if self._own_store and self.core.store is not None:
             self.core.store.close()
         if self.port:  # (not after a start that could not listen: it never served)
+            self._wait_for_handlers(_CUT_WAIT_S)
             log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+    def _wait_for_handlers(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for the Detect calls cancelled by the stop to end in their
+        threads, which log their refusal: "stopped" is the last line."""
+        deadline = time.monotonic() + timeout
+        while self.servicer.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _let_calls_finish(self, grace: float, hurry: threading.Event | None) -> None:
         """gRPC's stop, the grace kept here: the Detect calls still running when `grace` ends,
@@ -702,14 +726,15 @@ class CloudServer:
         while not done.wait(0.05):
             hurried = self._hurry.is_set() or (hurry is not None and hurry.is_set())
             if hurried or time.monotonic() >= deadline:
-                cut = self.servicer.running()
+                cut, edges = self.servicer.running(), self.servicer.running_edges()
                 self._server.stop(0)  # (a shorter grace overrides the one running)
                 if cut:
                     why = "asked again to stop" if hurried else f"--grace {grace:g} s ended"
                     log.warning(
-                        f"{why}: {cut} Detect call(s) still running were cancelled "
-                        "(UNAVAILABLE to their edges, which send them again: nothing is lost)",
-                        extra={"fields": {"event": "calls_cut", "calls": cut,
+                        f"{why}: {cut} Detect call(s) still running were cancelled, from "
+                        f"edge(s) {', '.join(edges)} (UNAVAILABLE to them; they send them "
+                        "again: nothing is lost)",
+                        extra={"fields": {"event": "calls_cut", "calls": cut, "edges": edges,
                                           "hurried": hurried, "grace_s": grace}},
                     )  # fmt: skip
                 done.wait(_CUT_WAIT_S)

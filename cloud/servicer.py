@@ -21,6 +21,7 @@ from splitdet.cloud.call_status import (
     ShuttingDown,
     TooLarge,
     log_refusal,
+    refusal_level,
     status_for,
 )
 from splitdet.cloud.core import Cancelled, DeadlinePassed, DetectionCore, DetectResult
@@ -50,11 +51,12 @@ class CallEdge:
     """The edge label a call is counted under (`ServerMetrics.edge_of`), which a Detect
     changes once it claims a label (`DetectionServicer._answered`)."""
 
-    __slots__ = ("label",)
+    __slots__ = ("label", "started")
 
     def __init__(self, label: str) -> None:
-        """`label`: what the call counts as so far."""
+        """`label`: what the call counts as so far; `started`: monotonic s it arrived."""
         self.label = label
+        self.started = time.monotonic()
 
 
 def _rpc(method: Callable) -> Callable:
@@ -78,6 +80,8 @@ def _rpc(method: Callable) -> Callable:
         # the log names the name claimed, also when its metrics count as "other"
         claimed = claimed_edge(context.invocation_metadata())
         peer = context.peer()  # now: once the caller has gone it reads ""
+        if name == "Detect":  # running until its line is logged (a stop logs "stopped" after)
+            self._enter(edge, claimed)
         try:
             if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
                 if name == "Detect":  # (its edge must show; its many bytes make it no cheap call)
@@ -99,12 +103,14 @@ def _rpc(method: Callable) -> Callable:
             admitted = self.refusal_lines.admit_from((event, edge.label, code.name), claimed)
             if admitted is not None:
                 log_refusal(name, peer, claimed, code, message, event, admitted,
-                             self.refusal_lines.every_s)  # fmt: skip
+                             self.refusal_lines.every_s, level=refusal_level(exc))  # fmt: skip
             context.abort(code, message)  # raises
         finally:
             self.metrics.finished(name, code)
             if edge.label == OTHER_EDGE:  # (a new camera's first Detect claims its own)
                 self.metrics.edge_last_seen.labels(OTHER_EDGE).set_to_current_time()
+            if name == "Detect":
+                self._leave(edge)
 
     return wrapper
 
@@ -154,7 +160,9 @@ class DetectionServicer:
         self._inflight = InFlight()  # identical calls answered once
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
-        self._active, self._active_lock = 0, threading.Lock()  # Detect calls being handled
+        # Detect calls being handled: id of their CallEdge -> the edge name they claim
+        self._active: dict[int, str] = {}
+        self._active_lock = threading.Lock()
         self._manifests: dict[str, bytes] = {}
         #: which refused calls are logged (at most one line per event, edge label and code
         #: per minute; the counters count each)
@@ -179,9 +187,24 @@ class DetectionServicer:
 
     def running(self) -> int:
         """Detect calls being handled now: running the heads, waiting for an identical call's
-        answer or for a slot, or reading a stored answer."""
+        answer or for a slot, reading a stored answer, or logging how they ended."""
         with self._active_lock:
-            return self._active
+            return len(self._active)
+
+    def running_edges(self) -> list[str]:
+        """The edge names the Detect calls being handled now claim, sorted, each once."""
+        with self._active_lock:
+            return sorted(set(self._active.values()))
+
+    def _enter(self, edge: CallEdge, claimed: str) -> None:
+        """A Detect call from the edge named `claimed` is handled from now (`running`)."""
+        with self._active_lock:
+            self._active[id(edge)] = claimed
+
+    def _leave(self, edge: CallEdge) -> None:
+        """The Detect call of `edge` is handled (answered, or refused and logged)."""
+        with self._active_lock:
+            self._active.pop(id(edge), None)
 
     def caller_scope(self, context: grpc.ServicerContext) -> str:
         """The answers scope of a call (idempotency.answers_scope): with tokens required, a
@@ -201,14 +224,8 @@ class DetectionServicer:
         """A serialized DetectRequest from `edge` in, its serialized DetectResponse out; request
         ids (stored answers, identical calls joined) are the caller's own (`caller_scope`)."""
         scope = self.caller_scope(context)
-        with self._active_lock:
-            self._active += 1
-        try:
-            with answers_scope(scope):
-                return self._detect(raw, context, edge, scope)
-        finally:
-            with self._active_lock:
-                self._active -= 1
+        with answers_scope(scope):
+            return self._detect(raw, context, edge, scope)
 
     def _detect(
         self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge, scope: str
@@ -253,7 +270,7 @@ class DetectionServicer:
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
                         result = replace(answered, cached=True)
-                        self._observe_answer(result, context, edge.label)
+                        self._observe_answer(result, context, edge)
                         return result_to_proto(result).SerializeToString()
                 take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(parse_message(pb.DetectRequest, raw))
@@ -281,16 +298,18 @@ class DetectionServicer:
                 self.metrics.in_flight.dec()
                 self._slots.release()
             self._inflight.finish(key, lead, answer)
-        self._observe_answer(result, context, edge.label)
+        self._observe_answer(result, context, edge)
         return result_to_proto(result).SerializeToString()
 
     def _observe_answer(
-        self, result: DetectResult, context: grpc.ServicerContext, edge: str
+        self, result: DetectResult, context: grpc.ServicerContext, edge: CallEdge
     ) -> None:
         """Count `result`, the answer of a Detect counted so far as `edge`, under the label
-        its edge claims now (`_answered`), remembering the name that edge gave."""
+        its edge claims now (`_answered`), remembering the name that edge gave, with the
+        seconds since the call arrived."""
         name = claimed_edge(context.invocation_metadata())
-        self.metrics.observe(result, self._answered(context, edge), name)
+        seconds = time.monotonic() - edge.started
+        self.metrics.observe(result, self._answered(context, edge.label), name, seconds)
 
     def _answered(self, context: grpc.ServicerContext, edge: str) -> str:
         """The edge label of a Detect checked (a served model, a valid id) or about to be
@@ -317,9 +336,11 @@ class DetectionServicer:
         wait_s = self.max_queue_wait_s
         if remaining is not None and remaining < wait_s:
             wait_s = remaining  # then it is the caller's deadline that ends the wait
+        started = time.monotonic()
         outcome = self._slots.acquire(
             wait_s, lambda: self._draining.is_set() or not context.is_active()
         )
+        self.metrics.slot_wait_seconds.observe(time.monotonic() - started)
         if outcome:
             return
         if self._draining.is_set():  # a queued call when SIGTERM came: go elsewhere now

@@ -15,7 +15,7 @@ import grpc
 
 from splitdet.cloud.call_guard import HANDLER_FACTORIES
 from splitdet.cloud.call_status import log_refusal
-from splitdet.cloud.log_limit import LineLimiter
+from splitdet.cloud.log_limit import LineLimiter, OwnLines
 from splitdet.cloud.metrics import UNAUTHENTICATED_EDGE, ServerMetrics, claimed_edge
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: AcceptedTokens | str, metrics: ServerMetrics) -> None:
         self._tokens = tokens if isinstance(tokens, AcceptedTokens) else AcceptedTokens(tokens)
         self._metrics = metrics
-        #: which refusals are logged: at most one line per minute (the counter counts each)
+        #: which refusals are logged: at most one line per minute per name claimed, for
+        #: MAX_OWN_NAMES names; more share one (the counters count each)
         self.refusal_lines = LineLimiter()
+        self.own_lines = OwnLines(UNAUTHENTICATED_EDGE, self.refusal_lines.every_s)
         # the one per-edge series known in advance: at 0 from the start (see ServerMetrics)
         metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
 
@@ -160,20 +162,23 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._metrics.finished(name, grpc.StatusCode.UNAUTHENTICATED)
         problem = "missing" if not supplied else "wrong"
         message = f"{problem} bearer token: send metadata 'authorization: Bearer <token>'"
-        # Counted under one label, never as the edge it claims to be: without the token a
-        # caller could otherwise use up the edge labels, or keep a dead camera "seen". The log
-        # line names the claim, for the operator to find the edge with the wrong token.
-        self._metrics.edge_refusals.labels(UNAUTHENTICATED_EDGE, "UNAUTHENTICATED").inc()
+        # Counted under the label of the name it claims if that name has one (a camera the
+        # server knew, its token revoked or rotated away), else under "unauthenticated": never
+        # a new label (a caller without the token could use up the labels), never "seen" (it
+        # could keep a dead camera alive). The log line names the claim, for the operator to
+        # find the edge with the wrong token: at once, one line per minute per name claimed.
         edge = claimed_edge(handler_call_details.invocation_metadata)
+        label = edge if self._metrics.labelled(edge) else UNAUTHENTICATED_EDGE
+        self._metrics.refused(label, grpc.StatusCode.UNAUTHENTICATED)
 
         def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()
-            kind = ("refused", UNAUTHENTICATED_EDGE, "UNAUTHENTICATED")
+            kind = ("refused", self.own_lines.name_of(edge), "UNAUTHENTICATED")
             admitted = self.refusal_lines.admit_from(kind, edge)
-            if admitted is not None:  # (the edges with a wrong token named, if a minute late)
+            if admitted is not None:
                 log_refusal(name, peer, edge, grpc.StatusCode.UNAUTHENTICATED, message,
                              "refused", admitted, self.refusal_lines.every_s,
-                             claims=True)  # fmt: skip
+                             claims=True, level=logging.WARNING)  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # Taken as a request stream whatever the method: refused without waiting for (and

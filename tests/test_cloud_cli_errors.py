@@ -281,6 +281,20 @@ def test_metrics_port_in_use_is_named(capsys, tiny_model_dir, tmp_path, busy_por
     )  # fmt: skip
 
 
+def test_a_server_that_never_served_logs_no_stopped(tiny_model_dir, tmp_path, busy_port):
+    """A busy --metrics-port logged "stopped" before its error: it read as if it had served.
+    (A process: its log lines on stderr as an operator sees them.)"""
+    done = subprocess.run(
+        [sys.executable, "-m", "splitdet.shared.cli", "cloud", "--model", str(tiny_model_dir),
+         "--listen", "127.0.0.1:0", "--threads", "1", "--metrics-port", str(busy_port),
+         "--metrics-host", "127.0.0.1", "--answers-db", str(tmp_path / "a.sqlite")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "loading model" in done.stderr and "Address already in use" in done.stderr
+    assert "stopped" not in done.stderr, done.stderr
+
+
 # ------------------------------------------------------------------------ SIGTERM at once
 
 

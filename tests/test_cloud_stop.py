@@ -29,14 +29,17 @@ pytestmark = pytest.mark.timeout(180)
 IN_FLIGHT = "splitdet_cloud_in_flight"
 
 
-def _send_in_background(address: str, request_id: str) -> tuple[threading.Thread, list]:
-    """A Detect call in a thread: (the thread, [its answer or its exception])."""
+def _send_in_background(
+    address: str, request_id: str, edge_name: str | None = None
+) -> tuple[threading.Thread, list]:
+    """A Detect call in a thread, from `edge_name`: (the thread, [its answer or exception])."""
     model, _, manifest = shared_model_dir(0)
     sample = make_sample(model, seed=7, codec="int8")
     outcome: list = []
 
     def send() -> None:
-        with CloudClient(ClientConfig(address, own_connection=True)) as client:
+        config = ClientConfig(address, own_connection=True, edge_name=edge_name)
+        with CloudClient(config) as client:
             try:
                 outcome.append(
                     client.detect(sample.encoded, sample.image, request_id, manifest.fingerprint)
@@ -80,6 +83,38 @@ def test_calls_cut_by_the_end_of_the_grace_or_a_second_signal_are_logged(tmp_pat
     assert outcome[0].code is grpc.StatusCode.UNAVAILABLE
     cut = _cut_lines(caplog)
     assert len(cut) == 1 and cut[0]["calls"] == 1 and cut[0]["hurried"] is hurried
+
+
+class _SlowRefusalSink(logging.Handler):
+    """A log handler that takes a second over each refused line, before the lines propagate."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "fields", {}).get("event") == "refused":
+            time.sleep(1.0)
+
+
+def test_cut_calls_name_their_edges_and_stopped_is_the_last_line(tmp_path, caplog):
+    """The calls_cut WARNING named no camera, and the cut calls' own refused lines came after
+    "stopped": an operator read a stopped server as still refusing."""
+    server = start_loopback_server(tmp_path, threads=2, max_concurrent=2, debug_delay_s=120.0)
+    caplog.set_level(logging.INFO, logger="splitdet.cloud")
+    calls = [_send_in_background(f"127.0.0.1:{server.port}", f"long-{name}", name)
+             for name in ("press-2", "press-1")]  # fmt: skip
+    wait_for(lambda: server.servicer.running() == 2, 30, "the calls running")
+    slow = _SlowRefusalSink()  # (a loaded machine: the cut calls' threads end late)
+    logging.getLogger("splitdet.cloud.call_status").addHandler(slow)
+    try:
+        server.stop(0.5)
+    finally:
+        logging.getLogger("splitdet.cloud.call_status").removeHandler(slow)
+    for thread, _ in calls:
+        thread.join(30)
+    cut = _cut_lines(caplog)
+    assert len(cut) == 1 and cut[0]["edges"] == ["press-1", "press-2"], caplog.text
+    assert "press-1, press-2" in next(r.getMessage() for r in caplog.records
+                                      if "cancelled" in r.getMessage())  # fmt: skip
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert events.count("refused") == 2 and events[-1] == "stopped", events
 
 
 def test_a_stop_with_nothing_running_logs_no_cut_calls(tmp_path, caplog):
