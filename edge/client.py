@@ -616,6 +616,20 @@ def forget_rules() -> None:
         _RULES.clear()
 
 
+#: Targets a bearer token was sent to without TLS, warned of once per process (a daemon makes a
+#: client anew at every reconnect, loadtest one per simulated edge).
+_PLAINTEXT_TOKEN_TARGETS: set[str] = set()
+_PLAINTEXT_TOKEN_LOCK = threading.Lock()
+
+
+def _first_plaintext_token(target: str) -> bool:
+    """True the first time this process sends a token to `target` without TLS."""
+    with _PLAINTEXT_TOKEN_LOCK:
+        first = target not in _PLAINTEXT_TOKEN_TARGETS
+        _PLAINTEXT_TOKEN_TARGETS.add(target)
+    return first
+
+
 class CloudClient:
     """A channel to the cloud detection server (one or several replicas).
 
@@ -632,8 +646,9 @@ class CloudClient:
         if config.uses_tls:
             self._channel = grpc.secure_channel(target, channel_credentials(config), options)
         else:
-            if config.token:
-                log.warning("sending the bearer token without TLS to %s", target)
+            if config.token and _first_plaintext_token(target):
+                log.warning("sending the bearer token without TLS to %s (said once per "
+                            "process)", target)  # fmt: skip
             self._channel = grpc.insecure_channel(target, options)
         self._stub = pb_grpc.DetectionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

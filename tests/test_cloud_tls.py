@@ -281,3 +281,16 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, tmp_path, caplog
         with _client(server, pki, root_certs=renewed_ca.cert_path) as client:
             assert client.manifest().fingerprint == server.core.fingerprint
         assert "gRPC's TLS cannot serve with" in caplog.text
+
+
+def test_a_token_sent_without_tls_is_warned_of_once_per_target(caplog):
+    """The warning was logged for every client made: a daemon makes one anew at each
+    reconnect (9-10 lines per edge in one outage), loadtest one per simulated edge."""
+    from support import free_port
+
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    with caplog.at_level("WARNING", logger="splitdet.edge"):
+        for address in (first, first, first, second):
+            CloudClient(ClientConfig(addresses=address, token=TOKEN)).close()
+    warned = [r.getMessage() for r in caplog.records if "without TLS" in r.getMessage()]
+    assert len(warned) == 2 and first in warned[0] and second in warned[1], warned
