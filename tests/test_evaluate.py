@@ -20,6 +20,7 @@ from splitdet.training.evaluate import (
     classifier_metrics,
     coco_metrics,
     evaluate,
+    gate_operating_points,
     roc_auc,
 )
 from splitdet.training.voc import VocObject, VocSample
@@ -234,7 +235,42 @@ def test_map_kept_drops_detections_of_gated_images():
     json.dumps(metrics)
 
 
-def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys):
+def test_operating_points_calibrate_each_recall_and_measure_it_on_the_split():
+    """Per target recall, the threshold calibrated for it on the calibration scores, and its
+    recall, accuracy, share flagged and mAP@.5 kept on the evaluated split (hand-computed)."""
+    boxes, scores, labels = _arrays()
+    p_defect = {"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}
+    predictions = [
+        Prediction(
+            torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(c), p_defect[x.image_id]
+        )
+        for b, s, c, x in zip(boxes, scores, labels, SAMPLES, strict=True)
+    ]
+    calibration = ([0.8, 0.18, 0.05], [True, True, False])
+    every, half = gate_operating_points(
+        *calibration, SAMPLES, predictions, ["scratch"], KNOWN_AP, recalls=(1.0, 0.5)
+    )
+    # 100%: under 0.18, halfway in logits to 0.05 (0.097): a, b, c (0.1), d flagged
+    assert every["threshold"] == pytest.approx(calibrated_threshold(*calibration, 1.0))
+    assert 0.05 < every["threshold"] < 0.1
+    assert (every["recall"], every["accuracy"], every["flagged"]) == (1.0, 0.75, 1.0)
+    assert every["map50_kept"] == pytest.approx(1.0)
+    # 50%: one of the two calibration defects may be missed: halfway from 0.8 to 0.18 (0.48);
+    # a and d flagged, b (a real scratch) is not: its detection is lost
+    assert 0.2 < half["threshold"] < 0.5
+    assert half["recall"] == pytest.approx(2 / 3)
+    assert (half["accuracy"], half["flagged"]) == (0.75, 0.5)
+    assert half["map50_kept"] == pytest.approx((51 / 101) / KNOWN_AP, abs=1e-6)
+    model = types.SimpleNamespace(config=ModelConfig(depth=18))
+    metrics = evaluate(model, SAMPLES, gate_threshold=0.4, predictions=predictions)
+    assert metrics["gate_operating_points_calibrated_on"] == "evaluated split"
+    assert [p["target_recall"] for p in metrics["gate_operating_points"]] == [
+        1.0, 0.995, 0.99, 0.98, 0.95, 0.9
+    ]  # fmt: skip
+    assert metrics["gate_operating_points"][0]["recall"] == 1.0  # (on the split itself)
+
+
+def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys, caplog):
     from dataclasses import replace
 
     from splitdet.shared.checkpoint import read_checkpoint
@@ -251,7 +287,8 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys):
         train(replace(TINY, epochs=1, eval_every=0), data, tmp_path / "run", progress=False)
         out = tmp_path / "eval.json"
         args = ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "last.pt")]
-        assert main([*args, "--json", str(out), "--no-progress"]) == 0
+        with caplog.at_level("INFO", logger="splitdet.training.cli_eval"):
+            assert main([*args, "--json", str(out), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
     metrics = json.loads(out.read_text())
@@ -261,6 +298,11 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys):
     stored = read_checkpoint(tmp_path / "run" / "last.pt")["gate_threshold"]
     assert stored == pytest.approx(metrics["gate_threshold"])
     assert metrics["box_refine_steps"] == TINY.model.box_refine_steps == 2
+    assert metrics["gate_operating_points_calibrated_on"] == "calibration split"
+    table = caplog.text  # the operating points for people, beside the JSON
+    rows = [line for line in table.splitlines() if line.split()[:1] and line.split()[0][-1] == "%"]
+    assert "gate operating points" in table and len(rows) == 6, table
+    assert rows[1].split()[:2] == ["99.5%", f"{metrics['gate_threshold']:.3f}"], rows
     assert main(["eval", "--data", str(tmp_path), "--checkpoint", str(out)]) == 2  # not a ckpt
 
     # box refinement given at evaluation: reported, the checkpoint's own config unchanged

@@ -235,6 +235,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         shortfall = calibration_shortfall(metrics["gate_calibration_defective"], args.target_recall)
         if shortfall:
             log.warning(shortfall)
+    if metrics.get("gate_operating_points"):
+        log.info("%s", operating_points_table(metrics))
     for name, figures in metrics["per_class"].items():
         if not figures["objects"]:
             log.warning(
@@ -272,6 +274,31 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         detail = exc.strerror or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     return 0
+
+
+def operating_points_table(metrics: dict) -> str:
+    """`evaluate`'s gate_operating_points as a table for people: per target recall, the
+    threshold to give `edge run --threshold` and what it does on the evaluated split."""
+    from splitdet.shared.probability_format import format_probability
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    lines = [
+        f"gate operating points (thresholds calibrated on the "
+        f"{metrics['gate_operating_points_calibrated_on']}; on split {metrics['split']!r}: "
+        "flagged images go on to the cloud heads, the others end at the edge):",
+        f"  {'target recall':>13}  {'threshold':>11}  {'recall':>7}  {'accuracy':>8}  "
+        f"{'flagged':>7}  {'mAP@.5 kept':>11}",
+    ]
+    for point in metrics["gate_operating_points"]:
+        lines.append(
+            f"  {percent(point['target_recall']):>13}  "
+            f"{format_probability(point['threshold']):>11}  {percent(point['recall']):>7}  "
+            f"{percent(point['accuracy']):>8}  {percent(point['flagged']):>7}  "
+            f"{percent(point['map50_kept']):>11}"
+        )
+    return "\n".join(lines)
 
 
 def _file_identity(path: Path) -> str | None:

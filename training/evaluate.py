@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from splitdet.shared.model import MultiTaskRCNN
 
 DEFAULT_TARGET_RECALL = 0.995
+#: The target recalls `gate_operating_points` calibrates a threshold for: what each costs in
+#: images flagged and mAP kept, for choosing `edge run --threshold`.
+OPERATING_RECALLS = (1.0, 0.995, 0.99, 0.98, 0.95, 0.9)
 
 
 @dataclass
@@ -476,6 +479,7 @@ def evaluate(
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
     calibrated_with: int | None = None  # defective images the threshold was calibrated on
+    calib, calib_labels = probs, labels  # where the operating points are calibrated
     if calibration_samples is not None:
         calib = gate_probabilities(
             model, calibration_samples, device=device, batch_size=batch_size, progress=progress
@@ -497,7 +501,62 @@ def evaluate(
         target_recall=target_recall,
     )
     metrics["gate_calibration_defective"] = calibrated_with
+    if any(calib_labels):
+        metrics["gate_operating_points"] = gate_operating_points(
+            calib, calib_labels, samples, predictions, class_names, metrics["map50"]
+        )
+        metrics["gate_operating_points_calibrated_on"] = (
+            "calibration split" if calibration_samples is not None else "evaluated split"
+        )
     return metrics
+
+
+def gate_operating_points(
+    calibration_probabilities: Sequence[float],
+    calibration_labels: Sequence[bool],
+    samples: Sequence[VocSample],
+    predictions: Sequence[Prediction],
+    class_names: Sequence[str],
+    map50: float | None,
+    recalls: Sequence[float] = OPERATING_RECALLS,
+) -> list[dict[str, float | None]]:
+    """Per target recall in `recalls`, the gate threshold `calibrated_threshold` sets for it on
+    the calibration scores, and what it does on `samples`/`predictions` (one per sample): its
+    recall and accuracy, the share of images flagged (sent on to the heads: the rest skip
+    them) and the gated system's mAP@.5 over the detector's `map50` (None without one).
+
+    Returns [{"target_recall", "threshold", "recall", "accuracy", "flagged", "map50_kept"}]."""
+    labels = [s.is_defective for s in samples]
+    probs = [p.p_defect for p in predictions]
+    points = []
+    for target in recalls:
+        threshold = calibrated_threshold(calibration_probabilities, calibration_labels, target)
+        gate = classifier_metrics(probs, labels, threshold)
+        gated = gated_coco_metrics(samples, predictions, class_names, threshold)
+        kept = gated["map50"] / map50 if gated["map50"] is not None and map50 else None
+        points.append({"target_recall": target, "threshold": threshold,
+                       "recall": gate["recall"], "accuracy": gate["accuracy"],
+                       "flagged": gate["pass_rate"], "map50_kept": kept})  # fmt: skip
+    return points
+
+
+def gated_coco_metrics(
+    samples: Sequence[VocSample],
+    predictions: Sequence[Prediction],
+    class_names: Sequence[str],
+    threshold: float,
+) -> dict[str, Any]:
+    """`coco_metrics` of the gated system: an image's detections are kept when its p_defect
+    >= `threshold`, and it has none otherwise."""
+    # an image under the threshold keeps none of its detections: [:0] of each
+    kept = [slice(None) if p.p_defect >= threshold else slice(0) for p in predictions]
+    return coco_metrics(
+        samples,
+        [p.boxes.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        [p.scores.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        [p.labels.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        class_names,
+    )
 
 
 def metrics_at_threshold(
@@ -518,15 +577,7 @@ def metrics_at_threshold(
     scores = [p.scores.numpy() for p in predictions]
     det_labels = [p.labels.numpy() for p in predictions]
     detector = coco_metrics(samples, boxes, scores, det_labels, class_names)
-    passed = [p >= threshold for p in probs]
-    empty = np.zeros((0, 4), np.float32)
-    gated = coco_metrics(
-        samples,
-        [b if keep else empty for b, keep in zip(boxes, passed, strict=True)],
-        [s if keep else s[:0] for s, keep in zip(scores, passed, strict=True)],
-        [c if keep else c[:0] for c, keep in zip(det_labels, passed, strict=True)],
-        class_names,
-    )
+    gated = gated_coco_metrics(samples, predictions, class_names, threshold)
     gate = classifier_metrics(probs, labels, threshold)
     # the detector's highest box score as the image's score, beside the gate's p(defect)
     top_box = [float(p.scores.max()) if len(p.scores) else 0.0 for p in predictions]
