@@ -254,12 +254,13 @@ def test_operating_points_calibrate_each_recall_and_measure_it_on_the_split():
     assert every["threshold"] == pytest.approx(calibrated_threshold(*calibration, 1.0))
     assert 0.05 < every["threshold"] < 0.1
     assert (every["recall"], every["accuracy"], every["flagged"]) == (1.0, 0.75, 1.0)
+    assert every["free_flagged"] == 1.0  # c, the one defect-free image
     assert every["map50_kept"] == pytest.approx(1.0)
     # 50%: one of the two calibration defects may be missed: halfway from 0.8 to 0.18 (0.48);
     # a and d flagged, b (a real scratch) is not: its detection is lost
     assert 0.2 < half["threshold"] < 0.5
     assert half["recall"] == pytest.approx(2 / 3)
-    assert (half["accuracy"], half["flagged"]) == (0.75, 0.5)
+    assert (half["accuracy"], half["flagged"], half["free_flagged"]) == (0.75, 0.5, 0.0)
     assert half["map50_kept"] == pytest.approx((51 / 101) / KNOWN_AP, abs=1e-6)
     model = types.SimpleNamespace(config=ModelConfig(depth=18))
     metrics = evaluate(model, SAMPLES, gate_threshold=0.4, predictions=predictions)

@@ -289,14 +289,14 @@ def operating_points_table(metrics: dict) -> str:
         f"{metrics['gate_operating_points_calibrated_on']}; on split {metrics['split']!r}: "
         "flagged images go on to the cloud heads, the others end at the edge):",
         f"  {'target recall':>13}  {'threshold':>11}  {'recall':>7}  {'accuracy':>8}  "
-        f"{'flagged':>7}  {'mAP@.5 kept':>11}",
+        f"{'flagged':>7}  {'defect-free flagged':>19}  {'mAP@.5 kept':>11}",
     ]
     for point in metrics["gate_operating_points"]:
         lines.append(
             f"  {percent(point['target_recall']):>13}  "
             f"{format_probability(point['threshold']):>11}  {percent(point['recall']):>7}  "
             f"{percent(point['accuracy']):>8}  {percent(point['flagged']):>7}  "
-            f"{percent(point['map50_kept']):>11}"
+            f"{percent(point['free_flagged']):>19}  {percent(point['map50_kept']):>11}"
         )
     return "\n".join(lines)
 

@@ -523,9 +523,12 @@ def gate_operating_points(
     """Per target recall in `recalls`, the gate threshold `calibrated_threshold` sets for it on
     the calibration scores, and what it does on `samples`/`predictions` (one per sample): its
     recall and accuracy, the share of images flagged (sent on to the heads: the rest skip
-    them) and the gated system's mAP@.5 over the detector's `map50` (None without one).
+    them), the share of its defect-free images flagged (what sets the saving at any defect
+    rate r: flagged = r x recall + (1 - r) x free_flagged) and the gated system's mAP@.5 over
+    the detector's `map50` (None without one).
 
-    Returns [{"target_recall", "threshold", "recall", "accuracy", "flagged", "map50_kept"}]."""
+    Returns [{"target_recall", "threshold", "recall", "accuracy", "flagged", "free_flagged",
+    "map50_kept"}]."""
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
     points = []
@@ -534,9 +537,12 @@ def gate_operating_points(
         gate = classifier_metrics(probs, labels, threshold)
         gated = gated_coco_metrics(samples, predictions, class_names, threshold)
         kept = gated["map50"] / map50 if gated["map50"] is not None and map50 else None
+        free = [p >= threshold for p, y in zip(probs, labels, strict=True) if not y]
         points.append({"target_recall": target, "threshold": threshold,
                        "recall": gate["recall"], "accuracy": gate["accuracy"],
-                       "flagged": gate["pass_rate"], "map50_kept": kept})  # fmt: skip
+                       "flagged": gate["pass_rate"],
+                       "free_flagged": sum(free) / len(free) if free else None,
+                       "map50_kept": kept})  # fmt: skip
     return points
 
 
