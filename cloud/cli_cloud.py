@@ -269,8 +269,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="once serving, write {pid, port, metrics_port, fingerprint} as "
-        "JSON here (for supervisors and tests); removed at start, before the models load "
-        "(one an earlier run left), and when the server stops",
+        "JSON here (for supervisors and tests); removed when the drain begins, and at "
+        "start, before the models load (one an earlier run left, unless its pid still runs)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the ready line as JSON on stdout"
@@ -392,8 +392,8 @@ def run(args: argparse.Namespace) -> int:
 
         use_json_logs()
     check_options(args)
-    if args.ready_file is not None:  # (an earlier run's, its pid dead: not ready while loading)
-        remove_ready_file(args.ready_file)
+    if args.ready_file is not None:  # (an earlier run's: not ready while this one loads)
+        remove_ready_file(args.ready_file, unless_running=True)
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     # SIGHUP then: reloaded once serving (its default action would end the process).
     stop, reload = threading.Event(), threading.Event()
@@ -411,23 +411,48 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN if stop.is_set() else handler)
 
 
-def remove_ready_file(path: Path, pid: int | None = None) -> None:
-    """Remove a --ready-file (with `pid`, only one that names that pid): one left by a server
-    stopped or killed would tell a supervisor that a dead, or still loading, server is ready.
-    CommandError naming it when it cannot be removed."""
+def remove_ready_file(path: Path, pid: int | None = None, unless_running: bool = False) -> None:
+    """Remove a --ready-file: one left by a server stopped or killed would tell a supervisor
+    that a dead, or still loading, server is ready. With `pid`, only one naming that pid (a
+    stop: what another process wrote since is its own); with `unless_running`, not one naming
+    another live process (a start: a second server given the same file must not unready the
+    first; this one writes the file once it serves). CommandError naming the file when a
+    start cannot remove it."""
     try:
-        if pid is not None and json.loads(path.read_text()).get("pid") != pid:
-            return  # (rewritten by another process since)
-        path.unlink(missing_ok=True)
+        named = json.loads(path.read_text()).get("pid")
     except FileNotFoundError:
         return
-    except (OSError, ValueError, AttributeError) as exc:
-        if pid is not None:  # (at a stop: what it holds is not this server's)
+    except (OSError, ValueError, AttributeError):
+        named = None  # unreadable or not ours to judge: removed at a start, left at a stop
+        if pid is not None:
             return
-        why = exc.strerror if isinstance(exc, OSError) else exc
+    if pid is not None and named != pid:
+        return
+    if unless_running and isinstance(named, int) and named != os.getpid() and _alive(named):
+        log.info("--ready-file %s names pid %d, still running: left until this server serves",
+                 path, named)  # fmt: skip
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        if pid is not None:
+            return
         raise CommandError(
-            f"--ready-file {path}: cannot remove the one an earlier run left ({why})"
+            f"--ready-file {path}: cannot remove the one an earlier run left ({exc.strerror})"
         ) from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts)."""
+    if pid <= 0:  # (0 and -N would ask about process groups)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: it exists, another user's)
+        return True
+    return True
 
 
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
@@ -488,8 +513,13 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         if args.ready_file is not None:
             write_ready_file(args.ready_file, ready_info(server))
 
+    def on_draining() -> None:  # health NOT_SERVING from now: no longer ready
+        if args.ready_file is not None:
+            remove_ready_file(args.ready_file, os.getpid())
+
     try:
-        return serve(config, on_ready=on_ready, stop=stop, reload=reload, on_reload=on_reload)
+        return serve(config, on_ready=on_ready, stop=stop, reload=reload, on_reload=on_reload,
+                     on_draining=on_draining)  # fmt: skip
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: Latency histogram buckets, seconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Bounds of the slot-wait histogram, seconds: the stage times', on to --queue-wait's range.
+SLOT_WAIT_BUCKETS = (*STAGE_BUCKETS, 60, 120, 300, 600, 1800, 3600)
 #: The label of the calls whose edge name has none of its own.
 OTHER_EDGE = "other"
 #: Distinct edge names the per-edge metrics label; later ones are counted as "other".
@@ -48,12 +50,16 @@ LABELS_FULL_EVERY_S = 600.0
 RELOAD_OUTCOMES = ("ok", "problems", "refused")
 
 
+#: The labels of calls that name no edge, or not a valid name (`claimed_edge`).
+UNNAMED_EDGE, INVALID_EDGE = "unnamed", "invalid"
+
+
 def claimed_edge(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The edge name a call's metadata claims: the name, "unnamed", or "invalid"."""
-    name = "unnamed"
+    """The edge name a call's metadata claims: the name, UNNAMED_EDGE, or INVALID_EDGE."""
+    name = UNNAMED_EDGE
     for key, value in metadata or ():
         if key == EDGE_NAME_KEY:
-            name = value if isinstance(value, str) and is_edge_name(value) else "invalid"
+            name = value if isinstance(value, str) and is_edge_name(value) else INVALID_EDGE
     return name
 
 
@@ -184,15 +190,20 @@ class ServerMetrics:
         )
         self.slot_wait_seconds = Histogram(
             "splitdet_cloud_slot_wait_seconds",
-            "Seconds a Detect call waited for a compute slot (--max-concurrent), those then "
-            "refused included; not part of the stage times.",
-            buckets=STAGE_BUCKETS,
+            "Seconds a Detect call waited for a compute slot (--max-concurrent), by outcome: "
+            "slot (it got one) or refused (queue full, --queue-wait over, deadline, caller "
+            "gone, stopping); not part of the stage times.",
+            ["outcome"],
+            buckets=SLOT_WAIT_BUCKETS,
             registry=self.registry,
         )
+        for outcome in ("slot", "refused"):  # (both series there from the start)
+            self.slot_wait_seconds.labels(outcome)
         self.edge_answer_seconds = Summary(
             "splitdet_cloud_edge_answer_seconds",
-            "Seconds from a Detect call's arrival to its answer, by the calling edge's name "
-            "(slot wait included): _sum / _count is an edge's mean answer time.",
+            "Seconds from a Detect call's start (a server thread took it) to its answer, by "
+            "the calling edge's name (slot wait included): _sum / _count is an edge's mean "
+            "answer time.",
             ["edge"],
             registry=self.registry,
         )
@@ -337,10 +348,17 @@ class ServerMetrics:
             extra={"fields": fields},
         )  # fmt: skip
 
-    def labelled(self, name: str) -> bool:
-        """Whether the edge name `name` holds a label now (claims none, refreshes nothing)."""
+    def refused_unauthenticated(self, name: str) -> str:
+        """Count a call refused for its bearer token that claims the edge name `name` (only a
+        claim: its caller proved nothing) under `name`'s label if that name holds one (a camera
+        the server knew, its token revoked or rotated away), else under UNAUTHENTICATED_EDGE;
+        never a new label, never "seen" (`edge_of`). Returns the label counted under."""
         with self._edges_lock:
-            return name in self._edges
+            known = name in self._edges and name not in (UNNAMED_EDGE, INVALID_EDGE)
+            label = name if known else UNAUTHENTICATED_EDGE
+            self.edge_refusals.labels(label, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            self._edge_codes.setdefault(label, set()).add(grpc.StatusCode.UNAUTHENTICATED.name)
+        return label
 
     def _forget_idle_edges(self, now: float) -> None:
         """Remove every per-edge series of the edges not heard from for `forget_edges_s`, and

@@ -726,7 +726,7 @@ class CloudServer:
         while not done.wait(0.05):
             hurried = self._hurry.is_set() or (hurry is not None and hurry.is_set())
             if hurried or time.monotonic() >= deadline:
-                cut, edges = self.servicer.running(), self.servicer.running_edges()
+                cut, edges = self.servicer.running_edges()
                 self._server.stop(0)  # (a shorter grace overrides the one running)
                 if cut:
                     why = "asked again to stop" if hurried else f"--grace {grace:g} s ended"
@@ -793,6 +793,7 @@ def serve(
     stop: threading.Event | None = None,
     reload: threading.Event | None = None,
     on_reload: Callable[[CloudServer], object] | None = None,
+    on_draining: Callable[[], object] | None = None,
 ) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
     exports (`CloudServer.reload`). Returns 0.
@@ -805,6 +806,8 @@ def serve(
         reload: the event that asks for a reload (SIGHUP sets it); one set while the model
             loaded is honoured once serving.
         on_reload: called with the server after each reload (e.g. to rewrite the ready file).
+        on_draining: called once the drain begins (health NOT_SERVING from then: e.g. to
+            remove the ready file).
     """
     stop = threading.Event() if stop is None else stop
     reload = threading.Event() if reload is None else reload
@@ -855,6 +858,8 @@ def serve(
         log.info("%s: draining for up to %.1f s", name, config.grace_s,
                  extra={"fields": {"event": "draining", "signal": name,
                                    "grace_s": config.grace_s}})  # fmt: skip
+        if on_draining is not None:
+            on_draining()
         server.stop(hurry=hurry)
     finally:
         for sig, handler in previous.items():  # (the CLI's keep the ending process from a late

@@ -191,10 +191,10 @@ class DetectionServicer:
         with self._active_lock:
             return len(self._active)
 
-    def running_edges(self) -> list[str]:
-        """The edge names the Detect calls being handled now claim, sorted, each once."""
+    def running_edges(self) -> tuple[int, list[str]]:
+        """(`running`, the edge names those calls claim, sorted, each once), read together."""
         with self._active_lock:
-            return sorted(set(self._active.values()))
+            return len(self._active), sorted(set(self._active.values()))
 
     def _enter(self, edge: CallEdge, claimed: str) -> None:
         """A Detect call from the edge named `claimed` is handled from now (`running`)."""
@@ -340,7 +340,9 @@ class DetectionServicer:
         outcome = self._slots.acquire(
             wait_s, lambda: self._draining.is_set() or not context.is_active()
         )
-        self.metrics.slot_wait_seconds.observe(time.monotonic() - started)
+        self.metrics.slot_wait_seconds.labels("slot" if outcome else "refused").observe(
+            time.monotonic() - started
+        )
         if outcome:
             return
         if self._draining.is_set():  # a queued call when SIGTERM came: go elsewhere now

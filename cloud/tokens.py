@@ -168,8 +168,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         # could keep a dead camera alive). The log line names the claim, for the operator to
         # find the edge with the wrong token: at once, one line per minute per name claimed.
         edge = claimed_edge(handler_call_details.invocation_metadata)
-        label = edge if self._metrics.labelled(edge) else UNAUTHENTICATED_EDGE
-        self._metrics.refused(label, grpc.StatusCode.UNAUTHENTICATED)
+        self._metrics.refused_unauthenticated(edge)
 
         def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()

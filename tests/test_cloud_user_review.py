@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -73,7 +75,7 @@ def test_slot_wait_and_each_edges_answer_time_are_measured(tmp_path):
     slot wait, and each edge's answer time (count and sum), show a camera kept waiting."""
     model, _, manifest = shared_model_dir(0)
     sample = make_sample(model, seed=3, codec="int8")
-    server = start_loopback_server(tmp_path, max_concurrent=1, debug_delay_s=0.6)
+    server = start_loopback_server(tmp_path, max_concurrent=1, debug_delay_s=1.5)
     address = f"127.0.0.1:{server.port}"
     clients = {
         name: CloudClient(ClientConfig(address, edge_name=name, own_connection=True))
@@ -85,8 +87,10 @@ def test_slot_wait_and_each_edges_answer_time_are_measured(tmp_path):
 
     try:
         threads = [threading.Thread(target=send, args=(name,)) for name in clients]
-        for thread in threads:
-            thread.start()
+        threads[0].start()  # cam-a holds the one slot 1.5 s; cam-b asks for it meanwhile
+        in_flight = "splitdet_cloud_in_flight"
+        wait_for(lambda: scrape_metrics(server.metrics_port)[in_flight] == 1, 30, "cam-a's slot")
+        threads[1].start()
         for thread in threads:
             thread.join(60)
         metrics = scrape_metrics(server.metrics_port)
@@ -94,11 +98,14 @@ def test_slot_wait_and_each_edges_answer_time_are_measured(tmp_path):
         for client in clients.values():
             client.close()
         server.stop(0)
-    assert metrics["splitdet_cloud_slot_wait_seconds_count"] == 2
-    assert metrics["splitdet_cloud_slot_wait_seconds_sum"] >= 0.4  # one waited for the other
+    waited = 'splitdet_cloud_slot_wait_seconds_%s{outcome="slot"}'
+    assert metrics[waited % "count"] == 2
+    assert metrics[waited % "sum"] >= 0.5  # cam-b waited for cam-a's 1.5 s
+    assert metrics['splitdet_cloud_slot_wait_seconds_count{outcome="refused"}'] == 0
     for name in clients:
         assert metrics[ANSWER_S % ("count", name)] == 1
-        assert metrics[ANSWER_S % ("sum", name)] >= 0.6
+        assert metrics[ANSWER_S % ("sum", name)] >= 1.5
+    assert metrics[ANSWER_S % ("sum", "cam-b")] >= 2.0  # its wait, then its own 1.5 s
 
 
 def test_token_refusals_count_under_a_known_cameras_label_and_each_name_is_logged(tmp_path, caplog):
@@ -111,25 +118,29 @@ def test_token_refusals_count_under_a_known_cameras_label_and_each_name_is_logge
     caplog.set_level(logging.WARNING, logger="splitdet.cloud")
     address = f"127.0.0.1:{server.port}"
     known = CloudClient(ClientConfig(address, edge_name="press-8", token="s3cret"))
+    nameless = CloudClient(ClientConfig(address, token="s3cret"))  # labelled "unnamed"
     clients = [
         CloudClient(ClientConfig(address, edge_name=name, token="revoked"))
-        for name in ("press-8", "press-7", "press-9")
+        for name in ("press-8", "press-7", "press-9", None)
     ]
     try:
         known.detect(sample.encoded, sample.image, "one", manifest.fingerprint)  # labelled
+        nameless.manifest()
         for client in clients:
             with pytest.raises(NeverRetry, match="wrong bearer token"):
                 client.manifest()
         metrics = scrape_metrics(server.metrics_port)
     finally:
-        for client in (known, *clients):
+        for client in (known, nameless, *clients):
             client.close()
         server.stop(0)
     assert metrics[REFUSALS % ("UNAUTHENTICATED", "press-8")] == 1
-    assert metrics[REFUSALS % ("UNAUTHENTICATED", "unauthenticated")] == 2
+    # "unnamed" holds a label, but a caller without a name claims no camera's
+    assert metrics[REFUSALS % ("UNAUTHENTICATED", "unauthenticated")] == 3
+    assert REFUSALS % ("UNAUTHENTICATED", "unnamed") not in metrics
     assert not any('edge="press-7"' in key or 'edge="press-9"' in key for key in metrics)
     logged = [r.fields["edge"] for r in _warnings(caplog, "refused")]
-    assert logged == ["press-8", "press-7", "press-9"], caplog.text
+    assert logged == ["press-8", "press-7", "press-9", "unnamed"], caplog.text
 
 
 def test_refusals_of_a_misconfigured_edge_are_warnings_load_shedding_is_info(tmp_path, caplog):
@@ -151,7 +162,8 @@ def test_refusals_of_a_misconfigured_edge_are_warnings_load_shedding_is_info(tmp
     )
     try:
         holder.start()
-        wait_for(lambda: server.servicer.running() == 1, 30, "the slow call running")
+        wait_for(lambda: scrape_metrics(server.metrics_port)["splitdet_cloud_in_flight"] == 1, 30,
+                 "the slow call holding the slot")  # fmt: skip
         with pytest.raises(RetryLater):
             busy.detect(sample.encoded, sample.image, "busy", manifest.fingerprint)
         with pytest.raises(NeverRetry):
@@ -177,34 +189,59 @@ def test_refusals_of_a_misconfigured_edge_are_warnings_load_shedding_is_info(tmp
     }, caplog.text
 
 
-def test_a_stale_ready_file_is_removed_at_start_and_at_a_clean_stop(tmp_path):
+def test_a_stale_ready_file_is_removed_at_start_and_once_draining(tmp_path):
     """A --ready-file outlived its server (SIGTERM, kill -9), and a new server left it in place
-    while it loaded: a supervisor read a dead server as ready."""
-    _, model_dir, _ = shared_model_dir(0)
-    cloud = start_cloud_process(model_dir, tmp_path, "ready")
+    while it loaded: a supervisor read a dead server as ready. Now it goes when the drain
+    begins (health NOT_SERVING, calls finishing), and a start removes a dead process's, but
+    not a live one's (two servers given one file: the second must not unready the first)."""
+    model, model_dir, manifest = shared_model_dir(0)
+    sample = make_sample(model, seed=5, codec="int8")
+    cloud = start_cloud_process(model_dir, tmp_path, "ready", "--debug-delay", "8", "--grace",
+                                "20")  # fmt: skip
     ready = tmp_path / "ready.ready.json"
+    client = CloudClient(ClientConfig(f"127.0.0.1:{cloud.port}", timeout_s=60))
+    call = threading.Thread(
+        target=lambda: client.detect(sample.encoded, sample.image, "slow", manifest.fingerprint),
+        daemon=True,
+    )
     try:
         assert json.loads(ready.read_text())["pid"] == cloud.process.pid
+        call.start()
+        in_flight = "splitdet_cloud_in_flight"
+        wait_for(lambda: scrape_metrics(cloud.metrics_port)[in_flight] == 1, 30, "a call")
         cloud.process.send_signal(signal.SIGTERM)
-        assert cloud.process.wait(timeout=30) == 0
+        wait_for(lambda: not ready.exists(), 5, "the ready file gone once draining")
+        assert cloud.process.poll() is None, "gone only once stopped, not while draining"
+        assert cloud.process.wait(timeout=60) == 0
+        call.join(30)
     finally:
+        client.close()
         cloud.stop()
-    assert not ready.exists(), "left after a clean stop"
-    ready.write_text(json.dumps({"pid": 999_999_999, "port": 1}) + "\n")  # a kill -9's
-    log_path = tmp_path / "again.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "splitdet.shared.cli", "cloud", "--model", str(model_dir),
-             "--listen", "127.0.0.1:0", "--threads", "1", "--ready-file", str(ready),
-             "--answers-db", str(tmp_path / "again.sqlite")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
+
+    def start_over(pid: int, name: str) -> tuple[subprocess.Popen, Path]:
+        ready.write_text(json.dumps({"pid": pid, "port": 1}) + "\n")
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "splitdet.shared.cli", "cloud", "--model",
+                 str(model_dir), "--listen", "127.0.0.1:0", "--threads", "1", "--ready-file",
+                 str(ready), "--answers-db", str(tmp_path / f"{name}.sqlite")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         wait_for(lambda: "loading model" in log_path.read_text(), 60, "loading")
-        assert not ready.exists() or json.loads(ready.read_text())["pid"] == process.pid
-    finally:
-        process.kill()
-        process.wait(timeout=30)
+        return process, log_path
+
+    for pid, name in ((999_999_999, "after-kill"), (os.getpid(), "beside-a-live-one")):
+        process, log_path = start_over(pid, name)
+        try:
+            kept = ready.exists() and json.loads(ready.read_text())["pid"] == pid
+            if pid == os.getpid():  # (this test's own process: alive)
+                assert kept and "still running" in log_path.read_text(), log_path.read_text()
+            else:  # a kill -9's, its pid dead: gone, or already this server's own
+                assert not kept
+        finally:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def test_a_models_dir_folder_without_a_manifest_is_logged_once(tmp_path, caplog):
