@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitdet.edge.cli_edge_options import MAX_MB, add_db_and_since, duration_type, parse_since
+from splitdet.edge.cli_edge_options import MAX_MB, add_db_and_since, parse_since, retention_type
 from splitdet.shared.cli import float_in, int_in
 
 if TYPE_CHECKING:  # the handlers import it when they run
@@ -105,7 +105,8 @@ for good), abandon turns them into dead letters: their rows become "error" (erro
 dead_letter, the reason naming the export), the requests are kept within --dead-letter-max-mb,
 and `splitdet edge requeue` sends them again should the export be served after all; or process
 their images again with the current export. `splitdet edge status` lists the outbox by export.
-Safe while the daemon runs.
+Safe while the daemon runs; the export a running daemon sends with is refused (it keeps making
+requests with it) unless --even-if-running.
 """
 
 
@@ -128,6 +129,12 @@ def register_abandon(actions: argparse._SubParsersAction) -> None:
         "shows them)",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
+    p.add_argument(
+        "--even-if-running",
+        action="store_true",
+        help="abandon the requests of the export the running `splitdet edge run` sends with "
+        "too (refused without it: that daemon keeps making more)",
+    )
     p.add_argument(
         "--dead-letter-max-mb",
         type=float_in(0.0, MAX_MB),
@@ -169,6 +176,8 @@ def abandon(args: argparse.Namespace) -> int:
                 + "): give more digits"
             )
         [fingerprint] = matches
+        if not args.even_if_running:
+            _refuse_the_running_export(args.db, store, fingerprint)
         reason = (
             f"abandoned by `splitdet edge abandon`: no cloud serves model export "
             f"{fingerprint[:16]} any more (`splitdet edge requeue` sends it again)"
@@ -195,6 +204,27 @@ def abandon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_the_running_export(db: Path, store: ResultStore, fingerprint: str) -> None:
+    """CommandError when `fingerprint` is the export a `splitdet edge run` running on `db`
+    sends with (its daemon record, `lock_holder.running_record`): its waiting requests are
+    real defects it sends once the cloud serves that export again."""
+    from splitdet.edge.lock_holder import running_record, writer_state
+    from splitdet.shared.cli import CommandError
+
+    state = writer_state(db)
+    record = running_record(state, store.daemon())
+    if record is None or record["fingerprint"] != fingerprint:
+        return
+    pid = "pid not visible here" if state.pid is None else f"pid {state.pid}"
+    raise CommandError(
+        f"--db {db}: export {fingerprint[:16]} is the one the `splitdet edge run` running on "
+        f"it ({pid}) sends with: its waiting requests are real defects it delivers once a cloud "
+        "serves that export again, and it keeps making more. Deploy that export on the cloud, "
+        "or stop the daemon (or restart it with the new export) and abandon then; "
+        "--even-if-running abandons them all the same"
+    )
+
+
 def register_prune(actions: argparse._SubParsersAction) -> None:
     """Add `prune` to the actions of `splitdet edge`."""
     p = actions.add_parser(
@@ -215,7 +245,11 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
     p.add_argument(
-        "--older-than", required=True, type=duration_type, metavar="AGE", help="30d, 12h, 15m, 30s"
+        "--older-than",
+        required=True,
+        type=retention_type,
+        metavar="AGE",
+        help="30d, 12h, 15m (1m at least)",
     )
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.set_defaults(handler=prune)  # fmt: skip
@@ -229,9 +263,16 @@ def prune(args: argparse.Namespace) -> int:
         freed = 0 if args.dry_run else store.reclaim()
     finally:
         store.close()
-    gave = f"; {freed / 1e6:.1f} MB given back to the file system" if freed else ""
+    earlier = "" if pruned.deleted else " (free pages left by earlier deletions)"
+    gave = f"; {freed / 1e6:.1f} MB given back to the file system{earlier}" if freed else ""
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{args.db}: {verb} {pruned.deleted} result(s){gave}")
+    if pruned.kept_in_place:
+        print(
+            f"kept {pruned.kept_in_place} result(s) older than --older-than whose image still "
+            "lies where it arrived (--after keep, or a move not done yet): the row is what "
+            "tells the daemon that file is done; it goes once the file is removed"
+        )
     if pruned.kept_for_clock:
         print(
             f"kept {pruned.kept_for_clock} result(s) stamped older than --older-than that this "

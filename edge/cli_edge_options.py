@@ -52,6 +52,22 @@ def duration_type(text: str) -> float:
     return seconds
 
 
+#: The shortest retention `edge run --keep-results` and `edge prune --older-than` take: a
+#: shorter one deletes the results written moments ago (0s: every final result).
+MIN_RETENTION_S = 60.0
+
+
+def retention_type(text: str) -> float:
+    """argparse type of a retention (parse_duration), at least MIN_RETENTION_S."""
+    seconds = duration_type(text)
+    if seconds < MIN_RETENTION_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} would delete the results written moments ago ({text.strip()} keeps "
+            "none of them); give 1m or more (e.g. 30d, 12h, 15m)"
+        )
+    return seconds
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """'30s', '15m', '2h', '7d' (ago), an ISO time, or unix seconds -> unix seconds."""
     from splitdet.shared.cli import CommandError

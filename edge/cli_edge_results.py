@@ -141,5 +141,13 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
-            f"{(row['fingerprint'] or '-')[:12]:12}  {row['path']}{note}\n"
+            f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{note}\n"
         )
+
+
+def _one_line(text: str) -> str:
+    """`text` for one row of the table: control characters (a newline, a tab, ESC in a file
+    name) written as escapes (\\n, \\t, \\x1b), so a name cannot break or forge a row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from splitdet.edge.cli_edge_options import MAX_MB, duration_type
+from splitdet.edge.cli_edge_options import MAX_MB, retention_type
 from splitdet.edge.cloud_args import (
     add_cloud_arguments,
     add_edge_model_arguments,
@@ -227,11 +227,11 @@ def register_run(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--keep-results",
-        type=duration_type,
+        type=retention_type,
         default=None,
         metavar="AGE",
-        help="delete final results older than AGE (30d, 12h, ...) from --db, at start and "
-        "hourly; pending ones are never deleted, nor one whose image is still in --watch "
+        help="delete final results older than AGE (30d, 12h, ...; 1m at least) from --db, at "
+        "start and hourly; pending ones are never deleted, nor one whose image is still in --watch "
         "(default: keep every result)",
     )
     p.add_argument(

@@ -37,9 +37,9 @@ def register_status(actions: argparse._SubParsersAction) -> None:
 
 def status(args: argparse.Namespace) -> int:
     """Print store_status and whether a daemon runs on --db; see register_status."""
-    from splitdet.edge.lock_holder import writer_state
+    from splitdet.edge.lock_holder import running_record, writer_state
     from splitdet.edge.store_file import StoreError, open_readonly
-    from splitdet.edge.store_reads import store_status
+    from splitdet.edge.store_reads import daemon_record, store_status
     from splitdet.shared.cli import CommandError
 
     try:
@@ -47,10 +47,11 @@ def status(args: argparse.Namespace) -> int:
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
     try:
-        summary = store_status(db)
+        summary, record = store_status(db), daemon_record(db)
     finally:
         db.close()
-    summary["daemon"] = writer_state(args.db).to_json()  # (its lock looked up, never taken)
+    state = writer_state(args.db)  # (its lock looked up, never taken)
+    summary["daemon"] = {**state.to_json(), **_record_json(running_record(state, record))}
     text = json.dumps(summary, indent=2) if args.json else "\n".join(
         _status_lines(args.db, summary))  # fmt: skip
     try:
@@ -58,6 +59,21 @@ def status(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # e.g. `| head`: stop quietly
         silence_stdout()
     return 0
+
+
+def _record_json(record: dict | None) -> dict:
+    """The running daemon's record for status's "daemon": "export" (its fingerprint),
+    "started", "outbox_caps" {"requests", "bytes"}, "outbox_full_since" (unix s its intake
+    stopped for a full outbox; None: it takes images); none of them when none is known (no
+    daemon runs, or one of an earlier splitdet)."""
+    if record is None:
+        return {}
+    return {
+        "export": record["fingerprint"],
+        "started": record["started"],
+        "outbox_caps": {"requests": record["max_items"], "bytes": record["max_bytes"]},
+        "outbox_full_since": record["full_since"],
+    }
 
 
 def _judged_at(model: dict) -> str:
@@ -90,6 +106,7 @@ def _span(seconds: float | None) -> str:
 def _status_lines(path: Path, summary: dict) -> list[str]:
     """store_status as lines for people (with "daemon", `lock_holder.writer_state` as JSON,
     when the summary has it)."""
+    from splitdet.edge.sender import RECLAIM_ABOVE_BYTES  # (loaded already: _judged_at)
 
     def when(t: float | None) -> str:
         return "-" if t is None else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
@@ -119,9 +136,9 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         f"results by export: {by_export or '-'}",
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
-        f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
-        f"{_span(outbox['oldest_age_s'])} old, {when_next}",
+        _outbox_line(outbox, when_next),
     ]
+    lines += _stall_lines(summary.get("daemon"), outbox)
     for fingerprint, n in outbox["by_model"].items():
         lines.append(f"              {n} made by model {fingerprint[:12]}")
     lines += _error_lines(outbox)
@@ -134,10 +151,23 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     file = summary["file"]
     lines.append(
         f"file          {file['bytes'] / 1e6:.1f} MB, {file['free_bytes'] / 1e6:.1f} MB of it free "
-        + ("(given back after a prune or a delivered backlog)" if file["gives_back"] else
+        + ("pages, reused for new results (given back to the file system after a prune, and "
+           f"after a delivered backlog once over {RECLAIM_ABOVE_BYTES >> 20} MB)"
+           if file["gives_back"] else
            "(kept and reused: an earlier store; the README says how to convert it)")
     )  # fmt: skip
     return lines
+
+
+def _outbox_line(outbox: dict, when_next: str) -> str:
+    """The `outbox` line of `edge status`: its requests, bytes, oldest and next try; only
+    "0 requests (empty)" when it holds none."""
+    if not outbox["requests"]:
+        return "outbox        0 requests (empty)"
+    return (
+        f"outbox        {outbox['requests']} requests, {outbox['bytes'] / 1e6:.1f} MB, oldest "
+        f"{_span(outbox['oldest_age_s'])} old, {when_next}"
+    )
 
 
 def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
@@ -147,7 +177,9 @@ def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
         return []
     if daemon["state"] == "running":
         pid = "pid not visible here" if daemon["pid"] is None else f"pid {daemon['pid']}"
-        return [f"daemon        running on this --db ({pid})"]
+        export = daemon.get("export")
+        export = "" if not export else f", sending with export {export[:12]}"
+        return [f"daemon        running on this --db ({pid}){export}"]
     if daemon["state"] == "none":
         age = None if last_arrival is None else max(0.0, time.time() - last_arrival)
         last = "no image yet" if age is None else f"the last image arrived {_span(age)} ago"
@@ -157,6 +189,22 @@ def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
             "daemon in another container or on another host is not seen)"
         ]
     return [f"daemon        unknown: {daemon['detail']}; its lock file is {daemon['lock_file']}"]
+
+
+def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
+    """While the running daemon's intake waits for room in the outbox: "outbox full: 5 of 5
+    requests, ..., intake stopped since HH:MM:SS (...); images wait in --watch"."""
+    since = (daemon or {}).get("outbox_full_since")
+    if since is None:
+        return []
+    caps = daemon["outbox_caps"]
+    stopped = datetime.fromtimestamp(since).strftime("%H:%M:%S")
+    return [
+        f"              outbox full: {outbox['requests']} of {caps['requests']} requests, "
+        f"{outbox['bytes'] / 1e6:.1f} of {caps['bytes'] / 1e6:g} MB; intake stopped since "
+        f"{stopped} ({_span(max(0.0, time.time() - since))} ago); images wait in --watch "
+        "until the cloud takes requests (nothing is lost)"
+    ]
 
 
 def _error_lines(outbox: dict) -> list[str]:

@@ -116,23 +116,26 @@ class EdgeDaemon:
         self._stop = threading.Event()  # (set by SIGTERM/SIGINT from the start-up wait on)
         self.signalled = False  # a SIGTERM or SIGINT asked it to stop
         refuse_foreign_file(config.db)  # another program's file: refused before its lock file
-        # before anything touches the database: a second daemon on it would record the same
-        # files again (UNIQUE file_key) and race the first for every move
-        self._writer_lock = WriterLock(config.db)
-        self._watch_lock: DirectoryLock | None = None
-        try:  # two daemons on one hot folder would each classify and send every image
-            self._watch_lock = DirectoryLock(  # (and one in another's subfolder: see there)
-                config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder",
-                subfolders="--recursive" if config.recursive else None,
-                # what --recursive never enters is no one's to share (see HotFolder._files)
-                enters=enters_subfolder,
-                exclude=[folder for _, folder in config.output_folders()],
-            )  # fmt: skip
+        # two daemons on one hot folder would each classify and send every image; taken first:
+        # it writes nothing, so a daemon refused here leaves no file for the --db it never used
+        self._watch_lock = DirectoryLock(  # (and one in another's subfolder: see there)
+            config.watch, "--watch", "`splitdet edge run`", "one daemon per hot folder",
+            subfolders="--recursive" if config.recursive else None,
+            # what --recursive never enters is no one's to share (see HotFolder._files)
+            enters=enters_subfolder,
+            exclude=[folder for _, folder in config.output_folders()],
+        )  # fmt: skip
+        try:  # before anything touches the database: a second daemon on it would record the
+            # same files again (UNIQUE file_key) and race the first for every move
+            self._writer_lock = WriterLock(config.db)
+        except BaseException:
+            self._watch_lock.release()
+            raise
+        try:
             self._build(config, pipeline)
         except BaseException:
             self._writer_lock.release()
-            if self._watch_lock is not None:
-                self._watch_lock.release()
+            self._watch_lock.release()
             raise
 
     def _build(self, config: DaemonConfig, pipeline: EdgePipeline | None) -> None:
@@ -149,6 +152,10 @@ class EdgeDaemon:
             config.db, once_wait_s=config.drain_timeout_s if config.once else None
         )
         self.store = self._open_store()
+        try:  # what `edge status` and `edge abandon` learn of this daemon
+            self.store.record_daemon(self.fingerprint)
+        except sqlite3.Error as exc:  # (held locked just now: they see less, nothing breaks)
+            log.warning("--db %s: this daemon's record not written (%s)", config.db, exc)
         self.folder = HotFolder(
             config.watch,
             config.settle_s,
@@ -424,8 +431,7 @@ class EdgeDaemon:
             self.store.close()
         # else a call is still in flight: its item stays in the outbox; the process exit ends it
         self._writer_lock.release()
-        if self._watch_lock is not None:
-            self._watch_lock.release()
+        self._watch_lock.release()
         return pending
 
     def _follow_watch_lock(self) -> None:
@@ -684,7 +690,8 @@ class EdgeDaemon:
                 if not waited:
                     waited = True
                     self.metrics.outbox_full_waits.inc()
-                    log_event(logging.WARNING, "outbox full, waiting", path=arrival.path,
+                    self._outbox_stalled(time.time())
+                    log_event(logging.WARNING, "outbox_full", path=arrival.path,
                               detail=str(exc))  # fmt: skip
                 pause = max(self.config.poll_s, 0.5)
                 if self.config.once:
@@ -695,6 +702,8 @@ class EdgeDaemon:
                     pause = min(pause, left)
                 if self._stop.wait(pause):
                     return None
+        if waited:
+            self._outbox_stalled(None)
         if record[2] == "error":
             self.metrics.outbox_full_rejected.inc()
             self.metrics.errors.labels("outbox_full").inc()
@@ -703,6 +712,16 @@ class EdgeDaemon:
         else:
             self.sender.wake()
         return record
+
+    def _outbox_stalled(self, since: float | None) -> None:
+        """Say, in the daemon record (`edge status`) and splitdet_edge_outbox_full, since when
+        intake waits for room in the outbox (None: no more). A store that cannot be written
+        just now (held locked) misses it: the wait goes on all the same."""
+        try:
+            self.store.record_outbox_full(since)
+        except sqlite3.Error as exc:
+            log.debug("outbox stall not recorded in --db: %s", exc)
+        self.metrics.outbox_full.set(0 if since is None else 1)
 
     def _give_up_on_full_outbox(self, detail: str) -> None:
         """--once, the outbox full for all of --drain-timeout (the cloud took none of it): stop

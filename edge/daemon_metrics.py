@@ -193,9 +193,28 @@ class EdgeMetrics:
             "Flagged images recorded as error because the outbox was full (policy reject).",
             registry=r,
         )
+        self._outbox_gauges(store)
         r.register(_StoreCollector(store))
         if folder is not None:
             r.register(_FolderCollector(folder))
+
+    def _outbox_gauges(self, store: ResultStore) -> None:
+        """splitdet_edge_outbox_full (0/1: intake stalled, `outbox_full`) and the outbox caps
+        the daemon runs with."""
+        self.outbox_full = Gauge(
+            "splitdet_edge_outbox_full",
+            "1 while the daemon takes no image because the outbox is at its cap (policy wait: "
+            "new images wait in --watch until the cloud takes requests), else 0.",
+            registry=self.registry,
+        )
+        caps = Gauge(
+            "splitdet_edge_outbox_cap",
+            "The outbox caps: requests (--outbox-max-items) and bytes (--outbox-max-mb).",
+            ["unit"],
+            registry=self.registry,
+        )
+        caps.labels("requests").set(store.cap.max_items)
+        caps.labels("bytes").set(store.cap.max_bytes)
 
     def answered(self, round_trip_s: float, delivery_s: float) -> None:
         """The cloud's answer committed: a defect image, its send and delivery times."""

@@ -4,11 +4,12 @@
     state.state, state.pid   # "running", 1234 / "none", None / "unknown", None
 
 `WriterLock` (edge/store_file.py) is an flock on DB + ".lock" (DB resolved through symbolic
-links), held for the daemon's life. Trying that lock, even a shared one for an instant, would
+links), and one on the database file itself (the same file under another name: a hard link),
+held for the daemon's life. Trying that lock, even a shared one for an instant, would
 make a daemon starting at that very moment refuse to start ("in use"); so the lock is looked
 up in the kernel's table of locks (/proc/locks, Linux), by the lock file's device and inode,
-and that line gives the holder's pid. No lock file: no daemon ever ran on that path (or it was
-removed), so none runs. Where /proc/locks cannot be read (not Linux, a restricted /proc) the
+and that line gives the holder's pid. No lock file and no flock on the database file: no daemon
+runs. Where /proc/locks cannot be read (not Linux, a restricted /proc) the
 state is "unknown", never a guess.
 
 /proc/locks lists only the locks of processes in the reader's pid namespace: a daemon in
@@ -52,13 +53,15 @@ class WriterState:
 
 def writer_state(db: Path | str, locks_table: str | None = None) -> WriterState:
     """Whether a process holds the writer lock of the store `db`, read from `locks_table`
-    (default PROC_LOCKS) by the lock file's device and inode; the lock itself is never tried."""
+    (default PROC_LOCKS) by the lock file's device and inode, or by the database file's (the
+    same database under another name: a hard link, a bind mount); the lock itself is never
+    tried."""
     locks_table = PROC_LOCKS if locks_table is None else locks_table
     lock_file = writer_lock_path(db)
     try:
-        st = os.stat(lock_file)
+        st: os.stat_result | None = os.stat(lock_file)
     except FileNotFoundError:
-        return WriterState("none", None, str(lock_file))
+        st = None
     except OSError as exc:
         return WriterState("unknown", None, str(lock_file),
                            f"cannot look at {lock_file} ({exc.strerror or exc})")  # fmt: skip
@@ -66,12 +69,30 @@ def writer_state(db: Path | str, locks_table: str | None = None) -> WriterState:
         with open(locks_table, encoding="ascii", errors="replace") as table:
             lines = table.read().splitlines()
     except OSError as exc:
+        if st is None:  # no lock file: no daemon ever ran on that path
+            return WriterState("none", None, str(lock_file))
         return WriterState("unknown", None, str(lock_file),
                            f"cannot read {locks_table} ({exc.strerror or exc})")  # fmt: skip
-    holder = holder_pid(lines, os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    holder = None
+    if st is not None:
+        holder = holder_pid(lines, os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    if holder is None:
+        holder = _database_flock(db, lines)
     if holder is None:
         return WriterState("none", None, str(lock_file))
     return WriterState("running", holder if holder > 0 else None, str(lock_file))
+
+
+def _database_flock(db: Path | str, lines: list[str]) -> int | None:
+    """The pid of the flock a daemon holds on the database file itself (`WriterLock`), as
+    `holder_pid` gives it, from the lines of /proc/locks; None when none does (SQLite's own
+    POSIX locks on it aside)."""
+    try:
+        st = os.stat(db)
+    except OSError:
+        return None
+    flocks = [line for line in lines if line.split()[1:2] == ["FLOCK"]]
+    return holder_pid(flocks, os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
 
 
 def holder_pid(lines: list[str], major: int, minor: int, inode: int) -> int | None:
@@ -94,3 +115,13 @@ def holder_pid(lines: list[str], major: int, minor: int, inode: int) -> int | No
         except ValueError:
             continue
     return None
+
+
+def running_record(state: WriterState, record: dict | None) -> dict | None:
+    """The daemon record (`store_reads.daemon_record`) when it is that of the daemon `state`
+    finds running: its pid the lock holder's (or the holder's pid not visible here); None
+    when no daemon runs, or the record is an earlier one's (a daemon of an earlier splitdet
+    runs, which writes none)."""
+    if state.state != "running" or record is None:
+        return None
+    return record if state.pid is None or state.pid == record["pid"] else None

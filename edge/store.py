@@ -47,7 +47,12 @@ from splitdet.edge.store_file import (
     open_readonly,
     read_contents,
 )
-from splitdet.edge.store_reads import image_columns, iter_results, outbox_by_model
+from splitdet.edge.store_reads import (
+    daemon_record,
+    image_columns,
+    iter_results,
+    outbox_by_model,
+)
 from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     _MIGRATIONS,
@@ -55,6 +60,7 @@ from splitdet.edge.store_schema import (
     ADDED_COLUMNS,
     APPLICATION_ID,
     AUTO_VACUUM_INCREMENTAL,
+    DAEMON_TABLE,
     ERROR_KINDS,
     FINAL_VERDICTS,
     FULL_POLICIES,
@@ -179,11 +185,13 @@ class Answer:
 class Pruned:
     """What `ResultStore.prune` did: rows deleted, the largest row id it looked at, and the rows
     kept although their wall-clock stamp is old enough, because this boot wrote them more
-    recently (the clock was stepped forward since: `boot_clock`)."""
+    recently (the clock was stepped forward since: `boot_clock`), or because their file still
+    lies where it arrived (`kept_in_place`)."""
 
     deleted: int
     through_id: int
     kept_for_clock: int = 0
+    kept_in_place: int = 0
 
 
 def _boot_stamp() -> tuple[str | None, float | None]:
@@ -535,6 +543,22 @@ class ResultStore:
             and stats.bytes + payload_bytes <= self.cap.max_bytes
         )
 
+    def record_daemon(self, fingerprint: str) -> None:
+        """Record this process as the daemon running on the store (`DAEMON_TABLE`): its pid,
+        `fingerprint` (the export it sends with) and the outbox caps; not stalled."""
+        with self._transaction() as db:
+            db.execute(DAEMON_TABLE)  # (made by the first daemon: the other writers never do)
+            db.execute(
+                "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?, NULL)",
+                (os.getpid(), time.time(), fingerprint, self.cap.max_items, self.cap.max_bytes),
+            )
+
+    def record_outbox_full(self, since: float | None) -> None:
+        """Record since when (unix s) the daemon's intake waits for room in the outbox; None:
+        it takes images again."""
+        with self._transaction() as db:
+            db.execute("UPDATE daemon SET full_since = ? WHERE id = 1", (since,))
+
     def count_event(self, name: str) -> None:
         """Add one to a durable counter."""
         with self._transaction() as db:
@@ -822,9 +846,9 @@ class ResultStore:
 
         Returns:
             how many rows were (or would be) deleted, the largest id looked at, and how many
-            were kept for the clock.
+            were kept for the clock and for their file.
         """
-        deleted, kept_for_clock, after_id = 0, 0, start_after
+        deleted, kept_for_clock, kept_in_place, after_id = 0, 0, 0, start_after
         boot = boot_clock()
         # rows of this boot are young by the boot clock when finished after `young_from`
         young_from = None if boot is None else boot.seconds - (time.time() - before)
@@ -840,7 +864,7 @@ class ResultStore:
                     (after_id, before, batch),
                 ).fetchall()
             if not rows:
-                return Pruned(deleted, after_id, kept_for_clock)
+                return Pruned(deleted, after_id, kept_for_clock, kept_in_place)
             after_id = rows[-1][0]
             doomed = []
             for row_id, path, key, row_boot, row_boot_s in rows:
@@ -852,7 +876,9 @@ class ResultStore:
                 )
                 if young:
                     kept_for_clock += 1
-                elif not still_there(path, key):
+                elif still_there(path, key):
+                    kept_in_place += 1
+                else:
                     doomed.append((row_id,))
             deleted += len(doomed)
             if doomed and not dry_run:
@@ -868,7 +894,7 @@ class ResultStore:
                         (len(doomed),),
                     )
             if should_stop is not None and should_stop():
-                return Pruned(deleted, after_id, kept_for_clock)
+                return Pruned(deleted, after_id, kept_for_clock, kept_in_place)
 
     def reclaim(self, above_bytes: int = 0, should_stop: Callable[[], bool] | None = None) -> int:
         """Give the file's free pages back to the file system when they are more than
@@ -898,6 +924,11 @@ class ResultStore:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return freed * page
+
+    def daemon(self) -> dict | None:
+        """The daemon record (`store_reads.daemon_record`): the last `edge run`'s account."""
+        with self._lock:
+            return daemon_record(self._db)
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""

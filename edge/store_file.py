@@ -6,18 +6,21 @@ was set (application_id 0) is known by its tables and user_version, and marked w
 for writing. Any other SQLite file (another program's, a cloud answers database) is refused
 before anything is written to it; an empty one becomes a store.
 
-One `splitdet edge run` per database: `WriterLock` (an flock on DB.lock, held for the daemon's
-life) refuses a second; the maintenance and read-only commands do not take it.
+One `splitdet edge run` per database: `WriterLock` (an flock on DB.lock, and one on the database
+file itself, held for the daemon's life) refuses a second, also one given the same file under
+another name; the maintenance and read-only commands do not take it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from splitdet.edge.store_schema import (
     _TABLES,
@@ -26,7 +29,7 @@ from splitdet.edge.store_schema import (
     SCHEMA_VERSION,
 )
 from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
-from splitdet.shared.folder_lock import lock_exclusively
+from splitdet.shared.folder_lock import flock_holder, lock_exclusively
 
 
 class StoreError(RuntimeError):
@@ -272,15 +275,21 @@ def writer_lock_path(db: Path | str) -> Path:
 
 
 class WriterLock:
-    """The one-daemon-per-database lock: an exclusive flock on DB + ".lock", holding the
-    holder's pid, for as long as this object is open (the kernel drops it when the process
-    ends, kill -9 included, so a stale lock file never blocks a restart). DB is the resolved
-    path: a database reached through a symbolic link (of the file or of a folder above it) has
-    the lock of the file it names.
+    """The one-daemon-per-database lock, held for as long as this object is open (the kernel
+    drops it when the process ends, kill -9 included, so a stale lock file never blocks a
+    restart): an exclusive flock on DB + ".lock", holding the holder's pid, DB the resolved
+    path (a database reached through a symbolic link, of the file or of a folder above it,
+    has the lock of the file it names); and one on the database file itself, which follows
+    its inode: the same file under another name (a hard link, a file bind-mounted into two
+    containers at different paths) is refused too. That flock is independent of SQLite's
+    own (POSIX byte-range) locks on the file, and stays until `release` whatever descriptors
+    SQLite opens and closes. A database missing at start is made (empty: SQLite makes a
+    store of it) to be locked before SQLite writes to it; removed again if still empty on a
+    `release` before the store was opened.
 
     Raises:
-        StoreInUse: another process holds it.
-        StoreError: the lock file cannot be created or locked.
+        StoreInUse: another process holds either.
+        StoreError: the lock file or the database cannot be created, opened or locked.
     """
 
     def __init__(self, db: Path | str) -> None:
@@ -290,11 +299,7 @@ class WriterLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{db}: cannot create its folder ({exc.strerror or exc})") from None
-        try:
-            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
-        except OSError as exc:
-            failed = f"cannot create its lock file {self.path} ({exc.strerror or exc})"
-            raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
+        self._file = _open_lock_file(db, self.path)
         try:
             holder = lock_exclusively(self._file, str(os.getpid()))
         except OSError as exc:  # e.g. ENOLCK on a share without locks; ENOSPC writing our pid
@@ -305,15 +310,95 @@ class WriterLock:
         if holder is not None:
             self._file.close()
             via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
-            raise StoreInUse(
-                f"{db} is in use by another `splitdet edge run` (pid {holder or 'unknown'}"
-                f"{via}); one daemon per database"
-            )
+            raise _in_use(db, holder or "unknown", via)
+        try:
+            self._db_fd, self._made = _lock_database_file(db, resolved)
+        except BaseException:
+            self._file.close()
+            raise
 
     def release(self) -> None:
-        """Drop the lock (the file stays: removing it would race a newcomer's lock)."""
-        if not self._file.closed:
-            self._file.close()
+        """Drop the locks (the lock file stays: removing it would race a newcomer's lock); a
+        database this lock made, still empty (no store was opened), is removed first."""
+        if self._file.closed:
+            return
+        if self._db_fd is not None:
+            if self._made is not None:
+                _remove_if_still_empty(self._made, self._db_fd)
+            os.close(self._db_fd)
+            self._db_fd = None
+        self._file.close()
+
+
+def _in_use(db: Path | str, holder: object, via: str) -> StoreInUse:
+    """The refusal of a second writer: "DB is in use by another `splitdet edge run` (pid N)"."""
+    return StoreInUse(
+        f"{db} is in use by another `splitdet edge run` (pid {holder}{via}); one daemon per "
+        "database"
+    )
+
+
+def _open_lock_file(db: Path | str, path: Path) -> TextIO:
+    """The writer lock file `path` of the store `db`, opened to be locked (made if missing);
+    StoreError saying whether making it or opening the one there failed, and why."""
+    try:
+        return open(path, "a+", encoding="utf-8")  # (held open by the caller)
+    except OSError as exc:
+        verb = "open" if os.path.lexists(path) else "create"
+        failed = f"cannot {verb} its lock file {path} ({exc.strerror or exc})"
+        raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
+
+
+def _lock_database_file(db: Path | str, resolved: Path) -> tuple[int | None, Path | None]:
+    """An exclusive flock on the database file itself (made, empty, when missing): its
+    descriptor, held open, and the path when this made the file (else None). StoreInUse when
+    another process holds it (the same file under another name); a file system that cannot
+    flock gets no lock (None), as the lock file would have failed there first."""
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
+        made = None
+    except FileNotFoundError:
+        fd, made = _make_database_file(db, resolved), resolved
+    except OSError as exc:
+        raise open_failure_os(db, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = flock_holder(fd)
+        os.close(fd)
+        raise _in_use(db, holder or "unknown", ", the same database file under another "
+                      "name: a hard link or a bind mount") from None  # fmt: skip
+    except OSError:
+        os.close(fd)
+        return None, None
+    return fd, made
+
+
+def _make_database_file(db: Path | str, resolved: Path) -> int:
+    """Make the missing database file (empty, mode 0644 less the umask, as SQLite makes one)
+    and open it; StoreError naming why it cannot be."""
+    try:
+        return os.open(resolved, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:  # made meanwhile by another process: lock that one
+        return os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise open_failure_os(db, exc, "create") from None
+
+
+def open_failure_os(db: Path | str, exc: OSError, verb: str = "open") -> StoreError:
+    """The StoreError for a database file the writer lock could not open or create."""
+    failed = f"cannot {verb} it ({exc.strerror or exc})"
+    return disk_problem(db, failed) or StoreError(f"{db}: {failed}")
+
+
+def _remove_if_still_empty(path: Path, fd: int) -> None:
+    """Remove the database file `WriterLock` made (open as `fd`) when it is still that empty
+    file: the daemon stopped before its store was opened (a bad --model, ...)."""
+    with suppress(OSError):
+        held, now = os.fstat(fd), os.stat(path)
+        same = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+        if same and now.st_size == 0 and not os.path.lexists(f"{path}-wal"):
+            path.unlink()
 
 
 def open_readonly(path: Path | str) -> sqlite3.Connection:

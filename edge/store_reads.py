@@ -133,6 +133,20 @@ def _last_error(db: sqlite3.Connection, now: float) -> dict:
     }
 
 
+#: The columns of the daemon record (`store_schema.DAEMON_TABLE`), as `daemon_record` names them.
+DAEMON_COLUMNS = ("pid", "started", "fingerprint", "max_items", "max_bytes", "full_since")
+
+
+def daemon_record(db: sqlite3.Connection) -> dict | None:
+    """The last `splitdet edge run`'s account of itself (DAEMON_COLUMNS: its pid, start, export,
+    outbox caps, since when its intake waits for a full outbox), whether or not it still runs
+    (`lock_holder.writer_state` tells); None in a store no daemon of this splitdet has run on."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'daemon'").fetchone():
+        return None
+    row = db.execute(f"SELECT {', '.join(DAEMON_COLUMNS)} FROM daemon WHERE id = 1").fetchone()
+    return None if row is None else dict(zip(DAEMON_COLUMNS, row, strict=True))
+
+
 def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
     """`_status` read in one transaction: one snapshot of the database (a daemon writing
     meanwhile never makes its counts disagree)."""

@@ -62,6 +62,22 @@ ADDED_COLUMNS = {
     "finished_boot_s": _FINISHED_BOOT_S,
 }
 
+#: The running `splitdet edge run`'s account of itself (one row, rewritten at each start:
+#: `ResultStore.record_daemon`): its pid, the model export it sends with, its outbox caps and,
+#: while its intake waits for room in the outbox (policy "wait"), since when. `edge status`
+#: and `edge abandon` read it for the daemon whose writer lock is held. An added table, as the
+#: added columns: the daemon makes it where it is missing; an earlier splitdet ignores it.
+DAEMON_TABLE = """
+CREATE TABLE IF NOT EXISTS daemon (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    pid         INTEGER NOT NULL,
+    started     REAL NOT NULL,          -- unix s
+    fingerprint TEXT NOT NULL,          -- the model export it runs
+    max_items   INTEGER NOT NULL,       -- its --outbox-max-items
+    max_bytes   INTEGER NOT NULL,       -- its --outbox-max-mb, in bytes
+    full_since  REAL                    -- unix s its intake stopped for a full outbox; NULL: not
+)"""
+
 _SCHEMA = f"""
 CREATE TABLE images (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order

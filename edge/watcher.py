@@ -467,10 +467,13 @@ class HotFolder:
         for name, reason in failed.items():
             if self._warned.get(name) != reason:
                 path = str(self.folder / name)
-                what = "" if name else "the hot folder "
+                what = (  # (the hot folder itself: nothing else to go on with)
+                    f"{path} ({reason}): skipped, tried again on every scan; the other files "
+                    "go on" if name else f"the hot folder {path} ({reason}): no image is taken "
+                    "until it can be listed again; tried again on every scan"
+                )  # fmt: skip
                 log.warning(
-                    f"cannot read {what}{path} ({reason}): skipped, tried again on every scan; "
-                    "the other files go on",
+                    f"cannot read {what}",
                     extra={"fields": {"event": "folder_unreadable", "path": path, "error": reason}},
                 )
         for name in self._warned.keys() - failed.keys():

@@ -262,7 +262,7 @@ def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path, caps
         grown = store.path.stat().st_size + Path(f"{store.path}-wal").stat().st_size
         before = _file_status(store.path, capsys)  # what an operator sees of the size
         assert before["gives_back"] and before["free_bytes"] >= 9_000_000, before
-        assert "MB of it free (given back after" in before["line"]
+        assert "MB of it free pages, reused for new results (given back" in before["line"]
         old_file = _file_status(old, capsys)
         assert not old_file["gives_back"] and "the README says how" in old_file["line"]
         assert store.reclaim(above_bytes=20 << 20) == 0  # ~10 MB free: under the bound
