@@ -279,7 +279,8 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         "--ready-file",
         type=Path,
         metavar="FILE",
-        help="once running, write {pid, metrics_port, fingerprint} JSON here",
+        help="once running, write {pid, metrics_port, fingerprint} JSON here; removed when it "
+        "stops, and at start (one an earlier run left, unless its pid still runs)",
     )
     p.add_argument(
         "--log-format",

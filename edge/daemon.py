@@ -70,7 +70,7 @@ from splitdet.edge.store_busy import BusyStore
 from splitdet.edge.store_file import StoreLocked, WriterLock, is_busy, refuse_foreign_file
 from splitdet.edge.watcher import Candidate, HotFolder, Ready, enters_subfolder
 from splitdet.shared.atomic_file import atomic_write
-from splitdet.shared.cli import write_ready_file
+from splitdet.shared.cli import remove_ready_file, write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.manifest import file_sha256
 
@@ -140,6 +140,8 @@ class EdgeDaemon:
 
     def _build(self, config: DaemonConfig, pipeline: EdgePipeline | None) -> None:
         """The rest of __init__: the pipeline, the store, the hot folder, metrics, sender."""
+        if config.ready_file is not None:  # (an earlier run's: not ready while this one loads)
+            remove_ready_file(config.ready_file, unless_running=True)
         self.pipeline = pipeline or EdgePipeline(
             EdgeRuntime(config.model_dir, threads=config.threads, device=config.device),
             codec=config.codec,
@@ -413,6 +415,8 @@ class EdgeDaemon:
     def _shutdown(self) -> int:
         """Stop the sender, a prune (after its batch), the start-up sweep and the metrics
         endpoint; returns the outbox depth left."""
+        if self.config.ready_file is not None:  # stopping: no longer ready
+            remove_ready_file(self.config.ready_file, os.getpid())
         self._pruner_stop.set()  # (ends the start-up sweep and the cloud probe too)
         for worker in (self._pruner, self._sweeper):
             if worker is not None:

@@ -319,6 +319,55 @@ def write_ready_file(path: Path, info: dict) -> None:
         raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
 
 
+def remove_ready_file(path: Path, pid: int | None = None, unless_running: bool = False) -> None:
+    """Remove a --ready-file: one left by a process stopped or killed would tell a supervisor
+    that a dead, or still loading, process is ready. With `pid`, only one naming that pid (a
+    stop: what another process wrote since is its own); with `unless_running`, not one naming
+    another live process (a start: a second process given the same file must not unready the
+    first; this one writes the file once it is ready). CommandError naming the file when a
+    start cannot remove it."""
+    import json
+
+    try:
+        named = json.loads(path.read_text()).get("pid")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        named = None  # unreadable or not ours to judge: removed at a start, left at a stop
+        if pid is not None:
+            return
+    if pid is not None and named != pid:
+        return
+    if unless_running and isinstance(named, int) and named != os.getpid() and _alive(named):
+        logging.getLogger(__name__).info(
+            "--ready-file %s names pid %d, still running: left until this one is ready",
+            path, named,
+        )  # fmt: skip
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        if pid is not None:
+            return
+        raise CommandError(
+            f"--ready-file {path}: cannot remove the one an earlier run left ({exc.strerror})"
+        ) from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts)."""
+
+    if pid <= 0:  # (0 and -N would ask about process groups)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: it exists, another user's)
+        return True
+    return True
+
+
 def add_pixel_bits_option(parser: argparse.ArgumentParser, default: int | None) -> None:
     """`--pixel-bits N`: the bits a 16-bit grayscale image's values use (`ModelConfig.
     pixel_bits`); `default` None: the preset's or resumed run's."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -433,3 +434,25 @@ def test_a_file_past_the_byte_limit_is_told_in_the_words_predict_and_data_check_
     expected = f"is {MAX_FILE_BYTES + 1} bytes, over the 256 MiB ({MAX_FILE_BYTES} bytes) limit"
     assert row["verdict"] == "error" and row["reason"] == f"{big} {expected}", row
     assert str(refused.value).endswith(expected), refused.value
+
+
+def test_the_ready_file_goes_when_the_daemon_stops_and_a_dead_ones_at_start(
+    tiny_model_dir, tmp_path
+):
+    """`--ready-file` stayed after the daemon stopped (and after a kill -9), naming a dead pid:
+    a supervisor read a stopped daemon as ready. Now a stop removes it, and a start removes a
+    dead process's but leaves a live one's (two daemons given one file) until it is ready."""
+    watch, db, ready = tmp_path / "hot", tmp_path / "edge.sqlite", tmp_path / "ready.json"
+    watch.mkdir()
+    (watch / "a.png").write_bytes(png(30))
+    for pid in (999_999_999, os.getpid()):  # a kill -9's (dead), this test's (alive)
+        ready.write_text(json.dumps({"pid": pid}) + "\n")
+        batch = subprocess.run(
+            [sys.executable, "-m", "splitdet.shared.cli",
+             *edge_run(tiny_model_dir, watch, db, "--once", "--drain-timeout", "0",
+                       "--ready-file", str(ready))],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert batch.returncode == 0, batch.stderr
+        assert not ready.exists(), f"left after the stop (it named {pid} at start)"
+        assert ("still running" in batch.stderr) == (pid == os.getpid()), batch.stderr
