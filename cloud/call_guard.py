@@ -44,7 +44,7 @@ class CallGuard(grpc.ServerInterceptor):
     at most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
     request.
     Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
-    themselves are ended by the server's connection age (`server.grpc_options`).
+    themselves are ended by the server's connection age (`channel_options.grpc_options`).
 
     To count a call to its end whatever becomes of it, a unary-request handler is run as a
     request-streaming one that reads the one request itself (gRPC would otherwise read it

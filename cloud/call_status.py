@@ -42,7 +42,8 @@ class ShuttingDown(Exception):
 class TooLarge(Exception):
     """A request over the server's message bound; it will not fit later either. Its message
     says "larger than max", which edges read as final (`edge.client.classify`), as they do
-    gRPC's own refusal of a message over the bound gRPC enforces (`server.grpc_options`)."""
+    gRPC's own refusal of a message over the bound gRPC enforces
+    (`channel_options.grpc_options`)."""
 
 
 #: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.

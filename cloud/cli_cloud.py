@@ -25,6 +25,7 @@ from splitdet.shared.cli import (
     host_problem,
     read_pem,
     read_token,
+    remove_ready_file,
     split_host_port,
     write_ready_file,
 )
@@ -411,52 +412,10 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN if stop.is_set() else handler)
 
 
-def remove_ready_file(path: Path, pid: int | None = None, unless_running: bool = False) -> None:
-    """Remove a --ready-file: one left by a server stopped or killed would tell a supervisor
-    that a dead, or still loading, server is ready. With `pid`, only one naming that pid (a
-    stop: what another process wrote since is its own); with `unless_running`, not one naming
-    another live process (a start: a second server given the same file must not unready the
-    first; this one writes the file once it serves). CommandError naming the file when a
-    start cannot remove it."""
-    try:
-        named = json.loads(path.read_text()).get("pid")
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, AttributeError):
-        named = None  # unreadable or not ours to judge: removed at a start, left at a stop
-        if pid is not None:
-            return
-    if pid is not None and named != pid:
-        return
-    if unless_running and isinstance(named, int) and named != os.getpid() and _alive(named):
-        log.info("--ready-file %s names pid %d, still running: left until this server serves",
-                 path, named)  # fmt: skip
-        return
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        if pid is not None:
-            return
-        raise CommandError(
-            f"--ready-file {path}: cannot remove the one an earlier run left ({exc.strerror})"
-        ) from None
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process `pid` exists (one of another user's counts)."""
-    if pid <= 0:  # (0 and -N would ask about process groups)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (EPERM: it exists, another user's)
-        return True
-    return True
-
-
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
-    from splitdet.cloud.server import MIB, ServerConfig, all_cores, serve
+    from splitdet.cloud.serve_loop import serve
+    from splitdet.cloud.server_config import MIB, ServerConfig
+    from splitdet.cloud.threads import all_cores
     from splitdet.shared.manifest import ManifestError
 
     try:

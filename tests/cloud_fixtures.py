@@ -272,7 +272,8 @@ LAST_SEEN = 'splitdet_cloud_edge_last_seen_timestamp_seconds{edge="%s"}'
 def start_loopback_server(tmp_path: Path, threads: int = 1, **settings):
     """A CloudServer started in-process on a free loopback port, serving `shared_model_dir(0)`
     with its answers store and metrics in `tmp_path`; `settings` go to ServerConfig."""
-    from splitdet.cloud.server import CloudServer, ServerConfig
+    from splitdet.cloud.server import CloudServer
+    from splitdet.cloud.server_config import ServerConfig
 
     _, model_dir, _ = shared_model_dir(0)
     config = ServerConfig(

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from test_cloud_tls import ThrowawayCA
 
 from splitdet.cloud.cli_cloud import check_tls_files
-from splitdet.cloud.server import ServerConfig
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.shared.cli import CommandError, main, split_host_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -325,7 +325,7 @@ def test_sigterm_while_loading_exits_0(tiny_model_dir, tmp_path):
 def test_a_name_with_one_address_this_host_lacks_still_listens(monkeypatch):
     """ "localhost" gives 127.0.0.1 and ::1; with IPv6 off, ::1 cannot be bound, yet gRPC
     serves on 127.0.0.1. The check refused it as "not an address of this machine"."""
-    from splitdet.cloud import server
+    from splitdet.cloud import listen_address
 
     def both(host, port, *args, **kwargs):
         return [
@@ -336,8 +336,8 @@ def test_a_name_with_one_address_this_host_lacks_still_listens(monkeypatch):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    monkeypatch.setattr(server.socket, "getaddrinfo", both)
-    server.check_listen_address(f"localhost:{port}")  # no OSError
-    monkeypatch.setattr(server.socket, "getaddrinfo", lambda *a, **k: both(*a, **k)[:1])
+    monkeypatch.setattr(listen_address.socket, "getaddrinfo", both)
+    listen_address.check_listen_address(f"localhost:{port}")  # no OSError
+    monkeypatch.setattr(listen_address.socket, "getaddrinfo", lambda *a, **k: both(*a, **k)[:1])
     with pytest.raises(OSError, match="localhost is not an address of this machine"):
-        server.check_listen_address(f"localhost:{port}")
+        listen_address.check_listen_address(f"localhost:{port}")

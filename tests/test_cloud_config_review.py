@@ -20,7 +20,8 @@ import torch
 from cloud_fixtures import TINY_OVERRIDES, scrape_metrics, shared_model_dir, write_model_dir
 
 from splitdet.cloud import core
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.shared.checkpoint import CheckpointError, load_model, save_checkpoint
 from splitdet.shared.cli import main
 from splitdet.shared.config import ModelConfig

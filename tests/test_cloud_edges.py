@@ -12,7 +12,8 @@ from cloud_fixtures import LAST_SEEN, make_sample, scrape_metrics, shared_model_
 from PIL import Image
 
 from splitdet.cloud import metrics as metrics_module
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.shared.cli import main
 from splitdet.shared.edge_name import EDGE_NAME_KEY, check_edge_name, default_edge_name

@@ -22,7 +22,8 @@ from cloud_fixtures import (
 
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry, build_request
 from splitdet.edge.predict import RemoteDetector
 from splitdet.shared.cli import main

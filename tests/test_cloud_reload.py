@@ -23,8 +23,9 @@ from cloud_fixtures import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitdet.cloud import server as server_module
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud import served_exports
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import PUBLISHING_MARKER
@@ -496,8 +497,8 @@ def test_a_reload_hashes_only_the_kept_exports_whose_files_changed(second, tmp_p
     times decide now which are hashed again."""
     server, folder, _, _ = _serving_two(second, tmp_path)
     hashed: list = []
-    real = server_module._damage
-    monkeypatch.setattr(server_module, "_damage", lambda d: hashed.append(d) or real(d))
+    real = served_exports._damage
+    monkeypatch.setattr(served_exports, "_damage", lambda d: hashed.append(d) or real(d))
     try:
         assert server.reload()["problems"] == [] and hashed == []
         heads = folder / "b" / "cloud_heads.pt"

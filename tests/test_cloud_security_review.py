@@ -26,7 +26,7 @@ from cloud_fixtures import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitdet.cloud import metrics as metrics_module
-from splitdet.cloud import server as server_module
+from splitdet.cloud import threads as server_threads
 from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.server import CloudServer
 from splitdet.shared.edge_name import EDGE_NAME_KEY
@@ -112,7 +112,7 @@ def test_cheap_calls_under_made_up_names_take_no_edge_label(tmp_path, monkeypatc
 def test_open_health_watches_do_not_use_up_the_health_threads(tmp_path, monkeypatch):
     """A health Watch returns its thread at once and keeps its stream open: counted as holding
     a thread for its life, 32 of them refused every health check and token refusal."""
-    monkeypatch.setattr(server_module, "SERVER_RPC_THREADS", 4)
+    monkeypatch.setattr(server_threads, "SERVER_RPC_THREADS", 4)
     server = _start(tmp_path)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = health_pb2_grpc.HealthStub(channel)
@@ -277,8 +277,8 @@ def test_calls_that_never_send_their_request_are_refused_beyond_the_threads_then
     DEADLINE_EXCEEDED, other edges' Detects hanging), unseen and for ever. Now calls beyond a
     pool's threads are refused at once (counted), and the stalled calls end within the
     connection age + --max-call, after which health answers again."""
-    monkeypatch.setattr(server_module, "SERVER_RPC_THREADS", 3)
-    monkeypatch.setattr(server_module, "SPARE_RPC_THREADS", 2)
+    monkeypatch.setattr(server_threads, "SERVER_RPC_THREADS", 3)
+    monkeypatch.setattr(server_threads, "SPARE_RPC_THREADS", 2)
     server = _start(
         tmp_path, max_concurrent=1, max_queued=0, max_connection_age_s=3.0, max_call_s=3.0
     )

@@ -32,7 +32,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from splitdet.cloud.call_status import MAX_STATUS_CHARS
 from splitdet.cloud.core import DetectionCore, load_cloud
 from splitdet.cloud.idempotency import IdempotencyStore
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import (
     ClientConfig,
     CloudClient,

@@ -19,7 +19,7 @@ from cloud_fixtures import (
     start_loopback_server,
 )
 
-from splitdet.cloud.server import HURRY_AFTER_S
+from splitdet.cloud.serve_loop import HURRY_AFTER_S
 from splitdet.edge.client import ClientConfig, CloudClient, RetryLater
 
 from support import wait_for

@@ -25,7 +25,8 @@ from cloud_fixtures import (
 )
 
 from splitdet.cloud import metrics as metrics_module
-from splitdet.cloud.server import ServerConfig, export_dirs
+from splitdet.cloud.served_exports import export_dirs
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry, RetryLater
 from splitdet.shared.edge_name import EDGE_NAME_KEY
 

@@ -11,7 +11,8 @@ import pytest
 from cloud_fixtures import TINY_OVERRIDES, shared_model_dir, write_model_dir
 from PIL import Image
 
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.shared.cli import main
 
 from conftest import make_tiny_model

@@ -534,7 +534,7 @@ def test_sigusr1_logs_every_threads_stack_and_both_sides_go_on(
     # can end at a generator frame such as watcher.py's, without the loop's frame under it)
     assert "/edge/" in stacks["msg"] and stacks["threads"] >= 3, stacks
     wait_for(lambda: "stacks of" in shared_cloud.log()[cloud_log:], 30, "the cloud's stacks")
-    assert "cloud/server.py" in shared_cloud.log()[cloud_log:]
+    assert "/cloud/serve_loop.py" in shared_cloud.log()[cloud_log:]  # (its main thread's wait)
     write_files(watch, images, ["a.png", "b.png", "c.png", "d.png"])
     for _ in range(30):
         for process in (edge.process, shared_cloud.process):

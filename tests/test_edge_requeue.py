@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from cloud_fixtures import shared_model_dir
 
-from splitdet.cloud.server import MIB, CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import MIB, ServerConfig
 from splitdet.edge.store import Arrival, OutboxCap, ResultStore
 from splitdet.edge.store_file import open_readonly
 from splitdet.edge.store_reads import store_status

@@ -411,7 +411,8 @@ def test_an_edge_started_before_its_cloud_checks_once_the_cloud_answers(
     cloud is asked again every --retry-max, the first miss logged once."""
     from cloud_fixtures import shared_model_dir
 
-    from splitdet.cloud.server import CloudServer, ServerConfig
+    from splitdet.cloud.server import CloudServer
+    from splitdet.cloud.server_config import ServerConfig
 
     _, other_dir, other = shared_model_dir(0)
     with contextlib.closing(socket.socket()) as probe:  # a port nothing listens on, yet

@@ -29,7 +29,8 @@ from cloud_fixtures import scrape_metrics, shared_model_dir, start_cloud_process
 from PIL import Image
 from test_cloud_tls import plant_pki
 
-from splitdet.cloud.server import CloudServer, ServerConfig
+from splitdet.cloud.server import CloudServer
+from splitdet.cloud.server_config import ServerConfig
 from splitdet.edge.client import ClientConfig, CloudClient, NeverRetry
 from splitdet.edge.store_schema import ERROR_KINDS, VERDICTS
 from splitdet.shared.cli import main

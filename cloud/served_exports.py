@@ -1,0 +1,234 @@
+"""The exports the cloud detection server serves: found on disk, verified, loaded or kept.
+
+`export_dirs` lists the model directories a `ServerConfig` names (--model) and the exports
+found in its --models-dir now, newest first; a subfolder without a manifest.json is logged
+once per process. `gather_models` turns those directories into the models to serve, the
+default first, with one problem line per directory that cannot be served: it loads a new
+export, keeps one already loaded from the same directory (its files hashed again only once
+their sizes or times change), verifies a copy before it counts and, at a reload, keeps
+serving what a named or half re-exported directory held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitdet.cloud.core import ServedModel, load_cloud
+from splitdet.cloud.server_config import ServerConfig
+from splitdet.shared.manifest import (
+    MANIFEST_NAME,
+    PUBLISHING_MARKER,
+    ManifestError,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:
+    """(named, found): the model directories `config` names (model_dir, then more_model_dirs),
+    and the exports found in models_dir now (subfolders holding a manifest.json, newest
+    manifest first; one named too is left out; one that cannot be read is logged and skipped).
+
+    Raises:
+        ManifestError: models_dir cannot be listed.
+    """
+    named = [] if config.model_dir is None else [config.model_dir, *config.more_model_dirs]
+    if config.models_dir is None:
+        return named, []
+    try:
+        entries = list(Path(config.models_dir).iterdir())
+    except OSError as exc:
+        raise ManifestError(
+            f"--models-dir {config.models_dir}: cannot list ({exc.strerror or exc})"
+        ) from None
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry in named:
+            continue  # (a folder being copied in under a dot name)
+        try:
+            exported = (entry / MANIFEST_NAME).stat().st_mtime
+        except NotADirectoryError:
+            continue  # a file: not an export
+        except FileNotFoundError:
+            _note_not_an_export(entry)
+            continue
+        except OSError as exc:  # e.g. a lost+found the server may not read
+            log.warning("%s: cannot read (%s); skipped", entry, exc.strerror or exc)
+            continue
+        found.append((exported, entry.name, entry))
+    found.sort(reverse=True)
+    return named, [entry for _, _, entry in found]
+
+
+#: --models-dir subfolders logged as holding no export (each once per process).
+_NOT_EXPORTS: set[Path] = set()
+
+
+def _note_not_an_export(folder: Path) -> None:
+    """Log once that the --models-dir subfolder `folder` holds no manifest.json: not served."""
+    if folder in _NOT_EXPORTS:
+        return
+    _NOT_EXPORTS.add(folder)
+    log.info("%s: no %s in it, so no export; not served (logged once)", folder, MANIFEST_NAME,
+             extra={"fields": {"event": "not_an_export", "folder": str(folder)}})  # fmt: skip
+
+
+def gather_models(
+    named: Sequence[Path],
+    found: Sequence[Path],
+    loaded: dict[str, ServedModel] | None = None,
+    strict: bool = True,
+    held: dict[Path, str] | None = None,
+    checked: dict[Path, tuple] | None = None,
+) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
+    """The models to serve from the directories, in order (the default first), one line per
+    directory that could not be read, saying what became of it, and the fingerprint each
+    directory served from (the next reload's `held`). An export already in `loaded`, read from
+    the directory `held` says it came from, keeps its loaded model (its files are still
+    verified: damage on disk is a problem line, as a restart would not serve them); any other
+    directory's files are verified against its manifest in full first (a new export is loaded,
+    one already loaded may be a broken copy that a restart could not serve). A found export that
+    cannot be served, or one served already from another directory, is skipped (the latter with
+    a warning only, once its files are verified). With `strict`, a named directory's problem
+    raises instead, and so does an export named twice; without, a named directory that cannot be
+    read (a copy in progress, a file server's hiccup) keeps serving the export `held` says it
+    held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask
+    of it. So does any directory holding a re-export killed while it replaced its files
+    (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line says
+    so, as a restart would refuse that folder until it is exported again. `checked` (updated
+    here) holds the file sizes and times of each directory whose files last matched their
+    manifest: a kept export whose files still show them is not hashed again.
+
+    Raises:
+        ManifestError, OSError: with `strict`, a named directory that cannot be served.
+    """
+    loaded = loaded or {}
+    held = held or {}
+    models: list[ServedModel] = []
+    where: dict[str, Path] = {}
+    problems = []
+    for index, model_dir in enumerate([*named, *found]):
+        is_named = index < len(named)
+        signature = _file_signature(model_dir)  # (before loading: a change meanwhile shows)
+        try:
+            # kept: an export served from this directory before, its model kept as loaded
+            model, kept = _load_or_keep(model_dir, is_named and strict, loaded, held, where)
+        except Exception as exc:  # whatever one export's loading raises is that export's
+            problem = _problem_of(model_dir, exc, is_named and strict)
+            before = _held_before(model_dir, is_named, held)
+            if before is None or before not in loaded or before in where:
+                problems.append(f"{problem}; skipped")
+                continue
+            problems.append(f"{problem}; still serving the export it held ({before[:16]})")
+            model, kept = loaded[before], False
+        if model is None:  # a copy of an export served from another directory: skipped
+            continue
+        if kept and (checked or {}).get(model_dir) != signature:
+            damage = _damage(model_dir)
+            if damage is not None:
+                signature = None  # (checked again at the next reload)
+                problems.append(
+                    f"{damage}; still serving the export loaded from it "
+                    f"({model.fingerprint[:16]}), which a restart would not serve: export into "
+                    "it again, or restore its files"
+                )
+        if checked is not None and signature is not None:
+            checked[model_dir] = signature
+        where[model.fingerprint] = model_dir
+        models.append(model)
+    return models, problems, {d: fp for fp, d in where.items()}
+
+
+def _load_or_keep(
+    model_dir: Path,
+    once_only: bool,
+    loaded: dict[str, ServedModel],
+    held: dict[Path, str],
+    where: dict[str, Path],
+) -> tuple[ServedModel | None, bool]:
+    """The model to serve from `model_dir`, and whether it is the one loaded from it before,
+    kept (not verified here). An export `loaded` already, read from another directory than
+    `held` says, or from one a re-export was killed in, is verified in full; one not loaded is
+    loaded. (None, False): the export is served already from the directory `where` names, and
+    this copy is skipped with a warning once its files are verified.
+
+    Raises:
+        ManifestError: with `once_only`, the export is served already (named twice); and
+            whatever reading, verifying or loading the export raises.
+    """
+    fingerprint = read_manifest(model_dir, verify=False).fingerprint
+    if fingerprint in where:
+        if once_only:
+            raise ManifestError(
+                f"--model {model_dir} is the same export as --model "
+                f"{where[fingerprint]} (fingerprint {fingerprint[:16]}): give each "
+                "export once"
+            )
+        read_manifest(model_dir)  # a broken copy is a problem, not a served export
+        log.warning("%s: the same export as %s, which serves it; skipped", model_dir,
+                    where[fingerprint])  # fmt: skip
+        return None, False
+    model = loaded.get(fingerprint)
+    if model is None:
+        model = ServedModel(*load_cloud(model_dir))
+    elif (
+        held.get(model_dir) != fingerprint or (model_dir / PUBLISHING_MARKER).exists()
+    ):  # loaded from another directory, or a re-export killed midway in it
+        read_manifest(model_dir)  # verify this one
+    else:
+        return model, True
+    return model, False
+
+
+def _problem_of(model_dir: Path, exc: Exception, fatal: bool) -> str:
+    """The problem line of `model_dir`, which could not be served because of `exc` (called
+    while handling it). With `fatal`, raises it instead: a ManifestError or OSError as it is,
+    anything else as a ManifestError naming the folder."""
+    if not isinstance(exc, (ManifestError, OSError)):
+        what = f"{type(exc).__name__}: {exc}"
+        exc = ManifestError(f"{model_dir}: cannot be served ({what})")
+    if fatal:
+        raise exc from None
+    return _naming(model_dir, exc)
+
+
+def _held_before(model_dir: Path, is_named: bool, held: dict[Path, str]) -> str | None:
+    """The fingerprint of the export `held` says `model_dir` served, when it may keep serving
+    it though it cannot be served now (a named folder, or one a re-export was killed in);
+    else None."""
+    # a named folder, or one a re-export was killed in, keeps the export it served
+    interrupted = (model_dir / PUBLISHING_MARKER).exists()
+    return held.get(model_dir) if is_named or interrupted else None
+
+
+def _file_signature(model_dir: Path) -> tuple | None:
+    """(name, inode, size, mtime ns, ctime ns) of each file in `model_dir`, sorted; None if it
+    cannot be read. Any write or replacement changes the ctime, which no tool can set back
+    (`touch -r`, `cp -p` and restores keep the mtime only)."""
+    try:
+        with os.scandir(model_dir) as entries:
+            stats = [(e.name, e.stat()) for e in entries if e.is_file()]
+    except OSError:
+        return None
+    return tuple(sorted(
+        (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats
+    ))  # fmt: skip
+
+
+def _naming(model_dir: Path, exc: BaseException) -> str:
+    """`exc`'s text, led by the export folder it concerns unless it names it already."""
+    return f"{model_dir}: {exc}" if str(model_dir) not in str(exc) else str(exc)
+
+
+def _damage(model_dir: Path) -> str | None:
+    """What is wrong with the files of an export served from `model_dir` (a file changed,
+    truncated or gone since it was loaded: its hashes are checked in full), or None."""
+    try:
+        read_manifest(model_dir)
+    except (ManifestError, OSError) as exc:
+        return _naming(model_dir, exc)
+    return None
