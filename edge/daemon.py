@@ -10,7 +10,12 @@ The loop, per file, in arrival order:
     ready = folder.read(candidate)                  # bytes + decoded image, or a final error
     result = pipeline.process_array(ready.image)    # gate; for flagged images FPN + encode
     store.record_ok(...) | store.record_pending(..., payload)   # one commit each
-    finish(...)                                     # keep | archive | delete | quarantine
+    after.move(...)                                 # keep | archive | delete | quarantine
+
+Each file is taken by `Intake.handle` (splitdet.edge.intake), its file then kept, moved or
+deleted by `AfterActions` (splitdet.edge.after_actions); beside the loop `ResultPruner`
+(splitdet.edge.result_pruner) applies --keep-results and a start-up thread removes the partial
+copies a kill left (splitdet.edge.partial_sweep).
 
 Only files named as images are candidates (`DaemonConfig.extensions`); the companion files
 camera software and Windows write beside them (Thumbs.db, sidecars) are never touched or
@@ -39,56 +44,42 @@ kept.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import replace
 from types import FrameType
 
 from prometheus_client import start_http_server
 
-from splitdet.edge import file_moves
-from splitdet.edge.client import AnswerRules, CloudClient, ImageMeta, build_request
+from splitdet.edge.after_actions import AfterActions
+from splitdet.edge.client import AnswerRules, CloudClient
 from splitdet.edge.daemon_config import DaemonConfig, check_paths
 from splitdet.edge.daemon_log import log, log_event
-from splitdet.edge.daemon_metrics import MOVE_ERROR, EdgeMetrics, model_labels, threshold_text
+from splitdet.edge.daemon_metrics import EdgeMetrics, model_labels, threshold_text
 from splitdet.edge.file_identity import path_text
+from splitdet.edge.intake import STORE_CHECK_EVERY_S, Intake
 from splitdet.edge.model_probe import ModelProbe
+from splitdet.edge.partial_sweep import start_partial_sweep
 from splitdet.edge.pipeline import EdgePipeline
-from splitdet.edge.predict import request_id_for
-from splitdet.edge.preprocess import ImageError
+from splitdet.edge.result_pruner import ResultPruner
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
-from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
+from splitdet.edge.store import ResultStore
 from splitdet.edge.store_busy import BusyStore
 from splitdet.edge.store_file import StoreLocked, WriterLock, is_busy, refuse_foreign_file
-from splitdet.edge.watcher import Candidate, HotFolder, Ready, enters_subfolder
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.edge.watcher import Candidate, HotFolder, enters_subfolder
 from splitdet.shared.cli import remove_ready_file, write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
-from splitdet.shared.manifest import file_sha256
 
-#: Seconds between two prunes of the results (DaemonConfig.keep_results_s).
-PRUNE_EVERY_S = 3600.0
 #: Milliseconds each try to open a --db another program holds locked at start waits for it
 #: (short: a SIGTERM is only seen between tries), and seconds between two tries.
 OPEN_TRY_MS = 1000
 OPEN_RETRY_S = 1.0
-#: Seconds between two checks that --db still names the file the store has open (one stat).
-STORE_CHECK_EVERY_S = 5.0
-#: A file move (archive, quarantine, delete) that failed is tried again after this many
-#: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
-MOVE_RETRY_INITIAL_S = 5.0
-MOVE_RETRY_MAX_S = 300.0
-#: Partial copies changed less than this before a start are not swept (s): file times lag
-#: the clock by up to a timer tick, and this daemon's own copies must never look older.
-_SWEEP_MARGIN_S = 1.0
 
 
 # ---------------------------------------------------------------------------------- the daemon
@@ -183,14 +174,14 @@ class EdgeDaemon:
         )
         self._metrics_httpd = None
         self.metrics_port: int | None = None
-        self.processed = 0
-        self._next_prune = 0.0  # monotonic s: at start
-        self._pruner: threading.Thread | None = None
-        self._pruner_stop = threading.Event()
+        self._pruner_stop = threading.Event()  # (ends the sweep and the cloud probe too)
+        self._pruner = ResultPruner(self.store, config.keep_results_s, config.once,
+                                    self._pruner_stop)  # fmt: skip
         self._sweeper: threading.Thread | None = None  # removes partial copies left by a kill
         self._probe: ModelProbe | None = None  # asks the cloud about our exports
-        self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
-        self._outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
+        after = AfterActions(config, self.store, self.folder, self.metrics)
+        self._intake = Intake(config, self.store, self.pipeline, self.folder, self.metrics,
+                              self.sender, after, self._stop)  # fmt: skip
         self._store_gave_up: str | None = None  # --once: the --db, held locked past it
         self._drain_timed_out = False  # --once: requests left at --drain-timeout (`_drain`)
 
@@ -245,6 +236,20 @@ class EdgeDaemon:
             self.signalled = True
         self._stop.set()
 
+    @property
+    def processed(self) -> int:
+        """How many files this daemon has processed (recorded, or quarantined)."""
+        return self._intake.processed
+
+    def handle(self, candidate: Candidate) -> bool:
+        """Process one stable file (`Intake.handle`); False when it is not ready after all
+        (try it later), or its move failed and is not due to be tried again yet."""
+        return self._intake.handle(candidate)
+
+    def _prune(self, before: float) -> None:
+        """One prune of the results older than `before` (unix s), now (`ResultPruner.prune`)."""
+        self._pruner.prune(before)
+
     def run(self) -> int:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
         status: 0, or with `once` 1 when requests are still pending (sent on the next run) or
@@ -259,13 +264,13 @@ class EdgeDaemon:
                 previous[sig] = signal.signal(sig, self.request_stop)
         try:
             self._start_services()
-            self._start_sweep()
+            self._sweeper = start_partial_sweep(config, self._pruner_stop)
             self._loop()
             if self._store_gave_up is not None:  # (the sender could not deliver either)
                 self.sender.cancel()
                 self.folder.scan()
                 self._report_store_held(self._store_gave_up, self.folder.pending())
-            elif self._outbox_gave_up is not None:  # --drain-timeout spent waiting for room
+            elif self._intake.outbox_gave_up is not None:  # --drain-timeout spent waiting for room
                 self._drain_timed_out = True  # (the run ends now: its call in flight too)
                 self.sender.cancel()
                 self._report_left_behind()
@@ -278,7 +283,7 @@ class EdgeDaemon:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
-        gave_up = self._outbox_gave_up is not None or self._store_gave_up is not None
+        gave_up = self._intake.outbox_gave_up is not None or self._store_gave_up is not None
         if config.once and self.signalled and not gave_up:  # stopped with images left?
             self.folder.scan()
             gave_up = self.folder.pending() > 0
@@ -367,60 +372,15 @@ class EdgeDaemon:
                               "fingerprint": self.fingerprint}},
         )  # fmt: skip
 
-    def _start_sweep(self) -> None:
-        """Remove the partial copies (`partial_path`) a kill left in the archive and quarantine,
-        in a thread beside the loop: one listing of each folder, which for a large archive on
-        a share can take a while, and must not hold up the first image."""
-        config = self.config
-        folders = [config.quarantine, *([config.archive] if config.after == "archive" else [])]
-        self._sweeper = threading.Thread(
-            target=self._sweep_partials, args=(folders, time.time() - _SWEEP_MARGIN_S),
-            name="splitdet-sweep",
-            daemon=True,
-        )  # fmt: skip
-        self._sweeper.start()
-
-    def _sweep_partials(self, folders: list[Path], started: float) -> None:
-        """Delete the partial copies in `folders` not changed since `started` (unix s, a little
-        before this start): those a copy under way writes to (this daemon's, or another's
-        sharing the folder) are newer. Failures are logged, never fatal."""
-        for folder in folders:
-            try:
-                with os.scandir(folder) as listing:
-                    for entry in listing:
-                        if self._pruner_stop.is_set():
-                            return
-                        if file_moves.is_partial_name(entry.name):
-                            self._remove_partial(entry, started)
-            except OSError as exc:
-                log_event(logging.WARNING, "cannot look for partial copies", folder=str(folder),
-                          error=path_text(str(exc)))  # fmt: skip
-
-    @staticmethod
-    def _remove_partial(entry: os.DirEntry, started: float) -> None:
-        """Delete one partial copy left by a kill, unless it changed since `started`."""
-        try:
-            if entry.stat(follow_symlinks=False).st_ctime >= started:
-                return
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log_event(logging.WARNING, "cannot remove partial copy", path=path_text(entry.path),
-                      error=path_text(str(exc)))  # fmt: skip
-            return
-        log_event(logging.INFO, "partial copy removed", path=path_text(entry.path),
-                  note="a copy into this folder, cut short by a kill")  # fmt: skip
-
     def _shutdown(self) -> int:
         """Stop the sender, a prune (after its batch), the start-up sweep and the metrics
         endpoint; returns the outbox depth left."""
         if self.config.ready_file is not None:  # stopping: no longer ready
             remove_ready_file(self.config.ready_file, os.getpid())
         self._pruner_stop.set()  # (ends the start-up sweep and the cloud probe too)
-        for worker in (self._pruner, self._sweeper):
-            if worker is not None:
-                worker.join(timeout=10.0)
+        self._pruner.join(timeout=10.0)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=10.0)
         if self._probe is not None:  # (a call under way: left to end alone, logging nothing;
             # not waited for once --drain-timeout is spent: the run ends at its deadline)
             self._probe.join(timeout=0.0 if self._drain_timed_out else 2.0)
@@ -460,61 +420,13 @@ class EdgeDaemon:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
-            self._prune_when_due()
+            self._pruner.prune_when_due()
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
             self.folder.scan()
             if not self._process_ready():
                 if self.config.once and self.folder.pending() == 0:
                     return
                 self._stop.wait(self.config.poll_s)
-
-    def _prune_when_due(self) -> None:
-        """With keep_results_s: delete the results older than that, at most every PRUNE_EVERY_S,
-        in a thread beside the loop (a large database never stalls classification)."""
-        keep = self.config.keep_results_s
-        busy = self._pruner is not None and self._pruner.is_alive()
-        if keep is None or busy or time.monotonic() < self._next_prune:
-            return
-        self._next_prune = time.monotonic() + PRUNE_EVERY_S
-        if self.config.once:  # a batch run prunes to the end, then works (nothing to stall)
-            self._prune(time.time() - keep)
-            return
-        self._pruner = threading.Thread(
-            target=self._prune, args=(time.time() - keep,), name="splitdet-prune", daemon=True
-        )
-        self._pruner.start()
-
-    def _prune(self, before: float) -> None:
-        """One prune, from the first row to the last: a row kept because its file still lies
-        where it arrived (--after keep, or a move that failed) is looked at again by every
-        prune, so its result goes within PRUNE_EVERY_S of its file's removal. The cost of
-        that: per prune, one read of each such row and one stat() of its file; those files lie
-        in --watch, whose scan stats each of them every --poll anyway (the rows deleted are
-        not read again, the rows not old enough were read by any prune). A failure is
-        logged, never fatal: the next turn tries again."""
-        try:
-            pruned = self.store.prune(before, should_stop=self._pruner_stop.is_set)
-        except Exception as exc:  # e.g. the database locked past its timeout
-            log_event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        if pruned.kept_for_clock:
-            log.warning(
-                f"kept {pruned.kept_for_clock} result(s) stamped older than --keep-results that "
-                "this boot wrote more recently: the wall clock was behind when they were "
-                "written and has been set forward since; they go once they are as old by the "
-                "time since boot",
-                extra={"fields": {"event": "prune_kept_for_clock",
-                                  "results": pruned.kept_for_clock,
-                                  "older_than_s": self.config.keep_results_s}},
-            )  # fmt: skip
-        if pruned.deleted:
-            try:
-                freed = self.store.reclaim(should_stop=self._pruner_stop.is_set)
-            except Exception as exc:  # (as the prune's: the next turn tries again)
-                log_event(logging.WARNING, "reclaim_failed", error=f"{type(exc).__name__}: {exc}")
-                freed = 0
-            log_event(logging.INFO, "pruned", results=pruned.deleted,
-                      older_than_s=self.config.keep_results_s, reclaimed_bytes=freed)  # fmt: skip
 
     def _process_ready(self) -> bool:
         """Handle every file that is ready now, earliest arrival first; False if none was.
@@ -531,7 +443,7 @@ class EdgeDaemon:
                 return handled
             began, commits = time.monotonic(), self.store.commits
             try:
-                done = self.handle(candidate)
+                done = self._intake.handle(candidate)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
@@ -588,151 +500,6 @@ class EdgeDaemon:
                               "call_cancelled": cancelled, "local_error": local}},
         )  # fmt: skip
 
-    # -------------------------------------------------------------------------- one file
-
-    def handle(self, candidate: Candidate) -> bool:
-        """Process one stable file; False when it is not ready after all (try it later), or
-        its move failed and is not due to be tried again yet."""
-        self.store.check_file(STORE_CHECK_EVERY_S)  # (a backlog: each image, every few s)
-        retry = self._move_retries.get(candidate.file_key)
-        if retry is not None and time.monotonic() < retry.due:
-            return False
-        known = self.store.known(candidate.file_key)
-        if known is None and self.config.after == "keep":
-            known = self._renumbered(candidate)
-        if known is not None:
-            self._finish(candidate, known)
-            kept = known.stored_path == path_text(candidate.path)  # --after keep: quiet
-            log_event(logging.DEBUG if kept else logging.INFO, "already recorded",
-                      path=path_text(candidate.path), image_id=known.id,
-                      verdict=known.verdict)  # fmt: skip
-            return True
-        ready = self.folder.read(candidate)
-        if ready is None:
-            return False
-        start = time.perf_counter()
-        arrival = Arrival(  # as stored: a name that is not UTF-8 is escaped (path_text)
-            path=path_text(candidate.path),
-            file_key=path_text(candidate.file_key),
-            content_hash=ready.content_hash,
-            size_bytes=len(ready.data),
-            arrived=time.time(),
-        )
-        if ready.error is not None:
-            self._quarantine(candidate, arrival, ready.error)
-        elif not self._classify(candidate, arrival, ready):
-            return True  # not recorded (no room in the outbox): not counted, left in the folder
-        self.metrics.stage_seconds.labels("image").observe(
-            ready.read_s + time.perf_counter() - start
-        )
-        self.processed += 1
-        return True
-
-    def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> bool:
-        """Gate one decoded image, record its result, then move the file; False when it was
-        not recorded (stopping, or given up, while waiting for room in the outbox)."""
-        try:
-            result = self.pipeline.process_array(ready.image)
-        except Exception as exc:
-            # Quarantined rather than retried: the same file would fail again on every restart.
-            detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
-            self._quarantine(candidate, arrival, f"{arrival.path}: cannot process ({detail})")
-            return True
-        timings = {"read": ready.read_s, **result.timings}
-        stored = self._stored_path(candidate)
-        start = time.perf_counter()
-        if not result.flagged:
-            image_id, stored_path = self.store.record_ok(
-                arrival, result.p_defect, self.fingerprint, timings, stored,
-                threshold=self.pipeline.threshold,
-            )  # fmt: skip
-            verdict = "ok"
-        else:
-            request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
-            name = Path(arrival.path).name  # (a protobuf string must be valid UTF-8)
-            meta = ImageMeta(result.meta.original_hw, result.meta.resized_hw, name)
-            payload = build_request(
-                result.encoded, meta, request_id, self.fingerprint
-            ).SerializeToString()
-            record = self._record_pending(
-                arrival, result.p_defect, request_id, payload, timings, stored
-            )
-            if record is None:
-                return False  # stopping while the outbox is full: the file stays for the next run
-            image_id, stored_path, verdict = record
-        self.metrics.stage_seconds.labels("store").observe(time.perf_counter() - start)
-        for stage, seconds in timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
-        self.metrics.images.labels(verdict).inc()
-        log_event(logging.INFO, "classified", path=arrival.path, image_id=image_id, verdict=verdict,
-                  p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
-                  timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
-        self._move(candidate, image_id, stored_path)
-        return True
-
-    def _record_pending(
-        self,
-        arrival: Arrival,
-        p_defect: float,
-        request_id: str,
-        payload: bytes,
-        timings: dict[str, float],
-        stored: StoredPath,
-    ) -> tuple[int, str | None, str] | None:
-        """record_pending, waiting for room under the "wait" policy; None if stopped first, or,
-        with `once`, when there was no room for --drain-timeout (`_give_up_on_full_outbox`)."""
-        waited = False
-        deadline = time.monotonic() + self.config.drain_timeout_s  # (with `once` only)
-        while True:
-            try:
-                record = self.store.record_pending(
-                    arrival, p_defect, request_id, payload, self.fingerprint, timings, stored,
-                    threshold=self.pipeline.threshold,
-                )  # fmt: skip
-                break
-            except OutboxFull as exc:
-                if not waited:
-                    waited = True
-                    self.metrics.outbox_full_waits.inc()
-                    self._outbox_stalled(time.time())
-                    log_event(logging.WARNING, "outbox_full", path=arrival.path,
-                              detail=str(exc))  # fmt: skip
-                pause = max(self.config.poll_s, 0.5)
-                if self.config.once:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self._give_up_on_full_outbox(str(exc))
-                        return None
-                    pause = min(pause, left)
-                if self._stop.wait(pause):
-                    return None
-        if waited:
-            self._outbox_stalled(None)
-        if record[2] == "error":
-            self.metrics.outbox_full_rejected.inc()
-            self.metrics.errors.labels("outbox_full").inc()
-            log_event(logging.WARNING, "outbox full, features dropped", path=arrival.path,
-                      image_id=record[0])  # fmt: skip
-        else:
-            self.sender.wake()
-        return record
-
-    def _outbox_stalled(self, since: float | None) -> None:
-        """Say, in the daemon record (`edge status`) and splitdet_edge_outbox_full, since when
-        intake waits for room in the outbox (None: no more). A store that cannot be written
-        just now (held locked) misses it: the wait goes on all the same."""
-        try:
-            self.store.record_outbox_full(since)
-        except sqlite3.Error as exc:
-            log.debug("outbox stall not recorded in --db: %s", exc)
-        self.metrics.outbox_full.set(0 if since is None else 1)
-
-    def _give_up_on_full_outbox(self, detail: str) -> None:
-        """--once, the outbox full for all of --drain-timeout (the cloud took none of it): stop
-        taking images; those left stay in the folder as they are, for the next run."""
-        self._outbox_gave_up = detail
-        self._stop.set()
-
     def _report_left_behind(self) -> None:
         """Log (ERROR) how many images the run left in the folder for want of outbox room."""
         config = self.config
@@ -740,13 +507,14 @@ class EdgeDaemon:
         left = self.folder.pending()
         cap = config.outbox
         log.error(
-            f"outbox full ({self._outbox_gave_up}; caps {cap.max_items} requests, "
+            f"outbox full ({self._intake.outbox_gave_up}; caps {cap.max_items} requests, "
             f"{cap.max_bytes} bytes) and no room made within --drain-timeout "
             f"{config.drain_timeout_s:g}s: stopped taking images; {left} image(s) left untouched "
             f"in --watch {config.watch} for the next run. The cloud must take the outbox first "
             "(check it: splitdet edge check), or raise --outbox-max-items / --outbox-max-mb",
             extra={"fields": {"event": "outbox_full_stopped", "images_left": left,
-                              "watch": str(config.watch), "detail": self._outbox_gave_up}},
+                              "watch": str(config.watch),
+                              "detail": self._intake.outbox_gave_up}},
         )  # fmt: skip
 
     def _report_store_held(self, error: str, left: int | None) -> None:
@@ -764,226 +532,3 @@ class EdgeDaemon:
                               "db": str(config.db), "watch": str(config.watch),
                               "waited_s": round(self._busy.waited_s(), 1)}},
         )  # fmt: skip
-
-    def _stored_path(self, candidate: Candidate) -> str | Callable[[int], str] | None:
-        """Where the processed file will be: a path, None (deleted) or a function of the id."""
-        path = candidate.path
-        if self.config.after == "keep":
-            return path_text(path)
-        if self.config.after == "delete":
-            return None
-        archive = self.config.archive
-        return lambda image_id: str(self._free_target(archive, image_id, path.name))
-
-    @staticmethod
-    def _free_target(
-        folder: Path, image_id: int, name: str, quarantine: bool = False, first: int = 0
-    ) -> Path:
-        """The first stored name (from attempt `first`) under which `folder` holds no file,
-        nor, for the quarantine, a reason file."""
-        for attempt in itertools.count(first):
-            target = folder / file_moves.stored_name(image_id, name, attempt)
-            if os.path.lexists(target):
-                continue
-            if quarantine and os.path.lexists(file_moves.reason_path(target)):
-                continue
-            return target
-        raise AssertionError("unreachable")
-
-    def _quarantine(self, candidate: Candidate, arrival: Arrival, reason: str) -> None:
-        quarantine = self.config.quarantine
-        name = candidate.path.name
-        reason = path_text(reason)  # it names the file
-        image_id, stored_path = self.store.record_error(
-            arrival,
-            "quarantine",
-            reason,
-            self.fingerprint,
-            lambda image_id: str(self._free_target(quarantine, image_id, name, quarantine=True)),
-        )
-        self.metrics.images.labels("error").inc()
-        self.metrics.errors.labels("quarantine").inc()
-        # logged once the move is done: a quarantine that cannot be written is told as such
-        if self._move(candidate, image_id, stored_path, reason):
-            log_event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
-                      reason=reason, to=stored_path)  # fmt: skip
-        else:
-            log_event(logging.WARNING, "to be quarantined", path=arrival.path,
-                      image_id=image_id, reason=reason, to=stored_path,
-                      note="recorded as an error; the move into the quarantine failed (the "
-                           "line before says why) and is tried again")  # fmt: skip
-
-    # -------------------------------------------------------------------------- after-actions
-
-    def _renumbered(self, candidate: Candidate) -> KnownFile | None:
-        """--after keep: the row of this very file recorded under another `file_key`, now
-        given this one; None when there is none. A kept file is the same one when a row left
-        a file at its path with its name, size and modification time (to the ns) and only
-        another inode, and the contents hash alike: a remount that numbered inodes anew (CIFS
-        `noserverino`) or a restore that kept the times changed its identity, not the image,
-        and it is not processed again. The same bytes written again (an identical shot, a
-        test image dropped again) have a new modification time: a new arrival."""
-        path = path_text(candidate.path)
-        row = self.store.renumbered(path, candidate.file_key)
-        if row is None:
-            return None
-        image_id, old_key, content_hash = row
-        try:
-            digest = file_sha256(candidate.path)
-        except OSError:
-            return None  # processed as new, which reads it again and says why not
-        if content_hash != digest:
-            return None
-        self.store.rekey(image_id, candidate.file_key)
-        log_event(logging.INFO, "recorded_file_renumbered", path=path, image_id=image_id,
-                  was=old_key, now=path_text(candidate.file_key))  # fmt: skip
-        return self.store.known(candidate.file_key)
-
-    def _finish(self, candidate: Candidate, known: KnownFile) -> None:
-        """Complete what a recorded file's row says should happen to the file."""
-        quarantined = known.error_kind == "quarantine" and known.stored_path
-        reason = (known.reason or "") if quarantined else None
-        self._move(candidate, known.id, known.stored_path, reason, adopt=True)
-
-    def _move(
-        self,
-        candidate: Candidate,
-        image_id: int,
-        stored_path: str | None,
-        reason: str | None = None,
-        adopt: bool = False,
-    ) -> bool:
-        """Do what the row says happens to the file: delete it, keep it, or move it to
-        `stored_path` (with `reason`: into the quarantine, its reason file beside it; with
-        `adopt`, a row recorded before, a whole copy of it already there is taken as the
-        move, see `_move_to`). A failure is logged and counted (errors kind "move"), never
-        fatal: the file stays and is tried again (`_retry_move_later`). False after such a
-        failure, else True."""
-        source = candidate.path
-        if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
-            self.store.check_file()  # StoreGone when --db was deleted or replaced
-        try:
-            if stored_path is None:
-                source.unlink(missing_ok=True)
-            elif stored_path == path_text(source):  # --after keep
-                self.folder.ignore(candidate)
-                return True
-            else:
-                target = file_moves.stored_file(stored_path)
-                self._move_to(candidate, image_id, target, reason, adopt)
-        except OSError as exc:
-            self.metrics.errors.labels(MOVE_ERROR).inc()
-            delay = self._retry_move_later(candidate)
-            when = {"retry": "next run"} if delay is None else {"retry_in_s": round(delay, 1)}
-            log_event(logging.ERROR, "cannot move file", path=path_text(source), to=stored_path,
-                      error=path_text(str(exc)), **when)  # fmt: skip
-            return False
-        retried = self._move_retries.pop(candidate.file_key, None)
-        if retried is not None:
-            log_event(logging.INFO, "file moved after retry", path=path_text(source),
-                      to=stored_path, failures=retried.failures)  # fmt: skip
-        self.folder.forget(candidate)
-        return True
-
-    def _retry_move_later(self, candidate: Candidate) -> float | None:
-        """After a failed move: the seconds until it is tried again, MOVE_RETRY_INITIAL_S
-        doubling to MOVE_RETRY_MAX_S (`handle` passes the file over until then). With `once`,
-        None: the file is left for the next run."""
-        if self.config.once:
-            self.folder.ignore(candidate)  # (tried again when it changes or by the next run)
-            return None
-        for key, retry in list(self._move_retries.items()):  # files gone since (a few at most)
-            if not os.path.lexists(retry.path):
-                del self._move_retries[key]
-        previous = self._move_retries.get(candidate.file_key)
-        failures = 1 if previous is None else previous.failures + 1
-        delay = Backoff(MOVE_RETRY_INITIAL_S, MOVE_RETRY_MAX_S).ceiling(failures)  # no jitter
-        self._move_retries[candidate.file_key] = _MoveRetry(
-            candidate.path, time.monotonic() + delay, failures
-        )
-        return delay
-
-    def _move_to(
-        self,
-        candidate: Candidate,
-        image_id: int,
-        target: Path,
-        reason: str | None,
-        adopt: bool = False,
-    ) -> None:
-        """Move the file to `target`, never over another file: when the name is taken (since
-        it was chosen: another daemon sharing the folder, or one whose database was made anew)
-        the next free name is recorded first, then used. OSError when it cannot be moved.
-
-        With `adopt` (a row recorded by an earlier run, or an earlier try), a regular file at
-        `target` holding the very bytes of the source is this image's own copy onto another
-        file system, placed before a kill stopped the move short of removing the source: the
-        row already names it, so only the source is removed (`_adopt`), rather than a second
-        copy made under the next free name and the first left orphaned."""
-        source = candidate.path
-        attempt = 0
-        if len(target.name.encode()) > file_moves.STORED_NAME_MAX:  # by an earlier splitdet
-            target = self._replan(image_id, target, source, reason is not None, attempt)
-        while True:
-            if os.path.lexists(target) and not file_moves.same_file(source, target):
-                if adopt and file_moves.same_bytes(source, target):
-                    self._adopt(source, target, reason)
-                    return
-                attempt += 1
-                target = self._replan(image_id, target, source, reason is not None, attempt)
-                continue
-            if reason is not None:
-                self._write_reason(target, reason)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
-                    source.unlink()
-                else:
-                    file_moves.move_no_clobber(source, target)
-                return
-            except FileExistsError:  # taken in the instant since the check: choose again
-                continue
-
-    def _adopt(self, source: Path, target: Path, reason: str | None) -> None:
-        """Finish a move whose copy is already in place at `target` (the name the row records):
-        the reason file beside a quarantined one if it is missing, then the source removed."""
-        if reason is not None:
-            self._write_reason(target, reason)
-        source.unlink()
-        log_event(logging.INFO, "copy found in place", path=path_text(source),
-                  to=path_text(target),
-                  note="its copy was complete before a kill; the image left --watch")  # fmt: skip
-
-    def _replan(
-        self, image_id: int, planned: Path, source: Path, quarantine: bool, attempt: int
-    ) -> Path:
-        """A free name in `planned`'s folder instead of `planned` (taken, or too long), recorded
-        in the row before the file moves there: a crash in between leaves the row right."""
-        target = self._free_target(planned.parent, image_id, source.name, quarantine, attempt)
-        self.store.set_stored_path(image_id, str(target))
-        log_event(logging.WARNING, "stored under another name", path=path_text(source),
-                  planned=path_text(planned), to=path_text(target))  # fmt: skip
-        return target
-
-    @staticmethod
-    def _write_reason(target: Path, reason: str) -> None:
-        """NAME.reason.txt beside a quarantined file. Best effort: the row holds the reason
-        too, and a full disk or a folder made read-only must not end the daemon (the row is
-        committed, so every restart would fail on the same file)."""
-        path = file_moves.reason_path(target)
-        try:
-            if path.exists():  # written before a crash
-                return
-            atomic_write(path, path_text(reason) + "\n")
-        except OSError as exc:
-            log_event(logging.WARNING, "cannot write reason file", path=path_text(path),
-                      error=path_text(str(exc)))  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _MoveRetry:
-    """A file whose move failed: when to try again (monotonic s), how many times it failed."""
-
-    path: Path
-    due: float
-    failures: int

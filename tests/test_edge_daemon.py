@@ -40,6 +40,7 @@ import pytest
 from cloud_fixtures import CloudProcess, scrape_metrics, start_cloud_process
 from PIL import Image
 
+from splitdet.edge.after_actions import AfterActions
 from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.ignore_marker import IGNORE_MARKER
@@ -848,7 +849,7 @@ def test_a_crash_between_commit_and_move_only_finishes_the_move(tmp_path, monkey
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(EdgeDaemon, "_move", die)
+        patch.setattr(AfterActions, "move", die)
         with pytest.raises(Killed):
             EdgeDaemon(config, pipeline=BrightIsDefective()).run()
     [row] = rows(config.db)

@@ -29,8 +29,7 @@ import pytest
 from PIL import Image
 from test_edge_daemon import BrightIsDefective
 
-from splitdet.edge import daemon as daemon_module
-from splitdet.edge import file_moves
+from splitdet.edge import after_actions, file_moves, result_pruner
 from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.store import OutboxCap
 from splitdet.shared.cli import main
@@ -146,7 +145,7 @@ def test_a_kept_result_goes_once_its_file_is_removed_while_the_daemon_runs(tmp_p
     """--after keep --keep-results: a result kept by a prune because its image lay in --watch
     goes at a later prune once the image is removed. Before: the prune's resume mark had
     passed it, and it stayed until a restart."""
-    monkeypatch.setattr(daemon_module, "PRUNE_EVERY_S", 0.1)
+    monkeypatch.setattr(result_pruner, "PRUNE_EVERY_S", 0.1)
     config = daemon_config(tmp_path, tmp_path, once=False, keep_results_s=30 * DAY)
     image = config.watch / "a.png"
     image.write_bytes(png(20))  # dark: ok
@@ -241,8 +240,8 @@ def test_an_archive_disk_filling_up_leaves_no_partial_file_and_the_move_is_retri
     it as ~1 after a restart."""
     folder, _ = other_disk
     archive = folder / "archive"
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_INITIAL_S", 0.2)
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", 0.4)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_INITIAL_S", 0.2)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", 0.4)
     image, data = tmp_path / "hot" / "a.png", noise_png()
     real_copyfile, attempts, seen = shutil.copyfile, [], []
 
@@ -393,8 +392,8 @@ def test_a_quarantine_move_refused_for_a_while_is_retried_and_counted(tmp_path, 
     accepts them again, while the daemon runs; each failure counts in
     splitdet_edge_errors_total{kind="move"}, which is there at 0 from the start. Before: the
     file was passed over until it changed or the daemon restarted, and nothing counted it."""
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_INITIAL_S", 0.1)
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", 0.2)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_INITIAL_S", 0.1)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", 0.2)
     real_move, refused = file_moves.move_no_clobber, []
 
     def read_only_for_a_while(source, target):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from splitdet.edge import after_actions
 from splitdet.edge import daemon as daemon_module
 from splitdet.edge import store as store_module
 from splitdet.edge.daemon import EdgeDaemon
@@ -213,8 +214,8 @@ def test_a_file_passed_over_while_the_database_is_locked_does_not_end_the_wait(
     whose move is tried again and fails again, wrote nothing, yet was taken for a round that
     did: `store_resumed` and a new `store_busy` followed each other while the lock lasted."""
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_INITIAL_S", retry_s)
-    monkeypatch.setattr(daemon_module, "MOVE_RETRY_MAX_S", retry_s)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_INITIAL_S", retry_s)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", retry_s)
     config = daemon_config(tiny_model_dir, tmp_path, once=False, after="archive")
     daemon = EdgeDaemon(config)
     with caplog.at_level(logging.INFO, logger="splitdet"), running(daemon):

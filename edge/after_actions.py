@@ -1,0 +1,228 @@
+"""What becomes of a processed image's file once its row is committed (no torch).
+
+`AfterActions` does what the row says: keep the file in --watch, delete it, or move it into
+the archive or the quarantine (NAME.reason.txt beside a quarantined one) under the stored name
+the row records, never over another file (`free_target`: the next free ID_NAME~N, recorded
+in the row before the move). A whole copy already in place from a move a kill cut short is
+adopted rather than copied again. A move that fails is logged and counted, never fatal: the
+file stays and is tried again after MOVE_RETRY_INITIAL_S, doubling up to MOVE_RETRY_MAX_S
+(with --once, by the next run). The low-level moves are `splitdet.edge.file_moves`'.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitdet.edge import file_moves
+from splitdet.edge.daemon_config import DaemonConfig
+from splitdet.edge.daemon_log import log_event
+from splitdet.edge.daemon_metrics import MOVE_ERROR, EdgeMetrics
+from splitdet.edge.file_identity import path_text
+from splitdet.edge.sender import Backoff
+from splitdet.edge.store import KnownFile, ResultStore
+from splitdet.edge.watcher import Candidate, HotFolder
+from splitdet.shared.atomic_file import atomic_write
+
+#: A file move (archive, quarantine, delete) that failed is tried again after this many
+#: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
+MOVE_RETRY_INITIAL_S = 5.0
+MOVE_RETRY_MAX_S = 300.0
+
+
+@dataclass(frozen=True)
+class _MoveRetry:
+    """A file whose move failed: when to try again (monotonic s), how many times it failed."""
+
+    path: Path
+    due: float
+    failures: int
+
+
+class AfterActions:
+    """Keeps, deletes, archives or quarantines processed files, and retries failed moves."""
+
+    def __init__(
+        self, config: DaemonConfig, store: ResultStore, folder: HotFolder, metrics: EdgeMetrics
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.folder = folder
+        self.metrics = metrics
+        self._move_retries: dict[str, _MoveRetry] = {}  # file_key -> when to try its move again
+
+    def retry_not_due(self, candidate: Candidate) -> bool:
+        """Whether the file's move failed and is not due to be tried again yet."""
+        retry = self._move_retries.get(candidate.file_key)
+        return retry is not None and time.monotonic() < retry.due
+
+    def stored_path(self, candidate: Candidate) -> str | Callable[[int], str] | None:
+        """Where the processed file will be: a path, None (deleted) or a function of the id."""
+        path = candidate.path
+        if self.config.after == "keep":
+            return path_text(path)
+        if self.config.after == "delete":
+            return None
+        archive = self.config.archive
+        return lambda image_id: str(free_target(archive, image_id, path.name))
+
+    def finish(self, candidate: Candidate, known: KnownFile) -> None:
+        """Complete what a recorded file's row says should happen to the file."""
+        quarantined = known.error_kind == "quarantine" and known.stored_path
+        reason = (known.reason or "") if quarantined else None
+        self.move(candidate, known.id, known.stored_path, reason, adopt=True)
+
+    def move(
+        self,
+        candidate: Candidate,
+        image_id: int,
+        stored_path: str | None,
+        reason: str | None = None,
+        adopt: bool = False,
+    ) -> bool:
+        """Do what the row says happens to the file: delete it, keep it, or move it to
+        `stored_path` (with `reason`: into the quarantine, its reason file beside it; with
+        `adopt`, a row recorded before, a whole copy of it already there is taken as the
+        move, see `_move_to`). A failure is logged and counted (errors kind "move"), never
+        fatal: the file stays and is tried again (`_retry_move_later`). False after such a
+        failure, else True."""
+        source = candidate.path
+        if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
+            self.store.check_file()  # StoreGone when --db was deleted or replaced
+        try:
+            if stored_path is None:
+                source.unlink(missing_ok=True)
+            elif stored_path == path_text(source):  # --after keep
+                self.folder.ignore(candidate)
+                return True
+            else:
+                target = file_moves.stored_file(stored_path)
+                self._move_to(candidate, image_id, target, reason, adopt)
+        except OSError as exc:
+            self.metrics.errors.labels(MOVE_ERROR).inc()
+            delay = self._retry_move_later(candidate)
+            when = {"retry": "next run"} if delay is None else {"retry_in_s": round(delay, 1)}
+            log_event(logging.ERROR, "cannot move file", path=path_text(source), to=stored_path,
+                      error=path_text(str(exc)), **when)  # fmt: skip
+            return False
+        retried = self._move_retries.pop(candidate.file_key, None)
+        if retried is not None:
+            log_event(logging.INFO, "file moved after retry", path=path_text(source),
+                      to=stored_path, failures=retried.failures)  # fmt: skip
+        self.folder.forget(candidate)
+        return True
+
+    def _retry_move_later(self, candidate: Candidate) -> float | None:
+        """After a failed move: the seconds until it is tried again, MOVE_RETRY_INITIAL_S
+        doubling to MOVE_RETRY_MAX_S (`Intake.handle` passes the file over until then). With
+        `once`, None: the file is left for the next run."""
+        if self.config.once:
+            self.folder.ignore(candidate)  # (tried again when it changes or by the next run)
+            return None
+        for key, retry in list(self._move_retries.items()):  # files gone since (a few at most)
+            if not os.path.lexists(retry.path):
+                del self._move_retries[key]
+        previous = self._move_retries.get(candidate.file_key)
+        failures = 1 if previous is None else previous.failures + 1
+        delay = Backoff(MOVE_RETRY_INITIAL_S, MOVE_RETRY_MAX_S).ceiling(failures)  # no jitter
+        self._move_retries[candidate.file_key] = _MoveRetry(
+            candidate.path, time.monotonic() + delay, failures
+        )
+        return delay
+
+    def _move_to(
+        self,
+        candidate: Candidate,
+        image_id: int,
+        target: Path,
+        reason: str | None,
+        adopt: bool = False,
+    ) -> None:
+        """Move the file to `target`, never over another file: when the name is taken (since
+        it was chosen: another daemon sharing the folder, or one whose database was made anew)
+        the next free name is recorded first, then used. OSError when it cannot be moved.
+
+        With `adopt` (a row recorded by an earlier run, or an earlier try), a regular file at
+        `target` holding the very bytes of the source is this image's own copy onto another
+        file system, placed before a kill stopped the move short of removing the source: the
+        row already names it, so only the source is removed (`_adopt`), rather than a second
+        copy made under the next free name and the first left orphaned."""
+        source = candidate.path
+        attempt = 0
+        if len(target.name.encode()) > file_moves.STORED_NAME_MAX:  # by an earlier splitdet
+            target = self._replan(image_id, target, source, reason is not None, attempt)
+        while True:
+            if os.path.lexists(target) and not file_moves.same_file(source, target):
+                if adopt and file_moves.same_bytes(source, target):
+                    _adopt(source, target, reason)
+                    return
+                attempt += 1
+                target = self._replan(image_id, target, source, reason is not None, attempt)
+                continue
+            if reason is not None:
+                _write_reason(target, reason)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
+                    source.unlink()
+                else:
+                    file_moves.move_no_clobber(source, target)
+                return
+            except FileExistsError:  # taken in the instant since the check: choose again
+                continue
+
+    def _replan(
+        self, image_id: int, planned: Path, source: Path, quarantine: bool, attempt: int
+    ) -> Path:
+        """A free name in `planned`'s folder instead of `planned` (taken, or too long), recorded
+        in the row before the file moves there: a crash in between leaves the row right."""
+        target = free_target(planned.parent, image_id, source.name, quarantine, attempt)
+        self.store.set_stored_path(image_id, str(target))
+        log_event(logging.WARNING, "stored under another name", path=path_text(source),
+                  planned=path_text(planned), to=path_text(target))  # fmt: skip
+        return target
+
+
+def free_target(
+    folder: Path, image_id: int, name: str, quarantine: bool = False, first: int = 0
+) -> Path:
+    """The first stored name (from attempt `first`) under which `folder` holds no file,
+    nor, for the quarantine, a reason file."""
+    for attempt in itertools.count(first):
+        target = folder / file_moves.stored_name(image_id, name, attempt)
+        if os.path.lexists(target):
+            continue
+        if quarantine and os.path.lexists(file_moves.reason_path(target)):
+            continue
+        return target
+    raise AssertionError("unreachable")
+
+
+def _adopt(source: Path, target: Path, reason: str | None) -> None:
+    """Finish a move whose copy is already in place at `target` (the name the row records):
+    the reason file beside a quarantined one if it is missing, then the source removed."""
+    if reason is not None:
+        _write_reason(target, reason)
+    source.unlink()
+    log_event(logging.INFO, "copy found in place", path=path_text(source),
+              to=path_text(target),
+              note="its copy was complete before a kill; the image left --watch")  # fmt: skip
+
+
+def _write_reason(target: Path, reason: str) -> None:
+    """NAME.reason.txt beside a quarantined file. Best effort: the row holds the reason
+    too, and a full disk or a folder made read-only must not end the daemon (the row is
+    committed, so every restart would fail on the same file)."""
+    path = file_moves.reason_path(target)
+    try:
+        if path.exists():  # written before a crash
+            return
+        atomic_write(path, path_text(reason) + "\n")
+    except OSError as exc:
+        log_event(logging.WARNING, "cannot write reason file", path=path_text(path),
+                  error=path_text(str(exc)))  # fmt: skip

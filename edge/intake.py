@@ -1,0 +1,252 @@
+"""The intake of one ready file from the hot folder: classify, record, then move (no torch).
+
+`Intake.handle` takes one stable file. A file whose row exists already (a crash between
+commit and move, --after keep, or a kept file renumbered by a remount) only has its
+after-action completed, never processed twice. Otherwise it is read and gated; an image that
+cannot be read or processed is recorded as an error and quarantined, an ok one recorded, a
+flagged one recorded with its request in the outbox, waiting for room while the outbox is
+full (with --once up to --drain-timeout, then the run stops taking images:
+`outbox_gave_up`). Only then is the file moved (`AfterActions`): nothing is acknowledged
+before it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from splitdet.edge.after_actions import AfterActions, free_target
+from splitdet.edge.client import ImageMeta, build_request
+from splitdet.edge.daemon_config import DaemonConfig
+from splitdet.edge.daemon_log import log, log_event
+from splitdet.edge.daemon_metrics import EdgeMetrics
+from splitdet.edge.file_identity import path_text
+from splitdet.edge.pipeline import EdgePipeline
+from splitdet.edge.predict import request_id_for
+from splitdet.edge.preprocess import ImageError
+from splitdet.edge.sender import Sender
+from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
+from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.shared.manifest import file_sha256
+
+#: Seconds between two checks that --db still names the file the store has open (one stat).
+STORE_CHECK_EVERY_S = 5.0
+
+
+class Intake:
+    """Handles the hot folder's ready files one at a time; counts them in `processed`."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: ResultStore,
+        pipeline: EdgePipeline,
+        folder: HotFolder,
+        metrics: EdgeMetrics,
+        sender: Sender,
+        after: AfterActions,
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pipeline = pipeline
+        self.fingerprint = pipeline.manifest.fingerprint
+        self.folder = folder
+        self.metrics = metrics
+        self.sender = sender
+        self.after = after
+        self._stop = stop  # the daemon's: set here when --once gives up on a full outbox
+        self.processed = 0
+        self.outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
+
+    def handle(self, candidate: Candidate) -> bool:
+        """Process one stable file; False when it is not ready after all (try it later), or
+        its move failed and is not due to be tried again yet."""
+        self.store.check_file(STORE_CHECK_EVERY_S)  # (a backlog: each image, every few s)
+        if self.after.retry_not_due(candidate):
+            return False
+        known = self.store.known(candidate.file_key)
+        if known is None and self.config.after == "keep":
+            known = self._renumbered(candidate)
+        if known is not None:
+            self.after.finish(candidate, known)
+            kept = known.stored_path == path_text(candidate.path)  # --after keep: quiet
+            log_event(logging.DEBUG if kept else logging.INFO, "already recorded",
+                      path=path_text(candidate.path), image_id=known.id,
+                      verdict=known.verdict)  # fmt: skip
+            return True
+        ready = self.folder.read(candidate)
+        if ready is None:
+            return False
+        start = time.perf_counter()
+        arrival = Arrival(  # as stored: a name that is not UTF-8 is escaped (path_text)
+            path=path_text(candidate.path),
+            file_key=path_text(candidate.file_key),
+            content_hash=ready.content_hash,
+            size_bytes=len(ready.data),
+            arrived=time.time(),
+        )
+        if ready.error is not None:
+            self._quarantine(candidate, arrival, ready.error)
+        elif not self._classify(candidate, arrival, ready):
+            return True  # not recorded (no room in the outbox): not counted, left in the folder
+        self.metrics.stage_seconds.labels("image").observe(
+            ready.read_s + time.perf_counter() - start
+        )
+        self.processed += 1
+        return True
+
+    def _renumbered(self, candidate: Candidate) -> KnownFile | None:
+        """--after keep: the row of this very file recorded under another `file_key`, now
+        given this one; None when there is none. A kept file is the same one when a row left
+        a file at its path with its name, size and modification time (to the ns) and only
+        another inode, and the contents hash alike: a remount that numbered inodes anew (CIFS
+        `noserverino`) or a restore that kept the times changed its identity, not the image,
+        and it is not processed again. The same bytes written again (an identical shot, a
+        test image dropped again) have a new modification time: a new arrival."""
+        path = path_text(candidate.path)
+        row = self.store.renumbered(path, candidate.file_key)
+        if row is None:
+            return None
+        image_id, old_key, content_hash = row
+        try:
+            digest = file_sha256(candidate.path)
+        except OSError:
+            return None  # processed as new, which reads it again and says why not
+        if content_hash != digest:
+            return None
+        self.store.rekey(image_id, candidate.file_key)
+        log_event(logging.INFO, "recorded_file_renumbered", path=path, image_id=image_id,
+                  was=old_key, now=path_text(candidate.file_key))  # fmt: skip
+        return self.store.known(candidate.file_key)
+
+    def _quarantine(self, candidate: Candidate, arrival: Arrival, reason: str) -> None:
+        quarantine = self.config.quarantine
+        name = candidate.path.name
+        reason = path_text(reason)  # it names the file
+        image_id, stored_path = self.store.record_error(
+            arrival,
+            "quarantine",
+            reason,
+            self.fingerprint,
+            lambda image_id: str(free_target(quarantine, image_id, name, quarantine=True)),
+        )
+        self.metrics.images.labels("error").inc()
+        self.metrics.errors.labels("quarantine").inc()
+        # logged once the move is done: a quarantine that cannot be written is told as such
+        if self.after.move(candidate, image_id, stored_path, reason):
+            log_event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
+                      reason=reason, to=stored_path)  # fmt: skip
+        else:
+            log_event(logging.WARNING, "to be quarantined", path=arrival.path,
+                      image_id=image_id, reason=reason, to=stored_path,
+                      note="recorded as an error; the move into the quarantine failed (the "
+                           "line before says why) and is tried again")  # fmt: skip
+
+    def _classify(self, candidate: Candidate, arrival: Arrival, ready: Ready) -> bool:
+        """Gate one decoded image, record its result, then move the file; False when it was
+        not recorded (stopping, or given up, while waiting for room in the outbox)."""
+        try:
+            result = self.pipeline.process_array(ready.image)
+        except Exception as exc:
+            # Quarantined rather than retried: the same file would fail again on every restart.
+            detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+            self._quarantine(candidate, arrival, f"{arrival.path}: cannot process ({detail})")
+            return True
+        timings = {"read": ready.read_s, **result.timings}
+        stored = self.after.stored_path(candidate)
+        start = time.perf_counter()
+        if not result.flagged:
+            image_id, stored_path = self.store.record_ok(
+                arrival, result.p_defect, self.fingerprint, timings, stored,
+                threshold=self.pipeline.threshold,
+            )  # fmt: skip
+            verdict = "ok"
+        else:
+            request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
+            name = Path(arrival.path).name  # (a protobuf string must be valid UTF-8)
+            meta = ImageMeta(result.meta.original_hw, result.meta.resized_hw, name)
+            payload = build_request(
+                result.encoded, meta, request_id, self.fingerprint
+            ).SerializeToString()
+            record = self._record_pending(
+                arrival, result.p_defect, request_id, payload, timings, stored
+            )
+            if record is None:
+                return False  # stopping while the outbox is full: the file stays for the next run
+            image_id, stored_path, verdict = record
+        self.metrics.stage_seconds.labels("store").observe(time.perf_counter() - start)
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.images.labels(verdict).inc()
+        log_event(logging.INFO, "classified", path=arrival.path, image_id=image_id, verdict=verdict,
+                  p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
+                  timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
+        self.after.move(candidate, image_id, stored_path)
+        return True
+
+    def _record_pending(
+        self,
+        arrival: Arrival,
+        p_defect: float,
+        request_id: str,
+        payload: bytes,
+        timings: dict[str, float],
+        stored: StoredPath,
+    ) -> tuple[int, str | None, str] | None:
+        """record_pending, waiting for room under the "wait" policy; None if stopped first, or,
+        with `once`, when there was no room for --drain-timeout (`_give_up_on_full_outbox`)."""
+        waited = False
+        deadline = time.monotonic() + self.config.drain_timeout_s  # (with `once` only)
+        while True:
+            try:
+                record = self.store.record_pending(
+                    arrival, p_defect, request_id, payload, self.fingerprint, timings, stored,
+                    threshold=self.pipeline.threshold,
+                )  # fmt: skip
+                break
+            except OutboxFull as exc:
+                if not waited:
+                    waited = True
+                    self.metrics.outbox_full_waits.inc()
+                    self._outbox_stalled(time.time())
+                    log_event(logging.WARNING, "outbox_full", path=arrival.path,
+                              detail=str(exc))  # fmt: skip
+                pause = max(self.config.poll_s, 0.5)
+                if self.config.once:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._give_up_on_full_outbox(str(exc))
+                        return None
+                    pause = min(pause, left)
+                if self._stop.wait(pause):
+                    return None
+        if waited:
+            self._outbox_stalled(None)
+        if record[2] == "error":
+            self.metrics.outbox_full_rejected.inc()
+            self.metrics.errors.labels("outbox_full").inc()
+            log_event(logging.WARNING, "outbox full, features dropped", path=arrival.path,
+                      image_id=record[0])  # fmt: skip
+        else:
+            self.sender.wake()
+        return record
+
+    def _outbox_stalled(self, since: float | None) -> None:
+        """Say, in the daemon record (`edge status`) and splitdet_edge_outbox_full, since when
+        intake waits for room in the outbox (None: no more). A store that cannot be written
+        just now (held locked) misses it: the wait goes on all the same."""
+        try:
+            self.store.record_outbox_full(since)
+        except sqlite3.Error as exc:
+            log.debug("outbox stall not recorded in --db: %s", exc)
+        self.metrics.outbox_full.set(0 if since is None else 1)
+
+    def _give_up_on_full_outbox(self, detail: str) -> None:
+        """--once, the outbox full for all of --drain-timeout (the cloud took none of it): stop
+        taking images; those left stay in the folder as they are, for the next run."""
+        self.outbox_gave_up = detail
+        self._stop.set()
