@@ -18,7 +18,8 @@ from types import FrameType
 from splitdet.cloud.server import CloudServer
 from splitdet.cloud.server_config import ServerConfig
 
-log = logging.getLogger(__name__)
+# the logger these lines had before they moved out of server.py: log pipelines filter on it
+log = logging.getLogger("splitdet.cloud.server")
 
 #: A SIGTERM or SIGINT at least this many seconds into a drain ends its grace (`serve`): not
 #: one sent with the first (a terminal's and a wrapper's come within milliseconds).

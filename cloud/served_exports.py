@@ -25,7 +25,8 @@ from splitdet.shared.manifest import (
     read_manifest,
 )
 
-log = logging.getLogger(__name__)
+# the logger these lines had before they moved out of server.py: log pipelines filter on it
+log = logging.getLogger("splitdet.cloud.server")
 
 
 def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:

@@ -162,8 +162,12 @@ def test_status_and_metrics_say_the_outbox_is_full_and_intake_stopped(stalled, c
     metrics = generate_latest(stalled.metrics.registry).decode()
     assert "splitdet_edge_outbox_full 1.0" in metrics
     assert 'splitdet_edge_outbox_cap{unit="requests"} 2.0' in metrics
-    events = [r.getMessage() for r in caplog.get_records("setup")]  # (logged by the fixture)
-    assert "outbox_full" in events and "outbox full, waiting" not in events
+
+    def events() -> list[str]:  # (logged by the fixture's daemon, just after the counter rose)
+        return [r.getMessage() for phase in ("setup", "call") for r in caplog.get_records(phase)]
+
+    wait_for(lambda: "outbox_full" in events(), 10, "the outbox_full event")
+    assert "outbox full, waiting" not in events()
 
 
 def test_abandon_refuses_the_export_the_running_daemon_sends_with(stalled, capsys):
