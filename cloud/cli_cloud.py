@@ -269,8 +269,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ready-file",
         type=Path,
         metavar="FILE",
-        help="once serving, write {pid, port, metrics_port, fingerprint} as "
-        "JSON here (for supervisors and tests); removed when the drain begins, and at "
+        help="once serving, write {pid, port, metrics_port, fingerprint, fingerprints, "
+        "security} as JSON here (for supervisors and tests); removed when the drain begins, and at "
         "start, before the models load (one an earlier run left, unless its pid still runs)",
     )
     parser.add_argument(

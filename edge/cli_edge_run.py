@@ -69,26 +69,29 @@ fingerprint and the threshold it was judged at (`edge results --json`, `edge sta
 Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
   --when-full wait    (default) stop taking images from the hot folder until the outbox has
                       room; images wait there, nothing is dropped; counted in
-                      splitdet_edge_outbox_full_waits_total.
+                      splitdet_edge_outbox_full_waits_total; while it waits,
+                      splitdet_edge_outbox_full is 1, a WARNING outbox_full is logged and
+                      `edge status` says "outbox full" and since when.
   --when-full reject  the flagged image gets verdict "error" (outbox_full) and its features are
                       dropped; counted in splitdet_edge_outbox_full_rejected_total and in the
                       database's counters table.
 
 SIGTERM/SIGINT finish the current image and exit 0; restarting resumes the outbox, and files
 recorded but not yet moved (kill -9) are moved, not processed again. SIGUSR1 logs every thread's
-stack (what a daemon that seems stuck waits on) and the daemon goes on. One `edge run` per --db: it
-holds FILE.lock (of the file a symbolic link names), and a second one exits at start (`edge status`,
-`results`, `prune` and `requeue` are safe beside it); one per --watch too (a lock on the folder
-itself, nothing written there), and hot folders may not nest under a --recursive daemon's, either
-way round (hidden folders, its archive and quarantine and folders holding .splitdet-ignore
-aside); a --watch removed and made again is locked anew. A --db deleted or replaced while it
-runs stops it (exit 2) before it moves or deletes another image. Logs are JSON lines on
-stderr (--log-format text: one line each, the message, then its event and fields as
-key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
+stack (what a daemon that seems stuck waits on) and the daemon goes on. One `edge run` per --db:
+it holds FILE.lock (of the file a symbolic link names) and an flock on the database file itself
+(the same file under another name, a hard link or a bind mount, is refused too), and a second one
+exits at start (`edge status`, `results`, `prune` and `requeue` are safe beside it); one per
+--watch too (a lock on the folder itself, nothing written there), and hot folders may not nest
+under a --recursive daemon's, either way round (hidden folders, its archive and quarantine and
+folders holding .splitdet-ignore aside); a --watch removed and made again is locked anew. A --db
+deleted or replaced while it runs stops it (exit 2) before it moves or deletes another image. Logs
+are JSON lines on stderr (--log-format text: one line each, the message, then its event and fields
+as key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
 (the next run sends them) or images were left because the outbox stayed full, or the --db stayed
 locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
-a daemon without --once waits for such a lock to start), or a signal stopped it before it
-started or with images left; 2 usage or model errors.
+a daemon without --once waits for such a lock to start), or a signal stopped it before it started
+or with images left; 2 usage or model errors.
 """
 
 

@@ -24,8 +24,9 @@ def register_status(actions: argparse._SubParsersAction) -> None:
         "verdict and by the model export that judged them (the latest result's first), the outbox "
         "(requests, bytes, oldest, next try, by model export, the last error: how long ago, "
         "or past once requests of its export were delivered again), the dead letters "
-        "(kept for `splitdet edge requeue` or not) and the durable counters. Safe while the "
-        "daemon writes.",
+        "(kept for `splitdet edge requeue` or not) and the durable counters; of a running "
+        "daemon, the export it sends with and, while its intake waits for a full outbox, since "
+        "when. Safe while the daemon writes.",
         epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
         "  splitdet edge status --db /data/edge.sqlite --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -79,7 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and for the detector's top box score as an image score: is calibration or the model "
         "the limit, and would the detector gate better), and "
         "where the errors are: the confident detections by kind of mistake and the recall by "
-        "defect length (the JSON's 'errors'). With --model instead of --checkpoint: the same of an "
+        "defect length (the JSON's 'errors'); gate operating points (per target recall from "
+        "100% to 90%: threshold, recall, accuracy, share flagged, defect-free share flagged, "
+        "mAP@.5 kept; the JSON's 'gate_operating_points', and a table on stderr). With --model "
+        "instead of --checkpoint: the same of an "
         "export, run as `splitdet predict` runs it, at the export's own gate threshold.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
