@@ -299,7 +299,7 @@ class ServerMetrics:
         or malformed unauthenticated calls under made-up names cannot use up the labels and
         push real cameras into "other". A claim that finds every label held is shown
         (`splitdet_cloud_edge_names_unlabelled`) and logged (`_warn_labels_full`)."""
-        name = claimed_edge(metadata)
+        name = claimed = claimed_edge(metadata)
         folded = False
         with self._edges_lock:
             now = self._clock()
@@ -316,7 +316,7 @@ class ServerMetrics:
                     self._unlabelled.pop(name, None)
             self._edge_seen[name] = now
         if folded:
-            self._warn_labels_full(claimed_edge(metadata))  # (the name, not "other")
+            self._warn_labels_full(claimed)  # (the name, not "other")
         return name
 
     def _fold(self, name: str, now: float) -> bool:

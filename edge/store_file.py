@@ -305,8 +305,7 @@ class WriterLock:
         except OSError as exc:  # e.g. ENOLCK on a share without locks; ENOSPC writing our pid
             with suppress(OSError):  # (the pid still buffered: its flush fails again)
                 self._file.close()
-            failed = f"cannot lock {self.path} ({exc.strerror or exc})"
-            raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
+            raise _failure(db, f"lock {self.path}", exc) from None
         if holder is not None:
             self._file.close()
             via = "" if resolved == Path(os.path.abspath(db)) else f", as {resolved}"
@@ -345,8 +344,7 @@ def _open_lock_file(db: Path | str, path: Path) -> TextIO:
         return open(path, "a+", encoding="utf-8")  # (held open by the caller)
     except OSError as exc:
         verb = "open" if os.path.lexists(path) else "create"
-        failed = f"cannot {verb} its lock file {path} ({exc.strerror or exc})"
-        raise (disk_problem(db, failed) or StoreError(f"{db}: {failed}")) from None
+        raise _failure(db, f"{verb} its lock file {path}", exc) from None
 
 
 def _lock_database_file(db: Path | str, resolved: Path) -> tuple[int | None, Path | None]:
@@ -360,7 +358,7 @@ def _lock_database_file(db: Path | str, resolved: Path) -> tuple[int | None, Pat
     except FileNotFoundError:
         fd, made = _make_database_file(db, resolved), resolved
     except OSError as exc:
-        raise open_failure_os(db, exc) from None
+        raise _failure(db, "open it", exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -382,12 +380,13 @@ def _make_database_file(db: Path | str, resolved: Path) -> int:
     except FileExistsError:  # made meanwhile by another process: lock that one
         return os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise open_failure_os(db, exc, "create") from None
+        raise _failure(db, "create it", exc) from None
 
 
-def open_failure_os(db: Path | str, exc: OSError, verb: str = "open") -> StoreError:
-    """The StoreError for a database file the writer lock could not open or create."""
-    failed = f"cannot {verb} it ({exc.strerror or exc})"
+def _failure(db: Path | str, what: str, exc: OSError) -> StoreError:
+    """The StoreError of the writer lock of `db` failing to `what` ("lock DB.lock", "open
+    it"): "DB: cannot WHAT (why)", or the full-disk one `disk_problem` words."""
+    failed = f"cannot {what} ({exc.strerror or exc})"
     return disk_problem(db, failed) or StoreError(f"{db}: {failed}")
 
 

@@ -536,7 +536,7 @@ def gate_operating_points(
         threshold = calibrated_threshold(calibration_probabilities, calibration_labels, target)
         gate = classifier_metrics(probs, labels, threshold)
         gated = gated_coco_metrics(samples, predictions, class_names, threshold)
-        kept = gated["map50"] / map50 if gated["map50"] is not None and map50 else None
+        kept = _kept(gated["map50"], map50)
         free = [p >= threshold for p, y in zip(probs, labels, strict=True) if not y]
         points.append({"target_recall": target, "threshold": threshold,
                        "recall": gate["recall"], "accuracy": gate["accuracy"],
@@ -544,6 +544,11 @@ def gate_operating_points(
                        "free_flagged": sum(free) / len(free) if free else None,
                        "map50_kept": kept})  # fmt: skip
     return points
+
+
+def _kept(gated: float | None, alone: float | None) -> float | None:
+    """The share of the detector's metric `alone` the gated system keeps; None without both."""
+    return gated / alone if gated is not None and alone else None
 
 
 def gated_coco_metrics(
@@ -592,9 +597,6 @@ def metrics_at_threshold(
         gate_best = best_accuracy_at_recall(probs, labels, target_recall)
         top_box_best = best_accuracy_at_recall(top_box, labels, target_recall)
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     return {
         **detector,
         "images": len(samples),
@@ -614,7 +616,7 @@ def metrics_at_threshold(
         "top_box_best_accuracy": top_box_best[0],
         "map_gated": gated["map"],
         "map50_gated": gated["map50"],
-        "map_kept": ratio(gated["map"], detector["map"]),
-        "map50_kept": ratio(gated["map50"], detector["map50"]),
+        "map_kept": _kept(gated["map"], detector["map"]),
+        "map50_kept": _kept(gated["map50"], detector["map50"]),
         "errors": error_breakdown(samples, boxes, scores, det_labels, class_names),
     }
