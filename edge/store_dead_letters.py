@@ -1,0 +1,154 @@
+"""The edge store's dead letters (no torch): a request the cloud refused for good made a
+dead letter (its row "error", its request kept within a byte cap), one export's requests made
+dead letters, and dead letters requeued into the outbox."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from splitdet.edge.file_identity import path_text
+from splitdet.edge.store_connection import StoreConnection, _boot_stamp
+from splitdet.edge.store_file import read_contents
+from splitdet.edge.store_schema import REQUEUED_NOTE
+from splitdet.edge.store_types import OutboxStats
+
+
+class StoreDeadLetters(StoreConnection):
+    """The dead letters part of `ResultStore`: requests refused for good, kept to requeue."""
+
+    def dead_letter(self, image_id: int, reason: str) -> bool:
+        """A permanent refusal: verdict "error" (dead_letter) with the reason, the request moved
+        from the outbox to the dead letters, one commit; not retried unless requeued. False
+        when the item is no longer pending."""
+        with self._transaction() as db:
+            return self._dead_letter(db, image_id, reason, attempt=True)
+
+    def _dead_letter(
+        self, db: sqlite3.Connection, image_id: int, reason: str, attempt: bool
+    ) -> bool:
+        """`dead_letter` within `db`'s transaction; `attempt`: count it as a send attempt."""
+        now = time.time()
+        cursor = db.execute(
+            "UPDATE images SET verdict = 'error', error_kind = 'dead_letter', reason = ?,"
+            " finished = ?, updated = ?, finished_boot = ?, finished_boot_s = ?,"
+            " attempts = attempts + ? WHERE id = ? AND verdict = 'pending'",
+            (path_text(reason), now, now, *_boot_stamp(), int(attempt), image_id),
+        )
+        if cursor.rowcount:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (image_id, request_id, payload,"
+                " size_bytes, created, dead_at) SELECT image_id, request_id, payload,"
+                " size_bytes, created, ? FROM outbox WHERE image_id = ?",
+                (now, image_id),
+            )
+            self._count(db, "dead_letters")
+            self._trim_dead_letters(db)
+        db.execute("DELETE FROM outbox WHERE image_id = ?", (image_id,))
+        return bool(cursor.rowcount)
+
+    def dead_letter_export(self, fingerprint: str, reason: str, dry_run: bool = False) -> int:
+        """Every outbox request made with the model export `fingerprint` made a dead letter
+        (its row "error", kept for `requeue_dead_letters`, within the dead letters' byte cap),
+        in one commit: an export no cloud will serve again. Returns how many (would be) moved.
+        A request the sender is sending meanwhile ends as the dead letter: its answer, when it
+        comes, finds the row no longer pending and changes nothing (`complete`)."""
+        with self._transaction() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
+                " WHERE i.fingerprint = ? AND i.verdict = 'pending' ORDER BY o.image_id",
+                (fingerprint,),
+            )]  # fmt: skip
+            if not dry_run:
+                for image_id in ids:  # (not a send attempt)
+                    self._dead_letter(db, image_id, reason, attempt=False)
+            return len(ids)
+
+    def _trim_dead_letters(self, db: sqlite3.Connection) -> None:
+        """Drop the oldest kept requests until the dead letters fit their byte cap."""
+        total = db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM dead_letters").fetchone()[0]
+        excess = total - self.cap.dead_letter_max_bytes
+        if excess <= 0:
+            return
+        for image_id, size in db.execute(
+            "SELECT image_id, size_bytes FROM dead_letters ORDER BY dead_at, image_id"
+        ).fetchall():
+            db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
+            self._count(db, "dead_letter_payloads_dropped")
+            excess -= size
+            if excess <= 0:
+                return
+
+    def dead_letter_stats(self) -> OutboxStats:
+        """Dead letters whose request is kept: count, payload bytes, oldest outbox entry."""
+        depth, size, oldest = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created) FROM dead_letters"
+        )[0]
+        return OutboxStats(int(depth), int(size), oldest)
+
+    def requeue_dead_letters(
+        self, since: float | None = None, dry_run: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Put refused requests back in the outbox, due now, their rows "pending" again (one
+        commit). Only as many as the outbox has room for, oldest first.
+
+        Args:
+            since: only dead letters refused at or after this unix time.
+            dry_run: change nothing; say what would happen.
+
+        Returns:
+            (requeued, no room, not kept): image ids of the dead letters requeued, left for
+            want of room in the outbox, and without a kept request (dropped by the byte cap, or
+            refused before requests were kept: reprocess their images instead).
+        """
+        since = float("-inf") if since is None else since
+        with self._transaction() as db:
+            # (a version 1 store read as it is, by a dry run, has no table of kept requests)
+            keeps = "dead_letters" in read_contents(db).names
+            kept = (
+                []
+                if not keeps
+                else db.execute(
+                    "SELECT d.image_id, d.size_bytes FROM dead_letters d"
+                    " JOIN images i ON i.id = d.image_id WHERE i.verdict = 'error'"
+                    " AND i.error_kind = 'dead_letter' AND d.dead_at >= ? ORDER BY d.image_id",
+                    (since,),
+                ).fetchall()
+            )
+            not_kept = [row[0] for row in db.execute(
+                "SELECT id FROM images WHERE verdict = 'error' AND error_kind = 'dead_letter'"
+                " AND COALESCE(finished, updated) >= ?"
+                + (" AND id NOT IN (SELECT image_id FROM dead_letters)" if keeps else "")
+                + " ORDER BY id",
+                (since,),
+            )]  # fmt: skip
+            depth, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
+            ).fetchone()
+            requeued, no_room = [], []
+            for image_id, payload_bytes in kept:
+                if depth + 1 > self.cap.max_items or size + payload_bytes > self.cap.max_bytes:
+                    no_room.append(image_id)
+                    continue
+                depth, size = depth + 1, size + payload_bytes
+                requeued.append(image_id)
+                if not dry_run:
+                    self._requeue(db, image_id)
+            return requeued, no_room, not_kept
+
+    def _requeue(self, db: sqlite3.Connection, image_id: int) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try,"
+            " last_error) SELECT image_id, request_id, payload, size_bytes, created, ?,"
+            " ? FROM dead_letters WHERE image_id = ?",
+            (now, REQUEUED_NOTE, image_id),
+        )
+        db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
+        db.execute(
+            "UPDATE images SET verdict = 'pending', error_kind = NULL, reason = NULL,"
+            " finished = NULL, finished_boot = NULL, finished_boot_s = NULL, updated = ?"
+            " WHERE id = ?",
+            (now, image_id),
+        )
+        self._count(db, "requeued")

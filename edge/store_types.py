@@ -1,0 +1,128 @@
+"""The values the edge store takes and gives (no torch): the outbox's caps, an arrival, an
+outbox item, the cloud's answer, what a prune did, the outbox's and dead letters' size, and
+`OutboxFull` when the outbox has no room."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from splitdet.edge.store_schema import FULL_POLICIES
+
+#: Where a processed file will be kept: a path, None (deleted), or a function of the row id.
+StoredPath = str | None | Callable[[int], str | None]
+
+
+class OutboxFull(Exception):
+    """The outbox is at its cap and the policy is "wait": try again later."""
+
+
+@dataclass(frozen=True)
+class OutboxCap:
+    """Bounds of the outbox and what happens at them.
+
+    Attributes:
+        max_items: requests waiting at most.
+        max_bytes: total payload bytes waiting at most.
+        policy: "wait" (the daemon stops taking images from the hot folder until the outbox has
+            room; the images wait there, counted as outbox_full_waits) or "reject" (the flagged
+            image gets verdict "error", error_kind "outbox_full", its features are dropped;
+            counted as outbox_full_rejected).
+        dead_letter_max_bytes: refused requests kept for requeueing, total payload bytes at
+            most; the oldest beyond it are dropped (counted as dead_letter_payloads_dropped).
+    """
+
+    max_items: int = 10_000
+    max_bytes: int = 2 << 30
+    policy: str = "wait"
+    dead_letter_max_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_bytes < 1 or self.dead_letter_max_bytes < 0:
+            raise ValueError("outbox caps must be at least 1")
+        if self.policy not in FULL_POLICIES:
+            raise ValueError(f"outbox policy must be one of {FULL_POLICIES}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One file as the hot folder delivered it.
+
+    Attributes:
+        path: where it arrived.
+        file_key: "name|size|mtime_ns|inode": the identity of this arrival of the file.
+        content_hash: SHA-256 hex of its bytes.
+        size_bytes: its size.
+        arrived: unix s when it was found complete.
+    """
+
+    path: str
+    file_key: str
+    content_hash: str
+    size_bytes: int
+    arrived: float
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    """A file the store already has a row for (found again after a crash or in keep mode)."""
+
+    id: int
+    path: str
+    stored_path: str | None
+    verdict: str
+    error_kind: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One request waiting for delivery."""
+
+    image_id: int
+    request_id: str
+    payload: bytes
+    created: float
+    attempts: int
+    stored_path: str | None
+    path: str
+    fingerprint: str  # the model export that made the request
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The cloud's detections for one request.
+
+    Attributes:
+        boxes: [[x1, y1, x2, y2], ...] in original-image px, by decreasing score.
+        timings: cloud-side and round-trip seconds, merged into the row's timings.
+    """
+
+    boxes: Sequence[Sequence[float]]
+    scores: Sequence[float]
+    labels: Sequence[int]
+    class_names: Sequence[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What `ResultStore.prune` did: rows deleted, the largest row id it looked at, and the rows
+    kept although their wall-clock stamp is old enough, because this boot wrote them more
+    recently (the clock was stepped forward since: `boot_clock`), or because their file still
+    lies where it arrived (`kept_in_place`)."""
+
+    deleted: int
+    through_id: int
+    kept_for_clock: int = 0
+    kept_in_place: int = 0
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """What the outbox (or the dead letters) holds: rows, payload bytes, the oldest row's
+    creation time (unix s; None when empty)."""
+
+    depth: int
+    bytes: int
+    oldest_created: float | None
