@@ -65,13 +65,18 @@ class StoreDeadLetters(StoreConnection):
             return len(ids)
 
     def _trim_dead_letters(self, db: sqlite3.Connection) -> None:
-        """Drop the oldest kept requests until the dead letters fit their byte cap."""
+        """Drop the oldest kept requests until the dead letters fit their byte cap. A request
+        larger than the whole cap goes first, alone: it could never be kept, and the older ones
+        are not dropped to make room for it."""
+        cap = self.cap.dead_letter_max_bytes
         total = db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM dead_letters").fetchone()[0]
-        excess = total - self.cap.dead_letter_max_bytes
+        excess = total - cap
         if excess <= 0:
             return
         for image_id, size in db.execute(
-            "SELECT image_id, size_bytes FROM dead_letters ORDER BY dead_at, image_id"
+            "SELECT image_id, size_bytes FROM dead_letters"
+            " ORDER BY size_bytes <= ?, dead_at, image_id",
+            (cap,),
         ).fetchall():
             db.execute("DELETE FROM dead_letters WHERE image_id = ?", (image_id,))
             self._count(db, "dead_letter_payloads_dropped")

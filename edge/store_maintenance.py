@@ -19,6 +19,7 @@ from splitdet.edge.store_types import Pruned
 #: waiting for the store's lock (not a fair one) takes it: a reclaim of 1 GB delays an image's
 #: result by about one step, instead of by seconds.
 RECLAIM_PAGES = 256
+FINAL = "('ok', 'defect', 'error')"  # the verdicts prune may delete: never "pending"
 RECLAIM_PAUSE_S = 0.005
 
 
@@ -71,7 +72,7 @@ class StoreMaintenance(StoreConnection):
             with self._lock:
                 rows = self._db.execute(
                     f"SELECT id, path, file_key{boot_select} FROM images WHERE id > ? AND"
-                    " verdict IN ('ok', 'defect', 'error') AND finished < ? ORDER BY id LIMIT ?",
+                    f" verdict IN {FINAL} AND finished < ? ORDER BY id LIMIT ?",
                     (after_id, before, batch),
                 ).fetchall()
             if not rows:
@@ -91,19 +92,25 @@ class StoreMaintenance(StoreConnection):
                     kept_in_place += 1
                 else:
                     doomed.append((row_id,))
-            deleted += len(doomed)
+            gone = len(doomed)
             if doomed and not dry_run:
                 with self._transaction() as db:
-                    db.executemany("DELETE FROM dead_letters WHERE image_id = ?", doomed)
+                    # a row requeued since the select (`edge requeue` in another process) is
+                    # pending again: neither it nor its kept request goes, nor is it counted
                     db.executemany(
-                        "DELETE FROM images WHERE id = ? AND verdict IN ('ok', 'defect', 'error')",
+                        f"DELETE FROM dead_letters WHERE image_id = ?1 AND EXISTS"
+                        f" (SELECT 1 FROM images WHERE id = ?1 AND verdict IN {FINAL})",
                         doomed,
                     )
+                    gone = db.executemany(
+                        f"DELETE FROM images WHERE id = ? AND verdict IN {FINAL}", doomed
+                    ).rowcount
                     db.execute(
                         "INSERT INTO counters (name, value) VALUES ('pruned', ?)"
                         " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                        (len(doomed),),
+                        (gone,),
                     )
+            deleted += gone
             if should_stop is not None and should_stop():
                 return Pruned(deleted, after_id, kept_for_clock, kept_in_place)
 

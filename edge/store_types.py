@@ -29,7 +29,8 @@ class OutboxCap:
             image gets verdict "error", error_kind "outbox_full", its features are dropped;
             counted as outbox_full_rejected).
         dead_letter_max_bytes: refused requests kept for requeueing, total payload bytes at
-            most; the oldest beyond it are dropped (counted as dead_letter_payloads_dropped).
+            most (0 keeps none); a request larger than it alone, then the oldest, are dropped
+            beyond it (counted as dead_letter_payloads_dropped).
     """
 
     max_items: int = 10_000
@@ -38,8 +39,10 @@ class OutboxCap:
     dead_letter_max_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
-        if self.max_items < 1 or self.max_bytes < 1 or self.dead_letter_max_bytes < 0:
+        if self.max_items < 1 or self.max_bytes < 1:
             raise ValueError("outbox caps must be at least 1")
+        if self.dead_letter_max_bytes < 0:
+            raise ValueError("the dead letters' byte cap must be at least 0 (0 keeps none)")
         if self.policy not in FULL_POLICIES:
             raise ValueError(f"outbox policy must be one of {FULL_POLICIES}, got {self.policy!r}")
 

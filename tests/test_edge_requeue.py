@@ -92,6 +92,46 @@ def test_kept_requests_are_bounded_and_the_oldest_dropped(tmp_path):
         store.close()
 
 
+def test_a_request_larger_than_the_cap_is_dropped_alone(tmp_path):
+    """One refused request over the whole cap emptied the kept dead letters: the older ones
+    were dropped, oldest first, to make room it could never have, then it went too."""
+    store = ResultStore(tmp_path / "edge.sqlite", OutboxCap(dead_letter_max_bytes=2500))
+    try:
+        kept = [_refused(store, n, payload_bytes=1000) for n in (1, 2)]
+        huge = _refused(store, 3, payload_bytes=3000)
+        assert store.dead_letter_stats().depth == 2 and store.dead_letter_stats().bytes == 2000
+        assert store.counters()["dead_letter_payloads_dropped"] == 1
+        assert store.requeue_dead_letters() == (kept, [], [huge])
+    finally:
+        store.close()
+
+
+def test_a_dead_letter_requeued_while_prune_looks_is_neither_deleted_nor_counted(
+    tmp_path, monkeypatch
+):
+    """prune picks its rows, then deletes those still final: one requeued in between (by
+    `edge requeue` in another process) stayed, but was counted as pruned."""
+    from splitdet.edge import store_maintenance
+
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        requeued = _refused(store, 1)
+        pruned, _ = store.record_ok(_arrival(2), 0.1, FINGERPRINT, {})
+
+        def requeue_meanwhile(path, key) -> bool:
+            if _rows(store.path)[requeued][0] == "error":
+                store.requeue_dead_letters()
+            return False
+
+        monkeypatch.setattr(store_maintenance, "still_there", requeue_meanwhile)
+        assert store.prune(before=time.time() + 60).deleted == 1
+        assert store.counters()["pruned"] == 1
+        assert pruned not in _rows(store.path) and requeued in _rows(store.path)
+        assert store.next_due().image_id == requeued  # its request kept, in the outbox
+    finally:
+        store.close()
+
+
 def test_since_selects_by_the_time_of_the_refusal(tmp_path):
     store = ResultStore(tmp_path / "edge.sqlite")
     try:
