@@ -238,7 +238,7 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
         "runs. A result this boot wrote goes only once the time since boot agrees it is that "
         "old (a clock set forward by NTP after a stale boot); prune says how many it kept so. "
         "The file shrinks by the pages freed (a database made before splitdet gave "
-        "pages back keeps its size: SQLite reuses them; see the README to convert one).",
+        "pages back keeps its size: SQLite reuses them; see edge/README.md to convert one).",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
         "--dry-run\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -155,7 +155,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         + ("pages, reused for new results (given back to the file system after a prune, and "
            f"after a delivered backlog once over {RECLAIM_ABOVE_BYTES >> 20} MB)"
            if file["gives_back"] else
-           "(kept and reused: an earlier store; the README says how to convert it)")
+           "(kept and reused: an earlier store; edge/README.md says how to convert it)")
     )  # fmt: skip
     return lines
 

@@ -264,7 +264,7 @@ def test_a_drained_outbox_gives_its_pages_back_to_the_file_system(tmp_path, caps
         assert before["gives_back"] and before["free_bytes"] >= 9_000_000, before
         assert "MB of it free pages, reused for new results (given back" in before["line"]
         old_file = _file_status(old, capsys)
-        assert not old_file["gives_back"] and "the README says how" in old_file["line"]
+        assert not old_file["gives_back"] and "edge/README.md says how" in old_file["line"]
         assert store.reclaim(above_bytes=20 << 20) == 0  # ~10 MB free: under the bound
         steps = iter([False, True])  # a daemon stopping: one step given back, the rest kept
         first = store.reclaim(should_stop=lambda: next(steps))
