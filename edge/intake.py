@@ -164,7 +164,7 @@ class Intake:
                 arrival, result.p_defect, self.fingerprint, timings, stored,
                 threshold=self.pipeline.threshold,
             )  # fmt: skip
-            verdict = "ok"
+            verdict, request_bytes = "ok", 0
         else:
             request_id = request_id_for(ready.data, self.fingerprint, self.pipeline.codec)
             name = Path(arrival.path).name  # (a protobuf string must be valid UTF-8)
@@ -172,6 +172,7 @@ class Intake:
             payload = build_request(
                 result.encoded, meta, request_id, self.fingerprint
             ).SerializeToString()
+            request_bytes = len(payload)  # what the store records and the sender sends
             record = self._record_pending(
                 arrival, result.p_defect, request_id, payload, timings, stored
             )
@@ -183,7 +184,7 @@ class Intake:
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         self.metrics.images.labels(verdict).inc()
         log_event(logging.INFO, "classified", path=arrival.path, image_id=image_id, verdict=verdict,
-                  p_defect=round(result.p_defect, 5), bytes=result.bytes_sent,
+                  p_defect=round(result.p_defect, 5), bytes=request_bytes,
                   timings={k: round(v, 5) for k, v in timings.items()})  # fmt: skip
         self.after.move(candidate, image_id, stored_path)
         return True

@@ -160,10 +160,12 @@ class Candidate:
     Attributes:
         path: the file.
         file_key: "name|size|mtime_ns|inode": this arrival's identity.
-        first_seen: unix s when the watcher first saw this version of the file.
+        first_seen: unix s when the watcher first saw the file (kept while it is still being
+            written: when it appeared).
         stable_since: monotonic s since when size and mtime have not changed.
         name: the file's path below the hot folder, "/"-separated; what the folder tracks it by.
-        seen: monotonic s when the watcher first saw it (it may have changed since).
+        seen: monotonic s when the watcher first saw it (kept while it changes: how long it
+            has been changing).
         told_changing: whether "still changing" was logged for it (`HotFolder._changing`).
     """
 
@@ -175,7 +177,7 @@ class Candidate:
     stable_since: float
     order: int = 0
     name: str = ""  # the path below the hot folder ("a.png", "2026-12-04/a.png"): its key
-    seen: float = 0.0  # monotonic s when this version was first seen
+    seen: float = 0.0  # monotonic s when first seen (kept while it changes)
     told_changing: bool = False  # "still changing" logged (`HotFolder._changing`)
 
 
@@ -318,7 +320,7 @@ class HotFolder:
         pixel_bits: int = 16,
         full_scan_s: float = FULL_SCAN_S,
         recent_s: float = RECENT_S,
-    ):
+    ) -> None:
         if min(settle_s, unreadable_grace_s, full_scan_s, recent_s) < 0:
             raise ValueError("settle, grace and scan times must be non-negative")
         self.extensions = None if extensions is None else normalize_extensions(extensions)

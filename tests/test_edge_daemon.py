@@ -327,6 +327,14 @@ def test_cloud_down_then_up_backlog_drains(tiny_model_dir, pool, tmp_path, proce
     # the outage's end is in the log too, with how long the sends failed
     resumed = [json.loads(line) for line in edge.log().splitlines() if '"send_resumed"' in line]
     assert resumed and resumed[0]["failures"] >= 1 and resumed[0]["failing_for_s"] > 0
+    # each "classified" line's bytes are the request the database recorded (and the sender
+    # sent), not the features alone; 0 for a defect-free image
+    logged = {
+        record["image_id"]: record["bytes"]
+        for record in (json.loads(line) for line in edge.log().splitlines() if line[:1] == "{")
+        if record.get("event") == "classified"
+    }
+    assert logged == {row["id"]: row["bytes_sent"] for row in rows(db)}
 
 
 # ------------------------------------------------------------------------------- 2. kill -9
