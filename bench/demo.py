@@ -15,7 +15,6 @@ Every process it starts is stopped on the way out, Ctrl-C included.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from splitdet.bench.processes import ServiceProcess, splitdet_command
 from splitdet.bench.streams import make_stream, stream_problem
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
+from splitdet.shared.manifest import file_sha256
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth_image import GENERATOR_VERSION
 from splitdet.training.voc import VocSample
@@ -96,14 +96,6 @@ def _stamp(path: Path) -> dict | None:
 
 def _write_stamp(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _run(args: list[str]) -> None:
@@ -180,7 +172,7 @@ def train_model(config: DemoConfig) -> bool:
         found
         and found.get("settings") == wanted
         and checkpoint.is_file()
-        and found.get("checkpoint_sha256") == _file_digest(checkpoint)
+        and found.get("checkpoint_sha256") == file_sha256(checkpoint)
     ):
         return True
     args = [
@@ -230,7 +222,7 @@ def train_model(config: DemoConfig) -> bool:
         ]
     )
     _write_stamp(
-        stamp, {"settings": wanted, "complete": True, "checkpoint_sha256": _file_digest(checkpoint)}
+        stamp, {"settings": wanted, "complete": True, "checkpoint_sha256": file_sha256(checkpoint)}
     )
     return False
 
@@ -240,7 +232,7 @@ def export_model(config: DemoConfig) -> bool:
     paths = config.paths()
     checkpoint = paths["run"] / "best.pt"
     stamp = paths["model"] / "demo-export.json"
-    digest = _file_digest(checkpoint)
+    digest = file_sha256(checkpoint)
     if (_stamp(stamp) or {}).get("checkpoint_sha256") == digest:
         return True
     _run(["export", "--checkpoint", str(checkpoint), "--out", str(paths["model"])])

@@ -88,7 +88,9 @@ class Monolithic:
 
     @torch.inference_mode()
     def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
-        """Detect on one image."""
+        """Detect on one image (numpy Float32[3, H, W] in [0, 1], as decoded; `decision` is
+        ignored: there is no gate): an Outcome with boxes Float32[K, 4] x1y1x2y2 in original
+        px, scores Float32[K], labels Int64[K]."""
         start = time.perf_counter()
         output = self.model([torch.from_numpy(image)])[0]
         total = time.perf_counter() - start
@@ -108,7 +110,9 @@ class SameEngines:
 
     @torch.inference_mode()
     def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
-        """Detect on one image (`decision` is ignored: there is no gate)."""
+        """Detect on one image (numpy Float32[3, H, W] in [0, 1], as decoded; `decision` is
+        ignored: there is no gate): an Outcome with boxes Float32[K, 4] x1y1x2y2 in original
+        px, scores Float32[K], labels Int64[K]."""
         start = time.perf_counter()
         levels, meta = self.pipeline.levels(image)
         edge_s = time.perf_counter() - start
@@ -131,7 +135,10 @@ class PaperGated:
         self.threshold = threshold
 
     def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
-        """Gate (and maybe detect) one image."""
+        """Gate (and maybe detect) one image (numpy Float32[3, H, W] in [0, 1], as decoded;
+        `decision`, when given, replaces the gate's verdict): an Outcome with p(defect) and,
+        when flagged, boxes Float32[K, 4] x1y1x2y2 in original px, scores Float32[K], labels
+        Int64[K]."""
         start = time.perf_counter()
         threshold = self.threshold if decision is None else (0.0 if decision else 2.0)
         p_defect, output = self.model.paper_forward(torch.from_numpy(image), threshold)
@@ -149,7 +156,10 @@ class Splitdet:
         self.name = f"splitdet-{pipeline.codec}"
 
     def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
-        """Gate one image; send the flagged one's features and wait for the boxes."""
+        """Gate one image (numpy Float32[3, H, W] in [0, 1], as decoded; `decision`, when given,
+        replaces the gate's verdict); send the flagged one's features and wait for the boxes:
+        an Outcome with p(defect) and, when flagged, boxes Float32[K, 4] x1y1x2y2 in original
+        px, scores Float32[K], labels Int64[K]."""
         start = time.perf_counter()
         result = self.pipeline.process_array(image, decision)
         edge_s = time.perf_counter() - start
@@ -192,7 +202,9 @@ class JpegToCloud:
         self.name = f"jpeg{quality}-to-cloud"
 
     def run(self, image: np.ndarray, decision: bool | None = None) -> Outcome:
-        """Compress, send, wait for the boxes."""
+        """Compress one image (numpy Float32[3, H, W] in [0, 1], as decoded; `decision` is
+        ignored: there is no gate), send it, wait for the boxes: an Outcome with boxes
+        Float32[K, 4] x1y1x2y2 in original px, scores Float32[K], labels Int64[K]."""
         start = time.perf_counter()
         data = jpeg_bytes(image, self.quality)
         edge_s = time.perf_counter() - start

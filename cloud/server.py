@@ -376,7 +376,7 @@ class CloudServer:
     def __enter__(self) -> CloudServer:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop(0)
 
 

@@ -769,5 +769,5 @@ class CloudClient:
     def __enter__(self) -> CloudClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -42,6 +42,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -216,7 +217,7 @@ def _on_disk(stored: str) -> str:
 
 
 def _select(
-    db: sqlite3.Connection, existing: _Existing, limit: int | None, **filters
+    db: sqlite3.Connection, existing: _Existing, limit: int | None, **filters: Any
 ) -> tuple[dict[int, str], int, int, list[str]]:
     """(VOC id by result id to collect, results matched, of them already collected, files
     found gone): at most ``limit`` of the matched results not yet collected (see

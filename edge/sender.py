@@ -208,11 +208,6 @@ class Sender(threading.Thread):
                 log.debug("closing the channel failed", exc_info=True)
         return in_flight
 
-    @property
-    def stopping(self) -> bool:
-        """Whether `stop` was called."""
-        return self._halt.is_set()
-
     def run(self) -> None:
         """Deliver outbox items, pausing as `send` says, until `stop`."""
         try:

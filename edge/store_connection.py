@@ -57,11 +57,6 @@ class StoreConnection:
         with self._lock:
             self._db.close()
 
-    def count_event(self, name: str) -> None:
-        """Add one to a durable counter."""
-        with self._transaction() as db:
-            self._count(db, name)
-
     @staticmethod
     def _count(db: sqlite3.Connection, name: str) -> None:
         db.execute(
@@ -71,5 +66,5 @@ class StoreConnection:
         )
 
     def counters(self) -> dict[str, int]:
-        """The event counters (`count_event`) by name."""
+        """The durable event counters (each added to by `_count` in a store write) by name."""
         return {name: int(value) for name, value in self._query("SELECT name, value FROM counters")}

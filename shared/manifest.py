@@ -115,12 +115,9 @@ def edge_gate_kind(manifest: Manifest) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """SHA-256 hex digest of a file, read in chunks."""
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def compute_fingerprint(

@@ -37,7 +37,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from splitdet.shared.config import ModelConfig
-from splitdet.shared.spec import LEVEL_NAMES, POOL_LEVEL, PYRAMID_LEVELS, STRIDES
+from splitdet.shared.spec import LEVEL_NAMES, POOL_LEVEL, PYRAMID_LEVELS, ROI_LEVELS, STRIDES
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -78,6 +78,7 @@ class DefectHead(nn.Module):
     """
 
     def __init__(self, channels: int, pooling: str) -> None:
+        """`channels`: C of the FPN level it reads; `pooling`: "avg", "max" or "dense"."""
         super().__init__()
         self.pooling = pooling
         if pooling == "dense":
@@ -109,15 +110,26 @@ class ContextRoIAlign(MultiScaleRoIAlign):
     """
 
     def __init__(self, context: float, sampling_ratio: int = 2) -> None:
+        """`context`: the factor a box's width and height are widened by (1.0: none);
+        `sampling_ratio`: RoIAlign's sampling points per side of each output bin."""
         super().__init__(
-            featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=sampling_ratio
+            featmap_names=list(ROI_LEVELS), output_size=7, sampling_ratio=sampling_ratio
         )
         self.context = context
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
-        """boxes: per image Tensor[K, 4] x1y1x2y2 in input px -> Tensor[sum K, C, 7, 7]."""
+        """Each box's 7x7 features from one of the levels in ROI_LEVELS, chosen by its widened size.
+
+        Args:
+            x: name -> Float32[N, C, h, w], the FPN levels (levels not in ROI_LEVELS unread).
+            boxes: per image Float32[K_i, 4] x1y1x2y2 in input px (the resized image's frame).
+            image_shapes: per image (h, w) after resize, before padding, px.
+
+        Returns:
+            Float32[sum K_i, C, 7, 7], the boxes in order, image by image.
+        """
         if self.context != 1.0:
             boxes = [_widen(b, self.context) for b in boxes]
         return super().forward(x, boxes, image_shapes)
@@ -297,6 +309,7 @@ class MultiTaskRCNN(FasterRCNN):
     """
 
     def __init__(self, config: ModelConfig) -> None:
+        """A model with random weights, built as `config` (sizes, heads, thresholds) says."""
         anchor_generator = AnchorGenerator(
             sizes=tuple((size,) for size in config.anchor_sizes),
             aspect_ratios=(tuple(config.anchor_ratios),) * len(config.anchor_sizes),
@@ -345,8 +358,17 @@ class MultiTaskRCNN(FasterRCNN):
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
-        """Eval: list of {"boxes" [K,4] x1y1x2y2 original px, "labels" [K], "scores" [K]}.
-        Train: dict of losses (torchvision's + "loss_defect")."""
+        """The detector (eval mode) or its training losses (training mode).
+
+        Args:
+            images: per image Float32[3, H_i, W_i] in [0, 1], any size (`transform` normalises,
+                resizes and pads them).
+            targets: training only: as `training_losses` takes them.
+
+        Returns:
+            Eval: per image {"boxes" Float32[K, 4] x1y1x2y2 in original image px, "labels"
+            Int64[K] (1-based), "scores" Float32[K] in [0, 1]}. Train: `training_losses`.
+        """
         if not self.training:
             return super().forward(images, targets)
         return self.training_losses(images, targets)
@@ -354,7 +376,18 @@ class MultiTaskRCNN(FasterRCNN):
     def training_losses(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
     ) -> dict[str, Tensor]:
-        """Joint multi-task losses for a batch of images ([3, H, W] floats in [0, 1])."""
+        """Joint multi-task losses for a batch of images.
+
+        Args:
+            images: per image Float32[3, H_i, W_i] in [0, 1], any size.
+            targets: per image "boxes" Float32[K, 4] x1y1x2y2 in that image's px (`transform`
+                resizes them with it), "labels" Int64[K] (1-based), and optionally "defective"
+                Bool[] (see `defect_loss`).
+
+        Returns:
+            name -> scalar loss Tensor: torchvision's "loss_classifier", "loss_box_reg",
+            "loss_objectness", "loss_rpn_box_reg", and "loss_defect".
+        """
         if targets is None:
             raise ValueError("training needs targets")
         images_t, targets_t = self.transform(images, targets)
@@ -392,7 +425,8 @@ class MultiTaskRCNN(FasterRCNN):
 
     @torch.inference_mode()
     def defect_probability(self, images: list[Tensor]) -> Tensor:
-        """p(defect) per image (Tensor[N]) through the full backbone (used in evaluation)."""
+        """p(defect) Float32[N] in [0, 1] of images (per image Float32[3, H_i, W_i] in [0, 1],
+        any size), through the full backbone and FPN (used in evaluation)."""
         images_t, _ = self.transform(images)
         feature = self.backbone(images_t.tensors)[self.config.gate_level]
         return torch.sigmoid(self.defect_head(feature)[0])
@@ -487,6 +521,7 @@ class EdgeHalf(nn.Module):
     """
 
     def __init__(self, model: MultiTaskRCNN) -> None:
+        """The edge half of `model`, sharing (not copying) its backbone and defect head."""
         super().__init__()
         self.body = model.backbone.body
         self.fpn = model.backbone.fpn
@@ -502,7 +537,16 @@ class EdgeHalf(nn.Module):
         return lateral + upsampled
 
     def gate(self, images: Tensor) -> GateOutput:
-        """Backbone + FPN down to the gate level + classifier."""
+        """Backbone + FPN down to the gate level + classifier.
+
+        Args:
+            images: Float32[N, 3, H, W], normalised, padded to multiples of 32.
+
+        Returns:
+            p(defect) Float32[N] in [0, 1], the levels `spec.gate_levels` (Float32[N, C, H / s,
+            W / s] for a level of stride s, "pool" Float32[N, C, ceil(H / 64), ceil(W / 64)]),
+            and the laterals and top-down state `complete` takes.
+        """
         stages = list(self.body(images).values())  # C2..C5
         top = len(PYRAMID_LEVELS) - 1
         top_down = self.fpn.get_result_from_inner_blocks(stages[top], top)
@@ -521,7 +565,17 @@ class EdgeHalf(nn.Module):
         )
 
     def complete(self, laterals: Sequence[Tensor], top_down: Tensor) -> dict[str, Tensor]:
-        """The lazy FPN levels (finer than the gate's), name -> Tensor[N, C, h, w]."""
+        """The lazy FPN levels (finer than the gate's) from `gate`'s output.
+
+        Args:
+            laterals: `GateOutput.laterals`, Float32[N, C_i, H / s, W / s] per stage, finest
+                first (C_i: the backbone stage's channels).
+            top_down: `GateOutput.top_down`, Float32[N, C, h, w] at the gate level ("3" for
+                a "pool" gate).
+
+        Returns:
+            name -> Float32[N, C, H / s, W / s] for each level in `spec.lazy_levels` (stride s).
+        """
         levels: dict[str, Tensor] = {}
         for index in range(self.gate_index - 1, -1, -1):
             top_down = self._top_down_step(top_down, laterals[index], index)
@@ -529,7 +583,15 @@ class EdgeHalf(nn.Module):
         return {name: levels[name] for name in self.spec.lazy_levels}
 
     def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Gate and complete at once: (p_defect Tensor[N], all five levels)."""
+        """Gate and complete at once.
+
+        Args:
+            images: Float32[N, 3, H, W], normalised, padded to multiples of 32.
+
+        Returns:
+            (p(defect) Float32[N] in [0, 1], name -> Float32[N, C, h, w] for all five levels
+            in LEVEL_NAMES, as `gate` and `complete` give them).
+        """
         out = self.gate(images)
         return out.p_defect, {**self.complete(out.laterals, out.top_down), **out.levels}
 
@@ -538,6 +600,7 @@ class CloudHalf(nn.Module):
     """The cloud's half of a `MultiTaskRCNN`: RPN + ROI heads + postprocess."""
 
     def __init__(self, model: MultiTaskRCNN) -> None:
+        """The cloud half of `model`, sharing (not copying) its RPN, ROI heads and transform."""
         super().__init__()
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads

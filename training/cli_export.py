@@ -103,7 +103,10 @@ def uncalibrated_warning(checkpoint_path: str, threshold: float) -> str:
 
 
 def calibration_batches(data: Path, config: ModelConfig, count: int) -> list:
-    """`count` train-split images of `data`, evenly spaced, preprocessed as the edge does."""
+    """`count` train-split images of `data` (all of them when it has fewer), evenly spaced,
+    preprocessed as the edge does (`edge.preprocess.prepare` at `config`'s input size): one
+    numpy Float32[1, 3, Hp, Wp] per image, normalised, padded with zeros to multiples of 32
+    (sizes may differ from image to image). ValueError when `count` < 1 or there are none."""
     from splitdet.edge.preprocess import load_image, prepare
     from splitdet.training import voc
 

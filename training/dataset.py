@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from splitdet.edge.preprocess import input_scale
 from splitdet.training.voc import VocSample, load_rgb
 
 #: A box clipped by a crop is kept when its longer side keeps at least this many px.
@@ -39,11 +40,6 @@ def _objects_cut(boxes: np.ndarray, left: int, top: int, size: int) -> int:
     inside = (boxes[:, 0] >= left) & (boxes[:, 2] <= right) & (boxes[:, 1] >= top)
     inside &= boxes[:, 3] <= bottom
     return int((overlaps & ~inside).sum())
-
-
-def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """The factor torchvision's GeneralizedRCNNTransform resizes an (height, width) image by."""
-    return min(min_size / min(height, width), max_size / max(height, width))
 
 
 def resize_as_the_model(img: Image.Image, scale: float) -> Image.Image:
@@ -111,9 +107,13 @@ class VocDetection(Dataset):
         samples: from `voc.read_split`.
         class_names: foreground classes, in label order.
         train: apply augmentation (crops, flips) and drop difficult objects.
-        crop: crop settings (train only); None trains on whole images.
-        input_size: (min_size, max_size) of the model: each image is resized as the model's
-            transform would resize it before cropping (train only); None: the file's scale.
+        crop: crop settings (train only): square crops `crop.size` px a side of the image as
+            resized by `input_size` (of the file's pixels when that is None); None trains on
+            whole images.
+        input_size: (min_size, max_size) px of the model (`ModelConfig`): each image is resized
+            by `input_scale` (short side to min_size px, long side at most max_size px), as the
+            model's transform would resize it, before cropping (train only); None: the file's
+            scale.
         flips: random horizontal and vertical flips (train only).
         seed: augmentation seed; item i of epoch e is the same whatever the worker count.
         pixel_bits: the bits 16-bit grayscale images' values use (`ModelConfig.pixel_bits`).
@@ -131,6 +131,8 @@ class VocDetection(Dataset):
         seed: int = 0,
         pixel_bits: int = 16,
     ) -> None:
+        """Arguments: see the class docstring. ValueError for an object whose class is not
+        one of `class_names`."""
         self.samples = list(samples)
         self.class_names = tuple(class_names)
         self.label_of = {name: k + 1 for k, name in enumerate(self.class_names)}

@@ -67,9 +67,15 @@ def error_breakdown(
     """Confident detections by kind of error and recall by object length (module docstring).
 
     Args:
-        samples: ground truth; object boxes 0-based continuous x1y1x2y2 px.
-        boxes_per_image: per sample, [K, 4] x1y1x2y2 px (array-like); scores [K]; labels [K]
-            1-based indices into `class_names`.
+        samples: ground truth; object boxes x1y1x2y2 in 0-based continuous original-image px
+            (`VocSample`).
+        boxes_per_image: per sample, the detections' boxes (K, 4) x1y1x2y2 in the same frame,
+            original-image px, any array-like (Tensor, ndarray; read as float64).
+        scores_per_image: per sample, scores (K,) (read as float64), compared with
+            `score_threshold`.
+        labels_per_image: per sample, labels (K,) (read as int64), 1-based indices into
+            `class_names`.
+        class_names: the classes; label k + 1 is class_names[k].
         score_threshold: detections scoring below it are not counted.
         iou_threshold: IoU that makes a detection match an object.
         length_edges: increasing bucket edges of an object's longer side, px.

@@ -179,6 +179,11 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
                     "category_id": label_of[obj.name],
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": (x2 - x1) * (y2 - y1),
+                    # Difficult as crowd: COCOeval's `_prepare` overwrites every `ignore` with
+                    # `iscrowd`, its only way to ignore a box. A crowd box is matched by
+                    # intersection over the detection's area, by any number of detections (one
+                    # that also matches a free regular box takes that instead); a detection
+                    # matched to it is neither TP nor FP, and the box is never a missed object.
                     "iscrowd": int(obj.difficult),
                 }
             )
@@ -237,9 +242,14 @@ def coco_metrics(
     """pycocotools' bbox COCOeval over all `samples` (images without objects included).
 
     Args:
-        samples: ground truth; object boxes 0-based continuous x1y1x2y2 px.
-        boxes_per_image: per sample, [K, 4] x1y1x2y2 (array-like); scores and labels (1-based)
-            likewise [K].
+        samples: ground truth; object boxes x1y1x2y2 in 0-based continuous original-image px
+            (`VocSample`), difficult ones ignored (see `_coco_gt`).
+        boxes_per_image: per sample, the detections' boxes (K, 4) x1y1x2y2 in the same frame,
+            original-image px (not the model's resized input), any float array-like (Tensor,
+            ndarray; read as Python floats), as `Prediction.boxes`.
+        scores_per_image: per sample, scores (K,) floats (only their order counts).
+        labels_per_image: per sample, labels (K,) ints, 1-based indices into `class_names`.
+        class_names: the classes; label k + 1 is class_names[k].
 
     Returns {"map": mAP@[.5:.95], "map50": mAP@.5, "map75", "ar100": AR@100}; None where
     pycocotools has nothing to average (no ground truth at all); and "per_class": per class

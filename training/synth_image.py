@@ -12,8 +12,6 @@ name, the camera's size, the generator version and the seed streams, and `parse_
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,11 +153,3 @@ def save_jpeg(image: np.ndarray, path: Path, quality: int = 92) -> None:
     """Save an (H, W, 3) uint8 image as a baseline JPEG (written atomically)."""
     with replacing(path) as tmp:
         Image.fromarray(image).save(tmp, format="JPEG", quality=int(quality))
-
-
-def _time_one(size: Sequence[int] = FULL_SIZE, n: int = 3) -> float:  # pragma: no cover
-    """Mean seconds to render one defective image (a profiling aid)."""
-    t0 = time.perf_counter()
-    for i in range(n):
-        generate_image(0, i, (int(size[0]), int(size[1])), True)
-    return (time.perf_counter() - t0) / n
