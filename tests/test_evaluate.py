@@ -14,13 +14,13 @@ from splitdet.shared.config import ModelConfig
 from splitdet.training.evaluate import (
     Prediction,
     best_accuracy_at_recall,
-    calibrate_threshold,
     calibrated_threshold,
     calibration_shortfall,
     classifier_metrics,
     coco_metrics,
     evaluate,
     gate_operating_points,
+    highest_threshold_at_recall,
     roc_auc,
 )
 from splitdet.training.voc import VocObject, VocSample
@@ -133,15 +133,15 @@ def test_map_without_any_detection_is_zero_and_empty_gt_is_none():
 def test_gate_calibration_and_classifier_metrics():
     probs = [0.9, 0.8, 0.3, 0.6, 0.2, 0.1]
     labels = [True, True, True, True, False, False]
-    assert calibrate_threshold(probs, labels, 1.0) == 0.3
-    assert calibrate_threshold(probs, labels, 0.75) == 0.6  # one miss allowed out of four
+    assert highest_threshold_at_recall(probs, labels, 1.0) == 0.3
+    assert highest_threshold_at_recall(probs, labels, 0.75) == 0.6  # one miss allowed out of four
     m = classifier_metrics(probs, labels, 0.3)
     assert (m["recall"], m["accuracy"], m["precision"]) == (1.0, 1.0, 1.0)
     assert m["auc"] == 1.0
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
     assert roc_auc([0.5, 0.5], [True, False]) == 0.5
     with pytest.raises(ValueError, match="no defective image"):
-        calibrate_threshold([0.1], [False], 0.99)
+        highest_threshold_at_recall([0.1], [False], 0.99)
 
 
 def _logit(p: float) -> float:
@@ -155,7 +155,7 @@ def test_calibrated_threshold_lies_in_the_gap_under_the_lowest_score_it_keeps():
     # perfectly separated, as a gate trained on easy data: defective 0.99988..0.99997
     probs = [0.99997, 0.99999, 0.99988, 0.9999, 0.0158, 0.001]
     labels = [True, True, True, True, False, False]
-    highest = calibrate_threshold(probs, labels, 0.995)
+    highest = highest_threshold_at_recall(probs, labels, 0.995)
     assert highest == 0.99988  # the lowest defective score: 4 images cannot miss 0.5% of them
     t = calibrated_threshold(probs, labels, 0.995)
     assert _logit(t) == pytest.approx((_logit(0.99988) + _logit(0.0158)) / 2)
@@ -197,7 +197,7 @@ def test_best_accuracy_at_recall_searches_every_threshold_that_keeps_the_recall(
     # the fourth positive at no cost (5/6); 0.1 would flag the second negative as well (4/6)
     probs = [0.9, 0.35, 0.34, 0.33, 0.36, 0.1]
     labels = [True, True, True, True, False, False]
-    assert calibrate_threshold(probs, labels, 0.75) == 0.34
+    assert highest_threshold_at_recall(probs, labels, 0.75) == 0.34
     assert best_accuracy_at_recall(probs, labels, 0.75) == (pytest.approx(5 / 6), 0.33)
     # ties: the highest threshold among the best; only positives: recall alone decides
     assert best_accuracy_at_recall([0.9, 0.7, 0.2], [True, True, False], 1.0) == (1.0, 0.7)

@@ -332,7 +332,7 @@ def _misses_allowed(defective: int, target_recall: float) -> int:
     return math.floor((1.0 - target_recall) * defective + 1e-9)
 
 
-def calibrate_threshold(
+def highest_threshold_at_recall(
     probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
 ) -> float:
     """The highest threshold t with recall (fraction of positives with p >= t) >= target_recall."""
@@ -353,8 +353,9 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
 def calibrated_threshold(
     probabilities: Sequence[float], labels: Sequence[bool], target_recall: float
 ) -> float:
-    """The gate threshold calibrated for `target_recall`: `calibrate_threshold`'s t lowered into
-    the gap below it, to the midpoint in logit space between t and the highest score under t.
+    """The gate threshold calibrated for `target_recall`: `highest_threshold_at_recall`'s t
+    lowered into the gap below it, to the midpoint in logit space between t and the highest
+    score under t.
 
     No calibration image changes side (its recall, accuracy and pass rate are those of t), but a
     defective image scoring a little under the lowest one kept is still flagged. t itself sits
@@ -363,7 +364,7 @@ def calibrated_threshold(
     the lowest of them, and a quarter of the next ones can score under it). Without any score
     under t, t stays.
     """
-    highest = calibrate_threshold(probabilities, labels, target_recall)
+    highest = highest_threshold_at_recall(probabilities, labels, target_recall)
     p = np.asarray(probabilities, dtype=np.float64)
     below = p[p < highest]
     if len(below) == 0:
@@ -414,10 +415,10 @@ def best_accuracy_at_recall(
 
     Read on the evaluated split itself, it is what the scores allow whatever the calibration: an
     upper bound on the calibrated gate's accuracy. The best t can lie below the highest one that
-    keeps the recall (`calibrate_threshold`) when positives crowd just under it."""
+    keeps the recall (`highest_threshold_at_recall`) when positives crowd just under it."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
-    highest = calibrate_threshold(p, y, target_recall)
+    highest = highest_threshold_at_recall(p, y, target_recall)
     candidates = np.unique(p[p <= highest])  # ascending; includes `highest`
     positives, negatives = np.sort(p[y]), np.sort(p[~y])
     true_pos = len(positives) - np.searchsorted(positives, candidates, side="left")
