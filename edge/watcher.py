@@ -91,27 +91,27 @@ of files already done, so a scan does only what the folder's state calls for:
 Handing files over is O(1) per file in arrival order (tracked files are kept in arrival order,
 see `next_candidate`), so the thousands of files of a folder kept with `--after keep` are handed
 over again quickly after a restart.
+
+The parts: the listing, the names taken and the detection of a changed folder
+(`watcher_listing`), the reports of what is left alone, cannot be listed or may not be read
+(`watcher_reports`); this module holds the settling and the reading, and every name its
+callers import from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
-import os
-import re
-import stat as stat_mode
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from splitdet.edge.file_identity import file_key
-from splitdet.edge.ignore_marker import is_marked
 from splitdet.edge.preprocess import (
     IMAGE_SUFFIXES,
     MAX_FILE_BYTES,
@@ -119,38 +119,39 @@ from splitdet.edge.preprocess import (
     decode_image,
     too_large_text,
 )
+from splitdet.edge.watcher_listing import (
+    FULL_SCAN_S,
+    RECENT_S,
+    FolderListing,
+    _below_any,
+    _Found,
+    enters_subfolder,
+    is_ignored_name,
+    normalize_extensions,
+    parse_extensions,
+)
+from splitdet.edge.watcher_reports import SKIPPED_GONE_MEMORY, FolderReports, _Denied
+
+#: What callers import from here, wherever it is defined.
+__all__ = [
+    "SKIPPED_GONE_MEMORY",
+    "STILL_CHANGING_MIN_S",
+    "STILL_CHANGING_SETTLES",
+    "Candidate",
+    "HotFolder",
+    "Ready",
+    "enters_subfolder",
+    "file_key",
+    "is_ignored_name",
+    "normalize_extensions",
+    "parse_extensions",
+]
 
 log = logging.getLogger(__name__)
-
-#: Names of files still being written by common tools; never picked up.
-IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
-#: Skipped names no longer in the folder that are still remembered as told (see the docstring).
-SKIPPED_GONE_MEMORY = 4096
-#: One extension as `normalize_extensions` takes it: letters, digits, "_", "+", "-".
-_EXTENSION = re.compile(r"\.?[A-Za-z0-9_+-]+")
-#: Why an entry of the hot folder is left alone (`HotFolder.skipped_files`, the field "why" of
-#: its `file_skipped` line): its name has no extension taken, it is a symbolic link (to a
-#: file, or to a folder), a subfolder without `recursive`, or no file nor folder at all.
-EXTENSION, LINK, FOLDER_LINK, SUBFOLDER, SPECIAL = (
-    "extension", "link", "folder_link", "subfolder", "special"
-)  # fmt: skip
-#: Seconds between full scans (every file stat'ed) of a folder whose times say unchanged.
-FULL_SCAN_S = 5.0
-#: Seconds a file kept in the folder (`HotFolder.ignore`) is still stat'ed on every scan.
-RECENT_S = 60.0
-#: A folder modified less than this many ns before it was listed is listed again next scan.
-RACY_NS = 3_000_000_000
 
 #: A file still changing after this many settle times (and STILL_CHANGING_MIN_S) is told of.
 STILL_CHANGING_SETTLES = 10
 STILL_CHANGING_MIN_S = 5.0
-#: Seconds between reads of a file this process may not read (EACCES, EPERM), and between the
-#: WARNINGs saying so while it lasts.
-DENIED_RETRY_S = 2.0
-DENIED_WARN_EVERY_S = 300.0
-
-#: (mtime_ns, name below the hot folder, path, stat) of a file a scan looked at.
-_Found = tuple[int, str, Path, os.stat_result]
 
 
 @dataclass
@@ -201,95 +202,7 @@ class Ready:
     read_s: float
 
 
-@dataclass(frozen=True)
-class _Denied:
-    """A tracked file this process may not read: since when, when to read it again and when
-    to warn again (monotonic s)."""
-
-    since: float
-    retry_at: float
-    warn_at: float
-
-
-def is_ignored_name(name: str) -> bool:
-    """Whether a name is never looked at: hidden, or still being written (in-progress)."""
-    return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
-
-
-def enters_subfolder(folder: Path) -> bool:
-    """Whether a --recursive hot folder goes into the subfolder `folder` (its own archive and
-    quarantine aside): not when its name is ignored (`is_ignored_name`), nor when it holds the
-    ignore marker. `HotFolder._files` decides so; the hot-folder lock's nesting check asks
-    this (`DirectoryLock(enters=...)`)."""
-    return not is_ignored_name(folder.name) and not is_marked(folder)
-
-
-def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
-    """The extensions a hot folder takes as lower-case ".ext" strings, in order, each once
-    ("PNG" and ".png" are ".png"). ValueError naming the first that cannot be one: empty, more
-    than one extension (".tar.gz"), a path or a pattern ("*.png"), or an in-progress suffix
-    (".tmp": such names are never taken, see IN_PROGRESS_SUFFIXES)."""
-    taken: list[str] = []
-    for raw in extensions:
-        text = raw.strip()
-        if text == "*":
-            raise ValueError("'*' is not an extension; --any-extension takes every file")
-        if not _EXTENSION.fullmatch(text):
-            raise ValueError(
-                f"{text!r} is not a file extension (letters, digits, _ + -, such as .raw16)"
-            )
-        extension = "." + text.lstrip(".").lower()
-        if extension in IN_PROGRESS_SUFFIXES:
-            raise ValueError(f"{extension} names files still being written, never taken")
-        if extension not in taken:
-            taken.append(extension)
-    if not taken:
-        raise ValueError("no extension given")
-    return tuple(taken)
-
-
-def parse_extensions(text: str) -> tuple[str, ...]:
-    """An --extensions value, comma-separated (".raw16,.png", "raw16, PNG"), as
-    `normalize_extensions` returns it; ValueError saying what is wrong."""
-    return normalize_extensions(part for part in text.split(",") if part.strip())
-
-
-def _reason(exc: OSError) -> str:
-    """An OSError's reason without the path (the log line names it)."""
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _inode(key: str) -> int:
-    """The inode a `file_key` ("name|size|mtime_ns|inode") recorded."""
-    return int(key.rpartition("|")[2])
-
-
-def _folder_stat(folder: str | os.PathLike[str]) -> os.stat_result:
-    """A folder's stat through an open descriptor of it: opening it makes an NFS client fetch
-    its attributes afresh (close-to-open consistency), where a plain stat may answer from its
-    attribute cache for up to a minute. OSError when it cannot be opened."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
-
-
-def _folder_times(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """What tells a folder changed: its device and inode (replaced, remounted) and its mtime
-    and ctime (an entry added, removed or renamed)."""
-    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns
-
-
-def _below_any(name: str, failed: dict[str, str]) -> bool:
-    """Whether `name` is, or lies below, something that could not be listed this scan: its
-    state is unknown, so it is kept as it was rather than taken as removed."""
-    return bool(failed) and any(
-        not where or name == where or name.startswith(where + "/") for where in failed
-    )
-
-
-class HotFolder:
+class HotFolder(FolderListing, FolderReports):
     """Tracks files in one folder until they are complete; see the module docstring.
 
     Args:
@@ -351,190 +264,6 @@ class HotFolder:
         self._folders: dict[str, tuple[int, int, int, int]] = {}
         self._racy = True  # a folder was listed within RACY_NS of its change: list again
         self._last_full = -math.inf  # monotonic s of the last listing (every file stat'ed)
-
-    def accepts(self, name: str) -> bool:
-        """Whether a file of this name (not hidden, not in progress) is taken: its name ends
-        in one of `extensions`, in any case."""
-        return self.extensions is None or name.lower().endswith(self.extensions)
-
-    def _files(
-        self,
-        folder: Path,
-        failed: dict[str, str],
-        skipped: dict[str, str],
-        prefix: str = "",
-    ) -> Iterator[tuple[str, Path, os.stat_result]]:
-        """(name below the hot folder, path, stat) of every file to consider in `folder`.
-
-        What cannot be listed or looked at is left out and noted in `failed` (its name below
-        the hot folder, "" for the hot folder itself -> why), never raised: one bad folder must
-        not stop the others from being processed. What is left alone is left out and its name
-        added to `skipped` with why: files the folder does not `accept` (EXTENSION),
-        symbolic links (LINK, FOLDER_LINK), subfolders without `recursive` (SUBFOLDER; not the
-        `exclude`d ones nor those holding IGNORE_MARKER), FIFOs, sockets and devices
-        (SPECIAL). Each folder's times are noted before it is listed (`_note_folder`)."""
-        self._note_folder(folder)
-        try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            if not prefix:  # the hot folder itself is gone (an unmounted share?)
-                failed[""] = _reason(exc)
-            return  # else a subfolder removed while scanning: its files are gone
-        except OSError as exc:  # e.g. EACCES on lost+found, EIO/ESTALE on a network share
-            failed[prefix.rstrip("/")] = _reason(exc)
-            return
-        for entry in entries:
-            if is_ignored_name(entry.name):
-                continue
-            name = prefix + entry.name
-            try:
-                if entry.is_file(follow_symlinks=False):
-                    if not self.accepts(entry.name):  # a companion file: Thumbs.db, a sidecar
-                        skipped[name] = EXTENSION
-                        continue
-                    yield name, Path(entry.path), entry.stat(follow_symlinks=False)
-                elif entry.is_dir(follow_symlinks=False):
-                    subfolder = Path(entry.path)
-                    if subfolder.resolve() in self._exclude:  # the daemon's own
-                        continue
-                    # (its name is not ignored, see above: only the marker can keep it out)
-                    enters = enters_subfolder(subfolder)
-                    if not self.recursive:  # (a marked one, edge collect's output: not told of)
-                        if enters:
-                            skipped[name] = SUBFOLDER
-                    elif not enters:  # its times change when the marker goes
-                        self._note_folder(subfolder)
-                    else:
-                        yield from self._files(subfolder, failed, skipped, f"{name}/")
-                elif entry.is_symlink():  # never followed: see the module docstring
-                    if entry.is_dir():
-                        skipped[name] = FOLDER_LINK
-                    else:
-                        skipped[name] = LINK if self.accepts(entry.name) else EXTENSION
-                else:  # a FIFO, a socket, a device
-                    skipped[name] = SPECIAL
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                failed[name] = _reason(exc)
-
-    def _note_folder(self, folder: Path) -> None:
-        """Note a folder's times as it is about to be listed (see `_folders_changed`); one
-        changed less than RACY_NS ago is listed again at the next scan, since a change in the
-        same timestamp tick would leave its times as they are."""
-        try:
-            stat = _folder_stat(folder)
-        except OSError:  # its listing says why, or it was removed meanwhile
-            self._racy = True
-            return
-        self._folders[str(folder)] = _folder_times(stat)
-        if stat.st_mtime_ns >= time.time_ns() - RACY_NS:
-            self._racy = True
-
-    def _folders_changed(self) -> bool:
-        """Whether a folder listed at the last scan has other times now (or cannot be
-        stat'ed): an entry was added, removed or renamed."""
-        for folder, times in self._folders.items():
-            try:
-                if _folder_times(_folder_stat(folder)) != times:
-                    return True
-            except OSError:
-                return True
-        return False
-
-    def _restat(self) -> list[_Found] | None:
-        """The files still pending and those kept in the folder lately, stat'ed without
-        listing a folder; None when one is gone, not a regular file any more, or another file
-        (another inode: renamed over): the folders must be listed."""
-        found: list[_Found] = []
-        watched = itertools.chain(
-            ((name, c.path, c.file_key) for name, c in self._tracked.items()),
-            ((name, path, self._ignored[name]) for name, (path, _) in self._recent.items()
-             if name not in self._tracked),
-        )  # fmt: skip
-        for name, path, key in watched:
-            try:
-                stat = os.lstat(path)
-            except OSError:
-                return None
-            if not stat_mode.S_ISREG(stat.st_mode) or stat.st_ino != _inode(key):
-                return None
-            found.append((stat.st_mtime_ns, name, path, stat))
-        return found
-
-    def _report(self, failed: dict[str, str]) -> None:
-        """Log each unlistable folder (or file) once per reason, and when it can be read again:
-        a scan runs every poll (0.25 s), a log line per scan would flood the log."""
-        for name, reason in failed.items():
-            if self._warned.get(name) != reason:
-                path = str(self.folder / name)
-                what = (  # (the hot folder itself: nothing else to go on with)
-                    f"{path} ({reason}): skipped, tried again on every scan; the other files "
-                    "go on" if name else f"the hot folder {path} ({reason}): no image is taken "
-                    "until it can be listed again; tried again on every scan"
-                )  # fmt: skip
-                log.warning(
-                    f"cannot read {what}",
-                    extra={"fields": {"event": "folder_unreadable", "path": path, "error": reason}},
-                )
-        for name in self._warned.keys() - failed.keys():
-            path = str(self.folder / name)
-            log.info(f"{path} can be listed again",
-                     extra={"fields": {"event": "folder_readable", "path": path}})  # fmt: skip
-        self._warned = dict(failed)
-
-    def _note_skipped(self, skipped: dict[str, str], failed: dict[str, str]) -> None:
-        """Log each entry left alone once (INFO, see the module docstring), and keep what
-        `skipped_files` reports. Entries below a folder that could not be listed this scan
-        are taken to be still there, as tracked files are."""
-        if failed:
-            skipped |= {name: why for name, why in self._skipped.items()
-                        if _below_any(name, failed)}  # fmt: skip
-        for name in sorted(skipped):
-            why = skipped[name]
-            if self._told.get(name) == why:
-                continue
-            path = str(self.folder / name)
-            extension = os.path.splitext(name)[1].lower() or "(none)"
-            log.info(
-                f"{path}: left alone, {self._why_skipped(why, extension)}",
-                extra={"fields": {"event": "file_skipped", "path": path, "why": why,
-                                  "extension": extension}},
-            )  # fmt: skip
-            self._told[name] = why
-            self._told.move_to_end(name)
-        self._skipped = skipped
-        excess = len(self._told) - len(skipped) - SKIPPED_GONE_MEMORY
-        if excess > 0:  # forget the names gone longest ago (the oldest told first)
-            gone = (name for name in self._told if name not in skipped)
-            for name in list(itertools.islice(gone, excess)):
-                del self._told[name]
-
-    def _why_skipped(self, why: str, extension: str) -> str:
-        """What the `file_skipped` line says after "left alone, " for an entry left alone
-        (`why`: EXTENSION, LINK, FOLDER_LINK, SUBFOLDER or SPECIAL)."""
-        if why == EXTENSION:
-            return (f"not an image by its name ({extension}; taken: "
-                    f"{' '.join(self.extensions or ())}); if the camera writes its images "
-                    "under this extension, give it to --extensions")  # fmt: skip
-        if why == LINK:
-            return ("a symbolic link: links are not followed (the daemon takes only files it "
-                    "can move or delete, and sees a file change by its own times); have the "
-                    "camera write or move the image itself into the folder")  # fmt: skip
-        if why == FOLDER_LINK:
-            return ("a symbolic link to a folder: links are not followed, nor entered with "
-                    "--recursive; move the folder in, or watch it with a daemon of its "
-                    "own")  # fmt: skip
-        if why == SUBFOLDER:
-            return ("a folder: the images in subfolders are taken only with --recursive "
-                    "(a folder holding a .splitdet-ignore file is never entered)")  # fmt: skip
-        return "not a regular file, nor a folder (a FIFO, socket or device)"
-
-    def skipped_files(self) -> int:
-        """Entries the last scan found and left alone: files whose name has no extension
-        taken, symbolic links, subfolders without `recursive`, FIFOs, sockets, devices."""
-        return len(self._skipped)
 
     def scan(self) -> None:
         """Look at the folder once: note new files, changes and removals. Only as much is
@@ -678,34 +407,6 @@ class HotFolder:
             error=error,
             read_s=time.perf_counter() - start,
         )
-
-    def _deny(self, candidate: Candidate, exc: OSError) -> None:
-        """A file this process may not read (EACCES, EPERM: a camera writing as another user
-        with mode 0600, a security module): not the image's fault, so it is not quarantined
-        but kept pending and read again every DENIED_RETRY_S until it can be. A WARNING when
-        first met and every DENIED_WARN_EVERY_S while it lasts (event "file_unreadable")."""
-        now = time.monotonic()
-        denied = self._denied.get(candidate.name)
-        since, warn_at = (now, now) if denied is None else (denied.since, denied.warn_at)
-        if now >= warn_at:
-            path, reason = str(candidate.path), _reason(exc)
-            lasting = f" for {now - since:.0f} s" if denied is not None else ""
-            log.warning(
-                f"cannot read {path} ({reason}){lasting}: left where it is, not quarantined, "
-                f"and tried again every {DENIED_RETRY_S:g} s; let the daemon's user read it "
-                "(the camera writing it under another user, or with mode 0600?)",
-                extra={"fields": {"event": "file_unreadable", "path": path, "error": reason,
-                                  "denied_s": round(now - since, 1)}},
-            )  # fmt: skip
-            warn_at = now + DENIED_WARN_EVERY_S
-        self._denied[candidate.name] = _Denied(since, now + DENIED_RETRY_S, warn_at)
-
-    def _allowed(self, candidate: Candidate) -> None:
-        """A file `_deny` kept back could be read after all (INFO, event "file_readable")."""
-        denied = self._denied.pop(candidate.name)
-        path = str(candidate.path)
-        log.info(f"{path} can be read now, after {time.monotonic() - denied.since:.0f} s",
-                 extra={"fields": {"event": "file_readable", "path": path}})  # fmt: skip
 
     def forget(self, candidate: Candidate) -> None:
         """The file was handled (moved or deleted): stop tracking it."""
