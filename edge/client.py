@@ -207,7 +207,7 @@ class CloudClient:
 
         Raises:
             NeverRetry: FAILED_PRECONDITION when the server does not serve that model (its
-                message lists what it serves); BadAnswer: a manifest that is not JSON.
+                message lists what it serves); BadAnswer: a manifest that is not a JSON object.
             RetryLater: the server is unreachable or busy.
         """
         response = self._call(
@@ -221,6 +221,11 @@ class CloudClient:
             raise BadAnswer(
                 grpc.StatusCode.INTERNAL, f"server sent a bad manifest: {exc}"
             ) from None
+        if not isinstance(data, dict):
+            raise BadAnswer(
+                grpc.StatusCode.INTERNAL,
+                f"server sent a bad manifest: a JSON {type(data).__name__}, not an object",
+            )
         served = tuple(response.served_fingerprints) or (response.model_fingerprint,)
         # a manifest that hashes to its fingerprint gives that model's rules (another is
         # refused when an answer needs them)

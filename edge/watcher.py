@@ -386,7 +386,10 @@ class HotFolder(FolderListing, FolderReports):
         except OSError as exc:
             data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
         if candidate.name in self._denied:
-            self._allowed(candidate)
+            if error is None:
+                self._allowed(candidate)
+            else:  # opened or stat'ed, but not read: no "can be read now"
+                self._denied.pop(candidate.name)
         if stat is not None and file_key(candidate.path, stat) != candidate.file_key:
             self.scan()  # written to meanwhile: settle again
             return None

@@ -313,6 +313,15 @@ def test_a_manifest_nested_too_deep_is_a_bad_manifest_not_a_crash(cloud, client)
     assert refused.value.code is grpc.StatusCode.INTERNAL
 
 
+@pytest.mark.parametrize("sent", ["[1, 2]", "7", '"text"', "null"])
+def test_a_manifest_that_is_json_but_no_object_is_a_bad_manifest(cloud, client, sent):
+    """Any JSON passed: a list or a number came back as the manifest's data, which its
+    readers (`ServedManifest.class_names`) would fail on."""
+    cloud.manifest_json = sent
+    with pytest.raises(NeverRetry, match=r"server sent a bad manifest: a JSON \w+, not an"):
+        client.manifest(cloud.fingerprint)
+
+
 # ------------------------------------------------------------------------ `edge run`, end to end
 
 

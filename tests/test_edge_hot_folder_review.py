@@ -456,3 +456,30 @@ def test_the_ready_file_goes_when_the_daemon_stops_and_a_dead_ones_at_start(
         assert batch.returncode == 0, batch.stderr
         assert not ready.exists(), f"left after the stop (it named {pid} at start)"
         assert ("still running" in batch.stderr) == (pid == os.getpid()), batch.stderr
+
+
+def test_a_file_denied_then_failing_otherwise_is_not_said_readable(tmp_path, monkeypatch, caplog):
+    """A file kept back for its permissions whose next read failed for another reason (EIO on
+    a failing disk) was logged "can be read now" (event file_readable); it was not read."""
+    import errno
+
+    from splitdet.edge import watcher_reports
+
+    (tmp_path / "a.png").write_bytes(png(20))
+    folder = watcher.HotFolder(tmp_path, settle_s=0, unreadable_grace_s=0)
+    failures = iter([PermissionError(errno.EACCES, "Permission denied"),
+                     OSError(errno.EIO, "Input/output error")])  # fmt: skip
+
+    def failing_read(path: Path) -> bytes:
+        raise next(failures)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    monkeypatch.setattr(watcher_reports, "DENIED_RETRY_S", 0)  # tried again at once
+    folder.scan()
+    assert folder.read(folder.next_candidate()) is None  # denied: waits
+    assert folder.pending() == 0
+    with caplog.at_level(logging.INFO, logger="splitdet.edge.watcher"):
+        ready = folder.read(folder.next_candidate())
+    assert ready is not None and "cannot read (Input/output error)" in ready.error
+    assert "can be read now" not in caplog.text
+    assert folder.pending() == 1  # no longer counted as kept back for its permissions
