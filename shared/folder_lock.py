@@ -5,10 +5,12 @@ works (torch-free).
         ...  # write the folder's files
 
 A second writer at the same time is refused at once with a ValueError naming the folder, the
-holder's pid and what to do; the kernel drops the lock when the holder's process ends (kill -9
+holder's pid and what to do. The holder removes the lock file when it ends (so an export folder
+copied elsewhere carries none); the kernel drops the lock when the holder's process ends (kill -9
 too), so a lock file left behind never blocks the next run, nor does one another user left (it is
-opened read-only then). A file system that cannot lock (NFS without lockd) gets a warning and
-no lock, as before there was one.
+opened read-only then). A writer that opened the file just as its holder removed it sees that
+after taking the lock (the path no longer names its file) and opens it anew. A file system
+that cannot lock (NFS without lockd) gets a warning and no lock, as before there was one.
 
     lock = DirectoryLock(watch, "--watch", "`splitdet edge run`", "one daemon per hot folder")
     ...
@@ -60,7 +62,9 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Iterator[None]:
-    """Create `folder` and hold its lock file `lock_name` for the `with` block.
+    """Create `folder` and hold its lock file `lock_name` for the `with` block; at its end
+    the lock file is removed, and so is `folder` when this call made it and it is empty (a
+    writer refused before it wrote anything leaves nothing behind).
 
     Args:
         folder: the output folder (created with its parents when missing).
@@ -73,30 +77,60 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
             holds the lock. On a file system without locks (old NFS) it warns and goes on.
     """
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = _open_lock_file(folder / lock_name)
-    except OSError as exc:
-        raise ValueError(
-            f"{option} {folder}: cannot write there or open its {lock_name} ({exc.strerror or exc})"
-        ) from None
-    with handle:
+    path = folder / lock_name
+    made = not folder.exists()
+    for _ in range(_LOCK_TRIES):
         try:
-            holder = lock_exclusively(handle, f"pid {os.getpid()}")
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (old NFS)
-            log.warning(
-                "%s %s: its file system cannot lock %s (%s); going on without the lock, so "
-                "make sure no other %s writes there at the same time",
-                option, folder, lock_name, exc.strerror or exc, writer,
-            )  # fmt: skip
-            yield
-            return
-        if holder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = _open_lock_file(path)
+        except OSError as exc:
             raise ValueError(
-                f"{option} {folder}: another {writer} ({holder or 'another process'}) is "
-                f"writing there; wait for it to end or give another {option}"
-            )
-        yield  # the lock ends with the file's closing, or with the process
+                f"{option} {folder}: cannot write there or open its {lock_name} "
+                f"({exc.strerror or exc})"
+            ) from None
+        with handle:
+            try:
+                holder = lock_exclusively(handle, f"pid {os.getpid()}")
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (old NFS)
+                log.warning(
+                    "%s %s: its file system cannot lock %s (%s); going on without the lock, "
+                    "so make sure no other %s writes there at the same time",
+                    option, folder, lock_name, exc.strerror or exc, writer,
+                )  # fmt: skip
+                yield
+                return
+            if holder is not None:
+                raise ValueError(
+                    f"{option} {folder}: another {writer} ({holder or 'another process'}) is "
+                    f"writing there; wait for it to end or give another {option}"
+                )
+            if not _is_file_at(handle, path):  # its holder removed it as we opened it: anew
+                continue
+            try:
+                yield  # the lock ends with the file's closing, or with the process
+            finally:  # removed while held: a writer that opens it meanwhile tries anew
+                with suppress(OSError):
+                    path.unlink()
+                if made:
+                    with suppress(OSError):
+                        folder.rmdir()  # only when empty
+            return
+    raise ValueError(f"{option} {folder}: its {lock_name} kept being replaced; try again")
+
+
+def _is_file_at(handle: TextIO, path: Path) -> bool:
+    """Whether the open lock file `handle` is still the file at `path` (not removed or
+    replaced by its last holder since it was opened)."""
+    try:
+        there = os.stat(path)
+    except OSError:
+        return False
+    here = os.fstat(handle.fileno())
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+#: Opening the lock file again when its holder removed it in between: a race each time.
+_LOCK_TRIES = 20
 
 
 def lock_exclusively(handle: TextIO, stamp: str) -> str | None:

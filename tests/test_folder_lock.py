@@ -37,7 +37,8 @@ except ValueError as exc:
 def test_a_lock_file_another_user_left_does_not_block_the_next(tmp_path):
     """A group-writable model folder: user A's export leaves the lock file, mode 0644; user
     B's export could still write every file of the folder, and must not be refused for the
-    lock file alone (before: "cannot write there (Permission denied)")."""
+    lock file alone (before: "cannot write there (Permission denied)"). A clean end removes
+    the lock file; a kill -9 leaves it."""
     prefix = as_nobody()
     if not prefix:
         pytest.skip("needs root and an unprivileged user to run as")
@@ -46,9 +47,8 @@ def test_a_lock_file_another_user_left_does_not_block_the_next(tmp_path):
         shared.mkdir()
         Path(name).chmod(0o777)
         shared.chmod(0o777)
-        with folder_lock(shared, LOCK, "splitdet export", "--out"):
-            pass  # A's export: done, its lock file left behind
-        assert (shared / LOCK).stat().st_mode & 0o777 == 0o644
+        (shared / LOCK).write_text("pid 999999999\n")  # A's export, killed: its lock file
+        (shared / LOCK).chmod(0o644)  # left behind, writable by A alone
 
         def take() -> str:
             run = subprocess.run([*prefix, sys.executable, "-c", TAKE, str(shared)],
@@ -60,6 +60,52 @@ def test_a_lock_file_another_user_left_does_not_block_the_next(tmp_path):
         with folder_lock(shared, LOCK, "splitdet export", "--out"):  # A exports again...
             refused = take()  # ...and B at the same time is refused, naming A
         assert "another splitdet export (pid" in refused, refused
+
+
+def test_the_lock_file_goes_at_the_end_and_a_folder_made_for_nothing_too(tmp_path):
+    """An export folder kept its .splitdet-export.lock (copied whole to the edge and the
+    cloud), and a train refused for bad data left --out holding only its lock file."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with folder_lock(kept, LOCK, "splitdet export", "--out"):
+        assert (kept / LOCK).read_text() == f"pid {os.getpid()}\n"
+    assert kept.is_dir() and not list(kept.iterdir())  # there before: stays, without the lock
+
+    made = tmp_path / "runs" / "new"
+    with pytest.raises(RuntimeError), folder_lock(made, LOCK, "splitdet train", "--out"):
+        raise RuntimeError("refused before it wrote anything")
+    assert not made.exists() and (tmp_path / "runs").is_dir()  # only the folder it made
+
+    with folder_lock(made, LOCK, "splitdet train", "--out"):
+        (made / "last.pt").write_bytes(b"x")
+    assert [p.name for p in made.iterdir()] == ["last.pt"]
+
+
+def test_a_lock_file_removed_as_it_was_opened_is_opened_anew(tmp_path, monkeypatch):
+    """Its holder removes it at the end: a writer that opened it in that instant would lock
+    a file no longer in the folder while a third locks the new one. It looks again."""
+    from splitdet.shared import folder_lock as module
+
+    real_open, opened = module._open_lock_file, []
+
+    def opened_then_removed(path: Path):
+        handle = real_open(path)
+        if not opened:  # the first time: the holder ends and removes it just now
+            path.unlink()
+        opened.append(os.fstat(handle.fileno()).st_ino)
+        return handle
+
+    monkeypatch.setattr(module, "_open_lock_file", opened_then_removed)
+    with folder_lock(tmp_path, LOCK, "splitdet export", "--out"):
+        assert len(opened) == 2 and os.stat(tmp_path / LOCK).st_ino == opened[1]
+        assert "another splitdet export" in _take_in_subprocess(tmp_path)
+
+
+def _take_in_subprocess(folder: Path) -> str:
+    run = subprocess.run([sys.executable, "-c", TAKE, str(folder)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
 
 
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
