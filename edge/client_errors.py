@@ -66,7 +66,8 @@ def classify(code: grpc.StatusCode, message: str) -> CloudError:
     A message over the size bound is reported as RESOURCE_EXHAUSTED but never fits later: it is
     NeverRetry.
     """
-    if code in RETRY_LATER_CODES and "larger than max" not in message:
+    too_large = code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message
+    if code in RETRY_LATER_CODES and not too_large:
         return RetryLater(code, message)
     return NeverRetry(code, message)
 

@@ -116,6 +116,9 @@ def test_channel_options_bound_messages_and_balance_round_robin():
         (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", RetryLater),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy", RetryLater),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (9 vs. 4)", NeverRetry),
+        # only a RESOURCE_EXHAUSTED size refusal never fits: an outage whose text quotes one
+        # (a proxy's, a load balancer's) is still an outage
+        (grpc.StatusCode.UNAVAILABLE, "upstream: message larger than max (9 vs. 4)", RetryLater),
         (grpc.StatusCode.INVALID_ARGUMENT, "bad shape", NeverRetry),
         (grpc.StatusCode.FAILED_PRECONDITION, "fingerprint", NeverRetry),
         (grpc.StatusCode.UNAUTHENTICATED, "token", NeverRetry),
