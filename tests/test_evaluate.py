@@ -299,7 +299,7 @@ def test_eval_command_writes_json_and_stores_the_threshold(tmp_path, capsys, cap
     stored = read_checkpoint(tmp_path / "run" / "last.pt")["gate_threshold"]
     assert stored == pytest.approx(metrics["gate_threshold"])
     assert metrics["box_refine_steps"] == TINY.model.box_refine_steps == 2
-    assert metrics["gate_operating_points_calibrated_on"] == "calibration split"
+    assert metrics["gate_operating_points_calibrated_on"] == "val"  # the split, named
     table = caplog.text  # the operating points for people, beside the JSON
     rows = [line for line in table.splitlines() if line.split()[:1] and line.split()[0][-1] == "%"]
     assert "gate operating points" in table and len(rows) == 6, table

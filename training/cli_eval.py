@@ -97,7 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "threshold (not calibrated here: to change it, calibrate the checkpoint and re-export; "
         "--threshold measures an override)",
     )
-    parser.add_argument("--json", help="write the metrics to this JSON file")
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the metrics to this JSON file, and print a summary of them ('-': the JSON "
+        "on stdout, as without --json)",
+    )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     checkpoint = parser.add_argument_group("with --checkpoint only")
@@ -221,6 +226,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             target_recall=args.target_recall,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            split_name=args.split,
+            calibration_name=_calibration_name(args),
         )
     except voc.VocError as exc:
         calibrating = args.calibrate_data and str(exc).startswith(str(Path(args.calibrate_data)))
@@ -233,7 +240,9 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     "calibrate_data": str(args.calibrate_data or args.data),
                     "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
     text = json.dumps(metrics, indent=2)
-    print(text)  # first: an unwritable checkpoint or --json must not lose the evaluation
+    shown = _json_on_stdout(args.json)
+    if shown:
+        print(text)  # first: an unwritable checkpoint must not lose the evaluation
     if metrics["gate_calibration_defective"] is not None:
         shortfall = calibration_shortfall(metrics["gate_calibration_defective"], args.target_recall)
         if shortfall:
@@ -268,15 +277,80 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 format_probability(metrics["gate_threshold"]), args.checkpoint,
                 format_probability(was),
             )  # fmt: skip
-        if args.json:
+        if not shown:
             atomic_write(args.json, text + "\n", parents=False)
     except WriteError as exc:  # the checkpoint: named, with why ("no space left on device")
+        _show_unwritten(text, shown)
         raise CommandError(f"{exc.filename}: cannot write the results ({exc.reason})") from None
     except OSError as exc:
+        _show_unwritten(text, shown)
         where = exc.filename or args.json
         detail = exc.strerror or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
+    if not shown:
+        print(summary(metrics, args.json))
     return 0
+
+
+def _json_on_stdout(json_file: str | None) -> bool:
+    """Whether eval prints its JSON on stdout: without --json, and with ``--json -``; with
+    ``--json FILE`` it writes the JSON there and prints a `summary`."""
+    return json_file is None or json_file == "-"
+
+
+def _show_unwritten(text: str, shown: bool) -> None:
+    """Print the JSON ``text`` on stdout when a write failed before --json FILE held it (and
+    it was not printed already): the evaluation is not lost."""
+    if not shown:
+        print(text)
+
+
+def _calibration_name(args: argparse.Namespace) -> str:
+    """How the JSON names the split the gate is calibrated on: "val", or "val of DIR" when
+    --calibrate-data names another dataset than --data."""
+    from pathlib import Path
+
+    other = args.calibrate_data is not None and (
+        Path(args.calibrate_data).resolve() != Path(args.data).resolve()
+    )
+    return f"{args.calibrate_split} of {args.calibrate_data}" if other else args.calibrate_split
+
+
+#: How `summary` says where a threshold it was not told a calibration split of came from.
+THRESHOLD_SOURCES = {
+    "given": "the checkpoint's",
+    "manifest": "the export's",
+    "--threshold": "from --threshold",
+}
+
+
+def summary(metrics: dict, json_file: str) -> str:
+    """A few lines of `metrics` (a checkpoint's or an export's) for people, printed when the
+    JSON goes to ``json_file``: mAP, mAP@.5, AR@100; the gate threshold, where it comes from,
+    its recall and accuracy; the mAP the gated system keeps."""
+    from splitdet.shared.probability_format import format_probability
+
+    def figure(key: str, percent: bool = False) -> str:
+        value = metrics.get(key)
+        if value is None:
+            return "n/a"
+        return f"{value:.1%}" if percent else f"{value:.3f}"
+
+    on = metrics["gate_calibrated_on"]
+    source = THRESHOLD_SOURCES.get(on) or (
+        f"calibrated on {on} for {metrics['gate_target_recall']:.1%} recall"
+    )
+    return "\n".join([
+        f"split {metrics['split']} of {metrics['data']}: {metrics['images']} images "
+        f"({metrics['defective_images']} defective)",
+        f"  detector: mAP {figure('map')}, mAP@.5 {figure('map50')}, AR@100 {figure('ar100')}",
+        f"  gate: threshold {format_probability(metrics['gate_threshold'])} ({source}): recall "
+        f"{figure('gate_recall', True)}, accuracy {figure('gate_accuracy', True)}, flagged "
+        f"{figure('gate_pass_rate', True)}",
+        f"  gated system: mAP kept {figure('map_kept', True)}, mAP@.5 kept "
+        f"{figure('map50_kept', True)}",
+        f"every metric in {json_file}",
+    ])  # fmt: skip
 
 
 def operating_points_table(metrics: dict) -> str:
@@ -287,10 +361,11 @@ def operating_points_table(metrics: dict) -> str:
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.1%}"
 
+    on, split = metrics["gate_operating_points_calibrated_on"], metrics["split"]
+    itself = " itself, the evaluated one: optimistic" if on == split else ""
     lines = [
-        f"gate operating points (thresholds calibrated on the "
-        f"{metrics['gate_operating_points_calibrated_on']}; on split {metrics['split']!r}: "
-        "flagged images go on to the cloud heads, the others end at the edge):",
+        f"gate operating points (thresholds calibrated on split {on}{itself}; on split "
+        f"{split}: flagged images go on to the cloud heads, the others end at the edge):",
         f"  {'target recall':>13}  {'threshold':>11}  {'recall':>7}  {'accuracy':>8}  "
         f"{'flagged':>7}  {'defect-free flagged':>19}  {'mAP@.5 kept':>11}",
     ]
@@ -339,19 +414,23 @@ def run_model(args: argparse.Namespace) -> int:
         )  # fmt: skip
     metrics.update({"data": str(args.data), "split": args.split})
     text = json.dumps(metrics, indent=2)
-    print(text)  # first: an unwritable --json must not lose the evaluation
+    shown = _json_on_stdout(args.json)
+    if shown:
+        print(text)
     if metrics["image_errors"]:
         print(
             f"{len(metrics['image_errors'])} of {len(samples)} images could not be evaluated "
             "(the JSON's image_errors names them): counted with no detections",
             file=sys.stderr,
         )
-    if args.json:
+    if not shown:
         try:
             atomic_write(args.json, text + "\n", parents=False)
         except OSError as exc:
+            _show_unwritten(text, shown)  # an unwritable --json must not lose the evaluation
             detail = exc.strerror or exc
             raise CommandError(f"{args.json}: cannot write the results ({detail})") from None
+        print(summary(metrics, args.json))
     return 1 if metrics["image_errors"] else 0
 
 

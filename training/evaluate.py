@@ -464,12 +464,16 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = False,
     predictions: Sequence[Prediction] | None = None,
+    split_name: str = "evaluated split",
+    calibration_name: str = "calibration split",
 ) -> dict:
     """Detection, classifier and gated-system metrics of `model` on `samples`.
 
     The gate threshold is, in order: calibrated on `calibration_samples` for `target_recall`;
-    `gate_threshold`; else calibrated on `samples` themselves (then reported as such in
-    "gate_calibrated_on").
+    `gate_threshold`; else calibrated on `samples` themselves. "gate_calibrated_on" and
+    "gate_operating_points_calibrated_on" say which: `calibration_name` (what to call the
+    calibration split, e.g. "val", or "val of DIR"), "given", or `split_name` (the evaluated
+    split's, e.g. "test").
 
     Returns a JSON-able dict: map, map50, map75, ar100 (detector alone); gate_threshold,
     gate_calibrated_on, gate_calibration_defective (how many defective images set the
@@ -497,12 +501,12 @@ def evaluate(
         )
         calib_labels = [s.is_defective for s in calibration_samples]
         threshold = calibrated_threshold(calib, calib_labels, target_recall)
-        calibrated_on, calibrated_with = "calibration split", sum(calib_labels)
+        calibrated_on, calibrated_with = calibration_name, sum(calib_labels)
     elif gate_threshold is not None:
         threshold, calibrated_on = float(gate_threshold), "given"
     else:
         threshold = calibrated_threshold(probs, labels, target_recall)
-        calibrated_on, calibrated_with = "evaluated split", sum(labels)
+        calibrated_on, calibrated_with = split_name, sum(labels)
     metrics = metrics_at_threshold(
         samples,
         predictions,
@@ -517,7 +521,7 @@ def evaluate(
             calib, calib_labels, samples, predictions, class_names, metrics["map50"]
         )
         metrics["gate_operating_points_calibrated_on"] = (
-            "calibration split" if calibration_samples is not None else "evaluated split"
+            calibration_name if calibration_samples is not None else split_name
         )
     return metrics
 

@@ -48,7 +48,7 @@ import stat
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.parsers import expat
@@ -236,13 +236,18 @@ class VocObject:
 
 @dataclass(frozen=True)
 class VocSample:
-    """One image of a split and its objects (none: a defect-free image)."""
+    """One image of a split and its objects (none: a defect-free image).
+
+    ``filename``: the annotation's ``<filename>`` as written (None without one), which
+    ``data check`` compares with the image the annotation is paired with; no part of the
+    sample's identity."""
 
     image_id: str
     image_path: Path
     width: int
     height: int
     objects: tuple[VocObject, ...] = ()
+    filename: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_defective(self) -> bool:
@@ -258,7 +263,19 @@ def _split_file(root: Path, split: str) -> Path:
 
 
 def read_split_ids(root: Path, split: str) -> list[str]:
-    """The image ids listed in ``ImageSets/Main/{split}.txt`` (first token of each line)."""
+    """The image ids listed in ``ImageSets/Main/{split}.txt`` (first token of each line);
+    `VocError` for the first line that lists none (`read_split_lines`)."""
+    ids, problems = read_split_lines(root, split)
+    if problems:
+        raise VocError(problems[0])
+    return ids
+
+
+def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str]]:
+    """(The image ids ``ImageSets/Main/{split}.txt`` lists, the first token of each line, each
+    once, in order; a problem line, "FILE:LINE: ...", for every line whose token is no id (a
+    path, ``.``, ``..``) or repeats one listed before). Both whole, so that ``data check``
+    reports every bad line at once; `VocError` only when the file cannot be read."""
     path = _split_file(root, split)
     if not path.is_file():
         raise VocError(f"{path}: split file not found (no split {split!r} under {root})")
@@ -267,6 +284,7 @@ def read_split_ids(root: Path, split: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise VocError(f"{path}: cannot read split file: {exc}") from exc
     ids: list[str] = []
+    problems: list[str] = []
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
@@ -274,12 +292,13 @@ def read_split_ids(root: Path, split: str) -> list[str]:
             continue
         image_id = fields[0]
         if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
-            raise VocError(f"{path}:{lineno}: {id_problem(image_id)}")
-        if image_id in seen:
-            raise VocError(f"{path}:{lineno}: image id {image_id!r} listed twice")
-        seen.add(image_id)
-        ids.append(image_id)
-    return ids
+            problems.append(f"{path}:{lineno}: {id_problem(image_id)}")
+        elif image_id in seen:
+            problems.append(f"{path}:{lineno}: image id {image_id!r} listed twice")
+        else:
+            seen.add(image_id)
+            ids.append(image_id)
+    return ids, problems
 
 
 class _Doctype(Exception):
@@ -645,6 +664,7 @@ def read_annotation(
         width=width,
         height=height,
         objects=tuple(objects),
+        filename=filename,
     )
 
 

@@ -7,7 +7,8 @@ every annotation, every image header (and with ``decode`` every image's pixels) 
 starting with the offending file, plus counts per split and warnings about what would train
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
 another, boxes too thin to see once images are scaled to a preset's input size, a class with
-no box in the train split to learn it from).
+no box in the train split to learn it from, an annotation whose <filename> names another
+image of the dataset).
 
 Only the standard library, the model config and, through `voc` (which reads images as the edge
 does), Pillow and the edge's torch-free `preprocess`: no torch.
@@ -15,8 +16,10 @@ does), Pillow and the edge's torch-free `preprocess`: no torch.
 
 from __future__ import annotations
 
+import os
 import shlex
 import statistics
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -448,6 +451,7 @@ def check_dataset(
                 progress(1)
 
     _check_images(report, files, annotated, samples)
+    _check_filenames(report, files, samples)
     _narrow_sixteen_bit(report, peaks, pixel_bits)
     # (an image refused for a pixel past the bits is 16-bit too: the fix is other bits)
     refused_for_bits = any(voc.PAST_THE_BITS.search(line) for line in report.problems)
@@ -542,6 +546,62 @@ def _check_images(
             )
 
 
+def _unannotated_id_note(root: Path, image_id: str, annotated: set[str]) -> str:
+    """What the "lists ID, which has no annotation" problem adds: the annotation whose name
+    differs only in its Unicode normalisation; or, for an id written with its image's
+    extension (``a.jpg``) whose stem is annotated, the id to write instead. "" for neither."""
+    twin = voc.normalisation_note(root / "Annotations", f"{image_id}.xml")
+    stem, suffix = os.path.splitext(image_id)
+    if not twin and suffix.lower() in voc.IMAGE_EXTENSIONS and stem in annotated:
+        return f"; write the id without its extension: {stem}"
+    return twin
+
+
+def _id_key(name: str) -> str:
+    """An id as `_check_filenames` compares them: NFC, any case (tools writing <filename>
+    on Windows or macOS may change either)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _check_filenames(
+    report: DatasetReport, files: dict[str, list[Path]], samples: dict[str, voc.VocSample]
+) -> None:
+    """Warnings for annotations whose <filename> names another image than the one they are
+    paired with (`voc.read_annotation`: their own id's). One naming the image of another id of
+    the dataset is the sign of an annotation copied from that image's, boxes and all: one
+    warning each. One naming no image of the dataset (a camera's or a tool's own name, often
+    harmless): one line for them all. ``files``: `image_files`."""
+    ids = {_id_key(image_id): image_id for image_id in files}
+    foreign: list[tuple[voc.VocSample, str]] = []  # (sample, the bare name it gives)
+    for image_id, sample in sorted(samples.items()):
+        named = voc.bare_filename(sample.filename)
+        if named is None:
+            continue
+        own = (_id_key(image_id), _id_key(sample.image_path.stem))
+        stem = _id_key(os.path.splitext(named)[0])
+        if stem in own or _id_key(named) in own:  # (an id with a dot, written without suffix)
+            continue  # its own image, maybe of another extension or case
+        annotation = report.root / "Annotations" / f"{image_id}.xml"
+        other = ids.get(stem) or ids.get(_id_key(named))
+        if other is None:
+            foreign.append((sample, named))
+            continue
+        report.warnings.append(
+            f"{annotation}: <filename> names {named}, the image of id {other}, but splitdet "
+            f"pairs this annotation with its own image {sample.image_path.name}: copied from "
+            f"{other}'s annotation, boxes and all? Check its boxes on {sample.image_path.name}, "
+            "then write that name in <filename>"
+        )
+    if foreign:
+        sample, named = foreign[0]
+        report.warnings.append(
+            f"{report.root / 'Annotations'}: {len(foreign)} annotation(s) name a <filename> "
+            f"other than their own image, e.g. {sample.image_id}.xml names {named!r} "
+            f"(its image: {sample.image_path.name}); splitdet pairs each annotation with its "
+            "own id's image"
+        )
+
+
 def _check_splits(
     root: Path,
     report: DatasetReport,
@@ -553,23 +613,28 @@ def _check_splits(
     (``class_names``, else the dataset's) with nothing to train on."""
     listed: dict[str, str] = {}  # id -> the first split listing it
     unreadable: list[str] = []
+    bad_lines = False  # a line listing no id: which image it meant is not known
     train_samples: list[voc.VocSample] = []
     for split in SPLITS:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
             continue
         try:
-            split_ids = voc.read_split_ids(root, split)
+            split_ids, line_problems = voc.read_split_lines(root, split)
         except voc.VocError as exc:
             report.problems.append(str(exc))
             unreadable.append(split)
             continue
         stats = report.splits.setdefault(split, SplitStats())
+        # every bad line, and the lines around them counted as usual
+        report.problems += line_problems
+        stats.unreadable += len(line_problems)
+        bad_lines = bad_lines or bool(line_problems)
         for image_id in split_ids:
             if image_id not in annotated:
-                twin = voc.normalisation_note(root / "Annotations", f"{image_id}.xml")
                 report.problems.append(
-                    f"{path}: lists {image_id!r}, which has no Annotations/{image_id}.xml{twin}"
+                    f"{path}: lists {image_id!r}, which has no Annotations/{image_id}.xml"
+                    f"{_unannotated_id_note(root, image_id, annotated)}"
                 )
                 continue
             if image_id in listed:
@@ -593,7 +658,9 @@ def _check_splits(
             stats.objects.update(obj.name for obj in sample.objects)
             stats.difficult += sum(obj.difficult for obj in sample.objects)
 
-    report.unlisted = [] if unreadable else sorted(set(samples) - set(listed))
+    # (a bad line may be an image's, meant to list it)
+    unlisted = set() if unreadable or bad_lines else set(samples) - set(listed)
+    report.unlisted = sorted(unlisted)
     split_dir = root / "ImageSets" / "Main"
     train, val, test = (report.splits.get(s) for s in SPLITS)
     if train is None and "train" not in unreadable:
