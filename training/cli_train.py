@@ -33,6 +33,8 @@ MODEL_OPTIONS = {
 }
 #: Exit status of a run stopped by SIGTERM: 128 + 15, as the signal's default action gives.
 SIGTERM_STATUS = 143
+#: Exit status of a run stopped by Ctrl-C (SIGINT): 128 + 2.
+CTRL_C_STATUS = 130
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
@@ -42,7 +44,7 @@ EXAMPLE = """example:
       --preset paper --init coco
 
 exit status: 0 trained; 2 a problem with the data, the options or the run folder; 130 Ctrl-C,
-143 SIGTERM (last.pt holds the last finished epoch: continue with --resume)
+143 SIGTERM (either way last.pt holds the last finished epoch: continue with --resume)
 """
 
 
@@ -65,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training recipe (default: cpu, 30 minutes from scratch on a CPU; cpu-r50: the "
         "benchmark's ResNet50-FPN, 2 hours on 2448x2048 images at half scale; with --resume: "
         "the run's own recipe, from OUT/train_config.json, also when this names the preset it "
-        "started from; another preset replaces it, with a warning)",
+        "started from; another preset replaces it, with a warning, keeping the run's classes "
+        "unless --classes is given)",
     )
     parser.add_argument(
         "--init",
@@ -74,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "torchvision state dict); imagenet/coco download through torchvision's hub cache and "
         "need a BatchNorm model: --preset "
         + " or ".join(name for name, preset in PRESETS.items() if preset.model.norm != "group")
-        + " (the other presets use GroupNorm and train from scratch)",
+        + " (the other presets use GroupNorm and train from scratch); with --resume only while "
+        "OUT holds no last.pt yet (the run then starts afresh from it), refused once it does",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument(
@@ -166,8 +170,10 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
     """The recipe the command line's changes apply to: with --resume the run's own (from
     OUT/train_config.json), also when --preset restates the preset it was made from (the run's
     own changes, its --epochs say, stay: a preset named again is no new recipe); a --preset of
-    another name replaces it (a warning names what changes; a model of another configuration
-    is refused when the checkpoint is read). Without --resume: --preset, default cpu."""
+    another name replaces it, but for the run's class names and detections per image, which
+    are the data's (a warning names what changes; a model of another configuration is refused
+    when the checkpoint is read, before the data is). Without --resume: --preset, default cpu."""
+    import dataclasses
     import json
     import logging
     from pathlib import Path
@@ -184,6 +190,10 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
     if args.preset is None or args.preset == own.name:
         return own
     preset = PRESETS[args.preset]
+    preset = dataclasses.replace(preset, model=dataclasses.replace(
+        preset.model, class_names=own.model.class_names,
+        box_detections_per_img=own.model.box_detections_per_img,
+    ))  # fmt: skip
     changed = _recipe_difference(own, preset)
     logging.getLogger(__name__).warning(
         "--resume --preset %s: the run's recipe (%s, %s) is replaced by preset %s's%s",
@@ -215,10 +225,16 @@ def run(args: argparse.Namespace) -> int:
     problem with the data, the options or the run folder)."""
     import dataclasses
     import json
+    import logging
+    import os
 
     from splitdet.shared.cli import CommandError, class_names
     from splitdet.training.epoch_records import describe_best
 
+    rank = os.environ.get("RANK", "0")  # torchrun's process; the others' lines are rank 0's
+    if rank != "0":
+        root = logging.getLogger()
+        root.setLevel(max(root.getEffectiveLevel(), logging.WARNING))
     config = _base_config(args)
     # flags named as the TrainConfig fields they override
     changes = {
@@ -265,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
     except SigtermInterrupt:
         print(_stopped_on_sigterm(args), file=sys.stderr)
         return SIGTERM_STATUS
+    except KeyboardInterrupt:  # Ctrl-C: the same line, said of an interruption
+        print(_stopped_on_sigterm(args, "interrupted"), file=sys.stderr)
+        return CTRL_C_STATUS
     except Exception:
         if not terminated:
             raise
@@ -273,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         print(_stopped_on_sigterm(args), file=sys.stderr)
         return SIGTERM_STATUS
     best = f"; {describe_best(row['best'])}" if row.get("best") else ""
+    if rank != "0":  # rank 0 prints the run's result
+        return 0
     if args.json:
         print(json.dumps(row, indent=2))
     elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
@@ -318,21 +339,22 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _stopped_on_sigterm(args: argparse.Namespace) -> str:
-    """The line a run stopped by SIGTERM ends with: what it kept and how to continue it."""
+def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIGTERM") -> str:
+    """The line a run stopped by SIGTERM (or, `stopped` "interrupted", by Ctrl-C) ends with:
+    what it kept and how to continue it."""
     import shlex
     from pathlib import Path
 
     last = Path(args.out) / "last.pt"
     if not last.is_file():
         return (
-            "splitdet train: stopped on SIGTERM before its first epoch ended: no checkpoint "
-            "was written; start it again"
+            f"splitdet train: {stopped} before its first epoch ended: no checkpoint was "
+            "written; start it again"
         )
     command = shlex.join(["splitdet", "train", "--data", args.data, "--out", args.out, "--resume"])
     return (
-        f"splitdet train: stopped on SIGTERM; {last} holds the last finished epoch: continue "
-        f"with `{command}`"
+        f"splitdet train: {stopped}; {last} holds the last finished epoch: continue with "
+        f"`{command}`"
     )
 
 
@@ -353,7 +375,10 @@ def _train(config: TrainConfig, args: argparse.Namespace) -> dict:
             progress=not args.no_progress and _stderr_is_terminal(),
         )  # fmt: skip
     except VocError as exc:
-        raise CommandError(check_hint(_one_line(exc), args.data)) from exc
+        message = _one_line(exc)
+        if "unknown class" in message and (names := _dataset_classes(args.data)):
+            raise CommandError(f"{message}; {names}") from exc
+        raise CommandError(check_hint(message, args.data)) from exc
     except (InitError, CheckpointError, ValueError) as exc:
         raise CommandError(_one_line(exc)) from exc
     except WriteError as exc:  # a checkpoint: its message names the file and why
@@ -367,6 +392,33 @@ def _train(config: TrainConfig, args: argparse.Namespace) -> dict:
         last = Path(args.out) / "last.pt"
         kept = f" ({last} holds the last finished epoch)" if last.is_file() else ""
         raise CommandError(f"training diverged: {exc}{kept}") from exc
+
+
+def _dataset_classes(data: str) -> str | None:
+    """What to give --classes for the dataset at `data`, as `splitdet data check` says it:
+    every class its annotations name (they are read, not its images); None when none could be
+    read."""
+    import shlex
+    from pathlib import Path
+
+    from splitdet.training.voc_check import class_boxes
+
+    try:
+        boxes, partly_read = class_boxes(Path(data))
+    except (OSError, ValueError):
+        return None
+    if not boxes:
+        return None
+    names = shlex.quote(",".join(sorted(boxes)))
+    unread = (
+        f" (some annotations could not be read: `splitdet data check {shlex.quote(data)}` "
+        "lists them)"
+        if partly_read
+        else ""
+    )
+    return (
+        f"the dataset's annotations name the classes {names}: train with --classes {names}{unread}"
+    )
 
 
 def _one_line(exc: Exception) -> str:

@@ -51,7 +51,8 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], prefix: str
         else:
             skipped.append(key)
     model.load_state_dict(loaded, strict=False)
-    return {"loaded": len(loaded), "skipped": skipped, "missing": len(own) - len(loaded)}
+    fresh = [name for name in own if name not in loaded]  # the model's own, kept as they were
+    return {"loaded": len(loaded), "skipped": skipped, "missing": len(fresh), "fresh": fresh}
 
 
 #: Box-predictor tensors with one row (cls_score) or four (bbox_pred) per class, background
@@ -147,7 +148,9 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
     """Start `model` from `init`: "none", "imagenet" (torchvision's ImageNet ResNet of the
     model's depth, backbone body only), "coco" (torchvision's COCO Faster R-CNN ResNet50-FPN; the
     class-specific box predictor is skipped) or a path (splitdet checkpoint or torchvision state
-    dict). Tensors whose shape does not fit are skipped and counted. A splitdet checkpoint of
+    dict). Tensors whose shape does not fit are skipped and counted (the report's "fresh":
+    the model's tensors none was loaded into; "preset": a splitdet checkpoint's recipe's
+    name, when it records one). A splitdet checkpoint of
     other class_names (another order, other classes) has its box-predictor rows re-mapped by
     class name (`_remap_class_rows`; the report's "class_rows" says which class came from
     where). Raises InitError."""
@@ -176,6 +179,8 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
         why = why_unreadable(path, exc)
         raise InitError(f"--init {path}: not a readable checkpoint or state dict ({why})") from exc
     saved_names = _checkpoint_class_names(state)
+    recipe = state.get("train_config") if isinstance(state, dict) else None
+    preset = recipe.get("name") if isinstance(recipe, dict) else None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -186,6 +191,8 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
     report = _load_matching(model, state)
     if remapped is not None:
         report["class_rows"] = remapped
+    if isinstance(preset, str):  # the recipe a splitdet checkpoint was trained with
+        report["preset"] = preset
     if report["loaded"] == 0:
         raise InitError(f"{path}: no tensor fits this model's configuration")
     return report

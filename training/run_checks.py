@@ -1,7 +1,8 @@
 """The checks `train` makes of its data and its run before it trains, each returning the text
 of a warning or a refusal (None: nothing to say): validation images the train split lists too,
 classes with no box to train on, images holding more objects than the model returns, why a run
-validates nothing, and how a resumed run's model configuration differs from this run's.
+validates nothing, and how a resumed run's model configuration and training settings differ
+from this run's.
 """
 
 from __future__ import annotations
@@ -128,3 +129,16 @@ def model_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
         else:
             parts.append(f"{key} {there.get(key)!r} there, {here.get(key)!r} here")
     return "; ".join(parts)
+
+
+def recipe_changes(saved: dict[str, Any], config: TrainConfig, leave: Sequence[str] = ()) -> str:
+    """The training settings (not the model's, nor the recipe's name) in which a resumed run's
+    `config` differs from the recipe its last.pt records (`saved`, `TrainConfig.to_dict`),
+    "NAME OLD -> NEW" each, separated by "; " ("" when none); `leave`: fields not to name. A
+    setting `saved` lacks (a checkpoint older than it) is not named."""
+    here = config.to_dict()
+    keys = sorted(
+        k for k in saved.keys() & here.keys()
+        if k not in ("name", "model", *leave) and saved[k] != here[k]
+    )  # fmt: skip
+    return "; ".join(f"{k} {saved[k]!r} -> {here[k]!r}" for k in keys)

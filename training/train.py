@@ -62,6 +62,7 @@ from splitdet.training.run_checks import (
     crowded_images,
     model_difference,
     no_validation,
+    recipe_changes,
     untrained_classes,
 )
 from splitdet.training.schedule import WarmupCosine, build_optimizer, build_scheduler
@@ -386,6 +387,10 @@ class _Run:
     gate_calibrated: bool = False  # whether gate_threshold came from a validation pass
     epoch_seconds: float = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
     epochs_run: int = 0  # epochs this call trained
+    # wall-clock seconds of the run's earlier calls (a resumed last.pt's), and the
+    # `time.perf_counter()` its wall clock counts from in this call (that many seconds back)
+    wall_seconds: float = 0.0
+    wall_start: float = 0.0
 
     @property
     def last_path(self) -> Path:
@@ -414,6 +419,7 @@ def _train(
 ) -> dict[str, Any]:
     """`train`'s work, with --out made and locked (rank 0)."""
     _prepare_run_folder(out_dir, resume)
+    checkpoint = _resumed_checkpoint(config, out_dir, init) if resume else None
     torch.manual_seed(config.seed)
     train_samples, val_samples = _read_samples(config, data_dir, out_dir, rank)
     loaders = _epoch_loaders(config, train_samples, world, rank)
@@ -428,8 +434,8 @@ def _train(
         config, data_dir, out_dir, device, rank, world, progress, model, optimizer,
         lr_scheduler, per_iteration, clock, autocast, best=BestEpoch(config.best_metric),
     )  # fmt: skip
-    if resume and run.last_path.is_file():
-        _resume(run)
+    if checkpoint is not None:
+        _resume(run, checkpoint)
     else:
         _start_afresh(run, init, resume)
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
@@ -573,14 +579,48 @@ def _resumable_model(
     return saved_model
 
 
-def _resume(run: _Run) -> None:
-    """Take `run` up where its last.pt left off: model, optimiser, schedule (extended to this
-    run's --epochs and --minutes), clock, history, best epoch, gate threshold and RNG. Raises
-    CheckpointError (unreadable, unusable) and ValueError (another model, no epoch left)."""
-    config, last_path, lr_scheduler = run.config, run.last_path, run.lr_scheduler
+def _resumed_checkpoint(config: TrainConfig, out_dir: Path, init: str) -> dict[str, Any] | None:
+    """The last.pt a --resume continues (None: there is none, the run starts afresh), read
+    and checked against this run's `config` before the data is: a model of another
+    configuration (`_resumable_model`) or another optimiser or schedule is refused
+    (ValueError) as such, not as a class the data holds. --init with a last.pt to resume is
+    refused too: the run's own weights would be resumed, and --init ignored."""
+    last_path = out_dir / "last.pt"
+    if not last_path.is_file():
+        return None
+    if init != "none":
+        raise ValueError(
+            f"--init {init} with --resume: {last_path} holds the run to continue, from its own "
+            f"weights, so --init would be ignored; drop --init to continue the run, or start "
+            f"a new run from those weights with another --out and --init {init}"
+        )
     checkpoint = read_checkpoint(last_path)
-    saved_model = _resumable_model(checkpoint, config, last_path)
+    _resumable_model(checkpoint, config, last_path)
+    saved = checkpoint.get("train_config") or {}
+    for key in ("optimizer", "scheduler"):  # their state in last.pt is of the run's own
+        if saved.get(key, getattr(config, key)) != getattr(config, key):
+            raise ValueError(
+                f"{last_path} was trained with {key} {saved[key]!r}, this run's recipe has "
+                f"{getattr(config, key)!r}: its state cannot go on under another; resume with "
+                f"the run's own --preset, or start a new run from its weights with another "
+                f"--out and --init {last_path}"
+            )
+    return checkpoint
+
+
+def _resume(run: _Run, checkpoint: dict[str, Any]) -> None:
+    """Take `run` up where its last.pt (read: `checkpoint`) left off: model, optimiser,
+    schedule, clock, history, best epoch, gate threshold and RNG. This run's recipe applies
+    from here on (`_apply_recipe`). Raises CheckpointError (unusable) and ValueError (no epoch
+    left)."""
+    config, last_path = run.config, run.last_path
+    saved_model = ModelConfig.from_dict(checkpoint["config"])  # (`_resumable_model` checked it)
     cap = config.model.box_detections_per_img
+    # the optimiser's settings and the schedule as this run's recipe builds them
+    fresh_groups = [
+        {k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups
+    ]
+    fresh_schedule = run.lr_scheduler.state_dict() if run.lr_scheduler is not None else None
     try:
         run.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -588,13 +628,7 @@ def _resume(run: _Run) -> None:
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         problem = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
         raise CheckpointError(f"{last_path}: cannot resume from it ({problem})") from None
-    if lr_scheduler is not None and checkpoint.get("lr_scheduler"):
-        fresh = lr_scheduler.state_dict()
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if isinstance(lr_scheduler, WarmupCosine):  # a new --minutes/--epochs extends it
-            lr_scheduler.budget_seconds = fresh["budget_seconds"]
-            lr_scheduler.total_iters = fresh["total_iters"]
-            lr_scheduler._apply()
+    _apply_recipe(run, checkpoint, fresh_groups, fresh_schedule)
     if saved_model.box_detections_per_img != cap:
         log.info(
             "--detections-per-image %d (the run's was %d): validation passes and the "
@@ -610,6 +644,7 @@ def _resume(run: _Run) -> None:
             last_path, trained_on, run.data_dir.resolve(),
         )  # fmt: skip
     run.clock.seconds = float(checkpoint.get("train_seconds", 0.0))
+    run.wall_seconds = float(checkpoint.get("wall_seconds", 0.0))  # (older last.pt: none)
     # a run its budget ended stays ended when resumed with the same budget
     run.epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
     run.history = list(checkpoint.get("history", []))
@@ -629,6 +664,54 @@ def _resume(run: _Run) -> None:
         "resumed from %s: epochs 0-%d trained, training on from epoch %d (--epochs %d)",
         last_path, start_epoch - 1, start_epoch, config.epochs,
     )  # fmt: skip
+    saved = checkpoint.get("train_config") or {}
+    if saved.get("lr", config.lr) != config.lr:
+        log.warning(
+            "--lr %g replaces the run's %g (%s): the learning rate is scaled by %g from epoch %d "
+            "on, its schedule going on where it was", config.lr, saved["lr"], last_path,
+            config.lr / saved["lr"], start_epoch,
+        )  # fmt: skip
+    if changed := recipe_changes(saved, config, leave=("lr",)):
+        log.info("resumed with settings other than the run's (%s): %s", last_path, changed)
+
+
+def _apply_recipe(
+    run: _Run,
+    checkpoint: dict[str, Any],
+    fresh_groups: list[dict[str, Any]],
+    fresh_schedule: dict[str, Any] | None,
+) -> None:
+    """After last.pt's optimiser state is loaded into `run`, make this run's recipe the one
+    trained on from here (what train_config.json records): its optimiser settings
+    (`fresh_groups`: momentum, weight decay...), its --lr (the learning rate where the schedule
+    has it, scaled by the new lr over the run's), and its schedule (`fresh_schedule`: warm-up,
+    a new --minutes or --epochs extending it; a new number of iterations per epoch, from
+    --batch-size say, re-spreading the cosine's rest over the epochs left)."""
+    config, optimizer, lr_scheduler = run.config, run.optimizer, run.lr_scheduler
+    saved = checkpoint.get("train_config") or {}
+    ratio = config.lr / saved["lr"] if saved.get("lr") else 1.0
+    for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+        lr = group["lr"]
+        group.update(fresh)
+        group["lr"] = lr * ratio
+    if lr_scheduler is None or not checkpoint.get("lr_scheduler") or fresh_schedule is None:
+        return
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if isinstance(lr_scheduler, WarmupCosine):
+        for key in ("base_lrs", "warmup_iters", "budget_seconds", "total_iters"):
+            setattr(lr_scheduler, key, fresh_schedule[key])
+        per_epoch = fresh_schedule["total_iters"] // max(1, config.epochs)
+        saved_total = checkpoint["lr_scheduler"].get("total_iters")
+        if saved.get("epochs") and saved_total != saved["epochs"] * per_epoch:
+            # the run's epochs took another number of steps: the steps done, then this
+            # run's for each epoch left (else the cosine ends early, or never)
+            left = max(0, config.epochs - run.start_epoch)
+            lr_scheduler.total_iters = max(1, lr_scheduler.step_count + left * per_epoch)
+        lr_scheduler._apply()
+    else:  # StepLR: steps from the learning rate the optimiser has
+        for key in ("base_lrs", "step_size", "gamma"):
+            setattr(lr_scheduler, key, fresh_schedule[key])
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _start_afresh(run: _Run, init: str, resume: bool) -> None:
@@ -637,9 +720,25 @@ def _start_afresh(run: _Run, init: str, resume: bool) -> None:
     if resume:
         log.warning("no %s to resume from: starting afresh", run.last_path)
     report = load_initial_weights(run.model, init, progress=run.progress and run.rank == 0)
-    if init != "none":
+    fresh = report.get("fresh", [])
+    if init in ("imagenet", "coco") or (init != "none" and not fresh):
         log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],
                  report["missing"])  # fmt: skip
+    elif init != "none":  # a checkpoint of another model: part of it starts from random weights
+        there, here = report.get("preset"), run.config.name
+        named = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+        made = (
+            "the checkpoint records no preset"
+            if there is None
+            else f"preset {there!r} there, {here!r} here"
+            if there != here
+            else f"preset {here!r} there too, with other settings"
+        )
+        log.warning(
+            "init %s: %d tensors loaded, %d kept fresh (random), of shapes the checkpoint has "
+            "not (%s): %s; those layers train from scratch", init, report["loaded"],
+            report["missing"], made, named,
+        )  # fmt: skip
     if "class_rows" in report:  # the checkpoint names its classes in another order or set
         rows = ", ".join(f"{n} <- {s or 'fresh'}" for n, s in report["class_rows"].items())
         log.warning("init %s: box-predictor rows re-mapped by class name: %s", init, rows)
@@ -664,7 +763,8 @@ def _train_epochs(
             run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    wall_start = time.perf_counter()
+    # the run's wall clock goes on from its earlier calls' (last.pt's wall_seconds)
+    wall_start = run.wall_start = time.perf_counter() - run.wall_seconds
     row: dict[str, Any] = dict(run.history[-1]) if run.history else {}
     overall = _overall_bar(config, clock, run.start_epoch, enabled=run.progress and run.rank == 0)
     ended_by_epochs = True  # False when the budget or stop_after ended the loop
@@ -698,7 +798,8 @@ def _train_epoch(
 ) -> dict[str, Any]:
     """Train `epoch` on crops or on whole images, as `_whole_image_phase` has it (rank 0 decides
     for all). Returns its metrics row: mean losses over its iterations, the run's training
-    minutes and this call's wall-clock minutes (since `wall_start`, `time.perf_counter` s)."""
+    minutes and its wall-clock minutes (since `wall_start`, `time.perf_counter` s: the run's
+    start, its earlier calls' wall time included)."""
     config, clock, mc = run.config, run.clock, run.config.model
     # rank 0 decides for all, as for stopping: ranks' clocks differ, and ranks on different
     # loaders would run different step counts and input sizes (a DDP hang)
@@ -775,6 +876,7 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         "train_config": run.config.to_dict(),
         "data": str(run.data_dir.resolve()),
         "train_seconds": run.clock.seconds,
+        "wall_seconds": time.perf_counter() - run.wall_start,  # (with this epoch's validation)
         "epoch_seconds": run.epoch_seconds,
         "history": run.history,
         "rng_state": torch.get_rng_state(),
