@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Iterator[None]:
     """Create `folder` and hold its lock file `lock_name` for the `with` block; at its end
-    the lock file is removed, and so is `folder` when this call made it and it is empty (a
+    the lock file is removed, and so are the folders this call made while they are empty (a
     writer refused before it wrote anything leaves nothing behind).
 
     Args:
@@ -78,11 +78,18 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
     """
     folder = Path(folder)
     path = folder / lock_name
-    made = not folder.exists()
     for _ in range(_LOCK_TRIES):
+        made = _missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"{option} {folder}: cannot make the folder ({exc.strerror or exc})"
+            ) from None
+        try:
             handle = _open_lock_file(path)
+        except FileNotFoundError:  # the folder's last writer removed it just now: anew
+            continue
         except OSError as exc:
             raise ValueError(
                 f"{option} {folder}: cannot write there or open its {lock_name} "
@@ -111,11 +118,23 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
             finally:  # removed while held: a writer that opens it meanwhile tries anew
                 with suppress(OSError):
                     path.unlink()
-                if made:
-                    with suppress(OSError):
-                        folder.rmdir()  # only when empty
+                for made_here in made:  # deepest first; only while empty
+                    try:
+                        made_here.rmdir()
+                    except OSError:
+                        break
             return
     raise ValueError(f"{option} {folder}: its {lock_name} kept being replaced; try again")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, deepest first: what a
+    `mkdir(parents=True)` of it makes."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _is_file_at(handle: TextIO, path: Path) -> bool:

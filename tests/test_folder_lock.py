@@ -71,10 +71,16 @@ def test_the_lock_file_goes_at_the_end_and_a_folder_made_for_nothing_too(tmp_pat
         assert (kept / LOCK).read_text() == f"pid {os.getpid()}\n"
     assert kept.is_dir() and not list(kept.iterdir())  # there before: stays, without the lock
 
+    (tmp_path / "runs").mkdir()
     made = tmp_path / "runs" / "new"
     with pytest.raises(RuntimeError), folder_lock(made, LOCK, "splitdet train", "--out"):
         raise RuntimeError("refused before it wrote anything")
     assert not made.exists() and (tmp_path / "runs").is_dir()  # only the folder it made
+
+    deep = tmp_path / "a" / "b" / "c"
+    with folder_lock(deep, LOCK, "splitdet export", "--out"):
+        pass
+    assert not (tmp_path / "a").exists()  # the parents it made too
 
     with folder_lock(made, LOCK, "splitdet train", "--out"):
         (made / "last.pt").write_bytes(b"x")
@@ -99,6 +105,28 @@ def test_a_lock_file_removed_as_it_was_opened_is_opened_anew(tmp_path, monkeypat
     with folder_lock(tmp_path, LOCK, "splitdet export", "--out"):
         assert len(opened) == 2 and os.stat(tmp_path / LOCK).st_ino == opened[1]
         assert "another splitdet export" in _take_in_subprocess(tmp_path)
+
+
+def test_a_folder_removed_by_its_last_writer_as_another_starts_is_made_anew(
+    tmp_path, monkeypatch
+):
+    """Writer A made the folder and ended, removing it (empty), between writer B's mkdir and
+    its open of the lock file: B was refused, "cannot ... open its lock (No such file)"."""
+    from splitdet.shared import folder_lock as module
+
+    real_open, removed = module._open_lock_file, []
+    folder = tmp_path / "model"
+
+    def after_a_ended(path: Path):
+        if not removed:
+            removed.append(True)
+            path.parent.rmdir()  # A's end: its lock file gone, then the folder it made
+        return real_open(path)
+
+    monkeypatch.setattr(module, "_open_lock_file", after_a_ended)
+    with folder_lock(folder, LOCK, "splitdet export", "--out"):
+        assert (folder / LOCK).is_file()
+    assert removed and not folder.exists()
 
 
 def _take_in_subprocess(folder: Path) -> str:

@@ -318,10 +318,6 @@ def train(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     with contextlib.ExitStack() as held:
         if rank == 0:  # the only rank that writes there
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ValueError(f"--out {out_dir}: cannot make the folder ({exc})") from None
             # one run per folder for the whole run: two would mix their checkpoints and records
             held.enter_context(folder_lock(out_dir, TRAIN_LOCK, "splitdet train", "--out"))
             _remove_stale_temporaries(out_dir)
