@@ -107,9 +107,7 @@ def test_a_lock_file_removed_as_it_was_opened_is_opened_anew(tmp_path, monkeypat
         assert "another splitdet export" in _take_in_subprocess(tmp_path)
 
 
-def test_a_folder_removed_by_its_last_writer_as_another_starts_is_made_anew(
-    tmp_path, monkeypatch
-):
+def test_a_folder_removed_by_its_last_writer_as_another_starts_is_made_anew(tmp_path, monkeypatch):
     """Writer A made the folder and ended, removing it (empty), between writer B's mkdir and
     its open of the lock file: B was refused, "cannot ... open its lock (No such file)"."""
     from splitdet.shared import folder_lock as module
