@@ -51,16 +51,33 @@ def test_data_check_reports_every_bad_split_line_and_still_sums_up_the_split(dat
         "the id without its extension: img_006",
     ]
     train = report.splits["train"]
-    assert (train.images, train.defective, train.unreadable) == (5, 4, 2)
+    # the path line is an image with a problem; the repeat is img_001, counted once
+    assert (train.images, train.defective, train.unreadable) == (5, 4, 1)
     assert report.unlisted == []  # not img_007: the bad line may be meant to list it
 
     assert main(["data", "check", str(dataset), "--no-progress"]) == 1
     text = capsys.readouterr().out
-    assert "  train: 5 images (4 defective + 1 defect-free), and 2 more with a problem" in text
+    assert "  train: 5 images (4 defective + 1 defect-free), and 1 more with a problem" in text
     assert "4 problem(s)" in text
     # train and eval still stop at the first bad line
     with pytest.raises(voc.VocError, match=r"train\.txt:8: image id 'JPEGImages/img_007'"):
         voc.read_split_ids(dataset, "train")
+
+
+def test_a_repeated_id_hides_no_other_problem_of_its_split(dataset):
+    """A line repeating an id was counted as an image with a problem: the split's summary
+    counted one image too many, and its "no defective image" problem and the images-in-no-split
+    warning were held back, as for a line naming no image."""
+    free = voc.read_split_ids(dataset, "train")[-1]  # img_006, defect-free
+    voc.write_split(dataset, "val", [free, free])
+    report = check_dataset(dataset)
+    val_txt = dataset / "ImageSets" / "Main" / "val.txt"
+    assert f"{val_txt}:2: image id {free!r} listed twice" in report.problems
+    assert any("val.txt" in p and "no defective image" in p for p in report.problems), (
+        report.problems
+    )
+    assert report.splits["val"].unreadable == 0
+    assert "img_007" in report.unlisted
 
 
 # ------------------------------------------------- 2. a <filename> naming another image is warned

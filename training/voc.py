@@ -265,16 +265,17 @@ def _split_file(root: Path, split: str) -> Path:
 def read_split_ids(root: Path, split: str) -> list[str]:
     """The image ids listed in ``ImageSets/Main/{split}.txt`` (first token of each line);
     `VocError` for the first line that lists none (`read_split_lines`)."""
-    ids, problems = read_split_lines(root, split)
+    ids, problems, _ = read_split_lines(root, split)
     if problems:
         raise VocError(problems[0])
     return ids
 
 
-def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str]]:
+def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str], int]:
     """(The image ids ``ImageSets/Main/{split}.txt`` lists, the first token of each line, each
     once, in order; a problem line, "FILE:LINE: ...", for every line whose token is no id (a
-    path, ``.``, ``..``) or repeats one listed before). Both whole, so that ``data check``
+    path, ``.``, ``..``) or repeats one listed before; how many of them list no id: which
+    image those meant is not known, where a repeat's is). All whole, so that ``data check``
     reports every bad line at once; `VocError` only when the file cannot be read."""
     path = _split_file(root, split)
     if not path.is_file():
@@ -286,6 +287,7 @@ def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str]]:
     ids: list[str] = []
     problems: list[str] = []
     seen: set[str] = set()
+    no_id = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -293,12 +295,13 @@ def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str]]:
         image_id = fields[0]
         if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
             problems.append(f"{path}:{lineno}: {id_problem(image_id)}")
+            no_id += 1
         elif image_id in seen:
             problems.append(f"{path}:{lineno}: image id {image_id!r} listed twice")
         else:
             seen.add(image_id)
             ids.append(image_id)
-    return ids, problems
+    return ids, problems, no_id
 
 
 class _Doctype(Exception):

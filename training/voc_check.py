@@ -620,16 +620,17 @@ def _check_splits(
         if not path.is_file():
             continue
         try:
-            split_ids, line_problems = voc.read_split_lines(root, split)
+            split_ids, line_problems, no_id = voc.read_split_lines(root, split)
         except voc.VocError as exc:
             report.problems.append(str(exc))
             unreadable.append(split)
             continue
         stats = report.splits.setdefault(split, SplitStats())
-        # every bad line, and the lines around them counted as usual
+        # every bad line, and the lines around them counted as usual; a repeated id is
+        # counted once, as listed: only a line naming no image is an image with a problem
         report.problems += line_problems
-        stats.unreadable += len(line_problems)
-        bad_lines = bad_lines or bool(line_problems)
+        stats.unreadable += no_id
+        bad_lines = bad_lines or bool(no_id)
         for image_id in split_ids:
             if image_id not in annotated:
                 report.problems.append(
