@@ -234,6 +234,24 @@ def test_torchrun_rank_1_repeats_none_of_rank_0s_lines(tiny_voc, tmp_path):
     assert " INFO " not in rank1, rank1
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_0_says_how_to_continue_a_stopped_run(tiny_voc, tmp_path, monkeypatch,
+                                                        capsys, rank):  # fmt: skip
+    """torchrun signals every rank: each printed the "continue with ... --resume" line."""
+    from splitdet.training import cli_train
+
+    def interrupted(config, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli_train, "_train", interrupted)  # the Ctrl-C, mid-run
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # (rank 1 raises it: put back after)
+    assert cli_train.main(train_argv(tiny_voc, tmp_path / "run")[1:]) == 130
+    said = "splitdet train: interrupted" in capsys.readouterr().err
+    assert said is (rank == "0")
+
+
 # ---------------------------------------------------------- 7: wall_minutes across resumes
 
 

@@ -275,22 +275,25 @@ def run(args: argparse.Namespace) -> int:
         for field, option in options.items():
             message = re.sub(rf"\b{field}\b", option, message)
         raise CommandError(message) from None
+
+    def stopped(status: int, how: str = "stopped on SIGTERM") -> int:
+        if rank == "0":  # (torchrun signals every rank: one line says it)
+            print(_stopped_on_sigterm(args, how), file=sys.stderr)
+        return status
+
     try:
         with _sigterm_as_interrupt() as terminated:
             row = _train(config, args)
     except SigtermInterrupt:
-        print(_stopped_on_sigterm(args), file=sys.stderr)
-        return SIGTERM_STATUS
+        return stopped(SIGTERM_STATUS)
     except KeyboardInterrupt:  # Ctrl-C: the same line, said of an interruption
-        print(_stopped_on_sigterm(args, "interrupted"), file=sys.stderr)
-        return CTRL_C_STATUS
+        return stopped(CTRL_C_STATUS, "interrupted")
     except Exception:
         if not terminated:
             raise
         # unwinding from SIGTERM, the run failed otherwise: a DataLoader worker the same
         # SIGTERM ended (a container's stop signals every process), a DDP peer gone
-        print(_stopped_on_sigterm(args), file=sys.stderr)
-        return SIGTERM_STATUS
+        return stopped(SIGTERM_STATUS)
     best = f"; {describe_best(row['best'])}" if row.get("best") else ""
     if rank != "0":  # rank 0 prints the run's result
         return 0
