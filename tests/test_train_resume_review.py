@@ -107,6 +107,29 @@ def test_resume_applies_a_new_lr_with_a_warning_and_names_changed_settings(
     assert schedule["base_lrs"] == [0.05, 0.05]  # what the run trained with
     # epoch 0: 2 steps at batch 2, epoch 1: 4 at batch 1: the cosine ends with the last one
     assert schedule["step_count"] == schedule["total_iters"] == 6
+    # resumed again at batch 1: its 4 steps per epoch are not what the run's 2 epochs took (6,
+    # not 8): the cosine still ends with the last step, as it does at batch 2 (2 steps)
+    for batch, steps in (("1", 10), ("2", 12)):
+        epochs = str(int(read_checkpoint(run / "last.pt")["epoch"]) + 2)
+        argv = train_argv(tiny_voc, run, "--resume", "--epochs", epochs, "--lr", "0.05",
+                          "--batch-size", batch)  # fmt: skip
+        assert main(argv) == 0
+        schedule = read_checkpoint(run / "last.pt")["lr_scheduler"]
+        assert schedule["step_count"] == schedule["total_iters"] == steps, (batch, schedule)
+
+
+def test_the_cosine_ends_with_the_last_epoch_whatever_the_steps_per_epoch_were(tiny_voc, tmp_path):
+    """The cosine's total was re-spread only when the saved one was not the run's epochs
+    times this resume's steps per epoch; after an earlier re-spread it can be by chance, and
+    the cosine then ended early. 4 images, 3 epochs: one at batch 1 (4 steps), one at batch 4
+    (1 step; the total re-spread to 6 = 3 epochs x 2), the last at batch 2 (2 steps): 7."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    for batch, resume in ((1, False), (4, True), (2, True)):
+        config = replace(TINY, epochs=3, batch_size=batch, eval_every=0)
+        train(config, tiny_voc, run, resume=resume, progress=False, stop_after=1)
+    schedule = read_checkpoint(run / "last.pt")["lr_scheduler"]
+    assert schedule["step_count"] == schedule["total_iters"] == 7, schedule
 
 
 # ------------------------------------------------------------------------- 2: Ctrl-C

@@ -694,15 +694,14 @@ def _apply_recipe(
         return
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if isinstance(lr_scheduler, WarmupCosine):
-        for key in ("base_lrs", "warmup_iters", "budget_seconds", "total_iters"):
+        for key in ("base_lrs", "warmup_iters", "budget_seconds"):
             setattr(lr_scheduler, key, fresh_schedule[key])
+        # the steps done, then this run's steps for each epoch left: the cosine ends with the
+        # last epoch (what a fresh run's total is, unless the steps per epoch changed on the
+        # way, by --batch-size now or at an earlier resume: else it ends early, or never)
         per_epoch = fresh_schedule["total_iters"] // max(1, config.epochs)
-        saved_total = checkpoint["lr_scheduler"].get("total_iters")
-        if saved.get("epochs") and saved_total != saved["epochs"] * per_epoch:
-            # the run's epochs took another number of steps: the steps done, then this
-            # run's for each epoch left (else the cosine ends early, or never)
-            left = max(0, config.epochs - run.start_epoch)
-            lr_scheduler.total_iters = max(1, lr_scheduler.step_count + left * per_epoch)
+        left = max(0, config.epochs - run.start_epoch)
+        lr_scheduler.total_iters = max(1, lr_scheduler.step_count + left * per_epoch)
         lr_scheduler._apply()
     else:  # StepLR: steps from the learning rate the optimiser has
         for key in ("base_lrs", "step_size", "gamma"):
