@@ -184,7 +184,7 @@ def test_eval_names_the_split_the_gate_was_calibrated_on(
             assert _eval(eval_data, checkpoint, "--json", str(out), *options) == 0
         capsys.readouterr()
         metrics = json.loads(out.read_text())
-        table = next(r.getMessage() for r in caplog.records if "operating points" in r.message)
+        table = next(m for r in caplog.records if "operating points" in (m := r.getMessage()))
         on = (metrics["gate_calibrated_on"], metrics["gate_operating_points_calibrated_on"])
         found[name] = (*on, table.splitlines()[0])
     assert found["val"][:2] == ("val", "val")
