@@ -83,9 +83,8 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ValueError(
-                f"{option} {folder}: cannot make the folder ({exc.strerror or exc})"
-            ) from None
+            why = "a file is in the way" if folder.is_file() else exc.strerror or exc
+            raise ValueError(f"{option} {folder}: cannot make the folder ({why})") from None
         try:
             handle = _open_lock_file(path)
         except FileNotFoundError:  # the folder's last writer removed it just now: anew

@@ -132,7 +132,8 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(out, exported, tiny_dataset,
     argv = _bench(exported, tiny_dataset, tmp_path / out, "--defect-rates", "1", "--images", "1")
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert f"--out {tmp_path / out}: cannot write there" in line
+    why = "a file is in the way" if out == "a_file" else "Not a directory"
+    assert f"--out {tmp_path / out}: cannot make the folder ({why})" in line
 
 
 def test_a_failed_run_does_not_point_at_an_earlier_runs_report(exported, tmp_path, capsys):

@@ -31,4 +31,4 @@ def test_export_names_an_out_it_cannot_write(tmp_path, capsys):
     out = _blocked(tmp_path)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {out}: cannot write" in err and "Traceback" not in err
+    assert f"--out {out}: cannot make the folder" in err and "Traceback" not in err
