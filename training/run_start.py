@@ -1,0 +1,214 @@
+"""How a training run starts (torch): resumed from its last.pt (checked against this run's
+recipe before the data is read; the model, optimiser, schedule, clock, history and RNG taken
+up, this run's --lr and other settings applied from there on) or afresh from --init."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from splitdet.shared.checkpoint import CheckpointError, read_checkpoint, threshold_calibration
+from splitdet.shared.config import ModelConfig
+from splitdet.training.epoch_records import BestEpoch
+from splitdet.training.initial_weights import load_initial_weights
+from splitdet.training.presets import TrainConfig
+from splitdet.training.run_checks import model_difference, recipe_changes
+from splitdet.training.schedule import WarmupCosine
+
+if TYPE_CHECKING:
+    from splitdet.training.train import _Run
+
+# the lines of `splitdet train`, whichever module says them
+log = logging.getLogger("splitdet.training.train")
+
+
+def _resumable_model(
+    checkpoint: dict[str, Any], config: TrainConfig, last_path: Path
+) -> ModelConfig:
+    """The model configuration of `last_path`'s `checkpoint`, which this run's `config` must
+    have too but for box_detections_per_img. Raises CheckpointError (unusable) and ValueError
+    (another model)."""
+    try:
+        saved_model = ModelConfig.from_dict(checkpoint["config"])  # as load_model reads it
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{last_path}: its model configuration is unusable ({exc})") from None
+    # the most detections per image is inference's alone (no weight depends on it): a
+    # resume may change it, so that a run warned of crowded images can raise it
+    cap = config.model.box_detections_per_img
+    if replace(saved_model, box_detections_per_img=cap) != config.model:
+        saved = checkpoint.get("train_config", {}).get("name", "another recipe")
+        presets = "" if saved == config.name else f"; preset {saved!r} there, {config.name!r} here"
+        raise ValueError(
+            f"{last_path} holds a model of another configuration than this run's "
+            f"({model_difference(saved_model, config.model)}{presets}); resume it with the "
+            "same --preset, --classes, --gate-on and --pixel-bits, or give a new --out"
+        )
+    return saved_model
+
+
+def resumed_checkpoint(config: TrainConfig, out_dir: Path, init: str) -> dict[str, Any] | None:
+    """The last.pt a --resume continues (None: there is none, the run starts afresh), read
+    and checked against this run's `config` before the data is: a model of another
+    configuration (`_resumable_model`) or another optimiser or schedule is refused
+    (ValueError) as such, not as a class the data holds. --init with a last.pt to resume is
+    refused too: the run's own weights would be resumed, and --init ignored."""
+    last_path = out_dir / "last.pt"
+    if not last_path.is_file():
+        return None
+    if init != "none":
+        raise ValueError(
+            f"--init {init} with --resume: {last_path} holds the run to continue, from its own "
+            f"weights, so --init would be ignored; drop --init to continue the run, or start "
+            f"a new run from those weights with another --out and --init {init}"
+        )
+    checkpoint = read_checkpoint(last_path)
+    _resumable_model(checkpoint, config, last_path)
+    saved = checkpoint.get("train_config") or {}
+    for key in ("optimizer", "scheduler"):  # their state in last.pt is of the run's own
+        if saved.get(key, getattr(config, key)) != getattr(config, key):
+            raise ValueError(
+                f"{last_path} was trained with {key} {saved[key]!r}, this run's recipe has "
+                f"{getattr(config, key)!r}: its state cannot go on under another; resume with "
+                f"the run's own --preset, or start a new run from its weights with another "
+                f"--out and --init {last_path}"
+            )
+    return checkpoint
+
+
+def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
+    """Take `run` up where its last.pt (read: `checkpoint`) left off: model, optimiser,
+    schedule, clock, history, best epoch, gate threshold and RNG. This run's recipe applies
+    from here on (`_apply_recipe`). Raises CheckpointError (unusable) and ValueError (no epoch
+    left)."""
+    config, last_path = run.config, run.last_path
+    saved_model = ModelConfig.from_dict(checkpoint["config"])  # (`_resumable_model` checked it)
+    cap = config.model.box_detections_per_img
+    # the optimiser's settings and the schedule as this run's recipe builds them
+    fresh_groups = [
+        {k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups
+    ]
+    fresh_schedule = run.lr_scheduler.state_dict() if run.lr_scheduler is not None else None
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.start_epoch = int(checkpoint["epoch"]) + 1
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        problem = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+        raise CheckpointError(f"{last_path}: cannot resume from it ({problem})") from None
+    _apply_recipe(run, checkpoint, fresh_groups, fresh_schedule)
+    if saved_model.box_detections_per_img != cap:
+        log.info(
+            "--detections-per-image %d (the run's was %d): validation passes and the "
+            "checkpoints from epoch %d on keep up to %d boxes per image",
+            cap, saved_model.box_detections_per_img, int(checkpoint["epoch"]) + 1, cap,
+        )  # fmt: skip
+    trained_on = checkpoint.get("data")
+    if trained_on is not None and trained_on != str(run.data_dir.resolve()):
+        # allowed (a moved dataset), but best.pt compares validation passes of both
+        log.warning(
+            "%s was trained on %s, now resumed on %s: best.pt keeps the best validation "
+            "of either",
+            last_path, trained_on, run.data_dir.resolve(),
+        )  # fmt: skip
+    run.clock.seconds = float(checkpoint.get("train_seconds", 0.0))
+    run.wall_seconds = float(checkpoint.get("wall_seconds", 0.0))  # (older last.pt: none)
+    # a run its budget ended stays ended when resumed with the same budget
+    run.epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
+    run.history = list(checkpoint.get("history", []))
+    run.best = BestEpoch.of_checkpoint(checkpoint, run.history, config.best_metric)
+    run.gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
+    run.gate_calibrated = threshold_calibration(checkpoint) is not None
+    if "rng_state" in checkpoint:
+        torch.set_rng_state(checkpoint["rng_state"])
+    start_epoch = run.start_epoch
+    if start_epoch >= config.epochs:  # before the recipe is rewritten: refused, unchanged
+        raise ValueError(
+            f"{last_path} holds {start_epoch} trained epochs (epochs 0-{start_epoch - 1}) "
+            f"and this run's --epochs is {config.epochs}: nothing is left to train; give "
+            f"--epochs above {start_epoch} to train on"
+        )
+    log.info(
+        "resumed from %s: epochs 0-%d trained, training on from epoch %d (--epochs %d)",
+        last_path, start_epoch - 1, start_epoch, config.epochs,
+    )  # fmt: skip
+    saved = checkpoint.get("train_config") or {}
+    if saved.get("lr", config.lr) != config.lr:
+        log.warning(
+            "--lr %g replaces the run's %g (%s): the learning rate is scaled by %g from epoch %d "
+            "on, its schedule going on where it was", config.lr, saved["lr"], last_path,
+            config.lr / saved["lr"], start_epoch,
+        )  # fmt: skip
+    if changed := recipe_changes(saved, config, leave=("lr",)):
+        log.info("resumed with settings other than the run's (%s): %s", last_path, changed)
+
+
+def _apply_recipe(
+    run: _Run,
+    checkpoint: dict[str, Any],
+    fresh_groups: list[dict[str, Any]],
+    fresh_schedule: dict[str, Any] | None,
+) -> None:
+    """After last.pt's optimiser state is loaded into `run`, make this run's recipe the one
+    trained on from here (what train_config.json records): its optimiser settings
+    (`fresh_groups`: momentum, weight decay...), its --lr (the learning rate where the schedule
+    has it, scaled by the new lr over the run's), and its schedule (`fresh_schedule`: warm-up,
+    a new --minutes or --epochs extending it; a new number of iterations per epoch, from
+    --batch-size say, re-spreading the cosine's rest over the epochs left)."""
+    config, optimizer, lr_scheduler = run.config, run.optimizer, run.lr_scheduler
+    saved = checkpoint.get("train_config") or {}
+    ratio = config.lr / saved["lr"] if saved.get("lr") else 1.0
+    for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+        lr = group["lr"]
+        group.update(fresh)
+        group["lr"] = lr * ratio
+    if lr_scheduler is None or not checkpoint.get("lr_scheduler") or fresh_schedule is None:
+        return
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if isinstance(lr_scheduler, WarmupCosine):
+        for key in ("base_lrs", "warmup_iters", "budget_seconds"):
+            setattr(lr_scheduler, key, fresh_schedule[key])
+        # the steps done, then this run's steps for each epoch left: the cosine ends with the
+        # last epoch (what a fresh run's total is, unless the steps per epoch changed on the
+        # way, by --batch-size now or at an earlier resume: else it ends early, or never)
+        per_epoch = fresh_schedule["total_iters"] // max(1, config.epochs)
+        left = max(0, config.epochs - run.start_epoch)
+        lr_scheduler.total_iters = max(1, lr_scheduler.step_count + left * per_epoch)
+        lr_scheduler._apply()
+    else:  # StepLR: steps from the learning rate the optimiser has
+        for key in ("base_lrs", "step_size", "gamma"):
+            setattr(lr_scheduler, key, fresh_schedule[key])
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def start_afresh(run: _Run, init: str, resume: bool) -> None:
+    """Start `run`'s model from `init` (`load_initial_weights`), logging what it loaded and
+    any box-predictor rows it re-mapped; `resume`: a resume found no last.pt (warned)."""
+    if resume:
+        log.warning("no %s to resume from: starting afresh", run.last_path)
+    report = load_initial_weights(run.model, init, progress=run.progress and run.rank == 0)
+    fresh = report.get("fresh", [])
+    if init in ("imagenet", "coco") or (init != "none" and not fresh):
+        log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],
+                 report["missing"])  # fmt: skip
+    elif init != "none":  # a checkpoint of another model: part of it starts from random weights
+        there, here = report.get("preset"), run.config.name
+        named = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+        made = (
+            "the checkpoint records no preset"
+            if there is None
+            else f"preset {there!r} there, {here!r} here"
+            if there != here
+            else f"preset {here!r} there too, with other settings"
+        )
+        log.warning(
+            "init %s: %d tensors loaded, %d kept fresh (random), of shapes the checkpoint has "
+            "not (%s): %s; those layers train from scratch", init, report["loaded"],
+            report["missing"], made, named,
+        )  # fmt: skip
+    if "class_rows" in report:  # the checkpoint names its classes in another order or set
+        rows = ", ".join(f"{n} <- {s or 'fresh'}" for n, s in report["class_rows"].items())
+        log.warning("init %s: box-predictor rows re-mapped by class name: %s", init, rows)
