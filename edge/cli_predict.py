@@ -140,6 +140,8 @@ def check_outputs(json_file: str | None, save_dir: str | None) -> None:
     written (CommandError naming it): found only at the end, it would lose the whole run."""
     from splitdet.shared.cli import CommandError
 
+    if json_file == "":  # (an unset shell variable: --json "$OUT")
+        raise CommandError("--json '': give a file name, or - for stdout")
     if json_file and json_file != "-":
         target = Path(json_file)
         folder = target.parent

@@ -194,3 +194,14 @@ def test_eval_names_the_split_the_gate_was_calibrated_on(
     assert found["none"][:2] == ("given", "test")  # the checkpoint's; the points on test itself
     assert "calibrated on split test itself, the evaluated one" in found["none"][2]
     assert not any("calibration split" in line for entry in found.values() for line in entry)
+
+
+def test_an_empty_json_name_is_refused_before_the_evaluation(tmp_path, capsys):
+    """`--json ""` (an unset shell variable) tried to write a file named "" at the end, after
+    the whole evaluation; `predict` wrote no JSON at all, without a word."""
+    for argv in (
+        ["eval", "--data", str(tmp_path / "none"), "--checkpoint", str(tmp_path / "x.pt")],
+        ["predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "m")],
+    ):
+        assert main([*argv, "--json", ""]) == 2
+        assert "--json '': give a file name, or - for stdout" in capsys.readouterr().err

@@ -253,6 +253,7 @@ def test_torchrun_rank_1_repeats_none_of_rank_0s_lines(tiny_voc, tmp_path):
     rank0 = (tmp_path / "rank0.txt").read_text()
     rank1 = (tmp_path / "rank1.txt").read_text()
     assert "training precision" in rank0 and "trained to epoch 0" in rank0, rank0
+    assert "fp32); 1 torch thread(s) (set by OMP_NUM_THREADS" in rank0, rank0
     assert "training precision" not in rank1 and "trained to epoch" not in rank1, rank1
     assert " INFO " not in rank1, rank1
 

@@ -420,7 +420,11 @@ def _train(
     lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loaders["main"]))
     clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
-    log.info("training precision: %s (%s)", "bf16" if autocast else "fp32", config.precision)
+    log.info(
+        "training precision: %s (%s); %d torch thread(s) (set by OMP_NUM_THREADS; with other "
+        "jobs on the machine, fewer can be faster)", "bf16" if autocast else "fp32",
+        config.precision, torch.get_num_threads(),
+    )  # fmt: skip
     run = _Run(
         config, data_dir, out_dir, device, rank, world, progress, model, optimizer,
         lr_scheduler, per_iteration, clock, autocast, best=BestEpoch(config.best_metric),
