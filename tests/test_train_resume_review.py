@@ -298,6 +298,13 @@ def test_wall_minutes_go_on_across_a_resume(tiny_voc, tmp_path, monkeypatch):
     assert rows[1]["wall_minutes"] * 60 >= 2.0, rows
     assert rows[1]["wall_minutes"] >= rows[0]["wall_minutes"]
     assert rows[1]["train_minutes"] >= rows[0]["train_minutes"]
+    # the epoch the resume started with is marked, in the records and on the learning curve
+    assert [row["resumed"] for row in rows] == [False, True]
+    from splitdet.training.epoch_records import plot_learning_curve
+
+    unmarked = [{**row, "resumed": False} for row in rows]
+    plot_learning_curve(unmarked, tmp_path / "unmarked.png")
+    assert (tmp_path / "unmarked.png").read_bytes() != (run / "learning_curve.png").read_bytes()
 
 
 # ------------------------------------------------------- 8: multi-class data, no --classes

@@ -127,7 +127,8 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
 
     The paper compares plain Faster R-CNN with the multi-task model; one run trains only the
     multi-task model, so the plot shows its detection loss (what a plain Faster R-CNN would
-    minimise) beside its total multi-task loss, and its mAP / mAP@.5 / gate AUC.
+    minimise) beside its total multi-task loss, and its mAP / mAP@.5 / gate AUC. A dashed line
+    marks each epoch a --resume started with (rows with "resumed": settings may change there).
     """
     import matplotlib
 
@@ -158,6 +159,12 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
         ax_map.legend()
     else:
         ax_map.text(0.5, 0.5, "no validation passes", ha="center", transform=ax_map.transAxes)
+    for n, epoch in enumerate(row["epoch"] for row in history if row.get("resumed")):
+        for ax in (ax_loss, ax_map):
+            ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1,
+                       label="resumed" if n == 0 and ax is ax_loss else None)  # fmt: skip
+    if any(row.get("resumed") for row in history):
+        ax_loss.legend()
     if history:
         minutes = history[-1].get("train_minutes") or 0.0
         fig.suptitle(f"multi-task model, {len(history)} epochs, {minutes:.1f} training minutes")

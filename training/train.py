@@ -641,6 +641,8 @@ def _train_epoch(
         "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
         "lr": run.optimizer.param_groups[0]["lr"],
         "inputs": "crops" if cropped else "whole images",
+        # the first epoch a --resume trained (the learning curve marks it)
+        "resumed": run.epochs_run == 0 and run.start_epoch > 0,
         "loss": stats.get("loss"),
         "loss_detection": sum(stats.get(k, 0.0) for k in DETECTION_LOSSES),
         **{k: stats.get(k) for k in (*DETECTION_LOSSES, "loss_defect")},
