@@ -132,6 +132,23 @@ def test_the_cosine_ends_with_the_last_epoch_whatever_the_steps_per_epoch_were(t
     assert schedule["step_count"] == schedule["total_iters"] == 7, schedule
 
 
+def test_a_run_whose_record_says_another_lr_than_it_trained_at_is_warned_of(
+    cli_run, tiny_voc, tmp_path, caplog
+):
+    """A last.pt an earlier splitdet resumed with --lr 0.05 records 0.05 but trained at 0.01
+    (the --lr was ignored): resuming it applied 0.05 without a word. Now the lr its schedule
+    ran at is the run's, and the change is warned of, as for a --lr given now."""
+    run = _copy(cli_run, tmp_path)
+    checkpoint = torch.load(run / "last.pt", weights_only=False)
+    checkpoint["train_config"]["lr"] = 0.05  # the record; the schedule's base_lrs stay 0.01
+    torch.save(checkpoint, run / "last.pt")
+    recipe = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**recipe, "lr": 0.05}))
+    with caplog.at_level(logging.WARNING):
+        assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 0
+    assert any("--lr 0.05 replaces the run's 0.01" in r.getMessage() for r in caplog.records)
+
+
 # ------------------------------------------------------------------------- 2: Ctrl-C
 
 

@@ -136,14 +136,26 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
         last_path, start_epoch - 1, start_epoch, config.epochs,
     )  # fmt: skip
     saved = checkpoint.get("train_config") or {}
-    if saved.get("lr", config.lr) != config.lr:
+    trained = _trained_lr(checkpoint)
+    if trained and trained != config.lr:
         log.warning(
             "--lr %g replaces the run's %g (%s): the learning rate is scaled by %g from epoch %d "
-            "on, its schedule going on where it was", config.lr, saved["lr"], last_path,
-            config.lr / saved["lr"], start_epoch,
+            "on, its schedule going on where it was", config.lr, trained, last_path,
+            config.lr / trained, start_epoch,
         )  # fmt: skip
     if changed := recipe_changes(saved, config, leave=("lr",)):
         log.info("resumed with settings other than the run's (%s): %s", last_path, changed)
+
+
+def _trained_lr(checkpoint: dict[str, Any]) -> float | None:
+    """The base learning rate last.pt's schedule ran at: its record's lr, but for a run an
+    earlier splitdet resumed with another --lr, which it recorded and did not apply. None when
+    neither is known."""
+    bases = (checkpoint.get("lr_scheduler") or {}).get("base_lrs")
+    if bases:
+        return float(bases[0])
+    lr = (checkpoint.get("train_config") or {}).get("lr")
+    return None if lr is None else float(lr)
 
 
 def _apply_recipe(
@@ -159,8 +171,8 @@ def _apply_recipe(
     a new --minutes or --epochs extending it; a new number of iterations per epoch, from
     --batch-size say, re-spreading the cosine's rest over the epochs left)."""
     config, optimizer, lr_scheduler = run.config, run.optimizer, run.lr_scheduler
-    saved = checkpoint.get("train_config") or {}
-    ratio = config.lr / saved["lr"] if saved.get("lr") else 1.0
+    trained = _trained_lr(checkpoint)
+    ratio = config.lr / trained if trained else 1.0
     for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
         lr = group["lr"]
         group.update(fresh)
