@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from splitdet.training import voc
+from splitdet.training import voc, voc_xml
 from splitdet.training.voc import VocError, VocObject, VocSample
 
 W, H = 64, 48
@@ -273,7 +273,7 @@ def test_duplicate_ids_and_oversized_files(tmp_path, monkeypatch):
     with pytest.raises(VocError, match=r"s\.txt:2.*twice"):
         voc.read_split(tmp_path, "s")
     voc.write_split(tmp_path, "s", ["dup"])
-    monkeypatch.setattr(voc, "MAX_ANNOTATION_BYTES", 10)
+    monkeypatch.setattr(voc_xml, "MAX_ANNOTATION_BYTES", 10)  # read where _parse_xml is
     with pytest.raises(VocError, match=r"dup\.xml.*larger"):
         voc.read_split(tmp_path, "s")
 

@@ -1,0 +1,235 @@
+"""Reading one VOC annotation into a `VocSample` (its image located, its ``<size>`` checked
+against the image header, its boxes converted to 0-based continuous coordinates) and writing a
+`VocSample` as an annotation; see `splitdet.training.voc` for the coordinate conventions.
+
+Part of `splitdet.training.voc`, which re-exports the public names; no torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitdet.shared.atomic_file import atomic_write
+from splitdet.training.voc_image import ORIENTATION_SHOWN, _image_header, _orientation_problem
+from splitdet.training.voc_names import bare_filename, normalisation_note
+from splitdet.training.voc_types import IMAGE_EXTENSIONS, VocError, VocObject, VocSample
+from splitdet.training.voc_xml import _flag, _number, _parse_xml, _text
+
+# --------------------------------------------------------------------------------------- reading
+
+
+#: How far (px) a box coordinate may lie past the image and still be read, clamped to its edge.
+#: Tools that scale boxes write floating-point noise (``320.00000000000006`` for 320; double
+#: rounding at 10000 px is ~2e-12 px), and clamping by 0.01 px moves a box by 1/100 of a pixel,
+#: which nothing downstream can see; a coordinate one pixel past the image (an off-by-one of a
+#: 0-based tool, a <size> that is not the image's) is a real mistake and stays refused. An
+#: absolute tolerance, not a relative one: the noise a scaling leaves is far below it at any
+#: image size the edge takes.
+EDGE_TOLERANCE_PX = 0.01
+
+
+def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
+    """The image of annotation `image_id`: the one its <filename> names when that is a bare
+    name of this id (``ID.png`` beside an ``ID.jpg``: the annotation says which), else
+    ``JPEGImages/ID.EXT`` for the first extension found, else <filename>'s bare name in
+    JPEGImages (`bare_filename`)."""
+    folder = Path(root) / "JPEGImages"
+    if filename and Path(filename).name == filename and Path(filename).stem == image_id:
+        named = folder / filename
+        if named.suffix.lower() in IMAGE_EXTENSIONS and named.is_file():
+            return named
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
+            if candidate.is_file():
+                return candidate
+    # any other case of the extension (.Jpg), looked for only when the usual names are missing
+    for candidate in sorted(folder.glob(f"{glob.escape(image_id)}.*")):
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
+            return candidate
+    base = bare_filename(filename)
+    if base:  # its bare name, in JPEGImages: never a path elsewhere (tools write "images/x.jpg")
+        candidate = folder / base
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_annotation(
+    root: Path,
+    image_id: str,
+    class_names: Sequence[str] | None = None,
+    *,
+    check_image: bool = True,
+) -> VocSample:
+    """Read ``Annotations/{image_id}.xml`` and locate its image; see `read_split`."""
+    root = Path(root)
+    path = root / "Annotations" / f"{image_id}.xml"
+    ann = _parse_xml(path)
+
+    filename = (ann.findtext("filename") or "").strip() or None
+    image_path = _find_image(root, image_id, filename)
+    if image_path is None:
+        folder = root / "JPEGImages"
+        twin = normalisation_note(folder, image_id, IMAGE_EXTENSIONS, looked_for_by=path)
+        if not twin and filename and Path(filename).name == filename:
+            twin = normalisation_note(folder, filename)  # the <filename> it would fall back to
+        raise VocError(
+            f"{path}: image file not found: no {folder / image_id}"
+            f"{{{','.join(IMAGE_EXTENSIONS)}}}{twin}"
+        )
+
+    size = ann.find("size")
+    if size is None:  # read like <size> 0x0: the size is the image header's
+        width_f = height_f = 0.0
+    else:
+        width_f = _number(path, size, "width", "<size>")
+        height_f = _number(path, size, "height", "<size>")
+    if width_f != int(width_f) or height_f != int(height_f) or width_f < 0 or height_f < 0:
+        raise VocError(f"{path}: <size> must hold non-negative integers, got {width_f}x{height_f}")
+    width, height = int(width_f), int(height_f)
+    unsized = width == 0 or height == 0  # some tools write 0: the size is the image header's
+    if unsized or check_image:
+        actual, orientation = _image_header(image_path, path)
+        # an annotation without boxes places nothing on the pixels: a turned view's size is
+        # no mistake there (what `data split --write-empty` writes for such an image)
+        boxless_turned = orientation in ORIENTATION_SHOWN and ann.find("object") is None
+        mismatch = not unsized and actual != (width, height)
+        if boxless_turned and (width, height) == actual[::-1]:
+            mismatch = False
+        said = f"<size> says {width}x{height} but " if mismatch else ""
+        if orientation in ORIENTATION_SHOWN and not boxless_turned:  # a tool showed other
+            # pixels than training reads, under the boxes
+            raise VocError(
+                f"{path}: {said}{image_path.name} is {actual[0]}x{actual[1]} px: "
+                f"{_orientation_problem(image_path, orientation)}"
+            )
+        if mismatch:
+            raise VocError(f"{path}: {said}{image_path.name} is {actual[0]}x{actual[1]}")
+        width, height = actual
+
+    known = None if class_names is None else set(class_names)
+    objects: list[VocObject] = []
+    for k, obj in enumerate(ann.findall("object")):
+        where = f"<object> #{k + 1}"
+        name = _text(path, obj, "name", where)
+        if known is not None and name not in known:
+            raise VocError(
+                f"{path}: {where} has unknown class {name!r} (expected one of "
+                f"{', '.join(sorted(known))})"
+            )
+        difficult = _flag(path, obj, "difficult", where)
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise VocError(f"{path}: missing <bndbox> in {where}")
+        xmin = _number(path, bnd, "xmin", where)
+        ymin = _number(path, bnd, "ymin", where)
+        xmax = _number(path, bnd, "xmax", where)
+        ymax = _number(path, bnd, "ymax", where)
+        box = (
+            f"box xmin={_coordinate(xmin)} ymin={_coordinate(ymin)} xmax={_coordinate(xmax)} "
+            f"ymax={_coordinate(ymax)}"
+        )
+        past = _past_the_image(xmin, ymin, xmax, ymax, width, height)
+        if past:
+            raise VocError(
+                f"{path}: {where} {box} lies outside the {width}x{height} image ({past}, by "
+                f"more than the {EDGE_TOLERANCE_PX} px read as rounding noise); correct the box "
+                "in the annotation tool, or the <size> if it is not the image's"
+            )
+        # within the tolerance: clamped to the image (and xmin=0 of 0-based tools to 0)
+        x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
+        x2, y2 = min(xmax, float(width)), min(ymax, float(height))
+        if x2 <= x1 or y2 <= y1:
+            raise VocError(f"{path}: {where} {box} is empty (max < min)")
+        objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
+    return VocSample(
+        image_id=image_id,
+        image_path=image_path,
+        width=width,
+        height=height,
+        objects=tuple(objects),
+        filename=filename,
+    )
+
+
+def _coordinate(value: float) -> str:
+    """A coordinate as an error message shows it: integers plainly (``320``), anything else
+    with every digit it holds (``320.00000000000006``, not ``:g``'s ``320``), so that the
+    message shows why it was refused."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _past_the_image(
+    xmin: float, ymin: float, xmax: float, ymax: float, width: int, height: int
+) -> str:
+    """Which of a VOC box's coordinates lie past a ``width`` x ``height`` image by more than
+    `EDGE_TOLERANCE_PX` (e.g. "xmax 321 > width 320"), joined by ", "; "" when none does."""
+    tol = EDGE_TOLERANCE_PX
+    past = []
+    if xmin < -tol:
+        past.append(f"xmin {_coordinate(xmin)} < 0")
+    if ymin < -tol:
+        past.append(f"ymin {_coordinate(ymin)} < 0")
+    if xmax > width + tol:
+        past.append(f"xmax {_coordinate(xmax)} > width {width}")
+    if ymax > height + tol:
+        past.append(f"ymax {_coordinate(ymax)} > height {height}")
+    return ", ".join(past)
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def _voc_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    xmin = min(max(math.floor(x1) + 1, 1), max(width, 1))
+    ymin = min(max(math.floor(y1) + 1, 1), max(height, 1))
+    xmax = min(max(math.ceil(x2), xmin), width)
+    ymax = min(max(math.ceil(y2), ymin), height)
+    return xmin, ymin, xmax, ymax
+
+
+def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3) -> bytes:
+    """The standard VOC annotation document for ``sample``, as UTF-8 bytes."""
+
+    def sub(parent: ET.Element, tag: str, text: object | None = None) -> ET.Element:
+        elem = ET.SubElement(parent, tag)
+        if text is not None:
+            elem.text = str(text)
+        return elem
+
+    ann = ET.Element("annotation")
+    sub(ann, "folder", folder)
+    sub(ann, "filename", sample.image_path.name)
+    source = sub(ann, "source")
+    sub(source, "database", "splitdet")
+    size = sub(ann, "size")
+    sub(size, "width", int(sample.width))
+    sub(size, "height", int(sample.height))
+    sub(size, "depth", int(depth))
+    sub(ann, "segmented", 0)
+    for obj in sample.objects:
+        o = sub(ann, "object")
+        sub(o, "name", obj.name)
+        sub(o, "pose", "Unspecified")
+        sub(o, "truncated", 0)
+        sub(o, "difficult", int(bool(obj.difficult)))
+        xmin, ymin, xmax, ymax = _voc_box(obj.box, sample.width, sample.height)
+        bnd = sub(o, "bndbox")
+        sub(bnd, "xmin", xmin)
+        sub(bnd, "ymin", ymin)
+        sub(bnd, "xmax", xmax)
+        sub(bnd, "ymax", ymax)
+    ET.indent(ann, space="  ")
+    return ET.tostring(ann, encoding="utf-8") + b"\n"
+
+
+def write_annotation(
+    path: Path, sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3
+) -> None:
+    """Write ``sample`` as a VOC annotation at ``path`` (atomically; parents are created)."""
+    atomic_write(Path(path), annotation_xml(sample, folder=folder, depth=depth))

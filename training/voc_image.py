@@ -1,0 +1,177 @@
+"""Image files of a VOC dataset: the header read (size, EXIF orientation, what the edge refuses:
+its size limits, modes, several frames) and the decoding to RGB as the edge converts each mode.
+
+Part of `splitdet.training.voc`, which re-exports the public names. Pillow loads when an image
+is read, the edge's torch-free `preprocess` (numpy) when its limits are first looked at; no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splitdet.training.voc_types import VocError
+
+if TYPE_CHECKING:  # Pillow loads when an image is read
+    from PIL import Image
+
+
+#: The EXIF orientation tag.
+EXIF_ORIENTATION = 0x0112
+
+
+#: How viewers and annotation tools show an image whose EXIF orientation tag holds each value
+#: but 1 (upright; other values are invalid and shown as stored, like a missing tag).
+ORIENTATION_SHOWN = {
+    2: "mirrored left to right",
+    3: "turned by 180 degrees",
+    4: "mirrored top to bottom",
+    5: "mirrored and turned by 90 degrees",
+    6: "turned by 90 degrees clockwise",
+    7: "mirrored and turned by 90 degrees",
+    8: "turned by 90 degrees counter-clockwise",
+}
+
+
+#: How `load_rgb_and_peak` names a pixel past the bits it reads 16-bit images with.
+PAST_THE_BITS = re.compile(r"past the (\d+)-bit range")
+
+
+def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int]:
+    """``(width, height)`` in px from the image file's header (no pixels decoded); `VocError`
+    names an unreadable file (and ``ann_path``, the annotation it was read for)."""
+    return _image_header(image_path, ann_path)[0]
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an open PIL image (1, upright, when it has none or it cannot
+    be read), from the header alone."""
+    from PIL import Image
+
+    try:
+        # Image.getexif reads the header's EXIF (JPEG APP1, PNG eXIf before the pixels, TIFF
+        # tags); PNG's own override decodes every pixel first when the header holds none.
+        return int(Image.Image.getexif(img).get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: viewers show such an image as stored
+        return 1
+
+
+def _refuse_past_the_edge_limits(img: Image.Image, image_path: Path) -> None:
+    """`VocError` naming ``image_path`` when the open PIL image is past the edge's size limits
+    (MAX_FILE_BYTES, MAX_PIXELS, MAX_ORIGINAL_SIDE, the edge's own constants). Checked once,
+    when the split is read (`_image_header`), not at every decoding of an epoch."""
+    from splitdet.edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS, too_large_text
+    from splitdet.shared.spec import MAX_ORIGINAL_SIDE
+
+    size = Path(image_path).stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise VocError(f"{too_large_text(image_path, size)}: the edge would refuse it")
+    width, height = img.size
+    if width * height > MAX_PIXELS or max(width, height) > MAX_ORIGINAL_SIDE:
+        raise VocError(
+            f"{image_path}: {width}x{height} px is more than the edge takes ({MAX_PIXELS} "
+            f"pixels, {MAX_ORIGINAL_SIDE} px on a side); cut it into tiles, or shrink it"
+        )
+
+
+def _refuse_what_the_edge_refuses(img: Image.Image, image_path: Path) -> None:
+    """`VocError` naming ``image_path`` when the edge (`splitdet.edge.preprocess`) would refuse
+    the open PIL image: a mode it does not take (float "F", Lab, HSV...) or several frames.
+
+    From the header alone (a TIFF's frame count reads its directories, no pixels). The mode
+    lists are the edge's own, so the two stay one rule."""
+    from splitdet.edge.preprocess import TO_GRAY_MODES, TO_RGB_MODES, WIDE_GRAY_MODES
+
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise VocError(
+            f"{image_path}: a multi-frame image ({frames} frames, mode {img.mode!r}), which the "
+            "edge refuses too; save the frame to train on as an image of its own"
+        )
+    if img.mode not in ("RGB", "L", *TO_RGB_MODES, *TO_GRAY_MODES, *WIDE_GRAY_MODES):
+        raise VocError(
+            f"{image_path}: unsupported image mode {img.mode!r}, which the edge refuses too; "
+            "expected grayscale (8/16-bit, 1-bit, with alpha), RGB (with alpha), palette, CMYK "
+            "or YCbCr: save it as 8- or 16-bit grayscale or RGB"
+        )
+
+
+def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, int], int]:
+    """``((width, height) px, EXIF orientation)`` of the image file, from one header read (no
+    pixels decoded); `VocError` names an unreadable file (and ``ann_path``), or one the edge
+    refuses (its size, its mode, several frames)."""
+    from PIL import Image  # header only; Pillow does not decode pixels on open
+
+    try:
+        with Image.open(image_path) as img:
+            _refuse_past_the_edge_limits(img, image_path)
+            _refuse_what_the_edge_refuses(img, image_path)
+            return img.size, _orientation(img)
+    except VocError:
+        raise
+    except Exception as exc:  # Pillow raises many types for unreadable files
+        what = f" (for {ann_path.name})" if ann_path is not None else ""
+        raise VocError(f"{image_path}: cannot read image{what}: {exc}") from exc
+
+
+def _orientation_problem(image_path: Path, orientation: int) -> str:
+    """Why an image with EXIF ``orientation`` (2..8) cannot be trained on, and what to do."""
+    return (
+        f"its EXIF orientation tag ({orientation}) has viewers and annotation tools (CVAT, "
+        f"Label Studio) show it {ORIENTATION_SHOWN[orientation]}, but splitdet reads the pixels "
+        "as stored, like the edge, so boxes drawn on the turned view lie on other pixels; bake "
+        "the turn into the pixels (PIL.ImageOps.exif_transpose, `exiftran -ai`) if the boxes "
+        "were drawn on the turned view, or clear the tag (`exiftool -Orientation=1 -n "
+        f"{image_path.name}`) to annotate the pixels as stored; then re-check the boxes and "
+        "<size>"
+    )
+
+
+def load_rgb(image_path: Path, pixel_bits: int = 16) -> Image.Image:
+    """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
+    body is corrupt or truncated (its header, read when the split was, looked fine), and one the
+    edge refuses (float "F" and other modes it does not take, several frames).
+
+    Each mode is converted as the edge converts it (`splitdet.edge.preprocess`): palette, CMYK,
+    YCbCr and alpha images to RGB by Pillow, alpha dropped; "LA", "1" to grayscale. A 16-bit
+    (or 32-bit integer) grayscale image's values are taken over 0..2**pixel_bits - 1
+    (`ModelConfig.pixel_bits`, as the edge takes them) and rounded to 8 bits; VocError for a
+    pixel past that.
+    """
+    return load_rgb_and_peak(image_path, pixel_bits)[0]
+
+
+def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Image, int | None]:
+    """(`load_rgb`'s image, the largest pixel value of a 16-bit grayscale image, else None):
+    one decoding for both."""
+    from PIL import Image
+
+    from splitdet.edge.preprocess import WIDE_GRAY_MODES
+    from splitdet.shared.config import pixel_full_scale
+
+    try:
+        with Image.open(image_path) as img:
+            # before convert("RGB"), which would make a float image black, not refuse it
+            _refuse_what_the_edge_refuses(img, image_path)
+            if img.mode in WIDE_GRAY_MODES:  # convert("RGB") would clip them at 255
+                wide = img.convert("I")
+                low, high = wide.getextrema()
+                full_scale = pixel_full_scale(pixel_bits)
+                if low < 0 or high > 65535:
+                    raise VocError(f"{image_path}: pixels outside 0..65535 are not supported")
+                if high > full_scale:
+                    raise VocError(
+                        f"{image_path}: a pixel is {high}, past the {pixel_bits}-bit range "
+                        f"(0..{full_scale}) of --pixel-bits {pixel_bits} (the run's, or the "
+                        "checkpoint's); an image of another bit depth than the others, or "
+                        "the wrong --pixel-bits for the camera's values (16: all of 0..65535)"
+                    )
+                # scaled as the edge scales them (to [0, 1] over 0..full_scale), to 8 bits
+                rgb = wide.point(lambda v: v * 255 / full_scale + 0.5).convert("L").convert("RGB")
+                return rgb, int(high)
+            return img.convert("RGB"), None
+    except VocError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
+        raise VocError(f"{image_path}: cannot decode image: {exc}") from None
