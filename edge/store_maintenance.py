@@ -11,7 +11,7 @@ from splitdet.edge.boot_clock import boot_clock
 from splitdet.edge.file_identity import still_there
 from splitdet.edge.store_connection import StoreConnection
 from splitdet.edge.store_reads import image_columns
-from splitdet.edge.store_schema import AUTO_VACUUM_INCREMENTAL
+from splitdet.edge.store_schema import AUTO_VACUUM_INCREMENTAL, FINAL_VERDICTS
 from splitdet.edge.store_types import Pruned
 
 #: Free pages `ResultStore.reclaim` gives back per write (1 MB of 4 KiB pages; a step that moves
@@ -19,7 +19,8 @@ from splitdet.edge.store_types import Pruned
 #: waiting for the store's lock (not a fair one) takes it: a reclaim of 1 GB delays an image's
 #: result by about one step, instead of by seconds.
 RECLAIM_PAGES = 256
-FINAL = "('ok', 'defect', 'error')"  # the verdicts prune may delete: never "pending"
+#: The verdicts prune may delete (never "pending"), as an SQL list: "('ok', 'defect', 'error')".
+FINAL = f"({', '.join(repr(verdict) for verdict in FINAL_VERDICTS)})"
 RECLAIM_PAUSE_S = 0.005
 
 

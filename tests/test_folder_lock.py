@@ -49,16 +49,9 @@ def test_a_lock_file_another_user_left_does_not_block_the_next(tmp_path):
         shared.chmod(0o777)
         (shared / LOCK).write_text("pid 999999999\n")  # A's export, killed: its lock file
         (shared / LOCK).chmod(0o644)  # left behind, writable by A alone
-
-        def take() -> str:
-            run = subprocess.run([*prefix, sys.executable, "-c", TAKE, str(shared)],
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
-            assert run.returncode == 0, run.stderr
-            return run.stdout.strip()
-
-        assert take() == "held"
+        assert _take_in_subprocess(shared, prefix) == "held"
         with folder_lock(shared, LOCK, "splitdet export", "--out"):  # A exports again...
-            refused = take()  # ...and B at the same time is refused, naming A
+            refused = _take_in_subprocess(shared, prefix)  # ...and B at once is refused
         assert "another splitdet export (pid" in refused, refused
 
 
@@ -127,8 +120,10 @@ def test_a_folder_removed_by_its_last_writer_as_another_starts_is_made_anew(tmp_
     assert removed and not folder.exists()
 
 
-def _take_in_subprocess(folder: Path) -> str:
-    run = subprocess.run([sys.executable, "-c", TAKE, str(folder)],
+def _take_in_subprocess(folder: Path, prefix: tuple[str, ...] | list[str] = ()) -> str:
+    """What another process taking `folder`'s lock prints ("held", or its refusal); `prefix`:
+    the command that runs it as another user."""
+    run = subprocess.run([*prefix, sys.executable, "-c", TAKE, str(folder)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 0, run.stderr
     return run.stdout.strip()

@@ -427,7 +427,7 @@ def run_model(args: argparse.Namespace) -> int:
         try:
             atomic_write(args.json, text + "\n", parents=False)
         except OSError as exc:
-            _show_unwritten(text, shown)  # an unwritable --json must not lose the evaluation
+            print(text)  # an unwritable --json must not lose the evaluation
             detail = exc.strerror or exc
             raise CommandError(f"{args.json}: cannot write the results ({detail})") from None
         print(summary(metrics, args.json))
