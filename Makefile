@@ -4,11 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint fmt demo proto clean
+.PHONY: test lint fmt demo proto lock clean
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the versions the suite passed with, so a clean clone installs those and
+# not whatever the registry published since (a newer tool once failed CI with nothing changed).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[full,test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[full,test]"
 	touch $(STAMP)
 
 # Two workers, a test module each at a time (its fixtures are made once): the suite waits on
@@ -33,6 +35,11 @@ fmt: $(STAMP)
 # Regenerate shared/wire/ (protobuf + gRPC code) from proto/; tests fail while it is stale.
 proto: $(STAMP)
 	$(PY) proto/generate.py
+
+# After upgrading a dependency in the venv and passing `make test`: record the new set.
+lock: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
