@@ -1,0 +1,202 @@
+"""What the boxes of a PASCAL VOC dataset would teach a model, for `voc_check.check_dataset`,
+`splitdet train` and its pre-run checks.
+
+Boxes too thin to see once images are scaled to a preset's input size (`model_input`,
+`input_scale_text`, `thin_box_warning`), boxes per class (`class_boxes`, `trained_boxes`)
+and the classes left with none to train on (`untrained_class_warning`), class names that
+differ only in case (`case_twin_warnings`).
+
+Only the standard library, `voc` and the edge's torch-free `preprocess`: no torch.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from splitdet.edge.preprocess import input_scale
+from splitdet.training import voc
+from splitdet.training.voc_check_images import annotated_ids
+
+__all__ = [
+    "case_twin_warnings",
+    "class_boxes",
+    "input_scale_text",
+    "model_input",
+    "thin_box_warning",
+    "trained_boxes",
+    "untrained_class_warning",
+]
+
+#: A box whose short side is under this many px once its image is scaled to the model's
+#: input is hard to see for the detector (a 2 px scratch in a 2448x2048 image is 0.5 px at the
+#: cpu preset's 612x512).
+THIN_AT_INPUT_PX = 2.0
+#: Share of the boxes thin at the input that `thin_box_warning` warns of: one defect in twenty
+#: the model can hardly see is a share a user would want to know of.
+THIN_SHARE = 0.05
+
+
+def model_input(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """``(width, height, scale)`` of a ``width`` x ``height`` image at a model's input: scaled
+    by `preprocess.input_scale`, sizes truncated, as torchvision's transform and the edge's
+    `preprocess.resized_size` scale it (without its refusal of too elongated images)."""
+    scale = input_scale(height, width, min_size, max_size)
+    return int(width * scale), int(height * scale), scale
+
+
+def input_scale_text(
+    sizes: Iterable[tuple[int, int]], min_size: int, max_size: int, most: int = 3
+) -> str:
+    """How images of ``sizes`` ((width, height), one per image) are read at a model's input,
+    the most common sizes first: "2448x2048 are read at 612x512 (x0.25)", "; "-separated,
+    then how many other sizes there are."""
+    counts = Counter(sizes)
+    parts = []
+    for (width, height), n in counts.most_common(most):
+        in_w, in_h, scale = model_input(width, height, min_size, max_size)
+        images = f" ({n} images)" if len(counts) > 1 else ""
+        parts.append(f"{width}x{height}{images} are read at {in_w}x{in_h} (x{scale:.3g})")
+    if len(counts) > most:
+        parts.append(f"and {len(counts) - most} other sizes")
+    return "; ".join(parts)
+
+
+def _thin_at_input(samples: Iterable[voc.VocSample], min_size: int, max_size: int) -> int:
+    """How many boxes of images the model's input shrinks have a short side under
+    `THIN_AT_INPUT_PX` px there."""
+    thin = 0
+    for sample in samples:
+        scale = model_input(sample.width, sample.height, min_size, max_size)[2]
+        if scale >= 1.0:  # not shrunk: the input size is not what makes them thin
+            continue
+        for obj in sample.objects:
+            x1, y1, x2, y2 = obj.box
+            thin += min(x2 - x1, y2 - y1) * scale < THIN_AT_INPUT_PX
+    return thin
+
+
+def thin_box_warning(samples: Sequence[voc.VocSample], preset: str, where: Path) -> str | None:
+    """A warning line (starting with ``where``) when `THIN_SHARE` or more of the boxes of
+    ``samples`` are under `THIN_AT_INPUT_PX` px on their short side once their images are
+    scaled to the input of the training preset named ``preset``; it names how many, the
+    preset's input size, and what the other presets leave of them. None when few are."""
+    from splitdet.training.presets import PRESETS
+
+    model = PRESETS[preset].model
+    boxes = sum(len(s.objects) for s in samples)
+    thin = _thin_at_input(samples, model.min_size, model.max_size)
+    if not boxes or thin < THIN_SHARE * boxes:
+        return None
+    scaled = input_scale_text(((s.width, s.height) for s in samples), model.min_size,
+                              model.max_size, most=1)  # fmt: skip
+    others = []
+    for name, other in sorted(PRESETS.items(), key=lambda item: item[1].model.min_size):
+        if name in (preset, "tiny") or other.model.min_size <= model.min_size:
+            continue
+        left = _thin_at_input(samples, other.model.min_size, other.model.max_size)
+        others.append(
+            f"--preset {name} (min_size {other.model.min_size}, max_size "
+            f"{other.model.max_size}): {left}"
+        )
+    instead = f"; presets with a larger input leave fewer, {', '.join(others)}" if others else ""
+    return (
+        f"{where}: {thin} of {boxes} boxes are under {THIN_AT_INPUT_PX:g} px on their short "
+        f"side at the {preset} preset's input size (min_size {model.min_size}, max_size "
+        f"{model.max_size}: {scaled}), too thin for the detector to see well{instead}; or cut "
+        "the images into tiles the input size does not shrink"
+    )
+
+
+def trained_boxes(samples: Iterable[voc.VocSample]) -> Counter:
+    """Boxes per class that training learns from in ``samples``: all but the difficult ones
+    (`dataset.VocDetection` drops those when it trains)."""
+    return Counter(obj.name for s in samples for obj in s.objects if not obj.difficult)
+
+
+def class_boxes(root: Path) -> tuple[Counter, bool]:
+    """(Boxes per class in every annotation of the VOC dataset at ``root``, difficult ones
+    too; whether some annotation could not be read, and is not counted.) Reads no image."""
+    boxes: Counter = Counter()
+    partly_read = False
+    for image_id in annotated_ids(root):
+        try:
+            sample = voc.read_annotation(root, image_id, None, check_image=False)
+        except voc.VocError:
+            partly_read = True
+            continue
+        boxes.update(obj.name for obj in sample.objects)
+    return boxes, partly_read
+
+
+def _quoted(names: Sequence[str]) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def untrained_class_warning(
+    class_names: Sequence[str],
+    trained: Mapping[str, int],
+    in_dataset: Mapping[str, int] | None,
+    train_file: Path,
+    *,
+    partly_read: bool = False,
+) -> str | None:
+    """A warning line, starting with ``train_file`` (``ROOT/ImageSets/Main/train.txt``),
+    naming each of ``class_names`` that ``trained`` (`trained_boxes` of the train split) has
+    no box of: the model will not learn to detect it. ``in_dataset``: boxes per class in all
+    the dataset's annotations (difficult ones too), which tells a class the dataset holds
+    elsewhere (val, test, no split, only difficult boxes) from one it holds none of, said more
+    strongly; None when not known. ``partly_read``: some annotations could not be read, and
+    the counts are of the others. None when every class has a box to train on."""
+    missing = [name for name in class_names if not trained.get(name)]
+    if not missing:
+        return None
+    nowhere = [] if in_dataset is None else [n for n in missing if not in_dataset.get(n)]
+    elsewhere = [n for n in missing if n not in nowhere]
+    parts = []
+    if nowhere:
+        one = len(nowhere) == 1
+        it = "it" if one else "them"
+        parts.append(
+            f"{'class' if one else 'classes'} {_quoted(nowhere)} {'is' if one else 'are'} in no "
+            f"annotation of the dataset at all: the model will never learn to detect {it}; "
+            f"remove {it} from --classes, or label some"
+        )
+    if elsewhere:
+        one = len(elsewhere) == 1
+        it = "it" if one else "them"
+        held = ""
+        if in_dataset is not None:
+            counts = ", ".join(f"{in_dataset[n]} {n!r}" for n in elsewhere)
+            held = (
+                f" (the dataset holds {counts} elsewhere: in val, test, in no split, or marked "
+                "difficult, which training skips)"
+            )
+        root = shlex.quote(str(train_file.parents[2]))
+        parts.append(
+            f"no box of {'class' if one else 'classes'} {_quoted(elsewhere)} to train "
+            f"on{held}: the model will not learn to detect {it}; list images holding {it} in "
+            f"train.txt (`splitdet data split {root} --overwrite` gives each split its share of "
+            f"every class), or leave {it} out of --classes"
+        )
+    read = " (counting the annotations that could be read)" if partly_read else ""
+    return f"{train_file}: {'; and '.join(parts)}{read}"
+
+
+def case_twin_warnings(classes: Mapping[str, int], where: Path) -> list[str]:
+    """One warning per group of class names that differ only in case (``Scratch`` and
+    ``scratch``: usually a labelling slip, but two classes to train), with their box counts."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(classes):
+        groups.setdefault(name.casefold(), []).append(name)
+    return [
+        f"{where}: classes {' and '.join(repr(n) for n in names)} differ only in case "
+        f"({', '.join(f'{classes[n]} box(es)' for n in names)}): they train as "
+        f"{len(names)} classes; if they are one, give them one name in the annotations"
+        for names in groups.values()
+        if len(names) > 1
+    ]
