@@ -1,0 +1,188 @@
+"""Detection metrics: pycocotools' own bbox COCOeval, per class too (`coco_metrics`), and the
+gated system's (`gated_coco_metrics`: an image's detections kept only when the gate flags it).
+
+The COCO objects are built in memory from the split: all of its images count, defect-free ones
+too (a detection there is a false positive); a VOC "difficult" object is an `iscrowd` region,
+whose detections pycocotools ignores as the VOC protocol does. Boxes are x1y1x2y2 in 0-based
+continuous original-image px.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from splitdet.training.evaluate_predict import Prediction
+    from splitdet.training.voc import VocSample
+
+
+def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
+    from pycocotools.coco import COCO
+
+    label_of = {name: k + 1 for k, name in enumerate(class_names)}
+    images, annotations = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        images.append({"id": image_id, "width": sample.width, "height": sample.height})
+        for obj in sample.objects:
+            x1, y1, x2, y2 = obj.box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label_of[obj.name],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    # Difficult as crowd: COCOeval's `_prepare` overwrites every `ignore` with
+                    # `iscrowd`, its only way to ignore a box. A crowd box is matched by
+                    # intersection over the detection's area, by any number of detections (one
+                    # that also matches a free regular box takes that instead); a detection
+                    # matched to it is neither TP nor FP, and the box is never a missed object.
+                    "iscrowd": int(obj.difficult),
+                }
+            )
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _coco_dt(
+    gt: COCO,
+    boxes_per_image: Sequence,
+    scores_per_image: Sequence,
+    labels_per_image: Sequence,
+) -> COCO:
+    """Detections as a COCO object, as `COCO.loadRes` would build it (works for none at all)."""
+    from pycocotools.coco import COCO
+
+    annotations = []
+    for image_id, (boxes, scores, labels) in enumerate(
+        zip(boxes_per_image, scores_per_image, labels_per_image, strict=True), start=1
+    ):
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
+            w, h = float(x2 - x1), float(y2 - y1)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(x1), float(y1), w, h],
+                    "area": w * h,
+                    "score": float(score),
+                    "iscrowd": 0,
+                }
+            )
+    dt = COCO()
+    dt.dataset = {
+        "images": list(gt.dataset["images"]),
+        "annotations": annotations,
+        "categories": list(gt.dataset["categories"]),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+def coco_metrics(
+    samples: Sequence[VocSample],
+    boxes_per_image: Sequence,
+    scores_per_image: Sequence,
+    labels_per_image: Sequence,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """pycocotools' bbox COCOeval over all `samples` (images without objects included).
+
+    Args:
+        samples: ground truth; object boxes x1y1x2y2 in 0-based continuous original-image px
+            (`VocSample`), difficult ones ignored (see `_coco_gt`).
+        boxes_per_image: per sample, the detections' boxes (K, 4) x1y1x2y2 in the same frame,
+            original-image px (not the model's resized input), any float array-like (Tensor,
+            ndarray; read as Python floats), as `Prediction.boxes`.
+        scores_per_image: per sample, scores (K,) floats (only their order counts).
+        labels_per_image: per sample, labels (K,) ints, 1-based indices into `class_names`.
+        class_names: the classes; label k + 1 is class_names[k].
+
+    Returns {"map": mAP@[.5:.95], "map50": mAP@.5, "map75", "ar100": AR@100}; None where
+    pycocotools has nothing to average (no ground truth at all); and "per_class": per class
+    name, {"ap", "ap50", "objects"}: its AP@[.5:.95] and AP@.5 (pycocotools' own precision
+    table, averaged as its summary averages it; None for a class without ground truth here)
+    and its number of objects, `difficult` ones not counted.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
+        raise ValueError("one detection list per sample is needed")
+    gt = _coco_gt(samples, class_names)
+    dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
+    coco_eval = COCOeval(gt, dt, iouType="bbox")
+    coco_eval.params.imgIds = sorted(gt.getImgIds())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = [None if s < 0 else float(s) for s in coco_eval.stats]
+    return {
+        "map": stats[0],
+        "map50": stats[1],
+        "map75": stats[2],
+        "ar100": stats[8],
+        "per_class": _per_class(coco_eval, samples, class_names),
+    }
+
+
+def _per_class(
+    coco_eval: COCOeval, samples: Sequence[VocSample], class_names: Sequence[str]
+) -> dict[str, dict[str, float | int | None]]:
+    """{class name: {"ap", "ap50", "objects"}} from an accumulated COCOeval: its precision
+    table [IoU thresholds, recall points, classes, areas, max detections], read at all areas and
+    100 detections, cells of -1 (nothing to measure) left out as pycocotools' summary does."""
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    iou_50 = int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.5)))
+    out: dict[str, dict[str, float | int | None]] = {}
+    for k, name in enumerate(class_names):
+
+        def mean(cells: np.ndarray) -> float | None:
+            cells = cells[cells > -1]
+            return float(cells.mean()) if cells.size else None
+
+        objects = sum(1 for s in samples for o in s.objects if o.name == name and not o.difficult)
+        out[name] = {
+            "ap": mean(precision[:, :, k]),
+            "ap50": mean(precision[iou_50, :, k]),
+            "objects": objects,
+        }
+    return out
+
+
+def _kept(gated: float | None, alone: float | None) -> float | None:
+    """The share of the detector's metric `alone` the gated system keeps; None without both."""
+    return gated / alone if gated is not None and alone else None
+
+
+def gated_coco_metrics(
+    samples: Sequence[VocSample],
+    predictions: Sequence[Prediction],
+    class_names: Sequence[str],
+    threshold: float,
+) -> dict[str, Any]:
+    """`coco_metrics` of the gated system: an image's detections are kept when its p_defect
+    >= `threshold`, and it has none otherwise."""
+    # an image under the threshold keeps none of its detections: [:0] of each
+    kept = [slice(None) if p.p_defect >= threshold else slice(0) for p in predictions]
+    return coco_metrics(
+        samples,
+        [p.boxes.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        [p.scores.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        [p.labels.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
+        class_names,
+    )
