@@ -1,7 +1,7 @@
 """splitdet's shared code: the split spec, the feature codec, the model and its two halves.
 
-Only `splitdet.shared.model` (and modules that import it) imports torch; everything else here is
-safe for the torch-free edge.
+Only `splitdet.shared.model`, its parts `model_*`, and modules that import them import torch;
+everything else here is safe for the torch-free edge.
 """
 
 from importlib.metadata import PackageNotFoundError, version
