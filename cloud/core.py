@@ -222,6 +222,10 @@ class ServedModel:
         return self.manifest.fingerprint
 
 
+#: How a server started with `--model` comes to serve one more export.
+SERVE_SEVERAL = "a server can serve several: `splitdet cloud --model OLD --model NEW`"
+
+
 class DetectionCore:
     """RPN + ROI heads of one or more exports behind request validation and an idempotency store.
 
@@ -257,6 +261,8 @@ class DetectionCore:
         self.on_store_error: Callable[[], None] | None = None
         #: which of those are logged: at most one `answers_store_failed` line per minute
         self.store_failure_lines = LineLimiter()
+        #: how this server comes to serve another export, said when a request names one
+        self.serve_hint = SERVE_SEVERAL
 
     def serve(self, models: Sequence[ServedModel]) -> None:
         """Serve exactly `models` from now on, the first the default (a reload: calls running
@@ -386,8 +392,7 @@ class DetectionCore:
             served = ", ".join(_short(fp) for fp in self.models)
             raise FingerprintMismatch(
                 f"model fingerprint {_short(fingerprint)} is not served here; this server "
-                f"serves {served}: deploy the same export on both sides (a server can serve "
-                "several: `splitdet cloud --model OLD --model NEW`)"
+                f"serves {served}: deploy the same export on both sides ({self.serve_hint})"
             )
         return model
 

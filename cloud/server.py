@@ -131,6 +131,11 @@ class CloudServer:
                 else None
             )
             core = DetectionCore(first.cloud, first.manifest, store, config.max_decoded_bytes, also)
+        if config.models_dir is not None:
+            core.serve_hint = (
+                f"this server serves every export in --models-dir {config.models_dir}: copy "
+                "the export's folder in and send the server SIGHUP"
+            )
         self.core = core
         self.metrics = ServerMetrics(core.fingerprints, config.forget_edges_s)
         core.on_store_error = self.metrics.answers_store_errors.inc

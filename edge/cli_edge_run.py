@@ -55,10 +55,11 @@ permanent: wrong credentials (UNAUTHENTICATED) and a model the cloud does not se
 
 Upgrading the model: restart the daemon with the new --model on the same --db. Requests still in
 the outbox from the previous export go out under their own fingerprint; the cloud answers them
-while it serves both exports (splitdet cloud --model OLD --model NEW). While it serves only one,
-the other's requests wait in the outbox without holding up the rest. Which export an edge runs:
-its splitdet_edge_model_info{fingerprint,threshold,calibrated_threshold,codec} gauge (1), and
-the `started` log line; `splitdet edge status` counts its results by export.
+while it serves both exports (splitdet cloud --model OLD --model NEW, or both folders in its
+--models-dir). While it serves only one, the other's requests wait in the outbox without holding
+up the rest. Which export an edge runs: its
+splitdet_edge_model_info{fingerprint,threshold,calibrated_threshold,codec} gauge (1), and the
+`started` log line; `splitdet edge status` counts its results by export.
 
 Gate threshold: the manifest's calibrated one, unless --threshold P overrides it for this edge
 (no new export): the daemon then logs a WARNING at start (event threshold_override) naming both,

@@ -179,6 +179,11 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     """
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
+    if model_dir.is_file():
+        raise ManifestError(
+            f"{model_dir}: a file, not the folder `splitdet export` makes (a checkpoint? "
+            f"export it first: splitdet export --checkpoint {model_dir} --out DIR)"
+        )
     if not path.is_file():
         raise ManifestError(f"{path}: missing; is {model_dir} a directory made by splitdet export?")
     if path.stat().st_size > MAX_MANIFEST_BYTES:

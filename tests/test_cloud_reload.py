@@ -116,6 +116,10 @@ def test_reload_adds_drops_and_skips_by_name(second, tmp_path, caplog):
         change = server.reload()
         assert change["dropped"] == [first.fingerprint] and change["problems"] == []
         assert not _served(client, first.fingerprint)
+        with pytest.raises(NeverRetry) as refused:  # says how this server serves one again
+            client.manifest(first.fingerprint)
+        assert f"--models-dir {folder}" in str(refused.value) and "SIGHUP" in str(refused.value)
+        assert "--model OLD" not in str(refused.value)
         assert client.manifest().fingerprint == second_manifest.fingerprint  # the new default
         metrics = scrape_metrics(server.metrics_port)
         listed = [k for k in metrics if k.startswith("splitdet_cloud_model{")]
@@ -515,3 +519,12 @@ def test_a_reload_hashes_only_the_kept_exports_whose_files_changed(second, tmp_p
         assert hashed == [folder / "b"] * 2 and len(change["problems"]) == 1, change
     finally:
         server.stop(0)
+
+
+def test_a_checkpoint_given_as_an_export_is_named_as_such(tmp_path, capsys):
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"a checkpoint, not an export folder")
+    assert main(["cloud", "--model", str(checkpoint), "--listen", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint}: a file, not the folder `splitdet export` makes" in err
+    assert f"splitdet export --checkpoint {checkpoint} --out DIR" in err
