@@ -339,6 +339,9 @@ class EdgeDaemon:
             metrics_port=self.metrics_port,
             once=config.once,
         )
+        if self.store.created:  # a typo in --db would otherwise start afresh without a word
+            log_event(logging.INFO, "db_created", db=str(config.db),
+                      note="a new database: no earlier results or outbox in it")  # fmt: skip
         if calibrated is not None and self.pipeline.threshold != calibrated:
             self._warn_threshold_override(calibrated)
         earlier = {fingerprint: n for fingerprint, n in self.store.outbox_fingerprints().items()

@@ -126,6 +126,8 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
         #: Transactions committed through this store (any thread): a change says the file
         #: could be written (`edge.store_busy`).
         self.commits = 0
+        #: Whether opening made the store (a new or empty file): no earlier results here.
+        self.created = False
         if readonly:  # (StoreError, naming the file, when it is not a store to read)
             self._db = open_readonly(self.path)
         else:
@@ -166,8 +168,9 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
             self._db.execute(f"PRAGMA busy_timeout={int(wait_ms)}")  # `results` may read
             # read only: another program's file is refused before journal_mode=WAL (a write)
             # touches it; _migrate checks again under the write lock
-            if check_contents(self.path, read_contents(self._db)):  # a new store: its free
-                # pages can go back to the file system (`reclaim`); set before WAL and tables
+            self.created = check_contents(self.path, read_contents(self._db))
+            if self.created:  # a new store: its free pages can go back to the file system
+                # (`reclaim`); set before WAL and tables
                 self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")

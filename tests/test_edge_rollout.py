@@ -94,6 +94,23 @@ def test_an_idle_edge_shows_its_export_and_threshold_in_its_metrics(
     assert not [e for e in events(caplog) if e.get("event") == "threshold_override"]
 
 
+def test_a_new_database_is_said_so_at_start_and_an_existing_one_is_not(
+    tiny_model_dir, tmp_path, caplog
+):
+    """A --db with a typo in its folder would start afresh (its folder made) without a word:
+    the start names a new database, and only a new one."""
+    config = daemon_config(tiny_model_dir, tmp_path, once=False, threshold=None,
+                           db=tmp_path / "typo" / "edge.sqlite")  # fmt: skip
+    created = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="splitdet.edge"), running(EdgeDaemon(config)):
+            wait_for(lambda: any(e.get("event") == "started" for e in events(caplog)), 20, "start")
+        created.append([e for e in events(caplog) if e.get("event") == "db_created"])
+    assert [len(lines) for lines in created] == [1, 0]
+    assert created[0][0]["db"] == str(tmp_path / "typo" / "edge.sqlite")
+
+
 def test_status_counts_the_results_by_the_export_that_judged_them(tmp_path, capsys):
     """`edge status` names the export of the latest result first, then the others."""
     db = tmp_path / "edge.sqlite"
