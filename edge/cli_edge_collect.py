@@ -26,6 +26,10 @@ only while their file is still where the daemon left it (--after archive or keep
 copied as the edge read them: one whose EXIF orientation tag (2..8) has viewers turn or mirror
 it becomes a PNG of its pixels as decoded, without the tag (the model's boxes are in those
 pixels, and `data check` refuses such a tag); the others are copied byte for byte.
+An image the edge judged defect whose annotation holds no box (none scored --score-threshold)
+would train as a defect-free image: collect counts them, in a WARNING and its summary, and marks
+them needs_boxes=yes in collected.csv. Draw their boxes (or remove the image and its annotation)
+before `data split --add`.
 """
 
 
@@ -97,8 +101,16 @@ def collect(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{args.out}: {len(summary.collected)} image(s) collected, {summary.already} already "
-        f"there, {len(summary.missing)} not available (of {summary.matched} matching results)"
+        f"there, {len(summary.missing)} not available (of {summary.matched} matching results); "
+        f"{len(summary.needs_boxes)} defect verdict(s) collected without a box"
     )
+    if summary.needs_boxes:
+        print(
+            f"  {len(summary.needs_boxes)} would train as defect-free images until someone draws "
+            f"their boxes (needs_boxes=yes in {args.out / 'collected.csv'}): "
+            + ", ".join(summary.needs_boxes[:5])
+            + (" ..." if len(summary.needs_boxes) > 5 else "")
+        )
     if summary.renamed:
         print(
             f"  {len(summary.renamed)} collected under a tagged id (another image in --out had "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,14 @@ from splitdet.shared.cli import float_in, int_in
 
 if TYPE_CHECKING:  # the handlers import it when they run
     from splitdet.edge.store import OutboxCap, ResultStore
+    from splitdet.edge.store_dead_letters import Requeue
 
 
 REQUEUE_EPILOG = """\
 examples:
   splitdet edge requeue --db /data/edge.sqlite --dry-run     # what would be sent again
   splitdet edge requeue --db /data/edge.sqlite --since 2h
+  splitdet edge requeue --db /data/edge.sqlite --abandoned --fingerprint 20cbbe61588c
 
 A request the cloud refused for good (a dead letter: INVALID_ARGUMENT, INTERNAL, a message over
 the server's --max-message-mib, ...) is kept in the database with its reason. Once the cause is
@@ -30,7 +33,13 @@ fixed (the server's bound raised, a cloud bug fixed), requeue puts it back in th
 once, and its row turns "pending" again; a running daemon sends it within a second, otherwise
 the next `splitdet edge run` does. The cloud answers it once: requests are idempotent. Only as
 many as the outbox caps allow are requeued (give the daemon's --outbox-max-items/-mb); run it
-again when the outbox has drained. Safe while the daemon runs.
+again when the outbox has drained. Safe while the daemon runs. It says what it requeues and
+what it leaves by export and cause.
+
+The dead letters `splitdet edge abandon` made (a retired export's requests) are left unless
+--abandoned: an abandon is a decision, and once their images were processed again with the
+current export, requeueing them would give each image a second final result. Requeue them
+only when that export is served again and their images were not processed again.
 """
 
 
@@ -45,6 +54,18 @@ def register_requeue(actions: argparse._SubParsersAction) -> None:
     )
     add_db_and_since(p, "only requests refused since")
     p.add_argument("--dry-run", action="store_true", help="only say what would be requeued")
+    p.add_argument(
+        "--abandoned",
+        action="store_true",
+        help="requeue the dead letters `splitdet edge abandon` made too (left without it; not "
+        "once their images were processed again: each would get a second result)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        metavar="HEX",
+        help="only the dead letters of requests made with this model export: its fingerprint, "
+        "or its first 8 or more hex digits",
+    )
     p.add_argument(
         "--outbox-max-items",
         type=int_in(1),
@@ -65,27 +86,96 @@ def register_requeue(actions: argparse._SubParsersAction) -> None:
 def requeue(args: argparse.Namespace) -> int:
     """Requeue dead letters; see REQUEUE_EPILOG."""
     from splitdet.edge.store import OutboxCap
+    from splitdet.edge.store_dead_letters import ABANDONED
 
     since = parse_since(args.since) if args.since is not None else None
+    fingerprint = None if args.fingerprint is None else _dead_letter_export(args)
     cap = OutboxCap(max_items=args.outbox_max_items, max_bytes=int(args.outbox_max_mb * 1e6))
     store = _open_store(args.db, cap, dry_run=args.dry_run)
     try:
-        requeued, no_room, not_kept = store.requeue_dead_letters(since, dry_run=args.dry_run)
+        done = store.requeue(since, args.dry_run, abandoned=args.abandoned,
+                             fingerprint=fingerprint)  # fmt: skip
     finally:
         store.close()
-    verb = "would requeue" if args.dry_run else "requeued"
-    then = "" if args.dry_run or not requeued else (
+    dry = args.dry_run
+    verb, leave = ("would requeue", "would leave") if dry else ("requeued", "left")
+    then = "" if dry or not done.requeued else (
         "; a running `splitdet edge run` sends them within a second, or the next one")  # fmt: skip
-    print(f"{args.db}: {verb} {len(requeued)} dead letter(s){then}")
-    if no_room:
-        print(f"{len(no_room)} left for want of room in the outbox (its caps: "
-              f"{cap.max_items} requests, {args.outbox_max_mb:g} MB); requeue again once it "
-              "has drained")  # fmt: skip
-    if not_kept:
-        print(f"{len(not_kept)} without a kept request (dropped by --dead-letter-max-mb, or "
-              "refused before splitdet kept them): process their images again "
-              f"({_error_rows_command(args.db)} lists them)")  # fmt: skip
+    print(f"{args.db}: {verb} {len(done.requeued)} dead letter(s)"
+          f"{_by_export(done, done.requeued)}{then}")  # fmt: skip
+    if done.abandoned_left:
+        print(f"{leave} {len(done.abandoned_left)} {ABANDONED}"
+              f"{_by_export(done, done.abandoned_left)}: --abandoned requeues them too, but "
+              "not once their images were processed again (each would get a second result)"
+              )  # fmt: skip
+    if done.no_room:
+        print(f"{leave} {len(done.no_room)}{_by_export(done, done.no_room)} for want of room in "
+              f"the outbox (its caps: {cap.max_items} requests, {args.outbox_max_mb:g} MB); "
+              "requeue again once it has drained")  # fmt: skip
+    if done.not_kept:
+        print(f"{len(done.not_kept)}{_by_export(done, done.not_kept)} without a kept request "
+              "(dropped by --dead-letter-max-mb, or refused before splitdet kept them): process "
+              f"their images again ({_error_rows_command(args.db)} lists them)")  # fmt: skip
     return 0
+
+
+def _dead_letter_export(args: argparse.Namespace) -> str:
+    """The export requeue's --fingerprint names among the dead letters' (read only: a refused
+    --fingerprint changes nothing); CommandError unless it names one."""
+    wanted = _fingerprint_prefix(args.fingerprint)
+    store = _open_store(args.db, dry_run=True)
+    try:
+        held = store.dead_letter_exports()
+    finally:
+        store.close()
+    none = f"--db {args.db}: no dead letter was made with export {wanted}; the dead letters are of"
+    return _one_export(wanted, held, none)
+
+
+def _by_export(done: Requeue, ids: list[int]) -> str:
+    """' (export 3c5823c70655: 4 refused INTERNAL, 1 abandoned; export ...)': the dead letters
+    `ids` by the export that made their request and by cause, most first; '' for none."""
+    by_export: dict[str, Counter[str]] = {}
+    for image_id in ids:
+        export, cause = done.letters[image_id]
+        by_export.setdefault(export, Counter())[cause] += 1
+    parts = [
+        f"export {export[:12] or 'unknown'}: "
+        + ", ".join(f"{n} {cause}" for cause, n in causes.most_common())
+        for export, causes in sorted(by_export.items(), key=lambda kv: -kv[1].total())
+    ]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _fingerprint_prefix(given: str) -> str:
+    """A --fingerprint as given: lower-case hex digits, 8 or more; CommandError otherwise."""
+    from splitdet.shared.cli import CommandError
+
+    wanted = given.strip().lower()
+    if len(wanted) < 8 or any(c not in "0123456789abcdef" for c in wanted):
+        raise CommandError(
+            f"--fingerprint {given!r}: give the export's fingerprint or its first 8 or more "
+            "hex digits"
+        )
+    return wanted
+
+
+def _one_export(wanted: str, held: dict[str, int], none: str) -> str:
+    """The one export of `held` (count by fingerprint) whose fingerprint starts with `wanted`;
+    CommandError when none does (`none`, then what `held` holds) or several do."""
+    from splitdet.shared.cli import CommandError
+
+    matches = sorted(fp for fp in held if fp.startswith(wanted))
+    if not matches:
+        listed = ", ".join(f"{fp[:12]} ({n})" for fp, n in held.items()) or "none"
+        raise CommandError(f"{none}: {listed}")
+    if len(matches) > 1:
+        raise CommandError(
+            f"--fingerprint {wanted} names {len(matches)} exports ("
+            + ", ".join(fp[:16] for fp in matches)
+            + "): give more digits"
+        )
+    return matches[0]
 
 
 def _error_rows_command(db: Path) -> str:
@@ -103,8 +193,10 @@ Requests made with a model export wait in the outbox until the cloud serves that
 event model_refused, the oldest-pending alert). When no cloud will serve it again (retired
 for good), abandon turns them into dead letters: their rows become "error" (error_kind
 dead_letter, the reason naming the export), the requests are kept within --dead-letter-max-mb,
-and `splitdet edge requeue` sends them again should the export be served after all; or process
-their images again with the current export. `splitdet edge status` lists the outbox by export.
+and `splitdet edge requeue --abandoned` sends them again should the export be served after all
+(a plain requeue leaves them). Or process their images again with the current export (copy
+them back into the hot folder): then never requeue these dead letters, or each image gets a
+second final result. `splitdet edge status` lists the outbox by export.
 Safe while the daemon runs; the export a running daemon sends with is refused (it keeps making
 requests with it) unless --even-if-running.
 """
@@ -149,38 +241,23 @@ def register_abandon(actions: argparse._SubParsersAction) -> None:
 def abandon(args: argparse.Namespace) -> int:
     """Dead-letter one export's waiting requests; see ABANDON_EPILOG."""
     from splitdet.edge.store import OutboxCap
-    from splitdet.shared.cli import CommandError
+    from splitdet.edge.store_dead_letters import ABANDONED
 
     dropped_counter = "dead_letter_payloads_dropped"  # the store's count of requests dropped
 
-    wanted = args.fingerprint.strip().lower()
-    if len(wanted) < 8 or any(c not in "0123456789abcdef" for c in wanted):
-        raise CommandError(
-            f"--fingerprint {args.fingerprint!r}: give the export's fingerprint or its first 8 "
-            "or more hex digits"
-        )
+    wanted = _fingerprint_prefix(args.fingerprint)
     store = _open_store(args.db, dry_run=True)  # (a refused --fingerprint changes nothing)
     try:
-        waiting = store.outbox_fingerprints()
-        matches = sorted(fp for fp in waiting if fp.startswith(wanted))
-        if not matches:
-            held = ", ".join(f"{fp[:12]} ({n})" for fp, n in waiting.items()) or "none"
-            raise CommandError(
-                f"--db {args.db}: no request in the outbox was made with export {wanted}; "
-                f"the outbox holds requests of: {held}"
-            )
-        if len(matches) > 1:
-            raise CommandError(
-                f"--fingerprint {wanted} names {len(matches)} exports ("
-                + ", ".join(fp[:16] for fp in matches)
-                + "): give more digits"
-            )
-        [fingerprint] = matches
+        fingerprint = _one_export(
+            wanted, store.outbox_fingerprints(),
+            f"--db {args.db}: no request in the outbox was made with export {wanted}; the "
+            "outbox holds requests of")  # fmt: skip
         if not args.even_if_running:
             _refuse_the_running_export(args.db, store, fingerprint)
         reason = (
-            f"abandoned by `splitdet edge abandon`: no cloud serves model export "
-            f"{fingerprint[:16]} any more (`splitdet edge requeue` sends it again)"
+            f"{ABANDONED}: no cloud serves model export {fingerprint[:16]} any more "
+            "(`splitdet edge requeue --abandoned` sends it again, unless its image was "
+            "processed again)"
         )
         if not args.dry_run:
             store.close()

@@ -24,6 +24,11 @@ a PNG of the pixels as decoded (the raw layout; Pillow turns a TIFF itself, so i
 turned, like what the edge processed), without the tag, and its annotation names that PNG;
 any other image is copied byte for byte.
 
+An image the edge judged ``defect`` whose annotation holds no box (every box the cloud
+returned scored under ``min_score``, or none was returned) would train as a defect-free image
+once split: `collect_results` lists it in ``needs_boxes``, marks it ``yes`` in the listing's
+``needs_boxes`` column and logs a WARNING with their count, for a reviewer to draw its boxes.
+
 Then: review, ``splitdet data split``, ``splitdet data check``, ``splitdet train``.
 
 Only the standard library and Pillow (through `splitdet.training.voc`): no torch, no numpy.
@@ -36,6 +41,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -49,10 +55,13 @@ from PIL import Image
 from splitdet.edge.file_identity import file_path
 from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store_reads import result_filter, results_by_id
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.manifest import file_sha256
 from splitdet.training import voc
 
 __all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "tagged_image_id", "voc_image_id"]
+
+log = logging.getLogger(__name__)
 
 #: Verdicts whose images can be collected (pending ones have no answer yet; an error row's
 #: file is unreadable or was never detected).
@@ -62,8 +71,11 @@ COLLECTABLE = ("ok", "defect")
 LISTING = "collected.csv"
 LISTING_COLUMNS = (
     "image_id", "result_id", "source", "verdict", "p_defect", "fingerprint", "boxes", "scores",
-    "labels", "content_hash",
+    "labels", "content_hash", "needs_boxes",
 )  # fmt: skip
+#: The `needs_boxes` column's value for a defect verdict whose annotation holds no box (else
+#: "no"; empty in rows listed before the column was added).
+NEEDS_BOXES = "yes"
 #: Lengths of the content-hash tag `tagged_image_id` tries, shortest first.
 _TAG_LENGTHS = (8, 16, 32, 64)
 
@@ -82,6 +94,9 @@ class CollectSummary:
     renamed: list[str] = field(default_factory=list)  # of `collected`, ids given a hash tag
     missing: list[str] = field(default_factory=list)  # "path: why" of files not copied
     matched: int = 0  # results the selection matched
+    # of `collected`, ids of defect verdicts whose annotation holds no box: they would train as
+    # defect-free images until someone draws their boxes
+    needs_boxes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Plain JSON types."""
@@ -91,6 +106,7 @@ class CollectSummary:
             "already_collected": self.already,
             "renamed": self.renamed,
             "missing": self.missing,
+            "needs_boxes": self.needs_boxes,
         }
 
 
@@ -305,6 +321,10 @@ def collect_results(
     ``out`` lies where the results' images arrived (the daemon would take the copies for
     new images).
 
+    A ``defect`` result whose annotation holds no box (none scored ``min_score``) is listed
+    in ``needs_boxes``, marked in ``collected.csv``, and their count logged as a WARNING: as
+    it is, it would train as a defect-free image.
+
     An image whose VOC id another image in ``out`` has (another store's result with the
     same row id and file name) is collected as `tagged_image_id` and listed in
     ``renamed``; one already there (the same content hash) is counted in ``already``.
@@ -327,6 +347,8 @@ def collect_results(
     mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
     columns = _listing_columns(listing)
+    if columns and "needs_boxes" not in columns and any(r["verdict"] == "defect" for r in rows):
+        columns = _add_columns(listing, columns)  # (written before it: its marks would be lost)
     with open(listing, "a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, columns or LISTING_COLUMNS, extrasaction="ignore")
         if not columns:
@@ -334,13 +356,16 @@ def collect_results(
         for row in rows:
             image_id = chosen[row["id"]]
             target_xml = annotations / f"{image_id}.xml"
-            problem = _copy_one(row, image_id, images, target_xml, min_score)
-            if problem is not None:
-                summary.missing.append(problem)
+            copied = _copy_one(row, image_id, images, target_xml, min_score)
+            if isinstance(copied, str):
+                summary.missing.append(copied)
                 continue
             summary.collected.append(image_id)
             if image_id != voc_image_id(row["id"], row["path"]):
                 summary.renamed.append(image_id)
+            needs_boxes = row["verdict"] == "defect" and not copied
+            if needs_boxes:
+                summary.needs_boxes.append(image_id)
             writer.writerow(
                 {
                     "image_id": image_id,
@@ -353,21 +378,45 @@ def collect_results(
                     "scores": json.dumps(row["scores"] or []),
                     "labels": json.dumps(row["labels"] or []),
                     "content_hash": row["content_hash"],
+                    "needs_boxes": NEEDS_BOXES if needs_boxes else "no",
                 }
             )
             fh.flush()
+    if summary.needs_boxes:
+        log.warning(
+            f"{len(summary.needs_boxes)} collected image(s) the edge judged defect have no box "
+            f"in their annotation (none in the image scored --score-threshold {min_score:g}): "
+            "they would train as defect-free images until someone draws their boxes "
+            f"(needs_boxes = {NEEDS_BOXES} in {listing})",
+            extra={"fields": {"event": "collect_needs_boxes", "images": len(summary.needs_boxes),
+                              "out": str(out)}},
+        )  # fmt: skip
     return summary
 
 
 def _listing_columns(listing: Path) -> list[str] | None:
     """The columns of an existing ``collected.csv`` (one written before a column was added
-    keeps its own: new rows are written under them), None when there is none or it is
-    empty."""
+    keeps its own: new rows are written under them, unless `_add_columns` adds them), None
+    when there is none or it is empty."""
     if not listing.is_file():
         return None
     with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
         header = next(csv.reader(fh), None)
     return header or None
+
+
+def _add_columns(listing: Path, columns: list[str]) -> list[str]:
+    """Add the `LISTING_COLUMNS` an existing ``collected.csv`` lacks to its header (its rows
+    are kept byte for byte: the new columns empty in them), the file replaced whole; returns
+    its columns now."""
+    added = [c for c in LISTING_COLUMNS if c not in columns]
+    data = listing.read_bytes()
+    end = data.find(b"\n") + 1 or len(data)
+    newline = "\r\n" if data[:end].endswith(b"\r\n") or not data[:end].endswith(b"\n") else "\n"
+    header = io.StringIO()
+    csv.writer(header, lineterminator=newline).writerow([*columns, *added])
+    atomic_write(listing, header.getvalue().encode("utf-8") + data[end:], parents=False)
+    return [*columns, *added]
 
 
 def _orientation(img: Image.Image) -> int:
@@ -412,9 +461,9 @@ def _write_png(img: Image.Image, target: Path, source: Path) -> str | None:
 
 def _copy_one(
     row: dict, image_id: str, images: Path, target_xml: Path, min_score: float
-) -> str | None:
+) -> str | int:
     """Copy one result's image (as the edge saw it, see the module docstring) and write its
-    annotation; the reason when it cannot be."""
+    annotation; how many boxes the annotation holds, or the reason when it cannot be."""
     source = Path(_on_disk(row["stored_path"]))
     if not source.is_file():
         return f"{source}: no longer there"
@@ -444,4 +493,4 @@ def _copy_one(
     objects = _objects(row, width, height, min_score)
     sample = voc.VocSample(image_id, target_image, width, height, objects)
     voc.write_annotation(target_xml, sample)  # last: its presence marks the image collected
-    return None
+    return len(objects)

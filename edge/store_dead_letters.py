@@ -1,17 +1,63 @@
 """The edge store's dead letters (no torch): a request the cloud refused for good made a
 dead letter (its row "error", its request kept within a byte cap), one export's requests made
-dead letters, and dead letters requeued into the outbox."""
+dead letters, and dead letters requeued into the outbox, each told by its export and cause."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+from dataclasses import dataclass, field
 
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.store_connection import StoreConnection, _boot_stamp
 from splitdet.edge.store_file import read_contents
 from splitdet.edge.store_schema import REQUEUED_NOTE
 from splitdet.edge.store_types import OutboxStats
+
+#: How the reason of a dead letter `splitdet edge abandon` made begins: a request of a retired
+#: export, not one the cloud refused (requeued only when asked for: its image may have been
+#: processed again with the current export since).
+ABANDONED = "abandoned by `splitdet edge abandon`"
+
+#: A gRPC status code in a dead letter's reason ("... permanently: INVALID_ARGUMENT: ...").
+_CODE = re.compile(r"\b([A-Z][A-Z_]*[A-Z]): ")
+
+
+def dead_letter_cause(reason: str | None) -> str:
+    """A dead letter's cause in a word or two, from the reason its row holds: "abandoned"
+    (`edge abandon`), "corrupt request" (the outbox row was damaged), "answer refused" (the
+    cloud's answer failed the edge's checks), "refused CODE" (the cloud refused it with that
+    gRPC code), else "refused". (The reasons are the sender's and abandon's.)"""
+    text = reason or ""
+    if text.startswith(ABANDONED):
+        return "abandoned"
+    if text.startswith("dead letter: the outbox holds a corrupt request"):
+        return "corrupt request"
+    if text.startswith("dead letter: refused the cloud's answer"):
+        return "answer refused"
+    code = _CODE.search(text)
+    return f"refused {code.group(1)}" if code else "refused"
+
+
+@dataclass
+class Requeue:
+    """What `StoreDeadLetters.requeue` did (or, in a dry run, would do), by image id.
+
+    Attributes:
+        requeued: put back in the outbox.
+        no_room: left for want of room in the outbox.
+        not_kept: without a kept request (dropped by the byte cap, or refused before requests
+            were kept): reprocess their images instead.
+        abandoned_left: made by `edge abandon`, left as they are (not asked for).
+        letters: (export fingerprint, `dead_letter_cause`) of each of the above.
+    """
+
+    requeued: list[int] = field(default_factory=list)
+    no_room: list[int] = field(default_factory=list)
+    not_kept: list[int] = field(default_factory=list)
+    abandoned_left: list[int] = field(default_factory=list)
+    letters: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 class StoreDeadLetters(StoreConnection):
@@ -91,55 +137,75 @@ class StoreDeadLetters(StoreConnection):
         )[0]
         return OutboxStats(int(depth), int(size), oldest)
 
+    def dead_letter_exports(self) -> dict[str, int]:
+        """Dead letters (kept request or not) by the model export that made their request."""
+        return dict(self._query(
+            "SELECT COALESCE(fingerprint, ''), COUNT(*) FROM images WHERE verdict = 'error'"
+            " AND error_kind = 'dead_letter' GROUP BY 1 ORDER BY 2 DESC, 1"
+        ))  # fmt: skip
+
     def requeue_dead_letters(
         self, since: float | None = None, dry_run: bool = False
     ) -> tuple[list[int], list[int], list[int]]:
+        """`requeue`'s (requeued, no room, not kept) image ids: every dead letter refused
+        ``since`` but those `edge abandon` made."""
+        done = self.requeue(since, dry_run)
+        return done.requeued, done.no_room, done.not_kept
+
+    def requeue(
+        self,
+        since: float | None = None,
+        dry_run: bool = False,
+        *,
+        abandoned: bool = False,
+        fingerprint: str | None = None,
+    ) -> Requeue:
         """Put refused requests back in the outbox, due now, their rows "pending" again (one
         commit). Only as many as the outbox has room for, oldest first.
 
         Args:
             since: only dead letters refused at or after this unix time.
             dry_run: change nothing; say what would happen.
-
-        Returns:
-            (requeued, no room, not kept): image ids of the dead letters requeued, left for
-            want of room in the outbox, and without a kept request (dropped by the byte cap, or
-            refused before requests were kept: reprocess their images instead).
+            abandoned: requeue those `edge abandon` made too (left otherwise: an abandon is a
+                decision, and their images may have been processed again since, each of which
+                would then get a second final result).
+            fingerprint: only dead letters of requests made with this model export.
         """
         since = float("-inf") if since is None else since
+        done = Requeue()
         with self._transaction() as db:
             # (a version 1 store read as it is, by a dry run, has no table of kept requests)
             keeps = "dead_letters" in read_contents(db).names
-            kept = (
-                []
-                if not keeps
-                else db.execute(
-                    "SELECT d.image_id, d.size_bytes FROM dead_letters d"
-                    " JOIN images i ON i.id = d.image_id WHERE i.verdict = 'error'"
-                    " AND i.error_kind = 'dead_letter' AND d.dead_at >= ? ORDER BY d.image_id",
-                    (since,),
-                ).fetchall()
-            )
-            not_kept = [row[0] for row in db.execute(
-                "SELECT id FROM images WHERE verdict = 'error' AND error_kind = 'dead_letter'"
-                " AND COALESCE(finished, updated) >= ?"
-                + (" AND id NOT IN (SELECT image_id FROM dead_letters)" if keeps else "")
-                + " ORDER BY id",
-                (since,),
-            )]  # fmt: skip
+            kept = "d.size_bytes" if keeps else "NULL"
+            joined = " LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else ""
+            refused = "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
+                "COALESCE(i.finished, i.updated)")  # fmt: skip
+            rows = db.execute(
+                f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept} FROM images i"
+                f"{joined} WHERE i.verdict = 'error' AND i.error_kind = 'dead_letter'"
+                f" AND {refused} >= ?"
+                + (" AND i.fingerprint = ?" if fingerprint else "")
+                + " ORDER BY i.id",
+                (since, fingerprint) if fingerprint else (since,),
+            ).fetchall()
             depth, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
             ).fetchone()
-            requeued, no_room = [], []
-            for image_id, payload_bytes in kept:
-                if depth + 1 > self.cap.max_items or size + payload_bytes > self.cap.max_bytes:
-                    no_room.append(image_id)
-                    continue
-                depth, size = depth + 1, size + payload_bytes
-                requeued.append(image_id)
-                if not dry_run:
-                    self._requeue(db, image_id)
-            return requeued, no_room, not_kept
+            for image_id, export, reason, payload_bytes in rows:
+                cause = dead_letter_cause(reason)
+                done.letters[image_id] = (export, cause)
+                if cause == "abandoned" and not abandoned:
+                    done.abandoned_left.append(image_id)
+                elif payload_bytes is None:
+                    done.not_kept.append(image_id)
+                elif depth + 1 > self.cap.max_items or size + payload_bytes > self.cap.max_bytes:
+                    done.no_room.append(image_id)
+                else:
+                    depth, size = depth + 1, size + payload_bytes
+                    done.requeued.append(image_id)
+                    if not dry_run:
+                        self._requeue(db, image_id)
+            return done
 
     def _requeue(self, db: sqlite3.Connection, image_id: int) -> None:
         now = time.time()
