@@ -355,7 +355,7 @@ class EdgeDaemon:
             write_ready_file(config.ready_file, info)
         self._probe = ModelProbe(
             config.client_config, self.fingerprint, tuple(earlier), config.retry_max_s,
-            self._pruner_stop,
+            self._pruner_stop, on_served=self.sender.release_export,
         )  # fmt: skip
         self._probe.start()
 

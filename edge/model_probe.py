@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError, RetryLater
 from splitdet.edge.daemon_log import log_event
@@ -24,7 +25,10 @@ class ModelProbe:
     answer: the outbox holds requests until the cloud takes them, whatever the probe found.
     An unreachable cloud is asked again every `every_s` (--retry-max) seconds until it answers
     (logged once), and an export it refused until it is served (`model_served_again`): an idle
-    edge has no send to show the fix. Setting `stop` ends it."""
+    edge has no send to show the fix. An export found served (again, or at its check) is
+    passed to `on_served(fingerprint)` (the daemon's `Sender.release_export`), which ends the
+    sender's hold on its requests and returns how many it released (`released` in the line).
+    Setting `stop` ends it."""
 
     def __init__(
         self,
@@ -33,12 +37,14 @@ class ModelProbe:
         earlier: tuple[str, ...],
         every_s: float,
         stop: threading.Event,
+        on_served: Callable[[str], int] | None = None,
     ) -> None:
         self.client_config = client_config
         self.current = current  # the export the edge runs; `earlier`: outbox requests' exports
         self.fingerprints = (current, *earlier)
         self.every_s = every_s
         self._stop = stop
+        self._on_served = on_served
         self._thread = threading.Thread(target=self.run, name="cloud-probe", daemon=True)
 
     def start(self) -> None:
@@ -122,15 +128,29 @@ class ModelProbe:
             log_event(logging.ERROR, "model_refused", served=list(served.served),
                       fingerprint=fingerprint, role=role, note=note)  # fmt: skip
             return _REFUSED
+        released, _ = self._release(fingerprint)  # (held by an earlier run, or a refusal just now)
         log_event(logging.INFO, "cloud_checked", served=list(served.served),
-                  fingerprint=fingerprint, role=role)  # fmt: skip
+                  fingerprint=fingerprint, role=role,
+                  **({"released": released} if released else {}))  # fmt: skip
         return _SERVED
+
+    def _release(self, fingerprint: str) -> tuple[int, str | None]:
+        """`on_served(fingerprint)`: (how many held requests it released, None), or (0, why)
+        when it failed (e.g. the database locked past its timeout; a probe never ends the
+        daemon: the requests then go out when their hold ends)."""
+        if self._on_served is None:
+            return 0, None
+        try:
+            return self._on_served(fingerprint), None
+        except Exception as exc:
+            return 0, f"{type(exc).__name__}: {exc}"
 
     def _ask_again(self, client: CloudClient, fingerprint: str) -> str:
         """Ask again about an export the cloud refused at its check: _SERVED, logged as
-        `model_served_again` (INFO), when the cloud serves it now; _REFUSED while not. Failures
-        meanwhile (the cloud down, still refusing) are logged at DEBUG only: the refusal was
-        logged once, and the sender logs its own. _STOP when the daemon stopped meanwhile."""
+        `model_served_again` (INFO, with the requests `on_served` released), when the cloud
+        serves it now; _REFUSED while not. Failures meanwhile (the cloud down, still refusing)
+        are logged at DEBUG only: the refusal was logged once, and the sender logs its own.
+        _STOP when the daemon stopped meanwhile."""
         try:
             served = client.manifest(fingerprint)
         except Exception as exc:  # (CloudError, or anything: a probe never ends it)
@@ -141,7 +161,15 @@ class ModelProbe:
             return _REFUSED
         if self._stop.is_set():
             return _STOP  # (the daemon has stopped meanwhile: no line after "stopped")
+        released, error = self._release(fingerprint)
+        if error is not None:
+            note = ("the cloud serves this export now; its held requests could not be released: "
+                    "they go out when their hold ends, within --retry-max")  # fmt: skip
+        elif released:
+            note = f"the cloud serves this export now: its held requests ({released}) go out now"
+        else:
+            note = "the cloud serves this export now: none of its requests was held"
         log_event(logging.INFO, "model_served_again", fingerprint=fingerprint,
-                  role=self._role(fingerprint), served=list(served.served),
-                  note="the cloud serves this export now: its requests go out")  # fmt: skip
+                  role=self._role(fingerprint), served=list(served.served), released=released,
+                  note=note, **({"error": error} if error else {}))  # fmt: skip
         return _SERVED

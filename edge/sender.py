@@ -23,10 +23,11 @@ operator's to fix, and the requests themselves are fine; so the items stay in th
 at the backoff cap) and the log says why. A refused model holds only the requests made with that
 export: an outbox may hold requests of the edge's previous export beside its current one, and
 while the cloud serves only one of the two, the other's requests wait without holding up the
-first's (one refused call per export per backoff cap). A request in the outbox that no longer
-parses is dead-lettered too. Any other failure (a database locked past its timeout, a channel
-that cannot be built) is logged and retried after a backoff step: the thread never ends before
-`stop`.
+first's (one refused call per export per backoff cap). Once the cloud is found serving that
+export again (the daemon's `ModelProbe`), `release_export` ends the hold at once rather than at
+the cap. A request in the outbox that no longer parses is dead-lettered too. Any other failure
+(a database locked past its timeout, a channel that cannot be built) is logged and retried after
+a backoff step: the thread never ends before `stop`.
 
 The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
 id from its store, so re-sending after a lost answer never makes a second result.
@@ -177,6 +178,8 @@ class Sender(threading.Thread):
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
+        self._released: dict[str, float] = {}  # export fingerprint -> perf_counter s, released
+        self._hold_lock = threading.Lock()  # the holds (`_held`, the store's) vs `release_export`
         self._cancelled = threading.Event()  # `cancel`: no call any more, the one in flight ended
         self._client_lock = threading.Lock()  # `cancel` against a client being made
         self._in_flight = False  # a Detect call is under way (for `cancel` to report)
@@ -184,6 +187,18 @@ class Sender(threading.Thread):
     def wake(self) -> None:
         """A new item is in the outbox: send it without waiting for the next check."""
         self._wake.set()
+
+    def release_export(self, fingerprint: str) -> int:
+        """The cloud serves `fingerprint` again (from any thread: the daemon's `ModelProbe`):
+        end its hold now rather than at the backoff cap, i.e. its requests held in the store
+        made due now, and the sender woken. A refusal of that export's call under way meanwhile
+        holds nothing (`_hold_export`). Returns how many requests were released."""
+        with self._hold_lock:
+            self._held.pop(fingerprint, None)
+            self._released[fingerprint] = time.perf_counter()
+            released = self.store.release_export(fingerprint)
+        self.wake()
+        return released
 
     def stop(self) -> None:
         """Finish the call in flight (its answer is still committed), then end."""
@@ -247,11 +262,12 @@ class Sender(threading.Thread):
             self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
             self._wake.clear()
             return 0.0
-        until, now = self._held.get(item.fingerprint, 0.0), time.time()
-        if now < until <= now + self.backoff.max_s:  # made after its export was refused: wait
-            # beside the others (a hold beyond the cap predates a backward clock step: over)
-            self.store.hold_export(item.fingerprint, until)  # (keeps the cloud's refusal)
-            return 0.0
+        with self._hold_lock:  # (not released between the look and the hold)
+            until, now = self._held.get(item.fingerprint, 0.0), time.time()
+            if now < until <= now + self.backoff.max_s:  # made after its export was refused:
+                # wait beside the others (a hold beyond the cap predates a backward clock step)
+                self.store.hold_export(item.fingerprint, until)  # (keeps the cloud's refusal)
+                return 0.0
         return self.send(item)
 
     def _reclaim(self) -> None:
@@ -293,7 +309,7 @@ class Sender(threading.Thread):
             return self._transient(item, exc, len(item.payload))
         except NeverRetry as exc:
             if exc.code in PER_EXPORT:
-                return self._hold_export(item, exc)
+                return self._hold_export(item, exc, start)
             if exc.code in OPERATOR_PROBLEMS:
                 event, line = OPERATOR_PROBLEMS[exc.code]
                 log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
@@ -407,14 +423,23 @@ class Sender(threading.Thread):
             if self.metrics is not None:
                 self.metrics.dead_letter(code)
 
-    def _hold_export(self, item: OutboxItem, exc: NeverRetry) -> float:
-        """The cloud refused the model of `item`: hold every request of that export for the
-        backoff cap, and go on with the others (no pause)."""
+    def _hold_export(self, item: OutboxItem, exc: NeverRetry, sent: float) -> float:
+        """The cloud refused the model of `item` (its call made at perf_counter `sent`): hold
+        every request of that export for the backoff cap, and go on with the others (no pause).
+        Released since the call was made (`release_export`: the cloud serves it now), the
+        refusal may be older than that: nothing is held, `item` is tried again after one
+        backoff step."""
         self._count_bytes(len(item.payload))  # it reached the server
-        until = time.time() + self.backoff.max_s
-        self._held[item.fingerprint] = until
-        self.store.retry_later(item.image_id, until, str(exc))
-        held = self.store.hold_export(item.fingerprint, until, str(exc))
+        with self._hold_lock:
+            if self._released.get(item.fingerprint, float("-inf")) >= sent:
+                delay, held = self.backoff.delay(1, self._rng), 0
+                self.store.retry_later(item.image_id, time.time() + delay, str(exc))
+            else:
+                delay = self.backoff.max_s
+                until = time.time() + delay
+                self._held[item.fingerprint] = until
+                self.store.retry_later(item.image_id, until, str(exc))
+                held = self.store.hold_export(item.fingerprint, until, str(exc))
         if self.metrics is not None:
             self.metrics.send_failed(exc.code.name)
         event, line = OPERATOR_PROBLEMS[exc.code]
@@ -422,7 +447,7 @@ class Sender(threading.Thread):
             line, exc,
             extra={"fields": {"event": event, "code": exc.code.name,
                               "fingerprint": item.fingerprint, "held": held,
-                              "retry_in_s": round(self.backoff.max_s, 3)}},
+                              "retry_in_s": round(delay, 3)}},
         )  # fmt: skip
         return 0.0
 

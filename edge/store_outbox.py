@@ -1,6 +1,6 @@
 """The edge store's outbox (no torch): the requests waiting for the cloud, the next one due,
 the cloud's answer (result "defect" and the request deleted, one commit), a retry later, an
-export's requests held, and what the outbox holds."""
+export's requests held and released, and what the outbox holds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from splitdet.edge.file_identity import path_text
 from splitdet.edge.store_connection import StoreConnection, _boot_stamp
 from splitdet.edge.store_reads import outbox_by_model
 from splitdet.edge.store_types import Answer, OutboxItem, OutboxStats
+
+#: The outbox rows of the requests made with one model export (the parameter: its fingerprint).
+_OF_EXPORT = (
+    "image_id IN (SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
+    " WHERE i.fingerprint = ?)"
+)
 
 
 class StoreOutbox(StoreConnection):
@@ -117,12 +123,24 @@ class StoreOutbox(StoreConnection):
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE outbox SET next_try = MAX(next_try, ?),"
-                " last_error = COALESCE(?, last_error) WHERE image_id IN"
-                " (SELECT o.image_id FROM outbox o JOIN images i ON i.id = o.image_id"
-                " WHERE i.fingerprint = ?)",
+                f" last_error = COALESCE(?, last_error) WHERE {_OF_EXPORT}",
                 (until, None if error is None else path_text(error), fingerprint),
             )
             return cursor.rowcount
+
+    def release_export(self, fingerprint: str, now: float | None = None) -> int:
+        """Make due at `now` (unix s; default: the clock) every outbox request of one model
+        export held for later (next_try > now), e.g. once the cloud serves that export again:
+        the end of a `hold_export`. The other exports' requests, attempts and last errors are
+        left as they are. Returns how many requests were released. Looked for before writing:
+        nothing held takes no write lock."""
+        now = time.time() if now is None else now
+        where = f"next_try > ? AND {_OF_EXPORT}"
+        if not self._query(f"SELECT 1 FROM outbox WHERE {where} LIMIT 1", (now, fingerprint)):
+            return 0
+        with self._transaction() as db:
+            sql = f"UPDATE outbox SET next_try = ? WHERE {where}"
+            return db.execute(sql, (now, now, fingerprint)).rowcount
 
     def outbox_fingerprints(self) -> dict[str, int]:
         """Requests in the outbox by the model fingerprint they were made with."""
