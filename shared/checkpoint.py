@@ -237,7 +237,7 @@ def threshold_calibration(checkpoint: dict) -> str | None:
     beside the threshold it calibrates; `splitdet train` records "gate_calibrated", True once a
     validation pass calibrated the threshold. Checkpoints older than that key tell it by their
     "history" rows: "val_gate_threshold" in one of them (none: no usable val split, or
-    --eval-every 0)."""
+    --eval-every 0). Where it was calibrated: `recorded_calibration_source`."""
     if checkpoint.get("gate_target_recall") is not None:
         return "eval"
     calibrated = checkpoint.get("gate_calibrated")
@@ -249,3 +249,29 @@ def threshold_calibration(checkpoint: dict) -> str | None:
     ):
         return "validation"
     return None
+
+
+#: The checkpoint entries naming where its gate threshold was calibrated: the VOC root
+#: (resolved) and the split. Written by `splitdet train` (its val split) and by `splitdet eval
+#: --checkpoint` when it stores a threshold; checkpoints of an older splitdet lack them.
+CALIBRATION_DATA, CALIBRATION_SPLIT = "gate_calibration_data", "gate_calibration_split"
+
+
+def calibration_source(root: Path | str, split: str) -> dict[str, str]:
+    """The checkpoint entries recording a threshold calibrated on `split` of the VOC tree at
+    `root` (resolved: the same data reached by another path is the same source)."""
+    return {CALIBRATION_DATA: str(Path(root).resolve()), CALIBRATION_SPLIT: str(split)}
+
+
+def recorded_calibration_source(checkpoint: Mapping[str, Any]) -> dict[str, str] | None:
+    """`calibration_source`'s entries as the checkpoint records them, or None when it records
+    none (never calibrated, or calibrated by a splitdet older than the record)."""
+    data, split = checkpoint.get(CALIBRATION_DATA), checkpoint.get(CALIBRATION_SPLIT)
+    if isinstance(data, str) and isinstance(split, str):
+        return {CALIBRATION_DATA: data, CALIBRATION_SPLIT: split}
+    return None
+
+
+def describe_calibration_source(source: Mapping[str, str]) -> str:
+    """`source` (`calibration_source`'s entries) for people: "split val of /data/gaskets"."""
+    return f"split {source[CALIBRATION_SPLIT]} of {source[CALIBRATION_DATA]}"

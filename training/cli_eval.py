@@ -34,6 +34,10 @@ EXAMPLE = """examples:
   splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json out.json \\
       --split test --calibrate-split val --target-recall 0.995
   splitdet eval --data data/test_seed1 --calibrate-data data/gaskets --checkpoint ckpt.pt
+  splitdet eval --data data/merged --checkpoint runs/v1/best.pt --json v1-on-merged.json
+      calibrates on val of data/merged; stores that threshold into runs/v1/best.pt only if
+      its own was never calibrated or was calibrated on val of data/merged too (else kept,
+      and a line names both: --store replaces it)
   splitdet eval --data data/gaskets --model models/gasket-int8 --json export.json
       the export as deployed: ONNX gate, lazy FPN, codec, cloud heads in this process
   splitdet eval --data data/gaskets --model models/gasket --cloud 10.0.0.5:50051
@@ -59,6 +63,7 @@ CHECKPOINT_DEFAULTS = {
     "calibrate_data": None,
     "target_recall": 0.995,
     "no_store": False,
+    "store": False,
     "batch_size": 1,
     "box_refine_steps": None,
 }
@@ -74,10 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint or an export: mAP, gate accuracy/recall, mAP kept",
         description="COCO mAP@[.5:.95], mAP@.5 and AR@100 (pycocotools), the defect classifier's "
         "accuracy/precision/recall/F1/AUC, the gate threshold calibrated on a validation split "
-        "for a target defect recall (written into the checkpoint), the gated system's mAP, the "
-        "best accuracy any threshold reaches at that recall on the evaluated split (for the gate, "
-        "and for the detector's top box score as an image score: is calibration or the model "
-        "the limit, and would the detector gate better), and "
+        "for a target defect recall (written into the checkpoint, unless the checkpoint holds "
+        "one calibrated on another dataset or split: --store writes it then), the gated "
+        "system's mAP, the best accuracy any threshold reaches at that recall on the evaluated "
+        "split (for the gate, and for the detector's top box score as an image score: is "
+        "calibration or the model the limit, and would the detector gate better), and "
         "where the errors are: the confident detections by kind of mistake and the recall by "
         "defect length (the JSON's 'errors'); gate operating points (per target recall from "
         "100% to 90%: threshold, recall, accuracy, share flagged, defect-free share flagged, "
@@ -121,10 +127,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="defect recall the gate must keep on the calibration split (default: 0.995)",
     )
-    checkpoint.add_argument(
+    storing = checkpoint.add_mutually_exclusive_group()
+    storing.add_argument(
         "--no-store",
         action="store_true",
         help="do not write the calibrated threshold into the checkpoint",
+    )
+    storing.add_argument(
+        "--store",
+        action="store_true",
+        help="write the calibrated threshold into the checkpoint even when the one it holds "
+        "was calibrated on another dataset or split (default: stored only into a checkpoint "
+        "never calibrated, or calibrated on this --calibrate-data/--data and "
+        "--calibrate-split; else kept, and a line says so)",
     )
     checkpoint.add_argument(
         "--batch-size", type=int_in(1), help="images per forward pass (default: 1)"
@@ -182,7 +197,12 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from splitdet.shared.checkpoint import CheckpointError, load_model, save_torch
+    from splitdet.shared.checkpoint import (
+        CheckpointError,
+        calibration_source,
+        load_model,
+        save_torch,
+    )
     from splitdet.shared.cli import CommandError
     from splitdet.shared.probability_format import format_probability
     from splitdet.training import voc
@@ -191,6 +211,11 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     # here, not after predicting every image (where calibration found it)
     if not 0.0 < args.target_recall <= 1.0:
         raise CommandError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.store and args.calibrate_split.lower() == "none":
+        raise CommandError(
+            "--store writes the threshold eval calibrates into the checkpoint, and "
+            "--calibrate-split none calibrates none: give one or the other"
+        )
     names: tuple[str, ...] = ()  # the model's classes, once loaded
     read_as = _file_identity(Path(args.checkpoint))  # to store only into the file evaluated
     try:
@@ -201,9 +226,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         samples = voc.read_split(Path(args.data), args.split, names)
         if not samples:
             raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
-        calibration = None
+        calibration = source = None
         if args.calibrate_split.lower() != "none":
             calibration_root = Path(args.calibrate_data or args.data)
+            source = calibration_source(calibration_root, args.calibrate_split)
             split_file = _split_path(calibration_root, args.calibrate_split)
             if not split_file.is_file():
                 raise CommandError(
@@ -239,6 +265,17 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     "split": args.split, "calibrate_split": args.calibrate_split,
                     "calibrate_data": str(args.calibrate_data or args.data),
                     "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
+    # decided before the JSON is shown, which says whether the checkpoint holds its threshold
+    store = calibration is not None and not args.no_store
+    kept = None if not store or args.store else kept_threshold(checkpoint, source, metrics)
+    store = store and kept is None
+    replaced = store and _file_identity(Path(args.checkpoint)) != read_as
+    store = store and not replaced
+    held = float(checkpoint.get("gate_threshold", 0.5))
+    metrics.update({
+        "gate_threshold_stored": store,  # gate_threshold written into the checkpoint
+        "checkpoint_gate_threshold": metrics["gate_threshold"] if store else held,
+    })  # fmt: skip
     text = json.dumps(metrics, indent=2)
     shown = _json_on_stdout(args.json)
     if shown:
@@ -256,26 +293,24 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 name, args.split, args.data,
             )  # fmt: skip
     try:
-        if (
-            calibration is not None
-            and not args.no_store
-            and (_file_identity(Path(args.checkpoint)) != read_as)
-        ):
+        if replaced:
             log.warning(
                 "%s changed while it was evaluated (a training run writing it?): the threshold "
                 "was not stored, so as not to put the older model back; evaluate it again once "
                 "the run has ended", args.checkpoint,
             )  # fmt: skip
-        elif calibration is not None and not args.no_store:
-            was = float(checkpoint.get("gate_threshold", 0.5))
+        elif kept is not None:
+            log.info("%s: %s", args.checkpoint, kept)
+        elif store:
             checkpoint["gate_threshold"] = metrics["gate_threshold"]
             checkpoint["gate_target_recall"] = args.target_recall
             checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
+            checkpoint.update(source)  # where: a later eval on other data keeps it
             save_torch(checkpoint, args.checkpoint)  # whole, or the file as it was
             log.info(
                 "stored gate threshold %s in %s (was %s); --no-store leaves it as it was",
                 format_probability(metrics["gate_threshold"]), args.checkpoint,
-                format_probability(was),
+                format_probability(held),
             )  # fmt: skip
         if not shown:
             atomic_write(args.json, text + "\n", parents=False)
@@ -290,6 +325,40 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     if not shown:
         print(summary(metrics, args.json))
     return 0
+
+
+def kept_threshold(checkpoint: dict, source: dict[str, str], metrics: dict) -> str | None:
+    """Why eval keeps the checkpoint's gate threshold rather than store the one it calibrated
+    (`metrics["gate_threshold"]`, on `source`: `checkpoint.calibration_source`), in words
+    following the checkpoint's name; None when it stores it by default: the checkpoint's was
+    never calibrated, or was on the same data and split (re-evaluated, after adding images
+    say). A threshold calibrated on other data stays: the checkpoint may have been exported
+    and deployed with it, and storing another would change the export it rebuilds. One that an
+    older splitdet calibrated, recording no source, stays too: it may have been calibrated on
+    any data (the safe side; --store replaces it)."""
+    from splitdet.shared.checkpoint import (
+        describe_calibration_source,
+        recorded_calibration_source,
+        threshold_calibration,
+    )
+    from splitdet.shared.probability_format import format_probability
+
+    kind = threshold_calibration(checkpoint)
+    recorded = recorded_calibration_source(checkpoint)
+    if kind is None or recorded == source:
+        return None
+    if recorded is not None:
+        where = f"calibrated on {describe_calibration_source(recorded)}"
+    else:
+        who = "an earlier `splitdet eval`" if kind == "eval" else "training's validation"
+        where = f"calibrated by {who} of an older splitdet, which did not record on what data"
+    held = format_probability(float(checkpoint.get("gate_threshold", 0.5)))
+    new = format_probability(metrics["gate_threshold"])
+    return (
+        f"kept its gate threshold {held} ({where}), not this evaluation's {new} (calibrated on "
+        f"{describe_calibration_source(source)}, the threshold its gate figures are at); "
+        "--store replaces the checkpoint's with it"
+    )
 
 
 def _json_on_stdout(json_file: str | None) -> bool:
@@ -326,8 +395,9 @@ THRESHOLD_SOURCES = {
 
 def summary(metrics: dict, json_file: str) -> str:
     """A few lines of `metrics` (a checkpoint's or an export's) for people, printed when the
-    JSON goes to ``json_file``: mAP, mAP@.5, AR@100; the gate threshold, where it comes from,
-    its recall and accuracy; the mAP the gated system keeps."""
+    JSON goes to ``json_file``: mAP, mAP@.5, AR@100; the gate threshold, where it comes from
+    (and, for a threshold a checkpoint evaluation calibrated, whether the checkpoint now holds
+    it), its recall and accuracy; the mAP the gated system keeps."""
     from splitdet.shared.probability_format import format_probability
 
     def figure(key: str, percent: bool = False) -> str:
@@ -340,6 +410,15 @@ def summary(metrics: dict, json_file: str) -> str:
     source = THRESHOLD_SOURCES.get(on) or (
         f"calibrated on {on} for {metrics['gate_target_recall']:.1%} recall"
     )
+    if on not in THRESHOLD_SOURCES and "gate_threshold_stored" in metrics:
+        held = metrics["checkpoint_gate_threshold"]
+        source += (
+            ", stored in the checkpoint"
+            if metrics["gate_threshold_stored"]
+            else f"; not stored, the checkpoint keeps {format_probability(held)}"
+            if held != metrics["gate_threshold"]
+            else "; not stored, the checkpoint holds the same"
+        )
     return "\n".join([
         f"split {metrics['split']} of {metrics['data']}: {metrics['images']} images "
         f"({metrics['defective_images']} defective)",

@@ -29,6 +29,11 @@ Copy the whole directory, every file, to the edge and to the cloud server: each 
 every file against the manifest's hashes before it starts. The fingerprint in the manifest ties
 the two together, and the cloud refuses requests of an export it does not serve (it can serve
 several: `splitdet cloud --model OLD --model NEW` while edges move to the new one).
+
+An export into a folder holding an earlier export of another fingerprint replaces it, with a
+WARNING naming both fingerprints (and the checkpoint and classes each was exported from): a
+cloud serving that folder drops the earlier one at its next reload. To keep serving both while
+the edges move, export the new model into another folder.
 """
 
 
@@ -46,8 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         required=True,
         metavar="MODEL_DIR",
-        help="model directory to write: new, empty or holding an earlier export (another "
-        "program's manifest.json, or other files, are refused; hidden files do not count)",
+        help="model directory to write: new, empty or holding an earlier export, which it "
+        "replaces (a WARNING names the replaced fingerprint and the new one; the same "
+        "fingerprint again: unchanged); another program's manifest.json, or other files, are "
+        "refused (hidden files do not count)",
     )
     p.add_argument(
         "--gate-threshold",
@@ -191,7 +198,12 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             gate_threshold=threshold,
             default_codec=args.codec,
-            extra={"checkpoint_epoch": checkpoint.get("epoch")},
+            # (not in the fingerprint: an export re-made elsewhere keeps it); named by the
+            # warning of a later export replacing this one
+            extra={
+                "checkpoint": str(Path(args.checkpoint).resolve()),
+                "checkpoint_epoch": checkpoint.get("epoch"),
+            },
             calibration=calibration,
             **({} if args.tolerance is None else {"tolerance": args.tolerance}),
         )

@@ -14,6 +14,7 @@ so a half-exported directory can never be served.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -271,6 +272,7 @@ def export_model(
                 "this export replaces them all",
                 out_dir, PUBLISHING_MARKER,
             )  # fmt: skip
+        earlier = earlier_export(out_dir)  # (under the lock: what this export replaces)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
         try:
             try:
@@ -285,7 +287,66 @@ def export_model(
             _publish(staging, out_dir, manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if earlier is not None and earlier["fingerprint"] == manifest.fingerprint:
+        log.info(
+            "--out %s: unchanged, it held this export already (fingerprint %s)",
+            out_dir, manifest.fingerprint[:16],
+        )  # fmt: skip
+    elif earlier is not None:
+        log.warning("%s", replaced_export(out_dir, earlier, manifest))
     return manifest
+
+
+def earlier_export(out_dir: Path) -> dict | None:
+    """What `out_dir`'s manifest.json says of the export it holds, read as it is (not
+    checked against its files: a damaged or interrupted export is replaced all the same):
+    {"fingerprint", "checkpoint", "checkpoint_epoch", "class_names"}, None for what it does
+    not record (an export of an older splitdet names no checkpoint); None when it holds no
+    manifest with a fingerprint."""
+    try:
+        data = json.loads((out_dir / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str):
+        return None
+    extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+    names = data.get("class_names")
+    checkpoint, epoch = extra.get("checkpoint"), extra.get("checkpoint_epoch")
+    return {
+        "fingerprint": data["fingerprint"],
+        "checkpoint": checkpoint if isinstance(checkpoint, str) else None,
+        "checkpoint_epoch": epoch if isinstance(epoch, int) else None,
+        "class_names": [str(n) for n in names] if isinstance(names, list) else None,
+    }
+
+
+def replaced_export(out_dir: Path, earlier: dict, manifest: Manifest) -> str:
+    """The one-line warning for an export into `out_dir` that replaced another
+    (`earlier_export`'s record of it) with `manifest`'s: both fingerprints, with what each
+    was exported from, and what a cloud serving the folder then does."""
+
+    def made_of(fingerprint: str, record: dict) -> str:
+        facts = []
+        if record.get("checkpoint"):
+            epoch = record.get("checkpoint_epoch")
+            facts.append(f"checkpoint {record['checkpoint']}"
+                         + (f" epoch {epoch}" if epoch is not None else ""))  # fmt: skip
+        if record.get("class_names"):
+            facts.append(f"classes {','.join(record['class_names'])}")
+        return f"fingerprint {fingerprint[:16]}" + (f" ({', '.join(facts)})" if facts else "")
+
+    new = {
+        "checkpoint": manifest.extra.get("checkpoint"),
+        "checkpoint_epoch": manifest.extra.get("checkpoint_epoch"),
+        "class_names": list(manifest.class_names),
+    }
+    return (
+        f"--out {out_dir}: replaced the export of {made_of(earlier['fingerprint'], earlier)} "
+        f"with {made_of(manifest.fingerprint, new)}; a cloud serving {out_dir} drops "
+        f"{earlier['fingerprint'][:16]} at its next reload (SIGHUP) or restart and refuses "
+        "the edges still running it: to serve both while edges move, export into another "
+        "folder and serve both"
+    )
 
 
 def _unwritten(out_dir: Path, staging: Path, exc: OSError) -> str:

@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from splitdet.shared.checkpoint import CheckpointError, read_checkpoint, threshold_calibration
+from splitdet.shared.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    recorded_calibration_source,
+    threshold_calibration,
+)
 from splitdet.shared.config import ModelConfig
 from splitdet.training.epoch_records import BestEpoch
 from splitdet.training.initial_weights import load_initial_weights
@@ -122,6 +127,7 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
     run.best = BestEpoch.of_checkpoint(checkpoint, run.history, config.best_metric)
     run.gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
     run.gate_calibrated = threshold_calibration(checkpoint) is not None
+    run.gate_source = recorded_calibration_source(checkpoint)  # (saved again until validation)
     if "rng_state" in checkpoint:
         torch.set_rng_state(checkpoint["rng_state"])
     start_epoch = run.start_epoch

@@ -41,6 +41,7 @@ from torchvision.ops import box_iou
 
 from splitdet.shared.atomic_file import WriteError, atomic_write, replacing, stale_temporaries
 from splitdet.shared.checkpoint import (
+    calibration_source,
     save_checkpoint,
 )
 from splitdet.shared.folder_lock import folder_lock
@@ -376,6 +377,8 @@ class _Run:
     start_epoch: int = 0
     gate_threshold: float = 0.5
     gate_calibrated: bool = False  # whether gate_threshold came from a validation pass
+    # where this call's validation calibrated it (`checkpoint.calibration_source`), else None
+    gate_source: dict[str, str] | None = None
     epoch_seconds: float = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
     epochs_run: int = 0  # epochs this call trained
     # wall-clock seconds of the run's earlier calls (a resumed last.pt's), and the
@@ -659,6 +662,7 @@ def _validate(run: _Run, val_samples: list, epoch: int, row: dict[str, Any]) -> 
     _set_input_size(run.model, mc.min_size, mc.max_size)
     metrics = evaluate(run.model, val_samples, device=run.device, progress=run.progress)
     run.gate_threshold, run.gate_calibrated = metrics["gate_threshold"], True
+    run.gate_source = calibration_source(run.data_dir, "val")  # (`eval` compares it)
     row.update({f"val_{k}": metrics[k] for k in (
         "map", "map50", "ar100", "gate_auc", "gate_threshold", "gate_accuracy",
     )})  # fmt: skip
@@ -681,6 +685,8 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         "gate_threshold": run.gate_threshold,
         # False: 0.5, no validation pass set it (readers: .get, older ones lack it)
         "gate_calibrated": run.gate_calibrated,
+        # where (none: no validation pass in this call, e.g. resumed; `eval` then keeps it)
+        **(run.gate_source or {}),
         "train_config": run.config.to_dict(),
         "data": str(run.data_dir.resolve()),
         "train_seconds": run.clock.seconds,
