@@ -169,9 +169,88 @@ def _ipv6_problem(host: str) -> str | None:
     return None
 
 
+#: Single-value options that name a file or folder: given twice, argparse would keep the last
+#: one without a word (`train --data a --data b` trained on b alone), so a second one is refused
+#: (`OncePathAction`). Options of ``type=Path`` are such options too, whatever their name.
+#: Repeatable ones (``action="append"``, e.g. `cloud --model`) and options that are no path
+#: (``--log-level``: a shell alias's value overridden on the command line) are not affected.
+PATH_OPTIONS = frozenset({
+    "--data", "--out", "--checkpoint", "--calibrate-data", "--db", "--watch", "--model",
+    "--models-dir", "--json", "--save", "--quantize-edge", "--archive", "--quarantine",
+    "--save-annotated", "--image", "--workdir", "--answers-db", "--ready-file", "--token-file",
+    "--root-certs", "--client-cert", "--client-key", "--tls-cert", "--tls-key", "--client-ca",
+})  # fmt: skip
+
+#: Where `OncePathAction` notes, during one parse, the options already given (removed from the
+#: namespace before `parse_known_args` returns it).
+_GIVEN = "_splitdet_paths_given"
+
+
+class OncePathAction(argparse._StoreAction):
+    """argparse's "store" action, which for a single-value path option (`PATH_OPTIONS`, or
+    ``type=Path``) refuses a second value instead of silently keeping the last (argparse's
+    error: the usage line and exit status 2). Any other option stores as usual."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        nargs: int | str | None = None,
+        type: Callable | None = None,  # (argparse's own name for it)
+        **kwargs: object,
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=nargs, type=type, **kwargs)
+        named = any(option in PATH_OPTIONS for option in option_strings)
+        self.once = nargs is None and (named or type is Path)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        """Store `values`; argparse.ArgumentError when this parse has given the option already."""
+        if self.once:
+            given = vars(namespace).setdefault(_GIVEN, {})
+            if self.dest in given:
+                raise argparse.ArgumentError(self, self._twice(parser, given[self.dest], values))
+            given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+    def _twice(self, parser: argparse.ArgumentParser, first: object, second: object) -> str:
+        message = f"given twice ({str(first)!r}, {str(second)!r})"
+        if "--data" in self.option_strings:
+            command = parser.prog.removeprefix("splitdet ")
+            return (
+                f"{message}; {command} reads one dataset: to "
+                f"{'train on' if command == 'train' else 'use'} several, merge them with "
+                "`splitdet data merge SRC SRC... --out DIR`"
+            )
+        return f"{message}; give it once"
+
+
+class Parser(argparse.ArgumentParser):
+    """The `splitdet` parser, and (through argparse's ``parser_class``) every subcommand's:
+    plain single-value options store with `OncePathAction`."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, OncePathAction)
+        self.register("action", "store", OncePathAction)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, without the note of the options given (`OncePathAction`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_GIVEN, None)
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every subcommand this install provides."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="splitdet",
         description=(
             "Split edge/cloud surface-defect detection: a gate on the edge lets defect-free "

@@ -1,7 +1,8 @@
-"""`splitdet data`: check a VOC dataset whole, and write its split files.
+"""`splitdet data`: check a VOC dataset whole, write its split files, merge several into one.
 
     splitdet data check data/mine [--decode] [--classes scratch,dent] [--json report.json]
     splitdet data split data/mine --val 0.2 --test 0.1 [--write-empty] [--overwrite]
+    splitdet data merge data/gaskets review/ --out data/gaskets-v2 [--prefix]
 
 Top-level imports are stdlib only (see splitdet.shared.cli); the work loads in the handlers.
 """
@@ -23,6 +24,8 @@ EPILOG = """\
 actions:
   splitdet data check DIR   every problem in the dataset at once, and what each split holds
   splitdet data split DIR   write ImageSets/Main/{train,val,test}.txt (stratified, by seed)
+  splitdet data merge SRC SRC... --out DIR
+                            one dataset holding every image, annotation and split line of each
 
 A dataset exported from an annotation tool usually needs both, in this order:
   splitdet data split data/mine --write-empty     # annotations for images with no box, splits
@@ -147,6 +150,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print the split as JSON on stdout")
     s.set_defaults(handler=run_split)
 
+    m = actions.add_parser(
+        "merge",
+        help="one dataset holding every image, annotation and split line of several",
+        description=(
+            "Write a new VOC dataset holding every image, annotation and split-file line of "
+            "the sources (synthetic images and the line's own, say), to train on them together: "
+            "`splitdet train` reads one dataset. Each source is read whole first, as train reads "
+            "it, and nothing is written when one has a problem. Ids are kept; an id in two "
+            "sources is refused unless --prefix. Images are hard-linked where the file system "
+            "allows it (editing one in place then changes both datasets), else copied; "
+            "annotations are written anew, naming their merged image."
+        ),
+        epilog="examples:\n"
+        "  splitdet data merge data/gaskets review/ --out data/gaskets-v2\n"
+        "  splitdet data merge line1/ line2/ --out data/lines --prefix   # line1_img_000, ...\n"
+        "  splitdet data check data/gaskets-v2 && splitdet train --data data/gaskets-v2 ...\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="VOC datasets with split files (`data split` writes them), two or more",
+    )
+    m.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the merged dataset: a new folder (or an empty one); never written into otherwise",
+    )
+    m.add_argument(
+        "--prefix",
+        action="store_true",
+        help="prefix every id by its source folder's name (review/a.xml: review_a), so that "
+        "ids in several sources do not collide (default: ids kept, a collision refused)",
+    )
+    m.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    m.set_defaults(handler=run_merge)
+
 
 def _sizes_text(report: DatasetReport) -> str:
     """The most common image sizes, "320x240 (12), 256x256 (11)", at most `SHOWN_SIZES` of
@@ -260,4 +302,62 @@ def run_split(args: argparse.Namespace) -> int:
     for name, ids in result.ids.items():
         new = f" ({result.added[name]} new)" if args.add else ""
         print(f"{result.paths[name]}: {len(ids)} images{new}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Merge ``args.sources`` into the new dataset ``args.out``, and say what it holds."""
+    import shlex
+
+    from tqdm import tqdm
+
+    from splitdet.shared.cli import CommandError
+    from splitdet.training import voc
+    from splitdet.training.voc_check import annotated_ids
+    from splitdet.training.voc_merge import MergeError, check_out, merge, plan_merge
+
+    out = Path(args.out)
+    sources = [Path(s) for s in args.sources]
+    try:
+        check_out(out)  # before the reading, not after it
+        total = sum(len(annotated_ids(s)) for s in sources if (s / "Annotations").is_dir())
+        with tqdm(total=total, unit="file", desc="reading", file=sys.stderr,
+                  disable=args.no_progress or total == 0) as bar:  # fmt: skip
+            plan = plan_merge(sources, prefix=args.prefix, progress=bar.update)
+        with tqdm(total=plan.files, unit="file", desc="writing", file=sys.stderr,
+                  disable=args.no_progress) as bar:  # fmt: skip
+            result = merge(plan, out, progress=bar.update)
+    except MergeError as exc:
+        raise CommandError(str(exc)) from None
+    except voc.VocError as exc:
+        root = next((s for s in sources if str(exc).startswith(str(s) + os.sep)), None)
+        raise CommandError(voc.check_hint(exc, root) if root else str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"--out {out}: cannot write ({exc}); nothing was left there") from None
+
+    images = sum(len(s.samples) + len(s.other_images) for s in plan.sources)
+    how = (
+        "hard-linked" if not result.copied
+        else "copied (no hard link here: another file system?)" if not result.linked
+        else f"{result.linked} hard-linked, {result.copied} copied"
+    )  # fmt: skip
+    print(f"{out}: {images} images ({how}), {sum(len(s.samples) for s in plan.sources)} "
+          f"annotations from {len(plan.sources)} sources"
+          + (", ids prefixed by their source folder's name" if args.prefix else ""))  # fmt: skip
+    for source in plan.sources:
+        parts = [f"{split} {len(ids)}" for split, ids in source.splits.items()]
+        if source.unlisted:
+            parts.append(f"in no split {source.unlisted}")
+        if source.other_images:
+            parts.append(f"without annotation {len(source.other_images)}")
+        prefix = f" (ids {source.prefix}...)" if source.prefix else ""
+        print(f"  {source.root}{prefix}: {', '.join(parts)}")
+    merged = ", ".join(f"{split} {n}" for split, n in result.splits.items())
+    print(f"  merged: {merged}")
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(plan.classes.items())) or "none"
+    print(f"  classes (boxes): {classes}")
+    if any(s.unlisted for s in plan.sources):
+        print(f"images in no split stay so: `splitdet data split {shlex.quote(str(out))} --add` "
+              "divides them")  # fmt: skip
+    print(f"next: splitdet data check {shlex.quote(str(out))}")
     return 0

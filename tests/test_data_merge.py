@@ -1,0 +1,175 @@
+"""`splitdet data merge SRC SRC... --out DIR`: one VOC tree holding every image, annotation and
+split line of the sources, which `data check` passes and train reads whole; ids colliding
+between sources refused (or prefixed with --prefix); never written into an existing dataset,
+and never left half-made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from splitdet.shared.cli import main
+from splitdet.training import voc, voc_merge
+
+from support import make_tiny_voc
+
+
+def _source(root: Path, seed: int, n_defective: int = 4, n_free: int = 2) -> Path:
+    """A tiny VOC tree split train / val / test."""
+    make_tiny_voc(root, n_defective=n_defective, n_free=n_free, seed=seed)
+    ids = voc.read_split_ids(root, "train")
+    defective, free = ids[:n_defective], ids[n_defective:]
+    voc.write_split(root, "train", defective[:-2] + free[:-1])
+    voc.write_split(root, "val", defective[-2:-1] + free[-1:])
+    voc.write_split(root, "test", defective[-1:])
+    return root
+
+
+def _renamed(root: Path, tag: str) -> Path:
+    """`root` with every id given the prefix `tag` (a source whose ids collide with none)."""
+    for xml in sorted((root / "Annotations").glob("*.xml")):
+        sample = voc.read_annotation(root, xml.stem)
+        image = sample.image_path.with_name(tag + sample.image_path.name)
+        sample.image_path.rename(image)
+        xml.unlink()
+        voc.write_annotation(
+            root / "Annotations" / f"{tag}{xml.stem}.xml",
+            voc.VocSample(tag + sample.image_id, image, sample.width, sample.height,
+                          sample.objects),
+        )  # fmt: skip
+    for split in ("train", "val", "test"):
+        voc.write_split(root, split, [tag + i for i in voc.read_split_ids(root, split)])
+    return root
+
+
+def _boxes(root: Path, split: str) -> list[tuple]:
+    return sorted((s.image_path.read_bytes(), o.name, o.box)
+                  for s in voc.read_split(root, split) for o in s.objects)  # fmt: skip
+
+
+def _merge(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["data", "merge", *argv, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".merging-" in p.name)
+
+
+def test_two_trees_merge_into_one_that_checks_and_trains_whole(tmp_path, capsys):
+    a = _source(tmp_path / "gaskets", seed=0)
+    b = _renamed(_source(tmp_path / "review", seed=1, n_defective=3, n_free=1), "line_")
+    out = tmp_path / "merged"
+
+    code, text, err = _merge(capsys, str(a), str(b), "--out", str(out))
+
+    assert code == 0, err
+    for split in ("train", "val", "test"):
+        assert voc.read_split_ids(out, split) == (
+            voc.read_split_ids(a, split) + voc.read_split_ids(b, split)
+        )
+    # every box of both trains, on its own pixels (read as train reads it)
+    assert _boxes(out, "train") == sorted(_boxes(a, "train") + _boxes(b, "train"))
+    assert len(_boxes(out, "train")) > 0
+    for xml in (out / "Annotations").glob("*.xml"):  # <filename> names the merged image
+        sample = voc.read_annotation(out, xml.stem)
+        assert sample.filename == sample.image_path.name and sample.image_path.parent == (
+            out / "JPEGImages"
+        )
+    assert f"{a}: train 3, val 2, test 1" in text and f"{b}: train 1, val 2, test 1" in text
+    assert "merged: train 4, val 4, test 2" in text and "classes (boxes): scratch" in text
+    assert "hard-linked" in text or "copied" in text
+    assert f"next: splitdet data check {out}" in text
+    assert _leftovers(tmp_path) == []
+
+    report_path = tmp_path / "report.json"
+    code = main(["data", "check", str(out), "--no-progress", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert code == 0 and report["problems"] == [], report["problems"]
+    assert report["annotations"] == report["images"] == 6 + 4
+    assert {s: report["splits"][s]["images"] for s in ("train", "val", "test")} == {
+        "train": 4, "val": 4, "test": 2
+    }  # fmt: skip
+
+
+def test_colliding_ids_are_refused_by_name_and_prefix_merges_them(tmp_path, capsys):
+    a = _source(tmp_path / "gaskets", seed=0)
+    b = _source(tmp_path / "review", seed=1, n_defective=3, n_free=1)  # img_000..img_003
+    out = tmp_path / "merged"
+
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and "4 image id(s) in more than one source" in err
+    assert f"'img_000' ({a} and {b})" in err and "--prefix" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out), "--prefix")
+    assert code == 0, err
+    train = voc.read_split_ids(out, "train")
+    assert train == ["gaskets_" + i for i in voc.read_split_ids(a, "train")] + [
+        "review_" + i for i in voc.read_split_ids(b, "train")
+    ]
+    assert (out / "JPEGImages" / "review_img_000.png").read_bytes() == (
+        b / "JPEGImages" / "img_000.png"
+    ).read_bytes()
+    assert voc.read_annotation(out, "review_img_000").filename == "review_img_000.png"
+    assert main(["data", "check", str(out), "--no-progress"]) == 0
+
+
+def test_an_existing_out_is_never_written_into(tmp_path, capsys):
+    a = _source(tmp_path / "a", seed=0)
+    b = _renamed(_source(tmp_path / "b", seed=1), "b_")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and f"--out {out}: exists and is not empty" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+    (out / "notes.txt").unlink()  # an empty folder is filled
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 0, err
+    assert len(voc.read_split_ids(out, "train")) == 6
+
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))  # the merged one now
+    assert code == 2 and "exists and is not empty" in err
+
+
+def test_a_malformed_source_names_its_file_and_leaves_no_out(tmp_path, capsys):
+    a = _source(tmp_path / "a", seed=0)
+    b = _renamed(_source(tmp_path / "b", seed=1), "b_")
+    bad = b / "Annotations" / "b_img_001.xml"
+    bad.write_text("<annotation><size>")
+    out = tmp_path / "merged"
+
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and "Traceback" not in err
+    assert f"{bad}: malformed XML" in err and f"splitdet data check {b}" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    bad.unlink()  # a source without split files: `data split` writes them
+    for split in ("train", "val", "test"):
+        (b / "ImageSets" / "Main" / f"{split}.txt").unlink()
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and "no split file" in err and f"splitdet data split {b}" in err
+    assert not out.exists()
+
+
+def test_a_failure_while_writing_leaves_no_out(tmp_path, capsys, monkeypatch):
+    a = _source(tmp_path / "a", seed=0)
+    b = _renamed(_source(tmp_path / "b", seed=1), "b_")
+    out = tmp_path / "merged"
+    written = []
+    real = voc.write_annotation
+
+    def failing(path, sample, **kwargs):
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real(path, sample, **kwargs)
+
+    monkeypatch.setattr(voc_merge.voc, "write_annotation", failing)
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and "No space left on device" in err and len(written) == 5
+    assert not out.exists() and _leftovers(tmp_path) == []

@@ -1,0 +1,309 @@
+"""Merge several PASCAL VOC trees into one: `splitdet data merge SRC SRC... --out DIR`.
+
+Training on synthetic images and on the line's own (`splitdet edge collect`) needs one tree
+holding both: every image, every annotation and every split-file line of the sources. Sources
+are read with the readers train reads them with (`voc.read_annotation`, `voc.read_split_ids`),
+so a malformed one is refused with the same message, naming its file, before anything is
+written.
+
+Ids are kept as they are. An id found in two sources (``img_000`` in both) is refused, naming
+the ids; with ``prefix`` every id becomes ``FOLDER_ID``, FOLDER being its source folder's name
+(``gaskets_img_000``, ``review_img_000``). A source without any split file is refused (its
+images would train in no split; `splitdet data split SRC` writes them); annotated images a
+source lists in no split are carried over, in no split, as they were.
+
+Images are hard-linked into the new tree where the file system allows it (no second copy of
+a large dataset; an image edited in place then changes in both trees), else copied.
+Annotations are written anew by `voc.write_annotation` (the standard fields splitdet reads),
+their ``<filename>`` naming the merged image. The tree is written into a temporary sibling of
+the output folder and renamed to it at the end: an output folder that exists is complete, and
+one that existed already is never written into (only an empty one is replaced).
+
+Only the standard library and Pillow (through `voc`): no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitdet.training import voc
+from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
+from splitdet.training.voc_layout import missing_folder_hint, nested_note
+
+__all__ = ["MergeError", "MergePlan", "MergeResult", "SourcePlan", "merge", "plan_merge"]
+
+#: Colliding ids a message names before "and N more".
+SHOWN_IDS = 5
+
+
+class MergeError(ValueError):
+    """Sources that cannot be merged as asked (ids in two of them, one given twice), or an
+    output folder that is not empty."""
+
+
+@dataclass
+class SourcePlan:
+    """One source read whole: what it adds to the merged tree."""
+
+    root: Path
+    prefix: str  # "" (ids kept), or "FOLDER_"
+    samples: list[voc.VocSample]  # every annotation, its image located
+    other_images: list[Path]  # image files no annotation is paired with
+    splits: dict[str, list[str]]  # the source's own ids per split file it has
+    unlisted: int  # annotated images in no split
+
+    def new_id(self, image_id: str) -> str:
+        """The id of the source's `image_id` in the merged tree."""
+        return self.prefix + image_id
+
+    def ids(self) -> set[str]:
+        """Every id this source brings (annotations, images, split lines), as merged."""
+        own = {s.image_id for s in self.samples} | {p.stem for p in self.other_images}
+        own |= {i for ids in self.splits.values() for i in ids}
+        return {self.new_id(i) for i in own}
+
+
+@dataclass
+class MergePlan:
+    """Every source read, no id in two of them: what `merge` writes."""
+
+    sources: list[SourcePlan]
+    classes: Counter = field(default_factory=Counter)  # boxes per class, all sources
+
+    @property
+    def files(self) -> int:
+        """The files `merge` writes: images and annotations."""
+        return sum(2 * len(s.samples) + len(s.other_images) for s in self.sources)
+
+
+@dataclass
+class MergeResult:
+    """What `merge` wrote."""
+
+    out: Path
+    plan: MergePlan
+    splits: dict[str, int]  # merged split: ids listed
+    linked: int  # images hard-linked
+    copied: int  # images copied (no hard link across file systems, or not allowed)
+
+
+def check_out(out: Path) -> None:
+    """MergeError unless ``out`` does not exist or is an empty folder: a merge never writes
+    into, or over, a dataset."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise MergeError(f"--out {out}: exists and is not a folder; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise MergeError(
+            f"--out {out}: exists and is not empty; a merge writes a new dataset, never into "
+            "one: give a new folder"
+        )
+
+
+def _source_prefixes(roots: Sequence[Path], prefix: bool) -> list[str]:
+    """The id prefix of each source ("" without ``prefix``); MergeError for a source given
+    twice, two sources of one folder name, or a folder name that cannot start an id."""
+    resolved: dict[Path, Path] = {}
+    for root in roots:
+        key = root.resolve()
+        if key in resolved:
+            raise MergeError(f"{root}: given twice (as {resolved[key]} and {root})")
+        resolved[key] = root
+    if not prefix:
+        return [""] * len(roots)
+    names = [root.resolve().name for root in roots]
+    for root, name in zip(roots, names, strict=True):
+        problem = voc.id_problem(f"{name}_x")
+        if problem is not None or not name:
+            raise MergeError(
+                f"--prefix: {root}: its folder name {name!r} cannot start an image id "
+                f"({problem or 'no name'}); rename the folder"
+            )
+        others = [str(r) for r, n in zip(roots, names, strict=True) if n == name and r != root]
+        if others:
+            raise MergeError(
+                f"--prefix: {root} and {others[0]} have the same folder name {name!r}, which "
+                "would prefix both alike; rename one of the folders"
+            )
+    return [f"{name}_" for name in names]
+
+
+def read_source(
+    root: Path, prefix: str = "", progress: Callable[[int], None] | None = None
+) -> SourcePlan:
+    """Read the VOC tree at ``root`` whole: every annotation (`voc.read_annotation`, its image
+    header checked), every split file, the images no annotation is paired with. `voc.VocError`
+    naming the file for the first problem, a source without any split file, or a split line
+    naming an id without annotation."""
+    root = Path(root)
+    for folder in ("Annotations", "JPEGImages"):
+        if not (root / folder).is_dir():
+            hint = missing_folder_hint(root, folder)
+            raise voc.VocError(f"{root / folder}: folder not found (not a VOC dataset?){hint}")
+    ids = annotated_ids(root)
+    if not ids:
+        nested = nested_note(root)
+        raise voc.VocError(
+            f"{root / 'Annotations'}: no annotation (*.xml) to merge"
+            + (f"; {nested}" if nested else "")
+        )
+    split_dir = root / "ImageSets" / "Main"
+    present = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
+    if not present:
+        raise voc.VocError(
+            f"{split_dir}: no split file (train.txt, val.txt, test.txt): its images would be "
+            f"in no split of the merged dataset; `splitdet data split {root}` writes them"
+        )
+    splits = {s: voc.read_split_ids(root, s) for s in present}
+    annotated = set(ids)
+    for split, split_ids in splits.items():
+        for image_id in split_ids:
+            if image_id not in annotated:
+                raise voc.VocError(
+                    f"{split_dir / (split + '.txt')}: lists {image_id!r}, which has no "
+                    f"Annotations/{image_id}.xml"
+                )
+    samples = []
+    for image_id in ids:
+        problem = voc.id_problem(prefix + image_id)
+        if problem is not None:
+            raise voc.VocError(f"{root / 'Annotations' / image_id}.xml: {problem}; rename it")
+        samples.append(voc.read_annotation(root, image_id))
+        if progress is not None:
+            progress(1)
+    claimed = {s.image_path for s in samples}
+    other_images = []
+    for image_id, paths in image_files(root).items():
+        for path in paths:
+            if path in claimed:
+                continue
+            problem = voc.id_problem(prefix + image_id)
+            if problem is not None:
+                raise voc.VocError(f"{path}: {problem}; rename it")
+            other_images.append(path)
+    listed = {i for split_ids in splits.values() for i in split_ids}
+    return SourcePlan(
+        root=root,
+        prefix=prefix,
+        samples=samples,
+        other_images=other_images,
+        splits=splits,
+        unlisted=len(annotated - listed),
+    )
+
+
+def plan_merge(
+    roots: Sequence[Path], *, prefix: bool = False, progress: Callable[[int], None] | None = None
+) -> MergePlan:
+    """Read every source (`read_source`; ``progress`` is called once per annotation read) and
+    check that no id is in two of them. MergeError naming the colliding ids (and what
+    ``prefix`` would make of them) or `_source_prefixes`'s; `voc.VocError` naming the file of
+    a source's first problem."""
+    roots = [Path(r) for r in roots]
+    if len(roots) < 2:
+        raise MergeError("give two sources or more (a merge of one is a copy)")
+    prefixes = _source_prefixes(roots, prefix)
+    sources = [read_source(r, p, progress) for r, p in zip(roots, prefixes, strict=True)]
+    owners: dict[str, list[Path]] = {}
+    for source in sources:
+        for image_id in source.ids():
+            owners.setdefault(image_id, []).append(source.root)
+    twice = sorted(i for i, where in owners.items() if len(where) > 1)
+    if twice:
+        shown = ", ".join(
+            f"{i!r} ({' and '.join(str(r) for r in owners[i])})" for i in twice[:SHOWN_IDS]
+        )
+        more = f", and {len(twice) - SHOWN_IDS} more" if len(twice) > SHOWN_IDS else ""
+        fix = (
+            "rename the files of one source (and its split lines)"
+            if prefix
+            else "give --prefix to prefix every id by its source folder's name "
+            f"({', '.join(f'{r.resolve().name}_{twice[0]}' for r in owners[twice[0]])}), or "
+            "rename the files of one source (and its split lines)"
+        )
+        raise MergeError(
+            f"{len(twice)} image id(s) in more than one source: {shown}{more}; nothing was "
+            f"written: {fix}"
+        )
+    classes = Counter(obj.name for s in sources for sample in s.samples for obj in sample.objects)
+    return MergePlan(sources=sources, classes=classes)
+
+
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` as ``target``, else (another file system, links not allowed)
+    copy it; True when linked."""
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        raise
+    except OSError:
+        shutil.copy2(source, target)
+        return False
+
+
+def merge(
+    plan: MergePlan, out: Path, *, progress: Callable[[int], None] | None = None
+) -> MergeResult:
+    """Write the tree ``plan`` describes at ``out`` (`check_out`: new, or an empty folder),
+    whole or not at all: into a temporary sibling renamed to ``out`` at the end, removed on
+    any failure. ``progress`` is called once per file written. MergeError when ``out`` is no
+    longer empty at the end; OSError when a file cannot be written."""
+    out = Path(out)
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    linked = copied = 0
+    split_ids: dict[str, list[str]] = {}
+    try:
+        (work / "JPEGImages").mkdir()
+        (work / "Annotations").mkdir()
+        for source in plan.sources:
+            for sample in source.samples:
+                new_id = source.new_id(sample.image_id)
+                image = work / "JPEGImages" / (new_id + sample.image_path.suffix)
+                if _link_or_copy(sample.image_path, image):
+                    linked += 1
+                else:
+                    copied += 1
+                merged = dataclasses.replace(sample, image_id=new_id, image_path=image)
+                voc.write_annotation(work / "Annotations" / f"{new_id}.xml", merged)
+                if progress is not None:
+                    progress(2)
+            for path in source.other_images:
+                if _link_or_copy(path, work / "JPEGImages" / (source.prefix + path.name)):
+                    linked += 1
+                else:
+                    copied += 1
+                if progress is not None:
+                    progress(1)
+            for split, ids in source.splits.items():
+                split_ids.setdefault(split, []).extend(source.new_id(i) for i in ids)
+        for split in SPLITS:  # (in this order, whatever order the sources list theirs in)
+            if split in split_ids:
+                voc.write_split(work, split, split_ids[split])
+        try:
+            os.rename(work, out)  # (replaces an empty folder; never a non-empty one)
+        except OSError as exc:
+            if out.is_dir() and any(out.iterdir()):
+                raise MergeError(
+                    f"--out {out}: was written to while merging; nothing merged was left there"
+                ) from None
+            raise OSError(f"--out {out}: cannot rename {work} to it ({exc.strerror})") from exc
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return MergeResult(
+        out=out,
+        plan=plan,
+        splits={s: len(ids) for s, ids in split_ids.items()},
+        linked=linked,
+        copied=copied,
+    )
