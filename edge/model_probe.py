@@ -25,9 +25,9 @@ class ModelProbe:
     answer: the outbox holds requests until the cloud takes them, whatever the probe found.
     An unreachable cloud is asked again every `every_s` (--retry-max) seconds until it answers
     (logged once), and an export it refused until it is served (`model_served_again`): an idle
-    edge has no send to show the fix. An export found served (again, or at its check) is
-    passed to `on_served(fingerprint)` (the daemon's `Sender.release_export`), which ends the
-    sender's hold on its requests and returns how many it released (`released` in the line).
+    edge has no send to show the fix. An export found served again is passed to
+    `on_served(fingerprint)` (the daemon's `Sender.release_export`), which ends the sender's
+    hold on its requests and returns how many it released (`released` in the line).
     Setting `stop` ends it."""
 
     def __init__(
@@ -128,10 +128,10 @@ class ModelProbe:
             log_event(logging.ERROR, "model_refused", served=list(served.served),
                       fingerprint=fingerprint, role=role, note=note)  # fmt: skip
             return _REFUSED
-        released, _ = self._release(fingerprint)  # (held by an earlier run, or a refusal just now)
+        # (no release here: what waits in the outbox now waits for its own backoff, e.g. a
+        # busy cloud's, which a release at each start-up would send all at once)
         log_event(logging.INFO, "cloud_checked", served=list(served.served),
-                  fingerprint=fingerprint, role=role,
-                  **({"released": released} if released else {}))  # fmt: skip
+                  fingerprint=fingerprint, role=role)  # fmt: skip
         return _SERVED
 
     def _release(self, fingerprint: str) -> tuple[int, str | None]:

@@ -88,6 +88,12 @@ def _umask() -> int:
     return mask
 
 
+def folder_mode() -> int:
+    """The mode ``mkdir`` gives a new folder (``0o777`` less the umask): for a folder made by
+    ``tempfile.mkdtemp`` (``0o700``) that is renamed into place as the user's."""
+    return 0o777 & ~_umask()
+
+
 def _written_through(path: Path) -> bool:
     """Whether `path` is written in place rather than replaced: a symbolic link (the file it
     points at is meant), a FIFO, a device (/dev/stdout) or a /dev/fd pipe, which a rename

@@ -265,10 +265,15 @@ def calibration_source(root: Path | str, split: str) -> dict[str, str]:
 
 def recorded_calibration_source(checkpoint: Mapping[str, Any]) -> dict[str, str] | None:
     """`calibration_source`'s entries as the checkpoint records them, or None when it records
-    none (never calibrated, or calibrated by a splitdet older than the record)."""
+    none (never calibrated, or calibrated by an eval of a splitdet older than the record). A
+    training checkpoint older than the record whose threshold its validation calibrated tells
+    it by its "data" (the resolved --data, recorded long before): the val split of that."""
     data, split = checkpoint.get(CALIBRATION_DATA), checkpoint.get(CALIBRATION_SPLIT)
     if isinstance(data, str) and isinstance(split, str):
         return {CALIBRATION_DATA: data, CALIBRATION_SPLIT: split}
+    trained_on = checkpoint.get("data")
+    if threshold_calibration(dict(checkpoint)) == "validation" and isinstance(trained_on, str):
+        return {CALIBRATION_DATA: trained_on, CALIBRATION_SPLIT: "val"}
     return None
 
 

@@ -175,7 +175,7 @@ def _ipv6_problem(host: str) -> str | None:
 #: Repeatable ones (``action="append"``, e.g. `cloud --model`) and options that are no path
 #: (``--log-level``: a shell alias's value overridden on the command line) are not affected.
 PATH_OPTIONS = frozenset({
-    "--data", "--out", "--checkpoint", "--calibrate-data", "--db", "--watch", "--model",
+    "--data", "--out", "--checkpoint", "--calibrate-data", "--db", "--watch", "--model", "--init",
     "--models-dir", "--json", "--save", "--quantize-edge", "--archive", "--quarantine",
     "--save-annotated", "--image", "--workdir", "--answers-db", "--ready-file", "--token-file",
     "--root-certs", "--client-cert", "--client-key", "--tls-cert", "--tls-key", "--client-ca",

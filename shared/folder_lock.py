@@ -79,7 +79,7 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
     folder = Path(folder)
     path = folder / lock_name
     for _ in range(_LOCK_TRIES):
-        made = _missing_folders(folder)
+        made = missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -126,7 +126,7 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
     raise ValueError(f"{option} {folder}: its {lock_name} kept being replaced; try again")
 
 
-def _missing_folders(folder: Path) -> list[Path]:
+def missing_folders(folder: Path) -> list[Path]:
     """`folder` and those of its parents that do not exist, deepest first: what a
     `mkdir(parents=True)` of it makes."""
     missing = []

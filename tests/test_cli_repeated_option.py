@@ -70,9 +70,22 @@ def test_train_given_two_datasets_is_refused_and_told_to_merge(tmp_path, capsys,
         (["bench", "--model", "m", "--checkpoint", "c.pt", "--data", "a", "--data", "b",
           "--out", "r"], "--data"),
         (["synth", "--out", "a", "--out", "b"], "--out"),
+        (["train", "--data", "d", "--out", "o", "--init", "a.pt", "--init", "coco"], "--init"),
     ],
 )  # fmt: skip
 def test_a_path_option_given_twice_is_refused_in_every_command(capsys, argv, option):
     err = _refused(capsys, argv)
     assert f"error: argument {option}: given twice (" in err, err
     assert ("splitdet data merge" in err) == (option == "--data")
+
+
+def test_the_torchrun_entry_refuses_a_repeated_data_too(capsys):
+    """`torchrun ... -m splitdet.training.cli_train` parses with its own parser: the README's
+    two-GPU path kept the last --data there."""
+    from splitdet.training.cli_train import main as torchrun_main
+
+    with pytest.raises(SystemExit) as exited:
+        torchrun_main(["--data", "data/gaskets", "--data", "review", "--out", "run"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --data: given twice ('data/gaskets', 'review')" in err, err

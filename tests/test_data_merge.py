@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from splitdet.shared.atomic_file import _umask
 from splitdet.shared.cli import main
 from splitdet.training import voc, voc_merge
 
@@ -79,7 +80,10 @@ def test_two_trees_merge_into_one_that_checks_and_trains_whole(tmp_path, capsys)
         )
     assert f"{a}: train 3, val 2, test 1" in text and f"{b}: train 1, val 2, test 1" in text
     assert "merged: train 4, val 4, test 2" in text and "classes (boxes): scratch" in text
-    assert "hard-linked" in text or "copied" in text
+    assert f"{out}: 10 images (hard-linked), 10 annotations from 2 sources" in text
+    merged_image = next((out / "JPEGImages").iterdir())
+    assert merged_image.stat().st_nlink == 2  # (tmp_path: one file system)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()  # not mkdtemp's 0o700
     assert f"next: splitdet data check {out}" in text
     assert _leftovers(tmp_path) == []
 
@@ -173,3 +177,46 @@ def test_a_failure_while_writing_leaves_no_out(tmp_path, capsys, monkeypatch):
     code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
     assert code == 2 and "No space left on device" in err and len(written) == 5
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_source_holding_another_s_images_or_an_out_inside_a_source_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    """A source merged earlier from another holds its images as hard links: merged again with
+    it, each would be in the tree twice (two ids, counted twice in a split). An --out inside
+    a source would change it; the current folder as --out cannot be replaced."""
+    a = _source(tmp_path / "gaskets", seed=0)
+    b = _renamed(_source(tmp_path / "review", seed=1, n_defective=3, n_free=1), "line_")
+    first = tmp_path / "first"
+    assert _merge(capsys, str(a), str(b), "--out", str(first))[0] == 0
+
+    code, _, err = _merge(capsys, str(a), str(first), "--out", str(tmp_path / "again"))
+    assert code == 2 and "are the same file (a hard link)" in err, err
+    assert f"{first} holds images of {a}" in err
+    assert not (tmp_path / "again").exists()
+
+    inside = a / "JPEGImages" / "merged"
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(inside))
+    assert code == 2 and f"--out {inside}: inside the source {a}" in err, err
+    assert not inside.exists()
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = _merge(capsys, str(a), str(b), "--out", ".")
+    assert code == 2 and "--out .: the current folder" in err, err
+    assert list(here.iterdir()) == []
+
+
+def test_a_failed_merge_removes_the_folders_it_made_for_out(tmp_path, capsys, monkeypatch):
+    a = _source(tmp_path / "gaskets", seed=0)
+    b = _renamed(_source(tmp_path / "review", seed=1, n_defective=3, n_free=1), "line_")
+    out = tmp_path / "new" / "deeper" / "merged"
+
+    def no_room(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(voc_merge.voc, "write_split", no_room)
+    code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
+    assert code == 2 and "No space left on device" in err, err
+    assert not (tmp_path / "new").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 
 import grpc
@@ -175,3 +176,30 @@ def test_requests_held_for_a_refused_export_go_out_once_the_probe_finds_it_serve
     [again] = seen("model_served_again")
     assert again["fingerprint"] == fingerprint and again["released"] == 1
     assert "go out now" in again["note"]
+
+
+def test_a_start_up_check_that_finds_the_export_served_releases_nothing(tmp_path, caplog):
+    """At start-up the probe finds the edge's export served: what waits in the outbox then
+    waits for its own backoff (a busy cloud's, say); a release there would send a restarted
+    edge's whole backlog at once."""
+    from cloud_fixtures import shared_model_dir
+
+    from splitdet.edge.client import ClientConfig
+
+    _, _, manifest = shared_model_dir(0)
+    port = free_port()
+    cloud = _cloud(tmp_path, port, "served")
+    released: list[str] = []
+    stop = threading.Event()
+    probe = ModelProbe(ClientConfig(f"127.0.0.1:{port}"), manifest.fingerprint, (), 0.2, stop,
+                       on_served=lambda fingerprint: released.append(fingerprint) or 1)  # fmt: skip
+    try:
+        with caplog.at_level(logging.INFO, logger="splitdet.edge"):
+            probe.start()
+            wait_for(lambda: any(getattr(r, "fields", {}).get("event") == "cloud_checked"
+                                 for r in caplog.records), 30, "the start-up check")  # fmt: skip
+    finally:
+        stop.set()
+        probe.join(10)
+        cloud.stop(0)
+    assert released == []

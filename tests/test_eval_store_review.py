@@ -145,6 +145,27 @@ def test_a_calibration_without_a_recorded_source_is_kept(
     assert read_checkpoint(checkpoint)["gate_calibration_data"] == str(old.resolve())
 
 
+def test_an_older_training_checkpoint_tells_its_source_by_its_data(
+    datasets, model_checkpoint, tmp_path, caplog, one_torch_thread
+):
+    """Training checkpoints have recorded their resolved --data all along, and training
+    calibrates on its val split: eval on that data stores as before, on other data keeps."""
+    old, merged = datasets
+    from splitdet.shared.checkpoint import load_model
+
+    model, _ = load_model(model_checkpoint)
+    checkpoint = tmp_path / "trained_by_older.pt"
+    save_checkpoint(checkpoint, model, gate_threshold=0.25, gate_calibrated=True,
+                    data=str(old.resolve()))  # fmt: skip
+    caplog.set_level(logging.INFO, logger="splitdet.training.cli_eval")
+    unchanged = checkpoint.read_bytes()
+    assert _eval(merged, checkpoint, tmp_path / "merged.json")["gate_threshold_stored"] is False
+    assert checkpoint.read_bytes() == unchanged
+    (kept,) = _lines(caplog, "kept its gate threshold")
+    assert f"(calibrated on split val of {old.resolve()})" in kept.getMessage()
+    assert _eval(old, checkpoint, tmp_path / "old.json")["gate_threshold_stored"] is True
+
+
 def test_train_records_where_it_calibrated_its_threshold(
     datasets, tmp_path, caplog, one_torch_thread
 ):

@@ -319,11 +319,17 @@ def run_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sources = [Path(s) for s in args.sources]
     try:
-        check_out(out)  # before the reading, not after it
-        total = sum(len(annotated_ids(s)) for s in sources if (s / "Annotations").is_dir())
-        with tqdm(total=total, unit="file", desc="reading", file=sys.stderr,
-                  disable=args.no_progress or total == 0) as bar:  # fmt: skip
-            plan = plan_merge(sources, prefix=args.prefix, progress=bar.update)
+        check_out(out, sources)  # before the reading, not after it
+        try:
+            total = sum(len(annotated_ids(s)) for s in sources if (s / "Annotations").is_dir())
+            with tqdm(total=total, unit="file", desc="reading", file=sys.stderr,
+                      disable=args.no_progress or total == 0) as bar:  # fmt: skip
+                plan = plan_merge(sources, prefix=args.prefix, progress=bar.update)
+        except OSError as exc:  # (a source's folder or file that cannot be read)
+            where = exc.filename or "a source"
+            raise CommandError(
+                f"{where}: cannot read ({exc.strerror or exc}); nothing was written"
+            ) from None
         with tqdm(total=plan.files, unit="file", desc="writing", file=sys.stderr,
                   disable=args.no_progress) as bar:  # fmt: skip
             result = merge(plan, out, progress=bar.update)

@@ -438,13 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m splitdet.training.cli_train` (what torchrun launches)."""
     import logging
 
-    parser = argparse.ArgumentParser(
+    from splitdet.shared.cli import CommandError, Parser
+
+    # (splitdet's parser: a path option given twice is refused here too)
+    parser = Parser(
         prog="splitdet train", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from splitdet.shared.cli import CommandError
 
     try:
         return run(args)

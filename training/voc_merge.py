@@ -24,6 +24,7 @@ Only the standard library and Pillow (through `voc`): no torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -33,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitdet.shared.atomic_file import folder_mode
+from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
@@ -94,10 +97,19 @@ class MergeResult:
     copied: int  # images copied (no hard link across file systems, or not allowed)
 
 
-def check_out(out: Path) -> None:
-    """MergeError unless ``out`` does not exist or is an empty folder: a merge never writes
-    into, or over, a dataset."""
+def check_out(out: Path, sources: Sequence[Path] = ()) -> None:
+    """MergeError unless ``out`` does not exist or is an empty folder, neither the current
+    folder nor inside one of ``sources``: a merge never writes into, or over, a dataset."""
     out = Path(out)
+    where = out.resolve()
+    for root in sources:
+        if where.is_relative_to(Path(root).resolve()):
+            raise MergeError(
+                f"--out {out}: inside the source {root}, which it would change (its images in "
+                "a sub-folder); give a folder outside every source"
+            )
+    if where == Path.cwd().resolve():
+        raise MergeError(f"--out {out}: the current folder; give a new folder")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise MergeError(f"--out {out}: exists and is not a folder; give a new folder")
     if out.is_dir() and any(out.iterdir()):
@@ -215,6 +227,7 @@ def plan_merge(
     for source in sources:
         for image_id in source.ids():
             owners.setdefault(image_id, []).append(source.root)
+    _refuse_shared_files(sources)
     twice = sorted(i for i, where in owners.items() if len(where) > 1)
     if twice:
         shown = ", ".join(
@@ -234,6 +247,24 @@ def plan_merge(
         )
     classes = Counter(obj.name for s in sources for sample in s.samples for obj in sample.objects)
     return MergePlan(sources=sources, classes=classes)
+
+
+def _refuse_shared_files(sources: Sequence[SourcePlan]) -> None:
+    """MergeError when two sources hold the same image file (one inode: a source merged
+    earlier from another, whose images it hard-linked): merged, each such image would be in
+    the tree twice, under two ids, trained on twice or counted twice in a test split."""
+    seen: dict[tuple[int, int], tuple[Path, Path]] = {}
+    for source in sources:
+        for path in [s.image_path for s in source.samples] + source.other_images:
+            stat = path.stat()
+            first = seen.setdefault((stat.st_dev, stat.st_ino), (source.root, path))
+            if first[0] != source.root:
+                raise MergeError(
+                    f"{path} and {first[1]} are the same file (a hard link): {source.root} "
+                    f"holds images of {first[0]} (merged from it earlier?), which would be in "
+                    "the merged dataset twice; leave out the source they came from, or the "
+                    "merge that holds them"
+                )
 
 
 def _link_or_copy(source: Path, target: Path) -> bool:
@@ -257,12 +288,14 @@ def merge(
     any failure. ``progress`` is called once per file written. MergeError when ``out`` is no
     longer empty at the end; OSError when a file cannot be written."""
     out = Path(out)
-    check_out(out)
+    check_out(out, [s.root for s in plan.sources])
+    made = missing_folders(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     linked = copied = 0
     split_ids: dict[str, list[str]] = {}
     try:
+        os.chmod(work, folder_mode())  # (mkdtemp's 0o700 would keep other users out)
         (work / "JPEGImages").mkdir()
         (work / "Annotations").mkdir()
         for source in plan.sources:
@@ -299,6 +332,9 @@ def merge(
             raise OSError(f"--out {out}: cannot rename {work} to it ({exc.strerror})") from exc
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in made:  # deepest first; one holding anything else stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return MergeResult(
         out=out,
