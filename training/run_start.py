@@ -25,7 +25,7 @@ from splitdet.training.run_checks import model_difference, recipe_changes
 from splitdet.training.schedule import WarmupCosine
 
 if TYPE_CHECKING:
-    from splitdet.training.train import _Run
+    from splitdet.training.run_state import _Run
 
 # the lines of `splitdet train`, whichever module says them
 log = logging.getLogger("splitdet.training.train")

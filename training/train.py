@@ -12,10 +12,12 @@ Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best v
 `best_metric`, ties broken by mAP@[.5:.95]: `epoch_records.BestEpoch`), `metrics.csv` /
 `metrics.json` (one row per epoch), `learning_curve.png`, `train_config.json`.
 
-This module holds the training loop and `train`; how a run starts (resumed, or afresh) is in
-`run_start`, the starting weights in `initial_weights`, the optimiser and schedule in
-`schedule`, the per-epoch records in `epoch_records` and the checks of the data and the run
-before training in `run_checks`.
+This module holds `train` and the run it drives: the run folder (locked, readied), the
+epochs in turn, what each leaves in the folder (`_save_epoch_records`) and the progress bar.
+How a run starts (resumed, or afresh) is in `run_start`, its state in `run_state`, its data
+and loaders in `run_inputs`, an epoch's steps and validation in `train_epoch`, the starting
+weights in `initial_weights`, the optimiser and schedule in `schedule`, the per-epoch records
+in `epoch_records` and the checks of the data and the run before training in `run_checks`.
 """
 
 from __future__ import annotations
@@ -24,29 +26,20 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.ops import box_iou
+from torch.utils.data import DataLoader
 
 from splitdet.shared.atomic_file import WriteError, atomic_write, replacing, stale_temporaries
-from splitdet.shared.checkpoint import (
-    calibration_source,
-    save_checkpoint,
-)
+from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.folder_lock import folder_lock
-from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
-from splitdet.training.dataset import CropSettings, VocDetection, collate
+from splitdet.shared.model import MultiTaskRCNN
 from splitdet.training.epoch_records import (
     BestEpoch,
     describe_best,
@@ -54,204 +47,41 @@ from splitdet.training.epoch_records import (
     write_metrics,
 )
 from splitdet.training.presets import TrainConfig
-from splitdet.training.run_checks import (
-    also_in_train,
-    crowded_images,
-    no_validation,
-    untrained_classes,
-)
+from splitdet.training.run_inputs import _epoch_loaders, _read_samples, _validation_subset
 from splitdet.training.run_start import resume_run, resumed_checkpoint, start_afresh
-from splitdet.training.schedule import WarmupCosine, build_optimizer, build_scheduler
+from splitdet.training.run_state import _Run
+from splitdet.training.schedule import build_optimizer, build_scheduler
+from splitdet.training.train_epoch import (
+    TrainClock,
+    _agree,
+    _train_epoch,
+    _validate,
+    _world,
+    autocast_dtype,
+    configure_training_sampling,
+    train_one_epoch,
+)
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
-
-
-# ------------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class TrainClock:
-    """Training seconds (evaluation excluded) against an optional budget."""
-
-    seconds: float = 0.0
-    budget_seconds: float | None = None
-
-    def exhausted(self, epoch_seconds: float = 0.0) -> bool:
-        """True when the budget is spent, or when less than half of an epoch lasting
-        `epoch_seconds` is left of it: a run ends on the epoch nearest its budget instead of
-        starting one it could run only a few iterations of (which would be validated and
-        logged as an epoch of its own)."""
-        if self.budget_seconds is None:
-            return False
-        return self.seconds + epoch_seconds / 2.0 >= self.budget_seconds
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    """Rank 0's `flag` on every rank (ranks must stop on the same iteration)."""
-    _, world = _world()
-    if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype `train_one_epoch` autocasts to for a `TrainConfig.precision`; None: fp32.
-
-    "auto" picks bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or
-    AMX, CUDA GPUs from Ampere on): on this project's 2-core AVX512-BF16 machine a cpu-preset
-    step takes 0.64 s in bf16 against 1.05 s in fp32. Elsewhere bf16 is emulated and slower.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else None
-
-
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: Iterable,
-    device: torch.device | str = "cpu",
-    epoch: int = 0,
-    *,
-    lr_scheduler: WarmupCosine | None = None,
-    clock: TrainClock | None = None,
-    defect_loss_weight: float = 1.0,
-    clip_grad_norm: float | None = None,
-    max_iters: int | None = None,
-    progress: bool = True,
-    autocast: torch.dtype | None = None,
-) -> dict[str, float]:
-    """One pass over `loader` (or until the clock's budget or `max_iters`).
-
-    `model` in training mode returns a dict of losses; the step minimises the detection losses
-    plus `defect_loss_weight` x loss_defect. `lr_scheduler`, if given, steps every iteration.
-    `autocast` (e.g. torch.bfloat16) runs the forward pass under `torch.autocast`; the
-    gradients, the optimiser step and the weights stay fp32.
-    Returns the mean of every loss over the iterations run, "loss" (the total) and "iters".
-    """
-    from tqdm import tqdm
-
-    device = torch.device(device)
-    clock = clock or TrainClock()
-    model.train()
-    rank, _ = _world()
-    sums: dict[str, float] = {}
-    iters = 0
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch}",
-        unit="it",
-        disable=not progress or rank != 0,
-        leave=False,
-        dynamic_ncols=True,
-        position=1,
-    )
-    for images, targets in bar:
-        if _agree(clock.exhausted() or (max_iters is not None and iters >= max_iters), device):
-            break
-        start = time.perf_counter()
-        images = [img.to(device) for img in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            losses = model(images, targets)
-        losses = {key: value.float() for key, value in losses.items()}
-        total = sum(v for k, v in losses.items() if k != "loss_defect")
-        total = total + defect_loss_weight * losses["loss_defect"]
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"epoch {epoch}, iteration {iters}: loss is {total.item()} "
-                f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower the lr?"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
-        clock.seconds += time.perf_counter() - start
-        if lr_scheduler is not None:
-            lr_scheduler.step(clock.seconds)
-        iters += 1
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.item()
-        sums["loss"] = sums.get("loss", 0.0) + total.item()
-        bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-        if not progress and rank == 0 and iters % 25 == 0:
-            log.info("epoch %d iteration %d: loss %.3f, %.2f s/it, %.1f training min",
-                     epoch, iters, total.item(), clock.seconds / max(1, iters) if epoch == 0
-                     else time.perf_counter() - start, clock.seconds / 60)  # fmt: skip
-    bar.close()
-    out = {key: value / max(iters, 1) for key, value in sums.items()}
-    out["iters"] = iters
-    return out
-
-
-def configure_training_sampling(model: MultiTaskRCNN, config: TrainConfig) -> None:
-    """Training-only sampling sizes of torchvision's RPN and ROI heads (not in the weights)."""
-    model.rpn._pre_nms_top_n["training"] = config.rpn_pre_nms_top_n_train
-    model.rpn._post_nms_top_n["training"] = config.rpn_post_nms_top_n_train
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = config.box_batch_size_per_image
-    model.roi_heads.match_min_side = config.match_min_side
-    model.rpn.box_similarity = (
-        partial(box_iou_min_side, min_side=config.match_min_side)
-        if config.match_min_side
-        else box_iou
-    )
-    model.detach_gate = config.detach_gate
-
-
-def _train_loader(
-    dataset: VocDetection, batch_size: int, config: TrainConfig, world: int, rank: int
-) -> DataLoader:
-    """This process's shuffled share of `dataset` (a DistributedSampler: one share at world 1)."""
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=config.workers,
-        collate_fn=collate,
-        persistent_workers=config.workers > 0,
-    )
-
-
-def _whole_image_phase(config: TrainConfig, clock: TrainClock, epoch: int) -> bool:
-    """Whether the epoch about to start trains on whole images: it starts within the last
-    `whole_image_fraction` of the time budget (or, without one, of the epochs)."""
-    if not config.whole_image_fraction:
-        return False
-    rest = 1.0 - config.whole_image_fraction
-    if config.budget_seconds:
-        return clock.seconds >= rest * config.budget_seconds
-    return epoch >= rest * config.epochs
-
-
-def _set_input_size(model: MultiTaskRCNN, min_size: int, max_size: int) -> None:
-    model.transform.min_size = (min_size,)
-    model.transform.max_size = max_size
-
-
-# ------------------------------------------------------------------------------- train()
+#: What callers import from here, wherever it is defined. Tests replace `save_checkpoint` and
+#: `_save_epoch_records` in this module: they stay in use here (`_save_epoch`, `_train_epochs`).
+__all__ = [
+    "RUN_FILES",
+    "STALE_AFTER_SECONDS",
+    "TRAIN_LOCK",
+    "TrainClock",
+    "_save_epoch_records",
+    "_validation_subset",
+    "autocast_dtype",
+    "configure_training_sampling",
+    "save_checkpoint",
+    "train",
+    "train_one_epoch",
+]
 
 
 def _setup_distributed() -> torch.device:
@@ -265,25 +95,6 @@ def _setup_distributed() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def _validation_subset(samples: list, n: int | None) -> list:
-    """``n`` of the validation split's `VocSample`s spread evenly over it; if that spread
-    misses its few defective images, spread over each kind in proportion instead (at least
-    one defective)."""
-    from splitdet.training import voc
-
-    subset = voc.evenly_spaced(samples, n)
-    defective = [s for s in samples if s.is_defective]
-    if any(s.is_defective for s in subset) or not defective:
-        return subset
-    free = [s for s in samples if not s.is_defective]
-    n_defective = max(1, round(len(subset) * len(defective) / len(samples)))
-    chosen = voc.evenly_spaced(defective, n_defective) + voc.evenly_spaced(
-        free, len(subset) - n_defective
-    )
-    kept = {id(s) for s in chosen}
-    return [s for s in samples if id(s) in kept]  # in the split's order
 
 
 def train(
@@ -352,49 +163,6 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
             continue
         log.info("removed %s (%d bytes), a temporary file left by a run that was stopped "
                  "while it wrote", path, info.st_size)  # fmt: skip
-
-
-@dataclass
-class _Run:
-    """One call of `train`: what it was given, what it trains with, and how far it has come
-    (from a resumed run's last.pt, then epoch by epoch)."""
-
-    config: TrainConfig
-    data_dir: Path
-    out_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    progress: bool
-    model: MultiTaskRCNN
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.StepLR | WarmupCosine | None
-    per_iteration: bool  # whether lr_scheduler steps every iteration (else every epoch)
-    clock: TrainClock
-    autocast: torch.dtype | None
-    best: BestEpoch  # the epoch best.pt holds
-    history: list[dict[str, Any]] = field(default_factory=list)  # a metrics row per epoch
-    start_epoch: int = 0
-    gate_threshold: float = 0.5
-    gate_calibrated: bool = False  # whether gate_threshold came from a validation pass
-    # where this call's validation calibrated it (`checkpoint.calibration_source`), else None
-    gate_source: dict[str, str] | None = None
-    epoch_seconds: float = 0.0  # training seconds of the last epoch (the budget's half-epoch rule)
-    epochs_run: int = 0  # epochs this call trained
-    # wall-clock seconds of the run's earlier calls (a resumed last.pt's), and the
-    # `time.perf_counter()` its wall clock counts from in this call (that many seconds back)
-    wall_seconds: float = 0.0
-    wall_start: float = 0.0
-
-    @property
-    def last_path(self) -> Path:
-        """The run's last.pt (every epoch; what --resume reads)."""
-        return self.out_dir / "last.pt"
-
-    @property
-    def best_path(self) -> Path:
-        """The run's best.pt (the epoch `best` names)."""
-        return self.out_dir / "best.pt"
 
 
 def _train(
@@ -469,90 +237,6 @@ def _prepare_run_folder(out_dir: Path, resume: bool) -> None:
             )
 
 
-def _read_samples(
-    config: TrainConfig, data_dir: Path, out_dir: Path, rank: int
-) -> tuple[list, list]:
-    """(train, validation): the `VocSample`s of `data_dir`'s train split and those of its val
-    split a validation pass evaluates (`_validation_subset`; none without val.txt or with
-    --eval-every 0). Rank 0 logs the inputs and warns of what would mislead the run (`run_checks`).
-    Raises VocError (no defective train image) and ValueError (an empty train split, validation
-    images with no object)."""
-    from splitdet.training import voc
-    from splitdet.training.evaluate import DEFAULT_TARGET_RECALL, calibration_shortfall
-
-    mc = config.model
-    train_samples = voc.read_split(data_dir, "train", mc.class_names)
-    val_samples, all_val = [], []
-    if config.eval_every and (data_dir / "ImageSets" / "Main" / "val.txt").is_file():
-        all_val = voc.read_split(data_dir, "val", mc.class_names)
-        if rank == 0 and (shared := also_in_train(train_samples, all_val, data_dir)):
-            log.warning("%s", shared)
-        val_samples = _validation_subset(all_val, config.eval_images)
-    if not train_samples:
-        raise ValueError(f"{data_dir}: the train split is empty")
-    if not any(s.is_defective for s in train_samples):
-        # as `splitdet data check` reports it; --eval-every 0 trained on such a split to exit 0
-        raise voc.VocError(
-            f"{data_dir / 'ImageSets' / 'Main' / 'train.txt'}: no defective image, so the "
-            "detector and the gate would train without a single defect; list annotated "
-            "defective images in it"
-        )
-    if rank == 0:
-        _log_inputs(config, data_dir, train_samples)
-        if untrained := untrained_classes(mc.class_names, data_dir, train_samples):
-            log.warning("%s", untrained)
-        if crowded := crowded_images(mc.box_detections_per_img, train_samples, all_val):
-            log.warning("%s", crowded)
-        if not val_samples:
-            log.warning("%s", no_validation(config, data_dir, out_dir))
-        elif shortfall := calibration_shortfall(
-            sum(s.is_defective for s in val_samples), DEFAULT_TARGET_RECALL
-        ):
-            # the cpu preset validates on 60 images: informed, not warned, on every run
-            log.info(
-                "each validation pass stores its gate threshold in the checkpoint; %s (e.g. "
-                "`splitdet eval --data %s --checkpoint %s`, on the whole val split)",
-                shortfall, shlex.quote(str(data_dir)), shlex.quote(str(out_dir / "best.pt")),
-            )  # fmt: skip
-    if val_samples and not any(s.is_defective for s in val_samples):
-        # found now, not after the first epoch, whose validation calibrates the gate on them
-        raise ValueError(
-            f"{data_dir / 'ImageSets' / 'Main' / 'val.txt'}: the validation images hold no "
-            "object, so the gate cannot be calibrated; add defective images to val, or "
-            "--eval-every 0"
-        )
-    return train_samples, val_samples
-
-
-def _epoch_loaders(
-    config: TrainConfig, train_samples: list, world: int, rank: int
-) -> dict[str, DataLoader]:
-    """This process's loaders of the train split's `VocSample`s: "main", the run's own inputs
-    (crops of `config.crop` pixels if it has them), and, with a `whole_image_fraction`, "whole"
-    (whole images) for the run's last share."""
-    mc = config.model
-    crop = CropSettings(config.crop, config.crop_object_fraction) if config.crop else None
-    loaders = {  # the run's own images (crops if it has them) and, for its last share, whole ones
-        "main": _train_loader(
-            VocDetection(
-                train_samples, mc.class_names, train=True, crop=crop,
-                input_size=(mc.min_size, mc.max_size) if crop else None,
-                flips=config.flips, seed=config.seed, pixel_bits=mc.pixel_bits,
-            ),
-            config.batch_size, config, world, rank,
-        ),
-    }  # fmt: skip
-    if config.whole_image_fraction:
-        loaders["whole"] = _train_loader(
-            VocDetection(
-                train_samples, mc.class_names, train=True, flips=config.flips, seed=config.seed,
-                pixel_bits=mc.pixel_bits,
-            ),
-            config.whole_image_batch_size, config, world, rank,
-        )  # fmt: skip
-    return loaders
-
-
 def _train_epochs(
     run: _Run,
     loaders: dict[str, DataLoader],
@@ -595,83 +279,6 @@ def _train_epochs(
             _save_epoch_records(run, row, epoch)
     overall.close()
     return row, ended_by_epochs
-
-
-def _train_epoch(
-    run: _Run,
-    ddp_model: nn.Module,
-    loaders: dict[str, DataLoader],
-    epoch: int,
-    wall_start: float,
-    max_iters: int | None,
-) -> dict[str, Any]:
-    """Train `epoch` on crops or on whole images, as `_whole_image_phase` has it (rank 0 decides
-    for all). Returns its metrics row: mean losses over its iterations, the run's training
-    minutes and its wall-clock minutes (since `wall_start`, `time.perf_counter` s: the run's
-    start, its earlier calls' wall time included)."""
-    config, clock, mc = run.config, run.clock, run.config.model
-    # rank 0 decides for all, as for stopping: ranks' clocks differ, and ranks on different
-    # loaders would run different step counts and input sizes (a DDP hang)
-    whole = _agree(_whole_image_phase(config, clock, epoch), run.device)
-    cropped = bool(config.crop) and not whole
-    loader = loaders["whole" if whole else "main"]
-    loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
-    if config.crop:  # crops arrive at the model's input scale; whole images are resized
-        _set_input_size(run.model, *((config.crop,) * 2 if cropped else (mc.min_size, mc.max_size)))
-    epoch_start = clock.seconds
-    stats = train_one_epoch(
-        ddp_model,
-        run.optimizer,
-        loader,
-        run.device,
-        epoch,
-        lr_scheduler=run.lr_scheduler if run.per_iteration else None,
-        clock=clock,
-        defect_loss_weight=config.defect_loss_weight,
-        clip_grad_norm=config.clip_grad_norm,
-        max_iters=max_iters,
-        progress=run.progress,
-        autocast=run.autocast,
-    )
-    if run.lr_scheduler is not None and not run.per_iteration:
-        run.lr_scheduler.step()
-    run.epoch_seconds = clock.seconds - epoch_start
-    return {
-        "epoch": epoch,
-        "iters": stats["iters"],
-        "train_minutes": round(clock.seconds / 60.0, 3),
-        "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "inputs": "crops" if cropped else "whole images",
-        # the first epoch a --resume trained (the learning curve marks it)
-        "resumed": run.epochs_run == 0 and run.start_epoch > 0,
-        "loss": stats.get("loss"),
-        "loss_detection": sum(stats.get(k, 0.0) for k in DETECTION_LOSSES),
-        **{k: stats.get(k) for k in (*DETECTION_LOSSES, "loss_defect")},
-    }
-
-
-def _validate(run: _Run, val_samples: list, epoch: int, row: dict[str, Any]) -> None:
-    """Evaluate `run.model` on `val_samples` at its whole-image input size (rank 0): the gate
-    threshold the pass calibrates becomes the run's, its metrics join `row` as val_*, and the
-    epoch's line is logged."""
-    from splitdet.training.evaluate import evaluate
-
-    mc = run.config.model
-    _set_input_size(run.model, mc.min_size, mc.max_size)
-    metrics = evaluate(run.model, val_samples, device=run.device, progress=run.progress)
-    run.gate_threshold, run.gate_calibrated = metrics["gate_threshold"], True
-    run.gate_source = calibration_source(run.data_dir, "val")  # (`eval` compares it)
-    row.update({f"val_{k}": metrics[k] for k in (
-        "map", "map50", "ar100", "gate_auc", "gate_threshold", "gate_accuracy",
-    )})  # fmt: skip
-    log.info(
-        "epoch %d: loss %.3f, val mAP %.3f, mAP@.5 %.3f, gate AUC %s (%.1f train min)",
-        epoch, row["loss"], metrics["map"] or 0.0, metrics["map50"] or 0.0,
-        "n/a" if metrics["gate_auc"] is None else f"{metrics['gate_auc']:.3f}",
-        run.clock.seconds / 60,
-    )  # fmt: skip
 
 
 def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
@@ -746,29 +353,6 @@ def _save_epoch(path: Path, model: nn.Module, extra: dict, epoch: int) -> None:
         )
         message = f"epoch {epoch}: {exc}; {kept}"
         raise WriteError(path, exc.reason, exc.errno, message) from exc
-
-
-def _log_inputs(config: TrainConfig, data_dir: Path, samples: list) -> None:
-    """Log the scale the train split's images (`VocSample`s) are read at by the preset's
-    model input, and warn when that scale leaves many boxes too thin to see."""
-    from splitdet.training.presets import PRESETS
-    from splitdet.training.voc_check import input_scale_text, thin_box_warning
-
-    mc = config.model
-    log.info(
-        "input size of preset %s (min_size %d, max_size %d): images %s",
-        config.name, mc.min_size, mc.max_size,
-        input_scale_text(((s.width, s.height) for s in samples), mc.min_size, mc.max_size),
-    )  # fmt: skip
-    preset = PRESETS.get(config.name)
-    if preset is None or (preset.model.min_size, preset.model.max_size) != (
-        mc.min_size,
-        mc.max_size,
-    ):
-        return  # a custom recipe: thin_box_warning measures at a preset's input
-    warning = thin_box_warning(samples, config.name, data_dir / "ImageSets" / "Main" / "train.txt")
-    if warning is not None:
-        log.warning("%s", warning)
 
 
 def _advance(overall: tqdm, clock: TrainClock) -> None:
