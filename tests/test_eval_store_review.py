@@ -208,3 +208,30 @@ def test_store_is_refused_where_it_cannot_mean_anything(datasets, model_checkpoi
     assert "--calibrate-split none calibrates none" in err
     assert main(["eval", "--data", str(old), "--model", str(old), "--store"]) == 2
     assert "--store is for --checkpoint only, not --model" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_not_said_stored(
+    datasets, model_checkpoint, tmp_path, capsys, monkeypatch, one_torch_thread
+):
+    """The JSON on stdout was printed before the store was tried: a checkpoint that could not
+    be written was said to hold the new threshold. Now the JSON tells what the file holds, is
+    shown all the same, and the failure is the command's error."""
+    import splitdet.shared.checkpoint as checkpoint_module
+    from splitdet.shared.atomic_file import WriteError
+
+    old, _ = datasets
+    checkpoint = tmp_path / "full_disk.pt"
+    shutil.copy(model_checkpoint, checkpoint)
+
+    def no_room(_checkpoint, path):
+        raise WriteError(path, "no space left on device", 28)
+
+    monkeypatch.setattr(checkpoint_module, "save_torch", no_room)
+    capsys.readouterr()
+    code = main(["eval", "--data", str(old), "--checkpoint", str(checkpoint), "--no-progress",
+                 "--json", "-"])  # fmt: skip
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)
+    assert code == 2 and metrics["gate_threshold_stored"] is False
+    assert metrics["checkpoint_gate_threshold"] == 0.5  # what the file holds
+    assert f"{checkpoint}: cannot store the threshold (no space left on device)" in err

@@ -3,10 +3,11 @@ export as it is deployed.
 
     splitdet eval --data data/gaskets --checkpoint runs/cpu/best.pt --json eval.json
     splitdet eval --data data/gaskets --model models/gasket --json eval-export.json
+    splitdet eval --data data/merged --checkpoint runs/v2/best.pt --baseline runs/v1/best.pt
 
 This module parses and dispatches; `training.evaluate` measures a checkpoint,
-`training.evaluate_export` an export. Top-level imports are stdlib (and argparse helpers) only:
-torch loads when the command runs.
+`training.evaluate_export` an export, `training.compare` compares two checkpoints' figures.
+Top-level imports are stdlib (and argparse helpers) only: torch loads when the command runs.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitdet.edge.cloud_args import add_cloud_arguments, add_codec_argument
-from splitdet.shared.atomic_file import WriteError, atomic_write
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import add_box_refine_option, int_in
 
 if TYPE_CHECKING:  # the handlers import these when they run
-    from pathlib import Path
-
     from splitdet.edge.pipeline import EdgePipeline
     from splitdet.edge.predict import Detector
+    from splitdet.shared.model import MultiTaskRCNN
+    from splitdet.training.evaluate_predict import Prediction
     from splitdet.training.voc import VocSample
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ EXAMPLE = """examples:
       calibrates on val of data/merged; stores that threshold into runs/v1/best.pt only if
       its own was never calibrated or was calibrated on val of data/merged too (else kept,
       and a line names both: --store replaces it)
+  splitdet eval --data data/merged --checkpoint runs/v2/best.pt --baseline runs/v1/best.pt \\
+      --json v2-vs-v1.json
+      both on test of data/merged, each gate calibrated on its val split; the JSON's
+      'baseline' (v1's metrics) and 'comparison' (each figure, the difference, and for mAP@.5
+      and mAP a paired bootstrap's 95% interval of it), a table and a verdict line;
+      runs/v1/best.pt is only read (--store and --no-store are about runs/v2/best.pt)
   splitdet eval --data data/gaskets --model models/gasket-int8 --json export.json
       the export as deployed: ONNX gate, lazy FPN, codec, cloud heads in this process
   splitdet eval --data data/gaskets --model models/gasket --cloud 10.0.0.5:50051
@@ -67,6 +75,8 @@ CHECKPOINT_DEFAULTS = {
     "batch_size": 1,
     "box_refine_steps": None,
 }
+#: Options that only mean something with --baseline, and their defaults there (None in the parser).
+BASELINE_DEFAULTS = {"bootstrap": 200, "seed": 0}
 #: Options that only mean something for an export (--timeout aside: meaningless without --cloud).
 MODEL_ONLY = ("threshold", "codec", "cloud", "timeout", "tls", "root_certs", "client_cert",
               "client_key", "server_name", "token_file", "name")  # fmt: skip
@@ -145,6 +155,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int_in(1), help="images per forward pass (default: 1)"
     )
     add_box_refine_option(checkpoint)
+    baseline = parser.add_argument_group("comparing with a baseline (with --checkpoint only)")
+    baseline.add_argument(
+        "--baseline",
+        type=Path,  # (a path: given twice, refused as the others are)
+        metavar="CHECKPOINT",
+        help="another checkpoint of the same classes (the deployed model, say) to evaluate on "
+        "the same split, its gate calibrated on the same calibration split; the JSON gains "
+        "'baseline' (its metrics) and 'comparison' (each headline figure of both and the "
+        "difference; for mAP@.5 and mAP a paired bootstrap's 95%% interval), the summary a "
+        "table and a verdict. Only read: no threshold is stored into it, whatever the options "
+        "(--store, --no-store are about --checkpoint); --box-refine-steps applies to both",
+    )
+    baseline.add_argument(
+        "--bootstrap",
+        type=int_in(0),
+        metavar="N",
+        help="resamples of the split's images (with replacement, the same for both models) "
+        "for the interval of the mAP@.5 and mAP differences (default: 200; 0: none)",
+    )
+    baseline.add_argument(
+        "--seed", type=int, help="seed of the bootstrap's resamples (default: 0): a run repeats"
+    )
     model = parser.add_argument_group("with --model only")
     model.add_argument(
         "--threshold",
@@ -165,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.edge.cli_predict import check_outputs
 
     check_outputs(args.json, None)  # before the evaluation, not after it
+    _check_baseline(args)
     if args.model is not None:
         _refuse(_given(args, CHECKPOINT_DEFAULTS), "--checkpoint")
         return run_model(args)
@@ -173,6 +206,44 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             setattr(args, name, default)
     return run_checkpoint(args)
+
+
+def _check_baseline(args: argparse.Namespace) -> None:
+    """CommandError for --baseline with --model, or the same file as --checkpoint; for
+    --bootstrap or --seed without --baseline. Else sets their defaults."""
+    import os
+
+    from splitdet.shared.cli import CommandError
+
+    if args.baseline is None:
+        _refuse_options(_given(args, BASELINE_DEFAULTS), "--baseline")
+        return
+    if args.model is not None:
+        raise CommandError(
+            "--baseline compares two checkpoints, not exports: give --checkpoint with it (the "
+            "checkpoints the exports were made from), or evaluate each export alone with --model"
+        )
+    checkpoint, baseline = Path(args.checkpoint), Path(args.baseline)
+    try:
+        same = os.path.samefile(checkpoint, baseline)
+    except OSError:  # one is missing: loading it says so
+        same = checkpoint.resolve() == baseline.resolve()
+    if same:
+        raise CommandError(
+            f"--checkpoint {args.checkpoint} and --baseline {args.baseline} are the same file: "
+            "give the checkpoint to compare with another (the deployed model's, say)"
+        )
+    for name, default in BASELINE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _refuse_options(given: list[str], needed: str) -> None:
+    """CommandError naming the first option of `given` (argparse dests): it needs `needed`."""
+    from splitdet.shared.cli import CommandError
+
+    if given:
+        raise CommandError(f"--{given[0].replace('_', '-')} is for {needed} only")
 
 
 def _given(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
@@ -193,9 +264,9 @@ def _refuse(given: list[str], mode: str) -> None:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint (and store the calibrated threshold in it)."""
+    """Evaluate a checkpoint (and store the calibrated threshold in it); with --baseline,
+    evaluate that one too (never written) and compare them."""
     import json
-    from pathlib import Path
 
     from splitdet.shared.checkpoint import (
         CheckpointError,
@@ -206,7 +277,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError
     from splitdet.shared.probability_format import format_probability
     from splitdet.training import voc
-    from splitdet.training.evaluate import calibration_shortfall, evaluate
+    from splitdet.training.evaluate import calibration_shortfall
 
     # here, not after predicting every image (where calibration found it)
     if not 0.0 < args.target_recall <= 1.0:
@@ -218,11 +289,15 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         )
     names: tuple[str, ...] = ()  # the model's classes, once loaded
     read_as = _file_identity(Path(args.checkpoint))  # to store only into the file evaluated
+    baseline = None  # (model, checkpoint dict) of --baseline
     try:
         model, checkpoint = load_model(
             Path(args.checkpoint), box_refine_steps=args.box_refine_steps
         )
         names = model.config.class_names
+        if args.baseline is not None:  # before any image is read: refused early
+            baseline = load_model(args.baseline, box_refine_steps=args.box_refine_steps)
+            _refuse_other_classes(args, names, baseline[0].config.class_names)
         samples = voc.read_split(Path(args.data), args.split, names)
         if not samples:
             raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
@@ -244,27 +319,18 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     f"{split_file}: {what} to calibrate the gate threshold on; "
                     + _other_calibration(args.calibrate_split, checkpoint)
                 )
-        metrics = evaluate(
-            model,
-            samples,
-            calibration_samples=calibration,
-            gate_threshold=float(checkpoint.get("gate_threshold", 0.5)),
-            target_recall=args.target_recall,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            split_name=args.split,
-            calibration_name=_calibration_name(args),
-        )
+        evaluated = [
+            _evaluate_one(args, one, samples, calibration)
+            for one in ((model, checkpoint), *([baseline] if baseline else []))
+        ]
+        metrics, predictions = evaluated[0]
     except voc.VocError as exc:
         calibrating = args.calibrate_data and str(exc).startswith(str(Path(args.calibrate_data)))
         root = args.calibrate_data if calibrating else args.data
         raise CommandError(eval_hint(exc, root, names)) from exc
     except (CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
-    metrics.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
-                    "split": args.split, "calibrate_split": args.calibrate_split,
-                    "calibrate_data": str(args.calibrate_data or args.data),
-                    "box_refine_steps": model.config.box_refine_steps})  # fmt: skip
+    metrics.update(_run_figures(args, args.checkpoint, model))
     # decided before the JSON is shown, which says whether the checkpoint holds its threshold
     store = calibration is not None and not args.no_store
     kept = None if not store or args.store else kept_threshold(checkpoint, source, metrics)
@@ -276,14 +342,49 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         "gate_threshold_stored": store,  # gate_threshold written into the checkpoint
         "checkpoint_gate_threshold": metrics["gate_threshold"] if store else held,
     })  # fmt: skip
+    if baseline is not None:
+        metrics["baseline"], metrics["comparison"] = _comparison(
+            args, baseline, evaluated[1], samples, (metrics, predictions)
+        )
+    # the checkpoint first: the JSON says whether it holds the threshold now, and a failure to
+    # write it loses no evaluation (the JSON is still shown or written, then the error said)
+    unstored = None
+    if replaced:
+        log.warning(
+            "%s changed while it was evaluated (a training run writing it?): the threshold "
+            "was not stored, so as not to put the older model back; evaluate it again once "
+            "the run has ended", args.checkpoint,
+        )  # fmt: skip
+    elif kept is not None:
+        log.info("%s: %s", args.checkpoint, kept)
+    elif store:
+        checkpoint["gate_threshold"] = metrics["gate_threshold"]
+        checkpoint["gate_target_recall"] = args.target_recall
+        checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
+        checkpoint.update(source)  # where: a later eval on other data keeps it
+        try:
+            save_torch(checkpoint, args.checkpoint)  # whole, or the file as it was
+        except OSError as exc:  # (WriteError: named, with why: "no space left on device")
+            why = getattr(exc, "reason", None) or exc.strerror or exc
+            unstored = f"{exc.filename or args.checkpoint}: cannot store the threshold ({why})"
+            metrics.update({"gate_threshold_stored": False, "checkpoint_gate_threshold": held})
+        else:
+            log.info(
+                "stored gate threshold %s in %s (was %s); --no-store leaves it as it was",
+                format_probability(metrics["gate_threshold"]), args.checkpoint,
+                format_probability(held),
+            )  # fmt: skip
     text = json.dumps(metrics, indent=2)
     shown = _json_on_stdout(args.json)
     if shown:
-        print(text)  # first: an unwritable checkpoint must not lose the evaluation
-    if metrics["gate_calibration_defective"] is not None:
-        shortfall = calibration_shortfall(metrics["gate_calibration_defective"], args.target_recall)
-        if shortfall:
-            log.warning(shortfall)
+        print(text)
+    for prefix, which in (("", metrics), ("baseline: ", metrics.get("baseline"))):
+        if which is not None and which["gate_calibration_defective"] is not None:
+            shortfall = calibration_shortfall(
+                which["gate_calibration_defective"], args.target_recall
+            )
+            if shortfall:
+                log.warning("%s%s", prefix, shortfall)
     if metrics.get("gate_operating_points"):
         log.info("%s", operating_points_table(metrics))
     for name, figures in metrics["per_class"].items():
@@ -293,38 +394,117 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 name, args.split, args.data,
             )  # fmt: skip
     try:
-        if replaced:
-            log.warning(
-                "%s changed while it was evaluated (a training run writing it?): the threshold "
-                "was not stored, so as not to put the older model back; evaluate it again once "
-                "the run has ended", args.checkpoint,
-            )  # fmt: skip
-        elif kept is not None:
-            log.info("%s: %s", args.checkpoint, kept)
-        elif store:
-            checkpoint["gate_threshold"] = metrics["gate_threshold"]
-            checkpoint["gate_target_recall"] = args.target_recall
-            checkpoint["gate_calibrated"] = True  # as `splitdet train` records its own
-            checkpoint.update(source)  # where: a later eval on other data keeps it
-            save_torch(checkpoint, args.checkpoint)  # whole, or the file as it was
-            log.info(
-                "stored gate threshold %s in %s (was %s); --no-store leaves it as it was",
-                format_probability(metrics["gate_threshold"]), args.checkpoint,
-                format_probability(held),
-            )  # fmt: skip
         if not shown:
             atomic_write(args.json, text + "\n", parents=False)
-    except WriteError as exc:  # the checkpoint: named, with why ("no space left on device")
-        _show_unwritten(text, shown)
-        raise CommandError(f"{exc.filename}: cannot write the results ({exc.reason})") from None
-    except OSError as exc:
+    except OSError as exc:  # (WriteError: named, with why)
         _show_unwritten(text, shown)
         where = exc.filename or args.json
-        detail = exc.strerror or exc
+        detail = getattr(exc, "reason", None) or exc.strerror or exc
         raise CommandError(f"{where}: cannot write the results ({detail})") from None
     if not shown:
         print(summary(metrics, args.json))
+    if "comparison" in metrics:
+        if shown:  # the JSON on stdout: the verdict for people on stderr
+            log.info("%s", metrics["comparison"]["verdict"])
+        else:
+            from splitdet.training.compare import comparison_table
+
+            print(comparison_table(metrics["comparison"]))
+    if unstored is not None:
+        raise CommandError(unstored)
     return 0
+
+
+def _evaluate_one(
+    args: argparse.Namespace,
+    loaded: tuple[MultiTaskRCNN, dict],
+    samples: list[VocSample],
+    calibration: list[VocSample] | None,
+) -> tuple[dict, list[Prediction]]:
+    """(`evaluate`'s metrics, the predictions) of one checkpoint, `loaded` (model, checkpoint
+    dict), on `samples`, its gate calibrated on `calibration` (None: the checkpoint's)."""
+    from splitdet.training.evaluate import evaluate, predict
+
+    model, checkpoint = loaded
+    predictions = predict(model, samples, batch_size=args.batch_size, progress=not args.no_progress)
+    metrics = evaluate(
+        model,
+        samples,
+        predictions=predictions,
+        calibration_samples=calibration,
+        gate_threshold=float(checkpoint.get("gate_threshold", 0.5)),
+        target_recall=args.target_recall,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        split_name=args.split,
+        calibration_name=_calibration_name(args),
+    )
+    return metrics, predictions
+
+
+def _run_figures(args: argparse.Namespace, path: str | Path, model: MultiTaskRCNN) -> dict:
+    """What the JSON says of the run besides the metrics: the checkpoint `path`, data, splits,
+    the box refinement `model` ran with."""
+    return {"checkpoint": str(path), "data": str(args.data), "split": args.split,
+            "calibrate_split": args.calibrate_split,
+            "calibrate_data": str(args.calibrate_data or args.data),
+            "box_refine_steps": model.config.box_refine_steps}  # fmt: skip
+
+
+def _comparison(
+    args: argparse.Namespace,
+    baseline: tuple[MultiTaskRCNN, dict],
+    evaluated: tuple[dict, list[Prediction]],
+    samples: list[VocSample],
+    candidate: tuple[dict, list[Prediction]],
+) -> tuple[dict, dict]:
+    """(the JSON's "baseline", its "comparison") for --baseline: `baseline` (model,
+    checkpoint dict) and its `evaluated` (metrics, predictions) against `candidate` (the
+    --checkpoint's metrics, predictions) on `samples`. The baseline's threshold is never
+    stored: its metrics say so as the candidate's do."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from splitdet.training.compare import compare, labels
+
+    model, checkpoint = baseline
+    metrics, predictions = evaluated
+    metrics.update(_run_figures(args, args.baseline, model))
+    held = float(checkpoint.get("gate_threshold", 0.5))
+    metrics.update({"gate_threshold_stored": False, "checkpoint_gate_threshold": held})
+    started = time.monotonic()
+    with tqdm(total=args.bootstrap, desc="bootstrap", unit="resample", leave=False,
+              disable=args.no_progress, file=sys.stderr) as bar:  # fmt: skip
+        comparison = compare(
+            candidate[0], metrics, samples, candidate[1], predictions, model.config.class_names,
+            resamples=args.bootstrap, seed=args.seed,
+            names=labels(args.checkpoint, args.baseline), split=args.split,
+            on_resample=bar.update,
+        )  # fmt: skip
+    if args.bootstrap:
+        log.info(
+            "bootstrap: %d resamples of %d images in %.1f s",
+            args.bootstrap, len(samples), time.monotonic() - started,
+        )  # fmt: skip
+    return metrics, comparison
+
+
+def _refuse_other_classes(
+    args: argparse.Namespace, names: Sequence[str], baseline_names: Sequence[str]
+) -> None:
+    """CommandError when --baseline's classes are not --checkpoint's (`names`), in order:
+    their mAPs would not score the same objects."""
+    from splitdet.shared.cli import CommandError
+
+    if tuple(names) != tuple(baseline_names):
+        order = " (the same, in another order)" if sorted(names) == sorted(baseline_names) else ""
+        raise CommandError(
+            f"--checkpoint {args.checkpoint} detects classes {','.join(names)}, --baseline "
+            f"{args.baseline} classes {','.join(baseline_names)}{order}: a comparison needs "
+            "models of the same classes; evaluate each alone"
+        )
 
 
 def kept_threshold(checkpoint: dict, source: dict[str, str], metrics: dict) -> str | None:
