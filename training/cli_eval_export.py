@@ -1,0 +1,98 @@
+"""`splitdet eval --model`: an export evaluated as deployed (`run_model`), every image of the
+split through `splitdet predict`'s path with the gate forced open, at the export's own gate
+threshold (or --threshold's); `_open_model` opens the pipeline, the split and the detector (in
+this process, or --cloud's). What it measures and reports: `cli_eval.EXAMPLE`.
+
+Part of `splitdet.training.cli_eval`, which registers the command and re-exports the public
+names. Top-level imports are stdlib (and light splitdet helpers) only: onnxruntime (and torch,
+for the cloud heads in this process) load when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from splitdet.shared.atomic_file import atomic_write
+from splitdet.training.cli_eval_report import _json_on_stdout, _split_path, eval_hint, summary
+
+if TYPE_CHECKING:  # the handlers import these when they run
+    from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.predict import Detector
+    from splitdet.training.voc import VocSample
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Evaluate an export as deployed; see EXAMPLE."""
+    import json
+    import math
+    import sys
+
+    from tqdm import tqdm
+
+    from splitdet.shared.cli import CommandError
+    from splitdet.training.evaluate_export import evaluate_export
+
+    if args.threshold is not None and math.isnan(args.threshold):  # as predict refuses it
+        raise CommandError(
+            "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
+        )
+    pipeline, samples, detector = _open_model(args)
+    with tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
+        metrics = evaluate_export(
+            samples, pipeline, detector, threshold=args.threshold,
+            on_result=lambda _: bar.update(),
+        )  # fmt: skip
+    metrics.update({"data": str(args.data), "split": args.split})
+    text = json.dumps(metrics, indent=2)
+    shown = _json_on_stdout(args.json)
+    if shown:
+        print(text)
+    if metrics["image_errors"]:
+        print(
+            f"{len(metrics['image_errors'])} of {len(samples)} images could not be evaluated "
+            "(the JSON's image_errors names them): counted with no detections",
+            file=sys.stderr,
+        )
+    if not shown:
+        try:
+            atomic_write(args.json, text + "\n", parents=False)
+        except OSError as exc:
+            print(text)  # an unwritable --json must not lose the evaluation
+            detail = exc.strerror or exc
+            raise CommandError(f"{args.json}: cannot write the results ({detail})") from None
+        print(summary(metrics, args.json))
+    return 1 if metrics["image_errors"] else 0
+
+
+def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample], Detector]:
+    """(edge pipeline with the gate open, samples, detector) for --model; CommandError for a
+    bad --cloud, export or dataset, a dead or wrong server, or a missing torch."""
+    from pathlib import Path
+
+    from splitdet.edge.cli_predict import local_detector, remote_detector
+    from splitdet.edge.cloud_args import client_config
+    from splitdet.shared.cli import CommandError
+    from splitdet.shared.manifest import ManifestError
+    from splitdet.training import voc
+    from splitdet.training.evaluate_export import open_pipeline, read_samples
+
+    # a malformed --cloud or unreadable TLS file: refused first
+    remote = client_config(args, alone="without it the cloud half runs in this process")
+    pipeline = None
+    try:
+        pipeline = open_pipeline(Path(args.model), args.codec)
+        samples = read_samples(Path(args.data), args.split, pipeline.manifest.class_names)
+        if not samples:
+            raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
+        # made now, not at the first image: a dead or wrong server fails before any work
+        if remote is None:
+            detector = local_detector(args.model, None)()
+        else:
+            detector = remote_detector(remote, pipeline.manifest.fingerprint)()
+    except voc.VocError as exc:
+        names = pipeline.manifest.class_names if pipeline is not None else ()
+        raise CommandError(eval_hint(exc, args.data, names)) from None
+    except (ManifestError, ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from None
+    return pipeline, samples, detector
