@@ -129,7 +129,8 @@ class ModelProbe:
                       fingerprint=fingerprint, role=role, note=note)  # fmt: skip
             return _REFUSED
         # (no release here: what waits in the outbox now waits for its own backoff, e.g. a
-        # busy cloud's, which a release at each start-up would send all at once)
+        # busy cloud's, which a release at each start-up would send all at once; requests an
+        # earlier run held for a refused export wait out that hold, at most its --retry-max)
         log_event(logging.INFO, "cloud_checked", served=list(served.served),
                   fingerprint=fingerprint, role=role)  # fmt: skip
         return _SERVED

@@ -6,6 +6,7 @@ and never left half-made."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from splitdet.shared.atomic_file import _umask
@@ -191,9 +192,15 @@ def test_a_source_holding_another_s_images_or_an_out_inside_a_source_is_refused(
     assert _merge(capsys, str(a), str(b), "--out", str(first))[0] == 0
 
     code, _, err = _merge(capsys, str(a), str(first), "--out", str(tmp_path / "again"))
-    assert code == 2 and "are the same file (a hard link)" in err, err
+    assert code == 2 and "are the same image (one file, linked)" in err, err
     assert f"{first} holds images of {a}" in err
     assert not (tmp_path / "again").exists()
+
+    copied = tmp_path / "copied"  # a merge onto another file system copies; so does cp -r
+    shutil.copytree(first, copied)
+    code, _, err = _merge(capsys, str(copied), str(a), "--out", str(tmp_path / "again"))
+    assert code == 2 and "are the same image (the same bytes)" in err, err
+    assert f"{a} holds images of {copied}" in err
 
     inside = a / "JPEGImages" / "merged"
     code, _, err = _merge(capsys, str(a), str(b), "--out", str(inside))

@@ -192,7 +192,7 @@ def _figures(samples, predictions) -> dict:
 
 def _compare(samples, ours, theirs, **options):
     metrics = [_figures(samples, ours), _figures(samples, theirs)]
-    options = {"resamples": 50, "seed": 0, "names": ("v2", "v1"), **options}
+    options = {"resamples": 100, "seed": 0, "names": ("v2", "v1"), **options}
     return compare(*metrics, samples, ours, theirs, ("scratch",), **options)
 
 
@@ -202,7 +202,7 @@ def test_the_bootstrap_resamples_images_the_same_for_both_models(detections):
     figure = better["figures"]["map50"]
     assert figure["interval"][0] > 0 and figure["better_share"] == 1.0
     assert better["verdict"].startswith("v2 better than v1 on mAP@.5 (")
-    assert "better in 100% of 50 resamples)" in better["verdict"]
+    assert "better in 100% of 100 resamples)" in better["verdict"]
     worse = _compare(samples, half, perfect, names=("new", "old"))
     assert worse["figures"]["map"]["interval"][1] < 0
     assert worse["verdict"].startswith("new worse than old on mAP@.5 (")
@@ -219,9 +219,14 @@ def test_the_bootstrap_resamples_images_the_same_for_both_models(detections):
     assert low < 0 < high and 0 < even["figures"]["map50"]["better_share"] < 1
     assert even["verdict"] == (
         f"no clear difference on mAP@.5 between v2 and v1: the 95% interval {low:+.3f}.."
-        f"{high:+.3f} includes 0 (12 images: a larger test split would tell)"
+        f"{high:+.3f} includes 0 (12 images: a larger test split would narrow it)"
     )
     assert even["verdict"] in comparison_table(even).splitlines()
+
+    # a few resamples call nothing better or worse, however far from 0 their interval lies
+    few = _compare(samples, perfect, half, resamples=5)
+    assert few["figures"]["map50"]["interval"][0] > 0
+    assert few["verdict"].startswith("v2 +") and "from only 5 resamples, too few" in few["verdict"]
 
 
 def test_each_resample_is_pycocotools_on_the_drawn_images(detections):
@@ -283,7 +288,34 @@ def test_comparisons_that_cannot_mean_anything_are_refused(
     for argv, said in (
         (["--baseline", v1, "--baseline", v2], "argument --baseline: given twice"),
         (["--baseline", v1, "--bootstrap", "-1"], "argument --bootstrap"),
+        (["--baseline", v1, "--seed", "-1"], "argument --seed"),
     ):
         with pytest.raises(SystemExit) as stopped:
             main([*base, "--checkpoint", v2, *argv])
         assert stopped.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_the_threshold_is_stored_before_the_bootstrap_runs(
+    voc_tree, models, tmp_path, monkeypatch, one_torch_thread
+):
+    """The check that the checkpoint was not replaced while it was evaluated ran before the
+    bootstrap, the store after it: a training run writing best.pt meanwhile (minutes on a large
+    split) had its newer model overwritten by the evaluated one. Now the store comes first."""
+    import splitdet.training.compare as compare_module
+
+    candidate = _copy(models["v2"], tmp_path / "v2", "best.pt")
+    baseline = _copy(models["v1"], tmp_path / "v1", "best.pt")
+    newer = models["v1"].read_bytes()  # what "training" writes while the bootstrap runs
+    real_compare = compare_module.compare
+
+    def training_writes_meanwhile(*args, **kwargs):
+        replacement = candidate.with_name("best.pt.new")
+        replacement.write_bytes(newer)
+        os.replace(replacement, candidate)
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "compare", training_writes_meanwhile)
+    result = _eval(voc_tree, candidate, tmp_path / "out.json", "--baseline", str(baseline),
+                   "--bootstrap", "2")  # fmt: skip
+    assert result["gate_threshold_stored"] is True
+    assert candidate.read_bytes() == newer  # the newer model, not the evaluated one put back

@@ -192,7 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for the interval of the mAP@.5 and mAP differences (default: 200; 0: none)",
     )
     baseline.add_argument(
-        "--seed", type=int, help="seed of the bootstrap's resamples (default: 0): a run repeats"
+        "--seed",
+        type=int_in(0),
+        help="seed of the bootstrap's resamples (default: 0): a run repeats",
     )
     model = parser.add_argument_group("with --model only")
     model.add_argument(

@@ -115,12 +115,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         "gate_threshold_stored": store,  # gate_threshold written into the checkpoint
         "checkpoint_gate_threshold": metrics["gate_threshold"] if store else held,
     })  # fmt: skip
-    if baseline is not None:
-        metrics["baseline"], metrics["comparison"] = _comparison(
-            args, baseline, evaluated[1], samples, (metrics, predictions)
-        )
-    # the checkpoint first: the JSON says whether it holds the threshold now, and a failure to
-    # write it loses no evaluation (the JSON is still shown or written, then the error said)
+    # the checkpoint first, before the bootstrap (minutes on a large split, while a training
+    # run may replace the file): the JSON says whether it holds the threshold now, and a
+    # failure to write it loses no evaluation (the JSON is still shown or written, then the
+    # error said)
     unstored = None
     if replaced:
         log.warning(
@@ -147,6 +145,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 format_probability(metrics["gate_threshold"]), args.checkpoint,
                 format_probability(held),
             )  # fmt: skip
+    if baseline is not None:
+        metrics["baseline"], metrics["comparison"] = _comparison(
+            args, baseline, evaluated[1], samples, (metrics, predictions)
+        )
     text = json.dumps(metrics, indent=2)
     shown = _json_on_stdout(args.json)
     if shown:

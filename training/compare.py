@@ -36,6 +36,9 @@ FIGURES = (
 )
 #: The figures the bootstrap resamples, the verdict's first.
 BOOTSTRAPPED = ("map50", "map")
+#: Fewer resamples than this give no verdict of better or worse: the interval's percentiles
+#: would be a few draws (3 resamples once called a model worse, 200 found no difference).
+MIN_VERDICT_RESAMPLES = 100
 #: The bootstrap's interval: its central share of the resamples' differences.
 INTERVAL = 0.95
 
@@ -190,6 +193,17 @@ def verdict(comparison: dict, key: str) -> str:
         )
     low, high = figure["interval"]
     interval = f"{INTERVAL:.0%} interval {_signed(low)}..{_signed(high)}"
+    if figure["better_share"] == figure["worse_share"] == 0:
+        return (
+            f"no clear difference on {name} between {ours} and {theirs}: the {interval} "
+            "includes 0 (the two score the same on every resample)"
+        )
+    if figure["resamples"] < MIN_VERDICT_RESAMPLES:  # (its percentiles are a few draws)
+        return (
+            f"{ours} {_signed(difference)} on {name} against {theirs} ({interval} from only "
+            f"{figure['resamples']} resamples, too few to call either better: --bootstrap "
+            f"{MIN_VERDICT_RESAMPLES * 2} or more)"
+        )
     if low > 0:
         return (
             f"{ours} better than {theirs} on {name} ({_signed(difference)}, {interval}, "
@@ -200,13 +214,10 @@ def verdict(comparison: dict, key: str) -> str:
             f"{ours} worse than {theirs} on {name} ({_signed(difference)}, {interval}, "
             f"worse in {figure['worse_share']:.0%} of {figure['resamples']} resamples)"
         )
-    if low == high == 0:
-        why = "the two score the same on every resample"
-    else:
-        why = f"{comparison['images']} images: a larger {comparison['split']} split would tell"
     return (
         f"no clear difference on {name} between {ours} and {theirs}: the {interval} "
-        f"includes 0 ({why})"
+        f"includes 0 ({comparison['images']} images: a larger {comparison['split']} split "
+        "would narrow it)"
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -250,21 +251,38 @@ def plan_merge(
 
 
 def _refuse_shared_files(sources: Sequence[SourcePlan]) -> None:
-    """MergeError when two sources hold the same image file (one inode: a source merged
-    earlier from another, whose images it hard-linked): merged, each such image would be in
-    the tree twice, under two ids, trained on twice or counted twice in a test split."""
-    seen: dict[tuple[int, int], tuple[Path, Path]] = {}
+    """MergeError when two sources hold the same image: one file (a hard link: a source merged
+    earlier from another), or the same bytes (a merge onto another file system copies, and so
+    does ``cp -r``). Merged, each such image would be in the tree twice, under two ids, trained
+    on twice or counted twice in a test split. Only files of one size are hashed."""
+    by_size: dict[int, list[tuple[Path, Path]]] = {}
+    files: dict[tuple[int, int], tuple[Path, Path]] = {}
     for source in sources:
         for path in [s.image_path for s in source.samples] + source.other_images:
             stat = path.stat()
-            first = seen.setdefault((stat.st_dev, stat.st_ino), (source.root, path))
+            first = files.setdefault((stat.st_dev, stat.st_ino), (source.root, path))
             if first[0] != source.root:
-                raise MergeError(
-                    f"{path} and {first[1]} are the same file (a hard link): {source.root} "
-                    f"holds images of {first[0]} (merged from it earlier?), which would be in "
-                    "the merged dataset twice; leave out the source they came from, or the "
-                    "merge that holds them"
-                )
+                _same_image(path, source.root, first, "one file, linked")
+            by_size.setdefault(stat.st_size, []).append((source.root, path))
+    for entries in by_size.values():
+        if len({root for root, _ in entries}) < 2:
+            continue
+        digests: dict[str, tuple[Path, Path]] = {}
+        for root, path in entries:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            first = digests.setdefault(digest, (root, path))
+            if first[0] != root:
+                _same_image(path, root, first, "the same bytes")
+
+
+def _same_image(path: Path, root: Path, first: tuple[Path, Path], how: str) -> None:
+    """MergeError: `path` of source `root` is the image `first` (its source, its path)."""
+    raise MergeError(
+        f"{path} and {first[1]} are the same image ({how}): {root} holds images of "
+        f"{first[0]} (merged or copied from it earlier?), which would be in the merged dataset "
+        "twice; leave out the source they came from, or the one that holds them"
+    )
 
 
 def _link_or_copy(source: Path, target: Path) -> bool:
