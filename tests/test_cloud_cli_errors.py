@@ -234,8 +234,9 @@ def test_ready_file_and_answers_db_that_cannot_be_are_named(capsys, no_model, tm
     _refused(capsys, [*no_model, "--ready-file", str(tmp_path / "gone" / "r.json")],
              "--ready-file", "no folder")  # fmt: skip
     _refused(capsys, [*no_model, "--ready-file", str(folder)], "--ready-file", "is a directory")
-    _refused(capsys, [*no_model, "--answers-db", str(folder)], "--answers-db", "is a directory")
-    _refused(capsys, [*no_model, "--answers-db", str(a_file / "a.sqlite")],
+    model = no_model[:2]  # (its own --answers-db: a path option is given once)
+    _refused(capsys, [*model, "--answers-db", str(folder)], "--answers-db", "is a directory")
+    _refused(capsys, [*model, "--answers-db", str(a_file / "a.sqlite")],
              "--answers-db", f"cannot create its folder {a_file}")  # fmt: skip
 
 
