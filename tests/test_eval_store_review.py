@@ -97,10 +97,11 @@ def test_eval_on_other_data_keeps_the_threshold_calibrated_elsewhere(
         f"not stored, the checkpoint keeps {format_probability(ours)}): "
     ) in summary
 
-    # the same data and split, reached by another path: re-evaluated, stored again
+    # the same data and split, reached by another path: re-evaluated, the same threshold,
+    # which the checkpoint holds already (not written again)
     caplog.clear()
     again = _eval(old / ".." / old.name, checkpoint, tmp_path / "again.json")
-    assert again["gate_threshold_stored"] is True and _lines(caplog, "stored gate threshold")
+    assert again["gate_threshold_stored"] is True and _lines(caplog, "holds this gate threshold")
     assert [read_checkpoint(checkpoint)[k] for k in SOURCE_KEYS] == [str(old.resolve()), "val"]
 
     # --store replaces it with the other data's, recorded as such
@@ -235,3 +236,30 @@ def test_a_checkpoint_that_cannot_be_written_is_not_said_stored(
     assert code == 2 and metrics["gate_threshold_stored"] is False
     assert metrics["checkpoint_gate_threshold"] == 0.5  # what the file holds
     assert f"{checkpoint}: cannot store the threshold (no space left on device)" in err
+
+
+def test_json_naming_an_input_is_refused_and_a_second_eval_writes_nothing(
+    datasets, model_checkpoint, tmp_path, caplog, capsys, one_torch_thread
+):
+    """`eval --json` wrote its JSON over the checkpoint (or a manifest, an annotation) it
+    was given; and an eval finding the threshold the checkpoint holds rewrote the file."""
+    old, _ = datasets
+    checkpoint = tmp_path / "v1.pt"
+    shutil.copy(model_checkpoint, checkpoint)
+    unchanged = checkpoint.read_bytes()
+    base = ["eval", "--data", str(old), "--checkpoint", str(checkpoint), "--no-progress"]
+    assert main([*base, "--json", str(checkpoint)]) == 2
+    assert f"--json {checkpoint}: is the --checkpoint file" in capsys.readouterr().err
+    inside = old / "Annotations" / "img_000.xml"
+    assert main([*base, "--json", str(inside)]) == 2
+    assert f"--json {inside}: inside --data {old}" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == unchanged and inside.read_bytes().startswith(b"<")
+
+    _eval(old, checkpoint, tmp_path / "first.json")  # stores
+    stored = checkpoint.stat()
+    caplog.set_level(logging.INFO, logger="splitdet.training.cli_eval")
+    caplog.clear()
+    again = _eval(old, checkpoint, tmp_path / "again.json")
+    assert again["gate_threshold_stored"] is True  # (the checkpoint holds it)
+    assert checkpoint.stat().st_mtime_ns == stored.st_mtime_ns  # not written again
+    assert _lines(caplog, "holds this gate threshold")

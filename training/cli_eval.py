@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.edge.cli_predict import check_outputs
 
     check_outputs(args.json, None)  # before the evaluation, not after it
+    _refuse_json_over_inputs(args)
     _check_baseline(args)
     if args.model is not None:
         _refuse(_given(args, CHECKPOINT_DEFAULTS), "--checkpoint")
@@ -225,6 +226,33 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             setattr(args, name, default)
     return run_checkpoint(args)
+
+
+def _refuse_json_over_inputs(args: argparse.Namespace) -> None:
+    """CommandError when --json FILE names an input of the evaluation: a checkpoint
+    (--checkpoint, --baseline), or a file inside --data, --calibrate-data or --model (a
+    manifest, an annotation, an image): written at the end, the JSON would replace it."""
+    import os
+
+    from splitdet.shared.cli import CommandError
+
+    if not args.json or args.json == "-":
+        return
+    target = Path(os.path.realpath(args.json))
+    for option in ("checkpoint", "baseline"):
+        given = getattr(args, option, None)
+        if given is not None and Path(os.path.realpath(given)) == target:
+            raise CommandError(
+                f"--json {args.json}: is the --{option} file, which the JSON would replace; "
+                "give another file"
+            )
+    for option in ("data", "calibrate_data", "model"):
+        given = getattr(args, option, None)
+        if given is not None and target.is_relative_to(os.path.realpath(given)):
+            raise CommandError(
+                f"--json {args.json}: inside --{option.replace('_', '-')} {given}, whose "
+                "files the JSON could replace; give a file outside it"
+            )
 
 
 def _check_baseline(args: argparse.Namespace) -> None:

@@ -128,6 +128,11 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         )  # fmt: skip
     elif kept is not None:
         log.info("%s: %s", args.checkpoint, kept)
+    elif store and _holds_already(checkpoint, metrics["gate_threshold"], args, source):
+        log.info(
+            "%s holds this gate threshold %s already (calibrated on the same split): left as "
+            "it was", args.checkpoint, format_probability(held),
+        )  # fmt: skip
     elif store:
         checkpoint["gate_threshold"] = metrics["gate_threshold"]
         checkpoint["gate_target_recall"] = args.target_recall
@@ -188,6 +193,21 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     if unstored is not None:
         raise CommandError(unstored)
     return 0
+
+
+def _holds_already(
+    checkpoint: dict, threshold: float, args: argparse.Namespace, source: dict[str, str]
+) -> bool:
+    """Whether storing `threshold` (calibrated on `source` for --target-recall) would change
+    nothing the checkpoint holds: then it is not written again."""
+    from splitdet.shared.checkpoint import recorded_calibration_source
+
+    return (
+        float(checkpoint.get("gate_threshold", -1.0)) == float(threshold)
+        and checkpoint.get("gate_target_recall") == args.target_recall
+        and checkpoint.get("gate_calibrated") is True
+        and recorded_calibration_source(checkpoint) == source
+    )
 
 
 def _evaluate_one(
