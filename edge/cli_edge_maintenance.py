@@ -37,9 +37,10 @@ again when the outbox has drained. Safe while the daemon runs. It says what it r
 what it leaves by export and cause.
 
 The dead letters `splitdet edge abandon` made (a retired export's requests) are left unless
---abandoned: an abandon is a decision, and once their images were processed again with the
-current export, requeueing them would give each image a second final result. Requeue them
-only when that export is served again and their images were not processed again.
+--abandoned: an abandon is a decision; requeue them when that export is served again. A dead
+letter whose image (the same content) has a final result in another row, processed again (e.g.
+copied back into the hot folder after an abandon), is never requeued, with --abandoned or not:
+it would get a second final result. Requeue says how many it left so.
 """
 
 
@@ -57,8 +58,8 @@ def register_requeue(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--abandoned",
         action="store_true",
-        help="requeue the dead letters `splitdet edge abandon` made too (left without it; not "
-        "once their images were processed again: each would get a second result)",
+        help="requeue the dead letters `splitdet edge abandon` made too (left without it); those "
+        "whose images were processed again are skipped (each would get a second result)",
     )
     p.add_argument(
         "--fingerprint",
@@ -103,6 +104,10 @@ def requeue(args: argparse.Namespace) -> int:
         "; a running `splitdet edge run` sends them within a second, or the next one")  # fmt: skip
     print(f"{args.db}: {verb} {len(done.requeued)} dead letter(s)"
           f"{_by_export(done, done.requeued)}{then}")  # fmt: skip
+    if done.processed_again:
+        print(f"{leave} {len(done.processed_again)} whose image has a final result since "
+              f"(processed again){_by_export(done, done.processed_again)}: requeued, each would "
+              "get a second one")  # fmt: skip
     if done.abandoned_left:
         print(f"{leave} {len(done.abandoned_left)} {ABANDONED}"
               f"{_by_export(done, done.abandoned_left)}: --abandoned requeues them too, but "

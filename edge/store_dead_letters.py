@@ -50,6 +50,9 @@ class Requeue:
         not_kept: without a kept request (dropped by the byte cap, or refused before requests
             were kept): reprocess their images instead.
         abandoned_left: made by `edge abandon`, left as they are (not asked for).
+        processed_again: left as they are, abandoned or not: their image (the same content
+            hash) has a final result (ok or defect) in another row, e.g. copied back into the
+            hot folder after an abandon; requeued, each would get a second one.
         letters: (export fingerprint, `dead_letter_cause`) of each of the above.
     """
 
@@ -57,6 +60,7 @@ class Requeue:
     no_room: list[int] = field(default_factory=list)
     not_kept: list[int] = field(default_factory=list)
     abandoned_left: list[int] = field(default_factory=list)
+    processed_again: list[int] = field(default_factory=list)
     letters: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -161,14 +165,15 @@ class StoreDeadLetters(StoreConnection):
         fingerprint: str | None = None,
     ) -> Requeue:
         """Put refused requests back in the outbox, due now, their rows "pending" again (one
-        commit). Only as many as the outbox has room for, oldest first.
+        commit). Only as many as the outbox has room for, oldest first. A dead letter whose
+        image (the same content hash) has a final result (ok or defect) in another row is never
+        requeued, abandoned or not (`Requeue.processed_again`): it would get a second one.
 
         Args:
             since: only dead letters refused at or after this unix time.
             dry_run: change nothing; say what would happen.
             abandoned: requeue those `edge abandon` made too (left otherwise: an abandon is a
-                decision, and their images may have been processed again since, each of which
-                would then get a second final result).
+                decision), except those whose images were processed again.
             fingerprint: only dead letters of requests made with this model export.
         """
         since = float("-inf") if since is None else since
@@ -180,9 +185,15 @@ class StoreDeadLetters(StoreConnection):
             joined = " LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else ""
             refused = "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
                 "COALESCE(i.finished, i.updated)")  # fmt: skip
+            # the images with a final result: a dead letter's row is "error", so any is another
+            final = (
+                " LEFT JOIN (SELECT DISTINCT content_hash FROM images"
+                " WHERE verdict IN ('ok', 'defect')) f ON f.content_hash = i.content_hash"
+            )
             rows = db.execute(
-                f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept} FROM images i"
-                f"{joined} WHERE i.verdict = 'error' AND i.error_kind = 'dead_letter'"
+                f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept},"
+                f" f.content_hash IS NOT NULL FROM images i{joined}{final}"
+                " WHERE i.verdict = 'error' AND i.error_kind = 'dead_letter'"
                 f" AND {refused} >= ?"
                 + (" AND i.fingerprint = ?" if fingerprint else "")
                 + " ORDER BY i.id",
@@ -191,10 +202,12 @@ class StoreDeadLetters(StoreConnection):
             depth, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
             ).fetchone()
-            for image_id, export, reason, payload_bytes in rows:
+            for image_id, export, reason, payload_bytes, processed_again in rows:
                 cause = dead_letter_cause(reason)
                 done.letters[image_id] = (export, cause)
-                if cause == "abandoned" and not abandoned:
+                if processed_again:
+                    done.processed_again.append(image_id)
+                elif cause == "abandoned" and not abandoned:
                     done.abandoned_left.append(image_id)
                 elif payload_bytes is None:
                     done.not_kept.append(image_id)

@@ -92,17 +92,18 @@ def test_a_dry_run_names_what_it_requeues_and_leaves_and_changes_nothing(upgrade
     before = _sha256(db)
     assert main(["edge", "requeue", "--db", str(db), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    again = (
+        f"would leave 3 whose image has a final result since (processed again) (export "
+        f"{RETIRED[:12]}: 3 abandoned): requeued, each would get a second one"
+    )
     assert f"would requeue 1 dead letter(s) (export {CURRENT[:12]}: 1 refused INTERNAL)" in out
-    assert (
-        f"would leave 3 abandoned by `splitdet edge abandon` (export {RETIRED[:12]}: 3 abandoned)"
-        ": --abandoned requeues them too, but not once their images were processed again"
-    ) in out
+    assert again in out and "abandoned by" not in out
     assert _sha256(db) == before  # opened read only
 
     assert main(["edge", "requeue", "--db", str(db), "--dry-run", "--abandoned"]) == 0
     out = capsys.readouterr().out
-    assert f"would requeue 4 dead letter(s) (export {RETIRED[:12]}: 3 abandoned; " in out
-    assert "abandoned by" not in out
+    assert f"would requeue 1 dead letter(s) (export {CURRENT[:12]}: 1 refused INTERNAL)" in out
+    assert again in out and "abandoned by" not in out
     assert _sha256(db) == before
 
 
@@ -114,7 +115,7 @@ def test_a_plain_requeue_leaves_abandoned_dead_letters_whose_images_were_process
     db, ids = upgraded
     assert main(["edge", "requeue", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "requeued 1 dead letter(s)" in out and "left 3 abandoned" in out
+    assert "requeued 1 dead letter(s)" in out and "left 3 whose image has a final result" in out
     verdicts = _verdicts(db)
     assert [verdicts[i] for i in ids["abandoned"]] == ["error"] * 3
     assert verdicts[ids["refused"][0]] == "pending"
@@ -125,84 +126,89 @@ def test_a_plain_requeue_leaves_abandoned_dead_letters_whose_images_were_process
         store.close()
     assert all(len(v) == 1 for v in _results_by_part(db).values())
 
-    assert main(["edge", "requeue", "--db", str(db), "--abandoned"]) == 0  # asked for
-    assert "requeued 3 dead letter(s) (export 20cbbe61588c: 3 abandoned)" in (
-        capsys.readouterr().out
-    )
-    assert [_verdicts(db)[i] for i in ids["abandoned"]] == ["pending"] * 3
-
-
-def test_the_abandoned_reason_and_help_say_not_to_requeue_reprocessed_images(upgraded, capsys):
-    db, ids = upgraded
-    with closing(sqlite3.connect(db)) as conn:
-        [reason] = conn.execute("SELECT reason FROM images WHERE id = ?", (ids["abandoned"][0],))
-    assert "`splitdet edge requeue --abandoned` sends it again" in reason[0]
-    with pytest.raises(SystemExit):
-        main(["edge", "abandon", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "never requeue these dead letters, or each image gets a second final result" in text
-
-
-def test_requeue_takes_one_exports_dead_letters_by_fingerprint_prefix(tmp_path, capsys):
-    db = tmp_path / "edge.sqlite"
-    store = ResultStore(db)
-    current = [_refused(store, n, CURRENT) for n in (1, 2)]
-    other = _refused(store, 3, OTHER)
-    store.close()
-    before = _sha256(db)
-    for given, said in [
-        ("3c5823c7", "--fingerprint 3c5823c7 names 2 exports"),
-        ("ffffffff", "no dead letter was made with export ffffffff; the dead letters are of: "
-                     f"{CURRENT[:12]} (2), {OTHER[:12]} (1)"),
-        ("3c58", "first 8 or more hex digits"),
-    ]:  # fmt: skip
-        assert main(["edge", "requeue", "--db", str(db), "--fingerprint", given]) == 2
-        assert said in capsys.readouterr().err
-    assert _sha256(db) == before  # a refused --fingerprint changes nothing
-
-    assert main(["edge", "requeue", "--db", str(db), "--fingerprint", CURRENT[:12].upper()]) == 0
-    assert f"requeued 2 dead letter(s) (export {CURRENT[:12]}: 2 refused INTERNAL)" in (
-        capsys.readouterr().out
-    )
-    verdicts = _verdicts(db)
-    assert [verdicts[i] for i in current] == ["pending"] * 2 and verdicts[other] == "error"
-
-
-def test_abandoned_dead_letters_without_their_request_are_not_called_to_reprocess(tmp_path, capsys):
-    """Abandoned with no room to keep their requests: a plain requeue told the user to process
-    their images again, which (once done already) gives each a second result."""
-    db = tmp_path / "edge.sqlite"
-    store = ResultStore(db)
-    for n in (1, 2):
-        _pending(store, n, RETIRED)
-    store.close()
-    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", RETIRED,
-                 "--dead-letter-max-mb", "0"]) == 0  # fmt: skip
-    capsys.readouterr()
-    assert main(["edge", "requeue", "--db", str(db)]) == 0
+    assert main(["edge", "requeue", "--db", str(db), "--abandoned"]) == 0  # asked for: no
     out = capsys.readouterr().out
-    assert "requeued 0 dead letter(s)" in out and "left 2 abandoned" in out
-    assert "process their images again" not in out
-    assert main(["edge", "requeue", "--db", str(db), "--abandoned"]) == 0
-    assert "2 (export 20cbbe61588c: 2 abandoned) without a kept request" in (
-        capsys.readouterr().out
+    assert "requeued 0 dead letter(s)" in out
+    assert "left 3 whose image has a final result since (processed again) (export " in out
+    assert [_verdicts(db)[i] for i in ids["abandoned"]] == ["error"] * 3
+    assert all(len(v) == 1 for v in _results_by_part(db).values())
+
+
+def test_requeue_abandoned_skips_the_dead_letters_whose_images_were_processed_again(
+    tmp_path, capsys
+):
+    """The second review's story: abandon, the images copied back into the hot folder and
+    processed again with the current export, then `requeue --abandoned --fingerprint F`: it
+    requeued them ("would requeue 2"), and each part got a second final "defect" result."""
+    db = tmp_path / "cam.sqlite"
+    store = ResultStore(db)
+    abandoned = [_pending(store, n, RETIRED) for n in (1, 2, 3)]
+    store.close()
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", RETIRED[:12]]) == 0
+    store = ResultStore(db)
+    for n in (1, 2):  # parts 1 and 2 copied back into the hot folder; part 3 not
+        image_id = _pending(store, n, CURRENT, again=True)
+        assert store.complete(image_id, Answer([[1.0, 1.0, 9.0, 9.0]], [0.9], [1], ["scratch"]))
+    store.close()
+    capsys.readouterr()
+    before = _sha256(db)
+    command = ["edge", "requeue", "--db", str(db), "--abandoned", "--fingerprint", RETIRED[:12]]
+    left = (
+        f"2 whose image has a final result since (processed again) (export {RETIRED[:12]}: "
+        "2 abandoned): requeued, each would get a second one"
     )
+    assert main([*command, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would requeue 1 dead letter(s) (export {RETIRED[:12]}: 1 abandoned)" in out
+    assert f"would leave {left}" in out
+    assert _sha256(db) == before  # the dry run reads only
 
-
-def test_the_store_leaves_abandoned_dead_letters_unless_asked(tmp_path):
-    store = ResultStore(tmp_path / "edge.sqlite", OutboxCap(max_items=10))
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert f"requeued 1 dead letter(s) (export {RETIRED[:12]}: 1 abandoned)" in out
+    assert f"\nleft {left}" in out
+    verdicts = _verdicts(db)
+    assert [verdicts[i] for i in abandoned] == ["error", "error", "pending"]
+    store = ResultStore(db)
     try:
-        refused = _refused(store, 1, CURRENT)
-        abandoned = _pending(store, 2, RETIRED)
+        assert store.outbox_fingerprints() == {RETIRED: 1}  # part 3's request only
+    finally:
+        store.close()
+    parts = _results_by_part(db)
+    assert (parts["/hot/part1.png"], parts["/hot/part2.png"]) == (["defect"], ["defect"])
+
+
+def test_the_store_never_requeues_a_dead_letter_whose_image_has_a_final_result(tmp_path):
+    """Abandoned or refused, kept request or not: a dead letter whose image (the same content
+    hash) has an ok or defect result in another row is left; an error row of it does not
+    count. (A 150-byte cap keeps only the newest 100-byte request.)"""
+    cap = OutboxCap(max_items=10, dead_letter_max_bytes=150)
+    store = ResultStore(tmp_path / "edge.sqlite", cap)
+    try:
+        refused_ok = _refused(store, 1, CURRENT)  # processed again: ok
+        store.record_ok(_arrival(1, again=True), 0.1, CURRENT, {})
+        refused_quarantined = _refused(store, 2, CURRENT)  # again: quarantined, no result
+        store.record_error(_arrival(2, again=True), "quarantine", "unreadable", CURRENT)
+        refused_defect = _refused(store, 3, CURRENT)  # processed again: defect
+        image_id = _pending(store, 3, CURRENT, again=True)
+        assert store.complete(image_id, Answer([[1.0, 1.0, 9.0, 9.0]], [0.9], [1], ["scratch"]))
+        abandoned = _pending(store, 5, RETIRED)  # abandoned, then processed again
         assert store.dead_letter_export(RETIRED, "abandoned by `splitdet edge abandon`: x") == 1
-        assert store.dead_letter_exports() == {CURRENT: 1, RETIRED: 1}
-        done = store.requeue(dry_run=True)
-        assert (done.requeued, done.abandoned_left) == ([refused], [abandoned])
-        assert done.letters == {refused: (CURRENT, "refused INTERNAL"),
-                                abandoned: (RETIRED, "abandoned")}  # fmt: skip
-        assert store.requeue_dead_letters() == ([refused], [], [])
-        assert store.requeue(fingerprint=RETIRED).requeued == []
-        assert store.requeue(abandoned=True, fingerprint=RETIRED).requeued == [abandoned]
+        image_id = _pending(store, 5, CURRENT, again=True)
+        assert store.complete(image_id, Answer([], [], [], []))
+        refused_kept = _refused(store, 4, CURRENT)  # the one kept request
+
+        again = [refused_ok, refused_defect, abandoned]
+        for asked in (False, True):
+            done = store.requeue(dry_run=True, abandoned=asked)
+            assert (done.requeued, done.processed_again) == ([refused_kept], again)
+            assert (done.not_kept, done.abandoned_left, done.no_room) == (
+                [refused_quarantined], [], [])  # fmt: skip
+            assert done.letters[abandoned] == (RETIRED, "abandoned")
+        done = store.requeue(abandoned=True)
+        assert (done.requeued, done.processed_again) == ([refused_kept], again)
+        assert store.requeue(abandoned=True).processed_again == again
+        assert [r["verdict"] for r in store.results() if r["id"] in again] == ["error"] * 3
     finally:
         store.close()
 
