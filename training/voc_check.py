@@ -8,12 +8,14 @@ starting with the offending file, plus counts per split and warnings about what 
 badly (no defect-free images, no val split to calibrate the gate on, a split leaking into
 another, boxes too thin to see once images are scaled to a preset's input size, a class with
 no box in the train split to learn it from, an annotation whose <filename> names another
-image of the dataset).
+image of the dataset, the same image under two ids, images `splitdet edge collect` marked as
+needing boxes that still have none).
 
 This module holds `check_dataset` and re-exports the rest (`__all__`), which lives beside it,
 one job a module: the report (`voc_check_report`), the annotation and image files
 (`voc_check_images`), the split files (`voc_check_splits`), and what the boxes would teach
-(`voc_check_boxes`: thin boxes, classes without a box to train on).
+(`voc_check_boxes`: thin boxes, classes without a box to train on), and what collecting the
+edge's images leaves (`voc_check_collected`).
 
 Only the standard library, the model config and, through `voc` (which reads images as the edge
 does), Pillow and the edge's torch-free `preprocess`: no torch.
@@ -38,6 +40,7 @@ from splitdet.training.voc_check_boxes import (
     trained_boxes,
     untrained_class_warning,
 )
+from splitdet.training.voc_check_collected import same_image_warning, unboxed_collected_warning
 from splitdet.training.voc_check_images import (
     _check_filenames,
     _check_images,
@@ -179,7 +182,14 @@ def check_dataset(
     if thin is not None:
         report.warnings.append(thin)
 
-    _check_splits(root, report, annotated, samples, class_names)
+    listed = _check_splits(root, report, annotated, samples, class_names)
+    owners = {sample.image_path.resolve(): image_id for image_id, sample in samples.items()}
+    for warning in (
+        same_image_warning(files, owners, listed),
+        unboxed_collected_warning(root, samples),
+    ):
+        if warning is not None:
+            report.warnings.append(warning)
     if len(report.image_sizes) > 1:
         report.warnings.append(
             f"{root / 'JPEGImages'}: {len(report.image_sizes)} different image sizes; the edge "

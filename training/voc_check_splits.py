@@ -38,9 +38,10 @@ def _check_splits(
     annotated: set[str],
     samples: dict[str, voc.VocSample],
     class_names: Sequence[str] | None,
-) -> None:
+) -> dict[str, str]:
     """Split files: ids without annotation, ids in two splits, what each split holds, classes
-    (``class_names``, else the dataset's) with nothing to train on."""
+    (``class_names``, else the dataset's) with nothing to train on. Returns ``{id: the first
+    split listing it}``."""
     listed: dict[str, str] = {}  # id -> the first split listing it
     unreadable: list[str] = []
     bad_lines = False  # a line listing no id: which image it meant is not known
@@ -140,3 +141,4 @@ def _check_splits(
         )
         if untrained is not None:
             report.warnings.append(untrained)
+    return listed
