@@ -119,7 +119,14 @@ class _Daemon:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                assert self.process.wait(timeout=30) == 0, self.log.read_text()
+                try:
+                    code = self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # its threads' stacks into the log, then fail
+                    self.process.send_signal(signal.SIGUSR1)
+                    time.sleep(2)
+                    pytest.fail("edge run did not stop within 30 s of SIGTERM; its log:\n"
+                                + self.log.read_text()[-6000:])  # fmt: skip
+                assert code == 0, self.log.read_text()
             finally:
                 if self.process.poll() is None:
                     self.process.kill()
