@@ -110,9 +110,8 @@ def requeue(args: argparse.Namespace) -> int:
               "get a second one")  # fmt: skip
     if done.abandoned_left:
         print(f"{leave} {len(done.abandoned_left)} {ABANDONED}"
-              f"{_by_export(done, done.abandoned_left)}: --abandoned requeues them too, but "
-              "not once their images were processed again (each would get a second result)"
-              )  # fmt: skip
+              f"{_by_export(done, done.abandoned_left)}: --abandoned requeues them too (but "
+              "never one whose image was processed again)")  # fmt: skip
     if done.no_room:
         print(f"{leave} {len(done.no_room)}{_by_export(done, done.no_room)} for want of room in "
               f"the outbox (its caps: {cap.max_items} requests, {args.outbox_max_mb:g} MB); "
