@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from splitdet.edge.collect import LISTING, NEEDS_BOXES
@@ -51,13 +51,36 @@ def unboxed_collected_warning(root: Path, samples: Mapping[str, voc.VocSample]) 
     )
 
 
-def _digest(path: Path) -> str | None:
-    """sha256 of the file's bytes; None when it cannot be read (its problem is reported)."""
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
+def _digest(path: Path) -> str:
+    """sha256 of the file's bytes (OSError when it cannot be read)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def same_bytes_groups(paths: Iterable[Path], *, strict: bool = False) -> list[list[Path]]:
+    """The groups (two files or more, each in the order of ``paths``) of ``paths`` holding the
+    same bytes. Only files sharing a size are read. A file that cannot be read is left out
+    (its problem is reported elsewhere), or with ``strict`` its OSError is raised."""
+    by_size: dict[int, list[Path]] = {}
+    for path in paths:
+        try:
+            by_size.setdefault(path.stat().st_size, []).append(path)
+        except OSError:
+            if strict:
+                raise
+    groups: list[list[Path]] = []
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        by_digest: dict[str, list[Path]] = {}
+        for path in same_size:
+            try:
+                by_digest.setdefault(_digest(path), []).append(path)
+            except OSError:
+                if strict:
+                    raise
+        groups += [group for group in by_digest.values() if len(group) > 1]
+    return groups
 
 
 def same_image_warning(
@@ -68,23 +91,7 @@ def same_image_warning(
     `voc_check_images.image_files`; ``owners``: ``{image path: the id whose annotation reads
     it}`` (else its stem is its id); ``listed``: ``{id: its split}``. Only files sharing a size
     are read."""
-    by_size: dict[int, list[Path]] = {}
-    for paths in files.values():
-        for path in paths:
-            try:
-                by_size.setdefault(path.stat().st_size, []).append(path)
-            except OSError:
-                continue
-    groups: list[list[Path]] = []
-    for same_size in by_size.values():
-        if len(same_size) < 2:
-            continue
-        by_digest: dict[str, list[Path]] = {}
-        for path in same_size:
-            digest = _digest(path)
-            if digest is not None:
-                by_digest.setdefault(digest, []).append(path)
-        groups += [sorted(paths) for paths in by_digest.values() if len(paths) > 1]
+    groups = [sorted(group) for group in same_bytes_groups(p for ps in files.values() for p in ps)]
     if not groups:
         return None
     groups.sort()

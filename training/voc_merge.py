@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from splitdet.shared.atomic_file import folder_mode
 from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
+from splitdet.training.voc_check_collected import same_bytes_groups
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
 
 __all__ = ["MergeError", "MergePlan", "MergeResult", "SourcePlan", "merge", "plan_merge"]
@@ -255,7 +255,7 @@ def _refuse_shared_files(sources: Sequence[SourcePlan]) -> None:
     earlier from another), or the same bytes (a merge onto another file system copies, and so
     does ``cp -r``). Merged, each such image would be in the tree twice, under two ids, trained
     on twice or counted twice in a test split. Only files of one size are hashed."""
-    by_size: dict[int, list[tuple[Path, Path]]] = {}
+    root_of: dict[Path, Path] = {}  # every image, in the sources' order: its source
     files: dict[tuple[int, int], tuple[Path, Path]] = {}
     for source in sources:
         for path in [s.image_path for s in source.samples] + source.other_images:
@@ -263,17 +263,11 @@ def _refuse_shared_files(sources: Sequence[SourcePlan]) -> None:
             first = files.setdefault((stat.st_dev, stat.st_ino), (source.root, path))
             if first[0] != source.root:
                 _same_image(path, source.root, first, "one file, linked")
-            by_size.setdefault(stat.st_size, []).append((source.root, path))
-    for entries in by_size.values():
-        if len({root for root, _ in entries}) < 2:
-            continue
-        digests: dict[str, tuple[Path, Path]] = {}
-        for root, path in entries:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            first = digests.setdefault(digest, (root, path))
-            if first[0] != root:
-                _same_image(path, root, first, "the same bytes")
+            root_of[path] = source.root
+    for first, *others in same_bytes_groups(root_of, strict=True):
+        for path in others:
+            if root_of[path] != root_of[first]:
+                _same_image(path, root_of[path], (root_of[first], first), "the same bytes")
 
 
 def _same_image(path: Path, root: Path, first: tuple[Path, Path], how: str) -> None:
