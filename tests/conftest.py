@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from splitdet.training.presets import TINY
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored in every child: the Ctrl-C tests' subprocesses would never see theirs
+# (`make test &` from a script). A handled signal is reset to the default in a child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: One epoch of the `tiny` training preset, no validation.
 ONE_EPOCH = replace(TINY, epochs=1, eval_every=0)

@@ -143,6 +143,10 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "train_config.
 #: eval --checkpoint OUT/best.pt` storing its threshold): kept, for the next start to remove.
 STALE_AFTER_SECONDS = 300.0
 
+#: learning_curve.png is redrawn after an epoch at most this often (seconds), and as a run
+#: ends: drawing it takes about half a second, the whole of a small dataset's epoch.
+PLOT_EVERY_S = 30.0
+
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
     """Remove the temporary files of `RUN_FILES` a killed run left in `out_dir` (only that
@@ -261,23 +265,28 @@ def _train_epochs(
     row: dict[str, Any] = dict(run.history[-1]) if run.history else {}
     overall = _overall_bar(config, clock, run.start_epoch, enabled=run.progress and run.rank == 0)
     ended_by_epochs = True  # False when the budget or stop_after ended the loop
-    for epoch in range(run.start_epoch, config.epochs):
-        stop = clock.exhausted(run.epoch_seconds) or (
-            stop_after is not None and run.epochs_run >= stop_after
-        )
-        if _agree(stop, device):
-            ended_by_epochs = False
-            break
-        row = _train_epoch(run, ddp_model, loaders, epoch, wall_start, max_iters)
-        final = epoch + 1 >= config.epochs or clock.exhausted(run.epoch_seconds)
-        if run.rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
-            _validate(run, val_samples, epoch, row)
-        run.history.append(row)
-        run.epochs_run += 1
-        _advance(overall, clock)
-        if run.rank == 0:
-            _save_epoch_records(run, row, epoch)
+    try:
+        for epoch in range(run.start_epoch, config.epochs):
+            stop = clock.exhausted(run.epoch_seconds) or (
+                stop_after is not None and run.epochs_run >= stop_after
+            )
+            if _agree(stop, device):
+                ended_by_epochs = False
+                break
+            row = _train_epoch(run, ddp_model, loaders, epoch, wall_start, max_iters)
+            final = epoch + 1 >= config.epochs or clock.exhausted(run.epoch_seconds)
+            if run.rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
+                _validate(run, val_samples, epoch, row)
+            run.history.append(row)
+            run.epochs_run += 1
+            _advance(overall, clock)
+            if run.rank == 0:
+                _save_epoch_records(run, row, epoch)
+    except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the curve shows every epoch kept
+        _catch_up_plot(run, quiet=True)
+        raise
     overall.close()
+    _catch_up_plot(run)
     return row, ended_by_epochs
 
 
@@ -312,8 +321,28 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         _save_epoch(run.best_path, run.model, extra, epoch)
         log.info("%s", describe_best(best.summary()))
     write_metrics(run.out_dir, run.history)
-    plot_learning_curve(run.history, run.out_dir / "learning_curve.png")
+    if run.plotted_at is None or time.perf_counter() - run.plotted_at >= PLOT_EVERY_S:
+        _plot(run)
     _save_epoch(run.last_path, run.model, extra, epoch)
+
+
+def _plot(run: _Run) -> None:
+    """Draw learning_curve.png from the history so far (rank 0)."""
+    plot_learning_curve(run.history, run.out_dir / "learning_curve.png")
+    run.plotted_rows, run.plotted_at = len(run.history), time.perf_counter()
+
+
+def _catch_up_plot(run: _Run, *, quiet: bool = False) -> None:
+    """Redraw learning_curve.png if epochs were recorded since it was drawn (rank 0), as a
+    run ends; `quiet`: a failure is logged, not raised (the run is ending on another error)."""
+    if run.rank != 0 or run.plotted_rows >= len(run.history):
+        return
+    try:
+        _plot(run)
+    except Exception as error:
+        if not quiet:
+            raise
+        log.warning("learning_curve.png not redrawn: %s", error)
 
 
 def _finish(run: _Run, row: dict[str, Any], ended_by_epochs: bool) -> dict[str, Any]:

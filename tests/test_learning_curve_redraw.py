@@ -1,0 +1,48 @@
+"""learning_curve.png is redrawn at most every PLOT_EVERY_S seconds, yet shows every epoch a run
+kept when it ends: by --epochs, or stopped (Ctrl-C) after some epochs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from splitdet.training import train as train_module
+from splitdet.training.epoch_records import plot_learning_curve
+from splitdet.training.presets import TINY
+from splitdet.training.train import train
+
+
+def _curve_of_history(run, tmp_path) -> bytes:
+    """learning_curve.png drawn afresh from the run's metrics.json."""
+    history = json.loads((run / "metrics.json").read_text())
+    plot_learning_curve(history, tmp_path / "expected.png")
+    return (tmp_path / "expected.png").read_bytes()
+
+
+def test_the_curve_shows_every_epoch_when_the_run_ends(tiny_voc, tmp_path, one_torch_thread):
+    run = tmp_path / "run"
+    train(replace(TINY, epochs=3, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
+    assert len(json.loads((run / "metrics.json").read_text())) == 3
+    assert (run / "learning_curve.png").read_bytes() == _curve_of_history(run, tmp_path)
+
+
+def test_the_curve_shows_the_epochs_kept_by_a_stopped_run(
+    tiny_voc, tmp_path, monkeypatch, one_torch_thread
+):
+    trained = train_module._train_epoch
+    calls = []
+
+    def stopped_in_the_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", stopped_in_the_third_epoch)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(TINY, epochs=5, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
+    assert len(json.loads((run / "metrics.json").read_text())) == 2
+    assert (run / "learning_curve.png").read_bytes() == _curve_of_history(run, tmp_path)
