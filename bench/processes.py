@@ -3,6 +3,9 @@
 with ServiceProcess([...cmd...], ready_file=path, name="cloud") as cloud:
     port = cloud.ready["port"]
 # stopped here: SIGTERM, then SIGKILL after a grace period; Ctrl-C included
+
+with started(cloud, jpeg):  # several at once: their start-ups (and shut-downs) overlap
+    ...
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -78,11 +81,16 @@ class ServiceProcess:
         self.timeout_s = timeout_s
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
+        self._terminated = False  # SIGTERM sent (`terminate`)
         self.ready: dict = {}
         self._own_signals: tuple[signal.Signals, ...] = ()
 
     def start(self) -> ServiceProcess:
         """Start and wait until ready; raises ServiceError (and stops it) otherwise."""
+        return self.launch().await_ready()
+
+    def launch(self) -> ServiceProcess:
+        """Start the process without waiting for it to be ready (`await_ready` does)."""
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +104,12 @@ class ServiceProcess:
             start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
         )
         self._own_signals = _sigterm_unwinds()
+        self._terminated = False
+        return self
+
+    def await_ready(self) -> ServiceProcess:
+        """Wait until the launched process is ready; raises ServiceError (and stops it)
+        otherwise."""
         try:
             self._wait_ready()
         except BaseException:  # Ctrl-C while it starts: `with` never entered, so stop it here
@@ -144,6 +158,15 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
 
+    def terminate(self) -> None:
+        """SIGTERM to the process group, not waiting for it to end (`stop` waits, and sends no
+        second SIGTERM)."""
+        process = self.process
+        if process is not None and process.poll() is None and not self._terminated:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM, wait up to `grace_s`, then SIGKILL the whole process group; exit status."""
         process = self.process
@@ -151,7 +174,9 @@ class ServiceProcess:
             return None
         if process.poll() is None:
             try:
-                os.killpg(process.pid, signal.SIGTERM)
+                if not self._terminated:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    self._terminated = True
                 process.wait(grace_s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
@@ -171,3 +196,23 @@ class ServiceProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def started(*services: ServiceProcess) -> Iterator[tuple[ServiceProcess, ...]]:
+    """`with started(a, b):` as `with a, b:`, but every process is launched before any is
+    waited for, and all are sent SIGTERM before any is waited for at the end: their start-ups
+    (each may import torch and load a model: seconds) and shut-downs overlap instead of
+    adding up. Stopped in the reverse order, whatever ends the block (a start-up that fails,
+    Ctrl-C)."""
+    try:
+        for service in services:
+            service.launch()
+        for service in services:
+            service.await_ready()
+        yield services
+    finally:
+        for service in reversed(services):
+            service.terminate()
+        for service in reversed(services):
+            service.stop()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from splitdet.bench.jpeg_server import JpegClient
-from splitdet.bench.processes import ServiceProcess, splitdet_command
+from splitdet.bench.processes import ServiceProcess, splitdet_command, started
 from splitdet.bench.report import (
     MONOLITHIC,
     add_engine_reductions,
@@ -480,7 +480,7 @@ def _run_locked(
             name="JPEG baseline server",
             ready_prefix="PORT ",
         )
-        with cloud, jpeg:
+        with started(cloud, jpeg):  # (their start-ups overlap)
             cloud_address = f"127.0.0.1:{cloud.ready['port']}"
             jpeg_address = f"127.0.0.1:{jpeg.ready['line'].split()[1]}"
             try:

@@ -50,13 +50,13 @@ def bench_report(tiny_dataset, tmp_path_factory):
             "--defect-rates",
             "0,0.5",
             "--images",
-            "6",
+            "2",
             "--codecs",
             "int8,fp32",
             "--rd-images",
-            "2",
+            "1",
             "--threads",
-            "2",
+            "1",
             "--out",
             str(out),
             "--no-progress",
@@ -98,14 +98,14 @@ def test_report_structure(bench_report):
     ):
         assert (out / name).stat().st_size > 0
     assert "monolithic" in (out / "report.md").read_text()
-    assert "On 2 defective images of the 'test' split" in (out / "report.md").read_text()
+    assert "On 1 defective images of the 'test' split" in (out / "report.md").read_text()
     assert report["complete"] is True and "Incomplete" not in (out / "report.md").read_text()
 
 
 def test_report_numbers_are_measured(bench_report):
     _, report, _ = bench_report
     free_only, half = report["rates"]["0"], report["rates"]["0.5"]
-    assert free_only["monolithic"]["n_defective"] == 0 and half["monolithic"]["n_defective"] == 3
+    assert free_only["monolithic"]["n_defective"] == 0 and half["monolithic"]["n_defective"] == 1
     # the gate-only edge path is cheaper than running every stage
     assert free_only["monolithic"]["mean_s"] > free_only["splitdet-int8"]["edge_s"]
     # monolithic is its own reference; the others are measured against it
@@ -198,8 +198,9 @@ def test_a_stopped_run_keeps_the_rates_it_finished(bench_report, tiny_dataset, m
     older = {"generator": "splitdet bench", "run_id": "older"}  # must not pass for this run's
     (out / "report.json").write_text(json.dumps(older))
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
-    argv += ["--data", str(tiny_dataset), "--defect-rates", "0,0.5", "--images", "3"]
-    argv += ["--codecs", "int8", "--rd-images", "2", "--out", str(out), "--no-progress"]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "0,0.5", "--images", "2"]
+    argv += ["--codecs", "int8", "--rd-images", "1", "--threads", "1", "--out", str(out)]
+    argv += ["--no-progress"]
     assert main([*argv, "--no-engine-baseline"]) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False and set(report["rates"]) == {"0", "0.5"}
@@ -310,8 +311,8 @@ def test_the_bytes_vs_map_pass_sends_every_image_whatever_the_gate(
     out = tmp_path / "report"
     argv = ["bench", "--model", str(tmp_path / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(tiny_dataset), "--defect-rates", "0", "--images", "1", "--codecs"]
-    argv += ["fp32", "--rd-images", "2", "--threads", "2", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
+    argv += ["fp32", "--rd-images", "1", "--threads", "1", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--no-engine-baseline"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["rates"]["0"]["splitdet-fp32"]["sent_fraction"] == 0.0  # the gate passed all
     rd = {p["name"]: p for p in report["rate_distortion"]["points"]}
@@ -357,8 +358,8 @@ def test_a_server_that_dies_mid_run_is_named_with_its_log(
     started = []
 
     class Recorded(bench_run.ServiceProcess):
-        def start(self):
-            started.append(super().start())
+        def launch(self):
+            started.append(super().launch())
             return self
 
     real_streams = bench_run._run_streams
@@ -378,8 +379,8 @@ def test_a_server_that_dies_mid_run_is_named_with_its_log(
     (out / "report.json").write_text(json.dumps({"generator": "splitdet bench"}))
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(tiny_dataset), "--defect-rates", "1", "--images", "2"]
-    argv += ["--codecs", "fp32", "--rd-images", "0", "--out", str(out), "--no-progress"]
-    assert main(argv) == 2
+    argv += ["--codecs", "fp32", "--rd-images", "0", "--threads", "1", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--no-engine-baseline"]) == 2
     err = capsys.readouterr().err
     assert "cloud server failed a call mid-run" in err and "UNAVAILABLE" in err
     assert "exited with status -9" in err and str(out / "cloud.log") in err

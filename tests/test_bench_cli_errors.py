@@ -3,6 +3,8 @@ naming the problem, exit status 2, before anything runs, and never a report of a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -11,26 +13,23 @@ from splitdet.bench import demo as demo_module
 from splitdet.bench import stages
 from splitdet.shared.cli import main
 
-from conftest import make_tiny_model
-
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny model's checkpoint and its export."""
+def exported(tiny_model, tiny_model_dir, tmp_path_factory):
+    """A tiny model's checkpoint and its export: `root / "model.pt"` and `root / "model"` (the
+    session's export of the same model, linked: no export of its own)."""
     from splitdet.shared.checkpoint import save_checkpoint
-    from splitdet.training.export import export_model
 
     root = tmp_path_factory.mktemp("bench_errors")
-    model = make_tiny_model(seed=5)
-    save_checkpoint(root / "model.pt", model, gate_threshold=0.5)
-    export_model(model, root / "model", gate_threshold=0.5)
+    save_checkpoint(root / "model.pt", tiny_model, gate_threshold=0.5)
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     return root
 
 
 def _bench(root, data, out, *extra: str) -> list[str]:
     argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
     argv += ["--data", str(data), "--out", str(out), "--codecs", "fp32", "--rd-images", "0"]
-    return [*argv, "--threads", "2", "--no-progress", *extra]
+    return [*argv, "--threads", "1", "--no-progress", *extra]
 
 
 def _one_error_line(err: str) -> str:
@@ -153,29 +152,49 @@ def test_a_failed_run_does_not_point_at_an_earlier_runs_report(exported, tmp_pat
     assert (out / "report.json").read_text() == earlier
 
 
-def test_a_second_bench_into_the_same_out_is_refused_while_the_first_runs(
-    exported, tiny_dataset, tmp_path, monkeypatch, capsys
-):
+@pytest.fixture(scope="module")
+def contested_run(exported, tiny_dataset, tmp_path_factory):
+    """One bench run (rate 1, 4 images) into an --out holding an earlier bench run's
+    report.json and a figure, with a second bench into the same --out started while the first
+    streams. Two tests check it: each of their checks is on one run, so they share it.
+
+    Returns `out`, the first run's exit status and stderr, and the second run's ("code", its
+    stderr "err", and the first's stderr until then "first's err")."""
+    import splitdet.bench.run as bench_run
+
+    out = tmp_path_factory.mktemp("contested") / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"generator": "splitdet bench", "run_id": "x"}))
+    (out / "bytes_vs_map_kept.png").write_bytes(b"an earlier run's figure")
+    real_streams = bench_run._run_streams
+    second, first_err = {}, io.StringIO()
+
+    def a_second_bench_meanwhile(*args, **kwargs):
+        if not second:  # once: a second bench that ran would start a third
+            second["first's err"] = first_err.getvalue()
+            argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                second["code"] = main(argv)
+            second["err"] = err.getvalue()
+        return real_streams(*args, **kwargs)
+
+    # 4 defective images from a split of 3: the streams repeat some, and say so
+    argv = _bench(exported, tiny_dataset, out, "--defect-rates", "1", "--images", "4")
+    argv.append("--no-engine-baseline")  # (what is checked needs no engine baseline)
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(first_err):
+        patch.setattr(bench_run, "_run_streams", a_second_bench_meanwhile)
+        code = main(argv)
+    return out, code, first_err.getvalue(), second
+
+
+def test_a_second_bench_into_the_same_out_is_refused_while_the_first_runs(contested_run):
     """Two benchmarks into one --out both removed and wrote report.json/.md and the figures:
     the last writer's report could sit beside the other's figures. The second now stops at
     once, naming the first; the first's report is whole and its own."""
     import splitdet.bench.run as bench_run
 
-    out = tmp_path / "out"
-    real_streams = bench_run._run_streams
-    second = {}
-
-    def a_second_bench_meanwhile(*args, **kwargs):
-        if not second:  # once: a second bench that ran would start a third
-            second["first's err"] = capsys.readouterr().err
-            argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
-            second["code"] = main(argv)
-            second["err"] = capsys.readouterr().err
-        return real_streams(*args, **kwargs)
-
-    monkeypatch.setattr(bench_run, "_run_streams", a_second_bench_meanwhile)
-    # 4 defective images from a split of 3: the streams repeat some, and say so
-    assert main(_bench(exported, tiny_dataset, out, "--defect-rates", "1", "--images", "4")) == 0
+    out, code, err, second = contested_run
+    assert code == 0, err
     assert second["code"] == 2
     line = _one_error_line(second["err"])
     assert f"--out {out}: another splitdet bench" in line and "another --out" in line
@@ -205,17 +224,14 @@ def test_files_in_out_that_bench_did_not_write_are_refused_and_kept(
     assert not (out / "cloud.log").exists()  # no server started
 
 
-def test_an_earlier_bench_runs_outputs_are_replaced(exported, tiny_dataset, tmp_path, capsys):
+def test_an_earlier_bench_runs_outputs_are_replaced(contested_run):
     """A report.json splitdet bench wrote marks the outputs beside it as bench's: a new run
     removes them and writes its own."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "report.json").write_text(json.dumps({"generator": "splitdet bench", "run_id": "x"}))
-    (out / "bytes_vs_map_kept.png").write_bytes(b"an earlier run's figure")
-    argv = _bench(exported, tiny_dataset, out, "--defect-rates", "0", "--images", "1")
-    assert main(argv) == 0, capsys.readouterr().err
+    out, code, err, _ = contested_run  # (--out held an earlier run's report.json and a figure)
+    assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["generator"] == "splitdet bench" and report["complete"] is True
+    assert report["run_id"] != "x"  # (the earlier run's)
     assert not (out / "bytes_vs_map_kept.png").exists()  # --rd-images 0: not written anew
 
 

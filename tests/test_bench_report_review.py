@@ -15,26 +15,22 @@ from splitdet.bench.systems import Outcome
 from splitdet.shared.cli import main
 from splitdet.training.voc import read_split
 
-from conftest import make_tiny_model
-
 
 @pytest.fixture(scope="module")
-def oracle_run(tiny_dataset, tmp_path_factory):
-    """A real 4-image `--oracle-gate` run of a tiny model: report.json and report.md."""
+def oracle_run(tiny_model, tiny_model_dir, tiny_dataset, tmp_path_factory):
+    """A real 2-image `--oracle-gate` run of a tiny model (the session's export of it, gate
+    threshold 0.5): report.json, report.md and the export's folder."""
     from splitdet.shared.checkpoint import save_checkpoint
-    from splitdet.training.export import export_model
 
     root = tmp_path_factory.mktemp("bench_review")
-    model = make_tiny_model(seed=5)
-    save_checkpoint(root / "model.pt", model, gate_threshold=0.5)
-    export_model(model, root / "model", gate_threshold=0.5)
+    save_checkpoint(root / "model.pt", tiny_model, gate_threshold=0.5)
     out = root / "report"
-    argv = ["bench", "--model", str(root / "model"), "--checkpoint", str(root / "model.pt")]
-    argv += ["--data", str(tiny_dataset), "--defect-rates", "0.5", "--images", "4"]
-    argv += ["--codecs", "int8", "--rd-images", "0", "--threads", "2", "--oracle-gate"]
+    argv = ["bench", "--model", str(tiny_model_dir), "--checkpoint", str(root / "model.pt")]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "0.5", "--images", "2"]
+    argv += ["--codecs", "int8", "--rd-images", "0", "--threads", "1", "--oracle-gate"]
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    return report, (out / "report.md").read_text(), root
+    return report, (out / "report.md").read_text(), tiny_model_dir
 
 
 def _table(text: str) -> dict[str, dict[str, str]]:
@@ -99,13 +95,13 @@ def test_a_perfect_gate_cannot_keep_more_than_the_monolithic_map(tiny_dataset):
 
 def test_the_report_says_what_it_measured_on(oracle_run):
     report, text, _ = oracle_run
-    assert report["machine"]["cpu_model"] and report["settings"]["threads"] == 2
+    assert report["machine"]["cpu_model"] and report["settings"]["threads"] == 1
     assert report["machine"]["cpu_count"] == len(os.sched_getaffinity(0))  # (not the host's)
     assert report["settings"]["image_sizes"] == ["320×256"]
     load = report["load_1min"]
     assert load["start"] is not None and load["end"] is not None
     assert f"Machine: {report['machine']['cpu_model']}, " in text
-    assert "2 threads per process" in text
+    assert "1 threads per process" in text
     assert "Original image size(s), width×height: 320×256." in text
     assert f"1-minute load average: {load['start']:.2f} at the start, {load['end']:.2f}" in text
 
@@ -136,8 +132,8 @@ def test_a_small_stream_is_called_noisy_under_its_heading(oracle_run):
     _, text, _ = oracle_run
     section = text.split("## Defect rate 50%", 1)[1]
     first_line = section.split("\n\n", 2)[1]
-    assert first_line.startswith("**Noisy**") and "2 defective images" in first_line
-    assert "4 images (fewer than 50)" in first_line
+    assert first_line.startswith("**Noisy**") and "1 defective images" in first_line
+    assert "2 images (fewer than 50)" in first_line
 
 
 @pytest.mark.parametrize(
@@ -190,7 +186,7 @@ def test_the_request_bytes_are_counted(oracle_run, tiny_dataset):
             return SimpleNamespace(timings={"total_s": 0.0}, boxes=empty,
                                    scores=np.zeros(0), labels=np.zeros(0, np.int64))  # fmt: skip
 
-    pipeline = EdgePipeline(EdgeRuntime(oracle_run[2] / "model", threads=1), codec="int8")
+    pipeline = EdgePipeline(EdgeRuntime(oracle_run[2], threads=1), codec="int8")
     image = load_image(read_split(tiny_dataset, "test")[0].image_path)
     outcome = Splitdet(pipeline, Client()).run(image, True)
     features = pipeline.process_array(image, True).bytes_sent
