@@ -344,7 +344,7 @@ class DetectionCore:
             output = model.cloud.detect(
                 tensors, [call.image.resized_hw], [call.image.original_hw], head_timings
             )[0]
-        detections = self._detections(model, output)
+        detections = self._detections(model, output, call.image.original_hw)
         timings = StageTimings(
             decode_s=decoded - start,
             rpn_s=head_timings.get("rpn_s", 0.0),
@@ -490,9 +490,17 @@ class DetectionCore:
             raise InvalidRequest(str(exc)) from exc
 
     def _detections(
-        self, model: ServedModel, output: dict[str, torch.Tensor]
+        self, model: ServedModel, output: dict[str, torch.Tensor], original_hw: tuple[int, int]
     ) -> tuple[Detection, ...]:
-        boxes = output["boxes"].tolist()
+        """The output's boxes ([N, 4] x1 y1 x2 y2, original px) clamped onto the original
+        image: mapped back from the resized one in float32, a corner on its edge may land a
+        float32 step past it (400.00003 on a 400 px image). The edge clamps what it receives the
+        same way, so in-process detections equal a server's."""
+        height, width = original_hw
+        boxes = output["boxes"].clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
+        boxes = boxes.tolist()
         scores = output["scores"].tolist()
         labels = output["labels"].tolist()
         return tuple(

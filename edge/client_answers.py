@@ -19,12 +19,14 @@ from splitdet.shared.manifest import Manifest, compute_fingerprint
 from splitdet.shared.wire import detection_pb2 as pb
 
 #: How far (px) a box corner may lie outside its original image and still be taken (then
-#: clamped onto the image). The cloud clips every box to the resized image, then scales it by
-#: original / resized in float32 (torchvision's `resize_boxes`), and the wire carries float32:
-#: a corner on the image's edge may come out a few float32 steps past it, at most ~0.01 px at
-#: the largest side a request may have (65536 px). 1 px allows that a hundredfold; a box further
-#: out was not mapped onto this image, and clamping would turn it into a plausible box on the
-#: image's border (which `edge collect` would write as a label): it is refused.
+#: clamped onto the image). torchvision clips every box to the resized image, then scales it
+#: by original / resized in float32 (`resize_boxes`): a corner on the image's edge may come out
+#: a few float32 steps past it, at most ~0.01 px at the largest side a request may have (65536
+#: px). Our cloud clamps onto the original image before it answers (so in-process detections
+#: equal a server's, box for box); an older or another server may not. 1 px allows that a
+#: hundredfold; a box further out was not mapped onto this image, and clamping would turn it
+#: into a plausible box on the image's border (which `edge collect` would write as a label): it
+#: is refused.
 BOX_TOLERANCE_PX = 1.0
 
 
