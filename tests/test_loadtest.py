@@ -1,6 +1,10 @@
 """`splitdet loadtest` against a real cloud process: every call it counts is one the server
 computed (no answer from its store), refusals it calls busy are the server's
-RESOURCE_EXHAUSTED, and each simulated edge is seen under its own name."""
+RESOURCE_EXHAUSTED, and each simulated edge is seen under its own name.
+
+Where a test is about what loadtest measures of a slow or queueing server, not about the
+process, the server runs in this process (`_cloud_here`): a cloud process spends seconds
+importing torch before it serves."""
 
 from __future__ import annotations
 
@@ -10,11 +14,17 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cloud_fixtures import shared_model_dir, start_cloud_process
+from cloud_fixtures import (
+    shared_model_dir,
+    start_cloud_process,
+    start_cloud_processes,
+    start_loopback_server,
+)
 from PIL import Image
 
 from splitdet.shared.cli import main
@@ -39,6 +49,21 @@ def cloud(tmp_path_factory):
     )
     yield server, model_dir, manifest
     server.stop()
+
+
+@contextlib.contextmanager
+def _cloud_here(tmp_path: Path, **settings):
+    """A CloudServer serving `shared_model_dir(0)` in this process (`settings` go to its
+    ServerConfig), stopped on the way out; the torch threads it set are put back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    server = start_loopback_server(tmp_path, **settings)
+    try:
+        yield server
+    finally:
+        server.stop(0)
+        torch.set_num_threads(threads)
 
 
 def test_loadtest_counts_what_the_server_computed(cloud, images, tmp_path, capsys):
@@ -84,23 +109,33 @@ def test_without_queue_one_edge_takes_every_slot_and_with_it_each_gets_its_turn(
     from splitdet.shared.messages import build_request
 
     _, model_dir, manifest = shared_model_dir()
-    pipeline = EdgePipeline(EdgeRuntime(model_dir, threads=1), gate=False)
-    result = pipeline.process_file(images / "0.png")
-    requests = [build_request(result.encoded, result.meta, "x", manifest.fingerprint)]
+
+    def spread(port: int) -> list[int]:
+        level = measure_level(
+            lambda k: CloudClient(ClientConfig(f"127.0.0.1:{port}")), requests, 4, 3.0
+        )
+        return sorted(level.per_edge)
+
     spreads = {}
-    for queued in (0, 8):
-        server = start_cloud_process(
-            model_dir, tmp_path / f"q{queued}", "cloud", "--max-concurrent", "1",
-            "--max-queued", str(queued), "--debug-delay", "0.05",
-        )  # fmt: skip
-        try:
-            level = measure_level(
-                lambda k, port=server.port: CloudClient(ClientConfig(f"127.0.0.1:{port}")),
-                requests, 4, 3.0,
-            )  # fmt: skip
-        finally:
-            server.stop()
-        spreads[queued] = sorted(level.per_edge)
+    # --max-queued 0 on the command line of a cloud process, as an operator gives it; it starts
+    # (seconds of torch import) while the default queue of 8 is measured on a server in this
+    # process, with the same slot and delay
+    pool = ThreadPoolExecutor(1)
+    starting = pool.submit(
+        start_cloud_process, model_dir, tmp_path / "q0", "cloud", "--max-concurrent", "1",
+        "--max-queued", "0", "--debug-delay", "0.05",
+    )  # fmt: skip
+    try:
+        pipeline = EdgePipeline(EdgeRuntime(model_dir, threads=1), gate=False)
+        result = pipeline.process_file(images / "0.png")
+        requests = [build_request(result.encoded, result.meta, "x", manifest.fingerprint)]
+        with _cloud_here(tmp_path, max_concurrent=1, max_queued=8, debug_delay_s=0.05) as here:
+            spreads[8] = spread(here.port)
+        spreads[0] = spread(starting.result().port)
+    finally:
+        with contextlib.suppress(Exception):  # (one that failed to start stopped itself)
+            starting.result().stop()
+        pool.shutdown()
     assert spreads[0][0] <= spreads[0][-1] // 4  # some edge starved beside the busiest
     assert spreads[8][0] >= spreads[8][-1] // 2  # every edge got about its share
 
@@ -109,20 +144,15 @@ def test_without_queue_one_edge_takes_every_slot_and_with_it_each_gets_its_turn(
 STALE = {"complete": True, "levels": [{"clients": 1, "answered": 99}]}
 
 
-def test_a_cloud_that_cannot_answer_is_one_line(images, tmp_path, capsys):
+def test_a_cloud_that_cannot_answer_is_one_line(cloud, images, tmp_path, capsys):
     """...and the --json names the error: it wrote nothing before its first level, and an
     earlier run's file at that path stayed, saying "complete": true."""
-    _, model_dir, _ = shared_model_dir()
-    other_dir = shared_model_dir(seed=1)[1]  # a cloud serving another export
-    server = start_cloud_process(other_dir, tmp_path / "other", "other")
+    server, _, _ = cloud
+    other_dir = shared_model_dir(seed=1)[1]  # another export than the cloud serves
     out = tmp_path / "load.json"
     out.write_text(json.dumps(STALE))
-    try:
-        code = main(["loadtest", str(images), "--model", str(model_dir), "--cloud",
-                     server.address, "--seconds", "0.5", "--clients", "1",
-                     "--json", str(out)])  # fmt: skip
-    finally:
-        server.stop()
+    code = main(["loadtest", str(images), "--model", str(other_dir), "--cloud", server.address,
+                 "--seconds", "0.5", "--clients", "1", "--json", str(out)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "the first call of an edge failed" in err
     assert "FAILED_PRECONDITION" in err and "Traceback" not in err
@@ -205,17 +235,11 @@ def test_edges_that_got_no_answer_are_counted_and_named_in_the_table(images, tmp
     slot and the other two are refused until the end. The latency was the one edge's alone,
     unsaid; now the level counts the edges without an answer and the table warns."""
     _, model_dir, _ = shared_model_dir()
-    server = start_cloud_process(
-        model_dir, tmp_path / "slow", "cloud", "--max-concurrent", "1", "--max-queued", "0",
-        "--debug-delay", "1.0",
-    )  # fmt: skip
     out = tmp_path / "load.json"
-    argv = ["loadtest", str(images / "0.png"), "--model", str(model_dir), "--cloud"]
-    argv += [server.address, "--clients", "3", "--seconds", "0.5", "--json", str(out)]
-    try:
-        code = main(argv)
-    finally:
-        server.stop()
+    argv = ["loadtest", str(images / "0.png"), "--model", str(model_dir), "--clients", "3",
+            "--seconds", "0.5", "--json", str(out)]  # fmt: skip
+    with _cloud_here(tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.0) as server:
+        code = main([*argv, "--cloud", f"127.0.0.1:{server.port}"])
     captured = capsys.readouterr()
     assert code == 0, captured.err  # refused as busy: the server's own limit, no failure
     (level,) = json.loads(out.read_text())["levels"]
@@ -242,18 +266,32 @@ def _when(condition, timeout: float = 60.0) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def victims(tmp_path_factory):
+    """A cloud process for each case below, started side by side: each case kills or stops
+    its own."""
+    _, model_dir, _ = shared_model_dir()
+    names = ["dies", "hangs"]
+    servers = start_cloud_processes(model_dir, tmp_path_factory.mktemp("victims"), names)
+    yield dict(zip(names, servers, strict=True))
+    for server in servers:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("signum", "code"),
     [(signal.SIGKILL, "UNAVAILABLE"), (signal.SIGSTOP, "DEADLINE_EXCEEDED")],
     ids=["dies", "hangs"],
 )
-def test_a_server_that_dies_or_hangs_mid_level_is_flagged(images, tmp_path, capsys, signum, code):
+def test_a_server_that_dies_or_hangs_mid_level_is_flagged(
+    victims, images, tmp_path, capsys, signum, code
+):
     """kill -9 or kill -STOP of a --cloud server mid-level was reported as a whole measurement:
     exit 0, no warning, and latency over the answered calls only (p99 of some ms while calls
     went unanswered for seconds). Now the level is flagged (table, JSON, exit status 1) and the
     request left unanswered counts in the latency at the time it waited."""
     _, model_dir, manifest = shared_model_dir()
-    server = start_cloud_process(model_dir, tmp_path / "victim", "cloud")
+    server = victims["dies" if signum == signal.SIGKILL else "hangs"]
     answers = ANSWERS % ("sig-load0", manifest.fingerprint)
 
     def strike() -> None:  # after the warm-up call and two measured ones
@@ -283,44 +321,35 @@ def test_a_server_that_dies_or_hangs_mid_level_is_flagged(images, tmp_path, caps
     assert level["answered_latency_ms"]["p99"] < level["latency_ms"]["p99"]
 
 
-def test_its_own_cloud_dying_in_the_first_level_is_recorded_and_quoted(images, tmp_path, capsys):
+def test_its_own_cloud_dying_in_the_first_level_is_recorded_and_quoted(
+    images, tmp_path, capsys, monkeypatch
+):
     """The cloud started here killed in level 1: no --json was written (an earlier file stayed,
     "complete": true), and the error pointed at the cloud's log in a folder deleted by then."""
+    import splitdet.bench.cli_load as cli_load
+    import splitdet.bench.load as load
+
     _, model_dir, _ = shared_model_dir()
     out = tmp_path / "load.json"
     out.write_text(json.dumps(STALE))
-    me = os.getpid()
+    started = []  # the cloud the loadtest starts
+    start_cloud, warm_up = cli_load._start_cloud, load._warm_up
 
-    def children() -> dict[int, list[bytes]]:  # pid -> argv of this process's children
-        found = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError):
-                if int(stat.read_text().rpartition(")")[2].split()[1]) == me:
-                    argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-                    found[int(stat.parent.name)] = argv
-        return found
+    def starting(*args):
+        started.append(start_cloud(*args))
+        return started[-1]
 
-    before = set(children())  # e.g. another test's cloud
+    def warm_up_then_kill(*args) -> None:  # level 1 has begun: its warm-up call answered
+        warm_up(*args)
+        os.kill(started[0].process.pid, signal.SIGKILL)
+        started[0].process.wait(30)
 
-    def our_cloud() -> int | None:  # the cloud the loadtest started, once it serves
-        for pid, argv in children().items():
-            if pid in before or b"cloud" not in argv or b"--ready-file" not in argv:
-                continue
-            if Path(argv[argv.index(b"--ready-file") + 1].decode()).exists():
-                return pid
-        return None
-
-    def kill_it() -> None:
-        found: list[int | None] = [None]
-        if _when(lambda: found.append(our_cloud()) or found[-1] is not None, 120):
-            time.sleep(0.5)  # past the warm-up call, into the level
-            os.kill(found[-1], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_it, daemon=True)
-    killer.start()
+    monkeypatch.setattr(cli_load, "_start_cloud", starting)
+    monkeypatch.setattr(load, "_warm_up", warm_up_then_kill)
     status = main(["loadtest", str(images / "0.png"), "--model", str(model_dir), "--clients",
-                   "1", "--seconds", "2", "--cloud-threads", "1", "--json", str(out)])  # fmt: skip
-    killer.join(5)
+                   "1", "--seconds", "0.5", "--cloud-threads", "1",
+                   "--json", str(out)])  # fmt: skip
+    assert len(started) == 1
     err = capsys.readouterr().err
     assert status == 2 and "exited with status -9" in err, err
     report = json.loads(out.read_text())

@@ -3,12 +3,15 @@ manifest, that the torch-free edge runs like the float one (issue 4's optional i
 
 from __future__ import annotations
 
+import shutil
+
 import onnx
 import pytest
 
 from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import GATE_ONNX, read_manifest
+from splitdet.training.voc import read_split
 
 from support import predict_records
 
@@ -42,10 +45,16 @@ def test_int8_gate_is_recorded_and_runs_like_the_float_gate(checkpoint, tiny_dat
     assert read_manifest(float_dir).extra["edge_quantization"] is None
     assert manifest.fingerprint != read_manifest(float_dir).fingerprint
 
-    images = tiny_dataset / "JPEGImages"
+    # the held-out test split (3 defective, 3 defect-free), none of them a calibration image:
+    # every image through gate, completion and cloud heads costs as much again
+    images = tmp_path / "images"
+    images.mkdir()
+    for sample in read_split(tiny_dataset, "test"):
+        shutil.copy(sample.image_path, images)
     exact = predict_records(float_dir, images, tmp_path / "float.json", "--gate", "off")
     quantised = predict_records(int8_dir, images, tmp_path / "int8.json", "--gate", "off")
     assert [r["path"] for r in exact] == [r["path"] for r in quantised]
+    assert len(exact) == 6
     for a, b in zip(exact, quantised, strict=True):
         assert b["error"] is None, b
         assert abs(a["p_defect"] - b["p_defect"]) < 0.1, (a["path"], a["p_defect"], b["p_defect"])
