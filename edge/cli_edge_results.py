@@ -30,7 +30,8 @@ bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reaso
 (the gate threshold the image was judged at). The daemon stores every box the model returns
 (from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict` reports.
 --since keeps rows created or changed since then (a consumer polling with --since sees pending
-rows again once they are final). Safe to run while the daemon writes.
+rows again once they are final). Safe to run while the daemon writes. The table names a file
+that --after archive or the quarantine moved by where it arrived, then "(now STORED_PATH)".
 """
 
 
@@ -139,9 +140,11 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
         p = format_probability(row["p_defect"]) if row["p_defect"] is not None else "-"
         boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
+        stored = row["stored_path"]
+        moved = f"  (now {_one_line(stored)})" if stored and stored != row["path"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
-            f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{note}\n"
+            f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{moved}{note}\n"
         )
 
 
