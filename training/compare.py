@@ -7,9 +7,11 @@ over the split's images: is the difference more than which images the split happ
     comparison["figures"]["map50"]["interval"], comparison["verdict"]
 
 The bootstrap draws the split's images with replacement (as many as it has), the same draw for
-both models, and scores each model's detections on the draw with `evaluate_coco.coco_metrics`
-(pycocotools, quiet; an image drawn twice counts twice). The difference's 95% interval is the
-2.5th to 97.5th percentile of the resamples' differences (candidate minus baseline).
+both models, and scores each model's detections on the draw as `evaluate_coco.coco_metrics`
+would (pycocotools; an image drawn twice counts twice), re-accumulating each model's per-image
+matching (`evaluate_coco.ResampledCoco`: one matching per model, not one per resample). The
+difference's 95% interval is the 2.5th to 97.5th percentile of the resamples' differences
+(candidate minus baseline).
 """
 
 from __future__ import annotations
@@ -59,21 +61,19 @@ def paired_bootstrap(
     on_resample: Callable[[], object] | None = None,
 ) -> dict[str, list[tuple[float | None, float | None]]]:
     """Per `BOOTSTRAPPED` key, one (candidate, baseline) pair of figures per resample of the
-    images (`resample_indices`): each model's `coco_metrics` of the drawn images (None where
-    the draw holds no object to score). `on_resample` is called after each."""
-    from splitdet.training.evaluate_coco import coco_metrics
+    images (`resample_indices`): each model's `coco_metrics` figures of the drawn images (None
+    where the draw holds no object to score). `on_resample` is called after each."""
+    from splitdet.training.evaluate_coco import ResampledCoco
 
     if not len(samples) == len(candidate) == len(baseline):
         raise ValueError("one prediction of each model per sample is needed")
-    columns = [_columns(candidate), _columns(baseline)]
+    models = [
+        ResampledCoco(samples, *_columns(predictions), class_names)
+        for predictions in (candidate, baseline)
+    ]
     out: dict[str, list[tuple[float | None, float | None]]] = {key: [] for key in BOOTSTRAPPED}
     for drawn in resample_indices(len(samples), resamples, seed):
-        drawn_samples = [samples[i] for i in drawn]
-        figures = [
-            coco_metrics(drawn_samples, *([column[i] for i in drawn] for column in model),
-                         class_names)
-            for model in columns
-        ]  # fmt: skip
+        figures = [model.metrics(drawn) for model in models]
         for key in BOOTSTRAPPED:
             out[key].append((figures[0][key], figures[1][key]))
         if on_resample is not None:

@@ -186,3 +186,63 @@ def gated_coco_metrics(
         [p.labels.numpy()[k] for p, k in zip(predictions, kept, strict=True)],
         class_names,
     )
+
+
+class ResampledCoco:
+    """pycocotools' bbox evaluation of every image once, then `coco_metrics`' mAP figures of
+    any draw of the images (repeats counting again) re-accumulated from it: a bootstrap
+    resample costs pycocotools' accumulate and summary, not its per-image matching. Each
+    image's matching depends on its own objects and detections only, so a draw's figures are
+    those `coco_metrics` gives the drawn samples.
+
+        resampled = ResampledCoco(samples, boxes, scores, labels, class_names)
+        resampled.metrics([0, 0, 3, 1])["map50"]
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[VocSample],
+        boxes_per_image: Sequence,
+        scores_per_image: Sequence,
+        labels_per_image: Sequence,
+        class_names: Sequence[str],
+    ) -> None:
+        """Match every sample's detections (arguments as `coco_metrics`')."""
+        from pycocotools.cocoeval import COCOeval
+
+        if (
+            not len(samples)
+            == len(boxes_per_image)
+            == len(scores_per_image)
+            == len(labels_per_image)
+        ):
+            raise ValueError("one detection list per sample is needed")
+        gt = _coco_gt(samples, class_names)
+        dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
+        self._eval = COCOeval(gt, dt, iouType="bbox")
+        self._eval.params.imgIds = sorted(gt.getImgIds())  # 1..n: the samples' order
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._eval.evaluate()
+        # evalImgs: one entry per (category, area range, image), images innermost
+        self._matched = list(self._eval.evalImgs)
+        self._images = len(samples)
+
+    def metrics(self, drawn: Sequence[int]) -> dict[str, float | None]:
+        """{"map", "map50", "map75", "ar100"} of the samples at indices `drawn` (0-based, with
+        repeats); None where the draw holds no ground truth to score."""
+        coco_eval, images = self._eval, self._images
+        areas = len(coco_eval.params.areaRng)
+        categories = len(coco_eval.params.catIds)
+        coco_eval.evalImgs = [
+            self._matched[(k * areas + a) * images + int(i)]
+            for k in range(categories)
+            for a in range(areas)
+            for i in drawn
+        ]
+        # each drawn position an image of its own to accumulate (a repeat counts again)
+        coco_eval.params.imgIds = coco_eval._paramsEval.imgIds = list(range(len(drawn)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        stats = [None if s < 0 else float(s) for s in coco_eval.stats]
+        return {"map": stats[0], "map50": stats[1], "map75": stats[2], "ar100": stats[8]}
