@@ -96,13 +96,17 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed when the process is stopped
         self._log = log
-        self.process = subprocess.Popen(
-            self.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
-        )
+        try:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
+            )
+        except BaseException:
+            log.close()
+            raise
         self._own_signals = _sigterm_unwinds()
         self._terminated = False
         return self
@@ -203,16 +207,20 @@ def started(*services: ServiceProcess) -> Iterator[tuple[ServiceProcess, ...]]:
     """`with started(a, b):` as `with a, b:`, but every process is launched before any is
     waited for, and all are sent SIGTERM before any is waited for at the end: their start-ups
     (each may import torch and load a model: seconds) and shut-downs overlap instead of
-    adding up. Stopped in the reverse order, whatever ends the block (a start-up that fails,
-    Ctrl-C)."""
-    try:
+    adding up. Each launched one is stopped, in the reverse order, whatever ends the block (a
+    start-up that fails, Ctrl-C, a stop that raises); the first one's stop, the last, gives
+    back the SIGTERM and SIGHUP handling its launch installed, so a signal meanwhile still
+    unwinds into the stops."""
+    with contextlib.ExitStack() as stops:
         for service in services:
             service.launch()
+            stops.callback(service.stop)
+        stops.callback(_terminate_all, services)  # (runs first)
         for service in services:
-            service.await_ready()
+            service._wait_ready()  # (not await_ready: its stop would restore the signals early)
         yield services
-    finally:
-        for service in reversed(services):
-            service.terminate()
-        for service in reversed(services):
-            service.stop()
+
+
+def _terminate_all(services: Sequence[ServiceProcess]) -> None:
+    for service in reversed(services):
+        service.terminate()
