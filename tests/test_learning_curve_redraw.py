@@ -21,6 +21,20 @@ def _curve_of_history(run, tmp_path) -> bytes:
     return (tmp_path / "expected.png").read_bytes()
 
 
+def _ctrl_c_at_call(monkeypatch, name: str, call: int) -> None:
+    """KeyboardInterrupt at the `call`-th call of training.train's `name` (1-based)."""
+    real = getattr(train_module, name)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, name, interrupted)
+
+
 def test_the_curve_shows_every_epoch_when_the_run_ends(tiny_voc, tmp_path, one_torch_thread):
     run = tmp_path / "run"
     train(replace(TINY, epochs=3, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
@@ -31,18 +45,22 @@ def test_the_curve_shows_every_epoch_when_the_run_ends(tiny_voc, tmp_path, one_t
 def test_the_curve_shows_the_epochs_kept_by_a_stopped_run(
     tiny_voc, tmp_path, monkeypatch, one_torch_thread
 ):
-    trained = train_module._train_epoch
-    calls = []
-
-    def stopped_in_the_third_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return trained(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_epoch", stopped_in_the_third_epoch)
+    _ctrl_c_at_call(monkeypatch, "_train_epoch", 3)  # in the third epoch
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(replace(TINY, epochs=5, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
     assert len(json.loads((run / "metrics.json").read_text())) == 2
+    assert (run / "learning_curve.png").read_bytes() == _curve_of_history(run, tmp_path)
+
+
+def test_a_run_stopped_before_its_records_are_written_draws_no_epoch_they_lack(
+    tiny_voc, tmp_path, monkeypatch, one_torch_thread
+):
+    """Stopped in the second epoch's records (before metrics.json held it): the curve is that
+    of metrics.json, not of the epoch trained but not recorded."""
+    _ctrl_c_at_call(monkeypatch, "write_metrics", 2)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(TINY, epochs=3, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
+    assert len(json.loads((run / "metrics.json").read_text())) == 1
     assert (run / "learning_curve.png").read_bytes() == _curve_of_history(run, tmp_path)

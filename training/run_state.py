@@ -48,7 +48,9 @@ class _Run:
     # `time.perf_counter()` its wall clock counts from in this call (that many seconds back)
     wall_seconds: float = 0.0
     wall_start: float = 0.0
-    # learning_curve.png: how many history rows it shows, and when it was drawn (perf_counter)
+    # history rows metrics.json holds; learning_curve.png: how many of them it shows, and
+    # when it was drawn (perf_counter)
+    recorded_rows: int = 0
     plotted_rows: int = 0
     plotted_at: float | None = None
 

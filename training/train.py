@@ -262,6 +262,7 @@ def _train_epochs(
 
     # the run's wall clock goes on from its earlier calls' (last.pt's wall_seconds)
     wall_start = run.wall_start = time.perf_counter() - run.wall_seconds
+    run.recorded_rows = run.plotted_rows = len(run.history)  # (a resumed run's, drawn already)
     row: dict[str, Any] = dict(run.history[-1]) if run.history else {}
     overall = _overall_bar(config, clock, run.start_epoch, enabled=run.progress and run.rank == 0)
     ended_by_epochs = True  # False when the budget or stop_after ended the loop
@@ -282,7 +283,7 @@ def _train_epochs(
             _advance(overall, clock)
             if run.rank == 0:
                 _save_epoch_records(run, row, epoch)
-    except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the curve shows every epoch kept
+    except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the curve shows metrics.json
         _catch_up_plot(run, quiet=True)
         raise
     overall.close()
@@ -321,21 +322,22 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         _save_epoch(run.best_path, run.model, extra, epoch)
         log.info("%s", describe_best(best.summary()))
     write_metrics(run.out_dir, run.history)
+    run.recorded_rows = len(run.history)
     if run.plotted_at is None or time.perf_counter() - run.plotted_at >= PLOT_EVERY_S:
         _plot(run)
     _save_epoch(run.last_path, run.model, extra, epoch)
 
 
 def _plot(run: _Run) -> None:
-    """Draw learning_curve.png from the history so far (rank 0)."""
-    plot_learning_curve(run.history, run.out_dir / "learning_curve.png")
-    run.plotted_rows, run.plotted_at = len(run.history), time.perf_counter()
+    """Draw learning_curve.png from the epochs metrics.json holds (rank 0)."""
+    plot_learning_curve(run.history[: run.recorded_rows], run.out_dir / "learning_curve.png")
+    run.plotted_rows, run.plotted_at = run.recorded_rows, time.perf_counter()
 
 
 def _catch_up_plot(run: _Run, *, quiet: bool = False) -> None:
     """Redraw learning_curve.png if epochs were recorded since it was drawn (rank 0), as a
     run ends; `quiet`: a failure is logged, not raised (the run is ending on another error)."""
-    if run.rank != 0 or run.plotted_rows >= len(run.history):
+    if run.rank != 0 or run.plotted_rows >= run.recorded_rows:
         return
     try:
         _plot(run)
