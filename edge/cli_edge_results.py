@@ -31,7 +31,8 @@ bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reaso
 (from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict` reports.
 --since keeps rows created or changed since then (a consumer polling with --since sees pending
 rows again once they are final). Safe to run while the daemon writes. The table names a file
-that --after archive or the quarantine moved by where it arrived, then "(now STORED_PATH)".
+that --after archive or the quarantine moves by where it arrived, then "(to STORED_PATH)"
+(where it is once moved: a move that failed is retried, and logged as "cannot move file").
 """
 
 
@@ -141,7 +142,7 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
         boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         stored = row["stored_path"]
-        moved = f"  (now {_one_line(stored)})" if stored and stored != row["path"] else ""
+        moved = f"  (to {_one_line(stored)})" if stored and stored != row["path"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
             f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{moved}{note}\n"

@@ -252,13 +252,13 @@ def test_results_command_json_csv_since_and_verdict(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "quarantine: /hot/img3.png: empty file" in table
 
-    # a file --after archive moved: the table says where it is now (it named the hot folder)
+    # a file --after archive moves: the table says where to (it named only the hot folder)
     store = ResultStore(path)
     moved, _ = store.record_ok(arrival(5), 0.1, FINGERPRINT, {}, lambda i: f"/archive/{i}.png")
     store.close()
     assert main(["edge", "results", "--db", str(path)]) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.split()[0] == str(moved)]
-    assert line.endswith(f"{arrival(5).path}  (now /archive/{moved}.png)"), line
+    assert line.endswith(f"{arrival(5).path}  (to /archive/{moved}.png)"), line
 
     assert main(["edge", "results", "--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "no such results database" in capsys.readouterr().err

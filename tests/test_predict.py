@@ -133,7 +133,8 @@ def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
 def test_predict_through_the_server_equals_in_process(tiny_model_dir, image_dir, tmp_path):
     """`--cloud ADDRESS` with torch blocked gives the in-process detections, box for box (on
     the server's one torch thread: with two, a sum may be split otherwise, a float32 step off),
-    boxes on the image's edge included (the server clamped them onto it, in-process not)."""
+    boxes on the image's edge included (the edge clamped the server's onto it, in-process ones
+    went unclamped: both now clamp in the detection core)."""
     from cloud_fixtures import start_cloud_process
 
     local = tmp_path / "local.json"

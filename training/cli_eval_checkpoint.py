@@ -115,7 +115,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         "gate_threshold_stored": store,  # gate_threshold written into the checkpoint
         "checkpoint_gate_threshold": metrics["gate_threshold"] if store else held,
     })  # fmt: skip
-    # the checkpoint first, before the bootstrap (minutes on a large split, while a training
+    # the checkpoint first, before the bootstrap (tens of seconds on a large split, while a training
     # run may replace the file): the JSON says whether it holds the threshold now, and a
     # failure to write it loses no evaluation (the JSON is still shown or written, then the
     # error said)
