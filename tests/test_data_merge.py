@@ -6,6 +6,7 @@ and never left half-made."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -166,15 +167,15 @@ def test_a_failure_while_writing_leaves_no_out(tmp_path, capsys, monkeypatch):
     b = _renamed(_source(tmp_path / "b", seed=1), "b_")
     out = tmp_path / "merged"
     written = []
-    real = voc.write_annotation
+    real = voc_merge.atomic_write
 
-    def failing(path, sample, **kwargs):
+    def failing(path, data, **kwargs):
         if len(written) == 5:
             raise OSError(28, "No space left on device")
         written.append(path)
-        real(path, sample, **kwargs)
+        real(path, data, **kwargs)
 
-    monkeypatch.setattr(voc_merge.voc, "write_annotation", failing)
+    monkeypatch.setattr(voc_merge, "atomic_write", failing)
     code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
     assert code == 2 and "No space left on device" in err and len(written) == 5
     assert not out.exists() and _leftovers(tmp_path) == []
@@ -227,3 +228,34 @@ def test_a_failed_merge_removes_the_folders_it_made_for_out(tmp_path, capsys, mo
     code, _, err = _merge(capsys, str(a), str(b), "--out", str(out))
     assert code == 2 and "No space left on device" in err, err
     assert not (tmp_path / "new").exists()
+
+
+def test_annotations_keep_what_the_sources_wrote_but_the_image_they_name(tmp_path, capsys):
+    """Merge wrote every annotation anew with the fields splitdet reads: a labelling tool's
+    pose, truncated, its own tags and boxes off the integer grid were lost. Now only <folder>
+    and <filename> change, to name the merged image (with --prefix, the prefixed one)."""
+    a = _source(tmp_path / "gaskets", seed=0)
+    b = _source(tmp_path / "review", seed=1)
+    xml = a / "Annotations" / "img_000.xml"
+    document = xml.read_text()
+    document = document.replace("<folder>JPEGImages</folder>", "")  # (a tool that writes none)
+    document = document.replace("<pose>Unspecified</pose>", "<pose>Left</pose>", 1)
+    document = document.replace("<truncated>0</truncated>", "<truncated>1</truncated>", 1)
+    document = document.replace("</bndbox>", "</bndbox><attributes><occluded>yes</occluded>"
+                                "</attributes>", 1)  # fmt: skip
+    document = re.sub(r"<xmin>\d+</xmin>", "<xmin>12.5</xmin>", document, count=1)
+    xml.write_text(document)
+    source = voc.read_annotation(a, "img_000")
+    out = tmp_path / "merged"
+
+    code, _, err = _merge(capsys, str(a), str(b), "--prefix", "--out", str(out))
+
+    assert code == 0, err
+    merged_xml = (out / "Annotations" / "gaskets_img_000.xml").read_text()
+    for kept in ("<pose>Left</pose>", "<truncated>1</truncated>", "<occluded>yes</occluded>",
+                 "<xmin>12.5</xmin>"):  # fmt: skip
+        assert kept in merged_xml, merged_xml
+    assert "<folder>JPEGImages</folder>" in merged_xml
+    assert "<filename>gaskets_img_000.png</filename>" in merged_xml
+    merged = voc.read_annotation(out, "gaskets_img_000")
+    assert merged.objects == source.objects and merged.filename == merged.image_path.name

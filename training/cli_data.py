@@ -160,7 +160,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "it, and nothing is written when one has a problem. Ids are kept; an id in two "
             "sources is refused unless --prefix. Images are hard-linked where the file system "
             "allows it (editing one in place then changes both datasets), else copied; "
-            "annotations are written anew, naming their merged image."
+            "annotations are kept as written (pose, truncated, a tool's own tags), their "
+            "<folder> and <filename> naming their merged image."
         ),
         epilog="examples:\n"
         "  splitdet data merge data/gaskets review/ --out data/gaskets-v2\n"

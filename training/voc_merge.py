@@ -14,8 +14,9 @@ source lists in no split are carried over, in no split, as they were.
 
 Images are hard-linked into the new tree where the file system allows it (no second copy of
 a large dataset; an image edited in place then changes in both trees), else copied.
-Annotations are written anew by `voc.write_annotation` (the standard fields splitdet reads),
-their ``<filename>`` naming the merged image. The tree is written into a temporary sibling of
+Annotations are kept as the sources wrote them (``pose``, ``truncated``, boxes to the digit, a
+labelling tool's own tags), but for ``<folder>`` and ``<filename>``, which name the merged
+image. The tree is written into a temporary sibling of
 the output folder and renamed to it at the end: an output folder that exists is complete, and
 one that existed already is never written into (only an empty one is replaced).
 
@@ -25,21 +26,22 @@ Only the standard library and Pillow (through `voc`): no torch.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitdet.shared.atomic_file import folder_mode
+from splitdet.shared.atomic_file import atomic_write, folder_mode
 from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
 from splitdet.training.voc_check_collected import same_bytes_groups
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
+from splitdet.training.voc_xml import _parse_xml as parse_xml
 
 __all__ = ["MergeError", "MergePlan", "MergeResult", "SourcePlan", "merge", "plan_merge"]
 
@@ -59,6 +61,8 @@ class SourcePlan:
     root: Path
     prefix: str  # "" (ids kept), or "FOLDER_"
     samples: list[voc.VocSample]  # every annotation, its image located
+    # per sample's id, its annotation document as merged (`merged_annotation`)
+    documents: dict[str, bytes]
     other_images: list[Path]  # image files no annotation is paired with
     splits: dict[str, list[str]]  # the source's own ids per split file it has
     unlisted: int  # annotated images in no split
@@ -183,12 +187,16 @@ def read_source(
                     f"{split_dir / (split + '.txt')}: lists {image_id!r}, which has no "
                     f"Annotations/{image_id}.xml"
                 )
-    samples = []
+    samples, documents = [], {}
     for image_id in ids:
         problem = voc.id_problem(prefix + image_id)
         if problem is not None:
             raise voc.VocError(f"{root / 'Annotations' / image_id}.xml: {problem}; rename it")
-        samples.append(voc.read_annotation(root, image_id))
+        sample = voc.read_annotation(root, image_id)
+        samples.append(sample)
+        documents[image_id] = merged_annotation(
+            root / "Annotations" / f"{image_id}.xml", prefix + image_id + sample.image_path.suffix
+        )
         if progress is not None:
             progress(1)
     claimed = {s.image_path for s in samples}
@@ -206,10 +214,27 @@ def read_source(
         root=root,
         prefix=prefix,
         samples=samples,
+        documents=documents,
         other_images=other_images,
         splits=splits,
         unlisted=len(annotated - listed),
     )
+
+
+def merged_annotation(path: Path, image_name: str) -> bytes:
+    """The annotation at ``path`` (read and checked by `voc.read_annotation` already) as the
+    merged tree holds it: ``<folder>`` JPEGImages and ``<filename>`` ``image_name``, the merged
+    image; every other element as the source wrote it (``pose``, ``truncated``, boxes to the
+    digit, a tool's own tags). UTF-8 bytes."""
+    root = parse_xml(path)
+    for index, (tag, text) in enumerate((("folder", "JPEGImages"), ("filename", image_name))):
+        element = root.find(tag)
+        if element is None:
+            element = ET.Element(tag)
+            element.tail = root[0].tail if len(root) else None
+            root.insert(index, element)
+        element.text = text
+    return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
 def plan_merge(
@@ -318,8 +343,9 @@ def merge(
                     linked += 1
                 else:
                     copied += 1
-                merged = dataclasses.replace(sample, image_id=new_id, image_path=image)
-                voc.write_annotation(work / "Annotations" / f"{new_id}.xml", merged)
+                atomic_write(
+                    work / "Annotations" / f"{new_id}.xml", source.documents[sample.image_id]
+                )
                 if progress is not None:
                     progress(2)
             for path in source.other_images:
