@@ -66,6 +66,17 @@ def read_annotation(
     check_image: bool = True,
 ) -> VocSample:
     """Read ``Annotations/{image_id}.xml`` and locate its image; see `read_split`."""
+    return read_annotation_document(root, image_id, class_names, check_image=check_image)[0]
+
+
+def read_annotation_document(
+    root: Path,
+    image_id: str,
+    class_names: Sequence[str] | None = None,
+    *,
+    check_image: bool = True,
+) -> tuple[VocSample, ET.Element]:
+    """`read_annotation`, and the XML document it read (its root element, as written)."""
     root = Path(root)
     path = root / "Annotations" / f"{image_id}.xml"
     ann = _parse_xml(path)
@@ -146,7 +157,7 @@ def read_annotation(
         if x2 <= x1 or y2 <= y1:
             raise VocError(f"{path}: {where} {box} is empty (max < min)")
         objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
-    return VocSample(
+    sample = VocSample(
         image_id=image_id,
         image_path=image_path,
         width=width,
@@ -154,6 +165,7 @@ def read_annotation(
         objects=tuple(objects),
         filename=filename,
     )
+    return sample, ann
 
 
 def _coordinate(value: float) -> str:

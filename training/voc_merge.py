@@ -38,10 +38,10 @@ from pathlib import Path
 from splitdet.shared.atomic_file import atomic_write, folder_mode
 from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
+from splitdet.training.voc_annotations import read_annotation_document
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
 from splitdet.training.voc_check_collected import same_bytes_groups
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
-from splitdet.training.voc_xml import _parse_xml as parse_xml
 
 __all__ = ["MergeError", "MergePlan", "MergeResult", "SourcePlan", "merge", "plan_merge"]
 
@@ -155,7 +155,7 @@ def _source_prefixes(roots: Sequence[Path], prefix: bool) -> list[str]:
 def read_source(
     root: Path, prefix: str = "", progress: Callable[[int], None] | None = None
 ) -> SourcePlan:
-    """Read the VOC tree at ``root`` whole: every annotation (`voc.read_annotation`, its image
+    """Read the VOC tree at ``root`` whole: every annotation (`read_annotation_document`, its image
     header checked), every split file, the images no annotation is paired with. `voc.VocError`
     naming the file for the first problem, a source without any split file, or a split line
     naming an id without annotation."""
@@ -192,10 +192,10 @@ def read_source(
         problem = voc.id_problem(prefix + image_id)
         if problem is not None:
             raise voc.VocError(f"{root / 'Annotations' / image_id}.xml: {problem}; rename it")
-        sample = voc.read_annotation(root, image_id)
+        sample, document = read_annotation_document(root, image_id)
         samples.append(sample)
         documents[image_id] = merged_annotation(
-            root / "Annotations" / f"{image_id}.xml", prefix + image_id + sample.image_path.suffix
+            document, prefix + image_id + sample.image_path.suffix
         )
         if progress is not None:
             progress(1)
@@ -221,12 +221,11 @@ def read_source(
     )
 
 
-def merged_annotation(path: Path, image_name: str) -> bytes:
-    """The annotation at ``path`` (read and checked by `voc.read_annotation` already) as the
-    merged tree holds it: ``<folder>`` JPEGImages and ``<filename>`` ``image_name``, the merged
-    image; every other element as the source wrote it (``pose``, ``truncated``, boxes to the
-    digit, a tool's own tags). UTF-8 bytes."""
-    root = parse_xml(path)
+def merged_annotation(root: ET.Element, image_name: str) -> bytes:
+    """The annotation document ``root`` (read and checked by `read_annotation_document`) as
+    the merged tree holds it: ``<folder>`` JPEGImages and ``<filename>`` ``image_name``, the
+    merged image; every other element as the source wrote it (``pose``, ``truncated``, boxes
+    to the digit, a tool's own tags). UTF-8 bytes; ``root`` is changed."""
     for index, (tag, text) in enumerate((("folder", "JPEGImages"), ("filename", image_name))):
         element = root.find(tag)
         if element is None:
