@@ -118,6 +118,19 @@ def coco_metrics(
     table, averaged as its summary averages it; None for a class without ground truth here)
     and its number of objects, `difficult` ones not counted.
     """
+    coco_eval = _matched(samples, boxes_per_image, scores_per_image, labels_per_image, class_names)
+    return {**_summary(coco_eval), "per_class": _per_class(coco_eval, samples, class_names)}
+
+
+def _matched(
+    samples: Sequence[VocSample],
+    boxes_per_image: Sequence,
+    scores_per_image: Sequence,
+    labels_per_image: Sequence,
+    class_names: Sequence[str],
+) -> COCOeval:
+    """pycocotools' bbox COCOeval of the detections (arguments as `coco_metrics`'), every
+    image matched (`evaluate`), nothing accumulated yet; image ids 1..n in the samples' order."""
     from pycocotools.cocoeval import COCOeval
 
     if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
@@ -128,16 +141,17 @@ def coco_metrics(
     coco_eval.params.imgIds = sorted(gt.getImgIds())
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
+    return coco_eval
+
+
+def _summary(coco_eval: COCOeval) -> dict[str, float | None]:
+    """Accumulate the matched `coco_eval` and summarise it: {"map": mAP@[.5:.95], "map50",
+    "map75", "ar100"}, None where pycocotools has nothing to average."""
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = [None if s < 0 else float(s) for s in coco_eval.stats]
-    return {
-        "map": stats[0],
-        "map50": stats[1],
-        "map75": stats[2],
-        "ar100": stats[8],
-        "per_class": _per_class(coco_eval, samples, class_names),
-    }
+    return {"map": stats[0], "map50": stats[1], "map75": stats[2], "ar100": stats[8]}
 
 
 def _per_class(
@@ -208,21 +222,9 @@ class ResampledCoco:
         class_names: Sequence[str],
     ) -> None:
         """Match every sample's detections (arguments as `coco_metrics`')."""
-        from pycocotools.cocoeval import COCOeval
-
-        if (
-            not len(samples)
-            == len(boxes_per_image)
-            == len(scores_per_image)
-            == len(labels_per_image)
-        ):
-            raise ValueError("one detection list per sample is needed")
-        gt = _coco_gt(samples, class_names)
-        dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
-        self._eval = COCOeval(gt, dt, iouType="bbox")
-        self._eval.params.imgIds = sorted(gt.getImgIds())  # 1..n: the samples' order
-        with contextlib.redirect_stdout(io.StringIO()):
-            self._eval.evaluate()
+        self._eval = _matched(
+            samples, boxes_per_image, scores_per_image, labels_per_image, class_names
+        )
         # evalImgs: one entry per (category, area range, image), images innermost
         self._matched = list(self._eval.evalImgs)
         self._images = len(samples)
@@ -241,8 +243,4 @@ class ResampledCoco:
         ]
         # each drawn position an image of its own to accumulate (a repeat counts again)
         coco_eval.params.imgIds = coco_eval._paramsEval.imgIds = list(range(len(drawn)))
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_eval.accumulate()
-            coco_eval.summarize()
-        stats = [None if s < 0 else float(s) for s in coco_eval.stats]
-        return {"map": stats[0], "map50": stats[1], "map75": stats[2], "ar100": stats[8]}
+        return _summary(coco_eval)
