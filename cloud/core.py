@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import clip_boxes_to_image
 
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
 from splitdet.cloud.log_limit import LineLimiter, repeats_note
@@ -496,11 +497,7 @@ class DetectionCore:
         image: mapped back from the resized one in float32, a corner on its edge may land a
         float32 step past it (400.00003 on a 400 px image). The edge clamps what it receives the
         same way, so in-process detections equal a server's."""
-        height, width = original_hw
-        boxes = output["boxes"].clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
-        boxes = boxes.tolist()
+        boxes = clip_boxes_to_image(output["boxes"], original_hw).tolist()
         scores = output["scores"].tolist()
         labels = output["labels"].tolist()
         return tuple(
