@@ -178,11 +178,9 @@ class ServiceProcess:
             return None
         if process.poll() is None:
             try:
-                if not self._terminated:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    self._terminated = True
+                self.terminate()
                 process.wait(grace_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
             finally:  # grace over, or a second Ctrl-C while waiting: kill what is left
                 if process.poll() is None:
