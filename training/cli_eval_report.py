@@ -124,6 +124,4 @@ def eval_hint(exc: Exception, root: Path | str, class_names: Sequence[str]) -> s
 
 def _split_path(root: Path | str, split: str) -> Path:
     """The file listing `split` in the VOC tree at `root`."""
-    from pathlib import Path
-
     return Path(root) / "ImageSets" / "Main" / f"{split}.txt"
