@@ -280,10 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `splitdet` console script; returns the process exit status."""
     stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
+    # the command's own arguments as typed (`train --nproc-per-node` gives them to its ranks);
+    # the options before the command take no value a command could be named
+    args.command_argv = raw[raw.index(args.command) + 1 :]
     handler = logging.StreamHandler()  # (unused when the root logger has a handler already)
     handler.setFormatter(TextLogFormatter())  # a record's fields too, as key=value
     logging.basicConfig(level=args.log_level, handlers=[handler])

@@ -2,7 +2,8 @@
 
     splitdet train --data data/gaskets --out runs/cpu --preset cpu
     splitdet train --data data/gaskets --out runs/cpu --resume          # continue last.pt
-    torchrun --nproc_per_node 2 -m splitdet.training.cli_train --data D --out R --preset paper
+    splitdet train --data D --out R --preset paper --nproc-per-node 2   # DDP, 2 GPUs
+    torchrun --nnodes 2 ... -m splitdet.training.cli_train --data D --out R  # several machines
 
 Top-level imports are stdlib and the torch-free presets: torch loads when the command runs.
 """
@@ -35,13 +36,14 @@ MODEL_OPTIONS = {
 SIGTERM_STATUS = 143
 #: Exit status of a run stopped by Ctrl-C (SIGINT): 128 + 2.
 CTRL_C_STATUS = 130
+#: Exit status of a rank whose run stopped because another rank's process ended.
+PEER_LOST_STATUS = 1
 
 EXAMPLE = """example:
   splitdet synth --out data/gaskets --size 612x512
   splitdet train --data data/gaskets --out runs/cpu --preset cpu --minutes 30
   splitdet train --data data/gaskets --out runs/cpu --resume --minutes 60   # extend the budget
-  torchrun --nproc_per_node 2 -m splitdet.training.cli_train --data data/gaskets --out runs/p \\
-      --preset paper --init coco
+  splitdet train --data data/gaskets --out runs/p --preset paper --init coco --nproc-per-node 2
 
 exit status: 0 trained; 2 a problem with the data, the options or the run folder; 130 Ctrl-C,
 143 SIGTERM (either way last.pt holds the last finished epoch: continue with --resume)
@@ -150,6 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "line every 25 steps)",
     )
     parser.add_argument("--json", action="store_true", help="print the final metrics row as JSON")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (DDP, started through torchrun's launcher): "
+        "one per GPU; without a GPU, gloo on the CPU, each process with its share of the cores. "
+        "--batch-size is per process (default: 1; under torchrun, torchrun's own count)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -231,6 +242,18 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError, class_names
     from splitdet.training.epoch_records import describe_best
 
+    if "RANK" not in os.environ and args.nproc_per_node != 1:
+        if args.nproc_per_node < 1:
+            raise CommandError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
+        from splitdet.training.launch import train_processes
+
+        return train_processes(args.command_argv, args.nproc_per_node)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    if local_world and args.nproc_per_node not in (1, int(local_world)):
+        raise CommandError(
+            f"--nproc-per-node {args.nproc_per_node}: this run is one of the {local_world} "
+            "processes torchrun started on this machine; give the count to torchrun alone"
+        )
     rank = os.environ.get("RANK", "0")  # torchrun's process; the others' lines are rank 0's
     if rank != "0":
         root = logging.getLogger()
@@ -288,12 +311,14 @@ def run(args: argparse.Namespace) -> int:
         return stopped(SIGTERM_STATUS)
     except KeyboardInterrupt:  # Ctrl-C: the same line, said of an interruption
         return stopped(CTRL_C_STATUS, "interrupted")
-    except Exception:
-        if not terminated:
-            raise
-        # unwinding from SIGTERM, the run failed otherwise: a DataLoader worker the same
-        # SIGTERM ended (a container's stop signals every process), a DDP peer gone
-        return stopped(SIGTERM_STATUS)
+    except Exception as exc:
+        if terminated:
+            # unwinding from SIGTERM, the run failed otherwise: a DataLoader worker the same
+            # SIGTERM ended (a container's stop signals every process), a DDP peer gone
+            return stopped(SIGTERM_STATUS)
+        if _peer_lost(exc):  # (the launcher names the process that ended, and how)
+            return stopped(PEER_LOST_STATUS, "stopped: another process of this run ended")
+        raise
     best = f"; {describe_best(row['best'])}" if row.get("best") else ""
     if rank != "0":  # rank 0 prints the run's result
         return 0
@@ -342,9 +367,20 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _peer_lost(exc: Exception) -> bool:
+    """Whether `exc` is what a rank of a multi-process run meets when another rank's process
+    ended (killed, out of memory): the collective backend's error on a closed connection."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") == "1" or not isinstance(exc, RuntimeError):
+        return False
+    return bool(re.search(r"gloo|NCCL|[Cc]onnection (reset|closed)|Broken pipe", str(exc)))
+
+
 def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIGTERM") -> str:
     """The line a run stopped by SIGTERM (or, `stopped` "interrupted", by Ctrl-C) ends with:
     what it kept and how to continue it."""
+    import os
     import shlex
     from pathlib import Path
 
@@ -354,7 +390,11 @@ def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIG
             f"splitdet train: {stopped} before its first epoch ended: no checkpoint was "
             "written; start it again"
         )
-    command = shlex.join(["splitdet", "train", "--data", args.data, "--out", args.out, "--resume"])
+    words = ["splitdet", "train", "--data", args.data, "--out", args.out, "--resume"]
+    processes = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if processes != "1" and os.environ.get("WORLD_SIZE") == processes:  # one machine's DDP
+        words += ["--nproc-per-node", processes]
+    command = shlex.join(words)
     return (
         f"splitdet train: {stopped}; {last} holds the last finished epoch: continue with "
         f"`{command}`"
@@ -435,10 +475,14 @@ def _one_line(exc: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m splitdet.training.cli_train` (what torchrun launches)."""
+    """`python -m splitdet.training.cli_train` (what torchrun launches, and what each process of
+    `splitdet train --nproc-per-node N` runs: it logs at the level LOG_LEVEL_ENV gives)."""
     import logging
+    import os
 
     from splitdet.shared.cli import CommandError, Parser
+    from splitdet.shared.logs import TextLogFormatter
+    from splitdet.training.launch import LOG_LEVEL_ENV
 
     # (splitdet's parser: a path option given twice is refused here too)
     parser = Parser(
@@ -446,12 +490,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.command_argv = list(sys.argv[1:] if argv is None else argv)
+    handler = logging.StreamHandler()  # the lines `splitdet train` writes
+    handler.setFormatter(TextLogFormatter())
+    logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), handlers=[handler])
 
     try:
         return run(args)
-    except CommandError as exc:
-        print(f"splitdet train: error: {exc}", file=sys.stderr)
+    except CommandError as exc:  # (every rank meets a problem of the data: rank 0's line first)
+        rank = os.environ.get("RANK", "0")
+        print(f"splitdet train: error{'' if rank == '0' else f' (rank {rank})'}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return 2
 
 

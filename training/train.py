@@ -4,8 +4,9 @@
     from splitdet.training.train import train
     train(PRESETS["cpu"], "data/gaskets", "runs/cpu")  # = splitdet train --data ... --out ...
 
-Multi-process (the paper trained on two GPUs): `torchrun --nproc_per_node 2 -m
-splitdet.training.cli_train --data D --out R` (gloo on CPU, nccl on GPU). Each process takes
+Multi-process (the paper trained on two GPUs): `splitdet train --data D --out R --nproc-per-node
+2`, which starts its ranks through torchrun's launcher (`launch`; gloo on CPU, nccl on GPU),
+or torchrun running `-m splitdet.training.cli_train` itself. Each process takes
 `batch_size` images per step; only rank 0 evaluates and writes checkpoints and metrics.
 
 Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best validation

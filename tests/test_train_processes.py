@@ -1,0 +1,134 @@
+"""`splitdet train --nproc-per-node N`: DDP through the one command (torchrun's launcher, run
+in-process). A run stopped by SIGTERM ends with the ranks' one line and exit 143, not the
+launcher's traceback, and resumes on as many processes; a problem of the data is said once per
+rank, rank 0's first, without the launcher's own log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitdet.shared.checkpoint import read_checkpoint
+from splitdet.shared.cli import main
+
+from support import run_until, train_argv
+
+
+def _processes_naming(path: Path) -> list[int]:
+    """Pids of the live processes whose command line names `path` (the ranks of a run)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(path).encode() in words:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "splitdet.shared.cli",
+            *train_argv(tiny_voc, run, "--epochs", "1000", "--nproc-per-node", "2")]  # fmt: skip
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+
+    def stop(process: subprocess.Popen) -> None:
+        process.send_signal(signal.SIGTERM)
+
+    code, out, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", stop)
+    assert code == 143, err
+    assert "Traceback" not in err and out == "", err
+    assert "torch/distributed" not in err, err  # the launcher's own lines stay out
+    (line,) = [line for line in err.splitlines() if "SIGTERM" in line]
+    assert line == (
+        f"splitdet train: stopped on SIGTERM; {run / 'last.pt'} holds the last finished epoch: "
+        f"continue with `splitdet train --data {tiny_voc} --out {run} --resume "
+        "--nproc-per-node 2`"
+    )
+    assert _processes_naming(run) == []  # no rank outlives the launcher
+    epoch = read_checkpoint(run / "last.pt")["epoch"]
+    # resumed in-process: trains on, and leaves this process's signal handlers as they were
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
+    resumed = train_argv(tiny_voc, run, "--resume", "--epochs", str(epoch + 2),
+                         "--nproc-per-node", "2")  # fmt: skip
+    assert main(resumed) == 0
+    assert read_checkpoint(run / "last.pt")["epoch"] == epoch + 1
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)] == handlers
+    assert os.environ.get("OMP_NUM_THREADS") == env_threads
+
+
+def test_a_problem_of_the_data_is_said_by_the_ranks_alone(tmp_path):
+    nodata = tmp_path / "nodata"
+    argv = [sys.executable, "-m", "splitdet.shared.cli",
+            *train_argv(nodata, tmp_path / "run", "--nproc-per-node", "2")]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    problem = f"{tmp_path / 'nodata' / 'ImageSets' / 'Main' / 'train.txt'}: split file not found"
+    assert len(lines) == 2 and all(problem in line for line in lines), done.stderr
+    assert sorted(line[: line.index(problem)] for line in lines) == [
+        "splitdet train: error (rank 1): ", "splitdet train: error: "
+    ], done.stderr  # fmt: skip
+
+
+def test_the_count_of_processes_is_checked(tiny_voc, tmp_path, capsys, monkeypatch):
+    assert main(train_argv(tiny_voc, tmp_path / "run", "--nproc-per-node", "0")) == 2
+    assert "--nproc-per-node 0: give 1 or more" in capsys.readouterr().err
+    # a process torchrun started: the count is torchrun's
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(train_argv(tiny_voc, tmp_path / "run", "--nproc-per-node", "4")) == 2
+    err = capsys.readouterr().err
+    assert "--nproc-per-node 4: this run is one of the 2 processes torchrun started" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("before", [["--log-level", "WARNING"], []])
+def test_the_command_argv_is_what_follows_the_command(before, monkeypatch):
+    """The ranks get `train`'s own arguments as typed, whatever options precede the command."""
+    seen = []
+    monkeypatch.setattr(
+        "splitdet.training.cli_train.run", lambda args: seen.append(args.command_argv) or 0
+    )
+    argv = [*before, "train", "--data", "train", "--out", "r", "--nproc-per-node", "2"]
+    assert main(argv) == 0
+    assert seen == [["--data", "train", "--out", "r", "--nproc-per-node", "2"]]
+
+
+def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "splitdet.shared.cli",
+            *train_argv(tiny_voc, run, "--epochs", "1000", "--nproc-per-node", "2")]  # fmt: skip
+    killed = []
+
+    def kill_rank_1(process: subprocess.Popen) -> None:
+        for pid in _processes_naming(run):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if pid != process.pid and b"RANK=1" in environ:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    code, _, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_rank_1)
+    assert len(killed) == 1
+    assert code == 128 + signal.SIGKILL, err
+    assert "Traceback" not in err and "torch/distributed" not in err, err
+    assert err.rstrip().endswith(
+        f"splitdet train: rank 1 (pid {killed[0]}) was killed by signal 9; the others were stopped"
+    ), err
+    # rank 0 meets the closed connection (or the launcher's SIGTERM first) and says what it kept
+    kept = f"; {run / 'last.pt'} holds the last finished epoch: continue with `"
+    (line,) = [line for line in err.splitlines() if kept in line]
+    assert line.split(kept)[0] in (
+        "splitdet train: stopped: another process of this run ended",
+        "splitdet train: stopped on SIGTERM",
+    ), err
+    assert _processes_naming(run) == []
