@@ -23,7 +23,7 @@ from splitdet.edge import file_moves
 from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.daemon_log import log_event
 from splitdet.edge.daemon_metrics import MOVE_ERROR, EdgeMetrics
-from splitdet.edge.file_identity import path_text
+from splitdet.edge.file_identity import file_key, path_text
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import KnownFile, ResultStore
 from splitdet.edge.watcher import Candidate, HotFolder
@@ -94,6 +94,9 @@ class AfterActions:
         source = candidate.path
         if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
             self.store.check_file()  # StoreGone when --db was deleted or replaced
+            if not _still_the_file_read(candidate):
+                self._replaced(candidate, image_id, stored_path)
+                return True
         try:
             if stored_path is None:
                 source.unlink(missing_ok=True)
@@ -116,6 +119,20 @@ class AfterActions:
                       to=stored_path, failures=retried.failures)  # fmt: skip
         self.folder.forget(candidate)
         return True
+
+    def _replaced(self, candidate: Candidate, image_id: int, stored_path: str | None) -> None:
+        """The file at the candidate's path is no longer the one processed (the camera wrote
+        another under its name meanwhile, or it was removed): the new file is not touched (it
+        is another arrival, taken as such), and the row, whose file is gone, keeps no stored
+        path."""
+        if stored_path is not None:
+            self.store.set_stored_path(image_id, None)
+        self._move_retries.pop(candidate.file_key, None)
+        self.folder.forget(candidate)
+        log_event(logging.WARNING, "file replaced before its move", path=path_text(candidate.path),
+                  image_id=image_id, planned=stored_path,
+                  note="its result is recorded; the file now at the path, if any, is another "
+                       "arrival and is taken as such")  # fmt: skip
 
     def _retry_move_later(self, candidate: Candidate) -> float | None:
         """After a failed move: the seconds until it is tried again, MOVE_RETRY_INITIAL_S
@@ -201,6 +218,15 @@ def free_target(
             continue
         return target
     raise AssertionError("unreachable")
+
+
+def _still_the_file_read(candidate: Candidate) -> bool:
+    """Whether the file at the candidate's path is the one it found (same `file_key`): not
+    replaced by another under its name, nor removed, since it was read."""
+    try:
+        return file_key(candidate.path, candidate.path.stat()) == candidate.file_key
+    except OSError:
+        return False
 
 
 def _adopt(source: Path, target: Path, reason: str | None) -> None:

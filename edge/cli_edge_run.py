@@ -67,7 +67,8 @@ and splitdet_edge_model_info's threshold label shows P. Each result records the 
 fingerprint and the threshold it was judged at (`edge results --json`, `edge status`);
 `splitdet eval --model MODEL_DIR --threshold P` measures the export at P.
 
-Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB. When full:
+Outbox cap: at most --outbox-max-items requests or --outbox-max-mb MB (an empty outbox takes
+one request of any size). When full:
   --when-full wait    (default) stop taking images from the hot folder until the outbox has
                       room; images wait there, nothing is dropped; counted in
                       splitdet_edge_outbox_full_waits_total; while it waits,
@@ -218,7 +219,8 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         type=float,
         default=2048.0,
         metavar="MB",
-        help="outbox cap in payload megabytes (default: %(default)s)",
+        help="outbox cap in payload megabytes; an empty outbox takes one request of any size "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--dead-letter-max-mb",

@@ -12,6 +12,7 @@ before it is durable.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -34,6 +35,9 @@ from splitdet.shared.manifest import file_sha256
 
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
+#: The content hash of a row whose file was never read (too large, unreadable): nothing to
+#: compare a file found again under its key with.
+_NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 
 class Intake:
@@ -69,6 +73,12 @@ class Intake:
         if self.after.retry_not_due(candidate):
             return False
         known = self.store.known(candidate.file_key)
+        if known is not None:
+            recorded = self._recorded_contents(candidate, known)
+            if recorded is None:
+                return False  # cannot be read just now: neither finished nor taken anew
+            if not recorded:
+                known = None  # another file under the very same key: a new arrival
         if known is None and self.config.after == "keep":
             known = self._renumbered(candidate)
         if known is not None:
@@ -98,6 +108,32 @@ class Intake:
         )
         self.processed += 1
         return True
+
+    def _recorded_contents(self, candidate: Candidate, known: KnownFile) -> bool | None:
+        """Whether the file found under a recorded `file_key` holds the contents its row
+        recorded (None: it cannot be read just now). A row whose file should have left --watch
+        (deleted, archived, quarantined) is found again only after a crash between its commit
+        and its move, or when another file arrived with the very same key: same name and size,
+        a modification time a camera or a copy set alike (whole seconds, `cp -p`, rsync -t)
+        and the inode the deleted one freed. Its contents tell the two apart; another file's
+        row gives its key up (`supersede`) and the file is taken as the new arrival it is.
+        A file --after keep left in place is not read again (its key is its identity there)."""
+        if known.stored_path == path_text(candidate.path) or known.content_hash in (
+            None,
+            _NOTHING_READ,
+        ):
+            return True
+        try:
+            if file_sha256(candidate.path) == known.content_hash:
+                return True
+        except OSError:
+            return None
+        kept = self.store.supersede(known.id)
+        log_event(logging.WARNING, "same file key, other contents", path=path_text(candidate.path),
+                  image_id=known.id, row_key_now=kept,
+                  note="another file with the name, size, modification time and inode of one "
+                       "recorded earlier: taken as a new arrival")  # fmt: skip
+        return False
 
     def _renumbered(self, candidate: Candidate) -> KnownFile | None:
         """--after keep: the row of this very file recorded under another `file_key`, now

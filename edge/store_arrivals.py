@@ -21,7 +21,7 @@ class StoreArrivals(StoreConnection):
     def known(self, file_key: str) -> KnownFile | None:
         """The row of an arrival already recorded, or None."""
         rows = self._query(
-            "SELECT id, path, stored_path, verdict, error_kind, reason FROM images"
+            "SELECT id, path, stored_path, verdict, error_kind, reason, content_hash FROM images"
             " WHERE file_key = ?",
             (path_text(file_key),),
         )
@@ -48,6 +48,20 @@ class StoreArrivals(StoreConnection):
                 "UPDATE images SET file_key = ?, updated = ? WHERE id = ?",
                 (path_text(file_key), time.time(), image_id),
             )
+
+    def supersede(self, image_id: int) -> str:
+        """Give a row's `file_key` up to another file that arrived with the very same key (name,
+        size, modification time and a reused inode) but other contents: the row keeps its key
+        with "|supersededID" appended (unique, and no longer a file's), so that the new file is
+        recorded under its own. Returns the key the row now has."""
+        with self._transaction() as db:
+            (key,) = db.execute("SELECT file_key FROM images WHERE id = ?", (image_id,)).fetchone()
+            new = f"{key}|superseded{image_id}"
+            db.execute(
+                "UPDATE images SET file_key = ?, updated = ? WHERE id = ?",
+                (new, time.time(), image_id),
+            )
+            return new
 
     def _insert(self, db: sqlite3.Connection, arrival: Arrival, **values: Any) -> int:
         now = time.time()
@@ -82,9 +96,9 @@ class StoreArrivals(StoreConnection):
         db.execute("UPDATE images SET stored_path = ? WHERE id = ?", (path, image_id))
         return path
 
-    def set_stored_path(self, image_id: int, stored_path: str) -> str:
-        """Record where a processed file now goes (its planned name was taken meanwhile), one
-        commit; returns the path as stored."""
+    def set_stored_path(self, image_id: int, stored_path: str | None) -> str | None:
+        """Record where a processed file now goes (its planned name was taken meanwhile; None:
+        nowhere, it was replaced before its move), one commit; returns the path as stored."""
         with self._transaction() as db:
             return self._set_stored_path(db, image_id, stored_path)
 
@@ -155,7 +169,7 @@ class StoreArrivals(StoreConnection):
             depth, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
             ).fetchone()
-            if depth + 1 > self.cap.max_items or size + len(payload) > self.cap.max_bytes:
+            if not self.cap.admits(depth, size, len(payload)):
                 if self.cap.policy == "wait":
                     raise OutboxFull(f"outbox holds {depth} requests, {size} bytes")
                 reason = (

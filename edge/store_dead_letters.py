@@ -211,7 +211,7 @@ class StoreDeadLetters(StoreConnection):
                     done.abandoned_left.append(image_id)
                 elif payload_bytes is None:
                     done.not_kept.append(image_id)
-                elif depth + 1 > self.cap.max_items or size + payload_bytes > self.cap.max_bytes:
+                elif not self.cap.admits(depth, size, payload_bytes):
                     done.no_room.append(image_id)
                 else:
                     depth, size = depth + 1, size + payload_bytes

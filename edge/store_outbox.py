@@ -25,10 +25,7 @@ class StoreOutbox(StoreConnection):
     def outbox_has_room(self, payload_bytes: int = 0) -> bool:
         """Whether one more request of `payload_bytes` bytes fits the outbox's cap."""
         stats = self.outbox_stats()
-        return (
-            stats.depth + 1 <= self.cap.max_items
-            and stats.bytes + payload_bytes <= self.cap.max_bytes
-        )
+        return self.cap.admits(stats.depth, stats.bytes, payload_bytes)
 
     def next_due(
         self, now: float | None = None, max_wait_s: float | None = None

@@ -38,6 +38,14 @@ class OutboxCap:
     policy: str = "wait"
     dead_letter_max_bytes: int = 256 << 20
 
+    def admits(self, depth: int, size: int, payload_bytes: int) -> bool:
+        """Whether an outbox of `depth` requests and `size` payload bytes has room for one more
+        of `payload_bytes`. An empty one takes any single request: one larger than max_bytes
+        alone would otherwise stop intake for good, with nothing to send that could make room."""
+        return depth + 1 <= self.max_items and (
+            depth == 0 or size + payload_bytes <= self.max_bytes
+        )
+
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_bytes < 1:
             raise ValueError("outbox caps must be at least 1")
@@ -76,6 +84,7 @@ class KnownFile:
     verdict: str
     error_kind: str | None
     reason: str | None
+    content_hash: str | None = None  # SHA-256 hex of the bytes read (of b"" if none were)
 
 
 @dataclass(frozen=True)
