@@ -77,6 +77,10 @@ def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
         )
     if primary not in _IO_CODES:
         return StoreError(f"{path}: not a usable SQLite database ({exc})")
+    if os.path.isdir(path):
+        return StoreError(
+            f"{path}: is a folder; --db names the database file (e.g. {path}/edge.sqlite)"
+        )
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
     disk = disk_problem(path, f"cannot open it ({exc})")
     if disk is not None:

@@ -124,6 +124,16 @@ def test_archive_without_after_archive_is_refused(tiny_model_dir, hot, tmp_path,
     _error_line(capsys, "--archive", "--after archive")
 
 
+def test_a_db_that_is_a_folder_is_named_as_one(tiny_model_dir, hot, tmp_path, capsys):
+    """It was "cannot open it (unable to open database file); check the disk holding it: its
+    free space ..."."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert _edge_run(tiny_model_dir, hot, folder) == 2
+    _error_line(capsys, f"--db {folder}: is a folder; --db names the database file")
+    assert list(folder.iterdir()) == [] and (hot / "a.png").is_file()
+
+
 @pytest.mark.parametrize("flag", ["--db", "--quarantine", "--archive", "--save-annotated"])
 def test_the_daemon_never_writes_into_its_own_hot_folder(tiny_model_dir, hot, tmp_path, capsys,
                                                          flag):  # fmt: skip
