@@ -283,7 +283,7 @@ _FILE_KINDS = (
 )
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     """What a file of `os.stat` mode `mode` is ("a FIFO", ...; "a special file" if unknown)."""
     return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
 
@@ -326,14 +326,16 @@ def read_image_file(path: Path) -> bytes:
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+            raise ImageError(f"{path}: not a regular file ({file_kind(info.st_mode)}); not read")
         if info.st_size > MAX_FILE_BYTES:
             raise _too_big(path, info.st_size)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with open(fd, "rb") as file:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):  # replaced since the stat
-                raise ImageError(f"{path}: not a regular file ({_kind(info.st_mode)}); not read")
+                raise ImageError(
+                    f"{path}: not a regular file ({file_kind(info.st_mode)}); not read"
+                )
             if info.st_size > MAX_FILE_BYTES:  # (replaced by a larger one since)
                 raise _too_big(path, info.st_size)
             # its size now, + 1 to see it grow (read(MAX_FILE_BYTES + 1) would allocate

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import add_pixel_bits_option, class_names, float_in, int_in
 
-if TYPE_CHECKING:  # the handlers import it when they run
+if TYPE_CHECKING:  # the handlers import them when they run
     from splitdet.training.voc_check import DatasetReport
+    from splitdet.training.voc_merge import MergePlan
 
 EPILOG = """\
 actions:
@@ -306,6 +307,14 @@ def run_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merged_split_text(split: str, count: int, plan: MergePlan) -> str:
+    """A merged split as the summary counts it, "train 16", naming the sources it comes from
+    when not every source has it ("free 3 (ds alone)"): its lines are theirs only."""
+    having = [str(s.root) for s in plan.sources if split in s.splits]
+    alone = f" ({', '.join(having)} alone)" if len(having) < len(plan.sources) else ""
+    return f"{split} {count}{alone}"
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """Merge ``args.sources`` into the new dataset ``args.out``, and say what it holds."""
     import shlex
@@ -359,7 +368,7 @@ def run_merge(args: argparse.Namespace) -> int:
             parts.append(f"without annotation {len(source.other_images)}")
         prefix = f" (ids {source.prefix}...)" if source.prefix else ""
         print(f"  {source.root}{prefix}: {', '.join(parts)}")
-    merged = ", ".join(f"{split} {n}" for split, n in result.splits.items())
+    merged = ", ".join(_merged_split_text(split, n, plan) for split, n in result.splits.items())
     print(f"  merged: {merged}")
     classes = ", ".join(f"{k} {v}" for k, v in sorted(plan.classes.items())) or "none"
     print(f"  classes (boxes): {classes}")

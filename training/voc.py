@@ -44,7 +44,7 @@ loads when the first image is read. No torch.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from splitdet.shared.atomic_file import atomic_write
@@ -211,13 +211,34 @@ def class_names_of(root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------- writing
 
 
-def write_split(root: Path, split: str, ids: Iterable[str]) -> Path:
-    """Write ``ROOT/ImageSets/Main/{split}.txt`` with one id per line; returns its path."""
+def split_line_tails(root: Path, split: str) -> dict[str, str]:
+    """What the lines of ``ImageSets/Main/{split}.txt`` hold after their id, by id, for the
+    lines that hold more (VOC's per-class lists, ``scratch_train.txt``: ``img_000  1``), as
+    written (`write_split` puts it back). Read after `read_split_lines` found the file sound."""
+    text = _split_file(root, split).read_text(encoding="utf-8-sig")
+    tails = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        image_id = stripped.split()[0]
+        tail = stripped[len(image_id) :]  # (" 1", "  -1": its spacing kept)
+        if tail:
+            tails.setdefault(image_id, tail)
+    return tails
+
+
+def write_split(
+    root: Path, split: str, ids: Iterable[str], tails: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``ROOT/ImageSets/Main/{split}.txt`` with one id per line, followed by its text in
+    ``tails`` if any (`split_line_tails`); returns its path."""
     ids = list(ids)
+    tails = tails or {}
     for image_id in ids:
         problem = id_problem(image_id)
         if problem is not None:
             raise ValueError(f"{problem}, for split {split!r}")
     path = _split_file(Path(root), split)
-    atomic_write(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
+    atomic_write(path, "".join(f"{i}{tails.get(i, '')}\n" for i in ids).encode("utf-8"))
     return path

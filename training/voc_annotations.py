@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from splitdet.edge.preprocess import file_kind
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.voc_image import ORIENTATION_SHOWN, _image_header, _orientation_problem
 from splitdet.training.voc_names import bare_filename, normalisation_note
@@ -32,29 +34,47 @@ from splitdet.training.voc_xml import _flag, _number, _parse_xml, _text
 EDGE_TOLERANCE_PX = 0.01
 
 
-def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
-    """The image of annotation `image_id`: the one its <filename> names when that is a bare
-    name of this id (``ID.png`` beside an ``ID.jpg``: the annotation says which), else
-    ``JPEGImages/ID.EXT`` for the first extension found, else <filename>'s bare name in
-    JPEGImages (`bare_filename`)."""
+def _image_candidates(root: Path, image_id: str, filename: str | None) -> Iterator[Path]:
+    """The paths the image of annotation `image_id` may have, in the order they are tried:
+    the one its <filename> names when that is a bare name of this id (``ID.png`` beside an
+    ``ID.jpg``: the annotation says which), ``JPEGImages/ID.EXT`` for each extension, any
+    other case of the extension (``.Jpg``; listed only when the usual names are missing), then
+    <filename>'s bare name in JPEGImages (`bare_filename`). Not all of them exist."""
     folder = Path(root) / "JPEGImages"
     if filename and Path(filename).name == filename and Path(filename).stem == image_id:
         named = folder / filename
-        if named.suffix.lower() in IMAGE_EXTENSIONS and named.is_file():
-            return named
+        if named.suffix.lower() in IMAGE_EXTENSIONS:
+            yield named
     for ext in IMAGE_EXTENSIONS:
-        for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
-            if candidate.is_file():
-                return candidate
-    # any other case of the extension (.Jpg), looked for only when the usual names are missing
+        yield folder / f"{image_id}{ext}"
+        yield folder / f"{image_id}{ext.upper()}"
     for candidate in sorted(folder.glob(f"{glob.escape(image_id)}.*")):
-        if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
-            return candidate
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS:
+            yield candidate
     base = bare_filename(filename)
     if base:  # its bare name, in JPEGImages: never a path elsewhere (tools write "images/x.jpg")
-        candidate = folder / base
-        if candidate.is_file():
-            return candidate
+        yield folder / base
+
+
+def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
+    """The image of annotation `image_id`: the first of `_image_candidates` that is a regular
+    file (a symbolic link to one counts), else None."""
+    return next((p for p in _image_candidates(root, image_id, filename) if p.is_file()), None)
+
+
+def _not_a_file(root: Path, image_id: str, filename: str | None) -> tuple[Path, str] | None:
+    """(The first of `_image_candidates` that exists but is no regular file, what it is: "a
+    FIFO", "a folder", "a broken symbolic link"...), for the message of an image not found:
+    ``x.jpg`` is there, listed, and "no x.jpg" would send the user looking for a missing
+    file. None when there is none (the image is missing)."""
+    for path in _image_candidates(root, image_id, filename):
+        if not os.path.lexists(path):
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:  # a link to nothing, or a loop of links
+            return path, "a broken symbolic link"
+        return path, file_kind(mode)
     return None
 
 
@@ -84,6 +104,12 @@ def read_annotation_document(
     filename = (ann.findtext("filename") or "").strip() or None
     image_path = _find_image(root, image_id, filename)
     if image_path is None:
+        special = _not_a_file(root, image_id, filename)
+        if special is not None:
+            raise VocError(
+                f"{path}: image file {special[0]}: not a regular file ({special[1]}); put the "
+                "image itself there"
+            )
         folder = root / "JPEGImages"
         twin = normalisation_note(folder, image_id, IMAGE_EXTENSIONS, looked_for_by=path)
         if not twin and filename and Path(filename).name == filename:

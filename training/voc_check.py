@@ -107,6 +107,11 @@ def check_dataset(
     """
     root = Path(root)
     report = DatasetReport(root=root)
+    ids = annotated_ids(root)
+    files = image_files(root)
+    # (ids with an image file); counted before a missing folder stops the check, so that the
+    # summary says what the other folder holds, not "0 annotations"
+    report.annotations, report.images = len(ids), len(files)
     for folder in ("Annotations", "JPEGImages"):
         if not (root / folder).is_dir():
             hint = missing_folder_hint(root, folder)
@@ -114,9 +119,6 @@ def check_dataset(
     if report.problems:
         return report
 
-    ids = annotated_ids(root)
-    files = image_files(root)
-    report.annotations, report.images = len(ids), len(files)  # (ids with an image file)
     nested = nested_note(root)
     if nested is not None:  # (a problem when the top level holds nothing to read)
         (report.problems if not ids or not files else report.warnings).append(nested)

@@ -112,9 +112,14 @@ def _check_splits(
             f"{split_dir / 'train.txt'}: no defective image, so the detector and the gate would "
             "train without a single defect; list annotated defective images in it"
         )
-    if val is None and "val" not in unreadable:
+    # no val.txt, or one listing no image (`data split --val 0 --overwrite` empties it), is
+    # no val split: train warns and trains without one, so a warning here too
+    if (val is None and "val" not in unreadable) or (
+        val is not None and not (val.images or val.unreadable)
+    ):
+        missing = "split file not found" if val is None else "lists no image"
         report.warnings.append(
-            f"{split_dir / 'val.txt'}: split file not found; training then keeps no best.pt "
+            f"{split_dir / 'val.txt'}: {missing}; training then keeps no best.pt "
             "and `eval --calibrate-split val` cannot set the gate threshold"
         )
     elif val is not None and not val.unreadable and not val.defective:

@@ -8,12 +8,16 @@ written.
 
 Ids are kept as they are. An id found in two sources (``img_000`` in both) is refused, naming
 the ids; with ``prefix`` every id becomes ``FOLDER_ID``, FOLDER being its source folder's name
-(``gaskets_img_000``, ``review_img_000``). A source without any split file is refused (its
-images would train in no split; `splitdet data split SRC` writes them); annotated images a
-source lists in no split are carried over, in no split, as they were.
+(``gaskets_img_000``, ``review_img_000``). A source without train, val or test split file is
+refused (its images would train in no split; `splitdet data split SRC` writes them);
+annotated images a source lists in no split are carried over, in no split, as they were.
+Every split file of a source is merged (``ImageSets/Main/*.txt``: a custom split `eval
+--split NAME` reads, VOC's ``trainval``), its ids renamed as the others'; one that a single
+source has lists that source's ids alone.
 
 Images are hard-linked into the new tree where the file system allows it (no second copy of
-a large dataset; an image edited in place then changes in both trees), else copied.
+a large dataset; an image edited in place then changes in both trees), else copied; an image
+that is a symbolic link is the file it points at.
 Annotations are kept as the sources wrote them (``pose``, ``truncated``, boxes to the digit, a
 labelling tool's own tags), but for ``<folder>`` and ``<filename>``, which name the merged
 image. The tree is written into a temporary sibling of
@@ -43,7 +47,15 @@ from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
 from splitdet.training.voc_check_collected import same_bytes_groups
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
 
-__all__ = ["MergeError", "MergePlan", "MergeResult", "SourcePlan", "merge", "plan_merge"]
+__all__ = [
+    "MergeError",
+    "MergePlan",
+    "MergeResult",
+    "SourcePlan",
+    "merge",
+    "plan_merge",
+    "split_names",
+]
 
 #: Colliding ids a message names before "and N more".
 SHOWN_IDS = 5
@@ -66,6 +78,9 @@ class SourcePlan:
     other_images: list[Path]  # image files no annotation is paired with
     splits: dict[str, list[str]]  # the source's own ids per split file it has
     unlisted: int  # annotated images in no split
+    # per split, what its lines hold after their id, by the source's own id (VOC's per-class
+    # lists: " 1", " -1"); kept in the merged split files
+    line_tails: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def new_id(self, image_id: str) -> str:
         """The id of the source's `image_id` in the merged tree."""
@@ -172,8 +187,8 @@ def read_source(
             + (f"; {nested}" if nested else "")
         )
     split_dir = root / "ImageSets" / "Main"
-    present = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
-    if not present:
+    present = split_names(root)
+    if not set(present) & set(SPLITS):
         raise voc.VocError(
             f"{split_dir}: no split file (train.txt, val.txt, test.txt): its images would be "
             f"in no split of the merged dataset; `splitdet data split {root}` writes them"
@@ -183,9 +198,10 @@ def read_source(
     for split, split_ids in splits.items():
         for image_id in split_ids:
             if image_id not in annotated:
+                other = "" if split in SPLITS else "; if it is no split file, move it elsewhere"
                 raise voc.VocError(
                     f"{split_dir / (split + '.txt')}: lists {image_id!r}, which has no "
-                    f"Annotations/{image_id}.xml"
+                    f"Annotations/{image_id}.xml{other}"
                 )
     samples, documents = [], {}
     for image_id in ids:
@@ -218,7 +234,23 @@ def read_source(
         other_images=other_images,
         splits=splits,
         unlisted=len(annotated - listed),
+        line_tails={s: voc.split_line_tails(root, s) for s in present},
     )
+
+
+def split_names(root: Path) -> list[str]:
+    """The splits ``ROOT/ImageSets/Main`` holds a file of: every visible ``NAME.txt`` (a
+    custom split `eval --split NAME` reads, VOC's ``trainval``), train, val and test first.
+    Each is merged: a split file left out would lose its lines without a word."""
+    split_dir = Path(root) / "ImageSets" / "Main"
+    if not split_dir.is_dir():
+        return []
+    found = {
+        path.stem
+        for path in split_dir.iterdir()
+        if path.suffix == ".txt" and not path.name.startswith(".") and path.is_file()
+    }
+    return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
 
 def merged_annotation(root: ET.Element, image_name: str) -> bytes:
@@ -304,16 +336,25 @@ def _same_image(path: Path, root: Path, first: tuple[Path, Path], how: str) -> N
 
 
 def _link_or_copy(source: Path, target: Path) -> bool:
-    """Hard-link ``source`` as ``target``, else (another file system, links not allowed)
-    copy it; True when linked."""
+    """Hard-link the file ``source`` is as ``target``, else (another file system, links not
+    allowed) copy it; True when linked. A symbolic link is followed to its file, whose own
+    link is made: one of the link itself would be a symbolic link in the merged tree, broken
+    there when relative (``../../store/a.jpg``) and changed by whatever it points at later."""
+    image = source.resolve(strict=True)
     try:
-        os.link(source, target)
+        os.link(image, target)
         return True
     except FileExistsError:
         raise
     except OSError:
-        shutil.copy2(source, target)
+        shutil.copy2(image, target)
         return False
+
+
+def _merged_order(split_ids: dict[str, list[str]]) -> list[str]:
+    """The merged splits in the order they are written and counted: train, val, test, then
+    the others by name, whatever order the sources list theirs in."""
+    return [s for s in SPLITS if s in split_ids] + sorted(set(split_ids) - set(SPLITS))
 
 
 def merge(
@@ -330,6 +371,7 @@ def merge(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     linked = copied = 0
     split_ids: dict[str, list[str]] = {}
+    split_tails: dict[str, dict[str, str]] = {}  # per split: what lines hold after their id
     try:
         os.chmod(work, folder_mode())  # (mkdtemp's 0o700 would keep other users out)
         (work / "JPEGImages").mkdir()
@@ -356,9 +398,11 @@ def merge(
                     progress(1)
             for split, ids in source.splits.items():
                 split_ids.setdefault(split, []).extend(source.new_id(i) for i in ids)
-        for split in SPLITS:  # (in this order, whatever order the sources list theirs in)
-            if split in split_ids:
-                voc.write_split(work, split, split_ids[split])
+                split_tails.setdefault(split, {}).update(
+                    (source.new_id(i), tail) for i, tail in source.line_tails.get(split, {}).items()
+                )
+        for split in _merged_order(split_ids):
+            voc.write_split(work, split, split_ids[split], split_tails[split])
         try:
             os.rename(work, out)  # (replaces an empty folder; never a non-empty one)
         except OSError as exc:
@@ -376,7 +420,7 @@ def merge(
     return MergeResult(
         out=out,
         plan=plan,
-        splits={s: len(ids) for s, ids in split_ids.items()},
+        splits={s: len(split_ids[s]) for s in _merged_order(split_ids)},
         linked=linked,
         copied=copied,
     )

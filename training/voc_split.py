@@ -20,7 +20,7 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
-from splitdet.training.voc_layout import nested_note
+from splitdet.training.voc_layout import missing_folder_hint, nested_note
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -64,6 +64,16 @@ def _raise_first(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more; `splitdet data check` lists all)"
         raise voc.VocError(problems[0] + (more if len(problems) > 1 else ""))
+
+
+def _require_images_folder(root: Path) -> None:
+    """`voc.VocError` when ``ROOT/JPEGImages`` is missing, saying where the images seem to be
+    (`missing_folder_hint`: an ``images/`` folder to rename): else every annotation would be
+    refused in turn for an image not found, without the hint."""
+    folder = root / "JPEGImages"
+    if not folder.is_dir():
+        hint = missing_folder_hint(root, "JPEGImages")
+        raise voc.VocError(f"{folder}: folder not found (not a VOC dataset?){hint}")
 
 
 def stratum_of(sample: voc.VocSample, class_counts: Counter) -> str:
@@ -132,8 +142,9 @@ def split_dataset(
     ``add``: keep every id the existing split files list where it is, and divide only the
     annotations in no split among them (new images collected from the line join the splits,
     and no image moves, so an earlier test split stays held out).
-    Nothing is written unless everything can be: raises `voc.VocError` naming the first
-    annotation or image that cannot be read or named in a split file, `FileExistsError` when
+    Nothing is written unless everything can be: raises `voc.VocError` for a missing
+    ``JPEGImages`` (`_require_images_folder`) or naming the first annotation or image that
+    cannot be read or named in a split file, `FileExistsError` when
     split files exist and not ``overwrite``, and `ValueError` for shares out of range or
     leaving nothing to train on or no defective image for a val split (fewer than two
     defective images, without ``add``).
@@ -141,6 +152,7 @@ def split_dataset(
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val {val} and test {test} must each be in [0, 1) and sum below 1")
     root = Path(root)
+    _require_images_folder(root)
     split_dir = root / "ImageSets" / "Main"
     existing = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
     kept = {s: voc.read_split_ids(root, s) for s in existing} if add else {}
@@ -163,9 +175,11 @@ def split_dataset(
     samples += empty
     if not samples:
         nested = nested_note(root)
+        hint = "" if (root / "Annotations").is_dir() else missing_folder_hint(root, "Annotations")
         raise voc.VocError(
             f"{root / 'Annotations'}: no annotation (*.xml) to split"
             + (f"; {nested}" if nested else "")
+            + hint
         )
 
     class_counts = Counter(obj.name for s in samples for obj in s.objects)
