@@ -2,21 +2,80 @@
 
 The file is written whole or not at all: encoded in memory, written to a temporary name in the
 same folder and renamed over the target once complete (`splitdet.shared.atomic_file`), so a
-full disk leaves no truncated image under the final name, and no temporary file either."""
+full disk leaves no truncated image under the final name, and no temporary file either.
+
+`splitdet predict --save` writes its copies with `save_annotated_copy`, which marks each as an
+annotated copy (a JPEG comment, `COPY_COMMENT`) and writes only where nothing is, or over such
+a copy (an earlier run's): never over a file predict did not write (`foreign_file`).
+"""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.edge import file_moves
+from splitdet.edge.file_names import NAME_MAX, fit_name
+from splitdet.shared.atomic_file import WriteError, atomic_write, folder_mode
 from splitdet.shared.probability_format import format_probability
 
 BOX_COLOUR = (255, 64, 32)
+
+#: The JPEG comment in each of predict's annotated copies: how a later run tells its own copies
+#: (which it may replace: a re-run shows the latest results) from any other file (never
+#: replaced). In the file itself, so that it holds however the folder is copied or renamed.
+COPY_COMMENT = b"splitdet predict: annotated copy"
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float],
+    names: Sequence[str],
+    p_defect: float | None = None,
+) -> Image.Image:
+    """`image` (Float32[3, H, W] in [0, 1]) as an RGB picture with boxes (x1, y1, x2, y2 px),
+    "name score" labels and, if given, p(defect) drawn."""
+    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    canvas = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 600))
+    for box, score, name in zip(boxes, scores, names, strict=True):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=width)
+        draw.text((x1 + width, max(0.0, y1 - 12 - width)), f"{name} {score:.2f}", fill=BOX_COLOUR)
+    if p_defect is not None:
+        draw.text((8, 8), f"p(defect) {format_probability(p_defect)}", fill=BOX_COLOUR)
+    return canvas
+
+
+def encode(canvas: Image.Image, path: Path, **options: object) -> bytes:
+    """`canvas` encoded in memory as `path`'s suffix names (JPEG at quality 90 for .jpg/.jpeg,
+    another of Pillow's formats by its suffix), with the format's `options` (a JPEG's
+    `comment`). In memory: Pillow's encoder writing to a file takes a short write (the disk
+    filling up under it) as done, and truncates the image unsaid.
+
+    Raises:
+        ValueError: a suffix Pillow writes no format for.
+    """
+    suffix = path.suffix.lower()
+    kind = "JPEG" if suffix in (".jpg", ".jpeg") else Image.registered_extensions().get(suffix)
+    if kind is None:
+        raise ValueError(f"{path}: no image format is written as {suffix or 'no suffix'}")
+    if kind == "JPEG":
+        options = {"quality": 90, **options}
+    encoded = io.BytesIO()
+    canvas.save(encoded, format=kind, **options)
+    return encoded.getvalue()
 
 
 def save_annotated(
@@ -36,25 +95,104 @@ def save_annotated(
             left under `path` nor beside it.
         ValueError: a suffix Pillow writes no format for.
     """
-    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    canvas = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(canvas)
-    width = max(2, round(max(canvas.size) / 600))
-    for box, score, name in zip(boxes, scores, names, strict=True):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=width)
-        draw.text((x1 + width, max(0.0, y1 - 12 - width)), f"{name} {score:.2f}", fill=BOX_COLOUR)
-    if p_defect is not None:
-        draw.text((8, 8), f"p(defect) {format_probability(p_defect)}", fill=BOX_COLOUR)
     path = Path(path)
-    suffix = path.suffix.lower()
-    kind = "JPEG" if suffix in (".jpg", ".jpeg") else Image.registered_extensions().get(suffix)
-    if kind is None:
-        raise ValueError(f"{path}: no image format is written as {suffix or 'no suffix'}")
-    options = {"quality": 90} if kind == "JPEG" else {}
-    # encoded in memory, then written by Python: Pillow's encoder writing to a file takes a
-    # short write (the disk filling up under it) as done, and truncates the image unsaid
-    encoded = io.BytesIO()
-    canvas.save(encoded, format=kind, **options)
-    atomic_write(path, encoded.getvalue())
+    canvas = draw_detections(image, boxes, scores, names, p_defect)
+    atomic_write(path, encode(canvas, path))
     return path
+
+
+def save_annotated_copy(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float],
+    names: Sequence[str],
+    path: Path,
+    p_defect: float | None = None,
+) -> Path:
+    """`save_annotated` for predict's copies: a JPEG marked with `COPY_COMMENT`, written whole
+    under `path` only as a new file (created exclusively: a file made there meanwhile is
+    never replaced) or over an earlier annotated copy; returns `path`.
+
+    Raises:
+        WriteError: something else is at `path` (`foreign_file` says what): left as it is.
+        OSError: it could not be written; nothing is left beside `path`.
+    """
+    path = Path(path)
+    canvas = draw_detections(image, boxes, scores, names, p_defect)
+    tmp = _temporary_beside(path, encode(canvas, path, comment=COPY_COMMENT))
+    try:
+        try:  # a new name: made at once and whole, only if free
+            file_moves.move_no_clobber(tmp, path)
+        except FileExistsError:
+            _replace_copy(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def foreign_file(path: Path) -> str | None:
+    """What is at `path` if it is not one of predict's annotated copies, which a run must not
+    replace ("a symbolic link", "a folder", "a FIFO, device or socket", "a file that cannot be
+    read (...)", "a file that is not an annotated copy from predict"); None when nothing is
+    there, or an annotated copy (`COPY_COMMENT`) is. A link is never followed: what it points
+    at is not predict's to replace."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"a file that cannot be examined ({exc.strerror})"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if not stat.S_ISREG(mode):
+        return "a FIFO, device or socket"
+    try:  # no following a link, no waiting on a FIFO put there since the lstat
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"a file that cannot be read ({exc.strerror})"
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return "a FIFO, device or socket"
+        if _jpeg_comment(file) != COPY_COMMENT:
+            return "a file that is not an annotated copy from predict"
+    return None
+
+
+def _jpeg_comment(file: BinaryIO) -> bytes | None:
+    """The comment of the JPEG `file` (its header only is read); None for none, or for a file
+    that is not a JPEG Pillow opens."""
+    try:
+        with Image.open(file, formats=["JPEG"]) as found:
+            return found.info.get("comment")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _temporary_beside(path: Path, data: bytes) -> Path:
+    """A new temporary file in `path`'s folder holding `data`, with the mode an ordinary
+    ``open()`` gives (not ``mkstemp``'s ``0o600``: other users' viewers read the copies);
+    named as `splitdet.shared.atomic_file` names its own (".a.jpg.k2x9_q0a.tmp")."""
+    prefix = fit_name(f".{path.name}", ".", NAME_MAX - len("k2x9_q0a.tmp"))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(tmp, folder_mode() & 0o666)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_copy(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path` if `path` holds an annotated copy (an earlier run's); else
+    WriteError naming what is there, which is left as it is."""
+    found = foreign_file(path)
+    if found is not None:
+        raise WriteError(path, found, errno.EEXIST, f"it exists and is {found}; left as it is")
+    os.replace(tmp, path)

@@ -52,10 +52,12 @@ images finished by then are written, exit status 130). Unreadable files (missing
 file, over 256 MiB, not an image) and flagged images whose detection call failed get verdict
 "error" with the reason (the latter keep p_defect); the others are processed. Each file is
 processed once, however often it is named. --save names each annotated image after its source
-(a.png -> a.jpg; a second a.* becomes a_2.jpg). An unwritable --json or --save, a --json that
-would overwrite an input or an image file, and a --save where the annotated copies could
-overwrite inputs (an input file's own folder, an input folder, or with --recursive any folder
-inside one) are refused before any image is read.
+(a.png -> a.jpg; a second a.* becomes a_2.jpg); it replaces an earlier run's annotated copies
+(marked as such in the JPEG), never another file. An unwritable --json or --save, a --json that
+would overwrite an input or an image file, a --save where the annotated copies could overwrite
+inputs (an input file's own folder, an input folder, or with --recursive any folder inside one),
+and a --save where a copy's name is taken by anything but an earlier annotated copy (a file, a
+link, a folder) are refused before any image is read.
 Exit status: 0 all images processed, 1 some images had errors (unreadable, or their detection
 call or annotated copy failed), 2 usage or model errors, 130 interrupted.
 """
@@ -225,8 +227,9 @@ def check_copies_spare_inputs(save_dir: str, images: list[Path], annotated: list
     """Refuse a --save whose annotated copies (`annotated`, one per image) would be written
     over one of the `images` (CommandError): a link in --save to an input, or a link among the
     inputs into --save (the folder rule of `check_save_outside_inputs` sees neither). A copy's
-    name that is a hard link to an input is no risk: the copy replaces the name (a rename),
-    never the input's bytes."""
+    name that is a hard link to an input is no risk to the input: the copy would replace the
+    name (a rename), never the input's bytes (and `check_copies_spare_others` refuses the name
+    anyway, as a file predict did not write)."""
     from splitdet.shared.cli import CommandError
 
     inputs = _Inputs(images)
@@ -237,6 +240,30 @@ def check_copies_spare_inputs(save_dir: str, images: list[Path], annotated: list
                 f"--save {save_dir}: its annotated copy {copy} would be written over the input "
                 f"image {image} (a link joins them); choose another --save"
             )
+
+
+def check_copies_spare_others(save_dir: str, annotated: list[Path]) -> None:
+    """Refuse a --save where a name of the `annotated` copies is taken by something predict
+    did not write (CommandError naming the first, and how many more): a file of the user's
+    (a dataset's image, --save naming its folder by mistake), a symbolic link, a folder, a
+    file that cannot be read (`foreign_file`). An earlier run's annotated copy is no
+    obstacle: a re-run into the same folder replaces it, the folder showing the latest run.
+
+    Refused as a whole, before any image is read, rather than written beside under a free
+    name: a --save pointed at the wrong folder would fill it with annotated images (which a
+    dataset's next training would take as its own), and a re-run's names would drift."""
+    from splitdet.edge.annotate import foreign_file
+    from splitdet.shared.cli import CommandError
+
+    taken = [(copy, found) for copy in annotated if (found := foreign_file(copy)) is not None]
+    if not taken:
+        return
+    (copy, found), others = taken[0], [other for other, _ in taken[1:]]
+    more = f" (and {len(others)} more: {some_names(others)})" if others else ""
+    raise CommandError(
+        f"--save {save_dir}: {copy}, where an annotated copy would go, is {found}{more}; "
+        "predict replaces only the annotated copies it wrote: move it, or choose another --save"
+    )
 
 
 def check_json_target(
@@ -453,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args.json, None)
     if args.save:
         check_save_folder(args.save)
+    if targets is not None:
+        check_copies_spare_others(args.save, targets)
     try:
         runtime = EdgeRuntime(Path(args.model), threads=args.threads, device=args.device)
         pipeline = EdgePipeline(

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from splitdet.edge.annotate import save_annotated
+from splitdet.edge.annotate import save_annotated_copy
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError, read_image_file
@@ -175,8 +175,10 @@ def predict_one(
 ) -> Prediction:
     """Process one image file; never raises for a bad image (the Prediction says why).
 
-    `save_as`: where to write the annotated image if the image is flagged (None: nowhere). A
-    failure to write it is the prediction's error; its detections are kept.
+    `save_as`: where to write the annotated image if the image is flagged (None: nowhere): a
+    new file there, or over an earlier run's annotated copy, never over another file
+    (`save_annotated_copy`). A failure to write it is the prediction's error; its detections
+    are kept.
     """
     start = time.perf_counter()
     try:
@@ -216,7 +218,7 @@ def predict_one(
         prediction.class_names = [d.class_name for d in kept]
         if save_as is not None:
             try:
-                save_annotated(
+                save_annotated_copy(
                     image,
                     prediction.boxes,
                     prediction.scores,
@@ -338,7 +340,8 @@ def _scan_folder(folder: Path, recursive: bool, scan: InputScan, files: list[Pat
 def annotated_names(paths: Sequence[Path], save_dir: Path) -> list[Path]:
     """Where each image's annotated copy goes: `save_dir/<stem>.jpg`, and `<stem>_2.jpg`,
     `<stem>_3.jpg`, ... for later images of the same stem (a.png and a.jpg, or two folders
-    holding a.jpg), so that no annotated image overwrites another."""
+    holding a.jpg), so that no annotated image of the run overwrites another. A name already
+    taken by a file predict did not write is never written over (`save_annotated_copy`)."""
     taken: set[str] = set()
     names = []
     for path in paths:

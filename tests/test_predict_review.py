@@ -301,12 +301,14 @@ def test_save_never_writes_through_a_link_onto_an_input(tiny_model_dir, images, 
     assert "would be written over the input image" in capsys.readouterr().err
     assert (inp / "a.jpg").read_bytes() == before
     assert (b_folder / "x.jpg").read_bytes() == x_before
-    # a hard link is no risk: the copy replaces the name, the input keeps its bytes
+    # a hard link cannot reach the input's bytes, but the name is a file predict did not
+    # write: left alone too (tests/test_predict_save_review.py)
     (review / "a.jpg").unlink()
     os.link(inp / "a.jpg", review / "a.jpg")
-    assert predict(tiny_model_dir, str(inp / "a.jpg"), "--save", str(review), "--gate", "off") == 0
+    assert predict(tiny_model_dir, str(inp / "a.jpg"), "--save", str(review), "--gate", "off") == 2
+    assert "is a file that is not an annotated copy from predict" in capsys.readouterr().err
     assert (inp / "a.jpg").read_bytes() == before
-    assert (review / "a.jpg").read_bytes() != before
+    assert (review / "a.jpg").read_bytes() == before
 
 
 class _SwitchableProxy:
