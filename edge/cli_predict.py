@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gate",
         choices=["on", "off"],
         default="on",
-        help="off sends every image to detection (default: on)",
+        help="off sends every image to detection: each is then a defect by verdict, its boxes "
+        "saying whether anything was found (default: on)",
     )
     p.add_argument(
         "--score-threshold",
@@ -559,10 +560,14 @@ def _predict(
 
 def summary(predictions: list[Prediction], total: int) -> str:
     """The run's one-line summary: images by verdict (ok + defect + error = the images), the
-    boxes of the defect ones, the annotated copies that failed, and the feature bytes sent
+    boxes of the defect ones and how many of them have none, the annotated copies that failed,
+    and the feature bytes sent
     (those of answered detection calls); `total`: the images there were to process."""
     counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
     boxes = sum(len(p.boxes) for p in predictions)
+    # flagged, detected, nothing found at --score-threshold (all defect-free ones, --gate off)
+    boxless = sum(p.verdict == "defect" and not p.boxes for p in predictions)
+    none = f"; {boxless} of them with none" if boxless else ""
     # a detected image whose annotated copy could not be written: a defect with an error
     unsaved = sum(p.verdict == "defect" and p.error is not None for p in predictions)
     sent = sum(p.bytes_sent for p in predictions if p.verdict != "error")
@@ -571,6 +576,6 @@ def summary(predictions: list[Prediction], total: int) -> str:
         head = f"interrupted after {len(predictions)} of {total} images"
     copies = f", {unsaved} annotated copies not written" if unsaved else ""
     return (
-        f"{head}: {counts['ok']} ok, {counts['defect']} defect ({boxes} boxes){copies}, "
+        f"{head}: {counts['ok']} ok, {counts['defect']} defect ({boxes} boxes{none}){copies}, "
         f"{counts['error']} errors; {sent / 1e6:.2f} MB of features sent"
     )

@@ -422,3 +422,17 @@ def test_a_cloud_gone_for_good_costs_one_image_its_timeout_not_every_image(tmp_p
     verdicts = [r["verdict"] for r in records]
     assert verdicts[0] == "defect" and verdicts.count("error") >= 4, verdicts
     assert stderr.count("trying again for up to") == 1, stderr  # (one image retried)
+
+
+def test_the_summary_counts_the_defects_that_hold_no_box():
+    """With --gate off every image is a defect by verdict: the summary said "15 defect (7
+    boxes)", as if 15 images held scratches. It says how many of them hold none."""
+    from splitdet.edge.cli_predict import summary
+    from splitdet.edge.predict import Prediction
+
+    found = Prediction("a.png", "defect", 0.9, boxes=[[1.0, 2.0, 3.0, 4.0]] * 2, bytes_sent=10**6)
+    nothing = Prediction("b.png", "defect", 0.1, bytes_sent=10**6)
+    line = summary([found, nothing, Prediction("c.png", "ok", 0.05)], 3)
+    assert line == "3 images: 1 ok, 2 defect (2 boxes; 1 of them with none), 0 errors; " \
+        "2.00 MB of features sent"  # fmt: skip
+    assert "with none" not in summary([found], 1)
