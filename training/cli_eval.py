@@ -11,7 +11,8 @@ Top-level imports are stdlib (and argparse helpers) only: torch loads when the c
 The command's paths live beside it, one job a module, their top-level imports as light, and
 are re-exported from here (`__all__`): evaluating a checkpoint (`cli_eval_checkpoint`: the
 threshold store, --baseline), evaluating an export (`cli_eval_export`), what eval prints
-(`cli_eval_report`: the summary, the operating points table, the hints of its errors).
+(`cli_eval_report`: the summary, the operating points table, the hints of its errors), the
+images the evaluated split shares with the train and calibration splits (`cli_eval_overlap`).
 """
 
 from __future__ import annotations

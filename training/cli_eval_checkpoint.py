@@ -1,8 +1,9 @@
 """`splitdet eval --checkpoint`: a checkpoint evaluated, its gate calibrated on a split
 (`run_checkpoint`); whether the calibrated threshold is stored into it (`kept_threshold`: the
 store decision); with --baseline, a second checkpoint evaluated on the same split and compared
-(`_comparison`); what the JSON says of the run (`_run_figures`) and what to give when a split
-cannot calibrate (`_other_calibration`).
+(`_comparison`); what the JSON says of the run (`_run_figures`), of the images the evaluated
+split shares with the train and calibration splits (`_split_overlap`), and what to give when
+a split cannot calibrate (`_other_calibration`).
 
 Part of `splitdet.training.cli_eval`, which registers the command and re-exports the public
 names. Top-level imports are stdlib (and light splitdet helpers) only: torch loads when the
@@ -104,6 +105,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     metrics.update(_run_figures(args, args.checkpoint, model))
+    metrics["split_overlap"], overlaps = _split_overlap(args, samples, calibration)
     # decided before the JSON is shown, which says whether the checkpoint holds its threshold
     store = calibration is not None and not args.no_store
     kept = None if not store or args.store else kept_threshold(checkpoint, source, metrics)
@@ -154,6 +156,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         metrics["baseline"], metrics["comparison"] = _comparison(
             args, baseline, evaluated[1], samples, (metrics, predictions)
         )
+        # the same split and calibration: the same overlap, and the same keys as the candidate's
+        metrics["baseline"]["split_overlap"] = dict(metrics["split_overlap"])
     text = json.dumps(metrics, indent=2)
     shown = _json_on_stdout(args.json)
     if shown:
@@ -165,6 +169,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             )
             if shortfall:
                 log.warning("%s%s", prefix, shortfall)
+    for overlap in overlaps:  # beside the headline figures they make read better
+        log.warning("%s", overlap)
     if metrics.get("gate_operating_points"):
         log.info("%s", operating_points_table(metrics))
     for name, figures in metrics["per_class"].items():
@@ -244,6 +250,32 @@ def _run_figures(args: argparse.Namespace, path: str | Path, model: MultiTaskRCN
             "calibrate_split": args.calibrate_split,
             "calibrate_data": str(args.calibrate_data or args.data),
             "box_refine_steps": model.config.box_refine_steps}  # fmt: skip
+
+
+def _split_overlap(
+    args: argparse.Namespace, samples: list[VocSample], calibration: list[VocSample] | None
+) -> tuple[dict[str, dict], list[str]]:
+    """(The JSON's "split_overlap", the warnings) for the evaluated `samples`: the images they
+    share with the train split of --data and with the `calibration` split (None: none, with
+    --calibrate-split none). A calibration split that is the evaluated one is the user's
+    choice: said at INFO, not counted."""
+    from splitdet.training.cli_eval_overlap import (
+        calibrated_on_itself,
+        calibration_split,
+        split_overlap,
+        train_split,
+    )
+
+    listings = [train_split(args.data, args.split)]
+    if calibration is not None:
+        root = args.calibrate_data or args.data
+        listings.append(calibration_split(
+            args.data, args.split, root, args.calibrate_split, calibration,
+            _calibration_name(args),
+        ))  # fmt: skip
+        if listings[-1] is None:
+            log.info("%s", calibrated_on_itself(args.data, args.split))
+    return split_overlap(args.data, args.split, samples, listings)
 
 
 def _comparison(

@@ -1,7 +1,8 @@
 """`splitdet eval --model`: an export evaluated as deployed (`run_model`), every image of the
 split through `splitdet predict`'s path with the gate forced open, at the export's own gate
 threshold (or --threshold's); `_open_model` opens the pipeline, the split and the detector (in
-this process, or --cloud's). What it measures and reports: `cli_eval.EXAMPLE`.
+this process, or --cloud's). What it measures and reports: `cli_eval.EXAMPLE`; and, as a
+checkpoint's evaluation does, the images the split shares with train.txt (`cli_eval_overlap`).
 
 Part of `splitdet.training.cli_eval`, which registers the command and re-exports the public
 names. Top-level imports are stdlib (and light splitdet helpers) only: onnxruntime (and torch,
@@ -11,6 +12,7 @@ for the cloud heads in this process) load when the command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import TYPE_CHECKING
 
 from splitdet.shared.atomic_file import atomic_write
@@ -20,6 +22,9 @@ if TYPE_CHECKING:  # the handlers import these when they run
     from splitdet.edge.pipeline import EdgePipeline
     from splitdet.edge.predict import Detector
     from splitdet.training.voc import VocSample
+
+# the lines of `splitdet eval`, whichever module says them (tests and users filter on this name)
+log = logging.getLogger("splitdet.training.cli_eval")
 
 
 def run_model(args: argparse.Namespace) -> int:
@@ -31,6 +36,7 @@ def run_model(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from splitdet.shared.cli import CommandError
+    from splitdet.training.cli_eval_overlap import split_overlap, train_split
     from splitdet.training.evaluate_export import evaluate_export
 
     if args.threshold is not None and math.isnan(args.threshold):  # as predict refuses it
@@ -44,10 +50,16 @@ def run_model(args: argparse.Namespace) -> int:
             on_result=lambda _: bar.update(),
         )  # fmt: skip
     metrics.update({"data": str(args.data), "split": args.split})
+    # the export's threshold is calibrated nowhere eval knows: only train.txt is compared with
+    metrics["split_overlap"], overlaps = split_overlap(
+        args.data, args.split, samples, [train_split(args.data, args.split)]
+    )
     text = json.dumps(metrics, indent=2)
     shown = _json_on_stdout(args.json)
     if shown:
         print(text)
+    for overlap in overlaps:
+        log.warning("%s", overlap)
     if metrics["image_errors"]:
         print(
             f"{len(metrics['image_errors'])} of {len(samples)} images could not be evaluated "

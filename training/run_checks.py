@@ -1,5 +1,6 @@
 """The checks `train` makes of its data and its run before it trains, each returning the text
-of a warning or a refusal (None: nothing to say): validation images the train split lists too,
+of a warning or a refusal (None: nothing to say): validation images the train split lists too
+(`shared_images` and `in_two_splits`, which `eval` words its own overlaps with),
 classes with no box to train on, images holding more objects than the model returns, why a run
 validates nothing, and how a resumed run's model configuration and training settings differ
 from this run's.
@@ -16,20 +17,54 @@ from typing import Any
 from splitdet.shared.config import ModelConfig
 from splitdet.training.presets import TrainConfig
 
+#: What to do about images listed in two splits of one dataset (`in_two_splits`' `fix`).
+DISJOINT_SPLITS = (
+    "`splitdet data check` lists them, `splitdet data split --overwrite` writes disjoint splits"
+)
+
 
 def also_in_train(train: list, val: list, data_dir: Path) -> str | None:
     """The warning for validation images (`VocSample`s) that the train split lists too, by id
-    or image file; None when there are none."""
-    seen = {s.image_id for s in train} | {s.image_path.resolve() for s in train}
-    shared = [s.image_id for s in val if s.image_id in seen or s.image_path.resolve() in seen]
+    or image file (`shared_images`); None when there are none."""
+    shared = shared_images(val, train)
     if not shared:
         return None
+    return in_two_splits(
+        data_dir / "ImageSets" / "Main", shared, len(val), "validation images", "train.txt",
+        "validation, best.pt and the gate threshold it calibrates then judge on images the "
+        "model trains on, and read better than the model is",
+    )  # fmt: skip
+
+
+def shared_images(held_out: Sequence, listed: Sequence, *, by_id: bool = True) -> list[str]:
+    """The ids of the `held_out` `VocSample`s that `listed` holds too, in order: by image file
+    (resolved: a link to it, or another path, is the same file) and, with `by_id`, by id. An
+    id names the same annotation only within one dataset: compare two datasets' splits with
+    `by_id` False."""
+    seen: set[object] = {s.image_path.resolve() for s in listed}
+    if by_id:
+        seen |= {s.image_id for s in listed}
+    return [
+        s.image_id for s in held_out
+        if s.image_path.resolve() in seen or (by_id and s.image_id in seen)
+    ]  # fmt: skip
+
+
+def in_two_splits(
+    where: Path,
+    shared: Sequence[str],
+    total: int,
+    held_out: str,
+    listing: str,
+    why: str,
+    fix: str = DISJOINT_SPLITS,
+) -> str:
+    """The warning that `shared` (ids, one at least) of the `total` `held_out` images
+    ("validation images") are in `listing` ("train.txt") too: `why` that misleads and the
+    `fix`, after `where` (the folder or file the problem is in)."""
     return (
-        f"{data_dir / 'ImageSets' / 'Main'}: {len(shared)} of the {len(val)} validation images "
-        f"are in train.txt too (e.g. {shared[0]!r}): validation, best.pt and the gate "
-        "threshold it calibrates then judge on images the model trains on, and read better "
-        "than the model is; `splitdet data check` lists them, `splitdet data split "
-        "--overwrite` writes disjoint splits"
+        f"{where}: {len(shared)} of the {total} {held_out} are in {listing} too (e.g. "
+        f"{shared[0]!r}): {why}; {fix}"
     )
 
 
