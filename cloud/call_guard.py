@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
 import grpc
 
-from splitdet.cloud.call_status import METHODS
-from splitdet.cloud.metrics import ServerMetrics
+from splitdet.cloud.call_status import METHODS, log_refusal
+from splitdet.cloud.log_limit import LineLimiter
+from splitdet.cloud.metrics import ServerMetrics, claimed_edge
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,9 @@ class CallGuard(grpc.ServerInterceptor):
     unseen, in the pool's queue. Here each call is counted against the pool its handler runs
     in (by the handler's ``experimental_thread_pool``; the server's own pool otherwise) from
     its headers to its end, and a call beyond the pool's limit is refused at once with
-    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted_total{pool}`, logged
-    at most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
+    RESOURCE_EXHAUSTED (counted in `splitdet_cloud_rpc_threads_exhausted_total{pool}` and, for
+    Detect and GetManifest, per edge; logged with its method, peer, edge, code and message at
+    most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
     request.
     Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
     themselves are ended by the server's connection age (`channel_options.grpc_options`).
@@ -66,7 +66,8 @@ class CallGuard(grpc.ServerInterceptor):
         self._names = {id(pool): name for name, (pool, _) in pools.items()}
         self._limits = {name: limit for name, (_, limit) in pools.items()}
         self._active = dict.fromkeys(pools, 0)
-        self._logged = dict.fromkeys(pools, -math.inf)
+        #: which refusals are logged: at most one line per pool per EXHAUSTED_LOG_S
+        self._lines = LineLimiter(EXHAUSTED_LOG_S)
         self._lock = threading.Lock()
         self._refusals = refusals
         for name in pools:
@@ -144,7 +145,10 @@ class CallGuard(grpc.ServerInterceptor):
         )
 
     def _refusal(self, details: grpc.HandlerCallDetails, pool: str) -> grpc.RpcMethodHandler:
-        """A handler refusing the call at once, without reading its request."""
+        """A handler refusing the call at once, without reading its request: counted (by pool,
+        method and, for the Detection service's methods, the edge its metadata names, as the
+        servicer counts a refused call) and logged with the caller's address and edge name,
+        both known before the request arrives."""
         name = details.method.rsplit("/", 1)[-1]
         limit = self._limits[pool]
         message = (
@@ -153,25 +157,36 @@ class CallGuard(grpc.ServerInterceptor):
         )
         self._metrics.rpc_threads_exhausted.labels(pool).inc()
         if name in METHODS:
-            self._metrics.finished(name, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        now = time.monotonic()
-        with self._lock:
-            quiet = now - self._logged[pool] < EXHAUSTED_LOG_S
-            if not quiet:
-                self._logged[pool] = now
-        if not quiet:
-            fields = {"event": "threads_exhausted", "pool": pool, "method": name,
-                      "threads": limit}  # fmt: skip
-            log.warning("%s refused (RESOURCE_EXHAUSTED): all %d threads of the %s pool are "
-                        "held by calls; further refusals of this pool are counted in "
-                        "splitdet_cloud_rpc_threads_exhausted_total", name, limit, pool,
-                        extra={"fields": fields})  # fmt: skip
+            self._count_refused(name, details.invocation_metadata)
+        claimed = claimed_edge(details.invocation_metadata)  # (the log names the claim)
 
         def refuse(requests: Iterator, context: grpc.ServicerContext) -> None:
+            self._log_refusal(name, pool, context.peer(), claimed, message)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
         refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
         return grpc.stream_unary_rpc_method_handler(refuse)
+
+    def _count_refused(self, method: str, metadata: Sequence | None) -> None:
+        """A call of the Detection service `method` refused for want of a thread: counted by
+        method and code, and per edge under the label its name holds (none claimed: the
+        request, which would show a served model, is never read), its edge seen now."""
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        self._metrics.finished(method, code)
+        label = self._metrics.edge_of(metadata)
+        self._metrics.refused(label, code)
+        self._metrics.edge_last_seen.labels(label).set_to_current_time()
+
+    def _log_refusal(self, method: str, pool: str, peer: str, edge: str, message: str) -> None:
+        """The `threads_exhausted` line of a refused call (method, peer, edge, code, message,
+        as every refused call's line): at most one per pool per EXHAUSTED_LOG_S, carrying how
+        many were left out since and the edges they named."""
+        admitted = self._lines.admit_from(pool, edge)
+        if admitted is None:
+            return
+        log_refusal(method, peer, edge, grpc.StatusCode.RESOURCE_EXHAUSTED, message,
+                    "threads_exhausted", admitted, self._lines.every_s, level=logging.WARNING,
+                    more={"pool": pool, "threads": self._limits[pool]})  # fmt: skip
 
 
 def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:

@@ -106,13 +106,15 @@ def log_refusal(
     every_s: float,
     claims: bool = False,
     level: int = logging.INFO,
+    more: dict | None = None,
 ) -> None:
     """The log line of a call refused (at `level`: `refusal_level`) or failed (ERROR, with the
     traceback being handled); `admitted`: how many lines of its kind were left out since the
     last one, and the edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only
-    what the call claims (refused before its token was checked)."""
+    what the call claims (refused before its token was checked); `more`: fields of the line
+    beside those every refusal's carries (method, peer, edge, code, message)."""
     fields = {"event": event, "method": method, "peer": peer, "edge": edge,
-              "code": code.name, "message": message}  # fmt: skip
+              "code": code.name, "message": message, **(more or {})}  # fmt: skip
     repeats, names = admitted
     if repeats:
         fields["repeats"] = repeats

@@ -175,9 +175,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-decoded-mib",
         type=int,
-        default=256,
+        default=512,  # shared.codec.DEFAULT_MAX_TOTAL_BYTES (not imported here: numpy)
         metavar="MIB",
-        help="largest float32 feature size one request may decode to, MiB (default: %(default)s)",
+        help="largest float32 feature size one request may decode to, MiB; an export whose "
+        "largest input (its manifest's min_size x max_size) needs more is refused, at start or "
+        "at a reload, naming the MiB it needs (default: %(default)s: every preset's; paper's "
+        "needs 411)",
     )
     parser.add_argument(
         "--grace",

@@ -38,7 +38,7 @@ from splitdet.shared.codec import (
     decode,
     expected_level_shapes,
 )
-from splitdet.shared.config import MAX_INPUT_SIDE
+from splitdet.shared.config import MAX_INPUT_SIDE, ModelConfig
 from splitdet.shared.detection import Detection, ImageMeta
 from splitdet.shared.manifest import (
     CLOUD_WEIGHTS,
@@ -61,6 +61,8 @@ MAX_RESIZED_SIDE = MAX_INPUT_SIDE
 #: State-dict prefixes the cloud's weights file holds, and those it may lack (the edge's part).
 CLOUD_PREFIXES = ("rpn.", "roi_heads.")
 EDGE_PREFIXES = ("backbone.", "defect_head.")
+#: Bytes in a MiB, the unit of --max-decoded-mib.
+MIB = 1 << 20
 
 
 class RequestError(ValueError):
@@ -69,6 +71,14 @@ class RequestError(ValueError):
 
 class InvalidRequest(RequestError):
     """Malformed request: tensors, shapes, codecs, sizes, ids or payload."""
+
+
+class RequestIdReused(InvalidRequest):
+    """A request id already used for a different request: one answered (its answer stored) or
+    being answered. Refused the same whichever came first, and whatever the timing."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request_id {request_id!r} was already used for a different request")
 
 
 class FingerprintMismatch(RequestError):
@@ -322,7 +332,8 @@ class DetectionCore:
 
         Raises:
             FingerprintMismatch: the call is for another model.
-            InvalidRequest: anything malformed (the codec's CodecError included).
+            InvalidRequest: anything malformed (the codec's CodecError included);
+                RequestIdReused: an answer to another request under the same id is stored.
             Cancelled: `is_cancelled` said so.
         """
         start = time.perf_counter()
@@ -465,9 +476,7 @@ class DetectionCore:
         if stored is None:
             return None
         if stored.digest != request_digest(call):
-            raise InvalidRequest(
-                f"request_id {call.request_id!r} was already used for a different request"
-            )
+            raise RequestIdReused(call.request_id)
         return tuple(
             Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
             for x1, y1, x2, y2, score, label in json.loads(stored.payload)
@@ -477,13 +486,13 @@ class DetectionCore:
         self, model: ServedModel, image: ImageMeta, tensors: Sequence[EncodedTensor]
     ) -> dict[str, np.ndarray]:
         """The five levels as float32 [C, h, w], each checked against the model's split spec."""
-        padded = padded_size(*image.resized_hw)
-        expected = expected_level_shapes(model.manifest.model_config.split_spec, padded)
-        needed = sum(math.prod(shape) for shape in expected.values()) * 4
+        expected = _level_shapes(model.manifest.model_config, image.resized_hw)
+        needed = _float32_bytes(expected)
         if needed > self.max_decoded_bytes:
             raise InvalidRequest(
                 f"resized size {image.resized_hw[0]}x{image.resized_hw[1]} implies {needed} "
-                f"bytes of features, beyond this server's {self.max_decoded_bytes}-byte bound"
+                f"bytes of features, beyond this server's {self.max_decoded_bytes}-byte bound "
+                f"(--max-decoded-mib {self.max_decoded_bytes / MIB:g})"
             )
         try:
             return decode(tensors, expected, max_total_bytes=self.max_decoded_bytes)
@@ -504,6 +513,57 @@ class DetectionCore:
             Detection(tuple(box), score, int(label), _class_name(model, int(label)))
             for box, score, label in zip(boxes, scores, labels, strict=True)
         )
+
+
+def _level_shapes(config: ModelConfig, resized_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The (C, h, w) of each level a request of an image resized to `resized_hw` carries, by
+    the split spec of a model of `config` (the image is padded as torchvision pads it)."""
+    return expected_level_shapes(config.split_spec, padded_size(*resized_hw))
+
+
+def _float32_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The bytes levels of these shapes take decoded (float32): what --max-decoded-mib bounds."""
+    return sum(math.prod(shape) for shape in shapes.values()) * 4
+
+
+def largest_input(config: ModelConfig) -> tuple[int, int]:
+    """The largest resized size (h, w) a request for a model of `config` may claim, as
+    `DetectionCore._check_call` bounds it: short side min_size, long side max_size (each at
+    most MAX_RESIZED_SIDE); of the two orientations, the one whose features take more bytes."""
+    long = min(config.max_size, MAX_RESIZED_SIDE)
+    short = min(config.min_size, long)
+    sizes = ((short, long), (long, short))
+    return max(sizes, key=lambda hw: _float32_bytes(_level_shapes(config, hw)))
+
+
+def largest_feature_bytes(config: ModelConfig) -> int:
+    """Float32 bytes the features of the largest input a model of `config` takes decode to
+    (`largest_input`): a server whose --max-decoded-mib is below it refuses every request of
+    that size, so it refuses to serve the export instead (`check_decoded_bound`)."""
+    return _float32_bytes(_level_shapes(config, largest_input(config)))
+
+
+def check_decoded_bound(model: ServedModel, model_dir: Path, max_decoded_bytes: int) -> None:
+    """Refuse to serve `model` (from `model_dir`) when the features of its largest input decode
+    to more than `max_decoded_bytes`: every request of an image that large would be refused
+    (INVALID_ARGUMENT, a dead letter on its edge), so the export is refused at start or
+    reload instead, saying what --max-decoded-mib it needs.
+
+    Raises:
+        ManifestError: naming --max-decoded-mib, the export and the MiB it needs.
+    """
+    config = model.manifest.model_config
+    needed = largest_feature_bytes(config)
+    if needed <= max_decoded_bytes:
+        return
+    h, w = largest_input(config)
+    raise ManifestError(
+        f"{model_dir} (export {model.fingerprint[:16]}): its largest input ({h}x{w} px after "
+        f"resizing: min_size {config.min_size}, max_size {config.max_size}) decodes to "
+        f"{needed / MIB:.1f} MiB of features, beyond --max-decoded-mib "
+        f"{max_decoded_bytes / MIB:g}: give --max-decoded-mib {math.ceil(needed / MIB)} or "
+        "more, or every such request would be refused"
+    )
 
 
 def _class_name(model: ServedModel, label: int) -> str:

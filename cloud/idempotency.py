@@ -191,11 +191,14 @@ class IdempotencyStore:
             ).fetchone()
         return None if row is None else StoredAnswer(row[0], row[1], bytes(row[2]))
 
-    def put(self, request_id: str, answer: StoredAnswer) -> None:
-        """Store (or replace) the answer for `request_id` in the current scope
-        (`answers_scope`), then evict beyond the capacity. Once the store is closed (the server
-        stopping while a computation still ran) the answer is not kept, and that is no error:
-        logged at DEBUG only, not raised."""
+    def put(self, request_id: str, answer: StoredAnswer) -> bool:
+        """Store the answer for `request_id` in the current scope (`answers_scope`), unless one
+        is stored already, then evict beyond the capacity; True when it was stored. The first
+        answer stored wins: one computed meanwhile for another request under the same id (two
+        calls racing, or another model's) never replaces it, so a retry of the first request is
+        still answered from the store, and the other's refused as it would be had it come
+        second. Once the store is closed (the server stopping while a computation still ran)
+        the answer is not kept, and that is no error: logged at DEBUG only, not raised."""
         key = scoped_key(request_id)
         with self._lock:
             if self._closed:
@@ -205,20 +208,25 @@ class IdempotencyStore:
                     extra={"fields": {"event": "answer_not_kept_closed",
                                       "request_id": request_id}},
                 )  # fmt: skip
-                return
-            self._insert(key, answer)
+                return False
+            return self._insert(key, answer)
 
-    def _insert(self, key: str, answer: StoredAnswer) -> None:
-        """`put`'s insert and eviction, under the lock."""
+    def _insert(self, key: str, answer: StoredAnswer) -> bool:
+        """`put`'s insert and eviction, under the lock; False when `key` holds an answer
+        already (left as it is)."""
         with immediate(self._db) as db:  # (a full disk's cause is raised on)
             cursor = db.execute(
-                "INSERT OR REPLACE INTO answers"
-                " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO answers"
+                " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (request_id) DO NOTHING",
                 (key, answer.fingerprint, answer.digest, answer.payload, time.time()),
             )
+            if cursor.rowcount < 1:
+                return False
             # seq grows by one per insert, so this keeps at most the newest `capacity` rows
-            # (fewer when some were replaced) without counting the table.
+            # without counting the table.
             db.execute("DELETE FROM answers WHERE seq <= ?", (cursor.lastrowid - self.capacity,))
+        return True
 
     def __len__(self) -> int:
         with self._lock:

@@ -3,13 +3,16 @@
 An edge that gave up on a call (its deadline passed, its connection dropped) sends the same
 request again, while the cloud may still be computing the first: without this, both take a
 slot and run the heads, and the retry waits in the queue behind work done twice. A call whose
-request is byte for byte one already running (same model, same request id) now waits for that
-answer instead, without a slot; if the first fails, it goes on as any call would. The first
-call keeps computing for those waiting even when its own caller has gone away (the usual
-reason for the retry).
+request is one already running (same model, same request id, the same `request_digest`: what
+determines the answer, as the answers store compares it; a log-only field such as the image's
+`source` may differ) now waits for that answer instead, without a slot; if the first fails, it
+goes on as any call would. The first call keeps computing for those waiting even when its own
+caller has gone away (the usual reason for the retry). A call of the same model and request id
+but another request is refused at once (`RequestIdReused`), as it is once the first's answer
+is stored: the outcome does not depend on the timing.
 
     running = InFlight()
-    lead, follow = running.lead_or_follow(key, raw)
+    lead, follow = running.lead_or_follow(key, digest, request_id)
     if follow is not None:
         answer = InFlight.wait(follow, is_cancelled)   # the first call's result, or None
     ...
@@ -23,40 +26,56 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitdet.cloud.core import Cancelled
+from splitdet.cloud.core import Cancelled, RequestIdReused
 
 
 @dataclass
 class Running:
-    """One call being computed: its request's bytes, and its answer once there."""
+    """One call being computed: its request's digest, and its answer once there."""
 
-    request: bytes
+    digest: str  # the request's `request_digest`
     done: threading.Event = field(default_factory=threading.Event)
     answer: Any = None  # what `finish` was given: None when the call failed
     followers: int = 0  # calls waiting for this one's answer (while it runs, only grows)
 
 
 class InFlight:
-    """The calls being computed now, by key (model fingerprint, request id). Thread-safe."""
+    """The calls being computed now, by key (answers scope, model fingerprint, request id).
+    Thread-safe.
 
-    def __init__(self) -> None:
+    Args:
+        one_request_per_id: request ids are remembered (an answers store): a call of a running
+            call's key but another request is refused, as the store refuses it once the first
+            answer is kept. False: no store, ids bind nothing, and such a call is computed on
+            its own.
+    """
+
+    def __init__(self, one_request_per_id: bool = True) -> None:
         self._lock = threading.Lock()
         self._running: dict[Hashable, Running] = {}
+        self.one_request_per_id = one_request_per_id
 
     def lead_or_follow(
-        self, key: Hashable, request: bytes
+        self, key: Hashable, digest: str, request_id: str
     ) -> tuple[Running | None, Running | None]:
         """(the entry this call now leads, or None; the identical running call's entry it
-        should wait for, or None). A call of the same key but other bytes gets neither: it is
-        computed on its own (the core refuses a request id used for two requests it knows)."""
+        should wait for, or None). `digest`: the call's `request_digest`; `request_id`: its id,
+        for the refusal's message.
+
+        Raises:
+            RequestIdReused: a call of the same key but another digest is running (with
+                `one_request_per_id`; without, this call gets neither and is computed on its
+                own).
+        """
         with self._lock:
             running = self._running.get(key)
             if running is None:
-                running = self._running[key] = Running(request)
+                running = self._running[key] = Running(digest)
                 return running, None
-        if running.request != request:  # (bytes are immutable: compared outside the lock)
-            return None, None
-        with self._lock:
+            if running.digest != digest:
+                if self.one_request_per_id:
+                    raise RequestIdReused(request_id)
+                return None, None
             running.followers += 1
         return None, running
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitdet.cloud.core import ServedModel, load_cloud
+from splitdet.cloud.core import ServedModel, check_decoded_bound, load_cloud
 from splitdet.cloud.server_config import ServerConfig
 from splitdet.shared.manifest import (
     MANIFEST_NAME,
@@ -65,6 +65,22 @@ def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:
     return named, [entry for _, _, entry in found]
 
 
+def no_export_problem(models_dir: Path) -> str:
+    """What to say of a --models-dir `models_dir` in which no export that can be served was
+    found. A folder that is an export itself (it holds a manifest.json: `--models-dir M` given
+    for `--model M`) is said to be one: --models-dir serves its subfolders."""
+    if (Path(models_dir) / MANIFEST_NAME).is_file():
+        return (
+            f"--models-dir {models_dir}: is an export itself (it holds {MANIFEST_NAME}), not a "
+            f"folder of exports: serve it with --model {models_dir}, or put it in a folder of "
+            "exports and give that folder"
+        )
+    return (
+        f"--models-dir {models_dir}: holds no export that can be served (a folder with "
+        f"{MANIFEST_NAME}, made by splitdet export)"
+    )
+
+
 #: --models-dir subfolders logged as holding no export (each once per process).
 _NOT_EXPORTS: set[Path] = set()
 
@@ -85,6 +101,7 @@ def gather_models(
     strict: bool = True,
     held: dict[Path, str] | None = None,
     checked: dict[Path, tuple] | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
     """The models to serve from the directories, in order (the default first), one line per
     directory that could not be read, saying what became of it, and the fingerprint each
@@ -103,6 +120,9 @@ def gather_models(
     so, as a restart would refuse that folder until it is exported again. `checked` (updated
     here) holds the file sizes and times of each directory whose files last matched their
     manifest: a kept export whose files still show them is not hashed again.
+    `max_decoded_bytes` (--max-decoded-mib; None: unchecked): an export whose largest input's
+    features decode to more is not served (`check_decoded_bound`), as a broken one is not:
+    every request of such an image would be refused.
 
     Raises:
         ManifestError, OSError: with `strict`, a named directory that cannot be served.
@@ -118,6 +138,8 @@ def gather_models(
         try:
             # kept: an export served from this directory before, its model kept as loaded
             model, kept = _load_or_keep(model_dir, is_named and strict, loaded, held, where)
+            if model is not None and max_decoded_bytes is not None:
+                check_decoded_bound(model, model_dir, max_decoded_bytes)
         except Exception as exc:  # whatever one export's loading raises is that export's
             problem = _problem_of(model_dir, exc, is_named and strict)
             before = _held_before(model_dir, is_named, held)

@@ -33,7 +33,7 @@ from splitdet.cloud.health_status import HealthStatus
 from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.listen_address import check_listen_address
 from splitdet.cloud.metrics import ServerMetrics
-from splitdet.cloud.served_exports import export_dirs, gather_models
+from splitdet.cloud.served_exports import export_dirs, gather_models, no_export_problem
 from splitdet.cloud.server_config import MIB, ServerConfig
 from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer
 from splitdet.cloud.threads import handler_pools, server_pool
@@ -112,15 +112,15 @@ class CloudServer:
         self._checked: dict[Path, tuple] = {}  # directory -> its files when last verified
         if core is None:
             models, problems, self._held = gather_models(
-                *export_dirs(config), checked=self._checked
-            )
+                *export_dirs(config), checked=self._checked,
+                max_decoded_bytes=config.max_decoded_bytes,
+            )  # fmt: skip
             for problem in problems:  # a found export: the others are served
                 log.error("%s", problem, extra={"fields": {"event": "export_problem",
                                                            "problem": problem}})  # fmt: skip
             if not models:
                 raise ManifestError(
-                    f"--models-dir {config.models_dir}: holds no export that can be served "
-                    "(a folder with manifest.json, made by splitdet export)"
+                    no_export_problem(config.models_dir)
                     + "".join(f"; {problem}" for problem in problems)
                 )
             first, *more = models
@@ -239,12 +239,13 @@ class CloudServer:
         try:
             named, found = export_dirs(self.config)
             models, problems, held = gather_models(
-                named, found, current, False, self._held, self._checked
-            )
+                named, found, current, False, self._held, self._checked,
+                max_decoded_bytes=self.core.max_decoded_bytes,
+            )  # fmt: skip
         except ManifestError as exc:  # the folder cannot be listed
             models, problems, held, unlisted = [], [str(exc)], self._held, True
         if not models and not problems:
-            problems = [f"--models-dir {self.config.models_dir}: holds no export"]
+            problems = [no_export_problem(self.config.models_dir)]
         for problem in problems:
             fields = {"event": "reload_problem", "problem": problem}
             log.error("reload: %s", problem, extra={"fields": fields})

@@ -24,7 +24,13 @@ from splitdet.cloud.call_status import (
     refusal_level,
     status_for,
 )
-from splitdet.cloud.core import Cancelled, DeadlinePassed, DetectionCore, DetectResult
+from splitdet.cloud.core import (
+    Cancelled,
+    DeadlinePassed,
+    DetectionCore,
+    DetectResult,
+    request_digest,
+)
 from splitdet.cloud.idempotency import answers_scope, scope_of_token
 from splitdet.cloud.inflight import InFlight
 from splitdet.cloud.log_limit import LineLimiter
@@ -157,7 +163,8 @@ class DetectionServicer:
         self.max_queue_wait_s = max_queue_wait_s
         self.debug_delay_s = debug_delay_s
         self._slots = FairSlots(max_concurrent, max_queued)
-        self._inflight = InFlight()  # identical calls answered once
+        # identical calls answered once; with stored answers, an id bound to one request
+        self._inflight = InFlight(one_request_per_id=core.store is not None)
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
         # Detect calls being handled: id of their CallEdge -> the edge name they claim
@@ -265,7 +272,9 @@ class DetectionServicer:
 
         try:
             if not repeat:
-                lead, follow = self._inflight.lead_or_follow(key, raw)
+                # joined by what a stored answer is compared by (`request_digest`), not by
+                # the bytes: a log-only field (the image's source) may differ
+                lead, follow = self._inflight.lead_or_follow(key, _digest_of(raw), request_id)
                 if follow is not None:  # the same request is being answered: its answer
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
@@ -283,7 +292,7 @@ class DetectionServicer:
                 self._check_not_cut_by_shutdown(context)
                 raise DeadlinePassed(
                     f"request {request_id!r}: the caller was gone when its answer was ready "
-                    "(its deadline passed); a retry gets it from --answers-db, or waits for it"
+                    f"({_how_gone(context)}); a retry gets it from --answers-db, or waits for it"
                 )
         except Cancelled as exc:
             self._check_not_cut_by_shutdown(context)
@@ -416,6 +425,24 @@ class DetectionServicer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
         )
+
+
+def _digest_of(raw: bytes) -> str:
+    """The `request_digest` of a serialized DetectRequest (wire bounds checked already): what
+    identical calls are joined by and a stored answer is compared with. The parsed request is
+    dropped at once: a call waiting for a slot holds its bytes only."""
+    return request_digest(call_from_proto(parse_message(pb.DetectRequest, raw)))
+
+
+def _how_gone(context: grpc.ServicerContext) -> str:
+    """How a caller found gone when its answer was ready went, as far as the server can tell:
+    its deadline passed (`deadline_over`), or it cancelled the call or its connection dropped
+    (killed, disconnected) before its deadline, or without one."""
+    if deadline_over(context):
+        return "its deadline passed"
+    if context.time_remaining() is None:
+        return "it cancelled the call or disconnected; it had no deadline"
+    return "it cancelled the call or disconnected before its deadline"
 
 
 def deadline_over(context: grpc.ServicerContext) -> bool:

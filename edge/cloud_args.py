@@ -249,6 +249,8 @@ def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientC
         # read now, not when the first flagged image is sent (the channel is built lazily)
         if path is not None:
             read_pem(option, path, kind)
+    if args.client_cert is not None and args.client_key is not None:
+        check_client_pair(args.client_cert, args.client_key)
     try:
         return ClientConfig(
             addresses,
@@ -263,3 +265,35 @@ def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientC
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+
+
+def check_client_pair(cert: Path, key: Path) -> None:
+    """CommandError naming --client-key and --client-cert when the key is not the
+    certificate's, is encrypted, or cannot be read as a key: gRPC would say only "Invalid
+    private key" and "Failed to create security handshaker" at the first call. Checked as
+    `splitdet cloud` checks its own pair (cli_cloud.check_tls_files), with stdlib ssl (no
+    torch, no grpc)."""
+    import ssl
+
+    from splitdet.shared.cli import CommandError
+
+    def no_password() -> bytes:
+        raise CommandError(
+            f"--client-key {key}: encrypted; gRPC needs the unencrypted key of --client-cert "
+            + str(cert)
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # judge the files, not this OpenSSL's key policy
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CommandError(
+                f"--client-key {key}: not the key of --client-cert {cert} (give the key the "
+                "certificate was issued for)"
+            ) from None
+        raise CommandError(
+            f"--client-cert {cert} / --client-key {key}: a damaged or unsupported certificate "
+            "or private key"
+        ) from None

@@ -45,8 +45,8 @@ ZSTD_LEVELS = range(-7, 20)
 #: Largest zstd window `decode` accepts, in bytes (level 19 uses 8 MiB).
 MAX_WINDOW_SIZE = 1 << 24
 #: Default bound on the float32 bytes one `decode` call may produce (an 800x960 input with 256
-#: FPN channels is about 66 MB; 256 MiB covers inputs up to about 1600x1600).
-DEFAULT_MAX_TOTAL_BYTES = 256 << 20
+#: FPN channels is about 66 MB; the `paper` preset's 2048x2448 inputs need 411 MiB).
+DEFAULT_MAX_TOTAL_BYTES = 512 << 20
 #: Largest rank and largest single dimension a decoded shape may have.
 MAX_RANK = 4
 MAX_DIM = 1 << 20

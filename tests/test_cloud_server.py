@@ -144,7 +144,8 @@ def test_an_identical_call_waits_for_the_running_one_instead_of_a_slot(served, t
     """An edge sends again a request the cloud is still computing (its first call timed out):
     the second waits for the first's answer without a slot, and the heads run once. Before, it
     took a slot of its own (here: refused, the one slot taken and no queue), or ran them again.
-    The same id with other bytes is no such call: refused for the slot as any other."""
+    The same id with other contents is no such call: refused as a reused id (INVALID_ARGUMENT,
+    as once the first is answered), not computed (before, it took a slot: here, refused busy)."""
     fingerprint = served[2].fingerprint
     with running(served, tmp_path, max_concurrent=1, max_queued=0, debug_delay_s=1.5) as (
         server,
@@ -160,9 +161,10 @@ def test_an_identical_call_waits_for_the_running_one_instead_of_a_slot(served, t
         )
         slow.start()
         _await_metric(server, "splitdet_cloud_in_flight", 1)
-        with pytest.raises(RetryLater) as busy:  # same id, other request: no joining
+        with pytest.raises(NeverRetry) as reused:  # same id, other request: no joining
             client.detect(other.encoded, other.image, "resent", fingerprint)
-        assert busy.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "already used for a different request" in reused.value.message
         again = client.detect(sample.encoded, sample.image, "resent", fingerprint)
         slow.join(10)
         assert len(first) == 1 and not first[0].cached and again.cached

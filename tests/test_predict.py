@@ -362,19 +362,24 @@ def test_a_failed_detection_call_makes_the_exit_status_1(
 ):
     """The server refuses every call (features beyond its 1 MiB decode bound): each flagged
     image is an error in the JSON and the run's status says so (it said 0 before)."""
-    from cloud_fixtures import start_cloud_process
+    from splitdet.cloud.core import DetectionCore, load_cloud
+    from splitdet.cloud.server import CloudServer
+    from splitdet.cloud.server_config import MIB, ServerConfig
 
-    server = start_cloud_process(
-        tiny_model_dir, tmp_path / "cloud", "small", "--max-decoded-mib", "1"
-    )
+    # (`splitdet cloud --max-decoded-mib 1` now refuses to serve this export at all; a core
+    # given to the server is the caller's, not checked at start)
+    config = ServerConfig(model_dir=tiny_model_dir, listen="127.0.0.1:0", threads=1)
+    core = DetectionCore(*load_cloud(tiny_model_dir), store=None, max_decoded_bytes=MIB)
+    server = CloudServer(config, core).start()
     out = tmp_path / "out.json"
     try:
         code = main(
             ["predict", str(image_dir), "--model", str(tiny_model_dir), "--threshold", "0",
-             "--codec", "fp32", "--cloud", server.address, "--json", str(out), "--no-progress"]
+             "--codec", "fp32", "--cloud", f"127.0.0.1:{server.port}", "--json", str(out),
+             "--no-progress"]
         )  # fmt: skip
     finally:
-        server.stop()
+        server.stop(0)
     records = json.loads(out.read_text())
     assert code == 1
     # no detections to report: an error (p_defect kept), not a defect with no boxes, and
