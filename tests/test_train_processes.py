@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,8 @@ def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tm
         "--nproc-per-node 2`"
     )
     assert _processes_naming(run) == []  # no rank outlives the launcher
+    litter = sorted(Path(tempfile.gettempdir()).glob("torchelastic_*"))
+    assert litter == [], litter  # (the launcher's own log folder, left after every run)
     epoch = read_checkpoint(run / "last.pt")["epoch"]
     # resumed in-process: trains on, and leaves this process's signal handlers as they were
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 
 #: The module each rank runs (its `main` parses the same options as `splitdet train`).
@@ -35,17 +36,21 @@ def train_processes(train_argv: Sequence[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    launch_args = torchrun.parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", RANK_MODULE, *train_argv]
-    )
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     with (
+        # the launcher's folder for its ranks' error files (it would leave a torchelastic_*
+        # folder in the temporary directory after every run)
+        tempfile.TemporaryDirectory(prefix="splitdet-train-ranks-") as log_dir,
         _environment(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads)),
         _environment(**{LOG_LEVEL_ENV: level}),
         _quiet_launcher(),
         _signal_handlers_kept(),
     ):
+        launch_args = torchrun.parse_args(
+            ["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={log_dir}",
+             "-m", RANK_MODULE, *train_argv]
+        )  # fmt: skip
         try:
             torchrun.run(launch_args)
         except SignalException as exc:  # the ranks got it too and said what they kept
