@@ -6,21 +6,34 @@ with ServiceProcess([...cmd...], ready_file=path, name="cloud") as cloud:
 
 with started(cloud, jpeg):  # several at once: their start-ups (and shut-downs) overlap
     ...
+
+On Linux a service also ends when the process that started it dies without stopping it
+(SIGKILL, the OOM killer): it runs through `die_with_parent_command`, which asks the kernel
+for a SIGTERM when its parent goes (prctl PR_SET_PDEATHSIG) before it execs the command.
+
+with scratch_folder() as scratch:  # the benchmark's temporary folder, /tmp/splitdet-bench-*
+    ...
+remove_stale_scratch()  # those of runs killed before they could remove theirs
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 
 class ServiceError(RuntimeError):
@@ -30,6 +43,114 @@ class ServiceError(RuntimeError):
 def splitdet_command(*args: str) -> list[str]:
     """Command line running `splitdet ARGS` with this interpreter (no PATH lookup)."""
     return [sys.executable, "-m", "splitdet.shared.cli", *args]
+
+
+#: prctl(2)'s option: the signal the kernel sends the caller when its parent thread ends.
+_PR_SET_PDEATHSIG = 1
+#: Exit status of a service whose parent was gone before it could ask for that signal.
+ORPHANED_STATUS = 75
+
+
+def die_with_parent_command(command: Sequence[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM when this thread ends (on Linux; elsewhere, and
+    from a thread other than the main one, `command` as it is).
+
+    The kernel sends the signal when the *thread* that forked the child ends: from the main
+    thread that is when this process dies (SIGKILL and the OOM killer included); a worker
+    thread could end first and stop the service mid-run, so there it is not asked for. The
+    setting must be made in the child before it execs the command (`exec_dying_with_parent`,
+    run as `python -m splitdet.bench.processes PARENT_PID COMMAND...`): a `preexec_fn` would
+    run Python in a child forked from our threads, which can deadlock.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    if threading.current_thread() is not threading.main_thread():
+        return list(command)
+    return [sys.executable, "-m", "splitdet.bench.processes", str(os.getpid()), *command]
+
+
+def exec_dying_with_parent(parent: int, command: Sequence[str]) -> NoReturn:
+    """Ask the kernel for SIGTERM when our parent thread ends, then exec `command`.
+
+    A parent that died before the request (then our parent is no longer `parent`, whoever
+    adopted us) would never send it: exit with `ORPHANED_STATUS` instead of serving forever.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        error = os.strerror(ctypes.get_errno())
+        print(f"splitdet: prctl(PR_SET_PDEATHSIG) failed ({error}); {command[0]} will not "
+              "end with its parent", file=sys.stderr)  # fmt: skip
+    if os.getppid() != parent:
+        print(f"splitdet: the process that started {command[0]} (pid {parent}) is gone; "
+              "not starting it", file=sys.stderr)  # fmt: skip
+        sys.exit(ORPHANED_STATUS)
+    for name in ("SIGPIPE", "SIGXFSZ"):  # as subprocess leaves them for an exec
+        if hasattr(signal, name):  # (Python itself ignores SIGPIPE: it would stay ignored)
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    sys.stderr.flush()
+    try:
+        os.execvp(command[0], list(command))
+    except OSError as exc:
+        print(f"splitdet: cannot run {command[0]}: {exc}", file=sys.stderr)
+        sys.exit(127)
+
+
+#: A run's temporary folder is named this + random characters, in the system's temporary folder.
+SCRATCH_PREFIX = "splitdet-bench-"
+#: The file in a run's temporary folder its run holds an flock on while it lives. The kernel
+#: drops the lock when the process dies, SIGKILL included, and a recycled pid cannot take it
+#: over: a folder whose lock another process can take is a dead run's (`remove_stale_scratch`).
+SCRATCH_OWNER = "owner.lock"
+
+
+@contextlib.contextmanager
+def _owner_lock(folder: Path) -> Iterator[None]:
+    """Hold `SCRATCH_OWNER` in `folder` for the `with` block. It is locked under a temporary
+    name and renamed in: a `SCRATCH_OWNER` is never seen unlocked while its run lives. A file
+    system without flock: no lock file (the folder is then never taken for stale)."""
+    staged = folder / f".{SCRATCH_OWNER}.tmp"
+    with staged.open("wb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            staged.rename(folder / SCRATCH_OWNER)
+        except OSError:
+            staged.unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def scratch_folder(root: Path | None = None) -> Iterator[Path]:
+    """A temporary folder for the run (the servers' ready file and answers store), removed at
+    its end; it holds `SCRATCH_OWNER` so that a later run can remove it if this one is killed
+    before it can (`remove_stale_scratch`). `root`: where (default: the system's)."""
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=root) as name:
+        folder = Path(name)
+        with _owner_lock(folder):
+            yield folder
+
+
+def _is_stale(folder: Path) -> bool:
+    """Whether `folder` is a dead run's temporary folder: ours (this user's, not a link), and
+    its `SCRATCH_OWNER` exists and is locked by nobody."""
+    try:
+        if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            return False
+        with (folder / SCRATCH_OWNER).open("rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released when closed)
+    except OSError:  # missing, another user's, held by a live run, or no flock here
+        return False
+    return True
+
+
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the temporary folders of runs that died without removing them (SIGKILL, the OOM
+    killer) from `root` (default: the system's temporary folder); the folders removed. A folder
+    of a live run, another user's or one without `SCRATCH_OWNER` (from before it) is kept."""
+    root = Path(root or tempfile.gettempdir())
+    stale = [f for f in sorted(root.glob(f"{SCRATCH_PREFIX}*")) if _is_stale(f)]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -61,7 +182,9 @@ def _sigterm_unwinds() -> tuple[signal.Signals, ...]:
 
 class ServiceProcess:
     """A child process with its output in a log file, ready when it writes `ready_file`
-    (JSON) or, without one, when it prints a line starting with `ready_prefix`."""
+    (JSON) or, without one, when it prints a line starting with `ready_prefix`. `log_header`:
+    written at the top of the log, before the process's output. On Linux it ends when the
+    thread that launched it does (`die_with_parent_command`)."""
 
     def __init__(
         self,
@@ -72,8 +195,10 @@ class ServiceProcess:
         ready_prefix: str | None = None,
         timeout_s: float = 120.0,
         env: dict[str, str] | None = None,
+        log_header: str = "",
     ) -> None:
         self.command = list(command)
+        self.log_header = log_header
         self.log_path = Path(log_path)
         self.name = name
         self.ready_file = Path(ready_file) if ready_file else None
@@ -97,8 +222,10 @@ class ServiceProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed when the process is stopped
         self._log = log
         try:
+            log.write(self.log_header.encode())
+            log.flush()
             self.process = subprocess.Popen(
-                self.command,
+                die_with_parent_command(self.command),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -222,3 +349,7 @@ def started(*services: ServiceProcess) -> Iterator[tuple[ServiceProcess, ...]]:
 def _terminate_all(services: Sequence[ServiceProcess]) -> None:
     for service in reversed(services):
         service.terminate()
+
+
+if __name__ == "__main__":  # python -m splitdet.bench.processes PARENT_PID COMMAND...
+    exec_dying_with_parent(int(sys.argv[1]), sys.argv[2:])

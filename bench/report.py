@@ -28,6 +28,15 @@ UPPER_BOUND = "perfect gate"
 #: Below either count a defect rate's figures are noisy (report.md says so under its heading).
 NOISY_DEFECTIVE = 10
 NOISY_IMAGES = 50
+#: The monolithic mAP below which no mAP kept is reported (None; "n/a" in report.md): an
+#: untrained or tiny model's mAP of a few 1e-6 is the noise of a stray box or two, and the ratio
+#: of two such numbers (7.0e-06 / 4.8e-06: "145.1% kept") says nothing about the split or the
+#: codec. 0.01 is a tenth of the mAP of the demo's 30-minute model; any model worth comparing
+#: is well above it.
+MAP_KEPT_FLOOR = 0.01
+#: A gated system's gate recall below which its rate gets a warning in report.md: its time
+#: reduction then comes mostly from not sending the defective images on, not from the split.
+LOW_GATE_RECALL = 0.5
 #: report.json's "generator": marks a report (and the outputs beside it) as splitdet bench's.
 GENERATOR = "splitdet bench"
 #: Keys every report.json of splitdet bench had before it carried "generator".
@@ -43,6 +52,25 @@ OUTPUTS = (
     "reduction_vs_defect_rate.png",
     "bytes_vs_map_kept.png",
 )
+#: The servers' logs (`ServiceProcess` writes them from their start; a failed run's message
+#: quotes them): a run's outputs too, overwritten by the next run's servers.
+LOGS = ("cloud.log", "jpeg_server.log")
+#: The first line of every log in `LOGS` (`log_header`): marks it as splitdet bench's even
+#: without a report.json beside it (a run stopped before its first defect rate).
+LOG_HEADER = f"# {GENERATOR}: "
+
+
+def log_header(server: str, run_id: str) -> str:
+    """The line a bench run writes at the top of a server's log (`LOG_HEADER`...)."""
+    return f"{LOG_HEADER}{server} log of run {run_id}\n"
+
+
+def map_kept(ours: float | None, base: float | None) -> float | None:
+    """mAP `ours` as a share of the baseline's `base`; None (not measured) when either is
+    missing or `base` is under `MAP_KEPT_FLOOR` (a ratio of noise)."""
+    if ours is None or base is None or base < MAP_KEPT_FLOOR:
+        return None
+    return ours / base
 
 
 def summarise(
@@ -114,8 +142,7 @@ def summarise(
             with_link = summary[f"mean_with_{link}_s"]
             summary[f"reduction_with_{link}"] = 1.0 - with_link / monolithic["mean_s"]
         for key in ("map", "map50"):
-            base, ours = monolithic[key], summary[key]
-            summary[f"{key}_kept"] = ours / base if base and ours is not None else None
+            summary[f"{key}_kept"] = map_kept(summary[key], monolithic[key])
     else:
         summary.update(reduction=None, map_kept=None, map50_kept=None)
         summary.update({f"reduction_with_{link}": None for link in LINKS})
@@ -156,6 +183,33 @@ def _engine_lines(report: dict) -> list[str]:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def _kept_cell(kept: float | None, base: float | None, measured: bool = True) -> str:
+    """A mAP kept cell: the share, "n/a (...)" when the baseline mAP `base` is under
+    `MAP_KEPT_FLOOR`, "–" when there is nothing to compare (`measured` False: the baseline
+    itself, a perfect gate; or no baseline mAP)."""
+    if kept is None and measured and base is not None and base < MAP_KEPT_FLOOR:
+        return f"n/a (mAP under {MAP_KEPT_FLOOR:g})"
+    return _fmt(kept, ".1%")
+
+
+def gate_warning(systems: dict[str, dict]) -> str | None:
+    """The line under a defect rate's heading when a gated system's gate recall is under
+    `LOW_GATE_RECALL`: its reduction is bought by missing the defects; None otherwise."""
+    low = [
+        f"{name} {s['gate_recall']:.0%}"
+        for name, s in systems.items()
+        if s.get("gate_recall") is not None and s["gate_recall"] < LOW_GATE_RECALL
+    ]
+    if not low:
+        return None
+    return (
+        f"**Gate misses defects**: gate recall {', '.join(low)} (under "
+        f"{LOW_GATE_RECALL:.0%}): these systems skip most defective images, so their "
+        "reduction (and the figures' curves for them) is bought by missing the defects, "
+        "not earned by the split."
+    )
 
 
 def percent(rate: float) -> str:
@@ -238,6 +292,21 @@ def _machine_lines(report: dict) -> list[str]:
     return lines
 
 
+def _incomplete_line(report: dict) -> str:
+    """What a stopped (or running) run's report.md says it holds: the rates done, and that
+    the bytes-vs-mAP pass is not, when it was asked for (its `settings.rd_images` above 0;
+    a report from before that setting: asked for)."""
+    settings = report["settings"]
+    done = ", ".join(percent(float(r)) for r in report["rates"]) or "none"
+    line = (
+        "**Incomplete**: the run stopped, or is still running. Done: defect rates "
+        f"{done} (of {', '.join(percent(r) for r in settings['defect_rates'])})"
+    )
+    if settings.get("rd_images", 1) > 0:
+        return line + "; the bytes-vs-mAP pass is not."
+    return line + "."
+
+
 def markdown(report: dict) -> str:
     """report.md: the command, the machine, one table per defect rate, the R-D table."""
     lines = [
@@ -247,13 +316,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     if not report.get("complete", True):
-        done = ", ".join(percent(float(r)) for r in report["rates"]) or "none"
-        lines += [
-            "**Incomplete**: the run stopped, or is still running. Done: defect rates "
-            f"{done} (of {', '.join(percent(r) for r in report['settings']['defect_rates'])}); "
-            "the bytes-vs-mAP pass is not.",
-            "",
-        ]
+        lines += [_incomplete_line(report), ""]
     oracle = report.get("settings", {}).get("oracle_gate", False)
     lines += _machine_lines(report)
     lines += [
@@ -284,7 +347,8 @@ def markdown(report: dict) -> str:
         "framing of gRPC/HTTP/2 aside; JPEG: the JPEG file), averaged over all images; "
         "bytes/sent img over the images sent. "
         "mAP is COCO mAP@[.5:.95] on the stream's ground truth (pycocotools); "
-        "kept = vs monolithic. Reduction and mAP kept are – for monolithic (the baseline), "
+        f"kept = vs monolithic, n/a when the monolithic mAP is under {MAP_KEPT_FLOOR:g} (a "
+        "ratio of noise). Reduction and mAP kept are – for monolithic (the baseline), "
         "gate recall and flagged (share of images the gate sent on) – for systems without a "
         "gate. Each heading gives the requested defect rate and the share of defective images "
         "the run's stream really had (the count is rounded); the figures plot the latter.",
@@ -293,9 +357,10 @@ def markdown(report: dict) -> str:
     for rate_key, systems in report["rates"].items():
         first = next(iter(systems.values()))
         lines += [f"## {rate_heading(rate_key, first)}", ""]
-        warning = noise_warning(rate_key, first)
-        if warning:
-            lines += [warning, ""]
+        for warning in (noise_warning(rate_key, first), gate_warning(systems)):
+            if warning:
+                lines += [warning, ""]
+        base_map = systems.get(MONOLITHIC, {}).get("map")
         vs_engines = SAME_ENGINES in systems
         lines += [
             "| system | mean s | p50 s | p95 s | img/s | reduction | "
@@ -307,6 +372,7 @@ def markdown(report: dict) -> str:
         ]
         for name, s in systems.items():
             label = f"{name} (upper bound: {s['upper_bound']})" if s.get("upper_bound") else name
+            measured = name != MONOLITHIC and not s.get("upper_bound")
             with_links = " | ".join(
                 f"{_fmt(s.get(f'mean_with_{link}_s'), '.3f')} | "
                 f"{_fmt(s.get(f'reduction_with_{link}'), '+.1%')}"
@@ -322,7 +388,8 @@ def markdown(report: dict) -> str:
                 f"{s['bytes_per_sent_image']:,.0f} | "
                 f"{s['transfer_100mbit_s_computed']:.3f} | "
                 f"{_fmt(s['map'], '.3f')} | {_fmt(s['map50'], '.3f')} | "
-                f"{_fmt(s.get('map_kept'), '.1%')} | {_fmt(s['gate_recall'], '.1%')} | "
+                f"{_kept_cell(s.get('map_kept'), base_map, measured)} | "
+                f"{_fmt(s['gate_recall'], '.1%')} | "
                 f"{_fmt(s['flagged_fraction'] if s.get('has_gate', True) else None, '.1%')} |"
             )
         lines.append("")
@@ -332,15 +399,17 @@ def markdown(report: dict) -> str:
             "",
             f"On {report['rate_distortion']['n_images']} defective images of the "
             f"{report.get('settings', {}).get('split', 'test')!r} split; mAP kept is "
-            "relative to the monolithic detector on the original images.",
+            "relative to the monolithic detector on the original images (n/a when its mAP is "
+            f"under {MAP_KEPT_FLOOR:g}: a ratio of noise).",
             "",
             "| encoding | bytes/image | mAP | mAP kept |",
             "|---|---|---|---|",
         ]
+        rd_base = report["rate_distortion"].get("map_monolithic")
         for point in report["rate_distortion"]["points"]:
             lines.append(
                 f"| {point['name']} | {point['bytes']:,.0f} | {_fmt(point['map'], '.3f')} | "
-                f"{_fmt(point['map_kept'], '.1%')} |"
+                f"{_kept_cell(point['map_kept'], rd_base)} |"
             )
         lines.append("")
     lines += [
@@ -444,7 +513,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
             ax.text(
                 0.5,
                 0.5,
-                "the monolithic mAP is 0 here: nothing to keep",
+                f"the monolithic mAP is under {MAP_KEPT_FLOOR:g} here: nothing to keep",
                 transform=ax.transAxes,
                 ha="center",
             )
@@ -476,21 +545,29 @@ def is_bench_report(path: Path) -> bool:
     return report.get("generator") == GENERATOR or report.keys() >= OLD_REPORT_KEYS
 
 
+def _is_bench_log(path: Path) -> bool:
+    """Whether `path` (one of `LOGS`) starts with the `LOG_HEADER` a bench run writes."""
+    try:
+        with path.open("rb") as log:
+            return log.readline().startswith(LOG_HEADER.encode())
+    except OSError:
+        return False
+
+
 def foreign_outputs(out_dir: Path) -> list[Path]:
-    """The files of `OUTPUTS` in `out_dir` that a run would replace but splitdet bench may not
-    have written: all that exist, unless the report.json there is splitdet bench's."""
-    present = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+    """The files of `OUTPUTS` and `LOGS` in `out_dir` that a run would replace but splitdet
+    bench may not have written: all that exist, unless the report.json there is splitdet
+    bench's; a log that starts with `LOG_HEADER` is bench's whatever is beside it."""
+    present = [out_dir / name for name in OUTPUTS + LOGS if (out_dir / name).exists()]
     if not present or is_bench_report(out_dir / "report.json"):
         return []
-    return present
+    return [p for p in present if not (p.name in LOGS and _is_bench_log(p))]
 
 
-def remove_outputs(out_dir: Path) -> None:
-    """Delete an earlier run's report and figures: a stopped run must not show them as its own.
-
-    Only a splitdet bench run's: ValueError naming the files when `out_dir` holds any of
-    `OUTPUTS` beside a report.json that is not splitdet bench's (or none), deleting nothing.
-    """
+def earlier_outputs(out_dir: Path) -> list[Path]:
+    """The files of `OUTPUTS` an earlier splitdet bench run left in `out_dir` (for the new run
+    to replace); ValueError naming the files when any of `OUTPUTS` or `LOGS` there may not be
+    splitdet bench's (nothing is then to be written there: the run stops before it starts)."""
     foreign = foreign_outputs(out_dir)
     if foreign:
         names = ", ".join(str(p) for p in foreign)
@@ -498,8 +575,18 @@ def remove_outputs(out_dir: Path) -> None:
             f"--out {out_dir}: holds {names}, not from splitdet bench (its report.json is "
             "missing or not one splitdet bench wrote); choose another --out or remove them"
         )
-    for name in OUTPUTS:
-        (out_dir / name).unlink(missing_ok=True)
+    return [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+
+
+def remove_outputs(out_dir: Path) -> None:
+    """Delete an earlier run's report and figures: a stopped run must not show them as its own.
+
+    Only a splitdet bench run's (`earlier_outputs`: ValueError, deleting nothing, otherwise).
+    A run calls it just before its first write (`run._run_streams`), not at its start: a run
+    stopped before then leaves the earlier report whole.
+    """
+    for path in earlier_outputs(out_dir):
+        path.unlink(missing_ok=True)
 
 
 #: The columns of OUTCOMES_CSV.

@@ -11,7 +11,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +23,19 @@ import torch
 from tqdm import tqdm
 
 from splitdet.bench.jpeg_server import JpegClient
-from splitdet.bench.processes import ServiceProcess, splitdet_command, started
+from splitdet.bench.processes import (
+    ServiceProcess,
+    remove_stale_scratch,
+    scratch_folder,
+    splitdet_command,
+    started,
+)
 from splitdet.bench.report import (
     MONOLITHIC,
     add_engine_reductions,
+    earlier_outputs,
+    log_header,
+    map_kept,
     outcome_rows,
     remove_outputs,
     summarise,
@@ -189,6 +197,46 @@ def _note_repeats(config: BenchConfig, samples: list, streams: dict[float, list]
     )
 
 
+def _note_stale_scratch() -> None:
+    """Remove dead runs' temporary folders (`remove_stale_scratch`), saying so on stderr."""
+    removed = remove_stale_scratch()
+    if removed:
+        print(
+            f"splitdet bench: note: removed {len(removed)} temporary folder(s) of earlier runs "
+            f"that were killed: {', '.join(str(f) for f in removed)}",
+            file=sys.stderr,
+        )
+
+
+class _EarlierReport:
+    """An earlier splitdet bench run's report in --out, kept until this run has its own to
+    write: a run stopped (Ctrl-C) or failing before its first defect rate leaves it whole.
+
+    Created at the start: ValueError when --out holds outputs splitdet bench may not have
+    written (`report.earlier_outputs`), before anything is measured."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.paths = earlier_outputs(out_dir)
+
+    def announce(self) -> None:
+        """Say on stderr, once, that this run replaces the earlier report (if there is one)."""
+        if self.paths:
+            print(
+                f"splitdet bench: note: --out {self.out_dir} holds an earlier run's report; "
+                "this run replaces it when it writes its first defect rate (stopped before "
+                "then, it leaves it as it is)",
+                file=sys.stderr,
+            )
+
+    def remove(self) -> None:
+        """Delete the earlier report and figures (once): just before this run's first write, so
+        that its partial report never stands beside the earlier run's figures."""
+        if self.paths:
+            remove_outputs(self.out_dir)
+            self.paths = []
+
+
 def exclusive_out(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Create `out_dir` and hold its lock file: a second benchmark writing there at the same
     time would mix its report and figures with this one's. ValueError naming --out otherwise."""
@@ -203,9 +251,11 @@ def _run_streams(
     bar: tqdm,
     on_rate: Callable[[dict[str, dict]], object],
     pixel_bits: int,
+    before_write: Callable[[], object] = lambda: None,
 ) -> dict:
     """Every defect rate's stream through every system; `on_rate(results)` after each rate.
-    `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read)."""
+    `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read).
+    `before_write()` before each write of the outputs (`_EarlierReport.remove`)."""
     results: dict[str, dict] = {}
     rows: list[dict] = []
     for rate, stream in streams.items():
@@ -226,6 +276,7 @@ def _run_streams(
         }
         add_engine_reductions(results[key])
         rows += outcome_rows(key, stream, outcomes)
+        before_write()
         write_outcomes(rows, config.out_dir)
         on_rate(results)
     return results
@@ -275,7 +326,7 @@ def _rate_distortion(
                 "name": name,
                 "bytes": float(np.mean([o.bytes_sent for o in outcomes])),
                 "map": value,
-                "map_kept": value / base if base and value is not None else None,
+                "map_kept": map_kept(value, base),
             }
         )
     return {"n_images": len(defective), "map_monolithic": base, "points": points}
@@ -326,6 +377,7 @@ def _report_head(
             "threads": threads,
             "oracle_gate": config.oracle_gate,
             "engine_baseline": config.engine_baseline,
+            "rd_images": config.rd_images,
             # as the streams' VOC annotations give them (the model resizes: model.input)
             "image_sizes": [f"{w}×{h}" for w, h in sorted(sizes)],
         },
@@ -351,11 +403,12 @@ def _measure(
     head: dict,
     cloud_address: str,
     jpeg_address: str,
+    before_write: Callable[[], object],
 ) -> tuple[dict, dict | None]:
     """Warm up, then every stream through every system and the bytes-vs-mAP pass.
 
     Returns the per-rate summaries and the rate-distortion result (None when skipped); writes
-    a partial report after each rate."""
+    a partial report after each rate (`before_write()` before each write)."""
     client = CloudClient(ClientConfig(cloud_address, timeout_s=600))
     jpeg_client = JpegClient(jpeg_address)
     try:
@@ -383,6 +436,7 @@ def _measure(
                 bar,
                 on_rate=lambda done: write_report(_ended(head) | {"rates": done}, config.out_dir),
                 pixel_bits=model.config.pixel_bits,
+                before_write=before_write,
             )
             rd = (
                 _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
@@ -436,16 +490,17 @@ def _run_locked(
 ) -> dict:
     """The run, once --out is this run's alone: servers up, every system measured, reported."""
     refine = manifest.model_config.box_refine_steps
-    remove_outputs(config.out_dir)
+    earlier = _EarlierReport(config.out_dir)  # (outputs bench did not write: stop here)
+    earlier.announce()
     _note_repeats(config, samples, streams)
+    _note_stale_scratch()
     runtime = EdgeRuntime(config.model_dir, threads=threads, manifest=manifest)
     pipelines = [EdgePipeline(runtime, codec=codec) for codec in config.codecs]
     gate = manifest.gate_threshold
     # written after each rate: partial reports
     head = _report_head(config, manifest, threads, streams)
 
-    with tempfile.TemporaryDirectory(prefix="splitdet-bench-") as scratch:
-        scratch = Path(scratch)
+    with scratch_folder() as scratch:
         cloud = ServiceProcess(
             splitdet_command(
                 "cloud",
@@ -463,6 +518,7 @@ def _run_locked(
             log_path=config.out_dir / "cloud.log",
             name="cloud server",
             ready_file=scratch / "cloud.json",
+            log_header=log_header("cloud server", config.run_id),
         )
         jpeg = ServiceProcess(
             [
@@ -479,6 +535,7 @@ def _run_locked(
             log_path=config.out_dir / "jpeg_server.log",
             name="JPEG baseline server",
             ready_prefix="PORT ",
+            log_header=log_header("JPEG baseline server", config.run_id),
         )
         with started(cloud, jpeg):  # (their start-ups overlap)
             cloud_address = f"127.0.0.1:{cloud.ready['port']}"
@@ -495,6 +552,7 @@ def _run_locked(
                     head,
                     cloud_address,
                     jpeg_address,
+                    before_write=earlier.remove,
                 )
             except CloudError as exc:  # e.g. the server died: name it, show the end of its log
                 raise cloud.failed_mid_run(str(exc)) from None
@@ -502,5 +560,6 @@ def _run_locked(
                 raise jpeg.failed_mid_run(f"{exc.code().name}: {exc.details()}") from None
 
     report = _ended(head) | {"rates": rates, "rate_distortion": rd, "complete": True}
+    earlier.remove()  # (done before the first rate's write already)
     write_report(report, config.out_dir)
     return report
