@@ -15,12 +15,15 @@ Every process it starts is stopped on the way out, Ctrl-C included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +42,19 @@ log = logging.getLogger(__name__)
 
 #: Boxes at or above this score are listed as found defects (mAP uses every box).
 SHOW_SCORE = 0.5
+
+#: The files of live/ the demo's processes write (each database with SQLite's and the writer
+#: lock's files beside it, the logs, the ready files, an atomic write's hidden temporary), and
+#: the folders in it that the camera and the daemon fill (hot folder, archive, quarantine).
+_LIVE_FILE = re.compile(r"\.?(edge|cloud)\.(sqlite[-.\w]*|log|ready\.json)(\.\w{8}\.tmp)?")
+_LIVE_FOLDERS = ("camera", "archive", "quarantine")
+#: In every name in those folders: the camera's frame_NNNNN, or the daemon's names made from it
+#: (ID_frame_NNNNN.png archived, its .reason.txt, hidden .part and partial copies).
+_FRAME = re.compile(r"frame_\d{5}")
+#: The daemon's annotated images (IMAGEID_frame_NNNNN.jpg, or their hidden temporary).
+_ANNOTATED = re.compile(r"\.?\d{8}_frame_\d{5}\.jpg(\.\w{8}\.tmp)?")
+#: The checkpoints `train` refuses to start afresh over, which the demo deletes to retrain.
+_CHECKPOINTS = ("last.pt", "best.pt")
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,108 @@ def _run(args: list[str]) -> None:
         raise SystemExit(143)
     if code != 0:
         raise RuntimeError(f"splitdet {' '.join(args)} failed with status {code}")
+
+
+# ------------------------------------------------------------- what the demo may delete
+# The demo deletes only what it wrote: checkpoints beside its training stamp, and live/ and
+# annotated/ when every file in them is of a kind it writes there. No marker file: the stamp
+# (run/demo-train.json, written before every training since the first demo) and the names of
+# those files are the same in a workdir an earlier version made, which a re-run keeps using.
+
+
+def _train_stamp(run_dir: Path) -> dict | None:
+    """The demo's training stamp in `run_dir` (a JSON object with "settings"), or None."""
+    found = _stamp(run_dir / "demo-train.json")
+    return found if isinstance(found, dict) and "settings" in found else None
+
+
+def foreign_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints in `run_dir` that retraining would delete but the demo may not have
+    written: all that are there, unless its training stamp is beside them."""
+    present = [run_dir / name for name in _CHECKPOINTS if (run_dir / name).exists()]
+    if not present or _train_stamp(run_dir) is not None:
+        return []
+    return present
+
+
+def _foreign_in_live(live: Path) -> list[Path]:
+    """What in `live` the demo's processes never write (see `_LIVE_FILE`, `_LIVE_FOLDERS`)."""
+    foreign = []
+    for entry in sorted(live.iterdir()):
+        if entry.name in _LIVE_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            foreign += _foreign_files(entry, _FRAME.search)
+        elif not (_LIVE_FILE.fullmatch(entry.name) and _regular_file(entry)):
+            foreign.append(entry)
+    return foreign
+
+
+def _foreign_files(folder: Path, matches: Callable[[str], object]) -> list[Path]:
+    """What in `folder` is not a regular file whose name `matches` (a folder, a link, another
+    name): nothing the demo puts there."""
+    return [p for p in sorted(folder.iterdir()) if not (matches(p.name) and _regular_file(p))]
+
+
+def _regular_file(path: Path) -> bool:
+    """A file, not a link to one (the demo makes no links; rmtree would delete a link)."""
+    return path.is_file() and not path.is_symlink()
+
+
+def foreign_outputs(folder: Path, kind: str) -> list[Path]:
+    """What in the demo's `kind` folder ("live" or "annotated") it did not write: its whole
+    contents would be deleted for the next live run. `[folder]` itself when it is a link or not
+    a folder; [] when it is not there."""
+    if not folder.exists() and not folder.is_symlink():
+        return []
+    if folder.is_symlink() or not folder.is_dir():
+        return [folder]
+    if kind == "live":
+        return _foreign_in_live(folder)
+    return _foreign_files(folder, _ANNOTATED.fullmatch)
+
+
+def _refusal(config: DemoConfig, folder: Path, foreign: list[Path], why: str) -> ValueError:
+    """The one-line refusal to delete `foreign`, which the demo did not write, in `folder`."""
+    shown = ", ".join(p.name if p != folder else str(p) for p in foreign[:3])
+    if len(foreign) > 3:
+        shown += f" and {len(foreign) - 3} more"
+    return ValueError(
+        f"--workdir {config.workdir}: {folder} holds {shown}, which splitdet demo did not "
+        f"write ({why}) and would delete; choose another --workdir or remove them yourself"
+    )
+
+
+def check_checkpoints(config: DemoConfig) -> None:
+    """ValueError when retraining would delete checkpoints the demo did not write."""
+    run_dir = config.paths()["run"]
+    foreign = foreign_checkpoints(run_dir)
+    if foreign:
+        raise _refusal(config, run_dir, foreign, "no demo-train.json beside them")
+
+
+def check_live_outputs(config: DemoConfig) -> None:
+    """ValueError when clearing live/ or annotated/ would delete what the demo did not write."""
+    paths = config.paths()
+    for kind in ("live", "annotated"):
+        foreign = foreign_outputs(paths[kind], kind)
+        if foreign:
+            why = "not a folder" if foreign == [paths[kind]] else "not a file the demo writes"
+            raise _refusal(config, paths[kind], foreign, why)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the demo's in-process train and eval (which
+    take no thread option), put back after; left as it is (torch's, or OMP_NUM_THREADS's) when
+    None."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -190,12 +308,39 @@ def train_model(config: DemoConfig) -> bool:
         args += ["--minutes", str(config.train_minutes)]
     if (run_dir / "last.pt").is_file() and found and found.get("settings") == wanted:
         args.append("--resume")  # an interrupted demo continues where it stopped
-    else:  # the demo's own run of other settings: train refuses to overwrite a run, so clear it
-        for name in ("last.pt", "best.pt"):
+    else:  # train refuses to start afresh over a run: clear the demo's own (of other settings)
+        check_checkpoints(config)  # (and never one it did not write)
+        for name in _CHECKPOINTS:
             (run_dir / name).unlink(missing_ok=True)
     if not config.progress:
         args.append("--no-progress")
     _write_stamp(stamp, {"settings": wanted, "complete": False})
+    with _torch_threads(config.threads):  # --threads: train and eval have no option for it
+        _train(args, run_dir)
+        _run(
+            [
+                "eval",
+                "--data",
+                str(data),
+                "--checkpoint",
+                str(checkpoint),
+                "--split",
+                "test",
+                "--calibrate-split",
+                "val",
+                "--json",
+                str(run_dir / "eval.json"),
+                "--no-progress",
+            ]
+        )
+    _write_stamp(
+        stamp, {"settings": wanted, "complete": True, "checkpoint_sha256": file_sha256(checkpoint)}
+    )
+    return False
+
+
+def _train(args: list[str], run_dir: Path) -> None:
+    """`splitdet train ARGS`; on SIGTERM, says what the same demo command does next."""
     try:
         _run(args)
     except SystemExit:  # SIGTERM: train named its own command; the demo's is simpler
@@ -205,26 +350,6 @@ def train_model(config: DemoConfig) -> bool:
         print(f"splitdet demo: stopped on SIGTERM while training; the same `splitdet demo` "
               f"command {kept}", file=sys.stderr)  # fmt: skip
         raise
-    _run(
-        [
-            "eval",
-            "--data",
-            str(data),
-            "--checkpoint",
-            str(checkpoint),
-            "--split",
-            "test",
-            "--calibrate-split",
-            "val",
-            "--json",
-            str(run_dir / "eval.json"),
-            "--no-progress",
-        ]
-    )
-    _write_stamp(
-        stamp, {"settings": wanted, "complete": True, "checkpoint_sha256": file_sha256(checkpoint)}
-    )
-    return False
 
 
 def export_model(config: DemoConfig) -> bool:
@@ -261,10 +386,7 @@ def run_live(config: DemoConfig) -> dict:
 
     paths = config.paths()
     live = paths["live"]
-    if live.exists():
-        shutil.rmtree(live)
-    if paths["annotated"].exists():
-        shutil.rmtree(paths["annotated"])
+    clear_live_outputs(config)
     hot = live / "camera"
     hot.mkdir(parents=True)
     db_path = live / "edge.sqlite"
@@ -342,6 +464,15 @@ def run_live(config: DemoConfig) -> dict:
     summary = summarise_live(rows, names, stream, config)
     summary["exit_status"] = {"edge": edge_status, "cloud": cloud_status}
     return summary
+
+
+def clear_live_outputs(config: DemoConfig) -> None:
+    """Delete an earlier live run's live/ and annotated/: this run's summary and images must be
+    its own. Only the demo's: ValueError naming what it did not write, deleting nothing."""
+    check_live_outputs(config)
+    for kind in ("live", "annotated"):
+        if config.paths()[kind].exists():
+            shutil.rmtree(config.paths()[kind])
 
 
 def _feed_camera(
@@ -525,6 +656,8 @@ def check_config(config: DemoConfig) -> None:
         ) from None
     if not os.access(config.workdir, os.W_OK | os.X_OK):
         raise ValueError(f"--workdir {config.workdir}: not writable")
+    check_checkpoints(config)  # what the stages would delete, refused now: not after training
+    check_live_outputs(config)
 
 
 def run_demo(config: DemoConfig) -> dict:

@@ -25,9 +25,11 @@ from splitdet.training.evaluate import coco_metrics
 from splitdet.training.presets import PRESETS
 from splitdet.training.voc import read_split
 
+# threads None: training takes the test run's torch threads (one per xdist worker: conftest);
+# the live cloud and edge take 2 each, the default
 TINY_DEMO = dict(preset="tiny", image_size=(320, 256), dataset=(6, 3, 3, 5), stream_images=8,
                  defect_rate=0.25, bench_images=0, camera_interval_s=0.0, progress=False,
-                 threads=2)  # fmt: skip
+                 threads=None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

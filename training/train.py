@@ -196,10 +196,12 @@ def _train(
     lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loaders["main"]))
     clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS's, unless the caller set another
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     log.info(
-        "training precision: %s (%s); %d torch thread(s) (set by OMP_NUM_THREADS; with other "
-        "jobs on the machine, fewer can be faster)", "bf16" if autocast else "fp32",
-        config.precision, torch.get_num_threads(),
+        "training precision: %s (%s); %d torch thread(s) (set by %s; with other jobs on the "
+        "machine, fewer can be faster)", "bf16" if autocast else "fp32", config.precision,
+        threads, "OMP_NUM_THREADS" if omp == str(threads) else "the caller or torch's default",
     )  # fmt: skip
     run = _Run(
         config, data_dir, out_dir, device, rank, world, progress, model, optimizer,
