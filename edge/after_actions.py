@@ -84,19 +84,20 @@ class AfterActions:
         stored_path: str | None,
         reason: str | None = None,
         adopt: bool = False,
-    ) -> bool:
+    ) -> bool | None:
         """Do what the row says happens to the file: delete it, keep it, or move it to
         `stored_path` (with `reason`: into the quarantine, its reason file beside it; with
         `adopt`, a row recorded before, a whole copy of it already there is taken as the
         move, see `_move_to`). A failure is logged and counted (errors kind "move"), never
         fatal: the file stays and is tried again (`_retry_move_later`). False after such a
-        failure, else True."""
+        failure, None when the file was replaced before it (`_replaced`: nothing done), else
+        True."""
         source = candidate.path
         if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
             self.store.check_file()  # StoreGone when --db was deleted or replaced
             if not _still_the_file_read(candidate):
                 self._replaced(candidate, image_id, stored_path)
-                return True
+                return None
         try:
             if stored_path is None:
                 source.unlink(missing_ok=True)

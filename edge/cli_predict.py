@@ -567,7 +567,7 @@ def summary(predictions: list[Prediction], total: int) -> str:
     boxes = sum(len(p.boxes) for p in predictions)
     # flagged, detected, nothing found at --score-threshold (all defect-free ones, --gate off)
     boxless = sum(p.verdict == "defect" and not p.boxes for p in predictions)
-    none = f"; {boxless} of them with none" if boxless else ""
+    none = f"; {boxless} with no box" if boxless else ""
     # a detected image whose annotated copy could not be written: a defect with an error
     unsaved = sum(p.verdict == "defect" and p.error is not None for p in predictions)
     sent = sum(p.bytes_sent for p in predictions if p.verdict != "error")

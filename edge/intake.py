@@ -73,12 +73,8 @@ class Intake:
         if self.after.retry_not_due(candidate):
             return False
         known = self.store.known(candidate.file_key)
-        if known is not None:
-            recorded = self._recorded_contents(candidate, known)
-            if recorded is None:
-                return False  # cannot be read just now: neither finished nor taken anew
-            if not recorded:
-                known = None  # another file under the very same key: a new arrival
+        if known is not None and not self._recorded_contents(candidate, known):
+            known = None  # another file under the very same key: a new arrival
         if known is None and self.config.after == "keep":
             known = self._renumbered(candidate)
         if known is not None:
@@ -109,9 +105,10 @@ class Intake:
         self.processed += 1
         return True
 
-    def _recorded_contents(self, candidate: Candidate, known: KnownFile) -> bool | None:
+    def _recorded_contents(self, candidate: Candidate, known: KnownFile) -> bool:
         """Whether the file found under a recorded `file_key` holds the contents its row
-        recorded (None: it cannot be read just now). A row whose file should have left --watch
+        recorded (one that cannot be read is taken at its key's word: a daemon waiting for it
+        would never end a --once run, and said nothing). A row whose file should have left --watch
         (deleted, archived, quarantined) is found again only after a crash between its commit
         and its move, or when another file arrived with the very same key: same name and size,
         a modification time a camera or a copy set alike (whole seconds, `cp -p`, rsync -t)
@@ -126,8 +123,8 @@ class Intake:
         try:
             if file_sha256(candidate.path) == known.content_hash:
                 return True
-        except OSError:
-            return None
+        except OSError:  # (stat'ed, not readable: trusted by its key, as before the check)
+            return True
         kept = self.store.supersede(known.id)
         log_event(logging.WARNING, "same file key, other contents", path=path_text(candidate.path),
                   image_id=known.id, row_key_now=kept,
@@ -173,7 +170,10 @@ class Intake:
         self.metrics.images.labels("error").inc()
         self.metrics.errors.labels("quarantine").inc()
         # logged once the move is done: a quarantine that cannot be written is told as such
-        if self.after.move(candidate, image_id, stored_path, reason):
+        moved = self.after.move(candidate, image_id, stored_path, reason)
+        if moved is None:  # replaced meanwhile: its own line said so, nothing is quarantined
+            return
+        if moved:
             log_event(logging.WARNING, "quarantined", path=arrival.path, image_id=image_id,
                       reason=reason, to=stored_path)  # fmt: skip
         else:

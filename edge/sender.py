@@ -496,9 +496,11 @@ def annotate_hook(
     failures = _AnnotateFailures(Path(save_dir), log_every_s)
 
     def hook(item: OutboxItem, answer: CloudDetections) -> None:
-        # each stored path as written, then unescaped (a name that was not UTF-8: path_text)
+        # each stored path as written, then unescaped (a name that was not UTF-8: path_text);
+        # only a file holding the image's own bytes: the camera's next shot under its name
+        # would get this one's boxes
         paths = (q for p in (item.stored_path, item.path) if p for q in (p, file_path(p)))
-        source = next((Path(p) for p in paths if Path(p).is_file()), None)
+        source = next((Path(p) for p in paths if _holds(Path(p), item.content_hash)), None)
         if source is None:
             log.warning(
                 "no file left to annotate for image %d (%s)", item.image_id, item.path,
@@ -522,6 +524,16 @@ def annotate_hook(
             failures.succeeded()
 
     return hook
+
+
+def _holds(path: Path, content_hash: str | None) -> bool:
+    """Whether `path` is a file holding the bytes of SHA-256 `content_hash` (None: any)."""
+    from splitdet.shared.manifest import file_sha256
+
+    try:
+        return path.is_file() and (content_hash is None or file_sha256(path) == content_hash)
+    except OSError:
+        return False
 
 
 class _AnnotateFailures:

@@ -99,6 +99,7 @@ class OutboxItem:
     stored_path: str | None
     path: str
     fingerprint: str  # the model export that made the request
+    content_hash: str | None = None  # SHA-256 hex of the image's bytes, as read
 
 
 @dataclass(frozen=True)
