@@ -131,8 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="folder of report.json, report.md, outcomes.csv, the figures and the servers' "
         "logs (cloud.log, jpeg_server.log); an earlier splitdet bench report there is "
-        "replaced once this run has its first defect rate, files of those names that bench "
-        "did not write stop the run",
+        "replaced once this run has its first defect rate (the logs are this run's from its "
+        "start), files of those names that bench did not write stop the run",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)

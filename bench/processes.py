@@ -19,7 +19,6 @@ remove_stale_scratch()  # those of runs killed before they could remove theirs
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -35,6 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from splitdet.shared.parent_death import die_with_parent
+
 
 class ServiceError(RuntimeError):
     """A child process did not become ready; the message carries the end of its log."""
@@ -45,8 +46,6 @@ def splitdet_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "splitdet.shared.cli", *args]
 
 
-#: prctl(2)'s option: the signal the kernel sends the caller when its parent thread ends.
-_PR_SET_PDEATHSIG = 1
 #: Exit status of a service whose parent was gone before it could ask for that signal.
 ORPHANED_STATUS = 75
 
@@ -75,12 +74,7 @@ def exec_dying_with_parent(parent: int, command: Sequence[str]) -> NoReturn:
     A parent that died before the request (then our parent is no longer `parent`, whoever
     adopted us) would never send it: exit with `ORPHANED_STATUS` instead of serving forever.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        error = os.strerror(ctypes.get_errno())
-        print(f"splitdet: prctl(PR_SET_PDEATHSIG) failed ({error}); {command[0]} will not "
-              "end with its parent", file=sys.stderr)  # fmt: skip
-    if os.getppid() != parent:
+    if not die_with_parent(parent, command[0]):
         print(f"splitdet: the process that started {command[0]} (pid {parent}) is gone; "
               "not starting it", file=sys.stderr)  # fmt: skip
         sys.exit(ORPHANED_STATUS)

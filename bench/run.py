@@ -225,7 +225,8 @@ class _EarlierReport:
             print(
                 f"splitdet bench: note: --out {self.out_dir} holds an earlier run's report; "
                 "this run replaces it when it writes its first defect rate (stopped before "
-                "then, it leaves it as it is)",
+                "then, it leaves it as it is; cloud.log and jpeg_server.log are this run's "
+                "from its start)",
                 file=sys.stderr,
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -221,3 +222,18 @@ def test_trains_warning_reads_as_it_did(tiny_voc):
         "check` lists them, `splitdet data split --overwrite` writes disjoint splits"
     )
     assert also_in_train(samples[:1], samples[1:], tiny_voc) is None
+
+
+def test_a_hard_link_to_an_image_is_the_same_image(tmp_path):
+    """`data merge` hard-links its sources' images: eval of a merged tree calibrated on a
+    source (--calibrate-data) compared resolved paths and missed them all."""
+    from splitdet.training.run_checks import shared_images
+    from splitdet.training.voc_types import VocSample
+
+    source, merged = tmp_path / "a.png", tmp_path / "A_a.png"
+    source.write_bytes(b"an image")
+    os.link(source, merged)
+    other = tmp_path / "b.png"
+    other.write_bytes(b"an image")  # the same bytes, another file
+    held_out = [VocSample("A_a", merged, 8, 8), VocSample("b", other, 8, 8)]
+    assert shared_images(held_out, [VocSample("a", source, 8, 8)], by_id=False) == ["A_a"]

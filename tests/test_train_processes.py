@@ -1,7 +1,7 @@
 """`splitdet train --nproc-per-node N`: DDP through the one command (torchrun's launcher, run
 in-process). A run stopped by SIGTERM ends with the ranks' one line and exit 143, not the
 launcher's traceback, and resumes on as many processes; a problem of the data is said once per
-rank, rank 0's first, without the launcher's own log."""
+rank, without the launcher's own log; the ranks end with a SIGKILLed launcher."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tm
     def stop(process: subprocess.Popen) -> None:
         process.send_signal(signal.SIGTERM)
 
+    litter_before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     code, out, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", stop)
     assert code == 143, err
     assert "Traceback" not in err and out == "", err
@@ -55,8 +56,8 @@ def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tm
         "--nproc-per-node 2`"
     )
     assert _processes_naming(run) == []  # no rank outlives the launcher
-    litter = sorted(Path(tempfile.gettempdir()).glob("torchelastic_*"))
-    assert litter == [], litter  # (the launcher's own log folder, left after every run)
+    litter = set(Path(tempfile.gettempdir()).glob("torchelastic_*")) - litter_before
+    assert litter == set(), litter  # (the launcher's own log folder, left after every run)
     epoch = read_checkpoint(run / "last.pt")["epoch"]
     # resumed in-process: trains on, and leaves this process's signal handlers as they were
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
@@ -135,3 +136,41 @@ def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path
         "splitdet train: stopped on SIGTERM",
     ), err
     assert _processes_naming(run) == []
+
+
+def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path):
+    """The OOM killer or a container's stop of its main process: the ranks, in sessions of
+    their own, trained on as orphans and held --out against the --resume the user was told."""
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "splitdet.shared.cli",
+            *train_argv(tiny_voc, run, "--epochs", "1000", "--nproc-per-node", "2")]  # fmt: skip
+    ranks = []
+
+    def kill_launcher(process: subprocess.Popen) -> None:
+        ranks.extend(pid for pid in _processes_naming(run) if pid != process.pid)
+        process.kill()
+
+    code, _, _ = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_launcher)
+    assert code == -signal.SIGKILL and len(ranks) == 2, ranks
+    deadline = time.monotonic() + 30
+    while _processes_naming(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_naming(run) == []
+
+
+def test_a_run_stopped_between_best_and_last_is_told_to_resume(tmp_path):
+    """best.pt is written before last.pt: a run stopped between them in its first epoch said
+    "no checkpoint was written; start it again", and starting again is refused (best.pt)."""
+    from argparse import Namespace
+
+    from splitdet.training.cli_train import _stopped_on_sigterm
+
+    (tmp_path / "best.pt").write_bytes(b"")
+    line = _stopped_on_sigterm(Namespace(data="D", out=str(tmp_path)))
+    assert line == (
+        f"splitdet train: stopped on SIGTERM before last.pt was written; {tmp_path / 'best.pt'} "
+        f"holds a finished epoch: continue with `splitdet train --data D --out {tmp_path} "
+        "--resume`"
+    )

@@ -384,8 +384,8 @@ def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIG
     import shlex
     from pathlib import Path
 
-    last = Path(args.out) / "last.pt"
-    if not last.is_file():
+    last, best = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
+    if not last.is_file() and not best.is_file():
         return (
             f"splitdet train: {stopped} before its first epoch ended: no checkpoint was "
             "written; start it again"
@@ -395,6 +395,11 @@ def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIG
     if processes != "1" and os.environ.get("WORLD_SIZE") == processes:  # one machine's DDP
         words += ["--nproc-per-node", processes]
     command = shlex.join(words)
+    if not last.is_file():  # stopped between best.pt and last.pt (--resume starts from best.pt)
+        return (
+            f"splitdet train: {stopped} before last.pt was written; {best} holds a finished "
+            f"epoch: continue with `{command}`"
+        )
     return (
         f"splitdet train: {stopped}; {last} holds the last finished epoch: continue with "
         f"`{command}`"
@@ -482,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from splitdet.shared.cli import CommandError, Parser
     from splitdet.shared.logs import TextLogFormatter
+    from splitdet.shared.parent_death import PARENT_PID_ENV, die_with_parent
     from splitdet.training.launch import LOG_LEVEL_ENV
 
     # (splitdet's parser: a path option given twice is refused here too)
@@ -491,13 +497,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.command_argv = list(sys.argv[1:] if argv is None else argv)
+    parent = os.environ.get(PARENT_PID_ENV)  # a rank `splitdet train --nproc-per-node` started
+    if parent and "RANK" in os.environ and not die_with_parent(int(parent), "this rank"):
+        print("splitdet train: the launcher that started this rank is gone; not training",
+              file=sys.stderr)  # fmt: skip
+        return 1
     handler = logging.StreamHandler()  # the lines `splitdet train` writes
     handler.setFormatter(TextLogFormatter())
     logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), handlers=[handler])
 
     try:
         return run(args)
-    except CommandError as exc:  # (every rank meets a problem of the data: rank 0's line first)
+    except CommandError as exc:  # (every rank meets a problem of the data: each says it)
         rank = os.environ.get("RANK", "0")
         print(f"splitdet train: error{'' if rank == '0' else f' (rank {rank})'}: {exc}",
               file=sys.stderr)  # fmt: skip

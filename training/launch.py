@@ -18,6 +18,8 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
+from splitdet.shared.parent_death import PARENT_PID_ENV
+
 #: The module each rank runs (its `main` parses the same options as `splitdet train`).
 RANK_MODULE = "splitdet.training.cli_train"
 #: The environment variable that gives the ranks the launcher's log level.
@@ -28,7 +30,9 @@ def train_processes(train_argv: Sequence[str], nproc: int) -> int:
     """Run `splitdet train` with the options `train_argv` (as typed, `--nproc-per-node`
     included: a rank started by torchrun does not start more) in `nproc` local processes.
 
-    Each process gets cores // nproc torch threads unless OMP_NUM_THREADS says otherwise.
+    Each process gets cores // nproc torch threads unless OMP_NUM_THREADS says otherwise, and
+    ends with this one (PARENT_PID_ENV: `cli_train.main` asks for SIGTERM when it dies, so that
+    a SIGKILLed launcher leaves no rank training on).
     Returns the exit status: 0 when every rank trained; the first failed rank's own status
     (2: a problem it named on stderr); 128 + N when signal N stopped the launcher or a rank.
     """
@@ -43,7 +47,7 @@ def train_processes(train_argv: Sequence[str], nproc: int) -> int:
         # folder in the temporary directory after every run)
         tempfile.TemporaryDirectory(prefix="splitdet-train-ranks-") as log_dir,
         _environment(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads)),
-        _environment(**{LOG_LEVEL_ENV: level}),
+        _environment(**{LOG_LEVEL_ENV: level, PARENT_PID_ENV: str(os.getpid())}),
         _quiet_launcher(),
         _signal_handlers_kept(),
     ):

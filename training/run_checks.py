@@ -38,16 +38,27 @@ def also_in_train(train: list, val: list, data_dir: Path) -> str | None:
 
 def shared_images(held_out: Sequence, listed: Sequence, *, by_id: bool = True) -> list[str]:
     """The ids of the `held_out` `VocSample`s that `listed` holds too, in order: by image file
-    (resolved: a link to it, or another path, is the same file) and, with `by_id`, by id. An
+    (`_file_identity`: a symbolic or hard link to it is the same file) and, with `by_id`, by id. An
     id names the same annotation only within one dataset: compare two datasets' splits with
     `by_id` False."""
-    seen: set[object] = {s.image_path.resolve() for s in listed}
+    seen: set[object] = {_file_identity(s.image_path) for s in listed}
     if by_id:
         seen |= {s.image_id for s in listed}
     return [
         s.image_id for s in held_out
-        if s.image_path.resolve() in seen or (by_id and s.image_id in seen)
+        if _file_identity(s.image_path) in seen or (by_id and s.image_id in seen)
     ]  # fmt: skip
+
+
+def _file_identity(path: Path) -> object:
+    """What tells two paths of one image file apart from two files: its device and inode (a
+    symbolic or hard link to it, as `data merge` makes, is the same file), else, when it
+    cannot be stat'ed, its resolved path."""
+    try:
+        info = path.stat()
+    except OSError:
+        return path.resolve()
+    return (info.st_dev, info.st_ino)
 
 
 def in_two_splits(
