@@ -99,3 +99,17 @@ def test_an_image_that_is_a_fifo_is_named_as_one_not_as_missing(tmp_path, capsys
     code, report, _ = _check(root, capsys)
     assert code == 1 and str(caught.value) in report["problems"]
     assert not [p for p in report["problems"] if "image file not found" in p]
+
+
+def test_split_add_keeps_what_the_kept_lines_hold_after_their_id(tmp_path, capsys):
+    """`data split --add` rewrote the kept lines as bare ids, dropping what they held after
+    them (a flag, a labelling tool's column), as `data merge` used to."""
+    root = make_tiny_voc(tmp_path / "ds", n_defective=6, n_free=2)
+    main_dir = root / "ImageSets" / "Main"
+    for split in ("val", "test"):
+        (main_dir / f"{split}.txt").unlink(missing_ok=True)
+    ids = voc.read_split_ids(root, "train")
+    (main_dir / "train.txt").write_text(f"{ids[0]}  1\n" + "".join(f"{i}\n" for i in ids[1:4]))
+    assert main(["data", "split", str(root), "--add", "--seed", "1"]) == 0, capsys.readouterr()
+    lines = (main_dir / "train.txt").read_text().splitlines()
+    assert lines[0] == f"{ids[0]}  1" and lines[1:4] == ids[1:4]

@@ -215,8 +215,9 @@ def split_dataset(
             target = root / "Annotations" / f"{sample.image_id}.xml"
             voc.write_annotation(target, sample)
             written.append(target)
-        for split, split_ids in ids_written.items():
-            paths[split] = voc.write_split(root, split, split_ids)
+        for split, split_ids in ids_written.items():  # (--add: kept lines keep their tails)
+            tails = voc.split_line_tails(root, split) if split in kept else None
+            paths[split] = voc.write_split(root, split, split_ids, tails)
     except BaseException:
         for target in written:  # a failed split leaves no half-made defect-free annotations
             target.unlink(missing_ok=True)
