@@ -196,9 +196,10 @@ class IdempotencyStore:
         is stored already, then evict beyond the capacity; True when it was stored. The first
         answer stored wins: one computed meanwhile for another request under the same id (two
         calls racing, or another model's) never replaces it, so a retry of the first request is
-        still answered from the store, and the other's refused as it would be had it come
-        second. Once the store is closed (the server stopping while a computation still ran)
-        the answer is not kept, and that is no error: logged at DEBUG only, not raised."""
+        still answered from the store (a retry of another model's request under that id, which
+        the edges never make, is computed again). Once the store is closed (the server
+        stopping while a computation still ran) the answer is not kept, and that is no error:
+        logged at DEBUG only, not raised."""
         key = scoped_key(request_id)
         with self._lock:
             if self._closed:

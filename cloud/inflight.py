@@ -9,7 +9,8 @@ determines the answer, as the answers store compares it; a log-only field such a
 goes on as any call would. The first call keeps computing for those waiting even when its own
 caller has gone away (the usual reason for the retry). A call of the same model and request id
 but another request is refused at once (`RequestIdReused`), as it is once the first's answer
-is stored: the outcome does not depend on the timing.
+is stored: whether it comes while the first runs or after, it is refused alike (unless the
+first fails and stores nothing: then a later one is computed).
 
     running = InFlight()
     lead, follow = running.lead_or_follow(key, digest, request_id)
