@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +40,6 @@ def _bench(root: Path, data: Path, out: Path) -> list[str]:
     argv += ["--data", str(data), "--out", str(out), "--codecs", "fp32", "--rd-images", "0"]
     argv += ["--defect-rates", "1", "--images", "1", "--threads", "1", "--no-progress"]
     return [*argv, "--no-engine-baseline"]
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs: a zombie (dead, not yet reaped: under an init that never reaps, a
-    container without --init) does not."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return fields[0] not in ("Z", "X")
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not _alive(pid)
 
 
 # -- fault 1: a re-run deleted the earlier report before it measured anything ----------------
@@ -125,42 +106,6 @@ def test_out_has_help(capsys):
 
 
 # -- fault 2: a SIGKILLed bench left its servers serving and its temporary folder -----------
-
-PARENT = textwrap.dedent(
-    """
-    import sys, time
-    from splitdet.bench.processes import ServiceProcess
-
-    sleeper = [sys.executable, "-c", "import time; print('READY', flush=True); time.sleep(600)"]
-    s = ServiceProcess(sleeper, log_path=sys.argv[1], name="sleeper", ready_prefix="READY")
-    s.start()
-    print(s.process.pid, flush=True)
-    time.sleep(600)
-    """
-)
-
-
-def test_a_service_ends_when_the_process_that_started_it_is_killed(tmp_path):
-    """SIGKILL (the OOM killer) runs no `with` exit: the services ran on forever."""
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(tmp_path / "sleeper.log")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    child = None
-    try:
-        line = parent.stdout.readline()
-        assert line.strip().isdigit(), parent.stderr.read()
-        child = int(line)
-        parent.kill()
-        parent.wait()
-        assert _wait_gone(child, 10), "the service outlived the process that started it"
-    finally:
-        parent.kill()
-        parent.wait()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
 
 
 def test_a_service_whose_parent_died_before_it_started_does_not_start(tmp_path):
