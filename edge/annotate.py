@@ -15,7 +15,6 @@ import errno
 import io
 import os
 import stat
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -24,8 +23,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from splitdet.edge import file_moves
-from splitdet.edge.file_names import NAME_MAX, fit_name
-from splitdet.shared.atomic_file import WriteError, atomic_write, folder_mode
+from splitdet.shared.atomic_file import (
+    WriteError,
+    atomic_write,
+    folder_mode,
+    temporary_beside,
+)
 from splitdet.shared.probability_format import format_probability
 
 BOX_COLOUR = (255, 64, 32)
@@ -173,15 +176,12 @@ def _jpeg_comment(file: BinaryIO) -> bytes | None:
 
 
 def _temporary_beside(path: Path, data: bytes) -> Path:
-    """A new temporary file in `path`'s folder holding `data`, with the mode an ordinary
-    ``open()`` gives (not ``mkstemp``'s ``0o600``: other users' viewers read the copies);
-    named as `splitdet.shared.atomic_file` names its own (".a.jpg.k2x9_q0a.tmp")."""
-    prefix = fit_name(f".{path.name}", ".", NAME_MAX - len("k2x9_q0a.tmp"))
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
+    """A new temporary file in `path`'s folder holding `data` (`atomic_file.temporary_beside`),
+    with the mode an ordinary ``open()`` gives (not ``mkstemp``'s ``0o600``: other users'
+    viewers read the copies)."""
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
+        tmp.write_bytes(data)
         os.chmod(tmp, folder_mode() & 0o666)
     except BaseException:
         tmp.unlink(missing_ok=True)

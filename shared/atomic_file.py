@@ -106,6 +106,16 @@ def _written_through(path: Path) -> bool:
         return False
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new, empty file in `path`'s folder under the temporary name `replacing` gives
+    (".NAME.k2x9_q0a.tmp", which `stale_temporaries` knows), mode 0o600 until its writer sets
+    another: made exclusively, never another's file."""
+    prefix = f".{_temp_target(path.name)}."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an exception the
@@ -123,10 +133,7 @@ def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) ->
         return
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{_temp_target(path.name)}."
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temporary_beside(path)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
