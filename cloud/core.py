@@ -316,6 +316,7 @@ class DetectionCore:
         is_cancelled: Callable[[], bool] | None = None,
         before_compute: Callable[[], None] | None = None,
         model: ServedModel | None = None,
+        digest: str | None = None,
     ) -> DetectResult:
         """Answer one request.
 
@@ -329,6 +330,8 @@ class DetectionCore:
                 Whatever it raises ends the call.
             model: the served model `served_model` gave for this call (it must be the one
                 the call names), used even if a reload dropped it since; None: looked up now.
+            digest: the call's `request_digest`, when the caller computed it already (the
+                servicer joins identical calls by it); None: computed here when needed.
 
         Raises:
             FingerprintMismatch: the call is for another model.
@@ -338,7 +341,7 @@ class DetectionCore:
         """
         start = time.perf_counter()
         model = self._check_call(call, model)
-        stored = self._stored(model, call)
+        stored = self._stored(model, call, digest)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
             return DetectResult(call.request_id, model.fingerprint, stored, timings, cached=True)
@@ -365,7 +368,7 @@ class DetectionCore:
         )
         if self.store is not None:
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
-            answer = StoredAnswer(model.fingerprint, request_digest(call), payload)
+            answer = StoredAnswer(model.fingerprint, digest or request_digest(call), payload)
             try:
                 self.store.put(call.request_id, answer)
             except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
@@ -469,13 +472,15 @@ class DetectionCore:
             )
         return model
 
-    def _stored(self, model: ServedModel, call: DetectCall) -> tuple[Detection, ...] | None:
-        """The stored answer for a repeated request id, if one is valid for this call (the
-        request is hashed only then: a new one is hashed after the heads, once)."""
+    def _stored(
+        self, model: ServedModel, call: DetectCall, digest: str | None = None
+    ) -> tuple[Detection, ...] | None:
+        """The stored answer for a repeated request id, if one is valid for this call (its
+        `digest`, or the request hashed only then: a request is hashed once)."""
         stored = self._answer_of(model, call.request_id)
         if stored is None:
             return None
-        if stored.digest != request_digest(call):
+        if stored.digest != (digest or request_digest(call)):
             raise RequestIdReused(call.request_id)
         return tuple(
             Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))

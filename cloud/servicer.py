@@ -271,10 +271,12 @@ class DetectionServicer:
             self._debug_delay(abandoned)
 
         try:
+            digest = None  # a repeat's is computed only if an answer is stored for its id
             if not repeat:
                 # joined by what a stored answer is compared by (`request_digest`), not by
                 # the bytes: a log-only field (the image's source) may differ
-                lead, follow = self._inflight.lead_or_follow(key, _digest_of(raw), request_id)
+                digest = _digest_of(raw)
+                lead, follow = self._inflight.lead_or_follow(key, digest, request_id)
                 if follow is not None:  # the same request is being answered: its answer
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
@@ -284,7 +286,9 @@ class DetectionServicer:
                 take_slot()  # (the identical call failed: this one is computed itself)
             call = call_from_proto(parse_message(pb.DetectRequest, raw))
             # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
-            result = self.core.detect(call, abandoned, before_compute=take_slot, model=model)
+            result = self.core.detect(
+                call, abandoned, before_compute=take_slot, model=model, digest=digest
+            )
             answer = result
             if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
                 if not result.cached:  # (a stored answer ran no heads)

@@ -669,7 +669,7 @@ def test_a_bug_is_internal_and_the_server_keeps_serving(served, tmp_path, sample
     with running(served, tmp_path, max_concurrent=1, max_queued=0) as (server, client):
         real_detect = server.core.detect
 
-        def broken(call, is_cancelled=None, before_compute=None, model=None):
+        def broken(call, is_cancelled=None, before_compute=None, model=None, digest=None):
             before_compute()  # the one slot taken, then the heads fail: it must come back
             raise RuntimeError("heads exploded")
 
