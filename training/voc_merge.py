@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +250,7 @@ def split_names(root: Path) -> list[str]:
         for path in split_dir.iterdir()
         if path.suffix == ".txt" and not path.name.startswith(".") and path.is_file()
     }
-    return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
+    return _merged_order(found)
 
 
 def merged_annotation(root: ET.Element, image_name: str) -> bytes:
@@ -351,10 +351,11 @@ def _link_or_copy(source: Path, target: Path) -> bool:
         return False
 
 
-def _merged_order(split_ids: dict[str, list[str]]) -> list[str]:
-    """The merged splits in the order they are written and counted: train, val, test, then
+def _merged_order(splits: Iterable[str]) -> list[str]:
+    """Split names in the order they are read, written and counted: train, val, test, then
     the others by name, whatever order the sources list theirs in."""
-    return [s for s in SPLITS if s in split_ids] + sorted(set(split_ids) - set(SPLITS))
+    names = set(splits)
+    return [s for s in SPLITS if s in names] + sorted(names - set(SPLITS))
 
 
 def merge(
