@@ -30,17 +30,18 @@ class CheckpointError(ValueError):
 
 
 class _ErrorKeeping:
-    """A file object for torch.save that keeps the first OSError its writes raised: torch
-    reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost."""
+    """A file object for torch.save that keeps the first exception its writes raised: torch
+    reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost, and so
+    too a Ctrl-C (KeyboardInterrupt, or train's SIGTERM as one) that arrived during a write."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data: bytes | memoryview) -> int:
         try:
             return self._handle.write(data)
-        except OSError as exc:
+        except BaseException as exc:
             self.error = self.error or exc
             raise
 
@@ -53,6 +54,7 @@ def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
     earlier file as it was and leaves no temporary file).
 
     Raises:
+        KeyboardInterrupt: a Ctrl-C (or SIGTERM raised as one) during a write, as it came.
         WriteError: the file could not be written; its message names `path` and why, "no
             space left on device" on a full file system (torch's own error is a RuntimeError
             "basic_ios::clear: iostream error" or "unexpected pos", whatever the cause).
@@ -64,6 +66,8 @@ def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
             try:
                 torch.save(obj, writer)
             except RuntimeError as exc:
+                if isinstance(writer.error, KeyboardInterrupt):  # stopped, not a failed write
+                    raise writer.error from None
                 # told while the temporary file still fills the disk (`replacing` removes it)
                 cause = writer.error or exc
                 number = getattr(cause, "errno", None)

@@ -298,6 +298,26 @@ class _FullDisk(io.FileIO):
         return super().write(data)
 
 
+class _CtrlCMidWrite(io.FileIO):
+    """A file whose writer is stopped by Ctrl-C after `room` bytes: the write raises
+    KeyboardInterrupt, as Python's SIGINT handler does in the thread that runs it."""
+
+    room = 4096
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def ctrl_c_mid_write_open(file, mode="r", *args, **kwargs):
+    """`open` for a module under test (monkeypatched in): a file opened for writing (torch.save's)
+    is interrupted by Ctrl-C part way; others open as usual."""
+    if "w" in mode:
+        return _CtrlCMidWrite(file, "w")
+    return builtins.open(file, mode, *args, **kwargs)
+
+
 def full_disk_open(file, mode="r", *args, **kwargs):
     """`open` for a module under test (monkeypatched in): a file opened for writing (torch.save's)
     is on a full disk; others open as usual."""

@@ -23,7 +23,13 @@ from splitdet.shared.cli import main
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import FILE_SIZE_LIMITED, full_disk_open, run_until, train_argv
+from support import (
+    FILE_SIZE_LIMITED,
+    ctrl_c_mid_write_open,
+    full_disk_open,
+    run_until,
+    train_argv,
+)
 
 #: The lock file `splitdet train` holds in its --out (`training.train.TRAIN_LOCK`).
 TRAIN_LOCK = ".splitdet-train.lock"
@@ -111,6 +117,27 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so(tiny_voc, finished_run, t
         f"epoch 1: {run / 'last.pt'}: cannot write it (no space left on device); the earlier "
         "last.pt is kept as it was",
     )
+    assert (run / "last.pt").read_bytes() == before
+    assert _temporaries(run) == []
+
+
+def test_ctrl_c_while_saving_a_checkpoint_is_an_interruption(tiny_voc, finished_run, tmp_path,
+                                                             monkeypatch, capsys):  # fmt: skip
+    """Ctrl-C that lands in one of torch.save's writes came out of torch as RuntimeError
+    ("unexpected pos ..."): the run said "cannot write it" and ended with status 2. It is an
+    interruption: status 130, the resume command, and the earlier last.pt whole."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = (run / "last.pt").read_bytes()
+    monkeypatch.setattr(checkpoint_module, "open", ctrl_c_mid_write_open, raising=False)
+    assert main(train_argv(tiny_voc, run, "--resume", "--epochs", "2")) == 130
+    err = capsys.readouterr().err
+    assert "cannot write" not in err and "unexpected pos" not in err, err
+    assert (
+        err.rstrip()
+        .splitlines()[-1]
+        .startswith(f"splitdet train: interrupted; {run / 'last.pt'} holds the last finished epoch")
+    ), err
     assert (run / "last.pt").read_bytes() == before
     assert _temporaries(run) == []
 
