@@ -58,6 +58,10 @@ gives the verdict counts it follows from).
 """
 
 
+#: The limits of the cloud loadtest starts without --cloud, when not given: option dest -> value.
+STARTED_CLOUD = {"max_concurrent": 2, "max_queued": 8, "cloud_threads": os.cpu_count() or 1}
+
+
 def _levels(text: str) -> list[int]:
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
@@ -107,21 +111,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrent",
         type=int_in(1, 1024),
-        default=2,
         metavar="N",
-        help="without --cloud: the started cloud's --max-concurrent (default: 2)",
+        help=f"without --cloud: the started cloud's --max-concurrent (default: "
+        f"{STARTED_CLOUD['max_concurrent']})",
     )
     p.add_argument(
         "--max-queued",
         type=int_in(0, 256),
-        default=8,
         metavar="N",
-        help="without --cloud: the started cloud's --max-queued (default: 8)",
+        help=f"without --cloud: the started cloud's --max-queued (default: "
+        f"{STARTED_CLOUD['max_queued']})",
     )
     p.add_argument(
         "--cloud-threads",
         type=int_in(1, 1024),
-        default=os.cpu_count() or 1,
         metavar="N",
         help="without --cloud: the started cloud's torch threads (default: all cores)",
     )
@@ -187,6 +190,14 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise CommandError(f"{', '.join(given)}: for --cloud only (the cloud started here "
                                "is plaintext on loopback)")  # fmt: skip
+        for name, default in STARTED_CLOUD.items():  # (the options' defaults are None)
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    else:
+        given = connection_options_given(args, tuple(STARTED_CLOUD))
+        if given:  # a cloud given by --cloud keeps its own limits: they would be ignored
+            raise CommandError(f"{', '.join(given)}: for the cloud started here only, without "
+                               f"--cloud (the cloud at {args.cloud} keeps its own)")  # fmt: skip
     report = {
         "cloud": args.cloud,
         "model_fingerprint": None,  # known once the model is loaded

@@ -194,6 +194,18 @@ def test_a_client_option_given_empty_without_cloud_is_refused(tmp_path, capsys):
     assert code == 2 and "--server-name: for --cloud only" in err, err
 
 
+def test_a_started_clouds_limits_given_with_cloud_are_refused(tmp_path, capsys):
+    """`--max-concurrent`, `--max-queued` and `--cloud-threads` set the cloud loadtest starts;
+    given with --cloud they were ignored in silence, the measurement taken for one made with
+    them. Now refused, naming them, before anything loads; without --cloud they apply."""
+    argv = ["loadtest", str(tmp_path), "--model", str(tmp_path), "--cloud", "127.0.0.1:1"]
+    for given in (["--max-concurrent", "4"], ["--max-queued", "8", "--cloud-threads", "1"]):
+        code = main([*argv, *given])
+        err = capsys.readouterr().err
+        names = ", ".join(given[::2])
+        assert code == 2 and f"{names}: for the cloud started here only" in err, err
+
+
 def test_the_json_records_its_settings_and_whether_every_level_ran(
     cloud, images, tmp_path, monkeypatch, capsys
 ):
