@@ -49,6 +49,10 @@ MAX_CLASS_NAME_CHARS = 256
 #: Aspect ratios per anchor location, and the range of one (height / width).
 MAX_ANCHOR_RATIOS = 16
 ANCHOR_RATIO_BOUNDS = (0.01, 100.0)
+#: Largest relative error between an export's ONNX Runtime outputs and PyTorch's that `splitdet
+#: export` accepts (max |ort - torch| / max |torch|, per output); on p(defect), at most 1, it is
+#: also the largest absolute difference, which the calibrated gate threshold leaves room for.
+EXPORT_TOLERANCE = 1e-4
 #: Smallest per-channel standard deviation (on [0, 1] pixels); 0 would divide by zero.
 MIN_IMAGE_STD = 1e-4
 #: Proposals per image the RPN keeps before and after its NMS (torchvision's default 1000): the

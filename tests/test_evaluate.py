@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitdet.shared.config import ModelConfig
+from splitdet.shared.config import EXPORT_TOLERANCE, ModelConfig
 from splitdet.training.evaluate import (
     Prediction,
     best_accuracy_at_recall,
@@ -167,11 +167,25 @@ def test_calibrated_threshold_lies_in_the_gap_under_the_lowest_score_it_keeps():
     t = calibrated_threshold(probs, labels, 0.75)
     assert _logit(t) == pytest.approx((_logit(0.6) + _logit(0.3)) / 2)
     assert classifier_metrics(probs, labels, t)["recall"] == 0.75
-    # nothing under the score kept: it stays; ties with it stay flagged
-    assert calibrated_threshold([0.4, 0.7, 0.4], [True, True, False], 1.0) == 0.4
-    # the ends of the sigmoid: the midpoint never lands on either score
-    t = calibrated_threshold([1 - 1e-15, 1 - 2e-15], [True, False], 1.0)
-    assert 1 - 2e-15 < t <= 1 - 1e-15
+    # the ends of the sigmoid: the midpoint never lands on the score under it
+    t = calibrated_threshold([0.99999999, 0.9], [True, False], 1.0)
+    assert 0.9 < t <= 0.99999999 - EXPORT_TOLERANCE
+
+
+def test_calibrated_threshold_leaves_room_for_the_edges_onnx_scores():
+    """A threshold placed on the lowest defective score, with no score under it (a gate
+    flagging every calibration image), gave `ok` on the edge to that very image: ONNX Runtime
+    scored it a float32 step under PyTorch. The threshold sits the export's tolerance lower;
+    a score within that tolerance under it is flagged too (recall first)."""
+    step_under = float(np.nextafter(np.float32(0.7768416), np.float32(0)))
+    t = calibrated_threshold([0.7768416, 0.9, 0.8], [True, True, False], 1.0)
+    assert t == pytest.approx(0.7768416 - EXPORT_TOLERANCE) and step_under >= t
+    # ties with the lowest defective score stay flagged; a threshold does not go under 0
+    assert calibrated_threshold([0.4, 0.7, 0.4], [True, True, False], 1.0) < 0.4
+    assert calibrated_threshold([5e-5, 0.7], [True, False], 1.0) == 0.0
+    # a defect-free score within the tolerance under the kept one is flagged with it
+    t = calibrated_threshold([0.5, 0.49995, 0.1], [True, False, False], 1.0)
+    assert t <= 0.49995 and classifier_metrics([0.5, 0.49995], [True, False], t)["recall"] == 1.0
 
 
 def test_calibration_shortfall_says_when_the_split_is_too_small_for_the_recall():

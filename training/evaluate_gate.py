@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from splitdet.shared.config import EXPORT_TOLERANCE
 from splitdet.training.evaluate_coco import _kept, gated_coco_metrics
 
 if TYPE_CHECKING:
@@ -77,24 +78,27 @@ def calibrated_threshold(
 ) -> float:
     """The gate threshold calibrated for `target_recall`: `highest_threshold_at_recall`'s t
     lowered into the gap below it, to the midpoint in logit space between t and the highest
-    score under t.
+    score under t, and at least `EXPORT_TOLERANCE` under t.
 
-    No calibration image changes side (its recall, accuracy and pass rate are those of t), but a
-    defective image scoring a little under the lowest one kept is still flagged. t itself sits
+    A defective image scoring a little under the lowest one kept is still flagged. t itself sits
     on that lowest defective score: with few defective images to calibrate on, new ones fall
     below it about as often as not (a split of 6 defective images at `target_recall` 0.995 takes
-    the lowest of them, and a quarter of the next ones can score under it). Without any score
-    under t, t stays.
+    the lowest of them, and a quarter of the next ones can score under it). And the edge's ONNX
+    Runtime gate scores an image up to `EXPORT_TOLERANCE` off PyTorch's (a float32 step under t
+    was called ok on the edge, the image calibrated as kept). No calibration image changes side
+    unless a score lies within that tolerance under t: it is then flagged too (recall first);
+    without any score under t, t goes down by the tolerance (not under 0).
     """
     highest = highest_threshold_at_recall(probabilities, labels, target_recall)
+    ceiling = max(highest - EXPORT_TOLERANCE, 0.0)
     p = np.asarray(probabilities, dtype=np.float64)
     below = p[p < highest]
     if len(below) == 0:
-        return highest
+        return ceiling
     middle = (_logit(highest) + _logit(below.max())) / 2.0
     threshold = float(1.0 / (1.0 + np.exp(-middle)))
-    # rounding at the ends of the sigmoid must not take it past either score
-    return min(max(threshold, float(np.nextafter(below.max(), 1.0))), highest)
+    # rounding at the ends of the sigmoid must not take it past the score under t
+    return min(max(threshold, float(np.nextafter(below.max(), 1.0))), ceiling)
 
 
 def _expected_recall(defective: int, target_recall: float) -> float:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from splitdet.shared.atomic_file import WriteError, atomic_write, write_problem
 from splitdet.shared.checkpoint import save_torch, weights_digest
 from splitdet.shared.codec import CODECS
+from splitdet.shared.config import EXPORT_TOLERANCE
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import (
     ALL_ARTIFACTS,
@@ -60,8 +61,6 @@ EXPORT_LOCK = ".splitdet-export.lock"
 
 #: ONNX opset; 17 is served by every ONNX Runtime since 1.13.
 OPSET = 17
-#: Largest relative error (max |ort - torch| / max |torch|) accepted per output.
-EXPORT_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
