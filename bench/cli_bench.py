@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "replaced once this run has its first defect rate (the logs are this run's from its "
         "start), files of those names that bench did not write stop the run",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 

@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and edge (default: torch's own count, its physical cores, to train and benchmark; 2 "
         "each for the live cloud and edge, which share the machine)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 

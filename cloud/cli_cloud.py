@@ -1,6 +1,6 @@
 """`splitdet cloud`: serve a model directory's RPN + ROI heads over gRPC.
 
-    splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464
+    splitdet cloud --model models/gasket --listen 0.0.0.0:50051 --metrics-port 9464
 
 Top-level imports are stdlib only (see splitdet.shared.cli); torch and grpc load in `run`.
 """
@@ -52,7 +52,7 @@ OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
 }
 EXAMPLE = """\
 example:
-  splitdet cloud --model runs/model --listen 0.0.0.0:50051 --metrics-port 9464 \\
+  splitdet cloud --model models/gasket --listen 0.0.0.0:50051 --metrics-port 9464 \\
       --tls-cert server.pem --tls-key server.key --client-ca edge-ca.pem --token-file token.txt
 
 Health (grpc.health.v1): "" and splitdet.v1.Detection for the server, and each served export's

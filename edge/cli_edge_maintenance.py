@@ -164,6 +164,11 @@ def _fingerprint_prefix(given: str) -> str:
     return wanted
 
 
+def _held_list(held: dict[str, int]) -> str:
+    """The exports an outbox holds requests of, for a message: "3c5823c70655 (2), ..."."""
+    return ", ".join(f"{fp[:12]} ({n})" for fp, n in held.items()) or "none"
+
+
 def _one_export(wanted: str, held: dict[str, int], none: str) -> str:
     """The one export of `held` (count by fingerprint) whose fingerprint starts with `wanted`;
     CommandError when none does (`none`, then what `held` holds) or several do."""
@@ -171,8 +176,7 @@ def _one_export(wanted: str, held: dict[str, int], none: str) -> str:
 
     matches = sorted(fp for fp in held if fp.startswith(wanted))
     if not matches:
-        listed = ", ".join(f"{fp[:12]} ({n})" for fp, n in held.items()) or "none"
-        raise CommandError(f"{none}: {listed}")
+        raise CommandError(f"{none}: {_held_list(held)}")
     if len(matches) > 1:
         raise CommandError(
             f"--fingerprint {wanted} names {len(matches)} exports ("
@@ -252,10 +256,12 @@ def abandon(args: argparse.Namespace) -> int:
     wanted = _fingerprint_prefix(args.fingerprint)
     store = _open_store(args.db, dry_run=True)  # (a refused --fingerprint changes nothing)
     try:
-        fingerprint = _one_export(
-            wanted, store.outbox_fingerprints(),
-            f"--db {args.db}: no request in the outbox was made with export {wanted}; the "
-            "outbox holds requests of")  # fmt: skip
+        held = store.outbox_fingerprints()
+        if not any(fp.startswith(wanted) for fp in held):  # (a fleet's edges with none: done)
+            print(f"{args.db}: nothing to abandon: no request in the outbox was made with export "
+                  f"{wanted}; it holds requests of: {_held_list(held)}")  # fmt: skip
+            return 0
+        fingerprint = _one_export(wanted, held, "")  # (matched: one, or several to refuse)
         if not args.even_if_running:
             _refuse_the_running_export(args.db, store, fingerprint)
         reason = (

@@ -95,13 +95,23 @@ def test_abandon_keeps_requests_within_the_daemons_dead_letter_cap(tmp_path, cap
         ("aaaa", "first 8 or more hex digits"),
         ("not-hex!", "first 8 or more hex digits"),
         ("aaaaaaaa", "names 2 exports"),
-        ("bbbbbbbb", "no request in the outbox was made with export bbbbbbbb"),
     ],
 )
 def test_abandon_refuses_what_names_no_single_export(db, capsys, given, said):
     assert main(["edge", "abandon", "--db", str(db), "--fingerprint", given]) == 2
     assert said in capsys.readouterr().err
     assert _status(db)["outbox"]["requests"] == 4
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_abandon_with_nothing_of_that_export_waiting_is_done(db, capsys, dry_run):
+    """An export retired on every edge of a line: the edges with nothing waiting for it failed
+    (exit 2), so a script abandoning it fleet-wide saw failures where there was nothing to do.
+    Now exit 0, saying there was nothing to abandon and what the outbox holds."""
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", "bbbbbbbb", *dry_run]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to abandon: no request in the outbox was made with export bbbbbbbb" in out
+    assert RETIRED[:12] in out and _status(db)["outbox"]["requests"] == 4
 
 
 def test_results_show_and_filter_by_export(db, capsys):
