@@ -54,8 +54,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from types import FrameType
 
-from prometheus_client import start_http_server
-
 from splitdet.edge.after_actions import AfterActions
 from splitdet.edge.client import AnswerRules, CloudClient
 from splitdet.edge.daemon_config import DaemonConfig, check_paths
@@ -75,6 +73,7 @@ from splitdet.edge.store_file import StoreLocked, WriterLock, is_busy, refuse_fo
 from splitdet.edge.watcher import Candidate, HotFolder, enters_subfolder
 from splitdet.shared.cli import remove_ready_file, write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
+from splitdet.shared.metrics_http import start_metrics_server
 
 #: Milliseconds each try to open a --db another program holds locked at start waits for it
 #: (short: a SIGTERM is only seen between tries), and seconds between two tries.
@@ -312,8 +311,8 @@ class EdgeDaemon:
         config = self.config
         if config.metrics_port is not None:
             try:
-                self._metrics_httpd, _ = start_http_server(
-                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
+                self._metrics_httpd = start_metrics_server(
+                    config.metrics_port, config.metrics_host, self.metrics.registry
                 )
             except OSError as exc:
                 where = f"{config.metrics_host}:{config.metrics_port}"
