@@ -94,6 +94,12 @@ __all__ = [
 #: program holding it longer (an `sqlite3` shell, a backup) makes the daemon's loop wait and
 #: try the image again (`splitdet.edge.store_busy`), its sender try the request again.
 BUSY_TIMEOUT_MS = 10_000
+#: Bytes the WAL file is cut back to after a checkpoint (SQLite's journal_size_limit; by default
+#: it keeps the size of the largest transaction, a whole request, for good).
+WAL_KEEP_BYTES = 1 << 20
+#: WAL pages (4 kB) after which a commit checkpoints them into the database (SQLite's default
+#: 1000, 4 MB): the WAL's growth between checkpoints is what a nearly full disk must hold.
+WAL_CHECKPOINT_PAGES = 256
 
 
 class StoreGone(StoreError):
@@ -173,6 +179,11 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
                 # (`reclaim`); set before WAL and tables
                 self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # the WAL file keeps the size of its largest run of writes unless limited: a
+            # paper-size request (tens of MB) left as much on the disk for good, and 4 MB
+            # between checkpoints filled a tight one
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()

@@ -54,6 +54,32 @@ def test_schema_version_wal_and_full_sync(store, tmp_path):
     assert store.pragma("synchronous") == 2  # FULL
 
 
+def test_the_wal_file_shrinks_back_after_a_large_request(tmp_path):
+    """SQLite's WAL keeps the size of its largest transaction unless told otherwise: a paper-size
+    request (tens of MB) left as much beside the database for good, and 4 MB of writes between
+    checkpoints filled a nearly full disk (a soak test's daemon died there, 40% of its disk
+    free). Now the WAL is cut back to WAL_KEEP_BYTES after each checkpoint."""
+    path = tmp_path / "edge.sqlite"
+    s = ResultStore(path, OutboxCap(max_items=100, max_bytes=10**9))
+    try:
+        wal = path.with_name(path.name + "-wal")
+        for n in range(3):
+            image_id, _, _ = s.record_pending(
+                arrival(n), 0.9, f"req-{n}", random.randbytes(12 << 20), FINGERPRINT, {}
+            )
+            assert s.complete(image_id, answer(1))
+        peak = 0
+        for n in range(3, 60):  # small requests, as a line's, answered as they come
+            image_id, _, _ = s.record_pending(
+                arrival(n), 0.9, f"req-{n}", random.randbytes(90_000), FINGERPRINT, {}
+            )
+            assert s.complete(image_id, answer(1))
+            peak = max(peak, wal.stat().st_size)
+        assert peak < 2 << 20, peak  # not 12 MB kept, nor 4 MB grown between checkpoints
+    finally:
+        s.close()
+
+
 def test_refuses_newer_schema_and_foreign_sqlite(tmp_path):
     path = tmp_path / "newer.sqlite"
     ResultStore(path).close()
