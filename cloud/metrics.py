@@ -271,17 +271,23 @@ class ServerMetrics:
             }
 
     def forget(self, fingerprints: Sequence[str]) -> None:
-        """Drop what `used` recorded of models no longer served, and their answer series
-        (overall and per edge): the metrics stay bounded however many exports come and go."""
+        """Drop the answer series (overall and per edge) of models no longer served: the
+        metrics stay bounded however many exports come and go. Which edges used a model is
+        kept (`edges_using`: one served again and dropped again names them too, their
+        requests of it still waiting), but not a use older than `forget_edges_s` of a model
+        not served (at each reload: that memory stays bounded too)."""
         with self._edges_lock:
             for edge, models in self._edge_models.items():
                 for fingerprint in fingerprints:
                     if models.pop(fingerprint, None) is not None:
                         with contextlib.suppress(KeyError):  # (asked, never answered)
                             self.edge_answers.remove(edge, fingerprint)
+            served = {fingerprint for fingerprint, _ in self._model_labels}
+            now = time.time()  # (the clock of `used`)
             for models in self._names_using.values():
-                for fingerprint in fingerprints:
-                    models.pop(fingerprint, None)
+                for fingerprint, at in list(models.items()):
+                    if fingerprint not in served and now - at >= self.forget_edges_s:
+                        del models[fingerprint]
         for fingerprint in fingerprints:
             with contextlib.suppress(KeyError):
                 self.model_answers.remove(fingerprint)

@@ -6,7 +6,7 @@ once per process. `gather_models` turns those directories into the models to ser
 default first, with one problem line per directory that cannot be served: it loads a new
 export, keeps one already loaded from the same directory (its files hashed again only once
 their sizes or times change), verifies a copy before it counts and, at a reload, keeps
-serving what a named or half re-exported directory held.
+serving what a directory held while it cannot be served (damaged, half re-exported, away).
 """
 
 from __future__ import annotations
@@ -105,19 +105,22 @@ def gather_models(
 ) -> tuple[list[ServedModel], list[str], dict[Path, str]]:
     """The models to serve from the directories, in order (the default first), one line per
     directory that could not be read, saying what became of it, and the fingerprint each
-    directory served from (the next reload's `held`). An export already in `loaded`, read from
-    the directory `held` says it came from, keeps its loaded model (its files are still
-    verified: damage on disk is a problem line, as a restart would not serve them); any other
-    directory's files are verified against its manifest in full first (a new export is loaded,
-    one already loaded may be a broken copy that a restart could not serve). A found export that
-    cannot be served, or one served already from another directory, is skipped (the latter with
-    a warning only, once its files are verified). With `strict`, a named directory's problem
-    raises instead, and so does an export named twice; without, a named directory that cannot be
-    read (a copy in progress, a file server's hiccup) keeps serving the export `held` says it
-    held, if loaded: an operator's `--model` is not dropped by a reload (SIGHUP) it did not ask
-    of it. So does any directory holding a re-export killed while it replaced its files
-    (`PUBLISHING_MARKER`, checked in full even where `held` says it served): a problem line says
-    so, as a restart would refuse that folder until it is exported again. `checked` (updated
+    directory served from or holds a verified copy of (the next reload's `held`; the copies
+    first, so that mapped back by fingerprint the last directory is the serving one). An
+    export already in `loaded`, read from a directory `held` says it came from, keeps its
+    loaded model (its files are still verified: damage on disk is a problem line, as a restart
+    would not serve them); any other directory's files are verified against its manifest in
+    full first (a new export is loaded, one already loaded may be a broken copy that a restart
+    could not serve). A found export that cannot be served, or one served already from another
+    directory, is skipped (the latter with a warning only, once its files are verified). With
+    `strict`, a named directory's problem raises instead, and so does an export named twice;
+    without, a directory that cannot be served keeps serving the export `held` says it held, if
+    loaded and served from no other directory: a named one that cannot be read (a copy in
+    progress, a file server's hiccup), one holding a re-export killed while it replaced its
+    files (`PUBLISHING_MARKER`, checked in full even where `held` says it served), one whose
+    manifest or files were damaged since. A problem line says so, as a restart would refuse
+    that folder until it is exported again: an export is dropped only once no directory that
+    held it is left (removed, or holding another export that is served). `checked` (updated
     here) holds the file sizes and times of each directory whose files last matched their
     manifest: a kept export whose files still show them is not hashed again.
     `max_decoded_bytes` (--max-decoded-mib; None: unchecked): an export whose largest input's
@@ -131,22 +134,28 @@ def gather_models(
     held = held or {}
     models: list[ServedModel] = []
     where: dict[str, Path] = {}
+    copies: dict[Path, str] = {}  # directory -> the export it holds a verified copy of
     problems = []
     for index, model_dir in enumerate([*named, *found]):
         is_named = index < len(named)
         signature = _file_signature(model_dir)  # (before loading: a change meanwhile shows)
         try:
             # kept: an export served from this directory before, its model kept as loaded
-            model, kept = _load_or_keep(model_dir, is_named and strict, loaded, held, where)
+            model, kept = _load_or_keep(model_dir, is_named and strict, loaded, held, where, copies)
             if model is not None and max_decoded_bytes is not None:
                 check_decoded_bound(model, model_dir, max_decoded_bytes)
         except Exception as exc:  # whatever one export's loading raises is that export's
             problem = _problem_of(model_dir, exc, is_named and strict)
-            before = _held_before(model_dir, is_named, held)
+            # (a folder still there that served an export keeps it: a restart would not serve
+            # it, but dropping it refuses its edges at once; another folder serving it wins)
+            before = held.get(model_dir)
             if before is None or before not in loaded or before in where:
                 problems.append(f"{problem}; skipped")
                 continue
-            problems.append(f"{problem}; still serving the export it held ({before[:16]})")
+            if is_named or (model_dir / PUBLISHING_MARKER).exists():  # away, or interrupted
+                problems.append(f"{problem}; still serving the export it held ({before[:16]})")
+            else:  # damaged on disk: as one kept (below) whose files no longer match
+                problems.append(f"{problem}; {_still_serving(before)}")
             model, kept = loaded[before], False
         if model is None:  # a copy of an export served from another directory: skipped
             continue
@@ -154,16 +163,21 @@ def gather_models(
             damage = _damage(model_dir)
             if damage is not None:
                 signature = None  # (checked again at the next reload)
-                problems.append(
-                    f"{damage}; still serving the export loaded from it "
-                    f"({model.fingerprint[:16]}), which a restart would not serve: export into "
-                    "it again, or restore its files"
-                )
+                problems.append(f"{damage}; {_still_serving(model.fingerprint)}")
         if checked is not None and signature is not None:
             checked[model_dir] = signature
         where[model.fingerprint] = model_dir
         models.append(model)
-    return models, problems, {d: fp for fp, d in where.items()}
+    return models, problems, {**copies, **{d: fp for fp, d in where.items()}}
+
+
+def _still_serving(fingerprint: str) -> str:
+    """What a problem line says of the export `fingerprint`, served from memory though its
+    folder no longer holds it intact."""
+    return (
+        f"still serving the export loaded from it ({fingerprint[:16]}), which a restart would "
+        "not serve: export into it again, or restore its files"
+    )
 
 
 def _load_or_keep(
@@ -172,12 +186,14 @@ def _load_or_keep(
     loaded: dict[str, ServedModel],
     held: dict[Path, str],
     where: dict[str, Path],
+    copies: dict[Path, str],
 ) -> tuple[ServedModel | None, bool]:
     """The model to serve from `model_dir`, and whether it is the one loaded from it before,
     kept (not verified here). An export `loaded` already, read from another directory than
     `held` says, or from one a re-export was killed in, is verified in full; one not loaded is
     loaded. (None, False): the export is served already from the directory `where` names, and
-    this copy is skipped with a warning once its files are verified.
+    this copy is skipped with a warning once its files are verified (and noted in `copies`:
+    it serves the export at a later reload if that directory is gone).
 
     Raises:
         ManifestError: with `once_only`, the export is served already (named twice); and
@@ -194,6 +210,7 @@ def _load_or_keep(
         read_manifest(model_dir)  # a broken copy is a problem, not a served export
         log.warning("%s: the same export as %s, which serves it; skipped", model_dir,
                     where[fingerprint])  # fmt: skip
+        copies[model_dir] = fingerprint
         return None, False
     model = loaded.get(fingerprint)
     if model is None:
@@ -217,15 +234,6 @@ def _problem_of(model_dir: Path, exc: Exception, fatal: bool) -> str:
     if fatal:
         raise exc from None
     return _naming(model_dir, exc)
-
-
-def _held_before(model_dir: Path, is_named: bool, held: dict[Path, str]) -> str | None:
-    """The fingerprint of the export `held` says `model_dir` served, when it may keep serving
-    it though it cannot be served now (a named folder, or one a re-export was killed in);
-    else None."""
-    # a named folder, or one a re-export was killed in, keeps the export it served
-    interrupted = (model_dir / PUBLISHING_MARKER).exists()
-    return held.get(model_dir) if is_named or interrupted else None
 
 
 def _file_signature(model_dir: Path) -> tuple | None:

@@ -301,7 +301,9 @@ class CloudServer:
         if not edges:
             return
         now = time.time()
-        where = next((f" ({d})" for d, fp in dirs.items() if fp == fingerprint), "")
+        # (the last directory of a fingerprint is the one serving it; the ones before, copies)
+        folder = {fp: d for d, fp in dirs.items()}.get(fingerprint)
+        where = f" ({folder})" if folder is not None else ""
         used = ", ".join(
             f"{edge} ({(now - at) / 60:.0f} min ago)"
             for edge, at in sorted(edges.items(), key=lambda item: -item[1])
