@@ -23,7 +23,6 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from splitdet.cloud.call_guard import CallGuard
 from splitdet.cloud.channel_options import grpc_options
@@ -39,6 +38,7 @@ from splitdet.cloud.servicer import SERVICE_NAME, DetectionServicer
 from splitdet.cloud.threads import handler_pools, server_pool
 from splitdet.cloud.tokens import AcceptedTokens, TokenInterceptor, file_stamp
 from splitdet.shared.manifest import ManifestError
+from splitdet.shared.metrics_http import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class CloudServer:
             raise OSError(f"cannot listen on {config.listen}")
         if config.metrics_port is not None:
             try:
-                self._metrics_httpd, _ = start_http_server(
-                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
+                self._metrics_httpd = start_metrics_server(
+                    config.metrics_port, config.metrics_host, self.metrics.registry
                 )
             except (OSError, OverflowError) as exc:  # in use, unresolvable, port out of range
                 self._server.stop(0)

@@ -8,6 +8,7 @@ behaviour under load, deadlines, repeated ids, tokens and reflection. Process-le
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 import uuid
@@ -800,3 +801,32 @@ def test_nasty_requests_get_clean_refusals_from_a_real_server(served, tmp_path, 
         assert server.process.poll() is None
     finally:
         server.stop()
+
+
+def test_silent_connections_to_the_metrics_port_hold_no_more_than_its_cap(served, sample, tmp_path):
+    """prometheus_client's server kept a thread and a descriptor for every connection that sent
+    nothing, for good: a reviewer's 1,192 of them left the gRPC listener no descriptor to
+    accept a camera with. The cloud's endpoint closes those beyond its cap at once, and the
+    Detect beside it answers."""
+    from splitdet.shared.metrics_http import MAX_CONNECTIONS
+
+    manifest = served[2]
+    with running(served, tmp_path) as (server, client):
+        silent = []
+        for _ in range(MAX_CONNECTIONS + 40):
+            sock = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the end of its headers
+            silent.append(sock)
+        time.sleep(0.3)
+        closed = 0
+        for sock in silent:
+            sock.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                closed += sock.recv(1) == b""
+        assert closed >= 40, closed
+        result = client.detect(sample.encoded, sample.image, "beside-silent", manifest.fingerprint)
+        assert result.boxes is not None
+        for sock in silent:
+            sock.close()
+        time.sleep(0.3)  # (their threads see the end of the stream)
+        assert scrape_metrics(server.metrics_port)  # served again
