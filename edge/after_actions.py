@@ -4,9 +4,12 @@
 the archive or the quarantine (NAME.reason.txt beside a quarantined one) under the stored name
 the row records, never over another file (`free_target`: the next free ID_NAME~N, recorded
 in the row before the move). A whole copy already in place from a move a kill cut short is
-adopted rather than copied again. A move that fails is logged and counted, never fatal: the
-file stays and is tried again after MOVE_RETRY_INITIAL_S, doubling up to MOVE_RETRY_MAX_S
-(with --once, by the next run). The low-level moves are `splitdet.edge.file_moves`'.
+adopted rather than copied again. A file recorded by an earlier run and still in --watch is
+finished under this run's --after, --archive and --quarantine (`finish`): a folder a row names
+and this run does not is never written to, nor made again. A move that fails is logged and
+counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S, doubling
+up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
+`splitdet.edge.file_moves`'.
 """
 
 from __future__ import annotations
@@ -72,10 +75,52 @@ class AfterActions:
         return lambda image_id: str(free_target(archive, image_id, path.name))
 
     def finish(self, candidate: Candidate, known: KnownFile) -> None:
-        """Complete what a recorded file's row says should happen to the file."""
-        quarantined = known.error_kind == "quarantine" and known.stored_path
+        """Complete a recorded file's after-action, under THIS run's settings: a row recorded
+        by a run with another --after, --archive or --quarantine (a restart after its folder
+        filled or its mount went) is first given the path those settings give
+        (`_finish_path`), then the file goes there."""
+        stored_path = self._finish_path(candidate, known)
+        quarantined = known.error_kind == "quarantine" and stored_path
         reason = (known.reason or "") if quarantined else None
-        self.move(candidate, known.id, known.stored_path, reason, adopt=True)
+        self.move(candidate, known.id, stored_path, reason, adopt=True)
+
+    def _finish_path(self, candidate: Candidate, known: KnownFile) -> str | None:
+        """Where a recorded file still in --watch goes now: the row's stored path when this
+        run's settings give it (the same folder: only a crash or a failed move left the file),
+        when its file was kept in place (--after keep: nothing is outstanding), or when a move
+        a kill cut short already placed its whole copy there (adopted: the image is not
+        archived twice); else the path this run's --after, --archive or --quarantine gives,
+        recorded in the row (one commit) before the file moves, so that a crash at any point
+        leaves a row a restart finishes. A folder the row named and this run does not is never
+        written to (nor made again: a mount gone would leave its bare mount point)."""
+        here = path_text(candidate.path)
+        recorded = known.stored_path
+        if recorded == here:
+            return recorded
+        target = None if recorded is None else file_moves.stored_file(recorded)
+        if target is not None and (
+            file_moves.same_file(candidate.path, target)
+            or file_moves.same_bytes(candidate.path, target)
+        ):
+            return recorded
+        quarantine = known.error_kind == "quarantine"
+        folder = self.config.quarantine if quarantine else self.config.archive
+        if quarantine or self.config.after == "archive":
+            if target is not None and _same_folder(target.parent, folder):
+                return recorded
+            planned: str | None = str(
+                free_target(folder, known.id, candidate.path.name, quarantine)
+            )
+        else:
+            planned = here if self.config.after == "keep" else None
+        if planned == recorded:
+            return recorded
+        planned = self.store.set_stored_path(known.id, planned)
+        log_event(logging.INFO, "replanned under this run's settings", path=here,
+                  image_id=known.id, was=recorded, to=planned,
+                  note="recorded by a run with another --after, --archive or --quarantine; "
+                       "finished under this run's")  # fmt: skip
+        return planned
 
     def move(
         self,
@@ -184,7 +229,8 @@ class AfterActions:
                 continue
             if reason is not None:
                 _write_reason(target, reason)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if self._configured(target.parent):  # (another folder: never made again)
+                target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
                     source.unlink()
@@ -193,6 +239,14 @@ class AfterActions:
                 return
             except FileExistsError:  # taken in the instant since the check: choose again
                 continue
+
+    def _configured(self, folder: Path) -> bool:
+        """Whether `folder` is one this run moves files into (its --quarantine, its --archive
+        under --after archive): the daemon makes these at start, and again when they vanish."""
+        folders = [self.config.quarantine]
+        if self.config.after == "archive":
+            folders.append(self.config.archive)
+        return any(_same_folder(folder, configured) for configured in folders)
 
     def _replan(
         self, image_id: int, planned: Path, source: Path, quarantine: bool, attempt: int
@@ -219,6 +273,15 @@ def free_target(
             continue
         return target
     raise AssertionError("unreachable")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder: the same folder when both exist (through a link,
+    or written otherwise), else the same absolute path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _still_the_file_read(candidate: Candidate) -> bool:

@@ -1,6 +1,7 @@
 """`splitdet edge status`: what a results database holds (verdicts, results by model export,
-the outbox, dead letters, counters, the file) and whether a daemon runs on it, as JSON or as
-lines for people, which the formatting helpers here write. Safe beside a running daemon.
+the outbox, dead letters, processed images still waiting in --watch, counters, the file) and
+whether a daemon runs on it, as JSON or as lines for people, which the formatting helpers here
+write. Safe beside a running daemon.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def register_status(actions: argparse._SubParsersAction) -> None:
         "verdict and by the model export that judged them (the latest result's first), the outbox "
         "(requests, bytes, oldest, next try, by model export, the last error: how long ago, "
         "or past once requests of its export were delivered again), the dead letters "
-        "(kept for `splitdet edge requeue` or not) and the durable counters; of a running "
+        "(kept for `splitdet edge requeue` or not), the processed images whose file still waits "
+        "in --watch to be archived, quarantined or deleted (a move that fails: see the daemon "
+        "log's `cannot move file` lines; the newest 20000 results are looked at) and the "
+        "durable counters; of a running "
         "daemon, the export it sends with and, while its intake waits for a full outbox, since "
         "when. Safe while the daemon writes.",
         epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
@@ -143,6 +147,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     for fingerprint, n in outbox["by_model"].items():
         lines.append(f"              {n} made by model {fingerprint[:12]}")
     lines += _error_lines(outbox)
+    lines += _in_watch_lines(summary.get("in_watch"), summary.get("daemon"))
     lines.append(
         f"dead letters  {dead['kept']} kept for `splitdet edge requeue` "
         f"({dead['kept_bytes'] / 1e6:.1f} MB), {dead['not_kept']} without their request"
@@ -205,6 +210,37 @@ def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
         f"{outbox['bytes'] / 1e6:.1f} of {caps['bytes'] / 1e6:g} MB; intake stopped since "
         f"{stopped} ({_span(max(0.0, time.time() - since))} ago); images wait in --watch "
         "until the cloud takes requests (nothing is lost)"
+    ]
+
+
+def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
+    """The `in --watch` line of `edge status`: recorded images whose file still waits in
+    --watch to be archived, quarantined or deleted (`store_reads.in_watch`), the oldest's age
+    and where to look; or that none does (of the rows looked at)."""
+    if in_watch is None:
+        return []
+    unchecked = in_watch["rows_not_checked"]
+    looked = (
+        f" (the newest {in_watch['rows_checked']} results looked at, {unchecked} older not)"
+        if unchecked
+        else ""
+    )
+    n = in_watch["images"]
+    if not n:
+        return [f"in --watch    no processed image waiting to be moved or deleted{looked}"]
+    retry = (
+        "the next `splitdet edge run` tries again at its start, under its own --after, "
+        "--archive and --quarantine"
+        if (daemon or {}).get("state") == "none"
+        else "the daemon tries again (5 s doubling to 5 min)"
+    )
+    return [
+        f"in --watch    {n} processed image{'s' if n != 1 else ''} not yet archived, "
+        f"quarantined or deleted{looked}; the oldest arrived "
+        f"{_span(in_watch['oldest_age_s'])} ago: {in_watch['oldest_path']}",
+        "              their move failed (or a kill cut it short): the daemon log's `cannot move "
+        "file` lines (ERROR) say why (a full, read-only or gone --archive or --quarantine, a "
+        f"read-only --watch); {retry}",
     ]
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+from splitdet.edge.file_identity import still_there
 from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     ADDED_COLUMNS,
@@ -147,14 +148,63 @@ def daemon_record(db: sqlite3.Connection) -> dict | None:
     return None if row is None else dict(zip(DAEMON_COLUMNS, row, strict=True))
 
 
-def store_status(db: sqlite3.Connection, now: float | None = None) -> dict:
+#: Result rows `edge status` looks at, newest first, for processed images whose file still
+#: lies in --watch (`in_watch`): one stat each (of a missing file, mostly), 20 000 taking well
+#: under a second on a local disk; older rows are counted as not looked at.
+IN_WATCH_ROWS = 20_000
+
+
+def store_status(
+    db: sqlite3.Connection, now: float | None = None, in_watch_rows: int = IN_WATCH_ROWS
+) -> dict:
     """`_status` read in one transaction: one snapshot of the database (a daemon writing
-    meanwhile never makes its counts disagree)."""
+    meanwhile never makes its counts disagree); then "in_watch" (`in_watch`), its files
+    stat'ed after the snapshot is let go."""
+    now = time.time() if now is None else now
     db.execute("BEGIN")
     try:
-        return _status(db, now)
+        summary = _status(db, now)
+        leaving = _leaving_rows(db, in_watch_rows)
     finally:
         db.execute("ROLLBACK")  # (read only)
+    rows = sum(summary["verdicts"].values())
+    summary["in_watch"] = in_watch(leaving, now, min(in_watch_rows, rows), rows)
+    return summary
+
+
+def _leaving_rows(db: sqlite3.Connection, newest: int) -> list[tuple]:
+    """(id, path, file_key, arrived) of those of the `newest` rows whose file should leave
+    --watch (archived, quarantined or deleted: a stored path other than where it arrived)."""
+    return db.execute(
+        "SELECT id, path, file_key, arrived FROM (SELECT id, path, stored_path, file_key,"
+        " arrived FROM images ORDER BY id DESC LIMIT ?) WHERE stored_path IS NOT path"
+        " ORDER BY id",
+        (newest,),
+    ).fetchall()
+
+
+def in_watch(leaving: Sequence[tuple], now: float, looked: int, rows: int) -> dict:
+    """The recorded images whose file still lies where it arrived although their row says it
+    leaves --watch (`_leaving_rows`): their archive, quarantine or delete is not done. A move
+    that failed (a full or read-only archive, a share gone: the daemon's `cannot move file`
+    lines say why, and it tries again), or one a crash cut short (finished at the next start).
+    The store records no "moved": each row's file is stat'ed (`still_there`: the very file
+    recorded, not another written since under its name), for the newest `looked` of `rows`.
+
+    Returns:
+        {"images" (how many), "oldest_age_s" (since the oldest of them arrived; None: none),
+        "oldest_path", "rows_checked" (`looked`), "rows_not_checked" (older rows, not looked
+        at)}
+    """
+    waiting = [(path, arrived) for _, path, key, arrived in leaving if still_there(path, key)]
+    oldest = min(waiting, key=lambda row: row[1]) if waiting else None
+    return {
+        "images": len(waiting),
+        "oldest_age_s": None if oldest is None else max(0.0, now - oldest[1]),
+        "oldest_path": None if oldest is None else oldest[0],
+        "rows_checked": looked,
+        "rows_not_checked": max(0, rows - looked),
+    }
 
 
 def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
