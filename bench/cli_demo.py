@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo."""
     from splitdet.bench.demo import DemoConfig, run_demo
     from splitdet.bench.processes import ServiceError
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import FULL_INSTALL, CommandError, has_full_install
 
+    if not has_full_install():  # said at once, not after rendering its dataset
+        raise CommandError(f"the demo trains, serves and benchmarks with torch; {FULL_INSTALL}")
     config = DemoConfig(
         workdir=args.workdir or default_workdir(),
         preset=args.preset,

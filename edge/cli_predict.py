@@ -107,11 +107,11 @@ def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector
         try:
             from splitdet.cloud.local import LocalDetector
         except ImportError as exc:
-            from splitdet.shared.cli import CommandError
+            from splitdet.shared.cli import FULL_INSTALL, CommandError
 
             raise CommandError(
                 f"in-process detection needs the full install with torch ({exc}); "
-                "install splitdet[full] or pass --cloud ADDRESS"
+                f"{FULL_INSTALL}, or pass --cloud ADDRESS"
             ) from None
         return LocalDetector(Path(model_dir), threads)
 
@@ -456,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.edge.pipeline import EdgePipeline
     from splitdet.edge.predict import annotated_names, scan_inputs
     from splitdet.edge.runtime import EdgeRuntime
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import FULL_INSTALL, CommandError, has_full_install
     from splitdet.shared.manifest import ManifestError
 
     check_edge_model_options(args)
@@ -491,6 +491,13 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     remote = client_config(args, alone="without it the cloud half runs in this process")
+    can_flag = args.gate == "off" or pipeline.threshold < 1  # (at 1 or above: next to none)
+    if remote is None and can_flag and not has_full_install():
+        # said now, not at the first flagged image, the gate's work on those before it lost
+        raise CommandError(
+            "without --cloud the detection of flagged images runs in this process, which needs "
+            f"the full install with torch; {FULL_INSTALL}, or pass --cloud ADDRESS"
+        )
     if remote is None:
         detector = _cached(local_detector(args.model, args.threads))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import ipaddress
 import logging
 import math
@@ -42,6 +43,22 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 #: Modules only the full install has (training, export, the cloud server, the benchmark).
 FULL_INSTALL_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "pycocotools", "matplotlib")
+#: How to get the full install, for messages: from splitdet's source folder, as the docs say.
+FULL_INSTALL = 'install splitdet[full] (pip install ".[full]" in splitdet\'s source folder)'
+#: How to get ONNX Runtime, which the base install leaves to an extra (CPU or GPU flavour).
+EDGE_INSTALL = (
+    'install splitdet[edge] for the CPU (pip install ".[edge]" in splitdet\'s source folder) or '
+    "splitdet[gpu] for onnxruntime-gpu"
+)
+
+
+def has_full_install() -> bool:
+    """Whether torch can be imported here (the full install): looked up, not imported (0.1 ms,
+    where an import takes seconds)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # (a blocked or broken torch: as good as none)
+        return False
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -303,7 +320,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
             print(
                 f"splitdet {args.command}: error: this command needs {exc.name}, which the "
-                "edge-only install leaves out; install splitdet[full]",
+                f"edge-only install leaves out; {FULL_INSTALL}",
+                file=sys.stderr,
+            )
+            return 2
+        if exc.name and exc.name.split(".")[0] == "onnxruntime":
+            print(
+                f"splitdet {args.command}: error: this command needs ONNX Runtime, which the "
+                f"base install leaves to an extra; {EDGE_INSTALL}",
                 file=sys.stderr,
             )
             return 2

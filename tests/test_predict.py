@@ -130,6 +130,31 @@ def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
     assert "Traceback" not in flagged.stderr
 
 
+def test_without_torch_a_run_that_can_flag_is_refused_before_any_image(
+    tiny_model_dir, image_dir, tmp_path
+):
+    """On the edge-only install, predict without --cloud read and gated every image up to the
+    first flagged one, then refused the run (torch missing) and dropped the gate's work on them
+    all. It is refused before the first image now; a threshold above 1, which flags none, runs."""
+    import shutil
+
+    folder = tmp_path / "in"
+    shutil.copytree(image_dir, folder)
+    (folder / "broken.png").write_bytes(b"not a png")  # read first: its error line shows it was
+    out, save = tmp_path / "out.json", tmp_path / "annotated"
+    result = run_without_torch(f"""
+        from splitdet.shared.cli import main
+        status = main(["predict", {str(folder)!r}, "--model", {str(tiny_model_dir)!r},
+                       "--threshold", "0", "--json", {str(out)!r}, "--save", {str(save)!r},
+                       "--no-progress"])
+        assert status == 2, status
+        """)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "needs the full install with torch" in result.stderr and "--cloud" in result.stderr
+    assert "broken.png" not in result.stderr, result.stderr  # no image was read
+    assert not out.exists() and not save.exists()
+
+
 def test_predict_through_the_server_equals_in_process(tiny_model_dir, image_dir, tmp_path):
     """`--cloud ADDRESS` with torch blocked gives the in-process detections, box for box (on
     the server's one torch thread: with two, a sum may be split otherwise, a float32 step off),

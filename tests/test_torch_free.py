@@ -121,3 +121,41 @@ def test_full_install_commands_explain_themselves_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "needs torch" in result.stderr and "splitdet[full]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_demo_without_torch_is_refused_before_it_makes_its_data(tmp_path):
+    """On the edge-only install, `splitdet demo` rendered its whole dataset (26 s, 46 MB) before
+    it said it needs torch; now at once, its workdir not made."""
+    workdir = tmp_path / "demo"
+    result = run_without_torch(
+        f"""
+        from splitdet.shared.cli import main
+        status = main(["demo", "--workdir", {str(workdir)!r}, "--no-progress"])
+        assert status == 2, status
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stderr and 'pip install ".[full]"' in result.stderr
+    assert not workdir.exists()
+
+
+def test_an_install_without_onnx_runtime_says_which_extra_to_install(tmp_path):
+    """The base install leaves ONNX Runtime to an extra ([edge] or [gpu]); without it every edge
+    command ended in a traceback (ModuleNotFoundError: onnxruntime). Now one line naming the
+    extras, exit 2."""
+    code = f"""
+        import sys
+        class _NoOrt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "onnxruntime" or name.startswith("onnxruntime."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, _NoOrt())
+        from splitdet.shared.cli import main
+        status = main(["predict", {str(tmp_path)!r}, "--model", {str(tmp_path)!r}])
+        assert status == 2, status
+        """
+    (tmp_path / "a.png").write_bytes(b"")
+    result = run_without_torch(code)
+    assert result.returncode == 0, result.stderr
+    assert "needs ONNX Runtime" in result.stderr and "splitdet[edge]" in result.stderr
+    assert "Traceback" not in result.stderr
