@@ -26,7 +26,8 @@ HANDLER_FACTORIES = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 
-#: Seconds between two log lines of one pool's calls refused for want of a thread.
+#: Seconds between two log lines of one pool's calls refused for want of a thread, and of one
+#: pool's calls ended because their request did not arrive within --max-receive.
 EXHAUSTED_LOG_S = 10.0
 
 
@@ -43,31 +44,41 @@ class CallGuard(grpc.ServerInterceptor):
     Detect and GetManifest, per edge; logged with its method, peer, edge, code and message at
     most every EXHAUSTED_LOG_S per pool) by a small pool of its own that never waits for a
     request.
-    Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`. Stalled calls
-    themselves are ended by the server's connection age (`channel_options.grpc_options`).
+    Calls holding threads show in `splitdet_cloud_rpc_threads_busy{pool}`.
 
     To count a call to its end whatever becomes of it, a unary-request handler is run as a
     request-streaming one that reads the one request itself (gRPC would otherwise read it
     before any code of ours runs, and a call cancelled meanwhile would never be seen to end).
+    Stalled calls are ended there: a unary call whose request has not arrived within its
+    pool's receive bound (--max-receive) of its start is ended by a timer with
+    DEADLINE_EXCEEDED and a message saying so, which frees its thread (counted, for Detect and
+    GetManifest, by method and per edge as a refusal; logged as `request_not_received` at most
+    every EXHAUSTED_LOG_S per pool). Without it such a call held its thread until its
+    connection's age closed it (`channel_options.grpc_options`): about 5.5 min + --max-call.
 
     Args:
         metrics: where refusals and busy threads are counted.
-        pools: pool name -> (the pool, None for the server's own; calls it may hold at once).
+        pools: pool name -> its `threads.PoolBound` (the pool, None for the server's own; calls
+            it may hold at once; seconds a call may take to receive its request, None for no
+            bound), or a (pool, calls) pair (no receive bound).
         refusals: the pool that refuses calls beyond a limit (its calls end at once).
     """
 
     def __init__(
         self,
         metrics: ServerMetrics,
-        pools: dict[str, tuple[futures.ThreadPoolExecutor | None, int]],
+        pools: dict[str, tuple],
         refusals: futures.ThreadPoolExecutor,
     ) -> None:
         self._metrics = metrics
-        self._names = {id(pool): name for name, (pool, _) in pools.items()}
-        self._limits = {name: limit for name, (_, limit) in pools.items()}
+        self._names = {id(bound[0]): name for name, bound in pools.items()}
+        self._limits = {name: bound[1] for name, bound in pools.items()}
+        self._receive_s = {name: (*bound, None)[2] for name, bound in pools.items()}
         self._active = dict.fromkeys(pools, 0)
         #: which refusals are logged: at most one line per pool per EXHAUSTED_LOG_S
         self._lines = LineLimiter(EXHAUSTED_LOG_S)
+        #: which calls ended for a request not received are logged: likewise
+        self._unreceived_lines = LineLimiter(EXHAUSTED_LOG_S)
         self._lock = threading.Lock()
         self._refusals = refusals
         for name in pools:
@@ -120,15 +131,28 @@ class CallGuard(grpc.ServerInterceptor):
                 self._release(pool)
 
         unary = not handler.request_streaming
+        receive_s = self._receive_s[pool]
 
         def run(requests: Iterator, context: grpc.ServicerContext, *callback: Callable) -> Any:
             if not context.add_callback(release):  # (the call has ended already)
                 release()
             if not unary:
                 return behaviour(requests, context, *callback)
+            watch, peer, failed = None, "", None
+            if receive_s is not None:
+                watch = ReceiveTimer(context, receive_s, not_received_message(method, receive_s))
+                context.add_callback(watch.cancel)  # (the call ended: no timer left running)
+                peer = context.peer()  # (once the call is ended it reads "")
             try:
                 request = next(requests)
-            except StopIteration:
+            except (StopIteration, grpc.RpcError) as exc:  # (no request; the call ended)
+                request, failed = None, exc
+            # the timer fired: the call is ended, also when its request came just then
+            if watch is not None and not watch.received():
+                self._not_received(method, pool, peer, context, receive_s)  # (raises)
+            if isinstance(failed, grpc.RpcError):
+                raise failed
+            if request is None:
                 context.abort(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f'"{method}" requires exactly one request message.',
@@ -167,11 +191,43 @@ class CallGuard(grpc.ServerInterceptor):
         refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
         return grpc.stream_unary_rpc_method_handler(refuse)
 
-    def _count_refused(self, method: str, metadata: Sequence | None) -> None:
-        """A call of the Detection service `method` refused for want of a thread: counted by
-        method and code, and per edge under the label its name holds (none claimed: the
-        request, which would show a served model, is never read), its edge seen now."""
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    def _not_received(
+        self,
+        method: str,
+        pool: str,
+        peer: str,
+        context: grpc.ServicerContext,
+        receive_s: float,
+    ) -> None:
+        """A call `ReceiveTimer` ended (its request not received within `receive_s`): counted
+        as a DEADLINE_EXCEEDED refusal (for the Detection service's methods, as `_refusal`
+        counts them), logged as `request_not_received` (at most one line per pool per
+        EXHAUSTED_LOG_S, carrying the count and edges of those left out); then the handler
+        ends (the call has its status already)."""
+        name = method.rsplit("/", 1)[-1]
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+        metadata = context.invocation_metadata()
+        if name in METHODS:
+            self._count_refused(name, metadata, code)
+        claimed = claimed_edge(metadata)
+        admitted = self._unreceived_lines.admit_from(pool, claimed)
+        if admitted is not None:
+            log_refusal(name, peer, claimed, code, not_received_message(method, receive_s),
+                        "request_not_received", admitted, self._unreceived_lines.every_s,
+                        level=logging.WARNING,
+                        more={"pool": pool, "max_receive_s": receive_s})  # fmt: skip
+        context.abort(code, not_received_message(method, receive_s))  # (raises; not sent)
+
+    def _count_refused(
+        self,
+        method: str,
+        metadata: Sequence | None,
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
+        """A call of the Detection service `method` refused for want of a thread (or ended
+        with `code` before its request arrived): counted by method and code, and per edge
+        under the label its name holds (none claimed: the request, which would show a served
+        model, is never read), its edge seen now."""
         self._metrics.finished(method, code)
         label = self._metrics.edge_of(metadata)
         self._metrics.refused(label, code)
@@ -195,3 +251,63 @@ def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
         handler.unary_unary or handler.unary_stream or handler.stream_unary
         or handler.stream_stream
     )  # fmt: skip
+
+
+def not_received_message(method: str, receive_s: float) -> str:
+    """The status message of a call ended because its request did not arrive in time."""
+    return (
+        f"the request of this {method.rsplit('/', 1)[-1]} call did not arrive within "
+        f"{receive_s:g} s of the call's start (the server's --max-receive): the call was "
+        "ended to free its thread; send the request as the call starts, or, on a slow link, "
+        "have the server's --max-receive raised"
+    )
+
+
+class ReceiveTimer:
+    """Ends a call whose request has not been received `seconds` after this is made (a timer
+    thread; cancelled by `received` or `cancel`): with DEADLINE_EXCEEDED and `message` (the
+    caller sees both; an edge retries it later), which makes its blocked request iterator
+    stop and frees the thread that waits on it.
+
+    The status is set through gRPC's call object (`Call.cancel(code, details)`, not public
+    API); without it (another gRPC) the call is ended with `context.cancel()`: CANCELLED,
+    without the message.
+    """
+
+    def __init__(self, context: grpc.ServicerContext, seconds: float, message: str) -> None:
+        self._context = context
+        self._message = message
+        self._lock = threading.Lock()
+        self._state = "waiting"  # -> "received", "ended" or "cancelled"
+        self._timer = threading.Timer(seconds, self._end)
+        self._timer.daemon = True
+        self._timer.name = "splitdet-receive-timer"
+        self._timer.start()
+
+    def received(self) -> bool:
+        """The request arrived (or the call ended otherwise): stop the timer. False when the
+        timer has ended the call already."""
+        self._timer.cancel()
+        with self._lock:
+            if self._state in ("waiting", "cancelled"):
+                self._state = "received"
+            return self._state == "received"
+
+    def cancel(self) -> None:
+        """The call has ended: stop the timer."""
+        self._timer.cancel()
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "cancelled"
+
+    def _end(self) -> None:
+        with self._lock:
+            if self._state != "waiting":
+                return
+            self._state = "ended"
+        call = getattr(getattr(self._context, "_rpc_event", None), "call", None)
+        code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        try:
+            call.cancel(code, self._message)  # type: ignore[union-attr]
+        except Exception:  # (no such call object or method: another gRPC)
+            self._context.cancel()

@@ -42,7 +42,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # A connection takes new calls for max_connection_age_s, then is closed gracefully
         # (GOAWAY: the client reconnects for its next call) and its calls get max_call_s to end
         # before they are cancelled. Keepalive never ends a call that sends headers and then
-        # nothing (its connection answers pings): this bounds how long it holds a thread.
+        # nothing (its connection answers pings): --max-receive ends such a call first
+        # (`call_guard.ReceiveTimer`); this is the backstop.
         ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", round(config.max_call_s * 1000)),
         # gRPC sets SO_REUSEPORT by default: two servers could then share a port unnoticed.

@@ -46,6 +46,7 @@ OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "max_decoded_mib": (1, None),
     "grace": (0, 3600),
     "max_call": (1, 86_400),
+    "max_receive": (1, 86_400),
     "metrics_port": (0, 65535),
     "answers_cap": (0, None),
     "forget_edges_after": (0.01, 87_600),  # hours: 36 s to 10 years
@@ -70,10 +71,10 @@ Bounds on calls: each kind has its threads (Detect: --max-concurrent + --max-que
 GetManifest: 8; health checks and token refusals: 32); a call holds one from its headers on,
 also while its request arrives, and a call finding them all held is refused at once with
 RESOURCE_EXHAUSTED (splitdet_cloud_rpc_threads_exhausted_total{pool}, a threads_exhausted line;
-held threads: splitdet_cloud_rpc_threads_busy{pool}). A connection takes new calls for 5 min
-(+ up to 10%), then is closed gracefully (clients reconnect) and its calls get --max-call
-seconds to finish: a call that never sends its request holds its thread for at most about
-5.5 min + --max-call.
+held threads: splitdet_cloud_rpc_threads_busy{pool}). A call whose request has not arrived
+--max-receive seconds after its start is ended with DEADLINE_EXCEEDED, freeing its thread (a
+request_not_received line). A connection takes new calls for 5 min (+ up to 10%), then is
+closed gracefully (clients reconnect) and its calls get --max-call seconds to finish.
 """
 
 
@@ -195,9 +196,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=120.0,
         metavar="SECONDS",
         help="the longest a call may last once its connection is being closed (each is closed "
-        "gracefully after 5 min; clients reconnect), 1-86400: also bounds how long a call that "
-        "never sends its request holds a thread (about 5.5 min + this). Keep it above the "
-        "edges' --timeout (default 60 s), or their longest calls may be cut "
+        "gracefully after 5 min; clients reconnect), 1-86400. Keep it above the edges' "
+        "--timeout (default 60 s), or their longest calls may be cut (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-receive",
+        type=float,
+        default=60.0,  # server_config.MAX_RECEIVE_S
+        metavar="SECONDS",
+        help="the longest a call may take to receive its request, from its start, 1-86400: a "
+        "call whose request has not arrived by then (a caller that opens calls and never sends "
+        "them) is ended with DEADLINE_EXCEEDED, freeing its thread; the edge sends it again. "
+        "The default, the edges' default --timeout, takes a 60 MB request (the paper preset's "
+        "are tens of MB) over an 8 Mbit/s link: raise it for larger requests or slower links "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -435,6 +446,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             max_decoded_bytes=args.max_decoded_mib * MIB,
             grace_s=args.grace,
             max_call_s=args.max_call,
+            max_receive_s=args.max_receive,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,

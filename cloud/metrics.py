@@ -300,7 +300,8 @@ class ServerMetrics:
         not one (shared/edge_name.py), and "other" for a name without a label of its own.
 
         Only `claim` gives a name a label, while fewer than MAX_EDGE_LABELS are held: a Detect
-        for a served model with a valid id (answered, or refused for load) or too large for
+        whose request passed its checks (`DetectionServicer._checked_call`: image sizes and
+        levels the model takes; answered, or refused for load) or too large for
         --max-message-mib, or any call when tokens are required (it passed their check); cheap
         or malformed unauthenticated calls under made-up names cannot use up the labels and
         push real cameras into "other". A claim that finds every label held is shown

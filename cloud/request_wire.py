@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from splitdet.cloud.core import DetectCall, DetectResult, InvalidRequest
+from splitdet.cloud.core import MAX_REQUEST_ID_CHARS, DetectCall, DetectResult, InvalidRequest
 from splitdet.shared.messages import image_from_proto, tensors_from_proto
 from splitdet.shared.wire import detection_pb2 as pb
 
@@ -23,6 +23,19 @@ MAX_WIRE_FIELDS = 1 << 14  # fields of the request and its tensors together, pac
 MAX_TENSORS = 16
 MAX_SHAPE_VALUES = 16  # per tensor
 MAX_PARAM_VALUES = 1 << 14  # per tensor, each of scale and zero_point
+#: Longest `image.source`, UTF-8 bytes: a path or file name, for logs only (a longer one was
+#: parsed, copied and held three times over: 200 MiB of it took 1.8 GB).
+MAX_SOURCE_BYTES = 4096
+#: Longest request_id and model_fingerprint, UTF-8 bytes, refused before they are copied: an
+#: id is at most MAX_REQUEST_ID_CHARS characters (4 bytes each at most), a fingerprint 64.
+MAX_KEY_BYTES = 4 * MAX_REQUEST_ID_CHARS
+#: Bytes of the fields this server does not know (a newer edge's, or a known number with
+#: another wire type), the whole request's together: protobuf keeps them with the parsed
+#: message, so they are bounded as the known fields are.
+MAX_UNKNOWN_BYTES = 64 << 10
+#: Longest GetManifestRequest, bytes: it holds one fingerprint (66 bytes), and more (unknown
+#: fields, a long text) would be parsed and kept.
+MAX_MANIFEST_REQUEST_BYTES = 4096
 
 
 def call_from_proto(request: pb.DetectRequest) -> DetectCall:
@@ -88,8 +101,15 @@ def parse_message(message_type: type[_M], raw: bytes) -> _M:
 
 
 # Field numbers in proto/splitdet/v1/detection.proto.
-_REQUEST_ID, _REQUEST_FINGERPRINT, _REQUEST_TENSORS = 1, 2, 4
+_REQUEST_ID, _REQUEST_FINGERPRINT, _REQUEST_IMAGE, _REQUEST_TENSORS = 1, 2, 3, 4
 _TENSOR_SHAPE, _TENSOR_SCALE, _TENSOR_ZERO_POINT = 2, 5, 6
+_IMAGE_SOURCE = 5
+#: (field number, wire type) of every field of DetectRequest, ImageMeta and EncodedTensor;
+#: any other is unknown to protobuf, which keeps its bytes (MAX_UNKNOWN_BYTES). Wire types: 0
+#: varint, 1 fixed64, 2 length-delimited (packed repeated too), 5 fixed32.
+_KNOWN_REQUEST = {(1, 2), (2, 2), (3, 2), (4, 2)}
+_KNOWN_IMAGE = {(1, 0), (2, 0), (3, 0), (4, 0), (5, 2)}
+_KNOWN_TENSOR = {(1, 2), (2, 0), (2, 2), (3, 2), (4, 2), (5, 1), (5, 2), (6, 1), (6, 2), (7, 2)}
 #: Tensor field -> (its name, most values it may hold).
 _TENSOR_BOUNDS = {
     _TENSOR_SHAPE: ("shape", MAX_SHAPE_VALUES),
@@ -99,13 +119,16 @@ _TENSOR_BOUNDS = {
 
 
 def check_request_wire(raw: bytes) -> tuple[str, str]:
-    """Refuse a serialized DetectRequest whose repeated fields are beyond the MAX_* bounds;
-    return its (request_id, model_fingerprint), read on the way (the last occurrence wins,
-    as in protobuf), so that a call can be checked before it is parsed.
+    """Refuse a serialized DetectRequest whose repeated fields are beyond the MAX_* bounds,
+    whose texts are longer than theirs (`image.source`: MAX_SOURCE_BYTES; request_id and
+    model_fingerprint: MAX_KEY_BYTES) or whose unknown fields hold more than
+    MAX_UNKNOWN_BYTES; return its (request_id, model_fingerprint), read on the way (the last
+    occurrence wins, as in protobuf), so that a call can be checked before it is parsed.
 
-    Walks the request's fields and those of its tensors without parsing or copying anything
-    (other fields, `data` included, are skipped by their length), so that the parser never sees
-    a million empty tensors or a shape of millions of dimensions.
+    Walks the request's fields and those of its image and tensors without parsing or copying
+    anything (other fields, `data` included, are skipped by their length), so that the parser
+    never sees a million empty tensors, a shape of millions of dimensions or a source of
+    hundreds of MB.
 
     Raises:
         InvalidRequest: a bound is exceeded, the bytes are not protobuf wire format, or a key
@@ -113,10 +136,20 @@ def check_request_wire(raw: bytes) -> tuple[str, str]:
     """
     budget = [MAX_WIRE_FIELDS]
     tensors = 0
-    keys = {_REQUEST_ID: b"", _REQUEST_FINGERPRINT: b""}
+    unknown = [0]  # bytes of unknown fields so far
+    keys = {_REQUEST_ID: (0, 0), _REQUEST_FINGERPRINT: (0, 0)}
     for number, wire, start, end in _wire_fields(raw, 0, len(raw), budget):
+        _count_unknown(number, wire, start, end, _KNOWN_REQUEST, "request", unknown)
         if number in keys and wire == 2:
-            keys[number] = raw[start:end]
+            if end - start > MAX_KEY_BYTES:
+                what = "request_id" if number == _REQUEST_ID else "model_fingerprint"
+                raise InvalidRequest(
+                    f"{what} is {end - start} bytes, more than the {MAX_KEY_BYTES} allowed "
+                    f"(a request_id is 1..{MAX_REQUEST_ID_CHARS} characters, a fingerprint 64)"
+                )
+            keys[number] = (start, end)
+        if number == _REQUEST_IMAGE and wire == 2:
+            _check_image(raw, start, end, budget, unknown)
         if number != _REQUEST_TENSORS or wire != 2:
             continue
         tensors += 1
@@ -124,6 +157,7 @@ def check_request_wire(raw: bytes) -> tuple[str, str]:
             raise InvalidRequest(f"request has more than {MAX_TENSORS} tensors")
         counts = dict.fromkeys(_TENSOR_BOUNDS, 0)
         for field, kind, first, last in _wire_fields(raw, start, end, budget):
+            _count_unknown(field, kind, first, last, _KNOWN_TENSOR, "tensor", unknown)
             if field == _TENSOR_SHAPE and kind == 2:  # packed varints of 1..10 bytes each
                 size = last - first
                 if size > 10 * MAX_SHAPE_VALUES:
@@ -139,10 +173,54 @@ def check_request_wire(raw: bytes) -> tuple[str, str]:
                 raise InvalidRequest(f"tensor {tensors - 1}: {what} has more than {bound} values")
     if budget[0] < 0:
         raise InvalidRequest(f"request has more than {MAX_WIRE_FIELDS} protobuf fields")
+    (id_start, id_end), (fp_start, fp_end) = keys[_REQUEST_ID], keys[_REQUEST_FINGERPRINT]
     try:
-        return keys[_REQUEST_ID].decode("utf-8"), keys[_REQUEST_FINGERPRINT].decode("utf-8")
+        return raw[id_start:id_end].decode("utf-8"), raw[fp_start:fp_end].decode("utf-8")
     except UnicodeDecodeError:
         raise _malformed("request_id or model_fingerprint is not UTF-8 text") from None
+
+
+def check_manifest_request_wire(raw: bytes) -> None:
+    """Refuse a serialized GetManifestRequest longer than MAX_MANIFEST_REQUEST_BYTES before it
+    is parsed.
+
+    Raises:
+        InvalidRequest: it is longer.
+    """
+    if len(raw) > MAX_MANIFEST_REQUEST_BYTES:
+        raise InvalidRequest(
+            f"GetManifest request of {len(raw)} bytes is longer than the "
+            f"{MAX_MANIFEST_REQUEST_BYTES} allowed (it holds one model fingerprint)"
+        )
+
+
+def _check_image(raw: bytes, start: int, end: int, budget: list[int], unknown: list[int]) -> None:
+    """Refuse an ImageMeta (raw[start:end]) whose `source` is longer than MAX_SOURCE_BYTES
+    (each occurrence: protobuf keeps the last, but parses every one) or whose unknown fields
+    take the request's past MAX_UNKNOWN_BYTES."""
+    for field, kind, first, last in _wire_fields(raw, start, end, budget):
+        _count_unknown(field, kind, first, last, _KNOWN_IMAGE, "image", unknown)
+        if field == _IMAGE_SOURCE and kind == 2 and last - first > MAX_SOURCE_BYTES:
+            raise InvalidRequest(
+                f"image.source is {last - first} bytes, more than the {MAX_SOURCE_BYTES} allowed "
+                "(it names where the image came from, for logs only: send a path or file name)"
+            )
+
+
+def _count_unknown(
+    number: int, wire: int, start: int, end: int, known: set, where: str, unknown: list[int]
+) -> None:
+    """Add a field's bytes to `unknown[0]` when (`number`, `wire`) is not one of `known`;
+    refuse the request once they pass MAX_UNKNOWN_BYTES."""
+    if (number, wire) in known:
+        return
+    unknown[0] += end - start
+    if unknown[0] > MAX_UNKNOWN_BYTES:
+        raise InvalidRequest(
+            f"request has more than {MAX_UNKNOWN_BYTES} bytes of fields this server does not "
+            f"know ({where} field {number}, wire type {wire}, is {end - start} bytes): a "
+            "splitdet edge of a newer version, or not a splitdet DetectRequest"
+        )
 
 
 def _wire_fields(
@@ -150,10 +228,12 @@ def _wire_fields(
 ) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value start, value end) of each field in raw[pos:end].
 
-    Fields inside (deprecated) groups are skipped. Every field spends one unit of `budget[0]`;
-    the walk stops when it is spent (the caller refuses the request).
+    Fields inside (deprecated) groups are skipped; a group closed at this depth is yielded as
+    one field of wire type 3 (its value: the group's fields and end key). Every field spends one
+    unit of `budget[0]`; the walk stops when it is spent (the caller refuses the request).
     """
     depth = 0
+    group = (0, 0)  # (number, start) of the group open at depth 0
     while pos < end:
         budget[0] -= 1
         if budget[0] < 0:
@@ -171,10 +251,14 @@ def _wire_fields(
         elif wire == 5:
             pos += 4
         elif wire == 3:
+            if depth == 0:
+                group = (number, start)
             depth += 1
             continue
         elif wire == 4 and depth > 0:
             depth -= 1
+            if depth == 0:  # a whole group, its fields skipped: one unknown field
+                yield group[0], 3, group[1], pos
             continue
         else:
             raise _malformed(f"wire type {wire} at byte {start}")

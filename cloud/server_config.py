@@ -22,12 +22,17 @@ MIB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
 #: Seconds a connection serves new calls (gRPC adds up to 10% jitter); then it is closed
 #: gracefully (GOAWAY: clients reconnect without a failed call) and the calls on it get
-#: --max-call seconds to finish before they are cancelled: a call that never sends its request
-#: holds its thread for at most about MAX_CONNECTION_AGE_S * 1.1 + --max-call.
+#: --max-call seconds to finish before they are cancelled (a call that never sends its request
+#: is ended sooner: --max-receive).
 MAX_CONNECTION_AGE_S = 300.0
 #: Default --max-call, seconds: above the edge's default --timeout (60 s) with room for its
 #: wait for a slot (--queue-wait, 30 s).
 MAX_CALL_S = 120.0
+#: Default --max-receive, seconds: the longest a call may take from its headers to the end of
+#: its request; then it is ended (DEADLINE_EXCEEDED) and its thread freed. The edge's default
+#: --timeout (60 s): a request still arriving then is one a default edge has given up on, and
+#: 60 MB (the `paper` preset's requests are tens of MB) arrive in it at 8 Mbit/s.
+MAX_RECEIVE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,17 @@ class ServerConfig:
             from it, ...
         max_connection_age_s: a connection takes new calls this long (MAX_CONNECTION_AGE_S)...
         max_call_s: ... then its calls get this long to finish before they are cancelled: a
-            call holds a thread for at most about their sum (one that never sends its request
-            included), and a call running longer than max_call_s may be cut.
+            call running longer than max_call_s may be cut (one that never sends its request
+            is ended sooner, by max_receive_s).
         keepalive_timeout_s: ... and closes it, cancelling its calls, when a ping of its stays
             unanswered this many seconds (gRPC's ping timeout; it bounds the bandwidth probes'
             pings too, so it stays at gRPC's own 60 s by default). A caller cut off mid-request
             (a dead NAT entry, a pulled cable) then gives back its Detect thread within about
             their sum, even without a deadline, instead of after gRPC's server default of 2 hours.
+        max_receive_s: the longest a call may take to receive its request, from its headers
+            on (MAX_RECEIVE_S); a call whose request has not arrived by then (a caller that
+            opens calls and never sends them, or a link too slow) is ended with
+            DEADLINE_EXCEEDED, freeing its thread.
         debug_delay_s: TEST ONLY: every Detect call sleeps this long first (slow calls on purpose).
     """
 
@@ -101,6 +110,7 @@ class ServerConfig:
     keepalive_timeout_s: float = 60.0
     max_connection_age_s: float = MAX_CONNECTION_AGE_S
     max_call_s: float = MAX_CALL_S
+    max_receive_s: float = MAX_RECEIVE_S
     debug_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -132,6 +142,8 @@ class ServerConfig:
             raise ValueError("keepalive_s and keepalive_timeout_s must be in [0.001, 86400]")
         if not all(0.001 <= s <= 86_400 for s in (self.max_connection_age_s, self.max_call_s)):
             raise ValueError("max_connection_age_s and max_call_s must be in [0.001, 86400]")
+        if not 0.001 <= self.max_receive_s <= 86_400:  # (False for NaN)
+            raise ValueError("max_receive_s must be in [0.001, 86400]")
 
     @property
     def security(self) -> str:

@@ -27,8 +27,10 @@ from splitdet.cloud.call_status import (
 from splitdet.cloud.core import (
     Cancelled,
     DeadlinePassed,
+    DetectCall,
     DetectionCore,
     DetectResult,
+    ServedModel,
     request_digest,
 )
 from splitdet.cloud.idempotency import answers_scope, scope_of_token
@@ -37,11 +39,14 @@ from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import OTHER_EDGE, ServerMetrics, claimed_edge
 from splitdet.cloud.request_wire import (
     call_from_proto,
+    check_manifest_request_wire,
     check_request_wire,
     parse_message,
     result_to_proto,
 )
 from splitdet.cloud.slots import FairSlots, Outcome
+from splitdet.shared.codec import expected_level_shapes
+from splitdet.shared.spec import padded_size
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,9 +79,10 @@ def _rpc(method: Callable) -> Callable:
         code = grpc.StatusCode.OK
         # any call that passed the token check claims a label for its name; without tokens a
         # call counts under its name's label if it has one, else as "other", and a Detect
-        # claims one only once it is checked (a served model, a valid id: a camera whose Detect
-        # is answered or refused for load shows under its own name) or refused as too large
-        # (no cheap call: over --max-message-mib), so that made-up names in cheap or malformed
+        # claims one only once its request passed its checks (`_checked_call`: a served model,
+        # a valid id, image sizes and levels the model takes; a camera whose Detect is then
+        # answered or refused for load shows under its own name) or refused as too large (no
+        # cheap call: over --max-message-mib), so that made-up names in cheap or malformed
         # unauthenticated calls cannot use up the labels
         edge = CallEdge(
             self.metrics.edge_of(context.invocation_metadata(), claim=self.scope_by_token)
@@ -246,10 +252,9 @@ class DetectionServicer:
         request_id, fingerprint = check_request_wire(raw)
         model = self.core.served_model(request_id, fingerprint)  # held: a reload ends no call
         repeat = self.core.is_repeat(model, request_id)
-        # checked, for a served model: from here its edge name claims a label (a camera whose
-        # calls are refused for load must show under its own name; malformed ones stay under
-        # the label they had, or "other")
-        edge.label = self._answered(context, edge.label)
+        # its edge name claims a label only once the request passed its checks
+        # (`_checked_call`), before any wait: a camera whose calls are refused for load shows
+        # under its own name; malformed ones stay under the label they had, or "other"
         holding = False
         key = (scope, fingerprint, request_id)
         lead = answer = None
@@ -274,8 +279,9 @@ class DetectionServicer:
             digest = None  # a repeat's is computed only if an answer is stored for its id
             if not repeat:
                 # joined by what a stored answer is compared by (`request_digest`), not by
-                # the bytes: a log-only field (the image's source) may differ
-                digest = _digest_of(raw)
+                # the bytes: a log-only field (the image's source) may differ; the parsed
+                # request is dropped at once (a call waiting for a slot holds its bytes only)
+                digest = request_digest(self._checked_call(raw, model, context, edge))
                 lead, follow = self._inflight.lead_or_follow(key, digest, request_id)
                 if follow is not None:  # the same request is being answered: its answer
                     answered = InFlight.wait(follow, is_cancelled)
@@ -284,7 +290,10 @@ class DetectionServicer:
                         self._observe_answer(result, context, edge)
                         return result_to_proto(result).SerializeToString()
                 take_slot()  # (the identical call failed: this one is computed itself)
-            call = call_from_proto(parse_message(pb.DetectRequest, raw))
+            if repeat:  # (checked above otherwise)
+                call = self._checked_call(raw, model, context, edge)
+            else:
+                call = call_from_proto(parse_message(pb.DetectRequest, raw))
             # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
             result = self.core.detect(
                 call, abandoned, before_compute=take_slot, model=model, digest=digest
@@ -314,6 +323,26 @@ class DetectionServicer:
         self._observe_answer(result, context, edge)
         return result_to_proto(result).SerializeToString()
 
+    def _checked_call(
+        self, raw: bytes, model: ServedModel, context: grpc.ServicerContext, edge: CallEdge
+    ) -> DetectCall:
+        """The Detect request `raw` (wire bounds, id and model checked already) parsed, after
+        the core's cheap checks of its image sizes (raising as `DetectionCore.detect` would);
+        a request whose tensors are also the levels `model` expects for its size (names and
+        shapes: all but decoding them) claims a label for the call's edge name (`_answered`).
+        So made-up names in malformed unauthenticated calls cannot use up the labels: such a
+        call counts under its name's label if it has one, else as "other"."""
+        call = call_from_proto(parse_message(pb.DetectRequest, raw))
+        self.core._check_call(call, model)  # (the same checks `detect` makes first)
+        config = model.manifest.model_config
+        expected = expected_level_shapes(config.split_spec, padded_size(*call.image.resized_hw))
+        levels = {tensor.name: tuple(tensor.shape) for tensor in call.tensors}
+        if len(call.tensors) == len(expected) and levels == {
+            name: tuple(shape) for name, shape in expected.items()
+        }:
+            edge.label = self._answered(context, edge.label)
+        return call
+
     def _observe_answer(
         self, result: DetectResult, context: grpc.ServicerContext, edge: CallEdge
     ) -> None:
@@ -325,8 +354,8 @@ class DetectionServicer:
         self.metrics.observe(result, self._answered(context, edge.label), name, seconds)
 
     def _answered(self, context: grpc.ServicerContext, edge: str) -> str:
-        """The edge label of a Detect checked (a served model, a valid id) or about to be
-        answered, which claims a label for its name (`ServerMetrics.edge_of`): `edge`, what
+        """The edge label of a Detect checked (`_checked_call`) or about to be answered,
+        which claims a label for its name (`ServerMetrics.edge_of`): `edge`, what
         the call was counted as so far, unless it had none or a label was freed meanwhile."""
         claimed = self.metrics.edge_of(context.invocation_metadata(), claim=True)
         if claimed != edge:
@@ -377,6 +406,7 @@ class DetectionServicer:
     def GetManifest(self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge) -> bytes:
         """A serialized GetManifestRequest in, the named (or default) model's serialized
         ManifestResponse out."""
+        check_manifest_request_wire(raw)
         request = parse_message(pb.GetManifestRequest, raw)
         served = self.core.models  # one snapshot: a reload may swap them meanwhile
         wanted = served.get(request.model_fingerprint or next(iter(served)))
@@ -429,13 +459,6 @@ class DetectionServicer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
         )
-
-
-def _digest_of(raw: bytes) -> str:
-    """The `request_digest` of a serialized DetectRequest (wire bounds checked already): what
-    identical calls are joined by and a stored answer is compared with. The parsed request is
-    dropped at once: a call waiting for a slot holds its bytes only."""
-    return request_digest(call_from_proto(parse_message(pb.DetectRequest, raw)))
 
 
 def _how_gone(context: grpc.ServicerContext) -> str:

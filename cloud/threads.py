@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 #: gRPC handler threads beyond --max-concurrent + --max-queued for Detect (calls to refuse as
 #: busy need one), and the threads of GetManifest and of the rest (health checks, refusals of a
 #: missing token), each method its own pool: a call holds its thread from its first byte, so
-#: callers that never finish sending a request can use up their method's threads (until their
-#: deadline), never the health checks'.
+#: callers that never finish sending a request can use up their method's threads (until
+#: --max-receive ends their calls), never the health checks'.
 SPARE_RPC_THREADS = 8
 #: Threads of the server's own pool: health checks, reflection, refusals of a missing token.
 #: Many, so that callers stalling health checks (exempt from the token) must open many calls
@@ -37,6 +37,21 @@ def all_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class PoolBound(NamedTuple):
+    """The bound `CallGuard` keeps on one pool's calls.
+
+    Attributes:
+        pool: the pool (None: the server's own).
+        threads: calls it may hold at once (its threads).
+        receive_s: seconds a call may take to receive its request from its headers on
+            (--max-receive); then it is ended with DEADLINE_EXCEEDED and its thread freed.
+    """
+
+    pool: futures.ThreadPoolExecutor | None
+    threads: int
+    receive_s: float
+
+
 class HandlerPools(NamedTuple):
     """The thread pools of a server's gRPC methods, and the bound `CallGuard` keeps on each.
 
@@ -44,14 +59,13 @@ class HandlerPools(NamedTuple):
         detect: Detect's threads.
         manifest: GetManifest's threads.
         refusal: the threads refusing calls beyond their pool's threads.
-        bounds: pool name ("server", "detect", "manifest") -> (its pool, None for the server's
-            own, and its number of threads).
+        bounds: pool name ("server", "detect", "manifest") -> its `PoolBound`.
     """
 
     detect: futures.ThreadPoolExecutor
     manifest: futures.ThreadPoolExecutor
     refusal: futures.ThreadPoolExecutor
-    bounds: dict[str, tuple[futures.ThreadPoolExecutor | None, int]]
+    bounds: dict[str, PoolBound]
 
 
 def handler_pools(config: ServerConfig) -> HandlerPools:
@@ -67,10 +81,11 @@ def handler_pools(config: ServerConfig) -> HandlerPools:
     refusal_threads = futures.ThreadPoolExecutor(
         REFUSAL_THREADS, thread_name_prefix="splitdet-refuse"
     )
+    receive_s = config.max_receive_s
     bounds = {
-        "server": (None, SERVER_RPC_THREADS),
-        "detect": (detect_threads, detect_workers),
-        "manifest": (manifest_threads, SPARE_RPC_THREADS),
+        "server": PoolBound(None, SERVER_RPC_THREADS, receive_s),
+        "detect": PoolBound(detect_threads, detect_workers, receive_s),
+        "manifest": PoolBound(manifest_threads, SPARE_RPC_THREADS, receive_s),
     }
     return HandlerPools(detect_threads, manifest_threads, refusal_threads, bounds)
 
