@@ -61,7 +61,7 @@ from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.daemon_metrics import EdgeMetrics, model_labels, threshold_text
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.intake import STORE_CHECK_EVERY_S, Intake
-from splitdet.edge.model_probe import ModelProbe
+from splitdet.edge.model_probe import ModelOnDisk, ModelProbe
 from splitdet.edge.partial_sweep import start_partial_sweep
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.result_pruner import ResultPruner
@@ -69,7 +69,13 @@ from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import ResultStore
 from splitdet.edge.store_busy import BusyStore
-from splitdet.edge.store_file import StoreLocked, WriterLock, is_busy, refuse_foreign_file
+from splitdet.edge.store_file import (
+    StoreError,
+    StoreLocked,
+    WriterLock,
+    is_busy,
+    refuse_foreign_file,
+)
 from splitdet.edge.watcher import Candidate, HotFolder, enters_subfolder
 from splitdet.shared.cli import remove_ready_file, write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
@@ -158,6 +164,8 @@ class EdgeDaemon:
             pixel_bits=self.pipeline.manifest.model_config.pixel_bits,
         )
         self.metrics = EdgeMetrics(self.store, self.folder, model_labels(self.pipeline))
+        # a re-export into --model while it runs: noticed and said, never taken up by itself
+        self.model_on_disk = ModelOnDisk(config.model_dir, self.fingerprint, metrics=self.metrics)
         client_config = config.client_config
         self.sender = Sender(
             self.store,
@@ -170,6 +178,8 @@ class EdgeDaemon:
                 if config.save_annotated
                 else None
             ),
+            on_fatal=lambda _exc: self._stop.set(),  # (raised by `run`: `_sender_failure`)
+            refusal_hint=self.model_on_disk.refusal_hint,
         )
         self._metrics_httpd = None
         self.metrics_port: int | None = None
@@ -265,6 +275,7 @@ class EdgeDaemon:
             self._start_services()
             self._sweeper = start_partial_sweep(config, self._pruner_stop)
             self._loop()
+            self._sender_failure()
             if self._store_gave_up is not None:  # (the sender could not deliver either)
                 self.sender.cancel()
                 self.folder.scan()
@@ -275,6 +286,7 @@ class EdgeDaemon:
                 self._report_left_behind()
             elif config.once:
                 self._drain(config.drain_timeout_s)
+                self._sender_failure()
         finally:
             try:  # (another signal meanwhile only sets _stop again: not the default action)
                 pending = self._shutdown()
@@ -287,6 +299,24 @@ class EdgeDaemon:
             self.folder.scan()
             gave_up = self.folder.pending() > 0
         return 1 if config.once and (pending or gave_up) else 0
+
+    def _sender_failure(self) -> None:
+        """Raise StoreError (exit 2, as when the loop's own write fails so) when the sender
+        stopped the daemon on a store failure (`sender.stops_the_daemon`: the disk holding --db
+        full, an I/O error), which its ERROR `sender_error` line (`fatal`) said."""
+        exc = self.sender.fatal
+        if exc is None:
+            return
+        fix = (
+            "free space there (or bound the database: --keep-results, --outbox-max-mb), then "
+            "start it again"
+            if "full" in str(exc)
+            else "fix the file system holding it, then start it again"
+        )
+        raise StoreError(
+            f"{self.config.db}: {exc} (met by the sender, storing a request's outcome); "
+            f"stopped: {fix}. Nothing is lost: the requests wait in the outbox"
+        ) from exc
 
     def _prepare_folders(self) -> None:
         """Create the folders the daemon writes into; OSError naming the option when one cannot
@@ -424,6 +454,7 @@ class EdgeDaemon:
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
             self._pruner.prune_when_due()
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
+            self.model_on_disk.check()  # (a stat every MODEL_CHECK_EVERY_S: a re-export said)
             self.folder.scan()
             if not self._process_ready():
                 if self.config.once and self.folder.pending() == 0:
@@ -443,6 +474,7 @@ class EdgeDaemon:
             candidate = self.folder.next_candidate(skip)
             if candidate is None:
                 return handled
+            self.model_on_disk.check()  # (also while images keep coming)
             began, commits = time.monotonic(), self.store.commits
             try:
                 done = self._intake.handle(candidate)

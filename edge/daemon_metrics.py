@@ -136,6 +136,13 @@ class EdgeMetrics:
         )
         if model is not None:
             self.model_info.labels(**model).set(1)
+        self.model_changed_on_disk = Gauge(
+            "splitdet_edge_model_changed_on_disk",
+            "1 while the --model folder holds another export than the one this edge runs "
+            "(loaded at its start; a re-export into the folder is not taken up while it runs): "
+            "restart the edge to run it. Else 0.",
+            registry=r,
+        )
         self.images = Counter(
             "splitdet_edge_images",
             "Images handled by this process, by verdict: ok, pending (flagged, queued for the "

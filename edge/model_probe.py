@@ -1,16 +1,29 @@
 """Whether the cloud serves the model exports this edge sends for, asked beside the daemon's
 work (no torch): `ModelProbe`, a thread the daemon starts with its services and joins at its
-shutdown."""
+shutdown; and whether the export in the daemon's --model folder is still the one it runs
+(`ModelOnDisk`: a re-export into that folder is noticed, not followed)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError, RetryLater
-from splitdet.edge.daemon_log import log_event
+from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.sender import OPERATOR_PROBLEMS, PER_EXPORT
+from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
+
+if TYPE_CHECKING:
+    from splitdet.edge.daemon_metrics import EdgeMetrics
+
+#: Seconds between two looks at the --model folder's manifest (`ModelOnDisk.check`): one
+#: os.stat, the manifest read only when the file changed.
+MODEL_CHECK_EVERY_S = 5.0
 
 #: What `ModelProbe` found of an export: served, refused, or no use asking further; or, for a
 #: first check, the cloud unreachable (ask again later).
@@ -174,3 +187,116 @@ class ModelProbe:
                   role=self._role(fingerprint), served=list(served.served), released=released,
                   note=note, **({"error": error} if error else {}))  # fmt: skip
         return _SERVED
+
+
+def short(fingerprint: str) -> str:
+    """A fingerprint as the cloud's refusals show it: its first 16 hex digits and "…"."""
+    return f"{fingerprint[:16]}…" if len(fingerprint) > 16 else fingerprint
+
+
+class ModelOnDisk:
+    """Whether the export in the daemon's --model folder is still the one it runs.
+
+    The daemon loads its export once, at start; a `splitdet export --out` into the same folder
+    (or a copy over it) while it runs changes nothing it does, and a cloud reloaded onto the new
+    export then refuses every request of the old one. `check` (from the daemon's loop, at most
+    once per `every_s` seconds) stats the folder's manifest and reads its fingerprint only when
+    the file changed (a new inode, size or time); another export than the one running is
+    logged once per change (WARNING `model_changed_on_disk`, naming both: the daemon keeps
+    running the loaded one until restarted), and shown in splitdet_edge_model_changed_on_disk.
+    A manifest that cannot be read just now (being rewritten) is looked at again next time.
+    The daemon never switches exports by itself. `refusal_hint` says, for the sender's
+    `model_refused` line, when a restart is the fix. Thread-safe (the loop and the sender)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        running: str,
+        every_s: float = MODEL_CHECK_EVERY_S,
+        metrics: EdgeMetrics | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.running = running  # the fingerprint of the export the daemon loaded
+        self.every_s = every_s
+        self.metrics = metrics
+        self.on_disk = running  # the fingerprint the manifest named, when last read
+        self._identity: tuple[int, ...] | None = None  # (None: read it at the first check)
+        self._checked = float("-inf")  # monotonic s of the last stat
+        self._lock = threading.Lock()
+
+    @property
+    def changed(self) -> str | None:
+        """The fingerprint of the export now in --model when it is another than the running
+        one (as last read), else None."""
+        return None if self.on_disk == self.running else self.on_disk
+
+    def check(self, force: bool = False) -> str | None:
+        """Look at the manifest in --model (now with `force`, else at most once per `every_s`
+        seconds); returns `changed`."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._checked < self.every_s:
+                return self.changed
+            self._checked = now
+            path = self.model_dir / MANIFEST_NAME
+            try:
+                stat = os.stat(path)
+            except OSError:  # (a folder being replaced: looked at again next time)
+                return self.changed
+            # (ctime too: a copy over the file in place keeps its inode, may keep size and mtime)
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            if identity == self._identity:
+                return self.changed
+            try:
+                fingerprint = read_manifest(self.model_dir, verify=False).fingerprint
+            except (OSError, ManifestError, ValueError, KeyError, TypeError) as exc:
+                log.debug("--model %s: manifest not read (%s); looked at again later",
+                          self.model_dir, exc)  # fmt: skip
+                return self.changed
+            self._identity = identity
+            if fingerprint != self.on_disk:
+                self.on_disk = fingerprint
+                self._report()
+            return self.changed
+
+    def _report(self) -> None:
+        """Log the change just read (once per change) and set the gauge."""
+        if self.metrics is not None:
+            self.metrics.model_changed_on_disk.set(0 if self.changed is None else 1)
+        folder, running = self.model_dir, short(self.running)
+        if self.changed is None:
+            log_event(logging.INFO, "model_on_disk_restored", model=str(folder),
+                      fingerprint=self.running,
+                      note=f"--model {folder} holds the export this daemon runs again")  # fmt: skip
+            return
+        log.warning(
+            f"--model {folder} now holds another export ({short(self.on_disk)}) than the one "
+            f"this daemon runs ({running}, loaded at its start): it keeps running {running} "
+            "until restarted; restart the edge to run the new one (a cloud serving only the "
+            "new export refuses this edge's requests meanwhile: they wait in the outbox)",
+            extra={"fields": {"event": "model_changed_on_disk", "model": str(folder),
+                              "fingerprint": self.running, "on_disk": self.on_disk}},
+        )  # fmt: skip
+
+    def refusal_hint(self, refused: str, client: CloudClient) -> str | None:
+        """For the cloud's refusal of export `refused` (FAILED_PRECONDITION): when it is the
+        running export, --model now holds another, and the cloud serves exactly that one
+        (asked with `client`), the line's fix: restart the edge; else None (the cloud's own
+        words stand)."""
+        if refused != self.running:
+            return None
+        on_disk = self.check(force=True)
+        if on_disk is None:
+            return None
+        try:
+            served = client.manifest(on_disk).fingerprint
+        except Exception as exc:  # (CloudError or anything: the refusal is logged all the same)
+            log.debug("--model %s: the cloud not asked about its export (%s)", self.model_dir, exc)
+            return None
+        if served != on_disk:
+            return None
+        return (
+            f"--model {self.model_dir} now holds the export the cloud serves ({short(on_disk)}): "
+            f"restart the edge to run it (requests already made with {short(self.running)} "
+            "wait in the outbox for a cloud that serves that export too)"
+        )

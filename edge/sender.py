@@ -27,7 +27,10 @@ first's (one refused call per export per backoff cap). Once the cloud is found s
 export again (the daemon's `ModelProbe`), `release_export` ends the hold at once rather than at
 the cap. A request in the outbox that no longer parses is dead-lettered too. Any other failure
 (a database locked past its timeout, a channel that cannot be built) is logged and retried after
-a backoff step: the thread never ends before `stop`.
+a backoff step: the thread never ends before `stop`; but a write to the database failing for any
+other reason than a lock (`stops_the_daemon`: the disk full, an I/O error, a read-only file) ends
+it when it was given `on_fatal` (the daemon, which stops on it, exit 2, as it does when its intake
+meets one): its line says that the daemon stops, not that it retries.
 
 The request id is the idempotency key derived from the image bytes; the cloud answers a repeated
 id from its store, so re-sending after a lost answer never makes a second result.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +62,7 @@ from splitdet.edge.client import (
 )
 from splitdet.edge.file_identity import file_path
 from splitdet.edge.store import Answer, OutboxItem, ResultStore
+from splitdet.edge.store_file import is_busy
 from splitdet.shared.atomic_file import write_problem
 from splitdet.shared.wire import detection_pb2 as pb
 
@@ -113,6 +118,14 @@ class _Cancelled(Exception):
     """The call in flight ended because `Sender.cancel` closed its channel."""
 
 
+def stops_the_daemon(exc: BaseException) -> bool:
+    """Whether `exc`, met by the sender, is a store failure the daemon stops on (as it does when
+    its intake meets one: `splitdet edge run` exits 2): a database error other than another
+    program's lock (SQLITE_FULL "database or disk is full", an I/O error, a read-only or damaged
+    file). A lock is waited out, as is anything else (a channel that cannot be built)."""
+    return isinstance(exc, sqlite3.DatabaseError) and not is_busy(exc)
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Capped exponential backoff with jitter: attempt n (1-based) waits
@@ -147,6 +160,13 @@ class Sender(threading.Thread):
         on_answer: called as on_answer(item, detections) after an answer is committed (e.g. to
             draw annotated images); exceptions are logged, never fatal.
         seed: for the jitter (tests).
+        on_fatal: called as on_fatal(exc) when the store fails so that the daemon stops
+            (`stops_the_daemon`), after the ERROR line saying so; the thread then ends. Without
+            it such a failure is retried like any other.
+        refusal_hint: called as refusal_hint(fingerprint, client) when the cloud refuses the
+            model of a request (the daemon's `ModelOnDisk.refusal_hint`): a fix to add to the
+            `model_refused` line (restart the edge, when --model holds the export the cloud
+            serves now), or None.
     """
 
     def __init__(
@@ -158,6 +178,8 @@ class Sender(threading.Thread):
         metrics: EdgeMetrics | None = None,
         on_answer: Callable[[OutboxItem, CloudDetections], None] | None = None,
         seed: int | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        refusal_hint: Callable[[str, CloudClient], str | None] | None = None,
     ) -> None:
         super().__init__(name="splitdet-sender", daemon=True)
         self.store = store
@@ -167,6 +189,10 @@ class Sender(threading.Thread):
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.on_answer = on_answer
+        self.on_fatal = on_fatal
+        self.refusal_hint = refusal_hint
+        self.fatal: BaseException | None = None  # the store failure that ended it (`on_fatal`)
+        self._sending: OutboxItem | None = None  # the item of the pass under way, if any
         self._rng = random.Random(seed)
         self._wake = threading.Event()
         self._halt = threading.Event()
@@ -232,10 +258,13 @@ class Sender(threading.Thread):
                     if not self._cancelled.is_set():  # (a cancelled call says nothing of it)
                         self.errors, self.local_error = 0, None
                 except Exception as exc:
-                    # e.g. a database locked past its timeout or full (the answer came, and
-                    # could not be stored), a channel that cannot be built: nothing was marked,
-                    # so the item is tried again after the pause, which grows with each error
-                    # in a row (a call answered meanwhile does not end the row)
+                    if self.on_fatal is not None and stops_the_daemon(exc):
+                        self._fatal(exc)  # (the disk full: the daemon stops, exit 2)
+                        return
+                    # e.g. a database locked past its timeout (the answer came, and could not
+                    # be stored), a channel that cannot be built: nothing was marked, so the
+                    # item is tried again after the pause, which grows with each error in a
+                    # row (a call answered meanwhile does not end the row)
                     self.errors += 1
                     self.failures += 1
                     self.local_error = f"{type(exc).__name__}: {exc}"
@@ -251,8 +280,30 @@ class Sender(threading.Thread):
         finally:
             self._drop_client()
 
+    def _fatal(self, exc: BaseException) -> None:
+        """A store failure the daemon stops on (`stops_the_daemon`): ERROR `sender_error`
+        saying so (with `fatal`, no retry promised: none comes), then `on_fatal(exc)`. Nothing is
+        lost: what could not be written was rolled back, the request stays in the outbox."""
+        self.fatal = exc
+        self.local_error = f"{type(exc).__name__}: {exc}"
+        item = self._sending
+        during = f" storing the outcome of image {item.image_id} ({item.path})" if item else ""
+        log.error(
+            f"the sender cannot write to --db {self.store.path}{during} ({exc}): the daemon "
+            "stops (exit 2), no retry; nothing is lost: what was being written is rolled back, "
+            "the requests stay in the outbox and are sent again at the next start",
+            exc_info=True,
+            extra={"fields": {"event": "sender_error", "fatal": True, "errors": self.errors + 1,
+                              "error": self.local_error, "db": str(self.store.path),
+                              "image_id": item.image_id if item else None}},
+        )  # fmt: skip
+        self._drop_client()
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
     def _pass(self) -> float:
         """Send the next due item, or wait a little for one; returns seconds to pause."""
+        self._sending = None
         # (a wait longer than the backoff cap means the wall clock stepped back: due now)
         item = self.store.next_due(max_wait_s=self.backoff.max_s)
         if item is None and self._reclaim_due:
@@ -262,6 +313,7 @@ class Sender(threading.Thread):
             self._wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
             self._wake.clear()
             return 0.0
+        self._sending = item
         with self._hold_lock:  # (not released between the look and the hold)
             until, now = self._held.get(item.fingerprint, 0.0), time.time()
             if now < until <= now + self.backoff.max_s:  # made after its export was refused:
@@ -443,13 +495,28 @@ class Sender(threading.Thread):
         if self.metrics is not None:
             self.metrics.send_failed(exc.code.name)
         event, line = OPERATOR_PROBLEMS[exc.code]
-        log.error(
-            line, exc,
-            extra={"fields": {"event": event, "code": exc.code.name,
-                              "fingerprint": item.fingerprint, "held": held,
-                              "retry_in_s": round(delay, 3)}},
-        )  # fmt: skip
+        fields = {"event": event, "code": exc.code.name, "fingerprint": item.fingerprint,
+                  "held": held, "retry_in_s": round(delay, 3)}  # fmt: skip
+        hint = self._refusal_hint(item.fingerprint)
+        if hint is None:
+            log.error(line, exc, extra={"fields": fields})
+        else:  # (the cloud's words say to deploy one export on both sides: done already)
+            fields["fix"] = hint
+            log.error(f"{line % (exc,)}. {hint}", extra={"fields": fields})
         return 0.0
+
+    def _refusal_hint(self, fingerprint: str) -> str | None:
+        """`refusal_hint` for a refusal of `fingerprint`'s model on this sender's client; None
+        without one, or when it fails (the refusal is logged all the same)."""
+        with self._client_lock:
+            client = self._client
+        if self.refusal_hint is None or client is None:
+            return None
+        try:
+            return self.refusal_hint(fingerprint, client)
+        except Exception:
+            log.debug("the refusal's hint failed", exc_info=True)
+            return None
 
     def _transient(
         self, item: OutboxItem, exc: CloudError, sent_bytes: int, at_cap: bool = False
