@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from splitdet.cloud.core import MAX_REQUEST_ID_CHARS, DetectCall, DetectResult, InvalidRequest
@@ -104,12 +105,36 @@ def parse_message(message_type: type[_M], raw: bytes) -> _M:
 _REQUEST_ID, _REQUEST_FINGERPRINT, _REQUEST_IMAGE, _REQUEST_TENSORS = 1, 2, 3, 4
 _TENSOR_SHAPE, _TENSOR_SCALE, _TENSOR_ZERO_POINT = 2, 5, 6
 _IMAGE_SOURCE = 5
-#: (field number, wire type) of every field of DetectRequest, ImageMeta and EncodedTensor;
-#: any other is unknown to protobuf, which keeps its bytes (MAX_UNKNOWN_BYTES). Wire types: 0
-#: varint, 1 fixed64, 2 length-delimited (packed repeated too), 5 fixed32.
-_KNOWN_REQUEST = {(1, 2), (2, 2), (3, 2), (4, 2)}
-_KNOWN_IMAGE = {(1, 0), (2, 0), (3, 0), (4, 0), (5, 2)}
-_KNOWN_TENSOR = {(1, 2), (2, 0), (2, 2), (3, 2), (4, 2), (5, 1), (5, 2), (6, 1), (6, 2), (7, 2)}
+#: Wire type of each protobuf field type that is not a varint (0): 1 fixed64, 2
+#: length-delimited, 5 fixed32.
+_WIRE_OF_TYPE = {
+    FieldDescriptor.TYPE_DOUBLE: 1,
+    FieldDescriptor.TYPE_FIXED64: 1,
+    FieldDescriptor.TYPE_SFIXED64: 1,
+    FieldDescriptor.TYPE_FLOAT: 5,
+    FieldDescriptor.TYPE_FIXED32: 5,
+    FieldDescriptor.TYPE_SFIXED32: 5,
+    FieldDescriptor.TYPE_STRING: 2,
+    FieldDescriptor.TYPE_BYTES: 2,
+    FieldDescriptor.TYPE_MESSAGE: 2,
+}
+
+
+def _known_fields(message: type[Message]) -> frozenset[tuple[int, int]]:
+    """(field number, wire type) of every field `message` declares, a repeated scalar's packed
+    form (2) too: any other is unknown to protobuf, which keeps its bytes (MAX_UNKNOWN_BYTES)."""
+    known = set()
+    for field in message.DESCRIPTOR.fields:
+        wire = _WIRE_OF_TYPE.get(field.type, 0)
+        known.add((field.number, wire))
+        if field.is_repeated:
+            known.add((field.number, 2))
+    return frozenset(known)
+
+
+_KNOWN_REQUEST = _known_fields(pb.DetectRequest)
+_KNOWN_IMAGE = _known_fields(pb.ImageMeta)
+_KNOWN_TENSOR = _known_fields(pb.EncodedTensor)
 #: Tensor field -> (its name, most values it may hold).
 _TENSOR_BOUNDS = {
     _TENSOR_SHAPE: ("shape", MAX_SHAPE_VALUES),
@@ -208,7 +233,13 @@ def _check_image(raw: bytes, start: int, end: int, budget: list[int], unknown: l
 
 
 def _count_unknown(
-    number: int, wire: int, start: int, end: int, known: set, where: str, unknown: list[int]
+    number: int,
+    wire: int,
+    start: int,
+    end: int,
+    known: frozenset[tuple[int, int]],
+    where: str,
+    unknown: list[int],
 ) -> None:
     """Add a field's bytes to `unknown[0]` when (`number`, `wire`) is not one of `known`;
     refuse the request once they pass MAX_UNKNOWN_BYTES."""
