@@ -491,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     remote = client_config(args, alone="without it the cloud half runs in this process")
-    can_flag = args.gate == "off" or pipeline.threshold < 1  # (at 1 or above: next to none)
+    can_flag = args.gate == "off" or pipeline.threshold <= 1  # (p >= 1 is a saturated gate's)
     if remote is None and can_flag and not has_full_install():
         # said now, not at the first flagged image, the gate's work on those before it lost
         raise CommandError(

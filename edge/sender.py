@@ -119,11 +119,13 @@ class _Cancelled(Exception):
 
 
 def stops_the_daemon(exc: BaseException) -> bool:
-    """Whether `exc`, met by the sender, is a store failure the daemon stops on (as it does when
-    its intake meets one: `splitdet edge run` exits 2): a database error other than another
-    program's lock (SQLITE_FULL "database or disk is full", an I/O error, a read-only or damaged
-    file). A lock is waited out, as is anything else (a channel that cannot be built)."""
-    return isinstance(exc, sqlite3.DatabaseError) and not is_busy(exc)
+    """Whether `exc`, met by the sender, is a failure of the store's file the daemon stops on
+    (as it does when its intake meets one: `splitdet edge run` exits 2): SQLite's operational
+    errors but another program's lock (SQLITE_FULL "database or disk is full", an I/O error, a
+    read-only file). A lock is waited out, as is anything else: a channel that cannot be built,
+    or an error of one request's row (an integrity or data error: that request waits, the
+    others and the intake go on, where a stop would meet it again at every restart)."""
+    return isinstance(exc, sqlite3.OperationalError) and not is_busy(exc)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ def test_a_refusal_by_a_cloud_serving_the_export_now_on_disk_says_to_restart(
 
 
 def test_a_full_store_is_one_the_daemon_stops_on_and_a_lock_is_not():
-    """SQLite's own SQLITE_FULL ("database or disk is full") stops the daemon; a lock does not."""
+    """SQLite's own SQLITE_FULL ("database or disk is full") stops the daemon; a lock does not,
+    nor an error of one request's row (the daemon would meet it again at every restart)."""
     from splitdet.edge.sender import stops_the_daemon
 
     db = sqlite3.connect(":memory:")
@@ -151,6 +152,12 @@ def test_a_full_store_is_one_the_daemon_stops_on_and_a_lock_is_not():
     locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
     assert not stops_the_daemon(locked)
     assert not stops_the_daemon(OSError("channel"))
+    # one request's row (a constraint, a bad value): that request waits, the daemon goes on
+    with pytest.raises(sqlite3.IntegrityError) as integrity:
+        db.execute("CREATE TABLE u (k INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO u VALUES (1)")
+        db.execute("INSERT INTO u VALUES (1)")
+    assert not stops_the_daemon(integrity.value)
 
 
 def test_a_store_failure_in_the_sender_stops_the_daemon_and_its_line_says_so(

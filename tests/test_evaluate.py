@@ -169,7 +169,7 @@ def test_calibrated_threshold_lies_in_the_gap_under_the_lowest_score_it_keeps():
     assert classifier_metrics(probs, labels, t)["recall"] == 0.75
     # the ends of the sigmoid: the midpoint never lands on the score under it
     t = calibrated_threshold([0.99999999, 0.9], [True, False], 1.0)
-    assert 0.9 < t <= 0.99999999 - EXPORT_TOLERANCE
+    assert 0.9 < t <= 0.99999999 * (1 - EXPORT_TOLERANCE)
 
 
 def test_calibrated_threshold_leaves_room_for_the_edges_onnx_scores():
@@ -179,13 +179,16 @@ def test_calibrated_threshold_leaves_room_for_the_edges_onnx_scores():
     a score within that tolerance under it is flagged too (recall first)."""
     step_under = float(np.nextafter(np.float32(0.7768416), np.float32(0)))
     t = calibrated_threshold([0.7768416, 0.9, 0.8], [True, True, False], 1.0)
-    assert t == pytest.approx(0.7768416 - EXPORT_TOLERANCE) and step_under >= t
-    # ties with the lowest defective score stay flagged; a threshold does not go under 0
+    assert t == pytest.approx(0.7768416 * (1 - EXPORT_TOLERANCE)) and step_under >= t
+    # ties with the lowest defective score stay flagged
     assert calibrated_threshold([0.4, 0.7, 0.4], [True, True, False], 1.0) < 0.4
-    assert calibrated_threshold([5e-5, 0.7], [True, False], 1.0) == 0.0
+    # relative: a lowest defective score of 8e-5 keeps a threshold above the defect-free
+    # ones under it (an absolute 1e-4 took it to 0, every image flagged)
+    t = calibrated_threshold([8e-5, 0.7, 5e-5, 1e-7], [True, True, False, False], 1.0)
+    assert 5e-5 < t < 8e-5 and classifier_metrics([8e-5, 5e-5], [True, False], t)["accuracy"] == 1
     # a defect-free score within the tolerance under the kept one is flagged with it
-    t = calibrated_threshold([0.5, 0.49995, 0.1], [True, False, False], 1.0)
-    assert t <= 0.49995 and classifier_metrics([0.5, 0.49995], [True, False], t)["recall"] == 1.0
+    t = calibrated_threshold([0.5, 0.499996, 0.1], [True, False, False], 1.0)
+    assert t <= 0.499996 and classifier_metrics([0.5, 0.499996], [True, False], t)["recall"] == 1
 
 
 def test_calibration_shortfall_says_when_the_split_is_too_small_for_the_recall():

@@ -114,7 +114,7 @@ def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
     import sys
     from splitdet.shared.cli import main
     status = main(["predict", {str(image_dir)!r}, "--model", {str(tiny_model_dir)!r},
-                   "--threshold", "1.0", "--json", "-", "--no-progress"])
+                   "--threshold", "2", "--json", "-", "--no-progress"])
     assert status == 0, status
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch loaded"
     """
@@ -124,7 +124,7 @@ def test_predict_edge_side_never_imports_torch(tiny_model_dir, image_dir):
     assert [r["verdict"] for r in records] == ["ok"] * 3
 
     # a flagged image needs the cloud half: a clear message, no traceback
-    flagged = run_without_torch(code.replace('"1.0"', '"0"').replace("status == 0", "status == 2"))
+    flagged = run_without_torch(code.replace('"2"', '"0"').replace("status == 0", "status == 2"))
     assert flagged.returncode == 0, flagged.stderr
     assert "needs the full install with torch" in flagged.stderr
     assert "Traceback" not in flagged.stderr
@@ -135,7 +135,8 @@ def test_without_torch_a_run_that_can_flag_is_refused_before_any_image(
 ):
     """On the edge-only install, predict without --cloud read and gated every image up to the
     first flagged one, then refused the run (torch missing) and dropped the gate's work on them
-    all. It is refused before the first image now; a threshold above 1, which flags none, runs."""
+    all. It is refused before the first image now (a threshold above 1, which flags none, runs:
+    test_predict_edge_side_never_imports_torch); at 1 too, which a saturated gate's p reaches."""
     import shutil
 
     folder = tmp_path / "in"
@@ -145,7 +146,7 @@ def test_without_torch_a_run_that_can_flag_is_refused_before_any_image(
     result = run_without_torch(f"""
         from splitdet.shared.cli import main
         status = main(["predict", {str(folder)!r}, "--model", {str(tiny_model_dir)!r},
-                       "--threshold", "0", "--json", {str(out)!r}, "--save", {str(save)!r},
+                           "--threshold", "1", "--json", {str(out)!r}, "--save", {str(save)!r},
                        "--no-progress"])
         assert status == 2, status
         """)  # fmt: skip

@@ -78,19 +78,19 @@ def calibrated_threshold(
 ) -> float:
     """The gate threshold calibrated for `target_recall`: `highest_threshold_at_recall`'s t
     lowered into the gap below it, to the midpoint in logit space between t and the highest
-    score under t, and at least `EXPORT_TOLERANCE` under t.
+    score under t, and at least `EXPORT_TOLERANCE` of t under it (relative).
 
     A defective image scoring a little under the lowest one kept is still flagged. t itself sits
     on that lowest defective score: with few defective images to calibrate on, new ones fall
     below it about as often as not (a split of 6 defective images at `target_recall` 0.995 takes
     the lowest of them, and a quarter of the next ones can score under it). And the edge's ONNX
-    Runtime gate scores an image up to `EXPORT_TOLERANCE` off PyTorch's (a float32 step under t
-    was called ok on the edge, the image calibrated as kept). No calibration image changes side
-    unless a score lies within that tolerance under t: it is then flagged too (recall first);
-    without any score under t, t goes down by the tolerance (not under 0).
+    Runtime gate scores an image up to `EXPORT_TOLERANCE` of its score off PyTorch's (a float32
+    step under t was called ok on the edge, the image calibrated as kept). No calibration image
+    changes side unless a score lies within that tolerance under t: it is then flagged too
+    (recall first); without any score under t, t goes down by the tolerance.
     """
     highest = highest_threshold_at_recall(probabilities, labels, target_recall)
-    ceiling = max(highest - EXPORT_TOLERANCE, 0.0)
+    ceiling = highest * (1.0 - EXPORT_TOLERANCE)  # (relative: a score of 8e-5 stays above 0)
     p = np.asarray(probabilities, dtype=np.float64)
     below = p[p < highest]
     if len(below) == 0:
