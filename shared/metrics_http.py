@@ -4,35 +4,62 @@ prometheus_client's `start_http_server` serves each connection on a thread of it
 read timeout and no cap: a caller that opens connections and sends nothing kept a thread and a
 file descriptor each for good, and a thousand of them left the gRPC listener beside it no
 descriptor to accept a camera's call with ("File descriptor limit reached"). This serves the same
-WSGI app (`prometheus_client.make_wsgi_app`) with at most `MAX_CONNECTIONS` connections at once
-(one more is closed as soon as it is accepted) and each one dropped once silent for
-`READ_TIMEOUT_S` seconds. A scrape takes milliseconds; Prometheus scrapes one at a time.
+WSGI app (`prometheus_client.make_wsgi_app`) with at most `MAX_CONNECTIONS` connections at once,
+`MAX_PER_PEER` of them from one address (one more is closed as soon as it is accepted), and each
+one closed `READ_TIMEOUT_S` seconds after it was accepted, however it trickles its bytes. A
+scrape takes milliseconds; Prometheus scrapes one at a time. A connection closed so, or gone, is
+not a traceback on stderr (the log stream): wsgiref's handler does not catch a timeout.
 
 Standard library and prometheus_client only: the edge imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-__all__ = ["MAX_CONNECTIONS", "READ_TIMEOUT_S", "start_metrics_server"]
+__all__ = ["MAX_CONNECTIONS", "MAX_PER_PEER", "READ_TIMEOUT_S", "start_metrics_server"]
+
+log = logging.getLogger(__name__)
 
 #: Connections served at once; one beyond is closed as soon as it is accepted.
 MAX_CONNECTIONS = 16
-#: Seconds a connection may stay silent (while its request is read, or its answer written)
-#: before it is dropped.
+#: Connections served at once from one address: a host that opens many cannot hold them all
+#: (the scraper, from another, still finds one free).
+MAX_PER_PEER = 4
+#: Seconds a connection may last from its acceptance to its end (its request read, its answer
+#: written); then it is closed, also one that sends a byte now and then.
 READ_TIMEOUT_S = 10.0
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """One request per connection (HTTP/1.0), no access log, and a socket timeout."""
+    """One request per connection (HTTP/1.0), no access log, a socket timeout, and a deadline
+    on the whole connection (`timeout` seconds from its acceptance)."""
 
     timeout = READ_TIMEOUT_S  # (StreamRequestHandler sets it on the connection's socket)
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.timeout, self._close)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _close(self) -> None:
+        """The deadline: end the connection, which makes a read or write waiting on it fail."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):  # (a connection the deadline or the caller ended)
+            super().finish()
 
     def log_message(self, format: str, *args: object) -> None:
         """No line per scrape."""
@@ -45,24 +72,45 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     max_connections = MAX_CONNECTIONS
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._lock = threading.Lock()
+        self._open = 0  # connections being served
+        self._by_peer: dict[str, int] = {}  # of them, per address
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        if not self._slots.acquire(blocking=False):  # full: this one is closed at once
-            self.shutdown_request(request)
-            return
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        peer = client_address[0]
+        with self._lock:
+            full = self._open >= self.max_connections
+            if full or self._by_peer.get(peer, 0) >= MAX_PER_PEER:  # closed at once
+                self.shutdown_request(request)
+                return
+            self._open += 1
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         try:
             super().process_request(request, client_address)
-        except BaseException:  # no thread started: its slot is free again
-            self._slots.release()
+        except BaseException:  # no thread started: its place is free again
+            self._release(peer)
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(client_address[0])
+
+    def _release(self, peer: str) -> None:
+        with self._lock:
+            self._open -= 1
+            left = self._by_peer.pop(peer) - 1
+            if left:
+                self._by_peer[peer] = left
+
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+        """A connection that failed: one that timed out or went away is nothing to report; any
+        other failure is logged (not printed to stderr, socketserver's way)."""
+        if isinstance(sys.exception(), OSError):
+            return
+        log.error("metrics endpoint: a request from %s failed", client_address[0], exc_info=True)
 
 
 def _family(host: str, port: int) -> socket.AddressFamily:
