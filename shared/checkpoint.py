@@ -49,6 +49,22 @@ class _ErrorKeeping:
         self._handle.flush()
 
 
+def _interrupt_in(exc: BaseException, kept: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C (KeyboardInterrupt, or train's SIGTERM as one) behind torch's RuntimeError, if
+    any: the one a write raised (`kept`), or one in the error's context chain (a signal handler
+    can raise it as `write` is entered, before it can keep it)."""
+    if isinstance(kept, KeyboardInterrupt):
+        return kept
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
 def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
     """`torch.save(obj)` to `path` whole (`atomic_file.replacing`: a failed write keeps the
     earlier file as it was and leaves no temporary file).
@@ -66,8 +82,9 @@ def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
             try:
                 torch.save(obj, writer)
             except RuntimeError as exc:
-                if isinstance(writer.error, KeyboardInterrupt):  # stopped, not a failed write
-                    raise writer.error from None
+                interrupt = _interrupt_in(exc, writer.error)
+                if interrupt is not None:  # stopped, not a failed write
+                    raise interrupt from None
                 # told while the temporary file still fills the disk (`replacing` removes it)
                 cause = writer.error or exc
                 number = getattr(cause, "errno", None)
