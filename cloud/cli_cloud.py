@@ -207,7 +207,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the longest a call may take to receive its request, from its start, 1-86400: a "
         "call whose request has not arrived by then (a caller that opens calls and never sends "
         "them) is ended with DEADLINE_EXCEEDED, freeing its thread; the edge sends it again. "
-        "The default, the edges' default --timeout, takes a 60 MB request (the paper preset's "
+        "The default, the edges' default --timeout, takes a 50 MB request (the paper preset's "
         "are tens of MB) over an 8 Mbit/s link: raise it for larger requests or slower links "
         "(default: %(default)s)",
     )

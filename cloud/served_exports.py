@@ -135,6 +135,7 @@ def gather_models(
     models: list[ServedModel] = []
     where: dict[str, Path] = {}
     copies: dict[Path, str] = {}  # directory -> the export it holds a verified copy of
+    fallbacks: list[tuple[int, str, str, str, Path]] = []  # folders that held one, damaged
     problems = []
     for index, model_dir in enumerate([*named, *found]):
         is_named = index < len(named)
@@ -153,10 +154,13 @@ def gather_models(
                 problems.append(f"{problem}; skipped")
                 continue
             if is_named or (model_dir / PUBLISHING_MARKER).exists():  # away, or interrupted
-                problems.append(f"{problem}; still serving the export it held ({before[:16]})")
+                line = f"{problem}; still serving the export it held ({before[:16]})"
             else:  # damaged on disk: as one kept (below) whose files no longer match
-                problems.append(f"{problem}; {_still_serving(before)}")
-            model, kept = loaded[before], False
+                line = f"{problem}; {_still_serving(before)}"
+            # decided once every folder is walked: an intact one met later serves it instead
+            # (a damaged copy, its manifest now the newest, is met before its original)
+            fallbacks.append((len(models), before, problem, line, model_dir))
+            continue
         if model is None:  # a copy of an export served from another directory: skipped
             continue
         if kept and (checked or {}).get(model_dir) != signature:
@@ -168,6 +172,16 @@ def gather_models(
             checked[model_dir] = signature
         where[model.fingerprint] = model_dir
         models.append(model)
+    kept_back = []  # (position among the models, the model) of those served from memory
+    for position, before, problem, line, model_dir in fallbacks:
+        if before in where:  # (another folder holds it intact, or an earlier damaged one)
+            problems.append(f"{problem}; skipped")
+            continue
+        problems.append(line)
+        where[before] = model_dir
+        kept_back.append((position, loaded[before]))
+    for position, model in reversed(kept_back):  # (in walk order: the default stays first)
+        models.insert(position, model)
     return models, problems, {**copies, **{d: fp for fp, d in where.items()}}
 
 

@@ -31,7 +31,7 @@ MAX_CALL_S = 120.0
 #: Default --max-receive, seconds: the longest a call may take from its headers to the end of
 #: its request; then it is ended (DEADLINE_EXCEEDED) and its thread freed. The edge's default
 #: --timeout (60 s): a request still arriving then is one a default edge has given up on, and
-#: 60 MB (the `paper` preset's requests are tens of MB) arrive in it at 8 Mbit/s.
+#: 50 MB (the `paper` preset's requests are tens of MB) arrive in it at 8 Mbit/s.
 MAX_RECEIVE_S = 60.0
 
 

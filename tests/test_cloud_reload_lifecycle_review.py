@@ -5,6 +5,7 @@ dropped a second time. Real servers on loopback, tiny exports."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -94,6 +95,33 @@ def test_a_damaged_folder_keeps_its_export_once_the_copy_that_served_it_is_gone(
         assert f"{second_manifest.fingerprint[:16]} ({folder / 'b'})" in reloaded[0], reloaded
     finally:
         client.close()
+        server.stop(0)
+
+
+def test_a_damaged_copy_does_not_take_an_export_from_its_intact_original(second, tmp_path, caplog):
+    """Before: b served, a verified older copy b_copy beside it; garbage appended to b_copy's
+    manifest made it the newest folder, met first at the next SIGHUP, and it took the export
+    ("still serving ... from it", served from b_copy) while the intact b was called a skipped
+    duplicate: an operator deleting b left the export in memory only. The damaged copy is now
+    skipped and b keeps serving it."""
+    server, folder, _, second_manifest = _serving_two(second, tmp_path)
+    _, second_dir, _ = second
+    try:
+        os.utime(folder / "b" / "manifest.json", (1.6e9, 1.6e9))  # (2020: before today)
+        _copy(second_dir, folder / "b_copy", exported_at=1.5e9)  # older than b: b serves
+        assert server.reload()["problems"] == []
+        with open(folder / "b_copy" / "manifest.json", "ab") as manifest:
+            manifest.write(b"garbage")  # (now the newest manifest: met first)
+        caplog.clear()
+        caplog.set_level("INFO", logger="splitdet.cloud.server")
+        change = server.reload()
+        assert change["dropped"] == [] and len(change["problems"]) == 1, change
+        problem = change["problems"][0]
+        assert str(folder / "b_copy") in problem and problem.endswith("; skipped"), problem
+        reloaded = _events(caplog, "reloaded")
+        assert f"{second_manifest.fingerprint[:16]} ({folder / 'b'})" in reloaded[0], reloaded
+        assert "the same export as" not in caplog.text
+    finally:
         server.stop(0)
 
 
