@@ -6,7 +6,8 @@ the row records, never over another file (`free_target`: the next free ID_NAME~N
 in the row before the move). A whole copy already in place from a move a kill cut short is
 adopted rather than copied again. A file recorded by an earlier run and still in --watch is
 finished under this run's --after, --archive and --quarantine (`finish`): a folder a row names
-and this run does not is never written to, nor made again. A move that fails is logged and
+and this run does not is never written to, nor made again; --after keep leaves an archive or
+delete still due where it is, for a later run to finish. A move that fails is logged and
 counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S, doubling
 up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
 `splitdet.edge.file_moves`'.
@@ -78,16 +79,37 @@ class AfterActions:
         """Complete a recorded file's after-action, under THIS run's settings: a row recorded
         by a run with another --after, --archive or --quarantine (a restart after its folder
         filled or its mount went) is first given the path those settings give
-        (`_finish_path`), then the file goes there."""
+        (`_finish_path`), then the file goes there. But --after keep leaves an earlier run's
+        archive or delete not done yet as it is (`_left_for_later`)."""
+        if self._left_for_later(candidate, known):
+            return
         stored_path = self._finish_path(candidate, known)
         quarantined = known.error_kind == "quarantine" and stored_path
         reason = (known.reason or "") if quarantined else None
         self.move(candidate, known.id, stored_path, reason, adopt=True)
 
+    def _left_for_later(self, candidate: Candidate, known: KnownFile) -> bool:
+        """Under --after keep, whether the file is one an earlier run with --after archive or
+        delete recorded and could not move yet (its row plans it out of --watch): kept where
+        it is, as keep promises, its row untouched, so that a later run with --after archive
+        or delete finishes it and `edge status` still counts it. Passed over until it changes
+        (`HotFolder.ignore`), told once. A quarantine is done under every --after (`finish`)."""
+        if self.config.after != "keep" or known.error_kind == "quarantine":
+            return False
+        if known.stored_path == known.path:  # kept by the run that recorded it: nothing due
+            return False
+        self.folder.ignore(candidate)
+        log_event(logging.INFO, "left in --watch under --after keep",
+                  path=path_text(candidate.path), image_id=known.id, planned=known.stored_path,
+                  note="recorded by a run with --after archive or delete, not moved yet; a run "
+                       "with --after archive or delete finishes it")  # fmt: skip
+        return True
+
     def _finish_path(self, candidate: Candidate, known: KnownFile) -> str | None:
         """Where a recorded file still in --watch goes now: the row's stored path when this
         run's settings give it (the same folder: only a crash or a failed move left the file),
-        when its file was kept in place (--after keep: nothing is outstanding), or when a move
+        when its file was kept in place (--after keep: nothing is outstanding; a kept file
+        found elsewhere in --watch is recorded there), or when a move
         a kill cut short already placed its whole copy there (adopted: the image is not
         archived twice); else the path this run's --after, --archive or --quarantine gives,
         recorded in the row (one commit) before the file moves, so that a crash at any point

@@ -216,7 +216,8 @@ def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
 def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
     """The `in --watch` line of `edge status`: recorded images whose file still waits in
     --watch to be archived, quarantined or deleted (`store_reads.in_watch`), the oldest's age
-    and where to look; or that none does (of the rows looked at)."""
+    and where to look; or that none does (of the rows looked at); and how many could not be
+    looked at (`_unreadable_lines`: then never "none")."""
     if in_watch is None:
         return []
     unchecked = in_watch["rows_not_checked"]
@@ -226,6 +227,9 @@ def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
         else ""
     )
     n = in_watch["images"]
+    unreadable = _unreadable_lines(in_watch)
+    if not n and unreadable:  # (not an all-clear: some could not be looked at)
+        return unreadable
     if not n:
         return [f"in --watch    no processed image waiting to be moved or deleted{looked}"]
     retry = (
@@ -241,6 +245,22 @@ def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
         "              their move failed (or a kill cut it short): the daemon log's `cannot move "
         "file` lines (ERROR) say why (a full, read-only or gone --archive or --quarantine, a "
         f"read-only --watch); {retry}",
+        *unreadable,
+    ]
+
+
+def _unreadable_lines(in_watch: dict) -> list[str]:
+    """The line of `edge status` for the processed images whose path in --watch could not be
+    looked at (`store_reads.in_watch`'s "rows_unreadable": EACCES for a user who may read --db
+    but not --watch): not known whether they wait there; none when every path was looked at."""
+    n = in_watch.get("rows_unreadable") or 0  # (absent from an earlier splitdet's JSON)
+    if not n:
+        return []
+    return [
+        f"in --watch    could not be looked into for {n} processed image{'s' if n != 1 else ''}"
+        f" ({in_watch['unreadable_error']}: {in_watch['unreadable_path']}): whether they still "
+        "wait there to be moved or deleted is not known; run `splitdet edge status` as a user "
+        "who may read --watch (the daemon's)"
     ]
 
 

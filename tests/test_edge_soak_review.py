@@ -10,6 +10,12 @@ engineer restarts it):
 2. `edge status` counts the processed images whose file still waits in --watch to be moved or
    deleted, with the oldest's age, and points at the log's `cannot move file` lines. Before:
    pending 0, outbox empty, dead letters 0: nothing looked stuck.
+3. A run with --after keep (the default: a one-off `edge run --once` on the same --db and
+   --watch) leaves such an image as it is, row and file, told once: a later run with --after
+   archive finishes it, and status still counts it meanwhile. Before: keep rewrote each row to
+   its --watch path, stranding the image there for good (status no longer counted it).
+4. `edge status` run by a user who may read --db but not look into --watch says so. Before: a
+   path it could not stat counted as moved, a false "no processed image waiting".
 """
 
 from __future__ import annotations
@@ -229,3 +235,96 @@ def test_status_counts_processed_images_stuck_in_watch(tiny_model_dir, tmp_path,
     )
     with contextlib.closing(sqlite3.connect(config.db)) as db:
         assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == len(files)
+
+
+def _events(caplog, event: str) -> list[dict]:
+    return [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == event]
+
+
+def test_a_keep_run_leaves_an_earlier_runs_stuck_images_for_a_later_archive_run(
+    tiny_model_dir, tmp_path, caplog, capsys
+):
+    """Run 1 (--after archive) could not move its images; its archive is repaired; run 2 with
+    the default --after keep runs for many polls: it keeps the files where they are and their
+    rows as they are, says so once per file, processes nothing again; status still counts them;
+    run 3 (--after archive) archives them where their rows say."""
+    files, watch = _stuck_first_run(tiny_model_dir, tmp_path, caplog)
+    for name in ("arch2", "quar2"):
+        (tmp_path / name).unlink()
+        (tmp_path / name).mkdir()
+    planned = {r["id"]: r["stored_path"] for r in image_rows(tmp_path / "edge.sqlite")}
+    caplog.clear()
+    config = daemon_config(tiny_model_dir, tmp_path, once=False,
+                           quarantine_dir=tmp_path / "quar2")  # fmt: skip
+    assert config.after == "keep"
+    daemon = EdgeDaemon(config)
+    with caplog.at_level(logging.DEBUG, logger="splitdet"), running(daemon):
+        wait_for(lambda: len(_events(caplog, "already recorded")) >= len(files), 30,
+                 "the stuck images to be looked at")  # fmt: skip
+        polls = daemon.folder.scan  # many polls more: nothing is taken or told again
+        scans = []
+
+        def counted_scan():
+            scans.append(1)
+            return polls()
+
+        daemon.folder.scan = counted_scan
+        wait_for(lambda: len(scans) >= 20, 30, "20 more polls")
+    rows = image_rows(tmp_path / "edge.sqlite")
+    assert len(rows) == len(files)  # nothing processed twice
+    assert {r["id"]: r["stored_path"] for r in rows} == planned  # rows untouched
+    assert not _events(caplog, "replanned under this run's settings")
+    assert daemon.processed == 0
+    left = _events(caplog, "left in --watch under --after keep")
+    assert sorted(Path(e["path"]).name for e in left) == sorted(CAMERA)  # once each
+    assert len(_events(caplog, "already recorded")) == len(files)  # the quarantined one too
+    assert sorted(p.name for p in watch.iterdir()) == sorted(CAMERA)  # the quarantine is done
+    summary = json.loads(_status(config.db, capsys, "--json"))
+    assert summary["in_watch"]["images"] == len(CAMERA)
+
+    caplog.clear()
+    run3 = daemon_config(tiny_model_dir, tmp_path, after="archive", archive_dir=tmp_path / "arch2",
+                         quarantine_dir=tmp_path / "quar2")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="splitdet"):
+        assert EdgeDaemon(run3).run() == 0
+    assert not list(watch.iterdir())
+    assert not _events(caplog, "replanned under this run's settings")
+    for row in image_rows(tmp_path / "edge.sqlite"):
+        assert row["stored_path"] == planned[row["id"]]
+        assert Path(row["stored_path"]).read_bytes() == files[Path(row["path"]).name]
+    assert json.loads(_status(config.db, capsys, "--json"))["in_watch"]["images"] == 0
+
+
+@pytest.mark.parametrize(
+    "blocked",
+    [
+        "loop",  # (any stat error but ENOENT and ENOTDIR: what root meets too)
+        pytest.param(
+            "no_search",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root looks into any folder"),
+        ),
+    ],
+)
+def test_status_says_when_it_cannot_look_into_watch(tiny_model_dir, tmp_path, caplog, capsys,
+                                                    blocked):  # fmt: skip
+    """A --watch this user cannot look into (EACCES; here also ELOOP) is not taken for an
+    empty one: status counts the rows it could not check and says so, never "none waiting"."""
+    files, watch = _stuck_first_run(tiny_model_dir, tmp_path, caplog)
+    db = tmp_path / "edge.sqlite"
+    assert json.loads(_status(db, capsys, "--json"))["in_watch"]["images"] == len(files)
+    if blocked == "loop":
+        watch.rename(tmp_path / "hot.away")
+        watch.symlink_to(watch.name)  # hot -> hot: every path below it gives ELOOP
+    else:
+        watch.chmod(0o600)  # listed by its owner, not entered
+    try:
+        stuck = json.loads(_status(db, capsys, "--json"))["in_watch"]
+        text = _status(db, capsys)
+    finally:
+        if blocked != "loop":
+            watch.chmod(0o755)
+    assert stuck["images"] == 0 and stuck["rows_unreadable"] == len(files)
+    assert Path(stuck["unreadable_path"]).parent == watch
+    assert stuck["unreadable_error"]
+    assert f"could not be looked into for {len(files)} processed images" in text
+    assert "no processed image waiting" not in text
