@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from splitdet.edge.boot_clock import boot_clock
-from splitdet.edge.file_identity import still_there
+from splitdet.edge.file_identity import lies_there
 from splitdet.edge.store_connection import StoreConnection
 from splitdet.edge.store_reads import image_columns
 from splitdet.edge.store_schema import AUTO_VACUUM_INCREMENTAL, FINAL_VERDICTS
@@ -39,8 +39,9 @@ class StoreMaintenance(StoreConnection):
         request kept for their dead letter; pending rows are never touched, nor a row whose file
         still lies where it arrived (--after keep, or a move that failed or was cut short by a
         crash): that row is what tells the daemon the file is done, and without it the file
-        would be processed again. "Its file" is the one it recorded (`still_there`): a file the
-        camera wrote since under the same name does not keep it. Deletes in batches of `batch`
+        would be processed again. "Its file" is the one it recorded (`lies_there`): a file the
+        camera wrote since under the same name does not keep it; a path this user cannot look
+        at (--watch unreadable to it, an I/O error) keeps its row. Deletes in batches of `batch`
         rows, one short commit each.
 
         Args:
@@ -89,7 +90,7 @@ class StoreMaintenance(StoreConnection):
                 )
                 if young:
                     kept_for_clock += 1
-                elif still_there(path, key):
+                elif lies_there(path, key) is not False:  # (or it cannot be told: kept)
                     kept_in_place += 1
                 else:
                     doomed.append((row_id,))

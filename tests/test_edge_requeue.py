@@ -123,7 +123,7 @@ def test_a_dead_letter_requeued_while_prune_looks_is_neither_deleted_nor_counted
                 store.requeue_dead_letters()
             return False
 
-        monkeypatch.setattr(store_maintenance, "still_there", requeue_meanwhile)
+        monkeypatch.setattr(store_maintenance, "lies_there", requeue_meanwhile)
         assert store.prune(before=time.time() + 60).deleted == 1
         assert store.counters()["pruned"] == 1
         assert pruned not in _rows(store.path) and requeued in _rows(store.path)

@@ -328,3 +328,29 @@ def test_status_says_when_it_cannot_look_into_watch(tiny_model_dir, tmp_path, ca
     assert stuck["unreadable_error"]
     assert f"could not be looked into for {len(files)} processed images" in text
     assert "no processed image waiting" not in text
+
+
+def test_prune_keeps_the_rows_of_files_it_cannot_look_at(tmp_path):
+    """prune deletes a final row only once its file has left --watch (else the file would be
+    processed again); a path it could not stat (EACCES for a user who may not look into --watch;
+    here ELOOP) counted as gone, and its row went."""
+    import time
+
+    from splitdet.edge.file_identity import file_key
+    from splitdet.edge.store import Arrival, OutboxCap, ResultStore
+
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    image = watch / "kept.png"
+    image.write_bytes(b"an image kept in place")
+    key = file_key(image, image.stat())
+    store = ResultStore(tmp_path / "edge.sqlite", OutboxCap())
+    try:
+        store.record_ok(Arrival(str(image), key, "0" * 64, 22, time.time()), 0.1, "f" * 64, {},
+                        stored_path=str(image))  # fmt: skip
+        watch.rename(tmp_path / "hot.away")
+        watch.symlink_to(watch.name)  # hot -> hot: every path below it gives ELOOP
+        pruned = store.prune(time.time() + 60)
+        assert pruned.deleted == 0 and pruned.kept_in_place == 1, pruned
+    finally:
+        store.close()
