@@ -32,6 +32,7 @@ metrics endpoint (every transaction is short; network calls happen outside the l
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -89,6 +90,8 @@ __all__ = [
     "StoreGone",
     "StoredPath",
 ]
+
+log = logging.getLogger(__name__)
 
 #: How long a write waits for another connection's lock before SQLite gives up (ms): another
 #: program holding it longer (an `sqlite3` shell, a backup) makes the daemon's loop wait and
@@ -197,6 +200,7 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
         """Create the store in an empty database, or bring one of ours to SCHEMA_VERSION, and
         mark it (APPLICATION_ID): one transaction, so that another process opening the file
         meanwhile sees it empty or whole, never half made."""
+        migrated_from = None
         with self._transaction() as db:
             contents = read_contents(db)
             if check_contents(self.path, contents):
@@ -205,6 +209,8 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
                     if statement.strip():
                         db.execute(statement)
             else:  # a write now: a read-only file fails here, not at the first image
+                if contents.user_version < SCHEMA_VERSION:
+                    migrated_from = contents.user_version
                 for step in range(contents.user_version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[step].split(";"):
                         if statement.strip():
@@ -215,6 +221,14 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
                         db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if migrated_from is not None:  # (one way: said, so that a way back is kept first)
+            log.warning(
+                "%s: its schema was brought from version %d to %d; an earlier splitdet (of "
+                "schema %d) cannot open it any more: to go back, keep the copy made before "
+                "the upgrade", self.path, migrated_from, SCHEMA_VERSION, migrated_from,
+                extra={"fields": {"event": "store_migrated", "db": str(self.path),
+                                  "from": migrated_from, "to": SCHEMA_VERSION}},
+            )  # fmt: skip
 
     def check_file(self, every_s: float = 0.0) -> None:
         """Raise StoreGone when the store's path no longer names the file it has open: the

@@ -259,14 +259,47 @@ def test_a_store_of_an_earlier_version_is_read_as_it_is(version, tmp_path, capsy
     assert _header(db)[:2] == (0, version)
 
 
+def test_an_abandon_dry_run_on_a_store_without_dead_letters_reads_it_as_it_is(tmp_path, capsys):
+    """A schema-1 store (no dead_letters table) with a request waiting: `edge abandon
+    --dry-run`, the step to try first, ended in a traceback (no such table: dead_letters)."""
+    db = _old_store(tmp_path / "edge.sqlite", 1)
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        now = time.time()
+        con.execute(
+            "INSERT INTO images (file_key, path, stored_path, content_hash, size_bytes, arrived,"
+            " updated, verdict, p_defect, fingerprint) VALUES ('new.png|1|2|3', '/cam/new.png',"
+            " NULL, 'def', 1, ?, ?, 'pending', 0.9, ?)",
+            (now, now, "e" * 64),
+        )
+        con.execute(
+            "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try)"
+            " VALUES (2, 'r2', x'00', 1, ?, ?)",
+            (now, now),
+        )
+        con.commit()
+    before = _sha256(db)
+    code = main(["edge", "abandon", "--db", str(db), "--fingerprint", "e" * 16, "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "would make 1 request(s)" in captured.out and "Traceback" not in captured.err
+    assert _sha256(db) == before
+
+
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("command", ["prune", "requeue"])
 def test_a_store_of_an_earlier_version_is_opened_migrated_and_marked(
-    command, version, tmp_path, capsys
+    command, version, tmp_path, capsys, caplog
 ):
     db = _old_store(tmp_path / "edge.sqlite", version)
     assert _edge(command, db, tmp_path, None) == 0
     assert "Traceback" not in capsys.readouterr().err
+    # a schema change is one way: said (it was silent), so that a copy is kept to go back
+    migrated = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("event") == "store_migrated"
+    ]
+    assert len(migrated) == (1 if version < SCHEMA_VERSION else 0), caplog.text
+    if migrated:
+        assert "an earlier splitdet (of schema 1) cannot open it" in migrated[0].getMessage()
     assert _header(db) == (APPLICATION_ID, SCHEMA_VERSION,
                            sorted(_TABLES[SCHEMA_VERSION] | {"sqlite_sequence"}))  # fmt: skip
     store = ResultStore(db)  # marked now, and it works
