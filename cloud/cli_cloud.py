@@ -417,6 +417,14 @@ def run(args: argparse.Namespace) -> int:
         signal.SIGINT: signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set()),
         signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set()),
     }
+    if args.forget_edges_after < 1:  # (the README's alert waits an hour)
+        log.warning(
+            "--forget-edges-after %g h: an edge silent that long is forgotten, its "
+            "splitdet_cloud_edge_last_seen_timestamp_seconds series gone, before the 'camera "
+            "gone quiet' alert (silent for an hour) can fire on it; give 1 or more, or alert "
+            "sooner", args.forget_edges_after,
+            extra={"fields": {"event": "forget_before_alert"}},
+        )  # fmt: skip
     where = [*map(str, args.model), *([f"{args.models_dir}/*"] if args.models_dir else [])]
     log.info("loading model%s %s", "s" * (len(where) > 1), ", ".join(where))
     try:

@@ -73,19 +73,22 @@ class AcceptedTokens:
         try:
             lines = token_lines(self.token_file)
         except CommandError as exc:
-            log.error("%s; keeping the tokens before it", exc)
+            log.error("%s; keeping the tokens before it", exc,
+                      extra={"fields": {"event": "token_file_unreadable"}})  # fmt: skip
             return
         tokens = []
         for number, line in enumerate(lines, 1):
             problem = token_problem(line)
             if problem:
                 log.error("--token-file %s, token line %d: %s; skipped", self.token_file,
-                          number, problem)  # fmt: skip
+                          number, problem,
+                          extra={"fields": {"event": "token_line_skipped"}})  # fmt: skip
             else:
                 tokens.append(line)
         if not tokens:
             log.error("--token-file %s holds no usable token; keeping the tokens before it",
-                      self.token_file)  # fmt: skip
+                      self.token_file,
+                      extra={"fields": {"event": "token_file_empty"}})  # fmt: skip
             return
         self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
         if not startup:
@@ -101,10 +104,12 @@ class AcceptedTokens:
             self._stamp = stamp
             if stamp is None:
                 log.warning("--token-file %s is gone; keeping the tokens read before",
-                            self.token_file)  # fmt: skip
+                            self.token_file,
+                            extra={"fields": {"event": "token_file_gone"}})  # fmt: skip
             elif not self._regular():
                 log.warning("--token-file %s is no longer a regular file; not read",
-                            self.token_file)  # fmt: skip
+                            self.token_file,
+                            extra={"fields": {"event": "token_file_not_regular"}})  # fmt: skip
             else:
                 self._load()
 

@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 _AUTH_REFUSED = (
     "auth_refused",
     "the cloud refuses our credentials (%s); requests stay in the outbox until the token or "
-    "certificates are fixed",
+    "certificates are fixed: a new --token-file is read when the edge restarts (restart it), "
+    "renewed --client-cert and --client-key files are taken up by themselves",
 )
 #: Codes the client calls NeverRetry that the edge keeps retrying, with the log event and line:
 #: a credentials problem, or a cloud that does not serve a request's model, is fixed by the

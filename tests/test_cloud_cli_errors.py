@@ -342,3 +342,19 @@ def test_a_name_with_one_address_this_host_lacks_still_listens(monkeypatch):
     monkeypatch.setattr(listen_address.socket, "getaddrinfo", lambda *a, **k: both(*a, **k)[:1])
     with pytest.raises(OSError, match="localhost is not an address of this machine"):
         listen_address.check_listen_address(f"localhost:{port}")
+
+
+def test_forgetting_edges_before_the_quiet_camera_alert_can_fire_is_warned_of(
+    no_model, caplog, capsys
+):
+    """--forget-edges-after under an hour drops an edge's last-seen series before the README's
+    'camera gone quiet' alert (an hour) can fire on it: accepted in silence before."""
+    caplog.set_level("WARNING", logger="splitdet.cloud")
+    main(["cloud", *no_model, "--forget-edges-after", "0.01"])  # (no model: exit 2 after)
+    capsys.readouterr()
+    warned = [r for r in caplog.records if getattr(r, "fields", {}).get("event") ==
+              "forget_before_alert"]  # fmt: skip
+    assert warned and "--forget-edges-after 0.01 h" in warned[0].getMessage()
+    caplog.clear()
+    main(["cloud", *no_model, "--forget-edges-after", "1"])
+    assert not [r for r in caplog.records if "forget-edges-after" in r.getMessage()]

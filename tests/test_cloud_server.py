@@ -601,6 +601,9 @@ def test_tokens_rotate_without_a_restart(served, tmp_path, caplog, monkeypatch):
         token_file.unlink()
         assert soon(lambda: "is gone" in caplog.text)
         assert answers("new-token")
+    # each line has its event, for a JSON log pipeline to key on (they had none)
+    events = {getattr(r, "fields", {}).get("event") for r in caplog.records}
+    assert {"token_file_empty", "token_file_gone"} <= events, events
 
 
 def test_token_lines_a_rotation_may_meet(tmp_path, monkeypatch):

@@ -240,6 +240,31 @@ def test_text_log_of_edge_run_shows_the_path_reason_and_events(model_dir, tmp_pa
                                                     re.M), log  # fmt: skip
 
 
+def test_an_edge_refused_for_its_token_is_told_to_restart_once_it_is_fixed(model_dir, tmp_path):
+    """The edge reads --token-file at its start only: an operator who fixed the file, as the
+    auth_refused line asked, saw the edge refused on for good. The line says to restart it."""
+    token_file, wrong = tmp_path / "token.txt", tmp_path / "wrong.txt"
+    token_file.write_text(TOKEN + "\n")
+    wrong.write_text("not-the-token\n")
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    _png(hot / "flagged.png")
+    cloud = start_cloud_process(model_dir, tmp_path, "cloud", "--token-file", str(token_file))
+    try:
+        result = subprocess.run(
+            _splitdet("edge", "run", "--model", str(model_dir), "--watch", str(hot),
+                      "--db", str(tmp_path / "edge.sqlite"), "--cloud", cloud.address, "--once",
+                      "--drain-timeout", "2", "--threshold", "0", "--token-file", str(wrong),
+                      "--log-format", "text", *FAST),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        cloud.stop()
+    refused = [line for line in result.stderr.splitlines() if "refuses our credentials" in line]
+    assert refused, result.stderr
+    assert "a new --token-file is read when the edge restarts (restart it)" in refused[0]
+
+
 def test_text_log_of_the_cloud_shows_fields_its_messages_do_not(model_dir, tmp_path):
     """`splitdet cloud` logs text by default: its start line gains the served models' whole
     fingerprints; a refusal, whose message names the method, peer, edge and code, reads as
