@@ -42,7 +42,7 @@ def test_connections_beyond_the_caps_are_closed_and_the_held_ones_end_at_their_d
     closed at once; those held are closed at the deadline, also one that trickles a byte now
     and then (a per-read timeout never fired on it), with no traceback on stderr (wsgiref's
     handler does not catch a timeout: socketserver printed one per connection)."""
-    server = start_metrics_server(0, "127.0.0.1", _registry(), read_timeout_s=1.0)
+    server = start_metrics_server(0, "127.0.0.1", _registry(), read_timeout_s=4.0)
     port = server.server_port
     try:
         assert "splitdet_test_scrapes_total 3.0" in _scrape(port)
@@ -56,16 +56,16 @@ def test_connections_beyond_the_caps_are_closed_and_the_held_ones_end_at_their_d
         assert len(held) == MAX_PER_PEER, len(held)  # the others: closed at once
         started = time.monotonic()
         for sock in held[1:]:
-            assert _closed_by_server(sock, 5.0)
+            assert _closed_by_server(sock, 8.0)
         trickling = held[0]  # its socket closed by the server too, whatever it sends
-        while time.monotonic() - started < 5.0:
+        while time.monotonic() - started < 10.0:
             try:
                 trickling.sendall(b"X")
             except OSError:
                 break
             if _closed_by_server(trickling, 0.2):
                 break
-        assert time.monotonic() - started < 4.0, "a trickling connection was held"
+        assert time.monotonic() - started < 8.0, "a trickling connection was held"
         for sock in silent:
             sock.close()
         time.sleep(0.2)
