@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,9 @@ class DetectionCore:
         self.on_store_error: Callable[[], None] | None = None
         #: which of those are logged: at most one `answers_store_failed` line per minute
         self.store_failure_lines = LineLimiter()
+        #: answers not kept since the store last kept one (`_store_resumed` says when it does)
+        self._store_failures = 0
+        self._store_failures_lock = threading.Lock()
         #: how this server comes to serve another export, said when a request names one
         self.serve_hint = SERVE_SEVERAL
 
@@ -373,12 +377,27 @@ class DetectionCore:
                 self.store.put(call.request_id, answer)
             except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
                 self._store_failed(call.request_id, exc)
+            else:
+                self._store_resumed()
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
+
+    def _store_resumed(self) -> None:
+        """After answers the store could not keep, the first it kept: said once (INFO
+        `answers_store_resumed`, with how many were not kept), so that the log shows the fault
+        is over (its WARNINGs come at most once a minute)."""
+        with self._store_failures_lock:
+            failed, self._store_failures = self._store_failures, 0
+        if failed:
+            log.info("answers store: keeping answers again, after %d it could not keep", failed,
+                     extra={"fields": {"event": "answers_store_resumed",
+                                       "not_kept": failed}})  # fmt: skip
 
     def _store_failed(self, request_id: str, exc: sqlite3.Error) -> None:
         """An answer the store could not keep: counted (`on_store_error`) each time, logged
         at most once per `store_failure_lines.every_s` per error (a full disk fails every
         answer), the line saying how many were left out since the last."""
+        with self._store_failures_lock:
+            self._store_failures += 1
         repeats = self.store_failure_lines.admit(("answers_store_failed", str(exc)))
         if repeats is not None:
             fields = {"event": "answers_store_failed", "request_id": request_id,

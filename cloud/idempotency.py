@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -97,6 +98,11 @@ class NotAnswersDatabase(sqlite3.DatabaseError):
     with it."""
 
 
+class AnswersFileGone(sqlite3.OperationalError):
+    """The answers database was deleted or replaced while the server ran: what it stored since
+    would go to a file no one reads (lost at the next restart), so nothing more is stored."""
+
+
 @dataclass(frozen=True)
 class StoredAnswer:
     """One stored answer.
@@ -150,6 +156,7 @@ class IdempotencyStore:
             self._check(read_contents(db))  # again, under the write lock
             db.execute(_SCHEMA)
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self._identity = _file_identity(self.path)  # (None for ":memory:")
 
     def _check(self, contents: Contents) -> None:
         """Refuse (NotAnswersDatabase) a file that is neither empty nor an answers database:
@@ -210,6 +217,12 @@ class IdempotencyStore:
                                       "request_id": request_id}},
                 )  # fmt: skip
                 return False
+            if self._identity is not None and _file_identity(self.path) != self._identity:
+                raise AnswersFileGone(
+                    f"{self.path} was deleted or replaced while the server ran: answers are "
+                    "not stored any more (they would be lost at the next restart); restart the "
+                    "server to make it anew"
+                )
             return self._insert(key, answer)
 
     def _insert(self, key: str, answer: StoredAnswer) -> bool:
@@ -239,3 +252,14 @@ class IdempotencyStore:
         with self._lock:
             self._closed = True
             self._db.close()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None for ":memory:", (0, 0) when it is gone."""
+    if path == ":memory:":
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_dev, stat.st_ino)

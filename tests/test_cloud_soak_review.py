@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -271,3 +272,36 @@ def test_a_new_cameras_first_answered_detect_does_not_mark_other_seen(tmp_path):
         server.stop(0)
     seen = {key for key in metrics if key.startswith("splitdet_cloud_edge_last_seen")}
     assert seen == {LAST_SEEN % "cam-1"}
+
+
+def test_a_deleted_answers_database_is_counted_and_said_and_a_kept_answer_again_said(
+    tmp_path, caplog
+):
+    """Deleting the answers database under a running cloud went unnoticed: it kept storing into
+    the unlinked file (lost at the next restart) with no error counted and no line. Now each
+    answer not kept is counted and logged (answers_store_failed names the file); and once a
+    store keeps answers again after failing (a full disk freed), one line says so."""
+    caplog.set_level("INFO", logger="splitdet.cloud.core")
+    server = _start(tmp_path)
+    core, call = server.core, _call(27, "gone")
+    try:
+        database = core.store._db
+        pages = database.execute("PRAGMA page_count").fetchone()[0]
+        database.execute(f"PRAGMA max_page_count = {pages}")  # full
+        for index in range(3):
+            core.detect(replace(call, request_id=f"full-{index}"))
+        database.execute("PRAGMA max_page_count = 1000000")  # space freed
+        core.detect(replace(call, request_id="kept"))
+        [resumed] = _lines(caplog, "answers_store_resumed")
+        assert resumed.fields["not_kept"] >= 1, caplog.text
+
+        failed_before = server.metrics.registry.get_sample_value(STORE_ERRORS)
+        Path(core.store.path).unlink()
+        core.detect(replace(call, request_id="after-delete"))
+        counted = server.metrics.registry.get_sample_value(STORE_ERRORS)
+    finally:
+        server.stop(0)
+    assert counted == failed_before + 1
+    gone = [r for r in _lines(caplog, "answers_store_failed") if "deleted or replaced" in
+            r.getMessage()]  # fmt: skip
+    assert gone and str(core.store.path) in gone[0].getMessage()
