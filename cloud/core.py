@@ -374,19 +374,25 @@ class DetectionCore:
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
             answer = StoredAnswer(model.fingerprint, digest or request_digest(call), payload)
             try:
-                self.store.put(call.request_id, answer)
+                stored = self.store.put(call.request_id, answer)
             except sqlite3.Error as exc:  # e.g. its disk is full: the answer is still good
                 self._store_failed(call.request_id, exc)
             else:
-                self._store_resumed()
+                if stored:  # (not kept, quietly: the store closed as the server stops)
+                    self._store_resumed()
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
 
     def _store_resumed(self) -> None:
         """After answers the store could not keep, the first it kept: said once (INFO
         `answers_store_resumed`, with how many were not kept), so that the log shows the fault
         is over (its WARNINGs come at most once a minute)."""
+        # (at most once per `store_failure_lines.every_s`, as the failures: a disk at its edge
+        # may fail and keep by turns; the count goes on until a line says it)
         with self._store_failures_lock:
-            failed, self._store_failures = self._store_failures, 0
+            failed = self._store_failures
+            if not failed or self.store_failure_lines.admit(("answers_store_resumed",)) is None:
+                return
+            self._store_failures = 0
         if failed:
             log.info("answers store: keeping answers again, after %d it could not keep", failed,
                      extra={"fields": {"event": "answers_store_resumed",

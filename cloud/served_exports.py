@@ -136,6 +136,7 @@ def gather_models(
     where: dict[str, Path] = {}
     copies: dict[Path, str] = {}  # directory -> the export it holds a verified copy of
     fallbacks: list[tuple[int, str, str, str, Path]] = []  # folders that held one, damaged
+    rank: dict[str, int] = {}  # fingerprint -> the walk index of the first folder that holds it
     problems = []
     for index, model_dir in enumerate([*named, *found]):
         is_named = index < len(named)
@@ -159,7 +160,7 @@ def gather_models(
                 line = f"{problem}; {_still_serving(before)}"
             # decided once every folder is walked: an intact one met later serves it instead
             # (a damaged copy, its manifest now the newest, is met before its original)
-            fallbacks.append((len(models), before, problem, line, model_dir))
+            fallbacks.append((index, before, problem, line, model_dir))
             continue
         if model is None:  # a copy of an export served from another directory: skipped
             continue
@@ -171,17 +172,24 @@ def gather_models(
         if checked is not None and signature is not None:
             checked[model_dir] = signature
         where[model.fingerprint] = model_dir
+        rank[model.fingerprint] = index
         models.append(model)
-    kept_back = []  # (position among the models, the model) of those served from memory
-    for position, before, problem, line, model_dir in fallbacks:
+    for index, before, problem, line, model_dir in fallbacks:
         if before in where:  # (another folder holds it intact, or an earlier damaged one)
-            problems.append(f"{problem}; skipped")
+            if index < len(named):  # a --model folder away: its export keeps its place
+                problems.append(f"{problem}; its export ({before[:16]}) is served from "
+                                f"{where[before]}")  # fmt: skip
+                rank[before] = min(rank[before], index)
+            else:
+                problems.append(f"{problem}; skipped")
             continue
         problems.append(line)
         where[before] = model_dir
-        kept_back.append((position, loaded[before]))
-    for position, model in reversed(kept_back):  # (in walk order: the default stays first)
-        models.insert(position, model)
+        rank[before] = index
+        models.append(loaded[before])
+    # in walk order (named first, then newest first: the default first), whichever folder
+    # served each export in the end
+    models.sort(key=lambda model: rank[model.fingerprint])
     return models, problems, {**copies, **{d: fp for fp, d in where.items()}}
 
 

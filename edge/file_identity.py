@@ -11,6 +11,7 @@ Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\x
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -68,16 +69,17 @@ def still_there(path_stored: str, key_stored: str) -> bool:
 
 def lies_there(path_stored: str, key_stored: str) -> bool | None:
     """`still_there`, but None when it cannot be told: no file found there, and a stat of
-    the path failed otherwise than with ENOENT or ENOTDIR (EACCES: a user who may read --db
-    but not look into the folder; EIO, ESTALE: a share in trouble)."""
+    the path failed otherwise than with ENOENT, ENOTDIR or ENAMETOOLONG (EACCES: a user who
+    may read --db but not look into the folder; EIO, ESTALE: a share in trouble)."""
     unknown = False
     for candidate in dict.fromkeys((path_stored, file_path(path_stored))):
         try:
             stat = os.stat(candidate)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError:
-            unknown = True
+        except OSError as exc:
+            # no such file; or a name too long for one (a stored name's escaped form: its
+            # undecodable bytes as \xNN, four times as long, past 255)
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                unknown = True
             continue
         if same_but_inode(path_text(file_key(Path(candidate), stat)), key_stored):
             return True

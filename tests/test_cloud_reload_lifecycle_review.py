@@ -11,6 +11,7 @@ import time
 
 import pytest
 import test_cloud_reload
+from cloud_fixtures import shared_model_dir
 from test_cloud_reload import _copy, _served, _serving_two
 
 from splitdet.cloud import metrics as metrics_module
@@ -121,6 +122,34 @@ def test_a_damaged_copy_does_not_take_an_export_from_its_intact_original(second,
         reloaded = _events(caplog, "reloaded")
         assert f"{second_manifest.fingerprint[:16]} ({folder / 'b'})" in reloaded[0], reloaded
         assert "the same export as" not in caplog.text
+    finally:
+        server.stop(0)
+
+
+def test_a_model_folder_briefly_away_keeps_its_export_the_default(second, tmp_path):
+    """--model a beside a --models-dir holding y and a copy of a: with a renamed away for a
+    moment, a reload served a's export from the copy at the copy's place, after y, which became
+    the default (the manifest answered for "", the ready file's first)."""
+    from splitdet.cloud.server import CloudServer
+    from splitdet.cloud.server_config import ServerConfig
+
+    _, first_dir, first = shared_model_dir(0)
+    _, second_dir, second_manifest = second
+    named, folder = tmp_path / "a", tmp_path / "models"
+    _copy(first_dir, named, exported_at=1e9)
+    _copy(second_dir, folder / "y", exported_at=2e9)
+    _copy(first_dir, folder / "acopy", exported_at=1.5e9)
+    config = ServerConfig(model_dir=named, models_dir=folder, listen="127.0.0.1:0", threads=2,
+                          answers_db=tmp_path / "a.sqlite")  # fmt: skip
+    server = CloudServer(config).start()
+    try:
+        assert server.core.fingerprints == (first.fingerprint, second_manifest.fingerprint)
+        named.rename(tmp_path / "a.away")
+        change = server.reload()
+        assert change["dropped"] == [], change
+        assert server.core.fingerprints == (first.fingerprint, second_manifest.fingerprint)
+        [problem] = change["problems"]
+        assert f"is served from {folder / 'acopy'}" in problem, problem
     finally:
         server.stop(0)
 

@@ -299,6 +299,10 @@ def test_a_deleted_answers_database_is_counted_and_said_and_a_kept_answer_again_
         Path(core.store.path).unlink()
         core.detect(replace(call, request_id="after-delete"))
         counted = server.metrics.registry.get_sample_value(STORE_ERRORS)
+        core.store.close()  # (the server stopping): an answer not kept is no sign of health
+        core.store_failure_lines.clock = lambda: 1e12  # (a minute later: a line is due)
+        core.detect(replace(call, request_id="after-close"))
+        assert len(_lines(caplog, "answers_store_resumed")) == 1, caplog.text
     finally:
         server.stop(0)
     assert counted == failed_before + 1

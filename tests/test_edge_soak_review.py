@@ -354,3 +354,22 @@ def test_prune_keeps_the_rows_of_files_it_cannot_look_at(tmp_path):
         assert pruned.deleted == 0 and pruned.kept_in_place == 1, pruned
     finally:
         store.close()
+
+
+def test_a_long_undecodable_name_gone_from_watch_counts_as_gone(tmp_path):
+    """A file name of undecodable bytes is stored escaped (each byte as \\xNN, four times as
+    long): past 255 characters, a stat of that form fails with ENAMETOOLONG, which made its row
+    'cannot be told' for good once the file had gone: never pruned, and a false alarm in edge
+    status. A name too long for a file is no file there."""
+    import os
+
+    from splitdet.edge.file_identity import file_key, lies_there, path_text
+
+    raw = os.fsencode(str(tmp_path)) + b"/" + b"\xe9" * 70 + b"_cam3.png"
+    with open(raw, "wb") as file:
+        file.write(b"an image")
+    stored = path_text(os.fsdecode(raw))
+    key = path_text(file_key(Path(os.fsdecode(raw)), os.stat(raw)))
+    assert len(Path(stored).name) > 255 and lies_there(stored, key) is True
+    os.unlink(raw)
+    assert lies_there(stored, key) is False
