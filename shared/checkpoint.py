@@ -30,18 +30,17 @@ class CheckpointError(ValueError):
 
 
 class _ErrorKeeping:
-    """A file object for torch.save that keeps the first exception its writes raised: torch
-    reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost, and so
-    too a Ctrl-C (KeyboardInterrupt, or train's SIGTERM as one) that arrived during a write."""
+    """A file object for torch.save that keeps the first OSError its writes raised: torch
+    reports a failed write as RuntimeError("... unexpected pos ..."), its errno lost."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
-        self.error: BaseException | None = None
+        self.error: OSError | None = None
 
     def write(self, data: bytes | memoryview) -> int:
         try:
             return self._handle.write(data)
-        except BaseException as exc:
+        except OSError as exc:
             self.error = self.error or exc
             raise
 
@@ -49,12 +48,10 @@ class _ErrorKeeping:
         self._handle.flush()
 
 
-def _interrupt_in(exc: BaseException, kept: BaseException | None) -> KeyboardInterrupt | None:
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C (KeyboardInterrupt, or train's SIGTERM as one) behind torch's RuntimeError, if
-    any: the one a write raised (`kept`), or one in the error's context chain (a signal handler
-    can raise it as `write` is entered, before it can keep it)."""
-    if isinstance(kept, KeyboardInterrupt):
-        return kept
+    any: torch turns what its Python write callback raised into RuntimeError("unexpected pos"),
+    with that exception in its context chain (raised inside the write, or as it was entered)."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
@@ -82,7 +79,7 @@ def save_torch(obj: Any, path: Path | str, *, fsync: bool = True) -> None:
             try:
                 torch.save(obj, writer)
             except RuntimeError as exc:
-                interrupt = _interrupt_in(exc, writer.error)
+                interrupt = _interrupt_in(exc)
                 if interrupt is not None:  # stopped, not a failed write
                     raise interrupt from None
                 # told while the temporary file still fills the disk (`replacing` removes it)
