@@ -15,6 +15,7 @@ import grpc
 from splitdet.cloud.call_status import METHODS, log_refusal
 from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import ServerMetrics, claimed_edge
+from splitdet.cloud.threads import PoolBound
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,20 @@ class CallGuard(grpc.ServerInterceptor):
     Args:
         metrics: where refusals and busy threads are counted.
         pools: pool name -> its `threads.PoolBound` (the pool, None for the server's own; calls
-            it may hold at once; seconds a call may take to receive its request, None for no
-            bound), or a (pool, calls) pair (no receive bound).
+            it may hold at once; seconds a call may take to receive its request).
         refusals: the pool that refuses calls beyond a limit (its calls end at once).
     """
 
     def __init__(
         self,
         metrics: ServerMetrics,
-        pools: dict[str, tuple],
+        pools: dict[str, PoolBound],
         refusals: futures.ThreadPoolExecutor,
     ) -> None:
         self._metrics = metrics
-        self._names = {id(bound[0]): name for name, bound in pools.items()}
-        self._limits = {name: bound[1] for name, bound in pools.items()}
-        self._receive_s = {name: (*bound, None)[2] for name, bound in pools.items()}
+        self._names = {id(bound.pool): name for name, bound in pools.items()}
+        self._limits = {name: bound.threads for name, bound in pools.items()}
+        self._receive_s = {name: bound.receive_s for name, bound in pools.items()}
         self._active = dict.fromkeys(pools, 0)
         #: which refusals are logged: at most one line per pool per EXHAUSTED_LOG_S
         self._lines = LineLimiter(EXHAUSTED_LOG_S)
@@ -138,17 +138,15 @@ class CallGuard(grpc.ServerInterceptor):
                 release()
             if not unary:
                 return behaviour(requests, context, *callback)
-            watch, peer, failed = None, "", None
-            if receive_s is not None:
-                watch = ReceiveTimer(context, receive_s, not_received_message(method, receive_s))
-                context.add_callback(watch.cancel)  # (the call ended: no timer left running)
-                peer = context.peer()  # (once the call is ended it reads "")
+            watch = ReceiveTimer(context, receive_s, not_received_message(method, receive_s))
+            context.add_callback(watch.cancel)  # (the call ended: no timer left running)
+            peer, failed = context.peer(), None  # (once the call is ended the peer reads "")
             try:
                 request = next(requests)
             except (StopIteration, grpc.RpcError) as exc:  # (no request; the call ended)
                 request, failed = None, exc
             # the timer fired: the call is ended, also when its request came just then
-            if watch is not None and not watch.received():
+            if not watch.received():
                 self._not_received(method, pool, peer, context, receive_s)  # (raises)
             if isinstance(failed, grpc.RpcError):
                 raise failed
