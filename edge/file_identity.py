@@ -71,7 +71,12 @@ def lies_there(path_stored: str, key_stored: str) -> bool | None:
     """`still_there`, but None when it cannot be told: no file found there, and a stat of
     the path failed otherwise than with ENOENT, ENOTDIR or ENAMETOOLONG (EACCES: a user who
     may read --db but not look into the folder; EIO, ESTALE: a share in trouble)."""
-    unknown = False
+    return look_at(path_stored, key_stored)[0]
+
+
+def look_at(path_stored: str, key_stored: str) -> tuple[bool | None, str | None]:
+    """`lies_there`'s answer, and when it is None why (the failed stat's error text)."""
+    why = None
     for candidate in dict.fromkeys((path_stored, file_path(path_stored))):
         try:
             stat = os.stat(candidate)
@@ -79,8 +84,8 @@ def lies_there(path_stored: str, key_stored: str) -> bool | None:
             # no such file; or a name too long for one (a stored name's escaped form: its
             # undecodable bytes as \xNN, four times as long, past 255)
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-                unknown = True
+                why = exc.strerror or str(exc)
             continue
         if same_but_inode(path_text(file_key(Path(candidate), stat)), key_stored):
-            return True
-    return None if unknown else False
+            return True, None
+    return (None, why) if why is not None else (False, None)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from splitdet.edge.file_identity import file_path, lies_there
+from splitdet.edge.file_identity import look_at
 from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     ADDED_COLUMNS,
@@ -189,7 +188,7 @@ def in_watch(leaving: Sequence[tuple], now: float, looked: int, rows: int) -> di
     leaves --watch (`_leaving_rows`): their archive, quarantine or delete is not done. A move
     that failed (a full or read-only archive, a share gone: the daemon's `cannot move file`
     lines say why, and it tries again), or one a crash cut short (finished at the next start).
-    The store records no "moved": each row's file is stat'ed (`lies_there`: the very file
+    The store records no "moved": each row's file is stat'ed (`look_at`: the very file
     recorded, not another written since under its name), for the newest `looked` of `rows`.
     Only a file missing (ENOENT, ENOTDIR) counts as gone: a path that cannot be looked at
     otherwise (EACCES for a user who may read --db but not --watch, EIO) is counted in
@@ -204,9 +203,9 @@ def in_watch(leaving: Sequence[tuple], now: float, looked: int, rows: int) -> di
     """
     waiting, unreadable = [], []
     for _, path, key, arrived in leaving:
-        there = lies_there(path, key)
+        there, why = look_at(path, key)
         if there is None:
-            unreadable.append(path)
+            unreadable.append((path, why))
         elif there:
             waiting.append((path, arrived))
     oldest = min(waiting, key=lambda row: row[1]) if waiting else None
@@ -217,18 +216,9 @@ def in_watch(leaving: Sequence[tuple], now: float, looked: int, rows: int) -> di
         "rows_checked": looked,
         "rows_not_checked": max(0, rows - looked),
         "rows_unreadable": len(unreadable),
-        "unreadable_path": unreadable[0] if unreadable else None,
-        "unreadable_error": _stat_error(unreadable[0]) if unreadable else None,
+        "unreadable_path": unreadable[0][0] if unreadable else None,
+        "unreadable_error": unreadable[0][1] if unreadable else None,
     }
-
-
-def _stat_error(path: str) -> str:
-    """Why `path` (as stored) cannot be stat'ed: its error's text ("Permission denied")."""
-    try:
-        os.stat(file_path(path))
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return "it could not be looked at"  # (it can now: it changed meanwhile)
 
 
 def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
