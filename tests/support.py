@@ -286,6 +286,15 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+class Killed(BaseException):
+    """Stands for a kill -9 at a chosen point: nothing after it runs, no handler cleans up."""
+
+
+def killed(*_args, **_kwargs):
+    """Patched in for a step a test kills the process at (`Killed`)."""
+    raise Killed
+
+
 class _FullDisk(io.FileIO):
     """A file on a file system that fills after `room` bytes: further writes fail with ENOSPC,
     as write(2) does there."""

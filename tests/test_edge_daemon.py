@@ -51,7 +51,7 @@ from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
 from splitdet.shared.config import ModelConfig
 
-from support import free_port, running, sliver_png, wait_for
+from support import Killed, free_port, killed, running, sliver_png, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -850,14 +850,8 @@ def test_a_crash_between_commit_and_move_only_finishes_the_move(tmp_path, monkey
         settle_s=0.05, poll_s=0.05, once=True, drain_timeout_s=0.0, after="archive",
     )  # fmt: skip
 
-    class Killed(BaseException):
-        pass
-
-    def die(*_args):
-        raise Killed
-
     with monkeypatch.context() as patch:
-        patch.setattr(AfterActions, "move", die)
+        patch.setattr(AfterActions, "move", killed)
         with pytest.raises(Killed):
             EdgeDaemon(config, pipeline=BrightIsDefective()).run()
     [row] = rows(config.db)

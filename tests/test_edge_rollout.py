@@ -42,7 +42,7 @@ from splitdet.edge.store import Arrival, ResultStore
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import read_manifest
 
-from support import daemon_config, image_rows, running, wait_for
+from support import Killed, daemon_config, image_rows, running, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -258,10 +258,6 @@ def test_a_kill_after_the_copy_onto_an_archive_disk_is_in_place_keeps_one_copy(
     assert image_rows(db) == [row]  # the row as it was: it named this copy already
     assert not (watch / "a.png").exists()
     assert "copy found in place" in [e.get("event") for e in events(caplog)]
-
-
-class Killed(BaseException):
-    """Stands for a kill -9: nothing after it runs, no handler cleans up."""
 
 
 @pytest.mark.parametrize("where", ["archive", "quarantine"])

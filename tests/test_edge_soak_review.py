@@ -38,7 +38,7 @@ from splitdet.edge.store_file import open_readonly
 from splitdet.edge.store_reads import store_status
 from splitdet.shared.cli import main
 
-from support import daemon_config, image_rows, running, wait_for
+from support import Killed, daemon_config, image_rows, killed, running, wait_for
 
 CAMERA = [f"cam_{i:05d}.png" for i in range(3)]
 BROKEN = "broken.png"
@@ -174,12 +174,6 @@ def test_a_crash_after_the_row_is_replanned_is_finished_by_the_next_start(
     """The row names the new folder before the file moves: a kill in between leaves a row the
     next start finishes (the file moved once, under that name, no ~1)."""
     files, watch = _stuck_first_run(tiny_model_dir, tmp_path, caplog)
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*_args):
-        raise Killed
 
     with monkeypatch.context() as patch:
         patch.setattr(file_moves, "move_no_clobber", killed)
