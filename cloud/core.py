@@ -344,7 +344,7 @@ class DetectionCore:
             Cancelled: `is_cancelled` said so.
         """
         start = time.perf_counter()
-        model = self._check_call(call, model)
+        model = self.check_call(call, model)
         stored = self._stored(model, call, digest)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
@@ -393,10 +393,9 @@ class DetectionCore:
             if not failed or self.store_failure_lines.admit(("answers_store_resumed",)) is None:
                 return
             self._store_failures = 0
-        if failed:
-            log.info("answers store: keeping answers again, after %d it could not keep", failed,
-                     extra={"fields": {"event": "answers_store_resumed",
-                                       "not_kept": failed}})  # fmt: skip
+        log.info("answers store: keeping answers again, after %d it could not keep", failed,
+                 extra={"fields": {"event": "answers_store_resumed",
+                                   "not_kept": failed}})  # fmt: skip
 
     def _store_failed(self, request_id: str, exc: sqlite3.Error) -> None:
         """An answer the store could not keep: counted (`on_store_error`) each time, logged
@@ -475,7 +474,7 @@ class DetectionCore:
             raise InvalidRequest("request_id must be printable text")
         return model
 
-    def _check_call(self, call: DetectCall, model: ServedModel | None) -> ServedModel:
+    def check_call(self, call: DetectCall, model: ServedModel | None) -> ServedModel:
         """Cheap checks before anything is hashed, looked up or decoded; the model to use
         (`model`, held by the call since `served_model`, or the one it names now)."""
         if model is None or model.fingerprint != call.fingerprint:
@@ -516,7 +515,7 @@ class DetectionCore:
         self, model: ServedModel, image: ImageMeta, tensors: Sequence[EncodedTensor]
     ) -> dict[str, np.ndarray]:
         """The five levels as float32 [C, h, w], each checked against the model's split spec."""
-        expected = _level_shapes(model.manifest.model_config, image.resized_hw)
+        expected = level_shapes(model.manifest.model_config, image.resized_hw)
         needed = _float32_bytes(expected)
         if needed > self.max_decoded_bytes:
             raise InvalidRequest(
@@ -545,7 +544,7 @@ class DetectionCore:
         )
 
 
-def _level_shapes(config: ModelConfig, resized_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+def level_shapes(config: ModelConfig, resized_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     """The (C, h, w) of each level a request of an image resized to `resized_hw` carries, by
     the split spec of a model of `config` (the image is padded as torchvision pads it)."""
     return expected_level_shapes(config.split_spec, padded_size(*resized_hw))
@@ -558,19 +557,19 @@ def _float32_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
 
 def largest_input(config: ModelConfig) -> tuple[int, int]:
     """The largest resized size (h, w) a request for a model of `config` may claim, as
-    `DetectionCore._check_call` bounds it: short side min_size, long side max_size (each at
+    `DetectionCore.check_call` bounds it: short side min_size, long side max_size (each at
     most MAX_RESIZED_SIDE); of the two orientations, the one whose features take more bytes."""
     long = min(config.max_size, MAX_RESIZED_SIDE)
     short = min(config.min_size, long)
     sizes = ((short, long), (long, short))
-    return max(sizes, key=lambda hw: _float32_bytes(_level_shapes(config, hw)))
+    return max(sizes, key=lambda hw: _float32_bytes(level_shapes(config, hw)))
 
 
 def largest_feature_bytes(config: ModelConfig) -> int:
     """Float32 bytes the features of the largest input a model of `config` takes decode to
     (`largest_input`): a server whose --max-decoded-mib is below it refuses every request of
     that size, so it refuses to serve the export instead (`check_decoded_bound`)."""
-    return _float32_bytes(_level_shapes(config, largest_input(config)))
+    return _float32_bytes(level_shapes(config, largest_input(config)))
 
 
 def check_decoded_bound(model: ServedModel, model_dir: Path, max_decoded_bytes: int) -> None:

@@ -31,6 +31,7 @@ from splitdet.cloud.core import (
     DetectionCore,
     DetectResult,
     ServedModel,
+    level_shapes,
     request_digest,
 )
 from splitdet.cloud.idempotency import answers_scope, scope_of_token
@@ -45,8 +46,6 @@ from splitdet.cloud.request_wire import (
     result_to_proto,
 )
 from splitdet.cloud.slots import FairSlots, Outcome
-from splitdet.shared.codec import expected_level_shapes
-from splitdet.shared.spec import padded_size
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -333,9 +332,8 @@ class DetectionServicer:
         So made-up names in malformed unauthenticated calls cannot use up the labels: such a
         call counts under its name's label if it has one, else as "other"."""
         call = call_from_proto(parse_message(pb.DetectRequest, raw))
-        self.core._check_call(call, model)  # (the same checks `detect` makes first)
-        config = model.manifest.model_config
-        expected = expected_level_shapes(config.split_spec, padded_size(*call.image.resized_hw))
+        self.core.check_call(call, model)  # (the same checks `detect` makes first)
+        expected = level_shapes(model.manifest.model_config, call.image.resized_hw)
         levels = {tensor.name: tuple(tensor.shape) for tensor in call.tensors}
         if len(call.tensors) == len(expected) and levels == {
             name: tuple(shape) for name, shape in expected.items()
