@@ -301,8 +301,7 @@ class Sender(threading.Thread):
                               "image_id": item.image_id if item else None}},
         )  # fmt: skip
         self._drop_client()
-        if self.on_fatal is not None:
-            self.on_fatal(exc)
+        self.on_fatal(exc)  # type: ignore[misc]  (called only with one: `run`)
 
     def _pass(self) -> float:
         """Send the next due item, or wait a little for one; returns seconds to pause."""
