@@ -343,7 +343,7 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     from splitdet.edge.daemon import EdgeDaemon
     from splitdet.edge.daemon_config import DaemonConfig
     from splitdet.edge.store import OutboxCap
-    from splitdet.edge.store_file import StoreError, StoreLocked
+    from splitdet.edge.store_file import FREE_DB_SPACE, StoreError, StoreLocked
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
 
@@ -398,8 +398,8 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
-        hint = ("; the image being handled stays in --watch: free space, or bound the database "
-                "(--keep-results, --outbox-max-mb)") if "full" in str(exc) else ""  # fmt: skip
+        full = "full" in str(exc)
+        hint = f"; the image being handled stays in --watch: {FREE_DB_SPACE}" if full else ""
         raise CommandError(f"--db {config.db}: {exc}{hint}") from None
     except StoreError as exc:  # e.g. the database deleted while it ran; starts with its path
         raise CommandError(f"--db {exc}") from None

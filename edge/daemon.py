@@ -70,6 +70,7 @@ from splitdet.edge.sender import Backoff, Sender, annotate_hook
 from splitdet.edge.store import ResultStore
 from splitdet.edge.store_busy import BusyStore
 from splitdet.edge.store_file import (
+    FREE_DB_SPACE,
     StoreError,
     StoreLocked,
     WriterLock,
@@ -308,8 +309,7 @@ class EdgeDaemon:
         if exc is None:
             return
         fix = (
-            "free space there (or bound the database: --keep-results, --outbox-max-mb), then "
-            "start it again"
+            f"{FREE_DB_SPACE}, then start it again"
             if "full" in str(exc)
             else "fix the file system holding it, then start it again"
         )

@@ -31,6 +31,10 @@ from splitdet.edge.store_schema import (
 from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
 from splitdet.shared.folder_lock import flock_holder, lock_exclusively
 
+#: What to do about a --db whose disk filled while the daemon ran (its intake's or its
+#: sender's write failed): said by `edge run`'s last line.
+FREE_DB_SPACE = "free space there, or bound the database (--keep-results, --outbox-max-mb)"
+
 
 class StoreError(RuntimeError):
     """The database cannot be used (newer schema, not a splitdet store, ...)."""
