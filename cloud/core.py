@@ -74,14 +74,6 @@ class InvalidRequest(RequestError):
     """Malformed request: tensors, shapes, codecs, sizes, ids or payload."""
 
 
-class RequestIdReused(InvalidRequest):
-    """A request id already used for a different request: one answered (its answer stored) or
-    being answered. Refused the same whichever came first, and whatever the timing."""
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"request_id {request_id!r} was already used for a different request")
-
-
 class FingerprintMismatch(RequestError):
     """The request was made for a model this server does not serve."""
 
@@ -271,6 +263,11 @@ class DetectionCore:
         self.max_decoded_bytes = int(max_decoded_bytes)
         #: called once per answer the store could not keep (the server counts them)
         self.on_store_error: Callable[[], None] | None = None
+        #: called once per call whose request id has another request's answer stored (the
+        #: server counts them)
+        self.on_id_conflict: Callable[[], None] | None = None
+        #: which of those are logged: at most one `request_id_conflict` line per minute
+        self.id_conflict_lines = LineLimiter()
         #: which of those are logged: at most one `answers_store_failed` line per minute
         self.store_failure_lines = LineLimiter()
         #: answers not kept since the store last kept one (`_store_resumed` says when it does)
@@ -339,8 +336,7 @@ class DetectionCore:
 
         Raises:
             FingerprintMismatch: the call is for another model.
-            InvalidRequest: anything malformed (the codec's CodecError included);
-                RequestIdReused: an answer to another request under the same id is stored.
+            InvalidRequest: anything malformed (the codec's CodecError included).
             Cancelled: `is_cancelled` said so.
         """
         start = time.perf_counter()
@@ -381,6 +377,25 @@ class DetectionCore:
                 if stored:  # (not kept, quietly: the store closed as the server stops)
                     self._store_resumed()
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
+
+    def id_conflict(self, request_id: str, fingerprint: str) -> None:
+        """A call whose id names another request, stored or running: counted
+        (`on_id_conflict`) each time, logged at most once a minute."""
+        repeats = self.id_conflict_lines.admit(("request_id_conflict",))
+        if repeats is not None:
+            fields = {"event": "request_id_conflict", "request_id": request_id,
+                      "fingerprint": fingerprint}  # fmt: skip
+            if repeats:
+                fields["repeats"] = repeats
+            log.warning(
+                "request %r: other contents under this id are answered or being answered; "
+                "computed on its own, the first answer kept (the same image's features differ "
+                "between machines or library builds, or an edge reuses ids)%s", request_id,
+                repeats_note(repeats, self.id_conflict_lines.every_s),
+                extra={"fields": fields},
+            )  # fmt: skip
+        if self.on_id_conflict is not None:
+            self.on_id_conflict()
 
     def _store_resumed(self) -> None:
         """After answers the store could not keep, the first it kept: said once (INFO
@@ -500,12 +515,21 @@ class DetectionCore:
         self, model: ServedModel, call: DetectCall, digest: str | None = None
     ) -> tuple[Detection, ...] | None:
         """The stored answer for a repeated request id, if one is valid for this call (its
-        `digest`, or the request hashed only then: a request is hashed once)."""
+        `digest`, or the request hashed only then: a request is hashed once).
+
+        An answer stored for another request under the same id is not this call's: the call is
+        computed on its own (and the first answer stays stored), counted and logged
+        (`request_id_conflict`). The edge names a request by its image file's bytes, model and
+        codec, and the features of one image can differ in their last bits between machines
+        and library builds (a line's image checked again with `predict --cloud` elsewhere, two
+        edges without tokens given the same reference image): such a call is answered, not
+        refused (it would be a dead letter for good)."""
         stored = self._answer_of(model, call.request_id)
         if stored is None:
             return None
         if stored.digest != (digest or request_digest(call)):
-            raise RequestIdReused(call.request_id)
+            self.id_conflict(call.request_id, call.fingerprint)
+            return None
         return tuple(
             Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
             for x1, y1, x2, y2, score, label in json.loads(stored.payload)

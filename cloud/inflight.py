@@ -8,12 +8,12 @@ determines the answer, as the answers store compares it; a log-only field such a
 `source` may differ) now waits for that answer instead, without a slot; if the first fails, it
 goes on as any call would. The first call keeps computing for those waiting even when its own
 caller has gone away (the usual reason for the retry). A call of the same model and request id
-but another request is refused at once (`RequestIdReused`), as it is once the first's answer
-is stored: whether it comes while the first runs or after, it is refused alike (unless the
-first fails and stores nothing: then a later one is computed).
+but another request leads nor follows: it is computed on its own (and reported by the caller,
+`DetectionCore.id_conflict`), as it is once the first's answer is stored: alike whether it comes
+while the first runs or after.
 
     running = InFlight()
-    lead, follow = running.lead_or_follow(key, digest, request_id)
+    lead, follow = running.lead_or_follow(key, digest)
     if follow is not None:
         answer = InFlight.wait(follow, is_cancelled)   # the first call's result, or None
     ...
@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitdet.cloud.core import Cancelled, RequestIdReused
+from splitdet.cloud.core import Cancelled
 
 
 @dataclass
@@ -43,30 +43,16 @@ class Running:
 class InFlight:
     """The calls being computed now, by key (answers scope, model fingerprint, request id).
     Thread-safe.
-
-    Args:
-        one_request_per_id: request ids are remembered (an answers store): a call of a running
-            call's key but another request is refused, as the store refuses it once the first
-            answer is kept. False: no store, ids bind nothing, and such a call is computed on
-            its own.
     """
 
-    def __init__(self, one_request_per_id: bool = True) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: dict[Hashable, Running] = {}
-        self.one_request_per_id = one_request_per_id
 
-    def lead_or_follow(
-        self, key: Hashable, digest: str, request_id: str
-    ) -> tuple[Running | None, Running | None]:
+    def lead_or_follow(self, key: Hashable, digest: str) -> tuple[Running | None, Running | None]:
         """(the entry this call now leads, or None; the identical running call's entry it
-        should wait for, or None). `digest`: the call's `request_digest`; `request_id`: its id,
-        for the refusal's message.
-
-        Raises:
-            RequestIdReused: a call of the same key but another digest is running (with
-                `one_request_per_id`; without, this call gets neither and is computed on its
-                own).
+        should wait for, or None). `digest`: the call's `request_digest`. Neither: a call of
+        the same key but another digest is running, and this one is computed on its own.
         """
         with self._lock:
             running = self._running.get(key)
@@ -74,8 +60,6 @@ class InFlight:
                 running = self._running[key] = Running(digest)
                 return running, None
             if running.digest != digest:
-                if self.one_request_per_id:
-                    raise RequestIdReused(request_id)
                 return None, None
             running.followers += 1
         return None, running

@@ -130,6 +130,13 @@ class ServerMetrics:
             "file read-only): answered without it, a repeat is computed again.",
             registry=self.registry,
         )
+        self.request_id_conflicts = Counter(
+            "splitdet_cloud_request_id_conflicts",
+            "Detect calls whose request id names other contents, answered or being answered: "
+            "computed on their own (the first answer stays stored). The same image's features "
+            "from another machine or library build, or an edge reusing ids.",
+            registry=self.registry,
+        )
         self.model = Gauge(
             "splitdet_cloud_model",
             'Served models: 1 per fingerprint; default="true" on the first --model.',

@@ -139,6 +139,7 @@ class CloudServer:
         self.core = core
         self.metrics = ServerMetrics(core.fingerprints, config.forget_edges_s)
         core.on_store_error = self.metrics.answers_store_errors.inc
+        core.on_id_conflict = self.metrics.request_id_conflicts.inc
         self.health = HealthStatus()
         self.servicer = DetectionServicer(
             core, self.metrics, config.max_concurrent, config.debug_delay_s,

@@ -169,7 +169,7 @@ class DetectionServicer:
         self.debug_delay_s = debug_delay_s
         self._slots = FairSlots(max_concurrent, max_queued)
         # identical calls answered once; with stored answers, an id bound to one request
-        self._inflight = InFlight(one_request_per_id=core.store is not None)
+        self._inflight = InFlight()
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
         # Detect calls being handled: id of their CallEdge -> the edge name they claim
@@ -281,7 +281,9 @@ class DetectionServicer:
                 # the bytes: a log-only field (the image's source) may differ; the parsed
                 # request is dropped at once (a call waiting for a slot holds its bytes only)
                 digest = request_digest(self._checked_call(raw, model, context, edge))
-                lead, follow = self._inflight.lead_or_follow(key, digest, request_id)
+                lead, follow = self._inflight.lead_or_follow(key, digest)
+                if lead is None and follow is None:  # another request of this id runs
+                    self.core.id_conflict(request_id, model.fingerprint)
                 if follow is not None:  # the same request is being answered: its answer
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)

@@ -150,31 +150,31 @@ def test_a_request_beyond_max_decoded_mib_is_refused_naming_the_option(tmp_path)
 # ------------------------------------------------------------ 2. one request per request id
 
 
-def test_the_same_id_with_other_contents_at_once_is_refused_as_one_after_the_other(tmp_path):
-    """Sent while the first is computed, a request of the same id but other contents is refused
-    INVALID_ARGUMENT "already used" (as it is once the first is answered), not computed; the
-    first's retry is then answered from the store."""
+def test_the_same_id_with_other_contents_at_once_is_computed_as_one_after_the_other(tmp_path):
+    """Sent while the first is computed, a request of the same id but other contents (the same
+    image's features from another machine) is computed on its own and answered, as it is once
+    the first is answered: never refused (it would be a dead letter for good) nor given the
+    other's answer; the first's retry is answered from the store, and each conflict counted."""
     server = start_loopback_server(tmp_path, max_concurrent=2, debug_delay_s=2.5)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     first, other = _request(22, "dup"), _request(23, "dup")
     try:
         running = _detect(channel).future(first, timeout=30)
         _await(lambda: _computing(server), "the first call running")
-        with pytest.raises(grpc.RpcError) as at_once:
-            _detect(channel)(other, timeout=30)
-        assert not running.result().cached
-        assert _detect(channel)(first, timeout=30).cached
-        with pytest.raises(grpc.RpcError) as after:
-            _detect(channel)(other, timeout=30)
-        heads = scrape_metrics(server.metrics_port)["splitdet_cloud_heads_runs_total"]
+        at_once = _detect(channel)(other, timeout=30)
+        first_answer = running.result()
+        retried = _detect(channel)(first, timeout=30)
+        after = _detect(channel)(other, timeout=30)
+        metrics = scrape_metrics(server.metrics_port)
     finally:
         channel.close()
         server.stop(0)
-    for refused in (at_once.value, after.value):
-        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert at_once.value.details() == after.value.details()
-    assert "request_id 'dup' was already used for a different request" in after.value.details()
-    assert heads == 1
+    assert not first_answer.cached and retried.cached
+    assert list(retried.boxes) == list(first_answer.boxes)
+    assert not at_once.cached and not after.cached
+    assert list(after.boxes) == list(at_once.boxes)
+    assert metrics["splitdet_cloud_heads_runs_total"] == 3
+    assert metrics["splitdet_cloud_request_id_conflicts_total"] == 2
 
 
 def test_a_request_differing_only_in_its_source_waits_for_the_running_one(tmp_path):
