@@ -39,8 +39,9 @@ def parse_duration(text: str) -> float | None:
             number = float(text[:-1])
         except ValueError:
             return None
-        if math.isfinite(number) and number >= 0:
-            return number * _UNITS[text[-1]]
+        seconds = number * _UNITS[text[-1]]  # ("1e308d" overflows to inf here)
+        if number >= 0 and math.isfinite(seconds):
+            return seconds
     return None
 
 

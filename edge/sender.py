@@ -106,7 +106,8 @@ DEAD_LETTER_CODES = (
       if code is not grpc.StatusCode.OK and code not in OPERATOR_PROBLEMS),
     CORRUPT_OUTBOX,
 )  # fmt: skip
-#: Consecutive connection failures after which the channel is rebuilt.
+#: Consecutive connection failures (UNAVAILABLE) after which the channel is rebuilt, and rebuilt
+#: again at each one after (gRPC's own reconnect backoff grows to 2 minutes).
 REBUILD_AFTER_FAILURES = 3
 #: Free database pages beyond which an idle sender gives them back to the file system: an
 #: outage's backlog, not a single request's (the file would shrink and grow at every defect).
@@ -200,6 +201,7 @@ class Sender(threading.Thread):
         self._wake = threading.Event()
         self._halt = threading.Event()
         self.failures = 0  # consecutive transient failures (and unexpected sender errors)
+        self._unreached = 0  # consecutive UNAVAILABLE failures: the channel rebuilt from the 3rd
         self.errors = 0  # consecutive unexpected sender errors (a call answered in between too)
         self.local_error: str | None = None  # the last of them, while the row lasts
         self._failed_sends = 0  # calls of them that failed to reach the cloud or get an answer
@@ -374,12 +376,12 @@ class Sender(threading.Thread):
             else:
                 reason = f"dead letter: the cloud refused the request permanently: {exc}"
             self._dead_letter(item, reason, exc.code.name)
-            self.failures = 0
+            self.failures = self._unreached = 0
             self._resumed()  # (the cloud answered, if only with a refusal)
             return 0.0
         round_trip = time.perf_counter() - start
         self._count_bytes(len(item.payload))
-        self.failures = 0
+        self.failures = self._unreached = 0
         timings = {f"cloud_{k.removesuffix('_s')}": v for k, v in answer.timings.items()}
         timings["round_trip"] = round_trip
         committed = self.store.complete(
@@ -539,8 +541,14 @@ class Sender(threading.Thread):
         if exc.likely_cause:  # a TLS handshake refused: UNAVAILABLE reads like a cloud down
             fields["likely_cause"] = exc.likely_cause
         log.warning("send failed, retrying", extra={"fields": fields})
-        if self.failures >= REBUILD_AFTER_FAILURES:
-            self._drop_client()  # a fresh channel connects at once on its first call
+        # a fresh channel connects at once on its first call; only for a cloud not reached
+        # (a busy or slow one is reached: a new channel would pay a TLS handshake for nothing)
+        if exc.code is grpc.StatusCode.UNAVAILABLE:
+            self._unreached += 1
+            if self._unreached >= REBUILD_AFTER_FAILURES:
+                self._drop_client()
+        else:
+            self._unreached = 0
         return delay
 
     def _count_bytes(self, n: int) -> None:

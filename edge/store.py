@@ -6,7 +6,7 @@ encoded requests still to deliver to the cloud (no torch).
     ...                                      # the sender delivers the payload
     store.complete(image_id, answer)         # result "defect" + outbox deletion: one transaction
 
-Durability model (DESIGN.md, "The edge's durability model"): WAL journal, synchronous=FULL, so a
+Durability model: WAL journal, synchronous=FULL, so a
 returned commit survives kill -9 and power loss. A defect-free image's "ok" row is one commit. A
 flagged image's "pending" row and its outbox row are one commit; the cloud's answer and the outbox
 deletion are one commit. A permanent refusal turns the row into verdict "error" (error_kind

@@ -998,6 +998,61 @@ def test_send_resumed_closes_an_outage_also_when_its_first_answer_is_a_refusal(
         store.close()
 
 
+def test_the_channel_is_rebuilt_for_a_cloud_not_reached_not_for_a_busy_one(
+    tiny_model_dir, pool, shared_cloud, tmp_path
+):
+    """A code review found the channel dropped at every retry from the third transient failure
+    on, whatever the failure: a busy cloud (RESOURCE_EXHAUSTED) was reached, and each retry
+    paid a new connection (with TLS, a handshake). Only a cloud not reached (UNAVAILABLE, three
+    in a row) gets a fresh channel."""
+    import grpc
+
+    from splitdet.edge.client import ClientConfig, CloudClient, RetryLater
+    from splitdet.edge.sender import REBUILD_AFTER_FAILURES, Backoff, Sender
+    from splitdet.edge.store import ResultStore
+
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    write_files(watch, pool.take(2), ["a.png", "b.png"])
+    config = DaemonConfig(
+        model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db, settle_s=0.05,
+        poll_s=0.05, once=True, drain_timeout_s=0.0, threshold=0.0,
+    )  # fmt: skip
+    assert EdgeDaemon(config).run() == 1  # the cloud down: two requests wait
+    scripted: list[grpc.StatusCode] = []
+
+    class Scripted(CloudClient):
+        def send_request(self, request, timeout=None):
+            if scripted:
+                raise RetryLater(scripted.pop(0), "scripted")
+            return super().send_request(request, timeout=timeout)
+
+    builds: list[Scripted] = []
+
+    def build() -> Scripted:
+        builds.append(Scripted(ClientConfig(shared_cloud.address)))
+        return builds[-1]
+
+    store = ResultStore(db)
+    sender = Sender(store, build, Backoff(0.01, 0.02))
+    try:
+        busy = 2 * REBUILD_AFTER_FAILURES
+        scripted += [grpc.StatusCode.RESOURCE_EXHAUSTED] * busy
+        first = store.next_due(now=time.time() + 3600)  # (due now or later)
+        for _ in range(busy + 1):
+            sender.send(first)
+        assert sender.delivered == 1 and len(builds) == 1  # busy, not unreached: one channel
+        scripted += [grpc.StatusCode.UNAVAILABLE] * (REBUILD_AFTER_FAILURES + 1)
+        second = store.next_due(now=time.time() + 3600)  # (due now or later)
+        for _ in range(REBUILD_AFTER_FAILURES + 2):
+            sender.send(second)
+        assert sender.delivered == 2
+        assert len(builds) == 3  # rebuilt at the third and the fourth UNAVAILABLE in a row
+    finally:
+        sender._drop_client()
+        store.close()
+
+
 def test_signals_repeated_while_the_daemon_stops_do_not_kill_it(
     tiny_model_dir, tmp_path, processes
 ):

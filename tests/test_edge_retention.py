@@ -122,7 +122,7 @@ def test_the_prune_command(history, capsys):
     assert len(_ids(db)) == 4
 
 
-@pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd"])
+@pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd", "1e308d"])
 def test_an_age_that_is_not_one_is_refused(tmp_path, capsys, age):
     db = tmp_path / "edge.sqlite"
     ResultStore(db).close()
