@@ -20,6 +20,9 @@ from splitdet.edge.store_schema import (
     VERDICTS,
 )
 
+#: Rows `iter_results` reads per statement.
+RESULTS_BATCH = 1000
+
 
 def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
     """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
@@ -40,14 +43,27 @@ def iter_results(
     since: float | None = None,
     verdict: str | None = None,
 ) -> Iterator[dict]:
-    """Result rows of an open store connection (see ResultStore.results)."""
+    """Result rows of an open store connection (see ResultStore.results), in id order.
+
+    Read `RESULTS_BATCH` rows at a time, each batch in a statement of its own (under `lock`):
+    memory stays bounded however many rows the store holds (a year at one image a second is
+    ~30 M), and no read stays open while the rows are written out, which would keep the daemon's
+    WAL from being checkpointed. Rows written meanwhile with a higher id are read too."""
     clauses, params = result_filter(since, verdict)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    with lock if lock is not None else contextlib.nullcontext():
-        sql = f"SELECT {_result_columns(db)} FROM images{where} ORDER BY id"
-        rows = db.execute(sql, params).fetchall()
-    for row in rows:
-        yield _record(row)
+    after = 0  # (ids start at 1)
+    while True:
+        where = " AND ".join(["id > ?", *clauses])
+        with lock if lock is not None else contextlib.nullcontext():
+            sql = (
+                f"SELECT {_result_columns(db)} FROM images WHERE {where}"
+                f" ORDER BY id LIMIT {RESULTS_BATCH}"
+            )
+            rows = db.execute(sql, [after, *params]).fetchall()
+        for row in rows:
+            yield _record(row)
+        if len(rows) < RESULTS_BATCH:
+            return
+        after = rows[-1][0]
 
 
 def image_columns(db: sqlite3.Connection) -> set[str]:
