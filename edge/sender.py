@@ -107,7 +107,8 @@ DEAD_LETTER_CODES = (
     CORRUPT_OUTBOX,
 )  # fmt: skip
 #: Consecutive connection failures (UNAVAILABLE) after which the channel is rebuilt, and rebuilt
-#: again at each one after (gRPC's own reconnect backoff grows to 2 minutes).
+#: again at each one after: a fresh channel connects at its first call, where the old one may
+#: be waiting out gRPC's reconnect backoff (up to 10 s, `client_channel`).
 REBUILD_AFTER_FAILURES = 3
 #: Free database pages beyond which an idle sender gives them back to the file system: an
 #: outage's backlog, not a single request's (the file would shrink and grow at every defect).
@@ -272,6 +273,7 @@ class Sender(threading.Thread):
                     # row (a call answered meanwhile does not end the row)
                     self.errors += 1
                     self.failures += 1
+                    self._unreached = 0  # (the channel is dropped below)
                     self.local_error = f"{type(exc).__name__}: {exc}"
                     pause = self.backoff.delay(self.errors, self._rng)
                     log.exception(
@@ -486,6 +488,7 @@ class Sender(threading.Thread):
         refusal may be older than that: nothing is held, `item` is tried again after one
         backoff step."""
         self._count_bytes(len(item.payload))  # it reached the server
+        self._unreached = 0
         with self._hold_lock:
             if self._released.get(item.fingerprint, float("-inf")) >= sent:
                 delay, held = self.backoff.delay(1, self._rng), 0
