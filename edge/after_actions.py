@@ -7,9 +7,11 @@ in the row before the move). A whole copy already in place from a move a kill cu
 adopted rather than copied again. A file recorded by an earlier run and still in --watch is
 finished under this run's --after, --archive and --quarantine (`finish`): a folder a row names
 and this run does not is never written to, nor made again; --after keep leaves an archive or
-delete still due where it is, for a later run to finish. A move that fails is logged and
-counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S, doubling
-up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
+delete still due where it is, for a later run to finish. A folder inside --watch that is (or
+lies under) a symbolic link is never written through: the camera's account could point it
+anywhere (`file_moves.open_folder`, checked right before each write). A move that fails is
+logged and counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S,
+doubling up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
 `splitdet.edge.file_moves`'.
 """
 
@@ -244,16 +246,19 @@ class AfterActions:
         while True:
             if os.path.lexists(target) and not file_moves.same_file(source, target):
                 if adopt and file_moves.same_bytes(source, target):
-                    _adopt(source, target, reason)
+                    self._check_folder(target)
+                    _adopt(source, target, reason, self.config.watch)
                     return
                 attempt += 1
                 target = self._replan(image_id, target, source, reason is not None, attempt)
                 continue
-            if reason is not None:
-                _write_reason(target, reason)
-            if self._configured(target.parent):  # (another folder: never made again)
-                target.parent.mkdir(parents=True, exist_ok=True)
+            create = self._configured(target.parent)  # (another folder: never made again)
+            if reason is not None:  # (best effort: the row holds the reason too)
+                _write_reason(target, reason, self.config.watch, create)
+            # LinkedFolder: a link inside --watch, not followed (the move fails, tried later)
+            self._check_folder(target, create)
             try:
+                self._check_folder(target)  # (again, right before the move)
                 if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
                     source.unlink()
                 else:
@@ -261,6 +266,15 @@ class AfterActions:
                 return
             except FileExistsError:  # taken in the instant since the check: choose again
                 continue
+
+    def _check_folder(self, target: Path, create: bool = False) -> None:
+        """LinkedFolder (an OSError: the move fails, and is tried again later) when `target`'s
+        folder lies inside --watch and is, or lies under, a symbolic link there: one the
+        camera's account put in place of the archive or quarantine would send the file, its
+        reason file or the removal of a name anywhere on the machine. Checked right before
+        each write, without following links (`file_moves.open_folder`); with `create`, the
+        missing folders on the way are made."""
+        file_moves.check_folder(target.parent, self.config.watch, create=create)
 
     def _configured(self, folder: Path) -> bool:
         """Whether `folder` is one this run moves files into (its --quarantine, its --archive
@@ -315,23 +329,26 @@ def _still_the_file_read(candidate: Candidate) -> bool:
         return False
 
 
-def _adopt(source: Path, target: Path, reason: str | None) -> None:
+def _adopt(source: Path, target: Path, reason: str | None, watch: Path) -> None:
     """Finish a move whose copy is already in place at `target` (the name the row records):
     the reason file beside a quarantined one if it is missing, then the source removed."""
     if reason is not None:
-        _write_reason(target, reason)
+        _write_reason(target, reason, watch)
     source.unlink()
     log_event(logging.INFO, "copy found in place", path=path_text(source),
               to=path_text(target),
               note="its copy was complete before a kill; the image left --watch")  # fmt: skip
 
 
-def _write_reason(target: Path, reason: str) -> None:
+def _write_reason(target: Path, reason: str, watch: Path, create: bool = False) -> None:
     """NAME.reason.txt beside a quarantined file. Best effort: the row holds the reason
     too, and a full disk or a folder made read-only must not end the daemon (the row is
-    committed, so every restart would fail on the same file)."""
+    committed, so every restart would fail on the same file). Never through a symbolic link
+    inside --watch `watch` (`file_moves.check_folder`, right before; with `create` its
+    folder is made if missing)."""
     path = file_moves.reason_path(target)
     try:
+        file_moves.check_folder(path.parent, watch, create=create)
         if path.exists():  # written before a crash
             return
         atomic_write(path, path_text(reason) + "\n")

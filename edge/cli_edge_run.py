@@ -37,7 +37,10 @@ Companion files (Thumbs.db, desktop.ini, .json/.xml/.txt sidecars) are left wher
 never moved, deleted, quarantined or recorded; each is logged once (INFO, event file_skipped)
 and they are counted in the splitdet_edge_skipped_files gauge, as are symbolic links (never
 followed: take the file itself), subfolders without --recursive, FIFOs and devices (the line's
-`why` says which). An image the daemon may not read (permissions) waits, WARNING file_unreadable,
+`why` says which). Nor is a symbolic link in place of a folder the daemon writes into inside
+--watch (WATCH/archive, WATCH/quarantine): refused at start (exit 2); one swapped in while it
+runs fails that image's move (it stays in --watch, retried), and the start-up sweep skips it.
+An image the daemon may not read (permissions) waits, WARNING file_unreadable,
 and is taken once it can be read. Defect-free images get a final
 "ok" row. Flagged images get a "pending" row and their encoded features in the outbox, in one
 SQLite commit; a background sender delivers them with capped exponential backoff and jitter
@@ -162,14 +165,16 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="archive folder for --after archive (default: WATCH/archive); files "
         "are renamed ID_NAME (a long NAME shortened; ID_NAME~N when another file has the "
-        "name: nothing is overwritten)",
+        "name: nothing is overwritten). A symbolic link inside --watch is refused (the camera's "
+        "account could point it anywhere): give its target",
     )
     p.add_argument(
         "--quarantine",
         type=Path,
         metavar="DIR",
         help="folder for unreadable files, each as ID_NAME with ID_NAME.reason.txt beside it "
-        "(default: WATCH/quarantine)",
+        "(default: WATCH/quarantine); a symbolic link inside --watch is refused, as for "
+        "--archive",
     )
     p.add_argument(
         "--once",

@@ -1,8 +1,11 @@
-"""The edge daemon's settings (no torch): `DaemonConfig`, checked as it is made, and
-`check_paths`, which refuses a daemon writing into its own hot folder."""
+"""The edge daemon's settings (no torch): `DaemonConfig`, checked as it is made (a folder it
+writes into reached through a symbolic link inside --watch is refused then:
+`check_folder_links`), and `check_paths`, which refuses a daemon writing into its own hot
+folder."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +16,8 @@ from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import normalize_extensions
 
 AFTER_POLICIES = ("keep", "archive", "delete")
+#: Symbolic links `_link_inside` follows at most on one path (Linux's own limit): more is a loop.
+_MAX_LINKS = 40
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class DaemonConfig:
     extensions: tuple[str, ...] | None = IMAGE_SUFFIXES
 
     def __post_init__(self) -> None:
-        """ValueError naming the option when a setting is one the daemon cannot run with."""
+        """ValueError naming the option when a setting is one the daemon cannot run with
+        (a folder it writes into reached through a link inside --watch included)."""
         if self.after not in AFTER_POLICIES:
             raise ValueError(f"--after must be one of {AFTER_POLICIES}, got {self.after!r}")
         if self.save_annotated is not None and self.after == "delete":
@@ -103,6 +109,7 @@ class DaemonConfig:
             except ValueError as exc:
                 raise ValueError(f"--extensions: {exc}") from None
         Backoff(self.retry_initial_s, self.retry_max_s)  # validates
+        check_folder_links(self)
 
     @property
     def archive(self) -> Path:
@@ -156,3 +163,62 @@ def check_paths(config: DaemonConfig) -> None:
                 f"{flag} {path} is in the --watch folder, which would take it for an image; "
                 "put it elsewhere"
             )
+
+
+def check_folder_links(config: DaemonConfig) -> None:
+    """ValueError when a folder the daemon writes into (`output_folders`: the quarantine,
+    the archive, --save-annotated) is, or lies under, a symbolic link inside --watch, given
+    or by default (WATCH/archive, WATCH/quarantine). The camera's account may write --watch
+    and could point such a link anywhere on the machine, where the daemon, often root, would
+    then move, write and delete files. A link there is refused even when the admin named it
+    (--archive WATCH/link): it can be changed by that account at any time; the admin names
+    its target instead. A link outside --watch (/data/archive to a mount) stays allowed."""
+    for flag, folder in config.output_folders():
+        link = _link_inside(folder, config.watch)
+        if link is None:
+            continue
+        what = "is" if Path(os.path.abspath(folder)) == link else f"leads through {link},"
+        raise ValueError(
+            f"{flag} {folder} {what} a symbolic link inside --watch {config.watch}, where the "
+            "camera's account could point it anywhere: links there are not followed; remove "
+            f"the link (the daemon makes a real folder), or give {flag} a folder outside --watch"
+        )
+
+
+def _link_inside(folder: Path, watch: Path) -> Path | None:
+    """The first symbolic link lying inside `watch` that the path `folder` leads through
+    (itself included), or None. Its names are followed one at a time as the system would
+    (the links outside `watch` too, up to _MAX_LINKS), so that a link outside leading back
+    into --watch through one there is found as well."""
+    try:
+        inside = watch.resolve()
+    except (OSError, RuntimeError):  # (a --watch that loops: refused where it is used)
+        return None
+    path = folder if folder.is_absolute() else Path.cwd() / folder
+    current, todo, followed = Path(path.anchor), list(path.parts[1:]), 0
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        step = current / name
+        if not step.is_symlink():  # a folder, or missing (made at start), or a file
+            current = step
+            continue
+        if step.is_relative_to(inside):
+            return step
+        followed += 1
+        try:
+            target = Path(os.readlink(step))
+        except OSError:
+            return None  # (its use says why)
+        if followed > _MAX_LINKS:
+            return None  # a loop: its use says so
+        if target.is_absolute():
+            current = Path(target.anchor)
+            todo = [*target.parts[1:], *todo]
+        else:
+            todo = [*target.parts, *todo]
+    return None

@@ -6,6 +6,11 @@ UTF-8 whatever the camera's name was. `move_no_clobber` moves a file there and n
 another file, onto another file system through a hidden partial copy (`partial_path`) that is
 whole before it takes the name; `same_file` and `same_bytes` tell a move finished before a
 crash or a kill from another image's file under that name.
+
+The camera's account may write --watch, and the daemon often runs as root: a folder it writes
+into that lies inside --watch (WATCH/archive, WATCH/quarantine) is reached by `open_folder`,
+one name at a time without following a symbolic link (`LinkedFolder`), right before each
+write, move or deletion there: a link put in its place never sends them elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +47,101 @@ _NO_FOLDER_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 PARTIAL_SUFFIX = ".splitdet-partial"
 #: Bytes read at a time when a file in the archive is compared with the image (`same_bytes`).
 _COMPARE_CHUNK = 1 << 20
+#: How `open_folder` opens the folders on the way (O_PATH: one we may write but not read too).
+_PATH_ONLY = getattr(os, "O_PATH", os.O_RDONLY)
+
+
+class LinkedFolder(OSError):
+    """A folder the daemon writes into is, or lies under, a symbolic link inside --watch: not
+    followed. The camera's account, which may write --watch, could point it anywhere on the
+    machine (the daemon often runs as root). An OSError: a move refused so is logged and
+    tried again later, as any failed move."""
+
+    def __init__(self, link: Path | str, watch: Path | str) -> None:
+        super().__init__(
+            errno.ELOOP,
+            f"{link} is a symbolic link inside --watch {watch}: not followed (the camera's "
+            "account may write there, and could point it anywhere); replace it with a real "
+            "folder",
+            str(link),
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def open_folder(
+    folder: Path, watch: Path | None, flags: int = _PATH_ONLY, create: bool = False
+) -> int:
+    """A file descriptor of `folder` (the caller closes it), opened with `flags` (os.O_RDONLY
+    to list it). When `folder` lies inside `watch` (the --watch folder; both paths made
+    absolute, not resolved) it is reached from `watch` one name at a time, never through a
+    symbolic link: LinkedFolder when one is on the way. A folder outside --watch is opened as
+    its path says (an admin's link there, e.g. to a mount, is followed). With `create`, the
+    missing folders on the way are made (mode 0o777 less the umask, as Path.mkdir). OSError
+    when the folder is missing (without `create`) or cannot be opened."""
+    names = _names_below(folder, watch)
+    if names is None or watch is None:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        return os.open(folder, flags | os.O_DIRECTORY)
+    fd = os.open(watch, (flags if not names else _PATH_ONLY) | os.O_DIRECTORY)
+    reached = Path(watch)
+    try:
+        for index, name in enumerate(names):
+            reached = reached / name
+            last = index == len(names) - 1
+            inner = _open_below(fd, name, flags if last else _PATH_ONLY, create, reached, watch)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_folder(folder: Path, watch: Path | None, create: bool = False) -> None:
+    """LinkedFolder when `folder`, inside --watch `watch`, is or lies under a symbolic link
+    there (`open_folder`); called right before each write into it. OSError when missing
+    (without `create`)."""
+    os.close(open_folder(folder, watch, create=create))
+
+
+def _names_below(folder: Path, watch: Path | None) -> tuple[str, ...] | None:
+    """The names from `watch` down to `folder` when it lies inside `watch` (both made
+    absolute, not resolved: a link is what is looked for), else None."""
+    if watch is None:
+        return None
+    inner, outer = Path(os.path.abspath(folder)), Path(os.path.abspath(watch))
+    if not inner.is_relative_to(outer):
+        return None
+    return inner.relative_to(outer).parts
+
+
+def _open_below(fd: int, name: str, flags: int, create: bool, path: Path, watch: Path) -> int:
+    """The folder `name` in the folder open as `fd`, opened without following a link
+    (LinkedFolder naming `path` when it is one); made first with `create`."""
+    if create:
+        try:
+            os.mkdir(name, dir_fd=fd)
+        except FileExistsError:  # (a link there too: refused below)
+            pass
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(fd, name):
+            raise LinkedFolder(path, watch) from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _is_link(fd: int, name: str) -> bool:
+    """Whether `name` in the folder open as `fd` is a symbolic link."""
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode)
+    except OSError:
+        return False
 
 
 def stored_name(image_id: int, name: str, attempt: int = 0) -> str:

@@ -5,7 +5,8 @@ A move onto another file system copies the image under a hidden temporary name f
 daemon removes those older than its start (`start_partial_sweep`), in a thread beside its
 loop: one listing of each folder, which for a large archive on a share can take a while, and
 must not hold up the first image. Newer ones are a copy under way (this daemon's, or another's
-sharing the folder) and are left alone; failures are logged, never fatal.
+sharing the folder) and are left alone; failures are logged, never fatal. A folder inside
+--watch that is a symbolic link (the camera's account may write there) is never swept.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def start_partial_sweep(config: DaemonConfig, stop: threading.Event) -> threadin
     quarantine and, with --after archive, the archive; `stop` set ends it early."""
     folders = [config.quarantine, *([config.archive] if config.after == "archive" else [])]
     sweeper = threading.Thread(
-        target=sweep_partials, args=(folders, time.time() - _SWEEP_MARGIN_S, stop),
+        target=sweep_partials,
+        args=(folders, time.time() - _SWEEP_MARGIN_S, stop, config.watch),
         name="splitdet-sweep",
         daemon=True,
     )  # fmt: skip
@@ -39,34 +41,58 @@ def start_partial_sweep(config: DaemonConfig, stop: threading.Event) -> threadin
     return sweeper
 
 
-def sweep_partials(folders: list[Path], started: float, stop: threading.Event) -> None:
+def sweep_partials(
+    folders: list[Path], started: float, stop: threading.Event, watch: Path | None = None
+) -> None:
     """Delete the partial copies in `folders` not changed since `started` (unix s, a little
     before this start): those a copy under way writes to (this daemon's, or another's
-    sharing the folder) are newer. Failures are logged, never fatal."""
+    sharing the folder) are newer. A folder inside --watch `watch` that is, or lies under, a
+    symbolic link there is not swept (`file_moves.open_folder`: the camera's account could
+    point it anywhere); each is listed and its files removed through one open folder, so a
+    link swapped in meanwhile is not followed either. Failures are logged, never fatal."""
     for folder in folders:
         try:
-            with os.scandir(folder) as listing:
-                for entry in listing:
-                    if stop.is_set():
-                        return
-                    if file_moves.is_partial_name(entry.name):
-                        _remove_partial(entry, started)
+            fd = file_moves.open_folder(folder, watch, os.O_RDONLY)
         except OSError as exc:
             log_event(logging.WARNING, "cannot look for partial copies", folder=str(folder),
                       error=path_text(str(exc)))  # fmt: skip
+            continue
+        try:
+            if not _sweep_folder(folder, fd, started, stop):
+                return
+        finally:
+            os.close(fd)
 
 
-def _remove_partial(entry: os.DirEntry, started: float) -> None:
-    """Delete one partial copy left by a kill, unless it changed since `started`."""
+def _sweep_folder(folder: Path, fd: int, started: float, stop: threading.Event) -> bool:
+    """Sweep the folder open as `fd` (`folder` names it in the logs); False when `stop` ended
+    it early."""
+    try:
+        with os.scandir(fd) as listing:
+            for entry in listing:
+                if stop.is_set():
+                    return False
+                if file_moves.is_partial_name(entry.name):
+                    _remove_partial(folder, fd, entry, started)
+    except OSError as exc:
+        log_event(logging.WARNING, "cannot look for partial copies", folder=str(folder),
+                  error=path_text(str(exc)))  # fmt: skip
+    return True
+
+
+def _remove_partial(folder: Path, fd: int, entry: os.DirEntry, started: float) -> None:
+    """Delete one partial copy left by a kill (in the folder open as `fd`), unless it changed
+    since `started`."""
+    path = path_text(str(folder / entry.name))
     try:
         if entry.stat(follow_symlinks=False).st_ctime >= started:
             return
-        os.unlink(entry.path)
+        os.unlink(entry.name, dir_fd=fd)
     except FileNotFoundError:
         return
     except OSError as exc:
-        log_event(logging.WARNING, "cannot remove partial copy", path=path_text(entry.path),
+        log_event(logging.WARNING, "cannot remove partial copy", path=path,
                   error=path_text(str(exc)))  # fmt: skip
         return
-    log_event(logging.INFO, "partial copy removed", path=path_text(entry.path),
+    log_event(logging.INFO, "partial copy removed", path=path,
               note="a copy into this folder, cut short by a kill")  # fmt: skip
