@@ -27,17 +27,24 @@ from splitdet.edge.daemon_metrics import EdgeMetrics
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
-from splitdet.edge.preprocess import ImageError
+from splitdet.edge.preprocess import ImageError, read_regular_file
 from splitdet.edge.sender import Sender
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
-from splitdet.shared.manifest import file_sha256
 
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
 #: The content hash of a row whose file was never read (too large, unreadable): nothing to
 #: compare a file found again under its key with.
 _NOTHING_READ = hashlib.sha256(b"").hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 hex of a hot-folder file's bytes, read as the hot folder reads it
+    (`read_regular_file`): a file replaced by a FIFO since the scan is never opened (the
+    daemon would wait for a writer for good), nor one grown past MAX_FILE_BYTES read whole.
+    ImageError for those, OSError when it cannot be read."""
+    return hashlib.sha256(read_regular_file(path)).hexdigest()
 
 
 class Intake:
@@ -114,22 +121,28 @@ class Intake:
         a modification time a camera or a copy set alike (whole seconds, `cp -p`, rsync -t)
         and the inode the deleted one freed. Its contents tell the two apart; another file's
         row gives its key up (`supersede`) and the file is taken as the new arrival it is.
-        A file --after keep left in place is not read again (its key is its identity there)."""
-        if known.stored_path == path_text(candidate.path) or known.content_hash in (
-            None,
-            _NOTHING_READ,
-        ):
+        A file --after keep left in place is not read again (its key is its identity there),
+        unless the hot folder found it under its key with another ctime (`Candidate.recheck`:
+        rewritten in place with the same size and modification time, or only its metadata
+        changed): then it is compared once."""
+        in_place = known.stored_path == path_text(candidate.path)
+        if (in_place and not candidate.recheck) or known.content_hash in (None, _NOTHING_READ):
             return True
         try:
-            if file_sha256(candidate.path) == known.content_hash:
+            if content_sha256(candidate.path) == known.content_hash:
                 return True
-        except OSError:  # (stat'ed, not readable: trusted by its key, as before the check)
+        except (OSError, ImageError):  # (stat'ed, not readable: trusted by its key, as before)
             return True
         kept = self.store.supersede(known.id)
+        note = (
+            "the file kept at this path was rewritten in place with the same name, size, "
+            "modification time and inode (its ctime changed): taken as a new arrival"
+            if in_place
+            else "another file with the name, size, modification time and inode of one "
+            "recorded earlier: taken as a new arrival"
+        )
         log_event(logging.WARNING, "same file key, other contents", path=path_text(candidate.path),
-                  image_id=known.id, row_key_now=kept,
-                  note="another file with the name, size, modification time and inode of one "
-                       "recorded earlier: taken as a new arrival")  # fmt: skip
+                  image_id=known.id, row_key_now=kept, note=note)  # fmt: skip
         return False
 
     def _renumbered(self, candidate: Candidate) -> KnownFile | None:
@@ -146,8 +159,8 @@ class Intake:
             return None
         image_id, old_key, content_hash = row
         try:
-            digest = file_sha256(candidate.path)
-        except OSError:
+            digest = content_sha256(candidate.path)
+        except (OSError, ImageError):
             return None  # processed as new, which reads it again and says why not
         if content_hash != digest:
             return None

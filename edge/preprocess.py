@@ -312,10 +312,12 @@ def _too_big(path: Path, size: int) -> ImageError:
     return ImageError(too_large_text(path, size))
 
 
-def read_image_file(path: Path) -> bytes:
-    """The bytes of the image file `path`, read only when it is a regular file of at most
-    `MAX_FILE_BYTES`; ImageError naming it otherwise (missing, unreadable, a FIFO or device,
-    too large).
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path` when it is a regular file of at most `MAX_FILE_BYTES`: ImageError
+    naming it when it is not (a FIFO, a device, a folder) or is too large, the OSError itself
+    (FileNotFoundError, PermissionError, ...) when it cannot be looked at, opened or read, so
+    that a caller can tell those apart (the hot folder waits for permissions, `read_image_file`
+    says "cannot read").
 
     It is looked at (`os.stat`) before it is opened: a FIFO is never opened (opening one for
     reading waits for a writer), a device such as /dev/zero never read (it never ends), a
@@ -323,37 +325,43 @@ def read_image_file(path: Path) -> bytes:
     in case it was replaced in between, and at most `MAX_FILE_BYTES` + 1 bytes are read (one
     that grows meanwhile)."""
     path = Path(path)
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{path}: not a regular file ({file_kind(info.st_mode)}); not read")
+    if info.st_size > MAX_FILE_BYTES:
+        raise _too_big(path, info.st_size)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):  # replaced since the stat
             raise ImageError(f"{path}: not a regular file ({file_kind(info.st_mode)}); not read")
-        if info.st_size > MAX_FILE_BYTES:
+        if info.st_size > MAX_FILE_BYTES:  # (replaced by a larger one since)
             raise _too_big(path, info.st_size)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with open(fd, "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):  # replaced since the stat
-                raise ImageError(
-                    f"{path}: not a regular file ({file_kind(info.st_mode)}); not read"
-                )
-            if info.st_size > MAX_FILE_BYTES:  # (replaced by a larger one since)
-                raise _too_big(path, info.st_size)
-            # its size now, + 1 to see it grow (read(MAX_FILE_BYTES + 1) would allocate
-            # 256 MiB for every image); a growing file is read on in chunks to the limit + 1
-            chunks = [file.read(info.st_size + 1)]
-            total = len(chunks[0])
-            while total > info.st_size and total <= MAX_FILE_BYTES:
-                chunk = file.read(min(READ_CHUNK_BYTES, MAX_FILE_BYTES + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-            data = b"".join(chunks)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        # its size now, + 1 to see it grow (read(MAX_FILE_BYTES + 1) would allocate
+        # 256 MiB for every image); a growing file is read on in chunks to the limit + 1
+        chunks = [file.read(info.st_size + 1)]
+        total = len(chunks[0])
+        while total > info.st_size and total <= MAX_FILE_BYTES:
+            chunk = file.read(min(READ_CHUNK_BYTES, MAX_FILE_BYTES + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
     if len(data) > MAX_FILE_BYTES:  # it grew after the stat
         raise _too_big(path, len(data))
     return data
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file `path`, read only when it is a regular file of at most
+    `MAX_FILE_BYTES` (`read_regular_file`: never blocking on a FIFO, never reading past the
+    limit); ImageError naming it otherwise (missing, unreadable, a FIFO or device, too
+    large)."""
+    try:
+        return read_regular_file(path)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:

@@ -19,15 +19,24 @@ written cannot be told from one with black rows, and a stall past settle_s hands
 half written.
 
 A file that keeps changing is told of once at INFO (event "file_still_changing") when it has
-not settled for STILL_CHANGING_SETTLES times settle_s (at least STILL_CHANGING_MIN_S): a writer
-that never pauses that long is never taken. A file this process may not read (EACCES, EPERM:
+changed at least STILL_CHANGING_CHANGES times, never pausing for settle_s in between, over
+STILL_CHANGING_SETTLES times settle_s (at least STILL_CHANGING_MIN_S): a writer that never
+pauses that long is never taken. The time told is that run of changes' (from when it was first
+seen, or from its first change after a pause of settle_s): a file changed once while it waited
+its turn behind a backlog is not told of. A file this process may not read (EACCES, EPERM:
 the camera's user wrote it with mode 0600) is no broken image: it is never quarantined but
 stays pending, read again every DENIED_RETRY_S, with a WARNING (event "file_unreadable") when
 first met and every DENIED_WARN_EVERY_S while it lasts, and an INFO once it can be read;
 `pending()` leaves it out (it waits for its permissions, not for the daemon: a batch run ends).
 
 Names may repeat: an arrival is identified by `file_key` (name, size, mtime in ns, inode) plus
-its content hash, so the same name written again is a new arrival. Arrival order is the order
+its content hash, so the same name written again is a new arrival. A file kept in the folder
+(`ignore`) is remembered with its ctime beside its key: found again under its very key but
+another ctime (rewritten in place with the same size and a whole-second time set alike, `cp
+-p`; or only chmod'ed), it is handed over once more marked `recheck`, and the intake compares
+its contents with its row's (read once, then remembered with its new ctime). The ctime is not
+part of the key: the rows' keys stay as they were, and a metadata change alone makes no new
+row. An untouched kept file is never read again. Arrival order is the order
 in which files were first seen (mtime, then name, for files found in the same scan); a file still
 being written does not hold back complete ones behind it.
 
@@ -40,8 +49,10 @@ file). The companion files camera software and Windows write beside the images (
 desktop.ini, .json/.xml/.txt sidecars) are left alone: never read, moved, deleted or
 quarantined, and never recorded. Each is logged once at INFO (event "file_skipped", not a
 WARNING: they are expected and need no action, and a sidecar per image would bury the
-warnings that do) when first seen, and `skipped_files()` says how many the last scan found
-(the daemon serves it as the `splitdet_edge_skipped_files` gauge: a camera writing its images
+warnings that do) when first seen; of those a scan finds new, the first SKIPPED_NAMED_PER_SCAN
+by name are, the others are counted in one INFO line (event "files_skipped") and each named at
+DEBUG (a folder of 10 000 sidecars at start-up). `skipped_files()` says how many the last scan
+found (the daemon serves it as the `splitdet_edge_skipped_files` gauge: a camera writing its images
 under another extension shows there, not as quarantined files). "Once" holds while the file
 stays and for the SKIPPED_GONE_MEMORY names last gone, so a status file the camera deletes and
 writes again is not logged each time; memory stays bounded by the folder's contents.
@@ -85,8 +96,11 @@ of files already done, so a scan does only what the folder's state calls for:
   again in place is seen: at most FULL_SCAN_S late, so a version of it that stays longer
   than that (and `--settle`) is never missed, and with `recent_s` at least as long a camera
   rewriting one name at a steady pace has none missed. It also bounds the delay on a network
-  share whose folder times come from a clock behind ours. Measured with 20 000 kept files
-  polled every 0.25 s: 4% of a core idle, against 45% when every poll stat'ed them all.
+  share whose folder times come from a clock behind ours, and the listings of a folder whose
+  modification time lies more than RACY_NS ahead of ours (a file server's clock running
+  ahead: when it changed cannot be told, so it is not listed again at every scan). Measured
+  with 20 000 kept files polled every 0.25 s: 4% of a core idle, against 45% when every poll
+  stat'ed them all.
 
 Handing files over is O(1) per file in arrival order (tracked files are kept in arrival order,
 see `next_candidate`), so the thousands of files of a folder kept with `--after keep` are handed
@@ -117,6 +131,7 @@ from splitdet.edge.preprocess import (
     MAX_FILE_BYTES,
     ImageError,
     decode_image,
+    read_regular_file,
     too_large_text,
 )
 from splitdet.edge.watcher_listing import (
@@ -130,11 +145,18 @@ from splitdet.edge.watcher_listing import (
     normalize_extensions,
     parse_extensions,
 )
-from splitdet.edge.watcher_reports import SKIPPED_GONE_MEMORY, FolderReports, _Denied
+from splitdet.edge.watcher_reports import (
+    SKIPPED_GONE_MEMORY,
+    SKIPPED_NAMED_PER_SCAN,
+    FolderReports,
+    _Denied,
+)
 
 #: What callers import from here, wherever it is defined.
 __all__ = [
     "SKIPPED_GONE_MEMORY",
+    "SKIPPED_NAMED_PER_SCAN",
+    "STILL_CHANGING_CHANGES",
     "STILL_CHANGING_MIN_S",
     "STILL_CHANGING_SETTLES",
     "Candidate",
@@ -149,9 +171,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: A file still changing after this many settle times (and STILL_CHANGING_MIN_S) is told of.
+#: A file still changing after this many settle times (and STILL_CHANGING_MIN_S) is told of,
+#: once it changed at least STILL_CHANGING_CHANGES times without a pause of settle_s between.
 STILL_CHANGING_SETTLES = 10
 STILL_CHANGING_MIN_S = 5.0
+STILL_CHANGING_CHANGES = 3
 
 
 @dataclass
@@ -165,9 +189,15 @@ class Candidate:
             written: when it appeared).
         stable_since: monotonic s since when size and mtime have not changed.
         name: the file's path below the hot folder, "/"-separated; what the folder tracks it by.
-        seen: monotonic s when the watcher first saw it (kept while it changes: how long it
-            has been changing).
+        seen: monotonic s when the watcher first saw it (kept while it changes).
         told_changing: whether "still changing" was logged for it (`HotFolder._changing`).
+        changing_since: monotonic s when its current run of changes began: when first seen,
+            or at the first change after it stayed unchanged for settle_s (`_changing`).
+        changes: changes seen in that run.
+        ctime_ns: its st_ctime_ns when found: a file kept in the folder (`ignore`) found
+            again under its key with another ctime may have been rewritten in place.
+        recheck: found under the key of a file kept in the folder, with another ctime: its
+            contents are compared with its row's once (`Intake`), not taken at its key's word.
     """
 
     path: Path
@@ -180,6 +210,10 @@ class Candidate:
     name: str = ""  # the path below the hot folder ("a.png", "2026-12-04/a.png"): its key
     seen: float = 0.0  # monotonic s when first seen (kept while it changes)
     told_changing: bool = False  # "still changing" logged (`HotFolder._changing`)
+    changing_since: float = 0.0  # monotonic s its current run of changes began
+    changes: int = 0  # changes seen in that run
+    ctime_ns: int = 0  # st_ctime_ns when found
+    recheck: bool = False  # a kept file's key, another ctime: compare its contents once
 
 
 @dataclass(frozen=True)
@@ -250,7 +284,9 @@ class HotFolder(FolderListing, FolderReports):
         # comparing them all (an OrderedDict: a plain dict gets slow to iterate once many of
         # its first entries are deleted, as handing files over does).
         self._tracked: OrderedDict[str, Candidate] = OrderedDict()
-        self._ignored: dict[str, str] = {}  # name -> file_key to skip (kept files already done)
+        # name -> (file_key, st_ctime_ns) to skip (kept files already done); the same key with
+        # another ctime (rewritten in place?) is handed over once more, marked `recheck`
+        self._ignored: dict[str, tuple[str, int]] = {}
         self._next_order = 0
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
         self._denied: dict[str, _Denied] = {}  # tracked files we may not read (`_deny`)
@@ -308,32 +344,47 @@ class HotFolder(FolderListing, FolderReports):
         """Track the files found new or changed, in arrival order (mtime, then name)."""
         for mtime_ns, name, path, stat in sorted(found):
             key = file_key(path, stat)
-            if self._ignored.get(name) == key:
+            ignored = self._ignored.get(name)
+            recheck = ignored is not None and ignored[0] == key
+            if recheck and ignored[1] == stat.st_ctime_ns:  # the kept file, untouched
                 continue
             tracked = self._tracked.get(name)
             if tracked is not None and (tracked.size, tracked.mtime_ns) == (stat.st_size, mtime_ns):
                 continue
             if tracked is not None:  # still being written: it settles again from now
+                settled = now - tracked.stable_since >= self.settle_s  # (paused before this)
                 tracked.size, tracked.mtime_ns, tracked.file_key = stat.st_size, mtime_ns, key
+                tracked.ctime_ns, tracked.recheck = stat.st_ctime_ns, recheck
                 tracked.stable_since = now
-                self._changing(tracked, now)
+                self._changing(tracked, now, settled)
                 continue
             self._tracked[name] = Candidate(
-                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order, name, now
-            )
+                path, key, stat.st_size, mtime_ns, now_wall, now, self._next_order, name, now,
+                changing_since=now, ctime_ns=stat.st_ctime_ns, recheck=recheck,
+            )  # fmt: skip
             self._next_order += 1
 
-    def _changing(self, candidate: Candidate, now: float) -> None:
-        """A tracked file changed again before it settled: DEBUG, and INFO once when it has
-        kept changing for STILL_CHANGING_SETTLES times the settle time (at least
-        STILL_CHANGING_MIN_S) since it was first seen (event "file_still_changing"): a writer
-        that never pauses for --settle (a log, a preview rewritten in place) is never taken."""
-        path, changing_s = str(candidate.path), now - candidate.seen
+    def _changing(self, candidate: Candidate, now: float, settled: bool) -> None:
+        """A tracked file changed again (`settled`: after it had stayed unchanged for settle_s,
+        which begins a new run of changes): DEBUG, and INFO once when it has kept changing,
+        STILL_CHANGING_CHANGES times or more without such a pause, for STILL_CHANGING_SETTLES
+        times the settle time (at least STILL_CHANGING_MIN_S) since that run began (event
+        "file_still_changing", `changing_s` that run's length in s): a writer that never
+        pauses for --settle (a log, a preview rewritten in place) is never taken. A file that
+        changed once after waiting its turn (behind a backlog) is not told of."""
+        if settled:
+            candidate.changing_since, candidate.changes = now, 0
+        candidate.changes += 1
+        path, changing_s = str(candidate.path), now - candidate.changing_since
         log.debug(f"{path} changed, settles again",
                   extra={"fields": {"event": "file_changing", "path": path,
                                     "size": candidate.size}})  # fmt: skip
         long = max(STILL_CHANGING_SETTLES * self.settle_s, STILL_CHANGING_MIN_S)
-        if candidate.told_changing or changing_s < long:
+        if (
+            candidate.told_changing
+            or candidate.changes < STILL_CHANGING_CHANGES
+            or changing_s < long
+        ):
             return
         candidate.told_changing = True
         log.info(
@@ -366,15 +417,17 @@ class HotFolder(FolderListing, FolderReports):
 
     def read(self, candidate: Candidate) -> Ready | None:
         """Read and decode a candidate. None means "not yet" (it changed, vanished, or does
-        not decode and its grace period is not over); the caller moves on to other files."""
+        not decode and its grace period is not over); the caller moves on to other files.
+        It is read as `read_regular_file` reads (`_read_file`): a FIFO put in its place since
+        the scan is never opened (that would block the daemon for good), nor a file grown past
+        MAX_FILE_BYTES read whole."""
         start = time.perf_counter()
         try:
             if candidate.size > MAX_FILE_BYTES:
                 data = b""
                 error = too_large_text(candidate.path, candidate.size)
             else:
-                data = candidate.path.read_bytes()
-                error = None
+                data, error = _read_file(candidate.path)
             stat = candidate.path.stat()
         except FileNotFoundError:
             self._tracked.pop(candidate.name, None)
@@ -421,6 +474,17 @@ class HotFolder(FolderListing, FolderReports):
         it is stat'ed on every scan, later when its folder changed or at a full scan)."""
         self._tracked.pop(candidate.name, None)
         self._denied.pop(candidate.name, None)
-        self._ignored[candidate.name] = candidate.file_key
+        self._ignored[candidate.name] = (candidate.file_key, candidate.ctime_ns)
         self._recent[candidate.name] = (candidate.path, time.monotonic())
         self._recent.move_to_end(candidate.name)
+
+
+def _read_file(path: Path) -> tuple[bytes, str | None]:
+    """A candidate's bytes and None, or b"" and why it cannot be used (no longer a regular
+    file: replaced by a FIFO or device since the scan; grown past MAX_FILE_BYTES), read by
+    `read_regular_file`: never blocking, never past the limit. FileNotFoundError,
+    PermissionError and other OSErrors are raised, for `HotFolder.read` to tell apart."""
+    try:
+        return read_regular_file(path), None
+    except ImageError as exc:
+        return b"", str(exc)

@@ -35,7 +35,8 @@ EXTENSION, LINK, FOLDER_LINK, SUBFOLDER, SPECIAL = (
 FULL_SCAN_S = 5.0
 #: Seconds a file kept in the folder (`HotFolder.ignore`) is still stat'ed on every scan.
 RECENT_S = 60.0
-#: A folder modified less than this many ns before it was listed is listed again next scan.
+#: A folder modified less than this many ns before it was listed is listed again next scan
+#: (one whose time lies further ahead of ours, a server's clock running ahead, is not).
 RACY_NS = 3_000_000_000
 
 #: (mtime_ns, name below the hot folder, path, stat) of a file a scan looked at.
@@ -128,7 +129,7 @@ class FolderListing:
     recursive: bool
     _exclude: set[Path]
     _tracked: OrderedDict[str, Candidate]
-    _ignored: dict[str, str]
+    _ignored: dict[str, tuple[str, int]]
     _recent: OrderedDict[str, tuple[Path, float]]
     _folders: dict[str, tuple[int, int, int, int]]
     _racy: bool
@@ -203,14 +204,17 @@ class FolderListing:
     def _note_folder(self, folder: Path) -> None:
         """Note a folder's times as it is about to be listed (see `_folders_changed`); one
         changed less than RACY_NS ago is listed again at the next scan, since a change in the
-        same timestamp tick would leave its times as they are."""
+        same timestamp tick would leave its times as they are. A modification time more than
+        RACY_NS ahead of our clock (a file server's clock running ahead) says nothing of when
+        the change was: such a folder is listed again when its times change, and at the full
+        scans (every `full_scan_s`), not at every scan."""
         try:
             stat = _folder_stat(folder)
         except OSError:  # its listing says why, or it was removed meanwhile
             self._racy = True
             return
         self._folders[str(folder)] = _folder_times(stat)
-        if stat.st_mtime_ns >= time.time_ns() - RACY_NS:
+        if abs(stat.st_mtime_ns - time.time_ns()) <= RACY_NS:
             self._racy = True
 
     def _folders_changed(self) -> bool:
@@ -231,7 +235,7 @@ class FolderListing:
         found: list[_Found] = []
         watched = itertools.chain(
             ((name, c.path, c.file_key) for name, c in self._tracked.items()),
-            ((name, path, self._ignored[name]) for name, (path, _) in self._recent.items()
+            ((name, path, self._ignored[name][0]) for name, (path, _) in self._recent.items()
              if name not in self._tracked),
         )  # fmt: skip
         for name, path, key in watched:

@@ -32,6 +32,9 @@ log = logging.getLogger("splitdet.edge.watcher")
 
 #: Skipped names no longer in the folder that are still remembered as told (see the docstring).
 SKIPPED_GONE_MEMORY = 4096
+#: Entries left alone named at INFO per scan, the first by name; the others new in the same
+#: scan (a folder of sidecars at start-up) are counted in one INFO line, each named at DEBUG.
+SKIPPED_NAMED_PER_SCAN = 10
 #: Seconds between reads of a file this process may not read (EACCES, EPERM), and between the
 #: WARNINGs saying so while it lasts.
 DENIED_RETRY_S = 2.0
@@ -87,25 +90,49 @@ class FolderReports:
         if failed:
             skipped |= {name: why for name, why in self._skipped.items()
                         if _below_any(name, failed)}  # fmt: skip
-        for name in sorted(skipped):
-            why = skipped[name]
-            if self._told.get(name) == why:
-                continue
-            path = str(self.folder / name)
-            extension = os.path.splitext(name)[1].lower() or "(none)"
-            log.info(
-                f"{path}: left alone, {self._why_skipped(why, extension)}",
-                extra={"fields": {"event": "file_skipped", "path": path, "why": why,
-                                  "extension": extension}},
-            )  # fmt: skip
-            self._told[name] = why
+        new = [name for name in sorted(skipped) if self._told.get(name) != skipped[name]]
+        for index, name in enumerate(new):
+            self._tell_skipped(name, skipped[name], index < SKIPPED_NAMED_PER_SCAN)
+            self._told[name] = skipped[name]
             self._told.move_to_end(name)
+        if len(new) > SKIPPED_NAMED_PER_SCAN:
+            self._tell_more_skipped({name: skipped[name] for name in new[SKIPPED_NAMED_PER_SCAN:]})
         self._skipped = skipped
         excess = len(self._told) - len(skipped) - SKIPPED_GONE_MEMORY
         if excess > 0:  # forget the names gone longest ago (the oldest told first)
             gone = (name for name in self._told if name not in skipped)
             for name in list(itertools.islice(gone, excess)):
                 del self._told[name]
+
+    def _tell_skipped(self, name: str, why: str, named: bool) -> None:
+        """The `file_skipped` line of one entry left alone: INFO when `named`, else DEBUG (one
+        of many new in a scan, counted by `_tell_more_skipped`)."""
+        path = str(self.folder / name)
+        extension = os.path.splitext(name)[1].lower() or "(none)"
+        log.log(
+            logging.INFO if named else logging.DEBUG,
+            f"{path}: left alone, {self._why_skipped(why, extension)}",
+            extra={"fields": {"event": "file_skipped", "path": path, "why": why,
+                              "extension": extension}},
+        )  # fmt: skip
+
+    def _tell_more_skipped(self, more: dict[str, str]) -> None:
+        """One INFO line (event "files_skipped") for the entries left alone that a scan found
+        new past the first SKIPPED_NAMED_PER_SCAN: how many, by why and extension (the most
+        first), so that a folder of thousands of sidecars is not a line each at every start."""
+        counts: dict[tuple[str, str], int] = {}
+        for name, why in more.items():
+            extension = os.path.splitext(name)[1].lower() or "(none)"
+            counts[why, extension] = counts.get((why, extension), 0) + 1
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        text = ", ".join(f"{n} {why} {extension}" for (why, extension), n in ranked)
+        path = str(self.folder)
+        log.info(
+            f"{path}: {len(more)} more entries left alone, as those named above ({text}); "
+            "each is named at DEBUG (--log-level DEBUG)",
+            extra={"fields": {"event": "files_skipped", "path": path, "count": len(more),
+                              "by": {f"{why} {ext}": n for (why, ext), n in ranked}}},
+        )  # fmt: skip
 
     def _why_skipped(self, why: str, extension: str) -> str:
         """What the `file_skipped` line says after "left alone, " for an entry left alone

@@ -473,7 +473,7 @@ def test_a_file_denied_then_failing_otherwise_is_not_said_readable(tmp_path, mon
     def failing_read(path: Path) -> bytes:
         raise next(failures)
 
-    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    monkeypatch.setattr(watcher, "read_regular_file", failing_read)
     monkeypatch.setattr(watcher_reports, "DENIED_RETRY_S", 0)  # tried again at once
     folder.scan()
     assert folder.read(folder.next_candidate()) is None  # denied: waits
