@@ -13,6 +13,7 @@ import numpy as np
 from splitdet.bench.systems import SAME_ENGINES, Outcome
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
+from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
 from splitdet.training.voc import VocSample
 
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ UPPER_BOUND = "perfect gate"
 #: Below either count a defect rate's figures are noisy (report.md says so under its heading).
 NOISY_DEFECTIVE = 10
 NOISY_IMAGES = 50
-#: The monolithic mAP below which no mAP kept is reported (None; "n/a" in report.md): an
-#: untrained or tiny model's mAP of a few 1e-6 is the noise of a stray box or two, and the ratio
-#: of two such numbers (7.0e-06 / 4.8e-06: "145.1% kept") says nothing about the split or the
-#: codec. 0.01 is a tenth of the mAP of the demo's 30-minute model; any model worth comparing
-#: is well above it.
-MAP_KEPT_FLOOR = 0.01
 #: A gated system's gate recall below which its rate gets a warning in report.md: its time
 #: reduction then comes mostly from not sending the defective images on, not from the split.
 LOW_GATE_RECALL = 0.5

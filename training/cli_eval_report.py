@@ -41,12 +41,19 @@ def summary(metrics: dict, json_file: str) -> str:
     (and, for a threshold a checkpoint evaluation calibrated, whether the checkpoint now holds
     it), its recall and accuracy; the mAP the gated system keeps."""
     from splitdet.shared.probability_format import format_probability
+    from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
 
     def figure(key: str, percent: bool = False) -> str:
         value = metrics.get(key)
         if value is None:
             return "n/a"
         return f"{value:.1%}" if percent else f"{value:.3f}"
+
+    def kept(key: str) -> str:
+        if metrics.get(f"{key}_kept") is None and metrics.get(f"{key}_kept_absent"):
+            name = {"map": "mAP", "map50": "mAP@.5"}[key]
+            return f"n/a ({name} under {MAP_KEPT_FLOOR:g}: a ratio of noise)"
+        return figure(f"{key}_kept", True)
 
     on = metrics["gate_calibrated_on"]
     source = THRESHOLD_SOURCES.get(on) or (
@@ -68,8 +75,7 @@ def summary(metrics: dict, json_file: str) -> str:
         f"  gate: threshold {format_probability(metrics['gate_threshold'])} ({source}): recall "
         f"{figure('gate_recall', True)}, accuracy {figure('gate_accuracy', True)}, flagged "
         f"{figure('gate_pass_rate', True)}",
-        f"  gated system: mAP kept {figure('map_kept', True)}, mAP@.5 kept "
-        f"{figure('map50_kept', True)}",
+        f"  gated system: mAP kept {kept('map')}, mAP@.5 kept {kept('map50')}",
         f"every metric in {json_file}",
     ])  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,10 @@ from collections.abc import Iterator, Sequence
 from splitdet.shared.cli import add_pixel_bits_option
 from splitdet.shared.spec import POOL_LEVEL, PYRAMID_LEVELS
 from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
+
+#: This process's parent as it started (read as this module is, before any option is parsed:
+#: a parent that dies after is told by `os.getppid()` differing from it; `_launcher_pid`).
+_PARENT_AT_START = os.getppid()
 
 #: `--gate-on` names -> `ModelConfig.gate_level`: torchvision's FPN keys "0".."3" are P2..P5.
 GATE_LEVELS = {f"P{n + 2}": name for n, name in enumerate(PYRAMID_LEVELS)}
@@ -182,20 +187,25 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
     OUT/train_config.json), also when --preset restates the preset it was made from (the run's
     own changes, its --epochs say, stay: a preset named again is no new recipe); a --preset of
     another name replaces it, but for the run's class names and detections per image, which
-    are the data's (a warning names what changes; a model of another configuration is refused
-    when the checkpoint is read, before the data is). Without --resume: --preset, default cpu."""
+    are the data's (a warning, rank 0's alone, names what changes; a model of another
+    configuration is refused when the checkpoint is read, before the data is). Without
+    --resume: --preset, default cpu."""
     import dataclasses
     import json
     import logging
     from pathlib import Path
 
     from splitdet.shared.cli import CommandError
+    from splitdet.training.presets import PROCESSES_KEY
 
     saved = Path(args.out) / "train_config.json"
     if not args.resume or not saved.is_file():
         return PRESETS[args.preset or "cpu"]
     try:
-        own = TrainConfig.from_dict(json.loads(saved.read_text()))
+        recorded = json.loads(saved.read_text())
+        if isinstance(recorded, dict):  # the run's processes, beside the recipe (`train`)
+            recorded.pop(PROCESSES_KEY, None)
+        own = TrainConfig.from_dict(recorded)
     except (OSError, ValueError, TypeError) as exc:
         raise CommandError(f"{saved}: not a readable training config ({exc})") from exc
     if args.preset is None or args.preset == own.name:
@@ -206,6 +216,8 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
         box_detections_per_img=own.model.box_detections_per_img,
     ))  # fmt: skip
     changed = _recipe_difference(own, preset)
+    if os.environ.get("RANK", "0") != "0":  # (about the run, not a rank: rank 0 says it)
+        return preset
     logging.getLogger(__name__).warning(
         "--resume --preset %s: the run's recipe (%s, %s) is replaced by preset %s's%s",
         args.preset, own.name, saved, args.preset, f" ({changed})" if changed else "",
@@ -240,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from splitdet.shared.cli import CommandError, class_names
+    from splitdet.shared.parent_death import PARENT_PID_ENV
     from splitdet.training.epoch_records import describe_best
 
     if "RANK" not in os.environ and args.nproc_per_node != 1:
@@ -247,7 +260,12 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
         from splitdet.training.launch import train_processes
 
-        return train_processes(args.command_argv, args.nproc_per_node)
+        def said(how: str, checkpoint_only: bool) -> str | None:
+            if checkpoint_only and not _holds_checkpoint(args):
+                return None
+            return _stopped_on_sigterm(args, how, processes=args.nproc_per_node)
+
+        return train_processes(args.command_argv, args.nproc_per_node, said)
     local_world = os.environ.get("LOCAL_WORLD_SIZE")
     if local_world and args.nproc_per_node not in (1, int(local_world)):
         raise CommandError(
@@ -299,9 +317,13 @@ def run(args: argparse.Namespace) -> int:
             message = re.sub(rf"\b{field}\b", option, message)
         raise CommandError(message) from None
 
-    def stopped(status: int, how: str = "stopped on SIGTERM") -> int:
-        if rank == "0":  # (torchrun signals every rank: one line says it)
-            print(_stopped_on_sigterm(args, how), file=sys.stderr)
+    # the ranks `splitdet train --nproc-per-node` started leave the line to it: it alone knows
+    # whether the user stopped the run or a rank's end made it stop the others
+    launched = PARENT_PID_ENV in os.environ
+
+    def stopped(status: int, how: str = "stopped on SIGTERM", fresh: str = START_AGAIN) -> int:
+        if rank == "0" and not launched:  # (torchrun signals every rank: one line says it)
+            print(_stopped_on_sigterm(args, how, fresh_start=fresh), file=sys.stderr)
         return status
 
     try:
@@ -317,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
             # SIGTERM ended (a container's stop signals every process), a DDP peer gone
             return stopped(SIGTERM_STATUS)
         if _peer_lost(exc):  # (the launcher names the process that ended, and how)
-            return stopped(PEER_LOST_STATUS, "stopped: another process of this run ended")
+            return stopped(PEER_LOST_STATUS, PEER_ENDED, PEER_ENDED_START_AGAIN)
         raise
     best = f"; {describe_best(row['best'])}" if row.get("best") else ""
     if rank != "0":  # rank 0 prints the run's result
@@ -377,9 +399,32 @@ def _peer_lost(exc: Exception) -> bool:
     return bool(re.search(r"gloo|NCCL|[Cc]onnection (reset|closed)|Broken pipe", str(exc)))
 
 
-def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIGTERM") -> str:
-    """The line a run stopped by SIGTERM (or, `stopped` "interrupted", by Ctrl-C) ends with:
-    what it kept and how to continue it."""
+#: How a rank whose peer's process ended says why it stopped (the peer's own error, if it said
+#: one, is on stderr before it), and what to do when no epoch was kept.
+PEER_ENDED = "stopped: another process of this run ended (its error, if it said one, is above)"
+PEER_ENDED_START_AGAIN = "start it again once what ended that process is fixed"
+#: The remedy of a run stopped before its first checkpoint by a signal.
+START_AGAIN = "start it again"
+
+
+def _holds_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether the run folder holds last.pt or best.pt (a --resume continues from it)."""
+    from pathlib import Path
+
+    return any((Path(args.out) / name).is_file() for name in ("last.pt", "best.pt"))
+
+
+def _stopped_on_sigterm(
+    args: argparse.Namespace,
+    stopped: str = "stopped on SIGTERM",
+    *,
+    processes: int | None = None,
+    fresh_start: str = START_AGAIN,
+) -> str:
+    """The line a run stopped by SIGTERM (or, `stopped` "interrupted", by Ctrl-C; or by the end
+    of another process of the run) ends with: what it kept and how to continue it, with
+    `--nproc-per-node` when it ran in several `processes` on this machine (default: the
+    torchrun rank's own count). `fresh_start`: what to do when no epoch was kept."""
     import os
     import shlex
     from pathlib import Path
@@ -388,12 +433,15 @@ def _stopped_on_sigterm(args: argparse.Namespace, stopped: str = "stopped on SIG
     if not last.is_file() and not best.is_file():
         return (
             f"splitdet train: {stopped} before its first epoch ended: no checkpoint was "
-            "written; start it again"
+            f"written; {fresh_start}"
         )
     words = ["splitdet", "train", "--data", args.data, "--out", args.out, "--resume"]
-    processes = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    if processes != "1" and os.environ.get("WORLD_SIZE") == processes:  # one machine's DDP
-        words += ["--nproc-per-node", processes]
+    if processes is None:
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        one_machine = os.environ.get("WORLD_SIZE") == local  # one machine's DDP
+        processes = int(local) if one_machine else 1
+    if processes != 1:
+        words += ["--nproc-per-node", str(processes)]
     command = shlex.join(words)
     if not last.is_file():  # stopped between best.pt and last.pt (--resume starts from best.pt)
         return (
@@ -479,6 +527,23 @@ def _one_line(exc: Exception) -> str:
     return message
 
 
+def _launcher_pid() -> int | None:
+    """The pid of the launcher a rank ends with (`die_with_parent`): the one
+    `splitdet train --nproc-per-node` names (PARENT_PID_ENV), else, under plain torchrun (its
+    agent sets TORCHELASTIC_RUN_ID), this process's parent as it started, the torchrun agent;
+    None outside a rank (`RANK` unset). A plain torchrun SIGKILLed left its ranks training on,
+    re-parented to pid 1 and holding --out."""
+    from splitdet.shared.parent_death import PARENT_PID_ENV
+
+    if "RANK" not in os.environ:
+        return None
+    if named := os.environ.get(PARENT_PID_ENV):
+        return int(named)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return _PARENT_AT_START
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m splitdet.training.cli_train` (what torchrun launches, and what each process of
     `splitdet train --nproc-per-node N` runs: it logs at the level LOG_LEVEL_ENV gives)."""
@@ -487,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from splitdet.shared.cli import CommandError, Parser
     from splitdet.shared.logs import TextLogFormatter
-    from splitdet.shared.parent_death import PARENT_PID_ENV, die_with_parent
+    from splitdet.shared.parent_death import die_with_parent
     from splitdet.training.launch import LOG_LEVEL_ENV
 
     # (splitdet's parser: a path option given twice is refused here too)
@@ -497,8 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.command_argv = list(sys.argv[1:] if argv is None else argv)
-    parent = os.environ.get(PARENT_PID_ENV)  # a rank `splitdet train --nproc-per-node` started
-    if parent and "RANK" in os.environ and not die_with_parent(int(parent), "this rank"):
+    parent = _launcher_pid()
+    if parent is not None and not die_with_parent(parent, "this rank"):
         print("splitdet train: the launcher that started this rank is gone; not training",
               file=sys.stderr)  # fmt: skip
         return 1

@@ -139,8 +139,10 @@ def compare(
     on_resample: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """The JSON's "comparison" of two `evaluate` metrics dicts on `samples` (one prediction of
-    each model per sample): per figure of `FIGURES` that both hold, {"candidate", "baseline",
-    "difference"} (candidate minus baseline; None without both), and for `BOOTSTRAPPED` ones
+    each model per sample): per figure of `FIGURES`, every one of them (a reader's
+    `.figures.map_kept.difference` is always there), {"candidate", "baseline", "difference"}
+    (each model's value, None where it has none, e.g. mAP kept under its floor; the difference
+    candidate minus baseline, None without both), and for `BOOTSTRAPPED` ones
     with `resamples` > 0 the bootstrap's {"interval", "better_share", "worse_share",
     "resamples"}; "bootstrap" {"resamples", "seed", "interval"}, "images", "split" (its
     name), and "verdict": one line for people on mAP@.5 (`verdict`), naming the models by
@@ -152,8 +154,6 @@ def compare(
     )  # fmt: skip
     figures: dict[str, dict[str, Any]] = {}
     for key, _, _ in FIGURES:
-        if key not in candidate and key not in baseline:
-            continue
         ours, theirs = candidate.get(key), baseline.get(key)
         figures[key] = {"candidate": ours, "baseline": theirs,
                         "difference": _difference(ours, theirs)}  # fmt: skip

@@ -32,6 +32,7 @@ from splitdet.training.evaluate_coco import (
     _kept,
     coco_metrics,
     gated_coco_metrics,
+    kept_absence,
 )
 from splitdet.training.evaluate_gate import (
     DEFAULT_TARGET_RECALL,
@@ -104,9 +105,10 @@ def evaluate(
     any threshold reaches on `samples` at `target_recall`: how far calibration, not the scores,
     holds the gate back); top_box_auc and top_box_best_accuracy (the same for the detector's
     highest box score per image: would the detector make a better gate); map_gated, map50_gated,
-    map_kept (map_gated / map), map50_kept; images, defective_images; errors (the detector's
-    confident detections by kind of error and its recall by object length, see
-    `training.errors`).
+    map_kept (map_gated / map; None when map is under `evaluate_coco.MAP_KEPT_FLOOR`, and
+    map_kept_absent then says why, else None), map50_kept (map50_kept_absent); images,
+    defective_images; errors (the detector's confident detections by kind of error and its
+    recall by object length, see `training.errors`).
     """
     class_names = model.config.class_names
     if predictions is None:
@@ -196,5 +198,8 @@ def metrics_at_threshold(
         "map50_gated": gated["map50"],
         "map_kept": _kept(gated["map"], detector["map"]),
         "map50_kept": _kept(gated["map50"], detector["map50"]),
+        # why map_kept is null though the detector was scored (its mAP under the floor)
+        "map_kept_absent": kept_absence(detector["map"]),
+        "map50_kept_absent": kept_absence(detector["map50"]),
         "errors": error_breakdown(samples, boxes, scores, det_labels, class_names),
     }

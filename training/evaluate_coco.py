@@ -178,9 +178,31 @@ def _per_class(
     return out
 
 
+#: The detector's mAP under which "mAP kept" (gated / alone) is not given, by `eval` and by
+#: the benchmark (`splitdet.bench.report`): an untrained or tiny model's mAP of a few 1e-6 is
+#: the noise of a stray box or two, and the ratio of two such numbers (7.0e-06 / 4.8e-06:
+#: "145.1% kept") says nothing about the gate or the codec. 0.01 is a tenth of the mAP of the
+#: demo's 30-minute model; any model worth comparing is well above it.
+MAP_KEPT_FLOOR = 0.01
+
+
 def _kept(gated: float | None, alone: float | None) -> float | None:
-    """The share of the detector's metric `alone` the gated system keeps; None without both."""
-    return gated / alone if gated is not None and alone else None
+    """The share of the detector's metric `alone` the gated system keeps; None without both,
+    or when `alone` is under `MAP_KEPT_FLOOR` (a ratio of noise: `kept_absence` says why)."""
+    if gated is None or alone is None or alone < MAP_KEPT_FLOOR:
+        return None
+    return gated / alone
+
+
+def kept_absence(alone: float | None) -> str | None:
+    """Why `_kept` gives no share for the detector's metric `alone` (for the JSON and the
+    summary), None when it gives one (or when there is nothing to score: `alone` None)."""
+    if alone is None or alone >= MAP_KEPT_FLOOR:
+        return None
+    return (
+        f"not given: the detector's mAP {alone:.2g} is under {MAP_KEPT_FLOOR:g}, where the "
+        "ratio is noise"
+    )
 
 
 def gated_coco_metrics(

@@ -2,6 +2,12 @@
 image, one `Prediction` each) and `gate_probabilities` (p(defect) alone, what calibrating the
 gate needs). Images are batched only with images of their own size, so any batch size gives
 every image its batch-of-1 result, as the edge scores it.
+
+Images are read as the edge reads them (`splitdet.edge.preprocess.load_image`: float32 in
+[0, 1], a 12- or 16-bit camera's every level kept), so that the gate threshold `eval
+--checkpoint` calibrates, and the figures it gives, are of the inputs the edge and `eval
+--model` see. (Training's augmentation reads them through `voc.load_rgb`, rounded to 8 bits:
+the same values for 8-bit images, within half a grey level for wider ones.)
 """
 
 from __future__ import annotations
@@ -9,12 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from splitdet.training.voc import VocSample, load_rgb
+from splitdet.training.voc import VocError, VocSample
 
 if TYPE_CHECKING:
     from splitdet.shared.model import MultiTaskRCNN
@@ -64,9 +71,8 @@ def _image_batches(
 ) -> Iterator[tuple[list[int], list[Tensor]]]:
     """The samples' images in batches of one size each (see `_same_shape_batches`): pairs of
     (indices into `samples`, images Tensor[3, H, W] float32 in [0, 1] of one H, W), every
-    index once (`pixel_bits`: the model's `ModelConfig.pixel_bits`)."""
-    from torchvision.transforms.functional import pil_to_tensor
-
+    index once, read as the edge reads them (`edge_image`; `pixel_bits`: the model's
+    `ModelConfig.pixel_bits`)."""
     batches = _same_shape_batches(samples, batch_size)
     if progress:
         from tqdm import tqdm
@@ -75,12 +81,24 @@ def _image_batches(
     for indices in batches:
         by_shape: dict[tuple[int, ...], tuple[list[int], list[Tensor]]] = {}
         for index in indices:
-            img = load_rgb(samples[index].image_path, pixel_bits)
-            image = pil_to_tensor(img).float().div_(255.0).to(device)
+            image = edge_image(samples[index].image_path, pixel_bits).to(device)
             kept, images = by_shape.setdefault(tuple(image.shape), ([], []))
             kept.append(index)
             images.append(image)
         yield from by_shape.values()  # one pair unless an annotation's size was wrong
+
+
+def edge_image(path: Path, pixel_bits: int) -> Tensor:
+    """The image file at `path` as the edge reads it (`splitdet.edge.preprocess.load_image`):
+    Tensor[3, H, W] float32 in [0, 1], a 16-bit image's values over 0..2**pixel_bits - 1 with
+    every level kept (for an 8-bit image the values `voc.load_rgb` / 255 gives). VocError
+    names a file the edge refuses (corrupt, truncated, a pixel past `pixel_bits`)."""
+    from splitdet.edge.preprocess import ImageError, load_image
+
+    try:
+        return torch.from_numpy(load_image(path, pixel_bits))
+    except ImageError as exc:
+        raise VocError(str(exc)) from None
 
 
 @torch.inference_mode()

@@ -4,8 +4,10 @@
 
 The processes are started by torchrun's own launcher (`torch.distributed.run`), called in this
 process, so that the one `splitdet` command trains on several GPUs (nccl; on a CPU, gloo), and a
-run stopped by SIGTERM or Ctrl-C ends with the ranks' own line (what last.pt holds, how to
-resume) and the exit status of the signal, not with the launcher's traceback. Every rank runs
+run stopped by SIGTERM or Ctrl-C ends with one line (what last.pt holds, how to resume) and the
+exit status of the signal, not with the launcher's traceback. This process says that line, not
+the ranks: it alone knows whether the SIGTERM every rank gets came from the user or from its
+stopping the others after one rank ended (`train_processes`). Every rank runs
 `python -m splitdet.training.cli_train` with the same options.
 """
 
@@ -16,7 +18,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from splitdet.shared.parent_death import PARENT_PID_ENV
 
@@ -26,13 +28,31 @@ RANK_MODULE = "splitdet.training.cli_train"
 LOG_LEVEL_ENV = "SPLITDET_LOG_LEVEL"
 
 
-def train_processes(train_argv: Sequence[str], nproc: int) -> int:
+#: `train_processes`' way of saying how a run stopped: `(how, checkpoint_only)` -> the line
+#: (what the run kept, the `--resume` command) or None; `how` as "stopped on SIGTERM";
+#: `checkpoint_only`: give None when the run kept no checkpoint (the line would only repeat the
+#: error above it, without a command to continue).
+StopLine = Callable[[str, bool], "str | None"]
+
+
+def train_processes(
+    train_argv: Sequence[str], nproc: int, stop_line: StopLine | None = None
+) -> int:
     """Run `splitdet train` with the options `train_argv` (as typed, `--nproc-per-node`
     included: a rank started by torchrun does not start more) in `nproc` local processes.
 
     Each process gets cores // nproc torch threads unless OMP_NUM_THREADS says otherwise, and
     ends with this one (PARENT_PID_ENV: `cli_train.main` asks for SIGTERM when it dies, so that
     a SIGKILLed launcher leaves no rank training on).
+
+    The ranks print no line of how the run stopped (PARENT_PID_ENV tells them): every rank
+    gets the launcher's SIGTERM whether the user stopped the run or a rank's end made the
+    launcher stop the others, and only this process knows which. It prints `stop_line`'s:
+    "stopped on SIGTERM" (or "interrupted", Ctrl-C) when a signal stopped it; when a rank
+    ended with an error it said itself, a line pointing at it, only when a checkpoint is kept
+    (else that error stays the last line); when a rank was killed by a signal, "another
+    process of this run ended" and the line naming it.
+
     Returns the exit status: 0 when every rank trained; the first failed rank's own status
     (2: a problem it named on stderr); 128 + N when signal N stopped the launcher or a rank.
     """
@@ -57,20 +77,53 @@ def train_processes(train_argv: Sequence[str], nproc: int) -> int:
         )  # fmt: skip
         try:
             torchrun.run(launch_args)
-        except SignalException as exc:  # the ranks got it too and said what they kept
+        except SignalException as exc:  # the ranks got it too, and stopped
+            _say(stop_line, _signal_stop(int(exc.sigval)), checkpoint_only=False)
             return 128 + int(exc.sigval)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            if failure.exitcode >= 0:  # the rank printed its own error
-                return failure.exitcode
-            signum = -failure.exitcode
-            print(
-                f"splitdet train: rank {rank} (pid {failure.pid}) was killed by signal "
-                f"{signum}; the others were stopped",
-                file=sys.stderr,
-            )
-            return 128 + signum
+            return _failed(stop_line, rank, failure.pid, failure.exitcode)
     return 0
+
+
+def _signal_stop(signum: int) -> str:
+    """How a run stopped by signal `signum` says it: "stopped on SIGTERM", "interrupted"."""
+    import signal
+
+    if signum == signal.SIGINT:
+        return "interrupted"
+    try:
+        return f"stopped on {signal.Signals(signum).name}"
+    except ValueError:
+        return f"stopped on signal {signum}"
+
+
+def _failed(stop_line: StopLine | None, rank: int, pid: int, exitcode: int) -> int:
+    """Say how the run ended when rank `rank` (pid `pid`) failed first with `exitcode` (as
+    `subprocess`'s: -N for signal N), the others stopped by the launcher; its exit status."""
+    import signal
+
+    if exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a signal sent to the rank
+        _say(stop_line, _signal_stop(exitcode - 128), checkpoint_only=False)
+        return exitcode
+    if exitcode >= 0:  # the rank printed its own error, the run's last line but for this
+        _say(stop_line, f"stopped: rank {rank} ended with the error above", checkpoint_only=True)
+        return exitcode
+    signum = -exitcode
+    _say(stop_line, "stopped: another process of this run ended", checkpoint_only=True)
+    print(
+        f"splitdet train: rank {rank} (pid {pid}) was killed by signal {signum}; the others "
+        "were stopped",
+        file=sys.stderr,
+    )
+    return 128 + signum
+
+
+def _say(stop_line: StopLine | None, how: str, *, checkpoint_only: bool) -> None:
+    """Print `stop_line`'s line for `how`, if it gives one."""
+    line = stop_line(how, checkpoint_only) if stop_line is not None else None
+    if line:
+        print(line, file=sys.stderr)
 
 
 @contextlib.contextmanager

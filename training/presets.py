@@ -26,6 +26,10 @@ from splitdet.shared.config import ModelConfig
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("step", "cosine", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
+#: The key under which last.pt and train_config.json record, beside the recipe, the run's
+#: number of processes (DDP ranks: a step takes batch_size times as many images), which is not
+#: the recipe's (`--nproc-per-node`). Runs of an older splitdet lack it.
+PROCESSES_KEY = "processes"
 #: Largest --seed: torch seeds are 64-bit, and DistributedSampler adds the epoch to it.
 MAX_SEED = 2**63 - 1
 

@@ -20,7 +20,7 @@ from splitdet.shared.checkpoint import (
 from splitdet.shared.config import ModelConfig
 from splitdet.training.epoch_records import BestEpoch
 from splitdet.training.initial_weights import load_initial_weights
-from splitdet.training.presets import TrainConfig
+from splitdet.training.presets import PROCESSES_KEY, TrainConfig
 from splitdet.training.run_checks import model_difference, recipe_changes
 from splitdet.training.schedule import WarmupCosine
 
@@ -112,7 +112,8 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
             cap, saved_model.box_detections_per_img, int(checkpoint["epoch"]) + 1, cap,
         )  # fmt: skip
     trained_on = checkpoint.get("data")
-    if trained_on is not None and trained_on != str(run.data_dir.resolve()):
+    # (the warnings are about the run, not a rank: rank 0's say them once)
+    if run.rank == 0 and trained_on is not None and trained_on != str(run.data_dir.resolve()):
         # allowed (a moved dataset), but best.pt compares validation passes of both
         log.warning(
             "%s was trained on %s, now resumed on %s: best.pt keeps the best validation "
@@ -143,14 +144,30 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
     )  # fmt: skip
     saved = checkpoint.get("train_config") or {}
     trained = _trained_lr(checkpoint)
-    if trained and trained != config.lr:
+    if run.rank == 0 and trained and trained != config.lr:
         log.warning(
             "--lr %g replaces the run's %g (%s): the learning rate is scaled by %g from epoch %d "
             "on, its schedule going on where it was", config.lr, trained, last_path,
             config.lr / trained, start_epoch,
         )  # fmt: skip
-    if changed := recipe_changes(saved, config, leave=("lr",)):
+    changes = [recipe_changes(saved, config, leave=("lr",)), processes_change(checkpoint, run)]
+    if changed := "; ".join(change for change in changes if change):
         log.info("resumed with settings other than the run's (%s): %s", last_path, changed)
+
+
+def processes_change(checkpoint: dict[str, Any], run: _Run) -> str:
+    """The text "processes OLD -> NEW (images per step A -> B)" when `run` trains in another
+    number of processes than last.pt's (read: `checkpoint`) recorded; "" when the same, or
+    when last.pt records none (a run of an older splitdet)."""
+    saved = checkpoint.get(PROCESSES_KEY)
+    if saved is None or int(saved) == run.world:
+        return ""
+    batch = run.config.batch_size
+    before = (checkpoint.get("train_config") or {}).get("batch_size", batch)
+    return (
+        f"processes {int(saved)} -> {run.world} (images per step {int(before) * int(saved)} -> "
+        f"{batch * run.world})"
+    )
 
 
 def _trained_lr(checkpoint: dict[str, Any]) -> float | None:
@@ -204,10 +221,18 @@ def _apply_recipe(
 
 def start_afresh(run: _Run, init: str, resume: bool) -> None:
     """Start `run`'s model from `init` (`load_initial_weights`), logging what it loaded and
-    any box-predictor rows it re-mapped; `resume`: a resume found no last.pt (warned)."""
-    if resume:
+    any box-predictor rows it re-mapped; `resume`: a resume found no last.pt (warned). Its
+    lines are about the run, not a rank: rank 0 alone says them (`_log_initial_weights`)."""
+    if resume and run.rank == 0:
         log.warning("no %s to resume from: starting afresh", run.last_path)
     report = load_initial_weights(run.model, init, progress=run.progress and run.rank == 0)
+    if run.rank == 0:
+        _log_initial_weights(run, init, report)
+
+
+def _log_initial_weights(run: _Run, init: str, report: dict[str, Any]) -> None:
+    """Say what `load_initial_weights` loaded into `run`'s model from `init` (its `report`):
+    how many tensors, those a checkpoint of another model left fresh, the rows re-mapped."""
     fresh = report.get("fresh", [])
     if init in ("imagenet", "coco") or (init != "none" and not fresh):
         log.info("init %s: %d tensors loaded, %d kept fresh", init, report["loaded"],

@@ -7,7 +7,8 @@
 Multi-process (the paper trained on two GPUs): `splitdet train --data D --out R --nproc-per-node
 2`, which starts its ranks through torchrun's launcher (`launch`; gloo on CPU, nccl on GPU),
 or torchrun running `-m splitdet.training.cli_train` itself. Each process takes
-`batch_size` images per step; only rank 0 evaluates and writes checkpoints and metrics.
+`batch_size` images per step; only rank 0 readies the run folder (the others wait for it
+before they read last.pt), evaluates and writes checkpoints and metrics.
 
 Outputs in the run folder: `last.pt` (every epoch, resumable), `best.pt` (best validation
 `best_metric`, ties broken by mAP@[.5:.95]: `epoch_records.BestEpoch`), `metrics.csv` /
@@ -47,7 +48,7 @@ from splitdet.training.epoch_records import (
     plot_learning_curve,
     write_metrics,
 )
-from splitdet.training.presets import TrainConfig
+from splitdet.training.presets import PROCESSES_KEY, TrainConfig
 from splitdet.training.run_inputs import _epoch_loaders, _read_samples, _validation_subset
 from splitdet.training.run_start import resume_run, resumed_checkpoint, start_afresh
 from splitdet.training.run_state import _Run
@@ -185,7 +186,7 @@ def _train(
     max_iters: int | None,
 ) -> dict[str, Any]:
     """`train`'s work, with --out made and locked (rank 0)."""
-    _prepare_run_folder(out_dir, resume)
+    _prepare_run_folder_on_rank_0(out_dir, resume, rank, world)
     checkpoint = resumed_checkpoint(config, out_dir, init) if resume else None
     torch.manual_seed(config.seed)
     train_samples, val_samples = _read_samples(config, data_dir, out_dir, rank)
@@ -212,12 +213,35 @@ def _train(
     else:
         start_afresh(run, init, resume)
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
-        recipe = json.dumps(config.to_dict(), indent=2) + "\n"
+        # (the processes are not the recipe's: `splitdet train --nproc-per-node` sets them)
+        recipe = json.dumps({**config.to_dict(), PROCESSES_KEY: world}, indent=2) + "\n"
         atomic_write(out_dir / "train_config.json", recipe, fsync=True)  # --resume reads it
     row, ended_by_epochs = _train_epochs(
         run, loaders, val_samples, stop_after=stop_after, max_iters=max_iters
     )
     return _finish(run, row, ended_by_epochs)
+
+
+def _prepare_run_folder_on_rank_0(out_dir: Path, resume: bool, rank: int, world: int) -> None:
+    """`_prepare_run_folder` by rank 0 alone, the only rank that writes into `out_dir` (and
+    holds its lock), before any rank reads last.pt: the others wait for it (a broadcast of its
+    outcome). When it fails, rank 0 raises its error and the others a ValueError of its message,
+    so that each rank says a refused start as it says a problem of the data."""
+    if world == 1:
+        _prepare_run_folder(out_dir, resume)
+        return
+    outcome: list[str | None] = [None]
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            _prepare_run_folder(out_dir, resume)
+        except Exception as exc:  # said by every rank, raised as it was by rank 0
+            failure, outcome[0] = exc, str(exc)
+    dist.broadcast_object_list(outcome, src=0)  # (the others wait here for rank 0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise ValueError(outcome[0])
 
 
 def _prepare_run_folder(out_dir: Path, resume: bool) -> None:
@@ -308,6 +332,7 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         # where (none: no validation pass in this call, e.g. resumed; `eval` then keeps it)
         **(run.gate_source or {}),
         "train_config": run.config.to_dict(),
+        PROCESSES_KEY: run.world,  # (images per step: batch_size times this)
         "data": str(run.data_dir.resolve()),
         "train_seconds": run.clock.seconds,
         "wall_seconds": time.perf_counter() - run.wall_start,  # (with this epoch's validation)

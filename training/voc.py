@@ -43,6 +43,7 @@ loads when the first image is read. No torch.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -108,7 +109,8 @@ def check_hint(exc: Exception, root: Path | str) -> str:
     message = str(exc)
     if "unknown class" in message:
         return f"{message} (give every class the dataset holds with --classes A,B)"
-    decode = " --decode" if "cannot decode image" in message else ""
+    # (`load_rgb`'s words; the edge's reader, which eval reads images with, says the other)
+    decode = " --decode" if re.search(r"cannot (decode image|be decoded)", message) else ""
     bits = PAST_THE_BITS.search(message)
     if bits:  # only a decoding with the same bits finds the others
         decode = f" --decode --pixel-bits {bits[1]}"

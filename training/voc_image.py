@@ -138,6 +138,11 @@ def load_rgb(image_path: Path, pixel_bits: int = 16) -> Image.Image:
     (or 32-bit integer) grayscale image's values are taken over 0..2**pixel_bits - 1
     (`ModelConfig.pixel_bits`, as the edge takes them) and rounded to 8 bits; VocError for a
     pixel past that.
+
+    What training's augmentation reads (PIL's crops and resizes work on 8 bits: a 12-bit
+    image's levels within half a grey level). Evaluation reads images as the edge does, every
+    level kept (`evaluate_predict.edge_image`), so its figures and calibrated threshold are of
+    the edge's inputs.
     """
     return load_rgb_and_peak(image_path, pixel_bits)[0]
 
