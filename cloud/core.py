@@ -146,13 +146,21 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
     Raises:
         ManifestError: the directory, its manifest or its weights cannot be served.
     """
+    from splitdet.shared.checkpoint import why_unreadable
+
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir, verify=True)
     weights_path = model_dir / CLOUD_WEIGHTS
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, foreign formats
-        raise ManifestError(f"{weights_path}: cannot be loaded ({exc})") from exc
+        # one line, as for a checkpoint: torch's own message runs to a dozen lines and advises
+        # weights_only=False, which would run whatever code the file holds
+        try:
+            why = why_unreadable(weights_path, exc)
+        except OSError as gone:  # (replaced or removed since it was hashed)
+            why = gone.strerror or _one_line(gone)
+        raise ManifestError(f"{weights_path}: cannot be loaded ({why})") from None
     if not isinstance(state, dict):
         raise ManifestError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
     foreign = sorted(k for k in state if not str(k).startswith(CLOUD_PREFIXES))
@@ -263,8 +271,8 @@ class DetectionCore:
         self.max_decoded_bytes = int(max_decoded_bytes)
         #: called once per answer the store could not keep (the server counts them)
         self.on_store_error: Callable[[], None] | None = None
-        #: called once per call whose request id has another request's answer stored (the
-        #: server counts them)
+        #: called once per call computed whose request id names another request, stored or
+        #: running (the server counts them)
         self.on_id_conflict: Callable[[], None] | None = None
         #: which of those are logged: at most one `request_id_conflict` line per minute
         self.id_conflict_lines = LineLimiter()
@@ -302,15 +310,6 @@ class DetectionCore:
         """Fingerprints of every served model, the default first."""
         return tuple(self.models)
 
-    def manifest_json(self, fingerprint: str = "") -> str:
-        """A served model's manifest as JSON text (what manifest.json holds); "" = the default.
-
-        Raises:
-            FingerprintMismatch: no served model has that fingerprint.
-        """
-        manifest = self.model(fingerprint or self.fingerprint).manifest
-        return json.dumps(manifest.to_dict(), indent=2)
-
     def detect(
         self,
         call: DetectCall,
@@ -318,6 +317,7 @@ class DetectionCore:
         before_compute: Callable[[], None] | None = None,
         model: ServedModel | None = None,
         digest: str | None = None,
+        conflict: bool = False,
     ) -> DetectResult:
         """Answer one request.
 
@@ -333,6 +333,8 @@ class DetectionCore:
                 the call names), used even if a reload dropped it since; None: looked up now.
             digest: the call's `request_digest`, when the caller computed it already (the
                 servicer joins identical calls by it); None: computed here when needed.
+            conflict: another request of the call's id was running when it came (`InFlight`):
+                computed, its answer not stored (see `_stored`).
 
         Raises:
             FingerprintMismatch: the call is for another model.
@@ -341,7 +343,7 @@ class DetectionCore:
         """
         start = time.perf_counter()
         model = self.check_call(call, model)
-        stored = self._stored(model, call, digest)
+        stored, conflict = self._stored(model, call, digest, conflict)
         if stored is not None:
             timings = StageTimings(total_s=time.perf_counter() - start)
             return DetectResult(call.request_id, model.fingerprint, stored, timings, cached=True)
@@ -366,7 +368,7 @@ class DetectionCore:
             roi_s=head_timings.get("roi_s", 0.0),
             total_s=time.perf_counter() - start,
         )
-        if self.store is not None:
+        if self.store is not None and not conflict:  # (the first request's answer is kept)
             payload = json.dumps([[*d.box, d.score, d.label] for d in detections]).encode()
             answer = StoredAnswer(model.fingerprint, digest or request_digest(call), payload)
             try:
@@ -378,7 +380,7 @@ class DetectionCore:
                     self._store_resumed()
         return DetectResult(call.request_id, model.fingerprint, detections, timings)
 
-    def id_conflict(self, request_id: str, fingerprint: str) -> None:
+    def _id_conflict(self, request_id: str, fingerprint: str) -> None:
         """A call whose id names another request, stored or running: counted
         (`on_id_conflict`) each time, logged at most once a minute."""
         repeats = self.id_conflict_lines.admit(("request_id_conflict",))
@@ -389,7 +391,7 @@ class DetectionCore:
                 fields["repeats"] = repeats
             log.warning(
                 "request %r: other contents under this id are answered or being answered; "
-                "computed on its own, the first answer kept (the same image's features differ "
+                "computed on its own, its answer not stored (the same image's features differ "
                 "between machines or library builds, or an edge reuses ids)%s", request_id,
                 repeats_note(repeats, self.id_conflict_lines.every_s),
                 extra={"fields": fields},
@@ -461,10 +463,11 @@ class DetectionCore:
         """
         return self._checked_model(request_id, fingerprint)
 
-    def is_repeat(self, model: ServedModel, request_id: str) -> bool:
-        """True when an answer to `request_id` by `model` is stored (the request is then
-        answered without the heads, unless it turns out to differ from the one answered)."""
-        return self._answer_of(model, request_id) is not None
+    def is_repeat(self, model: ServedModel, request_id: str, digest: str) -> bool:
+        """True when an answer to `request_id` by `model` for the request of `digest`
+        (`request_digest`) is stored: the request is then answered without the heads."""
+        stored = self._answer_of(model, request_id)
+        return stored is not None and stored.digest == digest
 
     def _answer_of(self, model: ServedModel, request_id: str) -> StoredAnswer | None:
         """The stored answer to `request_id` by `model` (None: none stored, no store, or one
@@ -512,28 +515,31 @@ class DetectionCore:
         return model
 
     def _stored(
-        self, model: ServedModel, call: DetectCall, digest: str | None = None
-    ) -> tuple[Detection, ...] | None:
-        """The stored answer for a repeated request id, if one is valid for this call (its
-        `digest`, or the request hashed only then: a request is hashed once).
+        self, model: ServedModel, call: DetectCall, digest: str | None, conflict: bool
+    ) -> tuple[tuple[Detection, ...] | None, bool]:
+        """(the stored answer for a repeated request id, if one is valid for this call (its
+        `digest`, or the request hashed only then: a request is hashed once), else None;
+        whether the call is a conflict).
 
-        An answer stored for another request under the same id is not this call's: the call is
-        computed on its own (and the first answer stays stored), counted and logged
-        (`request_id_conflict`). The edge names a request by its image file's bytes, model and
+        A conflict is a call whose id names another request: one whose answer is stored, or
+        one running when this call started (`conflict` given, `InFlight`). It is computed on
+        its own, its answer not stored (the first request's is, or will be), and counted and
+        logged (`_id_conflict`). The edge names a request by its image file's bytes, model and
         codec, and the features of one image can differ in their last bits between machines
         and library builds (a line's image checked again with `predict --cloud` elsewhere, two
         edges without tokens given the same reference image): such a call is answered, not
         refused (it would be a dead letter for good)."""
         stored = self._answer_of(model, call.request_id)
-        if stored is None:
-            return None
-        if stored.digest != (digest or request_digest(call)):
-            self.id_conflict(call.request_id, call.fingerprint)
-            return None
-        return tuple(
+        if stored is None or stored.digest != (digest or request_digest(call)):
+            conflict = conflict or stored is not None
+            if conflict:
+                self._id_conflict(call.request_id, call.fingerprint)
+            return None, conflict
+        answer = tuple(
             Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
             for x1, y1, x2, y2, score, label in json.loads(stored.payload)
         )
+        return answer, conflict
 
     def _decode(
         self, model: ServedModel, image: ImageMeta, tensors: Sequence[EncodedTensor]

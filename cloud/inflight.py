@@ -8,12 +8,12 @@ determines the answer, as the answers store compares it; a log-only field such a
 `source` may differ) now waits for that answer instead, without a slot; if the first fails, it
 goes on as any call would. The first call keeps computing for those waiting even when its own
 caller has gone away (the usual reason for the retry). A call of the same model and request id
-but another request leads nor follows: it is computed on its own (and reported by the caller,
-`DetectionCore.id_conflict`), as it is once the first's answer is stored: alike whether it comes
-while the first runs or after.
+but another request is a conflict: it leads calls of its own request (an edge's retry of it
+waits for it too), and its caller knows (`conflict`), so that its answer is not stored over the
+first's (`DetectionCore.detect`), as for a call whose id has another request's answer stored.
 
     running = InFlight()
-    lead, follow = running.lead_or_follow(key, digest)
+    lead, follow, conflict = running.lead_or_follow(key, digest)
     if follow is not None:
         answer = InFlight.wait(follow, is_cancelled)   # the first call's result, or None
     ...
@@ -35,34 +35,37 @@ class Running:
     """One call being computed: its request's digest, and its answer once there."""
 
     digest: str  # the request's `request_digest`
+    conflict: bool = False  # another request of its key was running when it started
     done: threading.Event = field(default_factory=threading.Event)
     answer: Any = None  # what `finish` was given: None when the call failed
     followers: int = 0  # calls waiting for this one's answer (while it runs, only grows)
 
 
 class InFlight:
-    """The calls being computed now, by key (answers scope, model fingerprint, request id).
-    Thread-safe.
+    """The calls being computed now, by key (answers scope, model fingerprint, request id) and
+    request digest. Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[Hashable, Running] = {}
+        self._running: dict[Hashable, dict[str, Running]] = {}
 
-    def lead_or_follow(self, key: Hashable, digest: str) -> tuple[Running | None, Running | None]:
+    def lead_or_follow(
+        self, key: Hashable, digest: str
+    ) -> tuple[Running | None, Running | None, bool]:
         """(the entry this call now leads, or None; the identical running call's entry it
-        should wait for, or None). `digest`: the call's `request_digest`. Neither: a call of
-        the same key but another digest is running, and this one is computed on its own.
-        """
+        should wait for, or None; whether a call of the same key but another request, or of
+        another request leading the one it follows, is running: a conflict). `digest`: the
+        call's `request_digest`."""
         with self._lock:
-            running = self._running.get(key)
-            if running is None:
-                running = self._running[key] = Running(digest)
-                return running, None
-            if running.digest != digest:
-                return None, None
-            running.followers += 1
-        return None, running
+            by_digest = self._running.setdefault(key, {})
+            running = by_digest.get(digest)
+            if running is not None:
+                running.followers += 1
+                return None, running, running.conflict
+            conflict = bool(by_digest)
+            running = by_digest[digest] = Running(digest, conflict=conflict)
+        return running, None, conflict
 
     def finish(self, key: Hashable, running: Running | None, answer: Any) -> None:
         """End a call this one leads (`running` None: it led none): hand `answer` (None when
@@ -71,8 +74,11 @@ class InFlight:
             return
         running.answer = answer
         with self._lock:
-            if self._running.get(key) is running:
-                del self._running[key]
+            by_digest = self._running.get(key, {})
+            if by_digest.get(running.digest) is running:
+                del by_digest[running.digest]
+                if not by_digest:
+                    del self._running[key]
         running.done.set()
 
     @staticmethod

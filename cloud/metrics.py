@@ -132,9 +132,9 @@ class ServerMetrics:
         )
         self.request_id_conflicts = Counter(
             "splitdet_cloud_request_id_conflicts",
-            "Detect calls whose request id names other contents, answered or being answered: "
-            "computed on their own (the first answer stays stored). The same image's features "
-            "from another machine or library build, or an edge reusing ids.",
+            "Detect calls computed whose request id names other contents, answered or being "
+            "answered: computed on their own, their answers not stored. The same image's "
+            "features from another machine or library build, or an edge reusing ids.",
             registry=self.registry,
         )
         self.model = Gauge(

@@ -49,16 +49,6 @@ def call_from_proto(request: pb.DetectRequest) -> DetectCall:
     )
 
 
-def call_from_bytes(raw: bytes) -> DetectCall:
-    """A serialized DetectRequest as the core's DetectCall: wire bounds checked, then parsed.
-
-    Raises:
-        InvalidRequest: beyond the wire bounds (`check_request_wire`) or not a DetectRequest.
-    """
-    check_request_wire(raw)
-    return call_from_proto(parse_message(pb.DetectRequest, raw))
-
-
 def result_to_proto(result: DetectResult) -> pb.DetectResponse:
     """The core's DetectResult as a DetectResponse."""
     t = result.timings

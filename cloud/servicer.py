@@ -7,6 +7,7 @@ Requests arrive as raw bytes and are checked and parsed by cloud/request_wire.py
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from splitdet.cloud.request_wire import (
     result_to_proto,
 )
 from splitdet.cloud.slots import FairSlots, Outcome
+from splitdet.shared.manifest import Manifest
 from splitdet.shared.wire import detection_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,17 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
+def served_manifest_json(manifest: Manifest) -> str:
+    """A manifest as GetManifest sends it: manifest.json's contents without `extra`, the
+    export's own notes (the training machine's checkpoint path, its validation data, export
+    checks), which no client reads and a caller without a token must not learn. What an edge
+    checks is all there: the fingerprint's inputs (artifacts, model_config, gate_threshold,
+    spec_version), which still hash to it, and the class names."""
+    data = manifest.to_dict()
+    del data["extra"]
+    return json.dumps(data, indent=2)
+
+
 # --------------------------------------------------------------------------------- servicer
 
 
@@ -168,7 +181,7 @@ class DetectionServicer:
         self.max_queue_wait_s = max_queue_wait_s
         self.debug_delay_s = debug_delay_s
         self._slots = FairSlots(max_concurrent, max_queued)
-        # identical calls answered once; with stored answers, an id bound to one request
+        # identical calls answered once; another request of a running call's id is a conflict
         self._inflight = InFlight()
         metrics.queued.set_function(lambda: self._slots.waiting)
         self._draining = threading.Event()
@@ -186,10 +199,11 @@ class DetectionServicer:
         self._manifests = {fp: self._manifest_answer(fp) for fp in self.core.fingerprints}
 
     def _manifest_answer(self, fingerprint: str) -> bytes:
-        """GetManifest's serialized answer for a served model."""
+        """GetManifest's serialized answer for a served model: its manifest.json without
+        `extra` (`served_manifest_json`)."""
         return pb.ManifestResponse(
             model_fingerprint=fingerprint,
-            manifest_json=self.core.manifest_json(fingerprint),
+            manifest_json=served_manifest_json(self.core.model(fingerprint).manifest),
             served_fingerprints=self.core.fingerprints,
         ).SerializeToString()
 
@@ -246,11 +260,10 @@ class DetectionServicer:
         if self._draining.is_set():
             raise ShuttingDown("server is shutting down; send to another replica or retry later")
         # Checked before any wait: a malformed call, one for a model not served and the repeat
-        # of an answered one (--answers-db) are answered without a slot. Parsed only once it
-        # has one: a waiting call holds its request once, not twice.
+        # of an answered one (--answers-db) are answered without a slot. Parsed again only once
+        # it has one: a waiting call holds its request once, not twice.
         request_id, fingerprint = check_request_wire(raw)
         model = self.core.served_model(request_id, fingerprint)  # held: a reload ends no call
-        repeat = self.core.is_repeat(model, request_id)
         # its edge name claims a label only once the request passed its checks
         # (`_checked_call`), before any wait: a camera whose calls are refused for load shows
         # under its own name; malformed ones stay under the label they had, or "other"
@@ -275,15 +288,16 @@ class DetectionServicer:
             self._debug_delay(abandoned)
 
         try:
-            digest = None  # a repeat's is computed only if an answer is stored for its id
-            if not repeat:
-                # joined by what a stored answer is compared by (`request_digest`), not by
-                # the bytes: a log-only field (the image's source) may differ; the parsed
-                # request is dropped at once (a call waiting for a slot holds its bytes only)
-                digest = request_digest(self._checked_call(raw, model, context, edge))
-                lead, follow = self._inflight.lead_or_follow(key, digest)
-                if lead is None and follow is None:  # another request of this id runs
-                    self.core.id_conflict(request_id, model.fingerprint)
+            # hashed as a stored answer is compared (`request_digest`), not by its bytes: a
+            # log-only field (the image's source) may differ
+            checked = self._checked_call(raw, model, context, edge)
+            digest = request_digest(checked)
+            conflict = False  # another request of this id is running (`InFlight`)
+            if self.core.is_repeat(model, request_id, digest):
+                call = checked  # answered from the store, without a slot
+            else:
+                del checked  # (a call waiting for a slot holds its bytes only)
+                lead, follow, conflict = self._inflight.lead_or_follow(key, digest)
                 if follow is not None:  # the same request is being answered: its answer
                     answered = InFlight.wait(follow, is_cancelled)
                     if answered is not None:  # (the heads did not run for this call)
@@ -291,14 +305,12 @@ class DetectionServicer:
                         self._observe_answer(result, context, edge)
                         return result_to_proto(result).SerializeToString()
                 take_slot()  # (the identical call failed: this one is computed itself)
-            if repeat:  # (checked above otherwise)
-                call = self._checked_call(raw, model, context, edge)
-            else:
                 call = call_from_proto(parse_message(pb.DetectRequest, raw))
-            # (a repeat whose stored answer went meanwhile, or that differs, takes a slot now)
+            # (a repeat whose stored answer went meanwhile takes a slot now)
             result = self.core.detect(
-                call, abandoned, before_compute=take_slot, model=model, digest=digest
-            )
+                call, abandoned, before_compute=take_slot, model=model, digest=digest,
+                conflict=conflict,
+            )  # fmt: skip
             answer = result
             if is_cancelled():  # its caller left while it ran (on for a call waiting, or late)
                 if not result.cached:  # (a stored answer ran no heads)

@@ -44,7 +44,8 @@ class AcceptedTokens:
     file that blocks or hangs never stalls the server. A line that is not a usable token is
     logged and skipped, the rest applied; a file left with no usable token, or gone, is logged
     and the tokens before it kept. A file that is not regular (a pipe) is not read again: the
-    one token given is accepted.
+    one token given is accepted. A file other users can read is warned of at start, and at a
+    re-read only when its mode changed (shared/cli.warn_if_others_can_read).
     """
 
     def __init__(self, token: str | None = None, token_file: Path | None = None) -> None:
@@ -68,7 +69,12 @@ class AcceptedTokens:
 
     def _load(self, startup: bool = False) -> None:
         """Read the file's tokens into the accepted set (see the class docstring)."""
-        from splitdet.shared.cli import CommandError, token_lines, token_problem
+        from splitdet.shared.cli import (
+            CommandError,
+            token_lines,
+            token_problem,
+            warn_if_others_can_read,
+        )
 
         try:
             lines = token_lines(self.token_file)
@@ -76,6 +82,8 @@ class AcceptedTokens:
             log.error("%s; keeping the tokens before it", exc,
                       extra={"fields": {"event": "token_file_unreadable"}})  # fmt: skip
             return
+        # once per mode: a rotation that leaves the file as open as before says nothing again
+        warn_if_others_can_read(self.token_file)
         tokens = []
         for number, line in enumerate(lines, 1):
             problem = token_problem(line)

@@ -371,7 +371,8 @@ class EdgeDaemon:
         if self.store.created:  # a typo in --db would otherwise start afresh without a word
             log_event(logging.INFO, "db_created", db=str(config.db),
                       note="a new database: no earlier results or outbox in it")  # fmt: skip
-        if calibrated is not None and self.pipeline.threshold != calibrated:
+        given = config.threshold  # (None: the export's own, which overrides nothing)
+        if given is not None and calibrated is not None and given != calibrated:
             self._warn_threshold_override(calibrated)
         earlier = {fingerprint: n for fingerprint, n in self.store.outbox_fingerprints().items()
                    if fingerprint != self.fingerprint}  # fmt: skip

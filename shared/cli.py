@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -374,16 +375,55 @@ def token_problem(token: str) -> str | None:
     return "a token must be printable ASCII; it holds " + ", ".join(f"U+{ord(c):04X}" for c in bad)
 
 
+#: (token file, mode) pairs already warned of in this process (`warn_if_others_can_read`).
+_WARNED_TOKEN_MODES: set[tuple[str, int]] = set()
+
+
+def warn_if_others_can_read(token_file: Path) -> None:
+    """Log a WARNING (event token_file_open) when `token_file`, a regular file, grants other
+    users read or write access (mode & 0o006): a bearer token is a password, and `echo TOKEN
+    > FILE` under the usual umask 022 gives 0644. Once per file and mode per process: the
+    cloud reads its file again at each rotation, and says so again only when the mode changed.
+
+    A warning, not a refusal: a file shared with a group (0640, a service group) is a
+    deliberate choice and not warned of; a world-readable one still works, as it did, and a
+    running fleet must not stop at an upgrade. Not checked off POSIX, or when the file cannot
+    be examined (reading it says why)."""
+    if os.name != "posix":
+        return
+    try:
+        found = os.stat(token_file)
+    except OSError:
+        return
+    mode = found.st_mode & 0o777
+    if not stat.S_ISREG(found.st_mode) or not mode & 0o006:
+        return
+    key = (os.path.abspath(token_file), mode)
+    if key in _WARNED_TOKEN_MODES:
+        return
+    _WARNED_TOKEN_MODES.add(key)
+    can = {0o004: "read", 0o002: "change", 0o006: "read and change"}[mode & 0o006]
+    logging.getLogger(__name__).warning(
+        "--token-file %s has mode %04o: every user of this machine can %s the bearer "
+        "token in it; run `chmod 600 %s` (the token is still used)",
+        token_file, mode, can, token_file,
+        extra={"fields": {"event": "token_file_open", "path": str(token_file),
+                          "mode": f"{mode:04o}"}},
+    )  # fmt: skip
+
+
 def read_token(token_file: Path | None) -> str | None:
     """The bearer token: `token_file`'s first token line (see token_lines), else the
     SPLITDET_CLOUD_TOKEN environment variable, else None.
 
     CommandError if the file cannot be read, holds no token, or the token holds anything but
     printable ASCII: gRPC refuses such metadata on every call, so the edge would otherwise
-    find out only when its first flagged image fails.
+    find out only when its first flagged image fails. A WARNING when other users can read the
+    file (`warn_if_others_can_read`).
     """
     if token_file is not None:
         lines = token_lines(token_file)
+        warn_if_others_can_read(token_file)
         if not lines:
             raise CommandError(f"--token-file {token_file} is empty")
         token, source = lines[0], f"--token-file {token_file}"

@@ -79,6 +79,26 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _BARE = re.compile(r"[^\s\"\\=\x00-\x1f\x7f]+")
 #: Line breaks JSON leaves as they are (beside the control characters it escapes), escaped.
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+#: Every character that ends or splits a line (C0 and C1 controls, DEL, U+2028, U+2029), as
+#: JSON escapes it (\\n, \\t, \\u001b ...): a message embedding a file name holding one stays
+#: on its line. Other text, backslashes included, is left as it is (a message is for reading).
+_MESSAGE_CONTROLS = str.maketrans(
+    {
+        code: json.dumps(chr(code))[1:-1] if code < 0x20 else f"\\u{code:04x}"
+        for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+    }
+)
+
+
+#: Events whose message spans lines on purpose, left unescaped: SIGUSR1's thread stacks
+#: (shared/stacks.py), the one record the README lets take more than a line.
+MULTILINE_EVENTS = frozenset({"stacks"})
+
+
+def _event_of(record: logging.LogRecord) -> object:
+    """The record's `event` field, or None."""
+    fields = getattr(record, "fields", None)
+    return fields.get("event") if isinstance(fields, dict) else None
 
 
 class TextLogFormatter(logging.Formatter):
@@ -86,7 +106,9 @@ class TextLogFormatter(logging.Formatter):
     first, then the rest in their order. A value the message already shows as a word of its
     own (a path, a code, the event name of a message that is one) is left out, so a message
     that says it all reads as before. Strings go bare when they can, else quoted with JSON
-    escapes (a newline in a reason stays on the line); other values as compact JSON."""
+    escapes (a newline in a reason stays on the line); other values as compact JSON. The
+    message's own control characters (a newline in a file name it embeds) are escaped too
+    (`_MESSAGE_CONTROLS`): one line per record, but SIGUSR1's stacks (`MULTILINE_EVENTS`)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -99,6 +121,8 @@ class TextLogFormatter(logging.Formatter):
         logging.Formatter it leaves ``record.exc_text`` alone: another handler's formatter
         still writes the full traceback."""
         record.message = record.getMessage()
+        if _event_of(record) not in MULTILINE_EVENTS:  # one line
+            record.message = record.message.translate(_MESSAGE_CONTROLS)
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.config import ModelConfig
-from splitdet.shared.spec import SPEC_VERSION
+from splitdet.shared.spec import SIZE_DIVISIBLE, SPEC_VERSION
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -56,6 +57,19 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 class ManifestError(ValueError):
     """A model directory that cannot be served; the message names the file and the problem."""
+
+
+def gate_threshold_problem(value: Any) -> str | None:
+    """Why `value` cannot be a manifest's gate_threshold, or None: it must be a p(defect) from
+    0 to 1, as `splitdet export` writes it (training/export.py refuses any other). NaN would
+    judge every image ok, defective ones included, and a value above 1 flags nothing: both
+    would pass defects unnoticed (`edge run --threshold P` may still choose such a P on
+    purpose; a manifest cannot)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number (p(defect) from 0 to 1), got {repr(value)[:60]}"
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        return f"must be a p(defect) from 0 to 1, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ class Manifest:
                 "image_mean": list(self.model_config.image_mean),
                 "image_std": list(self.model_config.image_std),
                 "pixel_bits": self.model_config.pixel_bits,
-                "size_divisible": 32,
+                "size_divisible": SIZE_DIVISIBLE,
             },
             "model_config": self.model_config.to_dict(),
             "artifacts": dict(sorted(self.artifacts.items())),
@@ -169,13 +183,15 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
 
     With `verify`, every artifact's SHA-256 is recomputed and compared, and the fingerprint is
     recomputed: a model directory edited after export is refused, never half-served. The model
-    configuration is checked field by field whether or not (`ModelConfig`): a manifest whose
-    fingerprint matches is not trusted for that (anyone who can write the folder can make one).
+    configuration (`ModelConfig`) and the gate threshold are checked field by field whether or
+    not: a manifest whose fingerprint matches is not trusted for that (anyone who can write the
+    folder can make one).
 
     Raises:
         ManifestError: the manifest is missing, malformed, of another format or spec, holds a
             model_config field of the wrong type or out of range (the message names the field,
-            its value and the range), or (with `verify`) does not match the files.
+            its value and the range), holds a gate_threshold that is not a p(defect) from 0 to
+            1 (NaN, negative, above 1), or (with `verify`) does not match the files.
     """
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
@@ -204,6 +220,12 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
             model_config = ModelConfig.from_dict(data["model_config"])
         except (ValueError, TypeError) as exc:  # a value of the wrong type or out of range
             raise ManifestError(f"{path}: model_config: {exc}") from None
+        threshold_problem = gate_threshold_problem(data["gate_threshold"])
+        if threshold_problem is not None:
+            raise ManifestError(
+                f"{path}: gate_threshold {threshold_problem}; `splitdet export` writes no other: "
+                "re-export the model"
+            )
         manifest = Manifest(
             model_config=model_config,
             gate_threshold=float(data["gate_threshold"]),

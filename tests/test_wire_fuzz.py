@@ -6,8 +6,12 @@ names, image sizes, request id, fingerprint, and the serialized protobuf itself.
 
     codec.decode               returns arrays of exactly the expected shapes, float32 and finite,
                                or raises CodecError; never allocates for a size it was only told
-    servicer + DetectionCore   returns a DetectResult, or raises InvalidRequest (INVALID_ARGUMENT)
-                               or FingerprintMismatch (FAILED_PRECONDITION); nothing else
+    DetectionServicer.Detect   answers a DetectResponse, or refuses with INVALID_ARGUMENT or
+                               FAILED_PRECONDITION in a short message; nothing else
+
+Requests go through the servicer's own Detect (`_detect`), as a gRPC server calls it with a
+call's bytes: the wire bounds, the model and id checks, the parsing, the core's checks and its
+detect, in production's order, over a DetectionCore whose heads only record what reached them.
 
 Bounded and reproducible (derandomized). For a longer exploratory run:
     SPLITDET_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_wire_fuzz.py
@@ -21,7 +25,6 @@ import os
 import subprocess
 import sys
 import tracemalloc
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -32,20 +35,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitdet.cloud.call_status import MAX_STATUS_CHARS, status_for
-from splitdet.cloud.core import (
-    MAX_ORIGINAL_SIDE,
-    MAX_RESIZED_SIDE,
-    DetectCall,
-    DetectionCore,
-    DetectResult,
-    FingerprintMismatch,
-    InvalidRequest,
-)
+from splitdet.cloud.core import MAX_ORIGINAL_SIDE, MAX_RESIZED_SIDE, DetectionCore, InvalidRequest
 from splitdet.cloud.idempotency import IdempotencyStore
-from splitdet.cloud.request_wire import call_from_bytes, call_from_proto, parse_message
+from splitdet.cloud.metrics import ServerMetrics
+from splitdet.cloud.request_wire import call_from_proto
+from splitdet.cloud.servicer import DetectionServicer
 from splitdet.shared import codec
 from splitdet.shared.codec import CodecError, EncodedTensor, decode, encode
+from splitdet.shared.config import ModelConfig
 from splitdet.shared.detection import ImageMeta
+from splitdet.shared.manifest import Manifest
 from splitdet.shared.messages import build_request
 from splitdet.shared.spec import LEVEL_NAMES, SplitSpec, padded_size
 from splitdet.shared.wire import detection_pb2 as pb
@@ -351,27 +350,56 @@ class _RecordingHeads:
 
     def __init__(self) -> None:
         self.calls: list[tuple[dict[str, tuple[int, ...]], tuple, tuple]] = []
+        self.features: dict[str, np.ndarray] = {}  # the last call's
 
     def detect(self, features, image_sizes, original_sizes, timings=None):
         for name, tensor in features.items():
             assert torch.isfinite(tensor).all(), f"{name}: non-finite features reached the heads"
         shapes = {name: tuple(t.shape[1:]) for name, t in features.items()}
         self.calls.append((shapes, tuple(image_sizes), tuple(original_sizes)))
+        self.features = {name: t[0].numpy().copy() for name, t in features.items()}
         empty = torch.zeros(0)
         return [{"boxes": torch.zeros(0, 4), "scores": empty, "labels": empty.long()}]
 
 
-def _core() -> tuple[DetectionCore, _RecordingHeads]:
+class _Refused(Exception):
+    """What `_Context.abort` raises: the status a refused call ends with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class _Context:
+    """A Detect call's grpc.ServicerContext as the servicer reads it: a loopback caller with
+    no metadata and no deadline, still connected; `abort` raises `_Refused`."""
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def time_remaining(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Refused(code, details)
+
+
+def _servicer(channels: int = C) -> tuple[DetectionServicer, _RecordingHeads]:
+    """The servicer a `splitdet cloud` runs, over a core serving one model of `channels` FPN
+    channels and 96 px inputs (FINGERPRINT), with an answers store, its heads recording."""
     heads = _RecordingHeads()
-    manifest = SimpleNamespace(
-        model_config=SimpleNamespace(
-            split_spec=SPEC, class_names=("scratch",), min_size=96, max_size=96
-        ),
-        class_names=("scratch",),
-        fingerprint=FINGERPRINT,
-    )
+    config = ModelConfig(class_names=("scratch",), fpn_channels=channels, min_size=96,
+                         max_size=96)  # fmt: skip
+    manifest = Manifest(config, 0.5, "int8", {}, FINGERPRINT)
     store = IdempotencyStore(":memory:", 1000)
-    return DetectionCore(heads, manifest, store, max_decoded_bytes=MAX_DECODED), heads  # type: ignore[arg-type]
+    core = DetectionCore(heads, manifest, store, max_decoded_bytes=MAX_DECODED)  # type: ignore[arg-type]
+    return DetectionServicer(core, ServerMetrics((FINGERPRINT,)), max_concurrent=1), heads
 
 
 SIDE = st.one_of(
@@ -441,16 +469,24 @@ def _tensors_of(request: pb.DetectRequest) -> tuple[list[EncodedTensor], ImageMe
     return list(call.tensors), call.image
 
 
-def _serve(core: DetectionCore, raw: bytes) -> DetectResult | None:
-    """What the servicer does with a Detect call's bytes; None for a documented refusal."""
+#: The statuses a malformed request may end with: INVALID_ARGUMENT (InvalidRequest, the
+#: codec's CodecError) and FAILED_PRECONDITION (FingerprintMismatch: a model not served).
+REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _serve(servicer: DetectionServicer, raw: bytes) -> pb.DetectResponse | None:
+    """The servicer's answer to a Detect call of `raw`; None for a documented refusal."""
     try:
-        return core.detect(call_from_bytes(raw))
-    except (InvalidRequest, FingerprintMismatch) as exc:
-        assert 0 < len(str(exc)) <= MAX_MESSAGE_CHARS, str(exc)[:2000]
+        return pb.DetectResponse.FromString(servicer.Detect(raw, _Context()))
+    except _Refused as refused:
+        assert refused.code in REFUSALS, str(refused)[:2000]
+        assert 0 < len(refused.details) <= MAX_MESSAGE_CHARS, refused.details[:2000]
         return None
 
 
-def _check_served(result: DetectResult | None, heads: _RecordingHeads, request) -> None:
+def _check_served(
+    result: pb.DetectResponse | None, heads: _RecordingHeads, request: pb.DetectRequest
+) -> None:
     if result is None or result.cached:
         return
     shapes, image_sizes, original_sizes = heads.calls[-1]
@@ -458,14 +494,14 @@ def _check_served(result: DetectResult | None, heads: _RecordingHeads, request) 
     assert image_sizes == (resized,)
     assert original_sizes == ((request.image.original_height, request.image.original_width),)
     assert shapes == codec.expected_level_shapes(SPEC, padded_size(*resized))
-    assert result.fingerprint == FINGERPRINT and result.request_id == request.request_id
+    assert result.model_fingerprint == FINGERPRINT and result.request_id == request.request_id
 
 
 @FUZZ
 @given(mutated_request())
-def test_core_refuses_mutated_requests_cleanly(request: pb.DetectRequest) -> None:
-    core, heads = _core()
-    result = _serve(core, request.SerializeToString())
+def test_servicer_refuses_mutated_requests_cleanly(request: pb.DetectRequest) -> None:
+    servicer, heads = _servicer()
+    result = _serve(servicer, request.SerializeToString())
     _check_served(result, heads, request)
 
 
@@ -487,7 +523,7 @@ _WIRE_TAILS = {
 
 @FUZZ
 @given(valid_request(), st.data())
-def test_core_refuses_damaged_protobuf_bytes_cleanly(
+def test_servicer_refuses_damaged_protobuf_bytes_cleanly(
     request: pb.DetectRequest, data: st.DataObject
 ) -> None:
     raw = bytearray(request.SerializeToString())
@@ -505,29 +541,21 @@ def test_core_refuses_damaged_protobuf_bytes_cleanly(
         else:  # fields a valid request never has: repeated, unknown, grouped, many empty tensors
             tail = data.draw(st.sampled_from(sorted(_WIRE_TAILS)))
             raw += _WIRE_TAILS[tail] * data.draw(st.integers(1, 3))
-    core, heads = _core()
-    result = _serve(core, bytes(raw))
+    servicer, heads = _servicer()
+    result = _serve(servicer, bytes(raw))
     if result is not None:
         _check_served(result, heads, pb.DetectRequest.FromString(bytes(raw)))
 
 
 @FUZZ
 @given(valid_request())
-def test_core_serves_unmutated_requests(request: pb.DetectRequest) -> None:
-    core, heads = _core()
-    result = _serve(core, request.SerializeToString())
+def test_servicer_serves_unmutated_requests(request: pb.DetectRequest) -> None:
+    servicer, heads = _servicer()
+    result = _serve(servicer, request.SerializeToString())
     assert result is not None and not result.cached
     _check_served(result, heads, request)
-    again = _serve(core, request.SerializeToString())
+    again = _serve(servicer, request.SerializeToString())
     assert again is not None and again.cached
-
-
-def test_a_served_call_is_what_the_fuzz_targets():
-    """The servicer's translation is `call_from_proto`; guard the assumption the fuzz rests on."""
-    request = pb.DetectRequest(request_id="r", model_fingerprint=FINGERPRINT)
-    assert isinstance(call_from_proto(request), DetectCall)
-    with pytest.raises(InvalidRequest):
-        parse_message(pb.DetectRequest, b"\xff\xff\xff")
 
 
 # ------------------------------------------------------------------ regressions of findings
@@ -571,19 +599,20 @@ def test_wire_bombs_are_refused_before_parsing(case):
     request, _ = _valid_request_bytes()
     tail, named = WIRE_BOMBS[case]
     raw = request.SerializeToString() + tail
-    with pytest.raises(InvalidRequest, match=named) as refused:
-        call_from_bytes(raw)
-    assert len(str(refused.value)) <= MAX_STATUS_CHARS
+    servicer, heads = _servicer()
+    with pytest.raises(_Refused, match=named) as refused:
+        servicer.Detect(raw, _Context())
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and not heads.calls
+    assert len(refused.value.details) <= MAX_STATUS_CHARS
 
 
 _BOMB_RUNNER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from test_wire_fuzz import WIRE_BOMBS, _valid_request_bytes
-from splitdet.cloud.core import InvalidRequest
-from splitdet.cloud.request_wire import call_from_bytes
+from test_wire_fuzz import WIRE_BOMBS, _Context, _Refused, _servicer, _valid_request_bytes
 
 raw = _valid_request_bytes()[0].SerializeToString() + WIRE_BOMBS[sys.argv[2]][0]
+servicer, _ = _servicer()
 
 def peak_mib():
     with open("/proc/self/status") as status:
@@ -591,8 +620,8 @@ def peak_mib():
 
 before = peak_mib()
 try:
-    call_from_bytes(raw)
-except InvalidRequest:
+    servicer.Detect(raw, _Context())
+except _Refused:
     pass
 print(peak_mib() - before)
 """
@@ -629,14 +658,19 @@ def _unpacked(request: pb.DetectRequest, encoded: list[EncodedTensor]) -> bytes:
 
 
 def test_wire_bounds_pass_valid_requests_packed_or_not():
-    """256 channels (torchvision's FPN width), unpacked: the bounds leave valid protobuf alone."""
+    """256 channels (torchvision's FPN width), unpacked: the bounds leave valid protobuf alone,
+    and the heads get the levels the edge encoded either way."""
     request, encoded = _valid_request_bytes(channels=256)
     unpacked = _unpacked(request, encoded)
     assert pb.DetectRequest.FromString(unpacked) == request
+    sent = decode(encoded)
     for raw in (request.SerializeToString(), unpacked):
-        call = call_from_bytes(raw)
-        assert [t.shape for t in call.tensors] == [t.shape for t in encoded]
-        assert [t.scale for t in call.tensors] == [t.scale for t in encoded]
+        servicer, heads = _servicer(channels=256)
+        answer = _serve(servicer, raw)
+        assert answer is not None and not answer.cached
+        assert set(heads.features) == set(sent)
+        for name, array in sent.items():
+            np.testing.assert_array_equal(heads.features[name], array, err_msg=name)
 
 
 LONG = {
