@@ -37,6 +37,7 @@ def serve(checkpoint: str, port: int, threads: int, box_refine_steps: int | None
     from PIL import Image
 
     from splitdet.shared.checkpoint import load_model
+    from splitdet.shared.signal_event import event_setter
 
     torch.set_num_threads(threads)
     model, _ = load_model(checkpoint, box_refine_steps=box_refine_steps)
@@ -81,8 +82,8 @@ def serve(checkpoint: str, port: int, threads: int, box_refine_steps: int | None
     server.start()
     print(f"PORT {bound}", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, event_setter(stop))
+    signal.signal(signal.SIGINT, event_setter(stop))
     stop.wait()
     server.stop(2).wait()
 

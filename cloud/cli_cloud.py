@@ -29,6 +29,7 @@ from splitdet.shared.cli import (
     split_host_port,
     write_ready_file,
 )
+from splitdet.shared.signal_event import event_setter
 
 if TYPE_CHECKING:  # imports torch and grpc: `run` loads it when it runs
     from splitdet.cloud.server import CloudServer
@@ -413,9 +414,9 @@ def run(args: argparse.Namespace) -> int:
     # SIGHUP then: reloaded once serving (its default action would end the process).
     stop, reload = threading.Event(), threading.Event()
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set()),
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set()),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set()),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, event_setter(stop)),
+        signal.SIGINT: signal.signal(signal.SIGINT, event_setter(stop)),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, event_setter(reload)),
     }
     if args.forget_edges_after < 1:  # (the README's alert waits an hour)
         log.warning(

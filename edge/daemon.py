@@ -56,7 +56,7 @@ from types import FrameType
 
 from splitdet.edge.after_actions import AfterActions
 from splitdet.edge.client import AnswerRules, CloudClient
-from splitdet.edge.daemon_config import DaemonConfig, check_paths
+from splitdet.edge.daemon_config import DaemonConfig, check_paths, resolved_below
 from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.daemon_metrics import EdgeMetrics, model_labels, threshold_text
 from splitdet.edge.file_identity import path_text
@@ -81,6 +81,7 @@ from splitdet.edge.watcher import Candidate, HotFolder, enters_subfolder
 from splitdet.shared.cli import remove_ready_file, write_ready_file
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.metrics_http import start_metrics_server
+from splitdet.shared.signal_event import event_setter
 
 #: Milliseconds each try to open a --db another program holds locked at start waits for it
 #: (short: a SIGTERM is only seen between tries), and seconds between two tries.
@@ -102,15 +103,22 @@ class EdgeDaemon:
     """The hot-folder loop with its sender thread; see the module docstring."""
 
     def __init__(self, config: DaemonConfig, pipeline: EdgePipeline | None = None) -> None:
+        watch = config.watch.resolve()
         config = replace(  # absolute paths in the database and the logs
             config,
-            watch=config.watch.resolve(),
-            archive_dir=config.archive.resolve(),
-            quarantine_dir=config.quarantine.resolve(),
+            watch=watch,
+            archive_dir=resolved_below(config.archive, config.watch, watch),
+            quarantine_dir=resolved_below(config.quarantine, config.watch, watch),
+            save_annotated=(
+                resolved_below(config.save_annotated, config.watch, watch)
+                if config.save_annotated is not None
+                else None
+            ),
         )
         check_paths(config)
         self.config = config
         self._stop = threading.Event()  # (set by SIGTERM/SIGINT from the start-up wait on)
+        self._set_stop = event_setter(self._stop)
         self.signalled = False  # a SIGTERM or SIGINT asked it to stop
         refuse_foreign_file(config.db)  # another program's file: refused before its lock file
         # two daemons on one hot folder would each classify and send every image; taken first:
@@ -175,7 +183,11 @@ class EdgeDaemon:
             timeout_s=client_config.timeout_s,
             metrics=self.metrics,
             on_answer=(
-                annotate_hook(config.save_annotated, self.pipeline.manifest.model_config.pixel_bits)
+                annotate_hook(
+                    config.save_annotated,
+                    self.pipeline.manifest.model_config.pixel_bits,
+                    watch=config.watch,
+                )
                 if config.save_annotated
                 else None
             ),
@@ -241,10 +253,11 @@ class EdgeDaemon:
     # -------------------------------------------------------------------------- lifecycle
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        """Finish the current image, then leave the loop (signal-handler safe)."""
+        """Finish the current image, then leave the loop (signal-handler safe, also against a
+        storm of signals: `event_setter`)."""
         if signum is not None:
             self.signalled = True
-        self._stop.set()
+        self._set_stop(signum or 0, _frame)
 
     @property
     def processed(self) -> int:

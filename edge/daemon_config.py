@@ -174,7 +174,12 @@ def check_folder_links(config: DaemonConfig) -> None:
     (--archive WATCH/link): it can be changed by that account at any time; the admin names
     its target instead. A link outside --watch (/data/archive to a mount) stays allowed."""
     for flag, folder in config.output_folders():
-        link = _link_inside(folder, config.watch)
+        try:
+            link = _link_inside(folder, config.watch)
+        except OSError as exc:  # (a folder on the way this user may not look into)
+            raise ValueError(
+                f"{flag} {folder}: cannot look at it ({exc.strerror or exc})"
+            ) from None
         if link is None:
             continue
         what = "is" if Path(os.path.abspath(folder)) == link else f"leads through {link},"
@@ -222,3 +227,15 @@ def _link_inside(folder: Path, watch: Path) -> Path | None:
         else:
             todo = [*target.parts, *todo]
     return None
+
+
+def resolved_below(folder: Path, watch: Path, resolved_watch: Path) -> Path:
+    """`folder` made absolute as the daemon records it: one lying inside `watch` (by its path
+    as given) is `resolved_watch` (`watch` resolved) joined with the names below, never
+    resolved itself: a symbolic link the camera's account swapped in for it since
+    `check_folder_links` would otherwise be followed for the whole run (and, resolved to its
+    target outside --watch, never checked again); a folder outside --watch is resolved."""
+    inner, outer = Path(os.path.abspath(folder)), Path(os.path.abspath(watch))
+    if inner.is_relative_to(outer):
+        return resolved_watch / inner.relative_to(outer)
+    return folder.resolve()

@@ -560,10 +560,16 @@ class Sender(threading.Thread):
 
 
 def annotate_hook(
-    save_dir: Path, pixel_bits: int = 16, log_every_s: float = ANNOTATE_LOG_EVERY_S
+    save_dir: Path,
+    pixel_bits: int = 16,
+    log_every_s: float = ANNOTATE_LOG_EVERY_S,
+    watch: Path | None = None,
 ) -> Callable[[OutboxItem, CloudDetections], None]:
     """on_answer that writes the defect image with its boxes drawn into `save_dir`
-    (`pixel_bits`: the model's, so that 16-bit images show as the model saw them).
+    (`pixel_bits`: the model's, so that 16-bit images show as the model saw them). A
+    `save_dir` inside --watch `watch` that is, or lies under, a symbolic link there is not
+    written through (`file_moves.check_folder`, right before each image: the camera's account
+    could point it anywhere); that image fails as below.
 
     Each image is written whole or not at all (`save_annotated`). One that cannot be written
     (the disk full, the folder gone or read-only) is logged as a WARNING `annotate_failed`
@@ -571,6 +577,7 @@ def annotate_hook(
     failures it stands for; a full disk fails every image); once an image is written again,
     INFO `annotate_resumed` says how many were not. The result itself is stored either way."""
     from splitdet.edge.annotate import save_annotated
+    from splitdet.edge.file_moves import check_folder
     from splitdet.edge.preprocess import load_image
 
     failures = _AnnotateFailures(Path(save_dir), log_every_s)
@@ -591,6 +598,7 @@ def annotate_hook(
         target = Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg"
         image = load_image(source, pixel_bits)
         try:
+            check_folder(Path(save_dir), watch, create=True)
             save_annotated(
                 image,
                 answer.boxes.tolist(),

@@ -91,12 +91,20 @@ class FolderReports:
             skipped |= {name: why for name, why in self._skipped.items()
                         if _below_any(name, failed)}  # fmt: skip
         new = [name for name in sorted(skipped) if self._told.get(name) != skipped[name]]
-        for index, name in enumerate(new):
-            self._tell_skipped(name, skipped[name], index < SKIPPED_NAMED_PER_SCAN)
-            self._told[name] = skipped[name]
+        # only files not images by their name (sidecars) are counted rather than named past
+        # the first few: a link, a subfolder, a FIFO is what an operator asks about
+        sidecars, more = 0, {}
+        for name in new:
+            why = skipped[name]
+            named = why != EXTENSION or sidecars < SKIPPED_NAMED_PER_SCAN
+            sidecars += why == EXTENSION
+            self._tell_skipped(name, why, named)
+            if not named:
+                more[name] = why
+            self._told[name] = why
             self._told.move_to_end(name)
-        if len(new) > SKIPPED_NAMED_PER_SCAN:
-            self._tell_more_skipped({name: skipped[name] for name in new[SKIPPED_NAMED_PER_SCAN:]})
+        if more:
+            self._tell_more_skipped(more)
         self._skipped = skipped
         excess = len(self._told) - len(skipped) - SKIPPED_GONE_MEMORY
         if excess > 0:  # forget the names gone longest ago (the oldest told first)
@@ -117,8 +125,8 @@ class FolderReports:
         )  # fmt: skip
 
     def _tell_more_skipped(self, more: dict[str, str]) -> None:
-        """One INFO line (event "files_skipped") for the entries left alone that a scan found
-        new past the first SKIPPED_NAMED_PER_SCAN: how many, by why and extension (the most
+        """One INFO line (event "files_skipped") for the files not images by their name that a
+        scan found new past the first SKIPPED_NAMED_PER_SCAN: how many, by extension (the most
         first), so that a folder of thousands of sidecars is not a line each at every start."""
         counts: dict[tuple[str, str], int] = {}
         for name, why in more.items():
@@ -128,7 +136,7 @@ class FolderReports:
         text = ", ".join(f"{n} {why} {extension}" for (why, extension), n in ranked)
         path = str(self.folder)
         log.info(
-            f"{path}: {len(more)} more entries left alone, as those named above ({text}); "
+            f"{path}: {len(more)} more files left alone, not images by their name ({text}); "
             "each is named at DEBUG (--log-level DEBUG)",
             extra={"fields": {"event": "files_skipped", "path": path, "count": len(more),
                               "by": {f"{why} {ext}": n for (why, ext), n in ranked}}},

@@ -148,6 +148,48 @@ def test_links_swapped_in_while_running_are_not_followed(tmp_path, monkeypatch):
     assert file_moves.reason_path(rows["payload.png"]).is_file()
 
 
+def test_a_link_swapped_in_between_the_check_and_the_start_is_not_followed(tmp_path):
+    """A review: the settings were checked, then the daemon made its folders absolute with
+    resolve(), which followed a link put in place of WATCH/archive in between: the archive
+    became the link's target, outside --watch, for the whole run (and, resolved, was never
+    looked at as a folder inside --watch again). Folders inside --watch are now kept as
+    --watch resolved joined with their names: the link is found, and the start refused."""
+    outside = outside_target(tmp_path)
+    config = daemon_config(tmp_path, tmp_path, after="archive")  # (checked: no link yet)
+    (config.watch / "archive").symlink_to(outside, target_is_directory=True)
+    (config.watch / "a.png").write_bytes(png(20))
+    with pytest.raises(ValueError, match="symbolic link inside --watch"):
+        EdgeDaemon(config, pipeline=BrightIsDefective()).run()
+    assert os.listdir(outside) == []
+    assert (config.watch / "a.png").exists()
+
+
+def test_an_annotated_folder_swapped_for_a_link_is_not_written_through(tmp_path):
+    """A review: --save-annotated inside --watch was checked at start only, and the annotated
+    images were then written through a link swapped in for it. Each one now checks the folder
+    first: not written (annotate_failed), the result stored all the same."""
+    from splitdet.edge.client_answers import CloudDetections
+    from splitdet.edge.sender import annotate_hook
+    from splitdet.edge.store_types import OutboxItem
+
+    outside = outside_target(tmp_path)
+    watch = tmp_path / "hot"
+    (watch / "annotated").mkdir(parents=True)
+    image = watch / "a.png"
+    image.write_bytes(png(200))
+    (watch / "annotated").rmdir()
+    (watch / "annotated").symlink_to(outside, target_is_directory=True)
+    hook = annotate_hook(watch / "annotated", watch=watch)
+    item = OutboxItem(1, "req", b"", time.time(), 1, None, str(image), "f" * 64, None)
+    answer = CloudDetections(
+        request_id="req", fingerprint="f" * 64, boxes=np.array([[1.0, 1.0, 9.0, 9.0]]),
+        scores=np.array([0.9]), labels=np.array([1]), class_names=("scratch",), timings={},
+        cached=False,
+    )  # fmt: skip
+    hook(item, answer)
+    assert os.listdir(outside) == []
+
+
 def test_check_folder_refuses_a_link_anywhere_below_watch(tmp_path):
     """check_folder right before each write: a link anywhere from --watch down to the
     folder is refused (LinkedFolder, an OSError naming it), a real folder passes, and a
