@@ -396,7 +396,7 @@ def warn_if_others_can_read(token_file: Path) -> None:
     except OSError:
         return
     mode = found.st_mode & 0o777
-    if not stat.S_ISREG(found.st_mode) or not mode & 0o006:
+    if not stat.S_ISREG(found.st_mode) or not mode & 0o006 or _kept_out(token_file):
         return
     key = (os.path.abspath(token_file), mode)
     if key in _WARNED_TOKEN_MODES:
@@ -404,12 +404,25 @@ def warn_if_others_can_read(token_file: Path) -> None:
     _WARNED_TOKEN_MODES.add(key)
     can = {0o004: "read", 0o002: "change", 0o006: "read and change"}[mode & 0o006]
     logging.getLogger(__name__).warning(
-        "--token-file %s has mode %04o: every user of this machine can %s the bearer "
+        "--token-file %s has mode %04o: other users of this machine can %s the bearer "
         "token in it; run `chmod 600 %s` (the token is still used)",
-        token_file, mode, can, token_file,
+        token_file, mode, can, os.path.realpath(token_file),
         extra={"fields": {"event": "token_file_open", "path": str(token_file),
                           "mode": f"{mode:04o}"}},
     )  # fmt: skip
+
+
+def _kept_out(path: Path) -> bool:
+    """Whether a folder on the way to `path` (its real one) keeps other users out (no search
+    permission for them, 0700): they cannot reach the file, whatever its own mode."""
+    folder = Path(os.path.realpath(path)).parent
+    for step in (folder, *folder.parents):
+        try:
+            if not os.stat(step).st_mode & 0o001:
+                return True
+        except OSError:
+            return False
+    return False
 
 
 def read_token(token_file: Path | None) -> str | None:

@@ -91,8 +91,9 @@ _MESSAGE_CONTROLS = str.maketrans(
 
 
 #: Events whose message spans lines on purpose, left unescaped: SIGUSR1's thread stacks
-#: (shared/stacks.py), the one record the README lets take more than a line.
-MULTILINE_EVENTS = frozenset({"stacks"})
+#: (shared/stacks.py) and `splitdet eval`'s table of gate operating points, the records the
+#: READMEs let take more than a line.
+MULTILINE_EVENTS = frozenset({"stacks", "gate_operating_points"})
 
 
 def _event_of(record: logging.LogRecord) -> object:
@@ -108,7 +109,8 @@ class TextLogFormatter(logging.Formatter):
     that says it all reads as before. Strings go bare when they can, else quoted with JSON
     escapes (a newline in a reason stays on the line); other values as compact JSON. The
     message's own control characters (a newline in a file name it embeds) are escaped too
-    (`_MESSAGE_CONTROLS`): one line per record, but SIGUSR1's stacks (`MULTILINE_EVENTS`)."""
+    (`_MESSAGE_CONTROLS`): one line per record, but SIGUSR1's stacks and eval's table
+    (`MULTILINE_EVENTS`)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)

@@ -128,23 +128,38 @@ def token_file(where: Path, mode: int, name: str = "token.txt") -> Path:
     return path
 
 
+@pytest.fixture
+def reachable():
+    """A folder every user may reach (0755, under the system's temporary folder): pytest's
+    own tmp_path lies under a 0700 folder, which keeps others from any file in it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        yield Path(folder)
+
+
 def open_file_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if getattr(r, "fields", {}).get("event") == "token_file_open"]  # fmt: skip
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-def test_an_edge_token_file_others_can_read_is_warned_of_once(tmp_path, caplog):
+def test_an_edge_token_file_others_can_read_is_warned_of_once(reachable, tmp_path, caplog):
     """The README's `echo ... > token.txt` gives 0644: a WARNING names the file, its mode and
-    `chmod 600`, once; a private (0600) or group (0640) file is not warned of."""
+    `chmod 600`, once; a private (0600) or group (0640) file is not warned of, nor (a review)
+    one in a folder that keeps other users out (0700 on the way)."""
     from splitdet.shared.cli import read_token
 
-    path = token_file(tmp_path, 0o644)
+    path = token_file(reachable, 0o644)
     with caplog.at_level(logging.WARNING):
         assert read_token(path) == "s3cret-token"
         assert read_token(path) == "s3cret-token"
         for mode in (0o600, 0o640):
-            assert read_token(token_file(tmp_path, mode, f"{mode:o}.txt")) == "s3cret-token"
+            assert read_token(token_file(reachable, mode, f"{mode:o}.txt")) == "s3cret-token"
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        assert read_token(token_file(private, 0o644)) == "s3cret-token"
     [warning] = open_file_warnings(caplog)
     assert warning.levelno == logging.WARNING
     message = warning.getMessage()
@@ -153,13 +168,13 @@ def test_an_edge_token_file_others_can_read_is_warned_of_once(tmp_path, caplog):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_a_cloud_token_file_others_can_read_is_warned_of_at_start_not_at_each_reread(
-    tmp_path, caplog
+    reachable, caplog
 ):
     """The cloud reads its --token-file again at each change: the warning comes at start, not
     again at a re-read of a file as open as before."""
     from splitdet.cloud.tokens import AcceptedTokens
 
-    path = token_file(tmp_path, 0o604)
+    path = token_file(reachable, 0o604)
     with caplog.at_level(logging.INFO):
         tokens = AcceptedTokens(token_file=path)
         try:
@@ -228,6 +243,20 @@ def test_a_control_character_in_a_message_does_not_split_the_record(name):
     assert f'path="/hot/{escaped}"' in text  # (the exact value, as a field)
     line = JsonLogFormatter().format(record)
     assert len(line.splitlines()) == 1 and json.loads(line)["msg"] == record.getMessage()
+
+
+def test_eval_s_table_of_operating_points_keeps_its_lines(tiny_model_dir, tmp_path):
+    """A review: the escaping folded `splitdet eval`'s table of gate operating points (one
+    record, "a table on stderr" in training/README) into one line of literal \\n. Its
+    event is one of the records meant to span lines, as SIGUSR1's stacks."""
+    from splitdet.shared.logs import TextLogFormatter
+
+    table = "gate operating points:\n  target recall  threshold\n  99.5%  0.25"
+    record = logging.LogRecord("splitdet.training.cli_eval", logging.INFO, __file__, 1,
+                               "%s", (table,), None)  # fmt: skip
+    record.fields = {"event": "gate_operating_points"}
+    lines = TextLogFormatter().format(record).splitlines()
+    assert lines[-2] == "  target recall  threshold" and lines[-1].startswith("  99.5%  0.25")
 
 
 # ------------------------------------------------ 6. the manifest's size_divisible

@@ -172,7 +172,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     for overlap in overlaps:  # beside the headline figures they make read better
         log.warning("%s", overlap)
     if metrics.get("gate_operating_points"):
-        log.info("%s", operating_points_table(metrics))
+        log.info("%s", operating_points_table(metrics),
+                 extra={"fields": {"event": "gate_operating_points"}})  # fmt: skip
     for name, figures in metrics["per_class"].items():
         if not figures["objects"]:
             log.warning(

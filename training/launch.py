@@ -48,10 +48,10 @@ def train_processes(
     The ranks print no line of how the run stopped (PARENT_PID_ENV tells them): every rank
     gets the launcher's SIGTERM whether the user stopped the run or a rank's end made the
     launcher stop the others, and only this process knows which. It prints `stop_line`'s:
-    "stopped on SIGTERM" (or "interrupted", Ctrl-C) when a signal stopped it; when a rank
-    ended with an error it said itself, a line pointing at it, only when a checkpoint is kept
-    (else that error stays the last line); when a rank was killed by a signal, "another
-    process of this run ended" and the line naming it.
+    "stopped on SIGTERM" (or "interrupted", Ctrl-C) when a signal stopped it; when a rank was
+    killed by a signal, "another process of this run ended" and the line naming it. A rank
+    that ended with an error it said itself leaves that error the last line (a run refused
+    at its start, its --out held by another, has a last.pt that is not this run's to resume).
 
     Returns the exit status: 0 when every rank trained; the first failed rank's own status
     (2: a problem it named on stderr); 128 + N when signal N stopped the launcher or a rank.
@@ -106,9 +106,8 @@ def _failed(stop_line: StopLine | None, rank: int, pid: int, exitcode: int) -> i
     if exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a signal sent to the rank
         _say(stop_line, _signal_stop(exitcode - 128), checkpoint_only=False)
         return exitcode
-    if exitcode >= 0:  # the rank printed its own error, the run's last line but for this
-        _say(stop_line, f"stopped: rank {rank} ended with the error above", checkpoint_only=True)
-        return exitcode
+    if exitcode >= 0:  # the rank printed its own error: the run's last line (a line saying
+        return exitcode  # what last.pt holds would be false for a run refused at its start)
     signum = -exitcode
     _say(stop_line, "stopped: another process of this run ended", checkpoint_only=True)
     print(
