@@ -17,6 +17,7 @@ from types import FrameType
 
 from splitdet.cloud.server import CloudServer
 from splitdet.cloud.server_config import ServerConfig
+from splitdet.shared.signal_event import event_setter, safe_setter
 
 # the logger these lines had before they moved out of server.py: log pipelines filter on it
 log = logging.getLogger("splitdet.cloud.server")
@@ -56,17 +57,20 @@ def serve(
     hurry = threading.Event()
     draining_since: list[float] = []  # monotonic s the drain began
 
+    # (a handler takes no lock: the Events are set by a helper thread, `signal_event`)
+    set_hurry, set_stop = safe_setter(hurry), safe_setter(stop)
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
         # another SIGTERM or SIGINT once draining: no more grace (not one sent with the first,
         # as a terminal's and a wrapper's SIGINT often are)
         if draining_since and time.monotonic() - draining_since[0] >= HURRY_AFTER_S:
-            hurry.set()
-        stop.set()
+            set_hurry()
+        set_stop()
 
     # before start(): once it serves, a signal drains it rather than killing it
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, event_setter(reload))
     try:
         if stop.is_set():
             log.info("stopped before serving")

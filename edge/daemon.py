@@ -253,11 +253,13 @@ class EdgeDaemon:
     # -------------------------------------------------------------------------- lifecycle
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        """Finish the current image, then leave the loop (signal-handler safe, also against a
-        storm of signals: `event_setter`)."""
-        if signum is not None:
-            self.signalled = True
-        self._set_stop(signum or 0, _frame)
+        """Finish the current image, then leave the loop. As a signal's handler (`signum`
+        given) it takes no lock (`event_setter`: the Event is set by a helper thread)."""
+        if signum is None:
+            self._stop.set()
+            return
+        self.signalled = True
+        self._set_stop(signum, _frame)
 
     @property
     def processed(self) -> int:
