@@ -91,13 +91,14 @@ class FolderReports:
             skipped |= {name: why for name, why in self._skipped.items()
                         if _below_any(name, failed)}  # fmt: skip
         new = [name for name in sorted(skipped) if self._told.get(name) != skipped[name]]
-        # only files not images by their name (sidecars) are counted rather than named past
-        # the first few: a link, a subfolder, a FIFO is what an operator asks about
-        sidecars, more = 0, {}
+        # the first few of each kind are named (a link or a FIFO is not hidden behind
+        # sidecars), the rest counted: a folder of thousands of sidecars, or of links
+        told: dict[str, int] = {}
+        more = {}
         for name in new:
             why = skipped[name]
-            named = why != EXTENSION or sidecars < SKIPPED_NAMED_PER_SCAN
-            sidecars += why == EXTENSION
+            named = told.get(why, 0) < SKIPPED_NAMED_PER_SCAN
+            told[why] = told.get(why, 0) + 1
             self._tell_skipped(name, why, named)
             if not named:
                 more[name] = why
@@ -125,9 +126,10 @@ class FolderReports:
         )  # fmt: skip
 
     def _tell_more_skipped(self, more: dict[str, str]) -> None:
-        """One INFO line (event "files_skipped") for the files not images by their name that a
-        scan found new past the first SKIPPED_NAMED_PER_SCAN: how many, by extension (the most
-        first), so that a folder of thousands of sidecars is not a line each at every start."""
+        """One INFO line (event "files_skipped") for the entries left alone that a scan found
+        new past the first SKIPPED_NAMED_PER_SCAN of their kind: how many, by kind and
+        extension (the most first), so that a folder of thousands of sidecars (or links) is
+        not a line each at every start."""
         counts: dict[tuple[str, str], int] = {}
         for name, why in more.items():
             extension = os.path.splitext(name)[1].lower() or "(none)"
@@ -136,8 +138,8 @@ class FolderReports:
         text = ", ".join(f"{n} {why} {extension}" for (why, extension), n in ranked)
         path = str(self.folder)
         log.info(
-            f"{path}: {len(more)} more files left alone, not images by their name ({text}); "
-            "each is named at DEBUG (--log-level DEBUG)",
+            f"{path}: {len(more)} more entries left alone ({text}); each is named at DEBUG "
+            "(--log-level DEBUG)",
             extra={"fields": {"event": "files_skipped", "path": path, "count": len(more),
                               "by": {f"{why} {ext}": n for (why, ext), n in ranked}}},
         )  # fmt: skip

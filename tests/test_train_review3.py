@@ -249,3 +249,35 @@ def test_plain_torchrun_killed_takes_its_ranks_with_it(tiny_voc, tmp_path):
     code, _, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_torchrun)
     assert code == -signal.SIGKILL and len(ranks) == 2, (ranks, err)
     assert _wait_until_gone(run) == []  # (they trained on, re-parented, holding --out)
+
+
+def test_a_rank_error_points_to_the_resume_only_when_this_launch_wrote_a_checkpoint(
+    tmp_path, capsys
+):
+    """A review: a --nproc-per-node run refused at start (its --out held by another run) ended
+    with 'continue with --resume' pointing at the other run's last.pt; the first fix dropped
+    the line for every rank error, also one at epoch 30 of this launch. Now the line comes
+    only when the run folder holds a checkpoint written since this launch began."""
+    import argparse
+    import os
+    import time
+
+    from splitdet.training import cli_train, launch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"older")
+    os.utime(out / "last.pt", (time.time() - 3600, time.time() - 3600))
+    args = argparse.Namespace(data="D", out=str(out), nproc_per_node=2)
+
+    def stop_line(how, since):
+        if since is not None and not cli_train._holds_checkpoint(args, since):
+            return None
+        return f"splitdet train: {how}; continue"
+
+    started = time.time() - 60
+    assert launch._failed(stop_line, 1, 4242, 2, started) == 2
+    assert capsys.readouterr().err == ""  # the other run's last.pt: no line
+    (out / "last.pt").write_bytes(b"this launch's")
+    assert launch._failed(stop_line, 1, 4242, 2, started) == 2
+    assert "rank 1 ended with the error above" in capsys.readouterr().err

@@ -260,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
         from splitdet.training.launch import train_processes
 
-        def said(how: str, checkpoint_only: bool) -> str | None:
-            if checkpoint_only and not _holds_checkpoint(args):
+        def said(how: str, since: float | None) -> str | None:
+            if since is not None and not _holds_checkpoint(args, since):
                 return None
             return _stopped_on_sigterm(args, how, processes=args.nproc_per_node)
 
@@ -407,11 +407,18 @@ PEER_ENDED_START_AGAIN = "start it again once what ended that process is fixed"
 START_AGAIN = "start it again"
 
 
-def _holds_checkpoint(args: argparse.Namespace) -> bool:
-    """Whether the run folder holds last.pt or best.pt (a --resume continues from it)."""
+def _holds_checkpoint(args: argparse.Namespace, since: float = 0.0) -> bool:
+    """Whether the run folder holds last.pt or best.pt (a --resume continues from it) written
+    at or after `since` (unix s)."""
     from pathlib import Path
 
-    return any((Path(args.out) / name).is_file() for name in ("last.pt", "best.pt"))
+    for name in ("last.pt", "best.pt"):
+        try:
+            if (Path(args.out) / name).stat().st_mtime >= since:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _stopped_on_sigterm(

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from splitdet.shared.parent_death import PARENT_PID_ENV
@@ -28,11 +29,11 @@ RANK_MODULE = "splitdet.training.cli_train"
 LOG_LEVEL_ENV = "SPLITDET_LOG_LEVEL"
 
 
-#: `train_processes`' way of saying how a run stopped: `(how, checkpoint_only)` -> the line
-#: (what the run kept, the `--resume` command) or None; `how` as "stopped on SIGTERM";
-#: `checkpoint_only`: give None when the run kept no checkpoint (the line would only repeat the
-#: error above it, without a command to continue).
-StopLine = Callable[[str, bool], "str | None"]
+#: `train_processes`' way of saying how a run stopped: `(how, since)` -> the line (what the
+#: run kept, the `--resume` command) or None; `how` as "stopped on SIGTERM"; `since` (unix s):
+#: give None unless the run folder holds a checkpoint written at or after it (0: any), so that
+#: the line never points at a last.pt that is not this run's to resume; None: always a line.
+StopLine = Callable[[str, "float | None"], "str | None"]
 
 
 def train_processes(
@@ -49,9 +50,10 @@ def train_processes(
     gets the launcher's SIGTERM whether the user stopped the run or a rank's end made the
     launcher stop the others, and only this process knows which. It prints `stop_line`'s:
     "stopped on SIGTERM" (or "interrupted", Ctrl-C) when a signal stopped it; when a rank was
-    killed by a signal, "another process of this run ended" and the line naming it. A rank
-    that ended with an error it said itself leaves that error the last line (a run refused
-    at its start, its --out held by another, has a last.pt that is not this run's to resume).
+    killed by a signal, "another process of this run ended" and the line naming it; when a
+    rank ended with an error it said itself, a line pointing at it, only when this launch
+    wrote a checkpoint (a run refused at its start, its --out held by another run, has a
+    last.pt that is not its to resume: the error stays the last line).
 
     Returns the exit status: 0 when every rank trained; the first failed rank's own status
     (2: a problem it named on stderr); 128 + N when signal N stopped the launcher or a rank.
@@ -60,6 +62,7 @@ def train_processes(
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    started = time.time()  # (a checkpoint older than this is not this launch's)
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     with (
@@ -78,11 +81,11 @@ def train_processes(
         try:
             torchrun.run(launch_args)
         except SignalException as exc:  # the ranks got it too, and stopped
-            _say(stop_line, _signal_stop(int(exc.sigval)), checkpoint_only=False)
+            _say(stop_line, _signal_stop(int(exc.sigval)), since=None)
             return 128 + int(exc.sigval)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            return _failed(stop_line, rank, failure.pid, failure.exitcode)
+            return _failed(stop_line, rank, failure.pid, failure.exitcode, started)
     return 0
 
 
@@ -98,18 +101,20 @@ def _signal_stop(signum: int) -> str:
         return f"stopped on signal {signum}"
 
 
-def _failed(stop_line: StopLine | None, rank: int, pid: int, exitcode: int) -> int:
+def _failed(stop_line: StopLine | None, rank: int, pid: int, exitcode: int, started: float) -> int:
     """Say how the run ended when rank `rank` (pid `pid`) failed first with `exitcode` (as
-    `subprocess`'s: -N for signal N), the others stopped by the launcher; its exit status."""
+    `subprocess`'s: -N for signal N), the others stopped by the launcher (`started`: unix s
+    this launch began); its exit status."""
     import signal
 
     if exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a signal sent to the rank
-        _say(stop_line, _signal_stop(exitcode - 128), checkpoint_only=False)
+        _say(stop_line, _signal_stop(exitcode - 128), since=None)
         return exitcode
-    if exitcode >= 0:  # the rank printed its own error: the run's last line (a line saying
-        return exitcode  # what last.pt holds would be false for a run refused at its start)
+    if exitcode >= 0:  # the rank printed its own error
+        _say(stop_line, f"stopped: rank {rank} ended with the error above", since=started)
+        return exitcode
     signum = -exitcode
-    _say(stop_line, "stopped: another process of this run ended", checkpoint_only=True)
+    _say(stop_line, "stopped: another process of this run ended", since=0.0)
     print(
         f"splitdet train: rank {rank} (pid {pid}) was killed by signal {signum}; the others "
         "were stopped",
@@ -118,9 +123,9 @@ def _failed(stop_line: StopLine | None, rank: int, pid: int, exitcode: int) -> i
     return 128 + signum
 
 
-def _say(stop_line: StopLine | None, how: str, *, checkpoint_only: bool) -> None:
+def _say(stop_line: StopLine | None, how: str, *, since: float | None) -> None:
     """Print `stop_line`'s line for `how`, if it gives one."""
-    line = stop_line(how, checkpoint_only) if stop_line is not None else None
+    line = stop_line(how, since) if stop_line is not None else None
     if line:
         print(line, file=sys.stderr)
 
