@@ -250,6 +250,23 @@ def image_rows(db: Path) -> list[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM images ORDER BY id")]
 
 
+def processes_naming(path: Path) -> list[int]:
+    """Pids of the live processes (zombies left out) whose command line names `path`: the
+    ranks of a training run."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(path).encode() in words and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (a cloud that is down, or one to start there)."""
     import socket

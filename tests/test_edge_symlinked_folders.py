@@ -9,7 +9,6 @@ machine. Real files and folders, the real daemon in-process with a stand-in pipe
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from test_edge_daemon import BrightIsDefective
+from test_edge_daemon_faults import png
 
 from splitdet.edge import after_actions, file_moves
 from splitdet.edge.daemon import EdgeDaemon
@@ -30,13 +29,6 @@ from support import daemon_config, image_rows, running, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 BROKEN = b"\x89PNG\r\n\x1a\n not really a png"
-
-
-def png(level: int) -> bytes:
-    """A small PNG of one grey level."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((24, 32, 3), level, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def outside_target(tmp_path: Path) -> Path:

@@ -17,22 +17,7 @@ import pytest
 from splitdet.shared.checkpoint import read_checkpoint
 from splitdet.shared.cli import main
 
-from support import run_until, train_argv
-
-
-def _processes_naming(path: Path) -> list[int]:
-    """Pids of the live processes whose command line names `path` (the ranks of a run)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            words = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(path).encode() in words:
-            pids.append(int(entry.name))
-    return pids
+from support import processes_naming, run_until, train_argv
 
 
 def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tmp_path):
@@ -55,7 +40,7 @@ def test_two_processes_train_stop_on_sigterm_in_one_line_and_resume(tiny_voc, tm
         f"continue with `splitdet train --data {tiny_voc} --out {run} --resume "
         "--nproc-per-node 2`"
     )
-    assert _processes_naming(run) == []  # no rank outlives the launcher
+    assert processes_naming(run) == []  # no rank outlives the launcher
     litter = set(Path(tempfile.gettempdir()).glob("torchelastic_*")) - litter_before
     assert litter == set(), litter  # (the launcher's own log folder, left after every run)
     epoch = read_checkpoint(run / "last.pt")["epoch"]
@@ -115,7 +100,7 @@ def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path
     killed = []
 
     def kill_rank_1(process: subprocess.Popen) -> None:
-        for pid in _processes_naming(run):
+        for pid in processes_naming(run):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             if pid != process.pid and b"RANK=1" in environ:
                 os.kill(pid, signal.SIGKILL)
@@ -135,7 +120,7 @@ def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path
         "splitdet train: stopped: another process of this run ended",
         "splitdet train: stopped on SIGTERM",
     ), err
-    assert _processes_naming(run) == []
+    assert processes_naming(run) == []
 
 
 def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path):
@@ -149,15 +134,15 @@ def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path):
     ranks = []
 
     def kill_launcher(process: subprocess.Popen) -> None:
-        ranks.extend(pid for pid in _processes_naming(run) if pid != process.pid)
+        ranks.extend(pid for pid in processes_naming(run) if pid != process.pid)
         process.kill()
 
     code, _, _ = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_launcher)
     assert code == -signal.SIGKILL and len(ranks) == 2, ranks
     deadline = time.monotonic() + 30
-    while _processes_naming(run) and time.monotonic() < deadline:
+    while processes_naming(run) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_naming(run) == []
+    assert processes_naming(run) == []
 
 
 def test_a_run_stopped_between_best_and_last_is_told_to_resume(tmp_path):

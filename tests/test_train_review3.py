@@ -25,33 +25,17 @@ from splitdet.shared.checkpoint import read_checkpoint
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import free_port, run_until, train_argv
+from support import free_port, processes_naming, run_until, train_argv
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
-
-
-def _processes_naming(path: Path) -> list[int]:
-    """Pids of the live processes whose command line names `path` (the ranks of a run)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            words = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if str(path).encode() in words and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def _wait_until_gone(path: Path, seconds: float = 60.0) -> list[int]:
     """Wait for the processes naming `path` to end; those left after `seconds`."""
     deadline = time.monotonic() + seconds
-    while _processes_naming(path) and time.monotonic() < deadline:
+    while processes_naming(path) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _processes_naming(path)
+    return processes_naming(path)
 
 
 # ------------------------------------------------- 1, 2, 5: two ranks resume from best.pt alone
@@ -173,7 +157,7 @@ def test_a_rank_killed_is_not_said_as_a_sigterm_of_the_user(tiny_voc, tmp_path):
         """SIGKILL rank 1 with rank 0 held (SIGSTOP) until the launcher's SIGTERM is pending
         for it: rank 0 then meets that SIGTERM, not the closed connection, first."""
         ranks = {}
-        for pid in _processes_naming(run):
+        for pid in processes_naming(run):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             for rank in (b"0", b"1"):
                 if pid != process.pid and b"RANK=" + rank in environ:
@@ -243,7 +227,7 @@ def test_plain_torchrun_killed_takes_its_ranks_with_it(tiny_voc, tmp_path):
     ranks = []
 
     def kill_torchrun(process: subprocess.Popen) -> None:
-        ranks.extend(pid for pid in _processes_naming(run) if pid != process.pid)
+        ranks.extend(pid for pid in processes_naming(run) if pid != process.pid)
         process.kill()
 
     code, _, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_torchrun)
