@@ -258,7 +258,6 @@ class AfterActions:
             # LinkedFolder: a link inside --watch, not followed (the move fails, tried later)
             self._check_folder(target, create)
             try:
-                self._check_folder(target)  # (again, right before the move)
                 if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
                     source.unlink()
                 else:

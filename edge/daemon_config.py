@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitdet.edge.client import ClientConfig
+from splitdet.edge.file_moves import names_below
 from splitdet.edge.preprocess import IMAGE_SUFFIXES
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import OutboxCap
@@ -235,7 +236,5 @@ def resolved_below(folder: Path, watch: Path, resolved_watch: Path) -> Path:
     resolved itself: a symbolic link the camera's account swapped in for it since
     `check_folder_links` would otherwise be followed for the whole run (and, resolved to its
     target outside --watch, never checked again); a folder outside --watch is resolved."""
-    inner, outer = Path(os.path.abspath(folder)), Path(os.path.abspath(watch))
-    if inner.is_relative_to(outer):
-        return resolved_watch / inner.relative_to(outer)
-    return folder.resolve()
+    names = names_below(folder, watch)
+    return folder.resolve() if names is None else resolved_watch.joinpath(*names)

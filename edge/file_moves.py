@@ -80,7 +80,7 @@ def open_folder(
     its path says (an admin's link there, e.g. to a mount, is followed). With `create`, the
     missing folders on the way are made (mode 0o777 less the umask, as Path.mkdir). OSError
     when the folder is missing (without `create`) or cannot be opened."""
-    names = _names_below(folder, watch)
+    names = names_below(folder, watch)
     if names is None or watch is None:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def check_folder(folder: Path, watch: Path | None, create: bool = False) -> None
     os.close(open_folder(folder, watch, create=create))
 
 
-def _names_below(folder: Path, watch: Path | None) -> tuple[str, ...] | None:
+def names_below(folder: Path, watch: Path | None) -> tuple[str, ...] | None:
     """The names from `watch` down to `folder` when it lies inside `watch` (both made
     absolute, not resolved: a link is what is looked for), else None."""
     if watch is None:

@@ -50,12 +50,13 @@ desktop.ini, .json/.xml/.txt sidecars) are left alone: never read, moved, delete
 quarantined, and never recorded. Each is logged once at INFO (event "file_skipped", not a
 WARNING: they are expected and need no action, and a sidecar per image would bury the
 warnings that do) when first seen; of those a scan finds new, the first SKIPPED_NAMED_PER_SCAN
-by name are, the others are counted in one INFO line (event "files_skipped") and each named at
-DEBUG (a folder of 10 000 sidecars at start-up). `skipped_files()` says how many the last scan
-found (the daemon serves it as the `splitdet_edge_skipped_files` gauge: a camera writing its images
-under another extension shows there, not as quarantined files). "Once" holds while the file
-stays and for the SKIPPED_GONE_MEMORY names last gone, so a status file the camera deletes and
-writes again is not logged each time; memory stays bounded by the folder's contents.
+of each kind (sidecar, link, subfolder, FIFO) by name are, the others are counted in one INFO
+line (event "files_skipped") and each named at DEBUG (a folder of 10 000 sidecars at
+start-up). `skipped_files()` says how many the last scan found (the daemon serves it as the
+`splitdet_edge_skipped_files` gauge: a camera writing its images under another extension
+shows there, not as quarantined files). "Once" holds while the file stays and for the
+SKIPPED_GONE_MEMORY names last gone, so a status file the camera deletes and writes again is
+not logged each time; memory stays bounded by the folder's contents.
 
 So are the other entries never taken, each with its own reason (the line's "why"): a subfolder
 without `recursive` (told once as a folder, its files not listed), a symbolic link, to a file

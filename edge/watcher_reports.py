@@ -32,8 +32,8 @@ log = logging.getLogger("splitdet.edge.watcher")
 
 #: Skipped names no longer in the folder that are still remembered as told (see the docstring).
 SKIPPED_GONE_MEMORY = 4096
-#: Entries left alone named at INFO per scan, the first by name; the others new in the same
-#: scan (a folder of sidecars at start-up) are counted in one INFO line, each named at DEBUG.
+#: Entries left alone named at INFO per scan and kind, the first by name; the others new in the
+#: same scan (a folder of sidecars at start-up) are counted in one INFO line, each at DEBUG.
 SKIPPED_NAMED_PER_SCAN = 10
 #: Seconds between reads of a file this process may not read (EACCES, EPERM), and between the
 #: WARNINGs saying so while it lasts.
