@@ -267,6 +267,31 @@ def processes_naming(path: Path) -> list[int]:
     return pids
 
 
+def cli_train_rank(rank: int, world: int, port: int, runs: list[list[str]], logs: str) -> None:
+    """One torchrun-like rank (for torch.multiprocessing.spawn): `cli_train.main` for each argv
+    of `runs` in turn, its stdout and stderr in LOGS/rankN.txt (asserting each exits 0)."""
+    import torch
+    import torch.distributed as dist
+
+    from splitdet.training import cli_train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    torch.set_num_threads(1)
+    with open(Path(logs) / f"rank{rank}.txt", "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            for argv in runs:
+                assert cli_train.main(argv) == 0
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (a cloud that is down, or one to start there)."""
     import socket

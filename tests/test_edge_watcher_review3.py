@@ -117,12 +117,17 @@ def _returns(call) -> bool:
     return not thread.is_alive()
 
 
+def _scanned(shot: Path) -> tuple[HotFolder, object]:
+    """A hot folder (no settle, no grace) holding the PNG `shot`, scanned: it and its candidate."""
+    _png(shot)
+    folder = HotFolder(shot.parent, settle_s=0.0, unreadable_grace_s=0.0)
+    folder.scan()
+    return folder, folder.next_candidate()
+
+
 def test_a_candidate_replaced_by_a_fifo_is_not_opened(tmp_path):
     shot = tmp_path / "a.png"
-    _png(shot)
-    folder = HotFolder(tmp_path, settle_s=0.0, unreadable_grace_s=0.0)
-    folder.scan()
-    candidate = folder.next_candidate()
+    folder, candidate = _scanned(shot)
     shot.unlink()
     os.mkfifo(shot)
     results = []
@@ -136,10 +141,7 @@ def test_a_candidate_replaced_by_a_fifo_is_not_opened(tmp_path):
 
 def test_a_candidate_grown_past_the_limit_is_not_read_whole(tmp_path):
     shot = tmp_path / "big.png"
-    _png(shot)
-    folder = HotFolder(tmp_path, settle_s=0.0, unreadable_grace_s=0.0)
-    folder.scan()
-    candidate = folder.next_candidate()
+    folder, candidate = _scanned(shot)
     os.truncate(shot, MAX_FILE_BYTES + 1)  # (sparse: grown after the scan)
     tracemalloc.start()
     try:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +25,14 @@ from splitdet.training import train as train_module
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import make_tiny_voc, run_until, train_argv, write_voc_image
+from support import (
+    cli_train_rank,
+    free_port,
+    make_tiny_voc,
+    run_until,
+    train_argv,
+    write_voc_image,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(180)]
 
@@ -236,37 +241,11 @@ def test_init_from_another_presets_checkpoint_warns_naming_the_fresh_tensors(
 # -------------------------------------------------------------------- 6: torchrun rank 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _cli_worker(rank: int, world: int, port: int, argv: list[str], logs: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from splitdet.training import cli_train
-
-    with open(Path(logs) / f"rank{rank}.txt", "w") as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-        try:
-            assert cli_train.main(argv) == 0
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 def test_torchrun_rank_1_repeats_none_of_rank_0s_lines(tiny_voc, tmp_path):
     import torch.multiprocessing as mp
 
     argv = train_argv(tiny_voc, tmp_path / "run")[1:]  # (cli_train.main takes no "train")
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(cli_train_rank, args=(2, free_port(), [argv], str(tmp_path)), nprocs=2, join=True)
     rank0 = (tmp_path / "rank0.txt").read_text()
     rank1 = (tmp_path / "rank1.txt").read_text()
     assert "training precision" in rank0 and "trained to epoch 0" in rank0, rank0

@@ -19,13 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from splitdet.shared.checkpoint import read_checkpoint
 from splitdet.training.presets import TINY
 from splitdet.training.train import train
 
-from support import free_port, processes_naming, run_until, train_argv
+from support import cli_train_rank, free_port, processes_naming, run_until, train_argv
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
@@ -41,30 +40,6 @@ def _wait_until_gone(path: Path, seconds: float = 60.0) -> list[int]:
 # ------------------------------------------------- 1, 2, 5: two ranks resume from best.pt alone
 
 
-def _cli_ranks(rank: int, world: int, port: int, runs: list[list[str]], logs: str) -> None:
-    """One torchrun-like rank: `cli_train.main` for each argv of `runs` in turn, its stderr
-    and stdout in LOGS/rankN.txt (asserting each exits 0)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world))  # fmt: skip
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from splitdet.training import cli_train
-
-    with open(Path(logs) / f"rank{rank}.txt", "w") as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-        try:
-            for argv in runs:
-                assert cli_train.main(argv) == 0
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 def test_two_ranks_resume_from_best_pt_once_and_name_the_change_of_processes(tiny_voc, tmp_path):
     import torch.multiprocessing as mp
 
@@ -76,7 +51,7 @@ def test_two_ranks_resume_from_best_pt_once_and_name_the_change_of_processes(tin
     (run / "last.pt").unlink()
     resumed = [*train_argv(tiny_voc, run, "--resume", "--epochs", "2", "--lr", "0.02")[1:]]
     afresh = [*train_argv(tiny_voc, tmp_path / "new", "--resume")[1:]]  # no last.pt there
-    mp.spawn(_cli_ranks, args=(2, free_port(), [resumed, afresh], str(tmp_path)), nprocs=2,
+    mp.spawn(cli_train_rank, args=(2, free_port(), [resumed, afresh], str(tmp_path)), nprocs=2,
              join=True)  # fmt: skip
     rank0 = (tmp_path / "rank0.txt").read_text()
     rank1 = (tmp_path / "rank1.txt").read_text()
