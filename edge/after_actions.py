@@ -9,7 +9,8 @@ finished under this run's --after, --archive and --quarantine (`finish`): a fold
 and this run does not is never written to, nor made again; --after keep leaves an archive or
 delete still due where it is, for a later run to finish. A folder inside --watch that is (or
 lies under) a symbolic link is never written through: the camera's account could point it
-anywhere (`file_moves.open_folder`, checked right before each write). A move that fails is
+anywhere (`file_moves.open_folder`, right before each write, which is then made relative to
+the folder so opened: a link swapped in after the check receives nothing). A move that fails is
 logged and counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S,
 doubling up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
 `splitdet.edge.file_moves`'.
@@ -33,7 +34,6 @@ from splitdet.edge.file_identity import file_key, path_text
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import KnownFile, ResultStore
 from splitdet.edge.watcher import Candidate, HotFolder
-from splitdet.shared.atomic_file import atomic_write
 
 #: A file move (archive, quarantine, delete) that failed is tried again after this many
 #: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
@@ -255,13 +255,13 @@ class AfterActions:
             create = self._configured(target.parent)  # (another folder: never made again)
             if reason is not None:  # (best effort: the row holds the reason too)
                 _write_reason(target, reason, self.config.watch, create)
-            # LinkedFolder: a link inside --watch, not followed (the move fails, tried later)
-            self._check_folder(target, create)
             try:
                 if file_moves.same_file(source, target):  # linked before a crash, not yet unlinked
                     source.unlink()
                 else:
-                    file_moves.move_no_clobber(source, target)
+                    # LinkedFolder: a link inside --watch, not followed (the move fails, and
+                    # is tried later); the file is moved relative to the folder so opened
+                    file_moves.move_no_clobber(source, target, self.config.watch, create)
                 return
             except FileExistsError:  # taken in the instant since the check: choose again
                 continue
@@ -343,14 +343,13 @@ def _write_reason(target: Path, reason: str, watch: Path, create: bool = False) 
     """NAME.reason.txt beside a quarantined file. Best effort: the row holds the reason
     too, and a full disk or a folder made read-only must not end the daemon (the row is
     committed, so every restart would fail on the same file). Never through a symbolic link
-    inside --watch `watch` (`file_moves.check_folder`, right before; with `create` its
-    folder is made if missing)."""
+    inside --watch `watch` (`file_moves.write_in_folder`; with `create` its folder is made
+    if missing)."""
     path = file_moves.reason_path(target)
     try:
-        file_moves.check_folder(path.parent, watch, create=create)
-        if path.exists():  # written before a crash
+        if os.path.lexists(path):  # written before a crash
             return
-        atomic_write(path, path_text(reason) + "\n")
+        file_moves.write_in_folder(path, f"{path_text(reason)}\n".encode(), watch, create)
     except OSError as exc:
         log_event(logging.WARNING, "cannot write reason file", path=path_text(path),
                   error=path_text(str(exc)))  # fmt: skip

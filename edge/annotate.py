@@ -1,8 +1,8 @@
-"""Draw detections on an image and save it (Pillow; no torch).
+"""Draw detections on an image and encode it (Pillow; no torch).
 
-The file is written whole or not at all: encoded in memory, written to a temporary name in the
-same folder and renamed over the target once complete (`splitdet.shared.atomic_file`), so a
-full disk leaves no truncated image under the final name, and no temporary file either.
+A file is written whole or not at all: encoded in memory, written to a temporary name in the
+same folder and renamed over the target once complete, so a full disk leaves no truncated image
+under the final name, and no temporary file either.
 
 `splitdet predict --save` writes its copies with `save_annotated_copy`, which marks each as an
 annotated copy (a JPEG comment, `COPY_COMMENT`) and writes only where nothing is, or over such
@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw
 from splitdet.edge import file_moves
 from splitdet.shared.atomic_file import (
     WriteError,
-    atomic_write,
     folder_mode,
     temporary_beside,
 )
@@ -81,27 +80,23 @@ def encode(canvas: Image.Image, path: Path, **options: object) -> bytes:
     return encoded.getvalue()
 
 
-def save_annotated(
+def annotated_bytes(
     image: np.ndarray,
     boxes: Sequence[Sequence[float]],
     scores: Sequence[float],
     names: Sequence[str],
     path: Path,
     p_defect: float | None = None,
-) -> Path:
-    """Write `image` (Float32[3, H, W] in [0, 1]) with boxes (x1, y1, x2, y2 px) and
-    "name score" labels drawn, as JPEG or PNG by `path`'s suffix (another of Pillow's by its
-    suffix); returns `path`. Written whole or not at all (see the module docstring).
+) -> bytes:
+    """`image` (Float32[3, H, W] in [0, 1]) with boxes (x1, y1, x2, y2 px) and "name score"
+    labels drawn, encoded in memory as `path`'s suffix names (`encode`: JPEG or PNG, another
+    of Pillow's by its suffix), for the caller to write whole (the edge daemon's
+    --save-annotated: `file_moves.write_in_folder`).
 
     Raises:
-        OSError: it could not be written (the disk full, the folder not writable); nothing is
-            left under `path` nor beside it.
         ValueError: a suffix Pillow writes no format for.
     """
-    path = Path(path)
-    canvas = draw_detections(image, boxes, scores, names, p_defect)
-    atomic_write(path, encode(canvas, path))
-    return path
+    return encode(draw_detections(image, boxes, scores, names, p_defect), Path(path))
 
 
 def save_annotated_copy(
@@ -112,9 +107,10 @@ def save_annotated_copy(
     path: Path,
     p_defect: float | None = None,
 ) -> Path:
-    """`save_annotated` for predict's copies: a JPEG marked with `COPY_COMMENT`, written whole
-    under `path` only as a new file (created exclusively: a file made there meanwhile is
-    never replaced) or over an earlier annotated copy; returns `path`.
+    """The annotated image (`annotated_bytes`) for predict's copies: a JPEG marked with
+    `COPY_COMMENT`, written whole under `path` only as a new file (created exclusively: a file
+    made there meanwhile is never replaced) or over an earlier annotated copy; returns
+    `path`.
 
     Raises:
         WriteError: something else is at `path` (`foreign_file` says what): left as it is.

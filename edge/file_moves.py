@@ -79,11 +79,16 @@ def open_folder(
     symbolic link: LinkedFolder when one is on the way. A folder outside --watch is opened as
     its path says (an admin's link there, e.g. to a mount, is followed). With `create`, the
     missing folders on the way are made (mode 0o777 less the umask, as Path.mkdir). OSError
-    when the folder is missing (without `create`) or cannot be opened."""
+    when the folder is missing (without `create`) or cannot be opened; NotADirectoryError
+    when a file is where it should be (never FileExistsError: a caller choosing another name
+    on that would choose for good)."""
     names = names_below(folder, watch)
     if names is None or watch is None:
         if create:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # a file there, not a folder: never "choose another name"
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
         return os.open(folder, flags | os.O_DIRECTORY)
     fd = os.open(watch, (flags if not names else _PATH_ONLY) | os.O_DIRECTORY)
     reached = Path(watch)
@@ -171,8 +176,7 @@ def partial_path(target: Path) -> Path:
     not fit). Hidden and not named as an image: never taken for an archived file, nor by a
     hot folder."""
     room = NAME_MAX - len(f"..{'0' * 8}{PARTIAL_SUFFIX}".encode())
-    text = os.fsdecode(os.fsencode(target.name)[:room])  # (a cut character: its bytes kept)
-    return target.with_name(f".{text}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return target.with_name(f".{_cut(target.name, room)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def is_partial_name(name: str) -> bool:
@@ -180,8 +184,15 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
 
 
-def move_no_clobber(source: Path, target: Path) -> None:
+def move_no_clobber(
+    source: Path, target: Path, watch: Path | None = None, create: bool = False
+) -> None:
     """Move a file to `target`, never replacing a file there (FileExistsError instead).
+
+    `target`'s folder is opened once (`open_folder`: inside --watch `watch` reached one name
+    at a time, never through a symbolic link, LinkedFolder when one is on the way; with
+    `create` made if missing) and every name there is made relative to that open folder: a
+    link swapped in for the folder after the check never receives the file.
 
     A hard link then the source's removal is atomic about that; where there can be no hard
     link on one file system (a share without them, protected_hardlinks) the name is checked,
@@ -191,78 +202,129 @@ def move_no_clobber(source: Path, target: Path) -> None:
     target name only ever holds a whole file. A copy that fails (a full disk) removes its
     temporary file and leaves the source as it was; one cut short by a kill leaves only the
     hidden temporary file, which `EdgeDaemon` removes at its next start."""
+    folder = open_folder(target.parent, watch, create=create)
     try:
-        linked = _name_no_clobber(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_across(source, target)
-        linked = True
-    if linked:
         try:
-            source.unlink()
-        except OSError:
-            # the source stays (a read-only or append-only share): take our copy back, or a
-            # retry would find the name taken, copy again under NAME~1, and so on
+            linked = _name_no_clobber(source, folder, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(source, folder, target)
+            linked = True
+        if linked:
+            try:
+                source.unlink()
+            except OSError:
+                # the source stays (a read-only or append-only share): take our copy back, or
+                # a retry would find the name taken, copy again under NAME~1, and so on
+                with contextlib.suppress(OSError):
+                    os.unlink(target.name, dir_fd=folder)
+                raise
+    finally:
+        os.close(folder)
+
+
+def write_in_folder(path: Path, data: bytes, watch: Path | None, create: bool = False) -> None:
+    """Write `data` whole as the file `path`, replacing one there, through its folder opened
+    once (`open_folder`: inside --watch `watch` never through a symbolic link; with `create`
+    made if missing): a temporary name (".NAME.XXXXXXXX.tmp", as `atomic_write` names them)
+    created exclusively, never through a link, synced, then renamed into place, all relative
+    to that open folder. Nothing is left beside `path` when it fails (OSError)."""
+    folder = open_folder(path.parent, watch, create=create)
+    try:
+        temp = f".{_cut(path.name, NAME_MAX - _TEMP_NAME_EXTRA)}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temp, _NEW_FILE, 0o666, dir_fd=folder)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
             with contextlib.suppress(OSError):
-                target.unlink()
+                os.unlink(temp, dir_fd=folder)
             raise
+    finally:
+        os.close(folder)
 
 
-def _name_no_clobber(source: Path, target: Path) -> bool:
-    """Give `source`'s file the name `target` too, never over a file there (FileExistsError):
+def _cut(name: str, room: int) -> str:
+    """`name`'s first `room` bytes (a character cut in two keeps its bytes, as os.fsdecode
+    gives them)."""
+    return os.fsdecode(os.fsencode(name)[:room])
+
+
+#: How a temporary file is made in an open folder: only if the name is free, never through a
+#: link put there, not inherited by a child process.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _name_no_clobber(
+    source: Path | str, folder: int, target: Path, source_folder: int | None = None
+) -> bool:
+    """Give `source`'s file (a name in the folder open as `source_folder`, if given) the name
+    `target` too, in the folder open as `folder`, never over a file there (FileExistsError):
     a hard link (True: `source` still names it), or, where the file system has none, a check
     then a rename (False). OSError EXDEV: `target` is on another file system."""
     try:
-        os.link(source, target)
+        os.link(source, target.name, src_dir_fd=source_folder, dst_dir_fd=folder)
     except FileExistsError:
-        raise
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINK:
-            raise
-        if os.path.lexists(target):
+            raise OSError(exc.errno, exc.strerror, str(target)) from None
+        if _exists_in(folder, target.name):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
-        os.rename(source, target)
+        try:
+            os.rename(source, target.name, src_dir_fd=source_folder, dst_dir_fd=folder)
+        except OSError as renamed:
+            raise OSError(renamed.errno, renamed.strerror, str(target)) from None
         return False
     return True
 
 
-def _copy_across(source: Path, target: Path) -> None:
-    """Copy `source` to `target` on another file system, never leaving part of a file under
-    `target` nor replacing a file there (FileExistsError); the source is left in place."""
+def _exists_in(folder: int, name: str) -> bool:
+    """Whether the folder open as `folder` holds `name` (a link there counts)."""
+    try:
+        os.lstat(name, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _copy_across(source: Path, folder: int, target: Path) -> None:
+    """Copy `source` to `target` on another file system, in the folder open as `folder`,
+    never leaving part of a file under `target` nor replacing a file there
+    (FileExistsError); the source is left in place."""
     temp = partial_path(target)
     try:
-        shutil.copyfile(source, temp)
-        with contextlib.suppress(OSError):  # times and mode: best effort (some shares refuse)
-            shutil.copystat(source, temp)
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name says the file is there
-        finally:
-            os.close(fd)
-        _place_no_clobber(temp, target)
+        with open(source, "rb") as original:
+            fd = os.open(temp.name, _NEW_FILE, 0o666, dir_fd=folder)
+            with os.fdopen(fd, "wb") as copy:
+                shutil.copyfileobj(original, copy)
+                copy.flush()
+                with contextlib.suppress(OSError):  # mode and times: best effort (shares)
+                    found = os.fstat(original.fileno())
+                    os.fchmod(copy.fileno(), stat.S_IMODE(found.st_mode))
+                    os.utime(copy.fileno(), ns=(found.st_atime_ns, found.st_mtime_ns))
+                os.fsync(copy.fileno())  # the data is on disk before the name says it is there
+        if _name_no_clobber(temp.name, folder, target, source_folder=folder):
+            with contextlib.suppress(OSError):  # in place; a name left is swept at start
+                os.unlink(temp.name, dir_fd=folder)
     except BaseException:
         with contextlib.suppress(OSError):
-            temp.unlink()
+            os.unlink(temp.name, dir_fd=folder)
         raise
-    _sync_folder(target.parent)  # the name is on disk before the source goes
+    _sync_folder(folder)  # the name is on disk before the source goes
 
 
-def _place_no_clobber(temp: Path, target: Path) -> None:
-    """Give the complete file `temp` the name `target` (both in one folder), never over a
-    file there (`_name_no_clobber`), the temporary name then gone."""
-    if not _name_no_clobber(temp, target):
-        return
-    with contextlib.suppress(OSError):  # the file is in place; a name left is swept at start
-        temp.unlink()
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder (its new names durable); skipped where the file system cannot."""
+def _sync_folder(folder: int) -> None:
+    """fsync the folder open as `folder` (its new names durable); skipped where the file
+    system cannot, or the folder cannot be read (one we may write but not read)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=folder)
     except OSError:
-        return  # e.g. a folder we may write but not read
+        return
     try:
         os.fsync(fd)
     except OSError as exc:

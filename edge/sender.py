@@ -568,16 +568,16 @@ def annotate_hook(
     """on_answer that writes the defect image with its boxes drawn into `save_dir`
     (`pixel_bits`: the model's, so that 16-bit images show as the model saw them). A
     `save_dir` inside --watch `watch` that is, or lies under, a symbolic link there is not
-    written through (`file_moves.check_folder`, right before each image: the camera's account
-    could point it anywhere); that image fails as below.
+    written through (`file_moves.write_in_folder`, relative to the folder opened right before
+    each image: the camera's account could point it anywhere); that image fails as below.
 
-    Each image is written whole or not at all (`save_annotated`). One that cannot be written
+    Each image is written whole or not at all. One that cannot be written
     (the disk full, the folder gone or read-only) is logged as a WARNING `annotate_failed`
     naming the folder and why, at most once per `log_every_s` seconds (the line counts the
     failures it stands for; a full disk fails every image); once an image is written again,
     INFO `annotate_resumed` says how many were not. The result itself is stored either way."""
-    from splitdet.edge.annotate import save_annotated
-    from splitdet.edge.file_moves import check_folder
+    from splitdet.edge.annotate import annotated_bytes
+    from splitdet.edge.file_moves import write_in_folder
     from splitdet.edge.preprocess import load_image
 
     failures = _AnnotateFailures(Path(save_dir), log_every_s)
@@ -598,14 +598,9 @@ def annotate_hook(
         target = Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg"
         image = load_image(source, pixel_bits)
         try:
-            check_folder(Path(save_dir), watch, create=True)
-            save_annotated(
-                image,
-                answer.boxes.tolist(),
-                answer.scores.tolist(),
-                list(answer.class_names),
-                target,
-            )
+            data = annotated_bytes(image, answer.boxes.tolist(), answer.scores.tolist(),
+                                   list(answer.class_names), target)  # fmt: skip
+            write_in_folder(target, data, watch, create=True)
         except OSError as exc:
             failures.failed(item, target, exc)
         else:

@@ -176,8 +176,14 @@ def test_a_kept_result_goes_once_its_file_is_removed_while_the_daemon_runs(tmp_p
 # ------------------------------------------------------- 3. an archive on another disk
 
 
-def _crossing(folder: Path, src, dst) -> bool:
-    inside = [Path(os.path.abspath(p)).is_relative_to(folder) for p in (src, dst)]
+def _crossing(folder: Path, src, dst, src_dir_fd=None, dst_dir_fd=None, **_) -> bool:
+    """Whether a link or rename from `src` to `dst` (names in the folders open as the dir fds,
+    if given, as os.link's and os.rename's) crosses `folder`'s border."""
+    paths = [
+        os.path.join(os.readlink(f"/proc/self/fd/{fd}"), p) if fd is not None else p
+        for p, fd in ((src, src_dir_fd), (dst, dst_dir_fd))
+    ]
+    inside = [Path(os.path.abspath(p)).is_relative_to(folder) for p in paths]
     return inside[0] != inside[1]
 
 
@@ -187,12 +193,12 @@ def refuse_links_into(folder: Path) -> None:
     real_link, real_rename = os.link, os.rename
 
     def link(src, dst, *args, **kwargs):
-        if _crossing(folder, src, dst):
+        if _crossing(folder, src, dst, **kwargs):
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
         return real_link(src, dst, *args, **kwargs)
 
     def rename(src, dst, *args, **kwargs):
-        if _crossing(folder, src, dst):
+        if _crossing(folder, src, dst, **kwargs):
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
         return real_rename(src, dst, *args, **kwargs)
 
@@ -243,18 +249,20 @@ def test_an_archive_disk_filling_up_leaves_no_partial_file_and_the_move_is_retri
     monkeypatch.setattr(after_actions, "MOVE_RETRY_INITIAL_S", 0.2)
     monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", 0.4)
     image, data = tmp_path / "hot" / "a.png", noise_png()
-    real_copyfile, attempts, seen = shutil.copyfile, [], []
+    real_copy, attempts, seen = shutil.copyfileobj, [], []
 
-    def disk_full_twice(src, dst, *, follow_symlinks=True):
+    def disk_full_twice(source, copy, *args):
         attempts.append(time.monotonic())
-        seen.append((sorted(os.listdir(archive)), Path(src).read_bytes() == data))
+        writing = os.fstat(copy.fileno()).st_ino  # (the try's own partial file: not counted)
+        left = [n for n in os.listdir(archive) if (archive / n).lstat().st_ino != writing]
+        seen.append((sorted(left), Path(source.name).read_bytes() == data))
         if len(attempts) > 2:
-            return real_copyfile(src, dst, follow_symlinks=follow_symlinks)
-        with open(dst, "wb") as out:
-            out.write(data[: len(data) // 2])  # then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+            return real_copy(source, copy, *args)
+        copy.write(data[: len(data) // 2])  # then the disk is full
+        copy.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "archive")
 
-    monkeypatch.setattr(shutil, "copyfile", disk_full_twice)
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full_twice)
     config = daemon_config(tmp_path, tmp_path, once=False, after="archive", archive_dir=archive,
                            metrics_port=0, metrics_host="127.0.0.1")  # fmt: skip
     image.write_bytes(data)
@@ -280,13 +288,13 @@ if sys.argv[2]:  # no tmpfs: the archive folder behaves as another file system
 
     refuse_links_into(Path(sys.argv[2]))
 
-def half_then_killed(src, dst, *, follow_symlinks=True):
-    data = Path(src).read_bytes()
-    with open(dst, "wb") as out:
-        out.write(data[: len(data) // 2])
+def half_then_killed(source, copy, *args):
+    data = source.read()
+    copy.write(data[: len(data) // 2])
+    copy.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-shutil.copyfile = half_then_killed
+shutil.copyfileobj = half_then_killed
 from splitdet.shared.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -396,11 +404,11 @@ def test_a_quarantine_move_refused_for_a_while_is_retried_and_counted(tmp_path, 
     monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", 0.2)
     real_move, refused = file_moves.move_no_clobber, []
 
-    def read_only_for_a_while(source, target):
+    def read_only_for_a_while(source, target, *args):
         if len(refused) < 3:
             refused.append(time.monotonic())
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
-        real_move(source, target)
+        real_move(source, target, *args)
 
     monkeypatch.setattr(file_moves, "move_no_clobber", read_only_for_a_while)
     config = daemon_config(tmp_path, tmp_path, once=False, metrics_port=0,
@@ -425,7 +433,7 @@ def test_once_leaves_a_file_it_could_not_move_for_the_next_run(tmp_path, monkeyp
     moves the file (its row is not written again)."""
     real_move = file_moves.move_no_clobber
 
-    def refused(source, target):
+    def refused(source, target, *args):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(target))
 
     config = daemon_config(tmp_path, tmp_path, after="archive")

@@ -10,6 +10,7 @@ machine. Real files and folders, the real daemon in-process with a stand-in pipe
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -45,6 +46,21 @@ def moves_failed(daemon: EdgeDaemon) -> float:
             if found.name == "splitdet_edge_errors_total" and found.labels == {"kind": "move"}:
                 return found.value
     return 0.0
+
+
+def defect_answer(image: Path) -> tuple[object, object]:
+    """(the outbox item of `image`, the cloud's answer with one box): what the sender hands
+    the annotate hook."""
+    from splitdet.edge.client_answers import CloudDetections
+    from splitdet.edge.store_types import OutboxItem
+
+    item = OutboxItem(1, "req", b"", time.time(), 1, None, str(image), "f" * 64, None)
+    answer = CloudDetections(
+        request_id="req", fingerprint="f" * 64, boxes=np.array([[1.0, 1.0, 9.0, 9.0]]),
+        scores=np.array([0.9]), labels=np.array([1]), class_names=("scratch",), timings={},
+        cached=False,
+    )  # fmt: skip
+    return item, answer
 
 
 def test_links_in_place_of_the_archive_and_quarantine_refuse_the_start(tmp_path, capsys):
@@ -160,9 +176,7 @@ def test_an_annotated_folder_swapped_for_a_link_is_not_written_through(tmp_path)
     """A review: --save-annotated inside --watch was checked at start only, and the annotated
     images were then written through a link swapped in for it. Each one now checks the folder
     first: not written (annotate_failed), the result stored all the same."""
-    from splitdet.edge.client_answers import CloudDetections
     from splitdet.edge.sender import annotate_hook
-    from splitdet.edge.store_types import OutboxItem
 
     outside = outside_target(tmp_path)
     watch = tmp_path / "hot"
@@ -172,13 +186,7 @@ def test_an_annotated_folder_swapped_for_a_link_is_not_written_through(tmp_path)
     (watch / "annotated").rmdir()
     (watch / "annotated").symlink_to(outside, target_is_directory=True)
     hook = annotate_hook(watch / "annotated", watch=watch)
-    item = OutboxItem(1, "req", b"", time.time(), 1, None, str(image), "f" * 64, None)
-    answer = CloudDetections(
-        request_id="req", fingerprint="f" * 64, boxes=np.array([[1.0, 1.0, 9.0, 9.0]]),
-        scores=np.array([0.9]), labels=np.array([1]), class_names=("scratch",), timings={},
-        cached=False,
-    )  # fmt: skip
-    hook(item, answer)
+    hook(*defect_answer(image))
     assert os.listdir(outside) == []
 
 
@@ -216,3 +224,102 @@ def test_the_sweep_does_not_follow_a_link_swapped_in_for_the_archive(tmp_path):
     start_partial_sweep(config, threading.Event()).join(30)
     assert victim.read_bytes() == b"someone else's"
     assert not stale.exists()
+
+
+def swap_after_opening(monkeypatch, folder: Path, outside: Path, keep: Path) -> None:
+    """Right after `file_moves.open_folder` first opens `folder` for a write (the check a
+    write relies on), the camera's account renames it to `keep` and puts a link to `outside`
+    in its place: the race a check, then a write by path, loses."""
+    real, swapped = file_moves.open_folder, []
+
+    def opened_then_swapped(path, watch, *args, **kwargs):
+        fd = real(path, watch, *args, **kwargs)
+        if not swapped and not args and os.path.abspath(path) == os.path.abspath(folder):
+            swapped.append(path)  # (positional flags: the start-up sweep's listing, not a write)
+            folder.rename(keep)
+            folder.symlink_to(outside, target_is_directory=True)
+        return fd
+
+    monkeypatch.setattr(file_moves, "open_folder", opened_then_swapped)
+
+
+def test_an_archive_swapped_for_a_link_after_its_check_does_not_receive_the_image(
+    tmp_path, monkeypatch
+):
+    """The last reviewer won the race once in 56 images: the archive was checked, then the
+    image moved by its path, through the link swapped in between. The image is now moved
+    relative to the folder the check opened: it lands in that folder (renamed by the
+    account), never outside."""
+    outside, keep = outside_target(tmp_path), tmp_path / "archive.was"
+    config = daemon_config(tmp_path, tmp_path, after="archive")
+    (config.watch / "img.png").write_bytes(png(20))
+    swap_after_opening(monkeypatch, config.watch / "archive", outside, keep)
+    assert EdgeDaemon(config, pipeline=BrightIsDefective()).run() == 0
+    assert os.listdir(outside) == []
+    assert [p.name for p in keep.iterdir()] == ["00000001_img.png"]
+    assert (keep / "00000001_img.png").read_bytes() == png(20)
+    assert not (config.watch / "img.png").exists()
+
+
+def test_a_quarantine_swapped_for_a_link_after_its_check_gets_no_reason_file_outside(
+    tmp_path, monkeypatch
+):
+    """The reason file was written by its path after the check: through a link swapped in
+    between, a file of the daemon's (root's) anywhere. It is now written relative to the
+    folder the check opened; the move after it finds the link and fails, as any move into a
+    link does, and the unreadable file stays in --watch."""
+    outside, keep = outside_target(tmp_path), tmp_path / "quarantine.was"
+    config = daemon_config(tmp_path, tmp_path)
+    (config.watch / "payload.png").write_bytes(BROKEN)
+    swap_after_opening(monkeypatch, config.watch / "quarantine", outside, keep)
+    assert EdgeDaemon(config, pipeline=BrightIsDefective()).run() == 0
+    assert os.listdir(outside) == []
+    [reason] = keep.iterdir()
+    assert reason.name.endswith(file_moves.REASON_SUFFIX) and reason.read_text().strip()
+    assert (config.watch / "payload.png").read_bytes() == BROKEN
+
+
+def test_an_annotated_folder_swapped_for_a_link_after_its_check_gets_the_image(
+    tmp_path, monkeypatch
+):
+    """--save-annotated inside --watch: the annotated image was written by its path after
+    the check. It is now written relative to the folder the check opened."""
+    from splitdet.edge.sender import annotate_hook
+
+    outside, keep = outside_target(tmp_path), tmp_path / "annotated.was"
+    watch = tmp_path / "hot"
+    (watch / "annotated").mkdir(parents=True)
+    image = watch / "a.png"
+    image.write_bytes(png(200))
+    swap_after_opening(monkeypatch, watch / "annotated", outside, keep)
+    hook = annotate_hook(watch / "annotated", watch=watch)
+    hook(*defect_answer(image))
+    assert os.listdir(outside) == []
+    assert [p.name for p in keep.iterdir()] == ["00000001_a.jpg"]
+
+
+def test_an_archive_outside_watch_turned_into_a_file_fails_the_move_and_the_daemon_goes_on(
+    tmp_path, monkeypatch
+):
+    """An --archive outside --watch replaced by a file while the daemon runs: making it
+    again raises FileExistsError, which a move must not take for "the name was taken
+    meanwhile" (a draft of the move through the open folder did, and chose another name for
+    good: the daemon spun, counted nothing, took no further image and ignored SIGTERM; a
+    reviewer caught it). The move fails (counted, tried later), the next images are taken,
+    and the daemon stops when told."""
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_INITIAL_S", 0.1)
+    monkeypatch.setattr(after_actions, "MOVE_RETRY_MAX_S", 0.2)
+    archive = tmp_path / "elsewhere" / "archive"
+    config = daemon_config(tmp_path, tmp_path, after="archive", once=False, archive_dir=archive)
+    watch = config.watch
+    daemon = EdgeDaemon(config, pipeline=BrightIsDefective())
+    with running(daemon):
+        (watch / "one.png").write_bytes(png(20))
+        wait_for(lambda: not (watch / "one.png").exists(), 30, "the first image archived")
+        shutil.rmtree(archive)
+        archive.write_text("a file now")
+        (watch / "two.png").write_bytes(png(30))
+        wait_for(lambda: moves_failed(daemon) >= 2, 30, "the move to fail, then again")
+        (watch / "three.png").write_bytes(png(40))
+        wait_for(lambda: len(image_rows(config.db)) == 3, 30, "the next image taken")
+    assert (watch / "two.png").exists() and (watch / "three.png").exists()
