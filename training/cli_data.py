@@ -137,7 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--write-empty",
         action="store_true",
         help="first write an annotation with no object for every image that has none (tools "
-        "such as LabelImg write nothing for an image without a box: a defect-free part)",
+        "such as LabelImg write nothing for an image without a box: a defect-free part); "
+        "refused, writing nothing, when an image's own .xml lies where splitdet does not read "
+        "it (beside the image, in a sub-folder of Annotations, as ID.XML)",
     )
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace existing split files")

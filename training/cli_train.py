@@ -499,12 +499,19 @@ def _train(config: TrainConfig, args: argparse.Namespace) -> dict:
 
 def _dataset_classes(data: str) -> str | None:
     """What to give --classes for the dataset at `data`, as `splitdet data check` says it:
-    every class its annotations name (they are read, not its images); None when none could be
-    read."""
+    every class its annotations name (they are read, not its images), and which of them differ
+    only in case or Unicode normalisation (two classes printed alike); instead of the option,
+    the classes no --classes can name (a comma in the name) and to rename them. None when none
+    could be read."""
     import shlex
     from pathlib import Path
 
-    from splitdet.training.voc_check import class_boxes
+    from splitdet.training.voc_check_boxes import (
+        case_twin_warnings,
+        class_boxes,
+        classes_option,
+        comma_class_problems,
+    )
 
     try:
         boxes, partly_read = class_boxes(Path(data))
@@ -512,15 +519,21 @@ def _dataset_classes(data: str) -> str | None:
         return None
     if not boxes:
         return None
-    names = shlex.quote(",".join(sorted(boxes)))
     unread = (
         f" (some annotations could not be read: `splitdet data check {shlex.quote(data)}` "
         "lists them)"
         if partly_read
         else ""
     )
+    where = Path(data) / "Annotations"
+    names = classes_option(boxes)
+    twins = case_twin_warnings(boxes, where)
+    if names is None:  # (a comma the option would split, or names alike but for Unicode)
+        return "; ".join([*comma_class_problems(boxes, where), *twins]) + unread
+    but = "".join(f"; but {line}" for line in twins)
     return (
-        f"the dataset's annotations name the classes {names}: train with --classes {names}{unread}"
+        f"the dataset's annotations name the classes {names}: train with --classes {names}"
+        f"{unread}{but}"
     )
 
 

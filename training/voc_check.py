@@ -23,7 +23,6 @@ does), Pillow and the edge's torch-free `preprocess`: no torch.
 
 from __future__ import annotations
 
-import shlex
 import statistics
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,8 @@ from splitdet.training import voc
 from splitdet.training.voc_check_boxes import (
     case_twin_warnings,
     class_boxes,
+    classes_option,
+    comma_class_problems,
     input_scale_text,
     model_input,
     thin_box_warning,
@@ -53,7 +54,12 @@ from splitdet.training.voc_check_images import (
 )
 from splitdet.training.voc_check_report import DatasetReport, SplitStats
 from splitdet.training.voc_check_splits import SPLITS, _check_splits
-from splitdet.training.voc_layout import missing_folder_hint, nested_note, unread_files_note
+from splitdet.training.voc_layout import (
+    beside_images_note,
+    missing_folder_hint,
+    nested_note,
+    unread_files_note,
+)
 
 __all__ = [
     "SPLITS",
@@ -122,9 +128,9 @@ def check_dataset(
     nested = nested_note(root)
     if nested is not None:  # (a problem when the top level holds nothing to read)
         (report.problems if not ids or not files else report.warnings).append(nested)
-    unread = unread_files_note(root)
-    if unread is not None:
-        report.warnings.append(unread)
+    for note in (beside_images_note(root), unread_files_note(root)):
+        if note is not None:
+            report.warnings.append(note)
     annotated = set(ids)
     for path in sorted((root / "Annotations").iterdir()):
         if path.suffix.lower() != ".xml" or path.name.startswith("."):
@@ -198,8 +204,9 @@ def check_dataset(
             "resizes each as the model was trained, but one camera usually gives one size"
         )
     report.warnings += case_twin_warnings(report.classes, root / "Annotations")
-    if class_names is None and report.classes and set(report.classes) != {DEFAULT_CLASS}:
-        names = shlex.quote(",".join(sorted(report.classes)))
+    report.problems += comma_class_problems(report.classes, root / "Annotations")
+    names = classes_option(report.classes)  # (None for a name with a comma: no option names it)
+    if class_names is None and names and set(report.classes) != {DEFAULT_CLASS}:
         report.warnings.append(
             f"{root / 'Annotations'}: classes {names}; the presets train {DEFAULT_CLASS!r} "
             f"alone, so train with --classes {names} (check with --classes the same way)"

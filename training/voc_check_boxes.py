@@ -4,14 +4,17 @@
 Boxes too thin to see once images are scaled to a preset's input size (`model_input`,
 `input_scale_text`, `thin_box_warning`), boxes per class (`class_boxes`, `trained_boxes`)
 and the classes left with none to train on (`untrained_class_warning`), class names that
-differ only in case (`case_twin_warnings`).
+differ only in case or Unicode normalisation (`case_twin_warnings`), names that cannot be given
+in ``--classes`` (`comma_class_problems`) and the ``--classes`` to give (`classes_option`).
 
 Only the standard library, `voc` and the edge's torch-free `preprocess`: no torch.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +26,8 @@ from splitdet.training.voc_check_images import annotated_ids
 __all__ = [
     "case_twin_warnings",
     "class_boxes",
+    "classes_option",
+    "comma_class_problems",
     "input_scale_text",
     "model_input",
     "thin_box_warning",
@@ -187,16 +192,74 @@ def untrained_class_warning(
     return f"{train_file}: {'; and '.join(parts)}{read}"
 
 
+def _twin_key(name: str) -> str:
+    """A class name as a person reads it: NFC (macOS writes names NFD, ``a`` + a combining
+    diaeresis for ``ä``: printed alike, another string), any case."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _twin_text(names: Sequence[str], classes: Mapping[str, int], where: Path) -> str:
+    """The warning line of one group of class names that `_twin_key` makes one."""
+    boxes = ", ".join(f"{classes[n]} box(es)" for n in names)
+    trains = f"they train as {len(names)} classes; "
+    if len({unicodedata.normalize("NFC", n) for n in names}) == 1:  # alike but for the bytes
+        forms = " and ".join(f"{n!a} ({_form(n)})" for n in names)
+        return (
+            f"{where}: classes {' and '.join(repr(n) for n in names)} differ only in Unicode "
+            f"normalisation, {forms} ({boxes}): they print alike but {trains}make them one: "
+            f"write the name the same way in every annotation (NFC, as "
+            f"{unicodedata.normalize('NFC', names[0])!a}; macOS tools may write NFD)"
+        )
+    how = "case" if len({n.casefold() for n in names}) == 1 else "case and Unicode normalisation"
+    return (
+        f"{where}: classes {' and '.join(repr(n) for n in names)} differ only in {how} "
+        f"({boxes}): {trains}if they are one, give them one name in the annotations"
+    )
+
+
+def _form(name: str) -> str:
+    """ "NFC", "NFD" or "mixed": the Unicode normalisation form ``name`` is written in."""
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, name):
+            return form
+    return "mixed"
+
+
 def case_twin_warnings(classes: Mapping[str, int], where: Path) -> list[str]:
     """One warning per group of class names that differ only in case (``Scratch`` and
-    ``scratch``: usually a labelling slip, but two classes to train), with their box counts."""
+    ``scratch``: usually a labelling slip, but two classes to train) or in Unicode
+    normalisation (``Kratzer-ä`` NFC and NFD, from a Mac: printed alike, two classes), with
+    their box counts; each names the spellings (NFD ones escaped: they print as NFC)."""
     groups: dict[str, list[str]] = {}
     for name in sorted(classes):
-        groups.setdefault(name.casefold(), []).append(name)
+        groups.setdefault(_twin_key(name), []).append(name)
+    return [_twin_text(names, classes, where) for names in groups.values() if len(names) > 1]
+
+
+#: A comma and the spaces around it, in a class name (`comma_class_problems`'s rename example).
+_COMMA = re.compile(r"\s*,\s*")
+
+
+def comma_class_problems(classes: Mapping[str, int], where: Path) -> list[str]:
+    """One problem line per class name holding a comma (``scratch, deep``: labelling tools
+    allow it), which ``--classes`` (comma-separated) cannot name: such a class can never be
+    trained, and the ``--classes`` to suggest does not exist until it is renamed."""
     return [
-        f"{where}: classes {' and '.join(repr(n) for n in names)} differ only in case "
-        f"({', '.join(f'{classes[n]} box(es)' for n in names)}): they train as "
-        f"{len(names)} classes; if they are one, give them one name in the annotations"
-        for names in groups.values()
-        if len(names) > 1
+        f"{where}: class {name!r} ({classes[name]} box(es)) holds a comma, which cannot be given "
+        "in --classes (commas separate the names there), so it can never be trained: rename it "
+        f"in the annotations, e.g. {_COMMA.sub('-', name)!r}"
+        for name in sorted(classes)
+        if "," in name
     ]
+
+
+def classes_option(names: Iterable[str]) -> str | None:
+    """The ``--classes`` value naming ``names``, shell-quoted (``'Pit mark,dent'``); None when
+    one of them holds a comma (`comma_class_problems`): no value can name it, or when two differ
+    only in Unicode normalisation (`case_twin_warnings`): the value would print one name twice
+    and train two classes."""
+    names = sorted(names)
+    nfc = {unicodedata.normalize("NFC", name) for name in names}
+    if any("," in name for name in names) or len(nfc) < len(names):
+        return None
+    return shlex.quote(",".join(names))

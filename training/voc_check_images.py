@@ -19,6 +19,7 @@ from pathlib import Path
 from splitdet.shared.config import pixel_full_scale
 from splitdet.training import voc
 from splitdet.training.voc_check_report import DatasetReport
+from splitdet.training.voc_layout import unread_annotations
 
 __all__ = ["annotated_ids", "image_files", "image_ids", "unannotated_images"]
 
@@ -131,10 +132,17 @@ def _check_images(
     """Images no annotation points at, images two annotations point at, and ids with two
     images (only one of them is used); ``files``: `image_files`."""
     images = _first_of_each(files)
+    unread = unread_annotations(report.root)
     for image_id, path in unannotated_images(images, annotated, samples.values()):
         twin = voc.normalisation_note(
             report.root / "Annotations", f"{image_id}.xml", looked_for_by=path
         )
+        hidden = unread.get(_id_key(image_id))
+        if hidden and not twin:  # (not --write-empty: that would lose its boxes)
+            twin = (
+                f"; {hidden[0].path} is its annotation, which splitdet does not read: "
+                f"{hidden[0].fix}"
+            )
         advice = twin or (
             "; a defect-free image needs one with no <object> (`splitdet data split "
             "--write-empty` writes them; add --add when split files exist)"

@@ -10,7 +10,9 @@ both (``Annotations/line1/f0.xml``). Nothing here moves a file; it only says wha
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from splitdet.training import voc
@@ -21,6 +23,52 @@ IMAGE_FOLDERS = ("images", "imgs", "img", "jpegimages", "photos", "frames")
 ANNOTATION_FOLDERS = ("annotations", "labels", "xml", "voc")
 #: Files looked at, at most, per folder walked (a hint needs a count, not a census).
 MAX_LOOKED_AT = 100_000
+
+
+@dataclass(frozen=True)
+class UnreadAnnotation:
+    """An ``.xml`` file under ``ROOT`` that is an image's annotation to a labelling tool but
+    that splitdet never reads: ``kind`` says where it lies ("beside", "sub-folder", "suffix"),
+    ``fix`` what to do with it (a sentence to append after "; ")."""
+
+    path: Path
+    kind: str
+    fix: str
+
+
+def id_key(name: str) -> str:
+    """A file stem as annotation tools match an image to its annotation: NFC, any case (the
+    same as `voc_check_images` compares <filename>s: Windows and macOS change either)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
+    """``{id_key(stem): the annotations of that stem splitdet does not read}``: the ``.xml``
+    files (any case) beside the images in ``ROOT/JPEGImages`` (LabelImg's default), in
+    sub-folders of ``ROOT/Annotations`` (CVAT's task folders), and those at its top level
+    whose suffix is not exactly ``.xml`` (``ID.XML``: the readers look for ``ID.xml``).
+    `data split --write-empty` must not write an empty annotation for such an image: its
+    boxes would be lost, the defective image trained as defect-free."""
+    root = Path(root)
+    annotations = root / "Annotations"
+    found: dict[str, list[UnreadAnnotation]] = {}
+    listed = [
+        *((p, "beside") for p in _files(root / "JPEGImages", (".xml",))),
+        *((p, "sub-folder") for p in _files(annotations, (".xml",), nested=True)),
+        *((p, "suffix") for p in _files(annotations, (".xml",)) if p.suffix != ".xml"),
+    ]
+    for path, kind in listed:
+        if kind == "beside":
+            fix = f"move the .xml files beside the images into {annotations}"
+        elif kind == "sub-folder":
+            fix = (
+                f"move them up into {annotations} (splitdet reads its top level only: an id is "
+                "a file name, not a path)"
+            )
+        else:
+            fix = f"name it {path.stem}.xml (the readers look for ID.xml)"
+        found.setdefault(id_key(path.stem), []).append(UnreadAnnotation(path, kind, fix))
+    return found
 
 
 def _files(folder: Path, suffixes: tuple[str, ...], nested: bool = False) -> list[Path]:
@@ -101,9 +149,25 @@ def nested_note(root: Path) -> str | None:
     )
 
 
+def beside_images_note(root: Path) -> str | None:
+    """The ``.xml`` annotations in ``ROOT/JPEGImages`` (LabelImg saves each beside its image),
+    which splitdet never reads, and where to move them; None when there is none."""
+    root = Path(root)
+    found = _files(root / "JPEGImages", (".xml",))
+    if not found:
+        return None
+    return (
+        f"{root / 'JPEGImages'} holds {len(found)} .xml annotation(s) beside the images (e.g. "
+        f"{found[0].name}), which splitdet does not read: their images train with the "
+        f"annotation in {root / 'Annotations'}, or have none; move them into "
+        f"{root / 'Annotations'}"
+    )
+
+
 def unread_files_note(root: Path) -> str | None:
     """The files of ``ROOT/JPEGImages`` no reader takes (their extension), counted by
-    extension; None when there is none."""
+    extension; None when there is none. ``.xml`` files are annotations, not images to convert:
+    `beside_images_note` names them."""
     folder = Path(root) / "JPEGImages"
     if not folder.is_dir():
         return None
@@ -114,7 +178,7 @@ def unread_files_note(root: Path) -> str | None:
                 break
             suffix = path.suffix.lower()
             if (
-                suffix not in voc.IMAGE_EXTENSIONS
+                suffix not in (*voc.IMAGE_EXTENSIONS, ".xml")
                 and not path.name.startswith(".")
                 and path.is_file()
             ):

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
-from splitdet.training.voc_layout import missing_folder_hint, nested_note
+from splitdet.training.voc_check_splits import split_file_problem
+from splitdet.training.voc_layout import (
+    UnreadAnnotation,
+    id_key,
+    missing_folder_hint,
+    nested_note,
+    unread_annotations,
+)
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -42,10 +49,13 @@ def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[vo
     """A sample with no object for every image of ``ROOT/JPEGImages`` that neither has an
     annotation of its name nor is the image of one of ``samples`` (through its <filename>),
     sized from its header. Raises `voc.VocError` naming the first image Pillow cannot read
-    (and how many more), or whose name cannot be an image id."""
+    (and how many more), or whose name cannot be an image id, and before that when any of
+    them has an annotation splitdet does not read (`_refuse_unread_annotations`)."""
     root = Path(root)
     found, problems = [], []
-    for image_id, path in unannotated_images(image_ids(root), set(annotated_ids(root)), samples):
+    images = unannotated_images(image_ids(root), set(annotated_ids(root)), samples)
+    _refuse_unread_annotations(root, images)
+    for image_id, path in images:
         problem = voc.id_problem(image_id)
         if problem is not None:
             problems.append(f"{path}: {problem}; rename it")
@@ -58,6 +68,43 @@ def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[vo
         found.append(voc.VocSample(image_id, path, width, height, ()))
     _raise_first(problems)
     return found
+
+
+def _refuse_unread_annotations(root: Path, images: Sequence[tuple[str, Path]]) -> None:
+    """`voc.VocError` when any of ``images`` ((id, path) of the images without an annotation
+    splitdet reads) has one it does not read (`unread_annotations`: beside the images, in a
+    sub-folder of Annotations, ``ID.XML``): an empty annotation written for it would train a
+    defective image as defect-free. Says how many, with an example and the fix of each kind."""
+    unread = unread_annotations(root)
+    hidden = [
+        (path, found) for image_id, path in images for found in unread.get(id_key(image_id), ())
+    ]
+    if not hidden:
+        return
+    kinds: dict[str, list[tuple[Path, UnreadAnnotation]]] = {}
+    for path, found in hidden:
+        kinds.setdefault(found.kind, []).append((path, found))
+    parts = []
+    for entries in kinds.values():
+        image, found = entries[0]
+        where = found.path.relative_to(root).as_posix()
+        parts.append(f"{len(entries)} such as {image.name}'s {where}: {found.fix}")
+    raise voc.VocError(
+        f"{root}: --write-empty refused, nothing written: {len(hidden)} image(s) without "
+        "Annotations/ID.xml have an annotation splitdet does not read, which an empty one "
+        "would replace (their boxes lost, defective images trained as defect-free); "
+        + "; ".join(parts)
+    )
+
+
+def _read_split_ids(root: Path, split: str) -> list[str]:
+    """`voc.read_split_ids`, its `voc.VocError` for a UTF-16 file saying so
+    (`split_file_problem`)."""
+    try:
+        return voc.read_split_ids(root, split)
+    except voc.VocError as exc:
+        path = root / "ImageSets" / "Main" / f"{split}.txt"
+        raise voc.VocError(split_file_problem(path, exc)) from exc
 
 
 def _raise_first(problems: list[str]) -> None:
@@ -155,7 +202,7 @@ def split_dataset(
     _require_images_folder(root)
     split_dir = root / "ImageSets" / "Main"
     existing = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
-    kept = {s: voc.read_split_ids(root, s) for s in existing} if add else {}
+    kept = {s: _read_split_ids(root, s) for s in existing} if add else {}
     if existing and not overwrite and not add:
         raise FileExistsError(
             f"{split_dir}: already holds {', '.join(s + '.txt' for s in existing)}"
