@@ -140,13 +140,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print report.md."""
-    from splitdet.bench.streams import stream_problem
+    from splitdet.bench.streams import rates_problem
     from splitdet.shared.cli import CommandError
 
-    for rate in args.defect_rates:  # before anything loads: a stream that is not of its rate
-        problem = stream_problem("--defect-rates", rate, "--images", args.images)
-        if problem:
-            raise CommandError(problem)
+    # before anything loads: a stream that is not of its rate, or two rates of one stream
+    problem = rates_problem("--defect-rates", args.defect_rates, "--images", args.images)
+    if problem:
+        raise CommandError(problem)
 
     from splitdet.bench.processes import ServiceError
     from splitdet.bench.run import BenchConfig, run_benchmark, written_by

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from splitdet.bench.processes import ServiceProcess, splitdet_command
-from splitdet.bench.streams import make_stream, stream_problem
+from splitdet.bench.streams import make_stream, rates_problem, stream_problem
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.shared.manifest import file_sha256
@@ -639,15 +639,14 @@ def run_bench(config: DemoConfig) -> None:
 
 def check_config(config: DemoConfig) -> None:
     """ValueError naming the option, before the stages: not after half an hour of training."""
-    streams = [("--defect-rate", config.defect_rate, "--images", config.stream_images)]
-    if config.bench_images:
-        streams += [("the benchmark's rate", r, "--bench-images", config.bench_images)
-                    for r in config.bench_rates]  # fmt: skip
-    for rate_option, rate, images_option, images in streams:
-        problem = stream_problem(rate_option, rate, images_option, images)
+    problem = stream_problem("--defect-rate", config.defect_rate, "--images", config.stream_images)
+    if problem:
+        raise ValueError(problem)
+    if config.bench_images:  # (each rate possible, and two never the same stream)
+        problem = rates_problem("the benchmark's rate", config.bench_rates, "--bench-images",
+                                config.bench_images)  # fmt: skip
         if problem:
-            skip = " (or 0 to skip the benchmark)" if images_option == "--bench-images" else ""
-            raise ValueError(problem + skip)
+            raise ValueError(problem + " (or 0 to skip the benchmark)")
     try:
         config.workdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -32,6 +32,7 @@ from splitdet.bench.processes import (
 )
 from splitdet.bench.report import (
     MONOLITHIC,
+    add_confidence_intervals,
     add_engine_reductions,
     earlier_outputs,
     log_header,
@@ -276,6 +277,9 @@ def _run_streams(
             if name != MONOLITHIC
         }
         add_engine_reductions(results[key])
+        add_confidence_intervals(
+            results[key], {name: [o.total_s for o in found] for name, found in outcomes.items()}
+        )
         rows += outcome_rows(key, stream, outcomes)
         before_write()
         write_outcomes(rows, config.out_dir)

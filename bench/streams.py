@@ -12,7 +12,8 @@ from splitdet.training.voc import VocSample
 def make_stream(
     samples: Sequence[VocSample], defect_rate: float, n_images: int, seed: int
 ) -> list[VocSample]:
-    """`n_images` samples of which round(defect_rate * n) are defective, in seeded random order.
+    """`n_images` samples of which `defective_count(defect_rate, n_images)` are defective, in
+    seeded random order.
 
     Each kind is drawn without replacement while the split has enough, then the split is cycled
     again in a new shuffled order (so a 100-image stream at 5% from a split of 40 defect-free
@@ -25,7 +26,7 @@ def make_stream(
     rng = random.Random(f"{seed}:{defect_rate}:{n_images}")
     defective = [s for s in samples if s.is_defective]
     free = [s for s in samples if not s.is_defective]
-    n_defective = round(defect_rate * n_images)
+    n_defective = defective_count(defect_rate, n_images)
     for pool, count, kind in (
         (defective, n_defective, "defective"),
         (free, n_images - n_defective, "defect-free"),
@@ -40,6 +41,14 @@ def make_stream(
     return picks
 
 
+def defective_count(defect_rate: float, n_images: int) -> int:
+    """How many of `n_images` images a stream at `defect_rate` holds defective: Python's
+    round() of the product, to the nearest whole image, a half to the even count (50% of 5
+    images, 2.5, is 2; 50% of 7, 3.5, is 4), of the product as a float (5% of 30 is
+    1.5000000000000002 in floating point, so 2; 5% of 10 is 0.5, so 0)."""
+    return round(defect_rate * n_images)
+
+
 def images_needed(defect_rate: float) -> int:
     """The fewest images a stream at `defect_rate` needs to be of that rate at all: one
     defective image when the rate is above 0, one defect-free when it is below 1 (the count of
@@ -47,12 +56,12 @@ def images_needed(defect_rate: float) -> int:
     needed = 1
     if defect_rate > 0:
         n = max(1, math.floor(0.5 / defect_rate))
-        while round(defect_rate * n) == 0:
+        while defective_count(defect_rate, n) == 0:
             n += 1
         needed = max(needed, n)
     if defect_rate < 1:
         n = max(1, math.floor(0.5 / (1.0 - defect_rate)))
-        while n - round(defect_rate * n) == 0:
+        while n - defective_count(defect_rate, n) == 0:
             n += 1
         needed = max(needed, n)
     return needed
@@ -64,10 +73,48 @@ def stream_problem(rate_option: str, rate: float, images_option: str, images: in
     if images >= images_needed(rate):
         return None
     return (
-        f"{rate_option} {rate:g} with {images_option} {images}: {round(rate * images)} of "
+        f"{rate_option} {rate:g} with {images_option} {images}: "
+        f"{defective_count(rate, images)} of "
         f"{images} images defective is not that rate; use {images_option} "
         f"{images_needed(rate)} or more"
     )
+
+
+def images_separating(rates: Sequence[float], images: int) -> int:
+    """The fewest images from `images` on at which a stream can be of each of `rates` (see
+    `images_needed`) and no two rates give the same count of defective images. It exists:
+    past 1 / (the smallest gap between two rates) any two counts differ."""
+    n = max([images, *(images_needed(r) for r in rates)])
+    while len({defective_count(r, n) for r in rates}) < len(rates):
+        n += 1
+    return n
+
+
+def rates_problem(
+    rate_option: str, rates: Sequence[float], images_option: str, images: int
+) -> str | None:
+    """Why streams of `images` images cannot be of each of `rates` (distinct), naming the
+    options that set them, or None when they can: one rate's `stream_problem`, or two rates
+    that round to the same count of defective images (the same stream twice under two names,
+    and a vertical step in the reduction figure), with the fewest images that separates them."""
+    for rate in rates:
+        problem = stream_problem(rate_option, rate, images_option, images)
+        if problem:
+            return problem
+    first: dict[int, float] = {}
+    for rate in rates:
+        count = defective_count(rate, images)
+        if count not in first:
+            first[count] = rate
+            continue
+        other = first[count]
+        return (
+            f"{rate_option} {other:g} and {rate:g} with {images_option} {images}: both are "
+            f"{count} of {images} images defective ({count / images:.1%}), the same stream "
+            f"twice; use {images_option} {images_separating(rates, images)} (the fewest from "
+            f"{images} that gives every rate its own count)"
+        )
+    return None
 
 
 def _draw(pool: list[VocSample], count: int, rng: random.Random) -> list[VocSample]:
