@@ -99,23 +99,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+#: The modules whose absence means an install without torch (the edge-only install).
+TORCH_MODULES = ("torch", "torchvision")
+#: Words of a shared library that could not be loaded for want of memory (dlopen's "failed to
+#: map segment from shared object", ENOMEM's "Cannot allocate memory").
+_OUT_OF_MEMORY_WORDS = ("failed to map segment", "cannot allocate memory", "out of memory")
+
+
 def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector]:
     """A factory of the in-process cloud half (`cloud.local.LocalDetector`, torch); calling it
-    raises CommandError on an install without torch."""
+    raises CommandError when torch cannot be imported: the full install's advice only when
+    torch or torchvision is not installed (ModuleNotFoundError naming it), else that torch is
+    installed but could not be loaded, and why (a memory limit failing its libraries' load)."""
 
     def make() -> Detector:
         try:
             from splitdet.cloud.local import LocalDetector
-        except ImportError as exc:
-            from splitdet.shared.cli import FULL_INSTALL, CommandError
-
-            raise CommandError(
-                f"in-process detection needs the full install with torch ({exc}); "
-                f"{FULL_INSTALL}, or pass --cloud ADDRESS"
-            ) from None
+        except (ImportError, OSError) as exc:
+            raise torch_unusable(exc) from None
         return LocalDetector(Path(model_dir), threads)
 
     return make
+
+
+def torch_unusable(exc: ImportError | OSError) -> Exception:
+    """The CommandError for an import of the in-process cloud half that failed with `exc`."""
+    from splitdet.shared.cli import FULL_INSTALL, CommandError
+
+    name = getattr(exc, "name", None) or ""
+    if isinstance(exc, ModuleNotFoundError) and name.split(".")[0] in TORCH_MODULES:
+        return CommandError(
+            f"in-process detection needs the full install with torch ({exc}); "
+            f"{FULL_INSTALL}, or pass --cloud ADDRESS"
+        )
+    hint = (
+        ": out of memory? check ulimit -v / the container's memory limit"
+        if any(words in str(exc).lower() for words in _OUT_OF_MEMORY_WORDS)
+        else ""
+    )
+    return CommandError(
+        f"in-process detection needs torch, which is installed but could not be loaded "
+        f"({type(exc).__name__}: {exc}){hint}; or pass --cloud ADDRESS"
+    )
 
 
 def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], Detector]:

@@ -28,6 +28,13 @@ the camera's user wrote it with mode 0600) is no broken image: it is never quara
 stays pending, read again every DENIED_RETRY_S, with a WARNING (event "file_unreadable") when
 first met and every DENIED_WARN_EVERY_S while it lasts, and an INFO once it can be read;
 `pending()` leaves it out (it waits for its permissions, not for the daemon: a batch run ends).
+Nor is a file whose read fails for want of something the process or the machine runs short of
+(SHORTAGES: EMFILE, ENFILE, ENOMEM, ENOBUFS, EAGAIN; a daemon at its open-files limit, a
+machine out of memory): the image is not at fault, so it stays pending, read again every
+SHORTAGE_RETRY_S, with a WARNING naming the shortage and what to raise (event
+"file_read_shortage") when first met and every SHORTAGE_WARN_EVERY_S while it lasts, and the
+same INFO once it can be read; `pending()` leaves it out too (a batch run ends, and the next
+takes it). Any other OSError (EIO, ...) is the file's: quarantined after the grace.
 
 Names may repeat: an arrival is identified by `file_key` (name, size, mtime in ns, inode) plus
 its content hash, so the same name written again is a new arrival. A file kept in the folder
@@ -115,6 +122,7 @@ callers import from here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
@@ -177,6 +185,24 @@ log = logging.getLogger(__name__)
 STILL_CHANGING_SETTLES = 10
 STILL_CHANGING_MIN_S = 5.0
 STILL_CHANGING_CHANGES = 3
+
+#: A read failing with one of these errnos says the process or the machine is short of
+#: something, not that the file is bad: it is kept pending and read again (`_short_of`),
+#: never quarantined. By errno, what the WARNING tells the operator. EAGAIN (EWOULDBLOCK): an
+#: open without blocking of a file another program holds a lease on, or a busy share.
+SHORTAGES: dict[int, str] = {
+    errno.EMFILE: "too many open files in this process: raise its limit on open files "
+    "(LimitNOFILE= in its systemd unit, ulimit -n)",
+    errno.ENFILE: "too many open files on this machine: raise fs.file-max (sysctl), or stop "
+    "what holds them",
+    errno.ENOMEM: "out of memory: check ulimit -v / the container's memory limit, and what "
+    "else runs here",
+    errno.ENOBUFS: "no buffer space available: the machine is short of memory",
+    errno.EAGAIN: "busy for now: another program holds a lease or lock on it, or the share is busy",
+}
+#: Seconds between reads of a file met in a shortage, and between the WARNINGs saying so.
+SHORTAGE_RETRY_S = 2.0
+SHORTAGE_WARN_EVERY_S = 300.0
 
 
 @dataclass
@@ -291,6 +317,7 @@ class HotFolder(FolderListing, FolderReports):
         self._next_order = 0
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
         self._denied: dict[str, _Denied] = {}  # tracked files we may not read (`_deny`)
+        self._short: dict[str, _Denied] = {}  # tracked files read in a shortage (`_short_of`)
         self._skipped: dict[str, str] = {}  # names the last scan left alone -> why (EXTENSION...)
         # Skipped names already logged, oldest first: those in the folder, and up to
         # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
@@ -335,6 +362,7 @@ class HotFolder(FolderListing, FolderReports):
             if name not in seen and not _below_any(name, failed):
                 del self._tracked[name]
                 self._denied.pop(name, None)
+                self._short.pop(name, None)
         for name in list(self._ignored):
             if name not in seen and not _below_any(name, failed):
                 del self._ignored[name]
@@ -397,8 +425,9 @@ class HotFolder(FolderListing, FolderReports):
 
     def pending(self) -> int:
         """Files seen and not yet handed over for good, but for those this process may not
-        read (`_deny`): they wait for a change of permissions, not for the daemon."""
-        return len(self._tracked) - len(self._denied)
+        read (`_deny`) or met in a shortage (`_short_of`): they wait for a change of
+        permissions, or for the shortage to end, not for the daemon."""
+        return len(self._tracked) - len(self._denied) - len(self._short)
 
     def next_candidate(self, skip: set[str] | None = None) -> Candidate | None:
         """The earliest-arrived file that has been stable for the settle period, or None.
@@ -410,6 +439,8 @@ class HotFolder(FolderListing, FolderReports):
             if skip and name in skip:
                 continue
             denied = self._denied.get(name) if self._denied else None
+            if denied is None and self._short:
+                denied = self._short.get(name)
             if denied is not None and now < denied.retry_at:
                 continue
             if now - candidate.stable_since >= self.settle_s:
@@ -417,8 +448,10 @@ class HotFolder(FolderListing, FolderReports):
         return None
 
     def read(self, candidate: Candidate) -> Ready | None:
-        """Read and decode a candidate. None means "not yet" (it changed, vanished, or does
-        not decode and its grace period is not over); the caller moves on to other files.
+        """Read and decode a candidate. None means "not yet" (it changed, vanished, may not
+        be read (`_deny`), could not be read for a shortage of open files or memory
+        (`_short_of`), or does not decode and its grace period is not over); the caller moves
+        on to other files.
         It is read as `read_regular_file` reads (`_read_file`): a FIFO put in its place since
         the scan is never opened (that would block the daemon for good), nor a file grown past
         MAX_FILE_BYTES read whole."""
@@ -433,12 +466,20 @@ class HotFolder(FolderListing, FolderReports):
         except FileNotFoundError:
             self._tracked.pop(candidate.name, None)
             self._denied.pop(candidate.name, None)
+            self._short.pop(candidate.name, None)
             return None
         except PermissionError as exc:  # EACCES, EPERM: the folder's setup, not the image
+            self._short.pop(candidate.name, None)
             self._deny(candidate, exc)
             return None
         except OSError as exc:
+            if exc.errno in SHORTAGES:  # the process's or the machine's, not the image's
+                self._denied.pop(candidate.name, None)
+                self._short_of(candidate, exc)
+                return None
             data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
+        if candidate.name in self._short:
+            self._shortage_over(candidate, error is None)
         if candidate.name in self._denied:
             if error is None:
                 self._allowed(candidate)
@@ -465,16 +506,49 @@ class HotFolder(FolderListing, FolderReports):
             read_s=time.perf_counter() - start,
         )
 
+    def _short_of(self, candidate: Candidate, exc: OSError) -> None:
+        """A read failed for want of something the process or the machine runs short of
+        (SHORTAGES: open files, memory): not the image's fault, so it is not quarantined but
+        kept pending and read again every SHORTAGE_RETRY_S. A WARNING naming the shortage when
+        first met and every SHORTAGE_WARN_EVERY_S while it lasts (event "file_read_shortage")."""
+        now = time.monotonic()
+        short = self._short.get(candidate.name)
+        since, warn_at = (now, now) if short is None else (short.since, short.warn_at)
+        if now >= warn_at:
+            path, code = str(candidate.path), errno.errorcode.get(exc.errno, str(exc.errno))
+            reason = exc.strerror or str(exc)
+            lasting = f" for {now - since:.0f} s" if short is not None else ""
+            log.warning(
+                f"cannot read {path}{lasting}: {SHORTAGES[exc.errno]} ({code}: {reason}); not "
+                "the image's fault: left where it is, not quarantined, and tried again every "
+                f"{SHORTAGE_RETRY_S:g} s",
+                extra={"fields": {"event": "file_read_shortage", "path": path, "errno": code,
+                                  "error": reason, "short_s": round(now - since, 1)}},
+            )  # fmt: skip
+            warn_at = now + SHORTAGE_WARN_EVERY_S
+        self._short[candidate.name] = _Denied(since, now + SHORTAGE_RETRY_S, warn_at)
+
+    def _shortage_over(self, candidate: Candidate, read: bool) -> None:
+        """A file `_short_of` kept back was read again: INFO (event "file_readable") when it
+        could be, silence when it failed otherwise (its error goes the usual way)."""
+        short = self._short.pop(candidate.name)
+        if read:
+            path = str(candidate.path)
+            log.info(f"{path} can be read now, after {time.monotonic() - short.since:.0f} s",
+                     extra={"fields": {"event": "file_readable", "path": path}})  # fmt: skip
+
     def forget(self, candidate: Candidate) -> None:
         """The file was handled (moved or deleted): stop tracking it."""
         self._tracked.pop(candidate.name, None)
         self._denied.pop(candidate.name, None)
+        self._short.pop(candidate.name, None)
 
     def ignore(self, candidate: Candidate) -> None:
         """The file stays in the folder but is done: skip it until it changes (for `recent_s`
         it is stat'ed on every scan, later when its folder changed or at a full scan)."""
         self._tracked.pop(candidate.name, None)
         self._denied.pop(candidate.name, None)
+        self._short.pop(candidate.name, None)
         self._ignored[candidate.name] = (candidate.file_key, candidate.ctime_ns)
         self._recent[candidate.name] = (candidate.path, time.monotonic())
         self._recent.move_to_end(candidate.name)

@@ -20,6 +20,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
@@ -250,20 +251,65 @@ class OncePathAction(argparse._StoreAction):
 
 class Parser(argparse.ArgumentParser):
     """The `splitdet` parser, and (through argparse's ``parser_class``) every subcommand's:
-    plain single-value options store with `OncePathAction`."""
+    plain single-value options store with `OncePathAction`, and an error in the arguments of a
+    command that logs JSON (`_logs_json`) is one JSON line (event "fatal", exit status 2), as
+    a command's other errors are under JSON logs (`main`), not argparse's usage and text."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", None, OncePathAction)
         self.register("action", "store", OncePathAction)
+        self._argv: list[str] = []  # the arguments this parser parses now (`_logs_json`)
+        self._parsed: argparse.Namespace | None = None  # its result, once parsed
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         """argparse's, without the note of the options given (`OncePathAction`)."""
+        self._argv, self._parsed = list(sys.argv[1:] if args is None else args), None
         namespace, extras = super().parse_known_args(args, namespace)
         vars(namespace).pop(_GIVEN, None)
         return namespace, extras
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse's; arguments no parser took are refused knowing the command's log format."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._parsed = parsed
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage and "PROG: error: MESSAGE" (exit status 2); under JSON logs that
+        line alone, as JSON (event "fatal"), for a log pipeline to read."""
+        if not self._logs_json():
+            super().error(message)
+        command = getattr(self._parsed, "command", None)  # ("splitdet edge run": edge)
+        if command is None and self.prog.startswith("splitdet "):
+            command = self.prog.split(" ")[1]
+        line = json_line(logging.ERROR, f"{self.prog}: error: {message}", event="fatal",
+                         command=command)  # fmt: skip
+        self.exit(2, line + "\n")
+
+    def _logs_json(self) -> bool:
+        """Whether the command parsed logs JSON: its `--log-format` once parsed (arguments left
+        over), else the last valid one in the arguments being parsed (before "--"), else this
+        parser's `--log-format` default (`edge run`: json)."""
+        if self._parsed is not None and getattr(self._parsed, "log_format", None) is not None:
+            return bool(self._parsed.log_format == "json")
+        option = next((a for a in self._actions if a.dest == "log_format"), None)
+        choices = option.choices if option is not None and option.choices else ("json", "text")
+        value = option.default if option is not None else None
+        argv = self._argv[: self._argv.index("--")] if "--" in self._argv else self._argv
+        for i, token in enumerate(argv):
+            given = argv[i + 1] if token == "--log-format" and i + 1 < len(argv) else None
+            if token.startswith("--log-format="):
+                given = token.partition("=")[2]
+            if given in choices:
+                value = given
+        return value == "json"
 
 
 def build_parser() -> argparse.ArgumentParser:

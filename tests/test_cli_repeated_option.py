@@ -4,6 +4,7 @@ while repeatable options and non-path options repeat as before."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,13 +14,15 @@ from splitdet.shared.cli import build_parser
 
 
 def _refused(capsys, argv: list[str]) -> str:
-    """The parse of `argv` exits with status 2 and argparse's usage line (parsed only: were it
-    accepted, no command runs)."""
+    """The parse of `argv` exits with status 2 and argparse's usage line, or under JSON logs
+    (`edge run`'s default) one JSON `fatal` line (parsed only: were it accepted, no command
+    runs)."""
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(argv)
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("usage: splitdet "), err
+    assert "Traceback" not in err, err
+    assert err.startswith("usage: splitdet ") or json.loads(err)["event"] == "fatal", err
     return err
 
 

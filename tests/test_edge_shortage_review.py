@@ -1,0 +1,200 @@
+"""A shortage of the process or the machine is not the image's fault, `predict` tells a torch
+it cannot load from a torch not installed, and a bad option value under JSON logs is one JSON
+line.
+
+1. The edge daemon at its open-files limit (`prlimit --nofile=20:20`) recorded good images as
+   errors, "cannot read (Too many open files)", and quarantined them for good. Now they wait in
+   --watch and are taken once the shortage ends, with a WARNING naming it.
+2. `predict` under a memory limit said "install splitdet[full]" of a torch that was installed
+   but failed to load.
+3. `splitdet edge run ... --threshold abc` (JSON logs) printed argparse's usage block and a
+   plain-text last line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splitdet.edge import watcher
+from splitdet.edge.daemon import EdgeDaemon
+from splitdet.edge.pipeline import EdgeResult, ImageMeta
+from splitdet.shared.config import ModelConfig
+
+from support import daemon_config, image_rows
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def png_bytes(level: int) -> bytes:
+    """An 8 x 8 grey PNG of pixel value `level`."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class DarkIsFine:
+    """A stand-in pipeline (no model): nothing is flagged."""
+
+    codec = "int8"
+    threshold = 0.5
+    manifest = type("Manifest", (), {"fingerprint": "f" * 64, "model_config": ModelConfig()})()
+
+    def process_array(self, image: np.ndarray) -> EdgeResult:
+        hw = (image.shape[1], image.shape[2])
+        return EdgeResult(float(image.mean()), False, ImageMeta(hw, hw), None, 0, {"gate": 0})
+
+
+def short_of(number: int, folder: Path, monkeypatch) -> None:
+    """`os.open` of any file below `folder` fails with errno `number`, as it does at the
+    process's open-files limit (EMFILE); every other open goes on as before."""
+    real_open = os.open
+
+    def open_short(path, flags, *args, **kwargs):
+        if Path(os.fsdecode(path)).parent == folder:
+            raise OSError(number, os.strerror(number), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_short)
+
+
+def test_an_image_read_at_the_open_files_limit_waits_and_is_taken_later(
+    tmp_path, monkeypatch, caplog
+):
+    config = daemon_config(tmp_path, tmp_path, after="delete", unreadable_grace_s=0.0)
+    image = config.watch / "a.png"
+    image.write_bytes(png_bytes(30))
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
+        short_of(errno.EMFILE, config.watch, patch)
+        EdgeDaemon(config, pipeline=DarkIsFine()).run()
+    assert image_rows(config.db) == []  # no error row, no quarantine
+    assert image.is_file() and not list((config.watch / "quarantine").glob("*"))
+    [told] = [r for r in caplog.records
+              if getattr(r, "fields", {}).get("event") == "file_read_shortage"]  # fmt: skip
+    assert told.levelno == logging.WARNING and told.fields["errno"] == "EMFILE"
+    assert "too many open files in this process" in told.getMessage()
+    assert "LimitNOFILE" in told.getMessage() and "not quarantined" in told.getMessage()
+
+    assert EdgeDaemon(config, pipeline=DarkIsFine()).run() == 0  # the shortage over
+    [row] = image_rows(config.db)
+    assert row["verdict"] == "ok" and not image.exists(), row
+
+
+def test_a_shortage_is_warned_once_per_image_and_its_end_told(tmp_path, monkeypatch, caplog):
+    (tmp_path / "a.png").write_bytes(png_bytes(20))
+    folder = watcher.HotFolder(tmp_path, settle_s=0, unreadable_grace_s=0)
+    monkeypatch.setattr(watcher, "SHORTAGE_RETRY_S", 0, raising=False)  # read again now
+    folder.scan()
+    caplog.set_level(logging.INFO, "splitdet.edge.watcher")
+    with monkeypatch.context() as patch:
+        short_of(errno.ENOMEM, tmp_path, patch)
+        for _ in range(3):
+            assert folder.read(folder.next_candidate()) is None
+        assert folder.pending() == 0  # it waits for the shortage, not for the daemon
+    events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
+    assert events == ["file_read_shortage"], caplog.text  # warned once, not on every read
+    assert "out of memory" in caplog.records[0].getMessage()
+    ready = folder.read(folder.next_candidate())
+    assert ready is not None and ready.error is None and ready.image is not None
+    events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
+    assert events == ["file_read_shortage", "file_readable"], caplog.text
+
+
+#: Run in the test's subprocess before its code: torch (BROKEN = "torch") fails to load as a
+#: memory limit makes it fail, or torchvision (BROKEN = "torchvision") is not installed.
+_BREAK_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, importlib.machinery, sys
+
+    class _Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torchvision" and BROKEN == "torchvision":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            if name == "torch" and BROKEN == "torch":  # found, as installed, but not loaded
+                return importlib.machinery.ModuleSpec(name, self)
+            return None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError(
+                "/opt/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so: failed to "
+                "map segment from shared object"
+            )
+
+    sys.meta_path.insert(0, _Broken())
+    """
+)
+
+
+@pytest.mark.parametrize("broken", ["torch", "torchvision"])
+def test_predict_tells_a_torch_that_cannot_load_from_one_not_installed(
+    tiny_model_dir, tmp_path, broken
+):
+    (tmp_path / "a.png").write_bytes(png_bytes(200))
+    code = f"""
+from splitdet.shared.cli import main
+raise SystemExit(main(["predict", {str(tmp_path / "a.png")!r}, "--model",
+                       {str(tiny_model_dir)!r}, "--threshold", "0", "--no-progress"]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", f"BROKEN = {broken!r}\n" + _BREAK_TORCH + code],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("splitdet predict: error: in-process detection needs "), last
+    if broken == "torch":
+        assert "torch, which is installed but could not be loaded" in last, last
+        assert "failed to map segment" in last and "ulimit -v" in last, last
+        assert "splitdet[full]" not in last, last
+    else:
+        assert "install splitdet[full]" in last and "torchvision" in last, last
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["edge", "run", "--model", "m", "--watch", "w", "--db", "d.sqlite", "--cloud",
+          "127.0.0.1:9", "--threshold", "abc"], "--threshold"),  # JSON by default
+        (["cloud", "--log-format", "json", "--model", "m", "--bad-value"], "--bad-value"),
+        (["cloud", "--model", "m", "--max-message-mib", "x", "--log-format", "json"],
+         "--max-message-mib"),  # given after the bad value
+    ],
+)  # fmt: skip
+def test_a_bad_option_under_json_logs_is_one_json_fatal_line(argv, option, capsys):
+    from splitdet.shared.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # no usage block
+    entry = json.loads(lines[0])
+    assert (entry["level"], entry["event"], entry["command"]) == ("ERROR", "fatal", argv[0])
+    assert entry["msg"].startswith("splitdet") and ": error: " in entry["msg"], entry
+    assert option in entry["msg"], entry
+
+
+def test_a_bad_option_under_text_logs_keeps_argparses_usage(capsys):
+    from splitdet.shared.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["cloud", "--model", "m", "--max-message-mib", "x"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: splitdet cloud "), err
+    assert err.splitlines()[-1].startswith("splitdet cloud: error: argument --max-message-mib")
