@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from splitdet.cloud.call_status import METHODS, log_refusal
+from splitdet.cloud.call_status import METHODS, log_refusal, shortage
 from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import ServerMetrics, claimed_edge
 from splitdet.cloud.threads import PoolBound
@@ -56,6 +56,8 @@ class CallGuard(grpc.ServerInterceptor):
     GetManifest, by method and per edge as a refusal; logged as `request_not_received` at most
     every EXHAUSTED_LOG_S per pool). Without it such a call held its thread until its
     connection's age closed it (`channel_options.grpc_options`): about 5.5 min + --max-call.
+    A timer that cannot start (the server short of memory or threads) refuses its call with
+    RESOURCE_EXHAUSTED (`_short`), which edges retry, not gRPC's UNKNOWN.
 
     Args:
         metrics: where refusals and busy threads are counted.
@@ -79,7 +81,11 @@ class CallGuard(grpc.ServerInterceptor):
         self._lines = LineLimiter(EXHAUSTED_LOG_S)
         #: which calls ended for a request not received are logged: likewise
         self._unreceived_lines = LineLimiter(EXHAUSTED_LOG_S)
+        #: which calls refused for a thread that could not start are logged: likewise
+        self._short_lines = LineLimiter(EXHAUSTED_LOG_S)
         self._lock = threading.Lock()
+        #: the calls still receiving their request: id -> the edge name they claim
+        self._receiving: dict[int, str] = {}
         self._refusals = refusals
         for name in pools:
             metrics.rpc_threads_busy.labels(name).set_function(functools.partial(self.busy, name))
@@ -89,6 +95,12 @@ class CallGuard(grpc.ServerInterceptor):
         """Calls holding a thread of `pool` now."""
         with self._lock:
             return self._active[pool]
+
+    def receiving(self) -> tuple[int, list[str]]:
+        """(the calls holding a thread while their request still arrives, the edge names they
+        claim, sorted, each once): what a stop cuts besides the calls running."""
+        with self._lock:
+            return len(self._receiving), sorted(set(self._receiving.values()))
 
     def intercept_service(
         self,
@@ -138,13 +150,24 @@ class CallGuard(grpc.ServerInterceptor):
                 release()
             if not unary:
                 return behaviour(requests, context, *callback)
-            watch = ReceiveTimer(context, receive_s, not_received_message(method, receive_s))
-            context.add_callback(watch.cancel)  # (the call ended: no timer left running)
             peer, failed = context.peer(), None  # (once the call is ended the peer reads "")
+            try:
+                watch = ReceiveTimer(context, receive_s, not_received_message(method, receive_s))
+            except RuntimeError as exc:  # ("can't start new thread": short of memory)
+                short = shortage(exc)
+                if short is None:
+                    raise
+                self._short(method, pool, peer, context, short)  # (raises)
+            context.add_callback(watch.cancel)  # (the call ended: no timer left running)
+            with self._lock:
+                self._receiving[id(context)] = claimed_edge(context.invocation_metadata())
             try:
                 request = next(requests)
             except (StopIteration, grpc.RpcError) as exc:  # (no request; the call ended)
                 request, failed = None, exc
+            finally:
+                with self._lock:
+                    self._receiving.pop(id(context), None)
             # the timer fired: the call is ended, also when its request came just then
             if not watch.received():
                 self._not_received(method, pool, peer, context, receive_s)  # (raises)
@@ -202,19 +225,49 @@ class CallGuard(grpc.ServerInterceptor):
         counts them), logged as `request_not_received` (at most one line per pool per
         EXHAUSTED_LOG_S, carrying the count and edges of those left out); then the handler
         ends (the call has its status already)."""
+        self._end(method, pool, peer, context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  not_received_message(method, receive_s), "request_not_received",
+                  self._unreceived_lines, {"max_receive_s": receive_s})  # fmt: skip
+
+    def _short(
+        self, method: str, pool: str, peer: str, context: grpc.ServicerContext, message: str
+    ) -> None:
+        """A call refused because its receive timer's thread could not start (the server
+        short of memory or threads: `call_status.shortage`'s `message`): RESOURCE_EXHAUSTED,
+        which edges retry later, not the UNKNOWN gRPC makes of an exception here (which they
+        keep as a dead letter); counted (for the Detection service's methods, as `_refusal`
+        counts them) and logged as `refused` (WARNING, at most one line per pool per
+        EXHAUSTED_LOG_S, carrying the count and edges of those left out)."""
+        self._end(method, pool, peer, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message,
+                  "refused", self._short_lines)  # fmt: skip
+
+    def _end(
+        self,
+        method: str,
+        pool: str,
+        peer: str,
+        context: grpc.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        event: str,
+        lines: LineLimiter,
+        more: dict[str, Any] | None = None,
+    ) -> None:
+        """End a call the guard refuses after taking it (`_not_received`, `_short`) with `code`
+        and `message`: counted (for the Detection service's methods, as `_refusal` counts
+        them), logged as WARNING `event` with `more` fields at most as `lines` admits (one
+        line per pool per its every_s, carrying the count and edges of those left out); then
+        the handler ends (raises: the call has its status)."""
         name = method.rsplit("/", 1)[-1]
-        code = grpc.StatusCode.DEADLINE_EXCEEDED
         metadata = context.invocation_metadata()
         if name in METHODS:
             self._count_refused(name, metadata, code)
         claimed = claimed_edge(metadata)
-        admitted = self._unreceived_lines.admit_from(pool, claimed)
+        admitted = lines.admit_from(pool, claimed)
         if admitted is not None:
-            log_refusal(name, peer, claimed, code, not_received_message(method, receive_s),
-                        "request_not_received", admitted, self._unreceived_lines.every_s,
-                        level=logging.WARNING,
-                        more={"pool": pool, "max_receive_s": receive_s})  # fmt: skip
-        context.abort(code, not_received_message(method, receive_s))  # (raises; not sent)
+            log_refusal(name, peer, claimed, code, message, event, admitted, lines.every_s,
+                        level=logging.WARNING, more={"pool": pool, **(more or {})})  # fmt: skip
+        context.abort(code, message)  # (raises; not sent)
 
     def _count_refused(
         self,

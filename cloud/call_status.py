@@ -9,6 +9,8 @@ code and message each becomes, and the log line of a refusal.
     DeadlinePassed: the caller's deadline passed during the work            DEADLINE_EXCEEDED
     Cancelled: the caller went away                                         CANCELLED
     ShuttingDown: a new or waiting call after SIGTERM                       UNAVAILABLE
+    the server short of memory or threads (`shortage`): MemoryError, torch's RESOURCE_EXHAUSTED
+        allocator's RuntimeError, a thread that cannot start
     anything else: a bug (logged with its traceback)                        INTERNAL
 
 A missing or wrong bearer token is refused before the servicer (cloud/tokens.py,
@@ -46,7 +48,8 @@ class TooLarge(Exception):
     (`channel_options.grpc_options`)."""
 
 
-#: Exception type -> status code; the first match wins, anything unlisted is INTERNAL.
+#: Exception type -> status code; the first match wins, anything unlisted is INTERNAL (or
+#: RESOURCE_EXHAUSTED when it says the server is short of memory or threads: `shortage`).
 STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlinePassed, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -66,8 +69,58 @@ MISCONFIGURED: tuple[type[BaseException], ...] = (FingerprintMismatch, InvalidRe
 
 
 def refusal_level(exc: BaseException) -> int:
-    """The level of a refused call's log line: WARNING for MISCONFIGURED, else INFO."""
-    return logging.WARNING if isinstance(exc, MISCONFIGURED) else logging.INFO
+    """The level of a refused call's log line: WARNING for MISCONFIGURED and for a server
+    short of memory or threads (`shortage`: the operator's to fix), else INFO."""
+    if isinstance(exc, MISCONFIGURED) or (not _listed(exc) and shortage(exc) is not None):
+        return logging.WARNING
+    return logging.INFO
+
+
+def _listed(exc: BaseException) -> bool:
+    """Whether `exc` is of a type STATUS_FOR_ERROR names (its code wins over `shortage`)."""
+    return any(isinstance(exc, error_type) for error_type, _ in STATUS_FOR_ERROR)
+
+
+#: What the messages of a failed allocation or thread start hold: torch's CPU allocator
+#: ("[enforce fail at alloc_cpu.cpp:...] DefaultCPUAllocator: can't allocate memory: you tried
+#: to allocate N bytes"), and CPython's `Thread.start` ("can't start new thread").
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator")
+_NO_THREAD_TEXT = "can't start new thread"
+
+
+def shortage(exc: BaseException) -> str | None:
+    """The status message for `exc` (or an exception it was raised from or during) when it
+    says the server ran short of memory or threads: a MemoryError (numpy's too), torch's
+    allocator RuntimeError, a RuntimeError of a thread that could not start (e.g. under an
+    address-space limit, `prlimit --as`). None for anything else.
+
+    Such a call failed for want of the server's resources, not for its request: it is refused
+    with RESOURCE_EXHAUSTED, which edges retry later as for a busy server, instead of INTERNAL,
+    which they keep as a dead letter (`edge.client_errors.classify`)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, MemoryError) or (
+            isinstance(exc, RuntimeError) and any(t in text for t in _OUT_OF_MEMORY_TEXTS)
+        ):
+            what = "memory"
+        elif isinstance(exc, RuntimeError) and _NO_THREAD_TEXT in text:
+            what = "threads"
+        else:
+            exc = exc.__cause__ or exc.__context__
+            continue
+        detail = _first_line(exc) or type(exc).__name__
+        return (
+            f"the cloud ran short of {what} ({type(exc).__name__}: {detail}); the request is "
+            "fine: retry later"
+        )
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 #: The methods of the Detection service (counted by method in ServerMetrics).
@@ -86,6 +139,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for error_type, code in STATUS_FOR_ERROR:
         if isinstance(exc, error_type):
             return code, _clip(str(exc))
+    short = shortage(exc)
+    if short is not None:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _clip(short)
     return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")
 
 

@@ -17,6 +17,15 @@ def receive_bound(max_message_bytes: int) -> int:
     return min(max_message_bytes + max(max_message_bytes // 4, 16 * MIB), (1 << 31) - 1)
 
 
+def ping_timeout_s(config: ServerConfig) -> float:
+    """Seconds the server waits for the answer to a ping of its (keepalive, or gRPC's own
+    bandwidth probes, sent while a request arrives): keepalive_timeout_s, and never less than
+    --max-receive. On a slow link the edge's answer waits behind the rest of its upload, so a
+    shorter wait would close the connection under a request --max-receive allows (a network
+    review measured uploads cut at 60 s on a 128 kbit/s link)."""
+    return max(config.keepalive_timeout_s, config.max_receive_s)
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The gRPC server's channel arguments."""
     return [
@@ -35,8 +44,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # unanswered ping closes it and frees the threads its calls hold. In gRPC 1.85 the
         # ping timeout, not keepalive_timeout_ms, is what ends a keepalive ping's wait.
         ("grpc.keepalive_time_ms", round(config.keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
-        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(ping_timeout_s(config) * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(ping_timeout_s(config) * 1000)),
         # gRPC sends two pings at most on a connection with no data to send.
         ("grpc.http2.max_pings_without_data", 0),
         # A connection takes new calls for max_connection_age_s, then is closed gracefully

@@ -8,12 +8,14 @@ Top-level imports are stdlib only (see splitdet.shared.cli); torch and grpc load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sqlite3
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,7 +65,8 @@ fingerprint (all 64 hex digits, as the ready file's "fingerprints" and the manif
 once a reload drops it (e.g. grpc_health_probe -service FINGERPRINT, after a SIGHUP).
 
 Stops on SIGTERM/SIGINT: health turns NOT_SERVING (health Watch streams hear it and are ended),
-new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0;
+new calls are refused, in-flight calls get --grace seconds to finish, then the process exits 0
+(1 if gRPC's stop is not complete 5 s later: an ERROR stop_incomplete and every thread's stack);
 another SIGTERM/SIGINT a quarter of a second or more into the drain ends the grace at once.
 Calls cut by its end are logged (WARNING calls_cut) and sent again by their edges. SIGUSR1 logs
 every thread's stack (what a server that seems stuck waits on) and the server goes on.
@@ -331,6 +334,36 @@ def check_options(args: argparse.Namespace) -> None:
                 f"--answers-db {answers}: cannot create its folder {answers.parent} "
                 f"({exc.strerror or exc})"
             ) from None
+        problem = answers_disk_problem(answers, "cannot write it")
+        if problem is not None:  # (now, not after the models' load: ~25 s)
+            raise CommandError(problem)
+
+
+def answers_disk_problem(path: Path, failed: str) -> str | None:
+    """What stops --answers-db `path` from being written when its file system is mounted
+    read-only or full (less than FULL_BELOW_BYTES free, or what root may use): the message
+    (`failed` says what failed: "cannot write it", "cannot open it (unable to open database
+    file)") with what to do; None when the file system is neither (or cannot be told).
+    Told by `os.statvfs` of its folder, so nothing is written to find it out."""
+    from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
+
+    folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    if read_only:
+        return (
+            f"--answers-db {path}: {failed}: the file system holding it ({folder}) is mounted "
+            "read-only; remount it read-write or give --answers-db on another"
+        )
+    free = free_bytes(folder)
+    if free is not None and free < FULL_BELOW_BYTES:
+        return (
+            f"--answers-db {path}: {failed}: no space left on device ({free // 1024} KiB free "
+            f"in {folder}); free space there or give --answers-db on another file system"
+        )
+    return None
 
 
 def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
@@ -437,6 +470,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
     from splitdet.cloud.serve_loop import serve
+    from splitdet.cloud.server import STOP_INCOMPLETE_EXIT, StopIncomplete
     from splitdet.cloud.server_config import MIB, ServerConfig
     from splitdet.cloud.threads import all_cores
     from splitdet.shared.manifest import ManifestError
@@ -503,10 +537,27 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
     try:
         return serve(config, on_ready=on_ready, stop=stop, reload=reload, on_reload=on_reload,
                      on_draining=on_draining)  # fmt: skip
+    except StopIncomplete:  # (logged with the threads' stacks: `CloudServer.stop`)
+        pass
     except (ManifestError, OSError) as exc:
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite
-        raise CommandError(f"--answers-db {args.answers_db}: {exc}") from None
+        problem = answers_disk_problem(args.answers_db, f"cannot open it ({exc})")
+        raise CommandError(problem or f"--answers-db {args.answers_db}: {exc}") from None
     finally:  # stopped: no longer ready (a kill -9 leaves it: the next start removes it)
         if args.ready_file is not None:
             remove_ready_file(args.ready_file, os.getpid())
+    return exit_at_once(STOP_INCOMPLETE_EXIT)
+
+
+def exit_at_once(status: int) -> int:
+    """End the process now with `status`, the logs flushed: not Python's exit, which waits for
+    every non-daemon thread (gRPC's and its handler pools'), those a stuck stop left among
+    them (`server.StopIncomplete`). Never returns."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

@@ -36,7 +36,8 @@ def serve(
     on_draining: Callable[[], object] | None = None,
 ) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
-    exports (`CloudServer.reload`). Returns 0.
+    exports (`CloudServer.reload`). Returns 0; raises `server.StopIncomplete` when gRPC's stop
+    did not complete within --grace + 5 s (the process must then end at once: `cli_cloud.run`).
 
     Args:
         config: the settings.

@@ -2,7 +2,8 @@
 
     server = CloudServer(ServerConfig(model_dir=Path("model"), listen="0.0.0.0:50051")).start()
     server.reload()   # SIGHUP: serve what the configured directories hold now
-    server.stop()     # health NOT_SERVING, drain within --grace, release everything
+    server.stop()     # health NOT_SERVING, drain within --grace, release everything; bounded:
+                      # StopIncomplete when gRPC's stop does not complete within --grace + 5 s
 
 What runs: splitdet.v1.Detection (the servicer), grpc.health.v1 health (SERVING while up, and
 each served export's fingerprint), optionally server reflection, a Prometheus /metrics HTTP
@@ -39,6 +40,7 @@ from splitdet.cloud.threads import handler_pools, server_pool
 from splitdet.cloud.tokens import AcceptedTokens, TokenInterceptor, file_stamp
 from splitdet.shared.manifest import ManifestError
 from splitdet.shared.metrics_http import start_metrics_server
+from splitdet.shared.stacks import log_stacks
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,8 @@ class CloudServer:
         pools = handler_pools(config)
         self._refusal_threads = pools.refusal
         # the guard first: it counts every call, those the token refuses too
-        interceptors = [CallGuard(self.metrics, pools.bounds, self._refusal_threads)]
+        self._guard = CallGuard(self.metrics, pools.bounds, self._refusal_threads)
+        interceptors = [self._guard]
         if self.tokens:
             interceptors.append(TokenInterceptor(self.tokens, self.metrics))
         self._server = grpc.server(
@@ -321,7 +324,12 @@ class CloudServer:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`
         seconds (default config.grace_s), then release everything. `hurry`, once set (a
         second SIGTERM), ends the grace at once. Idempotent: a later call waits for the first
-        to end, and one with a grace of 0 ends that one's grace at once."""
+        to end, and one with a grace of 0 ends that one's grace at once.
+
+        Raises:
+            StopIncomplete: (the first call) gRPC's stop did not complete within `grace` +
+                _CUT_WAIT_S; logged, the rest released.
+        """
         with self._stop_lock:
             first = not self._stopped.is_set()
             self._stopped.set()
@@ -341,13 +349,15 @@ class CloudServer:
         grace = self.config.grace_s if grace is None else grace
         self.servicer.drain()
         self.health.enter_graceful_shutdown()
-        self._let_calls_finish(grace, hurry)
+        stuck = self._let_calls_finish(grace, hurry)
         self.health.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
         if self._own_store and self.core.store is not None:
             self.core.store.close()
+        if stuck is not None:
+            raise StopIncomplete(stuck)
         if self.port:  # (not after a start that could not listen: it never served)
             self._wait_for_handlers(_CUT_WAIT_S)
             log.info("stopped", extra={"fields": {"event": "stopped"}})
@@ -359,28 +369,83 @@ class CloudServer:
         while self.servicer.running() and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def _let_calls_finish(self, grace: float, hurry: threading.Event | None) -> None:
+    def _let_calls_finish(self, grace: float, hurry: threading.Event | None) -> str | None:
         """gRPC's stop, the grace kept here: the Detect calls still running when `grace` ends,
-        or when `hurry` is set, are counted, then cancelled (UNAVAILABLE to their callers),
-        and a WARNING says how many (`calls_cut`; their edges send them again)."""
-        done = self._server.stop(grace + _CUT_WAIT_S)  # (gRPC's own cut, never first)
+        or when `hurry` is set, and the calls still receiving their request (a slow link), are
+        counted, then cancelled (UNAVAILABLE or CANCELLED to their callers, which edges retry),
+        and a WARNING says how many (`calls_cut`; their edges send them again).
+
+        Bounded: gRPC's stop is asked for in a thread of its own (`_grpc_stop`), since it can
+        block for good (its state lock held by a thread of its own that never gets on, as a
+        `Thread.start()` whose new thread died during start-up under an address-space limit
+        does). Not done _CUT_WAIT_S after the cut: logged as ERROR (`stop_incomplete`, with
+        every thread's stack) and returned as a message naming what did not stop; else None.
+        """
+        done = self._grpc_stop(grace + _CUT_WAIT_S)  # (gRPC's own cut, never first)
         deadline = time.monotonic() + grace
         while not done.wait(0.05):
             hurried = self._hurry.is_set() or (hurry is not None and hurry.is_set())
             if hurried or time.monotonic() >= deadline:
                 cut, edges = self.servicer.running_edges()
-                self._server.stop(0)  # (a shorter grace overrides the one running)
-                if cut:
+                receiving, senders = self._guard.receiving()
+                cut_done = self._grpc_stop(0)  # (a shorter grace overrides the one running)
+                if cut or receiving:
                     why = "asked again to stop" if hurried else f"--grace {grace:g} s ended"
+                    edges = sorted({*edges, *senders})
                     log.warning(
-                        f"{why}: {cut} Detect call(s) still running were cancelled, from "
-                        f"edge(s) {', '.join(edges)} (UNAVAILABLE to them; they send them "
-                        "again: nothing is lost)",
-                        extra={"fields": {"event": "calls_cut", "calls": cut, "edges": edges,
+                        f"{why}: {cut} Detect call(s) still running"
+                        + (f" and {receiving} still receiving their request" if receiving
+                           else "")
+                        + f" were cancelled, from edge(s) {', '.join(edges)} (UNAVAILABLE or "
+                        "CANCELLED to them; they send them again: nothing is lost)",
+                        extra={"fields": {"event": "calls_cut", "calls": cut,
+                                          "receiving": receiving, "edges": edges,
                                           "hurried": hurried, "grace_s": grace}},
                     )  # fmt: skip
-                done.wait(_CUT_WAIT_S)
-                return
+                if cut_done.wait(_CUT_WAIT_S) or done.is_set():
+                    return None
+                return self._stop_incomplete(grace)
+        return None
+
+    def _grpc_stop(self, grace: float) -> threading.Event:
+        """gRPC's `stop(grace)` run in a daemon thread; the Event returned is set once gRPC's
+        shutdown is complete. Without a thread to spare (short of memory), called here."""
+        done = threading.Event()
+
+        def stop() -> None:
+            self._server.stop(grace).wait()
+            done.set()
+
+        try:
+            threading.Thread(target=stop, name="splitdet-grpc-stop", daemon=True).start()
+        except RuntimeError:  # ("can't start new thread")
+            return self._server.stop(grace)
+        return done
+
+    def _stop_incomplete(self, grace: float) -> str:
+        """The ERROR line (`stop_incomplete`) of a gRPC stop not complete _CUT_WAIT_S after the
+        grace's end, then every thread's stack (as SIGUSR1 logs them); returns its message."""
+        running, edges = self.servicer.running_edges()
+        threads = sorted(
+            thread.name
+            for thread in threading.enumerate()
+            if thread is not threading.current_thread() and not thread.daemon
+        )
+        message = (
+            f"gRPC's stop did not complete within --grace {grace:g} s + {_CUT_WAIT_S:g} s (its "
+            f"calls and threads did not end: {running} Detect call(s) still running"
+            + (f", from edge(s) {', '.join(edges)}" if edges else "")
+            + f"; threads left: {', '.join(threads) or 'none'}); exiting with status "
+            f"{STOP_INCOMPLETE_EXIT} for a supervisor to restart the server (the stacks follow)"
+        )
+        log.error(message, extra={"fields": {"event": "stop_incomplete", "grace_s": grace,
+                                             "calls": running, "edges": edges,
+                                             "threads": threads}})  # fmt: skip
+        try:
+            log_stacks()
+        except Exception:  # (the stacks are a help; the exit must happen)
+            log.exception("could not log the threads' stacks")
+        return message
 
     def __enter__(self) -> CloudServer:
         return self.start()
@@ -389,5 +454,14 @@ class CloudServer:
         self.stop(0)
 
 
-#: Seconds a stop waits for gRPC to end the calls it cancelled at the end of the grace.
+#: Seconds a stop waits for gRPC to end the calls it cancelled at the end of the grace; past
+#: them the stop is incomplete (`StopIncomplete`).
 _CUT_WAIT_S = 5.0
+#: The exit status of `splitdet cloud` whose stop did not complete (`StopIncomplete`).
+STOP_INCOMPLETE_EXIT = 1
+
+
+class StopIncomplete(RuntimeError):
+    """gRPC's stop did not complete within the grace + _CUT_WAIT_S (logged as ERROR with the
+    threads' stacks): threads of the server may never end, so the process must end at once
+    (`cli_cloud.run`: os._exit with STOP_INCOMPLETE_EXIT), not wait for them at its exit."""

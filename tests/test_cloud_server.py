@@ -442,14 +442,17 @@ def test_calls_that_never_send_their_request_leave_health_and_refusals_a_thread(
 def test_a_caller_cut_off_mid_request_gives_its_thread_back(served, tmp_path, sample):
     """Calls without a deadline whose caller's network goes silent before the request is sent
     hold every Detect thread. The server's keepalive ping goes unanswered, the connection is
-    closed, and the threads serve again (gRPC's server default pings after 2 hours)."""
+    closed, and the threads serve again (gRPC's server default pings after 2 hours). The ping's
+    wait is never shorter than --max-receive (a slow upload's answer to it waits behind its
+    bytes), so both are 1 s here."""
     stop = threading.Event()
 
     def never_sent():
         stop.wait()
         yield b""
 
-    settings = {"max_concurrent": 1, "max_queued": 1, "keepalive_s": 1, "keepalive_timeout_s": 1}
+    settings = {"max_concurrent": 1, "max_queued": 1, "keepalive_s": 1, "keepalive_timeout_s": 1,
+                "max_receive_s": 1}  # fmt: skip
     with running(served, tmp_path, **settings) as (server, client):
         proxy = FreezableProxy(server.port)
         try:

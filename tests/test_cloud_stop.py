@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 from cloud_fixtures import (
+    DETECT,
     make_sample,
     shared_model_dir,
     start_cloud_process,
@@ -115,6 +116,35 @@ def test_cut_calls_name_their_edges_and_stopped_is_the_last_line(tmp_path, caplo
                                       if "cancelled" in r.getMessage())  # fmt: skip
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
     assert events.count("refused") == 2 and events[-1] == "stopped", events
+
+
+def test_calls_still_receiving_their_request_are_counted_as_cut(tmp_path, caplog):
+    """A network review: a stop that cut Detect calls still uploading their request over a
+    slow link logged no `calls_cut` (only calls already running were counted), against the
+    README. They are now counted, with the edge each names."""
+    server = start_loopback_server(tmp_path, threads=2)
+    caplog.set_level(logging.INFO, logger="splitdet.cloud")
+    sent = threading.Event()
+
+    def never_sent():
+        sent.wait()
+        yield b""
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.stream_unary(DETECT).future(
+                never_sent(), timeout=120, metadata=(("splitdet-edge", "slow-press"),)
+            )
+            wait_for(lambda: server._guard.receiving()[0] == 1, 30, "the call receiving")
+            server.stop(0.2)
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=30)
+    finally:
+        sent.set()
+    assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    [cut] = _cut_lines(caplog)
+    assert (cut["calls"], cut["receiving"], cut["edges"]) == (0, 1, ["slow-press"]), cut
+    assert server._guard.receiving() == (0, [])
 
 
 def test_a_stop_with_nothing_running_logs_no_cut_calls(tmp_path, caplog):

@@ -45,26 +45,6 @@ pytestmark = pytest.mark.timeout(120)
 # ------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs mounted at tmp_path/disk for the test (root only; skipped elsewhere)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-            capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc})")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=20)
-
-
 def fill(folder: Path, leave: int = 0) -> Path:
     """Fill the file system holding `folder` with one file, then give `leave` bytes back."""
     filler = folder / "filler"
