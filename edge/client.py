@@ -134,8 +134,11 @@ class CloudClient:
             self._channel = grpc.secure_channel(target, channel_credentials(config), options)
         else:
             if config.token and _first_plaintext_token(target):
-                log.warning("sending the bearer token without TLS to %s (said once per "
-                            "process)", target)  # fmt: skip
+                log.warning(
+                    "sending the bearer token without TLS to %s (said once per process)",
+                    target,
+                    extra={"fields": {"event": "token_without_tls", "target": target}},
+                )
             self._channel = grpc.insecure_channel(target, options)
         self._stub = pb_grpc.DetectionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

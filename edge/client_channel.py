@@ -55,8 +55,11 @@ class ClientConfig:
             too, and by `max_answer_bytes`.
         max_answer_bytes: bound on one answer (default MAX_ANSWER_BYTES: a real one is
             kilobytes).
-        keepalive_time_s: ping an idle connection this often to notice a dead peer.
-        keepalive_timeout_s: a ping unanswered this long closes the connection.
+        keepalive_time_s: ping the cloud after this long without a frame from it, to keep a
+            firewall's or NAT's entry for an idle connection alive and to notice one dropped
+            silently (the next call then opens a new connection); 0: no pings.
+        keepalive_timeout_s: a ping unanswered this long closes the connection, cancelling its
+            calls; None (the default): the longer call deadline (`ping_timeout_s`).
         tls: use TLS (implied by any of the certificate paths).
         root_certs: PEM CA bundle to verify the server with (None: the system's roots).
         client_cert, client_key: PEM certificate chain and key for mutual TLS.
@@ -74,7 +77,7 @@ class ClientConfig:
     max_message_bytes: int = 256 * MIB
     max_answer_bytes: int = MAX_ANSWER_BYTES
     keepalive_time_s: float = 30.0
-    keepalive_timeout_s: float = 10.0
+    keepalive_timeout_s: float | None = None
     tls: bool = False
     root_certs: Path | None = None
     client_cert: Path | None = None
@@ -97,6 +100,10 @@ class ClientConfig:
             check_edge_name(self.edge_name)
         if self.timeout_s <= 0 or self.manifest_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if not self.keepalive_time_s >= 0:  # (NaN too)
+            raise ValueError("keepalive_time_s must be 0 (no pings) or more")
+        if self.keepalive_timeout_s is not None and not self.keepalive_timeout_s > 0:
+            raise ValueError("keepalive_timeout_s must be positive")
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("mutual TLS needs both a client certificate and its key")
 
@@ -104,6 +111,20 @@ class ClientConfig:
     def uses_tls(self) -> bool:
         """Whether the channel is TLS: asked for, or implied by root or client certificates."""
         return bool(self.tls or self.root_certs or self.client_cert)
+
+    @property
+    def ping_timeout_s(self) -> float:
+        """How long a ping (keepalive, or gRPC's own bandwidth probe) may go unanswered before
+        the connection is closed, seconds: `keepalive_timeout_s`, by default the longer call
+        deadline. A ping is queued behind the bytes of a request being sent, so on a slow link
+        it is answered only once they are through: a shorter wait cut every upload longer than
+        the keepalive time plus it (30 + 10 s before), however long the call's deadline. gRPC
+        also makes it the socket's TCP_USER_TIMEOUT, the longest data may stay unacknowledged
+        (a lossy link's retransmissions). A connection dropped silently while idle is closed
+        after keepalive_time_s plus this."""
+        if self.keepalive_timeout_s is not None:
+            return self.keepalive_timeout_s
+        return max(self.timeout_s, self.manifest_timeout_s)
 
     @property
     def receive_bytes(self) -> int:
@@ -149,17 +170,24 @@ def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.receive_bytes),
-        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
-        # gRPC 1.85 ends a keepalive ping's wait at the ping timeout (60 s), not the above
-        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.service_config", json.dumps(service_config)),
         # A restarted replica is found again within seconds rather than gRPC's 2 minutes.
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 10_000),
     ]
+    # gRPC 1.85 ends the wait of any ping it sends (keepalive, or its own flow-control probes)
+    # at the ping timeout (default 60 s), not at keepalive_timeout_ms: a ping sent during an
+    # upload waits behind its bytes, so it gets as long as a call may take.
+    ping_timeout_ms = int(config.ping_timeout_s * 1000)
+    options.append(("grpc.http2.ping_timeout_ms", ping_timeout_ms))
+    if config.keepalive_time_s > 0:  # (without it gRPC sends no keepalive pings and sets no
+        # TCP_USER_TIMEOUT)
+        options += [
+            ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", ping_timeout_ms),  # also the TCP_USER_TIMEOUT
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
     if config.server_name:
         options.append(("grpc.ssl_target_name_override", config.server_name))
     if config.own_connection:  # else channels to one target in a process share a connection

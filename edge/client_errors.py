@@ -10,12 +10,16 @@ import grpc
 
 from splitdet.edge.client_channel import ClientConfig
 
-#: Status codes worth retrying later (the server is down, slow or busy).
+#: Status codes worth retrying later (the server is down, slow or busy). CANCELLED too: a call
+#: this edge cancels itself never gets here (the sender knows its own cancel), so it is the
+#: cloud's stop cutting a call still receiving its request, or a proxy's: nothing about the
+#: request, which a dead letter would wrongly keep from the cloud until `edge requeue`.
 RETRY_LATER_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
     }
 )
 #: gRPC's refusal of a message over the receive bound: "... larger than max (N vs. M)"; since
@@ -61,7 +65,8 @@ class BadAnswer(NeverRetry):
 
 
 def classify(code: grpc.StatusCode, message: str) -> CloudError:
-    """RetryLater for UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED; NeverRetry otherwise.
+    """RetryLater for RETRY_LATER_CODES (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+    CANCELLED); NeverRetry otherwise.
 
     A message over the size bound is reported as RESOURCE_EXHAUSTED but never fits later: it is
     NeverRetry.

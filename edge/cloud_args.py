@@ -82,8 +82,9 @@ def add_codec_argument(parser: argparse.ArgumentParser) -> None:
 def add_cloud_arguments(
     parser: argparse.ArgumentParser, required: bool, retried: bool = False
 ) -> None:
-    """--cloud and the connection options (deadline, TLS, mutual TLS, token); `retried`: the
-    command sends a call again within --timeout (predict and eval), as its help says."""
+    """--cloud and the connection options (deadline, keepalive, TLS, mutual TLS, token);
+    `retried`: the command sends a call again within --timeout (predict and eval), as its help
+    says."""
     parser.add_argument(
         "--cloud",
         required=required,
@@ -103,6 +104,17 @@ def add_cloud_arguments(
             if retried
             else f"deadline of one Detect call, seconds (default: {DEFAULT_TIMEOUT_S:g})"
         ),
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="ping the cloud after SECONDS without a word from it: keeps a firewall's entry for "
+        "an idle connection alive, and a connection it dropped silently is replaced before the "
+        "next call; a ping unanswered within --timeout (it may wait behind a request on a slow "
+        f"link) closes the connection (default: {DEFAULT_KEEPALIVE_S:g}; "
+        f"{MIN_KEEPALIVE_S:g}-{MAX_TIMEOUT_S:g}, or 0: no pings)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
     parser.add_argument(
@@ -149,6 +161,11 @@ def _edge_name(text: str) -> str:
 DEFAULT_TIMEOUT_S = 60.0
 #: Longest --timeout accepted, seconds (a day): gRPC turns larger deadlines into nonsense.
 MAX_TIMEOUT_S = 86400.0
+#: --keepalive when not given, seconds: below the idle timeouts of common firewalls and NATs.
+DEFAULT_KEEPALIVE_S = 30.0
+#: Shortest --keepalive accepted, seconds: the cloud takes pings no more often than every 10 s
+#: on a connection without calls (`grpc.http2.min_recv_ping_interval_without_data_ms`).
+MIN_KEEPALIVE_S = 10.0
 #: gRPC target schemes whose rest is a path or a name (not host:port).
 _PATH_SCHEMES = ("unix:", "unix-abstract:", "xds:")
 
@@ -202,6 +219,7 @@ def _endpoint_problem(endpoint: str, port_required: bool = True) -> str | None:
 #: Connection options that mean nothing without --cloud (argparse dests).
 CONNECTION_OPTIONS = (
     "timeout",
+    "keepalive",
     "tls",
     "root_certs",
     "client_cert",
@@ -243,6 +261,12 @@ def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientC
         raise CommandError(
             f"--timeout {timeout:g}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
         )
+    keepalive = DEFAULT_KEEPALIVE_S if args.keepalive is None else args.keepalive
+    if not (keepalive == 0 or MIN_KEEPALIVE_S <= keepalive <= MAX_TIMEOUT_S):  # (NaN too)
+        raise CommandError(
+            f"--keepalive {keepalive:g}: must be 0 (no pings) or a number of seconds in "
+            f"[{MIN_KEEPALIVE_S:g}, {MAX_TIMEOUT_S:g}]"
+        )
     for option, path, kind in (("--root-certs", args.root_certs, "certificate"),
                                ("--client-cert", args.client_cert, "certificate"),
                                ("--client-key", args.client_key, "private key")):  # fmt: skip
@@ -255,6 +279,7 @@ def client_config(args: argparse.Namespace, alone: str | None = None) -> ClientC
         return ClientConfig(
             addresses,
             timeout_s=timeout,
+            keepalive_time_s=keepalive,
             tls=args.tls,
             root_certs=args.root_certs,
             client_cert=args.client_cert,

@@ -390,3 +390,27 @@ def test_edge_run_dead_letters_a_nan_answer_then_requeue_delivers_it(
     assert cloud.detect_calls == 2
     assert _edge("edge", "status", "--db", db, "--json") == 0
     assert _strict_json(capsys.readouterr().out)["dead_letters"]["kept"] == 0
+
+
+def test_a_call_the_cloud_cancels_is_retried_not_a_dead_letter(tiny_model_dir):
+    """A network review: a cloud stopping while a slow edge still uploaded its request cut the
+    call with CANCELLED, which the client called NeverRetry: the sender made the request a
+    dead letter, kept from the cloud until someone ran `edge requeue`. The request is not at
+    fault: retried later."""
+    from splitdet.edge.client import RetryLater
+
+    class Cancelling(FakeCloud):
+        def Detect(self, request, context):
+            context.abort(grpc.StatusCode.CANCELLED, "Cancelling all calls")
+
+    forget_rules()
+    fake = Cancelling(tiny_model_dir)
+    try:
+        with (
+            CloudClient(ClientConfig(fake.address, timeout_s=30)) as client,
+            pytest.raises(RetryLater) as failed,
+        ):
+            client.send_request(request_to(fake))
+        assert failed.value.code is grpc.StatusCode.CANCELLED
+    finally:
+        fake.stop()
