@@ -39,6 +39,22 @@ STORE_CHECK_EVERY_S = 5.0
 _NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 
+#: What ONNX Runtime, numpy and the C++ runtime say when an allocation fails: the machine is
+#: short of memory, the image is not at fault.
+_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "cannot allocate memory",
+                  "unable to allocate")  # fmt: skip
+
+
+def memory_shortage(exc: BaseException) -> str | None:
+    """What an exception raised while running the model on an image says, when it says that
+    memory ran out (a MemoryError, or ONNX Runtime's or numpy's failed allocation), else
+    None: the file is then taken again later rather than quarantined for good."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OUT_OF_MEMORY):
+        return text
+    return None
+
+
 def content_sha256(path: Path) -> str:
     """SHA-256 hex of a hot-folder file's bytes, read as the hot folder reads it
     (`read_regular_file`): a file replaced by a FIFO since the scan is never opened (the
@@ -201,6 +217,10 @@ class Intake:
         try:
             result = self.pipeline.process_array(ready.image)
         except Exception as exc:
+            short = memory_shortage(exc)
+            if short is not None:  # the machine's, not the image's: taken again later
+                self.folder.short_of_memory(candidate, short)
+                return False
             # Quarantined rather than retried: the same file would fail again on every restart.
             detail = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
             self._quarantine(candidate, arrival, f"{arrival.path}: cannot process ({detail})")

@@ -506,11 +506,12 @@ class HotFolder(FolderListing, FolderReports):
             read_s=time.perf_counter() - start,
         )
 
-    def _short_of(self, candidate: Candidate, exc: OSError) -> None:
-        """A read failed for want of something the process or the machine runs short of
-        (SHORTAGES: open files, memory): not the image's fault, so it is not quarantined but
-        kept pending and read again every SHORTAGE_RETRY_S. A WARNING naming the shortage when
-        first met and every SHORTAGE_WARN_EVERY_S while it lasts (event "file_read_shortage")."""
+    def _short_of(self, candidate: Candidate, exc: OSError, doing: str = "read") -> None:
+        """A read (or, `doing` "process", the model's run on it: `Intake`) failed for want of
+        something the process or the machine runs short of (SHORTAGES: open files, memory):
+        not the image's fault, so it is not quarantined but kept pending and read again every
+        SHORTAGE_RETRY_S. A WARNING naming the shortage when first met and every
+        SHORTAGE_WARN_EVERY_S while it lasts (event "file_read_shortage")."""
         now = time.monotonic()
         short = self._short.get(candidate.name)
         since, warn_at = (now, now) if short is None else (short.since, short.warn_at)
@@ -519,14 +520,21 @@ class HotFolder(FolderListing, FolderReports):
             reason = exc.strerror or str(exc)
             lasting = f" for {now - since:.0f} s" if short is not None else ""
             log.warning(
-                f"cannot read {path}{lasting}: {SHORTAGES[exc.errno]} ({code}: {reason}); not "
+                f"cannot {doing} {path}{lasting}: {SHORTAGES[exc.errno]} ({code}: {reason}); not "
                 "the image's fault: left where it is, not quarantined, and tried again every "
                 f"{SHORTAGE_RETRY_S:g} s",
                 extra={"fields": {"event": "file_read_shortage", "path": path, "errno": code,
-                                  "error": reason, "short_s": round(now - since, 1)}},
+                                  "error": reason, "short_s": round(now - since, 1),
+                                  "stage": doing}},
             )  # fmt: skip
             warn_at = now + SHORTAGE_WARN_EVERY_S
         self._short[candidate.name] = _Denied(since, now + SHORTAGE_RETRY_S, warn_at)
+
+    def short_of_memory(self, candidate: Candidate, reason: str) -> None:
+        """The model's run on a candidate read whole failed for want of memory (`reason`: what
+        the library said): as a read in a shortage (`_short_of`), the file waits in --watch,
+        unrecorded, and is taken again after SHORTAGE_RETRY_S."""
+        self._short_of(candidate, OSError(errno.ENOMEM, reason), doing="process")
 
     def _shortage_over(self, candidate: Candidate, read: bool) -> None:
         """A file `_short_of` kept back was read again: INFO (event "file_readable") when it

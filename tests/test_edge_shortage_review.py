@@ -112,6 +112,47 @@ def test_a_shortage_is_warned_once_per_image_and_its_end_told(tmp_path, monkeypa
     assert events == ["file_read_shortage", "file_readable"], caplog.text
 
 
+class OutOfMemoryOnce(DarkIsFine):
+    """A stand-in pipeline whose first run fails as ONNX Runtime's does when memory runs out."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def process_array(self, image: np.ndarray) -> EdgeResult:
+        if not self.failed:
+            self.failed += 1
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+                "while running Conv node. Failed to allocate memory for requested buffer of "
+                "size 52428800"
+            )
+        return super().process_array(image)
+
+
+def test_an_image_whose_model_run_runs_out_of_memory_waits_and_is_taken_later(tmp_path, caplog):
+    """The shortage helper's note: a model run that failed for want of memory (ONNX Runtime's
+    failed allocation, a MemoryError) quarantined the good image for good, as a file that
+    cannot be read did. It now waits in --watch, unrecorded, and is taken once memory is
+    back; the --once run that met the shortage ends all the same."""
+    config = daemon_config(tmp_path, tmp_path, after="delete")
+    image = config.watch / "a.png"
+    image.write_bytes(png_bytes(30))
+    pipeline = OutOfMemoryOnce()
+    with caplog.at_level(logging.INFO):
+        assert EdgeDaemon(config, pipeline=pipeline).run() == 0
+    assert pipeline.failed == 1 and image_rows(config.db) == []  # no error row
+    assert image.is_file() and not list((config.watch / "quarantine").glob("*"))
+    [told] = [r for r in caplog.records
+              if getattr(r, "fields", {}).get("event") == "file_read_shortage"]  # fmt: skip
+    assert told.levelno == logging.WARNING and told.fields["stage"] == "process"
+    assert "Failed to allocate memory" in told.getMessage(), told.getMessage()
+    assert "not quarantined" in told.getMessage()
+
+    assert EdgeDaemon(config, pipeline=pipeline).run() == 0  # memory back
+    [row] = image_rows(config.db)
+    assert row["verdict"] == "ok" and not image.exists(), row
+
+
 #: Run in the test's subprocess before its code: torch (BROKEN = "torch") fails to load as a
 #: memory limit makes it fail, or torchvision (BROKEN = "torchvision") is not installed.
 _BREAK_TORCH = textwrap.dedent(
