@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from splitdet.edge.file_identity import file_path
@@ -234,18 +235,33 @@ def write_in_folder(path: Path, data: bytes, watch: Path | None, create: bool = 
     try:
         temp = f".{_cut(path.name, NAME_MAX - _TEMP_NAME_EXTRA)}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(temp, _NEW_FILE, 0o666, dir_fd=folder)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            with _naming(path.parent / temp):
+                fd = os.open(temp, _NEW_FILE, 0o666, dir_fd=folder)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+            with _naming(path.parent / temp, path):
+                os.rename(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=folder)
             raise
     finally:
         os.close(folder)
+
+
+@contextlib.contextmanager
+def _naming(path: Path, other: Path | None = None) -> Iterator[None]:
+    """An OSError raised inside re-raised naming `path` (and `other`: "PATH -> OTHER", as a
+    copy's or a rename's error reads): a call made relative to an open folder names only the
+    bare name, or nothing, and the log line would not say where."""
+    try:
+        yield
+    except OSError as exc:
+        named = type(exc)(exc.errno, exc.strerror, str(path), None,
+                          None if other is None else str(other))  # fmt: skip
+        raise named from exc
 
 
 def _cut(name: str, room: int) -> str:
@@ -298,7 +314,7 @@ def _copy_across(source: Path, folder: int, target: Path) -> None:
     (FileExistsError); the source is left in place."""
     temp = partial_path(target)
     try:
-        with open(source, "rb") as original:
+        with open(source, "rb") as original, _naming(source, temp):
             fd = os.open(temp.name, _NEW_FILE, 0o666, dir_fd=folder)
             with os.fdopen(fd, "wb") as copy:
                 shutil.copyfileobj(original, copy)

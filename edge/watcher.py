@@ -203,6 +203,10 @@ SHORTAGES: dict[int, str] = {
 #: Seconds between reads of a file met in a shortage, and between the WARNINGs saying so.
 SHORTAGE_RETRY_S = 2.0
 SHORTAGE_WARN_EVERY_S = 300.0
+#: The SHORTAGES of the process or the machine, met by every file alike (not EAGAIN: one file's
+#: lease): told in one WARNING for all the files they hold back, at most every
+#: SHORTAGE_WARN_EVERY_S, with how many wait.
+PROCESS_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass
@@ -318,6 +322,7 @@ class HotFolder(FolderListing, FolderReports):
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
         self._denied: dict[str, _Denied] = {}  # tracked files we may not read (`_deny`)
         self._short: dict[str, _Denied] = {}  # tracked files read in a shortage (`_short_of`)
+        self._process_short_warn_at = 0.0  # when a process-wide shortage may be told again
         self._skipped: dict[str, str] = {}  # names the last scan left alone -> why (EXTENSION...)
         # Skipped names already logged, oldest first: those in the folder, and up to
         # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
@@ -511,23 +516,30 @@ class HotFolder(FolderListing, FolderReports):
         something the process or the machine runs short of (SHORTAGES: open files, memory):
         not the image's fault, so it is not quarantined but kept pending and read again every
         SHORTAGE_RETRY_S. A WARNING naming the shortage when first met and every
-        SHORTAGE_WARN_EVERY_S while it lasts (event "file_read_shortage")."""
+        SHORTAGE_WARN_EVERY_S while it lasts (event "file_read_shortage"): per file for EAGAIN,
+        once for all the files a shortage of the whole process holds back
+        (PROCESS_SHORTAGES: a backlog of 300 gave 300 lines)."""
         now = time.monotonic()
         short = self._short.get(candidate.name)
         since, warn_at = (now, now) if short is None else (short.since, short.warn_at)
-        if now >= warn_at:
+        whole = exc.errno in PROCESS_SHORTAGES  # (not this file's: one line for all of them)
+        if now >= (self._process_short_warn_at if whole else warn_at):
             path, code = str(candidate.path), errno.errorcode.get(exc.errno, str(exc.errno))
             reason = exc.strerror or str(exc)
             lasting = f" for {now - since:.0f} s" if short is not None else ""
+            waiting = len(self._short) + (short is None)
+            others = f" ({waiting} files wait so)" if whole and waiting > 1 else ""
             log.warning(
                 f"cannot {doing} {path}{lasting}: {SHORTAGES[exc.errno]} ({code}: {reason}); not "
                 "the image's fault: left where it is, not quarantined, and tried again every "
-                f"{SHORTAGE_RETRY_S:g} s",
+                f"{SHORTAGE_RETRY_S:g} s{others}",
                 extra={"fields": {"event": "file_read_shortage", "path": path, "errno": code,
                                   "error": reason, "short_s": round(now - since, 1),
-                                  "stage": doing}},
+                                  "stage": doing, "files_waiting": waiting}},
             )  # fmt: skip
             warn_at = now + SHORTAGE_WARN_EVERY_S
+            if whole:
+                self._process_short_warn_at = warn_at
         self._short[candidate.name] = _Denied(since, now + SHORTAGE_RETRY_S, warn_at)
 
     def short_of_memory(self, candidate: Candidate, reason: str) -> None:

@@ -304,12 +304,20 @@ class Parser(argparse.ArgumentParser):
         value = option.default if option is not None else None
         argv = self._argv[: self._argv.index("--")] if "--" in self._argv else self._argv
         for i, token in enumerate(argv):
-            given = argv[i + 1] if token == "--log-format" and i + 1 < len(argv) else None
-            if token.startswith("--log-format="):
-                given = token.partition("=")[2]
+            name, equals, inline = token.partition("=")
+            if not self._names_log_format(name):
+                continue
+            given = inline if equals else argv[i + 1] if i + 1 < len(argv) else None
             if given in choices:
                 value = given
         return value == "json"
+
+    def _names_log_format(self, name: str) -> bool:
+        """Whether the option `name` is `--log-format`, or an abbreviation argparse takes for it
+        (`--log-f`, and `--log` where no other option of this parser starts so)."""
+        if not name.startswith("--log") or not "--log-format".startswith(name):
+            return False
+        return [o for o in self._option_string_actions if o.startswith(name)] == ["--log-format"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -447,3 +447,26 @@ def test_once_leaves_a_file_it_could_not_move_for_the_next_run(tmp_path, monkeyp
     assert EdgeDaemon(config, pipeline=BrightIsDefective()).run() == 0
     [row] = image_rows(config.db)
     assert Path(row["stored_path"]).is_file() and not (config.watch / "a.png").exists()
+
+
+def test_a_write_or_copy_that_fails_names_its_paths(tmp_path, small_disk):
+    """A review: the moves and reason files made relative to the open folder failed with
+    "[Errno 28] No space left on device" and no path, or only the bare temporary name; the
+    error (logged as `cannot move file`, `cannot write reason file`) names them again."""
+    from splitdet.edge.file_moves import move_no_clobber, write_in_folder
+
+    (small_disk / "filler").write_bytes(b"\0" * (1 << 20))
+    with pytest.raises(OSError) as failed:
+        write_in_folder(small_disk / "a.reason.txt", b"x" * (2 << 20), None)
+    assert failed.value.errno == errno.ENOSPC
+    assert str(small_disk / ".a.reason.txt.") in str(failed.value), failed.value
+    assert os.listdir(small_disk) == ["filler"]  # nothing left beside it
+
+    source = tmp_path / "big.png"
+    source.write_bytes(b"y" * (2 << 20))
+    with pytest.raises(OSError) as failed:
+        move_no_clobber(source, small_disk / "00000001_big.png")  # (another file system)
+    assert failed.value.errno == errno.ENOSPC
+    text = str(failed.value)
+    assert f"'{source}' -> '{small_disk}/.00000001_big.png." in text, text
+    assert os.listdir(small_disk) == ["filler"] and source.is_file()

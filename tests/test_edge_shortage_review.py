@@ -112,6 +112,30 @@ def test_a_shortage_is_warned_once_per_image_and_its_end_told(tmp_path, monkeypa
     assert events == ["file_read_shortage", "file_readable"], caplog.text
 
 
+@pytest.mark.parametrize(("number", "lines"), [(errno.EMFILE, 1), (errno.EAGAIN, 20)])
+def test_a_shortage_of_the_whole_process_is_one_line_for_all_the_files(
+    tmp_path, monkeypatch, caplog, number, lines
+):
+    """A review: at the open-files limit a backlog of 300 images gave 300 WARNINGs at once,
+    again every 5 minutes. A shortage of the process is now one line for all the files it
+    holds back, naming how many; EAGAIN (one file's lease) stays one line per file."""
+    for index in range(20):
+        (tmp_path / f"{index:02d}.png").write_bytes(png_bytes(index))
+    folder = watcher.HotFolder(tmp_path, settle_s=0, unreadable_grace_s=0)
+    folder.scan()
+    caplog.set_level(logging.INFO, "splitdet.edge.watcher")
+    with monkeypatch.context() as patch:
+        short_of(number, tmp_path, patch)
+        while (candidate := folder.next_candidate()) is not None:
+            assert folder.read(candidate) is None
+    told = [r for r in caplog.records if getattr(r, "fields", {}).get("event")
+            == "file_read_shortage"]  # fmt: skip
+    assert len(told) == lines, [r.getMessage() for r in told]
+    assert folder.pending() == 0
+    if number == errno.EMFILE:
+        assert told[0].fields["files_waiting"] == 1  # (the first met: told at once)
+
+
 class OutOfMemoryOnce(DarkIsFine):
     """A stand-in pipeline whose first run fails as ONNX Runtime's does when memory runs out."""
 
@@ -230,12 +254,37 @@ def test_a_bad_option_under_json_logs_is_one_json_fatal_line(argv, option, capsy
     assert option in entry["msg"], entry
 
 
-def test_a_bad_option_under_text_logs_keeps_argparses_usage(capsys):
+EDGE_RUN = ["edge", "run", "--model", "m", "--watch", "w", "--db", "d.sqlite", "--cloud",
+            "127.0.0.1:9"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["cloud", "--model", "m", "--max-message-mib", "x"], "--max-message-mib"),
+        ([*EDGE_RUN, "--log-format", "text", "--threshold", "abc"], "--threshold"),
+        ([*EDGE_RUN, "--log-form", "text", "--threshold", "abc"], "--threshold"),
+        ([*EDGE_RUN, "--log=text", "--threshold", "abc"], "--threshold"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_under_text_logs_keeps_argparses_usage(capsys, argv, option):
+    """Text logs, the cloud's default or given to `edge run`, abbreviated too (argparse takes
+    `--log-form` and `--log` for `--log-format`; a review found those printed JSON)."""
     from splitdet.shared.cli import main
 
     with pytest.raises(SystemExit) as stopped:
-        main(["cloud", "--model", "m", "--max-message-mib", "x"])
+        main(argv)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: splitdet cloud "), err
-    assert err.splitlines()[-1].startswith("splitdet cloud: error: argument --max-message-mib")
+    command = " ".join(argv[:2]) if argv[0] == "edge" else argv[0]
+    assert err.startswith(f"usage: splitdet {command} "), err
+    assert err.splitlines()[-1].startswith(f"splitdet {command}: error: argument {option}")
+
+
+def test_an_abbreviated_log_format_json_is_seen_by_a_parse_error(capsys):
+    from splitdet.shared.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["cloud", "--log-f", "json", "--model", "m", "--max-message-mib", "x"])
+    [line] = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["event"] == "fatal"
