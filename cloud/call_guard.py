@@ -15,6 +15,7 @@ import grpc
 from splitdet.cloud.call_status import METHODS, log_refusal, shortage
 from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import ServerMetrics, claimed_edge
+from splitdet.cloud.servicer import SERVICE_NAME
 from splitdet.cloud.threads import PoolBound
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class CallGuard(grpc.ServerInterceptor):
         #: which calls refused for a thread that could not start are logged: likewise
         self._short_lines = LineLimiter(EXHAUSTED_LOG_S)
         self._lock = threading.Lock()
-        #: the calls still receiving their request: id -> the edge name they claim
+        #: the Detect calls still receiving their request: id -> the edge name they claim
+        #: (a stop counts them as cut: their edges send them again; a health check or a
+        #: GetManifest cut loses nothing)
         self._receiving: dict[int, str] = {}
         self._refusals = refusals
         for name in pools:
@@ -97,8 +100,8 @@ class CallGuard(grpc.ServerInterceptor):
             return self._active[pool]
 
     def receiving(self) -> tuple[int, list[str]]:
-        """(the calls holding a thread while their request still arrives, the edge names they
-        claim, sorted, each once): what a stop cuts besides the calls running."""
+        """(the Detect calls holding a thread while their request still arrives, the edge
+        names they claim, sorted, each once): what a stop cuts besides the calls running."""
         with self._lock:
             return len(self._receiving), sorted(set(self._receiving.values()))
 
@@ -144,6 +147,7 @@ class CallGuard(grpc.ServerInterceptor):
 
         unary = not handler.request_streaming
         receive_s = self._receive_s[pool]
+        detect = method == f"/{SERVICE_NAME}/Detect"  # (counted by `receiving`)
 
         def run(requests: Iterator, context: grpc.ServicerContext, *callback: Callable) -> Any:
             if not context.add_callback(release):  # (the call has ended already)
@@ -159,8 +163,9 @@ class CallGuard(grpc.ServerInterceptor):
                     raise
                 self._short(method, pool, peer, context, short)  # (raises)
             context.add_callback(watch.cancel)  # (the call ended: no timer left running)
-            with self._lock:
-                self._receiving[id(context)] = claimed_edge(context.invocation_metadata())
+            if detect:
+                with self._lock:
+                    self._receiving[id(context)] = claimed_edge(context.invocation_metadata())
             try:
                 request = next(requests)
             except (StopIteration, grpc.RpcError) as exc:  # (no request; the call ended)

@@ -10,7 +10,8 @@ code and message each becomes, and the log line of a refusal.
     Cancelled: the caller went away                                         CANCELLED
     ShuttingDown: a new or waiting call after SIGTERM                       UNAVAILABLE
     the server short of memory or threads (`shortage`): MemoryError, torch's RESOURCE_EXHAUSTED
-        allocator's RuntimeError, a thread that cannot start
+        allocator's RuntimeError, a thread that cannot start (the error itself, or
+        what it was raised from; not what it was raised while handling)
     anything else: a bug (logged with its traceback)                        INTERNAL
 
 A missing or wrong bearer token is refused before the servicer (cloud/tokens.py,
@@ -70,10 +71,17 @@ MISCONFIGURED: tuple[type[BaseException], ...] = (FingerprintMismatch, InvalidRe
 
 def refusal_level(exc: BaseException) -> int:
     """The level of a refused call's log line: WARNING for MISCONFIGURED and for a server
-    short of memory or threads (`shortage`: the operator's to fix), else INFO."""
-    if isinstance(exc, MISCONFIGURED) or (not _listed(exc) and shortage(exc) is not None):
+    short of memory or threads (`is_shortage`: the operator's to fix), else INFO."""
+    if isinstance(exc, MISCONFIGURED) or is_shortage(exc):
         return logging.WARNING
     return logging.INFO
+
+
+def is_shortage(exc: BaseException) -> bool:
+    """Whether `exc` fails its call as a shortage (`shortage`): of no type STATUS_FOR_ERROR
+    names (their codes win). Such refusals get log lines of their own, apart from the busy
+    ones they share RESOURCE_EXHAUSTED with (`servicer._rpc`)."""
+    return not _listed(exc) and shortage(exc) is not None
 
 
 def _listed(exc: BaseException) -> bool:
@@ -83,16 +91,20 @@ def _listed(exc: BaseException) -> bool:
 
 #: What the messages of a failed allocation or thread start hold: torch's CPU allocator
 #: ("[enforce fail at alloc_cpu.cpp:...] DefaultCPUAllocator: can't allocate memory: you tried
-#: to allocate N bytes"), and CPython's `Thread.start` ("can't start new thread").
-_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator")
+#: to allocate N bytes"; the name DefaultCPUAllocator alone is no shortage: it heads other
+#: errors too), and CPython's `Thread.start` ("can't start new thread").
+_OUT_OF_MEMORY_TEXT = "can't allocate memory"
 _NO_THREAD_TEXT = "can't start new thread"
 
 
-def shortage(exc: BaseException) -> str | None:
-    """The status message for `exc` (or an exception it was raised from or during) when it
-    says the server ran short of memory or threads: a MemoryError (numpy's too), torch's
-    allocator RuntimeError, a RuntimeError of a thread that could not start (e.g. under an
-    address-space limit, `prlimit --as`). None for anything else.
+def shortage(exc: BaseException, resized_hw: tuple[int, int] | None = None) -> str | None:
+    """The status message for `exc` (or an exception it was explicitly raised from: `raise
+    ... from`) when it says the server ran short of memory or threads: a MemoryError (numpy's
+    too), torch's allocator RuntimeError, a RuntimeError of a thread that could not start
+    (e.g. under an address-space limit, `prlimit --as`). None for anything else: an exception
+    raised while handling a shortage (its `__context__`) is a failure of its own, a bug whose
+    traceback must be logged, not a shortage retried for ever. `resized_hw`: the request's
+    size after resizing, named when known (`shortage_message`).
 
     Such a call failed for want of the server's resources, not for its request: it is refused
     with RESOURCE_EXHAUSTED, which edges retry later as for a busy server, instead of INTERNAL,
@@ -100,22 +112,39 @@ def shortage(exc: BaseException) -> str | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        text = str(exc)
-        if isinstance(exc, MemoryError) or (
-            isinstance(exc, RuntimeError) and any(t in text for t in _OUT_OF_MEMORY_TEXTS)
-        ):
-            what = "memory"
-        elif isinstance(exc, RuntimeError) and _NO_THREAD_TEXT in text:
-            what = "threads"
-        else:
-            exc = exc.__cause__ or exc.__context__
-            continue
-        detail = _first_line(exc) or type(exc).__name__
-        return (
-            f"the cloud ran short of {what} ({type(exc).__name__}: {detail}); the request is "
-            "fine: retry later"
-        )
+        what = _short_of(exc)
+        if what is not None:
+            return shortage_message(what, exc, resized_hw)
+        exc = exc.__cause__
     return None
+
+
+def _short_of(exc: BaseException) -> str | None:
+    """ "memory" or "threads" when `exc` itself says the server ran short of them, else None."""
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, RuntimeError) and _OUT_OF_MEMORY_TEXT in str(exc):
+        return "memory"
+    if isinstance(exc, RuntimeError) and _NO_THREAD_TEXT in str(exc):
+        return "threads"
+    return None
+
+
+def shortage_message(
+    what: str, exc: BaseException, resized_hw: tuple[int, int] | None = None
+) -> str:
+    """The status message of a call failed short of `what` ("memory", "threads") by `exc`.
+    Honest about a retry: a request at an export's largest input can fail every time on a
+    cloud without the memory for it (2048x2448 px under `prlimit --as=4.7G`, where 400x2448
+    px were answered), so it says what to do when the edge's retries keep failing."""
+    detail = _first_line(exc) or type(exc).__name__
+    size = f" ({resized_hw[0]}x{resized_hw[1]} px after resizing)" if resized_hw else ""
+    return (
+        f"the cloud ran short of {what} ({type(exc).__name__}: {detail}) for this "
+        f"request{size}: not the request's fault; it is retried; if it keeps failing, the "
+        "cloud needs more memory for this export's largest inputs (lower --max-concurrent, "
+        "or more memory)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,12 +163,15 @@ FAILURE_CODES = (
 )
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed call reports for `exc`."""
+def status_for(
+    exc: BaseException, resized_hw: tuple[int, int] | None = None
+) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call reports for `exc`; `resized_hw`: its
+    request's size after resizing, when known (named by a shortage's message)."""
     for error_type, code in STATUS_FOR_ERROR:
         if isinstance(exc, error_type):
             return code, _clip(str(exc))
-    short = shortage(exc)
+    short = shortage(exc, resized_hw)
     if short is not None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, _clip(short)
     return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")

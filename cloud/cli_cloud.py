@@ -334,17 +334,23 @@ def check_options(args: argparse.Namespace) -> None:
                 f"--answers-db {answers}: cannot create its folder {answers.parent} "
                 f"({exc.strerror or exc})"
             ) from None
-        problem = answers_disk_problem(answers, "cannot write it")
-        if problem is not None:  # (now, not after the models' load: ~25 s)
+        # only what cannot work at all, now (not after the models' load: ~25 s); a disk
+        # nearly full is no refusal: a store that fails is not fatal, answers still go out
+        problem = answers_disk_problem(answers, "cannot write it", full_too=False)
+        if problem is not None:
             raise CommandError(problem)
 
 
-def answers_disk_problem(path: Path, failed: str) -> str | None:
+def answers_disk_problem(path: Path, failed: str, full_too: bool = True) -> str | None:
     """What stops --answers-db `path` from being written when its file system is mounted
-    read-only or full (less than FULL_BELOW_BYTES free, or what root may use): the message
-    (`failed` says what failed: "cannot write it", "cannot open it (unable to open database
-    file)") with what to do; None when the file system is neither (or cannot be told).
-    Told by `os.statvfs` of its folder, so nothing is written to find it out."""
+    read-only or (`full_too`) full (less than FULL_BELOW_BYTES free, or what root may use):
+    the message (`failed` says what failed: "cannot write it", "cannot open it (unable to
+    open database file)") with what to do; None when the file system is neither (or cannot be
+    told). Told by `os.statvfs` of its folder, so nothing is written to find it out.
+
+    Free space is only a reading of why opening the store failed (`full_too`, `_run`), never
+    a reason to refuse to start: an existing store on a nearly full disk keeps answers, and
+    one that cannot is not fatal (`core.DetectionCore`: answers still go out)."""
     from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
 
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
@@ -357,6 +363,8 @@ def answers_disk_problem(path: Path, failed: str) -> str | None:
             f"--answers-db {path}: {failed}: the file system holding it ({folder}) is mounted "
             "read-only; remount it read-write or give --answers-db on another"
         )
+    if not full_too:
+        return None
     free = free_bytes(folder)
     if free is not None and free < FULL_BELOW_BYTES:
         return (

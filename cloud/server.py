@@ -426,10 +426,12 @@ class CloudServer:
         """The ERROR line (`stop_incomplete`) of a gRPC stop not complete _CUT_WAIT_S after the
         grace's end, then every thread's stack (as SIGUSR1 logs them); returns its message."""
         running, edges = self.servicer.running_edges()
+        # every other thread, daemon ones too: gRPC's (its handlers', its cancel after the
+        # grace) and the stop's own are daemon threads, and the ones left stuck
         threads = sorted(
             thread.name
             for thread in threading.enumerate()
-            if thread is not threading.current_thread() and not thread.daemon
+            if thread is not threading.current_thread()
         )
         message = (
             f"gRPC's stop did not complete within --grace {grace:g} s + {_CUT_WAIT_S:g} s (its "
@@ -442,7 +444,7 @@ class CloudServer:
                                              "calls": running, "edges": edges,
                                              "threads": threads}})  # fmt: skip
         try:
-            log_stacks()
+            log_stacks(STOP_INCOMPLETE_STACKS)
         except Exception:  # (the stacks are a help; the exit must happen)
             log.exception("could not log the threads' stacks")
         return message
@@ -459,6 +461,8 @@ class CloudServer:
 _CUT_WAIT_S = 5.0
 #: The exit status of `splitdet cloud` whose stop did not complete (`StopIncomplete`).
 STOP_INCOMPLETE_EXIT = 1
+#: Why the stacks `stop_incomplete` logs are dumped (their line's header, not SIGUSR1's).
+STOP_INCOMPLETE_STACKS = "(the stop did not complete; exiting)"
 
 
 class StopIncomplete(RuntimeError):

@@ -21,6 +21,7 @@ from splitdet.cloud.call_status import (
     Overloaded,
     ShuttingDown,
     TooLarge,
+    is_shortage,
     log_refusal,
     refusal_level,
     status_for,
@@ -61,14 +62,17 @@ DEADLINE_SLACK_S = 0.5
 
 class CallEdge:
     """The edge label a call is counted under (`ServerMetrics.edge_of`), which a Detect
-    changes once it claims a label (`DetectionServicer._answered`)."""
+    changes once it claims a label (`DetectionServicer._answered`); and its request's size
+    after resizing once parsed, which a shortage's message names (`call_status.shortage`)."""
 
-    __slots__ = ("label", "started")
+    __slots__ = ("label", "resized_hw", "started")
 
     def __init__(self, label: str) -> None:
-        """`label`: what the call counts as so far; `started`: monotonic s it arrived."""
+        """`label`: what the call counts as so far; `started`: monotonic s it arrived;
+        `resized_hw`: None until its request is parsed (`DetectionServicer._checked_call`)."""
         self.label = label
         self.started = time.monotonic()
+        self.resized_hw: tuple[int, int] | None = None
 
 
 def _rpc(method: Callable) -> Callable:
@@ -107,13 +111,15 @@ def _rpc(method: Callable) -> Callable:
                 )
             return method(self, request, context, edge)
         except Exception as exc:
-            code, message = status_for(exc)
+            code, message = status_for(exc, edge.resized_hw)
             self.metrics.refused(edge.label, code)
             # which edge: an operator of many cameras must find it; one line per kind (event,
-            # edge label, code) per minute at most, counting those left out and naming the
-            # edges they were about (many share "other") (`refusal_lines`)
+            # edge label, code; a shortage apart from the busy refusals of its code, which
+            # would hide it under steady load) per minute at most, counting those left out
+            # and naming the edges they were about (many share "other") (`refusal_lines`)
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
-            admitted = self.refusal_lines.admit_from((event, edge.label, code.name), claimed)
+            kind = (event, edge.label, code.name, is_shortage(exc))
+            admitted = self.refusal_lines.admit_from(kind, claimed)
             if admitted is not None:
                 log_refusal(name, peer, claimed, code, message, event, admitted,
                              self.refusal_lines.every_s, level=refusal_level(exc))  # fmt: skip
@@ -347,6 +353,7 @@ class DetectionServicer:
         call counts under its name's label if it has one, else as "other"."""
         call = call_from_proto(parse_message(pb.DetectRequest, raw))
         self.core.check_call(call, model)  # (the same checks `detect` makes first)
+        edge.resized_hw = tuple(call.image.resized_hw)  # (named if memory runs short)
         expected = level_shapes(model.manifest.model_config, call.image.resized_hw)
         levels = {tensor.name: tuple(tensor.shape) for tensor in call.tensors}
         if len(call.tensors) == len(expected) and levels == {

@@ -26,6 +26,8 @@ log = logging.getLogger("splitdet")
 _started = threading.Event()
 #: Seconds between two dumps at least: the signals of a burst in between are dropped.
 MIN_INTERVAL_S = 1.0
+#: What a dump at SIGUSR1 says of itself (`log_stacks`'s default reason).
+SIGUSR1_REASON = "(SIGUSR1); the process goes on"
 
 
 def stacks_on_sigusr1() -> None:
@@ -54,9 +56,11 @@ def _take_signals() -> None:
             log.exception("could not log the threads' stacks")
 
 
-def log_stacks() -> None:
+def log_stacks(reason: str = SIGUSR1_REASON) -> None:
     """One WARNING record holding every other thread's name and stack, most recent call
-    last (fields: event "stacks", threads: how many)."""
+    last (fields: event "stacks", threads: how many, reason). `reason` says why, after "stacks
+    of N threads": SIGUSR1's by default; a caller about to end the process says so, since
+    SIGUSR1's "the process goes on" would then be false."""
     me = threading.get_ident()
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     stacks = [
@@ -65,6 +69,6 @@ def log_stacks() -> None:
         if ident != me
     ]
     log.warning(
-        "stacks of %d threads (SIGUSR1); the process goes on:\n%s", len(stacks), "\n".join(stacks),
-        extra={"fields": {"event": "stacks", "threads": len(stacks)}},
+        "stacks of %d threads %s:\n%s", len(stacks), reason, "\n".join(stacks),
+        extra={"fields": {"event": "stacks", "threads": len(stacks), "reason": reason}},
     )  # fmt: skip

@@ -281,3 +281,35 @@ def start_loopback_server(tmp_path: Path, threads: int = 1, **settings):
         answers_db=tmp_path / "answers.sqlite", **settings,
     )  # fmt: skip
     return CloudServer(config).start()
+
+
+@contextlib.contextmanager
+def loopback_detect(tmp_path: Path, **settings):
+    """(`start_loopback_server`'s server, a raw-bytes Detect to it); stopped at once after."""
+    import grpc
+
+    server = start_loopback_server(tmp_path, **settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield server, channel.unary_unary(DETECT)
+    finally:
+        server.stop(0)
+
+
+def detect_bytes(sample, fingerprint: str, request_id: str) -> bytes:
+    """A serialized DetectRequest of `make_sample`'s `sample` for the export `fingerprint`."""
+    from splitdet.shared.messages import build_request
+
+    return build_request(sample.encoded, sample.image, request_id, fingerprint).SerializeToString()
+
+
+def detect_code(send, raw: bytes):
+    """(the status code, its details) of a raw Detect call `send(raw)`: OK and "" when
+    answered."""
+    import grpc
+
+    try:
+        send(raw, timeout=60)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as error:
+        return error.code(), error.details() or ""

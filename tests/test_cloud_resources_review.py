@@ -7,7 +7,8 @@
    until kill -9: now it is bounded, logged with the threads' stacks, and exits 1;
 3. a read-only or full file system under --answers-db gave sqlite's bare "unable to open
    database file" / "database or disk is full", after the models' load: now it says which,
-   and what to do, before.
+   and what to do; a read-only one before the load, a full one once the store cannot open
+   (a nearly full disk is no reason to refuse: tests/test_cloud_review2.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from cloud_fixtures import (
-    DETECT,
+    detect_bytes,
+    detect_code,
+    loopback_detect,
     make_sample,
     scrape_metrics,
     shared_model_dir,
@@ -35,7 +37,6 @@ from cloud_fixtures import (
 
 from splitdet.edge.client_errors import RetryLater, classify
 from splitdet.shared.cli import main
-from splitdet.shared.messages import build_request
 
 from support import wait_for
 
@@ -59,30 +60,6 @@ def sample(model):
     return make_sample(model[0], seed=1, codec="int8")
 
 
-@contextlib.contextmanager
-def loopback(tmp_path, **settings):
-    """An in-process server and a raw-bytes Detect to it; stopped at once after."""
-    server = start_loopback_server(tmp_path, **settings)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield server, channel.unary_unary(DETECT)
-    finally:
-        server.stop(0)
-
-
-def _request(sample, fingerprint: str, request_id: str) -> bytes:
-    return build_request(sample.encoded, replace(sample.image), request_id, fingerprint)\
-        .SerializeToString()  # fmt: skip
-
-
-def _call(send, raw: bytes) -> tuple[grpc.StatusCode, str]:
-    try:
-        send(raw, timeout=60)
-        return grpc.StatusCode.OK, ""
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-
-
 # ------------------------------------------------------------ 1. short of memory or threads
 
 
@@ -100,10 +77,10 @@ def test_a_cloud_short_of_memory_refuses_for_a_retry(error, model, sample, tmp_p
     def no_memory(*_args, **_kwargs):
         raise error
 
-    with loopback(tmp_path) as (server, send):
+    with loopback_detect(tmp_path) as (server, send):
         monkeypatch.setattr(torch, "from_numpy", no_memory)
         with caplog.at_level(logging.INFO, logger="splitdet"):
-            code, message = _call(send, _request(sample, manifest.fingerprint, "oom-1"))
+            code, message = detect_code(send, detect_bytes(sample, manifest.fingerprint, "oom-1"))
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, message)
         assert "ran short of memory" in message and type(error).__name__ in message, message
         assert isinstance(classify(code, message), RetryLater)  # the edge's own reading
@@ -111,7 +88,7 @@ def test_a_cloud_short_of_memory_refuses_for_a_retry(error, model, sample, tmp_p
         lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "refused"]
         assert lines and lines[0].levelno == logging.WARNING and lines[0].exc_info is None
         monkeypatch.undo()  # memory again: the retry is answered
-        assert _call(send, _request(sample, manifest.fingerprint, "oom-1")) == (
+        assert detect_code(send, detect_bytes(sample, manifest.fingerprint, "oom-1")) == (
             grpc.StatusCode.OK, "")  # fmt: skip
 
 
@@ -124,17 +101,19 @@ def test_a_thread_that_cannot_start_refuses_for_a_retry(model, sample, tmp_path,
     def cannot_start(_self):
         raise RuntimeError("can't start new thread")
 
-    with loopback(tmp_path) as (server, send):
+    with loopback_detect(tmp_path) as (server, send):
         monkeypatch.setattr(threading.Timer, "start", cannot_start)
         with caplog.at_level(logging.INFO, logger="splitdet"):
-            code, message = _call(send, _request(sample, manifest.fingerprint, "threads-1"))
+            code, message = detect_code(
+                send, detect_bytes(sample, manifest.fingerprint, "threads-1")
+            )
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, message)
         assert "ran short of threads" in message, message
         assert isinstance(classify(code, message), RetryLater)
         assert any(getattr(r, "fields", {}).get("event") == "refused" for r in caplog.records)
         monkeypatch.undo()  # (the metrics endpoint starts a Timer too)
         assert scrape_metrics(server.metrics_port)[FAILED] == 1
-        assert _call(send, _request(sample, manifest.fingerprint, "threads-1")) == (
+        assert detect_code(send, detect_bytes(sample, manifest.fingerprint, "threads-1")) == (
             grpc.StatusCode.OK, "")  # fmt: skip
 
 
@@ -224,7 +203,8 @@ def test_a_cloud_whose_stop_hangs_exits_non_zero(model, tmp_path):
     text = log_path.read_text()
     assert code == 1, text
     assert "stop_incomplete" in text and "gRPC's stop did not complete" in text, text
-    assert "threads (SIGUSR1); the process goes on" in text, text
+    assert "threads (the stop did not complete; exiting):" in text, text
+    assert "threads (SIGUSR1); the process goes on" not in text, text
     assert not ready.exists()
 
 
@@ -255,15 +235,19 @@ def test_a_read_only_answers_disk_is_named_before_the_models_load(small_disk, tm
         assert "no-such-model" not in err and "Traceback" not in err, err
 
 
-def test_a_full_answers_disk_is_named_before_the_models_load(small_disk, tmp_path, capsys):
-    """Before: `--answers-db …: database or disk is full`, after the load."""
+def test_a_full_answers_disk_is_named_when_the_store_cannot_open(small_disk, model, tmp_path,
+                                                                 capsys):  # fmt: skip
+    """Before: `--answers-db …: database or disk is full`. Named once opening the store
+    fails, not guessed from the free space (an existing store on a nearly full disk works)."""
+    _, model_dir, _ = model
     filler = small_disk / "filler"
     with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
         while True:
             fh.write(b"\0" * 65536)
     db = small_disk / "ans.sqlite"
-    err = _cloud_error(capsys, db, tmp_path)
-    assert f"--answers-db {db}: " in err and "no space left on device" in err, err
-    assert "no-such-model" not in err and "Traceback" not in err, err
-    filler.unlink()  # space again: no refusal of the disk (the missing model's instead)
-    assert "no space left" not in _cloud_error(capsys, db, tmp_path)
+    code = main(["cloud", "--model", str(model_dir), "--listen", "127.0.0.1:0",
+                 "--metrics-port", "0", "--answers-db", str(db)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--answers-db {db}: cannot open it (database or disk is full)" in err, err
+    assert "no space left on device" in err and "Traceback" not in err, err
