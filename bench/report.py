@@ -55,8 +55,9 @@ LOGS = ("cloud.log", "jpeg_server.log")
 #: without a report.json beside it (a run stopped before its first defect rate).
 LOG_HEADER = f"# {GENERATOR}: "
 #: The 95% confidence intervals of each rate's mean times and reductions
-#: (`add_confidence_intervals`): a paired percentile bootstrap over the stream's images, this
-#: many resamples, this fixed seed (the same report from the same outcomes), this level.
+#: (`add_confidence_intervals`): a paired percentile bootstrap over the stream's images,
+#: stratified (its defective and defect-free images resampled apart), this many resamples,
+#: this fixed seed (the same report from the same outcomes), this level.
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -160,13 +161,20 @@ def bootstrap_means(
     times: dict[str, Sequence[float]],
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    *,
+    defective: Sequence[bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each system's mean time over `resamples` resamples of one stream's images: system name
     -> [resamples] seconds.
 
     `times`: system name -> seconds per image, in stream order, the same images for every
-    system. Each resample draws the stream's n images with replacement; every system is
-    averaged over the same drawn indices (a paired bootstrap: the systems ran on the same
+    system. `defective`: whether each image (in stream order) is defective. Each resample
+    draws the defective images and the defect-free ones apart, each group with replacement
+    and its own size kept (a stratified bootstrap: the stream holds exactly its rate's count
+    of defective images, so a resample with another count, say none of 2 in 30, would measure
+    a stream of another rate, not the timing spread; a gated system's mean moves with that
+    count). None: one group, all n images (for a caller that does not know them). Every system
+    is averaged over the same drawn indices (a paired bootstrap: the systems ran on the same
     images, so an image slow for all of them moves all of their means, not their ratio).
     Seeded: the same times give the same resampled means.
     """
@@ -175,14 +183,30 @@ def bootstrap_means(
     if len(lengths) != 1 or 0 in lengths:
         raise ValueError(f"paired times need one non-zero length for all systems: {lengths}")
     (n,) = lengths
+    groups = _strata(n, defective)
     rng = np.random.default_rng(seed)
     rows = max(1, BOOTSTRAP_CHUNK // n)
     means: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
     for start in range(0, resamples, rows):
-        drawn = rng.integers(0, n, size=(min(rows, resamples - start), n))
+        size = min(rows, resamples - start)
+        drawn = np.concatenate(
+            [group[rng.integers(0, len(group), size=(size, len(group)))] for group in groups],
+            axis=1,
+        )
         for name, t in arrays.items():
             means[name].append(t[drawn].mean(axis=1))
     return {name: np.concatenate(m) for name, m in means.items()}
+
+
+def _strata(n: int, defective: Sequence[bool] | None) -> list[np.ndarray]:
+    """The stream positions `bootstrap_means` resamples apart: those of the defective images
+    and those of the defect-free ones (the empty group left out), or all n for None."""
+    if defective is None:
+        return [np.arange(n)]
+    if len(defective) != n:
+        raise ValueError(f"{len(defective)} defective flags for {n} images")
+    kinds = np.asarray(defective, dtype=bool)
+    return [group for group in (np.flatnonzero(kinds), np.flatnonzero(~kinds)) if len(group)]
 
 
 def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
@@ -192,17 +216,22 @@ def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
     return [float(low), float(high)]
 
 
-def add_confidence_intervals(summaries: dict[str, dict], times: dict[str, Sequence[float]]) -> None:
+def add_confidence_intervals(
+    summaries: dict[str, dict],
+    times: dict[str, Sequence[float]],
+    defective: Sequence[bool],
+) -> None:
     """Give each of one rate's system summaries `mean_s_ci95` (seconds) and `reduction_ci95`
     (vs MONOLITHIC, a fraction like `reduction`; None for MONOLITHIC itself), each [low, high],
     from `bootstrap_means` of `times` (system name -> seconds per image in stream order, every
-    system of `summaries`, MONOLITHIC among them).
+    system of `summaries`, MONOLITHIC among them), stratified by `defective` (whether each
+    image of the stream is defective, in stream order: ``[s.is_defective for s in stream]``).
 
-    They say how much the figures would move with other images of the same kind and the
-    per-image timing noise of this run, not what changes between runs (other work on the
-    machine, another machine).
+    They say how much the figures would move with other images of the same kind, as many
+    defective ones (the stream's rate), and the per-image timing noise of this run, not what
+    changes between runs (other work on the machine, another machine).
     """
-    means = bootstrap_means({name: times[name] for name in summaries})
+    means = bootstrap_means({name: times[name] for name in summaries}, defective=defective)
     base = means[MONOLITHIC]
     for name, summary in summaries.items():
         summary["mean_s_ci95"] = interval(means[name])
@@ -427,11 +456,13 @@ def markdown(report: dict) -> str:
         "gate recall and flagged (share of images the gate sent on) – for systems without a "
         "gate. Each heading gives the requested defect rate and the share of defective images "
         "the run's stream really had (the count is rounded); the figures plot the latter. "
-        f"The {CONFIDENCE:.0%} CI beside a mean and a reduction is a paired bootstrap over the "
-        f"stream's images ({BOOTSTRAP_RESAMPLES} resamples with replacement, the same images "
-        f"for every system, seed {BOOTSTRAP_SEED}): how far the figure could move with other "
-        "images of the same kind and this run's timing noise; not what changes between runs "
-        "(other work on the machine, another machine).",
+        f"The {CONFIDENCE:.0%} CI beside a mean and a reduction is a paired, stratified "
+        f"bootstrap over the stream's images ({BOOTSTRAP_RESAMPLES} resamples, each drawing "
+        "the defective images and the defect-free ones apart, with replacement, as many of "
+        "each as the stream holds; the same images for every system; seed "
+        f"{BOOTSTRAP_SEED}): how far the figure could move with other images of the same "
+        "kind at the stream's defect rate and this run's timing noise; not what changes "
+        "between runs (other work on the machine, another machine).",
         "",
     ]
     for rate_key, systems in report["rates"].items():

@@ -278,7 +278,9 @@ def _run_streams(
         }
         add_engine_reductions(results[key])
         add_confidence_intervals(
-            results[key], {name: [o.total_s for o in found] for name, found in outcomes.items()}
+            results[key],
+            {name: [o.total_s for o in found] for name, found in outcomes.items()},
+            [sample.is_defective for sample in stream],
         )
         rows += outcome_rows(key, stream, outcomes)
         before_write()

@@ -67,23 +67,28 @@ def images_needed(defect_rate: float) -> int:
     return needed
 
 
-def stream_problem(rate_option: str, rate: float, images_option: str, images: int) -> str | None:
+def stream_problem(
+    rate_option: str, rate: float, images_option: str, images: int, enough: int | None = None
+) -> str | None:
     """Why a stream of `images` images cannot be of defect rate `rate`, naming the two options
-    that set them, or None when it can."""
+    that set them, or None when it can. ``enough``: the image count to suggest instead of
+    `images_needed` (`rates_problem` gives one every other rate's checks pass at too)."""
     if images >= images_needed(rate):
         return None
     return (
         f"{rate_option} {rate:g} with {images_option} {images}: "
         f"{defective_count(rate, images)} of "
         f"{images} images defective is not that rate; use {images_option} "
-        f"{images_needed(rate)} or more"
+        f"{enough if enough is not None else images_needed(rate)} or more"
     )
 
 
 def images_separating(rates: Sequence[float], images: int) -> int:
     """The fewest images from `images` on at which a stream can be of each of `rates` (see
     `images_needed`) and no two rates give the same count of defective images. It exists:
-    past 1 / (the smallest gap between two rates) any two counts differ."""
+    past 1 / (the smallest gap between two rates) any two counts differ (a rate given twice is
+    counted once: no count separates it from itself)."""
+    rates = sorted(set(rates))
     n = max([images, *(images_needed(r) for r in rates)])
     while len({defective_count(r, n) for r in rates}) < len(rates):
         n += 1
@@ -96,9 +101,12 @@ def rates_problem(
     """Why streams of `images` images cannot be of each of `rates` (distinct), naming the
     options that set them, or None when they can: one rate's `stream_problem`, or two rates
     that round to the same count of defective images (the same stream twice under two names,
-    and a vertical step in the reduction figure), with the fewest images that separates them."""
+    and a vertical step in the reduction figure), with the fewest images that separates them.
+    Either way the count suggested is `images_separating`'s, which passes every check (one
+    rate's `images_needed` alone may make two rates one stream: 11 images at 5% and 12%)."""
+    enough = images_separating(rates, images)
     for rate in rates:
-        problem = stream_problem(rate_option, rate, images_option, images)
+        problem = stream_problem(rate_option, rate, images_option, images, enough)
         if problem:
             return problem
     first: dict[int, float] = {}
@@ -111,7 +119,7 @@ def rates_problem(
         return (
             f"{rate_option} {other:g} and {rate:g} with {images_option} {images}: both are "
             f"{count} of {images} images defective ({count / images:.1%}), the same stream "
-            f"twice; use {images_option} {images_separating(rates, images)} (the fewest from "
+            f"twice; use {images_option} {enough} (the fewest from "
             f"{images} that gives every rate its own count)"
         )
     return None

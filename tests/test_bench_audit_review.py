@@ -141,7 +141,7 @@ def test_identical_times_give_a_zero_width_interval():
     varied = [0.5, 1.0, 3.0, 0.2, 2.2]
     summaries = {"monolithic": {}, "same": {}, "flat": {}}
     times = {"monolithic": varied, "same": varied, "flat": [0.7] * 5}
-    add_confidence_intervals(summaries, times)
+    add_confidence_intervals(summaries, times, [False, True, False, False, True])
     assert summaries["same"]["reduction_ci95"] == [0.0, 0.0]  # paired: same images each time
     assert summaries["flat"]["mean_s_ci95"] == [pytest.approx(0.7), pytest.approx(0.7)]
     assert summaries["monolithic"]["reduction_ci95"] is None
@@ -156,7 +156,7 @@ def test_a_constant_ratio_gives_an_interval_at_that_ratio():
 
     mono = np.random.default_rng(1).uniform(0.1, 5.0, 40)
     summaries = {"monolithic": {}, "gated": {}}
-    add_confidence_intervals(summaries, {"monolithic": mono, "gated": 0.4 * mono})
+    add_confidence_intervals(summaries, {"monolithic": mono, "gated": 0.4 * mono}, [False] * 40)
     assert summaries["gated"]["reduction_ci95"] == [pytest.approx(0.6), pytest.approx(0.6)]
 
 
@@ -167,10 +167,11 @@ def test_the_interval_covers_the_point_estimate_and_is_reproducible():
     mono = rng.uniform(1.5, 3.0, 30)
     gated = np.where(rng.random(30) < 0.1, 2.6, 0.8) + rng.normal(0, 0.1, 30)
     times = {"monolithic": mono, "gated": gated}
+    defective = list(rng.random(30) < 0.2)
     summaries = {"monolithic": {}, "gated": {}}
-    add_confidence_intervals(summaries, times)
+    add_confidence_intervals(summaries, times, defective)
     again = {"monolithic": {}, "gated": {}}
-    add_confidence_intervals(again, times)
+    add_confidence_intervals(again, times, defective)
     assert again == summaries  # a fixed seed: the same report from the same outcomes
     for name, t in times.items():
         low, high = summaries[name]["mean_s_ci95"]
@@ -194,7 +195,9 @@ def test_the_report_gives_the_intervals_beside_the_means_and_reductions(tiny_dat
 
     mono = summarise(outcomes(mono_s, False), stream, names, None)
     rate = {"monolithic": mono, "paper": summarise(outcomes(gated_s, True), stream, names, mono)}
-    add_confidence_intervals(rate, {"monolithic": mono_s, "paper": gated_s})
+    add_confidence_intervals(
+        rate, {"monolithic": mono_s, "paper": gated_s}, [s.is_defective for s in stream]
+    )
     report = {
         "command": "splitdet bench",
         "machine": {"cpu_count": 2, "platform": "test", "versions": {}},
@@ -215,7 +218,7 @@ def test_the_report_gives_the_intervals_beside_the_means_and_reductions(tiny_dat
     assert cells[5] == f"{paper['reduction']:+.1%} (95% CI {low:+.1%} to {high:+.1%})"
     mono_row = next(x for x in text.splitlines() if x.startswith("| monolithic |"))
     assert [c.strip() for c in mono_row.strip("|").split("|")][5] == "–"
-    assert "paired bootstrap over the stream's images (2000 resamples" in text
+    assert "paired, stratified bootstrap over the stream's images (2000 resamples" in text
 
 
 def test_a_run_writes_the_intervals_of_every_rate(tiny_model, tiny_model_dir, tiny_dataset,

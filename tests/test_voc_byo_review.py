@@ -61,9 +61,9 @@ def _renamed_class(root: Path, image_id: str, name: str) -> None:
 @pytest.mark.parametrize(
     ("layout", "moved", "shown", "fix"),
     [
-        ("beside, all", range(8), "JPEGImages/img_000.xml", "move the .xml files beside"),
-        ("beside, some", (0, 3), "JPEGImages/img_000.xml", "move the .xml files beside"),
-        ("CVAT sub-folder", (1,), "Annotations/line1/img_001.xml", "move them up into"),
+        ("beside, all", range(8), "JPEGImages/img_000.xml", "move it to "),
+        ("beside, some", (0, 3), "JPEGImages/img_000.xml", "move it to "),
+        ("CVAT sub-folder", (1,), "Annotations/line1/img_001.xml", "move it up to "),
         ("upper-case suffix", (2,), "Annotations/img_002.XML", "name it img_002.xml"),
     ],
 )

@@ -43,6 +43,7 @@ loads when the first image is read. No torch.
 
 from __future__ import annotations
 
+import codecs
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -139,13 +140,25 @@ def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str], int]
     once, in order; a problem line, "FILE:LINE: ...", for every line whose token is no id (a
     path, ``.``, ``..``) or repeats one listed before; how many of them list no id: which
     image those meant is not known, where a repeat's is). All whole, so that ``data check``
-    reports every bad line at once; `VocError` only when the file cannot be read."""
+    reports every bad line at once; `VocError` only when the file cannot be read, saying so
+    and how to save it as UTF-8 for UTF-16 text (`_is_utf16`), for every command reading it."""
     path = _split_file(root, split)
     if not path.is_file():
         raise VocError(f"{path}: split file not found (no split {split!r} under {root})")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # Windows editors may start with a BOM
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VocError(f"{path}: cannot read split file: {exc}") from exc
+    if _is_utf16(data):
+        raise VocError(
+            f"{path}: cannot read split file: it is UTF-16 text (as PowerShell's `>` writes "
+            "it), and splitdet reads split files as UTF-8: save it as UTF-8 (in PowerShell, "
+            "write it with `Set-Content -Encoding utf8` or `Out-File -Encoding utf8` instead "
+            "of `>`; in an editor, save it with the encoding UTF-8)"
+        )
+    try:
+        text = data.decode("utf-8-sig")  # Windows editors may start with a BOM
+    except UnicodeDecodeError as exc:
         raise VocError(f"{path}: cannot read split file: {exc}") from exc
     ids: list[str] = []
     problems: list[str] = []
@@ -165,6 +178,21 @@ def read_split_lines(root: Path, split: str) -> tuple[list[str], list[str], int]
             seen.add(image_id)
             ids.append(image_id)
     return ids, problems, no_id
+
+
+def _is_utf16(data: bytes) -> bool:
+    """Whether a split file's bytes are UTF-16 text: a UTF-16 byte-order mark (PowerShell 5's
+    ``>`` and ``Out-File``), or none and NUL bytes where UTF-16 puts the zero half of the ids'
+    ASCII characters (every other byte of the first 512, the most of one parity). UTF-8 text
+    holds no NUL byte; read as UTF-8, the first is a codec error ("can't decode byte 0xff"),
+    the second ids like ``'i\\x00m\\x00g'``."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    head = data[:512]
+    if b"\x00" not in head:
+        return False
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    return max(even, odd) * 2 >= len(head) // 2 and min(even, odd) < max(even, odd)
 
 
 def read_split(

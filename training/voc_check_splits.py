@@ -7,7 +7,6 @@ Only the standard library and `voc`: no torch.
 
 from __future__ import annotations
 
-import codecs
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,30 +15,10 @@ from splitdet.training import voc
 from splitdet.training.voc_check_boxes import trained_boxes, untrained_class_warning
 from splitdet.training.voc_check_report import DatasetReport, SplitStats
 
-__all__ = ["SPLITS", "split_file_problem"]
+__all__ = ["SPLITS"]
 
 #: The split files splitdet reads, in the order they are reported.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-
-def split_file_problem(path: Path, exc: voc.VocError) -> str:
-    """The problem line for a split file `voc.read_split_lines` could not read (``exc``): for
-    one in UTF-16 (PowerShell 5's ``>`` and ``Out-File`` write it, with a byte-order mark),
-    which the UTF-8 reader meets as "'utf-8' codec can't decode byte 0xff", what it is and
-    how to save it as UTF-8; else ``exc``'s own message."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(2)
-    except OSError:
-        return str(exc)
-    if head not in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-        return str(exc)
-    return (
-        f"{path}: cannot read split file: it is UTF-16 text (as PowerShell's `>` writes it), and "
-        "splitdet reads split files as UTF-8: save it as UTF-8 (in PowerShell, write it with "
-        "`Set-Content -Encoding utf8` or `Out-File -Encoding utf8` instead of `>`; in an "
-        "editor, save it with the encoding UTF-8)"
-    )
 
 
 def _unannotated_id_note(root: Path, image_id: str, annotated: set[str]) -> str:
@@ -74,7 +53,7 @@ def _check_splits(
         try:
             split_ids, line_problems, no_id = voc.read_split_lines(root, split)
         except voc.VocError as exc:
-            report.problems.append(split_file_problem(path, exc))
+            report.problems.append(str(exc))  # (UTF-16 text: how to save it as UTF-8)
             unreadable.append(split)
             continue
         stats = report.splits.setdefault(split, SplitStats())

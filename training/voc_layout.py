@@ -10,8 +10,11 @@ both (``Annotations/line1/f0.xml``). Nothing here moves a file; it only says wha
 
 from __future__ import annotations
 
+import os
 import unicodedata
+import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +24,11 @@ from splitdet.training import voc
 IMAGE_FOLDERS = ("images", "imgs", "img", "jpegimages", "photos", "frames")
 #: Folder names (any case) that they give the annotations.
 ANNOTATION_FOLDERS = ("annotations", "labels", "xml", "voc")
-#: Files looked at, at most, per folder walked (a hint needs a count, not a census).
+#: Files looked at, at most, per folder walked for a hint (a hint needs a count, not a
+#: census; `unread_annotations`, which guards against lost boxes, looks at every file).
 MAX_LOOKED_AT = 100_000
+#: The root element of a VOC annotation (`voc_xml` refuses any other).
+ANNOTATION_ROOT = "annotation"
 
 
 @dataclass(frozen=True)
@@ -44,26 +50,34 @@ def id_key(name: str) -> str:
 
 def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
     """``{id_key(stem): the annotations of that stem splitdet does not read}``: the ``.xml``
-    files (any case) beside the images in ``ROOT/JPEGImages`` (LabelImg's default), in
-    sub-folders of ``ROOT/Annotations`` (CVAT's task folders), and those at its top level
+    files (any case) whose root element is <annotation> (`is_annotation`: a camera's
+    ``settings.xml`` is none) beside the images in ``ROOT/JPEGImages`` (LabelImg's default),
+    in sub-folders of ``ROOT/Annotations`` (CVAT's task folders), and those at its top level
     whose suffix is not exactly ``.xml`` (``ID.XML``: the readers look for ``ID.xml``).
     `data split --write-empty` must not write an empty annotation for such an image: its
-    boxes would be lost, the defective image trained as defect-free."""
+    boxes would be lost, the defective image trained as defect-free. So every file is looked
+    at, without `MAX_LOOKED_AT` (one directory entry each, and the first tag of each ``.xml``:
+    linear in the files, about 1 s per 100,000)."""
     root = Path(root)
     annotations = root / "Annotations"
     found: dict[str, list[UnreadAnnotation]] = {}
     listed = [
-        *((p, "beside") for p in _files(root / "JPEGImages", (".xml",))),
-        *((p, "sub-folder") for p in _files(annotations, (".xml",), nested=True)),
-        *((p, "suffix") for p in _files(annotations, (".xml",)) if p.suffix != ".xml"),
+        *((p, "beside") for p in _all_files(root / "JPEGImages", (".xml",))),
+        *((p, "sub-folder") for p in _all_files(annotations, (".xml",), nested=True)),
+        *((p, "suffix") for p in _all_files(annotations, (".xml",)) if p.suffix != ".xml"),
     ]
     for path, kind in listed:
+        if not is_annotation(path):
+            continue
+        target = annotations / f"{path.stem}.xml"
         if kind == "beside":
-            fix = f"move the .xml files beside the images into {annotations}"
+            fix = (
+                f"move it to {target} (the readers look for Annotations/ID.xml, suffix lower-case)"
+            )
         elif kind == "sub-folder":
             fix = (
-                f"move them up into {annotations} (splitdet reads its top level only: an id is "
-                "a file name, not a path)"
+                f"move it up to {target} (splitdet reads the top level of {annotations} only: "
+                "an id is a file name, not a path)"
             )
         else:
             fix = f"name it {path.stem}.xml (the readers look for ID.xml)"
@@ -71,25 +85,65 @@ def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
     return found
 
 
+def is_annotation(path: Path) -> bool:
+    """Whether the XML file at ``path`` is an annotation: its first element is <annotation>,
+    read without the rest of the file (a camera's ``<camera>`` settings, a sidecar's
+    ``<CameraMetadata>`` are none). False for a file that is malformed before its first
+    element (no tool reads it as an annotation); True for one that cannot be opened (it may
+    be one: better a refusal than lost boxes)."""
+    try:
+        with open(path, "rb") as file:
+            for _, element in ET.iterparse(file, events=("start",)):
+                return element.tag == ANNOTATION_ROOT
+    except ET.ParseError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
 def _files(folder: Path, suffixes: tuple[str, ...], nested: bool = False) -> list[Path]:
     """Visible regular files in `folder` (and its sub-folders when `nested`: only those
-    below the top level) whose suffix, in any case, is one of `suffixes`."""
-    if not folder.is_dir():
-        return []
+    below the top level) whose suffix, in any case, is one of `suffixes`; of the first
+    `MAX_LOOKED_AT` entries looked at (for a hint: a count, not a census)."""
+    return _all_files(folder, suffixes, nested, limit=MAX_LOOKED_AT)
+
+
+def _all_files(
+    folder: Path, suffixes: tuple[str, ...], nested: bool = False, limit: int | None = None
+) -> list[Path]:
+    """`_files` of every entry (or of the first `limit`), sorted. Hidden entries (a name
+    starting with ".") and symbolic links to folders are not walked into; a folder that
+    cannot be listed gives none."""
     found = []
-    walk = folder.rglob("*") if nested else folder.iterdir()
-    try:
-        for looked, path in enumerate(walk):
-            if looked >= MAX_LOOKED_AT:
-                break
-            if nested and path.parent == folder:
-                continue
-            visible = not any(part.startswith(".") for part in path.relative_to(folder).parts)
-            if visible and path.suffix.lower() in suffixes and path.is_file():
-                found.append(path)
-    except OSError:  # (a folder that cannot be listed: no hint from it)
-        pass
+    for looked, (path, depth) in enumerate(_walk(Path(folder), nested)):
+        if limit is not None and looked >= limit:
+            break
+        if (depth > 0 or not nested) and path.suffix.lower() in suffixes:
+            found.append(path)
     return sorted(found)
+
+
+def _walk(folder: Path, nested: bool, depth: int = 0) -> Iterator[tuple[Path, int]]:
+    """(path, depth below `folder`) of the visible regular files in `folder`, and in its
+    visible sub-folders when `nested`: each folder's files before its sub-folders'."""
+    folders = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_file():
+                        yield Path(entry.path), depth
+                    elif nested and entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                except OSError:  # (a file gone, or not to be looked at: not counted)
+                    continue
+    except OSError:  # (a folder that cannot be listed: no hint from it)
+        return
+    for sub in sorted(folders):
+        yield from _walk(Path(sub), nested, depth + 1)
 
 
 def _named_like(root: Path, names: tuple[str, ...]) -> list[Path]:
@@ -151,23 +205,25 @@ def nested_note(root: Path) -> str | None:
 
 def beside_images_note(root: Path) -> str | None:
     """The ``.xml`` annotations in ``ROOT/JPEGImages`` (LabelImg saves each beside its image),
-    which splitdet never reads, and where to move them; None when there is none."""
+    which splitdet never reads, and where to move them; None when there is none. Only files
+    whose root element is <annotation> (`is_annotation`): a camera's ``settings.xml`` moved
+    into Annotations would fail `data check`."""
     root = Path(root)
-    found = _files(root / "JPEGImages", (".xml",))
+    found = [p for p in _files(root / "JPEGImages", (".xml",)) if is_annotation(p)]
     if not found:
         return None
     return (
         f"{root / 'JPEGImages'} holds {len(found)} .xml annotation(s) beside the images (e.g. "
         f"{found[0].name}), which splitdet does not read: their images train with the "
-        f"annotation in {root / 'Annotations'}, or have none; move them into "
-        f"{root / 'Annotations'}"
+        f"annotation in {root / 'Annotations'}, or have none; move each to "
+        f"{root / 'Annotations' / 'ID.xml'} (the suffix in lower case)"
     )
 
 
 def unread_files_note(root: Path) -> str | None:
     """The files of ``ROOT/JPEGImages`` no reader takes (their extension), counted by
-    extension; None when there is none. ``.xml`` files are annotations, not images to convert:
-    `beside_images_note` names them."""
+    extension; None when there is none. ``.xml`` files are not images to convert either:
+    `beside_images_note` names the annotations among them."""
     folder = Path(root) / "JPEGImages"
     if not folder.is_dir():
         return None

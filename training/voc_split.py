@@ -20,7 +20,6 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
-from splitdet.training.voc_check_splits import split_file_problem
 from splitdet.training.voc_layout import (
     UnreadAnnotation,
     id_key,
@@ -74,7 +73,8 @@ def _refuse_unread_annotations(root: Path, images: Sequence[tuple[str, Path]]) -
     """`voc.VocError` when any of ``images`` ((id, path) of the images without an annotation
     splitdet reads) has one it does not read (`unread_annotations`: beside the images, in a
     sub-folder of Annotations, ``ID.XML``): an empty annotation written for it would train a
-    defective image as defect-free. Says how many, with an example and the fix of each kind."""
+    defective image as defect-free. Says how many images (one with two such annotations is
+    one), with an example and the fix of each kind."""
     unread = unread_annotations(root)
     hidden = [
         (path, found) for image_id, path in images for found in unread.get(id_key(image_id), ())
@@ -89,22 +89,13 @@ def _refuse_unread_annotations(root: Path, images: Sequence[tuple[str, Path]]) -
         image, found = entries[0]
         where = found.path.relative_to(root).as_posix()
         parts.append(f"{len(entries)} such as {image.name}'s {where}: {found.fix}")
+    n_images = len({path for path, _ in hidden})
     raise voc.VocError(
-        f"{root}: --write-empty refused, nothing written: {len(hidden)} image(s) without "
+        f"{root}: --write-empty refused, nothing written: {n_images} image(s) without "
         "Annotations/ID.xml have an annotation splitdet does not read, which an empty one "
         "would replace (their boxes lost, defective images trained as defect-free); "
         + "; ".join(parts)
     )
-
-
-def _read_split_ids(root: Path, split: str) -> list[str]:
-    """`voc.read_split_ids`, its `voc.VocError` for a UTF-16 file saying so
-    (`split_file_problem`)."""
-    try:
-        return voc.read_split_ids(root, split)
-    except voc.VocError as exc:
-        path = root / "ImageSets" / "Main" / f"{split}.txt"
-        raise voc.VocError(split_file_problem(path, exc)) from exc
 
 
 def _raise_first(problems: list[str]) -> None:
@@ -202,7 +193,7 @@ def split_dataset(
     _require_images_folder(root)
     split_dir = root / "ImageSets" / "Main"
     existing = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
-    kept = {s: _read_split_ids(root, s) for s in existing} if add else {}
+    kept = {s: voc.read_split_ids(root, s) for s in existing} if add else {}
     if existing and not overwrite and not add:
         raise FileExistsError(
             f"{split_dir}: already holds {', '.join(s + '.txt' for s in existing)}"
