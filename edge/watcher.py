@@ -322,7 +322,8 @@ class HotFolder(FolderListing, FolderReports):
         self._warned: dict[str, str] = {}  # unlistable name -> the reason already logged
         self._denied: dict[str, _Denied] = {}  # tracked files we may not read (`_deny`)
         self._short: dict[str, _Denied] = {}  # tracked files read in a shortage (`_short_of`)
-        self._process_short_warn_at = 0.0  # when a process-wide shortage may be told again
+        #: when a process-wide shortage may be told again, by (errno, stage)
+        self._process_short_warn_at: dict[tuple[int | None, str], float] = {}
         self._skipped: dict[str, str] = {}  # names the last scan left alone -> why (EXTENSION...)
         # Skipped names already logged, oldest first: those in the folder, and up to
         # SKIPPED_GONE_MEMORY of those gone since (a name written again is not logged again).
@@ -483,7 +484,8 @@ class HotFolder(FolderListing, FolderReports):
                 self._short_of(candidate, exc)
                 return None
             data, error, stat = b"", f"{candidate.path}: cannot read ({exc.strerror or exc})", None
-        if candidate.name in self._short:
+        short = self._short.get(candidate.name)
+        if short is not None and short.stage == "read":  # (a model run's: over once it runs)
             self._shortage_over(candidate, error is None)
         if candidate.name in self._denied:
             if error is None:
@@ -523,12 +525,13 @@ class HotFolder(FolderListing, FolderReports):
         short = self._short.get(candidate.name)
         since, warn_at = (now, now) if short is None else (short.since, short.warn_at)
         whole = exc.errno in PROCESS_SHORTAGES  # (not this file's: one line for all of them)
-        if now >= (self._process_short_warn_at if whole else warn_at):
+        kind = (exc.errno, doing)  # (another shortage, or stage, is told on its own)
+        if now >= (self._process_short_warn_at.get(kind, 0.0) if whole else warn_at):
             path, code = str(candidate.path), errno.errorcode.get(exc.errno, str(exc.errno))
             reason = exc.strerror or str(exc)
             lasting = f" for {now - since:.0f} s" if short is not None else ""
-            waiting = len(self._short) + (short is None)
-            others = f" ({waiting} files wait so)" if whole and waiting > 1 else ""
+            waiting = len(self._short) + (short is None)  # (held so far, every kind)
+            others = f" ({waiting} files held so far)" if whole and waiting > 1 else ""
             log.warning(
                 f"cannot {doing} {path}{lasting}: {SHORTAGES[exc.errno]} ({code}: {reason}); not "
                 "the image's fault: left where it is, not quarantined, and tried again every "
@@ -539,8 +542,8 @@ class HotFolder(FolderListing, FolderReports):
             )  # fmt: skip
             warn_at = now + SHORTAGE_WARN_EVERY_S
             if whole:
-                self._process_short_warn_at = warn_at
-        self._short[candidate.name] = _Denied(since, now + SHORTAGE_RETRY_S, warn_at)
+                self._process_short_warn_at[kind] = warn_at
+        self._short[candidate.name] = _Denied(since, now + SHORTAGE_RETRY_S, warn_at, doing)
 
     def short_of_memory(self, candidate: Candidate, reason: str) -> None:
         """The model's run on a candidate read whole failed for want of memory (`reason`: what

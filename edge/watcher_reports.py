@@ -43,12 +43,14 @@ DENIED_WARN_EVERY_S = 300.0
 
 @dataclass(frozen=True)
 class _Denied:
-    """A tracked file this process may not read: since when, when to read it again and when
-    to warn again (monotonic s)."""
+    """A tracked file this process may not read (or, in a shortage, not read or process):
+    since when, when to read it again and when to warn again (monotonic s); `stage` of a
+    shortage: "read" or "process" (the model's run)."""
 
     since: float
     retry_at: float
     warn_at: float
+    stage: str = "read"
 
 
 class FolderReports:

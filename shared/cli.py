@@ -314,8 +314,8 @@ class Parser(argparse.ArgumentParser):
 
     def _names_log_format(self, name: str) -> bool:
         """Whether the option `name` is `--log-format`, or an abbreviation argparse takes for it
-        (`--log-f`, and `--log` where no other option of this parser starts so)."""
-        if not name.startswith("--log") or not "--log-format".startswith(name):
+        (`--log-f`, `--lo`: a start of it no other option of this parser has)."""
+        if len(name) < 3 or not name.startswith("--") or not "--log-format".startswith(name):
             return False
         return [o for o in self._option_string_actions if o.startswith(name)] == ["--log-format"]
 

@@ -30,6 +30,11 @@ import zstandard
 
 from splitdet.shared.spec import LEVEL_NAMES, SplitSpec
 
+#: What zstd says when it cannot allocate its window ("Allocation error : not enough memory"):
+#: a MemoryError (the cloud answers RESOURCE_EXHAUSTED, the edge retries), never a corrupt
+#: frame (INVALID_ARGUMENT: a good request made a dead letter).
+_ZSTD_OUT_OF_MEMORY = "not enough memory"
+
 #: Codec names, in order of decreasing fidelity.
 CODECS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: The stored dtype each codec implies (name on the wire, numpy dtype of the stored bytes).
@@ -394,6 +399,8 @@ def _decode_checked(item: _Checked) -> np.ndarray:
                 got += n
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
+        if _ZSTD_OUT_OF_MEMORY in str(exc).lower():  # the machine's, not the frame's
+            raise MemoryError(f"tensor {name!r}: zstd could not allocate: {exc}") from exc
         raise CodecError(f"tensor {name!r}: corrupt zstd frame: {exc}") from None
     if got < item.nbytes:
         raise CodecError(f"tensor {name!r}: zstd frame is truncated ({got} of {item.nbytes} bytes)")

@@ -421,3 +421,28 @@ def test_codec_imports_without_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_zstd_short_of_memory_is_a_memory_error_not_a_corrupt_frame(monkeypatch):
+    """A review: zstd that cannot allocate its window (under an address-space limit it says
+    "Allocation error : not enough memory") was reported as a corrupt frame, which the cloud
+    answers INVALID_ARGUMENT and the edge makes a dead letter of a good request. It is a
+    MemoryError now (the cloud's shortage: RESOURCE_EXHAUSTED, retried); a frame really
+    corrupt stays a CodecError."""
+    levels = {"p2": np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)}
+    encoded = encode(levels, codec="int8")
+    said = ["zstd decompress error: Allocation error : not enough memory"]
+
+    class Failing:  # (zstd's decompressor, failing as `said` says)
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def stream_reader(self, *args, **kwargs):
+            raise zstandard.ZstdError(said[0])
+
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", Failing)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        decode(encoded)
+    said[0] = "zstd decompress error: Corrupted block detected"
+    with pytest.raises(CodecError, match="corrupt zstd frame"):
+        decode(encoded)

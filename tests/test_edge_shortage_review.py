@@ -136,6 +136,54 @@ def test_a_shortage_of_the_whole_process_is_one_line_for_all_the_files(
         assert told[0].fields["files_waiting"] == 1  # (the first met: told at once)
 
 
+def test_a_model_run_short_of_memory_is_not_told_over_at_each_retry(tmp_path, monkeypatch, caplog):
+    """A review: an image held back for a model run short of memory read fine at each retry,
+    so each retry said "can be read now" (INFO file_readable, one per file every 2 s) while
+    the shortage went on, and its time held restarted at 0. It is told once, and its time
+    held counts from the first failure."""
+    (tmp_path / "a.png").write_bytes(png_bytes(20))
+    folder = watcher.HotFolder(tmp_path, settle_s=0, unreadable_grace_s=0)
+    monkeypatch.setattr(watcher, "SHORTAGE_RETRY_S", 0)
+    monkeypatch.setattr(watcher, "SHORTAGE_WARN_EVERY_S", 0)  # (every failure told: seen)
+    folder.scan()
+    caplog.set_level(logging.INFO, "splitdet.edge.watcher")
+    for _ in range(3):
+        candidate = folder.next_candidate()
+        assert folder.read(candidate) is not None  # read whole; the model run then fails
+        folder.short_of_memory(candidate, "RuntimeError: Failed to allocate memory")
+    events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
+    assert events == ["file_read_shortage"] * 3, events  # no file_readable between them
+    assert [" for " in r.getMessage() for r in caplog.records] == [False, True, True]
+    assert all(r.fields["stage"] == "process" for r in caplog.records)
+
+
+def test_another_shortage_is_told_on_its_own(tmp_path, monkeypatch, caplog):
+    """A review: every process-wide shortage shared one timer, so a read at the open-files
+    limit hid a model run out of memory for five minutes. Each (errno, stage) is told."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png_bytes(20))
+    folder = watcher.HotFolder(tmp_path, settle_s=0, unreadable_grace_s=0)
+    folder.scan()
+    caplog.set_level(logging.INFO, "splitdet.edge.watcher")
+    with monkeypatch.context() as patch:
+        real_open = os.open
+
+        def a_at_the_limit(path, flags, *args, **kwargs):
+            if Path(os.fsdecode(path)).name == "a.png":
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), os.fsdecode(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        patch.setattr(os, "open", a_at_the_limit)
+        first = folder.next_candidate()
+        assert first.name == "a.png" and folder.read(first) is None
+        second = folder.next_candidate()
+        assert second.name == "b.png" and folder.read(second) is not None
+    folder.short_of_memory(second, "RuntimeError: Failed to allocate memory")
+    told = [(r.fields["errno"], r.fields["stage"]) for r in caplog.records
+            if getattr(r, "fields", {}).get("event") == "file_read_shortage"]  # fmt: skip
+    assert told == [("EMFILE", "read"), ("ENOMEM", "process")], told
+
+
 class OutOfMemoryOnce(DarkIsFine):
     """A stand-in pipeline whose first run fails as ONNX Runtime's does when memory runs out."""
 
@@ -265,6 +313,7 @@ EDGE_RUN = ["edge", "run", "--model", "m", "--watch", "w", "--db", "d.sqlite", "
         ([*EDGE_RUN, "--log-format", "text", "--threshold", "abc"], "--threshold"),
         ([*EDGE_RUN, "--log-form", "text", "--threshold", "abc"], "--threshold"),
         ([*EDGE_RUN, "--log=text", "--threshold", "abc"], "--threshold"),
+        ([*EDGE_RUN, "--lo", "text", "--threshold", "abc"], "--threshold"),
     ],
 )  # fmt: skip
 def test_a_bad_option_under_text_logs_keeps_argparses_usage(capsys, argv, option):
