@@ -93,8 +93,9 @@ folders holding .splitdet-ignore aside); a --watch removed and made again is loc
 deleted or replaced while it runs stops it (exit 2) before it moves or deletes another image. Logs
 are JSON lines on stderr (--log-format text: one line each, the message, then its event and fields
 as key=value). Exit status: 0; with --once 1 when requests are still pending after --drain-timeout
-(the next run sends them) or images were left because the outbox stayed full, or the --db stayed
-locked by another program (an `sqlite3` shell, a backup), for --drain-timeout (also at its start:
+(the next run sends them) or images were left because the outbox stayed full, files were still
+being written, or the --db stayed locked by another program (an `sqlite3` shell, a backup), for
+--drain-timeout (also at its start:
 a daemon without --once waits for such a lock to start), or a signal stopped it before it started
 or with images left; 2 usage or model errors.
 """
@@ -186,8 +187,9 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="with --once, how long to keep delivering the outbox, to wait for room in it, or "
-        "to wait for a --db another program holds locked (default: %(default)s)",
+        help="with --once, how long to keep delivering the outbox, to wait for room in it, for "
+        "files still being written, or for a --db another program holds locked (default: "
+        "%(default)s)",
     )
     add_edge_model_arguments(p)
     p.add_argument(

@@ -83,6 +83,9 @@ from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.metrics_http import start_metrics_server
 from splitdet.shared.signal_event import event_setter
 
+#: --once ends waiting for files still being written after --drain-timeout, never sooner than
+#: this (seconds): a --drain-timeout 0 means "do not wait for the cloud", not for the files.
+ONCE_UNSETTLED_MIN_S = 10.0
 #: Milliseconds each try to open a --db another program holds locked at start waits for it
 #: (short: a SIGTERM is only seen between tries), and seconds between two tries.
 OPEN_TRY_MS = 1000
@@ -205,6 +208,8 @@ class EdgeDaemon:
         self._intake = Intake(config, self.store, self.pipeline, self.folder, self.metrics,
                               self.sender, after, self._stop)  # fmt: skip
         self._store_gave_up: str | None = None  # --once: the --db, held locked past it
+        self._once_idle_since = time.monotonic()  # --once: when a file was last taken
+        self._left_unsettled = 0  # --once: files left still changing (`_once_waited_out`)
         self._drain_timed_out = False  # --once: requests left at --drain-timeout (`_drain`)
 
     def _open_store(self) -> ResultStore:
@@ -279,8 +284,8 @@ class EdgeDaemon:
         """Run until stopped (or, with `once`, until the folder is done); returns the exit
         status: 0, or with `once` 1 when requests are still pending (sent on the next run) or
         images were left in the folder because the outbox stayed full, the database stayed
-        locked by another program for drain_timeout_s, or a signal stopped it (processed next
-        run)."""
+        locked by another program for drain_timeout_s, files were still changing after it
+        (`_once_waited_out`), or a signal stopped it (processed next run)."""
         config = self.config
         self._prepare_folders()
         previous = {}
@@ -309,8 +314,10 @@ class EdgeDaemon:
             finally:  # (the CLI's, put back: they keep the ending process from the default)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-        log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending)
+        log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending,
+                  dead_letters=self.sender.dead_lettered)  # fmt: skip
         gave_up = self._intake.outbox_gave_up is not None or self._store_gave_up is not None
+        gave_up = gave_up or self._left_unsettled > 0
         if config.once and self.signalled and not gave_up:  # stopped with images left?
             self.folder.scan()
             gave_up = self.folder.pending() > 0
@@ -466,16 +473,41 @@ class EdgeDaemon:
                            "folder")  # fmt: skip
 
     def _loop(self) -> None:
+        self._once_idle_since = time.monotonic()
         while not self._stop.is_set():
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
             self._pruner.prune_when_due()
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
             self.model_on_disk.check()  # (a stat every MODEL_CHECK_EVERY_S: a re-export said)
             self.folder.scan()
-            if not self._process_ready():
-                if self.config.once and self.folder.pending() == 0:
+            if self._process_ready():
+                self._once_idle_since = time.monotonic()
+            else:
+                if self.config.once and (self.folder.pending() == 0 or self._once_waited_out()):
                     return
                 self._stop.wait(self.config.poll_s)
+
+    def _once_waited_out(self) -> bool:
+        """--once: whether the files still pending (being written, changing) have kept the run
+        waiting for --drain-timeout since the last file it took (never less than
+        ONCE_UNSETTLED_MIN_S, nor twice --settle plus --unreadable-grace: a file written at an
+        ordinary pace settles within that): they
+        are left for the next run (WARNING `once_left_unsettled`), the run ends with status 1.
+        A camera writing without a pause, or a file written for good, would otherwise keep it
+        running."""
+        config = self.config
+        waited = time.monotonic() - self._once_idle_since
+        bound = max(config.drain_timeout_s, 2 * config.settle_s + config.unreadable_grace_s,
+                    ONCE_UNSETTLED_MIN_S)  # fmt: skip
+        if waited < bound:
+            return False
+        left = self.folder.pending()
+        self._left_unsettled = left
+        note = (f"{left} file(s) still being written or changing after --drain-timeout "
+                f"{self.config.drain_timeout_s:g} s: left in --watch for the next run")  # fmt: skip
+        log_event(logging.WARNING, "once_left_unsettled", files=left, waited_s=round(waited, 1),
+                  note=note)  # fmt: skip
+        return True
 
     def _process_ready(self) -> bool:
         """Handle every file that is ready now, earliest arrival first; False if none was.
@@ -535,11 +567,14 @@ class EdgeDaemon:
         if stats.depth == 0:  # (the last answer came in at the deadline)
             return
         local = self.sender.local_error  # (the answers came, and could not be stored)
-        ask = (
-            f"The last failure was on this side, not the cloud's: {local}"
-            if local is not None
-            else "Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`"
-        )
+        refused = self.sender.refused_by_cloud  # (a token, a model not served: a person's fix)
+        if local is not None:
+            ask = f"The last failure was on this side, not the cloud's: {local}"
+        elif refused is not None:
+            ask = (f"The cloud refuses them ({refused}): fix what the refusal above says; "
+                   "running again will not help until then")  # fmt: skip
+        else:
+            ask = "Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`"
         log.warning(
             f"--drain-timeout {timeout_s:g}s reached: {stats.depth} request(s) left in the "
             f"outbox{' (the call in flight was cancelled)' if cancelled else ''}; their results "
@@ -547,7 +582,8 @@ class EdgeDaemon:
             f"lost). {ask}",
             extra={"fields": {"event": "drain_timeout", "outbox_depth": stats.depth,
                               "outbox_bytes": stats.bytes, "drain_timeout_s": timeout_s,
-                              "call_cancelled": cancelled, "local_error": local}},
+                              "call_cancelled": cancelled, "local_error": local,
+                              "refused": refused}},
         )  # fmt: skip
 
     def _report_left_behind(self) -> None:

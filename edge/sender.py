@@ -209,6 +209,10 @@ class Sender(threading.Thread):
         self._failing_since: float | None = None  # unix s of the first of those
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
+        self.dead_lettered = 0  # requests this sender made dead letters
+        #: the last refusal a person must act on (OPERATOR_PROBLEMS: a token, a model not
+        #: served), "CODE: message", until a call is answered again
+        self.refused_by_cloud: str | None = None
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
         self._released: dict[str, float] = {}  # export fingerprint -> perf_counter s, released
         self._hold_lock = threading.Lock()  # the holds (`_held`, the store's) vs `release_export`
@@ -371,6 +375,7 @@ class Sender(threading.Thread):
             if exc.code in OPERATOR_PROBLEMS:
                 event, line = OPERATOR_PROBLEMS[exc.code]
                 log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
+                self.refused_by_cloud = f"{exc.code.name}: {exc.message}"
                 return self._transient(item, exc, len(item.payload), at_cap=True)
             self._count_bytes(len(item.payload))
             if isinstance(exc, BadAnswer):  # the cloud answered, but nothing of it is kept
@@ -399,6 +404,7 @@ class Sender(threading.Thread):
         self._reclaim_due = True
         if committed:
             self.delivered += 1
+            self.refused_by_cloud = None
             log.info(
                 "defect",
                 extra={"fields": {"event": "defect", "image_id": item.image_id,
@@ -473,6 +479,7 @@ class Sender(threading.Thread):
     def _dead_letter(self, item: OutboxItem, reason: str, code: str) -> None:
         self._reclaim_due = True
         if self.store.dead_letter(item.image_id, reason):
+            self.dead_lettered += 1
             log.error(
                 "dead letter",
                 extra={"fields": {"event": "dead_letter", "image_id": item.image_id,
@@ -501,6 +508,7 @@ class Sender(threading.Thread):
                 held = self.store.hold_export(item.fingerprint, until, str(exc))
         if self.metrics is not None:
             self.metrics.send_failed(exc.code.name)
+        self.refused_by_cloud = f"{exc.code.name}: {exc.message}"
         event, line = OPERATOR_PROBLEMS[exc.code]
         fields = {"event": event, "code": exc.code.name, "fingerprint": item.fingerprint,
                   "held": held, "retry_in_s": round(delay, 3)}  # fmt: skip

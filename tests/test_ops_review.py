@@ -236,8 +236,8 @@ def test_text_log_of_edge_run_shows_the_path_reason_and_events(model_dir, tmp_pa
     assert f"path={hot / 'flagged.png'}" in classified and "verdict=pending" in classified
     retries = [line for line in lines if "event=send_retry" in line]
     assert retries and all("code=UNAVAILABLE" in line for line in retries), log
-    assert "event=stopped" not in log and re.search(r": stopped processed=2 outbox_depth=1$", log,
-                                                    re.M), log  # fmt: skip
+    stopped = r": stopped processed=2 outbox_depth=1 dead_letters=0$"
+    assert "event=stopped" not in log and re.search(stopped, log, re.M), log
 
 
 def test_an_edge_refused_for_its_token_is_told_to_restart_once_it_is_fixed(model_dir, tmp_path):
