@@ -283,7 +283,9 @@ def _name_no_clobber(
     a hard link (True: `source` still names it), or, where the file system has none, a check
     then a rename (False). OSError EXDEV: `target` is on another file system."""
     try:
-        os.link(source, target.name, src_dir_fd=source_folder, dst_dir_fd=folder)
+        os.link(
+            source, target.name, src_dir_fd=source_folder, dst_dir_fd=folder, follow_symlinks=False
+        )  # (link(2)'s way, as before: a link moved as it is)
     except FileExistsError:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
     except OSError as exc:

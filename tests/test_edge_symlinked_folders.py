@@ -323,3 +323,19 @@ def test_an_archive_outside_watch_turned_into_a_file_fails_the_move_and_the_daem
         (watch / "three.png").write_bytes(png(40))
         wait_for(lambda: len(image_rows(config.db)) == 3, 30, "the next image taken")
     assert (watch / "two.png").exists() and (watch / "three.png").exists()
+
+
+def test_a_symbolic_link_moved_is_moved_as_a_link(tmp_path):
+    """A performance review's note: the move through the open folder became linkat with
+    AT_SYMLINK_FOLLOW where link(2) was used before, so a link handed to it would have put its
+    target's file in the archive. A link is moved as it is, as before."""
+    target_file = outside_target(tmp_path) / "real.png"
+    target_file.write_bytes(png(20))
+    link = tmp_path / "a.png"
+    link.symlink_to(target_file)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    file_moves.move_no_clobber(link, archive / "00000001_a.png")
+    moved = archive / "00000001_a.png"
+    assert moved.is_symlink() and os.readlink(moved) == str(target_file)
+    assert target_file.read_bytes() == png(20) and not os.path.lexists(link)
