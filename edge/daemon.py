@@ -305,8 +305,8 @@ class EdgeDaemon:
                 self._drain_timed_out = True  # (the run ends now: its call in flight too)
                 self.sender.cancel()
                 self._report_left_behind()
-            elif config.once:
-                self._drain(config.drain_timeout_s)
+            elif config.once:  # (files left unsettled: the sender had --drain-timeout already)
+                self._drain(0.0 if self._left_unsettled else config.drain_timeout_s)
                 self._sender_failure()
         finally:
             try:  # (another signal meanwhile only sets _stop again: not the default action)
@@ -317,7 +317,7 @@ class EdgeDaemon:
         log_event(logging.INFO, "stopped", processed=self.processed, outbox_depth=pending,
                   dead_letters=self.sender.dead_lettered)  # fmt: skip
         gave_up = self._intake.outbox_gave_up is not None or self._store_gave_up is not None
-        gave_up = gave_up or self._left_unsettled > 0
+        gave_up = gave_up or self._left_unsettled > 0 or self.folder.held_back() > 0
         if config.once and self.signalled and not gave_up:  # stopped with images left?
             self.folder.scan()
             gave_up = self.folder.pending() > 0
@@ -482,6 +482,8 @@ class EdgeDaemon:
             self.folder.scan()
             if self._process_ready():
                 self._once_idle_since = time.monotonic()
+            elif self._stop.is_set():  # (a --db held locked past --drain-timeout, a signal)
+                return
             else:
                 if self.config.once and (self.folder.pending() == 0 or self._once_waited_out()):
                     return
@@ -496,6 +498,9 @@ class EdgeDaemon:
         A camera writing without a pause, or a file written for good, would otherwise keep it
         running."""
         config = self.config
+        if self._busy.waited_s() > 0:  # waiting for a --db another program holds: not the files
+            self._once_idle_since = time.monotonic()
+            return False
         waited = time.monotonic() - self._once_idle_since
         bound = max(config.drain_timeout_s, 2 * config.settle_s + config.unreadable_grace_s,
                     ONCE_UNSETTLED_MIN_S)  # fmt: skip

@@ -210,9 +210,10 @@ class Sender(threading.Thread):
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self.dead_lettered = 0  # requests this sender made dead letters
-        #: the last refusal a person must act on (OPERATOR_PROBLEMS: a token, a model not
-        #: served), "CODE: message", until a call is answered again
-        self.refused_by_cloud: str | None = None
+        #: the refusals a person must act on (OPERATOR_PROBLEMS), "CODE: message", by what they
+        #: refuse: "" for this edge itself (a token), an export's fingerprint for its model not
+        #: served; dropped when an answer shows it fixed (`refused_by_cloud`)
+        self._refusals: dict[str, str] = {}
         self._held: dict[str, float] = {}  # export fingerprint -> unix s its requests wait until
         self._released: dict[str, float] = {}  # export fingerprint -> perf_counter s, released
         self._hold_lock = threading.Lock()  # the holds (`_held`, the store's) vs `release_export`
@@ -375,7 +376,7 @@ class Sender(threading.Thread):
             if exc.code in OPERATOR_PROBLEMS:
                 event, line = OPERATOR_PROBLEMS[exc.code]
                 log.error(line, exc, extra={"fields": {"event": event, "code": exc.code.name}})
-                self.refused_by_cloud = f"{exc.code.name}: {exc.message}"
+                self._refusals[""] = f"{exc.code.name}: {exc.message}"
                 return self._transient(item, exc, len(item.payload), at_cap=True)
             self._count_bytes(len(item.payload))
             if isinstance(exc, BadAnswer):  # the cloud answered, but nothing of it is kept
@@ -404,7 +405,8 @@ class Sender(threading.Thread):
         self._reclaim_due = True
         if committed:
             self.delivered += 1
-            self.refused_by_cloud = None
+            self._refusals.pop("", None)  # (this edge is let in again)
+            self._refusals.pop(item.fingerprint, None)  # (and that export is served)
             log.info(
                 "defect",
                 extra={"fields": {"event": "defect", "image_id": item.image_id,
@@ -508,7 +510,7 @@ class Sender(threading.Thread):
                 held = self.store.hold_export(item.fingerprint, until, str(exc))
         if self.metrics is not None:
             self.metrics.send_failed(exc.code.name)
-        self.refused_by_cloud = f"{exc.code.name}: {exc.message}"
+        self._refusals[item.fingerprint] = f"{exc.code.name}: {exc.message}"
         event, line = OPERATOR_PROBLEMS[exc.code]
         fields = {"event": event, "code": exc.code.name, "fingerprint": item.fingerprint,
                   "held": held, "retry_in_s": round(delay, 3)}  # fmt: skip
@@ -519,6 +521,13 @@ class Sender(threading.Thread):
             fields["fix"] = hint
             log.error(f"{line % (exc,)}. {hint}", extra={"fields": fields})
         return 0.0
+
+    @property
+    def refused_by_cloud(self) -> str | None:
+        """The refusals a person must act on that still stand ("CODE: message"; several
+        joined by "; "): this edge's token, an export the cloud does not serve (another
+        export's answer does not lift it); None when there is none."""
+        return "; ".join(dict.fromkeys(self._refusals.values())) or None
 
     def _refusal_hint(self, fingerprint: str) -> str | None:
         """`refusal_hint` for a refusal of `fingerprint`'s model on this sender's client; None

@@ -429,6 +429,11 @@ class HotFolder(FolderListing, FolderReports):
                               "changing_s": round(changing_s, 1)}},
         )  # fmt: skip
 
+    def held_back(self) -> int:
+        """Files met in a shortage (`_short_of`: open files, memory) and not taken since: not
+        `pending`, but not done either (a --once run that leaves them exits 1)."""
+        return len(self._short)
+
     def pending(self) -> int:
         """Files seen and not yet handed over for good, but for those this process may not
         read (`_deny`) or met in a shortage (`_short_of`): they wait for a change of

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from test_edge_daemon import BrightIsDefective
@@ -22,9 +23,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_a_file_that_keeps_changing_is_left_for_the_next_run(tmp_path, monkeypatch, caplog):
+    """... and the outbox is not drained for another --drain-timeout after that (a review: a
+    run with the cloud down lasted twice --drain-timeout): the sender had it already."""
     monkeypatch.setattr(daemon_module, "ONCE_UNSETTLED_MIN_S", 1.0, raising=False)
     config = daemon_config(tmp_path, tmp_path, drain_timeout_s=1.0)
-    (config.watch / "done.png").write_bytes(png(20))
+    (config.watch / "done.png").write_bytes(png(250))  # (flagged: the cloud down, it waits)
     growing = config.watch / "growing.png"
     stop = threading.Event()
 
@@ -53,6 +56,9 @@ def test_a_file_that_keeps_changing_is_left_for_the_next_run(tmp_path, monkeypat
     [left] = [r.fields for r in caplog.records
               if getattr(r, "fields", {}).get("event") == "once_left_unsettled"]  # fmt: skip
     assert left["files"] == 1 and "next run" in left["note"], left
+    [drained] = [r.fields for r in caplog.records
+                 if getattr(r, "fields", {}).get("event") == "drain_timeout"]  # fmt: skip
+    assert drained["drain_timeout_s"] == 0.0 and drained["outbox_depth"] == 1, drained
 
 
 @pytest.mark.parametrize(
@@ -89,3 +95,91 @@ def test_a_run_says_what_a_cron_wrapper_must_tell_apart(
         message = next(r.getMessage() for r in caplog.records
                        if getattr(r, "fields", {}).get("event") == "drain_timeout")  # fmt: skip
         assert "Is the cloud up" not in message and "will not help" in message, message
+
+
+def test_a_refused_export_is_named_after_another_exports_answer(tiny_model_dir, tmp_path, caplog):
+    """A review: the refusal of an earlier export's requests (the cloud no longer serves it,
+    a rolling upgrade's leftovers) was forgotten as soon as the current export's request was
+    answered, and drain_timeout asked whether the cloud was up. It stands until that export's
+    own requests are answered."""
+    import grpc
+    from test_edge_answer_checks import FakeCloud, good_answer
+
+    old, new = "a" * 64, "f" * 64  # (BrightIsDefective's export is "f" * 64)
+
+    fields = {"fingerprint": old, "model_config": BrightIsDefective.manifest.model_config}
+
+    class OldExport(BrightIsDefective):
+        manifest = type("Manifest", (), fields)()
+
+    class SlowBright(BrightIsDefective):  # (the new image's request made a second late)
+        def process_array(self, image):
+            time.sleep(1.0)
+            return super().process_array(image)
+
+    class ServesTheNewOnly(FakeCloud):  # (its manifest names both: the refusal comes at Detect)
+        def GetManifest(self, request, context):
+            answer = super().GetManifest(request, context)
+            answer.served_fingerprints.append(old)
+            return answer
+
+        def Detect(self, request, context):
+            if request.model_fingerprint == old:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model not served")
+            return good_answer(request)
+
+    config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=3.0)
+    (config.watch / "first.png").write_bytes(png(250))
+    assert EdgeDaemon(config, pipeline=OldExport()).run() == 1  # (cloud down: pending)
+    cloud = ServesTheNewOnly(tiny_model_dir)
+    cloud.fingerprint = new
+    time.sleep(1.0)  # (its retry, set by the first run within retry_max_s 0.5, due now)
+    try:  # (the old export's request, due first, is refused and held 30 s; then the new one)
+        (config.watch / "second.png").write_bytes(png(240))
+        again = daemon_config(tiny_model_dir, tmp_path, cloud=cloud.address, drain_timeout_s=3.0,
+                              retry_max_s=30.0)  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="splitdet"):
+            assert EdgeDaemon(again, pipeline=SlowBright()).run() == 1
+    finally:
+        cloud.stop()
+    refused = [r.created for r in caplog.records
+               if getattr(r, "fields", {}).get("event") == "model_refused"]  # fmt: skip
+    answered = [r.created for r in caplog.records
+                if getattr(r, "fields", {}).get("event") == "defect"]  # fmt: skip
+    assert refused and answered and min(refused) < max(answered)  # (the order the fault needs)
+    verdicts = sorted(row["verdict"] for row in image_rows(config.db))
+    assert verdicts == ["defect", "pending"], verdicts
+    drained = [
+        r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "drain_timeout"
+    ][-1]  # (the 2nd run)
+    assert drained["refused"] and drained["refused"].startswith("FAILED_PRECONDITION"), drained
+
+
+def test_a_database_held_locked_is_not_told_as_files_still_being_written(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """A review: with settled images and the --db held by another program, the run ended
+    with only `once_left_unsettled` ("still being written"), the store_busy_stopped diagnosis
+    never logged: the wait for the files was counted from before the lock's."""
+    import contextlib
+    import sqlite3
+
+    from splitdet.edge import store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(daemon_module, "ONCE_UNSETTLED_MIN_S", 0.1, raising=False)
+    config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=1.0, settle_s=0.5)
+    daemon = EdgeDaemon(config)  # (the database opened before the lock below is taken)
+    holder = sqlite3.connect(config.db, isolation_level=None)
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
+    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
+        holder.execute("BEGIN IMMEDIATE")
+        (config.watch / "a.png").write_bytes(png(30))
+        thread.start()
+        thread.join(60)
+        holder.execute("ROLLBACK")
+    thread.join(30)
+    assert outcome == [1]
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "store_busy_stopped" in events and "once_left_unsettled" not in events, events

@@ -78,7 +78,7 @@ def test_an_image_read_at_the_open_files_limit_waits_and_is_taken_later(
     image.write_bytes(png_bytes(30))
     with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
         short_of(errno.EMFILE, config.watch, patch)
-        EdgeDaemon(config, pipeline=DarkIsFine()).run()
+        assert EdgeDaemon(config, pipeline=DarkIsFine()).run() == 1  # an image left: try again
     assert image_rows(config.db) == []  # no error row, no quarantine
     assert image.is_file() and not list((config.watch / "quarantine").glob("*"))
     [told] = [r for r in caplog.records
@@ -205,13 +205,14 @@ def test_an_image_whose_model_run_runs_out_of_memory_waits_and_is_taken_later(tm
     """The shortage helper's note: a model run that failed for want of memory (ONNX Runtime's
     failed allocation, a MemoryError) quarantined the good image for good, as a file that
     cannot be read did. It now waits in --watch, unrecorded, and is taken once memory is
-    back; the --once run that met the shortage ends all the same."""
+    back; the --once run that met the shortage ends all the same, with status 1 (a review:
+    it said 0, "nothing to do", to a cron wrapper)."""
     config = daemon_config(tmp_path, tmp_path, after="delete")
     image = config.watch / "a.png"
     image.write_bytes(png_bytes(30))
     pipeline = OutOfMemoryOnce()
     with caplog.at_level(logging.INFO):
-        assert EdgeDaemon(config, pipeline=pipeline).run() == 0
+        assert EdgeDaemon(config, pipeline=pipeline).run() == 1  # an image left: try again
     assert pipeline.failed == 1 and image_rows(config.db) == []  # no error row
     assert image.is_file() and not list((config.watch / "quarantine").glob("*"))
     [told] = [r for r in caplog.records
