@@ -480,27 +480,27 @@ class EdgeDaemon:
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
             self.model_on_disk.check()  # (a stat every MODEL_CHECK_EVERY_S: a re-export said)
             self.folder.scan()
-            if self._process_ready():
+            commits = self.store.commits
+            took = self._process_ready()
+            if self.store.commits != commits:  # (a file recorded, moved: the run goes on)
                 self._once_idle_since = time.monotonic()
-            elif self._stop.is_set():  # (a --db held locked past --drain-timeout, a signal)
+            if self._stop.is_set():  # (a --db held locked past --drain-timeout, a signal)
                 return
-            else:
-                if self.config.once and (self.folder.pending() == 0 or self._once_waited_out()):
-                    return
+            done = not took and self.folder.pending() == 0
+            if self.config.once and (done or self._once_waited_out()):
+                return
+            if not took:
                 self._stop.wait(self.config.poll_s)
 
     def _once_waited_out(self) -> bool:
-        """--once: whether the files still pending (being written, changing) have kept the run
-        waiting for --drain-timeout since the last file it took (never less than
-        ONCE_UNSETTLED_MIN_S, nor twice --settle plus --unreadable-grace: a file written at an
-        ordinary pace settles within that): they
-        are left for the next run (WARNING `once_left_unsettled`), the run ends with status 1.
-        A camera writing without a pause, or a file written for good, would otherwise keep it
-        running."""
+        """--once: whether the files still pending (being written, changing, or a move that
+        keeps failing) have kept the run waiting for --drain-timeout since it last recorded or
+        moved a file, or waited for a locked --db (never less than ONCE_UNSETTLED_MIN_S, nor
+        twice --settle plus --unreadable-grace: a file written at an ordinary pace settles
+        within that): they are left for the next run (WARNING `once_left_unsettled`), the run
+        ends with status 1. A camera writing without a pause, or a file whose move keeps
+        failing, would otherwise keep it running."""
         config = self.config
-        if self._busy.waited_s() > 0:  # waiting for a --db another program holds: not the files
-            self._once_idle_since = time.monotonic()
-            return False
         waited = time.monotonic() - self._once_idle_since
         bound = max(config.drain_timeout_s, 2 * config.settle_s + config.unreadable_grace_s,
                     ONCE_UNSETTLED_MIN_S)  # fmt: skip
@@ -535,6 +535,7 @@ class EdgeDaemon:
                 if not is_busy(exc):
                     raise
                 self._busy.failed(exc, path_text(candidate.path), began)
+                self._once_idle_since = time.monotonic()  # (the lock is waited for: not the files)
                 if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:
                     self._store_gave_up = str(exc)  # a batch run does not wait for good
                     self._stop.set()
@@ -581,7 +582,8 @@ class EdgeDaemon:
         else:
             ask = "Is the cloud up and answering? `splitdet edge check`, `splitdet edge status`"
         log.warning(
-            f"--drain-timeout {timeout_s:g}s reached: {stats.depth} request(s) left in the "
+            f"--drain-timeout {self.config.drain_timeout_s:g}s reached: {stats.depth} "
+            "request(s) left in the "
             f"outbox{' (the call in flight was cancelled)' if cancelled else ''}; their results "
             f"stay pending in --db {self.config.db} and the next run delivers them (nothing is "
             f"lost). {ask}",

@@ -525,9 +525,12 @@ class Sender(threading.Thread):
     @property
     def refused_by_cloud(self) -> str | None:
         """The refusals a person must act on that still stand ("CODE: message"; several
-        joined by "; "): this edge's token, an export the cloud does not serve (another
-        export's answer does not lift it); None when there is none."""
-        return "; ".join(dict.fromkeys(self._refusals.values())) or None
+        joined by "; "): this edge's token, an export the cloud does not serve while the
+        outbox still holds its requests (another export's answer does not lift it; `edge
+        abandon` does); None when there is none."""
+        waiting = self.store.outbox_fingerprints()
+        standing = [message for key, message in self._refusals.items() if not key or key in waiting]
+        return "; ".join(dict.fromkeys(standing)) or None
 
     def _refusal_hint(self, fingerprint: str) -> str | None:
         """`refusal_hint` for a refusal of `fingerprint`'s model on this sender's client; None

@@ -183,3 +183,60 @@ def test_a_database_held_locked_is_not_told_as_files_still_being_written(
     assert outcome == [1]
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
     assert "store_busy_stopped" in events and "once_left_unsettled" not in events, events
+
+
+def test_a_refusal_of_an_export_abandoned_meanwhile_is_not_named(tmp_path):
+    """A review: `edge abandon` of the refused export's requests (the operator's fix) left the
+    refusal named in drain_timeout ("running again will not help"). A refusal of an export
+    stands only while the outbox holds its requests; this edge's own (a token) always."""
+    from test_edge_store import arrival
+
+    from splitdet.edge.sender import Sender
+    from splitdet.edge.store import ResultStore
+
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        sender = Sender(store, lambda: None)
+        sender._refusals["a" * 64] = "FAILED_PRECONDITION: model not served"
+        assert sender.refused_by_cloud is None  # (no request of that export waits)
+        store.record_pending(arrival(1), 0.9, "req-1", b"x", "a" * 64, {})
+        assert sender.refused_by_cloud == "FAILED_PRECONDITION: model not served"
+        sender._refusals[""] = "UNAUTHENTICATED: bad token"
+        assert sender.refused_by_cloud.startswith("FAILED_PRECONDITION")
+        assert sender.refused_by_cloud.endswith("UNAUTHENTICATED: bad token")
+    finally:
+        store.close()
+
+
+def test_a_move_that_keeps_failing_does_not_keep_a_run_going(tmp_path, monkeypatch, caplog):
+    """A review: a file whose move failed in a way that changed its ctime (hard-linked into
+    the archive, its removal refused, the link undone) was taken again as a new version at
+    every scan, "already recorded", and the failed move reset the run's wait each time: the
+    run never ended. The wait now counts from the last file recorded or moved."""
+    import errno
+    import os
+
+    from splitdet.edge import file_moves
+
+    monkeypatch.setattr(daemon_module, "ONCE_UNSETTLED_MIN_S", 1.0, raising=False)
+    config = daemon_config(
+        tmp_path, tmp_path, drain_timeout_s=1.0, after="archive", settle_s=0.3
+    )  # (taken again, it settles anew: pending meanwhile)
+    image = config.watch / "a.png"
+    image.write_bytes(png(20))
+
+    def refused_and_touched(source, target, *args):
+        os.chmod(source, 0o644 if os.stat(source).st_mode & 0o100 else 0o744)  # (a new ctime)
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(source))
+
+    monkeypatch.setattr(file_moves, "move_no_clobber", refused_and_touched)
+    finished: list[int] = []
+    run = threading.Thread(
+        target=lambda: finished.append(EdgeDaemon(config, pipeline=BrightIsDefective()).run()),
+        daemon=True,
+    )
+    with caplog.at_level(logging.INFO, logger="splitdet"):
+        run.start()
+        run.join(60)
+    assert finished, "the run did not end"  # (0 or 1: its move is the next run's, as ever)
+    assert image.exists() and len(image_rows(config.db)) == 1
