@@ -96,7 +96,8 @@ class _FolderCollector:
         self.folder = folder
 
     def collect(self) -> list[GaugeMetricFamily]:
-        """splitdet_edge_skipped_files, as the hot folder's last scan counted them."""
+        """splitdet_edge_skipped_files, as the hot folder's last scan counted them, and
+        splitdet_edge_files_held_back, the images it holds back in a shortage now."""
         skipped = GaugeMetricFamily(
             "splitdet_edge_skipped_files",
             "Entries in the hot folder left alone at the last scan: files not images by their "
@@ -104,7 +105,14 @@ class _FolderCollector:
             "(never followed), subfolders without --recursive, FIFOs and devices.",
         )
         skipped.add_metric([], self.folder.skipped_files())
-        return [skipped]
+        held = GaugeMetricFamily(
+            "splitdet_edge_files_held_back",
+            "Images in the hot folder held back by a shortage of the process or the machine "
+            "(open files, memory: file_read_shortage), taken again once it ends; not in the "
+            "database, so not in edge status.",
+        )
+        held.add_metric([], self.folder.held_back())
+        return [skipped, held]
 
 
 class EdgeMetrics:

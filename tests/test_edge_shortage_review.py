@@ -338,3 +338,35 @@ def test_an_abbreviated_log_format_json_is_seen_by_a_parse_error(capsys):
         main(["cloud", "--log-f", "json", "--model", "m", "--max-message-mib", "x"])
     [line] = capsys.readouterr().err.splitlines()
     assert json.loads(line)["event"] == "fatal"
+
+
+def test_the_images_held_back_are_a_metric(tmp_path, monkeypatch):
+    """The images a shortage holds back are in no row, so `edge status` cannot count them (a
+    review): splitdet_edge_files_held_back does, and drops back to 0 once they are taken."""
+    from prometheus_client import generate_latest
+
+    from splitdet.edge.daemon_metrics import EdgeMetrics
+    from splitdet.edge.store import ResultStore
+
+    (tmp_path / "hot").mkdir()
+    (tmp_path / "hot" / "a.png").write_bytes(png_bytes(20))
+    folder = watcher.HotFolder(tmp_path / "hot", settle_s=0, unreadable_grace_s=0)
+    monkeypatch.setattr(watcher, "SHORTAGE_RETRY_S", 0)
+    folder.scan()
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        metrics = EdgeMetrics(store, folder)
+
+        def held() -> str:
+            lines = generate_latest(metrics.registry).decode().splitlines()
+            return next(line for line in lines if line.startswith("splitdet_edge_files_held_back "))
+
+        assert held() == "splitdet_edge_files_held_back 0.0"
+        with monkeypatch.context() as patch:
+            short_of(errno.EMFILE, tmp_path / "hot", patch)
+            assert folder.read(folder.next_candidate()) is None
+        assert held() == "splitdet_edge_files_held_back 1.0"
+        assert folder.read(folder.next_candidate()) is not None
+        assert held() == "splitdet_edge_files_held_back 0.0"
+    finally:
+        store.close()
