@@ -208,7 +208,7 @@ class EdgeDaemon:
         self._intake = Intake(config, self.store, self.pipeline, self.folder, self.metrics,
                               self.sender, after, self._stop)  # fmt: skip
         self._store_gave_up: str | None = None  # --once: the --db, held locked past it
-        self._once_idle_since = time.monotonic()  # --once: when a file was last taken
+        self._once_idle_since = time.monotonic()  # --once: last file recorded or moved
         self._left_unsettled = 0  # --once: files left still changing (`_once_waited_out`)
         self._drain_timed_out = False  # --once: requests left at --drain-timeout (`_drain`)
 

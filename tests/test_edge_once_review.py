@@ -161,25 +161,14 @@ def test_a_database_held_locked_is_not_told_as_files_still_being_written(
     """A review: with settled images and the --db held by another program, the run ended
     with only `once_left_unsettled` ("still being written"), the store_busy_stopped diagnosis
     never logged: the wait for the files was counted from before the lock's."""
-    import contextlib
-    import sqlite3
+    from test_edge_store_busy import run_once_held_locked
 
     from splitdet.edge import store as store_module
 
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
     monkeypatch.setattr(daemon_module, "ONCE_UNSETTLED_MIN_S", 0.1, raising=False)
     config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=1.0, settle_s=0.5)
-    daemon = EdgeDaemon(config)  # (the database opened before the lock below is taken)
-    holder = sqlite3.connect(config.db, isolation_level=None)
-    outcome: list[int] = []
-    thread = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
-    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
-        holder.execute("BEGIN IMMEDIATE")
-        (config.watch / "a.png").write_bytes(png(30))
-        thread.start()
-        thread.join(60)
-        holder.execute("ROLLBACK")
-    thread.join(30)
+    outcome, _ = run_once_held_locked(config, png(30), caplog)
     assert outcome == [1]
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
     assert "store_busy_stopped" in events and "once_left_unsettled" not in events, events

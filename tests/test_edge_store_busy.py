@@ -72,6 +72,26 @@ def test_a_database_held_locked_past_the_busy_timeout_delays_the_image_and_loses
     assert busy[0]["path"].endswith("b.png") and busy[0]["db"] == str(config.db)
 
 
+def run_once_held_locked(config, image: bytes, caplog) -> tuple[list[int], bool]:
+    """`EdgeDaemon(config).run()` (a --once run) in a thread while another connection holds
+    `config.db` (BEGIN IMMEDIATE, taken once the daemon opened it), `image` arriving as
+    WATCH/a.png; the lock let go when the run ends or after 60 s. ([its exit status], whether
+    it still ran at 60 s); its INFO lines in `caplog`."""
+    daemon = EdgeDaemon(config)  # (the database opened before the lock below is taken)
+    holder = sqlite3.connect(config.db, isolation_level=None)
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
+    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
+        holder.execute("BEGIN IMMEDIATE")
+        (config.watch / "a.png").write_bytes(image)
+        thread.start()
+        thread.join(60)
+        alive = thread.is_alive()
+        holder.execute("ROLLBACK")
+    thread.join(30)
+    return outcome, alive
+
+
 def test_a_batch_run_stops_on_a_database_held_locked_for_its_drain_timeout(
     tiny_model_dir, tmp_path, monkeypatch, caplog
 ):
@@ -79,18 +99,7 @@ def test_a_batch_run_stops_on_a_database_held_locked_for_its_drain_timeout(
     go; it now gives up after --drain-timeout, its image left where it was, exit status 1."""
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
     config = daemon_config(tiny_model_dir, tmp_path, drain_timeout_s=1.0)
-    daemon = EdgeDaemon(config)  # (the database opened before the lock below is taken)
-    holder = sqlite3.connect(config.db, isolation_level=None)
-    outcome: list[int] = []
-    thread = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
-    with contextlib.closing(holder), caplog.at_level(logging.INFO, logger="splitdet"):
-        holder.execute("BEGIN IMMEDIATE")
-        (config.watch / "a.png").write_bytes(_png(30))
-        thread.start()
-        thread.join(60)
-        alive = thread.is_alive()
-        holder.execute("ROLLBACK")
-    thread.join(30)
+    outcome, alive = run_once_held_locked(config, _png(30), caplog)
     assert not alive, "the batch run still waited for the locked database"
     assert outcome == [1]
     assert (config.watch / "a.png").exists()  # untouched, for the next run
