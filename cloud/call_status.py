@@ -27,6 +27,7 @@ import grpc
 
 from splitdet.cloud.core import Cancelled, DeadlinePassed, FingerprintMismatch, InvalidRequest
 from splitdet.cloud.log_limit import repeats_note
+from splitdet.shared.shortage import short_of
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,14 @@ def _listed(exc: BaseException) -> bool:
     return any(isinstance(exc, error_type) for error_type, _ in STATUS_FOR_ERROR)
 
 
-#: What the messages of a failed allocation or thread start hold: torch's CPU allocator
-#: ("[enforce fail at alloc_cpu.cpp:...] DefaultCPUAllocator: can't allocate memory: you tried
-#: to allocate N bytes"; the name DefaultCPUAllocator alone is no shortage: it heads other
-#: errors too), and CPython's `Thread.start` ("can't start new thread").
-_OUT_OF_MEMORY_TEXT = "can't allocate memory"
-_NO_THREAD_TEXT = "can't start new thread"
-
-
 def shortage(exc: BaseException, resized_hw: tuple[int, int] | None = None) -> str | None:
     """The status message for `exc` (or an exception it was explicitly raised from: `raise
     ... from`) when it says the server ran short of memory or threads: a MemoryError (numpy's
     too), torch's allocator RuntimeError, a RuntimeError of a thread that could not start
-    (e.g. under an address-space limit, `prlimit --as`). None for anything else: an exception
-    raised while handling a shortage (its `__context__`) is a failure of its own, a bug whose
-    traceback must be logged, not a shortage retried for ever. `resized_hw`: the request's
+    (e.g. under an address-space limit, `prlimit --as`): `shared.shortage.short_of`. None
+    for anything else: an exception raised while handling a shortage (its `__context__`) is
+    a failure of its own, a bug whose traceback must be logged, not a shortage retried for
+    ever. `resized_hw`: the request's
     size after resizing, named when known (`shortage_message`).
 
     Such a call failed for want of the server's resources, not for its request: it is refused
@@ -112,21 +106,10 @@ def shortage(exc: BaseException, resized_hw: tuple[int, int] | None = None) -> s
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        what = _short_of(exc)
+        what = short_of(exc)
         if what is not None:
             return shortage_message(what, exc, resized_hw)
         exc = exc.__cause__
-    return None
-
-
-def _short_of(exc: BaseException) -> str | None:
-    """ "memory" or "threads" when `exc` itself says the server ran short of them, else None."""
-    if isinstance(exc, MemoryError):
-        return "memory"
-    if isinstance(exc, RuntimeError) and _OUT_OF_MEMORY_TEXT in str(exc):
-        return "memory"
-    if isinstance(exc, RuntimeError) and _NO_THREAD_TEXT in str(exc):
-        return "threads"
     return None
 
 

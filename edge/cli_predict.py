@@ -25,6 +25,7 @@ from splitdet.edge.cloud_args import (
     client_config,
 )
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.shortage import short_of
 
 if TYPE_CHECKING:
     from splitdet.edge.client import ClientConfig
@@ -101,9 +102,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 #: The modules whose absence means an install without torch (the edge-only install).
 TORCH_MODULES = ("torch", "torchvision")
-#: Words of a shared library that could not be loaded for want of memory (dlopen's "failed to
-#: map segment from shared object", ENOMEM's "Cannot allocate memory").
-_OUT_OF_MEMORY_WORDS = ("failed to map segment", "cannot allocate memory", "out of memory")
 
 
 def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector]:
@@ -134,7 +132,7 @@ def torch_unusable(exc: ImportError | OSError) -> Exception:
         )
     hint = (
         ": out of memory? check ulimit -v / the container's memory limit"
-        if any(words in str(exc).lower() for words in _OUT_OF_MEMORY_WORDS)
+        if short_of(exc) == "memory"  # dlopen's "failed to map segment", ENOMEM
         else ""
     )
     return CommandError(

@@ -31,6 +31,7 @@ from splitdet.edge.preprocess import ImageError, read_regular_file
 from splitdet.edge.sender import Sender
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
+from splitdet.shared.shortage import short_of
 
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
@@ -39,20 +40,12 @@ STORE_CHECK_EVERY_S = 5.0
 _NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 
-#: What ONNX Runtime, numpy and the C++ runtime say when an allocation fails: the machine is
-#: short of memory, the image is not at fault.
-_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "cannot allocate memory",
-                  "unable to allocate")  # fmt: skip
-
-
 def memory_shortage(exc: BaseException) -> str | None:
-    """What an exception raised while running the model on an image says, when it says that
-    memory ran out (a MemoryError, or ONNX Runtime's or numpy's failed allocation), else
-    None: the file is then taken again later rather than quarantined for good."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or any(m in text.lower() for m in _OUT_OF_MEMORY):
-        return text
-    return None
+    """What an exception raised while running the model on an image says ("TYPE: message"),
+    when it says that memory or threads ran out (`shared.shortage.short_of`: a MemoryError,
+    ONNX Runtime's or numpy's failed allocation), else None: the file is then taken again
+    later rather than quarantined for good."""
+    return f"{type(exc).__name__}: {exc}" if short_of(exc) is not None else None
 
 
 def content_sha256(path: Path) -> str:
