@@ -57,12 +57,15 @@ def use_json_logs() -> None:
     """Switch every root handler (or a new stderr one) to JSON lines. gRPC's own lines (a
     failed TLS handshake's, a bind failure's) still come on stderr in its own format: on a
     server they are the only sign of a client failing its handshake. GRPC_VERBOSITY=NONE,
-    set before the process starts, drops them."""
+    set before the process starts, drops them. Python warnings (a library's UserWarning,
+    numpy's RuntimeWarning) become records of the "py.warnings" logger, JSON lines too,
+    instead of two raw lines on stderr."""
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:
         handler.setFormatter(JsonLogFormatter())
+    logging.captureWarnings(True)
 
 
 def json_line(level: int, msg: str, **fields: object) -> str:

@@ -10,6 +10,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +146,24 @@ def test_exc_info_outside_an_exception_adds_nothing(logs):
     log.error("no exception here", exc_info=True)
     [line] = text.getvalue().splitlines()
     assert line.endswith(": no exception here"), line
+
+
+def test_under_json_logs_a_python_warning_is_a_json_line():
+    """An image fuzz review: Pillow's UserWarnings ("Tag data larger than file") came on the
+    edge daemon's stderr as two raw lines among its JSON ones, breaking a pipeline that
+    parses every line. A fresh interpreter (captureWarnings is process-wide)."""
+    code = (
+        "import logging, warnings\n"
+        "from splitdet.shared.logs import use_json_logs\n"
+        "use_json_logs()\n"
+        "logging.getLogger('splitdet').warning('before')\n"
+        "warnings.warn('Tag data larger than file. Skipping tag 257', UserWarning)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, lines
+    records = [json.loads(line) for line in lines]
+    assert "Tag data larger than file" in records[1]["msg"]
+    assert records[1]["level"] == "WARNING"
