@@ -445,9 +445,12 @@ class DetectionCore:
         """
         model = self.models.get(fingerprint) if isinstance(fingerprint, str) else None
         if model is None:
-            served = ", ".join(_short(fp) for fp in self.models)
+            # shortened, unless a served one shortens the same: then both are shown whole
+            whole = any(_short(fp) == _short(fingerprint) for fp in self.models)
+            show = repr if whole else _short
+            served = ", ".join(show(fp) for fp in self.models)
             raise FingerprintMismatch(
-                f"model fingerprint {_short(fingerprint)} is not served here; this server "
+                f"model fingerprint {show(fingerprint)} is not served here; this server "
                 f"serves {served}: deploy the same export on both sides ({self.serve_hint})"
             )
         return model

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
+from torchvision.ops.poolers import LevelMapper, initLevelMapper
 
-from splitdet.shared.spec import ROI_LEVELS
+from splitdet.shared.spec import ROI_LEVELS, STRIDES
 
 
 class DefectHead(nn.Module):
@@ -128,6 +129,10 @@ class ContextRoIAlign(MultiScaleRoIAlign):
             featmap_names=list(ROI_LEVELS), output_size=7, sampling_ratio=sampling_ratio
         )
         self.context = context
+        # torchvision infers each level's scale from the first call's feature and image sizes
+        # and keeps it: a first image resized to 66x160 px (padded 96x160) made P2 read as
+        # 1/2, not 1/4, and every later box on that server wrong. The strides are known.
+        self.scales, self.map_levels = roi_level_scales()
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -145,6 +150,16 @@ class ContextRoIAlign(MultiScaleRoIAlign):
         if self.context != 1.0:
             boxes = [_widen(b, self.context) for b in boxes]
         return super().forward(x, boxes, image_shapes)
+
+
+def roi_level_scales() -> tuple[list[float], LevelMapper]:
+    """The scale of each level in ROI_LEVELS (1 / its stride: [1/4, 1/8, 1/16, 1/32]) and the
+    FPN paper's box-to-level mapping over them, as torchvision's MultiScaleRoIAlign infers
+    them from an image whose sizes are multiples of the strides (canonical box 224 px, level
+    4)."""
+    strides = [STRIDES[name] for name in ROI_LEVELS]
+    levels = [int(math.log2(stride)) for stride in strides]
+    return [1.0 / stride for stride in strides], initLevelMapper(levels[0], levels[-1])
 
 
 def _widen(boxes: Tensor, factor: float = 1.0, min_side: float = 0.0) -> Tensor:
