@@ -206,7 +206,7 @@ class Sender(threading.Thread):
         self.errors = 0  # consecutive unexpected sender errors (a call answered in between too)
         self.local_error: str | None = None  # the last of them, while the row lasts
         self._failed_sends = 0  # calls of them that failed to reach the cloud or get an answer
-        self._failing_since: float | None = None  # unix s of the first of those
+        self._failing_since: float | None = None  # monotonic s of the first of those
         self._reclaim_due = False  # the outbox lost rows since the last `_reclaim`
         self.delivered = 0
         self.dead_lettered = 0  # requests this sender made dead letters
@@ -474,7 +474,7 @@ class Sender(threading.Thread):
         log.info(
             "delivering again",
             extra={"fields": {"event": "send_resumed", "failures": failed,
-                              "failing_for_s": round(max(0.0, time.time() - since), 1),
+                              "failing_for_s": round(time.monotonic() - since, 1),
                               "outbox_depth": self.store.outbox_stats().depth}},
         )  # fmt: skip
 
@@ -550,8 +550,8 @@ class Sender(threading.Thread):
     ) -> float:
         self.failures += 1
         self._failed_sends += 1
-        if self._failing_since is None:
-            self._failing_since = time.time()
+        if self._failing_since is None:  # (not the wall clock: an NTP step is no outage)
+            self._failing_since = time.monotonic()
         if exc.code is not grpc.StatusCode.UNAVAILABLE:
             self._count_bytes(sent_bytes)  # it probably reached the server
         delay = self.backoff.max_s if at_cap else self.backoff.delay(self.failures, self._rng)

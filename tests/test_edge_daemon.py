@@ -928,6 +928,58 @@ def test_an_idle_sender_gives_a_delivered_backlogs_pages_back(
         assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
 
 
+def test_send_resumed_times_the_outage_by_the_monotonic_clock(
+    tiny_model_dir, pool, shared_cloud, tmp_path, caplog, monkeypatch
+):
+    """A clock review: an outage of a minute, with the wall clock stepped a day forward during
+    it (NTP), was logged `failing_for_s=86448.9`; stepped back, 0.0."""
+    import grpc
+
+    from splitdet.edge.client import ClientConfig, CloudClient, RetryLater
+    from splitdet.edge.sender import Backoff, Sender
+    from splitdet.edge.store import ResultStore
+
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    write_files(watch, pool.take(1), ["a.png"])
+    config = DaemonConfig(
+        model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db, settle_s=0.05,
+        poll_s=0.05, once=True, drain_timeout_s=0.0, threshold=0.0,
+    )  # fmt: skip
+    assert EdgeDaemon(config).run() == 1  # the cloud down: the request waits
+    store = ResultStore(db)
+    wall = time.time
+    down = [True, True]
+
+    class SteppedDuringTheOutage(CloudClient):
+        def send_request(self, request, timeout=None):
+            if down:
+                down.pop()
+                if not down:  # the second failure: NTP steps the clock a day forward
+                    monkeypatch.setattr(time, "time", lambda: wall() + 86400.0)
+                raise RetryLater(grpc.StatusCode.UNAVAILABLE, "down")
+            return super().send_request(request, timeout=timeout)
+
+    sender = Sender(store, lambda: SteppedDuringTheOutage(ClientConfig(shared_cloud.address)),
+                    Backoff(0.01, 0.02))  # fmt: skip
+    try:
+        with caplog.at_level(logging.INFO, logger="splitdet"):
+            deadline = time.monotonic() + 30
+            while sender.delivered == 0 and time.monotonic() < deadline:
+                item = store.next_due(max_wait_s=1.0)
+                if item is None:
+                    time.sleep(0.01)  # (its retry is due in 0.01-0.02 s)
+                else:
+                    sender.send(item)
+    finally:
+        sender._drop_client()
+        store.close()
+    resumed = [r.fields for r in caplog.records
+               if getattr(r, "fields", {}).get("event") == "send_resumed"]  # fmt: skip
+    assert len(resumed) == 1 and resumed[0]["failures"] == 2, resumed
+    assert 0 <= resumed[0]["failing_for_s"] < 600, resumed
+
+
 def test_send_resumed_closes_an_outage_also_when_its_first_answer_is_a_refusal(
     tiny_model_dir, pool, shared_cloud, tmp_path, caplog
 ):
