@@ -15,6 +15,10 @@ Accepted inputs (Pillow modes), each to three equal or RGB channels in [0, 1]:
   default; 4095 for a model trained with `--pixel-bits 12` on a camera that saves its 12-bit
   values unscaled (the manifest's `pixel_bits`). A pixel past that value, or below 0, is refused:
   the model was not made for those images.
+- PGMs ("P5", "P2"), read here (`read_pgm`), not by Pillow, over their own maxval whatever
+  pixel_bits.
+A 16-bit colour PNG (RGB, gray + alpha, RGBA: Pillow reads its top 8 bits) is refused when
+pixel_bits is not 16, and a JPEG of more than MAX_JPEG_SCANS scans always (`check_encoded`).
 Anything else (float "F" TIFFs, Lab, multi-frame, 32-bit values past 65535...) is refused with
 an `ImageError` naming the file and the mode; a file Pillow cannot decode (corrupt, truncated,
 whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
@@ -28,6 +32,7 @@ image plus two float channels (the numbers are the same as computing it all at o
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
@@ -40,6 +45,8 @@ from PIL import Image, UnidentifiedImageError
 
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
+
+log = logging.getLogger(__name__)
 
 #: Largest image accepted, in pixels (a decompression bomb is refused before decoding).
 MAX_PIXELS = 64_000_000
@@ -54,6 +61,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: without a word, the missing part as grey or black. (A JPEG's compressed scan data holds no
 #: end-of-image marker: a 0xFF byte in it is followed by 0x00 or a restart marker.)
 UNWRITTEN_TAIL_BYTES = 1024
+#: Most start-of-scan segments a JPEG may hold. Encoders write one for a baseline JPEG, about 10
+#: for a progressive colour one, a few dozen at most; a decoder's time grows with the scans times
+#: the pixels, so a small crafted file of thousands of scans stalls it for minutes.
+MAX_JPEG_SCANS = 100
 
 
 class ImageError(ValueError):
@@ -128,29 +139,168 @@ def _too_large(source: str, size: tuple[int, int] | None) -> ImageError:
     return ImageError(f"{source}: too large to decode in the memory available: {shown}")
 
 
+def _check_size(source: str, width: int, height: int) -> None:
+    """ImageError when a (width, height) px image is past MAX_PIXELS or MAX_ORIGINAL_SIDE."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{source}: {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit "
+            "(decompression bomb?)"
+        )
+    if max(width, height) > MAX_ORIGINAL_SIDE:
+        raise ImageError(
+            f"{source}: {width}x{height} px has a side over {MAX_ORIGINAL_SIDE} px, more "
+            "than the cloud takes"
+        )
+
+
 def _open(data: bytes, source: str) -> Image.Image:
-    """The decoded Pillow image (pixels loaded), within the size limits."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_PIXELS:
+    """The decoded Pillow image (pixels loaded), within the size limits. (Pillow's
+    DecompressionBombWarning is to be made an error by the caller: `decode_image` does.)"""
+    image = Image.open(io.BytesIO(data))
+    _check_size(source, *image.size)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        if image.format == "MPO":
             raise ImageError(
-                f"{source}: {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit "
-                "(decompression bomb?)"
+                f"{source}: a JPEG holding {frames} images (MPO, e.g. a stereo or preview "
+                "image): only single-image files are supported"
             )
-        if max(width, height) > MAX_ORIGINAL_SIDE:
-            raise ImageError(
-                f"{source}: {width}x{height} px has a side over {MAX_ORIGINAL_SIDE} px, more "
-                "than the cloud takes"
-            )
-        if getattr(image, "n_frames", 1) > 1:
-            raise ImageError(f"{source}: multi-frame images are not supported")
-        try:
-            image.load()
-        except MemoryError:  # Pillow's own allocation of the pixels
-            raise _too_large(source, image.size) from None
+        raise ImageError(f"{source}: multi-frame images are not supported ({frames} frames)")
+    try:
+        image.load()
+    except MemoryError:  # Pillow's own allocation of the pixels
+        raise _too_large(source, image.size) from None
     return image
+
+
+#: A PGM's magic numbers: binary ("P5") and plain, ASCII ("P2").
+_PGM_MAGICS = (b"P5", b"P2")
+#: Whitespace and comments ("#" to the end of the line) between a PGM header's fields.
+_PNM_GAP = re.compile(rb"(?:[ \t\r\n\v\f]|#[^\r\n]*)*")
+#: A PGM header's number (width, height, maxval); more digits than 10 are no size or maxval.
+_PNM_NUMBER = re.compile(rb"[0-9]{1,10}(?![0-9])")
+#: The bytes a plain PGM's pixels are written with (numbers and whitespace).
+_PLAIN_PGM_BYTES = b"0123456789 \t\r\n\v\f"
+
+
+def read_pgm(data: bytes, source: str) -> tuple[np.ndarray, int] | None:
+    """(pixels as UInt8 or UInt16[H, W], maxval) of a binary ("P5") or plain ("P2") PGM; None
+    for another format. ImageError naming `source` for a malformed header, a maxval outside
+    1..65535, a size past MAX_PIXELS or MAX_ORIGINAL_SIDE, pixels cut short, or a pixel past
+    the maxval.
+
+    Read here, not by Pillow: a PGM states its own maximum and is read over it, whatever the
+    maxval (Pillow rescales other maxvals than 255 and 65535 to 8 or 16 bits, rounding, silently
+    clips pixels past it, and does it a pixel at a time in Python). Binary pixels are one byte
+    each below maxval 256, else two, most significant first (the Netpbm format)."""
+    magic = data[:2]
+    if magic not in _PGM_MAGICS:
+        return None
+    fields: list[int] = []
+    pos = 2
+    for name in ("width", "height", "maxval"):
+        gap = _PNM_GAP.match(data, pos)
+        assert gap is not None  # (the pattern matches the empty string)
+        number = _PNM_NUMBER.match(data, gap.end())
+        if gap.end() == pos or number is None:
+            raise ImageError(
+                f"{source}: a PGM ({magic.decode()}) whose header is malformed: no {name} where "
+                "one must be, cannot be decoded"
+            )
+        fields.append(int(number[0]))
+        pos = number.end()
+    width, height, maxval = fields
+    if width < 1 or height < 1:
+        raise ImageError(f"{source}: a PGM of {width}x{height} px: no pixels")
+    if not 1 <= maxval <= 65535:
+        raise ImageError(f"{source}: a PGM whose maxval is {maxval}, outside 1..65535")
+    _check_size(source, width, height)
+    if pos >= len(data) or data[pos] not in b" \t\r\n\v\f":
+        raise ImageError(f"{source}: a PGM whose header does not end in whitespace after maxval")
+    body = memoryview(data)[pos + 1 :]
+    count = width * height
+    if magic == b"P5":
+        dtype = np.dtype(np.uint8) if maxval < 256 else np.dtype(">u2")
+        if len(body) < count * dtype.itemsize:
+            raise ImageError(
+                f"{source}: a PGM cut short: its {width}x{height} pixels need "
+                f"{count * dtype.itemsize} bytes, it holds {len(body)}"
+            )
+        pixels = np.frombuffer(body, dtype=dtype, count=count).astype(dtype.newbyteorder("="))
+    else:
+        pixels = _plain_pgm_pixels(bytes(body), count, source)
+    pixels = pixels.reshape(height, width)
+    high = int(pixels.max())
+    if high > maxval:
+        raise ImageError(f"{source}: a PGM with a pixel of {high}, past its own maxval {maxval}")
+    return pixels, maxval
+
+
+def _plain_pgm_pixels(text: bytes, count: int, source: str) -> np.ndarray:
+    """The first `count` pixels of a plain PGM's raster (numbers parted by whitespace, comments
+    dropped), as UInt16 (ImageError past 65535, for other bytes, or for fewer numbers)."""
+    if b"#" in text:
+        text = re.sub(rb"#[^\r\n]*", b" ", text)
+    if text.translate(None, _PLAIN_PGM_BYTES):
+        raise ImageError(f"{source}: a plain PGM (P2) whose pixels are not all numbers")
+    numbers = np.fromstring(text, dtype=np.float64, sep=" ")  # exact to 2**53; past: refused
+    if numbers.size < count:
+        raise ImageError(f"{source}: a PGM cut short: {numbers.size} of its {count} pixels written")
+    numbers = numbers[:count]
+    high = float(numbers.max())
+    if high > 65535:
+        raise ImageError(f"{source}: a PGM with a pixel of {high:.0f}, past 65535")
+    return numbers.astype(np.uint16)
+
+
+def _pgm_to_unit_float(pixels: np.ndarray, maxval: int) -> np.ndarray:
+    """A PGM's pixels (`read_pgm`) as Float32[3, H, W] in [0, 1], over its maxval."""
+    array = np.empty((3, *pixels.shape), dtype=np.float32)
+    _channel(pixels, float(maxval), array[0])
+    array[1] = array[0]
+    array[2] = array[0]
+    return array
+
+
+#: PNG colour types Pillow reads at 8 bits when their samples are 16-bit: RGB, gray + alpha
+#: ("LA": Pillow 13 opens it as RGBA from the top bytes, no mode holds its 16-bit gray band),
+#: RGBA.
+_PNG_WIDE_COLOUR = {2: "RGB", 4: "grayscale + alpha", 6: "RGBA"}
+
+
+def check_encoded(data: bytes, source: str, pixel_bits: int = 16) -> None:
+    """ImageError naming `source` for encoded image bytes that are not to be decoded, from
+    their structure alone (no pixels decoded; the edge's `decode_image` and training's
+    `voc.load_rgb` both check):
+
+    - a JPEG of more than MAX_JPEG_SCANS scans (start-of-scan segments, counted by walking
+      its segments): a crafted file of thousands stalls the decoder for minutes;
+    - with `pixel_bits` other than 16, a 16-bit colour PNG (RGB, gray + alpha, RGBA), which
+      Pillow reads at 8 bits (the top byte of each value): values of fewer bits saved unscaled
+      would come out near-black, and values past 2**pixel_bits - 1 would not be refused as
+      they are in a 16-bit grayscale image. (With 16 it is the same picture at 8 bits.)"""
+    if data.startswith(b"\xff\xd8"):
+        scans = _jpeg_walk(data)[1]
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"{source}: a progressive JPEG of {scans} scans, more than the "
+                f"{MAX_JPEG_SCANS} any camera or encoder writes (a decoder-stalling file?)"
+            )
+    elif (
+        pixel_bits != 16
+        and data.startswith(_PNG_SIGNATURE)
+        and data[12:16] == b"IHDR"
+        and len(data) >= 26
+        and data[24] == 16
+        and data[25] in _PNG_WIDE_COLOUR
+    ):
+        raise ImageError(
+            f"{source}: a 16-bit {_PNG_WIDE_COLOUR[data[25]]} PNG (colour type {data[25]}), "
+            "which can only be read at 8 bits (the top 8 of each 16-bit value), not as the "
+            f"{pixel_bits}-bit values --pixel-bits {pixel_bits} takes 16-bit images as "
+            f"({pixel_bits}-bit values saved unscaled would come out near-black); save it as "
+            "16-bit grayscale, as the training images were"
+        )
 
 
 #: PNG's signature, and its last chunk's type.
@@ -189,45 +339,67 @@ def _png_ends(data: bytes) -> bool:
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
 
 
-def _jpeg_ends(data: bytes) -> bool:
-    """Whether walking a JPEG's own segments from its start reaches its end-of-image marker
-    (an EXIF thumbnail's, inside its segment, and whatever follows the image do not count).
-    Scan data runs to the next marker: a 0xFF in it is followed by 0x00 or a restart
-    marker."""
-    end, pos = len(data), 2
+#: Fill bytes before a marker.
+_JPEG_FILL = re.compile(rb"\xff+")
+#: Where a JPEG's entropy-coded scan data ends: a 0xFF not followed by 0x00 (a stuffed 0xFF) or a
+#: restart marker (RST0-7).
+_SCAN_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+def _jpeg_walk(data: bytes) -> tuple[bool, int]:
+    """(whether walking a JPEG's own segments from its start reaches its end-of-image marker,
+    the start-of-scan segments met on the way): an EXIF thumbnail's markers, inside its
+    segment, and whatever follows the image (an MPO's other images) do not count. Scan data
+    runs to the next marker: a 0xFF in it is followed by 0x00 or a restart marker. No pixel
+    decoded; the scan data is skipped by a regular expression, not a byte at a time."""
+    end, pos, scans = len(data), 2, 0
     while pos < end:
         if data[pos] != 0xFF:
-            return False  # no marker where one must be: zeros, or not written yet
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
+            return False, scans  # no marker where one must be: zeros, or not written yet
+        fill = _JPEG_FILL.match(data, pos)
+        assert fill is not None  # (data[pos] is 0xFF)
+        pos = fill.end()
         if pos >= end:
-            return False
+            return False, scans
         marker = data[pos]
         pos += 1
         if marker == 0xD9:
-            return True
+            return True, scans
         if marker in _STANDALONE_MARKERS:
             continue
         if pos + 2 > end:
-            return False
+            return False, scans
         pos += int.from_bytes(data[pos : pos + 2], "big")
         if marker == 0xDA:  # start of scan: skip its entropy-coded data
-            while True:
-                pos = data.find(b"\xff", pos)
-                if pos < 0 or pos + 1 >= end:
-                    return False
-                if data[pos + 1] == 0x00 or 0xD0 <= data[pos + 1] <= 0xD7:
-                    pos += 2
-                    continue
-                break
-    return False
+            scans += 1
+            found = _SCAN_DATA_END.search(data, pos)
+            if found is None:
+                return False, scans
+            pos = found.start()
+    return False, scans
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether walking a JPEG's own segments from its start reaches its end-of-image marker
+    (`_jpeg_walk`)."""
+    return _jpeg_walk(data)[0]
 
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
     """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
-    for anything that cannot be, whatever Pillow raised, and for a JPEG or PNG not all written
-    yet (`UNWRITTEN_TAIL_BYTES`). `pixel_bits`: the bits 16-bit grayscale values use (the model's
-    `ModelConfig.pixel_bits`)."""
+    for anything that cannot be, whatever Pillow raised, for a JPEG or PNG not all written
+    yet (`UNWRITTEN_TAIL_BYTES`), and for what `check_encoded` refuses (a JPEG of too many
+    scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the bits 16-bit
+    grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over its own
+    maxval (`read_pgm`), whatever `pixel_bits`.
+
+    Warnings raised while decoding (Pillow's "Tag data larger than file", "Possibly corrupt
+    EXIF data"...) do not go to stderr as they are, unnamed: each distinct one is logged once,
+    at INFO, as "SOURCE: decoder warning: MESSAGE" (logger `splitdet.edge.preprocess`, a JSON
+    line under the edge's JSON logging). INFO, as the decoder went on past what it warns of:
+    an image that still decodes is used as it is, and one that does not is refused by the
+    ImageError, which its caller reports as a warning of its own (the quarantine). Pillow's
+    DecompressionBombWarning is an error, refused as past the pixel limit."""
     if not data:
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
@@ -239,12 +411,90 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
             "data not ended before them: not all written yet (its writer sized the file first) "
             "or cut short"
         )
+    check_encoded(data, source, pixel_bits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return _decode(data, source, pixel_bits)
+        finally:
+            _log_warnings(caught, source)
+
+
+def _log_warnings(caught: list[warnings.WarningMessage], source: str) -> None:
+    """Log each distinct warning of `caught` once, at INFO, naming `source` (`decode_image`);
+    deprecation warnings (of the code, not of the file) are left out."""
+    seen: set[str] = set()
+    for warning in caught:
+        if issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning)):
+            continue
+        message = " ".join(str(warning.message).split())
+        if message not in seen:
+            seen.add(message)
+            log.info("%s: decoder warning: %s", source, message)
+
+
+#: A known format's leading bytes: (signature, its name, Pillow's format id).
+_SIGNATURES = (
+    (_PNG_SIGNATURE, "PNG", "PNG"),
+    (b"\xff\xd8", "JPEG", "JPEG"),
+    (b"II*\x00", "TIFF", "TIFF"),
+    (b"MM\x00*", "TIFF", "TIFF"),
+    (b"GIF87a", "GIF", "GIF"),
+    (b"GIF89a", "GIF", "GIF"),
+    (b"BM", "BMP", "BMP"),
+    (b"P2", "PGM", "PPM"),
+    (b"P5", "PGM", "PPM"),
+    (b"P3", "PPM", "PPM"),
+    (b"P6", "PPM", "PPM"),
+)
+
+
+def _known_format(data: bytes) -> tuple[str, str] | None:
+    """(name, Pillow's format id) of the format `data`'s leading bytes say it is; None for
+    unknown bytes."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP", "WEBP"
+    return next(((name, fid) for sig, name, fid in _SIGNATURES if data.startswith(sig)), None)
+
+
+def _unidentified(data: bytes, source: str) -> ImageError:
+    """The error for bytes Pillow cannot identify: a damaged file of a known format, named by
+    its leading bytes with the reason its Pillow plugin gives, or not an image file."""
+    known = _known_format(data)
+    if known is None:
+        return ImageError(f"{source}: not an image file (unrecognised format)")
+    name, format_id = known
+    reason = "cannot identify image file"
+    Image.init()
+    factory = Image.OPEN.get(format_id, (None, None))[0]
+    if factory is not None:
+        try:
+            factory(io.BytesIO(data), None).close()  # (its header alone: no pixels)
+        except Exception as exc:
+            # (Pillow's plugins give SyntaxError; a KeyError... of a damaged header is turned
+            # into one with the KeyError's text alone ("10825"): named by its cause)
+            cause = exc.__cause__ if type(exc) is SyntaxError and exc.__cause__ else exc
+            reason = (
+                str(cause) if type(cause) is SyntaxError else f"{type(cause).__name__}: {cause}"
+            )
+    return ImageError(
+        f"{source}: a {name} file whose content is damaged or cut short, cannot be decoded "
+        f"(Pillow: {reason})"
+    )
+
+
+def _decode(data: bytes, source: str, pixel_bits: int) -> np.ndarray:
+    """`decode_image`'s decoding, within its warning filters."""
     try:
+        pgm = read_pgm(data, source)
+        if pgm is not None:
+            return _pgm_to_unit_float(*pgm)
         image = _open(data, source)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{source}: not an image file (unrecognised format)") from None
+        raise _unidentified(data, source) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # (Pillow's own limits, past ours, refuse it as it opens: said as ours is)
         found = re.search(r"\((\d+) pixels\)", str(exc))

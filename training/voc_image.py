@@ -7,13 +7,15 @@ is read, the edge's torch-free `preprocess` (numpy) when its limits are first lo
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitdet.training.voc_types import VocError
 
-if TYPE_CHECKING:  # Pillow loads when an image is read
+if TYPE_CHECKING:  # Pillow and numpy load when an image is read
+    import numpy as np
     from PIL import Image
 
 
@@ -149,14 +151,28 @@ def load_rgb(image_path: Path, pixel_bits: int = 16) -> Image.Image:
 
 def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Image, int | None]:
     """(`load_rgb`'s image, the largest pixel value of a 16-bit grayscale image, else None):
-    one decoding for both."""
+    one decoding for both.
+
+    The file's bytes are looked at first as the edge looks at them
+    (`splitdet.edge.preprocess.check_encoded`): a JPEG of more scans than any encoder writes
+    (a decoder-stalling file) and, with `pixel_bits` other than 16, a 16-bit colour PNG (read
+    at 8 bits only) are a VocError. A PGM is read by the edge's own reader
+    (`preprocess.read_pgm`), over its maxval whatever `pixel_bits` (peak None)."""
     from PIL import Image
 
-    from splitdet.edge.preprocess import WIDE_GRAY_MODES
+    from splitdet.edge.preprocess import WIDE_GRAY_MODES, ImageError, check_encoded, read_pgm
     from splitdet.shared.config import pixel_full_scale
 
     try:
-        with Image.open(image_path) as img:
+        data = Path(image_path).read_bytes()
+        try:
+            check_encoded(data, str(image_path), pixel_bits)
+            pgm = read_pgm(data, str(image_path))
+        except ImageError as exc:
+            raise VocError(str(exc)) from None
+        if pgm is not None:
+            return _pgm_rgb(*pgm), None
+        with Image.open(io.BytesIO(data)) as img:
             # before convert("RGB"), which would make a float image black, not refuse it
             _refuse_what_the_edge_refuses(img, image_path)
             if img.mode in WIDE_GRAY_MODES:  # convert("RGB") would clip them at 255
@@ -180,3 +196,13 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
         raise
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
         raise VocError(f"{image_path}: cannot decode image: {exc}") from None
+
+
+def _pgm_rgb(pixels: np.ndarray, maxval: int) -> Image.Image:
+    """A PGM's pixels (`preprocess.read_pgm`) as an RGB PIL image: scaled over its maxval, as
+    the edge scales them, and rounded to 8 bits as `load_rgb_and_peak` rounds 16-bit ones."""
+    import numpy as np
+    from PIL import Image
+
+    gray = (pixels.astype(np.float64) * (255 / maxval) + 0.5).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
