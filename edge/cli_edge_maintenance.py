@@ -323,8 +323,9 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
         "nor a result whose file still lies where it arrived (--after keep, or a move that "
         "failed: the row is what tells the daemon that file is done; a newer file the camera "
         "wrote under the same name does not keep the older results). Safe while the daemon "
-        "runs. A result this boot wrote goes only once the time since boot agrees it is that "
-        "old (a clock set forward by NTP after a stale boot); prune says how many it kept so. "
+        "runs. A result goes only once the time since its boot agrees it is that old (a clock "
+        "set forward by NTP after a stale boot, also once the box rebooted); prune says how "
+        "many it kept so. "
         "The file shrinks by the pages freed (a database made before splitdet gave "
         "pages back keeps its size: SQLite reuses them; see edge/README.md to convert one).",
         epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
@@ -363,9 +364,9 @@ def prune(args: argparse.Namespace) -> int:
         )
     if pruned.kept_for_clock:
         print(
-            f"kept {pruned.kept_for_clock} result(s) stamped older than --older-than that this "
-            "boot wrote more recently: the clock was behind when they were written and has "
-            "been set forward since"
+            f"kept {pruned.kept_for_clock} result(s) stamped older than --older-than that "
+            "were written more recently by the time since their boot: the clock was behind "
+            "when they were written and has been set forward since"
         )
     return 0
 

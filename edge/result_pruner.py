@@ -74,9 +74,9 @@ class ResultPruner:
         if pruned.kept_for_clock:
             log.warning(
                 f"kept {pruned.kept_for_clock} result(s) stamped older than --keep-results that "
-                "this boot wrote more recently: the wall clock was behind when they were "
-                "written and has been set forward since; they go once they are as old by the "
-                "time since boot",
+                "were written more recently by the time since their boot: the wall clock was "
+                "behind when they were written and has been set forward since; they go once "
+                "they are as old by the time since boot",
                 extra={"fields": {"event": "prune_kept_for_clock",
                                   "results": pruned.kept_for_clock,
                                   "older_than_s": self.keep_results_s}},

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from splitdet.edge.boot_clock import boot_clock
+from splitdet.edge.boot_clock import BootClock, boot_clock
 from splitdet.edge.file_identity import lies_there
 from splitdet.edge.store_connection import StoreConnection
 from splitdet.edge.store_reads import image_columns
@@ -52,11 +52,13 @@ class StoreMaintenance(StoreConnection):
                 time: a row kept for its file is looked at again once the file goes).
             should_stop: checked between batches; True ends the prune early.
 
-        A row this boot made final is deleted only when the boot clock agrees that it is as
-        old as `before` says (the same span before now): its wall-clock stamp may be old only
-        because the clock was behind when it was written and has been stepped forward since
-        (an edge without a clock battery booting with a stale time). Those rows are counted in
-        `kept_for_clock` and wait until they are old by both clocks.
+        A row is deleted only when its boot's clock agrees that it is as old as `before` says:
+        its wall-clock stamp may be old only because the clock was behind when it was written
+        and has been stepped forward since (an edge without a clock battery booting with a
+        stale time). Its boot stamp dates it (`_boot_starts`): for this boot by the time since
+        boot now, for an earlier one by the last result that boot made final, whose stamp had
+        the clock as NTP left it (a reboot no longer makes them months old). Those rows are
+        counted in `kept_for_clock` and wait until they are old by both clocks.
 
         Returns:
             how many rows were (or would be) deleted, the largest id looked at, and how many
@@ -64,12 +66,13 @@ class StoreMaintenance(StoreConnection):
         """
         deleted, kept_for_clock, kept_in_place, after_id = 0, 0, 0, start_after
         boot = boot_clock()
-        # rows of this boot are young by the boot clock when finished after `young_from`
-        young_from = None if boot is None else boot.seconds - (time.time() - before)
         with self._lock:
             columns = image_columns(self._db) if boot is not None else set()
         stamped = {"finished_boot", "finished_boot_s"} <= columns  # (a read-only older store)
         boot_select = ", finished_boot, finished_boot_s" if stamped else ", NULL, NULL"
+        # unix s at which each boot began, as its latest clock says; a row finished at
+        # starts[boot] + finished_boot_s
+        starts = self._boot_starts(boot) if stamped and boot is not None else {}
         while True:
             with self._lock:
                 rows = self._db.execute(
@@ -83,10 +86,9 @@ class StoreMaintenance(StoreConnection):
             doomed = []
             for row_id, path, key, row_boot, row_boot_s in rows:
                 young = (
-                    boot is not None
-                    and row_boot == boot.boot_id
+                    row_boot in starts
                     and row_boot_s is not None
-                    and row_boot_s > young_from
+                    and starts[row_boot] + row_boot_s >= before
                 )
                 if young:
                     kept_for_clock += 1
@@ -115,6 +117,22 @@ class StoreMaintenance(StoreConnection):
             deleted += gone
             if should_stop is not None and should_stop():
                 return Pruned(deleted, after_id, kept_for_clock, kept_in_place)
+
+    def _boot_starts(self, boot: BootClock) -> dict[str, float]:
+        """Boot id -> the unix s at which it began: this boot's by the clock now minus the
+        time since boot; an earlier boot's by the result it made final last (the largest
+        `finished_boot_s`: its `finished` minus that), when the clock was most likely set
+        right (NTP steps a stale clock forward once, early in a boot). One pass over the
+        results (one prune an hour)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT finished_boot, finished - MAX(finished_boot_s) FROM images"
+                " WHERE finished_boot IS NOT NULL AND finished_boot_s IS NOT NULL"
+                " AND finished IS NOT NULL GROUP BY finished_boot"
+            ).fetchall()  # (SQLite: `finished` is the row with the largest finished_boot_s)
+        starts = {row_boot: start for row_boot, start in rows if start is not None}
+        starts[boot.boot_id] = time.time() - boot.seconds
+        return starts
 
     def reclaim(self, above_bytes: int = 0, should_stop: Callable[[], bool] | None = None) -> int:
         """Give the file's free pages back to the file system when they are more than

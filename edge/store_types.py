@@ -121,8 +121,9 @@ class Answer:
 @dataclass(frozen=True)
 class Pruned:
     """What `ResultStore.prune` did: rows deleted, the largest row id it looked at, and the rows
-    kept although their wall-clock stamp is old enough, because this boot wrote them more
-    recently (the clock was stepped forward since: `boot_clock`), or because their file still
+    kept although their wall-clock stamp is old enough, because they were written more
+    recently by the time since their boot (the clock was stepped forward since: `boot_clock`,
+    `StoreMaintenance.prune`), or because their file still
     lies where it arrived (`kept_in_place`)."""
 
     deleted: int

@@ -65,3 +65,41 @@ def test_a_result_made_final_again_is_stamped_again(tmp_path):
     store.dead_letter(image_id, "refused again")
     assert store._db.execute("SELECT finished_boot_s FROM images").fetchone()[0] >= stamp
     store.close()
+
+
+def test_after_a_reboot_results_of_a_stale_clock_are_dated_by_their_boots_last_result(
+    tmp_path, monkeypatch
+):
+    """A clock review: an edge without a clock battery boots reading a stale time, writes
+    results, NTP sets the clock right, and the box reboots. The results of that boot were kept
+    while it lasted, but after the reboot a `--keep-results 90d` prune deleted them as 100 days
+    old, minutes after they were written. Their boot's last result, stamped after NTP, dates
+    them. A boot whose clock was never set right dates nothing: its rows go by the wall
+    clock."""
+    path = tmp_path / "edge.sqlite"
+    behind = time.time() - 100 * DAY
+    monkeypatch.setattr(store_module.time, "time", lambda: behind)
+    store = ResultStore(path)
+    for n in range(3):  # boot A, before NTP
+        store.record_ok(_arrival(n), 0.1, FINGERPRINT, {})
+    for n in range(3, 5):  # boot S: stale all along
+        store.record_ok(_arrival(n), 0.1, FINGERPRINT, {})
+    monkeypatch.undo()
+    store.record_ok(_arrival(5), 0.1, FINGERPRINT, {})  # boot A, after NTP
+    db = sqlite3.connect(path)
+    for row_id, boot_id, boot_s in [(1, "A", 100.0), (2, "A", 110.0), (3, "A", 120.0),
+                                    (4, "S", 100.0), (5, "S", 130.0), (6, "A", 200.0)]:  # fmt: skip
+        db.execute(
+            "UPDATE images SET finished_boot = ?, finished_boot_s = ? WHERE id = ?",
+            (boot_id, boot_s, row_id),
+        )
+    db.commit()
+    db.close()
+
+    pruned = store.prune(time.time() - 90 * DAY)
+    assert (pruned.deleted, pruned.kept_for_clock) == (2, 3)
+    assert [r["id"] for r in store.results()] == [1, 2, 3, 6]
+    # a prune past their true age (by boot A's last result) deletes them
+    pruned = store.prune(time.time() + 60)
+    assert pruned.deleted == 4
+    store.close()
