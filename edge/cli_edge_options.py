@@ -1,7 +1,8 @@
 """The option types and helpers the `splitdet edge` actions share: AGE durations (--older-than,
 --keep-results) and WHEN times (--since) parsed, --db with --since added to a parser and opened
-read only, and MAX_MB, the largest megabyte cap an option takes. Top-level imports are stdlib
-only; the store modules load when a handler calls in.
+read only, MAX_MB, the largest megabyte cap an option takes, and `clock_text`, how the actions
+print a time for people. Top-level imports are stdlib only; the store modules load when a
+handler calls in.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import math
 import sqlite3
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 #: The largest megabyte cap an option takes (a petabyte): caps are kept as bytes.
@@ -24,8 +25,17 @@ def add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
         "--since",
         metavar="WHEN",
         help=f"{since}: 30s, 15m, 2h, 7d ago, an ISO time (2024-05-01T08:00, local unless it "
-        "has an offset) or unix seconds",
+        "has an offset: 2024-05-01T08:00+02:00, or Z for UTC; a local time the clocks skip or "
+        "pass twice at a daylight saving change is refused) or unix seconds; by the wall clock",
     )
+
+
+def clock_text(t: float, date: bool = True) -> str:
+    """Unix seconds `t` as a local time for people, with its UTC offset: "2026-11-01 01:30:05
+    -0400" ("01:30:05 -0400" without the `date`), so that the two 01:30 of the night the clocks
+    go back (or a time zone other than the reader's) cannot be confused."""
+    shown = datetime.fromtimestamp(t, UTC).astimezone()
+    return shown.strftime("%Y-%m-%d %H:%M:%S %z" if date else "%H:%M:%S %z")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -89,10 +99,47 @@ def parse_since(text: str, now: float | None = None) -> float:
         pass
     if number is None:  # not a number: an ISO time?
         try:
-            return datetime.fromisoformat(text).timestamp()
+            when = datetime.fromisoformat(text)
         except ValueError:
             pass
+        else:
+            if when.tzinfo is None:
+                _refuse_unclear_local_time(text, when)
+            return when.timestamp()
     raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
+
+
+def _refuse_unclear_local_time(text: str, when: datetime) -> None:
+    """CommandError when the local time `when` (no offset) names no instant or two: one the
+    clocks skip when they go forward (nonexistent: converted to UTC and back it is another
+    time), or one they pass twice when they go back (ambiguous: fold 0 and 1 have different
+    UTC offsets). Either way an offset makes it one instant; the error offers it."""
+    from splitdet.shared.cli import CommandError
+
+    first, second = when.replace(fold=0), when.replace(fold=1)
+    before, after = (_utc_offset(t) for t in (first, second))  # (in a gap too: PEP 495)
+    shown = when.isoformat(sep=" ")
+    if datetime.fromtimestamp(first.timestamp()) != when:  # (naive: compared without fold)
+        raise CommandError(
+            f"--since {text!r}: {shown} does not exist in the local time zone (the clocks "
+            f"skipped it, going from UTC{before} to UTC{after}): give the time with an offset, "
+            f"e.g. {when.isoformat()}{before}, or in UTC with a Z"
+        )
+    if before != after:
+        raise CommandError(
+            f"--since {text!r}: {shown} occurs twice in the local time zone (the clocks went "
+            f"back from UTC{before} to UTC{after}), and a script's --since needs one instant: "
+            f"give its offset, {when.isoformat()}{before} for the first or "
+            f"{when.isoformat()}{after} for the second, or a time in UTC with a Z"
+        )
+
+
+def _utc_offset(local: datetime) -> str:
+    """The UTC offset ("+01:00") the naive local time `local` is taken at (its `fold` choosing
+    between the two of a daylight saving change)."""
+    seconds = round(local.replace(tzinfo=UTC).timestamp() - local.timestamp())
+    hours, minutes = divmod(abs(seconds) // 60, 60)
+    return f"{'-' if seconds < 0 else '+'}{hours:02d}:{minutes:02d}"
 
 
 def read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None]:

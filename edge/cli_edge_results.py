@@ -1,6 +1,6 @@
 """`splitdet edge results`: the results database printed for other tools, as a table, JSON or
-CSV, filtered by time, verdict, model export and box score. Safe beside a running daemon: the
-database is opened read only.
+CSV, filtered by id (a consumer's cursor), time, verdict, model export and box score. Safe
+beside a running daemon: the database is opened read only.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import csv
 import json
 import sys
 from collections.abc import Iterable
-from datetime import datetime
 from typing import TextIO
 
-from splitdet.edge.cli_edge_options import add_db_and_since, read_db
-from splitdet.shared.cli import float_in, silence_stdout
+from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db
+from splitdet.shared.cli import float_in, int_in, silence_stdout
 
 RESULTS_EPILOG = """\
 examples:
@@ -22,6 +21,7 @@ examples:
   splitdet edge results --db /data/edge.sqlite --since 1h --json
   splitdet edge results --db /data/edge.sqlite --since 2024-05-01T08:00 --csv > day.csv
   splitdet edge results --db /data/edge.sqlite --verdict defect --score-threshold 0.5
+  splitdet edge results --db /data/edge.sqlite --after-id 41234 --json   # a consumer's poll
 
 Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s),
 verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxes
@@ -29,10 +29,21 @@ verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxe
 bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason, threshold
 (the gate threshold the image was judged at). The daemon stores every box the model returns
 (from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict` reports.
---since keeps rows created or changed since then (a consumer polling with --since sees pending
-rows again once they are final). Safe to run while the daemon writes. The table names a file
-that --after archive or the quarantine moves by where it arrived, then "(to STORED_PATH)"
-(where it is once moved: a move that failed is retried, and logged as "cannot move file").
+
+Polling for new results: keep a cursor by id, not by time. --after-id N lists the rows with an
+id above N; ids only grow, in arrival order, whatever the clock does. A pending row becomes
+final later (defect when the cloud answers, or error): poll without --verdict, take the next N
+as the id before the first pending row listed (the last id listed when none is pending, N again
+when nothing is), and key the rows you keep by id (final rows listed after a pending one come
+again). A dead letter `splitdet edge requeue` sends again turns pending below N. --since
+keeps rows created or changed since then by the wall clock (their `updated`): a poll by
+--since misses the rows written after the clock steps back (NTP correcting a clock that ran
+ahead), and lists those stamped while it ran ahead until it passes them again.
+
+Safe to run while the daemon writes. The table's `finished` is local time with its UTC offset.
+It names a file that --after archive or the quarantine moves by where it arrived, then "(to
+STORED_PATH)" (where it is once moved: a move that failed is retried, and logged as "cannot
+move file").
 """
 
 
@@ -45,7 +56,16 @@ def register_results(actions: argparse._SubParsersAction) -> None:
         epilog=RESULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_db_and_since(p, "rows created or changed since")
+    add_db_and_since(p, "rows created or changed since (by the wall clock: a consumer polls by "
+                     "--after-id)")  # fmt: skip
+    p.add_argument(
+        "--after-id",
+        type=int_in(0, 2**63 - 1),
+        default=0,
+        metavar="N",
+        help="only rows with an id above N: a consumer's cursor that no clock step moves (ids "
+        "only grow, in arrival order; see below for pending rows)",
+    )
     p.add_argument(
         "--verdict",
         choices=["ok", "defect", "pending", "error"],
@@ -96,7 +116,7 @@ def results(args: argparse.Namespace) -> int:
 
     db, since = read_db(args)
     try:
-        rows = iter_results(db, since=since, verdict=args.verdict)
+        rows = iter_results(db, since=since, verdict=args.verdict, after_id=args.after_id)
         if args.fingerprint:  # (one export's results: which model judged what, in a rollout)
             wanted = args.fingerprint.strip().lower()
             rows = (row for row in rows if (row["fingerprint"] or "").startswith(wanted))
@@ -129,22 +149,18 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
     from splitdet.shared.probability_format import format_probability
 
     out.write(
-        f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':19}  "
+        f"{'id':>6}  {'verdict':8} {'p_defect':>8} {'boxes':>5}  {'finished':25}  "
         f"{'export':12}  path\n"
     )
     for row in rows:
-        finished = (
-            datetime.fromtimestamp(row["finished"]).strftime("%Y-%m-%d %H:%M:%S")
-            if row["finished"]
-            else "-"
-        )
+        finished = clock_text(row["finished"]) if row["finished"] else "-"
         p = format_probability(row["p_defect"]) if row["p_defect"] is not None else "-"
         boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         stored = row["stored_path"]
         moved = f"  (to {_one_line(stored)})" if stored and stored != row["path"] else ""
         out.write(
-            f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:19}  "
+            f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:25}  "
             f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{moved}{note}\n"
         )
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 
+from splitdet.edge.cli_edge_options import clock_text
 from splitdet.shared.cli import silence_stdout
 
 
@@ -30,7 +30,9 @@ def register_status(actions: argparse._SubParsersAction) -> None:
         "log's `cannot move file` lines; the newest 20000 results are looked at) and the "
         "durable counters; of a running "
         "daemon, the export it sends with and, while its intake waits for a full outbox, since "
-        "when. Safe while the daemon writes.",
+        "when; and how many results are stamped ahead of the clock (written while it ran "
+        "ahead, then set back). Times are local, with their UTC offset. Safe while the daemon "
+        "writes.",
         epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
         "  splitdet edge status --db /data/edge.sqlite --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,7 +116,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     from splitdet.edge.sender import RECLAIM_ABOVE_BYTES  # (loaded already: _judged_at)
 
     def when(t: float | None) -> str:
-        return "-" if t is None else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+        return "-" if t is None else clock_text(t)
 
     verdicts, outbox, dead = summary["verdicts"], summary["outbox"], summary["dead_letters"]
     errors = ", ".join(f"{kind} {n}" for kind, n in summary["errors"].items())
@@ -126,8 +128,14 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
     )
     waits = outbox.get("sender_waits_s")
     next_try = outbox["next_try_in_s"] if waits is None else max(waits, outbox["next_try_in_s"])
+    ahead = outbox.get("next_try_ahead_s")  # (absent from an earlier splitdet's JSON)
     if (summary.get("daemon") or {}).get("state") == "none":  # no sender: nothing is tried
         when_next = "next try once `splitdet edge run` runs on it"
+    elif ahead is not None:  # (stamped before the clock was set back: not waited out)
+        when_next = (
+            f"next try due (its stamp is {_span(ahead)} ahead of the clock: the clock was set "
+            "back; the sender waits at most its --retry-max)"
+        )
     else:
         when_next = f"next try in {_span(next_try)}" + (
             "" if waits is None else " (the sender pauses after a failed send)"
@@ -141,6 +149,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         f"results by export: {by_export or '-'}",
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
+        *_ahead_lines(summary.get("stamped_ahead")),
         _outbox_line(outbox, when_next),
     ]
     lines += _stall_lines(summary.get("daemon"), outbox)
@@ -163,6 +172,21 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
            "(kept and reused: an earlier store; edge/README.md says how to convert it)")
     )  # fmt: skip
     return lines
+
+
+def _ahead_lines(stamped_ahead: dict | None) -> list[str]:
+    """The line of `edge status` for results stamped ahead of the clock (`store_reads._status`'s
+    "stamped_ahead"): written while it ran ahead, then set back (a bad time source, NTP
+    correcting it); none when there is none."""
+    n = (stamped_ahead or {}).get("results") or 0
+    if not n:
+        return []
+    return [
+        f"              {n} result{'s' if n != 1 else ''} stamped ahead of the clock (written "
+        f"while it ran ahead; the furthest {_span(stamped_ahead['furthest_s'])} ahead): "
+        "--since (`edge results`, `edge collect`) takes them as new until the clock passes "
+        "their stamps"
+    ]
 
 
 def _outbox_line(outbox: dict, when_next: str) -> str:
@@ -204,7 +228,7 @@ def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
     if since is None:
         return []
     caps = daemon["outbox_caps"]
-    stopped = datetime.fromtimestamp(since).strftime("%H:%M:%S")
+    stopped = clock_text(since, date=False)
     return [
         f"              outbox full: {outbox['requests']} of {caps['requests']} requests, "
         f"{outbox['bytes'] / 1e6:.1f} of {caps['bytes'] / 1e6:g} MB; intake stopped since "

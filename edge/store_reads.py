@@ -22,6 +22,9 @@ from splitdet.edge.store_schema import (
 
 #: Rows `iter_results` reads per statement.
 RESULTS_BATCH = 1000
+#: How far ahead of the clock a stamp must lie for `edge status` to take it as written while the
+#: clock ran ahead (then set back): more than the clocks of one host drift apart between writes.
+AHEAD_SLACK_S = 60.0
 
 
 def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
@@ -42,15 +45,18 @@ def iter_results(
     lock: threading.RLock | None = None,
     since: float | None = None,
     verdict: str | None = None,
+    after_id: int = 0,
 ) -> Iterator[dict]:
-    """Result rows of an open store connection (see ResultStore.results), in id order.
+    """Result rows of an open store connection (see ResultStore.results), in id order; only
+    those with an id above `after_id` (ids start at 1 and only grow, in arrival order: a
+    cursor no clock step moves, unlike `since`).
 
     Read `RESULTS_BATCH` rows at a time, each batch in a statement of its own (under `lock`):
     memory stays bounded however many rows the store holds (a year at one image a second is
     ~30 M), and no read stays open while the rows are written out, which would keep the daemon's
     WAL from being checkpointed. Rows written meanwhile with a higher id are read too."""
     clauses, params = result_filter(since, verdict)
-    after = 0  # (ids start at 1)
+    after = max(0, after_id)
     while True:
         where = " AND ".join(["id > ?", *clauses])
         with lock if lock is not None else contextlib.nullcontext():
@@ -125,7 +131,10 @@ def _last_error(db: sqlite3.Connection, now: float) -> dict:
         export was delivered, when one was after the error; None: none was, the error is
         current), "sender_waits_until" (unix s: the failed attempt's next try, when nothing
         was delivered since: the sender pauses every request until then after a failed send;
-        None otherwise, or when that time is past)}
+        None otherwise, or when that time is past, or when the failed attempt is stamped
+        more than AHEAD_SLACK_S ahead of `now`), "ahead_until" (unix s: that next try, when the
+        failed attempt is stamped so far ahead: the clock was set back since, and the sender's
+        pause, timed by a clock no step moves, is not the stamp's; None otherwise)}
     """
     row = db.execute(
         "SELECT o.last_error, i.updated, o.next_try, i.fingerprint FROM outbox o"
@@ -135,18 +144,22 @@ def _last_error(db: sqlite3.Connection, now: float) -> dict:
         (REQUEUED_NOTE,),
     ).fetchone()
     if row is None:
-        return dict.fromkeys(("text", "age_s", "delivered_since_age_s", "sender_waits_until"))
+        keys = ("text", "age_s", "delivered_since_age_s", "sender_waits_until", "ahead_until")
+        return dict.fromkeys(keys)
     text, at, retry_at, fingerprint = row
     same, any_export = db.execute(  # answers stored since the error (`complete`)
         "SELECT MAX(CASE WHEN fingerprint = ? THEN finished END), MAX(finished) FROM images"
         " WHERE updated >= ? AND finished > ? AND verdict = 'defect'",
         (fingerprint, at, at),
     ).fetchone()
+    waits = any_export is None and retry_at > now
+    ahead = at > now + AHEAD_SLACK_S  # (written before the clock was set back)
     return {
         "text": text,
         "age_s": max(0.0, now - at),
         "delivered_since_age_s": None if same is None else max(0.0, now - same),
-        "sender_waits_until": retry_at if any_export is None and retry_at > now else None,
+        "sender_waits_until": retry_at if waits and not ahead else None,
+        "ahead_until": retry_at if waits and ahead else None,
     }
 
 
@@ -247,16 +260,20 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
         were judged at, rising; rows without one, never judged or from an earlier splitdet, are
         the rest of "results")}, the latest result's first}, "outbox" {"requests", "bytes",
-        "oldest_age_s", "next_try_in_s" (when the earliest request is due), "sender_waits_s"
-        (None, or how long the sender still pauses after a failed send, with nothing
-        delivered since: no request is tried before), "by_model" {fingerprint: n},
+        "oldest_age_s", "next_try_in_s" (when the earliest request is due, by its stamp),
+        "sender_waits_s" (None, or how long the sender still pauses after a failed send, with
+        nothing delivered since: no request is tried before), "next_try_ahead_s" (None, or,
+        when the earliest request or the last failed send was written more than
+        AHEAD_SLACK_S ahead of `now`, how far its next try lies ahead: the clock was set back
+        since, and the sender, which makes a next try beyond its --retry-max due, does not
+        wait that long), "by_model" {fingerprint: n},
         "last_error" (the latest send error a request in the outbox has), "last_error_age_s"
         (how long ago: `_last_error`), "delivered_since_error_age_s" (None: no request of the
         error's export was delivered after it, the error is current; else how long ago the
         last one was)}, "dead_letters" {"kept", "kept_bytes", "not_kept"}, "counters"
         {name: n}, "file" {"bytes" (its pages, the WAL aside), "free_bytes" (free pages),
         "gives_back" (incremental auto-vacuum: free pages go back to the file system,
-        `ResultStore.reclaim`)}}
+        `ResultStore.reclaim`)}, "stamped_ahead" (`_stamped_ahead`) {"results", "furthest_s"}}
     """
     now = time.time() if now is None else now
 
@@ -270,6 +287,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
     ))  # fmt: skip
     last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
+    stamped_ahead = _stamped_ahead(db, now, last_finished)
     by_export = db.execute(  # the export of the latest result first
         "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
         " ORDER BY MAX(id) DESC"
@@ -286,6 +304,13 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     )
     error = _last_error(db, now)
     waits_until = error["sender_waits_until"]  # (the requests due meanwhile wait with it)
+    ahead_until = [error["ahead_until"]] if error["ahead_until"] is not None else []
+    earliest = db.execute(  # (the outbox_next_try index)
+        "SELECT o.next_try, i.updated FROM outbox o JOIN images i ON i.id = o.image_id"
+        " ORDER BY o.next_try, o.image_id LIMIT 1"
+    ).fetchone()
+    if earliest is not None and earliest[1] > now + AHEAD_SLACK_S and earliest[0] > now:
+        ahead_until.append(earliest[0])  # (a request written before the clock was set back)
     by_model = outbox_by_model(db)
     kept, kept_bytes = (0, 0) if version < 2 else one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
@@ -306,6 +331,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
             "next_try_in_s": None if next_try is None else max(0.0, next_try - now),
             "by_model": by_model,
             "sender_waits_s": None if waits_until is None else waits_until - now,
+            "next_try_ahead_s": max(ahead_until) - now if ahead_until else None,
             "last_error": error["text"],
             "last_error_age_s": error["age_s"],
             "delivered_since_error_age_s": error["delivered_since_age_s"],
@@ -321,4 +347,22 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
             "free_bytes": one("PRAGMA freelist_count")[0] * page,
             "gives_back": one("PRAGMA auto_vacuum")[0] == AUTO_VACUUM_INCREMENTAL,
         },
+        "stamped_ahead": stamped_ahead,
     }
+
+
+def _stamped_ahead(db: sqlite3.Connection, now: float, last_finished: float | None) -> dict:
+    """The result rows finished or changed more than AHEAD_SLACK_S after `now` (written while
+    the clock ran ahead, then set back), for `_status`: {"results" (how many), "furthest_s"
+    (how far the furthest stamp lies ahead; None: none)}. Counted through the index on
+    `updated` (a change stamps it with the final verdict); the rows of a store whose latest
+    `finished` (`last_finished`) lies ahead are counted in a pass of their own, since a change
+    after the clock was set back (a rekey) stamps `updated` anew and leaves `finished`."""
+    ahead_of = now + AHEAD_SLACK_S
+    sql = "SELECT COUNT(*), MAX(updated) FROM images WHERE updated > ?"  # (images_updated)
+    n, furthest = db.execute(sql, (ahead_of,)).fetchone()
+    if last_finished is not None and last_finished > ahead_of:  # (only then: a whole pass)
+        sql = "SELECT COUNT(*) FROM images WHERE updated > ? OR finished > ?"
+        n = db.execute(sql, (ahead_of, ahead_of)).fetchone()[0]
+        furthest = max(last_finished, furthest or last_finished)
+    return {"results": n, "furthest_s": None if furthest is None else furthest - now}
