@@ -111,6 +111,12 @@ def collect(args: argparse.Namespace) -> int:
             + ", ".join(summary.needs_boxes[:5])
             + (" ..." if len(summary.needs_boxes) > 5 else "")
         )
+    if summary.relisted:
+        print(
+            f"  {len(summary.relisted)} of those already there listed in collected.csv only now "
+            f"(a run cut short had not listed them): {', '.join(summary.relisted[:5])}"
+            + (" ..." if len(summary.relisted) > 5 else "")
+        )
     if summary.renamed:
         print(
             f"  {len(summary.renamed)} collected under a tagged id (another image in --out had "

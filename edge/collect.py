@@ -36,6 +36,7 @@ Only the standard library and Pillow (through `splitdet.training.voc`): no torch
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -45,6 +46,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +57,7 @@ from PIL import Image
 from splitdet.edge.file_identity import file_path
 from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store_reads import result_filter, results_by_id
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.atomic_file import atomic_write, stale_temporaries
 from splitdet.shared.manifest import file_sha256
 from splitdet.training import voc
 
@@ -97,6 +99,9 @@ class CollectSummary:
     # of `collected`, ids of defect verdicts whose annotation holds no box: they would train as
     # defect-free images until someone draws their boxes
     needs_boxes: list[str] = field(default_factory=list)
+    # of `already`, ids whose image and annotation a run cut short left unlisted in
+    # collected.csv: their rows written now (the files left as they are)
+    relisted: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Plain JSON types."""
@@ -107,6 +112,7 @@ class CollectSummary:
             "renamed": self.renamed,
             "missing": self.missing,
             "needs_boxes": self.needs_boxes,
+            "relisted": self.relisted,
         }
 
 
@@ -157,6 +163,9 @@ class _Existing:
                 except csv.Error:  # a damaged line (an edited listing): the rows before it
                     pass
         self._copy_hashes: dict[str, str | None] = {}
+        #: result id -> the VOC id of its image, collected (the same bytes) but without a row
+        #: in collected.csv: a run killed between the annotation and its row
+        self.unlisted: dict[int, str] = {}
 
     def image_id(self, match: _Match) -> tuple[str, bool]:
         """(VOC id, already collected) of a matched result: its plain id when free or taken
@@ -169,6 +178,8 @@ class _Existing:
             if image_id not in self.taken:
                 return image_id, False
             if self._same(image_id, match):
+                if image_id not in self.listed:
+                    self.unlisted[match.result_id] = image_id
                 return image_id, True
         return candidates[-1], True  # its whole hash taken: that image, whatever is listed
 
@@ -332,14 +343,17 @@ def collect_results(
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
     summary = CollectSummary()
+    existing = _Existing(out)
     chosen, summary.matched, summary.already, summary.missing = _select(
-        db, _Existing(out), limit, since=since, verdict=verdict, p_range=p_range
+        db, existing, limit, since=since, verdict=verdict, p_range=p_range
     )
     rows = results_by_id(db, list(chosen))
     problem = _watched_folder_problem(out, rows)
     if problem is not None:
         raise ValueError(problem)
-    if not rows:
+    _remove_stale_temporaries(annotations, [*existing.taken, *chosen.values()])
+    unlisted = results_by_id(db, list(existing.unlisted))
+    if not rows and not unlisted:
         if out.is_dir():  # an output made before collect marked its folders
             mark(out)
         return summary
@@ -347,12 +361,19 @@ def collect_results(
     mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
     columns = _listing_columns(listing)
-    if columns and "needs_boxes" not in columns and any(r["verdict"] == "defect" for r in rows):
+    if (
+        columns
+        and "needs_boxes" not in columns
+        and any(r["verdict"] == "defect" for r in (*rows, *unlisted))
+    ):
         columns = _add_columns(listing, columns)  # (written before it: its marks would be lost)
     with open(listing, "a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, columns or LISTING_COLUMNS, extrasaction="ignore")
         if not columns:
             writer.writeheader()
+        for row in unlisted:
+            _relist(writer, row, existing.unlisted[row["id"]], min_score, summary)
+        fh.flush()
         for row in rows:
             image_id = chosen[row["id"]]
             target_xml = annotations / f"{image_id}.xml"
@@ -366,21 +387,7 @@ def collect_results(
             needs_boxes = row["verdict"] == "defect" and not copied
             if needs_boxes:
                 summary.needs_boxes.append(image_id)
-            writer.writerow(
-                {
-                    "image_id": image_id,
-                    "result_id": row["id"],
-                    "source": row["stored_path"],
-                    "verdict": row["verdict"],
-                    "p_defect": row["p_defect"],
-                    "fingerprint": row["fingerprint"],
-                    "boxes": json.dumps(row["boxes"] or []),
-                    "scores": json.dumps(row["scores"] or []),
-                    "labels": json.dumps(row["labels"] or []),
-                    "content_hash": row["content_hash"],
-                    "needs_boxes": NEEDS_BOXES if needs_boxes else "no",
-                }
-            )
+            writer.writerow(_listing_row(row, image_id, needs_boxes))
             fh.flush()
     if summary.needs_boxes:
         log.warning(
@@ -392,6 +399,55 @@ def collect_results(
                               "out": str(out)}},
         )  # fmt: skip
     return summary
+
+
+def _listing_row(row: dict, image_id: str, needs_boxes: bool) -> dict:
+    """The ``collected.csv`` row of one result (`results_by_id`'s row) collected as
+    ``image_id``."""
+    return {
+        "image_id": image_id,
+        "result_id": row["id"],
+        "source": row["stored_path"],
+        "verdict": row["verdict"],
+        "p_defect": row["p_defect"],
+        "fingerprint": row["fingerprint"],
+        "boxes": json.dumps(row["boxes"] or []),
+        "scores": json.dumps(row["scores"] or []),
+        "labels": json.dumps(row["labels"] or []),
+        "content_hash": row["content_hash"],
+        "needs_boxes": NEEDS_BOXES if needs_boxes else "no",
+    }
+
+
+def _relist(
+    writer: csv.DictWriter, row: dict, image_id: str, min_score: float, summary: CollectSummary
+) -> None:
+    """Write the missing ``collected.csv`` row of an image collected whole as ``image_id``
+    (its copy and annotation there, the same bytes) by a run killed before it listed it:
+    without the row a defect's needs_boxes mark, its p(defect) and its boxes were lost for
+    good, as every later run counted the image as already collected. Its files are left as
+    they are (its annotation may have been reviewed since)."""
+    boxed = sum(score >= min_score for score in row["scores"] or [])
+    needs_boxes = row["verdict"] == "defect" and not boxed
+    writer.writerow(_listing_row(row, image_id, needs_boxes))
+    summary.relisted.append(image_id)
+    if needs_boxes:
+        summary.needs_boxes.append(image_id)
+
+
+#: Seconds after which a temporary annotation file is taken as left by a run killed while it
+#: wrote it, not one another collect into the same folder writes now.
+STALE_TEMPORARY_S = 60.0
+
+
+def _remove_stale_temporaries(annotations: Path, image_ids: list[str]) -> None:
+    """Remove the temporary annotation files (".ID.xml.XXXXXXXX.tmp") of `image_ids` that a
+    killed run left in `annotations`, older than STALE_TEMPORARY_S."""
+    now = time.time()
+    for temporary in stale_temporaries(annotations, [f"{i}.xml" for i in image_ids]):
+        with contextlib.suppress(OSError):
+            if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
+                temporary.unlink()
 
 
 def _listing_columns(listing: Path) -> list[str] | None:

@@ -412,3 +412,47 @@ def test_a_tree_collected_before_content_hashes_were_listed(tmp_path, capsys):
     with open(listing, newline="") as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == old_columns and len(list(reader)) == 3
+
+
+def test_a_run_killed_before_it_listed_an_image_has_its_row_written_by_the_next(
+    line, tmp_path, capsys
+):
+    """A crash review: `edge collect` killed between an image's annotation and its row in
+    collected.csv left the image listed nowhere for good (every later run counted it as
+    already collected): a defect's p(defect), boxes and needs_boxes mark were lost. And one
+    killed while it wrote an annotation left its temporary file beside the others for good."""
+    import os
+
+    db, _, ids = line
+    out = tmp_path / "review"
+    _collect(db, out, capsys)
+    listing = out / "collected.csv"
+    rows = listing.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = (f"{ids['defect']:08d}-", f"{ids['flagged_clean']:08d}-")
+    kept = [r for r in rows if not r.startswith(cut)]
+    assert len(kept) == len(rows) - 2
+    listing.write_text("".join(kept), encoding="utf-8")
+    # the defect: killed after its annotation, before its row; the flagged one: while its
+    # annotation was written (its temporary left, no annotation)
+    annotations = out / "Annotations"
+    annotation = annotations / f"{ids['defect']:08d}-scratched.xml"
+    before = annotation.read_bytes()
+    (annotations / f"{ids['flagged_clean']:08d}-unsure.xml").unlink()
+    stale = annotations / f".{ids['flagged_clean']:08d}-unsure.xml.k2x9_q0a.tmp"
+    fresh = annotations / f".{ids['ok']:08d}-good_part.xml.a1b2c3d4.tmp"  # another run's, now
+    for temporary in (stale, fresh):
+        temporary.write_bytes(b"<annotation>")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+
+    summary = _collect(db, out, capsys)
+    assert summary["collected"] == 1 and summary["already_collected"] == 2
+    assert summary["relisted"] == [f"{ids['defect']:08d}-scratched"]
+    with open(listing, newline="") as fh:
+        listed = {int(r["result_id"]): r for r in csv.DictReader(fh)}
+    assert set(listed) == {ids["ok"], ids["defect"], ids["flagged_clean"]}
+    assert json.loads(listed[ids["defect"]]["scores"]) == [0.93, 0.71, 0.3]
+    assert listed[ids["defect"]]["needs_boxes"] == "no"  # two boxes scored 0.5 or more
+    assert annotation.read_bytes() == before  # its files left as they are
+    assert not stale.exists() and fresh.exists()
+    _collect(db, out, capsys)  # listed once: a third run adds no row
+    assert len(listing.read_text(encoding="utf-8").splitlines()) == 4
