@@ -288,8 +288,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="once serving, write {pid, port, metrics_port, fingerprint, fingerprints, "
-        "security} as JSON here (for supervisors and tests); removed when the drain begins, and at "
-        "start, before the models load (one an earlier run left, unless its pid still runs)",
+        "security, pid_start_ticks, boot_id} as JSON here (for supervisors and tests; the last "
+        "two tell this process from a later one given its pid); removed when the drain "
+        "begins, and at start, before the models load (one an earlier run left, unless its "
+        "process still runs)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the ready line as JSON on stdout"
@@ -337,8 +339,50 @@ def check_options(args: argparse.Namespace) -> None:
         # only what cannot work at all, now (not after the models' load: ~25 s); a disk
         # nearly full is no refusal: a store that fails is not fatal, answers still go out
         problem = answers_disk_problem(answers, "cannot write it", full_too=False)
+        if problem is None:  # (a folder or file this user may not write: a root-owned volume)
+            problem = answers_access_problem(answers)
         if problem is not None:
             raise CommandError(problem)
+
+
+def answers_shown(path: Path) -> str:
+    """--answers-db `path` for a message: as given, and its absolute path too when it is
+    relative (the default is: in a container's or a service's working directory, /)."""
+    if path.is_absolute():
+        return str(path)
+    return f"{path} ({os.path.abspath(path)})"
+
+
+def answers_access_problem(path: Path) -> str | None:
+    """Why this process's user may not create or write --answers-db `path`, or None: SQLite
+    needs to write the file (and its -wal and -shm files, when they are there) and, to create
+    whichever of them is missing, its folder; asked of `os.access` with the effective user and
+    group ids (nothing is written to find it out). Found before the models load, where SQLite
+    would say only "unable to open database file" after it."""
+    real = Path(os.path.realpath(path))  # (SQLite writes beside the file a link names)
+    folder = real.parent
+    effective = os.access in os.supports_effective_ids
+
+    def writable(target: Path | str, mode: int) -> bool:
+        return os.access(target, mode, effective_ids=effective)
+
+    denied: Path | None = None
+    companions = [Path(f"{real}-wal"), Path(f"{real}-shm")]
+    for target in (real, *companions):
+        if target.exists() and not writable(target, os.R_OK | os.W_OK):
+            denied = target
+            break
+    missing = not real.exists() or not all(c.exists() for c in companions)
+    if denied is None and missing and not writable(folder, os.W_OK | os.X_OK):
+        denied = folder
+    if denied is None:
+        return None
+    what = "" if denied in (real, folder) else f" (its {denied.name})"
+    return (
+        f"--answers-db {answers_shown(path)}: cannot create or write it{what} in {folder} "
+        f"(permission denied for uid {os.geteuid()}); give --answers-db in a folder this user "
+        "may write (a volume owned by it), or --answers-cap 0 to keep no answers"
+    )
 
 
 def answers_disk_problem(path: Path, failed: str, full_too: bool = True) -> str | None:
@@ -360,16 +404,17 @@ def answers_disk_problem(path: Path, failed: str, full_too: bool = True) -> str 
         return None
     if read_only:
         return (
-            f"--answers-db {path}: {failed}: the file system holding it ({folder}) is mounted "
-            "read-only; remount it read-write or give --answers-db on another"
+            f"--answers-db {answers_shown(path)}: {failed}: the file system holding it ({folder}) "
+            "is mounted read-only; remount it read-write or give --answers-db on another"
         )
     if not full_too:
         return None
     free = free_bytes(folder)
     if free is not None and free < FULL_BELOW_BYTES:
         return (
-            f"--answers-db {path}: {failed}: no space left on device ({free // 1024} KiB free "
-            f"in {folder}); free space there or give --answers-db on another file system"
+            f"--answers-db {answers_shown(path)}: {failed}: no space left on device "
+            f"({free // 1024} KiB free in {folder}); free space there or give --answers-db on "
+            "another file system"
         )
     return None
 
@@ -551,7 +596,8 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         raise CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite
         problem = answers_disk_problem(args.answers_db, f"cannot open it ({exc})")
-        raise CommandError(problem or f"--answers-db {args.answers_db}: {exc}") from None
+        shown = answers_shown(args.answers_db)
+        raise CommandError(problem or f"--answers-db {shown}: {exc}") from None
     finally:  # stopped: no longer ready (a kill -9 leaves it: the next start removes it)
         if args.ready_file is not None:
             remove_ready_file(args.ready_file, os.getpid())

@@ -74,7 +74,7 @@ def serve(
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, event_setter(reload))
     try:
         if stop.is_set():
-            log.info("stopped before serving")
+            log.info("stopped before serving", extra={"fields": {"event": "stopped"}})
             return 0
         server.start()
         if on_ready is not None:

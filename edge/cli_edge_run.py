@@ -292,8 +292,9 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         "--ready-file",
         type=Path,
         metavar="FILE",
-        help="once running, write {pid, metrics_port, fingerprint} JSON here; removed when it "
-        "stops, and at start (one an earlier run left, unless its pid still runs)",
+        help="once running, write {pid, metrics_port, fingerprint, pid_start_ticks, boot_id} "
+        "JSON here; removed when it stops, and at start (one an earlier run left, unless its "
+        "process still runs)",
     )
     p.add_argument(
         "--log-format",
@@ -351,9 +352,11 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     from splitdet.edge.daemon_config import DaemonConfig
     from splitdet.edge.store import OutboxCap
     from splitdet.edge.store_file import FREE_DB_SPACE, StoreError, StoreLocked
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, remove_ready_file
     from splitdet.shared.manifest import ManifestError
 
+    if args.ready_file is not None:  # an earlier run's, first: this start may fail its checks
+        remove_ready_file(args.ready_file, unless_running=True)
     if not args.watch.is_dir():
         raise CommandError(f"--watch {args.watch}: no such folder")
     check_run_options(args)

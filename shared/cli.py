@@ -16,8 +16,12 @@ import logging
 import math
 import os
 import re
+import signal
 import stat
 import sys
+import tempfile
+import threading
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -52,6 +56,70 @@ EDGE_INSTALL = (
     'install splitdet[edge] for the CPU (pip install ".[edge]" in splitdet\'s source folder) or '
     "splitdet[gpu] for onnxruntime-gpu"
 )
+
+
+#: Commands that import torch when they run (`predict` only without --cloud: `_needs_torch`).
+TORCH_COMMANDS = frozenset({"train", "eval", "export", "predict", "cloud", "bench", "demo"})
+#: The message of the FileNotFoundError `tempfile.gettempdir` raises when no folder it tries
+#: can be written (torch's imports ask it for their cache folder).
+NO_TEMP_FOLDER_TEXT = "No usable temporary directory found"
+
+
+def no_temp_folder_message() -> str:
+    """What to say when no temporary folder can be written (a read-only root file system in a
+    container, no writable TMPDIR): torch's imports fail without one."""
+    given = os.environ.get("TMPDIR")
+    tmpdir = f"TMPDIR={given}" if given else "TMPDIR"
+    return (
+        f"no writable temporary folder ({tmpdir}, /tmp, /var/tmp): torch needs one; give the "
+        "process a writable TMPDIR (in a container: an emptyDir or tmpfs volume)"
+    )
+
+
+def temp_folder_problem() -> str | None:
+    """`no_temp_folder_message` when `tempfile.gettempdir` finds no folder it can write, else
+    None. Cheap: it creates and removes one file in the first folder that takes it, once per
+    process (the folder found is kept, and is the one torch then uses)."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as exc:
+        if NO_TEMP_FOLDER_TEXT not in str(exc):
+            raise
+        return no_temp_folder_message()
+    return None
+
+
+def _needs_torch(args: argparse.Namespace) -> bool:
+    """Whether the parsed command imports torch as it runs: a `TORCH_COMMANDS` one, torch
+    installed (without it the command says it needs the full install), and for `predict`
+    only its in-process detection (with --cloud it runs on ONNX Runtime alone)."""
+    if args.command not in TORCH_COMMANDS:
+        return False
+    if args.command == "predict" and getattr(args, "cloud", None):
+        return False
+    return has_full_install()
+
+
+#: Exit status of a process ended by SIGTERM's default action (128 + 15), as a shell reports it.
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+def _end_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM's handler while PID 1: end the process as the default action ends any other
+    (exit status 143), unwinding (`finally` blocks run, locks are released)."""
+    raise SystemExit(SIGTERM_EXIT)
+
+
+def end_on_sigterm_as_pid1() -> None:
+    """As PID 1 (a container without an init), install `_end_on_sigterm` for SIGTERM: the
+    kernel drops a signal PID 1 has no handler for, so a SIGTERM before a command installs
+    its own (while its modules import: the first 0.1-0.2 s) would be lost and the process
+    run until SIGKILL. The commands that stop gracefully on SIGTERM (`cloud`, `edge run`)
+    replace it when they install theirs. Nothing done for any other pid (the default action
+    works there) or off the main thread (where no handler can be installed)."""
+    if os.getpid() != 1 or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
 
 
 def has_full_install() -> bool:
@@ -351,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `splitdet` console script; returns the process exit status."""
     stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
+    end_on_sigterm_as_pid1()  # (as PID 1, a SIGTERM while the modules import must not be lost)
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
@@ -363,36 +432,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler()  # (unused when the root logger has a handler already)
     handler.setFormatter(TextLogFormatter())  # a record's fields too, as key=value
     logging.basicConfig(level=args.log_level, handlers=[handler])
+    logs_json = getattr(args, "log_format", None) == "json"  # (`edge run`'s default: json)
+    if _needs_torch(args):  # (torch's imports need a temporary folder: say so, not a traceback)
+        problem = temp_folder_problem()
+        if problem is not None:
+            return _fatal(args, problem, logs_json, 2)
     try:
         return int(args.handler(args) or 0)
     except CommandError as exc:
-        message = f"splitdet {args.command}: error: {exc}"
-        if getattr(args, "log_format", None) == "json":  # (the only sign of the exit, as JSON)
-            message = json_line(logging.ERROR, message, event="fatal", command=args.command)
-        print(message, file=sys.stderr)
-        return 2
+        return _fatal(args, str(exc), logs_json, 2)
+    except FileNotFoundError as exc:
+        if NO_TEMP_FOLDER_TEXT in str(exc):  # (a command not in TORCH_COMMANDS that imports it)
+            return _fatal(args, no_temp_folder_message(), logs_json, 2)
+        if not logs_json:
+            raise
+        return _unexpected(args, exc)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
-            print(
-                f"splitdet {args.command}: error: this command needs {exc.name}, which the "
-                f"edge-only install leaves out; {FULL_INSTALL}",
-                file=sys.stderr,
-            )
-            return 2
+            needs = f"this command needs {exc.name}, which the edge-only install leaves out"
+            return _fatal(args, f"{needs}; {FULL_INSTALL}", logs_json, 2)
         if exc.name and exc.name.split(".")[0] == "onnxruntime":
-            print(
-                f"splitdet {args.command}: error: this command needs ONNX Runtime, which the "
-                f"base install leaves to an extra; {EDGE_INSTALL}",
-                file=sys.stderr,
-            )
-            return 2
-        raise
+            needs = "this command needs ONNX Runtime, which the base install leaves to an extra"
+            return _fatal(args, f"{needs}; {EDGE_INSTALL}", logs_json, 2)
+        if not logs_json:
+            raise
+        return _unexpected(args, exc)
     except KeyboardInterrupt:
         print(f"splitdet {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `| head` closed our stdout: stop quietly
         silence_stdout()
         return 0
+    except Exception as exc:  # a bug, or a failure no command foresaw
+        if not logs_json:
+            raise  # (text: Python's traceback, exit status 1, as ever)
+        return _unexpected(args, exc)
+
+
+def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
+    """An exception no command foresaw escaping a command that logs JSON: one JSON line
+    (event "fatal", the traceback in its "exc" field) instead of Python's raw traceback, for a
+    log pipeline to read; returns exit status 1, as Python's would. Call it in the `except`."""
+    return _fatal(args, f"{type(exc).__name__}: {exc}", True, 1, traceback.format_exc())
+
+
+def _fatal(
+    args: argparse.Namespace, problem: str, logs_json: bool, status: int, exc: str | None = None
+) -> int:
+    """Print a command's last line, `splitdet COMMAND: error: PROBLEM` (under JSON logs one
+    JSON line, event "fatal", with `exc`, a traceback, when given), and return `status`."""
+    message = f"splitdet {args.command}: error: {problem}"
+    if logs_json:  # (the only sign of the exit, as JSON)
+        fields: dict[str, object] = {"event": "fatal", "command": args.command}
+        if exc is not None:
+            fields["exc"] = exc
+        message = json_line(logging.ERROR, message, **fields)
+    print(message, file=sys.stderr)
+    return status
 
 
 def silence_stdout() -> None:
@@ -522,37 +618,118 @@ def read_pem(option: str, path: Path, kind: str) -> bytes:
     return data
 
 
+#: The ready file's keys naming the process instance beside its pid (`process_identity`).
+START_TICKS_KEY, BOOT_ID_KEY = "pid_start_ticks", "boot_id"
+
+
 def write_ready_file(path: Path, info: dict) -> None:
     """Write `info` as one JSON line to `path` whole (a temporary file renamed over it), for
-    supervisors and tests; OSError naming --ready-file when it cannot be written."""
+    supervisors and tests; OSError naming --ready-file when it cannot be written. When `info`
+    names this process's pid, what identifies this process instance is added beside it
+    (`process_identity`: a later start tells a reused pid, e.g. pid 1 in a container, from
+    this process)."""
     import json
 
+    if info.get("pid") == os.getpid():
+        info = {**info, **process_identity(os.getpid())}
     try:
         atomic_write(path, json.dumps(info) + "\n", parents=False)
     except OSError as exc:
         raise OSError(f"--ready-file {path}: cannot write ({exc.strerror or exc})") from None
 
 
+def process_identity(pid: int) -> dict[str, object]:
+    """What tells process `pid` from another that has, or had, the same pid: its start time
+    in clock ticks after boot (field 22 of /proc/PID/stat) and this boot's id
+    (/proc/sys/kernel/random/boot_id), under `START_TICKS_KEY` and `BOOT_ID_KEY`; either
+    left out when it cannot be read (no /proc: off Linux)."""
+    identity: dict[str, object] = {}
+    ticks = _start_ticks(pid)
+    if ticks is not None:
+        identity[START_TICKS_KEY] = ticks
+    boot = _boot_id()
+    if boot is not None:
+        identity[BOOT_ID_KEY] = boot
+    return identity
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Process `pid`'s start time in clock ticks after boot, or None (no such process, no
+    /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            text = stat_file.read().decode("ascii", "replace")
+        # after the command name, in parentheses that may hold anything: field 3 on
+        return int(text[text.rindex(")") + 1 :].split()[22 - 3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    """This boot's id (a new one at every boot), or None when it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot_file:
+            return boot_file.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def _same_instance(info: dict, pid: int) -> bool | None:
+    """Whether the ready file content `info`, naming `pid`, was written by the process that
+    has that pid now: False when the boot id or start time it records differs from the live
+    process's (the pid reused: a process of an earlier boot, or one that ran as pid 1 in
+    another container), True when what it records matches, None when it records neither (a
+    file an earlier version wrote) or the process cannot be examined (the pid alone decides,
+    as before)."""
+    recorded_ticks, recorded_boot = info.get(START_TICKS_KEY), info.get(BOOT_ID_KEY)
+    compared = False
+    if isinstance(recorded_boot, str):
+        boot = _boot_id()
+        if boot is not None:
+            if boot != recorded_boot:
+                return False
+            compared = True
+    if isinstance(recorded_ticks, int) and not isinstance(recorded_ticks, bool):
+        ticks = _start_ticks(pid)
+        if ticks is not None:
+            if ticks != recorded_ticks:
+                return False
+            compared = True
+    return True if compared else None
+
+
 def remove_ready_file(path: Path, pid: int | None = None, unless_running: bool = False) -> None:
     """Remove a --ready-file: one left by a process stopped or killed would tell a supervisor
     that a dead, or still loading, process is ready. With `pid`, only one naming that pid (a
-    stop: what another process wrote since is its own); with `unless_running`, not one naming
-    another live process (a start: a second process given the same file must not unready the
-    first; this one writes the file once it is ready). CommandError naming the file when a
-    start cannot remove it."""
+    stop: what another process wrote since is its own), and, when it records the process
+    instance (`process_identity`), this one; with `unless_running`, not one naming another live
+    process (a start: a second process given the same file must not unready the first; this
+    one writes the file once it is ready), unless what it records of the process instance
+    differs from the live one's (its pid reused: e.g. pid 1, alive in every container, named
+    by a daemon that ran as pid 1). CommandError naming the file when a start cannot remove
+    it."""
     import json
 
+    info: dict = {}
     try:
-        named = json.loads(path.read_text()).get("pid")
+        loaded = json.loads(path.read_text())
+        named = loaded.get("pid")
+        info = loaded
     except FileNotFoundError:
         return
     except (OSError, ValueError, AttributeError):
         named = None  # unreadable or not ours to judge: removed at a start, left at a stop
         if pid is not None:
             return
-    if pid is not None and named != pid:
+    if pid is not None and (named != pid or _same_instance(info, pid) is False):
         return
-    if unless_running and isinstance(named, int) and named != os.getpid() and _alive(named):
+    if (
+        unless_running
+        and isinstance(named, int)
+        and named != os.getpid()
+        and _alive(named)
+        and _same_instance(info, named) is not False
+    ):
         logging.getLogger(__name__).info(
             "--ready-file %s names pid %d, still running: left until this one is ready",
             path, named,
