@@ -414,21 +414,29 @@ class DetectionCore:
                  extra={"fields": {"event": "answers_store_resumed",
                                    "not_kept": failed}})  # fmt: skip
 
-    def _store_failed(self, request_id: str, exc: sqlite3.Error) -> None:
-        """An answer the store could not keep: counted (`on_store_error`) each time, logged
-        at most once per `store_failure_lines.every_s` per error (a full disk fails every
-        answer), the line saying how many were left out since the last."""
+    def _store_failed(self, request_id: str, exc: Exception, doing: str = "keep") -> None:
+        """An answer the store could not keep, or (`doing` "read") one it could not read (a
+        damaged page or row: the request is computed afresh, never failed for the store):
+        counted (`on_store_error`) each time, logged at most once per
+        `store_failure_lines.every_s` per error (a full disk fails every answer), the line
+        saying how many were left out since the last."""
         with self._store_failures_lock:
             self._store_failures += 1
         repeats = self.store_failure_lines.admit(("answers_store_failed", str(exc)))
         if repeats is not None:
             fields = {"event": "answers_store_failed", "request_id": request_id,
-                      "error": str(exc)}  # fmt: skip
+                      "error": f"{type(exc).__name__}: {exc}", "doing": doing}  # fmt: skip
             if repeats:
                 fields["repeats"] = repeats
+            what = (
+                "cannot keep the answer to %r (%s); answered without it (a repeat of this "
+                "request is computed again)"
+                if doing == "keep"
+                else "cannot read the answer to %r (%s); computed afresh (is --answers-db "
+                "damaged? stop the server, move it aside and start with a new one)"
+            )
             log.warning(
-                "answers store: cannot keep the answer to %r (%s); answered without it (a "
-                "repeat of this request is computed again)%s", request_id, exc,
+                what + "%s", request_id, exc,
                 repeats_note(repeats, self.store_failure_lines.every_s),
                 extra={"fields": fields},
             )  # fmt: skip
@@ -477,7 +485,11 @@ class DetectionCore:
         computed by another model: compute afresh)."""
         if self.store is None:
             return None
-        stored = self.store.get(request_id)
+        try:
+            stored = self.store.get(request_id)
+        except (sqlite3.Error, ValueError, TypeError) as exc:  # damaged: computed afresh
+            self._store_failed(request_id, exc, "read")
+            return None
         return stored if stored is not None and stored.fingerprint == model.fingerprint else None
 
     def _checked_model(self, request_id: str, fingerprint: str) -> ServedModel:
@@ -538,10 +550,14 @@ class DetectionCore:
             if conflict:
                 self._id_conflict(call.request_id, call.fingerprint)
             return None, conflict
-        answer = tuple(
-            Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
-            for x1, y1, x2, y2, score, label in json.loads(stored.payload)
-        )
+        try:
+            answer = tuple(
+                Detection((x1, y1, x2, y2), score, int(label), _class_name(model, int(label)))
+                for x1, y1, x2, y2, score, label in json.loads(stored.payload)
+            )
+        except (ValueError, TypeError) as exc:  # a damaged row: computed afresh, not kept
+            self._store_failed(call.request_id, exc, "read")
+            return None, True
         return answer, conflict
 
     def _decode(

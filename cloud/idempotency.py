@@ -98,6 +98,11 @@ class NotAnswersDatabase(sqlite3.DatabaseError):
     with it."""
 
 
+class DamagedAnswersDatabase(sqlite3.DatabaseError):
+    """An answers database whose pages SQLite finds damaged (`PRAGMA quick_check`) as the
+    server starts: refused, with what to do (a damaged store failed every repeat's lookup)."""
+
+
 class AnswersFileGone(sqlite3.OperationalError):
     """The answers database was deleted or replaced while the server ran: what it stored since
     would go to a file no one reads (lost at the next restart), so nothing more is stored."""
@@ -150,6 +155,7 @@ class IdempotencyStore:
         self._db.execute("PRAGMA busy_timeout=5000")  # several replicas may share one file
         # read only: a file not ours is refused before journal_mode=WAL (a write) touches it
         self._check(read_contents(self._db))
+        self._check_pages()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         with immediate(self._db) as db:
@@ -184,6 +190,20 @@ class IdempotencyStore:
             raise NotAnswersDatabase(
                 f"its answers table lacks the column(s) {', '.join(missing)}: not a splitdet "
                 f"cloud answers database ({_REFUSED})"
+            )
+
+    def _check_pages(self) -> None:
+        """DamagedAnswersDatabase when SQLite finds the file's pages damaged (quick_check: a
+        page overwritten, a -wal of another file beside it): a read only, before anything is
+        written."""
+        if self.path == ":memory:":
+            return
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)")]
+        if problems and problems != ["ok"]:
+            raise DamagedAnswersDatabase(
+                f"damaged (quick_check: {'; '.join(problems)}): stop every server using it, "
+                "move it aside with its -wal and -shm files and start with a new one (the "
+                "edges' pending requests are then computed afresh)"
             )
 
     def get(self, request_id: str) -> StoredAnswer | None:
