@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 from pathlib import Path
 
-from splitdet.edge.cli_edge_options import add_db_and_since, read_db
+from splitdet.edge.cli_edge_options import add_db_and_since, read_db, read_error
 from splitdet.shared.cli import float_in, int_in
 
 COLLECT_EPILOG = """\
@@ -90,6 +91,8 @@ def collect(args: argparse.Namespace) -> int:
             db, args.out, since=since, verdict=args.verdict, p_range=args.p_defect,
             limit=args.limit, min_score=args.score_threshold,
         )  # fmt: skip
+    except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
+        raise read_error(args.db, exc) from None
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:

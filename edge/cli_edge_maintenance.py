@@ -7,13 +7,22 @@ a database and opens a dry run's read only. Each is safe beside a running daemon
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
+import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitdet.edge.cli_edge_options import MAX_MB, add_db_and_since, parse_since, retention_type
+from splitdet.edge.cli_edge_options import (
+    MAX_MB,
+    add_db_and_since,
+    parse_since,
+    read_error,
+    retention_type,
+)
 from splitdet.shared.cli import float_in, int_in
 
 if TYPE_CHECKING:  # the handlers import it when they run
@@ -42,6 +51,25 @@ letter whose image (the same content) has a final result in another row, process
 copied back into the hot folder after an abandon), is never requeued, with --abandoned or not:
 it would get a second final result. Requeue says how many it left so.
 """
+
+
+def _damage_named(handler: Callable[[argparse.Namespace], int]) -> Callable:
+    """`handler` with a damaged --db met while it reads or writes (a page SQLite finds
+    malformed, a text column that is not UTF-8) ending in one line saying what to do (exit 2),
+    not a traceback; other database errors go on as they are."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from splitdet.edge.store_file import is_damage
+
+        try:
+            return handler(args)
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) is not None and not is_damage(exc):
+                raise
+            raise read_error(args.db, exc) from None
+
+    return run
 
 
 def register_requeue(actions: argparse._SubParsersAction) -> None:
@@ -84,6 +112,7 @@ def register_requeue(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=requeue)  # fmt: skip
 
 
+@_damage_named
 def requeue(args: argparse.Namespace) -> int:
     """Requeue dead letters; see REQUEUE_EPILOG."""
     from splitdet.edge.store import OutboxCap
@@ -246,6 +275,7 @@ def register_abandon(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=abandon)
 
 
+@_damage_named
 def abandon(args: argparse.Namespace) -> int:
     """Dead-letter one export's waiting requests; see ABANDON_EPILOG."""
     from splitdet.edge.store import OutboxCap
@@ -344,6 +374,7 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=prune)  # fmt: skip
 
 
+@_damage_named
 def prune(args: argparse.Namespace) -> int:
     """Delete old final results; see register_prune."""
     store = _open_store(args.db, dry_run=args.dry_run)

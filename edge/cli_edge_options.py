@@ -1,8 +1,9 @@
 """The option types and helpers the `splitdet edge` actions share: AGE durations (--older-than,
 --keep-results) and WHEN times (--since) parsed, --db with --since added to a parser and opened
-read only, MAX_MB, the largest megabyte cap an option takes, and `clock_text`, how the actions
-print a time for people. Top-level imports are stdlib only; the store modules load when a
-handler calls in.
+read only, MAX_MB, the largest megabyte cap an option takes, `clock_text`, how the actions
+print a time for people, and `read_error`, what a read-only action says when --db fails while
+it is read (damaged, locked, a failing disk). Top-level imports are stdlib only; the store
+modules load when a handler calls in.
 """
 
 from __future__ import annotations
@@ -152,3 +153,17 @@ def read_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, float | None]
         return open_readonly(args.db), since
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
+
+
+def read_error(db: Path, exc: sqlite3.DatabaseError) -> Exception:
+    """The CommandError (exit 2, one line) for --db `db` failing while a read-only action
+    reads it (`store_file.read_failure`: "--db FILE is damaged (database disk image is
+    malformed): restore it from a backup ..." for a damaged file); to raise `from None`.
+    `exc` itself for a misuse of the connection here (a ProgrammingError), not the file's."""
+    from splitdet.edge.store_file import read_failure
+    from splitdet.shared.cli import CommandError
+
+    try:
+        return CommandError(f"--db {read_failure(db, exc)}")
+    except sqlite3.DatabaseError:
+        return exc

@@ -6,13 +6,15 @@ beside a running daemon: the database is opened read only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import sqlite3
 import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db
+from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db, read_error
 from splitdet.shared.cli import float_in, int_in, silence_stdout
 
 RESULTS_EPILOG = """\
@@ -140,6 +142,10 @@ def results(args: argparse.Namespace) -> int:
         out.flush()
     except BrokenPipeError:  # e.g. `| head`: stop quietly
         silence_stdout()
+    except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()  # (the rows listed before it, then the one error line)
+        raise read_error(args.db, exc) from None
     finally:
         db.close()
     return 0

@@ -351,7 +351,13 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     from splitdet.edge.daemon import EdgeDaemon
     from splitdet.edge.daemon_config import DaemonConfig
     from splitdet.edge.store import OutboxCap
-    from splitdet.edge.store_file import FREE_DB_SPACE, StoreError, StoreLocked
+    from splitdet.edge.store_file import (
+        FREE_DB_SPACE,
+        StoreError,
+        StoreLocked,
+        damaged_store,
+        is_damage,
+    )
     from splitdet.shared.cli import CommandError, remove_ready_file
     from splitdet.shared.manifest import ManifestError
 
@@ -408,6 +414,8 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     try:
         return daemon.run()  # start-up can still fail: a metrics port in use, a ready-file folder
     except sqlite3.Error as exc:  # e.g. the disk is full: the image being handled stays in --watch
+        if is_damage(exc):  # (a damaged page met as it ran: what to do, as at a start)
+            raise CommandError(f"--db {damaged_store(config.db, str(exc))}") from None
         full = "full" in str(exc)
         hint = f"; the image being handled stays in --watch: {FREE_DB_SPACE}" if full else ""
         raise CommandError(f"--db {config.db}: {exc}{hint}") from None

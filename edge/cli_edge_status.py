@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import time
 from pathlib import Path
 
-from splitdet.edge.cli_edge_options import clock_text
+from splitdet.edge.cli_edge_options import clock_text, read_error
 from splitdet.shared.cli import silence_stdout
 
 
@@ -55,6 +56,8 @@ def status(args: argparse.Namespace) -> int:
         raise CommandError(f"--db {exc}") from None
     try:
         summary, record = store_status(db), daemon_record(db)
+    except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
+        raise read_error(args.db, exc) from None
     finally:
         db.close()
     state = writer_state(args.db)  # (its lock looked up, never taken)

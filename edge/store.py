@@ -43,6 +43,7 @@ from splitdet.edge.store_arrivals import StoreArrivals
 from splitdet.edge.store_dead_letters import StoreDeadLetters
 from splitdet.edge.store_file import (
     StoreError,
+    check_before_writing,
     check_contents,
     open_failure,
     open_readonly,
@@ -150,13 +151,18 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
 
     def _open_for_writing(self, wait_ms: int) -> None:
         """Connect to the file (made, with its folder, when missing) and `_open` it; the
-        connection is closed again when that fails."""
+        connection is closed again when that fails. An existing file is checked first, read
+        only (`check_before_writing`: what it holds, then `PRAGMA quick_check`): a damaged
+        store is refused before anything is written to it, and a refused file's -wal (another
+        database's, left by a restore by copying) is never checkpointed into it, as closing a
+        read-write connection would."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(
                 f"{self.path}: cannot create its folder ({exc.strerror or exc})"
             ) from None
+        check_before_writing(self.path, wait_ms)
         try:
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None

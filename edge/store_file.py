@@ -4,7 +4,11 @@ read-only, locking it for its one writer, and the transaction helper its writers
 A store is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
 was set (application_id 0) is known by its tables and user_version, and marked when next opened
 for writing. Any other SQLite file (another program's, a cloud answers database) is refused
-before anything is written to it; an empty one becomes a store.
+before anything is written to it; an empty one becomes a store. A writer checks an existing
+file read only first (`check_before_writing`: what it holds, then `PRAGMA quick_check`), so that
+neither a damaged store nor a refused file is written to (a read-write connection's close
+would checkpoint a -wal beside it into it); the readers meet damage only where they read it
+(`read_failure`). `damaged_store` words what to do about a damaged one.
 
 One `splitdet edge run` per database: `WriterLock` (an flock on DB.lock, and one on the database
 file itself, held for the daemon's life) refuses a second, also one given the same file under
@@ -65,18 +69,19 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in _BUSY_CODES
 
 
-def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
+def open_failure(path: Path | str, exc: sqlite3.Error, verb: str = "open") -> StoreError:
     """The StoreError for a store SQLite failed to open (connect, first read, set-up), naming
     the file and what to do by what failed: a full file system (the store is probably fine
     and must not be deleted: it may hold results still to deliver), another I/O error (the
     disk, its space or the permissions to check), a lock another program holds, or, only when
-    the file itself is at fault (not a database, damaged), "not a usable SQLite database"."""
+    the file itself is at fault (not a database, damaged), "not a usable SQLite database".
+    `verb`: what failed, in "cannot VERB it" ("read": `read_failure`'s)."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = None if code is None else code & 0xFF
     if is_busy(exc):
         return StoreLocked(
-            f"{path}: cannot open it ({exc}): another program holds it locked; try again once "
-            "it lets go",
+            f"{path}: cannot {verb} it ({exc}): another program holds it locked; try again "
+            "once it lets go",
             str(exc),
         )
     if primary not in _IO_CODES:
@@ -86,17 +91,131 @@ def open_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
             f"{path}: is a folder; --db names the database file (e.g. {path}/edge.sqlite)"
         )
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
-    disk = disk_problem(path, f"cannot open it ({exc})")
+    disk = disk_problem(path, f"cannot {verb} it ({exc})")
     if disk is not None:
         return disk
     free = free_bytes(folder)
     space = "" if free is None else f" ({_amount(free)} free)"
     return StoreError(
-        f"{path}: cannot open it ({exc}); check the disk holding it: its free space{space}, "
+        f"{path}: cannot {verb} it ({exc}); check the disk holding it: its free space{space}, "
         f"the permissions of the file and of {folder}, and the kernel log (dmesg) for disk "
         "errors. This says nothing against the database itself: do not delete or replace it "
         "(it may hold results not yet delivered)"
     )
+
+
+#: SQLite's primary result codes for a file whose bytes are not a sound database: damaged
+#: (a page overwritten, a -wal of another database or of the file's earlier self beside it).
+_DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def damaged_store(path: Path | str, what: str) -> StoreError:
+    """The StoreError for a store found damaged (`what`: "quick_check: FIRST LINE", or
+    SQLite's words met while reading it), with what to do: restore a backup the way that
+    leaves no -wal of the damaged file beside it, or start on a new --db. The one wording of
+    it, for the writers' open (`check_before_writing`) and the reading commands
+    (`read_failure`)."""
+    return StoreError(
+        f"{path} is damaged ({what}): restore it from a backup (stop the daemon, remove "
+        f"{path}-wal and {path}-shm, then put the backup in place) or start on a new --db "
+        "(every image still in --watch is then processed again)"
+    )
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite's `exc` says the file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB: "database
+    disk image is malformed"), not busy, full or failing."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _DAMAGED_CODES
+
+
+def read_failure(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
+    """The StoreError for an opened store that failed while being read (`edge status`,
+    `edge results`): `damaged_store` for a damaged file ("database disk image is
+    malformed", or a text column whose bytes are not UTF-8: "Could not decode to UTF-8
+    column ..."), `open_failure`'s for a lock another program holds or a failing disk, and
+    "cannot read it (...)" for anything else SQLite says.
+
+    Raises:
+        sqlite3.DatabaseError: `exc` itself for a misuse of the connection here (a
+            ProgrammingError: a closed connection, a wrong parameter), not a fault of the file.
+    """
+    if isinstance(exc, sqlite3.ProgrammingError):
+        raise exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF in _DAMAGED_CODES:  # (None: Python's own, e.g. UTF-8)
+        return damaged_store(path, _one_line(str(exc)))
+    if is_busy(exc) or code & 0xFF in _IO_CODES:
+        return open_failure(path, exc, verb="read")
+    return StoreError(f"{path}: cannot read it ({_one_line(str(exc))})")
+
+
+def _one_line(text: str, at_most: int = 120) -> str:
+    """SQLite's (or Python's) words about a damaged file for a one-line message: control
+    characters written as escapes, at most `at_most` characters (a text column's damaged
+    bytes quoted in them end in "...")."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= at_most else shown[: at_most - 3] + "..."
+
+
+def quick_check(db: sqlite3.Connection, path: Path | str) -> None:
+    """`PRAGMA quick_check` of the store open as `db` (the pages and their b-trees, without
+    matching each index to its table: about a read of the whole file).
+
+    Raises:
+        StoreError: `damaged_store` naming its first finding ("quick_check: On tree page 59
+            cell 0: ..."), also when SQLite gives up on the file with an error
+            ("quick_check: database disk image is malformed"); `open_failure`'s for a lock
+            another program holds or a failing disk.
+    """
+    try:
+        rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _DAMAGED_CODES:
+            raise damaged_store(path, f"quick_check: {exc}") from None
+        raise open_failure(path, exc) from None
+    first = str(rows[0][0]) if rows else "ok"
+    if first == "ok":
+        return
+    lines = [line for line in first.splitlines() if line.strip() and not line.startswith("***")]
+    raise damaged_store(path, f"quick_check: {lines[0] if lines else first.strip()}")
+
+
+def check_before_writing(path: Path | str, wait_ms: int) -> None:
+    """For a writer (`ResultStore`'s open), before it connects to `path` read-write:
+    StoreError when the file there is not a store it may write (`check_contents`) or, when a
+    -wal holding frames lies beside it, is damaged (`quick_check`), read through a read-only
+    connection. Only then: a store its writer closed cleanly has no -wal, and its check, a
+    read of the whole file, would cost every start about a second per GB from the page cache
+    and ten times that from a cold disk; a -wal is what a crash or a kill leaves, and what a
+    backup restored by copying over the file meets, whose pages SQLite reads over the older
+    file's (damaging it). Read only, as a read-write connection checkpoints the -wal beside
+    the file into it as it closes: refusing a file whose -wal came from another database (a
+    restore by copying) would have overwritten it with the other's pages.
+    Nothing for a file that is not there (made by the writer), an empty database (made a
+    store), or one SQLite cannot open read only for want of access (the read-write open then
+    says why); waits up to `wait_ms` for a lock another program holds.
+
+    Raises:
+        StoreError: as `check_contents`, `quick_check`; "not a usable SQLite database" for a
+            file SQLite cannot read as one.
+        StoreLocked: another program held it locked past `wait_ms`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        db, contents = _connect_readonly(path.resolve().as_uri() + "?mode=ro", wait_ms)
+    except sqlite3.Error as exc:
+        if is_busy(exc) or (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in _IO_CODES:
+            raise open_failure(path, exc) from None
+        return  # (e.g. no -shm allowed here: the read-write open says what is wrong)
+    try:
+        if not check_contents(path, contents) and _has_wal(path):
+            quick_check(db, path)
+    finally:
+        db.close()
 
 
 def disk_problem(path: Path | str, failed: str) -> StoreError | None:
@@ -209,7 +328,7 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
             lacks = f", lacking {', '.join(lacking)}" if lacking else ""
             raise StoreError(
                 f"{path}: a damaged splitdet edge store ({describe_contents(contents)}{lacks});"
-                " give another --db"
+                f" give another --db{_wal_beside(path)}"
             )
         return False
     if contents.application_id == 0:
@@ -221,7 +340,23 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
     held = describe_contents(
         contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
     )
-    raise StoreError(f"{path}: not a splitdet edge store ({held}); give another --db")
+    raise StoreError(
+        f"{path}: not a splitdet edge store ({held}); give another --db{_wal_beside(path)}"
+    )
+
+
+def _wal_beside(path: Path | str) -> str:
+    """What check_contents adds to its refusal of `path` when a -wal holding frames lies
+    beside it: SQLite reads the file through it, and one left from another database (a
+    restore by copying, a copied folder) makes a sound store look like that other file; ""
+    when there is none (or it is empty)."""
+    if not _has_wal(Path(path)):
+        return ""
+    return (
+        f"; {path}-wal lies beside it: a -wal left from another database (e.g. after a "
+        "restore by copying) makes it look like another file: stop every program using it, "
+        f"move {path}-wal and {path}-shm aside and try again"
+    )
 
 
 @contextmanager
@@ -449,12 +584,12 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     return db
 
 
-def _connect_readonly(uri: str) -> tuple[sqlite3.Connection, Contents]:
+def _connect_readonly(uri: str, wait_ms: int = 10_000) -> tuple[sqlite3.Connection, Contents]:
     """A connection to `uri` and what the file holds (the first read: where SQLite finds out
-    whether it can use the file)."""
+    whether it can use the file), waiting up to `wait_ms` for a lock another program holds."""
     db = sqlite3.connect(uri, uri=True)
     try:
-        db.execute("PRAGMA busy_timeout=10000")
+        db.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
         return db, read_contents(db)
     except BaseException:
         db.close()

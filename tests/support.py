@@ -375,3 +375,28 @@ def full_disk_open(file, mode="r", *args, **kwargs):
     if "w" in mode:
         return _FullDisk(file, "w")
     return builtins.open(file, mode, *args, **kwargs)
+
+
+def edge_error_line(capsys, *needles: str) -> str:
+    """The one `splitdet edge: error:` line a command printed (no traceback), checked for each
+    needle."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "splitdet edge: error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], err
+    return lines[0]
+
+
+def edge_run_once_offline(db: Path, watch: Path, model_dir: Path) -> int:
+    """`splitdet edge run --once` in this process on `watch`, a closed cloud port, a threshold
+    nothing reaches (no image needs the cloud), text logs; its exit status."""
+    from splitdet.shared.cli import main
+
+    return main(
+        ["edge", "run", "--model", str(model_dir), "--watch", str(watch), "--db", str(db),
+         "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--settle", "0",
+         "--unreadable-grace", "0", "--threads", "1", "--threshold", "2",
+         "--log-format", "text"]
+    )  # fmt: skip

@@ -15,20 +15,13 @@ from PIL import Image
 from splitdet.edge.store import ResultStore
 from splitdet.shared.cli import main
 
-from support import nobody_scratch
+from support import edge_error_line, nobody_scratch
 
 pytestmark = pytest.mark.timeout(120)  # a check that regressed would run the daemon forever
 CLI = "import sys; from splitdet.shared.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "splitdet edge: error:" in line]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], err
-    return lines[0]
+_error_line = edge_error_line
 
 
 def _edge_run(model_dir: Path, watch: Path, db: Path, *options: str) -> int:

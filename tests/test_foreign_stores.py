@@ -34,6 +34,8 @@ from splitdet.edge.store_schema import (
 )
 from splitdet.shared.cli import main
 
+from support import edge_run_once_offline
+
 pytestmark = pytest.mark.timeout(120)  # a check that regressed would run the daemon forever
 
 #: GeoPackage's application_id ("GPKG"): another program's mark.
@@ -93,12 +95,7 @@ def _edge(command: str, db: Path, tmp_path: Path, model_dir: Path | None) -> int
     watch = tmp_path / "hot"
     watch.mkdir(exist_ok=True)
     Image.fromarray(np.full((64, 80, 3), 99, np.uint8)).save(watch / "a.png")
-    return main(
-        ["edge", "run", "--model", str(model_dir), "--watch", str(watch), "--db", str(db),
-         "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--settle", "0",
-         "--unreadable-grace", "0", "--threads", "1", "--threshold", "2",
-         "--log-format", "text"]
-    )  # fmt: skip
+    return edge_run_once_offline(db, watch, model_dir)
 
 
 @pytest.fixture
