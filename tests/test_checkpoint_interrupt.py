@@ -24,9 +24,9 @@ SAVES_UNDER_SIGINT = textwrap.dedent(
     interrupted = completed = 0
     for trial in range(60):
         timer = threading.Timer(rng.uniform(0, 0.03), os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
         try:
             try:
+                timer.start()  # (in the try: on a loaded machine the signal can come as it starts)
                 save_torch(state, os.path.join(folder, "last.pt"), fsync=False)
                 completed += 1
             finally:

@@ -64,3 +64,40 @@ def test_a_run_stopped_before_its_records_are_written_draws_no_epoch_they_lack(
         train(replace(TINY, epochs=3, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
     assert len(json.loads((run / "metrics.json").read_text())) == 1
     assert (run / "learning_curve.png").read_bytes() == _curve_of_history(run, tmp_path)
+
+
+def test_a_plot_that_cannot_be_written_costs_no_epoch(tiny_voc, tmp_path, one_torch_thread):
+    """A training-kill review: the plot drawn before last.pt, its failure (here a folder where
+    the PNG goes; a full disk alike) ended the run with the epoch just trained recorded in the
+    metrics but not in last.pt: trained again on --resume. Now last.pt holds every epoch, and
+    only the run's end says the plot could not be drawn."""
+    import torch
+
+    run = tmp_path / "run"
+    (run / "learning_curve.png").mkdir(parents=True)
+    with pytest.raises(OSError):
+        train(replace(TINY, epochs=2, eval_every=0), tiny_voc, run, progress=False, max_iters=1)
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # both epochs (0, 1)
+    assert len(json.loads((run / "metrics.json").read_text())) == 2
+
+
+def test_a_plot_cut_short_leaves_the_one_before(tmp_path, monkeypatch):
+    """The same review: the PNG was written in place, so a kill while it was drawn left a
+    0-byte file that stayed broken until a later epoch."""
+    from matplotlib.figure import Figure
+
+    history = [{"epoch": 0, "loss": 1.0, "loss_detection": 0.8, "loss_defect": 0.2}]
+    path = tmp_path / "learning_curve.png"
+    plot_learning_curve(history, path)
+    before = path.read_bytes()
+
+    def killed_midway(self, target, *args, **kwargs):
+        with open(target, "wb") as out:
+            out.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        plot_learning_curve([*history, {**history[0], "epoch": 1}], path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["learning_curve.png"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.atomic_file import atomic_write, replacing
 
 #: Validation metrics (`evaluate`'s keys) as logs and messages name them.
 METRIC_NAMES = {
@@ -169,5 +169,8 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
         minutes = history[-1].get("train_minutes") or 0.0
         fig.suptitle(f"multi-task model, {len(history)} epochs, {minutes:.1f} training minutes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replacing(path, parents=False) as temporary:  # (killed meanwhile: the old one)
+            fig.savefig(temporary, dpi=100, format="png")
+    finally:
+        plt.close(fig)

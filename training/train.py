@@ -140,7 +140,9 @@ def train(
 TRAIN_LOCK = ".splitdet-train.lock"
 #: The files a run writes through `atomic_file.replacing`, whose temporary files a killed run
 #: leaves behind (".last.pt.k2x9_q0a.tmp", as large as the checkpoint).
-RUN_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "train_config.json")
+RUN_FILES = (
+    "last.pt", "best.pt", "metrics.json", "metrics.csv", "train_config.json", "learning_curve.png"
+)  # fmt: skip
 #: A temporary file younger than this may be another process's write in progress (`splitdet
 #: eval --checkpoint OUT/best.pt` storing its threshold): kept, for the next start to remove.
 STALE_AFTER_SECONDS = 300.0
@@ -351,9 +353,10 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         log.info("%s", describe_best(best.summary()))
     write_metrics(run.out_dir, run.history)
     run.recorded_rows = len(run.history)
-    if run.plotted_at is None or time.perf_counter() - run.plotted_at >= PLOT_EVERY_S:
-        _plot(run)
     _save_epoch(run.last_path, run.model, extra, epoch)
+    # the plot last, and never the run's end: it cost the epoch just trained when it failed
+    if run.plotted_at is None or time.perf_counter() - run.plotted_at >= PLOT_EVERY_S:
+        _catch_up_plot(run, quiet=True)
 
 
 def _plot(run: _Run) -> None:
@@ -363,8 +366,9 @@ def _plot(run: _Run) -> None:
 
 
 def _catch_up_plot(run: _Run, *, quiet: bool = False) -> None:
-    """Redraw learning_curve.png if epochs were recorded since it was drawn (rank 0), as a
-    run ends; `quiet`: a failure is logged, not raised (the run is ending on another error)."""
+    """Redraw learning_curve.png if epochs were recorded since it was drawn (rank 0), after an
+    epoch or as a run ends; `quiet`: a failure is logged, not raised (after an epoch: the next
+    tries again; or the run is ending on another error)."""
     if run.rank != 0 or run.plotted_rows >= run.recorded_rows:
         return
     try:
