@@ -198,8 +198,14 @@ class IdempotencyStore:
         written."""
         if self.path == ":memory:":
             return
-        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)")]
-        if problems and problems != ["ok"]:
+        found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        if found and found != ["ok"]:
+            problems = [  # (without SQLite's "*** in database main ***" heading)
+                line.strip()
+                for finding in found
+                for line in finding.splitlines()
+                if line.strip() and not line.startswith("***")
+            ]
             raise DamagedAnswersDatabase(
                 f"damaged (quick_check: {'; '.join(problems)}): stop every server using it, "
                 "move it aside with its -wal and -shm files and start with a new one (the "
