@@ -1,5 +1,5 @@
 """`splitdet edge results`: the results database printed for other tools, as a table, JSON or
-CSV, filtered by id (a consumer's cursor), time, verdict, model export and box score. Safe
+CSV, filtered by change (a consumer's cursor), id, time, verdict, model export and box score. Safe
 beside a running daemon: the database is opened read only.
 """
 
@@ -12,7 +12,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import TextIO, cast
 
 from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db, read_error
 from splitdet.shared.cli import float_in, int_in, silence_stdout
@@ -23,22 +23,34 @@ examples:
   splitdet edge results --db /data/edge.sqlite --since 1h --json
   splitdet edge results --db /data/edge.sqlite --since 2024-05-01T08:00 --csv > day.csv
   splitdet edge results --db /data/edge.sqlite --verdict defect --score-threshold 0.5
-  splitdet edge results --db /data/edge.sqlite --after-id 41234 --json   # a consumer's poll
+  splitdet edge results --db /data/edge.sqlite --changed-after 41234 --json   # a consumer's poll
 
 Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s),
 verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxes
 [[x1, y1, x2, y2], ...] in original px, scores, labels, class_names, timings (s per stage),
 bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason, threshold
-(the gate threshold the image was judged at). The daemon stores every box the model returns
-(from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict` reports.
+(the gate threshold the image was judged at), changed (the number of the row's last change:
+--changed-after). The daemon stores every box the model returns (from score 0.05);
+--score-threshold 0.5 shows the boxes `splitdet predict` reports. CSV is UTF-8 whatever the
+locale; the table shows what the locale cannot encode as \\u escapes; JSON is ASCII.
 
-Polling for new results: keep a cursor by id, not by time. --after-id N lists the rows with an
-id above N; ids only grow, in arrival order, whatever the clock does. A pending row becomes
-final later (defect when the cloud answers, or error): poll without --verdict, take the next N
-as the id before the first pending row listed (the last id listed when none is pending, N again
-when nothing is), and key the rows you keep by id (final rows listed after a pending one come
-again). A dead letter `splitdet edge requeue` sends again turns pending below N. --since
-keeps rows created or changed since then by the wall clock (their `updated`): a poll by
+Polling for new results: keep a cursor by change, not by id or time. --changed-after SEQ lists
+the rows changed after SEQ, in the order of their change, each once in its current state: the
+store numbers every new row and every change of what is listed (verdict, answer, where the
+file is, error), store-wide, in its `changed` column. Start from 0, keep the largest `changed`
+listed as the next SEQ (SEQ again when nothing is listed), and key the rows you keep by id: a
+pending row is listed when made and again when final (defect when the cloud answers, or
+error); a dead letter `splitdet edge requeue` sends again is listed again as pending, then as
+final. No rule about pending rows is needed, with --verdict or without.
+
+--after-id N lists the rows with an id above N; ids only grow, in arrival order, whatever the
+clock does, but a row changed after it was listed is not listed again: a poll by --after-id
+misses the final verdict of a requeued dead letter (an "error" already taken) below N.
+A cursor past what the store ever numbered (--changed-after past its last change, --after-id
+past the largest id it gave) is refused (exit 2): the database was replaced or restored from a
+backup and numbers its rows again; read it again from 0 and de-duplicate by content_hash.
+
+--since keeps rows created or changed since then by the wall clock (their `updated`): a poll by
 --since misses the rows written after the clock steps back (NTP correcting a clock that ran
 ahead), and lists those stamped while it ran ahead until it passes them again.
 
@@ -59,14 +71,22 @@ def register_results(actions: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_db_and_since(p, "rows created or changed since (by the wall clock: a consumer polls by "
-                     "--after-id)")  # fmt: skip
-    p.add_argument(
+                     "--changed-after)")  # fmt: skip
+    cursor = p.add_mutually_exclusive_group()
+    cursor.add_argument(
+        "--changed-after",
+        type=int_in(0, 2**63 - 1),
+        metavar="SEQ",
+        help="only rows changed after SEQ (their `changed`), in that order: the cursor for a "
+        "consumer (keep the largest `changed` listed; see below)",
+    )
+    cursor.add_argument(
         "--after-id",
         type=int_in(0, 2**63 - 1),
         default=0,
         metavar="N",
-        help="only rows with an id above N: a consumer's cursor that no clock step moves (ids "
-        "only grow, in arrival order; see below for pending rows)",
+        help="only rows with an id above N, in arrival order (a row changed after it was "
+        "listed is not listed again: consumers poll by --changed-after)",
     )
     p.add_argument(
         "--verdict",
@@ -118,28 +138,35 @@ def results(args: argparse.Namespace) -> int:
 
     db, since = read_db(args)
     try:
-        rows = iter_results(db, since=since, verdict=args.verdict, after_id=args.after_id)
+        _check_cursor(args, db)
+        rows = iter_results(
+            db,
+            since=since,
+            verdict=args.verdict,
+            after_id=args.after_id,
+            changed_after=args.changed_after,
+        )
         if args.fingerprint:  # (one export's results: which model judged what, in a rollout)
             wanted = args.fingerprint.strip().lower()
             rows = (row for row in rows if (row["fingerprint"] or "").startswith(wanted))
         rows = (_boxes_scoring_at_least(row, args.score_threshold) for row in rows)
-        out = sys.stdout
-        if args.json:
+        if args.json:  # (ASCII: json.dumps escapes every other character, whatever the locale)
+            out = sys.stdout
             out.write("[")
             for i, row in enumerate(rows):
                 out.write(("," if i else "") + "\n" + json.dumps(row))
             out.write("\n]\n")
-        elif args.csv:
-            writer = csv.writer(out)
+        elif args.csv:  # UTF-8 whatever the locale's encoding (a file name any)
+            writer = csv.writer(_stdout_encoded("utf-8", "strict"))
             writer.writerow(RESULT_COLUMNS)
             for row in rows:
                 writer.writerow(
                     json.dumps(v) if isinstance(v, list | dict) else "" if v is None else v
                     for v in row.values()
                 )
-        else:
-            _table(rows, out)
-        out.flush()
+        else:  # for people: what the locale's encoding cannot show, as \\u escapes
+            _table(rows, _stdout_encoded(sys.stdout.encoding or "utf-8", "backslashreplace"))
+        sys.stdout.flush()
     except BrokenPipeError:  # e.g. `| head`: stop quietly
         silence_stdout()
     except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
@@ -149,6 +176,71 @@ def results(args: argparse.Namespace) -> int:
     finally:
         db.close()
     return 0
+
+
+#: Why a cursor past the store's numbers is refused: it read another file before.
+RENUMBERED = (
+    "the database was replaced or restored from a backup, and its rows are numbered again; "
+    "read it again from 0 (and de-duplicate by content_hash)"
+)
+
+
+def _check_cursor(args: argparse.Namespace, db: sqlite3.Connection) -> None:
+    """CommandError (exit 2, one line) for a cursor no poll of this store can have given:
+    --changed-after past its last change, or --after-id past the largest id it ever gave (the
+    file was restored from an older backup or made anew, and numbers its rows again: what the
+    consumer has not seen would lie below its cursor, never listed); or --changed-after on a
+    store that numbers no changes (an earlier splitdet's, not yet opened by this one's
+    writers)."""
+    from splitdet.edge.store_reads import last_change, last_id
+    from splitdet.shared.cli import CommandError
+
+    if args.changed_after is not None:
+        last = last_change(db)
+        if last is None:
+            raise CommandError(
+                f"--changed-after: --db {args.db} numbers no changes yet (an earlier splitdet "
+                "wrote it, and no command of this one has written to it since): poll it with "
+                "--after-id until this splitdet's `edge run` has started on it"
+            )
+        if args.changed_after > last:
+            raise CommandError(
+                f"--changed-after {args.changed_after} is past this store's last change "
+                f"{last}: {RENUMBERED}"
+            )
+    elif args.after_id > 0:
+        last = last_id(db)
+        if args.after_id > last:
+            raise CommandError(
+                f"--after-id {args.after_id} is past the last id this store gave, {last}: "
+                f"{RENUMBERED}"
+            )
+
+
+class _Encoded:
+    """A text stream over sys.stdout's bytes (its `buffer`) in an encoding of our choosing,
+    writing text as it is given (no newline translation: csv writes its own \\r\\n). Not an
+    io.TextIOWrapper: one over sys.stdout.buffer closes it when collected, and its detach
+    flushes into a pipe a reader closed (`| head`). sys.stdout's own text is flushed first;
+    `sys.stdout.flush()` flushes what this wrote."""
+
+    def __init__(self, encoding: str, errors: str) -> None:
+        sys.stdout.flush()
+        self._bytes = sys.stdout.buffer
+        self._encoding, self._errors = encoding, errors
+
+    def write(self, text: str) -> int:
+        """Write `text`, encoded; returns its length in characters."""
+        self._bytes.write(text.encode(self._encoding, self._errors))
+        return len(text)
+
+
+def _stdout_encoded(encoding: str, errors: str) -> TextIO:
+    """sys.stdout in `encoding` (`_Encoded`), its unencodable characters handled by `errors`;
+    sys.stdout itself when it has no bytes beneath (a text-only stream put in its place)."""
+    if getattr(sys.stdout, "buffer", None) is None:
+        return sys.stdout
+    return cast(TextIO, _Encoded(encoding, errors))
 
 
 def _table(rows: Iterable[dict], out: TextIO) -> None:

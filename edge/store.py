@@ -57,6 +57,8 @@ from splitdet.edge.store_schema import (
     _SCHEMA,
     ADDED_COLUMNS,
     APPLICATION_ID,
+    CHANGE_COUNTER,
+    CHANGE_TRACKING,
     DAEMON_TABLE,
     SCHEMA_VERSION,
     VERDICTS,
@@ -104,6 +106,27 @@ WAL_KEEP_BYTES = 1 << 20
 #: WAL pages (4 kB) after which a commit checkpoints them into the database (SQLite's default
 #: 1000, 4 MB): the WAL's growth between checkpoints is what a nearly full disk must hold.
 WAL_CHECKPOINT_PAGES = 256
+
+
+def _track_changes(db: sqlite3.Connection) -> None:
+    """Number the rows that have no change number yet (images.changed NULL: every row of a
+    store an earlier splitdet wrote, when the column was just added) above the change counter
+    (none yet: by their id, the order a consumer reading from 0 takes them in), set the counter
+    to the largest, and make CHANGE_TRACKING's index and triggers where missing. In the
+    caller's transaction (`_migrate`). Once made, the rows without a number are found through
+    the index: nothing is read or written at a later open."""
+    row = db.execute("SELECT value FROM counters WHERE name = ?", (CHANGE_COUNTER,)).fetchone()
+    numbered = db.execute(
+        "UPDATE images SET changed = ? + id WHERE changed IS NULL", (0 if row is None else row[0],)
+    ).rowcount
+    for statement in CHANGE_TRACKING:
+        db.execute(statement)
+    if numbered > 0:  # (the largest: read through the index just made)
+        db.execute(
+            "INSERT INTO counters (name, value) SELECT ?, MAX(changed) FROM images WHERE true"
+            " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+            (CHANGE_COUNTER,),
+        )
 
 
 class StoreGone(StoreError):
@@ -203,7 +226,8 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
             raise StoreError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
 
     def _migrate(self) -> None:
-        """Create the store in an empty database, or bring one of ours to SCHEMA_VERSION, and
+        """Create the store in an empty database, or bring one of ours to SCHEMA_VERSION (its
+        ADDED_COLUMNS added, its rows numbered for the change cursor: `_track_changes`), and
         mark it (APPLICATION_ID): one transaction, so that another process opening the file
         meanwhile sees it empty or whole, never half made."""
         migrated_from = None
@@ -225,6 +249,7 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
                 for name, statement in ADDED_COLUMNS.items():
                     if name not in present:  # (a store an earlier splitdet wrote)
                         db.execute(statement)
+            _track_changes(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         if migrated_from is not None:  # (one way: said, so that a way back is kept first)
@@ -235,6 +260,13 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
                 extra={"fields": {"event": "store_migrated", "db": str(self.path),
                                   "from": migrated_from, "to": SCHEMA_VERSION}},
             )  # fmt: skip
+
+    def counters(self) -> dict[str, int]:
+        """The durable event counters by name (`StoreConnection.counters`), without the change
+        counter (CHANGE_COUNTER: a sequence number, no count of events)."""
+        counters = super().counters()
+        counters.pop(CHANGE_COUNTER, None)
+        return counters
 
     def check_file(self, every_s: float = 0.0) -> None:
         """Raise StoreGone when the store's path no longer names the file it has open: the

@@ -15,6 +15,7 @@ from splitdet.edge.store_schema import (
     _JSON_COLUMNS,
     ADDED_COLUMNS,
     AUTO_VACUUM_INCREMENTAL,
+    CHANGE_COUNTER,
     REQUEUED_NOTE,
     RESULT_COLUMNS,
     VERDICTS,
@@ -27,15 +28,19 @@ RESULTS_BATCH = 1000
 AHEAD_SLACK_S = 60.0
 
 
-def result_filter(since: float | None, verdict: str | None) -> tuple[list[str], list]:
+def result_filter(
+    since: float | None, verdict: str | None, by_change: bool = False
+) -> tuple[list[str], list]:
     """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
-    ``since`` (unix s) and of ``verdict``, each when given."""
+    ``since`` (unix s) and of ``verdict``, each when given. `by_change`: for a read in
+    `changed` order, whose index alone must find the rows (the conditions use no other)."""
     clauses, params = [], []
+    unindexed = "+" if by_change else ""  # (SQLite's unary +: no index on the column)
     if since is not None:
-        clauses.append("updated >= ?")
+        clauses.append(f"{unindexed}updated >= ?")
         params.append(since)
     if verdict is not None:
-        clauses.append("verdict = ?")
+        clauses.append(f"{unindexed}verdict = ?")
         params.append(verdict)
     return clauses, params
 
@@ -46,30 +51,70 @@ def iter_results(
     since: float | None = None,
     verdict: str | None = None,
     after_id: int = 0,
+    changed_after: int | None = None,
 ) -> Iterator[dict]:
     """Result rows of an open store connection (see ResultStore.results), in id order; only
     those with an id above `after_id` (ids start at 1 and only grow, in arrival order: a
     cursor no clock step moves, unlike `since`).
 
-    Read `RESULTS_BATCH` rows at a time, each batch in a statement of its own (under `lock`):
-    memory stays bounded however many rows the store holds (a year at one image a second is
-    ~30 M), and no read stays open while the rows are written out, which would keep the daemon's
-    WAL from being checkpointed. Rows written meanwhile with a higher id are read too."""
-    clauses, params = result_filter(since, verdict)
-    after = max(0, after_id)
+    `changed_after` (not None): only the rows whose last change (`changed`, CHANGE_COLUMNS)
+    is numbered above it, in that order, each once in its state as read: a consumer's cursor
+    that also lists a row again when it changes (a pending row made final, a requeued dead
+    letter). Up to the change counter as read first (`last_change`): a row changed meanwhile
+    is left to the next read, numbered above every row listed. None in a store without
+    `changed` (an earlier splitdet's, read as it is): no change of it is numbered.
+
+    Read `RESULTS_BATCH` rows at a time, each batch in a statement of its own (under `lock`),
+    through the index of its order (a read costs the rows it lists, however many the store
+    holds): memory stays bounded however many rows the store holds (a year at one image a
+    second is ~30 M), and no read stays open while the rows are written out, which would keep
+    the daemon's WAL from being checkpointed. Rows written meanwhile with a higher id are read
+    too (in id order)."""
+    by_change = changed_after is not None
+    clauses, params = result_filter(since, verdict, by_change)
+    key, after = "id", max(0, after_id)
+    if by_change:
+        with lock if lock is not None else contextlib.nullcontext():
+            upto = last_change(db)
+        if upto is None:
+            return
+        if after_id > 0:
+            clauses.append("id > ?")
+            params.append(after_id)
+        clauses.append("changed <= ?")
+        params.append(upto)
+        key, after = "changed", max(0, changed_after)
+    position = RESULT_COLUMNS.index(key)
     while True:
-        where = " AND ".join(["id > ?", *clauses])
+        where = " AND ".join([f"{key} > ?", *clauses])
         with lock if lock is not None else contextlib.nullcontext():
             sql = (
                 f"SELECT {_result_columns(db)} FROM images WHERE {where}"
-                f" ORDER BY id LIMIT {RESULTS_BATCH}"
+                f" ORDER BY {key} LIMIT {RESULTS_BATCH}"
             )
             rows = db.execute(sql, [after, *params]).fetchall()
         for row in rows:
             yield _record(row)
         if len(rows) < RESULTS_BATCH:
             return
-        after = rows[-1][0]
+        after = rows[-1][position]
+
+
+def last_change(db: sqlite3.Connection) -> int | None:
+    """The number of the store's last change (CHANGE_COUNTER; 0: none yet), which every
+    `changed` is at most and a later change exceeds; None when the store has no `changed`
+    column (an earlier splitdet's, not yet opened by a writer of this one)."""
+    if "changed" not in image_columns(db):
+        return None
+    row = db.execute("SELECT value FROM counters WHERE name = ?", (CHANGE_COUNTER,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def last_id(db: sqlite3.Connection) -> int:
+    """The largest row id the store ever gave (its `sqlite_sequence`: a pruned row's id is not
+    given again); 0 when it gave none."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def image_columns(db: sqlite3.Connection) -> set[str]:
@@ -312,6 +357,9 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     if earliest is not None and earliest[1] > now + AHEAD_SLACK_S and earliest[0] > now:
         ahead_until.append(earliest[0])  # (a request written before the clock was set back)
     by_model = outbox_by_model(db)
+    counters = dict(db.execute(  # (of events: the change counter is none)
+        "SELECT name, value FROM counters WHERE name <> ? ORDER BY name", (CHANGE_COUNTER,)
+    ))  # fmt: skip
     kept, kept_bytes = (0, 0) if version < 2 else one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
     return {
@@ -341,7 +389,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
             "kept_bytes": kept_bytes,
             "not_kept": errors.get("dead_letter", 0) - kept,
         },
-        "counters": dict(db.execute("SELECT name, value FROM counters ORDER BY name")),
+        "counters": counters,
         "file": {  # what of the file's size is free pages, and whether it gives them back
             "bytes": one("PRAGMA page_count")[0] * page,
             "free_bytes": one("PRAGMA freelist_count")[0] * page,

@@ -55,12 +55,69 @@ AUTO_VACUUM_INCREMENTAL = 2
 #: columns, as `threshold`: an earlier splitdet ignores them.
 _FINISHED_BOOT = "ALTER TABLE images ADD COLUMN finished_boot TEXT"
 _FINISHED_BOOT_S = "ALTER TABLE images ADD COLUMN finished_boot_s REAL"
+#: images.changed: the store-wide number of the row's last change a consumer reads (its
+#: insert, then every update of CHANGE_COLUMNS), from the counter CHANGE_COUNTER: `edge results
+#: --changed-after SEQ` lists the rows changed after SEQ, a requeued dead letter's new verdict
+#: among them (below an --after-id cursor, it was missed). Set by the triggers of
+#: CHANGE_TRACKING, which live in the file: an earlier splitdet's writes to the store are
+#: numbered too. An added column, as `threshold`: an earlier splitdet still reads and writes
+#: the store; the rows a store had before it are numbered by their id when a writer of this
+#: splitdet adds it (`ResultStore._migrate`), and readers of a store without it see NULL.
+_CHANGED = "ALTER TABLE images ADD COLUMN changed INTEGER"
 #: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
 ADDED_COLUMNS = {
     "threshold": _THRESHOLD,
     "finished_boot": _FINISHED_BOOT,
     "finished_boot_s": _FINISHED_BOOT_S,
+    "changed": _CHANGED,
 }
+#: The `counters` row holding the last number given to a change (images.changed); no row: none
+#: was given yet (0). Not an event count: `ResultStore.counters` and `edge status` leave it out.
+CHANGE_COUNTER = "change_seq"
+#: The columns of `images` whose update gives the row a new change number: those `edge results`
+#: reports that a write changes (the verdict and the answer, where the file is, why an error).
+#: Not `updated`, `attempts` or `file_key`: a failed send, tried again, is no new result.
+CHANGE_COLUMNS = (
+    "path",
+    "stored_path",
+    "finished",
+    "verdict",
+    "p_defect",
+    "boxes",
+    "scores",
+    "labels",
+    "class_names",
+    "error_kind",
+    "reason",
+)
+
+
+def _change_trigger(name: str, event: str, when: str = "") -> str:
+    """A trigger numbering the row `event` wrote: the change counter up by one, its value the
+    row's `changed`. Its own UPDATE sets only `changed`, which fires no trigger (nor would
+    it with recursive_triggers: no trigger is on `changed`)."""
+    return (
+        f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON images{when}\nBEGIN\n"
+        f"    INSERT INTO counters (name, value) VALUES ('{CHANGE_COUNTER}', 1)\n"
+        "        ON CONFLICT (name) DO UPDATE SET value = value + 1;\n"
+        "    UPDATE images SET changed =\n"
+        f"        (SELECT value FROM counters WHERE name = '{CHANGE_COUNTER}') WHERE id = NEW.id;\n"
+        "END"
+    )
+
+
+#: The index and triggers of images.changed, each one statement (a trigger's body holds ";":
+#: not split as _SCHEMA is), made where missing by every writer (`ResultStore._migrate`). An
+#: update that sets a column of CHANGE_COLUMNS to the value it has is no change.
+CHANGE_TRACKING = (
+    "CREATE INDEX IF NOT EXISTS images_changed ON images (changed)",
+    _change_trigger("images_changed_insert", "INSERT"),
+    _change_trigger(
+        "images_changed_update",
+        f"UPDATE OF {', '.join(CHANGE_COLUMNS)}",
+        "\n    WHEN " + "\n      OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in CHANGE_COLUMNS),
+    ),
+)
 
 #: The running `splitdet edge run`'s account of itself (one row, rewritten at each start:
 #: `ResultStore.record_daemon`): its pid, the model export it sends with, its outbox caps and,
@@ -122,7 +179,8 @@ CREATE TABLE counters (
 {_DEAD_LETTERS};
 {_THRESHOLD};
 {_FINISHED_BOOT};
-{_FINISHED_BOOT_S}"""
+{_FINISHED_BOOT_S};
+{_CHANGED}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -147,7 +205,9 @@ RESULT_COLUMNS = (
     "attempts",
     "error_kind",
     "reason",
-    "threshold",  # (last: CSV readers by position keep the earlier columns' places)
+    # (added columns last: CSV readers by position keep the earlier columns' places)
+    "threshold",
+    "changed",
 )
 _JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
 #: The outbox's last_error of a request `edge requeue` put back (no send of it failed yet).

@@ -159,9 +159,11 @@ def test_after_id_takes_a_cursor_and_refuses_what_is_not_one(tmp_path, capsys):
     db = tmp_path / "edge.sqlite"
     with contextlib.closing(ResultStore(db)) as store:
         store.record_ok(_arrival(1), 0.1, FINGERPRINT, {})
-    for cursor, listed in (("0", 1), (str(2**63 - 1), 0)):
+    for cursor, listed in (("0", 1), ("1", 0)):
         rows = _out(capsys, "edge", "results", "--db", str(db), "--json", "--after-id", cursor)
         assert len(json.loads(rows)) == listed
+    assert main(["edge", "results", "--db", str(db), "--after-id", str(2**63 - 1)]) == 2
+    assert "is past the last id this store gave, 1" in capsys.readouterr().err
     for bad in ("-1", "x", str(2**63)):
         with pytest.raises(SystemExit) as refused:
             main(["edge", "results", "--db", str(db), "--after-id", bad])
