@@ -101,12 +101,11 @@ def parse_since(text: str, now: float | None = None) -> float:
     if number is None:  # not a number: an ISO time?
         try:
             when = datetime.fromisoformat(text)
-        except ValueError:
-            pass
-        else:
             if when.tzinfo is None:
                 _refuse_unclear_local_time(text, when)
             return when.timestamp()
+        except (ValueError, OverflowError, OSError):  # (e.g. year 1 or 9999: out of range)
+            pass
     raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
 
 

@@ -153,15 +153,24 @@ class _Existing:
             {p.stem for p in annotations.glob("*.xml")} if annotations.is_dir() else set()
         )
         self.listed: dict[str, dict[str, str]] = {}  # image id -> its latest listing row
+        #: whether collected.csv was read whole (an edited one may not parse: then no image is
+        #: taken as unlisted, whose row may stand in the part not read)
+        self.listing_whole = True
         listing = out / LISTING
         if self.taken and listing.is_file():
             with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-                try:
-                    for row in csv.DictReader(fh):
-                        if row.get("image_id") in self.taken:
-                            self.listed[row["image_id"]] = row
-                except csv.Error:  # a damaged line (an edited listing): the rows before it
-                    pass
+                text = fh.read()
+            try:
+                for row in csv.DictReader(io.StringIO(text, newline="")):
+                    if row.get("image_id") in self.taken:
+                        self.listed[row["image_id"]] = row
+            except csv.Error:  # a damaged line (an edited listing): the rows before it
+                self.listing_whole = False
+            # (an unclosed quote swallows the rows after it without an error: every line
+            # that starts with a taken id must have been read as a row)
+            starts = {line.split(",", 1)[0] for line in text.splitlines()}
+            if (starts & self.taken) - set(self.listed):
+                self.listing_whole = False
         self._copy_hashes: dict[str, str | None] = {}
         #: result id -> the VOC id of its image, collected (the same bytes) but without a row
         #: in collected.csv: a run killed between the annotation and its row
@@ -178,7 +187,7 @@ class _Existing:
             if image_id not in self.taken:
                 return image_id, False
             if self._same(image_id, match):
-                if image_id not in self.listed:
+                if image_id not in self.listed and self.listing_whole:
                     self.unlisted[match.result_id] = image_id
                 return image_id, True
         return candidates[-1], True  # its whole hash taken: that image, whatever is listed
@@ -351,7 +360,7 @@ def collect_results(
     problem = _watched_folder_problem(out, rows)
     if problem is not None:
         raise ValueError(problem)
-    _remove_stale_temporaries(annotations, [*existing.taken, *chosen.values()])
+    _remove_stale_temporaries(annotations)
     unlisted = results_by_id(db, list(existing.unlisted))
     if not rows and not unlisted:
         if out.is_dir():  # an output made before collect marked its folders
@@ -440,11 +449,20 @@ def _relist(
 STALE_TEMPORARY_S = 60.0
 
 
-def _remove_stale_temporaries(annotations: Path, image_ids: list[str]) -> None:
-    """Remove the temporary annotation files (".ID.xml.XXXXXXXX.tmp") of `image_ids` that a
-    killed run left in `annotations`, older than STALE_TEMPORARY_S."""
+#: A temporary annotation file's name (`atomic_file.replacing`'s: ".ID.xml.XXXXXXXX.tmp").
+_TEMPORARY_ANNOTATION = re.compile(r"\.(?P<target>.+\.xml)\.[a-z0-9_]{8}\.tmp")
+
+
+def _remove_stale_temporaries(annotations: Path) -> None:
+    """Remove the temporary annotation files a killed run left in `annotations` (whatever
+    their image: one not chosen again keeps none), older than STALE_TEMPORARY_S."""
+    try:
+        names = [entry.name for entry in os.scandir(annotations)]
+    except OSError:  # (none yet)
+        return
+    targets = [m["target"] for m in map(_TEMPORARY_ANNOTATION.fullmatch, names) if m]
     now = time.time()
-    for temporary in stale_temporaries(annotations, [f"{i}.xml" for i in image_ids]):
+    for temporary in stale_temporaries(annotations, targets):
         with contextlib.suppress(OSError):
             if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
                 temporary.unlink()

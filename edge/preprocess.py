@@ -15,8 +15,8 @@ Accepted inputs (Pillow modes), each to three equal or RGB channels in [0, 1]:
   default; 4095 for a model trained with `--pixel-bits 12` on a camera that saves its 12-bit
   values unscaled (the manifest's `pixel_bits`). A pixel past that value, or below 0, is refused:
   the model was not made for those images.
-- PGMs ("P5", "P2"), read here (`read_pgm`), not by Pillow, over their own maxval whatever
-  pixel_bits.
+- PGMs ("P5", "P2") of a maxval other than 255 and 65535, read here (`read_pgm`), not by
+  Pillow, over their own maxval whatever pixel_bits (those two as any 8/16-bit image).
 A 16-bit colour PNG (RGB, gray + alpha, RGBA: Pillow reads its top 8 bits) is refused when
 pixel_bits is not 16, and a JPEG of more than MAX_JPEG_SCANS scans always (`check_encoded`).
 Anything else (float "F" TIFFs, Lab, multi-frame, 32-bit values past 65535...) is refused with
@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,16 +184,22 @@ _PNM_NUMBER = re.compile(rb"[0-9]{1,10}(?![0-9])")
 _PLAIN_PGM_BYTES = b"0123456789 \t\r\n\v\f"
 
 
-def read_pgm(data: bytes, source: str) -> tuple[np.ndarray, int] | None:
-    """(pixels as UInt8 or UInt16[H, W], maxval) of a binary ("P5") or plain ("P2") PGM; None
-    for another format. ImageError naming `source` for a malformed header, a maxval outside
-    1..65535, a size past MAX_PIXELS or MAX_ORIGINAL_SIDE, pixels cut short, or a pixel past
-    the maxval.
+#: PGM maxvals Pillow reads exactly, as an 8-bit or a 16-bit image: such a PGM is read as any
+#: other 8/16-bit image (a 16-bit one over 2**pixel_bits - 1, as exports of `--pixel-bits 12`
+#: were trained on it), not by `read_pgm`.
+PILLOW_PGM_MAXVALS = (255, 65535)
 
-    Read here, not by Pillow: a PGM states its own maximum and is read over it, whatever the
-    maxval (Pillow rescales other maxvals than 255 and 65535 to 8 or 16 bits, rounding, silently
-    clips pixels past it, and does it a pixel at a time in Python). Binary pixels are one byte
-    each below maxval 256, else two, most significant first (the Netpbm format)."""
+
+def read_pgm(data: bytes, source: str) -> tuple[np.ndarray, int] | None:
+    """(pixels as UInt8 or UInt16[H, W], maxval) of a binary ("P5") or plain ("P2") PGM whose
+    maxval is not one of PILLOW_PGM_MAXVALS; None for another format or such a maxval.
+    ImageError naming `source` for a malformed header, a maxval outside 1..65535, a size past
+    MAX_PIXELS or MAX_ORIGINAL_SIDE, pixels cut short, or a pixel past the maxval.
+
+    Read here, not by Pillow: such a PGM states its own maximum and is read over it, whatever
+    `pixel_bits` (Pillow rescales those maxvals to 8 or 16 bits, rounding, silently clips
+    pixels past it, and does it a pixel at a time in Python). Binary pixels are one byte each
+    below maxval 256, else two, most significant first (the Netpbm format)."""
     magic = data[:2]
     if magic not in _PGM_MAGICS:
         return None
@@ -214,6 +221,8 @@ def read_pgm(data: bytes, source: str) -> tuple[np.ndarray, int] | None:
         raise ImageError(f"{source}: a PGM of {width}x{height} px: no pixels")
     if not 1 <= maxval <= 65535:
         raise ImageError(f"{source}: a PGM whose maxval is {maxval}, outside 1..65535")
+    if maxval in PILLOW_PGM_MAXVALS:
+        return None  # (Pillow's 8- or 16-bit image, read as any other: `pixel_bits` applies)
     _check_size(source, width, height)
     if pos >= len(data) or data[pos] not in b" \t\r\n\v\f":
         raise ImageError(f"{source}: a PGM whose header does not end in whitespace after maxval")
@@ -280,7 +289,10 @@ def check_encoded(data: bytes, source: str, pixel_bits: int = 16) -> None:
       would come out near-black, and values past 2**pixel_bits - 1 would not be refused as
       they are in a 16-bit grayscale image. (With 16 it is the same picture at 8 bits.)"""
     if data.startswith(b"\xff\xd8"):
-        scans = _jpeg_walk(data)[1]
+        ends, scans = _jpeg_walk(data)
+        if not ends:  # (a stray byte where a marker must be stops the walk, not the decoder,
+            # which skips to the next marker: every start-of-scan marker in the file counts)
+            scans = max(scans, data.count(b"\xff\xda"))
         if scans > MAX_JPEG_SCANS:
             raise ImageError(
                 f"{source}: a progressive JPEG of {scans} scans, more than the "
@@ -412,13 +424,20 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
             "or cut short"
         )
     check_encoded(data, source, pixel_bits)
-    with warnings.catch_warnings(record=True) as caught:
+    # (the warning filters are the process's: two threads decoding at once, the hot folder's
+    # and the sender's --save-annotated, left them swapped for good)
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             return _decode(data, source, pixel_bits)
         finally:
             _log_warnings(caught, source)
+
+
+#: Held while `decode_image` has the process's warning filters swapped (catch_warnings is not
+#: thread-safe).
+_WARNINGS_LOCK = threading.Lock()
 
 
 def _log_warnings(caught: list[warnings.WarningMessage], source: str) -> None:

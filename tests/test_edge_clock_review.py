@@ -303,3 +303,15 @@ def test_status_counts_results_stamped_ahead_of_the_clock(tmp_path, capsys, monk
     assert "stamped ahead" not in _out(capsys, "edge", "status", "--db", str(right))
     summary = json.loads(_out(capsys, "edge", "status", "--db", str(right), "--json"))
     assert summary["stamped_ahead"] == {"results": 0, "furthest_s": None}
+
+
+@pytest.mark.parametrize("when", ["0001-01-01", "9999-12-31T23:59:59"])
+def test_since_at_the_ends_of_the_calendar_is_one_line(when, tmp_path, capsys):
+    """A review: a local time at either end of datetime's range ended in a traceback
+    (`ValueError: year 0 is out of range`), where it had been the one-line refusal."""
+    db = tmp_path / "edge.sqlite"
+    with contextlib.closing(ResultStore(db)) as store:
+        store.record_ok(_arrival(1), 0.1, FINGERPRINT, {})
+    assert main(["edge", "results", "--db", str(db), "--since", when]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--since {when!r}" in err, err

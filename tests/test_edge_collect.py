@@ -456,3 +456,34 @@ def test_a_run_killed_before_it_listed_an_image_has_its_row_written_by_the_next(
     assert not stale.exists() and fresh.exists()
     _collect(db, out, capsys)  # listed once: a third run adds no row
     assert len(listing.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_an_edited_listing_that_does_not_parse_gets_no_second_rows(line, tmp_path, capsys):
+    """A review of the relisting: a hand-edited collected.csv with an unclosed quote (the rows
+    after it swallowed by csv) had its images "relisted": each listed twice."""
+    db = line[0]
+    out = tmp_path / "review"
+    _collect(db, out, capsys)
+    listing = out / "collected.csv"
+    lines = listing.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines.insert(1, '"a note\n')
+    listing.write_text("".join(lines), encoding="utf-8")
+    before = listing.read_text(encoding="utf-8")
+    summary = _collect(db, out, capsys)
+    assert summary["relisted"] == [] and summary["collected"] == 0
+    assert listing.read_text(encoding="utf-8") == before
+
+
+def test_a_killed_writes_temporary_annotation_goes_whatever_is_chosen(line, tmp_path, capsys):
+    """The same review: a temporary annotation was removed only when its image was chosen again
+    (not with another --limit or other filters)."""
+    import os
+
+    db = line[0]
+    out = tmp_path / "review"
+    _collect(db, out, capsys)
+    stale = out / "Annotations" / ".00000099-never_chosen.xml.k2x9_q0a.tmp"
+    stale.write_bytes(b"<annotation>")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    _collect(db, out, capsys, "--verdict", "ok")
+    assert not stale.exists()

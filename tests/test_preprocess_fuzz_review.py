@@ -153,6 +153,42 @@ def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_refused_before_decoding
     assert load_rgb_and_peak(_write(tmp_path, "p.jpg", progressive))[0].size == (64, 48)
 
 
+def test_a_stray_byte_between_segments_does_not_hide_the_scans(monkeypatch):
+    """A review: one 0x00 after the APP0 segment stopped the segment walk (no scan counted),
+    while the decoder skips such bytes and decoded every scan of the stalling file."""
+    stalling = _many_scans(MAX_JPEG_SCANS + 50)
+    app0_end = 4 + int.from_bytes(stalling[4:6], "big")  # SOI, then APP0's marker and length
+    assert stalling[2:4] == b"\xff\xe0"
+    strayed = stalling[:app0_end] + b"\x00" + stalling[app0_end:]
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "load", lambda *_: pytest.fail("decoded"))
+        with pytest.raises(ImageError, match=f"of {MAX_JPEG_SCANS + 50} scans"):
+            decode_image(strayed, "cam.jpg")
+
+
+def test_decoding_in_two_threads_leaves_the_warning_filters_as_they_were():
+    """A review: the hot folder's thread and the sender's (--save-annotated) decoding at once
+    left the process's warnings swapped for good (later warnings went to a dead list)."""
+    import threading
+
+    before = (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl)
+    noise = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")  # (its inflate lets the other thread run)
+    png = buffer.getvalue()
+
+    def decode_many() -> None:
+        for _ in range(40):
+            decode_image(png, "cam.png")
+
+    threads = [threading.Thread(target=decode_many) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl) == before
+
+
 # ------------------------------------------------------------ 2. 16-bit colour PNG, 12-bit
 
 
@@ -202,6 +238,23 @@ def test_a_pgm_is_read_over_its_own_maxval_as_the_png_of_the_same_values(tmp_pat
         assert peak is None
         eight = np.floor(values * 255 / maxval + 0.5).astype(np.uint8)
         np.testing.assert_array_equal(np.asarray(rgb)[..., 1], eight)
+
+
+def test_a_16_bit_pgm_is_read_as_any_16_bit_image_over_pixel_bits(tmp_path):
+    """A review of the PGM reader: a maxval-65535 PGM holding a 12-bit camera's values was read
+    over 65535 whatever --pixel-bits, so an export of --pixel-bits 12 (trained on them read
+    over 4095) saw them at 1/16 of their brightness, and training lost their peak (data
+    check's warning on 16-bit images that stop at 4095)."""
+    pgm = _pgm(VALUES12, 65535)
+    png = _png16_gray(VALUES12)
+    for bits in (16, 12):
+        np.testing.assert_array_equal(
+            decode_image(pgm, "cam.pgm", pixel_bits=bits),
+            decode_image(png, "cam.png", pixel_bits=bits),
+        )
+    assert decode_image(pgm, "cam.pgm", pixel_bits=12).max() == 1.0
+    _, peak = load_rgb_and_peak(_write(tmp_path, "cam.pgm", pgm), pixel_bits=12)
+    assert peak == 4095
 
 
 def test_a_pgm_past_its_maxval_cut_short_or_too_large_is_refused_by_name(tmp_path):

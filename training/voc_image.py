@@ -156,8 +156,9 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
     The file's bytes are looked at first as the edge looks at them
     (`splitdet.edge.preprocess.check_encoded`): a JPEG of more scans than any encoder writes
     (a decoder-stalling file) and, with `pixel_bits` other than 16, a 16-bit colour PNG (read
-    at 8 bits only) are a VocError. A PGM is read by the edge's own reader
-    (`preprocess.read_pgm`), over its maxval whatever `pixel_bits` (peak None)."""
+    at 8 bits only) are a VocError. A PGM of a maxval other than 255 and 65535 is read by the
+    edge's own reader (`preprocess.read_pgm`), over its maxval whatever `pixel_bits` (peak
+    None); those two are read as any 8/16-bit image."""
     from PIL import Image
 
     from splitdet.edge.preprocess import WIDE_GRAY_MODES, ImageError, check_encoded, read_pgm
