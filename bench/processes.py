@@ -156,9 +156,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def _sigterm_unwinds() -> tuple[signal.Signals, ...]:
+def _sigterm_unwinds() -> tuple[tuple[signal.Signals, object], ...]:
     """Make SIGTERM and SIGHUP raise KeyboardInterrupt in this process, where nothing else
-    handles them; the signals so handled (to restore when done).
+    handles them (as PID 1, `shared.cli.end_on_sigterm` is no handling of its own); the
+    signals so handled with their handlers before (to restore when done).
 
     The services run in their own sessions (so a terminal's Ctrl-C reaches only us, and we stop
     them); a plain SIGTERM (`kill`, a job scheduler) or a closed terminal's SIGHUP would end us
@@ -166,11 +167,14 @@ def _sigterm_unwinds() -> tuple[signal.Signals, ...]:
     """
     if threading.current_thread() is not threading.main_thread():
         return ()
+    from splitdet.shared.cli import end_on_sigterm  # (as PID 1, `main` set it: ours replaces it)
+
     installed = []
     for signum in UNWINDING_SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_DFL:
+        before = signal.getsignal(signum)
+        if before in (signal.SIG_DFL, end_on_sigterm):
             signal.signal(signum, _interrupt)
-            installed.append(signum)
+            installed.append((signum, before))
     return tuple(installed)
 
 
@@ -202,7 +206,7 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
         self._terminated = False  # SIGTERM sent (`terminate`)
         self.ready: dict = {}
-        self._own_signals: tuple[signal.Signals, ...] = ()
+        self._own_signals: tuple[tuple[signal.Signals, object], ...] = ()
 
     def start(self) -> ServiceProcess:
         """Start and wait until ready; raises ServiceError (and stops it) otherwise."""
@@ -309,8 +313,8 @@ class ServiceProcess:
                         os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         self._log.close()
-        for signum in self._own_signals:
-            signal.signal(signum, signal.SIG_DFL)
+        for signum, before in self._own_signals:
+            signal.signal(signum, before)
         self._own_signals = ()
         return process.returncode
 

@@ -420,21 +420,27 @@ class DetectionCore:
         counted (`on_store_error`) each time, logged at most once per
         `store_failure_lines.every_s` per error (a full disk fails every answer), the line
         saying how many were left out since the last."""
-        with self._store_failures_lock:
-            self._store_failures += 1
+        if doing == "keep":  # (`_store_resumed` tells of answers not kept)
+            with self._store_failures_lock:
+                self._store_failures += 1
         repeats = self.store_failure_lines.admit(("answers_store_failed", str(exc)))
         if repeats is not None:
             fields = {"event": "answers_store_failed", "request_id": request_id,
                       "error": f"{type(exc).__name__}: {exc}", "doing": doing}  # fmt: skip
             if repeats:
                 fields["repeats"] = repeats
-            what = (
-                "cannot keep the answer to %r (%s); answered without it (a repeat of this "
-                "request is computed again)"
-                if doing == "keep"
-                else "cannot read the answer to %r (%s); computed afresh (is --answers-db "
-                "damaged? stop the server, move it aside and start with a new one)"
-            )
+            if doing == "keep":
+                what = (
+                    "cannot keep the answer to %r (%s); answered without it (a repeat of this "
+                    "request is computed again)"
+                )
+            elif isinstance(exc, sqlite3.OperationalError):  # (locked, an I/O error)
+                what = "cannot read the answer to %r (%s); computed afresh"
+            else:
+                what = (
+                    "cannot read the answer to %r (%s); computed afresh (--answers-db "
+                    "damaged: stop the server, move it aside and start with a new one)"
+                )
             log.warning(
                 what + "%s", request_id, exc,
                 repeats_note(repeats, self.store_failure_lines.every_s),
@@ -477,18 +483,23 @@ class DetectionCore:
     def is_repeat(self, model: ServedModel, request_id: str, digest: str) -> bool:
         """True when an answer to `request_id` by `model` for the request of `digest`
         (`request_digest`) is stored: the request is then answered without the heads."""
-        stored = self._answer_of(model, request_id)
+        stored = self._answer_of(model, request_id, quiet=True)
         return stored is not None and stored.digest == digest
 
-    def _answer_of(self, model: ServedModel, request_id: str) -> StoredAnswer | None:
-        """The stored answer to `request_id` by `model` (None: none stored, no store, or one
-        computed by another model: compute afresh)."""
+    def _answer_of(
+        self, model: ServedModel, request_id: str, quiet: bool = False
+    ) -> StoredAnswer | None:
+        """The stored answer to `request_id` by `model` (None: none stored, no store, one
+        computed by another model, or one that cannot be read: compute afresh). `quiet`: a
+        read that fails is not told (`is_repeat`: the call's own lookup, `_stored`, tells
+        it, once)."""
         if self.store is None:
             return None
         try:
             stored = self.store.get(request_id)
-        except (sqlite3.Error, ValueError, TypeError) as exc:  # damaged: computed afresh
-            self._store_failed(request_id, exc, "read")
+        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:  # damaged
+            if not quiet:
+                self._store_failed(request_id, exc, "read")
             return None
         return stored if stored is not None and stored.fingerprint == model.fingerprint else None
 

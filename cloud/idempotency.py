@@ -195,8 +195,12 @@ class IdempotencyStore:
     def _check_pages(self) -> None:
         """DamagedAnswersDatabase when SQLite finds the file's pages damaged (quick_check: a
         page overwritten, a -wal of another file beside it): a read only, before anything is
-        written."""
-        if self.path == ":memory:":
+        written. Only when a -wal holding frames lies beside the file (a crash or a kill left
+        it, a backup was restored beside it, or another replica writes the file now): a file
+        closed cleanly has none, and the check reads the whole file (seconds per GB from a
+        cold disk, at every start of every replica); damage met later is a read failure, the
+        request computed afresh."""
+        if self.path == ":memory:" or not _holds_frames(f"{self.path}-wal"):
             return
         found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
         if found and found != ["ok"]:
@@ -222,7 +226,14 @@ class IdempotencyStore:
             row = self._db.execute(
                 "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?", (key,)
             ).fetchone()
-        return None if row is None else StoredAnswer(row[0], row[1], bytes(row[2]))
+        if row is None:
+            return None
+        fingerprint, digest, payload = row
+        if not (isinstance(fingerprint, str) and isinstance(digest, str)):
+            raise ValueError(f"the stored answer to {request_id!r} is damaged (not text)")
+        if not isinstance(payload, bytes):  # (bytes(N) of an integer would allocate N bytes)
+            raise ValueError(f"the stored answer to {request_id!r} is damaged (not a blob)")
+        return StoredAnswer(fingerprint, digest, payload)
 
     def put(self, request_id: str, answer: StoredAnswer) -> bool:
         """Store the answer for `request_id` in the current scope (`answers_scope`), unless one
@@ -278,6 +289,14 @@ class IdempotencyStore:
         with self._lock:
             self._closed = True
             self._db.close()
+
+
+def _holds_frames(wal: str) -> bool:
+    """Whether the -wal file `wal` exists and holds more than its 32-byte header."""
+    try:
+        return os.path.getsize(wal) > 32
+    except OSError:
+        return False
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

@@ -104,14 +104,14 @@ def _needs_torch(args: argparse.Namespace) -> bool:
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-def _end_on_sigterm(signum: int, _frame: object) -> None:
+def end_on_sigterm(signum: int, _frame: object) -> None:
     """SIGTERM's handler while PID 1: end the process as the default action ends any other
     (exit status 143), unwinding (`finally` blocks run, locks are released)."""
     raise SystemExit(SIGTERM_EXIT)
 
 
 def end_on_sigterm_as_pid1() -> None:
-    """As PID 1 (a container without an init), install `_end_on_sigterm` for SIGTERM: the
+    """As PID 1 (a container without an init), install `end_on_sigterm` for SIGTERM: the
     kernel drops a signal PID 1 has no handler for, so a SIGTERM before a command installs
     its own (while its modules import: the first 0.1-0.2 s) would be lost and the process
     run until SIGKILL. The commands that stop gracefully on SIGTERM (`cloud`, `edge run`)
@@ -119,7 +119,7 @@ def end_on_sigterm_as_pid1() -> None:
     works there) or off the main thread (where no handler can be installed)."""
     if os.getpid() != 1 or threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGTERM, _end_on_sigterm)
+    signal.signal(signal.SIGTERM, end_on_sigterm)
 
 
 def has_full_install() -> bool:

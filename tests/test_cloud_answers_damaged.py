@@ -5,8 +5,11 @@ finds damaged is refused at start, saying what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sqlite3
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,18 +18,26 @@ from cloud_fixtures import detect_bytes, detect_code, loopback_detect, make_samp
 from splitdet.cloud.idempotency import DamagedAnswersDatabase, IdempotencyStore, StoredAnswer
 from splitdet.shared.wire import detection_pb2 as pb
 
+STORE_ERRORS = "splitdet_cloud_answers_store_errors_total"
 
-@pytest.mark.parametrize("payload", [b"\xf2 not json", "a text payload"], ids=["bytes", "text"])
+
+@pytest.mark.parametrize(
+    "payload", [b"\xf2 not json", "a text payload", 2**62], ids=["bytes", "text", "integer"]
+)
 def test_a_damaged_stored_answer_is_computed_afresh(tmp_path, caplog, payload):
+    """(An integer payload was made bytes(N): 2**62 a MemoryError, answered RESOURCE_EXHAUSTED
+    and retried by the edge for ever; 2**31, 2 GB allocated for one lookup.) Each call counts
+    its failed read once."""
     model, _, manifest = shared_model_dir(0)
     sample = make_sample(model, seed=1, codec="int8")
     raw = detect_bytes(sample, manifest.fingerprint, "req-1")
-    with loopback_detect(tmp_path) as (_, send), caplog.at_level(logging.WARNING):
+    with loopback_detect(tmp_path) as (server, send), caplog.at_level(logging.WARNING):
         first = pb.DetectResponse.FromString(send(raw, timeout=60))
         with sqlite3.connect(tmp_path / "answers.sqlite") as db:
             assert db.execute("UPDATE answers SET payload = ?", (payload,)).rowcount == 1
         code, details = detect_code(send, raw)
         assert code == grpc.StatusCode.OK, details
+        assert server.metrics.registry.get_sample_value(STORE_ERRORS) == 1
         again = pb.DetectResponse.FromString(send(raw, timeout=60))
     assert len(again.boxes) == len(first.boxes) > 0
     assert [b.score for b in again.boxes] == [b.score for b in first.boxes]
@@ -36,19 +47,32 @@ def test_a_damaged_stored_answer_is_computed_afresh(tmp_path, caplog, payload):
     assert failed and failed[0].fields["doing"] == "read", [r.getMessage() for r in failed]
 
 
-def test_a_damaged_answers_file_is_refused_at_start_saying_what_to_do(tmp_path):
-    path = tmp_path / "answers.sqlite"
-    store = IdempotencyStore(path)
+def _killed_with_a_page_overwritten(tmp_path) -> Path:
+    """An answers file of 200 answers as a killed server leaves it (its -wal beside it, one
+    answer in it), a page in the middle of the file overwritten."""
+    live = tmp_path / "live.sqlite"
+    store = IdempotencyStore(live)
     for n in range(200):  # many pages
         store.put(f"r{n}", StoredAnswer("f" * 64, f"{n:064x}", b"[]" * 2000))
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.put("last", StoredAnswer("f" * 64, "0" * 64, b"[]"))  # (into the -wal)
+    path = tmp_path / "answers.sqlite"
+    shutil.copyfile(live, path)
+    shutil.copyfile(f"{live}-wal", f"{path}-wal")
     store.close()
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
         page = db.execute("PRAGMA page_size").fetchone()[0]
         pages = db.execute("PRAGMA page_count").fetchone()[0]
     with open(path, "r+b") as fh:  # a page in the middle overwritten
         fh.seek(page * (pages // 2))
         fh.write(bytes(range(256)) * (page // 256))
+    return path
+
+
+def test_a_damaged_answers_file_is_refused_at_start_saying_what_to_do(tmp_path):
+    """Checked when a -wal lies beside it (a crash, a kill, a restore beside a stale one);
+    a file closed cleanly is not read whole at every start."""
+    path = _killed_with_a_page_overwritten(tmp_path)
     with pytest.raises(DamagedAnswersDatabase, match="move it aside with its -wal and -shm") as e:
         IdempotencyStore(path)
     assert "\n" not in str(e.value) and "***" not in str(e.value)  # one line
