@@ -41,7 +41,9 @@ file is, error), store-wide, in its `changed` column. Start from 0, keep the lar
 listed as the next SEQ (SEQ again when nothing is listed), and key the rows you keep by id: a
 pending row is listed when made and again when final (defect when the cloud answers, or
 error); a dead letter `splitdet edge requeue` sends again is listed again as pending, then as
-final. No rule about pending rows is needed, with --verdict or without.
+final. No rule about pending rows is needed. Poll without --verdict or --fingerprint and
+filter on your side: a filtered poll moves its cursor only to rows it listed, so with rare
+matches each poll reads again every row changed since the last match.
 
 --after-id N lists the rows with an id above N; ids only grow, in arrival order, whatever the
 clock does, but a row changed after it was listed is not listed again: a poll by --after-id

@@ -289,10 +289,7 @@ def check_encoded(data: bytes, source: str, pixel_bits: int = 16) -> None:
       would come out near-black, and values past 2**pixel_bits - 1 would not be refused as
       they are in a 16-bit grayscale image. (With 16 it is the same picture at 8 bits.)"""
     if data.startswith(b"\xff\xd8"):
-        ends, scans = _jpeg_walk(data)
-        if not ends:  # (a stray byte where a marker must be stops the walk, not the decoder,
-            # which skips to the next marker: every start-of-scan marker in the file counts)
-            scans = max(scans, data.count(b"\xff\xda"))
+        scans = _jpeg_walk(data, resync=True)[1]  # (past stray bytes, as the decoder goes on)
         if scans > MAX_JPEG_SCANS:
             raise ImageError(
                 f"{source}: a progressive JPEG of {scans} scans, more than the "
@@ -353,21 +350,28 @@ _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
 
 #: Fill bytes before a marker.
 _JPEG_FILL = re.compile(rb"\xff+")
+#: The next marker past stray bytes: 0xFF (fill bytes too) before a byte that is no 0x00.
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff]")
 #: Where a JPEG's entropy-coded scan data ends: a 0xFF not followed by 0x00 (a stuffed 0xFF) or a
 #: restart marker (RST0-7).
 _SCAN_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
-def _jpeg_walk(data: bytes) -> tuple[bool, int]:
+def _jpeg_walk(data: bytes, resync: bool = False) -> tuple[bool, int]:
     """(whether walking a JPEG's own segments from its start reaches its end-of-image marker,
     the start-of-scan segments met on the way): an EXIF thumbnail's markers, inside its
     segment, and whatever follows the image (an MPO's other images) do not count. Scan data
     runs to the next marker: a 0xFF in it is followed by 0x00 or a restart marker. No pixel
-    decoded; the scan data is skipped by a regular expression, not a byte at a time."""
+    decoded; the scan data is skipped by a regular expression, not a byte at a time.
+    `resync`: past a byte where a marker must be, go on from the next marker, as the decoder
+    does (a stray byte then hides no scan from `check_encoded`); else the walk ends there."""
     end, pos, scans = len(data), 2, 0
     while pos < end:
         if data[pos] != 0xFF:
-            return False, scans  # no marker where one must be: zeros, or not written yet
+            found = _NEXT_MARKER.search(data, pos) if resync else None
+            if found is None:
+                return False, scans  # no marker where one must be: zeros, or not written yet
+            pos = found.start()
         fill = _JPEG_FILL.match(data, pos)
         assert fill is not None  # (data[pos] is 0xFF)
         pos = fill.end()

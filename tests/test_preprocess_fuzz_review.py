@@ -166,6 +166,17 @@ def test_a_stray_byte_between_segments_does_not_hide_the_scans(monkeypatch):
             decode_image(strayed, "cam.jpg")
 
 
+def test_start_of_scan_bytes_inside_metadata_are_no_scans():
+    """A review of the stray-byte fix: counting every 0xFFDA pair in the file refused a JPEG
+    whose metadata segment held 200 of them (with one stray byte besides) as a JPEG of 201
+    scans. The walk now goes on past a stray byte, and skips segments by their length."""
+    data = _jpeg(progressive=False)
+    metadata = b"\xff\xe9" + (2 + 400).to_bytes(2, "big") + b"\xff\xda" * 200  # an APP9
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    crafted = data[:app0_end] + metadata + b"\x00" + data[app0_end:]
+    assert decode_image(crafted, "cam.jpg").shape == (3, 48, 64)
+
+
 def test_decoding_in_two_threads_leaves_the_warning_filters_as_they_were():
     """A review: the hot folder's thread and the sender's (--save-annotated) decoding at once
     left the process's warnings swapped for good (later warnings went to a dead list)."""
