@@ -32,7 +32,8 @@ bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reaso
 (the gate threshold the image was judged at), changed (the number of the row's last change:
 --changed-after). The daemon stores every box the model returns (from score 0.05);
 --score-threshold 0.5 shows the boxes `splitdet predict` reports. CSV is UTF-8 whatever the
-locale; the table shows what the locale cannot encode as \\u escapes; JSON is ASCII.
+locale; the table shows what the locale cannot encode as backslash escapes (\\xfc,
+\\u65e5); JSON is ASCII.
 
 Polling for new results: keep a cursor by change, not by id or time. --changed-after SEQ lists
 the rows changed after SEQ, in the order of their change, each once in its current state: the

@@ -773,8 +773,9 @@ def add_pixel_bits_option(parser: argparse.ArgumentParser, default: int | None) 
         help=f"bits a 16-bit grayscale image's values use, {MIN_PIXEL_BITS}-16 (default: "
         f"{shown}: values over all of 0..65535): 12 for a Mono12 camera that saves its "
         "values unscaled (0..4095) in 16-bit PNG or TIFF files; such values are scaled by 2**N - "
-        "1, and a pixel past it is refused. 8-bit images are unaffected, and so is a PGM, "
-        "which states its own maximum and is read over it: keep 16 for those",
+        "1, and a pixel past it is refused. 8-bit images are unaffected, and so is a PGM of a "
+        "maximum other than 255 and 65535 (read over its own maximum); a PGM of maximum 65535 "
+        "is read as any 16-bit image, and a 16-bit colour PNG is refused unless N is 16",
     )
 
 
