@@ -37,7 +37,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitdet.edge.store_file import Contents, describe_contents, immediate, read_contents
+from splitdet.edge.store_file import (
+    Contents,
+    describe_contents,
+    has_wal,
+    immediate,
+    quick_check_findings,
+    read_contents,
+)
 from splitdet.edge.store_schema import APPLICATION_ID as EDGE_APPLICATION_ID
 
 log = logging.getLogger(__name__)
@@ -200,16 +207,10 @@ class IdempotencyStore:
         closed cleanly has none, and the check reads the whole file (seconds per GB from a
         cold disk, at every start of every replica); damage met later is a read failure, the
         request computed afresh."""
-        if self.path == ":memory:" or not _holds_frames(f"{self.path}-wal"):
+        if self.path == ":memory:" or not has_wal(self.path):
             return
-        found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
-        if found and found != ["ok"]:
-            problems = [  # (without SQLite's "*** in database main ***" heading)
-                line.strip()
-                for finding in found
-                for line in finding.splitlines()
-                if line.strip() and not line.startswith("***")
-            ]
+        problems = quick_check_findings(self._db, 3)
+        if problems:
             raise DamagedAnswersDatabase(
                 f"damaged (quick_check: {'; '.join(problems)}): stop every server using it, "
                 "move it aside with its -wal and -shm files and start with a new one (the "
@@ -289,14 +290,6 @@ class IdempotencyStore:
         with self._lock:
             self._closed = True
             self._db.close()
-
-
-def _holds_frames(wal: str) -> bool:
-    """Whether the -wal file `wal` exists and holds more than its 32-byte header."""
-    try:
-        return os.path.getsize(wal) > 32
-    except OSError:
-        return False
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

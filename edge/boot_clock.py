@@ -32,16 +32,17 @@ class BootClock:
 def boot_clock() -> BootClock | None:
     """Now on the boot clock, or None where the system has none (not Linux)."""
     clock = getattr(time, "CLOCK_BOOTTIME", None)
-    boot_id = _boot_id()
-    if clock is None or boot_id is None:
+    boot = boot_id()
+    if clock is None or boot is None:
         return None
-    return BootClock(boot_id, time.clock_gettime(clock))
+    return BootClock(boot, time.clock_gettime(clock))
 
 
 @functools.cache
-def _boot_id() -> str | None:
-    """This boot's id, read once: a process never outlives its boot (every final result asks
-    for it, on the daemon's path from image to result)."""
+def boot_id() -> str | None:
+    """This boot's id (a new one at every boot), or None when it cannot be read; read once: a
+    process never outlives its boot (every final result asks for it, on the daemon's path
+    from image to result, and a ready file records it: `shared.cli.process_identity`)."""
     try:
         return BOOT_ID_FILE.read_text(encoding="ascii").strip() or None
     except (OSError, UnicodeDecodeError):

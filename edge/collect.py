@@ -449,20 +449,12 @@ def _relist(
 STALE_TEMPORARY_S = 60.0
 
 
-#: A temporary annotation file's name (`atomic_file.replacing`'s: ".ID.xml.XXXXXXXX.tmp").
-_TEMPORARY_ANNOTATION = re.compile(r"\.(?P<target>.+\.xml)\.[a-z0-9_]{8}\.tmp")
-
-
 def _remove_stale_temporaries(annotations: Path) -> None:
     """Remove the temporary annotation files a killed run left in `annotations` (whatever
-    their image: one not chosen again keeps none), older than STALE_TEMPORARY_S."""
-    try:
-        names = [entry.name for entry in os.scandir(annotations)]
-    except OSError:  # (none yet)
-        return
-    targets = [m["target"] for m in map(_TEMPORARY_ANNOTATION.fullmatch, names) if m]
+    their image: one not chosen again keeps none; annotations are the only files written
+    there through `atomic_file.replacing`), older than STALE_TEMPORARY_S."""
     now = time.time()
-    for temporary in stale_temporaries(annotations, targets):
+    for temporary in stale_temporaries(annotations, None):
         with contextlib.suppress(OSError):
             if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
                 temporary.unlink()

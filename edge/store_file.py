@@ -169,17 +169,32 @@ def quick_check(db: sqlite3.Connection, path: Path | str) -> None:
             another program holds or a failing disk.
     """
     try:
-        rows = db.execute("PRAGMA quick_check(1)").fetchall()
+        findings = quick_check_findings(db, 1)
     except sqlite3.DatabaseError as exc:
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF in _DAMAGED_CODES:
             raise damaged_store(path, f"quick_check: {exc}") from None
         raise open_failure(path, exc) from None
-    first = str(rows[0][0]) if rows else "ok"
-    if first == "ok":
-        return
-    lines = [line for line in first.splitlines() if line.strip() and not line.startswith("***")]
-    raise damaged_store(path, f"quick_check: {lines[0] if lines else first.strip()}")
+    if findings:
+        raise damaged_store(path, f"quick_check: {findings[0]}")
+
+
+def quick_check_findings(db: sqlite3.Connection, most: int) -> list[str]:
+    """What `PRAGMA quick_check(most)` of the database open as `db` finds wrong, a line each
+    (without SQLite's "*** in database main ***" heading); [] when it finds the file sound.
+    The edge store's check (`quick_check`) and the cloud's answers file's
+    (`IdempotencyStore`) both read it so. sqlite3.DatabaseError when SQLite gives up on the
+    file instead."""
+    found = [str(row[0]) for row in db.execute(f"PRAGMA quick_check({int(most)})")]
+    if not found or found == ["ok"]:
+        return []
+    lines = [
+        line.strip()
+        for finding in found
+        for line in finding.splitlines()
+        if line.strip() and not line.startswith("***")
+    ]
+    return lines or [finding.strip() for finding in found]
 
 
 def check_before_writing(path: Path | str, wait_ms: int) -> None:
@@ -212,7 +227,7 @@ def check_before_writing(path: Path | str, wait_ms: int) -> None:
             raise open_failure(path, exc) from None
         return  # (e.g. no -shm allowed here: the read-write open says what is wrong)
     try:
-        if not check_contents(path, contents) and _has_wal(path):
+        if not check_contents(path, contents) and has_wal(path):
             quick_check(db, path)
     finally:
         db.close()
@@ -350,7 +365,7 @@ def _wal_beside(path: Path | str) -> str:
     beside it: SQLite reads the file through it, and one left from another database (a
     restore by copying, a copied folder) makes a sound store look like that other file; ""
     when there is none (or it is empty)."""
-    if not _has_wal(Path(path)):
+    if not has_wal(Path(path)):
         return ""
     return (
         f"; {path}-wal lies beside it: a -wal left from another database (e.g. after a "
@@ -560,7 +575,7 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     except sqlite3.OperationalError as exc:
         if not _no_shm_allowed(path):
             raise open_failure(path, exc) from None
-        if _has_wal(path):  # commits only in the WAL: an immutable read would miss them
+        if has_wal(path):  # commits only in the WAL: an immutable read would miss them
             raise StoreError(
                 f"{path}: cannot be read by this user: its writer left commits in {path}-wal "
                 f"and SQLite cannot create {path}-shm (the folder is not writable); run as the "
@@ -603,8 +618,10 @@ def _no_shm_allowed(path: Path) -> bool:
     return not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK)
 
 
-def _has_wal(path: Path) -> bool:
-    """True when the store's -wal file holds frames (commits not yet in the main file)."""
+def has_wal(path: Path | str) -> bool:
+    """True when the database's -wal file holds frames (commits not yet in the main file): a
+    writer killed, a writer at work, or a -wal left from another file (a restore by
+    copying)."""
     try:
         return Path(f"{path}-wal").stat().st_size > 0
     except OSError:

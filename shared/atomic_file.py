@@ -146,10 +146,11 @@ def replacing(path: Path | str, *, fsync: bool = False, parents: bool = True) ->
         raise
 
 
-def stale_temporaries(folder: Path | str, targets: Iterable[str]) -> list[Path]:
-    """The temporary files `replacing` left in `folder` for the files named `targets` (a
-    process killed while it wrote them); only that naming pattern, nothing else."""
-    names = {_temp_target(name) for name in targets}
+def stale_temporaries(folder: Path | str, targets: Iterable[str] | None) -> list[Path]:
+    """The temporary files `replacing` left in `folder` for the files named `targets` (None:
+    for any file), a process killed while it wrote them; only that naming pattern, nothing
+    else."""
+    names = None if targets is None else {_temp_target(name) for name in targets}
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
@@ -157,7 +158,8 @@ def stale_temporaries(folder: Path | str, targets: Iterable[str]) -> list[Path]:
     found = []
     for entry in entries:
         match = _TEMP_NAME.fullmatch(entry.name)
-        if match and match["target"] in names and entry.is_file() and not entry.is_symlink():
+        ours = match is not None and (names is None or match["target"] in names)
+        if ours and entry.is_file() and not entry.is_symlink():
             found.append(entry)
     return sorted(found)
 

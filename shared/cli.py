@@ -643,11 +643,13 @@ def process_identity(pid: int) -> dict[str, object]:
     in clock ticks after boot (field 22 of /proc/PID/stat) and this boot's id
     (/proc/sys/kernel/random/boot_id), under `START_TICKS_KEY` and `BOOT_ID_KEY`; either
     left out when it cannot be read (no /proc: off Linux)."""
+    from splitdet.edge.boot_clock import boot_id  # (stdlib only)
+
     identity: dict[str, object] = {}
     ticks = _start_ticks(pid)
     if ticks is not None:
         identity[START_TICKS_KEY] = ticks
-    boot = _boot_id()
+    boot = boot_id()
     if boot is not None:
         identity[BOOT_ID_KEY] = boot
     return identity
@@ -665,15 +667,6 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
-def _boot_id() -> str | None:
-    """This boot's id (a new one at every boot), or None when it cannot be read."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot_file:
-            return boot_file.read().strip() or None
-    except (OSError, ValueError):
-        return None
-
-
 def _same_instance(info: dict, pid: int) -> bool | None:
     """Whether the ready file content `info`, naming `pid`, was written by the process that
     has that pid now: False when the boot id or start time it records differs from the live
@@ -681,10 +674,12 @@ def _same_instance(info: dict, pid: int) -> bool | None:
     another container), True when what it records matches, None when it records neither (a
     file an earlier version wrote) or the process cannot be examined (the pid alone decides,
     as before)."""
+    from splitdet.edge.boot_clock import boot_id
+
     recorded_ticks, recorded_boot = info.get(START_TICKS_KEY), info.get(BOOT_ID_KEY)
     compared = False
     if isinstance(recorded_boot, str):
-        boot = _boot_id()
+        boot = boot_id()
         if boot is not None:
             if boot != recorded_boot:
                 return False
