@@ -22,6 +22,7 @@ from splitdet.edge.cloud_args import (
     check_edge_model_options,
     client_config,
 )
+from splitdet.edge.liveness import STALL_AFTER_S
 
 RUN_EPILOG = """\
 examples:
@@ -273,14 +274,23 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free "
-        "port; default: off)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, and a liveness probe at "
+        "/healthz (see --stall-after; 0: any free port; default: off)",
     )
     p.add_argument(
         "--metrics-host",
         default="0.0.0.0",
         metavar="HOST",
         help="address of the metrics endpoint (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stall-after",
+        type=float,
+        default=STALL_AFTER_S,
+        metavar="SECONDS",
+        help="the metrics endpoint's /healthz (a liveness probe's) answers 503 once the "
+        "daemon's loop has not gone round, nor finished an image, for this long: a read hung "
+        "on a share that went away (default: %(default)s)",
     )
     p.add_argument(
         "--save-annotated",
@@ -398,6 +408,7 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
             client=client,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            stall_after_s=args.stall_after,
             save_annotated=args.save_annotated,
             ready_file=args.ready_file,
             keep_results_s=args.keep_results,
@@ -441,7 +452,7 @@ def check_run_options(args: argparse.Namespace) -> None:
         if not (math.isfinite(value) and value >= 0):
             refuse(flag, value, "must be a number of seconds >= 0")
     for flag, value in (("--poll", args.poll), ("--retry-initial", args.retry_initial),
-                        ("--retry-max", args.retry_max),
+                        ("--retry-max", args.retry_max), ("--stall-after", args.stall_after),
                         ("--outbox-max-mb", args.outbox_max_mb)):  # fmt: skip
         if not (math.isfinite(value) and value > 0):
             refuse(flag, value, "must be a number > 0")

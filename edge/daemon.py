@@ -61,6 +61,7 @@ from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.daemon_metrics import EdgeMetrics, model_labels, threshold_text
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.intake import STORE_CHECK_EVERY_S, Intake
+from splitdet.edge.liveness import Liveness
 from splitdet.edge.model_probe import ModelOnDisk, ModelProbe
 from splitdet.edge.partial_sweep import start_partial_sweep
 from splitdet.edge.pipeline import EdgePipeline
@@ -176,6 +177,8 @@ class EdgeDaemon:
             pixel_bits=self.pipeline.manifest.model_config.pixel_bits,
         )
         self.metrics = EdgeMetrics(self.store, self.folder, model_labels(self.pipeline))
+        self.liveness = Liveness(config.stall_after_s)  # (/healthz: the loop still goes round)
+        self.metrics.watch_loop(self.liveness)
         # a re-export into --model while it runs: noticed and said, never taken up by itself
         self.model_on_disk = ModelOnDisk(config.model_dir, self.fingerprint, metrics=self.metrics)
         client_config = config.client_config
@@ -206,7 +209,7 @@ class EdgeDaemon:
         self._probe: ModelProbe | None = None  # asks the cloud about our exports
         after = AfterActions(config, self.store, self.folder, self.metrics)
         self._intake = Intake(config, self.store, self.pipeline, self.folder, self.metrics,
-                              self.sender, after, self._stop)  # fmt: skip
+                              self.sender, after, self._stop, beat=self.liveness.beat)  # fmt: skip
         self._store_gave_up: str | None = None  # --once: the --db, held locked past it
         self._once_idle_since = time.monotonic()  # --once: last file recorded or moved
         self._left_unsettled = 0  # --once: files left still changing (`_once_waited_out`)
@@ -364,8 +367,9 @@ class EdgeDaemon:
         if config.metrics_port is not None:
             try:
                 self._metrics_httpd = start_metrics_server(
-                    config.metrics_port, config.metrics_host, self.metrics.registry
-                )
+                    config.metrics_port, config.metrics_host, self.metrics.registry,
+                    health=self.liveness.health,
+                )  # fmt: skip
             except OSError as exc:
                 where = f"{config.metrics_host}:{config.metrics_port}"
                 raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
@@ -475,6 +479,7 @@ class EdgeDaemon:
     def _loop(self) -> None:
         self._once_idle_since = time.monotonic()
         while not self._stop.is_set():
+            self.liveness.beat()
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
             self._pruner.prune_when_due()
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
@@ -540,6 +545,7 @@ class EdgeDaemon:
                     self._store_gave_up = str(exc)  # a batch run does not wait for good
                     self._stop.set()
                 return handled
+            self.liveness.beat()  # (an image handled: a backlog is no stall)
             if self.store.commits != commits:  # (only a commit says the lock was let go)
                 self._busy.succeeded()
             if done:
@@ -557,6 +563,7 @@ class EdgeDaemon:
         deadline = time.monotonic() + timeout_s
         self.sender.wake()
         while not self._stop.is_set():
+            self.liveness.beat()
             self.store.check_file(STORE_CHECK_EVERY_S)  # (answers would go to a lost file)
             if self.store.outbox_stats().depth == 0:
                 return

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from splitdet.edge.client import ClientConfig
 from splitdet.edge.file_moves import names_below
+from splitdet.edge.liveness import STALL_AFTER_S, Liveness
 from splitdet.edge.preprocess import IMAGE_SUFFIXES
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import OutboxCap
@@ -54,6 +55,8 @@ class DaemonConfig:
         client: how to reach the cloud (timeout, TLS, token), addresses included.
         metrics_port: Prometheus endpoint port (0: any free port; None: off).
         metrics_host: its address.
+        stall_after_s: the endpoint's /healthz answers 503 once the daemon's loop has not
+            gone round for this many seconds (`liveness.Liveness`).
         save_annotated: write annotated defect images here.
         ready_file: once running, write {"pid", "metrics_port", "fingerprint"} JSON here.
         keep_results_s: delete final results older than this (seconds) from the database,
@@ -82,6 +85,7 @@ class DaemonConfig:
     client: ClientConfig | None = None
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    stall_after_s: float = STALL_AFTER_S
     save_annotated: Path | None = None
     ready_file: Path | None = None
     recursive: bool = False
@@ -102,6 +106,7 @@ class DaemonConfig:
             raise ValueError("settle, grace and drain times must be non-negative")
         if self.poll_s <= 0:
             raise ValueError("--poll must be positive")
+        Liveness(self.stall_after_s)  # validates
         if self.keep_results_s is not None and not 0 <= self.keep_results_s < float("inf"):
             raise ValueError("--keep-results must be a finite age")
         if self.extensions is not None:

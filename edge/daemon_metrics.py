@@ -16,6 +16,7 @@ from splitdet.edge.store_schema import ERROR_KINDS, VERDICTS
 from splitdet.edge.watcher import HotFolder
 
 if TYPE_CHECKING:
+    from splitdet.edge.liveness import Liveness
     from splitdet.edge.pipeline import EdgePipeline
 
 #: Latency histogram buckets, seconds.
@@ -230,6 +231,17 @@ class EdgeMetrics:
         )
         caps.labels("requests").set(store.cap.max_items)
         caps.labels("bytes").set(store.cap.max_bytes)
+
+    def watch_loop(self, liveness: Liveness) -> None:
+        """splitdet_edge_loop_age_seconds, read from `liveness` at scrape time."""
+        age = Gauge(
+            "splitdet_edge_loop_age_seconds",
+            "Seconds since the daemon's loop last went round, finished an image or waited for "
+            "outbox room (monotonic); /healthz answers 503 past --stall-after. A growing value "
+            "on a live process: the loop hangs (a read on a share gone away).",
+            registry=self.registry,
+        )
+        age.set_function(liveness.age_s)
 
     def answered(self, round_trip_s: float, delivery_s: float) -> None:
         """The cloud's answer committed: a defect image, its send and delivery times."""

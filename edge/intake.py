@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from splitdet.edge.after_actions import AfterActions, free_target
@@ -69,6 +70,7 @@ class Intake:
         sender: Sender,
         after: AfterActions,
         stop: threading.Event,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.store = store
@@ -79,6 +81,7 @@ class Intake:
         self.sender = sender
         self.after = after
         self._stop = stop  # the daemon's: set here when --once gives up on a full outbox
+        self._beat = beat  # (`liveness.Liveness.beat`: a wait for outbox room is no stall)
         self.processed = 0
         self.outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
 
@@ -287,6 +290,7 @@ class Intake:
                     pause = min(pause, left)
                 if self._stop.wait(pause):
                     return None
+                self._beat()
         if waited:
             self._outbox_stalled(None)
         if record[2] == "error":

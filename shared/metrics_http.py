@@ -20,12 +20,19 @@ import logging
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-__all__ = ["MAX_CONNECTIONS", "MAX_PER_PEER", "READ_TIMEOUT_S", "start_metrics_server"]
+__all__ = [
+    "HEALTH_PATH",
+    "MAX_CONNECTIONS",
+    "MAX_PER_PEER",
+    "READ_TIMEOUT_S",
+    "start_metrics_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,11 @@ MAX_PER_PEER = 4
 #: Seconds a connection may last from its acceptance to its end (its request read, its answer
 #: written); then it is closed, also one that sends a byte now and then.
 READ_TIMEOUT_S = 10.0
+#: The path a liveness probe asks (`start_metrics_server`'s `health`): 200 or 503, one line.
+HEALTH_PATH = "/healthz"
+
+#: (alive, one line of text): what `health` answers.
+Health = Callable[[], tuple[bool, str]]
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -118,6 +130,23 @@ def _family(host: str, port: int) -> socket.AddressFamily:
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
 
+def _with_health(app: Callable, health: Health) -> Callable:
+    """`app`, but for HEALTH_PATH: 200 while `health()` says alive, else 503; its line as the
+    plain-text body."""
+
+    def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != HEALTH_PATH:
+            return app(environ, start_response)
+        alive, text = health()
+        body = text.encode()
+        status = "200 OK" if alive else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body)))])  # fmt: skip
+        return [body]
+
+    return serve
+
+
 def start_metrics_server(
     port: int,
     host: str,
@@ -125,9 +154,11 @@ def start_metrics_server(
     *,
     max_connections: int = MAX_CONNECTIONS,
     read_timeout_s: float = READ_TIMEOUT_S,
+    health: Health | None = None,
 ) -> WSGIServer:
     """Serve `registry` at http://HOST:PORT/metrics on a daemon thread; port 0 takes a free one
     (the server's `server_port` says which). Stop it with `shutdown()` then `server_close()`.
+    With `health`, http://HOST:PORT/healthz answers 200 or 503 by it (a liveness probe's).
 
     Raises OSError when `host` does not resolve or the port cannot be bound, OverflowError for a
     port out of range."""
@@ -139,6 +170,9 @@ def start_metrics_server(
         timeout = read_timeout_s
 
     _Server.max_connections = max_connections
-    server = make_server(host, port, make_wsgi_app(registry), _Server, handler_class=_Handler)
+    app = make_wsgi_app(registry)
+    if health is not None:
+        app = _with_health(app, health)
+    server = make_server(host, port, app, _Server, handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
