@@ -4,7 +4,8 @@ The edge re-sends a request whose acknowledgement it lost (timeout, crash, netwo
 must then return the same boxes without running the heads again, also after its own restart. So
 answers live in SQLite (WAL, synchronous=FULL: a returned answer survives a crash of the server),
 keyed by request id, with the model fingerprint and a digest of the request they answer. Only the
-newest `capacity` answers are kept; older ones are evicted on insert.
+newest `capacity` answers are kept; older ones are evicted on insert. Each row carries a
+checksum (`answer_checksum`): a stored answer changed on the disk is damaged, not given.
 
 The file is marked by `PRAGMA application_id` (`APPLICATION_ID`); one written before the mark
 was set (application_id 0, one `answers` table) is recognised by its table and marked. Any other
@@ -60,10 +61,14 @@ CREATE TABLE IF NOT EXISTS answers (
     fingerprint TEXT NOT NULL,                      -- model that computed the answer
     digest      TEXT NOT NULL,                      -- hash of the request it answers
     payload     BLOB NOT NULL,                      -- the serialized answer
-    created     REAL NOT NULL                       -- unix time, for operators
+    created     REAL NOT NULL,                      -- unix time, for operators
+    checksum    TEXT                                -- answer_checksum (NULL: written without)
 )
 """
+#: The column a file made before answers were checksummed lacks; added when it is opened.
+_CHECKSUM_COLUMN = "ALTER TABLE answers ADD COLUMN checksum TEXT"
 
+#: The columns a store must have (`checksum` is added to a file that lacks it).
 _COLUMNS = frozenset({"seq", "request_id", "fingerprint", "digest", "payload", "created"})
 _REFUSED = "give another --answers-db; this one is left as it is"
 _KNOWN = {EDGE_APPLICATION_ID: "a splitdet edge store (the --db of `splitdet edge run`)"}
@@ -113,6 +118,18 @@ class DamagedAnswersDatabase(sqlite3.DatabaseError):
 class AnswersFileGone(sqlite3.OperationalError):
     """The answers database was deleted or replaced while the server ran: what it stored since
     would go to a file no one reads (lost at the next restart), so nothing more is stored."""
+
+
+def answer_checksum(key: str, fingerprint: str, digest: str, payload: bytes) -> str:
+    """SHA-256 (hex) over a stored answer's key, fingerprint, request digest and payload: SQLite
+    checks no page's contents, so a bit flipped on the disk in a payload that still parses
+    (a box's digit) would be given as the answer; a row whose checksum does not match is
+    damaged (`IdempotencyStore.get`)."""
+    h = hashlib.sha256()
+    for part in (key.encode(), fingerprint.encode(), digest.encode()):
+        h.update(len(part).to_bytes(8, "big") + part)
+    h.update(payload)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,8 @@ class IdempotencyStore:
         with immediate(self._db) as db:
             self._check(read_contents(db))  # again, under the write lock
             db.execute(_SCHEMA)
+            if "checksum" not in {row[1] for row in db.execute("PRAGMA table_info(answers)")}:
+                db.execute(_CHECKSUM_COLUMN)  # (its rows, NULL, are read unchecked)
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         self._identity = _file_identity(self.path)  # (None for ":memory:")
 
@@ -225,15 +244,20 @@ class IdempotencyStore:
             if self._closed:
                 return None
             row = self._db.execute(
-                "SELECT fingerprint, digest, payload FROM answers WHERE request_id = ?", (key,)
+                "SELECT fingerprint, digest, payload, checksum FROM answers WHERE request_id = ?",
+                (key,),
             ).fetchone()
         if row is None:
             return None
-        fingerprint, digest, payload = row
+        fingerprint, digest, payload, checksum = row
         if not (isinstance(fingerprint, str) and isinstance(digest, str)):
             raise ValueError(f"the stored answer to {request_id!r} is damaged (not text)")
         if not isinstance(payload, bytes):  # (bytes(N) of an integer would allocate N bytes)
             raise ValueError(f"the stored answer to {request_id!r} is damaged (not a blob)")
+        if checksum is not None and checksum != answer_checksum(key, fingerprint, digest, payload):
+            raise ValueError(
+                f"the stored answer to {request_id!r} is damaged (its checksum does not match)"
+            )
         return StoredAnswer(fingerprint, digest, payload)
 
     def put(self, request_id: str, answer: StoredAnswer) -> bool:
@@ -268,11 +292,11 @@ class IdempotencyStore:
         already (left as it is)."""
         with immediate(self._db) as db:  # (a full disk's cause is raised on)
             cursor = db.execute(
-                "INSERT INTO answers"
-                " (request_id, fingerprint, digest, payload, created) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (request_id) DO NOTHING",
-                (key, answer.fingerprint, answer.digest, answer.payload, time.time()),
-            )
+                "INSERT INTO answers (request_id, fingerprint, digest, payload, created, checksum)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                (key, answer.fingerprint, answer.digest, answer.payload, time.time(),
+                 answer_checksum(key, answer.fingerprint, answer.digest, answer.payload)),
+            )  # fmt: skip
             if cursor.rowcount < 1:
                 return False
             # seq grows by one per insert, so this keeps at most the newest `capacity` rows
