@@ -53,7 +53,7 @@ from splitdet.shared.config import ModelConfig
 
 from support import Killed, free_port, killed, running, sliver_png, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(400)  # (the first test builds the module's fixtures)
 
 #: Short waits so the suite stays fast; production defaults are seconds.
 FAST_FLAGS = (

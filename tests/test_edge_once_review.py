@@ -26,7 +26,10 @@ def test_a_file_that_keeps_changing_is_left_for_the_next_run(tmp_path, monkeypat
     """... and the outbox is not drained for another --drain-timeout after that (a review: a
     run with the cloud down lasted twice --drain-timeout): the sender had it already."""
     monkeypatch.setattr(daemon_module, "ONCE_UNSETTLED_MIN_S", 1.0, raising=False)
-    config = daemon_config(tmp_path, tmp_path, drain_timeout_s=1.0)
+    # (a settle 25 times the camera's pace, and a grace: a loaded machine that stalls the camera
+    # thread a moment must not complete its file, nor quarantine one read half written)
+    config = daemon_config(tmp_path, tmp_path, drain_timeout_s=1.0, settle_s=0.5,
+                           unreadable_grace_s=3.0)  # fmt: skip
     (config.watch / "done.png").write_bytes(png(250))  # (flagged: the cloud down, it waits)
     growing = config.watch / "growing.png"
     stop = threading.Event()

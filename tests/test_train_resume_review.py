@@ -123,12 +123,13 @@ def test_resume_applies_a_new_lr_with_a_warning_and_names_changed_settings(
         assert schedule["step_count"] == schedule["total_iters"] == steps, (batch, schedule)
 
 
-def test_the_cosine_ends_with_the_last_epoch_whatever_the_steps_per_epoch_were(tiny_voc, tmp_path):
+def test_the_cosine_ends_with_the_last_epoch_whatever_the_steps_per_epoch_were(
+    tiny_voc, tmp_path, one_torch_thread
+):
     """The cosine's total was re-spread only when the saved one was not the run's epochs
     times this resume's steps per epoch; after an earlier re-spread it can be by chance, and
     the cosine then ended early. 4 images, 3 epochs: one at batch 1 (4 steps), one at batch 4
     (1 step; the total re-spread to 6 = 3 epochs x 2), the last at batch 2 (2 steps): 7."""
-    torch.set_num_threads(1)
     run = tmp_path / "run"
     for batch, resume in ((1, False), (4, True), (2, True)):
         config = replace(TINY, epochs=3, batch_size=batch, eval_every=0)
