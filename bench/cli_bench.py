@@ -82,15 +82,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the checkpoint MODEL_DIR was exported from (runs the torch baselines)",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="VOC dataset")
-    p.add_argument("--split", default="test", help="split the streams are drawn from")
-    p.add_argument("--defect-rates", type=_floats, default=(0.05, 0.12, 0.5), metavar="R,R,...")
+    p.add_argument(
+        "--split", default="test", help="split the streams are drawn from (default: %(default)s)"
+    )
+    p.add_argument(
+        "--defect-rates",
+        type=_floats,
+        default=(0.05, 0.12, 0.5),
+        metavar="R,R,...",
+        help="defect rates, each from 0 to 1: one stream of --images images per rate "
+        "(default: 0.05,0.12,0.5)",
+    )
     p.add_argument(
         "--images",
         type=int_in(1, MAX_IMAGES),
         default=100,
         metavar="N",
         help="images per stream (a small split's images are repeated; report.md counts the "
-        "unique ones)",
+        "unique ones; default: %(default)s)",
     )
     p.add_argument(
         "--codecs",
@@ -99,15 +108,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="C,C,...",
         help="splitdet codecs to compare (default: int8,fp16,fp32)",
     )
-    p.add_argument("--jpeg-quality", type=int_in(1, 100), default=95)
+    p.add_argument(
+        "--jpeg-quality",
+        type=int_in(1, 100),
+        default=95,
+        metavar="Q",
+        help="JPEG quality of jpegQ-to-cloud, 1-100 (default: %(default)s)",
+    )
     p.add_argument(
         "--rd-images",
         type=int_in(0),
         default=20,
         metavar="N",
-        help="defective images for the bytes-vs-mAP pass (0: skip it)",
+        help="defective images for the bytes-vs-mAP pass (0: skip it; default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the streams' draws (default: %(default)s)"
+    )
     p.add_argument(
         "--oracle-gate",
         action="store_true",

@@ -77,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int_in(1, 1024),
         default=None,
         help="threads per process, 1-1024: training, evaluation, the benchmark, the live cloud "
-        "and edge (default: torch's own count, its physical cores, to train and benchmark; 2 "
-        "each for the live cloud and edge, which share the machine)",
+        "and edge (default: torch's own count, its physical cores, to train and evaluate; "
+        "all the cores the demo may run on for the benchmark, as `splitdet bench`; 2 each "
+        "for the live cloud and edge, which share the machine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)

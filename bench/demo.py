@@ -34,6 +34,7 @@ from splitdet.bench.streams import make_stream, rates_problem, stream_problem
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.shared.manifest import file_sha256
+from splitdet.shared.progress import progress_off
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth_image import GENERATOR_VERSION
 from splitdet.training.voc import VocSample
@@ -265,7 +266,7 @@ def make_data(config: DemoConfig) -> bool:
     ]
     if out.exists():
         args.append("--overwrite")
-    if not config.progress:
+    if progress_off(not config.progress):  # (no bars into a log file either)
         args.append("--no-progress")
     _run(args)
     _write_stamp(stamp, wanted)
@@ -312,7 +313,7 @@ def train_model(config: DemoConfig) -> bool:
         check_checkpoints(config)  # (and never one it did not write)
         for name in _CHECKPOINTS:
             (run_dir / name).unlink(missing_ok=True)
-    if not config.progress:
+    if progress_off(not config.progress):  # (no bars into a log file either)
         args.append("--no-progress")
     _write_stamp(stamp, {"settings": wanted, "complete": False})
     with _torch_threads(config.threads):  # --threads: train and eval have no option for it
@@ -484,7 +485,7 @@ def _feed_camera(
         total=len(stream),
         unit="img",
         desc="edge results",
-        disable=not config.progress,
+        disable=progress_off(not config.progress),  # (no bars into a log file)
         file=sys.stderr,
     )
     deadline = time.monotonic() + config.live_timeout_s

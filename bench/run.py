@@ -61,6 +61,7 @@ from splitdet.shared.checkpoint import load_model, weights_digest
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
+from splitdet.shared.progress import progress_off
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import VocSample, read_split
 
@@ -148,6 +149,13 @@ def load_1min() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+def progress_bar(total: int, progress: bool) -> tqdm:
+    """The benchmark's bar over `total` images on stderr: drawn only with `progress` and on a
+    terminal (`progress_off`), never into a log file (a new line at every redraw there)."""
+    disable = progress_off(not progress)
+    return tqdm(total=total, unit="img", desc="benchmark", disable=disable, file=sys.stderr)
 
 
 def usable_cores() -> int | None:
@@ -432,9 +440,7 @@ def _measure(
             system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
         n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
         total = len(config.defect_rates) * config.n_images + n_rd
-        with tqdm(
-            total=total, unit="img", desc="benchmark", disable=not config.progress, file=sys.stderr
-        ) as bar:
+        with progress_bar(total, config.progress) as bar:
             rates = _run_streams(
                 config,
                 systems,

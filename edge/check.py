@@ -93,8 +93,9 @@ def check_edge(
 def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
     try:
         pipeline = EdgePipeline(EdgeRuntime(Path(model_dir), threads=None), codec=codec, gate=False)
-    except (ManifestError, ValueError, OSError) as exc:
-        raise _Failed(f"{model_dir}: {exc}") from None
+    except (ManifestError, ValueError, OSError) as exc:  # (its message may name the folder)
+        named = str(exc).startswith(str(model_dir))
+        raise _Failed(str(exc) if named else f"{model_dir}: {exc}") from None
     manifest = pipeline.manifest
     bits = manifest.model_config.pixel_bits
     return pipeline, (

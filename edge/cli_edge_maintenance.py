@@ -93,7 +93,8 @@ def register_requeue(actions: argparse._SubParsersAction) -> None:
         "--fingerprint",
         metavar="HEX",
         help="only the dead letters of requests made with this model export: its fingerprint, "
-        "or its first 8 or more hex digits",
+        "or its first 8 or more hex digits (fewer are refused: a prefix that matches by chance "
+        "would change another export's requests)",
     )
     p.add_argument(
         "--outbox-max-items",
@@ -255,7 +256,8 @@ def register_abandon(actions: argparse._SubParsersAction) -> None:
         required=True,
         metavar="HEX",
         help="the export's fingerprint, or its first 8 or more hex digits (as `edge status` "
-        "shows them)",
+        "shows them; fewer are refused: a prefix that matches by chance would change another "
+        "export's requests)",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be abandoned")
     p.add_argument(
@@ -407,11 +409,12 @@ def _open_store(path: Path, cap: OutboxCap | None = None, dry_run: bool = False)
     (a maintenance command never creates one) or it cannot be used. A dry run opens it read
     only: the store stays as it was, byte for byte (not marked, no column added)."""
     from splitdet.edge.store import ResultStore
-    from splitdet.edge.store_file import StoreError
+    from splitdet.edge.store_file import StoreError, missing_store
     from splitdet.shared.cli import CommandError
 
-    if not path.is_file():
-        raise CommandError(f"--db {path}: no such results database")
+    missing = missing_store(path)
+    if missing is not None:
+        raise CommandError(f"--db {missing}")
     try:
         return ResultStore(path, cap, readonly=dry_run)
     except StoreError as exc:  # its message starts with the database's path

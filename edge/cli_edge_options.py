@@ -25,7 +25,8 @@ def add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
     p.add_argument(
         "--since",
         metavar="WHEN",
-        help=f"{since}: 30s, 15m, 2h, 7d ago, an ISO time (2024-05-01T08:00, local unless it "
+        help=f"{since}: an age, 30s, 15m, 2h or 7d, with or without ' ago' (2h or '2h ago'), "
+        "an ISO time (2024-05-01T08:00, local unless it "
         "has an offset: 2024-05-01T08:00+02:00, or Z for UTC; a local time the clocks skip or "
         "pass twice at a daylight saving change is refused) or unix seconds; by the wall clock",
     )
@@ -56,22 +57,20 @@ def parse_duration(text: str) -> float | None:
     return None
 
 
-def duration_type(text: str) -> float:
-    """argparse type of a duration option (parse_duration)."""
-    seconds = parse_duration(text)
-    if seconds is None:
-        raise argparse.ArgumentTypeError(f"expected 30s, 15m, 2h or 7d, got {text!r}")
-    return seconds
-
-
 #: The shortest retention `edge run --keep-results` and `edge prune --older-than` take: a
 #: shorter one deletes the results written moments ago (0s: every final result).
 MIN_RETENTION_S = 60.0
 
 
 def retention_type(text: str) -> float:
-    """argparse type of a retention (parse_duration), at least MIN_RETENTION_S."""
-    seconds = duration_type(text)
+    """argparse type of a retention (parse_duration), at least MIN_RETENTION_S; the examples
+    of its errors are retentions it takes (not 30s, which it refuses)."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(
+            f"expected an age of 1m or more with its unit (s, m, h or d), e.g. 15m, 12h or "
+            f"30d, got {text!r}"
+        )
     if seconds < MIN_RETENTION_S:
         raise argparse.ArgumentTypeError(
             f"{text!r} would delete the results written moments ago ({text.strip()} keeps "
@@ -80,12 +79,23 @@ def retention_type(text: str) -> float:
     return seconds
 
 
+def _duration_ago(text: str) -> float | None:
+    """The seconds of a duration with a trailing " ago" ("2h ago" -> 7200, as the --since help
+    writes it); None for any other text ("3600 ago" too: unix seconds take no " ago")."""
+    head, _, last = text.rpartition(" ")
+    return parse_duration(head) if head.strip() and last.lower() == "ago" else None
+
+
 def parse_since(text: str, now: float | None = None) -> float:
-    """'30s', '15m', '2h', '7d' (ago), an ISO time, or unix seconds -> unix seconds."""
+    """'30s', '15m', '2h', '7d', each with an optional trailing ' ago' ('2h ago'), an ISO
+    time, or unix seconds -> unix seconds."""
     from splitdet.shared.cli import CommandError
 
     now = time.time() if now is None else now
     text = text.strip()
+    ago = _duration_ago(text)
+    if ago is not None:
+        return now - ago
     number = None
     try:
         if len(text) > 1 and text[-1] in _UNITS:
@@ -106,7 +116,10 @@ def parse_since(text: str, now: float | None = None) -> float:
             return when.timestamp()
         except (ValueError, OverflowError, OSError):  # (e.g. year 1 or 9999: out of range)
             pass
-    raise CommandError(f"--since {text!r}: expected 30s/15m/2h/7d ago, an ISO time or unix seconds")
+    raise CommandError(
+        f"--since {text!r}: expected 30s, 15m, 2h or 7d (optionally with ' ago': '2h ago'), "
+        "an ISO time (2024-05-01T08:00) or unix seconds"
+    )
 
 
 def _refuse_unclear_local_time(text: str, when: datetime) -> None:

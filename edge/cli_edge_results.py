@@ -99,8 +99,9 @@ def register_results(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fingerprint",
         metavar="HEX",
-        help="only rows of the model export whose fingerprint starts with HEX (the table's "
-        "export column; `edge status` counts results by export)",
+        help="only rows of the model export whose fingerprint starts with HEX: any prefix, "
+        "even a digit (a read changes nothing; requeue and abandon, which do, take 8 or more) "
+        "(the table's export column; `edge status` counts results by export)",
     )
     p.add_argument(
         "--score-threshold",

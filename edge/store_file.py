@@ -87,9 +87,7 @@ def open_failure(path: Path | str, exc: sqlite3.Error, verb: str = "open") -> St
     if primary not in _IO_CODES:
         return StoreError(f"{path}: not a usable SQLite database ({exc})")
     if os.path.isdir(path):
-        return StoreError(
-            f"{path}: is a folder; --db names the database file (e.g. {path}/edge.sqlite)"
-        )
+        return StoreError(_folder_given(path))
     folder = Path(os.path.realpath(path)).parent  # (of the file a symbolic link names)
     disk = disk_problem(path, f"cannot {verb} it ({exc})")
     if disk is not None:
@@ -558,6 +556,20 @@ def _remove_if_still_empty(path: Path, fd: int) -> None:
             path.unlink()
 
 
+def _folder_given(path: Path | str) -> str:
+    """What --db `path`, a folder, is told: it names the database file, not its folder."""
+    return f"{path}: is a folder; --db names the database file (e.g. {path}/edge.sqlite)"
+
+
+def missing_store(path: Path | str) -> str | None:
+    """Why no store can be read at `path` ("PATH: is a folder; --db names the database file
+    (...)", "PATH: no such results database"), or None when it is a file; for the commands
+    that read or maintain an existing store and never create one."""
+    if os.path.isdir(path):
+        return _folder_given(path)
+    return None if os.path.isfile(path) else f"{path}: no such results database"
+
+
 def open_readonly(path: Path | str) -> sqlite3.Connection:
     """A read-only connection to a store (works while the daemon writes: WAL).
 
@@ -566,8 +578,9 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     there; the store is then opened immutable (nothing can change it meanwhile: its writer has
     stopped, and its WAL is checkpointed)."""
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path}: no such results database")
+    missing = missing_store(path)
+    if missing is not None:
+        raise StoreError(missing)
     # as a URI: a '#', '?' or '%' in the name must not be read as URI syntax
     uri = path.resolve().as_uri() + "?mode=ro"
     try:

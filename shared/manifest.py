@@ -178,6 +178,30 @@ def write_manifest(
     return manifest
 
 
+def _checkpoint_in(folder: Path) -> Path | None:
+    """The training checkpoint a folder holds (best.pt first, then last.pt, then any *.pt),
+    or None: `folder` is then no training run's."""
+    try:
+        found = sorted(p for p in folder.glob("*.pt") if p.is_file())
+    except OSError:
+        return None
+    preferred = {"best.pt": 0, "last.pt": 1}
+    return min(found, key=lambda p: (preferred.get(p.name, 2), p.name), default=None)
+
+
+def _no_manifest(model_dir: Path, path: Path) -> str:
+    """Why `model_dir` without its manifest `path` is no export: a training run's folder
+    (it holds a checkpoint: export that first), or no folder `splitdet export` made."""
+    checkpoint = _checkpoint_in(model_dir) if model_dir.is_dir() else None
+    if checkpoint is None:
+        return f"{path}: missing; is {model_dir} a directory made by splitdet export?"
+    return (
+        f"{path}: missing: {model_dir} is not the folder `splitdet export` makes; it holds "
+        f"{checkpoint.name}, a training checkpoint: export it first: splitdet export "
+        f"--checkpoint {checkpoint} --out DIR"
+    )
+
+
 def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     """Read and check a model directory's manifest.
 
@@ -201,7 +225,7 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
             f"export it first: splitdet export --checkpoint {model_dir} --out DIR)"
         )
     if not path.is_file():
-        raise ManifestError(f"{path}: missing; is {model_dir} a directory made by splitdet export?")
+        raise ManifestError(_no_manifest(model_dir, path))
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
     try:
