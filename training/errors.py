@@ -8,10 +8,11 @@ mAP says how good a detector is; this says what to fix. Every detection scoring 
 
     true positive   IoU >= iou_threshold with a ground-truth object of its class not yet taken
                     by a higher-scoring detection (COCO's greedy matching, by score)
+    ignored         IoU >= iou_threshold with a "difficult" object of its class, any number of
+                    detections per object (neither right nor wrong: exactly the detections
+                    `evaluate_coco`'s mAP ignores at this IoU, as the VOC protocol does)
     duplicate       IoU >= iou_threshold with an object of its class already taken: a second box
                     on the same defect that NMS left
-    ignored         IoU >= iou_threshold with a "difficult" object of its class (neither
-                    right nor wrong, as VOC and pycocotools treat it)
     wrong class     IoU >= iou_threshold with an object of another class
     localisation    0.1 <= IoU < iou_threshold with some object: a loose box or a fragment
     background      IoU < 0.1 with every object: clutter taken for a defect; counted apart on
@@ -119,10 +120,10 @@ def error_breakdown(
             if free.any():
                 taken[np.flatnonzero(free)[np.argmax(overlaps[free])]] = True
                 counts["true_positives"] += 1
+            elif (same & difficult & hit).any():  # before duplicates, as pycocotools matches
+                counts["ignored"] += 1
             elif (same & ~difficult & taken & hit).any():
                 counts["duplicates"] += 1
-            elif (same & difficult & hit).any():
-                counts["ignored"] += 1
             elif (~same & hit).any():
                 counts["wrong_class"] += 1
             elif (overlaps >= BACKGROUND_IOU).any():

@@ -5,8 +5,9 @@
 
 Detection metrics are pycocotools' own COCOeval on COCO objects built in memory: every image of
 the split is an image of the evaluation (defect-free ones included: a detection there is a false
-positive), and VOC "difficult" objects become `iscrowd` regions (pycocotools ignores detections
-matched to them, as the VOC protocol ignores difficult objects).
+positive), and VOC "difficult" objects are ignored as the VOC protocol ignores them: a detection
+matching one at the IoU threshold (standard IoU, not a crowd region's) is neither a true nor a
+false positive, and a difficult object missed is no miss (`evaluate_coco._difficult_eval`).
 
 The gate: p(defect) per image from the defect head. Its threshold is calibrated on a separate
 split (validation) to keep at least `target_recall` of that split's defective images, halfway (in

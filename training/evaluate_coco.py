@@ -2,14 +2,17 @@
 gated system's (`gated_coco_metrics`: an image's detections kept only when the gate flags it).
 
 The COCO objects are built in memory from the split: all of its images count, defect-free ones
-too (a detection there is a false positive); a VOC "difficult" object is an `iscrowd` region,
-whose detections pycocotools ignores as the VOC protocol does. Boxes are x1y1x2y2 in 0-based
-continuous original-image px.
+too (a detection there is a false positive). A VOC "difficult" object is ignored as the VOC
+protocol ignores it (`_difficult_eval`): matched at standard IoU like any object, a detection
+matching it at the IoU threshold (and no free regular object) is neither a true nor a false
+positive, and missing it is no miss; it is never a COCO crowd region, which any detection inside
+it would match. Boxes are x1y1x2y2 in 0-based continuous original-image px.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,12 +43,11 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
                     "category_id": label_of[obj.name],
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": (x2 - x1) * (y2 - y1),
-                    # Difficult as crowd: COCOeval's `_prepare` overwrites every `ignore` with
-                    # `iscrowd`, its only way to ignore a box. A crowd box is matched by
-                    # intersection over the detection's area, by any number of detections (one
-                    # that also matches a free regular box takes that instead); a detection
-                    # matched to it is neither TP nor FP, and the box is never a missed object.
+                    # `_difficult_eval` ignores a difficult object the VOC way, by this flag;
+                    # a plain COCOeval would at least ignore it, as a crowd region (the IoU
+                    # over the detection's area: any detection inside it, not VOC's)
                     "iscrowd": int(obj.difficult),
+                    "difficult": int(obj.difficult),
                 }
             )
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
@@ -54,6 +56,46 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
+
+
+@functools.cache
+def _difficult_eval() -> type[COCOeval]:
+    """pycocotools' COCOeval ignoring the ground truth's VOC "difficult" objects the VOC way.
+
+    COCOeval's `_prepare` overwrites every object's `ignore` with `iscrowd`, and a crowd box is
+    matched by intersection over the detection's area: any detection inside a difficult box,
+    a fragment of it too, would be ignored. Here `_prepare` sets `ignore` from the annotation's
+    `difficult` flag instead, and `computeIoU` measures standard IoU with every object. In
+    `evaluateImg` (pycocotools' own matching, unchanged) `iscrowd` then only lets an ignored
+    object be matched by any number of detections, as VOC ignores each of them: a detection
+    takes the free regular object it overlaps most at the IoU threshold, else the difficult
+    one it overlaps most (neither TP nor FP), else it is a false positive. Without difficult
+    objects, everything is pycocotools' own to the bit.
+    """
+    from pycocotools import mask as mask_utils
+    from pycocotools.cocoeval import COCOeval
+
+    class DifficultEval(COCOeval):
+        """COCOeval, difficult objects ignored the VOC way (`_difficult_eval`)."""
+
+        def _prepare(self) -> None:
+            super()._prepare()
+            for objects in self._gts.values():
+                for obj in objects:
+                    obj["ignore"] = obj["iscrowd"] = int(obj.get("difficult", 0))
+
+        def computeIoU(self, imgId: int, catId: int) -> np.ndarray | list:
+            """IoU [detections by score, up to maxDets, objects] as COCOeval's, no box a crowd."""
+            objects, found = self._gts[imgId, catId], self._dts[imgId, catId]
+            if not objects and not found:
+                return []
+            order = np.argsort([-d["score"] for d in found], kind="mergesort")
+            found = [found[i] for i in order][: self.params.maxDets[-1]]
+            return mask_utils.iou(
+                [d["bbox"] for d in found], [g["bbox"] for g in objects], [0] * len(objects)
+            )
+
+    return DifficultEval
 
 
 def _coco_dt(
@@ -104,7 +146,7 @@ def coco_metrics(
 
     Args:
         samples: ground truth; object boxes x1y1x2y2 in 0-based continuous original-image px
-            (`VocSample`), difficult ones ignored (see `_coco_gt`).
+            (`VocSample`), difficult ones ignored as VOC ignores them (see `_difficult_eval`).
         boxes_per_image: per sample, the detections' boxes (K, 4) x1y1x2y2 in the same frame,
             original-image px (not the model's resized input), any float array-like (Tensor,
             ndarray; read as Python floats), as `Prediction.boxes`.
@@ -129,15 +171,14 @@ def _matched(
     labels_per_image: Sequence,
     class_names: Sequence[str],
 ) -> COCOeval:
-    """pycocotools' bbox COCOeval of the detections (arguments as `coco_metrics`'), every
-    image matched (`evaluate`), nothing accumulated yet; image ids 1..n in the samples' order."""
-    from pycocotools.cocoeval import COCOeval
-
+    """pycocotools' bbox COCOeval of the detections (arguments as `coco_metrics`'), difficult
+    objects ignored the VOC way (`_difficult_eval`), every image matched (`evaluate`), nothing
+    accumulated yet; image ids 1..n in the samples' order."""
     if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
         raise ValueError("one detection list per sample is needed")
     gt = _coco_gt(samples, class_names)
     dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
-    coco_eval = COCOeval(gt, dt, iouType="bbox")
+    coco_eval = _difficult_eval()(gt, dt, iouType="bbox")
     coco_eval.params.imgIds = sorted(gt.getImgIds())
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
