@@ -14,7 +14,6 @@ splitdet.shared.cli); the daemon loads in the handler.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from splitdet.edge.cli_edge_check import register_check
 from splitdet.edge.cli_edge_collect import register_collect
@@ -60,9 +59,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_prune(actions)
     register_check(actions)
     register_collect(actions)
-    edge.set_defaults(handler=lambda _args: _no_action(edge))
-
-
-def _no_action(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2

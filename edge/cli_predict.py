@@ -30,7 +30,7 @@ from splitdet.shared.shortage import short_of
 if TYPE_CHECKING:
     from splitdet.edge.client import ClientConfig
     from splitdet.edge.pipeline import EdgePipeline
-    from splitdet.edge.predict import Detector, InputScan, Prediction
+    from splitdet.edge.predict import Detector, InputScan, Prediction, RemoteDetector
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,21 @@ examples:
 --json FILE writes a list of records, one per image: path, p_defect, verdict (ok | defect |
 error), boxes [x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage
 timings (s), bytes_sent, error, annotated (the file --save wrote), and the run's fingerprint,
-gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C: the
-images finished by then are written, exit status 130). Unreadable files (missing, not a regular
-file, over 256 MiB, not an image) and flagged images whose detection call failed get verdict
-"error" with the reason (the latter keep p_defect); the others are processed. Each file is
-processed once, however often it is named. --save names each annotated image after its source
-(a.png -> a.jpg; a second a.* becomes a_2.jpg); it replaces an earlier run's annotated copies
-(marked as such in the JPEG), never another file. An unwritable --json or --save, a --json that
-would overwrite an input or an image file, a --save where the annotated copies could overwrite
-inputs (an input file's own folder, an input folder, or with --recursive any folder inside one),
-and a --save where a copy's name is taken by anything but an earlier annotated copy (a file, a
-link, a folder) are refused before any image is read.
+gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C, exit
+status 130, or by a cloud that refuses the model for good, exit status 2: the images finished by
+then are written). Unreadable files (missing, not a regular file, over 256 MiB, not an image)
+and flagged images whose detection call failed (the cloud unreachable or busy past --timeout
+too) get verdict "error" with the reason (the latter keep p_defect); the others are processed.
+Each file is processed once, however often it is named. --save names each annotated image after
+its source (a.png -> a.jpg; a second a.* becomes a_2.jpg); it replaces an earlier run's
+annotated copies (marked as such in the JPEG), never another file. An unwritable --json or
+--save, a --json that would overwrite an input or an image file, a --save where the annotated
+copies could overwrite inputs (an input file's own folder, an input folder, or with --recursive
+any folder inside one), and a --save where a copy's name is taken by anything but an earlier
+annotated copy (a file, a link, a folder) are refused before any image is read.
 Exit status: 0 all images processed, 1 some images had errors (unreadable, or their detection
-call or annotated copy failed), 2 usage or model errors, 130 interrupted.
+call or annotated copy failed), 2 usage or model errors (a cloud that does not serve the model
+or refuses the token too), 130 interrupted.
 """
 
 
@@ -141,24 +143,24 @@ def torch_unusable(exc: ImportError | OSError) -> Exception:
     )
 
 
-def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], Detector]:
-    """A factory of a `RemoteDetector` for the `ClientConfig` `config`; calling it asks the
-    server whether it serves `fingerprint` (CommandError naming the address if not, or if it
-    cannot be reached)."""
+def remote_detector(config: ClientConfig, fingerprint: str) -> Callable[[], RemoteDetector]:
+    """A factory of a `RemoteDetector` for the `ClientConfig` `config`. Nothing is sent yet: the
+    detector asks the server whether it serves `fingerprint` at its first call
+    (`RemoteDetector.ensure_model`, retried within --timeout), and raises `ModelRefused` for
+    good when it does not (`refused` words it)."""
 
-    def make() -> Detector:
-        from splitdet.edge.client import CloudClient, CloudError
+    def make() -> RemoteDetector:
+        from splitdet.edge.client import CloudClient
         from splitdet.edge.predict import RemoteDetector
-        from splitdet.shared.cli import CommandError
 
-        detector = RemoteDetector(CloudClient(config), fingerprint)
-        try:
-            detector.check_model()
-        except (CloudError, ValueError) as exc:
-            raise CommandError(f"cloud {config.addresses}: {exc}") from None
-        return detector
+        return RemoteDetector(CloudClient(config), fingerprint)
 
     return make
+
+
+def refused(config: ClientConfig, exc: Exception) -> str:
+    """The message of a cloud that refuses the model for good (`ModelRefused` `exc`)."""
+    return f"cloud {config.addresses}: {exc}"
 
 
 def check_outputs(json_file: str | None, save_dir: str | None) -> None:
@@ -477,7 +479,7 @@ def _cached(factory: Callable[[], _T]) -> Callable[[], _T]:
 def run(args: argparse.Namespace) -> int:
     """Predict and report; see EPILOG for the exit status."""
     from splitdet.edge.pipeline import EdgePipeline
-    from splitdet.edge.predict import annotated_names, scan_inputs
+    from splitdet.edge.predict import ModelRefused, annotated_names, scan_inputs
     from splitdet.edge.runtime import EdgeRuntime
     from splitdet.shared.cli import FULL_INSTALL, CommandError, has_full_install
     from splitdet.shared.manifest import ManifestError
@@ -527,26 +529,33 @@ def run(args: argparse.Namespace) -> int:
         detector = _cached(remote_detector(remote, pipeline.manifest.fingerprint))
     made = make_save_folder(args.save) if args.save else []
     done: list[Prediction] = []
+    refusal = None  # the cloud refused the model for good: the run stopped, what it judged kept
     try:
         complete = _predict(args, paths, pipeline, detector, save_dir, done)
-    except CommandError:  # refused (e.g. by the cloud): leave no folder behind
+    except ModelRefused as exc:
+        complete, refusal = False, refused(remote, exc) if remote is not None else str(exc)
+    except CommandError:  # refused (e.g. torch unusable): leave no folder behind
         remove_if_empty(made)
         raise
     model = {  # which export, at which threshold and codec, said so: each record carries it
         "fingerprint": pipeline.manifest.fingerprint,
         "gate_threshold": pipeline.threshold if args.gate == "on" else None,  # none judged
         "codec": pipeline.codec,
-        "run_complete": complete,  # false: stopped by Ctrl-C, later images missing
+        "run_complete": complete,  # false: stopped (Ctrl-C, the cloud's refusal), images missing
     }
     records = [{**p.to_dict(), **model} for p in done]
     if args.json == "-":
         write_json("-", records)
     print(
-        summary(done, len(paths)),
+        summary(done, len(paths), "interrupted" if refusal is None else "stopped"),
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
     if args.json and args.json != "-":
         write_json(args.json, records)
+    if refusal is not None:
+        remove_if_empty(made)
+        kept = f"; the {len(done)} image(s) judged before are in --json {args.json}"
+        raise CommandError(refusal + (kept if done and args.json else ""))
     if not complete:
         raise KeyboardInterrupt  # the CLI's "interrupted", exit status 130
     return 1 if any(p.error is not None for p in done) else 0
@@ -561,12 +570,15 @@ def _predict(
     done: list[Prediction],
 ) -> bool:
     """Run `predict_paths` over `paths`, each finished image's Prediction appended to `done`;
-    whether it ran to the end (False: stopped by Ctrl-C, `done` holding the images finished)."""
+    whether it ran to the end (False: stopped by Ctrl-C, `done` holding the images finished).
+    `ModelRefused` (a cloud that refuses the model for good) propagates, `done` as filled."""
     from tqdm import tqdm
 
     from splitdet.edge.predict import predict_paths
+    from splitdet.shared.progress import progress_off
 
-    bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
+    off = progress_off(args.no_progress)  # (no bar into a log file either)
+    bar = tqdm(total=len(paths), unit="img", disable=off, file=sys.stderr)
 
     def finished(prediction: Prediction) -> None:
         done.append(prediction)
@@ -588,11 +600,12 @@ def _predict(
     return True
 
 
-def summary(predictions: list[Prediction], total: int) -> str:
+def summary(predictions: list[Prediction], total: int, stopped: str = "interrupted") -> str:
     """The run's one-line summary: images by verdict (ok + defect + error = the images), the
     boxes of the defect ones and how many of them have none, the annotated copies that failed,
     and the feature bytes sent
-    (those of answered detection calls); `total`: the images there were to process."""
+    (those of answered detection calls); `total`: the images there were to process; `stopped`:
+    how a run that did not reach them all ended ("interrupted", "stopped")."""
     counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
     boxes = sum(len(p.boxes) for p in predictions)
     # flagged, detected, nothing found at --score-threshold (all defect-free ones, --gate off)
@@ -603,7 +616,7 @@ def summary(predictions: list[Prediction], total: int) -> str:
     sent = sum(p.bytes_sent for p in predictions if p.verdict != "error")
     head = f"{len(predictions)} images"
     if len(predictions) < total:
-        head = f"interrupted after {len(predictions)} of {total} images"
+        head = f"{stopped} after {len(predictions)} of {total} images"
     copies = f", {unsaved} annotated copies not written" if unsaved else ""
     return (
         f"{head}: {counts['ok']} ok, {counts['defect']} defect ({boxes} boxes{none}){copies}, "

@@ -53,16 +53,31 @@ def add_edge_model_arguments(parser: argparse.ArgumentParser) -> None:
 MAX_THREADS = 1024
 
 
+def threshold_problem(threshold: float | None) -> str | None:
+    """The message refusing a --threshold that cannot be meant, or None (not given, or a
+    p(defect) from 0 up: above 1 flags nothing, on purpose): NaN would pass every image as ok,
+    unnoticed, and a negative one flags every image as 0 does, and is stored as given."""
+    if threshold is None:
+        return None
+    if math.isnan(threshold):
+        return "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
+    if threshold < 0:
+        return (
+            f"--threshold {threshold:g}: must be a p(defect) from 0 to 1 (0 flags every image, "
+            "above 1 none)"
+        )
+    return None
+
+
 def check_edge_model_options(args: argparse.Namespace) -> None:
-    """CommandError naming an `add_edge_model_arguments` value that cannot work: a NaN
-    --threshold (it would pass every image as ok, unnoticed; above 1 flags nothing, on
-    purpose) or --threads below 1."""
+    """CommandError naming an `add_edge_model_arguments` value that cannot work: a NaN or
+    negative --threshold (`threshold_problem`; above 1 flags nothing, on purpose) or --threads
+    below 1."""
     from splitdet.shared.cli import CommandError
 
-    if args.threshold is not None and math.isnan(args.threshold):
-        raise CommandError(
-            "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
-        )
+    problem = threshold_problem(args.threshold)
+    if problem:
+        raise CommandError(problem)
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise CommandError(
             f"--threads {args.threads}: must be 1-{MAX_THREADS} (omit it for all cores)"

@@ -3,7 +3,8 @@
 Each image goes through the edge pipeline; flagged ones go to a `Detector` — the cloud heads in
 this process, or a remote server through the gRPC client. A file that cannot be read (missing,
 not a regular file, over `MAX_FILE_BYTES`, not decodable), or whose detection call fails, gets an
-error entry and the next image is processed.
+error entry and the next image is processed; a cloud that refuses the model for good
+(`ModelRefused`) stops the run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from splitdet.edge.annotate import save_annotated_copy
 from splitdet.edge.file_names import fit_name
@@ -25,9 +26,11 @@ from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError, read_image_file
 from splitdet.shared.detection import Detection
 
 if TYPE_CHECKING:
-    from splitdet.edge.client import CloudClient
+    from splitdet.edge.client import CloudClient, CloudDetections
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 
 class Detector(Protocol):
@@ -85,6 +88,13 @@ RETRY_MAX_S = 5.0
 RETRY_MIN_CALL_S = 1.0
 
 
+class ModelRefused(Exception):
+    """The cloud refuses this edge's model for good: it does not serve it (another export, a
+    server of another model), or refuses the call itself (a bad token, no TLS where it wants
+    it). No flagged image of the run can be detected, so the run stops: `predict_one` lets it
+    through, where any other failure of a detection call is that image's error."""
+
+
 class RemoteDetector:
     """Sends flagged images' features to a cloud server through the gRPC client."""
 
@@ -94,47 +104,99 @@ class RemoteDetector:
         self.fingerprint = fingerprint
         #: an image spent its whole --timeout on tries: the next get one each, until answered
         self.gone = False
+        #: the cloud said it serves this edge's model (`check_model`, asked once)
+        self.model_checked = False
 
-    def check_model(self) -> None:
+    def check_model(self, timeout: float | None = None) -> None:
         """Refuse early when the server does not serve this edge's model (ValueError naming
-        both; NeverRetry with the server's words from a server that serves several)."""
-        served = self.client.manifest(self.fingerprint).fingerprint
+        both; NeverRetry with the server's words from a server that serves several);
+        `timeout`: the call's deadline, seconds (default: the client's for small calls)."""
+        served = self.client.manifest(self.fingerprint, timeout).fingerprint
         if served != self.fingerprint:  # a server that predates choosing: its only model
             raise ValueError(
                 f"the cloud serves model {served[:16]}, this edge runs {self.fingerprint[:16]}; "
                 "deploy the same export on both sides"
             )
 
+    def ensure_model(self, source: str = "the model check") -> None:
+        """Ask the cloud once whether it serves this edge's model (`check_model`), a call it may
+        answer later (unreachable, restarting, busy) sent again within the client's timeout
+        (--timeout) as `detect` sends a detection call; `source` names the call in the log line
+        of its first retry. Nothing once the cloud said yes.
+
+        Raises:
+            RetryLater: the cloud did not answer in time (asked again at the next call).
+            ModelRefused: the cloud refuses the model for good (see `ModelRefused`).
+        """
+        deadline = time.monotonic() + self.client.config.timeout_s
+        self._retried(self._check_once, deadline, source)
+
+    def _check_once(self, left: float) -> None:
+        """`check_model` unless the cloud said yes already, within `left` seconds; its refusal
+        (NeverRetry, or ValueError: another model) as ModelRefused."""
+        from splitdet.edge.client import NeverRetry
+
+        if self.model_checked:
+            return
+        try:
+            self.check_model(timeout=min(left, self.client.config.manifest_timeout_s))
+        except (NeverRetry, ValueError) as exc:
+            raise ModelRefused(str(exc)) from None
+        self.model_checked = True
+
     def detect(
         self, request_id: str, result: EdgeResult, source: str
     ) -> tuple[Sequence[Detection], dict[str, float]]:
         """(detections, server stage timings) for one flagged image.
 
-        A call the cloud may answer later (`RetryLater`: unreachable, restarting, busy) is sent
-        again with the same request id, after pauses of RETRY_FIRST_S doubling to RETRY_MAX_S,
-        while at least RETRY_MIN_CALL_S of the client's timeout (--timeout, counted from the
-        first try) is left for the next call: a cloud that restarts mid-run costs the images
-        waiting for it time, not their results. Each image's first retry is logged (WARNING).
-        Once an image has spent its whole timeout so, the cloud is taken for gone: the next
-        images get one try each, until one is answered (a cloud lost for good must not cost
-        every image its --timeout). The error of the last try is raised. An image answered after
-        retries has "retry_wait_s" among its timings: the seconds from its first try to its
-        last (a round trip's time that was the cloud's absence, not its work)."""
+        The first image asks the cloud whether it serves this edge's model first
+        (`ensure_model`'s check, within the image's own timeout): ModelRefused when it does not.
+        A call the cloud may answer later (`RetryLater`: unreachable, restarting, busy), the
+        model check's or the detection's, is sent again with the same request id, after pauses
+        of RETRY_FIRST_S doubling to RETRY_MAX_S, while at least RETRY_MIN_CALL_S of the
+        client's timeout (--timeout, counted from the first try) is left for the next call: a
+        cloud that restarts mid-run costs the images waiting for it time, not their results.
+        Each image's first retry is logged (WARNING). Once an image has spent its whole timeout
+        so, the cloud is taken for gone: the next images get one try each, until one is answered
+        (a cloud lost for good must not cost every image its --timeout). The error of the last
+        try is raised. An image answered after retries has "retry_wait_s" among its timings: the
+        seconds from its first try to its last (a round trip's time that was the cloud's
+        absence, not its work)."""
+        meta = replace(result.meta, source=Path(source).name)
+
+        def attempt(left: float) -> CloudDetections:
+            self._check_once(left)
+            return self.client.detect(
+                result.encoded, meta, request_id, self.fingerprint, timeout=left
+            )
+
+        deadline = time.monotonic() + self.client.config.timeout_s
+        answer, waited = self._retried(attempt, deadline, source)
+        detections = [
+            Detection(tuple(map(float, box)), float(score), int(label), name)
+            for box, score, label, name in zip(
+                answer.boxes, answer.scores, answer.labels, answer.class_names, strict=True
+            )
+        ]
+        retried = {"retry_wait_s": waited} if waited > 0 else {}
+        return detections, {**answer.timings, **retried}
+
+    def _retried(
+        self, call: Callable[[float], _R], deadline: float, source: str
+    ) -> tuple[_R, float]:
+        """(`call(seconds left)`'s result, seconds from its first try to its last), a call
+        failing with RetryLater tried again until `deadline` (monotonic) as `detect` describes
+        (one try when the cloud is gone); `source` names the call in the WARNING of its first
+        retry."""
         from splitdet.edge.client import RetryLater
 
-        meta = replace(result.meta, source=Path(source).name)
-        first = time.monotonic()
-        deadline = first + self.client.config.timeout_s
         pause = RETRY_FIRST_S
-        last = first  # (the last try's start)
+        first = last = time.monotonic()  # (the first try's start, and the last's)
         while True:
-            left = deadline - time.monotonic()
             try:
-                answer = self.client.detect(
-                    result.encoded, meta, request_id, self.fingerprint, timeout=max(left, 0.001)
-                )
+                answer = call(max(deadline - time.monotonic(), 0.001))
                 self.gone = False
-                break
+                return answer, last - first
             except RetryLater as exc:
                 if self.gone or deadline - time.monotonic() < pause + RETRY_MIN_CALL_S:
                     self.gone = True
@@ -147,14 +209,6 @@ class RemoteDetector:
                 time.sleep(pause)
                 pause = min(2 * pause, RETRY_MAX_S)
                 last = time.monotonic()
-        detections = [
-            Detection(tuple(map(float, box)), float(score), int(label), name)
-            for box, score, label, name in zip(
-                answer.boxes, answer.scores, answer.labels, answer.class_names, strict=True
-            )
-        ]
-        retried = {"retry_wait_s": last - first} if last > first else {}
-        return detections, {**answer.timings, **retried}
 
 
 def request_id_for(data: bytes, fingerprint: str, codec: str) -> str:
@@ -173,7 +227,9 @@ def predict_one(
     score_threshold: float = 0.0,
     save_as: Path | None = None,
 ) -> Prediction:
-    """Process one image file; never raises for a bad image (the Prediction says why).
+    """Process one image file; never raises for a bad image, nor for a failed detection call
+    (the Prediction says why): only for a cloud that refuses the model for good
+    (`ModelRefused`), and for a `detector` that cannot be made (its own exception).
 
     `save_as`: where to write the annotated image if the image is flagged (None: nowhere): a
     new file there, or over an earlier run's annotated copy, never over another file
@@ -204,6 +260,8 @@ def predict_one(
         sent = time.perf_counter()
         try:
             detections, server = cloud.detect(request_id, result, str(path))
+        except ModelRefused:  # no image of the run can be detected: the caller stops it
+            raise
         except Exception as exc:  # one image's failed call must not lose the others' results
             # no detections to report: an error, not a defect with no boxes; nothing delivered
             prediction.verdict, prediction.bytes_sent = "error", 0

@@ -202,6 +202,8 @@ def address_problem(text: str, port_required: bool = True, port_zero: bool = Tru
         port = rest[1:] if rest else None
     elif value.count(":") > 1:
         return "more than one ':' (an IPv6 address goes in brackets, e.g. [::1]:50051)"
+    elif value.isascii() and value.isdigit():  # a port alone (`--listen 50051`)
+        return _port_alone(value, port_zero)
     else:
         host, colon, port = value.partition(":")
         problem = host_problem(host, listen=port_zero) if value else "no address"
@@ -217,6 +219,14 @@ def address_problem(text: str, port_required: bool = True, port_zero: bool = Tru
     if not (port.isascii() and port.isdigit() and low <= int(port) <= 65535):
         return f"the port must be a number {low}-65535, got {port!r}"
     return None
+
+
+def _port_alone(port: str, listen: bool) -> str:
+    """The problem of an address that is a number alone, taken for its port: no host, with
+    examples of that port (`listen`: on every interface or this machine only)."""
+    if listen:
+        return f"no host (expected host:port, e.g. 0.0.0.0:{port} or 127.0.0.1:{port})"
+    return f"no host (expected host:port, e.g. cloud.example:{port} or 127.0.0.1:{port})"
 
 
 def split_host_port(text: str, option: str, port_zero: bool = True) -> tuple[str, int]:
@@ -268,6 +278,12 @@ PATH_OPTIONS = frozenset({
     "--root-certs", "--client-cert", "--client-key", "--tls-cert", "--tls-key", "--client-ca",
 })  # fmt: skip
 
+#: Single-value options that name no path but lose a first value given twice all the same
+#: (`OncePathAction` refuses a second one): `--cloud A --cloud B` checked B alone (several
+#: replicas go in one value, comma-separated), and a second --threshold or --timeout hid the
+#: first (a shell alias's or a script's value overridden by mistake).
+ONCE_OPTIONS = frozenset({"--cloud", "--threshold", "--timeout"})
+
 #: Where `OncePathAction` notes, during one parse, the options already given (removed from the
 #: namespace before `parse_known_args` returns it).
 _GIVEN = "_splitdet_paths_given"
@@ -275,8 +291,9 @@ _GIVEN = "_splitdet_paths_given"
 
 class OncePathAction(argparse._StoreAction):
     """argparse's "store" action, which for a single-value path option (`PATH_OPTIONS`, or
-    ``type=Path``) refuses a second value instead of silently keeping the last (argparse's
-    error: the usage line and exit status 2). Any other option stores as usual."""
+    ``type=Path``) or one of `ONCE_OPTIONS` refuses a second value instead of silently keeping
+    the last (argparse's error: the usage line and exit status 2). Any other option stores as
+    usual."""
 
     def __init__(
         self,
@@ -287,7 +304,7 @@ class OncePathAction(argparse._StoreAction):
         **kwargs: object,
     ) -> None:
         super().__init__(option_strings, dest, nargs=nargs, type=type, **kwargs)
-        named = any(option in PATH_OPTIONS for option in option_strings)
+        named = any(option in PATH_OPTIONS | ONCE_OPTIONS for option in option_strings)
         self.once = nargs is None and (named or type is Path)
 
     def __call__(
@@ -314,21 +331,40 @@ class OncePathAction(argparse._StoreAction):
                 f"{'train on' if command == 'train' else 'use'} several, merge them with "
                 "`splitdet data merge SRC SRC... --out DIR`"
             )
+        if "--cloud" in self.option_strings:
+            both = f"{str(first).strip()},{str(second).strip()}"
+            example = f"--cloud {both}" if "/" not in both else "--cloud HOST:PORT,HOST:PORT"
+            return f"{message}; it takes one value: comma-separate replicas ({example})"
         return f"{message}; give it once"
+
+
+#: `--log-level`'s choices, before the command or after it.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class Parser(argparse.ArgumentParser):
     """The `splitdet` parser, and (through argparse's ``parser_class``) every subcommand's:
     plain single-value options store with `OncePathAction`, and an error in the arguments of a
     command that logs JSON (`_logs_json`) is one JSON line (event "fatal", exit status 2), as
-    a command's other errors are under JSON logs (`main`), not argparse's usage and text."""
+    a command's other errors are under JSON logs (`main`), not argparse's usage and text.
+
+    No option is taken by an abbreviation of its name (`allow_abbrev` False: `edge results
+    --after 3` was read as `--after-id 3`, `edge run --after` being another option). A command
+    (or a command's action) is required: none given is argparse's error naming what is
+    missing and the choices. Every subcommand takes `--log-level` too (`add_log_level`)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.register("action", None, OncePathAction)
         self.register("action", "store", OncePathAction)
         self._argv: list[str] = []  # the arguments this parser parses now (`_logs_json`)
         self._parsed: argparse.Namespace | None = None  # its result, once parsed
+
+    def add_subparsers(self, **kwargs: object) -> argparse._SubParsersAction:
+        """argparse's, a choice required unless told otherwise (`required=False`)."""
+        kwargs.setdefault("required", True)
+        return super().add_subparsers(**kwargs)
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -351,7 +387,9 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """argparse's usage and "PROG: error: MESSAGE" (exit status 2); under JSON logs that
-        line alone, as JSON (event "fatal"), for a log pipeline to read."""
+        line alone, as JSON (event "fatal"), for a log pipeline to read. A missing command or
+        action is named with its choices."""
+        message = self._with_choices(message)
         if not self._logs_json():
             super().error(message)
         command = getattr(self._parsed, "command", None)  # ("splitdet edge run": edge)
@@ -360,6 +398,18 @@ class Parser(argparse.ArgumentParser):
         line = json_line(logging.ERROR, f"{self.prog}: error: {message}", event="fatal",
                          command=command)  # fmt: skip
         self.exit(2, line + "\n")
+
+    def _with_choices(self, message: str) -> str:
+        """`message`, argparse's "the following arguments are required: COMMAND", with the
+        choices of the missing command or action added ("one of: synth, data, ...")."""
+        if not message.startswith("the following arguments are required: "):
+            return message
+        for action in self._actions:
+            missing = isinstance(action.metavar, str) and action.metavar in message
+            if isinstance(action, argparse._SubParsersAction) and missing:
+                names = ", ".join(action.choices)
+                return f"{message} (one of: {names}; {self.prog} --help says what each does)"
+        return message
 
     def _logs_json(self) -> bool:
         """Whether the command parsed logs JSON: its `--log-format` once parsed (arguments left
@@ -381,11 +431,37 @@ class Parser(argparse.ArgumentParser):
         return value == "json"
 
     def _names_log_format(self, name: str) -> bool:
-        """Whether the option `name` is `--log-format`, or an abbreviation argparse takes for it
-        (`--log-f`, `--lo`: a start of it no other option of this parser has)."""
-        if len(name) < 3 or not name.startswith("--") or not "--log-format".startswith(name):
-            return False
-        return [o for o in self._option_string_actions if o.startswith(name)] == ["--log-format"]
+        """Whether the option `name` is `--log-format` (no abbreviation is taken:
+        `allow_abbrev` is False)."""
+        return name == "--log-format" and name in self._option_string_actions
+
+
+def add_log_level(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """`--log-level` on `parser`: the top-level one (`top`: default INFO), or a subcommand's,
+    which leaves the top-level value unless given (default SUPPRESS: argparse copies a
+    subcommand's values over the top-level ones), so `splitdet edge run ... --log-level
+    DEBUG` works as `splitdet --log-level DEBUG edge run ...` does, the later one winning."""
+    parser.add_argument(
+        "--log-level",
+        default="INFO" if top else argparse.SUPPRESS,
+        choices=LOG_LEVELS,
+        help="logging verbosity (default: INFO)"
+        if top
+        else "logging verbosity, as before the command (default: INFO)",
+    )
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser` (commands, and the actions of a command such as `edge`),
+    each once (an alias names the same parser)."""
+    found: dict[int, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if id(sub) not in found:
+                    found[id(sub)] = sub
+                    found.update((id(p), p) for p in _subcommand_parsers(sub))
+    return list(found.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,13 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
             "images skip detection; flagged images' FPN features go to a cloud detection server."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"splitdet {__version__}")
     parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity (default: INFO)",
+        "--version",
+        action=VersionAction,
+        help="show splitdet's version, the split spec and manifest format an edge and a cloud "
+        "must share, and the versions of Python, ONNX Runtime and torch, and exit",
     )
+    add_log_level(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -413,7 +489,60 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # this command is not part of this install
         module.register(subparsers)
+    for sub in _subcommand_parsers(parser):
+        if "--log-level" not in sub._option_string_actions:
+            add_log_level(sub)
     return parser
+
+
+def version_text() -> str:
+    """What `splitdet --version` prints: splitdet's version; the split spec version and
+    manifest format an export is made under, which an edge and a cloud must share; and the
+    versions of Python, ONNX Runtime and torch as installed (read from their package metadata,
+    neither imported: "not installed" on an edge-only or base install)."""
+    import platform
+
+    from splitdet.shared.manifest import MANIFEST_FORMAT
+    from splitdet.shared.spec import SPEC_VERSION
+
+    runtime = _installed("onnxruntime", "onnxruntime-gpu")
+    return (
+        f"splitdet {__version__}\n"
+        f"split spec {SPEC_VERSION}, manifest format {MANIFEST_FORMAT} (an edge and a cloud "
+        "must share both)\n"
+        f"python {platform.python_version()}, onnxruntime {runtime}, torch {_installed('torch')}"
+    )
+
+
+def _installed(*distributions: str) -> str:
+    """The version of the first of `distributions` installed, from its metadata (nothing
+    imported), else "not installed"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+class VersionAction(argparse.Action):
+    """`--version`: print `version_text` to stdout and exit 0 (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        """Print the versions and exit."""
+        print(version_text())
+        parser.exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,10 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     end_on_sigterm_as_pid1()  # (as PID 1, a SIGTERM while the modules import must not be lost)
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
-    if getattr(args, "handler", None) is None:
-        parser.print_help()
-        return 0 if args.command is None else 2
+    args = parser.parse_args(raw)  # (no command, or no action: argparse's error, exit 2)
     # the command's own arguments as typed (`train --nproc-per-node` gives them to its ranks);
     # the options before the command take no value a command could be named
     args.command_argv = raw[raw.index(args.command) + 1 :]

@@ -25,10 +25,12 @@ _error_line = edge_error_line
 
 
 def _edge_run(model_dir: Path, watch: Path, db: Path, *options: str) -> int:
-    """`splitdet edge run --once` against a closed port, so it never waits long."""
+    """`splitdet edge run --once` against a closed port, so it never waits long (unless
+    `options` give their own --cloud: it is taken once)."""
+    cloud = () if "--cloud" in options else ("--cloud", "127.0.0.1:9")
     return main(
         ["edge", "run", "--model", str(model_dir), "--watch", str(watch), "--db", str(db),
-         "--cloud", "127.0.0.1:9", "--once", "--drain-timeout", "0", "--settle", "0",
+         *cloud, "--once", "--drain-timeout", "0", "--settle", "0",
          "--unreadable-grace", "0", "--threads", "1", "--log-format", "text", *options]
     )  # fmt: skip
 

@@ -336,10 +336,12 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 def _edge_run(model: Path, watch: Path, db: Path, *extra: str) -> tuple[str, ...]:
-    """The `edge run` arguments of a daemon flagging nothing, its cloud a closed port."""
+    """The `edge run` arguments of a daemon flagging nothing (unless `extra` gives its own
+    --threshold: it is taken once), its cloud a closed port."""
+    threshold = () if "--threshold" in extra else ("--threshold", "2")
     return ("edge", "run", "--model", str(model), "--watch", str(watch), "--db", str(db),
             "--cloud", "127.0.0.1:9", "--settle", "0", "--poll", "0.05", "--threads", "1",
-            "--threshold", "2", "--log-format", "text", *extra)  # fmt: skip
+            *threshold, "--log-format", "text", *extra)  # fmt: skip
 
 
 def test_a_second_daemon_on_one_hot_folder_or_one_database_through_a_link_exits_at_start(

@@ -226,7 +226,7 @@ def test_predict_refuses_a_server_with_another_model(tiny_model_dir, image_dir, 
     assert "deploy the same export on both sides" in capsys.readouterr().err
 
 
-def test_predict_with_a_dead_cloud_fails_clearly(tiny_model_dir, image_dir, capsys):
+def test_predict_with_a_dead_cloud_fails_clearly(tiny_model_dir, image_dir, capsys, caplog):
     import socket
 
     with socket.socket() as probe:  # a port nobody listens on
@@ -247,8 +247,8 @@ def test_predict_with_a_dead_cloud_fails_clearly(tiny_model_dir, image_dir, caps
             "--no-progress",
         ]
     )
-    assert code == 2
-    err = capsys.readouterr().err
+    assert code == 1  # each flagged image an error, the others judged (the run goes on)
+    err = capsys.readouterr().err + caplog.text
     assert f"127.0.0.1:{port}" in err and "Traceback" not in err
 
 

@@ -225,10 +225,12 @@ def _evaluate_one(
 ) -> tuple[dict, list[Prediction]]:
     """(`evaluate`'s metrics, the predictions) of one checkpoint, `loaded` (model, checkpoint
     dict), on `samples`, its gate calibrated on `calibration` (None: the checkpoint's)."""
+    from splitdet.shared.progress import progress_off
     from splitdet.training.evaluate import evaluate, predict
 
     model, checkpoint = loaded
-    predictions = predict(model, samples, batch_size=args.batch_size, progress=not args.no_progress)
+    progress = not progress_off(args.no_progress)  # (no bar into a log file either)
+    predictions = predict(model, samples, batch_size=args.batch_size, progress=progress)
     metrics = evaluate(
         model,
         samples,
@@ -237,7 +239,7 @@ def _evaluate_one(
         gate_threshold=float(checkpoint.get("gate_threshold", 0.5)),
         target_recall=args.target_recall,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=progress,
         split_name=args.split,
         calibration_name=_calibration_name(args),
     )
@@ -295,6 +297,7 @@ def _comparison(
 
     from tqdm import tqdm
 
+    from splitdet.shared.progress import progress_off
     from splitdet.training.compare import compare, labels
 
     model, checkpoint = baseline
@@ -304,7 +307,7 @@ def _comparison(
     metrics.update({"gate_threshold_stored": False, "checkpoint_gate_threshold": held})
     started = time.monotonic()
     with tqdm(total=args.bootstrap, desc="bootstrap", unit="resample", leave=False,
-              disable=args.no_progress, file=sys.stderr) as bar:  # fmt: skip
+              disable=progress_off(args.no_progress), file=sys.stderr) as bar:  # fmt: skip
         comparison = compare(
             candidate[0], metrics, samples, candidate[1], predictions, model.config.class_names,
             resamples=args.bootstrap, seed=args.seed,

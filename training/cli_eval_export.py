@@ -19,8 +19,9 @@ from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.cli_eval_report import _json_on_stdout, _split_path, eval_hint, summary
 
 if TYPE_CHECKING:  # the handlers import these when they run
+    from splitdet.edge.client import ClientConfig
     from splitdet.edge.pipeline import EdgePipeline
-    from splitdet.edge.predict import Detector
+    from splitdet.edge.predict import Detector, RemoteDetector
     from splitdet.training.voc import VocSample
 
 # the lines of `splitdet eval`, whichever module says them (tests and users filter on this name)
@@ -30,21 +31,22 @@ log = logging.getLogger("splitdet.training.cli_eval")
 def run_model(args: argparse.Namespace) -> int:
     """Evaluate an export as deployed; see EXAMPLE."""
     import json
-    import math
     import sys
 
     from tqdm import tqdm
 
+    from splitdet.edge.cloud_args import threshold_problem
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.progress import progress_off
     from splitdet.training.cli_eval_overlap import split_overlap, train_split
     from splitdet.training.evaluate_export import evaluate_export
 
-    if args.threshold is not None and math.isnan(args.threshold):  # as predict refuses it
-        raise CommandError(
-            "--threshold nan: must be a number (p(defect) from 0 to 1; above 1 flags nothing)"
-        )
+    problem = threshold_problem(args.threshold)  # (as predict refuses it)
+    if problem:
+        raise CommandError(problem)
     pipeline, samples, detector = _open_model(args)
-    with tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
+    off = progress_off(args.no_progress)
+    with tqdm(total=len(samples), unit="img", disable=off, file=sys.stderr) as bar:
         metrics = evaluate_export(
             samples, pipeline, detector, threshold=args.threshold,
             on_result=lambda _: bar.update(),
@@ -102,9 +104,32 @@ def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample]
             detector = local_detector(args.model, None)()
         else:
             detector = remote_detector(remote, pipeline.manifest.fingerprint)()
+            _check_cloud(detector, remote)
     except voc.VocError as exc:
         names = pipeline.manifest.class_names if pipeline is not None else ()
         raise CommandError(eval_hint(exc, args.data, names)) from None
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     return pipeline, samples, detector
+
+
+def _check_cloud(detector: RemoteDetector, config: ClientConfig) -> None:
+    """Ask --cloud whether it serves the export, before any image is evaluated: a call it may
+    answer later (unreachable, restarting, busy) sent again within --timeout, as a detection
+    call is. CommandError naming the address when it refuses the export for good (another
+    model, a bad token), or has not answered by then (nothing evaluated yet, nothing lost)."""
+    from splitdet.edge.cli_predict import refused
+    from splitdet.edge.client import RetryLater
+    from splitdet.edge.predict import ModelRefused
+    from splitdet.shared.cli import CommandError
+
+    try:
+        detector.ensure_model(f"--cloud {config.addresses}")
+    except ModelRefused as exc:
+        raise CommandError(refused(config, exc)) from None
+    except RetryLater as exc:
+        raise CommandError(
+            f"cloud {config.addresses}: did not answer within --timeout {config.timeout_s:g} s "
+            f"({exc}); nothing evaluated: start the cloud or check the address, or give a "
+            "longer --timeout"
+        ) from None
