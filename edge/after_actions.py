@@ -10,7 +10,10 @@ and this run does not is never written to, nor made again; --after keep leaves a
 delete still due where it is, for a later run to finish. A folder inside --watch that is (or
 lies under) a symbolic link is never written through: the camera's account could point it
 anywhere (`file_moves.open_folder`, right before each write, which is then made relative to
-the folder so opened: a link swapped in after the check receives nothing). A move that fails is
+the folder so opened: a link swapped in after the check receives nothing). A file no longer the
+one read when its move comes (removed, replaced, or rewritten in place under its very file key:
+its ctime changed and its contents are not its row's) is neither moved nor deleted: it is
+another arrival, taken as such (`_file_now`). A move that fails is
 logged and counted, never fatal: the file stays and is tried again after MOVE_RETRY_INITIAL_S,
 doubling up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level moves are
 `splitdet.edge.file_moves`'.
@@ -18,6 +21,7 @@ doubling up to MOVE_RETRY_MAX_S (with --once, by the next run). The low-level mo
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -31,9 +35,17 @@ from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.daemon_log import log_event
 from splitdet.edge.daemon_metrics import MOVE_ERROR, EdgeMetrics
 from splitdet.edge.file_identity import file_key, path_text
+from splitdet.edge.preprocess import ImageError, read_regular_file
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import KnownFile, ResultStore
 from splitdet.edge.watcher import Candidate, HotFolder
+
+#: What `AfterActions._file_now` finds at a processed file's path before its move: the file
+#: read, none or another file (another key), or other contents under the very same key.
+_SAME, _GONE, _REWRITTEN = "same", "gone", "rewritten"
+#: The content hash of a row whose file was never read (too large, unreadable): nothing to
+#: compare the file with (as `intake._NOTHING_READ`).
+_NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 #: A file move (archive, quarantine, delete) that failed is tried again after this many
 #: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
@@ -164,8 +176,9 @@ class AfterActions:
         source = candidate.path
         if stored_path != path_text(source):  # it leaves --watch: only while its row is kept
             self.store.check_file()  # StoreGone when --db was deleted or replaced
-            if not _still_the_file_read(candidate):
-                self._replaced(candidate, image_id, stored_path)
+            now = self._file_now(candidate, image_id)
+            if now != _SAME:
+                self._replaced(candidate, image_id, stored_path, rewritten=now == _REWRITTEN)
                 return None
         try:
             if stored_path is None:
@@ -190,15 +203,57 @@ class AfterActions:
         self.folder.forget(candidate)
         return True
 
-    def _replaced(self, candidate: Candidate, image_id: int, stored_path: str | None) -> None:
+    def _file_now(self, candidate: Candidate, image_id: int) -> str:
+        """Whether the file at the candidate's path is still the one read for row `image_id`:
+        _SAME; _GONE when it was removed or another file took its name (another `file_key`);
+        _REWRITTEN when it was written again in place under the very same key (same name,
+        size, modification time and inode: fixed-size BMP or raw frames, `cp -p`, a share
+        with 1-2 s times), which only its ctime tells. A ctime other than the one seen before
+        the read (`Candidate.ctime_ns`) may also be a chmod alone: the contents are then
+        compared with the row's, as `Intake` compares a kept file's (`_recorded_contents`),
+        and only other contents are _REWRITTEN. A file that cannot be read for that is taken
+        at its key's word, as there."""
+        try:
+            stat = candidate.path.stat()
+        except OSError:
+            return _GONE
+        if file_key(candidate.path, stat) != candidate.file_key:
+            return _GONE
+        if stat.st_ctime_ns == candidate.ctime_ns:
+            return _SAME
+        known = self.store.known(candidate.file_key)
+        if known is None or known.id != image_id or known.content_hash in (None, _NOTHING_READ):
+            return _SAME  # (nothing recorded to compare with: its key's word)
+        try:
+            digest = hashlib.sha256(read_regular_file(candidate.path)).hexdigest()
+            after = candidate.path.stat()
+        except (OSError, ImageError):
+            return _SAME  # stat'ed, not readable: taken at its key's word
+        if digest != known.content_hash or after.st_ctime_ns != stat.st_ctime_ns:
+            return _REWRITTEN
+        candidate.ctime_ns = stat.st_ctime_ns  # (its metadata alone changed: compared once)
+        return _SAME
+
+    def _replaced(
+        self,
+        candidate: Candidate,
+        image_id: int,
+        stored_path: str | None,
+        rewritten: bool = False,
+    ) -> None:
         """The file at the candidate's path is no longer the one processed (the camera wrote
-        another under its name meanwhile, or it was removed): the new file is not touched (it
-        is another arrival, taken as such), and the row, whose file is gone, keeps no stored
-        path."""
+        another under its name meanwhile, or it was removed; `rewritten`: written again in
+        place under the very same file key): the new file is not touched (it is another
+        arrival, taken as such: a file rewritten in place settles again and is compared with
+        the row by `Intake`, which gives the row's key up), and the row, whose file is gone,
+        keeps no stored path."""
         if stored_path is not None:
             self.store.set_stored_path(image_id, None)
         self._move_retries.pop(candidate.file_key, None)
-        self.folder.forget(candidate)
+        if rewritten:
+            self.folder.settle_again(candidate)
+        else:
+            self.folder.forget(candidate)
         log_event(logging.WARNING, "file replaced before its move", path=path_text(candidate.path),
                   image_id=image_id, planned=stored_path,
                   note="its result is recorded; the file now at the path, if any, is another "
@@ -317,15 +372,6 @@ def _same_folder(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
-
-
-def _still_the_file_read(candidate: Candidate) -> bool:
-    """Whether the file at the candidate's path is the one it found (same `file_key`): not
-    replaced by another under its name, nor removed, since it was read."""
-    try:
-        return file_key(candidate.path, candidate.path.stat()) == candidate.file_key
-    except OSError:
-        return False
 
 
 def _adopt(source: Path, target: Path, reason: str | None, watch: Path) -> None:

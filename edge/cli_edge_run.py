@@ -359,7 +359,7 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
     is set when its own handlers caught a stop signal."""
 
     from splitdet.edge.daemon import EdgeDaemon
-    from splitdet.edge.daemon_config import DaemonConfig
+    from splitdet.edge.daemon_config import DaemonConfig, folder_problem
     from splitdet.edge.store import OutboxCap
     from splitdet.edge.store_file import (
         FREE_DB_SPACE,
@@ -373,8 +373,9 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
 
     if args.ready_file is not None:  # an earlier run's, first: this start may fail its checks
         remove_ready_file(args.ready_file, unless_running=True)
-    if not args.watch.is_dir():
-        raise CommandError(f"--watch {args.watch}: no such folder")
+    problem = folder_problem("--watch", args.watch, "give the folder the camera writes into")
+    if problem is not None:  # (missing; a FIFO, a file, a device or a link to one)
+        raise CommandError(problem)
     check_run_options(args)
     check_cloud_addresses(args.cloud)
     try:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from splitdet.edge.cli_edge_options import clock_text, read_error
+from splitdet.edge.cli_edge_results import _one_line  # (as the results table escapes a path)
 from splitdet.shared.cli import silence_stdout
 
 
@@ -243,8 +244,10 @@ def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
 def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
     """The `in --watch` line of `edge status`: recorded images whose file still waits in
     --watch to be archived, quarantined or deleted (`store_reads.in_watch`), the oldest's age
-    and where to look; or that none does (of the rows looked at); and how many could not be
-    looked at (`_unreadable_lines`: then never "none")."""
+    and where to look (its control characters escaped, as the results table writes a path:
+    a newline or ESC in a file name neither splits the line nor reaches the terminal); or
+    that none does (of the rows looked at); and how many could not be looked at
+    (`_unreadable_lines`: then never "none")."""
     if in_watch is None:
         return []
     unchecked = in_watch["rows_not_checked"]
@@ -268,7 +271,7 @@ def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
     return [
         f"in --watch    {n} processed image{'s' if n != 1 else ''} not yet archived, "
         f"quarantined or deleted{looked}; the oldest arrived "
-        f"{_span(in_watch['oldest_age_s'])} ago: {in_watch['oldest_path']}",
+        f"{_span(in_watch['oldest_age_s'])} ago: {_one_line(in_watch['oldest_path'])}",
         "              their move failed (or a kill cut it short): the daemon log's `cannot move "
         "file` lines (ERROR) say why (a full, read-only or gone --archive or --quarantine, a "
         f"read-only --watch); {retry}",
@@ -285,7 +288,8 @@ def _unreadable_lines(in_watch: dict) -> list[str]:
         return []
     return [
         f"in --watch    could not be looked into for {n} processed image{'s' if n != 1 else ''}"
-        f" ({in_watch['unreadable_error']}: {in_watch['unreadable_path']}): whether they still "
+        f" ({_one_line(in_watch['unreadable_error'])}: {_one_line(in_watch['unreadable_path'])})"
+        ": whether they still "
         "wait there to be moved or deleted is not known; run `splitdet edge status` as a user "
         "who may read --watch (the daemon's)"
     ]

@@ -56,7 +56,12 @@ from types import FrameType
 
 from splitdet.edge.after_actions import AfterActions
 from splitdet.edge.client import AnswerRules, CloudClient
-from splitdet.edge.daemon_config import DaemonConfig, check_paths, resolved_below
+from splitdet.edge.daemon_config import (
+    DaemonConfig,
+    check_paths,
+    folder_problem,
+    resolved_below,
+)
 from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.daemon_metrics import EdgeMetrics, model_labels, threshold_text
 from splitdet.edge.file_identity import path_text
@@ -357,6 +362,10 @@ class EdgeDaemon:
         for flag, folder in config.output_folders():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # a file, a FIFO, a link to one: not the folder asked for
+                there = folder_problem(flag, folder, "give a folder (made if missing), or move "
+                                       "what is there away")  # fmt: skip
+                raise OSError(there or f"{flag} {folder}: cannot create (File exists)") from None
             except OSError as exc:
                 raise OSError(f"{flag} {folder}: cannot create ({exc.strerror or exc})") from None
             if not os.access(folder, os.W_OK | os.X_OK):
@@ -461,7 +470,9 @@ class EdgeDaemon:
         """Keep the hot-folder lock on the folder --watch names: one removed and made again
         (or another moved into its place) while this daemon ran is locked anew, or a second
         daemon could take it and both would process every image. OSError (the daemon stops,
-        exit 2) when another daemon holds the new folder already."""
+        exit 2) when another daemon holds the new folder already, or when the new folder is
+        one it writes into (`check_paths`, as at start: a link to its own archive swapped in
+        for --watch would have it process its archive into itself)."""
         if self._watch_lock is None:
             return
         try:
@@ -472,6 +483,13 @@ class EdgeDaemon:
                 f"ran; stopped, as {exc}"
             ) from None
         if moved:
+            try:  # (a link inside it: each move refuses it, as when swapped in alone)
+                check_paths(self.config)
+            except ValueError as exc:
+                raise OSError(
+                    f"--watch {self.config.watch} was replaced while this daemon ran; stopped, "
+                    f"as {exc}"
+                ) from None
             log_event(logging.INFO, "hot folder locked anew", watch=str(self.config.watch),
                       note="--watch was removed and made again; this daemon holds the new "
                            "folder")  # fmt: skip

@@ -6,13 +6,14 @@ folder."""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitdet.edge.client import ClientConfig
 from splitdet.edge.file_moves import names_below
 from splitdet.edge.liveness import STALL_AFTER_S, Liveness
-from splitdet.edge.preprocess import IMAGE_SUFFIXES
+from splitdet.edge.preprocess import IMAGE_SUFFIXES, file_kind
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import normalize_extensions
@@ -145,14 +146,29 @@ class DaemonConfig:
 def check_paths(config: DaemonConfig) -> None:
     """ValueError when the daemon would write into its own hot folder: files archived,
     quarantined or annotated there come back as new images (again and again), and a database
-    or ready file there would be quarantined as an unreadable image."""
+    or ready file there would be quarantined as an unreadable image.
+
+    Folders are told apart by what they are, not only by their paths: an output folder that
+    is the --watch folder reached through another mount (a bind mount, one NAS share mounted
+    twice) has its own path but the device and inode of --watch (as `folder_lock` identifies
+    folders); so has, under --recursive, a folder on the way to one inside --watch so
+    reached, which the recursive scan would not know to leave out."""
     watch = config.watch.resolve()
+    watch_id = _folder_id(watch)
     for flag, folder in config.output_folders():
-        if folder.resolve() == watch:
-            raise ValueError(
-                f"{flag} {folder} is the --watch folder: its files would be processed again; "
-                "give it another folder"
+        resolved = folder.resolve()
+        if resolved == watch or (watch_id is not None and _folder_id(resolved) == watch_id):
+            through = (
+                ""
+                if resolved == watch
+                else f" {config.watch} (reached through {resolved}, another mount)"
             )
+            raise ValueError(
+                f"{flag} {folder} is the --watch folder{through}: its files would be processed "
+                "again; give it another folder"
+            )
+        if config.recursive and not resolved.is_relative_to(watch):
+            _refuse_inside_another_mount(flag, folder, config.watch, watch_id)
     outputs = [folder.resolve() for _, folder in config.output_folders()]
 
     def scanned(path: Path) -> bool:
@@ -169,6 +185,59 @@ def check_paths(config: DaemonConfig) -> None:
                 f"{flag} {path} is in the --watch folder, which would take it for an image; "
                 "put it elsewhere"
             )
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the folder `path` leads to, as `folder_lock` identifies folders;
+    None when it cannot be stat'ed (missing: made at start) or is not a folder."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _refuse_inside_another_mount(
+    flag: str, folder: Path, watch: Path, watch_id: tuple[int, int] | None
+) -> None:
+    """ValueError when `folder` (resolved: not below --watch by its path) lies inside the
+    --watch folder all the same, reached through another mount of it: under --recursive
+    the scan would enter it and take the files moved there again, endlessly."""
+    if watch_id is None:
+        return
+    resolved = folder.resolve()
+    for above in resolved.parents:
+        if _folder_id(above) == watch_id:
+            below = resolved.relative_to(above)
+            raise ValueError(
+                f"{flag} {folder} lies inside the --watch folder {watch}, reached through "
+                f"{above} (another mount of it): --recursive would take its files again; "
+                f"give {flag} {watch / below} or a folder outside --watch"
+            )
+
+
+def folder_problem(flag: str, path: Path, what: str) -> str | None:
+    """Why the folder `path` given as `flag` cannot be used, one line naming it ("no such
+    folder"; "is not a folder (a FIFO)", or a file, a device, a link to one; "cannot look at
+    it (...)"), ending with `what` to do when it is not a folder; None when it is one."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            return f"{flag} {path}: is not a folder (a symbolic link to nothing); {what}"
+        return f"{flag} {path}: no such folder"
+    except OSError as exc:  # ELOOP, EACCES on the way
+        return f"{flag} {path}: cannot look at it ({exc.strerror or exc})"
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    return f"{flag} {path}: is not a folder ({path_kind(path, info)}); {what}"
+
+
+def path_kind(path: Path, info: os.stat_result) -> str:
+    """What `path` is, by its stat `info` (links followed): "a file", "a FIFO", ..., or "a
+    symbolic link to" one of those when `path` is a link."""
+    kind = "a file" if stat.S_ISREG(info.st_mode) else file_kind(info.st_mode)
+    return f"a symbolic link to {kind}" if os.path.islink(path) else kind
 
 
 def check_folder_links(config: DaemonConfig) -> None:

@@ -122,6 +122,7 @@ callers import from here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -570,6 +571,15 @@ class HotFolder(FolderListing, FolderReports):
         self._tracked.pop(candidate.name, None)
         self._denied.pop(candidate.name, None)
         self._short.pop(candidate.name, None)
+
+    def settle_again(self, candidate: Candidate) -> None:
+        """The file was written again in place after it was read, under its very key (its
+        ctime, and its contents, changed: `AfterActions`): it stays tracked (as a new arrival:
+        `Intake` compares it with its row), settling from now, with the ctime it has now
+        (kept if it cannot be stat'ed: the next scan tells)."""
+        with contextlib.suppress(OSError):
+            candidate.ctime_ns = candidate.path.stat().st_ctime_ns
+        candidate.stable_since = time.monotonic()
 
     def ignore(self, candidate: Candidate) -> None:
         """The file stays in the folder but is done: skip it until it changes (for `recent_s`

@@ -107,6 +107,17 @@ def _folder_stat(folder: str | os.PathLike[str]) -> os.stat_result:
         os.close(fd)
 
 
+def _links_to_folder(entry: os.DirEntry) -> bool:
+    """Whether the symbolic link `entry` leads to a folder. A link that cannot be followed (a
+    loop: ELOOP, a target this user may not look at) is no folder: told of as a link, as the
+    others are, not as a folder that cannot be read (which would be warned about, left out of
+    `skipped_files`, and listed again at every scan)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _folder_times(stat: os.stat_result) -> tuple[int, int, int, int]:
     """What tells a folder changed: its device and inode (replaced, remounted) and its mtime
     and ctime (an entry added, removed or renamed)."""
@@ -190,7 +201,7 @@ class FolderListing:
                     else:
                         yield from self._files(subfolder, failed, skipped, f"{name}/")
                 elif entry.is_symlink():  # never followed: see the module docstring
-                    if entry.is_dir():
+                    if _links_to_folder(entry):
                         skipped[name] = FOLDER_LINK
                     else:
                         skipped[name] = LINK if self.accepts(entry.name) else EXTENSION

@@ -78,10 +78,14 @@ def json_line(level: int, msg: str, **fields: object) -> str:
 
 #: The text line before the fields (the format `splitdet` logged in before fields were shown).
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: A value written without quotes: no space, quote, backslash, '=' or control character.
-_BARE = re.compile(r"[^\s\"\\=\x00-\x1f\x7f]+")
-#: Line breaks JSON leaves as they are (beside the control characters it escapes), escaped.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+#: A value written without quotes: no space, quote, backslash, '=' or control character (C0,
+#: DEL, C1: U+009B is a terminal's CSI; "\s" covers U+0085, U+2028 and U+2029).
+_BARE = re.compile(r"[^\s\"\\=\x00-\x1f\x7f-\x9f]+")
+#: What JSON leaves as it is (it escapes only C0), escaped: DEL, the C1 controls (U+0085 a
+#: line break, U+009B a terminal's CSI) and the line breaks U+2028, U+2029.
+_LINE_BREAKS = str.maketrans(
+    {code: f"\\u{code:04x}" for code in [*range(0x7F, 0xA0), 0x2028, 0x2029]}
+)
 #: Every character that ends or splits a line (C0 and C1 controls, DEL, U+2028, U+2029), as
 #: JSON escapes it (\\n, \\t, \\u001b ...): a message embedding a file name holding one stays
 #: on its line. Other text, backslashes included, is left as it is (a message is for reading).
