@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import add_pixel_bits_option, class_names, float_in, int_in
+from splitdet.shared.progress import progress_off
 
 if TYPE_CHECKING:  # the handlers import them when they run
     from splitdet.training.voc_check import DatasetReport
@@ -251,9 +252,8 @@ def run_check(args: argparse.Namespace) -> int:
     check_outputs(args.json, None)  # before the reading, not after it
     to_stdout = args.json == "-"
     total = len(annotated_ids(root))
-    with tqdm(
-        total=total, unit="file", file=sys.stderr, disable=args.no_progress or total == 0
-    ) as bar:
+    hidden = progress_off(args.no_progress) or total == 0
+    with tqdm(total=total, unit="file", file=sys.stderr, disable=hidden) as bar:
         report = check_dataset(
             root, args.classes, decode=args.decode, pixel_bits=args.pixel_bits,
             workers=args.workers, progress=bar.update,
@@ -270,12 +270,18 @@ def run_split(args: argparse.Namespace) -> int:
     from splitdet.edge.cli_predict import write_json
     from splitdet.shared.cli import CommandError
     from splitdet.training import voc
+    from splitdet.training.voc_check_folder import datasets_below_hint, unfinished_synth_problem
     from splitdet.training.voc_layout import missing_folder_hint
     from splitdet.training.voc_split import split_dataset
 
     root = Path(args.data)
+    unfinished = unfinished_synth_problem(root)  # (before its folders: it may have none yet)
+    if unfinished is not None:
+        raise CommandError(unfinished)
     if not (root / "Annotations").is_dir() and not (root / "JPEGImages").is_dir():
-        hints = missing_folder_hint(root, "JPEGImages") + missing_folder_hint(root, "Annotations")
+        hints = datasets_below_hint(root, "split") or (
+            missing_folder_hint(root, "JPEGImages") + missing_folder_hint(root, "Annotations")
+        )
         raise CommandError(
             f"{root}: no Annotations/ or JPEGImages/ folder (not a VOC dataset){hints}"
         )
@@ -335,7 +341,7 @@ def run_merge(args: argparse.Namespace) -> int:
         try:
             total = sum(len(annotated_ids(s)) for s in sources if (s / "Annotations").is_dir())
             with tqdm(total=total, unit="file", desc="reading", file=sys.stderr,
-                      disable=args.no_progress or total == 0) as bar:  # fmt: skip
+                      disable=progress_off(args.no_progress) or total == 0) as bar:  # fmt: skip
                 plan = plan_merge(sources, prefix=args.prefix, progress=bar.update)
         except OSError as exc:  # (a source's folder or file that cannot be read)
             where = exc.filename or "a source"
@@ -343,7 +349,7 @@ def run_merge(args: argparse.Namespace) -> int:
                 f"{where}: cannot read ({exc.strerror or exc}); nothing was written"
             ) from None
         with tqdm(total=plan.files, unit="file", desc="writing", file=sys.stderr,
-                  disable=args.no_progress) as bar:  # fmt: skip
+                  disable=progress_off(args.no_progress)) as bar:  # fmt: skip
             result = merge(plan, out, progress=bar.update)
     except MergeError as exc:
         raise CommandError(str(exc)) from None

@@ -1,15 +1,30 @@
 """`splitdet synth`: write a synthetic titanium-gasket scratch dataset (PASCAL VOC).
 
 Only argparse and the standard library at import time; numpy and Pillow load when it runs.
+
+Stopped, it leaves no process behind and --out says it is unfinished (dataset.json
+``"complete": false``; `splitdet data check` reports it): Ctrl-C exits 130 ("interrupted"),
+SIGTERM (systemd, docker stop, a CI cancel) exits 143 with one line, the render workers ended
+with it; a SIGKILLed synth's workers end too (`synth._start_worker`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from splitdet.shared.cli import int_in
+from splitdet.shared.cli import SIGTERM_EXIT, int_in
+
+if TYPE_CHECKING:  # (numpy loads with it: imported when the command runs)
+    from splitdet.training.synth import DatasetSummary
 
 EPILOG = """\
 examples:
@@ -20,7 +35,37 @@ examples:
 
 The output is a standard VOC tree (JPEGImages/, Annotations/, ImageSets/Main/{train,val,test}.txt)
 plus dataset.json with the settings. The same seed and size give the same images.
+--defective 0 makes a defect-free set (for false-alarm tests), which cannot train: it warns.
+Stopped (Ctrl-C: exit 130, SIGTERM: 143), --out is left unfinished: rerun with --overwrite.
 """
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that synth unwinds as on
+    Ctrl-C (its render pool terminated, no worker left writing)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises `_Terminated` in the main thread (a second one while it
+    unwinds is ignored); the handler before is restored after (`splitdet demo` runs synth in
+    its process). Outside the main thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        if received:  # already unwinding: let it finish
+            return
+        received.append(signum)
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:  # (None: a handler not set from Python, which cannot be put back: the default)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -112,9 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the dataset described by ``args``."""
-    from pathlib import Path
-
+    """Generate the dataset described by ``args``; 143 when SIGTERM stopped it."""
     from splitdet.shared.cli import CommandError
     from splitdet.training import synth
 
@@ -124,22 +167,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.defective + args.free + args.test_defective + args.test_free == 0:
         raise CommandError("nothing to generate: every count is 0")
+    _check_train_split(args, synth.train_shortfall(args.defective, args.free, args.val_fraction))
     out = Path(args.out)
     try:
-        summary = synth.generate_dataset(
-            out,
-            seed=args.seed,
-            size=tuple(args.size),
-            n_defective=args.defective,
-            n_free=args.free,
-            val_fraction=args.val_fraction,
-            n_test_defective=args.test_defective,
-            n_test_free=args.test_free,
-            workers=args.workers,
-            progress=not args.no_progress and not args.json,
-            overwrite=args.overwrite,
-        )
+        with _sigterm_as_interrupt():
+            summary = _generate(args, out)
+    except _Terminated:
+        print(f"splitdet synth: stopped on SIGTERM{_left_text(out)}", file=sys.stderr)
+        return SIGTERM_EXIT
     except synth.SyntheticDatasetExists as exc:
+        if exc.unfinished:
+            raise CommandError(f"{exc}; rerun with --overwrite, or choose another --out") from None
         raise CommandError(f"{exc}; --overwrite replaces it, or choose another --out") from None
     except FileExistsError as exc:  # a file, or a folder of other data: --overwrite cannot help
         raise CommandError(f"{exc}; choose another --out") from None
@@ -147,18 +185,91 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     except OSError as exc:  # the only files synth touches are under --out
         raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
+    _print_summary(args, out, summary)
+    warning = _defect_free_warning(args)
+    if warning is not None:  # (after the lines it is about; stderr: --json's stdout stays JSON)
+        print(f"splitdet synth: warning: {warning}", file=sys.stderr)
+    return 0
 
+
+def _check_train_split(args: argparse.Namespace, shortfall: str | None) -> None:
+    """`CommandError` naming --val-fraction when it would leave train without any image, or
+    without a defective one, though --defective/--free asked for them (`train_shortfall`):
+    such a dataset fails `splitdet data check` and cannot train."""
+    from splitdet.shared.cli import CommandError
+
+    if shortfall is None:
+        return
+    fraction = f"--val-fraction {args.val_fraction:g}"
+    if shortfall == "image":
+        raise CommandError(
+            f"{fraction} sends all {args.defective + args.free} train+val images to val, "
+            "leaving train none to train on: lower --val-fraction (or raise --defective/--free)"
+        )
+    raise CommandError(
+        f"{fraction} sends all {args.defective} defective train+val image(s) to val, leaving "
+        "train none to learn scratches from: lower --val-fraction (or raise --defective)"
+    )
+
+
+def _defect_free_warning(args: argparse.Namespace) -> str | None:
+    """The warning of a dataset whose train split holds no defective image by the counts the
+    user chose (--defective 0): allowed, as a defect-free set for false-alarm tests (or, with
+    --free 0 too, a test split alone), but `splitdet data check` reports it and `splitdet
+    train` cannot learn from it."""
+    if args.defective > 0:
+        return None
+    if args.free == 0:
+        return (
+            "--defective 0 --free 0: train holds no image, so this dataset cannot train a "
+            "detector (`splitdet data check` reports it as a problem); its test split serves "
+            "`splitdet eval --split test`; give --defective N to train on it"
+        )
+    return (
+        "--defective 0: train holds no defective image, so this dataset cannot train a "
+        "detector (`splitdet data check` reports it as a problem); it serves defect-free tests "
+        "(false alarms, with `splitdet predict` or `eval`); give --defective N to train on it"
+    )
+
+
+def _left_text(out: Path) -> str:
+    """What a stopped synth left in ``out``, as "; ..." ("" when it wrote nothing there)."""
+    from splitdet.training.voc_check_folder import is_unfinished_synth
+
+    if not is_unfinished_synth(out):
+        return ""
+    return f"; {out} holds an unfinished dataset: rerun the same command with --overwrite"
+
+
+def _generate(args: argparse.Namespace, out: Path) -> DatasetSummary:
+    """`synth.generate_dataset` of ``args`` into ``out``, its bar on a terminal only."""
+    from splitdet.shared.progress import progress_off
+    from splitdet.training import synth
+
+    return synth.generate_dataset(
+        out,
+        seed=args.seed,
+        size=tuple(args.size),
+        n_defective=args.defective,
+        n_free=args.free,
+        val_fraction=args.val_fraction,
+        n_test_defective=args.test_defective,
+        n_test_free=args.test_free,
+        workers=args.workers,
+        progress=not progress_off(args.no_progress) and not args.json,
+        overwrite=args.overwrite,
+    )
+
+
+def _print_summary(args: argparse.Namespace, out: Path, summary: DatasetSummary) -> None:
+    """What was written: JSON with --json, else the lines per split."""
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
-    else:
-        parts = [
-            f"{split}: {c['defective']} defective ({c['boxes']} scratches) "
-            f"+ {c['free']} defect-free"
-            for split, c in summary.counts.items()
-        ]
-        print(
-            f"wrote {out} in {summary.seconds:.1f} s ({summary.seconds_per_image:.2f} s/image/core)"
-        )
-        for line in parts:
-            print(f"  {line}")
-    return 0
+        return
+    parts = [
+        f"{split}: {c['defective']} defective ({c['boxes']} scratches) + {c['free']} defect-free"
+        for split, c in summary.counts.items()
+    ]
+    print(f"wrote {out} in {summary.seconds:.1f} s ({summary.seconds_per_image:.2f} s/image/core)")
+    for line in parts:
+        print(f"  {line}")

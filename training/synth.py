@@ -14,23 +14,26 @@ What an image holds
   edges lit from one side, the "bow-tie" specular lobe of a turned surface, slow illumination
   drift, and signal-dependent sensor noise.
 - Scratches (class ``scratch``), on defective images only: thin straight or curved (quadratic
-  Bezier) strokes, 1-6 px wide, 30 px to ~1400 px long at 2448x2048, bright or dark, strong to
-  faint (5-16 times the local clutter: texture detail and sensor noise), with intermittent
-  strength and tapered ends. They are rasterised (distance to a polyline, anti-aliased),
-  clipped to the metal, so every scratch pixel is known: its box is the bounding box of the
-  pixels it changes by at least one unit of that clutter, so a box never claims an invisible
-  tail. Scratches whose visible part is too short are re-drawn.
+  Bezier) strokes, 1-6 px wide, along centre lines 30 px to ~1400 px long at 2448x2048,
+  bright or dark, strong to faint (5-16 times the local clutter: texture detail and sensor
+  noise), with intermittent strength and tapered ends. They are rasterised (distance to a
+  polyline, anti-aliased), clipped to the metal, and only the pixels they change by at least
+  one unit of that clutter are drawn, so every scratch pixel is known: its box is the bounding
+  box of those pixels and never claims an invisible tail. A box is therefore shorter than its
+  centre line when the tapered ends fade out, down to 20 px on its longer side: a scratch whose
+  visible part is shorter is re-drawn.
 - Sizes. The part, its texture and every length scale with the image; stroke and speck *widths*
   stay in output pixels (1-6 px at any size). A smaller image is a faster stand-in for the
   camera's, in which a scratch looks to a detector as it would at full resolution; scaled, most
   scratches would be sub-pixel at 612x512 (version 1 did that, with a 1 px floor). A scratch
-  stays a stroke at every size: at 2448x2048 the shortest (30 px) is five times the widest
-  (6 px), and smaller images keep that ratio as a floor on the length (version 2 scaled the
-  length alone, so at 612x512 a 6 px wide scratch could be 8 px long: a dot like a dust speck).
-  The shortest scratch (30 px) and the shortest tool mark (25 px) keep their camera lengths at
-  every size, as widths and dust specks do; the longest scale with the part. (Version 3 scaled
-  the floor too: at 612x512 a scratch could be 10 px long beside dust specks of up to 7 px, a
-  ratio the camera's images never show; 9% of its test scratches were under 20 px.)
+  stays a stroke at every size: at 2448x2048 the shortest centre line (30 px) is five times the
+  widest scratch (6 px), and smaller images keep that ratio as a floor on the length (version 2
+  scaled the length alone, so at 612x512 a 6 px wide scratch could be 8 px long: a dot like a
+  dust speck). The shortest centre line (30 px; its box at least 20 px) and the shortest tool
+  mark (25 px) keep their camera lengths at every size, as widths and dust specks do; the
+  longest scale with the part. (Version 3 scaled the floor too: at 612x512 a scratch could be
+  10 px long beside dust specks of up to 7 px, a ratio the camera's images never show; 9% of
+  its test scratches were under 20 px.)
 - Look-alikes that are *not* scratches, on every image: dust specks, soft stains, and short low-
   contrast tool marks that follow the lathe direction (concentric arcs). A gate has to learn the
   difference, not just "anything on the metal".
@@ -48,15 +51,24 @@ it or in what order, so parallel generation writes the same bytes as serial gene
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from splitdet.shared.atomic_file import atomic_write
 from splitdet.training import voc
 from splitdet.training.synth_image import (
     CLASS_NAME,
@@ -66,13 +78,14 @@ from splitdet.training.synth_image import (
     STREAM_TRAINVAL,
     check_size,
     generate_image,
-    save_jpeg,
 )
+from splitdet.training.voc_check_folder import SYNTH_GENERATOR, is_unfinished_synth
 
 __all__ = [
     "DatasetSummary",
     "SyntheticDatasetExists",
     "generate_dataset",
+    "train_shortfall",
 ]
 
 
@@ -106,62 +119,150 @@ class _Task:
     defective: bool
 
 
-def _ignore_interrupts() -> None:
-    """A render worker's start: SIGINT ignored (see `generate_dataset`)."""
-    import signal
+@dataclass(frozen=True)
+class _Rendered:
+    """A rendered image as a worker hands it back: its JPEG file's bytes and its boxes. The
+    worker writes nothing: only the process that owns ``--out`` does (`_write_rendered`), so
+    a worker outliving it (its parent SIGKILLed) cannot put a file into a later run's tree."""
+
+    image_id: str
+    jpeg: bytes
+    boxes: np.ndarray
+    seconds: float
+
+
+#: The signals held (blocked) while the render workers start (`_held_signals`).
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+def _start_worker(parent: int) -> None:
+    """A render worker's start: SIGINT ignored (the parent ends the pool on Ctrl-C: each
+    worker printed its own KeyboardInterrupt traceback when the terminal's group got it), and
+    SIGTERM asked for when the parent goes (`die_with_parent`: a SIGKILLed parent left its
+    workers rendering on); a parent already gone ends the worker at once. Then the signals
+    blocked since it was started (`_held_signals`) are let through: a Ctrl-C sent meanwhile
+    is dropped (ignored), a SIGTERM ends it."""
+    from splitdet.shared.parent_death import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not die_with_parent(parent, "a `splitdet synth` render worker"):
+        os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
-def _render_task(task: _Task) -> tuple[str, int, float]:
+@contextlib.contextmanager
+def _held_signals() -> Iterator[None]:
+    """While inside (the render workers being started), SIGINT and SIGTERM are blocked in this
+    thread, so that the workers start with them blocked (a process inherits its starter's
+    mask) until `_start_worker` ignores SIGINT: a worker still importing its modules printed
+    a KeyboardInterrupt traceback on a Ctrl-C then. One that reaches this process meanwhile
+    (another thread takes it) is noted, not raised inside the pool's start, and raised on
+    the way out, once the previous handlers are back: nothing lost. Nothing changes outside
+    the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # (started now if not yet: starting it unblocks SIGINT and SIGTERM in the calling thread)
+    multiprocessing.resource_tracker.ensure_running()
+    received: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in _HELD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # (one pending comes now, to `note`)
+        for sig, handler in previous.items():  # (None: not set from Python; the default)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(received):  # (each once, in order: its handler takes it now)
+            signal.raise_signal(sig)
+
+
+def _render_task(task: _Task) -> _Rendered:
+    """Render one image and encode its JPEG (as `synth_image.save_jpeg` would save it)."""
+    from PIL import Image
+
     t0 = time.perf_counter()
     img = generate_image(task.seed, task.index, task.size, task.defective, stream=task.stream)
-    root = Path(task.root)
-    image_path = root / "JPEGImages" / f"{task.image_id}.jpg"
-    save_jpeg(img.image, image_path, img.jpeg_quality)
+    buffer = io.BytesIO()
+    Image.fromarray(img.image).save(buffer, format="JPEG", quality=int(img.jpeg_quality))
+    return _Rendered(task.image_id, buffer.getvalue(), img.boxes, time.perf_counter() - t0)
+
+
+def _write_rendered(root: Path, size: tuple[int, int], rendered: _Rendered) -> None:
+    """Write a rendered image and its annotation into ``root`` (each whole, atomically)."""
+    image_path = root / "JPEGImages" / f"{rendered.image_id}.jpg"
+    atomic_write(image_path, rendered.jpeg)
     sample = voc.VocSample(
-        image_id=task.image_id,
+        image_id=rendered.image_id,
         image_path=image_path,
-        width=task.size[0],
-        height=task.size[1],
-        objects=tuple(voc.VocObject(CLASS_NAME, tuple(map(float, b)), False) for b in img.boxes),
+        width=size[0],
+        height=size[1],
+        objects=tuple(
+            voc.VocObject(CLASS_NAME, tuple(map(float, b)), False) for b in rendered.boxes
+        ),
     )
-    voc.write_annotation(root / "Annotations" / f"{task.image_id}.xml", sample)
-    return task.image_id, len(img.boxes), time.perf_counter() - t0
+    voc.write_annotation(root / "Annotations" / f"{rendered.image_id}.xml", sample)
 
 
-_MARKER = "splitdet.training.synth"
+_MARKER = SYNTH_GENERATOR
 
 
 class SyntheticDatasetExists(FileExistsError):
     """``out`` holds an earlier synthetic dataset, which ``overwrite`` would replace (any other
-    `FileExistsError` of `generate_dataset` is a folder it never writes into)."""
+    `FileExistsError` of `generate_dataset` is a folder it never writes into); ``unfinished``:
+    an interrupted run's remnant (dataset.json ``"complete": false``)."""
+
+    def __init__(self, message: str, unfinished: bool = False) -> None:
+        super().__init__(message)
+        self.unfinished = unfinished
 
 
-def _prepare_root(out: Path, overwrite: bool) -> None:
-    """Make ``out``'s VOC folders, emptying those of an earlier synthetic dataset when
-    ``overwrite``; `FileExistsError` for anything else there."""
+def _is_ours(out: Path) -> bool:
+    """Whether ``out/dataset.json`` is a synthetic dataset's (finished or not)."""
+    try:
+        return json.loads((out / "dataset.json").read_text()).get("generator") == _MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_root(out: Path, overwrite: bool, settings: dict) -> None:
+    """Write ``out/dataset.json`` (``settings``: "complete" false) and make ``out``'s VOC
+    folders, emptying those of an earlier synthetic dataset when ``overwrite``;
+    `FileExistsError` for anything else there. dataset.json comes first: a run stopped at any
+    point after it leaves a tree that says it is unfinished, never an earlier run's "complete"
+    over emptied folders."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        meta = out / "dataset.json"
-        ours = False
-        if meta.is_file():
-            try:
-                ours = json.loads(meta.read_text()).get("generator") == _MARKER
-            except (OSError, ValueError):
-                ours = False
-        if not ours:
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier:
+        if not _is_ours(out):
             raise FileExistsError(
                 f"{out} is not empty and is not a splitdet synthetic dataset, so it is never "
                 "overwritten"
             )
+        if not overwrite and is_unfinished_synth(out):
+            raise SyntheticDatasetExists(
+                f"{out} holds an unfinished synthetic dataset (an interrupted `splitdet synth`: "
+                "dataset.json complete: false)",
+                unfinished=True,
+            )
         if not overwrite:
             raise SyntheticDatasetExists(f"{out} already holds a synthetic dataset")
+    _write_settings(out, settings)
+    if earlier:
         for sub in ("JPEGImages", "Annotations", "ImageSets"):
             shutil.rmtree(out / sub, ignore_errors=True)
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _write_settings(out: Path, settings: dict) -> None:
+    """Write ``out/dataset.json`` whole (a kill mid-write leaves the file before)."""
+    atomic_write(out / "dataset.json", json.dumps(settings, indent=2) + "\n")
 
 
 def generate_dataset(
@@ -190,7 +291,10 @@ def generate_dataset(
     needs the usual ``if __name__ == "__main__":`` guard. ``overwrite``: replace a previous
     synthetic dataset at ``out`` (without it: `SyntheticDatasetExists`); anything else in a
     non-empty ``out`` is refused (FileExistsError), and nothing but our own sub-folders is ever
-    deleted.
+    deleted. ValueError, before anything is written, for a ``val_fraction`` that leaves train
+    no image or no defective image (`train_shortfall`). ``dataset.json`` is written first, with
+    ``"complete": false``, and made true last: a run stopped part way (a signal, a full disk)
+    leaves a tree that says so (`splitdet data check` reports it).
     """
     out = Path(out)
     width, height = int(size[0]), int(size[1])
@@ -202,13 +306,11 @@ def generate_dataset(
     planned = _planned_counts(n_defective, n_free, val_fraction, n_test_defective, n_test_free)
     tasks, splits = _plan_tasks(out, seed, (width, height), planned)
 
-    _prepare_root(out, overwrite)
     settings = _settings(seed, (width, height), val_fraction, planned)
-    meta_path = out / "dataset.json"
-    meta_path.write_text(json.dumps(settings, indent=2) + "\n")
+    _prepare_root(out, overwrite, settings)
 
     t0 = time.perf_counter()
-    n_boxes, busy = _render_all(tasks, workers, progress)
+    n_boxes, busy = _render_all(out, tasks, workers, progress)
     seconds = time.perf_counter() - t0
 
     for split, ids in splits.items():
@@ -216,8 +318,8 @@ def generate_dataset(
     counts = _split_counts(splits, n_boxes)
     settings["counts"] = counts
     settings["complete"] = True
-    meta_path.write_text(json.dumps(settings, indent=2) + "\n")
-    (out / "README.md").write_text(_readme(settings))
+    atomic_write(out / "README.md", _readme(settings))
+    _write_settings(out, settings)  # (last: "complete" once everything else is written)
     return DatasetSummary(
         root=out,
         counts=counts,
@@ -249,6 +351,25 @@ def _check_arguments(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if n_defective + n_free + n_test_defective + n_test_free == 0:
         raise ValueError("nothing to generate: every count is 0")
+    shortfall = train_shortfall(n_defective, n_free, val_fraction)
+    if shortfall is not None:
+        raise ValueError(
+            f"val_fraction {val_fraction:g} leaves the train split no {shortfall} (of "
+            f"n_defective {n_defective}, n_free {n_free}): lower it"
+        )
+
+
+def train_shortfall(n_defective: int, n_free: int, val_fraction: float) -> str | None:
+    """What ``val_fraction`` leaves the train split without, though the counts asked for it:
+    "image" (train+val images asked for, all going to val), "defective image" (defective
+    ones asked for, all going to val), or None. Counts of 0 are the caller's choice, never a
+    shortfall: ``n_defective`` 0 makes a defect-free set (for false-alarm tests)."""
+    planned = _planned_counts(n_defective, n_free, val_fraction, 0, 0)["train"]
+    if n_defective + n_free > 0 and planned["defective"] + planned["free"] == 0:
+        return "image"
+    if n_defective > 0 and planned["defective"] == 0:
+        return "defective image"
+    return None
 
 
 def _planned_counts(
@@ -324,9 +445,17 @@ def _settings(
     }
 
 
-def _render_all(tasks: list[_Task], workers: int, progress: bool) -> tuple[dict[str, int], float]:
-    """Render and write every task, in this process or on ``workers`` spawned ones. Returns the
-    number of boxes of each image id and the seconds spent rendering, summed over workers."""
+def _render_all(
+    out: Path, tasks: list[_Task], workers: int, progress: bool
+) -> tuple[dict[str, int], float]:
+    """Render every task, in this process or on ``workers`` spawned ones, and write each image
+    and annotation into ``out`` here. Returns the number of boxes of each image id and the
+    seconds spent rendering, summed over workers.
+
+    An exception here (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM) ends the pool at once
+    (terminated on the way out, as at the end); a SIGKILL of this process ends them too, by
+    the SIGTERM each asked for (`_start_worker`). Workers never write: a worker that lived on
+    would otherwise put its image into ``out`` after this process had returned."""
     n_boxes: dict[str, int] = {}
     busy = 0.0
     bar = None
@@ -334,32 +463,41 @@ def _render_all(tasks: list[_Task], workers: int, progress: bool) -> tuple[dict[
         from tqdm import tqdm
 
         bar = tqdm(total=len(tasks), desc="synth", unit="img")
+    size = tasks[0].size if tasks else (0, 0)
     try:
         if workers == 1 or len(tasks) <= 1:
-            results = map(_render_task, tasks)
-            for image_id, nb, dt in results:
-                n_boxes[image_id] = nb
-                busy += dt
-                if bar is not None:
-                    bar.update(1)
+            for rendered in map(_render_task, tasks):
+                busy += _take(out, size, rendered, n_boxes, bar)
         else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")  # safe with threads in the parent (tqdm, torch)
+            # spawn: safe with threads in the parent (tqdm, torch)
+            ctx = multiprocessing.get_context("spawn")
             n_proc = min(workers, len(tasks))
             chunk = max(1, min(8, len(tasks) // (n_proc * 4)))
-            # the workers leave Ctrl-C to this process (which ends them with the pool): each
-            # printed its own KeyboardInterrupt traceback when the terminal's group got it
-            with ctx.Pool(n_proc, initializer=_ignore_interrupts) as pool:
-                for image_id, nb, dt in pool.imap_unordered(_render_task, tasks, chunksize=chunk):
-                    n_boxes[image_id] = nb
-                    busy += dt
-                    if bar is not None:
-                        bar.update(1)
+            pool = None
+            try:
+                # (started from this, the main, thread: the kernel's SIGTERM comes when it ends)
+                with _held_signals():
+                    pool = ctx.Pool(n_proc, initializer=_start_worker, initargs=(os.getpid(),))
+                for rendered in pool.imap_unordered(_render_task, tasks, chunksize=chunk):
+                    busy += _take(out, size, rendered, n_boxes, bar)
+            finally:  # (a signal taken as the hold ends, too: the pool is made by then)
+                if pool is not None:
+                    pool.terminate()
     finally:
         if bar is not None:
             bar.close()
     return n_boxes, busy
+
+
+def _take(
+    out: Path, size: tuple[int, int], rendered: _Rendered, n_boxes: dict[str, int], bar: Any
+) -> float:
+    """Write ``rendered`` into ``out``, count its boxes, advance the bar; its render seconds."""
+    _write_rendered(out, size, rendered)
+    n_boxes[rendered.image_id] = len(rendered.boxes)
+    if bar is not None:
+        bar.update(1)
+    return rendered.seconds
 
 
 def _split_counts(

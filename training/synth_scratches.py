@@ -1,11 +1,13 @@
 """Scratches on a synthetic gasket image: their strokes, widths, contrast and tight boxes.
 
-`add_scratches` draws 1-6 scratches onto the part's reflectance (in place): each a straight or
-curved (quadratic Bezier) centre line on the metal, 30 px to ~1400 px long at 2448x2048, 1-6 px
-wide in output px at any size, rasterised as an anti-aliased stroke with intermittent strength
-and tapered ends, bright or dark, 5-16 times the local clutter (texture detail and sensor
-noise). Each comes back as a `StrokeMask`, the stroke's coverage over exactly its box: the
-pixels it changes by at least one unit of that clutter, so a box never claims an invisible tail.
+`add_scratches` draws 1-6 scratches onto the part's reflectance (in place): each along a
+straight or curved (quadratic Bezier) centre line on the metal, 30 px to ~1400 px long at
+2448x2048, 1-6 px wide in output px at any size, rasterised as an anti-aliased stroke with
+intermittent strength and tapered ends, bright or dark, 5-16 times the local clutter (texture
+detail and sensor noise). Only the pixels it changes by at least one unit of that clutter are
+drawn. Each comes back as a `StrokeMask`, the stroke's coverage over exactly its box: those
+pixels, so a box never claims an invisible tail, and is shorter than the centre line when the
+tapered ends fade out: at least 20 px on its longer side (a shorter visible part is re-drawn).
 All draws come from the scratch generator alone, so the rest of the image does not depend on
 them.
 """
@@ -25,7 +27,8 @@ __all__ = ["StrokeMask", "add_scratches"]
 #: levels, see `_clutter_levels`): log-uniform from faint to strong.
 _CONTRAST_RANGE = (5.0, 16.0)
 #: A scratch pixel is one the scratch changes by at least this many clutter units: fainter
-#: parts (tapered ends, dips) are drawn but not labelled, so no box claims an invisible stroke.
+#: parts (tapered ends, dips) are cut from the stroke before it is drawn (neither drawn nor
+#: labelled), so no box claims an invisible stroke and no unlabelled trace is left.
 _VISIBLE_CLUTTER = 1.0
 #: Sensor noise assumed when judging visibility, grey levels (the drawn noise is 1.4-2.2).
 _NOISE_LEVELS = 2.0
@@ -62,7 +65,8 @@ def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n: int) -> np.ndarra
 
 
 #: The shortest scratch's centre line, output px at any size (the camera's shortest, 2448x2048):
-#: five times the widest scratch (6 px), so every scratch is a stroke, never a dot.
+#: five times the widest scratch (6 px), so every scratch is a stroke, never a dot. Its box (the
+#: visible part: faded ends are not drawn) may be shorter, down to 20 px on its longer side.
 _MIN_SCRATCH_LENGTH = 30.0
 
 

@@ -14,8 +14,9 @@ needing boxes that still have none).
 This module holds `check_dataset` and re-exports the rest (`__all__`), which lives beside it,
 one job a module: the report (`voc_check_report`), the annotation and image files
 (`voc_check_images`), the split files (`voc_check_splits`), and what the boxes would teach
-(`voc_check_boxes`: thin boxes, classes without a box to train on), and what collecting the
-edge's images leaves (`voc_check_collected`).
+(`voc_check_boxes`: thin boxes, classes without a box to train on), what collecting the
+edge's images leaves (`voc_check_collected`), and what a folder that is no dataset to read is
+(`voc_check_folder`: an interrupted `splitdet synth`, the parent folder of datasets).
 
 Only the standard library, the model config and, through `voc` (which reads images as the edge
 does), Pillow and the edge's torch-free `preprocess`: no torch.
@@ -42,6 +43,7 @@ from splitdet.training.voc_check_boxes import (
     untrained_class_warning,
 )
 from splitdet.training.voc_check_collected import same_image_warning, unboxed_collected_warning
+from splitdet.training.voc_check_folder import datasets_below_hint, unfinished_synth_problem
 from splitdet.training.voc_check_images import (
     _check_filenames,
     _check_images,
@@ -91,6 +93,20 @@ def _percentiles(values: list[float]) -> list[float]:
     return [round(min(values), 1), round(statistics.median(values), 1), round(max(values), 1)]
 
 
+def _missing_folder_problems(root: Path) -> list[str]:
+    """The problem lines of a missing ``Annotations`` or ``JPEGImages`` folder, each with
+    where its files seem to be (`missing_folder_hint`); one line naming the sub-folders that
+    are VOC datasets when both are missing and ``root`` is their parent."""
+    missing = [f for f in ("Annotations", "JPEGImages") if not (root / f).is_dir()]
+    below = datasets_below_hint(root, "check") if len(missing) == 2 else ""
+    if below:
+        return [f"{root}: no Annotations/ or JPEGImages/ folder (not a VOC dataset){below}"]
+    return [
+        f"{root / folder}: folder not found (not a VOC dataset?){missing_folder_hint(root, folder)}"
+        for folder in missing
+    ]
+
+
 def check_dataset(
     root: Path,
     class_names: Sequence[str] | None = None,
@@ -118,10 +134,11 @@ def check_dataset(
     # (ids with an image file); counted before a missing folder stops the check, so that the
     # summary says what the other folder holds, not "0 annotations"
     report.annotations, report.images = len(ids), len(files)
-    for folder in ("Annotations", "JPEGImages"):
-        if not (root / folder).is_dir():
-            hint = missing_folder_hint(root, folder)
-            report.problems.append(f"{root / folder}: folder not found (not a VOC dataset?){hint}")
+    unfinished = unfinished_synth_problem(root)
+    if unfinished is not None:  # (its missing files are the run's, not a layout to fix)
+        report.problems.append(unfinished)
+        return report
+    report.problems += _missing_folder_problems(root)
     if report.problems:
         return report
 
@@ -206,7 +223,8 @@ def check_dataset(
     report.warnings += case_twin_warnings(report.classes, root / "Annotations")
     report.problems += comma_class_problems(report.classes, root / "Annotations")
     names = classes_option(report.classes)  # (None for a name with a comma: no option names it)
-    if class_names is None and names and set(report.classes) != {DEFAULT_CLASS}:
+    # (no class at all: nothing to name; the split checks say the images train no defect)
+    if class_names is None and report.classes and names and set(report.classes) != {DEFAULT_CLASS}:
         report.warnings.append(
             f"{root / 'Annotations'}: classes {names}; the presets train {DEFAULT_CLASS!r} "
             f"alone, so train with --classes {names} (check with --classes the same way)"

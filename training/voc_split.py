@@ -20,6 +20,7 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
+from splitdet.training.voc_check_folder import unfinished_synth_problem
 from splitdet.training.voc_layout import (
     UnreadAnnotation,
     id_key,
@@ -180,8 +181,9 @@ def split_dataset(
     ``add``: keep every id the existing split files list where it is, and divide only the
     annotations in no split among them (new images collected from the line join the splits,
     and no image moves, so an earlier test split stays held out).
-    Nothing is written unless everything can be: raises `voc.VocError` for a missing
-    ``JPEGImages`` (`_require_images_folder`) or naming the first annotation or image that
+    Nothing is written unless everything can be: raises `voc.VocError` for an interrupted
+    `splitdet synth`'s remnant (`unfinished_synth_problem`), a missing ``JPEGImages``
+    (`_require_images_folder`) or naming the first annotation or image that
     cannot be read or named in a split file, `FileExistsError` when
     split files exist and not ``overwrite``, and `ValueError` for shares out of range or
     leaving nothing to train on or no defective image for a val split (fewer than two
@@ -190,6 +192,9 @@ def split_dataset(
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val {val} and test {test} must each be in [0, 1) and sum below 1")
     root = Path(root)
+    unfinished = unfinished_synth_problem(root)
+    if unfinished is not None:  # (its images in no split are the run's missing files)
+        raise voc.VocError(unfinished)
     _require_images_folder(root)
     split_dir = root / "ImageSets" / "Main"
     existing = [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
