@@ -158,8 +158,8 @@ UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 def _sigterm_unwinds() -> tuple[tuple[signal.Signals, object], ...]:
     """Make SIGTERM and SIGHUP raise KeyboardInterrupt in this process, where nothing else
-    handles them (as PID 1, `shared.cli.end_on_sigterm` is no handling of its own); the
-    signals so handled with their handlers before (to restore when done).
+    handles them (`splitdet`'s `main` makes SIGTERM unwind already); the signals so handled
+    with their handlers before (to restore when done).
 
     The services run in their own sessions (so a terminal's Ctrl-C reaches only us, and we stop
     them); a plain SIGTERM (`kill`, a job scheduler) or a closed terminal's SIGHUP would end us
@@ -167,12 +167,10 @@ def _sigterm_unwinds() -> tuple[tuple[signal.Signals, object], ...]:
     """
     if threading.current_thread() is not threading.main_thread():
         return ()
-    from splitdet.shared.cli import end_on_sigterm  # (as PID 1, `main` set it: ours replaces it)
-
     installed = []
     for signum in UNWINDING_SIGNALS:
         before = signal.getsignal(signum)
-        if before in (signal.SIG_DFL, end_on_sigterm):
+        if before == signal.SIG_DFL:  # (under `main`, SIGTERM unwinds already: `Terminated`)
             signal.signal(signum, _interrupt)
             installed.append((signum, before))
     return tuple(installed)

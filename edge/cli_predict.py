@@ -49,10 +49,11 @@ examples:
 error), boxes [x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage
 timings (s), bytes_sent, error, annotated (the file --save wrote), and the run's fingerprint,
 gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C, exit
-status 130, or by a cloud that refuses the model for good, exit status 2: the images finished by
-then are written). Unreadable files (missing, not a regular file, over 256 MiB, not an image)
-and flagged images whose detection call failed (the cloud unreachable or busy past --timeout
-too) get verdict "error" with the reason (the latter keep p_defect); the others are processed.
+status 130, by SIGTERM, 143, or by a cloud that refuses the model for good, exit status 2: the
+images finished by then are written). Unreadable files (missing, not a regular file, over 256
+MiB, not an image) and flagged images whose detection call failed (the cloud unreachable or
+busy past --timeout too) get verdict "error" with the reason (the latter keep p_defect); the
+others are processed.
 Each file is processed once, however often it is named. --save names each annotated image after
 its source (a.png -> a.jpg; a second a.* becomes a_2.jpg); it replaces an earlier run's
 annotated copies (marked as such in the JPEG), never another file. An unwritable --json or
@@ -530,8 +531,10 @@ def run(args: argparse.Namespace) -> int:
     made = make_save_folder(args.save) if args.save else []
     done: list[Prediction] = []
     refusal = None  # the cloud refused the model for good: the run stopped, what it judged kept
+    interrupt: KeyboardInterrupt | None = None  # Ctrl-C or SIGTERM: the images judged kept
     try:
-        complete = _predict(args, paths, pipeline, detector, save_dir, done)
+        interrupt = _predict(args, paths, pipeline, detector, save_dir, done)
+        complete = interrupt is None
     except ModelRefused as exc:
         complete, refusal = False, refused(remote, exc) if remote is not None else str(exc)
     except CommandError:  # refused (e.g. torch unusable): leave no folder behind
@@ -556,8 +559,8 @@ def run(args: argparse.Namespace) -> int:
         remove_if_empty(made)
         kept = f"; the {len(done)} image(s) judged before are in --json {args.json}"
         raise CommandError(refusal + (kept if done and args.json else ""))
-    if not complete:
-        raise KeyboardInterrupt  # the CLI's "interrupted", exit status 130
+    if interrupt is not None:  # the CLI's "interrupted" (130) or "stopped on SIGTERM" (143)
+        raise interrupt
     return 1 if any(p.error is not None for p in done) else 0
 
 
@@ -568,9 +571,10 @@ def _predict(
     detector: Callable[[], Detector],
     save_dir: Path | None,
     done: list[Prediction],
-) -> bool:
+) -> KeyboardInterrupt | None:
     """Run `predict_paths` over `paths`, each finished image's Prediction appended to `done`;
-    whether it ran to the end (False: stopped by Ctrl-C, `done` holding the images finished).
+    None when it ran to the end, else the Ctrl-C or SIGTERM (`Terminated`) that stopped it,
+    `done` holding the images finished.
     `ModelRefused` (a cloud that refuses the model for good) propagates, `done` as filled."""
     from tqdm import tqdm
 
@@ -593,11 +597,11 @@ def _predict(
             save_dir,
             on_result=finished,
         )
-    except KeyboardInterrupt:
-        return False
+    except KeyboardInterrupt as exc:
+        return exc
     finally:
         bar.close()
-    return True
+    return None
 
 
 def summary(predictions: list[Prediction], total: int, stopped: str = "interrupted") -> str:

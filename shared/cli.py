@@ -16,11 +16,9 @@ import logging
 import math
 import os
 import re
-import signal
 import stat
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +27,9 @@ from typing import NoReturn
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.logs import TextLogFormatter, json_line
+from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
 from splitdet.shared.stacks import stacks_on_sigusr1
+from splitdet.shared.utf8_mode import reexec_in_utf8_mode
 
 #: Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -98,28 +98,6 @@ def _needs_torch(args: argparse.Namespace) -> bool:
     if args.command == "predict" and getattr(args, "cloud", None):
         return False
     return has_full_install()
-
-
-#: Exit status of a process ended by SIGTERM's default action (128 + 15), as a shell reports it.
-SIGTERM_EXIT = 128 + signal.SIGTERM
-
-
-def end_on_sigterm(signum: int, _frame: object) -> None:
-    """SIGTERM's handler while PID 1: end the process as the default action ends any other
-    (exit status 143), unwinding (`finally` blocks run, locks are released)."""
-    raise SystemExit(SIGTERM_EXIT)
-
-
-def end_on_sigterm_as_pid1() -> None:
-    """As PID 1 (a container without an init), install `end_on_sigterm` for SIGTERM: the
-    kernel drops a signal PID 1 has no handler for, so a SIGTERM before a command installs
-    its own (while its modules import: the first 0.1-0.2 s) would be lost and the process
-    run until SIGKILL. The commands that stop gracefully on SIGTERM (`cloud`, `edge run`)
-    replace it when they install theirs. Nothing done for any other pid (the default action
-    works there) or off the main thread (where no handler can be installed)."""
-    if os.getpid() != 1 or threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGTERM, end_on_sigterm)
 
 
 def has_full_install() -> bool:
@@ -546,12 +524,39 @@ class VersionAction(argparse.Action):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `splitdet` console script; returns the process exit status."""
+    """Entry point of the `splitdet` console script; returns the process exit status.
+
+    The console script (`argv` None) first makes itself run in Python's UTF-8 mode whatever
+    the locale (`utf8_mode`: file names read alike under every locale). SIGTERM unwinds every
+    command as Ctrl-C does (`sigterm.sigterm_as_interrupt`): one line, `splitdet COMMAND:
+    stopped on SIGTERM`, exit status 143 (Ctrl-C: `interrupted`, 130), from the first moment
+    on, the imports of the commands' modules included; `cloud` and `edge run` install their
+    own graceful stop once ready."""
+    if argv is None:
+        reexec_in_utf8_mode()  # (returns at once when it runs in UTF-8 mode already)
     stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
-    end_on_sigterm_as_pid1()  # (as PID 1, a SIGTERM while the modules import must not be lost)
-    parser = build_parser()
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)  # (no command, or no action: argparse's error, exit 2)
+    with sigterm_as_interrupt():
+        try:
+            parser = build_parser()
+            raw = list(sys.argv[1:] if argv is None else argv)
+            args = parser.parse_args(raw)  # (no command, or no action: argparse's error, exit 2)
+        except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the modules import)
+            return _stopped("splitdet", exc)
+        return _run_command(args, raw)
+
+
+def _stopped(who: str, exc: KeyboardInterrupt) -> int:
+    """Print how a command was stopped, `WHO: stopped on SIGTERM` (exit status 143) or `WHO:
+    interrupted` (Ctrl-C, 130), and return its exit status."""
+    if isinstance(exc, Terminated):
+        print(f"{who}: stopped on SIGTERM", file=sys.stderr)
+        return SIGTERM_EXIT
+    print(f"{who}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
+    """`main`'s run of the parsed command `args` (`raw`: the arguments as given)."""
     # the command's own arguments as typed (`train --nproc-per-node` gives them to its ranks);
     # the options before the command take no value a command could be named
     args.command_argv = raw[raw.index(args.command) + 1 :]
@@ -583,9 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not logs_json:
             raise
         return _unexpected(args, exc)
-    except KeyboardInterrupt:
-        print(f"splitdet {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
+        return _stopped(f"splitdet {args.command}", exc)
     except BrokenPipeError:  # e.g. `| head` closed our stdout: stop quietly
         silence_stdout()
         return 0

@@ -168,9 +168,18 @@ def test_json_never_overwrites_an_input_or_an_image(tiny_model_dir, images, tmp_
 # 4. Ctrl-C -----------------------------------------------------------------------------------
 
 
-def test_ctrl_c_writes_the_records_finished_so_far(tiny_model_dir, images, tmp_path):
+@pytest.mark.parametrize(
+    ("sent", "status", "line"),
+    [(signal.SIGINT, 130, "splitdet predict: interrupted"),
+     (signal.SIGTERM, 143, "splitdet predict: stopped on SIGTERM")],
+    ids=["ctrl-c", "sigterm"],
+)  # fmt: skip
+def test_ctrl_c_writes_the_records_finished_so_far(tiny_model_dir, images, tmp_path, sent,
+                                                   status, line):  # fmt: skip
     """SIGINT mid-run wrote no JSON at all, though annotated copies of the finished images were
-    there; now the finished records are written, each saying run_complete false, exit 130."""
+    there; now the finished records are written, each saying run_complete false, exit 130.
+    SIGTERM (a scheduler's, a container's stop) likewise, exit 143: it ended the process at
+    once, no JSON, no line (an interruption review)."""
     folder = tmp_path / "many"
     folder.mkdir()
     source = images / "a.png"
@@ -190,10 +199,10 @@ def test_ctrl_c_writes_the_records_finished_so_far(tiny_model_dir, images, tmp_p
         # record perhaps not yet made when SIGINT lands
         lambda: saved.is_dir() and len(list(saved.glob("[!.]*.jpg"))) >= 4,
         "annotated image",
-        lambda process: process.send_signal(signal.SIGINT),
+        lambda process: process.send_signal(sent),
     )
-    assert code == 130, stderr
-    assert "splitdet predict: interrupted" in stderr and "Traceback" not in stderr
+    assert code == status, stderr
+    assert line in stderr and "Traceback" not in stderr
     assert "interrupted after" in stdout
     records = json.loads(out.read_text())
     assert 3 <= len(records) < 400

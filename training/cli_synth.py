@@ -11,17 +11,14 @@ with it; a SIGKILLed synth's workers end too (`synth._start_worker`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitdet.shared.cli import SIGTERM_EXIT, int_in
+from splitdet.shared.cli import int_in
+from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
 
 if TYPE_CHECKING:  # (numpy loads with it: imported when the command runs)
     from splitdet.training.synth import DatasetSummary
@@ -38,34 +35,6 @@ plus dataset.json with the settings. The same seed and size give the same images
 --defective 0 makes a defect-free set (for false-alarm tests), which cannot train: it warns.
 Stopped (Ctrl-C: exit 130, SIGTERM: 143), --out is left unfinished: rerun with --overwrite.
 """
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that synth unwinds as on
-    Ctrl-C (its render pool terminated, no worker left writing)."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises `_Terminated` in the main thread (a second one while it
-    unwinds is ignored); the handler before is restored after (`splitdet demo` runs synth in
-    its process). Outside the main thread, where no handler can be set, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def on_sigterm(signum: int, _frame: object) -> None:
-        if received:  # already unwinding: let it finish
-            return
-        received.append(signum)
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:  # (None: a handler not set from Python, which cannot be put back: the default)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -170,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
     _check_train_split(args, synth.train_shortfall(args.defective, args.free, args.val_fraction))
     out = Path(args.out)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             summary = _generate(args, out)
-    except _Terminated:
+    except Terminated:
         print(f"splitdet synth: stopped on SIGTERM{_left_text(out)}", file=sys.stderr)
         return SIGTERM_EXIT
     except synth.SyntheticDatasetExists as exc:

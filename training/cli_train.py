@@ -11,13 +11,13 @@ Top-level imports are stdlib and the torch-free presets: torch loads when the co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from splitdet.shared.cli import add_pixel_bits_option
+from splitdet.shared.sigterm import Terminated, sigterm_as_interrupt
 from splitdet.shared.spec import POOL_LEVEL, PYRAMID_LEVELS
 from splitdet.training.presets import PRECISIONS, PRESETS, TrainConfig
 
@@ -327,9 +327,9 @@ def run(args: argparse.Namespace) -> int:
         return status
 
     try:
-        with _sigterm_as_interrupt() as terminated:
+        with sigterm_as_interrupt() as terminated:
             row = _train(config, args)
-    except SigtermInterrupt:
+    except Terminated:
         return stopped(SIGTERM_STATUS)
     except KeyboardInterrupt:  # Ctrl-C: the same line, said of an interruption
         return stopped(CTRL_C_STATUS, "interrupted")
@@ -354,39 +354,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "
               f"checkpoints in {args.out}{best}")  # fmt: skip
     return 0
-
-
-class SigtermInterrupt(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the run unwinds as on Ctrl-C
-    (no checkpoint half written; last.pt holds the last finished epoch)."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[int]]:
-    """While inside, SIGTERM (what schedulers, containers and systemd stop a job with) raises
-    `SigtermInterrupt` in the main thread; the list yielded gets the signal once received.
-    A second SIGTERM while the run unwinds is ignored. The handler before is restored after
-    (`splitdet demo` runs train in-process). Outside the main thread, where no handler can be
-    set, nothing changes."""
-    import signal
-    import threading
-
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        if received:  # already unwinding: let it finish
-            return
-        received.append(signum)
-        raise SigtermInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield received
-    finally:  # None: a handler not set from Python, which cannot be put back; the default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _peer_lost(exc: Exception) -> bool:
