@@ -143,6 +143,24 @@ def test_sigterm_stops_synth_with_one_line_and_ends_its_workers(tmp_path):
         _cleanup(process, workers)
 
 
+def test_a_second_synth_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """(An interruption review: a second run with --overwrite emptied the first's folders while
+    it wrote; the first then wrote its splits and "complete": true over the mix, both exit 0,
+    and data check found 94 problems.)"""
+    out, err_path = tmp_path / "data", tmp_path / "stderr.txt"
+    process, workers = _start_slow_synth(out, err_path)
+    try:
+        before = _files(out)
+        argv = ["synth", "--out", str(out), "--overwrite", "--size", "256x256", "--defective", "2",
+                "--free", "1", "--test-defective", "0", "--test-free", "0"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "splitdet synth" in err and str(out) in err and "Traceback" not in err, err
+        assert set(before) <= set(_files(out))  # nothing of the first run's removed
+    finally:
+        _cleanup(process, workers)
+
+
 def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     """A Ctrl-C while the workers still imported their modules (before their start ignored
     SIGINT) printed a KeyboardInterrupt traceback from each (`splitdet demo`'s data stage

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.folder_lock import folder_lock
 from splitdet.training import voc
 from splitdet.training.synth_image import (
     CLASS_NAME,
@@ -209,6 +210,8 @@ def _write_rendered(root: Path, size: tuple[int, int], rendered: _Rendered) -> N
 
 
 _MARKER = SYNTH_GENERATOR
+#: The lock file a run holds in --out while it writes there (`shared.folder_lock`).
+SYNTH_LOCK = ".splitdet-synth.lock"
 
 
 class SyntheticDatasetExists(FileExistsError):
@@ -237,7 +240,7 @@ def _prepare_root(out: Path, overwrite: bool, settings: dict) -> None:
     over emptied folders."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    earlier = out.is_dir() and any(out.iterdir())
+    earlier = out.is_dir() and any(p.name != SYNTH_LOCK for p in out.iterdir())
     if earlier:
         if not _is_ours(out):
             raise FileExistsError(
@@ -307,19 +310,22 @@ def generate_dataset(
     tasks, splits = _plan_tasks(out, seed, (width, height), planned)
 
     settings = _settings(seed, (width, height), val_fraction, planned)
-    _prepare_root(out, overwrite, settings)
-
-    t0 = time.perf_counter()
-    n_boxes, busy = _render_all(out, tasks, workers, progress)
-    seconds = time.perf_counter() - t0
-
-    for split, ids in splits.items():
-        voc.write_split(out, split, ids)
-    counts = _split_counts(splits, n_boxes)
-    settings["counts"] = counts
-    settings["complete"] = True
-    atomic_write(out / "README.md", _readme(settings))
-    _write_settings(out, settings)  # (last: "complete" once everything else is written)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    # two runs on one --out (the second with --overwrite) emptied each other's folders and
+    # left a mix marked complete: the second is refused while the first runs (ValueError)
+    with folder_lock(out, SYNTH_LOCK, "splitdet synth", "--out"):
+        _prepare_root(out, overwrite, settings)
+        t0 = time.perf_counter()
+        n_boxes, busy = _render_all(out, tasks, workers, progress)
+        seconds = time.perf_counter() - t0
+        for split, ids in splits.items():
+            voc.write_split(out, split, ids)
+        counts = _split_counts(splits, n_boxes)
+        settings["counts"] = counts
+        settings["complete"] = True
+        atomic_write(out / "README.md", _readme(settings))
+        _write_settings(out, settings)  # (last: "complete" once everything else is written)
     return DatasetSummary(
         root=out,
         counts=counts,
