@@ -13,10 +13,11 @@ from pathlib import Path
 from splitdet.edge.client import ClientConfig
 from splitdet.edge.file_moves import names_below
 from splitdet.edge.liveness import STALL_AFTER_S, Liveness
-from splitdet.edge.preprocess import IMAGE_SUFFIXES, file_kind
+from splitdet.edge.preprocess import IMAGE_SUFFIXES
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import normalize_extensions
+from splitdet.shared.regular_file import file_kind
 
 AFTER_POLICIES = ("keep", "archive", "delete")
 #: Symbolic links `_link_inside` follows at most on one path (Linux's own limit): more is a loop.

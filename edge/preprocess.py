@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from splitdet.shared.config import pixel_full_scale
+from splitdet.shared.regular_file import file_kind
 from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
 
 log = logging.getLogger(__name__)
@@ -544,21 +545,6 @@ def _decode(data: bytes, source: str, pixel_bits: int) -> np.ndarray:
         raise ImageError(
             f"{source}: cannot convert its {image.mode!r} pixels ({type(exc).__name__}: {exc})"
         ) from None
-
-
-#: What `os.stat`'s mode says a file that is not a regular file is, for an error message.
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def file_kind(mode: int) -> str:
-    """What a file of `os.stat` mode `mode` is ("a FIFO", ...; "a special file" if unknown)."""
-    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
 
 
 def file_size_text(size: int) -> str:

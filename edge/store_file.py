@@ -34,6 +34,7 @@ from splitdet.edge.store_schema import (
 )
 from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
 from splitdet.shared.folder_lock import flock_holder, lock_exclusively
+from splitdet.shared.regular_file import open_regular
 
 #: What to do about a --db whose disk filled while the daemon ran (its intake's or its
 #: sender's write failed): said by `edge run`'s last line.
@@ -508,8 +509,8 @@ def _lock_database_file(db: Path | str, resolved: Path) -> tuple[int | None, Pat
     descriptor, held open, and the path when this made the file (else None). StoreInUse when
     another process holds it (the same file under another name); a file system that cannot
     flock gets no lock (None), as the lock file would have failed there first."""
-    try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # (never waiting on a FIFO named as --db: refused as not a regular file)
+        fd = open_regular(resolved)
         made = None
     except FileNotFoundError:
         fd, made = _make_database_file(db, resolved), resolved

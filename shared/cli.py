@@ -27,6 +27,7 @@ from typing import NoReturn
 from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.logs import TextLogFormatter, json_line
+from splitdet.shared.regular_file import read_regular
 from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
 from splitdet.shared.stacks import stacks_on_sigusr1
 from splitdet.shared.utf8_mode import reexec_in_utf8_mode
@@ -640,7 +641,7 @@ def token_lines(token_file: Path) -> list[str]:
     CommandError if the file cannot be read.
     """
     try:
-        text = Path(token_file).read_bytes().decode("utf-8")
+        text = read_regular(token_file).decode("utf-8")  # (never waiting on a FIFO)
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(f"cannot read --token-file {token_file}: {exc}") from None
     lines = (line.replace("\ufeff", "").strip() for line in text.splitlines())
@@ -837,7 +838,7 @@ def remove_ready_file(path: Path, pid: int | None = None, unless_running: bool =
 
     info: dict = {}
     try:
-        loaded = json.loads(path.read_text())
+        loaded = json.loads(read_regular(path))  # (a FIFO there: unreadable, never waited on)
         named = loaded.get("pid")
         info = loaded
     except FileNotFoundError:

@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from splitdet.edge.preprocess import file_kind
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.regular_file import file_kind
 from splitdet.training.voc_image import ORIENTATION_SHOWN, _image_header, _orientation_problem
 from splitdet.training.voc_names import bare_filename, normalisation_note
 from splitdet.training.voc_types import IMAGE_EXTENSIONS, VocError, VocObject, VocSample
