@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from splitdet.edge.annotate import save_annotated_copy
+from splitdet.edge.file_identity import path_text
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError, read_image_file
@@ -75,8 +76,14 @@ class Prediction:
     annotated: str | None = None
 
     def to_dict(self) -> dict:
-        """JSON-able dict."""
-        return asdict(self)
+        """JSON-able dict; a name that is not UTF-8 written with its bytes as \\xNN
+        (`file_identity.path_text`, as `edge results` writes it), not as lone surrogates,
+        which JSON readers turn into U+FFFD or refuse to write back."""
+        record = asdict(self)
+        for key in ("path", "error", "annotated"):
+            if record[key] is not None:
+                record[key] = path_text(record[key])
+        return record
 
 
 #: Seconds before a detection call the cloud may answer later is sent again, then doubled up to
@@ -162,7 +169,8 @@ class RemoteDetector:
         try is raised. An image answered after retries has "retry_wait_s" among its timings: the
         seconds from its first try to its last (a round trip's time that was the cloud's
         absence, not its work)."""
-        meta = replace(result.meta, source=Path(source).name)
+        # (a name that is not UTF-8 as \xNN: a protobuf string refuses its lone surrogates)
+        meta = replace(result.meta, source=path_text(Path(source).name))
 
         def attempt(left: float) -> CloudDetections:
             self._check_once(left)

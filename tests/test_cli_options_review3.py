@@ -110,7 +110,7 @@ def test_a_negative_threshold_is_refused_and_above_one_still_taken(tiny_model_di
     runs = {
         "predict": ["predict", str(image), "--model", str(tiny_model_dir), "--no-progress"],
         "edge": ["edge", "run", "--model", str(tiny_model_dir), "--watch", str(watch), "--db",
-                 str(tmp_path / "e.sqlite"), "--cloud", "127.0.0.1:53150", "--once",
+                 str(tmp_path / "e.sqlite"), "--cloud", "127.0.0.1:9", "--once",
                  "--log-format", "text", "--threads", "1"],
         "eval": ["eval", "--data", str(tmp_path), "--model", str(tiny_model_dir)],
     }  # fmt: skip

@@ -11,7 +11,10 @@ good still stops the run (exit status 2), the records finished before written fi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +27,18 @@ from splitdet.shared.cli import main
 
 from support import wait_for
 
-#: Loopback ports of this module (this suite's range for review 3: 53100-53199).
-PORT_LATE, PORT_OTHER, PORT_DOWN, PORT_EVAL = 53110, 53111, 53112, 53113
+
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports nothing listens on (all bound at once while chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+#: Loopback ports of this module, free when it is loaded (none fixed: another run may hold one).
+PORT_LATE, PORT_OTHER, PORT_DOWN, PORT_EVAL = _free_ports(4)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +176,27 @@ def test_eval_with_a_cloud_down_past_timeout_fails_clearly(model_dir, tiny_voc, 
     last = err.strip().splitlines()[-1]
     assert f"cloud 127.0.0.1:{PORT_DOWN}: did not answer within --timeout 2 s" in last, last
     assert "Traceback" not in err
+
+
+def test_a_name_that_is_not_utf8_is_detected_by_the_cloud_and_written_readably(model_dir, tmp_path):
+    """(A file-system review: a flagged image whose name's bytes are not UTF-8, a Latin-1
+    `Müller.png` from an SMB share, failed its detection call: its name went into a protobuf
+    string as lone surrogates; and --json wrote such names as lone surrogates, which JSON
+    readers turn into U+FFFD. Now the name goes, and is written, as `edge results` writes it:
+    each byte that is not UTF-8 as \\xNN.)"""
+    folder, out = tmp_path / "in", tmp_path / "out.json"
+    folder.mkdir()
+    image = (np.random.default_rng(5).random((200, 240, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(os.fsdecode(os.fsencode(folder) + b"/M\xfcller.png"), "PNG")
+    [port] = _free_ports(1)
+    server = _serve(model_dir, port, tmp_path)
+    try:
+        code = main(["predict", str(folder), "--model", str(model_dir), "--cloud",
+                     f"127.0.0.1:{port}", "--gate", "off", "--timeout", "30", "--no-progress",
+                     "--json", str(out)])  # fmt: skip
+    finally:
+        server.stop(0)
+    assert code == 0
+    [record] = json.loads(out.read_bytes().decode("utf-8"))
+    assert record["verdict"] == "defect" and record["error"] is None, record
+    assert record["path"].endswith("/M\\xfcller.png"), record["path"]
