@@ -222,7 +222,8 @@ def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
             "delivered until `splitdet edge run` starts (as /proc/locks shows it here: a "
             "daemon in another container or on another host is not seen)"
         ]
-    return [f"daemon        unknown: {daemon['detail']}; its lock file is {daemon['lock_file']}"]
+    detail, lock_file = _one_line(str(daemon["detail"])), _one_line(str(daemon["lock_file"]))
+    return [f"daemon        unknown: {detail}; its lock file is {lock_file}"]
 
 
 def _stall_lines(daemon: dict | None, outbox: dict) -> list[str]:
@@ -301,7 +302,9 @@ def _error_lines(outbox: dict) -> list[str]:
     after it, said to be past."""
     if not outbox["last_error"]:
         return []
-    error = outbox["last_error"].replace("\n", "\n" + " " * 26)
+    # (its own lines kept, indented; control characters in each escaped: a cloud's message may
+    # quote a name the camera's account chose)
+    error = ("\n" + " " * 26).join(_one_line(line) for line in outbox["last_error"].split("\n"))
     delivered = outbox.get("delivered_since_error_age_s")
     if delivered is not None:
         return [

@@ -356,3 +356,16 @@ def test_an_archive_that_is_a_file_is_named_as_a_file(tmp_path):
         f"--archive {archive}: is not a folder (a file); give a folder (made if missing), or "
         "move what is there away"
     )
+
+
+def test_status_escapes_control_characters_in_the_last_error_keeping_its_lines():
+    """The outbox's last error may quote a name the camera's account chose (a cloud's message):
+    ESC reached the terminal; its own line breaks stay, indented."""
+    from splitdet.edge.cli_edge_status import _error_lines
+
+    lines = _error_lines(
+        {"last_error": "UNAVAILABLE: a\x1b[7mb.png\ndo this", "last_error_age_s": 5}
+    )
+    text = "\n".join(lines)
+    assert "\x1b" not in text and "a\\x1b[7mb.png" in text, text
+    assert text.splitlines()[1] == " " * 26 + "do this", text
