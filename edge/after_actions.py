@@ -229,9 +229,11 @@ class AfterActions:
             after = candidate.path.stat()
         except (OSError, ImageError):
             return _SAME  # stat'ed, not readable: taken at its key's word
-        if digest != known.content_hash or after.st_ctime_ns != stat.st_ctime_ns:
+        if digest != known.content_hash:
             return _REWRITTEN
-        candidate.ctime_ns = stat.st_ctime_ns  # (its metadata alone changed: compared once)
+        # its bytes are the row's: a chmod, or the same bytes written again (a ctime moving
+        # during the read too); compared once
+        candidate.ctime_ns = after.st_ctime_ns
         return _SAME
 
     def _replaced(

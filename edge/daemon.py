@@ -209,7 +209,7 @@ class EdgeDaemon:
         self.metrics_port: int | None = None
         self._pruner_stop = threading.Event()  # (ends the sweep and the cloud probe too)
         self._pruner = ResultPruner(self.store, config.keep_results_s, config.once,
-                                    self._pruner_stop)  # fmt: skip
+                                    self._pruner_stop, beat=self.liveness.beat)  # fmt: skip
         self._sweeper: threading.Thread | None = None  # removes partial copies left by a kill
         self._probe: ModelProbe | None = None  # asks the cloud about our exports
         after = AfterActions(config, self.store, self.folder, self.metrics)
@@ -513,6 +513,7 @@ class EdgeDaemon:
             if self.config.once and (done or self._once_waited_out()):
                 return
             if not took:
+                self.liveness.beat(idle_s=self.config.poll_s)  # (a long --poll is no stall)
                 self._stop.wait(self.config.poll_s)
 
     def _once_waited_out(self) -> bool:

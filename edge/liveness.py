@@ -27,10 +27,13 @@ class Liveness:
             )
         self.stall_after_s = stall_after_s
         self._last = time.monotonic()
+        self._idle_s = 0.0  # (the wait the last beat announced: an idle poll's)
 
-    def beat(self) -> None:
-        """The loop went round, finished an image, or waits for a reason it logged."""
-        self._last = time.monotonic()  # (one float assigned: no lock needed to read it)
+    def beat(self, idle_s: float = 0.0) -> None:
+        """The loop went round, finished an image, or waits for a reason it logged; `idle_s`:
+        it now waits that long on purpose (an idle folder's --poll, which may exceed
+        stall_after_s), which /healthz adds to stall_after_s."""
+        self._last, self._idle_s = time.monotonic(), idle_s  # (no lock needed to read them)
 
     def age_s(self) -> float:
         """Seconds since the last beat."""
@@ -38,9 +41,9 @@ class Liveness:
 
     def health(self) -> tuple[bool, str]:
         """(alive, one line saying why): alive while the last beat is younger than
-        stall_after_s."""
+        stall_after_s plus the wait it announced."""
         age = self.age_s()
-        if age < self.stall_after_s:
+        if age < self.stall_after_s + self._idle_s:
             return True, f"ok: the edge daemon's loop went round {age:.1f} s ago\n"
         return False, (
             f"stalled: the edge daemon's loop has not gone round for {age:.0f} s (--stall-after "

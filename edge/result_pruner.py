@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.store import ResultStore
@@ -29,11 +30,15 @@ class ResultPruner:
         keep_results_s: float | None,
         once: bool,
         stop: threading.Event,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.keep_results_s = keep_results_s
         self.once = once
         self._stop = stop
+        # (`liveness.Liveness.beat`: a --once prune runs in the loop's own thread, batch by
+        # batch, and is no stall; a prune in its own thread beats nothing for the loop)
+        self._beat = beat
         self._next_prune = 0.0  # monotonic s: at start
         self._thread: threading.Thread | None = None
 
@@ -46,7 +51,7 @@ class ResultPruner:
             return
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         if self.once:  # a batch run prunes to the end, then works (nothing to stall)
-            self.prune(time.time() - keep)
+            self.prune(time.time() - keep, beat=True)
             return
         self._thread = threading.Thread(
             target=self.prune, args=(time.time() - keep,), name="splitdet-prune", daemon=True
@@ -58,7 +63,7 @@ class ResultPruner:
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 
-    def prune(self, before: float) -> None:
+    def prune(self, before: float, beat: bool = False) -> None:
         """One prune, from the first row to the last: a row kept because its file still lies
         where it arrived (--after keep, or a move that failed) is looked at again by every
         prune, so its result goes within PRUNE_EVERY_S of its file's removal. The cost of
@@ -66,8 +71,14 @@ class ResultPruner:
         in --watch, whose scan stats each of them every --poll anyway (the rows deleted are
         not read again, the rows not old enough were read by any prune). A failure is
         logged, never fatal: the next turn tries again."""
+
+        def should_stop() -> bool:  # (asked between batches)
+            if beat:
+                self._beat()
+            return self._stop.is_set()
+
         try:
-            pruned = self.store.prune(before, should_stop=self._stop.is_set)
+            pruned = self.store.prune(before, should_stop=should_stop)
         except Exception as exc:  # e.g. the database locked past its timeout
             log_event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
             return
@@ -83,7 +94,7 @@ class ResultPruner:
             )  # fmt: skip
         if pruned.deleted:
             try:
-                freed = self.store.reclaim(should_stop=self._stop.is_set)
+                freed = self.store.reclaim(should_stop=should_stop)
             except Exception as exc:  # (as the prune's: the next turn tries again)
                 log_event(logging.WARNING, "reclaim_failed", error=f"{type(exc).__name__}: {exc}")
                 freed = 0

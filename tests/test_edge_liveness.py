@@ -130,3 +130,22 @@ def test_stall_after_must_be_a_positive_number_of_seconds(tmp_path, capsys, valu
     err = capsys.readouterr().err
     assert f"--stall-after {float(value):g}: must be a number > 0" in err, err
     assert not (tmp_path / "e.sqlite").exists()
+
+
+def test_an_idle_poll_longer_than_stall_after_is_no_stall(tmp_path):
+    """(A review: an idle daemon on a slow share polled every 10 s with --stall-after 3
+    answered 503 between its scans, and a liveness probe would have restarted it for good.)"""
+    config = daemon_config(tmp_path, tmp_path, once=False, metrics_port=0,
+                           metrics_host="127.0.0.1", stall_after_s=1.0, poll_s=4.0)  # fmt: skip
+    daemon = EdgeDaemon(config, pipeline=BrightIsDefective())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        port = wait_for(lambda: daemon.metrics_port, 30, "the metrics endpoint")
+        wait_for(lambda: daemon.liveness.age_s() >= 2.0, 30, "two seconds into an idle poll")
+        status, body = healthz(port)
+        assert status == 200, body
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+    assert not thread.is_alive()
