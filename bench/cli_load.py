@@ -49,7 +49,8 @@ got (far apart: the server is unfair to some edges). A level with calls failed o
 busy (the server died, hung past --timeout, or the network failed) is not the server's
 capacity: the table warns under it, the JSON lists it in "failed_levels", and the exit status
 is 1 (0: every level measured without one; 2: a usage error, an edge's first call failing, or
-the cloud started here dying, the end of its log quoted; 130: interrupted). --json FILE is
+the cloud started here dying, the end of its log quoted; 130: interrupted (Ctrl-C); 143:
+stopped on SIGTERM). --json FILE is
 written at the start, after each level and at the end: "complete" false
 and "error" the message when the run failed or was stopped (null when it finished). Sizing:
 a cloud answering A images/s serves A / (F x R) cameras taking F images/s each, of which it
@@ -261,9 +262,12 @@ def _run(args: argparse.Namespace, config: ClientConfig | None, report: dict) ->
 def _describe(exc: BaseException) -> str:
     """The "error" of the JSON for a run ended by ``exc``: the line the console shows."""
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.sigterm import Terminated
 
     if isinstance(exc, CommandError):
         return str(exc)
+    if isinstance(exc, Terminated):
+        return "stopped on SIGTERM"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return f"{type(exc).__name__}: {exc}"

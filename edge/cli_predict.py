@@ -63,7 +63,7 @@ any folder inside one), and a --save where a copy's name is taken by anything bu
 annotated copy (a file, a link, a folder) are refused before any image is read.
 Exit status: 0 all images processed, 1 some images had errors (unreadable, or their detection
 call or annotated copy failed), 2 usage or model errors (a cloud that does not serve the model
-or refuses the token too), 130 interrupted.
+or refuses the token too), 130 interrupted (Ctrl-C), 143 stopped on SIGTERM.
 """
 
 
@@ -484,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.edge.runtime import EdgeRuntime
     from splitdet.shared.cli import FULL_INSTALL, CommandError, has_full_install
     from splitdet.shared.manifest import ManifestError
+    from splitdet.shared.sigterm import Terminated
 
     check_edge_model_options(args)
     if not (math.isfinite(args.score_threshold) and 0 <= args.score_threshold <= 1):
@@ -550,7 +551,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json == "-":
         write_json("-", records)
     print(
-        summary(done, len(paths), "interrupted" if refusal is None else "stopped"),
+        summary(
+            done,
+            len(paths),
+            "interrupted"
+            if refusal is None and not isinstance(interrupt, Terminated)
+            else "stopped",
+        ),
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
     if args.json and args.json != "-":
