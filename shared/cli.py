@@ -546,14 +546,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_command(args, raw)
 
 
-def _stopped(who: str, exc: KeyboardInterrupt) -> int:
+def _stopped(who: str, exc: KeyboardInterrupt, logs_json: bool = False) -> int:
     """Print how a command was stopped, `WHO: stopped on SIGTERM` (exit status 143) or `WHO:
-    interrupted` (Ctrl-C, 130), and return its exit status."""
-    if isinstance(exc, Terminated):
-        print(f"{who}: stopped on SIGTERM", file=sys.stderr)
-        return SIGTERM_EXIT
-    print(f"{who}: interrupted", file=sys.stderr)
-    return 130
+    interrupted` (Ctrl-C, 130), as one JSON line (event "stopped") under JSON logs, and
+    return its exit status."""
+    terminated = isinstance(exc, Terminated)
+    line = f"{who}: {'stopped on SIGTERM' if terminated else 'interrupted'}"
+    if logs_json:
+        line = json_line(logging.INFO, line, event="stopped",
+                         signal="SIGTERM" if terminated else "SIGINT")  # fmt: skip
+    print(line, file=sys.stderr)
+    return SIGTERM_EXIT if terminated else 130
 
 
 def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
@@ -590,7 +593,7 @@ def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
             raise
         return _unexpected(args, exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
-        return _stopped(f"splitdet {args.command}", exc)
+        return _stopped(f"splitdet {args.command}", exc, logs_json)
     except BrokenPipeError:  # e.g. `| head` closed our stdout: stop quietly
         silence_stdout()
         return 0

@@ -40,7 +40,29 @@ def reexec_in_utf8_mode() -> None:
     if not argv or not sys.executable:
         return
     env = {**os.environ, "PYTHONUTF8": "1", _REEXECUTED: "1"}
+    script = argv[1] if len(argv) > 1 else ""
     try:
+        if _runs_with_this_python(script):  # the console script: its name stays the process's
+            os.execve(script, [script, *argv[2:]], env)  # (`pgrep -x splitdet` finds it)
         os.execve(sys.executable, [sys.executable, "-X", "utf8", *argv[1:]], env)
     except OSError:  # (no executable to run again: go on under the locale's encoding)
         return
+
+
+def _runs_with_this_python(script: str) -> bool:
+    """Whether `script` is an executable file whose "#!" line names this interpreter (the
+    `splitdet` console script pip writes): run itself again, the process keeps its name."""
+    if not script or script.startswith("-") or not os.access(script, os.X_OK):
+        return False
+    try:
+        with open(script, "rb") as handle:
+            first = handle.readline(4096)
+    except OSError:
+        return False
+    if not first.startswith(b"#!"):
+        return False
+    named = first[2:].strip().split(b" ")[0]
+    try:
+        return os.path.samefile(os.fsdecode(named), sys.executable)
+    except OSError:
+        return False

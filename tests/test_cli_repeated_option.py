@@ -92,3 +92,16 @@ def test_the_torchrun_entry_refuses_a_repeated_data_too(capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "argument --data: given twice ('data/gaskets', 'review')" in err, err
+
+
+def test_the_ranks_take_the_log_level_given_after_train(tmp_path, capsys):
+    """(A review: `splitdet train ... --nproc-per-node 2 --log-level WARNING` handed the option
+    to each rank, whose own parser did not know it: every rank exited 2.) The rank's parser
+    takes it; here the run goes on to the data, which is missing."""
+    from splitdet.training.cli_train import main as torchrun_main
+
+    status = torchrun_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                            "--preset", "tiny", "--log-level", "WARNING"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status != 0 and "unrecognized arguments" not in err, err
+    assert "none" in err, err

@@ -57,3 +57,14 @@ def test_sigterm_raises_terminated_inside_and_the_handler_is_put_back():
             pass
     assert received == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_under_json_logs_the_stop_line_is_json(capsys):
+    """(A review: `edge run` stopped while it loaded wrote this one line as text among its
+    JSON lines.)"""
+    import json
+
+    assert cli._stopped("splitdet edge", Terminated(), logs_json=True) == SIGTERM_EXIT
+    record = json.loads(capsys.readouterr().err)
+    assert record["event"] == "stopped" and record["signal"] == "SIGTERM", record
+    assert record["msg"] == "splitdet edge: stopped on SIGTERM", record

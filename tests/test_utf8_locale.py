@@ -104,3 +104,36 @@ def test_status_under_a_latin1_locale_reads_an_archived_name_it_cannot_encode(
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
     assert "in --watch    no processed image waiting" in status.stdout, status.stdout
+
+
+def test_the_command_keeps_its_name_and_pid_through_the_utf8_reexecution(
+    tiny_model_dir, tmp_path, latin1_env
+):
+    """(A review: re-executed as `python -X utf8 …` the process was named `python`, and
+    `pgrep -x splitdet`, `pidof splitdet` and process monitors lost it.) The console script
+    runs itself again: the same pid, the same name, a JSON 'stopped' line on SIGTERM."""
+    import signal
+    import time
+
+    watch = tmp_path / "hot"
+    watch.mkdir()
+    log = tmp_path / "edge.log"
+    argv = [SPLITDET, "edge", "run", "--model", str(tiny_model_dir), "--watch", str(watch),
+            "--db", str(tmp_path / "edge.sqlite"), "--cloud", "127.0.0.1:9",
+            "--threads", "1"]  # fmt: skip
+    with log.open("wb") as err:
+        process = subprocess.Popen(argv, env=latin1_env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while b'"started"' not in log.read_bytes():
+            assert process.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.05)
+        name = Path(f"/proc/{process.pid}/comm").read_text().strip()
+        assert name == "splitdet", name
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

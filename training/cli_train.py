@@ -537,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
     import os
 
-    from splitdet.shared.cli import CommandError, Parser
+    from splitdet.shared.cli import CommandError, Parser, add_log_level
     from splitdet.shared.logs import TextLogFormatter
     from splitdet.shared.parent_death import die_with_parent
     from splitdet.training.launch import LOG_LEVEL_ENV
@@ -547,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="splitdet train", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
+    add_log_level(parser)  # (`splitdet train ... --log-level X` hands it to the ranks too)
     args = parser.parse_args(argv)
     args.command_argv = list(sys.argv[1:] if argv is None else argv)
     parent = _launcher_pid()
@@ -556,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     handler = logging.StreamHandler()  # the lines `splitdet train` writes
     handler.setFormatter(TextLogFormatter())
-    logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), handlers=[handler])
+    level = getattr(args, "log_level", None) or os.environ.get(LOG_LEVEL_ENV, "INFO")
+    logging.basicConfig(level=level, handlers=[handler])
 
     try:
         return run(args)
