@@ -10,7 +10,7 @@ mAP says how good a detector is; this says what to fix. Every detection scoring 
                     by a higher-scoring detection (COCO's greedy matching, by score)
     ignored         IoU >= iou_threshold with a "difficult" object of its class, any number of
                     detections per object (neither right nor wrong: exactly the detections
-                    `evaluate_coco`'s mAP ignores at this IoU, as the VOC protocol does)
+                    `evaluate_coco`'s mAP ignores at this IoU)
     duplicate       IoU >= iou_threshold with an object of its class already taken: a second box
                     on the same defect that NMS left
     wrong class     IoU >= iou_threshold with an object of another class

@@ -5,9 +5,11 @@
 
 Detection metrics are pycocotools' own COCOeval on COCO objects built in memory: every image of
 the split is an image of the evaluation (defect-free ones included: a detection there is a false
-positive), and VOC "difficult" objects are ignored as the VOC protocol ignores them: a detection
-matching one at the IoU threshold (standard IoU, not a crowd region's) is neither a true nor a
-false positive, and a difficult object missed is no miss (`evaluate_coco._difficult_eval`).
+positive), and VOC "difficult" objects are ignored, measured by standard IoU (not a crowd
+region's): a detection matching no free regular object at the IoU threshold but matching one is
+neither a true nor a false positive, and a difficult object missed is no miss
+(`evaluate_coco._difficult_eval`; pycocotools' matching order, which prefers a free regular
+object, where the VOC devkit takes each detection's best-overlapping object of either kind).
 
 The gate: p(defect) per image from the defect head. Its threshold is calibrated on a separate
 split (validation) to keep at least `target_recall` of that split's defective images, halfway (in

@@ -2,11 +2,12 @@
 gated system's (`gated_coco_metrics`: an image's detections kept only when the gate flags it).
 
 The COCO objects are built in memory from the split: all of its images count, defect-free ones
-too (a detection there is a false positive). A VOC "difficult" object is ignored as the VOC
-protocol ignores it (`_difficult_eval`): matched at standard IoU like any object, a detection
-matching it at the IoU threshold (and no free regular object) is neither a true nor a false
-positive, and missing it is no miss; it is never a COCO crowd region, which any detection inside
-it would match. Boxes are x1y1x2y2 in 0-based continuous original-image px.
+too (a detection there is a false positive). A VOC "difficult" object is ignored
+(`_difficult_eval`): matched at standard IoU like any object, a detection matching it at the
+IoU threshold (and no free regular object: pycocotools' order, where the VOC devkit takes each
+detection's best-overlapping object of either kind) is neither a true nor a false positive,
+and missing it is no miss; it is never a COCO crowd region, which any detection inside it would
+match. Boxes are x1y1x2y2 in 0-based continuous original-image px.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
                     "category_id": label_of[obj.name],
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": (x2 - x1) * (y2 - y1),
-                    # `_difficult_eval` ignores a difficult object the VOC way, by this flag;
+                    # `_difficult_eval` ignores a difficult object by this flag (standard IoU);
                     # a plain COCOeval would at least ignore it, as a crowd region (the IoU
                     # over the detection's area: any detection inside it, not VOC's)
                     "iscrowd": int(obj.difficult),
@@ -60,7 +61,7 @@ def _coco_gt(samples: Sequence[VocSample], class_names: Sequence[str]) -> COCO:
 
 @functools.cache
 def _difficult_eval() -> type[COCOeval]:
-    """pycocotools' COCOeval ignoring the ground truth's VOC "difficult" objects the VOC way.
+    """pycocotools' COCOeval ignoring the ground truth's VOC "difficult" objects by IoU.
 
     COCOeval's `_prepare` overwrites every object's `ignore` with `iscrowd`, and a crowd box is
     matched by intersection over the detection's area: any detection inside a difficult box,
@@ -76,7 +77,7 @@ def _difficult_eval() -> type[COCOeval]:
     from pycocotools.cocoeval import COCOeval
 
     class DifficultEval(COCOeval):
-        """COCOeval, difficult objects ignored the VOC way (`_difficult_eval`)."""
+        """COCOeval, difficult objects ignored by standard IoU (`_difficult_eval`)."""
 
         def _prepare(self) -> None:
             super()._prepare()
@@ -172,7 +173,7 @@ def _matched(
     class_names: Sequence[str],
 ) -> COCOeval:
     """pycocotools' bbox COCOeval of the detections (arguments as `coco_metrics`'), difficult
-    objects ignored the VOC way (`_difficult_eval`), every image matched (`evaluate`), nothing
+    objects ignored by standard IoU (`_difficult_eval`), every image matched (`evaluate`), nothing
     accumulated yet; image ids 1..n in the samples' order."""
     if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
         raise ValueError("one detection list per sample is needed")
