@@ -364,3 +364,17 @@ def test_no_bar_is_drawn_when_stderr_is_not_a_terminal(tmp_path, capsys, small_d
     captured = capsys.readouterr()
     assert "\r" not in captured.err, captured.err
     assert captured.out.splitlines()[-1].startswith("next: splitdet data check")
+
+
+def test_a_stopped_synth_given_overwrite_asks_for_the_same_command_only(tmp_path):
+    """(An interruption review: `splitdet demo`, whose synth has --overwrite, stopped on SIGTERM
+    said "rerun the same command with --overwrite", an option demo has not.)"""
+    from splitdet.training.cli_synth import _left_text
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "dataset.json").write_text(json.dumps({"generator": synth._MARKER, "complete": False}))
+    assert _left_text(out, overwrite=True).endswith(
+        "holds an unfinished dataset: rerun the same command"
+    )
+    assert _left_text(out, overwrite=False).endswith("rerun the same command with --overwrite")

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         with sigterm_as_interrupt():
             summary = _generate(args, out)
     except Terminated:
-        print(f"splitdet synth: stopped on SIGTERM{_left_text(out)}", file=sys.stderr)
+        print(f"splitdet synth: stopped on SIGTERM{_left_text(out, args.overwrite)}",
+              file=sys.stderr)  # fmt: skip
         return SIGTERM_EXIT
     except synth.SyntheticDatasetExists as exc:
         if exc.unfinished:
@@ -201,13 +202,15 @@ def _defect_free_warning(args: argparse.Namespace) -> str | None:
     )
 
 
-def _left_text(out: Path) -> str:
-    """What a stopped synth left in ``out``, as "; ..." ("" when it wrote nothing there)."""
+def _left_text(out: Path, overwrite: bool) -> str:
+    """What a stopped synth left in ``out``, as "; ..." ("" when it wrote nothing there);
+    `overwrite`: the command had --overwrite already (as `splitdet demo`'s synth has)."""
     from splitdet.training.voc_check_folder import is_unfinished_synth
 
     if not is_unfinished_synth(out):
         return ""
-    return f"; {out} holds an unfinished dataset: rerun the same command with --overwrite"
+    again = "the same command" if overwrite else "the same command with --overwrite"
+    return f"; {out} holds an unfinished dataset: rerun {again}"
 
 
 def _generate(args: argparse.Namespace, out: Path) -> DatasetSummary:
