@@ -515,6 +515,8 @@ def _lock_database_file(db: Path | str, resolved: Path) -> tuple[int | None, Pat
     except FileNotFoundError:
         fd, made = _make_database_file(db, resolved), resolved
     except OSError as exc:
+        if os.path.isdir(resolved):
+            raise StoreError(_folder_given(db)) from None
         raise _failure(db, "open it", exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from splitdet.edge import after_actions
 from splitdet.edge import daemon as daemon_module
 from splitdet.edge import store as store_module
 from splitdet.edge.daemon import EdgeDaemon
+from splitdet.shared.cli import main
 
 from support import daemon_config, image_rows, running, wait_for
 
@@ -276,25 +276,38 @@ def test_a_daemon_run_in_a_programs_main_thread_gives_its_signal_handlers_back(
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_a_stop_signal_before_the_daemon_is_built_ends_the_start_up(tiny_model_dir, tmp_path):
-    """Anything before the daemon's own handlers (loading the model, reading --token-file)
-    only noted a stop signal, passed on once the daemon was built: a start-up blocked there
-    (a FIFO as token file, a hung file system) ignored SIGTERM and SIGINT for good, and one
-    noted while a locked --db was waited for was lost. It now ends the start-up at once."""
+def test_a_stop_signal_before_the_daemon_is_built_ends_the_start_up(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """Anything before the daemon's own handlers (loading the model, reading its files) only
+    noted a stop signal, passed on once the daemon was built: a start-up blocked there
+    (a FIFO as token file then, refused at once since; a hung file system) ignored SIGTERM
+    and SIGINT for good, and one noted while a locked --db was waited for was lost. It now
+    ends the start-up at once. The hung read is injected into the model's loading; the
+    command runs in this process, in its main thread, and gets a real SIGTERM."""
     (tmp_path / "hot").mkdir()
-    fifo = tmp_path / "token"
-    os.mkfifo(fifo)  # (nothing writes: opening it blocks)
-    process = _edge_run(tiny_model_dir, tmp_path, "--token-file", str(fifo))
+    blocked, released = threading.Event(), threading.Event()
+
+    def loading_from_a_hung_share(*_args, **_kwargs):
+        blocked.set()
+        released.wait(60)  # (a signal's handler runs in this wait, and may raise out of it)
+        raise AssertionError("the start-up was not ended by SIGTERM")
+
+    monkeypatch.setattr(daemon_module, "EdgeRuntime", loading_from_a_hung_share)
+    sender = threading.Thread(
+        target=lambda: blocked.wait(60) and os.kill(os.getpid(), signal.SIGTERM), daemon=True
+    )
+    sender.start()
+    argv = ["edge", "run", "--model", str(tiny_model_dir), "--watch", str(tmp_path / "hot"),
+            "--db", str(tmp_path / "edge.sqlite"), "--cloud", "127.0.0.1:9", "--threads", "1",
+            "--log-format", "text"]  # fmt: skip
     try:
-        wchan = Path(f"/proc/{process.pid}/wchan")
-        wait_for(lambda: "partner" in wchan.read_text() or "fifo" in wchan.read_text(), 60,
-                 "the start-up blocked on the FIFO")  # fmt: skip
-        process.terminate()
-        code = process.wait(timeout=30)
+        with caplog.at_level(logging.INFO, logger="splitdet"):
+            code = main(argv)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-    assert code == 0, (tmp_path / "log").read_text()
-    stopped = [e for e in _json_events(tmp_path) if e.get("event") == "stopped"]
-    assert len(stopped) == 1 and "before the daemon started" in stopped[0]["note"]
+        released.set()
+        sender.join(10)
+    assert code == 0
+    stopped = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event")
+               == "stopped"]  # fmt: skip
+    assert len(stopped) == 1 and "before the daemon started" in stopped[0]["note"], stopped
