@@ -9,7 +9,9 @@ and processed it again, and `edge status` failed on stored names the locale cann
 UTF-8 mode (PEP 540) file names, the standard streams and files opened without an encoding are
 UTF-8 (bytes that are not as surrogate escapes) whatever the locale; the C and POSIX locales
 get it already (PEP 538). The `splitdet` command therefore replaces itself, first thing, with
-the same command in UTF-8 mode when it does not run in it (`reexec_in_utf8_mode`).
+the same command in UTF-8 mode when it does not run in it (`reexec_in_utf8_mode`), unless
+PYTHONUTF8=0 is set: the way to keep reading names by the locale, for an edge whose store was
+written so by an earlier splitdet.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def reexec_in_utf8_mode() -> None:
     environment, so Python processes it starts (training ranks, pool workers) run so too."""
     if utf8_file_names() or os.environ.get(_REEXECUTED):
         return
+    if os.environ.get("PYTHONUTF8") == "0":  # Python's own switch, set off on purpose: kept
+        return  # (an edge whose store holds names decoded by its locale: edge/README.md)
     argv = list(getattr(sys, "orig_argv", None) or [])
     if not argv or not sys.executable:
         return

@@ -137,3 +137,15 @@ def test_the_command_keeps_its_name_and_pid_through_the_utf8_reexecution(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_pythonutf8_0_keeps_reading_names_by_the_locale(tiny_model_dir, tmp_path, latin1_env):
+    """The way back for an edge whose store an earlier splitdet wrote under a Latin-1 locale
+    (its names decoded by it): PYTHONUTF8=0 is honoured, no re-execution."""
+    watch, db = tmp_path / "hot", tmp_path / "edge.sqlite"
+    watch.mkdir()
+    (watch / "café.png").write_bytes(png(40))
+    done = edge_once(tiny_model_dir, watch, db, {**latin1_env, "PYTHONUTF8": "0"})
+    assert done.returncode == 0, done.stderr
+    [row] = image_rows(db)
+    assert Path(row["path"]).name == "cafÃ©.png"  # (the UTF-8 bytes read as Latin-1)
