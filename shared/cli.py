@@ -540,10 +540,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             parser = build_parser()
             raw = list(sys.argv[1:] if argv is None else argv)
-            args = parser.parse_args(raw)  # (no command, or no action: argparse's error, exit 2)
+            args = _parse(parser, raw)  # (no command, or no action: argparse's error, exit 2)
         except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the modules import)
             return _stopped("splitdet", exc)
         return _run_command(args, raw)
+
+
+def _parse(parser: argparse.ArgumentParser, raw: list[str]) -> argparse.Namespace:
+    """`parser.parse_args(raw)`, but an option no parser took is refused by the command's (or
+    its action's) own parser, naming the options it has that start so: no option is taken
+    abbreviated, and `edge results --after 3` was read as `--after-id 3` before."""
+    args, extras = parser.parse_known_args(raw)
+    if extras:
+        chosen = _chosen_parser(parser, args)
+        chosen.error(_unrecognized(chosen, extras))
+    return args
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Parser:
+    """The deepest parser the arguments chose: the command's, or its action's (`edge run`)."""
+    current = parser
+    while True:
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)  # fmt: skip
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if sub is None or name not in sub.choices:
+            return current
+        current = sub.choices[name]
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments: ..." for `extras`, with the options of `parser`
+    each unknown `--name` starts (or would complete): "did you mean --after-id?"."""
+    hints = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        near = sorted(o for o in parser._option_string_actions if o.startswith(name) and o != name)
+        if near:
+            hints.append(f"{name}: did you mean {' or '.join(near)}?")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if hints:
+        message += f" ({'; '.join(hints)} No option is taken abbreviated)"
+    return message
 
 
 def _stopped(who: str, exc: KeyboardInterrupt, logs_json: bool = False) -> int:

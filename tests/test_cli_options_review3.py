@@ -92,7 +92,11 @@ def test_edge_results_after_is_refused_by_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["edge", "results", "--db", str(db), "--after", "3"])
     assert exited.value.code == 2
-    assert "unrecognized arguments: --after 3" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (said by the action's parser, naming the option meant)
+    assert (
+        "splitdet edge results: error: unrecognized arguments: --after 3 (--after: did you "
+        "mean --after-id? No option is taken abbreviated)" in err
+    ), err
     assert main(["edge", "results", "--db", str(db), "--after-id", "0"]) == 0
 
 
