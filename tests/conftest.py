@@ -21,6 +21,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+#: The signals whose dispositions a test must leave as it found them (`_signals_kept`).
+_KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signals_kept():
+    """Put SIGINT, SIGTERM and SIGHUP back as they were after each test: a command run in the
+    test's own process that leaves one ignored (`edge run` and `cloud` do while their process
+    ends) made every later subprocess of that worker inherit it ignored, and a Ctrl-C test's
+    process then never stopped (a CI run: two such tests hung to their timeouts)."""
+    before = {sig: signal.getsignal(sig) for sig in _KEPT_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        if handler is not None and signal.getsignal(sig) != handler:
+            signal.signal(sig, handler)
+
+
 #: One epoch of the `tiny` training preset, no validation.
 ONE_EPOCH = replace(TINY, epochs=1, eval_every=0)
 
