@@ -34,7 +34,7 @@ from splitdet.edge import file_moves
 from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.daemon_log import log_event
 from splitdet.edge.daemon_metrics import MOVE_ERROR, EdgeMetrics
-from splitdet.edge.file_identity import file_key, path_text
+from splitdet.edge.file_identity import NOTHING_READ, file_key, path_text
 from splitdet.edge.preprocess import ImageError, read_regular_file
 from splitdet.edge.sender import Backoff
 from splitdet.edge.store import KnownFile, ResultStore
@@ -43,9 +43,6 @@ from splitdet.edge.watcher import Candidate, HotFolder
 #: What `AfterActions._file_now` finds at a processed file's path before its move: the file
 #: read, none or another file (another key), or other contents under the very same key.
 _SAME, _GONE, _REWRITTEN = "same", "gone", "rewritten"
-#: The content hash of a row whose file was never read (too large, unreadable): nothing to
-#: compare the file with (as `intake._NOTHING_READ`).
-_NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 #: A file move (archive, quarantine, delete) that failed is tried again after this many
 #: seconds, doubling each time up to MOVE_RETRY_MAX_S (e.g. a share read-only for a while).
@@ -222,7 +219,7 @@ class AfterActions:
         if stat.st_ctime_ns == candidate.ctime_ns:
             return _SAME
         known = self.store.known(candidate.file_key)
-        if known is None or known.id != image_id or known.content_hash in (None, _NOTHING_READ):
+        if known is None or known.id != image_id or known.content_hash in (None, NOTHING_READ):
             return _SAME  # (nothing recorded to compare with: its key's word)
         try:
             digest = hashlib.sha256(read_regular_file(candidate.path)).hexdigest()

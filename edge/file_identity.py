@@ -12,11 +12,15 @@ Latin-1 name from an SMB or FTP share) is stored with each invalid byte as ``\\x
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 from pathlib import Path
 
 _ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+#: The content hash of a row whose file was never read (too large, unreadable): nothing to
+#: compare a file found again under its key with.
+NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 
 def path_text(value: str | os.PathLike[str]) -> str:

@@ -25,7 +25,7 @@ from splitdet.edge.client import ImageMeta, build_request
 from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.daemon_metrics import EdgeMetrics
-from splitdet.edge.file_identity import path_text
+from splitdet.edge.file_identity import NOTHING_READ, path_text
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import ImageError, read_regular_file
@@ -36,9 +36,6 @@ from splitdet.shared.shortage import short_of
 
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
-#: The content hash of a row whose file was never read (too large, unreadable): nothing to
-#: compare a file found again under its key with.
-_NOTHING_READ = hashlib.sha256(b"").hexdigest()
 
 
 def memory_shortage(exc: BaseException) -> str | None:
@@ -138,7 +135,7 @@ class Intake:
         rewritten in place with the same size and modification time, or only its metadata
         changed): then it is compared once."""
         in_place = known.stored_path == path_text(candidate.path)
-        if (in_place and not candidate.recheck) or known.content_hash in (None, _NOTHING_READ):
+        if (in_place and not candidate.recheck) or known.content_hash in (None, NOTHING_READ):
             return True
         try:
             if content_sha256(candidate.path) == known.content_hash:

@@ -301,16 +301,12 @@ def test_a_stop_signal_before_the_daemon_is_built_ends_the_start_up(
     argv = ["edge", "run", "--model", str(tiny_model_dir), "--watch", str(tmp_path / "hot"),
             "--db", str(tmp_path / "edge.sqlite"), "--cloud", "127.0.0.1:9", "--threads", "1",
             "--log-format", "text"]  # fmt: skip
-    # (`edge run` stopped by a signal leaves SIGTERM and SIGINT ignored while its process ends;
-    # here that process is the test's: put them back, or every later subprocess of this worker
-    # inherits them ignored, and a Ctrl-C test's process never stops)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # (`edge run` stopped by a signal leaves SIGTERM and SIGINT ignored while its process ends,
+    # here the test's: conftest's `_signals_kept` puts them back after the test)
     try:
         with caplog.at_level(logging.INFO, logger="splitdet"):
             code = main(argv)
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
         released.set()
         sender.join(10)
     assert code == 0

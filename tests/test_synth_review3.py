@@ -91,16 +91,21 @@ def _files(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
 
 
-def _start_slow_synth(out: Path, err_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`splitdet synth` of `SLOW` into `out`, once both its workers run and an image is written:
-    the process and its workers' pids."""
+def _popen_synth(out: Path, err_path: Path) -> subprocess.Popen:
+    """`splitdet synth` of `SLOW` into `out`, its stderr in `err_path`, in a session of its own."""
     with err_path.open("wb") as err:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "splitdet.shared.cli", "synth", "--out", str(out), *SLOW],
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
         )
+
+
+def _start_slow_synth(out: Path, err_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`splitdet synth` of `SLOW` into `out`, once both its workers run and an image is written:
+    the process and its workers' pids."""
+    process = _popen_synth(out, err_path)
 
     def rendering() -> list[int] | None:
         assert process.poll() is None, err_path.read_text(errors="replace")
@@ -166,13 +171,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     SIGINT) printed a KeyboardInterrupt traceback from each (`splitdet demo`'s data stage
     met it)."""
     out, err_path = tmp_path / "data", tmp_path / "stderr.txt"
-    with err_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "splitdet.shared.cli", "synth", "--out", str(out), *SLOW],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
+    process = _popen_synth(out, err_path)
     workers: list[int] = []
     try:
         workers = wait_for(lambda: _workers_of(process.pid), 60, "synth's first worker")
