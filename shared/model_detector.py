@@ -15,6 +15,8 @@ from torchvision.models import resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import clip_boxes_to_image
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -57,6 +59,27 @@ def _outputs_to_fp32(module: nn.Module, args: object, output: object) -> object:
     return output
 
 
+class ClippedTransform(GeneralizedRCNNTransform):
+    """torchvision's transform whose `postprocess` clamps each box onto its original image:
+    mapped back from the resized image in float32, a corner on the image's edge can land a
+    float32 step past it (x2 300.00003 on a 300 px wide image), as the cloud and the edge
+    already clamp what they return."""
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Per image {"boxes" Float32[K, 4] x1y1x2y2 in original px, within [0, W] x [0, H],
+        ...} (training mode: `result` as it is)."""
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        if not self.training:
+            for detections, size in zip(result, original_image_sizes, strict=True):
+                detections["boxes"] = clip_boxes_to_image(detections["boxes"], size)
+        return result
+
+
 class MultiTaskRCNN(FasterRCNN):
     """FasterRCNN + DefectHead. In eval mode `forward` is the plain (monolithic) detector.
 
@@ -95,6 +118,7 @@ class MultiTaskRCNN(FasterRCNN):
         self.config = config
         # torchvision builds its RoIHeads inside FasterRCNN; only postprocessing differs
         self.roi_heads.__class__ = VotingRoIHeads
+        self.transform.__class__ = ClippedTransform
         self.roi_heads.vote_iou = config.box_vote_iou
         self.roi_heads.vote_ramp = config.box_vote_ramp
         self.roi_heads.vote_passes = config.box_vote_passes
