@@ -16,6 +16,7 @@ from typing import TextIO, cast
 
 from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db, read_error
 from splitdet.shared.cli import float_in, int_in, silence_stdout
+from splitdet.shared.one_line import one_line
 
 RESULTS_EPILOG = """\
 examples:
@@ -260,16 +261,8 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
         boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
         stored = row["stored_path"]
-        moved = f"  (to {_one_line(stored)})" if stored and stored != row["path"] else ""
+        moved = f"  (to {one_line(stored)})" if stored and stored != row["path"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:25}  "
-            f"{(row['fingerprint'] or '-')[:12]:12}  {_one_line(row['path'])}{moved}{note}\n"
+            f"{(row['fingerprint'] or '-')[:12]:12}  {one_line(row['path'])}{moved}{note}\n"
         )
-
-
-def _one_line(text: str) -> str:
-    """`text` for one row of the table: control characters (a newline, a tab, ESC in a file
-    name) written as escapes (\\n, \\t, \\x1b), so a name cannot break or forge a row."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

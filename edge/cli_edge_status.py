@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from splitdet.edge.cli_edge_options import clock_text, read_error
-from splitdet.edge.cli_edge_results import _one_line  # (as the results table escapes a path)
 from splitdet.shared.cli import silence_stdout
+from splitdet.shared.one_line import one_line
 
 
 def register_status(actions: argparse._SubParsersAction) -> None:
@@ -222,7 +222,7 @@ def _daemon_lines(daemon: dict | None, last_arrival: float | None) -> list[str]:
             "delivered until `splitdet edge run` starts (as /proc/locks shows it here: a "
             "daemon in another container or on another host is not seen)"
         ]
-    detail, lock_file = _one_line(str(daemon["detail"])), _one_line(str(daemon["lock_file"]))
+    detail, lock_file = one_line(str(daemon["detail"])), one_line(str(daemon["lock_file"]))
     return [f"daemon        unknown: {detail}; its lock file is {lock_file}"]
 
 
@@ -272,7 +272,7 @@ def _in_watch_lines(in_watch: dict | None, daemon: dict | None) -> list[str]:
     return [
         f"in --watch    {n} processed image{'s' if n != 1 else ''} not yet archived, "
         f"quarantined or deleted{looked}; the oldest arrived "
-        f"{_span(in_watch['oldest_age_s'])} ago: {_one_line(in_watch['oldest_path'])}",
+        f"{_span(in_watch['oldest_age_s'])} ago: {one_line(in_watch['oldest_path'])}",
         "              their move failed (or a kill cut it short): the daemon log's `cannot move "
         "file` lines (ERROR) say why (a full, read-only or gone --archive or --quarantine, a "
         f"read-only --watch); {retry}",
@@ -289,7 +289,7 @@ def _unreadable_lines(in_watch: dict) -> list[str]:
         return []
     return [
         f"in --watch    could not be looked into for {n} processed image{'s' if n != 1 else ''}"
-        f" ({_one_line(in_watch['unreadable_error'])}: {_one_line(in_watch['unreadable_path'])})"
+        f" ({one_line(in_watch['unreadable_error'])}: {one_line(in_watch['unreadable_path'])})"
         ": whether they still "
         "wait there to be moved or deleted is not known; run `splitdet edge status` as a user "
         "who may read --watch (the daemon's)"
@@ -304,7 +304,7 @@ def _error_lines(outbox: dict) -> list[str]:
         return []
     # (its own lines kept, indented; control characters in each escaped: a cloud's message may
     # quote a name the camera's account chose)
-    error = ("\n" + " " * 26).join(_one_line(line) for line in outbox["last_error"].split("\n"))
+    error = ("\n" + " " * 26).join(one_line(line) for line in outbox["last_error"].split("\n"))
     delivered = outbox.get("delivered_since_error_age_s")
     if delivered is not None:
         return [

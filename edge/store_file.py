@@ -34,6 +34,7 @@ from splitdet.edge.store_schema import (
 )
 from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
 from splitdet.shared.folder_lock import flock_holder, lock_exclusively
+from splitdet.shared.one_line import one_line
 from splitdet.shared.regular_file import open_regular
 
 #: What to do about a --db whose disk filled while the daemon ran (its intake's or its
@@ -143,18 +144,10 @@ def read_failure(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
         raise exc
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None or code & 0xFF in _DAMAGED_CODES:  # (None: Python's own, e.g. UTF-8)
-        return damaged_store(path, _one_line(str(exc)))
+        return damaged_store(path, one_line(str(exc), at_most=120))
     if is_busy(exc) or code & 0xFF in _IO_CODES:
         return open_failure(path, exc, verb="read")
-    return StoreError(f"{path}: cannot read it ({_one_line(str(exc))})")
-
-
-def _one_line(text: str, at_most: int = 120) -> str:
-    """SQLite's (or Python's) words about a damaged file for a one-line message: control
-    characters written as escapes, at most `at_most` characters (a text column's damaged
-    bytes quoted in them end in "...")."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return shown if len(shown) <= at_most else shown[: at_most - 3] + "..."
+    return StoreError(f"{path}: cannot read it ({one_line(str(exc), at_most=120)})")
 
 
 def quick_check(db: sqlite3.Connection, path: Path | str) -> None:
