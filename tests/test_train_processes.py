@@ -123,11 +123,13 @@ def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path
     assert processes_naming(run) == []
 
 
-def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path):
+def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path, monkeypatch):
     """The OOM killer or a container's stop of its main process: the ranks, in sessions of
     their own, trained on as orphans and held --out against the --resume the user was told."""
     import time
 
+    # (the launcher killed cannot remove its ranks' splitdet-train-ranks-* folder: here, not /tmp)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "splitdet.shared.cli",
             *train_argv(tiny_voc, run, "--epochs", "1000", "--nproc-per-node", "2")]  # fmt: skip
