@@ -200,7 +200,7 @@ class CloudServer:
                 self._metrics_httpd = start_metrics_server(
                     config.metrics_port, config.metrics_host, self.metrics.registry
                 )
-            except (OSError, OverflowError) as exc:  # in use, unresolvable, port out of range
+            except OSError as exc:  # in use, unresolvable, port out of range
                 self._server.stop(0)
                 where = f"{config.metrics_host}:{config.metrics_port}"
                 raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None

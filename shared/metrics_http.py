@@ -16,6 +16,7 @@ Standard library and prometheus_client only: the edge imports it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import sys
@@ -160,8 +161,10 @@ def start_metrics_server(
     (the server's `server_port` says which). Stop it with `shutdown()` then `server_close()`.
     With `health`, http://HOST:PORT/healthz answers 200 or 503 by it (a liveness probe's).
 
-    Raises OSError when `host` does not resolve or the port cannot be bound, OverflowError for a
-    port out of range."""
+    Raises OSError when `host` does not resolve, the port cannot be bound or is out of range
+    (its `strerror` says which)."""
+    if not 0 <= port <= 65535:
+        raise OSError(errno.EINVAL, f"port {port} is out of range (0-65535)")
 
     class _Server(_BoundedServer):
         address_family = _family(host, port)

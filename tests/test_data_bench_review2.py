@@ -76,6 +76,23 @@ def test_a_camera_settings_file_beside_the_images_is_not_called_an_annotation(tm
     assert voc_layout.unread_annotations(root) == {}
 
 
+@pytest.mark.parametrize("encoding", ["Shift_JIS", "x-camera"])
+def test_a_sidecar_in_an_encoding_expat_cannot_read_is_no_annotation(encoding, tmp_path, capsys):
+    """`data check` ended in a traceback (LookupError, or ValueError for a multi-byte encoding)
+    and `data split --write-empty` in a message naming neither file nor cause."""
+    root = _unsplit(tmp_path / "d")
+    (root / "Annotations" / "img_007.xml").unlink()  # a defect-free image left bare
+    sidecar = f'<?xml version="1.0" encoding="{encoding}"?>\n<camera/>\n'
+    (root / "JPEGImages" / "settings.xml").write_text(sidecar)
+
+    assert voc_layout.beside_images_note(root) is None
+    assert voc_layout.unread_annotations(root) == {}
+    code = main(["data", "split", str(root), "--write-empty", "--val", "0.2"])
+    assert code == 0, capsys.readouterr().err
+    assert (root / "Annotations" / "img_007.xml").is_file()
+    assert main(["data", "check", str(root), "--no-progress"]) == 0, capsys.readouterr()
+
+
 def test_the_note_still_names_a_real_annotation_beside_the_images(tmp_path):
     root = make_tiny_voc(tmp_path / "d")
     (root / "JPEGImages" / "camera_settings.xml").write_text(CAMERA_XML)

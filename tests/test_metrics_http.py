@@ -10,6 +10,7 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from splitdet.shared.metrics_http import MAX_PER_PEER, start_metrics_server
@@ -101,3 +102,12 @@ def test_an_unresolvable_host_or_a_port_in_use_is_an_os_error():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("port", [70000, -1])
+def test_a_port_out_of_range_is_an_os_error_naming_it(port):
+    """An OverflowError before: the cloud's handler read its `strerror` (AttributeError), the
+    edge's caught OSError alone (a traceback), for a daemon or server built through the API."""
+    with pytest.raises(OSError, match=rf"port {port} is out of range \(0-65535\)") as raised:
+        start_metrics_server(port, "127.0.0.1", _registry())
+    assert raised.value.strerror == f"port {port} is out of range (0-65535)"

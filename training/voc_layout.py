@@ -89,13 +89,14 @@ def is_annotation(path: Path) -> bool:
     """Whether the XML file at ``path`` is an annotation: its first element is <annotation>,
     read without the rest of the file (a camera's ``<camera>`` settings, a sidecar's
     ``<CameraMetadata>`` are none). False for a file that is malformed before its first
-    element (no tool reads it as an annotation); True for one that cannot be opened (it may
+    element or declares an encoding expat cannot read (Shift_JIS, an unknown one: no tool reads
+    it as an annotation); True for one that cannot be opened (it may
     be one: better a refusal than lost boxes)."""
     try:
         with open(path, "rb") as file:
             for _, element in ET.iterparse(file, events=("start",)):
                 return element.tag == ANNOTATION_ROOT
-    except ET.ParseError:
+    except (ET.ParseError, LookupError, ValueError):  # (an encoding unknown, or multi-byte)
         return False
     except OSError:
         return True
