@@ -12,11 +12,12 @@ from typing import Any
 
 import grpc
 
-from splitdet.cloud.call_status import METHODS, log_refusal, shortage
+from splitdet.cloud.call_status import METHODS, log_refusal, refuse, shortage
 from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import ServerMetrics, claimed_edge
 from splitdet.cloud.servicer import SERVICE_NAME
 from splitdet.cloud.threads import PoolBound
+from splitdet.edge import client_errors as reasons
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,12 @@ class CallGuard(grpc.ServerInterceptor):
             self._count_refused(name, details.invocation_metadata)
         claimed = claimed_edge(details.invocation_metadata)  # (the log names the claim)
 
-        def refuse(requests: Iterator, context: grpc.ServicerContext) -> None:
+        def held(requests: Iterator, context: grpc.ServicerContext) -> None:
             self._log_refusal(name, pool, context.peer(), claimed, message)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, reasons.BUSY)
 
-        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        held.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
+        return grpc.stream_unary_rpc_method_handler(held)
 
     def _not_received(
         self,
@@ -232,7 +233,8 @@ class CallGuard(grpc.ServerInterceptor):
         ends (the call has its status already)."""
         self._end(method, pool, peer, context, grpc.StatusCode.DEADLINE_EXCEEDED,
                   not_received_message(method, receive_s), "request_not_received",
-                  self._unreceived_lines, {"max_receive_s": receive_s})  # fmt: skip
+                  self._unreceived_lines, reasons.DEADLINE_PASSED,  # (the timer sent the
+                  {"max_receive_s": receive_s})  # status already, without it)  # fmt: skip
 
     def _short(
         self, method: str, pool: str, peer: str, context: grpc.ServicerContext, message: str
@@ -244,7 +246,7 @@ class CallGuard(grpc.ServerInterceptor):
         counts them) and logged as `refused` (WARNING, at most one line per pool per
         EXHAUSTED_LOG_S, carrying the count and edges of those left out)."""
         self._end(method, pool, peer, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message,
-                  "refused", self._short_lines)  # fmt: skip
+                  "refused", self._short_lines, reasons.SHORTAGE)  # fmt: skip
 
     def _end(
         self,
@@ -256,13 +258,15 @@ class CallGuard(grpc.ServerInterceptor):
         message: str,
         event: str,
         lines: LineLimiter,
+        reason: str,
         more: dict[str, Any] | None = None,
     ) -> None:
         """End a call the guard refuses after taking it (`_not_received`, `_short`) with `code`
-        and `message`: counted (for the Detection service's methods, as `_refusal` counts
-        them), logged as WARNING `event` with `more` fields at most as `lines` admits (one
-        line per pool per its every_s, carrying the count and edges of those left out); then
-        the handler ends (raises: the call has its status)."""
+        and `message`, `reason` in its trailing metadata (`call_status.refuse`): counted (for
+        the Detection service's methods, as `_refusal` counts them), logged as WARNING `event`
+        with `more` fields at most as `lines` admits (one line per pool per its every_s,
+        carrying the count and edges of those left out); then the handler ends (raises: the
+        call has its status)."""
         name = method.rsplit("/", 1)[-1]
         metadata = context.invocation_metadata()
         if name in METHODS:
@@ -272,7 +276,7 @@ class CallGuard(grpc.ServerInterceptor):
         if admitted is not None:
             log_refusal(name, peer, claimed, code, message, event, admitted, lines.every_s,
                         level=logging.WARNING, more={"pool": pool, **(more or {})})  # fmt: skip
-        context.abort(code, message)  # (raises; not sent)
+        refuse(context, code, message, reason)  # (raises; not sent)
 
     def _count_refused(
         self,

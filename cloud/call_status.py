@@ -17,6 +17,11 @@ code and message each becomes, and the log line of a refusal.
 A missing or wrong bearer token is refused before the servicer (cloud/tokens.py,
 UNAUTHENTICATED). Status messages are cut to MAX_STATUS_CHARS: they travel in a trailer that
 clients bound (8 KiB).
+
+Every refusal also carries its reason, machine-readable, as trailing metadata
+(`splitdet-reason`: edge/client_errors.py REASONS): `busy` (Overloaded) and `too-large`
+(TooLarge) share RESOURCE_EXHAUSTED, and a client must not have to read the message to tell
+retry-later from never (`reason_for`, `refuse`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import grpc
 
 from splitdet.cloud.core import Cancelled, DeadlinePassed, FingerprintMismatch, InvalidRequest
 from splitdet.cloud.log_limit import repeats_note
+from splitdet.edge import client_errors as reasons
 from splitdet.shared.shortage import short_of
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,16 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+)
+#: Exception type -> the reason its refusal carries (`reason_for`), as STATUS_FOR_ERROR.
+REASON_FOR_ERROR: tuple[tuple[type[BaseException], str], ...] = (
+    (FingerprintMismatch, reasons.UNKNOWN_MODEL),
+    (DeadlinePassed, reasons.DEADLINE_PASSED),
+    (Cancelled, reasons.CANCELLED),
+    (InvalidRequest, reasons.INVALID_REQUEST),
+    (Overloaded, reasons.BUSY),
+    (TooLarge, reasons.TOO_LARGE),
+    (ShuttingDown, reasons.SHUTTING_DOWN),
 )
 
 
@@ -158,6 +174,26 @@ def status_for(
     if short is not None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, _clip(short)
     return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def reason_for(exc: BaseException) -> str:
+    """The reason (edge/client_errors.py REASONS) a call failed by `exc` is refused with,
+    matching `status_for`'s code: REASON_FOR_ERROR's, `shortage` for a server short of memory
+    or threads, `internal` for anything else."""
+    for error_type, reason in REASON_FOR_ERROR:
+        if isinstance(exc, error_type):
+            return reason
+    return reasons.SHORTAGE if shortage(exc) is not None else reasons.INTERNAL
+
+
+def refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: str) -> None:
+    """End the call with `code` and `message`, its reason (edge/client_errors.py REASONS) in
+    the trailing metadata (`splitdet-reason`): clients tell a busy refusal from a final one
+    without reading the message. Raises, as `context.abort` does."""
+    set_trailers = getattr(context, "set_trailing_metadata", None)
+    if set_trailers is not None:  # (a stand-in context of a test may have none)
+        set_trailers(((reasons.REASON_KEY, reason),))
+    context.abort(code, message)
 
 
 def _clip(message: str) -> str:

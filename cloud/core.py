@@ -32,6 +32,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
 from splitdet.cloud.log_limit import LineLimiter, repeats_note
+from splitdet.edge.preprocess import ImageError, resized_size
 from splitdet.shared.codec import (
     DEFAULT_MAX_TOTAL_BYTES,
     CodecError,
@@ -520,7 +521,9 @@ class DetectionCore:
 
     def check_call(self, call: DetectCall, model: ServedModel | None) -> ServedModel:
         """Cheap checks before anything is hashed, looked up or decoded; the model to use
-        (`model`, held by the call since `served_model`, or the one it names now)."""
+        (`model`, held by the call since `served_model`, or the one it names now). The image's
+        sizes are bounded, and its resized size must be the one its original size resizes to
+        for that model (`_check_resize`)."""
         if model is None or model.fingerprint != call.fingerprint:
             model = self._checked_model(call.request_id, call.fingerprint)
         for what, (h, w), bound in (
@@ -538,6 +541,7 @@ class DetectionCore:
                 f"(short side at most {config.min_size}, long side at most {config.max_size} "
                 "px): no edge of that export sends it"
             )
+        _check_resize(model, call.image)
         return model
 
     def _stored(
@@ -601,6 +605,35 @@ class DetectionCore:
         return tuple(
             Detection(tuple(box), score, int(label), _class_name(model, int(label)))
             for box, score, label in zip(boxes, scores, labels, strict=True)
+        )
+
+
+def _check_resize(model: ServedModel, image: ImageMeta) -> None:
+    """Refuse an image whose resized size is not the one its original size resizes to for
+    `model` (torchvision's eval resize, sizes truncated: `edge.preprocess.resized_size`, what
+    splitdet's edge sends): the heads would map the boxes back by the wrong scale, answering
+    shifted or stretched boxes with OK.
+
+    Raises:
+        InvalidRequest: naming both sizes, the model's min_size and max_size and the size
+            expected (all height x width).
+    """
+    config = model.manifest.model_config
+    (oh, ow), (h, w) = image.original_hw, image.resized_hw
+    sizes = f"min_size {config.min_size}, max_size {config.max_size}"
+    try:
+        expected = resized_size(oh, ow, config.min_size, config.max_size)
+    except ImageError:  # (a side below 1 px: the edge refuses such an image itself)
+        raise InvalidRequest(
+            f"original image size {oh}x{ow} is too elongated for model {model.fingerprint}'s "
+            f"input ({sizes}): a side would resize to 0 px; no edge of that export sends it"
+        ) from None
+    if (h, w) != expected:
+        raise InvalidRequest(
+            f"resized image size {h}x{w} does not follow from original image size {oh}x{ow} "
+            f"for model {model.fingerprint} ({sizes}): expected {expected[0]}x{expected[1]} "
+            "(height x width, torchvision's resize, sizes truncated); send the size "
+            "the edge's resize gives"
         )
 
 

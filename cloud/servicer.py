@@ -23,7 +23,9 @@ from splitdet.cloud.call_status import (
     TooLarge,
     is_shortage,
     log_refusal,
+    reason_for,
     refusal_level,
+    refuse,
     status_for,
 )
 from splitdet.cloud.core import (
@@ -123,7 +125,7 @@ def _rpc(method: Callable) -> Callable:
             if admitted is not None:
                 log_refusal(name, peer, claimed, code, message, event, admitted,
                              self.refusal_lines.every_s, level=refusal_level(exc))  # fmt: skip
-            context.abort(code, message)  # raises
+            refuse(context, code, message, reason_for(exc))  # raises
         finally:
             self.metrics.finished(name, code)
             if edge.label == OTHER_EDGE:  # (a new camera's first Detect claims its own)

@@ -14,9 +14,10 @@ from pathlib import Path
 import grpc
 
 from splitdet.cloud.call_guard import HANDLER_FACTORIES
-from splitdet.cloud.call_status import log_refusal
+from splitdet.cloud.call_status import log_refusal, refuse
 from splitdet.cloud.log_limit import LineLimiter, OwnLines
 from splitdet.cloud.metrics import UNAUTHENTICATED_EDGE, ServerMetrics, claimed_edge
+from splitdet.edge.client_errors import UNAUTHENTICATED
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,33 @@ log = logging.getLogger(__name__)
 TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 #: Seconds between two looks at --token-file for a change (AcceptedTokens).
 TOKEN_CHECK_S = 2.0
+#: The authorization scheme the server takes (compared case-insensitively: RFC 7235).
+BEARER = "bearer"
+#: How a refused caller is told to send its token (ends every UNAUTHENTICATED message).
+SEND_TOKEN = "send metadata 'authorization: Bearer <token>'"
+
+
+def bearer_token(supplied: str) -> str | None:
+    """The token of an authorization metadata value `Bearer <token>` (the scheme in any case,
+    RFC 7235), all after the first space (a token given with a leading space, as
+    $SPLITDET_CLOUD_TOKEN may hold one, is sent so); None when the value has no Bearer scheme
+    (a bare token, another scheme). "" for the scheme alone."""
+    scheme, _, token = supplied.partition(" ")
+    return token if scheme.lower() == BEARER else None
+
+
+def token_refusal(supplied: str) -> str:
+    """The UNAUTHENTICATED message of a call whose authorization metadata `supplied` (""
+    when it sent none) holds no accepted token. Never quotes the value: it may be a token."""
+    token = bearer_token(supplied)
+    if not supplied or token == "":
+        return f"missing bearer token: {SEND_TOKEN}"
+    if token is None:
+        return (
+            "authorization metadata must be `Bearer <token>`: its scheme is missing or not "
+            f"Bearer (in any case); {SEND_TOKEN}"
+        )
+    return f"wrong bearer token: {SEND_TOKEN}"
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
@@ -50,7 +78,7 @@ class AcceptedTokens:
 
     def __init__(self, token: str | None = None, token_file: Path | None = None) -> None:
         self.token_file = None if token_file is None else Path(token_file)
-        self._expected = tuple(f"Bearer {t}".encode() for t in ([token] if token else []))
+        self._expected = tuple(t.encode() for t in ([token] if token else []))
         self._stamp: tuple[int, int] | None = None
         self._stop = threading.Event()
         if self.token_file is not None and self._regular():
@@ -98,7 +126,7 @@ class AcceptedTokens:
                       self.token_file,
                       extra={"fields": {"event": "token_file_empty"}})  # fmt: skip
             return
-        self._expected = tuple(f"Bearer {t}".encode() for t in tokens)
+        self._expected = tuple(t.encode() for t in tokens)
         if not startup:
             fields = {"event": "tokens_reloaded", "tokens": len(tokens)}
             log.info("--token-file changed: %d token(s) accepted", len(tokens),
@@ -126,9 +154,13 @@ class AcceptedTokens:
         self._stop.set()
 
     def accepts(self, supplied: str) -> bool:
-        """Whether `supplied` (the authorization metadata) is one of the accepted values,
-        compared in constant time against each."""
-        given = supplied.encode()
+        """Whether `supplied` (the authorization metadata) is `Bearer <token>` of an accepted
+        token (the scheme in any case: `bearer_token`), compared in constant time against
+        each."""
+        token = bearer_token(supplied)
+        if not token:
+            return False
+        given = token.encode()
         matched = False
         for expected in self._expected:
             matched |= hmac.compare_digest(given, expected)
@@ -137,7 +169,7 @@ class AcceptedTokens:
 
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuse calls without `authorization: Bearer <token>` of an accepted token
-    (AcceptedTokens; constant-time comparison).
+    (AcceptedTokens; the scheme in any case; constant-time comparison).
 
     Health checks are exempt (TOKEN_EXEMPT_PREFIXES): probes rarely carry credentials.
     """
@@ -173,8 +205,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return None  # unknown method: UNIMPLEMENTED, as without a token
         name = method.rsplit("/", 1)[-1]
         self._metrics.finished(name, grpc.StatusCode.UNAUTHENTICATED)
-        problem = "missing" if not supplied else "wrong"
-        message = f"{problem} bearer token: send metadata 'authorization: Bearer <token>'"
+        message = token_refusal(supplied)
         # Counted under the label of the name it claims if that name has one (a camera the
         # server knew, its token revoked or rotated away), else under "unauthenticated": never
         # a new label (a caller without the token could use up the labels), never "seen" (it
@@ -191,7 +222,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
                 log_refusal(name, peer, edge, grpc.StatusCode.UNAUTHENTICATED, message,
                              "refused", admitted, self.refusal_lines.every_s,
                              claims=True, level=logging.WARNING)  # fmt: skip
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            refuse(context, grpc.StatusCode.UNAUTHENTICATED, message, UNAUTHENTICATED)
 
         # Taken as a request stream whatever the method: refused without waiting for (and
         # holding a thread through) a request body that a caller may never finish sending.

@@ -253,7 +253,7 @@ class CloudClient:
             too_large = answer_too_large(code, details, self.config.receive_bytes)
             if too_large is not None:
                 raise too_large from None
-            error = classify(code, details)
+            error = classify(code, details, exc.trailing_metadata())
             error.likely_cause = likely_cause(self.config, error)
             raise error from None
 

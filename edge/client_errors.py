@@ -1,10 +1,16 @@
 """The edge client's failures (torch-free): the errors a call to the cloud raises, which of
 them are worth retrying, an answer refused as too large, and the likely cause of a call that
-failed at the TLS handshake, naming the edge's options to look at."""
+failed at the TLS handshake, naming the edge's options to look at.
+
+Also the contract of the reason a splitdet cloud gives its own refusals, as trailing metadata
+(REASON_KEY, one of REASONS): RESOURCE_EXHAUSTED is both "busy, retry later" and "too large,
+never", which only the reason, or an older cloud's message text, tells apart.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import grpc
 
@@ -25,6 +31,43 @@ RETRY_LATER_CODES = frozenset(
 #: gRPC's refusal of a message over the receive bound: "... larger than max (N vs. M)"; since
 #: gRPC 1.5x its side says whose: "CLIENT: Received ..." is an answer this edge refused.
 _TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+#: Trailing metadata key of a splitdet cloud's own refusals: why, one of REASONS. Absent from
+#: an older cloud's, and from gRPC's own (a message over gRPC's bound, a connection failed).
+REASON_KEY = "splitdet-reason"
+#: RESOURCE_EXHAUSTED: the cloud's queue is full, or a call waited --queue-wait for a slot.
+BUSY = "busy"
+#: RESOURCE_EXHAUSTED: the request is over the cloud's --max-message-mib; it never fits.
+TOO_LARGE = "too-large"
+#: RESOURCE_EXHAUSTED: the cloud ran short of memory or threads answering it.
+SHORTAGE = "shortage"
+#: INVALID_ARGUMENT: the request is malformed (tensors, sizes, ids, protobuf).
+INVALID_REQUEST = "invalid-request"
+#: FAILED_PRECONDITION: the request's model fingerprint is not served there.
+UNKNOWN_MODEL = "unknown-model"
+#: UNAUTHENTICATED: no accepted bearer token.
+UNAUTHENTICATED = "unauthenticated"
+#: DEADLINE_EXCEEDED: the call's deadline passed while it waited or ran.
+DEADLINE_PASSED = "deadline-passed"
+#: CANCELLED: the caller went away.
+CANCELLED = "cancelled"
+#: UNAVAILABLE: the cloud is stopping (SIGTERM); another replica, or a later try, answers.
+SHUTTING_DOWN = "shutting-down"
+#: INTERNAL: a bug of the cloud's.
+INTERNAL = "internal"
+#: Every reason a cloud gives -> whether the same request is worth sending again.
+REASONS: dict[str, bool] = {
+    BUSY: True,
+    TOO_LARGE: False,
+    SHORTAGE: True,
+    INVALID_REQUEST: False,
+    UNKNOWN_MODEL: False,
+    UNAUTHENTICATED: False,
+    DEADLINE_PASSED: True,
+    CANCELLED: True,
+    SHUTTING_DOWN: True,
+    INTERNAL: False,
+}
 
 
 class CloudError(Exception):
@@ -64,17 +107,38 @@ class BadAnswer(NeverRetry):
     bug, as the wire contract calls it), RESOURCE_EXHAUSTED for an answer over the bound."""
 
 
-def classify(code: grpc.StatusCode, message: str) -> CloudError:
-    """RetryLater for RETRY_LATER_CODES (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-    CANCELLED); NeverRetry otherwise.
+def classify(
+    code: grpc.StatusCode,
+    message: str,
+    trailers: Sequence[tuple[str, str | bytes]] | None = None,
+) -> CloudError:
+    """RetryLater or NeverRetry for a failed call of status `code` and `message`, with the
+    call's trailing metadata `trailers` (`grpc.RpcError.trailing_metadata()`).
 
-    A message over the size bound is reported as RESOURCE_EXHAUSTED but never fits later: it is
-    NeverRetry.
+    The reason a splitdet cloud gives (`reason_of`, one of REASONS) decides when there is one.
+    Without (an older cloud, gRPC's own refusals): RetryLater for RETRY_LATER_CODES
+    (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED), NeverRetry otherwise; a
+    message over the size bound is reported as RESOURCE_EXHAUSTED but never fits later, told
+    by its text ("larger than max", gRPC's and an older cloud's): it is NeverRetry.
     """
+    reason = reason_of(trailers)
+    if reason is not None:
+        retry = REASONS[reason]
+        return RetryLater(code, message) if retry else NeverRetry(code, message)
     too_large = code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message
     if code in RETRY_LATER_CODES and not too_large:
         return RetryLater(code, message)
     return NeverRetry(code, message)
+
+
+def reason_of(trailers: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The reason a splitdet cloud gave its refusal in the trailing metadata `trailers`
+    (REASON_KEY), when it is one of REASONS; None when there is none (an older cloud, gRPC's
+    own refusal) or one this edge does not know (a newer cloud's: the status code decides)."""
+    for key, value in trailers or ():
+        if key == REASON_KEY and isinstance(value, str) and value in REASONS:
+            return value
+    return None
 
 
 def answer_too_large(code: grpc.StatusCode, message: str, bound: int) -> BadAnswer | None:

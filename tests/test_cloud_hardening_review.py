@@ -116,20 +116,24 @@ def test_calls_whose_request_never_arrives_are_ended_and_free_their_threads(
             good = _request(sample, manifest.fingerprint, "good-1")
             assert _code(send, good)[0] is grpc.StatusCode.RESOURCE_EXHAUSTED  # all held
             started = time.monotonic()
-            ended = []
+            ended, reasons = [], []
             for call in held:
                 with pytest.raises(grpc.RpcError) as error:
                     call.result(timeout=30)
                 ended.append((error.value.code(), error.value.details()))
+                reasons.append(dict(error.value.trailing_metadata() or ()).get("splitdet-reason"))
             waited = time.monotonic() - started
             assert waited < 30, waited  # at --max-receive, not at their 600 s deadline
             # (the calls beyond the threads were refused at once, the rest ended)
             codes = [code for code, _ in ended]
             assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 10 + 8, ended
-            for code, details in ended:
+            for (code, details), reason in zip(ended, reasons, strict=True):
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     assert "did not arrive within 8 s" in details, details
                     assert "--max-receive" in details, details
+                    # (ended by the receive timer through gRPC's call object: no trailer)
+                else:  # refused at once, every thread held
+                    assert reason == "busy", (code, details, reason)
             status, details = _code(send, good)  # the threads serve again
             assert status is grpc.StatusCode.OK, details
             assert pb.DetectResponse.FromString(send(good, timeout=60)).boxes

@@ -253,6 +253,7 @@ def test_a_call_refused_for_want_of_a_thread_is_counted_and_logged_per_edge(
         server.stop(0)
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "threads for Detect calls are held" in refused.value.details()
+    assert dict(refused.value.trailing_metadata())["splitdet-reason"] == "busy"
     assert metrics[REFUSALS % ("RESOURCE_EXHAUSTED", "cam-busy")] == 1
     (line,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") ==
                "threads_exhausted"]  # fmt: skip

@@ -40,6 +40,7 @@ from splitdet.cloud.idempotency import IdempotencyStore
 from splitdet.cloud.metrics import ServerMetrics
 from splitdet.cloud.request_wire import call_from_proto
 from splitdet.cloud.servicer import DetectionServicer
+from splitdet.edge.preprocess import resized_size
 from splitdet.shared import codec
 from splitdet.shared.codec import CodecError, EncodedTensor, decode, encode
 from splitdet.shared.config import ModelConfig
@@ -81,9 +82,13 @@ MAX_MESSAGE_CHARS = MAX_STATUS_CHARS
 
 
 @st.composite
-def valid_levels(draw: st.DrawFn) -> tuple[list[EncodedTensor], tuple[int, int]]:
-    """A valid encoding of the five levels for a random small resized size, and that size."""
-    resized = (draw(st.integers(1, 96)), draw(st.integers(1, 96)))
+def valid_levels(
+    draw: st.DrawFn, resized: tuple[int, int] | None = None
+) -> tuple[list[EncodedTensor], tuple[int, int]]:
+    """A valid encoding of the five levels for `resized` (None: a random small resized size),
+    and that size."""
+    if resized is None:
+        resized = (draw(st.integers(1, 96)), draw(st.integers(1, 96)))
     shapes = codec.expected_level_shapes(SPEC, padded_size(*resized))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     magnitude = draw(st.sampled_from([1.0, 1e-30, 1e4, 3e38]))
@@ -419,8 +424,14 @@ REQUEST_ID = st.one_of(
 
 @st.composite
 def valid_request(draw: st.DrawFn) -> pb.DetectRequest:
-    encoded, resized = draw(valid_levels())
-    original = (draw(st.integers(1, 2000)), draw(st.integers(1, 2000)))
+    """A request the served model (96 px inputs) takes: its resized size is the one its
+    original size resizes to (the cloud refuses any other)."""
+    short = draw(st.integers(1, 2000))
+    original = (short, draw(st.integers(short, min(2000, short * 96))))
+    if draw(st.booleans()):
+        original = original[::-1]
+    resized = resized_size(*original, 96, 96)
+    encoded, _ = draw(valid_levels(resized))
     image = ImageMeta(original_hw=original, resized_hw=resized, source="fuzz")
     return build_request(encoded, image, draw(st.uuids()).hex, FINGERPRINT)
 
@@ -564,9 +575,9 @@ def test_servicer_serves_unmutated_requests(request: pb.DetectRequest) -> None:
 def _valid_request_bytes(channels: int = C) -> tuple[pb.DetectRequest, list[EncodedTensor]]:
     spec = SplitSpec(fpn_channels=channels)
     rng = np.random.default_rng(0)
-    shapes = codec.expected_level_shapes(spec, (32, 64))
+    shapes = codec.expected_level_shapes(spec, (32, 96))
     encoded = encode({n: rng.random(s, dtype=np.float32) for n, s in shapes.items()}, "int8")
-    image = ImageMeta(original_hw=(40, 70), resized_hw=(32, 60), source="regression")
+    image = ImageMeta(original_hw=(40, 120), resized_hw=(32, 96), source="regression")
     return build_request(encoded, image, "regression", FINGERPRINT), encoded
 
 
