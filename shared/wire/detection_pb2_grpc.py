@@ -56,11 +56,16 @@ class DetectionServicer:
     def Detect(self, request, context):
         """Detect boxes from one image's encoded FPN levels.
 
-        Status codes: INVALID_ARGUMENT for a malformed request (tensors, shapes, codecs, payload),
-        FAILED_PRECONDITION for a model fingerprint the server does not serve, RESOURCE_EXHAUSTED
-        when the server already runs its maximum of concurrent calls or the message exceeds its
-        bound, UNAUTHENTICATED for a missing or wrong bearer token, INTERNAL for a server bug.
-        Idempotent on request_id: a repeated id returns the stored answer with cached = true.
+        Status codes: INVALID_ARGUMENT for a malformed request (tensors, shapes, codecs, payload,
+        sizes), FAILED_PRECONDITION for a model fingerprint the server does not serve,
+        RESOURCE_EXHAUSTED when the server is busy (its calls, queue, threads or memory) or the
+        message exceeds its bound (trailing metadata "splitdet-reason" tells which where the cloud
+        itself refused), UNAUTHENTICATED for a missing or wrong bearer token, UNAVAILABLE while it
+        drains, DEADLINE_EXCEEDED for a call past its deadline, CANCELLED for one its stop cut,
+        INTERNAL for a server bug; proto/README.md says which to retry.
+        Idempotent on request_id: a repeated id with the same tensors (same order and bytes) returns
+        the stored answer with cached = true; the same id with other tensors is computed afresh
+        (cached = false) and the first answer kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
