@@ -25,12 +25,15 @@ from splitdet.shared.cli import (
     TOKEN_ENV,
     CommandError,
     host_problem,
+    memory_limit_hint,
     read_pem,
     read_token,
     remove_ready_file,
     split_host_port,
+    thread_limit_message,
     write_ready_file,
 )
+from splitdet.shared.shortage import short_of
 from splitdet.shared.signal_event import event_setter
 
 if TYPE_CHECKING:  # imports torch and grpc: `run` loads it when it runs
@@ -54,6 +57,8 @@ OPTION_BOUNDS: dict[str, tuple[float, float | None]] = {
     "answers_cap": (0, None),
     "forget_edges_after": (0.01, 87_600),  # hours: 36 s to 10 years
 }
+#: The address space the cloud was measured to need (a small export; more for a larger one).
+NEEDS_ADDRESS_SPACE = "about 4.7 GB of address space"
 EXAMPLE = """\
 example:
   splitdet cloud --model models/gasket --listen 0.0.0.0:50051 --metrics-port 9464 \\
@@ -499,11 +504,16 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM while importing or loading: exit 0 once loaded, never serving (not a bare 143).
     # SIGHUP then: reloaded once serving (its default action would end the process).
     stop, reload = threading.Event(), threading.Event()
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, event_setter(stop)),
-        signal.SIGINT: signal.signal(signal.SIGINT, event_setter(stop)),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, event_setter(reload)),
-    }
+    try:  # (the first setter starts the signal events' thread)
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, event_setter(stop)),
+            signal.SIGINT: signal.signal(signal.SIGINT, event_setter(stop)),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, event_setter(reload)),
+        }
+    except RuntimeError as exc:  # ("can't start new thread")
+        if short_of(exc) != "threads":
+            raise
+        raise CommandError(thread_limit_message(exc)) from None
     if args.forget_edges_after < 1:  # (the README's alert waits an hour)
         log.warning(
             "--forget-edges-after %g h: an edge silent that long is forgotten, its "
@@ -512,8 +522,9 @@ def run(args: argparse.Namespace) -> int:
             "sooner", args.forget_edges_after,
             extra={"fields": {"event": "forget_before_alert"}},
         )  # fmt: skip
-    where = [*map(str, args.model), *([f"{args.models_dir}/*"] if args.models_dir else [])]
-    log.info("loading model%s %s", "s" * (len(where) > 1), ", ".join(where))
+    where = _models_named(args)
+    log.info("loading model%s %s", "s" * (len(where) > 1), ", ".join(where),
+             extra={"fields": {"event": "loading", "models": where}})  # fmt: skip
     try:
         return _run(args, stop, reload)
     finally:  # stopped by a signal, the process ends: another (SIGHUP too) must not end it
@@ -521,11 +532,31 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN if stop.is_set() else handler)
 
 
+def short_of_memory(what: str, exc: BaseException) -> CommandError | None:
+    """The CommandError saying that loading `what` ran out of memory, naming the limit to raise
+    (`shared.cli.memory_limit_hint`), when `exc` says so (`shared.shortage.short_of`: torch's
+    libraries that "failed to map segment" under an address-space limit, its allocator's
+    "can't allocate memory" while the model is built); else None."""
+    if short_of(exc) != "memory":
+        return None
+    said = " ".join(str(exc).split())[:300]  # (one line)
+    return CommandError(
+        f"not enough memory to load {what} ({memory_limit_hint()}; the cloud needs "
+        f"{NEEDS_ADDRESS_SPACE}): {type(exc).__name__}: {said}"
+    )
+
+
 def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Event) -> int:
-    from splitdet.cloud.serve_loop import serve
-    from splitdet.cloud.server import STOP_INCOMPLETE_EXIT, StopIncomplete
-    from splitdet.cloud.server_config import MIB, ServerConfig
-    from splitdet.cloud.threads import all_cores
+    try:  # (torch loads here: its libraries may find no room under an address-space limit)
+        from splitdet.cloud.serve_loop import serve
+        from splitdet.cloud.server import STOP_INCOMPLETE_EXIT, StopIncomplete
+        from splitdet.cloud.server_config import MIB, ServerConfig
+        from splitdet.cloud.threads import all_cores
+    except (ImportError, OSError) as exc:
+        problem = short_of_memory("torch", exc)
+        if problem is None:
+            raise
+        raise problem from None
     from splitdet.shared.manifest import ManifestError
 
     try:
@@ -592,8 +623,10 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
                      on_draining=on_draining)  # fmt: skip
     except StopIncomplete:  # (logged with the threads' stacks: `CloudServer.stop`)
         pass
-    except (ManifestError, OSError) as exc:
-        raise CommandError(str(exc)) from None
+    except (ManifestError, OSError, MemoryError) as exc:  # (a model built short of memory:
+        # its ManifestError says "can't allocate memory", not the export's fault)
+        short = short_of_memory(", ".join(_models_named(args)), exc)
+        raise short or CommandError(str(exc)) from None
     except sqlite3.Error as exc:  # e.g. --answers-db names a file that is not SQLite
         problem = answers_disk_problem(args.answers_db, f"cannot open it ({exc})")
         shown = answers_shown(args.answers_db)
@@ -602,6 +635,11 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         if args.ready_file is not None:
             remove_ready_file(args.ready_file, os.getpid())
     return exit_at_once(STOP_INCOMPLETE_EXIT)
+
+
+def _models_named(args: argparse.Namespace) -> list[str]:
+    """The exports `args` names, for messages: each --model, and --models-dir's folders."""
+    return [*map(str, args.model), *([f"{args.models_dir}/*"] if args.models_dir else [])]
 
 
 def exit_at_once(status: int) -> int:

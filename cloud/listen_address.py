@@ -2,13 +2,16 @@
 
 gRPC says only "Failed to bind" when it cannot listen; `check_listen_address` binds a probe
 socket first and raises an OSError that names the cause: the port held by another server,
-one that needs privileges, or a host that is not an address of this machine.
+one that needs privileges (a port below 1024 without root or CAP_NET_BIND_SERVICE), or a host
+that is not an address of this machine.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+
+from splitdet.shared.cli import privileged_port_hint
 
 
 def check_listen_address(listen: str) -> None:
@@ -33,7 +36,8 @@ def check_listen_address(listen: str) -> None:
             bound = True
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+                hint = privileged_port_hint(int(port)) if exc.errno == errno.EACCES else ""
+                raise OSError(f"cannot listen on {listen}: {exc.strerror}{hint}") from None
             lacking |= exc.errno == errno.EADDRNOTAVAIL
     # gRPC binds every address the name gives and fails only when none binds ("localhost"
     # is 127.0.0.1 and ::1; with IPv6 off, ::1 is not there, and 127.0.0.1 serves)

@@ -44,6 +44,7 @@ kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -84,9 +85,15 @@ from splitdet.edge.store_file import (
     refuse_foreign_file,
 )
 from splitdet.edge.watcher import Candidate, HotFolder, enters_subfolder
-from splitdet.shared.cli import remove_ready_file, write_ready_file
+from splitdet.shared.cli import (
+    privileged_port_hint,
+    remove_ready_file,
+    thread_limit_message,
+    write_ready_file,
+)
 from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.metrics_http import start_metrics_server
+from splitdet.shared.shortage import short_of
 from splitdet.shared.signal_event import event_setter
 
 #: --once ends waiting for files still being written after --drain-timeout, never sooner than
@@ -99,6 +106,23 @@ OPEN_RETRY_S = 1.0
 
 
 # ---------------------------------------------------------------------------------- the daemon
+
+
+class ThreadLimit(OSError):
+    """A thread the daemon needs could not be started (the process/thread limit, RLIMIT_NPROC,
+    too low): an OSError, so `edge run` says it in one line, exit 2 (`threads_started`)."""
+
+
+@contextlib.contextmanager
+def threads_started(taken: str = "nothing was taken") -> Iterator[None]:
+    """Within the block, CPython's RuntimeError "can't start new thread" becomes ThreadLimit,
+    one line naming the limit to raise; `taken` says what became of the images."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if short_of(exc) != "threads":
+            raise
+        raise ThreadLimit(f"{thread_limit_message(exc)}; {taken}") from None
 
 
 class StoppedBeforeStart(BaseException):
@@ -127,7 +151,8 @@ class EdgeDaemon:
         check_paths(config)
         self.config = config
         self._stop = threading.Event()  # (set by SIGTERM/SIGINT from the start-up wait on)
-        self._set_stop = event_setter(self._stop)
+        with threads_started():  # (the first setter starts the signal events' thread)
+            self._set_stop = event_setter(self._stop)
         self.signalled = False  # a SIGTERM or SIGINT asked it to stop
         refuse_foreign_file(config.db)  # another program's file: refused before its lock file
         # two daemons on one hot folder would each classify and send every image; taken first:
@@ -171,7 +196,9 @@ class EdgeDaemon:
         try:  # what `edge status` and `edge abandon` learn of this daemon
             self.store.record_daemon(self.fingerprint)
         except sqlite3.Error as exc:  # (held locked just now: they see less, nothing breaks)
-            log.warning("--db %s: this daemon's record not written (%s)", config.db, exc)
+            log.warning("--db %s: this daemon's record not written (%s)", config.db, exc,
+                        extra={"fields": {"event": "daemon_record_failed", "db": str(config.db),
+                                          "error": str(exc)}})  # fmt: skip
         self.folder = HotFolder(
             config.watch,
             config.settle_s,
@@ -301,8 +328,9 @@ class EdgeDaemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self.request_stop)
         try:
-            self._start_services()
-            self._sweeper = start_partial_sweep(config, self._pruner_stop)
+            with threads_started():  # (the sender, metrics, cloud probe, sweep: before any image)
+                self._start_services()
+                self._sweeper = start_partial_sweep(config, self._pruner_stop)
             self._loop()
             self._sender_failure()
             if self._store_gave_up is not None:  # (the sender could not deliver either)
@@ -326,6 +354,7 @@ class EdgeDaemon:
                   dead_letters=self.sender.dead_lettered)  # fmt: skip
         gave_up = self._intake.outbox_gave_up is not None or self._store_gave_up is not None
         gave_up = gave_up or self._left_unsettled > 0 or self.folder.held_back() > 0
+        gave_up = gave_up or self.folder.listing_short()  # (folder_unreadable, EMFILE...)
         if config.once and self.signalled and not gave_up:  # stopped with images left?
             self.folder.scan()
             gave_up = self.folder.pending() > 0
@@ -381,7 +410,9 @@ class EdgeDaemon:
                 )  # fmt: skip
             except OSError as exc:
                 where = f"{config.metrics_host}:{config.metrics_port}"
-                raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
+                denied = exc.errno == errno.EACCES  # (a port below 1024, not root)
+                hint = privileged_port_hint(config.metrics_port) if denied else ""
+                raise OSError(f"metrics endpoint {where}: {exc.strerror or exc}{hint}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self.sender.start()
         stats = self.store.outbox_stats()
@@ -418,11 +449,12 @@ class EdgeDaemon:
             info = {"pid": os.getpid(), "metrics_port": self.metrics_port,
                     "fingerprint": self.fingerprint}  # fmt: skip
             write_ready_file(config.ready_file, info)
-        self._probe = ModelProbe(
+        probe = ModelProbe(
             config.client_config, self.fingerprint, tuple(earlier), config.retry_max_s,
             self._pruner_stop, on_served=self.sender.release_export,
         )  # fmt: skip
-        self._probe.start()
+        probe.start()
+        self._probe = probe  # (once started: `_shutdown` joins it)
 
     def _warn_threshold_override(self, calibrated: float) -> None:
         """WARNING: --threshold overrides the export's calibrated gate threshold. The override
@@ -446,7 +478,8 @@ class EdgeDaemon:
         if self.config.ready_file is not None:  # stopping: no longer ready
             remove_ready_file(self.config.ready_file, os.getpid())
         self._pruner_stop.set()  # (ends the start-up sweep and the cloud probe too)
-        self._pruner.join(timeout=10.0)
+        with contextlib.suppress(RuntimeError):  # (a prune whose thread could not start:
+            self._pruner.join(timeout=10.0)  # "cannot join thread before it is started")
         if self._sweeper is not None:
             self._sweeper.join(timeout=10.0)
         if self._probe is not None:  # (a call under way: left to end alone, logging nothing;
@@ -499,7 +532,8 @@ class EdgeDaemon:
         while not self._stop.is_set():
             self.liveness.beat()
             self.store.check_file(STORE_CHECK_EVERY_S)  # StoreGone: --db deleted or replaced
-            self._pruner.prune_when_due()
+            with threads_started("the images not yet recorded stay in --watch"):
+                self._pruner.prune_when_due()  # (its own thread)
             self._follow_watch_lock()  # before scanning: a folder made anew is ours first
             self.model_on_disk.check()  # (a stat every MODEL_CHECK_EVERY_S: a re-export said)
             self.folder.scan()

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitdet.shared.manifest import COMPLETE_ONNX, GATE_ONNX, Manifest, read_manifest
+from splitdet.shared.shortage import short_of
 
 
 @dataclass
@@ -52,6 +53,31 @@ def providers_for(device: str) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+class ModelMemoryError(RuntimeError):
+    """ONNX Runtime could not allocate what a session of the export needs (its std::bad_alloc,
+    a MemoryError): one line naming memory and the limit to raise (`load_session`)."""
+
+
+def load_session(
+    path: Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of the graph at `path`; ModelMemoryError when it runs out of
+    memory loading it (under an address-space limit: `prlimit --as`, systemd LimitAS=), not
+    ONNX Runtime's own "Exception during initialization: std::bad_alloc"."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # (ONNX Runtime's own exception classes derive from Exception)
+        if short_of(exc) != "memory":
+            raise
+        from splitdet.shared.cli import memory_limit_hint
+
+        said = " ".join(str(exc).split())[:200] or type(exc).__name__  # (one line)
+        raise ModelMemoryError(
+            f"not enough memory to load {path.parent} ({memory_limit_hint()}; the edge needs "
+            f"about 1.3 GB of address space): {path.name}: {said}"
+        ) from None
+
+
 class EdgeRuntime:
     """The gate and completion sessions of one exported model directory."""
 
@@ -80,15 +106,11 @@ class EdgeRuntime:
         # the cores the next image's decode (or any other process) needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(device)
-        self._gate = ort.InferenceSession(
-            str(self.model_dir / GATE_ONNX), options, providers=providers
-        )
+        self._gate = load_session(self.model_dir / GATE_ONNX, options, providers)
         # No completion graph when the gate reads P2: every level comes out of the gate.
         self._complete = None
         if COMPLETE_ONNX in self.manifest.artifacts:
-            self._complete = ort.InferenceSession(
-                str(self.model_dir / COMPLETE_ONNX), options, providers=providers
-            )
+            self._complete = load_session(self.model_dir / COMPLETE_ONNX, options, providers)
         self._gate_outputs = [o.name for o in self._gate.get_outputs()]
         self._complete_inputs = (
             [i.name for i in self._complete.get_inputs()] if self._complete is not None else []

@@ -127,6 +127,7 @@ import errno
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -429,6 +430,13 @@ class HotFolder(FolderListing, FolderReports):
             extra={"fields": {"event": "file_still_changing", "path": path,
                               "changing_s": round(changing_s, 1)}},
         )  # fmt: skip
+
+    def listing_short(self) -> bool:
+        """Whether the last scan could not list the folder, or a folder or file in it, for a
+        shortage of the process or the machine (PROCESS_SHORTAGES: open files, memory): what
+        lies there was not seen (a --once run that ends so exits 1, as for `held_back`)."""
+        shortages = {os.strerror(number) for number in PROCESS_SHORTAGES}
+        return any(reason in shortages for reason in self._warned.values())
 
     def held_back(self) -> int:
         """Files met in a shortage (`_short_of`: open files, memory) and not taken since: not

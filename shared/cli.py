@@ -146,6 +146,72 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
+#: What to say when the working directory was removed under the process (getcwd() fails).
+DELETED_CWD_MESSAGE = (
+    "the working directory was deleted; start splitdet from an existing folder "
+    "(systemd: WorkingDirectory=)"
+)
+
+
+def cwd_problem() -> str | None:
+    """`DELETED_CWD_MESSAGE` when this process's working directory no longer exists (a
+    relative path would fail later with a traceback, and torch's libraries fail to load: Intel
+    oneMKL's "Cannot load libtorch_cpu.so"), else None."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return DELETED_CWD_MESSAGE
+    return None
+
+
+def _soft_limit(kind: int) -> int | None:
+    """The soft resource limit `kind` (a `resource.RLIMIT_*`), None when unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(kind)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def memory_limit_hint() -> str:
+    """What to raise when memory ran out: the address-space limit when one is set (RLIMIT_AS:
+    `prlimit --as`, systemd LimitAS=), else the memory of the machine or container."""
+    import resource
+
+    limit = _soft_limit(resource.RLIMIT_AS)
+    if limit is not None:
+        return f"address-space limit {limit >> 20} MB: raise LimitAS= / prlimit --as"
+    return "no address-space limit is set: free memory, or raise the container's memory limit"
+
+
+def thread_limit_message(exc: BaseException) -> str:
+    """One line for a thread that could not be started (`exc`: CPython's RuntimeError "can't
+    start new thread"): the process/thread limit (RLIMIT_NPROC, counting every process and
+    thread of the user) is too low, or, under an address-space limit, the thread's stack found
+    no room; what to raise."""
+    import resource
+
+    nproc = _soft_limit(resource.RLIMIT_NPROC)
+    shown = f" (RLIMIT_NPROC {nproc})" if nproc is not None else ""
+    message = (
+        f"cannot start a thread ({exc}): the process/thread limit is too low{shown}; raise it "
+        "(`ulimit -u`, systemd LimitNPROC= / TasksMax=)"
+    )
+    if _soft_limit(resource.RLIMIT_AS) is not None:  # (a thread's stack is address space too)
+        message += f", or memory for its stack ({memory_limit_hint()})"
+    return message
+
+
+def privileged_port_hint(port: int) -> str:
+    """The hint for a port that may not be bound (EACCES): below 1024 it needs root or
+    CAP_NET_BIND_SERVICE; "" for other ports."""
+    if 0 < port < 1024:
+        return (
+            f" (port {port} is below 1024: it needs root or CAP_NET_BIND_SERVICE, e.g. systemd "
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE; or use a port from 1024 up)"
+        )
+    return ""
+
+
 def class_names(text: str) -> tuple[str, ...]:
     """The class names of a ``--classes A,B`` option: stripped, empty ones dropped.
     ValueError naming the first one listed twice (the second would take the label of the
@@ -535,7 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     own graceful stop once ready."""
     if argv is None:
         reexec_in_utf8_mode()  # (returns at once when it runs in UTF-8 mode already)
-    stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
+    try:
+        stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
+    except RuntimeError as exc:  # ("can't start new thread": no command could run)
+        if "can't start new thread" not in str(exc):
+            raise
+        print(f"splitdet: error: {thread_limit_message(exc)}", file=sys.stderr)
+        return 2
     with sigterm_as_interrupt():
         try:
             parser = build_parser()
@@ -608,6 +680,9 @@ def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
     handler.setFormatter(TextLogFormatter())  # a record's fields too, as key=value
     logging.basicConfig(level=args.log_level, handlers=[handler])
     logs_json = getattr(args, "log_format", None) == "json"  # (`edge run`'s default: json)
+    problem = cwd_problem()  # (before any command's modules import: torch's fail without it)
+    if problem is not None:
+        return _fatal(args, problem, logs_json, 2)
     if _needs_torch(args):  # (torch's imports need a temporary folder: say so, not a traceback)
         problem = temp_folder_problem()
         if problem is not None:
