@@ -133,6 +133,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _naming(path: Path, exc: Exception) -> str:
+    """An image's problem `exc` as "PATH: what", the path once: an ImageError names its file
+    already (its message starts with it)."""
+    text = str(exc)
+    return text if text.startswith(f"{path}: ") else f"{path}: {text}"
+
+
 def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, list[str], str]:
     """(DetectRequests, the model fingerprint, problems with images, the codec they were
     encoded with: --codec or the manifest's) from the edge half."""
@@ -159,7 +166,7 @@ def _requests(args: argparse.Namespace) -> tuple[list[pb.DetectRequest], str, li
         try:
             result = pipeline.process_file(path)
         except ImageError as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(_naming(path, exc))
             continue
         requests.append(build_request(result.encoded, result.meta, "base", fingerprint))
     if not requests:
@@ -241,7 +248,7 @@ def _run(args: argparse.Namespace, config: ClientConfig | None, report: dict) ->
 
     requests, fingerprint, problems, codec = _requests(args)
     for line in problems:
-        print(f"skipped: {line}", file=sys.stderr)
+        print(f"splitdet loadtest: skipped {line}", file=sys.stderr)
     size_mb = sum(r.ByteSize() for r in requests) / len(requests) / 1e6
     report["model_fingerprint"] = fingerprint
     report["request_mb"] = round(size_mb, 3)

@@ -58,7 +58,9 @@ def export_dirs(config: ServerConfig) -> tuple[list[Path], list[Path]]:
             _note_not_an_export(entry)
             continue
         except OSError as exc:  # e.g. a lost+found the server may not read
-            log.warning("%s: cannot read (%s); skipped", entry, exc.strerror or exc)
+            why = exc.strerror or str(exc)
+            log.warning("%s: cannot read (%s); skipped", entry, why, extra={"fields": {
+                "event": "export_unreadable", "folder": str(entry), "error": why}})  # fmt: skip
             continue
         found.append((exported, entry.name, entry))
     found.sort(reverse=True)
@@ -231,7 +233,10 @@ def _load_or_keep(
             )
         read_manifest(model_dir)  # a broken copy is a problem, not a served export
         log.warning("%s: the same export as %s, which serves it; skipped", model_dir,
-                    where[fingerprint])  # fmt: skip
+                    where[fingerprint], extra={"fields": {
+                        "event": "export_duplicate_skipped", "folder": str(model_dir),
+                        "served_from": str(where[fingerprint]), "fingerprint": fingerprint,
+                    }})  # fmt: skip
         copies[model_dir] = fingerprint
         return None, False
     model = loaded.get(fingerprint)

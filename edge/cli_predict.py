@@ -557,6 +557,7 @@ def run(args: argparse.Namespace) -> int:
             "interrupted"
             if refusal is None and not isinstance(interrupt, Terminated)
             else "stopped",
+            sent=remote is not None,
         ),
         file=sys.stderr if args.json == "-" else sys.stdout,
     )
@@ -611,12 +612,15 @@ def _predict(
     return None
 
 
-def summary(predictions: list[Prediction], total: int, stopped: str = "interrupted") -> str:
+def summary(
+    predictions: list[Prediction], total: int, stopped: str = "interrupted", sent: bool = False
+) -> str:
     """The run's one-line summary: images by verdict (ok + defect + error = the images), the
     boxes of the defect ones and how many of them have none, the annotated copies that failed,
-    and the feature bytes sent
-    (those of answered detection calls); `total`: the images there were to process; `stopped`:
-    how a run that did not reach them all ended ("interrupted", "stopped")."""
+    and the feature bytes sent (those of answered detection calls; `sent`: to a cloud,
+    --cloud, else "would be sent": both halves ran here, nothing was sent); `total`: the
+    images there were to process; `stopped`: how a run that did not reach them all ended
+    ("interrupted", "stopped")."""
     counts = {v: sum(p.verdict == v for p in predictions) for v in ("ok", "defect", "error")}
     boxes = sum(len(p.boxes) for p in predictions)
     # flagged, detected, nothing found at --score-threshold (all defect-free ones, --gate off)
@@ -624,12 +628,13 @@ def summary(predictions: list[Prediction], total: int, stopped: str = "interrupt
     none = f"; {boxless} with no box" if boxless else ""
     # a detected image whose annotated copy could not be written: a defect with an error
     unsaved = sum(p.verdict == "defect" and p.error is not None for p in predictions)
-    sent = sum(p.bytes_sent for p in predictions if p.verdict != "error")
+    features = sum(p.bytes_sent for p in predictions if p.verdict != "error")
     head = f"{len(predictions)} images"
     if len(predictions) < total:
         head = f"{stopped} after {len(predictions)} of {total} images"
     copies = f", {unsaved} annotated copies not written" if unsaved else ""
     return (
         f"{head}: {counts['ok']} ok, {counts['defect']} defect ({boxes} boxes{none}){copies}, "
-        f"{counts['error']} errors; {sent / 1e6:.2f} MB of features sent"
+        f"{counts['error']} errors; {features / 1e6:.2f} MB of features "
+        f"{'sent' if sent else 'would be sent'}"
     )

@@ -1,5 +1,6 @@
 """The edge daemon's log (no torch): the "splitdet.edge" logger and `log_event`, a line that
-carries its event name and fields for the JSON log (splitdet.shared.logs)."""
+carries its event name and fields, as JSON keys or as text key=value (splitdet.shared.logs:
+`event=NAME` is written in text lines too, though the message is the event name)."""
 
 from __future__ import annotations
 

@@ -98,10 +98,12 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
             try:
                 holder = lock_exclusively(handle, f"pid {os.getpid()}")
             except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (old NFS)
+                why = exc.strerror or str(exc)
                 log.warning(
                     "%s %s: its file system cannot lock %s (%s); going on without the lock, "
                     "so make sure no other %s writes there at the same time",
-                    option, folder, lock_name, exc.strerror or exc, writer,
+                    option, folder, lock_name, why, writer,
+                    extra={"fields": _unlocked_fields(option, folder, why, lock_name)},
                 )  # fmt: skip
                 yield
                 return
@@ -124,6 +126,17 @@ def folder_lock(folder: Path, lock_name: str, writer: str, option: str) -> Itera
                         break
             return
     raise ValueError(f"{option} {folder}: its {lock_name} kept being replaced; try again")
+
+
+def _unlocked_fields(
+    option: str, folder: Path, why: str, lock_file: str | None = None
+) -> dict[str, str]:
+    """The fields of the warning that `folder` (its `lock_file`, or the folder itself) could
+    not be locked and its writer goes on without the lock: two writers could share it then."""
+    fields = {"event": "lock_unsupported", "option": option, "folder": str(folder)}
+    if lock_file is not None:
+        fields["lock_file"] = lock_file
+    return {**fields, "error": why}
 
 
 def missing_folders(folder: Path) -> list[Path]:
@@ -269,10 +282,12 @@ class DirectoryLock:
             ) from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP, EBADF (NFS: a write lock needs a writer)
             os.close(fd)
+            why = exc.strerror or str(exc)
             log.warning(
                 "%s %s: its file system cannot lock it (%s); going on without the lock, so "
                 "make sure no other %s uses it at the same time (%s)",
-                self.option, self.folder, exc.strerror or exc, self.writer, self.rule,
+                self.option, self.folder, why, self.writer, self.rule,
+                extra={"fields": _unlocked_fields(self.option, self.folder, why)},
             )  # fmt: skip
             return None
         try:

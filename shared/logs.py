@@ -6,10 +6,11 @@
     #  "event": "refused", "code": "UNAUTHENTICATED"}
 
 A record's `fields` extra becomes keys of its JSON line. Text lines (TextLogFormatter, what
-`splitdet` logs unless told JSON) append them to the message as key=value, the event name
-first, each value the message already shows left out:
+`splitdet` logs unless told JSON) append them to the message as key=value: `event` always and
+first, numbers and other non-string values always, a string the message already shows as a
+word of its own (a path, a code) left out. Both formats stamp the time in UTC, the same way:
 
-    2026-12-04 15:40:01,123 ERROR splitdet.edge.sender: dead letter event=dead_letter
+    2026-12-04T15:40:01.123Z ERROR splitdet.edge.sender: dead letter event=dead_letter
     image_id=7 path=/data/camera/a.png code=INVALID_ARGUMENT reason="dead letter: ..."
     (one line)
 
@@ -18,7 +19,7 @@ was raised are two more fields, its cause (``raise ... from``, or the exception 
 a third when there is one; the full traceback follows only when the record's logger logs
 DEBUG (``--log-level DEBUG``). A JSON line carries the full traceback as ``exc``:
 
-    2026-12-04 15:40:01,123 ERROR splitdet.edge.sender: the sender failed unexpectedly;
+    2026-12-04T15:40:01.123Z ERROR splitdet.edge.sender: the sender failed unexpectedly;
     retrying in 2.0 s event=sender_error retry_in_s=2.0
     error="sqlite3.OperationalError: database or disk is full" at=edge/store.py:512
     (one line)
@@ -35,14 +36,20 @@ from types import TracebackType
 from typing import Any
 
 
+def utc_stamp(record: logging.LogRecord) -> str:
+    """When `record` was made, in UTC to the millisecond: ``2026-12-04T15:40:01.123Z`` (ISO
+    8601; the `ts` of a JSON line and the start of a text one)."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, and the record's `fields` extra."""
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON."""
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": utc_stamp(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -76,7 +83,8 @@ def json_line(level: int, msg: str, **fields: object) -> str:
     return JsonLogFormatter().format(record)
 
 
-#: The text line before the fields (the format `splitdet` logged in before fields were shown).
+#: The text line before the fields (the format `splitdet` logged in before fields were shown;
+#: its `asctime` is now `utc_stamp`'s, no longer local time without an offset).
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: A value written without quotes: no space, quote, backslash, '=' or control character (C0,
 #: DEL, C1: U+009B is a terminal's CSI; "\s" covers U+0085, U+2028 and U+2029).
@@ -110,14 +118,16 @@ def _event_of(record: logging.LogRecord) -> object:
 
 
 class TextLogFormatter(logging.Formatter):
-    """TEXT_FORMAT, then the record's `fields` extra as key=value on the same line: `event`
-    first, then the rest in their order. A value the message already shows as a word of its
-    own (a path, a code, the event name of a message that is one) is left out, so a message
-    that says it all reads as before. Strings go bare when they can, else quoted with JSON
-    escapes (a newline in a reason stays on the line); other values as compact JSON. The
-    message's own control characters (a newline in a file name it embeds) are escaped too
-    (`_MESSAGE_CONTROLS`): one line per record, but SIGUSR1's stacks and eval's table
-    (`MULTILINE_EVENTS`)."""
+    """TEXT_FORMAT, its time in UTC (`utc_stamp`), then the record's `fields` extra as
+    key=value on the same line, each key once: `event` first and always (also where the
+    message is the event name: a parser keyed on it finds it whatever the wording), then the
+    rest in their order. Numbers and other non-string values are always written (a parser
+    reads them whatever the message says of them); a string the message already shows as a
+    word of its own (a path, a code) is left out, so that none is read twice. Strings go bare
+    when they can, else quoted with JSON escapes (a newline in a reason stays on the line);
+    other values as compact JSON. The message's own control characters (a newline in a file
+    name it embeds) are escaped too (`_MESSAGE_CONTROLS`): one line per record, but SIGUSR1's
+    stacks and eval's table (`MULTILINE_EVENTS`)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -154,20 +164,23 @@ class TextLogFormatter(logging.Formatter):
                 line += "\n" + self.formatStack(record.stack_info)
         return line
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """`utc_stamp`: UTC, as a JSON line's `ts` (`datefmt` is not used)."""
+        return utc_stamp(record)
+
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """The formatted message, then the `fields` extra it does not already show."""
+        """The formatted message, then the `fields` extra: `event` and non-strings always, a
+        string only where the message does not already show it."""
         line = super().formatMessage(record)
         fields = getattr(record, "fields", None) or {}
         if not isinstance(fields, dict):
             return line
-        message = record.message
         ordered = sorted(fields.items(), key=lambda item: item[0] != "event")  # stable
-        shown = []
-        for key, value in ordered:
-            text = _text(value)
-            if text and _shows(message, text):
-                continue
-            shown.append(f"{key}={_quoted(text, isinstance(value, str))}")
+        shown = [
+            f"{key}={_quoted(_text(value), isinstance(value, str))}"
+            for key, value in ordered
+            if _written(key, value, record.message)
+        ]
         return " ".join([line, *shown])
 
 
@@ -225,6 +238,14 @@ def _text(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     except ValueError:  # a circular structure
         return repr(value)
+
+
+def _written(key: str, value: Any, message: str) -> bool:
+    """Whether a text line writes the field `key`=`value` after `message`: `event` and any
+    value not a string always; a string unless the message shows it as a word of its own."""
+    if key == "event" or not isinstance(value, str):
+        return True
+    return not (value and _shows(message, value))
 
 
 def _quoted(text: str, string: bool) -> str:

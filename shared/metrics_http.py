@@ -123,7 +123,9 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         other failure is logged (not printed to stderr, socketserver's way)."""
         if isinstance(sys.exception(), OSError):
             return
-        log.error("metrics endpoint: a request from %s failed", client_address[0], exc_info=True)
+        log.error("metrics endpoint: a request from %s failed", client_address[0], exc_info=True,
+                  extra={"fields": {"event": "metrics_request_failed",
+                                    "peer": client_address[0]}})  # fmt: skip
 
 
 def _family(host: str, port: int) -> socket.AddressFamily:

@@ -19,7 +19,7 @@ import pytest
 
 from splitdet.shared.logs import JsonLogFormatter, TextLogFormatter
 
-TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR splitdet\.test\.logs: ")
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ERROR splitdet\.test\.logs: ")
 FULL_DISK = Path("/dev/full")
 NO_SPACE = "OSError: [Errno 28] No space left on device"
 pytestmark = pytest.mark.skipif(not FULL_DISK.exists(), reason="no /dev/full here")
@@ -91,7 +91,7 @@ def test_a_text_record_with_an_exception_is_one_line(logs):
     assert TEXT_LINE.match(line), line
     at = f"tests/{Path(__file__).name}:{_raising_line()}"
     assert line.endswith(
-        "the sender failed unexpectedly; retrying in 2.0 s event=sender_error "
+        "the sender failed unexpectedly; retrying in 2.0 s event=sender_error retry_in_s=2.0 "
         f'error="{NO_SPACE}" at={at}'
     ), line
     assert "Traceback" not in text.getvalue()

@@ -443,7 +443,7 @@ def test_the_summary_counts_the_defects_that_hold_no_box():
 
     found = Prediction("a.png", "defect", 0.9, boxes=[[1.0, 2.0, 3.0, 4.0]] * 2, bytes_sent=10**6)
     nothing = Prediction("b.png", "defect", 0.1, bytes_sent=10**6)
-    line = summary([found, nothing, Prediction("c.png", "ok", 0.05)], 3)
+    line = summary([found, nothing, Prediction("c.png", "ok", 0.05)], 3)  # (in-process)
     assert line == "3 images: 1 ok, 2 defect (2 boxes; 1 with no box), 0 errors; " \
-        "2.00 MB of features sent"  # fmt: skip
+        "2.00 MB of features would be sent"  # fmt: skip
     assert "with no box" not in summary([found], 1)

@@ -180,7 +180,8 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     finally:
         _cleanup(process, workers)
     err = err_path.read_text(errors="replace")
-    assert err.strip() == "splitdet synth: interrupted", err
+    left = f"{out} holds an unfinished dataset: rerun the same command with --overwrite"
+    assert err.strip() == f"splitdet synth: interrupted; {left}", err  # (as SIGTERM's line)
 
 
 def test_a_sigkilled_synths_workers_end_and_write_nothing_more(tmp_path):
@@ -276,7 +277,8 @@ def test_an_interrupted_synths_remnant_is_named_by_check_split_and_synth(tmp_pat
     finally:
         _cleanup(process, workers)
     err = err_path.read_text(errors="replace")
-    assert err.strip() == "splitdet synth: interrupted", err  # (no worker's traceback)
+    left = f"{out} holds an unfinished dataset: rerun the same command with --overwrite"
+    assert err.strip() == f"splitdet synth: interrupted; {left}", err  # (no worker's traceback)
     assert not [pid for pid in workers if _alive(pid)]
     assert json.loads((out / "dataset.json").read_text())["complete"] is False
 

@@ -126,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the dataset described by ``args``; 143 when SIGTERM stopped it."""
+    """Generate the dataset described by ``args``; 143 when SIGTERM stopped it, 130 Ctrl-C."""
     from splitdet.shared.cli import CommandError
     from splitdet.training import synth
 
@@ -141,10 +141,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():
             summary = _generate(args, out)
-    except Terminated:
-        print(f"splitdet synth: stopped on SIGTERM{_left_text(out, args.overwrite)}",
-              file=sys.stderr)  # fmt: skip
-        return SIGTERM_EXIT
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`): the same hint
+        return _stopped(exc, out, args.overwrite)
     except synth.SyntheticDatasetExists as exc:
         if exc.unfinished:
             raise CommandError(f"{exc}; rerun with --overwrite, or choose another --out") from None
@@ -200,6 +198,16 @@ def _defect_free_warning(args: argparse.Namespace) -> str | None:
         "detector (`splitdet data check` reports it as a problem); it serves defect-free tests "
         "(false alarms, with `splitdet predict` or `eval`); give --defective N to train on it"
     )
+
+
+def _stopped(exc: KeyboardInterrupt, out: Path, overwrite: bool) -> int:
+    """Print how synth was stopped, `splitdet synth: stopped on SIGTERM` (exit status 143) or
+    `splitdet synth: interrupted` (Ctrl-C, 130), with what it left in ``out`` (`_left_text`),
+    and return its exit status."""
+    terminated = isinstance(exc, Terminated)
+    how = "stopped on SIGTERM" if terminated else "interrupted"
+    print(f"splitdet synth: {how}{_left_text(out, overwrite)}", file=sys.stderr)
+    return SIGTERM_EXIT if terminated else 130
 
 
 def _left_text(out: Path, overwrite: bool) -> str:
