@@ -12,6 +12,7 @@ a copy (an earlier run's): never over a file predict did not write (`foreign_fil
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from splitdet.edge import file_moves
 from splitdet.shared.atomic_file import (
@@ -38,6 +39,72 @@ BOX_COLOUR = (255, 64, 32)
 COPY_COMMENT = b"splitdet predict: annotated copy"
 
 
+#: A character no font has a glyph for: what a missing glyph draws as (`_has_glyph`).
+_NO_GLYPH = "\uffff"
+#: Space between a label and what it is moved clear of (px).
+_LABEL_GAP = 2
+
+
+@functools.cache
+def _label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font labels are drawn in: Pillow's default (what ``draw.text`` draws without one;
+    with FreeType, Aileron at 10 px, which has ASCII and some Latin-1, no ``é``). Never a
+    downloaded font: characters it lacks are drawn escaped (`_label_text`)."""
+    return ImageFont.load_default()
+
+
+def _glyph_mask(char: str) -> tuple[tuple[int, int], bytes] | None:
+    """(Size, pixels) of ``char`` drawn in `_label_font`; None when the font cannot draw it
+    at all (the bitmap font Pillow falls back to without FreeType: Latin-1 only)."""
+    try:
+        mask = _label_font().getmask(char)
+    except (UnicodeError, ValueError, OSError):
+        return None
+    return mask.size, bytes(mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_glyph(char: str) -> bool:
+    """Whether `_label_font` has a glyph for ``char``: it draws otherwise than a character no
+    font has (the font's "missing" box, alike for every character it lacks)."""
+    if char.isascii():
+        return True
+    drawn = _glyph_mask(char)
+    return drawn is not None and drawn != _glyph_mask(_NO_GLYPH)
+
+
+def _label_text(text: str) -> str:
+    """``text`` with each character `_label_font` has no glyph for written as its Python
+    escape (``pit d\\xe9faut``, ``\\u65e5``): readable, where the font would draw a row of
+    identical boxes."""
+    return "".join(char if _has_glyph(char) else ascii(char)[1:-1] for char in text)
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether the boxes (x1, y1, x2, y2) ``a`` and ``b`` overlap."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label_top(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    x: float,
+    box_top: float,
+    width: int,
+    clear_of: tuple[float, ...] | None,
+) -> float:
+    """Where the label ``text`` of a box whose top edge is at ``box_top`` is drawn (its y, at
+    ``x``): above the box; without room there, or over ``clear_of`` (the p(defect) text's box),
+    inside the box under its top edge; if that is over it too, below it."""
+    font = _label_font()
+    inside = box_top + width + 1
+    for top in (box_top - 12 - width, inside):
+        bbox = draw.textbbox((x, top), text, font=font)
+        if top >= 0 and (clear_of is None or not _overlaps(bbox, clear_of)):
+            return top
+    return max(inside, clear_of[3] + _LABEL_GAP) if clear_of is not None else inside
+
+
 def draw_detections(
     image: np.ndarray,
     boxes: Sequence[Sequence[float]],
@@ -46,17 +113,23 @@ def draw_detections(
     p_defect: float | None = None,
 ) -> Image.Image:
     """`image` (Float32[3, H, W] in [0, 1]) as an RGB picture with boxes (x1, y1, x2, y2 px),
-    "name score" labels and, if given, p(defect) drawn."""
+    "name score" labels and, if given, p(defect) drawn. Characters of a name the label font
+    lacks are drawn escaped (`_label_text`); a label is kept off the p(defect) text."""
     pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
     canvas = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(canvas)
+    font = _label_font()
     width = max(2, round(max(canvas.size) / 600))
+    p_text = None if p_defect is None else f"p(defect) {format_probability(p_defect)}"
+    p_box = None if p_text is None else draw.textbbox((8, 8), p_text, font=font)
     for box, score, name in zip(boxes, scores, names, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
         draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=width)
-        draw.text((x1 + width, max(0.0, y1 - 12 - width)), f"{name} {score:.2f}", fill=BOX_COLOUR)
-    if p_defect is not None:
-        draw.text((8, 8), f"p(defect) {format_probability(p_defect)}", fill=BOX_COLOUR)
+        label = _label_text(f"{name} {score:.2f}")
+        top = _label_top(draw, label, x1 + width, y1, width, p_box)
+        draw.text((x1 + width, top), label, fill=BOX_COLOUR, font=font)
+    if p_text is not None:
+        draw.text((8, 8), p_text, fill=BOX_COLOUR, font=font)
     return canvas
 
 

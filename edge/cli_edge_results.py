@@ -33,8 +33,8 @@ bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reaso
 (the gate threshold the image was judged at), changed (the number of the row's last change:
 --changed-after). The daemon stores every box the model returns (from score 0.05);
 --score-threshold 0.5 shows the boxes `splitdet predict` reports. CSV is UTF-8 whatever the
-locale; the table shows what the locale cannot encode as backslash escapes (\\xfc,
-\\u65e5); JSON is ASCII.
+locale, its list columns' names too; the table shows what the locale cannot encode as
+backslash escapes (\\xfc, \\u65e5); JSON is ASCII.
 
 Polling for new results: keep a cursor by change, not by id or time. --changed-after SEQ lists
 the rows changed after SEQ, in the order of their change, each once in its current state: the
@@ -165,10 +165,7 @@ def results(args: argparse.Namespace) -> int:
             writer = csv.writer(_stdout_encoded("utf-8", "strict"))
             writer.writerow(RESULT_COLUMNS)
             for row in rows:
-                writer.writerow(
-                    json.dumps(v) if isinstance(v, list | dict) else "" if v is None else v
-                    for v in row.values()
-                )
+                writer.writerow(_csv_cell(v) for v in row.values())
         else:  # for people: what the locale's encoding cannot show, as \\u escapes
             _table(rows, _stdout_encoded(sys.stdout.encoding or "utf-8", "backslashreplace"))
         sys.stdout.flush()
@@ -181,6 +178,15 @@ def results(args: argparse.Namespace) -> int:
     finally:
         db.close()
     return 0
+
+
+def _csv_cell(value: object) -> object:
+    """A CSV cell: a list column (boxes, class_names...) as JSON text, its names as they are
+    (UTF-8, like the path column: ``["pit défaut"]``, not ``\\u00e9`` escapes a spreadsheet
+    shows as such); "" for None; anything else as it is."""
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else value
 
 
 #: Why a cursor past the store's numbers is refused: it read another file before.

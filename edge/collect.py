@@ -4,7 +4,8 @@ The factory's own images are what the synthetic set cannot be. `collect_results`
 images of chosen final results (``ok``/``defect``) into a PASCAL VOC tree, each with an
 annotation holding the model's boxes as pre-labels (a reviewer corrects them in LabelImg,
 CVAT or Label Studio instead of drawing from nothing), and lists in ``collected.csv`` where
-each came from and what the model said. Running it again into the same folder adds the new
+each came from and what the model said (each box's class name beside its label: two exports
+in one store may number classes otherwise). Running it again into the same folder adds the new
 results and never touches an image already collected: a reviewed annotation is never
 overwritten.
 
@@ -71,9 +72,12 @@ COLLECTABLE = ("ok", "defect")
 
 #: The listing written beside the VOC tree, one row per collected image.
 LISTING = "collected.csv"
+#: ``class_names`` (one per box, like ``labels``: the class each box's label meant to the
+#: export that answered, which another export of the same store may number otherwise) is last:
+#: added after the others, so that readers by column index keep working.
 LISTING_COLUMNS = (
     "image_id", "result_id", "source", "verdict", "p_defect", "fingerprint", "boxes", "scores",
-    "labels", "content_hash", "needs_boxes",
+    "labels", "content_hash", "needs_boxes", "class_names",
 )  # fmt: skip
 #: The `needs_boxes` column's value for a defect verdict whose annotation holds no box (else
 #: "no"; empty in rows listed before the column was added).
@@ -370,12 +374,8 @@ def collect_results(
     mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
     columns = _listing_columns(listing)
-    if (
-        columns
-        and "needs_boxes" not in columns
-        and any(r["verdict"] == "defect" for r in (*rows, *unlisted))
-    ):
-        columns = _add_columns(listing, columns)  # (written before it: its marks would be lost)
+    if columns and _lacks_columns(columns, [*rows, *unlisted]):
+        columns = _add_columns(listing, columns)  # (written before them: they would be lost)
     with open(listing, "a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, columns or LISTING_COLUMNS, extrasaction="ignore")
         if not columns:
@@ -425,6 +425,8 @@ def _listing_row(row: dict, image_id: str, needs_boxes: bool) -> dict:
         "labels": json.dumps(row["labels"] or []),
         "content_hash": row["content_hash"],
         "needs_boxes": NEEDS_BOXES if needs_boxes else "no",
+        # UTF-8 as the file is (``pit défaut``, not a \\u escape a spreadsheet shows as such)
+        "class_names": json.dumps(row["class_names"] or [], ensure_ascii=False),
     }
 
 
@@ -469,6 +471,16 @@ def _listing_columns(listing: Path) -> list[str] | None:
     with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
         header = next(csv.reader(fh), None)
     return header or None
+
+
+def _lacks_columns(columns: list[str], rows: list[dict]) -> bool:
+    """Whether an existing ``collected.csv`` of ``columns`` lacks a column the ``rows`` to list
+    in it need: ``class_names`` (what each box's label means: two exports may number classes
+    otherwise) for any row, ``needs_boxes`` once one is a ``defect`` verdict (its mark)."""
+    if not rows:
+        return False
+    defect = any(row["verdict"] == "defect" for row in rows)
+    return "class_names" not in columns or (defect and "needs_boxes" not in columns)
 
 
 def _add_columns(listing: Path, columns: list[str]) -> list[str]:

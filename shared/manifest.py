@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,27 @@ def _no_manifest(model_dir: Path, path: Path) -> str:
     )
 
 
+def _class_names_problem(data: dict[str, Any], model_config: ModelConfig) -> str | None:
+    """Why the manifest ``data``'s top-level ``class_names`` (what a reader of the file sees)
+    cannot stand beside its ``model_config``'s (what predictions are named by, and what the
+    fingerprint covers), or None: they must be the same list, as export writes them. A copy
+    edited by hand would load, its predictions named otherwise than it says. A manifest
+    without the top-level list is read by model_config's alone."""
+    if "class_names" not in data:
+        return None
+    top, names = data["class_names"], list(model_config.class_names)
+    if top == names:
+        return None
+    shown = [json.dumps(value, ensure_ascii=False) for value in (top, names)]
+    if unicodedata.normalize("NFC", shown[0]) == unicodedata.normalize("NFC", shown[1]):
+        shown = [json.dumps(value) for value in (top, names)]  # printed alike: escaped
+    return (
+        f"class_names {shown[0][:300]} differ from model_config's class_names {shown[1]} "
+        "(which predictions are named by, and the fingerprint covers): the manifest was "
+        "edited; re-export the model, or restore the manifest.json export wrote"
+    )
+
+
 def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     """Read and check a model directory's manifest.
 
@@ -214,7 +236,8 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     Raises:
         ManifestError: the manifest is missing, malformed, of another format or spec, holds a
             model_config field of the wrong type or out of range (the message names the field,
-            its value and the range), holds a gate_threshold that is not a p(defect) from 0 to
+            its value and the range), a top-level class_names other than model_config's,
+            holds a gate_threshold that is not a p(defect) from 0 to
             1 (NaN, negative, above 1), or (with `verify`) does not match the files.
     """
     model_dir = Path(model_dir)
@@ -244,6 +267,9 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
             model_config = ModelConfig.from_dict(data["model_config"])
         except (ValueError, TypeError) as exc:  # a value of the wrong type or out of range
             raise ManifestError(f"{path}: model_config: {exc}") from None
+        names_problem = _class_names_problem(data, model_config)
+        if names_problem is not None:
+            raise ManifestError(f"{path}: {names_problem}")
         threshold_problem = gate_threshold_problem(data["gate_threshold"])
         if threshold_problem is not None:
             raise ManifestError(

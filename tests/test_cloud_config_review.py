@@ -90,6 +90,8 @@ def _forge(source: Path, to: Path, **changes: Any) -> Path:
     shutil.copytree(source, to)
     manifest = json.loads((to / MANIFEST_NAME).read_text())
     manifest["model_config"].update(changes)
+    if "class_names" in changes:  # (the top-level copy must agree: read_manifest checks)
+        manifest["class_names"] = list(changes["class_names"])
     settings = manifest["model_config"]
 
     class Raw:  # what compute_fingerprint reads of a ModelConfig

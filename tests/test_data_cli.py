@@ -351,7 +351,9 @@ def test_a_class_with_no_box_to_train_on_is_a_warning_naming_it(tmp_path, capsys
         "test, in no split, or marked difficult, which training skips): the model will not "
         "learn to detect it; list images holding it in train.txt (`splitdet data split "
         f"'{root}' --overwrite` gives each split its share of every class), or leave it out "
-        "of --classes"
+        "of --classes and relabel or remove its objects in "
+        f"{root / 'Annotations'}: img_000.xml (train and eval refuse an object of a class "
+        "--classes does not name)"
     ]
     assert f"warning: {train_txt}: class 'rust'" in text and "ok, 1 warning(s)" in text
 

@@ -209,7 +209,9 @@ def test_a_class_with_no_box_to_train_on_is_warned_of_once(tiny_voc, tmp_path, c
         "mark' elsewhere: in val, test, in no split, or marked difficult, which training "
         "skips): the model will not learn to detect it; list images holding it in train.txt "
         f"(`splitdet data split '{data}' --overwrite` gives each split its share of every "
-        "class), or leave it out of --classes"
+        "class), or leave it out of --classes and relabel or remove its objects in "
+        f"{data / 'Annotations'}: img_000.xml (train and eval refuse an object of a class "
+        "--classes does not name)"
     ]
     # and the commands and options it gives paste as they are
     from splitdet.training.run_checks import model_difference

@@ -10,14 +10,15 @@ from __future__ import annotations
 import glob
 import math
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.regular_file import file_kind
 from splitdet.training.voc_image import ORIENTATION_SHOWN, _image_header, _orientation_problem
-from splitdet.training.voc_names import bare_filename, normalisation_note
+from splitdet.training.voc_names import _form, bare_filename, normalisation_note
 from splitdet.training.voc_types import IMAGE_EXTENSIONS, VocError, VocObject, VocSample
 from splitdet.training.voc_xml import _flag, _number, _parse_xml, _text
 
@@ -154,9 +155,11 @@ def read_annotation_document(
         where = f"<object> #{k + 1}"
         name = _text(path, obj, "name", where)
         if known is not None and name not in known:
+            twin = unicode_twin(name, known)
+            alike = "" if twin is None else f": {unicode_twin_text(twin, name)}"
             raise VocError(
                 f"{path}: {where} has unknown class {name!r} (expected one of "
-                f"{', '.join(sorted(known))})"
+                f"{', '.join(sorted(known))}){alike}"
             )
         difficult = _flag(path, obj, "difficult", where)
         bnd = obj.find("bndbox")
@@ -192,6 +195,30 @@ def read_annotation_document(
         filename=filename,
     )
     return sample, ann
+
+
+def unicode_twin(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that is ``name`` once both are NFC-normalised, but not ``name``
+    itself: the same class name typed in another Unicode form (a Mac writes ``e`` + a combining
+    accent for ``é``), which prints alike. None when there is none (always for ASCII)."""
+    if name.isascii():
+        return None
+    wanted = unicodedata.normalize("NFC", name)
+    return next(
+        (n for n in sorted(names) if n != name and unicodedata.normalize("NFC", n) == wanted),
+        None,
+    )
+
+
+def unicode_twin_text(typed: str, spelt: str) -> str:
+    """What to say of ``typed`` (a name given in --classes, or a model's class) that differs
+    from the annotations' class ``spelt`` only in its Unicode form: both escaped (printed, they
+    look alike), their forms, and to type it as the annotations spell it. Names differing so
+    are two classes: never normalised silently."""
+    return (
+        f"{typed!a} differs from the class {spelt!a} only in its Unicode form ({_form(typed)} "
+        f"against {_form(spelt)}): type it as the annotations spell it"
+    )
 
 
 def _coordinate(value: float) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from splitdet.edge.preprocess import input_scale
 from splitdet.training import voc
+from splitdet.training.voc_annotations import unicode_twin, unicode_twin_text
 from splitdet.training.voc_check_images import annotated_ids
 
 __all__ = [
@@ -155,8 +156,14 @@ def untrained_class_warning(
     no box of: the model will not learn to detect it. ``in_dataset``: boxes per class in all
     the dataset's annotations (difficult ones too), which tells a class the dataset holds
     elsewhere (val, test, no split, only difficult boxes) from one it holds none of, said more
-    strongly; None when not known. ``partly_read``: some annotations could not be read, and
-    the counts are of the others. None when every class has a box to train on."""
+    strongly (and, for a name the annotations spell in another Unicode form, says so:
+    `_spelt_otherwise`); None when not known. ``partly_read``: some annotations could not be
+    read, and the counts are of the others. None when every class has a box to train on.
+
+    Leaving a class held elsewhere out of --classes makes train and eval refuse its objects
+    as of an unknown class: the warning says to relabel or remove them too, and, knowing
+    ``in_dataset``, names the annotations under ROOT that hold them (`_annotations_holding`,
+    which reads them)."""
     missing = [name for name in class_names if not trained.get(name)]
     if not missing:
         return None
@@ -164,32 +171,106 @@ def untrained_class_warning(
     elsewhere = [n for n in missing if n not in nowhere]
     parts = []
     if nowhere:
-        one = len(nowhere) == 1
-        it = "it" if one else "them"
-        parts.append(
-            f"{'class' if one else 'classes'} {_quoted(nowhere)} {'is' if one else 'are'} in no "
-            f"annotation of the dataset at all: the model will never learn to detect {it}; "
-            f"remove {it} from --classes, or label some"
-        )
+        parts.append(_nowhere_text(nowhere, in_dataset or {}, train_file.parents[2]))
     if elsewhere:
-        one = len(elsewhere) == 1
-        it = "it" if one else "them"
-        held = ""
-        if in_dataset is not None:
-            counts = ", ".join(f"{in_dataset[n]} {n!r}" for n in elsewhere)
-            held = (
-                f" (the dataset holds {counts} elsewhere: in val, test, in no split, or marked "
-                "difficult, which training skips)"
-            )
-        root = shlex.quote(str(train_file.parents[2]))
-        parts.append(
-            f"no box of {'class' if one else 'classes'} {_quoted(elsewhere)} to train "
-            f"on{held}: the model will not learn to detect {it}; list images holding {it} in "
-            f"train.txt (`splitdet data split {root} --overwrite` gives each split its share of "
-            f"every class), or leave {it} out of --classes"
-        )
+        parts.append(_elsewhere_text(elsewhere, in_dataset, train_file.parents[2]))
     read = " (counting the annotations that could be read)" if partly_read else ""
     return f"{train_file}: {'; and '.join(parts)}{read}"
+
+
+def _nowhere_text(nowhere: Sequence[str], in_dataset: Mapping[str, int], root: Path) -> str:
+    """`untrained_class_warning`'s words for the classes the dataset holds no box of, and
+    for each the dataset's class it differs from only in its Unicode form, if any
+    (`_spelt_otherwise`: typed on a Mac, it prints as the annotations' name)."""
+    one = len(nowhere) == 1
+    it = "it" if one else "them"
+    twins = _spelt_otherwise(nowhere, in_dataset, root)
+    alike = "".join(f"; but {unicode_twin_text(n, twins[n])}" for n in nowhere if n in twins)
+    return (
+        f"{'class' if one else 'classes'} {_quoted(nowhere)} {'is' if one else 'are'} in no "
+        f"annotation of the dataset at all: the model will never learn to detect {it}; "
+        f"remove {it} from --classes, or label some{alike}"
+    )
+
+
+def _spelt_otherwise(
+    names: Sequence[str], in_dataset: Mapping[str, int], root: Path
+) -> dict[str, str]:
+    """``{name: the dataset's class it differs from only in its Unicode form}`` for those of
+    ``names`` that have one (`voc_annotations.unicode_twin`). ``in_dataset`` may leave out
+    the annotations refused for naming that class (`data check --classes` counts the
+    annotations it could read with them): for a non-ASCII name it has no twin of, every
+    annotation under ``root`` is read for one (`class_boxes`)."""
+    twins = {n: twin for n in names if (twin := unicode_twin(n, in_dataset)) is not None}
+    if any(n not in twins and not n.isascii() for n in names):
+        every, _ = class_boxes(root)
+        twins.update(
+            {n: twin for n in names if n not in twins and (twin := unicode_twin(n, every))}
+        )
+    return twins
+
+
+def _elsewhere_text(
+    elsewhere: Sequence[str], in_dataset: Mapping[str, int] | None, root: Path
+) -> str:
+    """`untrained_class_warning`'s words for the classes the dataset holds boxes of outside
+    the train split's trained ones: the two ways to fix it, the second (leaving them out of
+    --classes) with the objects to relabel or remove, and where (with ``in_dataset``)."""
+    one = len(elsewhere) == 1
+    it, its = ("it", "its") if one else ("them", "their")
+    held = ""
+    where = "in the annotations"
+    if in_dataset is not None:
+        counts = ", ".join(f"{in_dataset[n]} {n!r}" for n in elsewhere)
+        held = (
+            f" (the dataset holds {counts} elsewhere: in val, test, in no split, or marked "
+            "difficult, which training skips)"
+        )
+        where = _holding_text(elsewhere, _annotations_holding(root, elsewhere), root)
+    return (
+        f"no box of {'class' if one else 'classes'} {_quoted(elsewhere)} to train "
+        f"on{held}: the model will not learn to detect {it}; list images holding {it} in "
+        f"train.txt (`splitdet data split {shlex.quote(str(root))} --overwrite` gives each "
+        f"split its share of every class), or leave {it} out of --classes and relabel or "
+        f"remove {its} objects {where} (train and eval refuse an object of a class --classes "
+        "does not name)"
+    )
+
+
+#: How many annotation files `_holding_text` names per class.
+NAMED_FILES = 3
+
+
+def _annotations_holding(root: Path, names: Sequence[str]) -> dict[str, list[str]]:
+    """``{class: the names of the annotation files under ROOT/Annotations holding an object
+    of it}`` (difficult ones too), for each of ``names``, in name order; annotations that
+    cannot be read are skipped. Reads no image."""
+    wanted = set(names)
+    holding: dict[str, list[str]] = {name: [] for name in names}
+    for image_id in annotated_ids(root):
+        try:
+            sample = voc.read_annotation(root, image_id, None, check_image=False)
+        except voc.VocError:
+            continue
+        for name in {obj.name for obj in sample.objects} & wanted:
+            holding[name].append(f"{image_id}.xml")
+    return holding
+
+
+def _holding_text(names: Sequence[str], holding: Mapping[str, list[str]], root: Path) -> str:
+    """ "in ROOT/Annotations: img_1.xml, img_2.xml, img_3.xml and 5 more" (each of ``names``
+    with its files when there are several); "in the annotations" when none was found."""
+    per_class = []
+    for name in names:
+        files = holding.get(name) or []
+        if not files:
+            continue
+        more = f" and {len(files) - NAMED_FILES} more" if len(files) > NAMED_FILES else ""
+        shown = f"{', '.join(files[:NAMED_FILES])}{more}"
+        per_class.append(shown if len(names) == 1 else f"{name!r} in {shown}")
+    if not per_class:
+        return "in the annotations"
+    return f"in {root / 'Annotations'}: {'; '.join(per_class)}"
 
 
 def _twin_key(name: str) -> str:
