@@ -138,11 +138,19 @@ def shortage_message(
     px were answered), so it says what to do when the edge's retries keep failing."""
     detail = _first_line(exc) or type(exc).__name__
     size = f" ({resized_hw[0]}x{resized_hw[1]} px after resizing)" if resized_hw else ""
+    if what == "threads":  # (the process/thread limit, RLIMIT_NPROC, not memory)
+        remedy = (
+            "the cloud's process/thread limit is too low (raise `ulimit -u`, systemd "
+            "LimitNPROC= / TasksMax=, or lower --threads, --max-concurrent, --max-queued)"
+        )
+    else:
+        remedy = (
+            "the cloud needs more memory for this export's largest inputs (lower "
+            "--max-concurrent, or more memory)"
+        )
     return (
         f"the cloud ran short of {what} ({type(exc).__name__}: {detail}) for this "
-        f"request{size}: not the request's fault; it is retried; if it keeps failing, the "
-        "cloud needs more memory for this export's largest inputs (lower --max-concurrent, "
-        "or more memory)"
+        f"request{size}: not the request's fault; it is retried; if it keeps failing, {remedy}"
     )
 
 

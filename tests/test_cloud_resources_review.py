@@ -109,6 +109,8 @@ def test_a_thread_that_cannot_start_refuses_for_a_retry(model, sample, tmp_path,
             )
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, message)
         assert "ran short of threads" in message, message
+        assert "process/thread limit is too low" in message and "LimitNPROC=" in message
+        assert "more memory" not in message, message  # (the limit is on threads)
         assert isinstance(classify(code, message), RetryLater)
         assert any(getattr(r, "fields", {}).get("event") == "refused" for r in caplog.records)
         monkeypatch.undo()  # (the metrics endpoint starts a Timer too)
