@@ -31,6 +31,8 @@ class EdgeResult:
         encoded: the encoded FPN levels for the cloud when flagged, else None.
         bytes_sent: bytes of encoded feature data that would cross the wire (0 if not flagged).
         timings: seconds per stage: read, preprocess, gate, complete, encode.
+        threshold: the p(defect) threshold the verdict was taken at (None: gate off or not
+            recorded).
     """
 
     p_defect: float
@@ -39,6 +41,7 @@ class EdgeResult:
     encoded: list[EncodedTensor] | None = None
     bytes_sent: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
 
 
 class EdgePipeline:
@@ -90,7 +93,8 @@ class EdgePipeline:
         return decode_image(data, source, self.manifest.model_config.pixel_bits)
 
     def process_array(self, image: np.ndarray, decision: bool | None = None) -> EdgeResult:
-        """Process Float32[3, H, W] in [0, 1].
+        """Process Float32[3, H, W] in [0, 1] (any floating dtype); ValueError for anything
+        else (8-bit values, NaN, values out of range: `preprocess.check_unit_image`).
 
         `decision` overrides the gate's verdict (the gate still runs and costs what it costs):
         the benchmark's oracle-gate mode, which times a perfect gate on untrained weights.
@@ -100,7 +104,13 @@ class EdgePipeline:
         flagged = (not self.gate_enabled) or gate.p_defect >= self.threshold
         if decision is not None:
             flagged = decision
-        result = EdgeResult(p_defect=gate.p_defect, flagged=flagged, meta=meta, timings=timings)
+        result = EdgeResult(
+            p_defect=gate.p_defect,
+            flagged=flagged,
+            meta=meta,
+            timings=timings,
+            threshold=self.threshold if self.gate_enabled else None,
+        )
         if not flagged:
             return result
         start = time.perf_counter()

@@ -151,9 +151,12 @@ def coco_metrics(
         boxes_per_image: per sample, the detections' boxes (K, 4) x1y1x2y2 in the same frame,
             original-image px (not the model's resized input), any float array-like (Tensor,
             ndarray; read as Python floats), as `Prediction.boxes`.
-        scores_per_image: per sample, scores (K,) floats (only their order counts).
+        scores_per_image: per sample, scores (K,) finite floats (only their order counts).
         labels_per_image: per sample, labels (K,) ints, 1-based indices into `class_names`.
         class_names: the classes; label k + 1 is class_names[k].
+
+    Raises ValueError, naming the image, for a label outside 1..len(class_names) or a score
+    that is not finite (NaN, infinity), and when the lists are not one per sample.
 
     Returns {"map": mAP@[.5:.95], "map50": mAP@.5, "map75", "ar100": AR@100}; None where
     pycocotools has nothing to average (no ground truth at all); and "per_class": per class
@@ -177,6 +180,10 @@ def _matched(
     accumulated yet; image ids 1..n in the samples' order."""
     if not len(samples) == len(boxes_per_image) == len(scores_per_image) == len(labels_per_image):
         raise ValueError("one detection list per sample is needed")
+    for index, (sample, scores, labels) in enumerate(
+        zip(samples, scores_per_image, labels_per_image, strict=True)
+    ):
+        _check_detections(index, sample.image_id, scores, labels, len(class_names))
     gt = _coco_gt(samples, class_names)
     dt = _coco_dt(gt, boxes_per_image, scores_per_image, labels_per_image)
     coco_eval = _difficult_eval()(gt, dt, iouType="bbox")
@@ -184,6 +191,37 @@ def _matched(
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
     return coco_eval
+
+
+def _check_detections(index: int, image_id: str, scores: Any, labels: Any, n_classes: int) -> None:
+    """ValueError naming the image (index into the samples, and id) for a detection whose label
+    is not one of 1..`n_classes` (0-based labels scored an mAP of 0.0 without a word) or whose
+    score is not finite (a NaN scored as the most confident). `scores` (K,) and `labels` (K,):
+    any array-like (Tensor, ndarray)."""
+    where = f"image {index} ({image_id})"
+    labels, scores = np.asarray(labels).reshape(-1), np.asarray(scores).reshape(-1)
+    if labels.size:
+        numeric = labels.dtype.kind in "uif"
+        bad = (
+            ~((labels >= 1) & (labels <= n_classes) & (labels == np.floor(labels)))
+            if numeric
+            else np.ones(labels.shape, dtype=bool)
+        )
+        if bad.any():
+            value = labels[int(np.argmax(bad))]
+            raise ValueError(
+                f"{where}: detection label {value} is not one of 1..{n_classes} (labels are "
+                "1-based: label k + 1 is class_names[k]; 0 is the background)"
+            )
+    if scores.size:
+        if scores.dtype.kind not in "uif":
+            raise ValueError(f"{where}: detection scores must be numbers, got {scores.dtype}")
+        bad = ~np.isfinite(scores.astype(np.float64))
+        if bad.any():
+            raise ValueError(
+                f"{where}: detection score {scores[int(np.argmax(bad))]} is not a finite "
+                "number (a NaN would be scored as the most confident)"
+            )
 
 
 def _summary(coco_eval: COCOeval) -> dict[str, float | None]:

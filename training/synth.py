@@ -70,6 +70,7 @@ import numpy as np
 
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.folder_lock import folder_lock
+from splitdet.shared.progress import progress_off
 from splitdet.training import voc
 from splitdet.training.synth_image import (
     CLASS_NAME,
@@ -138,14 +139,19 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 
 def _start_worker(parent: int) -> None:
     """A render worker's start: SIGINT ignored (the parent ends the pool on Ctrl-C: each
-    worker printed its own KeyboardInterrupt traceback when the terminal's group got it), and
-    SIGTERM asked for when the parent goes (`die_with_parent`: a SIGKILLed parent left its
-    workers rendering on); a parent already gone ends the worker at once. Then the signals
-    blocked since it was started (`_held_signals`) are let through: a Ctrl-C sent meanwhile
-    is dropped (ignored), a SIGTERM ends it."""
+    worker printed its own KeyboardInterrupt traceback when the terminal's group got it),
+    SIGTERM back to the default, and SIGTERM asked for when the parent goes
+    (`die_with_parent`: a SIGKILLed parent left its workers rendering on); a parent already
+    gone ends the worker at once. SIGTERM must end a worker (`Pool.terminate` and the parent's
+    death rely on it), but a spawned worker re-imports the caller's ``__main__``: a script's
+    own SIGTERM handler, set at module level, was installed in every worker, which then
+    survived both and hung the caller in the pool's join. Then the signals blocked since it
+    was started (`_held_signals`) are let through: a Ctrl-C sent meanwhile is dropped
+    (ignored), a SIGTERM ends it."""
     from splitdet.shared.parent_death import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not die_with_parent(parent, "a `splitdet synth` render worker"):
         os._exit(1)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
@@ -278,7 +284,7 @@ def generate_dataset(
     n_test_defective: int = 108,
     n_test_free: int = 40,
     workers: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     overwrite: bool = False,
 ) -> DatasetSummary:
     """Write a PASCAL VOC dataset of synthetic gasket images to ``out``.
@@ -289,9 +295,12 @@ def generate_dataset(
     ``ImageSets/Main/{train,val,test}.txt``, ``dataset.json`` (settings) and ``README.md``.
     Image ids (``gasket_00000``...) are shuffled so they reveal neither split nor label.
 
-    ``workers``: processes (default: all cores; 1 renders in this process). The output does not
-    depend on it. Workers are started with "spawn", so a script calling this with ``workers > 1``
-    needs the usual ``if __name__ == "__main__":`` guard. ``overwrite``: replace a previous
+    ``progress``: draw a progress bar on stderr (default None: only when stderr is a terminal,
+    as `splitdet synth` does). ``workers``: processes (default: all cores; 1 renders in this
+    process). The output does not depend on it. Workers are started with "spawn", so a script
+    calling this with ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard;
+    its own SIGINT and SIGTERM handlers, installed again as the workers import its module,
+    are reset there (ignored and default). ``overwrite``: replace a previous
     synthetic dataset at ``out`` (without it: `SyntheticDatasetExists`); anything else in a
     non-empty ``out`` is refused (FileExistsError), and nothing but our own sub-folders is ever
     deleted. ValueError, before anything is written, for a ``val_fraction`` that leaves train
@@ -305,6 +314,7 @@ def generate_dataset(
         (width, height), val_fraction, n_defective, n_free, n_test_defective, n_test_free
     )
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    progress = not progress_off() if progress is None else progress
 
     planned = _planned_counts(n_defective, n_free, val_fraction, n_test_defective, n_test_free)
     tasks, splits = _plan_tasks(out, seed, (width, height), planned)
@@ -458,10 +468,11 @@ def _render_all(
     and annotation into ``out`` here. Returns the number of boxes of each image id and the
     seconds spent rendering, summed over workers.
 
-    An exception here (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM) ends the pool at once
-    (terminated on the way out, as at the end); a SIGKILL of this process ends them too, by
-    the SIGTERM each asked for (`_start_worker`). Workers never write: a worker that lived on
-    would otherwise put its image into ``out`` after this process had returned."""
+    Once every image is in, the pool is closed and joined: its workers end on their own. An
+    exception here (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM) ends the pool at once
+    (terminated on the way out); a SIGKILL of this process ends them too, by the SIGTERM each
+    asked for (`_start_worker`). Workers never write: a worker that lived on would otherwise
+    put its image into ``out`` after this process had returned."""
     n_boxes: dict[str, int] = {}
     busy = 0.0
     bar = None
@@ -486,9 +497,12 @@ def _render_all(
                     pool = ctx.Pool(n_proc, initializer=_start_worker, initargs=(os.getpid(),))
                 for rendered in pool.imap_unordered(_render_task, tasks, chunksize=chunk):
                     busy += _take(out, size, rendered, n_boxes, bar)
-            finally:  # (a signal taken as the hold ends, too: the pool is made by then)
+                pool.close()  # (done: each worker ends on its own once the queue is drained)
+                pool.join()
+            except BaseException:  # (a signal taken as the hold ends, too: the pool is made)
                 if pool is not None:
                     pool.terminate()
+                raise
     finally:
         if bar is not None:
             bar.close()

@@ -42,6 +42,7 @@ from splitdet.shared.atomic_file import WriteError, atomic_write, replacing, sta
 from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.model import MultiTaskRCNN
+from splitdet.shared.progress import progress_off
 from splitdet.training.epoch_records import (
     BestEpoch,
     describe_best,
@@ -106,7 +107,7 @@ def train(
     *,
     resume: bool = False,
     init: str = "none",
-    progress: bool = True,
+    progress: bool | None = None,
     stop_after: int | None = None,
     max_iters: int | None = None,
 ) -> dict[str, Any]:
@@ -115,6 +116,8 @@ def train(
     Args:
         resume: continue from `out_dir/last.pt` (model, optimiser, schedule, epoch, RNG, clock).
         init: starting weights when not resuming: none | imagenet | coco | PATH.
+        progress: draw the progress bar on stderr (rank 0); None: only when stderr is a
+            terminal (`shared.progress.progress_off`), as `splitdet train` does.
         stop_after: end this invocation after so many epochs (a later resume continues).
         max_iters: iterations per epoch at most (tests).
 
@@ -132,7 +135,8 @@ def train(
             _remove_stale_temporaries(out_dir)
         return _train(
             config, data_dir, out_dir, device, rank, world, resume=resume, init=init,
-            progress=progress, stop_after=stop_after, max_iters=max_iters,
+            progress=not progress_off() if progress is None else progress,
+            stop_after=stop_after, max_iters=max_iters,
         )  # fmt: skip
 
 
