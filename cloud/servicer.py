@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import grpc
 
+from splitdet.cloud.bearer import bearer_token
 from splitdet.cloud.call_status import (
     Overloaded,
     ShuttingDown,
@@ -251,7 +252,9 @@ class DetectionServicer:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
                 supplied = value
-        return scope_of_token(supplied)
+        token = bearer_token(supplied)  # (the scheme in any case: one token, one scope, kept
+        # as the digest of "Bearer TOKEN" that answers files stored before it was so)
+        return scope_of_token(supplied if token is None else f"Bearer {token}")
 
     @_rpc
     def Detect(self, raw: bytes, context: grpc.ServicerContext, edge: CallEdge) -> bytes:

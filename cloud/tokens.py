@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from splitdet.cloud.bearer import bearer_token
 from splitdet.cloud.call_guard import HANDLER_FACTORIES
 from splitdet.cloud.call_status import log_refusal, refuse
 from splitdet.cloud.log_limit import LineLimiter, OwnLines
@@ -25,19 +26,8 @@ log = logging.getLogger(__name__)
 TOKEN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 #: Seconds between two looks at --token-file for a change (AcceptedTokens).
 TOKEN_CHECK_S = 2.0
-#: The authorization scheme the server takes (compared case-insensitively: RFC 7235).
-BEARER = "bearer"
 #: How a refused caller is told to send its token (ends every UNAUTHENTICATED message).
 SEND_TOKEN = "send metadata 'authorization: Bearer <token>'"
-
-
-def bearer_token(supplied: str) -> str | None:
-    """The token of an authorization metadata value `Bearer <token>` (the scheme in any case,
-    RFC 7235), all after the first space (a token given with a leading space, as
-    $SPLITDET_CLOUD_TOKEN may hold one, is sent so); None when the value has no Bearer scheme
-    (a bare token, another scheme). "" for the scheme alone."""
-    scheme, _, token = supplied.partition(" ")
-    return token if scheme.lower() == BEARER else None
 
 
 def token_refusal(supplied: str) -> str:

@@ -680,11 +680,10 @@ def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
     handler.setFormatter(TextLogFormatter())  # a record's fields too, as key=value
     logging.basicConfig(level=args.log_level, handlers=[handler])
     logs_json = getattr(args, "log_format", None) == "json"  # (`edge run`'s default: json)
-    problem = cwd_problem()  # (before any command's modules import: torch's fail without it)
-    if problem is not None:
-        return _fatal(args, problem, logs_json, 2)
     if _needs_torch(args):  # (torch's imports need a temporary folder: say so, not a traceback)
-        problem = temp_folder_problem()
+        # (and a working directory: without it Intel oneMKL cannot load libtorch_cpu.so; the
+        # torch-free commands run from a deleted one with absolute paths, as they always did)
+        problem = cwd_problem() or temp_folder_problem()
         if problem is not None:
             return _fatal(args, problem, logs_json, 2)
     try:

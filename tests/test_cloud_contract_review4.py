@@ -40,7 +40,7 @@ from splitdet.shared.wire import detection_pb2 as pb
 
 from support import wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)  # (the first test builds the shared export)
 
 #: This review's TCP ports on loopback.
 PORTS = range(53000, 53100)
@@ -275,6 +275,23 @@ def test_the_bearer_scheme_is_taken_in_any_case(tmp_path, scheme):
             b"", timeout=30, metadata=(("authorization", f"{scheme} {TOKEN}"),)
         )
     assert pb.ManifestResponse.FromString(answer).manifest_json
+
+
+def test_one_token_is_one_answers_scope_whatever_the_schemes_case(tmp_path):
+    """The scope hashed the whole metadata value: the same request sent with `bearer TOKEN`
+    after `Bearer TOKEN` ran the heads again (cached false) and was stored twice."""
+    model, _, manifest = shared_model_dir(0)
+    sample = make_sample(model, seed=2, image_hw=(231, 173))
+    request = build_request(sample.encoded, sample.image, "scoped", manifest.fingerprint)
+    raw = request.SerializeToString()
+    with _cloud(tmp_path, token=TOKEN) as (_, channel):
+        answers = [
+            pb.DetectResponse.FromString(channel.unary_unary(DETECT)(
+                raw, timeout=30, metadata=(("authorization", f"{scheme} {TOKEN}"),)))
+            for scheme in ("Bearer", "bearer", "BEARER")
+        ]  # fmt: skip
+    assert [answer.cached for answer in answers] == [False, True, True]
+    assert answers[1].boxes == answers[0].boxes
 
 
 def test_a_bare_token_is_told_its_scheme_is_missing_and_never_echoed(tmp_path, caplog):

@@ -139,23 +139,63 @@ def test_edge_run_under_an_address_space_limit_says_memory_and_the_limit(tiny_mo
 # ------------------------------------------------------------------ 3. a deleted working directory
 
 
-@pytest.mark.parametrize("command", [["cloud", "--model", "{model}", "--listen",
-                                      f"127.0.0.1:{PORT}"],
-                                     ["edge", "status", "--db", "edge.sqlite"]])  # fmt: skip
-def test_a_deleted_working_directory_is_one_line(tiny_model_dir, tmp_path, command):
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    argv = [SPLITDET, *(part.format(model=tiny_model_dir) for part in command)]
-    done = subprocess.run(
-        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone), *argv],
+def _from_a_deleted_folder(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` run with `folder` as its working directory, removed before it starts."""
+    folder.mkdir()
+    return subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(folder), *argv],
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
+
+
+def test_a_deleted_working_directory_is_one_line_for_a_torch_command(tiny_model_dir, tmp_path):
+    """torch's libraries cannot load without it (Intel oneMKL's FATAL ERROR), and the cloud's
+    default --answers-db ended in a FileNotFoundError traceback."""
+    argv = [SPLITDET, "cloud", "--model", str(tiny_model_dir), "--listen", f"127.0.0.1:{PORT}"]
+    done = _from_a_deleted_folder(tmp_path / "gone", argv)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "FATAL" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        f"splitdet {command[0]}: error: the working directory was deleted; start splitdet "
-        "from an existing folder (systemd: WorkingDirectory=)"
+        "splitdet cloud: error: the working directory was deleted; start splitdet from an "
+        "existing folder (systemd: WorkingDirectory=)"
     )
+
+
+def test_a_torch_free_command_with_absolute_paths_runs_from_a_deleted_folder(
+    tiny_model_dir, tmp_path
+):
+    """As it always did: a daemon a supervisor restarts there goes on (a review of the first
+    version of the check, which refused every command)."""
+    db, watch = tmp_path / "edge.sqlite", tmp_path / "watch"
+    an_image(watch)
+    argv = [
+        SPLITDET,
+        "edge",
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--watch",
+        str(watch),
+        "--db",
+        str(db),
+        "--cloud",
+        "127.0.0.1:9",
+        "--once",
+        "--drain-timeout",
+        "0",
+        "--settle",
+        "0",
+        "--threshold",
+        "2",
+        "--threads",
+        "1",
+        "--log-format",
+        "text",
+    ]
+    done = _from_a_deleted_folder(tmp_path / "gone", argv)
+    assert done.returncode == 0, done.stderr
+    assert "working directory" not in done.stderr and "Traceback" not in done.stderr
+    assert [row["verdict"] for row in image_rows(db)] == ["ok"]
 
 
 # ------------------------------------------------------------------ 4. the cloud's memory limit
