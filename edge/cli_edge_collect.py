@@ -22,7 +22,9 @@ examples:
 Then review the pre-labels (LabelImg, CVAT and Label Studio open a VOC tree), and
   splitdet data split review/ --add && splitdet data check review/ && splitdet train ...
 Running collect again into the same folder adds new results and leaves every image already
-there, and its reviewed annotation, as it is. Only final ok/defect results are collected, and
+there, and its reviewed annotation, as it is; an image collected.csv lists whose files were
+removed from the folder (a reviewer's decision) is not collected again unless
+--recollect-removed. Only final ok/defect results are collected, and
 only while their file is still where the daemon left it (--after archive or keep). Images are
 copied as the edge read them: one whose EXIF orientation tag (2..8) has viewers turn or mirror
 it becomes a PNG of its pixels as decoded, without the tag (the model's boxes are in those
@@ -76,6 +78,12 @@ def register_collect(actions: argparse._SubParsersAction) -> None:
         metavar="S",
         help="boxes scoring at least S become pre-labels (default: 0.5)",
     )
+    p.add_argument(
+        "--recollect-removed",
+        action="store_true",
+        help="collect again the images collected.csv lists whose files were removed from --out "
+        "since (left out otherwise: a reviewer removed them)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=collect)  # fmt: skip
 
@@ -90,6 +98,7 @@ def collect(args: argparse.Namespace) -> int:
         summary = collect_results(
             db, args.out, since=since, verdict=args.verdict, p_range=args.p_defect,
             limit=args.limit, min_score=args.score_threshold,
+            recollect_removed=args.recollect_removed,
         )  # fmt: skip
     except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
         raise read_error(args.db, exc) from None
@@ -113,6 +122,11 @@ def collect(args: argparse.Namespace) -> int:
             f"their boxes (needs_boxes=yes in {args.out / 'collected.csv'}): "
             + ", ".join(summary.needs_boxes[:5])
             + (" ..." if len(summary.needs_boxes) > 5 else "")
+        )
+    if summary.removed:
+        print(
+            f"  {summary.removed} listed in collected.csv but removed from {args.out} since "
+            "(a reviewer's decision) left out: --recollect-removed collects them again"
         )
     if summary.relisted:
         print(

@@ -47,9 +47,10 @@ what it leaves by export and cause.
 
 The dead letters `splitdet edge abandon` made (a retired export's requests) are left unless
 --abandoned: an abandon is a decision; requeue them when that export is served again. A dead
-letter whose image (the same content) has a final result in another row, processed again (e.g.
-copied back into the hot folder after an abandon), is never requeued, with --abandoned or not:
-it would get a second final result. Requeue says how many it left so.
+letter whose image (the same content) has a final result in a later row, processed again after
+it (e.g. copied back into the hot folder after an abandon), is never requeued, with --abandoned
+or not: it would get a second final result. Requeue says how many it left so. (An earlier
+result of the same bytes, judged before the dead letter, does not stop it.)
 """
 
 

@@ -17,6 +17,11 @@ listing written before it held hashes: the copy's own bytes, else the row it cam
 A different image gets the id with a tag of its own content hash (`tagged_image_id`), the
 same on every run, so collecting from each store again adds nothing.
 
+An image ``collected.csv`` lists whose annotation is gone from the folder was removed by its
+reviewer (one they could not judge, or a duplicate `splitdet data check` named): it is not
+collected again, by its id nor by its content hash under another id (the same bytes processed
+again), and is counted in ``removed``; ``recollect_removed`` collects such images again.
+
 The copies are what the edge saw: the edge decodes an image's pixels as Pillow gives them, a
 JPEG's or PNG's as stored whatever its EXIF orientation tag says, and the cloud's boxes are in
 those pixel coordinates. An image whose tag has viewers and annotation tools turn or mirror it
@@ -97,6 +102,9 @@ class CollectSummary:
 
     collected: list[str] = field(default_factory=list)  # image ids written
     already: int = 0  # collected by an earlier run (left as they are)
+    # listed in collected.csv by an earlier run, their files removed from the tree since (a
+    # reviewer's decision): not collected again unless asked for
+    removed: int = 0
     renamed: list[str] = field(default_factory=list)  # of `collected`, ids given a hash tag
     missing: list[str] = field(default_factory=list)  # "path: why" of files not copied
     matched: int = 0  # results the selection matched
@@ -113,6 +121,7 @@ class CollectSummary:
             "matched": self.matched,
             "collected": len(self.collected),
             "already_collected": self.already,
+            "removed": self.removed,
             "renamed": self.renamed,
             "missing": self.missing,
             "needs_boxes": self.needs_boxes,
@@ -146,9 +155,15 @@ class _Match:
     fingerprint: str
 
 
+#: What `_Existing.image_id` finds of a matched result: not collected yet, collected and
+#: there, or collected once and removed from the tree since.
+NEW, ALREADY, REMOVED = "new", "already", "removed"
+
+
 class _Existing:
     """The images already collected in ``out``: which VOC ids are taken (an annotation marks
-    an image collected), and by which image (``collected.csv``; the copy itself)."""
+    an image collected), and by which image (``collected.csv``; the copy itself); and the
+    images ``collected.csv`` lists whose annotation is gone (removed by a reviewer)."""
 
     def __init__(self, out: Path) -> None:
         self.images = out / "JPEGImages"
@@ -161,12 +176,12 @@ class _Existing:
         #: taken as unlisted, whose row may stand in the part not read)
         self.listing_whole = True
         listing = out / LISTING
-        if self.taken and listing.is_file():
+        if listing.is_file():
             with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
                 text = fh.read()
             try:
                 for row in csv.DictReader(io.StringIO(text, newline="")):
-                    if row.get("image_id") in self.taken:
+                    if row.get("image_id"):
                         self.listed[row["image_id"]] = row
             except csv.Error:  # a damaged line (an edited listing): the rows before it
                 self.listing_whole = False
@@ -175,26 +190,38 @@ class _Existing:
             starts = {line.split(",", 1)[0] for line in text.splitlines()}
             if (starts & self.taken) - set(self.listed):
                 self.listing_whole = False
+        #: content hashes of the listed images whose annotation is gone (removed by review)
+        self.removed_hashes = {
+            row["content_hash"]
+            for image_id, row in self.listed.items()
+            if image_id not in self.taken and row.get("content_hash")
+        }
         self._copy_hashes: dict[str, str | None] = {}
         #: result id -> the VOC id of its image, collected (the same bytes) but without a row
         #: in collected.csv: a run killed between the annotation and its row
         self.unlisted: dict[int, str] = {}
 
-    def image_id(self, match: _Match) -> tuple[str, bool]:
-        """(VOC id, already collected) of a matched result: its plain id when free or taken
-        by the same image, else the first tagged id free or taken by the same image."""
+    def image_id(self, match: _Match) -> tuple[str, str]:
+        """(VOC id, `NEW`, `ALREADY` or `REMOVED`) of a matched result: its plain id when free
+        or held by the same image, else the first tagged id free or held by the same image. An
+        id is held when its annotation is there, or when ``collected.csv`` lists it (its files
+        removed since). `REMOVED` also for an image under a free id whose content hash a
+        removed image's row lists (the same bytes, processed again)."""
         plain = voc_image_id(match.result_id, match.path)
-        if plain not in self.taken:  # the usual case, for every matched row: nothing to build
-            return plain, False
+        if plain not in self.taken and plain not in self.listed:  # the usual case: no building
+            return plain, REMOVED if match.content_hash in self.removed_hashes else NEW
         candidates = [plain, *(tagged_image_id(plain, match.content_hash, n) for n in _TAG_LENGTHS)]
         for image_id in candidates:
-            if image_id not in self.taken:
-                return image_id, False
-            if self._same(image_id, match):
-                if image_id not in self.listed and self.listing_whole:
-                    self.unlisted[match.result_id] = image_id
-                return image_id, True
-        return candidates[-1], True  # its whole hash taken: that image, whatever is listed
+            if image_id not in self.taken and image_id not in self.listed:
+                return image_id, REMOVED if match.content_hash in self.removed_hashes else NEW
+            if not self._same(image_id, match):
+                continue
+            if image_id not in self.taken:  # listed, its annotation gone: removed by review
+                return image_id, REMOVED
+            if image_id not in self.listed and self.listing_whole:
+                self.unlisted[match.result_id] = image_id
+            return image_id, ALREADY
+        return candidates[-1], ALREADY  # its whole hash taken: that image, whatever is listed
 
     def _same(self, image_id: str, match: _Match) -> bool:
         """Whether the image collected as ``image_id`` is the matched result's image."""
@@ -257,27 +284,36 @@ def _on_disk(stored: str) -> str:
 
 
 def _select(
-    db: sqlite3.Connection, existing: _Existing, limit: int | None, **filters: Any
-) -> tuple[dict[int, str], int, int, list[str]]:
-    """(VOC id by result id to collect, results matched, of them already collected, files
-    found gone): at most ``limit`` of the matched results not yet collected (see
-    `_Existing.image_id`), spread evenly over them. A pick whose file is gone passes to the
+    db: sqlite3.Connection,
+    existing: _Existing,
+    limit: int | None,
+    recollect_removed: bool = False,
+    **filters: Any,
+) -> tuple[dict[int, str], int, int, int, list[str]]:
+    """(VOC id by result id to collect, results matched, of them already collected, of them
+    removed from ``out`` by review and left out, files found gone): at most ``limit`` of the
+    matched results not yet collected (see `_Existing.image_id`; the removed ones too with
+    ``recollect_removed``), spread evenly over them. A pick whose file is gone passes to the
     next result whose file is there (else files removed since would take every place on
     every run). Two streamed passes; memory grows with ``limit`` and the images already in
     ``out``, not with the database."""
-    matched = already = 0
+    left_out = (ALREADY,) if recollect_removed else (ALREADY, REMOVED)
+    matched, counts = 0, {ALREADY: 0, REMOVED: 0}
     for match in _matching(db, **filters):
         matched += 1
-        already += existing.image_id(match)[1]
-    remaining = matched - already
+        state = existing.image_id(match)[1]
+        if state in left_out:
+            counts[state] += 1
+    already, removed = counts[ALREADY], counts[REMOVED]
+    remaining = matched - already - removed
     wanted = remaining if limit is None else min(limit, remaining)
     picks = {int(k * remaining / wanted) for k in range(wanted)} if wanted else set()
     chosen: dict[int, str] = {}
     gone: list[str] = []
     owed, position = 0, 0
     for match in _matching(db, **filters):
-        image_id, collected = existing.image_id(match)
-        if collected:
+        image_id, state = existing.image_id(match)
+        if state in left_out:
             continue
         owed += position in picks
         position += 1
@@ -288,7 +324,7 @@ def _select(
             owed -= 1
         else:
             gone.append(f"{match.stored_path}: no longer there")
-    return chosen, matched, already, gone
+    return chosen, matched, already, removed, gone
 
 
 def _watched_folder_problem(out: Path, rows: list[dict]) -> str | None:
@@ -332,6 +368,7 @@ def collect_results(
     p_range: tuple[float, float] | None = None,
     limit: int | None = None,
     min_score: float = 0.5,
+    recollect_removed: bool = False,
 ) -> CollectSummary:
     """Copy the chosen results' images and pre-labels into the VOC tree at ``out``.
 
@@ -352,14 +389,26 @@ def collect_results(
     An image whose VOC id another image in ``out`` has (another store's result with the
     same row id and file name) is collected as `tagged_image_id` and listed in
     ``renamed``; one already there (the same content hash) is counted in ``already``.
+
+    An image ``collected.csv`` lists whose annotation is gone (a reviewer removed it), or one
+    with the content hash of such an image, is not collected again but counted in
+    ``removed``; with ``recollect_removed`` it is collected again (under the id it had).
     """
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
     summary = CollectSummary()
     existing = _Existing(out)
-    chosen, summary.matched, summary.already, summary.missing = _select(
-        db, existing, limit, since=since, verdict=verdict, p_range=p_range
+    chosen, summary.matched, summary.already, summary.removed, summary.missing = _select(
+        db, existing, limit, recollect_removed, since=since, verdict=verdict, p_range=p_range
     )
+    if summary.removed:
+        log.info(
+            f"{summary.removed} image(s) {out / LISTING} lists were removed from {out} since "
+            "they were collected (a reviewer's decision) and are not collected again; "
+            "--recollect-removed collects them again",
+            extra={"fields": {"event": "collect_removed_left", "images": summary.removed,
+                              "out": str(out)}},
+        )  # fmt: skip
     rows = results_by_id(db, list(chosen))
     problem = _watched_folder_problem(out, rows)
     if problem is not None:

@@ -51,8 +51,9 @@ class Requeue:
             were kept): reprocess their images instead.
         abandoned_left: made by `edge abandon`, left as they are (not asked for).
         processed_again: left as they are, abandoned or not: their image (the same content
-            hash) has a final result (ok or defect) in another row, e.g. copied back into the
-            hot folder after an abandon; requeued, each would get a second one.
+            hash) has a final result (ok or defect) in a later row (processed again after it,
+            e.g. copied back into the hot folder after an abandon); requeued, each would get a
+            second one. An earlier row of the same bytes (judged before) does not count.
         letters: (export fingerprint, `dead_letter_cause`) of each of the above.
     """
 
@@ -166,8 +167,10 @@ class StoreDeadLetters(StoreConnection):
     ) -> Requeue:
         """Put refused requests back in the outbox, due now, their rows "pending" again (one
         commit). Only as many as the outbox has room for, oldest first. A dead letter whose
-        image (the same content hash) has a final result (ok or defect) in another row is never
-        requeued, abandoned or not (`Requeue.processed_again`): it would get a second one.
+        image (the same content hash) has a final result (ok or defect) in a later row (a
+        greater id: processed again after it) is never requeued, abandoned or not
+        (`Requeue.processed_again`): it would get a second one. An earlier twin (the same bytes
+        judged before it) does not stop it: that result is not this image's.
 
         Args:
             since: only dead letters refused at or after this unix time.
@@ -185,10 +188,12 @@ class StoreDeadLetters(StoreConnection):
             joined = " LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else ""
             refused = "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
                 "COALESCE(i.finished, i.updated)")  # fmt: skip
-            # the images with a final result: a dead letter's row is "error", so any is another
+            # the images with a final result made after the dead letter's row (processed again
+            # since): the latest such row of each content hash, later than the dead letter's
             final = (
-                " LEFT JOIN (SELECT DISTINCT content_hash FROM images"
-                " WHERE verdict IN ('ok', 'defect')) f ON f.content_hash = i.content_hash"
+                " LEFT JOIN (SELECT content_hash, MAX(id) AS last FROM images"
+                " WHERE verdict IN ('ok', 'defect') GROUP BY content_hash) f"
+                " ON f.content_hash = i.content_hash AND f.last > i.id"
             )
             rows = db.execute(
                 f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept},"

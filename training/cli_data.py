@@ -380,6 +380,11 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"  merged: {merged}")
     classes = ", ".join(f"{k} {v}" for k, v in sorted(plan.classes.items())) or "none"
     print(f"  classes (boxes): {classes}")
+    if result.collected:
+        print(f"  collected.csv: {result.collected} rows from the sources' listings (ids as "
+              "merged), for `data check` to keep checking needs_boxes")  # fmt: skip
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
     if any(s.unlisted for s in plan.sources):
         print(f"images in no split stay so: `splitdet data split {shlex.quote(str(out))} --add` "
               "divides them")  # fmt: skip

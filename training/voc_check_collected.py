@@ -27,27 +27,32 @@ SHOWN = 3
 def unboxed_collected_warning(root: Path, samples: Mapping[str, voc.VocSample]) -> str | None:
     """A warning naming the images ``ROOT/collected.csv`` marks ``needs_boxes`` whose annotation
     (among ``samples``, the ones read) still holds no object; None when there are none, or no
-    listing. An older listing without the column says nothing; one that cannot be read, a note."""
+    listing. An image's last row decides (one collected again has two); a reviewer who judged
+    it defect-free sets its ``needs_boxes`` to ``no`` to say so. An older listing without the
+    column says nothing; one that cannot be read, a note."""
     listing = Path(root) / LISTING
     if not listing.is_file():
         return None
     try:
         with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-            marked = [
-                row.get("image_id") or ""
+            marked = {
+                row.get("image_id") or "": (row.get("needs_boxes") or "").strip().lower()
+                == NEEDS_BOXES
                 for row in csv.DictReader(fh)
-                if (row.get("needs_boxes") or "").strip() == NEEDS_BOXES
-            ]
+            }
     except (OSError, csv.Error) as exc:
         return f"{listing}: cannot read it ({exc}): images collected without boxes not checked"
-    unboxed = sorted({i for i in marked if i in samples and not samples[i].objects})
+    unboxed = sorted(
+        i for i, flagged in marked.items() if flagged and i in samples and not samples[i].objects
+    )
     if not unboxed:
         return None
     more = ", ..." if len(unboxed) > SHOWN else ""
     return (
         f"{listing}: {len(unboxed)} image(s) the edge judged defect still have no box in their "
         f"annotation (needs_boxes = {NEEDS_BOXES}), e.g. {', '.join(unboxed[:SHOWN])}{more}: "
-        "draw their boxes, or remove the image: as they are they train as defect-free"
+        "draw their boxes, or remove the image: as they are they train as defect-free; or set "
+        "needs_boxes to no in collected.csv for an image you judged defect-free"
     )
 
 

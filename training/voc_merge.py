@@ -15,6 +15,12 @@ Every split file of a source is merged (``ImageSets/Main/*.txt``: a custom split
 --split NAME` reads, VOC's ``trainval``), its ids renamed as the others'; one that a single
 source has lists that source's ids alone.
 
+A source collected from the edge (`splitdet edge collect`) has a ``collected.csv``: its rows
+of the images the source holds are carried into the merged tree's own, their ids renamed as
+the others' (``--prefix``), so `splitdet data check` of the merged tree keeps checking the
+defect verdicts collected without a box (``needs_boxes``); `plan_merge` gives the warning
+`data check` gives of each source that has them (`SourcePlan.warnings`).
+
 Images are hard-linked into the new tree where the file system allows it (no second copy of
 a large dataset; an image edited in place then changes in both trees), else copied; an image
 that is a symbolic link is the file it points at.
@@ -30,6 +36,8 @@ Only the standard library and Pillow (through `voc`): no torch.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -39,12 +47,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitdet.edge.collect import LISTING, LISTING_COLUMNS
 from splitdet.shared.atomic_file import atomic_write, folder_mode
 from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
 from splitdet.training.voc_annotations import read_annotation_document
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
-from splitdet.training.voc_check_collected import same_bytes_groups
+from splitdet.training.voc_check_collected import same_bytes_groups, unboxed_collected_warning
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
 
 __all__ = [
@@ -81,6 +90,13 @@ class SourcePlan:
     # per split, what its lines hold after their id, by the source's own id (VOC's per-class
     # lists: " 1", " -1"); kept in the merged split files
     line_tails: dict[str, dict[str, str]] = field(default_factory=dict)
+    # its collected.csv's rows of the images it holds (`splitdet edge collect`), ids its own,
+    # and that listing's columns (none when it has no listing)
+    collected: list[dict[str, str]] = field(default_factory=list)
+    collected_columns: list[str] = field(default_factory=list)
+    # what `splitdet data check` of the source warns of that the merge carries: defect
+    # verdicts collected without a box still boxless, a listing that cannot be read
+    warnings: list[str] = field(default_factory=list)
 
     def new_id(self, image_id: str) -> str:
         """The id of the source's `image_id` in the merged tree."""
@@ -105,6 +121,11 @@ class MergePlan:
         """The files `merge` writes: images and annotations."""
         return sum(2 * len(s.samples) + len(s.other_images) for s in self.sources)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Every source's `SourcePlan.warnings`, in the sources' order."""
+        return [warning for source in self.sources for warning in source.warnings]
+
 
 @dataclass
 class MergeResult:
@@ -115,6 +136,7 @@ class MergeResult:
     splits: dict[str, int]  # merged split: ids listed
     linked: int  # images hard-linked
     copied: int  # images copied (no hard link across file systems, or not allowed)
+    collected: int = 0  # rows of the merged collected.csv (none written when 0)
 
 
 def check_out(out: Path, sources: Sequence[Path] = ()) -> None:
@@ -226,6 +248,10 @@ def read_source(
                 raise voc.VocError(f"{path}: {problem}; rename it")
             other_images.append(path)
     listed = {i for split_ids in splits.values() for i in split_ids}
+    held = annotated | {p.stem for p in other_images}
+    collected, columns, unreadable = _collected_rows(root, held)
+    # (an unreadable listing: `unboxed` would say so too, in fewer words)
+    unboxed = unboxed_collected_warning(root, {s.image_id: s for s in samples})
     return SourcePlan(
         root=root,
         prefix=prefix,
@@ -235,7 +261,35 @@ def read_source(
         splits=splits,
         unlisted=len(annotated - listed),
         line_tails={s: voc.split_line_tails(root, s) for s in present},
+        collected=collected,
+        collected_columns=columns,
+        warnings=[unreadable] if unreadable else [unboxed] if unboxed else [],
     )
+
+
+def _collected_rows(
+    root: Path, held: set[str]
+) -> tuple[list[dict[str, str]], list[str], str | None]:
+    """(rows, columns, problem) of ``ROOT/collected.csv`` (`splitdet edge collect`'s listing):
+    the rows of the images in ``held`` (a row of an image removed from the source since could
+    name another source's image of that id); nothing when there is no listing. One that cannot
+    be read is not carried: ``problem`` says so."""
+    listing = Path(root) / LISTING
+    if not listing.is_file():
+        return [], [], None
+    try:
+        with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.DictReader(fh)
+            rows = [row for row in reader if row.get("image_id") in held]
+            columns = list(reader.fieldnames or [])
+    except (OSError, csv.Error) as exc:
+        problem = (
+            f"{listing}: cannot read it ({exc}): the merged dataset's collected.csv lacks its "
+            "rows, and `data check` of it cannot check its images collected without a box; "
+            "repair the listing and merge again"
+        )
+        return [], [], problem
+    return rows, columns, None
 
 
 def split_names(root: Path) -> list[str]:
@@ -404,6 +458,7 @@ def merge(
                 )
         for split in _merged_order(split_ids):
             voc.write_split(work, split, split_ids[split], split_tails[split])
+        collected = _write_collected(work, plan.sources)
         try:
             os.rename(work, out)  # (replaces an empty folder; never a non-empty one)
         except OSError as exc:
@@ -424,4 +479,27 @@ def merge(
         splits={s: len(split_ids[s]) for s in _merged_order(split_ids)},
         linked=linked,
         copied=copied,
+        collected=collected,
     )
+
+
+def _write_collected(work: Path, sources: Sequence[SourcePlan]) -> int:
+    """Write the merged ``collected.csv`` into ``work``: every source's rows (`SourcePlan.
+    collected`) with their ids as merged, under `LISTING_COLUMNS` and then any other column a
+    source's listing has (empty in the rows of a listing without it); the rows written, and
+    nothing written when no source has any."""
+    rows = [
+        {**row, "image_id": source.new_id(row["image_id"])}
+        for source in sources
+        for row in source.collected
+    ]
+    if not rows:
+        return 0
+    extra = [c for s in sources for c in s.collected_columns if c not in LISTING_COLUMNS]
+    columns = [*LISTING_COLUMNS, *dict.fromkeys(extra)]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(work / LISTING, text.getvalue().encode("utf-8"))
+    return len(rows)
