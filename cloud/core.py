@@ -16,6 +16,7 @@ servicer maps those to status codes in one place.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from torchvision.ops import clip_boxes_to_image
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
 from splitdet.cloud.log_limit import LineLimiter, repeats_note
 from splitdet.edge.preprocess import ImageError, resized_size
+from splitdet.shared.checkpoint import why_unreadable
 from splitdet.shared.codec import (
     DEFAULT_MAX_TOTAL_BYTES,
     CodecError,
@@ -47,6 +49,7 @@ from splitdet.shared.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
+    read_artifact,
     read_manifest,
 )
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
@@ -136,7 +139,11 @@ class DetectResult:
 def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
     """Load the cloud's half of an exported model directory.
 
-    The manifest is verified (artifact hashes, fingerprint); the weights file must hold exactly
+    The manifest is read once and verified (artifact hashes, fingerprint); the weights file is
+    read once into memory, its bytes checked against that manifest's hash and loaded from
+    those bytes: the heads served are those the fingerprint covers, even when the folder is
+    renamed or its files replaced meanwhile (a SIGHUP reload while exports are swapped by
+    rename is refused, never served another export's heads). The weights must hold exactly
     the RPN and ROI heads' parameters: anything missing from them, or any key outside them, is
     refused rather than half-loaded.
 
@@ -147,21 +154,10 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
     Raises:
         ManifestError: the directory, its manifest or its weights cannot be served.
     """
-    from splitdet.shared.checkpoint import why_unreadable
-
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir, verify=True)
     weights_path = model_dir / CLOUD_WEIGHTS
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, foreign formats
-        # one line, as for a checkpoint: torch's own message runs to a dozen lines and advises
-        # weights_only=False, which would run whatever code the file holds
-        try:
-            why = why_unreadable(weights_path, exc)
-        except OSError as gone:  # (replaced or removed since it was hashed)
-            why = gone.strerror or _one_line(gone)
-        raise ManifestError(f"{weights_path}: cannot be loaded ({why})") from None
+    state = _load_weights(weights_path, read_artifact(model_dir, manifest, CLOUD_WEIGHTS))
     if not isinstance(state, dict):
         raise ManifestError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
     foreign = sorted(k for k in state if not str(k).startswith(CLOUD_PREFIXES))
@@ -188,6 +184,17 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
         return CloudHalf(model.eval()).eval(), manifest
     except Exception as exc:  # (what the model's split could not take)
         raise ManifestError(f"{model_dir}: cannot be served ({_one_line(exc)})") from None
+
+
+def _load_weights(path: Path, data: bytes) -> object:
+    """torch.load of the weights file `path`'s bytes `data` (already checked against the
+    manifest), tensors and plain data only; ManifestError in one line when they cannot be."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, foreign formats
+        # one line, as for a checkpoint: torch's own message runs to a dozen lines and advises
+        # weights_only=False, which would run whatever code the file holds
+        raise ManifestError(f"{path}: cannot be loaded ({why_unreadable(data, exc)})") from None
 
 
 def _one_line(exc: BaseException, limit: int = 1000) -> str:

@@ -242,6 +242,12 @@ def _load_or_keep(
     model = loaded.get(fingerprint)
     if model is None:
         model = ServedModel(*load_cloud(model_dir))
+        if model.fingerprint != fingerprint:  # (its manifest replaced between the two reads)
+            raise ManifestError(
+                f"{model_dir}: changed while it was read (export {fingerprint[:16]}, then "
+                f"{model.fingerprint[:16]}): renamed or copied into meanwhile; send SIGHUP "
+                "again once the copy is done"
+            )
     elif (
         held.get(model_dir) != fingerprint or (model_dir / PUBLISHING_MARKER).exists()
     ):  # loaded from another directory, or a re-export killed midway in it

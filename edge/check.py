@@ -28,7 +28,7 @@ from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.cloud_args import PREDICT_SCORE_THRESHOLD
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
 from splitdet.edge.preprocess import ImageError
-from splitdet.edge.runtime import EdgeRuntime
+from splitdet.edge.runtime import EdgeRuntime, ModelOutputError
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.manifest import ManifestError, edge_gate_kind
 from splitdet.shared.probability_format import format_probability
@@ -123,6 +123,8 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
         result = pipeline.process_array(array)
     except ImageError as exc:  # e.g. too elongated for the model's input size
         raise _Failed(f"{name}: {exc}") from None
+    except ModelOutputError as exc:  # the export's, not the image's (its message names it)
+        raise _Failed(str(exc)) from None
     t = result.timings
     return result, (
         f"{name}: p(defect) {format_probability(result.p_defect)}; gate {t['gate']:.3f} s, "

@@ -360,6 +360,7 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
 
     from splitdet.edge.daemon import EdgeDaemon
     from splitdet.edge.daemon_config import DaemonConfig, folder_problem
+    from splitdet.edge.runtime import ModelOutputError
     from splitdet.edge.store import OutboxCap
     from splitdet.edge.store_file import (
         FREE_DB_SPACE,
@@ -433,6 +434,8 @@ def _run_daemon(args: argparse.Namespace, built: list, stopped: list[bool]) -> i
         raise CommandError(f"--db {config.db}: {exc}{hint}") from None
     except StoreError as exc:  # e.g. the database deleted while it ran; starts with its path
         raise CommandError(f"--db {exc}") from None
+    except ModelOutputError as exc:  # the export's gate gives no verdict: nothing recorded
+        raise CommandError(f"{exc}; the image being handled stays in --watch") from None
     except OSError as exc:
         raise CommandError(str(exc)) from None
     finally:

@@ -481,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
     """Predict and report; see EPILOG for the exit status."""
     from splitdet.edge.pipeline import EdgePipeline
     from splitdet.edge.predict import ModelRefused, annotated_names, scan_inputs
-    from splitdet.edge.runtime import EdgeRuntime
+    from splitdet.edge.runtime import EdgeRuntime, ModelOutputError
     from splitdet.shared.cli import FULL_INSTALL, CommandError, has_full_install
     from splitdet.shared.manifest import ManifestError
     from splitdet.shared.sigterm import Terminated
@@ -538,6 +538,8 @@ def run(args: argparse.Namespace) -> int:
         complete = interrupt is None
     except ModelRefused as exc:
         complete, refusal = False, refused(remote, exc) if remote is not None else str(exc)
+    except ModelOutputError as exc:  # the export's gate gives no p(defect): no verdict at all
+        complete, refusal = False, str(exc)
     except CommandError:  # refused (e.g. torch unusable): leave no folder behind
         remove_if_empty(made)
         raise

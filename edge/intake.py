@@ -29,6 +29,7 @@ from splitdet.edge.file_identity import NOTHING_READ, path_text
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
 from splitdet.edge.preprocess import ImageError, read_regular_file
+from splitdet.edge.runtime import ModelOutputError
 from splitdet.edge.sender import Sender
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
 from splitdet.edge.watcher import Candidate, HotFolder, Ready
@@ -209,6 +210,8 @@ class Intake:
         not recorded (stopping, or given up, while waiting for room in the outbox)."""
         try:
             result = self.pipeline.process_array(ready.image)
+        except ModelOutputError:  # the export's, not the image's: the daemon stops (exit 2),
+            raise  # the image stays in --watch for a model that gives a verdict
         except Exception as exc:
             short = memory_shortage(exc)
             if short is not None:  # the machine's, not the image's: taken again later

@@ -138,11 +138,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def why_unreadable(path: Path, exc: Exception) -> str:
-    """One line on why torch.load refused `path` (its own messages run to a dozen lines and
-    suggest weights_only=False, which would run whatever code the file holds)."""
-    with open(path, "rb") as file:
-        head = file.read(4)
+def why_unreadable(path: Path | bytes, exc: Exception) -> str:
+    """One line on why torch.load refused `path` (or the bytes of a file read already: the
+    cloud loads its heads from the bytes it hashed) (torch's own messages run to a dozen lines
+    and suggest weights_only=False, which would run whatever code the file holds)."""
+    if isinstance(path, bytes):
+        head = path[:4]
+    else:
+        with open(path, "rb") as file:
+            head = file.read(4)
     if not head:
         return "the file is empty"
     if head != b"PK\x03\x04":  # torch.save writes a zip archive

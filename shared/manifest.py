@@ -14,9 +14,11 @@ settings; the edge stamps it on every request and the cloud refuses one it does 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.config import ModelConfig
+from splitdet.shared.regular_file import open_regular
 from splitdet.shared.spec import SIZE_DIVISIBLE, SPEC_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -180,20 +183,35 @@ def write_manifest(
 
 
 def _checkpoint_in(folder: Path) -> Path | None:
-    """The training checkpoint a folder holds (best.pt first, then last.pt, then any *.pt),
-    or None: `folder` is then no training run's."""
+    """The training checkpoint a folder holds (best.pt first, then last.pt, then any *.pt but
+    an export's cloud_heads.pt), or None: `folder` is then no training run's."""
     try:
-        found = sorted(p for p in folder.glob("*.pt") if p.is_file())
+        found = sorted(p for p in folder.glob("*.pt") if p.name != CLOUD_WEIGHTS and p.is_file())
     except OSError:
         return None
     preferred = {"best.pt": 0, "last.pt": 1}
     return min(found, key=lambda p: (preferred.get(p.name, 2), p.name), default=None)
 
 
+def _artifacts_in(folder: Path) -> list[str]:
+    """The names of an export's artifacts (`ALL_ARTIFACTS`) that `folder` holds, whatever
+    their kind."""
+    return [name for name in ALL_ARTIFACTS if os.path.lexists(folder / name)]
+
+
 def _no_manifest(model_dir: Path, path: Path) -> str:
-    """Why `model_dir` without its manifest `path` is no export: a training run's folder
-    (it holds a checkpoint: export that first), or no folder `splitdet export` made."""
-    checkpoint = _checkpoint_in(model_dir) if model_dir.is_dir() else None
+    """Why `model_dir` without its manifest `path` is no export: an export that lost its
+    manifest (it holds an export's files: half-copied?), a training run's folder (it holds a
+    checkpoint: export that first), or no folder `splitdet export` made."""
+    if not model_dir.is_dir():
+        return f"{path}: missing; is {model_dir} a directory made by splitdet export?"
+    held = _artifacts_in(model_dir)
+    if held:
+        return (
+            f"{path}: missing: {model_dir} holds {', '.join(held)} of an export but not its "
+            "manifest (half-copied, or damaged?): copy the export again, whole"
+        )
+    checkpoint = _checkpoint_in(model_dir)
     if checkpoint is None:
         return f"{path}: missing; is {model_dir} a directory made by splitdet export?"
     return (
@@ -201,6 +219,80 @@ def _no_manifest(model_dir: Path, path: Path) -> str:
         f"{checkpoint.name}, a training checkpoint: export it first: splitdet export "
         f"--checkpoint {checkpoint} --out DIR"
     )
+
+
+def _not_opened(path: Path, exc: OSError, what: str) -> str:
+    """Why `path` (the export's `what`: "missing from the model directory", ...) could not be
+    opened (`open_regular` raised `exc`): missing, not a regular file (named as what it is: a
+    FIFO, a device, a folder), or unreadable."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: {what}"
+    if exc.errno == errno.EINVAL and str(exc.strerror).startswith("not a regular file"):
+        return (
+            f"{path}: {exc.strerror}, not the file `splitdet export` writes: copy the "
+            "export again, whole"
+        )
+    return f"{path}: cannot be read ({exc.strerror or exc})"
+
+
+def _read_manifest_bytes(model_dir: Path, path: Path) -> bytes:
+    """The bytes of `model_dir`'s manifest.json, read once (never waiting on a FIFO)."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise ManifestError(_no_manifest(model_dir, path)) from None
+    except OSError as exc:
+        raise ManifestError(_not_opened(path, exc, "missing")) from None
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+    return data
+
+
+def _checked_artifact(model_dir: Path, name: str, expected: str, keep: bool) -> bytes | None:
+    """Read the artifact `name` of `model_dir` once and compare its SHA-256 with `expected`;
+    its bytes with `keep` (else None, read in chunks). ManifestError naming the file when it
+    is missing, not a regular file, unreadable or different (an interrupted export said so)."""
+    artifact = model_dir / name
+    problem, data = None, None
+    try:
+        with os.fdopen(open_regular(artifact), "rb") as handle:
+            if keep:
+                data = handle.read()
+                digest = hashlib.sha256(data).hexdigest()
+            else:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if digest != expected:
+            problem = f"{artifact}: contents differ from the manifest's hash"
+    except OSError as exc:
+        problem = _not_opened(artifact, exc, "missing from the model directory")
+    if problem is not None and (model_dir / PUBLISHING_MARKER).exists():
+        raise ManifestError(
+            f"an export into {model_dir} was interrupted while it replaced its files "
+            f"({problem}): run `splitdet export` again"
+        )
+    if problem is not None:
+        raise ManifestError(problem)
+    return data
+
+
+def read_artifact(model_dir: Path, manifest: Manifest, name: str) -> bytes:
+    """The bytes of `model_dir`'s artifact `name`, read once and checked against `manifest`'s
+    hash of it: load what this returns, never the file by its path again. What is loaded is
+    then what was hashed, under `manifest`'s fingerprint, even when the folder is renamed or
+    the file replaced meanwhile (a swap since `manifest` was read is refused, not loaded).
+
+    Raises:
+        ManifestError: `manifest` lists no such artifact, or the file is missing, not a
+            regular file, unreadable, or its bytes differ from the manifest's hash.
+    """
+    model_dir = Path(model_dir)
+    if name not in manifest.artifacts:
+        raise ManifestError(f"{model_dir / MANIFEST_NAME}: lists no {name}; re-export the model")
+    data = _checked_artifact(model_dir, name, manifest.artifacts[name], keep=True)
+    assert data is not None  # (keep=True)
+    return data
 
 
 def _class_names_problem(data: dict[str, Any], model_config: ModelConfig) -> str | None:
@@ -247,12 +339,9 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
             f"{model_dir}: a file, not the folder `splitdet export` makes (a checkpoint? "
             f"export it first: splitdet export --checkpoint {model_dir} --out DIR)"
         )
-    if not path.is_file():
-        raise ManifestError(_no_manifest(model_dir, path))
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+    raw = _read_manifest_bytes(model_dir, path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode())
         if data.get("format") != MANIFEST_FORMAT:
             raise ManifestError(
                 f"{path}: manifest format {data.get('format')!r}, this splitdet reads "
@@ -299,19 +388,7 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         )
     if verify:
         for name, expected in manifest.artifacts.items():
-            artifact = model_dir / name
-            problem = None
-            if not artifact.is_file():
-                problem = f"{artifact}: missing from the model directory"
-            elif file_sha256(artifact) != expected:
-                problem = f"{artifact}: contents differ from the manifest's hash"
-            if problem is not None and (model_dir / PUBLISHING_MARKER).exists():
-                raise ManifestError(
-                    f"an export into {model_dir} was interrupted while it replaced its files "
-                    f"({problem}): run `splitdet export` again"
-                )
-            if problem is not None:
-                raise ManifestError(problem)
+            _checked_artifact(model_dir, name, expected, keep=False)
         recomputed = compute_fingerprint(
             manifest.artifacts, manifest.model_config, manifest.gate_threshold
         )
