@@ -167,10 +167,11 @@ class StoreDeadLetters(StoreConnection):
     ) -> Requeue:
         """Put refused requests back in the outbox, due now, their rows "pending" again (one
         commit). Only as many as the outbox has room for, oldest first. A dead letter whose
-        image (the same content hash) has a final result (ok or defect) in a later row (a
-        greater id: processed again after it) is never requeued, abandoned or not
+        image (the same content hash) has a final result (ok or defect) since, in a later row
+        (a greater id: processed again after it) or judged at or after its refusal (an earlier
+        dead letter of it requeued and answered since), is never requeued, abandoned or not
         (`Requeue.processed_again`): it would get a second one. An earlier twin (the same bytes
-        judged before it) does not stop it: that result is not this image's.
+        judged before it was refused) does not stop it: that result is not this image's.
 
         Args:
             since: only dead letters refused at or after this unix time.
@@ -188,12 +189,13 @@ class StoreDeadLetters(StoreConnection):
             joined = " LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else ""
             refused = "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
                 "COALESCE(i.finished, i.updated)")  # fmt: skip
-            # the images with a final result made after the dead letter's row (processed again
-            # since): the latest such row of each content hash, later than the dead letter's
+            # the images with a final result since (processed again): in a row arrived after the
+            # dead letter's, or judged at or after its refusal (an earlier row requeued and
+            # answered since keeps its lower id); an earlier twin judged before it does not count
             final = (
-                " LEFT JOIN (SELECT content_hash, MAX(id) AS last FROM images"
-                " WHERE verdict IN ('ok', 'defect') GROUP BY content_hash) f"
-                " ON f.content_hash = i.content_hash AND f.last > i.id"
+                " LEFT JOIN (SELECT content_hash, MAX(id) AS last, MAX(finished) AS judged"
+                " FROM images WHERE verdict IN ('ok', 'defect') GROUP BY content_hash) f"
+                f" ON f.content_hash = i.content_hash AND (f.last > i.id OR f.judged >= {refused})"
             )
             rows = db.execute(
                 f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept},"

@@ -69,3 +69,30 @@ def test_an_earlier_twin_does_not_stop_a_requeue_a_later_one_does(tmp_path, caps
     verdicts = _verdicts(db)
     assert verdicts[after_twin] == "pending"  # back in the outbox: it gets its own result
     assert (verdicts[refed], verdicts[again]) == ("error", "defect")  # not a second result
+
+
+def test_a_twin_requeued_and_judged_after_the_dead_letter_stops_its_requeue(tmp_path, capsys):
+    """Row 1 abandoned, its image copied back (row 2) and abandoned under another export; row
+    1 requeued and judged: row 2's image has a result since, in a row of a lower id. The
+    first version of the earlier-twin rule requeued row 2 too: a second final result."""
+    db = tmp_path / "edge.sqlite"
+    other = "b" * 64
+    store = ResultStore(db)
+    first = _pending(store, 1, 1)
+    store.close()
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", RETIRED[:12]]) == 0
+    store = ResultStore(db)
+    image_id, _, _ = store.record_pending(_arrival(1, 2), 0.9, "req-copy", b"x" * 100, other, {})
+    store.close()
+    assert main(["edge", "abandon", "--db", str(db), "--fingerprint", other[:12]]) == 0
+    assert main(["edge", "requeue", "--db", str(db), "--abandoned", "--fingerprint",
+                 RETIRED[:12]]) == 0  # fmt: skip
+    store = ResultStore(db)
+    assert store.complete(first, ANSWER)  # row 1 judged now, after row 2 was refused
+    store.close()
+    capsys.readouterr()
+
+    assert main(["edge", "requeue", "--db", str(db), "--abandoned"]) == 0
+    out = capsys.readouterr().out
+    assert "left 1 whose image has a final result since (processed again)" in out, out
+    assert _verdicts(db) == {first: "defect", image_id: "error"}
