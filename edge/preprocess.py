@@ -157,8 +157,8 @@ def _check_size(source: str, width: int, height: int) -> None:
 
 
 def _open(data: bytes, source: str) -> Image.Image:
-    """The decoded Pillow image (pixels loaded), within the size limits. (Pillow's
-    DecompressionBombWarning is to be made an error by the caller: `decode_image` does.)"""
+    """The decoded Pillow image (pixels loaded), within the size limits (`_check_size`, before
+    the pixels are decoded: Pillow's DecompressionBombWarning is for images past them)."""
     image = Image.open(io.BytesIO(data))
     _check_size(source, *image.size)
     frames = getattr(image, "n_frames", 1)
@@ -466,9 +466,12 @@ _DECODER_MODULES = r"PIL(\.|$)"
 class _DecoderWarnings:
     """While inside, the warnings of Pillow's decoding in this thread are taken and logged as
     the file's (`_log_warnings`; Pillow's deprecation warnings, of the code, not of the file,
-    left out), DecompressionBombWarning made an error; any other warning shown meanwhile (the
-    application's other threads', this thread's other deprecations) is handed, on the way
-    out, to the application's own `warnings.showwarning`, unchanged.
+    left out); any other warning shown meanwhile (the application's other threads', this
+    thread's other deprecations) is handed, on the way out, to the application's own
+    `warnings.showwarning`, unchanged. No warning is made an error: Pillow's
+    DecompressionBombWarning comes from images past MAX_PIXELS, which `_check_size` refuses
+    right after Pillow reads their size (an error filter, the process's, raised in the
+    application's own threads' Pillow calls too).
 
     Python 3.11's warning filters and display are the process's: the window is held under
     `_WARNINGS_LOCK`, and covers Pillow's work alone. Only the decoder's own modules' filter
@@ -487,7 +490,6 @@ class _DecoderWarnings:
         try:
             self._catcher.__enter__()
             warnings.filterwarnings("always", module=_DECODER_MODULES)
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.showwarning = self._show
         except BaseException:
             _WARNINGS_LOCK.release()

@@ -209,3 +209,48 @@ def test_process_array_refuses_a_nan_frame_instead_of_passing_it(tiny_model_dir)
         pipeline.process_array(frame)
     with pytest.raises(ValueError, match="got uint8 values"):
         pipeline.process_array(np.full((3, 64, 80), 128, np.uint8))
+
+
+def _header_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (Pillow reads only that)."""
+    from support import png_chunk
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")
+
+
+def test_an_apps_own_pillow_call_is_not_made_an_error_during_a_decode(monkeypatch):
+    """DecompressionBombWarning was made an error for the whole process while a decode ran:
+    an application that opens its own 95-megapixel image in another thread (its choice to
+    allow it) got an exception whenever a camera thread was decoding (30 of 30 with 4)."""
+    real_open = Image.open
+    go, done, raised = threading.Event(), threading.Event(), []
+
+    def app() -> None:
+        go.wait(30)
+        try:
+            real_open(io.BytesIO(_header_png(10000, 9500)))
+        except Exception as exc:  # what the app's own thread met
+            raised.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=app, daemon=True)
+    thread.start()
+
+    def open_and_let_the_app_open(*args, **kwargs):
+        go.set()
+        assert done.wait(30), "the app thread never opened its image"
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_and_let_the_app_open)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the app's choice
+        decode_image(_rgb_png(), "frame.png")
+    thread.join(30)
+    assert raised == []
+
+
+def test_an_image_past_pillows_warning_size_is_still_refused_in_one_line():
+    with pytest.raises(ImageError, match=r"big\.png: 10000x9500 pixels exceeds the 64000000"):
+        decode_image(_header_png(10000, 9500), "big.png")
