@@ -22,6 +22,13 @@ reviewer (one they could not judge, or a duplicate `splitdet data check` named):
 collected again, by its id nor by its content hash under another id (the same bytes processed
 again), and is counted in ``removed``; ``recollect_removed`` collects such images again.
 
+A reviewer edits ``collected.csv`` in a spreadsheet, which may save it again with a byte order
+mark ("CSV UTF-8") or semicolons between columns: `read_listing`, the one reader of it (the
+training tools' too), reads either, and a run adding rows to such a listing rewrites it as
+collect writes it first (no row without its id, no mix of separators). One it cannot read
+(another encoding, other separators, no ``image_id`` column) is refused (`ListingError`)
+rather than guessed at: the images removed from the tree would come back.
+
 The copies are what the edge saw: the edge decodes an image's pixels as Pillow gives them, a
 JPEG's or PNG's as stored whatever its EXIF orientation tag says, and the cloud's boxes are in
 those pixel coordinates. An image whose tag has viewers and annotation tools turn or mirror it
@@ -42,6 +49,7 @@ Only the standard library and Pillow (through `splitdet.training.voc`): no torch
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import glob
@@ -67,7 +75,16 @@ from splitdet.shared.atomic_file import atomic_write, stale_temporaries
 from splitdet.shared.manifest import file_sha256
 from splitdet.training import voc
 
-__all__ = ["COLLECTABLE", "CollectSummary", "collect_results", "tagged_image_id", "voc_image_id"]
+__all__ = [
+    "COLLECTABLE",
+    "CollectSummary",
+    "Listing",
+    "ListingError",
+    "collect_results",
+    "read_listing",
+    "tagged_image_id",
+    "voc_image_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +104,11 @@ LISTING_COLUMNS = (
 #: The `needs_boxes` column's value for a defect verdict whose annotation holds no box (else
 #: "no"; empty in rows listed before the column was added).
 NEEDS_BOXES = "yes"
+#: What to do with a listing `read_listing` cannot read (a spreadsheet's "Save as" choice).
+LISTING_HINT = "save it as CSV UTF-8 (comma delimited)"
+#: The column separators a listing may have: collect's commas, or the semicolons a spreadsheet
+#: in a locale whose decimal mark is the comma writes.
+_DELIMITERS = (",", ";")
 #: Lengths of the content-hash tag `tagged_image_id` tries, shortest first.
 _TAG_LENGTHS = (8, 16, 32, 64)
 
@@ -143,6 +165,80 @@ def tagged_image_id(image_id: str, content_hash: str, length: int = _TAG_LENGTHS
     return f"{image_id}-{content_hash[:length]}"
 
 
+class ListingError(ValueError):
+    """A ``collected.csv`` that cannot be read as a listing (not UTF-8, no ``image_id`` column
+    with commas or semicolons between columns); its message names the file and what to do."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: cannot read it ({why}): {LISTING_HINT}")
+        self.path, self.why = path, why
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A ``collected.csv`` as `read_listing` read it."""
+
+    columns: list[str]  # its header (none when the file is empty)
+    rows: list[dict[str, str]]  # {column: value} of each row, in file order
+    records: list[list[str]]  # the same rows as read, field by field (extra fields kept)
+    delimiter: str  # "," or ";"
+    bom: bool  # starts with a UTF-8 byte order mark (a spreadsheet's "CSV UTF-8")
+    text: str  # the file's text, without its byte order mark
+    # a damaged line that stopped the reading (an edited listing; csv's words): the rows
+    # before it only
+    damage: str | None = None
+
+    @property
+    def canonical(self) -> bool:
+        """Whether it is written as collect writes it (commas, no byte order mark): rows can be
+        appended to it as they are."""
+        return self.delimiter == "," and not self.bom
+
+
+def read_listing(path: Path) -> Listing:
+    """Read ``collected.csv`` as collect wrote it or a spreadsheet saved it again: UTF-8 with
+    or without a byte order mark, commas or semicolons between columns (the header's
+    ``image_id`` tells which), any line ends. ListingError when it cannot be read as one;
+    OSError when it cannot be read at all. A damaged line (an unfinished quote, a field past
+    csv's limit) ends the rows read: `Listing.damage` says so."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ListingError(path, f"not UTF-8: byte {exc.start}") from None
+    bom = data.startswith(codecs.BOM_UTF8)
+    if not text.strip():
+        return Listing([], [], [], ",", bom, text)
+    delimiter, columns = _listing_header(path, text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    next(reader)
+    records: list[list[str]] = []
+    damage = None
+    try:
+        for record in reader:
+            if record:  # (a blank line: no row, as csv.DictReader reads it)
+                records.append(record)
+    except csv.Error as exc:
+        damage = str(exc)
+    rows = [dict(zip(columns, record, strict=False)) for record in records]
+    return Listing(columns, rows, records, delimiter, bom, text, damage)
+
+
+def _listing_header(path: Path, text: str) -> tuple[str, list[str]]:
+    """(delimiter, columns) of a listing's ``text``: the first of `_DELIMITERS` whose header
+    holds an ``image_id`` column; ListingError when none does."""
+    for delimiter in _DELIMITERS:
+        try:
+            header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+        except csv.Error as exc:
+            raise ListingError(path, f"its header: {exc}") from None
+        if "image_id" in header:
+            return delimiter, header
+    raise ListingError(
+        path, "no image_id column in its first line, with commas or semicolons between columns"
+    )
+
+
 @dataclass(frozen=True)
 class _Match:
     """A result the selection matched: what choosing its VOC id needs."""
@@ -175,19 +271,16 @@ class _Existing:
         #: whether collected.csv was read whole (an edited one may not parse: then no image is
         #: taken as unlisted, whose row may stand in the part not read)
         self.listing_whole = True
-        listing = out / LISTING
-        if listing.is_file():
-            with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-            try:
-                for row in csv.DictReader(io.StringIO(text, newline="")):
-                    if row.get("image_id"):
-                        self.listed[row["image_id"]] = row
-            except csv.Error:  # a damaged line (an edited listing): the rows before it
-                self.listing_whole = False
+        #: collected.csv as read (None: there is none); ListingError when it cannot be read
+        #: as one (removed images would come back): refused rather than guessed
+        self.listing = read_listing(out / LISTING) if (out / LISTING).is_file() else None
+        if self.listing is not None:
+            self.listed = {row["image_id"]: row for row in self.listing.rows if row.get("image_id")}
+            self.listing_whole = self.listing.damage is None
             # (an unclosed quote swallows the rows after it without an error: every line
             # that starts with a taken id must have been read as a row)
-            starts = {line.split(",", 1)[0] for line in text.splitlines()}
+            delimiter = self.listing.delimiter
+            starts = {line.split(delimiter, 1)[0] for line in self.listing.text.splitlines()}
             if (starts & self.taken) - set(self.listed):
                 self.listing_whole = False
         #: content hashes of the listed images whose annotation is gone (removed by review)
@@ -422,10 +515,11 @@ def collect_results(
     out.mkdir(parents=True, exist_ok=True)
     mark(out)  # a daemon watching a folder above with --recursive skips it
     listing = out / LISTING
-    columns = _listing_columns(listing)
+    columns = _listing_columns(listing, existing.listing)
     if columns and _lacks_columns(columns, [*rows, *unlisted]):
         columns = _add_columns(listing, columns)  # (written before them: they would be lost)
-    with open(listing, "a", newline="", encoding="utf-8") as fh:
+    # (no columns: none there, or an empty one, whose byte order mark must not lead the header)
+    with open(listing, "a" if columns else "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, columns or LISTING_COLUMNS, extrasaction="ignore")
         if not columns:
             writer.writeheader()
@@ -511,15 +605,35 @@ def _remove_stale_temporaries(annotations: Path) -> None:
                 temporary.unlink()
 
 
-def _listing_columns(listing: Path) -> list[str] | None:
-    """The columns of an existing ``collected.csv`` (one written before a column was added
-    keeps its own: new rows are written under them, unless `_add_columns` adds them), None
-    when there is none or it is empty."""
-    if not listing.is_file():
+def _listing_columns(path: Path, listing: Listing | None) -> list[str] | None:
+    """The columns of the existing ``collected.csv`` at ``path`` (`_Existing.listing`; one
+    written before a column was added keeps its own: new rows are written under them, unless
+    `_add_columns` adds them), None when there is none or it is empty. One a spreadsheet saved
+    again with a byte order mark or semicolons is rewritten as collect writes it first
+    (`_rewrite_listing`): a row appended to it would have no id, or other separators."""
+    if listing is None or not listing.columns:
         return None
-    with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-        header = next(csv.reader(fh), None)
-    return header or None
+    if not listing.canonical:
+        _rewrite_listing(path, listing)
+    return listing.columns
+
+
+def _rewrite_listing(path: Path, listing: Listing) -> None:
+    """Write ``listing`` (read from ``path``) back as collect writes it: UTF-8 without a byte
+    order mark, commas between columns, every field as read; the file replaced whole.
+    ListingError when a damaged line stopped its reading (the rows after it would be lost)."""
+    if listing.damage is not None:
+        raise ListingError(path, f"a damaged line: {listing.damage}; rows cannot be added to it")
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(listing.columns)
+    writer.writerows(listing.records)
+    atomic_write(path, text.getvalue().encode("utf-8"), parents=False)
+    log.info(
+        f"{path} rewritten with commas and without a byte order mark (a spreadsheet saved it "
+        "again) before rows are added to it",
+        extra={"fields": {"event": "collect_listing_rewritten", "path": str(path)}},
+    )
 
 
 def _lacks_columns(columns: list[str], rows: list[dict]) -> bool:

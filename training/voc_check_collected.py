@@ -8,13 +8,12 @@ Only the standard library, `voc` and the collect listing's names: no torch.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from splitdet.edge.collect import LISTING, NEEDS_BOXES
+from splitdet.edge.collect import LISTING, NEEDS_BOXES, ListingError, read_listing
 from splitdet.training import voc
 from splitdet.training.voc_check_splits import SPLITS
 
@@ -29,19 +28,25 @@ def unboxed_collected_warning(root: Path, samples: Mapping[str, voc.VocSample]) 
     (among ``samples``, the ones read) still holds no object; None when there are none, or no
     listing. An image's last row decides (one collected again has two); a reviewer who judged
     it defect-free sets its ``needs_boxes`` to ``no`` to say so. An older listing without the
-    column says nothing; one that cannot be read, a note."""
+    column says nothing; one that cannot be read (`read_listing`: a spreadsheet may save it
+    with a byte order mark or semicolons, which it reads), a note."""
     listing = Path(root) / LISTING
     if not listing.is_file():
         return None
     try:
-        with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-            marked = {
-                row.get("image_id") or "": (row.get("needs_boxes") or "").strip().lower()
-                == NEEDS_BOXES
-                for row in csv.DictReader(fh)
-            }
-    except (OSError, csv.Error) as exc:
+        read = read_listing(listing)
+    except ListingError as exc:  # (a spreadsheet's other encoding or separators)
+        return f"{exc}: images collected without boxes not checked"
+    except OSError as exc:
         return f"{listing}: cannot read it ({exc}): images collected without boxes not checked"
+    if read.damage is not None:
+        return (
+            f"{listing}: cannot read it ({read.damage}): images collected without boxes not checked"
+        )
+    marked = {
+        row.get("image_id") or "": (row.get("needs_boxes") or "").strip().lower() == NEEDS_BOXES
+        for row in read.rows
+    }
     unboxed = sorted(
         i for i, flagged in marked.items() if flagged and i in samples and not samples[i].objects
     )

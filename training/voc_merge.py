@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitdet.edge.collect import LISTING, LISTING_COLUMNS
+from splitdet.edge.collect import LISTING, LISTING_COLUMNS, ListingError, read_listing
 from splitdet.shared.atomic_file import atomic_write, folder_mode
 from splitdet.shared.folder_lock import missing_folders
 from splitdet.training import voc
@@ -278,18 +278,26 @@ def _collected_rows(
     if not listing.is_file():
         return [], [], None
     try:
-        with open(listing, newline="", encoding="utf-8", errors="replace") as fh:
-            reader = csv.DictReader(fh)
-            rows = [row for row in reader if row.get("image_id") in held]
-            columns = list(reader.fieldnames or [])
-    except (OSError, csv.Error) as exc:
-        problem = (
-            f"{listing}: cannot read it ({exc}): the merged dataset's collected.csv lacks its "
-            "rows, and `data check` of it cannot check its images collected without a box; "
-            "repair the listing and merge again"
-        )
-        return [], [], problem
-    return rows, columns, None
+        read = read_listing(listing)
+    except ListingError as exc:  # (a spreadsheet's other encoding or separators)
+        return [], [], f"{exc} and merge again: {_NOT_CARRIED}"
+    except OSError as exc:
+        return [], [], _unreadable(listing, exc)
+    if read.damage is not None:
+        return [], [], _unreadable(listing, read.damage)
+    return [row for row in read.rows if row.get("image_id") in held], read.columns, None
+
+
+#: What a source's listing that cannot be read costs the merge (`_collected_rows`).
+_NOT_CARRIED = (
+    "the merged dataset's collected.csv lacks its rows, and `data check` of it cannot check "
+    "its images collected without a box"
+)
+
+
+def _unreadable(listing: Path, why: object) -> str:
+    """The warning of a source's ``listing`` that cannot be read (``why``: what stopped it)."""
+    return f"{listing}: cannot read it ({why}): {_NOT_CARRIED}; repair the listing and merge again"
 
 
 def split_names(root: Path) -> list[str]:
