@@ -84,11 +84,12 @@ FLOAT32 = "tensor(float)"
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Fresh options for one session (`load_session` sets an entry of its own in them: set
     twice, ONNX Runtime warns on stderr, outside the logs): `threads` intra-op threads (None:
-    every core), one inter-op thread, its own log quiet but for errors."""
+    every core), one inter-op thread, its own log quiet but for fatal errors."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # (fatal only: a failure is splitdet's one line, its stderr
+    # lines would break JSON logs)
     # ONNX Runtime's workers spin after each run by default; on a small edge box that burns
     # the cores the next image's decode (or any other process) needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
