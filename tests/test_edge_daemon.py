@@ -329,12 +329,15 @@ def test_cloud_down_then_up_backlog_drains(tiny_model_dir, pool, tmp_path, proce
     assert resumed and resumed[0]["failures"] >= 1 and resumed[0]["failing_for_s"] > 0
     # each "classified" line's bytes are the request the database recorded (and the sender
     # sent), not the features alone; 0 for a defect-free image
-    logged = {
-        record["image_id"]: record["bytes"]
+    classified = [
+        record
         for record in (json.loads(line) for line in edge.log().splitlines() if line[:1] == "{")
         if record.get("event") == "classified"
-    }
+    ]
+    logged = {record["image_id"]: record["bytes"] for record in classified}
     assert logged == {row["id"]: row["bytes_sent"] for row in rows(db)}
+    # and their timings include the store's write (a 14 MB request's took 0.2 s, unseen)
+    assert all(record["timings"]["store"] > 0 for record in classified), classified
 
 
 # ------------------------------------------------------------------------------- 2. kill -9
