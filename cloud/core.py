@@ -155,7 +155,7 @@ def load_cloud(model_dir: Path) -> tuple[CloudHalf, Manifest]:
         ManifestError: the directory, its manifest or its weights cannot be served.
     """
     model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir, verify=True)
+    manifest = read_manifest(model_dir, verify=True, read_later=(CLOUD_WEIGHTS,))
     weights_path = model_dir / CLOUD_WEIGHTS
     state = _load_weights(weights_path, read_artifact(model_dir, manifest, CLOUD_WEIGHTS))
     if not isinstance(state, dict):

@@ -193,7 +193,10 @@ class EdgeRuntime:
             ModelMemoryError: not enough memory to load a graph.
         """
         self.model_dir = Path(model_dir)
-        self.manifest = manifest or read_manifest(self.model_dir)
+        # (the graphs' hashes are checked as `_load` reads them: not twice)
+        self.manifest = manifest or read_manifest(
+            self.model_dir, read_later=(GATE_ONNX, COMPLETE_ONNX)
+        )
         providers = providers_for(device)
         self._gate = self._load(GATE_ONNX, session_options(threads), providers, ("p_defect",))
         # No completion graph when the gate reads P2: every level comes out of the gate.

@@ -316,14 +316,18 @@ def _class_names_problem(data: dict[str, Any], model_config: ModelConfig) -> str
     )
 
 
-def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
+def read_manifest(
+    model_dir: Path, verify: bool = True, read_later: tuple[str, ...] = ()
+) -> Manifest:
     """Read and check a model directory's manifest.
 
     With `verify`, every artifact's SHA-256 is recomputed and compared, and the fingerprint is
-    recomputed: a model directory edited after export is refused, never half-served. The model
-    configuration (`ModelConfig`) and the gate threshold are checked field by field whether or
-    not: a manifest whose fingerprint matches is not trusted for that (anyone who can write the
-    folder can make one).
+    recomputed: a model directory edited after export is refused, never half-served. The
+    artifacts named in `read_later` are left to the caller, who loads them with
+    `read_artifact` (which checks the same hash of the bytes it returns): not hashed twice.
+    The model configuration (`ModelConfig`) and the gate threshold are checked field by field
+    whether or not: a manifest whose fingerprint matches is not trusted for that (anyone who
+    can write the folder can make one).
 
     Raises:
         ManifestError: the manifest is missing, malformed, of another format or spec, holds a
@@ -388,7 +392,8 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         )
     if verify:
         for name, expected in manifest.artifacts.items():
-            _checked_artifact(model_dir, name, expected, keep=False)
+            if name not in read_later:
+                _checked_artifact(model_dir, name, expected, keep=False)
         recomputed = compute_fingerprint(
             manifest.artifacts, manifest.model_config, manifest.gate_threshold
         )

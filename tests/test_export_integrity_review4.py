@@ -108,8 +108,8 @@ def test_cloud_refuses_heads_of_a_folder_swapped_in_after_its_manifest_was_read(
     b = _other_heads(tiny_model_dir, root / "B")
     read = core.read_manifest
 
-    def read_then_swap(model_dir: Path, verify: bool = True):
-        manifest = read(model_dir, verify=verify)
+    def read_then_swap(model_dir: Path, verify: bool = True, **options):
+        manifest = read(model_dir, verify=verify, **options)
         os.rename(a, root / ".t")  # the README's rename, as a SIGHUP reload runs
         os.rename(b, a)
         os.rename(root / ".t", b)
