@@ -77,6 +77,17 @@ def _line(tmp_path: Path) -> tuple[Path, Path, list[int]]:
     return db, archive, rows
 
 
+def _reviewed(tmp_path: Path, capsys, n: int) -> tuple[Path, Path, Path, list[int], str]:
+    """`_line`'s three images collected into tmp_path/review, then part`n` removed by its
+    reviewer: (db, archive, review folder, row ids, the removed image's id)."""
+    db, archive, rows = _line(tmp_path)
+    out = tmp_path / "review"
+    _collect(db, out, capsys)
+    removed = voc_image_id(rows[n - 1], f"part{n}.png")
+    _remove(out, removed)
+    return db, archive, out, rows, removed
+
+
 def test_an_image_removed_by_review_is_not_collected_again(tmp_path, capsys, caplog):
     db, _, rows = _line(tmp_path)
     out = tmp_path / "review"
@@ -124,11 +135,7 @@ def test_the_same_bytes_processed_again_stay_removed(tmp_path, capsys):
 
 
 def test_recollect_removed_brings_them_back_under_their_ids(tmp_path, capsys):
-    db, _, rows = _line(tmp_path)
-    out = tmp_path / "review"
-    _collect(db, out, capsys)
-    removed = voc_image_id(rows[0], "part1.png")
-    _remove(out, removed)
+    db, _, out, _, removed = _reviewed(tmp_path, capsys, 1)
     connection = sqlite3.connect(db)
     try:
         summary = collect_results(connection, out, recollect_removed=True)
@@ -165,11 +172,7 @@ def test_another_image_with_a_removed_images_id_is_tagged(tmp_path, capsys):
 
 
 def test_cli_recollect_removed(tmp_path, capsys):
-    db, _, rows = _line(tmp_path)
-    out = tmp_path / "review"
-    _collect(db, out, capsys)
-    removed = voc_image_id(rows[0], "part1.png")
-    _remove(out, removed)
+    db, _, out, _, removed = _reviewed(tmp_path, capsys, 1)
     assert main(["edge", "collect", "--db", str(db), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "1 listed in collected.csv but removed from" in text, text

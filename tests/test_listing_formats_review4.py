@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 
 import pytest
-from test_collect_removed_review4 import _collect, _defect, _image, _line, _remove
+from test_collect_removed_review4 import _collect, _defect, _image, _reviewed
 from test_merge_collected_review4 import MARK, _check_warnings, _rows, _sources
 
 from splitdet.edge.collect import LISTING, LISTING_COLUMNS
@@ -47,10 +47,7 @@ def _resave(listing: Path, delimiter: str, bom: bool, encoding: str = "utf-8") -
 
 @pytest.mark.parametrize("saved_as", sorted(SAVED_AS))
 def test_collect_again_after_a_spreadsheet_saved_the_listing(tmp_path, capsys, saved_as):
-    db, archive, _ = _line(tmp_path)
-    out = tmp_path / "review"
-    _collect(db, out, capsys)
-    _remove(out, "00000002-part2")
+    db, archive, out, _, _ = _reviewed(tmp_path, capsys, 2)  # 00000002-part2 removed
     _resave(out / LISTING, *SAVED_AS[saved_as])
     store = ResultStore(db)
     _defect(store, 4, _image(archive / "part4.png", 200))
@@ -110,10 +107,7 @@ def _unreadable(listing: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", sorted(UNREADABLE))
 def test_collect_refuses_to_add_to_a_listing_it_cannot_read(tmp_path, capsys, kind):
-    db, archive, _ = _line(tmp_path)
-    out = tmp_path / "review"
-    _collect(db, out, capsys)
-    _remove(out, "00000002-part2")
+    db, archive, out, _, _ = _reviewed(tmp_path, capsys, 2)  # 00000002-part2 removed
     _unreadable(out / LISTING, kind)
     before = (out / LISTING).read_bytes()
     store = ResultStore(db)
