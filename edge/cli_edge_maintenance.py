@@ -49,8 +49,10 @@ The dead letters `splitdet edge abandon` made (a retired export's requests) are 
 --abandoned: an abandon is a decision; requeue them when that export is served again. A dead
 letter whose image (the same content) has a final result in a later row, processed again after
 it (e.g. copied back into the hot folder after an abandon), is never requeued, with --abandoned
-or not: it would get a second final result. Requeue says how many it left so. (An earlier
-result of the same bytes, judged before the dead letter, does not stop it.)
+or not: it would get a second final result. Nor is one whose image has another row pending
+(awaiting its answer): of several dead letters of one image, one call requeues the oldest.
+Requeue says how many it left so. (An earlier result of the same bytes, judged before the dead
+letter, does not stop it.)
 """
 
 
@@ -139,6 +141,10 @@ def requeue(args: argparse.Namespace) -> int:
         print(f"{leave} {len(done.processed_again)} whose image has a final result since "
               f"(processed again){_by_export(done, done.processed_again)}: requeued, each would "
               "get a second one")  # fmt: skip
+    if done.twin_on_its_way:
+        print(f"{leave} {len(done.twin_on_its_way)} whose image is already on its way to the "
+              f"cloud (another of its rows pending){_by_export(done, done.twin_on_its_way)}: "
+              "requeued, each would get a second result")  # fmt: skip
     if done.abandoned_left:
         print(f"{leave} {len(done.abandoned_left)} {ABANDONED}"
               f"{_by_export(done, done.abandoned_left)}: --abandoned requeues them too (but "

@@ -54,6 +54,9 @@ class Requeue:
             hash) has a final result (ok or defect) in a later row (processed again after it,
             e.g. copied back into the hot folder after an abandon); requeued, each would get a
             second one. An earlier row of the same bytes (judged before) does not count.
+        twin_on_its_way: left as they are: another row of their image is pending (awaiting
+            its answer, or requeued by this same call, the oldest first); requeued, each would
+            get a second result. Once that answer comes they count as processed again.
         letters: (export fingerprint, `dead_letter_cause`) of each of the above.
     """
 
@@ -62,6 +65,7 @@ class Requeue:
     not_kept: list[int] = field(default_factory=list)
     abandoned_left: list[int] = field(default_factory=list)
     processed_again: list[int] = field(default_factory=list)
+    twin_on_its_way: list[int] = field(default_factory=list)
     letters: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -171,7 +175,10 @@ class StoreDeadLetters(StoreConnection):
         (a greater id: processed again after it) or judged at or after its refusal (an earlier
         dead letter of it requeued and answered since), is never requeued, abandoned or not
         (`Requeue.processed_again`): it would get a second one. An earlier twin (the same bytes
-        judged before it was refused) does not stop it: that result is not this image's.
+        judged before it was refused) does not stop it: that result is not this image's. Nor
+        is one requeued whose image has another row pending, in the outbox or requeued by this
+        same call (`Requeue.twin_on_its_way`): of several dead letters of one image, the oldest
+        is sent again, once.
 
         Args:
             since: only dead letters refused at or after this unix time.
@@ -199,7 +206,7 @@ class StoreDeadLetters(StoreConnection):
             )
             rows = db.execute(
                 f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept},"
-                f" f.content_hash IS NOT NULL FROM images i{joined}{final}"
+                f" f.content_hash IS NOT NULL, i.content_hash FROM images i{joined}{final}"
                 " WHERE i.verdict = 'error' AND i.error_kind = 'dead_letter'"
                 f" AND {refused} >= ?"
                 + (" AND i.fingerprint = ?" if fingerprint else "")
@@ -209,11 +216,16 @@ class StoreDeadLetters(StoreConnection):
             depth, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM outbox"
             ).fetchone()
-            for image_id, export, reason, payload_bytes, processed_again in rows:
+            on_its_way = {h for (h,) in db.execute(
+                "SELECT DISTINCT content_hash FROM images WHERE verdict = 'pending'"
+            )}  # fmt: skip
+            for image_id, export, reason, payload_bytes, processed_again, image in rows:
                 cause = dead_letter_cause(reason)
                 done.letters[image_id] = (export, cause)
                 if processed_again:
                     done.processed_again.append(image_id)
+                elif image in on_its_way:
+                    done.twin_on_its_way.append(image_id)
                 elif cause == "abandoned" and not abandoned:
                     done.abandoned_left.append(image_id)
                 elif payload_bytes is None:
@@ -223,6 +235,7 @@ class StoreDeadLetters(StoreConnection):
                 else:
                     depth, size = depth + 1, size + payload_bytes
                     done.requeued.append(image_id)
+                    on_its_way.add(image)
                     if not dry_run:
                         self._requeue(db, image_id)
             return done

@@ -213,6 +213,42 @@ def test_the_store_never_requeues_a_dead_letter_whose_image_has_a_final_result(t
         store.close()
 
 
+def test_of_two_dead_letters_of_one_image_one_requeue_sends_the_oldest_once(tmp_path, capsys):
+    """Image 6 refused, fed again and refused again: one call requeues the older dead letter
+    only, and once it is answered the other counts as processed again. Image 7 refused, then
+    fed again and still awaiting its answer: its dead letter is left while that row is pending."""
+    db = tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    try:
+        first = _refused(store, 6, CURRENT)
+        image_id = _pending(store, 6, CURRENT, again=True)
+        assert store.dead_letter(image_id, "dead letter: INTERNAL: a cloud bug")
+        pending_twin = _refused(store, 7, CURRENT)
+        _pending(store, 7, CURRENT, again=True)
+        done = store.requeue(dry_run=True)
+        assert (done.requeued, done.twin_on_its_way) == ([first], [image_id, pending_twin])
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["edge", "requeue", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert f"requeued 1 dead letter(s) (export {CURRENT[:12]}: 1 refused INTERNAL)" in out
+    assert (
+        f"left 2 whose image is already on its way to the cloud (another of its rows pending) "
+        f"(export {CURRENT[:12]}: 2 refused INTERNAL): requeued, each would get a second result"
+    ) in out
+    store = ResultStore(db)
+    try:
+        assert store.outbox_stats().depth == 2  # image 7's pending row and image 6's requeued
+        assert store.complete(first, Answer([[1.0, 1.0, 9.0, 9.0]], [0.9], [1], ["scratch"]))
+        done = store.requeue()
+        assert (done.requeued, done.processed_again) == ([], [image_id])
+        assert done.twin_on_its_way == [pending_twin]
+    finally:
+        store.close()
+    assert _results_by_part(db)["/hot/part6.png"] == ["defect"]
+
+
 @pytest.mark.parametrize(
     ("reason", "cause"),
     [
