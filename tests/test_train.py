@@ -440,3 +440,23 @@ def test_images_with_more_objects_than_the_model_returns_are_warned_of_once(
     assert main([*argv, "--epochs", "3", "--resume"]) == 0  # the run's own, 7, goes on
     assert load_model(run / "last.pt")[0].config.box_detections_per_img == 7
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "init", "events"), [
+    ("paper", "none", {"paper_from_scratch", "paper_on_cpu"}),
+    ("tiny", "none", set()),
+])  # fmt: skip
+def test_the_paper_preset_says_where_it_departs_from_the_paper(name, init, events, caplog):
+    """A paper-preset run from random weights, or on the CPU, is told so before its first step
+    (the paper started from an ImageNet ResNet50 on GPUs; a CPU step at 2448x2048 took 20 GB);
+    another preset is not. The model is a tiny one: only the recipe's name and device count."""
+    from types import SimpleNamespace
+
+    from splitdet.training.run_start import start_afresh
+
+    run = SimpleNamespace(config=replace(PRESETS[name], model=TINY.model), rank=0, progress=False,
+                          model=MultiTaskRCNN(TINY.model), device=torch.device("cpu"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="splitdet"):
+        start_afresh(run, init, resume=False)
+    said = {getattr(r, "fields", {}).get("event") for r in caplog.records}
+    assert said - {None} == events

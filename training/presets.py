@@ -159,8 +159,9 @@ class TrainConfig:
         return cls(**data)
 
 
-#: The paper (Table 2): ResNet50-FPN, SGD lr 0.01 momentum 0.9, StepLR(3, 0.33), batch 4,
-#: 200 epochs, input 2448x2048. min_size=2048 / max_size=2448 keep the camera's native
+#: The paper (Table 2): ResNet50-FPN, SGD lr 0.01, StepLR(3, 0.33), batch 4, 200 epochs,
+#: input 2448x2048; momentum 0.9 and weight decay 1e-4, which it does not state, are
+#: torchvision's reference recipe's. min_size=2048 / max_size=2448 keep the camera's native
 #: resolution: torchvision's default (800/1333) would shrink a 2448x2048 image 2.6x and a
 #: 1-6 px scratch to sub-pixel width; the paper states its input size as 2448x2048.
 PAPER = TrainConfig(

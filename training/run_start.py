@@ -228,6 +228,19 @@ def start_afresh(run: _Run, init: str, resume: bool) -> None:
     report = load_initial_weights(run.model, init, progress=run.progress and run.rank == 0)
     if run.rank == 0:
         _log_initial_weights(run, init, report)
+        if run.config.name == "paper" and init == "none":
+            log.warning(
+                "preset paper from random weights: the paper started from an ImageNet-trained "
+                "ResNet50 (--init imagenet, or --init coco for torchvision's COCO detector)",
+                extra={"fields": {"event": "paper_from_scratch"}},
+            )
+        if run.config.name == "paper" and run.device.type == "cpu":
+            log.warning(
+                "preset paper on the CPU: a step of %d images at %dx%d px takes about 5 GB of "
+                "memory per image (20 GB at 4) and minutes of time; the paper trained on GPUs",
+                run.config.batch_size, run.config.model.max_size, run.config.model.min_size,
+                extra={"fields": {"event": "paper_on_cpu"}},
+            )  # fmt: skip
 
 
 def _log_initial_weights(run: _Run, init: str, report: dict[str, Any]) -> None:
