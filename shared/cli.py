@@ -50,12 +50,16 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 #: Modules only the full install has (training, export, the cloud server, the benchmark).
 FULL_INSTALL_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "pycocotools", "matplotlib")
-#: How to get the full install, for messages: from splitdet's source folder, as the docs say.
-FULL_INSTALL = 'install splitdet[full] (pip install ".[full]" in splitdet\'s source folder)'
+#: How to get the full install, for messages: from splitdet's source folder, as the docs say,
+#: or from a built wheel.
+FULL_INSTALL = (
+    'install splitdet[full] (pip install ".[full]" in splitdet\'s source folder, or '
+    'pip install "WHEEL[full]" for a built splitdet-*.whl)'
+)
 #: How to get ONNX Runtime, which the base install leaves to an extra (CPU or GPU flavour).
 EDGE_INSTALL = (
-    'install splitdet[edge] for the CPU (pip install ".[edge]" in splitdet\'s source folder) or '
-    "splitdet[gpu] for onnxruntime-gpu"
+    'install splitdet[edge] for the CPU (pip install ".[edge]" in splitdet\'s source folder, or '
+    'pip install "WHEEL[edge]" for a built splitdet-*.whl) or splitdet[gpu] for onnxruntime-gpu'
 )
 
 
@@ -585,8 +589,11 @@ class VersionAction(argparse.Action):
         values: object,
         option_string: str | None = None,
     ) -> None:
-        """Print the versions and exit."""
-        print(version_text())
+        """Print the versions and exit (quietly when stdout is closed: `| head -1`)."""
+        try:
+            print(version_text(), flush=True)
+        except BrokenPipeError:
+            silence_stdout()
         parser.exit()
 
 

@@ -247,3 +247,24 @@ def test_predict_and_eval_draw_no_bar_when_stderr_is_no_terminal(tiny_model_dir,
         assert main(["eval", "--data", str(tiny_voc), *what, "--json", str(out)]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "img/s" not in err and "batch/s" not in err, err
+
+
+def test_version_into_a_closed_pipe_exits_quietly():
+    """`PYTHONUNBUFFERED=1 splitdet --version | head -1` printed a BrokenPipeError traceback and
+    exited 1 when head had gone (containers set PYTHONUNBUFFERED): `--version` runs while the
+    arguments are parsed, before main's own BrokenPipeError handler."""
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader gone before the first byte: every write fails, EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from splitdet.shared.cli import main; "
+             "sys.exit(main(['--version']))"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
