@@ -40,6 +40,7 @@ def measure(depth: int, size: tuple[int, int], repeats: int, checkpoint: str | N
 
     from splitdet.bench.systems import jpeg_bytes
     from splitdet.edge.pipeline import EdgePipeline
+    from splitdet.edge.preprocess import Pixels
     from splitdet.edge.runtime import EdgeRuntime
     from splitdet.shared.checkpoint import load_model
     from splitdet.shared.codec import CODECS, encode, encoded_size
@@ -81,16 +82,18 @@ def measure(depth: int, size: tuple[int, int], repeats: int, checkpoint: str | N
     with tempfile.TemporaryDirectory() as tmp:
         export_model(model, Path(tmp), gate_threshold=0.0)
         runtime = EdgeRuntime(Path(tmp))
+        # the edge times the decoder's integer pixels, as the daemon hands them over
+        pixels = Pixels(tuple(np.ascontiguousarray(synth.image[:, :, c]) for c in range(3)), 255)
         free = EdgePipeline(runtime, threshold=1.01)  # never flagged: the defect-free path
         flagged = {codec: EdgePipeline(runtime, codec=codec, gate=False) for codec in CODECS}
         ort_s = {
-            "defect_free_image": _median_time(lambda: free.process_array(image), repeats),
+            "defect_free_image": _median_time(lambda: free.process_array(pixels), repeats),
             **{
-                f"defective_image_{c}": _median_time(lambda p=p: p.process_array(image), repeats)
+                f"defective_image_{c}": _median_time(lambda p=p: p.process_array(pixels), repeats)
                 for c, p in flagged.items()
             },
         }
-        result = flagged["int8"].process_array(image)
+        result = flagged["int8"].process_array(pixels)
         ort_s |= {f"stage_{k}": v for k, v in result.timings.items()}
     arrays = {name: level[0].numpy() for name, level in levels.items()}
     figures["ort_s"] = ort_s

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from splitdet.edge import file_moves
+from splitdet.edge.preprocess import Pixels
 from splitdet.shared.atomic_file import (
     WriteError,
     folder_mode,
@@ -105,18 +106,43 @@ def _label_top(
     return max(inside, clear_of[3] + _LABEL_GAP) if clear_of is not None else inside
 
 
+def _to_8bit(unit: np.ndarray) -> np.ndarray:
+    """Float values in [0, 1] (clipped to it) as UInt8 0..255, rounded half up."""
+    return (np.clip(unit, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _band_8bit(band: np.ndarray, full_scale: int) -> np.ndarray:
+    """A `Pixels` band [H, W] (0..full_scale) as UInt8 [H, W]: the numbers `_to_8bit` makes of
+    its float band (divided by full_scale in float32, as `Pixels.to_unit_float`), one float
+    band at a time; an 8-bit band over 255 as it is (the same numbers: v / 255 * 255 + 0.5
+    truncates to v in float32 for every v of 0..255)."""
+    if full_scale == 255 and band.dtype == np.uint8:
+        return band
+    return _to_8bit(np.divide(band, np.float32(full_scale), dtype=np.float32))
+
+
+def rgb_8bit(image: np.ndarray | Pixels) -> np.ndarray:
+    """`image` (a decoded image's `Pixels`, or Float32[3, H, W] in [0, 1]) as UInt8[H, W, 3]
+    RGB for drawing: each value times 255, rounded half up. A `Pixels` from its integer
+    bands (no Float32[3, H, W] made), with the numbers of its float image's."""
+    if not isinstance(image, Pixels):
+        return _to_8bit(image.transpose(1, 2, 0))
+    bands = [_band_8bit(band, image.full_scale) for band in image.bands]
+    return np.stack(bands * 3 if len(bands) == 1 else bands, axis=-1)
+
+
 def draw_detections(
-    image: np.ndarray,
+    image: np.ndarray | Pixels,
     boxes: Sequence[Sequence[float]],
     scores: Sequence[float],
     names: Sequence[str],
     p_defect: float | None = None,
 ) -> Image.Image:
-    """`image` (Float32[3, H, W] in [0, 1]) as an RGB picture with boxes (x1, y1, x2, y2 px),
-    "name score" labels and, if given, p(defect) drawn. Characters of a name the label font
-    lacks are drawn escaped (`_label_text`); a label is kept off the p(defect) text."""
-    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    canvas = Image.fromarray(pixels, "RGB")
+    """`image` (a decoded image's `Pixels`, or Float32[3, H, W] in [0, 1]: `rgb_8bit`) as an
+    RGB picture with boxes (x1, y1, x2, y2 px), "name score" labels and, if given, p(defect)
+    drawn. Characters of a name the label font lacks are drawn escaped (`_label_text`); a
+    label is kept off the p(defect) text."""
+    canvas = Image.fromarray(rgb_8bit(image), "RGB")
     draw = ImageDraw.Draw(canvas)
     font = _label_font()
     width = max(2, round(max(canvas.size) / 600))
@@ -154,16 +180,16 @@ def encode(canvas: Image.Image, path: Path, **options: object) -> bytes:
 
 
 def annotated_bytes(
-    image: np.ndarray,
+    image: np.ndarray | Pixels,
     boxes: Sequence[Sequence[float]],
     scores: Sequence[float],
     names: Sequence[str],
     path: Path,
     p_defect: float | None = None,
 ) -> bytes:
-    """`image` (Float32[3, H, W] in [0, 1]) with boxes (x1, y1, x2, y2 px) and "name score"
-    labels drawn, encoded in memory as `path`'s suffix names (`encode`: JPEG or PNG, another
-    of Pillow's by its suffix), for the caller to write whole (the edge daemon's
+    """`image` (`Pixels`, or Float32[3, H, W] in [0, 1]) with boxes (x1, y1, x2, y2 px) and
+    "name score" labels drawn, encoded in memory as `path`'s suffix names (`encode`: JPEG or
+    PNG, another of Pillow's by its suffix), for the caller to write whole (the edge daemon's
     --save-annotated: `file_moves.write_in_folder`).
 
     Raises:
@@ -173,7 +199,7 @@ def annotated_bytes(
 
 
 def save_annotated_copy(
-    image: np.ndarray,
+    image: np.ndarray | Pixels,
     boxes: Sequence[Sequence[float]],
     scores: Sequence[float],
     names: Sequence[str],

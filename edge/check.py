@@ -27,7 +27,7 @@ import numpy as np
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError
 from splitdet.edge.cloud_args import PREDICT_SCORE_THRESHOLD
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import ImageError
+from splitdet.edge.preprocess import ImageError, Pixels
 from splitdet.edge.runtime import EdgeRuntime, ModelOutputError
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.manifest import ManifestError, edge_gate_kind
@@ -108,6 +108,7 @@ def _load(model_dir: Path, codec: str | None) -> tuple[EdgePipeline, str]:
 
 
 def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, str]:
+    array: np.ndarray | Pixels
     if image is None:
         config = pipeline.manifest.model_config
         height, width = config.min_size, config.max_size
@@ -115,10 +116,11 @@ def _process(pipeline: EdgePipeline, image: Path | None) -> tuple[EdgeResult, st
         name = f"a mid-grey {width}x{height} test image"
     else:
         try:
-            array = pipeline.load(image)
+            array = pipeline.load(image)  # (its integer pixels, as the daemon reads them)
         except ImageError as exc:  # (its message names the file)
             raise _Failed(str(exc) if str(image) in str(exc) else f"{image}: {exc}") from None
-        name = f"{image} ({array.shape[2]}x{array.shape[1]})"
+        height, width = array.hw
+        name = f"{image} ({width}x{height})"
     try:
         result = pipeline.process_array(array)
     except ImageError as exc:  # e.g. too elongated for the model's input size

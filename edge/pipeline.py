@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitdet.edge.preprocess import decode_image, load_image, prepare
+from splitdet.edge.preprocess import Pixels, decode_pixels, load_pixels, prepare
 from splitdet.edge.runtime import EdgeGate, EdgeRuntime
 from splitdet.shared.codec import CODECS, EncodedTensor, encode, encoded_size
 from splitdet.shared.detection import ImageMeta
@@ -83,18 +83,23 @@ class EdgePipeline:
         }
         return result
 
-    def load(self, path: Path) -> np.ndarray:
-        """An image file as Float32[3, H, W] in [0, 1], its 16-bit values scaled as the model
-        was trained (the manifest's `pixel_bits`); ImageError names a file that cannot be."""
-        return load_image(path, self.manifest.model_config.pixel_bits)
+    def load(self, path: Path) -> Pixels:
+        """An image file's integer pixels (`preprocess.Pixels`: what `process_array` takes
+        fastest), its 16-bit values scaled as the model was trained (the manifest's
+        `pixel_bits`); ImageError names a file that cannot be. Its float image, Float32[3, H,
+        W] in [0, 1], is `Pixels.to_unit_float()`."""
+        return load_pixels(path, self.manifest.model_config.pixel_bits)
 
-    def decode(self, data: bytes, source: str) -> np.ndarray:
+    def decode(self, data: bytes, source: str) -> Pixels:
         """`load` for a file's bytes already read (`source` names it in an ImageError)."""
-        return decode_image(data, source, self.manifest.model_config.pixel_bits)
+        return decode_pixels(data, source, self.manifest.model_config.pixel_bits)
 
-    def process_array(self, image: np.ndarray, decision: bool | None = None) -> EdgeResult:
-        """Process Float32[3, H, W] in [0, 1] (any floating dtype); ValueError for anything
-        else (8-bit values, NaN, values out of range: `preprocess.check_unit_image`).
+    def process_array(self, image: np.ndarray | Pixels, decision: bool | None = None) -> EdgeResult:
+        """Process one image: a decoded image's integer pixels (`Pixels`: `load`, `decode`;
+        only the pixels the resize reads are converted to float), or Float32[3, H, W] in
+        [0, 1] (any floating dtype; ValueError for anything else: 8-bit values, NaN, values
+        out of range, `preprocess.check_unit_image`). Both give the same verdict and features
+        for one image, bit for bit.
 
         `decision` overrides the gate's verdict (the gate still runs and costs what it costs):
         the benchmark's oracle-gate mode, which times a perfect gate on untrained weights.
@@ -122,15 +127,18 @@ class EdgePipeline:
         result.bytes_sent = encoded_size(result.encoded)
         return result
 
-    def levels(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], ImageMeta]:
-        """Every FPN level of one image Float32[3, H, W] in [0, 1] (name -> Float32[C, h, w],
-        not encoded), whatever the gate says, and the image's sizes: what the monolithic
-        detector computes before its heads."""
+    def levels(self, image: np.ndarray | Pixels) -> tuple[dict[str, np.ndarray], ImageMeta]:
+        """Every FPN level of one image (name -> Float32[C, h, w], not encoded), whatever the
+        gate says, and the image's sizes: what the monolithic detector computes before its
+        heads. `image`: as `process_array` takes (`Pixels`, or Float32[3, H, W] in [0, 1])."""
         gate, meta = self._gate(image, {})
         return self.runtime.complete(gate), meta
 
-    def _gate(self, image: np.ndarray, timings: dict[str, float]) -> tuple[EdgeGate, ImageMeta]:
-        """Preprocess and gate one image, its stages' seconds into `timings`."""
+    def _gate(
+        self, image: np.ndarray | Pixels, timings: dict[str, float]
+    ) -> tuple[EdgeGate, ImageMeta]:
+        """Preprocess (`preprocess.prepare`) and gate one image (`Pixels`, or Float32[3, H, W]
+        in [0, 1]), its stages' seconds into `timings`."""
         config = self.manifest.model_config
         start = time.perf_counter()
         prepared = prepare(

@@ -247,6 +247,7 @@ def predict_one(
     start = time.perf_counter()
     try:
         data = read_image_file(path)
+        # its integer pixels (`preprocess.Pixels`): gated, and drawn from if flagged (`--save`)
         image = pipeline.decode(data, str(path))  # the bytes its request id hashes
     except ImageError as exc:
         return Prediction(path=str(path), verdict="error", error=str(exc))

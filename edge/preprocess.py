@@ -24,9 +24,13 @@ an `ImageError` naming the file and the mode; a file Pillow cannot decode (corru
 whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
 never a traceback: the daemon quarantines it and goes on.
 
-Memory: decoding writes the Float32[3, H, W] image channel by channel from the 8/16-bit pixels,
-and `prepare` normalises and resizes one channel at a time, so the peak is about the float
-image plus two float channels (the numbers are the same as computing it all at once).
+Decoding keeps the decoder's integer pixels (`decode_pixels`: a `Pixels`, 1 or 3 bands of 1, 2
+or 4 bytes a pixel), and `prepare` converts to float only the pixels its resize reads, a band at
+a time (a downscale by 4 reads about a quarter of them; a grayscale band once for all three
+channels): the same float32 numbers, bit for bit, as converting the whole image first, which
+`decode_image` still does (Float32[3, H, W] in [0, 1], 12 bytes a pixel) for callers that want
+the float image. Memory: `prepare` of a `Pixels` needs its integer bands plus about two float
+channels of the pixels its resize reads (of a float image, that image plus as much).
 """
 
 from __future__ import annotations
@@ -89,34 +93,89 @@ def _channel(pixels: np.ndarray, full_scale: float, out: np.ndarray) -> None:
     np.divide(pixels, np.float32(full_scale), out=out, dtype=np.float32)
 
 
-def _to_unit_float(image: Image.Image, source: str, pixel_bits: int) -> np.ndarray:
-    """A decoded Pillow image as Float32[3, H, W] in [0, 1]; ImageError for a mode refused, or
+@dataclass(frozen=True, eq=False)
+class Pixels:
+    """A decoded image's integer pixels as its decoder gave them, not yet converted to float:
+    what `decode_pixels` returns and `prepare` takes, converting only the pixels its resize
+    reads (`to_unit_float` converts them all: `decode_image`'s Float32[3, H, W] in [0, 1]).
+
+    Attributes:
+        bands: one band (grayscale: all three channels) or three (red, green, blue), each an
+            integer array [H, W], all of one shape: UInt8, UInt16 (either byte order) or Int32
+            (Pillow's "I" mode). Every value lies within 0..full_scale: the decoder checked it
+            (`decode_pixels`); nothing here checks it again. Kept as read-only views.
+        full_scale: the value of full brightness (1.0), which each value is divided by: 255 for
+            8-bit images, 2**pixel_bits - 1 for 16/32-bit grayscale, a PGM's own maxval.
+    """
+
+    bands: tuple[np.ndarray, ...]
+    full_scale: int
+
+    def __post_init__(self) -> None:
+        """ValueError for bands that are not 1 or 3 non-empty integer arrays [H, W] of one
+        shape, or a full scale below 1 (their values are not looked at)."""
+        bands = tuple(self.bands)
+        if len(bands) not in (1, 3):
+            raise ValueError(f"expected 1 or 3 bands, got {len(bands)}")
+        shape = np.shape(bands[0])
+        for band in bands:
+            if not isinstance(band, np.ndarray) or band.dtype.kind not in "ui":
+                raise ValueError(f"expected integer numpy bands, got {type(band).__name__}")
+            if band.ndim != 2 or band.shape != shape or band.size == 0:
+                raise ValueError(f"expected non-empty bands [H, W] of one shape, got {band.shape}")
+        if int(self.full_scale) < 1:
+            raise ValueError(f"expected a full scale of at least 1, got {self.full_scale}")
+        views = []
+        for band in bands:
+            view = band.view()
+            view.flags.writeable = False  # (the view's flag: the caller's array keeps its own)
+            views.append(view)
+        object.__setattr__(self, "bands", tuple(views))
+        object.__setattr__(self, "full_scale", int(self.full_scale))
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the image, px."""
+        height, width = self.bands[0].shape
+        return int(height), int(width)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(3, H, W): the shape of the float image it stands for (`to_unit_float`)."""
+        return (3, *self.hw)
+
+    def to_unit_float(self) -> np.ndarray:
+        """The image as Float32[3, H, W] in [0, 1]: each value divided by `full_scale` in
+        float32 (a grayscale band copied to all three channels), as `decode_image` returns."""
+        array = np.empty(self.shape, dtype=np.float32)
+        for c, band in enumerate(self.bands):
+            _channel(band, float(self.full_scale), array[c])
+        if len(self.bands) == 1:
+            array[1] = array[0]
+            array[2] = array[0]
+        return array
+
+
+def _to_pixels(image: Image.Image, source: str, pixel_bits: int) -> Pixels:
+    """A decoded Pillow image's integer pixels (`Pixels`); ImageError for a mode refused, or
     for a 16/32-bit grayscale pixel outside 0..2**pixel_bits - 1."""
     mode = image.mode
     if mode in TO_RGB_MODES:
         image, mode = image.convert("RGB"), "RGB"
     elif mode in TO_GRAY_MODES:
         image, mode = image.convert("L"), "L"
-    width, height = image.size
-    array = np.empty((3, height, width), dtype=np.float32)
-    if mode == "RGB":
-        for c in range(3):  # a band at a time: no 8-bit copy of all three beside the floats
-            _channel(np.asarray(image.getchannel(c)), 255.0, array[c])
-        return array
+    if mode == "RGB":  # a band at a time, each contiguous
+        return Pixels(tuple(np.asarray(image.getchannel(c)) for c in range(3)), 255)
     if mode == "L":
-        _channel(np.asarray(image), 255.0, array[0])
-    elif mode in WIDE_GRAY_MODES:
+        return Pixels((np.asarray(image),), 255)
+    if mode in WIDE_GRAY_MODES:
         pixels = np.asarray(image)
         _check_wide_range(pixels, source, pixel_bits)
-        _channel(pixels, float(pixel_full_scale(pixel_bits)), array[0])
-    else:
-        raise ImageError(
-            f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
-            "with alpha), RGB (with alpha), palette, CMYK or YCbCr"
-        )
-    array[1] = array[0]
-    array[2] = array[0]
-    return array
+        return Pixels((pixels,), pixel_full_scale(pixel_bits))
+    raise ImageError(
+        f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
+        "with alpha), RGB (with alpha), palette, CMYK or YCbCr"
+    )
 
 
 def _check_wide_range(pixels: np.ndarray, source: str, pixel_bits: int) -> None:
@@ -272,15 +331,6 @@ def _plain_pgm_pixels(text: bytes, count: int, source: str) -> np.ndarray:
     return numbers.astype(np.uint16)
 
 
-def _pgm_to_unit_float(pixels: np.ndarray, maxval: int) -> np.ndarray:
-    """A PGM's pixels (`read_pgm`) as Float32[3, H, W] in [0, 1], over its maxval."""
-    array = np.empty((3, *pixels.shape), dtype=np.float32)
-    _channel(pixels, float(maxval), array[0])
-    array[1] = array[0]
-    array[2] = array[0]
-    return array
-
-
 #: PNG colour types Pillow reads at 8 bits when their samples are 16-bit: RGB, gray + alpha
 #: ("LA": Pillow 13 opens it as RGBA from the top bytes, no mode holds its 16-bit gray band),
 #: RGBA.
@@ -412,12 +462,25 @@ def _jpeg_ends(data: bytes) -> bool:
 
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
-    """Decode encoded image bytes to Float32[3, H, W] in [0, 1]; ImageError (naming `source`)
-    for anything that cannot be, whatever Pillow raised, for a JPEG or PNG not all written
-    yet (`UNWRITTEN_TAIL_BYTES`), and for what `check_encoded` refuses (a JPEG of too many
-    scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the bits 16-bit
-    grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over its own
-    maxval (`read_pgm`), whatever `pixel_bits`.
+    """Decode encoded image bytes to Float32[3, H, W] in [0, 1]: `decode_pixels`, whose checks
+    and errors it has, then `Pixels.to_unit_float` (ImageError naming `source` when that does
+    not fit in memory). The edge's own paths keep the `Pixels` (`prepare` converts only what it
+    reads); this is for callers that want the whole float image."""
+    pixels = decode_pixels(data, source, pixel_bits)
+    try:
+        return pixels.to_unit_float()
+    except MemoryError:  # numpy's _ArrayMemoryError too
+        raise _too_large(source, (pixels.hw[1], pixels.hw[0])) from None
+
+
+def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> Pixels:
+    """Decode encoded image bytes to their integer pixels (`Pixels`, 0..full_scale: what
+    `prepare` takes; `decode_image` gives the same as Float32[3, H, W] in [0, 1]); ImageError
+    (naming `source`) for anything that cannot be, whatever Pillow raised, for a JPEG or PNG
+    not all written yet (`UNWRITTEN_TAIL_BYTES`), and for what `check_encoded` refuses (a JPEG
+    of too many scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the
+    bits 16-bit grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over
+    its own maxval (`read_pgm`), whatever `pixel_bits`.
 
     Warnings raised while decoding (Pillow's "Tag data larger than file", "Possibly corrupt
     EXIF data"...) do not go to stderr as they are, unnamed: each distinct one is logged once,
@@ -443,7 +506,7 @@ def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> 
     try:  # (no Pillow: outside the decoder's warning window)
         pgm = read_pgm(data, source)
         if pgm is not None:
-            return _pgm_to_unit_float(*pgm)
+            return Pixels((pgm[0],), pgm[1])
     except ImageError:
         raise
     except MemoryError:
@@ -538,7 +601,7 @@ def _of_the_decoder(warning: warnings.WarningMessage) -> bool:
 
 
 def _log_warnings(caught: list[warnings.WarningMessage], source: str) -> None:
-    """Log each distinct warning of `caught` once, at INFO, naming `source` (`decode_image`)."""
+    """Log each distinct warning of `caught` once, at INFO, naming `source` (`decode_pixels`)."""
     seen: set[str] = set()
     for warning in caught:
         message = " ".join(str(warning.message).split())
@@ -597,8 +660,8 @@ def _unidentified(data: bytes, source: str) -> ImageError:
     )
 
 
-def _decode(data: bytes, source: str, pixel_bits: int) -> np.ndarray:
-    """`decode_image`'s decoding by Pillow, within its warning filters (`_DecoderWarnings`)."""
+def _decode(data: bytes, source: str, pixel_bits: int) -> Pixels:
+    """`decode_pixels`'s decoding by Pillow, within its warning filters (`_DecoderWarnings`)."""
     try:
         image = _open(data, source)
     except ImageError:
@@ -620,7 +683,7 @@ def _decode(data: bytes, source: str, pixel_bits: int) -> np.ndarray:
         # a bad file must be quarantined, not crash the daemon on every restart.
         raise _corrupt(source, exc) from None
     try:
-        return _to_unit_float(image, source, pixel_bits)
+        return _to_pixels(image, source, pixel_bits)
     except ImageError:
         raise
     except MemoryError:  # numpy's _ArrayMemoryError too
@@ -711,6 +774,12 @@ def load_image(path: Path, pixel_bits: int = 16) -> np.ndarray:
     """Read an image file (`read_image_file`) to Float32[3, H, W] in [0, 1]; ImageError names
     the file. `pixel_bits`: as `decode_image`'s."""
     return decode_image(read_image_file(path), str(path), pixel_bits)
+
+
+def load_pixels(path: Path, pixel_bits: int = 16) -> Pixels:
+    """Read an image file (`read_image_file`) to its integer pixels (`decode_pixels`);
+    ImageError names the file. `pixel_bits`: as `decode_image`'s."""
+    return decode_pixels(read_image_file(path), str(path), pixel_bits)
 
 
 def input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -847,21 +916,28 @@ class Prepared:
 
 
 def prepare(
-    image: np.ndarray,
+    image: np.ndarray | Pixels,
     min_size: int,
     max_size: int,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
 ) -> Prepared:
-    """Normalise, resize and pad a Float32[3, H, W] image in [0, 1].
+    """Normalise, resize and pad an image: a Float32[3, H, W] in [0, 1] (any floating dtype),
+    or a decoded image's integer pixels (`Pixels`, `decode_pixels`).
 
     One channel at a time: a large image then needs two float channels beside itself, not
     two more whole images; every operation is per pixel and channel, so the numbers are those
-    of normalising all three at once. ValueError for anything but a floating-point [3, H, W]
-    array of finite values in [0, 1] (`check_unit_image`); ImageError when it is too
-    elongated, or when even that does not fit in memory."""
-    check_unit_image(image)
-    original_hw = (int(image.shape[1]), int(image.shape[2]))
+    of normalising all three at once. Of a `Pixels`, only the integer pixels the resize reads
+    are converted to float (a grayscale band once, for all three channels), by the same
+    float32 division as `Pixels.to_unit_float`: the batch is bit for bit that of its float
+    image. ValueError for an array that is not a floating-point [3, H, W] of finite values in
+    [0, 1] (`check_unit_image`; a `Pixels`, its decoder's, is not scanned again); ImageError
+    when it is too elongated, or when even that does not fit in memory."""
+    if isinstance(image, Pixels):
+        original_hw = image.hw
+    else:
+        check_unit_image(image)
+        original_hw = (int(image.shape[1]), int(image.shape[2]))
     resized_hw = resized_size(*original_hw, min_size, max_size)
     mean_a = np.asarray(mean, dtype=np.float32)
     std_a = np.asarray(std, dtype=np.float32)
@@ -871,22 +947,31 @@ def prepare(
     cols, x0, x1, wx0, wx1 = _gather_axis(original_hw[1], resized_hw[1])
     wy0, wy1 = wy0[:, None], wy1[:, None]
     try:
+        unit = None  # a Pixels' band: gathered, in [0, 1]
         for c in range(3):
             # Only the pixels the bilinear kernel reads are normalised (a downscale by 4 reads
             # a quarter of them): per pixel the same float32 operations as normalising the
             # whole channel, so the same numbers (`resize_bilinear`'s, width first).
-            source = image[c]
-            if rows is not None:
-                source = _pick(source, rows, 0)
-            if cols is not None:
-                source = _pick(source, cols, 1)
-            if source.base is None and source.dtype == np.float32:  # (a copy: ours to change)
-                normalised = np.subtract(source, mean_a[c], out=source)
+            if isinstance(image, Pixels):
+                if c < len(image.bands):  # (a grayscale band: gathered and divided once)
+                    band = _gathered(image.bands[c], rows, cols)
+                    unit = np.divide(band, np.float32(image.full_scale), dtype=np.float32)
+                    del band
+                assert unit is not None
+                if c + 1 < 3 and len(image.bands) == 1:  # kept for the next channels
+                    normalised = unit - mean_a[c]
+                else:  # (no other channel reads it: ours to change)
+                    normalised, unit = np.subtract(unit, mean_a[c], out=unit), None
             else:
-                normalised = source - mean_a[c]  # float32 (the dtype the whole-image code had)
+                source = _gathered(image[c], rows, cols)
+                if source.base is None and source.dtype == np.float32:  # (a copy: ours)
+                    normalised = np.subtract(source, mean_a[c], out=source)
+                else:
+                    normalised = source - mean_a[c]  # float32 (the whole-image code's dtype)
+                del source
             np.divide(normalised, std_a[c], out=normalised)
             across = _pick(normalised, x0, 1) * wx0 + _pick(normalised, x1, 1) * wx1
-            del normalised, source
+            del normalised
             batch[0, c, : resized_hw[0], : resized_hw[1]] = (
                 _pick(across, y0, 0) * wy0 + _pick(across, y1, 0) * wy1
             )
@@ -897,3 +982,14 @@ def prepare(
             "available"
         ) from None
     return Prepared(batch=batch, resized_hw=resized_hw, original_hw=original_hw)
+
+
+def _gathered(channel: np.ndarray, rows: _Index | None, cols: _Index | None) -> np.ndarray:
+    """`channel`'s [H, W] elements at `rows` and `cols` (`_gather_axis`'s; None: all), rows
+    first (whole rows copied, then the columns of fewer rows): a view where both are slices
+    or None."""
+    if rows is not None:
+        channel = _pick(channel, rows, 0)
+    if cols is not None:
+        channel = _pick(channel, cols, 1)
+    return channel

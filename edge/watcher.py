@@ -134,14 +134,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from splitdet.edge.file_identity import file_key
 from splitdet.edge.preprocess import (
     IMAGE_SUFFIXES,
     MAX_FILE_BYTES,
     ImageError,
-    decode_image,
+    Pixels,
+    decode_pixels,
     read_regular_file,
     too_large_text,
 )
@@ -256,7 +255,9 @@ class Ready:
     Attributes:
         data: the file's bytes.
         content_hash: SHA-256 hex of `data`.
-        image: Float32[3, H, W] in [0, 1], or None when `error` is set.
+        image: the decoded image's integer pixels (`preprocess.Pixels`, which the pipeline's
+            `process_array` takes; `Pixels.to_unit_float()` is its Float32[3, H, W] in
+            [0, 1]), or None when `error` is set.
         error: why the file cannot be used (names the file), None for a good image.
         read_s: seconds spent reading and decoding.
     """
@@ -264,7 +265,7 @@ class Ready:
     candidate: Candidate
     data: bytes
     content_hash: str
-    image: np.ndarray | None
+    image: Pixels | None
     error: str | None
     read_s: float
 
@@ -512,7 +513,7 @@ class HotFolder(FolderListing, FolderReports):
         image = None
         if error is None:
             try:
-                image = decode_image(data, str(candidate.path), self.pixel_bits)
+                image = decode_pixels(data, str(candidate.path), self.pixel_bits)
             except ImageError as exc:
                 error = str(exc)
         unchanged_s = time.monotonic() - candidate.stable_since

@@ -45,7 +45,7 @@ from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.daemon_config import DaemonConfig
 from splitdet.edge.ignore_marker import IGNORE_MARKER
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult, ImageMeta
-from splitdet.edge.preprocess import decode_image
+from splitdet.edge.preprocess import Pixels, decode_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.edge.store import OutboxCap
 from splitdet.edge.watcher import HotFolder
@@ -801,7 +801,8 @@ class BrightIsDefective:
     threshold = 0.5
     manifest = type("Manifest", (), {"fingerprint": "f" * 64, "model_config": ModelConfig()})()
 
-    def process_array(self, image: np.ndarray) -> EdgeResult:
+    def process_array(self, image: Pixels) -> EdgeResult:
+        image = image.to_unit_float()  # (the hot folder hands over the decoder's pixels)
         p = float(image.mean())
         hw = (image.shape[1], image.shape[2])
         flagged = p >= self.threshold

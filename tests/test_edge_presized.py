@@ -120,4 +120,4 @@ def test_the_hot_folder_waits_for_a_stalled_presized_image(tmp_path: Path, name,
     ready = folder.read(candidate)
     assert ready is not None and ready.error is None
     assert ready.data == data
-    np.testing.assert_array_equal(ready.image, decode_image(data))
+    np.testing.assert_array_equal(ready.image.to_unit_float(), decode_image(data))

@@ -29,6 +29,7 @@ from PIL import Image
 from splitdet.edge import watcher
 from splitdet.edge.daemon import EdgeDaemon
 from splitdet.edge.pipeline import EdgeResult, ImageMeta
+from splitdet.edge.preprocess import Pixels
 from splitdet.shared.config import ModelConfig
 
 from support import daemon_config, image_rows
@@ -52,9 +53,11 @@ class DarkIsFine:
     threshold = 0.5
     manifest = type("Manifest", (), {"fingerprint": "f" * 64, "model_config": ModelConfig()})()
 
-    def process_array(self, image: np.ndarray) -> EdgeResult:
-        hw = (image.shape[1], image.shape[2])
-        return EdgeResult(float(image.mean()), False, ImageMeta(hw, hw), None, 0, {"gate": 0})
+    def process_array(self, image: Pixels) -> EdgeResult:
+        hw = image.hw  # (the hot folder hands over the decoder's pixels)
+        return EdgeResult(
+            float(image.to_unit_float().mean()), False, ImageMeta(hw, hw), None, 0, {"gate": 0}
+        )
 
 
 def short_of(number: int, folder: Path, monkeypatch) -> None:
