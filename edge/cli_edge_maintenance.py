@@ -1,6 +1,7 @@
 """The maintenance actions of `splitdet edge` on an existing results database: `requeue` (dead
 letters back into the outbox), `abandon` (a retired export's waiting requests made dead letters)
-and `prune` (old final results deleted), with the store opener they share, which never creates
+and `prune` (old final results deleted, dead letters only when asked), with the store opener
+they share, which never creates
 a database and opens a dry run's read only. Each is safe beside a running daemon.
 """
 
@@ -352,13 +353,32 @@ def _refuse_the_running_export(db: Path, store: ResultStore, fingerprint: str) -
     )
 
 
+PRUNE_EPILOG = """\
+examples:
+  splitdet edge prune --db /data/edge.sqlite --older-than 90d --dry-run
+  splitdet edge prune --db /data/edge.sqlite --older-than 90d --dead-letters
+
+Dead letters are kept unless --dead-letters: flagged images (possibly defective) whose request
+the cloud never judged, refused for good or abandoned by `splitdet edge abandon`. Each is
+decided by `splitdet edge requeue` (sent again once the cause is fixed; --abandoned for those
+abandon made) or by processing its image again; deleted, its kept request goes with it and
+nothing is left to tell that the part was never judged (under --after delete the image is gone
+too). Prune and its --dry-run say how many older than AGE they kept, and, with --dead-letters,
+how many of the results deleted were dead letters (counted in the database's
+pruned_dead_letters, shown by `splitdet edge status`). Other error results (unreadable images
+quarantined, flagged images rejected by --when-full reject: nothing kept to send) are deleted
+as any other result. `splitdet edge run --keep-results` never deletes dead letters.
+"""
+
+
 def register_prune(actions: argparse._SubParsersAction) -> None:
     """Add `prune` to the actions of `splitdet edge`."""
     p = actions.add_parser(
         "prune",
         help="delete old final results (edge run --keep-results does it hourly)",
         description="Delete the results (ok, defect, error) that became final more than AGE "
-        "ago, with any request kept for their dead letter. Pending results are never deleted, "
+        "ago. Dead letters (flagged images the cloud never judged) are kept unless "
+        "--dead-letters, see below. Pending results are never deleted, "
         "nor a result whose file still lies where it arrived (--after keep, or a move that "
         "failed: the row is what tells the daemon that file is done; a newer file the camera "
         "wrote under the same name does not keep the older results). Safe while the daemon "
@@ -367,8 +387,7 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
         "many it kept so. "
         "The file shrinks by the pages freed (a database made before splitdet gave "
         "pages back keeps its size: SQLite reuses them; see edge/README.md to convert one).",
-        epilog="example:\n  splitdet edge prune --db /data/edge.sqlite --older-than 90d "
-        "--dry-run\n",
+        epilog=PRUNE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
@@ -380,6 +399,13 @@ def register_prune(actions: argparse._SubParsersAction) -> None:
         help="30d, 12h, 15m (1m at least)",
     )
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="delete the dead letters older than AGE too, with their kept requests (`edge "
+        "requeue` can no longer send them): once you have decided that those images need no "
+        "answer (kept without it)",
+    )
     p.set_defaults(handler=prune)  # fmt: skip
 
 
@@ -388,14 +414,28 @@ def prune(args: argparse.Namespace) -> int:
     """Delete old final results; see register_prune."""
     store = _open_store(args.db, dry_run=args.dry_run)
     try:
-        pruned = store.prune(time.time() - args.older_than, dry_run=args.dry_run)
+        pruned = store.prune(time.time() - args.older_than, dry_run=args.dry_run,
+                             dead_letters=args.dead_letters)  # fmt: skip
         freed = 0 if args.dry_run else store.reclaim()
     finally:
         store.close()
     earlier = "" if pruned.deleted else " (free pages left by earlier deletions)"
     gave = f"; {freed / 1e6:.1f} MB given back to the file system{earlier}" if freed else ""
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{args.db}: {verb} {pruned.deleted} result(s){gave}")
+    letters = ""
+    if pruned.dead_letters_deleted:
+        letters = (f", {pruned.dead_letters_deleted} of them dead letter(s) (flagged images the "
+                   "cloud never judged) with their kept requests")  # fmt: skip
+    print(f"{args.db}: {verb} {pruned.deleted} result(s){letters}{gave}")
+    if pruned.kept_dead_letters:
+        print(
+            f"kept {pruned.kept_dead_letters} dead letter(s) older than --older-than: flagged "
+            "images the cloud never judged (refused for good, or abandoned by `splitdet edge "
+            "abandon`), kept until decided: "
+            f"`splitdet edge requeue --db {shlex.quote(str(args.db))}` sends them again once "
+            "the cause is fixed (--abandoned: those abandon made), or --dead-letters deletes "
+            "them with their kept requests"
+        )
     if pruned.kept_in_place:
         print(
             f"kept {pruned.kept_in_place} result(s) older than --older-than whose image still "

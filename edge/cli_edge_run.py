@@ -245,8 +245,9 @@ def register_run(actions: argparse._SubParsersAction) -> None:
         default=None,
         metavar="AGE",
         help="delete final results older than AGE (30d, 12h, ...; 1m at least) from --db, at "
-        "start and hourly; pending ones are never deleted, nor one whose image is still in --watch "
-        "(default: keep every result)",
+        "start and hourly; pending ones are never deleted, nor one whose image is still in "
+        "--watch, nor dead letters (flagged images the cloud never judged: `splitdet edge "
+        "requeue`, or `splitdet edge prune --dead-letters`) (default: keep every result)",
     )
     p.add_argument(
         "--when-full",

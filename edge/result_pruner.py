@@ -5,6 +5,8 @@ every PRUNE_EVERY_S, in a thread beside the loop (a large database never stalls
 classification; a --once run prunes in line, then works). A prune deletes the old results,
 then gives the freed pages back to the file system; a failure is logged, never fatal: the
 next turn tries again. A stop event set by the daemon's shutdown ends a prune after its batch.
+Dead letters are never deleted here: flagged images the cloud never judged, decided by
+`splitdet edge requeue` or by an operator's `splitdet edge prune --dead-letters`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class ResultPruner:
             return self._stop.is_set()
 
         try:
+            # (dead letters are kept: flagged images the cloud never judged, which requeue, or
+            # an operator's `edge prune --dead-letters`, decides)
             pruned = self.store.prune(before, should_stop=should_stop)
         except Exception as exc:  # e.g. the database locked past its timeout
             log_event(logging.WARNING, "prune_failed", error=f"{type(exc).__name__}: {exc}")
@@ -99,4 +103,5 @@ class ResultPruner:
                 log_event(logging.WARNING, "reclaim_failed", error=f"{type(exc).__name__}: {exc}")
                 freed = 0
             log_event(logging.INFO, "pruned", results=pruned.deleted,
-                      older_than_s=self.keep_results_s, reclaimed_bytes=freed)  # fmt: skip
+                      older_than_s=self.keep_results_s, reclaimed_bytes=freed,
+                      dead_letters_kept=pruned.kept_dead_letters)  # fmt: skip

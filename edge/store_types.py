@@ -124,12 +124,16 @@ class Pruned:
     kept although their wall-clock stamp is old enough, because they were written more
     recently by the time since their boot (the clock was stepped forward since: `boot_clock`,
     `StoreMaintenance.prune`), or because their file still
-    lies where it arrived (`kept_in_place`)."""
+    lies where it arrived (`kept_in_place`); and the dead letters: those old enough kept
+    because they were not asked for (`kept_dead_letters`), and how many of the rows deleted
+    were dead letters (`dead_letters_deleted`, within `deleted`)."""
 
     deleted: int
     through_id: int
     kept_for_clock: int = 0
     kept_in_place: int = 0
+    kept_dead_letters: int = 0
+    dead_letters_deleted: int = 0
 
 
 @dataclass(frozen=True)

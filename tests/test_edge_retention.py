@@ -1,6 +1,7 @@
 """Retention of the edge's results: `ResultStore.prune`, `splitdet edge prune` and the daemon's
---keep-results. Old final rows go; pending rows, and rows whose file still lies in the hot
-folder (--after keep), stay. Real SQLite files, a real daemon for the last test."""
+--keep-results. Old final rows go; pending rows, dead letters (unless asked:
+test_prune_dead_letters_review5.py), and rows whose file still lies in the hot folder (--after
+keep), stay. Real SQLite files, a real daemon for the last test."""
 
 from __future__ import annotations
 
@@ -83,15 +84,16 @@ def test_prune_deletes_old_final_rows_only(history):
     db, rows = history
     store = ResultStore(db)
     try:
-        assert store.prune(time.time() - 30 * DAY, dry_run=True).deleted == 3
+        assert store.prune(time.time() - 30 * DAY, dry_run=True).deleted == 2
         assert _ids(db) == set(rows.values())  # a dry run deletes nothing
         pruned = store.prune(time.time() - 30 * DAY, batch=2)  # batches of 2: several commits
-        assert pruned.deleted == 3 and pruned.through_id == rows["old_dead"]  # the last old row
-        assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["pending"],
-                            rows["recent_ok"]}  # fmt: skip
-        assert store.dead_letter_stats().depth == 0  # its kept request went with it
+        assert pruned.deleted == 2 and pruned.through_id == rows["old_dead"]  # the last old row
+        assert pruned.kept_dead_letters == 1  # (a dead letter: `edge requeue` decides it)
+        assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["old_dead"],
+                            rows["pending"], rows["recent_ok"]}  # fmt: skip
+        assert store.dead_letter_stats().depth == 1  # its kept request stays with it
         assert store.outbox_stats().depth == 1  # the pending request is untouched
-        assert store.counters()["pruned"] == 3
+        assert store.counters()["pruned"] == 2
         assert store.prune(time.time() - 30 * DAY).deleted == 0
     finally:
         store.close()
@@ -105,7 +107,7 @@ def test_prune_resumes_after_the_rows_it_looked_at_and_stops_between_batches(his
         first = store.prune(before, batch=1, should_stop=lambda: True)  # one batch, then stop
         assert (first.deleted, first.through_id) == (1, rows["old_ok"])
         rest = store.prune(before, start_after=first.through_id)
-        assert rest.deleted == 2 and rows["old_ok"] not in _ids(db)
+        assert rest.deleted == 1 and rows["old_ok"] not in _ids(db)
         assert store.prune(before, start_after=rest.through_id).deleted == 0
     finally:
         store.close()
@@ -114,12 +116,12 @@ def test_prune_resumes_after_the_rows_it_looked_at_and_stops_between_batches(his
 def test_the_prune_command(history, capsys):
     db, _ = history
     assert main(["edge", "prune", "--db", str(db), "--older-than", "30d", "--dry-run"]) == 0
-    assert "would delete 3 result(s)" in capsys.readouterr().out
+    assert "would delete 2 result(s)" in capsys.readouterr().out
     assert main(["edge", "prune", "--db", str(db), "--older-than", "50d"]) == 0
     assert "deleted 0 result(s)" in capsys.readouterr().out
     assert main(["edge", "prune", "--db", str(db), "--older-than", "30d"]) == 0
-    assert "deleted 3 result(s)" in capsys.readouterr().out
-    assert len(_ids(db)) == 4
+    assert "deleted 2 result(s)" in capsys.readouterr().out
+    assert len(_ids(db)) == 5  # the dead letter kept
 
 
 @pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd", "1e308d"])
@@ -150,9 +152,9 @@ def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, 
     config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
                           once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
     EdgeDaemon(config).run()  # (the pending row's fake request becomes a fresh dead letter)
-    assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["pending"],
-                        rows["recent_ok"]}  # fmt: skip
-    assert any(r.msg == "pruned" and r.fields["results"] == 3 for r in caplog.records)
+    assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["old_dead"],
+                        rows["pending"], rows["recent_ok"]}  # fmt: skip
+    assert any(r.msg == "pruned" and r.fields["results"] == 2 for r in caplog.records)
 
 
 def _bulk_rows(db, n: int, first_kept: int, kept_dir: Path, days: float) -> None:
