@@ -10,6 +10,7 @@ Torch-free unless it starts the cloud itself (in a child process).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,8 +45,11 @@ server computes every answer (its answers store keeps them, up to its --answers-
 whose call fails backs off as the edge daemon does (0.5 s doubling) before it tries again;
 latency is from a request's first try to its answer, over every request sent: one still
 unanswered when the level ends counts at the time it waited ("no answer"; a percentile that
-falls on one shows as ">N ms", at least). "per edge" is the fewest and most answers one edge
-got (far apart: the server is unfair to some edges). A level with calls failed other than as
+falls on one shows as ">N ms", at least). Latencies show to 3 significant digits. A
+percentile needs enough requests to be more than the slowest one (p50 2, p90 10, p99 100):
+with fewer it shows "-" (null in the JSON) and a note gives the slowest ("max of N").
+"per edge" is the fewest and most answers one edge got (far apart: the server is unfair to
+some edges). A level with calls failed other than as
 busy (the server died, hung past --timeout, or the network failed) is not the server's
 capacity: the table warns under it, the JSON lists it in "failed_levels", and the exit status
 is 1 (0: every level measured without one; 2: a usage error, an edge's first call failing, or
@@ -366,14 +370,32 @@ def _measure(
         _save(args.json, report, final=False)
 
 
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, in plain notation: 0.0123, 45.7, 128, 1230
+    (what a latency measured to the microsecond but varying by the millisecond supports)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    rounded = round(value, decimals)
+    if abs(rounded) >= 10 ** (digits - decimals):  # rounded up a digit: 99.96 is 100, not 100.0
+        decimals -= 1
+        rounded = round(value, decimals)
+    return f"{rounded:.{max(decimals, 0)}f}"
+
+
 def _print_row(row: dict, out: TextIO) -> None:
     """One level's line of the table, and its warnings below it.
 
-    A percentile that fell on a request never answered is shown as ">N": it waited at least
-    that long."""
+    Latencies in ms to 3 significant digits (the JSON keeps them to 0.1 ms). A percentile that
+    fell on a request never answered is shown as ">N": it waited at least that long. One the
+    level had too few requests for (`load.MIN_SAMPLES`) is "-", and a note under the row gives
+    the slowest request instead."""
+    from splitdet.bench.load import MIN_SAMPLES
+
     clients, lat, per_edge = row["clients"], row["latency_ms"], row["answered_per_edge"]
+    at_least = row["latency_at_least"]
     cells = [
-        f"{'>' if q in row['latency_at_least'] else ''}{lat[q]:.1f}" if lat[q] is not None else "-"
+        f"{'>' if q in at_least else ''}{significant(lat[q])}" if lat[q] is not None else "-"
         for q in lat
     ]
     failed = ", ".join(f"{k} {v}" for k, v in row["failed"].items()) or "0"
@@ -391,6 +413,13 @@ def _print_row(row: dict, out: TextIO) -> None:
     if row["latency_at_least"]:
         print(f"      note: {row['unanswered']} request(s) still unanswered at the end count in "
               "the latency at the time they waited (>: at least)", file=out)  # fmt: skip
+    n, slowest = row.get("latency_samples"), row.get("latency_max_ms")
+    short = [f"p{q} {MIN_SAMPLES[q]}" for q in MIN_SAMPLES if n is not None and n < MIN_SAMPLES[q]]
+    if short and n:
+        bound = ">" if "max" in at_least else ""
+        print(f"      note: {n} request(s), too few for {', '.join(q.split()[0] for q in short)} "
+              f"(-: they need {', '.join(short)}); max of {n}: {bound}{significant(slowest)} ms",
+              file=out)  # fmt: skip
 
 
 def _cloud_died(cloud: ServiceProcess, during: str) -> str:

@@ -36,6 +36,10 @@ WARMUP_TRIES = 4
 
 #: The latency percentiles reported.
 PERCENTILES = (50, 90, 99)
+#: The fewest requests a percentile is reported from: q needs 100 / (100 - q) of them (p50 2,
+#: p90 10, p99 100). With fewer, the nearest-rank percentile is the slowest request itself
+#: (of 9, p90 and p99 were both the maximum): it is null, and the maximum is reported as such.
+MIN_SAMPLES = {q: math.ceil(100 / (100 - q)) for q in PERCENTILES}
 
 
 @dataclass
@@ -78,24 +82,33 @@ class LevelResult:
         capacity."""
         return {k: v for k, v in sorted(self.failures.items()) if k != "RESOURCE_EXHAUSTED"}
 
+    def _samples(self) -> list[tuple[float, bool]]:
+        """(seconds, answered) of every request of the level, sorted."""
+        return sorted(
+            [(s, True) for s in self.latencies_s] + [(s, False) for s in self.unanswered_s]
+        )
+
     def percentiles(self) -> dict[str, tuple[float, bool] | None]:
         """``"p50"`` ... -> (seconds, answered) over every request of the level, answered or
         not, by nearest rank (a latency some request really had); ``answered`` False: the
         percentile fell on a request never answered, so the true figure is at least that.
-        None when the level sent no request."""
-        samples = sorted(
-            [(s, True) for s in self.latencies_s] + [(s, False) for s in self.unanswered_s]
-        )
-        return {f"p{q}": _nearest_rank(samples, q) for q in PERCENTILES}
+        None when the level sent fewer requests than the percentile needs (`MIN_SAMPLES`)."""
+        return _percentiles(self._samples())
 
     def to_json(self) -> dict:
         """Plain JSON types; latencies in ms.
 
         ``latency_ms``: percentiles over every request, an unanswered one at the time it waited
-        (``latency_at_least`` lists those that fell on one: lower bounds);
-        ``answered_latency_ms``: over the answered requests only."""
-        every = self.percentiles()
+        (``latency_at_least`` lists those that fell on one: lower bounds, and "max" when the
+        slowest is one), each null when the level had fewer requests than it needs
+        (`MIN_SAMPLES`: p50 2, p90 10, p99 100; the keys stay); ``latency_samples``: the
+        requests they are over; ``latency_max_ms``: the slowest of them;
+        ``answered_latency_ms`` and ``answered_latency_max_ms``: over the answered requests
+        only."""
+        samples = self._samples()
+        every = _percentiles(samples)
         answered = sorted((s, True) for s in self.latencies_s)
+        slowest = samples[-1] if samples else None
         return {
             "clients": self.clients,
             "seconds": round(self.seconds, 3),
@@ -103,8 +116,14 @@ class LevelResult:
             "unanswered": len(self.unanswered_s),
             "answers_per_second": round(self.answers_per_second, 3),
             "latency_ms": {k: _ms(v) for k, v in every.items()},
-            "latency_at_least": [k for k, v in every.items() if v is not None and not v[1]],
-            "answered_latency_ms": {f"p{q}": _ms(_nearest_rank(answered, q)) for q in PERCENTILES},
+            "latency_at_least": [
+                *(k for k, v in every.items() if v is not None and not v[1]),
+                *(["max"] if slowest is not None and not slowest[1] else []),
+            ],
+            "latency_samples": len(samples),
+            "latency_max_ms": _ms(slowest),
+            "answered_latency_ms": {k: _ms(v) for k, v in _percentiles(answered).items()},
+            "answered_latency_max_ms": _ms(answered[-1] if answered else None),
             "answered_per_edge": {
                 "min": min(self.per_edge, default=0),
                 "max": max(self.per_edge, default=0),
@@ -113,6 +132,15 @@ class LevelResult:
             "busy": self.failures.get("RESOURCE_EXHAUSTED", 0),
             "failed": self.failed,
         }
+
+
+def _percentiles(samples: Sequence[tuple[float, bool]]) -> dict[str, tuple[float, bool] | None]:
+    """``"p50"`` ... of sorted ``samples`` by nearest rank, None for a percentile with fewer
+    samples than `MIN_SAMPLES` asks (it would be the maximum)."""
+    return {
+        f"p{q}": _nearest_rank(samples, q) if len(samples) >= MIN_SAMPLES[q] else None
+        for q in PERCENTILES
+    }
 
 
 def _nearest_rank(samples: Sequence[tuple[float, bool]], q: int) -> tuple[float, bool] | None:

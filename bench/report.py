@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +19,10 @@ from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
 from splitdet.training.voc import VocSample
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.container import ErrorbarContainer
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 #: The paper's reported inference-time reductions at defect rates 5%, 12%, 50% (Table / Fig. 5).
 PAPER_REDUCTIONS = {0.05: 0.4246, 0.12: 0.376, 0.5: 0.2128}
@@ -282,6 +286,28 @@ def _with_ci(value: float | None, bounds: Sequence[float] | None, spec: str) -> 
     return f"{format(value, spec)} ({CONFIDENCE:.0%} CI {low} to {high})"
 
 
+def ci_decimals(bounds: Sequence[float] | None, finest: int = 3) -> int:
+    """The decimals a figure with confidence interval `bounds` ([low, high]) supports: down
+    to the first significant digit of the interval's half-width (its second when that digit is
+    a 1: a half-width of 0.012 s gives 3 decimals, of 0.05 s 2, of 0.3 s 1), never finer than
+    `finest` (3: the millisecond, for seconds) nor coarser than whole units; `finest` without
+    an interval or with one of no width."""
+    if bounds is None:
+        return finest
+    half = (bounds[1] - bounds[0]) / 2
+    if not math.isfinite(half) or half <= 0:
+        return finest
+    exponent = math.floor(math.log10(half))
+    leading_one = half / 10**exponent < 2
+    return max(0, min(finest, -exponent + int(leading_one)))
+
+
+def _mean_with_ci(value: float, bounds: Sequence[float] | None) -> str:
+    """A mean time in seconds and its confidence interval, each rounded to what the interval
+    supports (`ci_decimals`): "2.46 (95% CI 2.40 to 2.51)", not to the millisecond."""
+    return _with_ci(value, bounds, f".{ci_decimals(bounds)}f")
+
+
 def system_label(name: str, summary: dict) -> str:
     """A system's name in report.md's rows and the figures' legends: "(upper bound: perfect
     gate)" after it when its times are a perfect gate's (`summary["upper_bound"]`)."""
@@ -462,7 +488,9 @@ def markdown(report: dict) -> str:
         "each as the stream holds; the same images for every system; seed "
         f"{BOOTSTRAP_SEED}): how far the figure could move with other images of the same "
         "kind at the stream's defect rate and this run's timing noise; not what changes "
-        "between runs (other work on the machine, another machine).",
+        "between runs (other work on the machine, another machine). A mean and its CI are "
+        "given to the first significant digit of the CI's half-width (the second when that "
+        "digit is 1), the millisecond at most; report.json keeps them unrounded.",
         "",
     ]
     for rate_key, systems in report["rates"].items():
@@ -490,7 +518,7 @@ def markdown(report: dict) -> str:
                 for link in LINKS
             )
             lines.append(
-                f"| {label} | {_with_ci(s['mean_s'], s.get('mean_s_ci95'), '.3f')} | "
+                f"| {label} | {_mean_with_ci(s['mean_s'], s.get('mean_s_ci95'))} | "
                 f"{s['p50_s']:.3f} | {s['p95_s']:.3f} | {s['images_per_s']:.2f} | "
                 f"{_with_ci(s['reduction'], s.get('reduction_ci95'), '+.1%')} | "
                 + (f"{_fmt(s.get('reduction_vs_same_engines'), '+.1%')} | " if vs_engines else "")
@@ -544,64 +572,217 @@ def _pyplot() -> ModuleType:
     return plt
 
 
+#: Each system's colour and marker in every figure of the benchmark (`system_style`): a system
+#: looks the same in time_vs_defect_rate.png, reduction_vs_defect_rate.png and
+#: bytes_vs_map_kept.png, whichever systems are drawn beside it (matplotlib's colour cycle
+#: gave a system another colour in a figure that leaves monolithic out).
+SYSTEM_STYLES = {
+    MONOLITHIC: ("tab:blue", "o"),
+    SAME_ENGINES: ("tab:cyan", "s"),
+    "paper": ("tab:orange", "^"),
+    "splitdet-int8": ("tab:green", "D"),
+    "splitdet-fp16": ("tab:olive", "v"),
+    "splitdet-fp32": ("tab:brown", "<"),
+}
+#: The JPEG baseline's: `jpegNN-to-cloud`, and the JPEG qualities of bytes_vs_map_kept.png.
+JPEG_STYLE = ("tab:purple", "P")
+#: A system named otherwise: one of these, by a hash of its name (the same in every figure).
+OTHER_STYLES = (("tab:red", "X"), ("tab:pink", "h"), ("tab:gray", ">"), ("goldenrod", "p"))
+#: The paper's own reductions (black stars) in reduction_vs_defect_rate.png's legend: unlike
+#: "paper", the paper's design as this run measured it.
+PAPER_REPORTED_LABEL = "reported in the paper (its Fig. 5)"
+#: What a figure's footer says of the system "paper" (beside `PAPER_REPORTED_LABEL`).
+PAPER_NOTE = "paper = the paper's design (full FPN, gate, heads if flagged) measured in this run"
+#: Characters per line of a figure's footer (6.4 inches at 7 points, bold).
+FOOTER_WIDTH = 100
+
+
+def system_style(name: str) -> tuple[str, str]:
+    """(matplotlib colour, marker) of system `name` in every benchmark figure."""
+    if name in SYSTEM_STYLES:
+        return SYSTEM_STYLES[name]
+    if name.startswith("jpeg"):
+        return JPEG_STYLE
+    import zlib
+
+    return OTHER_STYLES[zlib.crc32(name.encode()) % len(OTHER_STYLES)]
+
+
+def figure_caveats(report: dict) -> list[str]:
+    """The flags report.md raises, one short line each, for the figures' footers: the run is
+    incomplete (stopped, or still running: its figures are not final), the machine was busy,
+    a rate's stream is small (noisy), a gate misses defects."""
+    lines = []
+    if not report.get("complete", True):
+        done = ", ".join(percent(float(r)) for r in report.get("rates", {})) or "none"
+        asked = report.get("settings", {}).get("defect_rates")
+        of = f" of {', '.join(percent(r) for r in asked)}" if asked else ""
+        lines.append(
+            f"INCOMPLETE: the run stopped or is still running; defect rates done: {done}{of}"
+        )
+    machine = report.get("machine") or {}
+    load = (report.get("load_1min") or {}).get("start")
+    if load is not None and load >= busy_load(machine.get("cpu_count")):
+        lines.append(
+            f"BUSY MACHINE: load {load:.2f} on {machine.get('cpu_count') or '?'} cores at the "
+            "start; the reductions are not comparable (run again on an idle machine)"
+        )
+    rates = report.get("rates", {})
+    firsts = {r: next(iter(systems.values()), {}) for r, systems in rates.items()}
+    noisy = [
+        percent(float(r))
+        for r, first in firsts.items()
+        if "n_images" in first and noise_warning(r, first) is not None
+    ]
+    if noisy:
+        lines.append(f"NOISY: few images at {', '.join(noisy)} (see report.md)")
+    missing = [percent(float(r)) for r, systems in rates.items() if gate_warning(systems)]
+    if missing:
+        lines.append(
+            f"GATE MISSES DEFECTS at {', '.join(missing)}: those reductions skip defective "
+            "images (see report.md)"
+        )
+    return lines
+
+
+def _identity(report: dict) -> str | None:
+    """The model a figure measured, as report.md names it (its fingerprint's first 16)."""
+    model = report.get("model")
+    if not model:
+        return None
+    parts = [str(model[k]) for k in ("depth_label", "input") if model.get(k)]
+    if model.get("fingerprint"):
+        parts.append(f"fingerprint {model['fingerprint'][:16]}")
+    return "model " + ", ".join(parts) if parts else None
+
+
+def _finish_figure(fig: Figure, report: dict, notes: Sequence[str] = ()) -> None:
+    """Put the model's identity, `notes` (grey) and `figure_caveats` (red) under a figure,
+    then lay it out with room for them."""
+    import textwrap
+
+    lines = [(line, "dimgrey") for line in filter(None, (_identity(report), *notes))]
+    lines += [(line, "tab:red") for line in figure_caveats(report)]
+    wrapped = [
+        (part, colour) for line, colour in lines for part in textwrap.wrap(line, FOOTER_WIDTH)
+    ]
+    line_in = 0.14  # inches per footer line (7 points and its spacing)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + line_in * len(wrapped))
+    height = fig.get_size_inches()[1]
+    for k, (text, colour) in enumerate(reversed(wrapped)):
+        fig.text(
+            0.01,
+            (0.05 + line_in * k) / height,
+            text,
+            fontsize=7,
+            color=colour,
+            weight="bold" if colour == "tab:red" else "normal",
+            ha="left",
+            va="bottom",
+        )
+    fig.tight_layout(rect=(0, (0.08 + line_in * len(wrapped)) / height, 1, 1))
+
+
 def _legend_label(report: dict, rates: Sequence[str], name: str) -> str:
     """`system_label` of system `name` in the figures: an upper bound if at any of `rates`."""
     bounded = (report["rates"][r][name] for r in rates)
     return system_label(name, next((s for s in bounded if s.get("upper_bound")), {}))
 
 
+def _curve(
+    ax: Axes,
+    x: Sequence[float],
+    y: Sequence[float],
+    bounds: Sequence[Sequence[float] | None],
+    name: str,
+    label: str,
+    scale: float = 1.0,
+) -> Line2D | ErrorbarContainer:
+    """One system's curve in its `system_style`, with its confidence intervals as error bars
+    when every point has one (`bounds`: [low, high] per point, or None); the legend handle."""
+    colour, marker = system_style(name)
+    if all(b is not None for b in bounds):
+        low = [max(0.0, v - scale * b[0]) for v, b in zip(y, bounds, strict=True)]
+        high = [max(0.0, scale * b[1] - v) for v, b in zip(y, bounds, strict=True)]
+        return ax.errorbar(
+            x, y, yerr=[low, high], color=colour, marker=marker, capsize=3, label=label
+        )
+    (line,) = ax.plot(x, y, color=colour, marker=marker, label=label)
+    return line
+
+
+def _has_intervals(report: dict, rates: Sequence[str], systems: Sequence[str], key: str) -> bool:
+    return any(report["rates"][r][n].get(key) is not None for r in rates for n in systems)
+
+
 def time_figure(report: dict) -> Figure:
     """The paper's Fig. 4 for our systems: mean time per image vs the streams' defect rates,
-    one curve per system, labelled as report.md's rows (a perfect gate's as an upper bound)."""
+    one curve per system in its `system_style`, labelled as report.md's rows (a perfect gate's
+    as an upper bound), with their 95% confidence intervals as error bars; under it the model
+    and report.md's flags (`figure_caveats`)."""
     plt = _pyplot()
 
     rates = sorted(report["rates"], key=float)
     systems = list(report["rates"][rates[0]])
     x = [100 * report["rates"][r][systems[0]]["defect_rate_realised"] for r in rates]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in systems:
-        ax.plot(
+    handles = [
+        _curve(
+            ax,
             x,
             [report["rates"][r][name]["mean_s"] for r in rates],
-            marker="o",
-            label=_legend_label(report, rates, name),
+            [report["rates"][r][name].get("mean_s_ci95") for r in rates],
+            name,
+            _legend_label(report, rates, name),
         )
+        for name in systems
+    ]
     ax.set(
         xlabel="defect rate of the run's stream (%)",
         ylabel="mean time per image (s)",
         title="Time per image vs defect rate (cf. paper Fig. 4)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(handles=handles, fontsize=8)
+    notes = [PAPER_NOTE] if "paper" in systems else []
+    if _has_intervals(report, rates, systems, "mean_s_ci95"):
+        notes.append(f"error bars: {CONFIDENCE:.0%} CI (bootstrap over the stream's images)")
+    _finish_figure(fig, report, notes)
     return fig
 
 
 def reduction_figure(report: dict) -> Figure:
     """The paper's Fig. 5 for our systems: the reduction of the mean time vs monolithic per
-    defect rate, one curve per system (a perfect gate's labelled an upper bound in its own
-    legend entry: the title covers the systems without a gate too), and the paper's."""
+    defect rate, one curve per system in its `system_style` (a perfect gate's labelled an upper
+    bound in its own legend entry: the title covers the systems without a gate too) with its
+    95% confidence intervals as error bars, and the paper's reported ones
+    (`PAPER_REPORTED_LABEL`); under it the model and report.md's flags."""
     plt = _pyplot()
 
     rates = sorted(report["rates"], key=float)
     systems = list(report["rates"][rates[0]])
     x = [100 * report["rates"][r][systems[0]]["defect_rate_realised"] for r in rates]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in systems:
-        if name == MONOLITHIC:
-            continue
-        ax.plot(
+    drawn = [name for name in systems if name != MONOLITHIC]
+    handles = [
+        _curve(
+            ax,
             x,
             [100 * report["rates"][r][name]["reduction"] for r in rates],
-            marker="o",
-            label=_legend_label(report, rates, name),
+            [report["rates"][r][name].get("reduction_ci95") for r in rates],
+            name,
+            _legend_label(report, rates, name),
+            scale=100.0,
         )
-    ax.plot(
+        for name in drawn
+    ]
+    handles += ax.plot(
         [100 * r for r in PAPER_REDUCTIONS],
         [100 * v for v in PAPER_REDUCTIONS.values()],
         "k*--",
         markersize=10,
-        label="paper (reported)",
+        label=PAPER_REPORTED_LABEL,
     )
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(
@@ -610,66 +791,95 @@ def reduction_figure(report: dict) -> Figure:
         title="Inference time reduction (cf. paper Fig. 5)",
     )
     ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8)
+    notes = [PAPER_NOTE] if "paper" in drawn else []
+    if _has_intervals(report, rates, drawn, "reduction_ci95"):
+        notes.append(f"error bars: {CONFIDENCE:.0%} CI (bootstrap over the stream's images)")
+    _finish_figure(fig, report, notes)
+    return fig
+
+
+#: What bytes_vs_map_kept.png shows instead of empty axes when no mAP kept was measured.
+MAP_NOT_PLOTTED = "mAP below floor: not plotted"
+
+
+def rate_distortion_figure(report: dict) -> Figure:
+    """Bytes per defective image vs mAP kept, per codec (in its system's `system_style`) and
+    JPEG quality (the JPEG baseline's); when none has a mAP kept (the monolithic mAP under
+    `MAP_KEPT_FLOOR`) no axes, only `MAP_NOT_PLOTTED` and why."""
+    plt = _pyplot()
+
+    rd = report["rate_distortion"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    kept = [p for p in rd["points"] if p["map_kept"] is not None]
+    jpeg = [p for p in kept if p["name"].startswith("jpeg")]
+    codecs = [p for p in kept if not p["name"].startswith("jpeg")]
+    if not kept:
+        base = rd.get("map_monolithic")
+        ax.set_axis_off()
+        ax.set_title("Bytes on the wire vs mAP kept")
+        if base is not None and base < MAP_KEPT_FLOOR:
+            why = (
+                f"the monolithic mAP, {base:.2g}, is under {MAP_KEPT_FLOOR:g}:\n"
+                "a share of it would be a ratio of noise"
+            )
+            headline = MAP_NOT_PLOTTED
+        else:
+            why, headline = "no encoding has a mAP kept", "mAP kept not measured: not plotted"
+        ax.text(0.5, 0.6, headline, transform=ax.transAxes, ha="center", fontsize=14,
+                weight="bold")  # fmt: skip
+        ax.text(0.5, 0.4, why + "\n(report.md's table gives the bytes)",
+                transform=ax.transAxes, ha="center", fontsize=9)  # fmt: skip
+        _finish_figure(fig, report)
+        return fig
+    if jpeg:
+        colour, marker = JPEG_STYLE
+        ax.plot(
+            [p["bytes"] / 1e3 for p in jpeg],
+            [100 * p["map_kept"] for p in jpeg],
+            linestyle="--",
+            marker=marker,
+            color=colour,
+            label="JPEG of the image (qualities)",
+        )
+        for p in jpeg:
+            ax.annotate(
+                p["name"].removeprefix("jpeg"),
+                (p["bytes"] / 1e3, 100 * p["map_kept"]),
+                fontsize=7,
+            )
+    for p in codecs:
+        colour, marker = system_style(p["name"])
+        ax.plot(
+            p["bytes"] / 1e3,
+            100 * p["map_kept"],
+            marker=marker,
+            color=colour,
+            markersize=8,
+            linestyle="none",
+            label=p["name"],
+        )
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="bytes per defective image (kB, log)",
+        ylabel="mAP kept (%)",
+        title="Bytes on the wire vs mAP kept",
+    )
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _finish_figure(fig, report)
     return fig
 
 
 def figures(report: dict, out_dir: Path) -> list[str]:
     """The paper's Fig. 4 and 5 for our systems, and the rate-distortion figure; file names."""
-    plt = _pyplot()
-
     written = [
         _save(time_figure(report), out_dir / "time_vs_defect_rate.png"),
         _save(reduction_figure(report), out_dir / "reduction_vs_defect_rate.png"),
     ]
-
     rd = report.get("rate_distortion")
     if rd and rd["points"]:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        jpeg = [
-            p for p in rd["points"] if p["name"].startswith("jpeg") and p["map_kept"] is not None
-        ]
-        codecs = [
-            p
-            for p in rd["points"]
-            if not p["name"].startswith("jpeg") and p["map_kept"] is not None
-        ]
-        if jpeg:
-            ax.plot(
-                [p["bytes"] / 1e3 for p in jpeg],
-                [100 * p["map_kept"] for p in jpeg],
-                "s--",
-                color="grey",
-                label="JPEG of the image (qualities)",
-            )
-            for p in jpeg:
-                ax.annotate(
-                    p["name"].removeprefix("jpeg"),
-                    (p["bytes"] / 1e3, 100 * p["map_kept"]),
-                    fontsize=7,
-                )
-        for p in codecs:
-            ax.plot(p["bytes"] / 1e3, 100 * p["map_kept"], "o", markersize=8, label=p["name"])
-        ax.set_xscale("log")
-        ax.set(
-            xlabel="bytes per defective image (kB, log)",
-            ylabel="mAP kept (%)",
-            title="Bytes on the wire vs mAP kept",
-        )
-        ax.grid(alpha=0.3, which="both")
-        if jpeg or codecs:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                f"the monolithic mAP is under {MAP_KEPT_FLOOR:g} here: nothing to keep",
-                transform=ax.transAxes,
-                ha="center",
-            )
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / "bytes_vs_map_kept.png"))
+        written.append(_save(rate_distortion_figure(report), out_dir / "bytes_vs_map_kept.png"))
     return written
 
 

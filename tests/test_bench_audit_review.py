@@ -66,7 +66,7 @@ def test_the_figures_label_only_the_gated_curves_an_upper_bound(tmp_path, monkey
     time_title, time_labels = seen["time_vs_defect_rate.png"]
     assert time_labels == ["monolithic", *expected]
     reduction_title, reduction_labels = seen["reduction_vs_defect_rate.png"]
-    assert reduction_labels == [*expected, "paper (reported)"]
+    assert reduction_labels == [*expected, report_module.PAPER_REPORTED_LABEL]
     for title in (time_title, reduction_title):
         assert "upper bound" not in title and "perfect gate" not in title
 

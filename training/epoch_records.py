@@ -109,40 +109,104 @@ def describe_best(best: dict[str, Any]) -> str:
     )
 
 
+#: Keys of a metrics row that metrics.json holds and metrics.csv leaves out (its columns stay
+#: those other tools read): "budget_cut" (the time budget ended the epoch before its data did:
+#: fewer iterations than a full one), "run" (the run folder's name) and "preset" (the
+#: recipe's name), which the learning curve shows.
+JSON_ONLY = ("budget_cut", "run", "preset")
+
+
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.json (a list of rows) and metrics.csv (the union of columns)."""
+    """metrics.json (a list of rows) and metrics.csv (the union of columns, `JSON_ONLY` left
+    out)."""
     atomic_write(out_dir / "metrics.json", (json.dumps(history, indent=2) + "\n").encode())
     columns: list[str] = []
     for row in history:
-        columns += [k for k in row if k not in columns]
+        columns += [k for k in row if k not in columns and k not in JSON_ONLY]
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=columns)
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out_dir / "metrics.csv", table.getvalue().encode())
 
 
-def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
+def _loss(row: dict[str, Any], key: str) -> float:
+    """A loss of a metrics row; NaN (no point) when the epoch ran no iteration."""
+    value = row.get(key)
+    return math.nan if value is None else float(value)
+
+
+def curve_title(history: list[dict[str, Any]], run_name: str | None, preset: str | None) -> str:
+    """learning_curve.png's title: the run folder and preset (when known), the epochs (counted,
+    and their numbers from 0, as metrics.csv and the log give them) and training minutes."""
+    n = len(history)
+    first, last = history[0]["epoch"], history[-1]["epoch"]
+    numbers = f"epoch {first}" if n == 1 else f"epochs {first}-{last}"
+    minutes = history[-1].get("train_minutes") or 0.0
+    who = ", ".join(
+        part for part in (run_name and f"run {run_name}", preset and f"preset {preset}") if part
+    )
+    return (
+        (f"{who}: " if who else "")
+        + f"multi-task model, {n} epoch{'s' if n != 1 else ''} ({numbers}), "
+        f"{minutes:.1f} training minutes"
+    )
+
+
+def plot_learning_curve(
+    history: list[dict[str, Any]],
+    path: Path,
+    *,
+    run_name: str | None = None,
+    preset: str | None = None,
+) -> None:
     """Loss and mAP against epoch, like the paper's Fig. 3.
 
     The paper compares plain Faster R-CNN with the multi-task model; one run trains only the
     multi-task model, so the plot shows its detection loss (what a plain Faster R-CNN would
     minimise) beside its total multi-task loss, and its mAP / mAP@.5 / gate AUC. A dashed line
     marks each epoch a --resume started with (rows with "resumed": settings may change there).
+
+    Every epoch is a marker (a run of one epoch is a point, not nothing), on whole-number epoch
+    ticks numbered from 0 as metrics.csv's `epoch`, the two panels over the same epochs; the
+    legends sit under the panels, off the data. An epoch the time budget ended early
+    (`budget_cut`: fewer iterations than a full one) is circled in red on the loss panel. The
+    title names `run_name` and `preset` (default: the last row's "run" and "preset", which
+    metrics.json records, so that a curve drawn again from it is the same).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    run_name = run_name or (history[-1].get("run") if history else None)
+    preset = preset or (history[-1].get("preset") if history else None)
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [row["loss"] for row in history], label="multi-task loss (total)")
-    ax_loss.plot(epochs, [row["loss_detection"] for row in history], label="detection losses")
-    ax_loss.plot(epochs, [row["loss_defect"] for row in history], label="defect loss")
-    ax_loss.set_xlabel("epoch")
+    marker = {"marker": "o", "markersize": 4 if len(history) <= 60 else 2}
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
+    ax_loss.plot(epochs, [_loss(r, "loss") for r in history], label="multi-task loss (total)",
+                 **marker)  # fmt: skip
+    ax_loss.plot(epochs, [_loss(r, "loss_detection") for r in history], label="detection losses",
+                 **marker)  # fmt: skip
+    ax_loss.plot(epochs, [_loss(r, "loss_defect") for r in history], label="defect loss",
+                 **marker)  # fmt: skip
+    cut = [row for row in history if row.get("budget_cut")]
+    if cut:
+        ax_loss.plot(
+            [row["epoch"] for row in cut],
+            [_loss(row, "loss") for row in cut],
+            linestyle="none",
+            marker="o",
+            markersize=12,
+            markerfacecolor="none",
+            markeredgecolor="tab:red",
+            markeredgewidth=1.5,
+            label="epoch cut short by the time budget (fewer iterations)",
+        )
+    axis_label = "epoch (numbered from 0, as in metrics.csv and the log)"
+    ax_loss.set_xlabel(axis_label)
     ax_loss.set_ylabel("training loss")
-    ax_loss.legend()
     evaluated = [row for row in history if row.get("val_map50") is not None]
     for key, label in (
         ("val_map", "mAP@[.5:.95]"),
@@ -152,22 +216,23 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
         points = [(row["epoch"], row[key]) for row in evaluated if row.get(key) is not None]
         if points:
             ax_map.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax_map.set_xlabel("epoch")
+    ax_map.set_xlabel(axis_label)
     ax_map.set_ylabel("validation")
-    ax_map.set_ylim(0, 1)
-    if evaluated:
-        ax_map.legend()
-    else:
+    ax_map.set_ylim(-0.03, 1.03)  # (a point at 0 or 1 whole, not cut by the frame)
+    if not evaluated:
         ax_map.text(0.5, 0.5, "no validation passes", ha="center", transform=ax_map.transAxes)
     for n, epoch in enumerate(row["epoch"] for row in history if row.get("resumed")):
         for ax in (ax_loss, ax_map):
             ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1,
                        label="resumed" if n == 0 and ax is ax_loss else None)  # fmt: skip
-    if any(row.get("resumed") for row in history):
-        ax_loss.legend()
-    if history:
-        minutes = history[-1].get("train_minutes") or 0.0
-        fig.suptitle(f"multi-task model, {len(history)} epochs, {minutes:.1f} training minutes")
+    for ax in (ax_loss, ax_map):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if ax.get_legend_handles_labels()[0]:  # under the panel, off the curves
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8,
+                      frameon=False)  # fmt: skip
+    if epochs:
+        ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # shared: both panels
+        fig.suptitle(curve_title(history, run_name, preset))
     fig.tight_layout()
     try:
         with replacing(path, parents=False) as temporary:  # (killed meanwhile: the old one)

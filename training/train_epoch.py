@@ -106,7 +106,9 @@ def train_one_epoch(
     plus `defect_loss_weight` x loss_defect. `lr_scheduler`, if given, steps every iteration.
     `autocast` (e.g. torch.bfloat16) runs the forward pass under `torch.autocast`; the
     gradients, the optimiser step and the weights stay fp32.
-    Returns the mean of every loss over the iterations run, "loss" (the total) and "iters".
+    Returns the mean of every loss over the iterations run, "loss" (the total), "iters" and
+    "budget_cut": whether the clock's budget ended the pass before `loader` did (rank 0's
+    clock: the epoch then ran fewer iterations than a full one).
     """
     from tqdm import tqdm
 
@@ -116,6 +118,7 @@ def train_one_epoch(
     rank, _ = _world()
     sums: dict[str, float] = {}
     iters = 0
+    budget_cut = False
     bar = tqdm(
         loader,
         desc=f"epoch {epoch}",
@@ -126,7 +129,9 @@ def train_one_epoch(
         position=1,
     )
     for images, targets in bar:
-        if _agree(clock.exhausted() or (max_iters is not None and iters >= max_iters), device):
+        spent = clock.exhausted()
+        if _agree(spent or (max_iters is not None and iters >= max_iters), device):
+            budget_cut = spent
             break
         start = time.perf_counter()
         images = [img.to(device) for img in images]
@@ -161,6 +166,7 @@ def train_one_epoch(
     bar.close()
     out = {key: value / max(iters, 1) for key, value in sums.items()}
     out["iters"] = iters
+    out["budget_cut"] = budget_cut
     return out
 
 
@@ -237,6 +243,11 @@ def _train_epoch(
     return {
         "epoch": epoch,
         "iters": stats["iters"],
+        # metrics.json only (`epoch_records.JSON_ONLY`: metrics.csv keeps its columns): the
+        # time budget ended the epoch early; and the run folder and preset the curve names
+        "budget_cut": bool(stats.get("budget_cut", False)),
+        "run": run.out_dir.resolve().name,
+        "preset": config.name,
         "train_minutes": round(clock.seconds / 60.0, 3),
         "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
         "lr": run.optimizer.param_groups[0]["lr"],
