@@ -46,12 +46,27 @@ _NO_GLYPH = "\uffff"
 _LABEL_GAP = 2
 
 
+#: Label text height (px) per image side: a 2448x2048 image's labels at 31 px stay readable
+#: on a screen that shows it whole; never under Pillow's default 10 px.
+_LABEL_PX_PER_SIDE = 1 / 80
+_LABEL_MIN_PX = 10
+
+
 @functools.cache
-def _label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """The font labels are drawn in: Pillow's default (what ``draw.text`` draws without one;
-    with FreeType, Aileron at 10 px, which has ASCII and some Latin-1, no ``é``). Never a
-    downloaded font: characters it lacks are drawn escaped (`_label_text`)."""
-    return ImageFont.load_default()
+def _label_font(size: int = _LABEL_MIN_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font labels are drawn in, `size` px high: Pillow's default (what ``draw.text`` draws
+    without one; with FreeType, Aileron, which has ASCII and some Latin-1, no ``é``). Never a
+    downloaded font: characters it lacks are drawn escaped (`_label_text`). Without FreeType
+    (or before Pillow 10.1) the bitmap font, 10 px whatever `size`."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _label_size(canvas: Image.Image) -> int:
+    """The label text height (px) for a picture of `canvas`'s size (`_LABEL_PX_PER_SIDE`)."""
+    return max(_LABEL_MIN_PX, round(max(canvas.size) * _LABEL_PX_PER_SIDE))
 
 
 def _glyph_mask(char: str) -> tuple[tuple[int, int], bytes] | None:
@@ -93,13 +108,14 @@ def _label_top(
     box_top: float,
     width: int,
     clear_of: tuple[float, ...] | None,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
 ) -> float:
     """Where the label ``text`` of a box whose top edge is at ``box_top`` is drawn (its y, at
     ``x``): above the box; without room there, or over ``clear_of`` (the p(defect) text's box),
     inside the box under its top edge; if that is over it too, below it."""
-    font = _label_font()
+    height = draw.textbbox((0, 0), text, font=font)[3]
     inside = box_top + width + 1
-    for top in (box_top - 12 - width, inside):
+    for top in (box_top - height - _LABEL_GAP - width, inside):
         bbox = draw.textbbox((x, top), text, font=font)
         if top >= 0 and (clear_of is None or not _overlaps(bbox, clear_of)):
             return top
@@ -144,17 +160,22 @@ def draw_detections(
     label is kept off the p(defect) text."""
     canvas = Image.fromarray(rgb_8bit(image), "RGB")
     draw = ImageDraw.Draw(canvas)
-    font = _label_font()
+    font = _label_font(_label_size(canvas))
     width = max(2, round(max(canvas.size) / 600))
     p_text = None if p_defect is None else f"p(defect) {format_probability(p_defect)}"
     p_box = None if p_text is None else draw.textbbox((8, 8), p_text, font=font)
     for box, score, name in zip(boxes, scores, names, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=width)
+        # (x2, y2) is the edge after the box's last pixel; Pillow's corners are pixels drawn
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=BOX_COLOUR,
+                       width=width)  # fmt: skip
         label = _label_text(f"{name} {score:.2f}")
-        top = _label_top(draw, label, x1 + width, y1, width, p_box)
-        draw.text((x1 + width, top), label, fill=BOX_COLOUR, font=font)
-    if p_text is not None:
+        label_width = draw.textlength(label, font=font)
+        x = max(0.0, min(x1 + width, canvas.width - label_width - 1))  # never cut at the right
+        top = _label_top(draw, label, x, y1, width, p_box, font)
+        draw.text((x, top), label, fill=BOX_COLOUR, font=font)
+    if p_text is not None and p_box is not None:  # over the boxes, on black: always readable
+        draw.rectangle(p_box, fill=(0, 0, 0))
         draw.text((8, 8), p_text, fill=BOX_COLOUR, font=font)
     return canvas
 
