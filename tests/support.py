@@ -400,3 +400,26 @@ def edge_run_once_offline(db: Path, watch: Path, model_dir: Path) -> int:
          "--unreadable-grace", "0", "--threads", "1", "--threshold", "2",
          "--log-format", "text"]
     )  # fmt: skip
+
+
+def age_rows(db: Path, ids, days: float) -> None:
+    """Make the edge store's rows `ids` look finished `days` ago, by the wall clock and the boot
+    clock alike (a prune keeps a row of this boot that only the wall clock calls old:
+    test_edge_prune_clock.py)."""
+    import sqlite3
+    import time
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executemany(
+            "UPDATE images SET finished = ?, finished_boot_s = finished_boot_s - ? WHERE id = ?",
+            [(time.time() - days * 86400.0, days * 86400.0, i) for i in ids],
+        )
+        conn.commit()
+
+
+def image_ids(db: Path) -> set[int]:
+    """The ids of the edge store's rows."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM images")}

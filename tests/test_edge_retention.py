@@ -19,6 +19,8 @@ from splitdet.edge.file_identity import file_key
 from splitdet.edge.store import Arrival, ResultStore
 from splitdet.shared.cli import main
 
+from support import age_rows, image_ids
+
 FINGERPRINT = "f" * 64
 DAY = 86400.0
 
@@ -28,22 +30,6 @@ def _arrival(n: int, path: str) -> Arrival:
     kept for the very file it recorded)."""
     key = file_key(Path(path), os.stat(path)) if os.path.exists(path) else f"img{n}|100|{n}|{n}"
     return Arrival(path, key, f"{n:064x}", 100, time.time())
-
-
-def _aged(db, ids, days: float) -> None:
-    """Make rows look finished `days` ago, by the wall clock and the boot clock alike (a prune
-    keeps a row of this boot that only the wall clock calls old: test_edge_prune_clock.py)."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.executemany(
-            "UPDATE images SET finished = ?, finished_boot_s = finished_boot_s - ? WHERE id = ?",
-            [(time.time() - days * DAY, days * DAY, i) for i in ids],
-        )
-        conn.commit()
-
-
-def _ids(db) -> set[int]:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return {row[0] for row in conn.execute("SELECT id FROM images")}
 
 
 @pytest.fixture
@@ -76,7 +62,7 @@ def history(tmp_path):
     )
     rows["recent_ok"], _ = store.record_ok(_arrival(6, "/hot/6.png"), 0.1, FINGERPRINT, {})
     store.close()
-    _aged(db, [v for k, v in rows.items() if k.startswith("old")], days=40)
+    age_rows(db, [v for k, v in rows.items() if k.startswith("old")], days=40)
     return db, rows
 
 
@@ -85,12 +71,12 @@ def test_prune_deletes_old_final_rows_only(history):
     store = ResultStore(db)
     try:
         assert store.prune(time.time() - 30 * DAY, dry_run=True).deleted == 2
-        assert _ids(db) == set(rows.values())  # a dry run deletes nothing
+        assert image_ids(db) == set(rows.values())  # a dry run deletes nothing
         pruned = store.prune(time.time() - 30 * DAY, batch=2)  # batches of 2: several commits
         assert pruned.deleted == 2 and pruned.through_id == rows["old_dead"]  # the last old row
         assert pruned.kept_dead_letters == 1  # (a dead letter: `edge requeue` decides it)
-        assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["old_dead"],
-                            rows["pending"], rows["recent_ok"]}  # fmt: skip
+        assert image_ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"],
+                                 rows["old_dead"], rows["pending"], rows["recent_ok"]}  # fmt: skip
         assert store.dead_letter_stats().depth == 1  # its kept request stays with it
         assert store.outbox_stats().depth == 1  # the pending request is untouched
         assert store.counters()["pruned"] == 2
@@ -107,7 +93,7 @@ def test_prune_resumes_after_the_rows_it_looked_at_and_stops_between_batches(his
         first = store.prune(before, batch=1, should_stop=lambda: True)  # one batch, then stop
         assert (first.deleted, first.through_id) == (1, rows["old_ok"])
         rest = store.prune(before, start_after=first.through_id)
-        assert rest.deleted == 1 and rows["old_ok"] not in _ids(db)
+        assert rest.deleted == 1 and rows["old_ok"] not in image_ids(db)
         assert store.prune(before, start_after=rest.through_id).deleted == 0
     finally:
         store.close()
@@ -121,7 +107,7 @@ def test_the_prune_command(history, capsys):
     assert "deleted 0 result(s)" in capsys.readouterr().out
     assert main(["edge", "prune", "--db", str(db), "--older-than", "30d"]) == 0
     assert "deleted 2 result(s)" in capsys.readouterr().out
-    assert len(_ids(db)) == 5  # the dead letter kept
+    assert len(image_ids(db)) == 5  # the dead letter kept
 
 
 @pytest.mark.parametrize("age", ["30", "-1d", "nand", "1w", "infd", "1e308d"])
@@ -152,8 +138,8 @@ def test_the_daemon_prunes_with_keep_results(history, tiny_model_dir, tmp_path, 
     config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
                           once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
     EdgeDaemon(config).run()  # (the pending row's fake request becomes a fresh dead letter)
-    assert _ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["old_dead"],
-                        rows["pending"], rows["recent_ok"]}  # fmt: skip
+    assert image_ids(db) == {rows["old_kept_in_place"], rows["old_move_failed"], rows["old_dead"],
+                             rows["pending"], rows["recent_ok"]}  # fmt: skip
     assert any(r.msg == "pruned" and r.fields["results"] == 2 for r in caplog.records)
 
 
@@ -193,7 +179,7 @@ def test_a_batch_run_prunes_to_the_end(tiny_model_dir, tmp_path):
     config = DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9", db=db,
                           once=True, drain_timeout_s=0.0, keep_results_s=30 * DAY)  # fmt: skip
     assert EdgeDaemon(config).run() == 0
-    assert len(_ids(db)) == 2100
+    assert len(image_ids(db)) == 2100
 
 
 def test_the_resume_mark_never_passes_a_row_that_could_not_go_yet(tiny_model_dir, tmp_path):
@@ -210,16 +196,16 @@ def test_the_resume_mark_never_passes_a_row_that_could_not_go_yet(tiny_model_dir
     waiting, _, _ = store.record_pending(arrival, 0.9, "r1", b"x", FINGERPRINT, {})
     old, _ = store.record_ok(_arrival(2, "/hot/2.png"), 0.1, FINGERPRINT, {})
     store.close()
-    _aged(db, [old], days=40)
+    age_rows(db, [old], days=40)
     daemon = EdgeDaemon(DaemonConfig(model_dir=tiny_model_dir, watch=watch, cloud="127.0.0.1:9",
                                       db=db, keep_results_s=30 * DAY))  # fmt: skip
     try:
         daemon._prune(time.time() - 30 * DAY)
-        assert _ids(db) == {waiting}
+        assert image_ids(db) == {waiting}
         daemon.store.complete(waiting, Answer([], [], [], [], {}))
-        _aged(db, [waiting], days=40)
+        age_rows(db, [waiting], days=40)
         daemon._prune(time.time() - 30 * DAY)  # the same daemon, its mark in place
-        assert _ids(db) == set()
+        assert image_ids(db) == set()
     finally:
         daemon.store.close()
 
@@ -294,7 +280,7 @@ def test_the_prune_command_says_what_it_gave_back(tmp_path, capsys):
             store.complete(image_id, Answer([], [], [], [], {}))
     finally:
         store.close()
-    _aged(db, ids, 40)
+    age_rows(db, ids, 40)
     assert main(["edge", "prune", "--db", str(db), "--older-than", "30d"]) == 0
     out = capsys.readouterr().out
     assert "deleted 20 result(s);" in out and "MB given back to the file system" in out

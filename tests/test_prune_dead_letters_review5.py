@@ -9,9 +9,7 @@ Other error rows (quarantined, outbox full) go as before. In-process stores and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 import threading
 import time
 
@@ -24,6 +22,8 @@ from splitdet.edge.store_dead_letters import ABANDONED
 from splitdet.edge.store_file import open_readonly
 from splitdet.edge.store_reads import store_status
 from splitdet.shared.cli import main
+
+from support import age_rows, image_ids
 
 FINGERPRINT = "f" * 64
 RETIRED = "aaaaaaaa1" + "0" * 55
@@ -42,21 +42,6 @@ def _refused(store: ResultStore, n: int, fingerprint: str = FINGERPRINT) -> int:
     assert verdict == "pending"
     assert store.dead_letter(image_id, f"dead letter: INTERNAL: bug {n}")
     return image_id
-
-
-def _aged(db, ids, days: float) -> None:
-    """Rows finished `days` ago, by the wall clock and the boot clock alike."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.executemany(
-            "UPDATE images SET finished = ?, finished_boot_s = finished_boot_s - ? WHERE id = ?",
-            [(time.time() - days * DAY, days * DAY, i) for i in ids],
-        )
-        conn.commit()
-
-
-def _ids(db) -> set[int]:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return {row[0] for row in conn.execute("SELECT id FROM images")}
 
 
 def _status(db) -> dict:
@@ -86,7 +71,7 @@ def history(tmp_path):
     )
     rows["recent_letter"] = _refused(store, 6)
     store.close()
-    _aged(db, [v for k, v in rows.items() if k != "recent_letter"], days=40)
+    age_rows(db, [v for k, v in rows.items() if k != "recent_letter"], days=40)
     return db, rows
 
 
@@ -98,7 +83,7 @@ def test_prune_keeps_dead_letters_and_deletes_them_only_when_asked(history):
         pruned = store.prune(before, batch=2)  # (several batches)
         assert (pruned.deleted, pruned.kept_dead_letters, pruned.dead_letters_deleted) == (3, 2, 0)
         # the other error kinds (nothing kept to send) go as any final result
-        assert _ids(db) == {rows["refused"], rows["abandoned"], rows["recent_letter"]}
+        assert image_ids(db) == {rows["refused"], rows["abandoned"], rows["recent_letter"]}
         assert store.dead_letter_stats().depth == 3  # their kept requests too
         assert "pruned_dead_letters" not in store.counters()
         # still requeue's to decide
@@ -110,7 +95,7 @@ def test_prune_keeps_dead_letters_and_deletes_them_only_when_asked(history):
         assert store.dead_letter_stats().depth == 3  # a dry run deletes nothing
         pruned = store.prune(before, dead_letters=True)
         assert (pruned.deleted, pruned.kept_dead_letters, pruned.dead_letters_deleted) == (2, 0, 2)
-        assert _ids(db) == {rows["recent_letter"]}  # not old enough
+        assert image_ids(db) == {rows["recent_letter"]}  # not old enough
         assert store.dead_letter_stats().depth == 1  # their kept requests went with them
         assert store.counters()["pruned"] == 5 and store.counters()["pruned_dead_letters"] == 2
     finally:
@@ -125,7 +110,7 @@ def test_the_prune_command_says_what_it_kept_and_deletes_dead_letters_when_asked
     assert "would delete 3 result(s)\n" in out
     assert "kept 2 dead letter(s) older than --older-than" in out
     assert "splitdet edge requeue --db" in out and "--dead-letters deletes them" in out
-    assert len(_ids(db)) == 6
+    assert len(image_ids(db)) == 6
 
     assert main(prune) == 0
     out = capsys.readouterr().out
@@ -135,12 +120,12 @@ def test_the_prune_command_says_what_it_kept_and_deletes_dead_letters_when_asked
     assert main([*prune, "--dead-letters", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would delete 2 result(s), 2 of them dead letter(s)" in out
-    assert "dead letter(s) older" not in out and len(_ids(db)) == 3
+    assert "dead letter(s) older" not in out and len(image_ids(db)) == 3
 
     assert main([*prune, "--dead-letters"]) == 0
     out = capsys.readouterr().out
     assert "deleted 2 result(s), 2 of them dead letter(s)" in out and " older " not in out
-    assert _ids(db) == {rows["recent_letter"]}
+    assert image_ids(db) == {rows["recent_letter"]}
     assert _status(db)["dead_letters"]["kept"] == 1
 
 
@@ -151,7 +136,7 @@ def test_the_daemons_prune_keeps_dead_letters(history, caplog):
     try:
         pruner = ResultPruner(store, 30 * DAY, once=True, stop=threading.Event())
         pruner.prune(time.time() - 30 * DAY)
-        assert _ids(db) == {rows["refused"], rows["abandoned"], rows["recent_letter"]}
+        assert image_ids(db) == {rows["refused"], rows["abandoned"], rows["recent_letter"]}
         assert store.dead_letter_stats().depth == 3
     finally:
         store.close()
@@ -170,7 +155,7 @@ def test_a_dead_letter_requeued_while_prune_dead_letters_looks_stays(
     try:
         letter = _refused(store, 1)
         ok, _ = store.record_ok(_arrival(2), 0.1, FINGERPRINT, {})
-        _aged(store.path, [letter, ok], days=40)
+        age_rows(store.path, [letter, ok], days=40)
 
         def requeue_meanwhile(path, key) -> bool:
             if store.requeue_dead_letters()[0] and refused_again:
@@ -181,7 +166,7 @@ def test_a_dead_letter_requeued_while_prune_dead_letters_looks_stays(
         pruned = store.prune(time.time() - 30 * DAY, dead_letters=True)
         assert (pruned.deleted, pruned.dead_letters_deleted) == (1, 0)
         assert store.counters()["pruned"] == 1 and "pruned_dead_letters" not in store.counters()
-        assert _ids(store.path) == {letter}
+        assert image_ids(store.path) == {letter}
         if refused_again:
             assert store.dead_letter_stats().depth == 1  # its request kept
         else:
