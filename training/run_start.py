@@ -230,8 +230,8 @@ def start_afresh(run: _Run, init: str, resume: bool) -> None:
         _log_initial_weights(run, init, report)
         if run.config.name == "paper" and init == "none":
             log.warning(
-                "preset paper from random weights: the paper started from an ImageNet-trained "
-                "ResNet50 (--init imagenet, or --init coco for torchvision's COCO detector)",
+                "preset paper from random weights: the paper's ResNet50 was pre-trained "
+                "(--init imagenet, or --init coco for torchvision's COCO detector)",
                 extra={"fields": {"event": "paper_from_scratch"}},
             )
         if run.config.name == "paper" and run.device.type == "cpu":
