@@ -15,8 +15,9 @@ from collections.abc import Iterable
 from typing import TextIO, cast
 
 from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db, read_error
-from splitdet.shared.cli import float_in, int_in, silence_stdout
+from splitdet.shared.cli import float_in, int_in
 from splitdet.shared.one_line import one_line
+from splitdet.shared.stdout_guard import silence_stdout
 
 RESULTS_EPILOG = """\
 examples:
@@ -140,7 +141,9 @@ def results(args: argparse.Namespace) -> int:
     """Print result rows; see RESULTS_EPILOG."""
     from splitdet.edge.store_reads import iter_results
     from splitdet.edge.store_schema import RESULT_COLUMNS
+    from splitdet.shared.cli import refuse_closed_stdout
 
+    refuse_closed_stdout("edge results prints the results there")  # (`>&-`)
     db, since = read_db(args)
     try:
         _check_cursor(args, db)

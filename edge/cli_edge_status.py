@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from splitdet.edge.cli_edge_options import clock_text, read_error
-from splitdet.shared.cli import silence_stdout
 from splitdet.shared.one_line import one_line
+from splitdet.shared.stdout_guard import silence_stdout
 
 
 def register_status(actions: argparse._SubParsersAction) -> None:
@@ -49,8 +49,9 @@ def status(args: argparse.Namespace) -> int:
     from splitdet.edge.lock_holder import running_record, writer_state
     from splitdet.edge.store_file import StoreError, open_readonly
     from splitdet.edge.store_reads import daemon_record, store_status
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
+    refuse_closed_stdout("edge status prints the summary there")  # (`>&-`)
     try:
         db = open_readonly(args.db)
     except StoreError as exc:  # its message starts with the database's path

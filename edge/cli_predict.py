@@ -166,11 +166,14 @@ def refused(config: ClientConfig, exc: Exception) -> str:
 
 def check_outputs(json_file: str | None, save_dir: str | None) -> None:
     """Refuse, before any image is processed, a --json FILE or --save DIR that cannot be
-    written (CommandError naming it): found only at the end, it would lose the whole run."""
-    from splitdet.shared.cli import CommandError
+    written, or --json - with stdout closed (CommandError naming it): found only at the end,
+    it would lose the whole run."""
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
     if json_file == "":  # (an unset shell variable: --json "$OUT")
         raise CommandError("--json '': give a file name, or - for stdout")
+    if json_file == "-":  # (`>&-`: found only at the end, it would lose the whole run)
+        refuse_closed_stdout("--json - writes the results there (give --json FILE)")
     if json_file and json_file != "-":
         target = Path(json_file)
         folder = target.parent
@@ -388,11 +391,12 @@ def check_connection_options(args: argparse.Namespace) -> None:
 
 
 def write_json(json_file: str, data: object) -> None:
-    """Write `data` as indented JSON for a --json option: to stdout for "-", else to
-    `json_file` whole (a temporary file renamed over it); CommandError naming the file."""
+    """Write `data` as indented JSON for a --json option, its names escaped as `json_text`
+    says: to stdout for "-", else to `json_file` whole (a temporary file renamed over it);
+    CommandError naming the file."""
     from splitdet.shared.cli import CommandError
 
-    text = json.dumps(data, indent=2) + "\n"
+    text = json.dumps(json_text(data), indent=2) + "\n"
     if json_file == "-":
         sys.stdout.write(text)
         return
@@ -400,6 +404,23 @@ def write_json(json_file: str, data: object) -> None:
         atomic_write(json_file, text, parents=False)
     except OSError as exc:
         raise CommandError(f"--json {json_file}: cannot write the results ({exc})") from None
+
+
+def json_text(data: object) -> object:
+    """`data` (what json.dumps takes) with each string in it, dict keys too, as
+    `file_identity.path_text` writes a name: the bytes of a name that is not UTF-8 as
+    ``\\xNN``, as `predict --json` and `edge results` write them, not as the lone surrogates
+    Python reads them as (json.dumps writes ``\\udce9``, which jq turns into U+FFFD and a
+    UTF-8 encoder refuses). Valid text is left as it is."""
+    from splitdet.edge.file_identity import path_text
+
+    if isinstance(data, str):
+        return path_text(data)
+    if isinstance(data, dict):
+        return {json_text(k): json_text(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_text(v) for v in data]
+    return data
 
 
 def describe_left_out(files: list[Path]) -> str:

@@ -60,7 +60,7 @@ from splitdet.edge.client import (
     NeverRetry,
     RetryLater,
 )
-from splitdet.edge.file_identity import file_path
+from splitdet.edge.file_identity import file_path, path_text
 from splitdet.edge.store import Answer, OutboxItem, ResultStore
 from splitdet.edge.store_file import is_busy
 from splitdet.shared.atomic_file import write_problem
@@ -615,7 +615,7 @@ def annotate_hook(
                                   "path": item.path}},
             )  # fmt: skip
             return
-        target = Path(save_dir) / f"{item.image_id:08d}_{Path(item.path).stem}.jpg"
+        target = Path(save_dir) / annotated_name(item.image_id, item.path)
         image = load_image(source, pixel_bits)
         try:
             data = annotated_bytes(image, answer.boxes.tolist(), answer.scores.tolist(),
@@ -627,6 +627,21 @@ def annotate_hook(
             failures.succeeded()
 
     return hook
+
+
+def annotated_name(image_id: int, path: str) -> str:
+    """The name of the annotated copy of image `image_id`, whose row's path is `path` (as
+    stored: `file_identity.path_text`): ID_STEM.jpg by the rule the archive and quarantine
+    name their copies by (`file_moves.stored_name`): a long name cut short to fit (it failed
+    with "File name too long" and no copy), and a name that was not UTF-8 with U+FFFD for each
+    such byte, as there (its stored ``\\xNN`` escapes were kept as text)."""
+    from splitdet.edge.file_moves import stored_name
+
+    name = Path(path).name
+    real = Path(file_path(name)).name  # (the file's own name, its \xNN bytes as they were)
+    if path_text(real) == name:  # (else a UTF-8 name that holds "\x41" itself: kept)
+        name = real
+    return stored_name(image_id, f"{Path(name).stem}.jpg")
 
 
 def _holds(path: Path, content_hash: str | None) -> bool:

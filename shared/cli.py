@@ -30,6 +30,18 @@ from splitdet.shared.logs import TextLogFormatter, json_line
 from splitdet.shared.regular_file import read_regular
 from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
 from splitdet.shared.stacks import stacks_on_sigusr1
+from splitdet.shared.stdout_guard import (
+    CLOSED_STDOUT,
+    GuardedStdout,
+    StdoutFailed,
+    flush_problem,
+    guarded_stdout,
+    quiet_stdout,
+    silence_stdout,
+    stdout_closed,
+    stdout_problem,
+    tolerate_unencodable_output,
+)
 from splitdet.shared.utf8_mode import reexec_in_utf8_mode
 
 #: Modules that register subcommands, in the order `--help` lists them.
@@ -589,11 +601,14 @@ class VersionAction(argparse.Action):
         values: object,
         option_string: str | None = None,
     ) -> None:
-        """Print the versions and exit (quietly when stdout is closed: `| head -1`)."""
+        """Print the versions and exit (quietly when a reader closed stdout: `| head -1`; a
+        stdout that cannot be written, `>/dev/full` or `>&-`, is said by `main`, exit 2)."""
         try:
             print(version_text(), flush=True)
         except BrokenPipeError:
             silence_stdout()
+        except OSError:  # (`GuardedStdout` keeps it: `main` says it in one line)
+            pass
         parser.exit()
 
 
@@ -605,9 +620,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     command as Ctrl-C does (`sigterm.sigterm_as_interrupt`): one line, `splitdet COMMAND:
     stopped on SIGTERM`, exit status 143 (Ctrl-C: `interrupted`, 130), from the first moment
     on, the imports of the commands' modules included; `cloud` and `edge run` install their
-    own graceful stop once ready."""
+    own graceful stop once ready.
+
+    What stdout's encoding cannot hold is written escaped (`tolerate_unencodable_output`),
+    and a stdout that cannot be written (`>/dev/full`, `>&-`) ends the command with one line,
+    exit status 2 (`guarded_stdout`), as its other errors do."""
     if argv is None:
         reexec_in_utf8_mode()  # (returns at once when it runs in UTF-8 mode already)
+    tolerate_unencodable_output()
+    with guarded_stdout() as stdout:
+        try:
+            return _main(argv, stdout)
+        except SystemExit:  # --help, --version, a usage error: what they printed, flushed now
+            problem = flush_problem(stdout)
+            if problem is None:
+                raise
+            print(f"splitdet: error: {problem}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _main(argv: Sequence[str] | None, stdout: GuardedStdout) -> int:
+    """`main`'s work, its stdout watched by `stdout`."""
     try:
         stacks_on_sigusr1()  # first: before any thread starts (see shared/stacks.py)
     except RuntimeError as exc:  # ("can't start new thread": no command could run)
@@ -622,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _parse(parser, raw)  # (no command, or no action: argparse's error, exit 2)
         except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the modules import)
             return _stopped("splitdet", exc)
-        return _run_command(args, raw)
+        return _run_command(args, raw, stdout)
 
 
 def _parse(parser: argparse.ArgumentParser, raw: list[str]) -> argparse.Namespace:
@@ -678,8 +711,9 @@ def _stopped(who: str, exc: KeyboardInterrupt, logs_json: bool = False) -> int:
     return SIGTERM_EXIT if terminated else 130
 
 
-def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
-    """`main`'s run of the parsed command `args` (`raw`: the arguments as given)."""
+def _run_command(args: argparse.Namespace, raw: list[str], stdout: GuardedStdout) -> int:
+    """`main`'s run of the parsed command `args` (`raw`: the arguments as given; `stdout`:
+    sys.stdout, watched: a write that failed ends it with one line, exit status 2)."""
     # the command's own arguments as typed (`train --nproc-per-node` gives them to its ranks);
     # the options before the command take no value a command could be named
     args.command_argv = raw[raw.index(args.command) + 1 :]
@@ -694,7 +728,10 @@ def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
         if problem is not None:
             return _fatal(args, problem, logs_json, 2)
     try:
-        return int(args.handler(args) or 0)
+        return _handled(args, stdout)
+    except StdoutFailed as exc:  # (`>/dev/full`, `>&-`: one line, whatever the command did)
+        quiet_stdout()
+        return _fatal(args, str(exc), logs_json, 2)
     except CommandError as exc:
         return _fatal(args, str(exc), logs_json, 2)
     except FileNotFoundError as exc:
@@ -724,6 +761,22 @@ def _run_command(args: argparse.Namespace, raw: list[str]) -> int:
         return _unexpected(args, exc)
 
 
+def _handled(args: argparse.Namespace, stdout: GuardedStdout) -> int:
+    """The exit status of the command's handler, its stdout flushed; StdoutFailed when a
+    write to stdout failed (other than a broken pipe), whatever came of it: an exception it
+    raised on the way, or one the command caught and went on from."""
+    try:
+        status = int(args.handler(args) or 0)
+        stdout.flush()  # (now, not at exit: Python would say it as "Exception ignored", 120)
+    except Exception:
+        if stdout.failure is None:
+            raise
+        raise StdoutFailed(stdout_problem(stdout)) from None
+    if stdout.failure is not None:
+        raise StdoutFailed(stdout_problem(stdout))
+    return status
+
+
 def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
     """An exception no command foresaw escaping a command that logs JSON: one JSON line
     (event "fatal", the traceback in its "exc" field) instead of Python's raw traceback, for a
@@ -746,11 +799,12 @@ def _fatal(
     return status
 
 
-def silence_stdout() -> None:
-    """After a reader closed our stdout (`| head`): point it at /dev/null, so that Python's
-    flush at exit does not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+def refuse_closed_stdout(what: str) -> None:
+    """CommandError, before any work, when stdout is closed (`stdout_closed`) and the
+    command's output goes there: `what` says which ("--json - writes the results there"),
+    and may end with what to do instead ("; give --json FILE")."""
+    if stdout_closed():
+        raise CommandError(f"{CLOSED_STDOUT}, and {what}: nothing was done")
 
 
 #: Environment variable read for the bearer token when --token-file is not given (edge and cloud).

@@ -144,3 +144,16 @@ def small_disk(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def store_db(tmp_path) -> Path:
+    """An empty splitdet edge store (a real SQLite file)."""
+    import contextlib
+
+    from splitdet.edge.store import ResultStore
+
+    db = tmp_path / "edge.sqlite"
+    with contextlib.closing(ResultStore(db)):
+        pass
+    return db

@@ -423,3 +423,17 @@ def image_ids(db: Path) -> set[int]:
 
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return {row[0] for row in conn.execute("SELECT id FROM images")}
+
+
+def run_main(capsys, *argv: object) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `splitdet ARGV` run in this process (pytest's
+    `capsys`); argparse's exits too."""
+    from splitdet.shared.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -12,40 +12,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
 import pytest
 
 from splitdet.edge.cli_edge_options import parse_since, retention_type
-from splitdet.edge.store import ResultStore
-from splitdet.shared.cli import main
 
-
-def _cli(capsys, *argv: object) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `splitdet ARGV` run here; argparse's exits too."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from support import run_main
 
 
 def _one_text(text: str) -> str:
     """`text` with argparse's line wrapping undone."""
     return " ".join(text.split())
-
-
-@pytest.fixture
-def store_db(tmp_path) -> Path:
-    """An empty splitdet edge store (a real SQLite file)."""
-    db = tmp_path / "edge.sqlite"
-    with contextlib.closing(ResultStore(db)):
-        pass
-    return db
 
 
 # ---------------------------------------------------------------------- 1. --since '2h ago'
@@ -60,15 +39,15 @@ def test_since_takes_an_age_with_or_without_ago(capsys, store_db):
         argv = ["edge", action, "--db", store_db, "--since", "2h ago"]
         if action == "collect":
             argv += ["--out", store_db.parent / "review"]
-        code, _, err = _cli(capsys, *argv)
+        code, _, err = run_main(capsys, *argv)
         assert code == 0 and "--since" not in err, (action, err)
-        code, out, _ = _cli(capsys, "edge", action, "--help")
+        code, out, _ = run_main(capsys, "edge", action, "--help")
         assert "'2h ago'" in _one_text(out), action
 
 
 def test_since_refuses_ago_after_anything_but_an_age(capsys, store_db):
     """Unix seconds take no " ago": "3600 ago" is not an hour ago, and is refused."""
-    code, _, err = _cli(capsys, "edge", "results", "--db", store_db, "--since", "3600 ago")
+    code, _, err = run_main(capsys, "edge", "results", "--db", store_db, "--since", "3600 ago")
     assert code == 2
     assert "--since '3600 ago': expected 30s, 15m, 2h or 7d" in err and "'2h ago'" in err, err
 
@@ -83,7 +62,7 @@ def test_a_malformed_retention_is_answered_with_ages_it_takes(capsys, tmp_path, 
     argv = ["edge", action, "--db", tmp_path / "edge.sqlite", option, "1M"]
     if action == "run":
         argv += ["--model", tmp_path, "--watch", tmp_path]
-    code, _, err = _cli(capsys, *argv)
+    code, _, err = run_main(capsys, *argv)
     assert code == 2 and "'1M'" in err, err
     assert "30s" not in err, err
     examples = ("15m", "12h", "30d")
@@ -111,7 +90,7 @@ def test_a_db_that_is_a_folder_is_called_a_folder(capsys, tmp_path, argv):
     """Before: "--db data: no such results database" for the folder `data`."""
     folder = tmp_path / "data"
     folder.mkdir()
-    code, _, err = _cli(capsys, "edge", argv[0], "--db", folder, *argv[1:])
+    code, _, err = run_main(capsys, "edge", argv[0], "--db", folder, *argv[1:])
     assert code == 2
     assert f"--db {folder}: is a folder; --db names the database file" in err, err
     assert "no such results database" not in err and len(err.strip().splitlines()) == 1
@@ -120,7 +99,7 @@ def test_a_db_that_is_a_folder_is_called_a_folder(capsys, tmp_path, argv):
 def test_a_missing_db_is_still_said_to_be_missing(capsys, tmp_path):
     missing = tmp_path / "none.sqlite"
     for argv in (["status"], ["prune", "--older-than", "30d"]):
-        code, _, err = _cli(capsys, "edge", argv[0], "--db", missing, *argv[1:])
+        code, _, err = run_main(capsys, "edge", argv[0], "--db", missing, *argv[1:])
         assert code == 2 and f"--db {missing}: no such results database" in err, err
 
 
@@ -132,7 +111,7 @@ def test_edge_check_names_a_checkpoint_file_once(capsys, tmp_path):
     checkpoint = tmp_path / "run" / "best.pt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"not an export")
-    code, out, _ = _cli(capsys, "edge", "check", "--model", checkpoint)
+    code, out, _ = run_main(capsys, "edge", "check", "--model", checkpoint)
     assert code == 1
     line = out.splitlines()[0]
     assert line.startswith("FAIL") and line.count(str(checkpoint)) == 2, line  # the hint's too
@@ -154,17 +133,17 @@ def test_a_training_run_given_as_model_says_to_export_its_checkpoint(capsys, tmp
         (run / name).write_bytes(b"a checkpoint")
     image = tmp_path / "a.png"
     image.write_bytes(b"")
-    code, _, err = _cli(capsys, "predict", image, "--model", run)
+    code, _, err = run_main(capsys, "predict", image, "--model", run)
     assert code == 2, err
     said = _one_text(err)
     assert f"it holds {named}, a training checkpoint" in said, err
     assert f"export it first: splitdet export --checkpoint {run / named} --out DIR" in said, err
-    code, out, _ = _cli(capsys, "edge", "check", "--model", run)  # the same, the path once
+    code, out, _ = run_main(capsys, "edge", "check", "--model", run)  # the same, the path once
     assert code == 1 and f"it holds {named}" in out and out.count(f"{run}: {run}") == 0, out
 
 
 def test_a_folder_without_manifest_or_checkpoint_is_asked_about(capsys, tmp_path):
-    code, _, err = _cli(capsys, "predict", tmp_path / "a.png", "--model", tmp_path)
+    code, _, err = run_main(capsys, "predict", tmp_path / "a.png", "--model", tmp_path)
     assert code == 2 and "a directory made by splitdet export?" in err, err
     assert "checkpoint" not in err, err
 
@@ -177,7 +156,7 @@ def test_bench_help_shows_its_defaults(capsys):
     showed no default (and --defect-rates no help at all)."""
     from splitdet.bench.run import BenchConfig
 
-    code, out, _ = _cli(capsys, "bench", "--help")
+    code, out, _ = run_main(capsys, "bench", "--help")
     assert code == 0
     said, real = _one_text(out), BenchConfig(Path("m"), Path("c"), Path("d"), Path("o"))
     rates = ",".join(f"{r:g}" for r in real.defect_rates)
@@ -196,7 +175,7 @@ def test_bench_help_shows_its_defaults(capsys):
 def test_demo_help_says_the_benchmark_runs_on_all_cores(capsys):
     """Before: "torch's own count, its physical cores, to train and benchmark", while the
     benchmark's default is every usable core (bench.run.usable_cores)."""
-    code, out, _ = _cli(capsys, "demo", "--help")
+    code, out, _ = run_main(capsys, "demo", "--help")
     said = _one_text(out)
     assert code == 0 and "to train and benchmark" not in said
     assert "to train and evaluate; all the cores the demo may run on for the benchmark" in said
@@ -244,18 +223,18 @@ def test_the_demos_synth_stage_draws_no_bars_into_a_log_file(capsys, tmp_path):
 def test_fingerprint_help_says_which_prefixes_each_action_takes(capsys):
     """Before: `edge results --help` did not say it takes any prefix, while requeue and abandon
     refuse fewer than 8 hex digits."""
-    code, out, _ = _cli(capsys, "edge", "results", "--help")
+    code, out, _ = run_main(capsys, "edge", "results", "--help")
     assert code == 0 and "starts with HEX: any prefix, even a digit" in _one_text(out)
     for action in ("requeue", "abandon"):
-        code, out, _ = _cli(capsys, "edge", action, "--help")
+        code, out, _ = run_main(capsys, "edge", action, "--help")
         said = _one_text(out)
         assert code == 0 and "first 8 or more hex digits" in said and "fewer are refused" in said
 
 
 def test_results_takes_a_one_digit_prefix_and_abandon_refuses_it(capsys, store_db):
-    code, _, err = _cli(capsys, "edge", "results", "--db", store_db, "--fingerprint", "3")
+    code, _, err = run_main(capsys, "edge", "results", "--db", store_db, "--fingerprint", "3")
     assert code == 0, err
-    code, _, err = _cli(capsys, "edge", "abandon", "--db", store_db, "--fingerprint", "3")
+    code, _, err = run_main(capsys, "edge", "abandon", "--db", store_db, "--fingerprint", "3")
     assert code == 2 and "first 8 or more" in err, err
 
 

@@ -243,13 +243,15 @@ def run_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from splitdet.edge.cli_predict import check_outputs, write_json
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.training.voc_check import annotated_ids, check_dataset
 
     root = Path(args.data)
     if not root.is_dir():
         raise CommandError(f"{root}: not a folder")
     check_outputs(args.json, None)  # before the reading, not after it
+    if not args.json:  # (`>&-`: the report is the command's output)
+        refuse_closed_stdout("data check prints its report there (or give --json FILE)")
     to_stdout = args.json == "-"
     total = len(annotated_ids(root))
     hidden = progress_off(args.no_progress) or total == 0

@@ -42,17 +42,20 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     evaluate that one too (never written) and compare them."""
     import json
 
+    from splitdet.edge.cli_predict import json_text
     from splitdet.shared.checkpoint import (
         CheckpointError,
         calibration_source,
         load_model,
         save_torch,
     )
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.shared.probability_format import format_probability
     from splitdet.training import voc
     from splitdet.training.evaluate import calibration_shortfall
 
+    if args.json is None:  # (`>&-`; --json - is refused as predict's is: `check_outputs`)
+        refuse_closed_stdout("eval prints its JSON there without --json (give --json FILE)")
     # here, not after predicting every image (where calibration found it)
     if not 0.0 < args.target_recall <= 1.0:
         raise CommandError(f"--target-recall must be in (0, 1], got {args.target_recall}")
@@ -158,7 +161,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         )
         # the same split and calibration: the same overlap, and the same keys as the candidate's
         metrics["baseline"]["split_overlap"] = dict(metrics["split_overlap"])
-    text = json.dumps(metrics, indent=2)
+    text = json.dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
     shown = _json_on_stdout(args.json)
     if shown:
         print(text)

@@ -35,8 +35,9 @@ def run_model(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from splitdet.edge.cli_predict import json_text
     from splitdet.edge.cloud_args import threshold_problem
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.shared.progress import progress_off
     from splitdet.training.cli_eval_overlap import split_overlap, train_split
     from splitdet.training.evaluate_export import evaluate_export
@@ -44,6 +45,8 @@ def run_model(args: argparse.Namespace) -> int:
     problem = threshold_problem(args.threshold)  # (as predict refuses it)
     if problem:
         raise CommandError(problem)
+    if args.json is None:  # (`>&-`; --json - is refused as predict's is: `check_outputs`)
+        refuse_closed_stdout("eval prints its JSON there without --json (give --json FILE)")
     pipeline, samples, detector = _open_model(args)
     off = progress_off(args.no_progress)
     with tqdm(total=len(samples), unit="img", disable=off, file=sys.stderr) as bar:
@@ -56,7 +59,7 @@ def run_model(args: argparse.Namespace) -> int:
     metrics["split_overlap"], overlaps = split_overlap(
         args.data, args.split, samples, [train_split(args.data, args.split)]
     )
-    text = json.dumps(metrics, indent=2)
+    text = json.dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
     shown = _json_on_stdout(args.json)
     if shown:
         print(text)

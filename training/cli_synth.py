@@ -127,9 +127,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset described by ``args``; 143 when SIGTERM stopped it, 130 Ctrl-C."""
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.training import synth
 
+    if args.json:  # (`>&-`: the summary it was asked for would be lost after the work)
+        refuse_closed_stdout("--json prints the summary there")
     if args.workers < 1:
         raise CommandError(f"--workers must be >= 1, got {args.workers}")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -243,8 +245,10 @@ def _generate(args: argparse.Namespace, out: Path) -> DatasetSummary:
 
 def _print_summary(args: argparse.Namespace, out: Path, summary: DatasetSummary) -> None:
     """What was written: JSON with --json, else the lines per split."""
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
+    from splitdet.edge.cli_predict import json_text
+
+    if args.json:  # (a name that is not UTF-8 as \xNN, as `predict --json` writes it)
+        print(json.dumps(json_text(summary.to_json()), indent=2))
         return
     parts = [
         f"{split}: {c['defective']} defective ({c['boxes']} scratches) + {c['free']} defect-free"

@@ -251,10 +251,12 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from splitdet.shared.cli import CommandError, class_names
+    from splitdet.shared.cli import CommandError, class_names, refuse_closed_stdout
     from splitdet.shared.parent_death import PARENT_PID_ENV
     from splitdet.training.epoch_records import describe_best
 
+    if args.json:  # (`>&-`: the run's result it was asked for would be lost after training)
+        refuse_closed_stdout("--json prints the run's result there")
     if "RANK" not in os.environ and args.nproc_per_node != 1:
         if args.nproc_per_node < 1:
             raise CommandError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
@@ -345,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
     if rank != "0":  # rank 0 prints the run's result
         return 0
     if args.json:
-        print(json.dumps(row, indent=2))
+        from splitdet.edge.cli_predict import json_text  # (names: as `predict --json`'s)
+
+        print(json.dumps(json_text(row), indent=2))
     elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
         print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
               f"minutes reach its --minutes budget; last.pt holds epochs 0-{row['epoch']} in "
@@ -540,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from splitdet.shared.cli import CommandError, Parser, add_log_level
     from splitdet.shared.logs import TextLogFormatter
     from splitdet.shared.parent_death import die_with_parent
+    from splitdet.shared.stdout_guard import tolerate_unencodable_output
     from splitdet.training.launch import LOG_LEVEL_ENV
 
     # (splitdet's parser: a path option given twice is refused here too)
@@ -550,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_log_level(parser)  # (`splitdet train ... --log-level X` hands it to the ranks too)
     args = parser.parse_args(argv)
     args.command_argv = list(sys.argv[1:] if argv is None else argv)
+    tolerate_unencodable_output()  # (rank 0's closing line names --out, as `splitdet train`)
     parent = _launcher_pid()
     if parent is not None and not die_with_parent(parent, "this rank"):
         print("splitdet train: the launcher that started this rank is gone; not training",

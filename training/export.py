@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -276,8 +276,8 @@ def export_model(
         try:
             try:
                 manifest = _export_into(
-                    model, staging, gate_threshold, default_codec, sample_hw, extra, calibration,
-                    tolerance,
+                    model, held.enter_context(_utf8_named(staging)), gate_threshold,
+                    default_codec, sample_hw, extra, calibration, tolerance,
                 )  # fmt: skip
                 # before the first move, as `_publish` says; a full disk may refuse it too
                 atomic_write(out_dir / PUBLISHING_MARKER, f"pid {os.getpid()}\n", fsync=True)
@@ -294,6 +294,37 @@ def export_model(
     elif earlier is not None:
         log.warning("%s", replaced_export(out_dir, earlier, manifest))
     return manifest
+
+
+@contextlib.contextmanager
+def _utf8_named(folder: Path) -> Iterator[Path]:
+    """`folder` under a path that is valid UTF-8 text, for the libraries it is handed to.
+
+    A folder whose name is not UTF-8 (`--out "$(printf 'mod\\xe9l')"`, a Latin-1 name) reaches
+    Python with surrogate escapes, which torch's ONNX exporter and ONNX Runtime (C++ through
+    pybind11) refuse as an argument ("incompatible function arguments"). Such a folder is
+    reached, while in it, through a symbolic link of an ASCII name in a new private temporary
+    folder, removed after: the files are still written into `folder` itself, which `_publish`
+    then moves by its own name (Python's file calls take any name). Any other folder is
+    yielded as it is."""
+    try:
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="splitdet-export-") as links:
+        alias = Path(links) / "staging"
+        try:
+            alias.symlink_to(folder.resolve(), target_is_directory=True)
+        except OSError as exc:  # (no symbolic links here: the export fails as it did)
+            raise ExportError(
+                f"{folder.parent}: its name is not UTF-8, which ONNX export cannot take, and "
+                f"no ASCII link to it could be made ({exc.strerror or exc}); export into a "
+                "folder whose name is UTF-8"
+            ) from None
+        yield alias
 
 
 def earlier_export(out_dir: Path) -> dict | None:
