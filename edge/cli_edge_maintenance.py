@@ -361,13 +361,19 @@ examples:
 Dead letters are kept unless --dead-letters: flagged images (possibly defective) whose request
 the cloud never judged, refused for good or abandoned by `splitdet edge abandon`. Each is
 decided by `splitdet edge requeue` (sent again once the cause is fixed; --abandoned for those
-abandon made) or by processing its image again; deleted, its kept request goes with it and
-nothing is left to tell that the part was never judged (under --after delete the image is gone
-too). Prune and its --dry-run say how many older than AGE they kept, and, with --dead-letters,
-how many of the results deleted were dead letters (counted in the database's
-pruned_dead_letters, shown by `splitdet edge status`). Other error results (unreadable images
-quarantined, flagged images rejected by --when-full reject: nothing kept to send) are deleted
-as any other result. `splitdet edge run --keep-results` never deletes dead letters.
+abandon made; its --dry-run says which it sends and why it leaves the others) or by processing
+its image again; deleted, its kept request goes with it and nothing is left to tell that the
+part was never judged (under --after delete the image is gone too). Prune and its --dry-run say
+how many older than AGE they kept, and, with --dead-letters, how many of the results deleted
+were dead letters (counted in the database's pruned_dead_letters, shown by `splitdet edge
+status`). A dead letter whose image was processed again (a final result of the same content in
+a later row, or judged since its refusal: requeue never sends it) is decided: it goes as any
+result, with its kept request. An ok or defect result stays while a dead letter of its image
+(the same content) is in the database: requeue reads it to tell that image was processed
+again; prune says how many it kept so. Other error results (unreadable images quarantined,
+flagged images rejected by --when-full reject: nothing kept to send) are deleted as any other
+result. `splitdet edge run --keep-results` never deletes dead letters (but those whose images
+were processed again).
 """
 
 
@@ -432,9 +438,16 @@ def prune(args: argparse.Namespace) -> int:
             f"kept {pruned.kept_dead_letters} dead letter(s) older than --older-than: flagged "
             "images the cloud never judged (refused for good, or abandoned by `splitdet edge "
             "abandon`), kept until decided: "
-            f"`splitdet edge requeue --db {shlex.quote(str(args.db))}` sends them again once "
-            "the cause is fixed (--abandoned: those abandon made), or --dead-letters deletes "
-            "them with their kept requests"
+            f"`splitdet edge requeue --db {shlex.quote(str(args.db))} --dry-run` says which of "
+            "them requeue sends again once the cause is fixed and why it leaves the others "
+            "(--abandoned: those abandon made too), or --dead-letters deletes them with their "
+            "kept requests"
+        )
+    if pruned.kept_for_dead_letters:
+        print(
+            f"kept {pruned.kept_for_dead_letters} result(s) older than --older-than whose image "
+            "still has a dead letter: `splitdet edge requeue` needs them to tell whether that "
+            "image was processed again; they go once the dead letter does"
         )
     if pruned.kept_in_place:
         print(

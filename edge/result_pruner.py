@@ -104,4 +104,5 @@ class ResultPruner:
                 freed = 0
             log_event(logging.INFO, "pruned", results=pruned.deleted,
                       older_than_s=self.keep_results_s, reclaimed_bytes=freed,
-                      dead_letters_kept=pruned.kept_dead_letters)  # fmt: skip
+                      dead_letters_kept=pruned.kept_dead_letters,
+                      results_kept_for_dead_letters=pruned.kept_for_dead_letters)  # fmt: skip

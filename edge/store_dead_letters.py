@@ -22,6 +22,38 @@ ABANDONED = "abandoned by `splitdet edge abandon`"
 
 #: A gRPC status code in a dead letter's reason ("... permanently: INVALID_ARGUMENT: ...").
 _CODE = re.compile(r"\b([A-Z][A-Z_]*[A-Z]): ")
+#: In SQL, true for a dead letter (`FROM images i` and `letter_joins`) whose image was
+#: processed again, by the rule `letter_joins` states.
+PROCESSED_AGAIN = "f.content_hash IS NOT NULL"
+
+
+def refused_at(keeps: bool) -> str:
+    """In SQL, when the dead letter `i` was refused (unix s): its kept request's dead_at (joined
+    as `d` by `letter_joins`), else its row's finished (or updated, in a row without one).
+    `keeps`: the store has the table of kept requests (a version 1 store read as it is, by a
+    dry run, has none)."""
+    return "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
+        "COALESCE(i.finished, i.updated)")  # fmt: skip
+
+
+def letter_joins(keeps: bool) -> str:
+    """SQL joins for a query over dead letters (`FROM images i`): `d`, its kept request (when
+    `keeps`: the store has that table), and `f`, which `PROCESSED_AGAIN` tells found: the one
+    rule of whether its image was processed again, for `StoreDeadLetters.requeue` (never
+    requeued then) and `StoreMaintenance.prune` (then a final result like any other). Its image
+    (the same content hash) has a final result (ok or defect) in a row arrived after the dead
+    letter's (a greater id) or judged at or after its refusal (an earlier row requeued and
+    answered since keeps its lower id); an earlier twin judged before it does not count: that
+    result is not this image's. (Only the images of dead letters are grouped: one pass over the
+    final results, however many the store holds.)"""
+    refused = refused_at(keeps)
+    return (" LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else "") + (
+        " LEFT JOIN (SELECT content_hash, MAX(id) AS last, MAX(finished) AS judged"
+        " FROM images WHERE verdict IN ('ok', 'defect') AND content_hash IN"
+        " (SELECT content_hash FROM images WHERE verdict = 'error'"
+        " AND error_kind = 'dead_letter') GROUP BY content_hash) f"
+        f" ON f.content_hash = i.content_hash AND (f.last > i.id OR f.judged >= {refused})"
+    )
 
 
 def dead_letter_cause(reason: str | None) -> str:
@@ -193,22 +225,11 @@ class StoreDeadLetters(StoreConnection):
             # (a version 1 store read as it is, by a dry run, has no table of kept requests)
             keeps = "dead_letters" in read_contents(db).names
             kept = "d.size_bytes" if keeps else "NULL"
-            joined = " LEFT JOIN dead_letters d ON d.image_id = i.id" if keeps else ""
-            refused = "COALESCE(d.dead_at, i.finished, i.updated)" if keeps else (
-                "COALESCE(i.finished, i.updated)")  # fmt: skip
-            # the images with a final result since (processed again): in a row arrived after the
-            # dead letter's, or judged at or after its refusal (an earlier row requeued and
-            # answered since keeps its lower id); an earlier twin judged before it does not count
-            final = (
-                " LEFT JOIN (SELECT content_hash, MAX(id) AS last, MAX(finished) AS judged"
-                " FROM images WHERE verdict IN ('ok', 'defect') GROUP BY content_hash) f"
-                f" ON f.content_hash = i.content_hash AND (f.last > i.id OR f.judged >= {refused})"
-            )
             rows = db.execute(
                 f"SELECT i.id, COALESCE(i.fingerprint, ''), i.reason, {kept},"
-                f" f.content_hash IS NOT NULL, i.content_hash FROM images i{joined}{final}"
+                f" {PROCESSED_AGAIN}, i.content_hash FROM images i{letter_joins(keeps)}"
                 " WHERE i.verdict = 'error' AND i.error_kind = 'dead_letter'"
-                f" AND {refused} >= ?"
+                f" AND {refused_at(keeps)} >= ?"
                 + (" AND i.fingerprint = ?" if fingerprint else "")
                 + " ORDER BY i.id",
                 (since, fingerprint) if fingerprint else (since,),

@@ -126,7 +126,9 @@ class Pruned:
     `StoreMaintenance.prune`), or because their file still
     lies where it arrived (`kept_in_place`); and the dead letters: those old enough kept
     because they were not asked for (`kept_dead_letters`), and how many of the rows deleted
-    were dead letters (`dead_letters_deleted`, within `deleted`)."""
+    were dead letters (`dead_letters_deleted`, within `deleted`); and the ok or defect results
+    old enough kept because a dead letter of their image is still there: requeue reads them to
+    tell that the image was processed again (`kept_for_dead_letters`)."""
 
     deleted: int
     through_id: int
@@ -134,6 +136,7 @@ class Pruned:
     kept_in_place: int = 0
     kept_dead_letters: int = 0
     dead_letters_deleted: int = 0
+    kept_for_dead_letters: int = 0
 
 
 @dataclass(frozen=True)

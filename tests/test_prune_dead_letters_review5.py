@@ -10,14 +10,16 @@ Other error rows (quarantined, outbox full) go as before. In-process stores and 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
 from splitdet.edge import store_maintenance
 from splitdet.edge.result_pruner import ResultPruner
-from splitdet.edge.store import Arrival, ResultStore
+from splitdet.edge.store import Answer, Arrival, ResultStore
 from splitdet.edge.store_dead_letters import ABANDONED
 from splitdet.edge.store_file import open_readonly
 from splitdet.edge.store_reads import store_status
@@ -30,8 +32,10 @@ RETIRED = "aaaaaaaa1" + "0" * 55
 DAY = 86400.0
 
 
-def _arrival(n: int) -> Arrival:
-    return Arrival(f"/gone/{n}.png", f"{n}.png|100|{n}|{n}", f"{n:064x}", 100, time.time())
+def _arrival(n: int, again: bool = False) -> Arrival:
+    """Image n's arrival; `again`: fed again (the same bytes, a new file key)."""
+    key = f"{n}.png|100|{n + 1000 * again}|{n}"
+    return Arrival(f"/gone/{n}.png", key, f"{n:064x}", 100, time.time())
 
 
 def _refused(store: ResultStore, n: int, fingerprint: str = FINGERPRINT) -> int:
@@ -180,3 +184,209 @@ def test_prune_help_names_the_option(capsys):
         main(["edge", "prune", "--help"])
     out = capsys.readouterr().out
     assert "--dead-letters" in out and "Dead letters are kept unless --dead-letters" in out
+
+
+# A QA review of the above: a dead letter whose image was processed again (requeue leaves it for
+# good) was kept by prune, while the result that made requeue leave it was deleted: the next
+# `edge requeue` sent the image a second time. Now such a dead letter is settled (it goes as any
+# result, with its kept request), and no ok or defect result goes while a dead letter of its
+# image is in the store.
+
+DEFECT = Answer([[1.0, 1.0, 9.0, 9.0]], [0.9], [1], ["scratch"])
+
+
+def _judged_again(store: ResultStore, n: int) -> int:
+    """Image n fed again, flagged and answered "defect": its new row's id."""
+    image_id, _, verdict = store.record_pending(
+        _arrival(n, again=True), 0.9, f"req-{n}-again", bytes([n]) * 100, FINGERPRINT, {}
+    )
+    assert verdict == "pending" and store.complete(image_id, DEFECT)
+    return image_id
+
+
+def _shift_back(db, days: float) -> None:
+    """Every result and refusal of the store `db` made `days` older, by the wall clock and the
+    boot clock alike, in the order they were (`age_rows` gives them all one time: a result
+    judged before a refusal would be judged after it)."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "UPDATE images SET finished = finished - ?1, finished_boot_s = finished_boot_s - ?1",
+            (days * DAY,),
+        )
+        conn.execute("UPDATE dead_letters SET dead_at = dead_at - ?", (days * DAY,))
+
+
+def _sent_nothing(db) -> None:
+    """Nothing is pending nor in the outbox: no image is sent (again)."""
+    store = ResultStore(db)
+    try:
+        assert store.next_due() is None and store.outbox_stats().depth == 0
+        assert store.verdict_counts()["pending"] == 0
+    finally:
+        store.close()
+
+
+def test_a_dead_letter_whose_image_was_processed_again_is_pruned_with_it_never_requeued(
+    tmp_path, capsys
+):
+    """The reviewer's case: image 1 refused, fed again and answered "defect", both 100 days
+    old. Prune deletes both (the dead letter settled, without --dead-letters); requeue then has
+    nothing to send, and image 1 is judged once."""
+    db = tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    try:
+        letter = _refused(store, 1)
+        defect = _judged_again(store, 1)
+    finally:
+        store.close()
+    age_rows(db, [letter, defect], days=100)
+    assert main(["edge", "requeue", "--db", str(db), "--dry-run"]) == 0
+    assert "would leave 1 whose image has a final result since (processed again)" in (
+        capsys.readouterr().out)  # fmt: skip
+
+    prune = ["edge", "prune", "--db", str(db), "--older-than", "90d"]
+    assert main([*prune, "--dry-run"]) == 0
+    assert f"{db}: would delete 2 result(s)\n" == capsys.readouterr().out
+    assert main(prune) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{db}: deleted 2 result(s)") and "dead letter" not in out
+    assert image_ids(db) == set()
+    assert _status(db)["dead_letters"]["kept"] == 0  # its kept request went with it
+
+    assert main(["edge", "requeue", "--db", str(db)]) == 0
+    assert f"{db}: requeued 0 dead letter(s)" in capsys.readouterr().out
+    _sent_nothing(db)
+    store = ResultStore(db)
+    try:
+        counters = store.counters()
+        assert counters["pruned"] == 2 and "pruned_dead_letters" not in counters
+    finally:
+        store.close()
+
+
+def test_a_result_older_than_the_dead_letter_it_settles_stays_while_that_dead_letter_does(
+    tmp_path, capsys
+):
+    """Image 1's request retried for long before it was refused; meanwhile the image, fed
+    again, was answered "defect" (a later row, judged before the refusal). That result turns
+    90 days old first: prune keeps it (and says so) while the dead letter is there, requeue
+    leaves the dead letter; once both are old, one prune deletes both."""
+    db = tmp_path / "edge.sqlite"
+    store = ResultStore(db)
+    try:
+        first, _, _ = store.record_pending(_arrival(1), 0.9, "req-1", b"x" * 100, FINGERPRINT, {})
+        defect = _judged_again(store, 1)
+        assert store.dead_letter(first, "dead letter: INTERNAL: a cloud bug")
+    finally:
+        store.close()
+    age_rows(db, [defect], days=100)
+    age_rows(db, [first], days=10)
+    store = ResultStore(db)
+    try:  # (the daemon's hourly prune)
+        pruned = store.prune(time.time() - 90 * DAY)
+        assert (pruned.deleted, pruned.kept_dead_letters) == (0, 0)
+        assert pruned.kept_for_dead_letters == 1
+    finally:
+        store.close()
+    prune = ["edge", "prune", "--db", str(db), "--older-than", "90d"]
+    assert main(prune) == 0
+    out = capsys.readouterr().out
+    assert f"{db}: deleted 0 result(s)" in out
+    assert "kept 1 result(s) older than --older-than whose image still has a dead letter" in out
+    assert image_ids(db) == {first, defect}
+
+    assert main(["edge", "requeue", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "requeued 0 dead letter(s)" in out and "left 1 whose image has a final result" in out
+    _sent_nothing(db)
+
+    age_rows(db, [first], days=100)
+    assert main(prune) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{db}: deleted 2 result(s)") and " kept " not in out
+    assert image_ids(db) == set()
+
+
+def test_a_settled_dead_letter_goes_without_dead_letters_an_unsettled_one_stays(tmp_path):
+    """Without --dead-letters, a dead letter whose image was processed again (requeue leaves
+    it), refused (image 1) or abandoned (image 2), goes with its kept request: a result like any
+    other, not counted as a dead letter deleted. Image 4, refused, fed again and refused again,
+    its first dead letter requeued and answered since: that answer (a lower id, judged after
+    the second refusal) settles the second, and stays while it does. Image 3, judged, then fed
+    again and refused: an earlier result does not settle a dead letter; both stay, until
+    --dead-letters deletes the dead letter (its earlier result, looked at first, the prune
+    after that)."""
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        refused = _refused(store, 1)
+        store.record_ok(_arrival(1, again=True), 0.1, FINGERPRINT, {})
+        abandoned, _, _ = store.record_pending(_arrival(2), 0.9, "req-2", b"z" * 100, RETIRED, {})
+        assert store.dead_letter_export(RETIRED, f"{ABANDONED}: no cloud serves it") == 1
+        _judged_again(store, 2)
+        requeued = _refused(store, 4)
+        second = store.record_pending(
+            _arrival(4, again=True), 0.9, "req-4-again", b"y" * 100, FINGERPRINT, {}
+        )[0]
+        assert store.dead_letter(second, "dead letter: INTERNAL: a cloud bug")
+        assert store.requeue().requeued == [requeued] and store.complete(requeued, DEFECT)
+        earlier, _ = store.record_ok(_arrival(3, again=True), 0.1, FINGERPRINT, {})  # before
+        unsettled = _refused(store, 3)  # image 3 fed again and refused
+        _shift_back(store.path, days=40)
+        done = store.requeue(dry_run=True, abandoned=True)
+        assert done.processed_again == [refused, abandoned, second]
+        assert done.requeued == [unsettled]
+
+        before = time.time() - 30 * DAY
+        assert store.prune(before, dry_run=True, batch=3).deleted == 5
+        pruned = store.prune(before, batch=3)
+        assert (pruned.deleted, pruned.kept_dead_letters, pruned.dead_letters_deleted) == (5, 1, 0)
+        assert pruned.kept_for_dead_letters == 2  # image 3's earlier ok, image 4's defect
+        assert image_ids(store.path) == {earlier, unsettled, requeued}
+        assert store.dead_letter_stats().depth == 1  # the kept request of the unsettled one
+        assert "pruned_dead_letters" not in store.counters()
+        assert store.requeue(dry_run=True, abandoned=True).requeued == [unsettled]
+
+        pruned = store.prune(before)  # image 4's second dead letter gone: its result goes
+        assert (pruned.deleted, pruned.kept_for_dead_letters) == (1, 1)
+        pruned = store.prune(before, dead_letters=True)  # the operator's decision: it goes
+        assert (pruned.deleted, pruned.dead_letters_deleted, pruned.kept_for_dead_letters) == (
+            1, 1, 1)  # fmt: skip
+        assert image_ids(store.path) == {earlier}  # (seen before its dead letter went)
+        assert store.prune(before).deleted == 1 and image_ids(store.path) == set()
+    finally:
+        store.close()
+
+
+def test_the_kept_dead_letters_message_promises_no_requeue(history, capsys):
+    """Prune's line on the dead letters it kept sends the operator to requeue's dry run, which
+    says which it sends and which it leaves, not to a requeue "that sends them again"."""
+    db, _ = history
+    assert main(["edge", "prune", "--db", str(db), "--older-than", "1m"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 2 dead letter(s) older than --older-than" in out
+    assert f"`splitdet edge requeue --db {db} --dry-run` says which of them" in out
+    assert "sends them again" not in out
+
+
+def test_a_dead_letter_made_while_prune_looks_keeps_its_images_result(tmp_path, monkeypatch):
+    """prune picks an old ok result of image 1, then, before it deletes it, the daemon's sender
+    makes image 1's pending twin a dead letter: the result stays while that dead letter does
+    (requeue reads it to tell whether the image was processed again), counted as kept for it."""
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        ok, _ = store.record_ok(_arrival(1), 0.1, FINGERPRINT, {})
+        twin, _, _ = store.record_pending(
+            _arrival(1, again=True), 0.9, "req-1", b"x" * 100, FINGERPRINT, {}
+        )
+        age_rows(store.path, [ok], days=40)
+
+        def refused_meanwhile(path, key) -> bool:
+            assert store.dead_letter(twin, "dead letter: INTERNAL: a cloud bug")
+            return False
+
+        monkeypatch.setattr(store_maintenance, "lies_there", refused_meanwhile)
+        pruned = store.prune(time.time() - 30 * DAY)
+        assert image_ids(store.path) == {ok, twin} and store.counters().get("pruned", 0) == 0
+        assert (pruned.deleted, pruned.kept_for_dead_letters) == (0, 1)
+    finally:
+        store.close()
