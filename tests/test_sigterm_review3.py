@@ -18,6 +18,7 @@ import pytest
 
 from splitdet.shared import cli
 from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
+from splitdet.shared.stdout_guard import guarded_stdout
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -45,7 +46,8 @@ def test_a_stop_in_a_command_says_which_it_was(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["synth", "--out", "x"])
     args.handler = terminated
-    assert cli._run_command(args, ["synth", "--out", "x"]) == SIGTERM_EXIT
+    with guarded_stdout() as stdout:
+        assert cli._run_command(args, ["synth", "--out", "x"], stdout) == SIGTERM_EXIT
     assert capsys.readouterr().err.strip() == "splitdet synth: stopped on SIGTERM"
 
 
