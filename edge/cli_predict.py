@@ -47,7 +47,8 @@ examples:
 
 --json FILE writes a list of records, one per image: path, p_defect, verdict (ok | defect |
 error), boxes [x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage
-timings (s), bytes_sent, error, annotated (the file --save wrote), and the run's fingerprint,
+timings (s), bytes_sent, error, annotated (the file --save wrote), warnings (a blank frame, a
+16-bit image of 12-bit values: judged all the same), and the run's fingerprint,
 gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C, exit
 status 130, by SIGTERM, 143, or by a cloud that refuses the model for good, exit status 2: the
 images finished by then are written). Unreadable files (missing, not a regular file, over 256

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from splitdet.edge.preprocess import FRAME_WARNINGS
 from splitdet.edge.sender import DEAD_LETTER_CODES, SEND_FAILURE_CODES
 from splitdet.edge.store import ResultStore
 from splitdet.edge.store_schema import ERROR_KINDS, VERDICTS
@@ -121,7 +122,8 @@ class EdgeMetrics:
     folder's too).
 
     Every series of a labelled counter whose labels are known in advance (each verdict, error
-    kind, and status code a failure or dead letter can carry) is exported at 0 from the start:
+    kind, image warning kind, and status code a failure or dead letter can carry) is exported at
+    0 from the start:
     a series that first appears at 1 (its first event, and the first after each restart) is
     one Prometheus' increase() and rate() see no increase in, so the alerts on dead letters
     and quarantined images would miss it."""
@@ -170,6 +172,17 @@ class EdgeMetrics:
         )
         for kind in (*ERROR_KINDS, MOVE_ERROR):  # (each at 0 from the start: see the docstring)
             self.errors.labels(kind)
+        self.image_warnings = Counter(
+            "splitdet_edge_image_warnings",
+            "Images judged whose pixels say the camera may not see the part, by kind: "
+            "blank_frame (all within 1% of full scale: black, white or flat), dim_wide_frame "
+            "(16-bit grayscale below 1/16 of full scale: a 12-bit camera's values unscaled?). "
+            "Each is logged as a WARNING of that name, at most one line a minute a kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in FRAME_WARNINGS:  # (each at 0 from the start: see the docstring)
+            self.image_warnings.labels(kind)
         self.bytes_sent = Counter(
             "splitdet_edge_bytes_sent", "Request bytes sent to the cloud (all attempts).",
             registry=r,

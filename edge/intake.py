@@ -28,7 +28,14 @@ from splitdet.edge.daemon_metrics import EdgeMetrics
 from splitdet.edge.file_identity import NOTHING_READ, path_text
 from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.predict import request_id_for
-from splitdet.edge.preprocess import ImageError, read_regular_file
+from splitdet.edge.preprocess import (
+    BLANK_FRAME,
+    FrameWarning,
+    ImageError,
+    Pixels,
+    frame_warning,
+    read_regular_file,
+)
 from splitdet.edge.runtime import ModelOutputError
 from splitdet.edge.sender import Sender
 from splitdet.edge.store import Arrival, KnownFile, OutboxFull, ResultStore, StoredPath
@@ -37,6 +44,9 @@ from splitdet.shared.shortage import short_of
 
 #: Seconds between two checks that --db still names the file the store has open (one stat).
 STORE_CHECK_EVERY_S = 5.0
+#: At most one `blank_frame` (or `dim_wide_frame`) line per this many seconds: a lens cap
+#: makes every image one.
+FRAME_WARN_EVERY_S = 60.0
 
 
 def memory_shortage(exc: BaseException) -> str | None:
@@ -53,6 +63,42 @@ def content_sha256(path: Path) -> str:
     daemon would wait for a writer for good), nor one grown past MAX_FILE_BYTES read whole.
     ImageError for those, OSError when it cannot be read."""
     return hashlib.sha256(read_regular_file(path)).hexdigest()
+
+
+class FrameWarnings:
+    """The daemon's word on images judged whose pixels say the camera may not see the part
+    (`preprocess.frame_warning`: a blank frame, a 16-bit one of 12-bit values): each counted
+    in splitdet_edge_image_warnings_total{kind}, and logged as a WARNING of its kind
+    (`blank_frame`, `dim_wide_frame`) at most once per `every_s` seconds a kind, each line
+    counting the images since the last. The image is judged, its result stored, as any."""
+
+    def __init__(self, metrics: EdgeMetrics, every_s: float = FRAME_WARN_EVERY_S) -> None:
+        self.metrics = metrics
+        self.every_s = every_s
+        self._next_line: dict[str, float] = {}  # kind -> monotonic s before which it is counted
+        self._unlogged: dict[str, int] = {}  # kind -> images since its last line
+
+    def judged(self, warning: FrameWarning, path: str, image_id: int, verdict: str) -> None:
+        """One image of `warning`'s kind judged (row `image_id`, `verdict`): counted, and
+        logged unless a line of its kind was within `every_s`."""
+        kind = warning.kind
+        self.metrics.image_warnings.labels(kind).inc()
+        unlogged = self._unlogged.get(kind, 0) + 1
+        now = time.monotonic()
+        if now < self._next_line.get(kind, float("-inf")):
+            self._unlogged[kind] = unlogged
+            return
+        self._next_line[kind] = now + self.every_s
+        self._unlogged[kind] = 0
+        also = f" ({unlogged - 1} more since the last line)" if unlogged > 1 else ""
+        # (each event spelled out: tests/test_docs_events.py finds the events in the code)
+        event = {"event": "blank_frame"} if kind == BLANK_FRAME else {"event": "dim_wide_frame"}
+        log.warning(
+            f"{warning.message}{also}. Logged at most once per {self.every_s:g} s",
+            extra={"fields": {**event, "path": path, "image_id": image_id, "verdict": verdict,
+                              "low": warning.low, "high": warning.high,
+                              "full_scale": warning.full_scale, "images": unlogged}},
+        )  # fmt: skip
 
 
 class Intake:
@@ -82,6 +128,7 @@ class Intake:
         self._beat = beat  # (`liveness.Liveness.beat`: a wait for outbox room is no stall)
         self.processed = 0
         self.outbox_gave_up: str | None = None  # --once: the outbox, full past --drain-timeout
+        self.frame_warnings = FrameWarnings(metrics)
 
     def handle(self, candidate: Candidate) -> bool:
         """Process one stable file; False when it is not ready after all (try it later), or
@@ -254,6 +301,10 @@ class Intake:
                   p_defect=round(result.p_defect, 5), bytes=request_bytes,
                   timings={k: round(v, 5) for k, v in logged.items()})  # fmt: skip
         self.after.move(candidate, image_id, stored_path)
+        if isinstance(ready.image, Pixels):  # (judged and stored: now told, if need be)
+            warning = frame_warning(ready.image, arrival.path)
+            if warning is not None:
+                self.frame_warnings.judged(warning, arrival.path, image_id, verdict)
         return True
 
     def _record_pending(

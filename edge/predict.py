@@ -23,7 +23,13 @@ from splitdet.edge.annotate import save_annotated_copy
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.file_names import fit_name
 from splitdet.edge.pipeline import EdgePipeline, EdgeResult
-from splitdet.edge.preprocess import IMAGE_SUFFIXES, ImageError, read_image_file
+from splitdet.edge.preprocess import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    Pixels,
+    frame_warning,
+    read_image_file,
+)
 from splitdet.shared.detection import Detection
 
 if TYPE_CHECKING:
@@ -61,6 +67,9 @@ class Prediction:
         bytes_sent: encoded feature bytes sent (or, detected in this process, that would be
             sent) for this image; 0 when none were, or its detection call failed.
         annotated: the annotated image written for it under `--save`, if any.
+        warnings: what is amiss with an image judged all the same, each naming it
+            (`preprocess.frame_warning`: a blank frame, a 16-bit one of 12-bit values); empty
+            for nearly every image.
     """
 
     path: str
@@ -74,6 +83,7 @@ class Prediction:
     bytes_sent: int = 0
     error: str | None = None
     annotated: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-able dict; a name that is not UTF-8 written with its bytes as \\xNN
@@ -83,6 +93,7 @@ class Prediction:
         for key in ("path", "error", "annotated"):
             if record[key] is not None:
                 record[key] = path_text(record[key])
+        record["warnings"] = [path_text(text) for text in record["warnings"]]
         return record
 
 
@@ -263,6 +274,9 @@ def predict_one(
         timings={"read": read_s, **result.timings},
         bytes_sent=result.bytes_sent,
     )
+    warning = frame_warning(image, str(path)) if isinstance(image, Pixels) else None
+    if warning is not None:  # judged all the same: the verdict is the model's
+        prediction.warnings.append(warning.message)
     if result.flagged:
         request_id = request_id_for(data, pipeline.manifest.fingerprint, pipeline.codec)
         cloud = detector()  # a misconfigured cloud stops the run: CommandError propagates
@@ -431,12 +445,15 @@ def predict_paths(
     on_result: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
     """`predict_one` over many files; `detector` is called lazily (only if an image is flagged).
-    Annotated images go to `save_dir` under the names `annotated_names` gives."""
+    Annotated images go to `save_dir` under the names `annotated_names` gives. Each image's
+    warnings (`Prediction.warnings`) and error are logged as WARNINGs."""
     paths = list(paths)
     targets = annotated_names(paths, save_dir) if save_dir is not None else [None] * len(paths)
     predictions = []
     for path, save_as in zip(paths, targets, strict=True):
         prediction = predict_one(path, pipeline, detector, score_threshold, save_as)
+        for text in prediction.warnings:
+            log.warning("%s", text)
         if prediction.error:
             log.warning("%s", prediction.error)
         predictions.append(prediction)

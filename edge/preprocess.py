@@ -22,7 +22,12 @@ pixel_bits is not 16, and a JPEG of more than MAX_JPEG_SCANS scans always (`chec
 Anything else (float "F" TIFFs, Lab, multi-frame, 32-bit values past 65535...) is refused with
 an `ImageError` naming the file and the mode; a file Pillow cannot decode (corrupt, truncated,
 whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
-never a traceback: the daemon quarantines it and goes on.
+never a traceback: the daemon quarantines it and goes on. So is a JPEG or PNG whose compressed
+data ends early, which Pillow decodes without an error, the rest filled in: a JPEG flat grey to
+its end, a PNG black below its last row written (`_check_filled`).
+
+`frame_warning` tells of an image that is judged all the same but whose pixels say the camera
+may not see the part: a blank frame, a 16-bit one of 12-bit values.
 
 Decoding keeps the decoder's integer pixels (`decode_pixels`: a `Pixels`, 1 or 3 bands of 1, 2
 or 4 bytes a pixel), and `prepare` converts to float only the pixels its resize reads, a band at
@@ -43,11 +48,12 @@ import re
 import stat
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.regular_file import file_kind
@@ -68,6 +74,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: without a word, the missing part as grey or black. (A JPEG's compressed scan data holds no
 #: end-of-image marker: a 0xFF byte in it is followed by 0x00 or a restart marker.)
 UNWRITTEN_TAIL_BYTES = 1024
+#: What a JPEG decoder gives every channel of the blocks it has no data for (all coefficients
+#: zero: YCbCr 128, 128, 128 is RGB 128, 128, 128). A JPEG whose scan data ends early (cut, and
+#: an end marker appended; or damaged) decodes without an error, from there on flat grey:
+#: refused (`_jpeg_grey_from`, `_jpeg_ran_short`).
+JPEG_FILL_VALUE = 128
+#: The side of the square at the bottom-right corner of a decoded JPEG looked at for that grey:
+#: its last block (8 px; of a 16 px one, its chroma blended with its neighbours', the last 8).
+#: A scan that ends within the last block leaves it partly grey: not refused.
+JPEG_FILL_ROWS = 8
 #: Most start-of-scan segments a JPEG may hold. Encoders write one for a baseline JPEG, about 10
 #: for a progressive colour one, a few dozen at most; a decoder's time grows with the scans times
 #: the pixels, so a small crafted file of thousands of scans stalls it for minutes.
@@ -154,6 +169,91 @@ class Pixels:
             array[1] = array[0]
             array[2] = array[0]
         return array
+
+
+#: `frame_warning`'s kinds (the edge daemon's WARNING events, and the `kind` of
+#: splitdet_edge_image_warnings_total): a blank frame, and a 16-bit one of far fewer bits.
+BLANK_FRAME, DIM_WIDE_FRAME = "blank_frame", "dim_wide_frame"
+FRAME_WARNINGS = (BLANK_FRAME, DIM_WIDE_FRAME)
+#: A frame whose pixels all lie within this share of full scale (1%: 0..2 of 255) is blank.
+BLANK_FRAME_SPREAD = 0.01
+#: `frame_warning` looks at every this many-th row and column (1/16 of the pixels).
+FRAME_SAMPLE_STEP = 4
+
+
+@dataclass(frozen=True)
+class FrameWarning:
+    """An image that can be judged, but whose pixels say the camera may not be seeing the part
+    (`frame_warning`).
+
+    Attributes:
+        kind: BLANK_FRAME or DIM_WIDE_FRAME.
+        message: what it is, naming the image, its likely causes, and that it was judged.
+        low, high: its darkest and brightest pixel looked at; full_scale: `Pixels.full_scale`.
+    """
+
+    kind: str
+    message: str
+    low: int
+    high: int
+    full_scale: int
+
+
+def frame_warning(pixels: Pixels, source: str) -> FrameWarning | None:
+    """What is amiss with a decoded frame that is judged all the same (the verdict is the
+    model's), from the darkest and brightest of every FRAME_SAMPLE_STEP-th row and column of
+    its bands; None for nearly every image:
+
+    - BLANK_FRAME: they all lie within BLANK_FRAME_SPREAD of full scale of one another: black
+      (a lens cap, the lamp off), white (saturated) or flat; a model was not made for such a
+      frame, and calls it ok, or not, without a word;
+    - DIM_WIDE_FRAME: a 16-bit (or 2**N - 1 scaled, N >= 12) grayscale frame whose brightest
+      pixel is below 1/16 of full scale: at most 4 bits fewer used than it holds (a camera set
+      to Mono12 whose values are saved unscaled reads nearly black to a 16-bit model).
+
+    Cheap: a strided min and max of each band (a 2448 x 2048 RGB frame: well under 1 ms); a
+    feature narrower than the step between the pixels looked at may not be seen."""
+    step, full = FRAME_SAMPLE_STEP, pixels.full_scale
+    spread = BLANK_FRAME_SPREAD * full
+    low, high = full, 0
+    for band in pixels.bands:
+        sample = np.ascontiguousarray(band[::step, ::step])  # (a copy: faster to reduce)
+        low, high = min(low, int(sample.min())), max(high, int(sample.max()))
+        if high - low > spread and len(pixels.bands) > 1:
+            return None  # (not blank: the other bands need no look; a colour frame is no wide one)
+    if high - low <= spread:
+        if high <= spread:
+            what = "black: a lens cap, the lamp off, no exposure?"
+        elif low >= full - spread:
+            what = "white: saturated, the lamp too bright or the exposure too long?"
+        else:
+            what = "one flat level: a test pattern, a frame lost on the way?"
+        return FrameWarning(
+            BLANK_FRAME,
+            f"{source}: a blank frame: every pixel looked at lies within {low}..{high} of "
+            f"0..{full} ({what}); judged all the same, the verdict is the model's",
+            low, high, full,
+        )  # fmt: skip
+    bits = full.bit_length()
+    band = pixels.bands[0]
+    if (
+        len(pixels.bands) == 1
+        and band.dtype.itemsize >= 2
+        and full + 1 == 1 << bits
+        and bits >= 12
+        and high < (full + 1) >> 4
+    ):
+        return FrameWarning(
+            DIM_WIDE_FRAME,
+            f"{source}: a grayscale frame read over 0..{full} ({bits} bits) whose brightest "
+            f"pixel looked at is {high}: at most {max(high.bit_length(), 1)} of those {bits} "
+            f"bits used, nearly black to the model. A camera set to {bits - 4}-bit values "
+            f"(Mono{bits - 4}) saved unscaled? Set it back, or train and export with "
+            f"--pixel-bits {bits - 4} for such images; judged all the same, the verdict is the "
+            "model's",
+            low, high, full,
+        )  # fmt: skip
+    return None
 
 
 def _to_pixels(image: Image.Image, source: str, pixel_bits: int) -> Pixels:
@@ -417,14 +517,19 @@ _NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff]")
 _SCAN_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
-def _jpeg_walk(data: bytes, resync: bool = False) -> tuple[bool, int]:
+def _jpeg_walk(
+    data: bytes, resync: bool = False, segments: list[tuple[int, int, int, int]] | None = None
+) -> tuple[bool, int]:
     """(whether walking a JPEG's own segments from its start reaches its end-of-image marker,
     the start-of-scan segments met on the way): an EXIF thumbnail's markers, inside its
     segment, and whatever follows the image (an MPO's other images) do not count. Scan data
     runs to the next marker: a 0xFF in it is followed by 0x00 or a restart marker. No pixel
     decoded; the scan data is skipped by a regular expression, not a byte at a time.
     `resync`: past a byte where a marker must be, go on from the next marker, as the decoder
-    does (a stray byte then hides no scan from `check_encoded`); else the walk ends there."""
+    does (a stray byte then hides no scan from `check_encoded`); else the walk ends there.
+    `segments`: each segment with a length met is appended as (marker, where its content
+    starts, where it ends, where its entropy-coded data ends: a scan's, at the marker after it;
+    another segment's, where it ends)."""
     end, pos, scans = len(data), 2, 0
     while pos < end:
         if data[pos] != 0xFF:
@@ -445,13 +550,16 @@ def _jpeg_walk(data: bytes, resync: bool = False) -> tuple[bool, int]:
             continue
         if pos + 2 > end:
             return False, scans
-        pos += int.from_bytes(data[pos : pos + 2], "big")
+        start, pos = pos + 2, pos + int.from_bytes(data[pos : pos + 2], "big")
+        content_end = pos
         if marker == 0xDA:  # start of scan: skip its entropy-coded data
             scans += 1
             found = _SCAN_DATA_END.search(data, pos)
             if found is None:
                 return False, scans
             pos = found.start()
+        if segments is not None:
+            segments.append((marker, start, content_end, pos))
     return False, scans
 
 
@@ -459,6 +567,222 @@ def _jpeg_ends(data: bytes) -> bool:
     """Whether walking a JPEG's own segments from its start reaches its end-of-image marker
     (`_jpeg_walk`)."""
     return _jpeg_walk(data)[0]
+
+
+def _jpeg_grey_from(image: Image.Image, pixels: Pixels) -> tuple[int, int] | None:
+    """About where a decoded 8-bit RGB or grayscale JPEG turns flat JPEG_FILL_VALUE grey in
+    every channel to its end, when its bottom-right JPEG_FILL_ROWS x JPEG_FILL_ROWS pixels are:
+    (the first row of those at its bottom whose last pixel is, the column from which that row
+    is; (0, 0): all of it); None when they are not (looked at up to the first other value: its
+    last pixel, for nearly every image), and for other formats and modes. (A decoder fills
+    blocks, left to right in rows of them: the grey starts in a block row, at some column, and
+    takes every row below whole.)"""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    height, width = pixels.hw
+    rows, cols = min(JPEG_FILL_ROWS, height), min(JPEG_FILL_ROWS, width)
+    for band in pixels.bands:
+        if band[-1, -1] != JPEG_FILL_VALUE or not (band[-rows:, -cols:] == JPEG_FILL_VALUE).all():
+            return None
+    edge = np.ones(height, dtype=bool)  # rows whose last pixel is that grey in every band
+    for band in pixels.bands:
+        edge &= band[:, -1] == JPEG_FILL_VALUE
+    other = np.flatnonzero(~edge)
+    row = 0 if other.size == 0 else int(other[-1]) + 1
+    columns = np.zeros(width, dtype=bool)  # that row's pixels of another value
+    for band in pixels.bands:
+        columns |= band[row] != JPEG_FILL_VALUE
+    other = np.flatnonzero(columns)
+    return row, 0 if other.size == 0 else int(other[-1]) + 1
+
+
+#: Bytes `_jpeg_ran_short` puts after each scan's entropy-coded data: fixed, pseudo-random, no
+#: 0xFF (no marker, nothing to unstuff). Decoded as coefficients, they are no flat grey.
+_JPEG_PROBE_PAD = bytes(np.random.default_rng(0x5D).integers(0, 0xFF, 4096, dtype=np.uint8))
+
+
+#: Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic).
+_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
+                          *range(0xCD, 0xD0)})  # fmt: skip
+#: A restart marker (RST0-7) in scan data.
+_RESTART_MARKER = re.compile(rb"\xff[\xd0-\xd7]")
+
+
+@dataclass(frozen=True)
+class _JpegScan:
+    """A scan of a JPEG: where its entropy-coded data lies, and its restart markers' due."""
+
+    start: int  # its entropy-coded data: data[start:end]
+    end: int
+    restarts: int  # restart markers it must hold (0: no restart interval)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for a >= 0, b > 0."""
+    return -(-a // b)
+
+
+def _jpeg_scans(data: bytes) -> list[_JpegScan] | None:
+    """The scans of a JPEG, with the restart markers each must hold: one after every restart
+    interval (DRI) of MCUs but the last, the MCUs counted from the frame's size and sampling
+    factors; None when its segments do not walk to its end-of-image marker, or its frame or
+    scan headers do not read."""
+    segments: list[tuple[int, int, int, int]] = []
+    if not _jpeg_walk(data, segments=segments)[0]:
+        return None
+    scans, interval, size, factors = [], 0, (0, 0), {}
+    try:
+        for marker, start, content_end, data_end in segments:
+            if marker in _SOF_MARKERS:
+                size = (int.from_bytes(data[start + 3 : start + 5], "big"),
+                        int.from_bytes(data[start + 1 : start + 3], "big"))  # fmt: skip
+                factors = {
+                    data[at]: (data[at + 1] >> 4, data[at + 1] & 15)
+                    for at in range(start + 6, start + 6 + 3 * data[start + 5], 3)
+                }
+            elif marker == 0xDD:  # define restart interval
+                interval = int.from_bytes(data[start : start + 2], "big")
+            elif marker == 0xDA:
+                ids = [data[start + 1 + 2 * k] for k in range(data[start])]
+                h_max = max(h for h, _ in factors.values())
+                v_max = max(v for _, v in factors.values())
+                width, height = size
+                if len(ids) == 1:  # one component: its own blocks, each an MCU
+                    h, v = factors[ids[0]]
+                    across = _ceil_div(_ceil_div(width * h, h_max), 8)
+                    down = _ceil_div(_ceil_div(height * v, v_max), 8)
+                else:
+                    across, down = _ceil_div(width, 8 * h_max), _ceil_div(height, 8 * v_max)
+                due = _ceil_div(across * down, interval) - 1 if interval else 0
+                scans.append(_JpegScan(content_end, data_end, max(due, 0)))
+    except (IndexError, KeyError, ValueError, ZeroDivisionError):  # (a header cut short...)
+        return None
+    return scans if scans and size[0] and size[1] else None
+
+
+def _jpeg_ran_short(data: bytes, image: Image.Image) -> bool:
+    """Whether a JPEG's decoder ran out of scan data before its last block, given its decoded
+    `image` (which ends in flat grey: `_jpeg_grey_from`):
+
+    - a scan with a restart interval that holds fewer restart markers than its MCUs need, or
+      not in their order (RST0, RST1... RST7, RST0...): data lost, the decoder skips on to the
+      next marker it finds and fills what lies between with grey;
+    - decoded again with bytes (`_JPEG_PROBE_PAD`) put after each scan's data, other pixels: a
+      decoder that has all its blocks' data stops before them (the same pixels: a genuine grey
+      band), one that ran short decodes them into its blocks instead of the grey.
+
+    True too when that cannot be told (its segments not walked to their end, the probe not
+    decoded): the grey is what a damaged file decodes to, and no camera's image has a band of
+    exactly that grey (its noise)."""
+    scans = _jpeg_scans(data)
+    if scans is None:
+        return True
+    for scan in scans:
+        if scan.restarts:
+            found = _RESTART_MARKER.findall(data, scan.start, scan.end)
+            if len(found) != scan.restarts or any(
+                marker[1] != 0xD0 + k % 8 for k, marker in enumerate(found)
+            ):
+                return True
+    parts, start = [], 0
+    for scan in scans:
+        parts += [data[start : scan.end], _JPEG_PROBE_PAD]
+        start = scan.end
+    parts.append(data[start:])
+    try:
+        with _DecoderWarnings("", log_them=False):
+            probe = Image.open(io.BytesIO(b"".join(parts)))
+            probe.load()
+        if probe.mode != image.mode or probe.size != image.size:
+            return True
+        return ImageChops.difference(image, probe).getbbox() is not None
+    except MemoryError:
+        raise
+    except Exception:  # (whatever Pillow raises for it: not told apart)
+        return True
+
+
+#: PNG colour types -> samples a pixel (gray, RGB, palette, gray + alpha, RGBA).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: The Adam7 passes of an interlaced PNG: (first row, first column, row step, column step).
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+          (1, 0, 2, 1))  # fmt: skip
+#: Bytes inflated at a time when a PNG's compressed pixel data is measured (`_png_short`).
+_INFLATE_CHUNK = 1 << 20
+
+
+def _png_short(data: bytes, image: Image.Image) -> tuple[int, int, int] | None:
+    """(bytes its zlib stream holds, bytes its pixels need, whole rows those hold: of a
+    non-interlaced PNG, else -1) for a decoded PNG whose compressed pixel data ends before its
+    last row, which Pillow decodes without an error, the rows missing black (zero bytes);
+    None when it holds them all, and when its last row is not all zero bytes (nearly every
+    image: one row's bytes compared), or its chunks cannot be read here (Pillow read them).
+    Only a PNG with a black last row has its pixel data inflated again, counted and dropped a
+    chunk at a time: about half its decoding time again (`_INFLATE_CHUNK` of memory)."""
+    if image.format != "PNG":
+        return None
+    width, height = image.size
+    last = image.crop((0, height - 1, width, height)).tobytes()
+    if last.count(0) != len(last):
+        return None
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    depth, colour, interlace = data[24], data[25], data[28]
+    bits = depth * _PNG_SAMPLES.get(colour, 0)
+    if not bits:
+        return None
+    passes = _ADAM7 if interlace == 1 else ((0, 0, 1, 1),)
+    need = 0
+    for row0, col0, row_step, col_step in passes:
+        rows = (height - row0 + row_step - 1) // row_step if height > row0 else 0
+        cols = (width - col0 + col_step - 1) // col_step if width > col0 else 0
+        if rows and cols:
+            need += rows * (1 + (cols * bits + 7) // 8)  # (a filter byte before each row)
+    inflater, held, pos = zlib.decompressobj(), 0, len(_PNG_SIGNATURE)
+    try:
+        while pos + 8 <= len(data) and held < need and not inflater.eof:
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            kind = data[pos + 4 : pos + 8]
+            if kind == _PNG_END:
+                break
+            if kind == b"IDAT":
+                chunk = memoryview(data)[pos + 8 : pos + 8 + size]
+                while chunk and held < need and not inflater.eof:
+                    held += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                    chunk = inflater.unconsumed_tail
+            pos += 12 + size
+    except zlib.error:
+        return None  # (Pillow decoded it: not ours to judge)
+    if held >= need:
+        return None
+    rows = held // (1 + (width * bits + 7) // 8) if interlace != 1 else -1
+    return held, need, rows
+
+
+def _check_filled(data: bytes, source: str, image: Image.Image, pixels: Pixels) -> None:
+    """ImageError for a JPEG or PNG whose decoder filled a missing part without an error:
+    a JPEG flat grey from some row to its end (`_jpeg_grey_from`) because its decoder ran out
+    of scan data (`_jpeg_ran_short`), a PNG whose compressed pixel data ends before its last
+    row (`_png_short`, black below)."""
+    height, width = pixels.hw
+    grey_from = _jpeg_grey_from(image, pixels)
+    if grey_from is not None and _jpeg_ran_short(data, image):
+        row, column = grey_from
+        where = f"row {row} of {height}" + (f" (column {column} of {width})" if column else "")
+        raise ImageError(
+            f"{source}: a JPEG decoded as flat grey ({JPEG_FILL_VALUE} in every channel) from "
+            f"about {where} on: its compressed data ends early or is damaged (premature end of "
+            "the JPEG scan, the rest filled by the decoder)"
+        )
+    short = _png_short(data, image)
+    if short is not None:
+        held, need, rows = short
+        where = f"after {rows} of its {height} rows" if rows >= 0 else "early"
+        raise ImageError(
+            f"{source}: a PNG whose compressed pixel data ends {where} ({held} of the {need} "
+            "bytes its pixels need): the rest decoded as black; damaged, or cut short when "
+            "written"
+        )
 
 
 def decode_image(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) -> np.ndarray:
@@ -477,7 +801,8 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
     """Decode encoded image bytes to their integer pixels (`Pixels`, 0..full_scale: what
     `prepare` takes; `decode_image` gives the same as Float32[3, H, W] in [0, 1]); ImageError
     (naming `source`) for anything that cannot be, whatever Pillow raised, for a JPEG or PNG
-    not all written yet (`UNWRITTEN_TAIL_BYTES`), and for what `check_encoded` refuses (a JPEG
+    not all written yet (`UNWRITTEN_TAIL_BYTES`), for one whose compressed data ends early,
+    filled in by the decoder (`_check_filled`), and for what `check_encoded` refuses (a JPEG
     of too many scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the
     bits 16-bit grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over
     its own maxval (`read_pgm`), whatever `pixel_bits`.
@@ -514,7 +839,12 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
     except Exception as exc:
         raise _corrupt(source, exc) from None
     with _DecoderWarnings(source):
-        return _decode(data, source, pixel_bits)
+        image, pixels = _decode(data, source, pixel_bits)
+    try:  # (outside the window: its lock is the process's)
+        _check_filled(data, source, image, pixels)
+    except MemoryError:  # (the rare image looked at whole)
+        raise _too_large(source, image.size) from None
+    return pixels
 
 
 #: Held while a `_DecoderWarnings` has the process's warning filters and display swapped
@@ -543,8 +873,9 @@ class _DecoderWarnings:
     taken, then given back. (They are shown, not warned again: `warnings.warn_explicit`
     would check the filters a second time and drop a "default" one as already seen.)"""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, log_them: bool = True) -> None:
         self.source = source
+        self.log_them = log_them  # (False: the decoder's own dropped, the application's shown)
         self.shown: list[tuple[int, warnings.WarningMessage]] = []  # (thread ident, warning)
         self._catcher = warnings.catch_warnings()
 
@@ -565,7 +896,10 @@ class _DecoderWarnings:
         finally:
             _WARNINGS_LOCK.release()
         own = threading.get_ident()
-        _log_warnings([w for t, w in self.shown if t == own and not _of_the_code(w)], self.source)
+        if self.log_them:
+            _log_warnings(
+                [w for t, w in self.shown if t == own and not _of_the_code(w)], self.source
+            )
         for thread, w in self.shown:
             if thread != own or (_of_the_code(w) and not _of_the_decoder(w)):
                 # the application's: shown as it shows them (the decoder's deprecations, shown
@@ -660,8 +994,9 @@ def _unidentified(data: bytes, source: str) -> ImageError:
     )
 
 
-def _decode(data: bytes, source: str, pixel_bits: int) -> Pixels:
-    """`decode_pixels`'s decoding by Pillow, within its warning filters (`_DecoderWarnings`)."""
+def _decode(data: bytes, source: str, pixel_bits: int) -> tuple[Image.Image, Pixels]:
+    """`decode_pixels`'s decoding by Pillow, within its warning filters (`_DecoderWarnings`):
+    (the decoded Pillow image, its pixels)."""
     try:
         image = _open(data, source)
     except ImageError:
@@ -683,7 +1018,7 @@ def _decode(data: bytes, source: str, pixel_bits: int) -> Pixels:
         # a bad file must be quarantined, not crash the daemon on every restart.
         raise _corrupt(source, exc) from None
     try:
-        return _to_pixels(image, source, pixel_bits)
+        pixels = _to_pixels(image, source, pixel_bits)
     except ImageError:
         raise
     except MemoryError:  # numpy's _ArrayMemoryError too
@@ -692,6 +1027,7 @@ def _decode(data: bytes, source: str, pixel_bits: int) -> Pixels:
         raise ImageError(
             f"{source}: cannot convert its {image.mode!r} pixels ({type(exc).__name__}: {exc})"
         ) from None
+    return image, pixels
 
 
 def file_size_text(size: int) -> str:
