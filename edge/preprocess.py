@@ -49,7 +49,7 @@ import stat
 import threading
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,18 +117,25 @@ class Pixels:
     Attributes:
         bands: one band (grayscale: all three channels) or three (red, green, blue), each an
             integer array [H, W], all of one shape: UInt8, UInt16 (either byte order) or Int32
-            (Pillow's "I" mode). Every value lies within 0..full_scale: the decoder checked it
-            (`decode_pixels`); nothing here checks it again. Kept as read-only views.
+            (Pillow's "I" mode). Every value lies within 0..full_scale: checked here (a min and
+            a max per band), but for the decoder's own (`in_range`). Kept as read-only views.
         full_scale: the value of full brightness (1.0), which each value is divided by: 255 for
-            8-bit images, 2**pixel_bits - 1 for 16/32-bit grayscale, a PGM's own maxval.
+            8-bit images, 2**pixel_bits - 1 for 16/32-bit grayscale, a PGM's own maxval; a
+            whole number.
+        in_range: the bands are known to lie within 0..full_scale (`decode_pixels` checked
+            them as it decoded): not looked at again. Leave it False for pixels of one's own
+            (a camera SDK's buffer): `prepare` reads them unchecked, and a 12-bit value
+            MSB-aligned in 16 bits, or a negative one, would be judged as garbage.
     """
 
     bands: tuple[np.ndarray, ...]
     full_scale: int
+    in_range: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         """ValueError for bands that are not 1 or 3 non-empty integer arrays [H, W] of one
-        shape, or a full scale below 1 (their values are not looked at)."""
+        shape, a full scale that is not a whole number of at least 1, or (unless `in_range`) a
+        value outside 0..full_scale."""
         bands = tuple(self.bands)
         if len(bands) not in (1, 3):
             raise ValueError(f"expected 1 or 3 bands, got {len(bands)}")
@@ -138,8 +145,19 @@ class Pixels:
                 raise ValueError(f"expected integer numpy bands, got {type(band).__name__}")
             if band.ndim != 2 or band.shape != shape or band.size == 0:
                 raise ValueError(f"expected non-empty bands [H, W] of one shape, got {band.shape}")
-        if int(self.full_scale) < 1:
-            raise ValueError(f"expected a full scale of at least 1, got {self.full_scale}")
+        scale = self.full_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+            raise ValueError(f"expected a whole full scale of at least 1, got {scale!r}")
+        if not self.in_range:
+            for band in bands:
+                if band.dtype.kind == "u" and np.iinfo(band.dtype).max <= scale:
+                    continue  # (UInt8 over 255: no value can lie outside)
+                low, high = int(band.min()), int(band.max())
+                if low < 0 or high > scale:
+                    raise ValueError(
+                        f"expected pixels within 0..{scale} (the full scale given), got "
+                        f"{low}..{high}: scale them, or give their own full scale"
+                    )
         views = []
         for band in bands:
             view = band.view()
@@ -265,13 +283,13 @@ def _to_pixels(image: Image.Image, source: str, pixel_bits: int) -> Pixels:
     elif mode in TO_GRAY_MODES:
         image, mode = image.convert("L"), "L"
     if mode == "RGB":  # a band at a time, each contiguous
-        return Pixels(tuple(np.asarray(image.getchannel(c)) for c in range(3)), 255)
+        return Pixels(tuple(np.asarray(image.getchannel(c)) for c in range(3)), 255, True)
     if mode == "L":
-        return Pixels((np.asarray(image),), 255)
+        return Pixels((np.asarray(image),), 255, True)
     if mode in WIDE_GRAY_MODES:
         pixels = np.asarray(image)
         _check_wide_range(pixels, source, pixel_bits)
-        return Pixels((pixels,), pixel_full_scale(pixel_bits))
+        return Pixels((pixels,), pixel_full_scale(pixel_bits), True)
     raise ImageError(
         f"{source}: unsupported image mode {mode!r}; expected grayscale (8/16-bit, 1-bit, "
         "with alpha), RGB (with alpha), palette, CMYK or YCbCr"
@@ -831,7 +849,7 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
     try:  # (no Pillow: outside the decoder's warning window)
         pgm = read_pgm(data, source)
         if pgm is not None:
-            return Pixels((pgm[0],), pgm[1])
+            return Pixels((pgm[0],), pgm[1], True)
     except ImageError:
         raise
     except MemoryError:

@@ -261,3 +261,20 @@ def test_an_8bit_drawing_is_exact_for_every_value():
         np.asarray(draw_detections(wide, [], [], [])),
         np.asarray(draw_detections(wide.to_unit_float(), [], [], [])),
     )
+
+
+@pytest.mark.parametrize(
+    ("band", "full_scale", "said"),
+    [
+        # a 12-bit camera's buffer MSB-aligned in 16 bits, given as 12-bit: judged as garbage
+        (np.full((8, 8), 65520, np.uint16), 4095, "got 65520..65520"),
+        (np.full((8, 8), -5000, np.int32), 255, "got -5000..-5000"),
+        (np.zeros((8, 8), np.uint8), 255.9, "whole full scale"),
+    ],
+)
+def test_pixels_of_ones_own_are_range_checked(band, full_scale, said):
+    """`prepare` reads a `Pixels` unchecked (no `check_unit_image`): one a library user made
+    from a camera SDK's buffer is checked as it is made, as the decoder's were as it decoded."""
+    with pytest.raises(ValueError, match=said):
+        Pixels((band,), full_scale)
+    assert Pixels((np.full((8, 8), 4095, np.uint16),), 4095).hw == (8, 8)  # the top is in
