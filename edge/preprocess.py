@@ -79,9 +79,10 @@ UNWRITTEN_TAIL_BYTES = 1024
 #: an end marker appended; or damaged) decodes without an error, from there on flat grey:
 #: refused (`_jpeg_grey_from`, `_jpeg_ran_short`).
 JPEG_FILL_VALUE = 128
-#: The side of the square at the bottom-right corner of a decoded JPEG looked at for that grey:
-#: its last block (8 px; of a 16 px one, its chroma blended with its neighbours', the last 8).
-#: A scan that ends within the last block leaves it partly grey: not refused.
+#: The block side of the grid whose last block (bottom-right, 1..8 px a side when the image's
+#: are not multiples of 8) of a decoded JPEG is looked at for that grey (of a 16 px MCU, its
+#: chroma blended with its neighbours', the last 8). A scan that ends within the last block
+#: leaves it partly grey: not refused.
 JPEG_FILL_ROWS = 8
 #: Most start-of-scan segments a JPEG may hold. Encoders write one for a baseline JPEG, about 10
 #: for a progressive colour one, a few dozen at most; a decoder's time grows with the scans times
@@ -146,8 +147,12 @@ class Pixels:
             if band.ndim != 2 or band.shape != shape or band.size == 0:
                 raise ValueError(f"expected non-empty bands [H, W] of one shape, got {band.shape}")
         scale = self.full_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        whole = isinstance(scale, (int, np.integer)) or (
+            isinstance(scale, (float, np.floating)) and float(scale).is_integer()
+        )
+        if isinstance(scale, bool) or not whole or scale < 1:
             raise ValueError(f"expected a whole full scale of at least 1, got {scale!r}")
+        scale = int(scale)
         if not self.in_range:
             for band in bands:
                 if band.dtype.kind == "u" and np.iinfo(band.dtype).max <= scale:
@@ -598,7 +603,10 @@ def _jpeg_grey_from(image: Image.Image, pixels: Pixels) -> tuple[int, int] | Non
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     height, width = pixels.hw
-    rows, cols = min(JPEG_FILL_ROWS, height), min(JPEG_FILL_ROWS, width)
+    # the last block, on the block grid: 1..8 px of a side that is not a multiple of 8 (its
+    # last 8 px would straddle two blocks, the grey in only the last)
+    rows = height - (height - 1) // JPEG_FILL_ROWS * JPEG_FILL_ROWS
+    cols = width - (width - 1) // JPEG_FILL_ROWS * JPEG_FILL_ROWS
     for band in pixels.bands:
         if band[-1, -1] != JPEG_FILL_VALUE or not (band[-rows:, -cols:] == JPEG_FILL_VALUE).all():
             return None
@@ -647,7 +655,10 @@ def _jpeg_scans(data: bytes) -> list[_JpegScan] | None:
     scan headers do not read."""
     segments: list[tuple[int, int, int, int]] = []
     if not _jpeg_walk(data, segments=segments)[0]:
-        return None
+        # stray bytes between segments (padding some writers leave), which the decoder skips
+        segments = []
+        if not _jpeg_walk(data, resync=True, segments=segments)[0]:
+            return None
     scans, interval, size, factors = [], 0, (0, 0), {}
     try:
         for marker, start, content_end, data_end in segments:
@@ -698,8 +709,9 @@ def _jpeg_ran_short(data: bytes, image: Image.Image) -> bool:
     for scan in scans:
         if scan.restarts:
             found = _RESTART_MARKER.findall(data, scan.start, scan.end)
-            if len(found) != scan.restarts or any(
-                marker[1] != 0xD0 + k % 8 for k, marker in enumerate(found)
+            # (one more after the last interval, as some hardware encoders write, is harmless)
+            if len(found) < scan.restarts or any(
+                marker[1] != 0xD0 + k % 8 for k, marker in enumerate(found[: scan.restarts])
             ):
                 return True
     parts, start = [], 0
@@ -858,7 +870,8 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
         raise _corrupt(source, exc) from None
     with _DecoderWarnings(source):
         image, pixels = _decode(data, source, pixel_bits)
-    try:  # (outside the window: its lock is the process's)
+    try:  # (outside the decode's window, whose lock is the process's; a probe decode that
+        # `_jpeg_ran_short` needs takes it again for its own decode)
         _check_filled(data, source, image, pixels)
     except MemoryError:  # (the rare image looked at whole)
         raise _too_large(source, image.size) from None

@@ -354,3 +354,55 @@ def test_predict_notes_a_blank_frame_in_its_record(tmp_path, caplog):
     assert note.startswith(f"{tmp_path / 'capped.png'}: a blank frame")
     assert ordinary.to_dict()["warnings"] == []
     assert [r.getMessage() for r in caplog.records] == [note]
+
+
+@pytest.mark.parametrize("size", [(252, 256), (256, 252), (250, 244)])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_bytes_zeroed_in_a_jpeg_whose_sides_are_not_whole_blocks_are_refused(size, mode):
+    """A review found zeroed bytes judged in a 2448x2044 grayscale or 4:4:4 JPEG: the
+    bottom-right 8 x 8 pixels looked at straddled two block rows, the grey only in the last."""
+    image = gasket(5, (256, 256))[: size[0], : size[1]]
+    array = image if mode == "RGB" else np.ascontiguousarray(image[..., 0])
+    bad = zeroed(jpeg(array, quality=90, subsampling=0), 0.5, 512)
+    assert (pillow_pixels(bad)[-1, -1] == 128).all()  # (the decoder's grey at the corner)
+    with pytest.raises(ImageError, match="flat grey"):
+        decode_pixels(bad, "x.jpg")
+
+
+def _with_grey_band() -> np.ndarray:
+    image = gasket(4)
+    image[-64:] = 128
+    return image
+
+
+def test_a_restart_marker_after_the_last_interval_is_harmless():
+    """Some hardware encoders write a restart marker after the last interval: with a genuine
+    grey band at the bottom, it was refused as damage (the count of markers not exact)."""
+    data = jpeg(_with_grey_band(), quality=75, restart_marker_blocks=8)
+    assert data.endswith(b"\xff\xd9")
+    extra = data[:-2] + b"\xff\xd5\xff\xd9"
+    assert pillow_pixels(extra).shape == (256, 256, 3)  # (Pillow decodes it cleanly)
+    assert decode_pixels(extra, "x.jpg").hw == (256, 256)
+
+
+def test_padding_between_segments_is_harmless():
+    """Two zero bytes between the JFIF segment and the next (padding some writers leave),
+    which the decoder skips: with a genuine grey band, it was refused."""
+    data = jpeg(_with_grey_band(), quality=75)
+    app0_end = 4 + int.from_bytes(data[4:6], "big")  # (SOI, then APP0: its length)
+    assert data[2:4] == b"\xff\xe0"
+    padded = data[:app0_end] + b"\0\0" + data[app0_end:]
+    assert pillow_pixels(padded).shape == (256, 256, 3)
+    assert decode_pixels(padded, "x.jpg").hw == (256, 256)
+
+
+def test_a_whole_float_full_scale_is_taken():
+    """`Pixels(bands, 255.0)` was taken before the range check came; a fractional one never
+    means anything."""
+    from splitdet.edge.preprocess import Pixels
+
+    band = np.zeros((4, 4), np.uint8)
+    assert Pixels((band,), 255.0).full_scale == 255
+    assert Pixels((band,), np.float32(4095)).full_scale == 4095
+    with pytest.raises(ValueError, match="whole full scale"):
+        Pixels((band,), 255.5)
