@@ -119,16 +119,23 @@ class StoreMaintenance(StoreConnection):
         # dead letters this prune deletes (a dry run: would) leave `letters` as they go
         letters, settled = self._dead_letters()
         gone_letters: set[int] = set()
-        while True:
+        # two passes: the dead letters first, so that the results they alone kept (a lower id
+        # than theirs included) go in the same prune
+        passes_letters = f"AND {DEAD_LETTER}"
+        passes, through = [passes_letters, f"AND NOT {DEAD_LETTER}"], start_after
+        while passes:
             with self._lock:
                 rows = self._db.execute(
                     f"SELECT id, path, file_key, {DEAD_LETTER}, verdict IN ('ok', 'defect'),"
-                    f" content_hash{boot_select} FROM images"
-                    f" WHERE id > ? AND verdict IN {FINAL} AND finished < ? ORDER BY id LIMIT ?",
+                    f" content_hash{boot_select} FROM images WHERE id > ? AND verdict IN"
+                    f" {FINAL} {passes[0]} AND finished < ? ORDER BY id LIMIT ?",
                     (after_id, before, batch),
                 ).fetchall()
-            if not rows:
-                return pruned()
+            if not rows:  # (`through_id`: the last row the results' pass looked at)
+                if passes.pop(0) != passes_letters:
+                    through = max(through, after_id)
+                after_id = start_after
+                continue
             after_id = rows[-1][0]
             doomed: dict[str, list[tuple[int, float]]] = {_LETTER: [], _SETTLED: [], _RESULT: []}
             judged: dict[int, str] = {}  # doomed ok and defect results: their content hash
@@ -186,8 +193,12 @@ class StoreMaintenance(StoreConnection):
                     )
             deleted += sum(gone.values())
             letters_deleted += gone[_LETTER]
-            if should_stop is not None and should_stop():
-                return pruned()
+            # (stopped in the results' pass only: the dead letters' is short, and a prune
+            # resumed after `through_id` must know which it deleted)
+            if should_stop is not None and len(passes) == 1 and should_stop():
+                break
+        after_id = max(through, after_id)
+        return pruned()
 
     def _dead_letters(self) -> tuple[dict[str, set[int]], set[int]]:
         """The store's dead letters: their ids by content hash, and the ids of those whose image

@@ -120,7 +120,8 @@ class Answer:
 
 @dataclass(frozen=True)
 class Pruned:
-    """What `ResultStore.prune` did: rows deleted, the largest row id it looked at, and the rows
+    """What `ResultStore.prune` did: rows deleted, the largest row id its pass over the results
+    (after the dead letters' own) looked at, and the rows
     kept although their wall-clock stamp is old enough, because they were written more
     recently by the time since their boot (the clock was stepped forward since: `boot_clock`,
     `StoreMaintenance.prune`), or because their file still

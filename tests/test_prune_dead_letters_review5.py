@@ -312,10 +312,10 @@ def test_a_settled_dead_letter_goes_without_dead_letters_an_unsettled_one_stays(
     it), refused (image 1) or abandoned (image 2), goes with its kept request: a result like any
     other, not counted as a dead letter deleted. Image 4, refused, fed again and refused again,
     its first dead letter requeued and answered since: that answer (a lower id, judged after
-    the second refusal) settles the second, and stays while it does. Image 3, judged, then fed
-    again and refused: an earlier result does not settle a dead letter; both stay, until
-    --dead-letters deletes the dead letter (its earlier result, looked at first, the prune
-    after that)."""
+    the second refusal) settles the second, and goes with it (dead letters are looked at
+    first). Image 3, judged, then fed again and refused: an earlier result does not settle a
+    dead letter; both stay, until --dead-letters deletes the dead letter and, in the same
+    prune, its earlier result."""
     store = ResultStore(tmp_path / "edge.sqlite")
     try:
         refused = _refused(store, 1)
@@ -337,22 +337,19 @@ def test_a_settled_dead_letter_goes_without_dead_letters_an_unsettled_one_stays(
         assert done.requeued == [unsettled]
 
         before = time.time() - 30 * DAY
-        assert store.prune(before, dry_run=True, batch=3).deleted == 5
+        assert store.prune(before, dry_run=True, batch=3).deleted == 6
         pruned = store.prune(before, batch=3)
-        assert (pruned.deleted, pruned.kept_dead_letters, pruned.dead_letters_deleted) == (5, 1, 0)
-        assert pruned.kept_for_dead_letters == 2  # image 3's earlier ok, image 4's defect
-        assert image_ids(store.path) == {earlier, unsettled, requeued}
+        assert (pruned.deleted, pruned.kept_dead_letters, pruned.dead_letters_deleted) == (6, 1, 0)
+        assert pruned.kept_for_dead_letters == 1  # image 3's earlier ok
+        assert image_ids(store.path) == {earlier, unsettled}
         assert store.dead_letter_stats().depth == 1  # the kept request of the unsettled one
         assert "pruned_dead_letters" not in store.counters()
         assert store.requeue(dry_run=True, abandoned=True).requeued == [unsettled]
 
-        pruned = store.prune(before)  # image 4's second dead letter gone: its result goes
-        assert (pruned.deleted, pruned.kept_for_dead_letters) == (1, 1)
-        pruned = store.prune(before, dead_letters=True)  # the operator's decision: it goes
+        pruned = store.prune(before, dead_letters=True)  # the operator's decision: it goes,
         assert (pruned.deleted, pruned.dead_letters_deleted, pruned.kept_for_dead_letters) == (
-            1, 1, 1)  # fmt: skip
-        assert image_ids(store.path) == {earlier}  # (seen before its dead letter went)
-        assert store.prune(before).deleted == 1 and image_ids(store.path) == set()
+            2, 1, 0)  # fmt: skip  # and its earlier result with it
+        assert image_ids(store.path) == set()
     finally:
         store.close()
 
@@ -388,5 +385,31 @@ def test_a_dead_letter_made_while_prune_looks_keeps_its_images_result(tmp_path, 
         pruned = store.prune(time.time() - 30 * DAY)
         assert image_ids(store.path) == {ok, twin} and store.counters().get("pruned", 0) == 0
         assert (pruned.deleted, pruned.kept_for_dead_letters) == (0, 1)
+    finally:
+        store.close()
+
+
+def test_dead_letters_deleted_take_their_earlier_results_in_the_same_prune(tmp_path):
+    """Image 7 judged "ok", then fed again and refused (a dead letter of a greater id, not
+    processed again: it was judged before). `--dead-letters` deleted the dead letter but kept
+    the earlier result "for a dead letter of its image" it had just deleted, and said so; a
+    second prune was needed. Dead letters now go first."""
+    store = ResultStore(tmp_path / "edge.sqlite")
+    try:
+        judged = store.record_ok(_arrival(7), 0.1, FINGERPRINT, {})[0]
+        image_id, _, verdict = store.record_pending(
+            _arrival(7, again=True), 0.9, "req-7-again", b"x" * 100, FINGERPRINT, {}
+        )
+        assert verdict == "pending" and store.dead_letter(image_id, "dead letter: INTERNAL: x")
+        assert judged < image_id
+        age_rows(store.path, [judged, image_id], days=40)
+        before = time.time() - 30 * DAY
+        kept = store.prune(before, dry_run=True)  # (without --dead-letters: both stay)
+        assert (kept.deleted, kept.kept_dead_letters, kept.kept_for_dead_letters) == (0, 1, 1)
+        for dry_run in (True, False):
+            pruned = store.prune(before, dry_run=dry_run, dead_letters=True)
+            assert (pruned.deleted, pruned.dead_letters_deleted) == (2, 1), pruned
+            assert pruned.kept_for_dead_letters == 0
+        assert image_ids(store.path) == set()
     finally:
         store.close()
