@@ -192,10 +192,13 @@ def run(args: argparse.Namespace) -> int:
     each level, and at the end, with ``"error"`` the message of a run that failed or was
     stopped (None when it ran to its end)."""
     from splitdet.edge.cli_predict import check_outputs
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
     _check_json_folder(args.json)
     check_outputs(args.json, None)
+    if args.json in (None, "-"):  # (`>&-`: the results go there)
+        refuse_closed_stdout("--json - writes the results there" if args.json else
+                             "loadtest prints its table there (give --json FILE)")  # fmt: skip
     config = client_config(args)  # a malformed --cloud or unreadable TLS file: refused first
     if config is None:
         given = connection_options_given(args, CLIENT_ONLY)  # (an empty value counts too)

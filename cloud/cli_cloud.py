@@ -494,6 +494,10 @@ def grpc_takes_tls_pair(chain: bytes, key: bytes) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the exports `args` names until SIGTERM/SIGINT (SIGHUP reloads them); returns 0."""
+    if args.json:  # (`>&-`: before the model loads and the port binds, not once ready)
+        from splitdet.shared.cli import refuse_closed_stdout
+
+        refuse_closed_stdout("--json prints the ready line there")
     if args.log_format == "json":  # before anything logs
         from splitdet.shared.logs import use_json_logs
 

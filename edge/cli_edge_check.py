@@ -43,6 +43,9 @@ def register_check(actions: argparse._SubParsersAction) -> None:
 
 def check(args: argparse.Namespace) -> int:
     """Run edge.check's steps; see register_check."""
+    from splitdet.shared.cli import refuse_closed_stdout
+
+    refuse_closed_stdout("edge check prints its steps there")  # (`>&-`)
     from dataclasses import asdict
 
     from splitdet.edge.check import check_edge

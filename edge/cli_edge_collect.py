@@ -91,7 +91,10 @@ def register_collect(actions: argparse._SubParsersAction) -> None:
 def collect(args: argparse.Namespace) -> int:
     """Collect results into a VOC tree; see register_collect."""
     from splitdet.edge.collect import collect_results
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
+
+    if args.json:  # (`>&-`)
+        refuse_closed_stdout("--json prints the summary there")
 
     db, since = read_db(args)
     try:

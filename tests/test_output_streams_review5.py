@@ -196,6 +196,12 @@ CLOSED_REFUSALS = [
      "--no-progress --json", "--json prints the summary there"),
     ("eval --data VOC --model MODEL", "eval prints its JSON there"),
     ("train --data NOWHERE --out OUT --json", "--json prints the run's result"),
+    # a review: these did their work (the cloud loaded, bound and came up) and then ended, exit 2
+    ("cloud --model MODEL --listen 127.0.0.1:0 --json", "--json prints the ready line there"),
+    ("edge collect --db DB --out OUT --json", "--json prints the summary there"),
+    ("edge check --model MODEL", "edge check prints its steps there"),
+    ("data split VOC --json --overwrite", "--json prints the split there"),
+    ("loadtest IMG --model MODEL --cloud 127.0.0.1:9 --json -", "--json - writes the results"),
 ]  # fmt: skip
 
 

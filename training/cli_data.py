@@ -270,10 +270,13 @@ def run_check(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     """Write the split files of ``args.data``."""
     from splitdet.edge.cli_predict import write_json
-    from splitdet.shared.cli import CommandError
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.training import voc
     from splitdet.training.voc_check_folder import datasets_below_hint, unfinished_synth_problem
     from splitdet.training.voc_layout import missing_folder_hint
+
+    if args.json:  # (`>&-`)
+        refuse_closed_stdout("--json prints the split there")
     from splitdet.training.voc_split import split_dataset
 
     root = Path(args.data)
