@@ -743,13 +743,7 @@ def time_figure(report: dict) -> Figure:
         ylabel="mean time per image (s)",
         title="Time per image vs defect rate (cf. paper Fig. 4)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=8)
-    notes = [PAPER_NOTE] if "paper" in systems else []
-    if _has_intervals(report, rates, systems, "mean_s_ci95"):
-        notes.append(f"error bars: {CONFIDENCE:.0%} CI (bootstrap over the stream's images)")
-    _finish_figure(fig, report, notes)
-    return fig
+    return _closed_figure(fig, ax, handles, report, rates, systems, "mean_s_ci95")
 
 
 def reduction_figure(report: dict) -> Figure:
@@ -790,10 +784,25 @@ def reduction_figure(report: dict) -> Figure:
         ylabel="reduction of mean time vs monolithic (%)",
         title="Inference time reduction (cf. paper Fig. 5)",
     )
+    return _closed_figure(fig, ax, handles, report, rates, drawn, "reduction_ci95")
+
+
+def _closed_figure(
+    fig: Figure,
+    ax: Axes,
+    handles: list,
+    report: dict,
+    rates: list[str],
+    systems: list[str],
+    interval_key: str,
+) -> Figure:
+    """`fig` with its grid, its legend of `handles`, and under it what `paper` is (when one
+    of `systems`), the error bars' meaning (when `interval_key` gives any) and
+    `_finish_figure`'s identity and flags."""
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8)
-    notes = [PAPER_NOTE] if "paper" in drawn else []
-    if _has_intervals(report, rates, drawn, "reduction_ci95"):
+    notes = [PAPER_NOTE] if "paper" in systems else []
+    if _has_intervals(report, rates, systems, interval_key):
         notes.append(f"error bars: {CONFIDENCE:.0%} CI (bootstrap over the stream's images)")
     _finish_figure(fig, report, notes)
     return fig
