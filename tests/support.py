@@ -292,6 +292,14 @@ def cli_train_rank(rank: int, world: int, port: int, runs: list[list[str]], logs
                 dist.destroy_process_group()
 
 
+def with_fd_closed(fd: int, argv: list[str]) -> list[str]:
+    """`argv` run by a shell with file descriptor `fd` closed (`>&-`, `2>&-`), as a
+    supervisor may start us. Not `preexec_fn=lambda: os.close(fd)`: that forks this process,
+    and a fork of a process with gRPC threads (a test worker that ran a server) sometimes
+    aborts in the child ("epoll_wait error: Bad file descriptor", 3 of 300 tries)."""
+    return ["sh", "-c", f'exec "$@" {fd}>&-', "sh", *map(str, argv)]
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (a cloud that is down, or one to start there)."""
     import socket

@@ -39,7 +39,7 @@ from splitdet.edge.file_identity import path_text
 from splitdet.edge.file_moves import stored_name
 from splitdet.shared.cli import main
 
-from support import make_tiny_voc, run_main
+from support import make_tiny_voc, run_main, with_fd_closed
 
 #: A folder name whose bytes are not UTF-8 (a Latin-1 name), as Python reads it.
 NOT_UTF8 = os.fsdecode(b"syn\xe9_\xfd")
@@ -229,14 +229,13 @@ def test_a_closed_stdout_is_refused_before_the_work(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skip(
-    reason="a known race: _closed_stdout dup2s /dev/null onto fd 1 while grpc may "
-    "open its epoll fd as 1 in another thread (aborted a CI run); to mend next"
-)
 def test_a_closed_stdout_for_real(store_db):
     """A process started with stdout closed: nothing takes its file descriptor either."""
     for argv in (["edge", "results", "--db", store_db, "--csv"], ["--version"]):
-        done = _cli(*argv, preexec_fn=lambda: os.close(1))
+        done = subprocess.run(
+            with_fd_closed(1, [sys.executable, "-m", "splitdet.shared.cli", *argv]),
+            stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
         assert done.returncode == 2, done.stderr
         _one_error_line(done.stderr, "standard output is closed")
 

@@ -88,17 +88,18 @@ def test_edge_run_works_with_stderr_closed(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    from support import image_rows
+    from support import image_rows, with_fd_closed
 
     watch = tmp_path / "hot"
     watch.mkdir()
     Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(watch / "a.png")
     done = subprocess.run(
-        [sys.executable, "-m", "splitdet.shared.cli", "edge", "run", "--model",
-         str(tiny_model_dir), "--watch", str(watch), "--db", str(tmp_path / "edge.sqlite"),
-         "--cloud", "127.0.0.1:9", "--once", "--threshold", "2", "--after", "keep",
-         "--threads", "1"],
-        stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2), timeout=100,
+        with_fd_closed(2, [
+            sys.executable, "-m", "splitdet.shared.cli", "edge", "run", "--model",
+            tiny_model_dir, "--watch", watch, "--db", tmp_path / "edge.sqlite",
+            "--cloud", "127.0.0.1:9", "--once", "--threshold", "2", "--after", "keep",
+            "--threads", "1"]),
+        stdout=subprocess.DEVNULL, timeout=100,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0
