@@ -367,7 +367,8 @@ def test_quarantined_is_logged_only_once_the_file_is_there(tiny_model_dir, tmp_p
     thread = threading.Thread(target=lambda: status.append(daemon.run()))
     with caplog.at_level(logging.WARNING, logger="splitdet.edge"):
         thread.start()
-        wait_for(quarantine.is_dir, 10, "the quarantine made at start-up", interval=0.005)
+        # (its folders made and checked: the services start after, the sweeper last)
+        wait_for(lambda: daemon._sweeper is not None, 10, "the daemon started", interval=0.005)
         quarantine.rmdir()
         quarantine.write_bytes(b"")  # the quarantine unusable (as a read-only one)
         thread.join(20)
