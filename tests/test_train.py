@@ -86,6 +86,32 @@ def test_dataset_crops_keep_boxes_inside_and_drop_difficult(tiny_voc):
     assert torch.equal(data[1][0], data[1][0])
 
 
+def test_workers_give_each_epoch_its_own_crops_as_the_main_process_does(tiny_voc):
+    """Before, the loader's workers were persistent: they kept the dataset as it was when they
+    started, never saw `set_epoch`, and every epoch got epoch 0's crops and flips (a model
+    that depended on --workers, and a resume that differed from a run never stopped)."""
+    from splitdet.training.run_inputs import _train_loader
+
+    samples = voc.read_split(tiny_voc, "train", ("scratch",))
+
+    def epochs_of_crops(workers: int) -> list[list[torch.Tensor]]:
+        dataset = VocDetection(
+            samples, ["scratch"], train=True, crop=CropSettings(64, 1.0), flips=True, seed=3
+        )
+        loader = _train_loader(dataset, 2, replace(TINY, workers=workers, seed=3), 1, 0)
+        seen = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            loader.dataset.set_epoch(epoch)
+            seen.append([image for images, _ in loader for image in images])
+        return seen
+
+    inline, in_workers = epochs_of_crops(0), epochs_of_crops(1)
+    assert not all(torch.equal(a, b) for a, b in zip(inline[0], inline[1], strict=True))
+    for epoch, (expected, got) in enumerate(zip(inline, in_workers, strict=True)):
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True)), epoch
+
+
 def test_crops_avoid_cutting_objects(tmp_path, monkeypatch):
     """Two 30 px objects in a 160x128 image, 64 px crops. Centred on an object, a crop never cuts
     one (a clipped box of a diagonal stroke would be a wrong target); placed at random, it cuts

@@ -154,7 +154,12 @@ def _epoch_loaders(
 def _train_loader(
     dataset: VocDetection, batch_size: int, config: TrainConfig, world: int, rank: int
 ) -> DataLoader:
-    """This process's shuffled share of `dataset` (a DistributedSampler: one share at world 1)."""
+    """This process's shuffled share of `dataset` (a DistributedSampler: one share at world 1).
+
+    Its workers are made anew each epoch (not persistent): a worker holds a copy of the
+    dataset taken when it starts, so persistent ones never saw `set_epoch` and gave every
+    epoch epoch 0's crops and flips (a run's model then depended on `--workers`, and a
+    resumed run differed from one never stopped)."""
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
     )
@@ -164,5 +169,4 @@ def _train_loader(
         sampler=sampler,
         num_workers=config.workers,
         collate_fn=collate,
-        persistent_workers=config.workers > 0,
     )
