@@ -7,6 +7,7 @@ Part of `splitdet.training.voc`, which re-exports the public names; no torch.
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -19,8 +20,9 @@ from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.regular_file import file_kind
 from splitdet.training.voc_image import ORIENTATION_SHOWN, _image_header, _orientation_problem
 from splitdet.training.voc_names import _form, bare_filename, normalisation_note
+from splitdet.training.voc_rotation import rotated_box, rotation_degrees
 from splitdet.training.voc_types import IMAGE_EXTENSIONS, VocError, VocObject, VocSample
-from splitdet.training.voc_xml import _flag, _number, _parse_xml, _text
+from splitdet.training.voc_xml import _box, _flag, _number, _parse_xml, _text
 
 # --------------------------------------------------------------------------------------- reading
 
@@ -33,6 +35,8 @@ from splitdet.training.voc_xml import _flag, _number, _parse_xml, _text
 #: absolute tolerance, not a relative one: the noise a scaling leaves is far below it at any
 #: image size the edge takes.
 EDGE_TOLERANCE_PX = 0.01
+#: Extensions of files that are JPEGs under another name (Windows saves some as ``.jfif``).
+JPEG_ALIASES = (".jfif", ".jpe")
 
 
 def _image_candidates(root: Path, image_id: str, filename: str | None) -> Iterator[Path]:
@@ -40,7 +44,9 @@ def _image_candidates(root: Path, image_id: str, filename: str | None) -> Iterat
     the one its <filename> names when that is a bare name of this id (``ID.png`` beside an
     ``ID.jpg``: the annotation says which), ``JPEGImages/ID.EXT`` for each extension, any
     other case of the extension (``.Jpg``; listed only when the usual names are missing), then
-    <filename>'s bare name in JPEGImages (`bare_filename`). Not all of them exist."""
+    <filename>'s bare name in JPEGImages (`bare_filename`) when its extension is one of
+    `IMAGE_EXTENSIONS` (the ones the edge's hot folder, `data check` and `data split` take: a
+    ``.webp`` Pillow decodes is refused, `_unread_format`). Not all of them exist."""
     folder = Path(root) / "JPEGImages"
     if filename and Path(filename).name == filename and Path(filename).stem == image_id:
         named = folder / filename
@@ -53,7 +59,8 @@ def _image_candidates(root: Path, image_id: str, filename: str | None) -> Iterat
         if candidate.suffix.lower() in IMAGE_EXTENSIONS:
             yield candidate
     base = bare_filename(filename)
-    if base:  # its bare name, in JPEGImages: never a path elsewhere (tools write "images/x.jpg")
+    # its bare name, in JPEGImages: never a path elsewhere (tools write "images/x.jpg")
+    if base and Path(base).suffix.lower() in IMAGE_EXTENSIONS:
         yield folder / base
 
 
@@ -105,20 +112,7 @@ def read_annotation_document(
     filename = (ann.findtext("filename") or "").strip() or None
     image_path = _find_image(root, image_id, filename)
     if image_path is None:
-        special = _not_a_file(root, image_id, filename)
-        if special is not None:
-            raise VocError(
-                f"{path}: image file {special[0]}: not a regular file ({special[1]}); put the "
-                "image itself there"
-            )
-        folder = root / "JPEGImages"
-        twin = normalisation_note(folder, image_id, IMAGE_EXTENSIONS, looked_for_by=path)
-        if not twin and filename and Path(filename).name == filename:
-            twin = normalisation_note(folder, filename)  # the <filename> it would fall back to
-        raise VocError(
-            f"{path}: image file not found: no {folder / image_id}"
-            f"{{{','.join(IMAGE_EXTENSIONS)}}}{twin}"
-        )
+        raise _image_not_found(root, path, image_id, filename)
 
     size = ann.find("size")
     if size is None:  # read like <size> 0x0: the size is the image header's
@@ -162,27 +156,34 @@ def read_annotation_document(
                 f"{', '.join(sorted(known))}){alike}"
             )
         difficult = _flag(path, obj, "difficult", where)
-        bnd = obj.find("bndbox")
-        if bnd is None:
-            raise VocError(f"{path}: missing <bndbox> in {where}")
-        xmin = _number(path, bnd, "xmin", where)
-        ymin = _number(path, bnd, "ymin", where)
-        xmax = _number(path, bnd, "xmax", where)
-        ymax = _number(path, bnd, "ymax", where)
+        xmin, ymin, xmax, ymax = _box(path, obj, where)
         box = (
             f"box xmin={_coordinate(xmin)} ymin={_coordinate(ymin)} xmax={_coordinate(xmax)} "
             f"ymax={_coordinate(ymax)}"
         )
-        past = _past_the_image(xmin, ymin, xmax, ymax, width, height)
-        if past:
-            raise VocError(
-                f"{path}: {where} {box} lies outside the {width}x{height} image ({past}, by "
-                f"more than the {EDGE_TOLERANCE_PX} px read as rounding noise); correct the box "
-                "in the annotation tool, or the <size> if it is not the image's"
-            )
-        # within the tolerance: clamped to the image (and xmin=0 of 0-based tools to 0)
-        x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
-        x2, y2 = min(xmax, float(width)), min(ymax, float(height))
+        degrees = rotation_degrees(path, obj, where)
+        if degrees is not None:  # CVAT's rotated rectangle: its unrotated box and the angle
+            if xmax <= xmin - 1.0 or ymax <= ymin - 1.0:  # (|w cos| would make it a box)
+                raise VocError(f"{path}: {where} {box} is empty (max < min)")
+            # the box around it, clipped to the image (the rotated corners a tool lets past
+            # its edge are no mistake of the annotator's); `rotated_box_warnings` says so
+            (x1, y1, x2, y2), _ = rotated_box((xmin, ymin, xmax, ymax), degrees, width, height)
+            if x2 <= x1 or y2 <= y1:
+                raise VocError(
+                    f"{path}: {where} {box} rotated by {degrees:g}° lies outside the "
+                    f"{width}x{height} image"
+                )
+        else:
+            past = _past_the_image(xmin, ymin, xmax, ymax, width, height)
+            if past:
+                raise VocError(
+                    f"{path}: {where} {box} lies outside the {width}x{height} image ({past}, "
+                    f"by more than the {EDGE_TOLERANCE_PX} px read as rounding noise); correct "
+                    "the box in the annotation tool, or the <size> if it is not the image's"
+                )
+            # within the tolerance: clamped to the image (and xmin=0 of 0-based tools to 0)
+            x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
+            x2, y2 = min(xmax, float(width)), min(ymax, float(height))
         if x2 <= x1 or y2 <= y1:
             raise VocError(f"{path}: {where} {box} is empty (max < min)")
         objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
@@ -195,6 +196,97 @@ def read_annotation_document(
         filename=filename,
     )
     return sample, ann
+
+
+def _image_not_found(root: Path, path: Path, image_id: str, filename: str | None) -> VocError:
+    """The error of annotation ``path`` (of ``image_id``, <filename> ``filename``) whose image
+    `_find_image` did not find: what lies where it looked (no regular file, a file of an
+    extension splitdet does not read), else what was looked for and a file whose name differs
+    only in its Unicode form or in case."""
+    special = _not_a_file(root, image_id, filename)
+    if special is not None:
+        return VocError(
+            f"{path}: image file {special[0]}: not a regular file ({special[1]}); put the "
+            "image itself there"
+        )
+    folder = root / "JPEGImages"
+    unread = _unread_format(folder, image_id, filename)
+    if unread is not None:
+        return VocError(f"{path}: {unread}")
+    twin = normalisation_note(folder, image_id, IMAGE_EXTENSIONS, looked_for_by=path)
+    if not twin and filename and Path(filename).name == filename:
+        twin = normalisation_note(folder, filename)  # the <filename> it would fall back to
+    if not twin:
+        twin = _case_note(folder, image_id, bare_filename(filename))
+    return VocError(
+        f"{path}: image file not found: no {folder / image_id}"
+        f"{{{','.join(IMAGE_EXTENSIONS)}}}{twin}"
+    )
+
+
+def _unread_format(folder: Path, image_id: str, filename: str | None) -> str | None:
+    """What to say of an image in ``folder``, named by the <filename> ``filename`` or of the
+    stem ``image_id``, of an extension that is not one of `IMAGE_EXTENSIONS` (``x.webp``,
+    ``x.jfif``), and what to do; None when there is none. Pillow decodes such files, but the
+    edge's hot folder takes none by default, and `data check`, `data split --write-empty` and
+    `edge collect` know images by those extensions only: one list of extensions for all."""
+    same_stem = [n for n in _stem_in_any_case(folder, image_id) if Path(n).stem == image_id]
+    for base in (bare_filename(filename), *same_stem):
+        suffix = Path(base or "").suffix.lower()
+        if not base or suffix in (*IMAGE_EXTENSIONS, ".xml") or not (folder / base).is_file():
+            continue
+        if suffix in JPEG_ALIASES:
+            fix = f"it is a JPEG: rename it {Path(base).stem}.jpg (and the name in <filename>)"
+        else:
+            fix = "convert it to .png (lossless) or .jpg (and the name in <filename>)"
+        kind = f"a {suffix} file" if suffix else "a file without an extension"
+        return (
+            f"its image {folder / base} is {kind}: splitdet trains on "
+            f"{', '.join(IMAGE_EXTENSIONS)} files only (those the edge's hot folder takes by "
+            f"default); {fix}"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _names_by_case(folder: str, mtime_ns: int) -> dict[str, tuple[str, ...]]:
+    """``{casefolded stem: the names of that stem}`` of the files in ``folder``, as listed when
+    its mtime was ``mtime_ns`` (a new mtime lists it again): a dataset whose every name differs
+    in case is listed once, not once per annotation."""
+    index: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        index.setdefault(Path(name).stem.casefold(), []).append(name)
+    return {key: tuple(names) for key, names in index.items()}
+
+
+def _stem_in_any_case(folder: Path, stem: str) -> tuple[str, ...]:
+    """The names of the files in ``folder`` whose stem is ``stem`` in any case
+    (`_names_by_case`); none when it cannot be listed."""
+    try:
+        index = _names_by_case(str(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return ()
+    return index.get(stem.casefold(), ())
+
+
+def _case_note(folder: Path, image_id: str, base: str | None) -> str:
+    """What an "image file not found" message appends when ``folder`` has an image of
+    ``image_id`` (an image extension), or a file named ``base`` (the <filename>'s bare name),
+    whose name differs from it in case alone: "; JPEGImages has NAME, which differs only in
+    case: rename one"; "" when it has none."""
+    wanted = [(image_id, None), *([(Path(base).stem, base)] if base else [])]
+    for stem, full in wanted:
+        for name in _stem_in_any_case(folder, stem):
+            if full is None:
+                matches = Path(name).stem != stem and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            else:
+                matches = name != full and name.casefold() == full.casefold()
+            if matches and (folder / name).is_file():
+                return (
+                    f"; {folder.name} has {name}, which differs only in case: rename one (a "
+                    "Linux file system tells them apart, Windows and macOS do not)"
+                )
+    return ""
 
 
 def unicode_twin(name: str, names: Iterable[str]) -> str | None:

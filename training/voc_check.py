@@ -62,6 +62,7 @@ from splitdet.training.voc_layout import (
     nested_note,
     unread_files_note,
 )
+from splitdet.training.voc_rotation import rotated_box_warnings
 
 __all__ = [
     "SPLITS",
@@ -179,6 +180,7 @@ def check_dataset(
 
     _check_images(report, files, annotated, samples)
     _check_filenames(report, files, samples)
+    report.warnings += rotated_box_warnings(root, samples)
     _narrow_sixteen_bit(report, peaks, pixel_bits)
     # (an image refused for a pixel past the bits is 16-bit too: the fix is other bits)
     refused_for_bits = any(voc.PAST_THE_BITS.search(line) for line in report.problems)

@@ -5,12 +5,15 @@ annotation".
 splitdet reads ``ROOT/Annotations/ID.xml`` and ``ROOT/JPEGImages/ID.EXT`` at those folders' top
 level. Annotation tools lay their exports out otherwise: LabelImg saves each ``.xml`` beside its
 image, many tools name the image folder ``images/``, and CVAT keeps a task's sub-folders under
-both (``Annotations/line1/f0.xml``). Nothing here moves a file; it only says what to move.
+both (``Annotations/line1/f0.xml``), and Roboflow's "Pascal VOC" export has a folder per split
+(``train/``, ``valid/``, ``test/``), each holding its images and their ``.xml`` side by side.
+Nothing here moves a file; it only says what to move.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitdet.training import voc
+from splitdet.training.voc_annotations import JPEG_ALIASES
 
 #: Folder names (any case) that annotation tools and exports give the images.
 IMAGE_FOLDERS = ("images", "imgs", "img", "jpegimages", "photos", "frames")
@@ -29,13 +33,18 @@ ANNOTATION_FOLDERS = ("annotations", "labels", "xml", "voc")
 MAX_LOOKED_AT = 100_000
 #: The root element of a VOC annotation (`voc_xml` refuses any other).
 ANNOTATION_ROOT = "annotation"
+#: Folder names (any case) that exports laying out a folder per split (Roboflow's "Pascal
+#: VOC") give them, each holding its images and their annotations side by side.
+SPLIT_FOLDERS = ("train", "valid", "val", "test")
 
 
 @dataclass(frozen=True)
 class UnreadAnnotation:
     """An ``.xml`` file under ``ROOT`` that is an image's annotation to a labelling tool but
     that splitdet never reads: ``kind`` says where it lies ("beside", "sub-folder", "suffix"),
-    ``fix`` what to do with it (a sentence to append after "; ")."""
+    ``fix`` what to do with it (a sentence to append after "; "). Kind "case": an annotation
+    read, whose name differs only in case from its image's, so that it finds no image and the
+    image seems to have no annotation."""
 
     path: Path
     kind: str
@@ -52,8 +61,9 @@ def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
     """``{id_key(stem): the annotations of that stem splitdet does not read}``: the ``.xml``
     files (any case) whose root element is <annotation> (`is_annotation`: a camera's
     ``settings.xml`` is none) beside the images in ``ROOT/JPEGImages`` (LabelImg's default),
-    in sub-folders of ``ROOT/Annotations`` (CVAT's task folders), and those at its top level
-    whose suffix is not exactly ``.xml`` (``ID.XML``: the readers look for ``ID.xml``).
+    in sub-folders of ``ROOT/Annotations`` (CVAT's task folders), those at its top level
+    whose suffix is not exactly ``.xml`` (``ID.XML``: the readers look for ``ID.xml``), and
+    those whose name differs only in case from an image's (`_case_twins`).
     `data split --write-empty` must not write an empty annotation for such an image: its
     boxes would be lost, the defective image trained as defect-free. So every file is looked
     at, without `MAX_LOOKED_AT` (one directory entry each, and the first tag of each ``.xml``:
@@ -61,16 +71,24 @@ def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
     root = Path(root)
     annotations = root / "Annotations"
     found: dict[str, list[UnreadAnnotation]] = {}
+    top = _all_files(annotations, (".xml",))
+    twins = _case_twins(root, [p for p in top if p.suffix == ".xml"])
     listed = [
         *((p, "beside") for p in _all_files(root / "JPEGImages", (".xml",))),
         *((p, "sub-folder") for p in _all_files(annotations, (".xml",), nested=True)),
-        *((p, "suffix") for p in _all_files(annotations, (".xml",)) if p.suffix != ".xml"),
+        *((p, "suffix") for p in top if p.suffix != ".xml"),
+        *((p, "case") for p in twins),
     ]
     for path, kind in listed:
         if not is_annotation(path):
             continue
         target = annotations / f"{path.stem}.xml"
-        if kind == "beside":
+        if kind == "case":
+            fix = (
+                f"its name differs only in case from {twins[path].name}'s, so that splitdet "
+                "finds no image for it: rename one of the two"
+            )
+        elif kind == "beside":
             fix = (
                 f"move it to {target} (the readers look for Annotations/ID.xml, suffix lower-case)"
             )
@@ -83,6 +101,22 @@ def unread_annotations(root: Path) -> dict[str, list[UnreadAnnotation]]:
             fix = f"name it {path.stem}.xml (the readers look for ID.xml)"
         found.setdefault(id_key(path.stem), []).append(UnreadAnnotation(path, kind, fix))
     return found
+
+
+def _case_twins(root: Path, annotations: list[Path]) -> dict[Path, Path]:
+    """``{annotation: its image}`` of the ``annotations`` (``ROOT/Annotations/ID.xml``) that
+    have no image of their id in ``ROOT/JPEGImages`` but one whose id differs only in case
+    (``Gasket_00000.xml``, ``gasket_00000.jpg``): on a case-sensitive file system the reader
+    finds no image for the one, and the other seems to have no annotation."""
+    images: dict[str, list[Path]] = {}
+    for image in _all_files(root / "JPEGImages", voc.IMAGE_EXTENSIONS):
+        images.setdefault(image.stem.casefold(), []).append(image)
+    twins = {}
+    for path in annotations:
+        same = images.get(path.stem.casefold(), [])
+        if same and all(image.stem != path.stem for image in same):
+            twins[path] = same[0]
+    return twins
 
 
 def is_annotation(path: Path) -> bool:
@@ -177,7 +211,34 @@ def missing_folder_hint(root: Path, folder: str) -> str:
         return (
             f"; {place} holds {len(found)} {what} beside the images: move them into {root / folder}"
         )
-    return ""
+    return split_folders_hint(root) if folder == "Annotations" else ""
+
+
+def split_folders_hint(root: Path) -> str:
+    """For a ``root`` laid out a folder per split (`SPLIT_FOLDERS`, Roboflow's "Pascal VOC"
+    export: ``train/``, ``valid/``, ``test/``), each holding images and ``.xml`` files side by
+    side: "; ..." saying so and how to make a VOC dataset of it; "" for any other folder."""
+    root = Path(root)
+    splits = sorted(
+        (
+            place
+            for place in _named_like(root, SPLIT_FOLDERS)
+            if _files(place, (".xml",)) and _files(place, voc.IMAGE_EXTENSIONS)
+        ),
+        key=lambda place: SPLIT_FOLDERS.index(place.name.lower()),
+    )
+    if not splits:
+        return ""
+    names = ", ".join(f"{p.name}/" for p in splits)
+    quoted = " ".join(shlex.quote(str(p)) for p in splits)
+    return (
+        f"; {root} is laid out a folder per split ({names}: Roboflow's Pascal VOC export), "
+        "each holding its images and their .xml side by side: move every .xml into "
+        f"{root / 'Annotations'} and every image into {root / 'JPEGImages'}, then `splitdet "
+        f"data split {shlex.quote(str(root))} --write-empty` divides them anew; or make each "
+        "folder a dataset of its own (FOLDER/Annotations, FOLDER/JPEGImages, `splitdet data "
+        f"split FOLDER`) and join them with `splitdet data merge {quoted} --out NEW`"
+    )
 
 
 def nested_note(root: Path) -> str | None:
@@ -245,7 +306,9 @@ def unread_files_note(root: Path) -> str | None:
     if not counts:
         return None
     listed = ", ".join(f"{n} {ext}" for ext, n in counts.most_common())
+    jpegs = [ext for ext in JPEG_ALIASES if ext in counts]
+    renamed = f"; {' and '.join(jpegs)} files are JPEGs: rename them .jpg" if jpegs else ""
     return (
         f"{folder}: {sum(counts.values())} file(s) not read ({listed}); images are read from "
-        f"{', '.join(voc.IMAGE_EXTENSIONS)} files (convert the others, or remove them)"
+        f"{', '.join(voc.IMAGE_EXTENSIONS)} files (convert the others, or remove them){renamed}"
     )

@@ -1,11 +1,12 @@
 """Parsing a VOC annotation file's XML: the size limit, refusing a DTD or entity declaration, and
-the element readers (text, number, 0/1 flag) whose `VocError` names the file.
+the element readers (text, number, 0/1 flag, a box's corners) whose `VocError` names the file.
 
 Part of `splitdet.training.voc`, which re-exports `MAX_ANNOTATION_BYTES`; standard library only.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 import stat
 import xml.etree.ElementTree as ET
@@ -70,6 +71,8 @@ def _parse_xml(path: Path) -> ET.Element:
         data = path.read_bytes()
     except OSError as exc:  # a directory of that name, no permission
         raise VocError(f"{path}: cannot read annotation: {exc.strerror or exc}") from None
+    if not data.removeprefix(codecs.BOM_UTF8).strip():  # expat: "no element found"
+        raise VocError(_empty_problem(path, len(data)))
     try:
         _refuse_doctype(data)
         root = ET.fromstring(data)
@@ -83,6 +86,18 @@ def _parse_xml(path: Path) -> ET.Element:
     if root.tag != "annotation":
         raise VocError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     return root
+
+
+def _empty_problem(path: Path, size: int) -> str:
+    """The problem line of an annotation file holding nothing (0 bytes, or white space only,
+    as a tool that crashed or a script touching a file per image leaves), and the fix."""
+    held = "0 bytes" if size == 0 else f"{size} bytes of white space, no XML"
+    return (
+        f"{path}: the annotation file is empty ({held}); an image without defects needs an "
+        "<annotation> with no <object>: delete the empty file and `splitdet data split "
+        "--write-empty` writes one (add --add when split files exist); if its image has "
+        "defects, export its annotation again from the annotation tool"
+    )
 
 
 def _text(path: Path, elem: ET.Element, tag: str, where: str) -> str:
@@ -103,13 +118,39 @@ def _number(path: Path, elem: ET.Element, tag: str, where: str) -> float:
     return value
 
 
+#: What a 0/1 flag (<difficult>) reads as false besides a number equal to 0 (any case): empty,
+#: and "Unspecified", which makesense.ai writes in every object's <difficult>.
+FLAG_FALSE = ("", "unspecified", "false", "no")
+#: What it reads as true besides a number equal to 1 (any case).
+FLAG_TRUE = ("true", "yes")
+
+
 def _flag(path: Path, elem: ET.Element, tag: str, where: str) -> bool:
+    """A 0/1 flag of ``elem`` (VOC's <difficult>): False when missing or in `FLAG_FALSE`, a
+    number equal to 0 or 1 ("0.0", "1.0", as tools writing floats give) as such, else a
+    `VocError` naming the file. (<truncated>, <occluded> and <pose> are not read at all.)"""
     child = elem.find(tag)
-    if child is None or child.text is None or not child.text.strip():
+    raw = "" if child is None or child.text is None else child.text.strip().lower()
+    if raw in FLAG_FALSE:
         return False
-    raw = child.text.strip().lower()
-    if raw in ("0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
+    if raw in FLAG_TRUE:
         return True
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if value in (0.0, 1.0):
+        return value == 1.0
     raise VocError(f"{path}: <{tag}> in {where} must be 0 or 1, got {raw!r}")
+
+
+def _box(path: Path, obj: ET.Element, where: str) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) of an <object>'s <bndbox>, as written (VOC's 1-based pixels)."""
+    bnd = obj.find("bndbox")
+    if bnd is None:
+        raise VocError(f"{path}: missing <bndbox> in {where}")
+    xmin = _number(path, bnd, "xmin", where)
+    ymin = _number(path, bnd, "ymin", where)
+    xmax = _number(path, bnd, "xmax", where)
+    ymax = _number(path, bnd, "ymax", where)
+    return xmin, ymin, xmax, ymax
