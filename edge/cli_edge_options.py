@@ -2,7 +2,8 @@
 --keep-results) and WHEN times (--since) parsed, --db with --since added to a parser and opened
 read only, MAX_MB, the largest megabyte cap an option takes, `clock_text`, how the actions
 print a time for people, and `read_error`, what a read-only action says when --db fails while
-it is read (damaged, locked, a failing disk). Top-level imports are stdlib only; the store
+it is read (damaged, locked, a failing disk), and --arrived-from/--arrived-until (a shift by
+arrival time). Top-level imports are stdlib only; the store
 modules load when a handler calls in.
 """
 
@@ -19,17 +20,56 @@ from pathlib import Path
 MAX_MB = 1e9
 
 
+#: What a WHEN (`parse_since`) may be, ending an option's help.
+WHEN_FORMS = (
+    "an age, 30s, 15m, 2h or 7d, with or without ' ago' (2h or '2h ago'), an ISO time "
+    "(2024-05-01T08:00, local unless it has an offset: 2024-05-01T08:00+02:00, or Z for UTC; "
+    "a local time the clocks skip or pass twice at a daylight saving change is refused) or "
+    "unix seconds; by the wall clock"
+)
+
+
 def add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
     """--db FILE and --since WHEN (parse_since), `since` starting the latter's help."""
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    p.add_argument("--since", metavar="WHEN", help=f"{since}: {WHEN_FORMS}")
+
+
+def add_arrived(p: argparse.ArgumentParser) -> None:
+    """--arrived-from WHEN and --arrived-until WHEN (parse_since; `parse_arrived`): rows by
+    their arrival time, half-open, so that consecutive shifts share no row."""
     p.add_argument(
-        "--since",
+        "--arrived-from",
         metavar="WHEN",
-        help=f"{since}: an age, 30s, 15m, 2h or 7d, with or without ' ago' (2h or '2h ago'), "
-        "an ISO time (2024-05-01T08:00, local unless it "
-        "has an offset: 2024-05-01T08:00+02:00, or Z for UTC; a local time the clocks skip or "
-        "pass twice at a daylight saving change is refused) or unix seconds; by the wall clock",
+        help="only rows whose image arrived at or after WHEN (their `arrived`, which no retry "
+        f"or later change moves): {WHEN_FORMS}",
     )
+    p.add_argument(
+        "--arrived-until",
+        metavar="WHEN",
+        help="only rows whose image arrived before WHEN (not at it: a shift's export from "
+        "--arrived-from START --arrived-until END and the next one's from END share no row); "
+        "as --arrived-from",
+    )
+
+
+def parse_arrived(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """(--arrived-from, --arrived-until) in unix s (None: not given), ages taken from one
+    `now`; CommandError for one `parse_since` refuses, or for an until not after the from."""
+    from splitdet.shared.cli import CommandError
+
+    now = time.time()
+    start, end = (
+        None if text is None else parse_since(text, now, option)
+        for text, option in ((args.arrived_from, "--arrived-from"),
+                             (args.arrived_until, "--arrived-until"))
+    )  # fmt: skip
+    if start is not None and end is not None and end <= start:
+        raise CommandError(
+            f"--arrived-until {args.arrived_until!r} is not after --arrived-from "
+            f"{args.arrived_from!r}: no image arrived in between"
+        )
+    return start, end
 
 
 def clock_text(t: float, date: bool = True) -> str:
@@ -38,6 +78,13 @@ def clock_text(t: float, date: bool = True) -> str:
     go back (or a time zone other than the reader's) cannot be confused."""
     shown = datetime.fromtimestamp(t, UTC).astimezone()
     return shown.strftime("%Y-%m-%d %H:%M:%S %z" if date else "%H:%M:%S %z")
+
+
+def iso_local(t: float) -> str:
+    """Unix seconds `t` as local ISO 8601 text to the millisecond, with its UTC offset
+    ("2026-12-07T14:03:11.062+01:00"): a time a spreadsheet shows as text, not as 1.79663E+09,
+    and whose offset tells the two hours of the night the clocks go back apart."""
+    return datetime.fromtimestamp(t, UTC).astimezone().isoformat(timespec="milliseconds")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -86,9 +133,10 @@ def _duration_ago(text: str) -> float | None:
     return parse_duration(head) if head.strip() and last.lower() == "ago" else None
 
 
-def parse_since(text: str, now: float | None = None) -> float:
+def parse_since(text: str, now: float | None = None, option: str = "--since") -> float:
     """'30s', '15m', '2h', '7d', each with an optional trailing ' ago' ('2h ago'), an ISO
-    time, or unix seconds -> unix seconds."""
+    time, or unix seconds -> unix seconds; a CommandError naming `option` when `text` is none
+    of them (or a local time a daylight saving change makes unclear)."""
     from splitdet.shared.cli import CommandError
 
     now = time.time() if now is None else now
@@ -112,17 +160,17 @@ def parse_since(text: str, now: float | None = None) -> float:
         try:
             when = datetime.fromisoformat(text)
             if when.tzinfo is None:
-                _refuse_unclear_local_time(text, when)
+                _refuse_unclear_local_time(text, when, option)
             return when.timestamp()
         except (ValueError, OverflowError, OSError):  # (e.g. year 1 or 9999: out of range)
             pass
     raise CommandError(
-        f"--since {text!r}: expected 30s, 15m, 2h or 7d (optionally with ' ago': '2h ago'), "
+        f"{option} {text!r}: expected 30s, 15m, 2h or 7d (optionally with ' ago': '2h ago'), "
         "an ISO time (2024-05-01T08:00) or unix seconds"
     )
 
 
-def _refuse_unclear_local_time(text: str, when: datetime) -> None:
+def _refuse_unclear_local_time(text: str, when: datetime, option: str = "--since") -> None:
     """CommandError when the local time `when` (no offset) names no instant or two: one the
     clocks skip when they go forward (nonexistent: converted to UTC and back it is another
     time), or one they pass twice when they go back (ambiguous: fold 0 and 1 have different
@@ -134,14 +182,14 @@ def _refuse_unclear_local_time(text: str, when: datetime) -> None:
     shown = when.isoformat(sep=" ")
     if datetime.fromtimestamp(first.timestamp()) != when:  # (naive: compared without fold)
         raise CommandError(
-            f"--since {text!r}: {shown} does not exist in the local time zone (the clocks "
+            f"{option} {text!r}: {shown} does not exist in the local time zone (the clocks "
             f"skipped it, going from UTC{before} to UTC{after}): give the time with an offset, "
             f"e.g. {when.isoformat()}{before}, or in UTC with a Z"
         )
     if before != after:
         raise CommandError(
-            f"--since {text!r}: {shown} occurs twice in the local time zone (the clocks went "
-            f"back from UTC{before} to UTC{after}), and a script's --since needs one instant: "
+            f"{option} {text!r}: {shown} occurs twice in the local time zone (the clocks went "
+            f"back from UTC{before} to UTC{after}), and a script's {option} needs one instant: "
             f"give its offset, {when.isoformat()}{before} for the first or "
             f"{when.isoformat()}{after} for the second, or a time in UTC with a Z"
         )

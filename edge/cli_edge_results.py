@@ -14,7 +14,16 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO, cast
 
-from splitdet.edge.cli_edge_options import add_db_and_since, clock_text, read_db, read_error
+from splitdet.edge.cli_edge_options import (
+    add_arrived,
+    add_db_and_since,
+    clock_text,
+    iso_local,
+    parse_arrived,
+    read_db,
+    read_error,
+)
+from splitdet.edge.store_schema import RESULT_COLUMNS
 from splitdet.shared.cli import float_in, int_in
 from splitdet.shared.one_line import one_line
 from splitdet.shared.stdout_guard import silence_stdout
@@ -23,19 +32,25 @@ RESULTS_EPILOG = """\
 examples:
   splitdet edge results --db /data/edge.sqlite                 # a table
   splitdet edge results --db /data/edge.sqlite --since 1h --json
-  splitdet edge results --db /data/edge.sqlite --since 2024-05-01T08:00 --csv > day.csv
+  splitdet edge results --db /data/edge.sqlite --arrived-from 2024-05-01T06:00 \\
+      --arrived-until 2024-05-01T14:00 --csv --excel > early-shift.csv   # one shift, for Excel
   splitdet edge results --db /data/edge.sqlite --verdict defect --score-threshold 0.5
   splitdet edge results --db /data/edge.sqlite --changed-after 41234 --json   # a consumer's poll
 
-Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s),
-verdict (ok | defect | pending | error), p_defect, request_id, fingerprint, boxes
-[[x1, y1, x2, y2], ...] in original px, scores, labels, class_names, timings (s per stage),
-bytes_sent, attempts, error_kind (quarantine | dead_letter | outbox_full), reason, threshold
-(the gate threshold the image was judged at), changed (the number of the row's last change:
---changed-after). The daemon stores every box the model returns (from score 0.05);
---score-threshold 0.5 shows the boxes `splitdet predict` reports. CSV is UTF-8 whatever the
-locale, its list columns' names too; the table shows what the locale cannot encode as
-backslash escapes (\\xfc, \\u65e5); JSON is ASCII.
+Columns: id, path, stored_path, content_hash, size_bytes, arrived, finished, updated (unix s;
+with --excel local ISO 8601 text), verdict (ok | defect | pending | error), p_defect,
+request_id, fingerprint, boxes [[x1, y1, x2, y2], ...] in original px, scores, labels,
+class_names, timings (s per stage), bytes_sent, attempts, error_kind (quarantine |
+dead_letter | outbox_full), reason, threshold (the gate threshold the image was judged at),
+changed (the number of the row's last change: --changed-after), warnings (what the image's
+pixels say of the camera, comma-separated: blank_frame (black, white or flat: a lens cap, the
+lamp off), dim_wide_frame (16-bit values of 12 bits: a camera set to Mono12); empty/null: none;
+the verdict is the model's all the same, and means little for such a frame), n_boxes (how
+many boxes are listed; empty/null for a row with no detection result, as the table's "-").
+The table shows warnings before the path, "[blank_frame]". The daemon stores every box the
+model returns (from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict`
+reports. CSV is UTF-8 whatever the locale, its list columns' names too; the table shows
+what the locale cannot encode as backslash escapes (\\xfc, \\u65e5); JSON is ASCII.
 
 Polling for new results: keep a cursor by change, not by id or time. --changed-after SEQ lists
 the rows changed after SEQ, in the order of their change, each once in its current state: the
@@ -55,9 +70,23 @@ A cursor past what the store ever numbered (--changed-after past its last change
 past the largest id it gave) is refused (exit 2): the database was replaced or restored from a
 backup and numbers its rows again; read it again from 0 and de-duplicate by content_hash.
 
---since keeps rows created or changed since then by the wall clock (their `updated`): a poll by
---since misses the rows written after the clock steps back (NTP correcting a clock that ran
-ahead), and lists those stamped while it ran ahead until it passes them again.
+A shift's export: --arrived-from START --arrived-until END lists the rows whose image arrived
+in [START, END) (their `arrived`, stamped once when the file was complete, which no verdict,
+retry or move changes): the exports of consecutive shifts, END of one the START of the next,
+hold each image exactly once. A pending row (the cloud's answer not back yet) is listed in the
+shift its image arrived in, as pending: export again later for its final verdict.
+
+--since keeps rows whose `updated` is at or after WHEN: rows created, or changed since (the
+cloud's answer, a dead letter or its requeue, a file renumbered by a remount, and every failed
+send tried again: during a cloud outage every pending row, whenever it arrived, is updated at
+each retry and listed by every --since). It is no shift (use --arrived-from/--arrived-until).
+A poll by --since misses the rows written after the clock steps back (NTP correcting a clock
+that ran ahead), and lists those stamped while it ran ahead until it passes them again.
+
+For Excel: --csv --excel writes a UTF-8 byte order mark first (Excel, opening the file by a
+double-click, reads it as UTF-8, not Windows-1252) and arrived, finished and updated as local
+ISO 8601 text with the UTC offset (2026-12-07T14:03:11.062+01:00) instead of unix seconds,
+the columns and header as --csv's. Plain --csv stays as it is, for programs.
 
 Safe to run while the daemon writes. The table's `finished` is local time with its UTC offset.
 It names a file that --after archive or the quarantine moves by where it arrived, then "(to
@@ -75,8 +104,10 @@ def register_results(actions: argparse._SubParsersAction) -> None:
         epilog=RESULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_db_and_since(p, "rows created or changed since (by the wall clock: a consumer polls by "
-                     "--changed-after)")  # fmt: skip
+    add_db_and_since(p, "only rows whose `updated` is at or after WHEN: created or changed "
+                     "since, a failed send tried again included (no shift: --arrived-from; a "
+                     "consumer polls by --changed-after)")  # fmt: skip
+    add_arrived(p)
     cursor = p.add_mutually_exclusive_group()
     cursor.add_argument(
         "--changed-after",
@@ -119,6 +150,12 @@ def register_results(actions: argparse._SubParsersAction) -> None:
     fmt.add_argument(
         "--csv", action="store_true", help="CSV with a header; list columns as JSON text"
     )
+    p.add_argument(
+        "--excel",
+        action="store_true",
+        help="with --csv: for Excel, a UTF-8 byte order mark first and the times (arrived, "
+        "finished, updated) as local ISO 8601 text with their UTC offset, not unix seconds",
+    )
     p.set_defaults(handler=results)  # fmt: skip
 
 
@@ -140,10 +177,15 @@ def _boxes_scoring_at_least(row: dict, score: float) -> dict:
 def results(args: argparse.Namespace) -> int:
     """Print result rows; see RESULTS_EPILOG."""
     from splitdet.edge.store_reads import iter_results
-    from splitdet.edge.store_schema import RESULT_COLUMNS
-    from splitdet.shared.cli import refuse_closed_stdout
+    from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
+    if args.excel and not args.csv:
+        raise CommandError(
+            "--excel is a form of --csv (a byte order mark, local times as text): give "
+            "--csv --excel"
+        )
     refuse_closed_stdout("edge results prints the results there")  # (`>&-`)
+    arrived = parse_arrived(args)
     db, since = read_db(args)
     try:
         _check_cursor(args, db)
@@ -153,11 +195,12 @@ def results(args: argparse.Namespace) -> int:
             verdict=args.verdict,
             after_id=args.after_id,
             changed_after=args.changed_after,
+            arrived=arrived,
         )
         if args.fingerprint:  # (one export's results: which model judged what, in a rollout)
             wanted = args.fingerprint.strip().lower()
             rows = (row for row in rows if (row["fingerprint"] or "").startswith(wanted))
-        rows = (_boxes_scoring_at_least(row, args.score_threshold) for row in rows)
+        rows = (_listed(row, args.score_threshold) for row in rows)
         if args.json:  # (ASCII: json.dumps escapes every other character, whatever the locale)
             out = sys.stdout
             out.write("[")
@@ -165,10 +208,7 @@ def results(args: argparse.Namespace) -> int:
                 out.write(("," if i else "") + "\n" + json.dumps(row))
             out.write("\n]\n")
         elif args.csv:  # UTF-8 whatever the locale's encoding (a file name any)
-            writer = csv.writer(_stdout_encoded("utf-8", "strict"))
-            writer.writerow(RESULT_COLUMNS)
-            for row in rows:
-                writer.writerow(_csv_cell(v) for v in row.values())
+            _write_csv(rows, _stdout_encoded("utf-8", "strict"), args.excel)
         else:  # for people: what the locale's encoding cannot show, as \\u escapes
             _table(rows, _stdout_encoded(sys.stdout.encoding or "utf-8", "backslashreplace"))
         sys.stdout.flush()
@@ -181,6 +221,33 @@ def results(args: argparse.Namespace) -> int:
     finally:
         db.close()
     return 0
+
+
+def _listed(row: dict, score: float) -> dict:
+    """A result row as listed: only its boxes scoring at least `score`
+    (`_boxes_scoring_at_least`), and their count, "n_boxes" (None: no detection result)."""
+    row = _boxes_scoring_at_least(row, score)
+    return {**row, "n_boxes": None if row["boxes"] is None else len(row["boxes"])}
+
+
+#: The columns `edge results` lists (--csv's header, --json's keys): the store's, then those
+#: made from them.
+LISTED_COLUMNS = (*RESULT_COLUMNS, "n_boxes")
+#: The columns --excel writes as local ISO 8601 text (`iso_local`), not unix seconds.
+TIME_COLUMNS = ("arrived", "finished", "updated")
+
+
+def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool) -> None:
+    """`rows` (`_listed`) as CSV with a header of LISTED_COLUMNS on `out`; `excel`: a UTF-8
+    byte order mark first, and TIME_COLUMNS as local ISO 8601 text (the same columns)."""
+    writer = csv.writer(out)
+    if excel:
+        out.write("\ufeff")
+    writer.writerow(LISTED_COLUMNS)
+    for row in rows:
+        if excel:
+            row = {**row, **{k: iso_local(row[k]) for k in TIME_COLUMNS if row[k] is not None}}
+        writer.writerow(_csv_cell(row[k]) for k in LISTED_COLUMNS)
 
 
 def _csv_cell(value: object) -> object:
@@ -267,11 +334,12 @@ def _table(rows: Iterable[dict], out: TextIO) -> None:
     for row in rows:
         finished = clock_text(row["finished"]) if row["finished"] else "-"
         p = format_probability(row["p_defect"]) if row["p_defect"] is not None else "-"
-        boxes = len(row["boxes"]) if row["boxes"] is not None else "-"
+        boxes = "-" if row["n_boxes"] is None else row["n_boxes"]
         note = f"  ({row['error_kind']}: {row['reason']})" if row["error_kind"] else ""
+        warned = f"[{row['warnings']}]  " if row["warnings"] else ""  # (the path stays last)
         stored = row["stored_path"]
         moved = f"  (to {one_line(stored)})" if stored and stored != row["path"] else ""
         out.write(
             f"{row['id']:>6}  {row['verdict']:8} {p:>8} {boxes:>5}  {finished:25}  "
-            f"{(row['fingerprint'] or '-')[:12]:12}  {one_line(row['path'])}{moved}{note}\n"
+            f"{(row['fingerprint'] or '-')[:12]:12}  {warned}{one_line(row['path'])}{moved}{note}\n"
         )

@@ -24,7 +24,8 @@ def register_status(actions: argparse._SubParsersAction) -> None:
         help="what the database holds: verdicts, the outbox, dead letters",
         description="A summary of the edge daemon's database: whether a `splitdet edge run` "
         "runs on it (its pid; its lock is looked up in /proc/locks, never taken), images by "
-        "verdict and by the model export that judged them (the latest result's first), the outbox "
+        "verdict and by the model export that judged them (the latest result's first), those "
+        "judged with a frame warning (blank_frame, dim_wide_frame), the outbox "
         "(requests, bytes, oldest, next try, by model export, the last error: how long ago, "
         "or past once requests of its export were delivered again), the dead letters "
         "(kept for `splitdet edge requeue` or not), the processed images whose file still waits "
@@ -151,6 +152,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         f"images        {sum(verdicts.values())}: "
         + ", ".join(f"{v} {n}" for v, n in verdicts.items())
         + (f" ({errors})" if errors else ""),
+        *_warning_lines(summary.get("warnings")),
         f"results by export: {by_export or '-'}",
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
@@ -177,6 +179,20 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
            "(kept and reused: an earlier store; edge/README.md says how to convert it)")
     )  # fmt: skip
     return lines
+
+
+def _warning_lines(warnings: dict | None) -> list[str]:
+    """The `warnings` line of `edge status` (`store_reads._status`'s "warnings" {kind: n}): the
+    images judged whose pixels say the camera may not see the part; none when there is none
+    (or an earlier splitdet's JSON has no such counts)."""
+    seen = {kind: n for kind, n in (warnings or {}).items() if n}
+    if not seen:
+        return []
+    counts = ", ".join(f"{kind} {n}" for kind, n in seen.items())
+    return [
+        f"warnings      {counts} (images judged whose frame may not show the part: their "
+        "verdicts mean little; `edge results` lists them in its warnings column)"
+    ]
 
 
 def _ahead_lines(stamped_ahead: dict | None) -> list[str]:

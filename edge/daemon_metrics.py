@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from splitdet.edge.preprocess import FRAME_WARNINGS
 from splitdet.edge.sender import DEAD_LETTER_CODES, SEND_FAILURE_CODES
 from splitdet.edge.store import ResultStore
-from splitdet.edge.store_schema import ERROR_KINDS, VERDICTS
+from splitdet.edge.store_schema import ERROR_KINDS, FRAME_WARNINGS, VERDICTS
 from splitdet.edge.watcher import HotFolder
 
 if TYPE_CHECKING:

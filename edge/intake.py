@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from splitdet.edge.after_actions import AfterActions, free_target
@@ -270,11 +270,15 @@ class Intake:
             return True
         timings = {"read": ready.read_s, **result.timings}
         stored = self.after.stored_path(candidate)
+        # what the pixels say of the camera: kept in the row with its verdict, told once stored
+        pixels = ready.image if isinstance(ready.image, Pixels) else None
+        warning = None if pixels is None else frame_warning(pixels, arrival.path)
+        kinds = () if warning is None else (warning.kind,)
         start = time.perf_counter()
         if not result.flagged:
             image_id, stored_path = self.store.record_ok(
                 arrival, result.p_defect, self.fingerprint, timings, stored,
-                threshold=self.pipeline.threshold,
+                threshold=self.pipeline.threshold, warnings=kinds,
             )  # fmt: skip
             verdict, request_bytes = "ok", 0
         else:
@@ -286,7 +290,7 @@ class Intake:
             ).SerializeToString()
             request_bytes = len(payload)  # what the store records and the sender sends
             record = self._record_pending(
-                arrival, result.p_defect, request_id, payload, timings, stored
+                arrival, result.p_defect, request_id, payload, timings, stored, kinds
             )
             if record is None:
                 return False  # stopping while the outbox is full: the file stays for the next run
@@ -301,10 +305,8 @@ class Intake:
                   p_defect=round(result.p_defect, 5), bytes=request_bytes,
                   timings={k: round(v, 5) for k, v in logged.items()})  # fmt: skip
         self.after.move(candidate, image_id, stored_path)
-        if isinstance(ready.image, Pixels):  # (judged and stored: now told, if need be)
-            warning = frame_warning(ready.image, arrival.path)
-            if warning is not None:
-                self.frame_warnings.judged(warning, arrival.path, image_id, verdict)
+        if warning is not None:  # (judged and stored: now told)
+            self.frame_warnings.judged(warning, arrival.path, image_id, verdict)
         return True
 
     def _record_pending(
@@ -315,16 +317,18 @@ class Intake:
         payload: bytes,
         timings: dict[str, float],
         stored: StoredPath,
+        warnings: Sequence[str] = (),
     ) -> tuple[int, str | None, str] | None:
-        """record_pending, waiting for room under the "wait" policy; None if stopped first, or,
-        with `once`, when there was no room for --drain-timeout (`_give_up_on_full_outbox`)."""
+        """record_pending (its frame `warnings` kept in the row), waiting for room under the
+        "wait" policy; None if stopped first, or, with `once`, when there was no room for
+        --drain-timeout (`_give_up_on_full_outbox`)."""
         waited = False
         deadline = time.monotonic() + self.config.drain_timeout_s  # (with `once` only)
         while True:
             try:
                 record = self.store.record_pending(
                     arrival, p_defect, request_id, payload, self.fingerprint, timings, stored,
-                    threshold=self.pipeline.threshold,
+                    threshold=self.pipeline.threshold, warnings=warnings,
                 )  # fmt: skip
                 break
             except OutboxFull as exc:

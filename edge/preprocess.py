@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, UnidentifiedImageError
 
+from splitdet.edge.store_schema import BLANK_FRAME, DIM_WIDE_FRAME
 from splitdet.shared.config import pixel_full_scale
 from splitdet.shared.regular_file import file_kind
 from splitdet.shared.spec import MAX_ORIGINAL_SIDE, padded_size
@@ -194,10 +195,8 @@ class Pixels:
         return array
 
 
-#: `frame_warning`'s kinds (the edge daemon's WARNING events, and the `kind` of
-#: splitdet_edge_image_warnings_total): a blank frame, and a 16-bit one of far fewer bits.
-BLANK_FRAME, DIM_WIDE_FRAME = "blank_frame", "dim_wide_frame"
-FRAME_WARNINGS = (BLANK_FRAME, DIM_WIDE_FRAME)
+#: `frame_warning`'s kinds (BLANK_FRAME, DIM_WIDE_FRAME, FRAME_WARNINGS): defined with the
+#: store's values (edge/store_schema.py), which keeps them in images.warnings.
 #: A frame whose pixels all lie within this share of full scale (1%: 0..2 of 255) is blank.
 BLANK_FRAME_SPREAD = 0.01
 #: `frame_warning` looks at every this many-th row and column (1/16 of the pixels).

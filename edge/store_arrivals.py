@@ -7,11 +7,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from splitdet.edge.file_identity import path_text
 from splitdet.edge.store_connection import StoreConnection, _boot_stamp
-from splitdet.edge.store_schema import _JSON_COLUMNS, ERROR_KINDS, FINAL_VERDICTS
+from splitdet.edge.store_schema import (
+    _JSON_COLUMNS,
+    ERROR_KINDS,
+    FINAL_VERDICTS,
+    warnings_text,
+)
 from splitdet.edge.store_types import Arrival, KnownFile, OutboxFull, StoredPath
 
 
@@ -77,6 +83,8 @@ class StoreArrivals(StoreConnection):
         if row["verdict"] in FINAL_VERDICTS:
             row["finished"] = now
             row["finished_boot"], row["finished_boot_s"] = _boot_stamp()
+        if "warnings" in row:  # (the frame warning kinds: comma-separated, NULL for none)
+            row["warnings"] = warnings_text(row["warnings"])
         if row.get("reason") is not None:  # it may quote the file's name
             row["reason"] = path_text(row["reason"])
         for name in _JSON_COLUMNS:
@@ -110,13 +118,16 @@ class StoreArrivals(StoreConnection):
         timings: dict[str, float],
         stored_path: StoredPath = None,
         threshold: float | None = None,
+        warnings: Sequence[str] = (),
     ) -> tuple[int, str | None]:
         """A defect-free image's final result, one commit; `threshold`: the gate threshold
-        `p_defect` was judged at. Returns (row id, stored path)."""
+        `p_defect` was judged at; `warnings`: the kinds of what its pixels say of the camera
+        (`preprocess.frame_warning`), kept in the row (images.warnings). Returns (row id,
+        stored path)."""
         with self._transaction() as db:
             image_id = self._insert(
                 db, arrival, verdict="ok", p_defect=p_defect, fingerprint=fingerprint,
-                timings=timings, threshold=threshold,
+                timings=timings, threshold=threshold, warnings=warnings,
             )  # fmt: skip
             return image_id, self._set_stored_path(db, image_id, stored_path)
 
@@ -155,9 +166,10 @@ class StoreArrivals(StoreConnection):
         timings: dict[str, float],
         stored_path: StoredPath = None,
         threshold: float | None = None,
+        warnings: Sequence[str] = (),
     ) -> tuple[int, str | None, str]:
         """A flagged image: its "pending" result and its outbox row in one commit; `threshold`
-        as for `record_ok`.
+        and `warnings` as for `record_ok`.
 
         Returns (row id, stored path, verdict): "pending", or "error" when the outbox is full
         and the policy is "reject" (error_kind "outbox_full", the payload is not kept).
@@ -179,7 +191,7 @@ class StoreArrivals(StoreConnection):
                 image_id = self._insert(
                     db, arrival, verdict="error", error_kind="outbox_full", reason=reason,
                     p_defect=p_defect, fingerprint=fingerprint, timings=timings,
-                    request_id=request_id, threshold=threshold,
+                    request_id=request_id, threshold=threshold, warnings=warnings,
                 )  # fmt: skip
                 self._count(db, "outbox_full_rejected")
                 return image_id, self._set_stored_path(db, image_id, stored_path), "error"
@@ -187,7 +199,7 @@ class StoreArrivals(StoreConnection):
             image_id = self._insert(
                 db, arrival, verdict="pending", p_defect=p_defect, request_id=request_id,
                 fingerprint=fingerprint, timings=timings, bytes_sent=len(payload),
-                threshold=threshold,
+                threshold=threshold, warnings=warnings,
             )  # fmt: skip
             db.execute(
                 "INSERT INTO outbox (image_id, request_id, payload, size_bytes, created, next_try)"

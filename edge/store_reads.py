@@ -16,9 +16,11 @@ from splitdet.edge.store_schema import (
     ADDED_COLUMNS,
     AUTO_VACUUM_INCREMENTAL,
     CHANGE_COUNTER,
+    FRAME_WARNINGS,
     REQUEUED_NOTE,
     RESULT_COLUMNS,
     VERDICTS,
+    warning_kinds,
 )
 
 #: Rows `iter_results` reads per statement.
@@ -29,16 +31,26 @@ AHEAD_SLACK_S = 60.0
 
 
 def result_filter(
-    since: float | None, verdict: str | None, by_change: bool = False
+    since: float | None,
+    verdict: str | None,
+    by_change: bool = False,
+    arrived: tuple[float | None, float | None] = (None, None),
 ) -> tuple[list[str], list]:
-    """SQL conditions on ``images`` (to join with AND) and their parameters: rows changed
-    ``since`` (unix s) and of ``verdict``, each when given. `by_change`: for a read in
-    `changed` order, whose index alone must find the rows (the conditions use no other)."""
+    """SQL conditions on ``images`` (to join with AND) and their parameters: rows whose
+    `updated` is at or after ``since`` (unix s: created or changed since, a failed send tried
+    again included), of ``verdict``, and that arrived within ``arrived`` (from, until: unix s,
+    half-open [from, until), either end open when None: a shift, each row in exactly one),
+    each when given. `by_change`: for a read in `changed` order, whose index alone must find
+    the rows (the conditions use no other)."""
     clauses, params = [], []
     unindexed = "+" if by_change else ""  # (SQLite's unary +: no index on the column)
     if since is not None:
         clauses.append(f"{unindexed}updated >= ?")
         params.append(since)
+    for bound, op in zip(arrived, (">=", "<"), strict=True):
+        if bound is not None:
+            clauses.append(f"arrived {op} ?")  # (no index on `arrived`)
+            params.append(bound)
     if verdict is not None:
         clauses.append(f"{unindexed}verdict = ?")
         params.append(verdict)
@@ -52,10 +64,12 @@ def iter_results(
     verdict: str | None = None,
     after_id: int = 0,
     changed_after: int | None = None,
+    arrived: tuple[float | None, float | None] = (None, None),
 ) -> Iterator[dict]:
     """Result rows of an open store connection (see ResultStore.results), in id order; only
     those with an id above `after_id` (ids start at 1 and only grow, in arrival order: a
-    cursor no clock step moves, unlike `since`).
+    cursor no clock step moves, unlike `since`); `since`, `verdict` and `arrived` (from,
+    until: unix s, [from, until)) filter as `result_filter` says.
 
     `changed_after` (not None): only the rows whose last change (`changed`, CHANGE_COLUMNS)
     is numbered above it, in that order, each once in its state as read: a consumer's cursor
@@ -71,7 +85,7 @@ def iter_results(
     the daemon's WAL from being checkpointed. Rows written meanwhile with a higher id are read
     too (in id order)."""
     by_change = changed_after is not None
-    clauses, params = result_filter(since, verdict, by_change)
+    clauses, params = result_filter(since, verdict, by_change, arrived)
     key, after = "id", max(0, after_id)
     if by_change:
         with lock if lock is not None else contextlib.nullcontext():
@@ -300,7 +314,8 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     camera asks first. Times are unix s; ages are seconds before `now`.
 
     Returns:
-        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n},
+        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n}, "warnings"
+        {kind: n} (`_warning_counts`),
         "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
         "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
         were judged at, rising; rows without one, never judged or from an earlier splitdet, are
@@ -331,6 +346,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     errors = dict(db.execute(
         "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
     ))  # fmt: skip
+    warnings = _warning_counts(db)
     last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
     stamped_ahead = _stamped_ahead(db, now, last_finished)
     by_export = db.execute(  # the export of the latest result first
@@ -366,6 +382,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "schema_version": version,
         "verdicts": verdicts,
         "errors": errors,
+        "warnings": warnings,
         "last_arrival": last_arrival,
         "last_finished": last_finished,
         "results_by_model": {
@@ -397,6 +414,20 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         },
         "stamped_ahead": stamped_ahead,
     }
+
+
+def _warning_counts(db: sqlite3.Connection) -> dict[str, int]:
+    """How many result rows arrived with each frame warning kind (images.warnings:
+    blank_frame, dim_wide_frame), for `_status`; every kind of FRAME_WARNINGS there, 0 when
+    none (also in a store without the column: an earlier splitdet's)."""
+    counts = dict.fromkeys(FRAME_WARNINGS, 0)
+    if "warnings" not in image_columns(db):
+        return counts
+    sql = "SELECT warnings, COUNT(*) FROM images WHERE warnings IS NOT NULL GROUP BY warnings"
+    for text, n in db.execute(sql):
+        for kind in warning_kinds(text):
+            counts[kind] = counts.get(kind, 0) + n
+    return counts
 
 
 def _stamped_ahead(db: sqlite3.Connection, now: float, last_finished: float | None) -> dict:

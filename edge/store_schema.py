@@ -4,6 +4,8 @@ a store by it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 #: Bump on every schema change; a store written by a newer version is refused, an older one
 #: is migrated (_MIGRATIONS).
 SCHEMA_VERSION = 2
@@ -23,6 +25,11 @@ VERDICTS = ("ok", "defect", "pending", "error")
 FINAL_VERDICTS = ("ok", "defect", "error")
 #: Why a row has verdict "error".
 ERROR_KINDS = ("quarantine", "dead_letter", "outbox_full")
+#: `preprocess.frame_warning`'s kinds (the edge daemon's WARNING events, the `kind` of
+#: splitdet_edge_image_warnings_total, and what images.warnings holds): a blank frame, and a
+#: 16-bit one of far fewer bits.
+BLANK_FRAME, DIM_WIDE_FRAME = "blank_frame", "dim_wide_frame"
+FRAME_WARNINGS = (BLANK_FRAME, DIM_WIDE_FRAME)
 #: What happens to a flagged image when the outbox is at its cap.
 FULL_POLICIES = ("wait", "reject")
 
@@ -64,12 +71,19 @@ _FINISHED_BOOT_S = "ALTER TABLE images ADD COLUMN finished_boot_s REAL"
 #: the store; the rows a store had before it are numbered by their id when a writer of this
 #: splitdet adds it (`ResultStore._migrate`), and readers of a store without it see NULL.
 _CHANGED = "ALTER TABLE images ADD COLUMN changed INTEGER"
+#: images.warnings: what the image's pixels say of the camera, as the row arrived with its
+#: verdict: the kinds of `preprocess.frame_warning` (blank_frame, dim_wide_frame), comma-separated
+#: (`warnings_text`); NULL when there is none, for a file never judged and in rows an earlier
+#: splitdet wrote. The verdict stays the model's. Written with the row, never changed after it:
+#: not one of CHANGE_COLUMNS. An added column, as `threshold`: an earlier splitdet ignores it.
+_WARNINGS = "ALTER TABLE images ADD COLUMN warnings TEXT"
 #: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
 ADDED_COLUMNS = {
     "threshold": _THRESHOLD,
     "finished_boot": _FINISHED_BOOT,
     "finished_boot_s": _FINISHED_BOOT_S,
     "changed": _CHANGED,
+    "warnings": _WARNINGS,
 }
 #: The `counters` row holding the last number given to a change (images.changed); no row: none
 #: was given yet (0). Not an event count: `ResultStore.counters` and `edge status` leave it out.
@@ -180,7 +194,8 @@ CREATE TABLE counters (
 {_THRESHOLD};
 {_FINISHED_BOOT};
 {_FINISHED_BOOT_S};
-{_CHANGED}"""
+{_CHANGED};
+{_WARNINGS}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -208,7 +223,21 @@ RESULT_COLUMNS = (
     # (added columns last: CSV readers by position keep the earlier columns' places)
     "threshold",
     "changed",
+    "warnings",
 )
 _JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
+
+
+def warnings_text(kinds: Sequence[str]) -> str | None:
+    """images.warnings for a row arriving with these frame warning kinds: comma-separated,
+    None (NULL) when there are none."""
+    return ",".join(kinds) or None
+
+
+def warning_kinds(text: str | None) -> list[str]:
+    """The kinds in images.warnings as `warnings_text` wrote them ([] for NULL)."""
+    return text.split(",") if text else []
+
+
 #: The outbox's last_error of a request `edge requeue` put back (no send of it failed yet).
 REQUEUED_NOTE = "requeued after a dead letter"
