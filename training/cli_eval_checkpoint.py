@@ -53,6 +53,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from splitdet.shared.probability_format import format_probability
     from splitdet.training import voc
     from splitdet.training.evaluate import calibration_shortfall
+    from splitdet.training.provenance import checkpoint_record
 
     if args.json is None:  # (`>&-`; --json - is refused as predict's is: `check_outputs`)
         refuse_closed_stdout("eval prints its JSON there without --json (give --json FILE)")
@@ -96,6 +97,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     f"{split_file}: {what} to calibrate the gate threshold on; "
                     + _other_calibration(args.calibrate_split, checkpoint)
                 )
+        provenance = _provenance(args, (model, checkpoint), samples, calibration)
         evaluated = [
             _evaluate_one(args, one, samples, calibration)
             for one in ((model, checkpoint), *([baseline] if baseline else []))
@@ -108,6 +110,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     metrics.update(_run_figures(args, args.checkpoint, model))
+    metrics["provenance"] = provenance
     metrics["split_overlap"], overlaps = _split_overlap(args, samples, calibration)
     # decided before the JSON is shown, which says whether the checkpoint holds its threshold
     store = calibration is not None and not args.no_store
@@ -161,6 +164,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         )
         # the same split and calibration: the same overlap, and the same keys as the candidate's
         metrics["baseline"]["split_overlap"] = dict(metrics["split_overlap"])
+        metrics["baseline"]["provenance"] = {
+            **provenance,
+            "checkpoint": checkpoint_record(args.baseline, *baseline),
+        }
     text = json.dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
     shown = _json_on_stdout(args.json)
     if shown:
@@ -256,6 +263,39 @@ def _run_figures(args: argparse.Namespace, path: str | Path, model: MultiTaskRCN
             "calibrate_split": args.calibrate_split,
             "calibrate_data": str(args.calibrate_data or args.data),
             "box_refine_steps": model.config.box_refine_steps}  # fmt: skip
+
+
+def _provenance(
+    args: argparse.Namespace,
+    loaded: tuple[MultiTaskRCNN, dict],
+    samples: list[VocSample],
+    calibration: list[VocSample] | None,
+) -> dict:
+    """The JSON's "provenance": what ties its figures to code and bytes. {"splitdet": the
+    version, "checkpoint": `provenance.checkpoint_record` of --checkpoint, `loaded` (model,
+    checkpoint dict): absolute path, "weights_sha256" (an export's manifest records the same as
+    `extra.weights_sha256`), "epoch"; "data": `provenance.data_record` of the evaluated
+    `samples` (absolute path, split, images, "sha256" over their ids, annotations and image
+    bytes); "calibrate_data": the same of the `calibration` split (None with --calibrate-split
+    none)}. ValueError naming a file that cannot be read."""
+    from splitdet.training.provenance import checkpoint_record, data_record, splitdet_version
+
+    data = data_record(args.data, args.split, samples)
+    calibrated = None
+    if calibration is not None:
+        root = args.calibrate_data or args.data
+        same = Path(root).resolve() == Path(args.data).resolve()
+        calibrated = (
+            data  # (the evaluated split itself: not read twice)
+            if same and args.calibrate_split == args.split
+            else data_record(root, args.calibrate_split, calibration)
+        )
+    return {
+        "splitdet": splitdet_version(),
+        "checkpoint": checkpoint_record(args.checkpoint, *loaded),
+        "data": data,
+        "calibrate_data": calibrated,
+    }
 
 
 def _split_overlap(

@@ -48,13 +48,17 @@ def run_model(args: argparse.Namespace) -> int:
     if args.json is None:  # (`>&-`; --json - is refused as predict's is: `check_outputs`)
         refuse_closed_stdout("eval prints its JSON there without --json (give --json FILE)")
     pipeline, samples, detector = _open_model(args)
+    try:  # (before the images are evaluated: a file it cannot read fails it early)
+        provenance = _provenance(args, pipeline, samples)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     off = progress_off(args.no_progress)
     with tqdm(total=len(samples), unit="img", disable=off, file=sys.stderr) as bar:
         metrics = evaluate_export(
             samples, pipeline, detector, threshold=args.threshold,
             on_result=lambda _: bar.update(),
         )  # fmt: skip
-    metrics.update({"data": str(args.data), "split": args.split})
+    metrics.update({"data": str(args.data), "split": args.split, "provenance": provenance})
     # the export's threshold is calibrated nowhere eval knows: only train.txt is compared with
     metrics["split_overlap"], overlaps = split_overlap(
         args.data, args.split, samples, [train_split(args.data, args.split)]
@@ -114,6 +118,32 @@ def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample]
     except (ManifestError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     return pipeline, samples, detector
+
+
+def _provenance(args: argparse.Namespace, pipeline: EdgePipeline, samples: list[VocSample]) -> dict:
+    """The JSON's "provenance": what ties its figures to code and bytes. {"splitdet": the
+    version, "model": the export (absolute path, "fingerprint", and from its manifest
+    "weights_sha256", the checkpoint it was exported from and that one's epoch: an evaluation
+    of that checkpoint records the same "weights_sha256"), "data": `provenance.data_record` of
+    the evaluated `samples` (absolute path, split, images, "sha256" over their ids,
+    annotations and image bytes)}. ValueError naming a file that cannot be read."""
+    from pathlib import Path
+
+    from splitdet.training.provenance import data_record, splitdet_version
+
+    manifest = pipeline.manifest
+    return {
+        "splitdet": splitdet_version(),
+        "model": {
+            "path": str(Path(args.model).resolve()),
+            "fingerprint": manifest.fingerprint,
+            "weights_sha256": manifest.extra.get("weights_sha256"),
+            "checkpoint": manifest.extra.get("checkpoint"),
+            "checkpoint_epoch": manifest.extra.get("checkpoint_epoch"),
+            "exported_by": manifest.extra.get("splitdet"),
+        },
+        "data": data_record(args.data, args.split, samples),
+    }
 
 
 def _check_cloud(detector: RemoteDetector, config: ClientConfig) -> None:

@@ -47,6 +47,7 @@ from splitdet.shared.manifest import (
 )
 from splitdet.shared.model import EdgeHalf, MultiTaskRCNN
 from splitdet.shared.spec import STRIDES
+from splitdet.training.provenance import splitdet_version
 from splitdet.training.quantize_edge import quantize_gate
 
 if TYPE_CHECKING:  # loaded when an export is checked
@@ -530,6 +531,8 @@ def _export_into(
             },
             "edge_quantization": quantization,
             "weights_sha256": weights_digest(model),
+            # the version that exported it (not in the fingerprint, as nothing of `extra` is)
+            "splitdet": splitdet_version(),
             "onnx_opset": OPSET,
             "strides": STRIDES,
         },

@@ -155,6 +155,32 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
         log.info("resumed with settings other than the run's (%s): %s", last_path, changed)
 
 
+def data_history(
+    checkpoint: dict[str, Any] | None, segment: dict[str, Any], last_path: Path
+) -> list[dict[str, Any]]:
+    """The data every start of a run trained on, oldest first: those the resumed
+    `checkpoint` (read from `last_path`; None: a fresh start) records in its "data_history",
+    then this start's `segment` (`provenance.training_segment`). A checkpoint of an older
+    splitdet, which recorded only its "data" path, gives that path with no digest, epoch or
+    version (None): a resume onto other data keeps where the run began. Warns when the
+    dataset at the path the run last trained on holds other train data now (its train
+    digest changed): best.pt then compares validations of either, as for another path."""
+    earlier = list((checkpoint or {}).get("data_history") or [])
+    if checkpoint is not None and not earlier and checkpoint.get("data") is not None:
+        unknown = dict.fromkeys(("train_sha256", "started_epoch", "splitdet"))
+        earlier = [{"path": checkpoint["data"], **unknown}]
+    last = earlier[-1] if earlier else {}
+    was = last.get("train_sha256")
+    if last.get("path") == segment["path"] and was not in (None, segment["train_sha256"]):
+        log.warning(
+            "%s: the train split of %s changed since this run's epoch %s started on it "
+            "(digest %s then, %s now): best.pt keeps the best validation of either",
+            last_path, segment["path"], last.get("started_epoch"), was[:12],
+            segment["train_sha256"][:12],
+        )  # fmt: skip
+    return [*earlier, segment]
+
+
 def processes_change(checkpoint: dict[str, Any], run: _Run) -> str:
     """The text "processes OLD -> NEW (images per step A -> B)" when `run` trains in another
     number of processes than last.pt's (read: `checkpoint`) recorded; "" when the same, or

@@ -50,8 +50,14 @@ from splitdet.training.epoch_records import (
     write_metrics,
 )
 from splitdet.training.presets import PROCESSES_KEY, TrainConfig
+from splitdet.training.provenance import training_segment
 from splitdet.training.run_inputs import _epoch_loaders, _read_samples, _validation_subset
-from splitdet.training.run_start import resume_run, resumed_checkpoint, start_afresh
+from splitdet.training.run_start import (
+    data_history,
+    resume_run,
+    resumed_checkpoint,
+    start_afresh,
+)
 from splitdet.training.run_state import _Run
 from splitdet.training.schedule import build_optimizer, build_scheduler
 from splitdet.training.train_epoch import (
@@ -203,11 +209,12 @@ def _train(
     lr_scheduler, per_iteration = build_scheduler(optimizer, config, len(loaders["main"]))
     clock = TrainClock(budget_seconds=config.budget_seconds)
     autocast = autocast_dtype(config.precision, device)
+    precision = "bf16" if autocast else "fp32"  # (the recipe's "auto" resolved)
     threads = torch.get_num_threads()  # OMP_NUM_THREADS's, unless the caller set another
     omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     log.info(
         "training precision: %s (%s); %d torch thread(s) (set by %s; with other jobs on the "
-        "machine, fewer can be faster)", "bf16" if autocast else "fp32", config.precision,
+        "machine, fewer can be faster)", precision, config.precision,
         threads, "OMP_NUM_THREADS" if omp == str(threads) else "the caller or torch's default",
     )  # fmt: skip
     run = _Run(
@@ -218,14 +225,37 @@ def _train(
         resume_run(run, checkpoint)
     else:
         start_afresh(run, init, resume)
+    records = _provenance(run, checkpoint, train_samples, val_samples, precision)
     if rank == 0:  # after the resume check: a refused resume leaves the run as it was
         # (the processes are not the recipe's: `splitdet train --nproc-per-node` sets them)
         recipe = json.dumps({**config.to_dict(), PROCESSES_KEY: world}, indent=2) + "\n"
         atomic_write(out_dir / "train_config.json", recipe, fsync=True)  # --resume reads it
     row, ended_by_epochs = _train_epochs(
-        run, loaders, val_samples, stop_after=stop_after, max_iters=max_iters
+        run, loaders, val_samples, stop_after=stop_after, max_iters=max_iters, records=records
     )
     return _finish(run, row, ended_by_epochs)
+
+
+def _provenance(
+    run: _Run,
+    checkpoint: dict[str, Any] | None,
+    train_samples: list,
+    val_samples: list,
+    precision: str,
+) -> dict[str, Any]:
+    """What ties `run`'s checkpoints and metrics rows to the code and data they came from
+    (rank 0; {} on the others, which write neither): {"splitdet": the version,
+    "precision_used": `precision` ("bf16" | "fp32"), "data_history": the data each start of
+    the run trained on (`run_start.data_history`: the resumed `checkpoint`'s, then this
+    start's `provenance.training_segment` of `train_samples` and `val_samples`)}."""
+    if run.rank != 0:
+        return {}
+    segment = training_segment(run.data_dir, train_samples, val_samples, run.start_epoch, precision)
+    return {
+        "splitdet": segment["splitdet"],
+        "precision_used": precision,
+        "data_history": data_history(checkpoint, segment, run.last_path),
+    }
 
 
 def _prepare_run_folder_on_rank_0(out_dir: Path, resume: bool, rank: int, world: int) -> None:
@@ -281,10 +311,13 @@ def _train_epochs(
     *,
     stop_after: int | None,
     max_iters: int | None,
+    records: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Train epoch after epoch from `run.start_epoch` until --epochs, the time budget or
     `stop_after` epochs of this call end it, each validated on `val_samples` when due and
-    checkpointed (rank 0). Returns (the last metrics row, whether --epochs ended the run); the
+    checkpointed (rank 0) with `records` (`_provenance`), whose version, precision and train
+    data digest each metrics row holds too ("splitdet", "precision_used", "train_sha256").
+    Returns (the last metrics row, whether --epochs ended the run); the
     row is the resumed history's last (or empty) when no epoch was trained."""
     config, clock, device = run.config, run.clock, run.device
     ddp_model: nn.Module = run.model
@@ -311,11 +344,12 @@ def _train_epochs(
             final = epoch + 1 >= config.epochs or clock.exhausted(run.epoch_seconds)
             if run.rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
                 _validate(run, val_samples, epoch, row)
+            row.update(_row_provenance(records))
             run.history.append(row)
             run.epochs_run += 1
             _advance(overall, clock)
             if run.rank == 0:
-                _save_epoch_records(run, row, epoch)
+                _save_epoch_records(run, row, epoch, records)
     except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the curve shows metrics.json
         _catch_up_plot(run, quiet=True)
         raise
@@ -324,9 +358,25 @@ def _train_epochs(
     return row, ended_by_epochs
 
 
-def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
+def _row_provenance(records: dict[str, Any] | None) -> dict[str, Any]:
+    """What a metrics row records of `records` (`_provenance`): the version, the precision and
+    the digest of the train split this start of the run trains on ({} without records)."""
+    if not records:
+        return {}
+    return {
+        "splitdet": records["splitdet"],
+        "precision_used": records["precision_used"],
+        "train_sha256": records["data_history"][-1]["train_sha256"],
+    }
+
+
+def _save_epoch_records(
+    run: _Run, row: dict[str, Any], epoch: int, records: dict[str, Any] | None = None
+) -> None:
     """Write what `epoch` (metrics `row`, in the history already) leaves in the run folder
-    (rank 0): best.pt if it is the best yet, metrics.json/.csv, learning_curve.png, last.pt."""
+    (rank 0): best.pt if it is the best yet, metrics.json/.csv, learning_curve.png, last.pt;
+    the checkpoints with `records` (`_provenance`: "splitdet", "precision_used",
+    "data_history")."""
     lr_scheduler, best = run.lr_scheduler, run.best
     extra = {
         "optimizer": run.optimizer.state_dict(),
@@ -339,7 +389,8 @@ def _save_epoch_records(run: _Run, row: dict[str, Any], epoch: int) -> None:
         **(run.gate_source or {}),
         "train_config": run.config.to_dict(),
         PROCESSES_KEY: run.world,  # (images per step: batch_size times this)
-        "data": str(run.data_dir.resolve()),
+        "data": str(run.data_dir.resolve()),  # (this start's: all of them in data_history)
+        **(records or {}),
         "train_seconds": run.clock.seconds,
         "wall_seconds": time.perf_counter() - run.wall_start,  # (with this epoch's validation)
         "epoch_seconds": run.epoch_seconds,
