@@ -141,15 +141,16 @@ def test_crops_avoid_cutting_objects(tmp_path, monkeypatch):
     assert searched < single / 2, (searched, single)
 
 
-# bf16 runs half the epochs: on a CPU without native bfloat16 autocast is emulated and each
-# epoch takes about 7x longer than in fp32 (4 epochs already bring the loss to ~0.6x its first).
-@pytest.mark.parametrize(("precision", "epochs"), [("fp32", 8), ("bf16", 4)])
+# bf16 runs fewer epochs: on a CPU without native bfloat16 autocast is emulated and each
+# epoch takes about 7x longer than in fp32 (3 epochs bring the loss to ~0.73x its first).
+@pytest.mark.parametrize(("precision", "epochs"), [("fp32", 8), ("bf16", 3)])
 def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path, precision, epochs):
     config = tiny_config(epochs=epochs, lr=0.02, warmup_iters=1, precision=precision)
     train(config, tiny_voc, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert len(history) == epochs
-    first, last = history[0]["loss"], min(row["loss"] for row in history[-3:])
+    # the lowest of the last three epochs after the first
+    first, last = history[0]["loss"], min(row["loss"] for row in history[1:][-3:])
     assert last < 0.8 * first, (first, last)
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
