@@ -9,8 +9,11 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import sqlite3
+import stat
 import sys
+import time
 from collections.abc import Iterable
 from typing import TextIO, cast
 
@@ -71,10 +74,14 @@ past the largest id it gave) is refused (exit 2): the database was replaced or r
 backup and numbers its rows again; read it again from 0 and de-duplicate by content_hash.
 
 A shift's export: --arrived-from START --arrived-until END lists the rows whose image arrived
-in [START, END) (their `arrived`, stamped once when the file was complete, which no verdict,
-retry or move changes): the exports of consecutive shifts, END of one the START of the next,
-hold each image exactly once. A pending row (the cloud's answer not back yet) is listed in the
-shift its image arrived in, as pending: export again later for its final verdict.
+in [START, END) (their `arrived`: when the daemon took the file, whole and settled, which no
+verdict, retry or move changes; after a stop or in a backlog, later than the camera wrote it):
+the exports of consecutive shifts, END of one the START of the next, hold each image exactly
+once. A row is written once its image is judged (a flagged one once the outbox has room): an
+export made right at END misses the images still being judged, so export a shift a few minutes
+after it ends (an END less than a minute ago is warned of). A pending row (the cloud's answer
+not back yet) is listed in the shift its image arrived in, as pending: export again later for
+its final verdict.
 
 --since keeps rows whose `updated` is at or after WHEN: rows created, or changed since (the
 cloud's answer, a dead letter or its requeue, a file renumbered by a remount, and every failed
@@ -83,7 +90,8 @@ each retry and listed by every --since). It is no shift (use --arrived-from/--ar
 A poll by --since misses the rows written after the clock steps back (NTP correcting a clock
 that ran ahead), and lists those stamped while it ran ahead until it passes them again.
 
-For Excel: --csv --excel writes a UTF-8 byte order mark first (Excel, opening the file by a
+For Excel: --csv --excel writes a UTF-8 byte order mark first (not when appending to a file
+that has content: `>>`; one file a shift is what Excel opens best) (Excel, opening the file by a
 double-click, reads it as UTF-8, not Windows-1252) and arrived, finished and updated as local
 ISO 8601 text with the UTC offset (2026-12-07T14:03:11.062+01:00) instead of unix seconds,
 the columns and header as --csv's. Plain --csv stays as it is, for programs.
@@ -186,6 +194,7 @@ def results(args: argparse.Namespace) -> int:
         )
     refuse_closed_stdout("edge results prints the results there")  # (`>&-`)
     arrived = parse_arrived(args)
+    _warn_of_a_recent_end(args, arrived[1])
     db, since = read_db(args)
     try:
         _check_cursor(args, db)
@@ -208,7 +217,8 @@ def results(args: argparse.Namespace) -> int:
                 out.write(("," if i else "") + "\n" + json.dumps(row))
             out.write("\n]\n")
         elif args.csv:  # UTF-8 whatever the locale's encoding (a file name any)
-            _write_csv(rows, _stdout_encoded("utf-8", "strict"), args.excel)
+            bom = args.excel and not _appending(sys.stdout)
+            _write_csv(rows, _stdout_encoded("utf-8", "strict"), args.excel, bom)
         else:  # for people: what the locale's encoding cannot show, as \\u escapes
             _table(rows, _stdout_encoded(sys.stdout.encoding or "utf-8", "backslashreplace"))
         sys.stdout.flush()
@@ -237,17 +247,48 @@ LISTED_COLUMNS = (*RESULT_COLUMNS, "n_boxes")
 TIME_COLUMNS = ("arrived", "finished", "updated")
 
 
-def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool) -> None:
-    """`rows` (`_listed`) as CSV with a header of LISTED_COLUMNS on `out`; `excel`: a UTF-8
-    byte order mark first, and TIME_COLUMNS as local ISO 8601 text (the same columns)."""
+def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool, bom: bool = False) -> None:
+    """`rows` (`_listed`) as CSV with a header of LISTED_COLUMNS on `out`; `excel`:
+    TIME_COLUMNS as local ISO 8601 text (the same columns); `bom`: a UTF-8 byte order mark
+    first."""
     writer = csv.writer(out)
-    if excel:
+    if bom:
         out.write("\ufeff")
     writer.writerow(LISTED_COLUMNS)
     for row in rows:
         if excel:
             row = {**row, **{k: iso_local(row[k]) for k in TIME_COLUMNS if row[k] is not None}}
         writer.writerow(_csv_cell(row[k]) for k in LISTED_COLUMNS)
+
+
+#: An --arrived-until this close to now (s) or later may miss images still being judged.
+RECENT_END_S = 60.0
+
+
+def _warn_of_a_recent_end(args: argparse.Namespace, end: float | None) -> None:
+    """A line on stderr when --arrived-until (`end`, unix s) is less than RECENT_END_S before
+    now, or to come: a row is written once its image is judged (a flagged one once the outbox
+    has room), so images that arrived before `end` may not be in the store yet."""
+    if end is None or end < time.time() - RECENT_END_S:
+        return
+    print(
+        f"splitdet edge results: warning: --arrived-until {args.arrived_until} is less than "
+        f"{RECENT_END_S:.0f} s ago, or to come: images that arrived before it and are still "
+        "being judged (or wait for room in the outbox) are not listed; export the shift again "
+        "once it is over",
+        file=sys.stderr,
+    )
+
+
+def _appending(out: TextIO) -> bool:
+    """Whether `out` writes at the end of a regular file that has content already (`>>`): a
+    second byte order mark would land mid-file, in front of the second header."""
+    try:
+        out.flush()
+        fd = out.fileno()
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.lseek(fd, 0, os.SEEK_CUR) > 0
+    except (OSError, ValueError, AttributeError):  # (no file descriptor: a stream in memory)
+        return False
 
 
 def _csv_cell(value: object) -> object:

@@ -227,6 +227,40 @@ def test_csv_for_excel_has_a_bom_and_local_iso_times_plain_csv_unchanged(tmp_pat
     assert shown["path"] == row["path"] == "/cam/Prüfteil_öl.png"
 
 
+def test_excel_appended_to_a_file_gets_no_second_bom(tmp_path):
+    """`>> shifts.csv` twice put a second byte order mark mid-file, before the second header."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "edge.sqlite"
+    with contextlib.closing(ResultStore(db)) as store:
+        store.record_ok(arrival("a.png", time.time() - 3600), 0.1, "fp", {})
+    out = tmp_path / "shifts.csv"
+    for _ in range(2):
+        with out.open("ab") as appended:
+            done = subprocess.run(
+                [sys.executable, "-m", "splitdet.shared.cli", "edge", "results", "--db", str(db),
+                 "--csv", "--excel"],
+                stdout=appended, stderr=subprocess.PIPE, text=True, timeout=60,
+            )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    data = out.read_bytes()
+    assert data.startswith(BOM) and data.count(BOM) == 1
+    assert data.decode("utf-8").count("id,path,") == 2
+
+
+def test_a_shift_that_ended_a_moment_ago_is_warned_of(tmp_path, capsys):
+    """A row is written once its image is judged: an export right at the shift's end misses
+    images still being judged; an --arrived-until within the last minute says so."""
+    db = tmp_path / "edge.sqlite"
+    with contextlib.closing(ResultStore(db)) as store:
+        store.record_ok(arrival("a.png", time.time() - 7200), 0.1, "fp", {})
+    for until, warned in (("10s", True), ("2h", False), (time.time() + 600, True)):
+        code, _, err = run_main(capsys, "edge", "results", "--db", db, "--arrived-until", until)
+        assert code == 0, err
+        assert ("images that arrived before it and are still being judged" in err) is warned, err
+
+
 def test_excel_without_csv_is_refused_plainly(capsys, store_db):
     for fmt in ([], ["--json"]):
         code, out, err = run_main(capsys, "edge", "results", "--db", store_db, "--excel", *fmt)
