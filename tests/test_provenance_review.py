@@ -13,10 +13,13 @@ fingerprint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 import splitdet.shared
@@ -24,6 +27,7 @@ from splitdet.shared.checkpoint import read_checkpoint
 from splitdet.shared.cli import main
 from splitdet.shared.manifest import compute_fingerprint, read_manifest
 from splitdet.training import voc
+from splitdet.training.provenance import splitdet_version
 from splitdet.training.train import train
 from splitdet.training.train_epoch import autocast_dtype
 
@@ -68,7 +72,7 @@ def test_eval_json_holds_the_weights_digest_an_export_of_the_checkpoint_records(
     deployed = json.loads((tmp_path / "export.json").read_text())["provenance"]
 
     provenance = result["provenance"]
-    assert provenance["splitdet"] == splitdet.shared.__version__ == deployed["splitdet"]
+    assert provenance["splitdet"] == splitdet_version() == deployed["splitdet"]
     weights = provenance["checkpoint"]["weights_sha256"]
     assert _sha256_hex(weights)
     assert weights == manifest.extra["weights_sha256"] == deployed["model"]["weights_sha256"]
@@ -129,7 +133,7 @@ def test_a_resume_onto_other_data_keeps_both_datasets_records(tmp_path, one_torc
     train(auto, second, run, resume=True, progress=False, max_iters=1)
 
     checkpoint = read_checkpoint(run / "last.pt")
-    version = splitdet.shared.__version__
+    version = splitdet_version()
     resolved = "bf16" if autocast_dtype("auto", torch.device("cpu")) else "fp32"
     history = checkpoint["data_history"]
     assert [(h["path"], h["train_sha256"], h["started_epoch"]) for h in history] == [
@@ -164,8 +168,7 @@ def test_a_resume_onto_changed_data_at_the_same_path_is_warned(tmp_path, caplog)
     assert "changed since this run's epoch 0" in caplog.text
     # a checkpoint of an older splitdet: its path kept, what it did not record as None
     older = data_history({"data": "/old/data"}, start, tmp_path / "last.pt")
-    assert older[0] == {"path": "/old/data", "train_sha256": None, "started_epoch": None,
-                        "splitdet": None}  # fmt: skip
+    assert older[0] == {**dict.fromkeys(start), "path": "/old/data"}  # (every key, as a new one)
 
 
 # ------------------------------------ 4: the export's version, outside its fingerprint
@@ -177,7 +180,51 @@ def test_the_export_records_its_version_outside_the_fingerprint(tiny_model_dir):
     and the threshold alone give (`compute_fingerprint`, which takes nothing of `extra`): the
     version changes no export's fingerprint."""
     manifest = read_manifest(tiny_model_dir, verify=True)
-    assert manifest.extra["splitdet"] == splitdet.shared.__version__
+    assert manifest.extra["splitdet"] == splitdet_version()
     assert manifest.fingerprint == compute_fingerprint(
         manifest.artifacts, manifest.model_config, manifest.gate_threshold
     )
+
+
+# ------------------------------------------- 5: the code's version, and a file changing
+
+
+def test_the_version_names_the_commit_of_a_git_work_tree(tmp_path):
+    """An editable install's metadata keeps the version of the commit it was installed at
+    ("0.1.0" for every later commit): the records name the commit the code runs from too."""
+    import subprocess
+
+    from splitdet.training.provenance import _git_source
+
+    assert _git_source(tmp_path) is None  # (no work tree: the version alone)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert _git_source(tmp_path) == f"git {head[:12]}"
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _git_source(tmp_path) == f"git {head[:12]}, modified"
+    assert splitdet_version().startswith(splitdet.shared.__version__)
+
+
+def test_a_file_rewritten_while_hashed_keeping_its_size_is_named(tmp_path, monkeypatch):
+    """Only a change of size was seen: a rewrite in place of the same size gave the digest of
+    a half-written file without a word. Its modification time is looked at too."""
+    from splitdet.training import provenance
+
+    root = make_tiny_voc(tmp_path / "data", n_defective=1, n_free=0)
+    samples = voc.read_split(root, "train", ["scratch"])
+    real_fstat, calls = os.fstat, []
+
+    def fstat(fd):  # the file touched between the digest's first look and its last
+        found = real_fstat(fd)
+        calls.append(fd)
+        if len(calls) % 2 == 0:
+            return SimpleNamespace(st_mtime_ns=found.st_mtime_ns + 1, st_size=found.st_size)
+        return found
+
+    monkeypatch.setattr(provenance.os, "fstat", fstat)
+    with pytest.raises(ValueError, match="changed while its digest was taken"):
+        provenance.data_digest(root, samples)

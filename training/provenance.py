@@ -12,7 +12,10 @@ when a checkpoint's weights are digested.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +29,37 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 1 << 20
 
 
+@functools.cache
 def splitdet_version() -> str:
     """splitdet's version, as `splitdet --version` prints it (the package's metadata, e.g.
-    "0.1.1.dev5+g1a2b3c4"; "0+unknown" in a source tree that was never installed)."""
+    "0.1.1.dev5+g1a2b3c4"; "0+unknown" in a source tree that was never installed), and, when
+    the code runs from a git work tree (an editable install, whose metadata keeps the version
+    of the commit it was installed at), the commit it runs: "0.1.1.dev5+g1a2b3c4 (git
+    9f8e7d6c5b4a, modified)", "modified" when the tree has uncommitted changes."""
     from splitdet.shared import __version__
 
-    return __version__
+    source = _git_source(Path(__file__).resolve().parent.parent)
+    return f"{__version__} ({source})" if source else __version__
+
+
+def _git_source(folder: Path) -> str | None:
+    """ "git HASH12" (", modified" added for uncommitted changes) of the work tree `folder`
+    lies in; None when it lies in none, or git is missing or slow."""
+    if not (folder / ".git").exists():
+        return None
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # (a read: take no lock on the index)
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, env=env, check=True,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, env=env, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"git {head[:12]}" + (", modified" if status else "") if head else None
 
 
 def data_digest(root: Path | str, samples: Sequence[VocSample]) -> str:
@@ -44,7 +72,10 @@ def data_digest(root: Path | str, samples: Sequence[VocSample]) -> str:
     alike. Not covered: where the tree is (a moved or copied folder keeps its digest), the
     split file's order, comments and other columns, and the files no listed id names (other
     splits, class lists). Files are read in `CHUNK_BYTES` chunks, never whole. ValueError
-    naming the file when one cannot be read or changes while it is read."""
+    naming the file when one cannot be read, or changes while it is read as far as its size and
+    modification time tell (best effort: a rewrite in place within the file system's time
+    resolution, keeping the size, is not seen). The bytes a command then scores are read
+    again: a file changed between the two is not seen either."""
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK_BYTES)
     for sample in sorted(samples, key=lambda s: s.image_id):
@@ -66,12 +97,14 @@ def _hash_file(digest: hashlib._Hash, path: Path, size: int, buffer: bytearray) 
     view, read = memoryview(buffer), 0
     try:
         with open(path, "rb", buffering=0) as handle:
+            before = os.fstat(handle.fileno())
             while count := handle.readinto(view):
                 digest.update(view[:count])
                 read += count
+            after = os.fstat(handle.fileno())
     except OSError as exc:
         raise ValueError(_unreadable(exc)) from None
-    if read != size:
+    if read != size or (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size):
         raise ValueError(f"{path}: changed while its digest was taken ({size} bytes, then {read})")
 
 

@@ -167,8 +167,8 @@ def data_history(
     digest changed): best.pt then compares validations of either, as for another path."""
     earlier = list((checkpoint or {}).get("data_history") or [])
     if checkpoint is not None and not earlier and checkpoint.get("data") is not None:
-        unknown = dict.fromkeys(("train_sha256", "started_epoch", "splitdet"))
-        earlier = [{"path": checkpoint["data"], **unknown}]
+        unknown = dict.fromkeys(segment)  # (every key of a segment: None, but the path)
+        earlier = [{**unknown, "path": checkpoint["data"]}]
     last = earlier[-1] if earlier else {}
     was = last.get("train_sha256")
     if last.get("path") == segment["path"] and was not in (None, segment["train_sha256"]):
