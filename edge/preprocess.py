@@ -24,7 +24,8 @@ an `ImageError` naming the file and the mode; a file Pillow cannot decode (corru
 whatever Pillow raises), or one too large for the memory available, is an `ImageError` too,
 never a traceback: the daemon quarantines it and goes on. So is a JPEG or PNG whose compressed
 data ends early, which Pillow decodes without an error, the rest filled in: a JPEG flat grey to
-its end, a PNG black below its last row written (`_check_filled`).
+its end, a PNG black below its last row written (`check_not_filled`, which training's reader
+runs too).
 
 `frame_warning` tells of an image that is judged all the same but whose pixels say the camera
 may not see the part: a blank frame, a 16-bit one of 12-bit values.
@@ -591,16 +592,22 @@ def _jpeg_ends(data: bytes) -> bool:
     return _jpeg_walk(data)[0]
 
 
-def _jpeg_grey_from(image: Image.Image, pixels: Pixels) -> tuple[int, int] | None:
+def _jpeg_grey_from(image: Image.Image, pixels: Pixels | None) -> tuple[int, int] | None:
     """About where a decoded 8-bit RGB or grayscale JPEG turns flat JPEG_FILL_VALUE grey in
     every channel to its end, when its bottom-right JPEG_FILL_ROWS x JPEG_FILL_ROWS pixels are:
     (the first row of those at its bottom whose last pixel is, the column from which that row
     is; (0, 0): all of it); None when they are not (looked at up to the first other value: its
     last pixel, for nearly every image), and for other formats and modes. (A decoder fills
     blocks, left to right in rows of them: the grey starts in a block row, at some column, and
-    takes every row below whole.)"""
+    takes every row below whole.) `pixels`: the image's (`_to_pixels`); None: taken from
+    `image` (a copy of each band) only when its last pixel is that grey."""
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
+    if pixels is None:
+        corner = image.getpixel((image.width - 1, image.height - 1))
+        if corner != (JPEG_FILL_VALUE,) * 3 and corner != JPEG_FILL_VALUE:
+            return None  # (nearly every image: one pixel read)
+        pixels = _to_pixels(image, "", 8)  # (RGB, L: no range to check, `source` unused)
     height, width = pixels.hw
     # the last block, on the block grid: 1..8 px of a side that is not a multiple of 8 (its
     # last 8 px would straddle two blocks, the grey in only the last)
@@ -788,12 +795,20 @@ def _png_short(data: bytes, image: Image.Image) -> tuple[int, int, int] | None:
     return held, need, rows
 
 
-def _check_filled(data: bytes, source: str, image: Image.Image, pixels: Pixels) -> None:
-    """ImageError for a JPEG or PNG whose decoder filled a missing part without an error:
-    a JPEG flat grey from some row to its end (`_jpeg_grey_from`) because its decoder ran out
-    of scan data (`_jpeg_ran_short`), a PNG whose compressed pixel data ends before its last
-    row (`_png_short`, black below)."""
-    height, width = pixels.hw
+def check_not_filled(
+    data: bytes, source: str, image: Image.Image, pixels: Pixels | None = None
+) -> None:
+    """ImageError (naming `source`) for a JPEG or PNG whose decoder filled a missing part
+    without an error: a JPEG flat grey from some row to its end (`_jpeg_grey_from`) because its
+    decoder ran out of scan data (`_jpeg_ran_short`), a PNG whose compressed pixel data ends
+    before its last row (`_png_short`, black below).
+
+    `image`: `data` decoded by Pillow (loaded, in the mode Pillow decoded it to); `pixels`: its
+    `Pixels`, which `decode_pixels` has. Without them (training's `voc.load_rgb_and_peak`, which
+    decodes with Pillow itself) a JPEG's are taken from `image` only when its last pixel is the
+    decoder's grey: for nearly every image the check reads one pixel of a JPEG, one row of a
+    PNG, as the edge's does."""
+    width, height = image.size
     grey_from = _jpeg_grey_from(image, pixels)
     if grey_from is not None and _jpeg_ran_short(data, image):
         row, column = grey_from
@@ -831,7 +846,7 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
     `prepare` takes; `decode_image` gives the same as Float32[3, H, W] in [0, 1]); ImageError
     (naming `source`) for anything that cannot be, whatever Pillow raised, for a JPEG or PNG
     not all written yet (`UNWRITTEN_TAIL_BYTES`), for one whose compressed data ends early,
-    filled in by the decoder (`_check_filled`), and for what `check_encoded` refuses (a JPEG
+    filled in by the decoder (`check_not_filled`), and for what `check_encoded` refuses (a JPEG
     of too many scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the
     bits 16-bit grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over
     its own maxval (`read_pgm`), whatever `pixel_bits`.
@@ -871,7 +886,7 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
         image, pixels = _decode(data, source, pixel_bits)
     try:  # (outside the decode's window, whose lock is the process's; a probe decode that
         # `_jpeg_ran_short` needs takes it again for its own decode)
-        _check_filled(data, source, image, pixels)
+        check_not_filled(data, source, image, pixels)
     except MemoryError:  # (the rare image looked at whole)
         raise _too_large(source, image.size) from None
     return pixels

@@ -111,7 +111,11 @@ def check_hint(exc: Exception, root: Path | str) -> str:
     if "unknown class" in message:
         return f"{message} (give every class the dataset holds with --classes A,B)"
     # (`load_rgb`'s words; the edge's reader, which eval reads images with, says the other)
-    decode = " --decode" if re.search(r"cannot (decode image|be decoded)", message) else ""
+    # (and the edge's words for a file whose decoder filled its missing part in)
+    found_by_decoding = (
+        r"cannot (decode image|be decoded)|ends early or is damaged|decoded as black"
+    )
+    decode = " --decode" if re.search(found_by_decoding, message) else ""
     bits = PAST_THE_BITS.search(message)
     if bits:  # only a decoding with the same bits finds the others
         decode = f" --decode --pixel-bits {bits[1]}"

@@ -132,8 +132,9 @@ def _orientation_problem(image_path: Path, orientation: int) -> str:
 
 def load_rgb(image_path: Path, pixel_bits: int = 16) -> Image.Image:
     """The image file decoded to an RGB PIL image (pixels read); VocError names a file whose
-    body is corrupt or truncated (its header, read when the split was, looked fine), and one the
-    edge refuses (float "F" and other modes it does not take, several frames).
+    body is corrupt or truncated (its header, read when the split was, looked fine; a JPEG or
+    PNG cut short that Pillow fills in, as the edge refuses it), and one the edge refuses (float
+    "F" and other modes it does not take, several frames).
 
     Each mode is converted as the edge converts it (`splitdet.edge.preprocess`): palette, CMYK,
     YCbCr and alpha images to RGB by Pillow, alpha dropped; "LA", "1" to grayscale. A 16-bit
@@ -156,26 +157,35 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
     The file's bytes are looked at first as the edge looks at them
     (`splitdet.edge.preprocess.check_encoded`): a JPEG of more scans than any encoder writes
     (a decoder-stalling file) and, with `pixel_bits` other than 16, a 16-bit colour PNG (read
-    at 8 bits only) are a VocError. A PGM of a maxval other than 255 and 65535 is read by the
-    edge's own reader (`preprocess.read_pgm`), over its maxval whatever `pixel_bits` (peak
-    None); those two are read as any 8/16-bit image."""
+    at 8 bits only) are a VocError. So is, once decoded, a JPEG or PNG (16-bit ones too) whose
+    compressed data ends early or is damaged, which Pillow decodes without an error, the rest
+    filled in (a JPEG flat grey to its end, a PNG black below its last row written): the edge's
+    own check and message (`preprocess.check_not_filled`; for nearly every image one pixel or
+    row looked at). A PGM of a maxval other than 255 and 65535 is read by the edge's own
+    reader (`preprocess.read_pgm`), over its maxval whatever `pixel_bits` (peak None); those
+    two are read as any 8/16-bit image."""
     from PIL import Image
 
-    from splitdet.edge.preprocess import WIDE_GRAY_MODES, ImageError, check_encoded, read_pgm
+    from splitdet.edge.preprocess import (
+        WIDE_GRAY_MODES,
+        ImageError,
+        check_encoded,
+        check_not_filled,
+        read_pgm,
+    )
     from splitdet.shared.config import pixel_full_scale
 
     try:
         data = Path(image_path).read_bytes()
-        try:
-            check_encoded(data, str(image_path), pixel_bits)
-            pgm = read_pgm(data, str(image_path))
-        except ImageError as exc:
-            raise VocError(str(exc)) from None
+        check_encoded(data, str(image_path), pixel_bits)
+        pgm = read_pgm(data, str(image_path))
         if pgm is not None:
             return _pgm_rgb(*pgm), None
         with Image.open(io.BytesIO(data)) as img:
             # before convert("RGB"), which would make a float image black, not refuse it
             _refuse_what_the_edge_refuses(img, image_path)
+            img.load()
+            check_not_filled(data, str(image_path), img)  # (the edge's, after its decoding)
             if img.mode in WIDE_GRAY_MODES:  # convert("RGB") would clip them at 255
                 wide = img.convert("I")
                 low, high = wide.getextrema()
@@ -195,6 +205,8 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
             return img.convert("RGB"), None
     except VocError:
         raise
+    except ImageError as exc:  # the edge's checks: their message, naming the file
+        raise VocError(str(exc)) from None
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for bad data
         raise VocError(f"{image_path}: cannot decode image: {exc}") from None
 
