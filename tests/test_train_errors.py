@@ -170,14 +170,26 @@ def test_resuming_with_other_classes_names_them(tiny_voc, finished_run, tmp_path
 
 
 def test_resuming_on_other_data_is_reported(tiny_voc, finished_run, tmp_path, caplog):
+    """Another path of other data: a warning. A copy of the same data (the same train digest)
+    is said at INFO: it warned as if the data were other."""
     run, data = tmp_path / "run", tmp_path / "data"
     shutil.copytree(finished_run, run)
     shutil.copytree(tiny_voc, data)
-    with caplog.at_level("WARNING", logger="splitdet.training.train"):
+    moved = f"trained on {tiny_voc.resolve()}, now resumed on {data.resolve()}"
+    with caplog.at_level("INFO", logger="splitdet.training"):
         train(replace(ONE_EPOCH, epochs=2), tiny_voc, run, resume=True, progress=False, max_iters=1)
         assert "trained on" not in caplog.text  # the run's own data
         train(replace(ONE_EPOCH, epochs=3), data, run, resume=True, progress=False, max_iters=1)
-    assert f"trained on {tiny_voc.resolve()}, now resumed on {data.resolve()}" in caplog.text
+    (said,) = [r for r in caplog.records if moved in r.getMessage()]
+    assert said.levelname == "INFO" and "the same train data" in said.getMessage()
+    caplog.clear()
+    image = voc.read_split(data, "train")[0].image_path
+    image.write_bytes(image.read_bytes() + b"\0")  # (other bytes: other data)
+    with caplog.at_level("INFO", logger="splitdet.training"):
+        train(replace(ONE_EPOCH, epochs=4), tiny_voc, run, resume=True, progress=False, max_iters=1)
+        train(replace(ONE_EPOCH, epochs=5), data, run, resume=True, progress=False, max_iters=1)
+    (said,) = [r for r in caplog.records if moved in r.getMessage()]
+    assert said.levelname == "WARNING" and "best.pt keeps the best validation" in said.getMessage()
 
 
 def test_an_init_file_that_is_no_checkpoint_is_named(tiny_voc, tmp_path, capsys):

@@ -111,15 +111,7 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
             "checkpoints from epoch %d on keep up to %d boxes per image",
             cap, saved_model.box_detections_per_img, int(checkpoint["epoch"]) + 1, cap,
         )  # fmt: skip
-    trained_on = checkpoint.get("data")
-    # (the warnings are about the run, not a rank: rank 0's say them once)
-    if run.rank == 0 and trained_on is not None and trained_on != str(run.data_dir.resolve()):
-        # allowed (a moved dataset), but best.pt compares validation passes of both
-        log.warning(
-            "%s was trained on %s, now resumed on %s: best.pt keeps the best validation "
-            "of either",
-            last_path, trained_on, run.data_dir.resolve(),
-        )  # fmt: skip
+    # (a resume onto another path is said by `data_history`, which knows whether its data differ)
     run.clock.seconds = float(checkpoint.get("train_seconds", 0.0))
     run.wall_seconds = float(checkpoint.get("wall_seconds", 0.0))  # (older last.pt: none)
     # a run its budget ended stays ended when resumed with the same budget
@@ -171,6 +163,18 @@ def data_history(
         earlier = [{**unknown, "path": checkpoint["data"]}]
     last = earlier[-1] if earlier else {}
     was = last.get("train_sha256")
+    if last.get("path") not in (None, segment["path"]):  # allowed: a moved or copied dataset
+        if was == segment["train_sha256"]:
+            log.info(
+                "%s was trained on %s, now resumed on %s: the same train data (digest %s)",
+                last_path, last["path"], segment["path"], was[:12],
+            )  # fmt: skip
+        else:  # (best.pt compares validation passes of both)
+            log.warning(
+                "%s was trained on %s, now resumed on %s: best.pt keeps the best validation "
+                "of either",
+                last_path, last["path"], segment["path"],
+            )  # fmt: skip
     if last.get("path") == segment["path"] and was not in (None, segment["train_sha256"]):
         log.warning(
             "%s: the train split of %s changed since this run's epoch %s started on it "
