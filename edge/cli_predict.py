@@ -49,12 +49,12 @@ examples:
 error), boxes [x1, y1, x2, y2] in original pixels, scores, labels, class_names, per-stage
 timings (s), bytes_sent, error, annotated (the file --save wrote), warnings (a blank frame, a
 16-bit image of 12-bit values: judged all the same), and the run's fingerprint,
-gate_threshold, codec and run_complete (false in every record of a run stopped by Ctrl-C, exit
-status 130, by SIGTERM, 143, or by a cloud that refuses the model for good, exit status 2: the
-images finished by then are written). Unreadable files (missing, not a regular file, over 256
-MiB, not an image) and flagged images whose detection call failed (the cloud unreachable or
-busy past --timeout too) get verdict "error" with the reason (the latter keep p_defect); the
-others are processed.
+gate_threshold, codec, score_threshold (the boxes kept) and run_complete (false in every
+record of a run stopped by Ctrl-C, exit status 130, by SIGTERM, 143, or by a cloud that
+refuses the model for good, exit status 2: the images finished by then are written).
+Unreadable files (missing, not a regular file, over 256 MiB, not an image) and flagged images
+whose detection call failed (the cloud unreachable or busy past --timeout too) get verdict
+"error" with the reason (the latter keep p_defect); the others are processed.
 Each file is processed once, however often it is named. --save names each annotated image after
 its source (a.png -> a.jpg; a second a.* becomes a_2.jpg); it replaces an earlier run's
 annotated copies (marked as such in the JPEG), never another file. An unwritable --json or
@@ -569,6 +569,7 @@ def run(args: argparse.Namespace) -> int:
         "fingerprint": pipeline.manifest.fingerprint,
         "gate_threshold": pipeline.threshold if args.gate == "on" else None,  # none judged
         "codec": pipeline.codec,
+        "score_threshold": args.score_threshold,  # (boxes scoring below it are left out)
         "run_complete": complete,  # false: stopped (Ctrl-C, the cloud's refusal), images missing
     }
     records = [{**p.to_dict(), **model} for p in done]

@@ -57,6 +57,7 @@ def test_predict_lossless_equals_monolithic(tiny_model, tiny_model_dir, image_di
         assert record["verdict"] == "defect" and record["bytes_sent"] > 0
         assert record["fingerprint"] == manifest.fingerprint  # which export said so
         assert (record["gate_threshold"], record["codec"]) == (None, "fp32")  # --gate off
+        assert record["score_threshold"] == 0  # (the boxes kept: every one)
         image = torch.from_numpy(load_image(record["path"]))
         with torch.inference_mode():
             reference = tiny_model([image])[0]
