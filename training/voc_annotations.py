@@ -145,6 +145,7 @@ def read_annotation_document(
 
     known = None if class_names is None else set(class_names)
     objects: list[VocObject] = []
+    rotated = clipped = 0
     for k, obj in enumerate(ann.findall("object")):
         where = f"<object> #{k + 1}"
         name = _text(path, obj, "name", where)
@@ -167,12 +168,13 @@ def read_annotation_document(
                 raise VocError(f"{path}: {where} {box} is empty (max < min)")
             # the box around it, clipped to the image (the rotated corners a tool lets past
             # its edge are no mistake of the annotator's); `rotated_box_warnings` says so
-            (x1, y1, x2, y2), _ = rotated_box((xmin, ymin, xmax, ymax), degrees, width, height)
+            (x1, y1, x2, y2), cut = rotated_box((xmin, ymin, xmax, ymax), degrees, width, height)
             if x2 <= x1 or y2 <= y1:
                 raise VocError(
                     f"{path}: {where} {box} rotated by {degrees:g}° lies outside the "
                     f"{width}x{height} image"
                 )
+            rotated, clipped = rotated + 1, clipped + cut
         else:
             past = _past_the_image(xmin, ymin, xmax, ymax, width, height)
             if past:
@@ -194,6 +196,7 @@ def read_annotation_document(
         height=height,
         objects=tuple(objects),
         filename=filename,
+        rotated=(rotated, clipped),
     )
     return sample, ann
 

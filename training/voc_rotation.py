@@ -3,7 +3,7 @@ rectangle as its *unrotated* <bndbox> and the angle (degrees, about the box's ce
 ``<object><attributes><attribute><name>rotation</name><value>45.0</value></attribute>
 </attributes>``. The readers take the axis-aligned box around the rotated rectangle
 (`rotated_box`), clipped to the image, and `rotated_box_warnings` says, per annotation, how many
-boxes were read so (larger than the part they mark).
+boxes were read so (larger than the part they mark), as the reader counted them.
 
 Part of `splitdet.training.voc`'s annotation reading; standard library only.
 """
@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from splitdet.training.voc_types import VocError, VocSample
-from splitdet.training.voc_xml import _box, _parse_xml
 
 __all__ = ["ROTATION_ATTRIBUTE", "rotated_box", "rotated_box_warnings", "rotation_degrees"]
 
@@ -74,25 +73,14 @@ def rotated_box(
 
 def rotated_box_warnings(root: Path, samples: Mapping[str, VocSample]) -> list[str]:
     """One warning per annotation of ``samples`` (id: the sample read from
-    ``ROOT/Annotations/ID.xml``) holding rotated boxes: how many, read as the axis-aligned box
-    around each, and how many of those were clipped to the image. For `splitdet data check`;
-    an annotation that cannot be read again is skipped (its problem is reported already)."""
+    ``ROOT/Annotations/ID.xml``) holding rotated boxes (its ``rotated`` count, as the reader
+    found them): how many, read as the axis-aligned box around each, and how many of those were
+    clipped to the image. For `splitdet data check`."""
     warnings = []
     for image_id, sample in sorted(samples.items()):
-        path = Path(root) / "Annotations" / f"{image_id}.xml"
-        rotated = clipped = 0
-        try:
-            for k, obj in enumerate(_parse_xml(path).findall("object")):
-                where = f"<object> #{k + 1}"
-                degrees = rotation_degrees(path, obj, where)
-                if degrees is None:
-                    continue
-                box = _box(path, obj, where)
-                rotated += 1
-                clipped += rotated_box(box, degrees, sample.width, sample.height)[1]
-        except VocError:
-            continue
+        rotated, clipped = sample.rotated
         if rotated:
+            path = Path(root) / "Annotations" / f"{image_id}.xml"
             cut = f"; {clipped} of them clipped to the {sample.width}x{sample.height} image"
             warnings.append(
                 f"{path}: {rotated} rotated box(es) (CVAT's rotation attribute), each read as "

@@ -36,8 +36,10 @@ class VocSample:
     """One image of a split and its objects (none: a defect-free image).
 
     ``filename``: the annotation's ``<filename>`` as written (None without one), which
-    ``data check`` compares with the image the annotation is paired with; no part of the
-    sample's identity."""
+    ``data check`` compares with the image the annotation is paired with; ``rotated``: how
+    many of its boxes were CVAT rotated rectangles, read as the box around each, and how many
+    of those were clipped to the image (`voc_rotation.rotated_box_warnings` says so); neither
+    is part of the sample's identity."""
 
     image_id: str
     image_path: Path
@@ -45,6 +47,7 @@ class VocSample:
     height: int
     objects: tuple[VocObject, ...] = ()
     filename: str | None = field(default=None, compare=False, repr=False)
+    rotated: tuple[int, int] = field(default=(0, 0), compare=False, repr=False)
 
     @property
     def is_defective(self) -> bool:
