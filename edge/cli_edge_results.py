@@ -49,11 +49,15 @@ changed (the number of the row's last change: --changed-after), warnings (what t
 pixels say of the camera, comma-separated: blank_frame (black, white or flat: a lens cap, the
 lamp off), dim_wide_frame (16-bit values of 12 bits: a camera set to Mono12); empty/null: none;
 the verdict is the model's all the same, and means little for such a frame), n_boxes (how
-many boxes are listed; empty/null for a row with no detection result, as the table's "-").
-The table shows warnings before the path, "[blank_frame]". The daemon stores every box the
-model returns (from score 0.05); --score-threshold 0.5 shows the boxes `splitdet predict`
-reports. CSV is UTF-8 whatever the locale, its list columns' names too; the table shows
-what the locale cannot encode as backslash escapes (\\xfc, \\u65e5); JSON is ASCII.
+many boxes are listed; empty/null for a row with no detection result, as the table's "-"),
+edge (the name of the edge that judged the image: its `edge run --name`, default the host
+name, as it names itself to the cloud; empty/null in rows an earlier splitdet wrote): merged
+exports of several edges, whose ids collide, are told apart by (edge, id). The table shows
+warnings before the path, "[blank_frame]", and not the edge (--csv and --json do). The daemon
+stores every box the model returns (from score 0.05); --score-threshold 0.5 shows the boxes
+`splitdet predict` reports. CSV is UTF-8 whatever the locale, its list columns' names too;
+the table shows what the locale cannot encode as backslash escapes (\\xfc, \\u65e5); JSON is
+ASCII.
 
 Polling for new results: keep a cursor by change, not by id or time. --changed-after SEQ lists
 the rows changed after SEQ, in the order of their change, each once in its current state: the
@@ -234,15 +238,25 @@ def results(args: argparse.Namespace) -> int:
 
 
 def _listed(row: dict, score: float) -> dict:
-    """A result row as listed: only its boxes scoring at least `score`
-    (`_boxes_scoring_at_least`), and their count, "n_boxes" (None: no detection result)."""
+    """A result row as listed (LISTED_COLUMNS, in their order): only its boxes scoring at least
+    `score` (`_boxes_scoring_at_least`), and their count, "n_boxes" (None: no detection
+    result)."""
     row = _boxes_scoring_at_least(row, score)
-    return {**row, "n_boxes": None if row["boxes"] is None else len(row["boxes"])}
+    listed = {**row, "n_boxes": None if row["boxes"] is None else len(row["boxes"])}
+    return {k: listed[k] for k in LISTED_COLUMNS}  # (--json's keys in --csv's order)
 
 
-#: The columns `edge results` lists (--csv's header, --json's keys): the store's, then those
-#: made from them.
-LISTED_COLUMNS = (*RESULT_COLUMNS, "n_boxes")
+#: The store's columns listed before n_boxes: those it had when n_boxes came. The store's
+#: columns added since (edge) come after n_boxes, so that CSV readers by position keep every
+#: earlier column's place.
+_BEFORE_N_BOXES = RESULT_COLUMNS[: RESULT_COLUMNS.index("warnings") + 1]
+#: The columns `edge results` lists (--csv's header, --json's keys): the store's, n_boxes
+#: (made from them) after its columns of then, then its columns added since.
+LISTED_COLUMNS = (
+    *_BEFORE_N_BOXES,
+    "n_boxes",
+    *RESULT_COLUMNS[len(_BEFORE_N_BOXES) :],
+)
 #: The columns --excel writes as local ISO 8601 text (`iso_local`), not unix seconds.
 TIME_COLUMNS = ("arrived", "finished", "updated")
 

@@ -259,8 +259,9 @@ class EdgeDaemon:
                 began = time.monotonic()
                 try:
                     store = ResultStore(
-                        self.config.db, self.config.outbox, open_wait_ms=OPEN_TRY_MS
-                    )
+                        self.config.db, self.config.outbox, open_wait_ms=OPEN_TRY_MS,
+                        edge_name=self.config.client_config.edge_name,  # (as sent and logged)
+                    )  # fmt: skip
                 except StoreLocked as exc:
                     self._busy.failed(exc, None, began)
                     if self.config.once and self._busy.waited_s() >= self.config.drain_timeout_s:

@@ -74,6 +74,7 @@ from splitdet.edge.store_types import (
     Pruned,
     StoredPath,
 )
+from splitdet.shared.edge_name import check_edge_name
 
 #: What callers import from here, wherever it is defined.
 __all__ = [
@@ -150,10 +151,14 @@ class ResultStore(StoreArrivals, StoreOutbox, StoreDeadLetters, StoreMaintenance
         cap: OutboxCap | None = None,
         readonly: bool = False,
         open_wait_ms: int | None = None,
+        edge_name: str | None = None,
     ) -> None:
         """`open_wait_ms`: how long opening waits for a lock another program holds (default
-        BUSY_TIMEOUT_MS, the wait of every later statement too)."""
+        BUSY_TIMEOUT_MS, the wait of every later statement too); `edge_name`: the name of the
+        edge writing, kept in every row it adds (images.edge; None: NULL), ValueError when it
+        is no edge name (`shared.edge_name`)."""
         self.path = Path(path)
+        self.edge_name = None if edge_name is None else check_edge_name(edge_name)
         self.cap = cap or OutboxCap()
         self._lock = threading.RLock()
         #: Transactions committed through this store (any thread): a change says the file

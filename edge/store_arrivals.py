@@ -24,6 +24,10 @@ from splitdet.edge.store_types import Arrival, KnownFile, OutboxFull, StoredPath
 class StoreArrivals(StoreConnection):
     """The arrivals part of `ResultStore`: the rows of the files the hot folder delivered."""
 
+    #: The name of the edge writing the rows (`shared.edge_name`), kept in each new row
+    #: (images.edge); None: NULL.
+    edge_name: str | None = None
+
     def known(self, file_key: str) -> KnownFile | None:
         """The row of an arrival already recorded, or None."""
         rows = self._query(
@@ -78,6 +82,7 @@ class StoreArrivals(StoreConnection):
             "size_bytes": arrival.size_bytes,
             "arrived": arrival.arrived,
             "updated": now,
+            "edge": self.edge_name,
             **values,
         }
         if row["verdict"] in FINAL_VERDICTS:

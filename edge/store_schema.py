@@ -77,6 +77,14 @@ _CHANGED = "ALTER TABLE images ADD COLUMN changed INTEGER"
 #: splitdet wrote. The verdict stays the model's. Written with the row, never changed after it:
 #: not one of CHANGE_COLUMNS. An added column, as `threshold`: an earlier splitdet ignores it.
 _WARNINGS = "ALTER TABLE images ADD COLUMN warnings TEXT"
+#: images.edge: the name of the edge that wrote the row: the `splitdet edge run --name` in
+#: force then (default: the host name), the name it sends the cloud with every call
+#: (`shared.edge_name`), so that the results of several edges, whose ids collide (each store
+#: numbers its own rows), can be merged and told apart. NULL in rows an earlier splitdet wrote
+#: and in those of a daemon given no name (a `DaemonConfig` without a client: it sends none).
+#: Written with the row, never changed after it (a requeue or the cloud's answer keeps it): not
+#: one of CHANGE_COLUMNS. An added column, as `threshold`: an earlier splitdet ignores it.
+_EDGE = "ALTER TABLE images ADD COLUMN edge TEXT"
 #: Columns of `images` added after SCHEMA_VERSION's tables, with the statement adding each.
 ADDED_COLUMNS = {
     "threshold": _THRESHOLD,
@@ -84,6 +92,7 @@ ADDED_COLUMNS = {
     "finished_boot_s": _FINISHED_BOOT_S,
     "changed": _CHANGED,
     "warnings": _WARNINGS,
+    "edge": _EDGE,
 }
 #: The `counters` row holding the last number given to a change (images.changed); no row: none
 #: was given yet (0). Not an event count: `ResultStore.counters` and `edge status` leave it out.
@@ -195,7 +204,8 @@ CREATE TABLE counters (
 {_FINISHED_BOOT};
 {_FINISHED_BOOT_S};
 {_CHANGED};
-{_WARNINGS}"""
+{_WARNINGS};
+{_EDGE}"""
 
 #: Columns `results` reports, in order (JSON columns decoded).
 RESULT_COLUMNS = (
@@ -224,6 +234,7 @@ RESULT_COLUMNS = (
     "threshold",
     "changed",
     "warnings",
+    "edge",
 )
 _JSON_COLUMNS = ("boxes", "scores", "labels", "class_names", "timings")
 

@@ -173,7 +173,7 @@ def test_a_store_of_an_earlier_splitdet_is_read_as_it_is_then_numbered_by_id(tmp
     db = tmp_path / "edge.sqlite"
     _as_an_earlier_splitdet_wrote_it(db, 5)
     text = _csv(capsys, db)
-    assert text.splitlines()[0].endswith(",threshold,changed,warnings,n_boxes")
+    assert text.splitlines()[0].endswith(",threshold,changed,warnings,n_boxes,edge")
     assert [row["changed"] for row in csv.DictReader(io.StringIO(text))] == [""] * 5
     assert main(["edge", "results", "--db", str(db), "--changed-after", "0"]) == 2
     assert "numbers no changes yet" in capsys.readouterr().err
