@@ -13,12 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[full,test]"
 	touch $(STAMP)
 
-# Three workers, a test module each at a time (its fixtures are made once): the suite waits on
-# servers and subprocesses much of the time; on 2 cores three keep them busy (idle 0-8%) where
-# two left gaps: 859 s for the suite against about 1030 s with two.
+# Four workers, a test module each at a time (its fixtures are made once), the slowest modules
+# first (tests/conftest.py SLOW_MODULES; xdist's own order, most tests first, left an 80 s
+# module to the end): the suite waits on servers and subprocesses much of the time, and on
+# 2 cores four keep them busy to the end. 721 s for the suite against 829 s with three workers
+# in xdist's order, 1030 s with two.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 # The whole system on built-in defaults; data, the trained model and the export are cached in
 # .cache/demo, so a second run takes minutes.

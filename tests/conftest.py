@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one 
 # (`make test &` from a script). A handled signal is reset to the default in a child.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+#: The modules that take longest (in this order: wall seconds of a three-worker run, 40-180 s
+#: each), started first. pytest-xdist hands each worker a whole module (`--dist loadfile`) and by
+#: default the modules of most tests first, which left a one-test module of 80 s to the very end
+#: while the other workers idled; with `--no-loadscope-reorder` the order below is the order
+#: they are handed out (longest first), then the rest by their number of tests.
+SLOW_MODULES = (
+    "test_edge_daemon", "test_train", "test_demo", "test_bench", "test_int8_trained",
+    "test_export_publish", "test_model_split", "test_cloud_server", "test_eval_store_review",
+    "test_predict_review", "test_cloud_reload", "test_container_review", "test_train_processes",
+    "test_eval_export", "test_eval_review", "test_loadtest", "test_train_resume_review",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the modules longest first (`SLOW_MODULES`, then by number of tests), each one's
+    tests kept in their order."""
+    rank = {name: place for place, name in enumerate(SLOW_MODULES)}
+    count = Counter(item.path for item in items)
+    items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), -count[item.path]))
+
 
 #: The signals whose dispositions a test must leave as it found them (`_signals_kept`).
 _KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
