@@ -221,23 +221,5 @@ def test_the_report_gives_the_intervals_beside_the_means_and_reductions(tiny_dat
     assert "paired, stratified bootstrap over the stream's images (2000 resamples" in text
 
 
-def test_a_run_writes_the_intervals_of_every_rate(tiny_model, tiny_model_dir, tiny_dataset,
-                                                  tmp_path):  # fmt: skip
-    """A real run (servers on loopback, the session's tiny export) gives every system of every
-    rate its intervals in report.json, from the times it measured."""
-    from splitdet.shared.checkpoint import save_checkpoint
-
-    save_checkpoint(tmp_path / "model.pt", tiny_model, gate_threshold=0.5)
-    out = tmp_path / "out"
-    argv = ["bench", "--model", str(tiny_model_dir), "--checkpoint", str(tmp_path / "model.pt")]
-    argv += ["--data", str(tiny_dataset), "--out", str(out), "--codecs", "int8"]
-    argv += ["--rd-images", "0", "--defect-rates", "0.5", "--images", "2", "--threads", "1"]
-    assert main([*argv, "--no-progress", "--no-engine-baseline", "--oracle-gate"]) == 0
-    rate = json.loads((out / "report.json").read_text())["rates"]["0.5"]
-    assert rate["monolithic"]["reduction_ci95"] is None
-    for name, summary in rate.items():
-        low, high = summary["mean_s_ci95"]
-        assert low <= summary["mean_s"] <= high, name
-        if name != "monolithic":
-            low, high = summary["reduction_ci95"]
-            assert low <= summary["reduction"] <= high, name
+# (a real run's intervals: test_bench_report_review.py's
+# test_a_run_writes_the_intervals_of_every_rate, on that module's --oracle-gate run)

@@ -93,34 +93,8 @@ def test_the_command_argv_is_what_follows_the_command(before, monkeypatch):
     assert seen == [["--data", "train", "--out", "r", "--nproc-per-node", "2"]]
 
 
-def test_a_rank_killed_stops_the_others_with_a_line_naming_it(tiny_voc, tmp_path):
-    run = tmp_path / "run"
-    argv = [sys.executable, "-m", "splitdet.shared.cli",
-            *train_argv(tiny_voc, run, "--epochs", "1000", "--nproc-per-node", "2")]  # fmt: skip
-    killed = []
-
-    def kill_rank_1(process: subprocess.Popen) -> None:
-        for pid in processes_naming(run):
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if pid != process.pid and b"RANK=1" in environ:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-
-    code, _, err = run_until(argv, (run / "last.pt").is_file, "finished epoch", kill_rank_1)
-    assert len(killed) == 1
-    assert code == 128 + signal.SIGKILL, err
-    assert "Traceback" not in err and "torch/distributed" not in err, err
-    assert err.rstrip().endswith(
-        f"splitdet train: rank 1 (pid {killed[0]}) was killed by signal 9; the others were stopped"
-    ), err
-    # rank 0 meets the closed connection (or the launcher's SIGTERM first) and says what it kept
-    kept = f"; {run / 'last.pt'} holds the last finished epoch: continue with `"
-    (line,) = [line for line in err.splitlines() if kept in line]
-    assert line.split(kept)[0] in (
-        "splitdet train: stopped: another process of this run ended",
-        "splitdet train: stopped on SIGTERM",
-    ), err
-    assert processes_naming(run) == []
+# (a rank killed stops the others with a line naming it: test_train_review3.py's
+# test_a_rank_killed_stops_the_others_naming_it_not_as_a_users_sigterm, one run for both)
 
 
 def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path, monkeypatch):
