@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from splitdet.cloud.call_status import METHODS, log_refusal, refuse, shortage
+from splitdet.cloud.call_status import METHODS, refusal_line, refuse, shortage
 from splitdet.cloud.log_limit import LineLimiter
 from splitdet.cloud.metrics import ServerMetrics, claimed_edge
 from splitdet.cloud.servicer import SERVICE_NAME
@@ -94,6 +94,12 @@ class CallGuard(grpc.ServerInterceptor):
         for name in pools:
             metrics.rpc_threads_busy.labels(name).set_function(functools.partial(self.busy, name))
             metrics.rpc_threads_exhausted.labels(name)
+
+    def line_limiters(self) -> tuple[LineLimiter, ...]:
+        """The limiters of the guard's log lines (`threads_exhausted`, `request_not_received`,
+        `refused` for want of a thread), for the stop to write what they left out
+        (`LineLimiter.flush`)."""
+        return self._lines, self._unreceived_lines, self._short_lines
 
     def busy(self, pool: str) -> int:
         """Calls holding a thread of `pool` now."""
@@ -272,10 +278,9 @@ class CallGuard(grpc.ServerInterceptor):
         if name in METHODS:
             self._count_refused(name, metadata, code)
         claimed = claimed_edge(metadata)
-        admitted = lines.admit_from(pool, claimed)
-        if admitted is not None:
-            log_refusal(name, peer, claimed, code, message, event, admitted, lines.every_s,
-                        level=logging.WARNING, more={"pool": pool, **(more or {})})  # fmt: skip
+        lines.write_from(pool, claimed, refusal_line(
+            name, peer, claimed, code, message, event, lines.every_s, level=logging.WARNING,
+            more={"pool": pool, **(more or {})}))  # fmt: skip
         refuse(context, code, message, reason)  # (raises; not sent)
 
     def _count_refused(
@@ -297,12 +302,10 @@ class CallGuard(grpc.ServerInterceptor):
         """The `threads_exhausted` line of a refused call (method, peer, edge, code, message,
         as every refused call's line): at most one per pool per EXHAUSTED_LOG_S, carrying how
         many were left out since and the edges they named."""
-        admitted = self._lines.admit_from(pool, edge)
-        if admitted is None:
-            return
-        log_refusal(method, peer, edge, grpc.StatusCode.RESOURCE_EXHAUSTED, message,
-                    "threads_exhausted", admitted, self._lines.every_s, level=logging.WARNING,
-                    more={"pool": pool, "threads": self._limits[pool]})  # fmt: skip
+        self._lines.write_from(pool, edge, refusal_line(
+            method, peer, edge, grpc.StatusCode.RESOURCE_EXHAUSTED, message,
+            "threads_exhausted", self._lines.every_s, level=logging.WARNING,
+            more={"pool": pool, "threads": self._limits[pool]}))  # fmt: skip
 
 
 def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:

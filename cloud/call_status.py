@@ -31,7 +31,7 @@ import logging
 import grpc
 
 from splitdet.cloud.core import Cancelled, DeadlinePassed, FingerprintMismatch, InvalidRequest
-from splitdet.cloud.log_limit import repeats_note
+from splitdet.cloud.log_limit import Line, repeats_fields, repeats_note
 from splitdet.edge import client_errors as reasons
 from splitdet.shared.shortage import short_of
 
@@ -210,35 +210,39 @@ def _clip(message: str) -> str:
     return f"{message[: MAX_STATUS_CHARS - 30]}… ({len(message)} characters, cut)"
 
 
-def log_refusal(
+def refusal_line(
     method: str,
     peer: str,
     edge: str,
     code: grpc.StatusCode,
     message: str,
     event: str,
-    admitted: tuple[int, list[str]],
     every_s: float,
     claims: bool = False,
     level: int = logging.INFO,
     more: dict | None = None,
-) -> None:
+) -> Line:
     """The log line of a call refused (at `level`: `refusal_level`) or failed (ERROR, with the
-    traceback being handled); `admitted`: how many lines of its kind were left out since the
-    last one, and the edges they named (`LineLimiter.admit_from`); `claims`: `edge` is only
-    what the call claims (refused before its token was checked); `more`: fields of the line
-    beside those every refusal's carries (method, peer, edge, code, message)."""
-    fields = {"event": event, "method": method, "peer": peer, "edge": edge,
-              "code": code.name, "message": message, **(more or {})}  # fmt: skip
-    repeats, names = admitted
-    if repeats:
-        fields["repeats"] = repeats
-        fields["repeats_from"] = names
-    note = repeats_note(repeats, every_s, names)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s from %s (edge %s) failed%s", method, peer, edge, note,
-                      extra={"fields": fields})  # fmt: skip
-    else:
-        log.log(level, "%s from %s (%s %s) refused (%s): %s%s", method, peer,
-                 "claims edge" if claims else "edge", edge, code.name, message, note,
-                 extra={"fields": fields})  # fmt: skip
+    traceback being handled), as a `log_limit.Line` for `LineLimiter.write_from`: written at
+    once with how many lines of its kind (at most one per `every_s`) were left out since the
+    last one and the edges they named, or, itself left out, as the server stops
+    (`LineLimiter.flush`: field `at_stop`, and a failure's line without a traceback then).
+    `claims`: `edge` is only what the call claims (refused before its token was checked);
+    `more`: fields of the line beside those every refusal's carries (method, peer, edge, code,
+    message)."""
+
+    def line(repeats: int, names: list[str], at_stop: bool) -> None:
+        fields = {"event": event, "method": method, "peer": peer, "edge": edge,
+                  "code": code.name, "message": message, **(more or {}),
+                  **repeats_fields(repeats, names, at_stop)}  # fmt: skip
+        note = repeats_note(repeats, every_s, names, at_stop)
+        if code is grpc.StatusCode.INTERNAL:
+            write = log.error if at_stop else log.exception  # (no traceback in hand at a stop)
+            write("%s from %s (edge %s) failed%s", method, peer, edge, note,
+                  extra={"fields": fields})  # fmt: skip
+        else:
+            log.log(level, "%s from %s (%s %s) refused (%s): %s%s", method, peer,
+                    "claims edge" if claims else "edge", edge, code.name, message, note,
+                    extra={"fields": fields})  # fmt: skip
+
+    return line

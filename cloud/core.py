@@ -32,7 +32,7 @@ import torch
 from torchvision.ops import clip_boxes_to_image
 
 from splitdet.cloud.idempotency import IdempotencyStore, StoredAnswer
-from splitdet.cloud.log_limit import LineLimiter, repeats_note
+from splitdet.cloud.log_limit import LineLimiter, repeats_fields, repeats_note
 from splitdet.edge.preprocess import ImageError, resized_size
 from splitdet.shared.checkpoint import why_unreadable
 from splitdet.shared.codec import (
@@ -391,19 +391,21 @@ class DetectionCore:
     def _id_conflict(self, request_id: str, fingerprint: str) -> None:
         """A call whose id names another request, stored or running: counted
         (`on_id_conflict`) each time, logged at most once a minute."""
-        repeats = self.id_conflict_lines.admit(("request_id_conflict",))
-        if repeats is not None:
+        every_s = self.id_conflict_lines.every_s
+
+        def line(repeats: int, _names: list[str], at_stop: bool) -> None:
             fields = {"event": "request_id_conflict", "request_id": request_id,
-                      "fingerprint": fingerprint}  # fmt: skip
-            if repeats:
-                fields["repeats"] = repeats
+                      "fingerprint": fingerprint,
+                      **repeats_fields(repeats, None, at_stop)}  # fmt: skip
             log.warning(
                 "request %r: other contents under this id are answered or being answered; "
                 "computed on its own, its answer not stored (the same image's features differ "
                 "between machines or library builds, or an edge reuses ids)%s", request_id,
-                repeats_note(repeats, self.id_conflict_lines.every_s),
+                repeats_note(repeats, every_s, None, at_stop),
                 extra={"fields": fields},
             )  # fmt: skip
+
+        self.id_conflict_lines.write_from(("request_id_conflict",), None, line)
         if self.on_id_conflict is not None:
             self.on_id_conflict()
 
@@ -431,29 +433,33 @@ class DetectionCore:
         if doing == "keep":  # (`_store_resumed` tells of answers not kept)
             with self._store_failures_lock:
                 self._store_failures += 1
-        repeats = self.store_failure_lines.admit(("answers_store_failed", str(exc)))
-        if repeats is not None:
+        every_s = self.store_failure_lines.every_s
+        error = f"{type(exc).__name__}: {exc}"
+        if doing == "keep":
+            what = (
+                "cannot keep the answer to %r (%s); answered without it (a repeat of this "
+                "request is computed again)"
+            )
+        elif isinstance(exc, sqlite3.OperationalError):  # (locked, an I/O error)
+            what = "cannot read the answer to %r (%s); computed afresh"
+        else:
+            what = (
+                "cannot read the answer to %r (%s); computed afresh (--answers-db "
+                "damaged: stop the server, move it aside and start with a new one)"
+            )
+        shown = str(exc)  # (the line keeps no exception: no traceback held until the stop)
+
+        def line(repeats: int, _names: list[str], at_stop: bool) -> None:
             fields = {"event": "answers_store_failed", "request_id": request_id,
-                      "error": f"{type(exc).__name__}: {exc}", "doing": doing}  # fmt: skip
-            if repeats:
-                fields["repeats"] = repeats
-            if doing == "keep":
-                what = (
-                    "cannot keep the answer to %r (%s); answered without it (a repeat of this "
-                    "request is computed again)"
-                )
-            elif isinstance(exc, sqlite3.OperationalError):  # (locked, an I/O error)
-                what = "cannot read the answer to %r (%s); computed afresh"
-            else:
-                what = (
-                    "cannot read the answer to %r (%s); computed afresh (--answers-db "
-                    "damaged: stop the server, move it aside and start with a new one)"
-                )
+                      "error": error, "doing": doing,
+                      **repeats_fields(repeats, None, at_stop)}  # fmt: skip
             log.warning(
-                what + "%s", request_id, exc,
-                repeats_note(repeats, self.store_failure_lines.every_s),
+                what + "%s", request_id, shown,
+                repeats_note(repeats, every_s, None, at_stop),
                 extra={"fields": fields},
             )  # fmt: skip
+
+        self.store_failure_lines.write_from(("answers_store_failed", shown), None, line)
         if self.on_store_error is not None:
             self.on_store_error()
 

@@ -4,6 +4,8 @@ The cloud logs a line per refused call and per answer its store could not keep; 
 cancels every call, a caller sending junk, or a full disk would write one per call. The
 Prometheus counters count each; the log keeps the first line of each kind at once, then at
 most one per `every_s`, carrying the number of lines left out since the last (`repeats`).
+A line left out after the last one written is written when the server stops
+(`LineLimiter.flush`), so that a log read after the fact counts every line of a kind.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Any
 
 #: Seconds between two log lines of one kind (refusals: event, edge label, status code).
 LINE_EVERY_S = 60.0
@@ -22,6 +25,12 @@ MAX_KINDS = 8192
 MAX_NAMES = 20
 #: Names that get log lines of their own at once (`OwnLines`); more share one.
 MAX_OWN_NAMES = 64
+
+#: A line of a kind, written as `line(repeats, names, at_stop)`: `repeats` the lines of its kind
+#: left out since the last one written, `names` those they were about (`LineLimiter.admit_from`),
+#: `at_stop` True when it is itself a line left out, written as the server stops
+#: (`LineLimiter.flush`).
+Line = Callable[[int, list[str], bool], None]
 
 
 class LineLimiter:
@@ -38,8 +47,9 @@ class LineLimiter:
         self.clock = clock
         self._lock = threading.Lock()
         # kind -> [monotonic s before which its lines are left out, lines left out since,
-        #          the names they were about (the first MAX_NAMES)]
-        self._kinds: dict[Hashable, list] = {}
+        #          the names they were about (the first MAX_NAMES; each -> lines about it),
+        #          the last line left out (`write_from`; None: not given), whom it is about]
+        self._kinds: dict[Hashable, list[Any]] = {}
 
     def admit(self, kind: Hashable) -> int | None:
         """None: leave this line of `kind` out (it is counted); else write it, and this is how
@@ -47,23 +57,63 @@ class LineLimiter:
         admitted = self.admit_from(kind, None)
         return None if admitted is None else admitted[0]
 
-    def admit_from(self, kind: Hashable, who: str | None) -> tuple[int, list[str]] | None:
+    def admit_from(
+        self, kind: Hashable, who: str | None, line: Line | None = None
+    ) -> tuple[int, list[str]] | None:
         """`admit` for a line about `who` (e.g. the edge a refused call claims to be): also
         the distinct others (the first MAX_NAMES) whose lines of `kind` were left out since
-        the last one written, so that a line shared by many callers still names them."""
+        the last one written, so that a line shared by many callers still names them.
+        `line`: this line, kept when it is left out, for `flush` to write it (a line left out
+        without one is counted, never written)."""
         now = self.clock()
         with self._lock:
             entry = self._kinds.get(kind)
             if entry is not None and now < entry[0]:
                 entry[1] += 1
-                if who is not None and len(entry[2]) < MAX_NAMES and who not in entry[2]:
-                    entry[2].append(who)
+                names = entry[2]
+                if who is not None and (who in names or len(names) < MAX_NAMES):
+                    names[who] = names.get(who, 0) + 1
+                entry[3], entry[4] = line, who
                 return None
-            left_out, names = (0, []) if entry is None else (int(entry[1]), entry[2])
+            left_out, names = (0, []) if entry is None else (int(entry[1]), list(entry[2]))
             if entry is None and len(self._kinds) >= MAX_KINDS:
                 self._prune(now)
-            self._kinds[kind] = [now + self.every_s, 0, []]
+            self._kinds[kind] = [now + self.every_s, 0, {}, None, None]
             return left_out, names
+
+    def write_from(self, kind: Hashable, who: str | None, line: Line) -> bool:
+        """Write `line` of `kind` about `who` (`line(repeats, names, False)`) when
+        `admit_from` admits it; else keep it as the kind's last line left out, which `flush`
+        writes if no other comes. True when written now."""
+        admitted = self.admit_from(kind, who, line)
+        if admitted is None:
+            return False
+        line(*admitted, False)
+        return True
+
+    def flush(self) -> int:
+        """Write, for each kind with lines left out since its last written line, the last one
+        left out (`line(repeats, names, True)`): `repeats` the others left out since the last
+        line written, `names` those the others were about; nothing for a kind with none left
+        out. Meant for the server's stop, so that the log says every line of a kind: the
+        counts are taken and reset under the lock, as a written line resets them, so that a
+        line left out meanwhile (a call still finishing) is either in what this writes or
+        counted afresh, never both. The lines are written outside the lock, in the order the
+        kinds were first written. Returns how many lines it wrote."""
+        now = self.clock()
+        pending: list[tuple[Line, int, list[str]]] = []
+        with self._lock:
+            for entry in self._kinds.values():
+                if not entry[1] or entry[3] is None:
+                    continue
+                line, who, names = entry[3], entry[4], entry[2]
+                if who is not None and names.get(who) == 1:  # (only that line was about it)
+                    del names[who]
+                pending.append((line, int(entry[1]) - 1, list(names)))
+                entry[:] = [max(entry[0], now), 0, {}, None, None]
+        for line, repeats, names in pending:
+            line(repeats, names, True)
+        return len(pending)
 
     def _prune(self, now: float) -> None:
         """Forget the kinds whose interval has passed with no line left out (under the lock);
@@ -109,15 +159,43 @@ class OwnLines:
             return name
 
 
-def repeats_note(left_out: int, every_s: float, names: list[str] | None = None) -> str:
+def repeats_fields(
+    left_out: int, names: list[str] | None = None, at_stop: bool = False
+) -> dict[str, Any]:
+    """The fields a written line carries for `repeats_note`'s text: `repeats` (the lines of its
+    kind left out since the last written, when any), `repeats_from` (the names they were
+    about, with `repeats`, when names are kept for the kind) and `at_stop` (true, when the line
+    is itself one left out, written as the server stops: `LineLimiter.flush`)."""
+    fields: dict[str, Any] = {}
+    if left_out:
+        fields["repeats"] = left_out
+        if names is not None:
+            fields["repeats_from"] = names
+    if at_stop:
+        fields["at_stop"] = True
+    return fields
+
+
+def repeats_note(
+    left_out: int, every_s: float, names: list[str] | None = None, at_stop: bool = False
+) -> str:
     """The text a written line ends with when `left_out` lines of its kind were not written
-    (`names`: the distinct ones they were about, as `LineLimiter.admit_from` gives them)."""
-    if not left_out:
-        return ""
+    (`names`: the distinct ones they were about, as `LineLimiter.admit_from` gives them);
+    `at_stop`: the line is itself one left out, written as the server stops
+    (`LineLimiter.flush`)."""
     about = ""
     if names:
         more = ", …" if left_out > len(names) and len(names) >= MAX_NAMES else ""
         about = f" (edges {', '.join(names)}{more})"
+    if at_stop:
+        also = (
+            f", as were {left_out} more like it{about} since the last such line" if left_out else ""
+        )
+        return (
+            f" [held back (at most one such line per {every_s:g} s) until the server's stop{also}]"
+        )
+    if not left_out:
+        return ""
     return (
         f" [{left_out} more like it{about} since the last such line: at most one per {every_s:g} s]"
     )

@@ -5,6 +5,7 @@ bounded to MAX_EDGE_LABELS names that are forgotten after --forget-edges-after."
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 
 from splitdet.cloud.call_status import FAILURE_CODES, METHODS
 from splitdet.cloud.core import DetectResult
-from splitdet.cloud.log_limit import LineLimiter, repeats_note
+from splitdet.cloud.log_limit import LineLimiter, repeats_fields, repeats_note
 from splitdet.shared.edge_name import EDGE_NAME_KEY, is_edge_name
 
 log = logging.getLogger(__name__)
@@ -346,19 +347,22 @@ class ServerMetrics:
     def _warn_labels_full(self, name: str) -> None:
         """The WARNING that `name` got no label of its own (at most one per
         LABELS_FULL_EVERY_S, naming the names left out since)."""
-        admitted = self.labels_full_lines.admit_from("labels_full", name)
-        if admitted is None:
-            return
-        repeats, names = admitted
-        fields = {"event": "edge_labels_full", "edge": name, "limit": MAX_EDGE_LABELS}
-        if repeats:
-            fields["repeats"], fields["repeats_from"] = repeats, names
+        self.labels_full_lines.write_from(
+            "labels_full", name, functools.partial(self._labels_full_line, name)
+        )
+
+    def _labels_full_line(
+        self, name: str, repeats: int, names: list[str], at_stop: bool = False
+    ) -> None:
+        """`_warn_labels_full`'s line (`log_limit.Line`, with the name it is about first)."""
+        fields = {"event": "edge_labels_full", "edge": name, "limit": MAX_EDGE_LABELS,
+                  **repeats_fields(repeats, names, at_stop)}  # fmt: skip
         log.warning(
             'edge %s gets no label of its own: all %d edge labels are held, so its calls '
             'count as edge="other"; a label is freed when its edge has been silent for '
             "--forget-edges-after (%g h): lower it to free them sooner%s",
             name, MAX_EDGE_LABELS, self.forget_edges_s / 3600,
-            repeats_note(repeats, self.labels_full_lines.every_s, names),
+            repeats_note(repeats, self.labels_full_lines.every_s, names, at_stop),
             extra={"fields": fields},
         )  # fmt: skip
 

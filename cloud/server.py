@@ -158,9 +158,10 @@ class CloudServer:
         self._refusal_threads = pools.refusal
         # the guard first: it counts every call, those the token refuses too
         self._guard = CallGuard(self.metrics, pools.bounds, self._refusal_threads)
-        interceptors = [self._guard]
-        if self.tokens:
-            interceptors.append(TokenInterceptor(self.tokens, self.metrics))
+        interceptors: list[grpc.ServerInterceptor] = [self._guard]
+        self._token_guard = TokenInterceptor(self.tokens, self.metrics) if self.tokens else None
+        if self._token_guard is not None:
+            interceptors.append(self._token_guard)
         self._server = grpc.server(
             server_pool(),
             interceptors=interceptors,
@@ -357,10 +358,30 @@ class CloudServer:
         if self._own_store and self.core.store is not None:
             self.core.store.close()
         if stuck is not None:
+            self.write_lines_left_out()
             raise StopIncomplete(stuck)
         if self.port:  # (not after a start that could not listen: it never served)
             self._wait_for_handlers(_CUT_WAIT_S)
+            self.write_lines_left_out()
             log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+    def write_lines_left_out(self) -> int:
+        """Write each log line the limiters left out after the last line of its kind (a
+        `refused` line per minute per edge, a `threads_exhausted` line per pool per 10 s ...):
+        the last one left out, saying how many more were and about whom (`LineLimiter.flush`);
+        nothing for a kind none was left out of. The stop calls it before its `stopped`
+        line, once the Detect calls it waited for have logged how they ended; a line left out
+        later, by a call still ending, is counted in the metrics only. Thread-safe; returns
+        how many lines it wrote."""
+        limiters = [
+            *([] if self._token_guard is None else [self._token_guard.refusal_lines]),
+            *self._guard.line_limiters(),
+            self.servicer.refusal_lines,
+            self.metrics.labels_full_lines,
+            self.core.id_conflict_lines,
+            self.core.store_failure_lines,
+        ]
+        return sum(limiter.flush() for limiter in limiters)
 
     def _wait_for_handlers(self, timeout: float) -> None:
         """Wait (at most `timeout` s) for the Detect calls cancelled by the stop to end in their

@@ -23,9 +23,9 @@ from splitdet.cloud.call_status import (
     ShuttingDown,
     TooLarge,
     is_shortage,
-    log_refusal,
     reason_for,
     refusal_level,
+    refusal_line,
     refuse,
     status_for,
 )
@@ -122,10 +122,9 @@ def _rpc(method: Callable) -> Callable:
             # and naming the edges they were about (many share "other") (`refusal_lines`)
             event = "failed" if code is grpc.StatusCode.INTERNAL else "refused"
             kind = (event, edge.label, code.name, is_shortage(exc))
-            admitted = self.refusal_lines.admit_from(kind, claimed)
-            if admitted is not None:
-                log_refusal(name, peer, claimed, code, message, event, admitted,
-                             self.refusal_lines.every_s, level=refusal_level(exc))  # fmt: skip
+            self.refusal_lines.write_from(kind, claimed, refusal_line(
+                name, peer, claimed, code, message, event, self.refusal_lines.every_s,
+                level=refusal_level(exc)))  # fmt: skip
             refuse(context, code, message, reason_for(exc))  # raises
         finally:
             self.metrics.finished(name, code)

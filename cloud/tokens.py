@@ -15,7 +15,7 @@ import grpc
 
 from splitdet.cloud.bearer import bearer_token
 from splitdet.cloud.call_guard import HANDLER_FACTORIES
-from splitdet.cloud.call_status import log_refusal, refuse
+from splitdet.cloud.call_status import refusal_line, refuse
 from splitdet.cloud.log_limit import LineLimiter, OwnLines
 from splitdet.cloud.metrics import UNAUTHENTICATED_EDGE, ServerMetrics, claimed_edge
 from splitdet.edge.client_errors import UNAUTHENTICATED
@@ -207,11 +207,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         def deny(request: Iterator[bytes], context: grpc.ServicerContext) -> None:
             peer = context.peer()
             kind = ("refused", self.own_lines.name_of(edge), "UNAUTHENTICATED")
-            admitted = self.refusal_lines.admit_from(kind, edge)
-            if admitted is not None:
-                log_refusal(name, peer, edge, grpc.StatusCode.UNAUTHENTICATED, message,
-                             "refused", admitted, self.refusal_lines.every_s,
-                             claims=True, level=logging.WARNING)  # fmt: skip
+            self.refusal_lines.write_from(kind, edge, refusal_line(
+                name, peer, edge, grpc.StatusCode.UNAUTHENTICATED, message, "refused",
+                self.refusal_lines.every_s, claims=True, level=logging.WARNING))  # fmt: skip
             refuse(context, grpc.StatusCode.UNAUTHENTICATED, message, UNAUTHENTICATED)
 
         # Taken as a request stream whatever the method: refused without waiting for (and
