@@ -2,9 +2,13 @@
 
 A random model's box regressors are near zero (torchvision initialises them with std 0.001), so
 int8 noise on the features hardly moves its boxes; only trained weights make the test mean
-something. The module trains the tiny preset for about a minute on bold synthetic strokes until
-it detects them (held-out mAP@.5 checked), exports it, and runs `splitdet predict` with the
-lossless and the int8 codec on held-out images.
+something. The module trains the tiny preset for about half a minute (30 epochs, 180 steps) on
+bold synthetic strokes until it detects them (held-out mAP@.5 checked), exports it, and runs
+`splitdet predict` with the lossless and the int8 codec on held-out images. Fewer steps were
+unstable (with 100-120, held-out mAP@.5 swung between 0.02 and 0.99 with the seed or the lr, and
+an under-trained model's many loose confident boxes are no test of the codec); this schedule
+passed on three train/held-out/torch seeds (mAP@.5 0.58-0.87, 27-39 confident boxes, every one
+within 0.94 px).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = replace(TINY, eval_every=0, epochs=60, lr=0.02, warmup_iters=5)
+        config = replace(TINY, eval_every=0, epochs=30, lr=0.03, warmup_iters=10)
         train(config, data, root / "run", progress=False)
         model, _ = load_model(root / "run" / "last.pt")
         model.eval()
@@ -55,7 +59,8 @@ def test_int8_keeps_verdicts_and_boxes_within_a_pixel(trained, tmp_path):
     """Every confident box is still found with int8 (IoU >= 0.8), and nearly all of them move
     by at most 1 px. The exception is real and expected of any lossy codec: when two RPN
     proposals score alike, int8 noise can let the other one through NMS, and its box differs
-    (measured once: 29 of 30 boxes within 0.07 px, one 1.8 px off with IoU 0.89)."""
+    (measured with an earlier, 60-epoch schedule: 29 of 30 boxes within 0.07 px, one 1.8 px off
+    with IoU 0.89; with this one all 31 within 0.05 px)."""
     model_dir, images = trained
     lossless = predict_records(model_dir, images, tmp_path / "fp32.json", "--codec", "fp32")
     int8 = predict_records(model_dir, images, tmp_path / "int8.json", "--codec", "int8")
