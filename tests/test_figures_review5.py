@@ -256,7 +256,7 @@ def _row(epoch: int, loss: float, **extra) -> dict:
     return {
         "epoch": epoch, "iters": 10, "train_minutes": 0.5 * (epoch + 1), "resumed": False,
         "loss": loss, "loss_detection": 0.7 * loss, "loss_defect": 0.3 * loss,
-        "run": "cpu-a", "preset": "cpu", "budget_cut": False, **extra,
+        "run": "cpu-a", "preset": "cpu", "data": "gaskets-7", "budget_cut": False, **extra,
     }  # fmt: skip
 
 
@@ -298,9 +298,10 @@ def test_both_panels_show_the_same_whole_epochs_and_the_legends_cover_no_data(cu
 
 
 def test_the_title_names_the_run_and_preset_and_numbers_epochs_as_the_axis(curve):
+    """... and the dataset folder: curves of runs on several datasets looked alike."""
     fig, _ = curve([_row(e, 1.0) for e in range(3)])
     title = fig._suptitle.get_text()
-    assert "run cpu-a" in title and "preset cpu" in title
+    assert "run cpu-a" in title and "preset cpu" in title and "data gaskets-7" in title
     assert "3 epochs" in title and "epochs 0-2" in title
     fig, _ = curve([_row(e, 1.0) for e in range(2)], run_name="other", preset="tiny")
     assert "run other" in fig._suptitle.get_text() and "preset tiny" in fig._suptitle.get_text()
@@ -325,7 +326,9 @@ def test_an_epoch_cut_short_by_the_budget_is_marked(curve):
 def test_the_budget_cut_is_recorded_in_metrics_json_and_metrics_csv_keeps_its_columns(tmp_path):
     from splitdet.training.epoch_records import write_metrics
 
-    before = {k: v for k, v in _row(0, 1.0).items() if k not in ("budget_cut", "run", "preset")}
+    before = {
+        k: v for k, v in _row(0, 1.0).items() if k not in ("budget_cut", "run", "preset", "data")
+    }
     write_metrics(tmp_path, [_row(0, 1.0, budget_cut=True)])
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert header.split(",") == list(before)

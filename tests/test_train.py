@@ -149,6 +149,7 @@ def test_tiny_training_lowers_the_loss(tiny_voc, tmp_path, precision, epochs):
     train(config, tiny_voc, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert len(history) == epochs
+    assert history[-1]["data"] == tiny_voc.name  # (the learning curve's title names it)
     # the lowest of the last three epochs after the first
     first, last = history[0]["loss"], min(row["loss"] for row in history[1:][-3:])
     assert last < 0.8 * first, (first, last)

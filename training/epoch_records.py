@@ -111,9 +111,9 @@ def describe_best(best: dict[str, Any]) -> str:
 
 #: Keys of a metrics row that metrics.json holds and metrics.csv leaves out (its columns stay
 #: those other tools read): "budget_cut" (the time budget ended the epoch before its data did:
-#: fewer iterations than a full one), "run" (the run folder's name) and "preset" (the
-#: recipe's name), which the learning curve shows.
-JSON_ONLY = ("budget_cut", "run", "preset")
+#: fewer iterations than a full one), "run" (the run folder's name), "preset" (the recipe's
+#: name) and "data" (the dataset folder's name), which the learning curve shows.
+JSON_ONLY = ("budget_cut", "run", "preset", "data")
 
 
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -136,15 +136,24 @@ def _loss(row: dict[str, Any], key: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def curve_title(history: list[dict[str, Any]], run_name: str | None, preset: str | None) -> str:
-    """learning_curve.png's title: the run folder and preset (when known), the epochs (counted,
-    and their numbers from 0, as metrics.csv and the log give them) and training minutes."""
+def curve_title(
+    history: list[dict[str, Any]], run_name: str | None, preset: str | None, data: str | None = None
+) -> str:
+    """learning_curve.png's title: the run folder, preset and dataset folder (when known), the
+    epochs (counted, and their numbers from 0, as metrics.csv and the log give them) and
+    training minutes."""
     n = len(history)
     first, last = history[0]["epoch"], history[-1]["epoch"]
     numbers = f"epoch {first}" if n == 1 else f"epochs {first}-{last}"
     minutes = history[-1].get("train_minutes") or 0.0
     who = ", ".join(
-        part for part in (run_name and f"run {run_name}", preset and f"preset {preset}") if part
+        part
+        for part in (
+            run_name and f"run {run_name}",
+            preset and f"preset {preset}",
+            data and f"data {data}",
+        )
+        if part
     )
     return (
         (f"{who}: " if who else "")
@@ -159,6 +168,7 @@ def plot_learning_curve(
     *,
     run_name: str | None = None,
     preset: str | None = None,
+    data: str | None = None,
 ) -> None:
     """Loss and mAP against epoch, like the paper's Fig. 3.
 
@@ -171,8 +181,8 @@ def plot_learning_curve(
     ticks numbered from 0 as metrics.csv's `epoch`, the two panels over the same epochs; the
     legends sit under the panels, off the data. An epoch the time budget ended early
     (`budget_cut`: fewer iterations than a full one) is circled in red on the loss panel. The
-    title names `run_name` and `preset` (default: the last row's "run" and "preset", which
-    metrics.json records, so that a curve drawn again from it is the same).
+    title names `run_name`, `preset` and `data` (default: the last row's "run", "preset" and
+    "data", which metrics.json records, so that a curve drawn again from it is the same).
     """
     import matplotlib
 
@@ -182,6 +192,7 @@ def plot_learning_curve(
 
     run_name = run_name or (history[-1].get("run") if history else None)
     preset = preset or (history[-1].get("preset") if history else None)
+    data = data or (history[-1].get("data") if history else None)
     epochs = [row["epoch"] for row in history]
     marker = {"marker": "o", "markersize": 4 if len(history) <= 60 else 2}
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
@@ -232,7 +243,7 @@ def plot_learning_curve(
                       frameon=False)  # fmt: skip
     if epochs:
         ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # shared: both panels
-        fig.suptitle(curve_title(history, run_name, preset))
+        fig.suptitle(curve_title(history, run_name, preset, data))
     fig.tight_layout()
     try:
         with replacing(path, parents=False) as temporary:  # (killed meanwhile: the old one)

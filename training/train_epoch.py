@@ -244,10 +244,12 @@ def _train_epoch(
         "epoch": epoch,
         "iters": stats["iters"],
         # metrics.json only (`epoch_records.JSON_ONLY`: metrics.csv keeps its columns): the
-        # time budget ended the epoch early; and the run folder and preset the curve names
+        # time budget ended the epoch early; and the run folder, preset and dataset folder the
+        # curve names
         "budget_cut": bool(stats.get("budget_cut", False)),
         "run": run.out_dir.resolve().name,
         "preset": config.name,
+        "data": run.data_dir.resolve().name,
         "train_minutes": round(clock.seconds / 60.0, 3),
         "wall_minutes": round((time.perf_counter() - wall_start) / 60.0, 3),
         "lr": run.optimizer.param_groups[0]["lr"],
