@@ -97,6 +97,41 @@ def test_the_command_argv_is_what_follows_the_command(before, monkeypatch):
 # test_a_rank_killed_stops_the_others_naming_it_not_as_a_users_sigterm, one run for both)
 
 
+def test_the_rank_killed_is_named_though_its_peer_failed_in_the_same_second(tmp_path, capsys):
+    """torchrun's failures carry whole-second timestamps (no error file), and its
+    `get_first_failure` took the lowest rank of a tie: rank 1 killed and rank 0 ending on the
+    closed connection (status 1) in the same poll gave "rank 0 ended with the error above",
+    with no error above and the rank killed never named. The rank killed is the cause."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from splitdet.training.cli_train import PEER_LOST_STATUS
+    from splitdet.training.launch import _failed, first_cause
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        found = ProcessFailure(rank, 1000 + rank, exitcode, str(tmp_path / "no-error-file"))
+        found.timestamp = timestamp
+        return found
+
+    tie = {0: failure(0, PEER_LOST_STATUS, 50), 1: failure(1, -signal.SIGKILL, 50)}
+    assert ChildFailedError("train", tie).get_first_failure()[0] == 0  # (torchrun's choice)
+    rank, cause = first_cause(tie)
+    assert (rank, cause.pid) == (1, 1001)
+    assert _failed(None, rank, cause.pid, cause.exitcode, 0.0) == 128 + signal.SIGKILL
+    assert capsys.readouterr().err == (
+        "splitdet train: rank 1 (pid 1001) was killed by signal 9; the others were stopped\n"
+    )
+    # a rank's own error (status 2) before its peer's lost connection, a second later or not
+    for later in (0, 1):
+        failures = {0: failure(0, PEER_LOST_STATUS, 50 + later), 1: failure(1, 2, 50)}
+        assert first_cause(failures)[0] == 1
+    # otherwise the earliest, then the lowest rank
+    assert first_cause({0: failure(0, 2, 51), 1: failure(1, -9, 50)})[0] == 1
+    assert first_cause({0: failure(0, 2, 50), 1: failure(1, 3, 50)})[0] == 0
+    assert first_cause({0: failure(0, 1, 50), 1: failure(1, 1, 49)})[0] == 1
+
+
 def test_the_ranks_end_with_a_launcher_killed_by_sigkill(tiny_voc, tmp_path, monkeypatch):
     """The OOM killer or a container's stop of its main process: the ranks, in sessions of
     their own, trained on as orphans and held --out against the --resume the user was told."""

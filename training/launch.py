@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from splitdet.shared.parent_death import PARENT_PID_ENV
 
@@ -84,9 +85,24 @@ def train_processes(
             _say(stop_line, _signal_stop(int(exc.sigval)), since=None)
             return 128 + int(exc.sigval)
         except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()
+            rank, failure = first_cause(exc.failures)
             return _failed(stop_line, rank, failure.pid, failure.exitcode, started)
     return 0
+
+
+def first_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """(rank, failure) of the failure that ended the run, of torchrun's `ProcessFailure`s by
+    global rank: a rank that stopped only because another's process ended (PEER_LOST_STATUS)
+    last, then the earliest. torchrun's own `get_first_failure` goes by the timestamp alone,
+    in whole seconds when no error file was written: a rank killed and its peer that met the
+    closed connection, seen in the same poll, tie, and the lower rank won, so the run said
+    "rank 0 ended with the error above" with no error above and never named the rank killed."""
+    from splitdet.training.cli_train import PEER_LOST_STATUS
+
+    return min(
+        failures.items(),
+        key=lambda item: (item[1].exitcode == PEER_LOST_STATUS, item[1].timestamp, item[0]),
+    )
 
 
 def _signal_stop(signum: int) -> str:
