@@ -98,7 +98,8 @@ For Excel: --csv --excel writes a UTF-8 byte order mark first (not when appendin
 that has content: `>>`; one file a shift is what Excel opens best) (Excel, opening the file by a
 double-click, reads it as UTF-8, not Windows-1252) and arrived, finished and updated as local
 ISO 8601 text with the UTC offset (2026-12-07T14:03:11.062+01:00) instead of unix seconds,
-the columns and header as --csv's. Plain --csv stays as it is, for programs.
+and the edge name as ="NAME" (text, whatever it looks like: Excel read -A1 as a formula and 3-7
+as a date), the columns and header as --csv's. Plain --csv stays as it is, for programs.
 
 Safe to run while the daemon writes. The table's `finished` is local time with its UTC offset.
 It names a file that --after archive or the quarantine moves by where it arrived, then "(to
@@ -166,7 +167,8 @@ def register_results(actions: argparse._SubParsersAction) -> None:
         "--excel",
         action="store_true",
         help="with --csv: for Excel, a UTF-8 byte order mark first and the times (arrived, "
-        "finished, updated) as local ISO 8601 text with their UTC offset, not unix seconds",
+        "finished, updated) as local ISO 8601 text with their UTC offset, not unix seconds, "
+        'and the edge name as ="NAME" (text)',
     )
     p.set_defaults(handler=results)  # fmt: skip
 
@@ -263,8 +265,9 @@ TIME_COLUMNS = ("arrived", "finished", "updated")
 
 def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool, bom: bool = False) -> None:
     """`rows` (`_listed`) as CSV with a header of LISTED_COLUMNS on `out`; `excel`:
-    TIME_COLUMNS as local ISO 8601 text (the same columns); `bom`: a UTF-8 byte order mark
-    first."""
+    TIME_COLUMNS as local ISO 8601 text (the same columns), and the edge name as a formula of
+    its text, `="-A1"`: Excel read a name like -A1 as a formula, 3-7 as a date; `bom`: a UTF-8
+    byte order mark first."""
     writer = csv.writer(out)
     if bom:
         out.write("\ufeff")
@@ -272,6 +275,8 @@ def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool, bom: bool = False
     for row in rows:
         if excel:
             row = {**row, **{k: iso_local(row[k]) for k in TIME_COLUMNS if row[k] is not None}}
+            if row["edge"] is not None:  # (names hold no quote: `shared.edge_name`)
+                row["edge"] = f'="{row["edge"]}"'
         writer.writerow(_csv_cell(row[k]) for k in LISTED_COLUMNS)
 
 

@@ -99,7 +99,7 @@ LISTING = "collected.csv"
 #: added after the others, so that readers by column index keep working.
 LISTING_COLUMNS = (
     "image_id", "result_id", "source", "verdict", "p_defect", "fingerprint", "boxes", "scores",
-    "labels", "content_hash", "needs_boxes", "class_names",
+    "labels", "content_hash", "needs_boxes", "class_names", "edge",
 )  # fmt: skip
 #: The `needs_boxes` column's value for a defect verdict whose annotation holds no box (else
 #: "no"; empty in rows listed before the column was added).
@@ -570,6 +570,9 @@ def _listing_row(row: dict, image_id: str, needs_boxes: bool) -> dict:
         "needs_boxes": NEEDS_BOXES if needs_boxes else "no",
         # UTF-8 as the file is (``pit défaut``, not a \\u escape a spreadsheet shows as such)
         "class_names": json.dumps(row["class_names"] or [], ensure_ascii=False),
+        # the edge that judged it (images.edge; empty: written by an earlier splitdet): the
+        # result ids of several edges' stores collide
+        "edge": row["edge"] or "",
     }
 
 

@@ -250,7 +250,7 @@ def test_collected_csv_names_each_box_class_last(tmp_path, capsys):
     capsys.readouterr()
     text = (out / "collected.csv").read_text(encoding="utf-8")
     assert text.splitlines()[0].split(",") == list(LISTING_COLUMNS)
-    assert LISTING_COLUMNS[-1] == "class_names" and LISTING_COLUMNS[:-1] == (
+    assert LISTING_COLUMNS[-2:] == ("class_names", "edge") and LISTING_COLUMNS[:-2] == (
         "image_id", "result_id", "source", "verdict", "p_defect", "fingerprint", "boxes",
         "scores", "labels", "content_hash", "needs_boxes",
     )  # fmt: skip

@@ -102,7 +102,10 @@ def test_each_row_keeps_the_name_in_force_and_results_list_it_last(
     assert {Path(r["path"]).name: r["edge"] for r in rows} == names
     header, rows = listed(capsys, db, "--excel")
     assert header == [*EARLIER_HEADER, "edge"]
-    assert {Path(r["path"]).name: r["edge"] for r in rows} == names
+    # as text whatever it looks like: Excel read `-A1` as a formula, `3-7` as a date
+    assert {Path(r["path"]).name: r["edge"] for r in rows} == {
+        path: f'="{name}"' for path, name in names.items()
+    }
     records = json_rows(capsys, db)
     assert {Path(r["path"]).name: r["edge"] for r in records} == names
     assert all(list(r) == [*EARLIER_HEADER, "edge"] for r in records)  # (--csv's order)
@@ -186,3 +189,20 @@ def test_a_store_refuses_what_is_no_edge_name_before_touching_the_file(tmp_path,
     with pytest.raises(ValueError, match="edge name"):
         ResultStore(db, edge_name=name)
     assert not db.exists()
+
+
+def test_edge_collect_lists_the_edge_of_each_image_last(tiny_model_dir, tmp_path, capsys):
+    """`edge collect` gathers images for annotation, often from several edges into one
+    dataset; its collected.csv kept the result id (which collides across stores) and not the
+    edge: now its last column."""
+    from splitdet.edge.collect import LISTING_COLUMNS
+
+    watch, db, out = tmp_path / "hot", tmp_path / "edge.sqlite", tmp_path / "review"
+    put_images(watch, "a.png")
+    edge_run(capsys, tiny_model_dir, watch, db, "--name", "press-7")
+    code, _, err = run_main(capsys, "edge", "collect", "--db", db, "--out", out)
+    assert code == 0, err
+    text = (out / "collected.csv").read_text(encoding="utf-8")
+    assert text.splitlines()[0].split(",") == list(LISTING_COLUMNS)
+    assert LISTING_COLUMNS[-1] == "edge"
+    assert [row["edge"] for row in csv.DictReader(io.StringIO(text))] == ["press-7"]
