@@ -13,7 +13,7 @@ import pytest
 
 from splitdet.training.presets import TINY
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the 2 cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A shell without job control starts background commands with SIGINT ignored, and an ignored
