@@ -126,8 +126,11 @@ def test_the_rank_killed_is_named_though_its_peer_failed_in_the_same_second(tmp_
     for later in (0, 1):
         failures = {0: failure(0, PEER_LOST_STATUS, 50 + later), 1: failure(1, 2, 50)}
         assert first_cause(failures)[0] == 1
-    # otherwise the earliest, then the lowest rank
+    # otherwise the earliest, then the first recorded: torchrun records the ranks it stops
+    # after the failure that made it stop them (a CI run: rank 1's own error, then rank 0
+    # stopped by SIGTERM in the same second, must name rank 1's error)
     assert first_cause({0: failure(0, 2, 51), 1: failure(1, -9, 50)})[0] == 1
+    assert first_cause({1: failure(1, 2, 50), 0: failure(0, -signal.SIGTERM, 50)})[0] == 1
     assert first_cause({0: failure(0, 2, 50), 1: failure(1, 3, 50)})[0] == 0
     assert first_cause({0: failure(0, 1, 50), 1: failure(1, 1, 49)})[0] == 1
 

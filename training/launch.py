@@ -92,16 +92,19 @@ def train_processes(
 
 def first_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
     """(rank, failure) of the failure that ended the run, of torchrun's `ProcessFailure`s by
-    global rank: a rank that stopped only because another's process ended (PEER_LOST_STATUS)
-    last, then the earliest. torchrun's own `get_first_failure` goes by the timestamp alone,
-    in whole seconds when no error file was written: a rank killed and its peer that met the
-    closed connection, seen in the same poll, tie, and the lower rank won, so the run said
-    "rank 0 ended with the error above" with no error above and never named the rank killed."""
+    global rank in the order torchrun recorded them: a rank that stopped only because
+    another's process ended (PEER_LOST_STATUS) last, then the earliest, then the first
+    recorded. torchrun records the ranks it stops (SIGTERM) after the failure that made it
+    stop them, with timestamps in whole seconds when no error file was written; its own
+    `get_first_failure` goes by the timestamp alone, so rank 1 killed and rank 0 ending on the
+    closed connection in the same second could give "rank 0 ended with the error above", with
+    no error above and the rank killed never named."""
     from splitdet.training.cli_train import PEER_LOST_STATUS
 
+    order = {rank: place for place, rank in enumerate(failures)}
     return min(
         failures.items(),
-        key=lambda item: (item[1].exitcode == PEER_LOST_STATUS, item[1].timestamp, item[0]),
+        key=lambda item: (item[1].exitcode == PEER_LOST_STATUS, item[1].timestamp, order[item[0]]),
     )
 
 
