@@ -220,8 +220,10 @@ def test_a_reason_file_that_cannot_be_written_is_logged_not_fatal(tiny_model_dir
     thread = threading.Thread(target=lambda: status.append(daemon.run()))
     with caplog.at_level(logging.WARNING, logger="splitdet.edge"):
         thread.start()
-        deadline = time.monotonic() + 5
-        while not quarantine.is_dir():  # made at start-up, before the file settles
+        deadline = time.monotonic() + 30
+        # made and checked writable at start-up (replaced between, the start failed), before
+        # the file settles
+        while daemon._sweeper is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
         quarantine.rmdir()

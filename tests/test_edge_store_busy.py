@@ -228,7 +228,8 @@ def test_a_file_passed_over_while_the_database_is_locked_does_not_end_the_wait(
     config = daemon_config(tiny_model_dir, tmp_path, once=False, after="archive")
     daemon = EdgeDaemon(config)
     with caplog.at_level(logging.INFO, logger="splitdet"), running(daemon):
-        wait_for(lambda: config.archive.is_dir(), 30, "the archive folder")
+        # its start made the folder and checked it writable (a CI run replaced it between)
+        wait_for(lambda: daemon._sweeper is not None, 30, "the daemon started", interval=0.005)
         config.archive.rmdir()
         config.archive.write_bytes(b"")  # a file where the folder was: moves into it fail
         (config.watch / "a.png").write_bytes(_png(30))
