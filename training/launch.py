@@ -101,10 +101,10 @@ def first_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
     no error above and the rank killed never named."""
     from splitdet.training.cli_train import PEER_LOST_STATUS
 
-    order = {rank: place for place, rank in enumerate(failures)}
+    # (min keeps the first of equal keys: ties go to the first recorded)
     return min(
         failures.items(),
-        key=lambda item: (item[1].exitcode == PEER_LOST_STATUS, item[1].timestamp, order[item[0]]),
+        key=lambda item: (item[1].exitcode == PEER_LOST_STATUS, item[1].timestamp),
     )
 
 
