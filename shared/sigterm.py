@@ -9,20 +9,34 @@ command then unwinds as on Ctrl-C (temporary files removed, partial results writ
 documented), and `main` ends it with one line, `splitdet COMMAND: stopped on SIGTERM`, exit
 status 143. The commands that stop gracefully on SIGTERM (`cloud`, `edge run`) install their
 own handler once ready. A second SIGTERM while it unwinds is ignored.
+
+Python swallows an exception raised where nothing can catch it, a weakref callback or a
+`__del__` the garbage collector runs: a signal handled there ("Exception ignored in ...", a
+traceback on stderr) was lost, and with it the stop. A `splitdet train` sent SIGTERM while
+matplotlib's transforms were collected went on training, and ignored every later SIGTERM as
+"already unwinding" until the SIGKILL. Inside `sigterm_as_interrupt` such a swallowed
+Terminated or KeyboardInterrupt is sent again (the same signal, from a short-lived thread a
+moment later, once the finaliser has returned), with no traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 __all__ = ["SIGTERM_EXIT", "Terminated", "sigterm_as_interrupt"]
 
 #: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports its default action.
 SIGTERM_EXIT = 128 + signal.SIGTERM
+
+#: Delay (s) before a signal whose exception a finaliser swallowed is sent again: long enough
+#: for the garbage collection that ran the finaliser to have returned.
+RESEND_DELAY_S = 0.05
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,14 +54,27 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+    resent = [False]  # a Terminated was swallowed: the SIGTERM sent again raises anew
 
     def on_sigterm(signum: int, _frame: FrameType | None) -> None:
-        if received:  # already unwinding: let it finish
+        if received and not resent[0]:  # already unwinding: let it finish
             return
-        received.append(signum)
+        resent[0] = False
+        received[:] = [signum]
         raise Terminated
 
+    hook_before = sys.unraisablehook
+
+    def on_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            hook_before(unraisable)
+            return
+        terminated = issubclass(unraisable.exc_type, Terminated)
+        resent[0] = resent[0] or terminated
+        _send_again(signal.SIGTERM if terminated else signal.SIGINT, unraisable, hook_before)
+
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    sys.unraisablehook = on_unraisable
     try:
         yield received
     finally:  # put back unless the command set its own meanwhile and left it (the cloud
@@ -55,3 +82,21 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         # handler not set from Python, which cannot be put back: the default
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if sys.unraisablehook is on_unraisable:
+            sys.unraisablehook = hook_before
+
+
+def _send_again(
+    signum: int,
+    unraisable: sys.UnraisableHookArgs,
+    hook_before: Callable[[sys.UnraisableHookArgs], object],
+) -> None:
+    """Send `signum` to this process again in RESEND_DELAY_S s, from a thread: its exception
+    was raised inside a finaliser, which swallowed it (`unraisable`, handed to `hook_before`,
+    as Python would have shown it, when no thread can be started)."""
+    timer = threading.Timer(RESEND_DELAY_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # ("can't start new thread")
+        hook_before(unraisable)
