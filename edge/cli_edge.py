@@ -7,7 +7,8 @@
 This module builds the `edge` parser; each action is registered by the module that holds it:
 cli_edge_run (run), cli_edge_results (results), cli_edge_maintenance (requeue, abandon, prune),
 cli_edge_status (status), cli_edge_check (check) and cli_edge_collect (collect), with the
-option helpers they share in cli_edge_options. Top-level imports are stdlib only (see
+option helpers they share in cli_edge_options (the shift window, --arrived-from/--arrived-until, in
+arrival_window). Top-level imports are stdlib only (see
 splitdet.shared.cli); the daemon loads in the handler.
 """
 

@@ -10,6 +10,13 @@ import json
 import sqlite3
 from pathlib import Path
 
+from splitdet.edge.arrival_window import (
+    add_arrived,
+    parse_arrived,
+    warn_of_a_recent_end,
+    window_text,
+    windowed,
+)
 from splitdet.edge.cli_edge_options import add_db_and_since, read_db, read_error
 from splitdet.shared.cli import float_in, int_in
 
@@ -18,6 +25,14 @@ examples:
   splitdet edge collect --db /data/edge.sqlite --out review/ --since 7d --p-defect 0.2:0.8
       the week's images the gate was least sure of
   splitdet edge collect --db /data/edge.sqlite --out review/ --verdict defect --limit 200
+  splitdet edge collect --db /data/edge.sqlite --out review/ --arrived-from 2024-05-01T06:00 \\
+      --arrived-until 2024-05-01T14:00      # one shift's images, as `edge results` lists it
+
+A shift: --arrived-from START --arrived-until END collects only results whose image arrived in
+[START, END) (their `arrived`, as `edge results` selects them), with the other filters; the
+summary names the window (--json: "window", its bounds in unix s, null where open). A row is
+written once its image is judged, and pending results are not collected: an END less than a
+minute ago, or to come, is warned of; collecting the shift again later adds what was missing.
 
 Then review the pre-labels (LabelImg, CVAT and Label Studio open a VOC tree), and
   splitdet data split review/ --add && splitdet data check review/ && splitdet train ...
@@ -59,6 +74,7 @@ def register_collect(actions: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_db_and_since(p, "results created or changed since")
+    add_arrived(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the VOC tree")
     p.add_argument("--verdict", choices=["ok", "defect"], help="only results with this verdict")
     p.add_argument(
@@ -96,12 +112,16 @@ def collect(args: argparse.Namespace) -> int:
     if args.json:  # (`>&-`)
         refuse_closed_stdout("--json prints the summary there")
 
+    arrived = parse_arrived(args)
+    warn_of_a_recent_end(
+        "collect", args, arrived[1], "are not collected; collect again once the shift is over"
+    )
     db, since = read_db(args)
     try:
         summary = collect_results(
             db, args.out, since=since, verdict=args.verdict, p_range=args.p_defect,
             limit=args.limit, min_score=args.score_threshold,
-            recollect_removed=args.recollect_removed,
+            recollect_removed=args.recollect_removed, arrived=arrived,
         )  # fmt: skip
     except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
         raise read_error(args.db, exc) from None
@@ -116,8 +136,9 @@ def collect(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{args.out}: {len(summary.collected)} image(s) collected, {summary.already} already "
-        f"there, {len(summary.missing)} not available (of {summary.matched} matching results); "
-        f"{len(summary.needs_boxes)} defect verdict(s) collected without a box"
+        f"there, {len(summary.missing)} not available (of {summary.matched} matching results"
+        + (f" whose image arrived {window_text(arrived)}" if windowed(arrived) else "")
+        + f"); {len(summary.needs_boxes)} defect verdict(s) collected without a box"
     )
     if summary.needs_boxes:
         print(

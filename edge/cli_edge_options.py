@@ -2,8 +2,8 @@
 --keep-results) and WHEN times (--since) parsed, --db with --since added to a parser and opened
 read only, MAX_MB, the largest megabyte cap an option takes, `clock_text`, how the actions
 print a time for people, and `read_error`, what a read-only action says when --db fails while
-it is read (damaged, locked, a failing disk), and --arrived-from/--arrived-until (a shift by
-arrival time). Top-level imports are stdlib only; the store
+it is read (damaged, locked, a failing disk); the arrival window (--arrived-from,
+--arrived-until) is edge.arrival_window's. Top-level imports are stdlib only; the store
 modules load when a handler calls in.
 """
 
@@ -33,43 +33,6 @@ def add_db_and_since(p: argparse.ArgumentParser, since: str) -> None:
     """--db FILE and --since WHEN (parse_since), `since` starting the latter's help."""
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
     p.add_argument("--since", metavar="WHEN", help=f"{since}: {WHEN_FORMS}")
-
-
-def add_arrived(p: argparse.ArgumentParser) -> None:
-    """--arrived-from WHEN and --arrived-until WHEN (parse_since; `parse_arrived`): rows by
-    their arrival time, half-open, so that consecutive shifts share no row."""
-    p.add_argument(
-        "--arrived-from",
-        metavar="WHEN",
-        help="only rows whose image arrived at or after WHEN (their `arrived`, which no retry "
-        f"or later change moves): {WHEN_FORMS}",
-    )
-    p.add_argument(
-        "--arrived-until",
-        metavar="WHEN",
-        help="only rows whose image arrived before WHEN (not at it: a shift's export from "
-        "--arrived-from START --arrived-until END and the next one's from END share no row); "
-        "as --arrived-from",
-    )
-
-
-def parse_arrived(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    """(--arrived-from, --arrived-until) in unix s (None: not given), ages taken from one
-    `now`; CommandError for one `parse_since` refuses, or for an until not after the from."""
-    from splitdet.shared.cli import CommandError
-
-    now = time.time()
-    start, end = (
-        None if text is None else parse_since(text, now, option)
-        for text, option in ((args.arrived_from, "--arrived-from"),
-                             (args.arrived_until, "--arrived-until"))
-    )  # fmt: skip
-    if start is not None and end is not None and end <= start:
-        raise CommandError(
-            f"--arrived-until {args.arrived_until!r} is not after --arrived-from "
-            f"{args.arrived_from!r}: no image arrived in between"
-        )
-    return start, end
 
 
 def clock_text(t: float, date: bool = True) -> str:

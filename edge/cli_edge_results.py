@@ -13,16 +13,14 @@ import os
 import sqlite3
 import stat
 import sys
-import time
 from collections.abc import Iterable
 from typing import TextIO, cast
 
+from splitdet.edge.arrival_window import add_arrived, parse_arrived, warn_of_a_recent_end
 from splitdet.edge.cli_edge_options import (
-    add_arrived,
     add_db_and_since,
     clock_text,
     iso_local,
-    parse_arrived,
     read_db,
     read_error,
 )
@@ -200,7 +198,9 @@ def results(args: argparse.Namespace) -> int:
         )
     refuse_closed_stdout("edge results prints the results there")  # (`>&-`)
     arrived = parse_arrived(args)
-    _warn_of_a_recent_end(args, arrived[1])
+    warn_of_a_recent_end(
+        "results", args, arrived[1], "are not listed; export the shift again once it is over"
+    )
     db, since = read_db(args)
     try:
         _check_cursor(args, db)
@@ -278,25 +278,6 @@ def _write_csv(rows: Iterable[dict], out: TextIO, excel: bool, bom: bool = False
             if row["edge"] is not None:  # (names hold no quote: `shared.edge_name`)
                 row["edge"] = f'="{row["edge"]}"'
         writer.writerow(_csv_cell(row[k]) for k in LISTED_COLUMNS)
-
-
-#: An --arrived-until this close to now (s) or later may miss images still being judged.
-RECENT_END_S = 60.0
-
-
-def _warn_of_a_recent_end(args: argparse.Namespace, end: float | None) -> None:
-    """A line on stderr when --arrived-until (`end`, unix s) is less than RECENT_END_S before
-    now, or to come: a row is written once its image is judged (a flagged one once the outbox
-    has room), so images that arrived before `end` may not be in the store yet."""
-    if end is None or end < time.time() - RECENT_END_S:
-        return
-    print(
-        f"splitdet edge results: warning: --arrived-until {args.arrived_until} is less than "
-        f"{RECENT_END_S:.0f} s ago, or to come: images that arrived before it and are still "
-        "being judged (or wait for room in the outbox) are not listed; export the shift again "
-        "once it is over",
-        file=sys.stderr,
-    )
 
 
 def _appending(out: TextIO) -> bool:

@@ -12,9 +12,33 @@ import sqlite3
 import time
 from pathlib import Path
 
+from splitdet.edge.arrival_window import (
+    add_arrived,
+    parse_arrived,
+    warn_of_a_recent_end,
+    window_text,
+    windowed,
+)
 from splitdet.edge.cli_edge_options import clock_text, read_error
 from splitdet.shared.one_line import one_line
 from splitdet.shared.stdout_guard import silence_stdout
+
+STATUS_EPILOG = """\
+examples:
+  splitdet edge status --db /data/edge.sqlite
+  splitdet edge status --db /data/edge.sqlite --json
+  splitdet edge status --db /data/edge.sqlite --arrived-from 2024-05-01T06:00 \\
+      --arrived-until 2024-05-01T14:00      # one shift: its images by verdict, pending too
+
+A shift: --arrived-from START --arrived-until END counts only the images that arrived in
+[START, END) (their `arrived`, as `edge results` selects them): images by verdict, their
+errors and frame warnings, results by export, the last image and result. The rest (the daemon,
+the outbox, dead letters, images waiting in --watch, counters, the file, results stamped ahead
+of the clock) is the whole store's, under a line that says so (--json: "window" holds the
+bounds, in unix s, null where open, and which keys the window restricts; "store" the whole
+store's image count and last arrival). A row is written once its image is judged: an END less
+than a minute ago, or to come (a shift under way), is warned of on stderr.
+"""
 
 
 def register_status(actions: argparse._SubParsersAction) -> None:
@@ -36,11 +60,11 @@ def register_status(actions: argparse._SubParsersAction) -> None:
         "when; and how many results are stamped ahead of the clock (written while it ran "
         "ahead, then set back). Times are local, with their UTC offset. Safe while the daemon "
         "writes.",
-        epilog="examples:\n  splitdet edge status --db /data/edge.sqlite\n"
-        "  splitdet edge status --db /data/edge.sqlite --json\n",
+        epilog=STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the database")
+    add_arrived(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(handler=status)  # fmt: skip
 
@@ -53,12 +77,16 @@ def status(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
     refuse_closed_stdout("edge status prints the summary there")  # (`>&-`)
+    arrived = parse_arrived(args)
+    warn_of_a_recent_end(
+        "status", args, arrived[1], "are not counted; ask again once the shift is over"
+    )
     try:
         db = open_readonly(args.db)
     except StoreError as exc:  # its message starts with the database's path
         raise CommandError(f"--db {exc}") from None
     try:
-        summary, record = store_status(db), daemon_record(db)
+        summary, record = store_status(db, arrived=arrived), daemon_record(db)
     except sqlite3.DatabaseError as exc:  # (a damaged page: found only when read)
         raise read_error(args.db, exc) from None
     finally:
@@ -146,9 +174,7 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         when_next = f"next try in {_span(next_try)}" + (
             "" if waits is None else " (the sender pauses after a failed send)"
         )
-    lines = [
-        f"{path} (schema {summary['schema_version']})",
-        *_daemon_lines(summary.get("daemon"), summary["last_arrival"]),
+    images = [
         f"images        {sum(verdicts.values())}: "
         + ", ".join(f"{v} {n}" for v, n in verdicts.items())
         + (f" ({errors})" if errors else ""),
@@ -156,6 +182,12 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
         f"results by export: {by_export or '-'}",
         f"last image    {when(summary['last_arrival'])}, last result "
         f"{when(summary['last_finished'])}",
+    ]
+    # (the daemon's line says whether the line still sends images: the whole store's last)
+    daemon = _daemon_lines(summary.get("daemon"), summary["store"]["last_arrival"])
+    lines = [
+        f"{path} (schema {summary['schema_version']})",
+        *(_windowed_lines(summary, images, daemon) or [*daemon, *images]),
         *_ahead_lines(summary.get("stamped_ahead")),
         _outbox_line(outbox, when_next),
     ]
@@ -179,6 +211,24 @@ def _status_lines(path: Path, summary: dict) -> list[str]:
            "(kept and reused: an earlier store; edge/README.md says how to convert it)")
     )  # fmt: skip
     return lines
+
+
+def _windowed_lines(summary: dict, images: list[str], daemon: list[str]) -> list[str]:
+    """With an arrival window (`store_reads._status`'s "window"): a line naming it, the
+    `images` lines it restricts, then a line saying that what follows (the `daemon` lines, the
+    outbox, dead letters...) is the whole store's; none without one (the summary as before)."""
+    window = summary.get("window") or {}
+    bounds = (window.get("arrived_from"), window.get("arrived_until"))
+    if not windowed(bounds):
+        return []
+    return [
+        f"window        only the images that arrived {window_text(bounds)}, by --arrived-from"
+        "/--arrived-until: the lines from `images` to `last image`",
+        *images,
+        f"whole store   not windowed: the lines below are the whole store's "
+        f"({summary['store']['images']} images), whatever --arrived-from/--arrived-until",
+        *daemon,
+    ]
 
 
 def _warning_lines(warnings: dict | None) -> list[str]:

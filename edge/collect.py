@@ -68,6 +68,7 @@ from typing import Any
 
 from PIL import Image
 
+from splitdet.edge.arrival_window import window_json
 from splitdet.edge.file_identity import file_path
 from splitdet.edge.ignore_marker import mark
 from splitdet.edge.store_reads import result_filter, results_by_id
@@ -136,10 +137,15 @@ class CollectSummary:
     # of `already`, ids whose image and annotation a run cut short left unlisted in
     # collected.csv: their rows written now (the files left as they are)
     relisted: list[str] = field(default_factory=list)
+    # the arrival window the results were chosen in (from, until: unix s, [from, until), None
+    # where open; `arrival_window`): (None, None), every arrival
+    window: tuple[float | None, float | None] = (None, None)
 
     def to_json(self) -> dict:
-        """Plain JSON types."""
+        """Plain JSON types; "window" {"arrived_from", "arrived_until"}: unix s, null where
+        open (`arrival_window.window_json`)."""
         return {
+            "window": window_json(self.window),
             "matched": self.matched,
             "collected": len(self.collected),
             "already_collected": self.already,
@@ -352,11 +358,12 @@ def _matching(
     since: float | None,
     verdict: str | None,
     p_range: tuple[float, float] | None,
+    arrived: tuple[float | None, float | None] = (None, None),
 ) -> Iterator[_Match]:
     """Every final ok/defect result the filters match whose image was kept (not deleted under
-    --after delete), in id order, streamed (an edge database can hold tens of millions of
-    rows)."""
-    clauses, params = result_filter(since, verdict)
+    --after delete) and arrived within `arrived` (`result_filter`), in id order, streamed (an
+    edge database can hold tens of millions of rows)."""
+    clauses, params = result_filter(since, verdict, arrived=arrived)
     clauses.append("stored_path IS NOT NULL")  # deleted after processing: nothing to copy
     clauses.append(f"verdict IN ({', '.join('?' * len(COLLECTABLE))})")
     params += list(COLLECTABLE)
@@ -462,18 +469,21 @@ def collect_results(
     limit: int | None = None,
     min_score: float = 0.5,
     recollect_removed: bool = False,
+    arrived: tuple[float | None, float | None] = (None, None),
 ) -> CollectSummary:
     """Copy the chosen results' images and pre-labels into the VOC tree at ``out``.
 
     ``db``: an open store connection (read only is enough). Results are final ``ok``/``defect``
     rows, optionally changed ``since`` (unix s), of one ``verdict``, with p(defect) within
-    ``p_range`` (inclusive); ``limit`` spreads that many evenly over those not collected
-    yet. Boxes scoring at least ``min_score`` become objects (original-image px). Results
-    whose image was deleted after processing (``--after delete``) are not matched; an image
-    whose file is gone since (moved away), changed (its hash differs) or unreadable is
-    listed in ``missing``, not an error, and gives its place to the next. ValueError when
-    ``out`` lies where the results' images arrived (the daemon would take the copies for
-    new images).
+    ``p_range`` (inclusive), whose image arrived within ``arrived`` (from, until: unix s,
+    [from, until), either open when None: a shift; kept in the summary's ``window``), the
+    filters together; ``limit`` spreads that many evenly over those not collected yet (a row
+    ``collected.csv`` lacks is written again only for a result they match). Boxes scoring at
+    least ``min_score`` become objects (original-image px). Results whose image was deleted
+    after processing (``--after delete``) are not matched; an image whose file is gone since
+    (moved away), changed (its hash differs) or unreadable is listed in ``missing``, not an
+    error, and gives its place to the next. ValueError when ``out`` lies where the results'
+    images arrived (the daemon would take the copies for new images).
 
     A ``defect`` result whose annotation holds no box (none scored ``min_score``) is listed
     in ``needs_boxes``, marked in ``collected.csv``, and their count logged as a WARNING: as
@@ -489,11 +499,12 @@ def collect_results(
     """
     out = Path(out)
     images, annotations = out / "JPEGImages", out / "Annotations"
-    summary = CollectSummary()
+    summary = CollectSummary(window=arrived)
     existing = _Existing(out)
     chosen, summary.matched, summary.already, summary.removed, summary.missing = _select(
-        db, existing, limit, recollect_removed, since=since, verdict=verdict, p_range=p_range
-    )
+        db, existing, limit, recollect_removed, since=since, verdict=verdict, p_range=p_range,
+        arrived=arrived,
+    )  # fmt: skip
     if summary.removed:
         log.info(
             f"{summary.removed} image(s) {out / LISTING} lists were removed from {out} since "

@@ -244,19 +244,23 @@ IN_WATCH_ROWS = 20_000
 
 
 def store_status(
-    db: sqlite3.Connection, now: float | None = None, in_watch_rows: int = IN_WATCH_ROWS
+    db: sqlite3.Connection,
+    now: float | None = None,
+    in_watch_rows: int = IN_WATCH_ROWS,
+    arrived: tuple[float | None, float | None] = (None, None),
 ) -> dict:
     """`_status` read in one transaction: one snapshot of the database (a daemon writing
     meanwhile never makes its counts disagree); then "in_watch" (`in_watch`), its files
-    stat'ed after the snapshot is let go."""
+    stat'ed after the snapshot is let go. `arrived` (from, until: unix s, [from, until), either
+    open when None) windows what is about images (WINDOWED); the rest is the whole store's."""
     now = time.time() if now is None else now
     db.execute("BEGIN")
     try:
-        summary = _status(db, now)
+        summary = _status(db, now, arrived)
         leaving = _leaving_rows(db, in_watch_rows)
     finally:
         db.execute("ROLLBACK")  # (read only)
-    rows = sum(summary["verdicts"].values())
+    rows = summary["store"]["images"]
     summary["in_watch"] = in_watch(leaving, now, min(in_watch_rows, rows), rows)
     return summary
 
@@ -310,12 +314,30 @@ def in_watch(leaving: Sequence[tuple], now: float, looked: int, rows: int) -> di
     }
 
 
-def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
+#: The keys of `store_status` an arrival window restricts (about the images that arrived in
+#: it); NOT_WINDOWED, the others, are the whole store's whatever the window.
+WINDOWED = ("verdicts", "errors", "warnings", "last_arrival", "last_finished", "results_by_model")
+NOT_WINDOWED = (
+    "schema_version", "store", "daemon", "outbox", "dead_letters", "counters", "file",
+    "stamped_ahead", "in_watch",
+)  # fmt: skip
+
+
+def _status(
+    db: sqlite3.Connection,
+    now: float | None = None,
+    arrived: tuple[float | None, float | None] = (None, None),
+) -> dict:
     """A summary of an open store connection (read-only is enough): what an engineer at the
-    camera asks first. Times are unix s; ages are seconds before `now`.
+    camera asks first. Times are unix s; ages are seconds before `now`. `arrived` (from,
+    until: unix s, half-open, either open when None; `result_filter`) restricts the WINDOWED
+    keys to the images that arrived in it (a shift); the others are the whole store's.
 
     Returns:
-        {"schema_version", "verdicts" {verdict: n}, "errors" {error_kind: n}, "warnings"
+        {"schema_version", "window" {"arrived_from", "arrived_until" (`arrived`; null: open),
+        "windowed" (WINDOWED), "not_windowed" (NOT_WINDOWED)}, "store" {"images",
+        "last_arrival"} (the whole store's, whatever the window: whether the line still
+        sends images), "verdicts" {verdict: n}, "errors" {error_kind: n}, "warnings"
         {kind: n} (`_warning_counts`),
         "last_arrival", "last_finished", "results_by_model" {fingerprint: {"results",
         "last_arrival", "thresholds" [{"threshold", "results"}] (the gate thresholds its results
@@ -338,28 +360,43 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     """
     now = time.time() if now is None else now
 
-    def one(sql: str) -> tuple:
-        return db.execute(sql).fetchone()
+    def one(sql: str, params: Sequence = ()) -> tuple:
+        return db.execute(sql, params).fetchone()
+
+    clauses, window = result_filter(None, None, arrived=arrived)
+
+    def where(*conditions: str) -> str:  # (the window's conditions with `conditions`)
+        joined = " AND ".join([*conditions, *clauses])
+        return f" WHERE {joined}" if joined else ""
 
     version, page = one("PRAGMA user_version")[0], one("PRAGMA page_size")[0]
+    rows, store_arrival, store_finished, dead_rows = one(  # the whole store's
+        "SELECT COUNT(*), MAX(arrived), MAX(finished), COALESCE(SUM(verdict = 'error'"
+        " AND error_kind = 'dead_letter'), 0) FROM images"
+    )
     verdicts = dict.fromkeys(VERDICTS, 0)
-    verdicts.update(db.execute("SELECT verdict, COUNT(*) FROM images GROUP BY verdict"))
+    verdicts.update(db.execute(f"SELECT verdict, COUNT(*) FROM images{where()} GROUP BY verdict",
+                               window))  # fmt: skip
+    is_error = "verdict = 'error'"
     errors = dict(db.execute(
-        "SELECT error_kind, COUNT(*) FROM images WHERE verdict = 'error' GROUP BY error_kind"
+        f"SELECT error_kind, COUNT(*) FROM images{where(is_error)} GROUP BY error_kind", window
     ))  # fmt: skip
-    warnings = _warning_counts(db)
-    last_arrival, last_finished = one("SELECT MAX(arrived), MAX(finished) FROM images")
-    stamped_ahead = _stamped_ahead(db, now, last_finished)
+    warnings = _warning_counts(db, clauses, window)
+    last_arrival, last_finished = (
+        one(f"SELECT MAX(arrived), MAX(finished) FROM images{where()}", window)
+        if clauses else (store_arrival, store_finished)
+    )  # fmt: skip
+    stamped_ahead = _stamped_ahead(db, now, store_finished)
     by_export = db.execute(  # the export of the latest result first
-        "SELECT fingerprint, COUNT(*), MAX(arrived) FROM images GROUP BY fingerprint"
-        " ORDER BY MAX(id) DESC"
-    ).fetchall()
+        f"SELECT fingerprint, COUNT(*), MAX(arrived) FROM images{where()} GROUP BY fingerprint"
+        " ORDER BY MAX(id) DESC", window,
+    ).fetchall()  # fmt: skip
     judged: dict[str, list[dict]] = {fingerprint: [] for fingerprint, _, _ in by_export}
     if "threshold" in image_columns(db):
         for fingerprint, threshold, n in db.execute(
-            "SELECT fingerprint, threshold, COUNT(*) FROM images WHERE threshold IS NOT NULL"
-            " GROUP BY fingerprint, threshold ORDER BY fingerprint, threshold"
-        ):
+            f"SELECT fingerprint, threshold, COUNT(*) FROM images{where('threshold IS NOT NULL')}"
+            " GROUP BY fingerprint, threshold ORDER BY fingerprint, threshold", window,
+        ):  # fmt: skip
             judged[fingerprint].append({"threshold": threshold, "results": n})
     depth, size, oldest, next_try = one(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(created), MIN(next_try) FROM outbox"
@@ -381,6 +418,13 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM dead_letters")  # fmt: skip
     return {
         "schema_version": version,
+        "window": {
+            "arrived_from": arrived[0],
+            "arrived_until": arrived[1],
+            "windowed": list(WINDOWED),
+            "not_windowed": list(NOT_WINDOWED),
+        },
+        "store": {"images": rows, "last_arrival": store_arrival},
         "verdicts": verdicts,
         "errors": errors,
         "warnings": warnings,
@@ -405,7 +449,7 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
         "dead_letters": {
             "kept": kept,
             "kept_bytes": kept_bytes,
-            "not_kept": errors.get("dead_letter", 0) - kept,
+            "not_kept": dead_rows - kept,
         },
         "counters": counters,
         "file": {  # what of the file's size is free pages, and whether it gives them back
@@ -417,15 +461,19 @@ def _status(db: sqlite3.Connection, now: float | None = None) -> dict:
     }
 
 
-def _warning_counts(db: sqlite3.Connection) -> dict[str, int]:
+def _warning_counts(
+    db: sqlite3.Connection, clauses: Sequence[str] = (), params: Sequence = ()
+) -> dict[str, int]:
     """How many result rows arrived with each frame warning kind (images.warnings:
-    blank_frame, dim_wide_frame), for `_status`; every kind of FRAME_WARNINGS there, 0 when
+    blank_frame, dim_wide_frame), of those `clauses` (SQL conditions with their `params`:
+    `result_filter`'s) keep, for `_status`; every kind of FRAME_WARNINGS there, 0 when
     none (also in a store without the column: an earlier splitdet's)."""
     counts = dict.fromkeys(FRAME_WARNINGS, 0)
     if "warnings" not in image_columns(db):
         return counts
-    sql = "SELECT warnings, COUNT(*) FROM images WHERE warnings IS NOT NULL GROUP BY warnings"
-    for text, n in db.execute(sql):
+    where = " AND ".join(["warnings IS NOT NULL", *clauses])
+    sql = f"SELECT warnings, COUNT(*) FROM images WHERE {where} GROUP BY warnings"
+    for text, n in db.execute(sql, params):
         for kind in warning_kinds(text):
             counts[kind] = counts.get(kind, 0) + n
     return counts
