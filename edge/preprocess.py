@@ -513,6 +513,22 @@ def _unwritten_tail(data: bytes) -> tuple[str, int]:
     return ("", 0) if tail < UNWRITTEN_TAIL_BYTES or ends(data) else (kind, tail)
 
 
+def check_written(data: bytes, source: str) -> None:
+    """ImageError naming `source` for a JPEG or PNG whose last UNWRITTEN_TAIL_BYTES or more
+    bytes are zeros, its image data not ended before them (`_unwritten_tail`): a file its
+    writer sized first and had not filled yet, or one cut short and padded with zeros, which
+    Pillow would decode without a word, the missing part as grey, black or noise. From the
+    bytes alone (no pixels decoded); `decode_pixels` and training's reader (its header read,
+    `voc.load_rgb_and_peak`) both check, with this one message."""
+    kind, unwritten = _unwritten_tail(data)
+    if unwritten:
+        raise ImageError(
+            f"{source}: a {kind} whose last {unwritten} of {len(data)} bytes are zeros, its image "
+            "data not ended before them: not all written yet (its writer sized the file first) "
+            "or cut short"
+        )
+
+
 def _png_ends(data: bytes) -> bool:
     """Whether walking a PNG's chunks from its signature reaches its IEND chunk within `data`
     (zeros read as a chunk have the type 0000, which no chunk has)."""
@@ -845,7 +861,7 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
     """Decode encoded image bytes to their integer pixels (`Pixels`, 0..full_scale: what
     `prepare` takes; `decode_image` gives the same as Float32[3, H, W] in [0, 1]); ImageError
     (naming `source`) for anything that cannot be, whatever Pillow raised, for a JPEG or PNG
-    not all written yet (`UNWRITTEN_TAIL_BYTES`), for one whose compressed data ends early,
+    not all written yet (`check_written`), for one whose compressed data ends early,
     filled in by the decoder (`check_not_filled`), and for what `check_encoded` refuses (a JPEG
     of too many scans; a 16-bit colour PNG when `pixel_bits` is not 16). `pixel_bits`: the
     bits 16-bit grayscale values use (the model's `ModelConfig.pixel_bits`); a PGM is read over
@@ -864,13 +880,7 @@ def decode_pixels(data: bytes, source: str = "<bytes>", pixel_bits: int = 16) ->
         raise ImageError(f"{source}: empty file")
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(too_large_text(source, len(data)))
-    kind, unwritten = _unwritten_tail(data)
-    if unwritten:
-        raise ImageError(
-            f"{source}: a {kind} whose last {unwritten} of {len(data)} bytes are zeros, its image "
-            "data not ended before them: not all written yet (its writer sized the file first) "
-            "or cut short"
-        )
+    check_written(data, source)
     check_encoded(data, source, pixel_bits)
     try:  # (no Pillow: outside the decoder's warning window)
         pgm = read_pgm(data, source)

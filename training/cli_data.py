@@ -127,7 +127,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="F",
         help="share held out for `splitdet eval --split test` (default: 0.1)",
     )
-    s.add_argument("--seed", type=int_in(0), default=0, help="shuffle seed (default: 0)")
+    s.add_argument(
+        "--seed",
+        type=int_in(0),
+        default=0,
+        help="shuffle seed (default: 0, fixed: the same annotations give the same split); "
+        "recorded with the shares and options in ImageSets/Main/split.json",
+    )
     s.add_argument(
         "--classes",
         type=_classes,
@@ -226,6 +232,10 @@ def _print_report(report: DatasetReport) -> None:
               f"{h[0]:g} / {h[1]:g} / {h[2]:g}")  # fmt: skip
     if report.image_sizes:
         print(f"  image sizes: {_sizes_text(report)}")
+    if report.split_record is not None:
+        from splitdet.training.voc_split_record import record_line
+
+        print(f"  {record_line(report.split_record)}")
     for line in report.warnings[:SHOWN_PROBLEMS]:
         print(f"warning: {line}")
     for line in report.problems[:SHOWN_PROBLEMS]:
@@ -309,6 +319,8 @@ def run_split(args: argparse.Namespace) -> int:
             "empty_annotations_written": [str(p) for p in written],
             "splits": {name: ids for name, ids in result.ids.items()},
             "added": result.added,
+            "seed": result.seed,
+            "record": str(result.record) if result.record is not None else None,
         }
         write_json("-", summary)
         return 0
@@ -317,6 +329,8 @@ def run_split(args: argparse.Namespace) -> int:
     for name, ids in result.ids.items():
         new = f" ({result.added[name]} new)" if args.add else ""
         print(f"{result.paths[name]}: {len(ids)} images{new}")
+    if result.record is not None:
+        print(f"{result.record}: seed {result.seed} and options recorded (`data check` shows them)")
     return 0
 
 

@@ -63,6 +63,7 @@ from splitdet.training.voc_layout import (
     unread_files_note,
 )
 from splitdet.training.voc_rotation import rotated_box_warnings
+from splitdet.training.voc_split_record import read_record, record_mismatch
 
 __all__ = [
     "SPLITS",
@@ -106,6 +107,28 @@ def _missing_folder_problems(root: Path) -> list[str]:
         f"{root / folder}: folder not found (not a VOC dataset?){missing_folder_hint(root, folder)}"
         for folder in missing
     ]
+
+
+def _check_record(root: Path, report: DatasetReport) -> None:
+    """Keep the record `splitdet data split` left (``ImageSets/Main/split.json``) in the
+    report, with a warning when the split files no longer list what it says was written, or
+    when it cannot be read; nothing without one (split files of other making)."""
+    record, problem = read_record(root)
+    if problem is not None:
+        report.warnings.append(problem)
+    if record is None:
+        return
+    report.split_record = record
+    listed = {}
+    for split in SPLITS:
+        if (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            try:
+                listed[split] = voc.read_split_ids(root, split)
+            except voc.VocError:  # (a problem `_check_splits` reports)
+                return
+    mismatch = record_mismatch(root, record, listed)
+    if mismatch is not None:
+        report.warnings.append(mismatch)
 
 
 def check_dataset(
@@ -210,6 +233,7 @@ def check_dataset(
         report.warnings.append(thin)
 
     listed = _check_splits(root, report, annotated, samples, class_names)
+    _check_record(root, report)
     owners = {sample.image_path.resolve(): image_id for image_id, sample in samples.items()}
     for warning in (
         same_image_warning(files, owners, listed),

@@ -43,6 +43,7 @@ class DatasetReport:
     ``problems``: lines that make training or evaluation fail, each starting with a path.
     ``warnings``: what would not fail but is likely a mistake.
     ``box_px``: width and height percentiles (min, median, max) of every box, in pixels.
+    ``split_record``: the record `splitdet data split` left (`voc_split_record`), None without.
     """
 
     root: Path
@@ -55,6 +56,7 @@ class DatasetReport:
     box_px: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    split_record: dict | None = None  # ImageSets/Main/split.json, as `data split` wrote it
 
     @property
     def ok(self) -> bool:
@@ -75,4 +77,5 @@ class DatasetReport:
             "box_px": self.box_px,
             "problems": self.problems,
             "warnings": self.warnings,
+            "split_record": self.split_record,
         }

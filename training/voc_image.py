@@ -46,14 +46,51 @@ def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int
     return _image_header(image_path, ann_path)[0]
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag of an open PIL image (1, upright, when it has none or it cannot
-    be read), from the header alone."""
+#: PNG chunks that may carry an orientation: eXIf, and the text chunks Pillow reads EXIF
+#: ("Raw profile type exif") or XMP (tiff:Orientation) from.
+_PNG_ORIENTATION_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+
+
+def _png_metadata_after_pixels(image_path: Path) -> bool:
+    """Whether the PNG file's chunks, walked from its signature (lengths only: no chunk data
+    read), hold one of `_PNG_ORIENTATION_CHUNKS` after its first IDAT, before IEND or the
+    first chunk that is not one (a damaged or unwritten tail ends the walk, as it ends
+    Pillow's)."""
+    with open(image_path, "rb") as file:
+        if file.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+        seen_pixels = False
+        while len(head := file.read(8)) == 8:
+            kind = head[4:]
+            if kind == b"IEND" or not kind.isalpha():
+                return False
+            if kind == b"IDAT":
+                seen_pixels = True
+            elif seen_pixels and kind in _PNG_ORIENTATION_CHUNKS:
+                return True
+            file.seek(int.from_bytes(head[:4], "big") + 4, io.SEEK_CUR)  # data, CRC
+    return False
+
+
+def _orientation(img: Image.Image, image_path: Path) -> int:
+    """The EXIF orientation tag of an open PIL image read from ``image_path`` (1, upright,
+    when it has none or it cannot be read), as the edge's `collect` reads it (the format's own
+    `getexif`): from the header, and of a PNG whose header holds no EXIF, also from an eXIf
+    (or EXIF/XMP text) chunk after its pixels (IDAT). Such a PNG alone has its pixels decoded
+    for it (Pillow reads those chunks only then); any other image is read from its header
+    alone (a PNG's chunks walked by their lengths, `_png_metadata_after_pixels`)."""
     from PIL import Image
 
     try:
         # Image.getexif reads the header's EXIF (JPEG APP1, PNG eXIf before the pixels, TIFF
-        # tags); PNG's own override decodes every pixel first when the header holds none.
+        # tags); PNG's own override decodes every pixel first when the header holds none,
+        # then reads the chunks after them: only when there are any that could hold one.
+        if (
+            img.format == "PNG"
+            and "exif" not in img.info
+            and _png_metadata_after_pixels(image_path)
+        ):
+            return int(img.getexif().get(EXIF_ORIENTATION, 1))
         return int(Image.Image.getexif(img).get(EXIF_ORIENTATION, 1))
     except Exception:  # a malformed EXIF block: viewers show such an image as stored
         return 1
@@ -99,17 +136,41 @@ def _refuse_what_the_edge_refuses(img: Image.Image, image_path: Path) -> None:
         )
 
 
+def _refuse_unwritten(image_path: Path) -> None:
+    """`VocError` in the edge's words (`preprocess.check_written`) when the image file's tail
+    is zeros before its image data ends (not all written, or cut short and padded): read whole
+    only when its last UNWRITTEN_TAIL_BYTES bytes are all zeros, else one read of them, so the
+    header read stays cheap and `train`, `data split` and `data check` refuse the file before
+    any training, as the edge would."""
+    from splitdet.edge.preprocess import UNWRITTEN_TAIL_BYTES, ImageError, check_written
+
+    with open(image_path, "rb") as file:
+        size = file.seek(0, io.SEEK_END)
+        if size < UNWRITTEN_TAIL_BYTES:
+            return
+        file.seek(size - UNWRITTEN_TAIL_BYTES)
+        if any(file.read()):
+            return
+        file.seek(0)
+        data = file.read()  # (within MAX_FILE_BYTES: `_refuse_past_the_edge_limits`)
+    try:
+        check_written(data, str(image_path))
+    except ImageError as exc:
+        raise VocError(str(exc)) from None
+
+
 def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, int], int]:
     """``((width, height) px, EXIF orientation)`` of the image file, from one header read (no
     pixels decoded); `VocError` names an unreadable file (and ``ann_path``), or one the edge
-    refuses (its size, its mode, several frames)."""
+    refuses (its size, its mode, several frames, a zero-padded tail: `_refuse_unwritten`)."""
     from PIL import Image  # header only; Pillow does not decode pixels on open
 
     try:
         with Image.open(image_path) as img:
             _refuse_past_the_edge_limits(img, image_path)
             _refuse_what_the_edge_refuses(img, image_path)
-            return img.size, _orientation(img)
+            _refuse_unwritten(image_path)
+            return img.size, _orientation(img, image_path)
     except VocError:
         raise
     except Exception as exc:  # Pillow raises many types for unreadable files
@@ -155,7 +216,9 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
     one decoding for both.
 
     The file's bytes are looked at first as the edge looks at them
-    (`splitdet.edge.preprocess.check_encoded`): a JPEG of more scans than any encoder writes
+    (`splitdet.edge.preprocess.check_written`, `check_encoded`): a JPEG or PNG whose tail is
+    zeros before its image data ends (not all written, or cut short and padded with zeros,
+    which Pillow decodes without an error), a JPEG of more scans than any encoder writes
     (a decoder-stalling file) and, with `pixel_bits` other than 16, a 16-bit colour PNG (read
     at 8 bits only) are a VocError. So is, once decoded, a JPEG or PNG (16-bit ones too) whose
     compressed data ends early or is damaged, which Pillow decodes without an error, the rest
@@ -171,12 +234,14 @@ def load_rgb_and_peak(image_path: Path, pixel_bits: int = 16) -> tuple[Image.Ima
         ImageError,
         check_encoded,
         check_not_filled,
+        check_written,
         read_pgm,
     )
     from splitdet.shared.config import pixel_full_scale
 
     try:
         data = Path(image_path).read_bytes()
+        check_written(data, str(image_path))  # (before Pillow: it decodes the zeros silently)
         check_encoded(data, str(image_path), pixel_bits)
         pgm = read_pgm(data, str(image_path))
         if pgm is not None:

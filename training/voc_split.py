@@ -5,7 +5,9 @@ but seldom the splits splitdet reads, and many write no annotation at all for an
 no box, which for defect inspection is every good part. `split_dataset` divides the
 annotated images at random (deterministic per seed), stratified so that each split gets its
 share of defect-free images and of every class; with ``write_empty`` it first gives each image
-without one an annotation with no object (a defect-free image).
+without one an annotation with no object (a defect-free image). Last it records the run in
+``ImageSets/Main/split.json`` (`voc_split_record`): the seed, shares and options, splitdet's
+version, the time, and what each split holds.
 
 Only the standard library and Pillow (through `voc`): no numpy, no torch.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitdet.training import voc
+from splitdet.training.provenance import splitdet_version
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_ids, unannotated_images
 from splitdet.training.voc_check_folder import unfinished_synth_problem
 from splitdet.training.voc_layout import (
@@ -28,6 +31,7 @@ from splitdet.training.voc_layout import (
     nested_note,
     unread_annotations,
 )
+from splitdet.training.voc_split_record import make_record, read_record, write_record
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -43,6 +47,8 @@ class SplitResult:
     paths: dict[str, Path]
     empty_annotations: list[Path]
     added: dict[str, int]  # ids new in each split (all of them without ``add``)
+    record: Path | None = None  # ImageSets/Main/split.json (`voc_split_record`)
+    seed: int = 0
 
 
 def unannotated_samples(root: Path, samples: Sequence[voc.VocSample]) -> list[voc.VocSample]:
@@ -181,6 +187,10 @@ def split_dataset(
     ``add``: keep every id the existing split files list where it is, and divide only the
     annotations in no split among them (new images collected from the line join the splits,
     and no image moves, so an earlier test split stays held out).
+    ``seed``: the shuffle's; the default, 0, is fixed, so that the same annotations give the
+    same split again. Last, ``ImageSets/Main/split.json`` records the run (the seed, shares
+    and options, splitdet's version, the time, what each split holds:
+    `voc_split_record.make_record`; with ``add``, the earlier record in its history).
     Nothing is written unless everything can be: raises `voc.VocError` for an interrupted
     `splitdet synth`'s remnant (`unfinished_synth_problem`), a missing ``JPEGImages``
     (`_require_images_folder`) or naming the first annotation or image that
@@ -248,6 +258,7 @@ def split_dataset(
             f"--val {val} and --test {test} leave none of the {len(samples)} images to train on"
         )
 
+    earlier, _ = read_record(root) if add else (None, None)
     paths, ids_written = {}, {}
     for split in SPLITS:
         if chosen[split] or split == "train" or split in existing:
@@ -265,9 +276,19 @@ def split_dataset(
         for target in written:  # a failed split leaves no half-made defect-free annotations
             target.unlink(missing_ok=True)
         raise
+    added = {s: len(chosen[s]) for s in paths}
+    record = make_record(
+        seed=seed, val=val, test=test,
+        mode="add" if add else "overwrite" if existing else "new",
+        class_names=class_names, write_empty=write_empty, empty_written=len(written),
+        ids=ids_written, defective=defective, added=added, version=splitdet_version(),
+        earlier=earlier,
+    )  # fmt: skip
     return SplitResult(
         ids=ids_written,
         paths=paths,
         empty_annotations=written,
-        added={s: len(chosen[s]) for s in paths},
+        added=added,
+        record=write_record(root, record),  # (last: it describes the files written)
+        seed=seed,
     )
