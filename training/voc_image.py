@@ -47,28 +47,44 @@ def image_size(image_path: Path, ann_path: Path | None = None) -> tuple[int, int
 
 
 #: PNG chunks that may carry an orientation: eXIf, and the text chunks Pillow reads EXIF
-#: ("Raw profile type exif") or XMP (tiff:Orientation) from.
-_PNG_ORIENTATION_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+#: ("Raw profile type exif") or XMP (tiff:Orientation) from, by their keyword.
+_PNG_EXIF_CHUNK = b"eXIf"
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_PNG_ORIENTATION_KEYWORDS = frozenset({b"Raw profile type exif", b"XML:com.adobe.xmp"})
+#: The longest keyword a PNG text chunk has (1 to 79 bytes, then a NUL).
+_PNG_KEYWORD_BYTES = 80
+#: The chunk walk's read buffer (bytes): a chunk header read past a long chunk reads this much,
+#: not Python's 8 KB (a PNG of 8 KB IDAT chunks was read whole), while runs of short chunks are
+#: still read many at a time.
+_PNG_WALK_BUFFER = 512
 
 
 def _png_metadata_after_pixels(image_path: Path) -> bool:
-    """Whether the PNG file's chunks, walked from its signature (lengths only: no chunk data
-    read), hold one of `_PNG_ORIENTATION_CHUNKS` after its first IDAT, before IEND or the
-    first chunk that is not one (a damaged or unwritten tail ends the walk, as it ends
-    Pillow's)."""
-    with open(image_path, "rb") as file:
+    """Whether the PNG file's chunks, walked from its signature, hold an eXIf, or a text chunk
+    whose keyword is one Pillow reads an orientation from (`_PNG_ORIENTATION_KEYWORDS`), after
+    its first IDAT, before IEND or the first chunk that is not one (a damaged or unwritten
+    tail ends the walk, as it ends Pillow's). Chunk lengths and types are read through a
+    small buffer (`_PNG_WALK_BUFFER`), and a text chunk's keyword, nothing else: a walk over a
+    PNG of 8 KB IDAT chunks reads a few hundred bytes of each, not the file, and a `Software`
+    or `Comment` text after the pixels does not cost a decoding of every pixel."""
+    with open(image_path, "rb", buffering=_PNG_WALK_BUFFER) as file:
         if file.read(8) != b"\x89PNG\r\n\x1a\n":
             return False
         seen_pixels = False
         while len(head := file.read(8)) == 8:
-            kind = head[4:]
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
             if kind == b"IEND" or not kind.isalpha():
                 return False
             if kind == b"IDAT":
                 seen_pixels = True
-            elif seen_pixels and kind in _PNG_ORIENTATION_CHUNKS:
+            elif seen_pixels and kind == _PNG_EXIF_CHUNK:
                 return True
-            file.seek(int.from_bytes(head[:4], "big") + 4, io.SEEK_CUR)  # data, CRC
+            elif seen_pixels and kind in _PNG_TEXT_CHUNKS:
+                keyword = file.read(min(length, _PNG_KEYWORD_BYTES))
+                if keyword.split(b"\0", 1)[0] in _PNG_ORIENTATION_KEYWORDS:
+                    return True
+                length -= len(keyword)
+            file.seek(length + 4, io.SEEK_CUR)  # the rest of its data, its CRC
     return False
 
 
@@ -136,15 +152,23 @@ def _refuse_what_the_edge_refuses(img: Image.Image, image_path: Path) -> None:
         )
 
 
+#: The signatures `check_written` looks at a tail for (JPEG, PNG): a file of another format
+#: whose tail is zeros (an uncompressed TIFF, BMP or PGM, black at its bottom) is not read whole.
+_CHECKED_FOR_A_TAIL = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")
+
+
 def _refuse_unwritten(image_path: Path) -> None:
     """`VocError` in the edge's words (`preprocess.check_written`) when the image file's tail
     is zeros before its image data ends (not all written, or cut short and padded): read whole
-    only when its last UNWRITTEN_TAIL_BYTES bytes are all zeros, else one read of them, so the
+    only when it is a JPEG or PNG (`_CHECKED_FOR_A_TAIL`) whose last UNWRITTEN_TAIL_BYTES bytes
+    are all zeros, else a read of its first bytes (and of those last ones), so the
     header read stays cheap and `train`, `data split` and `data check` refuse the file before
     any training, as the edge would."""
     from splitdet.edge.preprocess import UNWRITTEN_TAIL_BYTES, ImageError, check_written
 
     with open(image_path, "rb") as file:
+        if not file.read(8).startswith(_CHECKED_FOR_A_TAIL):  # (another format: not read)
+            return
         size = file.seek(0, io.SEEK_END)
         if size < UNWRITTEN_TAIL_BYTES:
             return
