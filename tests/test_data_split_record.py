@@ -138,3 +138,17 @@ def test_the_readers_of_a_voc_tree_leave_the_record_alone(tmp_path, capsys):
     )
     assert code == 0, err
     assert not (out / RECORD).exists()  # a merged split is no split that one seed made
+
+
+def test_add_over_a_damaged_record_says_the_history_is_lost(tmp_path, capsys, caplog):
+    """(A review: `--add` read a damaged split.json as none, and its history went without a
+    word.)"""
+    root = unsplit_voc(tmp_path / "ds")
+    assert run_main(capsys, "data", "split", root, "--seed", "4")[0] == 0
+    (root / RECORD).write_text("{not json")
+    code, _, err = run_main(capsys, "data", "split", root, "--add", "--seed", "6")
+    assert code == 0, err
+    (line,) = [r.getMessage() for r in caplog.records if "history" in r.getMessage()]
+    assert line.startswith(f"{root / RECORD}: cannot read the split record"), line
+    assert line.endswith("; the earlier splits are not kept in the new record's history"), line
+    assert json.loads((root / RECORD).read_text())["history"] == []

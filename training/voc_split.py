@@ -14,6 +14,7 @@ Only the standard library and Pillow (through `voc`): no numpy, no torch.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from splitdet.training.voc_layout import (
     unread_annotations,
 )
 from splitdet.training.voc_split_record import make_record, read_record, write_record
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SplitResult", "split_dataset", "stratum_of", "unannotated_samples"]
 
@@ -258,7 +261,9 @@ def split_dataset(
             f"--val {val} and --test {test} leave none of the {len(samples)} images to train on"
         )
 
-    earlier, _ = read_record(root) if add else (None, None)
+    earlier, problem = read_record(root) if add else (None, None)
+    if problem:  # (--add keeps the earlier records in the new one's history: say they're lost)
+        log.warning("%s; the earlier splits are not kept in the new record's history", problem)
     paths, ids_written = {}, {}
     for split in SPLITS:
         if chosen[split] or split == "train" or split in existing:
