@@ -339,7 +339,9 @@ def run(args: argparse.Namespace) -> int:
             built[0].request_stop(signum)
             return
         name = signal.Signals(signum).name
-        raise StoppedBeforeStart(f"stopped by {name} before the daemon started (nothing taken)")
+        raise StoppedBeforeStart(
+            f"stopped by {name} before the daemon started (nothing taken)", signum
+        )  # (`signum`: sent again if a finaliser the handler ran in swallowed it)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # (tests run it in threads)

@@ -131,6 +131,12 @@ class StoppedBeforeStart(BaseException):
     BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into an
     error of what it interrupted (loading the model, reading a token)."""
 
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        """`signum`: the signal whose handler raised it, if one did (`sigterm.SIGNUM_ATTRIBUTES`:
+        one a finaliser swallowed is sent again, not lost)."""
+        super().__init__(message)
+        self.signum = None if signum is None else signal.Signals(signum)
+
 
 class EdgeDaemon:
     """The hot-folder loop with its sender thread; see the module docstring."""

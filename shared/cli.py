@@ -28,7 +28,7 @@ from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.logs import TextLogFormatter, json_line
 from splitdet.shared.regular_file import read_regular
-from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
+from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt, stop_behind
 from splitdet.shared.stacks import stacks_on_sigusr1
 from splitdet.shared.stdout_guard import (
     CLOSED_STDOUT,
@@ -766,7 +766,7 @@ def _handled(args: argparse.Namespace, stdout: GuardedStdout) -> int:
     write to stdout failed (other than a broken pipe), whatever came of it: an exception it
     raised on the way, or one the command caught and went on from."""
     try:
-        status = int(args.handler(args) or 0)
+        status = _handler_status(args)
         stdout.flush()  # (now, not at exit: Python would say it as "Exception ignored", 120)
     except Exception:
         if stdout.failure is None:
@@ -775,6 +775,41 @@ def _handled(args: argparse.Namespace, stdout: GuardedStdout) -> int:
     if stdout.failure is not None:
         raise StdoutFailed(stdout_problem(stdout))
     return status
+
+
+def _handler_status(args: argparse.Namespace) -> int:
+    """The command's handler's exit status, torch's import readied first for a command that
+    imports it (`_before_torch_imports`). A stop signal that interrupted an extension
+    module's initialisation, which said it as an ImportError ("initialization failed"), is
+    raised as the KeyboardInterrupt it was (`sigterm.stop_behind`): the command was stopped,
+    it did not fail."""
+    try:
+        if _needs_torch(args):
+            _before_torch_imports()
+        return int(args.handler(args) or 0)
+    except ImportError as exc:
+        stop = stop_behind(exc)
+        if stop is None:
+            raise
+        raise stop from None
+
+
+def _before_torch_imports() -> None:
+    """Ready this process for the command's import of torch, so that a stop signal met while
+    it imports stops the command with its one line:
+
+    - numpy is imported now, from Python. Else torch's C extension imports it as it
+      initialises, and drops whatever that import raises: a SIGTERM (or Ctrl-C) met there was
+      lost, numpy left half-imported (a later `np.linalg` ended an `eval` in RecursionError),
+      and every later SIGTERM ignored as "already unwinding" (`sigterm.sigterm_as_interrupt`).
+    - torch's loggers are set to WARNING, as torch sets them as its import ends: an import a
+      stop cut short left them at the root's INFO, and torch's exit hook then logged three
+      "FakeTensor cache stats" lines after the `stopped on SIGTERM` line, the last one."""
+    import numpy  # noqa: F401  (only its import matters)
+
+    torch_logger = logging.getLogger("torch")
+    if torch_logger.level == logging.NOTSET:  # (torch's own import sets it again: TORCH_LOGS)
+        torch_logger.setLevel(logging.WARNING)
 
 
 def _unexpected(args: argparse.Namespace, exc: Exception) -> int:

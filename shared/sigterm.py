@@ -16,7 +16,15 @@ traceback on stderr) was lost, and with it the stop. A `splitdet train` sent SIG
 matplotlib's transforms were collected went on training, and ignored every later SIGTERM as
 "already unwinding" until the SIGKILL. Inside `sigterm_as_interrupt` such a swallowed
 Terminated or KeyboardInterrupt is sent again (the same signal, from a short-lived thread a
-moment later, once the finaliser has returned), with no traceback.
+moment later, once the finaliser has returned), with no traceback. So is any other exception a
+handler raises, when it carries its signal (`SIGNUM_ATTRIBUTES`): `edge run`'s
+StoppedBeforeStart, met so during its start-up, was lost and the start-up went on; torchrun's
+SignalException, which the `train --nproc-per-node` launcher stops its ranks on, alike.
+
+An extension module whose initialisation a stop signal interrupts (pybind11's: onnxruntime's)
+raises ImportError("initialization failed") with the Terminated as its cause: `stop_behind`
+finds it, and `main` ends the command as stopped, not with that error (`edge run` sent
+SIGTERM while it imported ONNX Runtime: "error: ImportError: initialization failed", exit 1).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
-__all__ = ["SIGTERM_EXIT", "Terminated", "sigterm_as_interrupt"]
+__all__ = ["SIGTERM_EXIT", "Terminated", "sigterm_as_interrupt", "stop_behind"]
 
 #: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports its default action.
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -37,6 +45,13 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 #: Delay (s) before a signal whose exception a finaliser swallowed is sent again: long enough
 #: for the garbage collection that ran the finaliser to have returned.
 RESEND_DELAY_S = 0.05
+
+#: The attributes by which an exception a signal handler raises names its signal (a
+#: `signal.Signals`, not a bare int another library's exception may hold), so
+#: that one a finaliser swallowed is sent again like a KeyboardInterrupt: `signum` (`edge
+#: run`'s StoppedBeforeStart), `sigval` (torch elastic's SignalException, raised by the
+#: handler torchrun sets in the `train --nproc-per-node` launcher).
+SIGNUM_ATTRIBUTES = ("signum", "sigval")
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,12 +81,12 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     hook_before = sys.unraisablehook
 
     def on_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
-        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        signum = _swallowed_signal(unraisable)
+        if signum is None:
             hook_before(unraisable)
             return
-        terminated = issubclass(unraisable.exc_type, Terminated)
-        resent[0] = resent[0] or terminated
-        _send_again(signal.SIGTERM if terminated else signal.SIGINT, unraisable, hook_before)
+        resent[0] = resent[0] or issubclass(unraisable.exc_type, Terminated)
+        _send_again(signum, unraisable, hook_before)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     sys.unraisablehook = on_unraisable
@@ -84,6 +99,36 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if sys.unraisablehook is on_unraisable:
             sys.unraisablehook = hook_before
+
+
+def stop_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (`Terminated`) an ImportError stands for, if any: the one in its
+    chain of causes and contexts, as an extension module's initialisation it interrupted
+    chains it; None for an import that failed of itself."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while isinstance(link, ImportError) and id(link) not in seen:
+        seen.add(id(link))
+        behind = link.__cause__ or link.__context__
+        if isinstance(behind, KeyboardInterrupt):
+            return behind
+        link = behind
+    return None
+
+
+def _swallowed_signal(unraisable: sys.UnraisableHookArgs) -> int | None:
+    """The stop signal whose handler raised the exception a finaliser swallowed: SIGTERM for
+    Terminated, the signal an exception carries (`SIGNUM_ATTRIBUTES`), SIGINT for another
+    KeyboardInterrupt; None for an exception no signal raised (shown as Python would)."""
+    if issubclass(unraisable.exc_type, Terminated):
+        return signal.SIGTERM
+    for name in SIGNUM_ATTRIBUTES:
+        signum = getattr(unraisable.exc_value, name, None)
+        if isinstance(signum, signal.Signals):  # (not any int: a library's errno-like field)
+            return int(signum)
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return signal.SIGINT
+    return None
 
 
 def _send_again(

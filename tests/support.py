@@ -445,3 +445,28 @@ def run_main(capsys, *argv: object) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+#: Python code defining `swallowed_then_wait()` (`.format(signal="SIGTERM")` first): it sends
+#: SIGNAL to this process from inside a weakref callback (the handler runs there), as
+#: the garbage collector would run one; put where the start-up passes, then waits 3 s there,
+#: long enough for a signal sent again to arrive before the start-up goes on.
+FINALISER = """
+import os, signal, time, weakref
+
+class Collected:
+    pass
+
+def finaliser(_ref):
+    os.kill(os.getpid(), signal.{signal})
+    for _ in range(10**5):  # (the handler runs between two bytecodes: here)
+        pass
+
+def swallowed_then_wait():
+    thing = Collected()
+    ref = weakref.ref(thing, finaliser)
+    del thing  # the callback runs now
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+"""

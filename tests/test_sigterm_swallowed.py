@@ -12,34 +12,25 @@ import sys
 
 import pytest
 
+from support import FINALISER
+
 #: A program that sends itself `SIGNAL` from inside a weakref callback (the handler runs
-#: there), then waits up to 10 s; it prints how it ended.
-PROGRAM = """
-import os, signal, sys, time, weakref
+#: there), then waits 3 s; it prints how it ended.
+PROGRAM = (
+    FINALISER
+    + """
 from splitdet.shared.sigterm import Terminated, sigterm_as_interrupt
-
-class Collected:
-    pass
-
-def finaliser(_ref):
-    os.kill(os.getpid(), signal.{signal})
-    for _ in range(10**5):  # (the handler runs between two bytecodes: here)
-        pass
 
 try:
     with sigterm_as_interrupt() as received:
-        thing = Collected()
-        ref = weakref.ref(thing, finaliser)
-        del thing  # the callback runs now
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
+        swallowed_then_wait()
         print("went on")
 except Terminated:
     print("terminated", received)
 except KeyboardInterrupt:
     print("interrupted", received)
 """
+)
 
 
 @pytest.mark.parametrize(
