@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
-__all__ = ["SIGTERM_EXIT", "Terminated", "sigterm_as_interrupt", "stop_behind"]
+__all__ = ["SIGTERM_EXIT", "Terminated", "raise_if_stopped", "sigterm_as_interrupt", "stop_behind"]
 
 #: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports its default action.
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -56,6 +56,23 @@ SIGNUM_ATTRIBUTES = ("signum", "sigval")
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (`sigterm_as_interrupt`)."""
+
+
+#: The `received` lists of the `sigterm_as_interrupt` contexts open in the main thread,
+#: innermost last (`raise_if_stopped` reads the innermost).
+_OPEN: list[list[int]] = []
+
+
+def raise_if_stopped() -> None:
+    """Raise `Terminated` if the innermost `sigterm_as_interrupt` has received SIGTERM: a
+    loop's safe point. A command that still runs its loop after a SIGTERM lost the Terminated
+    on the way: caught by an `except Exception` as the ImportError("initialization failed") an
+    extension module's interrupted initialisation makes of it (matplotlib's, imported for a
+    learning curve: the run logged "not redrawn" and trained on, ignoring every later SIGTERM
+    as "already unwinding"), or dropped by C code. Nothing outside a context (or in another
+    thread: its contexts take no signal)."""
+    if _OPEN and _OPEN[-1] and threading.current_thread() is threading.main_thread():
+        raise Terminated
 
 
 @contextlib.contextmanager
@@ -90,15 +107,27 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     sys.unraisablehook = on_unraisable
+    _OPEN.append(received)
     try:
         yield received
-    finally:  # put back unless the command set its own meanwhile and left it (the cloud
+    finally:
+        _close(received)
+        # put back unless the command set its own meanwhile and left it (the cloud
         # ignores a late signal while its stopped process exits: its choice stands); None: a
         # handler not set from Python, which cannot be put back: the default
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if sys.unraisablehook is on_unraisable:
             sys.unraisablehook = hook_before
+
+
+def _close(received: list[int]) -> None:
+    """Take the context of `received` out of _OPEN (by identity: the lists of two contexts
+    that received nothing are equal)."""
+    for at in range(len(_OPEN) - 1, -1, -1):
+        if _OPEN[at] is received:
+            del _OPEN[at]
+            return
 
 
 def stop_behind(exc: BaseException) -> KeyboardInterrupt | None:

@@ -33,17 +33,18 @@ except KeyboardInterrupt:
 )
 
 
+def run_program(program: str) -> subprocess.CompletedProcess:
+    """`python -c program` in a process of its own (text output)."""
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("name", "said"),
     [("SIGTERM", "terminated [15]"), ("SIGINT", "interrupted []")],
 )
 def test_a_signal_a_finaliser_swallowed_still_stops_the_command(name, said):
-    done = subprocess.run(
-        [sys.executable, "-c", PROGRAM.format(signal=name)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_program(PROGRAM.format(signal=name))
     assert done.stdout.strip() == said, (done.stdout, done.stderr)
     assert done.stderr == "", done.stderr  # (no "Exception ignored" traceback)
     assert done.returncode == 0
@@ -63,8 +64,39 @@ def test_other_unraisable_exceptions_are_shown_as_before():
         "    Broken()\n"
         "print(sys.unraisablehook is before)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
-    )
+    done = run_program(program)
     assert done.stdout.strip() == "True", done.stderr
     assert "Exception ignored" in done.stderr and "ValueError: a finaliser fault" in done.stderr
+
+
+def test_a_loop_s_safe_point_raises_a_sigterm_caught_on_the_way():
+    """A SIGTERM whose Terminated something caught (an `except Exception` around an import
+    that made it an ImportError; C code that dropped it) is raised again by the next
+    `raise_if_stopped`; nothing is raised before a SIGTERM, nor outside a context."""
+    program = (
+        "import os, signal\n"
+        "from splitdet.shared.sigterm import Terminated, raise_if_stopped, "
+        "sigterm_as_interrupt\n"
+        "raise_if_stopped()\n"
+        "try:\n"
+        "    with sigterm_as_interrupt():\n"
+        "        with sigterm_as_interrupt():\n"
+        "            raise_if_stopped()\n"
+        "            try:\n"
+        "                try:\n"
+        "                    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "                    for _ in range(10**6):\n"
+        "                        pass\n"
+        "                except BaseException as exc:\n"
+        "                    raise ImportError('initialization failed') from exc\n"
+        "            except Exception:\n"
+        "                print('caught')\n"
+        "            raise_if_stopped()\n"
+        "            print('went on')\n"
+        "except Terminated:\n"
+        "    print('terminated')\n"
+        "raise_if_stopped()\n"
+    )
+    done = run_program(program)
+    assert done.stdout.split() == ["caught", "terminated"], (done.stdout, done.stderr)
+    assert done.returncode == 0, done.stderr

@@ -43,6 +43,7 @@ from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.model import MultiTaskRCNN
 from splitdet.shared.progress import progress_off
+from splitdet.shared.sigterm import stop_behind
 from splitdet.training.epoch_records import (
     BestEpoch,
     describe_best,
@@ -429,6 +430,9 @@ def _catch_up_plot(run: _Run, *, quiet: bool = False) -> None:
     try:
         _plot(run)
     except Exception as error:
+        stop = stop_behind(error)  # (SIGTERM or Ctrl-C while matplotlib's extensions load)
+        if stop is not None:
+            raise stop from None
         if not quiet:
             raise
         log.warning("learning_curve.png not redrawn: %s", error)

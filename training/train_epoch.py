@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 
 from splitdet.shared.checkpoint import calibration_source
 from splitdet.shared.model import MultiTaskRCNN, box_iou_min_side
+from splitdet.shared.sigterm import raise_if_stopped
 from splitdet.training.presets import TrainConfig
 from splitdet.training.schedule import WarmupCosine
 
@@ -129,6 +130,7 @@ def train_one_epoch(
         position=1,
     )
     for images, targets in bar:
+        raise_if_stopped()  # (a SIGTERM something caught on the way: see its docstring)
         spent = clock.exhausted()
         if _agree(spent or (max_iters is not None and iters >= max_iters), device):
             budget_cut = spent
