@@ -13,14 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[full,test]"
 	touch $(STAMP)
 
-# Three workers, a test module each at a time (its fixtures are made once), the slowest
-# modules first (tests/conftest.py SLOW_MODULES; xdist's own order, most tests first, left an
-# 80 s module to the end). Four were faster (721 s against 829 s) but three of four CI runs at
-# four failed on timing: two test races since mended, and a training run that did not stop on
-# SIGTERM within 90 s (not yet understood); three workers passed CI run after run.
+# Four workers on 2 cores (the suite waits on processes and sockets as much as it computes),
+# a test module each at a time (its fixtures are made once), the slowest modules first
+# (tests/conftest.py SLOW_MODULES; xdist's own order, most tests first, left an 80 s module to
+# the end). Four at first failed CI runs on timing: each was a fault found and mended (two test
+# races, a training run that lost SIGTERM inside a finaliser); three workers took ~15 minutes.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 # The whole system on built-in defaults; data, the trained model and the export are cached in
 # .cache/demo, so a second run takes minutes.
