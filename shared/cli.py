@@ -648,14 +648,14 @@ def _main(argv: Sequence[str] | None, stdout: GuardedStdout) -> int:
             raise
         print(f"splitdet: error: {thread_limit_message(exc)}", file=sys.stderr)
         return 2
-    with sigterm_as_interrupt():
-        try:
+    try:
+        with sigterm_as_interrupt():
             parser = build_parser()
             raw = list(sys.argv[1:] if argv is None else argv)
             args = _parse(parser, raw)  # (no command, or no action: argparse's error, exit 2)
-        except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the modules import)
-            return _stopped("splitdet", exc)
-        return _run_command(args, raw, stdout)
+            return _run_command(args, raw, stdout)
+    except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the modules import, or as
+        return _stopped("splitdet", exc)  # its handler is set: `signal.signal` not returned)
 
 
 def _parse(parser: argparse.ArgumentParser, raw: list[str]) -> argparse.Namespace:

@@ -81,7 +81,8 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     signal once received (a command that meets another error while unwinding can tell). A
     second SIGTERM while it unwinds is ignored. The handler before is put back after (commands
     run in-process by `splitdet demo` nest), unless another was set inside and left there.
-    Outside the main thread, where no handler can be set, nothing changes."""
+    Outside the main thread, where no handler can be set, nothing changes. A SIGTERM met as
+    the handler is set raises from the `with` line itself: catch KeyboardInterrupt around it."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -105,10 +106,12 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         resent[0] = resent[0] or issubclass(unraisable.exc_type, Terminated)
         _send_again(signum, unraisable, hook_before)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
     sys.unraisablehook = on_unraisable
     _OPEN.append(received)
-    try:
+    try:  # (a SIGTERM as soon as the handler is set raises before `signal.signal` returns:
+        # Terminated out of the `with` line, the handler put back by the `finally`)
+        signal.signal(signal.SIGTERM, on_sigterm)
         yield received
     finally:
         _close(received)

@@ -229,3 +229,39 @@ def test_a_sigterm_while_matplotlib_loads_stops_training(tmp_path):
     ), done.stderr
     assert done.returncode == 143, done.stderr
     assert (run / "last.pt").is_file()  # (epoch 0's, kept)
+
+
+#: `splitdet ARGV` whose SIGTERM handler, once set, gets a SIGTERM before `signal.signal`
+#: returns (a container's stop met as `main` begins).
+AS_THE_HANDLER_IS_SET = """
+import os, signal, sys
+
+real = signal.signal
+
+def signal_then_sigterm(signum, handler):
+    previous = real(signum, handler)
+    if signum == signal.SIGTERM and callable(handler):
+        signal.signal = real
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**5):  # (the handler runs between two bytecodes: here)
+            pass
+    return previous
+
+signal.signal = signal_then_sigterm
+from splitdet.shared.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_as_main_sets_its_handler_is_one_line(tmp_path):
+    """The handler raised Terminated before `signal.signal` had returned, outside the `try`
+    that stops a command: a traceback, exit 1 (a CI run of the PID-1 container test sent its
+    SIGTERM the moment the handler showed in /proc). Now: the stop line, exit 143."""
+    done = subprocess.run(
+        [sys.executable, "-c", AS_THE_HANDLER_IS_SET, "data", "check", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr.strip() == "splitdet: stopped on SIGTERM", done.stderr
+    assert done.returncode == 143
