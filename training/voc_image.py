@@ -152,23 +152,18 @@ def _refuse_what_the_edge_refuses(img: Image.Image, image_path: Path) -> None:
         )
 
 
-#: The signatures `check_written` looks at a tail for (JPEG, PNG): a file of another format
-#: whose tail is zeros (an uncompressed TIFF, BMP or PGM, black at its bottom) is not read whole.
-_CHECKED_FOR_A_TAIL = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")
-
-
-def _refuse_unwritten(image_path: Path) -> None:
+def _refuse_unwritten(image_path: Path, image_format: str | None) -> None:
     """`VocError` in the edge's words (`preprocess.check_written`) when the image file's tail
     is zeros before its image data ends (not all written, or cut short and padded): read whole
-    only when it is a JPEG or PNG (`_CHECKED_FOR_A_TAIL`) whose last UNWRITTEN_TAIL_BYTES bytes
-    are all zeros, else a read of its first bytes (and of those last ones), so the
-    header read stays cheap and `train`, `data split` and `data check` refuse the file before
-    any training, as the edge would."""
+    only when it is a JPEG or PNG (``image_format``, as Pillow's header read named it: a TIFF,
+    BMP or PGM black at its bottom is not read) whose last UNWRITTEN_TAIL_BYTES bytes are all
+    zeros, else a read of those last ones, so the header read stays cheap and `train`, `data
+    split` and `data check` refuse the file before any training, as the edge would."""
     from splitdet.edge.preprocess import UNWRITTEN_TAIL_BYTES, ImageError, check_written
 
+    if image_format not in ("JPEG", "PNG"):  # (the formats `check_written` looks at)
+        return
     with open(image_path, "rb") as file:
-        if not file.read(8).startswith(_CHECKED_FOR_A_TAIL):  # (another format: not read)
-            return
         size = file.seek(0, io.SEEK_END)
         if size < UNWRITTEN_TAIL_BYTES:
             return
@@ -193,7 +188,7 @@ def _image_header(image_path: Path, ann_path: Path | None) -> tuple[tuple[int, i
         with Image.open(image_path) as img:
             _refuse_past_the_edge_limits(img, image_path)
             _refuse_what_the_edge_refuses(img, image_path)
-            _refuse_unwritten(image_path)
+            _refuse_unwritten(image_path, img.format)
             return img.size, _orientation(img, image_path)
     except VocError:
         raise
