@@ -7,12 +7,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from splitdet.bench.systems import SAME_ENGINES, Outcome
+from splitdet.shared.agg_pyplot import agg_pyplot
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
@@ -562,16 +562,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> ModuleType:
-    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 #: Each system's colour and marker in every figure of the benchmark (`system_style`): a system
 #: looks the same in time_vs_defect_rate.png, reduction_vs_defect_rate.png and
 #: bytes_vs_map_kept.png, whichever systems are drawn beside it (matplotlib's colour cycle
@@ -721,7 +711,7 @@ def time_figure(report: dict) -> Figure:
     one curve per system in its `system_style`, labelled as report.md's rows (a perfect gate's
     as an upper bound), with their 95% confidence intervals as error bars; under it the model
     and report.md's flags (`figure_caveats`)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
 
     rates = sorted(report["rates"], key=float)
     systems = list(report["rates"][rates[0]])
@@ -752,7 +742,7 @@ def reduction_figure(report: dict) -> Figure:
     bound in its own legend entry: the title covers the systems without a gate too) with its
     95% confidence intervals as error bars, and the paper's reported ones
     (`PAPER_REPORTED_LABEL`); under it the model and report.md's flags."""
-    plt = _pyplot()
+    plt = agg_pyplot()
 
     rates = sorted(report["rates"], key=float)
     systems = list(report["rates"][rates[0]])
@@ -816,7 +806,7 @@ def rate_distortion_figure(report: dict) -> Figure:
     """Bytes per defective image vs mAP kept, per codec (in its system's `system_style`) and
     JPEG quality (the JPEG baseline's); when none has a mAP kept (the monolithic mAP under
     `MAP_KEPT_FLOOR`) no axes, only `MAP_NOT_PLOTTED` and why."""
-    plt = _pyplot()
+    plt = agg_pyplot()
 
     rd = report["rate_distortion"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -25,6 +25,8 @@ An extension module whose initialisation a stop signal interrupts (pybind11's: o
 raises ImportError("initialization failed") with the Terminated as its cause: `stop_behind`
 finds it, and `main` ends the command as stopped, not with that error (`edge run` sent
 SIGTERM while it imported ONNX Runtime: "error: ImportError: initialization failed", exit 1).
+Some extensions left so cannot exit: matplotlib's ft2font aborted the interpreter at exit
+(exit status 134, not 143). `stops_held` holds the stop signals while such a module loads.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
-__all__ = ["SIGTERM_EXIT", "Terminated", "raise_if_stopped", "sigterm_as_interrupt", "stop_behind"]
+__all__ = [
+    "SIGTERM_EXIT",
+    "Terminated",
+    "raise_if_stopped",
+    "sigterm_as_interrupt",
+    "stop_behind",
+    "stops_held",
+]
 
 #: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports its default action.
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -52,6 +61,9 @@ RESEND_DELAY_S = 0.05
 #: run`'s StoppedBeforeStart), `sigval` (torch elastic's SignalException, raised by the
 #: handler torchrun sets in the `train --nproc-per-node` launcher).
 SIGNUM_ATTRIBUTES = ("signum", "sigval")
+
+#: The signals a command stops on, which `stops_held` holds: SIGTERM and Ctrl-C's SIGINT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Terminated(KeyboardInterrupt):
@@ -122,6 +134,48 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if sys.unraisablehook is on_unraisable:
             sys.unraisablehook = hook_before
+
+
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """Hold SIGTERM and Ctrl-C (SIGINT) while inside, for code that a stop must not cut short:
+    the first one met is raised as the block is left (by the handler it was held from, as it
+    would have been raised inside), after the block's own work, and before any exception the
+    block raised. Only a handler set from Python is held: a signal whose action is the default
+    (a SIGTERM outside a command's `sigterm_as_interrupt`) or ignored acts as before. Outside
+    the main thread, where no handler can be set, nothing changes.
+
+    An extension module whose initialisation a stop interrupts may leave the interpreter unable
+    to exit: matplotlib's ft2font, interrupted as it built its enums, ended a stopped `splitdet
+    train` (its learning curve's first import) in "Fatal Python error: PyThreadState_Get" and
+    SIGABRT (exit status 134), after its stop line. Import such a module inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    handlers: dict[int, Callable[[int, FrameType | None], object]] = {}
+    closed = [False]  # after it: a signal passes to its handler (the block is being left)
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if closed[0]:  # (met as the handlers are put back, before this one's turn)
+            handlers[signum](signum, frame)
+        else:
+            held.append(signum)
+
+    try:
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handlers[signum] = handler
+                signal.signal(signum, hold)
+        yield
+    finally:
+        closed[0] = True
+        for signum, handler in handlers.items():
+            if signal.getsignal(signum) is hold:  # (unless the block set its own)
+                signal.signal(signum, handler)
+        if held:
+            handlers[held[0]](held[0], None)
 
 
 def _close(received: list[int]) -> None:

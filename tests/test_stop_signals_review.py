@@ -209,8 +209,10 @@ def test_a_sigterm_while_matplotlib_loads_stops_training(tmp_path):
     """A run draws its learning curve after its first epoch, importing matplotlib then: a
     SIGTERM met in an extension's initialisation there came out as ImportError, which the
     plot's `except Exception` logged ("learning_curve.png not redrawn: initialization
-    failed"); the run trained on and ignored every later SIGTERM. Now it stops there, and a
-    loop's safe point (`sigterm.raise_if_stopped`) stops one whose stop was caught elsewhere."""
+    failed"); the run trained on and ignored every later SIGTERM. Now matplotlib is imported
+    with the stop held (`sigterm.stops_held`): the run stops once the import is done, not
+    inside it. (This stand-in for matplotlib is empty: the redraw as the run ends then fails
+    on it, "not redrawn: ... no attribute 'use'", where matplotlib's own would draw.)"""
     from support import make_tiny_voc, train_argv
 
     data = make_tiny_voc(tmp_path / "voc", n_defective=2, n_free=1)
@@ -223,7 +225,7 @@ def test_a_sigterm_while_matplotlib_loads_stops_training(tmp_path):
         text=True,
         timeout=180,
     )  # fmt: skip
-    assert "not redrawn" not in done.stderr, done.stderr
+    assert "initialization failed" not in done.stderr, done.stderr  # (the import was whole)
     assert (
         done.stderr.strip().splitlines()[-1].startswith("splitdet train: stopped on SIGTERM; ")
     ), done.stderr

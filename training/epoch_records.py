@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from splitdet.shared.agg_pyplot import agg_pyplot
 from splitdet.shared.atomic_file import atomic_write, replacing
 
 #: Validation metrics (`evaluate`'s keys) as logs and messages name them.
@@ -184,10 +185,7 @@ def plot_learning_curve(
     title names `run_name`, `preset` and `data` (default: the last row's "run", "preset" and
     "data", which metrics.json records, so that a curve drawn again from it is the same).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
     from matplotlib.ticker import MaxNLocator
 
     run_name = run_name or (history[-1].get("run") if history else None)
