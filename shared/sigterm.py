@@ -16,7 +16,8 @@ traceback on stderr) was lost, and with it the stop. A `splitdet train` sent SIG
 matplotlib's transforms were collected went on training, and ignored every later SIGTERM as
 "already unwinding" until the SIGKILL. Inside `sigterm_as_interrupt` such a swallowed
 Terminated or KeyboardInterrupt is sent again (the same signal, from a short-lived thread a
-moment later, once the finaliser has returned), with no traceback. So is any other exception a
+moment later, once the finaliser has returned), with no traceback; a context left before
+then raises the stop itself as it ends, the signal not sent. So is any other exception a
 handler raises, when it carries its signal (`SIGNUM_ATTRIBUTES`): `edge run`'s
 StoppedBeforeStart, met so during its start-up, was lost and the start-up went on; torchrun's
 SignalException, which the `train --nproc-per-node` launcher stops its ranks on, alike.
@@ -94,18 +95,24 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     second SIGTERM while it unwinds is ignored. The handler before is put back after (commands
     run in-process by `splitdet demo` nest), unless another was set inside and left there.
     Outside the main thread, where no handler can be set, nothing changes. A SIGTERM met as
-    the handler is set raises from the `with` line itself: catch KeyboardInterrupt around it."""
+    the handler is set raises from the `with` line itself, and one met as the context is left
+    (or a swallowed stop not yet sent again) raises as the block has ended, the context's
+    cleanup done: catch KeyboardInterrupt around the `with`."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
     resent = [False]  # a Terminated was swallowed: the SIGTERM sent again raises anew
+    closing = [False, False]  # the context is being left; a SIGTERM was met meanwhile
 
     def on_sigterm(signum: int, _frame: FrameType | None) -> None:
         if received and not resent[0]:  # already unwinding: let it finish
             return
         resent[0] = False
         received[:] = [signum]
+        if closing[0]:  # (raised once the context is left: its `finally` not cut short)
+            closing[1] = True
+            return
         raise Terminated
 
     hook_before = sys.unraisablehook
@@ -116,16 +123,22 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
             hook_before(unraisable)
             return
         resent[0] = resent[0] or issubclass(unraisable.exc_type, Terminated)
-        _send_again(signum, unraisable, hook_before)
+        if not resends.schedule(signum):  # ("can't start new thread": shown as Python would)
+            hook_before(unraisable)
 
     previous = signal.getsignal(signal.SIGTERM)
+    resends = _Resends()
     sys.unraisablehook = on_unraisable
     _OPEN.append(received)
+    ended = False  # the block ended without an exception
     try:  # (a SIGTERM as soon as the handler is set raises before `signal.signal` returns:
         # Terminated out of the `with` line, the handler put back by the `finally`)
         signal.signal(signal.SIGTERM, on_sigterm)
         yield received
+        ended = True
     finally:
+        closing[0] = True
+        unsent = resends.close()
         _close(received)
         # put back unless the command set its own meanwhile and left it (the cloud
         # ignores a late signal while its stopped process exits: its choice stands); None: a
@@ -134,6 +147,10 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if sys.unraisablehook is on_unraisable:
             sys.unraisablehook = hook_before
+    if ended and closing[1]:
+        raise Terminated
+    if ended and unsent:  # a swallowed stop the block ended before it was sent again
+        _stop_now(unsent[0], received)
 
 
 @contextlib.contextmanager
@@ -217,17 +234,60 @@ def _swallowed_signal(unraisable: sys.UnraisableHookArgs) -> int | None:
     return None
 
 
-def _send_again(
-    signum: int,
-    unraisable: sys.UnraisableHookArgs,
-    hook_before: Callable[[sys.UnraisableHookArgs], object],
-) -> None:
-    """Send `signum` to this process again in RESEND_DELAY_S s, from a thread: its exception
-    was raised inside a finaliser, which swallowed it (`unraisable`, handed to `hook_before`,
-    as Python would have shown it, when no thread can be started)."""
-    timer = threading.Timer(RESEND_DELAY_S, os.kill, (os.getpid(), signum))
-    timer.daemon = True
-    try:
-        timer.start()
-    except RuntimeError:  # ("can't start new thread")
-        hook_before(unraisable)
+class _Resends:
+    """The stop signals one `sigterm_as_interrupt` context sends again, each from a thread
+    RESEND_DELAY_S s after a finaliser swallowed its exception, until the context closes: one
+    not yet sent then is not sent at all (sent after the context, it met the handler that was
+    before it, the default: the process died by the signal with no stop line), and the
+    context stops the command itself (`_stop_now`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[threading.Timer, int] = {}
+        self._closed = False
+
+    def schedule(self, signum: int) -> bool:
+        """Send `signum` to this process in RESEND_DELAY_S s; False if no thread could be
+        started for it."""
+        timer = threading.Timer(RESEND_DELAY_S, lambda: self._send(timer))
+        timer.daemon = True
+        with self._lock:
+            if self._closed:
+                return True
+            self._pending[timer] = signum
+        try:
+            timer.start()
+        except RuntimeError:  # ("can't start new thread")
+            with self._lock:
+                self._pending.pop(timer, None)
+            return False
+        return True
+
+    def _send(self, timer: threading.Timer) -> None:
+        with self._lock:
+            signum = self._pending.pop(timer, None)
+            if signum is not None:  # (not closed meanwhile: `close` empties it)
+                os.kill(os.getpid(), signum)
+
+    def close(self) -> list[int]:
+        """Send nothing more; the signals not sent yet, in the order they were met."""
+        with self._lock:
+            self._closed = True
+            unsent = list(self._pending.values())
+            for timer in self._pending:
+                timer.cancel()
+            self._pending.clear()
+        return unsent
+
+
+def _stop_now(signum: int, received: list[int]) -> None:
+    """Stop as the handler of `signum` would have, for a stop a finaliser swallowed and the
+    context closed before sending again: Terminated for SIGTERM (`received` set), a
+    KeyboardInterrupt for SIGINT, and another signal (its exception carried it: edge's
+    start-up stop, torchrun's) sent now, to the handler in place after the context."""
+    if signum == signal.SIGTERM:
+        received[:] = [int(signum)]
+        raise Terminated
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), signum)

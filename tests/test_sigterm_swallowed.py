@@ -100,3 +100,73 @@ def test_a_loop_s_safe_point_raises_a_sigterm_caught_on_the_way():
     done = run_program(program)
     assert done.stdout.split() == ["caught", "terminated"], (done.stdout, done.stderr)
     assert done.returncode == 0, done.stderr
+
+
+#: A program whose `sigterm_as_interrupt` block ends right after a finaliser swallowed
+#: {signal}'s exception, before it is sent again (RESEND_DELAY_S later); it then stays 0.5 s.
+ENDS_FIRST = (
+    FINALISER
+    + """
+from splitdet.shared.sigterm import Terminated, sigterm_as_interrupt
+
+def swallowed():
+    thing = Collected()
+    ref = weakref.ref(thing, finaliser)
+    del thing  # the callback runs now
+
+try:
+    with sigterm_as_interrupt() as received:
+        swallowed()
+    print("went on")
+except Terminated:
+    print("terminated", received)
+except KeyboardInterrupt:
+    print("interrupted", received)
+time.sleep(0.5)  # (a signal sent again after the context would end the process here)
+print("alive", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("SIGTERM", ["terminated [15]", "alive True"]), ("SIGINT", ["interrupted []", "alive True"])],
+)
+def test_a_swallowed_stop_the_block_outran_stops_the_command_as_it_ends(name, said):
+    """A stop a finaliser swallowed is sent again 50 ms later; a block that ended within those
+    50 ms left the context first, and the signal met the handler that was before it: the
+    process died of SIGTERM with no stop line. Now the context cancels the signal it had not
+    sent yet and raises the stop itself as it ends."""
+    done = run_program(ENDS_FIRST.format(signal=name))
+    assert done.stdout.strip().splitlines() == said, (done.stdout, done.stderr)
+    assert done.stderr == "", done.stderr
+    assert done.returncode == 0
+
+
+def test_a_sigterm_met_as_the_context_ends_stops_the_command_once_it_has_ended():
+    """A SIGTERM met in the context's own `finally` raised Terminated there, cutting it short:
+    the handler and the unraisable hook of the finished command stayed in place. Now it is
+    raised once the context has ended, with both put back. (The signal is sent from inside
+    the `finally`, as it takes the context off the open ones.)"""
+    program = (
+        "import os, signal, sys\n"
+        "from splitdet.shared import sigterm\n"
+        "close = sigterm._close\n"
+        "def close_on_a_sigterm(received):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for _ in range(10**5):  # (the handler runs between two bytecodes: here)\n"
+        "        pass\n"
+        "    return close(received)\n"
+        "sigterm._close = close_on_a_sigterm\n"
+        "hook = sys.unraisablehook\n"
+        "try:\n"
+        "    with sigterm.sigterm_as_interrupt() as received:\n"
+        "        pass\n"
+        "    print('went on')\n"
+        "except sigterm.Terminated:\n"
+        "    print('terminated', received)\n"
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, sys.unraisablehook is hook)\n"
+    )
+    done = run_program(program)
+    assert done.stdout.strip().splitlines() == ["terminated [15]", "True True"], done.stderr
+    assert done.returncode == 0, done.stderr
