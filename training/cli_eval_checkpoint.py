@@ -29,6 +29,7 @@ from splitdet.training.cli_eval_report import (
 )
 
 if TYPE_CHECKING:  # the handlers import these when they run
+    from splitdet.shared.config import ModelConfig
     from splitdet.shared.model import MultiTaskRCNN
     from splitdet.training.evaluate_predict import Prediction
     from splitdet.training.voc import VocSample
@@ -97,6 +98,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                     f"{split_file}: {what} to calibrate the gate threshold on; "
                     + _other_calibration(args.calibrate_split, checkpoint)
                 )
+        _refuse_too_elongated(args, model.config, samples, calibration)
         provenance = _provenance(args, (model, checkpoint), samples, calibration)
         evaluated = [
             _evaluate_one(args, one, samples, calibration)
@@ -451,3 +453,22 @@ def _other_calibration(split: str, checkpoint: dict) -> str:
         "images give an optimistic threshold, as the model has seen them), or --calibrate-split "
         f"none to keep the checkpoint's threshold ({threshold:g}, {state})"
     )
+
+
+def _refuse_too_elongated(
+    args: argparse.Namespace, config: ModelConfig, samples: list, calibration: list | None
+) -> None:
+    """Raise ValueError naming the images of the split evaluated (and the calibration split)
+    that the model's input would shrink to under 1 px on a side, before any is predicted
+    (torch's traceback met them mid-split)."""
+    from splitdet.training.voc_check_boxes import too_elongated_refusal
+
+    for where, split in (
+        (_split_path(args.data, args.split), samples),
+        (_split_path(args.calibrate_data or args.data, args.calibrate_split), calibration or []),
+    ):
+        refusal = too_elongated_refusal(
+            split, config.min_size, config.max_size, where, "the model's input size"
+        )
+        if refusal is not None:
+            raise ValueError(refusal)

@@ -46,6 +46,7 @@ def _read_samples(
         val_samples = _validation_subset(all_val, config.eval_images)
     if not train_samples:
         raise ValueError(f"{data_dir}: the train split is empty")
+    _refuse_too_elongated(config, data_dir, train_samples, val_samples)
     if not any(s.is_defective for s in train_samples):
         # as `splitdet data check` reports it; --eval-every 0 trained on such a split to exit 0
         raise voc.VocError(
@@ -78,6 +79,21 @@ def _read_samples(
             "--eval-every 0"
         )
     return train_samples, val_samples
+
+
+def _refuse_too_elongated(config: TrainConfig, data_dir: Path, train: list, val: list) -> None:
+    """Raise ValueError naming the train and validation images (`VocSample`s) that the model's
+    input would shrink to under 1 px on a side (`voc_check_boxes.too_elongated`): found before
+    any training, not as torch's traceback when the epoch meets one."""
+    from splitdet.training.voc_check_boxes import too_elongated_refusal
+
+    mc = config.model
+    refusal = too_elongated_refusal(
+        [*train, *val], mc.min_size, mc.max_size, data_dir / "ImageSets" / "Main",
+        f"preset {config.name}'s input size (train and val splits)",
+    )  # fmt: skip
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _validation_subset(samples: list, n: int | None) -> list:

@@ -25,7 +25,7 @@ does), Pillow and the edge's torch-free `preprocess`: no torch.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from splitdet.training.voc_check_boxes import (
     input_scale_text,
     model_input,
     thin_box_warning,
+    too_elongated,
     trained_boxes,
     untrained_class_warning,
 )
@@ -231,6 +232,7 @@ def check_dataset(
     thin = thin_box_warning(list(samples.values()), preset, root / "Annotations")
     if thin is not None:
         report.warnings.append(thin)
+    report.problems += _too_elongated_problems(samples.values(), preset)
 
     listed = _check_splits(root, report, annotated, samples, class_names)
     _check_record(root, report)
@@ -256,3 +258,15 @@ def check_dataset(
             f"alone, so train with --classes {names} (check with --classes the same way)"
         )
     return report
+
+
+def _too_elongated_problems(samples: Iterable[voc.VocSample], preset: str) -> list[str]:
+    """A problem per image that the `preset`'s input would shrink to under 1 px on a side
+    (`too_elongated`): `splitdet train` refuses it, and so does the edge."""
+    from splitdet.training.presets import PRESETS
+
+    model = PRESETS[preset].model
+    return [
+        f"{line}, at the {preset} preset's input; train and the edge refuse it"
+        for line in too_elongated(samples, model.min_size, model.max_size)
+    ]

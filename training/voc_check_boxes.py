@@ -2,7 +2,8 @@
 `splitdet train` and its pre-run checks.
 
 Boxes too thin to see once images are scaled to a preset's input size (`model_input`,
-`input_scale_text`, `thin_box_warning`), boxes per class (`class_boxes`, `trained_boxes`)
+`input_scale_text`, `thin_box_warning`), images too elongated to scale to it at all
+(`too_elongated`), boxes per class (`class_boxes`, `trained_boxes`)
 and the classes left with none to train on (`untrained_class_warning`), class names that
 differ only in case or Unicode normalisation (`case_twin_warnings`), names that cannot be given
 in ``--classes`` (`comma_class_problems`) and the ``--classes`` to give (`classes_option`).
@@ -19,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from splitdet.edge.preprocess import input_scale
+from splitdet.edge.preprocess import ImageError, input_scale, resized_size
 from splitdet.training import voc
 from splitdet.training.voc_annotations import unicode_twin, unicode_twin_text
 from splitdet.training.voc_check_images import annotated_ids
@@ -32,6 +33,8 @@ __all__ = [
     "input_scale_text",
     "model_input",
     "thin_box_warning",
+    "too_elongated",
+    "too_elongated_refusal",
     "trained_boxes",
     "untrained_class_warning",
 ]
@@ -68,6 +71,37 @@ def input_scale_text(
     if len(counts) > most:
         parts.append(f"and {len(counts) - most} other sizes")
     return "; ".join(parts)
+
+
+def too_elongated(samples: Iterable[voc.VocSample], min_size: int, max_size: int) -> list[str]:
+    """One line per image of ``samples`` that a model's input would shrink to under 1 px on a
+    side (a 2000x1 image at the tiny preset's 128/160): its path and the edge's words for it
+    (`preprocess.resized_size`, which refuses it as it reads). Training on one ended in
+    torch's traceback ("Input and output sizes should be greater than 0") mid-epoch."""
+    lines = []
+    for sample in samples:
+        try:
+            resized_size(sample.height, sample.width, min_size, max_size)
+        except ImageError as exc:
+            lines.append(f"{sample.image_path}: {exc}")
+    return lines
+
+
+def too_elongated_refusal(
+    samples: Iterable[voc.VocSample], min_size: int, max_size: int, where: Path, reader: str
+) -> str | None:
+    """The refusal of a command that would read ``samples`` at a model's input (``reader``:
+    e.g. "the model's input size") when some are too elongated for it (`too_elongated`): it
+    starts with ``where`` (the split), names the first three and how many more, and says
+    what to do; None when there are none."""
+    lines = too_elongated(samples, min_size, max_size)
+    if not lines:
+        return None
+    more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
+    return (
+        f"{where}: {len(lines)} image(s) cannot be read at {reader}: {'; '.join(lines[:3])}"
+        f"{more}; take them out of the split (the edge refuses such images too)"
+    )
 
 
 def _thin_at_input(samples: Iterable[voc.VocSample], min_size: int, max_size: int) -> int:
