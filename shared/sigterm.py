@@ -242,7 +242,8 @@ class _Resends:
     context stops the command itself (`_stop_now`)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # (re-entrant: a finaliser the garbage collector runs inside `close` may schedule)
+        self._lock = threading.RLock()
         self._pending: dict[threading.Timer, int] = {}
         self._closed = False
 
