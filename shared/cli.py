@@ -779,13 +779,13 @@ def _handled(args: argparse.Namespace, stdout: GuardedStdout) -> int:
 
 def _handler_status(args: argparse.Namespace) -> int:
     """The command's handler's exit status, torch's import readied first for a command that
-    imports it (`_before_torch_imports`). A stop signal that interrupted an extension
+    imports it (`before_torch_imports`). A stop signal that interrupted an extension
     module's initialisation, which said it as an ImportError ("initialization failed"), is
     raised as the KeyboardInterrupt it was (`sigterm.stop_behind`): the command was stopped,
     it did not fail."""
     try:
         if _needs_torch(args):
-            _before_torch_imports()
+            before_torch_imports()
         return int(args.handler(args) or 0)
     except ImportError as exc:
         stop = stop_behind(exc)
@@ -794,7 +794,7 @@ def _handler_status(args: argparse.Namespace) -> int:
         raise stop from None
 
 
-def _before_torch_imports() -> None:
+def before_torch_imports() -> None:
     """Ready this process for the command's import of torch, so that a stop signal met while
     it imports stops the command with its one line:
 

@@ -267,3 +267,25 @@ def test_a_sigterm_as_main_sets_its_handler_is_one_line(tmp_path):
     )
     assert done.stderr.strip() == "splitdet: stopped on SIGTERM", done.stderr
     assert done.returncode == 143
+
+
+def test_a_training_rank_imports_numpy_before_torch(tmp_path):
+    """A rank of `train --nproc-per-node` (or torchrun) starts at `cli_train.main`, not at
+    `splitdet`'s: torch imported numpy there, from its C extension, which drops a SIGTERM met
+    in that import (see the test above). The rank readies torch's import as `main` does."""
+    program = (
+        "import sys\n"
+        "order = []\n"
+        "def on_audit(event, args):\n"
+        "    if event == 'import' and args[0] in ('numpy', 'torch'):\n"
+        "        order.append(args[0])\n"
+        "sys.addaudithook(on_audit)\n"
+        "from splitdet.training.cli_train import main\n"
+        f"status = main(['--data', {str(tmp_path / 'none')!r}, '--out', "
+        f"{str(tmp_path / 'run')!r}])\n"
+        "print(status, *order)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.stdout.split() == ["2", "numpy", "torch"], (done.stdout, done.stderr)
+    assert "split file not found" in done.stderr  # (torch imported before the data is read)

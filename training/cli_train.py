@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
     import os
 
-    from splitdet.shared.cli import CommandError, Parser, add_log_level
+    from splitdet.shared.cli import CommandError, Parser, add_log_level, before_torch_imports
     from splitdet.shared.logs import TextLogFormatter
     from splitdet.shared.parent_death import die_with_parent
     from splitdet.shared.stdout_guard import tolerate_unencodable_output
@@ -565,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(TextLogFormatter())
     level = getattr(args, "log_level", None) or os.environ.get(LOG_LEVEL_ENV, "INFO")
     logging.basicConfig(level=level, handlers=[handler])
+    before_torch_imports()  # (as `splitdet train` readies its own: a stop met in torch's import)
 
     try:
         return run(args)
