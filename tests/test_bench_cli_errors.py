@@ -103,6 +103,31 @@ def test_a_split_without_the_images_a_rate_needs_is_named_before_anything_runs(
     assert not out.exists()  # no server started, no report
 
 
+def test_an_image_too_elongated_for_the_model_is_named_before_anything_runs(
+    exported, tiny_dataset, tmp_path, capsys
+):
+    """Its torch baselines ended in torch's traceback on it ("Input and output sizes should be
+    greater than 0"); the edge refused it by name."""
+    import shutil
+
+    import numpy as np
+
+    from splitdet.training import voc
+
+    from support import write_voc_image
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    write_voc_image(data, "sliver", np.full((1, 4000, 3), 90, np.uint8), [])
+    voc.write_split(data, "test", [*voc.read_split_ids(data, "test"), "sliver"])
+    out = tmp_path / "out"
+    assert main(_bench(exported, data, out, "--defect-rates", "0,0.5", "--images", "2")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"splitdet bench: error: {data / 'ImageSets' / 'Main' / 'test.txt'}")
+    assert "sliver.png: 4000x1 px is too elongated for the model's input size" in line, line
+    assert not out.exists()  # no server started, no report
+
+
 def test_a_checkpoint_whose_edge_half_differs_from_the_export_is_named(
     exported, tiny_dataset, tmp_path, capsys
 ):
