@@ -10,6 +10,7 @@ modules load when a handler calls in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sqlite3
 import time
@@ -104,6 +105,18 @@ def parse_since(text: str, now: float | None = None, option: str = "--since") ->
 
     now = time.time() if now is None else now
     text = text.strip()
+    when = _parse_when(text, now, option)
+    if when is None:
+        raise CommandError(
+            f"{option} {text!r}: expected 30s, 15m, 2h or 7d (optionally with ' ago': '2h "
+            "ago'), an ISO time (2024-05-01T08:00) or unix seconds"
+        )
+    return _on_the_calendar(when, text, option)
+
+
+def _parse_when(text: str, now: float, option: str) -> float | None:
+    """`parse_since`'s reading of the stripped `text` into unix seconds, None when it is no
+    WHEN; a CommandError for a local time a daylight saving change makes unclear."""
     ago = _duration_ago(text)
     if ago is not None:
         return now - ago
@@ -127,10 +140,32 @@ def parse_since(text: str, now: float | None = None, option: str = "--since") ->
             return when.timestamp()
         except (ValueError, OverflowError, OSError):  # (e.g. year 1 or 9999: out of range)
             pass
-    raise CommandError(
-        f"{option} {text!r}: expected 30s, 15m, 2h or 7d (optionally with ' ago': '2h ago'), "
-        "an ISO time (2024-05-01T08:00) or unix seconds"
-    )
+    return None
+
+
+def _on_the_calendar(when: float, text: str, option: str) -> float:
+    """`when` (unix s) when a clock can show it (`clock_text`: the years 1 to 9999); else a
+    CommandError naming `option`. A script's milliseconds (JavaScript's Date.now()) taken as
+    seconds fall in the year 58000: `edge status` and `edge collect` failed with a traceback
+    printing such a window, and `edge results` silently matched no row against it."""
+    from splitdet.shared.cli import CommandError
+
+    if _clock_shows(when):
+        return when
+    hint = ""
+    with contextlib.suppress(ValueError):
+        if _clock_shows(float(text) / 1000):
+            hint = f"; as milliseconds it is {clock_text(float(text) / 1000)}: give unix seconds"
+    raise CommandError(f"{option} {text!r}: a time outside the years 1 to 9999{hint}")
+
+
+def _clock_shows(when: float) -> bool:
+    """Whether `clock_text` can write the unix seconds `when` (a local time in 1..9999)."""
+    try:
+        clock_text(when)
+    except (ValueError, OverflowError, OSError):
+        return False
+    return True
 
 
 def _refuse_unclear_local_time(text: str, when: datetime, option: str = "--since") -> None:
