@@ -20,6 +20,7 @@ from splitdet.training.run_checks import (
     no_validation,
     untrained_classes,
 )
+from splitdet.training.voc_check_splits import all_difficult_problem
 
 # the lines of `splitdet train`, whichever module says them
 log = logging.getLogger("splitdet.training.train")
@@ -31,8 +32,8 @@ def _read_samples(
     """(train, validation): the `VocSample`s of `data_dir`'s train split and those of its val
     split a validation pass evaluates (`_validation_subset`; none without val.txt or with
     --eval-every 0). Rank 0 logs the inputs and warns of what would mislead the run (`run_checks`).
-    Raises VocError (no defective train image) and ValueError (an empty train split, validation
-    images with no object)."""
+    Raises VocError (no defective train image, validation images whose every object is
+    difficult) and ValueError (an empty train split, validation images with no object)."""
     from splitdet.training import voc
     from splitdet.training.evaluate import DEFAULT_TARGET_RECALL, calibration_shortfall
 
@@ -78,6 +79,10 @@ def _read_samples(
             "object, so the gate cannot be calibrated; add defective images to val, or "
             "--eval-every 0"
         )
+    if val_samples and not any(not o.difficult for s in val_samples for o in s.objects):
+        # mAP leaves difficult objects out: no pass would score an epoch, no best.pt be kept
+        # (as `splitdet data check` reports it)
+        raise voc.VocError(all_difficult_problem(data_dir / "ImageSets" / "Main" / "val.txt"))
     return train_samples, val_samples
 
 

@@ -32,6 +32,54 @@ def _unannotated_id_note(root: Path, image_id: str, annotated: set[str]) -> str:
     return twin
 
 
+def split_file_names(root: Path) -> set[str]:
+    """The splits ``ROOT/ImageSets/Main`` holds a file of: every visible ``NAME.txt`` (train,
+    val, test, a custom split `eval --split NAME` reads, VOC's ``trainval``, CVAT's
+    ``default``); none without the folder. `data merge` merges each, `data check` checks each."""
+    split_dir = Path(root) / "ImageSets" / "Main"
+    if not split_dir.is_dir():
+        return set()
+    return {
+        path.stem
+        for path in split_dir.iterdir()
+        if path.suffix == ".txt" and not path.name.startswith(".") and path.is_file()
+    }
+
+
+def _check_other_splits(root: Path, report: DatasetReport, annotated: set[str]) -> None:
+    """The split files besides train, val and test (`split_file_names`): a line listing no
+    id, an id listed twice, an id without annotation are problems, as `data merge` and
+    `eval --split NAME` refuse them (merge's message sends the user here)."""
+    for split in sorted(split_file_names(root) - set(SPLITS)):
+        path = root / "ImageSets" / "Main" / f"{split}.txt"
+        try:
+            split_ids, line_problems, _ = voc.read_split_lines(root, split)
+        except voc.VocError as exc:
+            report.problems.append(str(exc))
+            continue
+        report.problems += line_problems
+        report.problems += [
+            f"{path}: lists {image_id!r}, which has no Annotations/{image_id}.xml"
+            f"{_unannotated_id_note(root, image_id, annotated)}; if it is no split file, move "
+            "it elsewhere"
+            for image_id in split_ids
+            if image_id not in annotated
+        ]
+
+
+def all_difficult_problem(val_file: Path) -> str:
+    """Why a val split (``val_file``) whose every object is marked difficult cannot validate a
+    training run: mAP, which picks best.pt, ignores difficult objects, so no epoch would have
+    a score and the run would end without best.pt. `data check` reports it, `train` refuses it
+    (the gate is still calibrated on such images: they are defective)."""
+    return (
+        f"{val_file}: every object of the validation images is marked difficult, which mAP "
+        "ignores, so no validation pass could score an epoch and training would keep no "
+        "best.pt; list images with objects not marked difficult in val, or train with "
+        "--eval-every 0"
+    )
+
+
 def _check_splits(
     root: Path,
     report: DatasetReport,
@@ -90,6 +138,7 @@ def _check_splits(
             stats.objects.update(obj.name for obj in sample.objects)
             stats.difficult += sum(obj.difficult for obj in sample.objects)
 
+    _check_other_splits(root, report, annotated)
     # (a bad line may be an image's, meant to list it)
     unlisted = set() if unreadable or bad_lines else set(samples) - set(listed)
     report.unlisted = sorted(unlisted)
@@ -126,6 +175,8 @@ def _check_splits(
         report.problems.append(
             f"{split_dir / 'val.txt'}: no defective image, so the gate cannot be calibrated on it"
         )
+    elif val is not None and not val.unreadable and val.difficult == val.objects.total():
+        report.problems.append(all_difficult_problem(split_dir / "val.txt"))
     if (test is None and "test" not in unreadable) or (test is not None and not test.images):
         report.warnings.append(
             f"{split_dir / 'test.txt'}: no held-out image; `splitdet eval` reads the test split "

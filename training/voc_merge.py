@@ -54,6 +54,7 @@ from splitdet.training import voc
 from splitdet.training.voc_annotations import read_annotation_document
 from splitdet.training.voc_check import SPLITS, annotated_ids, image_files
 from splitdet.training.voc_check_collected import same_bytes_groups, unboxed_collected_warning
+from splitdet.training.voc_check_splits import split_file_names
 from splitdet.training.voc_layout import missing_folder_hint, nested_note
 
 __all__ = [
@@ -304,15 +305,7 @@ def split_names(root: Path) -> list[str]:
     """The splits ``ROOT/ImageSets/Main`` holds a file of: every visible ``NAME.txt`` (a
     custom split `eval --split NAME` reads, VOC's ``trainval``), train, val and test first.
     Each is merged: a split file left out would lose its lines without a word."""
-    split_dir = Path(root) / "ImageSets" / "Main"
-    if not split_dir.is_dir():
-        return []
-    found = {
-        path.stem
-        for path in split_dir.iterdir()
-        if path.suffix == ".txt" and not path.name.startswith(".") and path.is_file()
-    }
-    return _merged_order(found)
+    return _merged_order(split_file_names(root))
 
 
 def merged_annotation(root: ET.Element, image_name: str) -> bytes:
