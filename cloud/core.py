@@ -501,12 +501,12 @@ class DetectionCore:
         return stored is not None and stored.digest == digest
 
     def _answer_of(
-        self, model: ServedModel, request_id: str, quiet: bool = False
+        self, model: ServedModel | None, request_id: str, quiet: bool = False
     ) -> StoredAnswer | None:
         """The stored answer to `request_id` by `model` (None: none stored, no store, one
-        computed by another model, or one that cannot be read: compute afresh). `quiet`: a
-        read that fails is not told (`is_repeat`: the call's own lookup, `_stored`, tells
-        it, once)."""
+        computed by another model, or one that cannot be read: compute afresh); by any model
+        when `model` is None. `quiet`: a read that fails is not told (`is_repeat`: the call's
+        own lookup, `_stored`, tells it, once)."""
         if self.store is None:
             return None
         try:
@@ -515,7 +515,9 @@ class DetectionCore:
             if not quiet:
                 self._store_failed(request_id, exc, "read")
             return None
-        return stored if stored is not None and stored.fingerprint == model.fingerprint else None
+        if stored is None or model is None:
+            return stored
+        return stored if stored.fingerprint == model.fingerprint else None
 
     def _checked_model(self, request_id: str, fingerprint: str) -> ServedModel:
         """The model to use, once the id and the fingerprint passed their checks."""
@@ -571,9 +573,15 @@ class DetectionCore:
         codec, and the features of one image can differ in their last bits between machines
         and library builds (a line's image checked again with `predict --cloud` elsewhere, two
         edges without tokens given the same reference image): such a call is answered, not
-        refused (it would be a dead letter for good)."""
-        stored = self._answer_of(model, call.request_id)
-        if stored is None or stored.digest != (digest or request_digest(call)):
+        refused (it would be a dead letter for good). An id whose stored answer is another
+        export's is a conflict too (a client of its own reusing ids across exports: it was
+        computed afresh at every call, uncounted)."""
+        stored = self._answer_of(None, call.request_id)
+        if (
+            stored is None
+            or stored.fingerprint != model.fingerprint
+            or stored.digest != (digest or request_digest(call))
+        ):
             conflict = conflict or stored is not None
             if conflict:
                 self._id_conflict(call.request_id, call.fingerprint)
