@@ -108,18 +108,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 TORCH_MODULES = ("torch", "torchvision")
 
 
-def local_detector(model_dir: str, threads: int | None) -> Callable[[], Detector]:
+def local_detector(
+    model_dir: str, threads: int | None, fingerprint: str | None = None
+) -> Callable[[], Detector]:
     """A factory of the in-process cloud half (`cloud.local.LocalDetector`, torch); calling it
     raises CommandError when torch cannot be imported: the full install's advice only when
     torch or torchvision is not installed (ModuleNotFoundError naming it), else that torch is
-    installed but could not be loaded, and why (a memory limit failing its libraries' load)."""
+    installed but could not be loaded, and why (a memory limit failing its libraries' load).
+
+    `fingerprint`: the export the edge half was loaded from. The cloud half loads later, at the
+    first flagged image, from the folder as it is then: one re-exported meanwhile (a normal
+    step into the same --model) would pair this edge half with another model's heads, which
+    decode its features into wrong boxes (or none) recorded under the edge's fingerprint. Such a
+    folder, or one that cannot be served then (an export being written), raises
+    `ModelRefused`, as a cloud serving another export does: the run stops, what it judged kept."""
 
     def make() -> Detector:
+        from splitdet.edge.predict import ModelRefused
+        from splitdet.shared.manifest import ManifestError
+
         try:
             from splitdet.cloud.local import LocalDetector
         except (ImportError, OSError) as exc:
             raise torch_unusable(exc) from None
-        return LocalDetector(Path(model_dir), threads)
+        try:
+            detector = LocalDetector(Path(model_dir), threads)
+        except ManifestError as exc:
+            raise ModelRefused(f"--model {model_dir}: its cloud half: {exc}") from None
+        served = detector.core.fingerprint
+        if fingerprint is not None and served != fingerprint:
+            raise ModelRefused(
+                f"--model {model_dir} now holds export {served[:16]}, not {fingerprint[:16]} "
+                "whose edge half this run loaded: it was exported into again while the run "
+                "went on; run it again on the new export"
+            )
+        return detector
 
     return make
 
@@ -298,12 +321,17 @@ def check_copies_spare_others(save_dir: str, annotated: list[Path]) -> None:
 
 
 def check_json_target(
-    json_file: str | None, images: list[Path], annotated: list[Path] | None = None
+    json_file: str | None,
+    images: list[Path],
+    annotated: list[Path] | None = None,
+    save_dir: str | None = None,
 ) -> None:
     """Refuse a --json FILE that would overwrite one of the `images` to process (the same
     path, or the same file through a link), any other existing image file (named as
     `IMAGE_SUFFIXES` name them), or one of the `annotated` copies --save will write
-    (CommandError): the results would replace an image."""
+    (CommandError): the results would replace an image. Refuse too a --json that is, or
+    lies above, the `save_dir` folder (--save, made when the run starts): the results could
+    not be written at the end, the whole run lost."""
     from splitdet.edge.preprocess import IMAGE_SUFFIXES
     from splitdet.shared.cli import CommandError
 
@@ -325,6 +353,10 @@ def check_json_target(
     if any(os.path.realpath(copy) == where for copy in annotated or []):
         raise CommandError(
             f"--json {json_file} is where --save writes an annotated image; give another file"
+        )
+    if save_dir and Path(where) in (save := Path(os.path.realpath(save_dir)), *save.parents):
+        raise CommandError(
+            f"--json {json_file} is where --save {save_dir} makes its folder; give another file"
         )
 
 
@@ -523,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no image files in {' '.join(args.images)}{hint}{there}")
     save_dir = Path(args.save) if args.save else None
     targets = annotated_names(paths, save_dir) if save_dir is not None else None
-    check_json_target(args.json, paths, targets)
+    check_json_target(args.json, paths, targets, args.save)
     check_save_outside_inputs(args.save, args.images, args.recursive)
     if targets is not None:
         check_copies_spare_inputs(args.save, paths, targets)
@@ -548,7 +580,8 @@ def run(args: argparse.Namespace) -> int:
             f"the full install with torch; {FULL_INSTALL}, or pass --cloud ADDRESS"
         )
     if remote is None:
-        detector = _cached(local_detector(args.model, args.threads))
+        fingerprint = pipeline.manifest.fingerprint
+        detector = _cached(local_detector(args.model, args.threads, fingerprint))
     else:
         detector = _cached(remote_detector(remote, pipeline.manifest.fingerprint))
     made = make_save_folder(args.save) if args.save else []

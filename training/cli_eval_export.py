@@ -93,6 +93,7 @@ def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample]
 
     from splitdet.edge.cli_predict import local_detector, remote_detector
     from splitdet.edge.cloud_args import client_config
+    from splitdet.edge.predict import ModelRefused
     from splitdet.shared.cli import CommandError
     from splitdet.shared.manifest import ManifestError
     from splitdet.training import voc
@@ -107,15 +108,15 @@ def _open_model(args: argparse.Namespace) -> tuple[EdgePipeline, list[VocSample]
         if not samples:
             raise CommandError(f"{_split_path(args.data, args.split)}: lists no images")
         # made now, not at the first image: a dead or wrong server fails before any work
-        if remote is None:
-            detector = local_detector(args.model, None)()
+        if remote is None:  # (its heads of the export whose edge half was opened, or refused)
+            detector = local_detector(args.model, None, pipeline.manifest.fingerprint)()
         else:
             detector = remote_detector(remote, pipeline.manifest.fingerprint)()
             _check_cloud(detector, remote)
     except voc.VocError as exc:
         names = pipeline.manifest.class_names if pipeline is not None else ()
         raise CommandError(eval_hint(exc, args.data, names)) from None
-    except (ManifestError, ValueError, RuntimeError) as exc:
+    except (ManifestError, ModelRefused, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     return pipeline, samples, detector
 

@@ -288,10 +288,14 @@ def export_model(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     if earlier is not None and earlier["fingerprint"] == manifest.fingerprint:
-        log.info(
-            "--out %s: unchanged, it held this export already (fingerprint %s)",
-            out_dir, manifest.fingerprint[:16],
-        )  # fmt: skip
+        changed = codec_changed(out_dir, earlier, manifest)
+        if changed is not None:
+            log.warning("%s", changed)
+        else:
+            log.info(
+                "--out %s: unchanged, it held this export already (fingerprint %s)",
+                out_dir, manifest.fingerprint[:16],
+            )  # fmt: skip
     elif earlier is not None:
         log.warning("%s", replaced_export(out_dir, earlier, manifest))
     return manifest
@@ -331,9 +335,9 @@ def _utf8_named(folder: Path) -> Iterator[Path]:
 def earlier_export(out_dir: Path) -> dict | None:
     """What `out_dir`'s manifest.json says of the export it holds, read as it is (not
     checked against its files: a damaged or interrupted export is replaced all the same):
-    {"fingerprint", "checkpoint", "checkpoint_epoch", "class_names"}, None for what it does
-    not record (an export of an older splitdet names no checkpoint); None when it holds no
-    manifest with a fingerprint."""
+    {"fingerprint", "checkpoint", "checkpoint_epoch", "class_names", "default_codec"}, None
+    for what it does not record (an export of an older splitdet names no checkpoint); None
+    when it holds no manifest with a fingerprint."""
     try:
         data = json.loads((out_dir / MANIFEST_NAME).read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
@@ -343,12 +347,32 @@ def earlier_export(out_dir: Path) -> dict | None:
     extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
     names = data.get("class_names")
     checkpoint, epoch = extra.get("checkpoint"), extra.get("checkpoint_epoch")
+    codec = data.get("default_codec")
     return {
         "fingerprint": data["fingerprint"],
         "checkpoint": checkpoint if isinstance(checkpoint, str) else None,
         "checkpoint_epoch": epoch if isinstance(epoch, int) else None,
         "class_names": [str(n) for n in names] if isinstance(names, list) else None,
+        "default_codec": codec if isinstance(codec, str) else None,
     }
+
+
+def codec_changed(out_dir: Path, earlier: dict, manifest: Manifest) -> str | None:
+    """The one-line warning for an export into `out_dir` of the same fingerprint as the one
+    it held (`earlier_export`'s record of it) but another default codec, None when the codec
+    is the same (or the earlier one unknown). The fingerprint leaves the default codec out (an
+    edge may override it with --codec), so "unchanged" would be false: every edge started on
+    the folder without --codec now sends features in another codec (fp16 2.5 times int8's
+    bytes)."""
+    before = earlier.get("default_codec")
+    if before is None or before == manifest.default_codec:
+        return None
+    return (
+        f"--out {out_dir}: the same model (fingerprint {manifest.fingerprint[:16]}), but its "
+        f"default codec is now {manifest.default_codec} (it was {before}): an edge started on "
+        f"it without --codec sends {manifest.default_codec} features; give --codec {before} to "
+        "keep the earlier one"
+    )
 
 
 def replaced_export(out_dir: Path, earlier: dict, manifest: Manifest) -> str:
