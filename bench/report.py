@@ -273,6 +273,24 @@ def _engine_lines(report: dict) -> list[str]:
     ]
 
 
+def _edge_lines(model: dict) -> list[str]:
+    """What report.md says of the export's edge graphs: float32, or int8 (`splitdet export
+    --quantize-edge`: lossy, and only the ONNX Runtime systems run it); nothing for a report
+    from before `model.edge_gate`."""
+    kind = model.get("edge_gate")
+    if kind is None:
+        return []
+    if kind != "int8":
+        return [f"Edge graphs: {kind}.", ""]
+    return [
+        "**Edge graphs: int8** (`splitdet export --quantize-edge`, lossy): the splitdet systems "
+        f"and `{SAME_ENGINES}` run the quantised body and FPN top; monolithic, paper and the "
+        "JPEG baseline run the checkpoint's float weights. Part of a `reduction` is the int8 "
+        "engine's, and the detections differ from the float model's.",
+        "",
+    ]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -437,6 +455,24 @@ def _incomplete_line(report: dict) -> str:
     return line + "."
 
 
+def _rd_skipped_lines(report: dict) -> list[str]:
+    """Why a finished run asked for the bytes-vs-mAP pass (`settings.rd_images` above 0) has
+    none: its split holds no defective image (the only way a finished run skips it); nothing
+    otherwise (a stopped run says so in `_incomplete_line`)."""
+    settings = report.get("settings", {})
+    asked = settings.get("rd_images", 0)
+    if not report.get("complete", True) or report.get("rate_distortion") or not asked:
+        return []
+    return [
+        "## Bytes per defective image vs mAP kept",
+        "",
+        f"Not measured: the {settings.get('split', 'test')!r} split holds no defective image "
+        f"(--rd-images {asked} asked for that many), so there is no table and no "
+        "`bytes_vs_map_kept.png`.",
+        "",
+    ]
+
+
 def markdown(report: dict) -> str:
     """report.md: the command, the machine, one table per defect rate, the R-D table."""
     lines = [
@@ -456,6 +492,7 @@ def markdown(report: dict) -> str:
         f"Gate: {report['model'].get('gate', 'the model')}.",
         "",
     ]
+    lines += _edge_lines(report["model"])
     lines += _engine_lines(report)
     if oracle:
         lines += [
@@ -533,6 +570,7 @@ def markdown(report: dict) -> str:
                 f"{_fmt(s['flagged_fraction'] if s.get('has_gate', True) else None, '.1%')} |"
             )
         lines.append("")
+    lines += _rd_skipped_lines(report)
     if report.get("rate_distortion"):
         lines += [
             "## Bytes per defective image vs mAP kept",
@@ -641,6 +679,8 @@ def _identity(report: dict) -> str | None:
     if not model:
         return None
     parts = [str(model[k]) for k in ("depth_label", "input") if model.get(k)]
+    if model.get("edge_gate") == "int8":  # (lossy, and only the ONNX Runtime systems run it)
+        parts.append("int8 edge graphs (--quantize-edge)")
     if model.get("fingerprint"):
         parts.append(f"fingerprint {model['fingerprint'][:16]}")
     return "model " + ", ".join(parts) if parts else None

@@ -59,7 +59,7 @@ from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.checkpoint import load_model, weights_digest
 from splitdet.shared.folder_lock import folder_lock
-from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, read_manifest
+from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, edge_gate_kind, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.shared.progress import progress_off
 from splitdet.training.evaluate import coco_metrics
@@ -381,6 +381,9 @@ def _report_head(
             "gate_threshold": gate,
             "gate": "oracle (ground truth verdicts)" if config.oracle_gate else "the model's",
             "gate_level": manifest.model_config.gate_level,
+            # "int8": `export --quantize-edge`, a lossy edge that every splitdet system and
+            # monolithic-split-engines run, but not the torch baselines
+            "edge_gate": edge_gate_kind(manifest),
             "fingerprint": manifest.fingerprint,
         },
         "settings": {
