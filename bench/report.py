@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,8 +234,15 @@ def add_confidence_intervals(
 
     They say how much the figures would move with other images of the same kind, as many
     defective ones (the stream's rate), and the per-image timing noise of this run, not what
-    changes between runs (other work on the machine, another machine).
+    changes between runs (other work on the machine, another machine). A stream of at most
+    one image of each kind has none (None): every resample is the stream itself, and an
+    interval of no width ("0.168 (95% CI 0.168 to 0.168)") would claim a certainty never
+    measured.
     """
+    if max(Counter(defective).values(), default=0) < 2:
+        for summary in summaries.values():
+            summary["mean_s_ci95"] = summary["reduction_ci95"] = None
+        return
     means = bootstrap_means({name: times[name] for name in summaries}, defective=defective)
     base = means[MONOLITHIC]
     for name, summary in summaries.items():

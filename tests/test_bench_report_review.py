@@ -18,15 +18,16 @@ from splitdet.training.voc import read_split
 
 @pytest.fixture(scope="module")
 def oracle_run(tiny_model, tiny_model_dir, tiny_dataset, tmp_path_factory):
-    """A real 2-image `--oracle-gate` run of a tiny model (the session's export of it, gate
-    threshold 0.5): report.json, report.md and the export's folder."""
+    """A real 4-image `--oracle-gate` run of a tiny model (the session's export of it, gate
+    threshold 0.5): report.json, report.md and the export's folder. (Two images of each kind:
+    one of each gives no confidence interval.)"""
     from splitdet.shared.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("bench_review")
     save_checkpoint(root / "model.pt", tiny_model, gate_threshold=0.5)
     out = root / "report"
     argv = ["bench", "--model", str(tiny_model_dir), "--checkpoint", str(root / "model.pt")]
-    argv += ["--data", str(tiny_dataset), "--defect-rates", "0.5", "--images", "2"]
+    argv += ["--data", str(tiny_dataset), "--defect-rates", "0.5", "--images", "4"]
     argv += ["--codecs", "int8", "--rd-images", "0", "--threads", "1", "--oracle-gate"]
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -147,8 +148,8 @@ def test_a_small_stream_is_called_noisy_under_its_heading(oracle_run):
     _, text, _ = oracle_run
     section = text.split("## Defect rate 50%", 1)[1]
     first_line = section.split("\n\n", 2)[1]
-    assert first_line.startswith("**Noisy**") and "1 defective images" in first_line
-    assert "2 images (fewer than 50)" in first_line
+    assert first_line.startswith("**Noisy**") and "2 defective images" in first_line
+    assert "4 images (fewer than 50)" in first_line
 
 
 @pytest.mark.parametrize(
