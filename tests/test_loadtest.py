@@ -136,8 +136,12 @@ def test_without_queue_one_edge_takes_every_slot_and_with_it_each_gets_its_turn(
         with contextlib.suppress(Exception):  # (one that failed to start stopped itself)
             starting.result().stop()
         pool.shutdown()
-    assert spreads[0][0] <= spreads[0][-1] // 4  # some edge starved beside the busiest
     assert spreads[8][0] >= spreads[8][-1] // 2  # every edge got about its share
+    # and without the queue, shares far less even: the least answered edge's share of the
+    # busiest's at most half what it is with the queue (a fixed bound, the least at most a
+    # quarter of the busiest, failed a CI run at 3 against 11 answers: the threads' timing)
+    least_share = {queue: spread[0] / spread[-1] for queue, spread in spreads.items()}
+    assert least_share[0] <= least_share[8] / 2, spreads
 
 
 #: What an earlier, finished run left at a --json path.
