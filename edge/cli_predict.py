@@ -541,6 +541,11 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.sigterm import Terminated
 
     check_edge_model_options(args)
+    if args.gate == "off" and args.threshold is not None:  # (it was ignored in silence)
+        raise CommandError(
+            f"--threshold {args.threshold:g} with --gate off: no image is judged by the gate "
+            "(every one goes to detection); give one or the other"
+        )
     if not (math.isfinite(args.score_threshold) and 0 <= args.score_threshold <= 1):
         raise CommandError(
             f"--score-threshold {args.score_threshold:g}: must be a score from 0 to 1"

@@ -46,3 +46,18 @@ def test_a_json_beside_the_save_folder_is_written(tiny_model_dir, tmp_path, caps
     )  # fmt: skip
     assert code in (0, 1), out + err  # (an annotated copy's own failure is not the point)
     assert target.is_file()
+
+
+def test_a_threshold_with_the_gate_off_is_refused(tiny_model_dir, tmp_path, capsys):
+    """`--gate off --threshold 0.9` was taken, the threshold ignored in silence (the records
+    said `gate_threshold: null`): a user comparing thresholds measured nothing."""
+    image = tmp_path / "one.png"
+    Image.new("L", (64, 48), 40).save(image)
+    argv = ["predict", image, "--model", tiny_model_dir, "--gate", "off", "--threshold", "0.9"]
+    code, out, err = run_main(capsys, *argv, "--json", tmp_path / "r.json")
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        "splitdet predict: error: --threshold 0.9 with --gate off: no image is judged by the "
+        "gate (every one goes to detection); give one or the other"
+    )
+    assert out == "" and not (tmp_path / "r.json").exists()
