@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 # (tests/conftest.py SLOW_MODULES; xdist's own order, most tests first, left an 80 s module to
 # the end). Four at first failed CI runs on timing: each was a fault found and mended (two test
 # races, a training run that lost SIGTERM inside a finaliser); three workers took ~15 minutes.
+# The 25 slowest tests are listed at the end, to keep the suite's time in view.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The whole system on built-in defaults; data, the trained model and the export are cached in
 # .cache/demo, so a second run takes minutes.

@@ -932,8 +932,7 @@ def figures(report: dict, out_dir: Path) -> list[str]:
 
 def _save(fig: Figure, path: Path) -> str:
     """Write a figure as a whole PNG (through a rename), close it; the file name."""
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()  # (imported by the figure's maker already: here only to close it)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)

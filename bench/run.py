@@ -64,7 +64,7 @@ from splitdet.shared.model import CloudHalf, MultiTaskRCNN
 from splitdet.shared.progress import progress_off
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.voc import VocSample, read_split
-from splitdet.training.voc_check_boxes import too_elongated_refusal
+from splitdet.training.voc_check_boxes import refuse_too_elongated
 
 # what `_run_streams` runs: every system has `name` and `run(image, decision) -> Outcome`
 _System = Monolithic | SameEngines | PaperGated | Splitdet | JpegToCloud
@@ -491,12 +491,10 @@ def run_benchmark(config: BenchConfig) -> dict:
     samples = read_split(config.data_dir, config.split, class_names)  # a foreign class: named
     if not samples:
         raise ValueError(f"{config.data_dir}: the {config.split!r} split is empty")
-    refusal = too_elongated_refusal(
+    refuse_too_elongated(  # (the torch baselines would end in torch's traceback on one)
         samples, manifest.model_config.min_size, manifest.model_config.max_size,
         config.data_dir / "ImageSets" / "Main" / f"{config.split}.txt", "the model's input size",
     )  # fmt: skip
-    if refusal is not None:  # (the torch baselines would end in torch's traceback on one)
-        raise ValueError(refusal)
     streams = _make_streams(config, samples)
     with exclusive_out(config.out_dir):
         return _run_locked(config, manifest, model, samples, streams, class_names, threads)

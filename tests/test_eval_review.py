@@ -83,7 +83,9 @@ def test_eval_batch_size_gives_the_batch_of_one_result_on_mixed_image_shapes(
 # ------------------------------------------------------------- 2. the int8 gate's p(defect)
 
 
-def test_int8_export_reports_p_defect_as_an_absolute_error(tmp_path, caplog, one_torch_thread):
+def test_int8_export_reports_p_defect_as_an_absolute_error(
+    tmp_path, caplog, capsys, one_torch_thread
+):
     """A gate with p(defect) 0.0014 on the first calibration image, where int8 may give 0.0:
     the export recorded a meaningless 100% relative error. It now records |int8 - float| of
     p(defect) in probability units, and relative errors of the feature maps only; the float
@@ -136,6 +138,10 @@ def test_int8_export_reports_p_defect_as_an_absolute_error(tmp_path, caplog, one
 
     float_check = manifest.extra["export_check"]["max_relative_error"]
     assert "p_defect" in float_check and max(float_check.values()) <= 1e-4
+    summary = json.loads(capsys.readouterr().out)  # (says whose error its figure is)
+    assert summary["onnx_vs_torch_max_relative_error"] == max(float_check.values())
+    assert "before the gate was quantised" in summary["onnx_vs_torch_checked"]
+    assert summary["edge_quantization"] == quantization
 
 
 # --------------------------------------------------------- 3. an uncalibrated gate threshold

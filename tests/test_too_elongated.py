@@ -40,6 +40,16 @@ def test_train_refuses_one_in_the_validation_split_too(tmp_path, capsys):
     assert "sliver.png: 2000x1 px is too elongated" in err.strip().splitlines()[-1], err
 
 
+def test_an_image_in_both_splits_is_counted_once(tmp_path, capsys):
+    root = _with_sliver(tmp_path, "train")
+    voc.write_split(root, "val", [*voc.read_split_ids(root, "val"), "sliver"])
+    code, _, err = run_main(capsys, *train_argv(root, tmp_path / "run", "--eval-every", "1"))
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert ": 1 image(s) cannot be read at" in last, last
+    assert last.count("sliver.png") == 1, last
+
+
 def test_data_check_calls_it_a_problem(tmp_path, capsys):
     root = _with_sliver(tmp_path, "train")
     code, out, err = run_main(capsys, "data", "check", root)

@@ -121,6 +121,15 @@ def test_counts_below_their_range_are_refused_by_name(
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_calibration_images_without_quantize_edge_are_refused(checkpoint, tmp_path, capsys):
+    """It was ignored without a word: the user asked for a calibration and got a float edge."""
+    out = tmp_path / "out"
+    argv = ["export", "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert main([*argv, "--calibration-images", "32"]) == 2
+    _error(capsys, "--calibration-images calibrates --quantize-edge, which was not given")
+    assert not out.exists()
+
+
 def test_a_folder_given_as_checkpoint_is_named_as_such(tiny_voc, checkpoint, tmp_path, capsys):
     """`--checkpoint runs/tiny` (the run, not its best.pt) said "no such checkpoint file" of a
     folder that exists; and an export given as a checkpoint likewise."""

@@ -461,14 +461,12 @@ def _refuse_too_elongated(
     """Raise ValueError naming the images of the split evaluated (and the calibration split)
     that the model's input would shrink to under 1 px on a side, before any is predicted
     (torch's traceback met them mid-split)."""
-    from splitdet.training.voc_check_boxes import too_elongated_refusal
+    from splitdet.training.voc_check_boxes import refuse_too_elongated
 
     for where, split in (
         (_split_path(args.data, args.split), samples),
         (_split_path(args.calibrate_data or args.data, args.calibrate_split), calibration or []),
     ):
-        refusal = too_elongated_refusal(
+        refuse_too_elongated(
             split, config.min_size, config.max_size, where, "the model's input size"
         )
-        if refusal is not None:
-            raise ValueError(refusal)

@@ -90,15 +90,13 @@ def _refuse_too_elongated(config: TrainConfig, data_dir: Path, train: list, val:
     """Raise ValueError naming the train and validation images (`VocSample`s) that the model's
     input would shrink to under 1 px on a side (`voc_check_boxes.too_elongated`): found before
     any training, not as torch's traceback when the epoch meets one."""
-    from splitdet.training.voc_check_boxes import too_elongated_refusal
+    from splitdet.training.voc_check_boxes import refuse_too_elongated
 
     mc = config.model
-    refusal = too_elongated_refusal(
+    refuse_too_elongated(
         [*train, *val], mc.min_size, mc.max_size, data_dir / "ImageSets" / "Main",
         f"preset {config.name}'s input size (train and val splits)",
     )  # fmt: skip
-    if refusal is not None:
-        raise ValueError(refusal)
 
 
 def _validation_subset(samples: list, n: int | None) -> list:

@@ -32,9 +32,9 @@ __all__ = [
     "comma_class_problems",
     "input_scale_text",
     "model_input",
+    "refuse_too_elongated",
     "thin_box_warning",
     "too_elongated",
-    "too_elongated_refusal",
     "trained_boxes",
     "untrained_class_warning",
 ]
@@ -87,18 +87,19 @@ def too_elongated(samples: Iterable[voc.VocSample], min_size: int, max_size: int
     return lines
 
 
-def too_elongated_refusal(
+def refuse_too_elongated(
     samples: Iterable[voc.VocSample], min_size: int, max_size: int, where: Path, reader: str
-) -> str | None:
-    """The refusal of a command that would read ``samples`` at a model's input (``reader``:
-    e.g. "the model's input size") when some are too elongated for it (`too_elongated`): it
-    starts with ``where`` (the split), names the first three and how many more, and says
-    what to do; None when there are none."""
-    lines = too_elongated(samples, min_size, max_size)
+) -> None:
+    """Raise ValueError when a command would read ``samples`` at a model's input (``reader``:
+    e.g. "the model's input size") and some are too elongated for it (`too_elongated`),
+    each image once however many times the splits list it. The message starts with
+    ``where`` (the split), names the first three and how many more, and says what to do."""
+    unique = {sample.image_path: sample for sample in samples}
+    lines = too_elongated(unique.values(), min_size, max_size)
     if not lines:
-        return None
+        return
     more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
-    return (
+    raise ValueError(
         f"{where}: {len(lines)} image(s) cannot be read at {reader}: {'; '.join(lines[:3])}"
         f"{more}; take them out of the split (the edge refuses such images too)"
     )
