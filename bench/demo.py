@@ -576,6 +576,10 @@ def summarise_live(
     }
 
 
+#: Flagged images the terminal's summary lists one by one; summary.json holds every one.
+SHOWN_DEFECTS = 12
+
+
 def format_summary(summary: dict, paths: dict[str, Path], benchmarked: bool = True) -> str:
     """The summary as the terminal shows it (`benchmarked`: whether this run made the short
     benchmark's report; a report an earlier run left is not named)."""
@@ -596,11 +600,19 @@ def format_summary(summary: dict, paths: dict[str, Path], benchmarked: bool = Tr
         f"  mAP on stream    {_num(summary['map'])} (mAP@.5 {_num(summary['map50'])})",
         "  defects found (boxes scoring >= 0.5, original pixels):",
     ]
-    for defect in summary["defects"]:
+    defects = summary["defects"]
+    for defect in defects[:SHOWN_DEFECTS]:
         truth = "" if defect["truly_defective"] else "  (false alarm)"
         boxes = "; ".join(f"{b['class']} {b['score']:.2f} at {b['box']}" for b in defect["boxes"])
         p = format_probability(defect["p_defect"])
         lines.append(f"    {defect['image']}  p={p}  {boxes or '-'}{truth}")
+    if len(defects) > SHOWN_DEFECTS:  # (a weak model flags most of a stream: 100 lines)
+        rest = defects[SHOWN_DEFECTS:]
+        false = sum(not d["truly_defective"] for d in rest)
+        lines.append(
+            f"    and {len(rest)} more ({false} false alarm(s) among them): every one in "
+            f"{paths['summary']}"
+        )
     lines += [
         f"  annotated images {paths['annotated']}",
         f"  results database {paths['live'] / 'edge.sqlite'} (splitdet edge results --db ...)",

@@ -228,3 +228,27 @@ def test_summary_names_the_benchmark_report_only_when_this_run_made_one(tmp_path
     assert "report.md" not in skipped and "not run (--bench-images 0)" in skipped
     assert "p=0.99997" in skipped  # not p=1.000
     assert str(tmp_path / "bench" / "report.md") in format_summary(summary, paths)
+
+
+def test_summary_lists_the_first_flagged_images_and_counts_the_rest(tmp_path):
+    """A weak model flags most of the 100-image stream: the summary listed every one."""
+    from splitdet.bench.demo import SHOWN_DEFECTS, format_summary
+
+    defects = [
+        {"image": f"img_{i:03d}.png", "p_defect": 0.9, "truly_defective": i % 4 == 0, "boxes": []}
+        for i in range(SHOWN_DEFECTS + 8)
+    ]
+    summary = {
+        "images": 100, "defect_rate": 0.05, "defective_in_stream": 5, "images_per_s": 1.0,
+        "wall_s": 2.0, "verdicts": {"ok": 80, "defect": len(defects), "error": 0},
+        "defective_caught": 5, "bytes_sent": 1000, "map": None, "map50": None,
+        "defects": defects,
+    }  # fmt: skip
+    paths = {"annotated": tmp_path / "a", "live": tmp_path / "live", "bench": tmp_path / "bench",
+             "summary": tmp_path / "summary.json"}  # fmt: skip
+    text = format_summary(summary, paths)
+    listed = [line for line in text.splitlines() if "img_" in line]
+    assert len(listed) == SHOWN_DEFECTS
+    false_in_rest = sum(not d["truly_defective"] for d in defects[SHOWN_DEFECTS:])
+    assert f"and 8 more ({false_in_rest} false alarm(s) among them)" in text
+    assert str(tmp_path / "summary.json") in text
