@@ -11,6 +11,7 @@ with it; a SIGKILLed synth's workers end too (`synth._start_worker`).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -154,12 +155,27 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:  # the only files synth touches are under --out
-        raise CommandError(f"--out {args.out}: cannot write ({exc})") from None
+        raise CommandError(_write_failure(exc, out, args.overwrite)) from None
     _print_summary(args, out, summary)
     warning = _defect_free_warning(args)
     if warning is not None:  # (after the lines it is about; stderr: --json's stdout stays JSON)
         print(f"splitdet synth: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _write_failure(exc: OSError, out: Path, overwrite: bool) -> str:
+    """The message of a write under ``out`` that failed (a full disk, a file size limit, no
+    permission): the file, the cause, what the run left there and what to do."""
+    cause = exc.strerror or str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    left = _left_text(out, overwrite)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"free space on the disk of {out} (or choose another --out)"
+    else:
+        fix = f"make {out} writable (or choose another --out)"
+    if left:
+        return f"--out {out}: cannot write {where}{cause}{left} once you {fix}"
+    return f"--out {out}: cannot write {where}{cause}; {fix}, and run it again"
 
 
 def _check_train_split(args: argparse.Namespace, shortfall: str | None) -> None:

@@ -57,6 +57,7 @@ import json
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
+import re
 import shutil
 import signal
 import threading
@@ -68,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.atomic_file import atomic_write, stale_temporaries
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.progress import progress_off
 from splitdet.training import voc
@@ -200,9 +201,12 @@ def _render_task(task: _Task) -> _Rendered:
 
 
 def _write_rendered(root: Path, size: tuple[int, int], rendered: _Rendered) -> None:
-    """Write a rendered image and its annotation into ``root`` (each whole, atomically)."""
+    """Write a rendered image and its annotation into ``root`` (each whole, atomically); an
+    OSError names the file it was writing (a full disk's error names none by itself)."""
     image_path = root / "JPEGImages" / f"{rendered.image_id}.jpg"
-    atomic_write(image_path, rendered.jpeg)
+    ann_path = root / "Annotations" / f"{rendered.image_id}.xml"
+    with _naming(image_path):
+        atomic_write(image_path, rendered.jpeg)
     sample = voc.VocSample(
         image_id=rendered.image_id,
         image_path=image_path,
@@ -212,7 +216,20 @@ def _write_rendered(root: Path, size: tuple[int, int], rendered: _Rendered) -> N
             voc.VocObject(CLASS_NAME, tuple(map(float, b)), False) for b in rendered.boxes
         ),
     )
-    voc.write_annotation(root / "Annotations" / f"{rendered.image_id}.xml", sample)
+    with _naming(ann_path):
+        voc.write_annotation(ann_path, sample)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError naming no file as one naming ``path``, the file being written (the
+    write of its temporary file says "[Errno 28] No space left on device" alone)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 _MARKER = SYNTH_GENERATOR
@@ -261,12 +278,50 @@ def _prepare_root(out: Path, overwrite: bool, settings: dict) -> None:
             )
         if not overwrite:
             raise SyntheticDatasetExists(f"{out} already holds a synthetic dataset")
+        foreign = _foreign_files(out)
+        if foreign:
+            example = ", ".join(str(p) for p in foreign[:2]) + (", ..." if len(foreign) > 2 else "")
+            raise FileExistsError(
+                f"{out} holds {len(foreign)} file(s) `splitdet synth` did not write ({example}), "
+                "which --overwrite would delete with the synthetic dataset: move them out of it "
+                "first (`splitdet data merge` then trains on both)"
+            )
     _write_settings(out, settings)
     if earlier:
         for sub in ("JPEGImages", "Annotations", "ImageSets"):
             shutil.rmtree(out / sub, ignore_errors=True)
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+#: The names of the files synth writes in JPEGImages/ and Annotations/ (`_plan_tasks`).
+_OUR_FILE = re.compile(r"gasket_[0-9]{5,}\.(jpg|xml)")
+
+
+#: What a file browser leaves in a folder it showed (deleted with it, no data).
+_BROWSER_LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def _foreign_files(out: Path) -> list[Path]:
+    """The files (and folders) in ``out``'s JPEGImages/ and Annotations/ that synth does not
+    write: images and annotations of one's own added to a synthetic dataset, which emptying
+    those folders for --overwrite would delete. A killed run's temporary files are synth's."""
+    found: list[Path] = []
+    for sub, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+        folder = out / sub
+        if not folder.is_dir() or folder.is_symlink():
+            if folder.exists() or folder.is_symlink():
+                found.append(folder)
+            continue
+        temporaries = set(stale_temporaries(folder, None))
+        for entry in sorted(folder.iterdir()):
+            ours = _OUR_FILE.fullmatch(entry.name) and entry.suffix == suffix
+            if (ours and entry.is_file() and not entry.is_symlink()) or entry in temporaries:
+                continue
+            if entry.name in _BROWSER_LITTER:
+                continue
+            found.append(entry)
+    return found
 
 
 def _write_settings(out: Path, settings: dict) -> None:
@@ -303,8 +358,10 @@ def generate_dataset(
     are reset there (ignored and default). ``overwrite``: replace a previous
     synthetic dataset at ``out`` (without it: `SyntheticDatasetExists`); anything else in a
     non-empty ``out`` is refused (FileExistsError), and nothing but our own sub-folders is ever
-    deleted. ValueError, before anything is written, for a ``val_fraction`` that leaves train
-    no image or no defective image (`train_shortfall`). ``dataset.json`` is written first, with
+    deleted; so is ``overwrite`` of one whose JPEGImages/ or Annotations/ hold files synth did
+    not write (one's own images added to it: `_foreign_files`). ValueError, before anything
+    is written, for a ``val_fraction`` that leaves train no image or no defective image
+    (`train_shortfall`). ``dataset.json`` is written first, with
     ``"complete": false``, and made true last: a run stopped part way (a signal, a full disk)
     leaves a tree that says so (`splitdet data check` reports it).
     """

@@ -165,7 +165,7 @@ def read_annotation_document(
         degrees = rotation_degrees(path, obj, where)
         if degrees is not None:  # CVAT's rotated rectangle: its unrotated box and the angle
             if xmax <= xmin - 1.0 or ymax <= ymin - 1.0:  # (|w cos| would make it a box)
-                raise VocError(f"{path}: {where} {box} is empty (max < min)")
+                raise VocError(_empty_box(path, where, box))
             # the box around it, clipped to the image (the rotated corners a tool lets past
             # its edge are no mistake of the annotator's); `rotated_box_warnings` says so
             (x1, y1, x2, y2), cut = rotated_box((xmin, ymin, xmax, ymax), degrees, width, height)
@@ -187,7 +187,7 @@ def read_annotation_document(
             x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
             x2, y2 = min(xmax, float(width)), min(ymax, float(height))
         if x2 <= x1 or y2 <= y1:
-            raise VocError(f"{path}: {where} {box} is empty (max < min)")
+            raise VocError(_empty_box(path, where, box))
         objects.append(VocObject(name=name, box=(x1, y1, x2, y2), difficult=difficult))
     sample = VocSample(
         image_id=image_id,
@@ -313,6 +313,16 @@ def unicode_twin_text(typed: str, spelt: str) -> str:
     return (
         f"{typed!a} differs from the class {spelt!a} only in its Unicode form ({_form(typed)} "
         f"against {_form(spelt)}): type it as the annotations spell it"
+    )
+
+
+def _empty_box(path: Path, where: str, box: str) -> str:
+    """The problem of a box whose max lies before its min (swapped corners, as a script
+    writing x, y, w, h or the corners in another order leaves), and the fix."""
+    return (
+        f"{path}: {where} {box} is empty (max < min): xmax must be at least xmin and ymax at "
+        "least ymin; correct the box in the annotation tool (or the script that wrote it: "
+        "corners swapped, or a width and height written as xmax and ymax?)"
     )
 
 

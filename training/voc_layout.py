@@ -12,6 +12,7 @@ Nothing here moves a file; it only says what to move.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import unicodedata
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from splitdet.training import voc
 from splitdet.training.voc_annotations import JPEG_ALIASES
+from splitdet.training.voc_xml import xml_utf8
 
 #: Folder names (any case) that annotation tools and exports give the images.
 IMAGE_FOLDERS = ("images", "imgs", "img", "jpegimages", "photos", "frames")
@@ -123,18 +125,32 @@ def is_annotation(path: Path) -> bool:
     """Whether the XML file at ``path`` is an annotation: its first element is <annotation>,
     read without the rest of the file (a camera's ``<camera>`` settings, a sidecar's
     ``<CameraMetadata>`` are none). False for a file that is malformed before its first
-    element or declares an encoding expat cannot read (Shift_JIS, an unknown one: no tool reads
-    it as an annotation); True for one that cannot be opened (it may
-    be one: better a refusal than lost boxes)."""
+    element or declares an encoding no codec reads (an unknown one: no tool reads it as an
+    annotation); one in an encoding expat reads only through Python's codec (``utf8``, GBK,
+    Shift_JIS: `voc_xml.xml_utf8`, as annotations are read) is read so. True for one that
+    cannot be opened (it may be one: better a refusal than lost boxes)."""
     try:
         with open(path, "rb") as file:
             for _, element in ET.iterparse(file, events=("start",)):
                 return element.tag == ANNOTATION_ROOT
     except (ET.ParseError, LookupError, ValueError):  # (an encoding unknown, or multi-byte)
+        pass
+    except OSError:
+        return True
+    try:  # (its head alone: the first element is all that counts)
+        with open(path, "rb") as file:
+            head = xml_utf8(file.read(_HEAD_BYTES), errors="replace")
+        for _, element in ET.iterparse(io.BytesIO(head), events=("start",)):
+            return element.tag == ANNOTATION_ROOT
+    except (ET.ParseError, LookupError, ValueError):
         return False
     except OSError:
         return True
     return False
+
+
+#: How much of an .xml file `is_annotation` decodes when expat cannot read its encoding.
+_HEAD_BYTES = 64 * 1024
 
 
 def _files(folder: Path, suffixes: tuple[str, ...], nested: bool = False) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import re
 import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,6 +19,61 @@ from splitdet.training.voc_types import VocError
 
 #: Annotation files larger than this are refused (a VOC annotation is a few KB).
 MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
+
+
+#: The encodings expat reads itself, under the names it knows them by (any case): a
+#: declaration naming another (``utf8``, as ``ElementTree.write(encoding="utf8")`` writes it;
+#: ``GBK``, ``Shift_JIS``, ``windows-1252``) is decoded by Python's codec of that name first.
+_EXPAT_ENCODINGS = ("utf-8", "utf-16", "iso-8859-1", "us-ascii")
+#: An XML declaration's encoding, in an ASCII-compatible file (UTF-16 needs none of this).
+_DECLARED = re.compile(
+    rb"""^(?:\xef\xbb\xbf)?<\?xml[^>]*?\sencoding\s*=\s*(["'])([A-Za-z][A-Za-z0-9._-]*)\1"""
+)
+
+
+def xml_utf8(data: bytes, errors: str = "strict") -> bytes:
+    """``data``, an XML document, as expat reads it: unchanged when it declares no encoding or
+    one expat knows (UTF-8, UTF-16, ISO-8859-1, US-ASCII), else decoded by Python's codec of the
+    declared name (``utf8``, ``GBK``, ``GB2312``, ``Shift_JIS``, ``cp1252``...) and re-encoded as
+    UTF-8 with the declaration saying so. Expat refuses multi-byte encodings and reads
+    ``utf8`` (no hyphen) byte by byte: a non-ASCII class name was "not well-formed".
+    Unchanged too when the name is no codec's (expat then says "unknown encoding").
+    UnicodeDecodeError (a ValueError) when the bytes are not in the declared encoding."""
+    found = _DECLARED.match(data)
+    if found is None:
+        return data
+    name = found.group(2).decode("ascii")
+    if name.lower() in _EXPAT_ENCODINGS:
+        return data
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        return data
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if bom and codec != "utf-8":  # contradicting itself: expat says which way
+        return data
+    text = data[bom:].decode(codec, errors)
+    start, end = (i - bom for i in found.span(2))
+    if not text.startswith(data[bom : bom + end].decode("ascii")):  # not ASCII-based: UTF-32
+        return data
+    return (text[:start] + "utf-8" + text[end:]).encode("utf-8")
+
+
+def _encoding_hint(data: bytes) -> str:
+    """What to do about a parse error in ``data``: "" unless it is no UTF-8, declares no
+    encoding and expat read it as UTF-8 (a script's or an editor's ANSI file: Latin-1,
+    cp1252, GBK)."""
+    if _DECLARED.match(data) or data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return ""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (
+            f"; its bytes are not UTF-8 (byte {exc.start}: 0x{data[exc.start]:02x}) and it "
+            'declares no encoding: save it as UTF-8, or begin it with <?xml version="1.0" '
+            'encoding="..."?> naming the encoding it is written in'
+        )
+    return ""
 
 
 class _Doctype(Exception):
@@ -74,6 +130,15 @@ def _parse_xml(path: Path) -> ET.Element:
     if not data.removeprefix(codecs.BOM_UTF8).strip():  # expat: "no element found"
         raise VocError(_empty_problem(path, len(data)))
     try:
+        data = xml_utf8(data)
+    except UnicodeDecodeError as exc:
+        raise VocError(
+            f"{path}: malformed XML: its bytes are not in the {exc.encoding} encoding its "
+            f"declaration names (byte {exc.start}: 0x{exc.object[exc.start]:02x}): correct the "
+            'encoding="..." of its <?xml?> declaration to the one it is written in, or '
+            "save it as UTF-8"
+        ) from None
+    try:
         _refuse_doctype(data)
         root = ET.fromstring(data)
     except _Doctype:
@@ -82,7 +147,7 @@ def _parse_xml(path: Path) -> ET.Element:
             "annotation"
         ) from None
     except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
-        raise VocError(f"{path}: malformed XML: {exc}") from exc
+        raise VocError(f"{path}: malformed XML: {exc}{_encoding_hint(data)}") from exc
     if root.tag != "annotation":
         raise VocError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     return root
@@ -144,11 +209,25 @@ def _flag(path: Path, elem: ET.Element, tag: str, where: str) -> bool:
     raise VocError(f"{path}: <{tag}> in {where} must be 0 or 1, got {raw!r}")
 
 
+#: The shapes other than a box an <object> may hold (polygon and mask exports, keypoints).
+_SHAPES = ("polygon", "segmentation", "points", "polyline", "mask", "keypoints")
+
+
 def _box(path: Path, obj: ET.Element, where: str) -> tuple[float, float, float, float]:
     """(xmin, ymin, xmax, ymax) of an <object>'s <bndbox>, as written (VOC's 1-based pixels)."""
     bnd = obj.find("bndbox")
     if bnd is None:
-        raise VocError(f"{path}: missing <bndbox> in {where}")
+        shape = next((c.tag for c in obj if c.tag in _SHAPES), None)
+        if shape is not None:  # (LabelMe-style or a tool's polygon export in VOC clothes)
+            raise VocError(
+                f"{path}: {where} is a <{shape}>, not a box: splitdet trains on boxes "
+                "(<bndbox>); export the annotations as rectangles (bounding boxes), or draw "
+                "this object as one"
+            )
+        raise VocError(
+            f"{path}: missing <bndbox> in {where}: each <object> needs one (<xmin>, <ymin>, "
+            "<xmax>, <ymax>); export the annotation again, or remove the object"
+        )
     xmin = _number(path, bnd, "xmin", where)
     ymin = _number(path, bnd, "ymin", where)
     xmax = _number(path, bnd, "xmax", where)
