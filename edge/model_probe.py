@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 from splitdet.edge.client import ClientConfig, CloudClient, CloudError, RetryLater
 from splitdet.edge.daemon_log import log, log_event
 from splitdet.edge.sender import OPERATOR_PROBLEMS, PER_EXPORT
-from splitdet.shared.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from splitdet.shared.manifest import (
+    ALL_ARTIFACTS,
+    MANIFEST_NAME,
+    PUBLISHING_MARKER,
+    ManifestError,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from splitdet.edge.daemon_metrics import EdgeMetrics
@@ -205,6 +211,10 @@ class ModelOnDisk:
     logged once per change (WARNING `model_changed_on_disk`, naming both: the daemon keeps
     running the loaded one until restarted), and shown in splitdet_edge_model_changed_on_disk.
     A manifest that cannot be read just now (being rewritten) is looked at again next time.
+    Another export's manifest is believed only once the folder's files match it (hashed once
+    per change of the folder's files): a manifest copied ahead of its files, or beside another
+    export's, is said as such instead (WARNING `model_on_disk_incomplete`: a restart would
+    refuse to start on it), and looked at again when a file of the folder changes.
     The daemon never switches exports by itself. `refusal_hint` says, for the sender's
     `model_refused` line, when a restart is the fix. Thread-safe (the loop and the sender)."""
 
@@ -220,6 +230,7 @@ class ModelOnDisk:
         self.every_s = every_s
         self.metrics = metrics
         self.on_disk = running  # the fingerprint the manifest named, when last read
+        self.incomplete: str | None = None  # why its files do not match that manifest, or None
         self._identity: tuple[int, ...] | None = None  # (None: read it at the first check)
         self._checked = float("-inf")  # monotonic s of the last stat
         self._lock = threading.Lock()
@@ -238,14 +249,8 @@ class ModelOnDisk:
             if not force and now - self._checked < self.every_s:
                 return self.changed
             self._checked = now
-            path = self.model_dir / MANIFEST_NAME
-            try:
-                stat = os.stat(path)
-            except OSError:  # (a folder being replaced: looked at again next time)
-                return self.changed
-            # (ctime too: a copy over the file in place keeps its inode, may keep size and mtime)
-            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-            if identity == self._identity:
+            identity = self._folder_identity()
+            if identity is None or identity == self._identity:
                 return self.changed
             try:
                 fingerprint = read_manifest(self.model_dir, verify=False).fingerprint
@@ -253,11 +258,36 @@ class ModelOnDisk:
                 log.debug("--model %s: manifest not read (%s); looked at again later",
                           self.model_dir, exc)  # fmt: skip
                 return self.changed
+            incomplete = None
+            if fingerprint != self.running:  # (believed once its files match it)
+                try:
+                    read_manifest(self.model_dir)
+                except (OSError, ManifestError, ValueError, KeyError, TypeError) as exc:
+                    incomplete = str(exc)
             self._identity = identity
-            if fingerprint != self.on_disk:
-                self.on_disk = fingerprint
+            if fingerprint != self.on_disk or (incomplete is None) != (self.incomplete is None):
+                self.on_disk, self.incomplete = fingerprint, incomplete
                 self._report()
+            self.incomplete = incomplete
             return self.changed
+
+    def _folder_identity(self) -> tuple | None:
+        """(device, inode, size, mtime, ctime) of the manifest and of each artifact the folder
+        may hold (None for one missing), and whether an export is being published into it;
+        None when the manifest cannot be stat'ed (a folder being replaced: looked at again
+        next time). ctime too: a copy over a file in place keeps its inode, may keep its size
+        and mtime."""
+        identity: list[object] = [os.path.lexists(self.model_dir / PUBLISHING_MARKER)]
+        for name in (MANIFEST_NAME, *ALL_ARTIFACTS):
+            try:
+                st = os.stat(self.model_dir / name)
+            except OSError:
+                if name == MANIFEST_NAME:
+                    return None
+                identity.append(None)
+                continue
+            identity.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(identity)
 
     def _report(self) -> None:
         """Log the change just read (once per change) and set the gauge."""
@@ -268,6 +298,17 @@ class ModelOnDisk:
             log_event(logging.INFO, "model_on_disk_restored", model=str(folder),
                       fingerprint=self.running,
                       note=f"--model {folder} holds the export this daemon runs again")  # fmt: skip
+            return
+        if self.incomplete is not None:
+            log.warning(
+                f"--model {folder} now holds the manifest of another export "
+                f"({short(self.on_disk)}), but not that export's files ({self.incomplete}): "
+                "a copy still in progress, or files pieced together from several exports. "
+                f"This daemon keeps running {running}; a restart now would refuse to start: "
+                "copy the new export into the folder whole (or let the copy finish) first",
+                extra={"fields": {"event": "model_on_disk_incomplete", "model": str(folder),
+                                  "fingerprint": self.running, "on_disk": self.on_disk}},
+            )  # fmt: skip
             return
         log.warning(
             f"--model {folder} now holds another export ({short(self.on_disk)}) than the one "
@@ -286,7 +327,7 @@ class ModelOnDisk:
         if refused != self.running:
             return None
         on_disk = self.check(force=True)
-        if on_disk is None:
+        if on_disk is None or self.incomplete is not None:  # (a restart would not start)
             return None
         try:
             served = client.manifest(on_disk).fingerprint

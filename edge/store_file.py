@@ -30,6 +30,7 @@ from splitdet.edge.store_schema import (
     _TABLES,
     ANSWERS_APPLICATION_ID,
     APPLICATION_ID,
+    REQUIRED_COLUMNS,
     SCHEMA_VERSION,
 )
 from splitdet.shared.atomic_file import FULL_BELOW_BYTES, free_bytes
@@ -281,11 +282,25 @@ class Contents:
         application_id: its `PRAGMA application_id` (APPLICATION_ID, 0, or another program's).
         user_version: its `PRAGMA user_version` (an edge store's schema version).
         names: its tables and views, SQLite's own (sqlite_*) aside, sorted.
+        columns: (table, its column names) of each of its tables an edge store has
+            (`REQUIRED_COLUMNS`).
     """
 
     application_id: int
     user_version: int
     names: tuple[str, ...]
+    columns: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def lacking_columns(self, tables: frozenset[str]) -> list[str]:
+        """The columns `REQUIRED_COLUMNS` gives `tables` that the file's lack, as
+        "table.column", sorted (a table it lacks altogether is not named here)."""
+        held = dict(self.columns)
+        return sorted(
+            f"{table}.{column}"
+            for table in tables
+            if table in held
+            for column in REQUIRED_COLUMNS.get(table, frozenset()) - held[table]
+        )
 
 
 def read_contents(db: sqlite3.Connection) -> Contents:
@@ -302,11 +317,16 @@ def read_contents(db: sqlite3.Connection) -> Contents:
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
             " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
         )))  # fmt: skip
+        columns = tuple(
+            (table, frozenset(str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")))
+            for table in sorted(REQUIRED_COLUMNS)
+            if table in names
+        )
     finally:
         if own and db.in_transaction:
             with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-    return Contents(application_id, user_version, names)
+    return Contents(application_id, user_version, names, columns)
 
 
 def check_contents(path: Path | str, contents: Contents) -> bool:
@@ -337,19 +357,36 @@ def check_contents(path: Path | str, contents: Contents) -> bool:
                 f"{path}: a damaged splitdet edge store ({describe_contents(contents)}{lacks});"
                 f" give another --db{_wal_beside(path)}"
             )
+        _check_columns(path, contents, expected)
         return False
     if contents.application_id == 0:
         if contents.user_version == 0 and not found:
             return True
         expected = _TABLES.get(contents.user_version)
         if expected is not None and expected <= found:  # written before APPLICATION_ID (an
-            return False  # operator's own view or table beside ours stays welcome)
+            _check_columns(path, contents, expected)  # operator's own view or table beside
+            return False  # ours stays welcome)
     held = describe_contents(
         contents, {ANSWERS_APPLICATION_ID: "a splitdet cloud answers database"}
     )
     raise StoreError(
         f"{path}: not a splitdet edge store ({held}); give another --db{_wal_beside(path)}"
     )
+
+
+def _check_columns(path: Path | str, contents: Contents, tables: frozenset[str]) -> None:
+    """Refuse an edge store whose `tables` lack a column every store of theirs has
+    (`REQUIRED_COLUMNS`: a copy altered by hand, a table rebuilt by another tool), naming the
+    columns, before anything reads or writes it: the first query naming one would fail, in
+    the middle of a command's work."""
+    lacking = contents.lacking_columns(tables)
+    if lacking:
+        raise StoreError(
+            f"{path}: a damaged splitdet edge store (schema version {contents.user_version}, "
+            f"but lacking the column(s) {', '.join(lacking[:8])} every store of that version "
+            "has: altered by another program?); nothing was written to it: restore it from "
+            "a backup, or give another --db"
+        )
 
 
 def _wal_beside(path: Path | str) -> str:
@@ -411,7 +448,7 @@ def describe_contents(contents: Contents, known: dict[int, str] | None = None) -
     application_id = contents.application_id & 0xFFFFFFFF  # (SQLite's is signed)
     if application_id in (known or {}):
         parts.insert(0, f"it is {(known or {})[application_id]}")
-    elif application_id:
+    elif application_id and application_id != APPLICATION_ID:  # (ours goes without saying)
         parts.append(f"application_id {application_id:#010x}, another program's")
     if contents.user_version:
         parts.append(f"user_version {contents.user_version}")

@@ -252,3 +252,33 @@ def warning_kinds(text: str | None) -> list[str]:
 
 #: The outbox's last_error of a request `edge requeue` put back (no send of it failed yet).
 REQUEUED_NOTE = "requeued after a dead letter"
+
+
+def _columns_of_schema() -> dict[str, frozenset[str]]:
+    """The columns of each table `_SCHEMA` makes, the added ones (`ADDED_COLUMNS`, which a
+    writer adds where missing) aside: read from an in-memory database made by it."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        tables = [
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
+        return {
+            table: frozenset(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+            - set(ADDED_COLUMNS)
+            for table in tables
+            if not table.startswith("sqlite_")
+        }
+    finally:
+        db.close()
+
+
+#: The columns every store has in each table of `_TABLES` (those `ADDED_COLUMNS` names
+#: aside: a writer adds them where missing, and readers see NULL): a store lacking one (a
+#: hand-altered copy) is refused by name when it is opened, not at the first write or read
+#: that names the column.
+REQUIRED_COLUMNS: dict[str, frozenset[str]] = _columns_of_schema()

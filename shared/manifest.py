@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.codec import CODECS
 from splitdet.shared.config import ModelConfig
 from splitdet.shared.regular_file import open_regular
 from splitdet.shared.spec import SIZE_DIVISIBLE, SPEC_VERSION
@@ -264,7 +266,12 @@ def _checked_artifact(model_dir: Path, name: str, expected: str, keep: bool) -> 
             else:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if digest != expected:
-            problem = f"{artifact}: contents differ from the manifest's hash"
+            problem = (
+                f"{artifact}: contents differ from the manifest's hash (sha256 "
+                f"{digest[:16]}, the manifest lists {str(expected)[:16]}): the file was "
+                "changed, or copied from another export; copy the export again, whole "
+                "(every file from the same `splitdet export`)"
+            )
     except OSError as exc:
         problem = _not_opened(artifact, exc, "missing from the model directory")
     if problem is not None and (model_dir / PUBLISHING_MARKER).exists():
@@ -316,6 +323,105 @@ def _class_names_problem(data: dict[str, Any], model_config: ModelConfig) -> str
     )
 
 
+def _made_by(data: dict[str, Any]) -> str:
+    """The splitdet that exported the manifest ``data`` as its extra records it (export
+    writes extra.splitdet), as ", made by splitdet VERSION"; "" when it records none."""
+    extra = data.get("extra")
+    made = extra.get("splitdet") if isinstance(extra, dict) else None
+    return f", made by splitdet {made[:80]}" if isinstance(made, str) and made else ""
+
+
+def _newer(found: Any, ours: int | str) -> bool:
+    """Whether the version `found` in a manifest is a later one than `ours` (both read as
+    whole numbers; False when `found` is none)."""
+    try:
+        return not isinstance(found, bool) and int(found) > int(ours)
+    except (TypeError, ValueError):
+        return False
+
+
+def _version_problem(data: dict[str, Any]) -> str | None:
+    """Why this splitdet cannot read the manifest ``data`` by its ``format`` and
+    ``spec_version`` (each shown as JSON, so that the text "1" and the number 1 read apart),
+    naming both versions, the splitdet that made the export and what to do: upgrade this
+    splitdet for a newer one, re-export for an older one, restore a hand-edited one; None
+    when it can."""
+    for key, ours, what in (
+        ("format", MANIFEST_FORMAT, "manifest format"),
+        ("spec_version", SPEC_VERSION, "split spec"),
+    ):
+        found = data.get(key)
+        if found == ours and type(found) is type(ours):
+            continue
+        shown, wanted = json.dumps(found)[:60], json.dumps(ours)
+        reads = f"this splitdet ({__version__}) reads {what} {wanted}"
+        if key not in data:
+            return (
+                f"no {key} ({what}); {reads}: not a manifest `splitdet export` wrote (cut short, "
+                "or edited?): copy the export again, whole, or re-export the model"
+            )
+        if str(found) == str(ours):
+            return (
+                f"{key} {shown} where export writes {wanted} ({what}): the manifest was "
+                "edited; restore the manifest.json export wrote, or re-export the model"
+            )
+        if _newer(found, ours):
+            return (
+                f"{key} {shown} ({what}){_made_by(data)}; {reads}: upgrade splitdet here to "
+                "the version that made the export (`splitdet --version` on both machines), or "
+                "re-export the model with this one"
+            )
+        return f"{key} {shown} ({what}){_made_by(data)}; {reads}: re-export the model with this one"
+    return None
+
+
+def _unknown_keys(data: dict[str, Any]) -> str:
+    """What a refusal of the manifest ``data``'s model_config adds when it holds settings this
+    splitdet does not know (a newer splitdet's export): who made it and what to do; "" when
+    it holds none."""
+    config = data.get("model_config")
+    if not isinstance(config, dict) or not set(config) - set(ModelConfig.__dataclass_fields__):
+        return ""
+    return (
+        f" (settings this splitdet ({__version__}) does not know{_made_by(data)}): upgrade "
+        "splitdet here to the version that made the export (`splitdet --version` on both "
+        "machines), or re-export the model with this one"
+    )
+
+
+def _input_problem(data: dict[str, Any], model_config: ModelConfig) -> str | None:
+    """Why the manifest ``data``'s ``input`` (how an edge of one's own resizes, pads and
+    normalises: proto/README.md) cannot stand beside its ``model_config`` (which splitdet's
+    edge and cloud go by, and the fingerprint covers), or None: each value it holds must be
+    the one export writes from model_config. A hand-edited copy would have the two kinds of
+    edge feed the same export differently (other boxes, or every request refused). A key it
+    lacks (an older export's) or one this splitdet does not know (a newer one's) is not
+    compared; a manifest without ``input`` is read by model_config alone."""
+    given = data.get("input")
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        return f"input must be an object of the input settings, got {json.dumps(given)[:60]}"
+    expected = {
+        "min_size": model_config.min_size,
+        "max_size": model_config.max_size,
+        "image_mean": list(model_config.image_mean),
+        "image_std": list(model_config.image_std),
+        "pixel_bits": model_config.pixel_bits,
+        "size_divisible": SIZE_DIVISIBLE,
+    }
+    for key, value in expected.items():
+        if key in given and given[key] != value:
+            source = "the split spec's" if key == "size_divisible" else "model_config's"
+            return (
+                f"input.{key} {json.dumps(given[key])[:60]} differs from {source} "
+                f"{json.dumps(value)} (which splitdet's edge and cloud go by, and the fingerprint "
+                "covers; an edge of your own reads input): the manifest was edited; re-export "
+                "the model, or restore the manifest.json export wrote"
+            )
+    return None
+
+
 def read_manifest(
     model_dir: Path, verify: bool = True, read_later: tuple[str, ...] = ()
 ) -> Manifest:
@@ -346,23 +452,26 @@ def read_manifest(
     raw = _read_manifest_bytes(model_dir, path)
     try:
         data = json.loads(raw.decode())
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(
-                f"{path}: manifest format {data.get('format')!r}, this splitdet reads "
-                f"{MANIFEST_FORMAT}; re-export the model with this version"
-            )
-        if data.get("spec_version") != SPEC_VERSION:
-            raise ManifestError(
-                f"{path}: exported under split spec {data.get('spec_version')!r}, this splitdet "
-                f"speaks {SPEC_VERSION!r}; re-export the model with this version"
-            )
+        version_problem = _version_problem(data)
+        if version_problem is not None:
+            raise ManifestError(f"{path}: {version_problem}")
         try:
             model_config = ModelConfig.from_dict(data["model_config"])
         except (ValueError, TypeError) as exc:  # a value of the wrong type or out of range
-            raise ManifestError(f"{path}: model_config: {exc}") from None
+            raise ManifestError(f"{path}: model_config: {exc}{_unknown_keys(data)}") from None
         names_problem = _class_names_problem(data, model_config)
+        if names_problem is None:
+            names_problem = _input_problem(data, model_config)
         if names_problem is not None:
             raise ManifestError(f"{path}: {names_problem}")
+        codec = data["default_codec"]
+        if codec not in CODECS:
+            raise ManifestError(
+                f"{path}: default_codec {json.dumps(codec)[:60]} is none this splitdet "
+                f"({__version__}) knows ({', '.join(CODECS)}){_made_by(data)}: upgrade "
+                "splitdet here to the version that made the export, or re-export the model "
+                "with this one"
+            )
         threshold_problem = gate_threshold_problem(data["gate_threshold"])
         if threshold_problem is not None:
             raise ManifestError(
@@ -382,7 +491,12 @@ def read_manifest(
         raise
     except RecursionError:  # JSON nested deeper than the parser follows: no manifest is
         raise ManifestError(f"{path}: malformed manifest (JSON nested too deep)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except KeyError as exc:  # a key export writes is missing (a partly copied or edited file)
+        raise ManifestError(
+            f"{path}: malformed manifest: it lacks {exc}, which `splitdet export` writes (cut "
+            "short, or edited?): copy the export again, whole, or re-export the model"
+        ) from None
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{path}: malformed manifest ({exc!r})") from exc
     expected_artifacts = artifacts_for(manifest.model_config)
     if set(manifest.artifacts) != set(expected_artifacts):
@@ -398,5 +512,10 @@ def read_manifest(
             manifest.artifacts, manifest.model_config, manifest.gate_threshold
         )
         if recomputed != manifest.fingerprint:
-            raise ManifestError(f"{path}: fingerprint does not match the manifest's contents")
+            raise ManifestError(
+                f"{path}: fingerprint does not match the manifest's contents (its "
+                f"fingerprint {manifest.fingerprint[:16]}, its artifacts and settings hash to "
+                f"{recomputed[:16]}): the manifest was edited, or pieced together from "
+                "several exports; copy the export again, whole, or re-export the model"
+            )
     return manifest
