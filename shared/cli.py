@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from splitdet.shared import __version__
 from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.logs import TextLogFormatter, json_line
 from splitdet.shared.regular_file import read_regular
@@ -558,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version_text() -> str:
-    """What `splitdet --version` prints: splitdet's version; the split spec version and
+    """What `splitdet --version` prints: splitdet's version (and, run from a git work tree,
+    the commit it runs: an editable install's metadata keeps the one it was installed at); the
+    split spec version and
     manifest format an export is made under, which an edge and a cloud must share; and the
     versions of Python, ONNX Runtime and torch as installed (read from their package metadata,
     neither imported: "not installed" on an edge-only or base install)."""
@@ -566,10 +567,11 @@ def version_text() -> str:
 
     from splitdet.shared.manifest import MANIFEST_FORMAT
     from splitdet.shared.spec import SPEC_VERSION
+    from splitdet.training.provenance import splitdet_version  # (stdlib only: no torch)
 
     runtime = _installed("onnxruntime", "onnxruntime-gpu")
-    return (
-        f"splitdet {__version__}\n"
+    return (  # (the commit run too, from a git work tree: as checkpoints and manifests say)
+        f"splitdet {splitdet_version()}\n"
         f"split spec {SPEC_VERSION}, manifest format {MANIFEST_FORMAT} (an edge and a cloud "
         "must share both)\n"
         f"python {platform.python_version()}, onnxruntime {runtime}, torch {_installed('torch')}"

@@ -220,7 +220,11 @@ def test_version_names_the_spec_and_the_runtimes_without_importing_torch():
     lines = done.stdout.splitlines()
     assert lines[-1] == "exit 0 False", done.stdout
     text = "\n".join(lines[:-1])
-    assert lines[0] == f"splitdet {__version__}"
+    from splitdet.training.provenance import splitdet_version
+
+    assert lines[0] == f"splitdet {splitdet_version()}"
+    if (Path(__file__).resolve().parent.parent / ".git").exists():  # (the commit it runs)
+        assert lines[0].startswith(f"splitdet {__version__} (git "), lines[0]
     assert f"split spec {SPEC_VERSION}, manifest format {MANIFEST_FORMAT}" in text
     assert f"python {sys.version.split()[0]}, onnxruntime " in text and ", torch " in text
 
