@@ -144,6 +144,30 @@ def _init_refusal(init: str, config: ModelConfig) -> str:
     )
 
 
+def _folder_refusal(path: Path) -> str:
+    """Why `--init FOLDER` starts nothing, and which file to give: a run folder's checkpoints
+    (best.pt, last.pt), or, for a model export (manifest.json: edge ONNX and cloud heads, no
+    whole model), the checkpoint its manifest says it was exported from."""
+    head = f"--init {path}: a folder, not a checkpoint file"
+    if (path / "manifest.json").is_file():
+        import json
+
+        try:
+            source = json.loads((path / "manifest.json").read_text()).get("extra", {})
+            exported_from = source.get("checkpoint") if isinstance(source, dict) else None
+        except (OSError, ValueError, AttributeError):
+            exported_from = None
+        named = f" ({exported_from})" if isinstance(exported_from, str) else ""
+        return (
+            f"{head}; it is a model export (manifest.json), which holds no whole model to "
+            f"train on: give the checkpoint it was exported from{named}"
+        )
+    inside = sorted(f.name for f in path.glob("*.pt") if f.is_file())
+    if inside:
+        return f"{head}; give a checkpoint file in it: {', '.join(inside)}"
+    return f"{head}; give a checkpoint file (a training run's best.pt or last.pt)"
+
+
 def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True) -> dict:
     """Start `model` from `init`: "none", "imagenet" (torchvision's ImageNet ResNet of the
     model's depth, backbone body only), "coco" (torchvision's COCO Faster R-CNN ResNet50-FPN; the
@@ -171,6 +195,8 @@ def load_initial_weights(model: MultiTaskRCNN, init: str, progress: bool = True)
         state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor.")}
         return _load_matching(model, state)
     path = Path(init)
+    if path.is_dir():
+        raise InitError(_folder_refusal(path))
     if not path.is_file():
         raise InitError(f"--init {init!r}: not imagenet, coco, none, nor an existing file")
     try:

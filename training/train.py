@@ -38,7 +38,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from splitdet.shared.atomic_file import WriteError, atomic_write, replacing, stale_temporaries
+from splitdet.shared.atomic_file import (
+    WriteError,
+    atomic_write,
+    replacing,
+    stale_temporaries,
+    write_problem,
+)
 from splitdet.shared.checkpoint import save_checkpoint
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.model import MultiTaskRCNN
@@ -293,8 +299,16 @@ def _prepare_run_folder(out_dir: Path, resume: bool) -> None:
             "no %s to resume from, but %s holds the run's first epoch (the run was stopped "
             "while writing its checkpoints): resuming from a copy of it", last_path, best_path,
         )  # fmt: skip
-        with replacing(last_path) as copy:
-            shutil.copyfile(best_path, copy)
+        try:
+            with replacing(last_path, fsync=True) as copy:
+                shutil.copyfile(best_path, copy)
+        except OSError as exc:  # (shutil's error names best.pt, the file it read, not last.pt)
+            raise WriteError(
+                last_path, write_problem(last_path, exc), exc.errno,
+                f"{last_path}: cannot write it, the copy of {best_path} to resume from "
+                f"({write_problem(last_path, exc)}); {best_path} is kept as it was: --resume "
+                "again once the cause is fixed",
+            ) from None  # fmt: skip
     if not (resume and last_path.is_file()):
         held = [p.name for p in (last_path, best_path) if p.is_file()]
         if held:  # a fresh start would replace them after its first epoch
@@ -345,6 +359,8 @@ def _train_epochs(
             final = epoch + 1 >= config.epochs or clock.exhausted(run.epoch_seconds)
             if run.rank == 0 and val_samples and ((epoch + 1) % config.eval_every == 0 or final):
                 _validate(run, val_samples, epoch, row)
+            elif run.rank == 0:  # (a validated epoch's line is `_validate`'s)
+                _log_unvalidated_epoch(run, row, epoch, bool(val_samples))
             row.update(_row_provenance(records))
             run.history.append(row)
             run.epochs_run += 1
@@ -357,6 +373,25 @@ def _train_epochs(
     overall.close()
     _catch_up_plot(run)
     return row, ended_by_epochs
+
+
+def _log_unvalidated_epoch(run: _Run, row: dict[str, Any], epoch: int, validates: bool) -> None:
+    """The line of an epoch no validation pass followed (rank 0), as `_validate` logs a
+    validated one: its loss and training minutes, and when the next validation comes
+    (`validates`: the run has validation images; else it has none, e.g. --eval-every 0).
+    Without it an epoch between --eval-every's passes left nothing in the log."""
+    every = run.config.eval_every
+    if validates and every:
+        due = (epoch // every + 1) * every - 1  # (the run's last epoch is validated too)
+        when = f"--eval-every {every}: the next validation follows epoch "
+        when += str(min(due, run.config.epochs - 1))
+    else:
+        when = "this run validates nothing"
+    loss = row.get("loss")
+    log.info(
+        "epoch %d: loss %s, not validated (%s) (%.1f train min)",
+        epoch, "n/a" if loss is None else f"{loss:.3f}", when, run.clock.seconds / 60,
+    )  # fmt: skip
 
 
 def _row_provenance(records: dict[str, Any] | None) -> dict[str, Any]:
@@ -472,6 +507,12 @@ def _save_epoch(path: Path, model: nn.Module, extra: dict, epoch: int) -> None:
             "the cause is fixed)"
             if path.is_file()
             else f"no {path.name} was written"
+            + (  # (no last.pt yet: the run's best.pt is this epoch's, which a resume copies)
+                f"; {path.parent / 'best.pt'} holds the epoch: --resume continues from it once "
+                "the cause is fixed"
+                if path.name == "last.pt" and (path.parent / "best.pt").is_file()
+                else ""
+            )
         )
         message = f"epoch {epoch}: {exc}; {kept}"
         raise WriteError(path, exc.reason, exc.errno, message) from exc
