@@ -41,6 +41,7 @@ from splitdet.cloud.tokens import AcceptedTokens, TokenInterceptor, file_stamp
 from splitdet.shared.manifest import ManifestError
 from splitdet.shared.metrics_http import start_metrics_server
 from splitdet.shared.stacks import log_stacks
+from splitdet.shared.version import splitdet_version
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ class CloudServer:
                               "security": config.security, "threads": config.threads,
                               "max_concurrent": config.max_concurrent,
                               "max_message_mib": config.max_message_bytes // MIB,
-                              "metrics_port": self.metrics_port}},
+                              "metrics_port": self.metrics_port,
+                              "version": splitdet_version()}},
         )  # fmt: skip
         return self
 

@@ -95,6 +95,7 @@ from splitdet.shared.folder_lock import DirectoryLock, FolderInUse
 from splitdet.shared.metrics_http import start_metrics_server
 from splitdet.shared.shortage import short_of
 from splitdet.shared.signal_event import event_setter
+from splitdet.shared.version import splitdet_version
 
 #: --once ends waiting for files still being written after --drain-timeout, never sooner than
 #: this (seconds): a --drain-timeout 0 means "do not wait for the cloud", not for the files.
@@ -427,6 +428,7 @@ class EdgeDaemon:
         log_event(
             logging.INFO,
             "started",
+            version=splitdet_version(),  # (which splitdet: an edge and a cloud are upgraded apart)
             watch=str(config.watch),
             db=str(config.db),
             cloud=config.cloud,

@@ -567,7 +567,7 @@ def version_text() -> str:
 
     from splitdet.shared.manifest import MANIFEST_FORMAT
     from splitdet.shared.spec import SPEC_VERSION
-    from splitdet.training.provenance import splitdet_version  # (stdlib only: no torch)
+    from splitdet.shared.version import splitdet_version
 
     runtime = _installed("onnxruntime", "onnxruntime-gpu")
     return (  # (the commit run too, from a git work tree: as checkpoints and manifests say)

@@ -240,6 +240,9 @@ def test_json_logs_carry_the_refused_calls_fields(tmp_path):
             entry = json.loads(line)
             events.setdefault(entry.get("event"), entry)
     assert events["serving"]["port"] == cloud.port
+    from splitdet.shared.version import splitdet_version  # (which splitdet: upgraded apart)
+
+    assert events["serving"]["version"] == splitdet_version()
     refused = events["refused"]
     assert (refused["method"], refused["edge"], refused["code"]) == (
         "GetManifest",

@@ -91,6 +91,9 @@ def test_an_idle_edge_shows_its_export_and_threshold_in_its_metrics(
     assert not any(k.startswith("splitdet_edge_outbox_model_requests{") for k in metrics)
     [started] = [e for e in events(caplog) if e.get("event") == "started"]
     assert started["fingerprint"] == manifest.fingerprint and started["threshold"] == 0.5
+    from splitdet.shared.version import splitdet_version  # (which splitdet: upgraded apart)
+
+    assert started["version"] == splitdet_version()
     assert not [e for e in events(caplog) if e.get("event") == "threshold_override"]
 
 

@@ -194,7 +194,7 @@ def test_the_version_names_the_commit_of_a_git_work_tree(tmp_path):
     ("0.1.0" for every later commit): the records name the commit the code runs from too."""
     import subprocess
 
-    from splitdet.training.provenance import _git_source
+    from splitdet.shared.version import _git_source
 
     assert _git_source(tmp_path) is None  # (no work tree: the version alone)
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]

@@ -1,7 +1,8 @@
 """Provenance: what ties a reported figure to the code and the bytes it came from.
 
-`splitdet_version` (the version `splitdet --version` names), `data_digest` (a split's image
-ids with their annotation and image bytes), `data_record` (a split as the eval JSON names it),
+`splitdet_version` (from `splitdet.shared.version`: what `splitdet --version` names),
+`data_digest` (a split's image ids with their annotation and image bytes), `data_record` (a
+split as the eval JSON names it),
 `checkpoint_record` (a checkpoint by its weights' digest: the one an export's manifest records
 as ``extra.weights_sha256``, so that an evaluation of a checkpoint is matched with the export
 deployed from it) and `training_segment` (what a training run, or a resume of it, started on).
@@ -12,54 +13,22 @@ when a checkpoint's weights are digested.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from splitdet.shared.version import splitdet_version
 
 if TYPE_CHECKING:
     import torch
 
     from splitdet.training.voc_types import VocSample
 
+
 #: Bytes read from a file at a time while it is hashed.
 CHUNK_BYTES = 1 << 20
-
-
-@functools.cache
-def splitdet_version() -> str:
-    """splitdet's version, as `splitdet --version` prints it (the package's metadata, e.g.
-    "0.1.1.dev5+g1a2b3c4"; "0+unknown" in a source tree that was never installed), and, when
-    the code runs from a git work tree (an editable install, whose metadata keeps the version
-    of the commit it was installed at), the commit it runs: "0.1.1.dev5+g1a2b3c4 (git
-    9f8e7d6c5b4a, modified)", "modified" when the tree has uncommitted changes."""
-    from splitdet.shared import __version__
-
-    source = _git_source(Path(__file__).resolve().parent.parent)
-    return f"{__version__} ({source})" if source else __version__
-
-
-def _git_source(folder: Path) -> str | None:
-    """ "git HASH12" (", modified" added for uncommitted changes) of the work tree `folder`
-    lies in; None when it lies in none, or git is missing or slow."""
-    if not (folder / ".git").exists():
-        return None
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # (a read: take no lock on the index)
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, env=env, check=True,
-        ).stdout.strip()  # fmt: skip
-        status = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, env=env, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"git {head[:12]}" + (", modified" if status else "") if head else None
 
 
 def data_digest(root: Path | str, samples: Sequence[VocSample]) -> str:
