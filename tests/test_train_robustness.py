@@ -289,3 +289,11 @@ def test_train_puts_back_the_sigterm_handler_it_found(tiny_voc, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is callers
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_one_trained_epoch_is_said_as_one():
+    """A resume of a run of one epoch said "epochs 0-0 trained"."""
+    from splitdet.training.epoch_records import epoch_span
+
+    assert epoch_span(0, 0) == "epoch 0"
+    assert epoch_span(0, 3) == "epochs 0-3"

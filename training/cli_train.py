@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
     from splitdet.shared.cli import CommandError, class_names, refuse_closed_stdout
     from splitdet.shared.parent_death import PARENT_PID_ENV
-    from splitdet.training.epoch_records import describe_best
+    from splitdet.training.epoch_records import describe_best, epoch_span
 
     if args.json:  # (`>&-`: the run's result it was asked for would be lost after training)
         refuse_closed_stdout("--json prints the run's result there")
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(json_text(row), indent=2))
     elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
         print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
-              f"minutes reach its --minutes budget; last.pt holds epochs 0-{row['epoch']} in "
+              f"minutes reach its --minutes budget; last.pt holds {epoch_span(0, row['epoch'])} in "
               f"{args.out} (give a larger --minutes to train on){best}")  # fmt: skip
     else:
         print(f"trained to epoch {row.get('epoch')} in {row['train_seconds'] / 60:.1f} min; "

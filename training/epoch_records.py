@@ -137,6 +137,12 @@ def _loss(row: dict[str, Any], key: str) -> float:
     return math.nan if value is None else float(value)
 
 
+def epoch_span(first: int, last: int) -> str:
+    """Epochs ``first`` to ``last`` (numbers from 0, as metrics.csv and the log give them) as
+    a line says them: "epoch 0" for one, "epochs 0-4" for several (not "epochs 0-0")."""
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+
 def curve_title(
     history: list[dict[str, Any]], run_name: str | None, preset: str | None, data: str | None = None
 ) -> str:
@@ -144,8 +150,7 @@ def curve_title(
     epochs (counted, and their numbers from 0, as metrics.csv and the log give them) and
     training minutes."""
     n = len(history)
-    first, last = history[0]["epoch"], history[-1]["epoch"]
-    numbers = f"epoch {first}" if n == 1 else f"epochs {first}-{last}"
+    numbers = epoch_span(history[0]["epoch"], history[-1]["epoch"])
     minutes = history[-1].get("train_minutes") or 0.0
     who = ", ".join(
         part

@@ -18,7 +18,7 @@ from splitdet.shared.checkpoint import (
     threshold_calibration,
 )
 from splitdet.shared.config import ModelConfig
-from splitdet.training.epoch_records import BestEpoch
+from splitdet.training.epoch_records import BestEpoch, epoch_span
 from splitdet.training.initial_weights import load_initial_weights
 from splitdet.training.presets import PROCESSES_KEY, TrainConfig
 from splitdet.training.run_checks import model_difference, recipe_changes
@@ -126,13 +126,14 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
     start_epoch = run.start_epoch
     if start_epoch >= config.epochs:  # before the recipe is rewritten: refused, unchanged
         raise ValueError(
-            f"{last_path} holds {start_epoch} trained epochs (epochs 0-{start_epoch - 1}) "
+            f"{last_path} holds {start_epoch} trained epoch{'s' if start_epoch != 1 else ''} "
+            f"({epoch_span(0, start_epoch - 1)}) "
             f"and this run's --epochs is {config.epochs}: nothing is left to train; give "
             f"--epochs above {start_epoch} to train on"
         )
     log.info(
-        "resumed from %s: epochs 0-%d trained, training on from epoch %d (--epochs %d)",
-        last_path, start_epoch - 1, start_epoch, config.epochs,
+        "resumed from %s: %s trained, training on from epoch %d (--epochs %d)",
+        last_path, epoch_span(0, start_epoch - 1), start_epoch, config.epochs,
     )  # fmt: skip
     saved = checkpoint.get("train_config") or {}
     trained = _trained_lr(checkpoint)
