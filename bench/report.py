@@ -227,7 +227,9 @@ def add_confidence_intervals(
     defective: Sequence[bool],
 ) -> None:
     """Give each of one rate's system summaries `mean_s_ci95` (seconds) and `reduction_ci95`
-    (vs MONOLITHIC, a fraction like `reduction`; None for MONOLITHIC itself), each [low, high],
+    (vs MONOLITHIC, a fraction like `reduction`; None for MONOLITHIC itself), and, when
+    SAME_ENGINES was measured, `reduction_vs_same_engines_ci95` (vs it, from the same
+    resamples; None for SAME_ENGINES itself), each [low, high],
     from `bootstrap_means` of `times` (system name -> seconds per image in stream order, every
     system of `summaries`, MONOLITHIC among them), stratified by `defective` (whether each
     image of the stream is defective, in stream order: ``[s.is_defective for s in stream]``).
@@ -242,14 +244,21 @@ def add_confidence_intervals(
     if max(Counter(defective).values(), default=0) < 2:
         for summary in summaries.values():
             summary["mean_s_ci95"] = summary["reduction_ci95"] = None
+            if SAME_ENGINES in summaries:
+                summary["reduction_vs_same_engines_ci95"] = None
         return
     means = bootstrap_means({name: times[name] for name in summaries}, defective=defective)
     base = means[MONOLITHIC]
+    engines = means.get(SAME_ENGINES)
     for name, summary in summaries.items():
         summary["mean_s_ci95"] = interval(means[name])
         summary["reduction_ci95"] = (
             None if name == MONOLITHIC else interval(1.0 - means[name] / base)
         )
+        if engines is not None:  # (the same resamples: paired with the engine baseline too)
+            summary["reduction_vs_same_engines_ci95"] = (
+                None if name == SAME_ENGINES else interval(1.0 - means[name] / engines)
+            )
 
 
 def add_engine_reductions(summaries: dict[str, dict]) -> None:
@@ -557,6 +566,16 @@ def markdown(report: dict) -> str:
         for name, s in systems.items():
             label = system_label(name, s)
             measured = name != MONOLITHIC and not s.get("upper_bound")
+            engines_cell = (
+                _with_ci(
+                    s.get("reduction_vs_same_engines"),
+                    s.get("reduction_vs_same_engines_ci95"),
+                    "+.1%",
+                )
+                + " | "
+                if vs_engines
+                else ""
+            )
             with_links = " | ".join(
                 f"{_fmt(s.get(f'mean_with_{link}_s'), '.3f')} | "
                 f"{_fmt(s.get(f'reduction_with_{link}'), '+.1%')}"
@@ -566,7 +585,7 @@ def markdown(report: dict) -> str:
                 f"| {label} | {_mean_with_ci(s['mean_s'], s.get('mean_s_ci95'))} | "
                 f"{s['p50_s']:.3f} | {s['p95_s']:.3f} | {s['images_per_s']:.2f} | "
                 f"{_with_ci(s['reduction'], s.get('reduction_ci95'), '+.1%')} | "
-                + (f"{_fmt(s.get('reduction_vs_same_engines'), '+.1%')} | " if vs_engines else "")
+                + engines_cell
                 + f"{with_links} | "
                 f"{s['edge_s']:.3f} | "
                 f"{s['cloud_s']:.3f} | {s['bytes_per_image']:,.0f} | "
