@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -23,6 +22,7 @@ from splitdet.edge.cloud_args import (
     connection_options_given,
 )
 from splitdet.shared.cli import float_in, int_in
+from splitdet.shared.cores import usable_cores
 
 if TYPE_CHECKING:  # the handler imports these when it runs
     import contextlib
@@ -63,20 +63,10 @@ gives the verdict counts it follows from).
 """
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as `splitdet cloud` and `splitdet
-    bench` count them: a container pinned to 2 cores of a 64-core host has 2), else the
-    machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # (not Linux)
-        return os.cpu_count() or 1
-
-
 #: The limits of the cloud loadtest starts without --cloud, when not given: option dest -> value.
 #: Its threads are the usable cores (not `os.cpu_count()`, every core of the host: a cloud
 #: pinned to 2 of 64 ran 64 torch threads on 2 cores, and measured far below its capacity).
-STARTED_CLOUD = {"max_concurrent": 2, "max_queued": 8, "cloud_threads": _usable_cores()}
+STARTED_CLOUD = {"max_concurrent": 2, "max_queued": 8, "cloud_threads": usable_cores()}
 
 
 def _levels(text: str) -> list[int]:

@@ -58,6 +58,7 @@ from splitdet.edge.pipeline import EdgePipeline
 from splitdet.edge.preprocess import load_image
 from splitdet.edge.runtime import EdgeRuntime
 from splitdet.shared.checkpoint import load_model, weights_digest
+from splitdet.shared.cores import usable_cores
 from splitdet.shared.folder_lock import folder_lock
 from splitdet.shared.manifest import CLOUD_WEIGHTS, Manifest, edge_gate_kind, read_manifest
 from splitdet.shared.model import CloudHalf, MultiTaskRCNN
@@ -157,15 +158,6 @@ def progress_bar(total: int, progress: bool) -> tqdm:
     terminal (`progress_off`), never into a log file (a new line at every redraw there)."""
     disable = progress_off(not progress)
     return tqdm(total=total, unit="img", desc="benchmark", disable=disable, file=sys.stderr)
-
-
-def usable_cores() -> int | None:
-    """The cores this process may run on (its CPU affinity: a container pinned to 2 cores of a
-    64-core host has 2), or the machine's count where affinity is unknown."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # (not Linux)
-        return os.cpu_count()
 
 
 def _machine() -> dict:
@@ -479,7 +471,7 @@ def written_by(config: BenchConfig) -> Path | None:
 
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every system on every stream; write and return the report."""
-    threads = config.threads or usable_cores() or 1
+    threads = config.threads or usable_cores()
     torch.set_num_threads(threads)
     manifest = read_manifest(config.model_dir)
     # the torch baselines post-process as the export does (its box refinement may differ

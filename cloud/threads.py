@@ -10,9 +10,10 @@ are read here when a server is made, so a test may change them on this module fi
 
 from __future__ import annotations
 
-import os
 from concurrent import futures
 from typing import TYPE_CHECKING, NamedTuple
+
+from splitdet.shared.cores import usable_cores
 
 if TYPE_CHECKING:
     from splitdet.cloud.server_config import ServerConfig
@@ -33,8 +34,8 @@ REFUSAL_THREADS = 2
 
 
 def all_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask; else every core)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may run on (`cores.usable_cores`)."""
+    return usable_cores()
 
 
 class PoolBound(NamedTuple):

@@ -11,7 +11,6 @@ The CUDA provider is used when onnxruntime-gpu and a GPU are present (unless `de
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from splitdet.shared.cores import usable_cores
 from splitdet.shared.manifest import (
     COMPLETE_ONNX,
     GATE_ONNX,
@@ -84,9 +84,10 @@ FLOAT32 = "tensor(float)"
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Fresh options for one session (`load_session` sets an entry of its own in them: set
     twice, ONNX Runtime warns on stderr, outside the logs): `threads` intra-op threads (None:
-    every core), one inter-op thread, its own log quiet but for fatal errors."""
+    the cores this process may run on, `cores.usable_cores`), one inter-op thread, its own
+    log quiet but for fatal errors."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # (fatal only: a failure is splitdet's one line, its stderr
     # lines would break JSON logs)

@@ -36,6 +36,20 @@ def test_loadtest_started_cloud_threads_follow_cpu_affinity(tmp_path: Path) -> N
     assert settings["cloud_threads"] == 1
 
 
+def test_the_edge_runtime_threads_follow_cpu_affinity() -> None:
+    """The edge's ONNX Runtime sessions, without --threads, run a thread per core the process
+    may use (they took `os.cpu_count()`: every core of the host, on an edge pinned to fewer)."""
+    core = min(os.sched_getaffinity(0))
+    result = subprocess.run(
+        [sys.executable, "-c", "from splitdet.edge.runtime import session_options; "
+         "print(session_options(None).intra_op_num_threads)"],
+        capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1"]
+
+
 def test_jpeg_baseline_gets_its_image_as_monolithic_does(tmp_path: Path) -> None:
     """The JPEG baseline's server hands its detector the decoded image as the monolithic
     system gets it: Float32[3, H, W], C-contiguous (a transposed view made torch's resize take
