@@ -33,6 +33,28 @@ from splitdet.shared.atomic_file import (
 from splitdet.shared.probability_format import format_probability
 
 BOX_COLOUR = (255, 64, 32)
+#: A box's colour by its class (label k + 1: CLASS_COLOURS[k], again from the start past the
+#: last): class 1 keeps `BOX_COLOUR`; the others bright and far apart in hue, each readable on
+#: the black behind a label.
+CLASS_COLOURS = (
+    BOX_COLOUR,
+    (0, 200, 255),
+    (255, 230, 0),
+    (60, 255, 60),
+    (255, 60, 255),
+    (255, 160, 0),
+    (150, 120, 255),
+    (230, 230, 230),
+)
+
+
+def class_colour(label: int | None) -> tuple[int, int, int]:
+    """The RGB colour boxes of `label` (1-based, label k + 1 is class_names[k]) are drawn in:
+    `CLASS_COLOURS`; `BOX_COLOUR` for None (a caller that has names only)."""
+    if label is None or label < 1:
+        return BOX_COLOUR
+    return CLASS_COLOURS[(int(label) - 1) % len(CLASS_COLOURS)]
+
 
 #: The JPEG comment in each of predict's annotated copies: how a later run tells its own copies
 #: (which it may replace: a re-run shows the latest results) from any other file (never
@@ -153,27 +175,35 @@ def draw_detections(
     scores: Sequence[float],
     names: Sequence[str],
     p_defect: float | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Image.Image:
     """`image` (a decoded image's `Pixels`, or Float32[3, H, W] in [0, 1]: `rgb_8bit`) as an
     RGB picture with boxes (x1, y1, x2, y2 px), "name score" labels and, if given, p(defect)
-    drawn. Characters of a name the label font lacks are drawn escaped (`_label_text`); a
-    label is kept off the p(defect) text."""
+    drawn. Each box and its label in its class's colour (`class_colour` of `labels`, 1-based,
+    one per box; without them all in `BOX_COLOUR`), the label's text on black: readable on a
+    bright image too. Characters of a name the label font lacks are drawn escaped
+    (`_label_text`); a label is kept off the p(defect) text."""
     canvas = Image.fromarray(rgb_8bit(image), "RGB")
     draw = ImageDraw.Draw(canvas)
     font = _label_font(_label_size(canvas))
     width = max(2, round(max(canvas.size) / 600))
     p_text = None if p_defect is None else f"p(defect) {format_probability(p_defect)}"
     p_box = None if p_text is None else draw.textbbox((8, 8), p_text, font=font)
-    for box, score, name in zip(boxes, scores, names, strict=True):
+    colours = [class_colour(k) for k in labels] if labels is not None else None
+    if colours is not None and len(colours) != len(names):
+        raise ValueError(f"{len(colours)} labels for {len(names)} boxes")
+    for k, (box, score, name) in enumerate(zip(boxes, scores, names, strict=True)):
+        colour = BOX_COLOUR if colours is None else colours[k]
         x1, y1, x2, y2 = (float(v) for v in box)
         # (x2, y2) is the edge after the box's last pixel; Pillow's corners are pixels drawn
-        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=BOX_COLOUR,
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour,
                        width=width)  # fmt: skip
         label = _label_text(f"{name} {score:.2f}")
         label_width = draw.textlength(label, font=font)
         x = max(0.0, min(x1 + width, canvas.width - label_width - 1))  # never cut at the right
         top = _label_top(draw, label, x, y1, width, p_box, font)
-        draw.text((x, top), label, fill=BOX_COLOUR, font=font)
+        draw.rectangle(draw.textbbox((x, top), label, font=font), fill=(0, 0, 0))
+        draw.text((x, top), label, fill=colour, font=font)
     if p_text is not None and p_box is not None:  # over the boxes, on black: always readable
         draw.rectangle(p_box, fill=(0, 0, 0))
         draw.text((8, 8), p_text, fill=BOX_COLOUR, font=font)
@@ -207,16 +237,18 @@ def annotated_bytes(
     names: Sequence[str],
     path: Path,
     p_defect: float | None = None,
+    labels: Sequence[int] | None = None,
 ) -> bytes:
     """`image` (`Pixels`, or Float32[3, H, W] in [0, 1]) with boxes (x1, y1, x2, y2 px) and
-    "name score" labels drawn, encoded in memory as `path`'s suffix names (`encode`: JPEG or
+    "name score" labels drawn (in their class's colour with `labels`: `draw_detections`),
+    encoded in memory as `path`'s suffix names (`encode`: JPEG or
     PNG, another of Pillow's by its suffix), for the caller to write whole (the edge daemon's
     --save-annotated: `file_moves.write_in_folder`).
 
     Raises:
         ValueError: a suffix Pillow writes no format for.
     """
-    return encode(draw_detections(image, boxes, scores, names, p_defect), Path(path))
+    return encode(draw_detections(image, boxes, scores, names, p_defect, labels), Path(path))
 
 
 def save_annotated_copy(
@@ -226,6 +258,7 @@ def save_annotated_copy(
     names: Sequence[str],
     path: Path,
     p_defect: float | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Path:
     """The annotated image (`annotated_bytes`) for predict's copies: a JPEG marked with
     `COPY_COMMENT`, written whole under `path` only as a new file (created exclusively: a file
@@ -237,7 +270,7 @@ def save_annotated_copy(
         OSError: it could not be written; nothing is left beside `path`.
     """
     path = Path(path)
-    canvas = draw_detections(image, boxes, scores, names, p_defect)
+    canvas = draw_detections(image, boxes, scores, names, p_defect, labels)
     tmp = _temporary_beside(path, encode(canvas, path, comment=COPY_COMMENT))
     try:
         try:  # a new name: made at once and whole, only if free

@@ -675,11 +675,21 @@ def _predict(
     return None
 
 
+def class_counts(predictions: list[Prediction]) -> dict[str, int]:
+    """{class name: boxes of it} over the predictions, the most found first (ties by name)."""
+    counts: dict[str, int] = {}
+    for prediction in predictions:
+        for name in prediction.class_names:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 def summary(
     predictions: list[Prediction], total: int, stopped: str = "interrupted", sent: bool = False
 ) -> str:
     """The run's one-line summary: images by verdict (ok + defect + error = the images), the
-    boxes of the defect ones and how many of them have none, the annotated copies that failed,
+    boxes of the defect ones (by class when there are several: `class_counts`) and how many
+    of them have none, the annotated copies that failed,
     and the feature bytes sent (those of answered detection calls; `sent`: to a cloud,
     --cloud, else "would be sent": both halves ran here, nothing was sent); `total`: the
     images there were to process; `stopped`: how a run that did not reach them all ended
@@ -689,6 +699,9 @@ def summary(
     # flagged, detected, nothing found at --score-threshold (all defect-free ones, --gate off)
     boxless = sum(p.verdict == "defect" and not p.boxes for p in predictions)
     none = f"; {boxless} with no box" if boxless else ""
+    kinds = class_counts(predictions)
+    if len(kinds) > 1:  # several classes found: how many of each (one: the count says it)
+        none = f": {', '.join(f'{n} {name}' for name, n in kinds.items())}{none}"
     # a detected image whose annotated copy could not be written: a defect with an error
     unsaved = sum(p.verdict == "defect" and p.error is not None for p in predictions)
     features = sum(p.bytes_sent for p in predictions if p.verdict != "error")

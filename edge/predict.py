@@ -306,6 +306,7 @@ def predict_one(
                     prediction.class_names,
                     save_as,
                     result.p_defect,
+                    prediction.labels,
                 )
             except OSError as exc:
                 prediction.error = f"{path}: cannot write the annotated image {save_as}: {exc}"

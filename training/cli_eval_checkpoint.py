@@ -23,6 +23,7 @@ from splitdet.training.cli_eval_report import (
     _json_on_stdout,
     _show_unwritten,
     _split_path,
+    absent_classes,
     eval_hint,
     operating_points_table,
     summary,
@@ -162,7 +163,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             )  # fmt: skip
     if baseline is not None:
         metrics["baseline"], metrics["comparison"] = _comparison(
-            args, baseline, evaluated[1], samples, (metrics, predictions)
+            args, baseline, evaluated[1], samples, (metrics, predictions), names
         )
         # the same split and calibration: the same overlap, and the same keys as the candidate's
         metrics["baseline"]["split_overlap"] = dict(metrics["split_overlap"])
@@ -186,12 +187,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     if metrics.get("gate_operating_points"):
         log.info("%s", operating_points_table(metrics),
                  extra={"fields": {"event": "gate_operating_points"}})  # fmt: skip
-    for name, figures in metrics["per_class"].items():
-        if not figures["objects"]:
-            log.warning(
-                "class %r has no object in split %r of %s: its AP cannot be measured here",
-                name, args.split, args.data,
-            )  # fmt: skip
+    for absent in absent_classes(metrics, args.split, args.data):
+        log.warning("%s", absent)
     try:
         if not shown:
             atomic_write(args.json, text + "\n", parents=False)
@@ -332,10 +329,13 @@ def _comparison(
     evaluated: tuple[dict, list[Prediction]],
     samples: list[VocSample],
     candidate: tuple[dict, list[Prediction]],
+    names: Sequence[str],
 ) -> tuple[dict, dict]:
     """(the JSON's "baseline", its "comparison") for --baseline: `baseline` (model,
     checkpoint dict) and its `evaluated` (metrics, predictions) against `candidate` (the
-    --checkpoint's metrics, predictions) on `samples`. The baseline's threshold is never
+    --checkpoint's metrics, predictions, of classes `names`) on `samples`. A baseline of the
+    same classes in another order has its labels renumbered to `names`' order for the
+    bootstrap (its own metrics are by class name already). The baseline's threshold is never
     stored: its metrics say so as the candidate's do."""
     import sys
     import time
@@ -354,7 +354,8 @@ def _comparison(
     with tqdm(total=args.bootstrap, desc="bootstrap", unit="resample", leave=False,
               disable=progress_off(args.no_progress), file=sys.stderr) as bar:  # fmt: skip
         comparison = compare(
-            candidate[0], metrics, samples, candidate[1], predictions, model.config.class_names,
+            candidate[0], metrics, samples, candidate[1],
+            _in_order_of(predictions, model.config.class_names, names), names,
             resamples=args.bootstrap, seed=args.seed,
             names=labels(args.checkpoint, args.baseline), split=args.split,
             on_resample=bar.update,
@@ -370,17 +371,38 @@ def _comparison(
 def _refuse_other_classes(
     args: argparse.Namespace, names: Sequence[str], baseline_names: Sequence[str]
 ) -> None:
-    """CommandError when --baseline's classes are not --checkpoint's (`names`), in order:
-    their mAPs would not score the same objects."""
+    """CommandError when --baseline's classes are not --checkpoint's (`names`): their mAPs
+    would not score the same objects. The same classes in another order (one run trained with
+    `--classes scratch,dent,pit`, the next with the sorted list `data check` suggests) are
+    compared by name (`_in_order_of`)."""
     from splitdet.shared.cli import CommandError
 
-    if tuple(names) != tuple(baseline_names):
-        order = " (the same, in another order)" if sorted(names) == sorted(baseline_names) else ""
+    if sorted(names) != sorted(baseline_names):
         raise CommandError(
             f"--checkpoint {args.checkpoint} detects classes {','.join(names)}, --baseline "
-            f"{args.baseline} classes {','.join(baseline_names)}{order}: a comparison needs "
+            f"{args.baseline} classes {','.join(baseline_names)}: a comparison needs "
             "models of the same classes; evaluate each alone"
         )
+    if tuple(names) != tuple(baseline_names):
+        log.info(
+            "--baseline %s numbers its classes %s, --checkpoint %s: compared by class name",
+            args.baseline, ",".join(baseline_names), ",".join(names),
+        )  # fmt: skip
+
+
+def _in_order_of(
+    predictions: list[Prediction], own: Sequence[str], names: Sequence[str]
+) -> list[Prediction]:
+    """`predictions` of a model of classes `own` with their labels (1-based) renumbered to the
+    same classes' order in `names`; the same list when the orders agree."""
+    import dataclasses
+
+    import torch
+
+    if tuple(own) == tuple(names):
+        return predictions
+    new_label = torch.tensor([0, *(names.index(name) + 1 for name in own)], dtype=torch.int64)
+    return [dataclasses.replace(p, labels=new_label[p.labels.long()]) for p in predictions]
 
 
 def kept_threshold(checkpoint: dict, source: dict[str, str], metrics: dict) -> str | None:

@@ -16,7 +16,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from splitdet.shared.atomic_file import atomic_write
-from splitdet.training.cli_eval_report import _json_on_stdout, _split_path, eval_hint, summary
+from splitdet.training.cli_eval_report import (
+    _json_on_stdout,
+    _split_path,
+    absent_classes,
+    eval_hint,
+    summary,
+)
 
 if TYPE_CHECKING:  # the handlers import these when they run
     from splitdet.edge.client import ClientConfig
@@ -69,6 +75,8 @@ def run_model(args: argparse.Namespace) -> int:
         print(text)
     for overlap in overlaps:
         log.warning("%s", overlap)
+    for absent in absent_classes(metrics, args.split, args.data):
+        log.warning("%s", absent)
     if metrics["image_errors"]:
         print(
             f"{len(metrics['image_errors'])} of {len(samples)} images could not be evaluated "

@@ -39,7 +39,8 @@ def summary(metrics: dict, json_file: str) -> str:
     """A few lines of `metrics` (a checkpoint's or an export's) for people, printed when the
     JSON goes to ``json_file``: mAP, mAP@.5, AR@100; the gate threshold, where it comes from
     (and, for a threshold a checkpoint evaluation calibrated, whether the checkpoint now holds
-    it), its recall and accuracy; the mAP the gated system keeps."""
+    it), its recall and accuracy; the mAP the gated system keeps; for several classes, each
+    class's AP (`per_class_lines`)."""
     from splitdet.shared.probability_format import format_probability
     from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
 
@@ -76,8 +77,36 @@ def summary(metrics: dict, json_file: str) -> str:
         f"{figure('gate_recall', True)}, accuracy {figure('gate_accuracy', True)}, flagged "
         f"{figure('gate_pass_rate', True)}",
         f"  gated system: mAP kept {kept('map')}, mAP@.5 kept {kept('map50')}",
+        *per_class_lines(metrics.get("per_class") or {}),
         f"every metric in {json_file}",
     ])  # fmt: skip
+
+
+def absent_classes(metrics: dict, split: str, data: object) -> list[str]:
+    """A WARNING's text for each class of `metrics`' per_class with no object in split `split`
+    of `data` (a checkpoint's or an export's evaluation alike)."""
+    return [
+        f"class {name!r} has no object in split {split!r} of {data}: its AP cannot be measured here"
+        for name, figures in (metrics.get("per_class") or {}).items()
+        if not figures["objects"]
+    ]
+
+
+def per_class_lines(per_class: dict) -> list[str]:
+    """`summary`'s line of a model of several classes (none for one: its AP is the mAP): each
+    class's AP@.5 and AP@[.5:.95] on the split with its number of objects, "n/a" for a class
+    the split holds no object of, so that a rare class's low AP is not hidden in the mean."""
+    if len(per_class) < 2:
+        return []
+
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    shown = [
+        f"{name!r} {figure(f['ap50'])} / {figure(f['ap'])} ({f['objects']} objects)"
+        for name, f in per_class.items()
+    ]
+    return [f"  per class AP@.5 / AP: {', '.join(shown)}"]
 
 
 def operating_points_table(metrics: dict) -> str:

@@ -145,8 +145,8 @@ def compare(
     candidate minus baseline, None without both), and for `BOOTSTRAPPED` ones
     with `resamples` > 0 the bootstrap's {"interval", "better_share", "worse_share",
     "resamples"}; "bootstrap" {"resamples", "seed", "interval"}, "images", "split" (its
-    name), and "verdict": one line for people on mAP@.5 (`verdict`), naming the models by
-    `names`."""
+    name), "per_class" (`per_class_comparison`), and "verdict": one line for people on
+    mAP@.5 (`verdict`), naming the models by `names`."""
     pairs = (
         paired_bootstrap(samples, candidate_predictions, baseline_predictions, class_names,
                          resamples=resamples, seed=seed, on_resample=on_resample)
@@ -166,9 +166,24 @@ def compare(
         "split": split,
         "bootstrap": {"resamples": resamples, "seed": seed, "interval": INTERVAL},
         "figures": figures,
+        "per_class": per_class_comparison(candidate, baseline),
     }
     comparison["verdict"] = verdict(comparison, BOOTSTRAPPED[0])
     return comparison
+
+
+def per_class_comparison(candidate: dict, baseline: dict) -> dict[str, dict[str, Any]]:
+    """Per class name of the candidate's `per_class` (the baseline's are the same classes,
+    perhaps in another order: matched by name), {"objects", "candidate", "baseline",
+    "difference"} of its AP@.5 (None where the split holds no object of it): whether a rare
+    class got better or worse, which the mAP averages away."""
+    ours, theirs = candidate.get("per_class") or {}, baseline.get("per_class") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, figures in ours.items():
+        a, b = figures.get("ap50"), (theirs.get(name) or {}).get("ap50")
+        out[name] = {"objects": figures.get("objects"), "candidate": a, "baseline": b,
+                     "difference": _difference(a, b)}  # fmt: skip
+    return out
 
 
 def _signed(value: float) -> str:
@@ -223,7 +238,7 @@ def verdict(comparison: dict, key: str) -> str:
 
 def comparison_table(comparison: dict) -> str:
     """`compare`'s figures as a table for people (figure, baseline, candidate, difference,
-    interval), and its verdict line."""
+    interval), for several classes each one's AP@.5, and its verdict line."""
 
     def value(number: float | None, percent: bool) -> str:
         if number is None:
@@ -252,5 +267,14 @@ def comparison_table(comparison: dict) -> str:
             f"{value(figure['candidate'], percent):>9}  "
             f"{change(figure['difference'], percent):>10}  {span}"
         )
+    per_class = comparison.get("per_class") or {}
+    if len(per_class) > 1:  # (one class: its AP@.5 is the mAP@.5 above)
+        for name, figure in per_class.items():
+            shown = f"AP@.5 {name}"
+            lines.append(
+                f"  {shown:<13}  {value(figure['baseline'], False):>9}  "
+                f"{value(figure['candidate'], False):>9}  "
+                f"{change(figure['difference'], False):>10}  - ({figure['objects']} objects)"
+            )
     lines.append(comparison["verdict"])
     return "\n".join(lines)
