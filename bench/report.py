@@ -421,6 +421,18 @@ def busy_load(cpu_count: int | None) -> float:
     return BUSY_LOAD_PER_CORE * max(cpu_count or 1, 1)
 
 
+def busy_rates(report: dict) -> dict[str, float]:
+    """The rates (report name -> cores) during whose measurement other work kept at least
+    `busy_load` of the run's cores busy (`foreign_cpu.foreign_cores`; a report without the
+    figure, an older one, has none)."""
+    threshold = busy_load((report.get("machine") or {}).get("cpu_count"))
+    return {
+        rate: cores
+        for rate, cores in (report.get("foreign_cores") or {}).items()
+        if cores is not None and cores >= threshold
+    }
+
+
 def _machine_lines(report: dict) -> list[str]:
     """What the run measured on: CPU, threads, image sizes, the load before and after."""
     machine, settings = report["machine"], report.get("settings", {})
@@ -454,6 +466,23 @@ def _machine_lines(report: dict) -> list[str]:
                 "so the reductions below are not comparable: run again on an idle machine.",
                 "",
             ]
+    foreign = {r: c for r, c in (report.get("foreign_cores") or {}).items() if c is not None}
+    if foreign:
+        held = ", ".join(f"{c:.2f} at {percent(float(r))}" for r, c in foreign.items())
+        lines += [
+            f"Cores other work kept busy while each rate was measured (this run's own "
+            f"processes left out): {held}.",
+            "",
+        ]
+    busy = busy_rates(report)
+    if busy:
+        named = ", ".join(percent(float(r)) for r in busy)
+        lines += [
+            f"**Busy machine during the run**: other work took at least "
+            f"{BUSY_LOAD_PER_CORE:g} of each core while the {named} stream(s) were measured; "
+            "those rates' reductions are not comparable: run again on an idle machine.",
+            "",
+        ]
     return lines
 
 
@@ -681,6 +710,12 @@ def figure_caveats(report: dict) -> list[str]:
         lines.append(
             f"BUSY MACHINE: load {load:.2f} on {machine.get('cpu_count') or '?'} cores at the "
             "start; the reductions are not comparable (run again on an idle machine)"
+        )
+    busy = busy_rates(report)
+    if busy:
+        lines.append(
+            f"BUSY MACHINE during the {', '.join(percent(float(r)) for r in busy)} stream(s): "
+            "other work took the cores; those reductions are not comparable"
         )
     rates = report.get("rates", {})
     firsts = {r: next(iter(systems.values()), {}) for r, systems in rates.items()}

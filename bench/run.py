@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from splitdet.bench.foreign_cpu import foreign_cores, sample_cpu
 from splitdet.bench.jpeg_server import JpegClient
 from splitdet.bench.processes import (
     ServiceProcess,
@@ -255,22 +256,30 @@ def _run_streams(
     on_rate: Callable[[dict[str, dict]], object],
     pixel_bits: int,
     before_write: Callable[[], object] = lambda: None,
+    foreign: dict[str, float | None] | None = None,
 ) -> dict:
     """Every defect rate's stream through every system; `on_rate(results)` after each rate.
     `pixel_bits`: the model's `ModelConfig.pixel_bits` (how 16-bit images are read).
-    `before_write()` before each write of the outputs (`_EarlierReport.remove`)."""
+    `before_write()` before each write of the outputs (`_EarlierReport.remove`). `foreign`,
+    when given, gets each rate's `foreign_cpu.foreign_cores` (the cores other work kept
+    busy while it was measured) before `on_rate` is called."""
     results: dict[str, dict] = {}
     rows: list[dict] = []
+    position = 0  # (the order rotates on across rates: no system always goes first in one)
     for rate, stream in streams.items():
         outcomes: dict[str, list[Outcome]] = {s.name: [] for s in systems}
-        for index, sample in enumerate(stream):
+        started = sample_cpu()
+        for sample in stream:
             image = load_image(sample.image_path, pixel_bits)
-            shift = index % len(systems)  # rotate the order: drift favours no system
+            shift = position % len(systems)  # rotate the order: drift favours no system
+            position += 1
             decision = sample.is_defective if config.oracle_gate else None
             for system in systems[shift:] + systems[:shift]:
                 outcomes[system.name].append(system.run(image, decision))
             bar.update()
         key = f"{rate:g}"  # (the report's name of the rate)
+        if foreign is not None:
+            foreign[key] = foreign_cores(started, sample_cpu())
         monolithic = summarise(outcomes[MONOLITHIC], stream, class_names, None)
         results[key] = {MONOLITHIC: monolithic} | {
             name: summarise(found, stream, class_names, monolithic, config.oracle_gate)
@@ -436,6 +445,7 @@ def _measure(
             system.run(warmup, True)  # the whole path, heads and gRPC too, whatever the gate
         n_rd = min(config.rd_images, sum(s.is_defective for s in samples))
         total = len(config.defect_rates) * config.n_images + n_rd
+        head["foreign_cores"] = {}  # (filled rate by rate: each write of the report has it)
         with progress_bar(total, config.progress) as bar:
             rates = _run_streams(
                 config,
@@ -446,6 +456,7 @@ def _measure(
                 on_rate=lambda done: write_report(_ended(head) | {"rates": done}, config.out_dir),
                 pixel_bits=model.config.pixel_bits,
                 before_write=before_write,
+                foreign=head["foreign_cores"],
             )
             rd = (
                 _rate_distortion(config, model, pipelines, client, samples, class_names, bar)
