@@ -69,3 +69,23 @@ def test_predict_save_colours_each_box_by_its_class(three_class_model, tmp_path,
     for label in set(record["labels"]):  # a JPEG: colours within its rounding
         near = (np.abs(picture - np.array(class_colour(label))) < 40).all(axis=-1)
         assert near.sum() > 50, (label, int(near.sum()))
+
+
+def test_the_edge_daemons_save_annotated_colours_each_box_by_its_class(tmp_path):
+    """`edge run --save-annotated` drew every class in one colour (it passed names only)."""
+    from splitdet.edge.client_answers import CloudDetections
+    from splitdet.edge.sender import annotate_hook
+    from splitdet.edge.store_types import OutboxItem
+
+    image = tmp_path / "shot.png"
+    Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(image)
+    boxes = np.array([[20, 60, 100, 120], [140, 60, 220, 120]], np.float32)
+    answer = CloudDetections("r1", "f" * 64, boxes, np.array([0.9, 0.8], np.float32),
+                             np.array([1, 2]), ("scratch", "dent"), {}, False)  # fmt: skip
+    item = OutboxItem(7, "r1", b"", 0.0, 1, None, str(image), "f" * 64, None)
+    annotate_hook(tmp_path / "annotated")(item, answer)
+    (written,) = (tmp_path / "annotated").iterdir()
+    picture = np.asarray(Image.open(written).convert("RGB")).astype(int)
+    for (x1, y1, _, _), label in zip(boxes.astype(int), (1, 2), strict=True):
+        edge = picture[y1 + 30, x1 : x1 + 2]  # the box's left edge (a JPEG: within rounding)
+        assert (np.abs(edge - np.array(class_colour(label))) < 40).all(axis=-1).any(), label
