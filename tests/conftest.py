@@ -32,6 +32,7 @@ SLOW_MODULES = (
     "test_export_publish", "test_model_split", "test_cloud_server", "test_eval_store_review",
     "test_predict_review", "test_cloud_reload", "test_container_review", "test_train_processes",
     "test_eval_export", "test_eval_review", "test_loadtest", "test_train_resume_review",
+    "test_torchvision_import",
 )  # fmt: skip
 
 
