@@ -173,3 +173,28 @@ def test_a_run_stopped_between_best_and_last_is_told_to_resume(tmp_path):
         f"holds a finished epoch: continue with `splitdet train --data D --out {tmp_path} "
         "--resume`"
     )
+
+
+def test_a_rank_writes_its_problem_in_one_piece(tmp_path, monkeypatch):
+    """print() wrote a rank's problem and its newline apart: on an unbuffered stderr
+    (PYTHONUNBUFFERED) the other rank's line landed between the two (a CI run of the test
+    above: both lines on one)."""
+    import io
+
+    from splitdet.training.cli_train import main as rank_main
+
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    monkeypatch.delenv("RANK", raising=False)
+    assert rank_main(train_argv(tmp_path / "nodata", tmp_path / "run")[1:]) == 2
+    said = [text for text in writes if "splitdet train: error: " in text]
+    assert len(said) == 1 and said[0].endswith("split file not found (no split 'train' under "
+                                               f"{tmp_path / 'nodata'}) (`splitdet data check "
+                                               f"{tmp_path / 'nodata'}` lists every problem at "
+                                               "once)\n"), writes  # fmt: skip

@@ -571,8 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except CommandError as exc:  # (every rank meets a problem of the data: each says it)
         rank = os.environ.get("RANK", "0")
-        print(f"splitdet train: error{'' if rank == '0' else f' (rank {rank})'}: {exc}",
-              file=sys.stderr)  # fmt: skip
+        # one write of the whole line: print() writes the text and its newline apart, and on an
+        # unbuffered stderr (PYTHONUNBUFFERED) the other rank's line landed between the two
+        who = "" if rank == "0" else f" (rank {rank})"
+        sys.stderr.write(f"splitdet train: error{who}: {exc}\n")
+        sys.stderr.flush()
         return 2
 
 
