@@ -555,7 +555,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
         from splitdet.cloud.serve_loop import serve
         from splitdet.cloud.server import STOP_INCOMPLETE_EXIT, StopIncomplete
         from splitdet.cloud.server_config import MIB, ServerConfig
-        from splitdet.cloud.threads import all_cores
+        from splitdet.shared.cores import usable_cores
     except (ImportError, OSError) as exc:
         problem = short_of_memory("torch", exc)
         if problem is None:
@@ -569,7 +569,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reload: threading.Even
             more_model_dirs=tuple(args.model[1:]),
             models_dir=args.models_dir,
             listen=args.listen.strip(),
-            threads=all_cores() if args.threads is None else args.threads,
+            threads=usable_cores() if args.threads is None else args.threads,
             max_concurrent=args.max_concurrent,
             max_queued=args.max_queued,
             max_queue_wait_s=args.queue_wait,

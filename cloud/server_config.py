@@ -14,8 +14,8 @@ from pathlib import Path
 
 from splitdet.cloud.cli_cloud import OPTION_BOUNDS
 from splitdet.cloud.metrics import FORGET_EDGES_S
-from splitdet.cloud.threads import all_cores
 from splitdet.shared.codec import DEFAULT_MAX_TOTAL_BYTES
+from splitdet.shared.cores import usable_cores
 
 MIB = 1 << 20
 #: Default bound on one gRPC message: int8 FPN payloads at 800x960 are ~16 MB, fp32 ~65 MB.
@@ -88,7 +88,7 @@ class ServerConfig:
     more_model_dirs: tuple[Path, ...] = ()
     models_dir: Path | None = None
     listen: str = "127.0.0.1:50051"
-    threads: int = field(default_factory=all_cores)
+    threads: int = field(default_factory=usable_cores)
     max_concurrent: int = 2
     max_queued: int = 8
     max_queue_wait_s: float = 30.0

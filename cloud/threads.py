@@ -1,19 +1,18 @@
 """How many threads the cloud detection server runs, and its gRPC handler pools.
 
-`all_cores` is the default number of torch threads for the heads (`ServerConfig.threads`). The
-rest sizes and makes the thread pools gRPC hands calls to: one for Detect (its running and
-queued calls, and spare threads to refuse more as busy), one for GetManifest, one for the
-server's other methods (health checks, reflection, refusals of a missing token), and the few
-threads that refuse calls beyond a pool's threads (`call_guard.CallGuard`). The pools' sizes
-are read here when a server is made, so a test may change them on this module first.
+The default number of torch threads for the heads (`ServerConfig.threads`) is
+`cores.usable_cores`. This module sizes and makes the thread pools gRPC hands calls to: one
+for Detect (its running and queued calls, and spare threads to refuse more as busy), one for
+GetManifest, one for the server's other methods (health checks, reflection, refusals of a
+missing token), and the few threads that refuse calls beyond a pool's threads
+(`call_guard.CallGuard`). The pools' sizes are read here when a server is made, so a test
+may change them on this module first.
 """
 
 from __future__ import annotations
 
 from concurrent import futures
 from typing import TYPE_CHECKING, NamedTuple
-
-from splitdet.shared.cores import usable_cores
 
 if TYPE_CHECKING:
     from splitdet.cloud.server_config import ServerConfig
@@ -31,11 +30,6 @@ SPARE_RPC_THREADS = 8
 SERVER_RPC_THREADS = 32
 #: Threads refusing calls beyond their pool's threads (each refusal ends at once).
 REFUSAL_THREADS = 2
-
-
-def all_cores() -> int:
-    """The CPU cores this process may run on (`cores.usable_cores`)."""
-    return usable_cores()
 
 
 class PoolBound(NamedTuple):

@@ -265,10 +265,10 @@ class ModelOnDisk:
                 except (OSError, ManifestError, ValueError, KeyError, TypeError) as exc:
                     incomplete = str(exc)
             self._identity = identity
-            if fingerprint != self.on_disk or (incomplete is None) != (self.incomplete is None):
-                self.on_disk, self.incomplete = fingerprint, incomplete
+            news = fingerprint != self.on_disk or (incomplete is None) != (self.incomplete is None)
+            self.on_disk, self.incomplete = fingerprint, incomplete
+            if news:
                 self._report()
-            self.incomplete = incomplete
             return self.changed
 
     def _folder_identity(self) -> tuple | None:

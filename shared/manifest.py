@@ -115,14 +115,7 @@ class Manifest:
             "class_names": list(self.class_names),
             "gate_threshold": self.gate_threshold,
             "default_codec": self.default_codec,
-            "input": {
-                "min_size": self.model_config.min_size,
-                "max_size": self.model_config.max_size,
-                "image_mean": list(self.model_config.image_mean),
-                "image_std": list(self.model_config.image_std),
-                "pixel_bits": self.model_config.pixel_bits,
-                "size_divisible": SIZE_DIVISIBLE,
-            },
+            "input": input_settings(self.model_config),
             "model_config": self.model_config.to_dict(),
             "artifacts": dict(sorted(self.artifacts.items())),
             "extra": self.extra,
@@ -323,6 +316,27 @@ def _class_names_problem(data: dict[str, Any], model_config: ModelConfig) -> str
     )
 
 
+def input_settings(model_config: ModelConfig) -> dict[str, Any]:
+    """The manifest's ``input`` block, as export writes it from ``model_config``: how an edge of
+    one's own resizes (min_size, max_size: px), normalises (image_mean, image_std: per RGB
+    channel, in [0, 1] units), reads pixels (pixel_bits) and pads (size_divisible: px)."""
+    return {
+        "min_size": model_config.min_size,
+        "max_size": model_config.max_size,
+        "image_mean": list(model_config.image_mean),
+        "image_std": list(model_config.image_std),
+        "pixel_bits": model_config.pixel_bits,
+        "size_divisible": SIZE_DIVISIBLE,
+    }
+
+
+#: What to do about an export a newer splitdet made (a manifest refusal ends with it).
+_UPGRADE = (
+    "upgrade splitdet here to the version that made the export (`splitdet --version` on both "
+    "machines), or re-export the model with this one"
+)
+
+
 def _made_by(data: dict[str, Any]) -> str:
     """The splitdet that exported the manifest ``data`` as its extra records it (export
     writes extra.splitdet), as ", made by splitdet VERSION"; "" when it records none."""
@@ -366,11 +380,7 @@ def _version_problem(data: dict[str, Any]) -> str | None:
                 "edited; restore the manifest.json export wrote, or re-export the model"
             )
         if _newer(found, ours):
-            return (
-                f"{key} {shown} ({what}){_made_by(data)}; {reads}: upgrade splitdet here to "
-                "the version that made the export (`splitdet --version` on both machines), or "
-                "re-export the model with this one"
-            )
+            return f"{key} {shown} ({what}){_made_by(data)}; {reads}: {_UPGRADE}"
         return f"{key} {shown} ({what}){_made_by(data)}; {reads}: re-export the model with this one"
     return None
 
@@ -382,11 +392,7 @@ def _unknown_keys(data: dict[str, Any]) -> str:
     config = data.get("model_config")
     if not isinstance(config, dict) or not set(config) - set(ModelConfig.__dataclass_fields__):
         return ""
-    return (
-        f" (settings this splitdet ({__version__}) does not know{_made_by(data)}): upgrade "
-        "splitdet here to the version that made the export (`splitdet --version` on both "
-        "machines), or re-export the model with this one"
-    )
+    return f" (settings this splitdet ({__version__}) does not know{_made_by(data)}): {_UPGRADE}"
 
 
 def _input_problem(data: dict[str, Any], model_config: ModelConfig) -> str | None:
@@ -402,15 +408,7 @@ def _input_problem(data: dict[str, Any], model_config: ModelConfig) -> str | Non
         return None
     if not isinstance(given, dict):
         return f"input must be an object of the input settings, got {json.dumps(given)[:60]}"
-    expected = {
-        "min_size": model_config.min_size,
-        "max_size": model_config.max_size,
-        "image_mean": list(model_config.image_mean),
-        "image_std": list(model_config.image_std),
-        "pixel_bits": model_config.pixel_bits,
-        "size_divisible": SIZE_DIVISIBLE,
-    }
-    for key, value in expected.items():
+    for key, value in input_settings(model_config).items():
         if key in given and given[key] != value:
             source = "the split spec's" if key == "size_divisible" else "model_config's"
             return (
@@ -468,9 +466,7 @@ def read_manifest(
         if codec not in CODECS:
             raise ManifestError(
                 f"{path}: default_codec {json.dumps(codec)[:60]} is none this splitdet "
-                f"({__version__}) knows ({', '.join(CODECS)}){_made_by(data)}: upgrade "
-                "splitdet here to the version that made the export, or re-export the model "
-                "with this one"
+                f"({__version__}) knows ({', '.join(CODECS)}){_made_by(data)}: {_UPGRADE}"
             )
         threshold_problem = gate_threshold_problem(data["gate_threshold"])
         if threshold_problem is not None:
