@@ -84,6 +84,31 @@ def resumed_checkpoint(config: TrainConfig, out_dir: Path, init: str) -> dict[st
     return checkpoint
 
 
+def _best_pt_ahead(run: _Run) -> BestEpoch | None:
+    """The best epoch of the run's best.pt when it holds an epoch last.pt does not (the run
+    was stopped between the two writes: best.pt is written first, `train._save_epoch_records`),
+    else None. Taken as the run's best, the epoch trained again replaces best.pt only when it
+    is better: with last.pt's older record, a worse retraining left best.pt holding an epoch
+    the run's records and result did not name. Called once `run.start_epoch` is set."""
+    path = run.best_path
+    if not path.is_file():
+        return None
+    try:  # (mmap: the record without reading the weights)
+        held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        best = BestEpoch.of_checkpoint(held, held.get("history", []), run.config.best_metric)
+    except Exception as exc:  # a damaged best.pt is no reason to refuse the resume
+        log.warning("%s: not read (%s); last.pt's record of the best epoch is kept", path, exc)
+        return None
+    if best.epoch is None or int(best.epoch) < run.start_epoch:
+        return None
+    log.info(
+        "%s holds epoch %d (%s %.4f), which %s does not: the run was stopped between "
+        "their writes; epoch %d is trained again and replaces best.pt only if better",
+        path.name, best.epoch, best.metric, best.value, run.last_path.name, best.epoch,
+    )  # fmt: skip
+    return best
+
+
 def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
     """Take `run` up where its last.pt (read: `checkpoint`) left off: model, optimiser,
     schedule, clock, history, best epoch, gate threshold and RNG. This run's recipe applies
@@ -117,7 +142,9 @@ def resume_run(run: _Run, checkpoint: dict[str, Any]) -> None:
     # a run its budget ended stays ended when resumed with the same budget
     run.epoch_seconds = float(checkpoint.get("epoch_seconds", 0.0))
     run.history = list(checkpoint.get("history", []))
-    run.best = BestEpoch.of_checkpoint(checkpoint, run.history, config.best_metric)
+    run.best = _best_pt_ahead(run) or BestEpoch.of_checkpoint(
+        checkpoint, run.history, config.best_metric
+    )
     run.gate_threshold = float(checkpoint.get("gate_threshold", 0.5))
     run.gate_calibrated = threshold_calibration(checkpoint) is not None
     run.gate_source = recorded_calibration_source(checkpoint)  # (saved again until validation)
