@@ -6,7 +6,6 @@ edge.collect's.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from splitdet.edge.arrival_window import (
 )
 from splitdet.edge.cli_edge_options import add_db_and_since, read_db, read_error
 from splitdet.shared.cli import float_in, int_in
+from splitdet.shared.strict_json import strict_dumps
 
 COLLECT_EPILOG = """\
 examples:
@@ -132,7 +132,7 @@ def collect(args: argparse.Namespace) -> int:
     finally:
         db.close()
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
+        print(strict_dumps(summary.to_json(), indent=2))
         return 0
     print(
         f"{args.out}: {len(summary.collected)} image(s) collected, {summary.already} already "

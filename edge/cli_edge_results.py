@@ -28,6 +28,7 @@ from splitdet.edge.store_schema import RESULT_COLUMNS
 from splitdet.shared.cli import float_in, int_in
 from splitdet.shared.one_line import one_line
 from splitdet.shared.stdout_guard import silence_stdout
+from splitdet.shared.strict_json import strict_dumps
 
 RESULTS_EPILOG = """\
 examples:
@@ -220,7 +221,7 @@ def results(args: argparse.Namespace) -> int:
             out = sys.stdout
             out.write("[")
             for i, row in enumerate(rows):
-                out.write(("," if i else "") + "\n" + json.dumps(row))
+                out.write(("," if i else "") + "\n" + strict_dumps(row))  # (inf: null)
             out.write("\n]\n")
         elif args.csv:  # UTF-8 whatever the locale's encoding (a file name any)
             bom = args.excel and not _appending(sys.stdout)

@@ -7,7 +7,6 @@ write. Safe beside a running daemon.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from splitdet.edge.arrival_window import (
 from splitdet.edge.cli_edge_options import clock_text, read_error
 from splitdet.shared.one_line import one_line
 from splitdet.shared.stdout_guard import silence_stdout
+from splitdet.shared.strict_json import strict_dumps
 
 STATUS_EPILOG = """\
 examples:
@@ -93,7 +93,7 @@ def status(args: argparse.Namespace) -> int:
         db.close()
     state = writer_state(args.db)  # (its lock looked up, never taken)
     summary["daemon"] = {**state.to_json(), **_record_json(running_record(state, record))}
-    text = json.dumps(summary, indent=2) if args.json else "\n".join(
+    text = strict_dumps(summary, indent=2) if args.json else "\n".join(
         _status_lines(args.db, summary))  # fmt: skip
     try:
         print(text, flush=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -428,8 +427,9 @@ def write_json(json_file: str, data: object) -> None:
     says: to stdout for "-", else to `json_file` whole (a temporary file renamed over it);
     CommandError naming the file."""
     from splitdet.shared.cli import CommandError
+    from splitdet.shared.strict_json import strict_dumps
 
-    text = json.dumps(json_text(data), indent=2) + "\n"
+    text = strict_dumps(json_text(data), indent=2) + "\n"  # (no NaN/Infinity token)
     if json_file == "-":
         sys.stdout.write(text)
         return

@@ -56,7 +56,8 @@ MAX_THREADS = 1024
 def threshold_problem(threshold: float | None) -> str | None:
     """The message refusing a --threshold that cannot be meant, or None (not given, or a
     p(defect) from 0 up: above 1 flags nothing, on purpose): NaN would pass every image as ok,
-    unnoticed, and a negative one flags every image as 0 does, and is stored as given."""
+    unnoticed, a negative one flags every image as 0 does, and is stored as given, and an
+    infinite one would be written as JSON's non-token Infinity (or null: "not gated")."""
     if threshold is None:
         return None
     if math.isnan(threshold):
@@ -65,6 +66,11 @@ def threshold_problem(threshold: float | None) -> str | None:
         return (
             f"--threshold {threshold:g}: must be a p(defect) from 0 to 1 (0 flags every image, "
             "above 1 none)"
+        )
+    if math.isinf(threshold):  # (the records and JSON outputs could not hold it)
+        return (
+            f"--threshold {threshold:g}: must be a finite number (JSON has no infinity); "
+            "any value above 1, such as 2, flags nothing"
         )
     return None
 

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from splitdet.shared.strict_json import finite_or_none
+
 
 def utc_stamp(record: logging.LogRecord) -> str:
     """When `record` was made, in UTC to the millisecond: ``2026-12-04T15:40:01.123Z`` (ISO
@@ -57,7 +59,8 @@ class JsonLogFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        # (NaN, infinity: null, not the bare tokens JSON parsers refuse: `strict_json`)
+        return json.dumps(finite_or_none(entry), default=str, allow_nan=False)
 
 
 def use_json_logs() -> None:

@@ -42,7 +42,6 @@ log = logging.getLogger("splitdet.training.cli_eval")
 def run_checkpoint(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (and store the calibrated threshold in it); with --baseline,
     evaluate that one too (never written) and compare them."""
-    import json
 
     from splitdet.edge.cli_predict import json_text
     from splitdet.shared.checkpoint import (
@@ -53,6 +52,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     )
     from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.shared.probability_format import format_probability
+    from splitdet.shared.strict_json import strict_dumps
     from splitdet.training import voc
     from splitdet.training.evaluate import calibration_shortfall
     from splitdet.training.provenance import checkpoint_record
@@ -171,7 +171,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             **provenance,
             "checkpoint": checkpoint_record(args.baseline, *baseline),
         }
-    text = json.dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
+    text = strict_dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
     shown = _json_on_stdout(args.json)
     if shown:
         print(text)

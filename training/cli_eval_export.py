@@ -36,7 +36,6 @@ log = logging.getLogger("splitdet.training.cli_eval")
 
 def run_model(args: argparse.Namespace) -> int:
     """Evaluate an export as deployed; see EXAMPLE."""
-    import json
     import sys
 
     from tqdm import tqdm
@@ -45,6 +44,7 @@ def run_model(args: argparse.Namespace) -> int:
     from splitdet.edge.cloud_args import threshold_problem
     from splitdet.shared.cli import CommandError, refuse_closed_stdout
     from splitdet.shared.progress import progress_off
+    from splitdet.shared.strict_json import strict_dumps
     from splitdet.training.cli_eval_overlap import split_overlap, train_split
     from splitdet.training.evaluate_export import evaluate_export
 
@@ -69,7 +69,7 @@ def run_model(args: argparse.Namespace) -> int:
     metrics["split_overlap"], overlaps = split_overlap(
         args.data, args.split, samples, [train_split(args.data, args.split)]
     )
-    text = json.dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
+    text = strict_dumps(json_text(metrics), indent=2)  # (names as `predict --json` writes them)
     shown = _json_on_stdout(args.json)
     if shown:
         print(text)

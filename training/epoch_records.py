@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from splitdet.shared.agg_pyplot import agg_pyplot
 from splitdet.shared.atomic_file import atomic_write, replacing
+from splitdet.shared.strict_json import strict_dumps
 
 #: Validation metrics (`evaluate`'s keys) as logs and messages name them.
 METRIC_NAMES = {
@@ -120,7 +120,8 @@ JSON_ONLY = ("budget_cut", "run", "preset", "data")
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.json (a list of rows) and metrics.csv (the union of columns, `JSON_ONLY` left
     out)."""
-    atomic_write(out_dir / "metrics.json", (json.dumps(history, indent=2) + "\n").encode())
+    text = strict_dumps(history, indent=2)  # (a NaN loss: null, as jq and pandas read JSON)
+    atomic_write(out_dir / "metrics.json", (text + "\n").encode())
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns and k not in JSON_ONLY]
