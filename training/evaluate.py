@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from splitdet.training.errors import error_breakdown
 from splitdet.training.evaluate_coco import (
+    GatedCoco,
     _coco_dt,
     _coco_gt,
     _kept,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TARGET_RECALL",
     "OPERATING_RECALLS",
+    "GatedCoco",
     "Prediction",
     "_coco_dt",
     "_coco_gt",
@@ -134,6 +136,8 @@ def evaluate(
     else:
         threshold = calibrated_threshold(probs, labels, target_recall)
         calibrated_on, calibrated_with = split_name, sum(labels)
+    # the images matched once for the detector, its gate and every operating point
+    coco = GatedCoco(samples, predictions, class_names)
     metrics = metrics_at_threshold(
         samples,
         predictions,
@@ -141,11 +145,12 @@ def evaluate(
         threshold,
         calibrated_on=calibrated_on,
         target_recall=target_recall,
+        coco=coco,
     )
     metrics["gate_calibration_defective"] = calibrated_with
     if any(calib_labels):
         metrics["gate_operating_points"] = gate_operating_points(
-            calib, calib_labels, samples, predictions, class_names, metrics["map50"]
+            calib, calib_labels, samples, predictions, class_names, metrics["map50"], coco=coco
         )
         metrics["gate_operating_points_calibrated_on"] = (
             calibration_name if calibration_samples is not None else split_name
@@ -161,17 +166,22 @@ def metrics_at_threshold(
     *,
     calibrated_on: str,
     target_recall: float = DEFAULT_TARGET_RECALL,
+    coco: GatedCoco | None = None,
 ) -> dict:
     """`evaluate`'s metrics of `predictions` (one per sample, same order) with the gate
     threshold fixed at `threshold`; `calibrated_on` says where it came from. The gated system
-    keeps an image's detections when its p_defect >= threshold and has none otherwise."""
+    keeps an image's detections when its p_defect >= threshold and has none otherwise.
+    ``coco``: the `GatedCoco` of `samples`/`predictions` when the caller has one (matching
+    is the costly part of the figures: done once for the detector and every threshold)."""
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
     boxes = [p.boxes.numpy() for p in predictions]
     scores = [p.scores.numpy() for p in predictions]
     det_labels = [p.labels.numpy() for p in predictions]
-    detector = coco_metrics(samples, boxes, scores, det_labels, class_names)
-    gated = gated_coco_metrics(samples, predictions, class_names, threshold)
+    if coco is None:
+        coco = GatedCoco(samples, predictions, class_names)
+    detector = coco.detector()
+    gated = coco.gated(threshold)
     gate = classifier_metrics(probs, labels, threshold)
     # the detector's highest box score as the image's score, beside the gate's p(defect)
     top_box = [float(p.scores.max()) if len(p.scores) else 0.0 for p in predictions]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from splitdet.shared.config import EXPORT_TOLERANCE
-from splitdet.training.evaluate_coco import _kept, gated_coco_metrics
+from splitdet.training.evaluate_coco import GatedCoco, _kept
 
 if TYPE_CHECKING:
     from splitdet.training.evaluate_predict import Prediction
@@ -184,6 +184,8 @@ def gate_operating_points(
     class_names: Sequence[str],
     map50: float | None,
     recalls: Sequence[float] = OPERATING_RECALLS,
+    *,
+    coco: GatedCoco | None = None,
 ) -> list[dict[str, float | None]]:
     """Per target recall in `recalls`, the gate threshold `calibrated_threshold` sets for it on
     the calibration scores, and what it does on `samples`/`predictions` (one per sample): its
@@ -192,15 +194,20 @@ def gate_operating_points(
     rate r: flagged = r x recall + (1 - r) x free_flagged) and the gated system's mAP@.5 over
     the detector's `map50` (None without one).
 
+    ``coco``: the `GatedCoco` of `samples`/`predictions` when the caller has one (`evaluate`
+    does): the images are matched once for every point, not once per point.
+
     Returns [{"target_recall", "threshold", "recall", "accuracy", "flagged", "free_flagged",
     "map50_kept"}]."""
     labels = [s.is_defective for s in samples]
     probs = [p.p_defect for p in predictions]
+    if coco is None:
+        coco = GatedCoco(samples, predictions, class_names)
     points = []
     for target in recalls:
         threshold = calibrated_threshold(calibration_probabilities, calibration_labels, target)
         gate = classifier_metrics(probs, labels, threshold)
-        gated = gated_coco_metrics(samples, predictions, class_names, threshold)
+        gated = coco.gated(threshold)
         kept = _kept(gated["map50"], map50)
         free = [p >= threshold for p, y in zip(probs, labels, strict=True) if not y]
         points.append({"target_recall": target, "threshold": threshold,
