@@ -112,7 +112,13 @@ def same_image_warning(
     def named(path: Path) -> str:
         return f"{path.name} ({split_of(path) or 'in no split'})"
 
-    shown = [" = ".join(named(p) for p in group) for group in groups[:SHOWN]]
+    def listed_of(group: list[Path]) -> str:
+        # a group's first few copies: an image copied hundreds of times (a merge repeated, a
+        # script's loop) would otherwise name every copy, a line of tens of kB
+        more = f" (and {len(group) - SHOWN} more copies)" if len(group) > SHOWN else ""
+        return " = ".join(named(p) for p in group[:SHOWN]) + more
+
+    shown = [listed_of(group) for group in groups[:SHOWN]]
     more = f"; and {len(groups) - SHOWN} more" if len(groups) > SHOWN else ""
     leak = ""
     for group in groups:
