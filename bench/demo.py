@@ -35,6 +35,7 @@ from splitdet.shared.atomic_file import atomic_write
 from splitdet.shared.cli import main as splitdet
 from splitdet.shared.manifest import file_sha256
 from splitdet.shared.progress import progress_off
+from splitdet.shared.strict_json import strict_dumps
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth_image import GENERATOR_VERSION
 from splitdet.training.voc import VocSample
@@ -112,7 +113,7 @@ def _stamp(path: Path) -> dict | None:
 
 
 def _write_stamp(path: Path, data: dict) -> None:
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    atomic_write(path, strict_dumps(data, indent=2) + "\n")
 
 
 def _run(args: list[str]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from splitdet.bench.systems import SAME_ENGINES, Outcome
 from splitdet.shared.agg_pyplot import agg_pyplot
 from splitdet.shared.atomic_file import atomic_write
+from splitdet.shared.strict_json import strict_dumps
 from splitdet.training.evaluate import coco_metrics
 from splitdet.training.evaluate_coco import MAP_KEPT_FLOOR
 from splitdet.training.voc import VocSample
@@ -1102,5 +1103,5 @@ def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     report["generator"] = GENERATOR
     report["figures"] = figures(report, out_dir)
-    atomic_write(out_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out_dir / "report.json", (strict_dumps(report, indent=2) + "\n").encode())
     atomic_write(out_dir / "report.md", markdown(report).encode())

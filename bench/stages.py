@@ -14,13 +14,14 @@ trained model differ).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from splitdet.shared.strict_json import strict_dumps
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = measure(args.depth, args.size, args.repeats, args.checkpoint)
     except CheckpointError as exc:
         parser.error(f"--checkpoint: {exc}")
-    print(json.dumps(figures, indent=2))
+    print(strict_dumps(figures, indent=2))
     return 0
 
 

@@ -6,7 +6,6 @@ are edge.check's.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from splitdet.edge.cloud_args import (
@@ -15,6 +14,7 @@ from splitdet.edge.cloud_args import (
     check_cloud_addresses,
     client_config,
 )
+from splitdet.shared.strict_json import strict_dumps
 
 
 def register_check(actions: argparse._SubParsersAction) -> None:
@@ -54,7 +54,7 @@ def check(args: argparse.Namespace) -> int:
         check_cloud_addresses(args.cloud)
     steps = check_edge(args.model, client_config(args), args.image, args.codec)
     if args.json:
-        print(json.dumps([asdict(step) for step in steps], indent=2))
+        print(strict_dumps([asdict(step) for step in steps], indent=2))
     else:
         for step in steps:
             print(f"{'ok' if step.ok else 'FAIL':4}  {step.name:6}  {step.detail}")

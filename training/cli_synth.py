@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from splitdet.shared.cli import int_in
 from splitdet.shared.sigterm import SIGTERM_EXIT, Terminated, sigterm_as_interrupt
+from splitdet.shared.strict_json import strict_dumps
 
 if TYPE_CHECKING:  # (numpy loads with it: imported when the command runs)
     from splitdet.training.synth import DatasetSummary
@@ -264,7 +264,7 @@ def _print_summary(args: argparse.Namespace, out: Path, summary: DatasetSummary)
     from splitdet.edge.cli_predict import json_text
 
     if args.json:  # (a name that is not UTF-8 as \xNN, as `predict --json` writes it)
-        print(json.dumps(json_text(summary.to_json()), indent=2))
+        print(strict_dumps(json_text(summary.to_json()), indent=2))
         return
     parts = [
         f"{split}: {c['defective']} defective ({c['boxes']} scratches) + {c['free']} defect-free"

@@ -247,12 +247,12 @@ def run(args: argparse.Namespace) -> int:
     """Train the recipe the options describe into `args.out`; returns 0 (CommandError on a
     problem with the data, the options or the run folder)."""
     import dataclasses
-    import json
     import logging
     import os
 
     from splitdet.shared.cli import CommandError, class_names, refuse_closed_stdout
     from splitdet.shared.parent_death import PARENT_PID_ENV
+    from splitdet.shared.strict_json import strict_dumps
     from splitdet.training.epoch_records import describe_best, epoch_span
 
     if args.json:  # (`>&-`: the run's result it was asked for would be lost after training)
@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from splitdet.edge.cli_predict import json_text  # (names: as `predict --json`'s)
 
-        print(json.dumps(json_text(row), indent=2))
+        print(strict_dumps(json_text(row), indent=2))
     elif not row.get("epochs_run") and row.get("epoch") is not None:  # resumed, none to train
         print(f"trained no further epoch: the run's {row['train_seconds'] / 60:.1f} training "
               f"minutes reach its --minutes budget; last.pt holds {epoch_span(0, row['epoch'])} in "
