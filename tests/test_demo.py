@@ -172,10 +172,10 @@ def test_sigterm_while_training_stops_the_demo_with_143_and_the_demo_resumes(tmp
     )
     last = config.paths()["run"] / "last.pt"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # (60 s failed a run beside three busy reviewers)
         while not last.is_file():
             assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "no epoch finished in 60 s"
+            assert time.monotonic() < deadline, "no epoch finished in 240 s"
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         err = process.communicate(timeout=60)[1]
