@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
     _check_json_folder(args.json)
-    check_outputs(args.json, None)
+    check_outputs(args.json)
     if args.json in (None, "-"):  # (`>&-`: the results go there)
         refuse_closed_stdout("--json - writes the results there" if args.json else
                              "loadtest prints its table there (give --json FILE)")  # fmt: skip

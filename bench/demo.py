@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -39,8 +38,6 @@ from splitdet.shared.strict_json import strict_dumps
 from splitdet.training.presets import PRESETS
 from splitdet.training.synth_image import GENERATOR_VERSION
 from splitdet.training.voc import VocSample
-
-log = logging.getLogger(__name__)
 
 #: Boxes at or above this score are listed as found defects (mAP uses every box).
 SHOW_SCORE = 0.5

@@ -88,13 +88,6 @@ class LevelResult:
             [(s, True) for s in self.latencies_s] + [(s, False) for s in self.unanswered_s]
         )
 
-    def percentiles(self) -> dict[str, tuple[float, bool] | None]:
-        """``"p50"`` ... -> (seconds, answered) over every request of the level, answered or
-        not, by nearest rank (a latency some request really had); ``answered`` False: the
-        percentile fell on a request never answered, so the true figure is at least that.
-        None when the level sent fewer requests than the percentile needs (`MIN_SAMPLES`)."""
-        return _percentiles(self._samples())
-
     def to_json(self) -> dict:
         """Plain JSON types; latencies in ms.
 

@@ -19,8 +19,6 @@ from splitdet.cloud.servicer import SERVICE_NAME
 from splitdet.cloud.threads import PoolBound
 from splitdet.edge import client_errors as reasons
 
-log = logging.getLogger(__name__)
-
 #: A method handler's constructor by (request streaming, response streaming).
 HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,

@@ -98,9 +98,9 @@ def answers_scope(scope: str) -> Iterator[None]:
         _SCOPE.reset(reset)
 
 
-def scoped_key(request_id: str, scope: str | None = None) -> str:
-    """The key `request_id` is stored under in `scope` (default: the current one)."""
-    scope = _SCOPE.get() if scope is None else scope
+def scoped_key(request_id: str) -> str:
+    """The key `request_id` is stored under in the current scope (`answers_scope`)."""
+    scope = _SCOPE.get()
     return f"{scope}{SCOPE_SEPARATOR}{request_id}" if scope else request_id
 
 

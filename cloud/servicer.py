@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +52,6 @@ from splitdet.cloud.request_wire import (
 from splitdet.cloud.slots import FairSlots, Outcome
 from splitdet.shared.manifest import Manifest
 from splitdet.shared.wire import detection_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detection"].full_name  # "splitdet.v1.Detection"
 #: Seconds of its deadline a call may have left, as the server sees it, when its caller gives

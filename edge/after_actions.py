@@ -320,14 +320,13 @@ class AfterActions:
             except FileExistsError:  # taken in the instant since the check: choose again
                 continue
 
-    def _check_folder(self, target: Path, create: bool = False) -> None:
+    def _check_folder(self, target: Path) -> None:
         """LinkedFolder (an OSError: the move fails, and is tried again later) when `target`'s
         folder lies inside --watch and is, or lies under, a symbolic link there: one the
         camera's account put in place of the archive or quarantine would send the file, its
         reason file or the removal of a name anywhere on the machine. Checked right before
-        each write, without following links (`file_moves.open_folder`); with `create`, the
-        missing folders on the way are made."""
-        file_moves.check_folder(target.parent, self.config.watch, create=create)
+        each write, without following links (`file_moves.open_folder`)."""
+        file_moves.check_folder(target.parent, self.config.watch)
 
     def _configured(self, folder: Path) -> bool:
         """Whether `folder` is one this run moves files into (its --quarantine, its --archive

@@ -187,10 +187,10 @@ def refused(config: ClientConfig, exc: Exception) -> str:
     return f"cloud {config.addresses}: {exc}"
 
 
-def check_outputs(json_file: str | None, save_dir: str | None) -> None:
-    """Refuse, before any image is processed, a --json FILE or --save DIR that cannot be
-    written, or --json - with stdout closed (CommandError naming it): found only at the end,
-    it would lose the whole run."""
+def check_outputs(json_file: str | None) -> None:
+    """Refuse, before any image is processed, a --json FILE that cannot be written, or
+    --json - with stdout closed (CommandError naming it): found only at the end, it would lose
+    the whole run."""
     from splitdet.shared.cli import CommandError, refuse_closed_stdout
 
     if json_file == "":  # (an unset shell variable: --json "$OUT")
@@ -206,13 +206,6 @@ def check_outputs(json_file: str | None, save_dir: str | None) -> None:
             raise CommandError(f"--json {json_file}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise CommandError(f"--json {json_file}: folder {folder} is not writable")
-    if save_dir:
-        try:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CommandError(f"--save {save_dir}: cannot make the folder ({exc})") from None
-        if not os.access(save_dir, os.W_OK | os.X_OK):
-            raise CommandError(f"--save {save_dir} is not writable")
 
 
 def check_save_outside_inputs(
@@ -564,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
     check_save_outside_inputs(args.save, args.images, args.recursive)
     if targets is not None:
         check_copies_spare_inputs(args.save, paths, targets)
-    check_outputs(args.json, None)
+    check_outputs(args.json)
     if args.save:
         check_save_folder(args.save)
     if targets is not None:

@@ -62,19 +62,13 @@ def same_but_inode(key: str, other: str) -> bool:
     return key.rpartition("|")[0] == other.rpartition("|")[0]
 
 
-def still_there(path_stored: str, key_stored: str) -> bool:
+def lies_there(path_stored: str, key_stored: str) -> bool | None:
     """Whether the very file a row recorded still lies at its stored path: a file there under
     its key (as written, or unescaped), or under it but for the inode (`same_but_inode`). A
     file the camera wrote since under the same name (--after keep, `latest.png`) is another
-    arrival, with a row of its own. A path that cannot be stat'ed, for any reason, counts as
-    no file there (`lies_there` tells the reasons apart)."""
-    return lies_there(path_stored, key_stored) is True
-
-
-def lies_there(path_stored: str, key_stored: str) -> bool | None:
-    """`still_there`, but None when it cannot be told: no file found there, and a stat of
-    the path failed otherwise than with ENOENT, ENOTDIR or ENAMETOOLONG (EACCES: a user who
-    may read --db but not look into the folder; EIO, ESTALE: a share in trouble)."""
+    arrival, with a row of its own. None when it cannot be told: no file found there, and a
+    stat of the path failed otherwise than with ENOENT, ENOTDIR or ENAMETOOLONG (EACCES: a
+    user who may read --db but not look into the folder; EIO, ESTALE: a share in trouble)."""
     return look_at(path_stored, key_stored)[0]
 
 

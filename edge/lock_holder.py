@@ -51,12 +51,11 @@ class WriterState:
                 "detail": self.detail}  # fmt: skip
 
 
-def writer_state(db: Path | str, locks_table: str | None = None) -> WriterState:
-    """Whether a process holds the writer lock of the store `db`, read from `locks_table`
-    (default PROC_LOCKS) by the lock file's device and inode, or by the database file's (the
-    same database under another name: a hard link, a bind mount); the lock itself is never
-    tried."""
-    locks_table = PROC_LOCKS if locks_table is None else locks_table
+def writer_state(db: Path | str) -> WriterState:
+    """Whether a process holds the writer lock of the store `db`, read from PROC_LOCKS by the
+    lock file's device and inode, or by the database file's (the same database under another
+    name: a hard link, a bind mount); the lock itself is never tried."""
+    locks_table = PROC_LOCKS
     lock_file = writer_lock_path(db)
     try:
         st: os.stat_result | None = os.stat(lock_file)

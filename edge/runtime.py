@@ -209,7 +209,6 @@ class EdgeRuntime:
             [i.name for i in self._complete.get_inputs()] if self._complete is not None else []
         )
         self._check_inputs()
-        self.providers = self._gate.get_providers()
 
     def _load(
         self,

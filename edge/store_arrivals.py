@@ -144,18 +144,15 @@ class StoreArrivals(StoreConnection):
         fingerprint: str,
         stored_path: StoredPath = None,
         p_defect: float | None = None,
-        timings: dict[str, float] | None = None,
-        threshold: float | None = None,
     ) -> tuple[int, str | None]:
-        """A final "error" result (quarantine or outbox full), one commit; `threshold` as for
-        `record_ok` (None for a file never judged)."""
+        """A final "error" result (quarantine or outbox full), one commit; its timings and
+        threshold unset (a quarantined file was never judged)."""
         if kind not in ERROR_KINDS:
             raise ValueError(f"error kind must be one of {ERROR_KINDS}, got {kind!r}")
         with self._transaction() as db:
             image_id = self._insert(
                 db, arrival, verdict="error", error_kind=kind, reason=reason,
-                fingerprint=fingerprint, p_defect=p_defect, timings=timings or {},
-                threshold=threshold,
+                fingerprint=fingerprint, p_defect=p_defect,
             )  # fmt: skip
             if kind == "outbox_full":
                 self._count(db, "outbox_full_rejected")

@@ -259,7 +259,7 @@ def run_check(args: argparse.Namespace) -> int:
     root = Path(args.data)
     if not root.is_dir():
         raise CommandError(f"{root}: not a folder")
-    check_outputs(args.json, None)  # before the reading, not after it
+    check_outputs(args.json)  # before the reading, not after it
     if not args.json:  # (`>&-`: the report is the command's output)
         refuse_closed_stdout("data check prints its report there (or give --json FILE)")
     to_stdout = args.json == "-"

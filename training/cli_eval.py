@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch on --checkpoint / --model; exit status 0, or 1 when --model met image errors."""
     from splitdet.edge.cli_predict import check_outputs
 
-    check_outputs(args.json, None)  # before the evaluation, not after it
+    check_outputs(args.json)  # before the evaluation, not after it
     _refuse_json_over_inputs(args)
     _check_baseline(args)
     if args.model is not None:

@@ -190,7 +190,7 @@ def _held_signals() -> Iterator[None]:
 
 
 def _render_task(task: _Task) -> _Rendered:
-    """Render one image and encode its JPEG (as `synth_image.save_jpeg` would save it)."""
+    """Render one image and encode its JPEG (at the image's `jpeg_quality`)."""
     from PIL import Image
 
     t0 = time.perf_counter()

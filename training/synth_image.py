@@ -6,19 +6,16 @@
 ``numpy.random.SeedSequence([seed, stream, index])``, then composes them over the background,
 adds signal-dependent sensor noise and a slight white-balance tint, and returns a `SynthImage`:
 the uint8 RGB pixels, the scratches' tight boxes and masks, the look-alikes and the JPEG quality
-to save it with (`save_jpeg`). It also holds what a dataset records about its images: the class
+to save it with. It also holds what a dataset records about its images: the class
 name, the camera's size, the generator version and the seed streams, and `parse_size` for sizes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from splitdet.shared.atomic_file import replacing
 from splitdet.training.synth_lookalikes import add_lookalikes
 from splitdet.training.synth_part import render_part
 from splitdet.training.synth_scratches import StrokeMask, add_scratches
@@ -33,7 +30,6 @@ __all__ = [
     "check_size",
     "generate_image",
     "parse_size",
-    "save_jpeg",
 ]
 
 #: The one object class the generator annotates.
@@ -147,9 +143,3 @@ def generate_image(
     return SynthImage(
         image=image, boxes=boxes, masks=masks, lookalikes=lookalikes, jpeg_quality=quality
     )
-
-
-def save_jpeg(image: np.ndarray, path: Path, quality: int = 92) -> None:
-    """Save an (H, W, 3) uint8 image as a baseline JPEG (written atomically)."""
-    with replacing(path) as tmp:
-        Image.fromarray(image).save(tmp, format="JPEG", quality=int(quality))

@@ -363,7 +363,7 @@ def _voc_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, i
     return xmin, ymin, xmax, ymax
 
 
-def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3) -> bytes:
+def annotation_xml(sample: VocSample) -> bytes:
     """The standard VOC annotation document for ``sample``, as UTF-8 bytes."""
 
     def sub(parent: ET.Element, tag: str, text: object | None = None) -> ET.Element:
@@ -373,14 +373,14 @@ def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int 
         return elem
 
     ann = ET.Element("annotation")
-    sub(ann, "folder", folder)
+    sub(ann, "folder", "JPEGImages")
     sub(ann, "filename", sample.image_path.name)
     source = sub(ann, "source")
     sub(source, "database", "splitdet")
     size = sub(ann, "size")
     sub(size, "width", int(sample.width))
     sub(size, "height", int(sample.height))
-    sub(size, "depth", int(depth))
+    sub(size, "depth", 3)
     sub(ann, "segmented", 0)
     for obj in sample.objects:
         o = sub(ann, "object")
@@ -398,8 +398,6 @@ def annotation_xml(sample: VocSample, *, folder: str = "JPEGImages", depth: int 
     return ET.tostring(ann, encoding="utf-8") + b"\n"
 
 
-def write_annotation(
-    path: Path, sample: VocSample, *, folder: str = "JPEGImages", depth: int = 3
-) -> None:
+def write_annotation(path: Path, sample: VocSample) -> None:
     """Write ``sample`` as a VOC annotation at ``path`` (atomically; parents are created)."""
-    atomic_write(Path(path), annotation_xml(sample, folder=folder, depth=depth))
+    atomic_write(Path(path), annotation_xml(sample))

@@ -140,7 +140,6 @@ def check_dataset(
     pixel_bits: int = 16,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
-    preset: str = DEFAULT_PRESET,
 ) -> DatasetReport:
     """Read all of the VOC dataset at ``root`` and report every problem at once.
 
@@ -149,8 +148,8 @@ def check_dataset(
     corrupt image bodies that a header read misses; about 50 ms per 2448x2048 JPEG, spread
     over ``workers`` threads). ``progress``: called with the number of annotations read
     since the last call. ``pixel_bits``: the bits 16-bit images' values use (`train
-    --pixel-bits`); with ``decode``, a pixel past them is a problem. ``preset``: the training
-    preset whose input size boxes are measured at (`thin_box_warning`; default: train's).
+    --pixel-bits`); with ``decode``, a pixel past them is a problem. Boxes are measured at
+    the input size of DEFAULT_PRESET (`thin_box_warning`).
     """
     root = Path(root)
     report = DatasetReport(root=root)
@@ -229,10 +228,10 @@ def check_dataset(
                 )
     if widths:
         report.box_px = {"width": _percentiles(widths), "height": _percentiles(heights)}
-    thin = thin_box_warning(list(samples.values()), preset, root / "Annotations")
+    thin = thin_box_warning(list(samples.values()), DEFAULT_PRESET, root / "Annotations")
     if thin is not None:
         report.warnings.append(thin)
-    report.problems += _too_elongated_problems(samples.values(), preset)
+    report.problems += _too_elongated_problems(samples.values(), DEFAULT_PRESET)
 
     listed = _check_splits(root, report, annotated, samples, class_names)
     _check_record(root, report)

@@ -133,7 +133,6 @@ class MergeResult:
     """What `merge` wrote."""
 
     out: Path
-    plan: MergePlan
     splits: dict[str, int]  # merged split: ids listed
     linked: int  # images hard-linked
     copied: int  # images copied (no hard link across file systems, or not allowed)
@@ -476,7 +475,6 @@ def merge(
         raise
     return MergeResult(
         out=out,
-        plan=plan,
         splits={s: len(split_ids[s]) for s in _merged_order(split_ids)},
         linked=linked,
         copied=copied,

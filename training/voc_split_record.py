@@ -71,7 +71,6 @@ def make_record(
     added: Mapping[str, int],
     version: str,
     earlier: Mapping[str, Any] | None = None,
-    now: datetime | None = None,
 ) -> dict[str, Any]:
     """The record of one `data split` run (plain JSON types).
 
@@ -85,9 +84,10 @@ def make_record(
         version: splitdet's version (`provenance.splitdet_version`).
         earlier: the record found before (``--add``: kept in ``history``, its own history
             first, at most MAX_HISTORY records).
-        now: the time to record (default: now), stored in UTC to the second.
+
+    The time recorded is now, in UTC to the second.
     """
-    time = (now or datetime.now(UTC)).astimezone(UTC)
+    time = datetime.now(UTC)
     counts = {}
     for split, split_ids in ids.items():
         bad = sum(1 for image_id in split_ids if image_id in defective)
