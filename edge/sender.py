@@ -619,7 +619,7 @@ def annotate_hook(
         image = load_image(source, pixel_bits)
         try:
             data = annotated_bytes(image, answer.boxes.tolist(), answer.scores.tolist(),
-                                   list(answer.class_names), target,
+                                   list(answer.class_names), target, p_defect=item.p_defect,
                                    labels=answer.labels.tolist())  # fmt: skip
             write_in_folder(target, data, watch, create=True)
         except OSError as exc:

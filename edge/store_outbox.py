@@ -44,19 +44,18 @@ class StoreOutbox(StoreConnection):
             self._due_after_clock_step(now, max_wait_s)
         rows = self._query(
             "SELECT o.image_id, o.request_id, o.payload, o.created, i.attempts, i.stored_path,"
-            " i.path, i.fingerprint, i.content_hash"
+            " i.path, i.fingerprint, i.content_hash, i.p_defect"
             " FROM outbox o JOIN images i ON i.id = o.image_id"
             " WHERE o.next_try <= ? ORDER BY o.next_try, o.image_id LIMIT 1",
             (now,),
         )
         if not rows:
             return None
-        image_id, request_id, payload, created, attempts, stored_path, path, fingerprint, digest = (
-            rows[0]
-        )
+        (image_id, request_id, payload, created, attempts, stored_path, path, fingerprint,
+         digest, p_defect) = rows[0]  # fmt: skip
         return OutboxItem(
             image_id, request_id, bytes(payload), created, attempts, stored_path, path,
-            fingerprint, digest,
+            fingerprint, digest, p_defect,
         )  # fmt: skip
 
     def _due_after_clock_step(self, now: float, max_wait_s: float) -> int:

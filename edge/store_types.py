@@ -100,6 +100,7 @@ class OutboxItem:
     path: str
     fingerprint: str  # the model export that made the request
     content_hash: str | None = None  # SHA-256 hex of the image's bytes, as read
+    p_defect: float | None = None  # the gate's p(defect) that flagged it
 
 
 @dataclass(frozen=True)
