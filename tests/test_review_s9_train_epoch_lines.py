@@ -31,6 +31,9 @@ def test_every_epoch_between_validations_has_its_line(tiny_voc, tmp_path, caplog
     assert sorted(lines) == [0, 1, 2]
     assert "val mAP" in lines[1] and "val mAP" in lines[2]  # epoch 2: the run's last
     assert "not validated" in lines[0] and "follows epoch 1" in lines[0], lines[0]
+    # a validation pass, silent for minutes on a large split when no bar is drawn, is announced
+    announced = [r.getMessage() for r in caplog.records if "validating on" in r.getMessage()]
+    assert announced == ["epoch 1: validating on 4 image(s)", "epoch 2: validating on 4 image(s)"]
 
 
 def test_a_run_without_validation_logs_each_epoch(tiny_voc, tmp_path, caplog):

@@ -272,6 +272,8 @@ def _validate(run: _Run, val_samples: list, epoch: int, row: dict[str, Any]) -> 
 
     mc = run.config.model
     _set_input_size(run.model, mc.min_size, mc.max_size)
+    if not run.progress:  # (no bar: a log file's reader learns why the next line is late)
+        log.info("epoch %d: validating on %d image(s)", epoch, len(val_samples))
     metrics = evaluate(run.model, val_samples, device=run.device, progress=run.progress)
     run.gate_threshold, run.gate_calibrated = metrics["gate_threshold"], True
     run.gate_source = calibration_source(run.data_dir, "val")  # (`eval` compares it)
