@@ -105,10 +105,10 @@ def status(args: argparse.Namespace) -> int:
 def _record_json(record: dict | None) -> dict:
     """The running daemon's record for status's "daemon": "export" (its fingerprint),
     "started", "outbox_caps" {"requests", "bytes"}, "outbox_full_since" (unix s its intake
-    stopped for a full outbox; None: it takes images); none of them when none is known (no
-    daemon runs, or one of an earlier splitdet)."""
+    stopped for a full outbox; None: it takes images); each None when none is known (no
+    daemon runs, or one of an earlier splitdet): a script reads the same keys in every state."""
     if record is None:
-        return {}
+        return dict.fromkeys(("export", "started", "outbox_caps", "outbox_full_since"))
     return {
         "export": record["fingerprint"],
         "started": record["started"],

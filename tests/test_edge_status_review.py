@@ -121,15 +121,23 @@ def test_status_names_the_lock_holder_through_a_symlink_and_none_after_kill_9(
             text = _status(link, capsys)
             state = _status_json(link, capsys)["daemon"]
         assert f"daemon        running on this --db (pid {holder.pid})" in text, text
+        # (the holder is no daemon: no record of its own, its keys there as null)
         assert state == {"state": "running", "pid": holder.pid,
-                         "lock_file": f"{real}.lock", "detail": None}  # fmt: skip
+                         "lock_file": f"{real}.lock", "detail": None, "export": None,
+                         "started": None, "outbox_caps": None,
+                         "outbox_full_since": None}  # fmt: skip
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert Path(f"{real}.lock").exists()  # left behind by kill -9, with its pid in it
     text = _status(link, capsys)
     assert "daemon        none is running on this --db (the last image arrived" in text, text
-    assert _status_json(link, capsys)["daemon"]["state"] == "none"
+    daemon = _status_json(link, capsys)["daemon"]
+    assert daemon["state"] == "none"
+    # the same keys in every state, null when unknown (a script's d["daemon"]["started"])
+    assert {daemon[key] for key in ("export", "started", "outbox_caps", "outbox_full_since")} == {
+        None
+    }
 
 
 def test_status_says_a_real_daemon_runs_and_none_once_it_is_killed(
