@@ -10,12 +10,7 @@ import pytest
 
 from splitdet.cloud.slots import FairSlots, Outcome
 
-
-def _wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+from support import wait_for
 
 
 def test_slots_go_to_waiting_calls_in_arrival_order():
@@ -34,7 +29,7 @@ def test_slots_go_to_waiting_calls_in_arrival_order():
         thread = threading.Thread(target=call, args=(name,))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda k=k: slots.waiting == k + 1)  # queued in this order
+        wait_for(lambda k=k: slots.waiting == k + 1, 5, "the call to queue")  # queued in this order
     assert slots.acquire(10) is Outcome.FULL  # a fourth: the queue is full, refused at once
     slots.release()
     for thread in threads:
@@ -56,7 +51,7 @@ def test_a_wait_that_ends_leaves_the_queue_to_the_next():
     got = []
     waiter = threading.Thread(target=lambda: got.append(slots.acquire(10)))
     waiter.start()
-    _wait_until(lambda: slots.waiting == 1)
+    wait_for(lambda: slots.waiting == 1, 5, "the call to queue")
     slots.release()
     waiter.join(10)
     assert got == [Outcome.GRANTED]

@@ -9,16 +9,10 @@ a free slot while others wait passed it.
 from __future__ import annotations
 
 import threading
-import time
 
 from splitdet.cloud.slots import FairSlots, Outcome
 
-
-def _wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
+from support import wait_for
 
 
 def test_a_slot_freed_while_calls_wait_goes_to_them_not_to_a_newcomer():
@@ -31,7 +25,7 @@ def test_a_slot_freed_while_calls_wait_goes_to_them_not_to_a_newcomer():
         got: list[Outcome] = []
         waiter = threading.Thread(target=lambda: got.append(slots.acquire(10)))  # noqa: B023
         waiter.start()
-        _wait_until(lambda: slots.waiting == 1)  # noqa: B023
+        wait_for(lambda: slots.waiting == 1, 5, "the call to queue")  # noqa: B023
         slots.release()  # the waiting call is owed this slot...
         newcomer = slots.acquire(0)  # ...whoever asks first after the release
         if newcomer:
