@@ -670,10 +670,9 @@ def _predict(
 
 def class_counts(predictions: list[Prediction]) -> dict[str, int]:
     """{class name: boxes of it} over the predictions, the most found first (ties by name)."""
-    counts: dict[str, int] = {}
-    for prediction in predictions:
-        for name in prediction.class_names:
-            counts[name] = counts.get(name, 0) + 1
+    from collections import Counter
+
+    counts = Counter(name for prediction in predictions for name in prediction.class_names)
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from splitdet.shared.strict_json import finite_or_none
+from splitdet.shared.strict_json import strict_dumps
 
 
 def utc_stamp(record: logging.LogRecord) -> str:
@@ -59,8 +59,7 @@ class JsonLogFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        # (NaN, infinity: null, not the bare tokens JSON parsers refuse: `strict_json`)
-        return json.dumps(finite_or_none(entry), default=str, allow_nan=False)
+        return strict_dumps(entry, default=str)  # (NaN, infinity: null)
 
 
 def use_json_logs() -> None:

@@ -8,9 +8,8 @@ such a token:
 
     strict_dumps({"threshold": float("inf"), "p": 0.5})   # '{"threshold": null, "p": 0.5}'
 
-`finite_or_none` does the same to a value without writing it (for a writer with its own
-json.dumps options). An infinite --threshold is refused where it is read
-(`edge.cloud_args.threshold_problem`).
+`strict_dumps` takes json.dumps' options (``indent``, ``default``...), so every writer calls it
+alone. An infinite --threshold is refused where it is read (`edge.cloud_args.threshold_problem`).
 """
 
 from __future__ import annotations
